@@ -1,0 +1,218 @@
+"""The backbone worker loop: take prompt plans when there is room, prefill, decode, stream token events back.
+
+One Redis round trip per step carries that step's token events (one XADD per request, pipelined), the acks of
+finished requests, the cancellation checks of running ones and, when there is room, the read of new plans. A plan
+stays pending in the ``backbone`` group until its request finishes. On SIGTERM the worker stops taking plans,
+finishes the running ones (up to ``drain_timeout_s``), then fails what is left with a clear error and exits.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+import threading
+import time
+import uuid
+from dataclasses import dataclass
+
+import torch
+
+from backbone.engine import Engine, Sequence
+from backbone.fusion import PlanError
+from cache.client import connect
+from cache.codec import CodecError, decode_tensor
+from cache.keys import BACKBONE_GROUP, Keys
+from cache.streams import ensure_group, fields_payload, payload_fields
+from router import messages as m
+from router.liveness import Heartbeat
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class BackboneConfig:
+    redis_url: str
+    prefix: str = "trib"
+    max_running: int = 16  # sequences decoding at once (bounds KV memory); further plans wait in the stream
+    block_ms: int = 1000  # idle read wait (bounds how late a stop is noticed)
+    drain_timeout_s: float = 30.0  # on SIGTERM, how long running requests may take to finish
+
+
+@dataclass
+class Running:
+    seq: Sequence
+    plan: m.PromptPlan
+    entry_id: bytes
+
+
+class StepFailure(Exception):
+    def __init__(self, code: m.ErrorCode, error: str):
+        super().__init__(error)
+        self.code, self.error = code, error
+
+
+class BackboneWorker:
+    def __init__(self, cfg: BackboneConfig, engine: Engine, stop: threading.Event):
+        self.cfg, self.engine, self.stop = cfg, engine, stop
+        self.keys = Keys(cfg.prefix)
+        self.stream = self.keys.gen()
+        self.consumer = f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
+        self.r = connect(cfg.redis_url)
+        self.running: dict[str, Running] = {}
+        self.stats_key = self.keys.stats("backbone")
+
+    def run(self) -> None:
+        ensure_group(self.r, self.stream, BACKBONE_GROUP)
+        heartbeat = Heartbeat(self.cfg.redis_url, self.keys, "backbone", self.consumer).start()
+        log.info("backbone ready", extra={"consumer": self.consumer, "max_running": self.cfg.max_running})
+        new: list = []
+        drain_deadline = None
+        try:
+            while True:
+                if self.stop.is_set() and drain_deadline is None:
+                    drain_deadline = time.monotonic() + self.cfg.drain_timeout_s
+                    log.info("draining", extra={"running": len(self.running)})
+                # Plans already read are ours to start even while draining: nobody else would take them.
+                if drain_deadline is not None and (not (self.running or new) or time.monotonic() > drain_deadline):
+                    break
+                # 1) Idle: block for plans (the only blocking call; with work in hand, reads ride the step's pipe).
+                if not self.running and not new:
+                    new = self._read(block=self.cfg.block_ms)
+                    continue
+                # 2) Admit the plans read last round: fetch their tensors, fuse, prefill (first token).
+                events = [self._admit(entry_id, fields) for entry_id, fields in new]
+                # 3) One decode step for every sequence that was already running.
+                old = [r.seq for r in self.running.values() if r.seq.pending == 0]
+                self.engine.step(old)
+                # 4) One round trip: events, acks, cancellation checks, and the next plans if there is room.
+                new = self._exchange([e for e in events if e is not None], admit=drain_deadline is None)
+        finally:
+            self._fail_all("the backbone worker is shutting down")
+            heartbeat.stop()
+            log.info("backbone stopped", extra={"consumer": self.consumer})
+
+    def _read(self, block: int | None) -> list:
+        room = self.cfg.max_running - len(self.running)
+        reply = self.r.xreadgroup(BACKBONE_GROUP, self.consumer, {self.stream: ">"}, count=room, block=block)
+        return reply[0][1] if reply else []
+
+    def _admit(self, entry_id: bytes, fields: dict) -> tuple | None:
+        """Start one plan; returns an (error event, entry id) pair if it could not start, else None."""
+        try:
+            plan = m.decode(fields_payload(fields), m.PromptPlan)
+        except (m.WireError, KeyError) as exc:
+            log.error("dropping undecodable plan", extra={"entry": entry_id, "error": str(exc)})
+            self.r.xack(self.stream, BACKBONE_GROUP, entry_id)
+            return None
+        extra = {"request_id": plan.request_id, "prompt_tokens": len(plan.token_ids)}
+        seq = self.engine.new_sequence(plan.request_id, len(plan.token_ids), plan.sampling)
+        try:
+            if time.time() > plan.deadline:
+                raise StepFailure(m.ErrorCode.MEDIA_EXPIRED, "the request waited past its deadline for a backbone")
+            t0 = time.perf_counter()
+            self.engine.prefill(seq, plan.token_ids, self._fetch_media(plan))
+            log.info("prefilled", extra={**extra, "ms": round((time.perf_counter() - t0) * 1e3, 2)})
+        except StepFailure as exc:
+            return self._error_event(plan, entry_id, exc.code, exc.error)
+        except PlanError as exc:
+            return self._error_event(plan, entry_id, m.ErrorCode.BAD_PLAN, str(exc))
+        except Exception as exc:  # a bug must fail this request loudly, not the worker
+            log.exception("prefill failed", extra=extra)
+            return self._error_event(plan, entry_id, m.ErrorCode.INTERNAL, f"prefill failed: {exc}")
+        self.running[plan.request_id] = Running(seq, plan, entry_id)
+        return None
+
+    def _fetch_media(self, plan: m.PromptPlan) -> list[tuple[str, torch.Tensor]]:
+        """The plan's encoder outputs, in one round trip that also checks the request was not cancelled while queued."""
+        pipe = self.r.pipeline(transaction=False)
+        pipe.exists(self.keys.cancel(plan.request_id))
+        for ref in plan.media:
+            pipe.hget(ref.tensor_key, "data")
+        cancelled, *blobs = pipe.execute()
+        if cancelled:
+            raise StepFailure(m.ErrorCode.CANCELLED, "the request was cancelled while queued")
+        out = []
+        for ref, data in zip(plan.media, blobs):
+            if data is None:
+                raise StepFailure(m.ErrorCode.MEDIA_EXPIRED, f"cached {ref.modality.value} tensor expired")
+            try:
+                out.append((ref.modality.value, decode_tensor(data)))
+            except CodecError as exc:
+                raise StepFailure(m.ErrorCode.INTERNAL, str(exc)) from exc
+        return out
+
+    def _error_event(self, plan: m.PromptPlan, entry_id: bytes, code: m.ErrorCode, error: str) -> tuple:
+        log.warning("request failed", extra={"request_id": plan.request_id, "code": code.value, "error": error})
+        ev = m.TokenEvent(request_id=plan.request_id, token_ids=[], prompt_tokens=len(plan.token_ids),
+                          completion_tokens=0, finish=m.FinishReason.ERROR, code=code, error=error)
+        return plan.reply_to, ev, entry_id
+
+    def _exchange(self, errors: list[tuple], admit: bool) -> list:
+        pipe = self.r.pipeline(transaction=False)
+        tokens = 0
+        for reply_to, ev, entry_id in errors:
+            pipe.xadd(reply_to, payload_fields(m.encode(ev)))
+            pipe.xack(self.stream, BACKBONE_GROUP, entry_id)
+        for rid, run in list(self.running.items()):
+            seq = run.seq
+            ev = m.TokenEvent(request_id=rid, token_ids=seq.output[len(seq.output) - seq.pending :],
+                              prompt_tokens=seq.prompt_len, completion_tokens=len(seq.output), finish=seq.finish)
+            tokens += seq.pending
+            seq.pending = 0
+            pipe.xadd(run.plan.reply_to, payload_fields(m.encode(ev)))
+            if seq.finish is not None:
+                pipe.xack(self.stream, BACKBONE_GROUP, run.entry_id)
+                del self.running[rid]
+                log.info("finished", extra={"request_id": rid, "finish": seq.finish.value,
+                                            "completion_tokens": len(seq.output)})
+        alive, checks_at = list(self.running), len(pipe)
+        for rid in alive:
+            pipe.exists(self.keys.cancel(rid))
+        pipe.hincrby(self.stats_key, "tokens", tokens)
+        room, read_at = self.cfg.max_running - len(self.running), None
+        if admit and room > 0:
+            read_at = len(pipe)
+            pipe.xreadgroup(BACKBONE_GROUP, self.consumer, {self.stream: ">"}, count=room)
+        results = pipe.execute()
+        for rid, cancelled in zip(alive, results[checks_at : checks_at + len(alive)]):
+            if cancelled:
+                self._cancel(rid)
+        read = results[read_at] if read_at is not None else None
+        return read[0][1] if read else []
+
+    def _cancel(self, rid: str) -> None:
+        run = self.running.pop(rid)
+        log.info("cancelled", extra={"request_id": rid, "completion_tokens": len(run.seq.output)})
+        pipe = self.r.pipeline(transaction=False)
+        ev = m.TokenEvent(request_id=rid, token_ids=[], prompt_tokens=run.seq.prompt_len,
+                          completion_tokens=len(run.seq.output), finish=m.FinishReason.CANCELLED)
+        pipe.xadd(run.plan.reply_to, payload_fields(m.encode(ev)))
+        pipe.xack(self.stream, BACKBONE_GROUP, run.entry_id)
+        pipe.hincrby(self.stats_key, "cancelled", 1)
+        pipe.execute()
+
+    def _fail_all(self, error: str) -> None:
+        if not self.running:
+            return
+        pipe = self.r.pipeline(transaction=False)
+        for rid, run in self.running.items():
+            _, ev, entry_id = self._error_event(run.plan, run.entry_id, m.ErrorCode.INTERNAL, error)
+            pipe.xadd(run.plan.reply_to, payload_fields(m.encode(ev)))
+            pipe.xack(self.stream, BACKBONE_GROUP, entry_id)
+        pipe.execute()
+        self.running.clear()
+
+
+def serve(cfg: BackboneConfig, model_dir: str, threads: int | None = None) -> None:
+    from models import trimodal
+    from models.spec import ModelSpec
+    from router.lifecycle import stop_on_signals
+
+    stop = stop_on_signals()
+    if threads:
+        torch.set_num_threads(threads)
+    spec = ModelSpec.from_dir(model_dir)
+    lm = trimodal.load_language_model(spec.path, spec.config)
+    engine = Engine(lm, spec.placeholder_ids, spec.eos_token_ids, spec.max_context)
+    BackboneWorker(cfg, engine, stop).run()

@@ -1,0 +1,50 @@
+"""Every Redis key Tributary uses, in one place (prefix configurable, default ``trib``).
+
+Streams (``jobs``, ``gen``, ``reply``) carry no TTL; tensors and blobs always do, so a server configured with a
+``volatile-*`` eviction policy evicts cached tensors under memory pressure and never a queue.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class Keys:
+    prefix: str = "trib"
+
+    def jobs(self, modality: str) -> str:
+        """Stream of EncodeJobs for one modality; consumer group :data:`ENCODER_GROUP`."""
+        return f"{self.prefix}:jobs:{modality}"
+
+    def gen(self) -> str:
+        """Stream of PromptPlans; consumer group :data:`BACKBONE_GROUP`."""
+        return f"{self.prefix}:gen"
+
+    def reply(self, gateway_id: str) -> str:
+        """Per-gateway-process stream of encode results and token events."""
+        return f"{self.prefix}:reply:{gateway_id}"
+
+    def tensor(self, encoder_id: str, digest: str) -> str:
+        """Hash ``{data: safetensors bytes, n: placeholder count}`` with a TTL."""
+        return f"{self.prefix}:t:{encoder_id}:{digest}"
+
+    def blob(self, digest: str) -> str:
+        """Raw media bytes waiting for an encoder, short TTL."""
+        return f"{self.prefix}:blob:{digest}"
+
+    def cancel(self, request_id: str) -> str:
+        """Set (with a TTL) when a request's client went away or hit a stop string."""
+        return f"{self.prefix}:cancel:{request_id}"
+
+    def live(self, tier: str) -> str:
+        """Sorted set of worker ids scored by their last heartbeat (unix seconds)."""
+        return f"{self.prefix}:live:{tier}"
+
+    def stats(self, tier: str) -> str:
+        """Hash of monotonically increasing counters a tier keeps (jobs, encoder calls, tokens, cancels)."""
+        return f"{self.prefix}:stats:{tier}"
+
+
+ENCODER_GROUP = "encoders"
+BACKBONE_GROUP = "backbone"

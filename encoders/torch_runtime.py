@@ -1,0 +1,18 @@
+"""Encoder runtime that runs the encoder + projector with PyTorch on a CPU or a CUDA device."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+
+class TorchRuntime:
+    name = "torch"
+
+    def __init__(self, module: nn.Module, device: str = "cpu"):
+        self.device = torch.device(device)
+        self.module = module.to(self.device).eval()
+
+    @torch.inference_mode()
+    def run(self, batch: torch.Tensor) -> torch.Tensor:
+        return self.module(batch.to(self.device)).float().cpu()

@@ -1,0 +1,212 @@
+"""``POST /v1/chat/completions``: one request from body to answer, streamed (SSE) or whole.
+
+Steps: read the body (size-capped) -> parse and build the prompt in a worker thread (JSON, template, tokenizer,
+hashes) -> encode media (cache first) -> expand placeholders into a PromptPlan -> dispatch -> detokenize events
+into the OpenAI response shape. The streamed and the whole answer come from the same generator, so at temperature 0
+they are the same text.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import re
+import time
+import uuid
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response, StreamingResponse
+
+from gateway.config import GatewayConfig
+from gateway.detokenize import Detokenizer
+from gateway.errors import APIError, Internal, InvalidRequest, NotFound, PayloadTooLarge, Unavailable
+from gateway.prompt import Prompt, PromptBuilder, expand_placeholders
+from gateway.replies import ReplyRouter
+from gateway.schemas import ChatCompletionRequest, parse_chat_request
+from gateway.tiers import DISCONNECTED, ClientGone, TierClient
+from router import messages as m
+
+log = logging.getLogger(__name__)
+
+_REQUEST_ID = re.compile(r"^[A-Za-z0-9._:-]{1,64}$")
+
+
+@dataclass
+class Delta:
+    text: str
+    finish: str | None = None
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+
+
+def request_id_for(request: Request) -> str:
+    given = request.headers.get("x-request-id", "")
+    return given if _REQUEST_ID.match(given) else uuid.uuid4().hex
+
+
+class ChatService:
+    def __init__(self, cfg: GatewayConfig, builder: PromptBuilder, tiers: TierClient, replies: ReplyRouter):
+        self.cfg, self.builder, self.tiers, self.replies = cfg, builder, tiers, replies
+        self.spec = builder.spec
+        self._tasks: set[asyncio.Task] = set()  # hard references: the loop keeps only weak ones
+
+    async def handle(self, request: Request, rid: str) -> Response:
+        body = await self._read_body(request)
+        req, prompt = await asyncio.to_thread(self._prepare, body)
+        log.info("request", extra={"request_id": rid, "stream": req.stream, "media": len(prompt.media),
+                                   "text_tokens": len(prompt.token_ids)})
+        queue = self.replies.subscribe(rid)
+        watcher = self._spawn(self._watch_disconnect(request, queue))
+        try:
+            plan = await self._plan(rid, req, prompt, queue)
+            deltas = self._deltas(rid, req, plan, queue)
+            first = await anext(deltas)  # errors before the first token are plain HTTP errors
+        except BaseException:
+            watcher.cancel()
+            self.replies.unsubscribe(rid)
+            raise
+        if req.stream:
+            return StreamingResponse(self._sse(rid, req, first, deltas, watcher), media_type="text/event-stream",
+                                     headers={"cache-control": "no-cache", "x-request-id": rid})
+        try:
+            last, text = first, first.text
+            async for last in deltas:
+                text += last.text
+        finally:
+            watcher.cancel()
+            self.replies.unsubscribe(rid)
+        return JSONResponse(self._completion(rid, req, text, last), headers={"x-request-id": rid})
+
+    async def _read_body(self, request: Request) -> bytes:
+        declared = request.headers.get("content-length")
+        if declared and declared.isdigit() and int(declared) > self.cfg.max_body_bytes:
+            raise PayloadTooLarge(f"request body exceeds {self.cfg.max_body_bytes} bytes")
+        chunks, size = [], 0
+        async for chunk in request.stream():
+            size += len(chunk)
+            if size > self.cfg.max_body_bytes:
+                raise PayloadTooLarge(f"request body exceeds {self.cfg.max_body_bytes} bytes")
+            chunks.append(chunk)
+        return b"".join(chunks)
+
+    def _prepare(self, body: bytes) -> tuple[ChatCompletionRequest, Prompt]:
+        req = parse_chat_request(body)
+        if req.model != self.spec.name:
+            raise NotFound(f"model '{req.model}' does not exist; this server serves '{self.spec.name}'",
+                           param="model", code="model_not_found")
+        req.stop_strings()  # validate now, before any work is queued
+        return req, self.builder.build(req)
+
+    async def _plan(self, rid: str, req: ChatCompletionRequest, prompt: Prompt, queue) -> m.PromptPlan:
+        refs = await self.tiers.encode(rid, prompt.media, queue)
+        ids = expand_placeholders(prompt.token_ids, self.spec.placeholder_ids, [r.num_tokens for r in refs])
+        room = self.spec.max_context - len(ids)
+        if room < 1:
+            raise InvalidRequest(f"the prompt is {len(ids)} tokens; this model's context is "
+                                 f"{self.spec.max_context} tokens", param="messages", code="context_length_exceeded")
+        budget = req.token_budget()
+        if budget is not None and budget > room:
+            raise InvalidRequest(f"max_tokens {budget} + prompt {len(ids)} tokens exceeds the context of "
+                                 f"{self.spec.max_context} tokens", param="max_tokens",
+                                 code="context_length_exceeded")
+        sampling = m.SamplingParams(max_tokens=budget or min(self.cfg.default_max_tokens, room),
+                                    temperature=req.temperature, top_p=req.top_p, seed=req.seed,
+                                    ignore_eos=req.ignore_eos)
+        return m.PromptPlan(request_id=rid, reply_to=self.tiers.reply_stream, token_ids=ids, media=refs,
+                            sampling=sampling, deadline=time.time() + self.cfg.first_token_timeout_s)
+
+    async def _deltas(self, rid: str, req: ChatCompletionRequest, plan: m.PromptPlan, queue) -> AsyncIterator[Delta]:
+        detok = Detokenizer(self.builder.tokenizer, req.stop_strings())
+        finished = False
+        try:
+            async for ev in self.tiers.generate(plan, queue):
+                if ev.finish == m.FinishReason.ERROR:
+                    finished = True
+                    raise _event_error(ev)
+                text = detok.add(ev.token_ids)
+                d = Delta(text, None, ev.prompt_tokens, ev.completion_tokens)
+                if detok.stopped or ev.finish is not None:
+                    finished = ev.finish is not None
+                    d.text += detok.flush()
+                    d.finish = "length" if ev.finish == m.FinishReason.LENGTH and not detok.stopped else "stop"
+                    yield d
+                    return
+                yield d
+        finally:
+            if not finished:  # stop string, client gone, timeout: free the backbone slot
+                self._spawn(self.tiers.cancel(rid))
+            log.info("response", extra={"request_id": rid, "completion_tokens": len(detok.ids),
+                                        "finished": finished})
+
+    async def _sse(self, rid, req, first: Delta, deltas, watcher) -> AsyncIterator[bytes]:
+        created, model = int(time.time()), self.spec.name
+        include_usage = bool(req.stream_options and req.stream_options.include_usage)
+
+        def chunk(delta: dict, finish: str | None = None, **extra) -> bytes:
+            body = {"id": f"chatcmpl-{rid}", "object": "chat.completion.chunk", "created": created, "model": model,
+                    "choices": [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}], **extra}
+            return b"data: " + json.dumps(body).encode() + b"\n\n"
+
+        last = first
+        try:
+            yield chunk({"role": "assistant", "content": ""})
+            d = first
+            while True:
+                if d.text:
+                    yield chunk({"content": d.text})
+                last = d
+                if d.finish:
+                    yield chunk({}, d.finish)
+                    break
+                d = await anext(deltas)
+            if include_usage:
+                usage = _usage(last)
+                body = {"id": f"chatcmpl-{rid}", "object": "chat.completion.chunk", "created": created,
+                        "model": model, "choices": [], "usage": usage}
+                yield b"data: " + json.dumps(body).encode() + b"\n\n"
+        except (APIError, ClientGone) as exc:
+            err = exc if isinstance(exc, APIError) else Internal("client disconnected")
+            yield b"data: " + json.dumps(err.body()).encode() + b"\n\n"
+        finally:
+            await deltas.aclose()
+            watcher.cancel()
+            self.replies.unsubscribe(rid)
+        yield b"data: [DONE]\n\n"
+
+    def _completion(self, rid: str, req: ChatCompletionRequest, text: str, last: Delta) -> dict:
+        return {
+            "id": f"chatcmpl-{rid}", "object": "chat.completion", "created": int(time.time()),
+            "model": self.spec.name,
+            "choices": [{"index": 0, "message": {"role": "assistant", "content": text, "refusal": None},
+                         "logprobs": None, "finish_reason": last.finish}],
+            "usage": _usage(last),
+        }
+
+    async def _watch_disconnect(self, request: Request, queue: asyncio.Queue) -> None:
+        while True:
+            message = await request.receive()
+            if message["type"] == "http.disconnect":
+                queue.put_nowait(DISCONNECTED)
+                return
+
+    def _spawn(self, coro) -> asyncio.Task:
+        task = asyncio.get_running_loop().create_task(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+        return task
+
+
+def _usage(d: Delta) -> dict:
+    return {"prompt_tokens": d.prompt_tokens, "completion_tokens": d.completion_tokens,
+            "total_tokens": d.prompt_tokens + d.completion_tokens}
+
+
+def _event_error(ev: m.TokenEvent) -> APIError:
+    if ev.code == m.ErrorCode.BAD_PLAN:
+        return InvalidRequest(ev.error or "the request does not fit the model")
+    if ev.code in (m.ErrorCode.MEDIA_EXPIRED, m.ErrorCode.CANCELLED):
+        return Unavailable(ev.error or "the request could not be served in time; retry")
+    return Internal(ev.error or "the backbone failed this request")

@@ -1,0 +1,53 @@
+"""The gateway's errors and their one HTTP rendering: the OpenAI error shape
+``{"error": {"message", "type", "param", "code"}}``. Statuses are decided here and nowhere else."""
+
+from __future__ import annotations
+
+from starlette.responses import JSONResponse
+
+
+class APIError(Exception):
+    status = 500
+    type = "server_error"
+
+    def __init__(self, message: str, param: str | None = None, code: str | None = None):
+        super().__init__(message)
+        self.message, self.param, self.code = message, param, code
+
+    def body(self) -> dict:
+        return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
+
+    def response(self, headers: dict | None = None) -> JSONResponse:
+        return JSONResponse(self.body(), status_code=self.status, headers=headers)
+
+
+class InvalidRequest(APIError):
+    status, type = 400, "invalid_request_error"
+
+
+class NotFound(APIError):
+    status, type = 404, "invalid_request_error"
+
+
+class MethodNotAllowed(APIError):
+    status, type = 405, "invalid_request_error"
+
+
+class PayloadTooLarge(APIError):
+    status, type = 413, "invalid_request_error"
+
+
+class Unavailable(APIError):
+    """A tier has no live worker or Redis is unreachable: retry later."""
+
+    status, type = 503, "service_unavailable"
+
+
+class Timeout(APIError):
+    """A tier did not answer within its bound."""
+
+    status, type = 504, "timeout"
+
+
+class Internal(APIError):
+    status, type = 500, "server_error"

@@ -1,0 +1,64 @@
+"""Media parts of a request: base64/data-URL decoding with size caps, and their content-addressed cache keys.
+
+The gateway only unwraps the bytes; decoding pixels or samples is the encoder worker's job.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import hashlib
+import json
+from dataclasses import dataclass
+
+from gateway.errors import InvalidRequest, PayloadTooLarge
+
+
+@dataclass(frozen=True)
+class MediaPart:
+    modality: str
+    data: bytes
+    param: str  # where it sat in the request, for error messages: messages.0.content.2
+    digest: str = ""
+
+
+def _b64(data: str, param: str, limit: int) -> bytes:
+    if len(data) * 3 // 4 > limit:
+        raise PayloadTooLarge(f"media larger than {limit} bytes", param=param)
+    try:
+        return base64.b64decode(data, validate=True)
+    except (binascii.Error, ValueError) as exc:
+        raise InvalidRequest(f"media data is not valid base64: {exc}", param=param) from exc
+
+
+def image_from_url(url: str, param: str, limit: int) -> bytes:
+    if url.startswith(("http://", "https://")):
+        raise InvalidRequest("image_url must be a data: URL; fetching http(s) URLs is disabled on this server",
+                             param=param, code="remote_url_disabled")
+    if not url.startswith("data:"):
+        raise InvalidRequest("image_url must be a data: URL (data:image/png;base64,...)", param=param)
+    header, sep, payload = url[5:].partition(",")
+    if not sep or not header.endswith(";base64"):
+        raise InvalidRequest("image data URL must be base64-encoded (data:<type>;base64,<data>)", param=param)
+    media_type = header[: -len(";base64")]
+    if media_type and not media_type.startswith("image/"):
+        raise InvalidRequest(f"data URL media type {media_type!r} is not an image", param=param)
+    return _b64(payload, param, limit)
+
+
+def audio_from_base64(data: str, param: str, limit: int) -> bytes:
+    return _b64(data, param, limit)
+
+
+def content_digest(encoder_id: str, preprocess: dict, data: bytes) -> str:
+    """Key of one encoder output: the encoder's identity, its preprocessing config and the exact input bytes.
+
+    Hashing the full bytes (not a decoded summary) means two inputs share an entry only if they are identical; the
+    config is part of the key so a change of image size or mel settings never reuses a stale tensor.
+    """
+    h = hashlib.sha256()
+    for part in (encoder_id.encode(), json.dumps(preprocess, sort_keys=True).encode()):
+        h.update(len(part).to_bytes(8, "little"))
+        h.update(part)
+    h.update(data)
+    return h.hexdigest()

@@ -1,0 +1,117 @@
+"""The OpenAI chat-completions request, validated: what is accepted, and a 400 naming whatever is not.
+
+Parameters the server does not implement yet are refused by name (never silently ignored) unless they carry the
+value that means "off" (``n: 1``, ``logprobs: false``, ...). Unknown parameters are refused too.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Annotated, Literal, Union
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from gateway.errors import InvalidRequest
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class TextPart(_Strict):
+    type: Literal["text"]
+    text: str
+
+
+class ImageURL(_Strict):
+    url: str
+    detail: Literal["auto", "low", "high"] | None = None
+
+
+class ImagePart(_Strict):
+    type: Literal["image_url"]
+    image_url: ImageURL
+
+
+class InputAudio(_Strict):
+    data: str  # base64
+    format: Literal["wav", "mp3", "flac", "ogg"]
+
+
+class AudioPart(_Strict):
+    type: Literal["input_audio"]
+    input_audio: InputAudio
+
+
+ContentPart = Annotated[Union[TextPart, ImagePart, AudioPart], Field(discriminator="type")]
+
+
+class ChatMessage(_Strict):
+    role: Literal["system", "developer", "user", "assistant"]
+    content: str | list[ContentPart]
+    name: str | None = None
+
+
+class StreamOptions(_Strict):
+    include_usage: bool = False
+
+
+class ChatCompletionRequest(_Strict):
+    model: str
+    messages: list[ChatMessage] = Field(min_length=1)
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    max_tokens: int | None = Field(default=None, ge=1)
+    max_completion_tokens: int | None = Field(default=None, ge=1)
+    temperature: float = Field(default=1.0, ge=0.0, le=2.0)
+    top_p: float = Field(default=1.0, gt=0.0, le=1.0)
+    seed: int | None = None
+    stop: str | list[str] | None = None
+    user: str | None = None
+    ignore_eos: bool = False  # vLLM's extension: generate exactly max_tokens (benchmarks)
+
+    def stop_strings(self) -> list[str]:
+        stops = [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
+        if len(stops) > 4 or any(not s for s in stops):
+            raise InvalidRequest("'stop' takes at most 4 non-empty strings", param="stop")
+        return stops
+
+    def token_budget(self) -> int | None:
+        return self.max_completion_tokens or self.max_tokens
+
+
+# Accepted only with the value that switches them off; anything else is a 400 naming the parameter.
+_OFF_VALUES = {
+    "n": (1, None), "logprobs": (False, None), "top_logprobs": (0, None), "presence_penalty": (0, 0.0, None),
+    "frequency_penalty": (0, 0.0, None), "tools": (None, []), "tool_choice": (None, "none"),
+    "functions": (None, []), "function_call": (None, "none"), "response_format": (None, {"type": "text"}),
+    "logit_bias": (None, {}), "parallel_tool_calls": (None,), "modalities": (None, ["text"]), "audio": (None,),
+    "prediction": (None,), "reasoning_effort": (None,), "service_tier": (None, "auto", "default"),
+    "store": (None, False), "metadata": (None, {}), "web_search_options": (None,),
+}
+
+
+def parse_chat_request(body: bytes) -> ChatCompletionRequest:
+    try:
+        raw = json.loads(body)
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise InvalidRequest(f"request body is not valid JSON: {exc}") from exc
+    if not isinstance(raw, dict):
+        raise InvalidRequest("request body must be a JSON object")
+    for name, off in _OFF_VALUES.items():
+        if name in raw:
+            if raw.pop(name) not in off:
+                raise InvalidRequest(f"parameter '{name}' is not supported by this server", param=name,
+                                     code="unsupported_parameter")
+    try:
+        return ChatCompletionRequest.model_validate(raw)
+    except ValidationError as exc:
+        raise InvalidRequest(*_describe(exc)) from exc
+
+
+def _describe(exc: ValidationError) -> tuple[str, str]:
+    err = exc.errors(include_url=False)[0]
+    param = ".".join(str(p) for p in err["loc"])
+    if err["type"] == "extra_forbidden":
+        return f"unknown parameter '{param}'", param
+    return f"invalid value for '{param}': {err['msg']}", param

@@ -1,0 +1,68 @@
+"""Reading a checkpoint directory: its safetensors files, tensor by tensor, and its fingerprint.
+
+Tiers read only the tensors they run (``read_tensors`` with a prefix), straight from the files: nothing loads the
+whole model first.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+
+FINGERPRINT_FILE = "tributary-fingerprint.json"
+
+
+def weight_files(model_dir: Path) -> list[Path]:
+    """The safetensors files of a checkpoint: a single ``model.safetensors`` or the files of its index."""
+    index = model_dir / "model.safetensors.index.json"
+    if index.exists():
+        names = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        return [model_dir / n for n in names]
+    single = model_dir / "model.safetensors"
+    if single.exists():
+        return [single]
+    raise FileNotFoundError(f"no model.safetensors or model.safetensors.index.json in {model_dir}")
+
+
+def read_tensors(model_dir: Path, prefix: str, dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
+    """Every tensor whose name starts with ``prefix``, keyed by the rest of its name."""
+    out: dict[str, torch.Tensor] = {}
+    for path in weight_files(model_dir):
+        with safe_open(str(path), framework="pt") as f:
+            for name in f.keys():
+                if name.startswith(prefix):
+                    t = f.get_tensor(name)
+                    out[name[len(prefix) :]] = t.to(dtype) if dtype is not None and t.is_floating_point() else t
+    if not out:
+        raise KeyError(f"no tensor named {prefix}* in {model_dir}")
+    return out
+
+
+def fingerprint(model_dir: Path) -> str:
+    """A content hash of the weights and configs, computed once and kept beside the checkpoint when writable.
+
+    It is part of every cache key, so two checkpoints never share cached encoder outputs.
+    """
+    cached = model_dir / FINGERPRINT_FILE
+    files = sorted(p for p in model_dir.iterdir() if p.is_file() and p.name != FINGERPRINT_FILE)
+    stamp = [[p.name, p.stat().st_size, p.stat().st_mtime_ns] for p in files]
+    if cached.exists():
+        data = json.loads(cached.read_text())
+        if data.get("files") == stamp:
+            return data["sha256"]
+    h = hashlib.sha256()
+    for p in files:
+        h.update(p.name.encode())
+        with p.open("rb") as f:
+            while chunk := f.read(1 << 20):
+                h.update(chunk)
+    digest = h.hexdigest()
+    try:
+        cached.write_text(json.dumps({"sha256": digest, "files": stamp}))
+    except OSError:
+        pass  # a read-only checkpoint (a mounted volume) is hashed again by each process; correct, only slower
+    return digest

@@ -1,0 +1,60 @@
+"""Worker liveness through Redis: each worker scores itself in ``<prefix>:live:<tier>`` every second; the gateway
+counts recent scores before it queues work, so a request whose tier has no live worker fails fast (503) instead of
+waiting on a queue nobody reads.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+
+from cache.client import connect
+from cache.keys import Keys
+
+log = logging.getLogger(__name__)
+
+HEARTBEAT_S = 1.0
+LIVE_WINDOW_S = 5.0  # a worker silent for longer is presumed dead
+
+
+class Heartbeat:
+    """A daemon thread that keeps one worker registered as live until :meth:`stop` (which deregisters it)."""
+
+    def __init__(self, redis_url: str, keys: Keys, tier: str, worker_id: str):
+        self.key, self.worker_id = keys.live(tier), worker_id
+        self._r = connect(redis_url)
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name=f"heartbeat-{tier}", daemon=True)
+
+    def start(self) -> "Heartbeat":
+        self.beat()
+        self._thread.start()
+        return self
+
+    def beat(self) -> None:
+        now = time.time()
+        pipe = self._r.pipeline(transaction=False)
+        pipe.zadd(self.key, {self.worker_id: now})
+        pipe.zremrangebyscore(self.key, "-inf", now - 10 * LIVE_WINDOW_S)  # forget long-dead workers
+        pipe.execute()
+
+    def _run(self) -> None:
+        while not self._stop.wait(HEARTBEAT_S):
+            try:
+                self.beat()
+            except Exception:  # Redis briefly away: keep trying; the window tolerates a few misses
+                log.warning("heartbeat failed", exc_info=True)
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join(timeout=2 * HEARTBEAT_S)
+        try:
+            self._r.zrem(self.key, self.worker_id)
+        except Exception:
+            log.warning("could not deregister worker", exc_info=True)
+
+
+def live_count_args(keys: Keys, tier: str) -> tuple[str, float, str]:
+    """Arguments of the ZCOUNT that counts a tier's live workers (run it in whatever client or pipeline)."""
+    return keys.live(tier), time.time() - LIVE_WINDOW_S, "+inf"

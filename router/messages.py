@@ -1,0 +1,145 @@
+"""Every message that crosses a tier boundary, versioned, with one encode/decode path (msgpack via msgspec).
+
+Messages are small: token ids, keys and counts. Tensors never travel inside them; they live in the tensor cache
+(``cache.keys.Keys.tensor``) and messages carry their keys. Each struct is tagged with its type name, so a stream
+can carry a union (the gateway's reply stream carries encode results and token events) and a reader rejects anything
+it does not know instead of guessing. ``WIRE_VERSION`` is bumped on any incompatible change; a reader refuses other
+versions with a clear error.
+"""
+
+from __future__ import annotations
+
+import enum
+from typing import Union
+
+import msgspec
+
+WIRE_VERSION = 1
+
+
+class Modality(str, enum.Enum):
+    IMAGE = "image"
+    AUDIO = "audio"
+
+
+class FinishReason(str, enum.Enum):
+    STOP = "stop"  # an end-of-sequence token, a stop token id or (decided by the gateway) a stop string
+    LENGTH = "length"  # max_tokens or the model's context length
+    CANCELLED = "cancelled"  # the gateway asked to stop (client gone, stop string)
+    ERROR = "error"  # the tier failed this request; ``error`` says why
+
+
+class ErrorCode(str, enum.Enum):
+    """Typed failure reasons a worker reports; the gateway alone maps them to HTTP statuses."""
+
+    BAD_MEDIA = "bad_media"  # the client's bytes did not decode: a 4xx
+    MEDIA_EXPIRED = "media_expired"  # a blob or tensor expired before it was used: retryable
+    BAD_PLAN = "bad_plan"  # the plan does not fit the model (placeholder count, context length): a 4xx
+    CANCELLED = "cancelled"  # the gateway withdrew the request before it started
+    INTERNAL = "internal"  # a bug or a broken worker: a 5xx
+
+
+class Message(msgspec.Struct, tag=True, kw_only=True, frozen=True):
+    v: int = WIRE_VERSION
+
+
+class EncodeJob(Message, kw_only=True):
+    """Gateway -> encoder tier (``jobs:<modality>`` stream): encode one media part."""
+
+    request_id: str
+    job_id: str
+    modality: Modality
+    encoder_id: str  # model fingerprint + component; part of the tensor key
+    digest: str  # content hash of (encoder_id, preprocessing config, bytes)
+    blob_key: str  # where the raw bytes wait (short TTL)
+    reply_to: str  # the gateway's reply stream
+    deadline: float  # unix seconds; an encoder drops jobs past it
+
+
+class EncodeDone(Message, kw_only=True):
+    """Encoder -> gateway: the tensor is in the cache under ``tensor_key``."""
+
+    request_id: str
+    job_id: str
+    tensor_key: str
+    num_tokens: int  # how many placeholder tokens this part expands to
+
+
+class EncodeFailed(Message, kw_only=True):
+    request_id: str
+    job_id: str
+    code: ErrorCode
+    error: str
+
+
+class MediaRef(Message, kw_only=True):
+    """One media part of a prompt, in prompt order; its placeholder tokens are already expanded in the token ids."""
+
+    modality: Modality
+    tensor_key: str
+    num_tokens: int
+
+
+class SamplingParams(Message, kw_only=True):
+    max_tokens: int
+    temperature: float = 1.0
+    top_p: float = 1.0
+    seed: int | None = None
+    stop_token_ids: list[int] = []
+    ignore_eos: bool = False
+
+
+class PromptPlan(Message, kw_only=True):
+    """Gateway -> backbone (``gen`` stream): everything the first shard needs to build ``inputs_embeds``.
+
+    ``token_ids`` already holds ``num_tokens`` copies of each media part's placeholder id, in the same order as
+    ``media``; the first shard splices each part's tensor rows into those positions.
+    """
+
+    request_id: str
+    reply_to: str
+    token_ids: list[int]
+    media: list[MediaRef] = []
+    sampling: SamplingParams
+    deadline: float  # unix seconds; a plan taken after it is dropped with an error event
+
+
+class TokenEvent(Message, kw_only=True):
+    """Backbone -> gateway: the tokens one step produced for one request, and how it ended if it did."""
+
+    request_id: str
+    token_ids: list[int]
+    prompt_tokens: int
+    completion_tokens: int  # total so far, including these
+    finish: FinishReason | None = None
+    code: ErrorCode | None = None
+    error: str | None = None
+
+
+ReplyMessage = Union[EncodeDone, EncodeFailed, TokenEvent]
+
+
+class WireError(ValueError):
+    """Bytes that are not a message this version understands."""
+
+
+_encoder = msgspec.msgpack.Encoder()
+_decoders: dict[object, msgspec.msgpack.Decoder] = {}
+
+
+def encode(msg: Message) -> bytes:
+    return _encoder.encode(msg)
+
+
+def decode(data: bytes, kind):
+    """Decode bytes as ``kind`` (a Message subclass or a Union of them); refuse other wire versions."""
+    dec = _decoders.get(kind)
+    if dec is None:
+        dec = _decoders[kind] = msgspec.msgpack.Decoder(kind)
+    try:
+        msg = dec.decode(data)
+    except (msgspec.DecodeError, msgspec.ValidationError) as exc:
+        raise WireError(f"cannot decode {getattr(kind, '__name__', kind)}: {exc}") from exc
+    if msg.v != WIRE_VERSION:
+        raise WireError(f"wire version {msg.v} is not supported (this build speaks {WIRE_VERSION})")
+    return msg

@@ -1,0 +1,117 @@
+"""``tributary <command>``: one entry point for every tier process and for the local cluster.
+
+Settings come from flags, with ``TRIBUTARY_*`` environment variables as defaults, read once here at start-up.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+
+def default_demo_dir(size: str) -> Path:
+    base = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache"))
+    return base / "tributary" / f"demo-{size}"
+
+
+def _env(name: str, default=None):
+    return os.environ.get(f"TRIBUTARY_{name}", default)
+
+
+def _common(p: argparse.ArgumentParser, model_required: bool = True) -> None:
+    p.add_argument("--redis-url", default=_env("REDIS_URL"), required=_env("REDIS_URL") is None and model_required,
+                   help="Redis server every tier talks through (env TRIBUTARY_REDIS_URL)")
+    p.add_argument("--prefix", default=_env("PREFIX", "trib"), help="Redis key prefix of this cluster")
+    p.add_argument("--model", default=_env("MODEL"), required=_env("MODEL") is None and model_required,
+                   help="checkpoint directory (env TRIBUTARY_MODEL)")
+    p.add_argument("--threads", type=int, default=int(_env("THREADS", 0)) or None,
+                   help="torch intra-op threads for this process (default: torch's choice)")
+    p.add_argument("--log-level", default=_env("LOG_LEVEL", "INFO"))
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="tributary", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    up = sub.add_parser("up", help="run a local cluster: Redis (embedded unless --redis-url), gateway, encoders, "
+                                   "backbone, each its own process")
+    up.add_argument("--model", default=_env("MODEL"), help="checkpoint directory (default: the demo model, "
+                                                           "created on first run)")
+    up.add_argument("--demo-size", default="small", choices=["tiny", "small"])
+    up.add_argument("--redis-url", default=_env("REDIS_URL"), help="use this Redis instead of an embedded one")
+    up.add_argument("--prefix", default=_env("PREFIX", "trib"))
+    up.add_argument("--host", default="127.0.0.1")
+    up.add_argument("--port", type=int, default=8000)
+    up.add_argument("--ready-timeout", type=float, default=300.0, help="seconds to wait for every tier")
+    up.add_argument("--log-level", default=_env("LOG_LEVEL", "INFO"))
+
+    demo = sub.add_parser("demo-model", help="write the small trimodal demo checkpoint (random weights)")
+    demo.add_argument("--out", required=True, type=Path)
+    demo.add_argument("--size", default="tiny", choices=["tiny", "small"])
+    demo.add_argument("--seed", type=int, default=0)
+
+    gw = sub.add_parser("gateway", help="the OpenAI-compatible HTTP gateway")
+    _common(gw)
+    gw.add_argument("--host", default="127.0.0.1")
+    gw.add_argument("--port", type=int, default=8000)
+    gw.add_argument("--served-name", default=_env("SERVED_NAME"), help="model id clients send (default: folder name)")
+
+    enc = sub.add_parser("encoder", help="an encoder worker for one modality")
+    _common(enc)
+    enc.add_argument("--modality", required=True, choices=["image", "audio"])
+    enc.add_argument("--device", default=_env("DEVICE", "cpu"), help="cpu or cuda:N")
+    enc.add_argument("--max-batch", type=int, default=8, help="jobs taken per read")
+    enc.add_argument("--tensor-ttl", type=int, default=3600, help="seconds a cached encoder output lives")
+    enc.add_argument("--wire-dtype", default="float32", choices=["float32", "float16", "bfloat16"])
+
+    bb = sub.add_parser("backbone", help="a backbone worker (one shard holding every layer, for now)")
+    _common(bb)
+    bb.add_argument("--max-running", type=int, default=16, help="sequences decoding at once")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    from router.logs import setup_logging
+
+    if args.command == "demo-model":
+        setup_logging("cli")
+        from models.demo import write_demo_model
+
+        path = write_demo_model(args.out, args.size, args.seed)
+        print(f"wrote the {args.size} demo model (random weights) to {path}")
+        return 0
+    setup_logging(args.command if args.command != "encoder" else f"encoder:{args.modality}", args.log_level)
+    if args.command == "up":
+        from tributary.cluster import run_cluster
+
+        return run_cluster(args)
+    if args.command == "gateway":
+        from gateway.config import GatewayConfig
+        from gateway.server import serve
+
+        cfg = GatewayConfig(model_dir=args.model, redis_url=args.redis_url, prefix=args.prefix,
+                            served_name=args.served_name)
+        serve(cfg, args.host, args.port)
+        return 0
+    if args.command == "encoder":
+        from encoders.worker import EncoderConfig, serve
+
+        cfg = EncoderConfig(redis_url=args.redis_url, modality=args.modality, prefix=args.prefix,
+                            device=args.device, max_batch=args.max_batch, tensor_ttl_s=args.tensor_ttl,
+                            wire_dtype=args.wire_dtype)
+        serve(cfg, args.model, args.threads)
+        return 0
+    if args.command == "backbone":
+        from backbone.worker import BackboneConfig, serve
+
+        serve(BackboneConfig(redis_url=args.redis_url, prefix=args.prefix, max_running=args.max_running),
+              args.model, args.threads)
+        return 0
+    return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
