@@ -72,6 +72,7 @@ class EmbeddedRedis:
                 "--dir", self._dir.name, "--maxmemory", self.maxmemory, "--maxmemory-policy", "volatile-lru",
                 "--loglevel", "warning"]
         self.proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                                     start_new_session=True,  # a terminal's Ctrl-C must not stop it first
                                      preexec_fn=die_with_parent)
         client = redis.Redis(port=self.port, socket_connect_timeout=0.5)
         deadline = time.monotonic() + timeout

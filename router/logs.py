@@ -12,7 +12,8 @@ import os
 import sys
 import time
 
-_STANDARD = set(vars(logging.LogRecord("", 0, "", 0, "", (), None))) | {"message", "asctime"}
+# Attributes every LogRecord has (plus uvicorn's colour duplicate): anything else came from ``extra``.
+_STANDARD = set(vars(logging.LogRecord("", 0, "", 0, "", (), None))) | {"message", "asctime", "color_message"}
 
 
 class JsonFormatter(logging.Formatter):

