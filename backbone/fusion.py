@@ -26,8 +26,10 @@ def fuse(embed_tokens: torch.nn.Module, token_ids: torch.Tensor, media: list[tup
             raise PlanError(f"{modality}: {want} placeholder tokens but {have} encoder rows")
         if not rows:
             continue
+        for t in rows:  # every part, before torch.cat (which would raise a RuntimeError on mixed widths)
+            if t.dim() != 2 or t.shape[1] != embeds.shape[2]:
+                raise PlanError(f"{modality}: encoder rows of shape {list(t.shape)} do not fit model width "
+                                f"{embeds.shape[2]}")
         spliced = torch.cat(rows).to(embeds.dtype)  # [want, H]
-        if spliced.shape[1] != embeds.shape[2]:
-            raise PlanError(f"{modality}: encoder width {spliced.shape[1]} != model width {embeds.shape[2]}")
         embeds[0, mask] = spliced
     return embeds

@@ -17,6 +17,7 @@ import uuid
 from dataclasses import dataclass
 
 import torch
+from redis.exceptions import RedisError
 
 from backbone.engine import Engine, Sequence
 from backbone.fusion import PlanError
@@ -78,7 +79,7 @@ class BackboneWorker:
                     break
                 # 1) Idle: block for plans (the only blocking call; with work in hand, reads ride the step's pipe).
                 if not self.running and not new:
-                    new = self._read(block=self.cfg.block_ms)
+                    new = self._idle_read()
                     continue
                 # 2) Admit the plans read last round: fetch their tensors, fuse, prefill (first token).
                 events = [self._admit(entry_id, fields) for entry_id, fields in new]
@@ -92,9 +93,17 @@ class BackboneWorker:
             heartbeat.stop()
             log.info("backbone stopped", extra={"consumer": self.consumer})
 
-    def _read(self, block: int | None) -> list:
-        room = self.cfg.max_running - len(self.running)
-        reply = self.r.xreadgroup(BACKBONE_GROUP, self.consumer, {self.stream: ">"}, count=room, block=block)
+    def _idle_read(self) -> list:
+        try:
+            reply = self.r.xreadgroup(BACKBONE_GROUP, self.consumer, {self.stream: ">"},
+                                      count=self.cfg.max_running, block=self.cfg.block_ms)
+        except RedisError as exc:  # the client already retried with backoff: Redis is down or was reset
+            if "NOGROUP" in str(exc):  # a restarted Redis without persistence lost the group
+                ensure_group(self.r, self.stream, BACKBONE_GROUP)
+            else:
+                log.error("redis unavailable; retrying", extra={"error": str(exc)})
+                self.stop.wait(1.0)
+            return []
         return reply[0][1] if reply else []
 
     def _admit(self, entry_id: bytes, fields: dict) -> tuple | None:

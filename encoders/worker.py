@@ -16,6 +16,7 @@ import uuid
 from dataclasses import dataclass
 
 import torch
+from redis.exceptions import RedisError
 
 from cache.client import connect
 from cache.codec import encode_tensor
@@ -57,11 +58,18 @@ class EncoderWorker:
                                          "device": self.cfg.device, "consumer": self.consumer})
         try:
             while not self.stop.is_set():
-                # 1) Take jobs: our own stale ones back first, then new ones (blocking at most block_ms).
-                entries = self._reclaim() or self._read()
-                if entries:
-                    # 2) Encode them, write tensors, notify gateways, ack: all before the next read.
-                    self.handle(entries)
+                try:
+                    # 1) Take jobs: stale ones of dead consumers first, then new ones (blocking at most block_ms).
+                    entries = self._reclaim() or self._read()
+                    if entries:
+                        # 2) Encode them, write tensors, notify gateways, ack: all before the next read.
+                        self.handle(entries)
+                except RedisError as exc:  # the client already retried with backoff: Redis is down or was reset
+                    if "NOGROUP" in str(exc):  # a restarted Redis without persistence lost the group
+                        ensure_group(self.r, self.stream, ENCODER_GROUP)
+                        continue
+                    log.error("redis unavailable; retrying", extra={"error": str(exc)})
+                    self.stop.wait(1.0)
         finally:
             heartbeat.stop()
             log.info("encoder stopped", extra={"consumer": self.consumer})

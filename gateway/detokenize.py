@@ -31,14 +31,18 @@ class Detokenizer:
         return self._release(final=self.stopped)
 
     def flush(self) -> str:
-        """At the end of generation: everything not yet sent."""
+        """At the end of generation: everything not yet sent, a trailing incomplete character included (as the
+        whole decode renders it, U+FFFD), so the deltas always add up to ``decode(ids, skip_special_tokens=True)``."""
+        if not self.stopped:
+            self.text += self._next_piece(final=True)
+            self._check_stop()
         return self._release(final=True)
 
-    def _next_piece(self) -> str:
+    def _next_piece(self, final: bool = False) -> str:
         decode = lambda ids: self.tokenizer.decode(ids, skip_special_tokens=True)  # noqa: E731
         prefix = decode(self.ids[self.prefix_offset : self.read_offset])
         full = decode(self.ids[self.prefix_offset :])
-        if len(full) > len(prefix) and not full.endswith("\ufffd"):
+        if len(full) > len(prefix) and (final or not full.endswith("\ufffd")):
             self.prefix_offset, self.read_offset = self.read_offset, len(self.ids)
             return full[len(prefix) :]
         return ""

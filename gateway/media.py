@@ -23,7 +23,8 @@ class MediaPart:
 
 
 def _b64(data: str, param: str, limit: int) -> bytes:
-    if len(data) * 3 // 4 > limit:
+    padding = 2 if data.endswith("==") else 1 if data.endswith("=") else 0
+    if len(data) * 3 // 4 - padding > limit:  # the decoded size (exact for valid base64), without decoding
         raise PayloadTooLarge(f"media larger than {limit} bytes", param=param)
     try:
         return base64.b64decode(data, validate=True)

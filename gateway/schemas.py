@@ -44,6 +44,7 @@ class AudioPart(_Strict):
 
 
 ContentPart = Annotated[Union[TextPart, ImagePart, AudioPart], Field(discriminator="type")]
+_PART_TAGS = {"text", "image_url", "input_audio"}  # the discriminator values of ContentPart
 
 
 class ChatMessage(_Strict):
@@ -110,8 +111,21 @@ def parse_chat_request(body: bytes) -> ChatCompletionRequest:
 
 
 def _describe(exc: ValidationError) -> tuple[str, str]:
-    err = exc.errors(include_url=False)[0]
-    param = ".".join(str(p) for p in err["loc"])
+    """The most specific error, its location written as the client's path (messages.0.content.1)."""
+
+    def path(loc) -> list:  # drop pydantic's union-branch labels ("str", "list[...]", "tagged-union[...]")
+        out, prev = [], None
+        for p in loc:
+            label = isinstance(p, str) and (p == "str" or "[" in p)
+            # A content part's discriminator tag follows its index: content.1.image_url.image_url -> content.1.image_url
+            tag = p in _PART_TAGS and isinstance(prev, int) and out[-2:-1] == ["content"]
+            if not (label or tag):
+                out.append(p)
+            prev = p
+        return out
+
+    err = max(exc.errors(include_url=False), key=lambda e: len(path(e["loc"])))
+    param = ".".join(str(p) for p in path(err["loc"]))
     if err["type"] == "extra_forbidden":
         return f"unknown parameter '{param}'", param
     return f"invalid value for '{param}': {err['msg']}", param

@@ -1,0 +1,183 @@
+"""End to end: the official `openai` SDK against a real local cluster (gateway, encoders, backbone, Redis)."""
+
+from __future__ import annotations
+
+import json
+import time
+
+import httpx
+import openai
+import pytest
+from openai import OpenAI
+
+from tests.media import b64, data_url, jpeg_bytes, png_bytes, wav_bytes
+
+pytestmark = pytest.mark.slow
+
+TINY_IMAGE_TOKENS = 16  # (32 / 8) ** 2 patches
+TINY_AUDIO_TOKENS_1S = 25  # 100 mel frames -> conv stride 2 -> pool stride 2
+
+
+@pytest.fixture(scope="module")
+def client(cluster) -> OpenAI:
+    return OpenAI(base_url=f"{cluster.base_url}/v1", api_key="unused", max_retries=0, timeout=120)
+
+
+def trimodal_messages(seed: int = 0, text: str = "What do you see and hear?") -> list[dict]:
+    return [
+        {"role": "system", "content": "You are terse."},
+        {"role": "user", "content": [
+            {"type": "text", "text": text},
+            {"type": "image_url", "image_url": {"url": data_url(png_bytes(48, 36, seed=seed))}},
+            {"type": "input_audio", "input_audio": {"data": b64(wav_bytes(1.0, seed=seed)), "format": "wav"}},
+        ]},
+    ]
+
+
+def test_models_lists_the_served_model(client, cluster):
+    assert [m.id for m in client.models.list().data] == [cluster.model]
+
+
+def test_non_streamed_trimodal(client, cluster, tiny_spec):
+    r = client.chat.completions.create(model=cluster.model, messages=trimodal_messages(1), max_tokens=8,
+                                       temperature=0, extra_body={"ignore_eos": True})
+    choice = r.choices[0]
+    assert r.object == "chat.completion" and r.id.startswith("chatcmpl-")
+    assert choice.message.role == "assistant" and isinstance(choice.message.content, str)
+    assert choice.finish_reason == "length"
+    assert r.usage.completion_tokens == 8
+    tok = tiny_spec.load_tokenizer()
+    rendered = tok.apply_chat_template(
+        [{"role": "system", "content": "You are terse."},
+         {"role": "user", "content": [{"type": "text", "text": "What do you see and hear?"}, {"type": "image"},
+                                      {"type": "audio"}]}], add_generation_prompt=True, tokenize=False)
+    text_tokens = len(tok(rendered, add_special_tokens=False)["input_ids"]) - 2  # minus the two placeholders
+    assert r.usage.prompt_tokens == text_tokens + TINY_IMAGE_TOKENS + TINY_AUDIO_TOKENS_1S
+    assert r.usage.total_tokens == r.usage.prompt_tokens + 8
+
+
+def test_streamed_equals_non_streamed_at_temperature_0(client, cluster):
+    kwargs = dict(model=cluster.model, messages=trimodal_messages(2), max_tokens=12, temperature=0,
+                  extra_body={"ignore_eos": True})
+    whole = client.chat.completions.create(**kwargs)
+    chunks = list(client.chat.completions.create(**kwargs, stream=True, stream_options={"include_usage": True}))
+    assert len({c.id for c in chunks}) == 1
+    assert chunks[0].choices[0].delta.role == "assistant"
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    finishes = [c.choices[0].finish_reason for c in chunks if c.choices and c.choices[0].finish_reason]
+    assert text == whole.choices[0].message.content
+    assert finishes == ["length"]
+    assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens == 12
+    assert chunks[-1].usage.prompt_tokens == whole.usage.prompt_tokens
+
+
+def test_seed_reproducible_at_temperature_1(client, cluster):
+    def run(seed):
+        return client.chat.completions.create(model=cluster.model, messages=trimodal_messages(3), max_tokens=16,
+                                              temperature=1.0, seed=seed, extra_body={"ignore_eos": True}
+                                              ).choices[0].message.content
+
+    a, b, c = run(7), run(7), run(8)
+    assert a == b
+    assert a != c
+
+
+def test_jpeg_and_text_only(client, cluster):
+    msgs = [{"role": "user", "content": [{"type": "image_url", "image_url": {
+        "url": data_url(jpeg_bytes(64, 64, seed=4), "image/jpeg")}}]}]
+    assert client.chat.completions.create(model=cluster.model, messages=msgs, max_tokens=4).usage.completion_tokens
+    r = client.chat.completions.create(model=cluster.model, messages=[{"role": "user", "content": "hi"}],
+                                       max_completion_tokens=3, extra_body={"ignore_eos": True})
+    assert r.usage.completion_tokens == 3
+
+
+def test_stop_string_cuts_the_answer(client, cluster):
+    base = client.chat.completions.create(model=cluster.model, messages=trimodal_messages(5), max_tokens=24,
+                                          temperature=0, extra_body={"ignore_eos": True}).choices[0].message.content
+    stop = next((base[i:i + 2] for i in range(3, len(base) - 2) if base[i:i + 2].strip() and
+                 "\ufffd" not in base[i:i + 2]), None)
+    if stop is None:
+        pytest.skip("the random model produced no usable stop string")
+    cut = client.chat.completions.create(model=cluster.model, messages=trimodal_messages(5), max_tokens=24,
+                                         temperature=0, stop=[stop], extra_body={"ignore_eos": True})
+    assert cut.choices[0].finish_reason == "stop"
+    assert cut.choices[0].message.content == base[: base.index(stop)]
+
+
+def test_second_identical_image_is_a_cache_hit(client, cluster):
+    msgs = trimodal_messages(6)
+    client.chat.completions.create(model=cluster.model, messages=msgs, max_tokens=2)
+    before = cluster.stats("encoder:image").get("encoder_calls", 0)
+    client.chat.completions.create(model=cluster.model, messages=msgs, max_tokens=2)
+    assert cluster.stats("encoder:image").get("encoder_calls", 0) == before
+
+
+def test_client_disconnect_cancels_generation(client, cluster):
+    before = cluster.stats("backbone").get("cancelled", 0)
+    stream = client.chat.completions.create(model=cluster.model, messages=[{"role": "user", "content": "go"}],
+                                            max_tokens=900, stream=True, extra_body={"ignore_eos": True})
+    for chunk in stream:
+        if chunk.choices and chunk.choices[0].delta.content:
+            break
+    stream.close()
+    r = client.chat.completions.create(model=cluster.model, messages=[{"role": "user", "content": "next"}],
+                                       max_tokens=2)  # the cluster still serves
+    assert r.choices[0].message.content is not None
+    deadline = time.monotonic() + 10
+    while cluster.stats("backbone").get("cancelled", 0) == before and time.monotonic() < deadline:
+        time.sleep(0.1)  # the backbone notices within one decode step; poll its counter
+    assert cluster.stats("backbone").get("cancelled", 0) == before + 1
+
+
+BAD = [
+    ("unknown role", {"messages": [{"role": "wizard", "content": "hi"}]}, "messages.0.role"),
+    ("empty messages", {"messages": []}, "messages"),
+    ("wrong part type", {"messages": [{"role": "user", "content": [{"type": "video", "video": {}}]}]},
+     "messages.0.content.0"),
+    ("undecodable image", {"messages": [{"role": "user", "content": [
+        {"type": "image_url", "image_url": {"url": data_url(b"definitely not a png")}}]}]}, "messages.0.content.0"),
+    ("undecodable audio", {"messages": [{"role": "user", "content": [
+        {"type": "input_audio", "input_audio": {"data": b64(b"RIFF....WAVEnope"), "format": "wav"}}]}]},
+     "messages.0.content.0"),
+    ("remote image url", {"messages": [{"role": "user", "content": [
+        {"type": "image_url", "image_url": {"url": "http://127.0.0.1:1/x.png"}}]}]}, "messages.0.content.0"),
+    ("n > 1", {"messages": [{"role": "user", "content": "hi"}], "n": 2}, "n"),
+    ("tools", {"messages": [{"role": "user", "content": "hi"}],
+               "tools": [{"type": "function", "function": {"name": "f"}}]}, "tools"),
+    ("response_format", {"messages": [{"role": "user", "content": "hi"}],
+                         "response_format": {"type": "json_object"}}, "response_format"),
+    ("negative max_tokens", {"messages": [{"role": "user", "content": "hi"}], "max_tokens": -1}, "max_tokens"),
+]
+
+
+@pytest.mark.parametrize("name,body,param", BAD, ids=[b[0] for b in BAD])
+def test_bad_input_is_a_400_naming_the_problem(cluster, name, body, param):
+    r = httpx.post(f"{cluster.base_url}/v1/chat/completions", json={"model": cluster.model, **body}, timeout=60)
+    assert r.status_code == 400, r.text
+    err = r.json()["error"]
+    assert set(err) == {"message", "type", "param", "code"}
+    assert err["type"] == "invalid_request_error" and err["message"]
+    assert (err["param"] or "").startswith(param.split(".")[0])
+    assert param in (err["param"] or "") or param in err["message"]
+
+
+def test_malformed_json_and_unknown_model(cluster, client):
+    r = httpx.post(f"{cluster.base_url}/v1/chat/completions", content=b"{not json", timeout=30,
+                   headers={"content-type": "application/json"})
+    assert r.status_code == 400 and "JSON" in r.json()["error"]["message"]
+    with pytest.raises(openai.NotFoundError):
+        client.chat.completions.create(model="no-such-model", messages=[{"role": "user", "content": "hi"}])
+    health = httpx.get(f"{cluster.base_url}/health", timeout=10).json()
+    assert health["status"] == "ok"  # nothing above took a tier down
+
+
+def test_request_id_is_returned_and_logged(cluster):
+    r = httpx.post(f"{cluster.base_url}/v1/chat/completions", timeout=60, headers={"x-request-id": "e2e-trace-1"},
+                   json={"model": cluster.model, "messages": trimodal_messages(9), "max_tokens": 2})
+    assert r.status_code == 200 and r.headers["x-request-id"] == "e2e-trace-1"
+    assert r.json()["id"] == "chatcmpl-e2e-trace-1"
+    tiers = set()
+    for line in cluster.log_path.read_text().splitlines():
+        if line.startswith("{") and '"e2e-trace-1"' in line:
+            tiers.add(json.loads(line)["tier"])
+    assert {"gateway", "encoder:image", "encoder:audio", "backbone"} <= tiers

@@ -1,0 +1,35 @@
+"""Start one tier as a real process and wait until it registers as live in Redis."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+
+import redis
+
+from cache.keys import Keys
+from router.liveness import live_count_args
+
+
+def start_tier(args: list[str], redis_url: str, tier: str, timeout: float = 120) -> subprocess.Popen:
+    proc = subprocess.Popen([sys.executable, "-m", "tributary.cli", *args, "--redis-url", redis_url],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            env=dict(os.environ, PYTHONUNBUFFERED="1"))
+    r = redis.Redis.from_url(redis_url)
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"{tier} exited with {proc.returncode}: {proc.stdout.read()[-3000:]}")
+        if r.zcount(*live_count_args(Keys(), tier)):
+            return proc
+        time.sleep(0.2)  # the process is importing torch; its heartbeat is the readiness signal
+    proc.kill()
+    raise RuntimeError(f"{tier} not live after {timeout}s")
+
+
+def stop_tier(proc: subprocess.Popen, timeout: float = 30) -> tuple[int, str]:
+    proc.terminate()
+    out, _ = proc.communicate(timeout=timeout)
+    return proc.returncode, out

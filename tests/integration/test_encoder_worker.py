@@ -1,0 +1,96 @@
+"""An encoder worker as a real process on a real Redis: encode, cache, notify, ack; typed failure; clean SIGTERM."""
+
+from __future__ import annotations
+
+import time
+import uuid
+
+import pytest
+import redis
+import torch
+
+from cache.codec import decode_tensor
+from cache.keys import ENCODER_GROUP, Keys
+from cache.streams import fields_payload, payload_fields
+from encoders.loader import load_preprocessor, load_runtime
+from router import messages as m
+from router.liveness import live_count_args
+from tests.integration.procs import start_tier, stop_tier
+from tests.media import png_bytes
+
+KEYS = Keys()
+
+
+@pytest.fixture(scope="module")
+def image_worker(tiny_model, redis_server):
+    proc = start_tier(["encoder", "--modality", "image", "--model", str(tiny_model)], redis_server.url,
+                      "encoder:image")
+    yield proc
+    if proc.poll() is None:
+        proc.kill()
+
+
+def submit(r, spec, data: bytes, reply_to: str) -> m.EncodeJob:
+    digest = uuid.uuid4().hex
+    job = m.EncodeJob(request_id=f"req-{digest[:6]}", job_id=digest, modality=m.Modality.IMAGE,
+                      encoder_id=spec.encoder_id("image"), digest=digest, blob_key=KEYS.blob(digest),
+                      reply_to=reply_to, deadline=time.time() + 60)
+    r.set(job.blob_key, data, ex=60)
+    r.xadd(KEYS.jobs("image"), payload_fields(m.encode(job)))
+    return job
+
+
+def next_reply(r, stream: str, timeout_ms: int = 30000):
+    reply = r.xread({stream: "0-0"}, count=1, block=timeout_ms)
+    assert reply, "no reply from the encoder worker"
+    entry_id, fields = reply[0][1][0]
+    r.xdel(stream, entry_id)
+    return m.decode(fields_payload(fields), m.ReplyMessage)
+
+
+def test_encodes_caches_notifies_and_acks(image_worker, redis_server, tiny_spec):
+    r = redis.Redis.from_url(redis_server.url)
+    data = png_bytes(50, 40, seed=11)
+    job = submit(r, tiny_spec, data, "reply:test1")
+    done = next_reply(r, "reply:test1")
+    assert isinstance(done, m.EncodeDone) and done.job_id == job.job_id and done.num_tokens == 16
+    cached = decode_tensor(r.hget(done.tensor_key, "data"))
+    pre = load_preprocessor(tiny_spec, "image")(data)
+    expected = load_runtime(tiny_spec, "image").run(pre.data.unsqueeze(0))[0]
+    assert cached.shape == (16, tiny_spec.config["text_config"]["hidden_size"])
+    torch.testing.assert_close(cached, expected, rtol=1e-4, atol=1e-5)
+    assert r.ttl(done.tensor_key) > 0
+    assert r.exists(job.blob_key) == 0  # the input blob is dropped once encoded
+    assert r.xpending(KEYS.jobs("image"), ENCODER_GROUP)["pending"] == 0
+
+
+def test_bad_media_is_a_typed_failure_and_the_worker_survives(image_worker, redis_server, tiny_spec):
+    r = redis.Redis.from_url(redis_server.url)
+    job = submit(r, tiny_spec, b"\x89PNG\r\n\x1a\n garbage", "reply:test2")
+    failed = next_reply(r, "reply:test2")
+    assert isinstance(failed, m.EncodeFailed) and failed.code == m.ErrorCode.BAD_MEDIA
+    assert failed.job_id == job.job_id and "image" in failed.error
+    submit(r, tiny_spec, png_bytes(seed=12), "reply:test2")
+    assert isinstance(next_reply(r, "reply:test2"), m.EncodeDone)
+    assert image_worker.poll() is None
+
+
+def test_expired_blob_is_reported_not_hung(image_worker, redis_server, tiny_spec):
+    r = redis.Redis.from_url(redis_server.url)
+    job = submit(r, tiny_spec, png_bytes(seed=13), "reply:test3")
+    # Racing the worker for the blob is flaky; instead send a job whose blob never existed.
+    ghost = m.EncodeJob(**{**{f: getattr(job, f) for f in job.__struct_fields__}, "job_id": "ghost",
+                           "blob_key": KEYS.blob("missing")})
+    r.xadd(KEYS.jobs("image"), payload_fields(m.encode(ghost)))
+    replies = {msg.job_id: msg for msg in (next_reply(r, "reply:test3") for _ in range(2))}
+    assert set(replies) == {job.job_id, "ghost"}
+    assert isinstance(replies[job.job_id], m.EncodeDone)
+    assert isinstance(replies["ghost"], m.EncodeFailed) and replies["ghost"].code == m.ErrorCode.MEDIA_EXPIRED
+
+
+def test_sigterm_exits_cleanly_and_deregisters(image_worker, redis_server):
+    code, out = stop_tier(image_worker)
+    assert code == 0, out[-2000:]
+    assert "encoder stopped" in out
+    r = redis.Redis.from_url(redis_server.url)
+    assert r.zcount(*live_count_args(KEYS, "encoder:image")) == 0

@@ -1,0 +1,55 @@
+"""A gateway whose tiers have no live worker answers 503 at once, in the OpenAI error shape; it never hangs."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+
+import httpx
+import pytest
+
+from cache.embedded import free_port
+from tests.media import b64, wav_bytes
+
+
+@pytest.fixture(scope="module")
+def lone_gateway(tiny_model, redis_server):
+    port = free_port()
+    proc = subprocess.Popen([sys.executable, "-m", "tributary.cli", "gateway", "--model", str(tiny_model),
+                             "--redis-url", redis_server.url, "--port", str(port)],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            env=dict(os.environ, PYTHONUNBUFFERED="1"))
+    base = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        try:
+            httpx.get(f"{base}/health", timeout=1)
+            break
+        except httpx.TransportError:
+            time.sleep(0.2)  # importing; the health probe is the readiness signal
+    yield base
+    proc.terminate()
+    out, _ = proc.communicate(timeout=30)
+    # uvicorn shuts down gracefully, then re-raises SIGTERM so supervisors see how it ended.
+    assert proc.returncode in (0, -15) and "Application shutdown complete" in out, out[-2000:]
+
+
+def test_health_reports_missing_tiers(lone_gateway):
+    body = httpx.get(f"{lone_gateway}/health").json()
+    assert body["status"] == "degraded" and body["workers"]["backbone"] == 0
+
+
+@pytest.mark.parametrize("content,what", [
+    ("hello", "backbone"),
+    ([{"type": "input_audio", "input_audio": {"data": b64(wav_bytes(0.5)), "format": "wav"}}], "audio encoder"),
+])
+def test_no_live_worker_is_a_fast_503(lone_gateway, tiny_model, content, what):
+    t0 = time.monotonic()
+    r = httpx.post(f"{lone_gateway}/v1/chat/completions", timeout=30,
+                   json={"model": tiny_model.name, "messages": [{"role": "user", "content": content}]})
+    assert r.status_code == 503
+    err = r.json()["error"]
+    assert err["code"] == "no_live_worker" and what in err["message"]
+    assert time.monotonic() - t0 < 5

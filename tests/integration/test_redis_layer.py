@@ -1,0 +1,68 @@
+"""The Redis layer against a real server: embedded server, consumer groups, XAUTOCLAIM, liveness, tensor entries."""
+
+from __future__ import annotations
+
+import time
+
+import redis
+import torch
+
+from cache.codec import decode_tensor, encode_tensor
+from cache.embedded import EmbeddedRedis
+from cache.keys import Keys
+from cache.streams import autoclaim_entries, ensure_group, payload_fields
+from router.liveness import Heartbeat, live_count_args
+
+
+def test_embedded_server_is_real_and_evicts_only_volatile_keys():
+    with EmbeddedRedis(maxmemory="64mb") as server:
+        r = redis.Redis.from_url(server.url)
+        assert r.ping()
+        assert r.config_get("maxmemory-policy")["maxmemory-policy"] == "volatile-lru"
+        assert r.config_get("save")["save"] == ""
+        pid = server.proc.pid
+    assert server.proc.poll() is not None, f"server {pid} still running after stop"
+
+
+def test_ensure_group_is_idempotent_and_creates_the_stream(redis_url):
+    r = redis.Redis.from_url(redis_url)
+    ensure_group(r, "s", "g")
+    ensure_group(r, "s", "g")
+    assert [g["name"] for g in r.xinfo_groups("s")] == [b"g"]
+
+
+def test_autoclaim_takes_over_jobs_of_a_silent_consumer(redis_url):
+    r = redis.Redis.from_url(redis_url)
+    ensure_group(r, "jobs", "g")
+    ids = [r.xadd("jobs", payload_fields(f"job{i}".encode())) for i in range(3)]
+    assert len(r.xreadgroup("g", "dead", {"jobs": ">"}, count=3)[0][1]) == 3
+    time.sleep(0.05)  # the entries must be idle for longer than min_idle_time below
+    claimed = autoclaim_entries(r.xautoclaim("jobs", "g", "alive", min_idle_time=10, count=10))
+    assert [e[0] for e in claimed] == ids
+    assert r.xpending("jobs", "g")["consumers"] == [{"name": b"alive", "pending": 3}]
+
+
+def test_autoclaim_reply_shapes_of_6_2_and_7():
+    entries = [(b"1-0", {b"m": b"x"})]
+    assert autoclaim_entries([b"0-0", entries]) == entries  # Redis 6.2: [cursor, entries]
+    assert autoclaim_entries([b"0-0", entries, []]) == entries  # Redis 7+: [cursor, entries, deleted ids]
+
+
+def test_heartbeat_registers_and_deregisters(redis_url):
+    keys = Keys("t1")
+    hb = Heartbeat(redis_url, keys, "encoder:image", "w1").start()
+    r = redis.Redis.from_url(redis_url)
+    assert r.zcount(*live_count_args(keys, "encoder:image")) == 1
+    hb.stop()
+    assert r.zcount(*live_count_args(keys, "encoder:image")) == 0
+
+
+def test_tensor_entry_round_trips_with_ttl(redis_url):
+    r = redis.Redis.from_url(redis_url)
+    key = Keys().tensor("enc", "abc")
+    t = torch.randn(5, 7)
+    r.hset(key, mapping={"data": encode_tensor(t), "n": 5})
+    r.expire(key, 60)
+    assert 0 < r.ttl(key) <= 60
+    assert int(r.hget(key, "n")) == 5
+    assert torch.equal(decode_tensor(r.hget(key, "data")), t)

@@ -1,0 +1,141 @@
+"""gateway/media.py: data URL / base64 unwrapping with size caps, and content-addressed digests."""
+
+from __future__ import annotations
+
+import base64
+
+import pytest
+
+from gateway.errors import InvalidRequest, PayloadTooLarge
+from gateway.media import audio_from_base64, content_digest, image_from_url
+from tests.media import b64, data_url, png_bytes, wav_bytes
+
+LIMIT = 1 << 20
+
+
+def test_png_data_url_decodes_to_the_exact_bytes():
+    png = png_bytes()
+    assert image_from_url(data_url(png), "messages.0.content.1", LIMIT) == png
+
+
+@pytest.mark.parametrize("mime", ["image/jpeg", "image/webp", "image/x-anything", ""])
+def test_any_image_mime_or_none_accepted(mime):
+    data = b"\x01\x02\x03\x04\x05"
+    assert image_from_url(f"data:{mime};base64," + b64(data), "p", LIMIT) == data
+
+
+@pytest.mark.parametrize("url", ["http://example.com/cat.png", "https://example.com/cat.png"])
+def test_remote_url_refused(url):
+    with pytest.raises(InvalidRequest) as info:
+        image_from_url(url, "messages.0.content.2", LIMIT)
+    assert info.value.code == "remote_url_disabled"
+    assert info.value.param == "messages.0.content.2"
+    assert info.value.status == 400
+
+
+@pytest.mark.parametrize("url", ["ftp://example.com/x.png", "file:///etc/passwd", "cat.png", "", "DATA:image/png"])
+def test_non_data_url_refused(url):
+    with pytest.raises(InvalidRequest) as info:
+        image_from_url(url, "p", LIMIT)
+    assert info.value.param == "p"
+    assert info.value.code != "remote_url_disabled"
+
+
+@pytest.mark.parametrize("url", [
+    "data:image/png," + "abc",  # not base64-encoded
+    "data:image/png;charset=utf-8,abc",
+    "data:image/png;base64",  # no comma
+])
+def test_non_base64_data_url_refused(url):
+    with pytest.raises(InvalidRequest, match="base64") as info:
+        image_from_url(url, "p", LIMIT)
+    assert info.value.param == "p"
+
+
+@pytest.mark.parametrize("payload", ["!!!!", "AAA", "AA=A", "QUJD\nREVG", "QUJD REVG"])
+def test_invalid_base64_payload_refused(payload):
+    with pytest.raises(InvalidRequest, match="base64"):
+        image_from_url("data:image/png;base64," + payload, "p", LIMIT)
+    with pytest.raises(InvalidRequest, match="base64"):
+        audio_from_base64(payload, "p", LIMIT)
+
+
+@pytest.mark.parametrize("mime", ["text/plain", "audio/wav", "application/octet-stream", "video/mp4"])
+def test_non_image_mime_refused(mime):
+    with pytest.raises(InvalidRequest) as info:
+        image_from_url(data_url(png_bytes(), mime), "messages.0.content.0", LIMIT)
+    assert mime in info.value.message
+    assert info.value.param == "messages.0.content.0"
+
+
+def test_image_over_the_cap_refused_with_413():
+    with pytest.raises(PayloadTooLarge) as info:
+        image_from_url(data_url(b"\x00" * (LIMIT + 1)), "messages.0.content.0", LIMIT)
+    assert info.value.status == 413
+    assert info.value.param == "messages.0.content.0"
+
+
+def test_audio_over_the_cap_refused_with_413():
+    with pytest.raises(PayloadTooLarge):
+        audio_from_base64(b64(b"\x00" * (LIMIT + 1)), "p", LIMIT)
+
+
+@pytest.mark.parametrize("size", [LIMIT - 2, LIMIT - 1, LIMIT])
+def test_media_at_or_under_the_cap_accepted(size):
+    # Base64 padding must not count toward the size: exactly `limit` bytes is not "larger than limit bytes".
+    data = bytes(range(256)) * (size // 256) + b"\x07" * (size % 256)
+    assert len(data) == size
+    assert image_from_url(data_url(data), "p", LIMIT) == data
+    assert audio_from_base64(b64(data), "p", LIMIT) == data
+
+
+@pytest.mark.parametrize("size", [1, 2, 3, 4, 5, 6, 7])
+def test_small_cap_boundary(size):
+    data = b"x" * size
+    assert audio_from_base64(b64(data), "p", size) == data
+    with pytest.raises(PayloadTooLarge):
+        audio_from_base64(b64(data + b"y"), "p", size)
+
+
+def test_audio_base64_decodes_to_the_exact_bytes():
+    wav = wav_bytes(0.1)
+    assert audio_from_base64(base64.b64encode(wav).decode(), "p", LIMIT) == wav
+
+
+PRE = {"image_size": 32, "image_mean": [0.5, 0.5, 0.5], "image_std": [0.25, 0.25, 0.25]}
+
+
+def test_digest_equal_for_equal_inputs():
+    a = content_digest("fp-image", dict(PRE), b"bytes")
+    b = content_digest("fp-image", dict(PRE), b"bytes")
+    assert a == b
+    assert len(a) == 64 and int(a, 16) >= 0  # a sha256 hex digest
+
+
+def test_digest_ignores_config_key_order():
+    reordered = {k: PRE[k] for k in reversed(list(PRE))}
+    assert content_digest("e", PRE, b"x") == content_digest("e", reordered, b"x")
+
+
+def test_digest_differs_with_encoder_id():
+    assert content_digest("fp1-image", PRE, b"x") != content_digest("fp2-image", PRE, b"x")
+    assert content_digest("fp1-image", PRE, b"x") != content_digest("fp1-audio", PRE, b"x")
+
+
+def test_digest_differs_with_preprocess_config():
+    other = dict(PRE, image_size=64)
+    assert content_digest("e", PRE, b"x") != content_digest("e", other, b"x")
+    assert content_digest("e", PRE, b"x") != content_digest("e", {}, b"x")
+
+
+def test_digest_differs_with_bytes():
+    png = png_bytes(seed=0)
+    assert content_digest("e", PRE, png) != content_digest("e", PRE, png_bytes(seed=1))
+    assert content_digest("e", PRE, png) != content_digest("e", PRE, png + b"\x00")
+    assert content_digest("e", PRE, b"") != content_digest("e", PRE, b"\x00")
+
+
+def test_digest_fields_are_delimited():
+    # Moving characters from one field to the next must not give the same key.
+    assert content_digest("ab", {}, b"c") != content_digest("a", {}, b"bc")
+    assert content_digest("e", {"a": 1}, b"") != content_digest("e", {}, b'{"a": 1}')

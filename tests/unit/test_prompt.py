@@ -1,0 +1,187 @@
+"""gateway/prompt.py: media pulled out in order, one placeholder per part, reserved tokens refused."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from gateway.errors import InvalidRequest
+from gateway.media import content_digest
+from gateway.prompt import PromptBuilder, expand_placeholders
+from gateway.schemas import parse_chat_request
+from tests.media import b64, data_url, jpeg_bytes, png_bytes, wav_bytes
+
+
+@pytest.fixture(scope="module")
+def tokenizer(tiny_spec):
+    return tiny_spec.load_tokenizer()
+
+
+@pytest.fixture(scope="module")
+def builder(tiny_spec, tokenizer):
+    return PromptBuilder(tiny_spec, tokenizer, max_media_bytes=1 << 20)
+
+
+def request(*messages):
+    return parse_chat_request(json.dumps({"model": "demo-tiny", "messages": list(messages)}).encode())
+
+
+def text(t):
+    return {"type": "text", "text": t}
+
+
+def image(data: bytes):
+    return {"type": "image_url", "image_url": {"url": data_url(data)}}
+
+
+def audio(data: bytes):
+    return {"type": "input_audio", "input_audio": {"data": b64(data), "format": "wav"}}
+
+
+def placeholders(ids, spec):
+    inverse = {v: k for k, v in spec.placeholder_ids.items()}
+    return [inverse[i] for i in ids if i in inverse]
+
+
+def test_text_only_prompt_is_the_chat_template(builder, tokenizer):
+    prompt = builder.build(request({"role": "system", "content": "be kind"}, {"role": "user", "content": "hello"}))
+    assert prompt.media == []
+    expected = tokenizer.apply_chat_template(
+        [{"role": "system", "content": "be kind"}, {"role": "user", "content": "hello"}],
+        add_generation_prompt=True, tokenize=False)
+    assert expected.endswith("<|im_start|>assistant\n")
+    assert prompt.token_ids == tokenizer(expected, add_special_tokens=False)["input_ids"]
+    assert tokenizer.decode(prompt.token_ids) == expected
+
+
+def test_media_parts_in_order_with_one_placeholder_each(builder, tiny_spec, tokenizer):
+    png, wav, jpg = png_bytes(seed=1), wav_bytes(0.2), jpeg_bytes(seed=2)
+    prompt = builder.build(request(
+        {"role": "user", "content": [text("first"), image(png), text("then"), audio(wav), image(jpg), text("end")]},
+    ))
+    assert [p.modality for p in prompt.media] == ["image", "audio", "image"]
+    assert [p.data for p in prompt.media] == [png, wav, jpg]
+    assert [p.param for p in prompt.media] == ["messages.0.content.1", "messages.0.content.3",
+                                               "messages.0.content.4"]
+    # Exactly one placeholder token per part, in the parts' order.
+    assert placeholders(prompt.token_ids, tiny_spec) == ["image", "audio", "image"]
+    img_id, aud_id = tiny_spec.placeholder_ids["image"], tiny_spec.placeholder_ids["audio"]
+    assert prompt.token_ids.count(img_id) == 2 and prompt.token_ids.count(aud_id) == 1
+    # The placeholders sit where the parts were, between the surrounding text.
+    decoded = tokenizer.decode(prompt.token_ids)
+    assert "first<|image|>then<|audio|><|image|>end" in decoded
+
+
+def test_media_digests_are_content_addressed(builder, tiny_spec):
+    png, wav = png_bytes(seed=3), wav_bytes(0.1)
+    prompt = builder.build(request({"role": "user", "content": [image(png), audio(wav), image(png)]}))
+    img, aud, img2 = prompt.media
+    assert img.digest == content_digest(tiny_spec.encoder_id("image"), tiny_spec.preprocess["image"], png)
+    assert aud.digest == content_digest(tiny_spec.encoder_id("audio"), tiny_spec.preprocess["audio"], wav)
+    assert img.digest == img2.digest  # same bytes, same key
+    assert img.digest != aud.digest
+
+
+def test_media_order_across_messages(builder, tiny_spec):
+    prompt = builder.build(request(
+        {"role": "user", "content": [audio(wav_bytes(0.1)), text("a")]},
+        {"role": "assistant", "content": "ok"},
+        {"role": "user", "content": [text("b"), image(png_bytes())]},
+    ))
+    assert [p.modality for p in prompt.media] == ["audio", "image"]
+    assert [p.param for p in prompt.media] == ["messages.0.content.0", "messages.2.content.1"]
+    assert placeholders(prompt.token_ids, tiny_spec) == ["audio", "image"]
+
+
+def test_developer_role_is_rendered_as_system(builder):
+    a = builder.build(request({"role": "developer", "content": "rules"}, {"role": "user", "content": "hi"}))
+    b = builder.build(request({"role": "system", "content": "rules"}, {"role": "user", "content": "hi"}))
+    assert a.token_ids == b.token_ids
+
+
+@pytest.mark.parametrize("token", ["<|image|>", "<|audio|>"])
+def test_reserved_token_in_string_content_refused(builder, token):
+    with pytest.raises(InvalidRequest) as info:
+        builder.build(request({"role": "user", "content": f"look {token} here"}))
+    assert info.value.param == "messages.0.content"
+    assert token in info.value.message
+
+
+@pytest.mark.parametrize("token", ["<|image|>", "<|audio|>"])
+def test_reserved_token_in_text_part_refused(builder, token):
+    with pytest.raises(InvalidRequest) as info:
+        builder.build(request({"role": "system", "content": "s"},
+                              {"role": "user", "content": [image(png_bytes()), text(f"x{token}")]}))
+    assert info.value.param == "messages.1.content.1"
+
+
+def test_reserved_token_in_assistant_text_refused(builder):
+    with pytest.raises(InvalidRequest) as info:
+        builder.build(request({"role": "user", "content": "hi"}, {"role": "assistant", "content": "<|image|>"}))
+    assert info.value.param == "messages.1.content"
+
+
+@pytest.mark.parametrize("role", ["assistant", "system", "developer"])
+def test_media_outside_user_messages_refused(builder, role):
+    with pytest.raises(InvalidRequest) as info:
+        builder.build(request({"role": "user", "content": "hi"},
+                              {"role": role, "content": [text("see"), image(png_bytes())]}))
+    assert info.value.param == "messages.1.content.1"
+    assert "user" in info.value.message
+
+
+def test_audio_in_assistant_message_refused(builder):
+    with pytest.raises(InvalidRequest) as info:
+        builder.build(request({"role": "assistant", "content": [audio(wav_bytes(0.1))]}))
+    assert info.value.param == "messages.0.content.0"
+
+
+def test_empty_media_refused(builder):
+    with pytest.raises(InvalidRequest, match="empty") as info:
+        builder.build(request({"role": "user", "content": [text("a"), {"type": "image_url",
+                                                                       "image_url": {"url": "data:image/png;base64,"}}]}))
+    assert info.value.param == "messages.0.content.1"
+    with pytest.raises(InvalidRequest, match="empty"):
+        builder.build(request({"role": "user", "content": [{"type": "input_audio",
+                                                            "input_audio": {"data": "", "format": "wav"}}]}))
+
+
+def test_remote_image_url_refused_with_its_code(builder):
+    part = {"type": "image_url", "image_url": {"url": "https://example.com/a.png"}}
+    with pytest.raises(InvalidRequest) as info:
+        builder.build(request({"role": "user", "content": [part]}))
+    assert info.value.code == "remote_url_disabled"
+    assert info.value.param == "messages.0.content.0"
+
+
+def test_media_over_the_builders_cap_refused(tiny_spec, tokenizer):
+    small = PromptBuilder(tiny_spec, tokenizer, max_media_bytes=100)
+    from gateway.errors import PayloadTooLarge
+
+    with pytest.raises(PayloadTooLarge):
+        small.build(request({"role": "user", "content": [image(png_bytes())]}))
+
+
+def test_expand_placeholders_repeats_each_in_order():
+    ph = {"image": 3, "audio": 4}
+    assert expand_placeholders([1, 3, 5, 4, 6, 3, 7], ph, [2, 3, 1]) == [1, 3, 3, 5, 4, 4, 4, 6, 3, 7]
+
+
+def test_expand_placeholders_without_media_is_identity():
+    assert expand_placeholders([1, 2, 5], {"image": 3, "audio": 4}, []) == [1, 2, 5]
+
+
+def test_expand_placeholders_length_and_positions():
+    ids = [9, 4, 9, 3, 3, 9]
+    out = expand_placeholders(ids, {"image": 3, "audio": 4}, [5, 2, 1])
+    assert len(out) == len(ids) - 3 + 8
+    assert out == [9] + [4] * 5 + [9] + [3] * 2 + [3] + [9]
+
+
+def test_built_prompt_expands_to_the_encoder_counts(builder, tiny_spec):
+    prompt = builder.build(request({"role": "user", "content": [image(png_bytes()), audio(wav_bytes(0.1))]}))
+    out = expand_placeholders(prompt.token_ids, tiny_spec.placeholder_ids, [16, 5])
+    assert out.count(tiny_spec.placeholder_ids["image"]) == 16
+    assert out.count(tiny_spec.placeholder_ids["audio"]) == 5
+    assert len(out) == len(prompt.token_ids) + 15 + 4

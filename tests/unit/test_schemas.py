@@ -1,0 +1,224 @@
+"""gateway/schemas.py: what parse_chat_request accepts, and the 400 (naming the parameter) for what it does not."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from gateway.errors import InvalidRequest
+from gateway.schemas import ChatCompletionRequest, parse_chat_request
+
+
+def body(**extra) -> bytes:
+    return json.dumps({"model": "demo", "messages": [{"role": "user", "content": "hi"}], **extra}).encode()
+
+
+def refused(raw: bytes) -> InvalidRequest:
+    with pytest.raises(InvalidRequest) as info:
+        parse_chat_request(raw)
+    assert info.value.status == 400
+    assert info.value.type == "invalid_request_error"
+    return info.value
+
+
+def test_minimal_request_accepted_with_defaults():
+    req = parse_chat_request(body())
+    assert isinstance(req, ChatCompletionRequest)
+    assert req.model == "demo"
+    assert req.messages[0].role == "user" and req.messages[0].content == "hi"
+    assert req.stream is False and req.temperature == 1.0 and req.top_p == 1.0
+    assert req.token_budget() is None
+    assert req.stop_strings() == []
+
+
+def test_full_multimodal_request_accepted():
+    req = parse_chat_request(body(
+        messages=[
+            {"role": "developer", "content": "be brief"},
+            {"role": "system", "content": "sys"},
+            {"role": "user", "name": "ann", "content": [
+                {"type": "text", "text": "look"},
+                {"type": "image_url", "image_url": {"url": "data:image/png;base64,AAAA", "detail": "low"}},
+                {"type": "input_audio", "input_audio": {"data": "AAAA", "format": "wav"}},
+            ]},
+            {"role": "assistant", "content": "ok"},
+        ],
+        stream=True, stream_options={"include_usage": True}, max_tokens=5, temperature=0, top_p=0.5, seed=3,
+        stop="END", user="u1", ignore_eos=True,
+    ))
+    parts = req.messages[2].content
+    assert [p.type for p in parts] == ["text", "image_url", "input_audio"]
+    assert parts[1].image_url.url.startswith("data:image/png") and parts[1].image_url.detail == "low"
+    assert parts[2].input_audio.format == "wav"
+    assert req.stream and req.stream_options.include_usage and req.ignore_eos
+    assert req.temperature == 0 and req.top_p == 0.5 and req.seed == 3
+    assert req.stop_strings() == ["END"]
+    assert req.token_budget() == 5
+
+
+def test_max_completion_tokens_wins_over_max_tokens():
+    assert parse_chat_request(body(max_tokens=5, max_completion_tokens=9)).token_budget() == 9
+
+
+@pytest.mark.parametrize("raw", [b"{not json", b"", b"\xff\xfe\x00", b'{"model": "demo",'])
+def test_malformed_json_refused(raw):
+    err = refused(raw)
+    assert "JSON" in err.message
+
+
+@pytest.mark.parametrize("raw", [b"[]", b"[1, 2]", b'"text"', b"42", b"null", b"true"])
+def test_non_object_body_refused(raw):
+    err = refused(raw)
+    assert "object" in err.message
+
+
+def test_empty_messages_refused():
+    err = refused(json.dumps({"model": "demo", "messages": []}).encode())
+    assert err.param == "messages"
+
+
+def test_missing_messages_refused():
+    err = refused(json.dumps({"model": "demo"}).encode())
+    assert err.param == "messages"
+
+
+def test_missing_model_refused():
+    err = refused(json.dumps({"messages": [{"role": "user", "content": "hi"}]}).encode())
+    assert err.param == "model"
+
+
+@pytest.mark.parametrize("role", ["tool", "function", "robot", ""])
+def test_unknown_role_refused(role):
+    err = refused(body(messages=[{"role": "user", "content": "a"}, {"role": role, "content": "hi"}]))
+    assert err.param == "messages.1.role"
+    assert "role" in err.message
+
+
+@pytest.mark.parametrize("part", [
+    {"type": "video", "video": {"url": "data:video/mp4;base64,AAAA"}},
+    {"type": "file", "file": {}},
+    {"type": "refusal", "refusal": "no"},
+])
+def test_unknown_content_part_type_refused(part):
+    err = refused(body(messages=[{"role": "user", "content": [{"type": "text", "text": "a"}, part]}]))
+    # The error must point at the offending part and say what is wrong with it, not at some union branch.
+    assert err.param == "messages.0.content.1"
+    assert repr(part["type"]) in err.message
+
+
+def test_content_part_missing_field_refused():
+    err = refused(body(messages=[{"role": "user", "content": [{"type": "image_url"}]}]))
+    assert err.param == "messages.0.content.0.image_url"
+
+
+def test_bad_audio_format_refused():
+    part = {"type": "input_audio", "input_audio": {"data": "AAAA", "format": "aac"}}
+    err = refused(body(messages=[{"role": "user", "content": [part]}]))
+    assert err.param == "messages.0.content.0.input_audio.format"
+
+
+def test_unknown_field_in_content_part_refused():
+    err = refused(body(messages=[{"role": "user", "content": [{"type": "text", "text": "a", "bold": True}]}]))
+    assert err.param == "messages.0.content.0.bold"
+    assert "unknown parameter" in err.message
+
+
+def test_content_of_wrong_type_refused():
+    err = refused(body(messages=[{"role": "user", "content": 5}]))
+    assert err.param == "messages.0.content"
+
+
+@pytest.mark.parametrize("name", ["frobnicate", "best_of", "top_k", "echo"])
+def test_unknown_parameter_refused(name):
+    err = refused(body(**{name: 1}))
+    assert err.param == name
+    assert f"'{name}'" in err.message and "unknown" in err.message
+
+
+@pytest.mark.parametrize("name,value", [
+    ("n", 2),
+    ("n", 0),
+    ("tools", [{"type": "function", "function": {"name": "f", "parameters": {}}}]),
+    ("tool_choice", "auto"),
+    ("functions", [{"name": "f"}]),
+    ("function_call", "auto"),
+    ("response_format", {"type": "json_object"}),
+    ("response_format", {"type": "json_schema", "json_schema": {"name": "x", "schema": {}}}),
+    ("logprobs", True),
+    ("top_logprobs", 3),
+    ("presence_penalty", 0.5),
+    ("frequency_penalty", -1.0),
+    ("logit_bias", {"42": 5}),
+    ("parallel_tool_calls", True),
+    ("modalities", ["text", "audio"]),
+    ("audio", {"voice": "alloy", "format": "wav"}),
+    ("prediction", {"type": "content", "content": "x"}),
+    ("reasoning_effort", "high"),
+    ("service_tier", "flex"),
+    ("store", True),
+    ("metadata", {"k": "v"}),
+    ("web_search_options", {}),
+])
+def test_unsupported_parameter_with_a_value_refused_by_name(name, value):
+    err = refused(body(**{name: value}))
+    assert err.param == name
+    assert err.code == "unsupported_parameter"
+    assert f"'{name}'" in err.message
+
+
+@pytest.mark.parametrize("name,value", [
+    ("n", 1), ("n", None), ("logprobs", False), ("logprobs", None), ("top_logprobs", 0),
+    ("presence_penalty", 0), ("presence_penalty", 0.0), ("frequency_penalty", 0.0), ("tools", []),
+    ("tools", None), ("tool_choice", "none"), ("functions", []), ("function_call", "none"),
+    ("response_format", {"type": "text"}), ("response_format", None), ("logit_bias", {}),
+    ("parallel_tool_calls", None), ("modalities", ["text"]), ("audio", None), ("prediction", None),
+    ("reasoning_effort", None), ("service_tier", "auto"), ("service_tier", "default"), ("store", False),
+    ("metadata", {}), ("web_search_options", None),
+])
+def test_unsupported_parameter_with_its_off_value_accepted(name, value):
+    req = parse_chat_request(body(**{name: value}))
+    assert req.model == "demo"
+    assert not hasattr(req, name) or name in ChatCompletionRequest.model_fields
+
+
+def test_all_off_values_together_accepted():
+    req = parse_chat_request(body(n=1, logprobs=False, tools=[], tool_choice="none", response_format={"type": "text"},
+                                  store=False))
+    assert req.messages[0].content == "hi"
+
+
+@pytest.mark.parametrize("stop,expected", [
+    (None, []), ("x", ["x"]), (["a"], ["a"]), (["a", "b", "c", "d"], ["a", "b", "c", "d"]),
+])
+def test_stop_accepted(stop, expected):
+    assert parse_chat_request(body(stop=stop)).stop_strings() == expected
+
+
+@pytest.mark.parametrize("stop", [["a", "b", "c", "d", "e"], [""], "", ["ok", ""]])
+def test_stop_refused(stop):
+    req = parse_chat_request(body(stop=stop))
+    with pytest.raises(InvalidRequest) as info:
+        req.stop_strings()
+    assert info.value.param == "stop"
+    assert info.value.status == 400
+
+
+def test_stop_of_wrong_type_refused():
+    err = refused(body(stop=[1, 2]))
+    assert err.param.startswith("stop")
+
+
+@pytest.mark.parametrize("name,value", [
+    ("max_tokens", 0), ("max_tokens", -3), ("max_completion_tokens", 0), ("temperature", -0.1),
+    ("temperature", 2.5), ("top_p", 0), ("top_p", 1.5), ("stream", "maybe"), ("seed", "abc"),
+])
+def test_out_of_range_values_refused(name, value):
+    err = refused(body(**{name: value}))
+    assert err.param == name
+    assert f"'{name}'" in err.message
+
+
+def test_stream_options_unknown_field_refused():
+    err = refused(body(stream=True, stream_options={"include_usage": True, "chunk": 3}))
+    assert err.param == "stream_options.chunk"
