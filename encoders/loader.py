@@ -10,11 +10,10 @@ from encoders.torch_runtime import TorchRuntime
 
 
 def load_preprocessor(spec: ModelSpec, modality: str):
-    cfg = spec.preprocess[modality]
     if modality == "image":
-        return ImagePreprocessor(cfg, trimodal.image_output_length(spec.config))
+        return ImagePreprocessor(spec.preprocess[modality], trimodal.image_output_length(spec.config))
     if modality == "audio":
-        return AudioPreprocessor(cfg, trimodal.audio_output_length)
+        return AudioPreprocessor(spec.preprocess[modality], trimodal.audio_output_length)
     raise ValueError(f"unknown modality {modality!r}")
 
 

@@ -101,7 +101,8 @@ def parse_chat_request(body: bytes) -> ChatCompletionRequest:
         raise InvalidRequest("request body must be a JSON object")
     for name, off in _OFF_VALUES.items():
         if name in raw:
-            if raw.pop(name) not in off:
+            value = raw.pop(name)
+            if not any(value == o and type(value) is type(o) for o in off):  # true is not n=1
                 raise InvalidRequest(f"parameter '{name}' is not supported by this server", param=name,
                                      code="unsupported_parameter")
     try:

@@ -139,8 +139,8 @@ def test_audio_in_assistant_message_refused(builder):
 
 def test_empty_media_refused(builder):
     with pytest.raises(InvalidRequest, match="empty") as info:
-        builder.build(request({"role": "user", "content": [text("a"), {"type": "image_url",
-                                                                       "image_url": {"url": "data:image/png;base64,"}}]}))
+        empty_image = {"type": "image_url", "image_url": {"url": "data:image/png;base64,"}}
+        builder.build(request({"role": "user", "content": [text("a"), empty_image]}))
     assert info.value.param == "messages.0.content.1"
     with pytest.raises(InvalidRequest, match="empty"):
         builder.build(request({"role": "user", "content": [{"type": "input_audio",

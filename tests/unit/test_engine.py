@@ -1,0 +1,202 @@
+"""backbone/engine.py: the engine's greedy tokens are the reference model's, with and without media rows."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from backbone.engine import Engine
+from backbone.fusion import PlanError, fuse
+from models import trimodal
+from router.messages import FinishReason, SamplingParams
+
+PROMPTS = [
+    "<|im_start|>user\nThe river flows into sea under bright sky<|im_end|>\n<|im_start|>assistant\n",
+    "small birds sing near old stone bridge and people walk",
+    "Hi",
+]
+MEDIA_PROMPT = ("<|im_start|>user\nlook<|image|><|image|><|image|><|image|> and listen<|audio|><|audio|><|audio|>"
+                " then<|image|><|image|><|im_end|>\n<|im_start|>assistant\n")
+
+
+@pytest.fixture(scope="module")
+def lm(tiny_spec):
+    torch.manual_seed(0)
+    return trimodal.load_language_model(tiny_spec.path, tiny_spec.config)
+
+
+@pytest.fixture(scope="module")
+def tok(tiny_spec):
+    return tiny_spec.load_tokenizer()
+
+
+@pytest.fixture(scope="module")
+def engine(lm, tiny_spec):
+    return Engine(lm, tiny_spec.placeholder_ids, eos_ids=[], max_context=tiny_spec.max_context)
+
+
+def ids_of(tok, text):
+    return tok(text, add_special_tokens=False)["input_ids"]
+
+
+def greedy(max_tokens=12, **kw):
+    return SamplingParams(max_tokens=max_tokens, temperature=0.0, ignore_eos=True, **kw)
+
+
+def run(engine, ids, params, media=()):
+    seq = engine.new_sequence("r", len(ids), params)
+    engine.prefill(seq, ids, list(media))
+    while seq.finish is None:
+        engine.step([seq])
+    return seq
+
+
+def hf_generate(lm, n, **inputs):
+    with torch.inference_mode():
+        out = lm.generate(**inputs, max_new_tokens=n, do_sample=False, eos_token_id=None, pad_token_id=0)
+    return out
+
+
+def manual_greedy(lm, embeds: torch.Tensor, n: int) -> list[int]:
+    """No KV cache: re-run the whole sequence for every token."""
+    out = []
+    with torch.inference_mode():
+        for _ in range(n):
+            logits = lm(inputs_embeds=embeds).logits[0, -1]
+            tok = int(torch.argmax(logits))
+            out.append(tok)
+            embeds = torch.cat([embeds, lm.model.embed_tokens(torch.tensor([[tok]]))], dim=1)
+    return out
+
+
+def media_rows(seed=0, width=64):
+    g = torch.Generator().manual_seed(seed)
+    return [("image", torch.randn(4, width, generator=g)), ("audio", torch.randn(3, width, generator=g)),
+            ("image", torch.randn(2, width, generator=g))]
+
+
+@pytest.mark.parametrize("text", PROMPTS)
+def test_greedy_matches_transformers_generate(engine, lm, tok, text):
+    ids = ids_of(tok, text)
+    seq = run(engine, ids, greedy(12))
+    ref = hf_generate(lm, 12, input_ids=torch.tensor([ids]))[0, len(ids):].tolist()
+    assert len(ref) == 12  # nothing stopped the reference early
+    assert seq.output == ref
+    assert seq.finish == FinishReason.LENGTH
+
+
+def test_greedy_matches_a_forward_without_cache(engine, lm, tok):
+    ids = ids_of(tok, PROMPTS[0])
+    seq = run(engine, ids, greedy(12))
+    with torch.inference_mode():
+        embeds = lm.model.embed_tokens(torch.tensor([ids]))
+    assert seq.output == manual_greedy(lm, embeds, 12)
+
+
+def test_media_rows_spliced_match_generate_from_embeds(engine, lm, tok, tiny_spec):
+    ids = ids_of(tok, MEDIA_PROMPT)
+    media = media_rows()
+    seq = run(engine, ids, greedy(12), media)
+    with torch.inference_mode():
+        fused = fuse(lm.model.embed_tokens, torch.tensor(ids), media, tiny_spec.placeholder_ids).clone()
+        plain = lm.model.embed_tokens(torch.tensor([ids]))
+    ref = hf_generate(lm, 12, inputs_embeds=fused)[0].tolist()[-12:]
+    assert seq.output == ref
+    assert seq.output == manual_greedy(lm, fused, 12)
+    # The rows matter: without them (placeholder embeddings only) the answer is different.
+    assert manual_greedy(lm, plain, 12) != seq.output
+
+
+def test_different_media_rows_give_a_different_answer(engine, tok):
+    ids = ids_of(tok, MEDIA_PROMPT)
+    a = run(engine, ids, greedy(12), media_rows(seed=0)).output
+    b = run(engine, ids, greedy(12), media_rows(seed=1)).output
+    assert a != b
+
+
+def test_media_plan_mismatch_raises_plan_error(engine, tok):
+    ids = ids_of(tok, MEDIA_PROMPT)
+    seq = engine.new_sequence("r", len(ids), greedy(4))
+    with pytest.raises(PlanError):
+        engine.prefill(seq, ids, media_rows()[:2])  # the last image part is missing
+    with pytest.raises(PlanError):
+        engine.prefill(seq, ids, media_rows(width=32))
+
+
+def test_max_tokens_gives_length(engine, tok):
+    ids = ids_of(tok, PROMPTS[1])
+    for n in (1, 2, 5):
+        seq = run(engine, ids, greedy(n))
+        assert len(seq.output) == n
+        assert seq.finish == FinishReason.LENGTH
+
+
+def test_context_limit_gives_length(lm, tok, tiny_spec):
+    ids = ids_of(tok, PROMPTS[1])
+    small = Engine(lm, tiny_spec.placeholder_ids, eos_ids=[], max_context=len(ids) + 5)
+    seq = run(small, ids, greedy(100))
+    assert seq.max_tokens == 5
+    assert len(seq.output) == 5
+    assert seq.finish == FinishReason.LENGTH
+    assert seq.prompt_len + len(seq.output) == small.max_context
+
+
+def _first_new_token_at(ref: list[int], min_index: int = 2) -> int:
+    """An index k >= min_index whose token does not occur before it (so a stop on it fires exactly there)."""
+    return next(k for k in range(min_index, len(ref)) if ref[k] not in ref[:k])
+
+
+def test_stop_token_id_gives_stop(engine, tok):
+    ids = ids_of(tok, PROMPTS[0])
+    ref = run(engine, ids, greedy(12)).output
+    k = _first_new_token_at(ref)
+    seq = run(engine, ids, greedy(12, stop_token_ids=[ref[k]]))
+    assert seq.finish == FinishReason.STOP
+    assert seq.output == ref[: k + 1]  # the stop token is produced, then nothing more
+
+
+def test_eos_stops_unless_ignored(lm, tok, tiny_spec):
+    ids = ids_of(tok, PROMPTS[0])
+    plain = Engine(lm, tiny_spec.placeholder_ids, eos_ids=[], max_context=tiny_spec.max_context)
+    ref = run(plain, ids, greedy(12)).output
+    k = _first_new_token_at(ref)
+    with_eos = Engine(lm, tiny_spec.placeholder_ids, eos_ids=[ref[k]], max_context=tiny_spec.max_context)
+    stopped = run(with_eos, ids, SamplingParams(max_tokens=12, temperature=0.0))
+    assert stopped.finish == FinishReason.STOP and stopped.output == ref[: k + 1]
+    ignored = run(with_eos, ids, greedy(12))
+    assert ignored.finish == FinishReason.LENGTH and ignored.output == ref
+
+
+def test_batch_of_sequences_steps_independently(engine, tok):
+    prompts = [ids_of(tok, p) for p in PROMPTS]
+    alone = [run(engine, ids, greedy(6 + i)).output for i, ids in enumerate(prompts)]
+    seqs = []
+    for i, ids in enumerate(prompts):
+        seq = engine.new_sequence(f"r{i}", len(ids), greedy(6 + i))
+        engine.prefill(seq, ids, [])
+        seqs.append(seq)
+    for _ in range(20):  # more steps than any needs: finished sequences must not grow
+        engine.step(seqs)
+    assert [s.output for s in seqs] == alone
+    assert all(s.finish == FinishReason.LENGTH for s in seqs)
+    assert [len(s.output) for s in seqs] == [6, 7, 8]
+
+
+def test_seeded_sampling_is_reproducible(engine, tok):
+    ids = ids_of(tok, PROMPTS[0])
+    params = SamplingParams(max_tokens=10, temperature=1.0, seed=7, ignore_eos=True)
+    a = run(engine, ids, params).output
+    b = run(engine, ids, params).output
+    c = run(engine, ids, SamplingParams(max_tokens=10, temperature=1.0, seed=8, ignore_eos=True)).output
+    assert a == b
+    assert a != c
+
+
+def test_pending_counts_new_tokens(engine, tok):
+    ids = ids_of(tok, PROMPTS[2])
+    seq = engine.new_sequence("r", len(ids), greedy(5))
+    engine.prefill(seq, ids, [])
+    assert seq.pending == 1 and len(seq.output) == 1
+    engine.step([seq])
+    engine.step([seq])
+    assert seq.pending == 3 and len(seq.output) == 3
