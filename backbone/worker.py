@@ -216,9 +216,10 @@ class BackboneWorker:
 def serve(cfg: BackboneConfig, model_dir: str, threads: int | None = None) -> None:
     from models import trimodal
     from models.spec import ModelSpec
-    from router.lifecycle import stop_on_signals
+    from router.lifecycle import stop_on_signals, tune_allocator
 
     stop = stop_on_signals()
+    tune_allocator()
     if threads:
         torch.set_num_threads(threads)
     spec = ModelSpec.from_dir(model_dir)

@@ -141,9 +141,10 @@ class EncoderWorker:
 def serve(cfg: EncoderConfig, model_dir: str, threads: int | None = None) -> None:
     from encoders.loader import load_preprocessor, load_runtime
     from models.spec import ModelSpec
-    from router.lifecycle import stop_on_signals
+    from router.lifecycle import stop_on_signals, tune_allocator
 
     stop = stop_on_signals()
+    tune_allocator()
     if threads:
         torch.set_num_threads(threads)
     spec = ModelSpec.from_dir(model_dir)
