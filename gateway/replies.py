@@ -8,12 +8,15 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 
 from cache.keys import Keys
 from cache.streams import fields_payload
 from router import messages as m
 
 log = logging.getLogger(__name__)
+
+TRIM_EVERY_S = 0.5  # consumed entries are trimmed at most this often, and whenever the stream goes quiet
 
 
 class ReplyRouter:
@@ -22,6 +25,7 @@ class ReplyRouter:
         self.queues: dict[str, asyncio.Queue] = {}
         self.last_id = b"0-0"
         self.trimmed_id = b"0-0"
+        self.trimmed_at = 0.0
 
     def subscribe(self, request_id: str) -> asyncio.Queue:
         q = self.queues[request_id] = asyncio.Queue()
@@ -44,9 +48,11 @@ class ReplyRouter:
                 for entry_id, fields in entries:
                     self.last_id = entry_id
                     self._dispatch(fields)
-            if self.last_id != self.trimmed_id:
+            now = time.monotonic()
+            if self.last_id != self.trimmed_id and (now - self.trimmed_at >= TRIM_EVERY_S or not reply):
+                # Not after every read: a trim per read doubled the Redis commands per streamed token.
                 await self.r.xtrim(self.stream, minid=self.last_id, approximate=False)
-                self.trimmed_id = self.last_id
+                self.trimmed_id, self.trimmed_at = self.last_id, now
 
     def _dispatch(self, fields: dict) -> None:
         try:
