@@ -118,7 +118,7 @@ class BackboneWorker:
         seq = self.engine.new_sequence(plan.request_id, len(plan.token_ids), plan.sampling)
         try:
             if time.time() > plan.deadline:
-                raise StepFailure(m.ErrorCode.MEDIA_EXPIRED, "the request waited past its deadline for a backbone")
+                raise StepFailure(m.ErrorCode.DEADLINE, "the request waited past its deadline for a backbone")
             t0 = time.perf_counter()
             self.engine.prefill(seq, plan.token_ids, self._fetch_media(plan))
             log.info("prefilled", extra={**extra, "ms": round((time.perf_counter() - t0) * 1e3, 2)})

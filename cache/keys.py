@@ -29,6 +29,18 @@ class Keys:
         """Hash ``{data: safetensors bytes, n: placeholder count}`` with a TTL."""
         return f"{self.prefix}:t:{encoder_id}:{digest}"
 
+    def waiters(self, encoder_id: str, digest: str) -> str:
+        """Set of reply streams to notify when this tensor is published (or fails)."""
+        return f"{self.prefix}:w:{encoder_id}:{digest}"
+
+    def lease(self, encoder_id: str, digest: str) -> str:
+        """Held (SET NX, TTL) by the one gateway that queued this tensor's encode job: single flight."""
+        return f"{self.prefix}:lease:{encoder_id}:{digest}"
+
+    def media_id(self, encoder_id: str, media_uuid: str) -> str:
+        """A client-chosen media ``uuid`` -> the content digest it was first sent with (TTL of the tensor)."""
+        return f"{self.prefix}:uuid:{encoder_id}:{media_uuid}"
+
     def blob(self, digest: str) -> str:
         """Raw media bytes waiting for an encoder, short TTL."""
         return f"{self.prefix}:blob:{digest}"

@@ -28,35 +28,82 @@ class Prepared:
     num_tokens: int
 
 
+# PIL resample codes (as in Hugging Face processor configs) -> torchvision interpolation names.
+_RESAMPLE = {0: "nearest", 2: "bilinear", 3: "bicubic"}
+
+
 class ImagePreprocessor:
+    """A Hugging Face ``CLIPImageProcessor``-style config (``size``, ``crop_size``, ``resample``, ``rescale_factor``,
+    ``image_mean``, ``image_std``, ``do_*``) applied with torchvision, as transformers' own torchvision backend does.
+
+    Valid oddities are converted, not refused: EXIF rotation is applied; palette, CMYK, 16-bit and grayscale images
+    become RGB; transparency is composited onto white (as transformers' ``convert_to_rgb`` does).
+    """
+
     def __init__(self, cfg: dict, num_tokens: int):
         from torchvision.transforms import InterpolationMode
 
-        self.size = int(cfg["image_size"])
-        self.mean, self.std = list(cfg["image_mean"]), list(cfg["image_std"])
-        self.interp = InterpolationMode(cfg.get("resample", "bicubic"))
+        size = cfg.get("size", {})
+        self.resize = cfg.get("do_resize", True)
+        self.shortest_edge = size.get("shortest_edge")
+        self.exact = None if self.shortest_edge else [size["height"], size["width"]]
+        crop = cfg.get("crop_size") or {}
+        self.crop = [crop["height"], crop["width"]] if cfg.get("do_center_crop", False) else None
+        resample = cfg.get("resample", 3)
+        if resample not in _RESAMPLE:
+            raise ValueError(f"resample={resample} is not supported (supported: {_RESAMPLE})")
+        self.interp = InterpolationMode(_RESAMPLE[resample])
+        scale = float(cfg.get("rescale_factor", 1 / 255)) if cfg.get("do_rescale", True) else 1.0
+        mean, std = (cfg["image_mean"], cfg["image_std"]) if cfg.get("do_normalize", True) else ([0.0] * 3, [1.0] * 3)
+        # Rescale and normalize fused into one affine map of the uint8 pixels, as transformers does.
+        self.mean = torch.tensor(mean).view(3, 1, 1) / scale
+        self.std = torch.tensor(std).view(3, 1, 1) / scale
         self.num_tokens = num_tokens
 
     def __call__(self, data: bytes) -> Prepared:
-        from PIL import Image, ImageOps
         from torchvision.transforms.v2 import functional as F
 
-        try:
-            with Image.open(io.BytesIO(data)) as img:
-                if img.format not in IMAGE_FORMATS:
-                    raise MediaError(f"image format {img.format} is not accepted (accepted: {sorted(IMAGE_FORMATS)})")
-                if img.width * img.height > MAX_IMAGE_PIXELS:
-                    raise MediaError(f"image of {img.width}x{img.height} pixels exceeds {MAX_IMAGE_PIXELS} pixels")
-                img = ImageOps.exif_transpose(img).convert("RGB")
-                pixels = F.pil_to_tensor(img)  # [3, H, W] uint8
-        except MediaError:
-            raise
-        except Exception as exc:  # Pillow raises many types (UnidentifiedImageError, OSError, DecompressionBomb...)
-            raise MediaError(f"cannot decode image: {exc}") from exc
-        x = F.resize(pixels, [self.size], interpolation=self.interp, antialias=True)  # shortest edge -> size
-        x = F.center_crop(x, [self.size, self.size])
-        x = F.normalize(x.float() / 255.0, self.mean, self.std)  # [3, S, S]
-        return Prepared(x, self.num_tokens)
+        x = decode_image(data)  # [3, H, W] uint8
+        if self.resize:
+            x = F.resize(x, [self.shortest_edge] if self.shortest_edge else self.exact,
+                         interpolation=self.interp, antialias=True)
+        if self.crop:
+            x = F.center_crop(x, self.crop)
+        return Prepared((x.float() - self.mean) / self.std, self.num_tokens)  # [3, S, S]
+
+
+def decode_image(data: bytes) -> torch.Tensor:
+    """Bytes -> RGB uint8 [3, H, W], or MediaError. Only allow-listed formats, at most MAX_IMAGE_PIXELS."""
+    from PIL import Image, ImageOps
+    from torchvision.transforms.v2 import functional as F
+
+    try:
+        with Image.open(io.BytesIO(data)) as img:
+            if img.format not in IMAGE_FORMATS:
+                raise MediaError(f"image format {img.format} is not accepted (accepted: {sorted(IMAGE_FORMATS)})")
+            if img.width * img.height > MAX_IMAGE_PIXELS:
+                raise MediaError(f"image of {img.width}x{img.height} pixels exceeds {MAX_IMAGE_PIXELS} pixels")
+            return F.pil_to_tensor(_to_rgb(ImageOps.exif_transpose(img)))
+    except MediaError:
+        raise
+    except Exception as exc:  # Pillow raises many types (UnidentifiedImageError, OSError, DecompressionBomb...)
+        raise MediaError(f"cannot decode image: {exc}") from exc
+
+
+def _to_rgb(img):
+    from PIL import Image
+
+    if img.mode in ("I;16", "I;16B", "I;16L", "I"):  # 16/32-bit grayscale: scale to 8 bits, not clip
+        arr = np.asarray(img, dtype=np.float64)
+        top = 65535.0 if img.mode.startswith("I;16") else max(float(arr.max()), 1.0)
+        img = Image.fromarray(np.clip(arr / top * 255.0 + 0.5, 0, 255).astype(np.uint8), "L")
+    if img.mode == "P":
+        img = img.convert("RGBA" if "transparency" in img.info else "RGB")
+    if img.mode in ("RGBA", "LA", "PA", "La", "RGBa"):
+        rgba = img.convert("RGBA")
+        white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return Image.alpha_composite(white, rgba).convert("RGB")
+    return img.convert("RGB")
 
 
 class AudioPreprocessor:

@@ -1,7 +1,8 @@
-"""The encoder worker loop: consume EncodeJobs of one modality, encode, cache the tensor, notify, ack.
+"""The encoder worker loop: take a batch of EncodeJobs of one modality, encode it in one forward pass per input
+shape, publish each tensor to the cache (notifying every waiting gateway), ack.
 
 One consumer in the modality's consumer group; add replicas by starting more processes. On SIGTERM it stops reading,
-finishes the jobs in hand, acks them and exits; unacked jobs of a crashed worker are reclaimed by a live one after
+finishes the batch in hand, acks it and exits; jobs a crashed worker left unacked are reclaimed by a live one after
 ``claim_idle_s``.
 """
 
@@ -19,9 +20,11 @@ import torch
 from redis.exceptions import RedisError
 
 from cache.client import connect
-from cache.codec import encode_tensor
+from cache.codec import WIRE_DTYPES, encode_tensor
 from cache.keys import ENCODER_GROUP, Keys
-from cache.streams import autoclaim_entries, ensure_group, fields_payload, payload_fields
+from cache.streams import autoclaim_entries, ensure_group, fields_payload
+from cache.tensors import TensorPublisher
+from encoders.batching import read_batch, shape_groups
 from encoders.preprocess import MediaError, Prepared
 from router import messages as m
 from router.liveness import Heartbeat
@@ -34,35 +37,56 @@ class EncoderConfig:
     redis_url: str
     modality: str
     prefix: str = "trib"
-    device: str = "cpu"
-    max_batch: int = 8  # jobs taken per read
-    block_ms: int = 1000  # how long one read waits for jobs (bounds how late a stop is noticed)
+    runtime: str = "torch"  # torch | onnx
+    device: str = "cpu"  # cpu | cuda:N
+    max_batch: int = 8  # jobs per forward pass at most
+    max_wait_ms: float = 2.0  # once one job is in hand, how long to wait for the batch to fill
+    block_ms: int = 1000  # how long an idle read waits (bounds how late a stop is noticed)
     tensor_ttl_s: int = 3600  # lifetime of a cached encoder output
-    wire_dtype: str = "float32"  # dtype of cached tensors: float32, float16 or bfloat16
+    wire_dtype: str = "float32"  # dtype of cached tensors: float32, float16 or bfloat16 (half the bytes)
     claim_idle_s: float = 60.0  # a job pending this long on a dead consumer is taken over
+
+    def __post_init__(self) -> None:
+        if self.max_batch < 1 or self.max_wait_ms < 0 or self.block_ms < 1 or self.tensor_ttl_s < 1:
+            raise ValueError("max_batch, block_ms and tensor_ttl_s must be >= 1 and max_wait_ms >= 0")
+        if self.wire_dtype not in WIRE_DTYPES:
+            raise ValueError(f"wire_dtype must be one of {sorted(WIRE_DTYPES)}, got {self.wire_dtype!r}")
+
+
+@dataclass
+class Job:
+    entry_id: bytes
+    msg: m.EncodeJob
+    tensor_key: str
+    script_keys: tuple[str, str, str, str]  # tensor, waiters, lease, blob
 
 
 class EncoderWorker:
     def __init__(self, cfg: EncoderConfig, preprocess, runtime, stop: threading.Event):
         self.cfg, self.preprocess, self.runtime, self.stop = cfg, preprocess, runtime, stop
         self.keys = Keys(cfg.prefix)
+        self.tier = f"encoder:{cfg.modality}"
         self.stream = self.keys.jobs(cfg.modality)
         self.consumer = f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
         self.r = connect(cfg.redis_url)
+        self.publisher = TensorPublisher(self.r)
         self._last_claim = 0.0
 
     def run(self) -> None:
         ensure_group(self.r, self.stream, ENCODER_GROUP)
-        heartbeat = Heartbeat(self.cfg.redis_url, self.keys, f"encoder:{self.cfg.modality}", self.consumer).start()
+        heartbeat = Heartbeat(self.cfg.redis_url, self.keys, self.tier, self.consumer).start()
         log.info("encoder ready", extra={"modality": self.cfg.modality, "runtime": self.runtime.name,
-                                         "device": self.cfg.device, "consumer": self.consumer})
+                                         "provider": getattr(self.runtime, "provider", self.cfg.device),
+                                         "max_batch": self.cfg.max_batch, "consumer": self.consumer})
         try:
             while not self.stop.is_set():
                 try:
-                    # 1) Take jobs: stale ones of dead consumers first, then new ones (blocking at most block_ms).
-                    entries = self._reclaim() or self._read()
+                    # 1) Take a batch: stale jobs of dead consumers first, then new ones.
+                    entries = self._reclaim() or read_batch(self.r, ENCODER_GROUP, self.consumer, self.stream,
+                                                            self.cfg.max_batch, self.cfg.max_wait_ms,
+                                                            self.cfg.block_ms)
                     if entries:
-                        # 2) Encode them, write tensors, notify gateways, ack: all before the next read.
+                        # 2) Encode it, publish tensors, notify gateways, ack: all before the next read.
                         self.handle(entries)
                 except RedisError as exc:  # the client already retried with backoff: Redis is down or was reset
                     if "NOGROUP" in str(exc):  # a restarted Redis without persistence lost the group
@@ -73,11 +97,6 @@ class EncoderWorker:
         finally:
             heartbeat.stop()
             log.info("encoder stopped", extra={"consumer": self.consumer})
-
-    def _read(self) -> list:
-        reply = self.r.xreadgroup(ENCODER_GROUP, self.consumer, {self.stream: ">"},
-                                  count=self.cfg.max_batch, block=self.cfg.block_ms)
-        return reply[0][1] if reply else []
 
     def _reclaim(self) -> list:
         now = time.monotonic()
@@ -92,50 +111,80 @@ class EncoderWorker:
         return entries
 
     def handle(self, entries: list) -> None:
-        jobs: list[tuple[bytes, m.EncodeJob]] = []
         pipe = self.r.pipeline(transaction=False)
+        jobs = self._decode(entries, pipe)
+        blobs = self.r.mget([j.msg.blob_key for j in jobs]) if jobs else []
+        # 1) Preprocess each job; failures are published to their waiters at once.
+        prepared: list[tuple[int, Prepared]] = []
+        t0 = time.perf_counter()
+        for i, (job, blob) in enumerate(zip(jobs, blobs)):
+            if error := self._check(job, blob):
+                self._fail(pipe, job, *error)
+                continue
+            try:
+                prepared.append((i, self.preprocess(blob)))
+            except MediaError as exc:
+                log.info("bad media", extra={"request_id": job.msg.request_id, "error": str(exc)})
+                self._fail(pipe, job, m.ErrorCode.BAD_MEDIA, str(exc))
+        t1 = time.perf_counter()
+        # 2) One forward pass per input shape.
+        outputs: dict[int, torch.Tensor] = {}
+        groups = shape_groups(prepared)
+        for indices, batch in groups:
+            out = self.runtime.run(batch)  # [B, N, H]
+            outputs.update(zip(indices, out))
+        t2 = time.perf_counter()
+        # 3) Publish every tensor, ack every entry, count: one round trip.
+        for i, p in prepared:
+            self._publish(pipe, jobs[i], outputs[i][: p.num_tokens], p.num_tokens)
+        for job in jobs:
+            pipe.xack(self.stream, ENCODER_GROUP, job.entry_id)
+        stats = self.keys.stats(self.tier)
+        pipe.hincrby(stats, "encoder_calls", len(prepared))  # items encoded
+        pipe.hincrby(stats, "forward_passes", len(groups))
+        pipe.hincrbyfloat(stats, "encode_seconds", t2 - t1)
+        if groups:
+            pipe.hset(stats, "last_batch_size", len(prepared))
+        pipe.execute()
+        for i, p in prepared:
+            log.info("encoded", extra={"request_id": jobs[i].msg.request_id, "job_id": jobs[i].msg.job_id,
+                                       "modality": self.cfg.modality, "tokens": p.num_tokens, "batch": len(prepared),
+                                       "preprocess_ms": round((t1 - t0) * 1e3 / max(len(prepared), 1), 2),
+                                       "encode_ms": round((t2 - t1) * 1e3, 2)})
+
+    def _decode(self, entries: list, pipe) -> list[Job]:
+        jobs = []
         for entry_id, fields in entries:
             try:
-                jobs.append((entry_id, m.decode(fields_payload(fields), m.EncodeJob)))
+                msg = m.decode(fields_payload(fields), m.EncodeJob)
             except (m.WireError, KeyError) as exc:
                 log.error("dropping undecodable job", extra={"entry": entry_id, "error": str(exc)})
                 pipe.xack(self.stream, ENCODER_GROUP, entry_id)
-        blobs = self.r.mget([job.blob_key for _, job in jobs]) if jobs else []
-        for (entry_id, job), blob in zip(jobs, blobs):
-            self._encode_one(pipe, job, blob)
-            pipe.xack(self.stream, ENCODER_GROUP, entry_id)
-        pipe.execute()  # one round trip: tensors, notifications and acks of the whole read
+                continue
+            key = self.keys.tensor(msg.encoder_id, msg.digest)
+            script_keys = (key, self.keys.waiters(msg.encoder_id, msg.digest),
+                           self.keys.lease(msg.encoder_id, msg.digest), msg.blob_key)
+            jobs.append(Job(entry_id, msg, key, script_keys))
+        return jobs
 
-    def _encode_one(self, pipe, job: m.EncodeJob, blob: bytes | None) -> None:
-        extra = {"request_id": job.request_id, "job_id": job.job_id, "modality": job.modality.value}
-        if time.time() > job.deadline:
-            log.warning("job past its deadline, dropped", extra=extra)
-            return self._fail(pipe, job, m.ErrorCode.MEDIA_EXPIRED, "the job waited past its deadline")
+    @staticmethod
+    def _check(job: Job, blob: bytes | None) -> tuple[m.ErrorCode, str] | None:
+        if time.time() > job.msg.deadline:
+            return m.ErrorCode.DEADLINE, "the job waited past its deadline"
         if blob is None:
-            return self._fail(pipe, job, m.ErrorCode.MEDIA_EXPIRED, "the media bytes expired before encoding")
-        t0 = time.perf_counter()
-        try:
-            prepared: Prepared = self.preprocess(blob)
-        except MediaError as exc:
-            log.info("bad media", extra={**extra, "error": str(exc)})
-            return self._fail(pipe, job, m.ErrorCode.BAD_MEDIA, str(exc))
-        t1 = time.perf_counter()
-        out = self.runtime.run(prepared.data.unsqueeze(0))[0, : prepared.num_tokens]  # [N, H]
-        t2 = time.perf_counter()
-        key = self.keys.tensor(job.encoder_id, job.digest)
-        pipe.hset(key, mapping={"data": encode_tensor(out, self.cfg.wire_dtype), "n": prepared.num_tokens})
-        pipe.expire(key, self.cfg.tensor_ttl_s)
-        pipe.delete(job.blob_key)
-        done = m.EncodeDone(request_id=job.request_id, job_id=job.job_id, tensor_key=key,
-                            num_tokens=prepared.num_tokens)
-        pipe.xadd(job.reply_to, payload_fields(m.encode(done)))
-        pipe.hincrby(self.keys.stats(f"encoder:{job.modality.value}"), "encoder_calls", 1)
-        log.info("encoded", extra={**extra, "tokens": prepared.num_tokens,
-                                   "preprocess_ms": round((t1 - t0) * 1e3, 2), "encode_ms": round((t2 - t1) * 1e3, 2)})
+            return m.ErrorCode.MEDIA_EXPIRED, "the media bytes expired before encoding"
+        return None
 
-    def _fail(self, pipe, job: m.EncodeJob, code: m.ErrorCode, error: str) -> None:
-        msg = m.EncodeFailed(request_id=job.request_id, job_id=job.job_id, code=code, error=error)
-        pipe.xadd(job.reply_to, payload_fields(m.encode(msg)))
+    def _publish(self, pipe, job: Job, tensor: torch.Tensor, n: int) -> None:
+        done = m.EncodeDone(request_id=job.msg.request_id, job_id=job.msg.job_id, tensor_key=job.tensor_key,
+                            num_tokens=n)
+        self.publisher.publish(pipe, job.script_keys, encode_tensor(tensor, self.cfg.wire_dtype), n,
+                               self.cfg.tensor_ttl_s, m.encode(done), job.msg.reply_to)
+
+    def _fail(self, pipe, job: Job, code: m.ErrorCode, error: str) -> None:
+        msg = m.EncodeFailed(request_id=job.msg.request_id, job_id=job.msg.job_id, tensor_key=job.tensor_key,
+                             code=code, error=error)
+        self.publisher.fail(pipe, job.script_keys, m.encode(msg), job.msg.reply_to)
 
 
 def serve(cfg: EncoderConfig, model_dir: str, threads: int | None = None) -> None:
@@ -148,6 +197,5 @@ def serve(cfg: EncoderConfig, model_dir: str, threads: int | None = None) -> Non
     if threads:
         torch.set_num_threads(threads)
     spec = ModelSpec.from_dir(model_dir)
-    worker = EncoderWorker(cfg, load_preprocessor(spec, cfg.modality), load_runtime(spec, cfg.modality, cfg.device),
-                           stop)
-    worker.run()
+    runtime = load_runtime(spec, cfg.modality, cfg.runtime, cfg.device, threads)
+    EncoderWorker(cfg, load_preprocessor(spec, cfg.modality), runtime, stop).run()

@@ -18,6 +18,7 @@ from cache.client import connect_async
 from cache.keys import Keys
 from gateway.chat import ChatService, request_id_for
 from gateway.config import GatewayConfig
+from gateway.encoding import MediaEncoder
 from gateway.errors import APIError, Internal, MethodNotAllowed, NotFound, Unavailable
 from gateway.prompt import PromptBuilder
 from gateway.replies import ReplyRouter
@@ -41,7 +42,8 @@ def create_app(cfg: GatewayConfig) -> Starlette:
         replies = ReplyRouter(redis, keys, gateway_id)
         tiers = TierClient(redis, cfg, spec, replies, keys.reply(gateway_id))
         app.state.redis, app.state.tiers = redis, tiers
-        app.state.chat = ChatService(cfg, PromptBuilder(spec, tokenizer, cfg.max_media_bytes), tiers, replies)
+        media = MediaEncoder(redis, cfg, spec, replies, keys.reply(gateway_id))
+        app.state.chat = ChatService(cfg, PromptBuilder(spec, tokenizer, cfg.max_media_bytes), media, tiers, replies)
         reader = asyncio.create_task(replies.run(), name="reply-reader")  # kept: the loop holds tasks weakly
         log.info("gateway ready", extra={"gateway_id": gateway_id, "model": spec.name})
         try:

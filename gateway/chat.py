@@ -22,7 +22,8 @@ from starlette.responses import JSONResponse, Response, StreamingResponse
 
 from gateway.config import GatewayConfig
 from gateway.detokenize import Detokenizer
-from gateway.errors import APIError, Internal, InvalidRequest, NotFound, PayloadTooLarge, Unavailable
+from gateway.encoding import MediaEncoder
+from gateway.errors import APIError, Internal, InvalidRequest, NotFound, PayloadTooLarge, Timeout, Unavailable
 from gateway.prompt import Prompt, PromptBuilder, expand_placeholders
 from gateway.replies import ReplyRouter
 from gateway.schemas import ChatCompletionRequest, parse_chat_request
@@ -48,8 +49,9 @@ def request_id_for(request: Request) -> str:
 
 
 class ChatService:
-    def __init__(self, cfg: GatewayConfig, builder: PromptBuilder, tiers: TierClient, replies: ReplyRouter):
-        self.cfg, self.builder, self.tiers, self.replies = cfg, builder, tiers, replies
+    def __init__(self, cfg: GatewayConfig, builder: PromptBuilder, media: MediaEncoder, tiers: TierClient,
+                 replies: ReplyRouter):
+        self.cfg, self.builder, self.media, self.tiers, self.replies = cfg, builder, media, tiers, replies
         self.spec = builder.spec
         self._tasks: set[asyncio.Task] = set()  # hard references: the loop keeps only weak ones
 
@@ -61,9 +63,16 @@ class ChatService:
         queue = self.replies.subscribe(rid)
         watcher = self._spawn(self._watch_disconnect(request, queue))
         try:
-            plan = await self._plan(rid, req, prompt, queue)
-            deltas = self._deltas(rid, req, plan, queue)
-            first = await anext(deltas)  # errors before the first token are plain HTTP errors
+            try:
+                deltas = self._deltas(rid, req, await self._plan(rid, req, prompt, queue), queue)
+                first = await anext(deltas)  # errors before the first token are plain HTTP errors
+            except Unavailable as exc:
+                if exc.code != "media_expired":
+                    raise
+                # A cached tensor expired between our lookup and the backbone's fetch: encode again, once.
+                log.info("media expired before prefill; planning again", extra={"request_id": rid})
+                deltas = self._deltas(rid, req, await self._plan(rid, req, prompt, queue), queue)
+                first = await anext(deltas)
         except BaseException:
             watcher.cancel()
             self.replies.unsubscribe(rid)
@@ -101,7 +110,7 @@ class ChatService:
         return req, self.builder.build(req)
 
     async def _plan(self, rid: str, req: ChatCompletionRequest, prompt: Prompt, queue) -> m.PromptPlan:
-        refs = await self.tiers.encode(rid, prompt.media, queue)
+        refs = await self.media.encode(rid, prompt.media, queue)
         ids = expand_placeholders(prompt.token_ids, self.spec.placeholder_ids, [r.num_tokens for r in refs])
         room = self.spec.max_context - len(ids)
         if room < 1:
@@ -207,6 +216,10 @@ def _usage(d: Delta) -> dict:
 def _event_error(ev: m.TokenEvent) -> APIError:
     if ev.code == m.ErrorCode.BAD_PLAN:
         return InvalidRequest(ev.error or "the request does not fit the model")
-    if ev.code in (m.ErrorCode.MEDIA_EXPIRED, m.ErrorCode.CANCELLED):
-        return Unavailable(ev.error or "the request could not be served in time; retry")
+    if ev.code == m.ErrorCode.MEDIA_EXPIRED:
+        return Unavailable(ev.error or "a cached input expired; retry", code="media_expired")
+    if ev.code == m.ErrorCode.DEADLINE:
+        return Timeout(ev.error or "the request waited too long for a backbone")
+    if ev.code == m.ErrorCode.CANCELLED:
+        return Unavailable(ev.error or "the request was cancelled before it started")
     return Internal(ev.error or "the backbone failed this request")

@@ -16,13 +16,15 @@ class GatewayConfig:
     blob_ttl_s: int = 300  # media bytes waiting for an encoder
     tensor_ttl_s: int = 3600  # refreshed on every cache hit
     encode_timeout_s: float = 60.0  # bound on waiting for all media of a request
+    lease_ttl_s: int = 30  # single-flight lease on one encode; a waiter retakes it after this if nothing came
     first_token_timeout_s: float = 120.0  # bound on queueing + prefill
     token_timeout_s: float = 30.0  # bound on the gap between two token events
     cancel_ttl_s: int = 600
     default_max_tokens: int = 256  # when the client sends none (clamped to the context left)
 
     def __post_init__(self) -> None:
-        for name in ("max_body_bytes", "max_media_bytes", "blob_ttl_s", "tensor_ttl_s", "default_max_tokens"):
+        for name in ("max_body_bytes", "max_media_bytes", "blob_ttl_s", "tensor_ttl_s", "default_max_tokens",
+                     "lease_ttl_s"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         for name in ("encode_timeout_s", "first_token_timeout_s", "token_timeout_s"):

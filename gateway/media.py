@@ -9,7 +9,7 @@ import base64
 import binascii
 import hashlib
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from gateway.errors import InvalidRequest, PayloadTooLarge
 
@@ -17,9 +17,13 @@ from gateway.errors import InvalidRequest, PayloadTooLarge
 @dataclass(frozen=True)
 class MediaPart:
     modality: str
-    data: bytes
+    data: bytes  # empty when the client sent only a uuid
     param: str  # where it sat in the request, for error messages: messages.0.content.2
-    digest: str = ""
+    digest: str = ""  # content key; for a bare uuid, filled in from Redis (gateway/encoding.py)
+    uuid: str | None = None
+
+    def with_digest(self, digest: str) -> "MediaPart":
+        return replace(self, digest=digest)
 
 
 def _b64(data: str, param: str, limit: int) -> bytes:

@@ -51,14 +51,17 @@ class PromptBuilder:
         return Prompt(ids, media)
 
     def _media(self, part, param: str) -> MediaPart:
-        if part.type == "image_url":
-            modality, data = "image", image_from_url(part.image_url.url, param, self.max_media_bytes)
+        modality = "image" if part.type == "image_url" else "audio"
+        if part.image_url is None if modality == "image" else part.input_audio is None:
+            return MediaPart(modality, b"", param, uuid=part.uuid)  # a bare uuid: resolved in gateway/encoding.py
+        if modality == "image":
+            data = image_from_url(part.image_url.url, param, self.max_media_bytes)
         else:
-            modality, data = "audio", audio_from_base64(part.input_audio.data, param, self.max_media_bytes)
+            data = audio_from_base64(part.input_audio.data, param, self.max_media_bytes)
         if not data:
             raise InvalidRequest(f"{modality} data is empty", param=param)
         digest = content_digest(self.spec.encoder_id(modality), self.spec.preprocess[modality], data)
-        return MediaPart(modality, data, param, digest)
+        return MediaPart(modality, data, param, digest, part.uuid)
 
     def _check_text(self, text: str, param: str) -> None:
         # A placeholder typed by the client would be spliced with another part's tensor: refuse it.

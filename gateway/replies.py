@@ -22,17 +22,30 @@ TRIM_EVERY_S = 0.5  # consumed entries are trimmed at most this often, and whene
 class ReplyRouter:
     def __init__(self, redis, keys: Keys, gateway_id: str, block_ms: int = 1000):
         self.r, self.stream, self.block_ms = redis, keys.reply(gateway_id), block_ms
-        self.queues: dict[str, asyncio.Queue] = {}
+        self.queues: dict[str, asyncio.Queue] = {}  # request id -> its queue (token events)
+        self.watchers: dict[str, set[asyncio.Queue]] = {}  # tensor key -> queues of requests waiting on it
         self.last_id = b"0-0"
         self.trimmed_id = b"0-0"
         self.trimmed_at = 0.0
 
     def subscribe(self, request_id: str) -> asyncio.Queue:
+        """The queue that receives this request's token events (and whatever it watches)."""
         q = self.queues[request_id] = asyncio.Queue()
         return q
 
     def unsubscribe(self, request_id: str) -> None:
         self.queues.pop(request_id, None)
+
+    def watch(self, tensor_key: str, queue: asyncio.Queue) -> None:
+        """Also deliver encode results for ``tensor_key`` to ``queue`` (several requests may wait on one key)."""
+        self.watchers.setdefault(tensor_key, set()).add(queue)
+
+    def unwatch(self, tensor_key: str, queue: asyncio.Queue) -> None:
+        queues = self.watchers.get(tensor_key)
+        if queues is not None:
+            queues.discard(queue)
+            if not queues:
+                del self.watchers[tensor_key]
 
     async def run(self) -> None:
         while True:
@@ -60,8 +73,11 @@ class ReplyRouter:
         except (m.WireError, KeyError) as exc:
             log.error("undecodable reply dropped", extra={"error": str(exc)})
             return
-        q = self.queues.get(msg.request_id)
-        if q is None:  # the request already ended (timeout, client gone): nothing waits for it
-            log.debug("reply for a finished request", extra={"request_id": msg.request_id})
-            return
-        q.put_nowait(msg)
+        if isinstance(msg, m.TokenEvent):
+            targets = [q] if (q := self.queues.get(msg.request_id)) is not None else []
+        else:  # encode results go to every request of this process waiting on that tensor
+            targets = list(self.watchers.get(msg.tensor_key, ()))
+        if not targets:  # the request already ended (timeout, client gone): nothing waits for it
+            log.debug("reply nobody waits for", extra={"request_id": msg.request_id})
+        for q in targets:
+            q.put_nowait(msg)

@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 from typing import Annotated, Literal, Union
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from gateway.errors import InvalidRequest
 
@@ -28,9 +28,21 @@ class ImageURL(_Strict):
     detail: Literal["auto", "low", "high"] | None = None
 
 
-class ImagePart(_Strict):
+class _MediaPart(_Strict):
+    # vLLM's media ids: a part may carry a client-chosen ``uuid``; a later request may send the uuid alone (the
+    # media field null or absent) to reuse the cached encoding.
+    uuid: str | None = Field(default=None, min_length=1, max_length=128)
+
+    @model_validator(mode="after")
+    def _media_or_uuid(self):
+        if getattr(self, self.type) is None and self.uuid is None:
+            raise ValueError(f"a {self.type} part needs its media or a uuid")
+        return self
+
+
+class ImagePart(_MediaPart):
     type: Literal["image_url"]
-    image_url: ImageURL
+    image_url: ImageURL | None = None
 
 
 class InputAudio(_Strict):
@@ -38,9 +50,9 @@ class InputAudio(_Strict):
     format: Literal["wav", "mp3", "flac", "ogg"]
 
 
-class AudioPart(_Strict):
+class AudioPart(_MediaPart):
     type: Literal["input_audio"]
-    input_audio: InputAudio
+    input_audio: InputAudio | None = None
 
 
 ContentPart = Annotated[Union[TextPart, ImagePart, AudioPart], Field(discriminator="type")]

@@ -1,16 +1,14 @@
-"""The gateway's side of the tier protocol: get every media part encoded (cache first), dispatch the prompt plan,
-and yield the backbone's token events, each wait bounded.
+"""The gateway's side of the backbone protocol: dispatch the prompt plan and yield its token events, each wait
+bounded; post cancellations. (Media goes through gateway/encoding.py.)
 
-Before queueing to a tier it counts that tier's live workers (router.liveness) so that a request nobody would serve
-gets a 503 at once rather than a timeout.
+Before queueing it counts the backbone's live workers (router.liveness) so that a request nobody would serve gets a
+503 at once rather than a timeout.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-import time
-import uuid
 from collections.abc import AsyncIterator
 
 from redis.exceptions import RedisError
@@ -18,8 +16,7 @@ from redis.exceptions import RedisError
 from cache.keys import Keys
 from cache.streams import payload_fields
 from gateway.config import GatewayConfig
-from gateway.errors import InvalidRequest, Timeout, Unavailable
-from gateway.media import MediaPart
+from gateway.errors import Timeout, Unavailable
 from gateway.replies import ReplyRouter
 from models.spec import ModelSpec
 from router import messages as m
@@ -45,56 +42,6 @@ class TierClient:
         for tier in tiers:
             pipe.zcount(*live_count_args(self.keys, tier))
         return dict(zip(tiers, await pipe.execute()))
-
-    async def encode(self, request_id: str, parts: list[MediaPart], queue: asyncio.Queue) -> list[m.MediaRef]:
-        """A MediaRef for every part, in order: cache hits at once (TTL refreshed), misses through the encoders."""
-        if not parts:
-            return []
-        keys = [self.keys.tensor(self.spec.encoder_id(p.modality), p.digest) for p in parts]
-        tiers = sorted({f"encoder:{p.modality}" for p in parts})
-        pipe = self.r.pipeline(transaction=False)
-        for key in keys:
-            pipe.hget(key, "n")
-            pipe.expire(key, self.cfg.tensor_ttl_s)
-        for tier in tiers:
-            pipe.zcount(*live_count_args(self.keys, tier))
-        res = await pipe.execute()
-        counts: list[int | None] = [int(n) if n is not None else None for n in res[0 : 2 * len(keys) : 2]]
-        live = dict(zip(tiers, res[2 * len(keys) :]))
-        misses = {i for i, n in enumerate(counts) if n is None}
-        for i in misses:
-            if not live[f"encoder:{parts[i].modality}"]:
-                raise Unavailable(f"no live {parts[i].modality} encoder worker", code="no_live_worker")
-        if misses:
-            await self._submit(request_id, parts, keys, misses, queue, counts)
-        return [m.MediaRef(modality=m.Modality(p.modality), tensor_key=k, num_tokens=n)
-                for p, k, n in zip(parts, keys, counts)]
-
-    async def _submit(self, request_id, parts, keys, misses, queue, counts) -> None:
-        deadline = time.time() + self.cfg.encode_timeout_s
-        jobs: dict[str, int] = {}
-        pipe = self.r.pipeline(transaction=False)
-        for i in sorted(misses):
-            part, job_id = parts[i], uuid.uuid4().hex
-            jobs[job_id] = i
-            blob_key = self.keys.blob(part.digest)
-            pipe.set(blob_key, part.data, ex=self.cfg.blob_ttl_s)
-            job = m.EncodeJob(request_id=request_id, job_id=job_id, modality=m.Modality(part.modality),
-                              encoder_id=self.spec.encoder_id(part.modality), digest=part.digest,
-                              blob_key=blob_key, reply_to=self.reply_stream, deadline=deadline)
-            pipe.xadd(self.keys.jobs(part.modality), payload_fields(m.encode(job)))
-        await pipe.execute()
-        while jobs:
-            msg = await self._next(queue, deadline - time.time(), "waiting for the encoders")
-            if not isinstance(msg, (m.EncodeDone, m.EncodeFailed)) or msg.job_id not in jobs:
-                continue
-            i = jobs.pop(msg.job_id)
-            if isinstance(msg, m.EncodeFailed):
-                if msg.code == m.ErrorCode.BAD_MEDIA:
-                    raise InvalidRequest(f"{parts[i].modality} could not be decoded: {msg.error}",
-                                         param=parts[i].param, code="invalid_media")
-                raise Unavailable(f"{parts[i].modality} encoding failed: {msg.error}", param=parts[i].param)
-            counts[i] = msg.num_tokens
 
     async def generate(self, plan: m.PromptPlan, queue: asyncio.Queue) -> AsyncIterator[m.TokenEvent]:
         """Dispatch the plan and yield its token events until one carries a finish reason."""

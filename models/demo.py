@@ -123,21 +123,23 @@ def build_config(size: str, tokenizer) -> dict:
 
 
 def preprocessor_config(config: dict) -> dict:
+    """Per modality, the kwargs of the transformers processor the checkpoint was "trained" with:
+    ``CLIPImageProcessor`` for images, ``WhisperFeatureExtractor`` for audio."""
     vc, ac = config["vision_config"], config["audio_config"]
     hop, rate = 160, 16000
     return {
         "image": {
-            "image_size": vc["image_size"],
-            "resample": "bicubic",
+            "image_processor_type": "CLIPImageProcessor",
+            "do_resize": True, "size": {"shortest_edge": vc["image_size"]}, "resample": 3,  # PIL bicubic
+            "do_center_crop": True, "crop_size": {"height": vc["image_size"], "width": vc["image_size"]},
+            "do_rescale": True, "rescale_factor": 1 / 255, "do_normalize": True, "do_convert_rgb": True,
             "image_mean": [0.48145466, 0.4578275, 0.40821073],  # CLIP's
             "image_std": [0.26862954, 0.26130258, 0.27577711],
         },
         "audio": {
-            "sampling_rate": rate,
-            "feature_size": ac["num_mel_bins"],
-            "hop_length": hop,
-            "n_fft": 400,
-            "chunk_length": ac["max_source_positions"] * 2 * hop // rate,
+            "feature_extractor_type": "WhisperFeatureExtractor",
+            "feature_size": ac["num_mel_bins"], "sampling_rate": rate, "hop_length": hop, "n_fft": 400,
+            "chunk_length": ac["max_source_positions"] * 2 * hop // rate, "padding_value": 0.0,
         },
     }
 

@@ -35,6 +35,7 @@ class ErrorCode(str, enum.Enum):
     BAD_MEDIA = "bad_media"  # the client's bytes did not decode: a 4xx
     MEDIA_EXPIRED = "media_expired"  # a blob or tensor expired before it was used: retryable
     BAD_PLAN = "bad_plan"  # the plan does not fit the model (placeholder count, context length): a 4xx
+    DEADLINE = "deadline"  # the work waited in a queue past its deadline: the gateway has given up by now
     CANCELLED = "cancelled"  # the gateway withdrew the request before it started
     INTERNAL = "internal"  # a bug or a broken worker: a 5xx
 
@@ -57,7 +58,11 @@ class EncodeJob(Message, kw_only=True):
 
 
 class EncodeDone(Message, kw_only=True):
-    """Encoder -> gateway: the tensor is in the cache under ``tensor_key``."""
+    """Encoder -> every gateway waiting on ``tensor_key``: the tensor is in the cache.
+
+    ``request_id`` / ``job_id`` are those of the request that queued the job (for logs): the same message goes to
+    every waiting gateway, whichever request it serves.
+    """
 
     request_id: str
     job_id: str
@@ -66,8 +71,11 @@ class EncodeDone(Message, kw_only=True):
 
 
 class EncodeFailed(Message, kw_only=True):
+    """Encoder -> every gateway waiting on ``tensor_key``: it could not be produced, and why."""
+
     request_id: str
     job_id: str
+    tensor_key: str
     code: ErrorCode
     error: str
 

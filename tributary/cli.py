@@ -46,6 +46,9 @@ def build_parser() -> argparse.ArgumentParser:
     up.add_argument("--port", type=int, default=8000)
     up.add_argument("--ready-timeout", type=float, default=300.0, help="seconds to wait for every tier")
     up.add_argument("--log-level", default=_env("LOG_LEVEL", "INFO"))
+    up.add_argument("--encoder-runtime", default="torch", choices=["torch", "onnx"])
+    up.add_argument("--encoder-max-batch", type=int, default=8)
+    up.add_argument("--encoder-max-wait-ms", type=float, default=2.0)
 
     demo = sub.add_parser("demo-model", help="write the small trimodal demo checkpoint (random weights)")
     demo.add_argument("--out", required=True, type=Path)
@@ -61,10 +64,19 @@ def build_parser() -> argparse.ArgumentParser:
     enc = sub.add_parser("encoder", help="an encoder worker for one modality")
     _common(enc)
     enc.add_argument("--modality", required=True, choices=["image", "audio"])
+    enc.add_argument("--runtime", default=_env("ENCODER_RUNTIME", "torch"), choices=["torch", "onnx"],
+                     help="onnx exports the encoder on first use (see export-onnx)")
     enc.add_argument("--device", default=_env("DEVICE", "cpu"), help="cpu or cuda:N")
-    enc.add_argument("--max-batch", type=int, default=8, help="jobs taken per read")
+    enc.add_argument("--max-batch", type=int, default=8, help="jobs per forward pass at most")
+    enc.add_argument("--max-wait-ms", type=float, default=2.0,
+                     help="once a job is in hand, how long to wait for a batch to fill")
     enc.add_argument("--tensor-ttl", type=int, default=3600, help="seconds a cached encoder output lives")
     enc.add_argument("--wire-dtype", default="float32", choices=["float32", "float16", "bfloat16"])
+
+    ex = sub.add_parser("export-onnx", help="export each encoder (+ projector) to ONNX and check it against torch")
+    ex.add_argument("--model", required=True, type=Path)
+    ex.add_argument("--modality", action="append", choices=["image", "audio"],
+                    help="only this encoder (repeatable; default: both)")
 
     bb = sub.add_parser("backbone", help="a backbone worker (one shard holding every layer, for now)")
     _common(bb)
@@ -83,6 +95,17 @@ def main(argv: list[str] | None = None) -> int:
         path = write_demo_model(args.out, args.size, args.seed)
         print(f"wrote the {args.size} demo model (random weights) to {path}")
         return 0
+    if args.command == "export-onnx":
+        setup_logging("cli")
+        from encoders.export import export, onnx_root
+        from models.spec import ModelSpec
+
+        spec = ModelSpec.from_dir(args.model)
+        for modality in args.modality or ["image", "audio"]:
+            target = onnx_root(spec) / modality
+            target.parent.mkdir(parents=True, exist_ok=True)
+            export(spec, modality, target, progress=lambda line: print(line, flush=True))
+        return 0
     setup_logging(args.command if args.command != "encoder" else f"encoder:{args.modality}", args.log_level)
     if args.command == "up":
         from tributary.cluster import run_cluster
@@ -100,8 +123,8 @@ def main(argv: list[str] | None = None) -> int:
         from encoders.worker import EncoderConfig, serve
 
         cfg = EncoderConfig(redis_url=args.redis_url, modality=args.modality, prefix=args.prefix,
-                            device=args.device, max_batch=args.max_batch, tensor_ttl_s=args.tensor_ttl,
-                            wire_dtype=args.wire_dtype)
+                            runtime=args.runtime, device=args.device, max_batch=args.max_batch,
+                            max_wait_ms=args.max_wait_ms, tensor_ttl_s=args.tensor_ttl, wire_dtype=args.wire_dtype)
         serve(cfg, args.model, args.threads)
         return 0
     if args.command == "backbone":

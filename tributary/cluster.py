@@ -43,6 +43,7 @@ class Cluster:
     host: str = "127.0.0.1"
     port: int = 8000
     log_level: str = "INFO"
+    encoder_args: list[str] = field(default_factory=list)  # extra flags for both encoder workers
     children: list[Child] = field(default_factory=list)
 
     @property
@@ -58,8 +59,10 @@ class Cluster:
         enc_threads = str(max(1, cores // 2))
         return [
             Child("gateway", base + ["gateway", *common, "--host", self.host, "--port", str(self.port)]),
-            Child("encoder:image", base + ["encoder", *common, "--modality", "image", "--threads", enc_threads]),
-            Child("encoder:audio", base + ["encoder", *common, "--modality", "audio", "--threads", enc_threads]),
+            Child("encoder:image", base + ["encoder", *common, "--modality", "image", "--threads", enc_threads,
+                                           *self.encoder_args]),
+            Child("encoder:audio", base + ["encoder", *common, "--modality", "audio", "--threads", enc_threads,
+                                           *self.encoder_args]),
             Child("backbone", base + ["backbone", *common, "--threads", str(cores)]),
         ]
 
@@ -123,8 +126,18 @@ def run_cluster(args) -> int:
         signal.signal(sig, lambda *_: stop.set())
     model = ensure_model(args)
     redis = None if args.redis_url else EmbeddedRedis().start()
-    cluster = Cluster(model, args.redis_url or redis.url, args.prefix, args.host, args.port, args.log_level)
+    encoder_args = ["--runtime", args.encoder_runtime, "--max-batch", str(args.encoder_max_batch),
+                    "--max-wait-ms", str(args.encoder_max_wait_ms)]
+    cluster = Cluster(model, args.redis_url or redis.url, args.prefix, args.host, args.port, args.log_level,
+                      encoder_args)
     try:
+        if args.encoder_runtime == "onnx":  # export once here, not concurrently in both workers
+            from encoders.export import ensure_onnx
+            from models.spec import ModelSpec
+
+            spec = ModelSpec.from_dir(model)
+            for modality in ("image", "audio"):
+                ensure_onnx(spec, modality, progress=lambda line: print(line, flush=True))
         cluster.start()
         if not cluster.wait_ready(args.ready_timeout, stop):
             if not stop.is_set():

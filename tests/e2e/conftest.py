@@ -26,9 +26,9 @@ class RunningCluster:
     model: str
     log_path: Path
 
-    def stats(self, tier: str) -> dict[str, int]:
+    def stats(self, tier: str) -> dict[str, float]:
         raw = redis.Redis.from_url(self.redis_url).hgetall(f"trib:stats:{tier}")
-        return {k.decode(): int(v) for k, v in raw.items()}
+        return {k.decode(): float(v) for k, v in raw.items()}
 
     def children(self) -> list[int]:
         out = []

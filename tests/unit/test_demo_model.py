@@ -91,7 +91,7 @@ def test_fingerprint_changes_when_a_weight_changes(tiny_spec, copy):
 
 def test_fingerprint_changes_when_a_config_changes(tiny_spec, copy):
     cfg = json.loads((copy / "preprocessor_config.json").read_text())
-    cfg["image"]["resample"] = "bilinear"
+    cfg["image"]["resample"] = 2  # PIL bilinear
     (copy / "preprocessor_config.json").write_text(json.dumps(cfg, indent=2))
     assert fingerprint(copy) != tiny_spec.fingerprint
 

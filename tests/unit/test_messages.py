@@ -16,7 +16,7 @@ MESSAGES = [
     m.EncodeJob(request_id="r1", job_id="j2", modality=m.Modality.AUDIO, encoder_id="abc-audio", digest="e" * 64,
                 blob_key="trib:blob:e", reply_to="trib:reply:g1", deadline=0.0),
     m.EncodeDone(request_id="r1", job_id="j1", tensor_key="trib:t:abc-image:d", num_tokens=16),
-    m.EncodeFailed(request_id="r1", job_id="j2", code=m.ErrorCode.BAD_MEDIA, error="cannot decode audio"),
+    m.EncodeFailed(request_id="r1", job_id="j2", tensor_key="trib:t:e:d", code=m.ErrorCode.BAD_MEDIA, error="cannot decode audio"),
     m.MediaRef(modality=m.Modality.AUDIO, tensor_key="trib:t:abc-audio:e", num_tokens=25),
     SAMPLING,
     m.SamplingParams(max_tokens=1),

@@ -27,7 +27,7 @@ def audio_pre(tiny_spec) -> AudioPreprocessor:
 
 @pytest.fixture(scope="module")
 def size(tiny_spec) -> int:
-    return tiny_spec.preprocess["image"]["image_size"]
+    return tiny_spec.preprocess["image"]["crop_size"]["height"]
 
 
 def pil_bytes(fmt: str, mode="RGB", width=40, height=30, seed=0, **save) -> bytes:

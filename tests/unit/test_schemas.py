@@ -109,7 +109,16 @@ def test_unknown_content_part_type_refused(part):
 
 def test_content_part_missing_field_refused():
     err = refused(body(messages=[{"role": "user", "content": [{"type": "image_url"}]}]))
-    assert err.param == "messages.0.content.0.image_url"
+    assert err.param == "messages.0.content.0"
+    assert "needs its media or a uuid" in err.message
+
+
+def test_media_part_with_uuid_only_is_accepted():
+    req = parse_chat_request(body(messages=[{"role": "user", "content": [
+        {"type": "image_url", "image_url": None, "uuid": "sku-1"}, {"type": "input_audio", "uuid": "clip-9"}]}]))
+    parts = req.messages[0].content
+    assert [p.uuid for p in parts] == ["sku-1", "clip-9"]
+    assert parts[0].image_url is None and parts[1].input_audio is None
 
 
 def test_bad_audio_format_refused():

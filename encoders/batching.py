@@ -1,0 +1,37 @@
+"""Dynamic batching of encode jobs: read up to ``max_batch`` entries, waiting at most ``max_wait_ms`` for a batch
+to fill once the first job is in hand, then group the prepared inputs by shape so each group is one forward pass."""
+
+from __future__ import annotations
+
+import time
+from collections import defaultdict
+
+import torch
+
+from encoders.preprocess import Prepared
+
+
+def read_batch(r, group: str, consumer: str, stream: str, max_batch: int, max_wait_ms: float,
+               block_ms: int) -> list:
+    """Entries for one batch: block up to ``block_ms`` for the first, then up to ``max_wait_ms`` for the rest."""
+    reply = r.xreadgroup(group, consumer, {stream: ">"}, count=max_batch, block=block_ms)
+    entries = list(reply[0][1]) if reply else []
+    deadline = time.monotonic() + max_wait_ms / 1000
+    while entries and len(entries) < max_batch:
+        left_ms = int((deadline - time.monotonic()) * 1000)
+        if left_ms < 1:  # BLOCK 0 would mean "forever"
+            break
+        reply = r.xreadgroup(group, consumer, {stream: ">"}, count=max_batch - len(entries), block=left_ms)
+        if not reply:
+            break
+        entries.extend(reply[0][1])
+    return entries
+
+
+def shape_groups(prepared: list[tuple[int, Prepared]]) -> list[tuple[list[int], torch.Tensor]]:
+    """(indices, stacked batch [B, ...]) per input shape. Images share one shape; a Whisper-style encoder takes a
+    fixed window, so audio does too; an encoder with variable lengths gets one bucket per length."""
+    groups: dict[tuple, list[tuple[int, Prepared]]] = defaultdict(list)
+    for i, p in prepared:
+        groups[tuple(p.data.shape)].append((i, p))
+    return [([i for i, _ in items], torch.stack([p.data for _, p in items])) for items in groups.values()]

@@ -1,0 +1,42 @@
+"""Encoder runtime on ONNX Runtime: CPUExecutionProvider, or CUDAExecutionProvider when onnxruntime-gpu and a GPU
+are present. It logs which provider actually runs, since ORT silently falls back to the CPU."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import numpy as np
+import torch
+
+log = logging.getLogger(__name__)
+
+
+class OnnxRuntime:
+    name = "onnx"
+
+    def __init__(self, path: Path, device: str = "cpu", threads: int | None = None):
+        import onnxruntime as ort
+
+        opts = ort.SessionOptions()
+        opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        if threads:
+            opts.intra_op_num_threads = threads
+            opts.inter_op_num_threads = 1
+        providers: list = ["CPUExecutionProvider"]
+        if device.startswith("cuda"):
+            if "CUDAExecutionProvider" in ort.get_available_providers():
+                index = int(device.split(":")[1]) if ":" in device else 0
+                providers.insert(0, ("CUDAExecutionProvider", {"device_id": index}))
+            else:
+                log.warning("CUDA requested but this onnxruntime has no CUDAExecutionProvider "
+                            "(install the 'gpu' extra, onnxruntime-gpu); running on the CPU")
+        self.session = ort.InferenceSession(str(path), opts, providers=providers)
+        self.provider = self.session.get_providers()[0]
+        self.input_name = self.session.get_inputs()[0].name
+        log.info("onnx runtime ready", extra={"model": str(path), "provider": self.provider,
+                                              "requested_device": device})
+
+    def run(self, batch: torch.Tensor) -> torch.Tensor:
+        x = np.ascontiguousarray(batch.numpy(), dtype=np.float32)
+        return torch.from_numpy(self.session.run(None, {self.input_name: x})[0])

@@ -1,0 +1,177 @@
+"""Media parts to cached encoder tensors: cache first, single-flight across every gateway, bounded waits.
+
+For each distinct part (content digest):
+
+1. one round trip looks every part up (``HGET n``, refreshing the TTL of hits) and counts live encoders;
+2. for misses, one round trip registers this gateway as a waiter (``SADD waiters``), tries to take the encode lease
+   (``SET lease NX EX``) and looks again (a tensor written since step 1 is a hit);
+3. the lease holder alone queues the job (blob + ``XADD``); everyone else just waits;
+4. the encoder writes the tensor and notifies *every* waiter atomically (a Lua script in the worker), so identical
+   misses from any number of gateway processes are encoded once.
+
+A waiter that hears nothing for ``lease_ttl_s`` retries step 2: if the holder died, the lease has expired and the
+waiter takes it and queues the job itself. An encoder that finds the blob expired reports it and the part is
+queued again (the gateway still holds the bytes). Undecodable media is a 400 naming the part.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+import uuid
+
+from cache.keys import Keys
+from cache.streams import payload_fields
+from gateway.config import GatewayConfig
+from gateway.errors import InvalidRequest, Timeout, Unavailable
+from gateway.media import MediaPart
+from gateway.replies import ReplyRouter
+from gateway.tiers import DISCONNECTED, ClientGone
+from models.spec import ModelSpec
+from router import messages as m
+from router.liveness import live_count_args
+
+log = logging.getLogger(__name__)
+
+
+class MediaEncoder:
+    def __init__(self, redis, cfg: GatewayConfig, spec: ModelSpec, replies: ReplyRouter, reply_stream: str):
+        self.r, self.cfg, self.spec, self.replies = redis, cfg, spec, replies
+        self.keys = Keys(cfg.prefix)
+        self.reply_stream = reply_stream
+
+    async def encode(self, request_id: str, parts: list[MediaPart], queue: asyncio.Queue) -> list[m.MediaRef]:
+        """A MediaRef per part, in order."""
+        if not parts:
+            return []
+        await self._resolve_ids(parts)
+        keys = [self.tensor_key(p) for p in parts]
+        counts = await self._lookup(parts, keys)
+        missing = {k: p for k, p, n in zip(keys, parts, counts) if n is None}
+        if missing:
+            found = await self._encode_missing(request_id, missing, queue)
+            counts = [found.get(k, n) for k, n in zip(keys, counts)]
+        return [m.MediaRef(modality=m.Modality(p.modality), tensor_key=k, num_tokens=n)
+                for p, k, n in zip(parts, keys, counts)]
+
+    def tensor_key(self, part: MediaPart) -> str:
+        return self.keys.tensor(self.spec.encoder_id(part.modality), part.digest)
+
+    async def _resolve_ids(self, parts: list[MediaPart]) -> None:
+        """Parts sent as a bare ``uuid`` take the digest it was registered with; parts with both register it."""
+        pipe = self.r.pipeline(transaction=False)
+        lookups = []
+        for i, p in enumerate(parts):
+            if p.uuid is None:
+                continue
+            key = self.keys.media_id(self.spec.encoder_id(p.modality), p.uuid)
+            if p.data:
+                pipe.set(key, p.digest, ex=self.cfg.tensor_ttl_s)
+            else:
+                pipe.get(key)
+                lookups.append((i, len(pipe) - 1))
+        if not len(pipe):
+            return
+        res = await pipe.execute()
+        for i, at in lookups:
+            if res[at] is None:
+                raise InvalidRequest(f"unknown {parts[i].modality} uuid {parts[i].uuid!r} and no media sent "
+                                     "(it was never sent with its media, or it expired)", param=parts[i].param,
+                                     code="unknown_media_id")
+            parts[i] = parts[i].with_digest(res[at].decode())
+
+    async def _lookup(self, parts: list[MediaPart], keys: list[str]) -> list[int | None]:
+        modalities = sorted({p.modality for p in parts})
+        pipe = self.r.pipeline(transaction=False)
+        for key in keys:
+            pipe.hget(key, "n")
+            pipe.expire(key, self.cfg.tensor_ttl_s)
+        for mod in modalities:
+            pipe.zcount(*live_count_args(self.keys, f"encoder:{mod}"))
+        res = await pipe.execute()
+        counts = [int(n) if n is not None else None for n in res[0 : 2 * len(keys) : 2]]
+        live = dict(zip(modalities, res[2 * len(keys) :]))
+        pipe = self.r.pipeline(transaction=False)
+        for p, n in zip(parts, counts):
+            pipe.hincrby(self.keys.stats(f"encoder:{p.modality}"), "cache_hits" if n is not None else "cache_misses")
+            if n is None and not live[p.modality]:
+                raise Unavailable(f"no live {p.modality} encoder worker", code="no_live_worker")
+            if n is None and not p.data:
+                raise InvalidRequest(f"the encoding registered for uuid {p.uuid!r} expired; send the media again",
+                                     param=p.param, code="unknown_media_id")
+        await pipe.execute()
+        return counts
+
+    async def _encode_missing(self, request_id: str, missing: dict[str, MediaPart], queue) -> dict[str, int]:
+        deadline = time.monotonic() + self.cfg.encode_timeout_s
+        found: dict[str, int] = {}
+        for key in missing:
+            self.replies.watch(key, queue)
+        try:
+            pending = dict(missing)
+            await self._claim(request_id, pending, found)
+            while pending:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    raise Timeout("timed out waiting for the encoders")
+                try:
+                    msg = await asyncio.wait_for(queue.get(), timeout=min(left, self.cfg.lease_ttl_s))
+                except asyncio.TimeoutError:
+                    await self._claim(request_id, pending, found)  # the lease holder may have died
+                    continue
+                if msg is DISCONNECTED:
+                    raise ClientGone()
+                if not isinstance(msg, (m.EncodeDone, m.EncodeFailed)) or msg.tensor_key not in pending:
+                    continue
+                part = pending[msg.tensor_key]
+                if isinstance(msg, m.EncodeDone):
+                    found[msg.tensor_key] = msg.num_tokens
+                    del pending[msg.tensor_key]
+                elif msg.code == m.ErrorCode.BAD_MEDIA:
+                    raise InvalidRequest(f"{part.modality} could not be decoded: {msg.error}", param=part.param,
+                                         code="invalid_media")
+                elif msg.code == m.ErrorCode.MEDIA_EXPIRED:
+                    log.info("media expired before encoding; queueing it again", extra={"request_id": request_id})
+                    await self._claim(request_id, {msg.tensor_key: part}, found)
+                else:
+                    raise Unavailable(f"{part.modality} encoding failed: {msg.error}", param=part.param)
+            return found
+        finally:
+            for key in missing:
+                self.replies.unwatch(key, queue)
+
+    async def _claim(self, request_id: str, pending: dict[str, MediaPart], found: dict[str, int]) -> None:
+        """Steps 2 and 3: register as waiter, try the lease, look again; queue the jobs whose lease we took."""
+        pipe = self.r.pipeline(transaction=False)
+        for key, part in pending.items():
+            encoder_id = self.spec.encoder_id(part.modality)
+            waiters = self.keys.waiters(encoder_id, part.digest)
+            pipe.sadd(waiters, self.reply_stream)
+            pipe.expire(waiters, int(self.cfg.encode_timeout_s) + 60)
+            pipe.set(self.keys.lease(encoder_id, part.digest), request_id, nx=True, ex=self.cfg.lease_ttl_s)
+            pipe.hget(key, "n")
+        res = await pipe.execute()
+        submit = pipe = self.r.pipeline(transaction=False)
+        queued = 0
+        for (key, part), (_, _, leased, n) in zip(list(pending.items()), _quads(res)):
+            if n is not None:
+                found[key] = int(n)
+                del pending[key]
+            elif leased:
+                self._queue_job(submit, request_id, part)
+                queued += 1
+        if queued:
+            await submit.execute()
+
+    def _queue_job(self, pipe, request_id: str, part: MediaPart) -> None:
+        blob_key = self.keys.blob(part.digest)
+        pipe.set(blob_key, part.data, ex=self.cfg.blob_ttl_s)
+        job = m.EncodeJob(request_id=request_id, job_id=uuid.uuid4().hex, modality=m.Modality(part.modality),
+                          encoder_id=self.spec.encoder_id(part.modality), digest=part.digest, blob_key=blob_key,
+                          reply_to=self.reply_stream, deadline=time.time() + self.cfg.encode_timeout_s)
+        pipe.xadd(self.keys.jobs(part.modality), payload_fields(m.encode(job)))
+
+
+def _quads(res: list) -> list[tuple]:
+    return [tuple(res[i : i + 4]) for i in range(0, len(res), 4)]
