@@ -64,7 +64,7 @@ def cluster(tiny_model, redis_server, tmp_path_factory):
     log = log_path.open("w")
     proc = subprocess.Popen(
         [sys.executable, "-m", "tributary.cli", "up", "--model", str(tiny_model), "--port", str(port),
-         "--redis-url", redis_server.url],
+         "--redis-url", redis_server.url, "--encoder-max-wait-ms", "50"],
         stdout=log, stderr=subprocess.STDOUT, env=dict(os.environ, PYTHONUNBUFFERED="1"),
     )
     c = RunningCluster(proc, f"http://127.0.0.1:{port}", redis_server.url, tiny_model.name, log_path)

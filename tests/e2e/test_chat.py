@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import time
+from concurrent.futures import ThreadPoolExecutor
 
 import httpx
 import openai
@@ -110,6 +111,23 @@ def test_second_identical_image_is_a_cache_hit(client, cluster):
     before = cluster.stats("encoder:image").get("encoder_calls", 0)
     client.chat.completions.create(model=cluster.model, messages=msgs, max_tokens=2)
     assert cluster.stats("encoder:image").get("encoder_calls", 0) == before
+
+
+def test_a_burst_reaches_the_encoder_as_batched_forward_passes(client, cluster):
+    before = cluster.stats("encoder:image")
+
+    def ask(seed: int) -> int:
+        msgs = [{"role": "user", "content": [
+            {"type": "image_url", "image_url": {"url": data_url(png_bytes(40, 40, seed=1000 + seed))}}]}]
+        return client.chat.completions.create(model=cluster.model, messages=msgs, max_tokens=1).usage.prompt_tokens
+
+    with ThreadPoolExecutor(8) as pool:
+        assert len(set(pool.map(ask, range(8)))) == 1
+    after = cluster.stats("encoder:image")
+    items = after["encoder_calls"] - before.get("encoder_calls", 0)
+    passes = after["forward_passes"] - before.get("forward_passes", 0)
+    assert items == 8
+    assert passes < items, f"8 images took {passes} forward passes: no batching"
 
 
 def test_client_disconnect_cancels_generation(client, cluster):
