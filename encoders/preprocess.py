@@ -53,11 +53,17 @@ class ImagePreprocessor:
         if resample not in _RESAMPLE:
             raise ValueError(f"resample={resample} is not supported (supported: {_RESAMPLE})")
         self.interp = InterpolationMode(_RESAMPLE[resample])
-        scale = float(cfg.get("rescale_factor", 1 / 255)) if cfg.get("do_rescale", True) else 1.0
-        mean, std = (cfg["image_mean"], cfg["image_std"]) if cfg.get("do_normalize", True) else ([0.0] * 3, [1.0] * 3)
-        # Rescale and normalize fused into one affine map of the uint8 pixels, as transformers does.
-        self.mean = torch.tensor(mean).view(3, 1, 1) / scale
-        self.std = torch.tensor(std).view(3, 1, 1) / scale
+        # Rescale and normalize fused into one affine map of the uint8 pixels, computed in the same order as
+        # transformers' torchvision backend (mean * (1 / rescale_factor), then (x - mean) / std), so the results
+        # are bit-identical to it, not just close.
+        self.rescale = float(cfg.get("rescale_factor", 1 / 255)) if cfg.get("do_rescale", True) else None
+        self.mean = self.std = None
+        if cfg.get("do_normalize", True):
+            self.mean, self.std = torch.tensor(cfg["image_mean"]), torch.tensor(cfg["image_std"])
+            if self.rescale is not None:
+                self.mean, self.std = self.mean * (1.0 / self.rescale), self.std * (1.0 / self.rescale)
+                self.rescale = None
+            self.mean, self.std = self.mean.view(3, 1, 1), self.std.view(3, 1, 1)
         self.num_tokens = num_tokens
 
     def __call__(self, data: bytes) -> Prepared:
@@ -68,8 +74,28 @@ class ImagePreprocessor:
             x = F.resize(x, [self.shortest_edge] if self.shortest_edge else self.exact,
                          interpolation=self.interp, antialias=True)
         if self.crop:
-            x = F.center_crop(x, self.crop)
-        return Prepared((x.float() - self.mean) / self.std, self.num_tokens)  # [3, S, S]
+            x = _center_crop(x, *self.crop)
+        y = x.float()
+        if self.mean is not None:
+            y = (y - self.mean) / self.std
+        elif self.rescale is not None:
+            y = y * self.rescale
+        return Prepared(y, self.num_tokens)  # [3, S, S]
+
+
+def _center_crop(x: torch.Tensor, height: int, width: int) -> torch.Tensor:
+    """Centre crop as transformers does it: the offset is floor((size - crop) / 2). torchvision's ``center_crop``
+    rounds it instead (half to even), which shifts the crop by one pixel when size - crop is 3 mod 4 (e.g. a 70x64
+    image resized to 35x32 and cropped to 32x32). A crop larger than the image pads with zeros first, as both do."""
+    from torchvision.transforms.v2 import functional as F
+
+    h, w = x.shape[-2:]
+    if height > h or width > w:
+        pad_w, pad_h = max(width - w, 0), max(height - h, 0)
+        x = F.pad(x, [pad_w // 2, pad_h // 2, (pad_w + 1) // 2, (pad_h + 1) // 2], fill=0)
+        h, w = x.shape[-2:]
+    top, left = (h - height) // 2, (w - width) // 2
+    return x[..., top : top + height, left : left + width]
 
 
 def decode_image(data: bytes) -> torch.Tensor:
@@ -97,9 +123,9 @@ def _to_rgb(img):
         arr = np.asarray(img, dtype=np.float64)
         top = 65535.0 if img.mode.startswith("I;16") else max(float(arr.max()), 1.0)
         img = Image.fromarray(np.clip(arr / top * 255.0 + 0.5, 0, 255).astype(np.uint8), "L")
-    if img.mode == "P":
-        img = img.convert("RGBA" if "transparency" in img.info else "RGB")
-    if img.mode in ("RGBA", "LA", "PA", "La", "RGBa"):
+    # Any alpha band or transparency key (a palette entry, or a tRNS colour in an RGB / L / 1-bit PNG) is composited
+    # onto white, as transformers' convert_to_rgb decides it; only then the rest becomes RGB.
+    if "A" in img.getbands() or img.info.get("transparency") is not None:
         rgba = img.convert("RGBA")
         white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
         return Image.alpha_composite(white, rgba).convert("RGB")
