@@ -1,8 +1,9 @@
-"""The decode engine: prefill a fused prompt, then advance every running sequence one token per step.
+"""The decode engine: continuous batching over one model shard that holds every layer.
 
+Each ``step`` runs ONE forward over a ragged batch: the fused prompts of sequences starting this step and the last
+token of every running sequence (each decode step feeds only the new token, reusing the KV cache). New sequences
+join at the next step; finished or cancelled ones leave by being dropped from the list, freeing their KV cache.
 It knows nothing of Redis or HTTP: the worker feeds it, and the in-process benchmark drives the very same code.
-One shard holding every layer for now; a step is written over a list of sequences so that [backbone] can swap the
-per-sequence forward for one batched forward (continuous batching) and split the layers over pipeline shards.
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ from dataclasses import dataclass, field
 import torch
 
 from backbone.fusion import fuse
-from backbone.kv import new_cache, run_decoder
+from backbone.model import DecoderShard, Segment, SequenceCache
 from backbone.sampling import Sampler
 from router.messages import FinishReason, SamplingParams
 
@@ -24,10 +25,14 @@ class Sequence:
     max_tokens: int  # already clamped to the context left after the prompt
     stop_ids: frozenset[int]
     sampler: Sampler
-    cache: object = None
+    cache: SequenceCache | None = None
     output: list[int] = field(default_factory=list)
     finish: FinishReason | None = None
     pending: int = 0  # tokens produced since the last emitted event
+
+    @property
+    def capacity(self) -> int:
+        return self.prompt_len + self.max_tokens
 
     def append(self, token: int) -> None:
         self.output.append(token)
@@ -39,36 +44,66 @@ class Sequence:
 
 
 class Engine:
-    def __init__(self, lm, placeholder_ids: dict[str, int], eos_ids: list[int], max_context: int):
-        self.lm = lm  # a *ForCausalLM: .model (embeddings, layers, norm) and .lm_head
+    def __init__(self, model: DecoderShard, placeholder_ids: dict[str, int], eos_ids: list[int], max_context: int,
+                 kv_budget_bytes: int | None = None):
+        self.model = model
         self.placeholder_ids = placeholder_ids
         self.eos_ids = frozenset(eos_ids)
         self.max_context = max_context
+        self.kv_budget_bytes = kv_budget_bytes  # None: bounded only by the worker's max_running
+        self.kv_used_bytes = 0
 
     def new_sequence(self, request_id: str, prompt_len: int, params: SamplingParams) -> Sequence:
         stop = set(params.stop_token_ids) | (set() if params.ignore_eos else set(self.eos_ids))
         room = self.max_context - prompt_len
         return Sequence(request_id, prompt_len, min(params.max_tokens, room), frozenset(stop), Sampler(params))
 
-    @torch.inference_mode()
-    def prefill(self, seq: Sequence, token_ids: list[int], media: list[tuple[str, torch.Tensor]]) -> None:
-        """Fuse and run the whole prompt, filling the sequence's KV cache; samples its first token."""
+    def kv_bytes(self, seq: Sequence) -> int:
+        return SequenceCache.nbytes(self.model.cfg, len(self.model.layers), seq.capacity, self.model.dtype)
+
+    def fits(self, seq: Sequence) -> bool:
+        """Whether the sequence's whole KV cache (prompt + max tokens) fits the budget now."""
+        return self.kv_budget_bytes is None or self.kv_used_bytes + self.kv_bytes(seq) <= self.kv_budget_bytes
+
+    def start(self, seq: Sequence, token_ids: list[int], media: list[tuple[str, torch.Tensor]]) -> torch.Tensor:
+        """Fuse the prompt (PlanError if it does not fit) and allocate the KV cache; returns embeds [S, H]."""
         ids = torch.tensor(token_ids, dtype=torch.long)  # [S]
-        embeds = fuse(self.lm.model.embed_tokens, ids, media, self.placeholder_ids)  # [1, S, H]
-        seq.cache = new_cache(self.lm.config)
-        hidden = run_decoder(self.lm.model, embeds, seq.cache)  # [1, S, H]
-        seq.append(self._sample(seq, hidden[:, -1]))
+        embeds = fuse(self.model.embed, ids, media, self.placeholder_ids)[0]  # [S, H]
+        seq.cache = self.model.new_cache(seq.capacity)
+        self.kv_used_bytes += self.kv_bytes(seq)
+        return embeds
+
+    def release(self, seq: Sequence) -> None:
+        if seq.cache is not None:
+            self.kv_used_bytes -= self.kv_bytes(seq)
+            seq.cache = None
 
     @torch.inference_mode()
-    def step(self, running: list[Sequence]) -> None:
-        """One decode step: each unfinished sequence feeds its last token through the layers and samples the next."""
-        for seq in running:
-            if seq.finish is not None:
-                continue
-            last = torch.tensor([[seq.output[-1]]], dtype=torch.long)  # [1, 1]
-            hidden = run_decoder(self.lm.model, self.lm.model.embed_tokens(last), seq.cache)  # [1, 1, H]
-            seq.append(self._sample(seq, hidden[:, -1]))
+    def step(self, running: list[Sequence], starting: list[tuple[Sequence, torch.Tensor]] = ()) -> None:
+        """One forward: prefill every starting sequence, advance every unfinished running one by one token."""
+        decoding = [s for s in running if s.finish is None]
+        if not decoding and not starting:
+            return
+        # 1) The step's new tokens, sequence after sequence: whole prompts, then last tokens.
+        last = torch.tensor([s.output[-1] for s in decoding], dtype=torch.long)  # [B_dec]
+        parts = [e for _, e in starting] + ([self.model.embed(last)] if decoding else [])
+        segments = [Segment(s.cache, 0, e.shape[0]) for s, e in starting]
+        segments += [Segment(s.cache, s.cache.length, 1) for s in decoding]
+        # 2) One pass through every layer.
+        hidden = self.model.forward(torch.cat(parts), segments)  # [T, H]
+        # 3) Logits at each sequence's last position, one sampler per sequence.
+        ends = torch.tensor([seg.length for seg in segments]).cumsum(0) - 1
+        logits = self.model.logits(hidden[ends])  # [B, V]
+        for seq, row in zip([s for s, _ in starting] + decoding, logits):
+            seq.append(seq.sampler(row))
 
-    def _sample(self, seq: Sequence, hidden: torch.Tensor) -> int:
-        logits = self.lm.lm_head(hidden)[0].float()  # [V]
-        return seq.sampler(logits)
+    def prefill(self, seq: Sequence, token_ids: list[int], media: list[tuple[str, torch.Tensor]]) -> None:
+        """Start one sequence alone (its first token is sampled)."""
+        self.step([], [(seq, self.start(seq, token_ids, media))])
+
+
+def load_engine(spec, layers: range | None = None, kv_budget_bytes: int | None = None) -> Engine:
+    from backbone.loader import load_shard
+
+    model, _ = load_shard(spec.path, spec.config["text_config"], layers)
+    return Engine(model, spec.placeholder_ids, spec.eos_token_ids, spec.max_context, kv_budget_bytes)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import os
+from collections import deque
 import socket
 import threading
 import time
@@ -19,7 +20,7 @@ from dataclasses import dataclass
 import torch
 from redis.exceptions import RedisError
 
-from backbone.engine import Engine, Sequence
+from backbone.engine import Engine, Sequence, load_engine
 from backbone.fusion import PlanError
 from cache.client import connect
 from cache.codec import CodecError, decode_tensor
@@ -35,7 +36,8 @@ log = logging.getLogger(__name__)
 class BackboneConfig:
     redis_url: str
     prefix: str = "trib"
-    max_running: int = 16  # sequences decoding at once (bounds KV memory); further plans wait in the stream
+    max_running: int = 16  # sequences decoding at once; further plans wait in the stream
+    kv_cache_bytes: int | None = None  # KV memory for all running sequences (each reserves prompt + max_tokens)
     block_ms: int = 1000  # idle read wait (bounds how late a stop is noticed)
     drain_timeout_s: float = 30.0  # on SIGTERM, how long running requests may take to finish
 
@@ -61,33 +63,43 @@ class BackboneWorker:
         self.consumer = f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
         self.r = connect(cfg.redis_url)
         self.running: dict[str, Running] = {}
+        self.waiting: deque[tuple[bytes, m.PromptPlan]] = deque()  # read, not started (slots or KV memory full)
         self.stats_key = self.keys.stats("backbone")
 
     def run(self) -> None:
         ensure_group(self.r, self.stream, BACKBONE_GROUP)
         heartbeat = Heartbeat(self.cfg.redis_url, self.keys, "backbone", self.consumer).start()
-        log.info("backbone ready", extra={"consumer": self.consumer, "max_running": self.cfg.max_running})
+        log.info("backbone ready", extra={"consumer": self.consumer, "max_running": self.cfg.max_running,
+                                          "kv_budget_bytes": self.engine.kv_budget_bytes})
         new: list = []
         drain_deadline = None
         try:
             while True:
                 if self.stop.is_set() and drain_deadline is None:
                     drain_deadline = time.monotonic() + self.cfg.drain_timeout_s
-                    log.info("draining", extra={"running": len(self.running)})
+                    log.info("draining", extra={"running": len(self.running), "waiting": len(self.waiting)})
                 # Plans already read are ours to start even while draining: nobody else would take them.
-                if drain_deadline is not None and (not (self.running or new) or time.monotonic() > drain_deadline):
+                busy = self.running or self.waiting or new
+                if drain_deadline is not None and (not busy or time.monotonic() > drain_deadline):
                     break
                 # 1) Idle: block for plans (the only blocking call; with work in hand, reads ride the step's pipe).
-                if not self.running and not new:
+                if not busy:
                     new = self._idle_read()
                     continue
-                # 2) Admit the plans read last round: fetch their tensors, fuse, prefill (first token).
-                events = [self._admit(entry_id, fields) for entry_id, fields in new]
-                # 3) One decode step for every sequence that was already running.
-                old = [r.seq for r in self.running.values() if r.seq.pending == 0]
-                self.engine.step(old)
+                # 2) Queue the plans read last round; start waiting ones while slots and KV memory allow.
+                errors = [e for e in (self._enqueue(entry_id, fields) for entry_id, fields in new) if e]
+                decoding = [r.seq for r in self.running.values()]
+                starting = self._start_waiting(errors)
+                # 3) One forward: the starting sequences' prompts and the next token of every running one.
+                t0 = time.perf_counter()
+                self.engine.step(decoding, starting)
+                if starting:
+                    ms = round((time.perf_counter() - t0) * 1e3, 2)
+                    for seq, _ in starting:
+                        log.info("prefilled", extra={"request_id": seq.request_id, "prompt_tokens": seq.prompt_len,
+                                                     "ms": ms, "batch": len(decoding) + len(starting)})
                 # 4) One round trip: events, acks, cancellation checks, and the next plans if there is room.
-                new = self._exchange([e for e in events if e is not None], admit=drain_deadline is None)
+                new = self._exchange(errors, admit=drain_deadline is None)
         finally:
             self._fail_all("the backbone worker is shutting down")
             heartbeat.stop()
@@ -106,31 +118,44 @@ class BackboneWorker:
             return []
         return reply[0][1] if reply else []
 
-    def _admit(self, entry_id: bytes, fields: dict) -> tuple | None:
-        """Start one plan; returns an (error event, entry id) pair if it could not start, else None."""
+    def _enqueue(self, entry_id: bytes, fields: dict) -> tuple | None:
         try:
             plan = m.decode(fields_payload(fields), m.PromptPlan)
         except (m.WireError, KeyError) as exc:
             log.error("dropping undecodable plan", extra={"entry": entry_id, "error": str(exc)})
             self.r.xack(self.stream, BACKBONE_GROUP, entry_id)
             return None
-        extra = {"request_id": plan.request_id, "prompt_tokens": len(plan.token_ids)}
-        seq = self.engine.new_sequence(plan.request_id, len(plan.token_ids), plan.sampling)
-        try:
-            if time.time() > plan.deadline:
-                raise StepFailure(m.ErrorCode.DEADLINE, "the request waited past its deadline for a backbone")
-            t0 = time.perf_counter()
-            self.engine.prefill(seq, plan.token_ids, self._fetch_media(plan))
-            log.info("prefilled", extra={**extra, "ms": round((time.perf_counter() - t0) * 1e3, 2)})
-        except StepFailure as exc:
-            return self._error_event(plan, entry_id, exc.code, exc.error)
-        except PlanError as exc:
-            return self._error_event(plan, entry_id, m.ErrorCode.BAD_PLAN, str(exc))
-        except Exception as exc:  # a bug must fail this request loudly, not the worker
-            log.exception("prefill failed", extra=extra)
-            return self._error_event(plan, entry_id, m.ErrorCode.INTERNAL, f"prefill failed: {exc}")
-        self.running[plan.request_id] = Running(seq, plan, entry_id)
+        self.waiting.append((entry_id, plan))
         return None
+
+    def _start_waiting(self, errors: list) -> list[tuple[Sequence, torch.Tensor]]:
+        """Start queued plans in arrival order while a slot and their whole KV cache are free."""
+        starting: list[tuple[Sequence, torch.Tensor]] = []
+        while self.waiting and len(self.running) < self.cfg.max_running:
+            entry_id, plan = self.waiting[0]
+            seq = self.engine.new_sequence(plan.request_id, len(plan.token_ids), plan.sampling)
+            if not self.engine.fits(seq):
+                if self.running:
+                    break  # wait for a running sequence to finish and free its KV cache
+                self.waiting.popleft()
+                errors.append(self._error_event(plan, entry_id, m.ErrorCode.BAD_PLAN, (
+                    f"the request needs {self.engine.kv_bytes(seq)} bytes of KV cache; this backbone has "
+                    f"{self.engine.kv_budget_bytes}")))
+                continue
+            self.waiting.popleft()
+            try:
+                if time.time() > plan.deadline:
+                    raise StepFailure(m.ErrorCode.DEADLINE, "the request waited past its deadline for a backbone")
+                starting.append((seq, self.engine.start(seq, plan.token_ids, self._fetch_media(plan))))
+            except StepFailure as exc:
+                errors.append(self._error_event(plan, entry_id, exc.code, exc.error))
+                continue
+            except PlanError as exc:
+                self.engine.release(seq)
+                errors.append(self._error_event(plan, entry_id, m.ErrorCode.BAD_PLAN, str(exc)))
+                continue
+            self.running[plan.request_id] = Running(seq, plan, entry_id)
+        return starting
 
     def _fetch_media(self, plan: m.PromptPlan) -> list[tuple[str, torch.Tensor]]:
         """The plan's encoder outputs, in one round trip that also checks the request was not cancelled while queued."""
@@ -173,13 +198,14 @@ class BackboneWorker:
             if seq.finish is not None:
                 pipe.xack(self.stream, BACKBONE_GROUP, run.entry_id)
                 del self.running[rid]
+                self.engine.release(seq)
                 log.info("finished", extra={"request_id": rid, "finish": seq.finish.value,
                                             "completion_tokens": len(seq.output)})
         alive, checks_at = list(self.running), len(pipe)
         for rid in alive:
             pipe.exists(self.keys.cancel(rid))
         pipe.hincrby(self.stats_key, "tokens", tokens)
-        room, read_at = self.cfg.max_running - len(self.running), None
+        room, read_at = self.cfg.max_running - len(self.running) - len(self.waiting), None
         if admit and room > 0:
             read_at = len(pipe)
             pipe.xreadgroup(BACKBONE_GROUP, self.consumer, {self.stream: ">"}, count=room)
@@ -192,6 +218,7 @@ class BackboneWorker:
 
     def _cancel(self, rid: str) -> None:
         run = self.running.pop(rid)
+        self.engine.release(run.seq)
         log.info("cancelled", extra={"request_id": rid, "completion_tokens": len(run.seq.output)})
         pipe = self.r.pipeline(transaction=False)
         ev = m.TokenEvent(request_id=rid, token_ids=[], prompt_tokens=run.seq.prompt_len,
@@ -202,19 +229,22 @@ class BackboneWorker:
         pipe.execute()
 
     def _fail_all(self, error: str) -> None:
-        if not self.running:
+        held = [(run.plan, run.entry_id) for run in self.running.values()] + [(p, e) for e, p in self.waiting]
+        if not held:
             return
         pipe = self.r.pipeline(transaction=False)
-        for rid, run in self.running.items():
-            _, ev, entry_id = self._error_event(run.plan, run.entry_id, m.ErrorCode.INTERNAL, error)
-            pipe.xadd(run.plan.reply_to, payload_fields(m.encode(ev)))
+        for plan, entry_id in held:
+            _, ev, _ = self._error_event(plan, entry_id, m.ErrorCode.INTERNAL, error)
+            pipe.xadd(plan.reply_to, payload_fields(m.encode(ev)))
             pipe.xack(self.stream, BACKBONE_GROUP, entry_id)
         pipe.execute()
+        for run in self.running.values():
+            self.engine.release(run.seq)
         self.running.clear()
+        self.waiting.clear()
 
 
 def serve(cfg: BackboneConfig, model_dir: str, threads: int | None = None) -> None:
-    from models import trimodal
     from models.spec import ModelSpec
     from router.lifecycle import stop_on_signals, tune_allocator
 
@@ -223,6 +253,4 @@ def serve(cfg: BackboneConfig, model_dir: str, threads: int | None = None) -> No
     if threads:
         torch.set_num_threads(threads)
     spec = ModelSpec.from_dir(model_dir)
-    lm = trimodal.load_language_model(spec.path, spec.config)
-    engine = Engine(lm, spec.placeholder_ids, spec.eos_token_ids, spec.max_context)
-    BackboneWorker(cfg, engine, stop).run()
+    BackboneWorker(cfg, load_engine(spec, kv_budget_bytes=cfg.kv_cache_bytes), stop).run()

@@ -117,11 +117,10 @@ class InProcess:
         import torch
         import transformers
 
-        from backbone.engine import Engine
+        from backbone.engine import load_engine
         from encoders.loader import load_preprocessor, load_runtime
         from gateway.config import GatewayConfig
         from gateway.prompt import PromptBuilder
-        from models import trimodal
         from models.spec import ModelSpec
         from router.lifecycle import tune_allocator
 
@@ -133,8 +132,7 @@ class InProcess:
         self.builder = PromptBuilder(self.spec, self.tokenizer, GatewayConfig(str(model_dir), "-").max_media_bytes)
         self.pre = {m: load_preprocessor(self.spec, m) for m in ("image", "audio")}
         self.rt = {m: load_runtime(self.spec, m) for m in ("image", "audio")}
-        lm = trimodal.load_language_model(self.spec.path, self.spec.config)
-        self.engine = Engine(lm, self.spec.placeholder_ids, self.spec.eos_token_ids, self.spec.max_context)
+        self.engine = load_engine(self.spec)  # the backbone worker's loader and engine
 
     def run(self, body: bytes) -> dict:
         from gateway.detokenize import Detokenizer

@@ -42,6 +42,19 @@ def read_tensors(model_dir: Path, prefix: str, dtype: torch.dtype | None = None)
     return out
 
 
+def read_matching(model_dir: Path, wanted, dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
+    """Every tensor whose full name satisfies ``wanted(name)``, by full name. safetensors maps the files, so only the
+    bytes of the tensors read are touched."""
+    out: dict[str, torch.Tensor] = {}
+    for path in weight_files(model_dir):
+        with safe_open(str(path), framework="pt") as f:
+            for name in f.keys():
+                if wanted(name):
+                    t = f.get_tensor(name)
+                    out[name] = t.to(dtype) if dtype is not None and t.is_floating_point() else t
+    return out
+
+
 def fingerprint(model_dir: Path) -> str:
     """A content hash of the weights and configs, computed once and kept beside the checkpoint when writable.
 

@@ -81,6 +81,8 @@ def build_parser() -> argparse.ArgumentParser:
     bb = sub.add_parser("backbone", help="a backbone worker (one shard holding every layer, for now)")
     _common(bb)
     bb.add_argument("--max-running", type=int, default=16, help="sequences decoding at once")
+    bb.add_argument("--kv-cache-gb", type=float, default=None,
+                    help="KV memory for running sequences (each reserves prompt + max_tokens); default: unbounded")
     return parser
 
 
@@ -130,8 +132,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "backbone":
         from backbone.worker import BackboneConfig, serve
 
-        serve(BackboneConfig(redis_url=args.redis_url, prefix=args.prefix, max_running=args.max_running),
-              args.model, args.threads)
+        kv = int(args.kv_cache_gb * 2**30) if args.kv_cache_gb else None
+        serve(BackboneConfig(redis_url=args.redis_url, prefix=args.prefix, max_running=args.max_running,
+                             kv_cache_bytes=kv), args.model, args.threads)
         return 0
     return 2
 

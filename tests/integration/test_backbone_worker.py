@@ -8,10 +8,9 @@ import time
 import pytest
 import redis
 
-from backbone.engine import Engine
+from backbone.engine import load_engine
 from cache.keys import BACKBONE_GROUP, Keys
 from cache.streams import fields_payload, payload_fields
-from models import trimodal
 from router import messages as m
 from tests.integration.procs import start_tier, stop_tier
 
@@ -54,8 +53,7 @@ def test_tokens_equal_the_in_process_engine(backbone, redis_server, tiny_spec):
     assert got[-1].finish == m.FinishReason.LENGTH and got[-1].completion_tokens == 10
     assert got[-1].prompt_tokens == len(ids)
 
-    lm = trimodal.load_language_model(tiny_spec.path, tiny_spec.config)
-    engine = Engine(lm, tiny_spec.placeholder_ids, tiny_spec.eos_token_ids, tiny_spec.max_context)
+    engine = load_engine(tiny_spec)
     seq = engine.new_sequence("x", len(ids), m.SamplingParams(max_tokens=10, temperature=0.0, ignore_eos=True))
     engine.prefill(seq, ids, [])
     while seq.finish is None:

@@ -7,6 +7,7 @@ import torch
 
 from backbone.engine import Engine
 from backbone.fusion import PlanError, fuse
+from backbone.loader import load_shard
 from models import trimodal
 from router.messages import FinishReason, SamplingParams
 
@@ -31,8 +32,14 @@ def tok(tiny_spec):
 
 
 @pytest.fixture(scope="module")
-def engine(lm, tiny_spec):
-    return Engine(lm, tiny_spec.placeholder_ids, eos_ids=[], max_context=tiny_spec.max_context)
+def shard(tiny_spec):
+    """The engine's own model: every layer, read from the same checkpoint by backbone.loader."""
+    return load_shard(tiny_spec.path, tiny_spec.config["text_config"])[0]
+
+
+@pytest.fixture(scope="module")
+def engine(shard, tiny_spec):
+    return Engine(shard, tiny_spec.placeholder_ids, eos_ids=[], max_context=tiny_spec.max_context)
 
 
 def ids_of(tok, text):
@@ -131,9 +138,9 @@ def test_max_tokens_gives_length(engine, tok):
         assert seq.finish == FinishReason.LENGTH
 
 
-def test_context_limit_gives_length(lm, tok, tiny_spec):
+def test_context_limit_gives_length(shard, tok, tiny_spec):
     ids = ids_of(tok, PROMPTS[1])
-    small = Engine(lm, tiny_spec.placeholder_ids, eos_ids=[], max_context=len(ids) + 5)
+    small = Engine(shard, tiny_spec.placeholder_ids, eos_ids=[], max_context=len(ids) + 5)
     seq = run(small, ids, greedy(100))
     assert seq.max_tokens == 5
     assert len(seq.output) == 5
@@ -155,12 +162,12 @@ def test_stop_token_id_gives_stop(engine, tok):
     assert seq.output == ref[: k + 1]  # the stop token is produced, then nothing more
 
 
-def test_eos_stops_unless_ignored(lm, tok, tiny_spec):
+def test_eos_stops_unless_ignored(shard, tok, tiny_spec):
     ids = ids_of(tok, PROMPTS[0])
-    plain = Engine(lm, tiny_spec.placeholder_ids, eos_ids=[], max_context=tiny_spec.max_context)
+    plain = Engine(shard, tiny_spec.placeholder_ids, eos_ids=[], max_context=tiny_spec.max_context)
     ref = run(plain, ids, greedy(12)).output
     k = _first_new_token_at(ref)
-    with_eos = Engine(lm, tiny_spec.placeholder_ids, eos_ids=[ref[k]], max_context=tiny_spec.max_context)
+    with_eos = Engine(shard, tiny_spec.placeholder_ids, eos_ids=[ref[k]], max_context=tiny_spec.max_context)
     stopped = run(with_eos, ids, SamplingParams(max_tokens=12, temperature=0.0))
     assert stopped.finish == FinishReason.STOP and stopped.output == ref[: k + 1]
     ignored = run(with_eos, ids, greedy(12))

@@ -1,0 +1,184 @@
+"""The decoder-only language model (Llama / Qwen2 family), written out so that a shard holds exactly its layers
+and its own KV cache, and one forward runs a ragged batch: prefills and decode steps of many sequences at once.
+
+Math is the reference's (transformers' Llama/Qwen2: RMSNorm in fp32, rotary "default" in fp32, GQA attention with
+scale head_dim ** -0.5, SiLU-gated MLP), so greedy outputs match transformers' ``generate`` token for token (fp32;
+batching changes float summation order only). Attention runs per sequence over its own cache (SDPA); the linear
+layers, which dominate, run once over every token of the step.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from models.spec import ModelError
+
+SUPPORTED = ("llama", "qwen2", "mistral")
+
+
+@dataclass(frozen=True)
+class DecoderConfig:
+    model_type: str
+    hidden_size: int
+    intermediate_size: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    vocab_size: int
+    rms_norm_eps: float
+    rope_theta: float
+    max_position: int
+    tie_word_embeddings: bool
+    qkv_bias: bool
+    o_bias: bool
+
+    @classmethod
+    def from_text_config(cls, c: dict) -> "DecoderConfig":
+        model_type = c.get("model_type", "llama")
+        if model_type not in SUPPORTED:
+            raise ModelError(f"language model type {model_type!r} is not supported (supported: {SUPPORTED})")
+        rope = c.get("rope_parameters") or {"rope_type": "default", "rope_theta": c.get("rope_theta", 10000.0)}
+        if rope.get("rope_type", rope.get("type", "default")) != "default" or c.get("rope_scaling"):
+            raise ModelError(f"rope {rope} is not supported yet (only the default rotary embedding)")
+        if c.get("use_sliding_window") or (model_type == "mistral" and c.get("sliding_window")):
+            raise ModelError("sliding-window attention is not supported yet")
+        if c.get("hidden_act", "silu") != "silu" or c.get("mlp_bias"):
+            raise ModelError("only SiLU-gated MLPs without bias are supported")
+        heads = c["num_attention_heads"]
+        bias = bool(c.get("attention_bias", False))
+        return cls(
+            model_type=model_type, hidden_size=c["hidden_size"], intermediate_size=c["intermediate_size"],
+            num_layers=c["num_hidden_layers"], num_heads=heads, num_kv_heads=c.get("num_key_value_heads") or heads,
+            head_dim=c.get("head_dim") or c["hidden_size"] // heads, vocab_size=c["vocab_size"],
+            rms_norm_eps=c.get("rms_norm_eps", 1e-6), rope_theta=float(rope["rope_theta"]),
+            max_position=c.get("max_position_embeddings", 4096),
+            tie_word_embeddings=bool(c.get("tie_word_embeddings", False)),
+            qkv_bias=bias or model_type == "qwen2", o_bias=bias,
+        )
+
+
+@dataclass
+class Segment:
+    """One sequence's share of a step: ``length`` new tokens at positions start .. start + length - 1."""
+
+    cache: "SequenceCache"
+    start: int
+    length: int
+
+
+class SequenceCache:
+    """K and V of one sequence for this shard's layers, allocated once for its whole budget (prompt + max tokens).
+
+    k[i], v[i]: [kv_heads, capacity, head_dim] for the shard's i-th layer.
+    """
+
+    def __init__(self, cfg: DecoderConfig, layers: int, capacity: int, dtype: torch.dtype):
+        shape = (cfg.num_kv_heads, capacity, cfg.head_dim)
+        self.k = [torch.empty(shape, dtype=dtype) for _ in range(layers)]
+        self.v = [torch.empty(shape, dtype=dtype) for _ in range(layers)]
+        self.capacity = capacity
+        self.length = 0  # positions filled
+
+    @staticmethod
+    def nbytes(cfg: DecoderConfig, layers: int, capacity: int, dtype: torch.dtype) -> int:
+        return 2 * layers * cfg.num_kv_heads * capacity * cfg.head_dim * torch.finfo(dtype).bits // 8
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    h = x.to(torch.float32)
+    h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps)
+    return weight * h.to(x.dtype)
+
+
+def rotate_half(x: torch.Tensor) -> torch.Tensor:
+    half = x.shape[-1] // 2
+    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+
+
+class Rotary:
+    def __init__(self, cfg: DecoderConfig):
+        dim = cfg.head_dim
+        self.inv_freq = 1.0 / (cfg.rope_theta ** (torch.arange(0, dim, 2, dtype=torch.int64).float() / dim))
+
+    def __call__(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """positions [T] -> cos, sin [T, 1, head_dim] (computed in fp32, as the reference does)."""
+        freqs = positions.float()[:, None] * self.inv_freq[None, :]  # [T, D/2]
+        emb = torch.cat((freqs, freqs), dim=-1)
+        return emb.cos().to(dtype)[:, None, :], emb.sin().to(dtype)[:, None, :]
+
+
+class DecoderShard:
+    """Layers [first_layer, first_layer + len(layers)) of the model; the embedding if it is the first shard, the
+    final norm and lm_head if it is the last."""
+
+    def __init__(self, cfg: DecoderConfig, layers: list[dict[str, torch.Tensor]], first_layer: int,
+                 embed: torch.Tensor | None, norm: torch.Tensor | None, lm_head: torch.Tensor | None):
+        self.cfg, self.layers, self.first_layer = cfg, layers, first_layer
+        self.embed_weight, self.norm_weight, self.lm_head_weight = embed, norm, lm_head
+        self.rotary = Rotary(cfg)
+        self.dtype = next(iter(layers[0].values())).dtype if layers else (embed if embed is not None else norm).dtype
+
+    @property
+    def is_first(self) -> bool:
+        return self.embed_weight is not None
+
+    @property
+    def is_last(self) -> bool:
+        return self.lm_head_weight is not None
+
+    def new_cache(self, capacity: int) -> SequenceCache:
+        return SequenceCache(self.cfg, len(self.layers), capacity, self.dtype)
+
+    def embed(self, ids: torch.Tensor) -> torch.Tensor:
+        return F.embedding(ids, self.embed_weight)  # [..., H]
+
+    @torch.inference_mode()
+    def forward(self, hidden: torch.Tensor, segments: list[Segment]) -> torch.Tensor:
+        """hidden [T, H] (the segments' new tokens, concatenated in order) -> hidden [T, H] after this shard's
+        layers; fills each segment's cache at its positions."""
+        positions = torch.cat([torch.arange(s.start, s.start + s.length) for s in segments])  # [T]
+        cos, sin = self.rotary(positions, hidden.dtype)
+        for i, w in enumerate(self.layers):
+            hidden = hidden + self._attention(i, w, rms_norm(hidden, w["input_layernorm.weight"],
+                                                             self.cfg.rms_norm_eps), segments, cos, sin)
+            h = rms_norm(hidden, w["post_attention_layernorm.weight"], self.cfg.rms_norm_eps)
+            gate = F.linear(h, w["mlp.gate_proj.weight"])
+            hidden = hidden + F.linear(F.silu(gate) * F.linear(h, w["mlp.up_proj.weight"]), w["mlp.down_proj.weight"])
+        for s in segments:
+            s.cache.length = s.start + s.length
+        return hidden
+
+    def _attention(self, i: int, w: dict, h: torch.Tensor, segments: list[Segment], cos, sin) -> torch.Tensor:
+        cfg = self.cfg
+        q = F.linear(h, w["self_attn.q_proj.weight"], w.get("self_attn.q_proj.bias"))
+        k = F.linear(h, w["self_attn.k_proj.weight"], w.get("self_attn.k_proj.bias"))
+        v = F.linear(h, w["self_attn.v_proj.weight"], w.get("self_attn.v_proj.bias"))
+        q = q.view(-1, cfg.num_heads, cfg.head_dim)  # [T, Hq, D]
+        k = k.view(-1, cfg.num_kv_heads, cfg.head_dim)  # [T, Hkv, D]
+        v = v.view(-1, cfg.num_kv_heads, cfg.head_dim)
+        q, k = q * cos + rotate_half(q) * sin, k * cos + rotate_half(k) * sin
+        out, offset = [], 0
+        for s in segments:
+            end = s.start + s.length
+            kc, vc = s.cache.k[i], s.cache.v[i]  # [Hkv, capacity, D]
+            kc[:, s.start : end] = k[offset : offset + s.length].transpose(0, 1)
+            vc[:, s.start : end] = v[offset : offset + s.length].transpose(0, 1)
+            qs = q[offset : offset + s.length].transpose(0, 1)  # [Hq, n, D]
+            mask = None
+            if s.length > 1:  # new token j (position start + j) sees cached positions <= start + j
+                mask = torch.arange(end)[None, :] <= torch.arange(s.start, end)[:, None]  # [n, end]
+            o = F.scaled_dot_product_attention(qs, kc[:, :end], vc[:, :end], attn_mask=mask,
+                                               scale=cfg.head_dim ** -0.5, enable_gqa=True)  # [Hq, n, D]
+            out.append(o.transpose(0, 1).reshape(s.length, cfg.num_heads * cfg.head_dim))
+            offset += s.length
+        return F.linear(torch.cat(out), w["self_attn.o_proj.weight"], w.get("self_attn.o_proj.bias"))
+
+    @torch.inference_mode()
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """hidden [B, H] (one row per sequence) -> logits [B, V] in fp32."""
+        h = rms_norm(hidden, self.norm_weight, self.cfg.rms_norm_eps)
+        return F.linear(h, self.lm_head_weight).float()
