@@ -10,10 +10,14 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+import secrets
+
+import msgspec
 import torch
 
 from backbone.fusion import fuse
 from backbone.model import DecoderShard, Segment, SequenceCache
+from backbone.pipeline import PipelineHead
 from backbone.sampling import Sampler
 from router.messages import FinishReason, SamplingParams
 
@@ -21,11 +25,13 @@ from router.messages import FinishReason, SamplingParams
 @dataclass
 class Sequence:
     request_id: str
+    sid: int  # the engine's id for it, shared with the other pipeline shards
     prompt_len: int
     max_tokens: int  # already clamped to the context left after the prompt
     stop_ids: frozenset[int]
     sampler: Sampler
     cache: SequenceCache | None = None
+    params: SamplingParams | None = None
     output: list[int] = field(default_factory=list)
     finish: FinishReason | None = None
     pending: int = 0  # tokens produced since the last emitted event
@@ -45,8 +51,10 @@ class Sequence:
 
 class Engine:
     def __init__(self, model: DecoderShard, placeholder_ids: dict[str, int], eos_ids: list[int], max_context: int,
-                 kv_budget_bytes: int | None = None):
-        self.model = model
+                 kv_budget_bytes: int | None = None, pipeline: PipelineHead | None = None):
+        self.model = model  # every layer, or shard 0's when ``pipeline`` links it to the others
+        self.pipeline = pipeline
+        self._next_sid = 0
         self.placeholder_ids = placeholder_ids
         self.eos_ids = frozenset(eos_ids)
         self.max_context = max_context
@@ -56,7 +64,11 @@ class Engine:
     def new_sequence(self, request_id: str, prompt_len: int, params: SamplingParams) -> Sequence:
         stop = set(params.stop_token_ids) | (set() if params.ignore_eos else set(self.eos_ids))
         room = self.max_context - prompt_len
-        return Sequence(request_id, prompt_len, min(params.max_tokens, room), frozenset(stop), Sampler(params))
+        if params.seed is None:  # fix it here, so that whichever shard samples uses the same one
+            params = msgspec.structs.replace(params, seed=secrets.randbits(63))
+        self._next_sid += 1
+        return Sequence(request_id, self._next_sid, prompt_len, min(params.max_tokens, room), frozenset(stop),
+                        Sampler(params), params=params)
 
     def kv_bytes(self, seq: Sequence) -> int:
         return SequenceCache.nbytes(self.model.cfg, len(self.model.layers), seq.capacity, self.model.dtype)
@@ -77,6 +89,8 @@ class Engine:
         if seq.cache is not None:
             self.kv_used_bytes -= self.kv_bytes(seq)
             seq.cache = None
+            if self.pipeline is not None:
+                self.pipeline.releases.append(seq.sid)  # the other shards forget it with the next message
 
     @torch.inference_mode()
     def step(self, running: list[Sequence], starting: list[tuple[Sequence, torch.Tensor]] = ()) -> None:
@@ -89,12 +103,21 @@ class Engine:
         parts = [e for _, e in starting] + ([self.model.embed(last)] if decoding else [])
         segments = [Segment(s.cache, 0, e.shape[0]) for s, e in starting]
         segments += [Segment(s.cache, s.cache.length, 1) for s in decoding]
-        # 2) One pass through every layer.
+        # 2) One pass through this shard's layers.
         hidden = self.model.forward(torch.cat(parts), segments)  # [T, H]
+        seqs = [s for s, _ in starting] + decoding
+        if self.pipeline is not None:
+            # 3') The other shards run the rest; the last one samples and sends the ids back.
+            ints = torch.tensor([[s.sid, g.start, g.length, s.capacity, s.params.seed] for s, g in zip(seqs, segments)],
+                                dtype=torch.long)  # [B, 5]
+            floats = torch.tensor([[s.params.temperature, s.params.top_p] for s in seqs], dtype=torch.float64)
+            for seq, token in zip(seqs, self.pipeline.run_rest(ints, floats, hidden).tolist()):
+                seq.append(token)
+            return
         # 3) Logits at each sequence's last position, one sampler per sequence.
         ends = torch.tensor([seg.length for seg in segments]).cumsum(0) - 1
         logits = self.model.logits(hidden[ends])  # [B, V]
-        for seq, row in zip([s for s, _ in starting] + decoding, logits):
+        for seq, row in zip(seqs, logits):
             seq.append(seq.sampler(row))
 
     def prefill(self, seq: Sequence, token_ids: list[int], media: list[tuple[str, torch.Tensor]]) -> None:
@@ -102,8 +125,9 @@ class Engine:
         self.step([], [(seq, self.start(seq, token_ids, media))])
 
 
-def load_engine(spec, layers: range | None = None, kv_budget_bytes: int | None = None) -> Engine:
+def load_engine(spec, layers: range | None = None, kv_budget_bytes: int | None = None,
+                pipeline: PipelineHead | None = None) -> Engine:
     from backbone.loader import load_shard
 
     model, _ = load_shard(spec.path, spec.config["text_config"], layers)
-    return Engine(model, spec.placeholder_ids, spec.eos_token_ids, spec.max_context, kv_budget_bytes)
+    return Engine(model, spec.placeholder_ids, spec.eos_token_ids, spec.max_context, kv_budget_bytes, pipeline)

@@ -38,6 +38,10 @@ class BackboneConfig:
     prefix: str = "trib"
     max_running: int = 16  # sequences decoding at once; further plans wait in the stream
     kv_cache_bytes: int | None = None  # KV memory for all running sequences (each reserves prompt + max_tokens)
+    shard: int = 0  # this process's place in its pipeline replica
+    num_shards: int = 1
+    layers: range | None = None  # this shard's layers (default: an even split)
+    dist_url: str = ""  # torch.distributed rendezvous of the replica, e.g. tcp://10.0.0.5:29500
     block_ms: int = 1000  # idle read wait (bounds how late a stop is noticed)
     drain_timeout_s: float = 30.0  # on SIGTERM, how long running requests may take to finish
 
@@ -85,6 +89,8 @@ class BackboneWorker:
                 # 1) Idle: block for plans (the only blocking call; with work in hand, reads ride the step's pipe).
                 if not busy:
                     new = self._idle_read()
+                    if self.engine.pipeline is not None:
+                        self.engine.pipeline.keepalive()  # tells the other shards shard 0 is alive
                     continue
                 # 2) Queue the plans read last round; start waiting ones while slots and KV memory allow.
                 errors = [e for e in (self._enqueue(entry_id, fields) for entry_id, fields in new) if e]
@@ -245,6 +251,9 @@ class BackboneWorker:
 
 
 def serve(cfg: BackboneConfig, model_dir: str, threads: int | None = None) -> None:
+    from backbone.loader import load_shard
+    from backbone.model import DecoderConfig
+    from backbone.pipeline import PipelineHead, StageWorker, init_group
     from models.spec import ModelSpec
     from router.lifecycle import stop_on_signals, tune_allocator
 
@@ -253,4 +262,30 @@ def serve(cfg: BackboneConfig, model_dir: str, threads: int | None = None) -> No
     if threads:
         torch.set_num_threads(threads)
     spec = ModelSpec.from_dir(model_dir)
-    BackboneWorker(cfg, load_engine(spec, kv_budget_bytes=cfg.kv_cache_bytes), stop).run()
+    text = spec.config["text_config"]
+    layers = cfg.layers or even_layers(DecoderConfig.from_text_config(text).num_layers, cfg.num_shards, cfg.shard)
+    log.info("loading shard", extra={"shard": cfg.shard, "num_shards": cfg.num_shards,
+                                     "layers": f"{layers.start}:{layers.stop}"})
+    if cfg.num_shards == 1:
+        BackboneWorker(cfg, load_engine(spec, layers, cfg.kv_cache_bytes), stop).run()
+        return
+    init_group(cfg.dist_url, cfg.shard, cfg.num_shards)
+    if cfg.shard > 0:  # driven by shard 0 through the pipe; it stops us when it stops
+        model, names = load_shard(spec.path, text, layers)
+        log.info("shard loaded", extra={"shard": cfg.shard, "tensors": len(names)})
+        StageWorker(model, cfg.shard, cfg.num_shards).run()
+        return
+    head = PipelineHead(cfg.num_shards, text["hidden_size"], torch.float32)
+    try:
+        BackboneWorker(cfg, load_engine(spec, layers, cfg.kv_cache_bytes, head), stop).run()
+    finally:
+        head.stop()
+
+
+def even_layers(num_layers: int, shards: int, index: int) -> range:
+    """Shard ``index``'s layers when ``num_layers`` are split as evenly as possible (earlier shards take the extra)."""
+    if not 0 <= index < shards <= num_layers:
+        raise ValueError(f"shard {index} of {shards} does not fit {num_layers} layers")
+    base, extra = divmod(num_layers, shards)
+    start = index * base + min(index, extra)
+    return range(start, start + base + (index < extra))

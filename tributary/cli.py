@@ -46,6 +46,7 @@ def build_parser() -> argparse.ArgumentParser:
     up.add_argument("--port", type=int, default=8000)
     up.add_argument("--ready-timeout", type=float, default=300.0, help="seconds to wait for every tier")
     up.add_argument("--log-level", default=_env("LOG_LEVEL", "INFO"))
+    up.add_argument("--shards", type=int, default=1, help="backbone pipeline shards (processes)")
     up.add_argument("--encoder-runtime", default="torch", choices=["torch", "onnx"])
     up.add_argument("--encoder-max-batch", type=int, default=8)
     up.add_argument("--encoder-max-wait-ms", type=float, default=2.0)
@@ -81,9 +82,47 @@ def build_parser() -> argparse.ArgumentParser:
     bb = sub.add_parser("backbone", help="a backbone worker (one shard holding every layer, for now)")
     _common(bb)
     bb.add_argument("--max-running", type=int, default=16, help="sequences decoding at once")
+    bb.add_argument("--shard", type=int, default=0, help="this process's place in its pipeline replica")
+    bb.add_argument("--num-shards", type=int, default=1, help="processes in one pipeline replica")
+    bb.add_argument("--layers", default=None, help="this shard's layers a:b (default: an even split; see "
+                                                  "`tributary plan` for an uneven, capacity-aware one)")
+    bb.add_argument("--dist-url", default=_env("DIST_URL", ""),
+                    help="torch.distributed rendezvous of the replica (tcp://host:port), same on every shard")
     bb.add_argument("--kv-cache-gb", type=float, default=None,
                     help="KV memory for running sequences (each reserves prompt + max_tokens); default: unbounded")
+
+    pl = sub.add_parser("plan", help="split the backbone's layers over unequal devices (capacity- and speed-aware)")
+    pl.add_argument("--model", required=True, type=Path, help="checkpoint directory (only config.json is read)")
+    where = pl.add_mutually_exclusive_group(required=True)
+    where.add_argument("--devices", type=Path, help='JSON: [{"name", "memory_gb", "speed"[, "reserve_gb"]}, ...]')
+    where.add_argument("--device", action="append", metavar="NAME:MEMORY_GB:SPEED[:RESERVE_GB]",
+                       help="one device, in pipeline order (repeatable)")
+    pl.add_argument("--dtype", default="float32", choices=["float32", "fp32", "bfloat16", "bf16", "float16", "fp16"],
+                    help="weight and KV dtype (default float32, what the backbone loads today)")
+    pl.add_argument("--kv-tokens", type=int, default=None,
+                    help="KV tokens each layer must hold: concurrent sequences x context (default: one sequence of "
+                         "max_position_embeddings)")
+    pl.add_argument("--use-all", action="store_true", help="give every device at least one layer (no skipping)")
     return parser
+
+
+def _plan(args) -> int:
+    """``tributary plan``: prints the split, or one error line naming what is wrong."""
+    import json
+
+    from router.placement import PlacementError, format_plan, load_devices, parse_device_flag, plan
+
+    try:
+        cfg_file = args.model / "config.json" if args.model.is_dir() else args.model
+        config = json.loads(cfg_file.read_text())
+        text = config.get("text_config", config)
+        devices = load_devices(args.devices) if args.devices else [parse_device_flag(d) for d in args.device]
+        kv = args.kv_tokens if args.kv_tokens is not None else int(text.get("max_position_embeddings", 0))
+        print(format_plan(plan(text, devices, args.dtype, kv, skip=not args.use_all), args.dtype, kv))
+    except (OSError, json.JSONDecodeError, PlacementError) as e:
+        print(f"tributary plan: error: {e}", file=sys.stderr)
+        return 2
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -97,6 +136,8 @@ def main(argv: list[str] | None = None) -> int:
         path = write_demo_model(args.out, args.size, args.seed)
         print(f"wrote the {args.size} demo model (random weights) to {path}")
         return 0
+    if args.command == "plan":
+        return _plan(args)
     if args.command == "export-onnx":
         setup_logging("cli")
         from encoders.export import export, onnx_root
@@ -133,8 +174,15 @@ def main(argv: list[str] | None = None) -> int:
         from backbone.worker import BackboneConfig, serve
 
         kv = int(args.kv_cache_gb * 2**30) if args.kv_cache_gb else None
+        layers = None
+        if args.layers:
+            a, _, b = args.layers.partition(":")
+            layers = range(int(a), int(b))
+        if args.num_shards > 1 and not args.dist_url:
+            raise SystemExit("--num-shards > 1 needs --dist-url (the same tcp://host:port on every shard)")
         serve(BackboneConfig(redis_url=args.redis_url, prefix=args.prefix, max_running=args.max_running,
-                             kv_cache_bytes=kv), args.model, args.threads)
+                             kv_cache_bytes=kv, shard=args.shard, num_shards=args.num_shards, layers=layers,
+                             dist_url=args.dist_url), args.model, args.threads)
         return 0
     return 2
 

@@ -21,7 +21,7 @@ import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from cache.embedded import EmbeddedRedis, die_with_parent
+from cache.embedded import EmbeddedRedis, die_with_parent, free_port
 
 log = logging.getLogger(__name__)
 
@@ -44,6 +44,7 @@ class Cluster:
     port: int = 8000
     log_level: str = "INFO"
     encoder_args: list[str] = field(default_factory=list)  # extra flags for both encoder workers
+    shards: int = 1  # backbone pipeline shards
     children: list[Child] = field(default_factory=list)
 
     @property
@@ -57,13 +58,21 @@ class Cluster:
         common = ["--model", str(self.model), "--redis-url", self.redis_url, "--prefix", self.prefix,
                   "--log-level", self.log_level]
         enc_threads = str(max(1, cores // 2))
-        return [
+        children = [
             Child("gateway", base + ["gateway", *common, "--host", self.host, "--port", str(self.port)]),
             Child("encoder:image", base + ["encoder", *common, "--modality", "image", "--threads", enc_threads,
                                            *self.encoder_args]),
             Child("encoder:audio", base + ["encoder", *common, "--modality", "audio", "--threads", enc_threads,
                                            *self.encoder_args]),
-            Child("backbone", base + ["backbone", *common, "--threads", str(cores)]),
+        ]
+        if self.shards == 1:
+            return children + [Child("backbone", base + ["backbone", *common, "--threads", str(cores)])]
+        url = f"tcp://127.0.0.1:{free_port()}"
+        threads = str(max(1, cores // self.shards))
+        return children + [
+            Child(f"backbone:{i}", base + ["backbone", *common, "--shard", str(i), "--num-shards", str(self.shards),
+                                           "--dist-url", url, "--threads", threads])
+            for i in range(self.shards)
         ]
 
     def start(self) -> None:
@@ -129,7 +138,7 @@ def run_cluster(args) -> int:
     encoder_args = ["--runtime", args.encoder_runtime, "--max-batch", str(args.encoder_max_batch),
                     "--max-wait-ms", str(args.encoder_max_wait_ms)]
     cluster = Cluster(model, args.redis_url or redis.url, args.prefix, args.host, args.port, args.log_level,
-                      encoder_args)
+                      encoder_args, args.shards)
     try:
         if args.encoder_runtime == "onnx":  # export once here, not concurrently in both workers
             from encoders.export import ensure_onnx

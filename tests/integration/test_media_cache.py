@@ -88,15 +88,16 @@ def test_identical_misses_from_two_gateways_are_encoded_once(tiers, tiny_model, 
     assert encoder_calls(redis_server.url) == before + 1
 
 
-def test_hit_skips_the_encoder_and_expiry_brings_it_back(tiers, tiny_model, redis_server):
+def test_hit_skips_the_encoder_and_expiry_brings_it_back(tiers, tiny_model, tiny_spec, redis_server):
     urls, _ = tiers
     r = redis.Redis.from_url(redis_server.url)
-    img = image_part(png_bytes(30, 30, seed=102))
+    data = png_bytes(30, 30, seed=102)
+    img = image_part(data)
+    key = KEYS.tensor(tiny_spec.encoder_id("image"),
+                      content_digest(tiny_spec.encoder_id("image"), tiny_spec.preprocess["image"], data))
     before = encoder_calls(redis_server.url)
     assert chat(urls[0], tiny_model.name, img).status_code == 200
     assert encoder_calls(redis_server.url) == before + 1
-    keys = r.keys(f"{KEYS.prefix}:t:*")
-    key = max(keys, key=lambda k: r.ttl(k))  # the entry just written has the longest TTL left
     assert 0 < r.ttl(key) <= TENSOR_TTL_S
     deadline = time.monotonic() + 3 * TENSOR_TTL_S
     while r.exists(key) and time.monotonic() < deadline:

@@ -148,25 +148,27 @@ def test_context_limit_gives_length(shard, tok, tiny_spec):
     assert seq.prompt_len + len(seq.output) == small.max_context
 
 
-def _first_new_token_at(ref: list[int], min_index: int = 2) -> int:
-    """An index k >= min_index whose token does not occur before it (so a stop on it fires exactly there)."""
-    return next(k for k in range(min_index, len(ref)) if ref[k] not in ref[:k])
+def _prompt_with_a_new_token(engine, tok) -> tuple[list[int], list[int], int]:
+    """A prompt whose greedy output has a token that first appears at index >= 1 (a random model may repeat one
+    token forever), the output, and that index."""
+    for text in PROMPTS + [MEDIA_PROMPT.replace("<|image|>", "").replace("<|audio|>", "")]:
+        ids = ids_of(tok, text)
+        ref = run(engine, ids, greedy(12)).output
+        k = next((k for k in range(1, len(ref)) if ref[k] not in ref[:k]), None)
+        if k is not None:
+            return ids, ref, k
+    raise AssertionError("no prompt gives a usable stop token")
 
 
 def test_stop_token_id_gives_stop(engine, tok):
-    ids = ids_of(tok, PROMPTS[0])
-    ref = run(engine, ids, greedy(12)).output
-    k = _first_new_token_at(ref)
+    ids, ref, k = _prompt_with_a_new_token(engine, tok)
     seq = run(engine, ids, greedy(12, stop_token_ids=[ref[k]]))
     assert seq.finish == FinishReason.STOP
     assert seq.output == ref[: k + 1]  # the stop token is produced, then nothing more
 
 
-def test_eos_stops_unless_ignored(shard, tok, tiny_spec):
-    ids = ids_of(tok, PROMPTS[0])
-    plain = Engine(shard, tiny_spec.placeholder_ids, eos_ids=[], max_context=tiny_spec.max_context)
-    ref = run(plain, ids, greedy(12)).output
-    k = _first_new_token_at(ref)
+def test_eos_stops_unless_ignored(engine, shard, tok, tiny_spec):
+    ids, ref, k = _prompt_with_a_new_token(engine, tok)
     with_eos = Engine(shard, tiny_spec.placeholder_ids, eos_ids=[ref[k]], max_context=tiny_spec.max_context)
     stopped = run(with_eos, ids, SamplingParams(max_tokens=12, temperature=0.0))
     assert stopped.finish == FinishReason.STOP and stopped.output == ref[: k + 1]

@@ -1,0 +1,98 @@
+"""Backbone pipeline shards as real processes linked by torch.distributed (gloo): token for token the same as one
+shard holding every layer, with requests batched together; each shard read only its own tensors."""
+
+from __future__ import annotations
+
+import subprocess
+
+import pytest
+import redis
+
+from backbone.engine import load_engine
+from backbone.loader import load_shard
+from backbone.worker import even_layers
+from cache.embedded import free_port
+from cache.keys import Keys
+from cache.streams import payload_fields
+from router import messages as m
+from tests.integration.procs import start_tier, stop_tier
+from tests.integration.test_backbone_worker import events, plan
+
+KEYS = Keys()
+PROMPTS = [[1, 20, 21, 22, 203], [1, 30, 31, 203, 1, 288, 87], [1, 40], [1, 50, 51, 52, 53, 54, 55, 56, 57, 203]]
+
+
+def reference(spec, ids: list[int], n: int) -> list[int]:
+    engine = load_engine(spec)
+    seq = engine.new_sequence("ref", len(ids), m.SamplingParams(max_tokens=n, temperature=0.0, ignore_eos=True))
+    engine.prefill(seq, ids, [])
+    while seq.finish is None:
+        engine.step([seq])
+    return seq.output
+
+
+@pytest.fixture(params=[2, 3], ids=["2-shards", "3-shards"])
+def shards(request, tiny_model, redis_server):
+    redis.Redis.from_url(redis_server.url).flushall()
+    n, url = request.param, f"tcp://127.0.0.1:{free_port()}"
+    procs = [subprocess.Popen(
+        [*start_cmd(tiny_model, redis_server.url), "--shard", str(i), "--num-shards", str(n), "--dist-url", url],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL) for i in range(n - 1, 0, -1)]
+    head = start_tier(["backbone", "--model", str(tiny_model), "--shard", "0", "--num-shards", str(n),
+                       "--dist-url", url], redis_server.url, "backbone")
+    yield n, head, procs
+    for p in [head, *procs]:
+        if p.poll() is None:
+            p.kill()
+
+
+def start_cmd(model, redis_url: str) -> list[str]:
+    import sys
+
+    return [sys.executable, "-m", "tributary.cli", "backbone", "--model", str(model), "--redis-url", redis_url]
+
+
+def test_shards_match_one_shard_with_concurrent_requests(shards, tiny_spec, redis_server):
+    n, head, others = shards
+    r = redis.Redis.from_url(redis_server.url)
+    for i, ids in enumerate(PROMPTS):
+        r.xadd(KEYS.gen(), payload_fields(m.encode(plan(f"p{i}", "reply:pipe", ids, 8 + i, temperature=0.0))))
+    got = events(r, "reply:pipe", {f"p{i}" for i in range(len(PROMPTS))})
+    for i, ids in enumerate(PROMPTS):
+        tokens = [t for ev in got if ev.request_id == f"p{i}" for t in ev.token_ids]
+        assert tokens == reference(tiny_spec, ids, 8 + i), f"request {i} with {n} shards"
+    code, _ = stop_tier(head)
+    assert code == 0
+    for p in others:
+        assert p.wait(30) == 0, "a shard did not stop with shard 0"
+
+
+def test_each_shard_reads_only_its_tensors(tiny_spec):
+    text = tiny_spec.config["text_config"]
+    layers = text["num_hidden_layers"]
+    seen = []
+    for i in range(3):
+        rng = even_layers(layers, 3, i)
+        _, names = load_shard(tiny_spec.path, text, rng)
+        own = {f"language_model.model.layers.{k}." for k in rng}
+        assert all(any(n.startswith(p) for p in own) or not n.startswith("language_model.model.layers.")
+                   for n in names)
+        assert ("language_model.model.embed_tokens.weight" in names) == (i == 0)
+        assert ("language_model.lm_head.weight" in names) == (i == 2)
+        assert ("language_model.model.norm.weight" in names) == (i == 2)
+        assert not any(n.startswith(("vision_tower", "audio_tower", "multi_modal_projector", "audio_projector"))
+                       for n in names)
+        seen += names
+    assert len(seen) == len(set(seen)), "a tensor was read by two shards"
+    whole = load_shard(tiny_spec.path, text)[1]
+    assert sorted(seen) == whole
+
+
+def test_even_layers_cover_every_layer_once():
+    for total in (2, 3, 7, 80):
+        for shards in range(1, min(total, 5) + 1):
+            ranges = [even_layers(total, shards, i) for i in range(shards)]
+            assert [k for r in ranges for k in r] == list(range(total))
+            assert max(map(len, ranges)) - min(map(len, ranges)) <= 1
+    with pytest.raises(ValueError):
+        even_layers(2, 3, 0)
