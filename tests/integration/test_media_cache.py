@@ -44,22 +44,27 @@ def tiers(tiny_model, redis_server):
              "--redis-url", redis_server.url], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
             env=dict(os.environ, PYTHONUNBUFFERED="1")))
         urls.append(f"http://127.0.0.1:{port}")
-    for url in urls:
-        deadline = time.monotonic() + 120
-        while True:
+    try:
+        for url in urls:
+            deadline = time.monotonic() + 120
+            while True:
+                try:
+                    workers = httpx.get(f"{url}/health", timeout=1).json()["workers"]
+                    if workers["backbone"] and workers["encoder:image"]:  # no audio encoder in this cluster
+                        break
+                except httpx.TransportError:
+                    pass
+                assert time.monotonic() < deadline, "gateway not ready"
+                time.sleep(0.2)  # importing; the health probe is the readiness signal
+        yield urls, procs[0]
+    finally:
+        for p in procs:
+            p.send_signal(signal.SIGTERM)
+        for p in procs:
             try:
-                workers = httpx.get(f"{url}/health", timeout=1).json()["workers"]
-                if workers["backbone"] and workers["encoder:image"]:  # no audio encoder in this cluster
-                    break
-            except httpx.TransportError:
-                pass
-            assert time.monotonic() < deadline, "gateway not ready"
-            time.sleep(0.2)  # importing; the health probe is the readiness signal
-    yield urls, procs[0]
-    for p in procs:
-        p.send_signal(signal.SIGTERM)
-    for p in procs:
-        p.wait(30)
+                p.wait(30)
+            except subprocess.TimeoutExpired:
+                p.kill()
 
 
 def encoder_calls(redis_url: str) -> int:

@@ -38,12 +38,15 @@ def shards(request, tiny_model, redis_server):
     procs = [subprocess.Popen(
         [*start_cmd(tiny_model, redis_server.url), "--shard", str(i), "--num-shards", str(n), "--dist-url", url],
         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL) for i in range(n - 1, 0, -1)]
-    head = start_tier(["backbone", "--model", str(tiny_model), "--shard", "0", "--num-shards", str(n),
-                       "--dist-url", url], redis_server.url, "backbone")
-    yield n, head, procs
-    for p in [head, *procs]:
-        if p.poll() is None:
-            p.kill()
+    try:
+        head = start_tier(["backbone", "--model", str(tiny_model), "--shard", "0", "--num-shards", str(n),
+                           "--dist-url", url], redis_server.url, "backbone")
+        procs.append(head)
+        yield n, head, procs[:-1]
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
 
 
 def start_cmd(model, redis_url: str) -> list[str]:
