@@ -1,0 +1,213 @@
+"""Backbone: decode throughput and inter-token latency of the backbone workers (real processes, real Redis) at
+concurrency 1, 8 and 32 on the `small` demo model, against transformers' `generate` run one request at a time in one
+process; 1 shard vs 2 pipeline shards; each shard's RSS against its share of the weights.
+
+    .venv/bin/python bench/backbone.py [--tokens 32] [--prompt 64] [--shards 1,2]
+
+Plans go straight onto the `gen` stream (no gateway, no encoders: text-only prompts of --prompt tokens, greedy,
+ignore_eos, exactly --tokens new tokens each); token events are timestamped as they arrive on a reply stream.
+Decode tokens/s counts tokens after each request's first, over the time from the first first-token to the last
+token; inter-token latency is the gap between consecutive events of one request (one event per step).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+
+def pct(xs, q):
+    xs = sorted(xs)
+    return xs[min(len(xs) - 1, int(q * len(xs)))] if xs else float("nan")
+
+
+def rss_mb(pid: int) -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+def baseline_rss_mb() -> float:
+    """RSS of a process that imported what a backbone worker imports, and loaded nothing."""
+    code = ("import torch, transformers, redis, msgspec, safetensors; import backbone.worker, backbone.pipeline; "
+            "import sys; print('ready', flush=True); sys.stdin.read()")
+    p = subprocess.Popen([sys.executable, "-c", code], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+                         cwd=ROOT)
+    p.stdout.readline()
+    mb = rss_mb(p.pid)
+    p.stdin.close()
+    p.wait()
+    return mb
+
+
+def weight_share_mb(spec, shards: int) -> list[float]:
+    from backbone.loader import load_shard
+    from backbone.worker import even_layers
+
+    text = spec.config["text_config"]
+    out = []
+    for i in range(shards):
+        shard, _ = load_shard(spec.path, text, even_layers(text["num_hidden_layers"], shards, i))
+        tensors = [t for w in shard.layers for t in w.values()]
+        tensors += [t for t in (shard.embed_weight, shard.norm_weight, shard.lm_head_weight) if t is not None]
+        out.append(sum({id(t): t.numel() * t.element_size() for t in tensors}.values()) / 2**20)
+    return out
+
+
+def start_backbone(model: Path, redis_url: str, shards: int) -> list[subprocess.Popen]:
+    from cache.embedded import free_port
+    from tests.integration.procs import start_tier
+
+    cores = os.cpu_count() or 1
+    threads = str(max(1, cores // shards))
+    base = [sys.executable, "-m", "tributary.cli", "backbone", "--model", str(model), "--redis-url", redis_url,
+            "--threads", threads, "--max-running", "64", "--log-level", "WARNING"]
+    if shards == 1:
+        return [start_tier(base[3:] + [], redis_url, "backbone")]
+    url = f"tcp://127.0.0.1:{free_port()}"
+    procs = [subprocess.Popen(base + ["--shard", str(i), "--num-shards", str(shards), "--dist-url", url])
+             for i in range(shards - 1, 0, -1)]
+    head = start_tier(base[3:] + ["--shard", "0", "--num-shards", str(shards), "--dist-url", url], redis_url,
+                      "backbone")
+    return [head, *procs[::-1]]
+
+
+def run_wave(r, keys, concurrency: int, prompt: int, tokens: int, wave: int) -> dict:
+    from cache.streams import fields_payload, payload_fields
+    from router import messages as m
+
+    reply = f"bench:reply:{wave}"
+    stamps: dict[str, list[float]] = {}
+    pipe = r.pipeline(transaction=False)
+    for i in range(concurrency):
+        ids = [1] + [20 + (i * 7 + k) % 400 for k in range(prompt - 1)]
+        plan = m.PromptPlan(request_id=f"w{wave}-{i}", reply_to=reply, token_ids=ids, deadline=time.time() + 600,
+                            sampling=m.SamplingParams(max_tokens=tokens, temperature=0.0, ignore_eos=True))
+        pipe.xadd(keys.gen(), payload_fields(m.encode(plan)))
+    t0 = time.perf_counter()
+    pipe.execute()
+    last, done = "0-0", 0
+    while done < concurrency:
+        for _, entries in r.xread({reply: last}, block=60000) or []:
+            for entry_id, fields in entries:
+                last = entry_id
+                ev = m.decode(fields_payload(fields), m.TokenEvent)
+                stamps.setdefault(ev.request_id, []).extend([time.perf_counter()] * max(1, len(ev.token_ids)))
+                done += ev.finish is not None
+    r.delete(reply)
+    firsts = [s[0] for s in stamps.values()]
+    end = max(s[-1] for s in stamps.values())
+    decode_tokens = sum(len(s) - 1 for s in stamps.values())
+    gaps = [b - a for s in stamps.values() for a, b in zip(s, s[1:])]
+    return {"tok_s": decode_tokens / (end - min(firsts)), "itl": gaps, "ttft": [f - t0 for f in firsts]}
+
+
+def hf_one_at_a_time(spec, requests: int, prompt: int, tokens: int) -> dict:
+    import torch
+    from transformers import StoppingCriteria
+
+    from models import trimodal
+
+    lm = trimodal.load_language_model(spec.path, spec.config)
+
+    class Stamp(StoppingCriteria):
+        def __init__(self):
+            self.t = []
+
+        def __call__(self, input_ids, scores, **kw):
+            self.t.append(time.perf_counter())
+            return torch.zeros(input_ids.shape[0], dtype=torch.bool)
+
+    gaps, decode_tokens, decode_s = [], 0, 0.0
+    for i in range(requests):
+        ids = torch.tensor([[1] + [20 + (i * 7 + k) % 400 for k in range(prompt - 1)]])
+        stamp = Stamp()
+        with torch.inference_mode():
+            lm.generate(ids, max_new_tokens=tokens, min_new_tokens=tokens, do_sample=False, stopping_criteria=[stamp],
+                        pad_token_id=0)
+        gaps += [b - a for a, b in zip(stamp.t, stamp.t[1:])]
+        decode_tokens += len(stamp.t) - 1
+        decode_s += stamp.t[-1] - stamp.t[0]
+    return {"tok_s": decode_tokens / decode_s, "itl": gaps}
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--model-dir", type=Path, default=Path("/tmp/tributary-bench/demo-small"))
+    ap.add_argument("--tokens", type=int, default=32)
+    ap.add_argument("--prompt", type=int, default=64)
+    ap.add_argument("--concurrency", default="1,8,32")
+    ap.add_argument("--shards", default="1,2")
+    args = ap.parse_args(argv)
+
+    import redis
+    import torch
+
+    from cache.embedded import EmbeddedRedis
+    from cache.keys import Keys
+    from models.demo import write_demo_model
+    from models.spec import ModelSpec
+
+    if not (args.model_dir / "model.safetensors").exists():
+        write_demo_model(args.model_dir, "small")
+    spec = ModelSpec.from_dir(args.model_dir)
+    conc = [int(c) for c in args.concurrency.split(",")]
+    shard_counts = [int(s) for s in args.shards.split(",")]
+    torch.set_num_threads(os.cpu_count() or 1)
+    t_start = time.time()
+    hf = hf_one_at_a_time(spec, 4, args.prompt, args.tokens)
+    results, rss = {}, {}
+    with EmbeddedRedis(maxmemory="512mb") as server:
+        r = redis.Redis.from_url(server.url)
+        for shards in shard_counts:
+            r.flushall()
+            procs = start_backbone(args.model_dir, server.url, shards)
+            try:
+                run_wave(r, Keys(), 2, args.prompt, 4, wave=-shards)  # warm-up
+                for c in conc:
+                    results[(shards, c)] = run_wave(r, Keys(), c, args.prompt, args.tokens, wave=shards * 100 + c)
+                rss[shards] = [rss_mb(p.pid) for p in procs]
+            finally:
+                for p in procs:
+                    p.terminate()
+                for p in procs:
+                    p.wait(60)
+    base = baseline_rss_mb()
+    cores = os.cpu_count()
+    print(f"backbone: demo-small ({spec.config['text_config']['num_hidden_layers']} layers), prompt {args.prompt} "
+          f"tokens, {args.tokens} new tokens each, greedy, {cores} cores, torch {torch.__version__}")
+    print(f"{'config':<28}{'decode tok/s':>14}{'x generate':>12}{'ITL p50 ms':>12}{'ITL p99 ms':>12}")
+    print(f"{'transformers generate, 1-at-a-time':<28}{hf['tok_s']:>14.1f}{1.0:>12.2f}"
+          f"{1e3 * pct(hf['itl'], .5):>12.2f}{1e3 * pct(hf['itl'], .99):>12.2f}")
+    for (shards, c), res in results.items():
+        print(f"{f'tributary {shards} shard(s), conc {c}':<28}{res['tok_s']:>14.1f}{res['tok_s'] / hf['tok_s']:>12.2f}"
+              f"{1e3 * pct(res['itl'], .5):>12.2f}{1e3 * pct(res['itl'], .99):>12.2f}")
+    if (1, 8) in results:
+        ratio = results[(1, 8)]["tok_s"] / hf["tok_s"]
+        print(f"\nconcurrency 8 vs one-at-a-time generate: {ratio:.2f}x (target >= 3x: {'met' if ratio >= 3 else 'MISSED'})")
+    if (1, 1) in results and (2, 1) in results:
+        step = pct(results[(2, 1)]["itl"], .5) / pct(results[(1, 1)]["itl"], .5)
+        print(f"2 shards / 1 shard, per decode step at concurrency 1 (ITL p50): {step:.2f}x "
+              f"(target <= 1.3x: {'met' if step <= 1.3 else 'MISSED'})")
+    print(f"\nRSS (MB): a process that only imported the same libraries: {base:.0f}")
+    for shards, values in rss.items():
+        shares = weight_share_mb(spec, shards)
+        for i, (mb, share) in enumerate(zip(values, shares)):
+            growth = mb - base
+            ok = growth <= 1.2 * share + 100
+            print(f"  {shards} shard(s), shard {i}: RSS {mb:.0f}, growth {growth:.0f} vs weight share {share:.0f} "
+                  f"(target <= 1.2 x share + 100 = {1.2 * share + 100:.0f}: {'met' if ok else 'MISSED'})")
+    print(f"\ntotal bench time {time.time() - t_start:.0f} s")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
