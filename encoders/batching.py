@@ -35,3 +35,14 @@ def shape_groups(prepared: list[tuple[int, Prepared]]) -> list[tuple[list[int], 
     for i, p in prepared:
         groups[tuple(p.data.shape)].append((i, p))
     return [([i for i, _ in items], torch.stack([p.data for _, p in items])) for items in groups.values()]
+
+
+def batch_lengths(items: list[Prepared]) -> torch.Tensor | None:
+    """The ``lengths`` [B] (int64) of one forward pass: each item's real length, or None when the encoder takes
+    none (every item's ``length`` is None)."""
+    known = [p.length is not None for p in items]
+    if not any(known):
+        return None
+    if not all(known):
+        raise ValueError("a batch mixes inputs with and without a real length")
+    return torch.tensor([p.length for p in items], dtype=torch.long)

@@ -4,6 +4,9 @@
 go next to the checkpoint (``DIR/onnx/<modality>/``) when that is writable, else to a cache folder keyed by the
 checkpoint's fingerprint. A manifest records the fingerprint and the parity measured; a manifest for another
 fingerprint means a stale export, which is redone.
+
+An encoder that takes real lengths (Qwen2-Audio: ``forward(x, lengths)``) is exported with two inputs, ``x`` and
+``lengths`` (int64 [B]), both on the dynamic batch axis, and checked with lengths that make its padding mask matter.
 """
 
 from __future__ import annotations
@@ -60,6 +63,24 @@ def example_input(spec: ModelSpec, modality: str, batch: int, seed: int = 0) -> 
     return torch.randn(batch, audio["num_mel_bins"], frames, generator=g)  # [B, mels, window frames]
 
 
+def example_lengths(spec: ModelSpec, modality: str, batch: int, seed: int = 0) -> torch.Tensor | None:
+    """Real lengths [B] for an encoder that takes them (Qwen2-Audio), else None. The first is a third of the window,
+    so the traced graph always applies the padding mask (one that hides nothing is the same as none)."""
+    if modality not in spec.family.takes_lengths:
+        return None
+    frames = example_input(spec, modality, 1).shape[-1]
+    g = torch.Generator().manual_seed(seed + 1000)
+    lengths = torch.randint(1, frames + 1, (batch,), generator=g)
+    lengths[0] = max(1, frames // 3)
+    return lengths
+
+
+def _inputs(spec: ModelSpec, modality: str, batch: int, seed: int = 0) -> tuple[torch.Tensor, ...]:
+    lengths = example_lengths(spec, modality, batch, seed)
+    x = example_input(spec, modality, batch, seed)
+    return (x,) if lengths is None else (x, lengths)
+
+
 def ensure_onnx(spec: ModelSpec, modality: str, progress: Callable[[str], None] = log.info) -> Path:
     """The checked ONNX file for this checkpoint's encoder, exporting it first if needed (one process at a time)."""
     target = onnx_root(spec) / modality
@@ -82,10 +103,12 @@ def export(spec: ModelSpec, modality: str, target: Path, progress: Callable[[str
     tmp = Path(tempfile.mkdtemp(prefix=f".{modality}-", dir=target.parent))
     try:
         batch = torch.export.Dim("batch", min=1, max=1024)
+        args = _inputs(spec, modality, 2)
         with torch.inference_mode(False), torch.no_grad():
-            torch.onnx.export(module, (example_input(spec, modality, 2),), str(tmp / MODEL_FILE), dynamo=True,
-                              dynamic_shapes=({0: batch},), input_names=["x"], output_names=["y"], optimize=True,
-                              verbose=False)
+            # One input (x [B, ...]), or two for an encoder that masks padding (x, lengths [B] int64).
+            torch.onnx.export(module, args, str(tmp / MODEL_FILE), dynamo=True,
+                              dynamic_shapes=tuple({0: batch} for _ in args), input_names=["x", "lengths"][: len(args)],
+                              output_names=["y"], optimize=True, verbose=False)
         progress(f"checking the {modality} export against torch ...")
         diff = parity(module, tmp / MODEL_FILE, spec, modality)
         if diff > PARITY_TOLERANCE:
@@ -111,10 +134,10 @@ def parity(module: torch.nn.Module, path: Path, spec: ModelSpec, modality: str) 
     runtime = OnnxRuntime(path)
     worst = 0.0
     for batch, seed in ((1, 1), (3, 2)):
-        x = example_input(spec, modality, batch, seed)
+        args = _inputs(spec, modality, batch, seed)
         with torch.inference_mode():
-            ref = module(x)
-        worst = max(worst, float((runtime.run(x) - ref).abs().max()))
+            ref = module(*args)
+        worst = max(worst, float((runtime.run(*args) - ref).abs().max()))
     return worst
 
 

@@ -1,4 +1,8 @@
-"""Builds a modality's preprocessor and runtime from a checkpoint, loading only that encoder's weights."""
+"""Builds a modality's preprocessor and runtime from a checkpoint, loading only that encoder's weights.
+
+What to build comes from the checkpoint's family (``spec.family``: models/trimodal.py, models/llava.py,
+models/qwen2_audio.py); a modality the family does not have is refused here, before any weight is read.
+"""
 
 from __future__ import annotations
 
@@ -7,28 +11,35 @@ import logging
 import torch
 
 from encoders.preprocess import AudioPreprocessor, ImagePreprocessor
-from models import trimodal
-from models.spec import ModelSpec
+from models.spec import ModelError, ModelSpec
 
 log = logging.getLogger(__name__)
 
 RUNTIMES = ("torch", "onnx")
 
 
+def _check(spec: ModelSpec, modality: str) -> None:
+    if modality not in ("image", "audio"):
+        raise ValueError(f"unknown modality {modality!r}")
+    if modality not in spec.modalities:
+        raise ModelError(f"{spec.name} ({spec.family.model_type}) takes no {modality} input; it takes "
+                         f"{', '.join(spec.modalities)}")
+
+
 def load_preprocessor(spec: ModelSpec, modality: str):
+    _check(spec, modality)
+    impl = spec.family.impl
     if modality == "image":
-        return ImagePreprocessor(spec.preprocess["image"], trimodal.image_output_length(spec.config))
-    if modality == "audio":
-        return AudioPreprocessor(spec.preprocess["audio"], trimodal.audio_output_length)
-    raise ValueError(f"unknown modality {modality!r}")
+        return ImagePreprocessor(spec.preprocess["image"], impl.image_tokens(spec.config))
+    return AudioPreprocessor(spec.preprocess["audio"], impl.audio_tokens(spec.config),
+                             keep_length="audio" in spec.family.takes_lengths)
 
 
 def load_torch_module(spec: ModelSpec, modality: str) -> torch.nn.Module:
-    """The encoder + projector as one module: preprocessed batch [B, ...] -> embeddings [B, N, H]."""
-    loaders = {"image": trimodal.load_image_encoder, "audio": trimodal.load_audio_encoder}
-    if modality not in loaders:
-        raise ValueError(f"unknown modality {modality!r}")
-    return loaders[modality](spec.path, spec.config)
+    """The encoder + projector as one module: preprocessed batch [B, ...] (and, for a family whose encoder masks
+    padding, the real lengths [B]) -> embeddings [B, N, H]."""
+    _check(spec, modality)
+    return spec.family.impl.load_encoder(spec.path, spec.config, modality, torch.float32)
 
 
 def load_runtime(spec: ModelSpec, modality: str, runtime: str = "torch", device: str = "cpu",
@@ -41,5 +52,6 @@ def load_runtime(spec: ModelSpec, modality: str, runtime: str = "torch", device:
         from encoders.export import ensure_onnx
         from encoders.onnx_runtime import OnnxRuntime
 
+        _check(spec, modality)
         return OnnxRuntime(ensure_onnx(spec, modality), device, threads)
     raise ValueError(f"unknown runtime {runtime!r}; expected one of {RUNTIMES}")

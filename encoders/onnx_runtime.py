@@ -33,10 +33,15 @@ class OnnxRuntime:
                             "(install the 'gpu' extra, onnxruntime-gpu); running on the CPU")
         self.session = ort.InferenceSession(str(path), opts, providers=providers)
         self.provider = self.session.get_providers()[0]
-        self.input_name = self.session.get_inputs()[0].name
+        self.input_names = [i.name for i in self.session.get_inputs()]
+        self.input_name = self.input_names[0]
         log.info("onnx runtime ready", extra={"model": str(path), "provider": self.provider,
                                               "requested_device": device})
 
-    def run(self, batch: torch.Tensor) -> torch.Tensor:
-        x = np.ascontiguousarray(batch.numpy(), dtype=np.float32)
-        return torch.from_numpy(self.session.run(None, {self.input_name: x})[0])
+    def run(self, batch: torch.Tensor, lengths: torch.Tensor | None = None) -> torch.Tensor:
+        feeds = {self.input_name: np.ascontiguousarray(batch.numpy(), dtype=np.float32)}
+        if (lengths is None) != (len(self.input_names) == 1):
+            raise ValueError(f"this ONNX encoder takes inputs {self.input_names}; lengths given: {lengths is not None}")
+        if lengths is not None:
+            feeds[self.input_names[1]] = np.ascontiguousarray(lengths.numpy(), dtype=np.int64)
+        return torch.from_numpy(self.session.run(None, feeds)[0])

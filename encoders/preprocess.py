@@ -22,10 +22,15 @@ class MediaError(ValueError):
 
 @dataclass(frozen=True)
 class Prepared:
-    """One media part ready for its encoder: ``data`` has no batch axis; ``num_tokens`` rows of output are kept."""
+    """One media part ready for its encoder: ``data`` has no batch axis; ``num_tokens`` rows of output are kept.
+
+    ``length``: for an encoder whose output depends on how much of ``data`` is real (Qwen2-Audio masks the padded
+    mel frames in attention), the real extent along the padded axis; it reaches the runtime as ``lengths``.
+    None for encoders that take the padded input alone (images, the demo's audio encoder)."""
 
     data: torch.Tensor
     num_tokens: int
+    length: int | None = None
 
 
 # PIL resample codes (as in Hugging Face processor configs) -> torchvision interpolation names.
@@ -133,7 +138,12 @@ def _to_rgb(img):
 
 
 class AudioPreprocessor:
-    def __init__(self, cfg: dict, output_length):
+    """A ``WhisperFeatureExtractor`` config: log-mel features padded (or cut) to the extractor's window.
+
+    ``output_length(real mel frames)`` gives the rows kept; ``keep_length`` puts the real frame count in
+    ``Prepared.length`` for an encoder that masks the padding (Qwen2-Audio)."""
+
+    def __init__(self, cfg: dict, output_length, keep_length: bool = False):
         from transformers import WhisperFeatureExtractor
 
         self.rate = int(cfg["sampling_rate"])
@@ -143,8 +153,10 @@ class AudioPreprocessor:
             hop_length=cfg["hop_length"],
             chunk_length=cfg["chunk_length"],
             n_fft=cfg["n_fft"],
+            padding_value=cfg.get("padding_value", 0.0),
         )
         self.output_length = output_length
+        self.keep_length = keep_length
 
     def __call__(self, data: bytes) -> Prepared:
         import soundfile as sf
@@ -163,4 +175,5 @@ class AudioPreprocessor:
             mono.numpy(), sampling_rate=self.rate, return_tensors="pt", return_attention_mask=True
         )
         frames = int(feats["attention_mask"].sum())  # real (unpadded) mel frames, capped by the window
-        return Prepared(feats["input_features"][0], self.output_length(frames))  # [mels, window frames]
+        return Prepared(feats["input_features"][0], self.output_length(frames),  # [mels, window frames]
+                        frames if self.keep_length else None)

@@ -1,4 +1,4 @@
-"""The one small interface every encoder runtime implements (torch now; ONNX Runtime joins in [encoders])."""
+"""The one small interface every encoder runtime implements (torch, ONNX Runtime)."""
 
 from __future__ import annotations
 
@@ -10,6 +10,9 @@ import torch
 class EncoderRuntime(Protocol):
     name: str
 
-    def run(self, batch: torch.Tensor) -> torch.Tensor:
-        """A batch of preprocessed inputs [B, ...] -> embeddings [B, N, H] on the CPU."""
+    def run(self, batch: torch.Tensor, lengths: torch.Tensor | None = None) -> torch.Tensor:
+        """A batch of preprocessed inputs [B, ...] -> embeddings [B, N, H] on the CPU.
+
+        ``lengths`` [B] (int64): the real extent of each input along its padded axis, for encoders whose output
+        depends on it (Qwen2-Audio's attention mask over the real mel frames); None for the others."""
         ...

@@ -14,5 +14,7 @@ class TorchRuntime:
         self.module = module.to(self.device).eval()
 
     @torch.inference_mode()
-    def run(self, batch: torch.Tensor) -> torch.Tensor:
-        return self.module(batch.to(self.device)).float().cpu()
+    def run(self, batch: torch.Tensor, lengths: torch.Tensor | None = None) -> torch.Tensor:
+        if lengths is None:
+            return self.module(batch.to(self.device)).float().cpu()
+        return self.module(batch.to(self.device), lengths.to(self.device)).float().cpu()

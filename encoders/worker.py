@@ -24,7 +24,7 @@ from cache.codec import WIRE_DTYPES, encode_tensor
 from cache.keys import ENCODER_GROUP, Keys
 from cache.streams import autoclaim_entries, ensure_group, fields_payload
 from cache.tensors import TensorPublisher
-from encoders.batching import read_batch, shape_groups
+from encoders.batching import batch_lengths, read_batch, shape_groups
 from encoders.preprocess import MediaError, Prepared
 from router import messages as m
 from router.liveness import Heartbeat
@@ -130,8 +130,10 @@ class EncoderWorker:
         # 2) One forward pass per input shape.
         outputs: dict[int, torch.Tensor] = {}
         groups = shape_groups(prepared)
+        by_index = dict(prepared)
         for indices, batch in groups:
-            out = self.runtime.run(batch)  # [B, N, H]
+            lengths = batch_lengths([by_index[i] for i in indices])  # [B] real lengths, or None
+            out = self.runtime.run(batch) if lengths is None else self.runtime.run(batch, lengths)  # [B, N, H]
             outputs.update(zip(indices, out))
         t2 = time.perf_counter()
         # 3) Publish every tensor, ack every entry, count: one round trip.

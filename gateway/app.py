@@ -27,12 +27,18 @@ from models.spec import ModelSpec
 
 log = logging.getLogger(__name__)
 
-TIERS = ["encoder:image", "encoder:audio", "backbone"]
+TIERS = ["encoder:image", "encoder:audio", "backbone"]  # the demo's; a model's own: tiers_for(spec)
+
+
+def tiers_for(spec: ModelSpec) -> list[str]:
+    """The tiers this model needs: one encoder per modality it takes (LLaVA: image only), and the backbone."""
+    return [f"encoder:{m}" for m in spec.modalities] + ["backbone"]
 
 
 def create_app(cfg: GatewayConfig) -> Starlette:
     spec = ModelSpec.from_dir(cfg.model_dir, cfg.served_name)
     tokenizer = spec.load_tokenizer()
+    needed_tiers = tiers_for(spec)
     gateway_id = uuid.uuid4().hex[:12]
     keys = Keys(cfg.prefix)
 
@@ -80,7 +86,7 @@ def create_app(cfg: GatewayConfig) -> Starlette:
 
     async def health(request: Request) -> Response:
         try:
-            live = await request.app.state.tiers.live_workers(TIERS)
+            live = await request.app.state.tiers.live_workers(needed_tiers)
         except RedisError as exc:
             return JSONResponse({"status": "unavailable", "error": f"redis: {exc}"}, status_code=503)
         ready = all(live.values())

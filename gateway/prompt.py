@@ -2,6 +2,12 @@
 
 Each media part leaves one placeholder token in the rendered prompt; once its encoder says how many rows its tensor
 has, :func:`expand_placeholders` repeats the placeholder that many times (as the reference processors do).
+
+The token ids are the reference processor's (LlavaProcessor, Qwen2AudioProcessor, ...): the checkpoint's chat
+template renders media parts as Hugging Face content parts (``{"type": "image", "image": ...}``, ``{"type": "audio",
+"audio": ...}``: templates test either the type or the key), and the text is tokenized with the tokenizer's special
+tokens (Llama's ``<s>``) unless the rendered text already starts with the BOS token, the rule of the processors'
+``apply_chat_template``. A media part whose modality the model does not take is a 400 naming the part.
 """
 
 from __future__ import annotations
@@ -43,15 +49,21 @@ class PromptBuilder:
                 if role != "user":
                     raise InvalidRequest(f"{part.type} parts are only accepted in user messages", param=param)
                 media.append(self._media(part, param))
-                parts.append({"type": media[-1].modality})
+                modality = media[-1].modality
+                parts.append({"type": modality, modality: f"tributary:{param}"})  # the value is never rendered
             messages.append({"role": role, "content": parts})
         text = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
-        ids = self.tokenizer(text, add_special_tokens=False)["input_ids"]
+        bos = self.tokenizer.bos_token
+        ids = self.tokenizer(text, add_special_tokens=not (bos and text.startswith(bos)))["input_ids"]
         self._check_placeholders(ids, media)
         return Prompt(ids, media)
 
     def _media(self, part, param: str) -> MediaPart:
         modality = "image" if part.type == "image_url" else "audio"
+        if modality not in self.spec.modalities:
+            raise InvalidRequest(f"model '{self.spec.name}' does not accept {modality} input ({part.type} part); it "
+                                 f"accepts text and {' and '.join(self.spec.modalities)}", param=param,
+                                 code="unsupported_modality")
         if part.image_url is None if modality == "image" else part.input_audio is None:
             return MediaPart(modality, b"", param, uuid=part.uuid)  # a bare uuid: resolved in gateway/encoding.py
         if modality == "image":

@@ -1,4 +1,9 @@
-"""``ModelSpec``: what every tier needs to know about a checkpoint directory, read once at process start."""
+"""``ModelSpec``: what every tier needs to know about a checkpoint directory, read once at process start.
+
+The family comes from config.json's ``model_type``: the demo's ``tributary_trimodal`` (models/trimodal.py), Hugging
+Face ``llava`` (models/llava.py) and ``qwen2_audio`` (models/qwen2_audio.py). This module imports neither torch nor
+transformers (the family's module is imported when first used), so ``read_family`` is cheap for the supervisor.
+"""
 
 from __future__ import annotations
 
@@ -6,47 +11,73 @@ import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from models import trimodal
-from models.checkpoint import fingerprint
+from models.family import Family, ModelError, chat_template, eos_token_ids
+
+__all__ = ["FAMILIES", "MODALITIES", "ModelError", "ModelSpec", "family_for", "read_family"]
 
 MODALITIES = ("image", "audio")
+TRIMODAL = Family("tributary_trimodal", ("image", "audio"), "models.trimodal")
+FAMILIES: dict[str, Family] = {f.model_type: f for f in (
+    TRIMODAL,
+    Family("llava", ("image",), "models.llava"),
+    Family("qwen2_audio", ("audio",), "models.qwen2_audio"),
+)}
 
 
-class ModelError(ValueError):
-    """The directory is not a checkpoint this build can serve."""
+def family_for(config: dict) -> Family:
+    model_type = config.get("model_type")
+    if model_type not in FAMILIES:
+        raise ModelError(f"model_type {model_type!r} is not supported yet (supported: {', '.join(FAMILIES)})")
+    return FAMILIES[model_type]
+
+
+def _raw_config(path: Path) -> dict:
+    cfg_file = path / "config.json"
+    if not cfg_file.exists():
+        raise ModelError(f"{path} has no config.json: not a checkpoint directory")
+    return json.loads(cfg_file.read_text())
+
+
+def read_family(path: str | Path) -> Family:
+    """The checkpoint's family from config.json alone (no hashing, no processor files): for the supervisor."""
+    return family_for(_raw_config(Path(path)))
 
 
 @dataclass(frozen=True)
 class ModelSpec:
     path: Path
     name: str  # the id clients put in "model"
-    config: dict
+    config: dict  # config.json with the family's defaults filled in; config["text_config"] is the language model's
     preprocess: dict  # per modality: the processor config the encoder worker applies
     fingerprint: str
     placeholder_ids: dict[str, int]  # modality -> the token id a media part's placeholder uses
     eos_token_ids: list[int] = field(default_factory=list)
+    family: Family = TRIMODAL
 
     @classmethod
-    def from_dir(cls, path: str | Path, name: str | None = None) -> "ModelSpec":
+    def from_dir(cls, path: str | Path, name: str | None = None) -> ModelSpec:
+        from models.checkpoint import fingerprint
+
         path = Path(path).resolve()
-        cfg_file = path / "config.json"
-        if not cfg_file.exists():
-            raise ModelError(f"{path} has no config.json: not a checkpoint directory")
-        config = json.loads(cfg_file.read_text())
-        if config.get("model_type") != trimodal.MODEL_TYPE:
-            raise ModelError(
-                f"model_type {config.get('model_type')!r} is not supported yet (supported: {trimodal.MODEL_TYPE})"
-            )
-        eos = config["text_config"].get("eos_token_id") or []
+        raw = _raw_config(path)
+        family = family_for(raw)
+        impl = family.impl
+        config = impl.read_config(path, raw)
         return cls(
             path=path,
             name=name or path.name,
             config=config,
-            preprocess=json.loads((path / "preprocessor_config.json").read_text()),
+            preprocess=impl.preprocess(path, config),
             fingerprint=fingerprint(path),
-            placeholder_ids={"image": config["image_token_id"], "audio": config["audio_token_id"]},
-            eos_token_ids=list(eos) if isinstance(eos, list) else [eos],
+            placeholder_ids=impl.placeholder_ids(config),
+            eos_token_ids=eos_token_ids(path, config),
+            family=family,
         )
+
+    @property
+    def modalities(self) -> tuple[str, ...]:
+        """The media this model takes; a request with another is refused (400) at the gateway."""
+        return self.family.modalities
 
     @property
     def max_context(self) -> int:
@@ -57,6 +88,12 @@ class ModelSpec:
         return f"{self.fingerprint[:16]}-{modality}"
 
     def load_tokenizer(self):
+        """The checkpoint's tokenizer, with the processor's chat template (the one the reference processor renders)
+        when the checkpoint keeps it in its own file."""
         from transformers import AutoTokenizer
 
-        return AutoTokenizer.from_pretrained(str(self.path))
+        tokenizer = AutoTokenizer.from_pretrained(str(self.path))
+        template = chat_template(self.path)
+        if template is not None:
+            tokenizer.chat_template = template
+        return tokenizer

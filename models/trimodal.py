@@ -13,6 +13,7 @@ Each loader reads only its own prefix from the files.
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import torch
@@ -109,3 +110,35 @@ def load_language_model(model_dir: Path, config: dict, dtype: torch.dtype = torc
     state = read_tensors(model_dir, "language_model.", dtype)
     lm.load_state_dict(state, strict=True)
     return lm.to(dtype).eval()
+
+
+# ---- the family interface (models/family.py) ---------------------------------------------------------------
+
+TAKES_LENGTHS: frozenset[str] = frozenset()
+
+
+def read_config(model_dir: Path, raw: dict) -> dict:
+    return raw
+
+
+def placeholder_ids(config: dict) -> dict[str, int]:
+    return {"image": config["image_token_id"], "audio": config["audio_token_id"]}
+
+
+def preprocess(model_dir: Path, config: dict) -> dict[str, dict]:
+    return json.loads((model_dir / "preprocessor_config.json").read_text())  # {"image": {...}, "audio": {...}}
+
+
+def image_tokens(config: dict) -> int:
+    return image_output_length(config)
+
+
+def audio_tokens(config: dict):
+    return audio_output_length
+
+
+def load_encoder(model_dir: Path, config: dict, modality: str, dtype: torch.dtype = torch.float32) -> nn.Module:
+    loaders = {"image": load_image_encoder, "audio": load_audio_encoder}
+    if modality not in loaders:
+        raise ValueError(f"unknown modality {modality!r}")
+    return loaders[modality](model_dir, config, dtype)

@@ -36,3 +36,12 @@ def redis_url(redis_server):
 
     redis.Redis.from_url(redis_server.url).flushall()
     return redis_server.url
+
+
+@pytest.fixture(scope="session")
+def hf_checkpoint(tmp_path_factory):
+    """``hf_checkpoint(name)``: a tiny Hugging Face LLaVA / Qwen2-Audio checkpoint (tests/hf_checkpoints.CONFIGS),
+    written with transformers' save_pretrained on first use and reused for the rest of the session."""
+    from tests.hf_checkpoints import Checkpoints
+
+    return Checkpoints(tmp_path_factory.mktemp("hf-models"))

@@ -144,7 +144,7 @@ def main(argv: list[str] | None = None) -> int:
         from models.spec import ModelSpec
 
         spec = ModelSpec.from_dir(args.model)
-        for modality in args.modality or ["image", "audio"]:
+        for modality in args.modality or spec.modalities:
             target = onnx_root(spec) / modality
             target.parent.mkdir(parents=True, exist_ok=True)
             export(spec, modality, target, progress=lambda line: print(line, flush=True))

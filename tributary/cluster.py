@@ -46,6 +46,7 @@ class Cluster:
     encoder_args: list[str] = field(default_factory=list)  # extra flags for both encoder workers
     shards: int = 1  # backbone pipeline shards
     children: list[Child] = field(default_factory=list)
+    modalities: tuple[str, ...] = ("image", "audio")  # one encoder tier each: the model family's (LLaVA: image)
 
     @property
     def url(self) -> str:
@@ -60,10 +61,8 @@ class Cluster:
         enc_threads = str(max(1, cores // 2))
         children = [
             Child("gateway", base + ["gateway", *common, "--host", self.host, "--port", str(self.port)]),
-            Child("encoder:image", base + ["encoder", *common, "--modality", "image", "--threads", enc_threads,
-                                           *self.encoder_args]),
-            Child("encoder:audio", base + ["encoder", *common, "--modality", "audio", "--threads", enc_threads,
-                                           *self.encoder_args]),
+            *(Child(f"encoder:{m}", base + ["encoder", *common, "--modality", m, "--threads", enc_threads,
+                                            *self.encoder_args]) for m in self.modalities),
         ]
         if self.shards == 1:
             return children + [Child("backbone", base + ["backbone", *common, "--threads", str(cores)])]
@@ -134,18 +133,19 @@ def run_cluster(args) -> int:
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stop.set())
     model = ensure_model(args)
+    modalities = _modalities(model)  # before anything starts: an unsupported checkpoint fails here
     redis = None if args.redis_url else EmbeddedRedis().start()
     encoder_args = ["--runtime", args.encoder_runtime, "--max-batch", str(args.encoder_max_batch),
                     "--max-wait-ms", str(args.encoder_max_wait_ms)]
     cluster = Cluster(model, args.redis_url or redis.url, args.prefix, args.host, args.port, args.log_level,
-                      encoder_args, args.shards)
+                      encoder_args, args.shards, modalities=modalities)
     try:
         if args.encoder_runtime == "onnx":  # export once here, not concurrently in both workers
             from encoders.export import ensure_onnx
             from models.spec import ModelSpec
 
             spec = ModelSpec.from_dir(model)
-            for modality in ("image", "audio"):
+            for modality in spec.modalities:
                 ensure_onnx(spec, modality, progress=lambda line: print(line, flush=True))
         cluster.start()
         if not cluster.wait_ready(args.ready_timeout, stop):
@@ -166,6 +166,13 @@ def run_cluster(args) -> int:
         if redis:
             redis.stop()
         print("tributary: stopped", file=sys.stderr, flush=True)
+
+
+def _modalities(model: Path) -> tuple[str, ...]:
+    """The encoder tiers the checkpoint needs (read from its config.json alone)."""
+    from models.spec import read_family
+
+    return read_family(model).modalities
 
 
 def _banner(cluster: Cluster, model: Path) -> str:

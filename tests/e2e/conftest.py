@@ -1,7 +1,12 @@
-"""One real local cluster (`tributary up`, every tier its own process) per e2e module, on the session's Redis."""
+"""One real local cluster (`tributary up`, every tier its own process) per e2e module, on the session's Redis.
+
+``local_cluster`` starts one for any checkpoint (the ``cluster`` fixture below: the tiny demo; test_reference_exact:
+Hugging Face LLaVA / Qwen2-Audio checkpoints); give each cluster that may share the Redis its own ``prefix``.
+"""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -25,9 +30,13 @@ class RunningCluster:
     redis_url: str
     model: str
     log_path: Path
+    prefix: str = "trib"
+
+    def wait_ready(self, timeout: float = 240) -> None:
+        wait_healthy(self.base_url, self.proc, timeout, self.log_path)
 
     def stats(self, tier: str) -> dict[str, float]:
-        raw = redis.Redis.from_url(self.redis_url).hgetall(f"trib:stats:{tier}")
+        raw = redis.Redis.from_url(self.redis_url).hgetall(f"{self.prefix}:stats:{tier}")
         return {k.decode(): float(v) for k, v in raw.items()}
 
     def children(self) -> list[int]:
@@ -57,20 +66,24 @@ def wait_healthy(base_url: str, proc: subprocess.Popen, timeout: float, log_path
     raise RuntimeError(f"cluster not healthy after {timeout}s:\n{log_path.read_text()[-4000:]}")
 
 
-@pytest.fixture(scope="module")
-def cluster(tiny_model, redis_server, tmp_path_factory):
+@contextlib.contextmanager
+def local_cluster(model: Path, redis_url: str, log_dir: Path, *extra_args: str, prefix: str = "trib"):
+    """``tributary up --model MODEL --redis-url URL --port <free> --prefix PREFIX *extra_args``. Yields as soon as
+    the supervisor is started (call ``wait_ready()``: work done before overlaps the tiers' start-up); on exit,
+    Ctrl-C (SIGINT), and it must exit 0 leaving no process behind."""
     port = free_port()
-    log_path = tmp_path_factory.mktemp("cluster") / "cluster.log"
+    log_path = log_dir / "cluster.log"
     log = log_path.open("w")
     proc = subprocess.Popen(
-        [sys.executable, "-m", "tributary.cli", "up", "--model", str(tiny_model), "--port", str(port),
-         "--redis-url", redis_server.url, "--encoder-max-wait-ms", "50"],
+        [sys.executable, "-m", "tributary.cli", "up", "--model", str(model), "--port", str(port),
+         "--redis-url", redis_url, "--prefix", prefix, *extra_args],
         stdout=log, stderr=subprocess.STDOUT, env=dict(os.environ, PYTHONUNBUFFERED="1"),
     )
-    c = RunningCluster(proc, f"http://127.0.0.1:{port}", redis_server.url, tiny_model.name, log_path)
+    c = RunningCluster(proc, f"http://127.0.0.1:{port}", redis_url, Path(model).name, log_path, prefix)
+    clean = False  # an error inside the block is the one to report, not the exit code it causes
     try:
-        wait_healthy(c.base_url, proc, 240, log_path)
         yield c
+        clean = True
     finally:
         children = c.children()
         proc.send_signal(signal.SIGINT)
@@ -78,5 +91,14 @@ def cluster(tiny_model, redis_server, tmp_path_factory):
         log.close()
         leftover = [pid for pid in children if Path(f"/proc/{pid}").exists()
                     and "Z" not in Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]]
-        assert code == 0, log_path.read_text()[-4000:]
-        assert not leftover, f"processes left behind: {leftover}"
+        if clean:
+            assert code == 0, log_path.read_text()[-4000:]
+            assert not leftover, f"processes left behind: {leftover}"
+
+
+@pytest.fixture(scope="module")
+def cluster(tiny_model, redis_server, tmp_path_factory):
+    with local_cluster(tiny_model, redis_server.url, tmp_path_factory.mktemp("cluster"),
+                       "--encoder-max-wait-ms", "50") as c:
+        c.wait_ready()
+        yield c

@@ -114,9 +114,9 @@ def test_not_a_checkpoint_refused(tmp_path):
 
 def test_other_model_type_refused(copy):
     cfg = json.loads((copy / "config.json").read_text())
-    cfg["model_type"] = "llava"
+    cfg["model_type"] = "qwen2_vl"  # a real family not served (llava and qwen2_audio are: tests/unit/test_families.py)
     (copy / "config.json").write_text(json.dumps(cfg))
-    with pytest.raises(ModelError, match="llava"):
+    with pytest.raises(ModelError, match="qwen2_vl"):
         ModelSpec.from_dir(copy)
 
 

@@ -1,0 +1,101 @@
+"""What a model family tells every tier: its modalities, placeholders, processor configs, token counts, encoders.
+
+One ``Family`` per implementing module (``models/trimodal.py``, ``models/llava.py``, ``models/qwen2_audio.py``),
+picked by the ``model_type`` of the checkpoint's ``config.json`` (``models.spec.family_for``). The helpers below read the files a
+Hugging Face checkpoint keeps its processor in, in both layouts transformers writes: the legacy flat
+``preprocessor_config.json`` and transformers 5's ``processor_config.json`` with one entry per sub-processor.
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+
+class ModelError(ValueError):
+    """The directory is not a checkpoint this build can serve."""
+
+
+@dataclass(frozen=True)
+class Family:
+    """A family's identity and modalities (cheap: no torch, no transformers), and the module that implements it.
+
+    The module (``impl``) defines, at module level:
+
+    * ``read_config(model_dir, raw) -> dict``: config.json as every tier reads it (``config["text_config"]`` is the
+      language model's);
+    * ``placeholder_ids(config) -> {modality: token id}``;
+    * ``preprocess(model_dir, config) -> {modality: processor kwargs}`` (``CLIPImageProcessor`` /
+      ``WhisperFeatureExtractor`` kwargs, what encoders/preprocess.py applies);
+    * ``image_tokens(config) -> int`` (rows one image becomes) if it takes images, ``audio_tokens(config) ->
+      (real mel frames -> rows)`` if it takes audio;
+    * ``load_encoder(model_dir, config, modality, dtype) -> nn.Module``: the encoder + projector, read from its own
+      safetensors prefixes only;
+    * ``TAKES_LENGTHS``: the modalities whose encoder also takes each input's real length (``forward(x, lengths)``:
+      its output depends on a padding mask, as Qwen2-Audio's does).
+    """
+
+    model_type: str
+    modalities: tuple[str, ...]  # the media a request may carry; any other is a 400 at the gateway
+    module: str  # e.g. "models.llava"
+
+    @property
+    def impl(self):
+        return importlib.import_module(self.module)
+
+    @property
+    def takes_lengths(self) -> frozenset[str]:
+        return frozenset(getattr(self.impl, "TAKES_LENGTHS", ()))
+
+
+# ---- reading a Hugging Face checkpoint's side files -------------------------------------------------------------
+
+def read_json(path: Path) -> dict | None:
+    return json.loads(path.read_text()) if path.exists() else None
+
+
+def processor_section(model_dir: Path, key: str, type_key: str) -> dict:
+    """The kwargs of one sub-processor (``key``: ``image_processor`` or ``feature_extractor``).
+
+    ``preprocessor_config.json`` (flat: what the hub's LLaVA / Qwen2-Audio checkpoints hold, and what a sub-processor
+    saved alone writes) wins; else ``processor_config.json``'s ``key`` entry (what transformers 5 writes for a
+    whole processor)."""
+    flat = read_json(model_dir / "preprocessor_config.json")
+    if flat is not None and type_key in flat:
+        return flat
+    nested = read_json(model_dir / "processor_config.json") or {}
+    if isinstance(nested.get(key), dict):
+        return nested[key]
+    raise ModelError(f"{model_dir} has no {key} config (preprocessor_config.json with {type_key}, or "
+                     f"processor_config.json with {key!r})")
+
+
+def eos_token_ids(model_dir: Path, config: dict) -> list[int]:
+    """generation_config.json's eos_token_id, else the text config's, else the top-level config's."""
+    for source in (read_json(model_dir / "generation_config.json") or {}, config.get("text_config") or {}, config):
+        eos = source.get("eos_token_id")
+        if eos is not None and eos != []:
+            return [int(e) for e in eos] if isinstance(eos, list) else [int(eos)]
+    return []
+
+
+def chat_template(model_dir: Path) -> str | None:
+    """The processor's chat template when the checkpoint keeps it apart from the tokenizer (``chat_template.jinja``
+    is shared by both in transformers 5; older checkpoints keep the processor's in ``chat_template.json``)."""
+    jinja = model_dir / "chat_template.jinja"
+    if jinja.exists():
+        return jinja.read_text()
+    legacy = read_json(model_dir / "chat_template.json")
+    if legacy and isinstance(legacy.get("chat_template"), str):
+        return legacy["chat_template"]
+    return None
+
+
+def load_state(module, tensors: dict, what: str) -> None:
+    """``load_state_dict(strict=True)`` with an error that names the checkpoint part."""
+    missing, unexpected = module.load_state_dict(tensors, strict=False)
+    if missing or unexpected:
+        raise ModelError(f"{what}: checkpoint tensors do not fit the module (missing {sorted(missing)[:5]}, "
+                         f"unexpected {sorted(unexpected)[:5]})")
