@@ -96,7 +96,7 @@ def run_wave(r, keys, concurrency: int, prompt: int, tokens: int, wave: int) -> 
     pipe.execute()
     last, done = "0-0", 0
     while done < concurrency:
-        for _, entries in r.xread({reply: last}, block=60000) or []:
+        for _, entries in r.xread({reply: last}, block=5000) or []:
             for entry_id, fields in entries:
                 last = entry_id
                 ev = m.decode(fields_payload(fields), m.TokenEvent)
@@ -166,7 +166,7 @@ def main(argv=None) -> int:
     hf = hf_one_at_a_time(spec, 4, args.prompt, args.tokens)
     results, rss = {}, {}
     with EmbeddedRedis(maxmemory="512mb") as server:
-        r = redis.Redis.from_url(server.url)
+        r = redis.Redis.from_url(server.url, socket_timeout=120)
         for shards in shard_counts:
             r.flushall()
             procs = start_backbone(args.model_dir, server.url, shards)
