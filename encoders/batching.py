@@ -10,21 +10,29 @@ import torch
 
 from encoders.preprocess import Prepared
 
+FILL_POLLS = 10  # non-blocking reads while a batch fills (at most ~this many per max_wait_ms)
+MIN_POLL_S = 0.0005
+
 
 def read_batch(r, group: str, consumer: str, stream: str, max_batch: int, max_wait_ms: float,
                block_ms: int) -> list:
-    """Entries for one batch: block up to ``block_ms`` for the first, then up to ``max_wait_ms`` for the rest."""
+    """Entries for one batch: block up to ``block_ms`` for the first, then up to ``max_wait_ms`` for the rest.
+
+    The fill wait polls (non-blocking XREADGROUP every ``max_wait_ms / FILL_POLLS``) instead of using BLOCK: Redis and
+    Valkey time a blocked client out only on their cron tick, every 1000/hz ms (100 ms at the default hz 10), so
+    ``BLOCK 2`` held a lone job for up to 100 ms (17-68 ms measured with max_wait_ms=10, bench/encoders.py)."""
     reply = r.xreadgroup(group, consumer, {stream: ">"}, count=max_batch, block=block_ms)
     entries = list(reply[0][1]) if reply else []
     deadline = time.monotonic() + max_wait_ms / 1000
+    step = max(MIN_POLL_S, max_wait_ms / 1000 / FILL_POLLS)
     while entries and len(entries) < max_batch:
-        left_ms = int((deadline - time.monotonic()) * 1000)
-        if left_ms < 1:  # BLOCK 0 would mean "forever"
+        left = deadline - time.monotonic()
+        if left <= 0:
             break
-        reply = r.xreadgroup(group, consumer, {stream: ">"}, count=max_batch - len(entries), block=left_ms)
-        if not reply:
-            break
-        entries.extend(reply[0][1])
+        time.sleep(min(step, left))
+        reply = r.xreadgroup(group, consumer, {stream: ">"}, count=max_batch - len(entries))
+        if reply and reply[0][1]:
+            entries.extend(reply[0][1])
     return entries
 
 
