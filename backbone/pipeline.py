@@ -54,8 +54,6 @@ class PipelineHead:
     """Shard 0's end of the pipe (its engine calls :meth:`run_rest` instead of sampling locally)."""
 
     world: int
-    hidden_size: int
-    dtype: torch.dtype
     releases: list[int] = field(default_factory=list)
     last_send: float = 0.0
 

@@ -275,7 +275,7 @@ def serve(cfg: BackboneConfig, model_dir: str, threads: int | None = None) -> No
         log.info("shard loaded", extra={"shard": cfg.shard, "tensors": len(names)})
         StageWorker(model, cfg.shard, cfg.num_shards).run()
         return
-    head = PipelineHead(cfg.num_shards, text["hidden_size"], torch.float32)
+    head = PipelineHead(cfg.num_shards)
     try:
         BackboneWorker(cfg, load_engine(spec, layers, cfg.kv_cache_bytes, head), stop).run()
     finally:

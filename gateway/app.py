@@ -27,8 +27,6 @@ from models.spec import ModelSpec
 
 log = logging.getLogger(__name__)
 
-TIERS = ["encoder:image", "encoder:audio", "backbone"]  # the demo's; a model's own: tiers_for(spec)
-
 
 def tiers_for(spec: ModelSpec) -> list[str]:
     """The tiers this model needs: one encoder per modality it takes (LLaVA: image only), and the backbone."""

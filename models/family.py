@@ -52,6 +52,12 @@ class Family:
 
 # ---- reading a Hugging Face checkpoint's side files -------------------------------------------------------------
 
+def plain_json(obj) -> dict:
+    """A transformers config or processor dict as plain JSON values (enums, dtypes and the like become strings), the
+    form every tier reads it in."""
+    return json.loads(json.dumps(obj, default=str))
+
+
 def read_json(path: Path) -> dict | None:
     return json.loads(path.read_text()) if path.exists() else None
 

@@ -15,14 +15,13 @@ The image encoder computes what ``LlavaModel.get_image_features`` computes: the 
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import torch
 from torch import nn
 
 from models.checkpoint import read_tensors
-from models.family import ModelError, load_state, processor_section
+from models.family import ModelError, load_state, plain_json, processor_section
 
 MODEL_TYPE = "llava"
 TAKES_LENGTHS: frozenset[str] = frozenset()
@@ -41,7 +40,7 @@ def _hf_config(config: dict):
 def read_config(model_dir: Path, raw: dict) -> dict:
     """config.json as transformers reads it: every default filled in (hub configs often list only what differs from
     Llama's and CLIP's defaults), so that every tier sees the sizes the reference model is built with."""
-    return json.loads(json.dumps(_hf_config(raw).to_dict(), default=str))
+    return plain_json(_hf_config(raw).to_dict())
 
 
 def placeholder_ids(config: dict) -> dict[str, int]:
@@ -61,7 +60,7 @@ def preprocess(model_dir: Path, config: dict) -> dict[str, dict]:
     full = cls.from_dict(cfg).to_dict()
     if full.get("do_pad"):
         raise ModelError("LlavaImageProcessor with do_pad=True (pad to a square first) is not supported yet")
-    return {"image": json.loads(json.dumps(full, default=str))}
+    return {"image": plain_json(full)}
 
 
 def image_tokens(config: dict) -> int:

@@ -17,14 +17,13 @@ lengths as a second input: ``forward(input_features [B, mels, T], lengths [B])``
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import torch
 from torch import nn
 
 from models.checkpoint import read_tensors
-from models.family import ModelError, load_state, processor_section
+from models.family import ModelError, load_state, plain_json, processor_section
 
 MODEL_TYPE = "qwen2_audio"
 TAKES_LENGTHS = frozenset({"audio"})  # the encoder's output depends on each clip's padding mask
@@ -38,7 +37,7 @@ def _hf_config(config: dict):
 
 def read_config(model_dir: Path, raw: dict) -> dict:
     """config.json as transformers reads it, every default filled in (see models/llava.py)."""
-    return json.loads(json.dumps(_hf_config(raw).to_dict(), default=str))
+    return plain_json(_hf_config(raw).to_dict())
 
 
 def placeholder_ids(config: dict) -> dict[str, int]:
@@ -60,7 +59,7 @@ def preprocess(model_dir: Path, config: dict) -> dict[str, dict]:
     if full["nb_max_frames"] != window:
         raise ModelError(f"the feature extractor pads to {full['nb_max_frames']} mel frames but the audio tower "
                          f"takes {window}")
-    return {"audio": json.loads(json.dumps(full, default=str))}
+    return {"audio": plain_json(full)}
 
 
 def output_length(mel_frames: int) -> int:
