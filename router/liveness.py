@@ -1,6 +1,12 @@
 """Worker liveness through Redis: each worker scores itself in ``<prefix>:live:<tier>`` every second; the gateway
 counts recent scores before it queues work, so a request whose tier has no live worker fails fast (503) instead of
 waiting on a queue nobody reads.
+
+A beat vouches for the worker's busy loop, not merely its process: the loop calls :meth:`Heartbeat.tick` every time it
+comes round, and the beating thread stays silent once the last tick is older than ``stall_s``. A loop stuck in a
+deadlock, an endless wait or a hung device call thus stops looking live within ``stall_s + LIVE_WINDOW_S``, while a
+long but progressing step (a big prefill, a large encoder batch on a CPU) does not: the thread, not the step, keeps
+the one-second rhythm. ``stall_s`` must exceed the longest single step.
 """
 
 from __future__ import annotations
@@ -16,16 +22,23 @@ log = logging.getLogger(__name__)
 
 HEARTBEAT_S = 1.0
 LIVE_WINDOW_S = 5.0  # a worker silent for longer is presumed dead
+STALL_S = 60.0  # a busy loop that has not come round for this long is presumed stuck
 
 
 class Heartbeat:
     """A daemon thread that keeps one worker registered as live until :meth:`stop` (which deregisters it)."""
 
-    def __init__(self, redis_url: str, keys: Keys, tier: str, worker_id: str):
-        self.key, self.worker_id = keys.live(tier), worker_id
+    def __init__(self, redis_url: str, keys: Keys, tier: str, worker_id: str, stall_s: float = STALL_S):
+        self.key, self.worker_id, self.stall_s = keys.live(tier), worker_id, stall_s
         self._r = connect(redis_url)
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name=f"heartbeat-{tier}", daemon=True)
+        self._ticked = time.monotonic()
+        self._stalled = False
+
+    def tick(self) -> None:
+        """Called by the worker's busy loop each time round: it is making progress."""
+        self._ticked = time.monotonic()
 
     def start(self) -> "Heartbeat":
         self.beat()
@@ -41,6 +54,15 @@ class Heartbeat:
 
     def _run(self) -> None:
         while not self._stop.wait(HEARTBEAT_S):
+            stalled = time.monotonic() - self._ticked > self.stall_s
+            if stalled != self._stalled:
+                self._stalled = stalled
+                if stalled:
+                    log.error("the worker loop has not come round for %.0f s: no longer heartbeating", self.stall_s)
+                else:
+                    log.warning("the worker loop is making progress again: heartbeating")
+            if stalled:
+                continue
             try:
                 self.beat()
             except Exception:  # Redis briefly away: keep trying; the window tolerates a few misses
