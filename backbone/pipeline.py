@@ -4,7 +4,9 @@ shard runs its layers with its own KV caches, the last one applies norm + lm_hea
 Per step, shard 0 sends down the pipe a header, a table describing the step's segments (which sequence, which
 positions, and for a sequence's first step its KV capacity and sampling parameters) and the hidden states [T, H];
 each middle shard forwards them after its layers; the last shard sends the sampled token ids [B] back to shard 0.
-Sequences that ended are listed in the next header so every shard frees their caches. Shard 0 sends a no-op when
+Sequences that ended are listed in the next header so every shard frees their caches. A row that failed on any
+shard (backbone/isolation.py) is flagged in the table as it travels on, and the last shard answers -1 for it, so one
+request's fault fails that request alone on every shard. Shard 0 sends a no-op when
 idle (so a silent pipe means a dead shard 0 and the others exit after ``timeout_s``) and a stop when it exits.
 """
 
@@ -18,15 +20,17 @@ from dataclasses import dataclass, field
 import torch
 import torch.distributed as dist
 
+from backbone.isolation import forward_isolating
 from backbone.model import DecoderShard, Segment, SequenceCache
-from backbone.sampling import Sampler
+from backbone.sampling import Sampler, sample_rows
 from router.messages import SamplingParams
 
 log = logging.getLogger(__name__)
 
 OP_STEP, OP_NOOP, OP_STOP = 1, 2, 3
 HEADER_LEN = 4  # op, segments, tokens, releases
-SEGMENT_COLS = 5  # seq id, start, length, capacity, seed
+SEGMENT_COLS = 6  # seq id, start, length, capacity, seed, failed (0/1)
+FAILED = -1  # the token id the last shard answers for a row that failed
 NOOP_EVERY_S = 5.0
 
 
@@ -39,14 +43,14 @@ def init_group(url: str, rank: int, world: int, timeout_s: float = 120.0) -> Non
 
 @dataclass
 class StepTable:
-    """What one step is about: rows of (seq id, start, length, capacity, seed) + (temperature, top_p)."""
+    """What one step is about: rows of (seq id, start, length, capacity, seed, failed) + (temperature, top_p)."""
 
     ints: torch.Tensor  # [n, SEGMENT_COLS] int64
     floats: torch.Tensor  # [n, 2] float64
     releases: torch.Tensor  # [r] int64: sequences every shard must forget
 
     def segments(self, caches: dict[int, SequenceCache]) -> list[Segment]:
-        return [Segment(caches[int(sid)], int(start), int(length)) for sid, start, length, _, _ in self.ints]
+        return [Segment(caches[int(sid)], int(start), int(length)) for sid, start, length, *_ in self.ints.tolist()]
 
 
 @dataclass
@@ -58,7 +62,7 @@ class PipelineHead:
     last_send: float = 0.0
 
     def run_rest(self, ints: torch.Tensor, floats: torch.Tensor, hidden: torch.Tensor) -> torch.Tensor:
-        """Send the step down the pipe; returns the last shard's sampled ids [B]."""
+        """Send the step down the pipe; returns the last shard's sampled ids [B] (FAILED for a failed row)."""
         releases = torch.tensor(self.releases, dtype=torch.long)
         self.releases.clear()
         _send_step(1, ints, floats, releases, hidden)
@@ -127,17 +131,27 @@ class StageWorker:
         for sid in table.releases.tolist():
             self.caches.pop(sid, None)
             self.samplers.pop(sid, None)
-        for (sid, start, _, capacity, seed), (temperature, top_p) in zip(table.ints.tolist(), table.floats.tolist()):
+        rows = table.ints.tolist()
+        for (sid, start, _, capacity, seed, _), (temperature, top_p) in zip(rows, table.floats.tolist()):
             if start == 0:  # a sequence's first step: its cache (and, on the last shard, its sampler)
                 self.caches[sid] = self.model.new_cache(capacity)
                 if self.model.is_last:
                     self.samplers[sid] = Sampler(SamplingParams(max_tokens=1, temperature=temperature,
                                                                 top_p=top_p, seed=seed))
-        hidden = self.model.forward(hidden, table.segments(self.caches))
+        hidden, failed = forward_isolating(self.model, hidden, table.segments(self.caches))
+        for i in failed:
+            log.error("request failed on this shard", extra={"rank": self.rank, "seq": rows[i][0],
+                                                              "error": failed[i]})
+            table.ints[i, 5] = 1
         if not self.model.is_last:
             _send_step(self.rank + 1, table.ints, table.floats, table.releases, hidden)
             return
         ends = table.ints[:, 2].cumsum(0) - 1
         logits = self.model.logits(hidden[ends])  # [B, V]
-        tokens = torch.tensor([self.samplers[int(sid)](row) for sid, row in zip(table.ints[:, 0], logits)])
-        dist.send(tokens, dst=0)
+        results = sample_rows([self.samplers[row[0]] for row in rows], logits)
+        tokens = []
+        for row, flagged, result in zip(rows, table.ints[:, 5].tolist(), results):
+            if isinstance(result, str) and not flagged:
+                log.error("request failed on this shard", extra={"rank": self.rank, "seq": row[0], "error": result})
+            tokens.append(FAILED if flagged or isinstance(result, str) else result)
+        dist.send(torch.tensor(tokens, dtype=torch.long), dst=0)  # [B]

@@ -4,6 +4,10 @@ One Redis round trip per step carries that step's token events (one XADD per req
 finished requests, the cancellation checks of running ones and, when there is room, the read of new plans. A plan
 stays pending in the ``backbone`` group until its request finishes. On SIGTERM the worker stops taking plans,
 finishes the running ones (up to ``drain_timeout_s``), then fails what is left with a clear error and exits.
+
+Faults are per request: a plan that cannot be decoded, validated, fetched or fused, and a sequence whose forward or
+sampling fails (backbone/engine.py), ends with an error event for that request alone; the loop and every other
+request go on. Only a broken pipeline (a peer shard gone) ends the process, and its supervisor restarts it.
 """
 
 from __future__ import annotations
@@ -44,6 +48,7 @@ class BackboneConfig:
     dist_url: str = ""  # torch.distributed rendezvous of the replica, e.g. tcp://10.0.0.5:29500
     block_ms: int = 1000  # idle read wait (bounds how late a stop is noticed)
     drain_timeout_s: float = 30.0  # on SIGTERM, how long running requests may take to finish
+    stall_s: float = 60.0  # a loop that has not come round for this long stops heartbeating (router/liveness.py)
 
 
 @dataclass
@@ -72,13 +77,14 @@ class BackboneWorker:
 
     def run(self) -> None:
         ensure_group(self.r, self.stream, BACKBONE_GROUP)
-        heartbeat = Heartbeat(self.cfg.redis_url, self.keys, "backbone", self.consumer).start()
+        heartbeat = Heartbeat(self.cfg.redis_url, self.keys, "backbone", self.consumer, self.cfg.stall_s).start()
         log.info("backbone ready", extra={"consumer": self.consumer, "max_running": self.cfg.max_running,
                                           "kv_budget_bytes": self.engine.kv_budget_bytes})
         new: list = []
         drain_deadline = None
         try:
             while True:
+                heartbeat.tick()  # the heartbeat goes stale if this loop stops coming round
                 if self.stop.is_set() and drain_deadline is None:
                     drain_deadline = time.monotonic() + self.cfg.drain_timeout_s
                     log.info("draining", extra={"running": len(self.running), "waiting": len(self.waiting)})
@@ -93,12 +99,14 @@ class BackboneWorker:
                         self.engine.pipeline.keepalive()  # tells the other shards shard 0 is alive
                     continue
                 # 2) Queue the plans read last round; start waiting ones while slots and KV memory allow.
-                errors = [e for e in (self._enqueue(entry_id, fields) for entry_id, fields in new) if e]
+                for entry_id, fields in new:
+                    self._enqueue(entry_id, fields)
+                errors: list[tuple] = []
                 decoding = [r.seq for r in self.running.values()]
                 starting = self._start_waiting(errors)
                 # 3) One forward: the starting sequences' prompts and the next token of every running one.
                 t0 = time.perf_counter()
-                self.engine.step(decoding, starting)
+                self._step(decoding, starting)
                 if starting:
                     ms = round((time.perf_counter() - t0) * 1e3, 2)
                     for seq, _ in starting:
@@ -110,6 +118,20 @@ class BackboneWorker:
             self._fail_all("the backbone worker is shutting down")
             heartbeat.stop()
             log.info("backbone stopped", extra={"consumer": self.consumer})
+
+    def _step(self, decoding: list[Sequence], starting: list) -> None:
+        """The engine isolates each request's faults itself; what still escapes is a bug in the batch assembly or a
+        broken pipeline. The first fails the step's sequences (with their own errors) and the loop goes on; the
+        second ends the process (its shards cannot go on without each other)."""
+        try:
+            self.engine.step(decoding, starting)
+        except (RuntimeError, ValueError, IndexError, TypeError) as exc:
+            if self.engine.pipeline is not None and isinstance(exc, RuntimeError):
+                raise  # gloo/NCCL errors are RuntimeErrors: the replica's pipe is broken
+            log.exception("step failed outside any one request; failing its sequences")
+            for seq in decoding + [s for s, _ in starting]:
+                if seq.finish is None:
+                    seq.fail(f"internal error in the backbone step ({type(exc).__name__})")
 
     def _idle_read(self) -> list:
         try:
@@ -124,22 +146,27 @@ class BackboneWorker:
             return []
         return reply[0][1] if reply else []
 
-    def _enqueue(self, entry_id: bytes, fields: dict) -> tuple | None:
+    def _enqueue(self, entry_id: bytes, fields: dict) -> None:
         try:
             plan = m.decode(fields_payload(fields), m.PromptPlan)
-        except (m.WireError, KeyError) as exc:
+        except (m.WireError, KeyError) as exc:  # nobody to tell: without a plan there is no reply stream
             log.error("dropping undecodable plan", extra={"entry": entry_id, "error": str(exc)})
             self.r.xack(self.stream, BACKBONE_GROUP, entry_id)
-            return None
+            return
         self.waiting.append((entry_id, plan))
-        return None
 
     def _start_waiting(self, errors: list) -> list[tuple[Sequence, torch.Tensor]]:
-        """Start queued plans in arrival order while a slot and their whole KV cache are free."""
+        """Start queued plans in arrival order while a slot and their whole KV cache are free. A plan that cannot
+        start gets an error event (in ``errors``) and the next one is tried."""
         starting: list[tuple[Sequence, torch.Tensor]] = []
         while self.waiting and len(self.running) < self.cfg.max_running:
             entry_id, plan = self.waiting[0]
-            seq = self.engine.new_sequence(plan.request_id, len(plan.token_ids), plan.sampling)
+            try:
+                seq = self.engine.new_sequence(plan.request_id, len(plan.token_ids), plan.sampling)
+            except PlanError as exc:
+                self.waiting.popleft()
+                errors.append(self._error_event(plan, entry_id, m.ErrorCode.BAD_PLAN, str(exc)))
+                continue
             if not self.engine.fits(seq):
                 if self.running:
                     break  # wait for a running sequence to finish and free its KV cache
@@ -160,6 +187,12 @@ class BackboneWorker:
                 self.engine.release(seq)
                 errors.append(self._error_event(plan, entry_id, m.ErrorCode.BAD_PLAN, str(exc)))
                 continue
+            except (RuntimeError, ValueError, IndexError, TypeError) as exc:  # a bug, or memory: this plan only
+                log.exception("could not start a request", extra={"request_id": plan.request_id})
+                self.engine.release(seq)
+                errors.append(self._error_event(plan, entry_id, m.ErrorCode.INTERNAL,
+                                                f"the backbone could not start this request ({type(exc).__name__})"))
+                continue
             self.running[plan.request_id] = Running(seq, plan, entry_id)
         return starting
 
@@ -177,9 +210,12 @@ class BackboneWorker:
             if data is None:
                 raise StepFailure(m.ErrorCode.MEDIA_EXPIRED, f"cached {ref.modality.value} tensor expired")
             try:
-                out.append((ref.modality.value, decode_tensor(data)))
+                tensor = decode_tensor(data)
             except CodecError as exc:
                 raise StepFailure(m.ErrorCode.INTERNAL, str(exc)) from exc
+            if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+                raise StepFailure(m.ErrorCode.INTERNAL, f"cached {ref.modality.value} tensor holds non-finite values")
+            out.append((ref.modality.value, tensor))
         return out
 
     def _error_event(self, plan: m.PromptPlan, entry_id: bytes, code: m.ErrorCode, error: str) -> tuple:
@@ -196,8 +232,12 @@ class BackboneWorker:
             pipe.xack(self.stream, BACKBONE_GROUP, entry_id)
         for rid, run in list(self.running.items()):
             seq = run.seq
+            failed = seq.finish == m.FinishReason.ERROR
+            if failed:
+                log.error("request failed", extra={"request_id": rid, "code": "internal", "error": seq.error})
             ev = m.TokenEvent(request_id=rid, token_ids=seq.output[len(seq.output) - seq.pending :],
-                              prompt_tokens=seq.prompt_len, completion_tokens=len(seq.output), finish=seq.finish)
+                              prompt_tokens=seq.prompt_len, completion_tokens=len(seq.output), finish=seq.finish,
+                              code=m.ErrorCode.INTERNAL if failed else None, error=seq.error)
             tokens += seq.pending
             seq.pending = 0
             pipe.xadd(run.plan.reply_to, payload_fields(m.encode(ev)))

@@ -209,3 +209,71 @@ def test_pending_counts_new_tokens(engine, tok):
     engine.step([seq])
     engine.step([seq])
     assert seq.pending == 3 and len(seq.output) == 3
+
+
+def _started(engine, tok, texts, n=8, media=None):
+    seqs = []
+    for i, text in enumerate(texts):
+        ids = ids_of(tok, text)
+        seq = engine.new_sequence(f"r{i}", len(ids), greedy(n))
+        engine.prefill(seq, ids, list(media[i]) if media and media[i] else [])
+        seqs.append(seq)
+    return seqs
+
+
+def test_a_sequence_whose_forward_fails_fails_alone(engine, tok):
+    """Fault injected on one sequence's rows (its KV cache is too small): the batched forward raises, the step is
+    re-run one sequence at a time, and only that one fails; the others' tokens are exactly those of running alone."""
+    alone = [run(engine, ids_of(tok, p), greedy(8)).output for p in PROMPTS]
+    seqs = _started(engine, tok, PROMPTS)
+    bad = seqs[1]
+    bad.cache.k[0] = bad.cache.k[0][:, :1]  # [Hkv, 1, D]: the next position no longer fits
+    for _ in range(10):
+        engine.step(seqs)
+    assert bad.finish == FinishReason.ERROR and "forward" in bad.error and len(bad.output) == 1
+    for i in (0, 2):
+        assert seqs[i].finish == FinishReason.LENGTH and seqs[i].output == alone[i]
+
+
+def test_non_finite_logits_fail_their_sequence_alone(engine, tok):
+    ids = ids_of(tok, MEDIA_PROMPT)
+    poisoned = [(mod, torch.full_like(rows, float("inf")) if k == 1 else rows)
+                for k, (mod, rows) in enumerate(media_rows())]
+    alone = run(engine, ids_of(tok, PROMPTS[0]), greedy(6)).output
+    good = engine.new_sequence("good", len(ids_of(tok, PROMPTS[0])), greedy(6))
+    bad = engine.new_sequence("bad", len(ids), greedy(6))
+    engine.step([], [(good, engine.start(good, ids_of(tok, PROMPTS[0]), [])), (bad, engine.start(bad, ids, poisoned))])
+    while good.finish is None:
+        engine.step([good, bad])
+    assert bad.finish == FinishReason.ERROR and "non-finite" in bad.error and bad.output == []
+    assert good.finish == FinishReason.LENGTH and good.output == alone
+
+
+@pytest.mark.parametrize("params,match", [
+    (SamplingParams(max_tokens=0), "max_tokens"),
+    (SamplingParams(max_tokens=4, temperature=float("nan")), "temperature"),
+    (SamplingParams(max_tokens=4, temperature=-1.0), "temperature"),
+    (SamplingParams(max_tokens=4, top_p=0.0), "top_p"),
+    (SamplingParams(max_tokens=4, top_p=1.5), "top_p"),
+    (SamplingParams(max_tokens=4, seed=2**64), "64 bits"),
+])
+def test_sampling_parameters_out_of_range_are_a_plan_error(engine, params, match):
+    with pytest.raises(PlanError, match=match):
+        engine.new_sequence("r", 3, params)
+
+
+@pytest.mark.parametrize("ids", [[], [1, -1, 2], [1, 10**6]])
+def test_token_ids_outside_the_vocabulary_are_a_plan_error(engine, ids):
+    seq = engine.new_sequence("r", max(len(ids), 1), greedy(2))
+    with pytest.raises(PlanError, match="vocabulary"):
+        engine.start(seq, ids, [])
+    assert seq.cache is None  # nothing allocated
+
+
+def test_extreme_sampling_parameters_run(engine, tok):
+    ids = ids_of(tok, PROMPTS[0])
+    greedy_out = run(engine, ids, greedy(6)).output
+    for params in (SamplingParams(max_tokens=6, temperature=1e-30, seed=2**64 - 1, ignore_eos=True),
+                   SamplingParams(max_tokens=6, temperature=2.0, top_p=1e-300, seed=-(2**63), ignore_eos=True)):
+        seq = run(engine, ids, params)
+        assert seq.finish == FinishReason.LENGTH and seq.output == greedy_out  # both are greedy in effect

@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from backbone.sampling import Sampler
+from backbone.sampling import GREEDY_BELOW, Sampler, sample_rows, seed64
 from router.messages import SamplingParams
 
 
@@ -80,10 +80,11 @@ def test_draws_do_not_depend_on_other_samplers():
     assert mixed == alone
 
 
+@pytest.mark.parametrize("top_p", [1e-6, 1e-300])  # 1e-300 is 0 in float32
 @pytest.mark.parametrize("seed", range(10))
-def test_tiny_top_p_is_argmax(seed):
+def test_tiny_top_p_is_argmax(seed, top_p):
     logits = random_logits(seed)
-    s = Sampler(params(temperature=2.0, top_p=1e-6, seed=seed))
+    s = Sampler(params(temperature=2.0, top_p=top_p, seed=seed))
     assert set(draws(s, logits, 30)) == {int(torch.argmax(logits))}
 
 
@@ -122,3 +123,48 @@ def test_masked_tokens_are_never_drawn():
     logits[[3, 11]] = 0.0
     s = Sampler(params(temperature=1.0, seed=0))
     assert set(draws(s, logits, 100)) == {3, 11}
+
+
+@pytest.mark.parametrize("temperature", [1e-6, 1e-12, 1e-30, 1e-45, 5e-324])
+def test_temperatures_near_zero_are_greedy(temperature):
+    # logits / 1e-45 overflows float32: softmax(inf - inf) is NaN and multinomial would raise.
+    logits = random_logits(4) * 50
+    s = Sampler(params(temperature=temperature, seed=1))
+    assert draws(s, logits, 5) == [int(torch.argmax(logits))] * 5
+
+
+def test_the_greedy_threshold_is_where_sampling_still_works():
+    logits = random_logits(5) * 1000  # large logits: the hardest case for a small temperature
+    assert GREEDY_BELOW <= 1e-5
+    s = Sampler(params(temperature=GREEDY_BELOW, seed=1))
+    assert not s.greedy
+    assert draws(s, logits, 3) == [int(torch.argmax(logits))] * 3  # sampled, and finite
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2**63 - 1, 2**63, 2**64 - 1, -1, -(2**63)])
+def test_every_64_bit_seed_works_and_both_spellings_agree(seed):
+    signed = seed64(seed)
+    assert -(2**63) <= signed < 2**63
+    assert (signed - seed) % 2**64 == 0
+    logits = torch.zeros(50)
+    a = draws(Sampler(params(temperature=1.0, seed=seed)), logits, 30)
+    b = draws(Sampler(params(temperature=1.0, seed=signed)), logits, 30)
+    assert a == b
+
+
+@pytest.mark.parametrize("seed", [2**64, -(2**63) - 1, 10**30])
+def test_seeds_outside_64_bits_are_refused(seed):
+    with pytest.raises(ValueError, match="64 bits"):
+        seed64(seed)
+
+
+def test_a_row_that_cannot_be_sampled_fails_alone():
+    logits = torch.stack([random_logits(1), random_logits(2), random_logits(3), random_logits(4)])  # [4, V]
+    logits[1, 7] = float("nan")
+    logits[2, :] = float("-inf")  # no probability mass left at all
+    samplers = [Sampler(params(temperature=t, seed=9)) for t in (0.0, 0.0, 1.0, 1.0)]
+    out = sample_rows(samplers, logits)
+    assert out[0] == int(torch.argmax(logits[0]))
+    assert isinstance(out[1], str) and "non-finite" in out[1]
+    assert isinstance(out[2], str)
+    assert isinstance(out[3], int) and 0 <= out[3] < logits.shape[1]
