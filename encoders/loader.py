@@ -11,6 +11,7 @@ import logging
 import torch
 
 from encoders.preprocess import AudioPreprocessor, ImagePreprocessor
+from models.media import MAX_AUDIO_S
 from models.spec import ModelError, ModelSpec
 
 log = logging.getLogger(__name__)
@@ -26,13 +27,13 @@ def _check(spec: ModelSpec, modality: str) -> None:
                          f"{', '.join(spec.modalities)}")
 
 
-def load_preprocessor(spec: ModelSpec, modality: str):
+def load_preprocessor(spec: ModelSpec, modality: str, max_audio_seconds: float = MAX_AUDIO_S):
     _check(spec, modality)
     impl = spec.family.impl
     if modality == "image":
         return ImagePreprocessor(spec.preprocess["image"], impl.image_tokens(spec.config))
     return AudioPreprocessor(spec.preprocess["audio"], impl.audio_tokens(spec.config),
-                             keep_length="audio" in spec.family.takes_lengths)
+                             keep_length="audio" in spec.family.takes_lengths, max_seconds=max_audio_seconds)
 
 
 def load_torch_module(spec: ModelSpec, modality: str) -> torch.nn.Module:

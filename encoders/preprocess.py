@@ -7,17 +7,26 @@ normalize. Audio: soundfile decode, mono, torchaudio resampling to the extractor
 from __future__ import annotations
 
 import io
+import math
+import re
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 
-IMAGE_FORMATS = {"PNG", "JPEG", "WEBP", "GIF", "BMP"}
-MAX_IMAGE_PIXELS = 40_000_000
+from models.media import IMAGE_FORMATS, MAX_AUDIO_S, MAX_IMAGE_PIXELS
 
 
 class MediaError(ValueError):
     """The client's bytes are not a usable image or audio clip (the gateway turns this into a 400)."""
+
+
+_OBJECT_REPR = re.compile(r"\s*<_io\.BytesIO object at 0x[0-9a-fA-F]+>:?")
+
+
+def _reason(exc: Exception) -> str:
+    """A decoder's message without the Python object reprs it embeds (``<_io.BytesIO object at 0x7f...>``)."""
+    return _OBJECT_REPR.sub("", str(exc)).strip() or type(exc).__name__
 
 
 @dataclass(frozen=True)
@@ -118,7 +127,7 @@ def decode_image(data: bytes) -> torch.Tensor:
     except MediaError:
         raise
     except Exception as exc:  # Pillow raises many types (UnidentifiedImageError, OSError, DecompressionBomb...)
-        raise MediaError(f"cannot decode image: {exc}") from exc
+        raise MediaError(f"cannot decode image: {_reason(exc)}") from exc
 
 
 def _to_rgb(img):
@@ -143,7 +152,7 @@ class AudioPreprocessor:
     ``output_length(real mel frames)`` gives the rows kept; ``keep_length`` puts the real frame count in
     ``Prepared.length`` for an encoder that masks the padding (Qwen2-Audio)."""
 
-    def __init__(self, cfg: dict, output_length, keep_length: bool = False):
+    def __init__(self, cfg: dict, output_length, keep_length: bool = False, max_seconds: float = MAX_AUDIO_S):
         from transformers import WhisperFeatureExtractor
 
         self.rate = int(cfg["sampling_rate"])
@@ -157,15 +166,12 @@ class AudioPreprocessor:
         )
         self.output_length = output_length
         self.keep_length = keep_length
+        self.max_seconds = max_seconds
 
     def __call__(self, data: bytes) -> Prepared:
-        import soundfile as sf
         import torchaudio.functional as AF
 
-        try:
-            wave, rate = sf.read(io.BytesIO(data), dtype="float32", always_2d=True)  # [T, C]
-        except Exception as exc:  # soundfile raises LibsndfileError / RuntimeError / TypeError
-            raise MediaError(f"cannot decode audio: {exc}") from exc
+        wave, rate = self.decode(data)
         if wave.shape[0] == 0:
             raise MediaError("audio clip is empty")
         mono = torch.from_numpy(np.ascontiguousarray(wave.mean(axis=1)))
@@ -177,3 +183,21 @@ class AudioPreprocessor:
         frames = int(feats["attention_mask"].sum())  # real (unpadded) mel frames, capped by the window
         return Prepared(feats["input_features"][0], self.output_length(frames),  # [mels, window frames]
                         frames if self.keep_length else None)
+
+    def decode(self, data: bytes) -> tuple[np.ndarray, int]:
+        """Samples [T, C] (float32) and their rate. Decoding stops past ``max_seconds``, so a small, highly compressed
+        file cannot make the decoder produce gigabytes: a clip longer than that is refused. (The whole clip is
+        decoded up to the cap, not just the extractor's window: resampling a cut clip is not bitwise the
+        reference's.)"""
+        import soundfile as sf
+
+        try:
+            with sf.SoundFile(io.BytesIO(data)) as f:
+                cap = math.ceil(self.max_seconds * f.samplerate)
+                wave = f.read(frames=cap + 1, dtype="float32", always_2d=True)  # [T, C]
+                rate = f.samplerate
+        except Exception as exc:  # soundfile raises LibsndfileError / RuntimeError / TypeError
+            raise MediaError(f"cannot decode audio: {_reason(exc)}") from exc
+        if wave.shape[0] > cap:
+            raise MediaError(f"audio longer than {self.max_seconds:g} s")
+        return wave, rate

@@ -1,10 +1,14 @@
-"""The one small interface every encoder runtime implements (torch, ONNX Runtime)."""
+"""The one small interface every encoder runtime implements (torch, ONNX Runtime), and the per-item fault isolation
+the worker runs it under."""
 
 from __future__ import annotations
 
+import logging
 from typing import Protocol
 
 import torch
+
+log = logging.getLogger(__name__)
 
 
 class EncoderRuntime(Protocol):
@@ -16,3 +20,27 @@ class EncoderRuntime(Protocol):
         ``lengths`` [B] (int64): the real extent of each input along its padded axis, for encoders whose output
         depends on it (Qwen2-Audio's attention mask over the real mel frames); None for the others."""
         ...
+
+
+def run_isolating(runtime: EncoderRuntime, batch: torch.Tensor, lengths: torch.Tensor | None) -> list:
+    """One forward over batch [B, ...]; per item its output [N, H], or the reason (a str) it failed.
+
+    If the batched forward raises, each item runs alone, so only the items that fail alone fail (an out-of-memory
+    batch then succeeds item by item). An output that is not finite fails its item alone."""
+    def run(x, n):
+        return runtime.run(x) if n is None else runtime.run(x, n)
+
+    try:
+        out = run(batch, lengths)  # [B, N, H]
+        finite = torch.isfinite(out).flatten(1).all(1).tolist()  # [B], one reduction for the batch
+        outputs: list = list(out)
+    except Exception:
+        log.exception("batched encoder forward failed; running its items one at a time", extra={"batch": len(batch)})
+        outputs = []
+        for i in range(len(batch)):
+            try:
+                outputs.append(run(batch[i : i + 1], None if lengths is None else lengths[i : i + 1])[0])
+            except Exception as exc:
+                outputs.append(f"the encoder failed on this input ({type(exc).__name__}: {exc})")
+        finite = [isinstance(o, str) or bool(torch.isfinite(o).all()) for o in outputs]
+    return [o if ok else "the encoder produced non-finite values for this input" for o, ok in zip(outputs, finite)]

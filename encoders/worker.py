@@ -4,6 +4,10 @@ shape, publish each tensor to the cache (notifying every waiting gateway), ack.
 One consumer in the modality's consumer group; add replicas by starting more processes. On SIGTERM it stops reading,
 finishes the batch in hand, acks it and exits; jobs a crashed worker left unacked are reclaimed by a live one after
 ``claim_idle_s``.
+
+Faults are per job: media that does not decode, whose decoded values are not finite, whose forward pass fails alone
+(a failed batch is re-run one item at a time) or whose output is not finite in the wire dtype is published as that
+job's ``EncodeFailed``; the rest of the batch is encoded and the loop goes on.
 """
 
 from __future__ import annotations
@@ -26,6 +30,8 @@ from cache.streams import autoclaim_entries, ensure_group, fields_payload
 from cache.tensors import TensorPublisher
 from encoders.batching import batch_lengths, read_batch, shape_groups
 from encoders.preprocess import MediaError, Prepared
+from encoders.runtime import run_isolating
+from models.media import MAX_AUDIO_S
 from router import messages as m
 from router.liveness import Heartbeat
 
@@ -45,10 +51,14 @@ class EncoderConfig:
     tensor_ttl_s: int = 3600  # lifetime of a cached encoder output
     wire_dtype: str = "float32"  # dtype of cached tensors: float32, float16 or bfloat16 (half the bytes)
     claim_idle_s: float = 60.0  # a job pending this long on a dead consumer is taken over
+    stall_s: float = 60.0  # a loop that has not come round for this long stops heartbeating (router/liveness.py)
+    max_audio_seconds: float = MAX_AUDIO_S  # decoding stops past it; a longer clip is bad media
 
     def __post_init__(self) -> None:
         if self.max_batch < 1 or self.max_wait_ms < 0 or self.block_ms < 1 or self.tensor_ttl_s < 1:
             raise ValueError("max_batch, block_ms and tensor_ttl_s must be >= 1 and max_wait_ms >= 0")
+        if not (self.stall_s > 0 and self.max_audio_seconds > 0):
+            raise ValueError("stall_s and max_audio_seconds must be > 0")
         if self.wire_dtype not in WIRE_DTYPES:
             raise ValueError(f"wire_dtype must be one of {sorted(WIRE_DTYPES)}, got {self.wire_dtype!r}")
 
@@ -74,12 +84,13 @@ class EncoderWorker:
 
     def run(self) -> None:
         ensure_group(self.r, self.stream, ENCODER_GROUP)
-        heartbeat = Heartbeat(self.cfg.redis_url, self.keys, self.tier, self.consumer).start()
+        heartbeat = Heartbeat(self.cfg.redis_url, self.keys, self.tier, self.consumer, self.cfg.stall_s).start()
         log.info("encoder ready", extra={"modality": self.cfg.modality, "runtime": self.runtime.name,
                                          "provider": getattr(self.runtime, "provider", self.cfg.device),
                                          "max_batch": self.cfg.max_batch, "consumer": self.consumer})
         try:
             while not self.stop.is_set():
+                heartbeat.tick()  # the heartbeat goes stale if this loop stops coming round
                 try:
                     # 1) Take a batch: stale jobs of dead consumers first, then new ones.
                     entries = self._reclaim() or read_batch(self.r, ENCODER_GROUP, self.consumer, self.stream,
@@ -115,34 +126,26 @@ class EncoderWorker:
         jobs = self._decode(entries, pipe)
         blobs = self.r.mget([j.msg.blob_key for j in jobs]) if jobs else []
         # 1) Preprocess each job; failures are published to their waiters at once.
-        prepared: list[tuple[int, Prepared]] = []
         t0 = time.perf_counter()
-        for i, (job, blob) in enumerate(zip(jobs, blobs)):
-            if error := self._check(job, blob):
-                self._fail(pipe, job, *error)
-                continue
-            try:
-                prepared.append((i, self.preprocess(blob)))
-            except MediaError as exc:
-                log.info("bad media", extra={"request_id": job.msg.request_id, "error": str(exc)})
-                self._fail(pipe, job, m.ErrorCode.BAD_MEDIA, str(exc))
+        prepared = [(i, p) for i, (job, blob) in enumerate(zip(jobs, blobs))
+                    if (p := self._prepare(pipe, job, blob)) is not None]
         t1 = time.perf_counter()
-        # 2) One forward pass per input shape.
-        outputs: dict[int, torch.Tensor] = {}
+        # 2) One forward pass per input shape (one per item only for a batch that raised).
+        outputs: dict[int, torch.Tensor | str] = {}
         groups = shape_groups(prepared)
         by_index = dict(prepared)
         for indices, batch in groups:
             lengths = batch_lengths([by_index[i] for i in indices])  # [B] real lengths, or None
-            out = self.runtime.run(batch) if lengths is None else self.runtime.run(batch, lengths)  # [B, N, H]
-            outputs.update(zip(indices, out))
+            outputs.update(zip(indices, run_isolating(self.runtime, batch, lengths)))  # [N, H] each, or a reason
         t2 = time.perf_counter()
-        # 3) Publish every tensor, ack every entry, count: one round trip.
+        # 3) Publish every tensor (or the failure), ack every entry, count: one round trip.
+        encoded = 0
         for i, p in prepared:
-            self._publish(pipe, jobs[i], outputs[i][: p.num_tokens], p.num_tokens)
+            encoded += self._publish(pipe, jobs[i], outputs[i], p.num_tokens)
         for job in jobs:
             pipe.xack(self.stream, ENCODER_GROUP, job.entry_id)
         stats = self.keys.stats(self.tier)
-        pipe.hincrby(stats, "encoder_calls", len(prepared))  # items encoded
+        pipe.hincrby(stats, "encoder_calls", encoded)  # items encoded
         pipe.hincrby(stats, "forward_passes", len(groups))
         pipe.hincrbyfloat(stats, "encode_seconds", t2 - t1)
         if groups:
@@ -153,6 +156,26 @@ class EncoderWorker:
                                        "modality": self.cfg.modality, "tokens": p.num_tokens, "batch": len(prepared),
                                        "preprocess_ms": round((t1 - t0) * 1e3 / max(len(prepared), 1), 2),
                                        "encode_ms": round((t2 - t1) * 1e3, 2)})
+
+    def _prepare(self, pipe, job: Job, blob: bytes | None) -> Prepared | None:
+        """The job's input ready for the encoder, or None once its failure is queued on ``pipe``."""
+        if error := self._check(job, blob):
+            self._fail(pipe, job, *error)
+            return None
+        try:
+            p = self.preprocess(blob)
+        except MediaError as exc:
+            error = str(exc)
+        except Exception as exc:  # a decoder or resampler choking on hostile bytes: this job only
+            log.exception("preprocessing failed", extra={"request_id": job.msg.request_id})
+            error = f"cannot preprocess this {self.cfg.modality} ({type(exc).__name__})"
+        else:
+            if not p.data.is_floating_point() or bool(torch.isfinite(p.data).all()):
+                return p
+            error = f"the decoded {self.cfg.modality} holds non-finite values (NaN or infinity)"
+        log.info("bad media", extra={"request_id": job.msg.request_id, "error": error})
+        self._fail(pipe, job, m.ErrorCode.BAD_MEDIA, error)
+        return None
 
     def _decode(self, entries: list, pipe) -> list[Job]:
         jobs = []
@@ -177,11 +200,25 @@ class EncoderWorker:
             return m.ErrorCode.MEDIA_EXPIRED, "the media bytes expired before encoding"
         return None
 
-    def _publish(self, pipe, job: Job, tensor: torch.Tensor, n: int) -> None:
-        done = m.EncodeDone(request_id=job.msg.request_id, job_id=job.msg.job_id, tensor_key=job.tensor_key,
-                            num_tokens=n)
-        self.publisher.publish(pipe, job.script_keys, encode_tensor(tensor, self.cfg.wire_dtype), n,
-                               self.cfg.tensor_ttl_s, m.encode(done), job.msg.reply_to)
+    def _publish(self, pipe, job: Job, output: torch.Tensor | str, n: int) -> bool:
+        """Queue the tensor's publication, or the job's failure (a forward that failed alone, or values that are
+        not finite once cast to the wire dtype: an fp16 wire overflows past 65504). True if published."""
+        if isinstance(output, str):
+            error = output
+        else:
+            rows = output[:n].to(WIRE_DTYPES[self.cfg.wire_dtype])  # [n, H]
+            if bool(torch.isfinite(rows).all()):
+                data = encode_tensor(rows, self.cfg.wire_dtype)
+                done = m.EncodeDone(request_id=job.msg.request_id, job_id=job.msg.job_id, tensor_key=job.tensor_key,
+                                    num_tokens=n)
+                self.publisher.publish(pipe, job.script_keys, data, n, self.cfg.tensor_ttl_s, m.encode(done),
+                                       job.msg.reply_to)
+                return True
+            error = f"the encoder output is not finite in {self.cfg.wire_dtype}"
+        log.error("encode failed", extra={"request_id": job.msg.request_id, "job_id": job.msg.job_id,
+                                          "error": error})
+        self._fail(pipe, job, m.ErrorCode.INTERNAL, error)
+        return False
 
     def _fail(self, pipe, job: Job, code: m.ErrorCode, error: str) -> None:
         msg = m.EncodeFailed(request_id=job.msg.request_id, job_id=job.msg.job_id, tensor_key=job.tensor_key,
@@ -200,4 +237,4 @@ def serve(cfg: EncoderConfig, model_dir: str, threads: int | None = None) -> Non
         torch.set_num_threads(threads)
     spec = ModelSpec.from_dir(model_dir)
     runtime = load_runtime(spec, cfg.modality, cfg.runtime, cfg.device, threads)
-    EncoderWorker(cfg, load_preprocessor(spec, cfg.modality), runtime, stop).run()
+    EncoderWorker(cfg, load_preprocessor(spec, cfg.modality, cfg.max_audio_seconds), runtime, stop).run()

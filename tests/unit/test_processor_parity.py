@@ -287,6 +287,9 @@ AUDIO_CASES = {
     "8k-mono": (1.1, 8000, 1),
     "44.1k-stereo": (1.6, 44100, 2),
     "16k-longer-than-window": (2.6, 16000, 1),
+    # Decoding stops past the window (+ a margin): resampled, the kept samples must still be bitwise the reference's.
+    "44.1k-stereo-far-longer-than-window": (9.0, 44100, 2),
+    "8k-far-longer-than-window": (12.0, 8000, 1),
 }
 
 

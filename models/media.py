@@ -1,0 +1,84 @@
+"""What every tier knows about a media part before decoding it: the accepted formats and size limits, header probes
+that read a part's format and size without decoding pixels or samples, and how many placeholder tokens it becomes.
+
+The gateway probes each part while it validates a request, so a part that is not an image or an audio clip, is too
+large, too long, or would overflow the context gets its 400 before anything is queued or encoded; the encoder
+workers apply the same limits again while decoding (a job may come from any gateway). PIL and soundfile are
+imported when first used.
+"""
+
+from __future__ import annotations
+
+import io
+import math
+from dataclasses import dataclass
+
+IMAGE_FORMATS = {"PNG", "JPEG", "WEBP", "GIF", "BMP"}
+MAX_IMAGE_PIXELS = 40_000_000
+MAX_AUDIO_S = 300.0  # longer clips are refused (the features keep only the extractor's window anyway)
+
+
+class MediaHeaderError(ValueError):
+    """The part's header says it is not usable: not a known format, too many pixels, too long."""
+
+
+@dataclass(frozen=True)
+class MediaInfo:
+    """What a header says: an image's pixels, or an audio clip's length in frames at its own rate."""
+
+    width: int = 0
+    height: int = 0
+    frames: int = 0
+    rate: int = 0
+
+    @property
+    def seconds(self) -> float:
+        return self.frames / self.rate if self.rate else 0.0
+
+
+def probe_image(data: bytes) -> MediaInfo:
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(io.BytesIO(data)) as img:  # reads the header only
+            fmt, width, height = img.format, img.width, img.height
+    except (UnidentifiedImageError, OSError, ValueError, SyntaxError, Image.DecompressionBombError) as exc:
+        raise MediaHeaderError("not a readable image (accepted: " + ", ".join(sorted(IMAGE_FORMATS)) + ")") from exc
+    check_image(fmt, width, height)
+    return MediaInfo(width=width, height=height)
+
+
+def check_image(fmt: str | None, width: int, height: int) -> None:
+    if fmt not in IMAGE_FORMATS:
+        raise MediaHeaderError(f"image format {fmt} is not accepted (accepted: {', '.join(sorted(IMAGE_FORMATS))})")
+    if width * height > MAX_IMAGE_PIXELS:
+        raise MediaHeaderError(f"image of {width}x{height} pixels exceeds {MAX_IMAGE_PIXELS} pixels")
+
+
+def probe_audio(data: bytes, max_seconds: float = MAX_AUDIO_S) -> MediaInfo:
+    import soundfile as sf
+
+    try:
+        info = sf.info(io.BytesIO(data))
+    except Exception as exc:  # LibsndfileError, RuntimeError, TypeError: it is not audio libsndfile reads
+        raise MediaHeaderError("not a readable audio clip (wav, mp3, flac or ogg)") from exc
+    if info.samplerate <= 0:
+        raise MediaHeaderError("audio header has no sample rate")
+    out = MediaInfo(frames=max(int(info.frames), 0), rate=int(info.samplerate))
+    if out.seconds > max_seconds:
+        raise MediaHeaderError(f"audio of {out.seconds:.1f} s is longer than {max_seconds:g} s")
+    return out
+
+
+def placeholder_count(spec, modality: str, info: MediaInfo) -> int:
+    """How many placeholder tokens the part will expand to, as the encoder will count them: an image's count is
+    fixed by the model; an audio clip's follows its length, resampled to the extractor's rate and capped by its
+    window (WhisperFeatureExtractor: one mel frame per ``hop_length`` samples)."""
+    impl = spec.family.impl
+    if modality == "image":
+        return int(impl.image_tokens(spec.config))
+    cfg = spec.preprocess["audio"]
+    rate, hop = int(cfg["sampling_rate"]), int(cfg["hop_length"])
+    samples = math.ceil(info.frames * rate / info.rate) if info.rate else 0  # torchaudio's resampled length
+    mel_frames = math.ceil(min(samples, int(cfg["chunk_length"]) * rate) / hop)
+    return int(impl.audio_tokens(spec.config)(max(mel_frames, 1)))

@@ -1,0 +1,98 @@
+"""models/media.py: header probes refuse what the encoders would, and count placeholder tokens exactly as the encoders
+do, so the gateway can check limits and the context before anything is encoded."""
+
+from __future__ import annotations
+
+import io
+
+import numpy as np
+import pytest
+
+from encoders.loader import load_preprocessor
+from models.media import MediaHeaderError, MediaInfo, placeholder_count, probe_audio, probe_image
+from models.spec import ModelSpec
+from tests.media import jpeg_bytes, png_bytes
+
+
+def clip(seconds: float, rate: int, fmt: str = "WAV", subtype: str | None = None, channels: int = 1) -> bytes:
+    import soundfile as sf
+
+    rng = np.random.default_rng(int(seconds * 1000) + rate)
+    samples = (rng.standard_normal((max(int(seconds * rate), 1), channels)) * 0.1).astype("float32")
+    buf = io.BytesIO()
+    sf.write(buf, samples, rate, format=fmt, subtype=subtype)
+    return buf.getvalue()
+
+
+def test_image_header_gives_its_size_without_decoding():
+    assert probe_image(png_bytes(61, 47)) == MediaInfo(width=61, height=47)
+    assert probe_image(jpeg_bytes(20, 30)) == MediaInfo(width=20, height=30)
+
+
+@pytest.mark.parametrize("data,match", [
+    (b"definitely not an image", "not a readable image"),
+    (b"\x89PNG\r\n\x1a\n garbage", "not a readable image"),
+    (b"", "not a readable image"),
+])
+def test_what_is_not_an_image_is_refused_from_its_header(data, match):
+    with pytest.raises(MediaHeaderError, match=match):
+        probe_image(data)
+
+
+def test_an_image_format_outside_the_allow_list_is_refused():
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.new("RGB", (8, 8)).save(buf, "TIFF")
+    with pytest.raises(MediaHeaderError, match="TIFF is not accepted"):
+        probe_image(buf.getvalue())
+
+
+def test_too_many_pixels_are_refused_from_the_header(monkeypatch):
+    from models import media
+
+    monkeypatch.setattr(media, "MAX_IMAGE_PIXELS", 40 * 30 - 1)
+    with pytest.raises(MediaHeaderError, match="exceeds"):
+        probe_image(png_bytes(40, 30))
+
+
+def test_audio_header_gives_its_length():
+    info = probe_audio(clip(1.5, 8000))
+    assert (info.frames, info.rate) == (12000, 8000) and info.seconds == 1.5
+
+
+def test_audio_longer_than_the_cap_is_refused_from_the_header():
+    data = clip(3.0, 8000)
+    assert probe_audio(data, max_seconds=3.0).seconds == 3.0
+    with pytest.raises(MediaHeaderError, match="longer than 2.5 s"):
+        probe_audio(data, max_seconds=2.5)
+
+
+@pytest.mark.parametrize("data", [b"RIFF....WAVEnope", b"not audio at all", b""])
+def test_what_is_not_audio_is_refused_from_its_header(data):
+    with pytest.raises(MediaHeaderError, match="not a readable audio clip"):
+        probe_audio(data)
+
+
+CLIPS = [(s, r, f, st) for s in (0.01, 0.3, 1.0, 1.37, 1.999, 2.0, 2.4, 3.3, 7.0) for r, f, st in
+         ((16000, "WAV", None), (8000, "WAV", "FLOAT"), (22050, "FLAC", None), (44100, "OGG", None))]
+
+
+@pytest.mark.parametrize("seconds,rate,fmt,subtype", CLIPS)
+def test_audio_count_from_the_header_equals_the_encoders(tiny_spec, seconds, rate, fmt, subtype):
+    data = clip(seconds, rate, fmt, subtype)
+    pre = load_preprocessor(tiny_spec, "audio")
+    assert placeholder_count(tiny_spec, "audio", probe_audio(data)) == pre(data).num_tokens
+
+
+@pytest.mark.parametrize("seconds,rate", [(0.2, 16000), (1.1, 44100), (2.9, 8000), (3.0, 16000), (5.5, 22050)])
+def test_qwen2_audio_count_from_the_header_equals_the_encoders(hf_checkpoint, seconds, rate):
+    spec = ModelSpec.from_dir(hf_checkpoint("qwen2-audio-a"))
+    data = clip(seconds, rate)
+    assert placeholder_count(spec, "audio", probe_audio(data)) == load_preprocessor(spec, "audio")(data).num_tokens
+
+
+def test_image_count_is_the_models(tiny_spec):
+    data = png_bytes(50, 20)
+    assert placeholder_count(tiny_spec, "image", probe_image(data)) == \
+        load_preprocessor(tiny_spec, "image")(data).num_tokens == 16
