@@ -1,4 +1,10 @@
-"""The Starlette application: routes, the lifespan that opens Redis and starts the reply reader, error rendering."""
+"""The Starlette application: routes, the lifespan that opens Redis and starts the reply reader, error rendering.
+
+Probes: ``/health`` is liveness (200 while this process serves, with each tier's live workers and whether Redis
+answers: a reason to page someone, never to restart the gateway); ``/ready`` is readiness (200 only once Redis
+answers and every tier the served model needs has a live worker, else 503 saying what is missing). Both echo the
+gateway's ``instance`` id, so a supervisor can tell its own gateway from another process on the same port.
+"""
 
 from __future__ import annotations
 
@@ -16,7 +22,7 @@ from starlette.routing import Route
 
 from cache.client import connect_async
 from cache.keys import Keys
-from gateway.chat import ChatService, request_id_for
+from gateway.chat import ChatService, RequestIds
 from gateway.config import GatewayConfig
 from gateway.encoding import MediaEncoder
 from gateway.errors import APIError, Internal, MethodNotAllowed, NotFound, Unavailable
@@ -47,7 +53,8 @@ def create_app(cfg: GatewayConfig) -> Starlette:
         tiers = TierClient(redis, cfg, spec, replies, keys.reply(gateway_id))
         app.state.redis, app.state.tiers = redis, tiers
         media = MediaEncoder(redis, cfg, spec, replies, keys.reply(gateway_id))
-        app.state.chat = ChatService(cfg, PromptBuilder(spec, tokenizer, cfg.max_media_bytes), media, tiers, replies)
+        builder = PromptBuilder(spec, tokenizer, cfg.max_media_bytes, cfg.limit_mm_per_prompt, cfg.max_audio_seconds)
+        app.state.chat = ChatService(cfg, builder, media, tiers, replies)
         reader = asyncio.create_task(replies.run(), name="reply-reader")  # kept: the loop holds tasks weakly
         log.info("gateway ready", extra={"gateway_id": gateway_id, "model": spec.name})
         try:
@@ -61,40 +68,54 @@ def create_app(cfg: GatewayConfig) -> Starlette:
             await redis.aclose()
 
     async def chat_completions(request: Request) -> Response:
-        rid = request_id_for(request)
+        ids = RequestIds.of(request)
+        rid = ids.server
         try:
-            return await request.app.state.chat.handle(request, rid)
+            return await request.app.state.chat.handle(request, ids)
         except APIError as exc:
             log.info("request refused", extra={"request_id": rid, "status": exc.status, "error": exc.message})
-            return exc.response({"x-request-id": rid})
+            return exc.response(ids.headers())
         except ClientGone:
             log.info("client disconnected", extra={"request_id": rid})
             return Response(status_code=499)
         except RedisError as exc:
             log.error("redis unavailable", extra={"request_id": rid, "error": str(exc)})
-            return Unavailable(f"the queue (Redis) is unavailable: {exc}").response({"x-request-id": rid})
+            return Unavailable("the queue (Redis) is unavailable; retry later").response(ids.headers())
         except Exception:
             log.exception("unhandled error", extra={"request_id": rid})
-            return Internal("internal error; see the gateway log for request " + rid).response({"x-request-id": rid})
+            return Internal("internal error; see the gateway log for request " + rid).response(ids.headers())
 
     async def models(request: Request) -> Response:
         return JSONResponse({"object": "list", "data": [
             {"id": spec.name, "object": "model", "created": int(spec.path.stat().st_mtime), "owned_by": "tributary"}
         ]})
 
-    async def health(request: Request) -> Response:
+    async def probe(request: Request) -> tuple[dict, bool]:
+        """What both probes report, and whether this gateway is ready to serve."""
+        body = {"instance": cfg.instance_id, "gateway_id": gateway_id, "model": spec.name, "time": time.time()}
         try:
             live = await request.app.state.tiers.live_workers(needed_tiers)
         except RedisError as exc:
-            return JSONResponse({"status": "unavailable", "error": f"redis: {exc}"}, status_code=503)
-        ready = all(live.values())
-        return JSONResponse({"status": "ok" if ready else "degraded", "workers": live, "time": time.time()})
+            log.warning("probe: redis unavailable", extra={"error": str(exc)})
+            return {**body, "status": "redis_unavailable", "redis": "unreachable", "workers": {}}, False
+        missing = [tier for tier, n in live.items() if not n]
+        status = "ok" if not missing else "degraded"
+        return {**body, "status": status, "redis": "ok", "workers": live, "missing": missing}, not missing
+
+    async def health(request: Request) -> Response:
+        body, _ = await probe(request)
+        return JSONResponse(body)
+
+    async def ready(request: Request) -> Response:
+        body, ok = await probe(request)
+        return JSONResponse(body, status_code=200 if ok else 503)
 
     return Starlette(
         routes=[
             Route("/v1/chat/completions", chat_completions, methods=["POST"]),
             Route("/v1/models", models, methods=["GET"]),
             Route("/health", health, methods=["GET"]),
+            Route("/ready", ready, methods=["GET"]),
         ],
         lifespan=lifespan,
         exception_handlers={404: _route_error, 405: _route_error},

@@ -1,9 +1,14 @@
 """``POST /v1/chat/completions``: one request from body to answer, streamed (SSE) or whole.
 
 Steps: read the body (size-capped) -> parse and build the prompt in a worker thread (JSON, template, tokenizer,
-hashes) -> encode media (cache first) -> expand placeholders into a PromptPlan -> dispatch -> detokenize events
-into the OpenAI response shape. The streamed and the whole answer come from the same generator, so at temperature 0
-they are the same text.
+media headers, hashes) -> check the context length with the counts the headers give -> encode media (cache first)
+-> expand placeholders into a PromptPlan -> dispatch -> detokenize events into the OpenAI response shape. The
+streamed and the whole answer come from the same generator, so at temperature 0 they are the same text.
+
+Request identity: every request gets a server-generated id (``RequestIds``), the one key of its queues, replies, KV
+cache and cancellation in every tier, returned as ``x-request-id`` and in the completion id. A client's own id
+(``X-Client-Request-Id``, the OpenAI API's header, or ``X-Request-Id``) never routes anything: it is logged beside
+the server's and echoed as ``x-client-request-id``, so two requests that reuse one client id stay apart.
 """
 
 from __future__ import annotations
@@ -32,7 +37,7 @@ from router import messages as m
 
 log = logging.getLogger(__name__)
 
-_REQUEST_ID = re.compile(r"^[A-Za-z0-9._:-]{1,64}$")
+_CLIENT_ID = re.compile(r"^[\x21-\x7e]{1,512}$")  # printable ASCII, as the OpenAI API accepts
 
 
 @dataclass
@@ -43,9 +48,18 @@ class Delta:
     completion_tokens: int = 0
 
 
-def request_id_for(request: Request) -> str:
-    given = request.headers.get("x-request-id", "")
-    return given if _REQUEST_ID.match(given) else uuid.uuid4().hex
+@dataclass(frozen=True)
+class RequestIds:
+    server: str  # routes everything; unguessable, so only the owning gateway can name (and cancel) the request
+    client: str | None  # the client's own id, for logs and the echo header only
+
+    @classmethod
+    def of(cls, request: Request) -> "RequestIds":
+        given = request.headers.get("x-client-request-id") or request.headers.get("x-request-id") or ""
+        return cls(uuid.uuid4().hex, given if _CLIENT_ID.match(given) else None)
+
+    def headers(self) -> dict[str, str]:
+        return {"x-request-id": self.server, **({"x-client-request-id": self.client} if self.client else {})}
 
 
 class ChatService:
@@ -55,11 +69,12 @@ class ChatService:
         self.spec = builder.spec
         self._tasks: set[asyncio.Task] = set()  # hard references: the loop keeps only weak ones
 
-    async def handle(self, request: Request, rid: str) -> Response:
+    async def handle(self, request: Request, ids: RequestIds) -> Response:
+        rid = ids.server
         body = await self._read_body(request)
         req, prompt = await asyncio.to_thread(self._prepare, body)
-        log.info("request", extra={"request_id": rid, "stream": req.stream, "media": len(prompt.media),
-                                   "text_tokens": len(prompt.token_ids)})
+        log.info("request", extra={"request_id": rid, "client_request_id": ids.client, "stream": req.stream,
+                                   "media": len(prompt.media), "text_tokens": len(prompt.token_ids)})
         queue = self.replies.subscribe(rid)
         watcher = self._spawn(self._watch_disconnect(request, queue))
         try:
@@ -79,7 +94,7 @@ class ChatService:
             raise
         if req.stream:
             return StreamingResponse(self._sse(rid, req, first, deltas, watcher), media_type="text/event-stream",
-                                     headers={"cache-control": "no-cache", "x-request-id": rid})
+                                     headers={"cache-control": "no-cache", **ids.headers()})
         try:
             last, text = first, first.text
             async for last in deltas:
@@ -87,7 +102,7 @@ class ChatService:
         finally:
             watcher.cancel()
             self.replies.unsubscribe(rid)
-        return JSONResponse(self._completion(rid, req, text, last), headers={"x-request-id": rid})
+        return JSONResponse(self._completion(rid, req, text, last), headers=ids.headers())
 
     async def _read_body(self, request: Request) -> bytes:
         declared = request.headers.get("content-length")
@@ -107,20 +122,26 @@ class ChatService:
             raise NotFound(f"model '{req.model}' does not exist; this server serves '{self.spec.name}'",
                            param="model", code="model_not_found")
         req.stop_strings()  # validate now, before any work is queued
-        return req, self.builder.build(req)
+        prompt = self.builder.build(req)
+        self._check_context(prompt.expected_length, req.token_budget())  # before anything is encoded
+        return req, prompt
+
+    def _check_context(self, length: int, budget: int | None) -> int:
+        """The room left after a prompt of ``length`` tokens; a 400 if the prompt or max_tokens does not fit."""
+        room = self.spec.max_context - length
+        if room < 1:
+            raise InvalidRequest(f"the prompt is {length} tokens; this model's context is "
+                                 f"{self.spec.max_context} tokens", param="messages", code="context_length_exceeded")
+        if budget is not None and budget > room:
+            raise InvalidRequest(f"max_tokens {budget} + prompt {length} tokens exceeds the context of "
+                                 f"{self.spec.max_context} tokens", param="max_tokens",
+                                 code="context_length_exceeded")
+        return room
 
     async def _plan(self, rid: str, req: ChatCompletionRequest, prompt: Prompt, queue) -> m.PromptPlan:
         refs = await self.media.encode(rid, prompt.media, queue)
         ids = expand_placeholders(prompt.token_ids, self.spec.placeholder_ids, [r.num_tokens for r in refs])
-        room = self.spec.max_context - len(ids)
-        if room < 1:
-            raise InvalidRequest(f"the prompt is {len(ids)} tokens; this model's context is "
-                                 f"{self.spec.max_context} tokens", param="messages", code="context_length_exceeded")
-        budget = req.token_budget()
-        if budget is not None and budget > room:
-            raise InvalidRequest(f"max_tokens {budget} + prompt {len(ids)} tokens exceeds the context of "
-                                 f"{self.spec.max_context} tokens", param="max_tokens",
-                                 code="context_length_exceeded")
+        room = self._check_context(len(ids), budget := req.token_budget())  # the encoders' counts are final
         sampling = m.SamplingParams(max_tokens=budget or min(self.cfg.default_max_tokens, room),
                                     temperature=req.temperature, top_p=req.top_p, seed=req.seed,
                                     ignore_eos=req.ignore_eos)

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import json
+from dataclasses import dataclass, field
+
+from models.media import MAX_AUDIO_S
 
 
 @dataclass
@@ -21,12 +24,40 @@ class GatewayConfig:
     token_timeout_s: float = 30.0  # bound on the gap between two token events
     cancel_ttl_s: int = 600
     default_max_tokens: int = 256  # when the client sends none (clamped to the context left)
+    # Media parts one request may carry, per modality (vLLM's --limit-mm-per-prompt); more is a 400.
+    limit_mm_per_prompt: dict[str, int] = field(default_factory=lambda: dict(DEFAULT_MM_LIMITS))
+    max_audio_seconds: float = MAX_AUDIO_S  # longer clips are a 400 (read from the header, before any decoding)
+    instance_id: str = ""  # echoed by /ready, so a supervisor can tell its own gateway from whatever holds the port
 
     def __post_init__(self) -> None:
         for name in ("max_body_bytes", "max_media_bytes", "blob_ttl_s", "tensor_ttl_s", "default_max_tokens",
                      "lease_ttl_s"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
-        for name in ("encode_timeout_s", "first_token_timeout_s", "token_timeout_s"):
+        for name in ("encode_timeout_s", "first_token_timeout_s", "token_timeout_s", "max_audio_seconds"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name} must be > 0, got {getattr(self, name)}")
+        self.limit_mm_per_prompt = parse_mm_limits(self.limit_mm_per_prompt)
+
+
+DEFAULT_MM_LIMITS = {"image": 8, "audio": 4}
+
+
+def parse_mm_limits(value: str | dict) -> dict[str, int]:
+    """``'{"image": 4, "audio": 1}'`` (vLLM's syntax) or a dict -> the limits, the defaults filling what is not
+    named; ValueError naming what is wrong."""
+    if isinstance(value, str):
+        try:
+            value = json.loads(value)
+        except json.JSONDecodeError as exc:
+            raise ValueError(f"limit_mm_per_prompt must be a JSON object like '{{\"image\": 4}}': {exc}") from None
+    if not isinstance(value, dict):
+        raise ValueError("limit_mm_per_prompt must be a JSON object like '{\"image\": 4, \"audio\": 1}'")
+    out = dict(DEFAULT_MM_LIMITS)
+    for modality, n in value.items():
+        if modality not in DEFAULT_MM_LIMITS:
+            raise ValueError(f"limit_mm_per_prompt: unknown modality {modality!r} (known: image, audio)")
+        if not isinstance(n, int) or isinstance(n, bool) or n < 0:
+            raise ValueError(f"limit_mm_per_prompt: {modality} must be an integer >= 0, got {n!r}")
+        out[modality] = n
+    return out

@@ -24,7 +24,7 @@ import uuid
 from cache.keys import Keys
 from cache.streams import payload_fields
 from gateway.config import GatewayConfig
-from gateway.errors import InvalidRequest, Timeout, Unavailable
+from gateway.errors import Internal, InvalidRequest, Timeout, Unavailable
 from gateway.media import MediaPart
 from gateway.replies import ReplyRouter
 from gateway.tiers import DISCONNECTED, ClientGone
@@ -134,8 +134,11 @@ class MediaEncoder:
                 elif msg.code == m.ErrorCode.MEDIA_EXPIRED:
                     log.info("media expired before encoding; queueing it again", extra={"request_id": request_id})
                     await self._claim(request_id, {msg.tensor_key: part}, found)
-                else:
-                    raise Unavailable(f"{part.modality} encoding failed: {msg.error}", param=part.param)
+                elif msg.code == m.ErrorCode.DEADLINE:
+                    raise Timeout(f"{part.modality} waited too long for an encoder", param=part.param)
+                else:  # INTERNAL: the worker logged it; the client gets a 500 naming the part
+                    raise Internal(f"{part.modality} encoding failed: {msg.error}", param=part.param,
+                                   code="encoder_error")
             return found
         finally:
             for key in missing:

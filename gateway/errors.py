@@ -3,7 +3,17 @@
 
 from __future__ import annotations
 
+import json
+
 from starlette.responses import JSONResponse
+
+
+class ErrorJSON(JSONResponse):
+    """Rendered as ASCII (non-ASCII escaped): an error message may quote client text, and escaping can never fail
+    to encode, whatever that text holds."""
+
+    def render(self, content) -> bytes:
+        return json.dumps(content, ensure_ascii=True, separators=(",", ":")).encode("ascii")
 
 
 class APIError(Exception):
@@ -18,7 +28,7 @@ class APIError(Exception):
         return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
 
     def response(self, headers: dict | None = None) -> JSONResponse:
-        return JSONResponse(self.body(), status_code=self.status, headers=headers)
+        return ErrorJSON(self.body(), status_code=self.status, headers=headers)
 
 
 class InvalidRequest(APIError):

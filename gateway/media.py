@@ -21,6 +21,7 @@ class MediaPart:
     param: str  # where it sat in the request, for error messages: messages.0.content.2
     digest: str = ""  # content key; for a bare uuid, filled in from Redis (gateway/encoding.py)
     uuid: str | None = None
+    tokens: int = 0  # placeholder tokens it will expand to, from its header (0 for a bare uuid: not known yet)
 
     def with_digest(self, digest: str) -> "MediaPart":
         return replace(self, digest=digest)

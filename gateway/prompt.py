@@ -8,16 +8,25 @@ template renders media parts as Hugging Face content parts (``{"type": "image", 
 "audio": ...}``: templates test either the type or the key), and the text is tokenized with the tokenizer's special
 tokens (Llama's ``<s>``) unless the rendered text already starts with the BOS token, the rule of the processors'
 ``apply_chat_template``. A media part whose modality the model does not take is a 400 naming the part.
+
+Cheap checks come before expensive work: media parts are counted against the per-prompt limits before any is
+unwrapped, and each part's header is read (models/media.py: format, pixels, duration) before it is hashed, so a
+request that could never be served is refused here, with nothing queued. Each part also learns how many placeholder
+tokens it will become, so the context check can run before anything is encoded (``Prompt.expected_length``).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
+from gateway.config import DEFAULT_MM_LIMITS
 from gateway.errors import InvalidRequest
 from gateway.media import MediaPart, audio_from_base64, content_digest, image_from_url
 from gateway.schemas import ChatCompletionRequest
+from models.media import MAX_AUDIO_S, MediaHeaderError, placeholder_count, probe_audio, probe_image
 from models.spec import ModelSpec
+
+_MODALITY = {"image_url": "image", "input_audio": "audio"}  # part type -> modality
 
 
 @dataclass(frozen=True)
@@ -25,13 +34,22 @@ class Prompt:
     token_ids: list[int]  # one placeholder token per media part, not yet expanded
     media: list[MediaPart]  # in prompt order
 
+    @property
+    def expected_length(self) -> int:
+        """The prompt's length once expanded, as far as the headers tell (a bare uuid counts 0 until looked up)."""
+        return len(self.token_ids) - len(self.media) + sum(p.tokens for p in self.media)
+
 
 class PromptBuilder:
-    def __init__(self, spec: ModelSpec, tokenizer, max_media_bytes: int):
+    def __init__(self, spec: ModelSpec, tokenizer, max_media_bytes: int, limits: dict[str, int] | None = None,
+                 max_audio_seconds: float = MAX_AUDIO_S):
         self.spec, self.tokenizer, self.max_media_bytes = spec, tokenizer, max_media_bytes
+        self.limits = limits or dict(DEFAULT_MM_LIMITS)
+        self.max_audio_seconds = max_audio_seconds
         self.placeholder_text = {m: tokenizer.convert_ids_to_tokens(i) for m, i in spec.placeholder_ids.items()}
 
     def build(self, req: ChatCompletionRequest) -> Prompt:
+        self._check_counts(req)
         messages, media = [], []
         for i, msg in enumerate(req.messages):
             role = "system" if msg.role == "developer" else msg.role
@@ -58,6 +76,17 @@ class PromptBuilder:
         self._check_placeholders(ids, media)
         return Prompt(ids, media)
 
+    def _check_counts(self, req: ChatCompletionRequest) -> None:
+        counts = {m: 0 for m in self.limits}
+        for msg in req.messages:
+            for part in msg.content if isinstance(msg.content, list) else ():
+                if part.type in _MODALITY:
+                    counts[_MODALITY[part.type]] += 1
+        for modality, n in counts.items():
+            if n > self.limits[modality]:
+                raise InvalidRequest(f"at most {self.limits[modality]} {modality} part(s) may be sent in one request; "
+                                     f"this one has {n}", param="messages", code="too_many_media_parts")
+
     def _media(self, part, param: str) -> MediaPart:
         modality = "image" if part.type == "image_url" else "audio"
         if modality not in self.spec.modalities:
@@ -72,8 +101,12 @@ class PromptBuilder:
             data = audio_from_base64(part.input_audio.data, param, self.max_media_bytes)
         if not data:
             raise InvalidRequest(f"{modality} data is empty", param=param)
+        try:
+            info = probe_image(data) if modality == "image" else probe_audio(data, self.max_audio_seconds)
+        except MediaHeaderError as exc:
+            raise InvalidRequest(f"{modality}: {exc}", param=param, code="invalid_media") from None
         digest = content_digest(self.spec.encoder_id(modality), self.spec.preprocess[modality], data)
-        return MediaPart(modality, data, param, digest, part.uuid)
+        return MediaPart(modality, data, param, digest, part.uuid, placeholder_count(self.spec, modality, info))
 
     def _check_text(self, text: str, param: str) -> None:
         # A placeholder typed by the client would be spliced with another part's tensor: refuse it.

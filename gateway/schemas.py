@@ -2,11 +2,16 @@
 
 Parameters the server does not implement yet are refused by name (never silently ignored) unless they carry the
 value that means "off" (``n: 1``, ``logprobs: false``, ...). Unknown parameters are refused too.
+
+The body must be strict JSON: UTF-8, no ``NaN`` / ``Infinity`` (Python's json module accepts them), nesting at most
+``MAX_DEPTH`` deep, and no string (key or value) holding a lone UTF-16 surrogate (``"\ud800"`` decodes to a Python
+str that no tokenizer or UTF-8 encoder accepts). Each is a 400 naming where it was found.
 """
 
 from __future__ import annotations
 
 import json
+import re
 from typing import Annotated, Literal, Union
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
@@ -78,7 +83,7 @@ class ChatCompletionRequest(_Strict):
     max_completion_tokens: int | None = Field(default=None, ge=1)
     temperature: float = Field(default=1.0, ge=0.0, le=2.0)
     top_p: float = Field(default=1.0, gt=0.0, le=1.0)
-    seed: int | None = None
+    seed: int | None = Field(default=None, ge=-(2**63), le=2**64 - 1)  # any 64-bit seed, signed or not
     stop: str | list[str] | None = None
     user: str | None = None
     ignore_eos: bool = False  # vLLM's extension: generate exactly max_tokens (benchmarks)
@@ -104,13 +109,24 @@ _OFF_VALUES = {
 }
 
 
+MAX_DEPTH = 32  # a chat request needs 6 levels (body, messages, message, content, part, image_url)
+_SURROGATE = re.compile("[\ud800-\udfff]")
+
+
+def _no_constants(name: str):
+    raise ValueError(f"{name} is not valid JSON")
+
+
 def parse_chat_request(body: bytes) -> ChatCompletionRequest:
     try:
-        raw = json.loads(body)
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raw = json.loads(body, parse_constant=_no_constants)
+    except RecursionError:
+        raise InvalidRequest(f"request body is nested more than {MAX_DEPTH} levels deep") from None
+    except (ValueError, UnicodeDecodeError) as exc:  # JSONDecodeError is a ValueError
         raise InvalidRequest(f"request body is not valid JSON: {exc}") from exc
     if not isinstance(raw, dict):
         raise InvalidRequest("request body must be a JSON object")
+    check_strict(raw)
     for name, off in _OFF_VALUES.items():
         if name in raw:
             value = raw.pop(name)
@@ -121,6 +137,28 @@ def parse_chat_request(body: bytes) -> ChatCompletionRequest:
         return ChatCompletionRequest.model_validate(raw)
     except ValidationError as exc:
         raise InvalidRequest(*_describe(exc)) from exc
+
+
+def check_strict(raw) -> None:
+    """400 for nesting deeper than MAX_DEPTH or a lone surrogate in any key or string (iterative: no recursion)."""
+    stack = [(raw, (), 1)]
+    while stack:
+        value, path, depth = stack.pop()
+        if depth > MAX_DEPTH:
+            raise InvalidRequest(f"request body is nested more than {MAX_DEPTH} levels deep",
+                                 param=".".join(map(str, path[:3])) or None)
+        items = value.items() if isinstance(value, dict) else enumerate(value) if isinstance(value, list) else ()
+        for key, item in items:
+            where = (*path, key)
+            if isinstance(key, str) and _SURROGATE.search(key):
+                raise InvalidRequest("a key holds a lone UTF-16 surrogate (invalid Unicode)",
+                                     param=".".join(map(str, path)) or None)
+            if isinstance(item, str):
+                if _SURROGATE.search(item):
+                    raise InvalidRequest(f"'{'.'.join(map(str, where))}' holds a lone UTF-16 surrogate (invalid "
+                                         "Unicode)", param=".".join(map(str, where)))
+            elif isinstance(item, (dict, list)):
+                stack.append((item, where, depth + 1))
 
 
 def _describe(exc: ValidationError) -> tuple[str, str]:

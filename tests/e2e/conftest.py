@@ -7,7 +7,6 @@ Hugging Face LLaVA / Qwen2-Audio checkpoints); give each cluster that may share 
 from __future__ import annotations
 
 import contextlib
-import json
 import os
 import signal
 import subprocess
@@ -52,18 +51,19 @@ class RunningCluster:
 
 
 def wait_healthy(base_url: str, proc: subprocess.Popen, timeout: float, log_path: Path) -> None:
+    """Until the gateway's /ready answers 200 (Redis up, a live worker in every tier)."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if proc.poll() is not None:
             raise RuntimeError(f"cluster exited with {proc.returncode}:\n{log_path.read_text()[-4000:]}")
         try:
-            with urllib.request.urlopen(f"{base_url}/health", timeout=2) as resp:
-                if json.load(resp)["status"] == "ok":
+            with urllib.request.urlopen(f"{base_url}/ready", timeout=2) as resp:
+                if resp.status == 200:
                     return
-        except OSError:
+        except OSError:  # not listening yet, or 503 (urllib raises HTTPError, an OSError) while a tier starts
             pass
         time.sleep(0.5)  # polling a readiness probe: the processes are importing torch
-    raise RuntimeError(f"cluster not healthy after {timeout}s:\n{log_path.read_text()[-4000:]}")
+    raise RuntimeError(f"cluster not ready after {timeout}s:\n{log_path.read_text()[-4000:]}")
 
 
 @contextlib.contextmanager

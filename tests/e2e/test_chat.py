@@ -9,6 +9,7 @@ from concurrent.futures import ThreadPoolExecutor
 import httpx
 import openai
 import pytest
+import redis
 from openai import OpenAI
 
 from tests.media import b64, data_url, jpeg_bytes, png_bytes, wav_bytes
@@ -189,13 +190,149 @@ def test_malformed_json_and_unknown_model(cluster, client):
     assert health["status"] == "ok"  # nothing above took a tier down
 
 
-def test_request_id_is_returned_and_logged(cluster):
+def test_request_id_is_the_servers_and_the_clients_is_echoed_and_logged(cluster):
     r = httpx.post(f"{cluster.base_url}/v1/chat/completions", timeout=60, headers={"x-request-id": "e2e-trace-1"},
                    json={"model": cluster.model, "messages": trimodal_messages(9), "max_tokens": 2})
-    assert r.status_code == 200 and r.headers["x-request-id"] == "e2e-trace-1"
-    assert r.json()["id"] == "chatcmpl-e2e-trace-1"
-    tiers = set()
+    assert r.status_code == 200
+    rid = r.headers["x-request-id"]
+    assert rid != "e2e-trace-1" and len(rid) == 32  # server-generated: routes every tier
+    assert r.headers["x-client-request-id"] == "e2e-trace-1"
+    assert r.json()["id"] == f"chatcmpl-{rid}"
+    tiers, client_logged = set(), False
     for line in cluster.log_path.read_text().splitlines():
-        if line.startswith("{") and '"e2e-trace-1"' in line:
-            tiers.add(json.loads(line)["tier"])
+        if line.startswith("{") and rid in line:
+            record = json.loads(line)
+            tiers.add(record["tier"])
+            client_logged |= record.get("client_request_id") == "e2e-trace-1"
     assert {"gateway", "encoder:image", "encoder:audio", "backbone"} <= tiers
+    assert client_logged  # the gateway logs the client's id beside the server's
+
+
+def test_concurrent_requests_with_one_client_id_each_get_their_own_answer(client, cluster):
+    prompts = [f"tell me about rivers number {i}" for i in range(4)]
+
+    def ask(text: str, rid: str | None = None) -> str:
+        headers = {"X-Request-Id": rid} if rid else None
+        return client.chat.completions.create(model=cluster.model, messages=[{"role": "user", "content": text}],
+                                              max_tokens=10, temperature=0, extra_body={"ignore_eos": True},
+                                              extra_headers=headers).choices[0].message.content
+
+    alone = [ask(p) for p in prompts]
+    assert len(set(alone)) > 1  # the prompts give different answers, so a mix-up would show
+    with ThreadPoolExecutor(4) as pool:
+        together = list(pool.map(lambda p: ask(p, "retry-1"), prompts))
+    assert together == alone
+
+
+def raw_post(cluster, body: bytes) -> httpx.Response:
+    return httpx.post(f"{cluster.base_url}/v1/chat/completions", content=body, timeout=30,
+                      headers={"content-type": "application/json"})
+
+
+@pytest.mark.parametrize("body,words", [
+    (b"[" * 200_000 + b"]" * 200_000, "nested"),
+    (b'{"model": "m", "messages": [{"role": "user", "content": "x"}], "metadata": ' + b'{"a":' * 50 + b"1"
+     + b"}" * 51, "nested"),
+    (b'{"model": "MODEL", "messages": [{"role": "user", "content": "lone \\ud800 surrogate"}]}', "surrogate"),
+    (b'{"model": "MODEL", "messages": [{"role": "user", "content": "x"}], "stop": "\\udfff"}', "surrogate"),
+    (b'{"model": "MODEL\\ud800", "messages": [{"role": "user", "content": "x"}]}', "surrogate"),
+    (b'{"model": "MODEL", "messages": [{"role": "user", "content": "x"}], "temperature": NaN}', "JSON"),
+    (b'{"model": "MODEL", "messages": [{"role": "user", "content": "x"}], "seed": 18446744073709551616}', "seed"),
+    (b"\xff\xfe{}", "JSON"),
+])
+def test_malformed_bodies_are_400s(cluster, body, words):
+    r = raw_post(cluster, body.replace(b"MODEL", cluster.model.encode()))
+    assert r.status_code == 400, r.text
+    assert words in r.json()["error"]["message"]
+
+
+def pids(cluster) -> set[int]:
+    return set(cluster.children())
+
+
+def nan_wav() -> bytes:
+    import io
+
+    import numpy as np
+    import soundfile as sf
+
+    wave = (np.random.default_rng(1).standard_normal(8000) * 0.1).astype("float32")
+    wave[10:20] = np.nan
+    buf = io.BytesIO()
+    sf.write(buf, wave, 16000, format="WAV", subtype="FLOAT")
+    return buf.getvalue()
+
+
+def test_non_finite_audio_fails_alone_among_concurrent_requests(client, cluster):
+    before = pids(cluster)
+
+    def ask(i: int):
+        data = nan_wav() if i == 0 else wav_bytes(0.4 + 0.05 * i, seed=200 + i)
+        msgs = [{"role": "user", "content": [{"type": "text", "text": "listen"},
+                                              {"type": "input_audio", "input_audio": {"data": b64(data),
+                                                                                      "format": "wav"}}]}]
+        try:
+            return client.chat.completions.create(model=cluster.model, messages=msgs, max_tokens=4,
+                                                  extra_body={"ignore_eos": True})
+        except openai.APIStatusError as exc:
+            return exc
+
+    with ThreadPoolExecutor(9) as pool:
+        results = list(pool.map(ask, range(9)))
+    bad = results[0]
+    assert isinstance(bad, openai.BadRequestError), bad
+    assert bad.body["code"] == "invalid_media" and "non-finite" in bad.body["message"]
+    assert bad.body["param"] == "messages.0.content.1"
+    assert all(r.usage.completion_tokens == 4 for r in results[1:]), results[1:]
+    assert pids(cluster) == before  # no worker died or was restarted
+
+
+def test_sampling_extremes_run_beside_ordinary_requests(client, cluster):
+    before = pids(cluster)
+    base = dict(model=cluster.model, messages=[{"role": "user", "content": "extremes"}], max_tokens=6)
+    cases = [dict(temperature=1e-30, seed=2**64 - 1), dict(temperature=2, top_p=1e-300, seed=-(2**63)),
+             dict(temperature=0), dict(temperature=2, top_p=1), dict(temperature=1.5, seed=0)] + \
+        [dict(temperature=0.7, seed=i) for i in range(4)]
+    with ThreadPoolExecutor(len(cases)) as pool:
+        results = list(pool.map(lambda kw: client.chat.completions.create(
+            **base, **kw, extra_body={"ignore_eos": True}), cases))
+    assert all(r.usage.completion_tokens == 6 for r in results)
+    greedy = results[2].choices[0].message.content
+    assert results[0].choices[0].message.content == greedy  # a temperature that underflows is greedy
+    assert results[1].choices[0].message.content == greedy  # top_p below float32's range keeps the argmax
+    assert pids(cluster) == before
+
+
+def test_too_many_media_parts_are_a_400_before_anything_is_queued(cluster):
+    r = redis.Redis.from_url(cluster.redis_url)
+    queued = r.xlen(f"{cluster.prefix}:jobs:image")
+    parts = [{"type": "image_url", "image_url": {"url": data_url(png_bytes(20, 20, seed=300 + i))}} for i in range(9)]
+    resp = httpx.post(f"{cluster.base_url}/v1/chat/completions", timeout=30, json={
+        "model": cluster.model, "messages": [{"role": "user", "content": parts}]})
+    assert resp.status_code == 400 and resp.json()["error"]["code"] == "too_many_media_parts"
+    assert r.xlen(f"{cluster.prefix}:jobs:image") == queued
+
+
+def test_the_context_is_checked_before_any_media_is_encoded(cluster, tiny_spec):
+    r = redis.Redis.from_url(cluster.redis_url)
+    queued, calls = r.xlen(f"{cluster.prefix}:jobs:image"), cluster.stats("encoder:image").get("encoder_calls", 0)
+    tok = tiny_spec.load_tokenizer()
+    long_text = " a" * ((tiny_spec.max_context - 30) // 2)  # two tokens each
+    alone = len(tok(tok.apply_chat_template([{"role": "user", "content": long_text}], add_generation_prompt=True,
+                                            tokenize=False), add_special_tokens=False)["input_ids"])
+    assert alone + 8 <= tiny_spec.max_context < alone + 8 + 16  # fits alone; not with an image's 16 tokens
+    msgs = [{"role": "user", "content": [{"type": "text", "text": long_text},
+                                         {"type": "image_url", "image_url": {"url": data_url(png_bytes(seed=301))}}]}]
+    resp = httpx.post(f"{cluster.base_url}/v1/chat/completions", timeout=30,
+                      json={"model": cluster.model, "messages": msgs, "max_tokens": 8})
+    assert resp.status_code == 400 and resp.json()["error"]["code"] == "context_length_exceeded", resp.text
+    assert r.xlen(f"{cluster.prefix}:jobs:image") == queued
+    assert cluster.stats("encoder:image").get("encoder_calls", 0) == calls
+
+
+def test_ready_and_health(cluster):
+    ready = httpx.get(f"{cluster.base_url}/ready", timeout=10)
+    assert ready.status_code == 200 and ready.json()["missing"] == []
+    health = httpx.get(f"{cluster.base_url}/health", timeout=10).json()
+    assert health["status"] == "ok" and health["redis"] == "ok"
+    assert health["instance"] == ready.json()["instance"] != ""

@@ -1,4 +1,5 @@
-"""A gateway whose tiers have no live worker answers 503 at once, in the OpenAI error shape; it never hangs."""
+"""A gateway whose tiers have no live worker is live but not ready, and answers requests with a 503 at once, in the
+OpenAI error shape; it never hangs."""
 
 from __future__ import annotations
 
@@ -36,9 +37,13 @@ def lone_gateway(tiny_model, redis_server):
     assert proc.returncode in (0, -15) and "Application shutdown complete" in out, out[-2000:]
 
 
-def test_health_reports_missing_tiers(lone_gateway):
-    body = httpx.get(f"{lone_gateway}/health").json()
-    assert body["status"] == "degraded" and body["workers"]["backbone"] == 0
+def test_live_but_not_ready_naming_the_missing_tiers(lone_gateway):
+    health = httpx.get(f"{lone_gateway}/health")
+    assert health.status_code == 200  # liveness: the gateway itself is fine
+    assert health.json()["status"] == "degraded" and health.json()["workers"]["backbone"] == 0
+    ready = httpx.get(f"{lone_gateway}/ready")
+    assert ready.status_code == 503
+    assert set(ready.json()["missing"]) == {"encoder:image", "encoder:audio", "backbone"}
 
 
 @pytest.mark.parametrize("content,what", [

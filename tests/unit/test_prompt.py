@@ -185,3 +185,41 @@ def test_built_prompt_expands_to_the_encoder_counts(builder, tiny_spec):
     assert out.count(tiny_spec.placeholder_ids["image"]) == 16
     assert out.count(tiny_spec.placeholder_ids["audio"]) == 5
     assert len(out) == len(prompt.token_ids) + 15 + 4
+
+
+def test_media_parts_over_the_per_prompt_limit_are_refused_before_any_is_read(tiny_spec, tokenizer):
+    limited = PromptBuilder(tiny_spec, tokenizer, max_media_bytes=1 << 20, limits={"image": 2, "audio": 0})
+    garbage = {"type": "image_url", "image_url": {"url": data_url(b"not even an image")}}
+    with pytest.raises(InvalidRequest) as info:  # the count is checked before the garbage is looked at
+        limited.build(request({"role": "user", "content": [image(png_bytes()), garbage]},
+                              {"role": "user", "content": [image(png_bytes(seed=3))]}))
+    assert info.value.code == "too_many_media_parts" and "at most 2 image" in info.value.message
+    with pytest.raises(InvalidRequest, match="at most 0 audio"):
+        limited.build(request({"role": "user", "content": [audio(wav_bytes(0.1))]}))
+    assert len(limited.build(request({"role": "user", "content": [image(png_bytes()), image(png_bytes(seed=4))]}))
+               .media) == 2
+
+
+@pytest.mark.parametrize("part", [
+    {"type": "image_url", "image_url": {"url": data_url(b"GIF89a but not really")}},
+    {"type": "input_audio", "input_audio": {"data": b64(b"RIFF....WAVEnope"), "format": "wav"}},
+])
+def test_media_whose_header_is_unreadable_is_refused_by_the_builder(builder, part):
+    with pytest.raises(InvalidRequest) as info:
+        builder.build(request({"role": "user", "content": [text("see"), part]}))
+    assert info.value.code == "invalid_media" and info.value.param == "messages.0.content.1"
+
+
+def test_audio_longer_than_the_cap_is_refused_by_the_builder(tiny_spec, tokenizer):
+    capped = PromptBuilder(tiny_spec, tokenizer, max_media_bytes=1 << 20, max_audio_seconds=0.5)
+    assert capped.build(request({"role": "user", "content": [audio(wav_bytes(0.5))]})).media
+    with pytest.raises(InvalidRequest, match="longer than 0.5 s"):
+        capped.build(request({"role": "user", "content": [audio(wav_bytes(0.6))]}))
+
+
+def test_expected_length_counts_each_part_as_the_encoder_will(builder, tiny_spec):
+    prompt = builder.build(request({"role": "user", "content": [image(png_bytes()), audio(wav_bytes(1.0)),
+                                                                 audio(wav_bytes(0.1))]}))
+    assert [p.tokens for p in prompt.media] == [16, 25, 2]  # 0.1 s: 10 mel frames -> 5 -> 2
+    expanded = expand_placeholders(prompt.token_ids, tiny_spec.placeholder_ids, [16, 25, 2])
+    assert prompt.expected_length == len(expanded)

@@ -231,3 +231,50 @@ def test_out_of_range_values_refused(name, value):
 def test_stream_options_unknown_field_refused():
     err = refused(body(stream=True, stream_options={"include_usage": True, "chunk": 3}))
     assert err.param == "stream_options.chunk"
+
+
+@pytest.mark.parametrize("raw", [
+    b"[" * 100_000 + b"]" * 100_000,  # deeper than the JSON decoder's recursion limit
+    # within the decoder's limit but past MAX_DEPTH, in a parameter that is otherwise accepted when empty
+    b'{"model": "demo", "messages": [{"role": "user", "content": "hi"}], "metadata": ' + b"[" * 40 + b"]" * 40
+    + b"}",
+])
+def test_deeply_nested_json_is_a_400(raw):
+    err = refused(raw)
+    assert "nested" in err.message
+
+
+@pytest.mark.parametrize("raw,param", [
+    (b'{"model": "demo", "messages": [{"role": "user", "content": "hi \\ud800 there"}]}', "messages.0.content"),
+    (b'{"model": "demo", "messages": [{"role": "user", "content": [{"type": "text", "text": "\\udfff"}]}]}',
+     "messages.0.content.0.text"),
+    (b'{"model": "demo\\udc00", "messages": [{"role": "user", "content": "hi"}]}', "model"),
+    (b'{"model": "demo", "messages": [{"role": "user", "content": "hi"}], "stop": ["a\\ud83d"]}', "stop.0"),
+    (b'{"model": "demo", "messages": [{"role": "user", "content": "hi"}], "x\\ud800": 1}', None),
+])
+def test_lone_surrogates_are_a_400_naming_where(raw, param):
+    err = refused(raw)
+    assert "surrogate" in err.message
+    assert err.param == param
+
+
+def test_a_surrogate_pair_is_a_valid_character():
+    req = parse_chat_request(b'{"model": "demo", "messages": [{"role": "user", "content": "\\ud83d\\ude00"}]}')
+    assert req.messages[0].content == "\U0001f600"
+
+
+@pytest.mark.parametrize("constant", [b"NaN", b"Infinity", b"-Infinity"])
+def test_non_standard_json_constants_are_a_400(constant):
+    err = refused(b'{"model": "demo", "messages": [{"role": "user", "content": "hi"}], "temperature": ' + constant
+                  + b"}")
+    assert "not valid JSON" in err.message
+
+
+@pytest.mark.parametrize("seed", [0, -1, 2**63 - 1, 2**64 - 1, -(2**63)])
+def test_every_64_bit_seed_is_accepted(seed):
+    assert parse_chat_request(body(seed=seed)).seed == seed
+
+
+@pytest.mark.parametrize("seed", [2**64, -(2**63) - 1, 10**40])
+def test_seeds_outside_64_bits_are_a_400(seed):
+    assert refused(body(seed=seed)).param == "seed"
