@@ -31,6 +31,19 @@ def _common(p: argparse.ArgumentParser, model_required: bool = True) -> None:
     p.add_argument("--log-level", default=_env("LOG_LEVEL", "INFO"))
 
 
+def _worker(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--stall-timeout", type=float, default=float(_env("STALL_TIMEOUT", 60)),
+                   help="seconds the worker loop may go without coming round before it stops heartbeating (and "
+                        "looks dead); longer than any single step")
+
+
+def _media_limits(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--limit-mm-per-prompt", default=_env("LIMIT_MM_PER_PROMPT", '{"image": 8, "audio": 4}'),
+                   help='media parts one request may carry, per modality (JSON, as vLLM: \'{"image": 4, "audio": 1}\')')
+    p.add_argument("--max-audio-seconds", type=float, default=float(_env("MAX_AUDIO_SECONDS", 300)),
+                   help="longer audio clips are refused (400)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="tributary", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -50,6 +63,11 @@ def build_parser() -> argparse.ArgumentParser:
     up.add_argument("--encoder-runtime", default="torch", choices=["torch", "onnx"])
     up.add_argument("--encoder-max-batch", type=int, default=8)
     up.add_argument("--encoder-max-wait-ms", type=float, default=2.0)
+    _media_limits(up)
+    up.add_argument("--max-restarts", type=int, default=5,
+                    help="after start-up a worker that dies is restarted; this many crashes within "
+                         "--restart-window seconds stop the cluster (non-zero exit)")
+    up.add_argument("--restart-window", type=float, default=60.0)
 
     demo = sub.add_parser("demo-model", help="write the small trimodal demo checkpoint (random weights)")
     demo.add_argument("--out", required=True, type=Path)
@@ -61,6 +79,9 @@ def build_parser() -> argparse.ArgumentParser:
     gw.add_argument("--host", default="127.0.0.1")
     gw.add_argument("--port", type=int, default=8000)
     gw.add_argument("--served-name", default=_env("SERVED_NAME"), help="model id clients send (default: folder name)")
+    _media_limits(gw)
+    gw.add_argument("--instance-id", default=_env("INSTANCE_ID", ""),
+                    help="echoed by /health and /ready (lets a supervisor recognise its own gateway)")
 
     enc = sub.add_parser("encoder", help="an encoder worker for one modality")
     _common(enc)
@@ -73,6 +94,9 @@ def build_parser() -> argparse.ArgumentParser:
                      help="once a job is in hand, how long to wait for a batch to fill")
     enc.add_argument("--tensor-ttl", type=int, default=3600, help="seconds a cached encoder output lives")
     enc.add_argument("--wire-dtype", default="float32", choices=["float32", "float16", "bfloat16"])
+    enc.add_argument("--max-audio-seconds", type=float, default=float(_env("MAX_AUDIO_SECONDS", 300)),
+                     help="audio decoding stops past this; a longer clip is refused")
+    _worker(enc)
 
     ex = sub.add_parser("export-onnx", help="export each encoder (+ projector) to ONNX and check it against torch")
     ex.add_argument("--model", required=True, type=Path)
@@ -90,6 +114,7 @@ def build_parser() -> argparse.ArgumentParser:
                     help="torch.distributed rendezvous of the replica (tcp://host:port), same on every shard")
     bb.add_argument("--kv-cache-gb", type=float, default=None,
                     help="KV memory for running sequences (each reserves prompt + max_tokens); default: unbounded")
+    _worker(bb)
 
     pl = sub.add_parser("plan", help="split the backbone's layers over unequal devices (capacity- and speed-aware)")
     pl.add_argument("--model", required=True, type=Path, help="checkpoint directory (only config.json is read)")
@@ -158,8 +183,12 @@ def main(argv: list[str] | None = None) -> int:
         from gateway.config import GatewayConfig
         from gateway.server import serve
 
-        cfg = GatewayConfig(model_dir=args.model, redis_url=args.redis_url, prefix=args.prefix,
-                            served_name=args.served_name)
+        try:
+            cfg = GatewayConfig(model_dir=args.model, redis_url=args.redis_url, prefix=args.prefix,
+                                served_name=args.served_name, limit_mm_per_prompt=args.limit_mm_per_prompt,
+                                max_audio_seconds=args.max_audio_seconds, instance_id=args.instance_id)
+        except ValueError as exc:
+            raise SystemExit(f"tributary gateway: {exc}") from None
         serve(cfg, args.host, args.port)
         return 0
     if args.command == "encoder":
@@ -167,7 +196,8 @@ def main(argv: list[str] | None = None) -> int:
 
         cfg = EncoderConfig(redis_url=args.redis_url, modality=args.modality, prefix=args.prefix,
                             runtime=args.runtime, device=args.device, max_batch=args.max_batch,
-                            max_wait_ms=args.max_wait_ms, tensor_ttl_s=args.tensor_ttl, wire_dtype=args.wire_dtype)
+                            max_wait_ms=args.max_wait_ms, tensor_ttl_s=args.tensor_ttl, wire_dtype=args.wire_dtype,
+                            stall_s=args.stall_timeout, max_audio_seconds=args.max_audio_seconds)
         serve(cfg, args.model, args.threads)
         return 0
     if args.command == "backbone":
@@ -182,7 +212,7 @@ def main(argv: list[str] | None = None) -> int:
             raise SystemExit("--num-shards > 1 needs --dist-url (the same tcp://host:port on every shard)")
         serve(BackboneConfig(redis_url=args.redis_url, prefix=args.prefix, max_running=args.max_running,
                              kv_cache_bytes=kv, shard=args.shard, num_shards=args.num_shards, layers=layers,
-                             dist_url=args.dist_url), args.model, args.threads)
+                             dist_url=args.dist_url, stall_s=args.stall_timeout), args.model, args.threads)
         return 0
     return 2
 

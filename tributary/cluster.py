@@ -1,10 +1,10 @@
 """``tributary up``: a local cluster, every tier its own OS process, joined by one Redis server.
 
-Start-up: Redis (embedded unless a URL is given) -> the demo model if no --model -> gateway, image encoder, audio
-encoder, backbone -> wait until the gateway reports a live worker in every tier. Shutdown (SIGINT, SIGTERM, or any
-child dying): SIGTERM to every child (each drains), SIGKILL after a grace period, then Redis. Children run in their
-own sessions (a terminal's Ctrl-C reaches only this supervisor, which then stops them in order) and get SIGTERM if
-the supervisor itself dies, so nothing is left behind.
+Start-up: Redis (embedded unless a URL is given) -> the demo model if no --model -> gateway, one encoder per
+modality the model takes, backbone (or its pipeline shards) -> wait until *this* cluster's gateway answers ``/ready``
+(Redis up, a live worker in every tier) -> print the banner. The port is checked free before anything starts, and
+``/ready`` must echo this cluster's instance id, so another server already on the port is an error, never mistaken
+for our readiness. Supervision (restarts, crash loops, output) is tributary/supervisor.py.
 """
 
 from __future__ import annotations
@@ -13,26 +13,24 @@ import json
 import logging
 import os
 import signal
-import subprocess
+import socket
 import sys
 import threading
 import time
+import urllib.error
 import urllib.request
+import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from cache.embedded import EmbeddedRedis, die_with_parent, free_port
+from cache.embedded import EmbeddedRedis, free_port
+from tributary.supervisor import Child, CrashLoop, Group, Supervisor
 
 log = logging.getLogger(__name__)
 
-GRACE_S = 35.0  # longer than a worker's drain timeout
 
-
-@dataclass
-class Child:
-    name: str
-    argv: list[str]
-    proc: subprocess.Popen | None = None
+class NotReady(RuntimeError):
+    """The cluster cannot become ready; the message says why."""
 
 
 @dataclass
@@ -43,75 +41,79 @@ class Cluster:
     host: str = "127.0.0.1"
     port: int = 8000
     log_level: str = "INFO"
-    encoder_args: list[str] = field(default_factory=list)  # extra flags for both encoder workers
+    encoder_args: list[str] = field(default_factory=list)  # extra flags for every encoder worker
+    gateway_args: list[str] = field(default_factory=list)  # extra flags for the gateway
     shards: int = 1  # backbone pipeline shards
-    children: list[Child] = field(default_factory=list)
     modalities: tuple[str, ...] = ("image", "audio")  # one encoder tier each: the model family's (LLaVA: image)
+    instance_id: str = field(default_factory=lambda: uuid.uuid4().hex)
 
     @property
     def url(self) -> str:
         return f"http://{self.host}:{self.port}"
 
-    def plan(self) -> list[Child]:
-        """One process per tier, each with a share of the cores (torch intra-op threads)."""
+    def groups(self) -> list[Group]:
+        """One group per tier process, the backbone's shards one group; each process with a share of the cores
+        (torch intra-op threads)."""
         cores = os.cpu_count() or 1
         base = [sys.executable, "-m", "tributary.cli"]
         common = ["--model", str(self.model), "--redis-url", self.redis_url, "--prefix", self.prefix,
                   "--log-level", self.log_level]
         enc_threads = str(max(1, cores // 2))
-        children = [
-            Child("gateway", base + ["gateway", *common, "--host", self.host, "--port", str(self.port)]),
-            *(Child(f"encoder:{m}", base + ["encoder", *common, "--modality", m, "--threads", enc_threads,
-                                            *self.encoder_args]) for m in self.modalities),
-        ]
+        one = lambda name, argv: Group(name, lambda: [Child(name, argv)])  # noqa: E731
+        groups = [one("gateway", base + ["gateway", *common, "--host", self.host, "--port", str(self.port),
+                                         "--instance-id", self.instance_id, *self.gateway_args])]
+        groups += [one(f"encoder:{m}", base + ["encoder", *common, "--modality", m, "--threads", enc_threads,
+                                               *self.encoder_args]) for m in self.modalities]
         if self.shards == 1:
-            return children + [Child("backbone", base + ["backbone", *common, "--threads", str(cores)])]
-        url = f"tcp://127.0.0.1:{free_port()}"
+            return groups + [one("backbone", base + ["backbone", *common, "--threads", str(cores)])]
         threads = str(max(1, cores // self.shards))
-        return children + [
-            Child(f"backbone:{i}", base + ["backbone", *common, "--shard", str(i), "--num-shards", str(self.shards),
-                                           "--dist-url", url, "--threads", threads])
-            for i in range(self.shards)
-        ]
 
-    def start(self) -> None:
-        env = dict(os.environ, PYTHONUNBUFFERED="1", TOKENIZERS_PARALLELISM="false")
-        for child in self.plan():
-            child.proc = subprocess.Popen(child.argv, env=env, start_new_session=True, preexec_fn=die_with_parent)
-            self.children.append(child)
-            log.info("started", extra={"child": child.name, "pid": child.proc.pid})
+        def replica() -> list[Child]:
+            url = f"tcp://127.0.0.1:{free_port()}"  # a fresh rendezvous for every (re)start
+            return [Child(f"backbone:{i}", base + ["backbone", *common, "--shard", str(i), "--num-shards",
+                                                   str(self.shards), "--dist-url", url, "--threads", threads])
+                    for i in range(self.shards)]
 
-    def dead_child(self) -> Child | None:
-        return next((c for c in self.children if c.proc.poll() is not None), None)
+        return groups + [Group("backbone", replica)]
 
-    def wait_ready(self, timeout: float, stop: threading.Event) -> bool:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline and not stop.is_set():
-            if child := self.dead_child():
-                log.error("a tier exited during start-up", extra={"child": child.name,
-                                                                   "code": child.proc.returncode})
-                return False
+    def check_port(self) -> None:
+        with socket.socket() as s:
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn binds: TIME_WAIT is no conflict
             try:
-                with urllib.request.urlopen(f"{self.url}/health", timeout=2) as resp:
-                    if json.load(resp).get("status") == "ok":
-                        return True
-            except OSError:
-                pass  # the gateway is still importing or a tier is not live yet
-            stop.wait(0.5)
-        return False
+                s.bind((self.host, self.port))
+            except OSError as exc:
+                raise NotReady(f"cannot listen on {self.host}:{self.port}: {exc.strerror or exc} (another "
+                               "server is using it? pass --port)") from None
 
-    def stop(self) -> None:
-        for child in self.children:
-            if child.proc.poll() is None:
-                child.proc.send_signal(signal.SIGTERM)
-        deadline = time.monotonic() + GRACE_S
-        for child in self.children:
+    def ready(self) -> bool:
+        """Whether our own gateway answers /ready with 200. NotReady if something else answers on the port."""
+        try:
+            with urllib.request.urlopen(f"{self.url}/ready", timeout=2) as resp:
+                body, ok = json.load(resp), True
+        except urllib.error.HTTPError as exc:  # 503 while a tier is not live yet
             try:
-                child.proc.wait(max(0.1, deadline - time.monotonic()))
-            except subprocess.TimeoutExpired:
-                log.warning("killing a tier that did not stop in time", extra={"child": child.name})
-                child.proc.kill()
-                child.proc.wait()
+                body, ok = json.load(exc), False
+            except ValueError:
+                body, ok = {}, False
+        except (OSError, ValueError):
+            return False  # not listening yet (importing)
+        if body.get("instance") != self.instance_id:
+            raise NotReady(f"{self.url} is answered by another server, not this cluster's gateway (port taken?)")
+        return ok
+
+
+def wait_ready(cluster: Cluster, sup: Supervisor, timeout: float, stop: threading.Event) -> None:
+    """Returns once the cluster is ready; NotReady (with the failing process's last lines) otherwise."""
+    deadline = time.monotonic() + timeout
+    while not stop.is_set():
+        if child := sup.dead_child():
+            raise NotReady(f"{child.name} exited with code {child.exited} during start-up; its last lines:\n"
+                           + "\n".join("    " + line for line in child.last_lines().splitlines()))
+        if cluster.ready():
+            return
+        if time.monotonic() > deadline:
+            raise NotReady(f"the cluster was not ready after {timeout:g} s; see the logs above")
+        stop.wait(0.3)
 
 
 def ensure_model(args) -> Path:
@@ -134,11 +136,21 @@ def run_cluster(args) -> int:
         signal.signal(sig, lambda *_: stop.set())
     model = ensure_model(args)
     modalities = _modalities(model)  # before anything starts: an unsupported checkpoint fails here
-    redis = None if args.redis_url else EmbeddedRedis().start()
+    limits = ["--max-audio-seconds", str(args.max_audio_seconds)]
     encoder_args = ["--runtime", args.encoder_runtime, "--max-batch", str(args.encoder_max_batch),
-                    "--max-wait-ms", str(args.encoder_max_wait_ms)]
-    cluster = Cluster(model, args.redis_url or redis.url, args.prefix, args.host, args.port, args.log_level,
-                      encoder_args, args.shards, modalities=modalities)
+                    "--max-wait-ms", str(args.encoder_max_wait_ms), *limits]
+    cluster = Cluster(model, args.redis_url or "", args.prefix, args.host, args.port, args.log_level,
+                      encoder_args, ["--limit-mm-per-prompt", args.limit_mm_per_prompt, *limits], args.shards,
+                      modalities)
+    try:
+        cluster.check_port()
+    except NotReady as exc:
+        print(f"tributary: {exc}", file=sys.stderr)
+        return 1
+    redis = None if args.redis_url else EmbeddedRedis().start()
+    cluster.redis_url = args.redis_url or redis.url
+    sup = Supervisor(cluster.groups(), args.max_restarts, args.restart_window)
+    code = 0
     try:
         if args.encoder_runtime == "onnx":  # export once here, not concurrently in both workers
             from encoders.export import ensure_onnx
@@ -147,25 +159,23 @@ def run_cluster(args) -> int:
             spec = ModelSpec.from_dir(model)
             for modality in spec.modalities:
                 ensure_onnx(spec, modality, progress=lambda line: print(line, flush=True))
-        cluster.start()
-        if not cluster.wait_ready(args.ready_timeout, stop):
-            if not stop.is_set():
-                print("tributary: the cluster did not become ready; see the logs above", file=sys.stderr)
-            return 1
-        print(_banner(cluster, model), flush=True)
+        sup.start()
+        wait_ready(cluster, sup, args.ready_timeout, stop)
+        if not stop.is_set():
+            print(_banner(cluster, model), flush=True)
         while not stop.is_set():
-            if child := cluster.dead_child():
-                print(f"tributary: {child.name} exited with code {child.proc.returncode}; stopping the cluster",
-                      file=sys.stderr)
-                return 1
-            stop.wait(0.5)
-        return 0
+            sup.tend()
+            stop.wait(0.3)
+    except (NotReady, CrashLoop) as exc:
+        print(f"tributary: {exc}", file=sys.stderr, flush=True)
+        code = 1
     finally:
         print("tributary: stopping ...", file=sys.stderr, flush=True)
-        cluster.stop()
+        sup.stop()
         if redis:
             redis.stop()
         print("tributary: stopped", file=sys.stderr, flush=True)
+    return code
 
 
 def _modalities(model: Path) -> tuple[str, ...]:

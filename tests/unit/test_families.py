@@ -335,5 +335,5 @@ def test_local_cluster_starts_only_the_family_encoders(hf_checkpoint, name):
     from tributary.cluster import Cluster
 
     modalities = read_family(hf_checkpoint(name)).modalities
-    plan = Cluster(hf_checkpoint(name), "redis://unused", modalities=modalities).plan()
-    assert [c.name for c in plan if c.name.startswith("encoder:")] == [f"encoder:{modality_of(name)}"]
+    groups = Cluster(hf_checkpoint(name), "redis://unused", modalities=modalities).groups()
+    assert [g.name for g in groups if g.name.startswith("encoder:")] == [f"encoder:{modality_of(name)}"]

@@ -1,0 +1,141 @@
+"""``tributary up`` as a supervisor, against real processes: a taken port and a child that fails at start-up are
+errors with the reason shown; after readiness a killed worker is restarted and the cluster serves again; a crash
+loop stops the cluster with a non-zero exit."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+
+from cache.embedded import free_port
+from tests.media import data_url, png_bytes
+
+pytestmark = pytest.mark.slow
+
+
+def up(model: Path, redis_url: str, log: Path, *extra: str, port: int | None = None) -> tuple[subprocess.Popen, int]:
+    port = port or free_port()
+    proc = subprocess.Popen([sys.executable, "-m", "tributary.cli", "up", "--model", str(model), "--port", str(port),
+                             "--redis-url", redis_url, *extra], stdout=log.open("w"), stderr=subprocess.STDOUT,
+                            env=dict(os.environ, PYTHONUNBUFFERED="1"))
+    return proc, port
+
+
+def wait_for(what: str, predicate, timeout: float, log: Path, proc: subprocess.Popen | None = None) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if proc is not None and proc.poll() is not None:
+            raise AssertionError(f"cluster exited ({proc.returncode}) waiting for {what}:\n{log.read_text()[-3000:]}")
+        if time.monotonic() > deadline:
+            raise AssertionError(f"no {what} after {timeout} s:\n{log.read_text()[-3000:]}")
+        time.sleep(0.3)  # polling a process's observable state
+
+
+def child_pid(parent: int, marker: str) -> int | None:
+    """The pid of ``parent``'s child whose command line holds ``marker``."""
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            if int(stat.read_text().rsplit(")", 1)[1].split()[1]) != parent:
+                continue
+            if marker in (stat.parent / "cmdline").read_bytes().replace(b"\0", b" ").decode():
+                return int(stat.parent.name)
+        except (OSError, IndexError, ValueError):
+            continue
+    return None
+
+
+def processes_with(marker: str) -> list[int]:
+    """Live (non-zombie) processes whose command line holds ``marker``."""
+    out = []
+    for proc in Path("/proc").glob("[0-9]*"):
+        try:
+            state = (proc / "stat").read_text().rsplit(")", 1)[1].split()[0]
+            if state != "Z" and marker in (proc / "cmdline").read_bytes().replace(b"\0", b" ").decode():
+                out.append(int(proc.name))
+        except (OSError, IndexError):
+            continue
+    return out
+
+
+def ready(port: int) -> bool:
+    try:
+        return httpx.get(f"http://127.0.0.1:{port}/ready", timeout=2).status_code == 200
+    except httpx.TransportError:
+        return False
+
+
+def test_a_taken_port_is_an_error_not_someone_elses_ready(tiny_model, redis_server, tmp_path):
+    with socket.socket() as squatter:
+        squatter.bind(("127.0.0.1", 0))
+        squatter.listen()
+        port = squatter.getsockname()[1]
+        proc, _ = up(tiny_model, redis_server.url, tmp_path / "up.log", "--prefix", "taken", port=port)
+        code = proc.wait(60)
+    out = (tmp_path / "up.log").read_text()
+    assert code != 0
+    assert f"cannot listen on 127.0.0.1:{port}" in out and "Address already in use" in out
+    assert "Tributary is up" not in out
+
+
+def test_a_child_that_fails_at_start_up_stops_up_with_its_error(tiny_model, redis_server, tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    broken = tmp_path / "no-audio-tower"
+    shutil.copytree(tiny_model, broken)
+    weights = load_file(broken / "model.safetensors")
+    save_file({k: v for k, v in weights.items() if not k.startswith("audio_tower.")}, broken / "model.safetensors",
+              metadata={"format": "pt"})
+    log = tmp_path / "up.log"
+    proc, _ = up(broken, redis_server.url, log, "--prefix", "broken")
+    code = proc.wait(180)
+    out = log.read_text()
+    assert code != 0
+    assert "encoder:audio exited with code 1 during start-up; its last lines:" in out
+    assert "no tensor named audio_tower" in out.split("during start-up")[1]  # the child's own error, shown
+    assert "Tributary is up" not in out
+    assert processes_with(str(broken)) == []  # nothing left behind
+
+
+def test_a_killed_worker_is_restarted_and_a_crash_loop_stops_the_cluster(tiny_model, redis_server, tmp_path):
+    log = tmp_path / "up.log"
+    proc, port = up(tiny_model, redis_server.url, log, "--prefix", "sup", "--max-restarts", "2",
+                    "--restart-window", "300")
+    try:
+        wait_for("the banner", lambda: "Tributary is up" in log.read_text(), 240, log, proc)
+        assert ready(port)  # printed only once its own gateway is ready
+        image = [{"type": "image_url", "image_url": {"url": data_url(png_bytes(seed=400))}}]
+
+        def ask() -> int:
+            return httpx.post(f"http://127.0.0.1:{port}/v1/chat/completions", timeout=60, json={
+                "model": tiny_model.name, "max_tokens": 2, "messages": [{"role": "user", "content": image}]
+            }).status_code
+
+        for crash in (1, 2):
+            victim = child_pid(proc.pid, "--modality image")
+            assert victim is not None
+            os.kill(victim, signal.SIGKILL)
+            wait_for(f"restart {crash}", lambda: log.read_text().count("restarted encoder:image") == crash, 60, log,
+                     proc)
+            restarted = child_pid(proc.pid, "--modality image")
+            assert restarted not in (None, victim)
+            wait_for("a live image encoder", lambda: ready(port) and ask() == 200, 120, log, proc)
+        os.kill(child_pid(proc.pid, "--modality image"), signal.SIGKILL)  # a third crash: past --max-restarts 2
+        code = proc.wait(120)
+        out = log.read_text()
+        assert code != 0
+        assert "3 crashes within 300 s (limit 2)" in out
+        assert out.rstrip().endswith("tributary: stopped")
+    finally:
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGINT)
+            proc.wait(60)
+    assert processes_with("--prefix sup") == []  # every child stopped

@@ -1,0 +1,166 @@
+"""Process supervision for ``tributary up``: start the tiers' processes, pass their output through while keeping
+its last lines, and keep them running.
+
+* Before the cluster is ready, any process that exits is fatal: the supervisor stops everything and reports that
+  process's exit code and its last lines of output (its error), rather than waiting for a readiness that will
+  never come.
+* After that, a process that dies is restarted with its whole *group* (the shards of one pipeline replica cannot run
+  without each other; every other tier is a group of one) after a backoff of 1, 2, 4 ... ``max_backoff_s`` seconds
+  (by the group's crashes within the window). ``max_restarts`` crashes within ``window_s`` seconds, across the
+  cluster, stop it with a non-zero exit: a crash loop is a fault to report, not to hide.
+* Every child runs in its own session (a terminal's Ctrl-C reaches only the supervisor, which then stops the
+  children in order) and gets SIGTERM if the supervisor dies (Linux parent-death signal). Stopping sends SIGTERM
+  (each worker drains), then SIGKILL after a grace period.
+"""
+
+from __future__ import annotations
+
+import collections
+import logging
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from cache.embedded import die_with_parent
+
+log = logging.getLogger(__name__)
+
+TAIL_LINES = 30  # output lines kept per process, shown when it fails
+
+
+@dataclass
+class Child:
+    name: str
+    argv: list[str]
+    env: dict[str, str] = field(default_factory=dict)
+    proc: subprocess.Popen | None = None
+    tail: collections.deque = field(default_factory=lambda: collections.deque(maxlen=TAIL_LINES))
+    _reader: threading.Thread | None = None
+
+    def start(self) -> None:
+        self.proc = subprocess.Popen(self.argv, env={**os.environ, **self.env}, stdout=subprocess.PIPE,
+                                     stderr=subprocess.STDOUT, start_new_session=True, preexec_fn=die_with_parent)
+        self._reader = threading.Thread(target=self._pump, name=f"out-{self.name}", daemon=True)
+        self._reader.start()
+        log.info("started", extra={"child": self.name, "pid": self.proc.pid})
+
+    def _pump(self) -> None:
+        """Pass the child's output through to ours, line by line, keeping the last TAIL_LINES."""
+        out = sys.stderr.buffer
+        for line in self.proc.stdout:
+            self.tail.append(line.decode(errors="replace").rstrip("\n"))
+            try:
+                out.write(line)
+                out.flush()
+            except (OSError, ValueError):  # our own stderr is gone; keep draining so the child never blocks
+                pass
+
+    @property
+    def exited(self) -> int | None:
+        return self.proc.poll() if self.proc else None
+
+    def last_lines(self) -> str:
+        if self._reader:
+            self._reader.join(timeout=2)  # the child is gone: let the pump read what it wrote last
+        return "\n".join(self.tail)
+
+    def signal(self, sig: int) -> None:
+        if self.proc and self.proc.poll() is None:
+            self.proc.send_signal(sig)
+
+
+@dataclass
+class Group:
+    """Processes started, stopped and restarted together. ``make`` builds fresh Child specs for every (re)start (a
+    pipeline replica needs a new rendezvous port each time)."""
+
+    name: str
+    make: Callable[[], list[Child]]
+    children: list[Child] = field(default_factory=list)
+    crashes: list[float] = field(default_factory=list)  # monotonic times
+    restart_at: float | None = None
+
+    def start(self) -> None:
+        self.children = self.make()
+        for child in self.children:
+            child.start()
+
+    def dead(self) -> Child | None:
+        return next((c for c in self.children if c.exited is not None), None)
+
+
+class CrashLoop(RuntimeError):
+    pass
+
+
+class Supervisor:
+    def __init__(self, groups: list[Group], max_restarts: int = 5, window_s: float = 60.0,
+                 grace_s: float = 35.0, max_backoff_s: float = 16.0):
+        self.groups, self.max_restarts, self.window_s = groups, max_restarts, window_s
+        self.grace_s, self.max_backoff_s = grace_s, max_backoff_s
+
+    @property
+    def children(self) -> list[Child]:
+        return [c for g in self.groups for c in g.children]
+
+    def start(self) -> None:
+        for group in self.groups:
+            group.start()
+
+    def dead_child(self) -> Child | None:
+        return next((c for c in self.children if c.exited is not None), None)
+
+    def tend(self) -> None:
+        """One round after start-up: notice dead groups, schedule and perform their restarts. CrashLoop when too
+        many crashes fall within the window."""
+        now = time.monotonic()
+        for group in self.groups:
+            if group.restart_at is None and (child := group.dead()) is not None:
+                group.crashes = [t for t in group.crashes if now - t < self.window_s] + [now]
+                recent = sum(1 for g in self.groups for t in g.crashes if now - t < self.window_s)
+                print(f"tributary: {child.name} exited with code {child.exited}; last lines:\n"
+                      f"{_indent(child.last_lines())}", file=sys.stderr, flush=True)
+                if recent > self.max_restarts:
+                    raise CrashLoop(f"{recent} crashes within {self.window_s:g} s (limit {self.max_restarts}); "
+                                    f"last: {child.name} exited with code {child.exited}")
+                delay = min(2.0 ** (len(group.crashes) - 1), self.max_backoff_s)
+                log.warning("restarting", extra={"group": group.name, "child": child.name, "code": child.exited,
+                                                 "in_s": delay, "crashes_in_window": len(group.crashes)})
+                self._stop_group(group, grace_s=5.0)  # its other members cannot go on without the dead one
+                group.restart_at = now + delay
+            if group.restart_at is not None and now >= group.restart_at:
+                group.restart_at = None
+                group.start()
+                print(f"tributary: restarted {group.name}", file=sys.stderr, flush=True)
+
+    def stop(self) -> None:
+        for child in self.children:
+            child.signal(signal.SIGTERM)
+        self._wait(self.children, self.grace_s)
+
+    def _stop_group(self, group: Group, grace_s: float) -> None:
+        for child in group.children:
+            child.signal(signal.SIGTERM)
+        self._wait(group.children, grace_s)
+
+    @staticmethod
+    def _wait(children: list[Child], grace_s: float) -> None:
+        deadline = time.monotonic() + grace_s
+        for child in children:
+            if child.proc is None:
+                continue
+            try:
+                child.proc.wait(max(0.1, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                log.warning("killing a process that did not stop in time", extra={"child": child.name})
+                child.proc.kill()
+                child.proc.wait()
+
+
+def _indent(text: str) -> str:
+    return "\n".join("    " + line for line in text.splitlines()) or "    (no output)"
