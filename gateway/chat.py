@@ -200,6 +200,10 @@ class ChatService:
         except (APIError, ClientGone) as exc:
             err = exc if isinstance(exc, APIError) else Internal("client disconnected")
             yield b"data: " + json.dumps(err.body()).encode() + b"\n\n"
+        except Exception:  # the stream has started: end it with an error event, not a cut connection
+            log.exception("unhandled error mid-stream", extra={"request_id": rid})
+            err = Internal("internal error; see the gateway log for request " + rid)
+            yield b"data: " + json.dumps(err.body()).encode() + b"\n\n"
         finally:
             await deltas.aclose()
             watcher.cancel()
