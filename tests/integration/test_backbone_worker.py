@@ -3,6 +3,9 @@ frees the slot, a later request streams while an earlier one is still generating
 
 from __future__ import annotations
 
+import json
+import signal
+import subprocess
 import time
 
 import pytest
@@ -12,14 +15,16 @@ from backbone.engine import load_engine
 from cache.keys import BACKBONE_GROUP, Keys
 from cache.streams import fields_payload, payload_fields
 from router import messages as m
-from tests.integration.procs import start_tier, stop_tier
+from tests.integration.procs import start_tier
 
 KEYS = Keys()
 
 
 @pytest.fixture(scope="module")
 def backbone(tiny_model, redis_server):
-    proc = start_tier(["backbone", "--model", str(tiny_model)], redis_server.url, "backbone")
+    # One torch thread: on a loaded 2-core machine two threads per step wait on each other and decoding gets ~5x
+    # slower than with one (400 tokens beside two busy loops: 9.1 s vs 1.7 s); the drain test needs a steady pace.
+    proc = start_tier(["backbone", "--model", str(tiny_model), "--threads", "1"], redis_server.url, "backbone")
     yield proc
     if proc.poll() is None:
         proc.kill()
@@ -44,6 +49,34 @@ def events(r, stream: str, until_finished: set[str], timeout: float = 60) -> lis
     return out
 
 
+class Reader:
+    """Reads one reply stream incrementally: ``until`` returns the first new event matching a condition (bounded)."""
+
+    def __init__(self, r, stream: str):
+        self.r, self.stream, self.last, self.seen = r, stream, "0-0", []
+
+    def until(self, cond, what: str, timeout: float = 60) -> m.TokenEvent:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            for _, entries in self.r.xread({self.stream: self.last}, block=500) or []:
+                for entry_id, fields in entries:
+                    self.last = entry_id
+                    ev = m.decode(fields_payload(fields), m.TokenEvent)
+                    self.seen.append(ev)
+                    if cond(ev):
+                        return ev
+        raise AssertionError(f"{what} within {timeout}s; events so far: "
+                             f"{[(e.request_id, e.completion_tokens, e.finish) for e in self.seen][-20:]}")
+
+    def drain(self) -> list[m.TokenEvent]:
+        """Every event in the stream right now (no waiting)."""
+        for _, entries in self.r.xread({self.stream: self.last}) or []:
+            for entry_id, fields in entries:
+                self.last = entry_id
+                self.seen.append(m.decode(fields_payload(fields), m.TokenEvent))
+        return self.seen
+
+
 def test_tokens_equal_the_in_process_engine(backbone, redis_server, tiny_spec):
     r = redis.Redis.from_url(redis_server.url)
     ids = [1, 286, 274, 203, 56, 76, 73, 272, 2, 203, 1, 288, 87, 203]
@@ -64,26 +97,71 @@ def test_tokens_equal_the_in_process_engine(backbone, redis_server, tiny_spec):
 
 def test_cancel_frees_the_slot_and_a_later_request_interleaves(backbone, redis_server):
     r = redis.Redis.from_url(redis_server.url)
+    cancelled_before = int(r.hget(KEYS.stats("backbone"), "cancelled") or 0)
+    reader = Reader(r, "reply:bb2")
     r.xadd(KEYS.gen(), payload_fields(m.encode(plan("long", "reply:bb2", [1, 20, 21], 1000))))
-    first = r.xread({"reply:bb2": "0-0"}, count=1, block=30000)
-    assert first, "the long request never started"
+    reader.until(lambda ev: ev.request_id == "long", "the long request never started", timeout=30)
     r.xadd(KEYS.gen(), payload_fields(m.encode(plan("short", "reply:bb2", [1, 5, 6], 3))))
-    got = events(r, "reply:bb2", {"short"})
-    short_done = next(i for i, ev in enumerate(got) if ev.request_id == "short" and ev.finish)
-    assert all(ev.finish is None for ev in got if ev.request_id == "long"), "the short one waited for the long one"
-    assert short_done < len(got)
+    reader.until(lambda ev: ev.request_id == "short", "the short request never started")
+    short_first = len(reader.seen) - 1
+    short_done = reader.until(lambda ev: ev.request_id == "short" and ev.finish is not None,
+                              "the short request never finished")
+    assert short_done.finish == m.FinishReason.LENGTH and short_done.completion_tokens == 3
+    long_so_far = [ev for ev in reader.seen if ev.request_id == "long"]
+    # When the short one finished, the long one had been streaming and was still running...
+    assert all(ev.finish is None for ev in long_so_far), "the short one waited for the long one"
+    long_at_short_done = long_so_far[-1].completion_tokens
+    assert long_at_short_done < 1000
+    # ...it advanced while the short one was generating (one batch, not one request after the other)...
+    before = [ev.completion_tokens for ev in reader.seen[:short_first] if ev.request_id == "long"]
+    during = [ev.completion_tokens for ev in reader.seen[short_first:] if ev.request_id == "long"]
+    assert during and max(during) > max(before), "the long request made no progress while the short one ran"
+    # ...and keeps producing new tokens after the short one is gone.
+    later = reader.until(lambda ev: ev.request_id == "long" and ev.completion_tokens > long_at_short_done,
+                         "the long request stopped producing tokens after the short one finished")
+    assert later.finish is None
+
     r.set(KEYS.cancel("long"), 1, ex=60)
-    tail = events(r, "reply:bb2", {"long"})
-    assert tail[-1].request_id == "long" and tail[-1].finish == m.FinishReason.CANCELLED
-    assert tail[-1].completion_tokens < 1000
-    assert int(r.hget(KEYS.stats("backbone"), "cancelled")) >= 1
+    end = reader.until(lambda ev: ev.request_id == "long" and ev.finish is not None, "the long request never ended")
+    assert end.finish == m.FinishReason.CANCELLED
+    assert later.completion_tokens <= end.completion_tokens < 1000
+    assert int(r.hget(KEYS.stats("backbone"), "cancelled")) == cancelled_before + 1
+    assert r.xpending(KEYS.gen(), BACKBONE_GROUP)["pending"] == 0, "the cancelled plan was not acknowledged"
 
 
-def test_sigterm_drains_running_requests(backbone, redis_server):
+DRAIN_TOKENS = 400  # the tiny model on one thread decodes ~2.5 ms/token here (1 s), far from done when SIGTERM
+# arrives (sent on its first token); beside two busy loops it took 1.7 s, and it must finish inside the worker's 30 s
+# drain timeout; prompt 3 + 400 fits the tiny model's 1024-position context
+
+
+def test_sigterm_drains_running_requests(backbone, redis_server, tiny_spec):
+    assert 3 + DRAIN_TOKENS <= tiny_spec.config["text_config"]["max_position_embeddings"]
     r = redis.Redis.from_url(redis_server.url)
-    r.xadd(KEYS.gen(), payload_fields(m.encode(plan("drain", "reply:bb3", [1, 20, 21], 40))))
-    assert r.xread({"reply:bb3": "0-0"}, count=1, block=30000), "the request never started"
-    code, out = stop_tier(backbone)
-    assert code == 0, out[-2000:]
-    got = events(r, "reply:bb3", {"drain"}, timeout=5)
-    assert got[-1].finish == m.FinishReason.LENGTH and got[-1].completion_tokens == 40
+    reader = Reader(r, "reply:bb3")
+    r.xadd(KEYS.gen(), payload_fields(m.encode(plan("drain", "reply:bb3", [1, 20, 21], DRAIN_TOKENS))))
+    reader.until(lambda ev: ev.request_id == "drain" and ev.completion_tokens >= 1, "the request never started",
+                 timeout=30)
+    backbone.send_signal(signal.SIGTERM)
+    # Everything in the stream right after the signal was sent: the request had not finished by then.
+    at_signal = reader.drain()
+    assert all(ev.finish is None for ev in at_signal), "the request finished before SIGTERM; make it longer"
+    tokens_at_signal = max(ev.completion_tokens for ev in at_signal)
+    assert tokens_at_signal < DRAIN_TOKENS
+    try:
+        out, _ = backbone.communicate(timeout=60)
+    except subprocess.TimeoutExpired:
+        backbone.kill()
+        raise AssertionError("the backbone did not exit within 60 s of SIGTERM") from None
+    assert backbone.returncode == 0, out[-2000:]
+
+    end = reader.until(lambda ev: ev.request_id == "drain" and ev.finish is not None,
+                       "the running request got no finish event", timeout=5)
+    after = [ev.completion_tokens for ev in reader.seen if ev.completion_tokens > tokens_at_signal]
+    assert after, "no token was generated after SIGTERM"
+    assert end.finish == m.FinishReason.LENGTH and end.completion_tokens == DRAIN_TOKENS, (
+        f"{end.finish} after {max(after)} tokens ({tokens_at_signal} at SIGTERM): {end.error}")
+    logs = [json.loads(line) for line in out.splitlines() if line.startswith("{")]
+    draining = [rec for rec in logs if rec.get("msg") == "draining"]
+    assert draining and draining[0]["running"] >= 1, f"no 'draining' log with a running request: {out[-2000:]}"
+    finished = [i for i, rec in enumerate(logs) if rec.get("msg") == "finished" and rec.get("request_id") == "drain"]
+    assert finished and finished[0] > logs.index(draining[0]), "the request did not finish after draining began"

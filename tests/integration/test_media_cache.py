@@ -8,8 +8,10 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 
 import httpx
 import pytest
@@ -26,12 +28,12 @@ from tests.integration.procs import start_tier
 from tests.media import data_url, png_bytes
 
 KEYS = Keys()
-TENSOR_TTL_S = 3
+TENSOR_TTL_S = 600  # long: a test expires an entry itself (PEXPIRE) instead of waiting
 
 
 @pytest.fixture(scope="module")
 def tiers(tiny_model, redis_server):
-    """Two gateway processes, one image encoder (short tensor TTL), one backbone."""
+    """Two gateway processes, one image encoder, one backbone."""
     redis.Redis.from_url(redis_server.url).flushall()
     procs = [start_tier(["encoder", "--modality", "image", "--model", str(tiny_model), "--max-wait-ms", "20",
                          "--tensor-ttl", str(TENSOR_TTL_S)], redis_server.url, "encoder:image"),
@@ -71,10 +73,67 @@ def encoder_calls(redis_url: str) -> int:
     return int(redis.Redis.from_url(redis_url).hget(KEYS.stats("encoder:image"), "encoder_calls") or 0)
 
 
-def chat(url: str, model: str, image: dict) -> httpx.Response:
+def cache_stats(redis_url: str) -> tuple[int, int]:
+    """(cache_hits, cache_misses) the gateways counted for images."""
+    hits, misses = redis.Redis.from_url(redis_url).hmget(KEYS.stats("encoder:image"), "cache_hits", "cache_misses")
+    return int(hits or 0), int(misses or 0)
+
+
+def jobs_queued(r) -> int:
+    """Entries ever added to the image job stream (acks do not remove them; nothing trims it)."""
+    return r.xlen(KEYS.jobs("image"))
+
+
+def wait_until(cond, what, timeout: float = 30):
+    """Poll ``cond`` (Redis state other processes change) until true; fail with ``what`` (a str, or a callable
+    giving one, evaluated at the deadline) after ``timeout`` seconds."""
+    deadline = time.monotonic() + timeout
+    while not (value := cond()):
+        if time.monotonic() >= deadline:
+            raise AssertionError(f"{what() if callable(what) else what} (waited {timeout}s)")
+        time.sleep(0.02)
+    return value
+
+
+@contextmanager
+def paused(encoder: subprocess.Popen, redis_url: str):
+    """SIGSTOP the encoder process; meanwhile a stand-in heartbeat keeps its tier looking live (a stopped worker
+    stops heartbeating, and gateways refuse requests with 503 no_live_worker once its last beat is 5 s old)."""
+    r = redis.Redis.from_url(redis_url)
+    live, standin, stop = KEYS.live("encoder:image"), "test-standin", threading.Event()
+
+    def beat():
+        while True:
+            r.zadd(live, {standin: time.time()})
+            if stop.wait(0.5):
+                return
+
+    beater = threading.Thread(target=beat, name="standin-heartbeat", daemon=True)
+    beater.start()
+    encoder.send_signal(signal.SIGSTOP)
+    try:
+        yield
+    finally:
+        encoder.send_signal(signal.SIGCONT)
+        resumed = time.time()
+        try:
+            wait_until(lambda: any(score >= resumed for member, score in r.zrange(live, 0, -1, withscores=True)
+                                   if member != standin.encode()),
+                       "the resumed encoder did not heartbeat again", timeout=30)
+        finally:
+            stop.set()
+            beater.join(5)
+            r.zrem(live, standin)
+
+
+def chat(url: str, model: str, image: dict, **body) -> httpx.Response:
     return httpx.post(f"{url}/v1/chat/completions", timeout=60, json={
-        "model": model, "max_tokens": 1,
+        "model": model, "max_tokens": 1, **body,
         "messages": [{"role": "user", "content": [{"type": "text", "text": "look"}, image]}]})
+
+
+def greedy(url: str, model: str, image: dict) -> httpx.Response:
+    return chat(url, model, image, temperature=0, max_tokens=8, ignore_eos=True)
 
 
 def image_part(data: bytes | None, uuid: str | None = None) -> dict:
@@ -82,15 +141,37 @@ def image_part(data: bytes | None, uuid: str | None = None) -> dict:
     return {**part, "uuid": uuid} if uuid else part
 
 
-def test_identical_misses_from_two_gateways_are_encoded_once(tiers, tiny_model, redis_server):
-    urls, _ = tiers
-    before = encoder_calls(redis_server.url)
-    img = image_part(png_bytes(61, 47, seed=101))
-    with ThreadPoolExecutor(8) as pool:
-        responses = list(pool.map(lambda i: chat(urls[i % 2], tiny_model.name, img), range(8)))
-    assert [r.status_code for r in responses] == [200] * 8, responses[0].text
-    assert len({r.json()["usage"]["prompt_tokens"] for r in responses}) == 1
-    assert encoder_calls(redis_server.url) == before + 1
+def digest_of(spec, data: bytes) -> str:
+    return content_digest(spec.encoder_id("image"), spec.preprocess["image"], data)
+
+
+def test_identical_misses_from_two_gateways_are_encoded_once(tiers, tiny_model, tiny_spec, redis_server):
+    urls, encoder = tiers
+    r = redis.Redis.from_url(redis_server.url)
+    data = png_bytes(61, 47, seed=101)
+    img = image_part(data)
+    waiters = KEYS.waiters(tiny_spec.encoder_id("image"), digest_of(tiny_spec, data))
+    calls, (hits, misses), queued = encoder_calls(redis_server.url), cache_stats(redis_server.url), jobs_queued(r)
+    n = 4  # two from each gateway
+    with ThreadPoolExecutor(n) as pool:
+        with paused(encoder, redis_server.url):
+            futures = [pool.submit(chat, urls[i % 2], tiny_model.name, img) for i in range(n)]
+            # Every request missed, both gateways wait on the tensor, and only one job was queued for it.
+            wait_until(lambda: cache_stats(redis_server.url)[1] == misses + n and r.scard(waiters) == 2,
+                       lambda: f"expected {n} misses and both gateways as waiters; got misses +"
+                               f"{cache_stats(redis_server.url)[1] - misses}, waiters {r.smembers(waiters)}")
+            assert all(w.startswith(KEYS.reply("").encode()) for w in r.smembers(waiters)), r.smembers(waiters)
+            wait_until(lambda: jobs_queued(r) > queued, "no encode job was queued")
+            assert jobs_queued(r) == queued + 1
+            done = [f.exception() or f.result() for f in futures if f.done()]
+            assert not done, f"requests ended while the encoder was stopped: {[getattr(d, 'text', d) for d in done]}"
+        responses = [f.result(timeout=90) for f in futures]
+    assert [resp.status_code for resp in responses] == [200] * n, responses[0].text
+    assert len({resp.json()["usage"]["prompt_tokens"] for resp in responses}) == 1
+    assert encoder_calls(redis_server.url) == calls + 1
+    assert jobs_queued(r) == queued + 1
+    assert cache_stats(redis_server.url) == (hits, misses + n)
+    assert not r.exists(waiters), "the publish left the waiters set behind"
 
 
 def test_hit_skips_the_encoder_and_expiry_brings_it_back(tiers, tiny_model, tiny_spec, redis_server):
@@ -98,29 +179,44 @@ def test_hit_skips_the_encoder_and_expiry_brings_it_back(tiers, tiny_model, tiny
     r = redis.Redis.from_url(redis_server.url)
     data = png_bytes(30, 30, seed=102)
     img = image_part(data)
-    key = KEYS.tensor(tiny_spec.encoder_id("image"),
-                      content_digest(tiny_spec.encoder_id("image"), tiny_spec.preprocess["image"], data))
-    before = encoder_calls(redis_server.url)
+    key = KEYS.tensor(tiny_spec.encoder_id("image"), digest_of(tiny_spec, data))
+    calls, (hits, misses) = encoder_calls(redis_server.url), cache_stats(redis_server.url)
+    # A miss: encoded once, stored with the encoder's TTL.
     assert chat(urls[0], tiny_model.name, img).status_code == 200
-    assert encoder_calls(redis_server.url) == before + 1
+    assert encoder_calls(redis_server.url) == calls + 1
+    assert cache_stats(redis_server.url) == (hits, misses + 1)
     assert 0 < r.ttl(key) <= TENSOR_TTL_S
-    deadline = time.monotonic() + 3 * TENSOR_TTL_S
-    while r.exists(key) and time.monotonic() < deadline:
-        time.sleep(0.1)  # waiting for Redis to expire the entry
-    assert not r.exists(key), "the tensor did not expire"
+    # A hit, from the other gateway, while the tensor is live: the encoder does not run.
     assert chat(urls[1], tiny_model.name, img).status_code == 200
-    assert encoder_calls(redis_server.url) == before + 2
+    assert encoder_calls(redis_server.url) == calls + 1
+    assert cache_stats(redis_server.url) == (hits + 1, misses + 1)
+    assert r.ttl(key) > 0
+    # Expired: the next request misses and encodes again.
+    assert r.pexpire(key, 1)
+    wait_until(lambda: not r.exists(key), "the tensor did not expire after PEXPIRE 1")
+    assert chat(urls[1], tiny_model.name, img).status_code == 200
+    assert encoder_calls(redis_server.url) == calls + 2
+    assert cache_stats(redis_server.url) == (hits + 1, misses + 2)
+    assert r.exists(key)
 
 
 def test_media_uuid_reuses_the_encoding(tiers, tiny_model, redis_server):
     urls, _ = tiers
-    data = png_bytes(44, 22, seed=103)
-    first = chat(urls[0], tiny_model.name, image_part(data, uuid="sku-103"))
-    assert first.status_code == 200
+    images = {"sku-103": png_bytes(44, 22, seed=103), "sku-203": png_bytes(22, 44, seed=203)}
+    texts = {}
+    for uuid, data in images.items():
+        first = greedy(urls[0], tiny_model.name, image_part(data, uuid=uuid))
+        assert first.status_code == 200, first.text
+        assert first.json()["usage"]["completion_tokens"] == 8
+        texts[uuid] = first.json()["choices"][0]["message"]["content"]
+    # Precondition: the two images steer the (random, greedy) model to different answers, so the answer tells which
+    # encoding a bare uuid was resolved to.
+    assert texts["sku-103"] != texts["sku-203"], texts
     before = encoder_calls(redis_server.url)
-    again = chat(urls[1], tiny_model.name, image_part(None, uuid="sku-103"))
-    assert again.status_code == 200, again.text
-    assert again.json()["usage"]["prompt_tokens"] == first.json()["usage"]["prompt_tokens"]
+    for i, uuid in enumerate(["sku-203", "sku-103"]):
+        again = greedy(urls[(i + 1) % 2], tiny_model.name, image_part(None, uuid=uuid))
+        assert again.status_code == 200, again.text
+        assert again.json()["choices"][0]["message"]["content"] == texts[uuid], uuid
     assert encoder_calls(redis_server.url) == before
     unknown = chat(urls[0], tiny_model.name, image_part(None, uuid="never-sent"))
     assert unknown.status_code == 400
@@ -132,33 +228,39 @@ def test_blob_that_expires_while_queued_is_queued_again(tiers, tiny_model, tiny_
     """A paused encoder lets the blob expire; on resume it reports media_expired and the gateway re-queues."""
     _, encoder = tiers
 
+    async def until_exists(r, key: str, present: bool, what: str, timeout: float = 30) -> None:
+        deadline = time.monotonic() + timeout
+        while bool(await r.exists(key)) != present:
+            assert time.monotonic() < deadline, f"{what} (waited {timeout}s)"
+            await asyncio.sleep(0.02)  # polling Redis state; bounded by the deadline
+
     async def scenario() -> tuple:
         r = connect_async(redis_server.url)
+        # lease_ttl_s past the bound below: the waiter's lease-expiry retry cannot stand in for the re-queue
         cfg = GatewayConfig(model_dir=str(tiny_model), redis_url=redis_server.url, blob_ttl_s=1,
-                            encode_timeout_s=60)
+                            encode_timeout_s=60, lease_ttl_s=120)
         replies = ReplyRouter(r, KEYS, "test-gw")
         reader = asyncio.create_task(replies.run())
         media = MediaEncoder(r, cfg, tiny_spec, replies, KEYS.reply("test-gw"))
         data = png_bytes(20, 20, seed=104)
-        part = MediaPart("image", data, "messages.0.content.0",
-                         content_digest(tiny_spec.encoder_id("image"), tiny_spec.preprocess["image"], data))
+        part = MediaPart("image", data, "messages.0.content.0", digest_of(tiny_spec, data))
         queue = replies.subscribe("req-104")
-        encoder.send_signal(signal.SIGSTOP)
-        try:
+        with paused(encoder, redis_server.url):
             task = asyncio.create_task(media.encode("req-104", [part], queue))
             blob = KEYS.blob(part.digest)
-            while not await r.exists(blob):
-                await asyncio.sleep(0.01)  # the job is being queued
-            while await r.exists(blob):
-                await asyncio.sleep(0.05)  # waiting for the 1 s blob TTL to lapse
-        finally:
-            encoder.send_signal(signal.SIGCONT)
-        refs = await asyncio.wait_for(task, 30)
+            await until_exists(r, blob, True, "the job was never queued (no blob)")
+            await until_exists(r, blob, False, "the blob outlived its 1 s TTL")
+        try:
+            refs = await asyncio.wait_for(task, 30)
+        except asyncio.TimeoutError:
+            raise AssertionError("no encoding 30 s after resuming: the expired blob was not queued again") from None
         reader.cancel()
         await r.aclose()
         return refs
 
-    before = encoder_calls(redis_server.url)
+    r = redis.Redis.from_url(redis_server.url)
+    before, queued = encoder_calls(redis_server.url), jobs_queued(r)
     refs = asyncio.run(scenario())
     assert refs[0].num_tokens == 16
     assert encoder_calls(redis_server.url) == before + 1
+    assert jobs_queued(r) == queued + 2, "the expired blob's job was not queued again"

@@ -15,11 +15,35 @@ from router.liveness import Heartbeat, live_count_args
 
 
 def test_embedded_server_is_real_and_evicts_only_volatile_keys():
-    with EmbeddedRedis(maxmemory="64mb") as server:
+    with EmbeddedRedis(maxmemory="16mb") as server:
         r = redis.Redis.from_url(server.url)
         assert r.ping()
+        assert r.config_get("maxmemory")["maxmemory"] == str(16 * 2**20)
         assert r.config_get("maxmemory-policy")["maxmemory-policy"] == "volatile-lru"
         assert r.config_get("save")["save"] == ""
+        # What must survive: a queue (stream) and plain keys, none with a TTL.
+        stream = Keys().jobs("image")
+        ids = [r.xadd(stream, {"m": f"job{i}".encode() * 100}) for i in range(50)]
+        plain = {f"keep:{i}": bytes([i]) * 10_000 for i in range(20)}
+        r.mset(plain)
+        assert r.ttl(stream) == -1 and r.ttl("keep:0") == -1
+        # What may go: volatile keys (like tensors and blobs), written to 2.5x maxmemory.
+        volatile = [f"tensor:{i}" for i in range(400)]
+        value = b"v" * 100_000
+        for start in range(0, len(volatile), 20):
+            pipe = r.pipeline(transaction=False)
+            for key in volatile[start : start + 20]:
+                pipe.set(key, value, ex=600)
+            pipe.execute()  # raises on OOM: eviction must make room for every write
+        evicted = int(r.info("stats")["evicted_keys"])
+        remaining = sum(r.exists(key) for key in volatile)
+        assert evicted > 0, "nothing was evicted past maxmemory"
+        assert 0 < remaining < len(volatile), f"{remaining} of {len(volatile)} volatile keys remain"
+        assert r.xlen(stream) == 50
+        assert [e[0] for e in r.xrange(stream)] == ids
+        assert r.xrange(stream)[7][1] == {b"m": b"job7" * 100}
+        assert r.mget(list(plain)) == list(plain.values())
+        assert r.ping() and r.set("after", 1, ex=60) and r.get("after") == b"1"
         pid = server.proc.pid
     assert server.proc.poll() is not None, f"server {pid} still running after stop"
 
