@@ -95,12 +95,13 @@ class MediaEncoder:
         pipe = self.r.pipeline(transaction=False)
         for p, n in zip(parts, counts):
             pipe.hincrby(self.keys.stats(f"encoder:{p.modality}"), "cache_hits" if n is not None else "cache_misses")
+        await pipe.execute()  # counted even when the request is refused below
+        for p, n in zip(parts, counts):
             if n is None and not live[p.modality]:
                 raise Unavailable(f"no live {p.modality} encoder worker", code="no_live_worker")
             if n is None and not p.data:
                 raise InvalidRequest(f"the encoding registered for uuid {p.uuid!r} expired; send the media again",
                                      param=p.param, code="unknown_media_id")
-        await pipe.execute()
         return counts
 
     async def _encode_missing(self, request_id: str, missing: dict[str, MediaPart], queue) -> dict[str, int]:

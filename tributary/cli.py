@@ -80,6 +80,8 @@ def build_parser() -> argparse.ArgumentParser:
     gw.add_argument("--port", type=int, default=8000)
     gw.add_argument("--served-name", default=_env("SERVED_NAME"), help="model id clients send (default: folder name)")
     _media_limits(gw)
+    gw.add_argument("--tensor-ttl", type=int, default=int(_env("TENSOR_TTL", 3600)),
+                    help="seconds a cache hit extends a cached encoder output's life (match the encoders')")
     gw.add_argument("--instance-id", default=_env("INSTANCE_ID", ""),
                     help="echoed by /health and /ready (lets a supervisor recognise its own gateway)")
 
@@ -92,7 +94,8 @@ def build_parser() -> argparse.ArgumentParser:
     enc.add_argument("--max-batch", type=int, default=8, help="jobs per forward pass at most")
     enc.add_argument("--max-wait-ms", type=float, default=2.0,
                      help="once a job is in hand, how long to wait for a batch to fill")
-    enc.add_argument("--tensor-ttl", type=int, default=3600, help="seconds a cached encoder output lives")
+    enc.add_argument("--tensor-ttl", type=int, default=int(_env("TENSOR_TTL", 3600)),
+                     help="seconds a cached encoder output lives")
     enc.add_argument("--wire-dtype", default="float32", choices=["float32", "float16", "bfloat16"])
     enc.add_argument("--max-audio-seconds", type=float, default=float(_env("MAX_AUDIO_SECONDS", 300)),
                      help="audio decoding stops past this; a longer clip is refused")
@@ -115,6 +118,8 @@ def build_parser() -> argparse.ArgumentParser:
     bb.add_argument("--kv-cache-gb", type=float, default=None,
                     help="KV memory for running sequences (each reserves prompt + max_tokens); default: unbounded")
     _worker(bb)
+    bb.add_argument("--drain-timeout", type=float, default=float(_env("DRAIN_TIMEOUT", 30)),
+                    help="on SIGTERM, seconds running requests may take to finish before they are failed")
 
     pl = sub.add_parser("plan", help="split the backbone's layers over unequal devices (capacity- and speed-aware)")
     pl.add_argument("--model", required=True, type=Path, help="checkpoint directory (only config.json is read)")
@@ -186,7 +191,8 @@ def main(argv: list[str] | None = None) -> int:
         try:
             cfg = GatewayConfig(model_dir=args.model, redis_url=args.redis_url, prefix=args.prefix,
                                 served_name=args.served_name, limit_mm_per_prompt=args.limit_mm_per_prompt,
-                                max_audio_seconds=args.max_audio_seconds, instance_id=args.instance_id)
+                                max_audio_seconds=args.max_audio_seconds, instance_id=args.instance_id,
+                                tensor_ttl_s=args.tensor_ttl)
         except ValueError as exc:
             raise SystemExit(f"tributary gateway: {exc}") from None
         serve(cfg, args.host, args.port)
@@ -212,7 +218,8 @@ def main(argv: list[str] | None = None) -> int:
             raise SystemExit("--num-shards > 1 needs --dist-url (the same tcp://host:port on every shard)")
         serve(BackboneConfig(redis_url=args.redis_url, prefix=args.prefix, max_running=args.max_running,
                              kv_cache_bytes=kv, shard=args.shard, num_shards=args.num_shards, layers=layers,
-                             dist_url=args.dist_url, stall_s=args.stall_timeout), args.model, args.threads)
+                             dist_url=args.dist_url, stall_s=args.stall_timeout,
+                             drain_timeout_s=args.drain_timeout), args.model, args.threads)
         return 0
     return 2
 
