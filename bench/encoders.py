@@ -39,7 +39,6 @@ import subprocess
 import sys
 import time
 import urllib.request
-import uuid
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -287,22 +286,23 @@ def table_b(clusters: dict[str, Cluster], model: str, rounds: int, warmup: int, 
             rng: np.random.Generator, noisy: float, min_quiet: int, max_rounds: int, deadline: float) -> dict:
     pool = ThreadPoolExecutor(conc)
 
-    def one(client, msgs, rid) -> float:
+    def one(client, msgs) -> tuple[float, str]:
+        """Latency, and the server's request id (what every tier logs)."""
         t0 = time.perf_counter()
-        resp = client.chat.completions.create(model=model, messages=msgs, max_tokens=1, temperature=0,
-                                              extra_body={"ignore_eos": True}, extra_headers={"x-request-id": rid})
+        raw = client.chat.completions.with_raw_response.create(model=model, messages=msgs, max_tokens=1,
+                                                               temperature=0, extra_body={"ignore_eos": True})
+        resp = raw.parse()
         assert resp.usage.completion_tokens == 1, resp.usage
-        return time.perf_counter() - t0
+        return time.perf_counter() - t0, raw.headers["x-request-id"]
 
     def round_(c: Cluster, idle: Cluster) -> dict:
         msgs = [image_messages(rng) for _ in range(conc)]  # fresh images, made outside the timed part
-        rids = ["bench-" + uuid.uuid4().hex[:16] for _ in msgs]
         s0 = c.stats()
         groups = ([(os.getpid(), False), (c.proc.pid, True)], [(idle.proc.pid, True)],
                   *([(roles[c.label].get(r, -1), False)] for r in ROLES))
         b = meter.take(*groups)
         t0 = time.perf_counter()
-        lat = list(pool.map(lambda a: one(c.client, *a), zip(msgs, rids)))
+        lat, rids = map(list, zip(*pool.map(lambda mm: one(c.client, mm), msgs)))
         wall = time.perf_counter() - t0
         a = meter.take(*groups)
         s1 = c.stats()

@@ -7,7 +7,7 @@ Both sides see a fresh random PNG (320x240) and a fresh 2 s 16 kHz WAV on every 
 run at temperature 0 with ``ignore_eos`` so exactly ``--max-tokens`` tokens come out, and alternate in blocks
 (ABAB..., the first block's side alternating too) so that machine noise hits both alike. Prints median / p90 of each
 side, the ratio of medians (target <= 1.15) and a per-stage breakdown: the Tributary side's from the JSON logs the
-tiers write to stderr (correlated by the ``x-request-id`` the benchmark sends), the in-process side's measured
+tiers write to stderr (correlated by the ``x-request-id`` each response carries), the in-process side's measured
 directly. The in-process side gets the workers' process set-up (``tune_allocator()``, all cores as torch threads).
 
 Two columns help read a run on a small shared machine: ``faults/req`` (minor page faults of the side's processes per
@@ -29,7 +29,6 @@ import subprocess
 import sys
 import time
 import urllib.request
-import uuid
 from collections import defaultdict
 from pathlib import Path
 
@@ -219,11 +218,11 @@ def stop_cluster(proc: subprocess.Popen) -> int:
 
 
 def tributary_request(client, model: str, msgs: list[dict], max_tokens: int) -> dict:
-    rid = "bench-" + uuid.uuid4().hex[:16]
     wall0, t0 = time.time(), time.perf_counter()
-    resp = client.chat.completions.create(model=model, messages=msgs, max_tokens=max_tokens, temperature=0,
-                                          extra_body={"ignore_eos": True}, extra_headers={"x-request-id": rid})
+    raw = client.chat.completions.with_raw_response.create(model=model, messages=msgs, max_tokens=max_tokens,
+                                                           temperature=0, extra_body={"ignore_eos": True})
     t1, wall1 = time.perf_counter(), time.time()
+    resp, rid = raw.parse(), raw.headers["x-request-id"]  # the server's id: what every tier logs
     return {"total": t1 - t0, "rid": rid, "sent": wall0, "received": wall1, "text": resp.choices[0].message.content,
             "completion_tokens": resp.usage.completion_tokens, "prompt_tokens": resp.usage.prompt_tokens}
 
