@@ -109,9 +109,12 @@ def test_stop_string_cuts_the_answer(client, cluster):
 def test_second_identical_image_is_a_cache_hit(client, cluster):
     msgs = trimodal_messages(6)
     client.chat.completions.create(model=cluster.model, messages=msgs, max_tokens=2)
-    before = cluster.stats("encoder:image").get("encoder_calls", 0)
+    before = {m: cluster.stats(f"encoder:{m}") for m in ("image", "audio")}
     client.chat.completions.create(model=cluster.model, messages=msgs, max_tokens=2)
-    assert cluster.stats("encoder:image").get("encoder_calls", 0) == before
+    for modality, stats in before.items():
+        after = cluster.stats(f"encoder:{modality}")
+        assert after.get("encoder_calls", 0) == stats.get("encoder_calls", 0)  # nothing encoded again
+        assert after.get("cache_hits", 0) == stats.get("cache_hits", 0) + 1
 
 
 def test_a_burst_reaches_the_encoder_as_batched_forward_passes(client, cluster):
