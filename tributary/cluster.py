@@ -134,6 +134,13 @@ def run_cluster(args) -> int:
     stop = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stop.set())
+    from gateway.config import parse_mm_limits
+
+    try:
+        parse_mm_limits(args.limit_mm_per_prompt)  # a bad flag is an error here, not a gateway that will not start
+    except ValueError as exc:
+        print(f"tributary: --limit-mm-per-prompt: {exc}", file=sys.stderr)
+        return 2
     model = ensure_model(args)
     modalities = _modalities(model)  # before anything starts: an unsupported checkpoint fails here
     limits = ["--max-audio-seconds", str(args.max_audio_seconds)]
