@@ -27,10 +27,6 @@ def seed64(seed: int) -> int:
     return seed - 2**64 if seed >= 2**63 else seed
 
 
-class SamplingError(ValueError):
-    """This request's logits cannot be sampled (non-finite values)."""
-
-
 class Sampler:
     def __init__(self, params: SamplingParams):
         self.greedy = not params.temperature >= GREEDY_BELOW  # NaN is greedy too

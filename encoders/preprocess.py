@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from models.media import IMAGE_FORMATS, MAX_AUDIO_S, MAX_IMAGE_PIXELS
+from models.media import MAX_AUDIO_S, MediaHeaderError, check_image
 
 
 class MediaError(ValueError):
@@ -113,16 +113,17 @@ def _center_crop(x: torch.Tensor, height: int, width: int) -> torch.Tensor:
 
 
 def decode_image(data: bytes) -> torch.Tensor:
-    """Bytes -> RGB uint8 [3, H, W], or MediaError. Only allow-listed formats, at most MAX_IMAGE_PIXELS."""
+    """Bytes -> RGB uint8 [3, H, W], or MediaError. Only allow-listed formats, at most models.media's
+    MAX_IMAGE_PIXELS."""
     from PIL import Image, ImageOps
     from torchvision.transforms.v2 import functional as F
 
     try:
         with Image.open(io.BytesIO(data)) as img:
-            if img.format not in IMAGE_FORMATS:
-                raise MediaError(f"image format {img.format} is not accepted (accepted: {sorted(IMAGE_FORMATS)})")
-            if img.width * img.height > MAX_IMAGE_PIXELS:
-                raise MediaError(f"image of {img.width}x{img.height} pixels exceeds {MAX_IMAGE_PIXELS} pixels")
+            try:
+                check_image(img.format, img.width, img.height)  # the limits the gateway checked, again
+            except MediaHeaderError as exc:
+                raise MediaError(str(exc)) from None
             return F.pil_to_tensor(_to_rgb(ImageOps.exif_transpose(img)))
     except MediaError:
         raise

@@ -88,7 +88,7 @@ class PromptBuilder:
                                      f"this one has {n}", param="messages", code="too_many_media_parts")
 
     def _media(self, part, param: str) -> MediaPart:
-        modality = "image" if part.type == "image_url" else "audio"
+        modality = _MODALITY[part.type]
         if modality not in self.spec.modalities:
             raise InvalidRequest(f"model '{self.spec.name}' does not accept {modality} input ({part.type} part); it "
                                  f"accepts text and {' and '.join(self.spec.modalities)}", param=param,

@@ -16,12 +16,12 @@ import pytest
 import redis
 import torch
 
-from backbone.engine import load_engine
 from cache.codec import encode_tensor
 from cache.keys import BACKBONE_GROUP, ENCODER_GROUP, Keys
 from cache.streams import fields_payload, payload_fields
 from router import messages as m
 from tests.integration.procs import start_tier
+from tests.integration.test_pipeline_shards import reference
 from tests.media import wav_bytes
 
 KEYS = Keys()
@@ -113,15 +113,6 @@ def backbone(tiny_model, redis_server):
 
 
 PROMPTS = [[1, 286, 274, 203, 56], [1, 20, 21, 22, 203], [1, 30, 31, 203, 1, 288, 87], [1, 40, 41]]
-
-
-def reference(spec, ids: list[int], n: int) -> list[int]:
-    engine = load_engine(spec)
-    seq = engine.new_sequence("ref", len(ids), m.SamplingParams(max_tokens=n, temperature=0.0, ignore_eos=True))
-    engine.prefill(seq, ids, [])
-    while seq.finish is None:
-        engine.step([seq])
-    return seq.output
 
 
 def test_a_poisoned_plan_and_extreme_sampling_fail_or_run_alone(backbone, redis_server, tiny_spec):

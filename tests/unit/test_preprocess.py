@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from encoders import preprocess
+from models import media
 from encoders.loader import load_preprocessor
 from encoders.preprocess import AudioPreprocessor, ImagePreprocessor, MediaError
 from models.trimodal import audio_output_length, image_output_length
@@ -144,9 +144,9 @@ def test_formats_not_allowed_refused(image_pre, fmt, name):
 
 def test_pixel_cap(image_pre, monkeypatch):
     data = png_bytes(width=40, height=30)
-    monkeypatch.setattr(preprocess, "MAX_IMAGE_PIXELS", 40 * 30)
+    monkeypatch.setattr(media, "MAX_IMAGE_PIXELS", 40 * 30)
     assert image_pre(data).data.shape[0] == 3  # exactly at the cap
-    monkeypatch.setattr(preprocess, "MAX_IMAGE_PIXELS", 40 * 30 - 1)
+    monkeypatch.setattr(media, "MAX_IMAGE_PIXELS", 40 * 30 - 1)
     with pytest.raises(MediaError, match="pixels"):
         image_pre(data)
 
