@@ -1,7 +1,11 @@
-"""Redis connections with one retry policy for every tier.
+"""Redis connections with one retry and timeout policy for every tier.
 
 Workers (encoders, backbone) run a synchronous loop and use :func:`connect`; the gateway runs on asyncio and uses
-:func:`connect_async`. Both retry transient connection errors with exponential backoff instead of sleeping in loops.
+:func:`connect_async`. Both retry transient connection errors a few times with exponential backoff, and every call
+has a socket timeout: a paused or partitioned server makes a call fail after ``socket_timeout`` (plus the retries)
+instead of hanging until TCP gives up. Blocking reads (XREAD/XREADGROUP ``BLOCK``) must block for less than the
+socket timeout. A call that times out or is cancelled closes its connection (redis-py disconnects on both), so its
+late reply can never be read by the next command (the lesson of CVE-2023-28858; tests/integration/test_outage.py).
 """
 
 from __future__ import annotations
@@ -15,24 +19,30 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 RETRY_ERRORS = [RedisConnectionError, RedisTimeoutError]
 
 
-def _options() -> dict:
+SOCKET_TIMEOUT_S = 5.0  # any one call (longer than every BLOCK we use: at most 1 s)
+CONNECT_TIMEOUT_S = 2.0
+
+
+def _options(socket_timeout: float) -> dict:
     return {
         "retry_on_error": RETRY_ERRORS,
         "health_check_interval": 30,
         "socket_keepalive": True,
+        "socket_timeout": socket_timeout,
+        "socket_connect_timeout": min(CONNECT_TIMEOUT_S, socket_timeout),
         "decode_responses": False,
     }
 
 
-def connect(url: str, retries: int = 5) -> redis.Redis:
+def connect(url: str, retries: int = 2, socket_timeout: float = SOCKET_TIMEOUT_S) -> redis.Redis:
     from redis.retry import Retry
 
-    return redis.Redis.from_url(url, retry=Retry(ExponentialBackoff(cap=2.0, base=0.05), retries), **_options())
+    return redis.Redis.from_url(url, retry=Retry(ExponentialBackoff(cap=1.0, base=0.05), retries),
+                                **_options(socket_timeout))
 
 
-def connect_async(url: str, retries: int = 5) -> aioredis.Redis:
+def connect_async(url: str, retries: int = 2, socket_timeout: float = SOCKET_TIMEOUT_S) -> aioredis.Redis:
     from redis.asyncio.retry import Retry
 
-    return aioredis.Redis.from_url(
-        url, retry=Retry(ExponentialBackoff(cap=2.0, base=0.05), retries), **_options()
-    )
+    return aioredis.Redis.from_url(url, retry=Retry(ExponentialBackoff(cap=1.0, base=0.05), retries),
+                                   **_options(socket_timeout))

@@ -65,9 +65,10 @@ class EmbeddedRedis:
     def url(self) -> str:
         return f"redis://127.0.0.1:{self.port}/0"
 
-    def start(self, timeout: float = 10.0) -> "EmbeddedRedis":
+    def start(self, timeout: float = 10.0, port: int | None = None) -> "EmbeddedRedis":
+        """Start on ``port`` (default: a free one; pass the old port to restart the same server empty)."""
         self._dir = tempfile.TemporaryDirectory(prefix="tributary-redis-")
-        self.port = free_port()
+        self.port = port or free_port()
         args = [self.binary, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
                 "--dir", self._dir.name, "--maxmemory", self.maxmemory, "--maxmemory-policy", "volatile-lru",
                 "--loglevel", "warning"]

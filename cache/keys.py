@@ -1,6 +1,7 @@
 """Every Redis key Tributary uses, in one place (prefix configurable, default ``trib``).
 
-Streams (``jobs``, ``gen``, ``reply``) carry no TTL; tensors and blobs always do, so a server configured with a
+Streams ``jobs`` and ``gen`` carry no TTL (their entries are deleted when acked); a gateway's ``reply`` stream expires
+with its lease; tensors and blobs always do, so a server configured with a
 ``volatile-*`` eviction policy evicts cached tensors under memory pressure and never a queue.
 """
 
@@ -46,8 +47,13 @@ class Keys:
         return f"{self.prefix}:blob:{digest}"
 
     def cancel(self, request_id: str) -> str:
-        """Set (with a TTL) when a request's client went away or hit a stop string."""
+        """Set (with a TTL) to the lowest attempt of the request still wanted: attempts below it are cancelled
+        (a migration moved the request on), and ``CANCEL_ALL`` cancels every attempt (client gone, stop string)."""
         return f"{self.prefix}:cancel:{request_id}"
+
+    def dead_letter(self) -> str:
+        """Stream of work given up on (delivered to too many workers that died): payload, source stream, reason."""
+        return f"{self.prefix}:dead"
 
     def live(self, tier: str) -> str:
         """Sorted set of worker ids scored by their last heartbeat (unix seconds)."""
@@ -58,5 +64,13 @@ class Keys:
         return f"{self.prefix}:stats:{tier}"
 
 
+def alive(reply_stream: str) -> str:
+    """A gateway's lease (SET with a TTL, refreshed every second), named after its reply stream so that a worker
+    holding only ``reply_to`` can tell a live gateway from a dead one. Workers never write to the reply stream of a
+    gateway whose lease lapsed, and cancel its requests' work."""
+    return f"{reply_stream}:alive"
+
+
+CANCEL_ALL = 1 << 30  # the cancel key's value that cancels every attempt of a request
 ENCODER_GROUP = "encoders"
 BACKBONE_GROUP = "backbone"

@@ -1,8 +1,25 @@
-"""Stream and consumer-group helpers shared by the tiers (synchronous and asyncio flavours)."""
+"""Stream and consumer-group helpers shared by the tiers: groups, acks that free memory, reclaiming the entries of
+dead consumers, and the dead-letter stream.
+
+Bounded streams: an entry is deleted when it is acknowledged (XACK + XDEL in one round trip), never before, so a
+stream holds exactly its unread and in-progress entries; the group's ``lag`` (XINFO GROUPS, what an autoscaler reads)
+stays exact because nothing after the group's last-delivered id is ever deleted.
+
+Reclaim from the dead only: XAUTOCLAIM takes every entry idle past a bound whoever holds it, and a busy backbone's
+plans sit idle in its pending list for the whole generation; so instead a worker lists the group's consumers, keeps
+those absent from its tier's live set (router/liveness.py), and claims exactly their entries (XPENDING for that
+consumer, then XCLAIM, which is atomic: of two reclaimers racing, one gets each entry). The same commands and reply
+shapes on Redis 6.2 and 7+/Valkey. Each claimed entry comes with its delivery count; a dead consumer with nothing
+pending is removed from the group.
+"""
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 from redis.exceptions import ResponseError
+
+DEAD_LETTER_MAXLEN = 10_000  # the dead-letter stream keeps (about) this many entries
 
 
 def ensure_group(r, stream: str, group: str) -> None:
@@ -14,9 +31,16 @@ def ensure_group(r, stream: str, group: str) -> None:
             raise
 
 
-def autoclaim_entries(reply) -> list:
-    """The claimed entries of an XAUTOCLAIM reply: Redis 6.2 answers 2 elements, Redis/Valkey 7+ answer 3."""
-    return list(reply[1]) if reply else []
+def is_nogroup(exc: Exception) -> bool:
+    """A restarted Redis without persistence lost the stream and its group."""
+    return isinstance(exc, ResponseError) and "NOGROUP" in str(exc)
+
+
+def ack_delete(pipe, stream: str, group: str, *entry_ids) -> None:
+    """Queue the ack of entries and their deletion: a finished entry leaves the stream with its ack."""
+    if entry_ids:
+        pipe.xack(stream, group, *entry_ids)
+        pipe.xdel(stream, *entry_ids)
 
 
 def fields_payload(fields: dict) -> bytes:
@@ -27,3 +51,60 @@ def fields_payload(fields: dict) -> bytes:
 def payload_fields(payload: bytes) -> dict[str, bytes]:
     """Every Tributary stream entry has a single field ``m`` holding one encoded message."""
     return {"m": payload}
+
+
+@dataclass
+class Claimed:
+    entry_id: bytes
+    fields: dict
+    deliveries: int  # how many consumers have now been handed this entry, this one included
+    consumer: str  # the dead consumer it was taken from
+
+
+def reclaim_dead(r, stream: str, group: str, me: str, live: set[str], count: int, min_idle_ms: int = 1000
+                 ) -> list[Claimed]:
+    """Claim for ``me`` up to ``count`` entries pending on consumers absent from ``live``; drop dead consumers that
+    hold nothing. Entries deleted from the stream meanwhile are acked away, not returned."""
+    try:
+        consumers = r.xinfo_consumers(stream, group)
+    except ResponseError as exc:
+        if is_nogroup(exc) or "no such key" in str(exc):  # a Redis restarted empty: nothing to reclaim
+            return []
+        raise
+    out: list[Claimed] = []
+    for c in consumers:
+        name = c["name"].decode() if isinstance(c["name"], bytes) else c["name"]
+        if name == me or name in live:
+            continue
+        if not c["pending"]:
+            # XGROUP DELCONSUMER drops the consumer's pending entries with it: only once it holds none.
+            r.xgroup_delconsumer(stream, group, name)
+            continue
+        if len(out) >= count:
+            continue
+        pending = r.xpending_range(stream, group, min="-", max="+", count=count - len(out), consumername=name,
+                                   idle=min_idle_ms)
+        if not pending:
+            continue
+        delivered = {p["message_id"]: p["times_delivered"] for p in pending}
+        claimed = r.xclaim(stream, group, me, min_idle_ms, list(delivered))
+        got, stale = set(), False
+        for entry_id, fields in claimed:
+            if entry_id is not None and fields:
+                got.add(entry_id)
+                out.append(Claimed(entry_id, fields, delivered[entry_id] + 1, name))
+            else:  # deleted from the stream while pending: 7+ drops it from the list, 6.2 claims it as (nil, nil)
+                stale = True
+        if stale:  # the ids XCLAIM made ours without returning them: ack them away
+            mine = r.xpending_range(stream, group, min="-", max="+", count=len(delivered) + 1024, consumername=me)
+            gone = [p["message_id"] for p in mine if p["message_id"] in delivered and p["message_id"] not in got]
+            if gone:
+                r.xack(stream, group, *gone)
+    return out
+
+
+def dead_letter(pipe, dead_stream: str, source: str, entry: Claimed, reason: str) -> None:
+    """Queue a copy of ``entry`` to the dead-letter stream (with why and from where); the caller acks it."""
+    pipe.xadd(dead_stream, {"m": entry.fields.get(b"m", b""), "stream": source, "entry": entry.entry_id,
+                            "deliveries": entry.deliveries, "reason": reason},
+              maxlen=DEAD_LETTER_MAXLEN, approximate=True)

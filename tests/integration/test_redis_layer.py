@@ -1,8 +1,7 @@
-"""The Redis layer against a real server: embedded server, consumer groups, XAUTOCLAIM, liveness, tensor entries."""
+"""The Redis layer against a real server: embedded server, consumer groups, liveness, tensor entries (reclaiming:
+test_reclaim.py)."""
 
 from __future__ import annotations
-
-import time
 
 import redis
 import torch
@@ -10,7 +9,7 @@ import torch
 from cache.codec import decode_tensor, encode_tensor
 from cache.embedded import EmbeddedRedis
 from cache.keys import Keys
-from cache.streams import autoclaim_entries, ensure_group, payload_fields
+from cache.streams import ensure_group
 from router.liveness import Heartbeat, live_count_args
 
 
@@ -53,23 +52,6 @@ def test_ensure_group_is_idempotent_and_creates_the_stream(redis_url):
     ensure_group(r, "s", "g")
     ensure_group(r, "s", "g")
     assert [g["name"] for g in r.xinfo_groups("s")] == [b"g"]
-
-
-def test_autoclaim_takes_over_jobs_of_a_silent_consumer(redis_url):
-    r = redis.Redis.from_url(redis_url)
-    ensure_group(r, "jobs", "g")
-    ids = [r.xadd("jobs", payload_fields(f"job{i}".encode())) for i in range(3)]
-    assert len(r.xreadgroup("g", "dead", {"jobs": ">"}, count=3)[0][1]) == 3
-    time.sleep(0.05)  # the entries must be idle for longer than min_idle_time below
-    claimed = autoclaim_entries(r.xautoclaim("jobs", "g", "alive", min_idle_time=10, count=10))
-    assert [e[0] for e in claimed] == ids
-    assert r.xpending("jobs", "g")["consumers"] == [{"name": b"alive", "pending": 3}]
-
-
-def test_autoclaim_reply_shapes_of_6_2_and_7():
-    entries = [(b"1-0", {b"m": b"x"})]
-    assert autoclaim_entries([b"0-0", entries]) == entries  # Redis 6.2: [cursor, entries]
-    assert autoclaim_entries([b"0-0", entries, []]) == entries  # Redis 7+: [cursor, entries, deleted ids]
 
 
 def test_heartbeat_registers_and_deregisters(redis_url):
