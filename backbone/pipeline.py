@@ -29,7 +29,7 @@ log = logging.getLogger(__name__)
 
 OP_STEP, OP_NOOP, OP_STOP = 1, 2, 3
 HEADER_LEN = 4  # op, segments, tokens, releases
-SEGMENT_COLS = 6  # seq id, start, length, capacity, seed, failed (0/1)
+SEGMENT_COLS = 7  # seq id, start, length, capacity, seed, failed (0/1), draws made (the sampler's counter)
 FAILED = -1  # the token id the last shard answers for a row that failed
 NOOP_EVERY_S = 5.0
 
@@ -43,7 +43,8 @@ def init_group(url: str, rank: int, world: int, timeout_s: float = 120.0) -> Non
 
 @dataclass
 class StepTable:
-    """What one step is about: rows of (seq id, start, length, capacity, seed, failed) + (temperature, top_p)."""
+    """What one step is about: rows of (seq id, start, length, capacity, seed, failed, draws) + (temperature,
+    top_p)."""
 
     ints: torch.Tensor  # [n, SEGMENT_COLS] int64
     floats: torch.Tensor  # [n, 2] float64
@@ -132,12 +133,12 @@ class StageWorker:
             self.caches.pop(sid, None)
             self.samplers.pop(sid, None)
         rows = table.ints.tolist()
-        for (sid, start, _, capacity, seed, _), (temperature, top_p) in zip(rows, table.floats.tolist()):
+        for (sid, start, _, capacity, seed, _, draws), (temperature, top_p) in zip(rows, table.floats.tolist()):
             if start == 0:  # a sequence's first step: its cache (and, on the last shard, its sampler)
                 self.caches[sid] = self.model.new_cache(capacity)
-                if self.model.is_last:
+                if self.model.is_last:  # a migrated request's sampler resumes at its draw count
                     self.samplers[sid] = Sampler(SamplingParams(max_tokens=1, temperature=temperature,
-                                                                top_p=top_p, seed=seed))
+                                                                top_p=top_p, seed=seed), draws)
         hidden, failed = forward_isolating(self.model, hidden, table.segments(self.caches))
         for i in failed:
             log.error("request failed on this shard", extra={"rank": self.rank, "seq": rows[i][0],

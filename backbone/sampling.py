@@ -4,6 +4,10 @@ with a per-request generator, so the same seed gives the same tokens whatever el
 A seed is any 64-bit value, signed or not (the OpenAI API's is int64): :func:`seed64` folds it into int64, the form
 every shard carries it in, and torch's generator treats ``s`` and ``s + 2**64`` alike, so both spellings draw the
 same tokens.
+
+The sampler's state is a counter: draw ``k`` of a request seeds its generator with ``draw_seed(seed, k)``. A request
+migrated to another replica after ``k`` tokens (gateway/tiers.py) thus resumes at draw ``k`` with nothing else carried,
+and its tokens are those an undisturbed run would have drawn.
 """
 
 from __future__ import annotations
@@ -27,17 +31,32 @@ def seed64(seed: int) -> int:
     return seed - 2**64 if seed >= 2**63 else seed
 
 
+_MASK64 = (1 << 64) - 1
+
+
+def draw_seed(seed: int, draw: int) -> int:
+    """The generator seed of draw ``draw`` of a request seeded ``seed`` (splitmix64 of the pair), as int64."""
+    z = (seed + (draw + 1) * 0x9E3779B97F4A7C15) & _MASK64
+    z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & _MASK64
+    z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & _MASK64
+    return seed64(z ^ (z >> 31))
+
+
 class Sampler:
-    def __init__(self, params: SamplingParams):
+    def __init__(self, params: SamplingParams, offset: int = 0):
+        """``offset``: draws already made (a migrated request resumes its random stream where it left off)."""
         self.greedy = not params.temperature >= GREEDY_BELOW  # NaN is greedy too
         self.temperature, self.top_p = params.temperature, params.top_p
-        seed = params.seed if params.seed is not None else secrets.randbits(63)
-        self.generator = torch.Generator().manual_seed(seed64(seed))
+        self.seed = seed64(params.seed if params.seed is not None else secrets.randbits(63))
+        self.draws = offset
+        self.generator = torch.Generator()
 
     def __call__(self, logits: torch.Tensor) -> int:
         """logits [V] (float32, finite) -> one token id."""
+        draw, self.draws = self.draws, self.draws + 1
         if self.greedy:
             return int(torch.argmax(logits))
+        self.generator.manual_seed(draw_seed(self.seed, draw))
         probs = torch.softmax(logits / self.temperature, dim=-1)
         if self.top_p < 1.0:
             sorted_probs, order = torch.sort(probs, descending=True)

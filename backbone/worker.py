@@ -1,24 +1,37 @@
 """The backbone worker loop: take prompt plans when there is room, prefill, decode, stream token events back.
 
 One Redis round trip per step carries that step's token events (one XADD per request, pipelined), the acks of
-finished requests, the cancellation checks of running ones and, when there is room, the read of new plans. A plan
-stays pending in the ``backbone`` group until its request finishes. On SIGTERM the worker stops taking plans,
-finishes the running ones (up to ``drain_timeout_s``), then fails what is left with a clear error and exits.
+finished requests (ack + delete: ``gen`` holds only unread and running plans), the cancellation checks of running
+ones, whether their gateways are alive and, when there is room, the read of new plans. A plan stays pending in the
+``backbone`` group until its request finishes. On SIGTERM the worker stops taking plans, finishes the running ones
+(up to ``drain_timeout_s``), then fails what is left with a clear error and exits.
 
 Faults are per request: a plan that cannot be decoded, validated, fetched or fused, and a sequence whose forward or
 sampling fails (backbone/engine.py), ends with an error event for that request alone; the loop and every other
 request go on. Only a broken pipeline (a peer shard gone) ends the process, and its supervisor restarts it.
+
+Recovery (docs/architecture.md, "Recovery"):
+
+- Redis away (paused, partitioned, restarted): the worker holds its running sequences and retries the step's round
+  trip; token events are sent only once Redis took them, so none is lost. Sequences held longer than
+  ``outage_hold_s`` are failed (their gateways gave up by then). A group lost in a restart is recreated.
+- A dead replica's plans: once a second (when Redis has been steady for a live window) the worker claims the plans
+  pending on consumers absent from the live set and tells each plan's gateway ``worker_lost``; the gateway, which
+  knows the tokens it already streamed, queues a continuation plan (gateway/tiers.py). A plan claimed more than
+  ``max_deliveries`` times goes to the dead-letter stream and fails.
+- Cancellation is per attempt: ``cancel:<request>`` holds the lowest attempt still wanted. A request whose gateway's
+  lease lapsed is dropped without an event (nobody reads its reply stream any more).
 """
 
 from __future__ import annotations
 
 import logging
 import os
-from collections import deque
 import socket
 import threading
 import time
 import uuid
+from collections import deque
 from dataclasses import dataclass
 
 import torch
@@ -28,10 +41,11 @@ from backbone.engine import Engine, Sequence, load_engine
 from backbone.fusion import PlanError
 from cache.client import connect
 from cache.codec import CodecError, decode_tensor
-from cache.keys import BACKBONE_GROUP, Keys
-from cache.streams import ensure_group, fields_payload, payload_fields
+from cache.keys import BACKBONE_GROUP, Keys, alive
+from cache.streams import (Claimed, ack_delete, dead_letter, ensure_group, fields_payload, is_nogroup,
+                           payload_fields, reclaim_dead)
 from router import messages as m
-from router.liveness import Heartbeat
+from router.liveness import Heartbeat, ReclaimGate, live_members
 
 log = logging.getLogger(__name__)
 
@@ -49,6 +63,12 @@ class BackboneConfig:
     block_ms: int = 1000  # idle read wait (bounds how late a stop is noticed)
     drain_timeout_s: float = 30.0  # on SIGTERM, how long running requests may take to finish
     stall_s: float = 60.0  # a loop that has not come round for this long stops heartbeating (router/liveness.py)
+    max_deliveries: int = 3  # a plan claimed from this many dead workers is dead-lettered
+    outage_hold_s: float = 30.0  # while Redis is away, running sequences are held this long, then failed
+
+    def __post_init__(self) -> None:
+        if self.max_running < 1 or self.max_deliveries < 1 or self.outage_hold_s <= 0:
+            raise ValueError("max_running and max_deliveries must be >= 1 and outage_hold_s > 0")
 
 
 @dataclass
@@ -56,12 +76,18 @@ class Running:
     seq: Sequence
     plan: m.PromptPlan
     entry_id: bytes
+    code: m.ErrorCode | None = None  # the error code its failure carries (default INTERNAL)
 
 
 class StepFailure(Exception):
-    def __init__(self, code: m.ErrorCode, error: str):
+    def __init__(self, code: m.ErrorCode, error: str, silent: bool = False):
         super().__init__(error)
-        self.code, self.error = code, error
+        self.code, self.error, self.silent = code, error, silent
+
+
+def run_key(plan: m.PromptPlan) -> str:
+    """Two attempts of one request may meet on one replica (the first presumed dead, then back): keep them apart."""
+    return f"{plan.request_id}#{plan.attempt}"
 
 
 class BackboneWorker:
@@ -73,7 +99,11 @@ class BackboneWorker:
         self.r = connect(cfg.redis_url)
         self.running: dict[str, Running] = {}
         self.waiting: deque[tuple[bytes, m.PromptPlan]] = deque()  # read, not started (slots or KV memory full)
+        self.outbox: list[tuple[str, m.TokenEvent | None, bytes | None]] = []  # (reply_to, event, entry to ack)
         self.stats_key = self.keys.stats("backbone")
+        self.gate = ReclaimGate()
+        self.outage_since: float | None = None  # monotonic time of the first failed round trip of an outage
+        self.cancelled = 0  # cancellations not yet counted in the stats hash
 
     def run(self) -> None:
         ensure_group(self.r, self.stream, BACKBONE_GROUP)
@@ -89,9 +119,10 @@ class BackboneWorker:
                     drain_deadline = time.monotonic() + self.cfg.drain_timeout_s
                     log.info("draining", extra={"running": len(self.running), "waiting": len(self.waiting)})
                 # Plans already read are ours to start even while draining: nobody else would take them.
-                busy = self.running or self.waiting or new
+                busy = self.running or self.waiting or new or self.outbox
                 if drain_deadline is not None and (not busy or time.monotonic() > drain_deadline):
                     break
+                self._reclaim()
                 # 1) Idle: block for plans (the only blocking call; with work in hand, reads ride the step's pipe).
                 if not busy:
                     new = self._idle_read()
@@ -101,19 +132,23 @@ class BackboneWorker:
                 # 2) Queue the plans read last round; start waiting ones while slots and KV memory allow.
                 for entry_id, fields in new:
                     self._enqueue(entry_id, fields)
-                errors: list[tuple] = []
-                decoding = [r.seq for r in self.running.values()]
-                starting = self._start_waiting(errors)
-                # 3) One forward: the starting sequences' prompts and the next token of every running one.
-                t0 = time.perf_counter()
-                self._step(decoding, starting)
-                if starting:
-                    ms = round((time.perf_counter() - t0) * 1e3, 2)
-                    for seq, _ in starting:
-                        log.info("prefilled", extra={"request_id": seq.request_id, "prompt_tokens": seq.prompt_len,
-                                                     "ms": ms, "batch": len(decoding) + len(starting)})
+                new = []
+                if self.outage_since is None:
+                    decoding = [r.seq for r in self.running.values()]
+                    starting = self._start_waiting()
+                    # 3) One forward: the starting sequences' prompts and the next token of every running one.
+                    t0 = time.perf_counter()
+                    self._step(decoding, starting)
+                    if starting:
+                        ms = round((time.perf_counter() - t0) * 1e3, 2)
+                        for seq, _ in starting:
+                            log.info("prefilled", extra={"request_id": seq.request_id, "ms": ms,
+                                                         "prompt_tokens": seq.prompt_len,
+                                                         "batch": len(decoding) + len(starting)})
+                else:
+                    self._hold()  # Redis is away: no step, only the round trip again
                 # 4) One round trip: events, acks, cancellation checks, and the next plans if there is room.
-                new = self._exchange(errors, admit=drain_deadline is None)
+                new = self._exchange(admit=drain_deadline is None)
         finally:
             self._fail_all("the backbone worker is shutting down")
             heartbeat.stop()
@@ -133,77 +168,153 @@ class BackboneWorker:
                 if seq.finish is None:
                     seq.fail(f"internal error in the backbone step ({type(exc).__name__})")
 
+    # -- Redis: reads, reclaim, outages ------------------------------------------------------------------------
+
+    def _redis_failed(self, exc: RedisError, what: str) -> None:
+        self.gate.broken()
+        if is_nogroup(exc):  # a restarted Redis without persistence lost the group (and every plan in it)
+            log.warning("the backbone group is gone (Redis restarted?); recreating it")
+            try:
+                ensure_group(self.r, self.stream, BACKBONE_GROUP)
+            except RedisError:
+                pass
+            return
+        if self.outage_since is None:
+            self.outage_since = time.monotonic()
+            log.error("redis unavailable; holding running requests", extra={
+                "error": str(exc), "during": what, "running": len(self.running)})
+        self.stop.wait(0.5)
+
+    def _hold(self) -> None:
+        """While Redis is away: after ``outage_hold_s`` the running sequences are failed (their gateways gave up)."""
+        if time.monotonic() - self.outage_since > self.cfg.outage_hold_s:
+            for run in self.running.values():
+                if run.seq.finish is None:
+                    run.seq.fail(f"the backbone lost Redis for more than {self.cfg.outage_hold_s:g} s")
+
     def _idle_read(self) -> list:
         try:
             reply = self.r.xreadgroup(BACKBONE_GROUP, self.consumer, {self.stream: ">"},
                                       count=self.cfg.max_running, block=self.cfg.block_ms)
-        except RedisError as exc:  # the client already retried with backoff: Redis is down or was reset
-            if "NOGROUP" in str(exc):  # a restarted Redis without persistence lost the group
-                ensure_group(self.r, self.stream, BACKBONE_GROUP)
-            else:
-                log.error("redis unavailable; retrying", extra={"error": str(exc)})
-                self.stop.wait(1.0)
+        except RedisError as exc:
+            self._redis_failed(exc, "read")
             return []
+        self._recovered()
         return reply[0][1] if reply else []
+
+    def _recovered(self) -> None:
+        if self.outage_since is not None:
+            log.warning("redis is back", extra={"outage_s": round(time.monotonic() - self.outage_since, 2),
+                                                "running": len(self.running)})
+            self.outage_since = None
+
+    def _reclaim(self) -> None:
+        """Plans pending on dead consumers: tell each plan's gateway its worker was lost (it migrates the request,
+        knowing what was already streamed), or dead-letter a plan past ``max_deliveries``."""
+        if self.outage_since is not None or not self.gate.due():
+            return
+        try:
+            claimed = reclaim_dead(self.r, self.stream, BACKBONE_GROUP, self.consumer,
+                                   live_members(self.r, self.keys, "backbone"), 64)
+            if not claimed:
+                return
+            pipe = self.r.pipeline(transaction=False)
+            for entry in claimed:
+                self._orphaned(pipe, entry)
+            pipe.execute()
+        except RedisError as exc:
+            self._redis_failed(exc, "reclaim")
+
+    def _orphaned(self, pipe, entry: Claimed) -> None:
+        try:
+            plan = m.decode(fields_payload(entry.fields), m.PromptPlan)
+        except (m.WireError, KeyError) as exc:
+            log.error("dropping undecodable plan", extra={"entry": entry.entry_id, "error": str(exc)})
+            ack_delete(pipe, self.stream, BACKBONE_GROUP, entry.entry_id)
+            return
+        if entry.deliveries > self.cfg.max_deliveries:
+            code, error = m.ErrorCode.GAVE_UP, (
+                f"the request was taken by {entry.deliveries - 1} backbone workers that all died; it was moved to "
+                "the dead-letter stream")
+            dead_letter(pipe, self.keys.dead_letter(), self.stream, entry, error)
+        else:
+            code, error = m.ErrorCode.WORKER_LOST, f"backbone worker {entry.consumer} died"
+        log.warning("plan of a dead worker", extra={"request_id": plan.request_id, "attempt": plan.attempt,
+                                                    "from": entry.consumer, "code": code.value})
+        ev = self._error_event(plan, code, error, worker=entry.consumer)
+        pipe.xadd(plan.reply_to, payload_fields(m.encode(ev)))
+        ack_delete(pipe, self.stream, BACKBONE_GROUP, entry.entry_id)
+
+    # -- Plans --------------------------------------------------------------------------------------------------
 
     def _enqueue(self, entry_id: bytes, fields: dict) -> None:
         try:
             plan = m.decode(fields_payload(fields), m.PromptPlan)
         except (m.WireError, KeyError) as exc:  # nobody to tell: without a plan there is no reply stream
             log.error("dropping undecodable plan", extra={"entry": entry_id, "error": str(exc)})
-            self.r.xack(self.stream, BACKBONE_GROUP, entry_id)
+            self.outbox.append(("", None, entry_id))
             return
         self.waiting.append((entry_id, plan))
 
-    def _start_waiting(self, errors: list) -> list[tuple[Sequence, torch.Tensor]]:
+    def _start_waiting(self) -> list[tuple[Sequence, torch.Tensor]]:
         """Start queued plans in arrival order while a slot and their whole KV cache are free. A plan that cannot
-        start gets an error event (in ``errors``) and the next one is tried."""
+        start gets an error event (in the outbox) and the next one is tried."""
         starting: list[tuple[Sequence, torch.Tensor]] = []
         while self.waiting and len(self.running) < self.cfg.max_running:
             entry_id, plan = self.waiting[0]
             try:
-                seq = self.engine.new_sequence(plan.request_id, len(plan.token_ids), plan.sampling)
+                seq = self.engine.new_sequence(plan.request_id, len(plan.token_ids), plan.sampling, plan.resumed)
             except PlanError as exc:
                 self.waiting.popleft()
-                errors.append(self._error_event(plan, entry_id, m.ErrorCode.BAD_PLAN, str(exc)))
+                self._refuse(plan, entry_id, m.ErrorCode.BAD_PLAN, str(exc))
                 continue
             if not self.engine.fits(seq):
                 if self.running:
                     break  # wait for a running sequence to finish and free its KV cache
                 self.waiting.popleft()
-                errors.append(self._error_event(plan, entry_id, m.ErrorCode.BAD_PLAN, (
+                self._refuse(plan, entry_id, m.ErrorCode.BAD_PLAN, (
                     f"the request needs {self.engine.kv_bytes(seq)} bytes of KV cache; this backbone has "
-                    f"{self.engine.kv_budget_bytes}")))
+                    f"{self.engine.kv_budget_bytes}"))
                 continue
-            self.waiting.popleft()
             try:
                 if time.time() > plan.deadline:
                     raise StepFailure(m.ErrorCode.DEADLINE, "the request waited past its deadline for a backbone")
-                starting.append((seq, self.engine.start(seq, plan.token_ids, self._fetch_media(plan))))
+                media = self._fetch_media(plan)
+            except RedisError as exc:  # the plan stays first in line; the step goes on with what runs
+                self._redis_failed(exc, "fetch")
+                break
             except StepFailure as exc:
-                errors.append(self._error_event(plan, entry_id, exc.code, exc.error))
+                self.waiting.popleft()
+                self._refuse(plan, entry_id, exc.code, exc.error, exc.silent)
                 continue
+            self.waiting.popleft()
+            try:
+                starting.append((seq, self.engine.start(seq, plan.token_ids, media)))
             except PlanError as exc:
                 self.engine.release(seq)
-                errors.append(self._error_event(plan, entry_id, m.ErrorCode.BAD_PLAN, str(exc)))
+                self._refuse(plan, entry_id, m.ErrorCode.BAD_PLAN, str(exc))
                 continue
             except (RuntimeError, ValueError, IndexError, TypeError) as exc:  # a bug, or memory: this plan only
                 log.exception("could not start a request", extra={"request_id": plan.request_id})
                 self.engine.release(seq)
-                errors.append(self._error_event(plan, entry_id, m.ErrorCode.INTERNAL,
-                                                f"the backbone could not start this request ({type(exc).__name__})"))
+                self._refuse(plan, entry_id, m.ErrorCode.INTERNAL,
+                             f"the backbone could not start this request ({type(exc).__name__})")
                 continue
-            self.running[plan.request_id] = Running(seq, plan, entry_id)
+            self.running[run_key(plan)] = Running(seq, plan, entry_id)
         return starting
 
     def _fetch_media(self, plan: m.PromptPlan) -> list[tuple[str, torch.Tensor]]:
-        """The plan's encoder outputs, in one round trip that also checks the request was not cancelled while queued."""
+        """The plan's encoder outputs, in one round trip that also checks the request was not cancelled while queued
+        and that its gateway is alive."""
         pipe = self.r.pipeline(transaction=False)
-        pipe.exists(self.keys.cancel(plan.request_id))
+        pipe.get(self.keys.cancel(plan.request_id))
+        pipe.exists(alive(plan.reply_to))
         for ref in plan.media:
             pipe.hget(ref.tensor_key, "data")
-        cancelled, *blobs = pipe.execute()
-        if cancelled:
+        cancel, owner_alive, *blobs = pipe.execute()
+        if not owner_alive:
+            raise StepFailure(m.ErrorCode.CANCELLED, "the gateway of this request is gone", silent=True)
+        if _cancelled(cancel, plan.attempt):
             raise StepFailure(m.ErrorCode.CANCELLED, "the request was cancelled while queued")
         out = []
         for ref, data in zip(plan.media, blobs):
@@ -218,76 +329,136 @@ class BackboneWorker:
             out.append((ref.modality.value, tensor))
         return out
 
-    def _error_event(self, plan: m.PromptPlan, entry_id: bytes, code: m.ErrorCode, error: str) -> tuple:
+    def _error_event(self, plan: m.PromptPlan, code: m.ErrorCode, error: str, worker: str | None = None
+                     ) -> m.TokenEvent:
         log.warning("request failed", extra={"request_id": plan.request_id, "code": code.value, "error": error})
-        ev = m.TokenEvent(request_id=plan.request_id, token_ids=[], prompt_tokens=len(plan.token_ids),
-                          completion_tokens=0, finish=m.FinishReason.ERROR, code=code, error=error)
-        return plan.reply_to, ev, entry_id
+        return m.TokenEvent(request_id=plan.request_id, token_ids=[], prompt_tokens=len(plan.token_ids) - plan.resumed,
+                            completion_tokens=plan.resumed, finish=m.FinishReason.ERROR, code=code, error=error,
+                            attempt=plan.attempt, worker=self.consumer if worker is None else worker)
 
-    def _exchange(self, errors: list[tuple], admit: bool) -> list:
+    def _refuse(self, plan: m.PromptPlan, entry_id: bytes, code: m.ErrorCode, error: str, silent: bool = False
+                ) -> None:
+        """Queue the plan's ack and (unless its gateway is gone) its error event for the next round trip."""
+        if silent:
+            log.info("dropped", extra={"request_id": plan.request_id, "error": error})
+        ev = None if silent else self._error_event(plan, code, error)
+        self.outbox.append((plan.reply_to, ev, entry_id))
+
+    # -- The step's round trip ----------------------------------------------------------------------------------
+
+    def _exchange(self, admit: bool) -> list:
+        """Send the outbox and every running request's new tokens, ack what finished, check cancellations and
+        gateways, read new plans. Nothing is forgotten before Redis took it: on a failure the same events go again
+        next time (with the tokens produced since), and the gateway skips tokens it already has."""
         pipe = self.r.pipeline(transaction=False)
         tokens = 0
-        for reply_to, ev, entry_id in errors:
-            pipe.xadd(reply_to, payload_fields(m.encode(ev)))
-            pipe.xack(self.stream, BACKBONE_GROUP, entry_id)
-        for rid, run in list(self.running.items()):
+        for reply_to, ev, entry_id in self.outbox:
+            if ev is not None:
+                pipe.xadd(reply_to, payload_fields(m.encode(ev)))
+            if entry_id is not None:
+                ack_delete(pipe, self.stream, BACKBONE_GROUP, entry_id)
+        for run in self.running.values():
             seq = run.seq
+            if not seq.pending and seq.finish is None:
+                continue  # nothing new (a held step)
             failed = seq.finish == m.FinishReason.ERROR
-            if failed:
-                log.error("request failed", extra={"request_id": rid, "code": "internal", "error": seq.error})
-            ev = m.TokenEvent(request_id=rid, token_ids=seq.output[len(seq.output) - seq.pending :],
-                              prompt_tokens=seq.prompt_len, completion_tokens=len(seq.output), finish=seq.finish,
-                              code=m.ErrorCode.INTERNAL if failed else None, error=seq.error)
+            ev = m.TokenEvent(request_id=seq.request_id, token_ids=seq.output[len(seq.output) - seq.pending :],
+                              prompt_tokens=seq.prompt_tokens, completion_tokens=seq.completion_tokens,
+                              finish=seq.finish, code=(run.code or m.ErrorCode.INTERNAL) if failed else None,
+                              error=seq.error,
+                              attempt=run.plan.attempt, worker=self.consumer)
             tokens += seq.pending
-            seq.pending = 0
             pipe.xadd(run.plan.reply_to, payload_fields(m.encode(ev)))
             if seq.finish is not None:
-                pipe.xack(self.stream, BACKBONE_GROUP, run.entry_id)
-                del self.running[rid]
-                self.engine.release(seq)
-                log.info("finished", extra={"request_id": rid, "finish": seq.finish.value,
-                                            "completion_tokens": len(seq.output)})
-        alive, checks_at = list(self.running), len(pipe)
-        for rid in alive:
-            pipe.exists(self.keys.cancel(rid))
+                ack_delete(pipe, self.stream, BACKBONE_GROUP, run.entry_id)
+        alive_now = [k for k, run in self.running.items() if run.seq.finish is None]
+        checks_at = len(pipe)
+        for key in alive_now:
+            pipe.get(self.keys.cancel(self.running[key].plan.request_id))
+        owners = sorted({self.running[k].plan.reply_to for k in alive_now})
+        owners_at = len(pipe)
+        for reply_to in owners:
+            pipe.exists(alive(reply_to))
         pipe.hincrby(self.stats_key, "tokens", tokens)
-        room, read_at = self.cfg.max_running - len(self.running) - len(self.waiting), None
+        pipe.hincrby(self.stats_key, "cancelled", self.cancelled)
+        room, read_at = self.cfg.max_running - len(alive_now) - len(self.waiting), None
         if admit and room > 0:
             read_at = len(pipe)
             pipe.xreadgroup(BACKBONE_GROUP, self.consumer, {self.stream: ">"}, count=room)
-        results = pipe.execute()
-        for rid, cancelled in zip(alive, results[checks_at : checks_at + len(alive)]):
-            if cancelled:
-                self._cancel(rid)
+        try:
+            results = pipe.execute(raise_on_error=False)
+        except RedisError as exc:
+            self._redis_failed(exc, "step")
+            return []
+        self._recovered()
+        # Redis took it all: forget what was sent.
+        self.outbox.clear()
+        self.cancelled = 0
+        for key, run in list(self.running.items()):
+            run.seq.pending = 0
+            if run.seq.finish is not None:
+                del self.running[key]
+                self.engine.release(run.seq)
+                log.info("finished", extra={"request_id": run.plan.request_id, "attempt": run.plan.attempt,
+                                            "finish": run.seq.finish.value,
+                                            "completion_tokens": run.seq.completion_tokens})
+        dead_owners = {o for o, ok in zip(owners, results[owners_at : owners_at + len(owners)]) if ok == 0}
+        for key, cancel in zip(alive_now, results[checks_at : checks_at + len(alive_now)]):
+            run = self.running[key]
+            if run.plan.reply_to in dead_owners:
+                self._cancel(key, "its gateway is gone", silent=True)
+            elif _cancelled(cancel, run.plan.attempt):
+                self._cancel(key, "cancelled by its gateway")
+        errors = [r for r in results if isinstance(r, Exception)]
+        for exc in errors:
+            if is_nogroup(exc):
+                self._redis_failed(exc, "read")
+                return []
+        if errors:
+            log.error("step round trip: a command failed", extra={"error": str(errors[0])})
         read = results[read_at] if read_at is not None else None
-        return read[0][1] if read else []
+        return read[0][1] if read and not isinstance(read, Exception) else []
 
-    def _cancel(self, rid: str) -> None:
-        run = self.running.pop(rid)
+    def _cancel(self, key: str, why: str, silent: bool = False) -> None:
+        """Stop a running attempt now; its ack (and, unless its gateway is gone, a cancelled event) go out with
+        the next round trip."""
+        run = self.running.pop(key)
         self.engine.release(run.seq)
-        log.info("cancelled", extra={"request_id": rid, "completion_tokens": len(run.seq.output)})
-        pipe = self.r.pipeline(transaction=False)
-        ev = m.TokenEvent(request_id=rid, token_ids=[], prompt_tokens=run.seq.prompt_len,
-                          completion_tokens=len(run.seq.output), finish=m.FinishReason.CANCELLED)
-        pipe.xadd(run.plan.reply_to, payload_fields(m.encode(ev)))
-        pipe.xack(self.stream, BACKBONE_GROUP, run.entry_id)
-        pipe.hincrby(self.stats_key, "cancelled", 1)
-        pipe.execute()
+        log.info("cancelled", extra={"request_id": run.plan.request_id, "attempt": run.plan.attempt, "why": why,
+                                     "completion_tokens": run.seq.completion_tokens})
+        ev = None if silent else m.TokenEvent(
+            request_id=run.plan.request_id, token_ids=[], prompt_tokens=run.seq.prompt_tokens,
+            completion_tokens=run.seq.completion_tokens, finish=m.FinishReason.CANCELLED, attempt=run.plan.attempt,
+            worker=self.consumer)
+        self.outbox.append((run.plan.reply_to, ev, run.entry_id))
+        self.cancelled += 1
 
     def _fail_all(self, error: str) -> None:
-        held = [(run.plan, run.entry_id) for run in self.running.values()] + [(p, e) for e, p in self.waiting]
-        if not held:
-            return
-        pipe = self.r.pipeline(transaction=False)
-        for plan, entry_id in held:
-            _, ev, _ = self._error_event(plan, entry_id, m.ErrorCode.INTERNAL, error)
-            pipe.xadd(plan.reply_to, payload_fields(m.encode(ev)))
-            pipe.xack(self.stream, BACKBONE_GROUP, entry_id)
-        pipe.execute()
+        """On exit: hand every request still held back to its gateway (``worker_lost``, with the tokens not yet
+        sent), which migrates it to another replica; one last round trip."""
+        for run in self.running.values():
+            if run.seq.finish is None:
+                run.seq.fail(error)
+                run.code = m.ErrorCode.WORKER_LOST
+        for entry_id, plan in self.waiting:
+            self._refuse(plan, entry_id, m.ErrorCode.WORKER_LOST, error)
+        self.waiting.clear()
+        if self.running or self.outbox:
+            self._exchange(admit=False)
+        if self.running or self.outbox:
+            log.error("could not hand requests back (Redis away); their plans stay pending and the next live "
+                      "replica reclaims them", extra={"requests": len(self.running) + len(self.outbox)})
         for run in self.running.values():
             self.engine.release(run.seq)
         self.running.clear()
-        self.waiting.clear()
+
+
+def _cancelled(value: bytes | None, attempt: int) -> bool:
+    """Whether a cancel key's value (the lowest attempt still wanted) cancels ``attempt``."""
+    try:
+        return value is not None and attempt < int(value)
+    except ValueError:
+        return True
 
 
 def serve(cfg: BackboneConfig, model_dir: str, threads: int | None = None) -> None:

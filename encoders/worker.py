@@ -2,8 +2,12 @@
 shape, publish each tensor to the cache (notifying every waiting gateway), ack.
 
 One consumer in the modality's consumer group; add replicas by starting more processes. On SIGTERM it stops reading,
-finishes the batch in hand, acks it and exits; jobs a crashed worker left unacked are reclaimed by a live one after
-``claim_idle_s``.
+finishes the batch in hand, acks it and exits. Jobs a dead worker left unacked are reclaimed by a live one within
+about a second of the dead one leaving the live set (cache/streams.py ``reclaim_dead``); a job handed to
+``max_deliveries`` workers goes to the dead-letter stream and fails its request. Answering a job acks it in the same
+script (cache/tensors.py), so a job run twice publishes one tensor and one answer. A job whose gateway is dead (its
+lease lapsed) and that no other gateway waits on is dropped unencoded. Redis errors (an outage, a restart that lost
+the group) never end the loop: it waits and goes on.
 
 Faults are per job: media that does not decode, whose decoded values are not finite, whose forward pass fails alone
 (a failed batch is re-run one item at a time) or whose output is not finite in the wire dtype is published as that
@@ -26,14 +30,15 @@ from redis.exceptions import RedisError
 from cache.client import connect
 from cache.codec import WIRE_DTYPES, encode_tensor
 from cache.keys import ENCODER_GROUP, Keys
-from cache.streams import autoclaim_entries, ensure_group, fields_payload
+from cache.keys import alive
+from cache.streams import Claimed, ack_delete, dead_letter, ensure_group, fields_payload, is_nogroup, reclaim_dead
 from cache.tensors import TensorPublisher
 from encoders.batching import batch_lengths, read_batch, shape_groups
 from encoders.preprocess import MediaError, Prepared
 from encoders.runtime import run_isolating
 from models.media import MAX_AUDIO_S
 from router import messages as m
-from router.liveness import Heartbeat
+from router.liveness import Heartbeat, ReclaimGate, live_members
 
 log = logging.getLogger(__name__)
 
@@ -50,7 +55,7 @@ class EncoderConfig:
     block_ms: int = 1000  # how long an idle read waits (bounds how late a stop is noticed)
     tensor_ttl_s: int = 3600  # lifetime of a cached encoder output
     wire_dtype: str = "float32"  # dtype of cached tensors: float32, float16 or bfloat16 (half the bytes)
-    claim_idle_s: float = 60.0  # a job pending this long on a dead consumer is taken over
+    max_deliveries: int = 3  # a job handed to this many workers (the others died) is dead-lettered
     stall_s: float = 60.0  # a loop that has not come round for this long stops heartbeating (router/liveness.py)
     max_audio_seconds: float = MAX_AUDIO_S  # decoding stops past it; a longer clip is bad media
 
@@ -59,6 +64,8 @@ class EncoderConfig:
             raise ValueError("max_batch, block_ms and tensor_ttl_s must be >= 1 and max_wait_ms >= 0")
         if not (self.stall_s > 0 and self.max_audio_seconds > 0):
             raise ValueError("stall_s and max_audio_seconds must be > 0")
+        if self.max_deliveries < 1:
+            raise ValueError("max_deliveries must be >= 1")
         if self.wire_dtype not in WIRE_DTYPES:
             raise ValueError(f"wire_dtype must be one of {sorted(WIRE_DTYPES)}, got {self.wire_dtype!r}")
 
@@ -69,6 +76,7 @@ class Job:
     msg: m.EncodeJob
     tensor_key: str
     script_keys: tuple[str, str, str, str]  # tensor, waiters, lease, blob
+    deliveries: int = 1
 
 
 class EncoderWorker:
@@ -79,8 +87,8 @@ class EncoderWorker:
         self.stream = self.keys.jobs(cfg.modality)
         self.consumer = f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
         self.r = connect(cfg.redis_url)
-        self.publisher = TensorPublisher(self.r)
-        self._last_claim = 0.0
+        self.publisher = TensorPublisher(self.r, self.stream, ENCODER_GROUP)
+        self.gate = ReclaimGate()
 
     def run(self) -> None:
         ensure_group(self.r, self.stream, ENCODER_GROUP)
@@ -92,7 +100,7 @@ class EncoderWorker:
             while not self.stop.is_set():
                 heartbeat.tick()  # the heartbeat goes stale if this loop stops coming round
                 try:
-                    # 1) Take a batch: stale jobs of dead consumers first, then new ones.
+                    # 1) Take a batch: the jobs of dead consumers first, then new ones.
                     entries = self._reclaim() or read_batch(self.r, ENCODER_GROUP, self.consumer, self.stream,
                                                             self.cfg.max_batch, self.cfg.max_wait_ms,
                                                             self.cfg.block_ms)
@@ -100,8 +108,9 @@ class EncoderWorker:
                         # 2) Encode it, publish tensors, notify gateways, ack: all before the next read.
                         self.handle(entries)
                 except RedisError as exc:  # the client already retried with backoff: Redis is down or was reset
-                    if "NOGROUP" in str(exc):  # a restarted Redis without persistence lost the group
-                        ensure_group(self.r, self.stream, ENCODER_GROUP)
+                    self.gate.broken()
+                    if is_nogroup(exc):  # a restarted Redis without persistence lost the group
+                        self._ensure_group()
                         continue
                     log.error("redis unavailable; retrying", extra={"error": str(exc)})
                     self.stop.wait(1.0)
@@ -109,21 +118,28 @@ class EncoderWorker:
             heartbeat.stop()
             log.info("encoder stopped", extra={"consumer": self.consumer})
 
+    def _ensure_group(self) -> None:
+        try:
+            ensure_group(self.r, self.stream, ENCODER_GROUP)
+        except RedisError as exc:
+            log.error("redis unavailable; retrying", extra={"error": str(exc)})
+            self.stop.wait(1.0)
+
     def _reclaim(self) -> list:
-        now = time.monotonic()
-        if now - self._last_claim < self.cfg.claim_idle_s / 2:
+        """Jobs of consumers absent from the live set, as (entry id, fields, deliveries) triples."""
+        if not self.gate.due():
             return []
-        self._last_claim = now
-        reply = self.r.xautoclaim(self.stream, ENCODER_GROUP, self.consumer,
-                                  min_idle_time=int(self.cfg.claim_idle_s * 1000), count=self.cfg.max_batch)
-        entries = [e for e in autoclaim_entries(reply) if e[1]]  # deleted entries come back with no fields
-        if entries:
-            log.warning("reclaimed jobs from a silent consumer", extra={"count": len(entries)})
-        return entries
+        claimed = reclaim_dead(self.r, self.stream, ENCODER_GROUP, self.consumer,
+                               live_members(self.r, self.keys, self.tier), self.cfg.max_batch)
+        if claimed:
+            log.warning("reclaimed jobs of a dead consumer", extra={
+                "count": len(claimed), "from": sorted({c.consumer for c in claimed})})
+        return claimed
 
     def handle(self, entries: list) -> None:
+        """Entries are (entry id, fields) pairs as read, or :class:`Claimed` ones (reclaimed from a dead worker)."""
         pipe = self.r.pipeline(transaction=False)
-        jobs = self._decode(entries, pipe)
+        jobs = self._admit(self._decode(entries, pipe), pipe)
         blobs = self.r.mget([j.msg.blob_key for j in jobs]) if jobs else []
         # 1) Preprocess each job; failures are published to their waiters at once.
         t0 = time.perf_counter()
@@ -140,10 +156,8 @@ class EncoderWorker:
         t2 = time.perf_counter()
         # 3) Publish every tensor (or the failure), ack every entry, count: one round trip.
         encoded = 0
-        for i, p in prepared:
+        for i, p in prepared:  # each script also acks its job
             encoded += self._publish(pipe, jobs[i], outputs[i], p.num_tokens)
-        for job in jobs:
-            pipe.xack(self.stream, ENCODER_GROUP, job.entry_id)
         stats = self.keys.stats(self.tier)
         pipe.hincrby(stats, "encoder_calls", encoded)  # items encoded
         pipe.hincrby(stats, "forward_passes", len(groups))
@@ -179,18 +193,49 @@ class EncoderWorker:
 
     def _decode(self, entries: list, pipe) -> list[Job]:
         jobs = []
-        for entry_id, fields in entries:
+        for entry in entries:
+            entry_id, fields, deliveries = ((entry.entry_id, entry.fields, entry.deliveries)
+                                            if isinstance(entry, Claimed) else (*entry, 1))
             try:
                 msg = m.decode(fields_payload(fields), m.EncodeJob)
             except (m.WireError, KeyError) as exc:
                 log.error("dropping undecodable job", extra={"entry": entry_id, "error": str(exc)})
-                pipe.xack(self.stream, ENCODER_GROUP, entry_id)
+                ack_delete(pipe, self.stream, ENCODER_GROUP, entry_id)
                 continue
             key = self.keys.tensor(msg.encoder_id, msg.digest)
             script_keys = (key, self.keys.waiters(msg.encoder_id, msg.digest),
                            self.keys.lease(msg.encoder_id, msg.digest), msg.blob_key)
-            jobs.append(Job(entry_id, msg, key, script_keys))
+            job = Job(entry_id, msg, key, script_keys, deliveries)
+            if deliveries > self.cfg.max_deliveries:  # every worker that took it died: a poison job, or bad luck
+                error = (f"the job was handed to {deliveries - 1} encoder workers that all died before answering "
+                         "it; it was moved to the dead-letter stream")
+                log.error("dead-lettering a job", extra={"request_id": msg.request_id, "job_id": msg.job_id,
+                                                         "deliveries": deliveries})
+                dead_letter(pipe, self.keys.dead_letter(), self.stream,
+                            Claimed(entry_id, fields, deliveries, ""), error)
+                self._fail(pipe, job, m.ErrorCode.GAVE_UP, error)
+                continue
+            jobs.append(job)
         return jobs
+
+    def _admit(self, jobs: list[Job], pipe) -> list[Job]:
+        """The jobs some live gateway still waits on; the others are acked away unencoded (their gateway died)."""
+        if not jobs:
+            return jobs
+        check = self.r.pipeline(transaction=False)
+        for job in jobs:
+            check.exists(alive(job.msg.reply_to))
+            check.scard(job.script_keys[1])
+        res = check.execute()
+        kept = []
+        for job, owner_alive, waiters in zip(jobs, res[0::2], res[1::2]):
+            if owner_alive or waiters > 1:
+                kept.append(job)
+                continue
+            log.info("dropping the job of a dead gateway", extra={"request_id": job.msg.request_id,
+                                                                  "job_id": job.msg.job_id})
+            self._fail(pipe, job, m.ErrorCode.CANCELLED, "the gateway that queued this job is gone")
+        return kept
 
     @staticmethod
     def _check(job: Job, blob: bytes | None) -> tuple[m.ErrorCode, str] | None:
@@ -211,8 +256,8 @@ class EncoderWorker:
                 data = encode_tensor(rows, self.cfg.wire_dtype)
                 done = m.EncodeDone(request_id=job.msg.request_id, job_id=job.msg.job_id, tensor_key=job.tensor_key,
                                     num_tokens=n)
-                self.publisher.publish(pipe, job.script_keys, data, n, self.cfg.tensor_ttl_s, m.encode(done),
-                                       job.msg.reply_to)
+                self.publisher.publish(pipe, job.script_keys, job.entry_id, data, n, self.cfg.tensor_ttl_s,
+                                       m.encode(done), job.msg.reply_to)
                 return True
             error = f"the encoder output is not finite in {self.cfg.wire_dtype}"
         log.error("encode failed", extra={"request_id": job.msg.request_id, "job_id": job.msg.job_id,
@@ -223,7 +268,7 @@ class EncoderWorker:
     def _fail(self, pipe, job: Job, code: m.ErrorCode, error: str) -> None:
         msg = m.EncodeFailed(request_id=job.msg.request_id, job_id=job.msg.job_id, tensor_key=job.tensor_key,
                              code=code, error=error)
-        self.publisher.fail(pipe, job.script_keys, m.encode(msg), job.msg.reply_to)
+        self.publisher.fail(pipe, job.script_keys, job.entry_id, m.encode(msg), job.msg.reply_to)
 
 
 def serve(cfg: EncoderConfig, model_dir: str, threads: int | None = None) -> None:

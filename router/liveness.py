@@ -77,6 +77,35 @@ class Heartbeat:
             log.warning("could not deregister worker", exc_info=True)
 
 
+def live_members(r, keys: Keys, tier: str) -> set[str]:
+    """The ids of a tier's workers that beat within the live window."""
+    return {m.decode() for m in r.zrangebyscore(keys.live(tier), time.time() - LIVE_WINDOW_S, "+inf")}
+
+
+class ReclaimGate:
+    """When a worker may reclaim the entries of consumers absent from its tier's live set.
+
+    Only after Redis has answered it without a break for a whole live window (plus a beat): after an outage every
+    worker's last beat is old, and each gets one beat's time to show it is alive before anyone treats it as dead.
+    """
+
+    def __init__(self, every_s: float = HEARTBEAT_S):
+        self.every_s = every_s
+        self.healthy_since = time.monotonic()
+        self.last = 0.0
+
+    def broken(self) -> None:
+        """A Redis call failed: the clock starts again."""
+        self.healthy_since = time.monotonic()
+
+    def due(self) -> bool:
+        now = time.monotonic()
+        if now - self.healthy_since < LIVE_WINDOW_S + HEARTBEAT_S or now - self.last < self.every_s:
+            return False
+        self.last = now
+        return True
+
+
 def live_count_args(keys: Keys, tier: str) -> tuple[str, float, str]:
     """Arguments of the ZCOUNT that counts a tier's live workers (run it in whatever client or pipeline)."""
     return keys.live(tier), time.time() - LIVE_WINDOW_S, "+inf"

@@ -14,7 +14,7 @@ from typing import Union
 
 import msgspec
 
-WIRE_VERSION = 1
+WIRE_VERSION = 2
 
 
 class Modality(str, enum.Enum):
@@ -37,6 +37,8 @@ class ErrorCode(str, enum.Enum):
     BAD_PLAN = "bad_plan"  # the plan does not fit the model (placeholder count, context length): a 4xx
     DEADLINE = "deadline"  # the work waited in a queue past its deadline: the gateway has given up by now
     CANCELLED = "cancelled"  # the gateway withdrew the request before it started
+    WORKER_LOST = "worker_lost"  # the backbone running this attempt died; its gateway migrates the request
+    GAVE_UP = "gave_up"  # delivered to too many workers that died: dead-lettered (a 500)
     INTERNAL = "internal"  # a bug or a broken worker: a 5xx
 
 
@@ -110,6 +112,10 @@ class PromptPlan(Message, kw_only=True):
     media: list[MediaRef] = []
     sampling: SamplingParams
     deadline: float  # unix seconds; a plan taken after it is dropped with an error event
+    # Request migration (gateway/tiers.py): a continuation plan ends ``token_ids`` with the ``resumed`` tokens the
+    # client already has, its ``sampling.max_tokens`` is what is left, and its sampler starts at draw ``resumed``.
+    attempt: int = 0
+    resumed: int = 0
 
 
 class TokenEvent(Message, kw_only=True):
@@ -122,6 +128,8 @@ class TokenEvent(Message, kw_only=True):
     finish: FinishReason | None = None
     code: ErrorCode | None = None
     error: str | None = None
+    attempt: int = 0  # the plan attempt this event belongs to; the gateway ignores stale attempts
+    worker: str = ""  # the backbone consumer running it (the gateway watches its liveness)
 
 
 ReplyMessage = Union[EncodeDone, EncodeFailed, TokenEvent]

@@ -9,7 +9,7 @@ import time
 
 import redis
 
-from cache.keys import Keys
+from cache.keys import Keys, alive
 from router.liveness import live_count_args
 
 
@@ -27,6 +27,11 @@ def start_tier(args: list[str], redis_url: str, tier: str, timeout: float = 120)
         time.sleep(0.2)  # the process is importing torch; its heartbeat is the readiness signal
     proc.kill()
     raise RuntimeError(f"{tier} not live after {timeout}s")
+
+
+def hold_lease(r, reply_to: str, ttl_s: int = 600) -> None:
+    """Act as the live gateway owning ``reply_to``: workers write only to the reply streams of live gateways."""
+    r.set(alive(reply_to), 1, ex=ttl_s)
 
 
 def stop_tier(proc: subprocess.Popen, timeout: float = 30) -> tuple[int, str]:

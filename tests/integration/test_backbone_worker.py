@@ -15,7 +15,7 @@ from backbone.engine import load_engine
 from cache.keys import BACKBONE_GROUP, Keys
 from cache.streams import fields_payload, payload_fields
 from router import messages as m
-from tests.integration.procs import start_tier
+from tests.integration.procs import hold_lease, start_tier
 
 KEYS = Keys()
 
@@ -80,6 +80,7 @@ class Reader:
 def test_tokens_equal_the_in_process_engine(backbone, redis_server, tiny_spec):
     r = redis.Redis.from_url(redis_server.url)
     ids = [1, 286, 274, 203, 56, 76, 73, 272, 2, 203, 1, 288, 87, 203]
+    hold_lease(r, "reply:bb1")
     r.xadd(KEYS.gen(), payload_fields(m.encode(plan("bb-1", "reply:bb1", ids, 10, temperature=0.0))))
     got = events(r, "reply:bb1", {"bb-1"})
     tokens = [t for ev in got for t in ev.token_ids]
@@ -99,8 +100,10 @@ def test_cancel_frees_the_slot_and_a_later_request_interleaves(backbone, redis_s
     r = redis.Redis.from_url(redis_server.url)
     cancelled_before = int(r.hget(KEYS.stats("backbone"), "cancelled") or 0)
     reader = Reader(r, "reply:bb2")
+    hold_lease(r, "reply:bb2")
     r.xadd(KEYS.gen(), payload_fields(m.encode(plan("long", "reply:bb2", [1, 20, 21], 1000))))
     reader.until(lambda ev: ev.request_id == "long", "the long request never started", timeout=30)
+    hold_lease(r, "reply:bb2")
     r.xadd(KEYS.gen(), payload_fields(m.encode(plan("short", "reply:bb2", [1, 5, 6], 3))))
     reader.until(lambda ev: ev.request_id == "short", "the short request never started")
     short_first = len(reader.seen) - 1
@@ -138,6 +141,7 @@ def test_sigterm_drains_running_requests(backbone, redis_server, tiny_spec):
     assert 3 + DRAIN_TOKENS <= tiny_spec.config["text_config"]["max_position_embeddings"]
     r = redis.Redis.from_url(redis_server.url)
     reader = Reader(r, "reply:bb3")
+    hold_lease(r, "reply:bb3")
     r.xadd(KEYS.gen(), payload_fields(m.encode(plan("drain", "reply:bb3", [1, 20, 21], DRAIN_TOKENS))))
     reader.until(lambda ev: ev.request_id == "drain" and ev.completion_tokens >= 1, "the request never started",
                  timeout=30)

@@ -15,7 +15,7 @@ from cache.streams import fields_payload, payload_fields
 from encoders.loader import load_preprocessor, load_runtime
 from router import messages as m
 from router.liveness import live_count_args
-from tests.integration.procs import start_tier, stop_tier
+from tests.integration.procs import hold_lease, start_tier, stop_tier
 from tests.media import png_bytes
 
 KEYS = Keys()
@@ -36,6 +36,7 @@ def submit(r, spec, data: bytes, reply_to: str) -> m.EncodeJob:
                       encoder_id=spec.encoder_id("image"), digest=digest, blob_key=KEYS.blob(digest),
                       reply_to=reply_to, deadline=time.time() + 60)
     r.set(job.blob_key, data, ex=60)
+    hold_lease(r, reply_to)
     r.xadd(KEYS.jobs("image"), payload_fields(m.encode(job)))
     return job
 

@@ -20,7 +20,7 @@ from cache.codec import encode_tensor
 from cache.keys import BACKBONE_GROUP, ENCODER_GROUP, Keys
 from cache.streams import fields_payload, payload_fields
 from router import messages as m
-from tests.integration.procs import start_tier
+from tests.integration.procs import hold_lease, start_tier
 from tests.integration.test_pipeline_shards import reference
 from tests.media import wav_bytes
 
@@ -77,6 +77,7 @@ def test_non_finite_media_fails_alone_in_a_batch_of_good_ones(audio_worker, redi
     passes_before = int(r.hget(stats, "forward_passes") or 0)
     clips = {**poisoned_clips(), **{f"good{i}": wav_bytes(0.5 + 0.1 * i, seed=i) for i in range(8)}}
     jobs, reply_to = {}, f"reply:iso-enc-{uuid.uuid4().hex[:6]}"
+    hold_lease(r, reply_to)
     pipe = r.pipeline(transaction=True)  # MULTI: the blocked worker gets all ten in one read
     for name, data in clips.items():
         digest = uuid.uuid4().hex
@@ -138,6 +139,7 @@ def test_a_poisoned_plan_and_extreme_sampling_fail_or_run_alone(backbone, redis_
         "outside-vocab": ([1, 2, 10**6], sampling()),
         "poisoned-media": ([1, 40] + [image_id] * 16 + [203], sampling()),
     }
+    hold_lease(r, reply_to)
     pipe = r.pipeline(transaction=True)  # MULTI: one read, one batch
     for rid, (ids, params) in plans.items():
         media = [m.MediaRef(modality=m.Modality.IMAGE, tensor_key=poisoned_key, num_tokens=16)] \

@@ -19,7 +19,7 @@ import redis
 
 from cache.client import connect_async
 from cache.embedded import free_port
-from cache.keys import Keys
+from cache.keys import Keys, alive
 from gateway.config import GatewayConfig
 from gateway.encoding import MediaEncoder
 from gateway.media import MediaPart, content_digest
@@ -80,8 +80,11 @@ def cache_stats(redis_url: str) -> tuple[int, int]:
 
 
 def jobs_queued(r) -> int:
-    """Entries ever added to the image job stream (acks do not remove them; nothing trims it)."""
-    return r.xlen(KEYS.jobs("image"))
+    """Entries ever added to the image job stream (acked jobs are deleted, so not its length; Redis 7+)."""
+    try:
+        return int(r.xinfo_stream(KEYS.jobs("image"))["entries-added"])
+    except redis.ResponseError:  # no such stream yet
+        return 0
 
 
 def wait_until(cond, what, timeout: float = 30):
@@ -239,6 +242,7 @@ def test_blob_that_expires_while_queued_is_queued_again(tiers, tiny_model, tiny_
         # lease_ttl_s past the bound below: the waiter's lease-expiry retry cannot stand in for the re-queue
         cfg = GatewayConfig(model_dir=str(tiny_model), redis_url=redis_server.url, blob_ttl_s=1,
                             encode_timeout_s=60, lease_ttl_s=120)
+        await r.set(alive(KEYS.reply("test-gw")), 1, ex=600)  # this test is the gateway: hold its lease
         replies = ReplyRouter(r, KEYS, "test-gw")
         reader = asyncio.create_task(replies.run())
         media = MediaEncoder(r, cfg, tiny_spec, replies, KEYS.reply("test-gw"))

@@ -15,7 +15,7 @@ from cache.embedded import free_port
 from cache.keys import Keys
 from cache.streams import payload_fields
 from router import messages as m
-from tests.integration.procs import start_tier, stop_tier
+from tests.integration.procs import hold_lease, start_tier, stop_tier
 from tests.integration.test_backbone_worker import events, plan
 
 KEYS = Keys()
@@ -59,6 +59,7 @@ def test_shards_match_one_shard_with_concurrent_requests(shards, tiny_spec, redi
     n, head, others = shards
     r = redis.Redis.from_url(redis_server.url)
     for i, ids in enumerate(PROMPTS):
+        hold_lease(r, "reply:pipe")
         r.xadd(KEYS.gen(), payload_fields(m.encode(plan(f"p{i}", "reply:pipe", ids, 8 + i, temperature=0.0))))
     got = events(r, "reply:pipe", {f"p{i}" for i in range(len(PROMPTS))})
     for i, ids in enumerate(PROMPTS):

@@ -277,3 +277,27 @@ def test_extreme_sampling_parameters_run(engine, tok):
                    SamplingParams(max_tokens=6, temperature=2.0, top_p=1e-300, seed=-(2**63), ignore_eos=True)):
         seq = run(engine, ids, params)
         assert seq.finish == FinishReason.LENGTH and seq.output == greedy_out  # both are greedy in effect
+
+
+@pytest.mark.parametrize("temperature", [0.0, 0.9])
+@pytest.mark.parametrize("cut", [1, 5, 11])
+def test_a_continuation_plan_goes_on_exactly_where_the_original_was_cut(engine, tok, temperature, cut):
+    """Request migration at the engine: a sequence whose prompt is the original prompt + the first ``cut`` tokens,
+    ``resumed=cut``, ``max_tokens`` what is left, produces the original's remaining tokens (greedy, and sampled: the
+    sampler resumes at draw ``cut``) and reports usage as the original would."""
+    ids = ids_of(tok, "the continuation of a story")
+    params = SamplingParams(max_tokens=12, temperature=temperature, seed=4242, ignore_eos=True)
+    whole = run(engine, ids, params)
+    rest = SamplingParams(max_tokens=12 - cut, temperature=temperature, seed=4242, ignore_eos=True)
+    seq = engine.new_sequence("r", len(ids) + cut, rest, resumed=cut)
+    engine.prefill(seq, ids + whole.output[:cut], [])
+    while seq.finish is None:
+        engine.step([seq])
+    assert seq.output == whole.output[cut:]
+    assert seq.finish == whole.finish == FinishReason.LENGTH
+    assert (seq.prompt_tokens, seq.completion_tokens) == (len(ids), 12)
+
+
+def test_a_resumed_count_outside_the_prompt_is_a_plan_error(engine):
+    with pytest.raises(PlanError, match="resumed"):
+        engine.new_sequence("r", 4, greedy(), resumed=4)

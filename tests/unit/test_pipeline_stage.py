@@ -33,7 +33,7 @@ def first_step(first, ids_per_seq: list[list[int]], failed: list[int]) -> tuple[
 
     segments = [Segment(c, 0, len(ids)) for c, ids in zip(caches, ids_per_seq)]
     hidden = first.forward(first.embed(torch.tensor([t for ids in ids_per_seq for t in ids])), segments)
-    ints = torch.tensor([[sid, 0, len(ids), len(ids) + 4, 7, sid in failed]
+    ints = torch.tensor([[sid, 0, len(ids), len(ids) + 4, 7, sid in failed, 0]
                          for sid, ids in enumerate(ids_per_seq)], dtype=torch.long)
     floats = torch.tensor([[0.0, 1.0]] * len(ids_per_seq), dtype=torch.float64)
     return StepTable(ints, floats, torch.empty(0, dtype=torch.long)), hidden
@@ -64,7 +64,7 @@ def test_a_row_that_fails_on_this_shard_alone_comes_back_failed(halves, sent):
     sent.pop()
     # Next step: decode one token each; sequence 2's cache on this shard is too small to take it.
     stage.caches[2].k[0] = stage.caches[2].k[0][:, :1]
-    ints = torch.tensor([[sid, len(ids), 1, len(ids) + 4, 7, 0] for sid, ids in enumerate(PROMPTS)], dtype=torch.long)
+    ints = torch.tensor([[sid, len(ids), 1, len(ids) + 4, 7, 0, 1] for sid, ids in enumerate(PROMPTS)], dtype=torch.long)
     step = StepTable(ints, table.floats, torch.empty(0, dtype=torch.long))
     stage._step(step, torch.randn(3, last.cfg.hidden_size))
     got = sent.pop()

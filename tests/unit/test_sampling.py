@@ -168,3 +168,27 @@ def test_a_row_that_cannot_be_sampled_fails_alone():
     assert isinstance(out[1], str) and "non-finite" in out[1]
     assert isinstance(out[2], str)
     assert isinstance(out[3], int) and 0 <= out[3] < logits.shape[1]
+
+
+@pytest.mark.parametrize("offset", [0, 1, 7, 50])
+@pytest.mark.parametrize("top_p", [1.0, 0.9])
+def test_a_sampler_resumed_at_draw_k_draws_what_the_original_drew_from_k(offset, top_p):
+    """Request migration: a continuation's sampler starts at the number of tokens already streamed, and its draws
+    are the undisturbed run's, whatever logits the original saw before."""
+    logits = [random_logits(100 + i) for i in range(60)]
+    original = Sampler(params(temperature=0.9, top_p=top_p, seed=31337))
+    full = [original(row) for row in logits]
+    resumed = Sampler(params(temperature=0.9, top_p=top_p, seed=31337), offset)
+    assert [resumed(row) for row in logits[offset:]] == full[offset:]
+    # The counter matters: a sampler that restarts at draw 0 on the same logits draws something else.
+    restarted = Sampler(params(temperature=0.9, top_p=top_p, seed=31337))
+    if offset:
+        assert [restarted(row) for row in logits[offset:]] != full[offset:]
+
+
+def test_draw_seeds_differ_by_draw_and_seed():
+    from backbone.sampling import draw_seed
+
+    seeds = {draw_seed(s, k) for s in (0, 1, -1, 2**63 - 1) for k in range(200)}
+    assert len(seeds) == 800
+    assert all(-(2**63) <= s < 2**63 for s in seeds)
