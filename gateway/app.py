@@ -2,7 +2,9 @@
 
 Probes: ``/health`` is liveness (200 while this process serves, with each tier's live workers and whether Redis
 answers: a reason to page someone, never to restart the gateway); ``/ready`` is readiness (200 only once Redis
-answers and every tier the served model needs has a live worker, else 503 saying what is missing). Both echo the
+answers and every tier the served model needs has a live worker, else 503 saying what is missing or why Redis is
+unreachable). Both answer from the cluster monitor's last view (gateway/monitor.py, at most a second old), never by
+waiting on Redis themselves. Both echo the
 gateway's ``instance`` id, so a supervisor can tell its own gateway from another process on the same port.
 """
 
@@ -26,9 +28,10 @@ from gateway.chat import ChatService, RequestIds
 from gateway.config import GatewayConfig
 from gateway.encoding import MediaEncoder
 from gateway.errors import APIError, Internal, MethodNotAllowed, NotFound, Unavailable
+from gateway.monitor import ClusterMonitor
 from gateway.prompt import PromptBuilder
 from gateway.replies import ReplyRouter
-from gateway.tiers import ClientGone, TierClient
+from gateway.tiers import RESET, ClientGone, TierClient
 from models.spec import ModelSpec
 
 log = logging.getLogger(__name__)
@@ -49,22 +52,38 @@ def create_app(cfg: GatewayConfig) -> Starlette:
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette):
         redis = connect_async(cfg.redis_url)
+        reply_stream = keys.reply(gateway_id)
         replies = ReplyRouter(redis, keys, gateway_id)
-        tiers = TierClient(redis, cfg, spec, replies, keys.reply(gateway_id))
-        app.state.redis, app.state.tiers = redis, tiers
-        media = MediaEncoder(redis, cfg, spec, replies, keys.reply(gateway_id))
+        tiers = TierClient(redis, cfg, spec, replies, reply_stream)
+
+        def on_reset() -> None:  # Redis lost our lease: every request in flight re-queues its work
+            for queue in list(replies.queues.values()):
+                queue.put_nowait(RESET)
+
+        def on_beat(view) -> None:
+            if view.steady():
+                tiers.check_workers(view.live.get("backbone", set()))
+
+        monitor = ClusterMonitor(cfg, needed_tiers, reply_stream, on_reset, on_beat)
+        await monitor.beat()  # takes the lease before the first request (a Redis still away is retried)
+        app.state.redis, app.state.tiers, app.state.monitor = redis, tiers, monitor
+        media = MediaEncoder(redis, cfg, spec, replies, reply_stream)
         builder = PromptBuilder(spec, tokenizer, cfg.max_media_bytes, cfg.limit_mm_per_prompt, cfg.max_audio_seconds)
-        app.state.chat = ChatService(cfg, builder, media, tiers, replies)
-        reader = asyncio.create_task(replies.run(), name="reply-reader")  # kept: the loop holds tasks weakly
+        app.state.chat = ChatService(cfg, builder, media, tiers, replies, monitor)
+        # Kept: the loop holds tasks weakly.
+        tasks = [asyncio.create_task(replies.run(), name="reply-reader"),
+                 asyncio.create_task(monitor.run(), name="cluster-monitor")]
         log.info("gateway ready", extra={"gateway_id": gateway_id, "model": spec.name})
         try:
             yield
         finally:
-            reader.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await reader
+            for task in tasks:
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
+            await monitor.close()
             with contextlib.suppress(RedisError):
-                await redis.delete(keys.reply(gateway_id))
+                await redis.delete(reply_stream)
             await redis.aclose()
 
     async def chat_completions(request: Request) -> Response:
@@ -80,7 +99,8 @@ def create_app(cfg: GatewayConfig) -> Starlette:
             return Response(status_code=499)
         except RedisError as exc:
             log.error("redis unavailable", extra={"request_id": rid, "error": str(exc)})
-            return Unavailable("the queue (Redis) is unavailable; retry later").response(ids.headers())
+            return Unavailable("the queue (Redis) is unavailable; retry later", code="redis_unavailable",
+                               retry_after=2).response(ids.headers())
         except Exception:
             log.exception("unhandled error", extra={"request_id": rid})
             return Internal("internal error; see the gateway log for request " + rid).response(ids.headers())
@@ -93,11 +113,13 @@ def create_app(cfg: GatewayConfig) -> Starlette:
     async def probe(request: Request) -> tuple[dict, bool]:
         """What both probes report, and whether this gateway is ready to serve."""
         body = {"instance": cfg.instance_id, "gateway_id": gateway_id, "model": spec.name, "time": time.time()}
-        try:
-            live = await request.app.state.tiers.live_workers(needed_tiers)
-        except RedisError as exc:
-            log.warning("probe: redis unavailable", extra={"error": str(exc)})
-            return {**body, "status": "redis_unavailable", "redis": "unreachable", "workers": {}}, False
+        view = request.app.state.monitor.view
+        if not view.up:  # the monitor's verdict, at once: no probe may hang on an unreachable Redis
+            return {**body, "status": "redis_unavailable", "redis": f"unreachable: {view.reason}",
+                    "redis_down_s": round(time.monotonic() - view.since, 1), "workers": {}}, False
+        chat = request.app.state.chat
+        body.update(inflight=chat.inflight, backlog=view.backlog, migrations=request.app.state.tiers.migrations)
+        live = {tier: len(view.live.get(tier, ())) for tier in needed_tiers}  # as of the last beat (<= 1 s)
         missing = [tier for tier, n in live.items() if not n]
         status = "ok" if not missing else "degraded"
         return {**body, "status": status, "redis": "ok", "workers": live, "missing": missing}, not missing

@@ -28,7 +28,9 @@ from starlette.responses import JSONResponse, Response, StreamingResponse
 from gateway.config import GatewayConfig
 from gateway.detokenize import Detokenizer
 from gateway.encoding import MediaEncoder
-from gateway.errors import APIError, Internal, InvalidRequest, NotFound, PayloadTooLarge, Timeout, Unavailable
+from gateway.errors import (APIError, Internal, InvalidRequest, NotFound, Overloaded, PayloadTooLarge, RequestTimeout,
+                            Timeout, Unavailable)
+from gateway.monitor import ClusterMonitor
 from gateway.prompt import Prompt, PromptBuilder, expand_placeholders
 from gateway.replies import ReplyRouter
 from gateway.schemas import ChatCompletionRequest, parse_chat_request
@@ -64,17 +66,46 @@ class RequestIds:
 
 class ChatService:
     def __init__(self, cfg: GatewayConfig, builder: PromptBuilder, media: MediaEncoder, tiers: TierClient,
-                 replies: ReplyRouter):
+                 replies: ReplyRouter, monitor: ClusterMonitor):
         self.cfg, self.builder, self.media, self.tiers, self.replies = cfg, builder, media, tiers, replies
+        self.monitor = monitor
         self.spec = builder.spec
+        self.inflight = 0  # requests admitted and not yet answered in full
         self._tasks: set[asyncio.Task] = set()  # hard references: the loop keeps only weak ones
 
+    def admit(self, tiers: list[str]) -> None:
+        """Admission control, from the monitor's last view (no Redis call): a 503 with Retry-After at once when
+        Redis is away, this gateway is at ``max_inflight``, or a tier's queue is past ``max_backlog``."""
+        view = self.monitor.view
+        if not view.up:
+            raise Unavailable(f"the queue (Redis) is unreachable: {view.reason}; retry later",
+                              code="redis_unavailable", retry_after=2)
+        if self.inflight >= self.cfg.max_inflight:
+            raise Overloaded(f"this gateway is serving its limit of {self.cfg.max_inflight} requests; retry later")
+        for tier in tiers:
+            if (lag := view.backlog.get(tier, 0)) > self.cfg.max_backlog:
+                raise Overloaded(f"the {tier} queue holds {lag} requests (limit {self.cfg.max_backlog}); "
+                                 "retry later")
+
     async def handle(self, request: Request, ids: RequestIds) -> Response:
+        self.admit(["backbone"])
+        self.inflight += 1
+        streaming = False
+        try:
+            response = await self._handle(request, ids)
+            streaming = isinstance(response, ReleasingStream)
+            return response
+        finally:
+            if not streaming:  # a stream is counted until its last event (``_sse``)
+                self.inflight -= 1
+
+    async def _handle(self, request: Request, ids: RequestIds) -> Response:
         rid = ids.server
         body = await self._read_body(request)
         req, prompt = await asyncio.to_thread(self._prepare, body)
         log.info("request", extra={"request_id": rid, "client_request_id": ids.client, "stream": req.stream,
                                    "media": len(prompt.media), "text_tokens": len(prompt.token_ids)})
+        self.admit(sorted({f"encoder:{p.modality}" for p in prompt.media}))
         queue = self.replies.subscribe(rid)
         watcher = self._spawn(self._watch_disconnect(request, queue))
         try:
@@ -93,8 +124,13 @@ class ChatService:
             self.replies.unsubscribe(rid)
             raise
         if req.stream:
-            return StreamingResponse(self._sse(rid, req, first, deltas, watcher), media_type="text/event-stream",
-                                     headers={"cache-control": "no-cache", **ids.headers()})
+            def release() -> None:  # once the stream ended, however it ended (even before its first byte)
+                self.inflight -= 1
+                watcher.cancel()
+                self.replies.unsubscribe(rid)
+
+            return ReleasingStream(self._sse(rid, req, first, deltas), release, media_type="text/event-stream",
+                                   headers={"cache-control": "no-cache", **ids.headers()})
         try:
             last, text = first, first.text
             async for last in deltas:
@@ -109,11 +145,15 @@ class ChatService:
         if declared and declared.isdigit() and int(declared) > self.cfg.max_body_bytes:
             raise PayloadTooLarge(f"request body exceeds {self.cfg.max_body_bytes} bytes")
         chunks, size = [], 0
-        async for chunk in request.stream():
-            size += len(chunk)
-            if size > self.cfg.max_body_bytes:
-                raise PayloadTooLarge(f"request body exceeds {self.cfg.max_body_bytes} bytes")
-            chunks.append(chunk)
+        try:
+            async with asyncio.timeout(self.cfg.body_timeout_s):  # a slow client cannot hold a buffer for long
+                async for chunk in request.stream():
+                    size += len(chunk)
+                    if size > self.cfg.max_body_bytes:
+                        raise PayloadTooLarge(f"request body exceeds {self.cfg.max_body_bytes} bytes")
+                    chunks.append(chunk)
+        except TimeoutError:
+            raise RequestTimeout(f"the request body did not arrive within {self.cfg.body_timeout_s:g} s") from None
         return b"".join(chunks)
 
     def _prepare(self, body: bytes) -> tuple[ChatCompletionRequest, Prompt]:
@@ -171,7 +211,7 @@ class ChatService:
             log.info("response", extra={"request_id": rid, "completion_tokens": len(detok.ids),
                                         "finished": finished})
 
-    async def _sse(self, rid, req, first: Delta, deltas, watcher) -> AsyncIterator[bytes]:
+    async def _sse(self, rid, req, first: Delta, deltas) -> AsyncIterator[bytes]:
         created, model = int(time.time()), self.spec.name
         include_usage = bool(req.stream_options and req.stream_options.include_usage)
 
@@ -206,8 +246,6 @@ class ChatService:
             yield b"data: " + json.dumps(err.body()).encode() + b"\n\n"
         finally:
             await deltas.aclose()
-            watcher.cancel()
-            self.replies.unsubscribe(rid)
         yield b"data: [DONE]\n\n"
 
     def _completion(self, rid: str, req: ChatCompletionRequest, text: str, last: Delta) -> dict:
@@ -233,6 +271,23 @@ class ChatService:
         return task
 
 
+class ReleasingStream(StreamingResponse):
+    """A streamed answer that calls ``release`` exactly once when the response ends, whether it ran to its end,
+    the client went away, or sending failed before the body started (when the body generator never runs)."""
+
+    def __init__(self, content, release, **kwargs):
+        super().__init__(content, **kwargs)
+        self._release = release
+
+    async def __call__(self, scope, receive, send) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            release, self._release = self._release, None
+            if release is not None:
+                release()
+
+
 def _usage(d: Delta) -> dict:
     return {"prompt_tokens": d.prompt_tokens, "completion_tokens": d.completion_tokens,
             "total_tokens": d.prompt_tokens + d.completion_tokens}
@@ -247,4 +302,6 @@ def _event_error(ev: m.TokenEvent) -> APIError:
         return Timeout(ev.error or "the request waited too long for a backbone")
     if ev.code == m.ErrorCode.CANCELLED:
         return Unavailable(ev.error or "the request was cancelled before it started")
+    if ev.code == m.ErrorCode.GAVE_UP:
+        return Internal(ev.error or "the request was given up on", code="dead_lettered")
     return Internal(ev.error or "the backbone failed this request")

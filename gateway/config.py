@@ -28,13 +28,24 @@ class GatewayConfig:
     limit_mm_per_prompt: dict[str, int] = field(default_factory=lambda: dict(DEFAULT_MM_LIMITS))
     max_audio_seconds: float = MAX_AUDIO_S  # longer clips are a 400 (read from the header, before any decoding)
     instance_id: str = ""  # echoed by /ready, so a supervisor can tell its own gateway from whatever holds the port
+    # Recovery and overload (docs/architecture.md, "Recovery").
+    migration_limit: int = 3  # how often one request may move to another backbone after its worker died (0: never)
+    max_inflight: int = 256  # requests this gateway serves at once; more get a 503 server_overloaded
+    max_backlog: int = 1024  # unread entries a tier's stream may hold before new requests get a 503 server_overloaded
+    body_timeout_s: float = 30.0  # a request body not received within this gets a 408 (slow clients hold memory)
+    lease_s: int = 15  # this gateway's lease; when it lapses workers cancel its work and its reply stream expires
 
     def __post_init__(self) -> None:
         for name in ("max_body_bytes", "max_media_bytes", "blob_ttl_s", "tensor_ttl_s", "default_max_tokens",
-                     "lease_ttl_s"):
+                     "lease_ttl_s", "max_inflight", "max_backlog", "lease_s"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
-        for name in ("encode_timeout_s", "first_token_timeout_s", "token_timeout_s", "max_audio_seconds"):
+        if self.migration_limit < 0:
+            raise ValueError(f"migration_limit must be >= 0, got {self.migration_limit}")
+        if self.lease_s < 3:
+            raise ValueError(f"lease_s must be >= 3 (it is refreshed every second), got {self.lease_s}")
+        for name in ("encode_timeout_s", "first_token_timeout_s", "token_timeout_s", "max_audio_seconds",
+                     "body_timeout_s"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name} must be > 0, got {getattr(self, name)}")
         self.limit_mm_per_prompt = parse_mm_limits(self.limit_mm_per_prompt)

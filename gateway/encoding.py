@@ -10,8 +10,10 @@ For each distinct part (content digest):
    misses from any number of gateway processes are encoded once.
 
 A waiter that hears nothing for ``lease_ttl_s`` retries step 2: if the holder died, the lease has expired and the
-waiter takes it and queues the job itself. An encoder that finds the blob expired reports it and the part is
-queued again (the gateway still holds the bytes). Undecodable media is a 400 naming the part.
+waiter takes it and queues the job itself; it retries at once when the monitor reports that Redis lost this
+gateway's work (a restart). A job whose worker died is reclaimed by another worker (encoders/worker.py). An encoder
+that finds the blob expired reports it and the part is queued again (the gateway still holds the bytes). Undecodable
+media is a 400 naming the part.
 """
 
 from __future__ import annotations
@@ -27,7 +29,7 @@ from gateway.config import GatewayConfig
 from gateway.errors import Internal, InvalidRequest, Timeout, Unavailable
 from gateway.media import MediaPart
 from gateway.replies import ReplyRouter
-from gateway.tiers import DISCONNECTED, ClientGone
+from gateway.tiers import DISCONNECTED, RESET, ClientGone
 from models.spec import ModelSpec
 from router import messages as m
 from router.liveness import live_count_args
@@ -123,6 +125,9 @@ class MediaEncoder:
                     continue
                 if msg is DISCONNECTED:
                     raise ClientGone()
+                if msg is RESET:  # Redis may have lost the jobs, waiters and leases: claim (and queue) again
+                    await self._claim(request_id, pending, found)
+                    continue
                 if not isinstance(msg, (m.EncodeDone, m.EncodeFailed)) or msg.tensor_key not in pending:
                     continue
                 part = pending[msg.tensor_key]

@@ -1,20 +1,33 @@
 """The gateway's side of the backbone protocol: dispatch the prompt plan and yield its token events, each wait
-bounded; post cancellations. (Media goes through gateway/encoding.py.)
+bounded; migrate the request when its backbone dies; post cancellations. (Media goes through gateway/encoding.py.)
 
 Before queueing it counts the backbone's live workers (router.liveness) so that a request nobody would serve gets a
 503 at once rather than a timeout.
+
+Migration (as NVIDIA Dynamo's frontend does): the gateway keeps every token it has received for a request. When the
+replica running it is lost (the monitor sees its worker leave the live set, another replica reclaims its plan and
+says ``worker_lost``, a worker hands it back on shutdown, or Redis lost the gateway's work), the gateway queues a
+continuation plan: the prompt followed by those tokens, the ``max_tokens`` left, the sampler resuming at that draw
+(backbone/sampling.py), ``attempt`` one higher. It acks and deletes the orphaned plan and marks older attempts
+cancelled (``cancel:<request>`` holds the lowest attempt wanted). Events of older attempts are ignored, and tokens
+are taken by position (each event says how many tokens the request has in all), so the client sees no token twice
+and none missing. ``migration_limit`` bounds the moves; past it the plan goes to the dead-letter stream and the
+request fails with a 503 ``worker_lost``.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
 
+import msgspec
 from redis.exceptions import RedisError
 
-from cache.keys import Keys
-from cache.streams import payload_fields
+from cache.keys import BACKBONE_GROUP, CANCEL_ALL, Keys
+from cache.streams import ack_delete, payload_fields
 from gateway.config import GatewayConfig
 from gateway.errors import Timeout, Unavailable
 from gateway.replies import ReplyRouter
@@ -25,10 +38,43 @@ from router.liveness import live_count_args
 log = logging.getLogger(__name__)
 
 DISCONNECTED = object()  # put on a request's queue when its client goes away
+RESET = object()  # put on every queue when Redis may have lost this gateway's queued work (gateway/monitor.py)
+
+
+@dataclass(frozen=True)
+class WorkerLost:
+    """Put on a request's queue by the monitor when the backbone running ``attempt`` left the live set."""
+
+    attempt: int
+    worker: str
 
 
 class ClientGone(Exception):
     """The client disconnected; its generation is cancelled."""
+
+
+@dataclass
+class Generation:
+    """One request's generation as the gateway tracks it across attempts."""
+
+    plan: m.PromptPlan  # the original plan (attempt 0)
+    queue: asyncio.Queue
+    entry_id: bytes | None = None  # the current attempt's entry in ``gen``
+    attempt: int = 0
+    worker: str = ""  # the backbone running the current attempt, once an event named it
+    lost_told: int = -1  # the attempt the monitor last reported lost (once per attempt)
+    tokens: list[int] = field(default_factory=list)  # every token received, in order
+
+    def take(self, ev: m.TokenEvent) -> list[int] | None:
+        """The event's tokens not seen yet (events carry their end position: ``completion_tokens``); None if the
+        event starts past what we have (tokens were lost in between)."""
+        start = ev.completion_tokens - len(ev.token_ids)
+        have = len(self.tokens)
+        if start > have:
+            return None
+        new = ev.token_ids[have - start :] if ev.completion_tokens > have else []
+        self.tokens.extend(new)
+        return new
 
 
 class TierClient:
@@ -36,6 +82,8 @@ class TierClient:
         self.r, self.cfg, self.spec, self.replies = redis, cfg, spec, replies
         self.keys = Keys(cfg.prefix)
         self.reply_stream = reply_stream
+        self.inflight: dict[str, Generation] = {}  # request id -> its generation (the monitor checks their workers)
+        self.migrations = 0  # requests moved to another replica by this gateway (for logs and benches)
 
     async def live_workers(self, tiers: list[str]) -> dict[str, int]:
         pipe = self.r.pipeline(transaction=False)
@@ -43,24 +91,89 @@ class TierClient:
             pipe.zcount(*live_count_args(self.keys, tier))
         return dict(zip(tiers, await pipe.execute()))
 
+    def check_workers(self, live: set[str]) -> None:
+        """Called by the monitor with the backbone's live set (only when Redis has been steady for a live window):
+        tell each generation whose worker is gone."""
+        for gen in self.inflight.values():
+            if gen.worker and gen.worker not in live and gen.lost_told != gen.attempt:
+                gen.lost_told = gen.attempt
+                gen.queue.put_nowait(WorkerLost(gen.attempt, gen.worker))
+
     async def generate(self, plan: m.PromptPlan, queue: asyncio.Queue) -> AsyncIterator[m.TokenEvent]:
-        """Dispatch the plan and yield its token events until one carries a finish reason."""
+        """Dispatch the plan and yield its token events (only new tokens) until one carries a finish reason."""
         if not (await self.live_workers(["backbone"]))["backbone"]:
             raise Unavailable("no live backbone worker", code="no_live_worker")
-        await self.r.xadd(self.keys.gen(), payload_fields(m.encode(plan)))
-        timeout, what = self.cfg.first_token_timeout_s, "waiting for the first token"
-        while True:
-            msg = await self._next(queue, timeout, what)
-            if not isinstance(msg, m.TokenEvent):
-                continue
-            timeout, what = self.cfg.token_timeout_s, "waiting for the next token"
-            yield msg
-            if msg.finish is not None:
-                return
+        gen = Generation(plan, queue)
+        gen.entry_id = await self.r.xadd(self.keys.gen(), payload_fields(m.encode(plan)))
+        self.inflight[plan.request_id] = gen
+        try:
+            timeout, what = self.cfg.first_token_timeout_s, "waiting for the first token"
+            while True:
+                msg = await self._next(queue, timeout, what)
+                if msg is RESET:
+                    await self._migrate(gen, "Redis may have lost the request (its lease was gone)")
+                    timeout, what = self.cfg.first_token_timeout_s, "waiting for a backbone after a migration"
+                    continue
+                if isinstance(msg, WorkerLost):
+                    if msg.attempt == gen.attempt:
+                        await self._migrate(gen, f"backbone worker {msg.worker} left the live set")
+                        timeout, what = self.cfg.first_token_timeout_s, "waiting for a backbone after a migration"
+                    continue
+                if not isinstance(msg, m.TokenEvent) or msg.attempt != gen.attempt:
+                    continue  # encode results, or an older attempt's events
+                gen.worker = msg.worker or gen.worker
+                new = gen.take(msg)
+                if new is None:
+                    await self._migrate(gen, "token events were lost")
+                    timeout, what = self.cfg.first_token_timeout_s, "waiting for a backbone after a migration"
+                    continue
+                lost = msg.finish == m.FinishReason.ERROR and msg.code == m.ErrorCode.WORKER_LOST
+                if new or (msg.finish is not None and not lost):
+                    yield msgspec.structs.replace(msg, token_ids=new, finish=None if lost else msg.finish,
+                                                  code=None if lost else msg.code)
+                if lost:
+                    await self._migrate(gen, msg.error or "the backbone worker was lost")
+                    timeout, what = self.cfg.first_token_timeout_s, "waiting for a backbone after a migration"
+                    continue
+                timeout, what = self.cfg.token_timeout_s, "waiting for the next token"
+                if msg.finish is not None:
+                    return
+        finally:
+            self.inflight.pop(plan.request_id, None)
+
+    async def _migrate(self, gen: Generation, reason: str) -> None:
+        """Queue the continuation of ``gen`` (one round trip), or fail it past ``migration_limit``."""
+        plan, rid = gen.plan, gen.plan.request_id
+        pipe = self.r.pipeline(transaction=False)
+        if gen.entry_id is not None:
+            ack_delete(pipe, self.keys.gen(), BACKBONE_GROUP, gen.entry_id)
+        if gen.attempt >= self.cfg.migration_limit:
+            pipe.set(self.keys.cancel(rid), CANCEL_ALL, ex=self.cfg.cancel_ttl_s)
+            pipe.xadd(self.keys.dead_letter(), {"m": m.encode(plan), "stream": self.keys.gen(), "reason": reason,
+                                                "deliveries": gen.attempt + 1}, maxlen=10_000, approximate=True)
+            await pipe.execute()
+            log.error("request lost its backbone; not migrating again", extra={
+                "request_id": rid, "attempt": gen.attempt, "reason": reason,
+                "migration_limit": self.cfg.migration_limit})
+            raise Unavailable(f"the backbone serving this request was lost ({reason}) after "
+                              f"{gen.attempt} migration(s); retry the request", code="worker_lost", retry_after=1)
+        left = plan.sampling.max_tokens - len(gen.tokens)
+        gen.attempt += 1
+        gen.worker = ""
+        cont = msgspec.structs.replace(
+            plan, token_ids=plan.token_ids + gen.tokens, resumed=len(gen.tokens), attempt=gen.attempt,
+            sampling=msgspec.structs.replace(plan.sampling, max_tokens=max(left, 1)),
+            deadline=time.time() + self.cfg.first_token_timeout_s)
+        pipe.set(self.keys.cancel(rid), gen.attempt, ex=self.cfg.cancel_ttl_s)  # older attempts stop
+        pipe.xadd(self.keys.gen(), payload_fields(m.encode(cont)))
+        *_, gen.entry_id = await pipe.execute()
+        self.migrations += 1
+        log.warning("migrating request", extra={"request_id": rid, "attempt": gen.attempt, "reason": reason,
+                                                "resumed_tokens": len(gen.tokens), "max_tokens_left": left})
 
     async def cancel(self, request_id: str) -> None:
         try:
-            await self.r.set(self.keys.cancel(request_id), 1, ex=self.cfg.cancel_ttl_s)
+            await self.r.set(self.keys.cancel(request_id), CANCEL_ALL, ex=self.cfg.cancel_ttl_s)
         except RedisError:
             log.warning("could not post a cancellation", extra={"request_id": request_id}, exc_info=True)
 

@@ -35,6 +35,20 @@ def _worker(p: argparse.ArgumentParser) -> None:
     p.add_argument("--stall-timeout", type=float, default=float(_env("STALL_TIMEOUT", 60)),
                    help="seconds the worker loop may go without coming round before it stops heartbeating (and "
                         "looks dead); longer than any single step")
+    p.add_argument("--max-deliveries", type=int, default=int(_env("MAX_DELIVERIES", 3)),
+                   help="work handed to this many workers that all died goes to the dead-letter stream and fails")
+
+
+def _admission(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--migration-limit", type=int, default=int(_env("MIGRATION_LIMIT", 3)),
+                   help="how often one request may move to another backbone replica after its replica died "
+                        "(0: never; the request fails with a 503)")
+    p.add_argument("--max-inflight", type=int, default=int(_env("MAX_INFLIGHT", 256)),
+                   help="requests one gateway serves at once; more get a 503 server_overloaded with Retry-After")
+    p.add_argument("--max-backlog", type=int, default=int(_env("MAX_BACKLOG", 1024)),
+                   help="unread entries a tier's queue may hold before new requests get a 503 server_overloaded")
+    p.add_argument("--body-timeout", type=float, default=float(_env("BODY_TIMEOUT", 30)),
+                   help="seconds a client may take to send its request body (then 408)")
 
 
 def _media_limits(p: argparse.ArgumentParser) -> None:
@@ -60,6 +74,8 @@ def build_parser() -> argparse.ArgumentParser:
     up.add_argument("--ready-timeout", type=float, default=300.0, help="seconds to wait for every tier")
     up.add_argument("--log-level", default=_env("LOG_LEVEL", "INFO"))
     up.add_argument("--shards", type=int, default=1, help="backbone pipeline shards (processes)")
+    up.add_argument("--backbone-replicas", type=int, default=1,
+                    help="backbone replicas (each --shards processes), all reading one queue")
     up.add_argument("--encoder-runtime", default="torch", choices=["torch", "onnx"])
     up.add_argument("--encoder-max-batch", type=int, default=8)
     up.add_argument("--encoder-max-wait-ms", type=float, default=2.0)
@@ -68,6 +84,7 @@ def build_parser() -> argparse.ArgumentParser:
                     help="after start-up a worker that dies is restarted; this many crashes within "
                          "--restart-window seconds stop the cluster (non-zero exit)")
     up.add_argument("--restart-window", type=float, default=60.0)
+    _admission(up)
 
     demo = sub.add_parser("demo-model", help="write the small trimodal demo checkpoint (random weights)")
     demo.add_argument("--out", required=True, type=Path)
@@ -84,6 +101,7 @@ def build_parser() -> argparse.ArgumentParser:
                     help="seconds a cache hit extends a cached encoder output's life (match the encoders')")
     gw.add_argument("--instance-id", default=_env("INSTANCE_ID", ""),
                     help="echoed by /health and /ready (lets a supervisor recognise its own gateway)")
+    _admission(gw)
 
     enc = sub.add_parser("encoder", help="an encoder worker for one modality")
     _common(enc)
@@ -192,7 +210,9 @@ def main(argv: list[str] | None = None) -> int:
             cfg = GatewayConfig(model_dir=args.model, redis_url=args.redis_url, prefix=args.prefix,
                                 served_name=args.served_name, limit_mm_per_prompt=args.limit_mm_per_prompt,
                                 max_audio_seconds=args.max_audio_seconds, instance_id=args.instance_id,
-                                tensor_ttl_s=args.tensor_ttl)
+                                tensor_ttl_s=args.tensor_ttl, migration_limit=args.migration_limit,
+                                max_inflight=args.max_inflight, max_backlog=args.max_backlog,
+                                body_timeout_s=args.body_timeout)
         except ValueError as exc:
             raise SystemExit(f"tributary gateway: {exc}") from None
         serve(cfg, args.host, args.port)
@@ -203,7 +223,8 @@ def main(argv: list[str] | None = None) -> int:
         cfg = EncoderConfig(redis_url=args.redis_url, modality=args.modality, prefix=args.prefix,
                             runtime=args.runtime, device=args.device, max_batch=args.max_batch,
                             max_wait_ms=args.max_wait_ms, tensor_ttl_s=args.tensor_ttl, wire_dtype=args.wire_dtype,
-                            stall_s=args.stall_timeout, max_audio_seconds=args.max_audio_seconds)
+                            stall_s=args.stall_timeout, max_audio_seconds=args.max_audio_seconds,
+                            max_deliveries=args.max_deliveries)
         serve(cfg, args.model, args.threads)
         return 0
     if args.command == "backbone":
@@ -218,7 +239,7 @@ def main(argv: list[str] | None = None) -> int:
             raise SystemExit("--num-shards > 1 needs --dist-url (the same tcp://host:port on every shard)")
         serve(BackboneConfig(redis_url=args.redis_url, prefix=args.prefix, max_running=args.max_running,
                              kv_cache_bytes=kv, shard=args.shard, num_shards=args.num_shards, layers=layers,
-                             dist_url=args.dist_url, stall_s=args.stall_timeout,
+                             dist_url=args.dist_url, stall_s=args.stall_timeout, max_deliveries=args.max_deliveries,
                              drain_timeout_s=args.drain_timeout), args.model, args.threads)
         return 0
     return 2

@@ -45,6 +45,7 @@ class Cluster:
     gateway_args: list[str] = field(default_factory=list)  # extra flags for the gateway
     shards: int = 1  # backbone pipeline shards
     modalities: tuple[str, ...] = ("image", "audio")  # one encoder tier each: the model family's (LLaVA: image)
+    replicas: int = 1  # backbone replicas (each ``shards`` processes), all reading one queue
     instance_id: str = field(default_factory=lambda: uuid.uuid4().hex)
 
     @property
@@ -64,17 +65,23 @@ class Cluster:
                                          "--instance-id", self.instance_id, *self.gateway_args])]
         groups += [one(f"encoder:{m}", base + ["encoder", *common, "--modality", m, "--threads", enc_threads,
                                                *self.encoder_args]) for m in self.modalities]
-        if self.shards == 1:
-            return groups + [one("backbone", base + ["backbone", *common, "--threads", str(cores)])]
-        threads = str(max(1, cores // self.shards))
+        threads = str(max(1, cores // (self.shards * self.replicas)))
+        for r in range(self.replicas):
+            name = "backbone" if self.replicas == 1 else f"backbone.{r}"
+            if self.shards == 1:
+                groups.append(one(name, base + ["backbone", *common, "--threads", threads]))
+            else:
+                groups.append(Group(name, self._replica(name, base, common, threads)))
+        return groups
 
+    def _replica(self, name: str, base: list[str], common: list[str], threads: str):
         def replica() -> list[Child]:
             url = f"tcp://127.0.0.1:{free_port()}"  # a fresh rendezvous for every (re)start
-            return [Child(f"backbone:{i}", base + ["backbone", *common, "--shard", str(i), "--num-shards",
-                                                   str(self.shards), "--dist-url", url, "--threads", threads])
+            return [Child(f"{name}:{i}", base + ["backbone", *common, "--shard", str(i), "--num-shards",
+                                                 str(self.shards), "--dist-url", url, "--threads", threads])
                     for i in range(self.shards)]
 
-        return groups + [Group("backbone", replica)]
+        return replica
 
     def check_port(self) -> None:
         with socket.socket() as s:
@@ -146,9 +153,11 @@ def run_cluster(args) -> int:
     limits = ["--max-audio-seconds", str(args.max_audio_seconds)]
     encoder_args = ["--runtime", args.encoder_runtime, "--max-batch", str(args.encoder_max_batch),
                     "--max-wait-ms", str(args.encoder_max_wait_ms), *limits]
+    admission = ["--migration-limit", str(args.migration_limit), "--max-inflight", str(args.max_inflight),
+                 "--max-backlog", str(args.max_backlog), "--body-timeout", str(args.body_timeout)]
     cluster = Cluster(model, args.redis_url or "", args.prefix, args.host, args.port, args.log_level,
-                      encoder_args, ["--limit-mm-per-prompt", args.limit_mm_per_prompt, *limits], args.shards,
-                      modalities)
+                      encoder_args, ["--limit-mm-per-prompt", args.limit_mm_per_prompt, *limits, *admission],
+                      args.shards, modalities, replicas=args.backbone_replicas)
     try:
         cluster.check_port()
     except NotReady as exc:

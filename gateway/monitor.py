@@ -1,0 +1,137 @@
+"""The gateway's view of the cluster, refreshed once a second in one Redis round trip by one background task:
+
+- **Redis health.** A failed or timed-out round trip marks Redis down (with why) at once; while it is down, new
+  requests get a 503 with ``Retry-After`` without touching Redis, and ``/ready`` says why. The first round trip that
+  succeeds marks it up again.
+- **The gateway's lease** (``<reply stream>:alive``, see cache/keys.py): refreshed each beat with the reply stream's
+  TTL. Workers write only to the reply streams of live gateways and cancel the work of dead ones. Finding the lease
+  gone (a Redis restarted empty, or this process stalled past the lease) means the cluster may have dropped this
+  gateway's queued work: every request in flight is told (``RESET``) and plans or re-queues its work.
+- **Live workers** of each tier (for ``/ready``, and the backbone's to migrate requests whose worker died).
+- **Backlog** of each tier's stream (unread entries: the group's lag), for admission control.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from dataclasses import dataclass, field
+
+from cache.client import connect_async
+from cache.keys import BACKBONE_GROUP, ENCODER_GROUP, Keys, alive
+from gateway.config import GatewayConfig
+from router.liveness import HEARTBEAT_S, LIVE_WINDOW_S
+
+log = logging.getLogger(__name__)
+
+PROBE_TIMEOUT_S = 1.0  # one round trip slower than this counts as Redis being away
+DOWN_EVERY_S = 0.25  # while Redis is away, how often it is tried again
+
+
+@dataclass
+class ClusterView:
+    up: bool = False
+    reason: str = "not checked yet"
+    since: float = field(default_factory=time.monotonic)  # when ``up`` last changed
+    live: dict[str, set[str]] = field(default_factory=dict)  # tier -> live worker ids
+    backlog: dict[str, int] = field(default_factory=dict)  # tier -> unread entries of its stream
+    checked: float = 0.0  # monotonic time of the last successful round trip
+
+    def steady(self) -> bool:
+        """Up long enough that every live worker has beaten since: an absent one is really gone."""
+        return self.up and time.monotonic() - self.since >= LIVE_WINDOW_S + HEARTBEAT_S
+
+
+class ClusterMonitor:
+    def __init__(self, cfg: GatewayConfig, tiers: list[str], reply_stream: str, on_reset, on_beat):
+        """``on_reset()``: the lease was found gone; ``on_beat(view)``: after each successful round trip."""
+        self.cfg, self.tiers, self.reply_stream = cfg, tiers, reply_stream
+        self.keys = Keys(cfg.prefix)
+        self.alive_key = alive(reply_stream)
+        self.on_reset, self.on_beat = on_reset, on_beat
+        self.view = ClusterView()
+        # Its own connection, with a short timeout and no retries: it must notice an outage, not ride it out.
+        self.r = connect_async(cfg.redis_url, retries=0, socket_timeout=PROBE_TIMEOUT_S)
+        self._first = True
+
+    def streams(self) -> dict[str, tuple[str, str]]:
+        """tier -> (stream, group)."""
+        out = {}
+        for tier in self.tiers:
+            if tier == "backbone":
+                out[tier] = (self.keys.gen(), BACKBONE_GROUP)
+            else:
+                out[tier] = (self.keys.jobs(tier.split(":", 1)[1]), ENCODER_GROUP)
+        return out
+
+    async def run(self) -> None:
+        while True:
+            await self.beat()
+            await asyncio.sleep(HEARTBEAT_S if self.view.up else DOWN_EVERY_S)
+
+    async def beat(self) -> None:
+        now = time.time()
+        streams = self.streams()
+        pipe = self.r.pipeline(transaction=False)
+        pipe.set(self.alive_key, 1, ex=self.cfg.lease_s, get=True)
+        pipe.expire(self.reply_stream, self.cfg.lease_s)
+        for tier in self.tiers:
+            pipe.zrangebyscore(self.keys.live(tier), now - LIVE_WINDOW_S, "+inf")
+        for stream, _ in streams.values():
+            pipe.xlen(stream)
+            pipe.xinfo_groups(stream)
+        try:
+            res = await asyncio.wait_for(pipe.execute(raise_on_error=False), PROBE_TIMEOUT_S * 2)
+            if isinstance(res[0], Exception):
+                raise res[0]
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:  # noqa: BLE001 -- any failure of the round trip means Redis is not serving us
+            self._down(f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__)
+            return
+        lease_was, live_sets, rest = res[0], res[2 : 2 + len(self.tiers)], res[2 + len(self.tiers) :]
+        view = self.view
+        if not view.up:
+            log.warning("redis is reachable again", extra={"down_s": round(time.monotonic() - view.since, 2)})
+            view.up, view.reason, view.since = True, "ok", time.monotonic()
+        view.checked = time.monotonic()
+        view.live = {t: {m.decode() for m in members} for t, members in zip(self.tiers, live_sets)}
+        view.backlog = {t: _lag(group, length, groups) for (t, (_, group)), length, groups
+                        in zip(streams.items(), rest[0::2], rest[1::2])}
+        if lease_was is None and not self._first:
+            log.error("this gateway's lease was gone (Redis restarted empty, or this process stalled): re-queueing "
+                      "the work of every request in flight")
+            self.on_reset()
+        self._first = False
+        self.on_beat(view)
+
+    def _down(self, reason: str) -> None:
+        view = self.view
+        if view.up or view.reason == "not checked yet":
+            log.error("redis unavailable", extra={"error": reason})
+            view.since = time.monotonic()
+        view.up, view.reason = False, reason
+
+    async def close(self) -> None:
+        try:
+            await asyncio.wait_for(self.r.delete(self.alive_key), PROBE_TIMEOUT_S * 2)
+        except Exception:  # noqa: BLE001 -- best effort: the lease lapses by itself
+            pass
+        await self.r.aclose()
+
+
+def _lag(group: str, length, groups) -> int:
+    """Unread entries of a stream for ``group``: its lag (Redis 7+), else the stream's length less the group's
+    pending entries (exact because acked entries are deleted). 0 if the stream or group does not exist yet."""
+    if isinstance(length, Exception) or isinstance(groups, Exception):
+        return 0
+    for g in groups:
+        name = g.get("name")
+        if (name.decode() if isinstance(name, bytes) else name) != group:
+            continue
+        lag = g.get("lag")
+        if lag is not None:
+            return int(lag)
+        return max(int(length) - int(g.get("pending", 0)), 0)
+    return int(length)
