@@ -42,8 +42,8 @@ from backbone.fusion import PlanError
 from cache.client import connect
 from cache.codec import CodecError, decode_tensor
 from cache.keys import BACKBONE_GROUP, Keys, alive
-from cache.streams import (Claimed, ack_delete, dead_letter, ensure_group, fields_payload, is_nogroup,
-                           payload_fields, reclaim_dead)
+from cache.streams import (Claimed, ReplyWriter, ack_delete, dead_letter, ensure_group, fields_payload, is_nogroup,
+                           own_pending, reclaim_dead)
 from router import messages as m
 from router.liveness import Heartbeat, ReclaimGate, live_members
 
@@ -97,6 +97,7 @@ class BackboneWorker:
         self.stream = self.keys.gen()
         self.consumer = f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
         self.r = connect(cfg.redis_url)
+        self.replies = ReplyWriter(self.r)  # events reach live gateways only
         self.running: dict[str, Running] = {}
         self.waiting: deque[tuple[bytes, m.PromptPlan]] = deque()  # read, not started (slots or KV memory full)
         self.outbox: list[tuple[str, m.TokenEvent | None, bytes | None]] = []  # (reply_to, event, entry to ack)
@@ -104,6 +105,7 @@ class BackboneWorker:
         self.gate = ReclaimGate()
         self.outage_since: float | None = None  # monotonic time of the first failed round trip of an outage
         self.cancelled = 0  # cancellations not yet counted in the stats hash
+        self.reread = False  # a read failed: plans may have been delivered to us unheard (cache/streams.py)
 
     def run(self) -> None:
         ensure_group(self.r, self.stream, BACKBONE_GROUP)
@@ -194,13 +196,29 @@ class BackboneWorker:
 
     def _idle_read(self) -> list:
         try:
+            if self.reread:
+                return self._reread()
+            t0 = time.monotonic()
             reply = self.r.xreadgroup(BACKBONE_GROUP, self.consumer, {self.stream: ">"},
                                       count=self.cfg.max_running, block=self.cfg.block_ms)
+            self.gate.observe(time.monotonic() - t0 - self.cfg.block_ms / 1000)
         except RedisError as exc:
+            self.reread = True
             self._redis_failed(exc, "read")
             return []
         self._recovered()
         return reply[0][1] if reply else []
+
+    def _reread(self, just_read: list = ()) -> list:
+        """After a failed read: the plans delivered to this worker that it does not hold (their reply was lost)."""
+        held = {run.entry_id for run in self.running.values()} | {e for e, _ in [*self.waiting, *just_read]}
+        entries = [(e, f) for e, f in own_pending(self.r, self.stream, BACKBONE_GROUP, self.consumer, 4096)
+                   if e not in held]
+        self.reread = False
+        self._recovered()
+        if entries:
+            log.warning("taking up plans delivered during a Redis failure", extra={"count": len(entries)})
+        return entries
 
     def _recovered(self) -> None:
         if self.outage_since is not None:
@@ -242,7 +260,7 @@ class BackboneWorker:
         log.warning("plan of a dead worker", extra={"request_id": plan.request_id, "attempt": plan.attempt,
                                                     "from": entry.consumer, "code": code.value})
         ev = self._error_event(plan, code, error, worker=entry.consumer)
-        pipe.xadd(plan.reply_to, payload_fields(m.encode(ev)))
+        self.replies.send(pipe, plan.reply_to, m.encode(ev))
         ack_delete(pipe, self.stream, BACKBONE_GROUP, entry.entry_id)
 
     # -- Plans --------------------------------------------------------------------------------------------------
@@ -252,6 +270,12 @@ class BackboneWorker:
             plan = m.decode(fields_payload(fields), m.PromptPlan)
         except (m.WireError, KeyError) as exc:  # nobody to tell: without a plan there is no reply stream
             log.error("dropping undecodable plan", extra={"entry": entry_id, "error": str(exc)})
+            self.outbox.append(("", None, entry_id))
+            return
+        key = run_key(plan)
+        if key in self.running or any(run_key(p) == key for _, p in self.waiting):
+            # The same attempt queued twice (a client retry of an XADD whose reply was lost): run it once.
+            log.warning("dropping a duplicate plan", extra={"request_id": plan.request_id, "attempt": plan.attempt})
             self.outbox.append(("", None, entry_id))
             return
         self.waiting.append((entry_id, plan))
@@ -354,7 +378,7 @@ class BackboneWorker:
         tokens = 0
         for reply_to, ev, entry_id in self.outbox:
             if ev is not None:
-                pipe.xadd(reply_to, payload_fields(m.encode(ev)))
+                self.replies.send(pipe, reply_to, m.encode(ev))
             if entry_id is not None:
                 ack_delete(pipe, self.stream, BACKBONE_GROUP, entry_id)
         for run in self.running.values():
@@ -368,7 +392,7 @@ class BackboneWorker:
                               error=seq.error,
                               attempt=run.plan.attempt, worker=self.consumer)
             tokens += seq.pending
-            pipe.xadd(run.plan.reply_to, payload_fields(m.encode(ev)))
+            self.replies.send(pipe, run.plan.reply_to, m.encode(ev))
             if seq.finish is not None:
                 ack_delete(pipe, self.stream, BACKBONE_GROUP, run.entry_id)
         alive_now = [k for k, run in self.running.items() if run.seq.finish is None]
@@ -386,8 +410,11 @@ class BackboneWorker:
             read_at = len(pipe)
             pipe.xreadgroup(BACKBONE_GROUP, self.consumer, {self.stream: ">"}, count=room)
         try:
+            t0 = time.monotonic()
             results = pipe.execute(raise_on_error=False)
+            self.gate.observe(time.monotonic() - t0)
         except RedisError as exc:
+            self.reread = self.reread or read_at is not None
             self._redis_failed(exc, "step")
             return []
         self._recovered()
@@ -417,7 +444,13 @@ class BackboneWorker:
         if errors:
             log.error("step round trip: a command failed", extra={"error": str(errors[0])})
         read = results[read_at] if read_at is not None else None
-        return read[0][1] if read and not isinstance(read, Exception) else []
+        new = read[0][1] if read and not isinstance(read, Exception) else []
+        if self.reread and admit:
+            try:
+                new = list(new) + self._reread(new)
+            except RedisError as exc:
+                self._redis_failed(exc, "read")
+        return new
 
     def _cancel(self, key: str, why: str, silent: bool = False) -> None:
         """Stop a running attempt now; its ack (and, unless its gateway is gone, a cancelled event) go out with

@@ -1,8 +1,11 @@
 """Redis connections with one retry and timeout policy for every tier.
 
 Workers (encoders, backbone) run a synchronous loop and use :func:`connect`; the gateway runs on asyncio and uses
-:func:`connect_async`. Both retry transient connection errors a few times with exponential backoff, and every call
-has a socket timeout: a paused or partitioned server makes a call fail after ``socket_timeout`` (plus the retries)
+:func:`connect_async`. Both retry a call that could not reach the server (a connection refused or reset: a
+restarting server, a stale pooled connection) a few times with exponential backoff, but never one that timed out:
+the server may have run it, and running XADD or XREADGROUP twice queues a plan twice or delivers entries nobody
+hears of (callers handle that: workers re-read their own pending entries, cache/streams.py). Every call has a
+socket timeout: a paused or partitioned server makes a call fail after ``socket_timeout`` (plus the retries)
 instead of hanging until TCP gives up. Blocking reads (XREAD/XREADGROUP ``BLOCK``) must block for less than the
 socket timeout. A call that times out or is cancelled closes its connection (redis-py disconnects on both), so its
 late reply can never be read by the next command (the lesson of CVE-2023-28858; tests/integration/test_outage.py).
@@ -14,9 +17,8 @@ import redis
 import redis.asyncio as aioredis
 from redis.backoff import ExponentialBackoff
 from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import TimeoutError as RedisTimeoutError
 
-RETRY_ERRORS = [RedisConnectionError, RedisTimeoutError]
+RETRY_ERRORS = [RedisConnectionError]  # not RedisTimeoutError: see above
 
 
 SOCKET_TIMEOUT_S = 5.0  # any one call (longer than every BLOCK we use: at most 1 s)
@@ -26,6 +28,7 @@ CONNECT_TIMEOUT_S = 2.0
 def _options(socket_timeout: float) -> dict:
     return {
         "retry_on_error": RETRY_ERRORS,
+        "retry_on_timeout": False,
         "health_check_interval": 30,
         "socket_keepalive": True,
         "socket_timeout": socket_timeout,
@@ -37,12 +40,12 @@ def _options(socket_timeout: float) -> dict:
 def connect(url: str, retries: int = 2, socket_timeout: float = SOCKET_TIMEOUT_S) -> redis.Redis:
     from redis.retry import Retry
 
-    return redis.Redis.from_url(url, retry=Retry(ExponentialBackoff(cap=1.0, base=0.05), retries),
+    return redis.Redis.from_url(url, retry=Retry(ExponentialBackoff(cap=1.0, base=0.05), retries, tuple(RETRY_ERRORS)),
                                 **_options(socket_timeout))
 
 
 def connect_async(url: str, retries: int = 2, socket_timeout: float = SOCKET_TIMEOUT_S) -> aioredis.Redis:
     from redis.asyncio.retry import Retry
 
-    return aioredis.Redis.from_url(url, retry=Retry(ExponentialBackoff(cap=1.0, base=0.05), retries),
-                                   **_options(socket_timeout))
+    return aioredis.Redis.from_url(url, retry=Retry(ExponentialBackoff(cap=1.0, base=0.05), retries,
+                                                    tuple(RETRY_ERRORS)), **_options(socket_timeout))

@@ -43,6 +43,27 @@ def ack_delete(pipe, stream: str, group: str, *entry_ids) -> None:
         pipe.xdel(stream, *entry_ids)
 
 
+_XADD_IF_ALIVE = """
+-- KEYS: a gateway's reply stream. ARGV: message. Written only while the gateway's lease (<stream>:alive) is held:
+-- a write after it lapsed would recreate the expired stream with no TTL, for nobody to read.
+if redis.call('EXISTS', KEYS[1] .. ':alive') == 1 then
+  return redis.call('XADD', KEYS[1], '*', 'm', ARGV[1])
+end
+return false
+"""
+
+
+class ReplyWriter:
+    """Queues writes to gateways' reply streams that happen only while their gateway is alive (see cache/keys.py
+    ``alive``); one script call per message, on any pipeline."""
+
+    def __init__(self, redis):
+        self.script = redis.register_script(_XADD_IF_ALIVE)
+
+    def send(self, pipe, reply_to: str, payload: bytes) -> None:
+        self.script(keys=[reply_to], args=[payload], client=pipe)
+
+
 def fields_payload(fields: dict) -> bytes:
     """The message bytes of a stream entry written by :func:`payload_fields`."""
     return fields[b"m"]
@@ -51,6 +72,20 @@ def fields_payload(fields: dict) -> bytes:
 def payload_fields(payload: bytes) -> dict[str, bytes]:
     """Every Tributary stream entry has a single field ``m`` holding one encoded message."""
     return {"m": payload}
+
+
+def own_pending(r, stream: str, group: str, me: str, count: int) -> list:
+    """The entries already delivered to ``me`` and not acked (XREADGROUP from id 0), as (entry id, fields) pairs.
+
+    After a read whose reply was lost (a timeout while Redis was paused: the server delivered, the client never
+    heard), those entries sit in ``me``'s pending list and no one else would ever take them, ``me`` being alive:
+    a worker calls this after any failed read. Entries deleted meanwhile are acked away, not returned."""
+    reply = r.xreadgroup(group, me, {stream: "0"}, count=count)
+    entries = list(reply[0][1]) if reply else []
+    gone = [e for e, f in entries if not f]
+    if gone:
+        r.xack(stream, group, *gone)
+    return [(e, f) for e, f in entries if f]
 
 
 @dataclass

@@ -31,7 +31,8 @@ from cache.client import connect
 from cache.codec import WIRE_DTYPES, encode_tensor
 from cache.keys import ENCODER_GROUP, Keys
 from cache.keys import alive
-from cache.streams import Claimed, ack_delete, dead_letter, ensure_group, fields_payload, is_nogroup, reclaim_dead
+from cache.streams import (Claimed, ack_delete, dead_letter, ensure_group, fields_payload, is_nogroup, own_pending,
+                           reclaim_dead)
 from cache.tensors import TensorPublisher
 from encoders.batching import batch_lengths, read_batch, shape_groups
 from encoders.preprocess import MediaError, Prepared
@@ -89,6 +90,7 @@ class EncoderWorker:
         self.r = connect(cfg.redis_url)
         self.publisher = TensorPublisher(self.r, self.stream, ENCODER_GROUP)
         self.gate = ReclaimGate()
+        self.reread = False  # a read failed: its jobs may have been delivered to us unheard (cache/streams.py)
 
     def run(self) -> None:
         ensure_group(self.r, self.stream, ENCODER_GROUP)
@@ -100,15 +102,18 @@ class EncoderWorker:
             while not self.stop.is_set():
                 heartbeat.tick()  # the heartbeat goes stale if this loop stops coming round
                 try:
-                    # 1) Take a batch: the jobs of dead consumers first, then new ones.
-                    entries = self._reclaim() or read_batch(self.r, ENCODER_GROUP, self.consumer, self.stream,
-                                                            self.cfg.max_batch, self.cfg.max_wait_ms,
-                                                            self.cfg.block_ms)
+                    # 1) Take a batch: jobs a failed read left with us, the jobs of dead consumers, then new ones.
+                    t0 = time.monotonic()
+                    entries = self._reread() or self._reclaim() or read_batch(
+                        self.r, ENCODER_GROUP, self.consumer, self.stream, self.cfg.max_batch, self.cfg.max_wait_ms,
+                        self.cfg.block_ms)
+                    self.gate.observe(time.monotonic() - t0 - (self.cfg.block_ms + self.cfg.max_wait_ms) / 1000)
                     if entries:
                         # 2) Encode it, publish tensors, notify gateways, ack: all before the next read.
                         self.handle(entries)
                 except RedisError as exc:  # the client already retried with backoff: Redis is down or was reset
                     self.gate.broken()
+                    self.reread = True
                     if is_nogroup(exc):  # a restarted Redis without persistence lost the group
                         self._ensure_group()
                         continue
@@ -124,6 +129,16 @@ class EncoderWorker:
         except RedisError as exc:
             log.error("redis unavailable; retrying", extra={"error": str(exc)})
             self.stop.wait(1.0)
+
+    def _reread(self) -> list:
+        """After a failed round trip, the jobs already delivered to this worker (it holds none between batches)."""
+        if not self.reread:
+            return []
+        entries = own_pending(self.r, self.stream, ENCODER_GROUP, self.consumer, 1024)
+        self.reread = False
+        if entries:
+            log.warning("taking up jobs delivered during a Redis failure", extra={"count": len(entries)})
+        return entries
 
     def _reclaim(self) -> list:
         """Jobs of consumers absent from the live set, as (entry id, fields, deliveries) triples."""

@@ -17,6 +17,7 @@ import asyncio
 import json
 import logging
 import re
+import secrets
 import time
 import uuid
 from collections.abc import AsyncIterator
@@ -109,16 +110,13 @@ class ChatService:
         queue = self.replies.subscribe(rid)
         watcher = self._spawn(self._watch_disconnect(request, queue))
         try:
-            try:
-                deltas = self._deltas(rid, req, await self._plan(rid, req, prompt, queue), queue)
-                first = await anext(deltas)  # errors before the first token are plain HTTP errors
-            except Unavailable as exc:
-                if exc.code != "media_expired":
-                    raise
-                # A cached tensor expired between our lookup and the backbone's fetch: encode again, once.
-                log.info("media expired before prefill; planning again", extra={"request_id": rid})
-                deltas = self._deltas(rid, req, await self._plan(rid, req, prompt, queue), queue)
-                first = await anext(deltas)
+            plan = await self._plan(rid, req, prompt, queue)
+
+            async def encode_again() -> list[m.MediaRef]:  # a cached tensor expired (or a Redis restart lost it)
+                return await self.media.encode(rid, prompt.media, queue)
+
+            deltas = self._deltas(rid, req, plan, queue, encode_again)
+            first = await anext(deltas)  # errors before the first token are plain HTTP errors
         except BaseException:
             watcher.cancel()
             self.replies.unsubscribe(rid)
@@ -182,17 +180,21 @@ class ChatService:
         refs = await self.media.encode(rid, prompt.media, queue)
         ids = expand_placeholders(prompt.token_ids, self.spec.placeholder_ids, [r.num_tokens for r in refs])
         room = self._check_context(len(ids), budget := req.token_budget())  # the encoders' counts are final
+        # The seed is fixed here when the client sent none: every attempt of the request (a migration, a plan
+        # queued twice by a retried XADD) then draws the same tokens, so they can be joined by position.
+        seed = req.seed if req.seed is not None else secrets.randbits(63)
         sampling = m.SamplingParams(max_tokens=budget or min(self.cfg.default_max_tokens, room),
-                                    temperature=req.temperature, top_p=req.top_p, seed=req.seed,
+                                    temperature=req.temperature, top_p=req.top_p, seed=seed,
                                     ignore_eos=req.ignore_eos)
         return m.PromptPlan(request_id=rid, reply_to=self.tiers.reply_stream, token_ids=ids, media=refs,
                             sampling=sampling, deadline=time.time() + self.cfg.first_token_timeout_s)
 
-    async def _deltas(self, rid: str, req: ChatCompletionRequest, plan: m.PromptPlan, queue) -> AsyncIterator[Delta]:
+    async def _deltas(self, rid: str, req: ChatCompletionRequest, plan: m.PromptPlan, queue, encode_again
+                      ) -> AsyncIterator[Delta]:
         detok = Detokenizer(self.builder.tokenizer, req.stop_strings())
         finished = False
         try:
-            async for ev in self.tiers.generate(plan, queue):
+            async for ev in self.tiers.generate(plan, queue, encode_again):
                 if ev.finish == m.FinishReason.ERROR:
                     finished = True
                     raise _event_error(ev)

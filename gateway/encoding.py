@@ -100,7 +100,7 @@ class MediaEncoder:
         await pipe.execute()  # counted even when the request is refused below
         for p, n in zip(parts, counts):
             if n is None and not live[p.modality]:
-                raise Unavailable(f"no live {p.modality} encoder worker", code="no_live_worker")
+                raise Unavailable(f"no live {p.modality} encoder worker", code="no_live_worker", retry_after=2)
             if n is None and not p.data:
                 raise InvalidRequest(f"the encoding registered for uuid {p.uuid!r} expired; send the media again",
                                      param=p.param, code="unknown_media_id")

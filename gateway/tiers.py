@@ -29,7 +29,7 @@ from redis.exceptions import RedisError
 from cache.keys import BACKBONE_GROUP, CANCEL_ALL, Keys
 from cache.streams import ack_delete, payload_fields
 from gateway.config import GatewayConfig
-from gateway.errors import Timeout, Unavailable
+from gateway.errors import Internal, Timeout, Unavailable
 from gateway.replies import ReplyRouter
 from models.spec import ModelSpec
 from router import messages as m
@@ -38,6 +38,7 @@ from router.liveness import live_count_args
 log = logging.getLogger(__name__)
 
 DISCONNECTED = object()  # put on a request's queue when its client goes away
+MEDIA_RETRIES = 2  # how often one request's media may be encoded again when its cached tensors are gone
 RESET = object()  # put on every queue when Redis may have lost this gateway's queued work (gateway/monitor.py)
 
 
@@ -63,6 +64,8 @@ class Generation:
     attempt: int = 0
     worker: str = ""  # the backbone running the current attempt, once an event named it
     lost_told: int = -1  # the attempt the monitor last reported lost (once per attempt)
+    migrations: int = 0  # moves counted toward migration_limit
+    media_retries: int = 0
     tokens: list[int] = field(default_factory=list)  # every token received, in order
 
     def take(self, ev: m.TokenEvent) -> list[int] | None:
@@ -99,10 +102,15 @@ class TierClient:
                 gen.lost_told = gen.attempt
                 gen.queue.put_nowait(WorkerLost(gen.attempt, gen.worker))
 
-    async def generate(self, plan: m.PromptPlan, queue: asyncio.Queue) -> AsyncIterator[m.TokenEvent]:
-        """Dispatch the plan and yield its token events (only new tokens) until one carries a finish reason."""
+    async def generate(self, plan: m.PromptPlan, queue: asyncio.Queue, encode_again=None
+                       ) -> AsyncIterator[m.TokenEvent]:
+        """Dispatch the plan and yield its token events (only new tokens) until one carries a finish reason.
+
+        ``encode_again()`` (optional) re-encodes the request's media: when the backbone finds a cached tensor gone
+        (expired between the lookup and the prefill, or lost with a restarted Redis), the request is encoded again
+        and re-queued from where it is, up to ``MEDIA_RETRIES`` times."""
         if not (await self.live_workers(["backbone"]))["backbone"]:
-            raise Unavailable("no live backbone worker", code="no_live_worker")
+            raise Unavailable("no live backbone worker", code="no_live_worker", retry_after=2)
         gen = Generation(plan, queue)
         gen.entry_id = await self.r.xadd(self.keys.gen(), payload_fields(m.encode(plan)))
         self.inflight[plan.request_id] = gen
@@ -127,6 +135,13 @@ class TierClient:
                     await self._migrate(gen, "token events were lost")
                     timeout, what = self.cfg.first_token_timeout_s, "waiting for a backbone after a migration"
                     continue
+                if (msg.code == m.ErrorCode.MEDIA_EXPIRED and encode_again is not None and plan.media
+                        and gen.media_retries < MEDIA_RETRIES):
+                    gen.media_retries += 1
+                    log.info("a cached tensor is gone; encoding again", extra={"request_id": plan.request_id})
+                    await self._refresh_media(gen, await encode_again())
+                    timeout, what = self.cfg.first_token_timeout_s, "waiting for a backbone after re-encoding"
+                    continue
                 lost = msg.finish == m.FinishReason.ERROR and msg.code == m.ErrorCode.WORKER_LOST
                 if new or (msg.finish is not None and not lost):
                     yield msgspec.structs.replace(msg, token_ids=new, finish=None if lost else msg.finish,
@@ -141,13 +156,21 @@ class TierClient:
         finally:
             self.inflight.pop(plan.request_id, None)
 
+    async def _refresh_media(self, gen: Generation, refs: list[m.MediaRef]) -> None:
+        """Requeue ``gen`` with fresh tensor keys for its media (the same content: the same placeholder counts)."""
+        if [r.num_tokens for r in refs] != [r.num_tokens for r in gen.plan.media]:
+            raise Internal("the media encoded again to a different number of tokens")
+        gen.plan = msgspec.structs.replace(gen.plan, media=refs)
+        gen.migrations -= 1  # not a lost backbone: does not count toward migration_limit
+        await self._migrate(gen, "a cached tensor was gone; encoded again")
+
     async def _migrate(self, gen: Generation, reason: str) -> None:
         """Queue the continuation of ``gen`` (one round trip), or fail it past ``migration_limit``."""
         plan, rid = gen.plan, gen.plan.request_id
         pipe = self.r.pipeline(transaction=False)
         if gen.entry_id is not None:
             ack_delete(pipe, self.keys.gen(), BACKBONE_GROUP, gen.entry_id)
-        if gen.attempt >= self.cfg.migration_limit:
+        if gen.migrations >= self.cfg.migration_limit:
             pipe.set(self.keys.cancel(rid), CANCEL_ALL, ex=self.cfg.cancel_ttl_s)
             pipe.xadd(self.keys.dead_letter(), {"m": m.encode(plan), "stream": self.keys.gen(), "reason": reason,
                                                 "deliveries": gen.attempt + 1}, maxlen=10_000, approximate=True)
@@ -156,9 +179,10 @@ class TierClient:
                 "request_id": rid, "attempt": gen.attempt, "reason": reason,
                 "migration_limit": self.cfg.migration_limit})
             raise Unavailable(f"the backbone serving this request was lost ({reason}) after "
-                              f"{gen.attempt} migration(s); retry the request", code="worker_lost", retry_after=1)
+                              f"{gen.migrations} migration(s); retry the request", code="worker_lost", retry_after=1)
         left = plan.sampling.max_tokens - len(gen.tokens)
         gen.attempt += 1
+        gen.migrations += 1
         gen.worker = ""
         cont = msgspec.structs.replace(
             plan, token_ids=plan.token_ids + gen.tokens, resumed=len(gen.tokens), attempt=gen.attempt,

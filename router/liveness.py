@@ -98,6 +98,13 @@ class ReclaimGate:
         """A Redis call failed: the clock starts again."""
         self.healthy_since = time.monotonic()
 
+    def observe(self, seconds: float) -> None:
+        """A round trip took ``seconds`` (beyond any BLOCK it asked for). One slower than a live window less a beat
+        means Redis was away that long (paused, partitioned) even though the call succeeded: every worker's beats
+        may have lapsed meanwhile, so the clock starts again as after a failure."""
+        if seconds > LIVE_WINDOW_S - HEARTBEAT_S:
+            self.broken()
+
     def due(self) -> bool:
         now = time.monotonic()
         if now - self.healthy_since < LIVE_WINDOW_S + HEARTBEAT_S or now - self.last < self.every_s:
