@@ -22,7 +22,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
-from cache.client import connect_async
+from cache.client import SOCKET_TIMEOUT_S, connect_async
 from cache.keys import Keys
 from gateway.chat import ChatService, RequestIds
 from gateway.config import GatewayConfig
@@ -51,12 +51,15 @@ def create_app(cfg: GatewayConfig) -> Starlette:
 
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette):
-        redis = connect_async(cfg.redis_url)
+        # Twice the workers' socket timeout: a request already in flight rides out a short outage (a failover, a
+        # pause of a few seconds) while new requests are refused at once by the monitor (gateway/monitor.py).
+        redis = connect_async(cfg.redis_url, socket_timeout=2 * SOCKET_TIMEOUT_S)
         reply_stream = keys.reply(gateway_id)
         replies = ReplyRouter(redis, keys, gateway_id)
         tiers = TierClient(redis, cfg, spec, replies, reply_stream)
 
         def on_reset() -> None:  # Redis lost our lease: every request in flight re-queues its work
+            tiers.reset_at = time.monotonic()
             for queue in list(replies.queues.values()):
                 queue.put_nowait(RESET)
 
@@ -67,7 +70,7 @@ def create_app(cfg: GatewayConfig) -> Starlette:
         monitor = ClusterMonitor(cfg, needed_tiers, reply_stream, on_reset, on_beat)
         await monitor.beat()  # takes the lease before the first request (a Redis still away is retried)
         app.state.redis, app.state.tiers, app.state.monitor = redis, tiers, monitor
-        media = MediaEncoder(redis, cfg, spec, replies, reply_stream)
+        media = MediaEncoder(redis, cfg, spec, replies, reply_stream, tiers.liveness_unknown)
         builder = PromptBuilder(spec, tokenizer, cfg.max_media_bytes, cfg.limit_mm_per_prompt, cfg.max_audio_seconds)
         app.state.chat = ChatService(cfg, builder, media, tiers, replies, monitor)
         # Kept: the loop holds tasks weakly.

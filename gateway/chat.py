@@ -29,9 +29,9 @@ from starlette.responses import JSONResponse, Response, StreamingResponse
 from gateway.config import GatewayConfig
 from gateway.detokenize import Detokenizer
 from gateway.encoding import MediaEncoder
-from gateway.errors import (APIError, Internal, InvalidRequest, NotFound, Overloaded, PayloadTooLarge, RequestTimeout,
+from gateway.errors import (APIError, Internal, InvalidRequest, NotFound, PayloadTooLarge, RequestTimeout,
                             Timeout, Unavailable)
-from gateway.monitor import ClusterMonitor
+from gateway.monitor import ClusterMonitor, admit
 from gateway.prompt import Prompt, PromptBuilder, expand_placeholders
 from gateway.replies import ReplyRouter
 from gateway.schemas import ChatCompletionRequest, parse_chat_request
@@ -75,18 +75,7 @@ class ChatService:
         self._tasks: set[asyncio.Task] = set()  # hard references: the loop keeps only weak ones
 
     def admit(self, tiers: list[str]) -> None:
-        """Admission control, from the monitor's last view (no Redis call): a 503 with Retry-After at once when
-        Redis is away, this gateway is at ``max_inflight``, or a tier's queue is past ``max_backlog``."""
-        view = self.monitor.view
-        if not view.up:
-            raise Unavailable(f"the queue (Redis) is unreachable: {view.reason}; retry later",
-                              code="redis_unavailable", retry_after=2)
-        if self.inflight >= self.cfg.max_inflight:
-            raise Overloaded(f"this gateway is serving its limit of {self.cfg.max_inflight} requests; retry later")
-        for tier in tiers:
-            if (lag := view.backlog.get(tier, 0)) > self.cfg.max_backlog:
-                raise Overloaded(f"the {tier} queue holds {lag} requests (limit {self.cfg.max_backlog}); "
-                                 "retry later")
+        admit(self.monitor.view, self.inflight, self.cfg, tiers)
 
     async def handle(self, request: Request, ids: RequestIds) -> Response:
         self.admit(["backbone"])

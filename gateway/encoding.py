@@ -38,10 +38,12 @@ log = logging.getLogger(__name__)
 
 
 class MediaEncoder:
-    def __init__(self, redis, cfg: GatewayConfig, spec: ModelSpec, replies: ReplyRouter, reply_stream: str):
+    def __init__(self, redis, cfg: GatewayConfig, spec: ModelSpec, replies: ReplyRouter, reply_stream: str,
+                 liveness_unknown=lambda: False):
         self.r, self.cfg, self.spec, self.replies = redis, cfg, spec, replies
         self.keys = Keys(cfg.prefix)
         self.reply_stream = reply_stream
+        self.liveness_unknown = liveness_unknown  # TierClient.liveness_unknown: just after a Redis restart
 
     async def encode(self, request_id: str, parts: list[MediaPart], queue: asyncio.Queue) -> list[m.MediaRef]:
         """A MediaRef per part, in order."""
@@ -99,7 +101,7 @@ class MediaEncoder:
             pipe.hincrby(self.keys.stats(f"encoder:{p.modality}"), "cache_hits" if n is not None else "cache_misses")
         await pipe.execute()  # counted even when the request is refused below
         for p, n in zip(parts, counts):
-            if n is None and not live[p.modality]:
+            if n is None and not live[p.modality] and not self.liveness_unknown():
                 raise Unavailable(f"no live {p.modality} encoder worker", code="no_live_worker", retry_after=2)
             if n is None and not p.data:
                 raise InvalidRequest(f"the encoding registered for uuid {p.uuid!r} expired; send the media again",

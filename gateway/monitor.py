@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 from cache.client import connect_async
 from cache.keys import BACKBONE_GROUP, ENCODER_GROUP, Keys, alive
 from gateway.config import GatewayConfig
+from gateway.errors import Overloaded, Unavailable
 from router.liveness import HEARTBEAT_S, LIVE_WINDOW_S
 
 log = logging.getLogger(__name__)
@@ -122,6 +123,20 @@ class ClusterMonitor:
         except Exception:  # noqa: BLE001 -- best effort: the lease lapses by itself
             pass
         await self.r.aclose()
+
+
+def admit(view: ClusterView, inflight: int, cfg: GatewayConfig, tiers: list[str]) -> None:
+    """Admission control from the monitor's last view (no Redis call): a 503 with Retry-After at once when Redis is
+    away, the gateway serves ``max_inflight`` requests already, or one of ``tiers``' queues holds more than
+    ``max_backlog`` unread entries."""
+    if not view.up:
+        raise Unavailable(f"the queue (Redis) is unreachable: {view.reason}; retry later", code="redis_unavailable",
+                          retry_after=2)
+    if inflight >= cfg.max_inflight:
+        raise Overloaded(f"this gateway is serving its limit of {cfg.max_inflight} requests; retry later")
+    for tier in tiers:
+        if (lag := view.backlog.get(tier, 0)) > cfg.max_backlog:
+            raise Overloaded(f"the {tier} queue holds {lag} requests (limit {cfg.max_backlog}); retry later")
 
 
 def _lag(group: str, length, groups) -> int:

@@ -33,7 +33,7 @@ from gateway.errors import Internal, Timeout, Unavailable
 from gateway.replies import ReplyRouter
 from models.spec import ModelSpec
 from router import messages as m
-from router.liveness import live_count_args
+from router.liveness import HEARTBEAT_S, LIVE_WINDOW_S, live_count_args
 
 log = logging.getLogger(__name__)
 
@@ -87,12 +87,18 @@ class TierClient:
         self.reply_stream = reply_stream
         self.inflight: dict[str, Generation] = {}  # request id -> its generation (the monitor checks their workers)
         self.migrations = 0  # requests moved to another replica by this gateway (for logs and benches)
+        self.reset_at = -1e9  # monotonic time the monitor last found this gateway's lease gone
 
     async def live_workers(self, tiers: list[str]) -> dict[str, int]:
         pipe = self.r.pipeline(transaction=False)
         for tier in tiers:
             pipe.zcount(*live_count_args(self.keys, tier))
         return dict(zip(tiers, await pipe.execute()))
+
+    def liveness_unknown(self) -> bool:
+        """Just after Redis lost this gateway's lease (a restart), the live sets are empty until every worker beats
+        again: an empty one then proves nothing, and work is queued rather than refused."""
+        return time.monotonic() - self.reset_at < LIVE_WINDOW_S + HEARTBEAT_S
 
     def check_workers(self, live: set[str]) -> None:
         """Called by the monitor with the backbone's live set (only when Redis has been steady for a live window):
@@ -109,7 +115,7 @@ class TierClient:
         ``encode_again()`` (optional) re-encodes the request's media: when the backbone finds a cached tensor gone
         (expired between the lookup and the prefill, or lost with a restarted Redis), the request is encoded again
         and re-queued from where it is, up to ``MEDIA_RETRIES`` times."""
-        if not (await self.live_workers(["backbone"]))["backbone"]:
+        if not (await self.live_workers(["backbone"]))["backbone"] and not self.liveness_unknown():
             raise Unavailable("no live backbone worker", code="no_live_worker", retry_after=2)
         gen = Generation(plan, queue)
         gen.entry_id = await self.r.xadd(self.keys.gen(), payload_fields(m.encode(plan)))

@@ -305,16 +305,18 @@ def test_redis_paused_5_s_under_load(client, chaos_cluster, chaos_redis, referen
             time.sleep(3.5)  # the gateway's monitor notices within ~3 s (PROBE_TIMEOUT_S + a beat)
             refused.append(httpx.post(f"{chaos_cluster.base_url}/v1/chat/completions", timeout=30, json={
                 "model": chaos_cluster.model, "max_tokens": 2, "messages": [{"role": "user", "content": "hi"}]}))
-            time.sleep(max(0.0, 5.0 - 3.5 - refused[0].elapsed.total_seconds()))
+            refused.append(httpx.get(f"{chaos_cluster.base_url}/ready", timeout=30))
+            time.sleep(max(0.0, 5.0 - 3.5 - sum(r.elapsed.total_seconds() for r in refused)))
         finally:
             os.kill(chaos_redis.proc.pid, signal.SIGCONT)
 
     outcomes = run_all(client, chaos_cluster.model, workload(), chaos)
-    result = check(outcomes, reference, min_full=0.5)
+    result = check(outcomes, reference, min_full=0.8)  # in flight rides out the pause (only new work is refused)
     print(f"redis paused 5 s: {result['full']}/{len(outcomes)} in full, errors {result['errors'][:3]}")
-    resp, = refused
+    resp, probe = refused
     assert resp.status_code == 503, resp.text
     assert resp.json()["error"]["code"] == "redis_unavailable" and int(resp.headers["retry-after"]) >= 1
+    assert probe.status_code == 503 and probe.json()["redis"].startswith("unreachable"), probe.text
     wait_ready(chaos_cluster, 30)
     after = ask(client, chaos_cluster.model, workload()[1])
     assert after.error is None and after.text == reference[1].text
@@ -331,7 +333,7 @@ def test_redis_restarted_empty_under_load(client, chaos_cluster, chaos_redis, re
         chaos_redis.start(port=port)
 
     outcomes = run_all(client, chaos_cluster.model, workload(), chaos)
-    result = check(outcomes, reference, min_full=0.0)  # lost work is re-queued or fails clearly; none may hang
+    result = check(outcomes, reference, min_full=0.5)  # lost work is re-queued (or fails clearly); none may hang
     print(f"redis restarted empty: {result['full']}/{len(outcomes)} in full, errors {result['errors'][:3]}")
     wait_ready(chaos_cluster, 60)
     for i in (0, 1, 2, 3):  # every tier serves again: text, image, audio, trimodal
