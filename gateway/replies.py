@@ -27,6 +27,7 @@ class ReplyRouter:
         self.last_id = b"0-0"
         self.trimmed_id = b"0-0"
         self.trimmed_at = 0.0
+        self.failing = False
 
     def subscribe(self, request_id: str) -> asyncio.Queue:
         """The queue that receives this request's token events (and whatever it watches)."""
@@ -53,10 +54,15 @@ class ReplyRouter:
                 reply = await self.r.xread({self.stream: self.last_id}, count=512, block=self.block_ms)
             except asyncio.CancelledError:
                 raise
-            except Exception:  # Redis away: the retry policy backs off inside; keep the loop alive
-                log.exception("reply stream read failed")
+            except Exception as exc:  # Redis away: keep the loop alive (logged once per outage)
+                if not self.failing:
+                    log.error("reply stream read failed; retrying", extra={"error": f"{type(exc).__name__}: {exc}"})
+                self.failing = True
                 await asyncio.sleep(0.5)
                 continue
+            if self.failing:
+                log.warning("reply stream readable again")
+                self.failing = False
             for _, entries in reply or []:
                 for entry_id, fields in entries:
                     self.last_id = entry_id
@@ -64,7 +70,10 @@ class ReplyRouter:
             now = time.monotonic()
             if self.last_id != self.trimmed_id and (now - self.trimmed_at >= TRIM_EVERY_S or not reply):
                 # Not after every read: a trim per read doubled the Redis commands per streamed token.
-                await self.r.xtrim(self.stream, minid=self.last_id, approximate=False)
+                try:
+                    await self.r.xtrim(self.stream, minid=self.last_id, approximate=False)
+                except Exception:  # noqa: BLE001 -- Redis away: trimmed next time
+                    continue
                 self.trimmed_id, self.trimmed_at = self.last_id, now
 
     def _dispatch(self, fields: dict) -> None:
