@@ -2,7 +2,7 @@
 past a gateway's admission bound, and over a long soak. Figures are printed, never asserted (tests/e2e/test_chaos.py
 asserts the behaviour).
 
-    .venv/bin/python bench/recovery.py                                # ~1.5 min on 2 cores
+    .venv/bin/python bench/recovery.py                                # ~65 s on 2 cores (no soak)
     .venv/bin/python bench/recovery.py --scenarios soak --soak 3000   # the soak alone
 
 One run starts its own embedded Redis and one ``tributary up`` cluster (the tiny demo model, written to a temporary
@@ -19,8 +19,8 @@ a mixed workload (text, image, audio, image + audio; streamed and not; temperatu
    two streamed chunks (the migration stall) against the reference run's.
 4. ``overload``: a second gateway (``--max-inflight 8``) on the same cluster gets ``--burst`` concurrent requests:
    200 vs 503 ``server_overloaded``, their latencies, Retry-After.
-5. ``soak`` (``--soak N``): N requests, ``--concurrency`` in flight: answered / errors / lost, and the RSS of every
-   process of the cluster before and after.
+5. ``soak`` (``--soak N``): N requests, ``--concurrency`` in flight, every other pass over the workload with fresh
+   images and clips: answered / errors / lost, and the RSS of every process of the cluster before, half-way, after.
 
 Each tier logs JSON lines to ``<tmp>/cluster.log``; requests that hung, were cut or answered differently are
 printed with their log lines (matched by the server's request id). ``--keep-logs`` keeps the directory (it is kept

@@ -70,6 +70,7 @@ def create_app(cfg: GatewayConfig) -> Starlette:
         monitor = ClusterMonitor(cfg, needed_tiers, reply_stream, on_reset, on_beat)
         await monitor.beat()  # takes the lease before the first request (a Redis still away is retried)
         app.state.redis, app.state.tiers, app.state.monitor = redis, tiers, monitor
+        tiers.view = monitor.view
         media = MediaEncoder(redis, cfg, spec, replies, reply_stream, tiers.liveness_unknown)
         builder = PromptBuilder(spec, tokenizer, cfg.max_media_bytes, cfg.limit_mm_per_prompt, cfg.max_audio_seconds)
         app.state.chat = ChatService(cfg, builder, media, tiers, replies, monitor)

@@ -74,8 +74,9 @@ class ChatService:
         self.inflight = 0  # requests admitted and not yet answered in full
         self._tasks: set[asyncio.Task] = set()  # hard references: the loop keeps only weak ones
 
-    def admit(self, tiers: list[str]) -> None:
-        admit(self.monitor.view, self.inflight, self.cfg, tiers)
+    def admit(self, tiers: list[str], counted: bool = False) -> None:
+        """``counted``: this request is already among ``inflight`` (a second check, once its media are known)."""
+        admit(self.monitor.view, None if counted else self.inflight, self.cfg, tiers)
 
     async def handle(self, request: Request, ids: RequestIds) -> Response:
         self.admit(["backbone"])
@@ -95,7 +96,7 @@ class ChatService:
         req, prompt = await asyncio.to_thread(self._prepare, body)
         log.info("request", extra={"request_id": rid, "client_request_id": ids.client, "stream": req.stream,
                                    "media": len(prompt.media), "text_tokens": len(prompt.token_ids)})
-        self.admit(sorted({f"encoder:{p.modality}" for p in prompt.media}))
+        self.admit(sorted({f"encoder:{p.modality}" for p in prompt.media}), counted=True)
         queue = self.replies.subscribe(rid)
         watcher = self._spawn(self._watch_disconnect(request, queue))
         try:

@@ -40,6 +40,7 @@ class ClusterView:
     live: dict[str, set[str]] = field(default_factory=dict)  # tier -> live worker ids
     backlog: dict[str, int] = field(default_factory=dict)  # tier -> unread entries of its stream
     checked: float = 0.0  # monotonic time of the last successful round trip
+    outage_ended: float = -1e9  # monotonic time Redis last came back after being away
 
     def steady(self) -> bool:
         """Up long enough that every live worker has beaten since: an absent one is really gone."""
@@ -98,6 +99,7 @@ class ClusterMonitor:
         if not view.up:
             if view.reason != "not checked yet":
                 log.warning("redis is reachable again", extra={"down_s": round(time.monotonic() - view.since, 2)})
+                view.outage_ended = time.monotonic()
             view.up, view.reason, view.since = True, "ok", time.monotonic()
         view.checked = time.monotonic()
         view.live = {t: {m.decode() for m in members} for t, members in zip(self.tiers, live_sets)}
@@ -125,14 +127,14 @@ class ClusterMonitor:
         await self.r.aclose()
 
 
-def admit(view: ClusterView, inflight: int, cfg: GatewayConfig, tiers: list[str]) -> None:
+def admit(view: ClusterView, inflight: int | None, cfg: GatewayConfig, tiers: list[str]) -> None:
     """Admission control from the monitor's last view (no Redis call): a 503 with Retry-After at once when Redis is
-    away, the gateway serves ``max_inflight`` requests already, or one of ``tiers``' queues holds more than
-    ``max_backlog`` unread entries."""
+    away, the gateway serves ``max_inflight`` requests already (``inflight`` None: not checked), or one of ``tiers``'
+    queues holds more than ``max_backlog`` unread entries."""
     if not view.up:
         raise Unavailable(f"the queue (Redis) is unreachable: {view.reason}; retry later", code="redis_unavailable",
                           retry_after=2)
-    if inflight >= cfg.max_inflight:
+    if inflight is not None and inflight >= cfg.max_inflight:
         raise Overloaded(f"this gateway is serving its limit of {cfg.max_inflight} requests; retry later")
     for tier in tiers:
         if (lag := view.backlog.get(tier, 0)) > cfg.max_backlog:

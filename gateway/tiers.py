@@ -88,6 +88,7 @@ class TierClient:
         self.inflight: dict[str, Generation] = {}  # request id -> its generation (the monitor checks their workers)
         self.migrations = 0  # requests moved to another replica by this gateway (for logs and benches)
         self.reset_at = -1e9  # monotonic time the monitor last found this gateway's lease gone
+        self.view = None  # the monitor's ClusterView, once there is a monitor
 
     async def live_workers(self, tiers: list[str]) -> dict[str, int]:
         pipe = self.r.pipeline(transaction=False)
@@ -96,9 +97,11 @@ class TierClient:
         return dict(zip(tiers, await pipe.execute()))
 
     def liveness_unknown(self) -> bool:
-        """Just after Redis lost this gateway's lease (a restart), the live sets are empty until every worker beats
-        again: an empty one then proves nothing, and work is queued rather than refused."""
-        return time.monotonic() - self.reset_at < LIVE_WINDOW_S + HEARTBEAT_S
+        """Just after Redis came back from an outage, or lost this gateway's lease (a restart), the workers' beats
+        may have lapsed meanwhile and the live sets look empty until each beats again: an empty one then proves
+        nothing, and work is queued rather than refused."""
+        since = max(self.reset_at, self.view.outage_ended if self.view is not None else -1e9)
+        return time.monotonic() - since < LIVE_WINDOW_S + HEARTBEAT_S
 
     def check_workers(self, live: set[str]) -> None:
         """Called by the monitor with the backbone's live set (only when Redis has been steady for a live window):

@@ -48,3 +48,11 @@ def test_lag_from_7_plus_from_6_2_and_when_nothing_exists():
     assert _lag("g", 9, [{"name": b"g", "pending": 3}]) == 6  # 6.2: length less pending (acked entries are deleted)
     assert _lag("g", 9, [{"name": b"other", "pending": 1, "lag": 0}]) == 9  # the group is not there yet
     assert _lag("g", Exception("no such key"), Exception("no such key")) == 0
+
+
+def test_the_second_check_of_an_admitted_request_does_not_count_it_again():
+    """Once its media are known a request is checked again for the encoders' backlog; it is itself in flight by
+    then, so at max_inflight - 1 others it must still pass (the bound is max_inflight requests, not one fewer)."""
+    admit(view(), None, cfg(), ["backbone", "encoder:image"])
+    with pytest.raises(Overloaded):
+        admit(view(backlog={"encoder:image": 11}), None, cfg(), ["encoder:image"])
