@@ -1,0 +1,89 @@
+"""gateway/tiers.py ``TierClient._migrate`` on a real Redis: what a continuation plan holds, what happens to the
+orphaned plan and to older attempts, and the ``migration_limit`` (0 turns migration off)."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+import pytest
+import redis
+
+from cache.client import connect_async
+from cache.keys import BACKBONE_GROUP, CANCEL_ALL, Keys
+from cache.streams import ensure_group, fields_payload, payload_fields
+from gateway.config import GatewayConfig
+from gateway.errors import Unavailable
+from gateway.tiers import Generation, TierClient
+from router import messages as m
+
+KEYS = Keys()
+
+
+def original_plan() -> m.PromptPlan:
+    return m.PromptPlan(request_id="req-mig", reply_to=KEYS.reply("gw"), token_ids=[1, 7, 9], deadline=time.time(),
+                        sampling=m.SamplingParams(max_tokens=10, temperature=0.7, seed=99))
+
+
+async def scenario(redis_url: str, limit: int, streamed: list[int], moves: int):
+    """Queue the plan as a backbone would hold it, stream ``streamed`` tokens, then migrate ``moves`` times."""
+    sync = redis.Redis.from_url(redis_url)
+    ensure_group(sync, KEYS.gen(), BACKBONE_GROUP)
+    r = connect_async(redis_url)
+    cfg = GatewayConfig(model_dir="unused", redis_url=redis_url, migration_limit=limit)
+    tiers = TierClient(r, cfg, None, None, KEYS.reply("gw"))
+    plan = original_plan()
+    gen = Generation(plan, asyncio.Queue())
+    gen.entry_id = await r.xadd(KEYS.gen(), payload_fields(m.encode(plan)))
+    sync.xreadgroup(BACKBONE_GROUP, "dead-worker", {KEYS.gen(): ">"})  # the replica that then died
+    gen.tokens = list(streamed)
+    error = None
+    try:
+        for _ in range(moves):
+            await tiers._migrate(gen, "backbone worker dead-worker left the live set")
+    except Unavailable as exc:
+        error = exc
+    finally:
+        await r.aclose()
+    return gen, error
+
+
+def queued_plans(r) -> list[m.PromptPlan]:
+    return [m.decode(fields_payload(f), m.PromptPlan) for _, f in r.xrange(KEYS.gen())]
+
+
+def test_a_continuation_carries_the_streamed_tokens_and_the_rest_of_the_budget(redis_url):
+    r = redis.Redis.from_url(redis_url)
+    gen, error = asyncio.run(scenario(redis_url, limit=3, streamed=[40, 41, 42, 43], moves=1))
+    assert error is None
+    cont, = queued_plans(r)  # the orphan was acked and deleted: only the continuation is queued
+    assert cont.token_ids == [1, 7, 9, 40, 41, 42, 43] and cont.resumed == 4 and cont.attempt == 1
+    assert cont.sampling.max_tokens == 6 and cont.sampling.seed == 99 and cont.sampling.temperature == 0.7
+    assert cont.deadline > time.time()
+    assert r.xpending(KEYS.gen(), BACKBONE_GROUP)["pending"] == 0
+    assert r.get(KEYS.cancel("req-mig")) == b"1"  # attempt 0, wherever it still runs, stops
+    assert gen.attempt == 1 and gen.worker == ""
+
+
+def test_past_the_limit_the_request_fails_clearly_and_the_plan_is_dead_lettered(redis_url):
+    r = redis.Redis.from_url(redis_url)
+    gen, error = asyncio.run(scenario(redis_url, limit=1, streamed=[40], moves=2))
+    assert isinstance(error, Unavailable) and error.code == "worker_lost" and error.retry_after
+    assert "after 1 migration" in error.message
+    assert queued_plans(r) == [] and r.xpending(KEYS.gen(), BACKBONE_GROUP)["pending"] == 0
+    assert r.get(KEYS.cancel("req-mig")) == str(CANCEL_ALL).encode()
+    (_, dead), = r.xrange(KEYS.dead_letter())
+    assert m.decode(dead[b"m"], m.PromptPlan).request_id == "req-mig" and b"left the live set" in dead[b"reason"]
+
+
+def test_migration_limit_0_turns_migration_off(redis_url):
+    r = redis.Redis.from_url(redis_url)
+    _, error = asyncio.run(scenario(redis_url, limit=0, streamed=[40, 41], moves=1))
+    assert isinstance(error, Unavailable) and error.code == "worker_lost"
+    assert queued_plans(r) == []
+
+
+@pytest.mark.parametrize("bad", [-1])
+def test_a_negative_limit_is_refused(bad):
+    with pytest.raises(ValueError, match="migration_limit"):
+        GatewayConfig(model_dir="m", redis_url="redis://x", migration_limit=bad)
