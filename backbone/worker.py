@@ -45,7 +45,7 @@ from cache.keys import BACKBONE_GROUP, Keys, alive
 from cache.streams import (Claimed, ReplyWriter, ack_delete, dead_letter, ensure_group, fields_payload, is_nogroup,
                            own_pending, reclaim_dead)
 from router import messages as m
-from router.liveness import Heartbeat, ReclaimGate, live_members
+from router.liveness import Heartbeat, ReclaimGate, live_for_reclaim
 
 log = logging.getLogger(__name__)
 
@@ -123,6 +123,8 @@ class BackboneWorker:
                 # Plans already read are ours to start even while draining: nobody else would take them.
                 busy = self.running or self.waiting or new or self.outbox
                 if drain_deadline is not None and (not busy or time.monotonic() > drain_deadline):
+                    for entry_id, fields in new:  # read but not queued yet: handed back with the rest
+                        self._enqueue(entry_id, fields)
                     break
                 self._reclaim()
                 # 1) Idle: block for plans (the only blocking call; with work in hand, reads ride the step's pipe).
@@ -211,7 +213,8 @@ class BackboneWorker:
 
     def _reread(self, just_read: list = ()) -> list:
         """After a failed read: the plans delivered to this worker that it does not hold (their reply was lost)."""
-        held = {run.entry_id for run in self.running.values()} | {e for e, _ in [*self.waiting, *just_read]}
+        held = ({run.entry_id for run in self.running.values()} | {e for e, _ in [*self.waiting, *just_read]}
+                | {e for _, _, e in self.outbox})
         entries = [(e, f) for e, f in own_pending(self.r, self.stream, BACKBONE_GROUP, self.consumer, 4096)
                    if e not in held]
         self.reread = False
@@ -232,8 +235,10 @@ class BackboneWorker:
         if self.outage_since is not None or not self.gate.due():
             return
         try:
-            claimed = reclaim_dead(self.r, self.stream, BACKBONE_GROUP, self.consumer,
-                                   live_members(self.r, self.keys, "backbone"), 64)
+            live = live_for_reclaim(self.r, self.keys, "backbone", self.consumer)
+            if live is None:
+                return
+            claimed = reclaim_dead(self.r, self.stream, BACKBONE_GROUP, self.consumer, live, 64)
             if not claimed:
                 return
             pipe = self.r.pipeline(transaction=False)
@@ -241,6 +246,9 @@ class BackboneWorker:
                 self._orphaned(pipe, entry)
             pipe.execute()
         except RedisError as exc:
+            # Claimed entries whose notice did not go out are pending on us now: the re-read runs them from the
+            # start (same plan, same seed: the same tokens, joined by position at the gateway).
+            self.reread = True
             self._redis_failed(exc, "reclaim")
 
     def _orphaned(self, pipe, entry: Claimed) -> None:

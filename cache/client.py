@@ -8,7 +8,7 @@ hears of (callers handle that: workers re-read their own pending entries, cache/
 socket timeout: a paused or partitioned server makes a call fail after ``socket_timeout`` (plus the retries)
 instead of hanging until TCP gives up. Blocking reads (XREAD/XREADGROUP ``BLOCK``) must block for less than the
 socket timeout. A call that times out or is cancelled closes its connection (redis-py disconnects on both), so its
-late reply can never be read by the next command (the lesson of CVE-2023-28858; tests/integration/test_outage.py).
+late reply can never be read by the next command (the lesson of CVE-2023-28858; tests/integration/test_recovery.py).
 """
 
 from __future__ import annotations

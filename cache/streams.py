@@ -64,6 +64,36 @@ class ReplyWriter:
         self.script(keys=[reply_to], args=[payload], client=pipe)
 
 
+_DELCONSUMER_IF_EMPTY = """
+-- KEYS: stream. ARGV: group, consumer. XGROUP DELCONSUMER drops the consumer's pending entries with it: only when it
+-- holds none, checked in the same atomic step (a consumer that reads between a check and the delete keeps its work).
+if #redis.call('XPENDING', KEYS[1], ARGV[1], '-', '+', 1, ARGV[2]) == 0 then
+  return redis.call('XGROUP', 'DELCONSUMER', KEYS[1], ARGV[1], ARGV[2])
+end
+return -1
+"""
+
+_ACK_DELETE_IF_PENDING = """
+-- KEYS: stream. ARGV: group, entry id. Ack the entry and, only if it was pending (read), delete it: an unread entry
+-- stays (its readers skip it) so the group's lag stays exact.
+if redis.call('XACK', KEYS[1], ARGV[1], ARGV[2]) == 1 then
+  redis.call('XDEL', KEYS[1], ARGV[2])
+  return 1
+end
+return 0
+"""
+
+
+def _delete_if_empty(r, stream: str, group: str, consumer: str) -> None:
+    r.eval(_DELCONSUMER_IF_EMPTY, 1, stream, group, consumer)
+
+
+def ack_delete_if_pending(pipe, stream: str, group: str, entry_id) -> None:
+    """Queue the ack of an entry that may be pending on another consumer, or not yet read at all: deleted only if it
+    was pending (a superseded plan the gateway withdraws; an unread one is skipped by its reader)."""
+    pipe.eval(_ACK_DELETE_IF_PENDING, 1, stream, group, entry_id)
+
+
 def fields_payload(fields: dict) -> bytes:
     """The message bytes of a stream entry written by :func:`payload_fields`."""
     return fields[b"m"]
@@ -112,8 +142,7 @@ def reclaim_dead(r, stream: str, group: str, me: str, live: set[str], count: int
         if name == me or name in live:
             continue
         if not c["pending"]:
-            # XGROUP DELCONSUMER drops the consumer's pending entries with it: only once it holds none.
-            r.xgroup_delconsumer(stream, group, name)
+            _delete_if_empty(r, stream, group, name)
             continue
         if len(out) >= count:
             continue

@@ -39,7 +39,7 @@ from encoders.preprocess import MediaError, Prepared
 from encoders.runtime import run_isolating
 from models.media import MAX_AUDIO_S
 from router import messages as m
-from router.liveness import Heartbeat, ReclaimGate, live_members
+from router.liveness import Heartbeat, ReclaimGate, live_for_reclaim
 
 log = logging.getLogger(__name__)
 
@@ -144,8 +144,10 @@ class EncoderWorker:
         """Jobs of consumers absent from the live set, as (entry id, fields, deliveries) triples."""
         if not self.gate.due():
             return []
-        claimed = reclaim_dead(self.r, self.stream, ENCODER_GROUP, self.consumer,
-                               live_members(self.r, self.keys, self.tier), self.cfg.max_batch)
+        live = live_for_reclaim(self.r, self.keys, self.tier, self.consumer)
+        if live is None:
+            return []
+        claimed = reclaim_dead(self.r, self.stream, ENCODER_GROUP, self.consumer, live, self.cfg.max_batch)
         if claimed:
             log.warning("reclaimed jobs of a dead consumer", extra={
                 "count": len(claimed), "from": sorted({c.consumer for c in claimed})})

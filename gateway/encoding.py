@@ -139,8 +139,10 @@ class MediaEncoder:
                 elif msg.code == m.ErrorCode.BAD_MEDIA:
                     raise InvalidRequest(f"{part.modality} could not be decoded: {msg.error}", param=part.param,
                                          code="invalid_media")
-                elif msg.code == m.ErrorCode.MEDIA_EXPIRED:
-                    log.info("media expired before encoding; queueing it again", extra={"request_id": request_id})
+                elif msg.code in (m.ErrorCode.MEDIA_EXPIRED, m.ErrorCode.CANCELLED):
+                    # The blob expired, or the job was dropped as its queuing gateway died: queue it again.
+                    log.info("encode job not run; queueing it again", extra={"request_id": request_id,
+                                                                             "code": msg.code.value})
                     await self._claim(request_id, {msg.tensor_key: part}, found)
                 elif msg.code == m.ErrorCode.DEADLINE:
                     raise Timeout(f"{part.modality} waited too long for an encoder", param=part.param)

@@ -27,7 +27,7 @@ import msgspec
 from redis.exceptions import RedisError
 
 from cache.keys import BACKBONE_GROUP, CANCEL_ALL, Keys
-from cache.streams import ack_delete, payload_fields
+from cache.streams import ack_delete_if_pending, payload_fields
 from gateway.config import GatewayConfig
 from gateway.errors import Internal, Timeout, Unavailable
 from gateway.replies import ReplyRouter
@@ -38,6 +38,14 @@ from router.liveness import HEARTBEAT_S, LIVE_WINDOW_S, live_count_args
 log = logging.getLogger(__name__)
 
 DISCONNECTED = object()  # put on a request's queue when its client goes away
+_RAISE_CANCEL = """
+-- KEYS: cancel key. ARGV: attempt, ttl. Set the lowest attempt still wanted, never lowering it.
+if tonumber(ARGV[1]) > tonumber(redis.call('GET', KEYS[1]) or '-1') then
+  redis.call('SET', KEYS[1], ARGV[1], 'EX', ARGV[2])
+  return 1
+end
+return 0
+"""
 MEDIA_RETRIES = 2  # how often one request's media may be encoded again when its cached tensors are gone
 RESET = object()  # put on every queue when Redis may have lost this gateway's queued work (gateway/monitor.py)
 
@@ -64,6 +72,7 @@ class Generation:
     attempt: int = 0
     worker: str = ""  # the backbone running the current attempt, once an event named it
     lost_told: int = -1  # the attempt the monitor last reported lost (once per attempt)
+    done: bool = False  # every token was received, only the finish was lost with its worker
     migrations: int = 0  # moves counted toward migration_limit
     media_retries: int = 0
     tokens: list[int] = field(default_factory=list)  # every token received, in order
@@ -126,6 +135,11 @@ class TierClient:
         try:
             timeout, what = self.cfg.first_token_timeout_s, "waiting for the first token"
             while True:
+                if gen.done:  # lost after its last token, before its finish: it is finished
+                    yield m.TokenEvent(request_id=plan.request_id, token_ids=[], attempt=gen.attempt,
+                                       prompt_tokens=len(plan.token_ids) - plan.resumed,
+                                       completion_tokens=plan.resumed + len(gen.tokens), finish=m.FinishReason.LENGTH)
+                    return
                 msg = await self._next(queue, timeout, what)
                 if msg is RESET:
                     await self._migrate(gen, "Redis may have lost the request (its lease was gone)")
@@ -138,6 +152,8 @@ class TierClient:
                     continue
                 if not isinstance(msg, m.TokenEvent) or msg.attempt != gen.attempt:
                     continue  # encode results, or an older attempt's events
+                if gen.worker and msg.worker and msg.worker != gen.worker:
+                    continue  # a second run of this attempt (a plan queued twice): one worker's tokens only
                 gen.worker = msg.worker or gen.worker
                 new = gen.take(msg)
                 if new is None:
@@ -174,13 +190,21 @@ class TierClient:
         await self._migrate(gen, "a cached tensor was gone; encoded again")
 
     async def _migrate(self, gen: Generation, reason: str) -> None:
-        """Queue the continuation of ``gen`` (one round trip), or fail it past ``migration_limit``."""
+        """Queue the continuation of ``gen`` (one round trip), or fail it past ``migration_limit``. The orphaned
+        plan is acked (and deleted if it had been read: an unread one stays, and its reader skips it as cancelled);
+        older attempts are cancelled."""
         plan, rid = gen.plan, gen.plan.request_id
         pipe = self.r.pipeline(transaction=False)
         if gen.entry_id is not None:
-            ack_delete(pipe, self.keys.gen(), BACKBONE_GROUP, gen.entry_id)
+            ack_delete_if_pending(pipe, self.keys.gen(), BACKBONE_GROUP, gen.entry_id)
+        left = plan.sampling.max_tokens - len(gen.tokens)
+        if left < 1:  # the worker died between the last token and its finish event
+            self._cancel_from(pipe, rid, CANCEL_ALL)
+            await pipe.execute()
+            gen.done = True
+            return
         if gen.migrations >= self.cfg.migration_limit:
-            pipe.set(self.keys.cancel(rid), CANCEL_ALL, ex=self.cfg.cancel_ttl_s)
+            self._cancel_from(pipe, rid, CANCEL_ALL)
             pipe.xadd(self.keys.dead_letter(), {"m": m.encode(plan), "stream": self.keys.gen(), "reason": reason,
                                                 "deliveries": gen.attempt + 1}, maxlen=10_000, approximate=True)
             await pipe.execute()
@@ -189,24 +213,30 @@ class TierClient:
                 "migration_limit": self.cfg.migration_limit})
             raise Unavailable(f"the backbone serving this request was lost ({reason}) after "
                               f"{gen.migrations} migration(s); retry the request", code="worker_lost", retry_after=1)
-        left = plan.sampling.max_tokens - len(gen.tokens)
         gen.attempt += 1
         gen.migrations += 1
         gen.worker = ""
         cont = msgspec.structs.replace(
             plan, token_ids=plan.token_ids + gen.tokens, resumed=len(gen.tokens), attempt=gen.attempt,
-            sampling=msgspec.structs.replace(plan.sampling, max_tokens=max(left, 1)),
+            sampling=msgspec.structs.replace(plan.sampling, max_tokens=left),
             deadline=time.time() + self.cfg.first_token_timeout_s)
-        pipe.set(self.keys.cancel(rid), gen.attempt, ex=self.cfg.cancel_ttl_s)  # older attempts stop
+        self._cancel_from(pipe, rid, gen.attempt)  # older attempts stop
         pipe.xadd(self.keys.gen(), payload_fields(m.encode(cont)))
         *_, gen.entry_id = await pipe.execute()
         self.migrations += 1
         log.warning("migrating request", extra={"request_id": rid, "attempt": gen.attempt, "reason": reason,
                                                 "resumed_tokens": len(gen.tokens), "max_tokens_left": left})
 
+    def _cancel_from(self, pipe, request_id: str, attempt: int) -> None:
+        """Queue: attempts of the request below ``attempt`` are cancelled. The key only ever rises, so a migration
+        racing a client's cancellation (on another connection) cannot revive the request."""
+        pipe.eval(_RAISE_CANCEL, 1, self.keys.cancel(request_id), attempt, self.cfg.cancel_ttl_s)
+
     async def cancel(self, request_id: str) -> None:
         try:
-            await self.r.set(self.keys.cancel(request_id), CANCEL_ALL, ex=self.cfg.cancel_ttl_s)
+            pipe = self.r.pipeline(transaction=False)
+            self._cancel_from(pipe, request_id, CANCEL_ALL)
+            await pipe.execute()
         except RedisError:
             log.warning("could not post a cancellation", extra={"request_id": request_id}, exc_info=True)
 

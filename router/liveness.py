@@ -82,6 +82,18 @@ def live_members(r, keys: Keys, tier: str) -> set[str]:
     return {m.decode() for m in r.zrangebyscore(keys.live(tier), time.time() - LIVE_WINDOW_S, "+inf")}
 
 
+def live_for_reclaim(r, keys: Keys, tier: str, me: str) -> set[str] | None:
+    """The live set, or None when this worker's own beat is stale: then the beats of the others may be just as late
+    (Redis was paused while this worker was busy in a long step and made no call, so nothing told its ReclaimGate),
+    and nobody should be presumed dead."""
+    now = time.time()
+    scores = {m.decode(): s for m, s in r.zrangebyscore(keys.live(tier), now - LIVE_WINDOW_S, "+inf",
+                                                        withscores=True)}
+    if scores.get(me, 0.0) < now - 2 * HEARTBEAT_S - 0.5:
+        return None
+    return set(scores)
+
+
 class ReclaimGate:
     """When a worker may reclaim the entries of consumers absent from its tier's live set.
 

@@ -25,8 +25,10 @@ def original_plan() -> m.PromptPlan:
                         sampling=m.SamplingParams(max_tokens=10, temperature=0.7, seed=99))
 
 
-async def scenario(redis_url: str, limit: int, streamed: list[int], moves: int):
-    """Queue the plan as a backbone would hold it, stream ``streamed`` tokens, then migrate ``moves`` times."""
+async def scenario(redis_url: str, limit: int, streamed: list[int], moves: int, read: bool = True,
+                   cancel_first: bool = False):
+    """Queue the plan as a backbone would hold it (``read``: a replica read it, then died), stream ``streamed``
+    tokens, then migrate ``moves`` times (``cancel_first``: the client went away just before)."""
     sync = redis.Redis.from_url(redis_url)
     ensure_group(sync, KEYS.gen(), BACKBONE_GROUP)
     r = connect_async(redis_url)
@@ -35,9 +37,12 @@ async def scenario(redis_url: str, limit: int, streamed: list[int], moves: int):
     plan = original_plan()
     gen = Generation(plan, asyncio.Queue())
     gen.entry_id = await r.xadd(KEYS.gen(), payload_fields(m.encode(plan)))
-    sync.xreadgroup(BACKBONE_GROUP, "dead-worker", {KEYS.gen(): ">"})  # the replica that then died
+    if read:
+        sync.xreadgroup(BACKBONE_GROUP, "dead-worker", {KEYS.gen(): ">"})  # the replica that then died
     gen.tokens = list(streamed)
     error = None
+    if cancel_first:
+        await tiers.cancel(plan.request_id)
     try:
         for _ in range(moves):
             await tiers._migrate(gen, "backbone worker dead-worker left the live set")
@@ -70,7 +75,9 @@ def test_past_the_limit_the_request_fails_clearly_and_the_plan_is_dead_lettered(
     gen, error = asyncio.run(scenario(redis_url, limit=1, streamed=[40], moves=2))
     assert isinstance(error, Unavailable) and error.code == "worker_lost" and error.retry_after
     assert "after 1 migration" in error.message
-    assert queued_plans(r) == [] and r.xpending(KEYS.gen(), BACKBONE_GROUP)["pending"] == 0
+    # The continuation nobody read yet stays queued (unread entries are never deleted) but is cancelled: its reader
+    # will drop it.
+    assert [p.attempt for p in queued_plans(r)] == [1] and r.xpending(KEYS.gen(), BACKBONE_GROUP)["pending"] == 0
     assert r.get(KEYS.cancel("req-mig")) == str(CANCEL_ALL).encode()
     (_, dead), = r.xrange(KEYS.dead_letter())
     assert m.decode(dead[b"m"], m.PromptPlan).request_id == "req-mig" and b"left the live set" in dead[b"reason"]
@@ -80,6 +87,23 @@ def test_migration_limit_0_turns_migration_off(redis_url):
     r = redis.Redis.from_url(redis_url)
     _, error = asyncio.run(scenario(redis_url, limit=0, streamed=[40, 41], moves=1))
     assert isinstance(error, Unavailable) and error.code == "worker_lost"
+    assert queued_plans(r) == []
+
+
+def test_an_unread_superseded_plan_stays_for_its_reader_to_skip_and_a_cancel_is_never_undone(redis_url):
+    """A plan withdrawn before any replica read it is acked but not deleted (deleting unread entries would break the
+    group's lag); its attempt is below the cancel key, so the backbone that reads it drops it. A migration racing the
+    client's cancellation does not lower the key."""
+    r = redis.Redis.from_url(redis_url)
+    asyncio.run(scenario(redis_url, limit=3, streamed=[40], moves=1, read=False, cancel_first=True))
+    assert [p.attempt for p in queued_plans(r)] == [0, 1]
+    assert r.get(KEYS.cancel("req-mig")) == str(CANCEL_ALL).encode()
+
+
+def test_lost_after_its_last_token_the_request_is_finished_not_moved(redis_url):
+    r = redis.Redis.from_url(redis_url)
+    gen, error = asyncio.run(scenario(redis_url, limit=3, streamed=list(range(40, 50)), moves=1))
+    assert error is None and gen.done and gen.attempt == 0
     assert queued_plans(r) == []
 
 
