@@ -2,8 +2,8 @@
 
 * Gateway: ``PromptBuilder.build`` of a text + image + audio request (base64, header probes, sha256, template,
   tokenizer) vs the header probes alone (``probe_image`` + ``probe_audio`` + ``placeholder_count``).
-* Backbone: one decode step of the engine at batch 1 / 8 / 32 vs the per-step finiteness check on its logits
-  (``torch.isfinite(logits).all(-1).tolist()``, the one reduction ``sample_rows`` adds).
+* Backbone: one decode step of the engine at batch 1 / 8 / 32 vs the per-step soundness check on its logits
+  (``(logits < inf).all(-1)``, the reduction ``sample_batch`` adds for its per-row status).
 
 Both sides of each ratio alternate in the same loop. Usage: ``.venv/bin/python bench/isolation.py`` (~30 s).
 """
@@ -72,7 +72,7 @@ def backbone(spec: ModelSpec, rounds: int) -> None:
             t0 = time.perf_counter()
             engine.step(seqs)
             t1 = time.perf_counter()
-            torch.isfinite(logits).all(dim=-1).tolist()
+            (logits < float("inf")).all(dim=-1).tolist()
             t2 = time.perf_counter()
             step.append(t1 - t0)
             check.append(t2 - t1)

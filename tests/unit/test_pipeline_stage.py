@@ -64,7 +64,8 @@ def test_a_row_that_fails_on_this_shard_alone_comes_back_failed(halves, sent):
     sent.pop()
     # Next step: decode one token each; sequence 2's cache on this shard is too small to take it.
     stage.caches[2].k[0] = stage.caches[2].k[0][:, :1]
-    ints = torch.tensor([[sid, len(ids), 1, len(ids) + 4, 7, 0, 1] for sid, ids in enumerate(PROMPTS)], dtype=torch.long)
+    ints = torch.tensor([[sid, len(ids), 1, len(ids) + 4, 7, 0, 1] for sid, ids in enumerate(PROMPTS)],
+                        dtype=torch.long)
     step = StepTable(ints, table.floats, torch.empty(0, dtype=torch.long))
     stage._step(step, torch.randn(3, last.cfg.hidden_size))
     got = sent.pop()

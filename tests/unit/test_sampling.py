@@ -186,9 +186,45 @@ def test_a_sampler_resumed_at_draw_k_draws_what_the_original_drew_from_k(offset,
         assert [restarted(row) for row in logits[offset:]] != full[offset:]
 
 
-def test_draw_seeds_differ_by_draw_and_seed():
-    from backbone.sampling import draw_seed
+def test_noise_is_a_pure_function_of_seed_draw_and_index_and_looks_exponential():
+    from backbone.sampling import exponential_noise
 
-    seeds = {draw_seed(s, k) for s in (0, 1, -1, 2**63 - 1) for k in range(200)}
-    assert len(seeds) == 800
-    assert all(-(2**63) <= s < 2**63 for s in seeds)
+    seeds = torch.tensor([0, 1, -1, 2**63 - 1, -(2**63)], dtype=torch.int64)
+    draws = torch.tensor([0, 0, 5, 7, 1_000_000], dtype=torch.int64)
+    a = exponential_noise(seeds, draws, 4096)  # [5, 4096]
+    assert torch.equal(a, exponential_noise(seeds, draws, 4096))
+    assert torch.equal(a[2:3], exponential_noise(seeds[2:3], draws[2:3], 4096))  # a row's noise is its own
+    assert not torch.equal(a[0], exponential_noise(seeds[:1], draws[:1] + 1, 4096)[0])  # the next draw differs
+    assert bool(torch.isfinite(a).all()) and float(a.min()) > 0
+    assert abs(float(a.mean()) - 1.0) < 0.02 and abs(float(a.var()) - 1.0) < 0.05  # Exp(1): mean 1, variance 1
+
+
+def test_a_row_draws_the_same_alone_and_in_a_batch_of_eight():
+    """Seeded sampling is batch-invariant: the token of a row depends on its own logits, seed and draw only."""
+    from backbone.sampling import sample_batch
+
+    logits = torch.stack([random_logits(200 + i, vocab=512) for i in range(8)])
+    temperature = torch.tensor([0.7, 1.0, 0.0, 1.3, 0.9, 1.0, 0.5, 2.0])
+    top_p = torch.tensor([1.0, 0.9, 1.0, 0.8, 1.0, 0.5, 0.95, 1.0])
+    seeds = torch.arange(8, dtype=torch.int64) * 7919 - 3
+    for draw in range(20):
+        draws = torch.full((8,), draw, dtype=torch.int64)
+        together, status = sample_batch(logits, temperature, top_p, seeds, draws)
+        assert status.eq(0).all()
+        for i in range(8):
+            alone, _ = sample_batch(logits[i : i + 1], temperature[i : i + 1], top_p[i : i + 1], seeds[i : i + 1],
+                                    draws[i : i + 1])
+            assert int(alone) == int(together[i])
+
+
+def test_skipping_the_noise_or_the_sort_changes_no_token():
+    """The host-side shortcuts (no sampled row: no noise; no truncating row: no sort) give what the full pass gives."""
+    from backbone.sampling import sample_batch
+
+    logits = torch.stack([random_logits(300 + i, vocab=256) for i in range(4)])
+    seeds, draws = torch.arange(4, dtype=torch.int64), torch.zeros(4, dtype=torch.int64)
+    greedy_t, sampled_t = torch.zeros(4), torch.ones(4)
+    full = sample_batch(logits, greedy_t, torch.full((4,), 0.5), seeds, draws)[0]
+    assert torch.equal(sample_batch(logits, greedy_t, torch.full((4,), 0.5), seeds, draws, random=False)[0], full)
+    full = sample_batch(logits, sampled_t, torch.ones(4), seeds, draws)[0]
+    assert torch.equal(sample_batch(logits, sampled_t, torch.ones(4), seeds, draws, nucleus=False)[0], full)
