@@ -108,7 +108,7 @@ class Engine:
         vocab = self.model.cfg.vocab_size
         if not token_ids or min(token_ids) < 0 or max(token_ids) >= vocab:
             raise PlanError(f"the prompt is empty or holds token ids outside the vocabulary [0, {vocab})")
-        ids = torch.tensor(token_ids, dtype=torch.long)  # [S]
+        ids = torch.tensor(token_ids, dtype=torch.long, device=self.model.device)  # [S]
         embeds = fuse(self.model.embed, ids, media, self.placeholder_ids)[0]  # [S, H]
         seq.cache = self.model.new_cache(seq.capacity)
         self.kv_used_bytes += self.kv_bytes(seq)
@@ -129,7 +129,7 @@ class Engine:
         if not decoding and not starting:
             return
         # 1) The step's new tokens, sequence after sequence: whole prompts, then last tokens.
-        last = torch.tensor([s.output[-1] for s in decoding], dtype=torch.long)  # [B_dec]
+        last = torch.tensor([s.output[-1] for s in decoding], dtype=torch.long, device=self.model.device)  # [B_dec]
         parts = [e for _, e in starting] + ([self.model.embed(last)] if decoding else [])
         segments = [Segment(s.cache, 0, e.shape[0]) for s, e in starting]
         segments += [Segment(s.cache, s.cache.length, 1) for s in decoding]
@@ -146,7 +146,7 @@ class Engine:
                        for t in self.pipeline.run_rest(ints, floats, hidden).tolist()]
         else:
             # 3) Logits at each sequence's last position, one sampler per sequence.
-            ends = torch.tensor([seg.length for seg in segments]).cumsum(0) - 1  # [B]
+            ends = torch.tensor([seg.length for seg in segments], device=self.model.device).cumsum(0) - 1  # [B]
             results = sample_rows([s.sampler for s in seqs], self.model.logits(hidden[ends]))  # logits [B, V]
         for i, (seq, result) in enumerate(zip(seqs, results)):
             if i in failed:
@@ -177,8 +177,9 @@ def check_sampling(params: SamplingParams) -> None:
 
 
 def load_engine(spec, layers: range | None = None, kv_budget_bytes: int | None = None,
-                pipeline: PipelineHead | None = None) -> Engine:
+                pipeline: PipelineHead | None = None, dtype: torch.dtype = torch.float32,
+                device: torch.device | str = "cpu") -> Engine:
     from backbone.loader import load_shard
 
-    model, _ = load_shard(spec.path, spec.config["text_config"], layers)
+    model, _ = load_shard(spec.path, spec.config["text_config"], layers, dtype, device)
     return Engine(model, spec.placeholder_ids, spec.eos_token_ids, spec.max_context, kv_budget_bytes, pipeline)

@@ -30,6 +30,6 @@ def fuse(embed_tokens: torch.nn.Module, token_ids: torch.Tensor, media: list[tup
             if t.dim() != 2 or t.shape[1] != embeds.shape[2]:
                 raise PlanError(f"{modality}: encoder rows of shape {list(t.shape)} do not fit model width "
                                 f"{embeds.shape[2]}")
-        spliced = torch.cat(rows).to(embeds.dtype)  # [want, H]
+        spliced = torch.cat(rows).to(embeds.device, embeds.dtype)  # [want, H]
         embeds[0, mask] = spliced
     return embeds

@@ -22,7 +22,8 @@ _LAYER = re.compile(r"^language_model\.model\.layers\.(\d+)\.(.+)$")
 
 
 def load_shard(model_dir: Path, text_config: dict, layers: range | None = None,
-               dtype: torch.dtype = torch.float32) -> tuple[DecoderShard, list[str]]:
+               dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu"
+               ) -> tuple[DecoderShard, list[str]]:
     cfg = DecoderConfig.from_text_config(text_config)
     layers = layers if layers is not None else range(cfg.num_layers)
     if not (0 <= layers.start < layers.stop <= cfg.num_layers and layers.step == 1):
@@ -40,7 +41,7 @@ def load_shard(model_dir: Path, text_config: dict, layers: range | None = None,
         match = _LAYER.match(name)
         return int(match.group(1)) in layers if match else name in singles
 
-    tensors = read_matching(model_dir, wanted, dtype)
+    tensors = read_matching(model_dir, wanted, dtype, device)
     per_layer: list[dict[str, torch.Tensor]] = [{} for _ in layers]
     for name, t in tensors.items():
         if match := _LAYER.match(name):

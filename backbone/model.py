@@ -76,10 +76,11 @@ class SequenceCache:
     k[i], v[i]: [kv_heads, capacity, head_dim] for the shard's i-th layer.
     """
 
-    def __init__(self, cfg: DecoderConfig, layers: int, capacity: int, dtype: torch.dtype):
+    def __init__(self, cfg: DecoderConfig, layers: int, capacity: int, dtype: torch.dtype,
+                 device: torch.device | str = "cpu"):
         shape = (cfg.num_kv_heads, capacity, cfg.head_dim)
-        self.k = [torch.empty(shape, dtype=dtype) for _ in range(layers)]
-        self.v = [torch.empty(shape, dtype=dtype) for _ in range(layers)]
+        self.k = [torch.empty(shape, dtype=dtype, device=device) for _ in range(layers)]
+        self.v = [torch.empty(shape, dtype=dtype, device=device) for _ in range(layers)]
         self.capacity = capacity
         self.length = 0  # positions filled
 
@@ -106,6 +107,8 @@ class Rotary:
 
     def __call__(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
         """positions [T] -> cos, sin [T, 1, head_dim] (computed in fp32, as the reference does)."""
+        if self.inv_freq.device != positions.device:
+            self.inv_freq = self.inv_freq.to(positions.device)
         freqs = positions.float()[:, None] * self.inv_freq[None, :]  # [T, D/2]
         emb = torch.cat((freqs, freqs), dim=-1)
         return emb.cos().to(dtype)[:, None, :], emb.sin().to(dtype)[:, None, :]
@@ -120,7 +123,8 @@ class DecoderShard:
         self.cfg, self.layers, self.first_layer = cfg, layers, first_layer
         self.embed_weight, self.norm_weight, self.lm_head_weight = embed, norm, lm_head
         self.rotary = Rotary(cfg)
-        self.dtype = next(iter(layers[0].values())).dtype if layers else (embed if embed is not None else norm).dtype
+        some = next(iter(layers[0].values())) if layers else (embed if embed is not None else norm)
+        self.dtype, self.device = some.dtype, some.device
 
     @property
     def is_first(self) -> bool:
@@ -131,7 +135,7 @@ class DecoderShard:
         return self.lm_head_weight is not None
 
     def new_cache(self, capacity: int) -> SequenceCache:
-        return SequenceCache(self.cfg, len(self.layers), capacity, self.dtype)
+        return SequenceCache(self.cfg, len(self.layers), capacity, self.dtype, self.device)
 
     def embed(self, ids: torch.Tensor) -> torch.Tensor:
         return F.embedding(ids, self.embed_weight)  # [..., H]
@@ -140,7 +144,8 @@ class DecoderShard:
     def forward(self, hidden: torch.Tensor, segments: list[Segment]) -> torch.Tensor:
         """hidden [T, H] (the segments' new tokens, concatenated in order) -> hidden [T, H] after this shard's
         layers; fills each segment's cache at its positions."""
-        positions = torch.cat([torch.arange(s.start, s.start + s.length) for s in segments])  # [T]
+        positions = torch.cat([torch.arange(s.start, s.start + s.length, device=hidden.device)
+                               for s in segments])  # [T]
         cos, sin = self.rotary(positions, hidden.dtype)
         for i, w in enumerate(self.layers):
             hidden = hidden + self._attention(i, w, rms_norm(hidden, w["input_layernorm.weight"],
@@ -170,7 +175,8 @@ class DecoderShard:
             qs = q[offset : offset + s.length].transpose(0, 1)  # [Hq, n, D]
             mask = None
             if s.length > 1:  # new token j (position start + j) sees cached positions <= start + j
-                mask = torch.arange(end)[None, :] <= torch.arange(s.start, end)[:, None]  # [n, end]
+                mask = (torch.arange(end, device=h.device)[None, :]
+                        <= torch.arange(s.start, end, device=h.device)[:, None])  # [n, end]
             o = F.scaled_dot_product_attention(qs, kc[:, :end], vc[:, :end], attn_mask=mask,
                                                scale=cfg.head_dim ** -0.5, enable_gqa=True)  # [Hq, n, D]
             out.append(o.transpose(0, 1).reshape(s.length, cfg.num_heads * cfg.head_dim))

@@ -35,7 +35,9 @@ NOOP_EVERY_S = 5.0
 
 
 def init_group(url: str, rank: int, world: int, timeout_s: float = 120.0) -> None:
-    backend = "nccl" if torch.cuda.is_available() else "gloo"
+    # gloo with host staging (hidden states go through host memory between shards), whatever the shards' devices:
+    # right for shards on CPUs or sharing one GPU. Device-to-device NCCL hops between GPUs are not built yet.
+    backend = "gloo"
     dist.init_process_group(backend, init_method=url, rank=rank, world_size=world,
                             timeout=datetime.timedelta(seconds=timeout_s))
     log.info("pipeline group ready", extra={"rank": rank, "world": world, "backend": backend})
@@ -87,7 +89,7 @@ def _send_step(dst: int, ints, floats, releases, hidden) -> None:
     dist.send(floats.contiguous(), dst=dst)
     if releases.numel():
         dist.send(releases.contiguous(), dst=dst)
-    dist.send(hidden.contiguous(), dst=dst)
+    dist.send(hidden.contiguous().cpu(), dst=dst)  # host staging (gloo)
 
 
 class StageWorker:
@@ -125,7 +127,7 @@ class StageWorker:
         if n_release:
             dist.recv(releases, src=src)
         dist.recv(hidden, src=src)
-        return StepTable(ints, floats, releases), hidden
+        return StepTable(ints, floats, releases), hidden.to(self.model.device)
 
     @torch.inference_mode()
     def _step(self, table: StepTable, hidden: torch.Tensor) -> None:
@@ -147,7 +149,7 @@ class StageWorker:
         if not self.model.is_last:
             _send_step(self.rank + 1, table.ints, table.floats, table.releases, hidden)
             return
-        ends = table.ints[:, 2].cumsum(0) - 1
+        ends = (table.ints[:, 2].cumsum(0) - 1).to(hidden.device)
         logits = self.model.logits(hidden[ends])  # [B, V]
         results = sample_rows([self.samplers[row[0]] for row in rows], logits)
         tokens = []

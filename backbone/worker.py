@@ -63,12 +63,40 @@ class BackboneConfig:
     block_ms: int = 1000  # idle read wait (bounds how late a stop is noticed)
     drain_timeout_s: float = 30.0  # on SIGTERM, how long running requests may take to finish
     stall_s: float = 60.0  # a loop that has not come round for this long stops heartbeating (router/liveness.py)
+    device: str = "auto"  # cpu | cuda | cuda:N; auto: cuda if a GPU is present, else cpu
+    dtype: str = "auto"  # float32 | bfloat16 | float16; auto: bfloat16 on a GPU, float32 on a CPU
     max_deliveries: int = 3  # a plan claimed from this many dead workers is dead-lettered
     outage_hold_s: float = 30.0  # while Redis is away, running sequences are held this long, then failed
 
     def __post_init__(self) -> None:
         if self.max_running < 1 or self.max_deliveries < 1 or self.outage_hold_s <= 0:
             raise ValueError("max_running and max_deliveries must be >= 1 and outage_hold_s > 0")
+        resolve_placement(self.device, self.dtype)  # a bad flag is an error here, before any weight is read
+
+
+DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+          "float16": torch.float16, "fp16": torch.float16}
+
+
+def resolve_placement(device: str, dtype: str) -> tuple[torch.device, torch.dtype]:
+    """``--device`` / ``--dtype`` to a torch device and dtype: auto is CUDA and bf16 where a GPU is present, CPU and
+    fp32 otherwise. ValueError naming what is wrong."""
+    gpu = torch.cuda.is_available()
+    if device == "auto":
+        device = "cuda" if gpu else "cpu"
+    try:
+        dev = torch.device(device)
+    except RuntimeError as exc:
+        raise ValueError(f"--device must be cpu, cuda or cuda:N, got {device!r}") from exc
+    if dev.type not in ("cpu", "cuda"):
+        raise ValueError(f"--device must be cpu, cuda or cuda:N, got {device!r}")
+    if dev.type == "cuda" and not gpu:
+        raise ValueError(f"--device {device}: no CUDA device is visible to this process")
+    if dtype == "auto":
+        dtype = "bfloat16" if dev.type == "cuda" else "float32"
+    if dtype not in DTYPES:
+        raise ValueError(f"--dtype must be one of float32, bfloat16, float16, got {dtype!r}")
+    return dev, DTYPES[dtype]
 
 
 @dataclass
@@ -516,20 +544,24 @@ def serve(cfg: BackboneConfig, model_dir: str, threads: int | None = None) -> No
     spec = ModelSpec.from_dir(model_dir)
     text = spec.config["text_config"]
     layers = cfg.layers or even_layers(DecoderConfig.from_text_config(text).num_layers, cfg.num_shards, cfg.shard)
-    log.info("loading shard", extra={"shard": cfg.shard, "num_shards": cfg.num_shards,
+    device, dtype = resolve_placement(cfg.device, cfg.dtype)
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    log.info("loading shard", extra={"shard": cfg.shard, "num_shards": cfg.num_shards, "device": str(device),
+                                     "dtype": str(dtype).removeprefix("torch."),
                                      "layers": f"{layers.start}:{layers.stop}"})
     if cfg.num_shards == 1:
-        BackboneWorker(cfg, load_engine(spec, layers, cfg.kv_cache_bytes), stop).run()
+        BackboneWorker(cfg, load_engine(spec, layers, cfg.kv_cache_bytes, None, dtype, device), stop).run()
         return
     init_group(cfg.dist_url, cfg.shard, cfg.num_shards)
     if cfg.shard > 0:  # driven by shard 0 through the pipe; it stops us when it stops
-        model, names = load_shard(spec.path, text, layers)
+        model, names = load_shard(spec.path, text, layers, dtype, device)
         log.info("shard loaded", extra={"shard": cfg.shard, "tensors": len(names)})
         StageWorker(model, cfg.shard, cfg.num_shards).run()
         return
     head = PipelineHead(cfg.num_shards)
     try:
-        BackboneWorker(cfg, load_engine(spec, layers, cfg.kv_cache_bytes, head), stop).run()
+        BackboneWorker(cfg, load_engine(spec, layers, cfg.kv_cache_bytes, head, dtype, device), stop).run()
     finally:
         head.stop()
 

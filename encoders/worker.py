@@ -154,8 +154,11 @@ class EncoderWorker:
         return claimed
 
     def handle(self, entries: list) -> None:
-        """Entries are (entry id, fields) pairs as read, or :class:`Claimed` ones (reclaimed from a dead worker)."""
-        pipe = self.r.pipeline(transaction=False)
+        """Entries are (entry id, fields) pairs as read, or :class:`Claimed` ones (reclaimed from a dead worker).
+
+        The batch's answers, acks and counters go in one MULTI: a gateway (or an operator) that sees an answer sees
+        the counters that include it."""
+        pipe = self.r.pipeline(transaction=True)
         jobs = self._admit(self._decode(entries, pipe), pipe)
         blobs = self.r.mget([j.msg.blob_key for j in jobs]) if jobs else []
         # 1) Preprocess each job; failures are published to their waiters at once.

@@ -42,12 +42,13 @@ def read_tensors(model_dir: Path, prefix: str, dtype: torch.dtype | None = None)
     return out
 
 
-def read_matching(model_dir: Path, wanted, dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
-    """Every tensor whose full name satisfies ``wanted(name)``, by full name. safetensors maps the files, so only the
-    bytes of the tensors read are touched."""
+def read_matching(model_dir: Path, wanted, dtype: torch.dtype | None = None,
+                  device: torch.device | str = "cpu") -> dict[str, torch.Tensor]:
+    """Every tensor whose full name satisfies ``wanted(name)``, by full name, on ``device``. safetensors maps the
+    files and opens each tensor onto the device, so only the bytes of the tensors read are touched."""
     out: dict[str, torch.Tensor] = {}
     for path in weight_files(model_dir):
-        with safe_open(str(path), framework="pt") as f:
+        with safe_open(str(path), framework="pt", device=str(device)) as f:
             for name in f.keys():
                 if wanted(name):
                     t = f.get_tensor(name)

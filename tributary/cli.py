@@ -74,6 +74,8 @@ def build_parser() -> argparse.ArgumentParser:
     up.add_argument("--ready-timeout", type=float, default=300.0, help="seconds to wait for every tier")
     up.add_argument("--log-level", default=_env("LOG_LEVEL", "INFO"))
     up.add_argument("--shards", type=int, default=1, help="backbone pipeline shards (processes)")
+    up.add_argument("--backbone-device", default="auto", help="the backbone's --device (auto: cuda if present)")
+    up.add_argument("--backbone-dtype", default="auto", help="the backbone's --dtype (auto: bf16 on a GPU, else fp32)")
     up.add_argument("--backbone-replicas", type=int, default=1,
                     help="backbone replicas (each --shards processes), all reading one queue")
     up.add_argument("--encoder-runtime", default="torch", choices=["torch", "onnx"])
@@ -133,6 +135,10 @@ def build_parser() -> argparse.ArgumentParser:
                                                   "`tributary plan` for an uneven, capacity-aware one)")
     bb.add_argument("--dist-url", default=_env("DIST_URL", ""),
                     help="torch.distributed rendezvous of the replica (tcp://host:port), same on every shard")
+    bb.add_argument("--device", default=_env("BACKBONE_DEVICE", "auto"),
+                    help="cpu, cuda or cuda:N (default auto: cuda if a GPU is present, else cpu)")
+    bb.add_argument("--dtype", default=_env("BACKBONE_DTYPE", "auto"),
+                    help="float32, bfloat16 or float16 (default auto: bfloat16 on a GPU, float32 on a CPU)")
     bb.add_argument("--kv-cache-gb", type=float, default=None,
                     help="KV memory for running sequences (each reserves prompt + max_tokens); default: unbounded")
     _worker(bb)
@@ -237,10 +243,15 @@ def main(argv: list[str] | None = None) -> int:
             layers = range(int(a), int(b))
         if args.num_shards > 1 and not args.dist_url:
             raise SystemExit("--num-shards > 1 needs --dist-url (the same tcp://host:port on every shard)")
-        serve(BackboneConfig(redis_url=args.redis_url, prefix=args.prefix, max_running=args.max_running,
-                             kv_cache_bytes=kv, shard=args.shard, num_shards=args.num_shards, layers=layers,
-                             dist_url=args.dist_url, stall_s=args.stall_timeout, max_deliveries=args.max_deliveries,
-                             drain_timeout_s=args.drain_timeout), args.model, args.threads)
+        try:
+            bcfg = BackboneConfig(redis_url=args.redis_url, prefix=args.prefix, max_running=args.max_running,
+                                  kv_cache_bytes=kv, shard=args.shard, num_shards=args.num_shards, layers=layers,
+                                  dist_url=args.dist_url, stall_s=args.stall_timeout,
+                                  max_deliveries=args.max_deliveries, drain_timeout_s=args.drain_timeout,
+                                  device=args.device, dtype=args.dtype)
+        except ValueError as exc:
+            raise SystemExit(f"tributary backbone: {exc}") from None
+        serve(bcfg, args.model, args.threads)
         return 0
     return 2
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 import signal
 import socket
 import sys
@@ -46,6 +47,7 @@ class Cluster:
     shards: int = 1  # backbone pipeline shards
     modalities: tuple[str, ...] = ("image", "audio")  # one encoder tier each: the model family's (LLaVA: image)
     replicas: int = 1  # backbone replicas (each ``shards`` processes), all reading one queue
+    backbone_args: list[str] = field(default_factory=list)  # extra flags for every backbone shard (--device, --dtype)
     instance_id: str = field(default_factory=lambda: uuid.uuid4().hex)
 
     @property
@@ -69,7 +71,7 @@ class Cluster:
         for r in range(self.replicas):
             name = "backbone" if self.replicas == 1 else f"backbone.{r}"
             if self.shards == 1:
-                groups.append(one(name, base + ["backbone", *common, "--threads", threads]))
+                groups.append(one(name, base + ["backbone", *common, "--threads", threads, *self.backbone_args]))
             else:
                 groups.append(Group(name, self._replica(name, base, common, threads)))
         return groups
@@ -78,7 +80,8 @@ class Cluster:
         def replica() -> list[Child]:
             url = f"tcp://127.0.0.1:{free_port()}"  # a fresh rendezvous for every (re)start
             return [Child(f"{name}:{i}", base + ["backbone", *common, "--shard", str(i), "--num-shards",
-                                                 str(self.shards), "--dist-url", url, "--threads", threads])
+                                                 str(self.shards), "--dist-url", url, "--threads", threads,
+                                                 *self.backbone_args])
                     for i in range(self.shards)]
 
         return replica
@@ -148,6 +151,12 @@ def run_cluster(args) -> int:
     except ValueError as exc:
         print(f"tributary: --limit-mm-per-prompt: {exc}", file=sys.stderr)
         return 2
+    # The flags' spelling only (no torch import here); each backbone checks the device exists when it starts.
+    if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", args.backbone_device) or args.backbone_dtype not in (
+            "auto", "float32", "fp32", "bfloat16", "bf16", "float16", "fp16"):
+        print(f"tributary: --backbone-device must be auto, cpu, cuda or cuda:N and --backbone-dtype auto, float32, "
+              f"bfloat16 or float16 (got {args.backbone_device!r}, {args.backbone_dtype!r})", file=sys.stderr)
+        return 2
     model = ensure_model(args)
     modalities = _modalities(model)  # before anything starts: an unsupported checkpoint fails here
     limits = ["--max-audio-seconds", str(args.max_audio_seconds)]
@@ -157,7 +166,8 @@ def run_cluster(args) -> int:
                  "--max-backlog", str(args.max_backlog), "--body-timeout", str(args.body_timeout)]
     cluster = Cluster(model, args.redis_url or "", args.prefix, args.host, args.port, args.log_level,
                       encoder_args, ["--limit-mm-per-prompt", args.limit_mm_per_prompt, *limits, *admission],
-                      args.shards, modalities, replicas=args.backbone_replicas)
+                      args.shards, modalities, replicas=args.backbone_replicas,
+                      backbone_args=["--device", args.backbone_device, "--dtype", args.backbone_dtype])
     try:
         cluster.check_port()
     except NotReady as exc:

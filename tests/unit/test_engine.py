@@ -301,3 +301,51 @@ def test_a_continuation_plan_goes_on_exactly_where_the_original_was_cut(engine, 
 def test_a_resumed_count_outside_the_prompt_is_a_plan_error(engine):
     with pytest.raises(PlanError, match="resumed"):
         engine.new_sequence("r", 4, greedy(), resumed=4)
+
+
+def test_bf16_on_cpu_runs_the_same_code_and_agrees_with_fp32_where_the_margin_is_clear(tiny_spec, tok):
+    """--dtype bfloat16 (what a GPU runs by default) through the same loader, cache and engine on the CPU. Along
+    fp32's greedy path, wherever fp32's top-2 logit margin is more than twice bf16's largest logit deviation at that
+    step, bf16 picks the same token, and its own greedy run (with its cache) equals fp32's up to the first step
+    that is not clear (past a near-tie the two may fairly part ways)."""
+    from backbone.engine import load_engine
+    from backbone.model import Segment
+
+    engines = {dt: load_engine(tiny_spec, dtype=dt) for dt in (torch.float32, torch.bfloat16)}
+    assert engines[torch.bfloat16].model.new_cache(4).k[0].dtype == torch.bfloat16
+
+    def last_logits(engine, ids):  # a forward without reuse over the whole sequence so far
+        seq = engine.new_sequence("m", len(ids), greedy(1))
+        hidden = engine.model.forward(engine.start(seq, ids, []), [Segment(seq.cache, 0, len(ids))])
+        engine.release(seq)
+        return engine.model.logits(hidden[-1:])[0]
+
+    compared = 0
+    for text in ["the cat sat on", "a story about", "hello there", "one two three four", "what is the", "in the"]:
+        ids = ids_of(tok, text)
+        ref = run(engines[torch.float32], ids, greedy(8)).output
+        got = run(engines[torch.bfloat16], ids, greedy(8)).output
+        for k in range(8):
+            l32 = last_logits(engines[torch.float32], ids + ref[:k])
+            l16 = last_logits(engines[torch.bfloat16], ids + ref[:k])
+            top2 = l32.topk(2).values
+            if float(top2[0] - top2[1]) <= 2 * float((l16 - l32).abs().max()):
+                break
+            assert int(l16.argmax()) == int(l32.argmax()) == ref[k], (text, k)
+            assert got[k] == ref[k], (text, k)
+            compared += 1
+    assert compared >= 5, f"only {compared} clear-margin steps: the check would prove nothing"
+
+
+def test_placement_flags_resolve_or_say_what_is_wrong():
+    from backbone.worker import resolve_placement
+
+    if not torch.cuda.is_available():
+        assert resolve_placement("auto", "auto") == (torch.device("cpu"), torch.float32)
+        with pytest.raises(ValueError, match="no CUDA device"):
+            resolve_placement("cuda:0", "auto")
+    assert resolve_placement("cpu", "bf16") == (torch.device("cpu"), torch.bfloat16)
+    with pytest.raises(ValueError, match="--device"):
+        resolve_placement("tpu", "auto")
+    with pytest.raises(ValueError, match="--dtype"):
+        resolve_placement("cpu", "int8")
