@@ -545,8 +545,8 @@ def serve(cfg: BackboneConfig, model_dir: str, threads: int | None = None) -> No
     text = spec.config["text_config"]
     layers = cfg.layers or even_layers(DecoderConfig.from_text_config(text).num_layers, cfg.num_shards, cfg.shard)
     device, dtype = resolve_placement(cfg.device, cfg.dtype)
-    if device.type == "cuda":
-        torch.cuda.set_device(device)
+    if device.type == "cuda" and device.index is not None:
+        torch.cuda.set_device(device)  # so NCCL and the caching allocator use the one this shard runs on
     log.info("loading shard", extra={"shard": cfg.shard, "num_shards": cfg.num_shards, "device": str(device),
                                      "dtype": str(dtype).removeprefix("torch."),
                                      "layers": f"{layers.start}:{layers.stop}"})
