@@ -31,7 +31,7 @@ from tests.media import b64, data_url, png_bytes, wav_bytes
 
 pytestmark = pytest.mark.slow
 
-PREFIX = "chaos"
+PREFIX = f"chaos{os.getpid()}"  # unique: the kills below must never reach another run's cluster
 N_REQUESTS = 120
 MAX_TOKENS = 24
 CLIENT_TIMEOUT_S = 150  # far past every bound the gateway keeps: a request that reaches it has hung
