@@ -106,6 +106,13 @@ class Running:
     entry_id: bytes
     code: m.ErrorCode | None = None  # the error code its failure carries (default INTERNAL)
 
+    def event(self, worker: str, token_ids: list[int], **end) -> m.TokenEvent:
+        """This attempt's event carrying ``token_ids`` (and ``finish``/``code``/``error`` from ``end``), with usage as
+        the client counts it."""
+        return m.TokenEvent(request_id=self.plan.request_id, token_ids=token_ids, prompt_tokens=self.seq.prompt_tokens,
+                            completion_tokens=self.seq.completion_tokens, attempt=self.plan.attempt, worker=worker,
+                            **end)
+
 
 class StepFailure(Exception):
     def __init__(self, code: m.ErrorCode, error: str, silent: bool = False):
@@ -422,11 +429,8 @@ class BackboneWorker:
             if not seq.pending and seq.finish is None:
                 continue  # nothing new (a held step)
             failed = seq.finish == m.FinishReason.ERROR
-            ev = m.TokenEvent(request_id=seq.request_id, token_ids=seq.output[len(seq.output) - seq.pending :],
-                              prompt_tokens=seq.prompt_tokens, completion_tokens=seq.completion_tokens,
-                              finish=seq.finish, code=(run.code or m.ErrorCode.INTERNAL) if failed else None,
-                              error=seq.error,
-                              attempt=run.plan.attempt, worker=self.consumer)
+            ev = run.event(self.consumer, seq.output[len(seq.output) - seq.pending :], finish=seq.finish,
+                           code=(run.code or m.ErrorCode.INTERNAL) if failed else None, error=seq.error)
             tokens += seq.pending
             self.replies.send(pipe, run.plan.reply_to, m.encode(ev))
             if seq.finish is not None:
@@ -495,10 +499,7 @@ class BackboneWorker:
         self.engine.release(run.seq)
         log.info("cancelled", extra={"request_id": run.plan.request_id, "attempt": run.plan.attempt, "why": why,
                                      "completion_tokens": run.seq.completion_tokens})
-        ev = None if silent else m.TokenEvent(
-            request_id=run.plan.request_id, token_ids=[], prompt_tokens=run.seq.prompt_tokens,
-            completion_tokens=run.seq.completion_tokens, finish=m.FinishReason.CANCELLED, attempt=run.plan.attempt,
-            worker=self.consumer)
+        ev = None if silent else run.event(self.consumer, [], finish=m.FinishReason.CANCELLED)
         self.outbox.append((run.plan.reply_to, ev, run.entry_id))
         self.cancelled += 1
 

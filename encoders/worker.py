@@ -159,8 +159,7 @@ class EncoderWorker:
         The batch's answers, acks and counters go in one MULTI: a gateway (or an operator) that sees an answer sees
         the counters that include it."""
         pipe = self.r.pipeline(transaction=True)
-        jobs = self._admit(self._decode(entries, pipe), pipe)
-        blobs = self.r.mget([j.msg.blob_key for j in jobs]) if jobs else []
+        jobs, blobs = self._admit(self._decode(entries, pipe), pipe)
         # 1) Preprocess each job; failures are published to their waiters at once.
         t0 = time.perf_counter()
         prepared = [(i, p) for i, (job, blob) in enumerate(zip(jobs, blobs))
@@ -238,24 +237,27 @@ class EncoderWorker:
             jobs.append(job)
         return jobs
 
-    def _admit(self, jobs: list[Job], pipe) -> list[Job]:
-        """The jobs some live gateway still waits on; the others are acked away unencoded (their gateway died)."""
+    def _admit(self, jobs: list[Job], pipe) -> tuple[list[Job], list[bytes | None]]:
+        """The jobs some live gateway still waits on, with their media bytes (one round trip); the others are
+        acked away unencoded (their gateway died)."""
         if not jobs:
-            return jobs
+            return [], []
         check = self.r.pipeline(transaction=False)
         for job in jobs:
             check.exists(alive(job.msg.reply_to))
             check.scard(job.script_keys[1])
+            check.get(job.msg.blob_key)
         res = check.execute()
-        kept = []
-        for job, owner_alive, waiters in zip(jobs, res[0::2], res[1::2]):
+        kept, blobs = [], []
+        for job, owner_alive, waiters, blob in zip(jobs, res[0::3], res[1::3], res[2::3]):
             if owner_alive or waiters > 1:
                 kept.append(job)
+                blobs.append(blob)
                 continue
             log.info("dropping the job of a dead gateway", extra={"request_id": job.msg.request_id,
                                                                   "job_id": job.msg.job_id})
             self._fail(pipe, job, m.ErrorCode.CANCELLED, "the gateway that queued this job is gone")
-        return kept
+        return kept, blobs
 
     @staticmethod
     def _check(job: Job, blob: bytes | None) -> tuple[m.ErrorCode, str] | None:

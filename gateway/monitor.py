@@ -39,7 +39,6 @@ class ClusterView:
     since: float = field(default_factory=time.monotonic)  # when ``up`` last changed
     live: dict[str, set[str]] = field(default_factory=dict)  # tier -> live worker ids
     backlog: dict[str, int] = field(default_factory=dict)  # tier -> unread entries of its stream
-    checked: float = 0.0  # monotonic time of the last successful round trip
     outage_ended: float = -1e9  # monotonic time Redis last came back after being away
 
     def steady(self) -> bool:
@@ -58,16 +57,10 @@ class ClusterMonitor:
         # Its own connection, with a short timeout and no retries: it must notice an outage, not ride it out.
         self.r = connect_async(cfg.redis_url, retries=0, socket_timeout=PROBE_TIMEOUT_S)
         self._first = True
+        # tier -> (its stream, its group), whose backlog each beat reads
+        self.queues = {t: (self.keys.gen(), BACKBONE_GROUP) if t == "backbone"
+                       else (self.keys.jobs(t.split(":", 1)[1]), ENCODER_GROUP) for t in tiers}
 
-    def streams(self) -> dict[str, tuple[str, str]]:
-        """tier -> (stream, group)."""
-        out = {}
-        for tier in self.tiers:
-            if tier == "backbone":
-                out[tier] = (self.keys.gen(), BACKBONE_GROUP)
-            else:
-                out[tier] = (self.keys.jobs(tier.split(":", 1)[1]), ENCODER_GROUP)
-        return out
 
     async def run(self) -> None:
         while True:
@@ -76,13 +69,12 @@ class ClusterMonitor:
 
     async def beat(self) -> None:
         now = time.time()
-        streams = self.streams()
         pipe = self.r.pipeline(transaction=False)
         pipe.set(self.alive_key, 1, ex=self.cfg.lease_s, get=True)
         pipe.expire(self.reply_stream, self.cfg.lease_s)
         for tier in self.tiers:
             pipe.zrangebyscore(self.keys.live(tier), now - LIVE_WINDOW_S, "+inf")
-        for stream, _ in streams.values():
+        for stream, _ in self.queues.values():
             pipe.xlen(stream)
             pipe.xinfo_groups(stream)
         try:
@@ -101,10 +93,9 @@ class ClusterMonitor:
                 log.warning("redis is reachable again", extra={"down_s": round(time.monotonic() - view.since, 2)})
                 view.outage_ended = time.monotonic()
             view.up, view.reason, view.since = True, "ok", time.monotonic()
-        view.checked = time.monotonic()
         view.live = {t: {m.decode() for m in members} for t, members in zip(self.tiers, live_sets)}
         view.backlog = {t: _lag(group, length, groups) for (t, (_, group)), length, groups
-                        in zip(streams.items(), rest[0::2], rest[1::2])}
+                        in zip(self.queues.items(), rest[0::2], rest[1::2])}
         if lease_was is None and not self._first:
             log.error("this gateway's lease was gone (Redis restarted empty, or this process stalled): re-queueing "
                       "the work of every request in flight")

@@ -133,22 +133,19 @@ class TierClient:
         gen.entry_id = await self.r.xadd(self.keys.gen(), payload_fields(m.encode(plan)))
         self.inflight[plan.request_id] = gen
         try:
-            timeout, what = self.cfg.first_token_timeout_s, "waiting for the first token"
             while True:
                 if gen.done:  # lost after its last token, before its finish: it is finished
                     yield m.TokenEvent(request_id=plan.request_id, token_ids=[], attempt=gen.attempt,
                                        prompt_tokens=len(plan.token_ids) - plan.resumed,
                                        completion_tokens=plan.resumed + len(gen.tokens), finish=m.FinishReason.LENGTH)
                     return
-                msg = await self._next(queue, timeout, what)
+                msg = await self._next(queue, *self._bound(gen))
                 if msg is RESET:
                     await self._migrate(gen, "Redis may have lost the request (its lease was gone)")
-                    timeout, what = self.cfg.first_token_timeout_s, "waiting for a backbone after a migration"
                     continue
                 if isinstance(msg, WorkerLost):
                     if msg.attempt == gen.attempt:
                         await self._migrate(gen, f"backbone worker {msg.worker} left the live set")
-                        timeout, what = self.cfg.first_token_timeout_s, "waiting for a backbone after a migration"
                     continue
                 if not isinstance(msg, m.TokenEvent) or msg.attempt != gen.attempt:
                     continue  # encode results, or an older attempt's events
@@ -158,14 +155,12 @@ class TierClient:
                 new = gen.take(msg)
                 if new is None:
                     await self._migrate(gen, "token events were lost")
-                    timeout, what = self.cfg.first_token_timeout_s, "waiting for a backbone after a migration"
                     continue
                 if (msg.code == m.ErrorCode.MEDIA_EXPIRED and encode_again is not None and plan.media
                         and gen.media_retries < MEDIA_RETRIES):
                     gen.media_retries += 1
                     log.info("a cached tensor is gone; encoding again", extra={"request_id": plan.request_id})
                     await self._refresh_media(gen, await encode_again())
-                    timeout, what = self.cfg.first_token_timeout_s, "waiting for a backbone after re-encoding"
                     continue
                 lost = msg.finish == m.FinishReason.ERROR and msg.code == m.ErrorCode.WORKER_LOST
                 if new or (msg.finish is not None and not lost):
@@ -173,13 +168,20 @@ class TierClient:
                                                   code=None if lost else msg.code)
                 if lost:
                     await self._migrate(gen, msg.error or "the backbone worker was lost")
-                    timeout, what = self.cfg.first_token_timeout_s, "waiting for a backbone after a migration"
                     continue
-                timeout, what = self.cfg.token_timeout_s, "waiting for the next token"
                 if msg.finish is not None:
                     return
         finally:
             self.inflight.pop(plan.request_id, None)
+
+    def _bound(self, gen: Generation) -> tuple[float, str]:
+        """How long the next wait may last: ``first_token_timeout_s`` until the current attempt's worker is heard
+        from (queueing + prefill), then ``token_timeout_s`` between events."""
+        if gen.worker:
+            return self.cfg.token_timeout_s, "waiting for the next token"
+        if gen.attempt:
+            return self.cfg.first_token_timeout_s, "waiting for a backbone after a migration"
+        return self.cfg.first_token_timeout_s, "waiting for the first token"
 
     async def _refresh_media(self, gen: Generation, refs: list[m.MediaRef]) -> None:
         """Requeue ``gen`` with fresh tensor keys for its media (the same content: the same placeholder counts)."""
