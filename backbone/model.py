@@ -1,15 +1,16 @@
 """The decoder-only language model (Llama / Qwen2 family), written out so that a shard holds exactly its layers
 and its own KV cache, and one forward runs a ragged batch: prefills and decode steps of many sequences at once.
 
-Math is the reference's (transformers' Llama/Qwen2: RMSNorm in fp32, rotary "default" in fp32, GQA attention with
-scale head_dim ** -0.5, SiLU-gated MLP), so greedy outputs match transformers' ``generate`` token for token (fp32;
+Math is the reference's (transformers' Llama/Qwen2: RMSNorm in fp32, rotary in fp32 with the checkpoint's rope
+type: "default", or a static scaling (``linear``, ``llama3`` as Llama 3.x ships, ``yarn``) whose frequencies
+transformers' own init functions compute, GQA attention with scale head_dim ** -0.5, SiLU-gated MLP), so greedy outputs match transformers' ``generate`` token for token (fp32;
 batching changes float summation order only). Attention runs per sequence over its own cache (SDPA); the linear
 layers, which dominate, run once over every token of the step.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
@@ -17,6 +18,8 @@ import torch.nn.functional as F
 from models.spec import ModelError
 
 SUPPORTED = ("llama", "qwen2", "mistral")
+# Rope types whose frequencies do not depend on the sequence length ("dynamic" and "longrope" do).
+ROPE_TYPES = ("default", "linear", "llama3", "yarn")
 
 
 @dataclass(frozen=True)
@@ -31,19 +34,24 @@ class DecoderConfig:
     vocab_size: int
     rms_norm_eps: float
     rope_theta: float
+    rope_type: str  # one of ROPE_TYPES
     max_position: int
     tie_word_embeddings: bool
     qkv_bias: bool
     o_bias: bool
+    source: dict = field(default_factory=dict, compare=False, repr=False)  # the text config (for scaled rope)
 
     @classmethod
     def from_text_config(cls, c: dict) -> "DecoderConfig":
         model_type = c.get("model_type", "llama")
         if model_type not in SUPPORTED:
             raise ModelError(f"language model type {model_type!r} is not supported (supported: {SUPPORTED})")
-        rope = c.get("rope_parameters") or {"rope_type": "default", "rope_theta": c.get("rope_theta", 10000.0)}
-        if rope.get("rope_type", rope.get("type", "default")) != "default" or c.get("rope_scaling"):
-            raise ModelError(f"rope {rope} is not supported yet (only the default rotary embedding)")
+        # transformers 5 keeps rope in rope_parameters (type + theta); a raw transformers-4 config in rope_scaling.
+        rope = dict(c.get("rope_parameters") or c.get("rope_scaling") or {})
+        rope_type = rope.get("rope_type", rope.get("type", "default"))
+        if rope_type not in ROPE_TYPES:
+            raise ModelError(f"rope type {rope_type!r} is not supported (supported: {', '.join(ROPE_TYPES)})")
+        theta = rope.get("rope_theta", c.get("rope_theta", 10000.0))
         if c.get("use_sliding_window") or (model_type == "mistral" and c.get("sliding_window")):
             raise ModelError("sliding-window attention is not supported yet")
         if c.get("hidden_act", "silu") != "silu" or c.get("mlp_bias"):
@@ -54,10 +62,10 @@ class DecoderConfig:
             model_type=model_type, hidden_size=c["hidden_size"], intermediate_size=c["intermediate_size"],
             num_layers=c["num_hidden_layers"], num_heads=heads, num_kv_heads=c.get("num_key_value_heads") or heads,
             head_dim=c.get("head_dim") or c["hidden_size"] // heads, vocab_size=c["vocab_size"],
-            rms_norm_eps=c.get("rms_norm_eps", 1e-6), rope_theta=float(rope["rope_theta"]),
+            rms_norm_eps=c.get("rms_norm_eps", 1e-6), rope_theta=float(theta), rope_type=rope_type,
             max_position=c.get("max_position_embeddings", 4096),
             tie_word_embeddings=bool(c.get("tie_word_embeddings", False)),
-            qkv_bias=bias or model_type == "qwen2", o_bias=bias,
+            qkv_bias=bias or model_type == "qwen2", o_bias=bias, source=dict(c),
         )
 
 
@@ -103,7 +111,16 @@ def rotate_half(x: torch.Tensor) -> torch.Tensor:
 class Rotary:
     def __init__(self, cfg: DecoderConfig):
         dim = cfg.head_dim
-        self.inv_freq = 1.0 / (cfg.rope_theta ** (torch.arange(0, dim, 2, dtype=torch.int64).float() / dim))
+        self.scale = 1.0  # yarn scales cos and sin ("attention factor"); the others leave them
+        if cfg.rope_type == "default":
+            self.inv_freq = 1.0 / (cfg.rope_theta ** (torch.arange(0, dim, 2, dtype=torch.int64).float() / dim))
+        else:  # transformers' own arithmetic for the scaled types, from the checkpoint's text config
+            from transformers import CONFIG_MAPPING
+            from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+
+            hf = CONFIG_MAPPING[cfg.model_type].from_dict({k: v for k, v in cfg.source.items() if k != "model_type"})
+            inv_freq, self.scale = ROPE_INIT_FUNCTIONS[cfg.rope_type](hf, torch.device("cpu"))
+            self.inv_freq = inv_freq.float()
 
     def __call__(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
         """positions [T] -> cos, sin [T, 1, head_dim] (computed in fp32, as the reference does)."""
@@ -111,7 +128,10 @@ class Rotary:
             self.inv_freq = self.inv_freq.to(positions.device)
         freqs = positions.float()[:, None] * self.inv_freq[None, :]  # [T, D/2]
         emb = torch.cat((freqs, freqs), dim=-1)
-        return emb.cos().to(dtype)[:, None, :], emb.sin().to(dtype)[:, None, :]
+        cos, sin = emb.cos(), emb.sin()
+        if self.scale != 1.0:
+            cos, sin = cos * self.scale, sin * self.scale
+        return cos.to(dtype)[:, None, :], sin.to(dtype)[:, None, :]
 
 
 class DecoderShard:

@@ -43,9 +43,10 @@ QWEN2_AUDIO_TEMPLATE = (
     "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
 )
 
-# Two configs per family: sizes, grouped-query ratios, layer counts, image sizes / mel bins and windows, feature
-# layers and select strategies all differ. "legacy_files" writes the processor config the way hub checkpoints keep
-# it (flat preprocessor_config.json + chat_template.json) instead of transformers 5's processor_config.json.
+# Two configs per family: sizes, grouped-query ratios, layer counts, rope types (default, llama3, linear), image
+# sizes / mel bins and windows, feature layers and select strategies all differ. "legacy_files" writes the processor
+# config the way hub checkpoints keep it (flat preprocessor_config.json + chat_template.json) instead of transformers
+# 5's processor_config.json.
 CONFIGS: dict[str, dict] = {
     "llava-a": dict(
         family="llava", seed=11, vocab=420,
@@ -58,7 +59,10 @@ CONFIGS: dict[str, dict] = {
     "llava-b": dict(
         family="llava", seed=12, vocab=460,
         text=dict(model_type="llama", hidden_size=96, intermediate_size=160, num_hidden_layers=3,
-                  num_attention_heads=6, num_key_value_heads=2, max_position_embeddings=640),
+                  num_attention_heads=6, num_key_value_heads=2, max_position_embeddings=640,
+                  # Llama 3's rope scaling, with an original context short enough that all three bands occur
+                  rope_parameters=dict(rope_type="llama3", rope_theta=10000.0, factor=8.0, low_freq_factor=1.0,
+                                       high_freq_factor=4.0, original_max_position_embeddings=64)),
         vision=dict(image_size=28, patch_size=7, hidden_size=48, intermediate_size=96, num_hidden_layers=2,
                     num_attention_heads=3),
         vision_feature_layer=[-2, -1], strategy="full", legacy_files=True,
@@ -74,7 +78,8 @@ CONFIGS: dict[str, dict] = {
     "qwen2-audio-b": dict(
         family="qwen2_audio", seed=22, vocab=460,
         text=dict(model_type="qwen2", hidden_size=96, intermediate_size=192, num_hidden_layers=3,
-                  num_attention_heads=6, num_key_value_heads=3, max_position_embeddings=640),
+                  num_attention_heads=6, num_key_value_heads=3, max_position_embeddings=640,
+                  rope_parameters=dict(rope_type="linear", rope_theta=10000.0, factor=2.0)),
         audio=dict(d_model=48, encoder_layers=3, encoder_attention_heads=4, encoder_ffn_dim=96, num_mel_bins=128,
                    max_source_positions=150),  # a 3 s window
         legacy_files=True,
