@@ -88,10 +88,15 @@ def build_parser() -> argparse.ArgumentParser:
     up.add_argument("--restart-window", type=float, default=60.0)
     _admission(up)
 
-    demo = sub.add_parser("demo-model", help="write the small trimodal demo checkpoint (random weights)")
+    demo = sub.add_parser("demo-model", help="write a demo checkpoint with seeded random weights: the trimodal demo "
+                                             "(tiny, small) or a real-shape LLaVA (llava-tiny, llava-1b, "
+                                             "llava-1.5-7b; models/real_shapes.py)")
     demo.add_argument("--out", required=True, type=Path)
-    demo.add_argument("--size", default="tiny", choices=["tiny", "small"])
+    demo.add_argument("--size", default="tiny", choices=["tiny", "small", "llava-tiny", "llava-1b", "llava-1.5-7b"])
     demo.add_argument("--seed", type=int, default=0)
+    demo.add_argument("--device", default="cpu", help="LLaVA sizes: where the weights are drawn (cuda: seconds)")
+    demo.add_argument("--dtype", default="bfloat16", choices=["float32", "bfloat16", "float16"],
+                      help="LLaVA sizes: the weights' dtype")
 
     gw = sub.add_parser("gateway", help="the OpenAI-compatible HTTP gateway")
     _common(gw)
@@ -185,9 +190,16 @@ def main(argv: list[str] | None = None) -> int:
 
     if args.command == "demo-model":
         setup_logging("cli")
-        from models.demo import write_demo_model
+        if args.size.startswith("llava"):
+            import torch
 
-        path = write_demo_model(args.out, args.size, args.seed)
+            from models.real_shapes import write_llava
+
+            path = write_llava(args.out, args.size, args.seed, args.device, getattr(torch, args.dtype))
+        else:
+            from models.demo import write_demo_model
+
+            path = write_demo_model(args.out, args.size, args.seed)
         print(f"wrote the {args.size} demo model (random weights) to {path}")
         return 0
     if args.command == "plan":
