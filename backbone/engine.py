@@ -12,6 +12,7 @@ says why); every other sequence of the step goes on.
 
 from __future__ import annotations
 
+import itertools
 import math
 import secrets
 from dataclasses import dataclass, field
@@ -21,7 +22,7 @@ import torch
 
 from backbone.fusion import PlanError, fuse
 from backbone.isolation import forward_isolating
-from backbone.model import DecoderShard, Segment, SequenceCache
+from backbone.model import DecoderShard, Segment, SequenceCache, segment_positions, to_device
 from backbone.pipeline import PipelineHead
 from backbone.sampling import Sampler, sample_rows, seed64
 from router.messages import FinishReason, SamplingParams
@@ -108,8 +109,7 @@ class Engine:
         vocab = self.model.cfg.vocab_size
         if not token_ids or min(token_ids) < 0 or max(token_ids) >= vocab:
             raise PlanError(f"the prompt is empty or holds token ids outside the vocabulary [0, {vocab})")
-        ids = torch.tensor(token_ids, dtype=torch.long, device=self.model.device)  # [S]
-        embeds = fuse(self.model.embed, ids, media, self.placeholder_ids)[0]  # [S, H]
+        embeds = fuse(self.model.embed, token_ids, media, self.placeholder_ids, self.model.device)[0]  # [S, H]
         seq.cache = self.model.new_cache(seq.capacity)
         self.kv_used_bytes += self.kv_bytes(seq)
         return embeds
@@ -128,14 +128,19 @@ class Engine:
         decoding = [s for s in running if s.finish is None]
         if not decoding and not starting:
             return
-        # 1) The step's new tokens, sequence after sequence: whole prompts, then last tokens.
-        last = torch.tensor([s.output[-1] for s in decoding], dtype=torch.long, device=self.model.device)  # [B_dec]
-        parts = [e for _, e in starting] + ([self.model.embed(last)] if decoding else [])
+        # 1) The step's new tokens, sequence after sequence: whole prompts, then last tokens. Everything the
+        #    device needs from the host (last tokens, positions, row ends) goes over in one asynchronous copy.
         segments = [Segment(s.cache, 0, e.shape[0]) for s, e in starting]
         segments += [Segment(s.cache, s.cache.length, 1) for s in decoding]
         seqs = [s for s, _ in starting] + decoding
+        positions = segment_positions(segments)
+        ends = list(itertools.accumulate(g.length for g in segments))
+        staged = to_device([s.output[-1] for s in decoding] + positions + ends, torch.long, self.model.device)
+        last, staged = staged[: len(decoding)], staged[len(decoding):]  # [B_dec]
+        positions, ends = staged[: len(positions)], staged[len(positions):] - 1  # [T], [B]
+        parts = [e for _, e in starting] + ([self.model.embed(last)] if decoding else [])
         # 2) One pass through this shard's layers (one segment at a time only if the batch raised).
-        hidden, failed = forward_isolating(self.model, torch.cat(parts), segments)  # [T, H]
+        hidden, failed = forward_isolating(self.model, torch.cat(parts), segments, positions)  # [T, H]
         if self.pipeline is not None:
             # 3') The other shards run the rest; the last one samples and sends the ids back (-1: failed there).
             ints = torch.tensor([[s.sid, g.start, g.length, s.capacity, s.params.seed, i in failed,
@@ -145,8 +150,7 @@ class Engine:
             results = [t if t >= 0 else "this request failed on a later pipeline shard (see its log)"
                        for t in self.pipeline.run_rest(ints, floats, hidden).tolist()]
         else:
-            # 3) Logits at each sequence's last position, one sampler per sequence.
-            ends = torch.tensor([seg.length for seg in segments], device=self.model.device).cumsum(0) - 1  # [B]
+            # 3) Logits at each sequence's last position, sampled in one batched pass.
             results = sample_rows([s.sampler for s in seqs], self.model.logits(hidden[ends]))  # logits [B, V]
         for i, (seq, result) in enumerate(zip(seqs, results)):
             if i in failed:

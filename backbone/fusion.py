@@ -1,26 +1,32 @@
 """Fusion at the first shard: token embeddings with encoder outputs spliced in at the placeholder positions.
 
 As the reference LLaVA / Qwen2-Audio models do (``masked_scatter``): the placeholder positions of one modality take
-that modality's tensors' rows in prompt order.
+that modality's tensors' rows in prompt order. Counts and positions are found on the host, from the token ids the
+plan carries, and reach the device in asynchronous copies with the rows: fusing never waits for the device.
 """
 
 from __future__ import annotations
 
 import torch
 
+from backbone.model import to_device
+
 
 class PlanError(ValueError):
     """The plan does not fit the model: placeholder counts and tensor rows disagree, or a width differs."""
 
 
-def fuse(embed_tokens: torch.nn.Module, token_ids: torch.Tensor, media: list[tuple[str, torch.Tensor]],
-         placeholder_ids: dict[str, int]) -> torch.Tensor:
-    """token_ids [S]; media: (modality, rows [n, H]) in prompt order -> inputs_embeds [1, S, H]."""
-    embeds = embed_tokens(token_ids.unsqueeze(0))  # [1, S, H]
+def fuse(embed_tokens, token_ids: list[int] | torch.Tensor, media: list[tuple[str, torch.Tensor]],
+         placeholder_ids: dict[str, int], device: torch.device | str = "cpu") -> torch.Tensor:
+    """token_ids [S] (host); media: (modality, rows [n, H]) in prompt order -> inputs_embeds [1, S, H] on
+    ``device`` (the embedding's)."""
+    ids = token_ids.tolist() if isinstance(token_ids, torch.Tensor) else list(token_ids)
+    device = torch.device(device)
+    embeds = embed_tokens(to_device(ids, torch.long, device).unsqueeze(0))  # [1, S, H]
     for modality, placeholder in placeholder_ids.items():
-        mask = token_ids == placeholder  # [S]
+        positions = [i for i, t in enumerate(ids) if t == placeholder]
         rows = [t for mod, t in media if mod == modality]
-        want = int(mask.sum())
+        want = len(positions)
         have = sum(t.shape[0] for t in rows)
         if want != have:
             raise PlanError(f"{modality}: {want} placeholder tokens but {have} encoder rows")
@@ -30,6 +36,6 @@ def fuse(embed_tokens: torch.nn.Module, token_ids: torch.Tensor, media: list[tup
             if t.dim() != 2 or t.shape[1] != embeds.shape[2]:
                 raise PlanError(f"{modality}: encoder rows of shape {list(t.shape)} do not fit model width "
                                 f"{embeds.shape[2]}")
-        spliced = torch.cat(rows).to(embeds.device, embeds.dtype)  # [want, H]
-        embeds[0, mask] = spliced
+        spliced = to_device(torch.cat(rows), device=device).to(embeds.dtype)  # [want, H]
+        embeds[0].index_copy_(0, to_device(positions, torch.long, device), spliced)
     return embeds

@@ -20,12 +20,13 @@ from backbone.model import Segment
 log = logging.getLogger(__name__)
 
 
-def forward_isolating(model, hidden: torch.Tensor, segments: list[Segment]) -> tuple[torch.Tensor, dict[int, str]]:
-    """``model.forward`` over hidden [T, H]; returns (hidden [T, H], {segment index: reason} for those that failed
-    alone)."""
+def forward_isolating(model, hidden: torch.Tensor, segments: list[Segment], positions: torch.Tensor | None = None
+                      ) -> tuple[torch.Tensor, dict[int, str]]:
+    """``model.forward`` over hidden [T, H] (``positions``: the step's staged positions, if any); returns (hidden
+    [T, H], {segment index: reason} for those that failed alone)."""
     lengths = [s.cache.length for s in segments]
     try:
-        return model.forward(hidden, segments), {}
+        return model.forward(hidden, segments, positions), {}
     except Exception:
         log.exception("batched forward failed; running its sequences one at a time", extra={"batch": len(segments)})
     for seg, n in zip(segments, lengths):

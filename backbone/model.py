@@ -69,6 +69,18 @@ class DecoderConfig:
         )
 
 
+def to_device(values, dtype: torch.dtype | None = None, device: torch.device | str = "cpu") -> torch.Tensor:
+    """A host list (or CPU tensor) on ``device`` without waiting for the device: on CUDA it is staged in pinned
+    memory and copied asynchronously on the current stream (a plain copy would wait for every queued kernel)."""
+    t = values if isinstance(values, torch.Tensor) else torch.tensor(values, dtype=dtype)
+    if dtype is not None and t.dtype != dtype:
+        t = t.to(dtype)
+    device = torch.device(device)
+    if device.type != "cuda" or t.device.type == "cuda":
+        return t.to(device)
+    return t.pin_memory().to(device, non_blocking=True)
+
+
 @dataclass
 class Segment:
     """One sequence's share of a step: ``length`` new tokens at positions start .. start + length - 1."""
@@ -95,6 +107,11 @@ class SequenceCache:
     @staticmethod
     def nbytes(cfg: DecoderConfig, layers: int, capacity: int, dtype: torch.dtype) -> int:
         return 2 * layers * cfg.num_kv_heads * capacity * cfg.head_dim * torch.finfo(dtype).bits // 8
+
+
+def segment_positions(segments: list[Segment]) -> list[int]:
+    """The positions of a step's new tokens, segment after segment (host ints)."""
+    return [p for s in segments for p in range(s.start, s.start + s.length)]
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
@@ -161,11 +178,13 @@ class DecoderShard:
         return F.embedding(ids, self.embed_weight)  # [..., H]
 
     @torch.inference_mode()
-    def forward(self, hidden: torch.Tensor, segments: list[Segment]) -> torch.Tensor:
+    def forward(self, hidden: torch.Tensor, segments: list[Segment], positions: torch.Tensor | None = None
+                ) -> torch.Tensor:
         """hidden [T, H] (the segments' new tokens, concatenated in order) -> hidden [T, H] after this shard's
-        layers; fills each segment's cache at its positions."""
-        positions = torch.cat([torch.arange(s.start, s.start + s.length, device=hidden.device)
-                               for s in segments])  # [T]
+        layers; fills each segment's cache at its positions. ``positions`` [T] (on the device): the segments'
+        positions, when the caller already staged them with the step's other inputs."""
+        if positions is None:
+            positions = to_device(segment_positions(segments), torch.long, hidden.device)  # [T]
         cos, sin = self.rotary(positions, hidden.dtype)
         for i, w in enumerate(self.layers):
             hidden = hidden + self._attention(i, w, rms_norm(hidden, w["input_layernorm.weight"],

@@ -22,6 +22,7 @@ import secrets
 
 import torch
 
+from backbone.model import to_device
 from router.messages import SamplingParams
 
 # Dividing logits by a temperature this small overflows float32 (softmax of inf is NaN): treat it as greedy, as vLLM
@@ -124,11 +125,10 @@ def sample_rows(samplers: list[Sampler], logits: torch.Tensor) -> list[int | str
     """One token per row of logits [B, V] (float32), all rows in one batched pass on the logits' device; a row that
     cannot be sampled gives the reason (a str) instead, so one request's bad numbers fail that request alone. Each
     sampler's counter advances by one."""
-    dev = logits.device
-    temperature = torch.tensor([s.temperature for s in samplers], dtype=torch.float32, device=dev)
-    top_p = torch.tensor([s.top_p for s in samplers], dtype=torch.float32, device=dev)
-    seeds = torch.tensor([s.seed for s in samplers], dtype=torch.int64, device=dev)
-    draws = torch.tensor([s.draws for s in samplers], dtype=torch.int64, device=dev)
+    dev, n = logits.device, len(samplers)
+    floats = to_device([s.temperature for s in samplers] + [s.top_p for s in samplers], torch.float32, dev)
+    ints = to_device([s.seed for s in samplers] + [s.draws for s in samplers], torch.int64, dev)
+    temperature, top_p, seeds, draws = floats[:n], floats[n:], ints[:n], ints[n:]
     random = any(not s.greedy for s in samplers)
     nucleus = any(not s.greedy and s.top_p < 1.0 for s in samplers)
     tokens, status = sample_batch(logits.float(), temperature, top_p, seeds, draws, random, nucleus)

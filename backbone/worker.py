@@ -554,13 +554,13 @@ def serve(cfg: BackboneConfig, model_dir: str, threads: int | None = None) -> No
     if cfg.num_shards == 1:
         BackboneWorker(cfg, load_engine(spec, layers, cfg.kv_cache_bytes, None, dtype, device), stop).run()
         return
-    init_group(cfg.dist_url, cfg.shard, cfg.num_shards)
+    hops = init_group(cfg.dist_url, cfg.shard, cfg.num_shards, device)
     if cfg.shard > 0:  # driven by shard 0 through the pipe; it stops us when it stops
         model, names = load_shard(spec.path, text, layers, dtype, device)
         log.info("shard loaded", extra={"shard": cfg.shard, "tensors": len(names)})
-        StageWorker(model, cfg.shard, cfg.num_shards).run()
+        StageWorker(model, cfg.shard, cfg.num_shards, hops).run()
         return
-    head = PipelineHead(cfg.num_shards)
+    head = PipelineHead(cfg.num_shards, hops)
     try:
         BackboneWorker(cfg, load_engine(spec, layers, cfg.kv_cache_bytes, head, dtype, device), stop).run()
     finally:

@@ -70,3 +70,18 @@ def test_a_row_that_fails_on_this_shard_alone_comes_back_failed(halves, sent):
     stage._step(step, torch.randn(3, last.cfg.hidden_size))
     got = sent.pop()
     assert got[2].item() == FAILED and (got[:2] >= 0).all()
+
+
+def test_hidden_states_go_over_nccl_only_between_shards_on_their_own_gpus():
+    from backbone.pipeline import device_identity, hop_backend
+
+    gpu = lambda n: (1, n, -n)  # noqa: E731  (kind, uuid high, uuid low)
+    assert hop_backend([gpu(1), gpu(2), gpu(3)], nccl_available=True) == "nccl"
+    assert hop_backend([gpu(1), gpu(2)], nccl_available=False) == "gloo"  # a torch built without NCCL
+    assert hop_backend([gpu(1), gpu(1)], nccl_available=True) == "gloo"  # two shards on one GPU
+    assert hop_backend([gpu(1), (0, 0, 0)], nccl_available=True) == "gloo"  # a shard on a CPU
+    assert hop_backend([gpu(1), (2, 0, 0)], nccl_available=True) == "gloo"  # a GPU without a UUID
+    assert device_identity(torch.device("cpu")) == [0, 0, 0]
+    if torch.cuda.is_available():
+        kind, high, low = device_identity(torch.device("cuda"))
+        assert kind == 1 and (high, low) != (0, 0)
