@@ -29,11 +29,13 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
 GIB = 2**30
 DTYPE_BYTES = {"float32": 4, "fp32": 4, "bfloat16": 2, "bf16": 2, "float16": 2, "fp16": 2}
+DTYPE_NAMES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}  # the backbone's --dtype spelling
 _DEVICE_KEYS = {"name", "memory_gb", "speed", "reserve_gb"}
 
 
@@ -47,6 +49,12 @@ class Device:
     memory_gb: float
     speed: float  # relative throughput: TFLOPS, or a measured ratio
     reserve_gb: float = 0.0
+    index: int = 0  # its place in the list given: the N of the cuda:N it runs on (unless its name is a device)
+
+    @property
+    def torch_device(self) -> str:
+        """The backbone's --device for this device: its name when that is one (cpu, cuda:N), else cuda:<index>."""
+        return self.name if re.fullmatch(r"cpu|cuda:\d+", self.name) else f"cuda:{self.index}"
 
 
 def _number(where: str, value, minimum: float, strict: bool) -> float:
@@ -75,7 +83,7 @@ def parse_devices(data) -> list[Device]:
             raise PlacementError(f"{at}.name: must be a non-empty string, got {d['name']!r}")
         dev = Device(d["name"], _number(f"{at}.memory_gb", d["memory_gb"], 0, True),
                      _number(f"{at}.speed", d["speed"], 0, True),
-                     _number(f"{at}.reserve_gb", d.get("reserve_gb", 0.0), 0, False))
+                     _number(f"{at}.reserve_gb", d.get("reserve_gb", 0.0), 0, False), index=i)
         if dev.reserve_gb >= dev.memory_gb:
             raise PlacementError(f"{at}.reserve_gb: {dev.reserve_gb} leaves nothing of memory_gb {dev.memory_gb}")
         out.append(dev)
@@ -183,10 +191,10 @@ class Plan:
     def tokens_per_s(self) -> float:
         return 1.0 / self.bottleneck.time_s
 
-    def layer_flags(self) -> list[str]:
-        n = len(self.stages)
-        return [f"tributary backbone --shard {i} --num-shards {n} --layers {s.layers[0]}:{s.layers[1]}"
-                for i, s in enumerate(self.stages)]
+    def layer_flags(self, dtype: str = "bfloat16") -> list[str]:
+        n, dtype = len(self.stages), DTYPE_NAMES.get(dtype, dtype)
+        return [f"tributary backbone --shard {i} --num-shards {n} --layers {s.layers[0]}:{s.layers[1]} "
+                f"--device {s.device.torch_device} --dtype {dtype}" for i, s in enumerate(self.stages)]
 
 
 def _dp(cost: ModelCost, devices: list[Device], skip: bool, stage_time, combine):
@@ -260,5 +268,6 @@ def format_plan(p: Plan, dtype: str, kv_tokens: int) -> str:
                      f"{s.kv_bytes / GIB:>9.2f}{s.device.reserve_gb:>9.2f}{s.used_bytes / GIB:>9.2f}"
                      f"{s.free_bytes / GIB:>9.2f}" + ("  <- bottleneck" if s is neck else ""))
     skipped = [f"skipped (no gain): {', '.join(d.name for d in p.skipped)}"] if p.skipped else []
-    note = "(each also takes --model and --redis-url, and with several shards one shared --dist-url)"
-    return "\n".join(lines + skipped + [""] + p.layer_flags() + [note])
+    note = ("(each also takes --model and --redis-url, and with several shards one shared --dist-url; cuda:N is the "
+            "device's place in the list given, so list one host's GPUs in their CUDA order)")
+    return "\n".join(lines + skipped + [""] + p.layer_flags(dtype) + [note])

@@ -79,6 +79,7 @@ def build_parser() -> argparse.ArgumentParser:
     up.add_argument("--backbone-replicas", type=int, default=1,
                     help="backbone replicas (each --shards processes), all reading one queue")
     up.add_argument("--encoder-runtime", default="torch", choices=["torch", "onnx"])
+    up.add_argument("--encoder-device", default="cpu", help="the encoders' --device (cpu or cuda:N)")
     up.add_argument("--encoder-max-batch", type=int, default=8)
     up.add_argument("--encoder-max-wait-ms", type=float, default=2.0)
     _media_limits(up)
@@ -156,8 +157,9 @@ def build_parser() -> argparse.ArgumentParser:
     where.add_argument("--devices", type=Path, help='JSON: [{"name", "memory_gb", "speed"[, "reserve_gb"]}, ...]')
     where.add_argument("--device", action="append", metavar="NAME:MEMORY_GB:SPEED[:RESERVE_GB]",
                        help="one device, in pipeline order (repeatable)")
-    pl.add_argument("--dtype", default="float32", choices=["float32", "fp32", "bfloat16", "bf16", "float16", "fp16"],
-                    help="weight and KV dtype (default float32, what the backbone loads today)")
+    pl.add_argument("--dtype", default="bfloat16", choices=["float32", "fp32", "bfloat16", "bf16", "float16", "fp16"],
+                    help="weight and KV dtype (default bfloat16, what the backbone runs on a GPU); the printed "
+                         "flags carry it")
     pl.add_argument("--kv-tokens", type=int, default=None,
                     help="KV tokens each layer must hold: concurrent sequences x context (default: one sequence of "
                          "max_position_embeddings)")
@@ -167,6 +169,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _plan(args) -> int:
     """``tributary plan``: prints the split, or one error line naming what is wrong."""
+    import dataclasses
     import json
 
     from router.placement import PlacementError, format_plan, load_devices, parse_device_flag, plan
@@ -175,7 +178,8 @@ def _plan(args) -> int:
         cfg_file = args.model / "config.json" if args.model.is_dir() else args.model
         config = json.loads(cfg_file.read_text())
         text = config.get("text_config", config)
-        devices = load_devices(args.devices) if args.devices else [parse_device_flag(d) for d in args.device]
+        devices = load_devices(args.devices) if args.devices else [
+            dataclasses.replace(parse_device_flag(d), index=i) for i, d in enumerate(args.device)]
         kv = args.kv_tokens if args.kv_tokens is not None else int(text.get("max_position_embeddings", 0))
         print(format_plan(plan(text, devices, args.dtype, kv, skip=not args.use_all), args.dtype, kv))
     except (OSError, json.JSONDecodeError, PlacementError) as e:

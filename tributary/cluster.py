@@ -152,6 +152,9 @@ def run_cluster(args) -> int:
         print(f"tributary: --limit-mm-per-prompt: {exc}", file=sys.stderr)
         return 2
     # The flags' spelling only (no torch import here); each backbone checks the device exists when it starts.
+    if not re.fullmatch(r"cpu|cuda(:\d+)?", args.encoder_device):
+        print(f"tributary: --encoder-device must be cpu, cuda or cuda:N (got {args.encoder_device!r})", file=sys.stderr)
+        return 2
     if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", args.backbone_device) or args.backbone_dtype not in (
             "auto", "float32", "fp32", "bfloat16", "bf16", "float16", "fp16"):
         print(f"tributary: --backbone-device must be auto, cpu, cuda or cuda:N and --backbone-dtype auto, float32, "
@@ -160,7 +163,8 @@ def run_cluster(args) -> int:
     model = ensure_model(args)
     modalities = _modalities(model)  # before anything starts: an unsupported checkpoint fails here
     limits = ["--max-audio-seconds", str(args.max_audio_seconds)]
-    encoder_args = ["--runtime", args.encoder_runtime, "--max-batch", str(args.encoder_max_batch),
+    encoder_args = ["--runtime", args.encoder_runtime, "--device", args.encoder_device,
+                    "--max-batch", str(args.encoder_max_batch),
                     "--max-wait-ms", str(args.encoder_max_wait_ms), *limits]
     admission = ["--migration-limit", str(args.migration_limit), "--max-inflight", str(args.max_inflight),
                  "--max-backlog", str(args.max_backlog), "--body-timeout", str(args.body_timeout)]

@@ -205,13 +205,13 @@ def test_parse_errors_name_the_field(data, field):
 
 
 def test_parse_good_inputs(tmp_path):
-    want = [Device("a", 48.0, 38.7, 1.5), Device("b", 16.0, 19.2)]
+    want = [Device("a", 48.0, 38.7, 1.5), Device("b", 16.0, 19.2, index=1)]
     data = [{"name": "a", "memory_gb": 48, "speed": 38.7, "reserve_gb": 1.5},
             {"name": "b", "memory_gb": 16, "speed": 19.2}]
     assert parse_devices(data) == parse_devices({"devices": data}) == want
     (tmp_path / "d.json").write_text(json.dumps(data))
     assert load_devices(tmp_path / "d.json") == want
-    assert [parse_device_flag("a:48:38.7:1.5"), parse_device_flag("b:16:19.2")] == want
+    assert [parse_device_flag("a:48:38.7:1.5"), parse_device_flag("b:16:19.2")] == [want[0], Device("b", 16.0, 19.2)]
     (tmp_path / "bad.json").write_text("[{")
     with pytest.raises(PlacementError, match="bad.json"):
         load_devices(tmp_path / "bad.json")
@@ -238,17 +238,27 @@ def test_cli_plans_the_demo_model(tiny_model, tmp_path, capsys):
                  "--use-all"]) == 0
     out = capsys.readouterr().out
     assert "bottleneck" in out and "ms/token" in out and "big" in out and "small" in out
-    flags = re.findall(r"^tributary backbone --shard (\d) --num-shards 2 --layers (\d+):(\d+)$", out, re.MULTILINE)
-    (s0, a0, b0), (s1, a1, b1) = flags
+    flags = re.findall(r"^tributary backbone --shard (\d) --num-shards 2 --layers (\d+):(\d+) --device (\S+) "
+                       r"--dtype (\S+)$", out, re.MULTILINE)
+    (s0, a0, b0, d0, t0), (s1, a1, b1, d1, t1) = flags
     assert (s0, s1, a0, b0, a1, b1) == ("0", "1", "0", a1, b0, str(n))
+    assert (d0, d1, t0, t1) == ("cuda:0", "cuda:1", "bfloat16", "bfloat16")  # the default dtype is the GPU's
     assert int(b0) - int(a0) >= int(b1) - int(a1)  # the faster device holds at least as many layers
 
-    (tmp_path / "devices.json").write_text(json.dumps([{"name": "gpu0", "memory_gb": 1, "speed": 1}]))
+    # A device too small to help is skipped: the next one keeps its own cuda:N. A name that is a device stays.
+    (tmp_path / "devices.json").write_text(json.dumps([{"name": "tiny", "memory_gb": 1e-6, "speed": 1},
+                                                       {"name": "gpu1", "memory_gb": 1, "speed": 1},
+                                                       {"name": "cuda:5", "memory_gb": 1, "speed": 1e-3}]))
     assert main(["plan", "--model", str(tiny_model), "--devices", str(tmp_path / "devices.json"),
-                 "--dtype", "bf16", "--kv-tokens", "64"]) == 0
+                 "--dtype", "fp32", "--kv-tokens", "64"]) == 0
     out = capsys.readouterr().out
-    assert f"{n} layers, bf16, KV for 64 tokens" in out
-    assert f"tributary backbone --shard 0 --num-shards 1 --layers 0:{n}" in out
+    assert f"{n} layers, fp32, KV for 64 tokens" in out
+    assert f"tributary backbone --shard 0 --num-shards 1 --layers 0:{n} --device cuda:1 --dtype float32" in out
+    assert main(["plan", "--model", str(tiny_model), "--devices", str(tmp_path / "devices.json"),
+                 "--kv-tokens", "64", "--use-all"]) == 2  # tiny cannot hold a layer
+    (tmp_path / "devices.json").write_text(json.dumps([{"name": "cuda:5", "memory_gb": 1, "speed": 1}]))
+    assert main(["plan", "--model", str(tiny_model), "--devices", str(tmp_path / "devices.json")]) == 0
+    assert "--device cuda:5 --dtype bfloat16" in capsys.readouterr().out
 
 
 def test_cli_errors_are_one_line(tiny_model, capsys):
