@@ -3,9 +3,10 @@ and its own KV cache, and one forward runs a ragged batch: prefills and decode s
 
 Math is the reference's (transformers' Llama/Qwen2: RMSNorm in fp32, rotary in fp32 with the checkpoint's rope
 type: "default", or a static scaling (``linear``, ``llama3`` as Llama 3.x ships, ``yarn``) whose frequencies
-transformers' own init functions compute, GQA attention with scale head_dim ** -0.5, SiLU-gated MLP), so greedy outputs match transformers' ``generate`` token for token (fp32;
-batching changes float summation order only). Attention runs per sequence over its own cache (SDPA); the linear
-layers, which dominate, run once over every token of the step.
+transformers' own init functions compute, GQA attention with scale head_dim ** -0.5, SiLU-gated MLP), so greedy
+outputs match transformers' ``generate`` token for token (fp32; batching changes float summation order only).
+Attention runs per sequence over its own cache (SDPA); the linear layers, which dominate, run once over every token
+of the step.
 """
 
 from __future__ import annotations

@@ -1,0 +1,334 @@
+"""The GPU bench's table (run it through ``bash bench/gpu.sh``, which checks the environment and runs the GPU
+correctness tests first).
+
+Rows, on one GPU, bf16, real-shape random-weight checkpoints (models/real_shapes.py, written to --workdir):
+
+* decode tokens/s of the backbone engine (the code the worker runs: continuous-batching steps, batched device
+  sampling, one host copy of the new tokens per step) at batch 1, 8, 32 for ``llava-1b`` and 1, 32 for
+  ``llava-1.5-7b``, greedy, ``--prompt`` tokens of prompt, ``--steps`` timed steps after ``--warm`` untimed ones;
+* against the HBM floor: the bytes one decode step must read (the language model's weights, the embedding table
+  only where it is also the lm_head, plus every sequence's KV at the mean context of the timed steps) over the
+  measured device-to-device copy bandwidth (bytes read + written per second of a 1 GiB copy);
+* against transformers' own ``generate`` (LlavaForConditionalGeneration, same weights, same GPU, same prompts,
+  greedy, EOS off): decode tokens/s from two runs, 1 and 1 + ``--steps`` new tokens, so prefill cancels out;
+* the tiered path: ``tributary up`` on the one GPU (gateway, image encoder and backbone processes, embedded Redis,
+  ``llava-1b``), streamed chat requests each with one of 4 images at concurrency 16 through the HTTP API:
+  requests/s, time to first token (p50 / p90), output tokens/s.
+
+``--cpu-smoke``: the same code on ``llava-tiny`` in fp32 on the CPU (batches 1 and 8; the tiered row at
+concurrency 4), to prove the script in CI; its numbers mean nothing.
+
+Prints one table, and writes it as JSON to ``--json`` when given.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import base64
+import io
+import json
+import os
+import signal
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+GPU_ROWS = [("llava-1b", [1, 8, 32]), ("llava-1.5-7b", [1, 32])]
+SMOKE_ROWS = [("llava-tiny", [1, 8])]
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def copy_bandwidth(device: torch.device, nbytes: int) -> float:
+    """Bytes read + written per second by a device-to-device copy of ``nbytes`` (best of 5)."""
+    a = torch.empty(nbytes, dtype=torch.uint8, device=device).fill_(1)
+    b = torch.empty_like(a)
+    b.copy_(a)
+    best = float("inf")
+    for _ in range(5):
+        sync(device)
+        t = time.perf_counter()
+        b.copy_(a)
+        sync(device)
+        best = min(best, time.perf_counter() - t)
+    return 2 * nbytes / best
+
+
+def text_config(path: Path) -> dict:
+    from models.llava import read_config
+
+    return read_config(path, json.loads((path / "config.json").read_text()))
+
+
+def prompts(batch: int, length: int, vocab: int) -> list[list[int]]:
+    gen = torch.Generator().manual_seed(batch)
+    return [[1] + torch.randint(5, vocab, (length - 1,), generator=gen).tolist() for _ in range(batch)]
+
+
+def decode_ours(path: Path, batches: list[int], device, dtype, prompt: int, warm: int, steps: int) -> dict:
+    """{batch: tokens/s} of the engine's decode steps, plus the bytes a step reads (for the floor)."""
+    from backbone.engine import Engine
+    from backbone.loader import load_shard
+    from models.llava import placeholder_ids
+    from router.messages import SamplingParams
+
+    config = text_config(path)
+    text = config["text_config"]
+    model, _ = load_shard(path, text, None, dtype, device)
+    engine = Engine(model, placeholder_ids(config), [], int(text["max_position_embeddings"]))
+    weights = sum(t.numel() * t.element_size() for w in model.layers for t in w.values())
+    weights += sum(t.numel() * t.element_size() for t in (model.norm_weight, model.lm_head_weight))
+    cfg, itemsize = model.cfg, torch.empty((), dtype=dtype).element_size()
+    kv_per_token = 2 * cfg.num_layers * cfg.num_kv_heads * cfg.head_dim * itemsize
+    out = {}
+    for batch in batches:
+        params = SamplingParams(max_tokens=warm + steps + 2, temperature=0.0, ignore_eos=True)
+        ids = prompts(batch, prompt, cfg.vocab_size)
+        seqs = [engine.new_sequence(f"b{i}", prompt, params) for i in range(batch)]
+        engine.step([], [(s, engine.start(s, p, [])) for s, p in zip(seqs, ids)])  # one prefill step for all
+        for _ in range(warm):
+            engine.step(seqs)
+        sync(device)
+        t = time.perf_counter()
+        for _ in range(steps):
+            engine.step(seqs)
+        sync(device)
+        elapsed = time.perf_counter() - t
+        assert all(s.finish is None and len(s.output) == 1 + warm + steps for s in seqs), "a sequence stopped"
+        for s in seqs:
+            engine.release(s)
+        context = prompt + 1 + warm + steps / 2  # mean KV length over the timed steps
+        out[batch] = {"tokens_per_s": batch * steps / elapsed, "step_ms": 1e3 * elapsed / steps,
+                      "bytes_per_step": weights + batch * context * kv_per_token}
+    del engine, model
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    return out
+
+
+def decode_transformers(path: Path, batches: list[int], device, dtype, prompt: int, warm: int, steps: int) -> dict:
+    """{batch: tokens/s} of LlavaForConditionalGeneration.generate's decode (greedy, EOS off)."""
+    from transformers import LlavaForConditionalGeneration
+
+    try:  # straight onto the device where transformers can (else through host memory)
+        model = LlavaForConditionalGeneration.from_pretrained(str(path), dtype=dtype, device_map=str(device))
+    except (ImportError, ValueError):
+        model = LlavaForConditionalGeneration.from_pretrained(str(path), dtype=dtype).to(device)
+    model.eval()
+    model.generation_config.eos_token_id = None
+    vocab = model.config.text_config.vocab_size
+    out = {}
+    for batch in batches:
+        ids = torch.tensor(prompts(batch, prompt, vocab), device=device)
+
+        def run(new: int) -> float:
+            sync(device)
+            t = time.perf_counter()
+            with torch.inference_mode():
+                got = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=new,
+                                     do_sample=False, pad_token_id=0)
+            sync(device)
+            assert got.shape[1] == prompt + new
+            return time.perf_counter() - t
+
+        run(warm)
+        out[batch] = {"tokens_per_s": batch * steps / max(run(1 + steps) - run(1), 1e-9)}
+    model = None  # free the weights before the next model loads
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    return out
+
+
+# ---- the tiered path ----------------------------------------------------------------------------------------------
+
+def images(n: int, size: int) -> list[str]:
+    from PIL import Image
+
+    out = []
+    for i in range(n):
+        gen = torch.Generator().manual_seed(100 + i)
+        pixels = (torch.rand(size, size, 3, generator=gen) * 255).to(torch.uint8).numpy()
+        buf = io.BytesIO()
+        Image.fromarray(pixels).save(buf, format="PNG")
+        out.append("data:image/png;base64," + base64.b64encode(buf.getvalue()).decode())
+    return out
+
+
+async def _one(client, url: str, model: str, image: str, max_tokens: int) -> tuple[float, int]:
+    """(time to first token, completion tokens) of one streamed request."""
+    body = {"model": model, "stream": True, "stream_options": {"include_usage": True}, "max_tokens": max_tokens,
+            "temperature": 0.0, "ignore_eos": True,
+            "messages": [{"role": "user", "content": [{"type": "text", "text": "What is in this picture?"},
+                                                      {"type": "image_url", "image_url": {"url": image}}]}]}
+    start, first, tokens = time.perf_counter(), None, 0
+    async with client.stream("POST", f"{url}/v1/chat/completions", json=body) as resp:
+        if resp.status_code != 200:
+            raise RuntimeError(f"HTTP {resp.status_code}: {(await resp.aread())[:300]!r}")
+        async for line in resp.aiter_lines():
+            if not line.startswith("data: ") or line == "data: [DONE]":
+                continue
+            chunk = json.loads(line[6:])
+            if "error" in chunk:
+                raise RuntimeError(f"stream error: {chunk['error']}")
+            if first is None and any(c.get("delta", {}).get("content") for c in chunk.get("choices", [])):
+                first = time.perf_counter() - start
+            if chunk.get("usage"):
+                tokens = chunk["usage"]["completion_tokens"]
+    if first is None or tokens != max_tokens:
+        raise RuntimeError(f"a request streamed no text or {tokens} tokens instead of {max_tokens}")
+    return first, tokens
+
+
+async def _load(url: str, model: str, pics: list[str], concurrency: int, requests: int, max_tokens: int) -> dict:
+    import httpx
+
+    async with httpx.AsyncClient(timeout=httpx.Timeout(300.0)) as client:
+        for pic in pics:  # warm: each image encoded and cached once, first steps run, outside the timing
+            await _one(client, url, model, pic, max_tokens)
+        gate = asyncio.Semaphore(concurrency)
+
+        async def limited(i: int):
+            async with gate:
+                return await _one(client, url, model, pics[i % len(pics)], max_tokens)
+
+        start = time.perf_counter()
+        results = await asyncio.gather(*(limited(i) for i in range(requests)))
+        wall = time.perf_counter() - start
+    ttft = sorted(r[0] for r in results)
+    return {"requests": requests, "concurrency": concurrency, "requests_per_s": requests / wall,
+            "ttft_p50_ms": 1e3 * statistics.median(ttft), "ttft_p90_ms": 1e3 * ttft[int(0.9 * (len(ttft) - 1))],
+            "output_tokens_per_s": sum(r[1] for r in results) / wall, "wall_s": wall}
+
+
+def tiered(path: Path, gpu: bool, concurrency: int, requests: int, max_tokens: int, log: Path,
+           ready_timeout: float) -> dict:
+    import httpx
+
+    from cache.embedded import free_port
+
+    port = free_port()
+    devices = ["--backbone-device", "cuda", "--encoder-device", "cuda"] if gpu else ["--backbone-device", "cpu"]
+    cmd = [sys.executable, "-m", "tributary.cli", "up", "--model", str(path), "--port", str(port),
+           "--ready-timeout", str(ready_timeout), "--log-level", "WARNING", "--prefix", f"gpubench{os.getpid()}",
+           *devices]
+    with log.open("w") as sink:
+        proc = subprocess.Popen(cmd, stdout=sink, stderr=subprocess.STDOUT, cwd=ROOT, start_new_session=True)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + ready_timeout + 10
+        while True:
+            if proc.poll() is not None:
+                raise RuntimeError(f"tributary up exited ({proc.returncode}); its log:\n{log.read_text()[-3000:]}")
+            try:
+                if httpx.get(f"{url}/ready", timeout=2).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"the cluster was not ready in {ready_timeout} s; log:\n{log.read_text()[-3000:]}")
+            time.sleep(1)
+        model = httpx.get(f"{url}/v1/models", timeout=10).json()["data"][0]["id"]
+        size = text_config(path)["vision_config"]["image_size"]
+        return asyncio.run(_load(url, model, images(4, size), concurrency, requests, max_tokens))
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGTERM)
+            try:
+                proc.wait(30)
+            except subprocess.TimeoutExpired:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait()
+
+
+# ---- the table ----------------------------------------------------------------------------------------------------
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--cpu-smoke", action="store_true", help="tiny shapes on the CPU (CI): proves the script only")
+    ap.add_argument("--workdir", type=Path, default=Path(os.environ.get("TMPDIR", "/tmp")) / "tributary-gpu-bench",
+                    help="where the checkpoints are written (llava-1.5-7b: 14 GB) and reused")
+    ap.add_argument("--json", type=Path, default=None, help="also write the results here")
+    ap.add_argument("--prompt", type=int, default=None, help="prompt tokens per sequence (default 128; smoke 16)")
+    ap.add_argument("--warm", type=int, default=None, help="untimed decode steps (default 8; smoke 2)")
+    ap.add_argument("--steps", type=int, default=None, help="timed decode steps (default 64; smoke 8)")
+    ap.add_argument("--skip-tiered", action="store_true")
+    args = ap.parse_args()
+    smoke = args.cpu_smoke
+    if not smoke and not torch.cuda.is_available():
+        print("bench/gpu.py: no CUDA device (use --cpu-smoke to prove the script on a CPU)", file=sys.stderr)
+        return 2
+    device = torch.device("cpu" if smoke else "cuda")
+    dtype = torch.float32 if smoke else torch.bfloat16
+    prompt, warm, steps = args.prompt or (16 if smoke else 128), args.warm or (2 if smoke else 8), \
+        args.steps or (8 if smoke else 64)
+    args.workdir.mkdir(parents=True, exist_ok=True)
+    from models.real_shapes import write_llava
+
+    import transformers
+
+    transformers.utils.logging.disable_progress_bar()
+    name = "CPU (smoke: numbers mean nothing)" if smoke else torch.cuda.get_device_name(device)
+    bandwidth = copy_bandwidth(device, (1 << 26) if smoke else (1 << 30))
+    head = (f"{name} · torch {torch.__version__} · transformers {transformers.__version__} · "
+            f"{str(dtype).removeprefix('torch.')} · copy bandwidth {bandwidth / 1e9:,.0f} GB/s · prompt {prompt}, "
+            f"{steps} timed decode steps")
+    print(head, flush=True)
+    results: dict = {"device": name, "dtype": str(dtype), "copy_bandwidth_bytes_per_s": bandwidth, "decode": [],
+                     "tiered": None}
+    for size, batches in (SMOKE_ROWS if smoke else GPU_ROWS):
+        t = time.perf_counter()
+        path = write_llava(args.workdir / size, size, 0, str(device), dtype)
+        print(f"  {size}: checkpoint ready in {time.perf_counter() - t:.1f} s", flush=True)
+        ours = decode_ours(path, batches, device, dtype, prompt, warm, steps)
+        theirs = decode_transformers(path, batches, device, dtype, prompt, warm, steps)
+        for b in batches:
+            floor = b / (ours[b]["bytes_per_step"] / bandwidth)
+            results["decode"].append({"model": size, "batch": b, "tokens_per_s": ours[b]["tokens_per_s"],
+                                      "step_ms": ours[b]["step_ms"], "floor_tokens_per_s": floor,
+                                      "transformers_tokens_per_s": theirs[b]["tokens_per_s"]})
+            print(f"  {size} batch {b}: {ours[b]['tokens_per_s']:.1f} tok/s", flush=True)
+    if not args.skip_tiered:
+        size = "llava-tiny" if smoke else "llava-1b"
+        path = write_llava(args.workdir / size, size, 0, str(device), dtype)
+        conc, n, max_tokens = (4, 8, 8) if smoke else (16, 64, 32)
+        results["tiered"] = dict(tiered(path, not smoke, conc, n, max_tokens, args.workdir / "tiered.log",
+                                        120 if smoke else 240), model=size, max_tokens=max_tokens)
+    print()
+    print(table(results, head))
+    if args.json:
+        args.json.write_text(json.dumps(results, indent=2))
+    return 0
+
+
+def table(results: dict, head: str) -> str:
+    lines = [head, "HBM bound: the tokens/s at which a step takes exactly the time to read its bytes (weights + KV) "
+             "at the copy bandwidth; transformers: LlavaForConditionalGeneration.generate on the same weights", "",
+             f"{'row':<28}{'batch':>6}{'tok/s':>10}{'ms/step':>9}{'HBM bound':>11}{'of bound':>10}"
+             f"{'transformers':>14}{'x transformers':>16}"]
+    for r in results["decode"]:
+        lines.append(f"{r['model'] + ' decode':<28}{r['batch']:>6}{r['tokens_per_s']:>10.1f}{r['step_ms']:>9.2f}"
+                     f"{r['floor_tokens_per_s']:>11.1f}{r['tokens_per_s'] / r['floor_tokens_per_s']:>10.2f}"
+                     f"{r['transformers_tokens_per_s']:>14.1f}"
+                     f"{r['tokens_per_s'] / r['transformers_tokens_per_s']:>16.2f}")
+    t = results["tiered"]
+    if t:
+        lines.append(f"{'tiered ' + t['model']:<28}concurrency {t['concurrency']}, {t['requests']} requests x "
+                     f"{t['max_tokens']} tokens, one image each: {t['requests_per_s']:.2f} requests/s, TTFT p50 "
+                     f"{t['ttft_p50_ms']:.0f} ms p90 {t['ttft_p90_ms']:.0f} ms, {t['output_tokens_per_s']:.1f} "
+                     f"output tok/s")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
