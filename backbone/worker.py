@@ -546,6 +546,8 @@ def serve(cfg: BackboneConfig, model_dir: str, threads: int | None = None) -> No
     text = spec.config["text_config"]
     layers = cfg.layers or even_layers(DecoderConfig.from_text_config(text).num_layers, cfg.num_shards, cfg.shard)
     device, dtype = resolve_placement(cfg.device, cfg.dtype)
+    if device.type == "cuda" and device.index is None and cfg.num_shards > 1:
+        device = torch.device("cuda", cfg.shard % torch.cuda.device_count())  # shards spread over the visible GPUs
     if device.type == "cuda" and device.index is not None:
         torch.cuda.set_device(device)  # so NCCL and the caching allocator use the one this shard runs on
     log.info("loading shard", extra={"shard": cfg.shard, "num_shards": cfg.num_shards, "device": str(device),

@@ -142,7 +142,8 @@ def build_parser() -> argparse.ArgumentParser:
     bb.add_argument("--dist-url", default=_env("DIST_URL", ""),
                     help="torch.distributed rendezvous of the replica (tcp://host:port), same on every shard")
     bb.add_argument("--device", default=_env("BACKBONE_DEVICE", "auto"),
-                    help="cpu, cuda or cuda:N (default auto: cuda if a GPU is present, else cpu)")
+                    help="cpu, cuda or cuda:N (default auto: cuda if a GPU is present, else cpu); plain cuda on a "
+                         "pipeline shard means cuda:<shard mod visible GPUs>")
     bb.add_argument("--dtype", default=_env("BACKBONE_DTYPE", "auto"),
                     help="float32, bfloat16 or float16 (default auto: bfloat16 on a GPU, float32 on a CPU)")
     bb.add_argument("--kv-cache-gb", type=float, default=None,
