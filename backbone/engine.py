@@ -1,18 +1,30 @@
-"""The decode engine: continuous batching over one model shard that holds every layer.
+"""The decode engine: continuous batching with chunked prefill and preemption over one model shard's paged KV.
 
-Each ``step`` runs ONE forward over a ragged batch: the fused prompts of sequences starting this step and the last
-token of every running sequence (each decode step feeds only the new token, reusing the KV cache). New sequences
-join at the next step; finished or cancelled ones leave by being dropped from the list, freeing their KV cache.
-It knows nothing of Redis or HTTP: the worker feeds it, and the in-process benchmark drives the very same code.
+A sequence's inputs are its prompt (fused embeddings, kept on the device while it lives) followed by its generated
+tokens; ``computed`` counts the positions whose K/V are in the pool. Each ``step`` schedules, for every sequence, the
+next positions to compute and runs ONE forward over them all (backbone/model.py):
+
+1. every decoding sequence (one position left: its last token) advances by one, so running streams never stall;
+2. then sequences still prefilling (new ones, and preempted ones recomputing) take chunks, oldest first, within
+   ``max_batched_tokens`` for the step (decodes count too);
+3. a row whose chunk reaches its last input is sampled; a prefill chunk that does not is not.
+
+KV blocks are taken as positions are computed. When a decode finds the pool empty, the newest sequence that holds
+blocks is preempted: its blocks are freed and it is recomputed later from its prompt and the tokens it already
+generated (its sampler resumes at its draw count, so its text is what an undisturbed run gives); its client sees
+only a pause. New sequences are admitted (``admissible``) only while the free blocks, less those promised to
+sequences still prefilling, hold their prompt; one whose prompt + max_tokens exceeds the whole pool can never run
+and is refused (``fits_pool``).
 
 One request's fault stays its own: a forward that raises is re-run one sequence at a time (backbone/isolation.py),
 and a row of logits that is not finite or cannot be sampled fails that sequence alone (``finish`` ERROR, ``error``
-says why); every other sequence of the step goes on.
+says why); every other sequence of the step goes on. It knows nothing of Redis or HTTP: the worker feeds it, and the
+in-process benchmarks drive the very same code.
 """
 
 from __future__ import annotations
 
-import itertools
+import logging
 import math
 import secrets
 from dataclasses import dataclass, field
@@ -22,10 +34,15 @@ import torch
 
 from backbone.fusion import PlanError, fuse
 from backbone.isolation import forward_isolating
-from backbone.model import DecoderShard, Segment, SequenceCache, segment_positions, to_device
-from backbone.pipeline import PipelineHead
+from backbone.model import DecoderShard, Segment
+from backbone.pipeline import NO_TOKEN, PipelineHead
 from backbone.sampling import Sampler, sample_rows, seed64
+from backbone.staging import to_device
 from router.messages import FinishReason, SamplingParams
+
+log = logging.getLogger(__name__)
+
+MAX_BATCHED_TOKENS = 2048
 
 
 @dataclass
@@ -36,13 +53,16 @@ class Sequence:
     max_tokens: int  # already clamped to the context left after the prompt
     stop_ids: frozenset[int]
     sampler: Sampler
-    cache: SequenceCache | None = None
     params: SamplingParams | None = None
     output: list[int] = field(default_factory=list)
     finish: FinishReason | None = None
     pending: int = 0  # tokens produced since the last emitted event
     error: str | None = None  # why it failed, when ``finish`` is ERROR
     resumed: int = 0  # a migrated request's tokens generated before, the tail of its prompt (see PromptPlan)
+    blocks: list[int] = field(default_factory=list)  # its block table (the pool's block ids, in position order)
+    computed: int = 0  # positions whose K/V are in the pool
+    prompt_embeds: torch.Tensor | None = None  # [prompt_len, H] on the device (shard 0), while it lives
+    preempted: int = 0  # how often its blocks were taken back
 
     @property
     def prompt_tokens(self) -> int:
@@ -55,7 +75,13 @@ class Sequence:
 
     @property
     def capacity(self) -> int:
+        """Positions it may ever hold: the prompt and every token it may generate."""
         return self.prompt_len + self.max_tokens
+
+    @property
+    def length(self) -> int:
+        """Its input positions so far: the prompt, then every generated token (the last one not yet computed)."""
+        return self.prompt_len + len(self.output)
 
     def append(self, token: int) -> None:
         self.output.append(token)
@@ -71,15 +97,21 @@ class Sequence:
 
 class Engine:
     def __init__(self, model: DecoderShard, placeholder_ids: dict[str, int], eos_ids: list[int], max_context: int,
-                 kv_budget_bytes: int | None = None, pipeline: PipelineHead | None = None):
+                 pipeline: PipelineHead | None = None, max_batched_tokens: int = MAX_BATCHED_TOKENS):
+        if model.pool is None:
+            raise ValueError("the model has no KV pool (DecoderShard.allocate_pool)")
+        if max_batched_tokens < 1:
+            raise ValueError("max_batched_tokens must be >= 1")
         self.model = model  # every layer, or shard 0's when ``pipeline`` links it to the others
+        self.pool = model.pool
         self.pipeline = pipeline
         self._next_sid = 0
         self.placeholder_ids = placeholder_ids
         self.eos_ids = frozenset(eos_ids)
         self.max_context = max_context
-        self.kv_budget_bytes = kv_budget_bytes  # None: bounded only by the worker's max_running
-        self.kv_used_bytes = 0
+        self.max_batched_tokens = max_batched_tokens
+        self.active: dict[int, Sequence] = {}  # started and not released
+        self.preemptions = 0
 
     def new_sequence(self, request_id: str, prompt_len: int, params: SamplingParams, resumed: int = 0) -> Sequence:
         """PlanError if the sampling parameters are out of range (a gateway validates them; a plan may come from
@@ -97,72 +129,184 @@ class Engine:
         return Sequence(request_id, self._next_sid, prompt_len, min(params.max_tokens, room), frozenset(stop),
                         Sampler(params, resumed), params=params, resumed=resumed)
 
-    def kv_bytes(self, seq: Sequence) -> int:
-        return SequenceCache.nbytes(self.model.cfg, len(self.model.layers), seq.capacity, self.model.dtype)
+    # -- admission ------------------------------------------------------------------------------------------------
 
-    def fits(self, seq: Sequence) -> bool:
-        """Whether the sequence's whole KV cache (prompt + max tokens) fits the budget now."""
-        return self.kv_budget_bytes is None or self.kv_used_bytes + self.kv_bytes(seq) <= self.kv_budget_bytes
+    def fits_pool(self, seq: Sequence) -> bool:
+        """Whether the sequence could ever finish: its prompt and every token it may generate fit the whole pool."""
+        return self.pool.blocks_for(seq.capacity) <= self.pool.num_blocks
+
+    def admissible(self, seq: Sequence) -> bool:
+        """Whether to start it now: the free blocks, less those that sequences still prefilling will take, hold
+        its prompt and first token."""
+        promised = sum(max(0, self.pool.blocks_for(s.length + 1) - len(s.blocks))
+                       for s in self.active.values() if s.finish is None and s.computed < s.length - 1)
+        return self.pool.free - promised >= self.pool.blocks_for(seq.prompt_len + 1)
 
     def start(self, seq: Sequence, token_ids: list[int], media: list[tuple[str, torch.Tensor]]) -> torch.Tensor:
-        """Fuse the prompt (PlanError if it does not fit) and allocate the KV cache; returns embeds [S, H]."""
+        """Fuse the prompt (PlanError if it does not fit) and keep it for the sequence's prefill chunks (and any
+        recompute after preemption); returns the embeddings [S, H]."""
         vocab = self.model.cfg.vocab_size
         if not token_ids or min(token_ids) < 0 or max(token_ids) >= vocab:
             raise PlanError(f"the prompt is empty or holds token ids outside the vocabulary [0, {vocab})")
-        embeds = fuse(self.model.embed, token_ids, media, self.placeholder_ids, self.model.device)[0]  # [S, H]
-        seq.cache = self.model.new_cache(seq.capacity)
-        self.kv_used_bytes += self.kv_bytes(seq)
-        return embeds
+        if len(token_ids) != seq.prompt_len:
+            raise PlanError(f"the plan has {len(token_ids)} token ids for a prompt of {seq.prompt_len}")
+        seq.prompt_embeds = fuse(self.model.embed, token_ids, media, self.placeholder_ids, self.model.device)[0]
+        self.active[seq.sid] = seq
+        return seq.prompt_embeds
+
+    @torch.inference_mode()
+    def prompt_hidden(self, seq: Sequence, token_ids: list[int], media: list[tuple[str, torch.Tensor]]
+                      ) -> torch.Tensor:
+        """Start a sequence and run its whole prompt in one forward, without sampling: its hidden states [S, H]
+        (reference checks; the sequence then decodes as usual)."""
+        embeds = self.start(seq, token_ids, media)
+        if not self.pool.grow(seq.blocks, seq.prompt_len):
+            raise RuntimeError("the KV pool has no room for this prompt")
+        hidden = self.model.forward(embeds, [Segment(seq.blocks, 0, seq.prompt_len)])
+        seq.computed = seq.prompt_len
+        return hidden
 
     def release(self, seq: Sequence) -> None:
-        if seq.cache is not None:
-            self.kv_used_bytes -= self.kv_bytes(seq)
-            seq.cache = None
-            if self.pipeline is not None:
-                self.pipeline.releases.append(seq.sid)  # the other shards forget it with the next message
+        """Forget a sequence (finished, failed or cancelled): its blocks go back to the pool."""
+        self._free(seq)
+
+    # -- one step -------------------------------------------------------------------------------------------------
+
+    def _preempt(self, seq: Sequence) -> None:
+        self.pool.release(seq.blocks)
+        seq.computed = 0
+        seq.preempted += 1
+        self.preemptions += 1
+        log.info("preempted", extra={"request_id": seq.request_id, "tokens": seq.length,
+                                     "free_blocks": self.pool.free})
+
+    def schedule(self, seqs: list[Sequence]) -> list[tuple[Sequence, int]]:
+        """(sequence, new positions) for this step, taking the blocks they need (see the module docstring)."""
+        bs = self.pool.block_size
+        rows: list[tuple[Sequence, int]] = []
+        taken: set[int] = set()
+        preempted: set[int] = set()
+        budget = self.max_batched_tokens
+        for seq in [s for s in seqs if s.length - s.computed == 1]:  # decodes, oldest first
+            if seq.sid in preempted:
+                continue  # an older sequence needed its blocks this step
+            while not self.pool.grow(seq.blocks, seq.computed + 1):
+                victim = self._victim(taken | {seq.sid})
+                if victim is None:
+                    break
+                self._preempt(victim)
+                preempted.add(victim.sid)
+            if self.pool.blocks_for(seq.computed + 1) > len(seq.blocks):
+                if not any(s.blocks for s in self.active.values() if s is not seq):
+                    seq.fail(f"the KV pool ({self.pool.num_blocks} blocks of {bs} tokens) cannot hold this sequence")
+                    self._free(seq)
+                else:  # every other holder is scheduled this step: it waits for their blocks
+                    self._preempt(seq)
+                    preempted.add(seq.sid)
+                continue
+            rows.append((seq, 1))
+            taken.add(seq.sid)
+            budget -= 1
+        for seq in [s for s in seqs if s.finish is None and s.length - s.computed > 1 and s.sid not in preempted]:
+            if budget <= 0:
+                break
+            n = min(seq.length - seq.computed, budget, (len(seq.blocks) + self.pool.free) * bs - seq.computed)
+            if n <= 0:
+                break  # first come, first served: a later prompt does not overtake one waiting for blocks
+            self.pool.grow(seq.blocks, seq.computed + n)
+            rows.append((seq, n))
+            taken.add(seq.sid)
+            budget -= n
+        return rows
+
+    def _victim(self, keep: set[int]) -> Sequence | None:
+        """The newest unfinished sequence holding blocks, outside ``keep``."""
+        holders = [s for s in self.active.values() if s.blocks and s.finish is None and s.sid not in keep]
+        return max(holders, key=lambda s: s.sid) if holders else None
+
+    def _free(self, seq: Sequence) -> None:
+        """A finished sequence's KV and prompt are never read again: they go back at once."""
+        self.pool.release(seq.blocks)
+        seq.computed = 0
+        seq.prompt_embeds = None
+        self.active.pop(seq.sid, None)
+
+    def _inputs(self, rows: list[tuple[Sequence, int]]) -> torch.Tensor:
+        """hidden [T, H]: prompt rows from each prompt's embeddings, generated tokens embedded in one lookup."""
+        pieces: list = []
+        gen_ids: list[int] = []
+        for seq, n in rows:
+            a, b, s = seq.computed, seq.computed + n, seq.prompt_len
+            if a < s:
+                pieces.append(seq.prompt_embeds[a : min(b, s)])
+            if b > s:
+                lo = len(gen_ids)
+                gen_ids += seq.output[max(a, s) - s : b - s]
+                pieces.append((lo, len(gen_ids)))
+        gen = self.model.embed(to_device(gen_ids, torch.long, self.model.device)) if gen_ids else None
+        if all(isinstance(p, tuple) for p in pieces):
+            return gen  # a pure decode step
+        return torch.cat([gen[p[0] : p[1]] if isinstance(p, tuple) else p for p in pieces])
 
     @torch.inference_mode()
     def step(self, running: list[Sequence], starting: list[tuple[Sequence, torch.Tensor]] = ()) -> None:
-        """One forward: prefill every starting sequence, advance every unfinished running one by one token. A
-        sequence that fails is finished with ERROR (``seq.error``); the others are unaffected."""
-        decoding = [s for s in running if s.finish is None]
-        if not decoding and not starting:
+        """One forward over this step's scheduled positions of ``running`` and the sequences ``starting`` now (their
+        prompts already fused by :meth:`start`). A sequence that fails is finished with ERROR (``seq.error``); the
+        others are unaffected."""
+        seqs, seen = [], set()
+        for seq in [*running, *(s for s, _ in starting)]:
+            if seq.finish is None and seq.sid not in seen:
+                seen.add(seq.sid)
+                seqs.append(seq)
+        rows = self.schedule(seqs)
+        if not rows:
             return
-        # 1) The step's new tokens, sequence after sequence: whole prompts, then last tokens. Everything the
-        #    device needs from the host (last tokens, positions, row ends) goes over in one asynchronous copy.
-        segments = [Segment(s.cache, 0, e.shape[0]) for s, e in starting]
-        segments += [Segment(s.cache, s.cache.length, 1) for s in decoding]
-        seqs = [s for s, _ in starting] + decoding
-        positions = segment_positions(segments)
-        ends = list(itertools.accumulate(g.length for g in segments))
-        staged = to_device([s.output[-1] for s in decoding] + positions + ends, torch.long, self.model.device)
-        last, staged = staged[: len(decoding)], staged[len(decoding):]  # [B_dec]
-        positions, ends = staged[: len(positions)], staged[len(positions):] - 1  # [T], [B]
-        parts = [e for _, e in starting] + ([self.model.embed(last)] if decoding else [])
-        # 2) One pass through this shard's layers (one segment at a time only if the batch raised).
-        hidden, failed = forward_isolating(self.model, torch.cat(parts), segments, positions)  # [T, H]
+        segments = [Segment(seq.blocks, seq.computed, n) for seq, n in rows]
+        sampled = [seq.computed + n == seq.length for seq, n in rows]
+        meta = self.model.prepare(segments)
+        hidden, failed = forward_isolating(self.model, self._inputs(rows), segments, meta)  # [T, H]
         if self.pipeline is not None:
-            # 3') The other shards run the rest; the last one samples and sends the ids back (-1: failed there).
-            ints = torch.tensor([[s.sid, g.start, g.length, s.capacity, s.params.seed, i in failed,
-                                  s.resumed + len(s.output)]
-                                 for i, (s, g) in enumerate(zip(seqs, segments))], dtype=torch.long)  # [B, 7]
-            floats = torch.tensor([[s.params.temperature, s.params.top_p] for s in seqs], dtype=torch.float64)
-            results = [t if t >= 0 else "this request failed on a later pipeline shard (see its log)"
-                       for t in self.pipeline.run_rest(ints, floats, hidden).tolist()]
+            # The other shards run the rest; the last one samples the rows marked and sends every row's answer
+            # back (a token, NO_TOKEN for a prefill chunk, FAILED for a row that failed there).
+            ints = torch.tensor([[seq.sid, g.start, g.length, seq.params.seed, i in failed,
+                                  seq.resumed + len(seq.output), sampled[i]]
+                                 for i, ((seq, _), g) in enumerate(zip(rows, segments))], dtype=torch.long)
+            floats = torch.tensor([[seq.params.temperature, seq.params.top_p] for seq, _ in rows],
+                                  dtype=torch.float64)
+            results = [t if t >= 0 or t == NO_TOKEN else "this request failed on a later pipeline shard (see its log)"
+                       for t in self.pipeline.run_rest(ints, floats, segments, hidden).tolist()]
         else:
-            # 3) Logits at each sequence's last position, sampled in one batched pass.
-            results = sample_rows([s.sampler for s in seqs], self.model.logits(hidden[ends]))  # logits [B, V]
-        for i, (seq, result) in enumerate(zip(seqs, results)):
+            idx = [i for i, flag in enumerate(sampled) if flag]
+            results = [NO_TOKEN] * len(rows)
+            if idx:
+                offsets, t = [], 0
+                for g in segments:
+                    t += g.length
+                    offsets.append(t - 1)
+                ends = to_device([offsets[i] for i in idx], torch.long, self.model.device)
+                drawn = sample_rows([rows[i][0].sampler for i in idx], self.model.logits(hidden[ends]))
+                for i, result in zip(idx, drawn):
+                    results[i] = result
+        for i, ((seq, n), result) in enumerate(zip(rows, results)):
             if i in failed:
                 seq.fail(failed[i])
             elif isinstance(result, str):
                 seq.fail(result)
             else:
-                seq.append(result)
+                seq.computed += n
+                if result != NO_TOKEN:
+                    if self.pipeline is not None:
+                        seq.sampler.draws += 1  # drawn on the last shard
+                    seq.append(result)
+            if seq.finish is not None:
+                self._free(seq)
 
     def prefill(self, seq: Sequence, token_ids: list[int], media: list[tuple[str, torch.Tensor]]) -> None:
-        """Start one sequence alone (its first token is sampled)."""
-        self.step([], [(seq, self.start(seq, token_ids, media))])
+        """Start one sequence alone and run it until its first token is sampled (its prompt may take several
+        chunks)."""
+        self.start(seq, token_ids, media)
+        while not seq.output and seq.finish is None:
+            self.step([seq])
 
 
 def check_sampling(params: SamplingParams) -> None:
@@ -180,10 +324,19 @@ def check_sampling(params: SamplingParams) -> None:
         raise PlanError(str(exc)) from exc
 
 
-def load_engine(spec, layers: range | None = None, kv_budget_bytes: int | None = None,
+def load_engine(spec, layers: range | None = None, kv_cache_bytes: int | None = None,
                 pipeline: PipelineHead | None = None, dtype: torch.dtype = torch.float32,
-                device: torch.device | str = "cpu") -> Engine:
+                device: torch.device | str = "cpu", max_batched_tokens: int = MAX_BATCHED_TOKENS,
+                max_running: int = 16, gpu_memory_utilization: float = 0.9, num_blocks: int | None = None,
+                attention: str = "auto") -> Engine:
+    """Shard 0's (or the only shard's) engine: its layers from the checkpoint, then a KV pool of ``num_blocks``
+    (default: sized by backbone/kv.py's ``pool_blocks``)."""
+    from backbone.kv import pool_blocks
     from backbone.loader import load_shard
 
-    model, _ = load_shard(spec.path, spec.config["text_config"], layers, dtype, device)
-    return Engine(model, spec.placeholder_ids, spec.eos_token_ids, spec.max_context, kv_budget_bytes, pipeline)
+    model, _ = load_shard(spec.path, spec.config["text_config"], layers, dtype, device, attention)
+    if num_blocks is None:
+        num_blocks = pool_blocks(model, kv_cache_bytes, gpu_memory_utilization, max_batched_tokens, max_running,
+                                 spec.max_context)
+    model.allocate_pool(num_blocks)
+    return Engine(model, spec.placeholder_ids, spec.eos_token_ids, spec.max_context, pipeline, max_batched_tokens)

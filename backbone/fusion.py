@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import torch
 
-from backbone.model import to_device
+from backbone.staging import to_device
 
 
 class PlanError(ValueError):

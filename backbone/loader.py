@@ -22,8 +22,9 @@ _LAYER = re.compile(r"^language_model\.model\.layers\.(\d+)\.(.+)$")
 
 
 def load_shard(model_dir: Path, text_config: dict, layers: range | None = None,
-               dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu"
+               dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu", attention: str = "auto"
                ) -> tuple[DecoderShard, list[str]]:
+    """The shard's weights (its KV pool comes later: ``DecoderShard.allocate_pool``) and the names it read."""
     cfg = DecoderConfig.from_text_config(text_config)
     layers = layers if layers is not None else range(cfg.num_layers)
     if not (0 <= layers.start < layers.stop <= cfg.num_layers and layers.step == 1):
@@ -53,5 +54,5 @@ def load_shard(model_dir: Path, text_config: dict, layers: range | None = None,
     embed = tensors.get(embed_name)
     shard = DecoderShard(cfg, per_layer, layers.start, embed if first else None,
                          tensors.get(norm_name), (embed if cfg.tie_word_embeddings else tensors.get(head_name))
-                         if last else None)
+                         if last else None, attention)
     return shard, sorted(tensors)

@@ -1,12 +1,12 @@
 """The decoder-only language model (Llama / Qwen2 family), written out so that a shard holds exactly its layers
-and its own KV cache, and one forward runs a ragged batch: prefills and decode steps of many sequences at once.
+and its own KV cache, and one forward runs a ragged batch: prefill chunks and decode steps of many sequences at once.
 
 Math is the reference's (transformers' Llama/Qwen2: RMSNorm in fp32, rotary in fp32 with the checkpoint's rope
 type: "default", or a static scaling (``linear``, ``llama3`` as Llama 3.x ships, ``yarn``) whose frequencies
 transformers' own init functions compute, GQA attention with scale head_dim ** -0.5, SiLU-gated MLP), so greedy
 outputs match transformers' ``generate`` token for token (fp32; batching changes float summation order only).
-Attention runs per sequence over its own cache (SDPA); the linear layers, which dominate, run once over every token
-of the step.
+Every layer runs once over every new token of the step: the linear layers over the [T, H] rows, attention in one call
+over every sequence through the paged KV pool (backbone/attention.py, backbone/kv.py).
 """
 
 from __future__ import annotations
@@ -16,7 +16,11 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
+from backbone.attention import Segment, StepMeta, backend_for
+from backbone.kv import BLOCK_SIZE, KVPool
 from models.spec import ModelError
+
+__all__ = ["DecoderConfig", "DecoderShard", "Segment", "rms_norm"]
 
 SUPPORTED = ("llama", "qwen2", "mistral")
 # Rope types whose frequencies do not depend on the sequence length ("dynamic" and "longrope" do).
@@ -70,51 +74,6 @@ class DecoderConfig:
         )
 
 
-def to_device(values, dtype: torch.dtype | None = None, device: torch.device | str = "cpu") -> torch.Tensor:
-    """A host list (or CPU tensor) on ``device`` without waiting for the device: on CUDA it is staged in pinned
-    memory and copied asynchronously on the current stream (a plain copy would wait for every queued kernel)."""
-    t = values if isinstance(values, torch.Tensor) else torch.tensor(values, dtype=dtype)
-    if dtype is not None and t.dtype != dtype:
-        t = t.to(dtype)
-    device = torch.device(device)
-    if device.type != "cuda" or t.device.type == "cuda":
-        return t.to(device)
-    return t.pin_memory().to(device, non_blocking=True)
-
-
-@dataclass
-class Segment:
-    """One sequence's share of a step: ``length`` new tokens at positions start .. start + length - 1."""
-
-    cache: "SequenceCache"
-    start: int
-    length: int
-
-
-class SequenceCache:
-    """K and V of one sequence for this shard's layers, allocated once for its whole budget (prompt + max tokens).
-
-    k[i], v[i]: [kv_heads, capacity, head_dim] for the shard's i-th layer.
-    """
-
-    def __init__(self, cfg: DecoderConfig, layers: int, capacity: int, dtype: torch.dtype,
-                 device: torch.device | str = "cpu"):
-        shape = (cfg.num_kv_heads, capacity, cfg.head_dim)
-        self.k = [torch.empty(shape, dtype=dtype, device=device) for _ in range(layers)]
-        self.v = [torch.empty(shape, dtype=dtype, device=device) for _ in range(layers)]
-        self.capacity = capacity
-        self.length = 0  # positions filled
-
-    @staticmethod
-    def nbytes(cfg: DecoderConfig, layers: int, capacity: int, dtype: torch.dtype) -> int:
-        return 2 * layers * cfg.num_kv_heads * capacity * cfg.head_dim * torch.finfo(dtype).bits // 8
-
-
-def segment_positions(segments: list[Segment]) -> list[int]:
-    """The positions of a step's new tokens, segment after segment (host ints)."""
-    return [p for s in segments for p in range(s.start, s.start + s.length)]
-
-
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     h = x.to(torch.float32)
     h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps)
@@ -154,15 +113,18 @@ class Rotary:
 
 class DecoderShard:
     """Layers [first_layer, first_layer + len(layers)) of the model; the embedding if it is the first shard, the
-    final norm and lm_head if it is the last."""
+    final norm and lm_head if it is the last; the paged KV pool of its layers once :meth:`allocate_pool` ran."""
 
     def __init__(self, cfg: DecoderConfig, layers: list[dict[str, torch.Tensor]], first_layer: int,
-                 embed: torch.Tensor | None, norm: torch.Tensor | None, lm_head: torch.Tensor | None):
+                 embed: torch.Tensor | None, norm: torch.Tensor | None, lm_head: torch.Tensor | None,
+                 attention: str = "auto"):
         self.cfg, self.layers, self.first_layer = cfg, layers, first_layer
         self.embed_weight, self.norm_weight, self.lm_head_weight = embed, norm, lm_head
         self.rotary = Rotary(cfg)
         some = next(iter(layers[0].values())) if layers else (embed if embed is not None else norm)
         self.dtype, self.device = some.dtype, some.device
+        self.attention = backend_for(self.device, attention)
+        self.pool: KVPool | None = None
 
     @property
     def is_first(self) -> bool:
@@ -172,32 +134,39 @@ class DecoderShard:
     def is_last(self) -> bool:
         return self.lm_head_weight is not None
 
-    def new_cache(self, capacity: int) -> SequenceCache:
-        return SequenceCache(self.cfg, len(self.layers), capacity, self.dtype, self.device)
+    def block_bytes(self, block_size: int = BLOCK_SIZE) -> int:
+        """Bytes one KV block takes across this shard's layers."""
+        return KVPool.block_bytes(len(self.layers), block_size, self.cfg.num_kv_heads, self.cfg.head_dim, self.dtype)
+
+    def allocate_pool(self, num_blocks: int, block_size: int = BLOCK_SIZE) -> KVPool:
+        self.pool = None  # the old pool's memory goes first
+        self.pool = KVPool(len(self.layers), num_blocks, block_size, self.cfg.num_kv_heads, self.cfg.head_dim,
+                           self.dtype, self.device)
+        return self.pool
 
     def embed(self, ids: torch.Tensor) -> torch.Tensor:
         return F.embedding(ids, self.embed_weight)  # [..., H]
 
+    def prepare(self, segments: list[Segment]) -> StepMeta:
+        """The step's device-side description (positions, KV slots, the attention backend's tables)."""
+        return self.attention.prepare(segments, self.pool.block_size, self.device)
+
     @torch.inference_mode()
-    def forward(self, hidden: torch.Tensor, segments: list[Segment], positions: torch.Tensor | None = None
-                ) -> torch.Tensor:
+    def forward(self, hidden: torch.Tensor, segments: list[Segment], meta: StepMeta | None = None) -> torch.Tensor:
         """hidden [T, H] (the segments' new tokens, concatenated in order) -> hidden [T, H] after this shard's
-        layers; fills each segment's cache at its positions. ``positions`` [T] (on the device): the segments'
-        positions, when the caller already staged them with the step's other inputs."""
-        if positions is None:
-            positions = to_device(segment_positions(segments), torch.long, hidden.device)  # [T]
-        cos, sin = self.rotary(positions, hidden.dtype)
+        layers. Writes each new token's K/V into the pool at its slot (a rerun of the same segment writes the same
+        slots), then attends once per layer over every segment through the block tables."""
+        meta = meta if meta is not None else self.prepare(segments)
+        cos, sin = self.rotary(meta.positions, hidden.dtype)
         for i, w in enumerate(self.layers):
             hidden = hidden + self._attention(i, w, rms_norm(hidden, w["input_layernorm.weight"],
-                                                             self.cfg.rms_norm_eps), segments, cos, sin)
+                                                             self.cfg.rms_norm_eps), meta, cos, sin)
             h = rms_norm(hidden, w["post_attention_layernorm.weight"], self.cfg.rms_norm_eps)
             gate = F.linear(h, w["mlp.gate_proj.weight"])
             hidden = hidden + F.linear(F.silu(gate) * F.linear(h, w["mlp.up_proj.weight"]), w["mlp.down_proj.weight"])
-        for s in segments:
-            s.cache.length = s.start + s.length
         return hidden
 
-    def _attention(self, i: int, w: dict, h: torch.Tensor, segments: list[Segment], cos, sin) -> torch.Tensor:
+    def _attention(self, i: int, w: dict, h: torch.Tensor, meta: StepMeta, cos, sin) -> torch.Tensor:
         cfg = self.cfg
         q = F.linear(h, w["self_attn.q_proj.weight"], w.get("self_attn.q_proj.bias"))
         k = F.linear(h, w["self_attn.k_proj.weight"], w.get("self_attn.k_proj.bias"))
@@ -206,22 +175,12 @@ class DecoderShard:
         k = k.view(-1, cfg.num_kv_heads, cfg.head_dim)  # [T, Hkv, D]
         v = v.view(-1, cfg.num_kv_heads, cfg.head_dim)
         q, k = q * cos + rotate_half(q) * sin, k * cos + rotate_half(k) * sin
-        out, offset = [], 0
-        for s in segments:
-            end = s.start + s.length
-            kc, vc = s.cache.k[i], s.cache.v[i]  # [Hkv, capacity, D]
-            kc[:, s.start : end] = k[offset : offset + s.length].transpose(0, 1)
-            vc[:, s.start : end] = v[offset : offset + s.length].transpose(0, 1)
-            qs = q[offset : offset + s.length].transpose(0, 1)  # [Hq, n, D]
-            mask = None
-            if s.length > 1:  # new token j (position start + j) sees cached positions <= start + j
-                mask = (torch.arange(end, device=h.device)[None, :]
-                        <= torch.arange(s.start, end, device=h.device)[:, None])  # [n, end]
-            o = F.scaled_dot_product_attention(qs, kc[:, :end], vc[:, :end], attn_mask=mask,
-                                               scale=cfg.head_dim ** -0.5, enable_gqa=True)  # [Hq, n, D]
-            out.append(o.transpose(0, 1).reshape(s.length, cfg.num_heads * cfg.head_dim))
-            offset += s.length
-        return F.linear(torch.cat(out), w["self_attn.o_proj.weight"], w.get("self_attn.o_proj.bias"))
+        k_flat, v_flat = self.pool.flat(i)  # [slots, Hkv, D]
+        k_flat.index_copy_(0, meta.slots, k)
+        v_flat.index_copy_(0, meta.slots, v)
+        o = self.attention(q, k_flat, v_flat, meta, cfg.head_dim ** -0.5)  # [T, Hq, D]
+        return F.linear(o.reshape(-1, cfg.num_heads * cfg.head_dim), w["self_attn.o_proj.weight"],
+                        w.get("self_attn.o_proj.bias"))
 
     @torch.inference_mode()
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:

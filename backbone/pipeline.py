@@ -1,19 +1,21 @@
 """Pipeline shards linked by torch.distributed: shard 0 schedules and embeds, every shard runs its layers with its own
-KV caches, the last one applies norm + lm_head and samples.
+paged KV pool, the last one applies norm + lm_head and samples.
 
-Hops (:class:`Hops`): the control messages (header, step table, releases, the sampled ids) are small host tensors
+Hops (:class:`Hops`): the control messages (header, step table, block tables, the sampled ids) are small host tensors
 over gloo. Hidden states go device to device over NCCL when every shard runs on its own GPU; when any shard runs on a
 CPU, or two share a GPU (NCCL cannot link a GPU to itself), they go over gloo staged through host memory. The shards
 agree on it at start-up by exchanging their devices' UUIDs. The NCCL path has not run yet (only single-GPU machines
 were at hand): it is marked unverified in docs/architecture.md.
 
-Per step, shard 0 sends down the pipe a header, a table describing the step's segments (which sequence, which
-positions, and for a sequence's first step its KV capacity and sampling parameters) and the hidden states [T, H];
-each middle shard forwards them after its layers; the last shard sends the sampled token ids [B] back to shard 0.
-Sequences that ended are listed in the next header so every shard frees their caches. A row that failed on any
-shard (backbone/isolation.py) is flagged in the table as it travels on, and the last shard answers -1 for it, so one
-request's fault fails that request alone on every shard. Shard 0 sends a no-op when
-idle (so a silent pipe means a dead shard 0 and the others exit after ``timeout_s``) and a stop when it exits.
+Every shard's pool has the same number of blocks (the smallest any shard can hold: :func:`agree_blocks`) and shard 0
+owns the block tables, so the other shards keep no per-request state. Per step, shard 0 sends down the pipe a
+header, a table describing the step's rows (which sequence, which positions, its sampling parameters and draw count,
+whether to sample it), each row's block table and the hidden states [T, H]; each middle shard forwards them after
+its layers; the last shard sends back one answer per row [B]: the sampled token, NO_TOKEN for a prefill chunk that
+does not end its prompt, FAILED for a row that failed. A row that failed on any shard (backbone/isolation.py) is
+flagged in the table as it travels on, so one request's fault fails that request alone on every shard. Shard 0 sends
+a no-op when idle (so a silent pipe means a dead shard 0 and the others exit after ``timeout_s``) and a stop when it
+exits.
 """
 
 from __future__ import annotations
@@ -29,16 +31,17 @@ import torch
 import torch.distributed as dist
 
 from backbone.isolation import forward_isolating
-from backbone.model import DecoderShard, Segment, SequenceCache, to_device
-from backbone.sampling import Sampler, sample_rows
-from router.messages import SamplingParams
+from backbone.model import DecoderShard, Segment
+from backbone.sampling import sample_params
+from backbone.staging import to_device
 
 log = logging.getLogger(__name__)
 
 OP_STEP, OP_NOOP, OP_STOP = 1, 2, 3
-HEADER_LEN = 4  # op, segments, tokens, releases
-SEGMENT_COLS = 7  # seq id, start, length, capacity, seed, failed (0/1), draws made (the sampler's counter)
+HEADER_LEN = 4  # op, rows, tokens, block-table width
+SEGMENT_COLS = 7  # seq id, start, length, seed, failed (0/1), draws made (the sampler's counter), sample (0/1)
 FAILED = -1  # the token id the last shard answers for a row that failed
+NO_TOKEN = -2  # ... for a row it did not sample (a prefill chunk that does not reach the prompt's end)
 NOOP_EVERY_S = 5.0
 
 
@@ -49,6 +52,7 @@ class Hops:
 
     device: torch.device
     nccl: object | None = None
+    share: int = 1  # shards of this replica on this shard's GPU (itself included): they split its memory
 
     @property
     def backend(self) -> str:
@@ -100,24 +104,41 @@ def init_group(url: str, rank: int, world: int, device: torch.device | str = "cp
     mine = torch.tensor(device_identity(device), dtype=torch.long)
     everyone = [torch.empty(3, dtype=torch.long) for _ in range(world)]
     dist.all_gather(everyone, mine)
-    backend = hop_backend([tuple(t.tolist()) for t in everyone], dist.is_nccl_available())
-    hops = Hops(device, dist.new_group(backend="nccl", timeout=timeout) if backend == "nccl" else None)
+    identities = [tuple(t.tolist()) for t in everyone]
+    backend = hop_backend(identities, dist.is_nccl_available())
+    share = identities.count(identities[rank]) if identities[rank][0] == 1 else 1
+    hops = Hops(device, dist.new_group(backend="nccl", timeout=timeout) if backend == "nccl" else None, share)
     log.info("pipeline group ready", extra={"rank": rank, "world": world, "hidden_states_over": backend,
                                             "device": str(device)})
     return hops
 
 
+def agree_blocks(blocks: int) -> int:
+    """The replica's pool size: the smallest any shard can hold (a block id must be valid on every shard)."""
+    t = torch.tensor([blocks], dtype=torch.long)
+    dist.all_reduce(t, op=dist.ReduceOp.MIN)
+    return int(t)
+
+
 @dataclass
 class StepTable:
-    """What one step is about: rows of (seq id, start, length, capacity, seed, failed, draws) + (temperature,
-    top_p)."""
+    """What one step is about: rows of (seq id, start, length, seed, failed, draws, sample) + (temperature, top_p),
+    and each row's block table (padded with 0 to the widest)."""
 
     ints: torch.Tensor  # [n, SEGMENT_COLS] int64
     floats: torch.Tensor  # [n, 2] float64
-    releases: torch.Tensor  # [r] int64: sequences every shard must forget
+    tables: torch.Tensor  # [n, width] int64
 
-    def segments(self, caches: dict[int, SequenceCache]) -> list[Segment]:
-        return [Segment(caches[int(sid)], int(start), int(length)) for sid, start, length, *_ in self.ints.tolist()]
+    def segments(self, block_size: int) -> list[Segment]:
+        out = []
+        for (_, start, length, *_), table in zip(self.ints.tolist(), self.tables.tolist()):
+            out.append(Segment(table[: -(-(start + length) // block_size)], start, length))
+        return out
+
+
+def block_tables(segments: list[Segment]) -> torch.Tensor:
+    width = max(1, max(len(g.blocks) for g in segments))
+    return torch.tensor([g.blocks + [0] * (width - len(g.blocks)) for g in segments], dtype=torch.long)
 
 
 @dataclass
@@ -126,14 +147,13 @@ class PipelineHead:
 
     world: int
     hops: Hops = field(default_factory=lambda: Hops(torch.device("cpu")))
-    releases: list[int] = field(default_factory=list)
     last_send: float = 0.0
 
-    def run_rest(self, ints: torch.Tensor, floats: torch.Tensor, hidden: torch.Tensor) -> torch.Tensor:
-        """Send the step down the pipe; returns the last shard's sampled ids [B] (FAILED for a failed row)."""
-        releases = torch.tensor(self.releases, dtype=torch.long)
-        self.releases.clear()
-        _send_step(1, ints, floats, releases, hidden, self.hops)
+    def run_rest(self, ints: torch.Tensor, floats: torch.Tensor, segments: list[Segment], hidden: torch.Tensor
+                 ) -> torch.Tensor:
+        """Send the step down the pipe; returns the last shard's answer per row [B]: a token, NO_TOKEN for a row
+        not sampled (a prefill chunk), FAILED for a row that failed."""
+        _send_step(1, StepTable(ints, floats, block_tables(segments)), hidden, self.hops)
         tokens = torch.empty(ints.shape[0], dtype=torch.long)
         dist.recv(tokens, src=self.world - 1)
         self.last_send = time.monotonic()
@@ -148,29 +168,30 @@ class PipelineHead:
         dist.send(torch.tensor([OP_STOP, 0, 0, 0], dtype=torch.long), dst=1)
 
 
-def _send_step(dst: int, ints, floats, releases, hidden, hops: Hops) -> None:
-    dist.send(torch.tensor([OP_STEP, ints.shape[0], hidden.shape[0], releases.numel()], dtype=torch.long), dst=dst)
-    dist.send(ints.contiguous(), dst=dst)
-    dist.send(floats.contiguous(), dst=dst)
-    if releases.numel():
-        dist.send(releases.contiguous(), dst=dst)
+def _send_step(dst: int, table: StepTable, hidden, hops: Hops) -> None:
+    header = [OP_STEP, table.ints.shape[0], hidden.shape[0], table.tables.shape[1]]
+    dist.send(torch.tensor(header, dtype=torch.long), dst=dst)
+    dist.send(table.ints.contiguous(), dst=dst)
+    dist.send(table.floats.contiguous(), dst=dst)
+    dist.send(table.tables.contiguous(), dst=dst)
     hops.send_hidden(hidden, dst)
 
 
 class StageWorker:
-    """Shards 1..N-1: receive a step, run the layers, pass it on (or sample, on the last shard)."""
+    """Shards 1..N-1: receive a step, run the layers, pass it on (or sample, on the last shard). Stateless but for
+    the KV pool: every row carries its block table and its sampling parameters and draw count."""
 
     def __init__(self, model: DecoderShard, rank: int, world: int, hops: Hops | None = None):
+        if model.pool is None:
+            raise ValueError("the shard has no KV pool (DecoderShard.allocate_pool)")
         self.model, self.rank, self.world = model, rank, world
         self.hops = hops or Hops(model.device)
-        self.caches: dict[int, SequenceCache] = {}
-        self.samplers: dict[int, Sampler] = {}
 
     def run(self) -> None:
         header = torch.empty(HEADER_LEN, dtype=torch.long)
         while True:
             dist.recv(header, src=self.rank - 1)
-            op, n, tokens, n_release = (int(x) for x in header)
+            op, n, tokens, width = (int(x) for x in header)
             if op == OP_STOP:
                 if self.rank + 1 < self.world:
                     dist.send(header, dst=self.rank + 1)
@@ -180,46 +201,42 @@ class StageWorker:
                 if self.rank + 1 < self.world:
                     dist.send(header, dst=self.rank + 1)
                 continue
-            table, hidden = self._recv_step(n, tokens, n_release)
+            table, hidden = self._recv_step(n, tokens, width)
             self._step(table, hidden)
 
-    def _recv_step(self, n: int, tokens: int, n_release: int) -> tuple[StepTable, torch.Tensor]:
-        ints, floats = torch.empty(n, SEGMENT_COLS, dtype=torch.long), torch.empty(n, 2, dtype=torch.float64)
-        releases = torch.empty(n_release, dtype=torch.long)
+    def _recv_step(self, n: int, tokens: int, width: int) -> tuple[StepTable, torch.Tensor]:
+        table = StepTable(torch.empty(n, SEGMENT_COLS, dtype=torch.long), torch.empty(n, 2, dtype=torch.float64),
+                          torch.empty(n, width, dtype=torch.long))
         src = self.rank - 1
-        dist.recv(ints, src=src)
-        dist.recv(floats, src=src)
-        if n_release:
-            dist.recv(releases, src=src)
+        dist.recv(table.ints, src=src)
+        dist.recv(table.floats, src=src)
+        dist.recv(table.tables, src=src)
         hidden = self.hops.recv_hidden((tokens, self.model.cfg.hidden_size), self.model.dtype, src)
-        return StepTable(ints, floats, releases), hidden
+        return table, hidden
 
     @torch.inference_mode()
     def _step(self, table: StepTable, hidden: torch.Tensor) -> None:
-        for sid in table.releases.tolist():
-            self.caches.pop(sid, None)
-            self.samplers.pop(sid, None)
         rows = table.ints.tolist()
-        for (sid, start, _, capacity, seed, _, draws), (temperature, top_p) in zip(rows, table.floats.tolist()):
-            if start == 0:  # a sequence's first step: its cache (and, on the last shard, its sampler)
-                self.caches[sid] = self.model.new_cache(capacity)
-                if self.model.is_last:  # a migrated request's sampler resumes at its draw count
-                    self.samplers[sid] = Sampler(SamplingParams(max_tokens=1, temperature=temperature,
-                                                                top_p=top_p, seed=seed), draws)
-        hidden, failed = forward_isolating(self.model, hidden, table.segments(self.caches))
+        hidden, failed = forward_isolating(self.model, hidden, table.segments(self.model.pool.block_size))
         for i in failed:
             log.error("request failed on this shard", extra={"rank": self.rank, "seq": rows[i][0],
                                                               "error": failed[i]})
-            table.ints[i, 5] = 1
+            table.ints[i, 4] = 1
         if not self.model.is_last:
-            _send_step(self.rank + 1, table.ints, table.floats, table.releases, hidden, self.hops)
+            _send_step(self.rank + 1, table, hidden, self.hops)
             return
-        ends = to_device(table.ints[:, 2].cumsum(0) - 1, device=hidden.device)
-        logits = self.model.logits(hidden[ends])  # [B, V]
-        results = sample_rows([self.samplers[row[0]] for row in rows], logits)
-        tokens = []
-        for row, flagged, result in zip(rows, table.ints[:, 5].tolist(), results):
-            if isinstance(result, str) and not flagged:
-                log.error("request failed on this shard", extra={"rank": self.rank, "seq": row[0], "error": result})
-            tokens.append(FAILED if flagged or isinstance(result, str) else result)
+        flagged = table.ints[:, 4].tolist()
+        pick = [i for i, row in enumerate(rows) if row[6] and not flagged[i]]
+        tokens = [FAILED if flagged[i] else NO_TOKEN for i in range(len(rows))]
+        if pick:
+            ends = to_device((table.ints[:, 2].cumsum(0) - 1)[pick], device=hidden.device)
+            params = [(temperature, top_p, rows[i][3], rows[i][5])
+                      for i, (temperature, top_p) in ((i, table.floats[i].tolist()) for i in pick)]
+            for i, result in zip(pick, sample_params(params, self.model.logits(hidden[ends]))):
+                if isinstance(result, str):
+                    log.error("request failed on this shard", extra={"rank": self.rank, "seq": rows[i][0],
+                                                                      "error": result})
+                    tokens[i] = FAILED
+                else:
+                    tokens[i] = result
         dist.send(torch.tensor(tokens, dtype=torch.long), dst=0)  # [B]

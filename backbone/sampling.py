@@ -22,7 +22,7 @@ import secrets
 
 import torch
 
-from backbone.model import to_device
+from backbone.staging import to_device
 from router.messages import SamplingParams
 
 # Dividing logits by a temperature this small overflows float32 (softmax of inf is NaN): treat it as greedy, as vLLM
@@ -125,19 +125,24 @@ def sample_rows(samplers: list[Sampler], logits: torch.Tensor) -> list[int | str
     """One token per row of logits [B, V] (float32), all rows in one batched pass on the logits' device; a row that
     cannot be sampled gives the reason (a str) instead, so one request's bad numbers fail that request alone. Each
     sampler's counter advances by one."""
-    dev, n = logits.device, len(samplers)
-    floats = to_device([s.temperature for s in samplers] + [s.top_p for s in samplers], torch.float32, dev)
-    ints = to_device([s.seed for s in samplers] + [s.draws for s in samplers], torch.int64, dev)
+    out = sample_params([(s.temperature, s.top_p, s.seed, s.draws) for s in samplers], logits)
+    for sampler in samplers:
+        sampler.draws += 1
+    return out
+
+
+def sample_params(rows: list[tuple[float, float, int, int]], logits: torch.Tensor) -> list[int | str]:
+    """:func:`sample_rows` from each row's (temperature, top_p, seed as int64, draw) alone: what a pipeline's last
+    shard, which keeps no per-request state, samples with."""
+    dev, n = logits.device, len(rows)
+    floats = to_device([r[0] for r in rows] + [r[1] for r in rows], torch.float32, dev)
+    ints = to_device([r[2] for r in rows] + [r[3] for r in rows], torch.int64, dev)
     temperature, top_p, seeds, draws = floats[:n], floats[n:], ints[:n], ints[n:]
-    random = any(not s.greedy for s in samplers)
-    nucleus = any(not s.greedy and s.top_p < 1.0 for s in samplers)
+    random = any(t >= GREEDY_BELOW for t, *_ in rows)
+    nucleus = any(t >= GREEDY_BELOW and p < 1.0 for t, p, *_ in rows)
     tokens, status = sample_batch(logits.float(), temperature, top_p, seeds, draws, random, nucleus)
     both = torch.stack([tokens, status.to(torch.int64)]).tolist()  # the step's one host copy
-    out: list[int | str] = []
-    for sampler, token, code in zip(samplers, *both):
-        sampler.draws += 1
-        out.append(token if code == 0 else _FAILED[code])
-    return out
+    return [token if code == 0 else _FAILED[code] for token, code in zip(*both)]
 
 
 _FAILED = {1: "the model produced non-finite logits (NaN or infinity) for this request",

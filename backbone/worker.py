@@ -42,8 +42,17 @@ from backbone.fusion import PlanError
 from cache.client import connect
 from cache.codec import CodecError, decode_tensor
 from cache.keys import BACKBONE_GROUP, Keys, alive
-from cache.streams import (Claimed, ReplyWriter, ack_delete, dead_letter, ensure_group, fields_payload, is_nogroup,
-                           own_pending, reclaim_dead)
+from cache.streams import (
+    Claimed,
+    ReplyWriter,
+    ack_delete,
+    dead_letter,
+    ensure_group,
+    fields_payload,
+    is_nogroup,
+    own_pending,
+    reclaim_dead,
+)
 from router import messages as m
 from router.liveness import Heartbeat, ReclaimGate, live_for_reclaim
 
@@ -55,7 +64,10 @@ class BackboneConfig:
     redis_url: str
     prefix: str = "trib"
     max_running: int = 16  # sequences decoding at once; further plans wait in the stream
-    kv_cache_bytes: int | None = None  # KV memory for all running sequences (each reserves prompt + max_tokens)
+    kv_cache_bytes: int | None = None  # this shard's KV pool (default: from gpu_memory_utilization, or CPU memory)
+    gpu_memory_utilization: float = 0.9  # on a GPU: the share of its memory weights + KV pool + activations may take
+    max_batched_tokens: int = 2048  # new positions one step computes at most (decodes + prefill chunks)
+    attention: str = "auto"  # auto (triton on CUDA, torch SDPA elsewhere) | torch | triton
     shard: int = 0  # this process's place in its pipeline replica
     num_shards: int = 1
     layers: range | None = None  # this shard's layers (default: an even split)
@@ -71,6 +83,10 @@ class BackboneConfig:
     def __post_init__(self) -> None:
         if self.max_running < 1 or self.max_deliveries < 1 or self.outage_hold_s <= 0:
             raise ValueError("max_running and max_deliveries must be >= 1 and outage_hold_s > 0")
+        if self.max_batched_tokens < 1 or not 0 < self.gpu_memory_utilization <= 1:
+            raise ValueError("max_batched_tokens must be >= 1 and gpu_memory_utilization in (0, 1]")
+        if self.attention not in ("auto", "torch", "triton", "loop"):
+            raise ValueError(f"attention must be auto, torch, triton or loop, got {self.attention!r}")
         resolve_placement(self.device, self.dtype)  # a bad flag is an error here, before any weight is read
 
 
@@ -145,8 +161,12 @@ class BackboneWorker:
     def run(self) -> None:
         ensure_group(self.r, self.stream, BACKBONE_GROUP)
         heartbeat = Heartbeat(self.cfg.redis_url, self.keys, "backbone", self.consumer, self.cfg.stall_s).start()
+        pool = self.engine.pool
         log.info("backbone ready", extra={"consumer": self.consumer, "max_running": self.cfg.max_running,
-                                          "kv_budget_bytes": self.engine.kv_budget_bytes})
+                                          "kv_blocks": pool.num_blocks, "block_size": pool.block_size,
+                                          "kv_tokens": pool.num_blocks * pool.block_size,
+                                          "attention": self.engine.model.attention.name,
+                                          "max_batched_tokens": self.engine.max_batched_tokens})
         new: list = []
         drain_deadline = None
         try:
@@ -324,8 +344,8 @@ class BackboneWorker:
         self.waiting.append((entry_id, plan))
 
     def _start_waiting(self) -> list[tuple[Sequence, torch.Tensor]]:
-        """Start queued plans in arrival order while a slot and their whole KV cache are free. A plan that cannot
-        start gets an error event (in the outbox) and the next one is tried."""
+        """Start queued plans in arrival order while a slot is free and the KV pool holds their prompt. A plan that
+        cannot start gets an error event (in the outbox) and the next one is tried."""
         starting: list[tuple[Sequence, torch.Tensor]] = []
         while self.waiting and len(self.running) < self.cfg.max_running:
             entry_id, plan = self.waiting[0]
@@ -335,14 +355,15 @@ class BackboneWorker:
                 self.waiting.popleft()
                 self._refuse(plan, entry_id, m.ErrorCode.BAD_PLAN, str(exc))
                 continue
-            if not self.engine.fits(seq):
-                if self.running:
-                    break  # wait for a running sequence to finish and free its KV cache
+            if not self.engine.fits_pool(seq):
                 self.waiting.popleft()
+                pool = self.engine.pool
                 self._refuse(plan, entry_id, m.ErrorCode.BAD_PLAN, (
-                    f"the request needs {self.engine.kv_bytes(seq)} bytes of KV cache; this backbone has "
-                    f"{self.engine.kv_budget_bytes}"))
+                    f"the request needs {pool.blocks_for(seq.capacity)} KV blocks of {pool.block_size} tokens "
+                    f"(prompt + max_tokens = {seq.capacity} tokens); this backbone's pool has {pool.num_blocks}"))
                 continue
+            if not self.engine.admissible(seq):
+                break  # its prompt waits for free KV blocks (running sequences finish and free theirs)
             try:
                 if time.time() > plan.deadline:
                     raise StepFailure(m.ErrorCode.DEADLINE, "the request waited past its deadline for a backbone")
@@ -532,9 +553,10 @@ def _cancelled(value: bytes | None, attempt: int) -> bool:
 
 
 def serve(cfg: BackboneConfig, model_dir: str, threads: int | None = None) -> None:
+    from backbone.kv import pool_blocks
     from backbone.loader import load_shard
     from backbone.model import DecoderConfig
-    from backbone.pipeline import PipelineHead, StageWorker, init_group
+    from backbone.pipeline import PipelineHead, StageWorker, agree_blocks, init_group
     from models.spec import ModelSpec
     from router.lifecycle import stop_on_signals, tune_allocator
 
@@ -554,17 +576,28 @@ def serve(cfg: BackboneConfig, model_dir: str, threads: int | None = None) -> No
                                      "dtype": str(dtype).removeprefix("torch."),
                                      "layers": f"{layers.start}:{layers.stop}"})
     if cfg.num_shards == 1:
-        BackboneWorker(cfg, load_engine(spec, layers, cfg.kv_cache_bytes, None, dtype, device), stop).run()
+        engine = load_engine(spec, layers, cfg.kv_cache_bytes, None, dtype, device, cfg.max_batched_tokens,
+                             cfg.max_running, cfg.gpu_memory_utilization, attention=cfg.attention)
+        BackboneWorker(cfg, engine, stop).run()
         return
     hops = init_group(cfg.dist_url, cfg.shard, cfg.num_shards, device)
+    model, names = load_shard(spec.path, text, layers, dtype, device, cfg.attention)
+    log.info("shard loaded", extra={"shard": cfg.shard, "tensors": len(names)})
+    # Every shard sizes a pool for its own layers; the replica takes the smallest (one block table for all).
+    blocks = agree_blocks(pool_blocks(model, cfg.kv_cache_bytes, cfg.gpu_memory_utilization, cfg.max_batched_tokens,
+                                      cfg.max_running, spec.max_context, share=hops.share))
+    if blocks < 1:
+        raise SystemExit("tributary backbone: no memory left for the KV cache on some shard (lower "
+                         "--max-batched-tokens, raise --gpu-memory-utilization, or give --kv-cache-gb)")
+    model.allocate_pool(blocks)
     if cfg.shard > 0:  # driven by shard 0 through the pipe; it stops us when it stops
-        model, names = load_shard(spec.path, text, layers, dtype, device)
-        log.info("shard loaded", extra={"shard": cfg.shard, "tensors": len(names)})
         StageWorker(model, cfg.shard, cfg.num_shards, hops).run()
         return
     head = PipelineHead(cfg.num_shards, hops)
     try:
-        BackboneWorker(cfg, load_engine(spec, layers, cfg.kv_cache_bytes, head, dtype, device), stop).run()
+        engine = Engine(model, spec.placeholder_ids, spec.eos_token_ids, spec.max_context, head,
+                        cfg.max_batched_tokens)
+        BackboneWorker(cfg, engine, stop).run()
     finally:
         head.stop()
 

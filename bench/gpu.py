@@ -86,7 +86,9 @@ def decode_ours(path: Path, batches: list[int], device, dtype, prompt: int, warm
     config = text_config(path)
     text = config["text_config"]
     model, _ = load_shard(path, text, None, dtype, device)
-    engine = Engine(model, placeholder_ids(config), [], int(text["max_position_embeddings"]))
+    model.allocate_pool(max(batches) * -(-(prompt + warm + steps + 2) // 16))  # room for the largest batch
+    engine = Engine(model, placeholder_ids(config), [], int(text["max_position_embeddings"]),
+                    max_batched_tokens=max(batches) * prompt)  # each batch's prompts in one step
     weights = sum(t.numel() * t.element_size() for w in model.layers for t in w.values())
     weights += sum(t.numel() * t.element_size() for t in (model.norm_weight, model.lm_head_weight))
     cfg, itemsize = model.cfg, torch.empty((), dtype=dtype).element_size()
@@ -96,7 +98,10 @@ def decode_ours(path: Path, batches: list[int], device, dtype, prompt: int, warm
         params = SamplingParams(max_tokens=warm + steps + 2, temperature=0.0, ignore_eos=True)
         ids = prompts(batch, prompt, cfg.vocab_size)
         seqs = [engine.new_sequence(f"b{i}", prompt, params) for i in range(batch)]
-        engine.step([], [(s, engine.start(s, p, [])) for s, p in zip(seqs, ids)])  # one prefill step for all
+        for s, p in zip(seqs, ids):
+            engine.start(s, p, [])
+        while any(not s.output for s in seqs):  # the prompts (one step)
+            engine.step(seqs)
         for _ in range(warm):
             engine.step(seqs)
         sync(device)
@@ -273,9 +278,9 @@ def main() -> int:
     prompt, warm, steps = args.prompt or (16 if smoke else 128), args.warm or (2 if smoke else 8), \
         args.steps or (8 if smoke else 64)
     args.workdir.mkdir(parents=True, exist_ok=True)
-    from models.real_shapes import write_llava
-
     import transformers
+
+    from models.real_shapes import write_llava
 
     transformers.utils.logging.disable_progress_bar()
     name = "CPU (smoke: numbers mean nothing)" if smoke else torch.cuda.get_device_name(device)

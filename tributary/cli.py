@@ -76,6 +76,8 @@ def build_parser() -> argparse.ArgumentParser:
     up.add_argument("--shards", type=int, default=1, help="backbone pipeline shards (processes)")
     up.add_argument("--backbone-device", default="auto", help="the backbone's --device (auto: cuda if present)")
     up.add_argument("--backbone-dtype", default="auto", help="the backbone's --dtype (auto: bf16 on a GPU, else fp32)")
+    up.add_argument("--max-batched-tokens", type=int, default=2048,
+                    help="the backbone's per-step token budget (decodes + prompt chunks)")
     up.add_argument("--backbone-replicas", type=int, default=1,
                     help="backbone replicas (each --shards processes), all reading one queue")
     up.add_argument("--encoder-runtime", default="torch", choices=["torch", "onnx"])
@@ -147,7 +149,16 @@ def build_parser() -> argparse.ArgumentParser:
     bb.add_argument("--dtype", default=_env("BACKBONE_DTYPE", "auto"),
                     help="float32, bfloat16 or float16 (default auto: bfloat16 on a GPU, float32 on a CPU)")
     bb.add_argument("--kv-cache-gb", type=float, default=None,
-                    help="KV memory for running sequences (each reserves prompt + max_tokens); default: unbounded")
+                    help="this shard's paged KV pool in GiB (default: from --gpu-memory-utilization on a GPU; on a "
+                         "CPU room for --max-running full contexts, at most 4 GiB)")
+    bb.add_argument("--gpu-memory-utilization", type=float, default=float(_env("GPU_MEMORY_UTILIZATION", 0.9)),
+                    help="share of the GPU's memory weights, KV pool and activations may take (shards on one GPU "
+                         "split it)")
+    bb.add_argument("--max-batched-tokens", type=int, default=int(_env("MAX_BATCHED_TOKENS", 2048)),
+                    help="new positions one step computes at most: decodes first, then prompt chunks")
+    bb.add_argument("--attention", default=_env("ATTENTION", "auto"), choices=["auto", "torch", "triton", "loop"],
+                    help="attention backend (auto: the Triton paged kernel on CUDA, torch SDPA on a CPU; loop: one "
+                         "SDPA per sequence, to measure against)")
     _worker(bb)
     bb.add_argument("--drain-timeout", type=float, default=float(_env("DRAIN_TIMEOUT", 30)),
                     help="on SIGTERM, seconds running requests may take to finish before they are failed")
@@ -264,6 +275,8 @@ def main(argv: list[str] | None = None) -> int:
             bcfg = BackboneConfig(redis_url=args.redis_url, prefix=args.prefix, max_running=args.max_running,
                                   kv_cache_bytes=kv, shard=args.shard, num_shards=args.num_shards, layers=layers,
                                   dist_url=args.dist_url, stall_s=args.stall_timeout,
+                                  gpu_memory_utilization=args.gpu_memory_utilization,
+                                  max_batched_tokens=args.max_batched_tokens, attention=args.attention,
                                   max_deliveries=args.max_deliveries, drain_timeout_s=args.drain_timeout,
                                   device=args.device, dtype=args.dtype)
         except ValueError as exc:

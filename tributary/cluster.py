@@ -171,7 +171,8 @@ def run_cluster(args) -> int:
     cluster = Cluster(model, args.redis_url or "", args.prefix, args.host, args.port, args.log_level,
                       encoder_args, ["--limit-mm-per-prompt", args.limit_mm_per_prompt, *limits, *admission],
                       args.shards, modalities, replicas=args.backbone_replicas,
-                      backbone_args=["--device", args.backbone_device, "--dtype", args.backbone_dtype])
+                      backbone_args=["--device", args.backbone_device, "--dtype", args.backbone_dtype,
+                                     "--max-batched-tokens", str(args.max_batched_tokens)])
     try:
         cluster.check_port()
     except NotReady as exc:

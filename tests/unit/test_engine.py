@@ -33,8 +33,10 @@ def tok(tiny_spec):
 
 @pytest.fixture(scope="module")
 def shard(tiny_spec):
-    """The engine's own model: every layer, read from the same checkpoint by backbone.loader."""
-    return load_shard(tiny_spec.path, tiny_spec.config["text_config"])[0]
+    """The engine's own model: every layer, read from the same checkpoint by backbone.loader, with a KV pool."""
+    model = load_shard(tiny_spec.path, tiny_spec.config["text_config"])[0]
+    model.allocate_pool(512)
+    return model
 
 
 @pytest.fixture(scope="module")
@@ -222,17 +224,20 @@ def _started(engine, tok, texts, n=8, media=None):
 
 
 def test_a_sequence_whose_forward_fails_fails_alone(engine, tok):
-    """Fault injected on one sequence's rows (its KV cache is too small): the batched forward raises, the step is
-    re-run one sequence at a time, and only that one fails; the others' tokens are exactly those of running alone."""
+    """Fault injected on one sequence's rows (its block table points past the pool): the batched forward raises, the
+    step is re-run one sequence at a time, and only that one fails; the others' tokens are exactly those of running
+    alone."""
     alone = [run(engine, ids_of(tok, p), greedy(8)).output for p in PROMPTS]
     seqs = _started(engine, tok, PROMPTS)
     bad = seqs[1]
-    bad.cache.k[0] = bad.cache.k[0][:, :1]  # [Hkv, 1, D]: the next position no longer fits
+    own = list(bad.blocks)
+    bad.blocks[:] = [engine.pool.num_blocks + 7] * len(own)  # every slot of it is out of range
     for _ in range(10):
         engine.step(seqs)
     assert bad.finish == FinishReason.ERROR and "forward" in bad.error and len(bad.output) == 1
     for i in (0, 2):
         assert seqs[i].finish == FinishReason.LENGTH and seqs[i].output == alone[i]
+    engine.pool.release(own)  # the injected table was dropped with the sequence; its real blocks go back
 
 
 def test_non_finite_logits_fail_their_sequence_alone(engine, tok):
@@ -267,7 +272,7 @@ def test_token_ids_outside_the_vocabulary_are_a_plan_error(engine, ids):
     seq = engine.new_sequence("r", max(len(ids), 1), greedy(2))
     with pytest.raises(PlanError, match="vocabulary"):
         engine.start(seq, ids, [])
-    assert seq.cache is None  # nothing allocated
+    assert seq.blocks == [] and seq.prompt_embeds is None  # nothing allocated
 
 
 def test_extreme_sampling_parameters_run(engine, tok):
@@ -309,14 +314,13 @@ def test_bf16_on_cpu_runs_the_same_code_and_agrees_with_fp32_where_the_margin_is
     step, bf16 picks the same token, and its own greedy run (with its cache) equals fp32's up to the first step
     that is not clear (past a near-tie the two may fairly part ways)."""
     from backbone.engine import load_engine
-    from backbone.model import Segment
 
     engines = {dt: load_engine(tiny_spec, dtype=dt) for dt in (torch.float32, torch.bfloat16)}
-    assert engines[torch.bfloat16].model.new_cache(4).k[0].dtype == torch.bfloat16
+    assert engines[torch.bfloat16].pool.k.dtype == torch.bfloat16
 
     def last_logits(engine, ids):  # a forward without reuse over the whole sequence so far
         seq = engine.new_sequence("m", len(ids), greedy(1))
-        hidden = engine.model.forward(engine.start(seq, ids, []), [Segment(seq.cache, 0, len(ids))])
+        hidden = engine.prompt_hidden(seq, ids, [])
         engine.release(seq)
         return engine.model.logits(hidden[-1:])[0]
 

@@ -6,8 +6,8 @@ from __future__ import annotations
 import pytest
 import torch
 
+from backbone.attention import Segment
 from backbone.engine import load_engine
-from backbone.model import Segment
 from backbone.sampling import sample_batch
 from router.messages import SamplingParams
 
@@ -17,7 +17,7 @@ pytestmark = [pytest.mark.gpu,
 
 def prompt_logits(engine, ids: list[int]) -> torch.Tensor:
     seq = engine.new_sequence("g", len(ids), SamplingParams(max_tokens=1, temperature=0.0))
-    hidden = engine.model.forward(engine.start(seq, ids, []), [Segment(seq.cache, 0, len(ids))])
+    hidden = engine.prompt_hidden(seq, ids, [])
     engine.release(seq)
     return engine.model.logits(hidden[-1:])[0]
 
@@ -26,7 +26,7 @@ def prompt_logits(engine, ids: list[int]) -> torch.Tensor:
 def test_device_logits_agree_with_cpu_fp32(tiny_spec, dtype):
     cpu = load_engine(tiny_spec, dtype=torch.float32)
     gpu = load_engine(tiny_spec, dtype=dtype, device="cuda")
-    assert gpu.model.device.type == "cuda" and gpu.model.new_cache(4).k[0].device.type == "cuda"
+    assert gpu.model.device.type == "cuda" and gpu.pool.k.device.type == "cuda"
     tol = 1e-4 if dtype == torch.float32 else 3e-2  # bf16 keeps 8 bits of mantissa
     for ids in ([1, 286, 274, 203, 56], [1, 20, 21, 22, 203, 7, 9, 11], [1, 40, 41]):
         ref, got = prompt_logits(cpu, ids), prompt_logits(gpu, ids).cpu()
@@ -99,7 +99,7 @@ def test_real_shape_llava_on_the_device_matches_transformers_in_bf16(tmp_path):
     engine = load_engine(ModelSpec.from_dir(path), dtype=torch.bfloat16, device="cuda")
     ids = [1, 300, 301, 302, 17, 900, 5]
     seq = engine.new_sequence("r", len(ids), SamplingParams(max_tokens=1, temperature=0.0))
-    ours = engine.model.logits(engine.model.forward(engine.start(seq, ids, []), [Segment(seq.cache, 0, len(ids))]))
+    ours = engine.model.logits(engine.prompt_hidden(seq, ids, []))
     with torch.no_grad():
         theirs = ref(input_ids=torch.tensor([ids], device="cuda")).logits[0].float()
     scale = float(theirs.abs().max())
@@ -141,3 +141,30 @@ def test_two_pipeline_shards_sharing_the_gpu_match_one_cpu_shard(tiny_model, tin
         for p in (head, last):
             if p is not None and p.poll() is None:
                 p.kill()
+
+
+@pytest.mark.parametrize("dtype, tol", [(torch.float32, 1e-4), (torch.bfloat16, 2e-2)])
+def test_the_triton_paged_kernel_equals_the_torch_backend_on_the_gpu(dtype, tol):
+    """The CUDA attention backend against the CPU reference backend, on the cases of tests/unit/test_attention.py
+    (decodes, chunks mid-prompt, one-token prompts, shuffled blocks, GQA), and at a real head size."""
+    from backbone.attention import TorchAttention, TritonAttention
+    from tests.unit.test_attention import BS, D, case
+
+    for seed in range(3):
+        q, k, v, segments = case(seed, dtype)
+        ref = TorchAttention()(q.float(), k.float(), v.float(), TorchAttention().prepare(segments, BS, torch.device(
+            "cpu")), D ** -0.5)
+        gpu = TritonAttention()
+        got = gpu(q.cuda(), k.cuda(), v.cuda(), gpu.prepare(segments, BS, torch.device("cuda")), D ** -0.5)
+        assert float((got.float().cpu() - ref).abs().max()) <= tol, (seed, dtype)
+    # head_dim 128, 32 query heads over 8 KV heads, a 1,000-token context: the bench's shapes
+    g = torch.Generator().manual_seed(5)
+    k = torch.randn(80 * 16, 8, 128, generator=g).to(dtype)
+    v = torch.randn(80 * 16, 8, 128, generator=g).to(dtype)
+    segments = [Segment(list(range(0, 63)), 999, 1), Segment(list(range(63, 80)), 0, 256)]
+    q = torch.randn(257, 32, 128, generator=g).to(dtype)
+    ref = TorchAttention()(q.float(), k.float(), v.float(), TorchAttention().prepare(segments, 16, torch.device(
+        "cpu")), 128 ** -0.5)
+    gpu = TritonAttention()
+    got = gpu(q.cuda(), k.cuda(), v.cuda(), gpu.prepare(segments, 16, torch.device("cuda")), 128 ** -0.5)
+    assert float((got.float().cpu() - ref).abs().max()) <= tol

@@ -9,14 +9,18 @@ import torch
 
 from backbone import pipeline
 from backbone.loader import load_shard
-from backbone.pipeline import FAILED, StageWorker, StepTable
+from backbone.model import Segment
+from backbone.pipeline import FAILED, NO_TOKEN, StageWorker, StepTable, block_tables
 
 
 @pytest.fixture(scope="module")
 def halves(tiny_spec):
     text = tiny_spec.config["text_config"]
     n = text["num_hidden_layers"]
-    return (load_shard(tiny_spec.path, text, range(0, n // 2))[0], load_shard(tiny_spec.path, text, range(n // 2, n))[0])
+    shards = [load_shard(tiny_spec.path, text, layers)[0] for layers in (range(0, n // 2), range(n // 2, n))]
+    for shard in shards:
+        shard.allocate_pool(64)
+    return shards
 
 
 @pytest.fixture
@@ -26,17 +30,25 @@ def sent(monkeypatch):
     return out
 
 
-def first_step(first, ids_per_seq: list[list[int]], failed: list[int]) -> tuple[StepTable, torch.Tensor]:
-    """What shard 0 would send for these sequences' prefill: the table and the hidden states after its layers."""
-    caches = [first.new_cache(len(ids) + 4) for ids in ids_per_seq]
-    from backbone.model import Segment
+def tables_for(ids_per_seq: list[list[int]]) -> list[list[int]]:
+    """Disjoint block tables (as shard 0 would hand out) covering each prompt and 4 more tokens."""
+    out, nxt = [], 0
+    for ids in ids_per_seq:
+        n = -(-(len(ids) + 4) // 16)
+        out.append(list(range(nxt, nxt + n)))
+        nxt += n
+    return out
 
-    segments = [Segment(c, 0, len(ids)) for c, ids in zip(caches, ids_per_seq)]
+
+def first_step(first, ids_per_seq: list[list[int]], failed: list[int], sample=True) -> tuple[StepTable, torch.Tensor]:
+    """What shard 0 would send for these sequences' prefill: the table and the hidden states after its layers."""
+    tables = tables_for(ids_per_seq)
+    segments = [Segment(t, 0, len(ids)) for t, ids in zip(tables, ids_per_seq)]
     hidden = first.forward(first.embed(torch.tensor([t for ids in ids_per_seq for t in ids])), segments)
-    ints = torch.tensor([[sid, 0, len(ids), len(ids) + 4, 7, sid in failed, 0]
+    ints = torch.tensor([[sid, 0, len(ids), 7, sid in failed, 0, int(sample)]
                          for sid, ids in enumerate(ids_per_seq)], dtype=torch.long)
     floats = torch.tensor([[0.0, 1.0]] * len(ids_per_seq), dtype=torch.float64)
-    return StepTable(ints, floats, torch.empty(0, dtype=torch.long)), hidden
+    return StepTable(ints, floats, block_tables(segments)), hidden
 
 
 PROMPTS = [[1, 20, 21, 22], [1, 30, 31], [1, 40, 41, 42, 43]]
@@ -56,18 +68,27 @@ def test_rows_flagged_upstream_come_back_failed_and_the_others_sample(halves, se
     assert got.tolist() == [clean[0].item(), FAILED, clean[2].item()]
 
 
+def test_rows_not_to_sample_come_back_without_a_token(halves, sent):
+    """A prefill chunk that does not reach its prompt's end: the last shard runs it but samples nothing."""
+    first, last = halves
+    table, hidden = first_step(first, PROMPTS, failed=[], sample=False)
+    table.ints[0, 6] = 1
+    StageWorker(last, rank=1, world=2)._step(table, hidden)
+    got = sent.pop().tolist()
+    assert got[0] >= 0 and got[1:] == [NO_TOKEN, NO_TOKEN]
+
+
 def test_a_row_that_fails_on_this_shard_alone_comes_back_failed(halves, sent):
     first, last = halves
     table, hidden = first_step(first, PROMPTS, failed=[])
     stage = StageWorker(last, rank=1, world=2)
-    stage._step(table, hidden)  # the prefill step creates the caches
+    stage._step(table, hidden)
     sent.pop()
-    # Next step: decode one token each; sequence 2's cache on this shard is too small to take it.
-    stage.caches[2].k[0] = stage.caches[2].k[0][:, :1]
-    ints = torch.tensor([[sid, len(ids), 1, len(ids) + 4, 7, 0, 1] for sid, ids in enumerate(PROMPTS)],
-                        dtype=torch.long)
-    step = StepTable(ints, table.floats, torch.empty(0, dtype=torch.long))
-    stage._step(step, torch.randn(3, last.cfg.hidden_size))
+    # Next step: decode one token each; sequence 2's block table on this step points past the pool.
+    ints = torch.tensor([[sid, len(ids), 1, 7, 0, 1, 1] for sid, ids in enumerate(PROMPTS)], dtype=torch.long)
+    tables = table.tables.clone()
+    tables[2] = last.pool.num_blocks + 3
+    stage._step(StepTable(ints, table.floats, tables), torch.randn(3, last.cfg.hidden_size))
     got = sent.pop()
     assert got[2].item() == FAILED and (got[:2] >= 0).all()
 

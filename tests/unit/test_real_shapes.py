@@ -56,7 +56,6 @@ def test_transformers_loads_it_and_our_backbone_and_encoder_agree(llava_tiny):
     from transformers import LlavaForConditionalGeneration
 
     from backbone.engine import load_engine
-    from backbone.model import Segment
     from models.llava import load_image_encoder
     from router.messages import SamplingParams
 
@@ -69,7 +68,7 @@ def test_transformers_loads_it_and_our_backbone_and_encoder_agree(llava_tiny):
     engine = load_engine(spec)
     ids = [1, 300, 301, 302, 17, 900, 5]
     seq = engine.new_sequence("r", len(ids), SamplingParams(max_tokens=1, temperature=0.0))
-    hidden = engine.model.forward(engine.start(seq, ids, []), [Segment(seq.cache, 0, len(ids))])
+    hidden = engine.prompt_hidden(seq, ids, [])
     ours = engine.model.logits(hidden)
     with torch.no_grad():
         theirs = ref(input_ids=torch.tensor([ids])).logits[0]

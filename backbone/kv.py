@@ -1,0 +1,106 @@
+"""The paged KV cache of one shard: a pool of fixed-size blocks shared by every sequence, and its sizing.
+
+``k[layer]``, ``v[layer]``: [num_blocks, block_size, kv_heads, head_dim] (one tensor per cache, every layer in it). A
+sequence owns a list of block ids (its block table, kept on the host by the engine); token position ``p`` of a
+sequence lives in block ``table[p // block_size]`` at offset ``p % block_size``, in every layer. Blocks are handed out
+and taken back on the host (a free list), so allocation never touches the device.
+
+Every shard of a pipeline replica holds its own pool for its own layers, with the same number of blocks: each sizes
+its pool from its own memory (``--gpu-memory-utilization`` of the device's memory, after the weights and the
+activation peak of a ``--max-batched-tokens`` step, or ``--kv-cache-gb``) and the replica agrees on the smallest
+(backbone/pipeline.py), so one block table, chosen by shard 0, is valid on every shard.
+"""
+
+from __future__ import annotations
+
+import torch
+
+BLOCK_SIZE = 16  # tokens per block: a power of two (the Triton kernel's tile), small enough to waste little
+
+
+class KVPool:
+    def __init__(self, num_layers: int, num_blocks: int, block_size: int, kv_heads: int, head_dim: int,
+                 dtype: torch.dtype, device: torch.device | str):
+        if num_blocks < 1:
+            raise ValueError("the KV pool needs at least one block")
+        shape = (num_layers, num_blocks, block_size, kv_heads, head_dim)
+        self.k = torch.zeros(shape, dtype=dtype, device=device)
+        self.v = torch.zeros(shape, dtype=dtype, device=device)
+        self.num_blocks, self.block_size = num_blocks, block_size
+        self._free = list(range(num_blocks - 1, -1, -1))  # a stack: recently freed blocks are reused first
+        self._used = [False] * num_blocks
+
+    @staticmethod
+    def block_bytes(num_layers: int, block_size: int, kv_heads: int, head_dim: int, dtype: torch.dtype) -> int:
+        return 2 * num_layers * block_size * kv_heads * head_dim * torch.empty((), dtype=dtype).element_size()
+
+    @property
+    def free(self) -> int:
+        return len(self._free)
+
+    def blocks_for(self, tokens: int) -> int:
+        return -(-tokens // self.block_size)
+
+    def grow(self, table: list[int], tokens: int) -> bool:
+        """Extend ``table`` to hold ``tokens`` positions; False (nothing taken) if the pool has too few blocks."""
+        need = self.blocks_for(tokens) - len(table)
+        if need <= 0:
+            return True
+        if need > len(self._free):
+            return False
+        for _ in range(need):
+            block = self._free.pop()
+            self._used[block] = True
+            table.append(block)
+        return True
+
+    def release(self, table: list[int]) -> None:
+        """Take back a table's blocks (and empty it). Only blocks handed out are taken back, each once: a stale or
+        corrupted table cannot put a block in two sequences."""
+        for block in reversed(table):
+            if 0 <= block < self.num_blocks and self._used[block]:
+                self._used[block] = False
+                self._free.append(block)
+        table.clear()
+
+    def flat(self, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Layer ``layer``'s K and V as [num_blocks * block_size, kv_heads, head_dim] (slot-indexed views)."""
+        k, v = self.k[layer], self.v[layer]
+        return k.view(-1, *k.shape[2:]), v.view(-1, *v.shape[2:])
+
+
+def blocks_in_budget(budget_bytes: int, block_bytes: int) -> int:
+    return max(0, int(budget_bytes) // block_bytes)
+
+
+CPU_DEFAULT_BYTES = 4 * 2**30  # a CPU pool holds max_running full contexts, at most this much
+
+
+def activation_bytes(model, max_batched_tokens: int, max_running: int) -> int:
+    """A step's transient memory at most (an estimate, on the safe side): per token the q/k/v/o rows, the MLP's
+    gate, up and product, a few hidden-state copies; the sampled rows' logits in fp32 and the sampler's sort
+    buffers; 256 MiB for the allocator's slack and cuBLAS workspaces."""
+    cfg, itemsize = model.cfg, torch.empty((), dtype=model.dtype).element_size()
+    per_token = 2 * (cfg.num_heads + 2 * cfg.num_kv_heads) * cfg.head_dim + 3 * cfg.intermediate_size \
+        + 6 * cfg.hidden_size
+    return max_batched_tokens * per_token * itemsize + max_running * cfg.vocab_size * 4 * 6 + 256 * 2**20
+
+
+def pool_blocks(model, kv_cache_bytes: int | None = None, gpu_memory_utilization: float = 0.9,
+                max_batched_tokens: int = 2048, max_running: int = 16, max_context: int = 4096,
+                share: int = 1, block_size: int = BLOCK_SIZE) -> int:
+    """How many blocks this shard's pool may take (its own layers only).
+
+    ``kv_cache_bytes`` given: that much. On a GPU: ``gpu_memory_utilization`` of the device's memory, less what is
+    in use now (this process's weights, and anything other processes hold), less a step's activations, split
+    evenly between the ``share`` shards that run on this same GPU. On a CPU: room for ``max_running`` sequences of
+    ``max_context`` tokens, at most 4 GiB."""
+    block = model.block_bytes(block_size)
+    if kv_cache_bytes is not None:
+        return blocks_in_budget(kv_cache_bytes, block)
+    if model.device.type == "cuda":
+        free, total = torch.cuda.mem_get_info(model.device)
+        budget = (gpu_memory_utilization * total - (total - free)) / max(1, share)
+        return blocks_in_budget(budget - activation_bytes(model, max_batched_tokens, max_running), block)
+    full = max_running * -(-max_context // block_size) * block
+    return blocks_in_budget(min(full, CPU_DEFAULT_BYTES), block)

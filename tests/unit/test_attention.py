@@ -1,0 +1,119 @@
+"""backbone/attention.py: one attention call over a step's sequences through their block tables.
+
+The torch backend is held to a dense per-sequence computation; the Triton kernel to the torch backend, on a CPU under
+Triton's interpreter (fp32 and fp16: the interpreter's bf16 ``tl.dot`` is broken, so bf16 is checked on a GPU by
+``pytest -m gpu``)."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+
+from backbone.attention import LoopAttention, Segment, TorchAttention
+from backbone.kv import KVPool
+
+ROOT = Path(__file__).resolve().parents[2]
+HQ, HKV, D, BS, BLOCKS = 4, 2, 16, 16, 48
+
+
+def case(seed: int, dtype=torch.float32):
+    """A pool with shuffled blocks and a step mixing a decode, a first prefill chunk, a middle chunk, a one-token
+    prompt and a whole prompt; q [T, Hq, D]."""
+    g = torch.Generator().manual_seed(seed)
+    k = torch.randn(BLOCKS * BS, HKV, D, generator=g).to(dtype)
+    v = torch.randn(BLOCKS * BS, HKV, D, generator=g).to(dtype)
+    free = torch.randperm(BLOCKS, generator=g).tolist()
+
+    def take(n):
+        return [free.pop() for _ in range(n)]
+
+    segments = [Segment(take(3), 40, 1), Segment(take(2), 0, 20), Segment(take(4), 33, 17), Segment(take(1), 0, 1),
+                Segment(take(3), 0, 37)]
+    q = torch.randn(sum(s.length for s in segments), HQ, D, generator=g).to(dtype)
+    return q, k, v, segments
+
+
+def dense(q, k, v, segments, scale):
+    out, offset = [], 0
+    for s in segments:
+        ctx = s.start + s.length
+        slots = torch.tensor([s.blocks[p // BS] * BS + p % BS for p in range(ctx)])
+        ks, vs = k[slots].float().repeat_interleave(HQ // HKV, 1), v[slots].float().repeat_interleave(HQ // HKV, 1)
+        qs = q[offset : offset + s.length].float()
+        scores = torch.einsum("qhd,khd->hqk", qs, ks) * scale
+        causal = torch.arange(ctx)[None, :] <= (s.start + torch.arange(s.length))[:, None]
+        p = torch.softmax(scores.masked_fill(~causal, float("-inf")), dim=-1)
+        out.append(torch.einsum("hqk,khd->qhd", p, vs))
+        offset += s.length
+    return torch.cat(out)
+
+
+@pytest.mark.parametrize("backend", [TorchAttention(), LoopAttention()], ids=["padded", "loop"])
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_one_padded_sdpa_call_equals_each_sequence_alone(seed, backend):
+    q, k, v, segments = case(seed)
+    meta = backend.prepare(segments, BS, torch.device("cpu"))
+    got = backend(q, k, v, meta, D ** -0.5)
+    assert got.shape == q.shape
+    torch.testing.assert_close(got, dense(q, k, v, segments, D ** -0.5), atol=1e-5, rtol=1e-5)
+    want_pos = [p for s in segments for p in range(s.start, s.start + s.length)]
+    assert meta.positions.tolist() == want_pos
+    assert meta.slots.tolist() == [s.blocks[p // BS] * BS + p % BS for s in segments
+                                   for p in range(s.start, s.start + s.length)]
+
+
+def test_the_pool_hands_out_each_block_once():
+    pool = KVPool(2, 8, BS, HKV, D, torch.float32, "cpu")
+    a, b = [], []
+    assert pool.grow(a, 40) and len(a) == 3 and pool.free == 5
+    assert not pool.grow(b, 6 * BS) and b == [] and pool.free == 5  # all or nothing
+    assert pool.grow(b, 5 * BS) and pool.free == 0 and not set(a) & set(b)
+    stale = list(a)
+    pool.release(a)
+    pool.release(stale)  # a second release of the same blocks changes nothing
+    pool.release([99, -1])  # nor do ids that were never handed out
+    assert pool.free == 3 and a == []
+
+
+INTERPRETED = textwrap.dedent("""
+    import sys
+    import torch
+    import triton.runtime.interpreter as ti
+
+    # Triton 3.6's interpreter turns a loaded scalar (a 1-element array) into a loop bound with int(array), which
+    # NumPy >= 2.4 refuses; take the element instead (only the interpreter is patched, never compiled kernels).
+    _orig = ti._patch_lang_tensor
+
+    def _patched(tensor, scope):
+        _orig(tensor, scope)
+        scope.set_attr(tensor, "__index__", lambda self: int(self.handle.data.reshape(-1)[0]))
+
+    ti._patch_lang_tensor = _patched
+    sys.path.insert(0, ".")
+    from tests.unit.test_attention import BS, D, case
+    from backbone.attention import TorchAttention, TritonAttention
+
+    for seed, dtype, tol in ((0, torch.float32, 1e-5), (1, torch.float32, 1e-5), (2, torch.float16, 2e-3)):
+        q, k, v, segments = case(seed, dtype)
+        cpu = torch.device("cpu")
+        ref = TorchAttention()(q, k, v, TorchAttention().prepare(segments, BS, cpu), D ** -0.5)
+        got = TritonAttention()(q, k, v, TritonAttention().prepare(segments, BS, cpu), D ** -0.5)
+        err = float((got.float() - ref.float()).abs().max())
+        print(dtype, err)
+        assert err <= tol, (seed, dtype, err)
+    print("ok")
+""")
+
+
+def test_the_triton_kernel_equals_the_torch_backend_under_the_interpreter():
+    pytest.importorskip("triton")
+    env = dict(os.environ, TRITON_INTERPRET="1")
+    proc = subprocess.run([sys.executable, "-c", INTERPRETED], cwd=ROOT, env=env, capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 0 and proc.stdout.strip().endswith("ok"), proc.stdout + proc.stderr[-3000:]

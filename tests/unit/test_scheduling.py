@@ -1,0 +1,202 @@
+"""backbone/engine.py's scheduler: chunked prefill under a token budget, decodes that always advance, preemption when
+the paged KV pool runs out, admission by free blocks. Every sequence must give the tokens it gives alone.
+
+"Alone" up to float arithmetic: a batch, a chunk or a recompute changes the shapes of the matmuls, which changes
+the last bits of the logits (measured ~1e-5 here), so a choice decided by less than that may fairly flip and the
+texts part from there. :func:`same_tokens` allows exactly that: the tokens must be equal up to the first step where
+the lone run's choice was a near tie (top-2 logit gap, or for a seeded sample the exponential race's relative gap,
+under 1e-3), and a test fails if too few steps were compared to prove anything."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from backbone.engine import Engine
+from backbone.loader import load_shard
+from backbone.sampling import exponential_noise
+from router.messages import FinishReason, SamplingParams
+from tests.unit.test_engine import MEDIA_PROMPT, PROMPTS, ids_of, media_rows
+
+
+@pytest.fixture(scope="module")
+def tok(tiny_spec):
+    return tiny_spec.load_tokenizer()
+
+
+@pytest.fixture(scope="module")
+def model(tiny_spec):
+    return load_shard(tiny_spec.path, tiny_spec.config["text_config"])[0]
+
+
+def engine_with(model, tiny_spec, blocks: int, budget: int = 2048) -> Engine:
+    model.allocate_pool(blocks)
+    return Engine(model, tiny_spec.placeholder_ids, eos_ids=[], max_context=tiny_spec.max_context,
+                  max_batched_tokens=budget)
+
+
+def params(n, **kw):
+    return SamplingParams(max_tokens=n, temperature=kw.pop("temperature", 0.0), ignore_eos=True, **kw)
+
+
+def drive(engine, prompts, ps, media=None, limit=2000):
+    """Start every prompt at once and step until all finish; returns the sequences and the steps taken."""
+    seqs = []
+    for i, (ids, p) in enumerate(zip(prompts, ps)):
+        seq = engine.new_sequence(f"r{i}", len(ids), p)
+        engine.start(seq, ids, list(media[i]) if media and media[i] else [])
+        seqs.append(seq)
+    steps = 0
+    while any(s.finish is None for s in seqs):
+        engine.step(seqs)
+        steps += 1
+        assert steps < limit, "the scheduler stopped making progress"
+    return seqs, steps
+
+
+def alone(model, tiny_spec, ids, p, media=()):
+    engine = engine_with(model, tiny_spec, 256)
+    (seq,), _ = drive(engine, [ids], [p], [media])
+    return seq.output
+
+
+NEAR_TIE = 1e-3
+
+
+def reference(model, tiny_spec, ids, p, media=()):
+    """The tokens alone, and how clear each choice was (see the module docstring)."""
+    out = alone(model, tiny_spec, ids, p, media)
+    engine = engine_with(model, tiny_spec, 256)
+    margins = []
+    for k in range(len(out)):
+        seq = engine.new_sequence("m", len(ids) + k, params(1, seed=p.seed, temperature=p.temperature))
+        logits = engine.model.logits(engine.prompt_hidden(seq, ids + out[:k], list(media))[-1:])[0]
+        engine.release(seq)
+        if p.temperature == 0:
+            top = logits.topk(2).values
+            margins.append(float(top[0] - top[1]))
+        else:
+            race = torch.softmax(logits / p.temperature, -1) / exponential_noise(
+                torch.tensor([seq.params.seed]), torch.tensor([k]), logits.shape[-1])[0]
+            top = race.topk(2).values
+            margins.append(float((top[0] - top[1]) / top[0]))
+    return out, margins
+
+
+def same_tokens(got: list[int], want: list[int], margins: list[float]) -> int:
+    """Assert ``got`` equals ``want`` up to the first near tie (where they may part); returns the steps compared."""
+    assert len(got) == len(want)
+    for k, (a, b) in enumerate(zip(got, want)):
+        if a != b:
+            assert margins[k] < NEAR_TIE, f"token {k} differs ({a} != {b}) though the choice was clear ({margins[k]})"
+            return k
+        if margins[k] < NEAR_TIE:
+            return k + 1
+    return len(want)
+
+
+def long_prompt(tok, n=60):
+    ids = ids_of(tok, " ".join(PROMPTS) * 4)[:n]
+    assert len(ids) == n
+    return ids
+
+
+def test_a_prompt_in_chunks_gives_the_tokens_of_a_whole_prefill(model, tiny_spec, tok):
+    ids = long_prompt(tok)
+    want = alone(model, tiny_spec, ids, params(8))
+    for budget in (1, 7, 16, 59):
+        engine = engine_with(model, tiny_spec, 256, budget)
+        (seq,), steps = drive(engine, [ids], [params(8)])
+        assert seq.output == want, budget
+        assert steps == -(-len(ids) // budget) + 7  # the prompt's chunks, then one token a step
+
+
+def test_chunks_that_cut_through_media_rows(model, tiny_spec, tok):
+    ids = ids_of(tok, MEDIA_PROMPT)
+    want = alone(model, tiny_spec, ids, params(6), media_rows())
+    engine = engine_with(model, tiny_spec, 256, 3)
+    (seq,), _ = drive(engine, [ids], [params(6)], [media_rows()])
+    assert seq.output == want
+
+
+def test_running_streams_advance_every_step_while_a_long_prompt_is_chunked(model, tiny_spec, tok):
+    short = [ids_of(tok, p) for p in PROMPTS[1:]]
+    refs = [reference(model, tiny_spec, ids, params(30)) for ids in short]
+    engine = engine_with(model, tiny_spec, 256, 8)
+    running = []
+    for i, ids in enumerate(short):
+        seq = engine.new_sequence(f"s{i}", len(ids), params(30))
+        engine.prefill(seq, ids, [])
+        running.append(seq)
+    big = engine.new_sequence("big", 60, params(4))
+    engine.start(big, long_prompt(tok), [])
+    while not big.output:
+        before = [len(s.output) for s in running]
+        engine.step(running + [big])
+        assert [len(s.output) for s in running] == [b + 1 for b in before]  # a token each, every step
+    compared = 0
+    for seq, (want, margins) in zip(running, refs):
+        while seq.finish is None:
+            engine.step([seq])
+        compared += same_tokens(seq.output, want, margins)
+    assert compared >= 30
+
+
+def test_sequences_joining_and_leaving_mid_batch_give_their_own_tokens(model, tiny_spec, tok):
+    prompts = [ids_of(tok, p) for p in PROMPTS] + [long_prompt(tok, 40)]
+    lengths = [3, 9, 5, 7]
+    refs = [reference(model, tiny_spec, ids, params(n)) for ids, n in zip(prompts, lengths)]
+    engine = engine_with(model, tiny_spec, 256, 12)
+    seqs, step = [], 0
+    while len(seqs) < len(prompts) or any(s.finish is None for s in seqs):
+        if step % 2 == 0 and len(seqs) < len(prompts):  # a new one every other step
+            i = len(seqs)
+            seq = engine.new_sequence(f"j{i}", len(prompts[i]), params(lengths[i]))
+            engine.start(seq, prompts[i], [])
+            seqs.append(seq)
+        engine.step([s for s in seqs if s.finish is None])
+        step += 1
+    assert sum(same_tokens(s.output, *ref) for s, ref in zip(seqs, refs)) >= 16
+
+
+@pytest.mark.parametrize("temperature", [0.0, 0.8])
+def test_a_pool_too_small_for_everyone_preempts_and_still_finishes_all(model, tiny_spec, tok, temperature):
+    """Four sequences that need 4 blocks each at the end, in a pool of 9: some are preempted (their blocks freed,
+    recomputed later from prompt + generated tokens) and each gives its tokens alone (seeded sampling resumes at its
+    draw)."""
+    base = long_prompt(tok, 60)
+    prompts = [base[i : i + 20] for i in (0, 10, 20, 30)]
+    ps = [params(40, temperature=temperature, seed=100 + i) for i in range(4)]
+    refs = [reference(model, tiny_spec, ids, p) for ids, p in zip(prompts, ps)]
+    engine = engine_with(model, tiny_spec, 9, 64)
+    seqs, _ = drive(engine, prompts, ps)
+    assert engine.preemptions > 0 and any(s.preempted for s in seqs)
+    assert sum(same_tokens(s.output, *ref) for s, ref in zip(seqs, refs)) >= 80
+    assert all(s.finish == FinishReason.LENGTH for s in seqs)
+    assert engine.pool.free == 9  # finished sequences gave every block back
+
+
+def test_admission_counts_free_blocks_and_what_prefilling_sequences_will_take(model, tiny_spec, tok):
+    engine = engine_with(model, tiny_spec, 6, 4)
+    first = engine.new_sequence("a", 60, params(4))
+    assert engine.fits_pool(first) and engine.admissible(first)  # 64 positions: 4 of the 6 blocks
+    engine.start(first, long_prompt(tok), [])
+    engine.step([first])  # one 4-token chunk: 1 block taken, 3 more promised
+    # 5 free, 3 promised to the first: 2 left, enough for a 31-position prompt (2 blocks), not a 41 (3 blocks).
+    assert engine.admissible(engine.new_sequence("b", 30, params(2)))
+    assert not engine.admissible(engine.new_sequence("b", 40, params(2)))
+    huge = engine.new_sequence("c", 90, params(10))
+    assert not engine.fits_pool(huge)  # 100 positions > 96 the pool holds: it could never finish
+
+
+def test_a_sequence_the_pool_cannot_hold_fails_alone(model, tiny_spec, tok):
+    engine = engine_with(model, tiny_spec, 2, 64)
+    ids = long_prompt(tok, 20)
+    seq = engine.new_sequence("r", len(ids), params(40))
+    engine.start(seq, ids, [])
+    for _ in range(50):
+        if seq.finish is not None:
+            break
+        engine.step([seq])
+    assert seq.finish == FinishReason.ERROR and "KV pool" in seq.error
+    assert engine.pool.free == 2
