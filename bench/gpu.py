@@ -41,8 +41,11 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-GPU_ROWS = [("llava-1b", [1, 8, 32]), ("llava-1.5-7b", [1, 32])]
+GPU_ROWS = [("llava-1b", [1, 8, 32, 64]), ("llava-1.5-7b", [1, 8, 32, 64])]
 SMOKE_ROWS = [("llava-tiny", [1, 8])]
+# The arrival row (key: smoke?): decoding streams, LLaVA-sized prompts arriving together, the chunked step budget.
+ITL_MODEL = {False: "llava-1b", True: "llava-tiny"}
+ITL_ROW = {False: {"streams": 16, "arrivals": 8, "budget": 512}, True: {"streams": 4, "arrivals": 2, "budget": 16}}
 
 
 def sync(device: torch.device) -> None:
@@ -76,8 +79,13 @@ def prompts(batch: int, length: int, vocab: int) -> list[list[int]]:
     return [[1] + torch.randint(5, vocab, (length - 1,), generator=gen).tolist() for _ in range(batch)]
 
 
-def decode_ours(path: Path, batches: list[int], device, dtype, prompt: int, warm: int, steps: int) -> dict:
-    """{batch: tokens/s} of the engine's decode steps, plus the bytes a step reads (for the floor)."""
+def decode_ours(path: Path, batches: list[int], device, dtype, prompt: int, warm: int, steps: int,
+                itl: dict | None = None) -> dict:
+    """{batch: {backend: tokens/s}} of the engine's decode steps with the paged attention backend ("paged") and the
+    per-sequence loop it replaced ("loop"), plus the bytes a step reads (for the floor). With ``itl`` (streams,
+    arrivals, budget), also the arrival row: ITL of decoding streams while LLaVA-sized prompts arrive, chunked vs
+    unchunked."""
+    from backbone.attention import backend_for
     from backbone.engine import Engine
     from backbone.loader import load_shard
     from models.llava import placeholder_ids
@@ -86,7 +94,11 @@ def decode_ours(path: Path, batches: list[int], device, dtype, prompt: int, warm
     config = text_config(path)
     text = config["text_config"]
     model, _ = load_shard(path, text, None, dtype, device)
-    model.allocate_pool(max(batches) * -(-(prompt + warm + steps + 2) // 16))  # room for the largest batch
+    paged = model.attention
+    need = max(batches) * -(-(prompt + warm + steps + 2) // 16)
+    if itl:  # each stream stays under 256 positions, each LLaVA-sized prompt under 768
+        need = max(need, itl["streams"] * 16 + itl["arrivals"] * 48)
+    model.allocate_pool(need)  # room for the largest batch
     engine = Engine(model, placeholder_ids(config), [], int(text["max_position_embeddings"]),
                     max_batched_tokens=max(batches) * prompt)  # each batch's prompts in one step
     weights = sum(t.numel() * t.element_size() for w in model.layers for t in w.values())
@@ -95,30 +107,61 @@ def decode_ours(path: Path, batches: list[int], device, dtype, prompt: int, warm
     kv_per_token = 2 * cfg.num_layers * cfg.num_kv_heads * cfg.head_dim * itemsize
     out = {}
     for batch in batches:
-        params = SamplingParams(max_tokens=warm + steps + 2, temperature=0.0, ignore_eos=True)
-        ids = prompts(batch, prompt, cfg.vocab_size)
-        seqs = [engine.new_sequence(f"b{i}", prompt, params) for i in range(batch)]
-        for s, p in zip(seqs, ids):
-            engine.start(s, p, [])
-        while any(not s.output for s in seqs):  # the prompts (one step)
-            engine.step(seqs)
-        for _ in range(warm):
-            engine.step(seqs)
-        sync(device)
-        t = time.perf_counter()
-        for _ in range(steps):
-            engine.step(seqs)
-        sync(device)
-        elapsed = time.perf_counter() - t
-        assert all(s.finish is None and len(s.output) == 1 + warm + steps for s in seqs), "a sequence stopped"
-        for s in seqs:
-            engine.release(s)
         context = prompt + 1 + warm + steps / 2  # mean KV length over the timed steps
-        out[batch] = {"tokens_per_s": batch * steps / elapsed, "step_ms": 1e3 * elapsed / steps,
-                      "bytes_per_step": weights + batch * context * kv_per_token}
-    del engine, model
+        out[batch] = {"bytes_per_step": weights + batch * context * kv_per_token}
+        for name, backend in (("paged", paged), ("loop", backend_for(device, "loop"))):
+            model.attention = backend
+            params = SamplingParams(max_tokens=warm + steps + 2, temperature=0.0, ignore_eos=True)
+            ids = prompts(batch, prompt, cfg.vocab_size)
+            seqs = [engine.new_sequence(f"b{i}", prompt, params) for i in range(batch)]
+            for seq, p in zip(seqs, ids):
+                engine.start(seq, p, [])
+            while any(not seq.output for seq in seqs):  # the prompts (one step)
+                engine.step(seqs)
+            for _ in range(warm):
+                engine.step(seqs)
+            sync(device)
+            t = time.perf_counter()
+            for _ in range(steps):
+                engine.step(seqs)
+            sync(device)
+            elapsed = time.perf_counter() - t
+            assert all(seq.finish is None and len(seq.output) == 1 + warm + steps for seq in seqs), "one stopped"
+            for seq in seqs:
+                engine.release(seq)
+            out[batch][name] = batch * steps / elapsed
+            out[batch][f"{name}_step_ms"] = 1e3 * elapsed / steps
+    model.attention = paged
+    if itl:
+        out["itl"] = arrival_row(engine, config, itl)
+    engine = model = None  # free the weights and the pool before the next model loads
     if device.type == "cuda":
         torch.cuda.empty_cache()
+    return out
+
+
+def arrival_row(engine, config: dict, itl: dict) -> dict:
+    """ITL of ``streams`` decoding streams while ``arrivals`` LLaVA-sized prompts (one image's rows + 100 text
+    tokens) arrive together: chunked (``budget``) vs unchunked (every prompt in one step)."""
+    from bench.chunked import arrival_itl
+    from models.llava import image_tokens, placeholder_ids
+
+    model = engine.model
+    vocab, rows = model.cfg.vocab_size, image_tokens(config)
+    image_id = placeholder_ids(config)["image"]
+    gen = torch.Generator().manual_seed(7)
+    streams = [[1] + torch.randint(5, vocab, (63,), generator=gen).tolist() for _ in range(itl["streams"])]
+    arrivals = []
+    for _ in range(itl["arrivals"]):
+        text = torch.randint(5, vocab, (100,), generator=gen).tolist()
+        pixels = (0.02 * torch.randn(rows, model.cfg.hidden_size, generator=gen)).to(model.dtype)
+        arrivals.append(([1] + [image_id] * rows + text[1:], [("image", pixels)]))
+    prompt = 1 + rows + 99
+    out = {"prompt_tokens": prompt, **itl}
+    for name, budget in (("unchunked", itl["arrivals"] * prompt + itl["streams"]), ("chunked", itl["budget"])):
+        engine.max_batched_tokens = budget
+        arrival_itl(engine, streams, arrivals[:1], quiet_steps=3, after_steps=1)  # warm
+        out[name] = arrival_itl(engine, streams, arrivals)
     return out
 
 
@@ -290,19 +333,23 @@ def main() -> int:
             f"{steps} timed decode steps")
     print(head, flush=True)
     results: dict = {"device": name, "dtype": str(dtype), "copy_bandwidth_bytes_per_s": bandwidth, "decode": [],
-                     "tiered": None}
+                     "arrivals": None, "tiered": None}
     for size, batches in (SMOKE_ROWS if smoke else GPU_ROWS):
         t = time.perf_counter()
         path = write_llava(args.workdir / size, size, 0, str(device), dtype)
         print(f"  {size}: checkpoint ready in {time.perf_counter() - t:.1f} s", flush=True)
-        ours = decode_ours(path, batches, device, dtype, prompt, warm, steps)
+        itl = ITL_ROW[smoke] if size == ITL_MODEL[smoke] else None
+        ours = decode_ours(path, batches, device, dtype, prompt, warm, steps, itl)
         theirs = decode_transformers(path, batches, device, dtype, prompt, warm, steps)
         for b in batches:
             floor = b / (ours[b]["bytes_per_step"] / bandwidth)
-            results["decode"].append({"model": size, "batch": b, "tokens_per_s": ours[b]["tokens_per_s"],
-                                      "step_ms": ours[b]["step_ms"], "floor_tokens_per_s": floor,
+            results["decode"].append({"model": size, "batch": b, "tokens_per_s": ours[b]["paged"],
+                                      "step_ms": ours[b]["paged_step_ms"], "floor_tokens_per_s": floor,
+                                      "loop_tokens_per_s": ours[b]["loop"],
                                       "transformers_tokens_per_s": theirs[b]["tokens_per_s"]})
-            print(f"  {size} batch {b}: {ours[b]['tokens_per_s']:.1f} tok/s", flush=True)
+            print(f"  {size} batch {b}: {ours[b]['paged']:.1f} tok/s (loop {ours[b]['loop']:.1f})", flush=True)
+        if itl:
+            results["arrivals"] = dict(ours["itl"], model=size)
     if not args.skip_tiered:
         size = "llava-tiny" if smoke else "llava-1b"
         path = write_llava(args.workdir / size, size, 0, str(device), dtype)
@@ -318,17 +365,36 @@ def main() -> int:
 
 def table(results: dict, head: str) -> str:
     lines = [head, "HBM bound: the tokens/s at which a step takes exactly the time to read its bytes (weights + KV) "
-             "at the copy bandwidth; transformers: LlavaForConditionalGeneration.generate on the same weights", "",
-             f"{'row':<28}{'batch':>6}{'tok/s':>10}{'ms/step':>9}{'HBM bound':>11}{'of bound':>10}"
-             f"{'transformers':>14}{'x transformers':>16}"]
+             "at the copy bandwidth; loop: the same engine with one attention call per sequence per layer (what "
+             "[paged-attention] replaced); transformers: LlavaForConditionalGeneration.generate, same weights", "",
+             f"{'row':<26}{'batch':>6}{'tok/s':>10}{'ms/step':>9}{'HBM bound':>11}{'of bound':>10}{'loop':>9}"
+             f"{'x loop':>8}{'transformers':>14}{'x transf.':>11}"]
     for r in results["decode"]:
-        lines.append(f"{r['model'] + ' decode':<28}{r['batch']:>6}{r['tokens_per_s']:>10.1f}{r['step_ms']:>9.2f}"
+        lines.append(f"{r['model'] + ' decode':<26}{r['batch']:>6}{r['tokens_per_s']:>10.1f}{r['step_ms']:>9.2f}"
                      f"{r['floor_tokens_per_s']:>11.1f}{r['tokens_per_s'] / r['floor_tokens_per_s']:>10.2f}"
+                     f"{r['loop_tokens_per_s']:>9.1f}{r['tokens_per_s'] / r['loop_tokens_per_s']:>8.2f}"
                      f"{r['transformers_tokens_per_s']:>14.1f}"
-                     f"{r['tokens_per_s'] / r['transformers_tokens_per_s']:>16.2f}")
+                     f"{r['tokens_per_s'] / r['transformers_tokens_per_s']:>11.2f}")
+    by_model: dict = {}
+    for r in results["decode"]:
+        by_model.setdefault(r["model"], {})[r["batch"]] = r["tokens_per_s"]
+    for model, rates in by_model.items():
+        if 1 in rates and len(rates) > 1:
+            top = max(rates)
+            lines.append(f"{model}: batch {top} gives {rates[top] / rates[1]:.1f}x batch 1's tokens/s")
+    a = results.get("arrivals")
+    if a:
+        lines.append(f"arrivals ({a['model']}): {a['streams']} streams decoding while {a['arrivals']} prompts of "
+                     f"{a['prompt_tokens']} tokens (one image + text) arrive; ITL in ms")
+        for name in ("unchunked", "chunked"):
+            r = a[name]
+            budget = "all at once" if name == "unchunked" else f"budget {a['budget']}"
+            lines.append(f"  {name:<10} ({budget}): quiet p50 {r['quiet_p50_ms']:.1f}, during p50 {r['p50_ms']:.1f} "
+                         f"p99 {r['p99_ms']:.1f} worst {r['worst_ms']:.1f} (p99 / quiet p50 "
+                         f"{r['p99_ms'] / r['quiet_p50_ms']:.1f}x), prefill over {r['prefill_steps']} steps")
     t = results["tiered"]
     if t:
-        lines.append(f"{'tiered ' + t['model']:<28}concurrency {t['concurrency']}, {t['requests']} requests x "
+        lines.append(f"{'tiered ' + t['model']:<26}concurrency {t['concurrency']}, {t['requests']} requests x "
                      f"{t['max_tokens']} tokens, one image each: {t['requests_per_s']:.2f} requests/s, TTFT p50 "
                      f"{t['ttft_p50_ms']:.0f} ms p90 {t['ttft_p90_ms']:.0f} ms, {t['output_tokens_per_s']:.1f} "
                      f"output tok/s")

@@ -27,5 +27,8 @@ def test_the_gpu_bench_runs_on_tiny_shapes_on_a_cpu(tmp_path):
     assert [(r["model"], r["batch"]) for r in results["decode"]] == [("llava-tiny", 1), ("llava-tiny", 8)]
     for row in results["decode"]:
         assert row["tokens_per_s"] > 0 and row["transformers_tokens_per_s"] > 0 and row["floor_tokens_per_s"] > 0
+        assert row["loop_tokens_per_s"] > 0
+    arrivals = results["arrivals"]
+    assert arrivals["chunked"]["prefill_steps"] > arrivals["unchunked"]["prefill_steps"] == 1
     tiered = results["tiered"]
     assert tiered["requests"] == 8 and tiered["requests_per_s"] > 0 and 0 < tiered["ttft_p50_ms"]

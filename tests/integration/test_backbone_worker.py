@@ -15,7 +15,7 @@ from backbone.engine import load_engine
 from cache.keys import BACKBONE_GROUP, Keys
 from cache.streams import fields_payload, payload_fields
 from router import messages as m
-from tests.integration.procs import hold_lease, start_tier
+from tests.integration.procs import hold_lease, start_tier, stop_tier
 
 KEYS = Keys()
 
@@ -169,3 +169,40 @@ def test_sigterm_drains_running_requests(backbone, redis_server, tiny_spec):
     assert draining and draining[0]["running"] >= 1, f"no 'draining' log with a running request: {out[-2000:]}"
     finished = [i for i, rec in enumerate(logs) if rec.get("msg") == "finished" and rec.get("request_id") == "drain"]
     assert finished and finished[0] > logs.index(draining[0]), "the request did not finish after draining began"
+
+
+def test_a_pool_smaller_than_the_load_finishes_every_request(tiny_model, tiny_spec, redis_url):
+    """A worker whose KV pool holds 7 blocks of 16 tokens (--kv-cache-gb), a 6-token step budget, and 6 concurrent
+    requests that need 3 blocks each at the end: admission waits for blocks, prompts go in chunks, decodes preempt
+    the newest sequences when the pool runs out, and every request finishes with its tokens alone (up to a near
+    tie, see tests/unit/test_scheduling.py); one whose prompt + max_tokens exceeds the whole pool is refused."""
+    from backbone.loader import load_shard
+    from tests.unit.test_scheduling import params, reference, same_tokens
+
+    block = 2 * 4 * 16 * 2 * 16 * 4  # layers x slots x kv heads x head dim x fp32, K and V
+    proc = start_tier(["backbone", "--model", str(tiny_model), "--threads", "1", "--kv-cache-gb",
+                       str(7.5 * block / 2**30), "--max-batched-tokens", "6"], redis_url, "backbone")
+    try:
+        r = redis.Redis.from_url(redis_url)
+        hold_lease(r, "reply:pool")
+        prompts = [[1, 20 + i, 21, 22, 203, 40 + i, 41, 7][: 5 + i % 4] for i in range(6)]
+        for i, ids in enumerate(prompts):
+            r.xadd(KEYS.gen(), payload_fields(m.encode(plan(f"p{i}", "reply:pool", ids, 40 - len(ids),
+                                                            temperature=0.0))))
+        r.xadd(KEYS.gen(), payload_fields(m.encode(plan("huge", "reply:pool", [1, 2, 3], 200, temperature=0.0))))
+        got = events(r, "reply:pool", {f"p{i}" for i in range(6)} | {"huge"}, timeout=120)
+        huge = [ev for ev in got if ev.request_id == "huge"]
+        assert huge[-1].finish == m.FinishReason.ERROR and "KV blocks" in huge[-1].error
+        model = load_shard(tiny_spec.path, tiny_spec.config["text_config"])[0]
+        compared = 0
+        for i, ids in enumerate(prompts):
+            tokens = [t for ev in got if ev.request_id == f"p{i}" for t in ev.token_ids]
+            assert [ev.finish for ev in got if ev.request_id == f"p{i}"][-1] == m.FinishReason.LENGTH
+            compared += same_tokens(tokens, *reference(model, tiny_spec, ids, params(40 - len(ids))))
+        assert compared >= 100
+        code, out = stop_tier(proc)
+        assert code == 0 and "preempted" in out  # the pool did run out, and sequences were recomputed
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
