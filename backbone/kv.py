@@ -13,6 +13,8 @@ activation peak of a ``--max-batched-tokens`` step, or ``--kv-cache-gb``) and th
 
 from __future__ import annotations
 
+import mmap
+
 import torch
 
 BLOCK_SIZE = 16  # tokens per block: a power of two (the Triton kernel's tile), small enough to waste little
@@ -24,8 +26,8 @@ class KVPool:
         if num_blocks < 1:
             raise ValueError("the KV pool needs at least one block")
         shape = (num_layers, num_blocks, block_size, kv_heads, head_dim)
-        self.k = torch.zeros(shape, dtype=dtype, device=device)
-        self.v = torch.zeros(shape, dtype=dtype, device=device)
+        # Zeroed: attention reads a block's unwritten slots (masked, weight 0) and 0 x NaN garbage would be NaN.
+        self.k, self.v = _zeros(shape, dtype, device), _zeros(shape, dtype, device)
         self.num_blocks, self.block_size = num_blocks, block_size
         self._free = list(range(num_blocks - 1, -1, -1))  # a stack: recently freed blocks are reused first
         self._used = [False] * num_blocks
@@ -67,6 +69,16 @@ class KVPool:
         """Layer ``layer``'s K and V as [num_blocks * block_size, kv_heads, head_dim] (slot-indexed views)."""
         k, v = self.k[layer], self.v[layer]
         return k.view(-1, *k.shape[2:]), v.view(-1, *v.shape[2:])
+
+
+def _zeros(shape: tuple[int, ...], dtype: torch.dtype, device) -> torch.Tensor:
+    """A zeroed tensor. On a CPU it maps anonymous memory, which the kernel hands out zeroed and commits only when
+    written: a pool sized for every sequence's full context costs the memory its sequences actually use."""
+    if torch.device(device).type != "cpu":
+        return torch.zeros(shape, dtype=dtype, device=device)
+    nbytes = max(1, torch.Size(shape).numel() * torch.empty((), dtype=dtype).element_size())
+    buf = mmap.mmap(-1, nbytes)
+    return torch.frombuffer(buf, dtype=dtype).view(shape)  # the tensor keeps the mapping alive
 
 
 def blocks_in_budget(budget_bytes: int, block_bytes: int) -> int:

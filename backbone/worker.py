@@ -195,15 +195,17 @@ class BackboneWorker:
                 if self.outage_since is None:
                     decoding = [r.seq for r in self.running.values()]
                     starting = self._start_waiting()
-                    # 3) One forward: the starting sequences' prompts and the next token of every running one.
+                    # 3) One forward: the next token of every decoding sequence, then prompt chunks.
                     t0 = time.perf_counter()
                     self._step(decoding, starting)
                     if starting:
                         ms = round((time.perf_counter() - t0) * 1e3, 2)
                         for seq, _ in starting:
+                            # Its first step (the whole prompt unless it exceeds --max-batched-tokens: computed).
                             log.info("prefilled", extra={"request_id": seq.request_id, "ms": ms,
-                                                         "prompt_tokens": seq.prompt_len,
-                                                         "batch": len(decoding) + len(starting)})
+                                                         "prompt_tokens": seq.prompt_len, "computed": seq.computed,
+                                                         "batch": len(decoding) + len(starting),
+                                                         "free_blocks": self.engine.pool.free})
                 else:
                     self._hold()  # Redis is away: no step, only the round trip again
                 # 4) One round trip: events, acks, cancellation checks, and the next plans if there is room.
