@@ -338,5 +338,8 @@ def load_engine(spec, layers: range | None = None, kv_cache_bytes: int | None = 
     if num_blocks is None:
         num_blocks = pool_blocks(model, kv_cache_bytes, gpu_memory_utilization, max_batched_tokens, max_running,
                                  spec.max_context)
+    if num_blocks < 1:
+        raise ValueError("no memory left for the KV cache (lower --max-batched-tokens, raise "
+                         "--gpu-memory-utilization, or give --kv-cache-gb)")
     model.allocate_pool(num_blocks)
     return Engine(model, spec.placeholder_ids, spec.eos_token_ids, spec.max_context, pipeline, max_batched_tokens)

@@ -578,8 +578,11 @@ def serve(cfg: BackboneConfig, model_dir: str, threads: int | None = None) -> No
                                      "dtype": str(dtype).removeprefix("torch."),
                                      "layers": f"{layers.start}:{layers.stop}"})
     if cfg.num_shards == 1:
-        engine = load_engine(spec, layers, cfg.kv_cache_bytes, None, dtype, device, cfg.max_batched_tokens,
-                             cfg.max_running, cfg.gpu_memory_utilization, attention=cfg.attention)
+        try:
+            engine = load_engine(spec, layers, cfg.kv_cache_bytes, None, dtype, device, cfg.max_batched_tokens,
+                                 cfg.max_running, cfg.gpu_memory_utilization, attention=cfg.attention)
+        except ValueError as exc:
+            raise SystemExit(f"tributary backbone: {exc}") from None
         BackboneWorker(cfg, engine, stop).run()
         return
     hops = init_group(cfg.dist_url, cfg.shard, cfg.num_shards, device)

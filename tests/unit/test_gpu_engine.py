@@ -11,6 +11,7 @@ from backbone.engine import load_engine
 from backbone.sampling import sample_batch
 from router.messages import SamplingParams
 
+KV = 256 * 2**20  # an explicit pool: the default takes 90% of the GPU, and several engines live in one test process
 pytestmark = [pytest.mark.gpu,
               pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")]
 
@@ -25,7 +26,7 @@ def prompt_logits(engine, ids: list[int]) -> torch.Tensor:
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_device_logits_agree_with_cpu_fp32(tiny_spec, dtype):
     cpu = load_engine(tiny_spec, dtype=torch.float32)
-    gpu = load_engine(tiny_spec, dtype=dtype, device="cuda")
+    gpu = load_engine(tiny_spec, kv_cache_bytes=KV, dtype=dtype, device="cuda")
     assert gpu.model.device.type == "cuda" and gpu.pool.k.device.type == "cuda"
     tol = 1e-4 if dtype == torch.float32 else 3e-2  # bf16 keeps 8 bits of mantissa
     for ids in ([1, 286, 274, 203, 56], [1, 20, 21, 22, 203, 7, 9, 11], [1, 40, 41]):
@@ -38,7 +39,7 @@ def test_greedy_decoding_on_the_device_equals_the_cpu_in_fp32(tiny_spec):
     params = SamplingParams(max_tokens=16, temperature=0.0, ignore_eos=True)
     outputs = []
     for device in ("cpu", "cuda"):
-        engine = load_engine(tiny_spec, dtype=torch.float32, device=device)
+        engine = load_engine(tiny_spec, kv_cache_bytes=KV, dtype=torch.float32, device=device)
         seqs = [engine.new_sequence(f"r{i}", len(ids), params) for i, ids in enumerate(([1, 286, 274], [1, 40, 41]))]
         for seq, ids in zip(seqs, ([1, 286, 274], [1, 40, 41])):
             engine.prefill(seq, ids, [])
@@ -68,7 +69,7 @@ def test_seeded_sampling_on_the_device_is_the_same_alone_and_among_eight(tiny_sp
     the last bits between batch shapes (cuBLAS picks kernels by shape), which can flip a race decided by less than
     that, so at least 6 of 8 requests must give the same 12 tokens alone and together (in bf16 nothing is claimed
     beyond the noise: its batched matmuls are not batch-invariant)."""
-    engine = load_engine(tiny_spec, dtype=torch.float32, device="cuda")
+    engine = load_engine(tiny_spec, kv_cache_bytes=KV, dtype=torch.float32, device="cuda")
     prompts = [[1, 20 + i, 21 + i, 203] for i in range(8)]
 
     def run(batch: list[int]) -> list[list[int]]:
@@ -96,7 +97,7 @@ def test_real_shape_llava_on_the_device_matches_transformers_in_bf16(tmp_path):
 
     path = write_llava(tmp_path / "llava-tiny", "llava-tiny", seed=0, device="cuda", dtype=torch.bfloat16)
     ref = LlavaForConditionalGeneration.from_pretrained(str(path), dtype=torch.bfloat16).to("cuda").eval()
-    engine = load_engine(ModelSpec.from_dir(path), dtype=torch.bfloat16, device="cuda")
+    engine = load_engine(ModelSpec.from_dir(path), kv_cache_bytes=KV, dtype=torch.bfloat16, device="cuda")
     ids = [1, 300, 301, 302, 17, 900, 5]
     seq = engine.new_sequence("r", len(ids), SamplingParams(max_tokens=1, temperature=0.0))
     ours = engine.model.logits(engine.prompt_hidden(seq, ids, []))
@@ -122,7 +123,7 @@ def test_two_pipeline_shards_sharing_the_gpu_match_one_cpu_shard(tiny_model, tin
 
     r = redis.Redis.from_url(redis_server.url)
     r.flushall()
-    url, device = f"tcp://127.0.0.1:{free_port()}", ["--device", "cuda", "--dtype", "float32"]
+    url, device = f"tcp://127.0.0.1:{free_port()}", ["--device", "cuda", "--dtype", "float32", "--kv-cache-gb", "0.25"]
     last = subprocess.Popen([*start_cmd(tiny_model, redis_server.url), "--shard", "1", "--num-shards", "2",
                              "--dist-url", url, *device], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     head = None
