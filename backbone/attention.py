@@ -18,12 +18,15 @@ them: positions (for the rotary embedding) and slots (where each new token's K/V
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 
 from backbone.staging import to_device
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -242,11 +245,36 @@ class LoopAttention:
 BACKENDS = ("auto", "torch", "triton", "loop")
 
 
-def backend_for(device: torch.device, name: str = "auto"):
-    """``auto``: Triton on CUDA, torch's SDPA elsewhere; ``torch``, ``triton`` or ``loop`` (the per-sequence loop,
-    for comparison) to force one."""
+def self_check(backend, device: torch.device, dtype: torch.dtype, tol: float = 3e-2) -> float:
+    """Run ``backend`` on a small mixed step (a decode, a chunk mid-prompt, a whole prompt; GQA; shuffled blocks) on
+    ``device`` and return its largest deviation from the torch backend in fp32 (raises if it cannot run)."""
+    g = torch.Generator().manual_seed(0)
+    hq, hkv, d, bs = 4, 2, 64, 16
+    k, v = (torch.randn(8 * bs, hkv, d, generator=g) for _ in range(2))
+    segments = [Segment([5, 2], 20, 1), Segment([7, 0, 3], 16, 20), Segment([1, 6], 0, 17)]
+    q = torch.randn(sum(s.length for s in segments), hq, d, generator=g)
+    cpu = torch.device("cpu")
+    ref = TorchAttention()(q, k, v, TorchAttention().prepare(segments, bs, cpu), d ** -0.5)
+    got = backend(*(t.to(device, dtype) for t in (q, k, v)), backend.prepare(segments, bs, device), d ** -0.5)
+    return float((got.float().cpu() - ref).abs().max())
+
+
+def backend_for(device: torch.device, name: str = "auto", dtype: torch.dtype = torch.float32):
+    """``auto``: Triton on CUDA (once it passed :func:`self_check` on this device, else torch's SDPA, with an
+    error in the log), torch's SDPA elsewhere; ``torch``, ``triton`` or ``loop`` (the per-sequence loop, for
+    comparison) to force one."""
+    if name == "auto" and device.type == "cuda":
+        try:
+            err = self_check(TritonAttention(), device, dtype)
+            if err <= 3e-2:
+                return TritonAttention()
+            why = f"it deviates from the reference by {err:.3g}"
+        except Exception as exc:  # a Triton or driver that cannot build the kernel
+            why = f"{type(exc).__name__}: {exc}"
+        log.error("the Triton attention kernel failed its self-check; using torch SDPA", extra={"error": why})
+        return TorchAttention()
     if name == "auto":
-        name = "triton" if device.type == "cuda" else "torch"
+        name = "torch"
     if name == "triton":
         return TritonAttention()
     if name == "torch":

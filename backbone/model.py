@@ -123,7 +123,7 @@ class DecoderShard:
         self.rotary = Rotary(cfg)
         some = next(iter(layers[0].values())) if layers else (embed if embed is not None else norm)
         self.dtype, self.device = some.dtype, some.device
-        self.attention = backend_for(self.device, attention)
+        self.attention = backend_for(self.device, attention, self.dtype)
         self.pool: KVPool | None = None
 
     @property

@@ -107,6 +107,8 @@ INTERPRETED = textwrap.dedent("""
         err = float((got.float() - ref.float()).abs().max())
         print(dtype, err)
         assert err <= tol, (seed, dtype, err)
+    from backbone.attention import self_check
+    assert self_check(TritonAttention(), torch.device("cpu"), torch.float32) <= 1e-4  # the start-up check passes
     print("ok")
 """)
 

@@ -148,8 +148,11 @@ def test_two_pipeline_shards_sharing_the_gpu_match_one_cpu_shard(tiny_model, tin
 def test_the_triton_paged_kernel_equals_the_torch_backend_on_the_gpu(dtype, tol):
     """The CUDA attention backend against the CPU reference backend, on the cases of tests/unit/test_attention.py
     (decodes, chunks mid-prompt, one-token prompts, shuffled blocks, GQA), and at a real head size."""
-    from backbone.attention import TorchAttention, TritonAttention
+    from backbone.attention import TorchAttention, TritonAttention, backend_for
     from tests.unit.test_attention import BS, D, case
+
+    # The engine's start-up self-check keeps the kernel (a failing one would fall back to torch SDPA).
+    assert backend_for(torch.device("cuda"), "auto", dtype).name == "triton-paged"
 
     for seed in range(3):
         q, k, v, segments = case(seed, dtype)
