@@ -1,8 +1,8 @@
 """backbone/attention.py: one attention call over a step's sequences through their block tables.
 
 The torch backend is held to a dense per-sequence computation; the Triton kernel to the torch backend, on a CPU under
-Triton's interpreter (fp32 and fp16: the interpreter's bf16 ``tl.dot`` is broken, so bf16 is checked on a GPU by
-``pytest -m gpu``)."""
+Triton's interpreter (fp32 and fp16, and the whole engine decoding on it; the interpreter's bf16 ``tl.dot`` is
+broken, so bf16 is checked on a GPU by ``pytest -m gpu``)."""
 
 from __future__ import annotations
 
@@ -109,13 +109,34 @@ INTERPRETED = textwrap.dedent("""
         assert err <= tol, (seed, dtype, err)
     from backbone.attention import self_check
     assert self_check(TritonAttention(), torch.device("cpu"), torch.float32) <= 1e-4  # the start-up check passes
+
+    # The whole engine on the kernel: three prompts in 6-token chunks, then decoding, token for token the torch
+    # backend's (same shapes on both sides, so nothing but the attention arithmetic differs).
+    from backbone.engine import load_engine
+    from models.spec import ModelSpec
+    from router.messages import SamplingParams
+
+    spec = ModelSpec.from_dir(sys.argv[1])
+    outs = {}
+    for name in ("torch", "triton"):
+        engine = load_engine(spec, attention=name, max_batched_tokens=6, num_blocks=64)
+        seqs = []
+        for i, ids in enumerate([[1, 286, 274, 203, 56], [1, 20, 21, 22, 203, 7, 9, 11], [1, 40, 41]]):
+            seq = engine.new_sequence(f"r{i}", len(ids), SamplingParams(max_tokens=6, temperature=0.0,
+                                                                        ignore_eos=True))
+            engine.start(seq, ids, [])
+            seqs.append(seq)
+        while any(s.finish is None for s in seqs):
+            engine.step(seqs)
+        outs[name] = [s.output for s in seqs]
+    assert outs["torch"] == outs["triton"], outs
     print("ok")
 """)
 
 
-def test_the_triton_kernel_equals_the_torch_backend_under_the_interpreter():
+def test_the_triton_kernel_equals_the_torch_backend_under_the_interpreter(tiny_model):
     pytest.importorskip("triton")
     env = dict(os.environ, TRITON_INTERPRET="1")
-    proc = subprocess.run([sys.executable, "-c", INTERPRETED], cwd=ROOT, env=env, capture_output=True, text=True,
-                          timeout=300)
+    proc = subprocess.run([sys.executable, "-c", INTERPRETED, str(tiny_model)], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0 and proc.stdout.strip().endswith("ok"), proc.stdout + proc.stderr[-3000:]
