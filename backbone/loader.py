@@ -51,8 +51,9 @@ def load_shard(model_dir: Path, text_config: dict, layers: range | None = None,
                                                           enumerate(per_layer) if not w]
     if missing:
         raise ModelError(f"{model_dir} lacks {missing}")
-    embed = tensors.get(embed_name)
-    shard = DecoderShard(cfg, per_layer, layers.start, embed if first else None,
-                         tensors.get(norm_name), (embed if cfg.tie_word_embeddings else tensors.get(head_name))
-                         if last else None, attention)
-    return shard, sorted(tensors)
+    embed, norm, head = tensors.get(embed_name), tensors.get(norm_name), tensors.get(head_name)
+    names = sorted(tensors)
+    tensors.clear()  # the layers' tensors now live in per_layer alone: fusing one frees its parts
+    shard = DecoderShard(cfg, per_layer, layers.start, embed if first else None, norm,
+                         (embed if cfg.tie_word_embeddings else head) if last else None, attention)
+    return shard, names

@@ -74,6 +74,20 @@ class DecoderConfig:
         )
 
 
+def fuse_layer(w: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """A layer's checkpoint tensors with q/k/v fused into one ``qkv`` projection (and its bias, where the family has
+    them) and gate/up into one ``gate_up``: two matmuls per layer fewer, each reading one larger weight. The parts
+    are popped from ``w`` as they are fused (loading never holds every layer twice)."""
+    parts = [w.pop(f"self_attn.{p}_proj.weight") for p in "qkv"]
+    w["qkv.weight"] = torch.cat(parts)
+    biases = [w.pop(f"self_attn.{p}_proj.bias", None) for p in "qkv"]
+    if any(b is not None for b in biases):
+        w["qkv.bias"] = torch.cat([b if b is not None else parts[i].new_zeros(parts[i].shape[0])
+                                   for i, b in enumerate(biases)])
+    w["gate_up.weight"] = torch.cat([w.pop("mlp.gate_proj.weight"), w.pop("mlp.up_proj.weight")])
+    return w
+
+
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     h = x.to(torch.float32)
     h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps)
@@ -118,7 +132,8 @@ class DecoderShard:
     def __init__(self, cfg: DecoderConfig, layers: list[dict[str, torch.Tensor]], first_layer: int,
                  embed: torch.Tensor | None, norm: torch.Tensor | None, lm_head: torch.Tensor | None,
                  attention: str = "auto"):
-        self.cfg, self.layers, self.first_layer = cfg, layers, first_layer
+        self.cfg, self.first_layer = cfg, first_layer
+        self.layers = [fuse_layer(w) for w in layers]
         self.embed_weight, self.norm_weight, self.lm_head_weight = embed, norm, lm_head
         self.rotary = Rotary(cfg)
         some = next(iter(layers[0].values())) if layers else (embed if embed is not None else norm)
@@ -162,18 +177,17 @@ class DecoderShard:
             hidden = hidden + self._attention(i, w, rms_norm(hidden, w["input_layernorm.weight"],
                                                              self.cfg.rms_norm_eps), meta, cos, sin)
             h = rms_norm(hidden, w["post_attention_layernorm.weight"], self.cfg.rms_norm_eps)
-            gate = F.linear(h, w["mlp.gate_proj.weight"])
-            hidden = hidden + F.linear(F.silu(gate) * F.linear(h, w["mlp.up_proj.weight"]), w["mlp.down_proj.weight"])
+            gate, up = F.linear(h, w["gate_up.weight"]).chunk(2, dim=-1)
+            hidden = hidden + F.linear(F.silu(gate) * up, w["mlp.down_proj.weight"])
         return hidden
 
     def _attention(self, i: int, w: dict, h: torch.Tensor, meta: StepMeta, cos, sin) -> torch.Tensor:
         cfg = self.cfg
-        q = F.linear(h, w["self_attn.q_proj.weight"], w.get("self_attn.q_proj.bias"))
-        k = F.linear(h, w["self_attn.k_proj.weight"], w.get("self_attn.k_proj.bias"))
-        v = F.linear(h, w["self_attn.v_proj.weight"], w.get("self_attn.v_proj.bias"))
-        q = q.view(-1, cfg.num_heads, cfg.head_dim)  # [T, Hq, D]
-        k = k.view(-1, cfg.num_kv_heads, cfg.head_dim)  # [T, Hkv, D]
-        v = v.view(-1, cfg.num_kv_heads, cfg.head_dim)
+        q_width, kv_width = cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim
+        q, k, v = F.linear(h, w["qkv.weight"], w.get("qkv.bias")).split([q_width, kv_width, kv_width], dim=-1)
+        q = q.reshape(-1, cfg.num_heads, cfg.head_dim)  # [T, Hq, D]
+        k = k.reshape(-1, cfg.num_kv_heads, cfg.head_dim)  # [T, Hkv, D]
+        v = v.reshape(-1, cfg.num_kv_heads, cfg.head_dim)
         q, k = q * cos + rotate_half(q) * sin, k * cos + rotate_half(k) * sin
         k_flat, v_flat = self.pool.flat(i)  # [slots, Hkv, D]
         k_flat.index_copy_(0, meta.slots, k)

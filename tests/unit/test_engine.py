@@ -353,3 +353,26 @@ def test_placement_flags_resolve_or_say_what_is_wrong():
         resolve_placement("tpu", "auto")
     with pytest.raises(ValueError, match="--dtype"):
         resolve_placement("cpu", "int8")
+
+
+def test_fused_projections_compute_what_the_separate_ones_do():
+    """q/k/v fuse into one projection (a bias where only some parts had one is zero for the others) and gate/up
+    into another: the split outputs are the separate matmuls' (up to float rounding)."""
+    from backbone.model import fuse_layer
+
+    g = torch.Generator().manual_seed(3)
+    w = {f"self_attn.{p}_proj.weight": torch.randn(n, 32, generator=g) for p, n in (("q", 32), ("k", 16), ("v", 16))}
+    w |= {"self_attn.q_proj.bias": torch.randn(32, generator=g), "mlp.gate_proj.weight": torch.randn(48, 32,
+          generator=g), "mlp.up_proj.weight": torch.randn(48, 32, generator=g), "mlp.down_proj.weight": torch.zeros(1)}
+    separate = dict(w)
+    fused = fuse_layer(w)
+    assert set(fused) == {"qkv.weight", "qkv.bias", "gate_up.weight", "mlp.down_proj.weight"}
+    x = torch.randn(5, 32, generator=g)
+    q, k, v = torch.nn.functional.linear(x, fused["qkv.weight"], fused["qkv.bias"]).split([32, 16, 16], -1)
+    torch.testing.assert_close(q, torch.nn.functional.linear(x, separate["self_attn.q_proj.weight"],
+                                                             separate["self_attn.q_proj.bias"]))
+    torch.testing.assert_close(k, x @ separate["self_attn.k_proj.weight"].T)
+    torch.testing.assert_close(v, x @ separate["self_attn.v_proj.weight"].T)
+    gate, up = torch.nn.functional.linear(x, fused["gate_up.weight"]).chunk(2, -1)
+    torch.testing.assert_close(gate, x @ separate["mlp.gate_proj.weight"].T)
+    torch.testing.assert_close(up, x @ separate["mlp.up_proj.weight"].T)
