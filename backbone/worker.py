@@ -32,7 +32,8 @@ import threading
 import time
 import uuid
 from collections import deque
-from dataclasses import dataclass
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
 
 import torch
 from redis.exceptions import RedisError
@@ -128,6 +129,22 @@ class Running:
         return m.TokenEvent(request_id=self.plan.request_id, token_ids=token_ids, prompt_tokens=self.seq.prompt_tokens,
                             completion_tokens=self.seq.completion_tokens, attempt=self.plan.attempt, worker=worker,
                             **end)
+
+
+@dataclass
+class Exchange:
+    """One step's Redis round trip: its pipeline and what it carries (see BackboneWorker._prepare_exchange)."""
+
+    pipe: object
+    outbox: int  # outbox entries it sends (the first ones)
+    cancelled: int  # cancellations it counts in the stats
+    sent: list = field(default_factory=list)  # (running key, tokens sent, finished) per event
+    alive: list = field(default_factory=list)  # running keys whose cancel key it reads
+    owners: list = field(default_factory=list)  # reply streams whose gateway lease it checks
+    checks_at: int = 0
+    owners_at: int = 0
+    read_at: int | None = None
+    admit: bool = False
 
 
 class StepFailure(Exception):
@@ -438,16 +455,24 @@ class BackboneWorker:
 
     def _exchange(self, admit: bool) -> list:
         """Send the outbox and every running request's new tokens, ack what finished, check cancellations and
-        gateways, read new plans. Nothing is forgotten before Redis took it: on a failure the same events go again
-        next time (with the tokens produced since), and the gateway skips tokens it already has."""
+        gateways, read new plans, and wait for the answer. Nothing is forgotten before Redis took it: on a failure
+        the same events go again next time (with the tokens produced since), and the gateway skips tokens it
+        already has."""
+        ex = self._prepare_exchange(admit)
+        return self._apply_exchange(ex, self._execute(ex))
+
+    def _prepare_exchange(self, admit: bool) -> Exchange:
+        """The round trip's commands, built from the state now (main thread); what it sent is remembered so that
+        :meth:`_apply_exchange` forgets exactly that, whatever steps ran in between."""
         pipe = self.r.pipeline(transaction=False)
+        ex = Exchange(pipe, outbox=len(self.outbox), cancelled=self.cancelled)
         tokens = 0
         for reply_to, ev, entry_id in self.outbox:
             if ev is not None:
                 self.replies.send(pipe, reply_to, m.encode(ev))
             if entry_id is not None:
                 ack_delete(pipe, self.stream, BACKBONE_GROUP, entry_id)
-        for run in self.running.values():
+        for key, run in self.running.items():
             seq = run.seq
             if not seq.pending and seq.finish is None:
                 continue  # nothing new (a held step)
@@ -456,45 +481,63 @@ class BackboneWorker:
                            code=(run.code or m.ErrorCode.INTERNAL) if failed else None, error=seq.error)
             tokens += seq.pending
             self.replies.send(pipe, run.plan.reply_to, m.encode(ev))
+            ex.sent.append((key, seq.pending, seq.finish is not None))
             if seq.finish is not None:
                 ack_delete(pipe, self.stream, BACKBONE_GROUP, run.entry_id)
-        alive_now = [k for k, run in self.running.items() if run.seq.finish is None]
-        checks_at = len(pipe)
-        for key in alive_now:
+        ex.alive = [k for k, run in self.running.items() if run.seq.finish is None]
+        ex.checks_at = len(pipe)
+        for key in ex.alive:
             pipe.get(self.keys.cancel(self.running[key].plan.request_id))
-        owners = sorted({self.running[k].plan.reply_to for k in alive_now})
-        owners_at = len(pipe)
-        for reply_to in owners:
+        ex.owners = sorted({self.running[k].plan.reply_to for k in ex.alive})
+        ex.owners_at = len(pipe)
+        for reply_to in ex.owners:
             pipe.exists(alive(reply_to))
         pipe.hincrby(self.stats_key, "tokens", tokens)
         pipe.hincrby(self.stats_key, "cancelled", self.cancelled)
-        room, read_at = self.cfg.max_running - len(alive_now) - len(self.waiting), None
+        room = self.cfg.max_running - len(ex.alive) - len(self.waiting)
+        ex.admit = admit
         if admit and room > 0:
-            read_at = len(pipe)
+            ex.read_at = len(pipe)
             pipe.xreadgroup(BACKBONE_GROUP, self.consumer, {self.stream: ">"}, count=room)
+        return ex
+
+    def _execute(self, ex: Exchange) -> list | RedisError:
+        """The round trip itself: the only part that may run on the I/O thread (it touches no worker state but the
+        reclaim gate's timing)."""
         try:
             t0 = time.monotonic()
-            results = pipe.execute(raise_on_error=False)
+            results = ex.pipe.execute(raise_on_error=False)
             self.gate.observe(time.monotonic() - t0)
+            return results
         except RedisError as exc:
-            self.reread = self.reread or read_at is not None
-            self._redis_failed(exc, "step")
+            return exc
+
+    def _apply_exchange(self, ex: Exchange, results: list | RedisError) -> list:
+        """Forget what Redis took, act on cancellations and dead gateways, return the plans read (main thread)."""
+        if isinstance(results, RedisError):
+            self.reread = self.reread or ex.read_at is not None
+            self._redis_failed(results, "step")
             return []
         self._recovered()
-        # Redis took it all: forget what was sent.
-        self.outbox.clear()
-        self.cancelled = 0
-        for key, run in list(self.running.items()):
-            run.seq.pending = 0
-            if run.seq.finish is not None:
+        del self.outbox[: ex.outbox]
+        self.cancelled -= ex.cancelled
+        for key, count, finished in ex.sent:
+            run = self.running.get(key)
+            if run is None:
+                continue
+            run.seq.pending -= count  # tokens produced since the exchange was built go next time
+            if finished:
                 del self.running[key]
                 self.engine.release(run.seq)
                 log.info("finished", extra={"request_id": run.plan.request_id, "attempt": run.plan.attempt,
                                             "finish": run.seq.finish.value,
                                             "completion_tokens": run.seq.completion_tokens})
-        dead_owners = {o for o, ok in zip(owners, results[owners_at : owners_at + len(owners)]) if ok == 0}
-        for key, cancel in zip(alive_now, results[checks_at : checks_at + len(alive_now)]):
-            run = self.running[key]
+        dead_owners = {o for o, ok in zip(ex.owners, results[ex.owners_at : ex.owners_at + len(ex.owners)])
+                       if ok == 0}
+        for key, cancel in zip(ex.alive, results[ex.checks_at : ex.checks_at + len(ex.alive)]):
+            run = self.running.get(key)
+            if run is None or run.seq.finish is not None:
+                continue  # it finished (or left) since: its end goes out with the next exchange
             if run.plan.reply_to in dead_owners:
                 self._cancel(key, "its gateway is gone", silent=True)
             elif _cancelled(cancel, run.plan.attempt):
@@ -506,9 +549,9 @@ class BackboneWorker:
                 return []
         if errors:
             log.error("step round trip: a command failed", extra={"error": str(errors[0])})
-        read = results[read_at] if read_at is not None else None
+        read = results[ex.read_at] if ex.read_at is not None else None
         new = read[0][1] if read and not isinstance(read, Exception) else []
-        if self.reread and admit:
+        if self.reread and ex.admit:
             try:
                 new = list(new) + self._reread(new)
             except RedisError as exc:
