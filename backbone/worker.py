@@ -68,7 +68,8 @@ class BackboneConfig:
     kv_cache_bytes: int | None = None  # this shard's KV pool (default: from gpu_memory_utilization, or CPU memory)
     gpu_memory_utilization: float = 0.9  # on a GPU: the share of its memory weights + KV pool + activations may take
     max_batched_tokens: int = 2048  # new positions one step computes at most (decodes + prefill chunks)
-    attention: str = "auto"  # auto (triton on CUDA, torch SDPA elsewhere) | torch | triton
+    attention: str = "auto"  # auto (triton on CUDA, torch SDPA elsewhere) | torch | triton | loop
+    overlap_io: bool = True  # step N's Redis round trip runs while step N+1 computes (False: one after the other)
     shard: int = 0  # this process's place in its pipeline replica
     num_shards: int = 1
     layers: range | None = None  # this shard's layers (default: an even split)
@@ -174,6 +175,17 @@ class BackboneWorker:
         self.outage_since: float | None = None  # monotonic time of the first failed round trip of an outage
         self.cancelled = 0  # cancellations not yet counted in the stats hash
         self.reread = False  # a read failed: plans may have been delivered to us unheard (cache/streams.py)
+        # Overlapped I/O: step N's round trip runs on this thread while step N+1 computes (one in flight at most).
+        self.io = ThreadPoolExecutor(1, thread_name_prefix="redis-io") if cfg.overlap_io else None
+        self.inflight: tuple[Exchange, Future] | None = None
+
+    def _settle(self) -> list:
+        """Wait for the round trip in flight (if any) and apply it; returns the plans it read."""
+        if self.inflight is None:
+            return []
+        ex, future = self.inflight
+        self.inflight = None
+        return self._apply_exchange(ex, future.result())
 
     def run(self) -> None:
         ensure_group(self.r, self.stream, BACKBONE_GROUP)
@@ -193,8 +205,9 @@ class BackboneWorker:
                     drain_deadline = time.monotonic() + self.cfg.drain_timeout_s
                     log.info("draining", extra={"running": len(self.running), "waiting": len(self.waiting)})
                 # Plans already read are ours to start even while draining: nobody else would take them.
-                busy = self.running or self.waiting or new or self.outbox
+                busy = self.running or self.waiting or new or self.outbox or self.inflight
                 if drain_deadline is not None and (not busy or time.monotonic() > drain_deadline):
+                    new = list(new) + self._settle()
                     for entry_id, fields in new:  # read but not queued yet: handed back with the rest
                         self._enqueue(entry_id, fields)
                     break
@@ -225,9 +238,25 @@ class BackboneWorker:
                                                          "free_blocks": self.engine.pool.free})
                 else:
                     self._hold()  # Redis is away: no step, only the round trip again
-                # 4) One round trip: events, acks, cancellation checks, and the next plans if there is room.
-                new = self._exchange(admit=drain_deadline is None)
+                # 4) One round trip: events, acks, cancellation checks, and the next plans if there is room. With
+                #    overlapped I/O the previous step's trip ran while this step computed: settle it, send this
+                #    one, and go on computing (cancellations land one step later: within two).
+                new = self._settle()
+                if self.io is not None and self.outage_since is None:
+                    if self.running or self.outbox or self.waiting:  # else idle: the next loop blocks for plans
+                        ex = self._prepare_exchange(admit=drain_deadline is None)
+                        self.inflight = (ex, self.io.submit(self._execute, ex))
+                else:
+                    new = list(new) + self._exchange(admit=drain_deadline is None)
         finally:
+            try:
+                new = self._settle()  # plans it read are ours: queued, then handed back below
+                for entry_id, fields in new:
+                    self._enqueue(entry_id, fields)
+            except Exception:
+                log.exception("the last round trip in flight failed")
+            if self.io is not None:
+                self.io.shutdown(wait=True)
             self._fail_all("the backbone worker is shutting down")
             heartbeat.stop()
             log.info("backbone stopped", extra={"consumer": self.consumer})

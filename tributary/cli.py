@@ -156,6 +156,8 @@ def build_parser() -> argparse.ArgumentParser:
                          "split it)")
     bb.add_argument("--max-batched-tokens", type=int, default=int(_env("MAX_BATCHED_TOKENS", 2048)),
                     help="new positions one step computes at most: decodes first, then prompt chunks")
+    bb.add_argument("--sync-io", action="store_true",
+                    help="run each step's Redis round trip after the step instead of during the next one")
     bb.add_argument("--attention", default=_env("ATTENTION", "auto"), choices=["auto", "torch", "triton", "loop"],
                     help="attention backend (auto: the Triton paged kernel on CUDA, torch SDPA on a CPU; loop: one "
                          "SDPA per sequence, to measure against)")
@@ -277,6 +279,7 @@ def main(argv: list[str] | None = None) -> int:
                                   dist_url=args.dist_url, stall_s=args.stall_timeout,
                                   gpu_memory_utilization=args.gpu_memory_utilization,
                                   max_batched_tokens=args.max_batched_tokens, attention=args.attention,
+                                  overlap_io=not args.sync_io,
                                   max_deliveries=args.max_deliveries, drain_timeout_s=args.drain_timeout,
                                   device=args.device, dtype=args.dtype)
         except ValueError as exc:

@@ -206,3 +206,29 @@ def test_a_pool_smaller_than_the_load_finishes_every_request(tiny_model, tiny_sp
         if proc.poll() is None:
             proc.kill()
             proc.wait()
+
+
+def test_overlapped_and_synchronous_round_trips_give_the_same_tokens(tiny_model, redis_url):
+    """The default worker sends step N's events (and reads cancellations and plans) while step N+1 computes;
+    ``--sync-io`` does it between steps. Same plans, same tokens, both fully acknowledged."""
+    r = redis.Redis.from_url(redis_url)
+    prompts = [[1, 286, 274, 203, 56], [1, 20, 21, 22, 203, 7], [1, 40, 41]]
+
+    def run(tag: str, flags: list[str]) -> list[list[int]]:
+        proc = start_tier(["backbone", "--model", str(tiny_model), "--threads", "1", *flags], redis_url, "backbone")
+        try:
+            hold_lease(r, f"reply:{tag}")
+            for i, ids in enumerate(prompts):
+                r.xadd(KEYS.gen(), payload_fields(m.encode(plan(f"{tag}{i}", f"reply:{tag}", ids, 12 + i,
+                                                                temperature=0.0))))
+            got = events(r, f"reply:{tag}", {f"{tag}{i}" for i in range(len(prompts))})
+            assert stop_tier(proc)[0] == 0
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+        assert r.xpending(KEYS.gen(), BACKBONE_GROUP)["pending"] == 0
+        return [[t for ev in got if ev.request_id == f"{tag}{i}" for t in ev.token_ids] for i in range(len(prompts))]
+
+    overlapped = run("ov", [])
+    assert [len(t) for t in overlapped] == [12, 13, 14]
+    assert run("sy", ["--sync-io"]) == overlapped
