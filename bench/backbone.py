@@ -2,7 +2,7 @@
 concurrency 1, 8 and 32 on the `small` demo model, against transformers' `generate` run one request at a time in one
 process; 1 shard vs 2 pipeline shards; each shard's RSS against its share of the weights.
 
-    .venv/bin/python bench/backbone.py [--tokens 32] [--prompt 64] [--shards 1,2]
+    .venv/bin/python bench/backbone.py [--tokens 32] [--prompt 64] [--shards 1,2] [--sync-io]
 
 Plans go straight onto the `gen` stream (no gateway, no encoders: text-only prompts of --prompt tokens, greedy,
 ignore_eos, exactly --tokens new tokens each); token events are timestamped as they arrive on a reply stream.
@@ -62,14 +62,14 @@ def weight_share_mb(spec, shards: int) -> list[float]:
     return out
 
 
-def start_backbone(model: Path, redis_url: str, shards: int) -> list[subprocess.Popen]:
+def start_backbone(model: Path, redis_url: str, shards: int, extra: tuple[str, ...] = ()) -> list[subprocess.Popen]:
     from cache.embedded import free_port
     from tests.integration.procs import start_tier
 
     cores = os.cpu_count() or 1
     threads = str(max(1, cores // shards))
     base = [sys.executable, "-m", "tributary.cli", "backbone", "--model", str(model), "--redis-url", redis_url,
-            "--threads", threads, "--max-running", "64", "--log-level", "WARNING"]
+            "--threads", threads, "--max-running", "64", "--log-level", "WARNING", *extra]
     if shards == 1:
         return [start_tier(base[3:] + [], redis_url, "backbone")]
     url = f"tcp://127.0.0.1:{free_port()}"
@@ -146,6 +146,8 @@ def main(argv=None) -> int:
     ap.add_argument("--prompt", type=int, default=64)
     ap.add_argument("--concurrency", default="1,8,32")
     ap.add_argument("--shards", default="1,2")
+    ap.add_argument("--sync-io", action="store_true",
+                    help="also run 1 shard with --sync-io (each step's Redis round trip between steps)")
     args = ap.parse_args(argv)
 
     import redis
@@ -167,15 +169,19 @@ def main(argv=None) -> int:
     results, rss, loaded = {}, {}, {}
     with EmbeddedRedis(maxmemory="512mb") as server:
         r = redis.Redis.from_url(server.url, socket_timeout=120)
-        for shards in shard_counts:
+        configs = [(shards, ()) for shards in shard_counts] + ([(1, ("--sync-io",))] if args.sync_io else [])
+        for shards, extra in configs:
             r.flushall()
-            procs = start_backbone(args.model_dir, server.url, shards)
+            procs = start_backbone(args.model_dir, server.url, shards, extra)
+            label = f"{shards} shard(s){', sync I/O' if extra else ''}"
             loaded[shards] = [rss_mb(p.pid) for p in procs]  # weights loaded, no traffic yet
             try:
-                run_wave(r, Keys(), 2, args.prompt, 4, wave=-shards)  # warm-up
+                run_wave(r, Keys(), 2, args.prompt, 4, wave=-shards - 10 * len(extra))  # warm-up
                 for c in conc:
-                    results[(shards, c)] = run_wave(r, Keys(), c, args.prompt, args.tokens, wave=shards * 100 + c)
-                rss[shards] = [rss_mb(p.pid) for p in procs]
+                    results[(label, c)] = run_wave(r, Keys(), c, args.prompt, args.tokens,
+                                                   wave=shards * 100 + c + 1000 * len(extra))
+                if not extra:
+                    rss[shards] = [rss_mb(p.pid) for p in procs]
             finally:
                 for p in procs:
                     p.terminate()
@@ -188,14 +194,20 @@ def main(argv=None) -> int:
     print(f"{'config':<28}{'decode tok/s':>14}{'x generate':>12}{'ITL p50 ms':>12}{'ITL p99 ms':>12}")
     print(f"{'transformers generate, 1-at-a-time':<28}{hf['tok_s']:>14.1f}{1.0:>12.2f}"
           f"{1e3 * pct(hf['itl'], .5):>12.2f}{1e3 * pct(hf['itl'], .99):>12.2f}")
-    for (shards, c), res in results.items():
-        print(f"{f'tributary {shards} shard(s), conc {c}':<28}{res['tok_s']:>14.1f}{res['tok_s'] / hf['tok_s']:>12.2f}"
+    for (label, c), res in results.items():
+        print(f"{f'tributary {label}, conc {c}':<28}{res['tok_s']:>14.1f}{res['tok_s'] / hf['tok_s']:>12.2f}"
               f"{1e3 * pct(res['itl'], .5):>12.2f}{1e3 * pct(res['itl'], .99):>12.2f}")
-    if (1, 8) in results:
-        ratio = results[(1, 8)]["tok_s"] / hf["tok_s"]
+    one, two, sync = "1 shard(s)", "2 shard(s)", "1 shard(s), sync I/O"
+    if (one, 8) in results:
+        ratio = results[(one, 8)]["tok_s"] / hf["tok_s"]
         print(f"\nconcurrency 8 vs one-at-a-time generate: {ratio:.2f}x (target >= 3x: {'met' if ratio >= 3 else 'MISSED'})")
-    if (1, 1) in results and (2, 1) in results:
-        step = pct(results[(2, 1)]["itl"], .5) / pct(results[(1, 1)]["itl"], .5)
+    for c in conc:
+        if (one, c) in results and (sync, c) in results:
+            print(f"overlapped / synchronous round trips, conc {c}: decode tok/s "
+                  f"{results[(one, c)]['tok_s'] / results[(sync, c)]['tok_s']:.2f}x, ITL p50 "
+                  f"{pct(results[(one, c)]['itl'], .5) / pct(results[(sync, c)]['itl'], .5):.2f}x")
+    if (one, 1) in results and (two, 1) in results:
+        step = pct(results[(two, 1)]["itl"], .5) / pct(results[(one, 1)]["itl"], .5)
         print(f"2 shards / 1 shard, per decode step at concurrency 1 (ITL p50): {step:.2f}x "
               f"(target <= 1.3x: {'met' if step <= 1.3 else 'MISSED'})")
     print(f"\nRSS (MB): a process that only imported the same libraries: {base:.0f}")
