@@ -133,11 +133,13 @@ class DecoderShard:
                  embed: torch.Tensor | None, norm: torch.Tensor | None, lm_head: torch.Tensor | None,
                  attention: str = "auto"):
         self.cfg, self.first_layer = cfg, first_layer
-        self.layers = [fuse_layer(w) for w in layers]
         self.embed_weight, self.norm_weight, self.lm_head_weight = embed, norm, lm_head
         self.rotary = Rotary(cfg)
         some = next(iter(layers[0].values())) if layers else (embed if embed is not None else norm)
         self.dtype, self.device = some.dtype, some.device
+        # On a GPU (launch-bound at small batch) fuse q/k/v and gate/up; on a CPU keep the checkpoint's tensors, which
+        # stay file-backed pages shared by every process reading the file (a fused copy would be private memory).
+        self.layers = [fuse_layer(w) for w in layers] if self.device.type == "cuda" else layers
         self.attention = backend_for(self.device, attention, self.dtype)
         self.pool: KVPool | None = None
 
@@ -177,14 +179,20 @@ class DecoderShard:
             hidden = hidden + self._attention(i, w, rms_norm(hidden, w["input_layernorm.weight"],
                                                              self.cfg.rms_norm_eps), meta, cos, sin)
             h = rms_norm(hidden, w["post_attention_layernorm.weight"], self.cfg.rms_norm_eps)
-            gate, up = F.linear(h, w["gate_up.weight"]).chunk(2, dim=-1)
+            if "gate_up.weight" in w:
+                gate, up = F.linear(h, w["gate_up.weight"]).chunk(2, dim=-1)
+            else:
+                gate, up = F.linear(h, w["mlp.gate_proj.weight"]), F.linear(h, w["mlp.up_proj.weight"])
             hidden = hidden + F.linear(F.silu(gate) * up, w["mlp.down_proj.weight"])
         return hidden
 
     def _attention(self, i: int, w: dict, h: torch.Tensor, meta: StepMeta, cos, sin) -> torch.Tensor:
         cfg = self.cfg
-        q_width, kv_width = cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim
-        q, k, v = F.linear(h, w["qkv.weight"], w.get("qkv.bias")).split([q_width, kv_width, kv_width], dim=-1)
+        if "qkv.weight" in w:
+            q_width, kv_width = cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim
+            q, k, v = F.linear(h, w["qkv.weight"], w.get("qkv.bias")).split([q_width, kv_width, kv_width], dim=-1)
+        else:
+            q, k, v = (F.linear(h, w[f"self_attn.{p}_proj.weight"], w.get(f"self_attn.{p}_proj.bias")) for p in "qkv")
         q = q.reshape(-1, cfg.num_heads, cfg.head_dim)  # [T, Hq, D]
         k = k.reshape(-1, cfg.num_kv_heads, cfg.head_dim)  # [T, Hkv, D]
         v = v.reshape(-1, cfg.num_kv_heads, cfg.head_dim)

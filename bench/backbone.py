@@ -81,10 +81,12 @@ def start_backbone(model: Path, redis_url: str, shards: int, extra: tuple[str, .
 
 
 def run_wave(r, keys, concurrency: int, prompt: int, tokens: int, wave: int) -> dict:
+    from cache.keys import alive
     from cache.streams import fields_payload, payload_fields
     from router import messages as m
 
     reply = f"bench:reply:{wave}"
+    r.set(alive(reply), 1, ex=600)  # act as the live gateway: workers answer only live gateways ([recovery])
     stamps: dict[str, list[float]] = {}
     pipe = r.pipeline(transaction=False)
     for i in range(concurrency):
@@ -200,7 +202,8 @@ def main(argv=None) -> int:
     one, two, sync = "1 shard(s)", "2 shard(s)", "1 shard(s), sync I/O"
     if (one, 8) in results:
         ratio = results[(one, 8)]["tok_s"] / hf["tok_s"]
-        print(f"\nconcurrency 8 vs one-at-a-time generate: {ratio:.2f}x (target >= 3x: {'met' if ratio >= 3 else 'MISSED'})")
+        print(f"\nconcurrency 8 vs one-at-a-time generate: {ratio:.2f}x "
+              f"(target >= 3x: {'met' if ratio >= 3 else 'MISSED'})")
     for c in conc:
         if (one, c) in results and (sync, c) in results:
             print(f"overlapped / synchronous round trips, conc {c}: decode tok/s "

@@ -376,3 +376,17 @@ def test_fused_projections_compute_what_the_separate_ones_do():
     gate, up = torch.nn.functional.linear(x, fused["gate_up.weight"]).chunk(2, -1)
     torch.testing.assert_close(gate, x @ separate["mlp.gate_proj.weight"].T)
     torch.testing.assert_close(up, x @ separate["mlp.up_proj.weight"].T)
+
+
+def test_a_shard_with_fused_layers_gives_the_logits_of_the_unfused_one(tiny_spec, tok):
+    """What a GPU shard runs (fused q/k/v and gate/up; CPUs keep the checkpoint's tensors), here on the CPU."""
+    from backbone.engine import load_engine
+    from backbone.model import fuse_layer
+
+    plain, fused = load_engine(tiny_spec), load_engine(tiny_spec)
+    fused.model.layers = [fuse_layer(dict(w)) for w in fused.model.layers]
+    assert "qkv.weight" in fused.model.layers[0] and "qkv.weight" not in plain.model.layers[0]
+    ids = ids_of(tok, PROMPTS[0])
+    a = plain.model.logits(plain.prompt_hidden(plain.new_sequence("a", len(ids), greedy(1)), ids, []))
+    b = fused.model.logits(fused.prompt_hidden(fused.new_sequence("b", len(ids), greedy(1)), ids, []))
+    torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
