@@ -24,6 +24,7 @@ in-process benchmarks drive the very same code.
 
 from __future__ import annotations
 
+import itertools
 import logging
 import math
 import secrets
@@ -279,11 +280,8 @@ class Engine:
             idx = [i for i, flag in enumerate(sampled) if flag]
             results = [NO_TOKEN] * len(rows)
             if idx:
-                offsets, t = [], 0
-                for g in segments:
-                    t += g.length
-                    offsets.append(t - 1)
-                ends = to_device([offsets[i] for i in idx], torch.long, self.model.device)
+                last = list(itertools.accumulate(g.length for g in segments))  # one past each row's last position
+                ends = to_device([last[i] - 1 for i in idx], torch.long, self.model.device)
                 drawn = sample_rows([rows[i][0].sampler for i in idx], self.model.logits(hidden[ends]))
                 for i, result in zip(idx, drawn):
                     results[i] = result

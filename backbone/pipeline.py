@@ -230,8 +230,8 @@ class StageWorker:
         tokens = [FAILED if flagged[i] else NO_TOKEN for i in range(len(rows))]
         if pick:
             ends = to_device((table.ints[:, 2].cumsum(0) - 1)[pick], device=hidden.device)
-            params = [(temperature, top_p, rows[i][3], rows[i][5])
-                      for i, (temperature, top_p) in ((i, table.floats[i].tolist()) for i in pick)]
+            floats = table.floats.tolist()  # (temperature, top_p) per row
+            params = [(*floats[i], rows[i][3], rows[i][5]) for i in pick]  # + seed, draws
             for i, result in zip(pick, sample_params(params, self.model.logits(hidden[ends]))):
                 if isinstance(result, str):
                     log.error("request failed on this shard", extra={"rank": self.rank, "seq": rows[i][0],
