@@ -12,7 +12,9 @@ owns the block tables, so the other shards keep no per-request state. Per step, 
 header, a table describing the step's rows (which sequence, which positions, its sampling parameters and draw count,
 whether to sample it), each row's block table and the hidden states [T, H]; each middle shard forwards them after
 its layers; the last shard sends back one answer per row [B]: the sampled token, NO_TOKEN for a prefill chunk that
-does not end its prompt, FAILED for a row that failed. A row that failed on any shard (backbone/isolation.py) is
+does not end its prompt, FAILED for a row that failed. Sends are queued (isend), so shard 0 may have several steps in
+flight (its engine's micro-batches, backbone/engine.py): every shard runs them, and the answers come back, in the
+order sent. A row that failed on any shard (backbone/isolation.py) is
 flagged in the table as it travels on, so one request's fault fails that request alone on every shard. Shard 0 sends
 a no-op when idle (so a silent pipe means a dead shard 0 and the others exit after ``timeout_s``) and a stop when it
 exits.
@@ -58,11 +60,14 @@ class Hops:
     def backend(self) -> str:
         return "nccl" if self.nccl is not None else "gloo"
 
-    def send_hidden(self, hidden: torch.Tensor, dst: int) -> None:
+    def isend_hidden(self, hidden: torch.Tensor, dst: int, keep: list) -> object:
+        """Queue the hidden states to ``dst``; the tensor sent is appended to ``keep`` (alive until the send
+        completes)."""
         if self.nccl is not None:
-            dist.send(hidden.contiguous(), dst=dst, group=self.nccl)
-        else:
-            dist.send(hidden.contiguous().cpu(), dst=dst)
+            keep.append(hidden.contiguous())
+            return dist.isend(keep[-1], dst=dst, group=self.nccl)
+        keep.append(hidden.contiguous().cpu())
+        return dist.isend(keep[-1], dst=dst)
 
     def recv_hidden(self, shape: tuple[int, int], dtype: torch.dtype, src: int) -> torch.Tensor:
         if self.nccl is not None:
@@ -142,21 +147,40 @@ def block_tables(segments: list[Segment]) -> torch.Tensor:
 
 
 @dataclass
+class Sent:
+    """A step sent down the pipe: its sends (the tensors they read stay referenced until they complete)."""
+
+    rows: int
+    works: list = field(default_factory=list)
+    tensors: list = field(default_factory=list)
+
+    def wait(self) -> None:
+        for work in self.works:
+            work.wait()
+        self.works, self.tensors = [], []
+
+
+@dataclass
 class PipelineHead:
-    """Shard 0's end of the pipe (its engine calls :meth:`run_rest` instead of sampling locally)."""
+    """Shard 0's end of the pipe: its engine sends each step with :meth:`send` instead of sampling locally, and
+    collects the last shard's answers with :meth:`answers`, in the order sent (several steps may be in flight)."""
 
     world: int
     hops: Hops = field(default_factory=lambda: Hops(torch.device("cpu")))
     last_send: float = 0.0
 
-    def run_rest(self, ints: torch.Tensor, floats: torch.Tensor, segments: list[Segment], hidden: torch.Tensor
-                 ) -> torch.Tensor:
-        """Send the step down the pipe; returns the last shard's answer per row [B]: a token, NO_TOKEN for a row
-        not sampled (a prefill chunk), FAILED for a row that failed."""
-        _send_step(1, StepTable(ints, floats, block_tables(segments)), hidden, self.hops)
-        tokens = torch.empty(ints.shape[0], dtype=torch.long)
-        dist.recv(tokens, src=self.world - 1)
+    def send(self, ints: torch.Tensor, floats: torch.Tensor, segments: list[Segment], hidden: torch.Tensor) -> Sent:
+        """Send a step down the pipe without waiting for it to arrive."""
+        sent = _send_step(1, StepTable(ints, floats, block_tables(segments)), hidden, self.hops)
         self.last_send = time.monotonic()
+        return sent
+
+    def answers(self, sent: Sent) -> torch.Tensor:
+        """The last shard's answer per row of a step sent [B]: a token, NO_TOKEN for a row not sampled (a prefill
+        chunk), FAILED for a row that failed. Steps are answered in the order they were sent."""
+        tokens = torch.empty(sent.rows, dtype=torch.long)
+        dist.recv(tokens, src=self.world - 1)
+        sent.wait()  # the step reached the last shard: its sends are long done
         return tokens
 
     def keepalive(self) -> None:
@@ -168,13 +192,13 @@ class PipelineHead:
         dist.send(torch.tensor([OP_STOP, 0, 0, 0], dtype=torch.long), dst=1)
 
 
-def _send_step(dst: int, table: StepTable, hidden, hops: Hops) -> None:
-    header = [OP_STEP, table.ints.shape[0], hidden.shape[0], table.tables.shape[1]]
-    dist.send(torch.tensor(header, dtype=torch.long), dst=dst)
-    dist.send(table.ints.contiguous(), dst=dst)
-    dist.send(table.floats.contiguous(), dst=dst)
-    dist.send(table.tables.contiguous(), dst=dst)
-    hops.send_hidden(hidden, dst)
+def _send_step(dst: int, table: StepTable, hidden, hops: Hops) -> Sent:
+    """Queue a step's messages to ``dst`` (isend: the sender goes on computing while they travel)."""
+    header = torch.tensor([OP_STEP, table.ints.shape[0], hidden.shape[0], table.tables.shape[1]], dtype=torch.long)
+    tensors = [header, table.ints.contiguous(), table.floats.contiguous(), table.tables.contiguous()]
+    sent = Sent(table.ints.shape[0], [dist.isend(t, dst=dst) for t in tensors], tensors)
+    sent.works.append(hops.isend_hidden(hidden, dst, sent.tensors))
+    return sent
 
 
 class StageWorker:
@@ -186,12 +210,15 @@ class StageWorker:
             raise ValueError("the shard has no KV pool (DecoderShard.allocate_pool)")
         self.model, self.rank, self.world = model, rank, world
         self.hops = hops or Hops(model.device)
+        self.sent: Sent | None = None  # the previous step's sends, completed before the next ones are queued
 
     def run(self) -> None:
         header = torch.empty(HEADER_LEN, dtype=torch.long)
         while True:
             dist.recv(header, src=self.rank - 1)
             op, n, tokens, width = (int(x) for x in header)
+            if op in (OP_STOP, OP_NOOP) and self.sent is not None:
+                self.sent.wait()  # in order behind the step before
             if op == OP_STOP:
                 if self.rank + 1 < self.world:
                     dist.send(header, dst=self.rank + 1)
@@ -222,8 +249,10 @@ class StageWorker:
             log.error("request failed on this shard", extra={"rank": self.rank, "seq": rows[i][0],
                                                               "error": failed[i]})
             table.ints[i, 4] = 1
+        if self.sent is not None:
+            self.sent.wait()
         if not self.model.is_last:
-            _send_step(self.rank + 1, table, hidden, self.hops)
+            self.sent = _send_step(self.rank + 1, table, hidden, self.hops)
             return
         flagged = table.ints[:, 4].tolist()
         pick = [i for i, row in enumerate(rows) if row[6] and not flagged[i]]
@@ -239,4 +268,5 @@ class StageWorker:
                     tokens[i] = FAILED
                 else:
                     tokens[i] = result
-        dist.send(torch.tensor(tokens, dtype=torch.long), dst=0)  # [B]
+        answer = torch.tensor(tokens, dtype=torch.long)  # [B]
+        self.sent = Sent(len(tokens), [dist.isend(answer, dst=0)], [answer])

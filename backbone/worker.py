@@ -70,6 +70,7 @@ class BackboneConfig:
     max_batched_tokens: int = 2048  # new positions one step computes at most (decodes + prefill chunks)
     attention: str = "auto"  # auto (triton on CUDA, torch SDPA elsewhere) | torch | triton | loop
     overlap_io: bool = True  # step N's Redis round trip runs while step N+1 computes (False: one after the other)
+    micro_batches: int = 0  # pipeline steps in flight at once (0: one per shard on GPUs, 1 on CPUs)
     shard: int = 0  # this process's place in its pipeline replica
     num_shards: int = 1
     layers: range | None = None  # this shard's layers (default: an even split)
@@ -87,6 +88,8 @@ class BackboneConfig:
             raise ValueError("max_running and max_deliveries must be >= 1 and outage_hold_s > 0")
         if self.max_batched_tokens < 1 or not 0 < self.gpu_memory_utilization <= 1:
             raise ValueError("max_batched_tokens must be >= 1 and gpu_memory_utilization in (0, 1]")
+        if self.micro_batches < 0:
+            raise ValueError("micro_batches must be >= 0 (0: one per shard on GPUs, 1 on CPUs)")
         if self.attention not in ("auto", "torch", "triton", "loop"):
             raise ValueError(f"attention must be auto, torch, triton or loop, got {self.attention!r}")
         resolve_placement(self.device, self.dtype)  # a bad flag is an error here, before any weight is read
@@ -195,7 +198,8 @@ class BackboneWorker:
                                           "kv_blocks": pool.num_blocks, "block_size": pool.block_size,
                                           "kv_tokens": pool.num_blocks * pool.block_size,
                                           "attention": self.engine.model.attention.name,
-                                          "max_batched_tokens": self.engine.max_batched_tokens})
+                                          "max_batched_tokens": self.engine.max_batched_tokens,
+                                          "micro_batches": self.engine.lanes})
         new: list = []
         drain_deadline = None
         try:
@@ -205,7 +209,7 @@ class BackboneWorker:
                     drain_deadline = time.monotonic() + self.cfg.drain_timeout_s
                     log.info("draining", extra={"running": len(self.running), "waiting": len(self.waiting)})
                 # Plans already read are ours to start even while draining: nobody else would take them.
-                busy = self.running or self.waiting or new or self.outbox or self.inflight
+                busy = self.running or self.waiting or new or self.outbox or self.inflight or self.engine.flights
                 if drain_deadline is not None and (not busy or time.monotonic() > drain_deadline):
                     new = list(new) + self._settle()
                     for entry_id, fields in new:  # read but not queued yet: handed back with the rest
@@ -237,6 +241,7 @@ class BackboneWorker:
                                                          "batch": len(decoding) + len(starting),
                                                          "free_blocks": self.engine.pool.free})
                 else:
+                    self.engine.settle()  # the pipeline's steps in flight land (their tokens wait in the events)
                     self._hold()  # Redis is away: no step, only the round trip again
                 # 4) One round trip: events, acks, cancellation checks, and the next plans if there is room. With
                 #    overlapped I/O the previous step's trip ran while this step computed: settle it, send this
@@ -250,6 +255,10 @@ class BackboneWorker:
                     new = list(new) + self._exchange(admit=drain_deadline is None)
         finally:
             try:
+                self.engine.settle()  # the pipeline's steps in flight land: their tokens go out with the rest
+            except Exception:
+                log.exception("the pipeline's steps in flight could not land")
+            try:
                 new = self._settle()  # plans it read are ours: queued, then handed back below
                 for entry_id, fields in new:
                     self._enqueue(entry_id, fields)
@@ -259,7 +268,8 @@ class BackboneWorker:
                 self.io.shutdown(wait=True)
             self._fail_all("the backbone worker is shutting down")
             heartbeat.stop()
-            log.info("backbone stopped", extra={"consumer": self.consumer})
+            log.info("backbone stopped", extra={"consumer": self.consumer, "steps": self.engine.steps,
+                                                "overlapped_steps": self.engine.overlapped})
 
     def _step(self, decoding: list[Sequence], starting: list) -> None:
         """The engine isolates each request's faults itself; what still escapes is a bug in the batch assembly or a
@@ -673,7 +683,7 @@ def serve(cfg: BackboneConfig, model_dir: str, threads: int | None = None) -> No
     head = PipelineHead(cfg.num_shards, hops)
     try:
         engine = Engine(model, spec.placeholder_ids, spec.eos_token_ids, spec.max_context, head,
-                        cfg.max_batched_tokens)
+                        cfg.max_batched_tokens, cfg.micro_batches)
         BackboneWorker(cfg, engine, stop).run()
     finally:
         head.stop()

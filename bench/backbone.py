@@ -2,7 +2,7 @@
 concurrency 1, 8 and 32 on the `small` demo model, against transformers' `generate` run one request at a time in one
 process; 1 shard vs 2 pipeline shards; each shard's RSS against its share of the weights.
 
-    .venv/bin/python bench/backbone.py [--tokens 32] [--prompt 64] [--shards 1,2] [--sync-io]
+    .venv/bin/python bench/backbone.py [--tokens 32] [--prompt 64] [--shards 1,2] [--sync-io] [--micro-batched]
 
 Plans go straight onto the `gen` stream (no gateway, no encoders: text-only prompts of --prompt tokens, greedy,
 ignore_eos, exactly --tokens new tokens each); token events are timestamped as they arrive on a reply stream.
@@ -150,6 +150,9 @@ def main(argv=None) -> int:
     ap.add_argument("--shards", default="1,2")
     ap.add_argument("--sync-io", action="store_true",
                     help="also run 1 shard with --sync-io (each step's Redis round trip between steps)")
+    ap.add_argument("--micro-batched", action="store_true",
+                    help="also run 2 shards with --micro-batches 2 (two pipeline steps in flight; on CPUs the "
+                         "default is one)")
     args = ap.parse_args(argv)
 
     import redis
@@ -171,11 +174,14 @@ def main(argv=None) -> int:
     results, rss, loaded = {}, {}, {}
     with EmbeddedRedis(maxmemory="512mb") as server:
         r = redis.Redis.from_url(server.url, socket_timeout=120)
-        configs = [(shards, ()) for shards in shard_counts] + ([(1, ("--sync-io",))] if args.sync_io else [])
-        for shards, extra in configs:
+        configs = [(shards, (), f"{shards} shard(s)") for shards in shard_counts]
+        if args.sync_io:
+            configs.append((1, ("--sync-io",), "1 shard(s), sync I/O"))
+        if args.micro_batched:
+            configs.append((2, ("--micro-batches", "2"), "2 shard(s), 2 micro-batches"))
+        for shards, extra, label in configs:
             r.flushall()
             procs = start_backbone(args.model_dir, server.url, shards, extra)
-            label = f"{shards} shard(s){', sync I/O' if extra else ''}"
             loaded[shards] = [rss_mb(p.pid) for p in procs]  # weights loaded, no traffic yet
             try:
                 run_wave(r, Keys(), 2, args.prompt, 4, wave=-shards - 10 * len(extra))  # warm-up
@@ -199,7 +205,7 @@ def main(argv=None) -> int:
     for (label, c), res in results.items():
         print(f"{f'tributary {label}, conc {c}':<28}{res['tok_s']:>14.1f}{res['tok_s'] / hf['tok_s']:>12.2f}"
               f"{1e3 * pct(res['itl'], .5):>12.2f}{1e3 * pct(res['itl'], .99):>12.2f}")
-    one, two, sync = "1 shard(s)", "2 shard(s)", "1 shard(s), sync I/O"
+    one, two, sync, micro = "1 shard(s)", "2 shard(s)", "1 shard(s), sync I/O", "2 shard(s), 2 micro-batches"
     if (one, 8) in results:
         ratio = results[(one, 8)]["tok_s"] / hf["tok_s"]
         print(f"\nconcurrency 8 vs one-at-a-time generate: {ratio:.2f}x "
@@ -209,6 +215,14 @@ def main(argv=None) -> int:
             print(f"overlapped / synchronous round trips, conc {c}: decode tok/s "
                   f"{results[(one, c)]['tok_s'] / results[(sync, c)]['tok_s']:.2f}x, ITL p50 "
                   f"{pct(results[(one, c)]['itl'], .5) / pct(results[(sync, c)]['itl'], .5):.2f}x")
+    for c in conc:
+        if (two, c) in results and (micro, c) in results:
+            print(f"2 shards, 2 micro-batches / one step in flight, conc {c}: decode tok/s "
+                  f"{results[(micro, c)]['tok_s'] / results[(two, c)]['tok_s']:.2f}x, ITL p99 "
+                  f"{pct(results[(micro, c)]['itl'], .99) / pct(results[(two, c)]['itl'], .99):.2f}x")
+        if (one, c) in results and (two, c) in results and c > 1:
+            ratio = results[(two, c)]["tok_s"] / results[(one, c)]["tok_s"]
+            print(f"2 shards / 1 shard, conc {c}: decode tok/s {ratio:.2f}x")
     if (one, 1) in results and (two, 1) in results:
         step = pct(results[(two, 1)]["itl"], .5) / pct(results[(one, 1)]["itl"], .5)
         print(f"2 shards / 1 shard, per decode step at concurrency 1 (ITL p50): {step:.2f}x "

@@ -156,6 +156,9 @@ def build_parser() -> argparse.ArgumentParser:
                          "split it)")
     bb.add_argument("--max-batched-tokens", type=int, default=int(_env("MAX_BATCHED_TOKENS", 2048)),
                     help="new positions one step computes at most: decodes first, then prompt chunks")
+    bb.add_argument("--micro-batches", type=int, default=int(_env("MICRO_BATCHES", 0)),
+                    help="pipeline steps shard 0 keeps in flight, each over its own share of the sequences (default "
+                         "0: one per shard on GPUs, 1 on CPUs, where shards share the cores; 1: one step at a time)")
     bb.add_argument("--sync-io", action="store_true",
                     help="run each step's Redis round trip after the step instead of during the next one")
     bb.add_argument("--attention", default=_env("ATTENTION", "auto"), choices=["auto", "torch", "triton", "loop"],
@@ -279,7 +282,7 @@ def main(argv: list[str] | None = None) -> int:
                                   dist_url=args.dist_url, stall_s=args.stall_timeout,
                                   gpu_memory_utilization=args.gpu_memory_utilization,
                                   max_batched_tokens=args.max_batched_tokens, attention=args.attention,
-                                  overlap_io=not args.sync_io,
+                                  overlap_io=not args.sync_io, micro_batches=args.micro_batches,
                                   max_deliveries=args.max_deliveries, drain_timeout_s=args.drain_timeout,
                                   device=args.device, dtype=args.dtype)
         except ValueError as exc:

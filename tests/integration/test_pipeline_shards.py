@@ -1,8 +1,10 @@
 """Backbone pipeline shards as real processes linked by torch.distributed (gloo): token for token the same as one
-shard holding every layer, with requests batched together; each shard read only its own tensors."""
+shard holding every layer, with requests batched together, with micro-batches in flight together (the default) or
+one step at a time; each shard read only its own tensors."""
 
 from __future__ import annotations
 
+import json
 import subprocess
 
 import pytest
@@ -31,18 +33,20 @@ def reference(spec, ids: list[int], n: int) -> list[int]:
     return seq.output
 
 
-@pytest.fixture(params=[2, 3], ids=["2-shards", "3-shards"])
+@pytest.fixture(params=[(2, 2), (3, 3), (2, 0)], ids=["2-shards", "3-shards", "2-shards-cpu-default"])
 def shards(request, tiny_model, redis_server):
+    """(shards, micro-batches: one per shard, or 0: the CPU default, one step at a time), shard 0's process, the
+    others."""
     redis.Redis.from_url(redis_server.url).flushall()
-    n, url = request.param, f"tcp://127.0.0.1:{free_port()}"
+    (n, micro), url = request.param, f"tcp://127.0.0.1:{free_port()}"
     procs = [subprocess.Popen(
         [*start_cmd(tiny_model, redis_server.url), "--shard", str(i), "--num-shards", str(n), "--dist-url", url],
         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL) for i in range(n - 1, 0, -1)]
     try:
         head = start_tier(["backbone", "--model", str(tiny_model), "--shard", "0", "--num-shards", str(n),
-                           "--dist-url", url], redis_server.url, "backbone")
+                           "--dist-url", url, "--micro-batches", str(micro)], redis_server.url, "backbone")
         procs.append(head)
-        yield n, head, procs[:-1]
+        yield n, micro, head, procs[:-1]
     finally:
         for p in procs:
             if p.poll() is None:
@@ -56,7 +60,7 @@ def start_cmd(model, redis_url: str) -> list[str]:
 
 
 def test_shards_match_one_shard_with_concurrent_requests(shards, tiny_spec, redis_server):
-    n, head, others = shards
+    n, micro, head, others = shards
     r = redis.Redis.from_url(redis_server.url)
     for i, ids in enumerate(PROMPTS):
         hold_lease(r, "reply:pipe")
@@ -65,8 +69,15 @@ def test_shards_match_one_shard_with_concurrent_requests(shards, tiny_spec, redi
     for i, ids in enumerate(PROMPTS):
         tokens = [t for ev in got if ev.request_id == f"p{i}" for t in ev.token_ids]
         assert tokens == reference(tiny_spec, ids, 8 + i), f"request {i} with {n} shards"
-    code, _ = stop_tier(head)
+    code, out = stop_tier(head)
     assert code == 0
+    stopped = [rec for rec in map(json.loads, filter(lambda line: line.startswith("{"), out.splitlines()))
+               if rec.get("msg") == "backbone stopped"]
+    assert stopped and stopped[0]["steps"] > 0, out[-2000:]
+    if micro == 0:
+        assert stopped[0]["overlapped_steps"] == 0, "one step at a time (the CPU default), yet steps overlapped"
+    else:  # the requests were dealt into n micro-batches whose steps were in flight together
+        assert stopped[0]["overlapped_steps"] > 0, "no step was sent while another was in flight"
     for p in others:
         assert p.wait(30) == 0, "a shard did not stop with shard 0"
 

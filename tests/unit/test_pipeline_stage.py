@@ -26,7 +26,15 @@ def halves(tiny_spec):
 @pytest.fixture
 def sent(monkeypatch):
     out: list[torch.Tensor] = []
-    monkeypatch.setattr(pipeline.dist, "send", lambda tensor, dst: out.append(tensor.clone()))
+    class Done:
+        def wait(self):
+            pass
+
+    def isend(tensor, dst):
+        out.append(tensor.clone())
+        return Done()
+
+    monkeypatch.setattr(pipeline.dist, "isend", isend)
     return out
 
 
