@@ -36,6 +36,6 @@ def fuse(embed_tokens, token_ids: list[int] | torch.Tensor, media: list[tuple[st
             if t.dim() != 2 or t.shape[1] != embeds.shape[2]:
                 raise PlanError(f"{modality}: encoder rows of shape {list(t.shape)} do not fit model width "
                                 f"{embeds.shape[2]}")
-        spliced = to_device(torch.cat(rows), device=device).to(embeds.dtype)  # [want, H]
+        spliced = to_device(rows[0] if len(rows) == 1 else torch.cat(rows), device=device).to(embeds.dtype)
         embeds[0].index_copy_(0, to_device(positions, torch.long, device), spliced)
     return embeds

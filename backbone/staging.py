@@ -7,11 +7,12 @@ import torch
 
 def to_device(values, dtype: torch.dtype | None = None, device: torch.device | str = "cpu") -> torch.Tensor:
     """A host list (or CPU tensor) on ``device`` without waiting for the device: on CUDA it is staged in pinned
-    memory and copied asynchronously on the current stream (a plain copy would wait for every queued kernel)."""
+    memory (unless it is pinned already) and copied asynchronously on the current stream (a plain copy would wait for
+    every queued kernel)."""
     t = values if isinstance(values, torch.Tensor) else torch.tensor(values, dtype=dtype)
     if dtype is not None and t.dtype != dtype:
         t = t.to(dtype)
     device = torch.device(device)
     if device.type != "cuda" or t.device.type == "cuda":
         return t.to(device)
-    return t.pin_memory().to(device, non_blocking=True)
+    return (t if t.is_pinned() else t.pin_memory()).to(device, non_blocking=True)

@@ -6,6 +6,11 @@ ones, whether their gateways are alive and, when there is room, the read of new 
 ``backbone`` group until its request finishes. On SIGTERM the worker stops taking plans, finishes the running ones
 (up to ``drain_timeout_s``), then fails what is left with a clear error and exits.
 
+The round trip runs on an I/O thread while the next step computes (``--sync-io``: between steps). The first waiting
+plans' cancellation checks and encoder tensors are fetched ahead on a thread of their own (decoded, checked for
+non-finite values and, on a GPU host, pinned); a plan starts on the first step after they are in, so admitting an
+image request never makes the running streams wait on Redis.
+
 Faults are per request: a plan that cannot be decoded, validated, fetched or fused, and a sequence whose forward or
 sampling fails (backbone/engine.py), ends with an error event for that request alone; the loop and every other
 request go on. Only a broken pipeline (a peer shard gone) ends the process, and its supervisor restarts it.
@@ -25,6 +30,7 @@ Recovery (docs/architecture.md, "Recovery"):
 
 from __future__ import annotations
 
+import itertools
 import logging
 import os
 import socket
@@ -32,7 +38,7 @@ import threading
 import time
 import uuid
 from collections import deque
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 
 import torch
@@ -181,6 +187,10 @@ class BackboneWorker:
         # Overlapped I/O: step N's round trip runs on this thread while step N+1 computes (one in flight at most).
         self.io = ThreadPoolExecutor(1, thread_name_prefix="redis-io") if cfg.overlap_io else None
         self.inflight: tuple[Exchange, Future] | None = None
+        # The first waiting plans' checks and encoder tensors are fetched ahead (decoded, checked, pinned on a GPU
+        # host) on their own thread: a plan starts once its tensors are in, and the step never waits for them.
+        self.prefetch = ThreadPoolExecutor(1, thread_name_prefix="media-prefetch") if cfg.overlap_io else None
+        self.fetched: dict[str, Future] = {}  # run key -> its fetch, for the first waiting plans
 
     def _settle(self) -> list:
         """Wait for the round trip in flight (if any) and apply it; returns the plans it read."""
@@ -264,8 +274,9 @@ class BackboneWorker:
                     self._enqueue(entry_id, fields)
             except Exception:
                 log.exception("the last round trip in flight failed")
-            if self.io is not None:
-                self.io.shutdown(wait=True)
+            for pool in (self.io, self.prefetch):
+                if pool is not None:
+                    pool.shutdown(wait=True, cancel_futures=True)
             self._fail_all("the backbone worker is shutting down")
             heartbeat.stop()
             log.info("backbone stopped", extra={"consumer": self.consumer, "steps": self.engine.steps,
@@ -401,10 +412,49 @@ class BackboneWorker:
             return
         self.waiting.append((entry_id, plan))
 
+    def _fetch_ahead(self) -> None:
+        """Start the fetches of the first waiting plans (as many as could start now, at least one)."""
+        if self.prefetch is None:
+            return
+        ahead = max(1, self.cfg.max_running - len(self.running))
+        for _, plan in itertools.islice(self.waiting, ahead):
+            key = run_key(plan)
+            if key not in self.fetched:
+                self.fetched[key] = self.prefetch.submit(self._fetch_guarded, plan)
+
+    def _fetch_guarded(self, plan: m.PromptPlan) -> list[tuple[str, torch.Tensor]]:
+        """:meth:`_fetch_media` on the prefetch thread: what escapes it but Redis and the plan's own faults fails
+        this plan alone."""
+        try:
+            return self._fetch_media(plan)
+        except (RedisError, StepFailure):
+            raise
+        except Exception as exc:
+            log.exception("fetching a plan's tensors failed", extra={"request_id": plan.request_id})
+            raise StepFailure(m.ErrorCode.INTERNAL, f"the backbone could not read this request's tensors "
+                                                    f"({type(exc).__name__})") from exc
+
+    def _media_for(self, plan: m.PromptPlan, streams: bool) -> list[tuple[str, torch.Tensor]] | None:
+        """The plan's fetched tensors; None while its fetch is still running and ``streams`` are decoding (they go
+        on; it starts on a later step). Raises what the fetch raised."""
+        future = self.fetched.get(run_key(plan))
+        if future is None:  # fetching ahead is off (--sync-io)
+            return self._fetch_media(plan)
+        if not future.done():
+            if streams:
+                return None
+            wait([future], timeout=0.5)  # nothing to stall: wait a little (bounded), else the next loop
+            if not future.done():
+                return None
+        del self.fetched[run_key(plan)]
+        return future.result()
+
     def _start_waiting(self) -> list[tuple[Sequence, torch.Tensor]]:
-        """Start queued plans in arrival order while a slot is free and the KV pool holds their prompt. A plan that
-        cannot start gets an error event (in the outbox) and the next one is tried."""
+        """Start queued plans in arrival order while a slot is free and the KV pool holds their prompt, once their
+        tensors are fetched. A plan that cannot start gets an error event (in the outbox) and the next one is
+        tried."""
         starting: list[tuple[Sequence, torch.Tensor]] = []
+        self._fetch_ahead()
         while self.waiting and len(self.running) < self.cfg.max_running:
             entry_id, plan = self.waiting[0]
             try:
@@ -425,8 +475,10 @@ class BackboneWorker:
             try:
                 if time.time() > plan.deadline:
                     raise StepFailure(m.ErrorCode.DEADLINE, "the request waited past its deadline for a backbone")
-                media = self._fetch_media(plan)
-            except RedisError as exc:  # the plan stays first in line; the step goes on with what runs
+                media = self._media_for(plan, streams=bool(self.running))
+                if media is None:
+                    break  # its tensors are still on their way: running streams do not wait for them
+            except RedisError as exc:  # the plan stays first in line (fetched again); the step goes on
                 self._redis_failed(exc, "fetch")
                 break
             except StepFailure as exc:
@@ -472,6 +524,8 @@ class BackboneWorker:
                 raise StepFailure(m.ErrorCode.INTERNAL, str(exc)) from exc
             if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
                 raise StepFailure(m.ErrorCode.INTERNAL, f"cached {ref.modality.value} tensor holds non-finite values")
+            if self.engine.model.device.type == "cuda":
+                tensor = tensor.pin_memory()  # so fusing copies it to the GPU without waiting
             out.append((ref.modality.value, tensor))
         return out
 
@@ -485,6 +539,7 @@ class BackboneWorker:
     def _refuse(self, plan: m.PromptPlan, entry_id: bytes, code: m.ErrorCode, error: str, silent: bool = False
                 ) -> None:
         """Queue the plan's ack and (unless its gateway is gone) its error event for the next round trip."""
+        self.fetched.pop(run_key(plan), None)  # a fetch ahead of it is not needed any more
         if silent:
             log.info("dropped", extra={"request_id": plan.request_id, "error": error})
         ev = None if silent else self._error_event(plan, code, error)
@@ -618,6 +673,7 @@ class BackboneWorker:
         for entry_id, plan in self.waiting:
             self._refuse(plan, entry_id, m.ErrorCode.WORKER_LOST, error)
         self.waiting.clear()
+        self.fetched.clear()
         if self.running or self.outbox:
             self._exchange(admit=False)
         if self.running or self.outbox:
