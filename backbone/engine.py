@@ -324,8 +324,12 @@ class Engine:
         self.steps += 1
         segments = [Segment(seq.blocks, seq.computed, n) for seq, n in rows]
         sampled = [seq.computed + n == seq.length for seq, n in rows]
-        meta = self.model.prepare(segments)
-        hidden, failed = forward_isolating(self.model, self._inputs(rows), segments, meta)  # [T, H]
+        hidden, failed = None, {}
+        if all(seq.computed >= seq.prompt_len for seq, _ in rows):  # decodes of generated tokens: a CUDA graph
+            hidden = self.model.decode(segments, ids=[seq.output[seq.computed - seq.prompt_len] for seq, _ in rows])
+        if hidden is None:
+            meta = self.model.prepare(segments)
+            hidden, failed = forward_isolating(self.model, self._inputs(rows), segments, meta)  # [T, H]
         flight = Flight(lane, rows, failed)
         if self.pipeline is not None:
             # The other shards run the rest; the last one samples the rows marked and sends every row's answer
@@ -403,9 +407,10 @@ def load_engine(spec, layers: range | None = None, kv_cache_bytes: int | None = 
                 pipeline: PipelineHead | None = None, dtype: torch.dtype = torch.float32,
                 device: torch.device | str = "cpu", max_batched_tokens: int = MAX_BATCHED_TOKENS,
                 max_running: int = 16, gpu_memory_utilization: float = 0.9, num_blocks: int | None = None,
-                attention: str = "auto") -> Engine:
+                attention: str = "auto", eager: bool = False) -> Engine:
     """Shard 0's (or the only shard's) engine: its layers from the checkpoint, then a KV pool of ``num_blocks``
-    (default: sized by backbone/kv.py's ``pool_blocks``)."""
+    (default: sized by backbone/kv.py's ``pool_blocks``), then (on a GPU, unless ``eager``) the decode step's CUDA
+    graphs for up to ``max_running`` sequences."""
     from backbone.kv import pool_blocks
     from backbone.loader import load_shard
 
@@ -417,4 +422,6 @@ def load_engine(spec, layers: range | None = None, kv_cache_bytes: int | None = 
         raise ValueError("no memory left for the KV cache (lower --max-batched-tokens, raise "
                          "--gpu-memory-utilization, or give --kv-cache-gb)")
     model.allocate_pool(num_blocks)
+    if not eager:
+        model.capture_graphs(max_running, spec.max_context)
     return Engine(model, spec.placeholder_ids, spec.eos_token_ids, spec.max_context, pipeline, max_batched_tokens)

@@ -25,10 +25,13 @@ class KVPool:
                  dtype: torch.dtype, device: torch.device | str):
         if num_blocks < 1:
             raise ValueError("the KV pool needs at least one block")
-        shape = (num_layers, num_blocks, block_size, kv_heads, head_dim)
+        # One block more than is handed out: the padding block, where the padding rows of a CUDA-graph decode step
+        # (backbone/graphs.py) write their K/V. Its id, ``num_blocks``, is the same on every shard of a replica.
+        shape = (num_layers, num_blocks + 1, block_size, kv_heads, head_dim)
         # Zeroed: attention reads a block's unwritten slots (masked, weight 0) and 0 x NaN garbage would be NaN.
         self.k, self.v = _zeros(shape, dtype, device), _zeros(shape, dtype, device)
         self.num_blocks, self.block_size = num_blocks, block_size
+        self.padding_block = num_blocks  # never in the free list
         self._free = list(range(num_blocks - 1, -1, -1))  # a stack: recently freed blocks are reused first
         self._used = [False] * num_blocks
 
@@ -66,7 +69,7 @@ class KVPool:
         table.clear()
 
     def flat(self, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """Layer ``layer``'s K and V as [num_blocks * block_size, kv_heads, head_dim] (slot-indexed views)."""
+        """Layer ``layer``'s K and V as [(num_blocks + 1) * block_size, kv_heads, head_dim] (slot-indexed views)."""
         k, v = self.k[layer], self.v[layer]
         return k.view(-1, *k.shape[2:]), v.view(-1, *v.shape[2:])
 
@@ -82,7 +85,8 @@ def _zeros(shape: tuple[int, ...], dtype: torch.dtype, device) -> torch.Tensor:
 
 
 def blocks_in_budget(budget_bytes: int, block_bytes: int) -> int:
-    return max(0, int(budget_bytes) // block_bytes)
+    """Blocks to hand out within a budget (the pool's padding block counts against it)."""
+    return max(0, int(budget_bytes) // block_bytes - 1)
 
 
 CPU_DEFAULT_BYTES = 4 * 2**30  # a CPU pool holds max_running full contexts, at most this much

@@ -142,6 +142,7 @@ class DecoderShard:
         self.layers = [fuse_layer(w) for w in layers] if self.device.type == "cuda" else layers
         self.attention = backend_for(self.device, attention, self.dtype)
         self.pool: KVPool | None = None
+        self.graphs = None  # backbone/graphs.DecodeGraphs once :meth:`capture_graphs` ran (CUDA only)
 
     @property
     def is_first(self) -> bool:
@@ -160,6 +161,27 @@ class DecoderShard:
         self.pool = KVPool(len(self.layers), num_blocks, block_size, self.cfg.num_kv_heads, self.cfg.head_dim,
                            self.dtype, self.device)
         return self.pool
+
+    def capture_graphs(self, max_batch: int, max_context: int) -> dict | None:
+        """CUDA graphs of decode steps up to ``max_batch`` sequences (backbone/graphs.py), when this shard runs on
+        a GPU with the Triton attention kernel; returns what the capture took (None: it runs eagerly)."""
+        from backbone.attention import TritonAttention
+        from backbone.graphs import DecodeGraphs
+
+        if self.device.type != "cuda" or not isinstance(self.attention, TritonAttention):
+            return None
+        graphs = DecodeGraphs(self, max_batch, max_context)
+        took = graphs.capture()
+        self.graphs = graphs
+        return took
+
+    def decode(self, segments: list[Segment], ids: list[int] | None = None, hidden: torch.Tensor | None = None
+               ) -> torch.Tensor | None:
+        """A decode step through a graph: hidden [B, H], or None when the step cannot replay one (no graphs, a
+        prefill chunk, a batch beyond the largest bucket) and must run eagerly."""
+        if self.graphs is None or not self.graphs.fits(segments):
+            return None
+        return self.graphs.run(segments, ids, hidden)
 
     def embed(self, ids: torch.Tensor) -> torch.Tensor:
         return F.embedding(ids, self.embed_weight)  # [..., H]

@@ -244,7 +244,12 @@ class StageWorker:
     @torch.inference_mode()
     def _step(self, table: StepTable, hidden: torch.Tensor) -> None:
         rows = table.ints.tolist()
-        hidden, failed = forward_isolating(self.model, hidden, table.segments(self.model.pool.block_size))
+        segments = table.segments(self.model.pool.block_size)
+        decoded = self.model.decode(segments, hidden=hidden)  # a decode step through a CUDA graph, if it can
+        if decoded is not None:
+            hidden, failed = decoded, {}
+        else:
+            hidden, failed = forward_isolating(self.model, hidden, segments)
         for i in failed:
             log.error("request failed on this shard", extra={"rank": self.rank, "seq": rows[i][0],
                                                               "error": failed[i]})

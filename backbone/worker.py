@@ -77,6 +77,7 @@ class BackboneConfig:
     attention: str = "auto"  # auto (triton on CUDA, torch SDPA elsewhere) | torch | triton | loop
     overlap_io: bool = True  # step N's Redis round trip runs while step N+1 computes (False: one after the other)
     micro_batches: int = 0  # pipeline steps in flight at once (0: one per shard on GPUs, 1 on CPUs)
+    eager: bool = False  # no CUDA graphs for decode steps (CPUs always run eagerly)
     shard: int = 0  # this process's place in its pipeline replica
     num_shards: int = 1
     layers: range | None = None  # this shard's layers (default: an even split)
@@ -718,7 +719,8 @@ def serve(cfg: BackboneConfig, model_dir: str, threads: int | None = None) -> No
     if cfg.num_shards == 1:
         try:
             engine = load_engine(spec, layers, cfg.kv_cache_bytes, None, dtype, device, cfg.max_batched_tokens,
-                                 cfg.max_running, cfg.gpu_memory_utilization, attention=cfg.attention)
+                                 cfg.max_running, cfg.gpu_memory_utilization, attention=cfg.attention,
+                                 eager=cfg.eager)
         except ValueError as exc:
             raise SystemExit(f"tributary backbone: {exc}") from None
         BackboneWorker(cfg, engine, stop).run()
@@ -733,6 +735,8 @@ def serve(cfg: BackboneConfig, model_dir: str, threads: int | None = None) -> No
         raise SystemExit("tributary backbone: no memory left for the KV cache on some shard (lower "
                          "--max-batched-tokens, raise --gpu-memory-utilization, or give --kv-cache-gb)")
     model.allocate_pool(blocks)
+    if not cfg.eager:  # every shard replays its decode steps (the same --max-running on every shard)
+        model.capture_graphs(cfg.max_running, spec.max_context)
     if cfg.shard > 0:  # driven by shard 0 through the pipe; it stops us when it stops
         StageWorker(model, cfg.shard, cfg.num_shards, hops).run()
         return

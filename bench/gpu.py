@@ -9,6 +9,8 @@ Rows, on one GPU, bf16, real-shape random-weight checkpoints (models/real_shapes
 * against the HBM floor: the bytes one decode step must read (the language model's weights, the embedding table
   only where it is also the lm_head, plus every sequence's KV at the mean context of the timed steps) over the
   measured device-to-device copy bandwidth (bytes read + written per second of a 1 GiB copy);
+* the same decode steps replayed from CUDA graphs ([cuda-graphs], one per batch bucket), with their capture time
+  and memory;
 * against transformers' own ``generate`` (LlavaForConditionalGeneration, same weights, same GPU, same prompts,
   greedy, EOS off): decode tokens/s from two runs, 1 and 1 + ``--steps`` new tokens, so prefill cancels out;
 * the tiered path: ``tributary up`` on the one GPU (gateway, image encoder and backbone processes, embedded Redis,
@@ -105,12 +107,18 @@ def decode_ours(path: Path, batches: list[int], device, dtype, prompt: int, warm
     weights += sum(t.numel() * t.element_size() for t in (model.norm_weight, model.lm_head_weight))
     cfg, itemsize = model.cfg, torch.empty((), dtype=dtype).element_size()
     kv_per_token = 2 * cfg.num_layers * cfg.num_kv_heads * cfg.head_dim * itemsize
-    out = {}
+    # [cuda-graphs]: decode graphs for every batch measured (None on a CPU: it runs eagerly); eager rows first.
+    took = model.capture_graphs(max(batches), int(text["max_position_embeddings"]))
+    graphs, model.graphs = model.graphs, None
+    out = {"capture": took}
     for batch in batches:
         context = prompt + 1 + warm + steps / 2  # mean KV length over the timed steps
         out[batch] = {"bytes_per_step": weights + batch * context * kv_per_token}
-        for name, backend in (("paged", paged), ("loop", backend_for(device, "loop"))):
-            model.attention = backend
+        variants = [("paged", paged, None), ("loop", backend_for(device, "loop"), None)]
+        if graphs is not None:
+            variants.append(("graphs", paged, graphs))
+        for name, backend, replay in variants:
+            model.attention, model.graphs = backend, replay
             params = SamplingParams(max_tokens=warm + steps + 2, temperature=0.0, ignore_eos=True)
             ids = prompts(batch, prompt, cfg.vocab_size)
             seqs = [engine.new_sequence(f"b{i}", prompt, params) for i in range(batch)]
@@ -131,7 +139,7 @@ def decode_ours(path: Path, batches: list[int], device, dtype, prompt: int, warm
                 engine.release(seq)
             out[batch][name] = batch * steps / elapsed
             out[batch][f"{name}_step_ms"] = 1e3 * elapsed / steps
-    model.attention = paged
+    model.attention, model.graphs = paged, None
     if itl:
         out["itl"] = arrival_row(engine, config, itl)
     engine = model = None  # free the weights and the pool before the next model loads
@@ -346,8 +354,11 @@ def main() -> int:
             results["decode"].append({"model": size, "batch": b, "tokens_per_s": ours[b]["paged"],
                                       "step_ms": ours[b]["paged_step_ms"], "floor_tokens_per_s": floor,
                                       "loop_tokens_per_s": ours[b]["loop"],
+                                      "graphs_tokens_per_s": ours[b].get("graphs"),
                                       "transformers_tokens_per_s": theirs[b]["tokens_per_s"]})
-            print(f"  {size} batch {b}: {ours[b]['paged']:.1f} tok/s (loop {ours[b]['loop']:.1f})", flush=True)
+            print(f"  {size} batch {b}: {ours[b]['paged']:.1f} tok/s (loop {ours[b]['loop']:.1f}, graphs "
+                  f"{ours[b].get('graphs')})", flush=True)
+        results.setdefault("capture", {})[size] = ours["capture"]
         if itl:
             results["arrivals"] = dict(ours["itl"], model=size)
     if not args.skip_tiered:
@@ -369,12 +380,25 @@ def table(results: dict, head: str) -> str:
              "[paged-attention] replaced); transformers: LlavaForConditionalGeneration.generate, same weights", "",
              f"{'row':<26}{'batch':>6}{'tok/s':>10}{'ms/step':>9}{'HBM bound':>11}{'of bound':>10}{'loop':>9}"
              f"{'x loop':>8}{'transformers':>14}{'x transf.':>11}"]
+    graphs = [r for r in results["decode"] if r.get("graphs_tokens_per_s")]
     for r in results["decode"]:
         lines.append(f"{r['model'] + ' decode':<26}{r['batch']:>6}{r['tokens_per_s']:>10.1f}{r['step_ms']:>9.2f}"
                      f"{r['floor_tokens_per_s']:>11.1f}{r['tokens_per_s'] / r['floor_tokens_per_s']:>10.2f}"
                      f"{r['loop_tokens_per_s']:>9.1f}{r['tokens_per_s'] / r['loop_tokens_per_s']:>8.2f}"
                      f"{r['transformers_tokens_per_s']:>14.1f}"
                      f"{r['tokens_per_s'] / r['transformers_tokens_per_s']:>11.2f}")
+    if graphs:  # [cuda-graphs] targets: batch 1 of llava-1.5-7b >= 0.6 of the bound, of llava-1b >= 0.4
+        lines += ["", "CUDA graphs (decode steps replayed per batch bucket) vs the eager rows above:",
+                  f"{'row':<26}{'batch':>6}{'graphs tok/s':>14}{'x eager':>9}{'of bound':>10}"]
+        for r in graphs:
+            lines.append(f"{r['model'] + ' decode':<26}{r['batch']:>6}{r['graphs_tokens_per_s']:>14.1f}"
+                         f"{r['graphs_tokens_per_s'] / r['tokens_per_s']:>9.2f}"
+                         f"{r['graphs_tokens_per_s'] / r['floor_tokens_per_s']:>10.2f}")
+        for model, took in (results.get("capture") or {}).items():
+            if took:
+                lines.append(f"{model}: captured buckets {took['buckets']} in {took['seconds']} s, "
+                             f"{took['memory_mib']} MiB")
+        lines.append("")
     by_model: dict = {}
     for r in results["decode"]:
         by_model.setdefault(r["model"], {})[r["batch"]] = r["tokens_per_s"]

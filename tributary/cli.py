@@ -159,6 +159,9 @@ def build_parser() -> argparse.ArgumentParser:
     bb.add_argument("--micro-batches", type=int, default=int(_env("MICRO_BATCHES", 0)),
                     help="pipeline steps shard 0 keeps in flight, each over its own share of the sequences (default "
                          "0: one per shard on GPUs, 1 on CPUs, where shards share the cores; 1: one step at a time)")
+    bb.add_argument("--eager", action="store_true", default=_env("EAGER", "") == "1",
+                    help="run decode steps eagerly instead of replaying CUDA graphs (GPUs only; CPUs always run "
+                         "eagerly)")
     bb.add_argument("--sync-io", action="store_true",
                     help="run each step's Redis round trip after the step instead of during the next one")
     bb.add_argument("--attention", default=_env("ATTENTION", "auto"), choices=["auto", "torch", "triton", "loop"],
@@ -283,6 +286,7 @@ def main(argv: list[str] | None = None) -> int:
                                   gpu_memory_utilization=args.gpu_memory_utilization,
                                   max_batched_tokens=args.max_batched_tokens, attention=args.attention,
                                   overlap_io=not args.sync_io, micro_batches=args.micro_batches,
+                                  eager=args.eager,
                                   max_deliveries=args.max_deliveries, drain_timeout_s=args.drain_timeout,
                                   device=args.device, dtype=args.dtype)
         except ValueError as exc:

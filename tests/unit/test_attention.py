@@ -81,7 +81,7 @@ def test_the_pool_hands_out_each_block_once():
     assert pool.free == 3 and a == []
 
 
-INTERPRETED = textwrap.dedent("""
+INTERPRETER_PATCH = textwrap.dedent("""
     import sys
     import torch
     import triton.runtime.interpreter as ti
@@ -96,6 +96,9 @@ INTERPRETED = textwrap.dedent("""
 
     ti._patch_lang_tensor = _patched
     sys.path.insert(0, ".")
+""")
+
+INTERPRETED = INTERPRETER_PATCH + textwrap.dedent("""
     from tests.unit.test_attention import BS, D, case
     from backbone.attention import TorchAttention, TritonAttention
 
