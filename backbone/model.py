@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 
 from backbone.attention import Segment, StepMeta, backend_for
+from backbone.kernels import ops_for, rms_norm
 from backbone.kv import BLOCK_SIZE, KVPool
 from models.spec import ModelError
 
@@ -88,12 +89,6 @@ def fuse_layer(w: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return w
 
 
-def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-    h = x.to(torch.float32)
-    h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps)
-    return weight * h.to(x.dtype)
-
-
 def rotate_half(x: torch.Tensor) -> torch.Tensor:
     half = x.shape[-1] // 2
     return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
@@ -141,6 +136,7 @@ class DecoderShard:
         # stay file-backed pages shared by every process reading the file (a fused copy would be private memory).
         self.layers = [fuse_layer(w) for w in layers] if self.device.type == "cuda" else layers
         self.attention = backend_for(self.device, attention, self.dtype)
+        self.ops = ops_for(self.device, self.dtype)  # residual add + RMSNorm, SiLU-and-mul (fused on CUDA)
         self.pool: KVPool | None = None
         self.graphs = None  # backbone/graphs.DecodeGraphs once :meth:`capture_graphs` ran (CUDA only)
 
@@ -197,15 +193,23 @@ class DecoderShard:
         slots), then attends once per layer over every segment through the block tables."""
         meta = meta if meta is not None else self.prepare(segments)
         cos, sin = self.rotary(meta.positions, hidden.dtype)
+        eps, ops = self.cfg.rms_norm_eps, self.ops
+        if not self.layers:
+            return hidden
+        # Each residual add is fused with the RMSNorm after it (the next layer's input norm included).
+        h = rms_norm(hidden, self.layers[0]["input_layernorm.weight"], eps)
         for i, w in enumerate(self.layers):
-            hidden = hidden + self._attention(i, w, rms_norm(hidden, w["input_layernorm.weight"],
-                                                             self.cfg.rms_norm_eps), meta, cos, sin)
-            h = rms_norm(hidden, w["post_attention_layernorm.weight"], self.cfg.rms_norm_eps)
+            h, hidden = ops.add_rms_norm(self._attention(i, w, h, meta, cos, sin), hidden,
+                                         w["post_attention_layernorm.weight"], eps)
             if "gate_up.weight" in w:
                 gate, up = F.linear(h, w["gate_up.weight"]).chunk(2, dim=-1)
             else:
                 gate, up = F.linear(h, w["mlp.gate_proj.weight"]), F.linear(h, w["mlp.up_proj.weight"])
-            hidden = hidden + F.linear(F.silu(gate) * up, w["mlp.down_proj.weight"])
+            mlp = F.linear(ops.silu_mul(gate, up), w["mlp.down_proj.weight"])
+            if i + 1 < len(self.layers):
+                h, hidden = ops.add_rms_norm(mlp, hidden, self.layers[i + 1]["input_layernorm.weight"], eps)
+            else:
+                hidden = hidden + mlp
         return hidden
 
     def _attention(self, i: int, w: dict, h: torch.Tensor, meta: StepMeta, cos, sin) -> torch.Tensor:

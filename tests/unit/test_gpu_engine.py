@@ -197,3 +197,12 @@ def test_decode_graphs_replay_what_eager_steps_compute(tiny_spec):
             assert sorted(engine.model.graphs.graphs) == [1, 2, 4, 8]
     assert outputs[0] == outputs[1]
     assert all(replays[b] > 0 for b in (1, 2, 4, 8)), replays
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_fused_norm_and_activation_kernels_pass_their_check_on_the_device(tiny_spec, dtype):
+    from backbone.kernels import OPS_TOL, TritonOps, ops_check
+
+    assert ops_check(TritonOps(), torch.device("cuda"), dtype) <= (1e-5 if dtype == torch.float32 else OPS_TOL)
+    engine = load_engine(tiny_spec, kv_cache_bytes=KV, dtype=dtype, device="cuda")
+    assert engine.model.ops.name == "triton"  # what the shard runs (it falls back to torch only on a failed check)
