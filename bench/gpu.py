@@ -13,6 +13,10 @@ Rows, on one GPU, bf16, real-shape random-weight checkpoints (models/real_shapes
   and memory;
 * against transformers' own ``generate`` (LlavaForConditionalGeneration, same weights, same GPU, same prompts,
   greedy, EOS off): decode tokens/s from two runs, 1 and 1 + ``--steps`` new tokens, so prefill cancels out;
+* the worker row ([cuda-graphs]): one backbone worker process on ``llava-1.5-7b`` (the product's loop, Redis round
+  trips overlapped with the steps), 32 text streams put straight on its stream: decode tokens/s and the gap between
+  a stream's tokens against the in-process engine's at batch 32; then the same streams while LLaVA-sized image plans
+  (576 rows in bf16 in Redis, as an encoder publishes them) arrive at 5 per second: the streams' ITL p50/p99;
 * the tiered path: ``tributary up`` on the one GPU (gateway, image encoder and backbone processes, embedded Redis,
   ``llava-1b``), streamed chat requests each with one of 4 images at concurrency 16 through the HTTP API:
   requests/s, time to first token (p50 / p90), output tokens/s.
@@ -48,6 +52,10 @@ SMOKE_ROWS = [("llava-tiny", [1, 8])]
 # The arrival row (key: smoke?): decoding streams, LLaVA-sized prompts arriving together, the chunked step budget.
 ITL_MODEL = {False: "llava-1b", True: "llava-tiny"}
 ITL_ROW = {False: {"streams": 16, "arrivals": 8, "budget": 512}, True: {"streams": 4, "arrivals": 2, "budget": 16}}
+# The worker row ([cuda-graphs]): 32 streams through a backbone worker process, alone and while images arrive.
+WORKER_MODEL = {False: "llava-1.5-7b", True: "llava-tiny"}
+WORKER_ROW = {False: {"streams": 32, "images_per_s": 5.0, "arrival_tokens": 256},
+              True: {"streams": 8, "images_per_s": 20.0, "arrival_tokens": 64}}
 
 
 def sync(device: torch.device) -> None:
@@ -171,6 +179,102 @@ def arrival_row(engine, config: dict, itl: dict) -> dict:
         arrival_itl(engine, streams, arrivals[:1], quiet_steps=3, after_steps=1)  # warm
         out[name] = arrival_itl(engine, streams, arrivals)
     return out
+
+
+def worker_row(path: Path, device, dtype, streams: int, prompt: int, tokens: int, images_per_s: float,
+               arrival_tokens: int, image_tokens_max: int = 8) -> dict:
+    """[cuda-graphs]: one backbone worker process (the product's loop: Redis round trips, overlapped) on ``path``,
+    plans put straight on its stream. (1) ``streams`` text streams alone: decode tokens/s and the gap between a
+    stream's consecutive tokens, to set against the in-process engine's; (2) the same streams while LLaVA-sized image
+    plans (their encoder rows in Redis in the backbone's dtype, as an encoder publishes them) arrive at
+    ``images_per_s`` (each stream ``arrival_tokens`` long, so that the arrivals span its decode): the streams' ITL
+    p50/p99."""
+    import threading
+
+    import redis
+
+    from bench.backbone import pct, run_wave, start_backbone
+    from cache.codec import encode_tensor
+    from cache.embedded import EmbeddedRedis
+    from cache.keys import Keys, alive
+    from cache.streams import fields_payload, payload_fields
+    from models.llava import image_tokens, placeholder_ids
+    from models.spec import ModelSpec
+    from router import messages as m
+
+    config = text_config(path)
+    spec = ModelSpec.from_dir(path)
+    hidden, rows = config["text_config"]["hidden_size"], image_tokens(config)
+    image_id = placeholder_ids(config)["image"]
+    wire = str(dtype).removeprefix("torch.")
+    keys = Keys()
+    with EmbeddedRedis(maxmemory="4gb") as server:
+        r = redis.Redis.from_url(server.url, socket_timeout=120)
+        procs = start_backbone(path, server.url, 1, ("--device", str(device), "--dtype", wire))
+        try:
+            run_wave(r, keys, 2, prompt, 4, wave=-1)  # warm-up (and the first graphs' replays)
+            quiet = run_wave(r, keys, streams, prompt, tokens, wave=1)
+            gen = torch.Generator().manual_seed(5)
+            tensor_keys = []
+            for i in range(4):  # four distinct images, each stored once, as the encoder tier caches them
+                key = keys.tensor(spec.encoder_id("image"), f"bench{i}")
+                blob = encode_tensor((0.02 * torch.randn(rows, hidden, generator=gen)), wire)
+                r.hset(key, mapping={"data": blob, "n": rows})
+                tensor_keys.append(key)
+            reply = "bench:reply:arrivals"
+            r.set(alive(reply), 1, ex=600)
+            stop = threading.Event()
+            sent = [0]
+
+            def arrive() -> None:
+                feeder = redis.Redis.from_url(server.url)
+                while not stop.wait(1.0 / images_per_s):
+                    i = sent[0]
+                    ids = [1] + [image_id] * rows + [20 + k for k in range(31)]
+                    plan = m.PromptPlan(
+                        request_id=f"img{i}", reply_to=reply, token_ids=ids, deadline=time.time() + 600,
+                        media=[m.MediaRef(modality=m.Modality.IMAGE, tensor_key=tensor_keys[i % 4], num_tokens=rows)],
+                        sampling=m.SamplingParams(max_tokens=image_tokens_max, temperature=0.0, ignore_eos=True))
+                    feeder.xadd(keys.gen(), payload_fields(m.encode(plan)))
+                    sent[0] += 1
+
+            stamps: dict[str, list[float]] = {}
+            pipe = r.pipeline(transaction=False)
+            for i in range(streams):
+                ids = [1] + [20 + (i * 7 + k) % 400 for k in range(prompt - 1)]
+                plan = m.PromptPlan(request_id=f"s{i}", reply_to=reply, token_ids=ids, deadline=time.time() + 600,
+                                    sampling=m.SamplingParams(max_tokens=arrival_tokens, temperature=0.0,
+                                                              ignore_eos=True))
+                pipe.xadd(keys.gen(), payload_fields(m.encode(plan)))
+            pipe.execute()
+            feeder = threading.Thread(target=arrive, daemon=True)
+            feeder.start()
+            last, done, images_done = "0-0", 0, 0
+            try:
+                while done < streams:
+                    for _, entries in r.xread({reply: last}, block=5000) or []:
+                        for entry_id, fields in entries:
+                            last = entry_id
+                            ev = m.decode(fields_payload(fields), m.TokenEvent)
+                            if ev.request_id.startswith("s"):
+                                stamps.setdefault(ev.request_id, []).extend(
+                                    [time.perf_counter()] * max(1, len(ev.token_ids)))
+                                done += ev.finish is not None
+                            else:
+                                images_done += ev.finish is not None
+            finally:
+                stop.set()
+                feeder.join(10)
+            gaps = [b - a for st in stamps.values() for a, b in zip(st[1:], st[2:])]  # after the first token
+        finally:
+            for p in procs:
+                p.terminate()
+            for p in procs:
+                p.wait(60)
+    return {"streams": streams, "prompt": prompt, "tokens": tokens, "tokens_per_s": quiet["tok_s"],
+            "itl_p50_ms": 1e3 * pct(quiet["itl"], .5), "itl_p99_ms": 1e3 * pct(quiet["itl"], .99),
+            "images_per_s": images_per_s, "images_sent": sent[0], "images_finished": images_done,
+            "arrivals_itl_p50_ms": 1e3 * pct(gaps, .5), "arrivals_itl_p99_ms": 1e3 * pct(gaps, .99)}
 
 
 def decode_transformers(path: Path, batches: list[int], device, dtype, prompt: int, warm: int, steps: int) -> dict:
@@ -319,6 +423,7 @@ def main() -> int:
     ap.add_argument("--warm", type=int, default=None, help="untimed decode steps (default 8; smoke 2)")
     ap.add_argument("--steps", type=int, default=None, help="timed decode steps (default 64; smoke 8)")
     ap.add_argument("--skip-tiered", action="store_true")
+    ap.add_argument("--skip-worker", action="store_true", help="no backbone worker process row")
     args = ap.parse_args()
     smoke = args.cpu_smoke
     if not smoke and not torch.cuda.is_available():
@@ -341,7 +446,7 @@ def main() -> int:
             f"{steps} timed decode steps")
     print(head, flush=True)
     results: dict = {"device": name, "dtype": str(dtype), "copy_bandwidth_bytes_per_s": bandwidth, "decode": [],
-                     "arrivals": None, "tiered": None}
+                     "arrivals": None, "tiered": None, "worker": None}
     for size, batches in (SMOKE_ROWS if smoke else GPU_ROWS):
         t = time.perf_counter()
         path = write_llava(args.workdir / size, size, 0, str(device), dtype)
@@ -361,6 +466,13 @@ def main() -> int:
         results.setdefault("capture", {})[size] = ours["capture"]
         if itl:
             results["arrivals"] = dict(ours["itl"], model=size)
+        if size == WORKER_MODEL[smoke] and not args.skip_worker:
+            b = WORKER_ROW[smoke]["streams"]
+            row = worker_row(path, device, dtype, prompt=prompt, tokens=warm + steps, **WORKER_ROW[smoke])
+            inproc = ours[b].get("graphs") or ours[b]["paged"]
+            step_ms = 1e3 * b / inproc
+            results["worker"] = dict(row, model=size, in_process_tokens_per_s=inproc, in_process_step_ms=step_ms)
+            print(f"  {size} worker: {row['tokens_per_s']:.1f} tok/s vs in-process {inproc:.1f}", flush=True)
     if not args.skip_tiered:
         size = "llava-tiny" if smoke else "llava-1b"
         path = write_llava(args.workdir / size, size, 0, str(device), dtype)
@@ -416,6 +528,17 @@ def table(results: dict, head: str) -> str:
             lines.append(f"  {name:<10} ({budget}): quiet p50 {r['quiet_p50_ms']:.1f}, during p50 {r['p50_ms']:.1f} "
                          f"p99 {r['p99_ms']:.1f} worst {r['worst_ms']:.1f} (p99 / quiet p50 "
                          f"{r['p99_ms'] / r['quiet_p50_ms']:.1f}x), prefill over {r['prefill_steps']} steps")
+    w = results.get("worker")
+    if w:  # [cuda-graphs] target: the worker's decode throughput within 10% of the in-process engine's
+        share = w["tokens_per_s"] / w["in_process_tokens_per_s"]
+        lines.append(f"worker ({w['model']}, one backbone process, Redis round trips overlapped): {w['streams']} "
+                     f"streams decode {w['tokens_per_s']:.1f} tok/s = {share:.2f}x the in-process engine's "
+                     f"{w['in_process_tokens_per_s']:.1f}; gap between a stream's tokens p50 "
+                     f"{w['itl_p50_ms']:.2f} ms vs the in-process step {w['in_process_step_ms']:.2f} ms "
+                     f"({w['itl_p50_ms'] / w['in_process_step_ms']:.2f}x), p99 {w['itl_p99_ms']:.2f} ms")
+        lines.append(f"  while images arrive at {w['images_per_s']:g}/s ({w['images_sent']} sent, "
+                     f"{w['images_finished']} finished): stream ITL p50 {w['arrivals_itl_p50_ms']:.2f} ms, p99 "
+                     f"{w['arrivals_itl_p99_ms']:.2f} ms")
     t = results["tiered"]
     if t:
         lines.append(f"{'tiered ' + t['model']:<26}concurrency {t['concurrency']}, {t['requests']} requests x "
