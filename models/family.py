@@ -105,3 +105,23 @@ def load_state(module, tensors: dict, what: str) -> None:
     if missing or unexpected:
         raise ModelError(f"{what}: checkpoint tensors do not fit the module (missing {sorted(missing)[:5]}, "
                          f"unexpected {sorted(unexpected)[:5]})")
+
+
+def cut_vision_tower(tower, layers: list[int]) -> list[int]:
+    """Drop a vision tower's encoder layers after the deepest one whose hidden states are read. LLaVA reads
+    ``hidden_states[vision_feature_layer]``, -2 by default, so the last layer's work was thrown away. Returns the
+    read indices as absolute ``hidden_states`` positions (0: the embeddings' output), valid on the cut tower. A tower
+    whose layers it cannot find is left whole."""
+    from torch import nn
+
+    encoder = getattr(getattr(tower, "vision_model", tower), "encoder", None)
+    blocks = getattr(encoder, "layers", None)
+    if not isinstance(blocks, nn.ModuleList):
+        return list(layers)
+    total = len(blocks)
+    absolute = [i if i >= 0 else total + 1 + i for i in layers]
+    if any(not 0 <= i <= total for i in absolute):
+        raise ModelError(f"vision_feature_layer {layers} is outside the tower's {total} layers")
+    del blocks[max(absolute):]
+    return absolute
+

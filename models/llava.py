@@ -10,7 +10,8 @@ Weights, as transformers 5 saves them (and the hub's llava-hf checkpoints, whose
 The image encoder computes what ``LlavaModel.get_image_features`` computes: the vision tower's
 ``hidden_states[vision_feature_layer]`` (or those of several layers, concatenated), without the CLS row for the
 "default" select strategy ("full" keeps it), through the projector. It is built from transformers' own modules
-(``AutoModel.from_config(vision_config)``, ``LlavaMultiModalProjector``), so the arithmetic is the reference's.
+(``AutoModel.from_config(vision_config)``, ``LlavaMultiModalProjector``), so the arithmetic is the reference's. The
+tower's layers after the deepest one read are dropped at load (their output was discarded).
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ import torch
 from torch import nn
 
 from models.checkpoint import read_tensors
-from models.family import ModelError, load_state, plain_json, processor_section
+from models.family import ModelError, cut_vision_tower, load_state, plain_json, processor_section
 
 MODEL_TYPE = "llava"
 TAKES_LENGTHS: frozenset[str] = frozenset()
@@ -87,6 +88,11 @@ class ImageEncoder(nn.Module):
         self.vision_tower = AutoModel.from_config(hf.vision_config)
         self.multi_modal_projector = LlavaMultiModalProjector(hf)
 
+    def cut(self) -> None:
+        """Drop the tower's layers after the deepest one read (once the weights are in)."""
+        layers = [self.feature_layer] if isinstance(self.feature_layer, int) else list(self.feature_layer)
+        self.feature_layer = cut_vision_tower(self.vision_tower, layers)
+
     def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
         out = self.vision_tower(pixel_values, output_hidden_states=True, return_dict=True)
         layers = [self.feature_layer] if isinstance(self.feature_layer, int) else list(self.feature_layer)
@@ -106,6 +112,7 @@ def load_image_encoder(model_dir: Path, config: dict, dtype: torch.dtype = torch
     state |= {f"multi_modal_projector.{k}": v for k, v in read_tensors(model_dir, "multi_modal_projector.",
                                                                         dtype).items()}
     load_state(module, state, f"{model_dir} image encoder")
+    module.cut()
     return module.to(dtype).eval()
 
 

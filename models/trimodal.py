@@ -22,6 +22,7 @@ from transformers import CLIPVisionConfig, CLIPVisionModel, LlamaConfig, LlamaFo
 from transformers.models.whisper.modeling_whisper import WhisperEncoder
 
 from models.checkpoint import read_tensors
+from models.family import cut_vision_tower
 
 MODEL_TYPE = "tributary_trimodal"
 
@@ -98,7 +99,9 @@ def _load(module: nn.Module, model_dir: Path, prefixes: list[str], dtype: torch.
 
 
 def load_image_encoder(model_dir: Path, config: dict, dtype: torch.dtype = torch.float32) -> ImageEncoder:
-    return _load(ImageEncoder(config), model_dir, ["vision_tower", "multi_modal_projector"], dtype)
+    module = _load(ImageEncoder(config), model_dir, ["vision_tower", "multi_modal_projector"], dtype)
+    module.feature_layer = cut_vision_tower(module.vision_tower, [module.feature_layer])[0]  # later layers unread
+    return module
 
 
 def load_audio_encoder(model_dir: Path, config: dict, dtype: torch.dtype = torch.float32) -> AudioEncoder:

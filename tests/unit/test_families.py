@@ -174,6 +174,24 @@ def test_encoder_equals_reference_features(case, seed):
     torch.testing.assert_close(kept, _spliced_rows(model, inputs, placeholder), atol=ATOL, rtol=0)
 
 
+def test_the_vision_tower_runs_no_layer_after_the_one_it_reads(case):
+    """LLaVA reads hidden_states[vision_feature_layer] (-2 by default: the last layer's output was discarded): the
+    layers after the deepest one read are dropped at load, and the features stay the reference's
+    (test_encoder_equals_reference_features)."""
+    name, spec, *_ = case
+    if modality_of(name) != "image":
+        pytest.skip("an audio checkpoint")
+    module = load_torch_module(spec, "image")
+    total = spec.config["vision_config"]["num_hidden_layers"]
+    read = spec.config.get("vision_feature_layer", -2)
+    read = [read] if isinstance(read, int) else read
+    deepest = max(i if i >= 0 else total + 1 + i for i in read)
+    tower = getattr(module.vision_tower, "vision_model", module.vision_tower)  # transformers 5 flattened it
+    assert len(tower.encoder.layers) == deepest
+    if read == [-2]:
+        assert deepest == total - 1  # LLaVA-1.5's default: one layer fewer
+
+
 def test_qwen2_audio_rows_depend_on_the_real_length_only(hf_checkpoint):
     """Batched clips of different lengths give each clip's rows alone; the padding mask matters (without it the
     rows change), so the lengths must reach the encoder."""
