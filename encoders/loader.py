@@ -36,19 +36,21 @@ def load_preprocessor(spec: ModelSpec, modality: str, max_audio_seconds: float =
                              keep_length="audio" in spec.family.takes_lengths, max_seconds=max_audio_seconds)
 
 
-def load_torch_module(spec: ModelSpec, modality: str) -> torch.nn.Module:
+def load_torch_module(spec: ModelSpec, modality: str, dtype: torch.dtype = torch.float32) -> torch.nn.Module:
     """The encoder + projector as one module: preprocessed batch [B, ...] (and, for a family whose encoder masks
     padding, the real lengths [B]) -> embeddings [B, N, H]."""
     _check(spec, modality)
-    return spec.family.impl.load_encoder(spec.path, spec.config, modality, torch.float32)
+    return spec.family.impl.load_encoder(spec.path, spec.config, modality, dtype)
 
 
 def load_runtime(spec: ModelSpec, modality: str, runtime: str = "torch", device: str = "cpu",
-                 threads: int | None = None):
+                 threads: int | None = None, dtype: torch.dtype = torch.float32):
     if runtime == "torch":
         from encoders.torch_runtime import TorchRuntime
 
-        return TorchRuntime(load_torch_module(spec, modality), device)
+        return TorchRuntime(load_torch_module(spec, modality, dtype), device, dtype)
+    if dtype != torch.float32:
+        raise ValueError("the ONNX runtime runs the float32 export")
     if runtime == "onnx":
         from encoders.export import ensure_onnx
         from encoders.onnx_runtime import OnnxRuntime

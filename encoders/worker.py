@@ -29,10 +29,17 @@ from redis.exceptions import RedisError
 
 from cache.client import connect
 from cache.codec import WIRE_DTYPES, encode_tensor
-from cache.keys import ENCODER_GROUP, Keys
-from cache.keys import alive
-from cache.streams import (Claimed, ack_delete, dead_letter, ensure_group, fields_payload, is_nogroup, own_pending,
-                           reclaim_dead)
+from cache.keys import ENCODER_GROUP, Keys, alive
+from cache.streams import (
+    Claimed,
+    ack_delete,
+    dead_letter,
+    ensure_group,
+    fields_payload,
+    is_nogroup,
+    own_pending,
+    reclaim_dead,
+)
 from cache.tensors import TensorPublisher
 from encoders.batching import batch_lengths, read_batch, shape_groups
 from encoders.preprocess import MediaError, Prepared
@@ -50,12 +57,13 @@ class EncoderConfig:
     modality: str
     prefix: str = "trib"
     runtime: str = "torch"  # torch | onnx
-    device: str = "cpu"  # cpu | cuda:N
+    device: str = "cpu"  # cpu | cuda | cuda:N
+    dtype: str = "auto"  # compute dtype: float32 | bfloat16 | float16; auto: bfloat16 on a GPU (torch), else float32
     max_batch: int = 8  # jobs per forward pass at most
     max_wait_ms: float = 2.0  # once one job is in hand, how long to wait for the batch to fill
     block_ms: int = 1000  # how long an idle read waits (bounds how late a stop is noticed)
     tensor_ttl_s: int = 3600  # lifetime of a cached encoder output
-    wire_dtype: str = "float32"  # dtype of cached tensors: float32, float16 or bfloat16 (half the bytes)
+    wire_dtype: str | None = None  # dtype of cached tensors (default: the compute dtype; bf16/fp16 halve the bytes)
     max_deliveries: int = 3  # a job handed to this many workers (the others died) is dead-lettered
     stall_s: float = 60.0  # a loop that has not come round for this long stops heartbeating (router/liveness.py)
     max_audio_seconds: float = MAX_AUDIO_S  # decoding stops past it; a longer clip is bad media
@@ -67,6 +75,15 @@ class EncoderConfig:
             raise ValueError("stall_s and max_audio_seconds must be > 0")
         if self.max_deliveries < 1:
             raise ValueError("max_deliveries must be >= 1")
+        if self.dtype == "auto":
+            gpu = self.device.startswith("cuda") and self.runtime == "torch"
+            self.dtype = "bfloat16" if gpu else "float32"
+        if self.dtype not in WIRE_DTYPES:
+            raise ValueError(f"dtype must be auto or one of {sorted(WIRE_DTYPES)}, got {self.dtype!r}")
+        if self.runtime == "onnx" and self.dtype != "float32":
+            raise ValueError("the ONNX runtime runs the float32 export: use --dtype float32 (a bf16/fp16 wire is "
+                             "fine) or --runtime torch")
+        self.wire_dtype = self.wire_dtype or self.dtype
         if self.wire_dtype not in WIRE_DTYPES:
             raise ValueError(f"wire_dtype must be one of {sorted(WIRE_DTYPES)}, got {self.wire_dtype!r}")
 
@@ -81,8 +98,9 @@ class Job:
 
 
 class EncoderWorker:
-    def __init__(self, cfg: EncoderConfig, preprocess, runtime, stop: threading.Event):
+    def __init__(self, cfg: EncoderConfig, preprocess, runtime, stop: threading.Event, encoder_id: str):
         self.cfg, self.preprocess, self.runtime, self.stop = cfg, preprocess, runtime, stop
+        self.encoder_id = encoder_id  # checkpoint + modality + compute and wire dtype: jobs for another are refused
         self.keys = Keys(cfg.prefix)
         self.tier = f"encoder:{cfg.modality}"
         self.stream = self.keys.jobs(cfg.modality)
@@ -225,6 +243,14 @@ class EncoderWorker:
             script_keys = (key, self.keys.waiters(msg.encoder_id, msg.digest),
                            self.keys.lease(msg.encoder_id, msg.digest), msg.blob_key)
             job = Job(entry_id, msg, key, script_keys, deliveries)
+            if msg.encoder_id != self.encoder_id:  # a gateway configured for another precision (or checkpoint)
+                error = (f"this {self.cfg.modality} encoder is {self.encoder_id} (computes {self.cfg.dtype}, sends "
+                         f"{self.cfg.wire_dtype}) but the job asks for {msg.encoder_id}: give the gateway "
+                         f"--encoder-dtype {self.cfg.dtype} --encoder-wire-dtype {self.cfg.wire_dtype} (or "
+                         "TRIBUTARY_ENCODER_DTYPE to both), and the same checkpoint")
+                log.error("job for another encoder", extra={"request_id": msg.request_id, "error": error})
+                self._fail(pipe, job, m.ErrorCode.INTERNAL, error)
+                continue
             if deliveries > self.cfg.max_deliveries:  # every worker that took it died: a poison job, or bad luck
                 error = (f"the job was handed to {deliveries - 1} encoder workers that all died before answering "
                          "it; it was moved to the dead-letter stream")
@@ -302,6 +328,9 @@ def serve(cfg: EncoderConfig, model_dir: str, threads: int | None = None) -> Non
     tune_allocator()
     if threads:
         torch.set_num_threads(threads)
-    spec = ModelSpec.from_dir(model_dir)
-    runtime = load_runtime(spec, cfg.modality, cfg.runtime, cfg.device, threads)
-    EncoderWorker(cfg, load_preprocessor(spec, cfg.modality, cfg.max_audio_seconds), runtime, stop).run()
+    spec = ModelSpec.from_dir(model_dir).with_encoder_dtypes(cfg.dtype, cfg.wire_dtype)
+    runtime = load_runtime(spec, cfg.modality, cfg.runtime, cfg.device, threads, dtype=WIRE_DTYPES[cfg.dtype])
+    log.info("encoder loaded", extra={"modality": cfg.modality, "encoder_id": spec.encoder_id(cfg.modality),
+                                      "device": cfg.device, "dtype": cfg.dtype, "wire_dtype": cfg.wire_dtype})
+    EncoderWorker(cfg, load_preprocessor(spec, cfg.modality, cfg.max_audio_seconds), runtime, stop,
+                  spec.encoder_id(cfg.modality)).run()

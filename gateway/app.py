@@ -43,7 +43,8 @@ def tiers_for(spec: ModelSpec) -> list[str]:
 
 
 def create_app(cfg: GatewayConfig) -> Starlette:
-    spec = ModelSpec.from_dir(cfg.model_dir, cfg.served_name)
+    spec = ModelSpec.from_dir(cfg.model_dir, cfg.served_name).with_encoder_dtypes(cfg.encoder_dtype,
+                                                                                  cfg.encoder_wire_dtype)
     tokenizer = spec.load_tokenizer()
     needed_tiers = tiers_for(spec)
     gateway_id = uuid.uuid4().hex[:12]

@@ -7,6 +7,7 @@ transformers (the family's module is imported when first used), so ``read_family
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -43,6 +44,9 @@ def read_family(path: str | Path) -> Family:
     return family_for(_raw_config(Path(path)))
 
 
+SHORT_DTYPES = {"float32": "f32", "bfloat16": "bf16", "float16": "f16"}
+
+
 @dataclass(frozen=True)
 class ModelSpec:
     path: Path
@@ -53,6 +57,9 @@ class ModelSpec:
     placeholder_ids: dict[str, int]  # modality -> the token id a media part's placeholder uses
     eos_token_ids: list[int] = field(default_factory=list)
     family: Family = TRIMODAL
+    # The encoders' (compute, wire) dtypes: part of each encoder's identity (``encoder_id``), so encodings of another
+    # precision never share a cache entry. Gateways and encoders of one cluster set the same (``with_encoder_dtypes``).
+    encoder_dtypes: tuple[str, str] = ("float32", "float32")
 
     @classmethod
     def from_dir(cls, path: str | Path, name: str | None = None) -> ModelSpec:
@@ -84,8 +91,17 @@ class ModelSpec:
         return int(self.config["text_config"]["max_position_embeddings"])
 
     def encoder_id(self, modality: str) -> str:
-        """Identity of one encoder (checkpoint content + component): the namespace of its cached tensors."""
-        return f"{self.fingerprint[:16]}-{modality}"
+        """Identity of one encoder (checkpoint content + component + compute and wire dtype): the namespace of its
+        cached tensors."""
+        compute, wire = (SHORT_DTYPES[d] for d in self.encoder_dtypes)
+        return f"{self.fingerprint[:16]}-{modality}-{compute}-{wire}"
+
+    def with_encoder_dtypes(self, compute: str, wire: str | None = None) -> ModelSpec:
+        """This spec for encoders computing in ``compute`` and sending ``wire`` (default: ``compute``)."""
+        for d in (compute, wire or compute):
+            if d not in SHORT_DTYPES:
+                raise ValueError(f"encoder dtypes are float32, bfloat16 or float16, got {d!r}")
+        return dataclasses.replace(self, encoder_dtypes=(compute, wire or compute))
 
     def load_tokenizer(self):
         """The checkpoint's tokenizer, with the processor's chat template (the one the reference processor renders)

@@ -82,6 +82,9 @@ def build_parser() -> argparse.ArgumentParser:
                     help="backbone replicas (each --shards processes), all reading one queue")
     up.add_argument("--encoder-runtime", default="torch", choices=["torch", "onnx"])
     up.add_argument("--encoder-device", default="cpu", help="the encoders' --device (cpu or cuda:N)")
+    up.add_argument("--encoder-dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
+                    help="the encoders' compute dtype, which is also their wire dtype (auto: bfloat16 for the torch "
+                         "runtime on a GPU, else float32); the gateway is told the same")
     up.add_argument("--encoder-max-batch", type=int, default=8)
     up.add_argument("--encoder-max-wait-ms", type=float, default=2.0)
     _media_limits(up)
@@ -109,6 +112,13 @@ def build_parser() -> argparse.ArgumentParser:
     _media_limits(gw)
     gw.add_argument("--tensor-ttl", type=int, default=int(_env("TENSOR_TTL", 3600)),
                     help="seconds a cache hit extends a cached encoder output's life (match the encoders')")
+    gw.add_argument("--encoder-dtype", default=_env("ENCODER_DTYPE", "float32"),
+                    choices=["float32", "bfloat16", "float16"],
+                    help="the encoders' compute dtype (part of each cached tensor's identity: set what the encoders "
+                         "run; tributary up does)")
+    gw.add_argument("--encoder-wire-dtype", default=_env("ENCODER_WIRE_DTYPE"),
+                    choices=["float32", "bfloat16", "float16"],
+                    help="the encoders' wire dtype (default: --encoder-dtype)")
     gw.add_argument("--instance-id", default=_env("INSTANCE_ID", ""),
                     help="echoed by /health and /ready (lets a supervisor recognise its own gateway)")
     _admission(gw)
@@ -118,13 +128,18 @@ def build_parser() -> argparse.ArgumentParser:
     enc.add_argument("--modality", required=True, choices=["image", "audio"])
     enc.add_argument("--runtime", default=_env("ENCODER_RUNTIME", "torch"), choices=["torch", "onnx"],
                      help="onnx exports the encoder on first use (see export-onnx)")
-    enc.add_argument("--device", default=_env("DEVICE", "cpu"), help="cpu or cuda:N")
+    enc.add_argument("--device", default=_env("DEVICE", "cpu"), help="cpu, cuda or cuda:N")
+    enc.add_argument("--dtype", default=_env("ENCODER_DTYPE", "auto"),
+                     choices=["auto", "float32", "bfloat16", "float16"],
+                     help="compute dtype (auto: bfloat16 for the torch runtime on a GPU, else float32; the ONNX "
+                          "runtime runs float32); give the gateways the same --encoder-dtype")
     enc.add_argument("--max-batch", type=int, default=8, help="jobs per forward pass at most")
     enc.add_argument("--max-wait-ms", type=float, default=2.0,
                      help="once a job is in hand, how long to wait for a batch to fill")
     enc.add_argument("--tensor-ttl", type=int, default=int(_env("TENSOR_TTL", 3600)),
                      help="seconds a cached encoder output lives")
-    enc.add_argument("--wire-dtype", default="float32", choices=["float32", "float16", "bfloat16"])
+    enc.add_argument("--wire-dtype", default=_env("ENCODER_WIRE_DTYPE"), choices=["float32", "float16", "bfloat16"],
+                     help="dtype of the cached tensors (default: the compute dtype)")
     enc.add_argument("--max-audio-seconds", type=float, default=float(_env("MAX_AUDIO_SECONDS", 300)),
                      help="audio decoding stops past this; a longer clip is refused")
     _worker(enc)
@@ -254,7 +269,8 @@ def main(argv: list[str] | None = None) -> int:
                                 max_audio_seconds=args.max_audio_seconds, instance_id=args.instance_id,
                                 tensor_ttl_s=args.tensor_ttl, migration_limit=args.migration_limit,
                                 max_inflight=args.max_inflight, max_backlog=args.max_backlog,
-                                body_timeout_s=args.body_timeout)
+                                body_timeout_s=args.body_timeout, encoder_dtype=args.encoder_dtype,
+                                encoder_wire_dtype=args.encoder_wire_dtype)
         except ValueError as exc:
             raise SystemExit(f"tributary gateway: {exc}") from None
         serve(cfg, args.host, args.port)
@@ -262,11 +278,14 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "encoder":
         from encoders.worker import EncoderConfig, serve
 
-        cfg = EncoderConfig(redis_url=args.redis_url, modality=args.modality, prefix=args.prefix,
-                            runtime=args.runtime, device=args.device, max_batch=args.max_batch,
-                            max_wait_ms=args.max_wait_ms, tensor_ttl_s=args.tensor_ttl, wire_dtype=args.wire_dtype,
-                            stall_s=args.stall_timeout, max_audio_seconds=args.max_audio_seconds,
-                            max_deliveries=args.max_deliveries)
+        try:
+            cfg = EncoderConfig(redis_url=args.redis_url, modality=args.modality, prefix=args.prefix,
+                                runtime=args.runtime, device=args.device, dtype=args.dtype, max_batch=args.max_batch,
+                                max_wait_ms=args.max_wait_ms, tensor_ttl_s=args.tensor_ttl,
+                                wire_dtype=args.wire_dtype, stall_s=args.stall_timeout,
+                                max_audio_seconds=args.max_audio_seconds, max_deliveries=args.max_deliveries)
+        except ValueError as exc:
+            raise SystemExit(f"tributary encoder: {exc}") from None
         serve(cfg, args.model, args.threads)
         return 0
     if args.command == "backbone":

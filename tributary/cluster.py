@@ -163,13 +163,18 @@ def run_cluster(args) -> int:
     model = ensure_model(args)
     modalities = _modalities(model)  # before anything starts: an unsupported checkpoint fails here
     limits = ["--max-audio-seconds", str(args.max_audio_seconds)]
-    encoder_args = ["--runtime", args.encoder_runtime, "--device", args.encoder_device,
+    encoder_dtype = args.encoder_dtype  # resolved here: the gateway must be told what the encoders compute in
+    if encoder_dtype == "auto":
+        gpu = args.encoder_device.startswith("cuda") and args.encoder_runtime == "torch"
+        encoder_dtype = "bfloat16" if gpu else "float32"
+    encoder_args = ["--runtime", args.encoder_runtime, "--device", args.encoder_device, "--dtype", encoder_dtype,
                     "--max-batch", str(args.encoder_max_batch),
                     "--max-wait-ms", str(args.encoder_max_wait_ms), *limits]
     admission = ["--migration-limit", str(args.migration_limit), "--max-inflight", str(args.max_inflight),
                  "--max-backlog", str(args.max_backlog), "--body-timeout", str(args.body_timeout)]
     cluster = Cluster(model, args.redis_url or "", args.prefix, args.host, args.port, args.log_level,
-                      encoder_args, ["--limit-mm-per-prompt", args.limit_mm_per_prompt, *limits, *admission],
+                      encoder_args, ["--limit-mm-per-prompt", args.limit_mm_per_prompt, "--encoder-dtype",
+                                     encoder_dtype, *limits, *admission],
                       args.shards, modalities, replicas=args.backbone_replicas,
                       backbone_args=["--device", args.backbone_device, "--dtype", args.backbone_dtype,
                                      "--max-batched-tokens", str(args.max_batched_tokens)])

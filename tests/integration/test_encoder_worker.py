@@ -76,6 +76,20 @@ def test_bad_media_is_a_typed_failure_and_the_worker_survives(image_worker, redi
     assert image_worker.poll() is None
 
 
+def test_a_job_for_another_precision_is_refused_with_the_fix(image_worker, redis_server, tiny_spec):
+    """The worker computes and sends float32; a gateway that believes its encoders run bf16 keys its cache under
+    another id: the job fails naming the flags to align, nothing lands under the bf16 id, and the worker goes on."""
+    r = redis.Redis.from_url(redis_server.url)
+    job = submit(r, tiny_spec.with_encoder_dtypes("bfloat16"), png_bytes(seed=13), "reply:precision")
+    failed = next_reply(r, "reply:precision")
+    assert isinstance(failed, m.EncodeFailed) and failed.code == m.ErrorCode.INTERNAL
+    assert "--encoder-dtype float32" in failed.error and job.encoder_id in failed.error, failed.error
+    assert r.exists(KEYS.tensor(job.encoder_id, job.digest)) == 0
+    submit(r, tiny_spec, png_bytes(seed=14), "reply:precision")
+    assert isinstance(next_reply(r, "reply:precision"), m.EncodeDone)
+    assert r.xpending(KEYS.jobs("image"), ENCODER_GROUP)["pending"] == 0
+
+
 def test_expired_blob_is_reported_not_hung(image_worker, redis_server, tiny_spec):
     r = redis.Redis.from_url(redis_server.url)
     job = submit(r, tiny_spec, png_bytes(seed=13), "reply:test3")

@@ -101,6 +101,18 @@ def test_fingerprint_changes_when_a_file_is_added(tiny_spec, copy):
     assert fingerprint(copy) != tiny_spec.fingerprint
 
 
+def test_encoder_ids_differ_per_precision(tiny_spec):
+    """Compute and wire dtype are part of an encoder's identity: encodings of another precision never share a cache
+    entry."""
+    ids = {tiny_spec.with_encoder_dtypes(c, w).encoder_id("image")
+           for c in ("float32", "bfloat16", "float16") for w in ("float32", "bfloat16", "float16")}
+    assert len(ids) == 9
+    assert tiny_spec.encoder_id("image") == tiny_spec.with_encoder_dtypes("float32").encoder_id("image")
+    assert tiny_spec.with_encoder_dtypes("bfloat16").encoder_dtypes == ("bfloat16", "bfloat16")  # wire: compute's
+    with pytest.raises(ValueError):
+        tiny_spec.with_encoder_dtypes("int8")
+
+
 def test_encoder_ids_differ_per_modality(tiny_spec):
     img, aud = tiny_spec.encoder_id("image"), tiny_spec.encoder_id("audio")
     assert img != aud
