@@ -15,8 +15,9 @@ MIN_POLL_S = 0.0005
 
 
 def read_batch(r, group: str, consumer: str, stream: str, max_batch: int, max_wait_ms: float,
-               block_ms: int) -> list:
-    """Entries for one batch: block up to ``block_ms`` for the first, then up to ``max_wait_ms`` for the rest.
+               block_ms: int | None) -> list:
+    """Entries for one batch: block up to ``block_ms`` for the first (None: do not block), then up to
+    ``max_wait_ms`` for the rest.
 
     The fill wait polls (non-blocking XREADGROUP every ``max_wait_ms / FILL_POLLS``) instead of using BLOCK: Redis and
     Valkey time a blocked client out only on their cron tick, every 1000/hz ms (100 ms at the default hz 10), so
@@ -36,13 +37,19 @@ def read_batch(r, group: str, consumer: str, stream: str, max_batch: int, max_wa
     return entries
 
 
-def shape_groups(prepared: list[tuple[int, Prepared]]) -> list[tuple[list[int], torch.Tensor]]:
+def shape_groups(prepared: list[tuple[int, Prepared]], pin: bool = False) -> list[tuple[list[int], torch.Tensor]]:
     """(indices, stacked batch [B, ...]) per input shape. Images share one shape; a Whisper-style encoder takes a
-    fixed window, so audio does too; an encoder with variable lengths gets one bucket per length."""
+    fixed window, so audio does too; an encoder with variable lengths gets one bucket per length. ``pin``: stack
+    into pinned memory (a GPU runtime then copies it without waiting, and without a second host copy)."""
     groups: dict[tuple, list[tuple[int, Prepared]]] = defaultdict(list)
     for i, p in prepared:
         groups[tuple(p.data.shape)].append((i, p))
-    return [([i for i, _ in items], torch.stack([p.data for _, p in items])) for items in groups.values()]
+    out = []
+    for items in groups.values():
+        first = items[0][1].data
+        batch = torch.empty((len(items), *first.shape), dtype=first.dtype, pin_memory=pin)
+        out.append(([i for i, _ in items], torch.stack([p.data for _, p in items], out=batch)))
+    return out
 
 
 def batch_lengths(items: list[Prepared]) -> torch.Tensor | None:

@@ -1,8 +1,12 @@
 """The encoder worker loop: take a batch of EncodeJobs of one modality, encode it in one forward pass per input
 shape, publish each tensor to the cache (notifying every waiting gateway), ack.
 
+Two batches are in hand at a time: while batch N runs its forward pass on the main thread, batch N+1 (read without
+waiting) is decoded and resized on a thread pool (``preprocess_threads``), so the device is not left waiting on
+image decoding. Batches are stacked in pinned memory when the runtime is on a GPU.
+
 One consumer in the modality's consumer group; add replicas by starting more processes. On SIGTERM it stops reading,
-finishes the batch in hand, acks it and exits. Jobs a dead worker left unacked are reclaimed by a live one within
+finishes the batch in hand (both, when two are), acks it and exits. Jobs a dead worker left unacked are reclaimed by a live one within
 about a second of the dead one leaving the live set (cache/streams.py ``reclaim_dead``); a job handed to
 ``max_deliveries`` workers goes to the dead-letter stream and fails its request. Answering a job acks it in the same
 script (cache/tensors.py), so a job run twice publishes one tensor and one answer. A job whose gateway is dead (its
@@ -22,6 +26,7 @@ import socket
 import threading
 import time
 import uuid
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 
 import torch
@@ -67,14 +72,15 @@ class EncoderConfig:
     max_deliveries: int = 3  # a job handed to this many workers (the others died) is dead-lettered
     stall_s: float = 60.0  # a loop that has not come round for this long stops heartbeating (router/liveness.py)
     max_audio_seconds: float = MAX_AUDIO_S  # decoding stops past it; a longer clip is bad media
+    preprocess_threads: int = 0  # decode + resize threads (0: min(4, cores)); they prepare batch N+1 during N's forward
 
     def __post_init__(self) -> None:
         if self.max_batch < 1 or self.max_wait_ms < 0 or self.block_ms < 1 or self.tensor_ttl_s < 1:
             raise ValueError("max_batch, block_ms and tensor_ttl_s must be >= 1 and max_wait_ms >= 0")
         if not (self.stall_s > 0 and self.max_audio_seconds > 0):
             raise ValueError("stall_s and max_audio_seconds must be > 0")
-        if self.max_deliveries < 1:
-            raise ValueError("max_deliveries must be >= 1")
+        if self.max_deliveries < 1 or self.preprocess_threads < 0:
+            raise ValueError("max_deliveries must be >= 1 and preprocess_threads >= 0")
         if self.dtype == "auto":
             gpu = self.device.startswith("cuda") and self.runtime == "torch"
             self.dtype = "bfloat16" if gpu else "float32"
@@ -97,6 +103,16 @@ class Job:
     deliveries: int = 1
 
 
+@dataclass
+class Staged:
+    """A batch read and admitted, its items being preprocessed on the pool; its answers and acks go on ``pipe``."""
+
+    pipe: object
+    jobs: list[Job]
+    prepared: list[Future]  # per job: (Prepared, or (code, error); preprocessing ms)
+    t0: float  # when it was staged
+
+
 class EncoderWorker:
     def __init__(self, cfg: EncoderConfig, preprocess, runtime, stop: threading.Event, encoder_id: str):
         self.cfg, self.preprocess, self.runtime, self.stop = cfg, preprocess, runtime, stop
@@ -109,6 +125,9 @@ class EncoderWorker:
         self.publisher = TensorPublisher(self.r, self.stream, ENCODER_GROUP)
         self.gate = ReclaimGate()
         self.reread = False  # a read failed: its jobs may have been delivered to us unheard (cache/streams.py)
+        threads = cfg.preprocess_threads or min(4, os.cpu_count() or 1)
+        self.pool = ThreadPoolExecutor(threads, thread_name_prefix="preprocess")
+        self.pin = getattr(runtime, "device", torch.device("cpu")).type == "cuda"  # stack batches in pinned memory
 
     def run(self) -> None:
         ensure_group(self.r, self.stream, ENCODER_GROUP)
@@ -116,20 +135,27 @@ class EncoderWorker:
         log.info("encoder ready", extra={"modality": self.cfg.modality, "runtime": self.runtime.name,
                                          "provider": getattr(self.runtime, "provider", self.cfg.device),
                                          "max_batch": self.cfg.max_batch, "consumer": self.consumer})
+        pending: Staged | None = None  # read and being preprocessed; encoded next round
         try:
             while not self.stop.is_set():
                 heartbeat.tick()  # the heartbeat goes stale if this loop stops coming round
                 try:
-                    # 1) Take a batch: jobs a failed read left with us, the jobs of dead consumers, then new ones.
+                    # 1) Take a batch: jobs a failed read left with us, the jobs of dead consumers, then new ones
+                    #    (without waiting while a batch is in hand: it is encoded next, whatever comes).
                     t0 = time.monotonic()
+                    block = self.cfg.block_ms if pending is None else None
                     entries = self._reread() or self._reclaim() or read_batch(
                         self.r, ENCODER_GROUP, self.consumer, self.stream, self.cfg.max_batch, self.cfg.max_wait_ms,
-                        self.cfg.block_ms)
-                    self.gate.observe(time.monotonic() - t0 - (self.cfg.block_ms + self.cfg.max_wait_ms) / 1000)
-                    if entries:
-                        # 2) Encode it, publish tensors, notify gateways, ack: all before the next read.
-                        self.handle(entries)
+                        block)
+                    self.gate.observe(time.monotonic() - t0 - ((block or 0) + self.cfg.max_wait_ms) / 1000)
+                    # 2) Start preprocessing it on the pool, 3) then encode the batch before it meanwhile: publish
+                    #    tensors, notify gateways, ack.
+                    staged = self._stage(entries) if entries else None
+                    if pending is not None:
+                        self._finish(pending)
+                    pending = staged
                 except RedisError as exc:  # the client already retried with backoff: Redis is down or was reset
+                    pending = None  # its jobs are still ours in Redis: read again (reread) and redone
                     self.gate.broken()
                     self.reread = True
                     if is_nogroup(exc):  # a restarted Redis without persistence lost the group
@@ -137,7 +163,13 @@ class EncoderWorker:
                         continue
                     log.error("redis unavailable; retrying", extra={"error": str(exc)})
                     self.stop.wait(1.0)
+            if pending is not None:  # stopping: the batch in hand is finished and acked
+                self._finish(pending)
+        except RedisError as exc:
+            log.error("could not finish the batch in hand (Redis away); its jobs stay pending and a live worker "
+                      "reclaims them", extra={"error": str(exc)})
         finally:
+            self.pool.shutdown(wait=False, cancel_futures=True)
             heartbeat.stop()
             log.info("encoder stopped", extra={"consumer": self.consumer})
 
@@ -172,20 +204,61 @@ class EncoderWorker:
         return claimed
 
     def handle(self, entries: list) -> None:
-        """Entries are (entry id, fields) pairs as read, or :class:`Claimed` ones (reclaimed from a dead worker).
+        """Encode one batch start to end (what the loop does over two rounds, overlapped)."""
+        self._finish(self._stage(entries))
 
-        The batch's answers, acks and counters go in one MULTI: a gateway (or an operator) that sees an answer sees
-        the counters that include it."""
+    def _stage(self, entries: list) -> Staged:
+        """Entries are (entry id, fields) pairs as read, or :class:`Claimed` ones (reclaimed from a dead worker):
+        decode and admit them (one round trip), and start preprocessing each on the pool."""
         pipe = self.r.pipeline(transaction=True)
         jobs, blobs = self._admit(self._decode(entries, pipe), pipe)
-        # 1) Preprocess each job; failures are published to their waiters at once.
         t0 = time.perf_counter()
-        prepared = [(i, p) for i, (job, blob) in enumerate(zip(jobs, blobs))
-                    if (p := self._prepare(pipe, job, blob)) is not None]
-        t1 = time.perf_counter()
-        # 2) One forward pass per input shape (one per item only for a batch that raised).
+        futures = []
+        for job, blob in zip(jobs, blobs):
+            if error := self._check(job, blob):
+                futures.append(_done((error, 0.0)))
+            else:
+                futures.append(self.pool.submit(self._timed, blob, job.msg.request_id))
+        return Staged(pipe, jobs, futures, t0)
+
+    def _timed(self, blob: bytes, request_id: str) -> tuple[Prepared | tuple[m.ErrorCode, str], float]:
+        t0 = time.perf_counter()
+        return self._preprocess(blob, request_id), (time.perf_counter() - t0) * 1e3
+
+    def _preprocess(self, blob: bytes, request_id: str) -> Prepared | tuple[m.ErrorCode, str]:
+        """One item's input ready for the encoder, or why it is bad media (on a pool thread: touches nothing
+        shared)."""
+        try:
+            p = self.preprocess(blob)
+        except MediaError as exc:
+            error = str(exc)
+        except Exception as exc:  # a decoder or resampler choking on hostile bytes: this job only
+            log.exception("preprocessing failed", extra={"request_id": request_id})
+            error = f"cannot preprocess this {self.cfg.modality} ({type(exc).__name__})"
+        else:
+            if not p.data.is_floating_point() or bool(torch.isfinite(p.data).all()):
+                return p
+            error = f"the decoded {self.cfg.modality} holds non-finite values (NaN or infinity)"
+        log.info("bad media", extra={"request_id": request_id, "error": error})
+        return m.ErrorCode.BAD_MEDIA, error
+
+    def _finish(self, staged: Staged) -> None:
+        """Encode a staged batch: one forward pass per input shape, every tensor (or failure) published, every entry
+        acked, the counters bumped, in one MULTI: a gateway (or an operator) that sees an answer sees the counters
+        that include it."""
+        pipe, jobs = staged.pipe, staged.jobs
+        t0 = time.perf_counter()
+        prepared, pre_ms = [], {}
+        for i, (job, future) in enumerate(zip(jobs, staged.prepared)):
+            p, pre_ms[i] = future.result()
+            if isinstance(p, Prepared):
+                prepared.append((i, p))
+            else:
+                self._fail(pipe, job, *p)
+        t1 = time.perf_counter()  # t1 - t0: the preprocessing the previous batch's forward did not hide
+        # One forward pass per input shape (one per item only for a batch that raised).
         outputs: dict[int, torch.Tensor | str] = {}
-        groups = shape_groups(prepared)
+        groups = shape_groups(prepared, pin=self.pin)
         by_index = dict(prepared)
         for indices, batch in groups:
             lengths = batch_lengths([by_index[i] for i in indices])  # [B] real lengths, or None
@@ -205,28 +278,9 @@ class EncoderWorker:
         for i, p in prepared:
             log.info("encoded", extra={"request_id": jobs[i].msg.request_id, "job_id": jobs[i].msg.job_id,
                                        "modality": self.cfg.modality, "tokens": p.num_tokens, "batch": len(prepared),
-                                       "preprocess_ms": round((t1 - t0) * 1e3 / max(len(prepared), 1), 2),
+                                       "preprocess_ms": round(pre_ms[i], 2),  # on a pool thread
+                                       "preprocess_wait_ms": round((t1 - t0) * 1e3, 2),  # the forward waited
                                        "encode_ms": round((t2 - t1) * 1e3, 2)})
-
-    def _prepare(self, pipe, job: Job, blob: bytes | None) -> Prepared | None:
-        """The job's input ready for the encoder, or None once its failure is queued on ``pipe``."""
-        if error := self._check(job, blob):
-            self._fail(pipe, job, *error)
-            return None
-        try:
-            p = self.preprocess(blob)
-        except MediaError as exc:
-            error = str(exc)
-        except Exception as exc:  # a decoder or resampler choking on hostile bytes: this job only
-            log.exception("preprocessing failed", extra={"request_id": job.msg.request_id})
-            error = f"cannot preprocess this {self.cfg.modality} ({type(exc).__name__})"
-        else:
-            if not p.data.is_floating_point() or bool(torch.isfinite(p.data).all()):
-                return p
-            error = f"the decoded {self.cfg.modality} holds non-finite values (NaN or infinity)"
-        log.info("bad media", extra={"request_id": job.msg.request_id, "error": error})
-        self._fail(pipe, job, m.ErrorCode.BAD_MEDIA, error)
-        return None
 
     def _decode(self, entries: list, pipe) -> list[Job]:
         jobs = []
@@ -317,6 +371,12 @@ class EncoderWorker:
         msg = m.EncodeFailed(request_id=job.msg.request_id, job_id=job.msg.job_id, tensor_key=job.tensor_key,
                              code=code, error=error)
         self.publisher.fail(pipe, job.script_keys, job.entry_id, m.encode(msg), job.msg.reply_to)
+
+
+def _done(value) -> Future:
+    future: Future = Future()
+    future.set_result(value)
+    return future
 
 
 def serve(cfg: EncoderConfig, model_dir: str, threads: int | None = None) -> None:
