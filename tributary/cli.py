@@ -140,6 +140,8 @@ def build_parser() -> argparse.ArgumentParser:
                      help="seconds a cached encoder output lives")
     enc.add_argument("--wire-dtype", default=_env("ENCODER_WIRE_DTYPE"), choices=["float32", "float16", "bfloat16"],
                      help="dtype of the cached tensors (default: the compute dtype)")
+    enc.add_argument("--preprocess-threads", type=int, default=int(_env("PREPROCESS_THREADS", 0)),
+                     help="threads decoding and resizing the next batch while one runs (0: min(4, cores))")
     enc.add_argument("--max-audio-seconds", type=float, default=float(_env("MAX_AUDIO_SECONDS", 300)),
                      help="audio decoding stops past this; a longer clip is refused")
     _worker(enc)
@@ -283,7 +285,8 @@ def main(argv: list[str] | None = None) -> int:
                                 runtime=args.runtime, device=args.device, dtype=args.dtype, max_batch=args.max_batch,
                                 max_wait_ms=args.max_wait_ms, tensor_ttl_s=args.tensor_ttl,
                                 wire_dtype=args.wire_dtype, stall_s=args.stall_timeout,
-                                max_audio_seconds=args.max_audio_seconds, max_deliveries=args.max_deliveries)
+                                max_audio_seconds=args.max_audio_seconds, max_deliveries=args.max_deliveries,
+                                preprocess_threads=args.preprocess_threads)
         except ValueError as exc:
             raise SystemExit(f"tributary encoder: {exc}") from None
         serve(cfg, args.model, args.threads)
