@@ -17,6 +17,10 @@ Rows, on one GPU, bf16, real-shape random-weight checkpoints (models/real_shapes
   trips overlapped with the steps), 32 text streams put straight on its stream: decode tokens/s and the gap between
   a stream's tokens against the in-process engine's at batch 32; then the same streams while LLaVA-sized image plans
   (576 rows in bf16 in Redis, as an encoder publishes them) arrive at 5 per second: the streams' ITL p50/p99;
+* the image encoder ([gpu-encoders], ``llava-1.5-7b``'s ViT-L/14-336 to its feature layer + projector, the bench's
+  dtype): images/s at batch 1, 8, 32 against its FLOP floor (FLOPs of one image by torch's counter over a measured
+  8192^3 matmul's rate); one encoder worker process end to end on 512 photo-sized JPEGs (fetch, decode and
+  preprocess on its pool, encode, publish to Redis) against the tower's rate at batch 32;
 * the tiered path: ``tributary up`` on the one GPU (gateway, image encoder and backbone processes, embedded Redis,
   ``llava-1b``), streamed chat requests each with one of 4 images at concurrency 16 through the HTTP API:
   requests/s, time to first token (p50 / p90), output tokens/s.
@@ -52,6 +56,8 @@ SMOKE_ROWS = [("llava-tiny", [1, 8])]
 # The arrival row (key: smoke?): decoding streams, LLaVA-sized prompts arriving together, the chunked step budget.
 ITL_MODEL = {False: "llava-1b", True: "llava-tiny"}
 ITL_ROW = {False: {"streams": 16, "arrivals": 8, "budget": 512}, True: {"streams": 4, "arrivals": 2, "budget": 16}}
+# The image encoder rows ([gpu-encoders]): the tower at these batches, the worker at the largest.
+ENCODER_ROW = {False: ("llava-1.5-7b", [1, 8, 32]), True: ("llava-tiny", [1, 4])}
 # The worker row ([cuda-graphs]): 32 streams through a backbone worker process, alone and while images arrive.
 WORKER_MODEL = {False: "llava-1.5-7b", True: "llava-tiny"}
 WORKER_ROW = {False: {"streams": 32, "images_per_s": 5.0, "arrival_tokens": 256},
@@ -277,6 +283,124 @@ def worker_row(path: Path, device, dtype, streams: int, prompt: int, tokens: int
             "arrivals_itl_p50_ms": 1e3 * pct(gaps, .5), "arrivals_itl_p99_ms": 1e3 * pct(gaps, .99)}
 
 
+def matmul_rate(device, dtype, n: int) -> float:
+    """FLOP/s of an [n, n] x [n, n] matmul in ``dtype`` (best of 5): what the tower's FLOP floor is measured against."""
+    a = torch.randn(n, n, device=device).to(dtype)
+    b = torch.randn(n, n, device=device).to(dtype)
+    a @ b
+    best = float("inf")
+    for _ in range(5):
+        sync(device)
+        t = time.perf_counter()
+        a @ b
+        sync(device)
+        best = min(best, time.perf_counter() - t)
+    return 2 * n**3 / best
+
+
+def tower_rows(path: Path, device, dtype, batches: list[int], rate: float, iters: int) -> dict:
+    """[gpu-encoders]: images/s of the image encoder (vision tower up to its feature layer + projector, as the
+    encoder worker loads it) at each batch, against its FLOP floor: the FLOPs of one image (torch's FLOP counter on a
+    batch-1 forward) over ``rate``."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from encoders.loader import load_torch_module
+    from models.spec import ModelSpec
+
+    spec = ModelSpec.from_dir(path)
+    module = load_torch_module(spec, "image", dtype).to(device)
+    size = spec.config["vision_config"]["image_size"]
+    with torch.inference_mode():
+        x = torch.randn(max(batches), 3, size, size, device=device).to(dtype)
+        with FlopCounterMode(display=False) as counter:
+            module(x[:1])
+        flops = counter.get_total_flops()
+        out = {"flops_per_image": flops, "matmul_flops_per_s": rate, "floor_images_per_s": rate / flops}
+        for b in batches:
+            module(x[:b])
+            sync(device)
+            t = time.perf_counter()
+            for _ in range(iters):
+                module(x[:b])
+            sync(device)
+            out[b] = b * iters / (time.perf_counter() - t)
+    module = None
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    return out
+
+
+def jpegs(n: int, width: int = 640, height: int = 480) -> list[bytes]:
+    """``n`` distinct photo-sized JPEGs (gradients + noise at quality 90: what decoding costs for real photos)."""
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    yy, xx = np.mgrid[0:height, 0:width]
+    out = []
+    for i in range(n):
+        base = np.stack([(xx * (i + 1)) % 256, (yy * (i + 2)) % 256, ((xx + yy) * (i + 3)) % 256], -1)
+        pixels = np.clip(base + rng.normal(0, 20, base.shape), 0, 255).astype(np.uint8)
+        buf = io.BytesIO()
+        Image.fromarray(pixels).save(buf, "JPEG", quality=90)
+        out.append(buf.getvalue())
+    return out
+
+
+def encoder_worker_row(path: Path, device, dtype, images: int, max_batch: int) -> dict:
+    """[gpu-encoders]: end-to-end images/s of one image encoder worker process (read jobs, fetch the JPEG bytes,
+    decode and preprocess on its pool, encode, publish to Redis) on ``images`` jobs queued at once."""
+    import redis
+
+    from cache.embedded import EmbeddedRedis
+    from cache.keys import Keys, alive
+    from cache.streams import fields_payload, payload_fields
+    from models.spec import ModelSpec
+    from router import messages as m
+    from tests.integration.procs import start_tier
+
+    wire = str(dtype).removeprefix("torch.")
+    spec = ModelSpec.from_dir(path).with_encoder_dtypes(wire)
+    keys = Keys()
+    pictures = jpegs(32)
+    with EmbeddedRedis(maxmemory="4gb") as server:
+        r = redis.Redis.from_url(server.url, socket_timeout=120)
+        proc = start_tier(["encoder", "--modality", "image", "--model", str(path), "--device", str(device),
+                           "--dtype", wire, "--max-batch", str(max_batch), "--log-level", "WARNING"],
+                          server.url, "encoder:image")
+        try:
+            def wave(tag: str, n: int) -> float:
+                reply = f"bench:enc:{tag}"
+                r.set(alive(reply), 1, ex=600)
+                pipe = r.pipeline(transaction=False)
+                for i in range(n):
+                    digest = f"{tag}-{i}"
+                    job = m.EncodeJob(request_id=f"{tag}{i}", job_id=digest, modality=m.Modality.IMAGE,
+                                      encoder_id=spec.encoder_id("image"), digest=digest, blob_key=keys.blob(digest),
+                                      reply_to=reply, deadline=time.time() + 600)
+                    pipe.set(job.blob_key, pictures[i % len(pictures)], ex=600)
+                    pipe.xadd(keys.jobs("image"), payload_fields(m.encode(job)))
+                t0 = time.perf_counter()
+                pipe.execute()
+                last, done = "0-0", 0
+                while done < n:
+                    for _, entries in r.xread({reply: last}, block=5000) or []:
+                        for entry_id, fields in entries:
+                            last = entry_id
+                            msg = m.decode(fields_payload(fields), m.ReplyMessage)
+                            if not isinstance(msg, m.EncodeDone):
+                                raise RuntimeError(f"an encode failed: {msg}")
+                            done += 1
+                return n / (time.perf_counter() - t0)
+
+            wave("warm", 2 * max_batch)
+            rate = wave("run", images)
+        finally:
+            proc.terminate()
+            proc.wait(60)
+    return {"images": images, "max_batch": max_batch, "images_per_s": rate, "jpeg": "640x480 q90"}
+
+
 def decode_transformers(path: Path, batches: list[int], device, dtype, prompt: int, warm: int, steps: int) -> dict:
     """{batch: tokens/s} of LlavaForConditionalGeneration.generate's decode (greedy, EOS off)."""
     from transformers import LlavaForConditionalGeneration
@@ -473,6 +597,15 @@ def main() -> int:
             step_ms = 1e3 * b / inproc
             results["worker"] = dict(row, model=size, in_process_tokens_per_s=inproc, in_process_step_ms=step_ms)
             print(f"  {size} worker: {row['tokens_per_s']:.1f} tok/s vs in-process {inproc:.1f}", flush=True)
+    # [gpu-encoders]: the image encoder of the largest model, in the bench's dtype.
+    size, batches = ENCODER_ROW[smoke]
+    path = write_llava(args.workdir / size, size, 0, str(device), dtype)
+    rate = matmul_rate(device, dtype, 512 if smoke else 8192)
+    tower = tower_rows(path, device, dtype, batches, rate, 3 if smoke else 20)
+    worker = encoder_worker_row(path, device, dtype, 16 if smoke else 512, max(batches))
+    results["encoder"] = {"model": size, "batches": batches, "tower": tower, "worker": worker}
+    print(f"  {size} image encoder: {', '.join(f'batch {b} {tower[b]:.1f}' for b in batches)} images/s; worker "
+          f"{worker['images_per_s']:.1f} images/s", flush=True)
     if not args.skip_tiered:
         size = "llava-tiny" if smoke else "llava-1b"
         path = write_llava(args.workdir / size, size, 0, str(device), dtype)
@@ -539,6 +672,20 @@ def table(results: dict, head: str) -> str:
         lines.append(f"  while images arrive at {w['images_per_s']:g}/s ({w['images_sent']} sent, "
                      f"{w['images_finished']} finished): stream ITL p50 {w['arrivals_itl_p50_ms']:.2f} ms, p99 "
                      f"{w['arrivals_itl_p99_ms']:.2f} ms")
+    e = results.get("encoder")
+    if e:  # [gpu-encoders] targets on an H200: the tower at batch 32 >= 0.3 of its floor; the worker >= 0.5 of it
+        t = e["tower"]
+        lines.append(f"image encoder ({e['model']}: tower to its feature layer + projector, "
+                     f"{t['flops_per_image'] / 1e9:.1f} GFLOP per image; matmul rate "
+                     f"{t['matmul_flops_per_s'] / 1e12:.1f} TFLOP/s; FLOP floor {t['floor_images_per_s']:.1f} "
+                     "images/s)")
+        for b in e["batches"]:
+            lines.append(f"  tower batch {b:>3}: {t[b]:.1f} images/s = {t[b] / t['floor_images_per_s']:.2f} of the "
+                         "floor")
+        w, top = e["worker"], t[max(e["batches"])]
+        lines.append(f"  worker end to end ({w['images']} {w['jpeg']} JPEGs, max batch {w['max_batch']}: fetch, "
+                     f"decode, preprocess, encode, publish): {w['images_per_s']:.1f} images/s = "
+                     f"{w['images_per_s'] / top:.2f} of the tower's own rate at batch {max(e['batches'])}")
     t = results["tiered"]
     if t:
         lines.append(f"{'tiered ' + t['model']:<26}concurrency {t['concurrency']}, {t['requests']} requests x "

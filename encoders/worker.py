@@ -6,7 +6,7 @@ waiting) is decoded and resized on a thread pool (``preprocess_threads``), so th
 image decoding. Batches are stacked in pinned memory when the runtime is on a GPU.
 
 One consumer in the modality's consumer group; add replicas by starting more processes. On SIGTERM it stops reading,
-finishes the batch in hand (both, when two are), acks it and exits. Jobs a dead worker left unacked are reclaimed by a live one within
+finishes the batches in hand, acks them and exits. Jobs a dead worker left unacked are reclaimed by a live one within
 about a second of the dead one leaving the live set (cache/streams.py ``reclaim_dead``); a job handed to
 ``max_deliveries`` workers goes to the dead-letter stream and fails its request. Answering a job acks it in the same
 script (cache/tensors.py), so a job run twice publishes one tensor and one answer. A job whose gateway is dead (its
@@ -72,7 +72,7 @@ class EncoderConfig:
     max_deliveries: int = 3  # a job handed to this many workers (the others died) is dead-lettered
     stall_s: float = 60.0  # a loop that has not come round for this long stops heartbeating (router/liveness.py)
     max_audio_seconds: float = MAX_AUDIO_S  # decoding stops past it; a longer clip is bad media
-    preprocess_threads: int = 0  # decode + resize threads (0: min(4, cores)); they prepare batch N+1 during N's forward
+    preprocess_threads: int = 0  # decode + resize threads (0: min(8, cores)); they prepare batch N+1 during N's forward
 
     def __post_init__(self) -> None:
         if self.max_batch < 1 or self.max_wait_ms < 0 or self.block_ms < 1 or self.tensor_ttl_s < 1:
@@ -125,7 +125,7 @@ class EncoderWorker:
         self.publisher = TensorPublisher(self.r, self.stream, ENCODER_GROUP)
         self.gate = ReclaimGate()
         self.reread = False  # a read failed: its jobs may have been delivered to us unheard (cache/streams.py)
-        threads = cfg.preprocess_threads or min(4, os.cpu_count() or 1)
+        threads = cfg.preprocess_threads or min(8, os.cpu_count() or 1)
         self.pool = ThreadPoolExecutor(threads, thread_name_prefix="preprocess")
         self.pin = getattr(runtime, "device", torch.device("cpu")).type == "cuda"  # stack batches in pinned memory
 

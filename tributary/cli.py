@@ -141,7 +141,7 @@ def build_parser() -> argparse.ArgumentParser:
     enc.add_argument("--wire-dtype", default=_env("ENCODER_WIRE_DTYPE"), choices=["float32", "float16", "bfloat16"],
                      help="dtype of the cached tensors (default: the compute dtype)")
     enc.add_argument("--preprocess-threads", type=int, default=int(_env("PREPROCESS_THREADS", 0)),
-                     help="threads decoding and resizing the next batch while one runs (0: min(4, cores))")
+                     help="threads decoding and resizing the next batch while one runs (0: min(8, cores))")
     enc.add_argument("--max-audio-seconds", type=float, default=float(_env("MAX_AUDIO_SECONDS", 300)),
                      help="audio decoding stops past this; a longer clip is refused")
     _worker(enc)
