@@ -388,7 +388,7 @@ def serve(cfg: EncoderConfig, model_dir: str, threads: int | None = None) -> Non
     tune_allocator()
     if threads:
         torch.set_num_threads(threads)
-    spec = ModelSpec.from_dir(model_dir).with_encoder_dtypes(cfg.dtype, cfg.wire_dtype)
+    spec = ModelSpec.from_dir(model_dir).with_encoder_dtypes({cfg.modality: cfg.dtype}, {cfg.modality: cfg.wire_dtype})
     runtime = load_runtime(spec, cfg.modality, cfg.runtime, cfg.device, threads, dtype=WIRE_DTYPES[cfg.dtype])
     log.info("encoder loaded", extra={"modality": cfg.modality, "encoder_id": spec.encoder_id(cfg.modality),
                                       "device": cfg.device, "dtype": cfg.dtype, "wire_dtype": cfg.wire_dtype})

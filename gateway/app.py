@@ -32,7 +32,7 @@ from gateway.monitor import ClusterMonitor
 from gateway.prompt import PromptBuilder
 from gateway.replies import ReplyRouter
 from gateway.tiers import RESET, ClientGone, TierClient
-from models.spec import ModelSpec
+from models.spec import ModelSpec, parse_encoder_dtypes
 
 log = logging.getLogger(__name__)
 
@@ -43,8 +43,8 @@ def tiers_for(spec: ModelSpec) -> list[str]:
 
 
 def create_app(cfg: GatewayConfig) -> Starlette:
-    spec = ModelSpec.from_dir(cfg.model_dir, cfg.served_name).with_encoder_dtypes(cfg.encoder_dtype,
-                                                                                  cfg.encoder_wire_dtype)
+    spec = ModelSpec.from_dir(cfg.model_dir, cfg.served_name).with_encoder_dtypes(
+        parse_encoder_dtypes(cfg.encoder_dtype), parse_encoder_dtypes(cfg.encoder_wire_dtype))
     tokenizer = spec.load_tokenizer()
     needed_tiers = tiers_for(spec)
     gateway_id = uuid.uuid4().hex[:12]

@@ -34,12 +34,17 @@ class GatewayConfig:
     max_backlog: int = 1024  # unread entries a tier's stream may hold before new requests get a 503 server_overloaded
     body_timeout_s: float = 30.0  # a request body not received within this gets a 408 (slow clients hold memory)
     lease_s: int = 15  # this gateway's lease; when it lapses workers cancel its work and its reply stream expires
-    # The encoders' compute and wire dtypes (wire default: compute): part of every cached tensor's identity, so they
-    # must be what the encoders run (an encoder refuses jobs for another precision).
+    # The encoders' compute and wire dtypes (wire default: compute), one for all (``bfloat16``) or per modality
+    # (``image=bfloat16,audio=float32``): part of every cached tensor's identity, so they must be what the encoders
+    # run (an encoder refuses jobs for another precision).
     encoder_dtype: str = "float32"
     encoder_wire_dtype: str | None = None
 
     def __post_init__(self) -> None:
+        from models.spec import parse_encoder_dtypes
+
+        parse_encoder_dtypes(self.encoder_dtype)  # a bad value is an error at start
+        parse_encoder_dtypes(self.encoder_wire_dtype)
         for name in ("max_body_bytes", "max_media_bytes", "blob_ttl_s", "tensor_ttl_s", "default_max_tokens",
                      "lease_ttl_s", "max_inflight", "max_backlog", "lease_s"):
             if getattr(self, name) < 1:

@@ -57,9 +57,10 @@ class ModelSpec:
     placeholder_ids: dict[str, int]  # modality -> the token id a media part's placeholder uses
     eos_token_ids: list[int] = field(default_factory=list)
     family: Family = TRIMODAL
-    # The encoders' (compute, wire) dtypes: part of each encoder's identity (``encoder_id``), so encodings of another
-    # precision never share a cache entry. Gateways and encoders of one cluster set the same (``with_encoder_dtypes``).
-    encoder_dtypes: tuple[str, str] = ("float32", "float32")
+    # Per modality, the encoders' (compute, wire) dtypes (float32 for a modality not listed): part of each encoder's
+    # identity (``encoder_id``), so encodings of another precision never share a cache entry. Gateways and encoders
+    # of one cluster set the same (``with_encoder_dtypes``).
+    encoder_dtypes: tuple[tuple[str, str, str], ...] = ()  # (modality, compute, wire)
 
     @classmethod
     def from_dir(cls, path: str | Path, name: str | None = None) -> ModelSpec:
@@ -93,15 +94,29 @@ class ModelSpec:
     def encoder_id(self, modality: str) -> str:
         """Identity of one encoder (checkpoint content + component + compute and wire dtype): the namespace of its
         cached tensors."""
-        compute, wire = (SHORT_DTYPES[d] for d in self.encoder_dtypes)
-        return f"{self.fingerprint[:16]}-{modality}-{compute}-{wire}"
+        compute, wire = self.encoder_dtype(modality)
+        return f"{self.fingerprint[:16]}-{modality}-{SHORT_DTYPES[compute]}-{SHORT_DTYPES[wire]}"
 
-    def with_encoder_dtypes(self, compute: str, wire: str | None = None) -> ModelSpec:
-        """This spec for encoders computing in ``compute`` and sending ``wire`` (default: ``compute``)."""
-        for d in (compute, wire or compute):
-            if d not in SHORT_DTYPES:
-                raise ValueError(f"encoder dtypes are float32, bfloat16 or float16, got {d!r}")
-        return dataclasses.replace(self, encoder_dtypes=(compute, wire or compute))
+    def encoder_dtype(self, modality: str) -> tuple[str, str]:
+        """(compute, wire) dtype of the ``modality`` encoder."""
+        return next(((c, w) for mod, c, w in self.encoder_dtypes if mod == modality), ("float32", "float32"))
+
+    def with_encoder_dtypes(self, compute: str | dict[str, str], wire: str | dict[str, str] | None = None
+                            ) -> ModelSpec:
+        """This spec for encoders computing in ``compute`` and sending ``wire`` (default: the compute dtype): one
+        dtype for every modality, or a dict per modality (a modality missing computes in float32)."""
+        mods = self.family.modalities
+        computes = compute if isinstance(compute, dict) else dict.fromkeys(mods, compute)
+        wires = wire if isinstance(wire, dict) else dict.fromkeys(mods, wire) if wire else {}
+        entries = []
+        for mod in mods:
+            c = computes.get(mod, "float32")
+            w = wires.get(mod) or c
+            for d in (c, w):
+                if d not in SHORT_DTYPES:
+                    raise ValueError(f"encoder dtypes are float32, bfloat16 or float16, got {d!r}")
+            entries.append((mod, c, w))
+        return dataclasses.replace(self, encoder_dtypes=tuple(entries))
 
     def load_tokenizer(self):
         """The checkpoint's tokenizer, with the processor's chat template (the one the reference processor renders)
@@ -113,3 +128,23 @@ class ModelSpec:
         if template is not None:
             tokenizer.chat_template = template
         return tokenizer
+
+
+def parse_encoder_dtypes(value: str | None) -> str | dict[str, str] | None:
+    """``--encoder-dtype`` / ``--encoder-wire-dtype``: one dtype for every modality (``bfloat16``) or one per modality
+    (``image=bfloat16,audio=float32``). ValueError on anything else."""
+    if not value:
+        return None
+    if "=" not in value:
+        if value not in SHORT_DTYPES:
+            raise ValueError(f"expected float32, bfloat16 or float16 (or MODALITY=DTYPE,...), got {value!r}")
+        return value
+    out = {}
+    for part in value.split(","):
+        mod, _, dtype = part.strip().partition("=")
+        if mod not in ("image", "audio") or dtype not in SHORT_DTYPES:
+            raise ValueError(f"expected MODALITY=DTYPE with image or audio and float32, bfloat16 or float16, "
+                             f"got {part!r}")
+        out[mod] = dtype
+    return out
+

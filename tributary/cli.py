@@ -113,12 +113,11 @@ def build_parser() -> argparse.ArgumentParser:
     gw.add_argument("--tensor-ttl", type=int, default=int(_env("TENSOR_TTL", 3600)),
                     help="seconds a cache hit extends a cached encoder output's life (match the encoders')")
     gw.add_argument("--encoder-dtype", default=_env("ENCODER_DTYPE", "float32"),
-                    choices=["float32", "bfloat16", "float16"],
-                    help="the encoders' compute dtype (part of each cached tensor's identity: set what the encoders "
-                         "run; tributary up does)")
+                    help="the encoders' compute dtype, one for all (bfloat16) or per modality "
+                         "(image=bfloat16,audio=float32; float32 where unnamed): part of each cached tensor's "
+                         "identity, so set what the encoders run (tributary up does)")
     gw.add_argument("--encoder-wire-dtype", default=_env("ENCODER_WIRE_DTYPE"),
-                    choices=["float32", "bfloat16", "float16"],
-                    help="the encoders' wire dtype (default: --encoder-dtype)")
+                    help="the encoders' wire dtype, in the same form (default: their compute dtype)")
     gw.add_argument("--instance-id", default=_env("INSTANCE_ID", ""),
                     help="echoed by /health and /ready (lets a supervisor recognise its own gateway)")
     _admission(gw)

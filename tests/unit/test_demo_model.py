@@ -13,7 +13,7 @@ from safetensors.torch import load_file
 from models import trimodal
 from models.checkpoint import FINGERPRINT_FILE, fingerprint, read_tensors, weight_files
 from models.demo import AUDIO_TOKEN, IMAGE_TOKEN, write_demo_model
-from models.spec import ModelError, ModelSpec
+from models.spec import ModelError, ModelSpec, parse_encoder_dtypes
 
 
 @pytest.fixture(scope="module")
@@ -108,9 +108,14 @@ def test_encoder_ids_differ_per_precision(tiny_spec):
            for c in ("float32", "bfloat16", "float16") for w in ("float32", "bfloat16", "float16")}
     assert len(ids) == 9
     assert tiny_spec.encoder_id("image") == tiny_spec.with_encoder_dtypes("float32").encoder_id("image")
-    assert tiny_spec.with_encoder_dtypes("bfloat16").encoder_dtypes == ("bfloat16", "bfloat16")  # wire: compute's
-    with pytest.raises(ValueError):
-        tiny_spec.with_encoder_dtypes("int8")
+    bf16 = tiny_spec.with_encoder_dtypes("bfloat16")
+    assert bf16.encoder_dtype("audio") == ("bfloat16", "bfloat16")  # the wire dtype defaults to the compute dtype
+    mixed = tiny_spec.with_encoder_dtypes(parse_encoder_dtypes("image=bfloat16"))  # audio unnamed: float32
+    assert mixed.encoder_dtype("image") == ("bfloat16", "bfloat16")
+    assert mixed.encoder_id("audio") == tiny_spec.encoder_id("audio")
+    for bad in ("int8", "image=int8", "video=bfloat16"):
+        with pytest.raises(ValueError):
+            tiny_spec.with_encoder_dtypes(parse_encoder_dtypes(bad))
 
 
 def test_encoder_ids_differ_per_modality(tiny_spec):
