@@ -77,7 +77,7 @@ fi
 export PYTHONPATH="$root${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
 
 echo "== GPU correctness tests (pytest -m gpu; skipped without a CUDA device)"
-"$py" -m pytest -p no:cacheprovider -q -m gpu tests/unit/test_gpu_engine.py -o addopts="" --basetemp "$workdir/pytest"
+"$py" -m pytest -p no:cacheprovider -q -m gpu tests/unit/test_gpu_engine.py tests/unit/test_gpu_encoders.py -o addopts="" --basetemp "$workdir/pytest"
 
 echo "== bench"
 "$py" bench/gpu.py --workdir "$workdir" "${bench_args[@]}"

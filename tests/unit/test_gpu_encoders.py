@@ -1,0 +1,29 @@
+"""[gpu-encoders] on a CUDA device (``pytest -m gpu``; skipped where no GPU is visible, as in CI): the encoders in
+bf16 on the GPU against fp32 on the CPU, and the worker's pinned batches. Not yet run on a GPU."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from encoders.batching import shape_groups
+from encoders.loader import load_preprocessor, load_runtime
+from tests.media import png_bytes, wav_bytes
+
+pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")]
+
+
+@pytest.mark.parametrize("modality", ["image", "audio"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_encoders_on_the_device_agree_with_cpu_fp32(tiny_spec, modality, dtype):
+    pre = load_preprocessor(tiny_spec, modality)
+    media = [png_bytes(50, 40, seed=s) for s in range(4)] if modality == "image" else [wav_bytes(1.0, seed=s)
+                                                                                      for s in range(4)]
+    (_, batch), = shape_groups(list(enumerate(pre(x) for x in media)), pin=True)
+    assert batch.is_pinned()
+    ref = load_runtime(tiny_spec, modality).run(batch)
+    got = load_runtime(tiny_spec, modality, device="cuda", dtype=dtype).run(batch)
+    assert got.dtype == dtype and got.device.type == "cpu"
+    scale = float(ref.abs().max())
+    tol = 1e-4 if dtype == torch.float32 else 0.05
+    assert float((got.float() - ref).abs().max()) <= tol * max(scale, 1.0)
