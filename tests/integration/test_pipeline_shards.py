@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import subprocess
+import time
 
 import pytest
 import redis
@@ -14,8 +15,8 @@ from backbone.engine import load_engine
 from backbone.loader import load_shard
 from backbone.worker import even_layers
 from cache.embedded import free_port
-from cache.keys import Keys
-from cache.streams import payload_fields
+from cache.keys import BACKBONE_GROUP, Keys
+from cache.streams import fields_payload, payload_fields
 from router import messages as m
 from tests.integration.procs import hold_lease, start_tier, stop_tier
 from tests.integration.test_backbone_worker import events, plan
@@ -80,6 +81,39 @@ def test_shards_match_one_shard_with_concurrent_requests(shards, tiny_spec, redi
         assert stopped[0]["overlapped_steps"] > 0, "no step was sent while another was in flight"
     for p in others:
         assert p.wait(30) == 0, "a shard did not stop with shard 0"
+
+
+def test_cancelling_a_request_in_flight_leaves_the_others_exact(shards, tiny_spec, redis_server):
+    """With steps in flight across shards, a cancelled request's blocks go back while its last step may still be
+    on a later shard: the shards run steps in order, so the requests that take those blocks next are unharmed."""
+    n, micro, head, _ = shards
+    r = redis.Redis.from_url(redis_server.url)
+    hold_lease(r, "reply:cut")
+    r.xadd(KEYS.gen(), payload_fields(m.encode(plan("cut", "reply:cut", [1, 20, 21], 1000, temperature=0.0))))
+    for i, ids in enumerate(PROMPTS):
+        r.xadd(KEYS.gen(), payload_fields(m.encode(plan(f"k{i}", "reply:cut", ids, 40, temperature=0.0))))
+    seen: list[m.TokenEvent] = []
+    last, deadline = "0-0", time.monotonic() + 60
+    while sum(ev.completion_tokens for ev in seen if ev.request_id == "cut") < 5:  # the long one is decoding
+        assert time.monotonic() < deadline, "the long request never got going"
+        for entry_id, fields in (r.xread({"reply:cut": last}, block=1000) or [[None, []]])[0][1]:
+            last = entry_id
+            seen.append(m.decode(fields_payload(fields), m.TokenEvent))
+    r.set(KEYS.cancel("cut"), 1, ex=60)
+    # Later requests take the cancelled one's blocks while the survivors decode on.
+    for i, ids in enumerate(PROMPTS):
+        r.xadd(KEYS.gen(), payload_fields(m.encode(plan(f"after{i}", "reply:cut", ids, 12, temperature=0.0))))
+    wanted = {"cut"} | {f"k{i}" for i in range(len(PROMPTS))} | {f"after{i}" for i in range(len(PROMPTS))}
+    got = events(r, "reply:cut", wanted)  # the whole stream again, from its start
+    ends = {ev.request_id: ev for ev in got if ev.finish is not None}
+    assert ends["cut"].finish == m.FinishReason.CANCELLED and ends["cut"].completion_tokens < 1000
+    for i, ids in enumerate(PROMPTS):
+        for rid, count in ((f"k{i}", 40), (f"after{i}", 12)):
+            tokens = [t for ev in got if ev.request_id == rid for t in ev.token_ids]
+            assert tokens == reference(tiny_spec, ids, count), f"{rid} with {n} shards, micro-batches {micro}"
+    assert r.xpending(KEYS.gen(), BACKBONE_GROUP)["pending"] == 0
+    code, _ = stop_tier(head)
+    assert code == 0
 
 
 def test_each_shard_reads_only_its_tensors(tiny_spec):
