@@ -22,7 +22,8 @@ shard ran it. The sequences are dealt into ``micro_batches`` lanes (default: one
 lane is scheduled on its own, and ``step`` sends one lane's step down the pipe and returns without waiting for it:
 while shard 1 runs lane A's step, shard 0 runs lane B's. A lane's next step is scheduled only once its previous
 answers are back (``Flight``), and every shard runs steps in the order sent, so a block freed while a step is in
-flight is never overwritten before that step read it. A sequence in flight is never preempted.
+flight is never overwritten before that step read it. A sequence in flight is never preempted; a decode that needs a
+block while the only other holders are in flight waits a step (keeping its KV) rather than preempting itself.
 
 One request's fault stays its own: a forward that raises is re-run one sequence at a time (backbone/isolation.py),
 and a row of logits that is not finite or cannot be sampled fails that sequence alone (``finish`` ERROR, ``error``
@@ -234,10 +235,13 @@ class Engine:
                 self._preempt(victim)
                 preempted.add(victim.sid)
             if self.pool.blocks_for(seq.computed + 1) > len(seq.blocks):
-                if not any(s.blocks for s in self.active.values() if s is not seq):
+                holders = [s for s in self.active.values() if s is not seq and s.blocks]
+                if not holders:
                     seq.fail(f"the KV pool ({self.pool.num_blocks} blocks of {bs} tokens) cannot hold this sequence")
                     self._free(seq)
-                else:  # every other holder is scheduled this step (or in flight): it waits for their blocks
+                elif any(s.sid in flying for s in holders):
+                    pass  # holders in flight cannot be victims now: it waits a step, keeping its KV
+                else:  # every other holder is scheduled this step: it waits for their blocks
                     self._preempt(seq)
                     preempted.add(seq.sid)
                 continue

@@ -11,6 +11,7 @@ over every sequence through the paged KV pool (backbone/attention.py, backbone/k
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass, field
 
 import torch
@@ -20,6 +21,8 @@ from backbone.attention import Segment, StepMeta, backend_for
 from backbone.kernels import ops_for, rms_norm
 from backbone.kv import BLOCK_SIZE, KVPool
 from models.spec import ModelError
+
+log = logging.getLogger(__name__)
 
 __all__ = ["DecoderConfig", "DecoderShard", "Segment", "rms_norm"]
 
@@ -153,6 +156,7 @@ class DecoderShard:
         return KVPool.block_bytes(len(self.layers), block_size, self.cfg.num_kv_heads, self.cfg.head_dim, self.dtype)
 
     def allocate_pool(self, num_blocks: int, block_size: int = BLOCK_SIZE) -> KVPool:
+        self.graphs = None  # captured over the old pool's memory
         self.pool = None  # the old pool's memory goes first
         self.pool = KVPool(len(self.layers), num_blocks, block_size, self.cfg.num_kv_heads, self.cfg.head_dim,
                            self.dtype, self.device)
@@ -166,8 +170,13 @@ class DecoderShard:
 
         if self.device.type != "cuda" or not isinstance(self.attention, TritonAttention):
             return None
-        graphs = DecodeGraphs(self, max_batch, max_context)
-        took = graphs.capture()
+        try:
+            graphs = DecodeGraphs(self, max_batch, max_context)
+            took = graphs.capture()  # includes a replay-vs-eager check
+        except Exception as exc:  # a driver or capture fault: serve eagerly rather than not at all
+            log.error("CUDA graph capture failed; decode steps run eagerly", extra={"error": f"{type(exc).__name__}: "
+                                                                                              f"{exc}"})
+            return None
         self.graphs = graphs
         return took
 

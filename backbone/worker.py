@@ -188,6 +188,7 @@ class BackboneWorker:
         # Overlapped I/O: step N's round trip runs on this thread while step N+1 computes (one in flight at most).
         self.io = ThreadPoolExecutor(1, thread_name_prefix="redis-io") if cfg.overlap_io else None
         self.inflight: tuple[Exchange, Future] | None = None
+        self.pipe_broken = False  # a pipeline shard failed: no more sends or receives on the pipe
         # The first waiting plans' checks and encoder tensors are fetched ahead (decoded, checked, pinned on a GPU
         # host) on their own thread: a plan starts once its tensors are in, and the step never waits for them.
         self.prefetch = ThreadPoolExecutor(1, thread_name_prefix="media-prefetch") if cfg.overlap_io else None
@@ -266,7 +267,8 @@ class BackboneWorker:
                     new = list(new) + self._exchange(admit=drain_deadline is None)
         finally:
             try:
-                self.engine.settle()  # the pipeline's steps in flight land: their tokens go out with the rest
+                if not self.pipe_broken:
+                    self.engine.settle()  # the pipeline's steps in flight land: their tokens go out with the rest
             except Exception:
                 log.exception("the pipeline's steps in flight could not land")
             try:
@@ -291,6 +293,7 @@ class BackboneWorker:
             self.engine.step(decoding, starting)
         except (RuntimeError, ValueError, IndexError, TypeError) as exc:
             if self.engine.pipeline is not None and isinstance(exc, RuntimeError):
+                self.pipe_broken = True  # nothing more goes down the pipe (a hung peer would hold us for its timeout)
                 raise  # gloo/NCCL errors are RuntimeErrors: the replica's pipe is broken
             log.exception("step failed outside any one request; failing its sequences")
             for seq in decoding + [s for s, _ in starting]:
@@ -438,9 +441,12 @@ class BackboneWorker:
     def _media_for(self, plan: m.PromptPlan, streams: bool) -> list[tuple[str, torch.Tensor]] | None:
         """The plan's fetched tensors; None while its fetch is still running and ``streams`` are decoding (they go
         on; it starts on a later step). Raises what the fetch raised."""
-        future = self.fetched.get(run_key(plan))
-        if future is None:  # fetching ahead is off (--sync-io)
-            return self._fetch_media(plan)
+        if self.prefetch is None:  # fetching ahead is off (--sync-io)
+            return self._fetch_guarded(plan)
+        key = run_key(plan)
+        if key not in self.fetched:  # moved up to first in line after a refusal: its fetch starts now
+            self.fetched[key] = self.prefetch.submit(self._fetch_guarded, plan)
+        future = self.fetched[key]
         if not future.done():
             if streams:
                 return None
@@ -741,12 +747,15 @@ def serve(cfg: BackboneConfig, model_dir: str, threads: int | None = None) -> No
         StageWorker(model, cfg.shard, cfg.num_shards, hops).run()
         return
     head = PipelineHead(cfg.num_shards, hops)
+    worker = None
     try:
         engine = Engine(model, spec.placeholder_ids, spec.eos_token_ids, spec.max_context, head,
                         cfg.max_batched_tokens, cfg.micro_batches)
-        BackboneWorker(cfg, engine, stop).run()
+        worker = BackboneWorker(cfg, engine, stop)
+        worker.run()
     finally:
-        head.stop()
+        if worker is None or not worker.pipe_broken:
+            head.stop()  # the other shards exit (a broken pipe: they time out on their own)
 
 
 def even_layers(num_layers: int, shards: int, index: int) -> range:

@@ -62,7 +62,8 @@ def weight_share_mb(spec, shards: int) -> list[float]:
     return out
 
 
-def start_backbone(model: Path, redis_url: str, shards: int, extra: tuple[str, ...] = ()) -> list[subprocess.Popen]:
+def start_backbone(model: Path, redis_url: str, shards: int, extra: tuple[str, ...] = (), ready_timeout: float = 120
+                   ) -> list[subprocess.Popen]:
     from cache.embedded import free_port
     from tests.integration.procs import start_tier
 
@@ -71,12 +72,12 @@ def start_backbone(model: Path, redis_url: str, shards: int, extra: tuple[str, .
     base = [sys.executable, "-m", "tributary.cli", "backbone", "--model", str(model), "--redis-url", redis_url,
             "--threads", threads, "--max-running", "64", "--log-level", "WARNING", *extra]
     if shards == 1:
-        return [start_tier(base[3:] + [], redis_url, "backbone")]
+        return [start_tier(base[3:] + [], redis_url, "backbone", timeout=ready_timeout)]
     url = f"tcp://127.0.0.1:{free_port()}"
     procs = [subprocess.Popen(base + ["--shard", str(i), "--num-shards", str(shards), "--dist-url", url])
              for i in range(shards - 1, 0, -1)]
     head = start_tier(base[3:] + ["--shard", "0", "--num-shards", str(shards), "--dist-url", url], redis_url,
-                      "backbone")
+                      "backbone", timeout=ready_timeout)
     return [head, *procs[::-1]]
 
 
@@ -96,8 +97,10 @@ def run_wave(r, keys, concurrency: int, prompt: int, tokens: int, wave: int) -> 
         pipe.xadd(keys.gen(), payload_fields(m.encode(plan)))
     t0 = time.perf_counter()
     pipe.execute()
-    last, done = "0-0", 0
+    last, done, deadline = "0-0", 0, time.monotonic() + 600
     while done < concurrency:
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"wave {wave}: {done} of {concurrency} requests finished in 600 s")
         for _, entries in r.xread({reply: last}, block=5000) or []:
             for entry_id, fields in entries:
                 last = entry_id

@@ -156,7 +156,7 @@ def decode_ours(path: Path, batches: list[int], device, dtype, prompt: int, warm
     model.attention, model.graphs = paged, None
     if itl:
         out["itl"] = arrival_row(engine, config, itl)
-    engine = model = None  # free the weights and the pool before the next model loads
+    engine = model = graphs = None  # free the weights, the pool and the graphs before the next model loads
     if device.type == "cuda":
         torch.cuda.empty_cache()
     return out
@@ -216,7 +216,7 @@ def worker_row(path: Path, device, dtype, streams: int, prompt: int, tokens: int
     keys = Keys()
     with EmbeddedRedis(maxmemory="4gb") as server:
         r = redis.Redis.from_url(server.url, socket_timeout=120)
-        procs = start_backbone(path, server.url, 1, ("--device", str(device), "--dtype", wire))
+        procs = start_backbone(path, server.url, 1, ("--device", str(device), "--dtype", wire), ready_timeout=600)
         try:
             run_wave(r, keys, 2, prompt, 4, wave=-1)  # warm-up (and the first graphs' replays)
             quiet = run_wave(r, keys, streams, prompt, tokens, wave=1)
@@ -256,8 +256,11 @@ def worker_row(path: Path, device, dtype, streams: int, prompt: int, tokens: int
             feeder = threading.Thread(target=arrive, daemon=True)
             feeder.start()
             last, done, images_done = "0-0", 0, 0
+            deadline = time.monotonic() + 600
             try:
                 while done < streams:
+                    if time.monotonic() > deadline or any(p.poll() is not None for p in procs):
+                        raise RuntimeError("the backbone worker died or stalled during the arrivals wave")
                     for _, entries in r.xread({reply: last}, block=5000) or []:
                         for entry_id, fields in entries:
                             last = entry_id
@@ -367,7 +370,7 @@ def encoder_worker_row(path: Path, device, dtype, images: int, max_batch: int) -
         r = redis.Redis.from_url(server.url, socket_timeout=120)
         proc = start_tier(["encoder", "--modality", "image", "--model", str(path), "--device", str(device),
                            "--dtype", wire, "--max-batch", str(max_batch), "--log-level", "WARNING"],
-                          server.url, "encoder:image")
+                          server.url, "encoder:image", timeout=600)
         try:
             def wave(tag: str, n: int) -> float:
                 reply = f"bench:enc:{tag}"
@@ -382,8 +385,10 @@ def encoder_worker_row(path: Path, device, dtype, images: int, max_batch: int) -
                     pipe.xadd(keys.jobs("image"), payload_fields(m.encode(job)))
                 t0 = time.perf_counter()
                 pipe.execute()
-                last, done = "0-0", 0
+                last, done, deadline = "0-0", 0, time.monotonic() + 600
                 while done < n:
+                    if time.monotonic() > deadline or proc.poll() is not None:
+                        raise RuntimeError(f"the encoder worker died or stalled ({done} of {n} images done)")
                     for _, entries in r.xread({reply: last}, block=5000) or []:
                         for entry_id, fields in entries:
                             last = entry_id

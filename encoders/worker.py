@@ -144,9 +144,12 @@ class EncoderWorker:
                     #    (without waiting while a batch is in hand: it is encoded next, whatever comes).
                     t0 = time.monotonic()
                     block = self.cfg.block_ms if pending is None else None
-                    entries = self._reread() or self._reclaim() or read_batch(
-                        self.r, ENCODER_GROUP, self.consumer, self.stream, self.cfg.max_batch, self.cfg.max_wait_ms,
-                        block)
+                    if self.reread and pending is not None:
+                        entries = []  # the batch in hand first; then every entry still pending on us is a leftover
+                    else:
+                        entries = self._reread() or self._reclaim() or read_batch(
+                            self.r, ENCODER_GROUP, self.consumer, self.stream, self.cfg.max_batch,
+                            self.cfg.max_wait_ms, block)
                     self.gate.observe(time.monotonic() - t0 - ((block or 0) + self.cfg.max_wait_ms) / 1000)
                     # 2) Start preprocessing it on the pool, 3) then encode the batch before it meanwhile: publish
                     #    tensors, notify gateways, ack.
@@ -155,7 +158,10 @@ class EncoderWorker:
                         self._finish(pending)
                     pending = staged
                 except RedisError as exc:  # the client already retried with backoff: Redis is down or was reset
-                    pending = None  # its jobs are still ours in Redis: read again (reread) and redone
+                    if pending is not None:  # its jobs are still ours in Redis: read again (reread) and redone
+                        for future in pending.prepared:
+                            future.cancel()
+                        pending = None
                     self.gate.broken()
                     self.reread = True
                     if is_nogroup(exc):  # a restarted Redis without persistence lost the group
@@ -181,11 +187,12 @@ class EncoderWorker:
             self.stop.wait(1.0)
 
     def _reread(self) -> list:
-        """After a failed round trip, the jobs already delivered to this worker (it holds none between batches)."""
+        """After a failed round trip, the jobs already delivered to this worker, a batch at a time (called only with
+        no batch in hand, so every entry pending on this consumer is one to redo)."""
         if not self.reread:
             return []
-        entries = own_pending(self.r, self.stream, ENCODER_GROUP, self.consumer, 1024)
-        self.reread = False
+        entries = own_pending(self.r, self.stream, ENCODER_GROUP, self.consumer, self.cfg.max_batch)
+        self.reread = bool(entries)  # a batch at a time: look again once it is done, until none is left
         if entries:
             log.warning("taking up jobs delivered during a Redis failure", extra={"count": len(entries)})
         return entries
@@ -298,10 +305,11 @@ class EncoderWorker:
                            self.keys.lease(msg.encoder_id, msg.digest), msg.blob_key)
             job = Job(entry_id, msg, key, script_keys, deliveries)
             if msg.encoder_id != self.encoder_id:  # a gateway configured for another precision (or checkpoint)
-                error = (f"this {self.cfg.modality} encoder is {self.encoder_id} (computes {self.cfg.dtype}, sends "
+                mod = self.cfg.modality
+                error = (f"this {mod} encoder is {self.encoder_id} (computes {self.cfg.dtype}, sends "
                          f"{self.cfg.wire_dtype}) but the job asks for {msg.encoder_id}: give the gateway "
-                         f"--encoder-dtype {self.cfg.dtype} --encoder-wire-dtype {self.cfg.wire_dtype} (or "
-                         "TRIBUTARY_ENCODER_DTYPE to both), and the same checkpoint")
+                         f"--encoder-dtype {mod}={self.cfg.dtype} --encoder-wire-dtype {mod}={self.cfg.wire_dtype} "
+                         "(or one TRIBUTARY_ENCODER_DTYPE to gateways and encoders), and the same checkpoint")
                 log.error("job for another encoder", extra={"request_id": msg.request_id, "error": error})
                 self._fail(pipe, job, m.ErrorCode.INTERNAL, error)
                 continue

@@ -129,16 +129,17 @@ def build_parser() -> argparse.ArgumentParser:
                      help="onnx exports the encoder on first use (see export-onnx)")
     enc.add_argument("--device", default=_env("DEVICE", "cpu"), help="cpu, cuda or cuda:N")
     enc.add_argument("--dtype", default=_env("ENCODER_DTYPE", "auto"),
-                     choices=["auto", "float32", "bfloat16", "float16"],
-                     help="compute dtype (auto: bfloat16 for the torch runtime on a GPU, else float32; the ONNX "
-                          "runtime runs float32); give the gateways the same --encoder-dtype")
+                     help="compute dtype: auto, float32, bfloat16 or float16, or per modality as the gateway's "
+                          "--encoder-dtype takes it (image=bfloat16,audio=float32: this modality's entry, float32 "
+                          "when unnamed); auto: bfloat16 for the torch runtime on a GPU, else float32 (ONNX runs "
+                          "float32). Give the gateways the same --encoder-dtype")
     enc.add_argument("--max-batch", type=int, default=8, help="jobs per forward pass at most")
     enc.add_argument("--max-wait-ms", type=float, default=2.0,
                      help="once a job is in hand, how long to wait for a batch to fill")
     enc.add_argument("--tensor-ttl", type=int, default=int(_env("TENSOR_TTL", 3600)),
                      help="seconds a cached encoder output lives")
-    enc.add_argument("--wire-dtype", default=_env("ENCODER_WIRE_DTYPE"), choices=["float32", "float16", "bfloat16"],
-                     help="dtype of the cached tensors (default: the compute dtype)")
+    enc.add_argument("--wire-dtype", default=_env("ENCODER_WIRE_DTYPE"),
+                     help="dtype of the cached tensors, in the same forms (default: the compute dtype)")
     enc.add_argument("--preprocess-threads", type=int, default=int(_env("PREPROCESS_THREADS", 0)),
                      help="threads decoding and resizing the next batch while one runs (0: min(8, cores))")
     enc.add_argument("--max-audio-seconds", type=float, default=float(_env("MAX_AUDIO_SECONDS", 300)),
@@ -278,12 +279,21 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if args.command == "encoder":
         from encoders.worker import EncoderConfig, serve
+        from models.spec import parse_encoder_dtypes
+
+        def this_modality(value: str | None, unnamed: str | None) -> str | None:
+            """A dtype flag for this encoder: one dtype, or its entry of a per-modality list."""
+            if value in (None, "", "auto"):
+                return value or None
+            parsed = parse_encoder_dtypes(value)
+            return parsed.get(args.modality, unnamed) if isinstance(parsed, dict) else parsed
 
         try:
             cfg = EncoderConfig(redis_url=args.redis_url, modality=args.modality, prefix=args.prefix,
-                                runtime=args.runtime, device=args.device, dtype=args.dtype, max_batch=args.max_batch,
+                                runtime=args.runtime, device=args.device,
+                                dtype=this_modality(args.dtype, "float32") or "auto", max_batch=args.max_batch,
                                 max_wait_ms=args.max_wait_ms, tensor_ttl_s=args.tensor_ttl,
-                                wire_dtype=args.wire_dtype, stall_s=args.stall_timeout,
+                                wire_dtype=this_modality(args.wire_dtype, None), stall_s=args.stall_timeout,
                                 max_audio_seconds=args.max_audio_seconds, max_deliveries=args.max_deliveries,
                                 preprocess_threads=args.preprocess_threads)
         except ValueError as exc:

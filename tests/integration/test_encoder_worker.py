@@ -83,7 +83,7 @@ def test_a_job_for_another_precision_is_refused_with_the_fix(image_worker, redis
     job = submit(r, tiny_spec.with_encoder_dtypes("bfloat16"), png_bytes(seed=13), "reply:precision")
     failed = next_reply(r, "reply:precision")
     assert isinstance(failed, m.EncodeFailed) and failed.code == m.ErrorCode.INTERNAL
-    assert "--encoder-dtype float32" in failed.error and job.encoder_id in failed.error, failed.error
+    assert "--encoder-dtype image=float32" in failed.error and job.encoder_id in failed.error, failed.error
     assert r.exists(KEYS.tensor(job.encoder_id, job.digest)) == 0
     submit(r, tiny_spec, png_bytes(seed=14), "reply:precision")
     assert isinstance(next_reply(r, "reply:precision"), m.EncodeDone)

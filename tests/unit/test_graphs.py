@@ -62,6 +62,7 @@ STATIC_STEPS = INTERPRETER_PATCH + textwrap.dedent("""
         if static:  # buckets 1, 2, 4: five decodes run eagerly, four fill bucket 4, three pad it, then 2 and 1
             engine.model.graphs = DecodeGraphs(engine.model, max_batch=4, max_context=spec.max_context,
                                                capture=False)
+            assert engine.model.graphs.self_check() == 0.0  # the start-up check's code path (uncaptured: eager twice)
             engine.pool.k[:, engine.pool.padding_block] = 7.0  # a sentinel the padding rows overwrite at slot 0
         seqs = []
         for i, ids in enumerate(prompts):

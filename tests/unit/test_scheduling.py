@@ -200,3 +200,23 @@ def test_a_sequence_the_pool_cannot_hold_fails_alone(model, tiny_spec, tok):
         engine.step([seq])
     assert seq.finish == FinishReason.ERROR and "KV pool" in seq.error
     assert engine.pool.free == 2
+
+
+def test_a_decode_waits_rather_than_preempting_itself_while_the_other_holders_are_in_flight(model, tiny_spec):
+    """With pipeline micro-batches, sequences of another lane may be in flight (their step is on a later shard):
+    they cannot be victims. An older decode that needs a block then waits a step keeping its KV, instead of
+    throwing its own away; once the flight has landed, the newest holder is preempted as usual."""
+    from backbone.engine import Flight
+
+    engine = engine_with(model, tiny_spec, 2)
+    old, new = (engine.new_sequence(r, 16, params(4)) for r in ("old", "new"))
+    for seq in (old, new):
+        engine.start(seq, [1] + [20 + i for i in range(15)], [])
+    engine.step([old, new])  # both prompts (one block each), first tokens drawn: the pool is full
+    assert engine.pool.free == 0 and len(old.output) == len(new.output) == 1
+    engine.flights.append(Flight(lane=1, rows=[(new, 1)], failed={}))  # ``new`` is in flight on another lane
+    blocks, computed = list(old.blocks), old.computed
+    assert engine.schedule([old]) == []
+    assert (old.blocks, old.computed, engine.preemptions) == (blocks, computed, 0)  # it kept its KV
+    engine.flights.clear()  # landed
+    assert engine.schedule([old]) == [(old, 1)] and new.preempted == 1 and engine.preemptions == 1
