@@ -553,6 +553,8 @@ def main() -> int:
     ap.add_argument("--steps", type=int, default=None, help="timed decode steps (default 64; smoke 8)")
     ap.add_argument("--skip-tiered", action="store_true")
     ap.add_argument("--skip-worker", action="store_true", help="no backbone worker process row")
+    ap.add_argument("--skip-decode", action="store_true", help="no decode rows (nor the worker row, which needs them)")
+    ap.add_argument("--skip-encoders", action="store_true", help="no image encoder rows")
     args = ap.parse_args()
     smoke = args.cpu_smoke
     if not smoke and not torch.cuda.is_available():
@@ -576,7 +578,7 @@ def main() -> int:
     print(head, flush=True)
     results: dict = {"device": name, "dtype": str(dtype), "copy_bandwidth_bytes_per_s": bandwidth, "decode": [],
                      "arrivals": None, "tiered": None, "worker": None}
-    for size, batches in (SMOKE_ROWS if smoke else GPU_ROWS):
+    for size, batches in [] if args.skip_decode else (SMOKE_ROWS if smoke else GPU_ROWS):
         t = time.perf_counter()
         path = write_llava(args.workdir / size, size, 0, str(device), dtype)
         print(f"  {size}: checkpoint ready in {time.perf_counter() - t:.1f} s", flush=True)
@@ -602,15 +604,16 @@ def main() -> int:
             step_ms = 1e3 * b / inproc
             results["worker"] = dict(row, model=size, in_process_tokens_per_s=inproc, in_process_step_ms=step_ms)
             print(f"  {size} worker: {row['tokens_per_s']:.1f} tok/s vs in-process {inproc:.1f}", flush=True)
-    # [gpu-encoders]: the image encoder of the largest model, in the bench's dtype.
-    size, batches = ENCODER_ROW[smoke]
-    path = write_llava(args.workdir / size, size, 0, str(device), dtype)
-    rate = matmul_rate(device, dtype, 512 if smoke else 8192)
-    tower = tower_rows(path, device, dtype, batches, rate, 3 if smoke else 20)
-    worker = encoder_worker_row(path, device, dtype, 16 if smoke else 512, max(batches))
-    results["encoder"] = {"model": size, "batches": batches, "tower": tower, "worker": worker}
-    print(f"  {size} image encoder: {', '.join(f'batch {b} {tower[b]:.1f}' for b in batches)} images/s; worker "
-          f"{worker['images_per_s']:.1f} images/s", flush=True)
+    if not args.skip_encoders:  # [gpu-encoders]: the image encoder of the largest model, in the bench's dtype
+        t = time.perf_counter()
+        size, batches = ENCODER_ROW[smoke]
+        path = write_llava(args.workdir / size, size, 0, str(device), dtype)
+        rate = matmul_rate(device, dtype, 512 if smoke else 8192)
+        tower = tower_rows(path, device, dtype, batches, rate, 3 if smoke else 20)
+        worker = encoder_worker_row(path, device, dtype, 16 if smoke else 512, max(batches))
+        results["encoder"] = {"model": size, "batches": batches, "tower": tower, "worker": worker}
+        print(f"  {size} image encoder: {', '.join(f'batch {b} {tower[b]:.1f}' for b in batches)} images/s; worker "
+              f"{worker['images_per_s']:.1f} images/s ({time.perf_counter() - t:.0f} s)", flush=True)
     if not args.skip_tiered:
         size = "llava-tiny" if smoke else "llava-1b"
         path = write_llava(args.workdir / size, size, 0, str(device), dtype)

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # The GPU bench in one command, for one H100/H200 machine with no network (under 5 minutes):
-#   bash bench/gpu.sh [--cpu-smoke] [--wheels DIR] [--workdir DIR] [--json FILE]
+#   bash bench/gpu.sh [--cpu-smoke] [--wheels DIR] [--workdir DIR] [--json FILE] [--skip-tests]
+#                     [--skip-decode] [--skip-worker] [--skip-encoders] [--skip-tiered]   (to split it over calls)
 # 1. checks the environment: Python >= 3.11 with torch, Triton (GPU), transformers, safetensors, tokenizers, pillow,
 #    httpx; a CUDA device unless --cpu-smoke;
 # 2. installs what the tiered row needs and the machine lacks (starlette, uvicorn, redis, msgspec, pydantic,
@@ -16,13 +17,15 @@ smoke=0
 wheels="$root/.whl"
 workdir="${TMPDIR:-/tmp}/tributary-gpu-bench"
 bench_args=()
+skip_tests=0
 while [ $# -gt 0 ]; do
   case "$1" in
     --cpu-smoke) smoke=1; bench_args+=(--cpu-smoke); shift ;;
     --wheels) wheels="$2"; shift 2 ;;
     --workdir) workdir="$2"; shift 2 ;;
     --json|--prompt|--warm|--steps) bench_args+=("$1" "$2"); shift 2 ;;
-    --skip-tiered) bench_args+=("$1"); shift ;;
+    --skip-tiered|--skip-worker|--skip-decode|--skip-encoders) bench_args+=("$1"); shift ;;
+    --skip-tests) skip_tests=1; shift ;;
     *) echo "bench/gpu.sh: unknown argument $1" >&2; exit 2 ;;
   esac
 done
@@ -76,8 +79,11 @@ if [ -n "$missing" ]; then
 fi
 export PYTHONPATH="$root${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
 
-echo "== GPU correctness tests (pytest -m gpu; skipped without a CUDA device)"
-"$py" -m pytest -p no:cacheprovider -q -m gpu tests/unit/test_gpu_engine.py tests/unit/test_gpu_encoders.py -o addopts="" --basetemp "$workdir/pytest"
+if [ "$skip_tests" = 0 ]; then
+  echo "== GPU correctness tests (pytest -m gpu; skipped without a CUDA device)"
+  "$py" -m pytest -p no:cacheprovider -q -m gpu tests/unit/test_gpu_engine.py tests/unit/test_gpu_encoders.py \
+    -o addopts="" --basetemp "$workdir/pytest"
+fi
 
 echo "== bench"
 "$py" bench/gpu.py --workdir "$workdir" "${bench_args[@]}"
