@@ -2,7 +2,8 @@
 concurrency 1, 8 and 32 on the `small` demo model, against transformers' `generate` run one request at a time in one
 process; 1 shard vs 2 pipeline shards; each shard's RSS against its share of the weights.
 
-    .venv/bin/python bench/backbone.py [--tokens 32] [--prompt 64] [--shards 1,2] [--sync-io] [--micro-batched]
+    .venv/bin/python bench/backbone.py [--tokens 32] [--prompt 64] [--shards 1,2] [--sync-io] [--micro-batched] \
+        [--in-process]
 
 Plans go straight onto the `gen` stream (no gateway, no encoders: text-only prompts of --prompt tokens, greedy,
 ignore_eos, exactly --tokens new tokens each); token events are timestamped as they arrive on a reply stream.
@@ -144,6 +145,36 @@ def hf_one_at_a_time(spec, requests: int, prompt: int, tokens: int) -> dict:
     return {"tok_s": decode_tokens / decode_s, "itl": gaps}
 
 
+def in_process(spec, concurrency: int, prompt: int, tokens: int, threads: int) -> dict:
+    """The same requests through the backbone engine in this process (no Redis, no worker loop): decode tokens/s
+    from the first step that found every prompt done, as the worker's figure counts it, and the step time."""
+    import torch
+
+    from backbone.engine import load_engine
+    from router import messages as m
+    from router.lifecycle import tune_allocator
+
+    tune_allocator()  # as every worker process does (else its page faults would be counted against the engine)
+    torch.set_num_threads(threads)  # what one worker process gets
+    engine = load_engine(spec, max_running=max(16, concurrency))
+    seqs = []
+    for i in range(concurrency):
+        ids = [1] + [20 + (i * 7 + k) % 400 for k in range(prompt - 1)]
+        seq = engine.new_sequence(f"ip{i}", len(ids), m.SamplingParams(max_tokens=tokens, temperature=0.0,
+                                                                       ignore_eos=True))
+        engine.start(seq, ids, [])
+        seqs.append(seq)
+    while any(not s.output for s in seqs):
+        engine.step(seqs)
+    t0, steps, produced = time.perf_counter(), 0, sum(len(s.output) for s in seqs)
+    while any(s.finish is None for s in seqs):
+        engine.step([s for s in seqs if s.finish is None])
+        steps += 1
+    elapsed = time.perf_counter() - t0
+    torch.set_num_threads(os.cpu_count() or 1)
+    return {"tok_s": (sum(len(s.output) for s in seqs) - produced) / elapsed, "step_ms": 1e3 * elapsed / steps}
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--model-dir", type=Path, default=Path("/tmp/tributary-bench/demo-small"))
@@ -153,6 +184,8 @@ def main(argv=None) -> int:
     ap.add_argument("--shards", default="1,2")
     ap.add_argument("--sync-io", action="store_true",
                     help="also run 1 shard with --sync-io (each step's Redis round trip between steps)")
+    ap.add_argument("--in-process", action="store_true",
+                    help="also run the same requests through the engine in this process (no Redis, no worker loop)")
     ap.add_argument("--micro-batched", action="store_true",
                     help="also run 2 shards with --micro-batches 2 (two pipeline steps in flight; on CPUs the "
                          "default is one)")
@@ -198,6 +231,8 @@ def main(argv=None) -> int:
                     p.terminate()
                 for p in procs:
                     p.wait(60)
+    inproc = {c: in_process(spec, c, args.prompt, args.tokens, os.cpu_count() or 1)
+              for c in conc} if args.in_process else {}
     base = baseline_rss_mb()
     cores = os.cpu_count()
     print(f"backbone: demo-small ({spec.config['text_config']['num_hidden_layers']} layers), prompt {args.prompt} "
@@ -208,7 +243,15 @@ def main(argv=None) -> int:
     for (label, c), res in results.items():
         print(f"{f'tributary {label}, conc {c}':<28}{res['tok_s']:>14.1f}{res['tok_s'] / hf['tok_s']:>12.2f}"
               f"{1e3 * pct(res['itl'], .5):>12.2f}{1e3 * pct(res['itl'], .99):>12.2f}")
+    for c, res in inproc.items():
+        print(f"{f'in-process engine, conc {c}':<28}{res['tok_s']:>14.1f}{res['tok_s'] / hf['tok_s']:>12.2f}"
+              f"{res['step_ms']:>12.2f}{'':>12}")
     one, two, sync, micro = "1 shard(s)", "2 shard(s)", "1 shard(s), sync I/O", "2 shard(s), 2 micro-batches"
+    for c, res in inproc.items():
+        if (one, c) in results:
+            print(f"worker (Redis, overlapped round trips) / in-process engine, conc {c}: decode tok/s "
+                  f"{results[(one, c)]['tok_s'] / res['tok_s']:.2f}x; worker ITL p50 / in-process step "
+                  f"{1e3 * pct(results[(one, c)]['itl'], .5) / res['step_ms']:.2f}x")
     if (one, 8) in results:
         ratio = results[(one, 8)]["tok_s"] / hf["tok_s"]
         print(f"\nconcurrency 8 vs one-at-a-time generate: {ratio:.2f}x "
