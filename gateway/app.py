@@ -20,7 +20,7 @@ from redis.exceptions import RedisError
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
-from starlette.routing import Route
+from starlette.routing import Route, WebSocketRoute
 
 from cache.client import SOCKET_TIMEOUT_S, connect_async
 from cache.keys import Keys
@@ -30,6 +30,7 @@ from gateway.encoding import MediaEncoder
 from gateway.errors import APIError, Internal, MethodNotAllowed, NotFound, Unavailable
 from gateway.monitor import ClusterMonitor
 from gateway.prompt import PromptBuilder
+from gateway.realtime import realtime_endpoint
 from gateway.replies import ReplyRouter
 from gateway.tiers import RESET, ClientGone, TierClient
 from models.spec import ModelSpec, parse_encoder_dtypes
@@ -75,6 +76,7 @@ def create_app(cfg: GatewayConfig) -> Starlette:
         media = MediaEncoder(redis, cfg, spec, replies, reply_stream, tiers.liveness_unknown)
         builder = PromptBuilder(spec, tokenizer, cfg.max_media_bytes, cfg.limit_mm_per_prompt, cfg.max_audio_seconds)
         app.state.chat = ChatService(cfg, builder, media, tiers, replies, monitor)
+        app.state.spec, app.state.cfg, app.state.realtime_connections = spec, cfg, 0
         # Kept: the loop holds tasks weakly.
         tasks = [asyncio.create_task(replies.run(), name="reply-reader"),
                  asyncio.create_task(monitor.run(), name="cluster-monitor")]
@@ -141,6 +143,7 @@ def create_app(cfg: GatewayConfig) -> Starlette:
         routes=[
             Route("/v1/chat/completions", chat_completions, methods=["POST"]),
             Route("/v1/models", models, methods=["GET"]),
+            WebSocketRoute("/v1/realtime", realtime_endpoint),
             Route("/health", health, methods=["GET"]),
             Route("/ready", ready, methods=["GET"]),
         ],

@@ -128,6 +128,44 @@ class ChatService:
             self.replies.unsubscribe(rid)
         return JSONResponse(self._completion(rid, req, text, last), headers=ids.headers())
 
+    async def respond(self, rid: str, body: bytes, cancelled: asyncio.Event, via: str) -> AsyncIterator[Delta]:
+        """One chat completion for a caller other than the HTTP route (the Realtime WebSocket): ``body`` is a chat
+        request (JSON), run through the same validation, admission, media encoding (cache first) and generation.
+        An APIError comes before the first delta; setting ``cancelled``, or closing the iterator, stops it and frees
+        the backbone slot (ClientGone)."""
+        self.admit(["backbone"])
+        self.inflight += 1
+        queue = watcher = None
+        try:
+            req, prompt = await asyncio.to_thread(self._prepare, body)
+            log.info("request", extra={"request_id": rid, "via": via, "media": len(prompt.media),
+                                       "text_tokens": len(prompt.token_ids)})
+            self.admit(sorted({f"encoder:{p.modality}" for p in prompt.media}), counted=True)
+            queue = self.replies.subscribe(rid)
+            watcher = self._spawn(self._watch_event(cancelled, queue))
+            plan = await self._plan(rid, req, prompt, queue)
+
+            async def encode_again() -> list[m.MediaRef]:
+                return await self.media.encode(rid, prompt.media, queue)
+
+            deltas = self._deltas(rid, req, plan, queue, encode_again)
+            try:
+                async for d in deltas:
+                    yield d
+            finally:
+                await deltas.aclose()
+        finally:
+            if watcher is not None:
+                watcher.cancel()
+            if queue is not None:
+                self.replies.unsubscribe(rid)
+            self.inflight -= 1
+
+    @staticmethod
+    async def _watch_event(cancelled: asyncio.Event, queue: asyncio.Queue) -> None:
+        await cancelled.wait()
+        queue.put_nowait(DISCONNECTED)
+
     async def _read_body(self, request: Request) -> bytes:
         declared = request.headers.get("content-length")
         if declared and declared.isdigit() and int(declared) > self.cfg.max_body_bytes:

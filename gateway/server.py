@@ -10,4 +10,6 @@ from gateway.config import GatewayConfig
 
 def serve(cfg: GatewayConfig, host: str = "127.0.0.1", port: int = 8000) -> None:
     app = create_app(cfg)
-    uvicorn.run(app, host=host, port=port, log_config=None, access_log=False, timeout_graceful_shutdown=30)
+    # A Realtime frame larger than a request body closes its socket with 1009; pings find dead peers.
+    uvicorn.run(app, host=host, port=port, log_config=None, access_log=False, timeout_graceful_shutdown=30,
+                ws_max_size=cfg.max_body_bytes, ws_ping_interval=20, ws_ping_timeout=20)

@@ -1,0 +1,490 @@
+"""``/v1/realtime``: the OpenAI Realtime API (GA event names) over a WebSocket, for text output.
+
+A connection holds one session (instructions, sampling) and one conversation: user, system and assistant message
+items with ``input_text``, ``input_image`` (a data URL) and ``input_audio`` (the protocol's PCM16, 24 kHz mono, base64)
+parts, and the assistant's answers appended as they complete. ``response.create`` turns the conversation (or, with
+``conversation: "none"``, the response's own ``input``) into a chat request and runs it through the very code the
+REST endpoint runs (``ChatService.respond``: the same validation, limits, admission and errors). So media already
+encoded in an earlier turn come from the cache, never re-encoded. Text deltas stream back as
+``response.output_text.delta`` events.
+
+Audio in: ``input_audio_buffer.append`` collects PCM16; ``.commit`` turns it into a user item. The audio is sent to the
+encoder as a 24 kHz WAV, which the encoder worker resamples. Turn detection is the client's (``turn_detection: null``).
+
+Refused with an ``error`` event, the connection staying usable: audio output, ``server_vad`` / ``semantic_vad``,
+tools, ``conversation.item.truncate``, transcription sessions, a second response while one runs, unknown events,
+bad JSON, and out-of-range values. Sampling is not in the GA protocol: ``temperature``, ``top_p`` and ``seed`` are
+accepted as extension fields of ``session.update``'s session and ``response.create``'s response (defaults: the REST
+defaults, temperature 1, top_p 1, a random seed).
+
+Limits: frames over ``max_body_bytes`` close the socket with 1009 (uvicorn's ``ws_max_size``); buffered audio is
+capped at ``max_audio_seconds``; a conversation at ``MAX_ITEMS`` items (its tokens are checked against the context at
+each response, as REST does); connections at ``max_inflight``, beyond which a new one is closed with 1013; a
+connection silent for ``IDLE_S`` is closed, and uvicorn's pings (every 20 s) drop dead peers.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import binascii
+import io
+import json
+import logging
+import uuid
+import wave
+
+from starlette.websockets import WebSocket, WebSocketDisconnect
+
+from gateway.errors import APIError
+from gateway.tiers import ClientGone
+
+log = logging.getLogger(__name__)
+
+PCM_RATE = 24_000  # the protocol's input audio: PCM16, 24 kHz, mono
+MAX_ITEMS = 1024
+IDLE_S = 600.0  # a connection that sends no event for this long is closed (pings already drop dead peers)
+UNSUPPORTED_EVENTS = {
+    "conversation.item.truncate": "conversation.item.truncate (it trims audio output, which this server does not make)",
+    "conversation.item.retrieve": "conversation.item.retrieve",
+    "output_audio_buffer.clear": "audio output",
+    "transcription_session.update": "transcription sessions",
+}
+
+
+class EventError(Exception):
+    """A client event that cannot be carried out: becomes an ``error`` event; the connection goes on."""
+
+    def __init__(self, message: str, code: str = "invalid_value", param: str | None = None,
+                 type_: str = "invalid_request_error"):
+        super().__init__(message)
+        self.message, self.code, self.param, self.type = message, code, param, type_
+
+
+def _id(prefix: str) -> str:
+    return f"{prefix}_{uuid.uuid4().hex[:20]}"
+
+
+def pcm16_to_wav(pcm: bytes, rate: int = PCM_RATE) -> bytes:
+    buf = io.BytesIO()
+    with wave.open(buf, "wb") as w:
+        w.setnchannels(1)
+        w.setsampwidth(2)
+        w.setframerate(rate)
+        w.writeframes(pcm)
+    return buf.getvalue()
+
+
+def _b64(data, param: str) -> bytes:
+    if not isinstance(data, str):
+        raise EventError(f"{param} must be a base64 string", param=param)
+    try:
+        return base64.b64decode(data, validate=True)
+    except (binascii.Error, ValueError):
+        raise EventError(f"{param} is not valid base64", param=param) from None
+
+
+class RealtimeSession:
+    def __init__(self, ws: WebSocket, chat, model: str, max_audio_seconds: float):
+        self.ws, self.chat, self.model = ws, chat, model
+        self.max_audio_bytes = int(max_audio_seconds * PCM_RATE) * 2
+        self.session_id = _id("sess")
+        self.instructions = ""
+        self.sampling: dict = {}  # temperature / top_p / seed (extension fields)
+        self.max_output_tokens: int | None = None
+        self.items: list[dict] = []  # the conversation, in order
+        self.audio = bytearray()
+        self.active: tuple[asyncio.Task, asyncio.Event, str] | None = None  # the running response
+        self.send_lock = asyncio.Lock()
+
+    # -- output -------------------------------------------------------------------------------------------------
+
+    async def send(self, type_: str, **fields) -> None:
+        async with self.send_lock:
+            await self.ws.send_text(json.dumps({"type": type_, "event_id": _id("event"), **fields}))
+
+    async def error(self, exc: EventError | APIError, event_id: str | None) -> None:
+        err = {"type": exc.type, "code": exc.code, "message": exc.message, "param": exc.param, "event_id": event_id}
+        await self.send("error", error=err)
+
+    def session(self) -> dict:
+        return {"type": "realtime", "object": "realtime.session", "id": self.session_id, "model": self.model,
+                "output_modalities": ["text"], "instructions": self.instructions,
+                "max_output_tokens": self.max_output_tokens if self.max_output_tokens is not None else "inf",
+                "audio": {"input": {"format": {"type": "audio/pcm", "rate": PCM_RATE}, "turn_detection": None}},
+                "tools": [], **self.sampling}
+
+    # -- the loop -----------------------------------------------------------------------------------------------
+
+    async def run(self) -> None:
+        await self.send("session.created", session=self.session())
+        try:
+            while True:
+                try:
+                    message = await asyncio.wait_for(self.ws.receive(), IDLE_S)
+                except TimeoutError:
+                    await self.error(EventError(f"no event for {IDLE_S:g} s; closing", code="idle_timeout"), None)
+                    await self.ws.close(code=1000)
+                    return
+                if message["type"] == "websocket.disconnect":
+                    return
+                text, event_id = message.get("text"), None
+                try:
+                    if text is None:
+                        raise EventError("events are JSON text frames, not binary ones", code="invalid_json")
+                    try:
+                        event = json.loads(text)
+                    except ValueError:
+                        raise EventError("the event is not valid JSON", code="invalid_json") from None
+                    if not isinstance(event, dict) or not isinstance(event.get("type"), str):
+                        raise EventError("an event is a JSON object with a string 'type'", param="type")
+                    event_id = event.get("event_id") if isinstance(event.get("event_id"), str) else None
+                    await self.handle(event)
+                except (EventError, APIError) as exc:
+                    await self.error(exc, event_id)
+        except (WebSocketDisconnect, RuntimeError):  # gone (a send to a closed socket is a RuntimeError)
+            pass
+        finally:
+            if self.active is not None:  # a dropped socket stops its response and frees the backbone slot
+                self.active[1].set()
+                await asyncio.gather(self.active[0], return_exceptions=True)
+            self.audio.clear()
+
+    async def handle(self, event: dict) -> None:
+        kind = event["type"]
+        if kind in UNSUPPORTED_EVENTS:
+            raise EventError(f"{UNSUPPORTED_EVENTS[kind]} is not supported by this server", code="unsupported",
+                             param="type")
+        handler = {
+            "session.update": self.session_update,
+            "conversation.item.create": self.item_create,
+            "conversation.item.delete": self.item_delete,
+            "input_audio_buffer.append": self.audio_append,
+            "input_audio_buffer.commit": self.audio_commit,
+            "input_audio_buffer.clear": self.audio_clear,
+            "response.create": self.response_create,
+            "response.cancel": self.response_cancel,
+        }.get(kind)
+        if handler is None:
+            raise EventError(f"unknown event type {kind!r}", code="invalid_event_type", param="type")
+        await handler(event)
+
+    # -- session ------------------------------------------------------------------------------------------------
+
+    def _sampling(self, obj: dict, param: str) -> dict:
+        out = {}
+        for key in ("temperature", "top_p", "seed"):
+            if key in obj:
+                value = obj[key]
+                if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))):
+                    raise EventError(f"{param}.{key} must be a number", param=f"{param}.{key}")
+                out[key] = value
+        return out
+
+    async def session_update(self, event: dict) -> None:
+        s = event.get("session")
+        if not isinstance(s, dict):
+            raise EventError("session.update needs a 'session' object", param="session")
+        if s.get("type", "realtime") != "realtime":
+            raise EventError("transcription sessions are not supported by this server", code="unsupported",
+                             param="session.type")
+        modalities = s.get("output_modalities", ["text"])
+        if modalities != ["text"]:
+            raise EventError("this server answers in text only: output_modalities must be [\"text\"]",
+                             code="unsupported", param="session.output_modalities")
+        audio = s.get("audio") or {}
+        if not isinstance(audio, dict):
+            raise EventError("session.audio must be an object", param="session.audio")
+        if audio.get("output"):
+            raise EventError("audio output is not supported by this server", code="unsupported",
+                             param="session.audio.output")
+        audio_in = audio.get("input") or {}
+        turn = audio_in.get("turn_detection") if isinstance(audio_in, dict) else None
+        if turn is not None:
+            what = turn.get("type") if isinstance(turn, dict) else turn
+            raise EventError(f"turn detection {what!r} is not supported yet: send turn_detection null and commit "
+                             "the audio buffer yourself", code="unsupported",
+                             param="session.audio.input.turn_detection")
+        fmt = (audio_in.get("format") or {}) if isinstance(audio_in, dict) else {}
+        if fmt and (fmt.get("type", "audio/pcm") != "audio/pcm" or fmt.get("rate", PCM_RATE) != PCM_RATE):
+            raise EventError("input audio must be audio/pcm at 24000 Hz", code="unsupported",
+                             param="session.audio.input.format")
+        if s.get("tools"):
+            raise EventError("tools are not supported by this server", code="unsupported", param="session.tools")
+        sampling = self._sampling(s, "session")
+        if "instructions" in s:
+            if not isinstance(s["instructions"], str):
+                raise EventError("session.instructions must be a string", param="session.instructions")
+            self.instructions = s["instructions"]
+        if "max_output_tokens" in s:
+            self.max_output_tokens = self._max_tokens(s["max_output_tokens"], "session.max_output_tokens")
+        self.sampling.update(sampling)
+        await self.send("session.updated", session=self.session())
+
+    @staticmethod
+    def _max_tokens(value, param: str) -> int | None:
+        if value == "inf" or value is None:
+            return None
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise EventError(f"{param} must be an integer >= 1 or \"inf\"", param=param)
+        return value
+
+    # -- conversation -------------------------------------------------------------------------------------------
+
+    def _item(self, raw, param: str) -> dict:
+        """A client message item, checked, in the protocol's shape (with an id and status)."""
+        if not isinstance(raw, dict) or raw.get("type", "message") != "message":
+            kind = raw.get("type") if isinstance(raw, dict) else None
+            if kind in ("function_call", "function_call_output"):
+                raise EventError("tools are not supported by this server", code="unsupported", param=f"{param}.type")
+            raise EventError("an item must be a message", param=f"{param}.type")
+        role = raw.get("role")
+        if role not in ("user", "system", "assistant"):
+            raise EventError("item role must be user, system or assistant", param=f"{param}.role")
+        content = raw.get("content")
+        if not isinstance(content, list) or not content:
+            raise EventError("item content must be a non-empty list of parts", param=f"{param}.content")
+        allowed = {"user": ("input_text", "input_image", "input_audio"), "system": ("input_text",),
+                   "assistant": ("output_text", "text")}[role]
+        parts = []
+        for i, part in enumerate(content):
+            where = f"{param}.content.{i}"
+            kind = part.get("type") if isinstance(part, dict) else None
+            if kind not in allowed:
+                raise EventError(f"a {role} item takes parts of type {', '.join(allowed)}", param=f"{where}.type")
+            if kind in ("input_text", "output_text", "text"):
+                if not isinstance(part.get("text"), str):
+                    raise EventError("a text part needs a string 'text'", param=f"{where}.text")
+                parts.append({"type": kind, "text": part["text"]})
+            elif kind == "input_image":
+                if not isinstance(part.get("image_url"), str):
+                    raise EventError("an input_image part needs an 'image_url' (a data URL)",
+                                     param=f"{where}.image_url")
+                parts.append({"type": kind, "image_url": part["image_url"]})
+            else:
+                pcm = _b64(part.get("audio"), f"{where}.audio")
+                if len(pcm) > self.max_audio_bytes:
+                    raise EventError("the audio is longer than this server takes", param=f"{where}.audio")
+                parts.append({"type": kind, "audio": part["audio"]})
+        item_id = raw.get("id") if isinstance(raw.get("id"), str) and raw["id"] else _id("item")
+        if any(it["id"] == item_id for it in self.items):
+            raise EventError(f"an item with id {item_id!r} already exists", param=f"{param}.id")
+        return {"id": item_id, "type": "message", "object": "realtime.item", "status": "completed", "role": role,
+                "content": parts}
+
+    async def _add(self, item: dict, after: str | None = "end", done: bool = True) -> None:
+        """Put ``item`` in the conversation: at its end, at its start (``after`` None) or after the item ``after``."""
+        if len(self.items) >= MAX_ITEMS:
+            raise EventError(f"the conversation holds {MAX_ITEMS} items; delete some first",
+                             code="conversation_too_long")
+        if after == "end":
+            index, after = len(self.items), (self.items[-1]["id"] if self.items else None)
+        elif after is None:
+            index = 0
+        else:
+            index = next((i + 1 for i, it in enumerate(self.items) if it["id"] == after), None)
+            if index is None:
+                raise EventError(f"no item with id {after!r}", code="item_not_found", param="previous_item_id")
+        self.items.insert(index, item)
+        await self.send("conversation.item.added", previous_item_id=after, item=item)
+        if done:
+            await self.send("conversation.item.done", previous_item_id=after, item=item)
+
+    async def item_create(self, event: dict) -> None:
+        item = self._item(event.get("item"), "item")
+        previous = event.get("previous_item_id")
+        if previous is not None and not isinstance(previous, str):
+            raise EventError("previous_item_id must be a string", param="previous_item_id")
+        await self._add(item, "end" if previous is None else None if previous == "root" else previous)
+
+    async def item_delete(self, event: dict) -> None:
+        item_id = event.get("item_id")
+        index = next((i for i, it in enumerate(self.items) if it["id"] == item_id), None)
+        if index is None:
+            raise EventError(f"no item with id {item_id!r}", code="item_not_found", param="item_id")
+        del self.items[index]
+        await self.send("conversation.item.deleted", item_id=item_id)
+
+    # -- input audio buffer -------------------------------------------------------------------------------------
+
+    async def audio_append(self, event: dict) -> None:
+        pcm = _b64(event.get("audio"), "audio")
+        if len(pcm) % 2:
+            raise EventError("PCM16 audio holds an even number of bytes", param="audio")
+        if len(self.audio) + len(pcm) > self.max_audio_bytes:
+            raise EventError("the input audio buffer is full (the server's audio length limit); commit or clear it",
+                             code="input_audio_buffer_full", param="audio")
+        self.audio += pcm
+
+    async def audio_commit(self, event: dict) -> None:
+        if not self.audio:
+            raise EventError("the input audio buffer is empty", code="input_audio_buffer_commit_empty")
+        item = {"id": _id("item"), "type": "message", "object": "realtime.item", "status": "completed",
+                "role": "user", "content": [{"type": "input_audio",
+                                             "audio": base64.b64encode(bytes(self.audio)).decode()}]}
+        previous = self.items[-1]["id"] if self.items else None
+        await self._add(item)
+        self.audio.clear()
+        await self.send("input_audio_buffer.committed", previous_item_id=previous, item_id=item["id"])
+
+    async def audio_clear(self, event: dict) -> None:
+        self.audio.clear()
+        await self.send("input_audio_buffer.cleared")
+
+    # -- responses ----------------------------------------------------------------------------------------------
+
+    def _messages(self, items: list[dict], instructions: str) -> list[dict]:
+        """Conversation items as chat messages (what the REST endpoint takes)."""
+        messages = [{"role": "system", "content": instructions}] if instructions else []
+        for it in items:
+            if it["role"] in ("system", "assistant"):
+                messages.append({"role": it["role"], "content": "".join(p["text"] for p in it["content"])})
+                continue
+            parts = []
+            for p in it["content"]:
+                if p["type"] == "input_text":
+                    parts.append({"type": "text", "text": p["text"]})
+                elif p["type"] == "input_image":
+                    parts.append({"type": "image_url", "image_url": {"url": p["image_url"]}})
+                else:
+                    wav = pcm16_to_wav(base64.b64decode(p["audio"]))
+                    parts.append({"type": "input_audio",
+                                  "input_audio": {"data": base64.b64encode(wav).decode(), "format": "wav"}})
+            messages.append({"role": "user", "content": parts})
+        return messages
+
+    async def response_create(self, event: dict) -> None:
+        if self.active is not None:
+            raise EventError("a response is already in progress; cancel it or wait for response.done",
+                             code="conversation_already_has_active_response")
+        r = event.get("response") or {}
+        if not isinstance(r, dict):
+            raise EventError("response must be an object", param="response")
+        if r.get("output_modalities", ["text"]) != ["text"] or r.get("audio"):
+            raise EventError("this server answers in text only", code="unsupported", param="response.output_modalities")
+        if r.get("tools"):
+            raise EventError("tools are not supported by this server", code="unsupported", param="response.tools")
+        conversation = r.get("conversation", "auto")
+        if conversation not in ("auto", "none"):
+            raise EventError("response.conversation must be \"auto\" or \"none\"", param="response.conversation")
+        instructions = r.get("instructions", self.instructions)
+        if not isinstance(instructions, str):
+            raise EventError("response.instructions must be a string", param="response.instructions")
+        max_tokens = (self._max_tokens(r["max_output_tokens"], "response.max_output_tokens")
+                      if "max_output_tokens" in r else self.max_output_tokens)
+        if "input" in r:
+            if not isinstance(r["input"], list):
+                raise EventError("response.input must be a list of items", param="response.input")
+            items = [self._item(raw, f"response.input.{i}") for i, raw in enumerate(r["input"])]
+        else:
+            items = list(self.items) if conversation == "auto" else []
+        body = {"model": self.model, "messages": self._messages(items, instructions), "stream": True,
+                **{**self.sampling, **self._sampling(r, "response")}}
+        if max_tokens is not None:
+            body["max_completion_tokens"] = max_tokens
+        body = {k: v for k, v in body.items() if v is not None}
+        cancelled = asyncio.Event()
+        response_id = _id("resp")
+        task = asyncio.get_running_loop().create_task(
+            self._respond(response_id, json.dumps(body).encode(), cancelled, conversation == "auto", max_tokens))
+        self.active = (task, cancelled, response_id)
+
+    async def response_cancel(self, event: dict) -> None:
+        if self.active is None:
+            raise EventError("no response is in progress", code="response_cancel_not_active")
+        wanted = event.get("response_id")
+        if wanted not in (None, self.active[2]):
+            raise EventError(f"response {wanted!r} is not the one in progress", param="response_id")
+        self.active[1].set()
+
+    def _response(self, response_id: str, status: str, output: list, usage: dict | None, max_tokens, details=None):
+        return {"id": response_id, "object": "realtime.response", "status": status, "status_details": details,
+                "output": output, "output_modalities": ["text"], "usage": usage,
+                "max_output_tokens": max_tokens if max_tokens is not None else "inf", "conversation_id": None}
+
+    async def _respond(self, response_id: str, body: bytes, cancelled: asyncio.Event, into_conversation: bool,
+                       max_tokens) -> None:
+        item = {"id": _id("item"), "type": "message", "object": "realtime.item", "status": "in_progress",
+                "role": "assistant", "content": []}
+        where = {"response_id": response_id, "item_id": item["id"], "output_index": 0, "content_index": 0}
+        text, last, started, status, details = "", None, False, "completed", None
+        try:
+            await self.send("response.created", response=self._response(response_id, "in_progress", [], None,
+                                                                        max_tokens))
+            deltas = self.chat.respond(response_id, body, cancelled, via="realtime")
+            try:
+                async for d in deltas:
+                    if not started:
+                        started = True
+                        await self.send("response.output_item.added", response_id=response_id, output_index=0,
+                                        item=item)
+                        if into_conversation:
+                            await self._add(item, done=False)
+                        await self.send("response.content_part.added", **where,
+                                        part={"type": "output_text", "text": ""})
+                    if d.text:
+                        text += d.text
+                        await self.send("response.output_text.delta", **where, delta=d.text)
+                    last = d
+            finally:
+                await deltas.aclose()
+            if last is not None and last.finish == "length":
+                status, details = "incomplete", {"type": "incomplete", "reason": "max_output_tokens"}
+        except ClientGone:
+            status, details = "cancelled", {"type": "cancelled", "reason": "client_cancelled"}
+        except APIError as exc:
+            status, details = "failed", {"type": "failed", "error": {"type": exc.type, "code": exc.code,
+                                                                      "message": exc.message}}
+            await self.error(exc, None)
+        except WebSocketDisconnect:
+            cancelled.set()
+            self.active = None
+            return
+        except Exception as exc:  # one response's fault: it fails, the connection goes on
+            log.exception("realtime response failed", extra={"request_id": response_id})
+            status, details = "failed", {"type": "failed", "error": {
+                "type": "server_error", "code": None, "message": f"internal error ({type(exc).__name__})"}}
+        try:
+            output = []
+            if started:
+                item.update(status="completed" if status == "completed" else "incomplete",
+                            content=[{"type": "output_text", "text": text}])
+                await self.send("response.output_text.done", **where, text=text)
+                await self.send("response.content_part.done", **where, part={"type": "output_text", "text": text})
+                await self.send("response.output_item.done", response_id=response_id, output_index=0, item=item)
+                if into_conversation:
+                    await self.send("conversation.item.done", previous_item_id=None, item=item)
+                output = [item]
+            usage = None
+            if last is not None:
+                usage = {"total_tokens": last.prompt_tokens + last.completion_tokens,
+                         "input_tokens": last.prompt_tokens, "output_tokens": last.completion_tokens}
+            await self.send("response.done", response=self._response(response_id, status, output, usage, max_tokens,
+                                                                     details))
+        except (WebSocketDisconnect, RuntimeError):
+            pass  # the socket is gone
+        finally:
+            self.active = None
+
+
+async def realtime_endpoint(ws: WebSocket) -> None:
+    app = ws.app
+    chat, spec, cfg = app.state.chat, app.state.spec, app.state.cfg
+    if app.state.realtime_connections >= cfg.max_inflight:
+        await ws.close(code=1013, reason="too many realtime connections; retry later")
+        return
+    await ws.accept()
+    model = ws.query_params.get("model")
+    session = RealtimeSession(ws, chat, spec.name, cfg.max_audio_seconds)
+    if model is not None and model != spec.name:
+        await session.error(EventError(f"model '{model}' does not exist; this server serves '{spec.name}'",
+                                       code="model_not_found", param="model"), None)
+        await ws.close(code=1008)
+        return
+    app.state.realtime_connections += 1
+    log.info("realtime connected", extra={"session": session.session_id})
+    try:
+        await session.run()
+    finally:
+        app.state.realtime_connections -= 1
+        log.info("realtime closed", extra={"session": session.session_id})

@@ -1,0 +1,214 @@
+"""End to end: ``/v1/realtime`` against a real local cluster, with the official `openai` SDK's realtime client and a
+raw `websockets` client. Text + image + audio in, text deltas out equal to the REST endpoint's answer at temperature
+0; two responses on one connection, the second re-encoding nothing; cancel; a dropped socket; bad events."""
+
+from __future__ import annotations
+
+import base64
+import io
+import json
+import time
+import wave
+
+import numpy as np
+import pytest
+from openai import OpenAI
+from websockets.exceptions import ConnectionClosed
+from websockets.sync.client import connect
+
+from tests.media import data_url, png_bytes
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def client(cluster) -> OpenAI:
+    return OpenAI(base_url=f"{cluster.base_url}/v1", api_key="unused", max_retries=0, timeout=120)
+
+
+def pcm16(seconds: float, seed: int) -> bytes:
+    rng = np.random.default_rng(seed)
+    return (rng.standard_normal(int(seconds * 24000)) * 3000).astype("<i2").tobytes()
+
+
+def wav24k(pcm: bytes) -> bytes:
+    buf = io.BytesIO()
+    with wave.open(buf, "wb") as w:
+        w.setnchannels(1)
+        w.setsampwidth(2)
+        w.setframerate(24000)
+        w.writeframes(pcm)
+    return buf.getvalue()
+
+
+def until_done(conn) -> tuple[str, object, list[str]]:
+    """Events until ``response.done``: the deltas joined, the done event, every event type seen."""
+    text, seen = "", []
+    for event in conn:
+        seen.append(event.type)
+        assert event.type != "error", event
+        if event.type == "response.output_text.delta":
+            text += event.delta
+        if event.type == "response.done":
+            return text, event, seen
+    raise AssertionError(f"the socket closed before response.done: {seen}")
+
+
+def test_streamed_audio_and_an_image_give_the_rest_answer(client, cluster):
+    """Instructions, a text + image item, then audio appended in 200 ms chunks and committed (its own user item):
+    the REST endpoint gets the same three messages, with the audio as a 24 kHz WAV."""
+    png, pcm = png_bytes(48, 36, seed=31), pcm16(1.0, seed=31)
+    rest = client.chat.completions.create(model=cluster.model, temperature=0.0, max_tokens=8, messages=[
+        {"role": "system", "content": "You are terse."},
+        {"role": "user", "content": [{"type": "text", "text": "What do you see and hear?"},
+                                     {"type": "image_url", "image_url": {"url": data_url(png)}}]},
+        {"role": "user", "content": [
+            {"type": "input_audio", "input_audio": {"data": base64.b64encode(wav24k(pcm)).decode(), "format": "wav"}},
+        ]}])
+    with client.realtime.connect(model=cluster.model) as conn:
+        assert conn.recv().type == "session.created"
+        conn.session.update(session={"type": "realtime", "instructions": "You are terse.", "temperature": 0.0})
+        assert conn.recv().type == "session.updated"
+        conn.conversation.item.create(item={"type": "message", "role": "user", "content": [
+            {"type": "input_text", "text": "What do you see and hear?"},
+            {"type": "input_image", "image_url": data_url(png)}]})
+        assert [conn.recv().type for _ in range(2)] == ["conversation.item.added", "conversation.item.done"]
+        for i in range(0, len(pcm), 9600):  # 200 ms chunks, as a microphone sends them
+            conn.input_audio_buffer.append(audio=base64.b64encode(pcm[i : i + 9600]).decode())
+        conn.input_audio_buffer.commit()
+        seen = [conn.recv().type for _ in range(3)]
+        assert seen == ["conversation.item.added", "conversation.item.done", "input_audio_buffer.committed"]
+        conn.response.create(response={"max_output_tokens": 8})
+        text, done, types = until_done(conn)
+    assert types[:2] == ["response.created", "response.output_item.added"]
+    assert "response.output_text.done" in types and "response.content_part.done" in types
+    assert text and text == rest.choices[0].message.content
+    assert (done.response.usage.input_tokens, done.response.usage.output_tokens) == (
+        rest.usage.prompt_tokens, rest.usage.completion_tokens)
+    assert done.response.status == ("incomplete" if rest.choices[0].finish_reason == "length" else "completed")
+
+
+def test_one_message_equals_rest_and_a_second_response_reencodes_nothing(client, cluster):
+    png, pcm = png_bytes(40, 44, seed=32), pcm16(0.8, seed=32)
+    wav = wav24k(pcm)
+    rest = client.chat.completions.create(model=cluster.model, temperature=0.0, max_tokens=8, messages=[
+        {"role": "user", "content": [
+            {"type": "text", "text": "Describe."},
+            {"type": "image_url", "image_url": {"url": data_url(png)}},
+            {"type": "input_audio", "input_audio": {"data": base64.b64encode(wav).decode(), "format": "wav"}}]}])
+    with client.realtime.connect(model=cluster.model) as conn:
+        assert conn.recv().type == "session.created"
+        conn.session.update(session={"type": "realtime", "temperature": 0.0})
+        conn.recv()
+        conn.conversation.item.create(item={"type": "message", "role": "user", "content": [
+            {"type": "input_text", "text": "Describe."},
+            {"type": "input_image", "image_url": data_url(png)},
+            {"type": "input_audio", "audio": base64.b64encode(pcm).decode()}]})
+        conn.recv(), conn.recv()
+        conn.response.create(response={"max_output_tokens": 8})
+        text, done, _ = until_done(conn)
+        assert text and text == rest.choices[0].message.content  # the REST endpoint's answer, token for token
+        assert done.response.output[0].content[0].text == text
+        before = {m: cluster.stats(f"encoder:{m}").get("encoder_calls", 0) for m in ("image", "audio")}
+        conn.conversation.item.create(item={"type": "message", "role": "user", "content": [
+            {"type": "input_text", "text": "And now?"}]})
+        conn.recv(), conn.recv()
+        conn.response.create(response={"max_output_tokens": 4})
+        second, done2, _ = until_done(conn)
+        assert done2.response.usage.input_tokens > done.response.usage.input_tokens + done.response.usage.output_tokens
+    after = {m: cluster.stats(f"encoder:{m}").get("encoder_calls", 0) for m in ("image", "audio")}
+    assert after == before, "the second response encoded the earlier turn's media again"
+
+
+def test_cancel_mid_response_and_the_connection_goes_on(client, cluster):
+    with client.realtime.connect(model=cluster.model) as conn:
+        conn.recv()
+        conn.conversation.item.create(item={"type": "message", "role": "user", "content": [
+            {"type": "input_text", "text": "go on and on"}]})
+        conn.recv(), conn.recv()
+        conn.response.create(response={"max_output_tokens": 900, "conversation": "auto"})
+        for event in conn:
+            if event.type == "response.output_text.delta":
+                conn.response.cancel()
+                break
+        for event in conn:
+            if event.type == "response.done":
+                assert event.response.status == "cancelled"
+                assert event.response.usage is None or event.response.usage.output_tokens < 900
+                break
+        conn.response.create(response={"max_output_tokens": 2, "conversation": "none", "input": [
+            {"type": "message", "role": "user", "content": [{"type": "input_text", "text": "hi"}]}]})
+        _, done, _ = until_done(conn)
+        assert done.response.status in ("completed", "incomplete")
+
+
+def raw(cluster):
+    url = cluster.base_url.replace("http://", "ws://") + f"/v1/realtime?model={cluster.model}"
+    return connect(url, max_size=None, open_timeout=30)
+
+
+def next_of(ws, kind: str, timeout: float = 60) -> dict:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        event = json.loads(ws.recv(timeout=max(0.1, deadline - time.monotonic())))
+        if event["type"] == kind:
+            return event
+    raise AssertionError(f"no {kind} event")
+
+
+def test_a_dropped_socket_frees_the_backbone_slot(cluster):
+    before = cluster.stats("backbone").get("cancelled", 0)
+    with raw(cluster) as ws:
+        next_of(ws, "session.created")
+        ws.send(json.dumps({"type": "response.create", "response": {
+            "max_output_tokens": 900, "conversation": "none",
+            "input": [{"type": "message", "role": "user", "content": [{"type": "input_text", "text": "long"}]}]}}))
+        next_of(ws, "response.output_text.delta")  # then the socket drops, mid-response
+    deadline = time.monotonic() + 10
+    while cluster.stats("backbone").get("cancelled", 0) == before and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert cluster.stats("backbone").get("cancelled", 0) == before + 1
+
+
+def test_malformed_events_get_errors_and_the_connection_stays_usable(cluster):
+    bad = [
+        ("{not json", "invalid_json", None),
+        (b"\x00 a binary frame", "invalid_json", None),
+        (json.dumps([1, 2]), "invalid_value", "type"),
+        (json.dumps({"type": "no.such.event", "event_id": "e1"}), "invalid_event_type", "type"),
+        (json.dumps({"type": "input_audio_buffer.append", "audio": "***", "event_id": "e2"}), "invalid_value", "audio"),
+        (json.dumps({"type": "input_audio_buffer.commit"}), "input_audio_buffer_commit_empty", None),
+        (json.dumps({"type": "conversation.item.create", "item": {"type": "message", "role": "wizard",
+                                                                  "content": []}}), "invalid_value", "item.role"),
+        (json.dumps({"type": "conversation.item.delete", "item_id": "nope"}), "item_not_found", "item_id"),
+        (json.dumps({"type": "conversation.item.truncate", "item_id": "x"}), "unsupported", "type"),
+        (json.dumps({"type": "session.update", "session": {"type": "realtime", "output_modalities": ["audio"]}}),
+         "unsupported", "session.output_modalities"),
+        (json.dumps({"type": "session.update", "session": {"type": "realtime", "audio": {"input": {
+            "turn_detection": {"type": "semantic_vad"}}}}}), "unsupported", "session.audio.input.turn_detection"),
+        (json.dumps({"type": "response.cancel"}), "response_cancel_not_active", None),
+        (json.dumps({"type": "response.create", "response": {"max_output_tokens": 0}}), "invalid_value",
+         "response.max_output_tokens"),
+    ]
+    with raw(cluster) as ws:
+        next_of(ws, "session.created")
+        for text, code, param in bad:
+            ws.send(text)
+            err = next_of(ws, "error", timeout=10)["error"]
+            assert (err["code"], err["param"]) == (code, param), (text, err)
+        ws.send(json.dumps({"type": "no.such.event", "event_id": "mine"}))
+        assert next_of(ws, "error")["error"]["event_id"] == "mine"  # the offending event is named
+        ws.send(json.dumps({"type": "response.create", "response": {
+            "max_output_tokens": 2, "conversation": "none",
+            "input": [{"type": "message", "role": "user", "content": [{"type": "input_text", "text": "still?"}]}]}}))
+        assert next_of(ws, "response.done")["response"]["status"] in ("completed", "incomplete")
+
+
+def test_a_frame_over_the_limit_closes_with_1009(cluster):
+    big = json.dumps({"type": "input_audio_buffer.append", "audio": "A" * (33 * 2**20)})
+    with raw(cluster) as ws:
+        next_of(ws, "session.created")
+        with pytest.raises(ConnectionClosed) as info:
+            ws.send(big)
+            ws.recv(timeout=30)
+    assert info.value.rcvd is not None and info.value.rcvd.code == 1009
