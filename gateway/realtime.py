@@ -9,11 +9,12 @@ encoded in an earlier turn come from the cache, never re-encoded. Text deltas st
 ``response.output_text.delta`` events.
 
 Audio in: ``input_audio_buffer.append`` collects PCM16; ``.commit`` turns it into a user item. The audio is sent to the
-encoder as a 24 kHz WAV, which the encoder worker resamples. Turn detection is the client's (``turn_detection: null``).
+encoder as a 24 kHz WAV, which the encoder worker resamples. Turn detection is the client's (``turn_detection: null``,
+the default) or the server's (``server_vad``: an energy detector, see ``ServerVad``).
 
-Refused with an ``error`` event, the connection staying usable: audio output, ``server_vad`` / ``semantic_vad``,
-tools, ``conversation.item.truncate``, transcription sessions, a second response while one runs, unknown events,
-bad JSON, and out-of-range values. Sampling is not in the GA protocol: ``temperature``, ``top_p`` and ``seed`` are
+Refused with an ``error`` event, the connection staying usable: audio output, ``semantic_vad``, tools,
+``conversation.item.truncate``, transcription sessions, a second response while one runs, unknown events, bad JSON,
+and out-of-range values. Sampling is not in the GA protocol: ``temperature``, ``top_p`` and ``seed`` are
 accepted as extension fields of ``session.update``'s session and ``response.create``'s response (defaults: the REST
 defaults, temperature 1, top_p 1, a random seed).
 
@@ -28,12 +29,15 @@ from __future__ import annotations
 import asyncio
 import base64
 import binascii
+import dataclasses
 import io
 import json
 import logging
 import uuid
 import wave
+from dataclasses import dataclass
 
+import numpy as np
 from starlette.websockets import WebSocket, WebSocketDisconnect
 
 from gateway.errors import APIError
@@ -50,6 +54,56 @@ UNSUPPORTED_EVENTS = {
     "output_audio_buffer.clear": "audio output",
     "transcription_session.update": "transcription sessions",
 }
+
+
+FRAME = 480  # samples per voice-activity frame: 20 ms
+
+
+def ms(samples: int) -> int:
+    return samples * 1000 // PCM_RATE
+
+
+@dataclass
+class ServerVad:
+    """``turn_detection: {"type": "server_vad", ...}``: an energy detector over 20 ms frames. A frame is speech when
+    its RMS level exceeds ``-60 + 50 * threshold`` dBFS (threshold 0.5: -35 dBFS). Speech starts at the first loud
+    frame (the committed audio keeps ``prefix_padding_ms`` before it) and stops after ``silence_duration_ms`` of quiet
+    frames; the buffer is then committed and, with ``create_response``, a response starts. ``interrupt_response``
+    cancels a running response when speech starts."""
+
+    threshold: float = 0.5
+    prefix_padding_ms: int = 300
+    silence_duration_ms: int = 500
+    create_response: bool = True
+    interrupt_response: bool = True
+
+    @classmethod
+    def parse(cls, raw: dict, param: str) -> ServerVad:
+        vad = cls()
+        for key, kind, lo, hi in (("threshold", float, 0.0, 1.0), ("prefix_padding_ms", int, 0, 10_000),
+                                  ("silence_duration_ms", int, 20, 10_000)):
+            if raw.get(key) is not None:
+                value = raw[key]
+                if isinstance(value, bool) or not isinstance(value, (int, float)) or not lo <= value <= hi or (
+                        kind is int and value != int(value)):
+                    raise EventError(f"{param}.{key} must be a number in [{lo}, {hi}]", param=f"{param}.{key}")
+                setattr(vad, key, kind(value))
+        for key in ("create_response", "interrupt_response"):
+            if raw.get(key) is not None:
+                if not isinstance(raw[key], bool):
+                    raise EventError(f"{param}.{key} must be true or false", param=f"{param}.{key}")
+                setattr(vad, key, raw[key])
+        if raw.get("idle_timeout_ms") is not None:
+            raise EventError("idle_timeout_ms is not supported by this server", code="unsupported",
+                             param=f"{param}.idle_timeout_ms")
+        return vad
+
+    @property
+    def level(self) -> float:
+        return 10 ** ((-60 + 50 * self.threshold) / 20)  # RMS over int16 full scale
+
+    def public(self) -> dict:
+        return {"type": "server_vad", **dataclasses.asdict(self), "idle_timeout_ms": None}
 
 
 class EventError(Exception):
@@ -93,7 +147,12 @@ class RealtimeSession:
         self.sampling: dict = {}  # temperature / top_p / seed (extension fields)
         self.max_output_tokens: int | None = None
         self.items: list[dict] = []  # the conversation, in order
-        self.audio = bytearray()
+        self.audio = bytearray()  # the input audio buffer (PCM16)
+        self.vad: ServerVad | None = None  # server-side turn detection, when the session asks for it
+        self.audio_pos0 = 0  # stream position (samples since the session began) of self.audio[0]
+        self.vad_at = 0  # bytes of self.audio the detector has looked at
+        self.speaking: str | None = None  # the item id of the speech in progress
+        self.silence = 0  # quiet samples since the last loud frame
         self.active: tuple[asyncio.Task, asyncio.Event, str] | None = None  # the running response
         self.send_lock = asyncio.Lock()
 
@@ -111,7 +170,8 @@ class RealtimeSession:
         return {"type": "realtime", "object": "realtime.session", "id": self.session_id, "model": self.model,
                 "output_modalities": ["text"], "instructions": self.instructions,
                 "max_output_tokens": self.max_output_tokens if self.max_output_tokens is not None else "inf",
-                "audio": {"input": {"format": {"type": "audio/pcm", "rate": PCM_RATE}, "turn_detection": None}},
+                "audio": {"input": {"format": {"type": "audio/pcm", "rate": PCM_RATE},
+                                    "turn_detection": self.vad.public() if self.vad else None}},
                 "tools": [], **self.sampling}
 
     # -- the loop -----------------------------------------------------------------------------------------------
@@ -199,12 +259,18 @@ class RealtimeSession:
             raise EventError("audio output is not supported by this server", code="unsupported",
                              param="session.audio.output")
         audio_in = audio.get("input") or {}
-        turn = audio_in.get("turn_detection") if isinstance(audio_in, dict) else None
-        if turn is not None:
-            what = turn.get("type") if isinstance(turn, dict) else turn
-            raise EventError(f"turn detection {what!r} is not supported yet: send turn_detection null and commit "
-                             "the audio buffer yourself", code="unsupported",
-                             param="session.audio.input.turn_detection")
+        vad = self.vad
+        if isinstance(audio_in, dict) and "turn_detection" in audio_in:
+            turn = audio_in["turn_detection"]
+            if turn is None:
+                vad = None
+            elif isinstance(turn, dict) and turn.get("type") == "server_vad":
+                vad = ServerVad.parse(turn, "session.audio.input.turn_detection")
+            else:
+                what = turn.get("type") if isinstance(turn, dict) else turn
+                raise EventError(f"turn detection {what!r} is not supported: use server_vad, or null and commit "
+                                 "the audio buffer yourself", code="unsupported",
+                                 param="session.audio.input.turn_detection")
         fmt = (audio_in.get("format") or {}) if isinstance(audio_in, dict) else {}
         if fmt and (fmt.get("type", "audio/pcm") != "audio/pcm" or fmt.get("rate", PCM_RATE) != PCM_RATE):
             raise EventError("input audio must be audio/pcm at 24000 Hz", code="unsupported",
@@ -219,6 +285,9 @@ class RealtimeSession:
         if "max_output_tokens" in s:
             self.max_output_tokens = self._max_tokens(s["max_output_tokens"], "session.max_output_tokens")
         self.sampling.update(sampling)
+        if (vad is None) != (self.vad is None):
+            self._reset_vad()
+        self.vad = vad
         await self.send("session.updated", session=self.session())
 
     @staticmethod
@@ -315,19 +384,71 @@ class RealtimeSession:
             raise EventError("the input audio buffer is full (the server's audio length limit); commit or clear it",
                              code="input_audio_buffer_full", param="audio")
         self.audio += pcm
+        if self.vad is not None:
+            await self._detect()
 
-    async def audio_commit(self, event: dict) -> None:
+    def _drop_front(self, n: int) -> None:
+        """Forget the buffer's first ``n`` bytes (quiet audio before the prefix padding)."""
+        n -= n % 2
+        if n > 0:
+            del self.audio[:n]
+            self.audio_pos0 += n // 2
+            self.vad_at -= n
+
+    def _reset_vad(self) -> None:
+        self.audio_pos0 += len(self.audio) // 2
+        self.vad_at, self.speaking, self.silence = 0, None, 0
+
+    async def _detect(self) -> None:
+        """Run the detector over the frames appended since it last looked (see ServerVad)."""
+        vad, frame_bytes = self.vad, 2 * FRAME
+        prefix = 2 * (vad.prefix_padding_ms * PCM_RATE // 1000)
+        while len(self.audio) - self.vad_at >= frame_bytes:
+            frame = np.frombuffer(self.audio, dtype="<i2", count=FRAME, offset=self.vad_at).astype(np.float32)
+            loud = float(np.sqrt(np.mean(frame * frame))) / 32768.0 > vad.level
+            start = self.vad_at
+            self.vad_at += frame_bytes
+            if self.speaking is None:
+                if not loud:
+                    self._drop_front(self.vad_at - prefix)  # keep only the padding a start would need
+                    continue
+                self._drop_front(start - prefix)
+                self.speaking, self.silence = _id("item"), 0
+                await self.send("input_audio_buffer.speech_started", audio_start_ms=ms(self.audio_pos0),
+                                item_id=self.speaking)
+                if self.active is not None and vad.interrupt_response:
+                    self.active[1].set()  # the user talks over the answer: it stops
+                continue
+            self.silence = 0 if loud else self.silence + FRAME
+            if self.silence * 1000 < vad.silence_duration_ms * PCM_RATE:
+                continue
+            item_id, end = self.speaking, self.audio_pos0 + self.vad_at // 2 - self.silence
+            await self.send("input_audio_buffer.speech_stopped", audio_end_ms=ms(end), item_id=item_id)
+            rest = bytes(self.audio[self.vad_at :])
+            del self.audio[self.vad_at :]
+            await self._commit(item_id)
+            self.audio += rest
+            if vad.create_response and self.active is None:
+                await self.response_create({"type": "response.create", "response": {}})
+
+    async def _commit(self, item_id: str | None = None) -> None:
+        """The buffer becomes a user item (and the buffer starts again after it)."""
         if not self.audio:
             raise EventError("the input audio buffer is empty", code="input_audio_buffer_commit_empty")
-        item = {"id": _id("item"), "type": "message", "object": "realtime.item", "status": "completed",
+        item = {"id": item_id or _id("item"), "type": "message", "object": "realtime.item", "status": "completed",
                 "role": "user", "content": [{"type": "input_audio",
                                              "audio": base64.b64encode(bytes(self.audio)).decode()}]}
         previous = self.items[-1]["id"] if self.items else None
         await self._add(item)
+        self._reset_vad()
         self.audio.clear()
         await self.send("input_audio_buffer.committed", previous_item_id=previous, item_id=item["id"])
 
+    async def audio_commit(self, event: dict) -> None:
+        await self._commit(self.speaking)
+
     async def audio_clear(self, event: dict) -> None:
+        self._reset_vad()
         self.audio.clear()
         await self.send("input_audio_buffer.cleared")
 

@@ -212,3 +212,43 @@ def test_a_frame_over_the_limit_closes_with_1009(cluster):
             ws.send(big)
             ws.recv(timeout=30)
     assert info.value.rcvd is not None and info.value.rcvd.code == 1009
+
+
+def test_server_vad_finds_the_turn_commits_it_and_answers(client, cluster):
+    """0.5 s of near silence, 1 s of speech-level noise, 0.8 s of near silence, sent in 100 ms chunks with server VAD
+    (threshold 0.5 = -35 dBFS, 300 ms prefix padding, 500 ms of silence ends a turn): speech starts at ~500 - 300 ms,
+    stops at ~1500 ms, the turn is committed as a user item and answered; the answer equals REST's on that audio."""
+    rng = np.random.default_rng(40)
+    quiet = lambda s: (rng.standard_normal(int(s * 24000)) * 30).astype("<i2")  # noqa: E731  (~ -60 dBFS)
+    loud = (rng.standard_normal(24000) * 3000).astype("<i2")  # ~ -20 dBFS
+    pcm = np.concatenate([quiet(0.5), loud, quiet(0.8)]).tobytes()
+    with client.realtime.connect(model=cluster.model) as conn:
+        assert conn.recv().type == "session.created"
+        conn.session.update(session={"type": "realtime", "temperature": 0.0, "audio": {"input": {"turn_detection": {
+            "type": "server_vad", "threshold": 0.5, "prefix_padding_ms": 300, "silence_duration_ms": 500}}}})
+        updated = conn.recv()
+        assert updated.type == "session.updated"
+        assert updated.session.audio.input.turn_detection.type == "server_vad"
+        for i in range(0, len(pcm), 4800):
+            conn.input_audio_buffer.append(audio=base64.b64encode(pcm[i : i + 4800]).decode())
+        events = []
+        for event in conn:
+            events.append(event)
+            assert event.type != "error", event
+            if event.type == "response.done":
+                break
+    by_type = {e.type: e for e in events}
+    started, stopped = by_type["input_audio_buffer.speech_started"], by_type["input_audio_buffer.speech_stopped"]
+    assert abs(started.audio_start_ms - 200) <= 20 and abs(stopped.audio_end_ms - 1500) <= 20
+    assert started.item_id == stopped.item_id == by_type["input_audio_buffer.committed"].item_id
+    order = [e.type for e in events]
+    assert order.index("input_audio_buffer.speech_stopped") < order.index("input_audio_buffer.committed") \
+        < order.index("response.created")
+    committed = next(e.item for e in events if e.type == "conversation.item.added" and e.item.role == "user")
+    audio = base64.b64decode(committed.content[0].audio)
+    assert abs(len(audio) / 48 - 1800) <= 40  # 300 ms padding + 1 s speech + 500 ms silence, in ms
+    text = "".join(e.delta for e in events if e.type == "response.output_text.delta")
+    rest = client.chat.completions.create(model=cluster.model, temperature=0.0, messages=[{"role": "user", "content": [
+        {"type": "input_audio", "input_audio": {"data": base64.b64encode(wav24k(audio)).decode(), "format": "wav"}}]}],
+        max_tokens=by_type["response.done"].response.usage.output_tokens)
+    assert text and text == rest.choices[0].message.content
