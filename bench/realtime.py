@@ -1,0 +1,124 @@
+"""Realtime: time from an audio turn's end to the first text delta, ``/v1/realtime`` against REST, in one run.
+
+    .venv/bin/python bench/realtime.py [--seconds 2,10,30] [--trials 3]   # ~2 min on 2 cores
+
+One local cluster (``tributary up`` on the ``small`` demo model, embedded Redis). For each clip length, ``--trials``
+fresh clips (random PCM16 at 24 kHz, so no cache hit), alternating:
+
+* realtime: the clip is appended in 100 ms chunks (as a microphone streams it), then ``input_audio_buffer.commit``
+  and ``response.create`` are sent; timed from the commit to the first ``response.output_text.delta``;
+* REST: the same length of audio as a 24 kHz WAV in a streamed chat completion; timed from sending the request to
+  its first content chunk (the upload is part of it: a REST client has nothing to send ahead).
+
+Prints the medians and realtime / REST. [realtime] asks that at commit only the encoder forward remain (features
+computed while the audio arrives); until that lands, the audio is decoded, resampled and turned into features after
+the commit in both paths, and this bench is the baseline.
+"""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import io
+import statistics
+import sys
+import tempfile
+import time
+import wave
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+
+def pcm16(seconds: float, seed: int) -> bytes:
+    rng = np.random.default_rng(seed)
+    return (rng.standard_normal(int(seconds * 24000)) * 3000).astype("<i2").tobytes()
+
+
+def wav(pcm: bytes) -> bytes:
+    buf = io.BytesIO()
+    with wave.open(buf, "wb") as w:
+        w.setnchannels(1)
+        w.setsampwidth(2)
+        w.setframerate(24000)
+        w.writeframes(pcm)
+    return buf.getvalue()
+
+
+def realtime_turn(client, model: str, pcm: bytes) -> float:
+    with client.realtime.connect(model=model) as conn:
+        conn.recv()  # session.created
+        conn.session.update(session={"type": "realtime", "temperature": 0.0})
+        conn.recv()
+        for i in range(0, len(pcm), 4800):
+            conn.input_audio_buffer.append(audio=base64.b64encode(pcm[i : i + 4800]).decode())
+        t0 = time.perf_counter()
+        conn.input_audio_buffer.commit()
+        conn.response.create(response={"max_output_tokens": 2})
+        for event in conn:
+            if event.type == "error":
+                raise RuntimeError(f"realtime error: {event}")
+            if event.type == "response.output_text.delta" and event.delta:
+                return time.perf_counter() - t0
+            if event.type == "response.done":
+                raise RuntimeError("the response gave no text")
+    raise RuntimeError("the socket closed")
+
+
+def rest_turn(client, model: str, pcm: bytes) -> float:
+    t0 = time.perf_counter()
+    stream = client.chat.completions.create(model=model, temperature=0.0, max_tokens=2, stream=True, messages=[
+        {"role": "user", "content": [{"type": "input_audio", "input_audio": {
+            "data": base64.b64encode(wav(pcm)).decode(), "format": "wav"}}]}])
+    for chunk in stream:
+        if chunk.choices and chunk.choices[0].delta.content:
+            took = time.perf_counter() - t0
+            stream.close()
+            return took
+    raise RuntimeError("the stream gave no text")
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--model-dir", type=Path, default=Path("/tmp/tributary-bench/demo-small"))
+    ap.add_argument("--seconds", default="2,10,30")
+    ap.add_argument("--trials", type=int, default=3)
+    args = ap.parse_args(argv)
+
+    from openai import OpenAI
+
+    from cache.embedded import EmbeddedRedis
+    from models.demo import write_demo_model
+    from tests.e2e.conftest import local_cluster
+
+    if not (args.model_dir / "model.safetensors").exists():
+        write_demo_model(args.model_dir, "small")
+    lengths = [float(s) for s in args.seconds.split(",")]
+    rows = {}
+    with EmbeddedRedis(maxmemory="1gb") as server, tempfile.TemporaryDirectory() as tmp:
+        with local_cluster(args.model_dir, server.url, Path(tmp), "--max-audio-seconds", str(max(lengths) + 1)) as c:
+            c.wait_ready()
+            client = OpenAI(base_url=f"{c.base_url}/v1", api_key="unused", max_retries=0, timeout=300)
+            realtime_turn(client, c.model, pcm16(1.0, seed=0))  # warm both paths
+            rest_turn(client, c.model, pcm16(1.0, seed=1))
+            seed = 100
+            for seconds in lengths:
+                rt, rs = [], []
+                for _ in range(args.trials):
+                    rt.append(realtime_turn(client, c.model, pcm16(seconds, seed)))
+                    rs.append(rest_turn(client, c.model, pcm16(seconds, seed + 1)))
+                    seed += 2
+                rows[seconds] = (statistics.median(rt), statistics.median(rs))
+    print(f"realtime (commit -> first delta) vs REST (request -> first chunk), demo-small, {args.trials} trials, "
+          "medians in ms")
+    print(f"{'clip':>8}{'realtime':>12}{'REST':>10}{'realtime / REST':>18}")
+    for seconds, (rt, rs) in rows.items():
+        print(f"{seconds:>7g}s{1e3 * rt:>12.0f}{1e3 * rs:>10.0f}{rt / rs:>18.2f}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
