@@ -341,7 +341,7 @@ class RealtimeSession:
         return {"id": item_id, "type": "message", "object": "realtime.item", "status": "completed", "role": role,
                 "content": parts}
 
-    async def _add(self, item: dict, after: str | None = "end", done: bool = True) -> None:
+    async def _add(self, item: dict, after: str | None = "end", done: bool = True) -> str | None:
         """Put ``item`` in the conversation: at its end, at its start (``after`` None) or after the item ``after``."""
         if len(self.items) >= MAX_ITEMS:
             raise EventError(f"the conversation holds {MAX_ITEMS} items; delete some first",
@@ -358,6 +358,7 @@ class RealtimeSession:
         await self.send("conversation.item.added", previous_item_id=after, item=item)
         if done:
             await self.send("conversation.item.done", previous_item_id=after, item=item)
+        return after
 
     async def item_create(self, event: dict) -> None:
         item = self._item(event.get("item"), "item")
@@ -528,7 +529,7 @@ class RealtimeSession:
         item = {"id": _id("item"), "type": "message", "object": "realtime.item", "status": "in_progress",
                 "role": "assistant", "content": []}
         where = {"response_id": response_id, "item_id": item["id"], "output_index": 0, "content_index": 0}
-        text, last, started, status, details = "", None, False, "completed", None
+        text, last, started, status, details, previous = "", None, False, "completed", None, None
         try:
             await self.send("response.created", response=self._response(response_id, "in_progress", [], None,
                                                                         max_tokens))
@@ -540,7 +541,7 @@ class RealtimeSession:
                         await self.send("response.output_item.added", response_id=response_id, output_index=0,
                                         item=item)
                         if into_conversation:
-                            await self._add(item, done=False)
+                            previous = await self._add(item, done=False)
                         await self.send("response.content_part.added", **where,
                                         part={"type": "output_text", "text": ""})
                     if d.text:
@@ -574,7 +575,7 @@ class RealtimeSession:
                 await self.send("response.content_part.done", **where, part={"type": "output_text", "text": text})
                 await self.send("response.output_item.done", response_id=response_id, output_index=0, item=item)
                 if into_conversation:
-                    await self.send("conversation.item.done", previous_item_id=None, item=item)
+                    await self.send("conversation.item.done", previous_item_id=previous, item=item)
                 output = [item]
             usage = None
             if last is not None:
@@ -591,10 +592,10 @@ class RealtimeSession:
 async def realtime_endpoint(ws: WebSocket) -> None:
     app = ws.app
     chat, spec, cfg = app.state.chat, app.state.spec, app.state.cfg
+    await ws.accept()
     if app.state.realtime_connections >= cfg.max_inflight:
         await ws.close(code=1013, reason="too many realtime connections; retry later")
         return
-    await ws.accept()
     model = ws.query_params.get("model")
     session = RealtimeSession(ws, chat, spec.name, cfg.max_audio_seconds)
     if model is not None and model != spec.name:
