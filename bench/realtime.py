@@ -19,33 +19,17 @@ from __future__ import annotations
 
 import argparse
 import base64
-import io
 import statistics
 import sys
 import tempfile
 import time
-import wave
 from pathlib import Path
-
-import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-
-def pcm16(seconds: float, seed: int) -> bytes:
-    rng = np.random.default_rng(seed)
-    return (rng.standard_normal(int(seconds * 24000)) * 3000).astype("<i2").tobytes()
-
-
-def wav(pcm: bytes) -> bytes:
-    buf = io.BytesIO()
-    with wave.open(buf, "wb") as w:
-        w.setnchannels(1)
-        w.setsampwidth(2)
-        w.setframerate(24000)
-        w.writeframes(pcm)
-    return buf.getvalue()
+from gateway.realtime import pcm16_to_wav  # noqa: E402
+from tests.media import pcm16  # noqa: E402
 
 
 def realtime_turn(client, model: str, pcm: bytes) -> float:
@@ -72,7 +56,7 @@ def rest_turn(client, model: str, pcm: bytes) -> float:
     t0 = time.perf_counter()
     stream = client.chat.completions.create(model=model, temperature=0.0, max_tokens=2, stream=True, messages=[
         {"role": "user", "content": [{"type": "input_audio", "input_audio": {
-            "data": base64.b64encode(wav(pcm)).decode(), "format": "wav"}}]}])
+            "data": base64.b64encode(pcm16_to_wav(pcm)).decode(), "format": "wav"}}]}])
     for chunk in stream:
         if chunk.choices and chunk.choices[0].delta.content:
             took = time.perf_counter() - t0

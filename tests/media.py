@@ -39,6 +39,12 @@ def wav_bytes(seconds: float = 1.0, rate: int = 16000, seed: int = 0, channels: 
     return buf.getvalue()
 
 
+def pcm16(seconds: float, seed: int = 0, rate: int = 24000) -> bytes:
+    """Speech-level noise as the Realtime API's input audio: PCM16 little-endian mono (24 kHz)."""
+    rng = np.random.default_rng(seed)
+    return (rng.standard_normal(int(seconds * rate)) * 3000).astype("<i2").tobytes()
+
+
 def data_url(data: bytes, mime: str = "image/png") -> str:
     return f"data:{mime};base64," + base64.b64encode(data).decode()
 

@@ -5,10 +5,8 @@ raw `websockets` client. Text + image + audio in, text deltas out equal to the R
 from __future__ import annotations
 
 import base64
-import io
 import json
 import time
-import wave
 
 import numpy as np
 import pytest
@@ -16,7 +14,8 @@ from openai import OpenAI
 from websockets.exceptions import ConnectionClosed
 from websockets.sync.client import connect
 
-from tests.media import data_url, png_bytes
+from gateway.realtime import pcm16_to_wav
+from tests.media import data_url, pcm16, png_bytes
 
 pytestmark = pytest.mark.slow
 
@@ -26,19 +25,10 @@ def client(cluster) -> OpenAI:
     return OpenAI(base_url=f"{cluster.base_url}/v1", api_key="unused", max_retries=0, timeout=120)
 
 
-def pcm16(seconds: float, seed: int) -> bytes:
-    rng = np.random.default_rng(seed)
-    return (rng.standard_normal(int(seconds * 24000)) * 3000).astype("<i2").tobytes()
-
-
-def wav24k(pcm: bytes) -> bytes:
-    buf = io.BytesIO()
-    with wave.open(buf, "wb") as w:
-        w.setnchannels(1)
-        w.setsampwidth(2)
-        w.setframerate(24000)
-        w.writeframes(pcm)
-    return buf.getvalue()
+def rest_audio(pcm: bytes) -> dict:
+    """The REST endpoint's part for the same audio: a 24 kHz WAV."""
+    return {"type": "input_audio", "input_audio": {"data": base64.b64encode(pcm16_to_wav(pcm)).decode(),
+                                                   "format": "wav"}}
 
 
 def until_done(conn) -> tuple[str, object, list[str]]:
@@ -63,7 +53,7 @@ def test_streamed_audio_and_an_image_give_the_rest_answer(client, cluster):
         {"role": "user", "content": [{"type": "text", "text": "What do you see and hear?"},
                                      {"type": "image_url", "image_url": {"url": data_url(png)}}]},
         {"role": "user", "content": [
-            {"type": "input_audio", "input_audio": {"data": base64.b64encode(wav24k(pcm)).decode(), "format": "wav"}},
+            rest_audio(pcm),
         ]}])
     with client.realtime.connect(model=cluster.model) as conn:
         assert conn.recv().type == "session.created"
@@ -90,12 +80,11 @@ def test_streamed_audio_and_an_image_give_the_rest_answer(client, cluster):
 
 def test_one_message_equals_rest_and_a_second_response_reencodes_nothing(client, cluster):
     png, pcm = png_bytes(40, 44, seed=32), pcm16(0.8, seed=32)
-    wav = wav24k(pcm)
     rest = client.chat.completions.create(model=cluster.model, temperature=0.0, max_tokens=8, messages=[
         {"role": "user", "content": [
             {"type": "text", "text": "Describe."},
             {"type": "image_url", "image_url": {"url": data_url(png)}},
-            {"type": "input_audio", "input_audio": {"data": base64.b64encode(wav).decode(), "format": "wav"}}]}])
+            rest_audio(pcm)]}])
     with client.realtime.connect(model=cluster.model) as conn:
         assert conn.recv().type == "session.created"
         conn.session.update(session={"type": "realtime", "temperature": 0.0})
@@ -249,6 +238,6 @@ def test_server_vad_finds_the_turn_commits_it_and_answers(client, cluster):
     assert abs(len(audio) / 48 - 1800) <= 40  # 300 ms padding + 1 s speech + 500 ms silence, in ms
     text = "".join(e.delta for e in events if e.type == "response.output_text.delta")
     rest = client.chat.completions.create(model=cluster.model, temperature=0.0, messages=[{"role": "user", "content": [
-        {"type": "input_audio", "input_audio": {"data": base64.b64encode(wav24k(audio)).decode(), "format": "wav"}}]}],
+        rest_audio(audio)]}],
         max_tokens=by_type["response.done"].response.usage.output_tokens)
     assert text and text == rest.choices[0].message.content
