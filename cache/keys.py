@@ -42,9 +42,9 @@ class Keys:
         """A client-chosen media ``uuid`` -> the content digest it was first sent with (TTL of the tensor)."""
         return f"{self.prefix}:uuid:{encoder_id}:{media_uuid}"
 
-    def blob(self, digest: str) -> str:
-        """Raw media bytes waiting for an encoder, short TTL."""
-        return f"{self.prefix}:blob:{digest}"
+    def blob(self, digest: str, kind: str = "media") -> str:
+        """Raw media bytes (``kind`` media) or features computed from them, waiting for an encoder, short TTL."""
+        return f"{self.prefix}:blob:{digest}" if kind == "media" else f"{self.prefix}:blob:{digest}:{kind}"
 
     def cancel(self, request_id: str) -> str:
         """Set (with a TTL) to the lowest attempt of the request still wanted: attempts below it are cancelled

@@ -1,7 +1,8 @@
 """Media decoding and preprocessing in the worker (never in the gateway), driven by the checkpoint's processor config.
 
 Images: Pillow decode (allow-listed formats, a pixel cap), EXIF rotation, RGB, shortest-edge resize, centre crop,
-normalize. Audio: soundfile decode, mono, torchaudio resampling to the extractor's rate, Whisper log-mel features.
+normalize. Audio: soundfile decode, mono, then models.audio: resampling to the extractor's rate and Whisper log-mel
+features.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from models.audio import AudioConfig, Features, StreamingFeatures
 from models.media import MAX_AUDIO_S, MediaHeaderError, check_image
 
 
@@ -148,42 +150,36 @@ def _to_rgb(img):
 
 
 class AudioPreprocessor:
-    """A ``WhisperFeatureExtractor`` config: log-mel features padded (or cut) to the extractor's window.
+    """A ``WhisperFeatureExtractor`` config: log-mel features padded (or cut) to the extractor's window, computed by
+    ``models.audio`` (the code the Realtime WebSocket streams with, so a clip appended piece by piece gets bitwise
+    the features it gets here in one piece).
 
     ``output_length(real mel frames)`` gives the rows kept; ``keep_length`` puts the real frame count in
     ``Prepared.length`` for an encoder that masks the padding (Qwen2-Audio)."""
 
     def __init__(self, cfg: dict, output_length, keep_length: bool = False, max_seconds: float = MAX_AUDIO_S):
-        from transformers import WhisperFeatureExtractor
-
-        self.rate = int(cfg["sampling_rate"])
-        self.extractor = WhisperFeatureExtractor(
-            feature_size=cfg["feature_size"],
-            sampling_rate=self.rate,
-            hop_length=cfg["hop_length"],
-            chunk_length=cfg["chunk_length"],
-            n_fft=cfg["n_fft"],
-            padding_value=cfg.get("padding_value", 0.0),
-        )
+        self.cfg = AudioConfig.of(cfg)
+        self.rate = self.cfg.rate
         self.output_length = output_length
         self.keep_length = keep_length
         self.max_seconds = max_seconds
 
     def __call__(self, data: bytes) -> Prepared:
-        import torchaudio.functional as AF
-
         wave, rate = self.decode(data)
         if wave.shape[0] == 0:
             raise MediaError("audio clip is empty")
-        mono = torch.from_numpy(np.ascontiguousarray(wave.mean(axis=1)))
-        if rate != self.rate:
-            mono = AF.resample(mono, rate, self.rate)
-        feats = self.extractor(
-            mono.numpy(), sampling_rate=self.rate, return_tensors="pt", return_attention_mask=True
-        )
-        frames = int(feats["attention_mask"].sum())  # real (unpadded) mel frames, capped by the window
-        return Prepared(feats["input_features"][0], self.output_length(frames),  # [mels, window frames]
-                        frames if self.keep_length else None)
+        stream = StreamingFeatures(self.cfg, rate)
+        stream.feed(np.ascontiguousarray(wave.mean(axis=1), dtype=np.float32))
+        return self._prepared(stream.finish())
+
+    def from_features(self, blob: bytes) -> Prepared:
+        """Features computed elsewhere (the gateway streams them while a Realtime client appends audio); a
+        ValueError if they do not fit this encoder's config."""
+        return self._prepared(Features.from_bytes(blob, self.cfg))
+
+    def _prepared(self, f: Features) -> Prepared:
+        return Prepared(torch.from_numpy(f.full()), self.output_length(f.length),  # [mels, window frames]
+                        f.length if self.keep_length else None)
 
     def decode(self, data: bytes) -> tuple[np.ndarray, int]:
         """Samples [T, C] (float32) and their rate. Decoding stops past ``max_seconds``, so a small, highly compressed

@@ -225,16 +225,26 @@ class EncoderWorker:
             if error := self._check(job, blob):
                 futures.append(_done((error, 0.0)))
             else:
-                futures.append(self.pool.submit(self._timed, blob, job.msg.request_id))
+                futures.append(self.pool.submit(self._timed, blob, job.msg))
         return Staged(pipe, jobs, futures, t0)
 
-    def _timed(self, blob: bytes, request_id: str) -> tuple[Prepared | tuple[m.ErrorCode, str], float]:
+    def _timed(self, blob: bytes, msg: m.EncodeJob) -> tuple[Prepared | tuple[m.ErrorCode, str], float]:
         t0 = time.perf_counter()
-        return self._preprocess(blob, request_id), (time.perf_counter() - t0) * 1e3
+        return self._preprocess(blob, msg), (time.perf_counter() - t0) * 1e3
 
-    def _preprocess(self, blob: bytes, request_id: str) -> Prepared | tuple[m.ErrorCode, str]:
+    def _preprocess(self, blob: bytes, msg: m.EncodeJob) -> Prepared | tuple[m.ErrorCode, str]:
         """One item's input ready for the encoder, or why it is bad media (on a pool thread: touches nothing
-        shared)."""
+        shared). Features a gateway computed (a Realtime stream) skip decoding; features that do not fit this
+        encoder are the gateway's fault, not the client's: an internal error."""
+        request_id = msg.request_id
+        if msg.input == m.JobInput.FEATURES:
+            try:
+                return self.preprocess.from_features(blob)
+            except (AttributeError, ValueError) as exc:
+                error = (f"features from the gateway do not fit this {self.cfg.modality} encoder: {exc} (are the "
+                         "gateway and the encoders serving the same checkpoint?)")
+                log.error("bad features job", extra={"request_id": request_id, "error": error})
+                return m.ErrorCode.INTERNAL, error
         try:
             p = self.preprocess(blob)
         except MediaError as exc:
@@ -277,6 +287,9 @@ class EncoderWorker:
             encoded += self._publish(pipe, jobs[i], outputs[i], p.num_tokens)
         stats = self.keys.stats(self.tier)
         pipe.hincrby(stats, "encoder_calls", encoded)  # items encoded
+        streamed = sum(jobs[i].msg.input == m.JobInput.FEATURES for i, _ in prepared)
+        if streamed:
+            pipe.hincrby(stats, "feature_inputs", streamed)  # of them, from features a gateway streamed
         pipe.hincrby(stats, "forward_passes", len(groups))
         pipe.hincrbyfloat(stats, "encode_seconds", t2 - t1)
         if groups:

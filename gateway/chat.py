@@ -21,7 +21,7 @@ import secrets
 import time
 import uuid
 from collections.abc import AsyncIterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
@@ -128,16 +128,21 @@ class ChatService:
             self.replies.unsubscribe(rid)
         return JSONResponse(self._completion(rid, req, text, last), headers=ids.headers())
 
-    async def respond(self, rid: str, body: bytes, cancelled: asyncio.Event, via: str) -> AsyncIterator[Delta]:
+    async def respond(self, rid: str, body: bytes, cancelled: asyncio.Event, via: str,
+                      features: dict[str, bytes] | None = None) -> AsyncIterator[Delta]:
         """One chat completion for a caller other than the HTTP route (the Realtime WebSocket): ``body`` is a chat
         request (JSON), run through the same validation, admission, media encoding (cache first) and generation.
-        An APIError comes before the first delta; setting ``cancelled``, or closing the iterator, stops it and frees
-        the backbone slot (ClientGone)."""
+        ``features``: audio features the caller already computed, by the digest of the media part they stand for;
+        a part that must be encoded sends them to the encoder instead of its bytes. An APIError comes before the
+        first delta; setting ``cancelled``, or closing the iterator, stops it and frees the backbone slot
+        (ClientGone)."""
         self.admit(["backbone"])
         self.inflight += 1
         queue = watcher = None
         try:
             req, prompt = await asyncio.to_thread(self._prepare, body)
+            if features:
+                prompt.media[:] = [replace(p, features=features.get(p.digest)) for p in prompt.media]
             log.info("request", extra={"request_id": rid, "via": via, "media": len(prompt.media),
                                        "text_tokens": len(prompt.token_ids)})
             self.admit(sorted({f"encoder:{p.modality}" for p in prompt.media}), counted=True)

@@ -178,11 +178,12 @@ class MediaEncoder:
             await submit.execute()
 
     def _queue_job(self, pipe, request_id: str, part: MediaPart) -> None:
-        blob_key = self.keys.blob(part.digest)
-        pipe.set(blob_key, part.data, ex=self.cfg.blob_ttl_s)
+        kind = m.JobInput.FEATURES if part.features is not None else m.JobInput.MEDIA
+        blob_key = self.keys.blob(part.digest, kind.value)  # apart: another gateway may queue the media itself
+        pipe.set(blob_key, part.features if part.features is not None else part.data, ex=self.cfg.blob_ttl_s)
         job = m.EncodeJob(request_id=request_id, job_id=uuid.uuid4().hex, modality=m.Modality(part.modality),
                           encoder_id=self.spec.encoder_id(part.modality), digest=part.digest, blob_key=blob_key,
-                          reply_to=self.reply_stream, deadline=time.time() + self.cfg.encode_timeout_s)
+                          reply_to=self.reply_stream, deadline=time.time() + self.cfg.encode_timeout_s, input=kind)
         pipe.xadd(self.keys.jobs(part.modality), payload_fields(m.encode(job)))
 
 

@@ -22,6 +22,7 @@ class MediaPart:
     digest: str = ""  # content key; for a bare uuid, filled in from Redis (gateway/encoding.py)
     uuid: str | None = None
     tokens: int = 0  # placeholder tokens it will expand to, from its header (0 for a bare uuid: not known yet)
+    features: bytes | None = None  # audio features already computed from ``data`` (Realtime streaming): sent instead
 
     def with_digest(self, digest: str) -> "MediaPart":
         return replace(self, digest=digest)

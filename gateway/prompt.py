@@ -105,8 +105,12 @@ class PromptBuilder:
             info = probe_image(data) if modality == "image" else probe_audio(data, self.max_audio_seconds)
         except MediaHeaderError as exc:
             raise InvalidRequest(f"{modality}: {exc}", param=param, code="invalid_media") from None
-        digest = content_digest(self.spec.encoder_id(modality), self.spec.preprocess[modality], data)
-        return MediaPart(modality, data, param, digest, part.uuid, placeholder_count(self.spec, modality, info))
+        return MediaPart(modality, data, param, self.digest(modality, data), part.uuid,
+                         placeholder_count(self.spec, modality, info))
+
+    def digest(self, modality: str, data: bytes) -> str:
+        """The cache key of ``data``'s encoding (gateway.media.content_digest with this model's encoder)."""
+        return content_digest(self.spec.encoder_id(modality), self.spec.preprocess[modality], data)
 
     def _check_text(self, text: str, param: str) -> None:
         # A placeholder typed by the client would be spliced with another part's tensor: refuse it.

@@ -8,9 +8,14 @@ REST endpoint runs (``ChatService.respond``: the same validation, limits, admiss
 encoded in an earlier turn come from the cache, never re-encoded. Text deltas stream back as
 ``response.output_text.delta`` events.
 
-Audio in: ``input_audio_buffer.append`` collects PCM16; ``.commit`` turns it into a user item. The audio is sent to the
-encoder as a 24 kHz WAV, which the encoder worker resamples. Turn detection is the client's (``turn_detection: null``,
-the default) or the server's (``server_vad``: an energy detector, see ``ServerVad``).
+Audio in: ``input_audio_buffer.append`` collects PCM16; ``.commit`` turns it into a user item. As the audio arrives it
+is resampled and turned into the encoder's log-mel features (``models.audio``, on a worker thread), so that at commit
+only the last frames are left; the first response that has to encode the item sends the encoder these features
+instead of the audio, and the encoder runs only its forward pass. The features are bitwise those the encoder computes
+from the same PCM sent as a 24 kHz WAV (the REST path), and the cache key is that WAV's, so REST and Realtime share
+encodings. A turn longer than the encoder's window (30 s for Whisper-style encoders) is cut to it, as REST does.
+Turn detection is the client's (``turn_detection: null``, the default) or the server's (``server_vad``: an energy
+detector, see ``ServerVad``; features are streamed once speech has started).
 
 Refused with an ``error`` event, the connection staying usable: audio output, ``semantic_vad``, tools,
 ``conversation.item.truncate``, transcription sessions, a second response while one runs, unknown events, bad JSON,
@@ -19,9 +24,10 @@ accepted as extension fields of ``session.update``'s session and ``response.crea
 defaults, temperature 1, top_p 1, a random seed).
 
 Limits: frames over ``max_body_bytes`` close the socket with 1009 (uvicorn's ``ws_max_size``); buffered audio is
-capped at ``max_audio_seconds``; a conversation at ``MAX_ITEMS`` items (its tokens are checked against the context at
-each response, as REST does); connections at ``max_inflight``, beyond which a new one is closed with 1013; a
-connection silent for ``IDLE_S`` is closed, and uvicorn's pings (every 20 s) drop dead peers.
+capped at ``max_audio_seconds``; a conversation at ``MAX_ITEMS`` items and at ``max_body_bytes`` of media (the
+largest request REST takes; its tokens are checked against the context at each response, as REST does);
+connections at ``max_inflight``, beyond which a new one is closed with 1013; a connection silent for ``IDLE_S`` is
+closed, and uvicorn's pings (every 20 s) drop dead peers.
 """
 
 from __future__ import annotations
@@ -42,6 +48,7 @@ from starlette.websockets import WebSocket, WebSocketDisconnect
 
 from gateway.errors import APIError
 from gateway.tiers import ClientGone
+from models.audio import AudioConfig, StreamingFeatures, pcm16_samples
 
 log = logging.getLogger(__name__)
 
@@ -138,10 +145,33 @@ def _b64(data, param: str) -> bytes:
         raise EventError(f"{param} is not valid base64", param=param) from None
 
 
+def _public(item: dict) -> dict:
+    """An item as events show it: audio parts without their audio (the client has it; a turn can be megabytes)."""
+    if not any(p["type"] == "input_audio" for p in item["content"]):
+        return item
+    return {**item, "content": [{"type": "input_audio", "transcript": None} if p["type"] == "input_audio" else p
+                                for p in item["content"]]}
+
+
+def _media_bytes(item: dict) -> int:
+    return sum(len(p.get("audio") or p.get("image_url") or "") for p in item["content"])
+
+
 class RealtimeSession:
     def __init__(self, ws: WebSocket, chat, model: str, max_audio_seconds: float):
         self.ws, self.chat, self.model = ws, chat, model
         self.max_audio_bytes = int(max_audio_seconds * PCM_RATE) * 2
+        self.max_media_bytes = chat.cfg.max_body_bytes  # the conversation's media, base64 (REST's request limit)
+        self.audio_cfg = None  # the audio encoder's feature config, when features can be streamed for it
+        if "audio" in chat.spec.modalities:
+            try:
+                self.audio_cfg = AudioConfig.of(chat.spec.preprocess["audio"])
+            except (KeyError, ValueError) as exc:
+                log.warning("realtime audio features are not streamed for this encoder", extra={"error": str(exc)})
+        self.stream: StreamingFeatures | None = None  # features of self.audio[: self.stream_at], as it grows
+        self.stream_at = 0
+        self.features: dict[str, tuple[str, bytes]] = {}  # committed item id -> (media digest, features blob)
+        self.cancel_reason = "client_cancelled"  # why the running response was cancelled
         self.session_id = _id("sess")
         self.instructions = ""
         self.sampling: dict = {}  # temperature / top_p / seed (extension fields)
@@ -209,6 +239,8 @@ class RealtimeSession:
                 self.active[1].set()
                 await asyncio.gather(self.active[0], return_exceptions=True)
             self.audio.clear()
+            self.stream = None
+            self.features.clear()
 
     async def handle(self, event: dict) -> None:
         kind = event["type"]
@@ -346,6 +378,9 @@ class RealtimeSession:
         if len(self.items) >= MAX_ITEMS:
             raise EventError(f"the conversation holds {MAX_ITEMS} items; delete some first",
                              code="conversation_too_long")
+        if sum(map(_media_bytes, self.items)) + _media_bytes(item) > self.max_media_bytes:
+            raise EventError(f"the conversation's images and audio would exceed {self.max_media_bytes} bytes (base64);"
+                             " delete some items first", code="conversation_too_long")
         if after == "end":
             index, after = len(self.items), (self.items[-1]["id"] if self.items else None)
         elif after is None:
@@ -355,9 +390,9 @@ class RealtimeSession:
             if index is None:
                 raise EventError(f"no item with id {after!r}", code="item_not_found", param="previous_item_id")
         self.items.insert(index, item)
-        await self.send("conversation.item.added", previous_item_id=after, item=item)
+        await self.send("conversation.item.added", previous_item_id=after, item=_public(item))
         if done:
-            await self.send("conversation.item.done", previous_item_id=after, item=item)
+            await self.send("conversation.item.done", previous_item_id=after, item=_public(item))
         return after
 
     async def item_create(self, event: dict) -> None:
@@ -373,6 +408,7 @@ class RealtimeSession:
         if index is None:
             raise EventError(f"no item with id {item_id!r}", code="item_not_found", param="item_id")
         del self.items[index]
+        self.features.pop(item_id, None)
         await self.send("conversation.item.deleted", item_id=item_id)
 
     # -- input audio buffer -------------------------------------------------------------------------------------
@@ -387,6 +423,30 @@ class RealtimeSession:
         self.audio += pcm
         if self.vad is not None:
             await self._detect()
+        await self._stream()
+
+    async def _stream(self) -> None:
+        """Feed the audio appended since the last call to the features stream (started at the buffer's first byte,
+        or with server VAD once speech has started: before that the buffer's front still moves)."""
+        if self.audio_cfg is None or (self.vad is not None and self.speaking is None):
+            return
+        if self.stream is None:
+            self.stream, self.stream_at = StreamingFeatures(self.audio_cfg, PCM_RATE), 0
+        if len(self.audio) > self.stream_at:
+            samples = pcm16_samples(bytes(self.audio[self.stream_at :]))
+            self.stream_at = len(self.audio)
+            await self._features(self.stream.feed, samples)
+
+    async def _features(self, fn, *args):
+        """Run a features step on a worker thread. A failure (a bug: the input is PCM16 the session checked) costs
+        only the head start: streaming stops for this connection and the audio is encoded from its WAV."""
+        try:
+            return await asyncio.to_thread(fn, *args)
+        except Exception:
+            log.exception("streaming audio features failed; the encoder will decode the audio instead",
+                          extra={"session": self.session_id})
+            self.audio_cfg = self.stream = None
+            return None
 
     def _drop_front(self, n: int) -> None:
         """Forget the buffer's first ``n`` bytes (quiet audio before the prefix padding)."""
@@ -399,6 +459,7 @@ class RealtimeSession:
     def _reset_vad(self) -> None:
         self.audio_pos0 += len(self.audio) // 2
         self.vad_at, self.speaking, self.silence = 0, None, 0
+        self.stream = None  # the buffer starts again
 
     async def _detect(self) -> None:
         """Run the detector over the frames appended since it last looked (see ServerVad)."""
@@ -418,6 +479,7 @@ class RealtimeSession:
                 await self.send("input_audio_buffer.speech_started", audio_start_ms=ms(self.audio_pos0),
                                 item_id=self.speaking)
                 if self.active is not None and vad.interrupt_response:
+                    self.cancel_reason = "turn_detected"
                     self.active[1].set()  # the user talks over the answer: it stops
                 continue
             self.silence = 0 if loud else self.silence + FRAME
@@ -433,14 +495,23 @@ class RealtimeSession:
                 await self.response_create({"type": "response.create", "response": {}})
 
     async def _commit(self, item_id: str | None = None) -> None:
-        """The buffer becomes a user item (and the buffer starts again after it)."""
+        """The buffer becomes a user item (and the buffer starts again after it); its streamed features are
+        completed and kept for the first response that has to encode it."""
         if not self.audio:
             raise EventError("the input audio buffer is empty", code="input_audio_buffer_commit_empty")
+        pcm = bytes(self.audio)
         item = {"id": item_id or _id("item"), "type": "message", "object": "realtime.item", "status": "completed",
-                "role": "user", "content": [{"type": "input_audio",
-                                             "audio": base64.b64encode(bytes(self.audio)).decode()}]}
+                "role": "user", "content": [{"type": "input_audio", "audio": base64.b64encode(pcm).decode()}]}
         previous = self.items[-1]["id"] if self.items else None
         await self._add(item)
+        await self._stream()  # the rest of the buffer (with server VAD, a commit cuts it short of the last append)
+        if self.stream_at != len(self.audio):  # fed past the commit point: never send features of other audio
+            self.stream = None
+        if self.stream is not None:
+            stream, digest = self.stream, self.chat.builder.digest
+            done = await self._features(lambda: (digest("audio", pcm16_to_wav(pcm)), stream.finish().to_bytes()))
+            if done is not None:
+                self.features[item["id"]] = done
         self._reset_vad()
         self.audio.clear()
         await self.send("input_audio_buffer.committed", previous_item_id=previous, item_id=item["id"])
@@ -450,6 +521,7 @@ class RealtimeSession:
 
     async def audio_clear(self, event: dict) -> None:
         self._reset_vad()
+        self.stream = None
         self.audio.clear()
         await self.send("input_audio_buffer.cleared")
 
@@ -505,10 +577,14 @@ class RealtimeSession:
         if max_tokens is not None:
             body["max_completion_tokens"] = max_tokens
         body = {k: v for k, v in body.items() if v is not None}
+        # Streamed features go with this response; afterwards the encoding is cached (or, if it failed, the audio
+        # is there to encode again), so they are dropped.
+        features = dict(self.features.pop(it["id"]) for it in items if it["id"] in self.features)
         cancelled = asyncio.Event()
         response_id = _id("resp")
-        task = asyncio.get_running_loop().create_task(
-            self._respond(response_id, json.dumps(body).encode(), cancelled, conversation == "auto", max_tokens))
+        self.cancel_reason = "client_cancelled"
+        task = asyncio.get_running_loop().create_task(self._respond(
+            response_id, json.dumps(body).encode(), cancelled, conversation == "auto", max_tokens, features))
         self.active = (task, cancelled, response_id)
 
     async def response_cancel(self, event: dict) -> None:
@@ -525,7 +601,7 @@ class RealtimeSession:
                 "max_output_tokens": max_tokens if max_tokens is not None else "inf", "conversation_id": None}
 
     async def _respond(self, response_id: str, body: bytes, cancelled: asyncio.Event, into_conversation: bool,
-                       max_tokens) -> None:
+                       max_tokens, features: dict[str, bytes]) -> None:
         item = {"id": _id("item"), "type": "message", "object": "realtime.item", "status": "in_progress",
                 "role": "assistant", "content": []}
         where = {"response_id": response_id, "item_id": item["id"], "output_index": 0, "content_index": 0}
@@ -533,7 +609,7 @@ class RealtimeSession:
         try:
             await self.send("response.created", response=self._response(response_id, "in_progress", [], None,
                                                                         max_tokens))
-            deltas = self.chat.respond(response_id, body, cancelled, via="realtime")
+            deltas = self.chat.respond(response_id, body, cancelled, via="realtime", features=features)
             try:
                 async for d in deltas:
                     if not started:
@@ -553,7 +629,7 @@ class RealtimeSession:
             if last is not None and last.finish == "length":
                 status, details = "incomplete", {"type": "incomplete", "reason": "max_output_tokens"}
         except ClientGone:
-            status, details = "cancelled", {"type": "cancelled", "reason": "client_cancelled"}
+            status, details = "cancelled", {"type": "cancelled", "reason": self.cancel_reason}
         except APIError as exc:
             status, details = "failed", {"type": "failed", "error": {"type": exc.type, "code": exc.code,
                                                                       "message": exc.message}}
@@ -575,7 +651,7 @@ class RealtimeSession:
                 await self.send("response.content_part.done", **where, part={"type": "output_text", "text": text})
                 await self.send("response.output_item.done", response_id=response_id, output_index=0, item=item)
                 if into_conversation:
-                    await self.send("conversation.item.done", previous_item_id=previous, item=item)
+                    await self.send("conversation.item.done", previous_item_id=previous, item=_public(item))
                 output = [item]
             usage = None
             if last is not None:

@@ -46,6 +46,11 @@ class Message(msgspec.Struct, tag=True, kw_only=True, frozen=True):
     v: int = WIRE_VERSION
 
 
+class JobInput(str, enum.Enum):
+    MEDIA = "media"  # the client's encoded bytes (an image file, an audio file): the encoder decodes them
+    FEATURES = "features"  # audio features computed while a Realtime client streamed the clip (models.audio)
+
+
 class EncodeJob(Message, kw_only=True):
     """Gateway -> encoder tier (``jobs:<modality>`` stream): encode one media part."""
 
@@ -54,9 +59,12 @@ class EncodeJob(Message, kw_only=True):
     modality: Modality
     encoder_id: str  # model fingerprint + component; part of the tensor key
     digest: str  # content hash of (encoder_id, preprocessing config, bytes)
-    blob_key: str  # where the raw bytes wait (short TTL)
+    blob_key: str  # where the raw bytes (or the features) wait (short TTL)
     reply_to: str  # the gateway's reply stream
     deadline: float  # unix seconds; an encoder drops jobs past it
+    # What the blob holds. Features give the same tensor the media would (the digest is the media's), so either
+    # may serve a waiter. An encoder older than this field would decode features as media: upgrade encoders first.
+    input: JobInput = JobInput.MEDIA
 
 
 class EncodeDone(Message, kw_only=True):

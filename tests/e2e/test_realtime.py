@@ -10,6 +10,7 @@ import time
 
 import numpy as np
 import pytest
+import redis
 from openai import OpenAI
 from websockets.exceptions import ConnectionClosed
 from websockets.sync.client import connect
@@ -44,17 +45,19 @@ def until_done(conn) -> tuple[str, object, list[str]]:
     raise AssertionError(f"the socket closed before response.done: {seen}")
 
 
+def audio_tensors(cluster) -> dict[bytes, bytes]:
+    """Every cached audio encoding: tensor key -> its safetensors bytes."""
+    r = redis.Redis.from_url(cluster.redis_url)
+    return {k: r.hget(k, "data") for k in r.scan_iter(f"{cluster.prefix}:t:*audio*")}
+
+
 def test_streamed_audio_and_an_image_give_the_rest_answer(client, cluster):
-    """Instructions, a text + image item, then audio appended in 200 ms chunks and committed (its own user item):
-    the REST endpoint gets the same three messages, with the audio as a 24 kHz WAV."""
+    """Instructions, a text + image item, then audio appended in 200 ms chunks and committed (its own user item).
+    The audio's features are computed while it streams in, and the encoder gets them instead of the audio. Then the
+    cached encoding is deleted and the REST endpoint gets the same three messages, with the audio as a 24 kHz WAV
+    that the encoder decodes itself: the same encoding, bitwise, and the same answer."""
     png, pcm = png_bytes(48, 36, seed=31), pcm16(1.0, seed=31)
-    rest = client.chat.completions.create(model=cluster.model, temperature=0.0, max_tokens=8, messages=[
-        {"role": "system", "content": "You are terse."},
-        {"role": "user", "content": [{"type": "text", "text": "What do you see and hear?"},
-                                     {"type": "image_url", "image_url": {"url": data_url(png)}}]},
-        {"role": "user", "content": [
-            rest_audio(pcm),
-        ]}])
+    before, cached = cluster.stats("encoder:audio"), audio_tensors(cluster)
     with client.realtime.connect(model=cluster.model) as conn:
         assert conn.recv().type == "session.created"
         conn.session.update(session={"type": "realtime", "instructions": "You are terse.", "temperature": 0.0})
@@ -66,12 +69,30 @@ def test_streamed_audio_and_an_image_give_the_rest_answer(client, cluster):
         for i in range(0, len(pcm), 9600):  # 200 ms chunks, as a microphone sends them
             conn.input_audio_buffer.append(audio=base64.b64encode(pcm[i : i + 9600]).decode())
         conn.input_audio_buffer.commit()
-        seen = [conn.recv().type for _ in range(3)]
+        added = conn.recv()
+        seen = [added.type] + [conn.recv().type for _ in range(2)]
         assert seen == ["conversation.item.added", "conversation.item.done", "input_audio_buffer.committed"]
+        assert added.item.content[0].type == "input_audio" and added.item.content[0].audio is None  # not echoed
         conn.response.create(response={"max_output_tokens": 8})
         text, done, types = until_done(conn)
     assert types[:2] == ["response.created", "response.output_item.added"]
     assert "response.output_text.done" in types and "response.content_part.done" in types
+    streamed = cluster.stats("encoder:audio")
+    assert streamed.get("feature_inputs", 0) == before.get("feature_inputs", 0) + 1  # features, not the WAV
+    assert streamed["encoder_calls"] == before.get("encoder_calls", 0) + 1
+    new = {k: v for k, v in audio_tensors(cluster).items() if k not in cached}
+    assert len(new) == 1
+    redis.Redis.from_url(cluster.redis_url).delete(*new)  # REST must encode the WAV itself
+
+    rest = client.chat.completions.create(model=cluster.model, temperature=0.0, max_tokens=8, messages=[
+        {"role": "system", "content": "You are terse."},
+        {"role": "user", "content": [{"type": "text", "text": "What do you see and hear?"},
+                                     {"type": "image_url", "image_url": {"url": data_url(png)}}]},
+        {"role": "user", "content": [rest_audio(pcm)]}])
+    after = cluster.stats("encoder:audio")
+    assert after["encoder_calls"] == streamed["encoder_calls"] + 1
+    assert after.get("feature_inputs", 0) == streamed.get("feature_inputs", 0)
+    assert {k: audio_tensors(cluster).get(k) for k in new} == new  # bitwise the encoding the features gave
     assert text and text == rest.choices[0].message.content
     assert (done.response.usage.input_tokens, done.response.usage.output_tokens) == (
         rest.usage.prompt_tokens, rest.usage.completion_tokens)
@@ -233,11 +254,51 @@ def test_server_vad_finds_the_turn_commits_it_and_answers(client, cluster):
     order = [e.type for e in events]
     assert order.index("input_audio_buffer.speech_stopped") < order.index("input_audio_buffer.committed") \
         < order.index("response.created")
-    committed = next(e.item for e in events if e.type == "conversation.item.added" and e.item.role == "user")
-    audio = base64.b64decode(committed.content[0].audio)
+    # The turn: from the start (300 ms of padding before the first loud frame) to 500 ms of silence after the last;
+    # both ends fall on 10 ms boundaries, so the event's milliseconds say exactly which samples were committed.
+    audio = pcm[started.audio_start_ms * 48 : (stopped.audio_end_ms + 500) * 48]
     assert abs(len(audio) / 48 - 1800) <= 40  # 300 ms padding + 1 s speech + 500 ms silence, in ms
+    assert cluster.stats("encoder:audio").get("feature_inputs", 0) > 0
     text = "".join(e.delta for e in events if e.type == "response.output_text.delta")
     rest = client.chat.completions.create(model=cluster.model, temperature=0.0, messages=[{"role": "user", "content": [
         rest_audio(audio)]}],
         max_tokens=by_type["response.done"].response.usage.output_tokens)
     assert text and text == rest.choices[0].message.content
+
+
+def test_speech_over_an_answer_interrupts_it_and_the_turn_is_answered(client, cluster):
+    """Server VAD with interrupt_response: the user starts talking while an answer streams; the answer stops
+    (``cancelled``, reason ``turn_detected``), and once the turn ends it is committed and answered."""
+    rng = np.random.default_rng(41)
+    loud = (rng.standard_normal(12000) * 3000).astype("<i2").tobytes()  # 500 ms at ~ -20 dBFS
+    quiet = (rng.standard_normal(19200) * 30).astype("<i2").tobytes()  # 800 ms at ~ -60 dBFS
+    with client.realtime.connect(model=cluster.model) as conn:
+        assert conn.recv().type == "session.created"
+        conn.session.update(session={"type": "realtime", "audio": {"input": {"turn_detection": {
+            "type": "server_vad", "silence_duration_ms": 500, "interrupt_response": True}}}})
+        assert conn.recv().type == "session.updated"
+        conn.response.create(response={"max_output_tokens": 900, "conversation": "none", "input": [
+            {"type": "message", "role": "user", "content": [{"type": "input_text", "text": "go on and on"}]}]})
+        for event in conn:
+            assert event.type != "error", event
+            if event.type == "response.output_text.delta":
+                conn.input_audio_buffer.append(audio=base64.b64encode(loud).decode())
+                break
+        events = []
+        for event in conn:
+            events.append(event)
+            if event.type == "response.done":
+                break
+        assert "input_audio_buffer.speech_started" in [e.type for e in events]
+        assert events[-1].response.status == "cancelled"
+        assert events[-1].response.status_details.reason == "turn_detected"
+        conn.input_audio_buffer.append(audio=base64.b64encode(quiet).decode())
+        events = []
+        for event in conn:
+            events.append(event.type)
+            assert event.type != "error", event
+            if event.type == "response.done":
+                break
+    assert events.index("input_audio_buffer.speech_stopped") < events.index("input_audio_buffer.committed") \
+        < events.index("response.created")
+    assert event.response.status in ("completed", "incomplete")

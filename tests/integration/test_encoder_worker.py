@@ -5,6 +5,7 @@ from __future__ import annotations
 import time
 import uuid
 
+import numpy as np
 import pytest
 import redis
 import torch
@@ -30,11 +31,11 @@ def image_worker(tiny_model, redis_server):
         proc.kill()
 
 
-def submit(r, spec, data: bytes, reply_to: str) -> m.EncodeJob:
+def submit(r, spec, data: bytes, reply_to: str, input: m.JobInput = m.JobInput.MEDIA) -> m.EncodeJob:
     digest = uuid.uuid4().hex
     job = m.EncodeJob(request_id=f"req-{digest[:6]}", job_id=digest, modality=m.Modality.IMAGE,
-                      encoder_id=spec.encoder_id("image"), digest=digest, blob_key=KEYS.blob(digest),
-                      reply_to=reply_to, deadline=time.time() + 60)
+                      encoder_id=spec.encoder_id("image"), digest=digest, blob_key=KEYS.blob(digest, input.value),
+                      reply_to=reply_to, deadline=time.time() + 60, input=input)
     r.set(job.blob_key, data, ex=60)
     hold_lease(r, reply_to)
     r.xadd(KEYS.jobs("image"), payload_fields(m.encode(job)))
@@ -101,6 +102,22 @@ def test_expired_blob_is_reported_not_hung(image_worker, redis_server, tiny_spec
     assert set(replies) == {job.job_id, "ghost"}
     assert isinstance(replies[job.job_id], m.EncodeDone)
     assert isinstance(replies["ghost"], m.EncodeFailed) and replies["ghost"].code == m.ErrorCode.MEDIA_EXPIRED
+
+
+def test_features_an_encoder_cannot_take_are_an_internal_error_not_bad_media(image_worker, redis_server, tiny_spec):
+    """A features job (what a Realtime gateway sends for streamed audio) that does not fit the encoder is the
+    gateway's fault, not the client's: an internal error naming the mismatch; the worker goes on."""
+    from models.audio import Features
+
+    r = redis.Redis.from_url(redis_server.url)
+    job = submit(r, tiny_spec, Features(np.zeros((16, 4), np.float32), np.float32(0), 200, 4).to_bytes(),
+                 "reply:features", m.JobInput.FEATURES)
+    failed = next_reply(r, "reply:features")
+    assert isinstance(failed, m.EncodeFailed) and failed.code == m.ErrorCode.INTERNAL and failed.job_id == job.job_id
+    assert "features from the gateway do not fit this image encoder" in failed.error
+    submit(r, tiny_spec, png_bytes(seed=15), "reply:features")
+    assert isinstance(next_reply(r, "reply:features"), m.EncodeDone)
+    assert image_worker.poll() is None
 
 
 def test_sigterm_exits_cleanly_and_deregisters(image_worker, redis_server):
