@@ -6,7 +6,8 @@ SDK carrying raw PNG bytes (data: URL) / raw WAV bytes, exactly as transformers'
     model.generate(**processor(text=processor.apply_chat_template(messages), images=/audio=...),
                    max_new_tokens=N, do_sample=False)
 
-does on the same checkpoint and the same bytes decoded the same way (Pillow; soundfile float32): the completion's
+does on the same checkpoint and the same bytes decoded the same way (Pillow; soundfile float32; audio features by
+models/audio.py, within 2e-4 of the extractor's, which the logit margin below absorbs): the completion's
 text equals the tokenizer's decode of the reference's new ids, ``usage.prompt_tokens`` equals the length of the
 processor's ``input_ids`` and ``usage.completion_tokens`` equals N (ignore_eos). fp32 everywhere.
 

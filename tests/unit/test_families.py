@@ -162,10 +162,13 @@ def test_encoder_equals_reference_features(case, seed):
             ref = torch.stack(list(model.get_image_features(pixel_values=inputs["pixel_values"]).pooler_output))
             torch.testing.assert_close(ours, ref, atol=ATOL, rtol=0)
         else:
-            torch.testing.assert_close(batch, inputs["input_features"], atol=0, rtol=0)
+            # Our features (models/audio.py) are the extractor's to float rounding, not bitwise (numpy's FFT, and
+            # fixed blocks so that Realtime can stream them: test_audio_features.py); the module is held to the
+            # reference on the reference's own features.
+            torch.testing.assert_close(batch, inputs["input_features"], atol=2e-4, rtol=0)
             lengths = torch.tensor([p.length for p in prepared])
             assert lengths.tolist() == inputs["feature_attention_mask"].sum(-1).tolist()
-            ours = module(batch, lengths)  # [B, window / 4, H]; rows past each clip's count are padding
+            ours = module(inputs["input_features"], lengths)  # [B, window / 4, H]; rows past each count: padding
     # Token counts are the processor's placeholder counts; the kept rows are exactly what the reference splices in.
     placeholder = spec.placeholder_ids[modality]
     counts = [p.num_tokens for p in prepared]

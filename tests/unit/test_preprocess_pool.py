@@ -28,8 +28,10 @@ def test_the_pool_gives_the_preprocessors_output_bitwise(tiny_spec, modality):
         else:
             media = [wav_bytes(0.2 + 0.15 * i, seed=i) for i in range(8)]
         media.append(b"not media at all")
-        results = [f.result() for f in [worker.pool.submit(worker._timed, blob, f"r{i}")
-                                         for i, blob in enumerate(media)]]
+        jobs = [m.EncodeJob(request_id=f"r{i}", job_id=f"j{i}", modality=m.Modality(modality), encoder_id="e",
+                            digest="d", blob_key="b", reply_to="x", deadline=0.0) for i in range(len(media))]
+        results = [f.result() for f in [worker.pool.submit(worker._timed, blob, job)
+                                         for blob, job in zip(media, jobs)]]
         for blob, (got, ms) in zip(media[:-1], results):
             want = pre(blob)
             assert isinstance(got, Prepared) and ms >= 0
