@@ -25,6 +25,36 @@ SOCKET_TIMEOUT_S = 5.0  # any one call (longer than every BLOCK we use: at most 
 CONNECT_TIMEOUT_S = 2.0
 
 
+def redact(url: str) -> str:
+    """A Redis URL fit for a log line or a banner: its password (and user) replaced by ``***``."""
+    from urllib.parse import urlsplit, urlunsplit
+
+    parts = urlsplit(url)
+    if parts.password is None and parts.username is None:
+        return url
+    host = parts.hostname or ""
+    host = f"[{host}]" if ":" in host else host
+    netloc = f"***@{host}" + (f":{parts.port}" if parts.port else "")
+    return urlunsplit((parts.scheme, netloc, parts.path, parts.query, parts.fragment))
+
+
+def describe(exc: BaseException) -> str:
+    """What went wrong talking to Redis, in words fit for a client or a probe: no host, port or server text (those
+    go to the log)."""
+    from redis.exceptions import AuthenticationError, ResponseError
+    from redis.exceptions import TimeoutError as RedisTimeoutError
+
+    if isinstance(exc, AuthenticationError) or "NOAUTH" in str(exc) or "WRONGPASS" in str(exc):
+        return "authentication failed"
+    if isinstance(exc, (RedisTimeoutError, TimeoutError)):
+        return "timed out"
+    if isinstance(exc, RedisConnectionError | ConnectionError | OSError):
+        return "cannot connect"
+    if isinstance(exc, ResponseError):
+        return "the server refused a command"
+    return "error"
+
+
 def _options(socket_timeout: float) -> dict:
     return {
         "retry_on_error": RETRY_ERRORS,

@@ -54,28 +54,36 @@ def free_port() -> int:
 
 
 class EmbeddedRedis:
-    def __init__(self, maxmemory: str = "1gb", binary: str | None = None):
+    """``password``: required of clients (``tributary up`` generates one); it goes to the server in a config file
+    only its user can read, never on its command line."""
+
+    def __init__(self, maxmemory: str = "1gb", binary: str | None = None, password: str | None = None):
         self.binary = binary or find_server_binary()
         self.maxmemory = maxmemory
+        self.password = password
         self.proc: subprocess.Popen | None = None
         self.port = 0
         self._dir = None
 
     @property
     def url(self) -> str:
-        return f"redis://127.0.0.1:{self.port}/0"
+        auth = f":{self.password}@" if self.password else ""
+        return f"redis://{auth}127.0.0.1:{self.port}/0"
 
     def start(self, timeout: float = 10.0, port: int | None = None) -> "EmbeddedRedis":
         """Start on ``port`` (default: a free one; pass the old port to restart the same server empty)."""
         self._dir = tempfile.TemporaryDirectory(prefix="tributary-redis-")
         self.port = port or free_port()
-        args = [self.binary, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
-                "--dir", self._dir.name, "--maxmemory", self.maxmemory, "--maxmemory-policy", "volatile-lru",
-                "--loglevel", "warning"]
+        conf = Path(self._dir.name) / "redis.conf"
+        conf.touch(mode=0o600)
+        conf.write_text(f"requirepass {self.password}\n" if self.password else "")
+        args = [self.binary, str(conf), "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
+                "--appendonly", "no", "--dir", self._dir.name, "--maxmemory", self.maxmemory,
+                "--maxmemory-policy", "volatile-lru", "--loglevel", "warning"]
         self.proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
                                      start_new_session=True,  # a terminal's Ctrl-C must not stop it first
                                      preexec_fn=die_with_parent)
-        client = redis.Redis(port=self.port, socket_connect_timeout=0.5)
+        client = redis.Redis(port=self.port, password=self.password, socket_connect_timeout=0.5)
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
@@ -83,7 +91,7 @@ class EmbeddedRedis:
                 raise EmbeddedRedisError(f"{Path(self.binary).name} exited with {self.proc.returncode}: {err}")
             try:
                 if client.ping():
-                    log.info("embedded redis ready", extra={"url": self.url, "binary": self.binary})
+                    log.info("embedded redis ready", extra={"port": self.port, "binary": self.binary})
                     return self
             except redis.ConnectionError:
                 time.sleep(0.05)  # the server is starting; nothing to wait on but its port

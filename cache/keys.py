@@ -38,9 +38,11 @@ class Keys:
         """Held (SET NX, TTL) by the one gateway that queued this tensor's encode job: single flight."""
         return f"{self.prefix}:lease:{encoder_id}:{digest}"
 
-    def media_id(self, encoder_id: str, media_uuid: str) -> str:
-        """A client-chosen media ``uuid`` -> the content digest it was first sent with (TTL of the tensor)."""
-        return f"{self.prefix}:uuid:{encoder_id}:{media_uuid}"
+    def media_id(self, encoder_id: str, media_uuid: str, namespace: str = "") -> str:
+        """A client-chosen media ``uuid`` -> the content digest it was first sent with (TTL of the tensor), per
+        tenant cache namespace (none without API keys)."""
+        where = f"{encoder_id}:{namespace}" if namespace else encoder_id
+        return f"{self.prefix}:uuid:{where}:{media_uuid}"
 
     def blob(self, digest: str, kind: str = "media") -> str:
         """Raw media bytes (``kind`` media) or features computed from them, waiting for an encoder, short TTL."""

@@ -18,17 +18,20 @@ import uuid
 
 from redis.exceptions import RedisError
 from starlette.applications import Starlette
+from starlette.middleware.cors import CORSMiddleware
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route, WebSocketRoute
 
 from cache.client import SOCKET_TIMEOUT_S, connect_async
 from cache.keys import Keys
+from gateway.auth import AuthMiddleware, KeyRing
 from gateway.chat import ChatService, RequestIds
 from gateway.config import GatewayConfig
 from gateway.encoding import MediaEncoder
 from gateway.errors import APIError, Internal, MethodNotAllowed, NotFound, Unavailable
 from gateway.monitor import ClusterMonitor
+from gateway.origin import BrowserGuard, split_list
 from gateway.prompt import PromptBuilder
 from gateway.realtime import realtime_endpoint
 from gateway.replies import ReplyRouter
@@ -43,13 +46,17 @@ def tiers_for(spec: ModelSpec) -> list[str]:
     return [f"encoder:{m}" for m in spec.modalities] + ["backbone"]
 
 
-def create_app(cfg: GatewayConfig) -> Starlette:
+def create_app(cfg: GatewayConfig):
+    """The ASGI app: the Starlette routes behind the browser checks and the API key check."""
     spec = ModelSpec.from_dir(cfg.model_dir, cfg.served_name).with_encoder_dtypes(
         parse_encoder_dtypes(cfg.encoder_dtype), parse_encoder_dtypes(cfg.encoder_wire_dtype))
     tokenizer = spec.load_tokenizer()
     needed_tiers = tiers_for(spec)
     gateway_id = uuid.uuid4().hex[:12]
     keys = Keys(cfg.prefix)
+    ring = KeyRing.from_env(cfg.api_key_file, cfg.shared_cache)  # a bad key file stops the start here
+    if ring.enabled:
+        log.info("API keys required", extra={"key_file": cfg.api_key_file})
 
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette):
@@ -139,7 +146,7 @@ def create_app(cfg: GatewayConfig) -> Starlette:
         body, ok = await probe(request)
         return JSONResponse(body, status_code=200 if ok else 503)
 
-    return Starlette(
+    app = Starlette(
         routes=[
             Route("/v1/chat/completions", chat_completions, methods=["POST"]),
             Route("/v1/models", models, methods=["GET"]),
@@ -150,6 +157,14 @@ def create_app(cfg: GatewayConfig) -> Starlette:
         lifespan=lifespan,
         exception_handlers={404: _route_error, 405: _route_error},
     )
+    # Outermost first: the browser checks (Host, Origin), CORS when origins are allowed (it answers preflights,
+    # which carry no key), then the API key.
+    outer = AuthMiddleware(app, ring)
+    if origins := split_list(cfg.allowed_origins):
+        outer = CORSMiddleware(outer, allow_origins=origins, allow_methods=["GET", "POST", "OPTIONS"],
+                               allow_headers=["authorization", "content-type", "x-request-id"],
+                               expose_headers=["x-request-id", "retry-after"])
+    return BrowserGuard(outer, cfg.bind_host, cfg.allowed_hosts, cfg.allowed_origins)
 
 
 async def _route_error(request: Request, exc) -> Response:

@@ -93,8 +93,10 @@ class ChatService:
     async def _handle(self, request: Request, ids: RequestIds) -> Response:
         rid = ids.server
         body = await self._read_body(request)
-        req, prompt = await asyncio.to_thread(self._prepare, body)
+        tenant = getattr(request.state, "tenant", None)  # gateway/auth.py: None without API keys
+        req, prompt = await asyncio.to_thread(self._prepare, body, tenant.cache if tenant else "")
         log.info("request", extra={"request_id": rid, "client_request_id": ids.client, "stream": req.stream,
+                                   "tenant": tenant.name if tenant else None,
                                    "media": len(prompt.media), "text_tokens": len(prompt.token_ids)})
         self.admit(sorted({f"encoder:{p.modality}" for p in prompt.media}), counted=True)
         queue = self.replies.subscribe(rid)
@@ -103,7 +105,7 @@ class ChatService:
             plan = await self._plan(rid, req, prompt, queue)
 
             async def encode_again() -> list[m.MediaRef]:  # a cached tensor expired (or a Redis restart lost it)
-                return await self.media.encode(rid, prompt.media, queue)
+                return await self.media.encode(rid, prompt.media, queue, prompt.namespace)
 
             deltas = self._deltas(rid, req, plan, queue, encode_again)
             first = await anext(deltas)  # errors before the first token are plain HTTP errors
@@ -129,21 +131,22 @@ class ChatService:
         return JSONResponse(self._completion(rid, req, text, last), headers=ids.headers())
 
     async def respond(self, rid: str, body: bytes, cancelled: asyncio.Event, via: str,
-                      features: dict[str, bytes] | None = None) -> AsyncIterator[Delta]:
+                      features: dict[str, bytes] | None = None, tenant=None) -> AsyncIterator[Delta]:
         """One chat completion for a caller other than the HTTP route (the Realtime WebSocket): ``body`` is a chat
         request (JSON), run through the same validation, admission, media encoding (cache first) and generation.
         ``features``: audio features the caller already computed, by the digest of the media part they stand for;
         a part that must be encoded sends them to the encoder instead of its bytes. An APIError comes before the
         first delta; setting ``cancelled``, or closing the iterator, stops it and frees the backbone slot
-        (ClientGone)."""
+        (ClientGone). ``tenant``: the caller's (gateway/auth.py), None without API keys."""
         self.admit(["backbone"])
         self.inflight += 1
         queue = watcher = None
         try:
-            req, prompt = await asyncio.to_thread(self._prepare, body)
+            req, prompt = await asyncio.to_thread(self._prepare, body, tenant.cache if tenant else "")
             if features:
                 prompt.media[:] = [replace(p, features=features.get(p.digest)) for p in prompt.media]
-            log.info("request", extra={"request_id": rid, "via": via, "media": len(prompt.media),
+            log.info("request", extra={"request_id": rid, "via": via, "tenant": tenant.name if tenant else None,
+                                       "media": len(prompt.media),
                                        "text_tokens": len(prompt.token_ids)})
             self.admit(sorted({f"encoder:{p.modality}" for p in prompt.media}), counted=True)
             queue = self.replies.subscribe(rid)
@@ -151,7 +154,7 @@ class ChatService:
             plan = await self._plan(rid, req, prompt, queue)
 
             async def encode_again() -> list[m.MediaRef]:
-                return await self.media.encode(rid, prompt.media, queue)
+                return await self.media.encode(rid, prompt.media, queue, prompt.namespace)
 
             deltas = self._deltas(rid, req, plan, queue, encode_again)
             try:
@@ -187,13 +190,13 @@ class ChatService:
             raise RequestTimeout(f"the request body did not arrive within {self.cfg.body_timeout_s:g} s") from None
         return b"".join(chunks)
 
-    def _prepare(self, body: bytes) -> tuple[ChatCompletionRequest, Prompt]:
+    def _prepare(self, body: bytes, namespace: str = "") -> tuple[ChatCompletionRequest, Prompt]:
         req = parse_chat_request(body)
         if req.model != self.spec.name:
             raise NotFound(f"model '{req.model}' does not exist; this server serves '{self.spec.name}'",
                            param="model", code="model_not_found")
         req.stop_strings()  # validate now, before any work is queued
-        prompt = self.builder.build(req)
+        prompt = self.builder.build(req, namespace)
         self._check_context(prompt.expected_length, req.token_budget())  # before anything is encoded
         return req, prompt
 
@@ -210,7 +213,7 @@ class ChatService:
         return room
 
     async def _plan(self, rid: str, req: ChatCompletionRequest, prompt: Prompt, queue) -> m.PromptPlan:
-        refs = await self.media.encode(rid, prompt.media, queue)
+        refs = await self.media.encode(rid, prompt.media, queue, prompt.namespace)
         ids = expand_placeholders(prompt.token_ids, self.spec.placeholder_ids, [r.num_tokens for r in refs])
         room = self._check_context(len(ids), budget := req.token_budget())  # the encoders' counts are final
         # The seed is fixed here when the client sent none: every attempt of the request (a migration, a plan

@@ -39,6 +39,12 @@ class GatewayConfig:
     # run (an encoder refuses jobs for another precision).
     encoder_dtype: str = "float32"
     encoder_wire_dtype: str | None = None
+    # Who may call (gateway/auth.py, gateway/origin.py). Keys themselves come from TRIBUTARY_API_KEYS, never a flag.
+    api_key_file: str | None = None  # lines of "tenant sha256-hex-of-key", re-read when it changes
+    shared_cache: str | None = None  # tenants that share cached encodings: "a,b;c,d"
+    bind_host: str = "127.0.0.1"  # the address uvicorn listens on: loopback means loopback Host names only
+    allowed_hosts: str | None = None  # Host names served (comma-separated; "*": any)
+    allowed_origins: str | None = None  # web origins allowed (CORS and the Origin check; comma-separated; "*": any)
 
     def __post_init__(self) -> None:
         from models.spec import parse_encoder_dtypes

@@ -45,11 +45,12 @@ class MediaEncoder:
         self.reply_stream = reply_stream
         self.liveness_unknown = liveness_unknown  # TierClient.liveness_unknown: just after a Redis restart
 
-    async def encode(self, request_id: str, parts: list[MediaPart], queue: asyncio.Queue) -> list[m.MediaRef]:
-        """A MediaRef per part, in order."""
+    async def encode(self, request_id: str, parts: list[MediaPart], queue: asyncio.Queue, namespace: str = ""
+                     ) -> list[m.MediaRef]:
+        """A MediaRef per part, in order; ``namespace``: the tenant's (their digests already include it)."""
         if not parts:
             return []
-        await self._resolve_ids(parts)
+        await self._resolve_ids(parts, namespace)
         keys = [self.tensor_key(p) for p in parts]
         counts = await self._lookup(parts, keys)
         missing = {k: p for k, p, n in zip(keys, parts, counts) if n is None}
@@ -62,18 +63,20 @@ class MediaEncoder:
     def tensor_key(self, part: MediaPart) -> str:
         return self.keys.tensor(self.spec.encoder_id(part.modality), part.digest)
 
-    async def _resolve_ids(self, parts: list[MediaPart]) -> None:
-        """Parts sent as a bare ``uuid`` take the digest it was registered with; parts with both register it."""
+    async def _resolve_ids(self, parts: list[MediaPart], namespace: str) -> None:
+        """Parts sent as a bare ``uuid`` take the digest it was registered with (and refresh its life); parts with
+        both register it, first writer wins (``SET NX``: a later request cannot remap a uuid to other media)."""
         pipe = self.r.pipeline(transaction=False)
         lookups = []
         for i, p in enumerate(parts):
             if p.uuid is None:
                 continue
-            key = self.keys.media_id(self.spec.encoder_id(p.modality), p.uuid)
+            key = self.keys.media_id(self.spec.encoder_id(p.modality), p.uuid, namespace)
             if p.data:
-                pipe.set(key, p.digest, ex=self.cfg.tensor_ttl_s)
+                pipe.set(key, p.digest, ex=self.cfg.tensor_ttl_s, nx=True)
+                pipe.expire(key, self.cfg.tensor_ttl_s)
             else:
-                pipe.get(key)
+                pipe.execute_command("GETEX", key, "EX", self.cfg.tensor_ttl_s)
                 lookups.append((i, len(pipe) - 1))
         if not len(pipe):
             return

@@ -57,14 +57,17 @@ def audio_from_base64(data: str, param: str, limit: int) -> bytes:
     return _b64(data, param, limit)
 
 
-def content_digest(encoder_id: str, preprocess: dict, data: bytes) -> str:
+def content_digest(encoder_id: str, preprocess: dict, data: bytes, namespace: str = "") -> str:
     """Key of one encoder output: the encoder's identity, its preprocessing config and the exact input bytes.
 
     Hashing the full bytes (not a decoded summary) means two inputs share an entry only if they are identical; the
-    config is part of the key so a change of image size or mel settings never reuses a stale tensor.
+    config is part of the key so a change of image size or mel settings never reuses a stale tensor. ``namespace``:
+    the tenant's cache namespace (gateway/auth.py), so tenants never share (or time) each other's entries; empty
+    without API keys.
     """
     h = hashlib.sha256()
-    for part in (encoder_id.encode(), json.dumps(preprocess, sort_keys=True).encode()):
+    parts = (encoder_id.encode(), json.dumps(preprocess, sort_keys=True).encode())
+    for part in parts + ((b"tenant:" + namespace.encode(),) if namespace else ()):
         h.update(len(part).to_bytes(8, "little"))
         h.update(part)
     h.update(data)

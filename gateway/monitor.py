@@ -18,7 +18,7 @@ import logging
 import time
 from dataclasses import dataclass, field
 
-from cache.client import connect_async
+from cache.client import connect_async, describe
 from cache.keys import BACKBONE_GROUP, ENCODER_GROUP, Keys, alive
 from gateway.config import GatewayConfig
 from gateway.errors import Overloaded, Unavailable
@@ -84,7 +84,7 @@ class ClusterMonitor:
         except asyncio.CancelledError:
             raise
         except Exception as exc:  # noqa: BLE001 -- any failure of the round trip means Redis is not serving us
-            self._down(f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__)
+            self._down(describe(exc), f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__)
             return
         lease_was, live_sets, rest = res[0], res[2 : 2 + len(self.tiers)], res[2 + len(self.tiers) :]
         view = self.view
@@ -103,10 +103,11 @@ class ClusterMonitor:
         self._first = False
         self.on_beat(view)
 
-    def _down(self, reason: str) -> None:
+    def _down(self, reason: str, detail: str) -> None:
+        """``reason``: words for clients and probes (no host or server text); ``detail``: the error, for the log."""
         view = self.view
         if view.up or view.reason == "not checked yet":
-            log.error("redis unavailable", extra={"error": reason})
+            log.error("redis unavailable", extra={"error": detail})
             view.since = time.monotonic()
         view.up, view.reason = False, reason
 

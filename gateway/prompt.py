@@ -17,6 +17,7 @@ tokens it will become, so the context check can run before anything is encoded (
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 
 from gateway.config import DEFAULT_MM_LIMITS
@@ -33,6 +34,7 @@ _MODALITY = {"image_url": "image", "input_audio": "audio"}  # part type -> modal
 class Prompt:
     token_ids: list[int]  # one placeholder token per media part, not yet expanded
     media: list[MediaPart]  # in prompt order
+    namespace: str = ""  # the tenant's cache namespace its media are keyed in (gateway/auth.py)
 
     @property
     def expected_length(self) -> int:
@@ -47,34 +49,61 @@ class PromptBuilder:
         self.limits = limits or dict(DEFAULT_MM_LIMITS)
         self.max_audio_seconds = max_audio_seconds
         self.placeholder_text = {m: tokenizer.convert_ids_to_tokens(i) for m, i in spec.placeholder_ids.items()}
+        # Control tokens (role markers, end of turn, ...): client text that spells one is encoded as plain text.
+        special = set(tokenizer.all_special_tokens) | {
+            t.content for t in getattr(tokenizer, "added_tokens_decoder", {}).values() if t.special}
+        self.special_text = sorted(special - set(self.placeholder_text.values()), key=len, reverse=True)
 
-    def build(self, req: ChatCompletionRequest) -> Prompt:
+    def build(self, req: ChatCompletionRequest, namespace: str = "") -> Prompt:
         self._check_counts(req)
-        messages, media = [], []
+        messages, media, quoted = [], [], []
         for i, msg in enumerate(req.messages):
             role = "system" if msg.role == "developer" else msg.role
             if isinstance(msg.content, str):
                 self._check_text(msg.content, f"messages.{i}.content")
-                messages.append({"role": role, "content": msg.content})
+                messages.append({"role": role, "content": self._quote(msg.content, quoted)})
                 continue
             parts = []
             for j, part in enumerate(msg.content):
                 param = f"messages.{i}.content.{j}"
                 if part.type == "text":
                     self._check_text(part.text, param)
-                    parts.append({"type": "text", "text": part.text})
+                    parts.append({"type": "text", "text": self._quote(part.text, quoted)})
                     continue
                 if role != "user":
                     raise InvalidRequest(f"{part.type} parts are only accepted in user messages", param=param)
-                media.append(self._media(part, param))
+                media.append(self._media(part, param, namespace))
                 modality = media[-1].modality
                 parts.append({"type": modality, modality: f"tributary:{param}"})  # the value is never rendered
             messages.append({"role": role, "content": parts})
         text = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
         bos = self.tokenizer.bos_token
-        ids = self.tokenizer(text, add_special_tokens=not (bos and text.startswith(bos)))["input_ids"]
+        add_special = not (bos and text.startswith(bos))
+        ids = self._tokenize(text, quoted, add_special) if quoted else self.tokenizer(
+            text, add_special_tokens=add_special)["input_ids"]
         self._check_placeholders(ids, media)
-        return Prompt(ids, media)
+        return Prompt(ids, media, namespace)
+
+    def _quote(self, text: str, quoted: list[str]) -> str:
+        """Client text as the template gets it: as is, or, if it spells a control token, a marker that
+        ``_tokenize`` replaces by the text encoded as plain text."""
+        if QUOTE_OPEN not in text and not any(s in text for s in self.special_text):
+            return text
+        quoted.append(text)
+        return f"{QUOTE_OPEN}{len(quoted) - 1}{QUOTE_CLOSE}"
+
+    def _tokenize(self, text: str, quoted: list[str], add_special: bool) -> list[int]:
+        """The rendered template's own pieces tokenized as usual; each quoted client text with its special-token
+        spellings split into ordinary tokens (``split_special_tokens``), so ``<|im_start|>system`` typed by a user
+        never becomes a role marker."""
+        tok = self.tokenizer
+        ids = [i for i in tok("", add_special_tokens=True)["input_ids"] if i == tok.bos_token_id] if add_special else []
+        for n, piece in enumerate(QUOTED.split(text)):
+            if n % 2:
+                ids += tok(quoted[int(piece)], add_special_tokens=False, split_special_tokens=True)["input_ids"]
+            elif piece:
+                ids += tok(piece, add_special_tokens=False)["input_ids"]
+        return ids
 
     def _check_counts(self, req: ChatCompletionRequest) -> None:
         counts = {m: 0 for m in self.limits}
@@ -87,7 +116,7 @@ class PromptBuilder:
                 raise InvalidRequest(f"at most {self.limits[modality]} {modality} part(s) may be sent in one request; "
                                      f"this one has {n}", param="messages", code="too_many_media_parts")
 
-    def _media(self, part, param: str) -> MediaPart:
+    def _media(self, part, param: str, namespace: str) -> MediaPart:
         modality = _MODALITY[part.type]
         if modality not in self.spec.modalities:
             raise InvalidRequest(f"model '{self.spec.name}' does not accept {modality} input ({part.type} part); it "
@@ -105,12 +134,12 @@ class PromptBuilder:
             info = probe_image(data) if modality == "image" else probe_audio(data, self.max_audio_seconds)
         except MediaHeaderError as exc:
             raise InvalidRequest(f"{modality}: {exc}", param=param, code="invalid_media") from None
-        return MediaPart(modality, data, param, self.digest(modality, data), part.uuid,
+        return MediaPart(modality, data, param, self.digest(modality, data, namespace), part.uuid,
                          placeholder_count(self.spec, modality, info))
 
-    def digest(self, modality: str, data: bytes) -> str:
+    def digest(self, modality: str, data: bytes, namespace: str = "") -> str:
         """The cache key of ``data``'s encoding (gateway.media.content_digest with this model's encoder)."""
-        return content_digest(self.spec.encoder_id(modality), self.spec.preprocess[modality], data)
+        return content_digest(self.spec.encoder_id(modality), self.spec.preprocess[modality], data, namespace)
 
     def _check_text(self, text: str, param: str) -> None:
         # A placeholder typed by the client would be spliced with another part's tensor: refuse it.
@@ -122,6 +151,10 @@ class PromptBuilder:
         found = [m for i in ids for m, pid in self.spec.placeholder_ids.items() if i == pid]
         if found != [p.modality for p in media]:
             raise InvalidRequest("the chat template did not place every media part; check the message roles")
+
+
+QUOTE_OPEN, QUOTE_CLOSE = "\ue000", "\ue001"  # private-use characters: no tokenizer or template emits them
+QUOTED = re.compile(f"{QUOTE_OPEN}(\\d+){QUOTE_CLOSE}")
 
 
 def expand_placeholders(ids: list[int], placeholder_ids: dict[str, int], counts: list[int]) -> list[int]:

@@ -160,6 +160,8 @@ def _media_bytes(item: dict) -> int:
 class RealtimeSession:
     def __init__(self, ws: WebSocket, chat, model: str, max_audio_seconds: float):
         self.ws, self.chat, self.model = ws, chat, model
+        self.tenant = ws.scope.get("state", {}).get("tenant")  # gateway/auth.py: None without API keys
+        self.namespace = self.tenant.cache if self.tenant else ""
         self.max_audio_bytes = int(max_audio_seconds * PCM_RATE) * 2
         self.max_media_bytes = chat.cfg.max_body_bytes  # the conversation's media, base64 (REST's request limit)
         self.audio_cfg = None  # the audio encoder's feature config, when features can be streamed for it
@@ -508,8 +510,8 @@ class RealtimeSession:
         if self.stream_at != len(self.audio):  # fed past the commit point: never send features of other audio
             self.stream = None
         if self.stream is not None:
-            stream, digest = self.stream, self.chat.builder.digest
-            done = await self._features(lambda: (digest("audio", pcm16_to_wav(pcm)), stream.finish().to_bytes()))
+            stream, digest, ns = self.stream, self.chat.builder.digest, self.namespace
+            done = await self._features(lambda: (digest("audio", pcm16_to_wav(pcm), ns), stream.finish().to_bytes()))
             if done is not None:
                 self.features[item["id"]] = done
         self._reset_vad()
@@ -609,7 +611,8 @@ class RealtimeSession:
         try:
             await self.send("response.created", response=self._response(response_id, "in_progress", [], None,
                                                                         max_tokens))
-            deltas = self.chat.respond(response_id, body, cancelled, via="realtime", features=features)
+            deltas = self.chat.respond(response_id, body, cancelled, via="realtime", features=features,
+                                       tenant=self.tenant)
             try:
                 async for d in deltas:
                     if not started:
@@ -668,7 +671,8 @@ class RealtimeSession:
 async def realtime_endpoint(ws: WebSocket) -> None:
     app = ws.app
     chat, spec, cfg = app.state.chat, app.state.spec, app.state.cfg
-    await ws.accept()
+    # Browsers' OpenAI clients offer "realtime" beside the key subprotocol (gateway/auth.py): accept it.
+    await ws.accept(subprotocol="realtime" if "realtime" in ws.scope.get("subprotocols", ()) else None)
     if app.state.realtime_connections >= cfg.max_inflight:
         await ws.close(code=1013, reason="too many realtime connections; retry later")
         return
@@ -680,7 +684,8 @@ async def realtime_endpoint(ws: WebSocket) -> None:
         await ws.close(code=1008)
         return
     app.state.realtime_connections += 1
-    log.info("realtime connected", extra={"session": session.session_id})
+    log.info("realtime connected", extra={"session": session.session_id,
+                                          "tenant": session.tenant.name if session.tenant else None})
     try:
         await session.run()
     finally:

@@ -51,6 +51,21 @@ def _admission(p: argparse.ArgumentParser) -> None:
                    help="seconds a client may take to send its request body (then 408)")
 
 
+def _access(p: argparse.ArgumentParser) -> None:
+    """Who may call the gateway (gateway/auth.py, gateway/origin.py). Keys themselves are never flags."""
+    p.add_argument("--api-key-file", default=_env("API_KEY_FILE"),
+                   help="require API keys: a file of 'tenant sha256-hex-of-key' lines, re-read when it changes "
+                        "(keys may also come from env TRIBUTARY_API_KEYS=key,tenant:key; either turns keys on)")
+    p.add_argument("--shared-cache", default=_env("SHARED_CACHE"),
+                   help="tenants that share cached encodings, e.g. 'a,b;c,d' (default: each tenant its own)")
+    p.add_argument("--allowed-hosts", default=_env("ALLOWED_HOSTS"),
+                   help="Host names the gateway answers, comma-separated, '*' for any (default: loopback names "
+                        "when bound to a loopback address, else any)")
+    p.add_argument("--allowed-origins", default=_env("ALLOWED_ORIGINS"),
+                   help="web origins that may call the gateway from a browser (CORS and the Origin check), "
+                        "comma-separated, '*' for any (default: none but the gateway's own)")
+
+
 def _media_limits(p: argparse.ArgumentParser) -> None:
     p.add_argument("--limit-mm-per-prompt", default=_env("LIMIT_MM_PER_PROMPT", '{"image": 8, "audio": 4}'),
                    help='media parts one request may carry, per modality (JSON, as vLLM: \'{"image": 4, "audio": 1}\')')
@@ -93,6 +108,7 @@ def build_parser() -> argparse.ArgumentParser:
                          "--restart-window seconds stop the cluster (non-zero exit)")
     up.add_argument("--restart-window", type=float, default=60.0)
     _admission(up)
+    _access(up)
 
     demo = sub.add_parser("demo-model", help="write a demo checkpoint with seeded random weights: the trimodal demo "
                                              "(tiny, small) or a real-shape LLaVA (llava-tiny, llava-1b, "
@@ -121,6 +137,7 @@ def build_parser() -> argparse.ArgumentParser:
     gw.add_argument("--instance-id", default=_env("INSTANCE_ID", ""),
                     help="echoed by /health and /ready (lets a supervisor recognise its own gateway)")
     _admission(gw)
+    _access(gw)
 
     enc = sub.add_parser("encoder", help="an encoder worker for one modality")
     _common(enc)
@@ -262,17 +279,21 @@ def main(argv: list[str] | None = None) -> int:
 
         return run_cluster(args)
     if args.command == "gateway":
+        from gateway.auth import KeyRing
         from gateway.config import GatewayConfig
         from gateway.server import serve
 
         try:
+            KeyRing.from_env(args.api_key_file, args.shared_cache)  # a bad key file or key list stops the start
             cfg = GatewayConfig(model_dir=args.model, redis_url=args.redis_url, prefix=args.prefix,
                                 served_name=args.served_name, limit_mm_per_prompt=args.limit_mm_per_prompt,
                                 max_audio_seconds=args.max_audio_seconds, instance_id=args.instance_id,
                                 tensor_ttl_s=args.tensor_ttl, migration_limit=args.migration_limit,
                                 max_inflight=args.max_inflight, max_backlog=args.max_backlog,
                                 body_timeout_s=args.body_timeout, encoder_dtype=args.encoder_dtype,
-                                encoder_wire_dtype=args.encoder_wire_dtype)
+                                encoder_wire_dtype=args.encoder_wire_dtype, api_key_file=args.api_key_file,
+                                shared_cache=args.shared_cache, bind_host=args.host,
+                                allowed_hosts=args.allowed_hosts, allowed_origins=args.allowed_origins)
         except ValueError as exc:
             raise SystemExit(f"tributary gateway: {exc}") from None
         serve(cfg, args.host, args.port)

@@ -13,6 +13,7 @@ import json
 import logging
 import os
 import re
+import secrets
 import signal
 import socket
 import sys
@@ -24,6 +25,7 @@ import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from cache.client import redact
 from cache.embedded import EmbeddedRedis, free_port
 from tributary.supervisor import Child, CrashLoop, Group, Supervisor
 
@@ -59,10 +61,12 @@ class Cluster:
         (torch intra-op threads)."""
         cores = os.cpu_count() or 1
         base = [sys.executable, "-m", "tributary.cli"]
-        common = ["--model", str(self.model), "--redis-url", self.redis_url, "--prefix", self.prefix,
-                  "--log-level", self.log_level]
+        # The Redis URL (it may hold a password) reaches the children by environment, never their command lines,
+        # which every local user can read (/proc/<pid>/cmdline).
+        common = ["--model", str(self.model), "--prefix", self.prefix, "--log-level", self.log_level]
+        env = {"TRIBUTARY_REDIS_URL": self.redis_url}
         enc_threads = str(max(1, cores // 2))
-        one = lambda name, argv: Group(name, lambda: [Child(name, argv)])  # noqa: E731
+        one = lambda name, argv: Group(name, lambda: [Child(name, argv, env)])  # noqa: E731
         groups = [one("gateway", base + ["gateway", *common, "--host", self.host, "--port", str(self.port),
                                          "--instance-id", self.instance_id, *self.gateway_args])]
         groups += [one(f"encoder:{m}", base + ["encoder", *common, "--modality", m, "--threads", enc_threads,
@@ -73,15 +77,15 @@ class Cluster:
             if self.shards == 1:
                 groups.append(one(name, base + ["backbone", *common, "--threads", threads, *self.backbone_args]))
             else:
-                groups.append(Group(name, self._replica(name, base, common, threads)))
+                groups.append(Group(name, self._replica(name, base, common, threads, env)))
         return groups
 
-    def _replica(self, name: str, base: list[str], common: list[str], threads: str):
+    def _replica(self, name: str, base: list[str], common: list[str], threads: str, env: dict[str, str]):
         def replica() -> list[Child]:
             url = f"tcp://127.0.0.1:{free_port()}"  # a fresh rendezvous for every (re)start
             return [Child(f"{name}:{i}", base + ["backbone", *common, "--shard", str(i), "--num-shards",
                                                  str(self.shards), "--dist-url", url, "--threads", threads,
-                                                 *self.backbone_args])
+                                                 *self.backbone_args], env)
                     for i in range(self.shards)]
 
         return replica
@@ -172,6 +176,9 @@ def run_cluster(args) -> int:
                     "--max-wait-ms", str(args.encoder_max_wait_ms), *limits]
     admission = ["--migration-limit", str(args.migration_limit), "--max-inflight", str(args.max_inflight),
                  "--max-backlog", str(args.max_backlog), "--body-timeout", str(args.body_timeout)]
+    for flag in ("api_key_file", "shared_cache", "allowed_hosts", "allowed_origins"):  # keys go by environment
+        if getattr(args, flag):
+            admission += ["--" + flag.replace("_", "-"), getattr(args, flag)]
     cluster = Cluster(model, args.redis_url or "", args.prefix, args.host, args.port, args.log_level,
                       encoder_args, ["--limit-mm-per-prompt", args.limit_mm_per_prompt, "--encoder-dtype",
                                      encoder_dtype, *limits, *admission],
@@ -183,7 +190,7 @@ def run_cluster(args) -> int:
     except NotReady as exc:
         print(f"tributary: {exc}", file=sys.stderr)
         return 1
-    redis = None if args.redis_url else EmbeddedRedis().start()
+    redis = None if args.redis_url else EmbeddedRedis(password=secrets.token_hex(16)).start()
     cluster.redis_url = args.redis_url or redis.url
     sup = Supervisor(cluster.groups(), args.max_restarts, args.restart_window)
     code = 0
@@ -223,7 +230,7 @@ def _modalities(model: Path) -> tuple[str, ...]:
 
 def _banner(cluster: Cluster, model: Path) -> str:
     return f"""
-Tributary is up: {cluster.url}  (model '{model.name}' from {model}; Redis {cluster.redis_url})
+Tributary is up: {cluster.url}  (model '{model.name}' from {model}; Redis {redact(cluster.redis_url)})
 The demo model has random weights: its answers are random text.
 
   curl {cluster.url}/v1/chat/completions -H 'content-type: application/json' \\

@@ -67,8 +67,10 @@ def wait_healthy(base_url: str, proc: subprocess.Popen, timeout: float, log_path
 
 
 @contextlib.contextmanager
-def local_cluster(model: Path, redis_url: str, log_dir: Path, *extra_args: str, prefix: str = "trib"):
-    """``tributary up --model MODEL --redis-url URL --port <free> --prefix PREFIX *extra_args``. Yields as soon as
+def local_cluster(model: Path, redis_url: str, log_dir: Path, *extra_args: str, prefix: str = "trib",
+                  env: dict[str, str] | None = None):
+    """``tributary up --model MODEL --port <free> --prefix PREFIX *extra_args`` with ``TRIBUTARY_REDIS_URL=URL``
+    (and ``env``) in its environment: a URL may hold a password, which belongs on no command line. Yields as soon as
     the supervisor is started (call ``wait_ready()``: work done before overlaps the tiers' start-up); on exit,
     Ctrl-C (SIGINT), and it must exit 0 leaving no process behind."""
     port = free_port()
@@ -76,8 +78,9 @@ def local_cluster(model: Path, redis_url: str, log_dir: Path, *extra_args: str, 
     log = log_path.open("w")
     proc = subprocess.Popen(
         [sys.executable, "-m", "tributary.cli", "up", "--model", str(model), "--port", str(port),
-         "--redis-url", redis_url, "--prefix", prefix, *extra_args],
-        stdout=log, stderr=subprocess.STDOUT, env=dict(os.environ, PYTHONUNBUFFERED="1"),
+         "--prefix", prefix, *extra_args],
+        stdout=log, stderr=subprocess.STDOUT,
+        env=dict(os.environ, PYTHONUNBUFFERED="1", TRIBUTARY_REDIS_URL=redis_url, **(env or {})),
     )
     c = RunningCluster(proc, f"http://127.0.0.1:{port}", redis_url, Path(model).name, log_path, prefix)
     clean = False  # an error inside the block is the one to report, not the exit code it causes

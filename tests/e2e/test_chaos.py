@@ -254,7 +254,7 @@ def test_a_burst_past_max_inflight_gets_fast_503s_and_the_admitted_finish(small_
 def test_a_client_that_sends_its_body_too_slowly_gets_a_408(small_gateway):
     host, port = small_gateway.removeprefix("http://").split(":")
     with socket.create_connection((host, int(port)), timeout=15) as sock:
-        sock.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\ncontent-type: application/json\r\n"
+        sock.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1\r\ncontent-type: application/json\r\n"
                      b"content-length: 1000\r\n\r\n{\"model\": ")  # ... and nothing more
         reply = b""
         while b"did not arrive" not in reply and (chunk := sock.recv(65536)):
