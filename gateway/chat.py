@@ -33,6 +33,7 @@ from gateway.errors import (APIError, Internal, InvalidRequest, NotFound, Payloa
                             Timeout, Unavailable)
 from gateway.monitor import ClusterMonitor, admit
 from gateway.prompt import Prompt, PromptBuilder, expand_placeholders
+from gateway.remote import RemoteMedia
 from gateway.replies import ReplyRouter
 from gateway.schemas import ChatCompletionRequest, parse_chat_request
 from gateway.tiers import DISCONNECTED, ClientGone, TierClient
@@ -69,6 +70,7 @@ class ChatService:
     def __init__(self, cfg: GatewayConfig, builder: PromptBuilder, media: MediaEncoder, tiers: TierClient,
                  replies: ReplyRouter, monitor: ClusterMonitor):
         self.cfg, self.builder, self.media, self.tiers, self.replies = cfg, builder, media, tiers, replies
+        self.remote = RemoteMedia.of(cfg.allowed_media_domains, cfg.max_media_bytes, cfg.media_fetch_timeout_s)
         self.monitor = monitor
         self.spec = builder.spec
         self.inflight = 0  # requests admitted and not yet answered in full
@@ -94,7 +96,7 @@ class ChatService:
         rid = ids.server
         body = await self._read_body(request)
         tenant = getattr(request.state, "tenant", None)  # gateway/auth.py: None without API keys
-        req, prompt = await asyncio.to_thread(self._prepare, body, tenant.cache if tenant else "")
+        req, prompt = await self._prepare(body, tenant.cache if tenant else "")
         log.info("request", extra={"request_id": rid, "client_request_id": ids.client, "stream": req.stream,
                                    "tenant": tenant.name if tenant else None,
                                    "media": len(prompt.media), "text_tokens": len(prompt.token_ids)})
@@ -142,7 +144,7 @@ class ChatService:
         self.inflight += 1
         queue = watcher = None
         try:
-            req, prompt = await asyncio.to_thread(self._prepare, body, tenant.cache if tenant else "")
+            req, prompt = await self._prepare(body, tenant.cache if tenant else "")
             if features:
                 prompt.media[:] = [replace(p, features=features.get(p.digest)) for p in prompt.media]
             log.info("request", extra={"request_id": rid, "via": via, "tenant": tenant.name if tenant else None,
@@ -190,15 +192,35 @@ class ChatService:
             raise RequestTimeout(f"the request body did not arrive within {self.cfg.body_timeout_s:g} s") from None
         return b"".join(chunks)
 
-    def _prepare(self, body: bytes, namespace: str = "") -> tuple[ChatCompletionRequest, Prompt]:
+    async def _prepare(self, body: bytes, namespace: str = "") -> tuple[ChatCompletionRequest, Prompt]:
+        """Parse (on a thread), fetch remote media (gateway/remote.py: concurrently, each bounded), then build the
+        prompt (on a thread)."""
+        req = await asyncio.to_thread(self._parse, body)
+        remote = self.builder.remote_parts(req)
+        fetched = {}
+        if remote:
+            tasks = [asyncio.ensure_future(self.remote.fetch(url, kind, param)) for param, url, kind in remote]
+            try:
+                datas = await asyncio.gather(*tasks)
+            except BaseException:  # one part refused (or the client gone): the other fetches stop too
+                for task in tasks:
+                    task.cancel()
+                raise
+            fetched = {param: data for (param, _, _), data in zip(remote, datas)}
+        return req, await asyncio.to_thread(self._build, req, namespace, fetched)
+
+    def _parse(self, body: bytes) -> ChatCompletionRequest:
         req = parse_chat_request(body)
         if req.model != self.spec.name:
             raise NotFound(f"model '{req.model}' does not exist; this server serves '{self.spec.name}'",
                            param="model", code="model_not_found")
         req.stop_strings()  # validate now, before any work is queued
-        prompt = self.builder.build(req, namespace)
+        return req
+
+    def _build(self, req: ChatCompletionRequest, namespace: str, fetched: dict[str, bytes]) -> Prompt:
+        prompt = self.builder.build(req, namespace, fetched)
         self._check_context(prompt.expected_length, req.token_budget())  # before anything is encoded
-        return req, prompt
+        return prompt
 
     def _check_context(self, length: int, budget: int | None) -> int:
         """The room left after a prompt of ``length`` tokens; a 400 if the prompt or max_tokens does not fit."""

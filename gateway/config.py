@@ -45,6 +45,8 @@ class GatewayConfig:
     bind_host: str = "127.0.0.1"  # the address uvicorn listens on: loopback means loopback Host names only
     allowed_hosts: str | None = None  # Host names served (comma-separated; "*": any)
     allowed_origins: str | None = None  # web origins allowed (CORS and the Origin check; comma-separated; "*": any)
+    allowed_media_domains: str | None = None  # host names http(s) media may be fetched from (gateway/remote.py)
+    media_fetch_timeout_s: float = 10.0  # one remote media part, redirects included
 
     def __post_init__(self) -> None:
         from models.spec import parse_encoder_dtypes

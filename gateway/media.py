@@ -38,19 +38,31 @@ def _b64(data: str, param: str, limit: int) -> bytes:
         raise InvalidRequest(f"media data is not valid base64: {exc}", param=param) from exc
 
 
-def image_from_url(url: str, param: str, limit: int) -> bytes:
-    if url.startswith(("http://", "https://")):
-        raise InvalidRequest("image_url must be a data: URL; fetching http(s) URLs is disabled on this server",
+def is_remote(url: str) -> bool:
+    return url.startswith(("http://", "https://"))
+
+
+def from_data_url(url: str, kind: str, param: str, limit: int) -> bytes:
+    """An ``image_url`` / ``audio_url``'s bytes from its ``data:<kind>/...;base64,`` URL (remote URLs are fetched
+    by gateway/remote.py before this, when the server allows them)."""
+    field = "image_url" if kind == "image" else "audio_url"
+    if is_remote(url):
+        raise InvalidRequest(f"{field} must be a data: URL; fetching http(s) URLs is disabled on this server",
                              param=param, code="remote_url_disabled")
     if not url.startswith("data:"):
-        raise InvalidRequest("image_url must be a data: URL (data:image/png;base64,...)", param=param)
+        raise InvalidRequest(f"{field} must be a data: URL (data:{kind}/...;base64,...)", param=param)
     header, sep, payload = url[5:].partition(",")
     if not sep or not header.endswith(";base64"):
-        raise InvalidRequest("image data URL must be base64-encoded (data:<type>;base64,<data>)", param=param)
+        raise InvalidRequest(f"{kind} data URL must be base64-encoded (data:<type>;base64,<data>)", param=param)
     media_type = header[: -len(";base64")]
-    if media_type and not media_type.startswith("image/"):
-        raise InvalidRequest(f"data URL media type {media_type!r} is not an image", param=param)
+    if media_type and not media_type.startswith(f"{kind}/"):
+        raise InvalidRequest(f"data URL media type {media_type!r} is not {'an image' if kind == 'image' else kind}",
+                             param=param)
     return _b64(payload, param, limit)
+
+
+def image_from_url(url: str, param: str, limit: int) -> bytes:
+    return from_data_url(url, "image", param, limit)
 
 
 def audio_from_base64(data: str, param: str, limit: int) -> bytes:

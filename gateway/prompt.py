@@ -22,12 +22,12 @@ from dataclasses import dataclass
 
 from gateway.config import DEFAULT_MM_LIMITS
 from gateway.errors import InvalidRequest
-from gateway.media import MediaPart, audio_from_base64, content_digest, image_from_url
+from gateway.media import MediaPart, audio_from_base64, content_digest, from_data_url, is_remote
 from gateway.schemas import ChatCompletionRequest
 from models.media import MAX_AUDIO_S, MediaHeaderError, placeholder_count, probe_audio, probe_image
 from models.spec import ModelSpec
 
-_MODALITY = {"image_url": "image", "input_audio": "audio"}  # part type -> modality
+_MODALITY = {"image_url": "image", "input_audio": "audio", "audio_url": "audio"}  # part type -> modality
 
 
 @dataclass(frozen=True)
@@ -54,7 +54,20 @@ class PromptBuilder:
             t.content for t in getattr(tokenizer, "added_tokens_decoder", {}).values() if t.special}
         self.special_text = sorted(special - set(self.placeholder_text.values()), key=len, reverse=True)
 
-    def build(self, req: ChatCompletionRequest, namespace: str = "") -> Prompt:
+    def remote_parts(self, req: ChatCompletionRequest) -> list[tuple[str, str, str]]:
+        """(param, url, modality) of every media part given as an http(s) URL: fetched (gateway/remote.py) before
+        ``build``."""
+        out = []
+        for i, msg in enumerate(req.messages):
+            for j, part in enumerate(msg.content if isinstance(msg.content, list) else ()):
+                url = _url(part)
+                if url is not None and is_remote(url):
+                    out.append((f"messages.{i}.content.{j}", url, _MODALITY[part.type]))
+        return out
+
+    def build(self, req: ChatCompletionRequest, namespace: str = "", fetched: dict[str, bytes] | None = None
+              ) -> Prompt:
+        """``fetched``: the bytes of the remote parts (``remote_parts``), by param."""
         self._check_counts(req)
         messages, media, quoted = [], [], []
         for i, msg in enumerate(req.messages):
@@ -72,7 +85,7 @@ class PromptBuilder:
                     continue
                 if role != "user":
                     raise InvalidRequest(f"{part.type} parts are only accepted in user messages", param=param)
-                media.append(self._media(part, param, namespace))
+                media.append(self._media(part, param, namespace, fetched or {}))
                 modality = media[-1].modality
                 parts.append({"type": modality, modality: f"tributary:{param}"})  # the value is never rendered
             messages.append({"role": role, "content": parts})
@@ -116,16 +129,19 @@ class PromptBuilder:
                 raise InvalidRequest(f"at most {self.limits[modality]} {modality} part(s) may be sent in one request; "
                                      f"this one has {n}", param="messages", code="too_many_media_parts")
 
-    def _media(self, part, param: str, namespace: str) -> MediaPart:
+    def _media(self, part, param: str, namespace: str, fetched: dict[str, bytes]) -> MediaPart:
         modality = _MODALITY[part.type]
         if modality not in self.spec.modalities:
             raise InvalidRequest(f"model '{self.spec.name}' does not accept {modality} input ({part.type} part); it "
                                  f"accepts text and {' and '.join(self.spec.modalities)}", param=param,
                                  code="unsupported_modality")
-        if part.image_url is None if modality == "image" else part.input_audio is None:
+        url = _url(part)
+        if url is None and part.type != "input_audio" or part.type == "input_audio" and part.input_audio is None:
             return MediaPart(modality, b"", param, uuid=part.uuid)  # a bare uuid: resolved in gateway/encoding.py
-        if modality == "image":
-            data = image_from_url(part.image_url.url, param, self.max_media_bytes)
+        if param in fetched:
+            data = fetched[param]
+        elif url is not None:
+            data = from_data_url(url, modality, param, self.max_media_bytes)
         else:
             data = audio_from_base64(part.input_audio.data, param, self.max_media_bytes)
         if not data:
@@ -151,6 +167,12 @@ class PromptBuilder:
         found = [m for i in ids for m, pid in self.spec.placeholder_ids.items() if i == pid]
         if found != [p.modality for p in media]:
             raise InvalidRequest("the chat template did not place every media part; check the message roles")
+
+
+def _url(part) -> str | None:
+    """The URL of an ``image_url`` or ``audio_url`` part (None for a bare uuid or another part)."""
+    holder = getattr(part, part.type, None) if part.type in ("image_url", "audio_url") else None
+    return holder.url if holder is not None else None
 
 
 QUOTE_OPEN, QUOTE_CLOSE = "\ue000", "\ue001"  # private-use characters: no tokenizer or template emits them

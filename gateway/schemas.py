@@ -60,8 +60,19 @@ class AudioPart(_MediaPart):
     input_audio: InputAudio | None = None
 
 
-ContentPart = Annotated[Union[TextPart, ImagePart, AudioPart], Field(discriminator="type")]
-_PART_TAGS = {"text", "image_url", "input_audio"}  # the discriminator values of ContentPart
+class AudioURL(_Strict):
+    url: str
+
+
+class AudioURLPart(_MediaPart):
+    """vLLM's audio part: a URL (``data:audio/...;base64,`` or, with --allowed-media-domains, http(s))."""
+
+    type: Literal["audio_url"]
+    audio_url: AudioURL | None = None
+
+
+ContentPart = Annotated[Union[TextPart, ImagePart, AudioPart, AudioURLPart], Field(discriminator="type")]
+_PART_TAGS = {"text", "image_url", "input_audio", "audio_url"}  # the discriminator values of ContentPart
 
 
 class ChatMessage(_Strict):

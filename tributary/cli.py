@@ -64,6 +64,9 @@ def _access(p: argparse.ArgumentParser) -> None:
     p.add_argument("--allowed-origins", default=_env("ALLOWED_ORIGINS"),
                    help="web origins that may call the gateway from a browser (CORS and the Origin check), "
                         "comma-separated, '*' for any (default: none but the gateway's own)")
+    p.add_argument("--allowed-media-domains", default=_env("ALLOWED_MEDIA_DOMAINS"),
+                   help="host names http(s) image and audio URLs may be fetched from, comma-separated (default: "
+                        "none; only data: URLs). Addresses that are private, loopback or link-local are refused")
 
 
 def _media_limits(p: argparse.ArgumentParser) -> None:
@@ -293,7 +296,8 @@ def main(argv: list[str] | None = None) -> int:
                                 body_timeout_s=args.body_timeout, encoder_dtype=args.encoder_dtype,
                                 encoder_wire_dtype=args.encoder_wire_dtype, api_key_file=args.api_key_file,
                                 shared_cache=args.shared_cache, bind_host=args.host,
-                                allowed_hosts=args.allowed_hosts, allowed_origins=args.allowed_origins)
+                                allowed_hosts=args.allowed_hosts, allowed_origins=args.allowed_origins,
+                                allowed_media_domains=args.allowed_media_domains)
         except ValueError as exc:
             raise SystemExit(f"tributary gateway: {exc}") from None
         serve(cfg, args.host, args.port)

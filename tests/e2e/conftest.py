@@ -101,7 +101,9 @@ def local_cluster(model: Path, redis_url: str, log_dir: Path, *extra_args: str, 
 
 @pytest.fixture(scope="module")
 def cluster(tiny_model, redis_server, tmp_path_factory):
+    # Remote media from the tests' own loopback server: needs the UNSAFE test-only setting (gateway/remote.py).
     with local_cluster(tiny_model, redis_server.url, tmp_path_factory.mktemp("cluster"),
-                       "--encoder-max-wait-ms", "50") as c:
+                       "--encoder-max-wait-ms", "50", "--allowed-media-domains", "127.0.0.1",
+                       env={"TRIBUTARY_UNSAFE_MEDIA_PRIVATE_NETWORKS": "1"}) as c:
         c.wait_ready()
         yield c

@@ -347,3 +347,34 @@ def jobs_added(r, prefix: str) -> int:
         return int(r.xinfo_stream(f"{prefix}:jobs:image")["entries-added"])
     except redis.ResponseError:  # no such stream yet
         return 0
+
+
+def test_remote_image_and_audio_urls_are_fetched_and_answer_as_their_bytes(client, cluster, tmp_path):
+    """With --allowed-media-domains (here the tests' own loopback server, which needs the UNSAFE test-only setting
+    the cluster fixture gives), an http image URL and an audio_url give the answer their bytes give as data: URLs;
+    a host not allowed is a 400 naming the part."""
+    import http.server
+    import threading
+
+    png, wav = png_bytes(33, 29, seed=81), wav_bytes(0.4, seed=81)
+    (tmp_path / "a.png").write_bytes(png)
+    (tmp_path / "a.wav").write_bytes(wav)
+    handler = lambda *a: http.server.SimpleHTTPRequestHandler(*a, directory=str(tmp_path))  # noqa: E731
+    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    threading.Thread(target=httpd.serve_forever, daemon=True).start()
+    base = f"http://127.0.0.1:{httpd.server_address[1]}"
+    try:
+        def ask(image_url: str, audio_url: str) -> str:
+            return client.chat.completions.create(model=cluster.model, temperature=0.0, max_tokens=6, messages=[
+                {"role": "user", "content": [{"type": "image_url", "image_url": {"url": image_url}},
+                                             {"type": "audio_url", "audio_url": {"url": audio_url}}]}],
+            ).choices[0].message.content
+
+        remote = ask(f"{base}/a.png", f"{base}/a.wav")
+        assert remote == ask(data_url(png), f"data:audio/wav;base64,{b64(wav)}")
+        with pytest.raises(openai.BadRequestError) as info:
+            ask(f"http://localhost:{httpd.server_address[1]}/a.png", f"{base}/a.wav")
+        assert info.value.body["code"] == "remote_media_refused" and info.value.body["param"] == (
+            "messages.0.content.0")
+    finally:
+        httpd.shutdown()

@@ -1,0 +1,152 @@
+"""gateway/remote.py: remote media fetched only from allowed hosts on public addresses, bounded, never via a
+redirect or a DNS answer that points inside. A real HTTP server on loopback serves the tests; reaching it needs the
+unsafe test-only setting, and every case that must be refused is refused without it."""
+
+from __future__ import annotations
+
+import asyncio
+import http.server
+import ipaddress
+import threading
+
+import pytest
+
+from gateway.errors import APIError
+from gateway.remote import RemoteMedia, public
+from tests.media import png_bytes
+
+PNG = png_bytes(20, 20, seed=5)
+
+
+class Handler(http.server.BaseHTTPRequestHandler):
+    def do_GET(self):  # noqa: N802
+        routes = {
+            "/cat.png": (200, "image/png", PNG),
+            "/text": (200, "text/html", b"<html>"),
+            "/big.png": (200, "image/png", b"\x89PNG" + b"x" * 5000),
+            "/missing.png": (404, "text/plain", b"no"),
+        }
+        if self.path.startswith("/redirect-to/"):
+            self.send_response(302)
+            rest = self.path[len("/redirect-to/") :]
+            self.send_header("Location", rest if rest.startswith("http") else "/" + rest)
+            self.end_headers()
+            return
+        if self.path == "/loop":
+            self.send_response(302)
+            self.send_header("Location", "/loop")
+            self.end_headers()
+            return
+        if self.path == "/slow.png":
+            self.send_response(200)
+            self.send_header("Content-Type", "image/png")
+            self.end_headers()
+            self.wfile.write(b"\x89PNG")
+            self.wfile.flush()
+            threading.Event().wait(3)
+            return
+        status, ctype, body = routes.get(self.path, (404, "text/plain", b"no"))
+        self.send_response(status)
+        self.send_header("Content-Type", ctype)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, *args):
+        pass
+
+
+@pytest.fixture(scope="module")
+def server():
+    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    httpd.daemon_threads = True
+    threading.Thread(target=httpd.serve_forever, daemon=True).start()
+    yield f"127.0.0.1:{httpd.server_address[1]}"
+    httpd.shutdown()
+
+
+def fetch(remote: RemoteMedia, url: str, kind: str = "image") -> bytes:
+    return asyncio.run(remote.fetch(url, kind, "messages.0.content.1"))
+
+
+def refused(remote: RemoteMedia, url: str, kind: str = "image") -> APIError:
+    with pytest.raises(APIError) as info:
+        fetch(remote, url, kind)
+    assert info.value.param == "messages.0.content.1"
+    return info.value
+
+
+def unsafe(**kw) -> RemoteMedia:
+    return RemoteMedia(frozenset({"127.0.0.1", "localhost"}), max_bytes=kw.pop("max_bytes", 4096),
+                       timeout_s=kw.pop("timeout_s", 5.0), allow_private=True)
+
+
+def test_off_by_default(server):
+    err = refused(RemoteMedia.of(None, 4096), f"http://{server}/cat.png")
+    assert err.code == "remote_url_disabled"
+
+
+def test_an_allowed_host_is_fetched(server):
+    assert fetch(unsafe(), f"http://{server}/cat.png") == PNG
+    assert fetch(unsafe(), f"http://{server}/redirect-to/cat.png") == PNG  # a redirect to an allowed place
+
+
+@pytest.mark.parametrize("url", [
+    "http://127.0.0.1:{port}/cat.png",  # loopback
+    "http://localhost:{port}/cat.png",  # a name that resolves to loopback
+])
+def test_loopback_is_refused_even_when_allowed_by_name(server, url):
+    port = server.split(":")[1]
+    remote = RemoteMedia(frozenset({"127.0.0.1", "localhost"}), 4096)  # allowed by name, but not the address
+    err = refused(remote, url.format(port=port))
+    assert err.code == "remote_media_refused" and "private, loopback or link-local" in err.message
+
+
+@pytest.mark.parametrize("address", ["10.0.0.1", "172.16.5.4", "192.168.1.1", "169.254.169.254", "100.64.0.1",
+                                     "0.0.0.0", "::1", "fe80::1", "fd00:ec2::254", "::ffff:127.0.0.1", "224.0.0.1"])
+def test_inside_addresses_are_not_public(address):
+    assert not public(ipaddress.ip_address(address))
+
+
+@pytest.mark.parametrize("address", ["93.184.216.34", "2606:2800:220:1:248:1893:25c8:1946", "8.8.8.8"])
+def test_outside_addresses_are_public(address):
+    assert public(ipaddress.ip_address(address))
+
+
+def test_private_and_metadata_literals_are_refused():
+    remote = RemoteMedia(frozenset({"10.0.0.1", "169.254.169.254", "[::1]", "::1"}), 4096)
+    for url in ("http://10.0.0.1/x.png", "http://169.254.169.254/latest/meta-data/", "http://[::1]/x.png"):
+        assert "private, loopback or link-local" in refused(remote, url).message
+
+
+def test_a_redirect_is_checked_like_the_first_url(server):
+    port = server.split(":")[1]
+    # Allowed: the first host. The redirect leads to another host that is not allowed, then to loopback.
+    remote = RemoteMedia(frozenset({"127.0.0.1"}), 4096, allow_private=True)
+    err = refused(remote, f"http://{server}/redirect-to/http://localhost:{port}/cat.png")
+    assert "'localhost' is not in --allowed-media-domains" in err.message
+    strict = RemoteMedia(frozenset({"127.0.0.1", "localhost"}), 4096)  # allowed by name, refused by address
+    assert "private" in refused(strict, f"http://localhost:{port}/redirect-to/cat.png").message
+    assert "redirects" in refused(unsafe(), f"http://{server}/loop").message
+
+
+@pytest.mark.parametrize("path,kind,code,words", [
+    ("/text", "image", "remote_media_refused", "content type is 'text/html'"),
+    ("/cat.png", "audio", "remote_media_refused", "not audio/*"),
+    ("/missing.png", "image", "remote_media_refused", "HTTP 404"),
+    ("/big.png", "image", None, "larger than 4096 bytes"),
+])
+def test_answers_that_are_not_the_media_are_refused(server, path, kind, code, words):
+    err = refused(unsafe(), f"http://{server}{path}", kind)
+    assert words in err.message
+    assert err.code == code if code else err.status == 413
+
+
+def test_a_slow_download_is_cut_at_the_timeout(server):
+    assert "longer than 1 s" in refused(unsafe(timeout_s=1.0), f"http://{server}/slow.png").message
+
+
+@pytest.mark.parametrize("url", ["ftp://127.0.0.1/x.png", "file:///etc/passwd", "http://user:pw@127.0.0.1/x.png",
+                                 "http:///x.png", "http://evil.example/x.png"])
+def test_other_schemes_credentials_and_hosts_are_refused(url):
+    assert refused(unsafe(), url).code == "remote_media_refused"
