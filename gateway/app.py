@@ -31,6 +31,7 @@ from gateway.config import GatewayConfig
 from gateway.encoding import MediaEncoder
 from gateway.errors import APIError, Internal, MethodNotAllowed, NotFound, Unavailable
 from gateway.monitor import ClusterMonitor
+from gateway.openapi import openapi
 from gateway.origin import BrowserGuard, split_list
 from gateway.prompt import PromptBuilder
 from gateway.realtime import realtime_endpoint
@@ -124,6 +125,11 @@ def create_app(cfg: GatewayConfig):
             {"id": spec.name, "object": "model", "created": int(spec.path.stat().st_mtime), "owned_by": "tributary"}
         ]})
 
+    api_description = openapi(spec.name, _version())
+
+    async def openapi_json(request: Request) -> Response:
+        return JSONResponse(api_description)
+
     async def probe(request: Request) -> tuple[dict, bool]:
         """What both probes report, and whether this gateway is ready to serve."""
         body = {"instance": cfg.instance_id, "gateway_id": gateway_id, "model": spec.name, "time": time.time()}
@@ -150,6 +156,7 @@ def create_app(cfg: GatewayConfig):
         routes=[
             Route("/v1/chat/completions", chat_completions, methods=["POST"]),
             Route("/v1/models", models, methods=["GET"]),
+            Route("/openapi.json", openapi_json, methods=["GET"]),
             WebSocketRoute("/v1/realtime", realtime_endpoint),
             Route("/health", health, methods=["GET"]),
             Route("/ready", ready, methods=["GET"]),
@@ -165,6 +172,15 @@ def create_app(cfg: GatewayConfig):
                                allow_headers=["authorization", "content-type", "x-request-id"],
                                expose_headers=["x-request-id", "retry-after"])
     return BrowserGuard(outer, cfg.bind_host, cfg.allowed_hosts, cfg.allowed_origins)
+
+
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("tributary")
+    except PackageNotFoundError:
+        return "0"
 
 
 async def _route_error(request: Request, exc) -> Response:
