@@ -34,6 +34,7 @@ from gateway.monitor import ClusterMonitor
 from gateway.openapi import openapi
 from gateway.origin import BrowserGuard, split_list
 from gateway.prompt import PromptBuilder
+from gateway.ratelimit import RateLimiter
 from gateway.realtime import realtime_endpoint
 from gateway.replies import ReplyRouter
 from gateway.tiers import RESET, ClientGone, TierClient
@@ -83,7 +84,8 @@ def create_app(cfg: GatewayConfig):
         tiers.view = monitor.view
         media = MediaEncoder(redis, cfg, spec, replies, reply_stream, tiers.liveness_unknown)
         builder = PromptBuilder(spec, tokenizer, cfg.max_media_bytes, cfg.limit_mm_per_prompt, cfg.max_audio_seconds)
-        app.state.chat = ChatService(cfg, builder, media, tiers, replies, monitor)
+        limiter = RateLimiter(redis, keys, cfg.rate_limit_rpm, cfg.rate_limit_tpm)
+        app.state.chat = ChatService(cfg, builder, media, tiers, replies, monitor, limiter)
         app.state.spec, app.state.cfg, app.state.realtime_connections = spec, cfg, 0
         # Kept: the loop holds tasks weakly.
         tasks = [asyncio.create_task(replies.run(), name="reply-reader"),

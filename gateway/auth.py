@@ -46,6 +46,8 @@ def key_digest(key: str) -> str:
 class Tenant:
     name: str
     cache: str  # the namespace of its cached encodings and media uuids
+    rpm: int | None = None  # its own rate limits from the key file (None: the gateway's defaults)
+    tpm: int | None = None
 
 
 class KeyConfigError(ValueError):
@@ -68,17 +70,23 @@ def parse_env_keys(value: str | None) -> dict[str, str]:
     return out
 
 
-def parse_key_file(text: str, name: str) -> dict[str, str]:
-    """Lines of ``tenant sha256-hex`` -> {digest: tenant}."""
-    out: dict[str, str] = {}
+def parse_key_file(text: str, name: str) -> dict[str, tuple[str, dict[str, int]]]:
+    """Lines of ``tenant sha256-hex [rpm=N] [tpm=N]`` -> {digest: (tenant, its rate limits)}."""
+    out: dict[str, tuple[str, dict[str, int]]] = {}
     for n, line in enumerate(text.splitlines(), 1):
         line = line.split("#", 1)[0].strip()
         if not line:
             continue
         parts = line.split()
-        if len(parts) != 2 or len(parts[1]) != 64 or any(c not in "0123456789abcdef" for c in parts[1].lower()):
-            raise KeyConfigError(f"{name}:{n}: expected 'tenant sha256-hex-of-key' (64 hex digits)")
-        out[parts[1].lower()] = parts[0]
+        if len(parts) < 2 or len(parts[1]) != 64 or any(c not in "0123456789abcdef" for c in parts[1].lower()):
+            raise KeyConfigError(f"{name}:{n}: expected 'tenant sha256-hex-of-key [rpm=N] [tpm=N]' (64 hex digits)")
+        limits = {}
+        for extra in parts[2:]:
+            key, _, value = extra.partition("=")
+            if key not in ("rpm", "tpm") or not value.isdigit():
+                raise KeyConfigError(f"{name}:{n}: unknown field {extra!r} (rpm=N and tpm=N are known)")
+            limits[key] = int(value)
+        out[parts[1].lower()] = (parts[0], limits)
     return out
 
 
@@ -99,7 +107,7 @@ class KeyRing:
         self.env = parse_env_keys(env_keys)
         self.file = Path(key_file) if key_file else None
         self.shared = parse_shared(shared)
-        self.from_file: dict[str, str] = {}
+        self.from_file: dict[str, tuple[str, dict[str, int]]] = {}
         self._stamp: tuple | None = None
         self._checked = 0.0
         self._lock = threading.Lock()
@@ -121,8 +129,8 @@ class KeyRing:
             return None
         self._maybe_reload()
         digest = key_digest(key)
-        name = self.env.get(digest) or self.from_file.get(digest)
-        return Tenant(name, self.shared.get(name, name)) if name else None
+        name, limits = (self.env[digest], {}) if digest in self.env else self.from_file.get(digest, (None, {}))
+        return Tenant(name, self.shared.get(name, name), **limits) if name else None
 
     def _maybe_reload(self) -> None:
         if self.file is None or time.monotonic() - self._checked < RELOAD_EVERY_S:
@@ -147,7 +155,7 @@ class KeyRing:
             return
         self.from_file, self._stamp = keys, stamp
         log.info("API keys loaded", extra={"file": str(self.file), "keys": len(keys),
-                                           "tenants": len(set(keys.values()))})
+                                           "tenants": len({t for t, _ in keys.values()})})
 
 
 def bearer(headers: list[tuple[bytes, bytes]]) -> str | None:

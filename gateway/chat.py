@@ -33,10 +33,12 @@ from gateway.errors import (APIError, Internal, InvalidRequest, NotFound, Payloa
                             Timeout, Unavailable)
 from gateway.monitor import ClusterMonitor, admit
 from gateway.prompt import Prompt, PromptBuilder, expand_placeholders
+from gateway.ratelimit import RateLimiter
 from gateway.remote import RemoteMedia
 from gateway.replies import ReplyRouter
 from gateway.schemas import ChatCompletionRequest, parse_chat_request
 from gateway.tiers import DISCONNECTED, ClientGone, TierClient
+from cache.keys import Keys
 from router import messages as m
 
 log = logging.getLogger(__name__)
@@ -56,6 +58,7 @@ class Delta:
 class RequestIds:
     server: str  # routes everything; unguessable, so only the owning gateway can name (and cancel) the request
     client: str | None  # the client's own id, for logs and the echo header only
+    rate: tuple = ()  # the tenant's x-ratelimit-* headers (gateway/ratelimit.py), once counted
 
     @classmethod
     def of(cls, request: Request) -> "RequestIds":
@@ -63,13 +66,15 @@ class RequestIds:
         return cls(uuid.uuid4().hex, given if _CLIENT_ID.match(given) else None)
 
     def headers(self) -> dict[str, str]:
-        return {"x-request-id": self.server, **({"x-client-request-id": self.client} if self.client else {})}
+        return {"x-request-id": self.server, **({"x-client-request-id": self.client} if self.client else {}),
+                **dict(self.rate)}
 
 
 class ChatService:
     def __init__(self, cfg: GatewayConfig, builder: PromptBuilder, media: MediaEncoder, tiers: TierClient,
-                 replies: ReplyRouter, monitor: ClusterMonitor):
+                 replies: ReplyRouter, monitor: ClusterMonitor, limiter: RateLimiter | None = None):
         self.cfg, self.builder, self.media, self.tiers, self.replies = cfg, builder, media, tiers, replies
+        self.limiter = limiter or RateLimiter(None, Keys(cfg.prefix))  # no limits: never touches Redis
         self.remote = RemoteMedia.of(cfg.allowed_media_domains, cfg.max_media_bytes, cfg.media_fetch_timeout_s)
         self.monitor = monitor
         self.spec = builder.spec
@@ -81,6 +86,8 @@ class ChatService:
         admit(self.monitor.view, None if counted else self.inflight, self.cfg, tiers)
 
     async def handle(self, request: Request, ids: RequestIds) -> Response:
+        rate = await self.limiter.admit(getattr(request.state, "tenant", None))  # a 429 before anything else
+        ids = replace(ids, rate=tuple(rate.items()))
         self.admit(["backbone"])
         self.inflight += 1
         streaming = False
@@ -109,7 +116,7 @@ class ChatService:
             async def encode_again() -> list[m.MediaRef]:  # a cached tensor expired (or a Redis restart lost it)
                 return await self.media.encode(rid, prompt.media, queue, prompt.namespace)
 
-            deltas = self._deltas(rid, req, plan, queue, encode_again)
+            deltas = self._deltas(rid, req, plan, queue, encode_again, tenant)
             first = await anext(deltas)  # errors before the first token are plain HTTP errors
         except BaseException:
             watcher.cancel()
@@ -140,6 +147,7 @@ class ChatService:
         a part that must be encoded sends them to the encoder instead of its bytes. An APIError comes before the
         first delta; setting ``cancelled``, or closing the iterator, stops it and frees the backbone slot
         (ClientGone). ``tenant``: the caller's (gateway/auth.py), None without API keys."""
+        await self.limiter.admit(tenant)
         self.admit(["backbone"])
         self.inflight += 1
         queue = watcher = None
@@ -158,7 +166,7 @@ class ChatService:
             async def encode_again() -> list[m.MediaRef]:
                 return await self.media.encode(rid, prompt.media, queue, prompt.namespace)
 
-            deltas = self._deltas(rid, req, plan, queue, encode_again)
+            deltas = self._deltas(rid, req, plan, queue, encode_again, tenant)
             try:
                 async for d in deltas:
                     yield d
@@ -247,16 +255,18 @@ class ChatService:
         return m.PromptPlan(request_id=rid, reply_to=self.tiers.reply_stream, token_ids=ids, media=refs,
                             sampling=sampling, deadline=time.time() + self.cfg.first_token_timeout_s)
 
-    async def _deltas(self, rid: str, req: ChatCompletionRequest, plan: m.PromptPlan, queue, encode_again
-                      ) -> AsyncIterator[Delta]:
+    async def _deltas(self, rid: str, req: ChatCompletionRequest, plan: m.PromptPlan, queue, encode_again,
+                      tenant=None) -> AsyncIterator[Delta]:
         detok = Detokenizer(self.builder.tokenizer, req.stop_strings())
         finished = False
+        used = 0  # prompt + completion tokens so far, for the tenant's token rate limit
         try:
             async for ev in self.tiers.generate(plan, queue, encode_again):
                 if ev.finish == m.FinishReason.ERROR:
                     finished = True
                     raise _event_error(ev)
                 text = detok.add(ev.token_ids)
+                used = ev.prompt_tokens + ev.completion_tokens
                 d = Delta(text, None, ev.prompt_tokens, ev.completion_tokens)
                 if detok.stopped or ev.finish is not None:
                     finished = ev.finish is not None
@@ -268,6 +278,8 @@ class ChatService:
         finally:
             if not finished:  # stop string, client gone, timeout: free the backbone slot
                 self._spawn(self.tiers.cancel(rid))
+            if used:
+                self._spawn(self.limiter.spend(tenant, used))
             log.info("response", extra={"request_id": rid, "completion_tokens": len(detok.ids),
                                         "finished": finished})
 

@@ -46,12 +46,16 @@ class GatewayConfig:
     allowed_hosts: str | None = None  # Host names served (comma-separated; "*": any)
     allowed_origins: str | None = None  # web origins allowed (CORS and the Origin check; comma-separated; "*": any)
     allowed_media_domains: str | None = None  # host names http(s) media may be fetched from (gateway/remote.py)
+    rate_limit_rpm: int = 0  # per tenant, requests per minute (gateway/ratelimit.py; needs API keys; 0: none)
+    rate_limit_tpm: int = 0  # per tenant, prompt + completion tokens per minute
     media_fetch_timeout_s: float = 10.0  # one remote media part, redirects included
 
     def __post_init__(self) -> None:
         from models.spec import parse_encoder_dtypes
 
         parse_encoder_dtypes(self.encoder_dtype)  # a bad value is an error at start
+        if self.rate_limit_rpm < 0 or self.rate_limit_tpm < 0:
+            raise ValueError("rate limits must be >= 0 (0: none)")
         parse_encoder_dtypes(self.encoder_wire_dtype)
         for name in ("max_body_bytes", "max_media_bytes", "blob_ttl_s", "tensor_ttl_s", "default_max_tokens",
                      "lease_ttl_s", "max_inflight", "max_backlog", "lease_s"):

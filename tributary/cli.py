@@ -64,6 +64,11 @@ def _access(p: argparse.ArgumentParser) -> None:
     p.add_argument("--allowed-origins", default=_env("ALLOWED_ORIGINS"),
                    help="web origins that may call the gateway from a browser (CORS and the Origin check), "
                         "comma-separated, '*' for any (default: none but the gateway's own)")
+    p.add_argument("--rate-limit-rpm", type=int, default=int(_env("RATE_LIMIT_RPM", 0)),
+                   help="with API keys: requests per minute per tenant, counted in Redis across gateways (0: none; "
+                        "a key file line may set its tenant's own with rpm=N)")
+    p.add_argument("--rate-limit-tpm", type=int, default=int(_env("RATE_LIMIT_TPM", 0)),
+                   help="with API keys: prompt + completion tokens per minute per tenant (0: none; tpm=N per tenant)")
     p.add_argument("--allowed-media-domains", default=_env("ALLOWED_MEDIA_DOMAINS"),
                    help="host names http(s) image and audio URLs may be fetched from, comma-separated (default: "
                         "none; only data: URLs). Addresses that are private, loopback or link-local are refused")
@@ -297,7 +302,8 @@ def main(argv: list[str] | None = None) -> int:
                                 encoder_wire_dtype=args.encoder_wire_dtype, api_key_file=args.api_key_file,
                                 shared_cache=args.shared_cache, bind_host=args.host,
                                 allowed_hosts=args.allowed_hosts, allowed_origins=args.allowed_origins,
-                                allowed_media_domains=args.allowed_media_domains)
+                                allowed_media_domains=args.allowed_media_domains,
+                                rate_limit_rpm=args.rate_limit_rpm, rate_limit_tpm=args.rate_limit_tpm)
         except ValueError as exc:
             raise SystemExit(f"tributary gateway: {exc}") from None
         serve(cfg, args.host, args.port)

@@ -176,10 +176,10 @@ def run_cluster(args) -> int:
                     "--max-wait-ms", str(args.encoder_max_wait_ms), *limits]
     admission = ["--migration-limit", str(args.migration_limit), "--max-inflight", str(args.max_inflight),
                  "--max-backlog", str(args.max_backlog), "--body-timeout", str(args.body_timeout)]
-    for flag in ("api_key_file", "shared_cache", "allowed_hosts", "allowed_origins",
-                 "allowed_media_domains"):  # keys go by environment
+    for flag in ("api_key_file", "shared_cache", "allowed_hosts", "allowed_origins", "allowed_media_domains",
+                 "rate_limit_rpm", "rate_limit_tpm"):  # keys go by environment
         if getattr(args, flag):
-            admission += ["--" + flag.replace("_", "-"), getattr(args, flag)]
+            admission += ["--" + flag.replace("_", "-"), str(getattr(args, flag))]
     cluster = Cluster(model, args.redis_url or "", args.prefix, args.host, args.port, args.log_level,
                       encoder_args, ["--limit-mm-per-prompt", args.limit_mm_per_prompt, "--encoder-dtype",
                                      encoder_dtype, *limits, *admission],

@@ -29,16 +29,20 @@ from tests.media import data_url, png_bytes
 pytestmark = pytest.mark.slow
 
 PASSWORD = "pw-" + os.urandom(8).hex()
-KEYS = {"alice": "key-alice-" + os.urandom(4).hex(), "bob": "key-bob-" + os.urandom(4).hex(),
-        "carol": "key-carol-" + os.urandom(4).hex()}
+KEYS = {name: f"key-{name}-" + os.urandom(4).hex() for name in ("alice", "bob", "carol", "dave", "erin")}
+LIMITS = {"dave": "rpm=2", "erin": "tpm=40"}
+
+
+def key_file_text(*names: str) -> str:
+    return "".join(f"{n} {key_digest(KEYS[n])} {LIMITS.get(n, '')}\n" for n in names)
 
 
 @pytest.fixture(scope="module")
 def secured(tiny_model, tmp_path_factory):
-    """alice's key by environment; bob's and carol's by the key file (digests only)."""
+    """alice's key by environment; the others' by the key file (digests only; dave and erin with rate limits)."""
     tmp = tmp_path_factory.mktemp("secured")
     key_file = tmp / "keys"
-    key_file.write_text(f"bob {key_digest(KEYS['bob'])}\ncarol {key_digest(KEYS['carol'])}\n")
+    key_file.write_text(key_file_text("bob", "carol", "dave", "erin"))
     with EmbeddedRedis(password=PASSWORD) as server:
         with local_cluster(tiny_model, server.url, tmp, "--api-key-file", str(key_file),
                            "--encoder-max-wait-ms", "20", env={"TRIBUTARY_API_KEYS": f"alice:{KEYS['alice']}"}) as c:
@@ -105,7 +109,7 @@ def test_the_websocket_takes_the_header_or_the_subprotocol_and_refuses_the_rest(
 
 def test_a_key_removed_from_the_file_is_refused_within_seconds(secured):
     assert ask(secured, KEYS["carol"], "hi").usage.completion_tokens > 0
-    secured.key_file.write_text(f"bob {key_digest(KEYS['bob'])}\n")
+    secured.key_file.write_text(key_file_text("bob", "dave", "erin"))
     deadline = time.monotonic() + 10
     while time.monotonic() < deadline:
         try:
@@ -229,3 +233,33 @@ def test_the_openapi_description_fuzzed_with_a_key_gives_no_5xx(secured):
     print("statuses:", statuses)
     assert not failures, failures[:3]
     assert statuses.get(200, 0) > 0 and sum(n for s, n in statuses.items() if 400 <= s < 500) > 0
+
+
+def test_rate_limits_per_tenant_answer_429_with_their_headers(secured):
+    """dave may send 2 requests a minute, erin 40 tokens; alice (no limits) is untouched."""
+    if time.time() % 60 > 45:  # the counts are per minute: start in a fresh window
+        time.sleep(61 - time.time() % 60)
+    url, body = secured.base_url + "/v1/chat/completions", {
+        "model": secured.model, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}
+    dave = {"Authorization": f"Bearer {KEYS['dave']}"}
+    first = httpx.post(url, json=body, headers=dave, timeout=60)
+    assert first.status_code == 200 and first.headers["x-ratelimit-limit-requests"] == "2"
+    assert first.headers["x-ratelimit-remaining-requests"] == "1"
+    assert httpx.post(url, json=body, headers=dave, timeout=60).status_code == 200
+    third = httpx.post(url, json=body, headers=dave, timeout=60)
+    assert third.status_code == 429 and third.json()["error"]["code"] == "rate_limit_exceeded"
+    assert 1 <= int(third.headers["retry-after"]) <= 60 and third.headers["x-ratelimit-remaining-requests"] == "0"
+    with pytest.raises(openai.RateLimitError):  # what the SDK makes of it (max_retries=0)
+        ask(secured, KEYS["dave"], "hi")
+    erin = {"Authorization": f"Bearer {KEYS['erin']}"}
+    spent = 0
+    for _ in range(10):
+        r = httpx.post(url, json=body, headers=erin, timeout=60)
+        if r.status_code == 429:
+            break
+        assert r.status_code == 200
+        spent += r.json()["usage"]["total_tokens"]
+        time.sleep(0.3)  # the tokens are counted as the request ends
+    assert r.status_code == 429 and r.json()["error"]["type"] == "tokens" and spent >= 40
+    assert r.headers["x-ratelimit-remaining-tokens"] == "0"
+    assert all(ask(secured, KEYS["alice"], "hi").usage.completion_tokens for _ in range(3))

@@ -112,3 +112,14 @@ def test_the_websocket_takes_the_header_or_the_subprotocol_key(client):
             assert denied.status_code == 401 and denied.json()["error"]["code"] == "invalid_api_key"
         else:  # a server without the denial-response extension
             assert isinstance(denied, WebSocketDisconnect) and denied.code == 1008
+
+
+def test_a_key_file_line_may_carry_its_tenants_rate_limits(tmp_path):
+    f = tmp_path / "keys"
+    write_keys(f, [f"alice {key_digest('ka')} rpm=5 tpm=1000", f"bob {key_digest('kb')}"])
+    ring = KeyRing(key_file=str(f))
+    assert (ring.tenant("ka").rpm, ring.tenant("ka").tpm) == (5, 1000)
+    assert (ring.tenant("kb").rpm, ring.tenant("kb").tpm) == (None, None)
+    write_keys(f, [f"alice {key_digest('ka')} burst=5"])
+    with pytest.raises(KeyConfigError, match="unknown field 'burst=5'"):
+        KeyRing(key_file=str(f))

@@ -1,0 +1,99 @@
+"""Per-tenant rate limits: requests and tokens per minute, counted in Redis so that they hold across gateways.
+
+Limits need API keys (they are per tenant): ``--rate-limit-rpm`` / ``--rate-limit-tpm`` for every tenant (0: none),
+and ``rpm=N`` / ``tpm=N`` after a tenant's digest in the key file for that tenant (gateway/auth.py). Counting is a
+fixed one-minute window per tenant (``INCR`` for each request, ``INCRBY`` of prompt + completion tokens when a
+request ends), keys expiring after two minutes. A request is refused with a 429 ``rate_limit_exceeded`` and
+``Retry-After`` (seconds to the next window) when the window already holds ``rpm`` requests or ``tpm`` tokens; a
+request admitted under the token limit may end past it (its tokens are not known in advance). Every answer to a
+limited tenant carries OpenAI's ``x-ratelimit-{limit,remaining,reset}-{requests,tokens}`` headers.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+
+from cache.keys import Keys
+from gateway.errors import APIError
+
+log = logging.getLogger(__name__)
+WINDOW_S = 60
+
+
+class RateLimited(APIError):
+    status, type = 429, "requests"
+
+    def __init__(self, message: str, retry_after: int, headers: dict[str, str], kind: str):
+        super().__init__(message, code="rate_limit_exceeded", retry_after=retry_after)
+        self.type, self.headers = kind, headers
+
+    def response(self, headers: dict | None = None):
+        return super().response({**(headers or {}), **self.headers})
+
+
+class RateLimiter:
+    def __init__(self, redis, keys: Keys, rpm: int = 0, tpm: int = 0):
+        if rpm < 0 or tpm < 0:
+            raise ValueError("rate limits must be >= 0 (0: none)")
+        self.r, self.keys, self.rpm, self.tpm = redis, keys, rpm, tpm
+
+    def limits(self, tenant) -> tuple[int, int]:
+        if tenant is None:
+            return 0, 0
+        return (tenant.rpm if tenant.rpm is not None else self.rpm,
+                tenant.tpm if tenant.tpm is not None else self.tpm)
+
+    def _window(self, tenant) -> tuple[str, str, int]:
+        now = time.time()
+        window = int(now // WINDOW_S)
+        reset = math.ceil((window + 1) * WINDOW_S - now)
+        return (f"{self.keys.prefix}:rl:{tenant.name}:{window}:requests",
+                f"{self.keys.prefix}:rl:{tenant.name}:{window}:tokens", reset)
+
+    async def admit(self, tenant) -> dict[str, str]:
+        """Count this request; the rate headers, or RateLimited. No Redis call for a tenant without limits."""
+        rpm, tpm = self.limits(tenant)
+        if not rpm and not tpm:
+            return {}
+        req_key, tok_key, reset = self._window(tenant)
+        pipe = self.r.pipeline(transaction=False)
+        pipe.incr(req_key)
+        pipe.expire(req_key, 2 * WINDOW_S)
+        pipe.get(tok_key)
+        requests, _, tokens = await pipe.execute()
+        tokens = int(tokens or 0)
+        headers = {}
+        if rpm:
+            headers.update({"x-ratelimit-limit-requests": str(rpm),
+                            "x-ratelimit-remaining-requests": str(max(rpm - requests, 0)),
+                            "x-ratelimit-reset-requests": f"{reset}s"})
+        if tpm:
+            headers.update({"x-ratelimit-limit-tokens": str(tpm),
+                            "x-ratelimit-remaining-tokens": str(max(tpm - tokens, 0)),
+                            "x-ratelimit-reset-tokens": f"{reset}s"})
+        if rpm and requests > rpm:
+            log.info("rate limited", extra={"tenant": tenant.name, "limit": "requests"})
+            raise RateLimited(f"rate limit reached: {rpm} requests per minute; retry in {reset} s", reset, headers,
+                              "requests")
+        if tpm and tokens >= tpm:
+            log.info("rate limited", extra={"tenant": tenant.name, "limit": "tokens"})
+            raise RateLimited(f"rate limit reached: {tpm} tokens per minute; retry in {reset} s", reset, headers,
+                              "tokens")
+        return headers
+
+    async def spend(self, tenant, tokens: int) -> None:
+        """Add a finished request's tokens to its tenant's window (best effort: a lost count only errs in the
+        tenant's favour)."""
+        if not self.limits(tenant)[1] or tokens <= 0:
+            return
+        _, tok_key, _ = self._window(tenant)
+        try:
+            pipe = self.r.pipeline(transaction=False)
+            pipe.incrby(tok_key, tokens)
+            pipe.expire(tok_key, 2 * WINDOW_S)
+            await pipe.execute()
+        except Exception as exc:  # noqa: BLE001 -- Redis away: the monitor refuses new requests anyway
+            log.warning("could not count tokens for the rate limit", extra={"tenant": tenant.name,
+                                                                          "error": str(exc)})
