@@ -26,6 +26,7 @@ from dataclasses import dataclass, replace
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 
+from cache.keys import Keys
 from gateway.config import GatewayConfig
 from gateway.detokenize import Detokenizer
 from gateway.encoding import MediaEncoder
@@ -38,7 +39,6 @@ from gateway.remote import RemoteMedia
 from gateway.replies import ReplyRouter
 from gateway.schemas import ChatCompletionRequest, parse_chat_request
 from gateway.tiers import DISCONNECTED, ClientGone, TierClient
-from cache.keys import Keys
 from router import messages as m
 
 log = logging.getLogger(__name__)
