@@ -108,6 +108,9 @@ def build_parser() -> argparse.ArgumentParser:
     up.add_argument("--encoder-dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
                     help="the encoders' compute dtype, which is also their wire dtype (auto: bfloat16 for the torch "
                          "runtime on a GPU, else float32); the gateway is told the same")
+    up.add_argument("--cpu-budget", default="auto", choices=["auto", "off"],
+                    help="auto: each process gets a share of the cores (threads, OpenMP/MKL pools) so that together "
+                         "they do not exceed them; the banner says the split. off: every process on every core")
     up.add_argument("--encoder-max-batch", type=int, default=8)
     up.add_argument("--encoder-max-wait-ms", type=float, default=2.0)
     _media_limits(up)

@@ -36,6 +36,48 @@ class NotReady(RuntimeError):
     """The cluster cannot become ready; the message says why."""
 
 
+THREAD_VARS = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS")
+
+
+@dataclass(frozen=True)
+class CpuBudget:
+    """Threads per process of a local cluster so that, together, they do not exceed the machine's cores.
+
+    The backbone's processes weigh twice an encoder's (a decode step waits on every layer; an encoder batch is one
+    forward): ``encoder = cores // (2 * backbone procs + encoders)``, at least 1, and the backbone's processes share
+    the rest. The gateway runs no torch and gets 1 (its numpy work, Realtime audio features, is small). When the
+    compute processes outnumber the cores, each gets 1 and they share: ``oversubscribed``."""
+
+    cores: int
+    encoder: int
+    backbone: int
+    processes: int  # compute processes (encoders + backbone shards)
+
+    @classmethod
+    def split(cls, cores: int, encoders: int, backbone_procs: int) -> CpuBudget:
+        procs = encoders + backbone_procs
+        if cores <= procs:
+            return cls(cores, 1, 1, procs)
+        encoder = max(1, cores // (2 * backbone_procs + encoders)) if encoders else 0
+        backbone = max(1, (cores - encoder * encoders) // backbone_procs)
+        return cls(cores, encoder, backbone, procs)
+
+    @property
+    def oversubscribed(self) -> bool:
+        return self.processes > self.cores
+
+    def describe(self) -> str:
+        text = (f"CPU budget ({self.cores} cores): {self.encoder} thread(s) per encoder, {self.backbone} per backbone "
+                "process, 1 for the gateway")
+        if self.oversubscribed:
+            text += f"; {self.processes} compute processes share {self.cores} cores"
+        return text
+
+
+def thread_env(n: int) -> dict[str, str]:
+    return {var: str(n) for var in THREAD_VARS}
+
+
 @dataclass
 class Cluster:
     model: Path
@@ -51,40 +93,53 @@ class Cluster:
     replicas: int = 1  # backbone replicas (each ``shards`` processes), all reading one queue
     backbone_args: list[str] = field(default_factory=list)  # extra flags for every backbone shard (--device, --dtype)
     instance_id: str = field(default_factory=lambda: uuid.uuid4().hex)
+    cpu_budget: bool = True  # off: every process takes every core (torch's default), to measure against
 
     @property
     def url(self) -> str:
         return f"http://{self.host}:{self.port}"
 
+    @property
+    def budget(self) -> CpuBudget:
+        return CpuBudget.split(os.cpu_count() or 1, len(self.modalities), self.shards * self.replicas)
+
     def groups(self) -> list[Group]:
-        """One group per tier process, the backbone's shards one group; each process with a share of the cores
-        (torch intra-op threads)."""
-        cores = os.cpu_count() or 1
+        """One group per tier process, the backbone's shards one group; each process with its share of the cores
+        (``CpuBudget``: torch intra-op threads, ONNX Runtime's, and the OpenMP / MKL / OpenBLAS pools)."""
         base = [sys.executable, "-m", "tributary.cli"]
         # The Redis URL (it may hold a password) reaches the children by environment, never their command lines,
         # which every local user can read (/proc/<pid>/cmdline).
         common = ["--model", str(self.model), "--prefix", self.prefix, "--log-level", self.log_level]
         env = {"TRIBUTARY_REDIS_URL": self.redis_url}
-        enc_threads = str(max(1, cores // 2))
-        one = lambda name, argv: Group(name, lambda: [Child(name, argv, env)])  # noqa: E731
+        budget = self.budget
+
+        def share(n: int, *flags: str) -> tuple[list[str], dict[str, str]]:
+            if not self.cpu_budget:
+                return [], env
+            return [flag for f in flags for flag in (f, str(n))], {**env, **thread_env(n)}
+
+        def one(name: str, argv: list[str], n: int, *flags: str) -> Group:
+            extra, child_env = share(n, *flags)
+            return Group(name, lambda: [Child(name, argv + extra, child_env)])
+
         groups = [one("gateway", base + ["gateway", *common, "--host", self.host, "--port", str(self.port),
-                                         "--instance-id", self.instance_id, *self.gateway_args])]
-        groups += [one(f"encoder:{m}", base + ["encoder", *common, "--modality", m, "--threads", enc_threads,
-                                               *self.encoder_args]) for m in self.modalities]
-        threads = str(max(1, cores // (self.shards * self.replicas)))
+                                         "--instance-id", self.instance_id, *self.gateway_args], 1)]
+        groups += [one(f"encoder:{m}", base + ["encoder", *common, "--modality", m, *self.encoder_args],
+                       budget.encoder, "--threads", "--preprocess-threads") for m in self.modalities]
         for r in range(self.replicas):
             name = "backbone" if self.replicas == 1 else f"backbone.{r}"
             if self.shards == 1:
-                groups.append(one(name, base + ["backbone", *common, "--threads", threads, *self.backbone_args]))
+                groups.append(one(name, base + ["backbone", *common, *self.backbone_args], budget.backbone,
+                                  "--threads"))
             else:
-                groups.append(Group(name, self._replica(name, base, common, threads, env)))
+                groups.append(Group(name, self._replica(name, base, common, *share(budget.backbone, "--threads"))))
         return groups
 
-    def _replica(self, name: str, base: list[str], common: list[str], threads: str, env: dict[str, str]):
+    def _replica(self, name: str, base: list[str], common: list[str], extra: list[str], env: dict[str, str]):
         def replica() -> list[Child]:
             url = f"tcp://127.0.0.1:{free_port()}"  # a fresh rendezvous for every (re)start
             return [Child(f"{name}:{i}", base + ["backbone", *common, "--shard", str(i), "--num-shards",
-                                                 str(self.shards), "--dist-url", url, "--threads", threads,
+                                                 str(self.shards), "--dist-url", url, *extra,
                                                  *self.backbone_args], env)
                     for i in range(self.shards)]
 
@@ -185,7 +240,8 @@ def run_cluster(args) -> int:
                                      encoder_dtype, *limits, *admission],
                       args.shards, modalities, replicas=args.backbone_replicas,
                       backbone_args=["--device", args.backbone_device, "--dtype", args.backbone_dtype,
-                                     "--max-batched-tokens", str(args.max_batched_tokens)])
+                                     "--max-batched-tokens", str(args.max_batched_tokens)],
+                      cpu_budget=args.cpu_budget == "auto")
     try:
         cluster.check_port()
     except NotReady as exc:
@@ -232,6 +288,7 @@ def _modalities(model: Path) -> tuple[str, ...]:
 def _banner(cluster: Cluster, model: Path) -> str:
     return f"""
 Tributary is up: {cluster.url}  (model '{model.name}' from {model}; Redis {redact(cluster.redis_url)})
+{cluster.budget.describe() if cluster.cpu_budget else "CPU budget: off (every process on every core)"}
 The demo model has random weights: its answers are random text.
 
   curl {cluster.url}/v1/chat/completions -H 'content-type: application/json' \\
