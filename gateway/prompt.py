@@ -135,9 +135,9 @@ class PromptBuilder:
             raise InvalidRequest(f"model '{self.spec.name}' does not accept {modality} input ({part.type} part); it "
                                  f"accepts text and {' and '.join(self.spec.modalities)}", param=param,
                                  code="unsupported_modality")
-        url = _url(part)
-        if url is None and part.type != "input_audio" or part.type == "input_audio" and part.input_audio is None:
+        if getattr(part, part.type) is None:  # the media field, as the schema's own uuid check reads it
             return MediaPart(modality, b"", param, uuid=part.uuid)  # a bare uuid: resolved in gateway/encoding.py
+        url = _url(part)
         if param in fetched:
             data = fetched[param]
         elif url is not None:

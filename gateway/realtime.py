@@ -522,8 +522,7 @@ class RealtimeSession:
         await self._commit(self.speaking)
 
     async def audio_clear(self, event: dict) -> None:
-        self._reset_vad()
-        self.stream = None
+        self._reset_vad()  # the features stream starts again too
         self.audio.clear()
         await self.send("input_audio_buffer.cleared")
 
