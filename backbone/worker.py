@@ -42,6 +42,7 @@ from concurrent.futures import Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 
 import torch
+from prometheus_client import CollectorRegistry
 from redis.exceptions import RedisError
 
 from backbone.engine import Engine, Sequence, load_engine
@@ -62,6 +63,9 @@ from cache.streams import (
 )
 from router import messages as m
 from router.liveness import Heartbeat, ReclaimGate, live_for_reclaim
+from router.metrics import BackboneCollector, pool_usage
+from router.metrics import serve as serve_metrics
+from router.metrics import stop as stop_metrics
 
 log = logging.getLogger(__name__)
 
@@ -89,6 +93,8 @@ class BackboneConfig:
     dtype: str = "auto"  # float32 | bfloat16 | float16; auto: bfloat16 on a GPU, float32 on a CPU
     max_deliveries: int = 3  # a plan claimed from this many dead workers is dead-lettered
     outage_hold_s: float = 30.0  # while Redis is away, running sequences are held this long, then failed
+    metrics_port: int = 0  # serve Prometheus metrics on this port (0: not served; router/metrics.py)
+    metrics_host: str = "127.0.0.1"
 
     def __post_init__(self) -> None:
         if self.max_running < 1 or self.max_deliveries < 1 or self.outage_hold_s <= 0:
@@ -184,6 +190,7 @@ class BackboneWorker:
         self.gate = ReclaimGate()
         self.outage_since: float | None = None  # monotonic time of the first failed round trip of an outage
         self.cancelled = 0  # cancellations not yet counted in the stats hash
+        self.on_threads = None  # set to follow the tier's thread budget (tributary up's autoscaler re-divides it)
         self.reread = False  # a read failed: plans may have been delivered to us unheard (cache/streams.py)
         # Overlapped I/O: step N's round trip runs on this thread while step N+1 computes (one in flight at most).
         self.io = ThreadPoolExecutor(1, thread_name_prefix="redis-io") if cfg.overlap_io else None
@@ -193,6 +200,23 @@ class BackboneWorker:
         # host) on their own thread: a plan starts once its tensors are in, and the step never waits for them.
         self.prefetch = ThreadPoolExecutor(1, thread_name_prefix="media-prefetch") if cfg.overlap_io else None
         self.fetched: dict[str, Future] = {}  # run key -> its fetch, for the first waiting plans
+        # Prometheus metrics, read from this state when scraped (router/metrics.py): nothing is done per step.
+        self.metrics = CollectorRegistry()
+        self.metrics.register(BackboneCollector(
+            lambda: pool_usage(engine.pool), self._running_now, self._waiting_now,
+            preemptions=lambda: engine.preemptions, steps=lambda: engine.steps))
+
+    def _preempted(self) -> int:
+        """Running sequences whose KV blocks were taken back (they wait to be recomputed). Called on the metrics
+        thread: it copies the values (one C call under the GIL) before looking at them."""
+        return sum(1 for run in list(self.running.values())
+                   if run.seq.preempted and not run.seq.blocks and run.seq.finish is None)
+
+    def _running_now(self) -> int:
+        return len(self.running) - self._preempted()
+
+    def _waiting_now(self) -> int:
+        return len(self.waiting) + self._preempted()
 
     def _settle(self) -> list:
         """Wait for the round trip in flight (if any) and apply it; returns the plans it read."""
@@ -204,7 +228,8 @@ class BackboneWorker:
 
     def run(self) -> None:
         ensure_group(self.r, self.stream, BACKBONE_GROUP)
-        heartbeat = Heartbeat(self.cfg.redis_url, self.keys, "backbone", self.consumer, self.cfg.stall_s).start()
+        heartbeat = Heartbeat(self.cfg.redis_url, self.keys, "backbone", self.consumer, self.cfg.stall_s,
+                              on_threads=self.on_threads).start()
         pool = self.engine.pool
         log.info("backbone ready", extra={"consumer": self.consumer, "max_running": self.cfg.max_running,
                                           "kv_blocks": pool.num_blocks, "block_size": pool.block_size,
@@ -214,6 +239,8 @@ class BackboneWorker:
                                           "micro_batches": self.engine.lanes})
         new: list = []
         drain_deadline = None
+        metrics = serve_metrics(self.metrics, self.cfg.metrics_port, self.cfg.metrics_host,
+                                "backbone") if self.cfg.metrics_port else None
         try:
             while True:
                 heartbeat.tick()  # the heartbeat goes stale if this loop stops coming round
@@ -282,6 +309,7 @@ class BackboneWorker:
                     pool.shutdown(wait=True, cancel_futures=True)
             self._fail_all("the backbone worker is shutting down")
             heartbeat.stop()
+            stop_metrics(metrics)
             log.info("backbone stopped", extra={"consumer": self.consumer, "steps": self.engine.steps,
                                                 "overlapped_steps": self.engine.overlapped})
 
@@ -729,7 +757,10 @@ def serve(cfg: BackboneConfig, model_dir: str, threads: int | None = None) -> No
                                  eager=cfg.eager)
         except ValueError as exc:
             raise SystemExit(f"tributary backbone: {exc}") from None
-        BackboneWorker(cfg, engine, stop).run()
+        worker = BackboneWorker(cfg, engine, stop)
+        if threads and device.type == "cpu":  # a budgeted process follows its re-divisions
+            worker.on_threads = torch.set_num_threads
+        worker.run()
         return
     hops = init_group(cfg.dist_url, cfg.shard, cfg.num_shards, device)
     model, names = load_shard(spec.path, text, layers, dtype, device, cfg.attention)
@@ -744,7 +775,15 @@ def serve(cfg: BackboneConfig, model_dir: str, threads: int | None = None) -> No
     if not cfg.eager:  # every shard replays its decode steps (the same --max-running on every shard)
         model.capture_graphs(cfg.max_running, spec.max_context)
     if cfg.shard > 0:  # driven by shard 0 through the pipe; it stops us when it stops
-        StageWorker(model, cfg.shard, cfg.num_shards, hops).run()
+        metrics = None
+        if cfg.metrics_port:  # this shard's own KV pool (shard 0 serves the scheduler's metrics)
+            registry = CollectorRegistry()
+            registry.register(BackboneCollector(lambda: pool_usage(model.pool)))
+            metrics = serve_metrics(registry, cfg.metrics_port, cfg.metrics_host, f"backbone shard {cfg.shard}")
+        try:
+            StageWorker(model, cfg.shard, cfg.num_shards, hops).run()
+        finally:
+            stop_metrics(metrics)
         return
     head = PipelineHead(cfg.num_shards, hops)
     worker = None

@@ -55,6 +55,32 @@ def describe(exc: BaseException) -> str:
     return "error"
 
 
+PASSWORD_FILE_ENV = "TRIBUTARY_REDIS_PASSWORD_FILE"
+
+
+def with_password_file(url: str) -> str:
+    """``url`` with the password read from the file ``$TRIBUTARY_REDIS_PASSWORD_FILE`` names (a Docker or Kubernetes
+    secret mounted as a file), unless the URL carries one already. Read at every connect, so a rotated secret is
+    picked up by the next connection."""
+    import os
+    from urllib.parse import quote, urlsplit, urlunsplit
+
+    path = os.environ.get(PASSWORD_FILE_ENV)
+    parts = urlsplit(url)
+    if not path or parts.password is not None:
+        return url
+    try:
+        password = open(path, encoding="utf-8").read().strip()
+    except OSError as exc:
+        raise ValueError(f"{PASSWORD_FILE_ENV}: cannot read the password file ({exc.strerror})") from None
+    if not password:
+        return url
+    user = quote(parts.username, safe="") if parts.username else ""
+    host = parts.netloc.rpartition("@")[2]
+    netloc = f"{user}:{quote(password, safe='')}@{host}"
+    return urlunsplit((parts.scheme, netloc, parts.path, parts.query, parts.fragment))
+
+
 def _options(socket_timeout: float) -> dict:
     return {
         "retry_on_error": RETRY_ERRORS,
@@ -70,12 +96,12 @@ def _options(socket_timeout: float) -> dict:
 def connect(url: str, retries: int = 2, socket_timeout: float = SOCKET_TIMEOUT_S) -> redis.Redis:
     from redis.retry import Retry
 
-    return redis.Redis.from_url(url, retry=Retry(ExponentialBackoff(cap=1.0, base=0.05), retries, tuple(RETRY_ERRORS)),
-                                **_options(socket_timeout))
+    retry = Retry(ExponentialBackoff(cap=1.0, base=0.05), retries, tuple(RETRY_ERRORS))
+    return redis.Redis.from_url(with_password_file(url), retry=retry, **_options(socket_timeout))
 
 
 def connect_async(url: str, retries: int = 2, socket_timeout: float = SOCKET_TIMEOUT_S) -> aioredis.Redis:
     from redis.asyncio.retry import Retry
 
-    return aioredis.Redis.from_url(url, retry=Retry(ExponentialBackoff(cap=1.0, base=0.05), retries,
+    return aioredis.Redis.from_url(with_password_file(url), retry=Retry(ExponentialBackoff(cap=1.0, base=0.05), retries,
                                                     tuple(RETRY_ERRORS)), **_options(socket_timeout))

@@ -61,9 +61,20 @@ class Keys:
         """Sorted set of worker ids scored by their last heartbeat (unix seconds)."""
         return f"{self.prefix}:live:{tier}"
 
+    def budget(self, tier: str) -> str:
+        """Threads each of a tier's processes should use (``tributary up``'s CPU budget, re-divided as its autoscaler
+        adds and removes processes), with a TTL the autoscaler refreshes."""
+        return f"{self.prefix}:budget:{tier}"
+
     def stats(self, tier: str) -> str:
         """Hash of monotonically increasing counters a tier keeps (jobs, encoder calls, tokens, cancels)."""
         return f"{self.prefix}:stats:{tier}"
+
+    def metrics_leader(self) -> str:
+        """The gateway (or set of gateway processes) exporting the queues' metrics: a lease of a few seconds, taken
+        when free and renewed by its holder (gateway/metrics.py), so summing over gateways never counts a queue
+        twice."""
+        return f"{self.prefix}:metrics:leader"
 
 
 def alive(reply_stream: str) -> str:

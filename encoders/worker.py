@@ -26,6 +26,7 @@ import socket
 import threading
 import time
 import uuid
+from collections import Counter
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 
@@ -52,6 +53,9 @@ from encoders.runtime import run_isolating
 from models.media import MAX_AUDIO_S
 from router import messages as m
 from router.liveness import Heartbeat, ReclaimGate, live_for_reclaim
+from router.metrics import EncoderMetrics
+from router.metrics import serve as serve_metrics
+from router.metrics import stop as stop_metrics
 
 log = logging.getLogger(__name__)
 
@@ -73,6 +77,8 @@ class EncoderConfig:
     stall_s: float = 60.0  # a loop that has not come round for this long stops heartbeating (router/liveness.py)
     max_audio_seconds: float = MAX_AUDIO_S  # decoding stops past it; a longer clip is bad media
     preprocess_threads: int = 0  # decode + resize threads (0: min(8, cores)); they prepare batch N+1 during N's forward
+    metrics_port: int = 0  # serve Prometheus metrics on this port (0: not served; router/metrics.py)
+    metrics_host: str = "127.0.0.1"
 
     def __post_init__(self) -> None:
         if self.max_batch < 1 or self.max_wait_ms < 0 or self.block_ms < 1 or self.tensor_ttl_s < 1:
@@ -111,6 +117,7 @@ class Staged:
     jobs: list[Job]
     prepared: list[Future]  # per job: (Prepared, or (code, error); preprocessing ms)
     t0: float  # when it was staged
+    outcomes: Counter  # answers its pipe carries, by outcome (counted in the metrics once Redis took them)
 
 
 class EncoderWorker:
@@ -125,17 +132,23 @@ class EncoderWorker:
         self.publisher = TensorPublisher(self.r, self.stream, ENCODER_GROUP)
         self.gate = ReclaimGate()
         self.reread = False  # a read failed: its jobs may have been delivered to us unheard (cache/streams.py)
+        self.metrics = EncoderMetrics(cfg.modality)  # served on --metrics-port (router/metrics.py)
+        self._outcomes: Counter = Counter()  # the answers of the batch being staged or finished, by outcome
         threads = cfg.preprocess_threads or min(8, os.cpu_count() or 1)
         self.pool = ThreadPoolExecutor(threads, thread_name_prefix="preprocess")
         self.pin = getattr(runtime, "device", torch.device("cpu")).type == "cuda"  # stack batches in pinned memory
+        self.on_threads = None  # set to follow the tier's thread budget (tributary up's autoscaler re-divides it)
 
     def run(self) -> None:
         ensure_group(self.r, self.stream, ENCODER_GROUP)
-        heartbeat = Heartbeat(self.cfg.redis_url, self.keys, self.tier, self.consumer, self.cfg.stall_s).start()
+        heartbeat = Heartbeat(self.cfg.redis_url, self.keys, self.tier, self.consumer, self.cfg.stall_s,
+                              on_threads=self.on_threads).start()
         log.info("encoder ready", extra={"modality": self.cfg.modality, "runtime": self.runtime.name,
                                          "provider": getattr(self.runtime, "provider", self.cfg.device),
                                          "max_batch": self.cfg.max_batch, "consumer": self.consumer})
         pending: Staged | None = None  # read and being preprocessed; encoded next round
+        metrics = serve_metrics(self.metrics.registry, self.cfg.metrics_port, self.cfg.metrics_host,
+                                self.tier) if self.cfg.metrics_port else None
         try:
             while not self.stop.is_set():
                 heartbeat.tick()  # the heartbeat goes stale if this loop stops coming round
@@ -155,13 +168,16 @@ class EncoderWorker:
                     #    tensors, notify gateways, ack.
                     staged = self._stage(entries) if entries else None
                     if pending is not None:
+                        self.metrics.in_flight.set(len(pending.jobs) + (len(staged.jobs) if staged else 0))
                         self._finish(pending)
                     pending = staged
+                    self.metrics.in_flight.set(len(pending.jobs) if pending else 0)
                 except RedisError as exc:  # the client already retried with backoff: Redis is down or was reset
                     if pending is not None:  # its jobs are still ours in Redis: read again (reread) and redone
                         for future in pending.prepared:
                             future.cancel()
                         pending = None
+                        self.metrics.in_flight.set(0)
                     self.gate.broken()
                     self.reread = True
                     if is_nogroup(exc):  # a restarted Redis without persistence lost the group
@@ -177,6 +193,7 @@ class EncoderWorker:
         finally:
             self.pool.shutdown(wait=False, cancel_futures=True)
             heartbeat.stop()
+            stop_metrics(metrics)
             log.info("encoder stopped", extra={"consumer": self.consumer})
 
     def _ensure_group(self) -> None:
@@ -218,6 +235,7 @@ class EncoderWorker:
         """Entries are (entry id, fields) pairs as read, or :class:`Claimed` ones (reclaimed from a dead worker):
         decode and admit them (one round trip), and start preprocessing each on the pool."""
         pipe = self.r.pipeline(transaction=True)
+        self._outcomes = outcomes = Counter()
         jobs, blobs = self._admit(self._decode(entries, pipe), pipe)
         t0 = time.perf_counter()
         futures = []
@@ -226,7 +244,7 @@ class EncoderWorker:
                 futures.append(_done((error, 0.0)))
             else:
                 futures.append(self.pool.submit(self._timed, blob, job.msg))
-        return Staged(pipe, jobs, futures, t0)
+        return Staged(pipe, jobs, futures, t0, outcomes)
 
     def _timed(self, blob: bytes, msg: m.EncodeJob) -> tuple[Prepared | tuple[m.ErrorCode, str], float]:
         t0 = time.perf_counter()
@@ -264,6 +282,7 @@ class EncoderWorker:
         acked, the counters bumped, in one MULTI: a gateway (or an operator) that sees an answer sees the counters
         that include it."""
         pipe, jobs = staged.pipe, staged.jobs
+        self._outcomes = staged.outcomes
         t0 = time.perf_counter()
         prepared, pre_ms = [], {}
         for i, (job, future) in enumerate(zip(jobs, staged.prepared)):
@@ -277,14 +296,18 @@ class EncoderWorker:
         outputs: dict[int, torch.Tensor | str] = {}
         groups = shape_groups(prepared, pin=self.pin)
         by_index = dict(prepared)
+        forwards = []  # (seconds, items) of each forward batch, observed once Redis took the batch's answers
         for indices, batch in groups:
             lengths = batch_lengths([by_index[i] for i in indices])  # [B] real lengths, or None
+            t = time.perf_counter()
             outputs.update(zip(indices, run_isolating(self.runtime, batch, lengths)))  # [N, H] each, or a reason
+            forwards.append((time.perf_counter() - t, len(indices)))
         t2 = time.perf_counter()
         # 3) Publish every tensor (or the failure), ack every entry, count: one round trip.
         encoded = 0
         for i, p in prepared:  # each script also acks its job
             encoded += self._publish(pipe, jobs[i], outputs[i], p.num_tokens)
+        self._outcomes["encoded"] += encoded
         stats = self.keys.stats(self.tier)
         pipe.hincrby(stats, "encoder_calls", encoded)  # items encoded
         streamed = sum(jobs[i].msg.input == m.JobInput.FEATURES for i, _ in prepared)
@@ -295,6 +318,10 @@ class EncoderWorker:
         if groups:
             pipe.hset(stats, "last_batch_size", len(prepared))
         pipe.execute()
+        self.metrics.finished(staged.outcomes)
+        for seconds, items in forwards:
+            self.metrics.encode_seconds.observe(seconds)
+            self.metrics.batch_size.observe(items)
         for i, p in prepared:
             log.info("encoded", extra={"request_id": jobs[i].msg.request_id, "job_id": jobs[i].msg.job_id,
                                        "modality": self.cfg.modality, "tokens": p.num_tokens, "batch": len(prepared),
@@ -312,6 +339,7 @@ class EncoderWorker:
             except (m.WireError, KeyError) as exc:
                 log.error("dropping undecodable job", extra={"entry": entry_id, "error": str(exc)})
                 ack_delete(pipe, self.stream, ENCODER_GROUP, entry_id)
+                self._outcomes["undecodable"] += 1
                 continue
             key = self.keys.tensor(msg.encoder_id, msg.digest)
             script_keys = (key, self.keys.waiters(msg.encoder_id, msg.digest),
@@ -391,6 +419,7 @@ class EncoderWorker:
     def _fail(self, pipe, job: Job, code: m.ErrorCode, error: str) -> None:
         msg = m.EncodeFailed(request_id=job.msg.request_id, job_id=job.msg.job_id, tensor_key=job.tensor_key,
                              code=code, error=error)
+        self._outcomes[code.value] += 1
         self.publisher.fail(pipe, job.script_keys, job.entry_id, m.encode(msg), job.msg.reply_to)
 
 
@@ -413,5 +442,8 @@ def serve(cfg: EncoderConfig, model_dir: str, threads: int | None = None) -> Non
     runtime = load_runtime(spec, cfg.modality, cfg.runtime, cfg.device, threads, dtype=WIRE_DTYPES[cfg.dtype])
     log.info("encoder loaded", extra={"modality": cfg.modality, "encoder_id": spec.encoder_id(cfg.modality),
                                       "device": cfg.device, "dtype": cfg.dtype, "wire_dtype": cfg.wire_dtype})
-    EncoderWorker(cfg, load_preprocessor(spec, cfg.modality, cfg.max_audio_seconds), runtime, stop,
-                  spec.encoder_id(cfg.modality)).run()
+    worker = EncoderWorker(cfg, load_preprocessor(spec, cfg.modality, cfg.max_audio_seconds), runtime, stop,
+                           spec.encoder_id(cfg.modality))
+    if threads and cfg.runtime == "torch":  # a budgeted process follows its re-divisions (ONNX Runtime's pool is fixed)
+        worker.on_threads = torch.set_num_threads
+    worker.run()

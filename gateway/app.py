@@ -30,6 +30,7 @@ from gateway.chat import ChatService, RequestIds
 from gateway.config import GatewayConfig
 from gateway.encoding import MediaEncoder
 from gateway.errors import APIError, Internal, MethodNotAllowed, NotFound, Unavailable
+from gateway.metrics import CONTENT_TYPE, ClusterMetrics, GatewayMetrics, lease_owner
 from gateway.monitor import ClusterMonitor
 from gateway.openapi import openapi
 from gateway.origin import BrowserGuard, split_list
@@ -59,6 +60,7 @@ def create_app(cfg: GatewayConfig):
     ring = KeyRing.from_env(cfg.api_key_file, cfg.shared_cache)  # a bad key file stops the start here
     if ring.enabled:
         log.info("API keys required", extra={"key_file": cfg.api_key_file})
+    metrics = GatewayMetrics()  # GET /metrics (gateway/metrics.py)
 
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette):
@@ -82,14 +84,21 @@ def create_app(cfg: GatewayConfig):
         await monitor.beat()  # takes the lease before the first request (a Redis still away is retried)
         app.state.redis, app.state.tiers, app.state.monitor = redis, tiers, monitor
         tiers.view = monitor.view
-        media = MediaEncoder(redis, cfg, spec, replies, reply_stream, tiers.liveness_unknown)
+        media = MediaEncoder(redis, cfg, spec, replies, reply_stream, tiers.liveness_unknown, metrics)
         builder = PromptBuilder(spec, tokenizer, cfg.max_media_bytes, cfg.limit_mm_per_prompt, cfg.max_audio_seconds)
         limiter = RateLimiter(redis, keys, cfg.rate_limit_rpm, cfg.rate_limit_tpm)
-        app.state.chat = ChatService(cfg, builder, media, tiers, replies, monitor, limiter)
+        app.state.chat = ChatService(cfg, builder, media, tiers, replies, monitor, limiter, metrics)
+        # The queues' metrics, exported by one gateway of the cluster (the metrics leader lease); its own
+        # connection (the monitor's settings: a short timeout, no retries), so a slow Redis never holds requests.
+        cluster = ClusterMetrics(connect_async(cfg.redis_url, retries=0, socket_timeout=2.0), keys,
+                                 needed_tiers, lease_owner(gateway_id))
+        await cluster.refresh()  # a Redis still away only leaves the snapshot empty
+        metrics.attach(cluster)
         app.state.spec, app.state.cfg, app.state.realtime_connections = spec, cfg, 0
         # Kept: the loop holds tasks weakly.
         tasks = [asyncio.create_task(replies.run(), name="reply-reader"),
-                 asyncio.create_task(monitor.run(), name="cluster-monitor")]
+                 asyncio.create_task(monitor.run(), name="cluster-monitor"),
+                 asyncio.create_task(cluster.run(), name="cluster-metrics")]
         log.info("gateway ready", extra={"gateway_id": gateway_id, "model": spec.name})
         try:
             yield
@@ -99,6 +108,8 @@ def create_app(cfg: GatewayConfig):
                 with contextlib.suppress(asyncio.CancelledError):
                     await task
             await monitor.close()
+            await cluster.close()
+            await cluster.r.aclose()
             with contextlib.suppress(RedisError):
                 await redis.delete(reply_stream)
             await redis.aclose()
@@ -146,6 +157,11 @@ def create_app(cfg: GatewayConfig):
         status = "ok" if not missing else "degraded"
         return {**body, "status": status, "redis": "ok", "workers": live, "missing": missing}, not missing
 
+    async def metrics_text(request: Request) -> Response:
+        """Prometheus metrics (no API key: gateway/auth.py). Never waits on Redis (gateway/metrics.py)."""
+        body = await asyncio.to_thread(metrics.render) if metrics.multiprocess else metrics.render()
+        return Response(body, media_type=CONTENT_TYPE)
+
     async def health(request: Request) -> Response:
         body, _ = await probe(request)
         return JSONResponse(body)
@@ -162,6 +178,7 @@ def create_app(cfg: GatewayConfig):
             WebSocketRoute("/v1/realtime", realtime_endpoint),
             Route("/health", health, methods=["GET"]),
             Route("/ready", ready, methods=["GET"]),
+            Route("/metrics", metrics_text, methods=["GET"]),
         ],
         lifespan=lifespan,
         exception_handlers={404: _route_error, 405: _route_error},

@@ -32,6 +32,7 @@ from gateway.detokenize import Detokenizer
 from gateway.encoding import MediaEncoder
 from gateway.errors import (APIError, Internal, InvalidRequest, NotFound, PayloadTooLarge, RequestTimeout,
                             Timeout, Unavailable)
+from gateway.metrics import GatewayMetrics
 from gateway.monitor import ClusterMonitor, admit
 from gateway.prompt import Prompt, PromptBuilder, expand_placeholders
 from gateway.ratelimit import RateLimiter
@@ -72,8 +73,10 @@ class RequestIds:
 
 class ChatService:
     def __init__(self, cfg: GatewayConfig, builder: PromptBuilder, media: MediaEncoder, tiers: TierClient,
-                 replies: ReplyRouter, monitor: ClusterMonitor, limiter: RateLimiter | None = None):
+                 replies: ReplyRouter, monitor: ClusterMonitor, limiter: RateLimiter | None = None,
+                 metrics: GatewayMetrics | None = None):
         self.cfg, self.builder, self.media, self.tiers, self.replies = cfg, builder, media, tiers, replies
+        self.metrics = metrics or GatewayMetrics()
         self.limiter = limiter or RateLimiter(None, Keys(cfg.prefix))  # no limits: never touches Redis
         self.remote = RemoteMedia.of(cfg.allowed_media_domains, cfg.max_media_bytes, cfg.media_fetch_timeout_s)
         self.monitor = monitor
@@ -81,25 +84,35 @@ class ChatService:
         self.inflight = 0  # requests admitted and not yet answered in full
         self._tasks: set[asyncio.Task] = set()  # hard references: the loop keeps only weak ones
 
+    @property
+    def inflight(self) -> int:
+        return self._inflight
+
+    @inflight.setter
+    def inflight(self, n: int) -> None:  # every change is also the gauge's (a file write under multiprocess mode)
+        self._inflight = n
+        self.metrics.in_flight.set(n)
+
     def admit(self, tiers: list[str], counted: bool = False) -> None:
         """``counted``: this request is already among ``inflight`` (a second check, once its media are known)."""
         admit(self.monitor.view, None if counted else self.inflight, self.cfg, tiers)
 
     async def handle(self, request: Request, ids: RequestIds) -> Response:
+        arrival = time.perf_counter()
         rate = await self.limiter.admit(getattr(request.state, "tenant", None))  # a 429 before anything else
         ids = replace(ids, rate=tuple(rate.items()))
         self.admit(["backbone"])
         self.inflight += 1
         streaming = False
         try:
-            response = await self._handle(request, ids)
+            response = await self._handle(request, ids, arrival)
             streaming = isinstance(response, ReleasingStream)
             return response
         finally:
             if not streaming:  # a stream is counted until its last event (``_sse``)
                 self.inflight -= 1
 
-    async def _handle(self, request: Request, ids: RequestIds) -> Response:
+    async def _handle(self, request: Request, ids: RequestIds, arrival: float) -> Response:
         rid = ids.server
         body = await self._read_body(request)
         tenant = getattr(request.state, "tenant", None)  # gateway/auth.py: None without API keys
@@ -116,7 +129,7 @@ class ChatService:
             async def encode_again() -> list[m.MediaRef]:  # a cached tensor expired (or a Redis restart lost it)
                 return await self.media.encode(rid, prompt.media, queue, prompt.namespace)
 
-            deltas = self._deltas(rid, req, plan, queue, encode_again, tenant)
+            deltas = self._deltas(rid, req, plan, queue, encode_again, tenant, arrival)
             first = await anext(deltas)  # errors before the first token are plain HTTP errors
         except BaseException:
             watcher.cancel()
@@ -147,6 +160,7 @@ class ChatService:
         a part that must be encoded sends them to the encoder instead of its bytes. An APIError comes before the
         first delta; setting ``cancelled``, or closing the iterator, stops it and frees the backbone slot
         (ClientGone). ``tenant``: the caller's (gateway/auth.py), None without API keys."""
+        arrival = time.perf_counter()
         await self.limiter.admit(tenant)
         self.admit(["backbone"])
         self.inflight += 1
@@ -166,7 +180,7 @@ class ChatService:
             async def encode_again() -> list[m.MediaRef]:
                 return await self.media.encode(rid, prompt.media, queue, prompt.namespace)
 
-            deltas = self._deltas(rid, req, plan, queue, encode_again, tenant)
+            deltas = self._deltas(rid, req, plan, queue, encode_again, tenant, arrival)
             try:
                 async for d in deltas:
                     yield d
@@ -256,15 +270,19 @@ class ChatService:
                             sampling=sampling, deadline=time.time() + self.cfg.first_token_timeout_s)
 
     async def _deltas(self, rid: str, req: ChatCompletionRequest, plan: m.PromptPlan, queue, encode_again,
-                      tenant=None) -> AsyncIterator[Delta]:
+                      tenant=None, arrival: float | None = None) -> AsyncIterator[Delta]:
         detok = Detokenizer(self.builder.tokenizer, req.stop_strings())
         finished = False
         used = 0  # prompt + completion tokens so far, for the tenant's token rate limit
+        timing = self.metrics.request(time.perf_counter() if arrival is None else arrival)
+        reason = "abort"  # the metrics' finished_reason (gateway/metrics.py) unless it ends otherwise
         try:
             async for ev in self.tiers.generate(plan, queue, encode_again):
                 if ev.finish == m.FinishReason.ERROR:
                     finished = True
+                    reason = "error"
                     raise _event_error(ev)
+                timing.tokens(len(ev.token_ids), ev.prompt_tokens)
                 text = detok.add(ev.token_ids)
                 used = ev.prompt_tokens + ev.completion_tokens
                 d = Delta(text, None, ev.prompt_tokens, ev.completion_tokens)
@@ -272,10 +290,17 @@ class ChatService:
                     finished = ev.finish is not None
                     d.text += detok.flush()
                     d.finish = "length" if ev.finish == m.FinishReason.LENGTH and not detok.stopped else "stop"
+                    reason = "abort" if ev.finish == m.FinishReason.CANCELLED else d.finish  # a stop string: stop
                     yield d
                     return
                 yield d
+        except (ClientGone, Timeout):  # the client went away, or the gateway gave up waiting: an abort
+            raise
+        except Exception:
+            reason = "error"
+            raise
         finally:
+            timing.finish(reason)
             if not finished:  # stop string, client gone, timeout: free the backbone slot
                 self._spawn(self.tiers.cancel(rid))
             if used:

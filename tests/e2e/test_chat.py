@@ -341,6 +341,51 @@ def test_ready_and_health(cluster):
     assert health["instance"] == ready.json()["instance"] != ""
 
 
+def test_metrics_report_the_request_the_tokens_and_every_tiers_queue(client, cluster):
+    """``GET /metrics`` (Prometheus text): a trimodal request shows in the gateway's latency histograms, token
+    counters, finish reasons and cache counters; this (only) gateway holds the metrics lease and exports each
+    tier's queue, and the cluster's stats hashes (what the other tests read) as tributary_tier_stat."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    r = client.chat.completions.create(model=cluster.model, messages=trimodal_messages(41), max_tokens=5,
+                                       temperature=0, extra_body={"ignore_eos": True})
+    assert r.usage.completion_tokens == 5
+
+    def find(samples, name: str, **labels) -> list[float]:
+        return [s.value for s in samples if s.name == name and all(s.labels.get(k) == v for k, v in labels.items())]
+
+    deadline = time.monotonic() + 15
+    while True:  # the queue metrics come from a snapshot refreshed every 2 s: wait for one taken after the request
+        resp = httpx.get(f"{cluster.base_url}/metrics", timeout=10)
+        assert resp.status_code == 200 and resp.headers["content-type"].startswith("text/plain")
+        samples = [s for fam in text_string_to_metric_families(resp.text) for s in fam.samples]
+        if find(samples, "tributary_tier_stat", tier="backbone", stat="tokens") or time.monotonic() > deadline:
+            break
+        time.sleep(0.5)  # polling the scrape endpoint for the next snapshot
+
+    def value(name: str, **labels) -> float:
+        found = find(samples, name, **labels)
+        assert len(found) == 1, (name, labels, found)
+        return found[0]
+
+    assert value("tributary_time_to_first_token_seconds_count") >= 1
+    assert value("tributary_e2e_request_latency_seconds_count") >= 1
+    assert value("tributary_inter_token_latency_seconds_count") >= 1  # 5 tokens: at least two events
+    assert value("tributary_generation_tokens_total") >= 5 and value("tributary_prompt_tokens_total") > 0
+    assert value("tributary_request_success_total", finished_reason="length") >= 1
+    for modality in ("image", "audio"):
+        assert (value("tributary_encoder_cache_hits_total", modality=modality)
+                + value("tributary_encoder_cache_misses_total", modality=modality)) >= 1
+    tiers = {"encoder:image", "encoder:audio", "backbone"}
+    assert value("tributary_cluster_metrics_leader") == 1
+    for name in ("tributary_queue_length", "tributary_queue_pending", "tributary_queue_lag",
+                 "tributary_tier_live_workers"):
+        assert {s.labels["tier"] for s in samples if s.name == name} == tiers, name
+    assert value("tributary_tier_live_workers", tier="backbone") >= 1
+    assert value("tributary_tier_stat", tier="backbone", stat="tokens") >= 5
+    assert value("tributary_tier_stat", tier="encoder:image", stat="forward_passes") >= 1
+
+
 def jobs_added(r, prefix: str) -> int:
     """Entries ever added to the image job stream (acked jobs are deleted, so not its length; Redis 7+)."""
     try:

@@ -79,7 +79,7 @@ def test_every_route_needs_a_key_but_the_probes(secured):
             err = r.json()["error"]
             assert err["code"] == "invalid_api_key" and err["type"] == "invalid_request_error"
             assert KEYS["alice"] not in r.text and "wrong" not in r.text
-    for path in ("/health", "/ready"):
+    for path in ("/health", "/ready", "/metrics"):  # probes and Prometheus scrapers carry no key
         assert httpx.get(secured.base_url + path, timeout=30).status_code == 200
     with pytest.raises(openai.AuthenticationError):
         ask(secured, "wrong", "hi")

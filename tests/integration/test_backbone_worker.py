@@ -7,11 +7,13 @@ import json
 import signal
 import subprocess
 import time
+import urllib.request
 
 import pytest
 import redis
 
 from backbone.engine import load_engine
+from cache.embedded import free_port
 from cache.keys import BACKBONE_GROUP, Keys
 from cache.streams import fields_payload, payload_fields
 from router import messages as m
@@ -24,7 +26,10 @@ KEYS = Keys()
 def backbone(tiny_model, redis_server):
     # One torch thread: on a loaded 2-core machine two threads per step wait on each other and decoding gets ~5x
     # slower than with one (400 tokens beside two busy loops: 9.1 s vs 1.7 s); the drain test needs a steady pace.
-    proc = start_tier(["backbone", "--model", str(tiny_model), "--threads", "1"], redis_server.url, "backbone")
+    port = free_port()
+    proc = start_tier(["backbone", "--model", str(tiny_model), "--threads", "1", "--metrics-port", str(port)],
+                      redis_server.url, "backbone")
+    proc.metrics_port = port
     yield proc
     if proc.poll() is None:
         proc.kill()
@@ -130,6 +135,34 @@ def test_cancel_frees_the_slot_and_a_later_request_interleaves(backbone, redis_s
     assert later.completion_tokens <= end.completion_tokens < 1000
     assert int(r.hget(KEYS.stats("backbone"), "cancelled")) == cancelled_before + 1
     assert r.xpending(KEYS.gen(), BACKBONE_GROUP)["pending"] == 0, "the cancelled plan was not acknowledged"
+
+
+def scrape(port: int) -> dict[str, float]:
+    """The worker's --metrics-port, as {sample name: value} (its samples carry no labels)."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as resp:
+        text = resp.read().decode()
+    return {s.name: s.value for fam in text_string_to_metric_families(text) for s in fam.samples}
+
+
+def test_the_metrics_port_reports_the_running_request_and_its_kv_blocks(backbone, redis_server):
+    r = redis.Redis.from_url(redis_server.url)
+    reader = Reader(r, "reply:bbm")
+    hold_lease(r, "reply:bbm")
+    r.xadd(KEYS.gen(), payload_fields(m.encode(plan("metered", "reply:bbm", [1, 20, 21], 1000))))
+    reader.until(lambda ev: ev.request_id == "metered", "the request never started", timeout=30)
+    during = scrape(backbone.metrics_port)
+    r.set(KEYS.cancel("metered"), 1, ex=60)
+    reader.until(lambda ev: ev.request_id == "metered" and ev.finish is not None, "the request never ended")
+    deadline = time.monotonic() + 10
+    while (after := scrape(backbone.metrics_port))["tributary_num_requests_running"] and time.monotonic() < deadline:
+        time.sleep(0.1)  # its blocks are released when the round trip that carried its end is applied
+    assert during["tributary_num_requests_running"] == 1 and during["tributary_num_requests_waiting"] == 0
+    assert 0 < during["tributary_kv_cache_usage_perc"] <= 1
+    assert during["tributary_backbone_steps_total"] > 0
+    assert after["tributary_num_requests_running"] == 0 and after["tributary_kv_cache_usage_perc"] == 0
+    assert after["tributary_backbone_steps_total"] > during["tributary_backbone_steps_total"]
 
 
 DRAIN_TOKENS = 400  # the tiny model on one thread decodes ~2.5 ms/token here (1 s), far from done when SIGTERM

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+import urllib.request
 import uuid
 
 import numpy as np
@@ -11,6 +12,7 @@ import redis
 import torch
 
 from cache.codec import decode_tensor
+from cache.embedded import free_port
 from cache.keys import ENCODER_GROUP, Keys
 from cache.streams import fields_payload, payload_fields
 from encoders.loader import load_preprocessor, load_runtime
@@ -24,8 +26,10 @@ KEYS = Keys()
 
 @pytest.fixture(scope="module")
 def image_worker(tiny_model, redis_server):
-    proc = start_tier(["encoder", "--modality", "image", "--model", str(tiny_model)], redis_server.url,
-                      "encoder:image")
+    port = free_port()
+    proc = start_tier(["encoder", "--modality", "image", "--model", str(tiny_model), "--metrics-port", str(port)],
+                      redis_server.url, "encoder:image")
+    proc.metrics_port = port
     yield proc
     if proc.poll() is None:
         proc.kill()
@@ -118,6 +122,37 @@ def test_features_an_encoder_cannot_take_are_an_internal_error_not_bad_media(ima
     submit(r, tiny_spec, png_bytes(seed=15), "reply:features")
     assert isinstance(next_reply(r, "reply:features"), m.EncodeDone)
     assert image_worker.poll() is None
+
+
+def test_the_metrics_port_counts_jobs_by_outcome_and_forward_batches(image_worker, redis_server, tiny_spec):
+    """The worker's --metrics-port (Prometheus text): answered jobs by outcome, one batch-size and one encode-seconds
+    observation per forward batch, nothing left in hand once the answers are out."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    def scrape() -> dict[tuple, float]:
+        url = f"http://127.0.0.1:{image_worker.metrics_port}/metrics"
+        with urllib.request.urlopen(url, timeout=10) as resp:
+            text = resp.read().decode()
+        return {(s.name, s.labels.get("outcome") or s.labels.get("le")): s.value
+                for fam in text_string_to_metric_families(text) for s in fam.samples
+                if s.labels.get("modality") == "image"}
+
+    r = redis.Redis.from_url(redis_server.url)
+    before = scrape()
+    submit(r, tiny_spec, png_bytes(seed=21), "reply:metrics")
+    assert isinstance(next_reply(r, "reply:metrics"), m.EncodeDone)
+    submit(r, tiny_spec, b"not an image", "reply:metrics")
+    assert isinstance(next_reply(r, "reply:metrics"), m.EncodeFailed)
+    after = scrape()
+
+    def grew(name: str, label: str | None = None) -> float:
+        return after[(name, label)] - before[(name, label)]
+
+    assert grew("tributary_encoder_jobs_total", "encoded") == 1
+    assert grew("tributary_encoder_jobs_total", "bad_media") == 1
+    assert grew("tributary_encoder_batch_size_count") == grew("tributary_encoder_encode_seconds_count") == 1
+    assert grew("tributary_encoder_batch_size_bucket", "1.0") == 1  # one image per forward
+    assert after[("tributary_encoder_in_flight_jobs", None)] == 0
 
 
 def test_sigterm_exits_cleanly_and_deregisters(image_worker, redis_server):

@@ -83,7 +83,7 @@ def client():
         await websocket.close()
 
     app = Starlette(routes=[Route("/v1/models", whoami), Route("/health", whoami), Route("/ready", whoami),
-                            WebSocketRoute("/v1/realtime", ws)])
+                            Route("/metrics", whoami), WebSocketRoute("/v1/realtime", ws)])
     return TestClient(AuthMiddleware(app, KeyRing("alice:ka")))
 
 
@@ -95,6 +95,7 @@ def test_http_needs_a_bearer_key_except_the_probes(client):
         assert r.json()["error"]["code"] == "invalid_api_key" and r.json()["error"]["type"] == "invalid_request_error"
         assert "ka" not in r.text.replace("invalid_api_key", "")
     assert client.get("/health").status_code == 200 and client.get("/ready").json() == {"tenant": None}
+    assert client.get("/metrics").json() == {"tenant": None}  # Prometheus scrapes without a key
 
 
 def test_the_websocket_takes_the_header_or_the_subprotocol_key(client):
