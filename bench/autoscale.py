@@ -4,8 +4,8 @@ worker.
     .venv/bin/python bench/autoscale.py [--rate 6] [--seconds 25] [--pairs 2] [--idle-cores 0.75]   # ~6 min
 
 Two local clusters on the ``small`` demo model, one after the other on the same machine: fixed (one worker per
-tier), then ``--autoscale`` (image tier 1..4, up after 1 s of demand, down after 10 s, cool-down 5 s), ``--pairs``
-times (the spread between pairs is the noise). Each is warmed up, then gets the same open-loop burst: ``--rate``
+tier) and ``--autoscale`` (image tier 1..4, up after 1 s of demand, down after 10 s, cool-down 5 s), ``--pairs``
+times, the order alternating (the spread between pairs is the noise). Each is warmed up, then gets the same open-loop burst: ``--rate``
 chat completions per second for ``--seconds``, each with a fresh ``--size`` JPEG (a cache miss: an image encode
 each) and ``--tokens`` generated tokens, sent on schedule whether or not earlier ones finished (a closed loop would
 slow its own arrivals and hide the queue). Prints time to first token (p50, p99, max) for both and their ratios and
@@ -168,13 +168,13 @@ def main() -> None:
         model = Path(tmp) / "demo-small"
         write_demo_model(model, "small")
         pairs = []
-        for _ in range(args.pairs):  # fixed then autoscaled, again: the spread between pairs is the noise
-            fixed = scaled = None
-            if args.only != "autoscaled":
-                fixed = run(model, False, args.rate, args.seconds, args.seed, 0)
-            if args.only != "fixed":
-                scaled = run(model, True, args.rate, args.seconds, args.seed, args.tail)
-            pairs.append((fixed or scaled, scaled or fixed))
+        for k in range(args.pairs):  # the spread between pairs is the noise; the order alternates
+            runs = {}
+            for autoscale in ((False, True) if k % 2 == 0 else (True, False)):
+                if args.only != ("fixed" if autoscale else "autoscaled"):
+                    runs[autoscale] = run(model, autoscale, args.rate, args.seconds, args.seed,
+                                          args.tail if autoscale else 0)
+            pairs.append((runs.get(False) or runs[True], runs.get(True) or runs[False]))
     fixed, scaled = pairs[-1]
     n = len(fixed["results"])
     print(f"image burst: {n} requests at {args.rate:g}/s for {args.seconds:g} s, a {args.size}x{args.size} JPEG "
