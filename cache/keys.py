@@ -70,6 +70,11 @@ class Keys:
         """Hash of monotonically increasing counters a tier keeps (jobs, encoder calls, tokens, cancels)."""
         return f"{self.prefix}:stats:{tier}"
 
+    def autoscale(self) -> str:
+        """Hash ``{<tier>: replicas, <tier>:recommended: n}`` that ``tributary up --autoscale`` keeps (TTL), which the
+        metrics leader exports (``tributary_autoscaler_replicas``, ``tributary_autoscaler_recommended``)."""
+        return f"{self.prefix}:autoscale"
+
     def metrics_leader(self) -> str:
         """The gateway (or set of gateway processes) exporting the queues' metrics: a lease of a few seconds, taken
         when free and renewed by its holder (gateway/metrics.py), so summing over gateways never counts a queue

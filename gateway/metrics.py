@@ -17,7 +17,9 @@ them, summing over gateways would count every queue once per gateway. Instead th
 group's pending count from XINFO GROUPS, what XPENDING's summary counts), ``tributary_queue_lag{tier}`` (not yet
 delivered: length - pending, exact because acked entries are deleted, cache/streams.py; Redis 6.2 has no lag
 field), ``tributary_tier_live_workers{tier}`` and the cluster-wide counters of ``<prefix>:stats:<tier>`` as
-``tributary_tier_stat{tier,stat}`` (as they are). The numbers come from a snapshot refreshed every ``interval_s``
+``tributary_tier_stat{tier,stat}`` (as they are), and while ``tributary up --autoscale`` runs,
+``tributary_autoscaler_replicas{tier}`` / ``tributary_autoscaler_recommended{tier}`` (what it runs and what the
+policy recommended at its last poll, from ``<prefix>:autoscale``). The numbers come from a snapshot refreshed every ``interval_s``
 by its own task (one pipelined round trip); a scrape never waits on Redis. Every gateway exports
 ``tributary_cluster_metrics_leader`` (1 on the holder). When the holder stops, its lease is released (or lapses) and
 another gateway takes over within an interval or two. A snapshot older than three intervals (Redis away) is not
@@ -185,6 +187,7 @@ class ClusterMetrics(Collector):
         self.lease_ms = int(interval_s * 3 * 1000)
         self.leader = False
         self.snapshot: dict | None = None  # tier -> {length, pending, lag, live, stats}
+        self.autoscale: dict[str, float] = {}  # the local autoscaler's state, when one runs
         self.at = -1e9  # monotonic time of the snapshot
         self._failing = False
 
@@ -209,6 +212,7 @@ class ClusterMetrics(Collector):
             pipe.xinfo_groups(stream)
             pipe.zcount(*live_count_args(self.keys, tier))
             pipe.hgetall(self.keys.stats(tier))
+        pipe.hgetall(self.keys.autoscale())
         try:
             res = await asyncio.wait_for(pipe.execute(raise_on_error=False), self.interval_s * 2)
             if isinstance(res[0], Exception):
@@ -233,6 +237,8 @@ class ClusterMetrics(Collector):
             stats = {} if isinstance(stats, Exception) else _numbers(stats)
             snapshot[tier] = {"length": length, "pending": pending, "lag": max(length - pending, 0),
                               "live": 0 if isinstance(live, Exception) else int(live), "stats": stats}
+        scaled = res[1 + 4 * len(self.tiers)]
+        self.autoscale = {} if isinstance(scaled, Exception) else _numbers(scaled)
         self.snapshot, self.at = snapshot, time.monotonic()
 
     async def close(self) -> None:
@@ -273,6 +279,17 @@ class ClusterMetrics(Collector):
                 stat.add_metric([tier, name], value)
         yield from families.values()
         yield stat
+        if self.autoscale:
+            replicas = GaugeMetricFamily("tributary_autoscaler_replicas", "Replicas tributary up --autoscale runs "
+                                         "for the tier", labels=["tier"])
+            recommended = GaugeMetricFamily("tributary_autoscaler_recommended", "Replicas the scaling policy "
+                                            "recommended at its last poll (before stabilization and bounds)",
+                                            labels=["tier"])
+            for name, value in sorted(self.autoscale.items()):
+                tier = name.removesuffix(":recommended")
+                (recommended if name.endswith(":recommended") else replicas).add_metric([tier], value)
+            yield replicas
+            yield recommended
 
 
 def _pending(group: str, groups) -> int:

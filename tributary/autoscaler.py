@@ -202,6 +202,7 @@ class LocalAutoscaler:
             return
         changed = False
         self.idle_trace.append((round(now - self.t0, 3), self.idle.average()))
+        state: dict[str, int] = {}
         for tier, load in loads.items():
             decision = self.scalers[tier].observe(load, self.ceiling(tier))
             self.trace[tier].append(asdict(load))
@@ -209,9 +210,15 @@ class LocalAutoscaler:
             if decision.replicas != len(groups):
                 changed = True
                 self._resize(tier, groups, decision.replicas, decision.reason)
-            self.history[tier].append((load.t, len(self.sup.tier_groups(tier))))
+            replicas = len(self.sup.tier_groups(tier))
+            self.history[tier].append((load.t, replicas))
+            state[tier], state[f"{tier}:recommended"] = replicas, decision.recommended
         try:
             self._publish_budget(self.budget())
+            pipe = self.r.pipeline(transaction=False)
+            pipe.hset(self.keys.autoscale(), mapping=state)  # the metrics leader exports it (gateway/metrics.py)
+            pipe.expire(self.keys.autoscale(), BUDGET_TTL_S)
+            pipe.execute()
         except (RedisError, OSError):
             pass
         if changed:
@@ -256,7 +263,7 @@ class LocalAutoscaler:
     def close(self) -> None:
         self.write_trace()
         try:
-            self.r.delete(*(self.keys.budget(t) for t in self.cluster.tiers()))
+            self.r.delete(*(self.keys.budget(t) for t in self.cluster.tiers()), self.keys.autoscale())
         except (RedisError, OSError):
             pass
 

@@ -131,6 +131,27 @@ def test_only_the_lease_holder_exports_the_queues(redis_url):
     assert value(after, "tributary_queue_length", tier="encoder:image") == 3
 
 
+def test_the_leader_exports_the_local_autoscalers_replicas(redis_url):
+    seed_queues(redis_url)
+    redis.Redis.from_url(redis_url).hset(Keys().autoscale(), mapping={
+        "encoder:image": 3, "encoder:image:recommended": 5, "encoder:audio": 1, "encoder:audio:recommended": 0})
+
+    async def scenario():
+        c = ClusterMetrics(connect_async(redis_url), Keys(), TIERS, "gw-as", interval_s=0.5)
+        try:
+            await c.refresh()
+            return samples(_render(c))
+        finally:
+            await c.close()
+            await c.r.aclose()
+
+    got = asyncio.run(scenario())
+    assert value(got, "tributary_autoscaler_replicas", tier="encoder:image") == 3
+    assert value(got, "tributary_autoscaler_recommended", tier="encoder:image") == 5
+    assert value(got, "tributary_autoscaler_replicas", tier="encoder:audio") == 1
+    redis.Redis.from_url(redis_url).delete(Keys().autoscale())
+
+
 def test_a_stale_snapshot_is_not_exported_and_redis_away_means_no_leader(redis_url):
     async def scenario():
         c = ClusterMetrics(connect_async(redis_url), Keys(), TIERS, "gw", interval_s=0.5)
@@ -243,6 +264,7 @@ def known_samples() -> set[str]:
     cluster = ClusterMetrics(None, Keys(), TIERS, "gw")
     cluster.leader, cluster.at = True, time.monotonic()
     cluster.snapshot = {t: {"length": 0, "pending": 0, "lag": 0, "live": 1, "stats": {"tokens": 1.0}} for t in TIERS}
+    cluster.autoscale = {"encoder:image": 1.0, "encoder:image:recommended": 1.0}  # while tributary up --autoscale runs
     g.attach(cluster)
     from prometheus_client import CollectorRegistry
 
