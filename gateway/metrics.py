@@ -19,8 +19,8 @@ delivered: length - pending, exact because acked entries are deleted, cache/stre
 field), ``tributary_tier_live_workers{tier}`` and the cluster-wide counters of ``<prefix>:stats:<tier>`` as
 ``tributary_tier_stat{tier,stat}`` (as they are), and while ``tributary up --autoscale`` runs,
 ``tributary_autoscaler_replicas{tier}`` / ``tributary_autoscaler_recommended{tier}`` (what it runs and what the
-policy recommended at its last poll, from ``<prefix>:autoscale``). The numbers come from a snapshot refreshed every ``interval_s``
-by its own task (one pipelined round trip); a scrape never waits on Redis. Every gateway exports
+policy recommended at its last poll, from ``<prefix>:autoscale``). The numbers come from a snapshot refreshed every
+``interval_s`` by its own task (one pipelined round trip); a scrape never waits on Redis. Every gateway exports
 ``tributary_cluster_metrics_leader`` (1 on the holder). When the holder stops, its lease is released (or lapses) and
 another gateway takes over within an interval or two. A snapshot older than three intervals (Redis away) is not
 exported.
