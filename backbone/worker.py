@@ -52,7 +52,6 @@ from cache.codec import CodecError, decode_tensor
 from cache.keys import BACKBONE_GROUP, Keys, alive
 from cache.streams import (
     Claimed,
-    ReplyWriter,
     ack_delete,
     dead_letter,
     ensure_group,
@@ -60,6 +59,7 @@ from cache.streams import (
     is_nogroup,
     own_pending,
     reclaim_dead,
+    send_reply,
 )
 from router import messages as m
 from router.liveness import Heartbeat, ReclaimGate, live_for_reclaim
@@ -182,7 +182,6 @@ class BackboneWorker:
         self.stream = self.keys.gen()
         self.consumer = f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
         self.r = connect(cfg.redis_url)
-        self.replies = ReplyWriter(self.r)  # events reach live gateways only
         self.running: dict[str, Running] = {}
         self.waiting: deque[tuple[bytes, m.PromptPlan]] = deque()  # read, not started (slots or KV memory full)
         self.outbox: list[tuple[str, m.TokenEvent | None, bytes | None]] = []  # (reply_to, event, entry to ack)
@@ -424,7 +423,7 @@ class BackboneWorker:
         log.warning("plan of a dead worker", extra={"request_id": plan.request_id, "attempt": plan.attempt,
                                                     "from": entry.consumer, "code": code.value})
         ev = self._error_event(plan, code, error, worker=entry.consumer)
-        self.replies.send(pipe, plan.reply_to, m.encode(ev))
+        send_reply(pipe, plan.reply_to, m.encode(ev))
         ack_delete(pipe, self.stream, BACKBONE_GROUP, entry.entry_id)
 
     # -- Plans --------------------------------------------------------------------------------------------------
@@ -598,7 +597,7 @@ class BackboneWorker:
         tokens = 0
         for reply_to, ev, entry_id in self.outbox:
             if ev is not None:
-                self.replies.send(pipe, reply_to, m.encode(ev))
+                send_reply(pipe, reply_to, m.encode(ev))
             if entry_id is not None:
                 ack_delete(pipe, self.stream, BACKBONE_GROUP, entry_id)
         for key, run in self.running.items():
@@ -609,7 +608,7 @@ class BackboneWorker:
             ev = run.event(self.consumer, seq.output[len(seq.output) - seq.pending :], finish=seq.finish,
                            code=(run.code or m.ErrorCode.INTERNAL) if failed else None, error=seq.error)
             tokens += seq.pending
-            self.replies.send(pipe, run.plan.reply_to, m.encode(ev))
+            send_reply(pipe, run.plan.reply_to, m.encode(ev))
             ex.sent.append((key, seq.pending, seq.finish is not None))
             if seq.finish is not None:
                 ack_delete(pipe, self.stream, BACKBONE_GROUP, run.entry_id)

@@ -9,9 +9,19 @@ socket timeout: a paused or partitioned server makes a call fail after ``socket_
 instead of hanging until TCP gives up. Blocking reads (XREAD/XREADGROUP ``BLOCK``) must block for less than the
 socket timeout. A call that times out or is cancelled closes its connection (redis-py disconnects on both), so its
 late reply can never be read by the next command (the lesson of CVE-2023-28858; tests/integration/test_recovery.py).
+
+**Redis Cluster.** The URL may name any node of a cluster: :func:`cluster_mode` asks the server (``INFO cluster``),
+once per process and URL, and a cluster gets redis-py's cluster client, which follows the slot map (MOVED, ASK,
+failovers) by itself. ``TRIBUTARY_REDIS_CLUSTER=yes|no`` skips the question; a server that cannot be reached when
+asked is taken for a single server (a warning says so), so a cluster whose nodes may start after Tributary's
+processes should set it. Tributary's keys are hash-tagged so that no script or ordered pipeline spans two slots
+(cache/keys.py).
 """
 
 from __future__ import annotations
+
+import logging
+import os
 
 import redis
 import redis.asyncio as aioredis
@@ -19,6 +29,9 @@ from redis.backoff import ExponentialBackoff
 from redis.exceptions import ConnectionError as RedisConnectionError
 
 RETRY_ERRORS = [RedisConnectionError]  # not RedisTimeoutError: see above
+CLUSTER_ENV = "TRIBUTARY_REDIS_CLUSTER"  # auto (the default): ask the server; yes; no
+
+log = logging.getLogger(__name__)
 
 
 SOCKET_TIMEOUT_S = 5.0  # any one call (longer than every BLOCK we use: at most 1 s)
@@ -93,15 +106,100 @@ def _options(socket_timeout: float) -> dict:
     }
 
 
+_modes: dict[str, bool] = {}
+
+
+def stream_read_keys(args: tuple) -> list | None:
+    """The keys of an XREAD / XREADGROUP command (the first half of what follows STREAMS), or None for another
+    command (whose arguments may be any bytes: only the name is looked at)."""
+    def word(a) -> str:
+        return (a.decode("latin-1") if isinstance(a, (bytes, bytearray)) else str(a)).upper()
+
+    if not args or word(args[0]) not in ("XREAD", "XREADGROUP"):
+        return None
+    at = next((i for i, a in enumerate(args) if word(a) == "STREAMS"), None)
+    if at is None:
+        return None
+    rest = args[at + 1 :]
+    return list(rest[: len(rest) // 2])
+
+
+class _StreamKeys:
+    """redis-py's cluster command parser, except that the keys of XREAD/XREADGROUP are read from the command itself.
+    redis-py asks a server for them (COMMAND GETKEYS: a round trip before every read), always its default node, and
+    outside the code that refreshes the slot map on a connection error: once that node dies, every read fails for
+    good (measured here: a worker never recovered from a failover). Wraps the sync and the asyncio parser."""
+
+    def __init__(self, inner):
+        self._inner = inner
+
+    def __getattr__(self, name):
+        return getattr(self._inner, name)
+
+    def get_keys(self, *args):
+        keys = stream_read_keys(args[1:])  # sync: (connection, *command)
+        return keys if keys is not None else self._inner.get_keys(*args)
+
+
+class _AsyncStreamKeys(_StreamKeys):
+    async def get_keys(self, *args):
+        keys = stream_read_keys(args)
+        return keys if keys is not None else await self._inner.get_keys(*args)
+
+
+def cluster_mode(url: str) -> bool:
+    """Whether ``url`` names a Redis Cluster node (see the module docstring); asked once per process and URL."""
+    setting = os.environ.get(CLUSTER_ENV, "auto").strip().lower()
+    if setting in ("yes", "1", "true"):
+        return True
+    if setting in ("no", "0", "false"):
+        return False
+    if setting != "auto":
+        raise ValueError(f"{CLUSTER_ENV} must be auto, yes or no, got {setting!r}")
+    if url not in _modes:
+        probe = redis.Redis.from_url(url, socket_timeout=CONNECT_TIMEOUT_S, socket_connect_timeout=CONNECT_TIMEOUT_S)
+        try:
+            _modes[url] = str(probe.info("cluster").get("cluster_enabled", 0)) == "1"
+        except redis.RedisError as exc:
+            log.warning("cannot ask the Redis server whether it is a cluster; taking it for a single server (set "
+                        f"{CLUSTER_ENV}=yes if it is a cluster)", extra={"redis": redact(url), "error": describe(exc)})
+            return False  # not remembered: the next connection asks again
+        finally:
+            probe.close()
+        if _modes[url]:
+            log.info("redis cluster detected", extra={"redis": redact(url)})
+    return _modes[url]
+
+
 def connect(url: str, retries: int = 2, socket_timeout: float = SOCKET_TIMEOUT_S) -> redis.Redis:
     from redis.retry import Retry
 
+    url = with_password_file(url)
     retry = Retry(ExponentialBackoff(cap=1.0, base=0.05), retries, tuple(RETRY_ERRORS))
-    return redis.Redis.from_url(with_password_file(url), retry=retry, **_options(socket_timeout))
+    if cluster_mode(url):
+        from redis.cluster import RedisCluster
+
+        # The retry covers the cluster's own errors too (a node down, a slot moving): at least one retry, so a
+        # failover is followed by a fresh slot map.
+        client = RedisCluster.from_url(url, retry=Retry(ExponentialBackoff(cap=1.0, base=0.05), max(retries, 1)),
+                                       require_full_coverage=False, **_options(socket_timeout))
+        client.commands_parser = _StreamKeys(client.commands_parser)  # pipelines made from now on share it
+        return client
+    return redis.Redis.from_url(url, retry=retry, **_options(socket_timeout))
 
 
 def connect_async(url: str, retries: int = 2, socket_timeout: float = SOCKET_TIMEOUT_S) -> aioredis.Redis:
     from redis.asyncio.retry import Retry
 
-    return aioredis.Redis.from_url(with_password_file(url), retry=Retry(ExponentialBackoff(cap=1.0, base=0.05), retries,
+    url = with_password_file(url)
+    if cluster_mode(url):
+        from redis.asyncio.cluster import RedisCluster
+
+        options = _options(socket_timeout)
+        del options["retry_on_timeout"]  # the asyncio cluster client never retries a timeout
+        client = RedisCluster.from_url(url, retry=Retry(ExponentialBackoff(cap=1.0, base=0.05), max(retries, 1)),
+                                       require_full_coverage=False, **options)
+        client.commands_parser = _AsyncStreamKeys(client.commands_parser)
+        return client
+    return aioredis.Redis.from_url(url, retry=Retry(ExponentialBackoff(cap=1.0, base=0.05), retries,
                                                     tuple(RETRY_ERRORS)), **_options(socket_timeout))

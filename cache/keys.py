@@ -1,5 +1,11 @@
 """Every Redis key Tributary uses, in one place (prefix configurable, default ``trib``).
 
+Redis Cluster: keys that must meet in one script or one ordered pipeline share a hash tag (the part in braces picks
+the slot). A tensor, its waiters, its lease and its media blob are tagged with the content digest, so the publisher
+writes the tensor and takes the waiters on one node, in order; a gateway's reply stream and its ``:alive`` lease are
+tagged with the gateway id, so "write only while alive" is one script. Everything else is a single key. A prefix
+holding braces would put every key in one slot (correct, but one node does all the work).
+
 Streams ``jobs`` and ``gen`` carry no TTL (their entries are deleted when acked); a gateway's ``reply`` stream expires
 with its lease; tensors and blobs always do, so a server configured with a
 ``volatile-*`` eviction policy evicts cached tensors under memory pressure and never a queue.
@@ -24,19 +30,19 @@ class Keys:
 
     def reply(self, gateway_id: str) -> str:
         """Per-gateway-process stream of encode results and token events."""
-        return f"{self.prefix}:reply:{gateway_id}"
+        return f"{self.prefix}:reply:{{{gateway_id}}}"
 
     def tensor(self, encoder_id: str, digest: str) -> str:
         """Hash ``{data: safetensors bytes, n: placeholder count}`` with a TTL."""
-        return f"{self.prefix}:t:{encoder_id}:{digest}"
+        return f"{self.prefix}:t:{encoder_id}:{{{digest}}}"
 
     def waiters(self, encoder_id: str, digest: str) -> str:
         """Set of reply streams to notify when this tensor is published (or fails)."""
-        return f"{self.prefix}:w:{encoder_id}:{digest}"
+        return f"{self.prefix}:w:{encoder_id}:{{{digest}}}"
 
     def lease(self, encoder_id: str, digest: str) -> str:
         """Held (SET NX, TTL) by the one gateway that queued this tensor's encode job: single flight."""
-        return f"{self.prefix}:lease:{encoder_id}:{digest}"
+        return f"{self.prefix}:lease:{encoder_id}:{{{digest}}}"
 
     def media_id(self, encoder_id: str, media_uuid: str, namespace: str = "") -> str:
         """A client-chosen media ``uuid`` -> the content digest it was first sent with (TTL of the tensor), per
@@ -46,7 +52,8 @@ class Keys:
 
     def blob(self, digest: str, kind: str = "media") -> str:
         """Raw media bytes (``kind`` media) or features computed from them, waiting for an encoder, short TTL."""
-        return f"{self.prefix}:blob:{digest}" if kind == "media" else f"{self.prefix}:blob:{digest}:{kind}"
+        blob = f"{self.prefix}:blob:{{{digest}}}"
+        return blob if kind == "media" else f"{blob}:{kind}"
 
     def cancel(self, request_id: str) -> str:
         """Set (with a TTL) to the lowest attempt of the request still wanted: attempts below it are cancelled

@@ -19,6 +19,8 @@ from dataclasses import dataclass
 
 from redis.exceptions import ResponseError
 
+from cache.keys import alive
+
 DEAD_LETTER_MAXLEN = 10_000  # the dead-letter stream keeps (about) this many entries
 
 
@@ -44,24 +46,27 @@ def ack_delete(pipe, stream: str, group: str, *entry_ids) -> None:
 
 
 _XADD_IF_ALIVE = """
--- KEYS: a gateway's reply stream. ARGV: message. Written only while the gateway's lease (<stream>:alive) is held:
--- a write after it lapsed would recreate the expired stream with no TTL, for nobody to read.
-if redis.call('EXISTS', KEYS[1] .. ':alive') == 1 then
+-- KEYS: a gateway's reply stream, its lease (<stream>:alive, the same slot). ARGV: message. Written only while the
+-- lease is held: a write after it lapsed would recreate the expired stream with no TTL, for nobody to read.
+if redis.call('EXISTS', KEYS[2]) == 1 then
   return redis.call('XADD', KEYS[1], '*', 'm', ARGV[1])
 end
 return false
 """
 
 
-class ReplyWriter:
-    """Queues writes to gateways' reply streams that happen only while their gateway is alive (see cache/keys.py
-    ``alive``); one script call per message, on any pipeline."""
+def run_script(client, script: str, keys: list, args: list = ()):
+    """Run (or queue, on a pipeline) a Lua script on any client or pipeline, single server or cluster, sync or
+    asyncio: a plain EVAL (redis-py's cluster pipeline has no ``eval`` and cannot load a script with EVALSHA on the
+    node a command lands on; the server caches the compiled script either way). Every key the script touches is in
+    ``keys``, all in one slot."""
+    return client.execute_command("EVAL", script, len(keys), *keys, *args)
 
-    def __init__(self, redis):
-        self.script = redis.register_script(_XADD_IF_ALIVE)
 
-    def send(self, pipe, reply_to: str, payload: bytes) -> None:
-        self.script(keys=[reply_to], args=[payload], client=pipe)
+def send_reply(pipe, reply_to: str, payload: bytes) -> None:
+    """Queue a write to a gateway's reply stream that happens only while the gateway is alive (see cache/keys.py
+    ``alive``), on any pipeline."""
+    run_script(pipe, _XADD_IF_ALIVE, [reply_to, alive(reply_to)], [payload])
 
 
 _DELCONSUMER_IF_EMPTY = """
@@ -85,13 +90,13 @@ return 0
 
 
 def _delete_if_empty(r, stream: str, group: str, consumer: str) -> None:
-    r.eval(_DELCONSUMER_IF_EMPTY, 1, stream, group, consumer)
+    run_script(r, _DELCONSUMER_IF_EMPTY, [stream], [group, consumer])
 
 
 def ack_delete_if_pending(pipe, stream: str, group: str, entry_id) -> None:
     """Queue the ack of an entry that may be pending on another consumer, or not yet read at all: deleted only if it
     was pending (a superseded plan the gateway withdraws; an unread one is skipped by its reader)."""
-    pipe.eval(_ACK_DELETE_IF_PENDING, 1, stream, group, entry_id)
+    run_script(pipe, _ACK_DELETE_IF_PENDING, [stream], [group, entry_id])
 
 
 def fields_payload(fields: dict) -> bytes:

@@ -1,65 +1,126 @@
-"""The content-addressed tensor cache's write side: store an encoder output and tell every waiter, atomically.
+"""The content-addressed tensor cache's write side: answer a batch of encode jobs, store their tensors, tell every
+waiter.
 
 An entry is a hash ``{data: safetensors bytes, n: placeholder count}`` with a TTL under ``Keys.tensor``. Gateways that
 want an entry not yet there add their reply stream to its ``waiters`` set and one of them holds its ``lease``
-(see gateway/encoding.py). Publishing runs as one Lua script, so no waiter can register between "tensor written"
-and "waiters notified" and be missed: a waiter either sees the tensor when it looks again, or is in the set the
-script reads. The same script acks (and deletes) the job's stream entry: answering a job and acking it are one step,
-so a job run twice answers once. The message bytes are built by the caller; the script only copies them to each
-stream.
+(see gateway/encoding.py). A batch of answers takes three round trips, each one pipeline, and works the same on one
+Redis and on a Redis Cluster (no script or transaction spans two slots):
 
-The script names reply streams that are not among its KEYS, so it needs a non-cluster Redis (or one slot).
+1. **Ack** every job (XACK + XDEL on the jobs stream), with whatever else the caller queued (counters, dead
+   letters). A job whose ack finds it already acked was answered by another run (its first worker was presumed dead
+   but finished): it publishes nothing, so a job run twice answers once.
+2. **Store and take**, per acked job, on its digest's slot and in this order: ``HSET`` the tensor (one command: the
+   bytes are never copied through a script), then one slot-local script sets its TTL and takes the waiters set,
+   deleting it with the lease and the media blob. A failure takes the waiters without writing a tensor.
+3. **Tell** every waiter taken, and the job's own gateway, through a script that writes a reply stream only while
+   its gateway's lease (``<stream>:alive``) is held.
+
+No waiter is missed: a gateway adds itself to the waiters *before* it looks for the tensor again (one ordered
+pipeline on the same slot), and the publisher writes the tensor *before* it takes the waiters; so a gateway either
+is in the set taken or sees the tensor when it looks. A worker that dies between steps leaves its waiters unanswered
+until their lease lapses (``lease_ttl_s``): they look again, find the tensor (died after 2) or take the lease and
+queue the job again (died after 1). A tensor's TTL is set by step 2's script; a worker killed between the HSET and
+the script (one buffer apart) leaves a tensor without TTL, which the next gateway to look it up gives one
+(gateway/encoding.py refreshes the TTL of every hit).
 """
 
 from __future__ import annotations
 
-_PUBLISH = """
--- KEYS: tensor, waiters, lease, blob, jobs stream. ARGV: data, n, ttl, message, reply_to, group, entry id.
--- data == '' publishes a failure. The job's ack comes first: a job already answered (run twice: its first worker
--- was presumed dead but finished) is answered once, so a second run publishes nothing (returns -1).
-local acked = redis.pcall('XACK', KEYS[5], ARGV[6], ARGV[7])
-if type(acked) ~= 'number' or acked == 0 then
-  return -1
+import logging
+from dataclasses import dataclass, field
+
+from cache.streams import run_script, send_reply
+
+log = logging.getLogger(__name__)
+
+_TAKE = """
+-- KEYS: tensor, waiters, lease, blob (one slot: the digest's hash tag). ARGV: ttl (0: a failure, no tensor).
+-- The tensor's TTL, then the waiting gateways' reply streams, taken with the lease and the blob.
+if tonumber(ARGV[1]) > 0 then
+  redis.call('EXPIRE', KEYS[1], tonumber(ARGV[1]))
 end
-redis.call('XDEL', KEYS[5], ARGV[7])
-if ARGV[1] ~= '' then
-  redis.call('HSET', KEYS[1], 'data', ARGV[1], 'n', ARGV[2])
-  redis.call('EXPIRE', KEYS[1], tonumber(ARGV[3]))
-end
--- Tell every waiting gateway that is alive (its lease, <stream>:alive, is held): a dead gateway's reply stream is
--- never written again, so it expires with its lease.
-local told = 0
-local seen = {}
-local streams = redis.call('SMEMBERS', KEYS[2])
-if ARGV[5] ~= '' then
-  table.insert(streams, ARGV[5])
-end
-for _, stream in ipairs(streams) do
-  if not seen[stream] then
-    seen[stream] = true
-    if redis.call('EXISTS', stream .. ':alive') == 1 then
-      redis.call('XADD', stream, '*', 'm', ARGV[4])
-      told = told + 1
-    end
-  end
-end
+local waiters = redis.call('SMEMBERS', KEYS[2])
 redis.call('DEL', KEYS[2], KEYS[3], KEYS[4])
-return told
+return waiters
 """
 
 
-class TensorPublisher:
-    """Queues ack-and-publish / ack-and-fail scripts on a pipeline (one round trip for a whole batch)."""
+@dataclass
+class _Answer:
+    keys: tuple[str, str, str, str]  # tensor, waiters, lease, blob
+    entry_id: bytes
+    message: bytes
+    reply_to: str
+    data: bytes = b""  # b"": a failure
+    n: int = 0
+    ttl_s: int = 0
 
-    def __init__(self, redis, stream: str, group: str):
-        self.script = redis.register_script(_PUBLISH)
-        self.stream, self.group = stream, group
 
-    def publish(self, pipe, keys: tuple[str, str, str, str], entry_id: bytes, data: bytes, n: int, ttl_s: int,
+@dataclass
+class Answers:
+    """One batch's answers (tensors or failures) and the other commands that go with its acks; run by
+    :meth:`TensorPublisher.execute`."""
+
+    answers: list[_Answer] = field(default_factory=list)
+    also: list = field(default_factory=list)  # callables (pipe) -> None queued on the ack round trip
+
+    def publish(self, keys: tuple[str, str, str, str], entry_id: bytes, data: bytes, n: int, ttl_s: int,
                 message: bytes, reply_to: str) -> None:
-        self.script(keys=[*keys, self.stream], args=[data, n, ttl_s, message, reply_to, self.group, entry_id],
-                    client=pipe)
+        self.answers.append(_Answer(keys, entry_id, message, reply_to, data, n, ttl_s))
 
-    def fail(self, pipe, keys: tuple[str, str, str, str], entry_id: bytes, message: bytes, reply_to: str) -> None:
-        self.script(keys=[*keys, self.stream], args=[b"", 0, 0, message, reply_to, self.group, entry_id],
-                    client=pipe)
+    def fail(self, keys: tuple[str, str, str, str], entry_id: bytes, message: bytes, reply_to: str) -> None:
+        self.answers.append(_Answer(keys, entry_id, message, reply_to))
+
+    def with_acks(self, queue) -> None:
+        """Queue commands (``queue(pipe)``) on the first round trip, before any answer can be seen."""
+        self.also.append(queue)
+
+
+class TensorPublisher:
+    def __init__(self, redis, stream: str, group: str):
+        self.r, self.stream, self.group = redis, stream, group
+
+    def execute(self, batch: Answers) -> int:
+        """Ack, store and tell (the module docstring); returns how many reply streams were written."""
+        if not batch.answers and not batch.also:
+            return 0
+        pipe = self.r.pipeline(transaction=False)
+        for a in batch.answers:
+            pipe.xack(self.stream, self.group, a.entry_id)
+            pipe.xdel(self.stream, a.entry_id)
+        for queue in batch.also:
+            queue(pipe)
+        res = pipe.execute(raise_on_error=False)
+        # An error (a stream and group a restarted Redis lost) counts as answered elsewhere: the gateway, told
+        # nothing, queues the job again.
+        acked = [a for a, n in zip(batch.answers, res[0 : 2 * len(batch.answers) : 2]) if n == 1]
+        failed = [r for r in res[2 * len(batch.answers) :] if isinstance(r, Exception)]
+        if failed:  # a counter or a dead letter refused: the answers still go out
+            log.warning("a command queued with the acks failed", extra={"error": str(failed[0])})
+        if not acked:
+            return 0
+        pipe = self.r.pipeline(transaction=False)
+        for a in acked:
+            if a.data:
+                pipe.hset(a.keys[0], mapping={"data": a.data, "n": a.n})
+            run_script(pipe, _TAKE, list(a.keys), [a.ttl_s if a.data else 0])
+        res = pipe.execute()
+        taken = _scripts(res, acked)
+        pipe = self.r.pipeline(transaction=False)
+        for a, waiters in zip(acked, taken):
+            streams = {w.decode() if isinstance(w, bytes) else w for w in waiters}
+            if a.reply_to:
+                streams.add(a.reply_to)
+            for stream in sorted(streams):
+                send_reply(pipe, stream, a.message)
+        return sum(r is not None for r in pipe.execute())
+
+
+def _scripts(res: list, acked: list[_Answer]) -> list:
+    """The take script's replies among step 2's results (a published answer has its HSET's reply before)."""
+    out, i = [], 0
+    for a in acked:
+        i += 1 if a.data else 0
+        out.append(res[i])
+        i += 1
+    return out

@@ -46,7 +46,7 @@ from cache.streams import (
     own_pending,
     reclaim_dead,
 )
-from cache.tensors import TensorPublisher
+from cache.tensors import Answers, TensorPublisher
 from encoders.batching import batch_lengths, read_batch, shape_groups
 from encoders.preprocess import MediaError, Prepared
 from encoders.runtime import run_isolating
@@ -111,13 +111,13 @@ class Job:
 
 @dataclass
 class Staged:
-    """A batch read and admitted, its items being preprocessed on the pool; its answers and acks go on ``pipe``."""
+    """A batch read and admitted, its items being preprocessed on the pool; its answers and acks go on ``answers``."""
 
-    pipe: object
+    answers: Answers
     jobs: list[Job]
     prepared: list[Future]  # per job: (Prepared, or (code, error); preprocessing ms)
     t0: float  # when it was staged
-    outcomes: Counter  # answers its pipe carries, by outcome (counted in the metrics once Redis took them)
+    outcomes: Counter  # its answers, by outcome (counted in the metrics once Redis took them)
 
 
 class EncoderWorker:
@@ -234,9 +234,9 @@ class EncoderWorker:
     def _stage(self, entries: list) -> Staged:
         """Entries are (entry id, fields) pairs as read, or :class:`Claimed` ones (reclaimed from a dead worker):
         decode and admit them (one round trip), and start preprocessing each on the pool."""
-        pipe = self.r.pipeline(transaction=True)
+        answers = Answers()
         self._outcomes = outcomes = Counter()
-        jobs, blobs = self._admit(self._decode(entries, pipe), pipe)
+        jobs, blobs = self._admit(self._decode(entries, answers), answers)
         t0 = time.perf_counter()
         futures = []
         for job, blob in zip(jobs, blobs):
@@ -244,7 +244,7 @@ class EncoderWorker:
                 futures.append(_done((error, 0.0)))
             else:
                 futures.append(self.pool.submit(self._timed, blob, job.msg))
-        return Staged(pipe, jobs, futures, t0, outcomes)
+        return Staged(answers, jobs, futures, t0, outcomes)
 
     def _timed(self, blob: bytes, msg: m.EncodeJob) -> tuple[Prepared | tuple[m.ErrorCode, str], float]:
         t0 = time.perf_counter()
@@ -278,10 +278,10 @@ class EncoderWorker:
         return m.ErrorCode.BAD_MEDIA, error
 
     def _finish(self, staged: Staged) -> None:
-        """Encode a staged batch: one forward pass per input shape, every tensor (or failure) published, every entry
-        acked, the counters bumped, in one MULTI: a gateway (or an operator) that sees an answer sees the counters
-        that include it."""
-        pipe, jobs = staged.pipe, staged.jobs
+        """Encode a staged batch: one forward pass per input shape, every entry acked with the counters bumped, then
+        every tensor (or failure) published (cache/tensors.py: three round trips): a gateway (or an operator) that
+        sees an answer sees the counters that include it."""
+        answers, jobs = staged.answers, staged.jobs
         self._outcomes = staged.outcomes
         t0 = time.perf_counter()
         prepared, pre_ms = [], {}
@@ -290,7 +290,7 @@ class EncoderWorker:
             if isinstance(p, Prepared):
                 prepared.append((i, p))
             else:
-                self._fail(pipe, job, *p)
+                self._fail(answers, job, *p)
         t1 = time.perf_counter()  # t1 - t0: the preprocessing the previous batch's forward did not hide
         # One forward pass per input shape (one per item only for a batch that raised).
         outputs: dict[int, torch.Tensor | str] = {}
@@ -303,21 +303,25 @@ class EncoderWorker:
             outputs.update(zip(indices, run_isolating(self.runtime, batch, lengths)))  # [N, H] each, or a reason
             forwards.append((time.perf_counter() - t, len(indices)))
         t2 = time.perf_counter()
-        # 3) Publish every tensor (or the failure), ack every entry, count: one round trip.
+        # 3) Ack every entry and count, then publish every tensor (or the failure).
         encoded = 0
-        for i, p in prepared:  # each script also acks its job
-            encoded += self._publish(pipe, jobs[i], outputs[i], p.num_tokens)
+        for i, p in prepared:
+            encoded += self._publish(answers, jobs[i], outputs[i], p.num_tokens)
         self._outcomes["encoded"] += encoded
-        stats = self.keys.stats(self.tier)
-        pipe.hincrby(stats, "encoder_calls", encoded)  # items encoded
         streamed = sum(jobs[i].msg.input == m.JobInput.FEATURES for i, _ in prepared)
-        if streamed:
-            pipe.hincrby(stats, "feature_inputs", streamed)  # of them, from features a gateway streamed
-        pipe.hincrby(stats, "forward_passes", len(groups))
-        pipe.hincrbyfloat(stats, "encode_seconds", t2 - t1)
-        if groups:
-            pipe.hset(stats, "last_batch_size", len(prepared))
-        pipe.execute()
+
+        def count(pipe):
+            stats = self.keys.stats(self.tier)
+            pipe.hincrby(stats, "encoder_calls", encoded)  # items encoded
+            if streamed:
+                pipe.hincrby(stats, "feature_inputs", streamed)  # of them, from features a gateway streamed
+            pipe.hincrby(stats, "forward_passes", len(groups))
+            pipe.hincrbyfloat(stats, "encode_seconds", t2 - t1)
+            if groups:
+                pipe.hset(stats, "last_batch_size", len(prepared))
+
+        answers.with_acks(count)
+        self.publisher.execute(answers)
         self.metrics.finished(staged.outcomes)
         for seconds, items in forwards:
             self.metrics.encode_seconds.observe(seconds)
@@ -329,7 +333,7 @@ class EncoderWorker:
                                        "preprocess_wait_ms": round((t1 - t0) * 1e3, 2),  # the forward waited
                                        "encode_ms": round((t2 - t1) * 1e3, 2)})
 
-    def _decode(self, entries: list, pipe) -> list[Job]:
+    def _decode(self, entries: list, answers: Answers) -> list[Job]:
         jobs = []
         for entry in entries:
             entry_id, fields, deliveries = ((entry.entry_id, entry.fields, entry.deliveries)
@@ -338,7 +342,7 @@ class EncoderWorker:
                 msg = m.decode(fields_payload(fields), m.EncodeJob)
             except (m.WireError, KeyError) as exc:
                 log.error("dropping undecodable job", extra={"entry": entry_id, "error": str(exc)})
-                ack_delete(pipe, self.stream, ENCODER_GROUP, entry_id)
+                answers.with_acks(lambda pipe, e=entry_id: ack_delete(pipe, self.stream, ENCODER_GROUP, e))
                 self._outcomes["undecodable"] += 1
                 continue
             key = self.keys.tensor(msg.encoder_id, msg.digest)
@@ -352,21 +356,22 @@ class EncoderWorker:
                          f"--encoder-dtype {mod}={self.cfg.dtype} --encoder-wire-dtype {mod}={self.cfg.wire_dtype} "
                          "(or one TRIBUTARY_ENCODER_DTYPE to gateways and encoders), and the same checkpoint")
                 log.error("job for another encoder", extra={"request_id": msg.request_id, "error": error})
-                self._fail(pipe, job, m.ErrorCode.INTERNAL, error)
+                self._fail(answers, job, m.ErrorCode.INTERNAL, error)
                 continue
             if deliveries > self.cfg.max_deliveries:  # every worker that took it died: a poison job, or bad luck
                 error = (f"the job was handed to {deliveries - 1} encoder workers that all died before answering "
                          "it; it was moved to the dead-letter stream")
                 log.error("dead-lettering a job", extra={"request_id": msg.request_id, "job_id": msg.job_id,
                                                          "deliveries": deliveries})
-                dead_letter(pipe, self.keys.dead_letter(), self.stream,
-                            Claimed(entry_id, fields, deliveries, ""), error)
-                self._fail(pipe, job, m.ErrorCode.GAVE_UP, error)
+                dead = Claimed(entry_id, fields, deliveries, "")
+                answers.with_acks(lambda pipe, d=dead, e=error: dead_letter(pipe, self.keys.dead_letter(),
+                                                                            self.stream, d, e))
+                self._fail(answers, job, m.ErrorCode.GAVE_UP, error)
                 continue
             jobs.append(job)
         return jobs
 
-    def _admit(self, jobs: list[Job], pipe) -> tuple[list[Job], list[bytes | None]]:
+    def _admit(self, jobs: list[Job], answers: Answers) -> tuple[list[Job], list[bytes | None]]:
         """The jobs some live gateway still waits on, with their media bytes (one round trip); the others are
         acked away unencoded (their gateway died)."""
         if not jobs:
@@ -385,7 +390,7 @@ class EncoderWorker:
                 continue
             log.info("dropping the job of a dead gateway", extra={"request_id": job.msg.request_id,
                                                                   "job_id": job.msg.job_id})
-            self._fail(pipe, job, m.ErrorCode.CANCELLED, "the gateway that queued this job is gone")
+            self._fail(answers, job, m.ErrorCode.CANCELLED, "the gateway that queued this job is gone")
         return kept, blobs
 
     @staticmethod
@@ -396,7 +401,7 @@ class EncoderWorker:
             return m.ErrorCode.MEDIA_EXPIRED, "the media bytes expired before encoding"
         return None
 
-    def _publish(self, pipe, job: Job, output: torch.Tensor | str, n: int) -> bool:
+    def _publish(self, answers: Answers, job: Job, output: torch.Tensor | str, n: int) -> bool:
         """Queue the tensor's publication, or the job's failure (a forward that failed alone, or values that are
         not finite once cast to the wire dtype: an fp16 wire overflows past 65504). True if published."""
         if isinstance(output, str):
@@ -407,20 +412,20 @@ class EncoderWorker:
                 data = encode_tensor(rows, self.cfg.wire_dtype)
                 done = m.EncodeDone(request_id=job.msg.request_id, job_id=job.msg.job_id, tensor_key=job.tensor_key,
                                     num_tokens=n)
-                self.publisher.publish(pipe, job.script_keys, job.entry_id, data, n, self.cfg.tensor_ttl_s,
-                                       m.encode(done), job.msg.reply_to)
+                answers.publish(job.script_keys, job.entry_id, data, n, self.cfg.tensor_ttl_s, m.encode(done),
+                                job.msg.reply_to)
                 return True
             error = f"the encoder output is not finite in {self.cfg.wire_dtype}"
         log.error("encode failed", extra={"request_id": job.msg.request_id, "job_id": job.msg.job_id,
                                           "error": error})
-        self._fail(pipe, job, m.ErrorCode.INTERNAL, error)
+        self._fail(answers, job, m.ErrorCode.INTERNAL, error)
         return False
 
-    def _fail(self, pipe, job: Job, code: m.ErrorCode, error: str) -> None:
+    def _fail(self, answers: Answers, job: Job, code: m.ErrorCode, error: str) -> None:
         msg = m.EncodeFailed(request_id=job.msg.request_id, job_id=job.msg.job_id, tensor_key=job.tensor_key,
                              code=code, error=error)
         self._outcomes[code.value] += 1
-        self.publisher.fail(pipe, job.script_keys, job.entry_id, m.encode(msg), job.msg.reply_to)
+        answers.fail(job.script_keys, job.entry_id, m.encode(msg), job.msg.reply_to)
 
 
 def _done(value) -> Future:

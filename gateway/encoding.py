@@ -6,8 +6,9 @@ For each distinct part (content digest):
 2. for misses, one round trip registers this gateway as a waiter (``SADD waiters``), tries to take the encode lease
    (``SET lease NX EX``) and looks again (a tensor written since step 1 is a hit);
 3. the lease holder alone queues the job (blob + ``XADD``); everyone else just waits;
-4. the encoder writes the tensor and notifies *every* waiter atomically (a Lua script in the worker), so identical
-   misses from any number of gateway processes are encoded once.
+4. the encoder writes the tensor, then takes the waiters set and notifies *every* waiter (cache/tensors.py): a
+   gateway that registered after the take sees the tensor when it looks again (step 2 registers before it looks),
+   so identical misses from any number of gateway processes are encoded once.
 
 A waiter that hears nothing for ``lease_ttl_s`` retries step 2: if the holder died, the lease has expired and the
 waiter takes it and queues the job itself; it retries at once when the monitor reports that Redis lost this

@@ -45,6 +45,7 @@ from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 
 from cache.keys import BACKBONE_GROUP, ENCODER_GROUP, Keys
+from cache.streams import run_script
 from router.liveness import live_count_args
 
 log = logging.getLogger(__name__)
@@ -205,7 +206,7 @@ class ClusterMetrics(Collector):
         """Renew (or take) the lease and read every tier's queue, live set and stats: one round trip. Failures are
         logged once per outage; the snapshot then ages out."""
         pipe = self.r.pipeline(transaction=False)
-        pipe.eval(_LEASE, 1, self.lease_key, self.owner, self.lease_ms)
+        run_script(pipe, _LEASE, [self.lease_key], [self.owner, self.lease_ms])
         for tier in self.tiers:
             stream, _ = self.stream(tier)
             pipe.xlen(stream)
@@ -246,7 +247,7 @@ class ClusterMetrics(Collector):
         if not self.leader:
             return
         try:
-            await asyncio.wait_for(self.r.eval(_RELEASE, 1, self.lease_key, self.owner), 2)
+            await asyncio.wait_for(run_script(self.r, _RELEASE, [self.lease_key], [self.owner]), 2)
         except Exception:  # noqa: BLE001 -- best effort: the lease lapses by itself
             pass
         self.leader, self.snapshot = False, None

@@ -27,7 +27,7 @@ import msgspec
 from redis.exceptions import RedisError
 
 from cache.keys import BACKBONE_GROUP, CANCEL_ALL, Keys
-from cache.streams import ack_delete_if_pending, payload_fields
+from cache.streams import ack_delete_if_pending, payload_fields, run_script
 from gateway.config import GatewayConfig
 from gateway.errors import Internal, Timeout, Unavailable
 from gateway.replies import ReplyRouter
@@ -232,7 +232,7 @@ class TierClient:
     def _cancel_from(self, pipe, request_id: str, attempt: int) -> None:
         """Queue: attempts of the request below ``attempt`` are cancelled. The key only ever rises, so a migration
         racing a client's cancellation (on another connection) cannot revive the request."""
-        pipe.eval(_RAISE_CANCEL, 1, self.keys.cancel(request_id), attempt, self.cfg.cancel_ttl_s)
+        run_script(pipe, _RAISE_CANCEL, [self.keys.cancel(request_id)], [attempt, self.cfg.cancel_ttl_s])
 
     async def cancel(self, request_id: str) -> None:
         try:

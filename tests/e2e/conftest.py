@@ -17,8 +17,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-import redis
 
+from cache.client import connect
 from cache.embedded import free_port
 
 
@@ -35,7 +35,7 @@ class RunningCluster:
         wait_healthy(self.base_url, self.proc, timeout, self.log_path)
 
     def stats(self, tier: str) -> dict[str, float]:
-        raw = redis.Redis.from_url(self.redis_url).hgetall(f"{self.prefix}:stats:{tier}")
+        raw = connect(self.redis_url).hgetall(f"{self.prefix}:stats:{tier}")  # a single server or a cluster
         return {k.decode(): float(v) for k, v in raw.items()}
 
     def children(self) -> list[int]:

@@ -12,7 +12,7 @@ import redis
 from cache.embedded import EmbeddedRedis
 from cache.keys import Keys, alive
 from cache.streams import Claimed, ack_delete, dead_letter, ensure_group, payload_fields, reclaim_dead
-from cache.tensors import TensorPublisher
+from cache.tensors import Answers, TensorPublisher
 
 
 def redis62_binary() -> str | None:
@@ -143,7 +143,7 @@ def test_dead_letter_keeps_the_payload_and_why(r):
 
 
 def test_a_job_run_twice_publishes_once_and_only_to_live_gateways(r):
-    """The publish script acks the job first: the second run of a job (its first worker was presumed dead but
+    """The publisher acks the job first: the second run of a job (its first worker was presumed dead but
     finished) writes no tensor and no answer; a dead gateway's reply stream is never written (it would outlive
     the gateway)."""
     keys = Keys()
@@ -158,19 +158,21 @@ def test_a_job_run_twice_publishes_once_and_only_to_live_gateways(r):
     script_keys = (tensor, waiters, keys.lease("enc", "d1"), keys.blob("d1"))
     pub = TensorPublisher(r, stream, "encoders")
     for data in (b"first-run", b"second-run"):
-        pipe = r.pipeline(transaction=False)
-        pub.publish(pipe, script_keys, entry, data, 3, 60, b"done:" + data, live_gw)
-        told, = pipe.execute()
-        assert told == (1 if data == b"first-run" else -1)
-    assert r.hget(tensor, "data") == b"first-run"
+        answers = Answers()
+        answers.publish(script_keys, entry, data, 3, 60, b"done:" + data, live_gw)
+        told = pub.execute(answers)
+        assert told == (1 if data == b"first-run" else 0)
+    assert r.hget(tensor, "data") == b"first-run" and 0 < r.ttl(tensor) <= 60
     assert [f[b"m"] for _, f in r.xrange(live_gw)] == [b"done:first-run"]
     assert not r.exists(dead_gw), "a dead gateway's reply stream was written"
+    assert not r.exists(waiters) and not r.exists(keys.lease("enc", "d1"))
     assert r.xlen(stream) == 0 and r.xpending(stream, "encoders")["pending"] == 0
     # A job whose stream and group a restarted Redis lost answers nothing (the gateway queues it again).
     r.delete(stream)
-    pipe = r.pipeline(transaction=False)
-    pub.fail(pipe, script_keys, entry, b"failed", live_gw)
-    assert pipe.execute() == [-1]
+    answers = Answers()
+    answers.fail(script_keys, entry, b"failed", live_gw)
+    assert pub.execute(answers) == 0
+    assert [f[b"m"] for _, f in r.xrange(live_gw)] == [b"done:first-run"]
 
 
 def test_reclaim_on_a_missing_group_is_empty(r):

@@ -1,0 +1,162 @@
+"""The Redis layer on a real Redis Cluster (three primaries with a replica each, started by the test): the client
+finds the cluster from one node's URL, every script and ordered pipeline stays in one slot, and the publisher's three
+round trips answer each job once and tell every live waiter."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+import pytest
+import redis
+
+from cache.client import CLUSTER_ENV, connect, connect_async
+from cache.embedded import EmbeddedCluster
+from cache.keys import Keys, alive
+from cache.streams import ensure_group, payload_fields, run_script, send_reply
+from cache.tensors import Answers, TensorPublisher
+
+KEYS = Keys()
+
+
+@pytest.fixture(scope="module")
+def redis_cluster():
+    with EmbeddedCluster(primaries=3, replicas=1) as c:
+        yield c
+
+
+@pytest.fixture
+def r(redis_cluster):
+    client = connect(redis_cluster.url)
+    for node in redis_cluster.live():
+        try:
+            redis_cluster.client(node).flushall()
+        except redis.ReadOnlyError:  # a replica follows its primary
+            pass
+    yield client
+    client.close()
+
+
+def slot(cluster, key: str) -> int:
+    return int(cluster.client(cluster.live()[0]).execute_command("CLUSTER KEYSLOT", key))
+
+
+def test_the_client_finds_the_cluster_from_any_node(redis_cluster, monkeypatch):
+    for node in redis_cluster.live():
+        assert type(connect(node.url)).__name__ == "RedisCluster"
+        assert type(connect_async(node.url)).__name__ == "RedisCluster"
+    monkeypatch.setenv(CLUSTER_ENV, "no")  # the operator's word wins (and no question is asked)
+    assert type(connect(redis_cluster.url)) is redis.Redis
+
+
+def test_keys_that_meet_share_a_slot_and_the_rest_spread(redis_cluster):
+    for digest in ("d1", "0123abcd" * 8):
+        together = [KEYS.tensor("enc-image", digest), KEYS.waiters("enc-image", digest),
+                    KEYS.lease("enc-image", digest), KEYS.blob(digest), KEYS.blob(digest, "features")]
+        assert len({slot(redis_cluster, k) for k in together}) == 1, together
+    reply = KEYS.reply("0f3a9c")
+    assert slot(redis_cluster, reply) == slot(redis_cluster, alive(reply))
+    # Different digests and gateways land all over the slot space (the point of a cluster).
+    assert len({slot(redis_cluster, KEYS.tensor("e", f"{i:064x}")) for i in range(50)}) > 40
+    assert len({redis_cluster.primary_of(KEYS.tensor("e", f"{i:064x}")).port for i in range(50)}) == 3
+
+
+def test_publishing_across_slots_answers_once_and_tells_every_live_waiter(r, redis_cluster):
+    stream = KEYS.jobs("image")
+    ensure_group(r, stream, "encoders")
+    entries = [r.xadd(stream, payload_fields(f"job{i}".encode())) for i in range(3)]
+    r.xreadgroup("encoders", "worker", {stream: ">"})
+    gateways = [KEYS.reply(f"gw{i}") for i in range(4)]  # gw3 is dead: its lease lapsed
+    for g in gateways[:3]:
+        r.set(alive(g), 1, ex=60)
+    digests = [f"{i:064x}" for i in range(3)]
+    script_keys = [(KEYS.tensor("enc", d), KEYS.waiters("enc", d), KEYS.lease("enc", d), KEYS.blob(d)) for d in digests]
+    assert len({redis_cluster.primary_of(k[0]).port for k in script_keys}) >= 2, "the test wants several nodes"
+    for keys in script_keys:
+        r.sadd(keys[1], gateways[1], gateways[3])
+        r.set(keys[2], "request", ex=60)
+        r.set(keys[3], b"media", ex=60)
+    pub = TensorPublisher(r, stream, "encoders")
+
+    def batch(tag: bytes) -> Answers:
+        a = Answers()
+        a.publish(script_keys[0], entries[0], b"tensor0" + tag, 3, 60, b"done0" + tag, gateways[0])
+        a.publish(script_keys[1], entries[1], b"tensor1" + tag, 5, 60, b"done1" + tag, gateways[2])
+        a.fail(script_keys[2], entries[2], b"failed2" + tag, gateways[0])
+        a.with_acks(lambda pipe: pipe.hincrby(KEYS.stats("encoder:image"), "encoder_calls", 2))
+        return a
+
+    # Each answer reaches its own gateway and the live waiter gw1, never the dead gw3.
+    assert pub.execute(batch(b"")) == 6
+    assert pub.execute(batch(b"-again")) == 0, "a job run twice answered twice"
+    assert [f[b"m"] for _, f in r.xrange(gateways[0])] == [b"done0", b"failed2"]
+    assert sorted(f[b"m"] for _, f in r.xrange(gateways[1])) == [b"done0", b"done1", b"failed2"]
+    assert [f[b"m"] for _, f in r.xrange(gateways[2])] == [b"done1"]
+    assert not r.exists(gateways[3])
+    assert r.hgetall(script_keys[0][0]) == {b"data": b"tensor0", b"n": b"3"} and 0 < r.ttl(script_keys[0][0]) <= 60
+    assert r.hgetall(script_keys[1][0]) == {b"data": b"tensor1", b"n": b"5"}
+    assert not r.exists(script_keys[2][0]), "a failure writes no tensor"
+    for keys in script_keys:  # waiters, lease and blob taken with the answer
+        assert not any(r.exists(k) for k in keys[1:])
+    assert r.hget(KEYS.stats("encoder:image"), "encoder_calls") == b"4"  # counted with each batch's acks
+    assert r.xlen(stream) == 0 and r.xpending(stream, "encoders")["pending"] == 0
+
+
+def test_scripts_and_pipelines_of_the_asyncio_cluster_client(r, redis_cluster):
+    """The gateway's side: one ordered pipeline per slot (waiter, lease, look again), scripts on a pipeline, reads
+    of a reply stream."""
+
+    async def go():
+        a = connect_async(redis_cluster.url)
+        try:
+            me = KEYS.reply("gw-async")
+            pipe = a.pipeline(transaction=False)
+            pipe.set(alive(me), 1, ex=30)
+            for d in ("a" * 64, "b" * 64):
+                pipe.sadd(KEYS.waiters("enc", d), me)
+                pipe.set(KEYS.lease("enc", d), "req", nx=True, ex=30)
+                pipe.hget(KEYS.tensor("enc", d), "n")
+            send_reply(pipe, me, b"hello")
+            run_script(pipe, "return redis.call('INCRBY', KEYS[1], ARGV[1])", [KEYS.cancel("req")], [7])
+            res = await pipe.execute()
+            assert res[1:7] == [1, True, None, 1, True, None] and res[8] == 7
+            reply = await a.xread({me: "0"}, count=10, block=100)
+            assert [f[b"m"] for _, f in reply[0][1]] == [b"hello"]
+        finally:
+            await a.aclose()
+
+    asyncio.run(go())
+
+
+def test_workers_ride_out_the_death_of_the_node_they_first_asked(tmp_path):
+    """A worker's loop (read its own pending entries, a pipeline, a blocking group read) on a stream whose primary
+    is also the node the client was given, killed: after the failover every call works again. redis-py alone never
+    recovered here (it asks that node for the keys of every XREADGROUP; cache/client.py parses them itself)."""
+    from cache.streams import own_pending
+    from encoders.batching import read_batch
+
+    stream = "trib:jobs:image"
+    with EmbeddedCluster(primaries=3, replicas=1) as cluster:
+        home = cluster.primary_of(stream)
+        client = connect(home.url)  # the node it starts from is the one that dies
+        ensure_group(client, stream, "encoders")
+        client.xadd(stream, payload_fields(b"job"))
+        assert read_batch(client, "encoders", "me", stream, 8, 10, 100)
+        home.kill()
+        cluster.wait_ok(30)
+        errors, deadline = [], time.monotonic() + 30
+        while time.monotonic() < deadline:
+            try:
+                pending = own_pending(client, stream, "encoders", "me", 8)  # replicated before the kill
+                pipe = client.pipeline(transaction=False)
+                pipe.exists(alive(KEYS.reply("g")))
+                pipe.get(KEYS.blob("d"))
+                pipe.execute()
+                read_batch(client, "encoders", "me", stream, 8, 10, 100)
+                break
+            except redis.ConnectionError as exc:
+                errors.append(exc)
+                time.sleep(0.2)  # the client refreshes its slot map after a connection error
+        else:
+            pytest.fail(f"still failing 30 s after the failover: {errors[-1]!r}")
+        assert [f[b"m"] for _, f in pending] == [b"job"]

@@ -1,0 +1,37 @@
+"""Redis Cluster without a server: which keys share a slot (cache/keys.py) and the stream-read key parser the
+cluster clients use (cache/client.py)."""
+
+from __future__ import annotations
+
+from redis.crc import key_slot
+
+from cache.client import stream_read_keys
+from cache.keys import Keys, alive
+
+
+def slot(key: str) -> int:
+    return key_slot(key.encode())
+
+
+def test_a_tensor_its_waiters_lease_and_blobs_share_the_digests_slot():
+    for prefix in ("trib", "tenant-a:trib"):
+        k = Keys(prefix)
+        for digest in ("d1", "9f" * 32):
+            keys = [k.tensor("abc-image-bf16-bf16", digest), k.waiters("abc-image-bf16-bf16", digest),
+                    k.lease("abc-image-bf16-bf16", digest), k.blob(digest), k.blob(digest, "features")]
+            assert {slot(key) for key in keys} == {slot(digest)}
+
+
+def test_a_reply_stream_and_its_lease_share_a_slot_and_gateways_spread():
+    k = Keys()
+    for gateway in ("0f3a9c11aa22", "gw"):
+        assert slot(k.reply(gateway)) == slot(alive(k.reply(gateway)))
+    assert len({slot(k.reply(f"{i:012x}")) for i in range(100)}) > 90
+
+
+def test_stream_read_keys():
+    assert stream_read_keys(("XREAD", "COUNT", 5, "BLOCK", 100, "STREAMS", "a", "b", "0", "$")) == ["a", "b"]
+    assert stream_read_keys(("XREADGROUP", "GROUP", "g", "c", "COUNT", 8, "streams", b"s", ">")) == [b"s"]
+    assert stream_read_keys(("SET", "k", b"\x89PNG\r\n\x1a\n\xff")) is None  # other commands' bytes untouched
+    assert stream_read_keys(("xread", "STREAMS")) == []
+    assert stream_read_keys(()) is None
