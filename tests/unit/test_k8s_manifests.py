@@ -31,7 +31,8 @@ from router.autoscale import ScalingPolicy
 ROOT = Path(__file__).resolve().parents[2]
 K8S = ROOT / "deploy" / "k8s"
 README = K8S / "README.md"
-OVERLAYS = {"base": K8S / "base", "gpu": K8S / "overlays" / "gpu", "pipeline": K8S / "overlays" / "pipeline"}
+OVERLAYS = {"base": K8S / "base", "gpu": K8S / "overlays" / "gpu", "pipeline": K8S / "overlays" / "pipeline",
+            "redis-cluster": K8S / "overlays" / "redis-cluster"}
 KUBERNETES_VERSION = "1.30.0"  # the oldest release the manifests target (the pod-index label needs 1.28)
 KEDA_KINDS = {"ScaledObject", "TriggerAuthentication"}
 CLUSTER_SCOPED = {"Namespace"}
@@ -249,8 +250,15 @@ def _selects(selector: dict, labels: dict) -> bool:
     return selector.items() <= labels.items()
 
 
+def _on_cluster(env: dict[str, str]) -> bool:
+    """A Redis Cluster the user runs (overlays/redis-cluster): no Redis among the manifests."""
+    return env.get("TRIBUTARY_REDIS_CLUSTER") == "yes"
+
+
 def _redis_service(docs: list[dict], env: dict[str, str]) -> tuple[dict, int]:
     url = urlsplit(env["TRIBUTARY_REDIS_URL"])
+    if _on_cluster(env):
+        return {"metadata": {"name": url.hostname}, "spec": {"ports": [{"port": url.port}]}}, 0
     service = _find(docs, "Service", url.hostname)
     assert url.port in [p["port"] for p in service["spec"]["ports"]]
     return service, int(url.path.strip("/") or 0)
@@ -360,7 +368,8 @@ def test_every_container_runs_a_valid_tributary_command(overlay, monkeypatch):
         if a.command in REDIS_CLIENTS:
             _redis_service(docs, proc.env)
     expected = {"redis", "model-init", "gateway", "encoder-image", "encoder-audio",
-                "backbone-pipeline" if overlay == "pipeline" else "backbone"}
+                "backbone-pipeline" if overlay == "pipeline" else "backbone"} - ({"redis"} if overlay ==
+                                                                                 "redis-cluster" else set())
     assert set(by_name) == expected
     modalities = {p.args.modality for n in ("encoder-image", "encoder-audio") for p in by_name[n]}
     assert modalities == {"image", "audio"}
@@ -400,10 +409,12 @@ def test_scaled_objects_follow_their_tiers_stream_and_consumer_group(overlay, mo
         # Two triggers, the HPA takes the larger: the backlog (lag) and the work in hand (pending); lag alone
         # drifts down while a tier keeps up.
         assert [t.name for t in spec.triggers] == ["backlog", "in-flight"]
-        assert all(t.type == "redis-streams" for t in spec.triggers)
+        cluster = _on_cluster(proc.env)
+        address = "addresses" if cluster else "address"  # a cluster: any nodes, KEDA finds the stream's slot
+        assert all(t.type == ("redis-cluster-streams" if cluster else "redis-streams") for t in spec.triggers)
         for t in spec.triggers:
             assert (t.metadata["stream"], t.metadata["consumerGroup"]) == (stream, group)
-            assert t.metadata["address"] == spec.triggers[0].metadata["address"]
+            assert t.metadata[address] == spec.triggers[0].metadata[address]
         trigger = spec.triggers[0]
         meta = trigger.metadata
         assert meta["lagCount"] == str(per_replica), "lagCount: the backlog one replica takes on at once"
@@ -411,7 +422,7 @@ def test_scaled_objects_follow_their_tiers_stream_and_consumer_group(overlay, mo
         assert spec.triggers[1].metadata["pendingEntriesCount"] == str(per_replica)
         assert spec.triggers[1].authentication_ref.name == trigger.authentication_ref.name
         service, db = _redis_service(docs, proc.env)
-        host, _, port = meta["address"].rpartition(":")
+        host, _, port = meta[address].split(",")[0].rpartition(":")
         assert host in {f"{service['metadata']['name']}.{ns}.svc{tail}" for ns in namespace
                         for tail in ("", ".cluster.local")}, "KEDA dials Redis from its own namespace"
         assert int(port) in [p["port"] for p in service["spec"]["ports"]]
@@ -458,7 +469,7 @@ def test_gpus_go_where_the_overlay_says(overlay, monkeypatch):
     for proc in _processes(RENDERED[overlay], monkeypatch):
         gpus = int(proc.container["resources"].get("limits", {}).get("nvidia.com/gpu", 0))
         device = getattr(proc.args, "device", None)
-        if overlay != "base" and proc.args.command == "backbone":
+        if overlay in ("gpu", "pipeline") and proc.args.command == "backbone":
             assert gpus == 1 and device == "cuda", f"{overlay}: a backbone pod on one GPU, --device cuda"
             assert {"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"} in \
                 _pod_spec(proc.workload)["tolerations"]
