@@ -262,9 +262,17 @@ def build_parser() -> argparse.ArgumentParser:
     rs.add_argument("--allow-no-password", action="store_true",
                     help="serve without a password when TRIBUTARY_REDIS_PASSWORD_FILE is not set (only on a "
                          "private network)")
-    pl = sub.add_parser("plan", help="split the backbone's layers over unequal devices (capacity- and speed-aware)")
-    pl.add_argument("--model", required=True, type=Path, help="checkpoint directory (only config.json is read)")
-    where = pl.add_mutually_exclusive_group(required=True)
+    pl = sub.add_parser("plan", help="split the backbone's layers over unequal devices (capacity- and speed-aware), "
+                        "or with --workload: the replicas, Redis traffic and TTFT a workload needs")
+    pl.add_argument("--model", type=Path, help="checkpoint directory (only config.json is read)")
+    pl.add_argument("--workload", type=Path, help="capacity mode: JSON of the workload (router/capacity.Workload: "
+                    "requests_per_s, image_share, audio_share, repeat_share, prompt_tokens, output_tokens, ...)")
+    pl.add_argument("--rates", type=Path, help="capacity mode: JSON of measured service rates "
+                    "(bench/capacity.py --calibrate writes one for this machine)")
+    pl.add_argument("--target-utilization", type=float, default=0.7,
+                    help="capacity mode: the busiest a replica should be (default 0.7)")
+    pl.add_argument("--json", action="store_true", help="capacity mode: print the plan as JSON")
+    where = pl.add_mutually_exclusive_group()
     where.add_argument("--devices", type=Path, help='JSON: [{"name", "memory_gb", "speed"[, "reserve_gb"]}, ...]')
     where.add_argument("--device", action="append", metavar="NAME:MEMORY_GB:SPEED[:RESERVE_GB]",
                        help="one device, in pipeline order (repeatable)")
@@ -278,6 +286,24 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _capacity(args) -> int:
+    """``tributary plan --workload``: the capacity plan, or one error line naming what is wrong."""
+    import json
+
+    from router.capacity import CapacityError, Rates, Workload, format_capacity, load_json, plan_capacity
+
+    try:
+        if args.rates is None:
+            raise CapacityError("--workload needs --rates (bench/capacity.py --calibrate measures them)")
+        workload = load_json(args.workload, Workload)
+        result = plan_capacity(workload, load_json(args.rates, Rates), args.target_utilization)
+    except CapacityError as e:
+        print(f"tributary plan: error: {e}", file=sys.stderr)
+        return 2
+    print(json.dumps(result.as_dict(), indent=2) if args.json else format_capacity(result, workload))
+    return 0
+
+
 def _plan(args) -> int:
     """``tributary plan``: prints the split, or one error line naming what is wrong."""
     import dataclasses
@@ -285,6 +311,12 @@ def _plan(args) -> int:
 
     from router.placement import PlacementError, format_plan, load_devices, parse_device_flag, plan
 
+    if args.workload is not None:
+        return _capacity(args)
+    if args.model is None or (args.devices is None and not args.device):
+        print("tributary plan: error: give --model and --devices/--device (a layer split), or --workload and --rates "
+              "(a capacity plan)", file=sys.stderr)
+        return 2
     try:
         cfg_file = args.model / "config.json" if args.model.is_dir() else args.model
         config = json.loads(cfg_file.read_text())
