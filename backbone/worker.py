@@ -30,6 +30,7 @@ Recovery (docs/architecture.md, "Recovery"):
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import logging
 import os
@@ -69,6 +70,11 @@ from router.metrics import stop as stop_metrics
 
 log = logging.getLogger(__name__)
 
+# The default step budget by device: 2048 on a GPU (vLLM's order of magnitude); 256 on a CPU, where a step of 2048
+# prompt tokens stalls every running stream for about a second (bench/chunked.py: 256 kept the worst stall at 0.12x
+# of an unchunked one; bench/serve.py's isolation run: a burst of prompts at 2048 stalled streams 1.2 s).
+STEP_TOKENS = {"cuda": 2048, "cpu": 256}
+
 
 @dataclass
 class BackboneConfig:
@@ -77,7 +83,9 @@ class BackboneConfig:
     max_running: int = 16  # sequences decoding at once; further plans wait in the stream
     kv_cache_bytes: int | None = None  # this shard's KV pool (default: from gpu_memory_utilization, or CPU memory)
     gpu_memory_utilization: float = 0.9  # on a GPU: the share of its memory weights + KV pool + activations may take
-    max_batched_tokens: int = 2048  # new positions one step computes at most (decodes + prefill chunks)
+    # New positions one step computes at most (decodes + prefill chunks). None: by device (STEP_TOKENS): a step is the
+    # longest a running stream waits for its next token, and a CPU takes about a second for 2048 prompt tokens.
+    max_batched_tokens: int | None = None
     attention: str = "auto"  # auto (triton on CUDA, torch SDPA elsewhere) | torch | triton | loop
     overlap_io: bool = True  # step N's Redis round trip runs while step N+1 computes (False: one after the other)
     micro_batches: int = 0  # pipeline steps in flight at once (0: one per shard on GPUs, 1 on CPUs)
@@ -99,7 +107,8 @@ class BackboneConfig:
     def __post_init__(self) -> None:
         if self.max_running < 1 or self.max_deliveries < 1 or self.outage_hold_s <= 0:
             raise ValueError("max_running and max_deliveries must be >= 1 and outage_hold_s > 0")
-        if self.max_batched_tokens < 1 or not 0 < self.gpu_memory_utilization <= 1:
+        if (self.max_batched_tokens is not None and self.max_batched_tokens < 1) or \
+                not 0 < self.gpu_memory_utilization <= 1:
             raise ValueError("max_batched_tokens must be >= 1 and gpu_memory_utilization in (0, 1]")
         if self.micro_batches < 0:
             raise ValueError("micro_batches must be >= 0 (0: one per shard on GPUs, 1 on CPUs)")
@@ -742,6 +751,8 @@ def serve(cfg: BackboneConfig, model_dir: str, threads: int | None = None) -> No
     text = spec.config["text_config"]
     layers = cfg.layers or even_layers(DecoderConfig.from_text_config(text).num_layers, cfg.num_shards, cfg.shard)
     device, dtype = resolve_placement(cfg.device, cfg.dtype)
+    if cfg.max_batched_tokens is None:
+        cfg = dataclasses.replace(cfg, max_batched_tokens=STEP_TOKENS.get(device.type, STEP_TOKENS["cpu"]))
     if device.type == "cuda" and device.index is None and cfg.num_shards > 1:
         device = torch.device("cuda", cfg.shard % torch.cuda.device_count())  # shards spread over the visible GPUs
     if device.type == "cuda" and device.index is not None:

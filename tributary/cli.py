@@ -104,8 +104,9 @@ def build_parser() -> argparse.ArgumentParser:
     up.add_argument("--shards", type=int, default=1, help="backbone pipeline shards (processes)")
     up.add_argument("--backbone-device", default="auto", help="the backbone's --device (auto: cuda if present)")
     up.add_argument("--backbone-dtype", default="auto", help="the backbone's --dtype (auto: bf16 on a GPU, else fp32)")
-    up.add_argument("--max-batched-tokens", type=int, default=2048,
-                    help="the backbone's per-step token budget (decodes + prompt chunks)")
+    up.add_argument("--max-batched-tokens", type=int, default=None,
+                    help="the backbone's per-step token budget (decodes + prompt chunks; default 2048 on a GPU, 256 "
+                         "on a CPU)")
     up.add_argument("--backbone-replicas", type=int, default=1,
                     help="backbone replicas (each --shards processes), all reading one queue")
     up.add_argument("--encoder-runtime", default="torch", choices=["torch", "onnx"])
@@ -235,8 +236,9 @@ def build_parser() -> argparse.ArgumentParser:
     bb.add_argument("--gpu-memory-utilization", type=float, default=float(_env("GPU_MEMORY_UTILIZATION", 0.9)),
                     help="share of the GPU's memory weights, KV pool and activations may take (shards on one GPU "
                          "split it)")
-    bb.add_argument("--max-batched-tokens", type=int, default=int(_env("MAX_BATCHED_TOKENS", 2048)),
-                    help="new positions one step computes at most: decodes first, then prompt chunks")
+    bb.add_argument("--max-batched-tokens", type=int, default=_env("MAX_BATCHED_TOKENS"),
+                    help="new positions one step computes at most: decodes first, then prompt chunks (default 2048 on "
+                         "a GPU, 256 on a CPU: a step is the longest a running stream waits for its next token)")
     bb.add_argument("--micro-batches", type=int, default=int(_env("MICRO_BATCHES", 0)),
                     help="pipeline steps shard 0 keeps in flight, each over its own share of the sequences (default "
                          "0: one per shard on GPUs, 1 on CPUs, where shards share the cores; 1: one step at a time)")

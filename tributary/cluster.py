@@ -276,7 +276,8 @@ def run_cluster(args) -> int:
                                      encoder_dtype, *limits, *admission],
                       args.shards, modalities, replicas=args.backbone_replicas,
                       backbone_args=["--device", args.backbone_device, "--dtype", args.backbone_dtype,
-                                     "--max-batched-tokens", str(args.max_batched_tokens)],
+                                     *(["--max-batched-tokens", str(args.max_batched_tokens)]
+                                       if args.max_batched_tokens is not None else [])],
                       cpu_budget=args.cpu_budget == "auto", worker_metrics_port=args.worker_metrics_port)
     policies = {}
     if args.autoscale:
