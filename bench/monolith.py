@@ -37,6 +37,9 @@ from starlette.responses import JSONResponse, StreamingResponse  # noqa: E402
 from starlette.routing import Route  # noqa: E402
 from transformers.generation.streamers import BaseStreamer  # noqa: E402
 
+from bench.openai_wire import Completion  # noqa: E402
+from bench.openai_wire import usage as completion_usage  # noqa: E402
+
 DONE = object()
 
 
@@ -192,14 +195,9 @@ def app(mono: Monolith) -> Starlette:
         except APIError as exc:
             return exc.response({})
         mono.jobs.put(job)
-        created, cid = int(time.time()), f"chatcmpl-{job.request_id}"
+        out = Completion(name, job.request_id)
+        chunk = out.chunk
 
-        def chunk(delta: dict, finish=None, usage=None) -> str:
-            c = {"id": cid, "object": "chat.completion.chunk", "created": created, "model": name,
-                 "choices": [{"index": 0, "delta": delta, "finish_reason": finish}]}
-            if usage is not None:
-                c["choices"], c["usage"] = [], usage
-            return f"data: {json.dumps(c)}\n\n"
 
         async def events():
             decoded, finish = "", None
@@ -218,8 +216,9 @@ def app(mono: Monolith) -> Starlette:
                     yield "finish", finish
                     return
 
-        usage = lambda: {"prompt_tokens": job.prompt_tokens, "completion_tokens": len(job.tokens),  # noqa: E731
-                         "total_tokens": job.prompt_tokens + len(job.tokens)}
+        def usage() -> dict:
+            return completion_usage(job.prompt_tokens, len(job.tokens))
+
         if req.stream:
             async def sse():
                 yield chunk({"role": "assistant", "content": ""})
@@ -243,9 +242,7 @@ def app(mono: Monolith) -> Starlette:
                 finish = value
             else:
                 return JSONResponse({"error": {"message": value, "type": "server_error"}}, status_code=500)
-        return JSONResponse({"id": cid, "object": "chat.completion", "created": created, "model": name,
-                             "choices": [{"index": 0, "message": {"role": "assistant", "content": text},
-                                          "finish_reason": finish}], "usage": usage()})
+        return JSONResponse(out.body(text, finish, usage()))
 
     return Starlette(routes=[Route("/v1/chat/completions", chat, methods=["POST"]), Route("/v1/models", models),
                              Route("/health", health)])

@@ -4,7 +4,7 @@ driven by NVIDIA's aiperf, and the isolation experiment.
     bash scripts/bench-env.sh                 # once: aiperf 0.13 in .venv-bench
     .venv/bin/python bench/serve.py [--concurrency 4] [--requests 32] [--skip-isolation]   # ~12 min on 2 cores
 
-Both servers serve the ``small`` demo model (one checkpoint, written once) through the same API. On a 2-core machine
+All servers serve the ``small`` demo model (one checkpoint, written once) through the same API. On a 2-core machine
 the tiers are pinned as separate hardware would place them (``os.sched_setaffinity`` on every thread): Tributary's
 backbone on core 0, its gateway, encoders and Redis on core 1; the monolith on cores 0-1 (the same cores in total).
 
@@ -21,7 +21,9 @@ backbone on core 0, its gateway, encoders and Redis on core 1; the monolith on c
 
 Writes bench/results/serve.json and bench/results/serve.md (tables, the machine, the client's CPU, what the figures
 do and do not show); PNG plots beside it when matplotlib is importable (it is in .venv-bench: the report step reruns
-itself there). Not yet here: Ray Serve, Poisson arrivals, the cache experiment (see the report's "Not measured").
+itself there). Ray Serve (bench/rayserve.py, the same split as Ray Serve deployments) joins as a third server when
+``bash scripts/bench-env.sh --ray`` has made .venv-ray; it gets cores 0-1 like the monolith. Not yet here: Poisson
+arrivals, aiperf-driven multi-turn input files.
 """
 
 from __future__ import annotations
@@ -290,23 +292,49 @@ def monolith(model: Path, tmp: Path, cores: set[int]):
                             preexec_fn=lambda: os.sched_setaffinity(0, cores))
     base = f"http://127.0.0.1:{port}"
     try:
-        import httpx
-
-        deadline = time.monotonic() + 180
-        while True:
-            try:
-                if httpx.get(f"{base}/health", timeout=2).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            if proc.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError(f"monolith did not start:\n{(tmp / 'monolith.log').read_text()[-3000:]}")
-            time.sleep(0.5)  # loading torch and the checkpoint
+        _wait_health(base, proc, tmp / "monolith.log", 180)
         yield base, {" ".join(map(str, sorted(cores))): [proc.pid]}
     finally:
         proc.terminate()
         proc.wait(30)
         log.close()
+
+
+@contextlib.contextmanager
+def rayserve(model: Path, tmp: Path, cores: set[int]):
+    from cache.embedded import free_port
+
+    python = ROOT / ".venv-ray" / "bin" / "python"
+    port = free_port()
+    log = (tmp / "rayserve.log").open("w")
+    proc = subprocess.Popen([str(python), str(ROOT / "bench" / "rayserve.py"), "--model", str(model), "--port",
+                             str(port), "--num-cpus", str(len(cores))], stdout=log, stderr=subprocess.STDOUT,
+                            preexec_fn=lambda: os.sched_setaffinity(0, cores), start_new_session=True)
+    base = f"http://127.0.0.1:{port}"
+    try:
+        _wait_health(base, proc, tmp / "rayserve.log", 300)
+        yield base, {" ".join(map(str, sorted(cores))): descendants(proc.pid)}
+    finally:
+        subprocess.run([str(python.parent / "ray"), "stop", "--force"], capture_output=True, timeout=120)
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, 9)
+        proc.wait(30)
+        log.close()
+
+
+def _wait_health(base: str, proc: subprocess.Popen, log: Path, timeout: float) -> None:
+    import httpx
+
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            if httpx.get(f"{base}/health", timeout=2).status_code == 200:
+                return
+        except httpx.TransportError:
+            pass
+        if proc.poll() is not None or time.monotonic() > deadline:
+            raise RuntimeError(f"{base} did not start:\n{log.read_text()[-3000:]}")
+        time.sleep(0.5)  # loading torch and the checkpoint
 
 
 # --- report --------------------------------------------------------------------------------------------------------
@@ -318,7 +346,7 @@ def fmt(x, spec=".1f") -> str:
 def report(res: dict) -> str:
     lines = ["# Tributary vs a monolithic server (bench/serve.py)", "",
              f"Generated {res['date']} by `{res['command']}` on {res['machine']}.", "",
-             "Both servers: the `small` demo model (random weights), the same HTTP API. Cores: " +
+             "Every server: the `small` demo model (random weights), the same HTTP API. Cores: " +
              "; ".join(f"{name}: {placed}" for name, placed in res["placement"].items()) + ".", "",
              "## aiperf workloads", "",
              f"Concurrency {res['concurrency']}, {res['requests']} requests per run, 32 output tokens each, "
@@ -334,9 +362,10 @@ def report(res: dict) -> str:
                          f"{fmt(i['avg'])} / {fmt(i['p50'])} / {fmt(i['p99'])} | "
                          f"{fmt(r['client_cpu_s'])} s ({fmt(r['client_cores'], '.2f')}) |")
         pair = res["aiperf"][wl]
-        if "tributary" in pair and "monolith" in pair and pair["monolith"]["requests_per_s"]:
-            ratio = pair["tributary"]["requests_per_s"] / pair["monolith"]["requests_per_s"]
-            lines.append(f"| {wl} | **Tributary / monolith** | **{ratio:.2f}x** | | | | | |")
+        for other in ("monolith", "ray serve"):
+            if "tributary" in pair and other in pair and pair[other]["requests_per_s"]:
+                ratio = pair["tributary"]["requests_per_s"] / pair[other]["requests_per_s"]
+                lines.append(f"| {wl} | **Tributary / {other}** | **{ratio:.2f}x** | | | | | |")
     if res.get("isolation"):
         lines += ["", "## Isolation: text streams while an image + audio burst arrives", "",
                   "| server | quiet ITL p50 / p99 ms | burst ITL p50 / p99 ms | burst / quiet p99 | burst lasted |",
@@ -346,10 +375,11 @@ def report(res: dict) -> str:
                          f"{fmt(s['burst_itl_p50_ms'])} / {fmt(s['burst_itl_p99_ms'])} | {fmt(s['ratio'], '.2f')}x | "
                          f"{fmt(s['burst_window_s'])} s |")
         iso = res["isolation"]
-        if "tributary" in iso and "monolith" in iso:
-            lines.append(f"\nTributary's burst ITL p99 / the monolith's: "
-                         f"**{iso['tributary']['burst_itl_p99_ms'] / iso['monolith']['burst_itl_p99_ms']:.2f}x** "
-                         "(target <= 0.5x).")
+        for other in ("monolith", "ray serve"):
+            if "tributary" in iso and other in iso:
+                lines.append(f"\nTributary's burst ITL p99 / {other}'s: "
+                             f"**{iso['tributary']['burst_itl_p99_ms'] / iso[other]['burst_itl_p99_ms']:.2f}x** "
+                             "(target <= 0.5x).")
     if res.get("cache"):
         lines += ["", "## Cache: half the pictures seen before", "",
                   "The same request sequence (one 640x480 JPEG each, 8 output tokens, concurrency "
@@ -369,7 +399,7 @@ def report(res: dict) -> str:
             lines.append(f"\nTributary's mean TTFT, cache on / off: **{ratio:.2f}x** (target <= 0.7x).")
     lines += [f"\n![{p}]({p})" for p in res.get("plots", [])]
     lines += ["", "## What this shows and does not", "", *res["notes"], "", "## Not measured yet", "",
-              "- Ray Serve as a second baseline ([bench] item 3).", "- Poisson arrivals (item 1).",
+              *([f"- {res['notes_ray']}"] if res.get("notes_ray") else []), "- Poisson arrivals (item 1).",
               "- aiperf-driven multi-turn chats from an input file (the cache experiment uses the openai SDK).", ""]
     return "\n".join(lines)
 
@@ -431,6 +461,7 @@ def main() -> int:
     ap.add_argument("--workloads", default="text,image,audio,long")
     ap.add_argument("--skip-isolation", action="store_true")
     ap.add_argument("--skip-cache", action="store_true")
+    ap.add_argument("--skip-ray", action="store_true", help="leave Ray Serve out even if .venv-ray exists")
     ap.add_argument("--isolation-budgets", default="64",
                     help="also run the isolation experiment on Tributary with these --max-batched-tokens (comma list)")
     ap.add_argument("--cache-requests", type=int, default=48, help="requests in the cache experiment (half repeats)")
@@ -454,6 +485,10 @@ def main() -> int:
         model = write_demo_model(tmp / "demo-small", "small")
         servers = {"tributary": lambda: tributary(model, tmp, backbone_cores, rest_cores),
                    "monolith": lambda: monolith(model, tmp, everything)}
+        if (ROOT / ".venv-ray" / "bin" / "python").exists() and not args.skip_ray:
+            servers["ray serve"] = lambda: rayserve(model, tmp, everything)
+        else:
+            res["notes_ray"] = "Ray Serve skipped: run `bash scripts/bench-env.sh --ray` (or --skip-ray was given)"
         for name, start in servers.items():
             with start() as (base, placed):
                 res["placement"][name] = placed
