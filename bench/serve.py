@@ -22,8 +22,8 @@ backbone on core 0, its gateway, encoders and Redis on core 1; the monolith on c
 Writes bench/results/serve.json and bench/results/serve.md (tables, the machine, the client's CPU, what the figures
 do and do not show); PNG plots beside it when matplotlib is importable (it is in .venv-bench: the report step reruns
 itself there). Ray Serve (bench/rayserve.py, the same split as Ray Serve deployments) joins as a third server when
-``bash scripts/bench-env.sh --ray`` has made .venv-ray; it gets cores 0-1 like the monolith. Not yet here: Poisson
-arrivals, aiperf-driven multi-turn input files.
+``bash scripts/bench-env.sh --ray`` has made .venv-ray; it gets cores 0-1 like the monolith. ``--rate R`` replaces
+the fixed concurrency by Poisson arrivals at R requests/s. Not yet here: aiperf-driven multi-turn input files.
 """
 
 from __future__ import annotations
@@ -102,9 +102,12 @@ def pin_tributary(up_pid: int, redis_pid: int, backbone: set[int], rest: set[int
 # --- aiperf --------------------------------------------------------------------------------------------------------
 
 def run_aiperf(url: str, model: str, tokenizer: Path, workload: str, concurrency: int, requests: int, out: Path,
-               cores: set[int]) -> dict:
+               cores: set[int], rate: float | None = None) -> dict:
+    """``rate``: Poisson arrivals at that many requests/s (``concurrency`` then only caps requests in flight)."""
+    load = (["--request-rate", str(rate), "--arrival-pattern", "poisson", "--concurrency", "256"] if rate
+            else ["--concurrency", str(concurrency)])
     args = [str(AIPERF), "profile", "-m", model, "--url", url, "--endpoint-type", "chat", "--streaming",
-            "--tokenizer", str(tokenizer), "--concurrency", str(concurrency), "--request-count", str(requests),
+            "--tokenizer", str(tokenizer), *load, "--request-count", str(requests),
             "--warmup-request-count", str(concurrency), "--prompt-input-tokens-mean",
             "1500" if workload == "long" else "200", "--prompt-input-tokens-stddev", "0",
             "--prompt-output-tokens-mean", "32", "--prompt-output-tokens-stddev", "0", "--extra-inputs",
@@ -349,7 +352,8 @@ def report(res: dict) -> str:
              "Every server: the `small` demo model (random weights), the same HTTP API. Cores: " +
              "; ".join(f"{name}: {placed}" for name, placed in res["placement"].items()) + ".", "",
              "## aiperf workloads", "",
-             f"Concurrency {res['concurrency']}, {res['requests']} requests per run, 32 output tokens each, "
+             (f"Poisson arrivals at {res['rate']:g} requests/s" if res.get("rate") else
+              f"Concurrency {res['concurrency']}") + f", {res['requests']} requests per run, 32 output tokens each, "
              f"goodput SLO: TTFT <= {SLO['ttft_ms']:.0f} ms and ITL <= {SLO['itl_ms']:.0f} ms.", "",
              "| workload | server | req/s | out tok/s | goodput/s | TTFT mean / p50 / p99 ms | ITL mean / p50 / p99 ms"
              " | aiperf CPU (cores) |", "|---|---|---|---|---|---|---|---|"]
@@ -399,7 +403,8 @@ def report(res: dict) -> str:
             lines.append(f"\nTributary's mean TTFT, cache on / off: **{ratio:.2f}x** (target <= 0.7x).")
     lines += [f"\n![{p}]({p})" for p in res.get("plots", [])]
     lines += ["", "## What this shows and does not", "", *res["notes"], "", "## Not measured yet", "",
-              *([f"- {res['notes_ray']}"] if res.get("notes_ray") else []), "- Poisson arrivals (item 1).",
+              *([f"- {res['notes_ray']}"] if res.get("notes_ray") else []),
+              "- Poisson arrivals for every workload and server in one run (`--rate` runs them separately).",
               "- aiperf-driven multi-turn chats from an input file (the cache experiment uses the openai SDK).", ""]
     return "\n".join(lines)
 
@@ -458,6 +463,8 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--concurrency", type=int, default=4)
     ap.add_argument("--requests", type=int, default=32)
+    ap.add_argument("--rate", type=float, default=None,
+                    help="Poisson arrivals at this many requests/s instead of a fixed concurrency")
     ap.add_argument("--workloads", default="text,image,audio,long")
     ap.add_argument("--skip-isolation", action="store_true")
     ap.add_argument("--skip-cache", action="store_true")
@@ -479,7 +486,7 @@ def main() -> int:
     res = {"date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "command": " ".join(["bench/serve.py",
            *sys.argv[1:]]), "machine": f"{ncores} CPU cores ({platform.processor() or platform.machine()}), "
            f"{platform.system()} {platform.release()}", "concurrency": args.concurrency, "requests": args.requests,
-           "aiperf": {}, "isolation": {}, "cache": {}, "placement": {}, "notes": []}
+           "rate": args.rate, "aiperf": {}, "isolation": {}, "cache": {}, "placement": {}, "notes": []}
     with tempfile.TemporaryDirectory(prefix="tributary-serve-") as tmp_name:
         tmp = Path(tmp_name)
         model = write_demo_model(tmp / "demo-small", "small")
@@ -497,7 +504,7 @@ def main() -> int:
                     out.mkdir()
                     print(f"{name}: aiperf {wl} ...", flush=True)
                     res["aiperf"].setdefault(wl, {})[name] = run_aiperf(
-                        base, "demo-small", model, wl, args.concurrency, args.requests, out, client_cores)
+                        base, "demo-small", model, wl, args.concurrency, args.requests, out, client_cores, args.rate)
                 if not args.skip_cache:
                     print(f"{name}: cache ...", flush=True)
                     repeated, distinct = cache_images(args.cache_requests, 0.5)
