@@ -200,6 +200,7 @@ def cache_run(base_url: str, model: str, images: list[bytes], concurrency: int) 
 
     from openai import OpenAI
 
+    from bench.capacity import ttft
     from tests.media import data_url
 
     client = OpenAI(base_url=f"{base_url}/v1", api_key="unused", max_retries=0, timeout=600)
@@ -212,15 +213,7 @@ def cache_run(base_url: str, model: str, images: list[bytes], concurrency: int) 
     def one(img: bytes) -> float:
         content = [{"type": "text", "text": "What is in this picture?"},
                    {"type": "image_url", "image_url": {"url": data_url(img, "image/jpeg")}}]
-        t0 = time.perf_counter()
-        stream = client.chat.completions.create(model=model, messages=[{"role": "user", "content": content}],
-                                                max_tokens=8, temperature=0.0, stream=True,
-                                                extra_body={"ignore_eos": True})
-        first = None
-        for chunk in stream:
-            if first is None and chunk.choices and chunk.choices[0].delta.content:
-                first = time.perf_counter() - t0
-        return first if first is not None else time.perf_counter() - t0
+        return ttft(client, model, content, tokens=8)[0]
 
     t0 = time.perf_counter()
     with ThreadPoolExecutor(concurrency) as pool:

@@ -175,7 +175,6 @@ def connect(url: str, retries: int = 2, socket_timeout: float = SOCKET_TIMEOUT_S
     from redis.retry import Retry
 
     url = with_password_file(url)
-    retry = Retry(ExponentialBackoff(cap=1.0, base=0.05), retries, tuple(RETRY_ERRORS))
     if cluster_mode(url):
         from redis.cluster import RedisCluster
 
@@ -185,6 +184,7 @@ def connect(url: str, retries: int = 2, socket_timeout: float = SOCKET_TIMEOUT_S
                                        require_full_coverage=False, **_options(socket_timeout))
         client.commands_parser = _StreamKeys(client.commands_parser)  # pipelines made from now on share it
         return client
+    retry = Retry(ExponentialBackoff(cap=1.0, base=0.05), retries, tuple(RETRY_ERRORS))
     return redis.Redis.from_url(url, retry=retry, **_options(socket_timeout))
 
 

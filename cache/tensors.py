@@ -100,14 +100,15 @@ class TensorPublisher:
         if not acked:
             return 0
         pipe = self.r.pipeline(transaction=False)
+        takes = []  # where each take script's reply sits among the results
         for a in acked:
             if a.data:
                 pipe.hset(a.keys[0], mapping={"data": a.data, "n": a.n})
+            takes.append(len(pipe))
             run_script(pipe, _TAKE, list(a.keys), [a.ttl_s if a.data else 0])
         res = pipe.execute()
-        taken = _scripts(res, acked)
         pipe = self.r.pipeline(transaction=False)
-        for a, waiters in zip(acked, taken):
+        for a, waiters in zip(acked, (res[i] for i in takes)):
             streams = {w.decode() if isinstance(w, bytes) else w for w in waiters}
             if a.reply_to:
                 streams.add(a.reply_to)
@@ -115,12 +116,3 @@ class TensorPublisher:
                 send_reply(pipe, stream, a.message)
         return sum(r is not None for r in pipe.execute())
 
-
-def _scripts(res: list, acked: list[_Answer]) -> list:
-    """The take script's replies among step 2's results (a published answer has its HSET's reply before)."""
-    out, i = [], 0
-    for a in acked:
-        i += 1 if a.data else 0
-        out.append(res[i])
-        i += 1
-    return out

@@ -2,7 +2,7 @@
 
 From a **workload** (requests/s, the share carrying an image or audio, image tensor rows, audio seconds, prompt and
 output tokens, the share of media already cached) and **service rates** measured on the target devices
-(``bench/capacity.py --calibrate`` writes them: encoder seconds per item, backbone prefill tokens/s and decode step
+(``bench/capacity.py`` writes them: encoder seconds per item, backbone prefill tokens/s and decode step
 times, Redis MB/s), it gives for each tier the work offered (busy replicas, ``a = lambda * D``), the replicas that
 keep utilization at or under a target, the queueing delay at that size, the Redis traffic and memory, the predicted
 mean time to first token, and the bottleneck: what saturates first as the load grows.

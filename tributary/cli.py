@@ -270,7 +270,7 @@ def build_parser() -> argparse.ArgumentParser:
     pl.add_argument("--workload", type=Path, help="capacity mode: JSON of the workload (router/capacity.Workload: "
                     "requests_per_s, image_share, audio_share, repeat_share, prompt_tokens, output_tokens, ...)")
     pl.add_argument("--rates", type=Path, help="capacity mode: JSON of measured service rates "
-                    "(bench/capacity.py --calibrate writes one for this machine)")
+                    "(bench/capacity.py writes one for this machine)")
     pl.add_argument("--target-utilization", type=float, default=0.7,
                     help="capacity mode: the busiest a replica should be (default 0.7)")
     pl.add_argument("--json", action="store_true", help="capacity mode: print the plan as JSON")
@@ -296,7 +296,7 @@ def _capacity(args) -> int:
 
     try:
         if args.rates is None:
-            raise CapacityError("--workload needs --rates (bench/capacity.py --calibrate measures them)")
+            raise CapacityError("--workload needs --rates (bench/capacity.py measures them)")
         workload = load_json(args.workload, Workload)
         result = plan_capacity(workload, load_json(args.rates, Rates), args.target_utilization)
     except CapacityError as e:
