@@ -6,7 +6,8 @@ next positions to compute and runs ONE forward over them all (backbone/model.py)
 
 1. every decoding sequence (one position left: its last token) advances by one, so running streams never stall;
 2. then sequences still prefilling (new ones, and preempted ones recomputing) take chunks, oldest first, within
-   ``max_batched_tokens`` for the step (decodes count too);
+   the step's budget (backbone/budget.py: ``max_batched_tokens``, decodes count too; or, with ``max_step_ms``, as
+   many positions as fit that time in a step that carries decodes);
 3. a row whose chunk reaches its last input is sampled; a prefill chunk that does not is not.
 
 KV blocks are taken as positions are computed. When a decode finds the pool empty, the newest sequence that holds
@@ -37,12 +38,14 @@ import itertools
 import logging
 import math
 import secrets
+import time
 from collections import deque
 from dataclasses import dataclass, field
 
 import msgspec
 import torch
 
+from backbone.budget import StepBudget
 from backbone.fusion import PlanError, fuse
 from backbone.isolation import forward_isolating
 from backbone.model import DecoderShard, Segment
@@ -116,12 +119,13 @@ class Flight:
     failed: dict[int, str]  # row -> why it failed on this shard
     sent: Sent | None = None
     results: list | None = None
+    launched: float = 0.0  # perf_counter at launch (the step budget learns from launch to answers)
 
 
 class Engine:
     def __init__(self, model: DecoderShard, placeholder_ids: dict[str, int], eos_ids: list[int], max_context: int,
                  pipeline: PipelineHead | None = None, max_batched_tokens: int = MAX_BATCHED_TOKENS,
-                 micro_batches: int = 0):
+                 micro_batches: int = 0, max_step_ms: float | None = None):
         if model.pool is None:
             raise ValueError("the model has no KV pool (DecoderShard.allocate_pool)")
         if max_batched_tokens < 1:
@@ -134,6 +138,7 @@ class Engine:
         self.eos_ids = frozenset(eos_ids)
         self.max_context = max_context
         self.max_batched_tokens = max_batched_tokens
+        self.budget = StepBudget(max_batched_tokens, max_step_ms)
         self.active: dict[int, Sequence] = {}  # started and not released
         self.preemptions = 0
         if micro_batches < 0:
@@ -144,6 +149,8 @@ class Engine:
         self.flights: deque[Flight] = deque()  # sent, answers not yet applied (oldest first)
         self._next_lane = 0
         self.steps = 0  # steps run
+        self.positions = [0, 0]  # positions computed by the steps run: decodes, prompt (prefill and recompute)
+        self.timed = [0, 0.0]  # steps timed by the budget (those that sampled), and their seconds in all
         self.overlapped = 0  # ... sent while another was still in flight
 
     def new_sequence(self, request_id: str, prompt_len: int, params: SamplingParams, resumed: int = 0) -> Sequence:
@@ -224,7 +231,6 @@ class Engine:
         taken: set[int] = set()
         preempted: set[int] = set()
         flying = {seq.sid for f in self.flights for seq, _ in f.rows}  # their steps use their blocks: never victims
-        budget = self.max_batched_tokens
         for seq in [s for s in seqs if s.length - s.computed == 1]:  # decodes, oldest first
             if seq.sid in preempted:
                 continue  # an older sequence needed its blocks this step
@@ -247,7 +253,7 @@ class Engine:
                 continue
             rows.append((seq, 1))
             taken.add(seq.sid)
-            budget -= 1
+        budget = self.budget.tokens(len(rows)) - len(rows)
         for seq in [s for s in seqs if s.finish is None and s.length - s.computed > 1 and s.sid not in preempted]:
             if budget <= 0:
                 break
@@ -326,6 +332,10 @@ class Engine:
     def _launch(self, lane: int, rows: list[tuple[Sequence, int]]) -> Flight:
         """This shard's forward over the step's rows; then either sample here or send the rest down the pipe."""
         self.steps += 1
+        decodes = sum(1 for seq, n in rows if n == 1 and seq.computed + 1 == seq.length)
+        self.positions[0] += decodes
+        self.positions[1] += sum(n for _, n in rows) - decodes
+        t0 = time.perf_counter()
         segments = [Segment(seq.blocks, seq.computed, n) for seq, n in rows]
         sampled = [seq.computed + n == seq.length for seq, n in rows]
         hidden, failed = None, {}
@@ -334,7 +344,7 @@ class Engine:
         if hidden is None:
             meta = self.model.prepare(segments)
             hidden, failed = forward_isolating(self.model, self._inputs(rows), segments, meta)  # [T, H]
-        flight = Flight(lane, rows, failed)
+        flight = Flight(lane, rows, failed, launched=t0)
         if self.pipeline is not None:
             # The other shards run the rest; the last one samples the rows marked and sends every row's answer
             # back (a token, NO_TOKEN for a prefill chunk, FAILED for a row that failed there).
@@ -361,6 +371,11 @@ class Engine:
         if results is None:
             results = [t if t >= 0 or t == NO_TOKEN else "this request failed on a later pipeline shard (see its log)"
                        for t in self.pipeline.answers(flight.sent).tolist()]
+        if any(r != NO_TOKEN for r in results):  # answers on the host: the step's compute is over (on a GPU too)
+            took = time.perf_counter() - flight.launched
+            self.budget.observe(sum(n for _, n in flight.rows), took)
+            self.timed[0] += 1
+            self.timed[1] += took
         for i, ((seq, n), result) in enumerate(zip(flight.rows, results)):
             if self.active.get(seq.sid) is not seq or seq.finish is not None:
                 continue  # released (cancelled) or ended by the worker while the step was in flight
@@ -411,7 +426,7 @@ def load_engine(spec, layers: range | None = None, kv_cache_bytes: int | None = 
                 pipeline: PipelineHead | None = None, dtype: torch.dtype = torch.float32,
                 device: torch.device | str = "cpu", max_batched_tokens: int = MAX_BATCHED_TOKENS,
                 max_running: int = 16, gpu_memory_utilization: float = 0.9, num_blocks: int | None = None,
-                attention: str = "auto", eager: bool = False) -> Engine:
+                attention: str = "auto", eager: bool = False, max_step_ms: float | None = None) -> Engine:
     """Shard 0's (or the only shard's) engine: its layers from the checkpoint, then a KV pool of ``num_blocks``
     (default: sized by backbone/kv.py's ``pool_blocks``), then (on a GPU, unless ``eager``) the decode step's CUDA
     graphs for up to ``max_running`` sequences."""
@@ -428,4 +443,5 @@ def load_engine(spec, layers: range | None = None, kv_cache_bytes: int | None = 
     model.allocate_pool(num_blocks)
     if not eager:
         model.capture_graphs(max_running, spec.max_context)
-    return Engine(model, spec.placeholder_ids, spec.eos_token_ids, spec.max_context, pipeline, max_batched_tokens)
+    return Engine(model, spec.placeholder_ids, spec.eos_token_ids, spec.max_context, pipeline, max_batched_tokens,
+                  max_step_ms=max_step_ms)

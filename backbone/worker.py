@@ -74,6 +74,10 @@ log = logging.getLogger(__name__)
 # prompt tokens stalls every running stream for about a second (bench/chunked.py: 256 kept the worst stall at 0.12x
 # of an unchunked one; bench/serve.py's isolation run: a burst of prompts at 2048 stalled streams 1.2 s).
 STEP_TOKENS = {"cuda": 2048, "cpu": 256}
+# The default step-time target by device (backbone/budget.py). On a CPU even 256 prompt positions beside running
+# streams stalled them 340-660 ms in bench/serve.py's isolation run; a 50 ms target kept their ITL p99 at 68 ms while
+# the burst took 15% longer to get through. None on a GPU: a step of 2048 positions is tens of milliseconds there.
+STEP_MS = {"cuda": None, "cpu": 50.0}
 
 
 @dataclass
@@ -86,6 +90,10 @@ class BackboneConfig:
     # New positions one step computes at most (decodes + prefill chunks). None: by device (STEP_TOKENS): a step is the
     # longest a running stream waits for its next token, and a CPU takes about a second for 2048 prompt tokens.
     max_batched_tokens: int | None = None
+    # With it, a step that carries decodes takes as many prompt positions as fit this many ms (learned online,
+    # backbone/budget.py), within max_batched_tokens: an inter-token latency target. None: by device (STEP_MS);
+    # 0: none, the token budget alone.
+    max_step_ms: float | None = None
     attention: str = "auto"  # auto (triton on CUDA, torch SDPA elsewhere) | torch | triton | loop
     overlap_io: bool = True  # step N's Redis round trip runs while step N+1 computes (False: one after the other)
     micro_batches: int = 0  # pipeline steps in flight at once (0: one per shard on GPUs, 1 on CPUs)
@@ -110,6 +118,8 @@ class BackboneConfig:
         if (self.max_batched_tokens is not None and self.max_batched_tokens < 1) or \
                 not 0 < self.gpu_memory_utilization <= 1:
             raise ValueError("max_batched_tokens must be >= 1 and gpu_memory_utilization in (0, 1]")
+        if self.max_step_ms is not None and not self.max_step_ms >= 0:
+            raise ValueError("max_step_ms must be >= 0 (0: no step-time target)")
         if self.micro_batches < 0:
             raise ValueError("micro_batches must be >= 0 (0: one per shard on GPUs, 1 on CPUs)")
         if self.attention not in ("auto", "torch", "triton", "loop"):
@@ -212,7 +222,7 @@ class BackboneWorker:
         self.metrics = CollectorRegistry()
         self.metrics.register(BackboneCollector(
             lambda: pool_usage(engine.pool), self._running_now, self._waiting_now,
-            preemptions=lambda: engine.preemptions, steps=lambda: engine.steps))
+            preemptions=lambda: engine.preemptions, steps=lambda: engine.steps, engine=engine))
 
     def _preempted(self) -> int:
         """Running sequences whose KV blocks were taken back (they wait to be recomputed). Called on the metrics
@@ -244,6 +254,7 @@ class BackboneWorker:
                                           "kv_tokens": pool.num_blocks * pool.block_size,
                                           "attention": self.engine.model.attention.name,
                                           "max_batched_tokens": self.engine.max_batched_tokens,
+                                          "max_step_ms": self.engine.budget.target_ms,
                                           "micro_batches": self.engine.lanes})
         new: list = []
         drain_deadline = None
@@ -753,6 +764,9 @@ def serve(cfg: BackboneConfig, model_dir: str, threads: int | None = None) -> No
     device, dtype = resolve_placement(cfg.device, cfg.dtype)
     if cfg.max_batched_tokens is None:
         cfg = dataclasses.replace(cfg, max_batched_tokens=STEP_TOKENS.get(device.type, STEP_TOKENS["cpu"]))
+    if cfg.max_step_ms is None:
+        cfg = dataclasses.replace(cfg, max_step_ms=STEP_MS.get(device.type, STEP_MS["cpu"]))
+    cfg = dataclasses.replace(cfg, max_step_ms=cfg.max_step_ms or None)  # 0: none
     if device.type == "cuda" and device.index is None and cfg.num_shards > 1:
         device = torch.device("cuda", cfg.shard % torch.cuda.device_count())  # shards spread over the visible GPUs
     if device.type == "cuda" and device.index is not None:
@@ -764,7 +778,7 @@ def serve(cfg: BackboneConfig, model_dir: str, threads: int | None = None) -> No
         try:
             engine = load_engine(spec, layers, cfg.kv_cache_bytes, None, dtype, device, cfg.max_batched_tokens,
                                  cfg.max_running, cfg.gpu_memory_utilization, attention=cfg.attention,
-                                 eager=cfg.eager)
+                                 eager=cfg.eager, max_step_ms=cfg.max_step_ms)
         except ValueError as exc:
             raise SystemExit(f"tributary backbone: {exc}") from None
         worker = BackboneWorker(cfg, engine, stop)
@@ -799,7 +813,7 @@ def serve(cfg: BackboneConfig, model_dir: str, threads: int | None = None) -> No
     worker = None
     try:
         engine = Engine(model, spec.placeholder_ids, spec.eos_token_ids, spec.max_context, head,
-                        cfg.max_batched_tokens, cfg.micro_batches)
+                        cfg.max_batched_tokens, cfg.micro_batches, cfg.max_step_ms)
         worker = BackboneWorker(cfg, engine, stop)
         worker.run()
     finally:

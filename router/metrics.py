@@ -84,16 +84,19 @@ class BackboneCollector(Collector):
     - ``running()``: sequences started and not preempted (vLLM's num_requests_running);
     - ``waiting()``: plans read from the queue and not started, plus preempted sequences waiting for blocks again
       (vLLM's num_requests_waiting; entries nobody has read yet are the queue's lag, gateway/metrics.py);
-    - ``preemptions()`` and ``steps()``: counters since the process started.
+    - ``preemptions()`` and ``steps()``: counters since the process started;
+    - ``engine`` (backbone/engine.Engine): positions computed by kind (decode, prompt), the steps its step budget
+      timed and their seconds (launch to answers on the host), and the step budget's prompt positions per step beside
+      4 decodes (vLLM's iteration_tokens_total, in sums: their rates give mean step time and chunk size).
 
     A pipeline shard other than 0 passes only ``kv_usage`` (its own pool): shard 0 schedules.
     """
 
     def __init__(self, kv_usage: Callable[[], float], running: Callable[[], int] | None = None,
                  waiting: Callable[[], int] | None = None, preemptions: Callable[[], int] | None = None,
-                 steps: Callable[[], int] | None = None):
+                 steps: Callable[[], int] | None = None, engine=None):
         self.kv_usage, self.running, self.waiting = kv_usage, running, waiting
-        self.preemptions, self.steps = preemptions, steps
+        self.preemptions, self.steps, self.engine = preemptions, steps, engine
 
     def describe(self):  # registering must not call the callables (the worker may not be ready yet)
         return []
@@ -112,6 +115,22 @@ class BackboneCollector(Collector):
                                       "back)", value=self.preemptions())
         if self.steps is not None:
             yield CounterMetricFamily("tributary_backbone_steps", "Forward steps run", value=self.steps())
+        if self.engine is not None:
+            decode, prompt = self.engine.positions
+            positions = CounterMetricFamily("tributary_backbone_positions", "Positions computed by the forward "
+                                            "steps, by kind (decode: one per running stream; prompt: prefill "
+                                            "chunks and recomputes)", labels=["kind"])
+            positions.add_metric(["decode"], decode)
+            positions.add_metric(["prompt"], prompt)
+            yield positions
+            timed, seconds = self.engine.timed
+            yield CounterMetricFamily("tributary_backbone_timed_steps", "Steps whose compute was timed (those that "
+                                      "sampled a token)", value=timed)
+            yield CounterMetricFamily("tributary_backbone_step_seconds", "Seconds of the timed steps, from launch to "
+                                      "their answers on the host", value=seconds)
+            yield GaugeMetricFamily("tributary_backbone_step_budget_tokens", "Positions the next step may compute "
+                                    "beside 4 decodes (--max-batched-tokens, or fitted to --max-step-ms)",
+                                    value=self.engine.budget.tokens(4))
 
 
 def pool_usage(pool) -> float:

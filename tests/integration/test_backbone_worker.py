@@ -138,12 +138,13 @@ def test_cancel_frees_the_slot_and_a_later_request_interleaves(backbone, redis_s
 
 
 def scrape(port: int) -> dict[str, float]:
-    """The worker's --metrics-port, as {sample name: value} (its samples carry no labels)."""
+    """The worker's --metrics-port, as {sample name (with its labels, if any): value}."""
     from prometheus_client.parser import text_string_to_metric_families
 
     with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as resp:
         text = resp.read().decode()
-    return {s.name: s.value for fam in text_string_to_metric_families(text) for s in fam.samples}
+    return {s.name + ("{" + ",".join(f'{k}="{v}"' for k, v in s.labels.items()) + "}" if s.labels else ""): s.value
+            for fam in text_string_to_metric_families(text) for s in fam.samples}
 
 
 def test_the_metrics_port_reports_the_running_request_and_its_kv_blocks(backbone, redis_server):
@@ -163,6 +164,11 @@ def test_the_metrics_port_reports_the_running_request_and_its_kv_blocks(backbone
     assert during["tributary_backbone_steps_total"] > 0
     assert after["tributary_num_requests_running"] == 0 and after["tributary_kv_cache_usage_perc"] == 0
     assert after["tributary_backbone_steps_total"] > during["tributary_backbone_steps_total"]
+    # The step accounting: the 3-position prompt, then one decode position per step after the first token.
+    assert after['tributary_backbone_positions_total{kind="prompt"}'] >= 3
+    assert after['tributary_backbone_positions_total{kind="decode"}'] >= after["tributary_backbone_steps_total"] - 1
+    assert after["tributary_backbone_timed_steps_total"] >= 1 and after["tributary_backbone_step_seconds_total"] > 0
+    assert after["tributary_backbone_step_budget_tokens"] >= 1
 
 
 DRAIN_TOKENS = 400  # the tiny model on one thread decodes ~2.5 ms/token here (1 s), far from done when SIGTERM

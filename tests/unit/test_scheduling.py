@@ -220,3 +220,31 @@ def test_a_decode_waits_rather_than_preempting_itself_while_the_other_holders_ar
     assert (old.blocks, old.computed, engine.preemptions) == (blocks, computed, 0)  # it kept its KV
     engine.flights.clear()  # landed
     assert engine.schedule([old]) == [(old, 1)] and new.preempted == 1 and engine.preemptions == 1
+
+
+def test_a_step_time_target_sizes_the_chunks_riding_with_decodes_and_keeps_the_tokens(model, tiny_spec, tok):
+    """``max_step_ms``: the chunk a step carries beside decodes is what the learned cost fits in the target (never
+    the whole cap here), a step without decodes takes the cap, and every sequence still gives its own tokens."""
+    short = [ids_of(tok, p) for p in PROMPTS[1:]]
+    refs = [reference(model, tiny_spec, ids, params(30)) for ids in short]
+    engine = engine_with(model, tiny_spec, 256, 48)
+    engine.budget = type(engine.budget)(48, target_ms=1e-3)  # below any step: chunks shrink to min_chunk
+    running = []
+    for i, ids in enumerate(short):
+        seq = engine.new_sequence(f"s{i}", len(ids), params(30))
+        engine.prefill(seq, ids, [])  # alone: no decodes, whole-cap chunks
+        running.append(seq)
+    big = engine.new_sequence("big", 60, params(4))
+    engine.start(big, long_prompt(tok), [])
+    chunks = []
+    while not big.output:
+        before = big.computed
+        engine.step(running + [big])
+        chunks.append(big.computed - before)
+    assert chunks == [16, 16, 16, 12]  # min_chunk each, then the rest
+    compared = 0
+    for seq, (want, margins) in zip(running, refs):
+        while seq.finish is None:
+            engine.step([seq])
+        compared += same_tokens(seq.output, want, margins)
+    assert compared >= 30
