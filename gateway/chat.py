@@ -116,7 +116,7 @@ class ChatService:
         rid = ids.server
         body = await self._read_body(request)
         tenant = getattr(request.state, "tenant", None)  # gateway/auth.py: None without API keys
-        req, prompt = await self._prepare(body, tenant.cache if tenant else "")
+        req, prompt = await self._prepare(body, self.namespace(tenant))
         log.info("request", extra={"request_id": rid, "client_request_id": ids.client, "stream": req.stream,
                                    "tenant": tenant.name if tenant else None,
                                    "media": len(prompt.media), "text_tokens": len(prompt.token_ids)})
@@ -166,7 +166,7 @@ class ChatService:
         self.inflight += 1
         queue = watcher = None
         try:
-            req, prompt = await self._prepare(body, tenant.cache if tenant else "")
+            req, prompt = await self._prepare(body, self.namespace(tenant))
             if features:
                 prompt.media[:] = [replace(p, features=features.get(p.digest)) for p in prompt.media]
             log.info("request", extra={"request_id": rid, "via": via, "tenant": tenant.name if tenant else None,
@@ -213,6 +213,12 @@ class ChatService:
         except TimeoutError:
             raise RequestTimeout(f"the request body did not arrive within {self.cfg.body_timeout_s:g} s") from None
         return b"".join(chunks)
+
+    def namespace(self, tenant) -> str:
+        """The cache namespace a request's media are keyed in: its tenant's (gateway/auth.py; "" without keys), or
+        with the media cache off (``media_cache``) one of its own, which nothing else ever looks up."""
+        namespace = tenant.cache if tenant else ""
+        return namespace if self.cfg.media_cache else f"{namespace}|once:{secrets.token_hex(12)}"
 
     async def _prepare(self, body: bytes, namespace: str = "") -> tuple[ChatCompletionRequest, Prompt]:
         """Parse (on a thread), fetch remote media (gateway/remote.py: concurrently, each bounded), then build the

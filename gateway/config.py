@@ -42,6 +42,10 @@ class GatewayConfig:
     # Who may call (gateway/auth.py, gateway/origin.py). Keys themselves come from TRIBUTARY_API_KEYS, never a flag.
     api_key_file: str | None = None  # lines of "tenant sha256-hex-of-key", re-read when it changes
     shared_cache: str | None = None  # tenants that share cached encodings: "a,b;c,d"
+    # False: no request reuses another's encodings (each is keyed in a namespace of its own; the tensors still go
+    # through Redis, and expire after tensor_ttl_s). For measuring what the cache buys, or deployments that must
+    # not reuse one caller's media for another request; media uuids then never resolve.
+    media_cache: bool = True
     bind_host: str = "127.0.0.1"  # the address uvicorn listens on: loopback means loopback Host names only
     allowed_hosts: str | None = None  # Host names served (comma-separated; "*": any)
     allowed_origins: str | None = None  # web origins allowed (CORS and the Origin check; comma-separated; "*": any)

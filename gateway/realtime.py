@@ -161,7 +161,7 @@ class RealtimeSession:
     def __init__(self, ws: WebSocket, chat, model: str, max_audio_seconds: float):
         self.ws, self.chat, self.model = ws, chat, model
         self.tenant = ws.scope.get("state", {}).get("tenant")  # gateway/auth.py: None without API keys
-        self.namespace = self.tenant.cache if self.tenant else ""
+        self.namespace = chat.namespace(self.tenant)
         self.max_audio_bytes = int(max_audio_seconds * PCM_RATE) * 2
         self.max_media_bytes = chat.cfg.max_body_bytes  # the conversation's media, base64 (REST's request limit)
         self.audio_cfg = None  # the audio encoder's feature config, when features can be streamed for it

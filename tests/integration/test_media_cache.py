@@ -33,17 +33,17 @@ TENSOR_TTL_S = 600  # long: a test expires an entry itself (PEXPIRE) instead of 
 
 @pytest.fixture(scope="module")
 def tiers(tiny_model, redis_server):
-    """Two gateway processes, one image encoder, one backbone."""
+    """Two gateway processes, one image encoder, one backbone; and a third gateway with the media cache off."""
     redis.Redis.from_url(redis_server.url).flushall()
     procs = [start_tier(["encoder", "--modality", "image", "--model", str(tiny_model), "--max-wait-ms", "20",
                          "--tensor-ttl", str(TENSOR_TTL_S)], redis_server.url, "encoder:image"),
              start_tier(["backbone", "--model", str(tiny_model)], redis_server.url, "backbone")]
     urls = []
-    for _ in range(2):
+    for extra in ([], [], ["--no-media-cache"]):
         port = free_port()
         procs.append(subprocess.Popen(
             [sys.executable, "-m", "tributary.cli", "gateway", "--model", str(tiny_model), "--port", str(port),
-             "--redis-url", redis_server.url], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+             "--redis-url", redis_server.url, *extra], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
             env=dict(os.environ, PYTHONUNBUFFERED="1")))
         urls.append(f"http://127.0.0.1:{port}")
     try:
@@ -269,3 +269,20 @@ def test_blob_that_expires_while_queued_is_queued_again(tiers, tiny_model, tiny_
     assert refs[0].num_tokens == 16
     assert encoder_calls(redis_server.url) == before + 1
     assert jobs_queued(r) == queued + 2, "the expired blob's job was not queued again"
+
+
+def test_with_the_media_cache_off_every_request_encodes_its_own_media(tiers, tiny_model, redis_server):
+    """``--no-media-cache``: the same picture twice is encoded twice (and gives the same answer); a uuid reference
+    never resolves; a gateway with the cache on still hits what the first request encoded under its own key."""
+    urls, _ = tiers
+    data = png_bytes(37, 29, seed=104)
+    calls = encoder_calls(redis_server.url)
+    first = greedy(urls[2], tiny_model.name, image_part(data, uuid="sku-104"))
+    again = greedy(urls[2], tiny_model.name, image_part(data))
+    assert first.status_code == again.status_code == 200, (first.text, again.text)
+    assert first.json()["choices"][0]["message"]["content"] == again.json()["choices"][0]["message"]["content"]
+    assert encoder_calls(redis_server.url) == calls + 2
+    bare = chat(urls[2], tiny_model.name, image_part(None, uuid="sku-104"))
+    assert bare.status_code == 400 and bare.json()["error"]["code"] == "unknown_media_id"
+    assert greedy(urls[0], tiny_model.name, image_part(data)).status_code == 200
+    assert encoder_calls(redis_server.url) == calls + 3  # nothing the cache-off gateway wrote is found by others
