@@ -16,19 +16,33 @@ import numpy as np
 import torch
 
 from models.audio import AudioConfig, Features, StreamingFeatures
-from models.media import MAX_AUDIO_S, MediaHeaderError, check_image
+from models.media import IMAGE_FORMATS, MAX_AUDIO_S, MediaHeaderError, check_image
 
 
 class MediaError(ValueError):
-    """The client's bytes are not a usable image or audio clip (the gateway turns this into a 400)."""
+    """The client's bytes are not a usable image or audio clip (the gateway turns this into a 400).
+
+    Its message goes back to the client (through Redis, then the gateway, which names the part): it says what was
+    wrong in the client's terms and never carries a decoder's own words. Those are in ``detail``, for the worker's
+    log."""
+
+    def __init__(self, message: str, detail: str = ""):
+        super().__init__(message)
+        self.detail = detail
 
 
-_OBJECT_REPR = re.compile(r"\s*<_io\.BytesIO object at 0x[0-9a-fA-F]+>:?")
+_OBJECT_REPR = re.compile(r"\s*<[\w.]+ object at 0x[0-9a-fA-F]+>")
+_IMAGE_ORDER = [f for f in ("PNG", "JPEG", "GIF", "BMP", "WEBP") if f in IMAGE_FORMATS]
+_IMAGE_NAMES = _IMAGE_ORDER + sorted(IMAGE_FORMATS.difference(_IMAGE_ORDER))
+IMAGE_ACCEPTED = ", ".join(_IMAGE_NAMES[:-1]) + " or " + _IMAGE_NAMES[-1]
+AUDIO_ACCEPTED = "WAV, MP3, FLAC or OGG"
 
 
-def _reason(exc: Exception) -> str:
-    """A decoder's message without the Python object reprs it embeds (``<_io.BytesIO object at 0x7f...>``)."""
-    return _OBJECT_REPR.sub("", str(exc)).strip() or type(exc).__name__
+def _reason(exc: BaseException) -> str:
+    """A decoder's message, for the log: its type and text without the Python object reprs it embeds
+    (``<_io.BytesIO object at 0x7f...>``)."""
+    text = _OBJECT_REPR.sub("", str(exc)).strip()
+    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
 
 
 @dataclass(frozen=True)
@@ -117,20 +131,28 @@ def _center_crop(x: torch.Tensor, height: int, width: int) -> torch.Tensor:
 def decode_image(data: bytes) -> torch.Tensor:
     """Bytes -> RGB uint8 [3, H, W], or MediaError. Only allow-listed formats, at most models.media's
     MAX_IMAGE_PIXELS."""
-    from PIL import Image, ImageOps
+    from PIL import Image, ImageOps, UnidentifiedImageError
     from torchvision.transforms.v2 import functional as F
 
+    fmt = None
     try:
         with Image.open(io.BytesIO(data)) as img:
+            fmt = img.format
             try:
                 check_image(img.format, img.width, img.height)  # the limits the gateway checked, again
             except MediaHeaderError as exc:
-                raise MediaError(str(exc)) from None
+                raise MediaError(str(exc)) from None  # models.media's words are the client's already
             return F.pil_to_tensor(_to_rgb(ImageOps.exif_transpose(img)))
     except MediaError:
         raise
-    except Exception as exc:  # Pillow raises many types (UnidentifiedImageError, OSError, DecompressionBomb...)
-        raise MediaError(f"cannot decode image: {_reason(exc)}") from exc
+    except Image.DecompressionBombError as exc:
+        raise MediaError("the image has too many pixels to decode", _reason(exc)) from None
+    except Exception as exc:  # Pillow raises many types (UnidentifiedImageError, OSError, SyntaxError, ...)
+        if isinstance(exc, UnidentifiedImageError):
+            raise MediaError(f"it is not an image in an accepted format: expected {IMAGE_ACCEPTED} data (got "
+                             f"{len(data)} bytes)", _reason(exc)) from None
+        raise MediaError(f"the {fmt or 'image'} data is truncated or corrupt (got {len(data)} bytes)",
+                         _reason(exc)) from None
 
 
 def _to_rgb(img):
@@ -189,12 +211,18 @@ class AudioPreprocessor:
         import soundfile as sf
 
         try:
-            with sf.SoundFile(io.BytesIO(data)) as f:
+            f = sf.SoundFile(io.BytesIO(data))
+        except Exception as exc:  # soundfile raises LibsndfileError / RuntimeError / TypeError
+            raise MediaError(f"it is not an audio clip in an accepted format: expected {AUDIO_ACCEPTED} data (got "
+                             f"{len(data)} bytes)", _reason(exc)) from None
+        try:
+            with f:
                 cap = math.ceil(self.max_seconds * f.samplerate)
                 wave = f.read(frames=cap + 1, dtype="float32", always_2d=True)  # [T, C]
                 rate = f.samplerate
-        except Exception as exc:  # soundfile raises LibsndfileError / RuntimeError / TypeError
-            raise MediaError(f"cannot decode audio: {_reason(exc)}") from exc
+        except Exception as exc:
+            raise MediaError(f"the {f.format} audio data is truncated or corrupt (got {len(data)} bytes)",
+                             _reason(exc)) from None
         if wave.shape[0] > cap:
             raise MediaError(f"audio longer than {self.max_seconds:g} s")
         return wave, rate

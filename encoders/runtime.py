@@ -40,7 +40,8 @@ def run_isolating(runtime: EncoderRuntime, batch: torch.Tensor, lengths: torch.T
         for i in range(len(batch)):
             try:
                 outputs.append(run(batch[i : i + 1], None if lengths is None else lengths[i : i + 1])[0])
-            except Exception as exc:
-                outputs.append(f"the encoder failed on this input ({type(exc).__name__}: {exc})")
+            except Exception as exc:  # its text (a runtime's, with source paths) goes to the log, not the client
+                log.warning("encoder forward failed on one input", exc_info=True, extra={"item": i})
+                outputs.append(f"the encoder failed on this input ({type(exc).__name__})")
         finite = [isinstance(o, str) or bool(torch.isfinite(o).all()) for o in outputs]
     return [o if ok else "the encoder produced non-finite values for this input" for o, ok in zip(outputs, finite)]

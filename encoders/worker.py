@@ -259,14 +259,16 @@ class EncoderWorker:
             try:
                 return self.preprocess.from_features(blob)
             except (AttributeError, ValueError) as exc:
-                error = (f"features from the gateway do not fit this {self.cfg.modality} encoder: {exc} (are the "
-                         "gateway and the encoders serving the same checkpoint?)")
-                log.error("bad features job", extra={"request_id": request_id, "error": error})
+                error = (f"features from the gateway do not fit this {self.cfg.modality} encoder (are the gateway "
+                         "and the encoders serving the same checkpoint?)")
+                log.error("bad features job", extra={"request_id": request_id, "error": error,
+                                                     "detail": f"{type(exc).__name__}: {exc}"})
                 return m.ErrorCode.INTERNAL, error
         try:
             p = self.preprocess(blob)
-        except MediaError as exc:
-            error = str(exc)
+        except MediaError as exc:  # its message is for the client; the decoder's words are only logged
+            log.info("bad media", extra={"request_id": request_id, "error": str(exc), "detail": exc.detail})
+            return m.ErrorCode.BAD_MEDIA, str(exc)
         except Exception as exc:  # a decoder or resampler choking on hostile bytes: this job only
             log.exception("preprocessing failed", extra={"request_id": request_id})
             error = f"cannot preprocess this {self.cfg.modality} ({type(exc).__name__})"

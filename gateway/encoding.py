@@ -28,7 +28,7 @@ from cache.keys import Keys
 from cache.streams import payload_fields
 from gateway.config import GatewayConfig
 from gateway.errors import Internal, InvalidRequest, Timeout, Unavailable
-from gateway.media import MediaPart
+from gateway.media import MediaPart, undecodable
 from gateway.replies import ReplyRouter
 from gateway.tiers import DISCONNECTED, RESET, ClientGone
 from models.spec import ModelSpec
@@ -145,8 +145,7 @@ class MediaEncoder:
                     found[msg.tensor_key] = msg.num_tokens
                     del pending[msg.tensor_key]
                 elif msg.code == m.ErrorCode.BAD_MEDIA:
-                    raise InvalidRequest(f"{part.modality} could not be decoded: {msg.error}", param=part.param,
-                                         code="invalid_media")
+                    raise undecodable(part, msg.error)
                 elif msg.code in (m.ErrorCode.MEDIA_EXPIRED, m.ErrorCode.CANCELLED):
                     # The blob expired, or the job was dropped as its queuing gateway died: queue it again.
                     log.info("encode job not run; queueing it again", extra={"request_id": request_id,
@@ -155,8 +154,8 @@ class MediaEncoder:
                 elif msg.code == m.ErrorCode.DEADLINE:
                     raise Timeout(f"{part.modality} waited too long for an encoder", param=part.param)
                 else:  # INTERNAL: the worker logged it; the client gets a 500 naming the part
-                    raise Internal(f"{part.modality} encoding failed: {msg.error}", param=part.param,
-                                   code="encoder_error")
+                    raise Internal(f"{part.param}: encoding the {part.modality} failed: {msg.error}",
+                                   param=part.param, code="encoder_error")
             return found
         finally:
             for key in missing:

@@ -1,11 +1,31 @@
 """The gateway's errors and their one HTTP rendering: the OpenAI error shape
-``{"error": {"message", "type", "param", "code"}}``. Statuses are decided here and nowhere else."""
+``{"error": {"message", "type", "param", "code"}}``. Statuses are decided here and nowhere else.
+
+Messages are for the client: they name the part and what was wrong in the client's terms. As a last line of defence,
+every message is scrubbed of what a library's exception text may carry in (``public_message``): Python object reprs
+(``<_io.BytesIO object at 0x7f...>``) and tracebacks. The detail belongs in the server's log, not in the response.
+"""
 
 from __future__ import annotations
 
 import json
+import re
 
 from starlette.responses import JSONResponse
+
+# ``<_io.BytesIO object at 0x7f...>``, ``<function <lambda> at 0x7f...>``, ``<bound method X.y of <...>>``'s inner
+# part: any repr carrying a memory address. The space before it goes too ("Error opening <...>: x" -> "Error opening:
+# x").
+_OBJECT_REPR = re.compile(r"\s*<[\w.]+(?: [\w.]+)*(?: <[\w.]+>)?(?: [\w.]+)* at 0x[0-9a-fA-F]+>")
+_TRACEBACK = re.compile(r"\s*Traceback \(most recent call last\):.*", re.DOTALL)
+
+
+def public_message(message: str) -> str:
+    """``message`` without object reprs or a traceback (what a library's ``str(exc)`` may hold)."""
+    message = str(message)
+    if " at 0x" in message or "Traceback (" in message:
+        message = _OBJECT_REPR.sub("", _TRACEBACK.sub("", message)).strip()
+    return message or "the request failed (the details are in the server log)"
 
 
 class ErrorJSON(JSONResponse):
@@ -22,11 +42,13 @@ class APIError(Exception):
 
     def __init__(self, message: str, param: str | None = None, code: str | None = None,
                  retry_after: int | None = None):
+        message = public_message(message)
         super().__init__(message)
         self.message, self.param, self.code, self.retry_after = message, param, code, retry_after
 
     def body(self) -> dict:
-        return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
+        return {"error": {"message": public_message(self.message), "type": self.type, "param": self.param,
+                          "code": self.code}}
 
     def response(self, headers: dict | None = None) -> JSONResponse:
         if self.retry_after is not None:

@@ -1,6 +1,8 @@
 """Media parts of a request: base64/data-URL decoding with size caps, and their content-addressed cache keys.
 
-The gateway only unwraps the bytes; decoding pixels or samples is the encoder worker's job.
+The gateway only unwraps the bytes; decoding pixels or samples is the encoder worker's job. A part that is not what
+it should be is a 400 that names the part, the formats expected and what was sent instead ("1234 bytes starting with
+'RIFF', which looks like WAV audio"); the decoder's own message, in a library's terms, goes to the log only.
 """
 
 from __future__ import annotations
@@ -9,9 +11,14 @@ import base64
 import binascii
 import hashlib
 import json
+import logging
+import re
 from dataclasses import dataclass, replace
 
 from gateway.errors import InvalidRequest, PayloadTooLarge
+from models.media import IMAGE_FORMATS
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -28,14 +35,104 @@ class MediaPart:
         return replace(self, digest=digest)
 
 
-def _b64(data: str, param: str, limit: int) -> bytes:
+def _either(names: list[str]) -> str:
+    return ", ".join(names[:-1]) + " or " + names[-1] if len(names) > 1 else "".join(names)
+
+
+# What a part of each modality may hold, for error messages: the formats models.media accepts, and the audio formats
+# libsndfile reads that the schema's input_audio.format names.
+_IMAGE_ORDER = ("PNG", "JPEG", "GIF", "BMP", "WEBP")  # most common first; any other accepted one after them
+_FORMATS = {"image": [f for f in _IMAGE_ORDER if f in IMAGE_FORMATS] + sorted(IMAGE_FORMATS.difference(_IMAGE_ORDER)),
+            "audio": ["WAV", "MP3", "FLAC", "OGG"]}
+ACCEPTED = {modality: _either(formats) for modality, formats in _FORMATS.items()}
+
+# Leading bytes of what clients send by mistake, for "got ... which looks like ...".
+_SIGNATURES = [
+    (b"\x89PNG\r\n\x1a\n", "PNG", "a PNG image"), (b"\xff\xd8\xff", "JPEG", "a JPEG image"),
+    (b"GIF87a", "GIF", "a GIF image"), (b"GIF89a", "GIF", "a GIF image"), (b"II*\x00", "TIFF", "a TIFF image"),
+    (b"MM\x00*", "TIFF", "a TIFF image"), (b"fLaC", "FLAC", "FLAC audio"), (b"OggS", "OGG", "OGG data"),
+    (b"ID3", "MP3", "MP3 audio"), (b"%PDF", "PDF", "a PDF document"), (b"PK\x03\x04", "ZIP", "a ZIP archive"),
+]
+_BASE64_TEXT = re.compile(rb"[A-Za-z0-9+/]{16,}={0,2}")
+
+
+def sniff(data: bytes) -> tuple[str, str] | None:
+    """(format, what it is in words) of a few common kinds of file, from their first bytes; None if unknown."""
+    for magic, fmt, words in _SIGNATURES:
+        if data.startswith(magic):
+            return fmt, words
+    if data[:4] == b"RIFF" and data[8:12] in (b"WAVE", b"WEBP"):
+        return ("WAV", "WAV audio") if data[8:12] == b"WAVE" else ("WEBP", "a WEBP image")
+    if data[4:8] == b"ftyp":
+        return "MP4", "an MP4/MOV/HEIC file"
+    if data[:2] == b"BM" and len(data) >= 26:
+        return "BMP", "a BMP image"
+    text = data[:512].decode("utf-8", "replace").rstrip("\ufffd")  # a character cut at 512 bytes is no error
+    if text and all(c.isprintable() and c != "\ufffd" or c in "\r\n\t" for c in text):
+        if _BASE64_TEXT.fullmatch(data[:512].strip()):
+            return "base64", "base64 text: was the data base64-encoded twice?"
+        if data.lstrip()[:1] == b"<":
+            return "HTML", "HTML or XML text"
+        return "text", "text"
+    return None
+
+
+def describe_bytes(data: bytes, modality: str) -> str:
+    """What the client sent, in its terms: "1234 bytes starting with 'RIFF', which looks like WAV audio"."""
+    if not data:
+        return "no data"
+    head = "".join(chr(b) if 32 <= b < 127 and b not in (39, 92) else f"\\x{b:02x}" for b in data[:8])
+    out = f"{len(data)} bytes starting with '{head}'"
+    kind = sniff(data)
+    if kind is None:
+        return out
+    fmt, words = kind
+    if fmt in _FORMATS[modality]:
+        return f"{out}, the start of {words}, but the data is truncated or corrupt"
+    return f"{out}, which looks like {words}"
+
+
+def unreadable(data: bytes, modality: str, param: str) -> str:
+    """The message for a part whose header the gateway cannot read (the decoder's own words go to the log)."""
+    return (f"{param}: the {modality} could not be read: expected {ACCEPTED[modality]} data (got "
+            f"{describe_bytes(data, modality)})")
+
+
+def undecodable(part: MediaPart, reason: str) -> InvalidRequest:
+    """The 400 for a part an encoder worker could not decode: ``reason`` is the worker's, in the client's terms
+    (encoders/preprocess.py's MediaError); the decoder's own words are in the worker's log."""
+    return InvalidRequest(f"{part.param}: the {part.modality} could not be decoded: {reason}", param=part.param,
+                          code="invalid_media")
+
+
+_NOT_BASE64 = re.compile(r"[^A-Za-z0-9+/=]")
+
+
+def _base64_problem(data: str) -> str:
+    """Why ``data`` is not (standard, unwrapped) base64, in the client's terms."""
+    bad = _NOT_BASE64.search(data)
+    if bad:
+        c = bad.group()
+        hint = (" (line breaks and spaces are not allowed)" if c.isspace() else
+                " (URL-safe base64 with '-' and '_' is not accepted; use '+' and '/')" if c in "-_" else "")
+        return f"character {bad.start()} ({c!r}) is not a base64 character{hint}"
+    body = data.rstrip("=")
+    if "=" in body:
+        return f"padding '=' appears inside the data, at character {body.index('=')}"
+    return (f"its length ({len(data)} characters) does not make whole groups of 4: the data is cut short or wrongly "
+            "padded")
+
+
+def _b64(data: str, param: str, limit: int, kind: str = "media") -> bytes:
     padding = 2 if data.endswith("==") else 1 if data.endswith("=") else 0
     if len(data) * 3 // 4 - padding > limit:  # the decoded size (exact for valid base64), without decoding
-        raise PayloadTooLarge(f"media larger than {limit} bytes", param=param)
+        raise PayloadTooLarge(f"{param}: the {kind} is larger than {limit} bytes", param=param)
     try:
         return base64.b64decode(data, validate=True)
     except (binascii.Error, ValueError) as exc:
-        raise InvalidRequest(f"media data is not valid base64: {exc}", param=param) from exc
+        log.debug("base64 refused", extra={"param": param, "error": f"{type(exc).__name__}: {exc}"})
+        raise InvalidRequest(f"{param}: the {kind} data is not valid base64: {_base64_problem(data)}",
+                             param=param) from None
 
 
 def is_remote(url: str) -> bool:
@@ -58,7 +155,7 @@ def from_data_url(url: str, kind: str, param: str, limit: int) -> bytes:
     if media_type and not media_type.startswith(f"{kind}/"):
         raise InvalidRequest(f"data URL media type {media_type!r} is not {'an image' if kind == 'image' else kind}",
                              param=param)
-    return _b64(payload, param, limit)
+    return _b64(payload, param, limit, kind)
 
 
 def image_from_url(url: str, param: str, limit: int) -> bytes:
@@ -66,7 +163,7 @@ def image_from_url(url: str, param: str, limit: int) -> bytes:
 
 
 def audio_from_base64(data: str, param: str, limit: int) -> bytes:
-    return _b64(data, param, limit)
+    return _b64(data, param, limit, "audio")
 
 
 def content_digest(encoder_id: str, preprocess: dict, data: bytes, namespace: str = "") -> str:

@@ -17,15 +17,18 @@ tokens it will become, so the context check can run before anything is encoded (
 
 from __future__ import annotations
 
+import logging
 import re
 from dataclasses import dataclass
 
 from gateway.config import DEFAULT_MM_LIMITS
 from gateway.errors import InvalidRequest
-from gateway.media import MediaPart, audio_from_base64, content_digest, from_data_url, is_remote
+from gateway.media import MediaPart, audio_from_base64, content_digest, from_data_url, is_remote, unreadable
 from gateway.schemas import ChatCompletionRequest
 from models.media import MAX_AUDIO_S, MediaHeaderError, placeholder_count, probe_audio, probe_image
 from models.spec import ModelSpec
+
+log = logging.getLogger(__name__)
 
 _MODALITY = {"image_url": "image", "input_audio": "audio", "audio_url": "audio"}  # part type -> modality
 
@@ -145,11 +148,17 @@ class PromptBuilder:
         else:
             data = audio_from_base64(part.input_audio.data, param, self.max_media_bytes)
         if not data:
-            raise InvalidRequest(f"{modality} data is empty", param=param)
+            raise InvalidRequest(f"{param}: the {modality} data is empty", param=param)
         try:
             info = probe_image(data) if modality == "image" else probe_audio(data, self.max_audio_seconds)
         except MediaHeaderError as exc:
-            raise InvalidRequest(f"{modality}: {exc}", param=param, code="invalid_media") from None
+            # Raised from the decoder's exception: the bytes are not readable media; its words (and the object reprs
+            # in them) go to the log. Raised on its own: a limit models.media states in the client's terms.
+            if exc.__cause__ is None:
+                raise InvalidRequest(f"{param}: {exc}", param=param, code="invalid_media") from None
+            log.info("unreadable media", extra={"param": param, "modality": modality,
+                                                 "error": f"{type(exc.__cause__).__name__}: {exc.__cause__}"})
+            raise InvalidRequest(unreadable(data, modality, param), param=param, code="invalid_media") from None
         return MediaPart(modality, data, param, self.digest(modality, data, namespace), part.uuid,
                          placeholder_count(self.spec, modality, info))
 

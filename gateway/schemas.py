@@ -1,7 +1,8 @@
 """The OpenAI chat-completions request, validated: what is accepted, and a 400 naming whatever is not.
 
 Parameters the server does not implement yet are refused by name (never silently ignored) unless they carry the
-value that means "off" (``n: 1``, ``logprobs: false``, ...). Unknown parameters are refused too.
+value that means "off" (``n: 1``, ``logprobs: false``, ...). Unknown parameters are refused too. Every such parameter
+in a body is named in the one 400 (with the values accepted for it), not just the first.
 
 The body must be strict JSON: UTF-8, no ``NaN`` / ``Infinity`` (Python's json module accepts them), nesting at most
 ``MAX_DEPTH`` deep, and no string (key or value) holding a lone UTF-16 surrogate (``"\ud800"`` decodes to a Python
@@ -124,8 +125,61 @@ MAX_DEPTH = 32  # a chat request needs 6 levels (body, messages, message, conten
 _SURROGATE = re.compile("[\ud800-\udfff]")
 
 
+class _Constant(ValueError):
+    """NaN, Infinity or -Infinity in the body: Python's json module reads them; JSON has no such values."""
+
+
 def _no_constants(name: str):
-    raise ValueError(f"{name} is not valid JSON")
+    raise _Constant(name)
+
+
+def _json_error(exc: ValueError) -> str:
+    """What is wrong with the body's JSON, in the client's terms (never the decoder's exception text as is)."""
+    if isinstance(exc, _Constant):
+        return f"request body is not valid JSON: {exc} is not a JSON value (send a number, or null)"
+    if isinstance(exc, UnicodeDecodeError):
+        where = f" (byte {exc.start} cannot be decoded)" if exc.encoding.replace("-", "") == "utf8" else ""
+        return f"request body is not valid JSON: it is not UTF-8 text{where}"
+    if isinstance(exc, json.JSONDecodeError) and not exc.doc.strip():
+        return "request body is empty: expected a JSON object"
+    if isinstance(exc, json.JSONDecodeError):
+        what = exc.msg[:1].lower() + exc.msg[1:]  # the decoder's description: "Expecting ',' delimiter"
+        return f"request body is not valid JSON: {what} at line {exc.lineno}, column {exc.colno}"
+    return "request body is not valid JSON"
+
+
+def _accepted(off: tuple) -> str:
+    """The values of an unsupported parameter that are accepted (they mean "off"), as the client writes them."""
+    written = (json.dumps(int(o) if isinstance(o, float) and o.is_integer() else o) for o in off if o is not None)
+    return " or ".join(dict.fromkeys(written))  # 0 and 0.0 once
+
+
+def _refuse_parameters(unsupported: list[str], unknown: list[str], order: list[str]) -> None:
+    """One 400 naming every unsupported parameter (set to anything but its "off" value) and every unknown one, in
+    the body's order; ``param`` is the first of them."""
+    if not unsupported and not unknown:
+        return
+
+    def first(p: str) -> int:
+        top = p.split(".", 1)[0]
+        return order.index(top) if top in order else len(order)
+
+    unsupported, unknown = sorted(unsupported, key=first), sorted(unknown, key=first)
+    if len(unsupported) + len(unknown) == 1:
+        if unknown:
+            raise InvalidRequest(f"unknown parameter '{unknown[0]}'", param=unknown[0])
+        name, only = unsupported[0], _accepted(_OFF_VALUES[unsupported[0]])
+        raise InvalidRequest(f"parameter '{name}' is not supported by this server"
+                             + (f" (it accepts only {only})" if only else ""), param=name, code="unsupported_parameter")
+    parts = []
+    if unsupported:
+        hints = {n: _accepted(_OFF_VALUES[n]) for n in unsupported}
+        parts.append("parameters not supported by this server: "
+                     + ", ".join(f"'{n}' (only {only})" if only else f"'{n}'" for n, only in hints.items()))
+    if unknown:
+        parts.append(f"unknown parameter{'s' if len(unknown) > 1 else ''}: " + ", ".join(f"'{n}'" for n in unknown))
+    raise InvalidRequest("; ".join(parts), param=min(unsupported + unknown, key=first),
+                         code="unsupported_parameter" if unsupported else None)
 
 
 def parse_chat_request(body: bytes) -> ChatCompletionRequest:
@@ -134,20 +188,25 @@ def parse_chat_request(body: bytes) -> ChatCompletionRequest:
     except RecursionError:
         raise InvalidRequest(f"request body is nested more than {MAX_DEPTH} levels deep") from None
     except (ValueError, UnicodeDecodeError) as exc:  # JSONDecodeError is a ValueError
-        raise InvalidRequest(f"request body is not valid JSON: {exc}") from exc
+        raise InvalidRequest(_json_error(exc)) from None
     if not isinstance(raw, dict):
         raise InvalidRequest("request body must be a JSON object")
     check_strict(raw)
+    order = list(raw)
+    unsupported = []
     for name, off in _OFF_VALUES.items():
         if name in raw:
             value = raw.pop(name)
             if not any(value == o and type(value) is type(o) for o in off):  # true is not n=1
-                raise InvalidRequest(f"parameter '{name}' is not supported by this server", param=name,
-                                     code="unsupported_parameter")
+                unsupported.append(name)
     try:
-        return ChatCompletionRequest.model_validate(raw)
+        req = ChatCompletionRequest.model_validate(raw)
     except ValidationError as exc:
-        raise InvalidRequest(*_describe(exc)) from exc
+        # Every parameter the server does not take is named at once; other mistakes come after those are gone.
+        _refuse_parameters(unsupported, _unknown(exc), order)
+        raise InvalidRequest(*_describe(exc)) from None
+    _refuse_parameters(unsupported, [], order)
+    return req
 
 
 def check_strict(raw) -> None:
@@ -172,22 +231,36 @@ def check_strict(raw) -> None:
                 stack.append((item, where, depth + 1))
 
 
+def _path(loc) -> list:
+    """A pydantic error location as the client's path (messages.0.content.1), without pydantic's union-branch labels
+    ("str", "list[...]", "tagged-union[...]")."""
+    out, prev = [], None
+    for p in loc:
+        label = isinstance(p, str) and (p == "str" or "[" in p)
+        # A content part's discriminator tag follows its index: content.1.image_url.image_url -> content.1.image_url
+        tag = p in _PART_TAGS and isinstance(prev, int) and out[-2:-1] == ["content"]
+        if not (label or tag):
+            out.append(p)
+        prev = p
+    return out
+
+
+def _unknown(exc: ValidationError) -> list[str]:
+    """Every unknown parameter in the body, as the client's paths, once each."""
+    found = [".".join(str(p) for p in _path(e["loc"])) for e in exc.errors(include_url=False)
+             if e["type"] == "extra_forbidden"]
+    return list(dict.fromkeys(found))
+
+
+_INSTANCE_OF = re.compile(r" or instance of \w+")
+
+
 def _describe(exc: ValidationError) -> tuple[str, str]:
-    """The most specific error, its location written as the client's path (messages.0.content.1)."""
-
-    def path(loc) -> list:  # drop pydantic's union-branch labels ("str", "list[...]", "tagged-union[...]")
-        out, prev = [], None
-        for p in loc:
-            label = isinstance(p, str) and (p == "str" or "[" in p)
-            # A content part's discriminator tag follows its index: content.1.image_url.image_url -> content.1.image_url
-            tag = p in _PART_TAGS and isinstance(prev, int) and out[-2:-1] == ["content"]
-            if not (label or tag):
-                out.append(p)
-            prev = p
-        return out
-
-    err = max(exc.errors(include_url=False), key=lambda e: len(path(e["loc"])))
-    param = ".".join(str(p) for p in path(err["loc"]))
-    if err["type"] == "extra_forbidden":
-        return f"unknown parameter '{param}'", param
-    return f"invalid value for '{param}': {err['msg']}", param
+    """The most specific error, its location written as the client's path (messages.0.content.1), in words that
+    name no internal class."""
+    err = max(exc.errors(include_url=False), key=lambda e: len(_path(e["loc"])))
+    param = ".".join(str(p) for p in _path(err["loc"]))
+    if err["type"] == "missing":
+        return f"missing required parameter '{param}'", param
+    msg = _INSTANCE_OF.sub("", err["msg"]).removeprefix("Value error, ")
+    return f"invalid value for '{param}': {msg}", param
