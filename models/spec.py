@@ -121,9 +121,19 @@ class ModelSpec:
     def load_tokenizer(self):
         """The checkpoint's tokenizer, with the processor's chat template (the one the reference processor renders)
         when the checkpoint keeps it in its own file."""
-        from transformers import AutoTokenizer
+        from transformers import AutoTokenizer, PreTrainedConfig
 
-        tokenizer = AutoTokenizer.from_pretrained(str(self.path))
+        # A model_type transformers does not know (the demo's) would be read as a bare PreTrainedConfig, with a
+        # warning at every start; its language model's config is what the tokenizer class is looked up by.
+        config = None
+        if self.family is TRIMODAL:
+            text = dict(self.config["text_config"])
+            config = PreTrainedConfig.from_dict(text) if "model_type" not in text else None
+            if config is None:
+                from transformers import AutoConfig
+
+                config = AutoConfig.for_model(**text)
+        tokenizer = AutoTokenizer.from_pretrained(str(self.path), config=config)
         template = chat_template(self.path)
         if template is not None:
             tokenizer.chat_template = template

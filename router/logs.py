@@ -1,7 +1,11 @@
-"""Structured (JSON lines) logging shared by every tier: each record names its tier, its process and, when it is about
-one request, the request id that follows the request through every tier.
+"""Structured logging shared by every tier: each record names its tier, its process and, when it is about one
+request, the request id that follows the request through every tier.
 
-Use ``log.info("encoded", extra={"request_id": rid, "ms": 12.5})``; any ``extra`` key becomes a JSON field.
+Use ``log.info("encoded", extra={"request_id": rid, "ms": 12.5})``; any ``extra`` key becomes a field. Two formats
+(``--log-format``, env ``TRIBUTARY_LOG_FORMAT``): ``json``, one JSON object per line, for machines (log shippers,
+the tests and benchmarks that read the logs); ``text``, one readable line (time, level, tier, message, then
+``key=value`` fields), for people. ``auto`` (the default) picks text when stderr is a terminal and JSON otherwise:
+a cluster started from a shell reads well, and the same command under a supervisor or in a container logs JSON.
 """
 
 from __future__ import annotations
@@ -37,9 +41,40 @@ class JsonFormatter(logging.Formatter):
         return json.dumps(out, default=str)
 
 
-def setup_logging(tier: str, level: str = "INFO") -> None:
+class TextFormatter(JsonFormatter):
+    """``13:45:01.234 INFO  gateway        request  request_id=... via=rest``: the JSON record's fields, on one line."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        clock = time.strftime("%H:%M:%S", time.localtime(record.created)) + f".{int(record.msecs):03d}"
+        fields = " ".join(f"{k}={_short(v)}" for k, v in vars(record).items() if k not in _STANDARD)
+        line = f"{clock} {record.levelname:<7} {self.tier:<14} {record.getMessage()}" + (f"  {fields}" if fields
+                                                                                         else "")
+        if record.exc_info:
+            line += "\n" + self.formatException(record.exc_info)
+        return line
+
+
+def _short(value) -> str:
+    text = value if isinstance(value, str) else json.dumps(value, default=str)
+    return json.dumps(text) if not text or any(c.isspace() for c in text) else text
+
+
+LOG_FORMATS = ("auto", "json", "text")
+
+
+def resolve_format(fmt: str | None = None) -> str:
+    """``json`` or ``text`` for ``fmt`` (None: env TRIBUTARY_LOG_FORMAT, default auto: text on a terminal)."""
+    fmt = (fmt or os.environ.get("TRIBUTARY_LOG_FORMAT") or "auto").lower()
+    if fmt not in LOG_FORMATS:
+        raise ValueError(f"log format must be one of {', '.join(LOG_FORMATS)}, got {fmt!r}")
+    if fmt == "auto":
+        return "text" if sys.stderr.isatty() else "json"
+    return fmt
+
+
+def setup_logging(tier: str, level: str = "INFO", fmt: str | None = None) -> None:
     handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(JsonFormatter(tier))
+    handler.setFormatter((TextFormatter if resolve_format(fmt) == "text" else JsonFormatter)(tier))
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level.upper())

@@ -16,6 +16,23 @@ if .venv/bin/python -m pip show --quiet "$other" >/dev/null 2>&1; then
     .venv/bin/python -m pip uninstall --quiet --yes "$other"
 fi
 # Every package, its dependencies included, must match a hash in the lock; nothing unpinned is resolved.
-.venv/bin/python -m pip install --quiet --require-hashes --no-deps -r "$lock"
+# Progress: pip's download bars on a terminal, one line per package otherwise (CI logs); nothing when all is there.
+count=$(grep -c '^[A-Za-z0-9]' "$lock")
+start=$(date +%s)
+if .venv/bin/python -m pip install --quiet --require-hashes --no-deps --no-index --find-links /nonexistent \
+        -r "$lock" >/dev/null 2>&1; then
+    echo "setup: the ${count} packages of ${lock} are installed" >&2
+else
+    echo "setup: installing ${count} packages from ${lock} into .venv (first run: about 5 GB, PyTorch is a CUDA" \
+         "build; 2-5 minutes on a fast link)" >&2
+    if [ -t 1 ]; then  # download bars
+        .venv/bin/python -m pip install --require-hashes --no-deps -r "$lock" || true
+    else  # a line per package
+        .venv/bin/python -m pip install --require-hashes --no-deps --progress-bar off -r "$lock" \
+            | grep -E --line-buffered '^(Collecting|Installing|Successfully)' || true
+    fi
+    .venv/bin/python -m pip install --quiet --require-hashes --no-deps -r "$lock"  # fails loudly if anything is off
+    echo "setup: packages installed in $(( $(date +%s) - start )) s" >&2
+fi
 # The project itself, built with the setuptools the lock installed (no isolated build fetching an unpinned one).
 .venv/bin/python -m pip install --quiet --no-deps --no-build-isolation -e .

@@ -14,6 +14,7 @@ import logging
 import os
 import re
 import secrets
+import shlex
 import signal
 import socket
 import sys
@@ -96,6 +97,7 @@ class Cluster:
     cpu_budget: bool = True  # off: every process takes every core (torch's default), to measure against
     worker_metrics_port: int = 0  # the first worker's --metrics-port (each process the next one); 0: none
     metrics_ports: dict[str, int] = field(default_factory=dict)  # process name -> its metrics port
+    waiting_for: list[str] = field(default_factory=lambda: ["gateway"])  # start-up: what /ready lacked last
 
     @property
     def url(self) -> str:
@@ -191,7 +193,9 @@ class Cluster:
                                "server is using it? pass --port)") from None
 
     def ready(self) -> bool:
-        """Whether our own gateway answers /ready with 200. NotReady if something else answers on the port."""
+        """Whether our own gateway answers /ready with 200. NotReady if something else answers on the port.
+        ``self.waiting_for`` says what it lacks: the tiers /ready names as missing, or the gateway itself."""
+        self.waiting_for = ["gateway"]
         try:
             with urllib.request.urlopen(f"{self.url}/ready", timeout=2) as resp:
                 body, ok = json.load(resp), True
@@ -204,20 +208,32 @@ class Cluster:
             return False  # not listening yet (importing)
         if body.get("instance") != self.instance_id:
             raise NotReady(f"{self.url} is answered by another server, not this cluster's gateway (port taken?)")
+        self.waiting_for = list(body.get("missing") or ([] if ok else ["redis"]))
         return ok
 
 
+PROGRESS_S = 5.0  # start-up: how often it says what it still waits for
+
+
 def wait_ready(cluster: Cluster, sup: Supervisor, timeout: float, stop: threading.Event) -> None:
-    """Returns once the cluster is ready; NotReady (with the failing process's last lines) otherwise."""
-    deadline = time.monotonic() + timeout
+    """Returns once the cluster is ready; NotReady (with the failing process's last lines) otherwise. Says every
+    ``PROGRESS_S`` what it still waits for (each process loads PyTorch and its part of the model first)."""
+    start = time.monotonic()
+    deadline, said = start + timeout, start
     while not stop.is_set():
         if child := sup.dead_child():
             raise NotReady(f"{child.name} exited with code {child.exited} during start-up; its last lines:\n"
                            + "\n".join("    " + line for line in child.last_lines().splitlines()))
         if cluster.ready():
             return
-        if time.monotonic() > deadline:
+        now = time.monotonic()
+        if now > deadline:
             raise NotReady(f"the cluster was not ready after {timeout:g} s; see the logs above")
+        if now - said >= PROGRESS_S:
+            said = now
+            print(f"tributary: starting ({now - start:.0f} s): waiting for "
+                  f"{', '.join(cluster.waiting_for) or 'the gateway'} to load "
+                  f"(gives up after {timeout:g} s)", file=sys.stderr, flush=True)
         stop.wait(0.3)
 
 
@@ -271,13 +287,17 @@ def run_cluster(args) -> int:
                  "rate_limit_rpm", "rate_limit_tpm"):  # keys go by environment
         if getattr(args, flag):
             admission += ["--" + flag.replace("_", "-"), str(getattr(args, flag))]
+    if args.no_media_cache:
+        admission.append("--no-media-cache")
     cluster = Cluster(model, args.redis_url or "", args.prefix, args.host, args.port, args.log_level,
                       encoder_args, ["--limit-mm-per-prompt", args.limit_mm_per_prompt, "--encoder-dtype",
                                      encoder_dtype, *limits, *admission],
                       args.shards, modalities, replicas=args.backbone_replicas,
                       backbone_args=["--device", args.backbone_device, "--dtype", args.backbone_dtype,
                                      *(["--max-batched-tokens", str(args.max_batched_tokens)]
-                                       if args.max_batched_tokens is not None else [])],
+                                       if args.max_batched_tokens is not None else []),
+                                     *(["--max-step-ms", str(args.max_step_ms)]
+                                       if args.max_step_ms is not None else [])],
                       cpu_budget=args.cpu_budget == "auto", worker_metrics_port=args.worker_metrics_port)
     policies = {}
     if args.autoscale:
@@ -348,17 +368,35 @@ def _metrics_line(cluster: Cluster) -> str:
     return f"Metrics: {cluster.url}/metrics" + (f"; workers at 127.0.0.1 {ports}" if ports else "")
 
 
+DEMO_NOTE = ("The demo model has random weights: its answers are random text, often with U+FFFD (its tokens are "
+             "random bytes).\n")
+
+
+def _is_demo(model: Path) -> bool:
+    from models.spec import TRIMODAL, read_family
+
+    try:
+        return read_family(model) is TRIMODAL
+    except Exception:  # the banner says nothing rather than fail a start that succeeded
+        return False
+
+
 def _banner(cluster: Cluster, model: Path) -> str:
+    """What ``tributary up`` prints once ready: where it is, and two first requests that work in the environment it
+    runs in (its own interpreter, which has the openai SDK: scripts/setup.sh installs it with every extra)."""
+    budget = cluster.budget.describe() if cluster.cpu_budget else "CPU budget: off (every process on every core)"
+    chat = f"c.chat.completions.create(model='{model.name}', messages=[{{'role': 'user', 'content': 'Hi'}}])"
     return f"""
 Tributary is up: {cluster.url}  (model '{model.name}' from {model}; Redis {redact(cluster.redis_url)})
-{cluster.budget.describe() if cluster.cpu_budget else "CPU budget: off (every process on every core)"}
-{_metrics_line(cluster)}The demo model has random weights: its answers are random text.
-
+{budget}
+{_metrics_line(cluster)}
+Logs: the lines above, one per event, each naming its process's tier (--log-format json|text).
+{DEMO_NOTE if _is_demo(model) else ""}
   curl {cluster.url}/v1/chat/completions -H 'content-type: application/json' \\
     -d '{{"model": "{model.name}", "messages": [{{"role": "user", "content": "Hello!"}}], "max_tokens": 16}}'
 
-  python -c "from openai import OpenAI; c = OpenAI(base_url='{cluster.url}/v1', api_key='none'); \\
-print(c.chat.completions.create(model='{model.name}', messages=[{{'role': 'user', 'content': 'Hi'}}]).choices[0].message.content)"
+  {shlex.quote(sys.executable)} -c "from openai import OpenAI; \\
+c = OpenAI(base_url='{cluster.url}/v1', api_key='none'); print({chat}.choices[0].message.content)"
 
 Ctrl-C stops every process.
 """

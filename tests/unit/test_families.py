@@ -358,3 +358,24 @@ def test_local_cluster_starts_only_the_family_encoders(hf_checkpoint, name):
     modalities = read_family(hf_checkpoint(name)).modalities
     groups = Cluster(hf_checkpoint(name), "redis://unused", modalities=modalities).groups()
     assert [g.name for g in groups if g.name.startswith("encoder:")] == [f"encoder:{modality_of(name)}"]
+
+
+def test_loading_the_demo_tokenizer_warns_of_nothing(tiny_spec):
+    """transformers does not know the demo's model_type: without the language model's config handed over, every
+    start logged "You are using a model of type `tributary_trimodal` to instantiate a model of type ``..."."""
+    import logging
+
+    seen: list[str] = []
+
+    class Catch(logging.Handler):
+        def emit(self, record):
+            seen.append(record.getMessage())
+
+    handler = Catch(logging.WARNING)
+    logging.getLogger("transformers").addHandler(handler)
+    try:
+        tokenizer = tiny_spec.load_tokenizer()
+    finally:
+        logging.getLogger("transformers").removeHandler(handler)
+    assert tokenizer("hello").input_ids
+    assert not [m for m in seen if "model of type" in m], seen

@@ -1,0 +1,61 @@
+"""router/logs.py: JSON lines for machines, one readable line for people, chosen by --log-format (auto: by
+whether stderr is a terminal)."""
+
+from __future__ import annotations
+
+import io
+import json
+import logging
+import sys
+
+import pytest
+
+from router.logs import JsonFormatter, TextFormatter, resolve_format
+
+
+def record(msg: str = "request", exc: bool = False, **extra) -> logging.LogRecord:
+    info = None
+    if exc:
+        try:
+            raise ValueError("bad")
+        except ValueError:
+            info = sys.exc_info()
+    rec = logging.LogRecord("gateway.chat", logging.INFO, __file__, 1, msg, (), info)
+    for k, v in extra.items():
+        setattr(rec, k, v)
+    return rec
+
+
+def test_json_lines_carry_tier_message_and_every_extra_field():
+    out = json.loads(JsonFormatter("gateway").format(record(request_id="chatcmpl-1", tokens=3)))
+    assert out["tier"] == "gateway" and out["msg"] == "request" and out["level"] == "info"
+    assert out["request_id"] == "chatcmpl-1" and out["tokens"] == 3
+
+
+def test_text_is_one_readable_line_with_the_same_fields():
+    line = TextFormatter("encoder:image").format(record("encoded", request_id="chatcmpl-1", via="rest api", n=2))
+    assert "\n" not in line
+    assert " INFO " in line and "encoder:image" in line and "encoded" in line
+    assert "request_id=chatcmpl-1" in line and 'via="rest api"' in line and "n=2" in line
+    assert not line.lstrip().startswith("{")
+
+
+def test_text_keeps_the_traceback_of_an_exception():
+    text = TextFormatter("backbone").format(record("step failed", exc=True))
+    assert "Traceback" in text and "ValueError: bad" in text
+
+
+def test_auto_is_text_on_a_terminal_and_json_otherwise(monkeypatch):
+    class Tty(io.StringIO):
+        def isatty(self):
+            return True
+
+    monkeypatch.delenv("TRIBUTARY_LOG_FORMAT", raising=False)
+    monkeypatch.setattr(sys, "stderr", Tty())
+    assert resolve_format() == "text" and resolve_format("json") == "json"
+    monkeypatch.setattr(sys, "stderr", io.StringIO())
+    assert resolve_format() == "json" and resolve_format("text") == "text"
+    monkeypatch.setenv("TRIBUTARY_LOG_FORMAT", "text")
+    assert resolve_format() == "text"
+    with pytest.raises(ValueError, match="auto, json, text"):
+        resolve_format("xml")
