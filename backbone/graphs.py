@@ -31,6 +31,7 @@ import time
 import torch
 
 from backbone.attention import Segment, StepMeta, TritonAttention
+from router.progress import Progress
 
 log = logging.getLogger(__name__)
 
@@ -177,11 +178,14 @@ class DecodeGraphs:
         torch.cuda.current_stream(device).wait_stream(side)
         torch.cuda.synchronize(device)
         mempool = torch.cuda.graph_pool_handle()
+        progress = Progress("capturing decode CUDA graphs", len(self.buckets), extra={"device": str(device)})
         for b in reversed(self.buckets):
             graph = torch.cuda.CUDAGraph()
             with torch.cuda.graph(graph, pool=mempool):
                 self.outputs[b] = self._body(b)
             self.graphs[b] = graph
+            progress.advance()
+        progress.done()
         torch.cuda.synchronize(device)
         took = {"buckets": self.buckets, "seconds": round(time.perf_counter() - t0, 2),
                 "memory_mib": round((free0 - torch.cuda.mem_get_info(device)[0]) / 2**20, 1)}

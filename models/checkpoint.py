@@ -45,15 +45,38 @@ def read_tensors(model_dir: Path, prefix: str, dtype: torch.dtype | None = None)
 def read_matching(model_dir: Path, wanted, dtype: torch.dtype | None = None,
                   device: torch.device | str = "cpu") -> dict[str, torch.Tensor]:
     """Every tensor whose full name satisfies ``wanted(name)``, by full name, on ``device``. safetensors maps the
-    files and opens each tensor onto the device, so only the bytes of the tensors read are touched."""
+    files and opens each tensor onto the device, so only the bytes of the tensors read are touched. A read that takes
+    more than a few seconds logs its progress (router/progress.py)."""
+    from router.progress import Progress
+
+    files = weight_files(model_dir)
+    total = 0
+    for path in files:
+        with safe_open(str(path), framework="pt") as f:
+            total += sum(_nbytes(f.get_slice(name)) for name in f.keys() if wanted(name))
+    progress = Progress("reading weights", total, "B", extra={"model": Path(model_dir).name})
     out: dict[str, torch.Tensor] = {}
-    for path in weight_files(model_dir):
+    for path in files:
         with safe_open(str(path), framework="pt", device=str(device)) as f:
             for name in f.keys():
                 if wanted(name):
                     t = f.get_tensor(name)
+                    progress.advance(t.numel() * t.element_size())
                     out[name] = t.to(dtype) if dtype is not None and t.is_floating_point() else t
+    progress.done()
     return out
+
+
+_DTYPE_BYTES = {"F64": 8, "I64": 8, "U64": 8, "F32": 4, "I32": 4, "U32": 4, "F16": 2, "BF16": 2, "I16": 2, "U16": 2,
+                "F8_E4M3": 1, "F8_E5M2": 1, "I8": 1, "U8": 1, "BOOL": 1}
+
+
+def _nbytes(tensor_slice) -> int:
+    """Bytes of a tensor in a safetensors file, from its header (nothing is read)."""
+    n = 1
+    for d in tensor_slice.get_shape():
+        n *= d
+    return n * _DTYPE_BYTES.get(tensor_slice.get_dtype(), 4)
 
 
 def fingerprint(model_dir: Path) -> str:
