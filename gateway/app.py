@@ -15,19 +15,22 @@ import contextlib
 import logging
 import time
 import uuid
+from pathlib import Path
 
 from redis.exceptions import RedisError
 from starlette.applications import Starlette
 from starlette.middleware.cors import CORSMiddleware
 from starlette.requests import Request
-from starlette.responses import JSONResponse, Response
-from starlette.routing import Route, WebSocketRoute
+from starlette.responses import FileResponse, JSONResponse, Response
+from starlette.routing import Mount, Route, WebSocketRoute
+from starlette.staticfiles import StaticFiles
 
 from cache.client import SOCKET_TIMEOUT_S, connect_async
 from cache.keys import Keys
 from gateway.auth import AuthMiddleware, KeyRing
 from gateway.chat import ChatService, RequestIds
 from gateway.config import GatewayConfig
+from gateway.dashboard import Dashboard
 from gateway.encoding import MediaEncoder
 from gateway.errors import APIError, Internal, MethodNotAllowed, NotFound, Unavailable
 from gateway.metrics import CONTENT_TYPE, ClusterMetrics, GatewayMetrics, lease_owner
@@ -42,6 +45,7 @@ from gateway.tiers import RESET, ClientGone, TierClient
 from models.spec import ModelSpec, parse_encoder_dtypes
 
 log = logging.getLogger(__name__)
+STATIC = Path(__file__).resolve().parent / "static"  # the playground page (no build step, nothing from a CDN)
 
 
 def tiers_for(spec: ModelSpec) -> list[str]:
@@ -95,6 +99,7 @@ def create_app(cfg: GatewayConfig):
         await cluster.refresh()  # a Redis still away only leaves the snapshot empty
         metrics.attach(cluster)
         app.state.spec, app.state.cfg, app.state.realtime_connections = spec, cfg, 0
+        app.state.dashboard = Dashboard(cluster.r, keys, needed_tiers, spec.name, metrics.recent, ring.enabled)
         # Kept: the loop holds tasks weakly.
         tasks = [asyncio.create_task(replies.run(), name="reply-reader"),
                  asyncio.create_task(monitor.run(), name="cluster-monitor"),
@@ -162,6 +167,16 @@ def create_app(cfg: GatewayConfig):
         body = await asyncio.to_thread(metrics.render) if metrics.multiprocess else metrics.render()
         return Response(body, media_type=CONTENT_TYPE)
 
+    async def page(request: Request) -> Response:
+        """The playground (gateway/static): a chat and the tiers' live state; no data of its own, so no key."""
+        return FileResponse(STATIC / "index.html", headers={"cache-control": "no-cache"})
+
+    async def dashboard_state(request: Request) -> Response:
+        """The playground's live data (gateway/dashboard.py); behind the API key when keys are configured."""
+        tenant = getattr(request.state, "tenant", None)
+        state = await request.app.state.dashboard.state(tenant.name if tenant else None)
+        return JSONResponse(state, headers={"cache-control": "no-store"})
+
     async def health(request: Request) -> Response:
         body, _ = await probe(request)
         return JSONResponse(body)
@@ -179,6 +194,9 @@ def create_app(cfg: GatewayConfig):
             Route("/health", health, methods=["GET"]),
             Route("/ready", ready, methods=["GET"]),
             Route("/metrics", metrics_text, methods=["GET"]),
+            Route("/", page, methods=["GET"]),
+            Route("/dashboard/state", dashboard_state, methods=["GET"]),
+            Mount("/static", StaticFiles(directory=STATIC), name="static"),
         ],
         lifespan=lifespan,
         exception_handlers={404: _route_error, 405: _route_error},

@@ -32,7 +32,8 @@ from gateway.origin import refuse
 
 log = logging.getLogger(__name__)
 
-OPEN_PATHS = frozenset({"/health", "/ready", "/metrics"})
+OPEN_PATHS = frozenset({"/health", "/ready", "/metrics", "/"})  # "/": the playground page, which holds no data
+OPEN_PREFIXES = ("/static/",)  # the page's scripts and styles (gateway/static)
 WS_KEY_PROTOCOL = "openai-insecure-api-key."
 DEFAULT_TENANT = "default"
 RELOAD_EVERY_S = 1.0
@@ -184,7 +185,7 @@ class AuthMiddleware:
             return await self.app(scope, receive, send)
         state = scope.setdefault("state", {})
         state["tenant"] = None
-        if not self.ring.enabled or scope["path"] in OPEN_PATHS:
+        if not self.ring.enabled or scope["path"] in OPEN_PATHS or scope["path"].startswith(OPEN_PREFIXES):
             return await self.app(scope, receive, send)
         key = bearer(scope["headers"]) or (ws_protocol_key(scope) if scope["type"] == "websocket" else None)
         tenant = self.ring.tenant(key)

@@ -30,8 +30,16 @@ from cache.keys import Keys
 from gateway.config import GatewayConfig
 from gateway.detokenize import Detokenizer
 from gateway.encoding import MediaEncoder
-from gateway.errors import (APIError, Internal, InvalidRequest, NotFound, PayloadTooLarge, RequestTimeout,
-                            Timeout, Unavailable)
+from gateway.errors import (
+    APIError,
+    Internal,
+    InvalidRequest,
+    NotFound,
+    PayloadTooLarge,
+    RequestTimeout,
+    Timeout,
+    Unavailable,
+)
 from gateway.metrics import GatewayMetrics
 from gateway.monitor import ClusterMonitor, admit
 from gateway.prompt import Prompt, PromptBuilder, expand_placeholders
@@ -116,7 +124,7 @@ class ChatService:
         rid = ids.server
         body = await self._read_body(request)
         tenant = getattr(request.state, "tenant", None)  # gateway/auth.py: None without API keys
-        req, prompt = await self._prepare(body, self.namespace(tenant))
+        req, prompt = await self._prepare(body, tenant)
         log.info("request", extra={"request_id": rid, "client_request_id": ids.client, "stream": req.stream,
                                    "tenant": tenant.name if tenant else None,
                                    "media": len(prompt.media), "text_tokens": len(prompt.token_ids)})
@@ -127,7 +135,7 @@ class ChatService:
             plan = await self._plan(rid, req, prompt, queue)
 
             async def encode_again() -> list[m.MediaRef]:  # a cached tensor expired (or a Redis restart lost it)
-                return await self.media.encode(rid, prompt.media, queue, prompt.namespace)
+                return await self.media.encode(rid, prompt.media, queue, prompt.namespace, prompt.tenant)
 
             deltas = self._deltas(rid, req, plan, queue, encode_again, tenant, arrival)
             first = await anext(deltas)  # errors before the first token are plain HTTP errors
@@ -153,20 +161,22 @@ class ChatService:
         return JSONResponse(self._completion(rid, req, text, last), headers=ids.headers())
 
     async def respond(self, rid: str, body: bytes, cancelled: asyncio.Event, via: str,
-                      features: dict[str, bytes] | None = None, tenant=None) -> AsyncIterator[Delta]:
+                      features: dict[str, bytes] | None = None, tenant=None, namespace: str | None = None
+                      ) -> AsyncIterator[Delta]:
         """One chat completion for a caller other than the HTTP route (the Realtime WebSocket): ``body`` is a chat
         request (JSON), run through the same validation, admission, media encoding (cache first) and generation.
         ``features``: audio features the caller already computed, by the digest of the media part they stand for;
         a part that must be encoded sends them to the encoder instead of its bytes. An APIError comes before the
         first delta; setting ``cancelled``, or closing the iterator, stops it and frees the backbone slot
-        (ClientGone). ``tenant``: the caller's (gateway/auth.py), None without API keys."""
+        (ClientGone). ``tenant``: the caller's (gateway/auth.py), None without API keys; ``namespace``: the cache
+        namespace ``features`` were keyed in (default: the tenant's, as ``namespace()`` gives it)."""
         arrival = time.perf_counter()
         await self.limiter.admit(tenant)
         self.admit(["backbone"])
         self.inflight += 1
         queue = watcher = None
         try:
-            req, prompt = await self._prepare(body, self.namespace(tenant))
+            req, prompt = await self._prepare(body, tenant, namespace)
             if features:
                 prompt.media[:] = [replace(p, features=features.get(p.digest)) for p in prompt.media]
             log.info("request", extra={"request_id": rid, "via": via, "tenant": tenant.name if tenant else None,
@@ -178,7 +188,7 @@ class ChatService:
             plan = await self._plan(rid, req, prompt, queue)
 
             async def encode_again() -> list[m.MediaRef]:
-                return await self.media.encode(rid, prompt.media, queue, prompt.namespace)
+                return await self.media.encode(rid, prompt.media, queue, prompt.namespace, prompt.tenant)
 
             deltas = self._deltas(rid, req, plan, queue, encode_again, tenant, arrival)
             try:
@@ -220,9 +230,11 @@ class ChatService:
         namespace = tenant.cache if tenant else ""
         return namespace if self.cfg.media_cache else f"{namespace}|once:{secrets.token_hex(12)}"
 
-    async def _prepare(self, body: bytes, namespace: str = "") -> tuple[ChatCompletionRequest, Prompt]:
+    async def _prepare(self, body: bytes, tenant=None, namespace: str | None = None
+                       ) -> tuple[ChatCompletionRequest, Prompt]:
         """Parse (on a thread), fetch remote media (gateway/remote.py: concurrently, each bounded), then build the
-        prompt (on a thread)."""
+        prompt (on a thread), its media keyed in ``namespace`` (default: ``namespace(tenant)``)."""
+        namespace = self.namespace(tenant) if namespace is None else namespace
         req = await asyncio.to_thread(self._parse, body)
         remote = self.builder.remote_parts(req)
         fetched = {}
@@ -235,7 +247,8 @@ class ChatService:
                     task.cancel()
                 raise
             fetched = {param: data for (param, _, _), data in zip(remote, datas)}
-        return req, await asyncio.to_thread(self._build, req, namespace, fetched)
+        prompt = await asyncio.to_thread(self._build, req, namespace, fetched)
+        return req, replace(prompt, tenant=tenant.name if tenant else "")
 
     def _parse(self, body: bytes) -> ChatCompletionRequest:
         req = parse_chat_request(body)
@@ -263,7 +276,7 @@ class ChatService:
         return room
 
     async def _plan(self, rid: str, req: ChatCompletionRequest, prompt: Prompt, queue) -> m.PromptPlan:
-        refs = await self.media.encode(rid, prompt.media, queue, prompt.namespace)
+        refs = await self.media.encode(rid, prompt.media, queue, prompt.namespace, prompt.tenant)
         ids = expand_placeholders(prompt.token_ids, self.spec.placeholder_ids, [r.num_tokens for r in refs])
         room = self._check_context(len(ids), budget := req.token_budget())  # the encoders' counts are final
         # The seed is fixed here when the client sent none: every attempt of the request (a migration, a plan

@@ -47,14 +47,15 @@ class MediaEncoder:
         self.reply_stream = reply_stream
         self.liveness_unknown = liveness_unknown  # TierClient.liveness_unknown: just after a Redis restart
 
-    async def encode(self, request_id: str, parts: list[MediaPart], queue: asyncio.Queue, namespace: str = ""
-                     ) -> list[m.MediaRef]:
-        """A MediaRef per part, in order; ``namespace``: the tenant's (their digests already include it)."""
+    async def encode(self, request_id: str, parts: list[MediaPart], queue: asyncio.Queue, namespace: str = "",
+                     tenant: str = "") -> list[m.MediaRef]:
+        """A MediaRef per part, in order; ``namespace``: the tenant's (their digests already include it);
+        ``tenant``: whose cache hits and misses these are (counted apart too, for the playground)."""
         if not parts:
             return []
         await self._resolve_ids(parts, namespace)
         keys = [self.tensor_key(p) for p in parts]
-        counts = await self._lookup(parts, keys)
+        counts = await self._lookup(parts, keys, tenant)
         missing = {k: p for k, p, n in zip(keys, parts, counts) if n is None}
         if missing:
             found = await self._encode_missing(request_id, missing, queue)
@@ -90,7 +91,7 @@ class MediaEncoder:
                                      code="unknown_media_id")
             parts[i] = parts[i].with_digest(res[at].decode())
 
-    async def _lookup(self, parts: list[MediaPart], keys: list[str]) -> list[int | None]:
+    async def _lookup(self, parts: list[MediaPart], keys: list[str], tenant: str = "") -> list[int | None]:
         modalities = sorted({p.modality for p in parts})
         pipe = self.r.pipeline(transaction=False)
         for key in keys:
@@ -104,6 +105,9 @@ class MediaEncoder:
         pipe = self.r.pipeline(transaction=False)
         for p, n in zip(parts, counts):
             pipe.hincrby(self.keys.stats(f"encoder:{p.modality}"), "cache_hits" if n is not None else "cache_misses")
+            if tenant:
+                pipe.hincrby(self.keys.stats(f"tenant:{tenant}"), f"{p.modality}_cache_"
+                             + ("hits" if n is not None else "misses"))
         await pipe.execute()  # counted even when the request is refused below
         if self.metrics is not None:
             for p, n in zip(parts, counts):

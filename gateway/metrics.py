@@ -95,6 +95,10 @@ class GatewayMetrics:
         misses = Counter("tributary_encoder_cache_misses", "Media parts not in the tensor cache (to encode)",
                          ["modality"], registry=r)
         self.cache_hits = {m: hits.labels(m) for m in MODALITIES}
+        # The last minutes of TTFT and ITL, for the playground (gateway/dashboard.py); this process's requests.
+        from gateway.dashboard import Recent
+
+        self.recent = Recent()
         self.cache_misses = {m: misses.labels(m) for m in MODALITIES}
 
     def request(self, arrival: float) -> "RequestMetrics":
@@ -140,9 +144,11 @@ class RequestMetrics:
         now = time.perf_counter()
         if self.last is None:
             self.m.ttft.observe(now - self.arrival)
+            self.m.recent.observe("ttft", now - self.arrival)
             self.m.prompt_tokens.inc(prompt_tokens)
         else:
             self.m.itl.observe(now - self.last)
+            self.m.recent.observe("itl", now - self.last)
         self.last = now
         self.m.generation_tokens.inc(n)
 

@@ -38,6 +38,7 @@ class Prompt:
     token_ids: list[int]  # one placeholder token per media part, not yet expanded
     media: list[MediaPart]  # in prompt order
     namespace: str = ""  # the tenant's cache namespace its media are keyed in (gateway/auth.py)
+    tenant: str = ""  # the caller's tenant ("" without API keys): its cache hits and misses are counted apart
 
     @property
     def expected_length(self) -> int:

@@ -611,7 +611,7 @@ class RealtimeSession:
             await self.send("response.created", response=self._response(response_id, "in_progress", [], None,
                                                                         max_tokens))
             deltas = self.chat.respond(response_id, body, cancelled, via="realtime", features=features,
-                                       tenant=self.tenant)
+                                       tenant=self.tenant, namespace=self.namespace)
             try:
                 async for d in deltas:
                     if not started:

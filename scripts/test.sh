@@ -10,4 +10,12 @@ if [ "${1:-}" = "--docker" ]; then
     export TRIBUTARY_DOCKER_TESTS=1
 fi
 bash scripts/setup.sh dev
+# The playground's browser test drives a Chromium (tests/e2e/test_playground.py): Debian's, installed here when we
+# may (root with apt); elsewhere install one yourself (or set TRIBUTARY_CHROMIUM), or those tests skip.
+if ! command -v chromium >/dev/null 2>&1 && [ -z "${TRIBUTARY_CHROMIUM:-}" ] && [ "$(id -u)" = 0 ] \
+        && command -v apt-get >/dev/null 2>&1; then
+    echo "test: installing Debian's chromium for the playground's browser test" >&2
+    { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends \
+        chromium fonts-dejavu-core >/dev/null; } || echo "test: chromium could not be installed" >&2
+fi
 exec .venv/bin/python -m pytest -p no:cacheprovider "$@"

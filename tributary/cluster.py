@@ -215,6 +215,19 @@ class Cluster:
 PROGRESS_S = 5.0  # start-up: how often it says what it still waits for
 
 
+def count_restart(cluster: Cluster, group: Group) -> None:
+    """One more restart of ``group``'s tier, in the tier's stats hash (``restarts``): exported with the other tier
+    stats by the gateway's /metrics and shown by the playground. Best effort: Redis may be what failed."""
+    from cache.client import connect
+    from cache.keys import Keys
+
+    try:
+        connect(cluster.redis_url, retries=0, socket_timeout=2).hincrby(
+            Keys(cluster.prefix).stats(group.tier or "gateway"), "restarts", 1)
+    except Exception as exc:  # noqa: BLE001 -- a count is not worth failing a restart for
+        log.warning("restart not counted", extra={"group": group.name, "error": type(exc).__name__})
+
+
 def wait_ready(cluster: Cluster, sup: Supervisor, timeout: float, stop: threading.Event) -> None:
     """Returns once the cluster is ready; NotReady (with the failing process's last lines) otherwise. Says every
     ``PROGRESS_S`` what it still waits for (each process loads PyTorch and its part of the model first)."""
@@ -315,7 +328,8 @@ def run_cluster(args) -> int:
         return 1
     redis = None if args.redis_url else EmbeddedRedis(password=secrets.token_hex(16)).start()
     cluster.redis_url = args.redis_url or redis.url
-    sup = Supervisor(cluster.groups(), args.max_restarts, args.restart_window)
+    sup = Supervisor(cluster.groups(), args.max_restarts, args.restart_window,
+                     on_restart=lambda group: count_restart(cluster, group))
     code = 0
     scaler = None
     try:

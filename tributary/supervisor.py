@@ -106,9 +106,11 @@ class CrashLoop(RuntimeError):
 
 class Supervisor:
     def __init__(self, groups: list[Group], max_restarts: int = 5, window_s: float = 60.0,
-                 grace_s: float = 35.0, max_backoff_s: float = 16.0):
+                 grace_s: float = 35.0, max_backoff_s: float = 16.0, on_restart=None):
+        """``on_restart(group)``: called after a dead group was started again (tributary up counts restarts per
+        tier in Redis, where the metrics and the playground read them)."""
         self.groups, self.max_restarts, self.window_s = groups, max_restarts, window_s
-        self.grace_s, self.max_backoff_s = grace_s, max_backoff_s
+        self.grace_s, self.max_backoff_s, self.on_restart = grace_s, max_backoff_s, on_restart
 
     @property
     def children(self) -> list[Child]:
@@ -182,6 +184,8 @@ class Supervisor:
                 group.restart_at = None
                 group.start()
                 print(f"tributary: restarted {group.name}", file=sys.stderr, flush=True)
+                if self.on_restart is not None:
+                    self.on_restart(group)
 
     def stop(self) -> None:
         for child in self.children:

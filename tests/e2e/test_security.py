@@ -73,13 +73,13 @@ def test_every_route_needs_a_key_but_the_probes(secured):
     body = {"model": secured.model, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}
     for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": f"Basic {KEYS['alice']}"}):
         for method, path in (("POST", "/v1/chat/completions"), ("GET", "/v1/models"), ("GET", "/nope"),
-                             ("GET", "/v1/realtime")):
+                             ("GET", "/v1/realtime"), ("GET", "/dashboard/state")):
             r = httpx.request(method, secured.base_url + path, headers=headers, json=body, timeout=30)
             assert r.status_code == 401, (method, path, headers, r.text)
             err = r.json()["error"]
             assert err["code"] == "invalid_api_key" and err["type"] == "invalid_request_error"
             assert KEYS["alice"] not in r.text and "wrong" not in r.text
-    for path in ("/health", "/ready", "/metrics"):  # probes and Prometheus scrapers carry no key
+    for path in ("/health", "/ready", "/metrics", "/", "/static/app.js"):  # probes, scrapers, the page: no key
         assert httpx.get(secured.base_url + path, timeout=30).status_code == 200
     with pytest.raises(openai.AuthenticationError):
         ask(secured, "wrong", "hi")
@@ -138,6 +138,27 @@ def test_tenants_neither_reuse_nor_detect_each_others_media(secured):
     assert info.value.body["code"] == "unknown_media_id"
     again = ask(secured, KEYS["alice"], [image(None, uuid="shared-name")])  # and still everything to alice
     assert again.choices[0].message.content == alice.choices[0].message.content
+
+
+def test_the_playground_state_shows_each_tenant_its_own_cache_only(secured):
+    def state(who: str) -> dict:
+        r = httpx.get(secured.base_url + "/dashboard/state", headers={"Authorization": f"Bearer {KEYS[who]}"},
+                      timeout=30)
+        assert r.status_code == 200, r.text
+        return r.json()
+
+    bob0, alice0 = state("bob")["cache"]["image"], state("alice")["cache"]["image"]
+    png = png_bytes(45, 39, seed=72)
+    ask(secured, KEYS["bob"], [image(png)])
+    ask(secured, KEYS["bob"], [image(png)])
+    time.sleep(1.1)  # the tiers' view is shared for a second
+    bob, alice = state("bob"), state("alice")
+    assert bob["tenant"] == "bob" and bob["cache_scope"] == "tenant"
+    assert bob["cache"]["image"]["misses"] == bob0["misses"] + 1
+    assert bob["cache"]["image"]["hits"] == bob0["hits"] + 1
+    assert alice["cache"]["image"] == alice0  # nothing of bob's traffic shows to alice
+    assert bob["tiers"]["encoder:image"]["live"] >= 1 and "backbone" in bob["tiers"]
+    assert bob["latency"]["ttft"] and any(p["n"] for p in bob["latency"]["ttft"])
 
 
 def test_a_media_uuid_keeps_its_first_media(secured):

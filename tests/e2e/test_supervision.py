@@ -15,6 +15,7 @@ from pathlib import Path
 
 import httpx
 import pytest
+import redis
 
 from cache.embedded import free_port
 from tests.media import data_url, png_bytes
@@ -128,6 +129,8 @@ def test_a_killed_worker_is_restarted_and_a_crash_loop_stops_the_cluster(tiny_mo
             restarted = child_pid(proc.pid, "--modality image")
             assert restarted not in (None, victim)
             wait_for("a live image encoder", lambda: ready(port) and ask() == 200, 120, log, proc)
+            # counted where /metrics (tributary_tier_stat) and the playground read it
+            assert int(redis.Redis.from_url(redis_server.url).hget("sup:stats:encoder:image", "restarts")) == crash
         os.kill(child_pid(proc.pid, "--modality image"), signal.SIGKILL)  # a third crash: past --max-restarts 2
         code = proc.wait(120)
         out = log.read_text()
