@@ -371,7 +371,9 @@ class Engine:
         if results is None:
             results = [t if t >= 0 or t == NO_TOKEN else "this request failed on a later pipeline shard (see its log)"
                        for t in self.pipeline.answers(flight.sent).tolist()]
-        if any(r != NO_TOKEN for r in results):  # answers on the host: the step's compute is over (on a GPU too)
+        # The step's compute is over once its answers are on the host (a sampled token on a GPU; any step on a CPU,
+        # which runs synchronously); a GPU step that sampled nothing may still be running, so it is not timed.
+        if self.model.device.type != "cuda" or any(r != NO_TOKEN for r in results):
             took = time.perf_counter() - flight.launched
             self.budget.observe(sum(n for _, n in flight.rows), took)
             self.timed[0] += 1

@@ -74,10 +74,11 @@ log = logging.getLogger(__name__)
 # prompt tokens stalls every running stream for about a second (bench/chunked.py: 256 kept the worst stall at 0.12x
 # of an unchunked one; bench/serve.py's isolation run: a burst of prompts at 2048 stalled streams 1.2 s).
 STEP_TOKENS = {"cuda": 2048, "cpu": 256}
-# The default step-time target by device (backbone/budget.py). On a CPU even 256 prompt positions beside running
-# streams stalled them 340-660 ms in bench/serve.py's isolation run; a 50 ms target kept their ITL p99 at 68 ms while
-# the burst took 15% longer to get through. None on a GPU: a step of 2048 positions is tens of milliseconds there.
-STEP_MS = {"cuda": None, "cpu": 50.0}
+# The default step-time target by device (backbone/budget.py). On 2 CPU cores (bench/serve.py, one run, image
+# workload at concurrency 4 and the isolation burst): no target (256-position chunks) gave 1.72 requests/s and
+# stalled running streams to an ITL p99 of 339 ms; 100 ms gave 1.58 requests/s and 119 ms; 50 ms gave 1.15 requests/s
+# and 67 ms. 100 ms bounds the stalls for 8% of throughput. None on a GPU: a 2048-position step is tens of ms there.
+STEP_MS = {"cuda": None, "cpu": 100.0}
 
 
 @dataclass

@@ -124,8 +124,8 @@ class BackboneCollector(Collector):
             positions.add_metric(["prompt"], prompt)
             yield positions
             timed, seconds = self.engine.timed
-            yield CounterMetricFamily("tributary_backbone_timed_steps", "Steps whose compute was timed (those that "
-                                      "sampled a token)", value=timed)
+            yield CounterMetricFamily("tributary_backbone_timed_steps", "Steps whose compute was timed (every step "
+                                      "on a CPU; on a GPU those that sampled a token)", value=timed)
             yield CounterMetricFamily("tributary_backbone_step_seconds", "Seconds of the timed steps, from launch to "
                                       "their answers on the host", value=seconds)
             yield GaugeMetricFamily("tributary_backbone_step_budget_tokens", "Positions the next step may compute "

@@ -314,7 +314,7 @@ def build_parser() -> argparse.ArgumentParser:
                          "on a CPU)")
     up.add_argument("--max-step-ms", type=float, default=None,
                     help="the backbone's step-time target in ms: a step that carries decodes takes only the prompt "
-                         "chunk its measured cost fits in it (default 50 on a CPU, none on a GPU; 0: none, the "
+                         "chunk its measured cost fits in it (default 100 on a CPU, none on a GPU; 0: none, the "
                          "token budget alone)")
     up.add_argument("--backbone-replicas", type=int, default=1,
                     help="backbone replicas (each --shards processes), all reading one queue")
@@ -477,7 +477,7 @@ def build_parser() -> argparse.ArgumentParser:
     bb.add_argument("--max-step-ms", type=float, default=_env("MAX_STEP_MS") and float(_env("MAX_STEP_MS")),
                     help=_env_help("inter-token latency target: a step that carries decodes takes only as many "
                                    "prompt positions as the measured step cost fits in this many ms, within "
-                                   "--max-batched-tokens (default 50 on a CPU, none on a GPU; 0: none)",
+                                   "--max-batched-tokens (default 100 on a CPU, none on a GPU; 0: none)",
                                    "MAX_STEP_MS"))
     bb.add_argument("--micro-batches", type=int, default=int(_env("MICRO_BATCHES", 0)),
                     help=_env_help("pipeline steps shard 0 keeps in flight, each over its own share of the "
