@@ -15,15 +15,27 @@ backbone on core 0, its gateway, encoders and Redis on core 1; the monolith on c
    take most of the machine); the CPU seconds it used are measured (``RUSAGE_CHILDREN``) and reported per run.
    Reported per server and workload: requests/s, output tokens/s, TTFT, ITL and request latency (mean, p50, p99),
    and goodput under a TTFT / ITL SLO.
+   **chat** (``chat_dataset``): an aiperf multi-turn input file of chats about pictures: each chat sends a
+   640x480 JPEG with a question, then asks a follow-up; aiperf resends the history (picture included) as a chat
+   client does, so half the pictures a server receives are repeats. It also runs on Tributary with the media cache
+   off (``--no-media-cache``): the cache on vs off on the same requests.
 2. **Isolation** (the EPD papers' claim): 4 text streams decode (300 tokens each) while, 3 s in, a burst of 6 image
    + audio requests arrives; each server's text-stream inter-token latency p99 during the burst against its own
    quiet run (the same streams, no burst). Measured with the openai SDK (one timestamp per streamed chunk).
+   ``--isolation-variants`` adds Tributary runs with other backbone flags (default: a 64-token step budget, and a
+   step-time target).
+3. **Cache**: the chat workload's TTFT for first-seen pictures (each chat's first turn) and repeated ones (its
+   follow-ups), on every server and on Tributary with the cache on and off.
+
+Per-tier timings: Tributary's runs start with ``--worker-metrics-port``; the workers' and the gateway's counters are
+read before and after each experiment, and the report says where the time went (backbone busy share, mean step time
+and prompt positions per step, encoder busy share and ms per batch, cache hits).
 
 Writes bench/results/serve.json and bench/results/serve.md (tables, the machine, the client's CPU, what the figures
 do and do not show); PNG plots beside it when matplotlib is importable (it is in .venv-bench: the report step reruns
 itself there). Ray Serve (bench/rayserve.py, the same split as Ray Serve deployments) joins as a third server when
 ``bash scripts/bench-env.sh --ray`` has made .venv-ray; it gets cores 0-1 like the monolith. ``--rate R`` replaces
-the fixed concurrency by Poisson arrivals at R requests/s. Not yet here: aiperf-driven multi-turn input files.
+the fixed concurrency by Poisson arrivals at R requests/s.
 """
 
 from __future__ import annotations
@@ -34,6 +46,7 @@ import json
 import os
 import platform
 import resource
+import shlex
 import statistics
 import subprocess
 import sys
@@ -54,7 +67,9 @@ WORKLOADS = {
     "audio": ["--audio-length-mean", "2", "--audio-batch-size", "1", "--audio-format", "wav",
               "--audio-sample-rates", "16"],
     "long": None,  # text with long prompts (--prompt-input-tokens-mean set below)
+    "chat": None,  # an input file (chat_dataset)
 }
+CHAT_SESSIONS, CHAT_TURNS = 16, 2  # 32 requests, half of their pictures repeats
 SLO = {"ttft_ms": 2000.0, "itl_ms": 200.0}
 
 
@@ -101,20 +116,44 @@ def pin_tributary(up_pid: int, redis_pid: int, backbone: set[int], rest: set[int
 
 # --- aiperf --------------------------------------------------------------------------------------------------------
 
+def chat_dataset(folder: Path, sessions: int = CHAT_SESSIONS, turns: int = CHAT_TURNS, seed: int = 9000) -> Path:
+    """An aiperf ``multi_turn`` JSONL: ``sessions`` chats, each about one picture of its own (a 640x480 JPEG file):
+    the first turn sends it with a question, the next ``turns - 1`` ask follow-ups. aiperf sends each turn with the
+    chat's history, as a chat client does, so the picture goes to the server again with every turn."""
+    from tests.media import jpeg_bytes
+
+    folder.mkdir(parents=True, exist_ok=True)
+    lines = []
+    for s in range(sessions):
+        pic = folder / f"picture-{s}.jpg"
+        pic.write_bytes(jpeg_bytes(640, 480, seed=seed + s))
+        follow = [{"text": f"And what else do you see there? ({k})", "output_length": 16} for k in range(1, turns)]
+        lines.append(json.dumps({"type": "multi_turn", "session_id": f"chat-{s:03d}", "turns": [
+            {"text": "What is in this picture?", "image": str(pic), "output_length": 16}, *follow]}))
+    path = folder / "chats.jsonl"
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
 def run_aiperf(url: str, model: str, tokenizer: Path, workload: str, concurrency: int, requests: int, out: Path,
                cores: set[int], rate: float | None = None) -> dict:
     """``rate``: Poisson arrivals at that many requests/s (``concurrency`` then only caps requests in flight)."""
     load = (["--request-rate", str(rate), "--arrival-pattern", "poisson", "--concurrency", "256"] if rate
             else ["--concurrency", str(concurrency)])
+    if workload == "chat":
+        requests = CHAT_SESSIONS * CHAT_TURNS
+        shape = ["--input-file", str(chat_dataset(out / "dataset")), "--custom-dataset-type", "multi_turn",
+                 "--dataset-sampling-strategy", "sequential"]
+    else:
+        shape = ["--prompt-input-tokens-mean", "1500" if workload == "long" else "200",
+                 "--prompt-input-tokens-stddev", "0", "--prompt-output-tokens-mean", "32",
+                 "--prompt-output-tokens-stddev", "0", *(WORKLOADS[workload] or [])]
     args = [str(AIPERF), "profile", "-m", model, "--url", url, "--endpoint-type", "chat", "--streaming",
             "--tokenizer", str(tokenizer), *load, "--request-count", str(requests),
-            "--warmup-request-count", str(concurrency), "--prompt-input-tokens-mean",
-            "1500" if workload == "long" else "200", "--prompt-input-tokens-stddev", "0",
-            "--prompt-output-tokens-mean", "32", "--prompt-output-tokens-stddev", "0", "--extra-inputs",
+            *([] if workload == "chat" else ["--warmup-request-count", str(concurrency)]), *shape, "--extra-inputs",
             "ignore_eos:true", "--use-server-token-count", "--workers-max", "1", "--ui-type", "none",
             "--random-seed", "0", "--goodput", f"time_to_first_token:{SLO['ttft_ms']} "
-            f"inter_token_latency:{SLO['itl_ms']}", "--output-artifact-dir", str(out),
-            *(WORKLOADS[workload] or [])]
+            f"inter_token_latency:{SLO['itl_ms']}", "--output-artifact-dir", str(out)]
     before = resource.getrusage(resource.RUSAGE_CHILDREN)
     t0 = time.perf_counter()
     proc = subprocess.run(args, capture_output=True, text=True, timeout=1800, cwd=out.parent,
@@ -130,12 +169,24 @@ def run_aiperf(url: str, model: str, tokenizer: Path, workload: str, concurrency
         d = data.get(name) or {}
         return {k: d.get(k) for k in ("avg", "p50", "p99")}
 
+    turns: dict[str, list[float]] = {"first": [], "repeat": []}  # chat: a chat's first turn, then its follow-ups
+    records = out / "profile_export.jsonl"
+    if workload == "chat" and records.exists():
+        for line in records.read_text().splitlines():
+            rec = json.loads(line)
+            ttft = (rec.get("metrics") or {}).get("time_to_first_token", {}).get("value")
+            if ttft is not None:
+                turns["repeat" if rec["metadata"].get("turn_index") else "first"].append(ttft)
+
     return {"requests_per_s": (data.get("request_throughput") or {}).get("avg"),
             "output_tokens_per_s": (data.get("output_token_throughput") or {}).get("avg"),
             "goodput_per_s": (data.get("goodput") or {}).get("avg"),
             "ttft_ms": stat("time_to_first_token"), "itl_ms": stat("inter_token_latency"),
             "latency_ms": stat("request_latency"), "completed": (data.get("request_count") or {}).get("avg"),
             "errors": (data.get("error_summary") or []), "client_cpu_s": cpu, "client_wall_s": wall,
+            **({"first_ttft_mean_ms": statistics.fmean(turns["first"]) if turns["first"] else None,
+                "repeat_ttft_mean_ms": statistics.fmean(turns["repeat"]) if turns["repeat"] else None}
+               if workload == "chat" else {}),
             "client_cores": cpu / wall if wall else 0.0}
 
 
@@ -193,59 +244,6 @@ def isolation(base_url: str, model: str, burst: bool, streams: int = 4, tokens: 
     return {"gaps": gaps, "window": window}
 
 
-def cache_run(base_url: str, model: str, images: list[bytes], concurrency: int) -> dict:
-    """One request per entry of ``images`` (in order, ``concurrency`` at a time): TTFT of each, labelled first-seen
-    (the first request carrying its picture) or repeat, and the run's requests/s."""
-    from concurrent.futures import ThreadPoolExecutor
-
-    from openai import OpenAI
-
-    from bench.capacity import ttft
-    from tests.media import data_url
-
-    client = OpenAI(base_url=f"{base_url}/v1", api_key="unused", max_retries=0, timeout=600)
-    seen: set[bytes] = set()
-    labels = []
-    for img in images:
-        labels.append("repeat" if img in seen else "first")
-        seen.add(img)
-
-    def one(img: bytes) -> float:
-        content = [{"type": "text", "text": "What is in this picture?"},
-                   {"type": "image_url", "image_url": {"url": data_url(img, "image/jpeg")}}]
-        return ttft(client, model, content, tokens=8)[0]
-
-    t0 = time.perf_counter()
-    with ThreadPoolExecutor(concurrency) as pool:
-        ttfts = list(pool.map(one, images))
-    wall = time.perf_counter() - t0
-    by = {k: [t for t, lab in zip(ttfts, labels) if lab == k] for k in ("first", "repeat")}
-    return {"requests_per_s": len(images) / wall, "ttft_mean_ms": statistics.fmean(ttfts) * 1e3,
-            "first_ttft_mean_ms": statistics.fmean(by["first"]) * 1e3 if by["first"] else float("nan"),
-            "repeat_ttft_mean_ms": statistics.fmean(by["repeat"]) * 1e3 if by["repeat"] else float("nan"),
-            "repeats": len(by["repeat"]), "requests": len(images)}
-
-
-def cache_images(requests: int, repeat_share: float, seed: int = 7000, size: tuple[int, int] = (640, 480)
-                 ) -> tuple[list[bytes], list[bytes]]:
-    """The same sequence twice: with ``repeat_share`` of its requests showing a picture seen before (a chat about
-    the same pictures), and with every picture distinct (what a server without a cache does for it)."""
-    import random
-
-    from tests.media import jpeg_bytes
-
-    rng = random.Random(seed)
-    distinct = [jpeg_bytes(*size, seed=seed + i) for i in range(requests)]
-    repeated, pool = [], []
-    for i in range(requests):
-        if pool and rng.random() < repeat_share:
-            repeated.append(rng.choice(pool))
-        else:
-            repeated.append(distinct[i])
-            pool.append(distinct[i])
-    return repeated, distinct
-
-
 def p99(xs: list[float]) -> float:
     xs = sorted(xs)
     return xs[min(len(xs) - 1, int(0.99 * (len(xs) - 1) + 0.5))] if xs else float("nan")
@@ -263,18 +261,74 @@ def isolation_summary(quiet: dict, busy: dict) -> dict:
             "gaps_in_window": len(during)}
 
 
+# --- where Tributary's time goes ------------------------------------------------------------------------------------
+
+class TierMeter:
+    """Reads a Tributary cluster's counters (the gateway's /metrics and its workers' --metrics-port) so that an
+    experiment's window can be told apart: ``start()`` then ``stop()`` gives the tiers' work over that window."""
+
+    def __init__(self, base_url: str, worker_ports: range):
+        self.base_url, self.worker_ports = base_url, worker_ports
+        self.t0, self.before = 0.0, {}
+
+    def read(self) -> dict[str, float]:
+        import httpx
+        from prometheus_client.parser import text_string_to_metric_families
+
+        out: dict[str, float] = {}
+        for url in [f"{self.base_url}/metrics", *(f"http://127.0.0.1:{p}/metrics" for p in self.worker_ports)]:
+            try:
+                text = httpx.get(url, timeout=5).text
+            except httpx.HTTPError:
+                continue  # a port with nothing behind it
+            for fam in text_string_to_metric_families(text):
+                for s in fam.samples:
+                    label = s.labels.get("modality") or s.labels.get("kind") or ""
+                    key = s.name + (f":{label}" if label else "")
+                    out[key] = out.get(key, 0.0) + s.value
+        return out
+
+    def start(self) -> None:
+        self.t0, self.before = time.perf_counter(), self.read()
+
+    def stop(self) -> dict[str, float]:
+        wall, after = time.perf_counter() - self.t0, self.read()
+
+        def d(key: str) -> float:
+            return after.get(key, 0.0) - self.before.get(key, 0.0)
+
+        timed = d("tributary_backbone_timed_steps_total")
+        steps = d("tributary_backbone_steps_total")
+        res = {"wall_s": wall, "steps": steps,
+               "backbone_busy": d("tributary_backbone_step_seconds_total") / wall if wall else None,
+               "step_ms": d("tributary_backbone_step_seconds_total") / timed * 1e3 if timed else None,
+               "prompt_per_step": d("tributary_backbone_positions_total:prompt") / steps if steps else None,
+               "decode_per_step": d("tributary_backbone_positions_total:decode") / steps if steps else None}
+        for mod in ("image", "audio"):
+            batches = d(f"tributary_encoder_encode_seconds_count:{mod}")
+            res[f"{mod}_busy"] = d(f"tributary_encoder_encode_seconds_sum:{mod}") / wall if wall else None
+            res[f"{mod}_ms_per_batch"] = (d(f"tributary_encoder_encode_seconds_sum:{mod}") / batches * 1e3
+                                          if batches else None)
+            res[f"{mod}_items_per_batch"] = d(f"tributary_encoder_batch_size_sum:{mod}") / batches if batches else None
+            res[f"{mod}_cache_hits"] = d(f"tributary_encoder_cache_hits_total:{mod}")
+            res[f"{mod}_cache_misses"] = d(f"tributary_encoder_cache_misses_total:{mod}")
+        return res
+
+
 # --- servers -------------------------------------------------------------------------------------------------------
 
 @contextlib.contextmanager
 def tributary(model: Path, tmp: Path, backbone: set[int], rest: set[int], *extra: str):
-    from cache.embedded import EmbeddedRedis
+    from cache.embedded import EmbeddedRedis, free_port
     from tests.e2e.conftest import local_cluster
 
+    first = free_port()
     with EmbeddedRedis(maxmemory="2gb") as server, local_cluster(model, server.url, tmp, "--encoder-max-wait-ms",
-                                                                  "5", *extra) as c:
+                                                                  "5", "--worker-metrics-port", str(first),
+                                                                  *extra) as c:
         c.wait_ready()
         placed = pin_tributary(c.proc.pid, server.proc.pid, backbone, rest)
-        yield c.base_url, placed
+        yield c.base_url, placed, TierMeter(c.base_url, range(first, first + 3))
 
 
 @contextlib.contextmanager
@@ -289,7 +343,7 @@ def monolith(model: Path, tmp: Path, cores: set[int]):
     base = f"http://127.0.0.1:{port}"
     try:
         _wait_health(base, proc, tmp / "monolith.log", 180)
-        yield base, {" ".join(map(str, sorted(cores))): [proc.pid]}
+        yield base, {" ".join(map(str, sorted(cores))): [proc.pid]}, None
     finally:
         proc.terminate()
         proc.wait(30)
@@ -309,7 +363,7 @@ def rayserve(model: Path, tmp: Path, cores: set[int]):
     base = f"http://127.0.0.1:{port}"
     try:
         _wait_health(base, proc, tmp / "rayserve.log", 300)
-        yield base, {" ".join(map(str, sorted(cores))): descendants(proc.pid)}
+        yield base, {" ".join(map(str, sorted(cores))): descendants(proc.pid)}, None
     finally:
         subprocess.run([str(python.parent / "ray"), "stop", "--force"], capture_output=True, timeout=120)
         with contextlib.suppress(ProcessLookupError):
@@ -345,8 +399,10 @@ def report(res: dict) -> str:
              "Every server: the `small` demo model (random weights), the same HTTP API. Cores: " +
              "; ".join(f"{name}: {placed}" for name, placed in res["placement"].items()) + ".", "",
              "## aiperf workloads", "",
-             (f"Poisson arrivals at {res['rate']:g} requests/s" if res.get("rate") else
-              f"Concurrency {res['concurrency']}") + f", {res['requests']} requests per run, 32 output tokens each, "
+             ("Poisson arrivals (requests/s: " + ", ".join(f"{k if k != '*' else 'others'} {v:g}"
+                                                  for k, v in res["rate"].items()) + ")" if res.get("rate") else
+              f"Concurrency {res['concurrency']}") + f", {res['requests']} requests per run, 32 output tokens each "
+             f"(chat: its file's {CHAT_SESSIONS * CHAT_TURNS} turns, 16 tokens each), "
              f"goodput SLO: TTFT <= {SLO['ttft_ms']:.0f} ms and ITL <= {SLO['itl_ms']:.0f} ms.", "",
              "| workload | server | req/s | out tok/s | goodput/s | TTFT mean / p50 / p99 ms | ITL mean / p50 / p99 ms"
              " | aiperf CPU (cores) |", "|---|---|---|---|---|---|---|---|"]
@@ -377,28 +433,46 @@ def report(res: dict) -> str:
                 lines.append(f"\nTributary's burst ITL p99 / {other}'s: "
                              f"**{iso['tributary']['burst_itl_p99_ms'] / iso[other]['burst_itl_p99_ms']:.2f}x** "
                              "(target <= 0.5x).")
-    if res.get("cache"):
-        lines += ["", "## Cache: half the pictures seen before", "",
-                  "The same request sequence (one 640x480 JPEG each, 8 output tokens, concurrency "
-                  f"{res['concurrency']}): with half of its pictures repeats of earlier ones, and (Tributary, cache "
-                  "off) with every picture distinct, which is the work a server without a cache does for it.", "",
-                  "| server | sequence | req/s | TTFT mean ms | first-seen mean ms | repeat mean ms |",
-                  "|---|---|---|---|---|---|"]
-        for server, runs in res["cache"].items():
-            for kind, c in runs.items():
-                label = {"repeated": "half repeats", "distinct": "all distinct (cache off)"}[kind]
-                lines.append(f"| {server} | {label} | {fmt(c['requests_per_s'], '.2f')} | "
-                             f"{fmt(c['ttft_mean_ms'], '.0f')} | {fmt(c['first_ttft_mean_ms'], '.0f')} | "
-                             f"{fmt(c['repeat_ttft_mean_ms'], '.0f')} |")
-        t = res["cache"].get("tributary", {})
-        if "repeated" in t and "distinct" in t:
-            ratio = t["repeated"]["ttft_mean_ms"] / t["distinct"]["ttft_mean_ms"]
+    chat = res["aiperf"].get("chat", {})
+    if chat:
+        lines += ["", "## Cache: chats about the same pictures", "",
+                  f"aiperf's multi-turn input file: {CHAT_SESSIONS} chats of {CHAT_TURNS} turns, each about one "
+                  "640x480 JPEG of its own, 16 output tokens a turn; every turn resends the chat's history, "
+                  "picture included, so half the pictures a server receives are repeats (the follow-ups). Cache off: "
+                  "Tributary with `--no-media-cache`, the same requests.", "",
+                  "| server | req/s | TTFT mean ms | first-seen (turn 1) mean ms | repeat (follow-up) mean ms |",
+                  "|---|---|---|---|---|"]
+        for server, r in chat.items():
+            lines.append(f"| {server} | {fmt(r['requests_per_s'], '.2f')} | {fmt(r['ttft_ms']['avg'], '.0f')} | "
+                         f"{fmt(r.get('first_ttft_mean_ms'), '.0f')} | {fmt(r.get('repeat_ttft_mean_ms'), '.0f')} |")
+        on, off = chat.get("tributary"), chat.get("tributary --no-media-cache")
+        if on and off and off["ttft_ms"]["avg"]:
+            ratio = on["ttft_ms"]["avg"] / off["ttft_ms"]["avg"]
             lines.append(f"\nTributary's mean TTFT, cache on / off: **{ratio:.2f}x** (target <= 0.7x).")
+    tiers = [(f"{wl}", server, r["tiers"]) for wl, by in res["aiperf"].items() for server, r in by.items()
+             if r.get("tiers")]
+    tiers += [("isolation burst", server, s["tiers"]) for server, s in res["isolation"].items() if s.get("tiers")]
+    if tiers:
+        lines += ["", "## Where Tributary's time went (its metrics over each run)", "",
+                  "Busy: a tier's compute seconds over the run's wall time (the backbone's steps from launch to "
+                  "tokens on the host; an encoder's forward batches). Positions per step: decodes and prompt "
+                  "positions (prefill chunks) each step computed. Cache: the gateways' hits / misses.", "",
+                  "| run | server | backbone busy | step ms | decode / prompt positions per step | image busy, ms per "
+                  "batch (items) | audio busy, ms per batch (items) | image cache hits / misses |",
+                  "|---|---|---|---|---|---|---|---|"]
+        for run, server, t in tiers:
+            enc = []
+            for mod in ("image", "audio"):
+                enc.append(f"{fmt(t[f'{mod}_busy'], '.2f')}, {fmt(t[f'{mod}_ms_per_batch'], '.0f')} "
+                           f"({fmt(t[f'{mod}_items_per_batch'], '.1f')})" if t.get(f"{mod}_ms_per_batch") else "-")
+            lines.append(f"| {run} | {server} | {fmt(t['backbone_busy'], '.2f')} | {fmt(t['step_ms'])} | "
+                         f"{fmt(t['decode_per_step'], '.1f')} / {fmt(t['prompt_per_step'], '.1f')} | {enc[0]} | "
+                         f"{enc[1]} | {t['image_cache_hits']:.0f} / {t['image_cache_misses']:.0f} |")
     lines += [f"\n![{p}]({p})" for p in res.get("plots", [])]
     lines += ["", "## What this shows and does not", "", *res["notes"], "", "## Not measured yet", "",
               *([f"- {res['notes_ray']}"] if res.get("notes_ray") else []),
-              "- Poisson arrivals for every workload and server in one run (`--rate` runs them separately).",
-              "- aiperf-driven multi-turn chats from an input file (the cache experiment uses the openai SDK).", ""]
+              "- Fixed concurrency and Poisson arrivals in one run: `--rate R` runs every workload with Poisson "
+              "arrivals instead (bench/results/poisson).", ""]
     return "\n".join(lines)
 
 
@@ -439,7 +513,7 @@ def plot(path: Path) -> list[str]:
         burst = [res["isolation"][n]["burst_itl_p99_ms"] for n in names]
         ax.bar([i - 0.2 for i in range(len(names))], quiet, 0.4, label="quiet")
         ax.bar([i + 0.2 for i in range(len(names))], burst, 0.4, label="image + audio burst")
-        ax.set_xticks(range(len(names)), [n.replace(" --max-batched-tokens ", "\nbudget ") for n in names])
+        ax.set_xticks(range(len(names)), [n.replace("tributary --", "tributary\n--") for n in names])
         ax.set_ylabel("text streams' ITL p99 (ms)")
         ax.legend()
         fig.tight_layout()
@@ -456,15 +530,17 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--concurrency", type=int, default=4)
     ap.add_argument("--requests", type=int, default=32)
-    ap.add_argument("--rate", type=float, default=None,
-                    help="Poisson arrivals at this many requests/s instead of a fixed concurrency")
-    ap.add_argument("--workloads", default="text,image,audio,long")
+    ap.add_argument("--rate", default=None,
+                    help="Poisson arrivals instead of a fixed concurrency: requests/s for every workload (1.2), or "
+                         "per workload (text=2,image=1.2,long=0.25; unnamed workloads: the bare number, else 1)")
+    ap.add_argument("--workloads", default="text,image,audio,long,chat",
+                    help="comma list of text, image, audio, long, chat (chat also runs with the cache off)")
     ap.add_argument("--skip-isolation", action="store_true")
-    ap.add_argument("--skip-cache", action="store_true")
     ap.add_argument("--skip-ray", action="store_true", help="leave Ray Serve out even if .venv-ray exists")
-    ap.add_argument("--isolation-budgets", default="64",
-                    help="also run the isolation experiment on Tributary with these --max-batched-tokens (comma list)")
-    ap.add_argument("--cache-requests", type=int, default=48, help="requests in the cache experiment (half repeats)")
+    ap.add_argument("--isolation-variants", default="--max-step-ms 50|--max-step-ms 0",
+                    help="also run the isolation experiment on Tributary with each of these flag sets ('|' between)")
+    ap.add_argument("--variant-workloads", default="",
+                    help="aiperf workloads the --isolation-variants also run (comma list; default: none)")
     ap.add_argument("--out", type=Path, default=RESULTS)
     args = ap.parse_args()
     if not AIPERF.exists():
@@ -472,6 +548,10 @@ def main() -> int:
         return 2
     from models.demo import write_demo_model
 
+    rates = {}
+    for item in filter(None, (args.rate or "").split(",")):
+        name, _, value = item.rpartition("=")
+        rates[name or "*"] = float(value)
     ncores = len(os.sched_getaffinity(0))
     everything = set(range(ncores))
     backbone_cores, rest_cores = ({0}, {1}) if ncores == 2 else ({0}, everything - {0})
@@ -479,44 +559,48 @@ def main() -> int:
     res = {"date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "command": " ".join(["bench/serve.py",
            *sys.argv[1:]]), "machine": f"{ncores} CPU cores ({platform.processor() or platform.machine()}), "
            f"{platform.system()} {platform.release()}", "concurrency": args.concurrency, "requests": args.requests,
-           "rate": args.rate, "aiperf": {}, "isolation": {}, "cache": {}, "placement": {}, "notes": []}
+           "rate": rates or None, "aiperf": {}, "isolation": {}, "placement": {}, "notes": []}
     with tempfile.TemporaryDirectory(prefix="tributary-serve-") as tmp_name:
         tmp = Path(tmp_name)
         model = write_demo_model(tmp / "demo-small", "small")
-        servers = {"tributary": lambda: tributary(model, tmp, backbone_cores, rest_cores),
-                   "monolith": lambda: monolith(model, tmp, everything)}
+        workloads = [w for w in args.workloads.split(",") if w]
+        servers = [("tributary", lambda: tributary(model, tmp, backbone_cores, rest_cores), workloads, True),
+                   ("monolith", lambda: monolith(model, tmp, everything), workloads, True)]
         if (ROOT / ".venv-ray" / "bin" / "python").exists() and not args.skip_ray:
-            servers["ray serve"] = lambda: rayserve(model, tmp, everything)
+            servers.append(("ray serve", lambda: rayserve(model, tmp, everything), workloads, True))
         else:
             res["notes_ray"] = "Ray Serve skipped: run `bash scripts/bench-env.sh --ray` (or --skip-ray was given)"
-        for name, start in servers.items():
-            with start() as (base, placed):
+        if "chat" in workloads:  # the cache off, on the same chats
+            servers.append(("tributary --no-media-cache", lambda: tributary(model, tmp, backbone_cores, rest_cores,
+                                                                            "--no-media-cache"), ["chat"], False))
+        for variant in filter(None, (v.strip() for v in args.isolation_variants.split("|"))):
+            if not args.skip_isolation:
+                servers.append((f"tributary {variant}", lambda v=variant: tributary(
+                    model, tmp, backbone_cores, rest_cores, *shlex.split(v)),
+                    [w for w in args.variant_workloads.split(",") if w], True))
+        for name, start, wls, isolate in servers:
+            with start() as (base, placed, meter):
                 res["placement"][name] = placed
-                for wl in args.workloads.split(","):
-                    out = tmp / f"aiperf-{name}-{wl}"
+                for wl in wls:
+                    out = tmp / f"aiperf-{name.replace(' ', '_')}-{wl}"
                     out.mkdir()
                     print(f"{name}: aiperf {wl} ...", flush=True)
-                    res["aiperf"].setdefault(wl, {})[name] = run_aiperf(
-                        base, "demo-small", model, wl, args.concurrency, args.requests, out, client_cores, args.rate)
-                if not args.skip_cache:
-                    print(f"{name}: cache ...", flush=True)
-                    repeated, distinct = cache_images(args.cache_requests, 0.5)
-                    res["cache"].setdefault(name, {})["repeated"] = cache_run(base, "demo-small", repeated,
-                                                                              args.concurrency)
-                    if name == "tributary":  # cache off: every picture new to the server
-                        res["cache"][name]["distinct"] = cache_run(base, "demo-small", distinct, args.concurrency)
-                if not args.skip_isolation:
+                    if meter:
+                        meter.start()
+                    r = run_aiperf(base, "demo-small", model, wl, args.concurrency, args.requests, out,
+                                   client_cores, rates.get(wl, rates.get("*", 1.0)) if rates else None)
+                    if meter:
+                        r["tiers"] = meter.stop()
+                    res["aiperf"].setdefault(wl, {})[name] = r
+                if isolate and not args.skip_isolation:
                     print(f"{name}: isolation ...", flush=True)
                     quiet = isolation(base, "demo-small", burst=False)
+                    if meter:
+                        meter.start()
                     busy = isolation(base, "demo-small", burst=True)
                     res["isolation"][name] = isolation_summary(quiet, busy)
-        for budget in filter(None, args.isolation_budgets.split(",")):
-            name = f"tributary --max-batched-tokens {budget}"
-            print(f"{name}: isolation ...", flush=True)
-            with tributary(model, tmp, backbone_cores, rest_cores, "--max-batched-tokens", budget) as (base, _):
-                quiet = isolation(base, "demo-small", burst=False)
-                busy = isolation(base, "demo-small", burst=True)
-                res["isolation"][name] = isolation_summary(quiet, busy)
+                    if meter:
+                        res["isolation"][name]["tiers"] = meter.stop()
     res["notes"] = [
         f"- Everything shares {ncores} CPU cores: Tributary's tiers are pinned apart as separate machines would be, "
         "but the load generator shares core(s) " + ",".join(map(str, sorted(client_cores))) + " with the gateway "
