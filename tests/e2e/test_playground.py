@@ -41,7 +41,9 @@ def browser():
     assert CHROMIUM, "TRIBUTARY_BROWSER_TESTS=1 but no Chromium was found"
     ARTIFACTS.mkdir(parents=True, exist_ok=True)
     with sync_playwright() as pw:
-        b = pw.chromium.launch(executable_path=CHROMIUM, headless=True, args=["--no-sandbox"])
+        # A fake microphone (a tone) so that recording runs for real: getUserMedia, MediaRecorder, decoding, WAV.
+        b = pw.chromium.launch(executable_path=CHROMIUM, headless=True, args=[
+            "--no-sandbox", "--use-fake-device-for-media-stream", "--use-fake-ui-for-media-stream"])
         try:
             yield b
         finally:
@@ -133,6 +135,28 @@ def test_chat_with_a_picture_streams_an_answer_and_the_image_tier_moves(browser,
     assert phone.evaluate("document.documentElement.scrollWidth") <= 390, wide  # nothing wider than the screen
 
 
+def test_a_recorded_sound_is_sent_as_wav_and_answered(browser, cluster):
+    context = browser.new_context(permissions=["microphone"])
+    page = context.new_page()
+    page.goto(cluster.base_url + "/")
+    page.wait_for_selector('tr[data-tier="encoder:audio"]')
+    page.click("#record")
+    page.wait_for_selector('#record[aria-pressed="true"]')
+    time.sleep(1.5)
+    page.click("#record")
+    page.wait_for_selector("#attachments span", timeout=15_000)
+    assert "recording.wav" in page.locator("#attachments").inner_text()
+    page.fill("#prompt", "What do you hear?")
+    page.click("#send")
+    page.wait_for_function("() => document.querySelectorAll('#messages li.assistant').length === 1 && "
+                           "!document.querySelector('#send').disabled", timeout=60_000)
+    assert page.locator("#messages li.assistant .text").inner_text().strip()
+    assert page.locator("#messages li.error").count() == 0, page.locator("#chat-error").inner_text()
+    assert page.locator("#messages li.user audio").count() == 1
+    shot(page, "5-recorded")
+    context.close()
+
+
 def test_an_error_is_shown_as_the_api_says_it(browser, cluster, tmp_path):
     bad = tmp_path / "not-a-picture.png"
     bad.write_bytes(b"this is text, not a PNG")
@@ -146,7 +170,7 @@ def test_an_error_is_shown_as_the_api_says_it(browser, cluster, tmp_path):
     page.wait_for_function("() => document.querySelector('#chat-error').textContent !== ''")
     message = page.locator("#chat-error").inner_text()
     assert "messages.0.content.1" in message and "(invalid_media)" in message, message  # message and code
-    shot(page, "5-error")
+    shot(page, "6-error")
 
 
 def test_with_keys_the_page_refuses_to_chat_until_a_key_is_given(browser, keyed_cluster):
@@ -160,7 +184,7 @@ def test_with_keys_the_page_refuses_to_chat_until_a_key_is_given(browser, keyed_
     page.keyboard.press("Enter")
     time.sleep(0.5)
     assert page.locator("#messages li").count() == 0  # nothing was sent
-    shot(page, "6-needs-key")
+    shot(page, "7-needs-key")
 
     page.fill("#key", "sk-wrong")
     page.click("#key-form button")
@@ -178,4 +202,4 @@ def test_with_keys_the_page_refuses_to_chat_until_a_key_is_given(browser, keyed_
                            "!document.querySelector('#send').disabled", timeout=60_000)
     assert page.locator("#messages li.assistant .text").inner_text().strip()
     assert page.locator("#messages li.error").count() == 0
-    shot(page, "7-keyed-chat")
+    shot(page, "8-keyed-chat")
