@@ -137,7 +137,6 @@ class Engine:
         self.placeholder_ids = placeholder_ids
         self.eos_ids = frozenset(eos_ids)
         self.max_context = max_context
-        self.max_batched_tokens = max_batched_tokens
         self.budget = StepBudget(max_batched_tokens, max_step_ms)
         self.active: dict[int, Sequence] = {}  # started and not released
         self.preemptions = 0
@@ -152,6 +151,18 @@ class Engine:
         self.positions = [0, 0]  # positions computed by the steps run: decodes, prompt (prefill and recompute)
         self.timed = [0, 0.0]  # steps timed by the budget (those that sampled), and their seconds in all
         self.overlapped = 0  # ... sent while another was still in flight
+
+    @property
+    def max_batched_tokens(self) -> int:
+        """The step budget's cap: positions one step computes at most (decodes included)."""
+        return self.budget.max_tokens
+
+    @max_batched_tokens.setter
+    def max_batched_tokens(self, value: int) -> None:
+        if value < 1:
+            raise ValueError("max_batched_tokens must be >= 1")
+        self.budget.max_tokens = value
+        self.budget.min_chunk = min(self.budget.min_chunk, value)
 
     def new_sequence(self, request_id: str, prompt_len: int, params: SamplingParams, resumed: int = 0) -> Sequence:
         """PlanError if the sampling parameters are out of range (a gateway validates them; a plan may come from
