@@ -28,6 +28,13 @@ class Keys:
         """Stream of PromptPlans; consumer group :data:`BACKBONE_GROUP`."""
         return f"{self.prefix}:gen"
 
+
+    def queue(self, tier: str) -> tuple[str, str]:
+        """A tier's work queue: (its stream, its consumer group). ``backbone`` reads prompt plans from ``gen``;
+        ``encoder:<modality>`` reads jobs from ``jobs:<modality>``."""
+        if tier == "backbone":
+            return self.gen(), BACKBONE_GROUP
+        return self.jobs(tier.split(":", 1)[1]), ENCODER_GROUP
     def reply(self, gateway_id: str) -> str:
         """Per-gateway-process stream of encode results and token events."""
         return f"{self.prefix}:reply:{{{gateway_id}}}"

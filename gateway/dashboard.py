@@ -21,7 +21,7 @@ import asyncio
 import time
 from collections import deque
 
-from cache.keys import BACKBONE_GROUP, ENCODER_GROUP, Keys
+from cache.keys import Keys
 from gateway.metrics import _numbers, _pending
 from router.liveness import live_count_args
 
@@ -79,9 +79,7 @@ class Dashboard:
         self._lock = asyncio.Lock()
 
     def _stream(self, tier: str) -> tuple[str, str]:
-        if tier == "backbone":
-            return self.keys.gen(), BACKBONE_GROUP
-        return self.keys.jobs(tier.split(":", 1)[1]), ENCODER_GROUP
+        return self.keys.queue(tier)
 
     async def _read_cluster(self) -> dict:
         pipe = self.r.pipeline(transaction=False)

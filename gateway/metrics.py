@@ -44,7 +44,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, G
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 
-from cache.keys import BACKBONE_GROUP, ENCODER_GROUP, Keys
+from cache.keys import Keys
 from cache.streams import run_script
 from router.liveness import live_count_args
 
@@ -199,9 +199,7 @@ class ClusterMetrics(Collector):
         self._failing = False
 
     def stream(self, tier: str) -> tuple[str, str]:
-        if tier == "backbone":
-            return self.keys.gen(), BACKBONE_GROUP
-        return self.keys.jobs(tier.split(":", 1)[1]), ENCODER_GROUP
+        return self.keys.queue(tier)
 
     async def run(self) -> None:
         while True:

@@ -19,7 +19,7 @@ import time
 from dataclasses import dataclass, field
 
 from cache.client import connect_async, describe
-from cache.keys import BACKBONE_GROUP, ENCODER_GROUP, Keys, alive
+from cache.keys import Keys, alive
 from gateway.config import GatewayConfig
 from gateway.errors import Overloaded, Unavailable
 from router.liveness import HEARTBEAT_S, LIVE_WINDOW_S
@@ -58,8 +58,7 @@ class ClusterMonitor:
         self.r = connect_async(cfg.redis_url, retries=0, socket_timeout=PROBE_TIMEOUT_S)
         self._first = True
         # tier -> (its stream, its group), whose backlog each beat reads
-        self.queues = {t: (self.keys.gen(), BACKBONE_GROUP) if t == "backbone"
-                       else (self.keys.jobs(t.split(":", 1)[1]), ENCODER_GROUP) for t in tiers}
+        self.queues = {t: self.keys.queue(t) for t in tiers}
 
 
     async def run(self) -> None:

@@ -35,7 +35,7 @@ from pathlib import Path
 from redis.exceptions import RedisError
 
 from cache.client import connect
-from cache.keys import BACKBONE_GROUP, ENCODER_GROUP, Keys
+from cache.keys import Keys
 from router.autoscale import ScalingPolicy, TierLoad, TierScaler
 from router.liveness import live_count_args
 from tributary.cluster import Cluster, CpuBudget
@@ -127,9 +127,7 @@ class LocalAutoscaler:
     # ------------------------------------------------------------------------------------------------- reading
 
     def _stream(self, tier: str) -> tuple[str, str]:
-        if tier == "backbone":
-            return self.keys.gen(), BACKBONE_GROUP
-        return self.keys.jobs(tier.split(":", 1)[1]), ENCODER_GROUP
+        return self.keys.queue(tier)
 
     def read(self, now: float) -> dict[str, TierLoad]:
         """Every tier's load in one round trip."""

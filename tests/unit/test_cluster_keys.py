@@ -35,3 +35,12 @@ def test_stream_read_keys():
     assert stream_read_keys(("SET", "k", b"\x89PNG\r\n\x1a\n\xff")) is None  # other commands' bytes untouched
     assert stream_read_keys(("xread", "STREAMS")) == []
     assert stream_read_keys(()) is None
+
+
+def test_each_tier_has_one_queue_and_group():
+    from cache.keys import BACKBONE_GROUP, ENCODER_GROUP
+
+    keys = Keys("p")
+    assert keys.queue("backbone") == (keys.gen(), BACKBONE_GROUP)
+    assert keys.queue("encoder:image") == (keys.jobs("image"), ENCODER_GROUP)
+    assert keys.queue("encoder:audio") == (keys.jobs("audio"), ENCODER_GROUP)
