@@ -99,7 +99,7 @@ def create_app(cfg: GatewayConfig):
         await cluster.refresh()  # a Redis still away only leaves the snapshot empty
         metrics.attach(cluster)
         app.state.spec, app.state.cfg, app.state.realtime_connections = spec, cfg, 0
-        app.state.dashboard = Dashboard(cluster.r, keys, needed_tiers, spec.name, metrics.recent, ring.enabled)
+        app.state.dashboard = Dashboard(cluster, keys, spec.name, metrics.recent, ring.enabled)
         # Kept: the loop holds tasks weakly.
         tasks = [asyncio.create_task(replies.run(), name="reply-reader"),
                  asyncio.create_task(monitor.run(), name="cluster-monitor"),

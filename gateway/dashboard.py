@@ -1,9 +1,10 @@
 """The playground's data (``GET /dashboard/state``, outside ``/v1``): the live state of every tier, as JSON, from the
 same sources as the metrics (gateway/metrics.py).
 
-- **Tiers** (one pipelined round trip, shared by every caller for ``CACHE_S``): each tier's live workers (the
-  heartbeat set), restarts (``restarts`` in the tier's stats hash, counted by ``tributary up``), its queue (length,
-  lag: not yet read, pending: read and not acked, i.e. in flight), and its counters: encoders' items, forward
+- **Tiers** (the snapshot gateway/metrics.ClusterMetrics reads every 2 s on every gateway, in the round trip that
+  renews the metrics lease: no Redis I/O of its own): each tier's live workers (the heartbeat set), restarts
+  (``restarts`` in the tier's stats hash, counted by ``tributary up``), its queue (length, lag: not yet read,
+  pending: read and not acked, i.e. in flight), and its counters: encoders' items, forward
   passes (their ratio is the mean batch) and encode seconds; the backbone's tokens.
 - **Cache**: hits and misses per modality: the cluster's without API keys; with keys, the caller's tenant's only
   (``<prefix>:stats:tenant:<name>``, counted by gateway/encoding.py), so a tenant learns nothing of another's traffic.
@@ -11,8 +12,9 @@ same sources as the metrics (gateway/metrics.py).
   ``STEP_S`` buckets (mean, max, count), kept by :class:`Recent` as token events arrive (one dict update each). With
   several gateway processes each answers with its own requests.
 
-Behind the API key check like every route but the probes and the page itself (gateway/auth.py). Never waits on Redis
-longer than ``TIMEOUT_S``: with Redis away the answer says so and carries the latency it has.
+Behind the API key check like every route but the probes and the page itself (gateway/auth.py). Reads Redis only for a
+tenant's cache figures, for at most ``TIMEOUT_S``; with Redis away (no snapshot younger than three intervals) the
+answer says so and carries the latency it has.
 """
 
 from __future__ import annotations
@@ -22,12 +24,10 @@ import time
 from collections import deque
 
 from cache.keys import Keys
-from gateway.metrics import _numbers, _pending
-from router.liveness import live_count_args
+from gateway.metrics import _numbers
 
 WINDOW_S = 300  # latency kept: the last five minutes
 STEP_S = 10  # ... reported in buckets of this many seconds
-CACHE_S = 1.0  # one Redis round trip per second at most, however many pages poll
 TIMEOUT_S = 2.0
 
 
@@ -72,32 +72,18 @@ class Recent:
 
 
 class Dashboard:
-    def __init__(self, redis, keys: Keys, tiers: list[str], model: str, recent: Recent, keys_required: bool):
-        self.r, self.keys, self.tiers, self.model = redis, keys, tiers, model
+    def __init__(self, cluster, keys: Keys, model: str, recent: Recent, keys_required: bool):
+        """``cluster``: this gateway's gateway/metrics.ClusterMetrics, whose every-2-s snapshot the tiers come from."""
+        self.cluster, self.r, self.keys, self.model = cluster, cluster.r, keys, model
         self.recent, self.keys_required = recent, keys_required
-        self._cluster: tuple[float, dict] | None = None  # (monotonic time, tiers + cluster cache)
-        self._lock = asyncio.Lock()
 
-    def _stream(self, tier: str) -> tuple[str, str]:
-        return self.keys.queue(tier)
-
-    async def _read_cluster(self) -> dict:
-        pipe = self.r.pipeline(transaction=False)
-        for tier in self.tiers:
-            stream, _ = self._stream(tier)
-            pipe.xlen(stream)
-            pipe.xinfo_groups(stream)
-            pipe.zcount(*live_count_args(self.keys, tier))
-            pipe.hgetall(self.keys.stats(tier))
-        res = await asyncio.wait_for(pipe.execute(raise_on_error=False), TIMEOUT_S)
+    def _tiers(self, view: dict) -> tuple[dict, dict]:
+        """Each tier's row, and the cluster's cache figures per modality, from a ClusterMetrics snapshot."""
         tiers, cache = {}, {}
-        for i, tier in enumerate(self.tiers):
-            length, groups, live, stats = res[4 * i : 4 * i + 4]
-            length = 0 if isinstance(length, Exception) else int(length)
-            pending = _pending(self._stream(tier)[1], groups)
-            stats = {} if isinstance(stats, Exception) else _numbers(stats)
-            row = {"live": 0 if isinstance(live, Exception) else int(live), "restarts": int(stats.get("restarts", 0)),
-                   "queue": {"length": length, "lag": max(length - pending, 0), "in_flight": pending}}
+        for tier, v in view.items():
+            stats = v["stats"]
+            row = {"live": v["live"], "restarts": int(stats.get("restarts", 0)),
+                   "queue": {"length": v["length"], "lag": v["lag"], "in_flight": v["pending"]}}
             if tier.startswith("encoder:"):
                 calls, passes = stats.get("encoder_calls", 0), stats.get("forward_passes", 0)
                 row.update(items=int(calls), batches=int(passes),
@@ -109,17 +95,11 @@ class Dashboard:
             else:
                 row.update(tokens=int(stats.get("tokens", 0)), cancelled=int(stats.get("cancelled", 0)))
             tiers[tier] = row
-        return {"tiers": tiers, "cache": cache}
-
-    async def _cluster_view(self) -> dict:
-        async with self._lock:
-            if self._cluster is None or time.monotonic() - self._cluster[0] > CACHE_S:
-                self._cluster = (time.monotonic(), await self._read_cluster())
-            return self._cluster[1]
+        return tiers, cache
 
     async def _tenant_cache(self, tenant: str) -> dict:
         raw = _numbers(await asyncio.wait_for(self.r.hgetall(self.keys.stats(f"tenant:{tenant}")), TIMEOUT_S))
-        modalities = [t.split(":", 1)[1] for t in self.tiers if t.startswith("encoder:")]
+        modalities = [t.split(":", 1)[1] for t in self.cluster.tiers if t.startswith("encoder:")]
         return {m: {"hits": int(raw.get(f"{m}_cache_hits", 0)), "misses": int(raw.get(f"{m}_cache_misses", 0))}
                 for m in modalities}
 
@@ -128,14 +108,18 @@ class Dashboard:
                "tenant": tenant, "redis": "ok",
                "latency": {k: self.recent.report(k) for k in self.recent.series}, "window_s": WINDOW_S,
                "step_s": STEP_S}
+        view = self.cluster.fresh_view()
         try:
-            view = await self._cluster_view()
-            cache = await self._tenant_cache(tenant) if tenant else view["cache"]
+            if view is None:
+                raise ConnectionError("no fresh snapshot")
+            tiers, cache = self._tiers(view)
+            if tenant:
+                cache = await self._tenant_cache(tenant)
         except Exception as exc:  # noqa: BLE001 -- Redis away or slow: say so, keep what this process knows
             out.update(redis=f"unavailable ({type(exc).__name__})", tiers={}, cache={})
             return out
         for c in cache.values():
             seen = c["hits"] + c["misses"]
             c["hit_rate"] = round(c["hits"] / seen, 3) if seen else None
-        out.update(tiers=view["tiers"], cache=cache, cache_scope="tenant" if tenant else "cluster")
+        out.update(tiers=tiers, cache=cache, cache_scope="tenant" if tenant else "cluster")
         return out

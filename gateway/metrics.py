@@ -193,7 +193,9 @@ class ClusterMetrics(Collector):
         self.lease_key = keys.metrics_leader()
         self.lease_ms = int(interval_s * 3 * 1000)
         self.leader = False
-        self.snapshot: dict | None = None  # tier -> {length, pending, lag, live, stats}
+        self.snapshot: dict | None = None  # tier -> {length, pending, lag, live, stats}; exported by the leader
+        self.view: dict = {}  # the same, read by every gateway (gateway/dashboard.py), at ``view_at``
+        self.view_at = -1e9
         self.autoscale: dict[str, float] = {}  # the local autoscaler's state, when one runs
         self.at = -1e9  # monotonic time of the snapshot
         self._failing = False
@@ -231,9 +233,6 @@ class ClusterMetrics(Collector):
             return
         self._failing = False
         self.leader = res[0] == 1
-        if not self.leader:
-            self.snapshot = None
-            return
         snapshot = {}
         for i, tier in enumerate(self.tiers):
             length, groups, live, stats = res[1 + 4 * i : 5 + 4 * i]
@@ -244,7 +243,12 @@ class ClusterMetrics(Collector):
                               "live": 0 if isinstance(live, Exception) else int(live), "stats": stats}
         scaled = res[1 + 4 * len(self.tiers)]
         self.autoscale = {} if isinstance(scaled, Exception) else _numbers(scaled)
-        self.snapshot, self.at = snapshot, time.monotonic()
+        self.view, self.view_at = snapshot, time.monotonic()  # every gateway's own (the playground reads it)
+        self.snapshot, self.at = (snapshot, self.view_at) if self.leader else (None, self.at)
+
+    def fresh_view(self) -> dict | None:
+        """The last snapshot this gateway read, leader or not, unless it is older than three intervals."""
+        return self.view if time.monotonic() - self.view_at < 3 * self.interval_s else None
 
     async def close(self) -> None:
         """Hand the lease on at once (another gateway takes it at its next refresh)."""
