@@ -121,7 +121,12 @@ def _kernel():
     import triton
     import triton.language as tl
 
-    @triton.jit
+    # The integer inputs' pointers and the table's row stride (the step's widest block table) change from step to
+    # step: left to Triton, each new divisibility-by-16 or 16-byte alignment would compile a new variant, hundreds
+    # of milliseconds in the middle of serving (a stream stalls for it).
+    @triton.jit(do_not_specialize=["stride_tb"],
+                do_not_specialize_on_alignment=["tables_ptr", "starts_ptr", "lengths_ptr", "offsets_ptr",
+                                                "tile_seg_ptr", "tile_off_ptr"])
     def paged_attention(q_ptr, k_ptr, v_ptr, out_ptr, tables_ptr, starts_ptr, lengths_ptr, offsets_ptr,
                         tile_seg_ptr, tile_off_ptr, scale, stride_qt, stride_qh, stride_ks, stride_kh, stride_ot,
                         stride_oh, stride_tb, GROUP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
@@ -249,17 +254,21 @@ SELF_CHECK_TOL = 3e-2  # bf16 keeps 8 bits of mantissa; a wrong kernel is off by
 
 
 def self_check(backend, device: torch.device, dtype: torch.dtype) -> float:
-    """Run ``backend`` on a small mixed step (a decode, a chunk mid-prompt, a whole prompt; GQA; shuffled blocks) on
-    ``device`` and return its largest deviation from the torch backend in fp32 (raises if it cannot run)."""
+    """Run ``backend`` on ``device`` on two small steps, a mixed one (a decode, a chunk mid-prompt, a whole prompt;
+    GQA; shuffled blocks) and a decode-only one (the Triton kernel's two tile sizes, so both are compiled at
+    start-up, not by a request), and return the largest deviation from the torch backend in fp32 (raises if it
+    cannot run)."""
     g = torch.Generator().manual_seed(0)
     hq, hkv, d, bs = 4, 2, 64, 16
     k, v = (torch.randn(8 * bs, hkv, d, generator=g) for _ in range(2))
-    segments = [Segment([5, 2], 20, 1), Segment([7, 0, 3], 16, 20), Segment([1, 6], 0, 17)]
-    q = torch.randn(sum(s.length for s in segments), hq, d, generator=g)
-    cpu = torch.device("cpu")
-    ref = TorchAttention()(q, k, v, TorchAttention().prepare(segments, bs, cpu), d ** -0.5)
-    got = backend(*(t.to(device, dtype) for t in (q, k, v)), backend.prepare(segments, bs, device), d ** -0.5)
-    return float((got.float().cpu() - ref).abs().max())
+    cpu, err = torch.device("cpu"), 0.0
+    for segments in ([Segment([5, 2], 20, 1), Segment([7, 0, 3], 16, 20), Segment([1, 6], 0, 17)],
+                     [Segment([5, 2], 20, 1), Segment([4], 3, 1)]):
+        q = torch.randn(sum(s.length for s in segments), hq, d, generator=g)
+        ref = TorchAttention()(q, k, v, TorchAttention().prepare(segments, bs, cpu), d ** -0.5)
+        got = backend(*(t.to(device, dtype) for t in (q, k, v)), backend.prepare(segments, bs, device), d ** -0.5)
+        err = max(err, float((got.float().cpu() - ref).abs().max()))
+    return err
 
 
 def backend_for(device: torch.device, name: str = "auto", dtype: torch.dtype = torch.float32):

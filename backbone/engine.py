@@ -351,7 +351,16 @@ class Engine:
         sampled = [seq.computed + n == seq.length for seq, n in rows]
         hidden, failed = None, {}
         if all(seq.computed >= seq.prompt_len for seq, _ in rows):  # decodes of generated tokens: a CUDA graph
-            hidden = self.model.decode(segments, ids=[seq.output[seq.computed - seq.prompt_len] for seq, _ in rows])
+            # Without a pipeline this shard samples too: the head's graph then gives the tokens (every row of a
+            # decode step is sampled).
+            params = None if self.pipeline is not None else [
+                (s.temperature, s.top_p, s.seed, s.draws) for s in (seq.sampler for seq, _ in rows)]
+            hidden = self.model.decode(segments, ids=[seq.output[seq.computed - seq.prompt_len] for seq, _ in rows],
+                                       params=params)
+            if isinstance(hidden, list):
+                for seq, _ in rows:
+                    seq.sampler.draws += 1
+                return Flight(lane, rows, failed, results=hidden, launched=t0)
         if hidden is None:
             meta = self.model.prepare(segments)
             hidden, failed = forward_isolating(self.model, self._inputs(rows), segments, meta)  # [T, H]
@@ -369,9 +378,12 @@ class Engine:
         idx = [i for i, flag in enumerate(sampled) if flag]
         flight.results = [NO_TOKEN] * len(rows)
         if idx:
-            last = list(itertools.accumulate(g.length for g in segments))  # one past each row's last position
-            ends = to_device([last[i] - 1 for i in idx], torch.long, self.model.device)
-            drawn = sample_rows([rows[i][0].sampler for i in idx], self.model.logits(hidden[ends]))
+            if len(idx) == len(rows) == hidden.shape[0]:  # one row per sequence, each sampled: no gather
+                last_rows = hidden
+            else:
+                last = list(itertools.accumulate(g.length for g in segments))  # one past each row's last position
+                last_rows = hidden[to_device([last[i] - 1 for i in idx], torch.long, self.model.device)]
+            drawn = sample_rows([rows[i][0].sampler for i in idx], self.model.logits(last_rows))
             for i, result in zip(idx, drawn):
                 flight.results[i] = result
         return flight

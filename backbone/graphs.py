@@ -2,8 +2,12 @@
 
 At small batch a decode step of a 1B-7B model is a few milliseconds of HBM reads, while eager PyTorch launches about
 fifteen kernels per layer from Python: the launches, not the reads, set the pace. One graph per batch-size bucket
-replays a shard's whole decode step (the embedding on the first shard, then every layer) as one launch. The final
-norm, lm_head and sampling stay eager: sampling is per request (its own seed and draw count).
+replays a shard's whole decode step (the embedding on the first shard, then every layer) as one launch. On the last
+shard a second graph per bucket replays the head: the final norm, lm_head and the batched sampler
+(backbone/sampling.py), whose per-row parameters (temperature, top_p, seed, draw) are static buffers like the rest.
+The sampler has two graphs per bucket: greedy (argmax only) and random (temperature, nucleus, the noise over the
+vocabulary); the host picks one from the rows' parameters, as the eager sampler skips the random work for greedy
+steps. A step's only host sync is then the copy of its tokens.
 
 Why graphs and not ``torch.compile``: the one data-dependent part of a step, attention over each sequence's context,
 is the Triton paged kernel (backbone/attention.py), which reads lengths and block tables from device memory. So a
@@ -12,7 +16,8 @@ compile per bucket at start-up, minutes for a 7B model, plus recompiles on its s
 mode records these same graphs.
 
 Static buffers: one device buffer holds every per-step input for the largest bucket: token ids, positions, KV slots,
-starts, lengths, offsets, the kernel's tiles and the block tables. Each bucket's graph reads the first rows. A step
+starts, lengths, offsets, the kernel's tiles, the sampling parameters (floats stored as their float64 bits) and the
+block tables. Each bucket's graph reads the first rows. A step
 writes a pinned host copy (two, used in turn) and sends it in ONE asynchronous copy, then replays. A batch is padded
 to its bucket with rows at position 0 that attend to, and write, only the pool's padding block (backbone/kv.py).
 
@@ -31,12 +36,14 @@ import time
 import torch
 
 from backbone.attention import Segment, StepMeta, TritonAttention
+from backbone.sampling import GREEDY_BELOW, failure, sample_batch
 from router.progress import Progress
 
 log = logging.getLogger(__name__)
 
 GRAPH_TOL = 1e-2  # a replay runs the eager step's kernels on the same inputs: anything beyond rounding is a fault
-FIELDS = ("ids", "positions", "slots", "starts", "lengths", "offsets", "tile_seg", "tile_off")
+FIELDS = ("ids", "positions", "slots", "starts", "lengths", "offsets", "tile_seg", "tile_off", "seeds", "draws",
+          "temperature", "top_p")  # the last two: float64 bits
 
 
 def buckets_up_to(n: int) -> list[int]:
@@ -69,6 +76,8 @@ class DecodeGraphs:
                                                                   device=model.device)
         self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
         self.outputs: dict[int, torch.Tensor] = {}
+        self.heads: dict[tuple[int, bool], torch.cuda.CUDAGraph] = {}  # (bucket, random) -> the head's graph
+        self.head_outputs: dict[tuple[int, bool], torch.Tensor] = {}  # ... its [2, bucket]: tokens, status
         self.replays = dict.fromkeys(self.buckets, 0)  # steps run per bucket
         for host in self.host:
             self._pad(host.numpy(), 0, n)
@@ -87,7 +96,8 @@ class DecodeGraphs:
         """Rows [a, b) of host buffer ``h`` (NumPy) become padding: position 0 of the padding block."""
         rows = range(a, b)
         for name, values in (("ids", 0), ("positions", 0), ("slots", self.pool.padding_block * self.bs),
-                             ("starts", 0), ("lengths", 1), ("tile_off", 0)):
+                             ("starts", 0), ("lengths", 1), ("tile_off", 0), ("seeds", 0), ("draws", 0),
+                             ("temperature", 0), ("top_p", 0)):  # 0 is 0.0's bits: greedy
             self._field(h, name, self.max_batch)[a:b] = values
         self._field(h, "offsets", self.max_batch)[a:b] = rows
         self._field(h, "tile_seg", self.max_batch)[a:b] = rows
@@ -109,6 +119,14 @@ class DecodeGraphs:
             hidden = self.hidden_in[:b]
         return self.model.forward(hidden, [], self._meta(b))
 
+    def _head(self, hidden: torch.Tensor, b: int, random: bool) -> torch.Tensor:
+        """The head as captured: hidden [b, H] -> [2, b] int64, each row's token and sampling status."""
+        temperature, top_p = (self._field(self.dev, name, b).view(torch.float64).float()
+                              for name in ("temperature", "top_p"))
+        tokens, status = sample_batch(self.model.logits(hidden), temperature, top_p, self._field(self.dev, "seeds", b),
+                                      self._field(self.dev, "draws", b), random, random)
+        return torch.stack([tokens, status.to(torch.int64)])
+
     # -- use ----------------------------------------------------------------------------------------------------
 
     def bucket(self, n: int) -> int:
@@ -119,12 +137,20 @@ class DecodeGraphs:
         return 0 < len(segments) <= self.max_batch and all(
             s.length == 1 and s.start < self.width * self.bs for s in segments)
 
+    @property
+    def samples(self) -> bool:
+        """Whether steps can end in the head's graph (the last shard, head captured; uncaptured: always)."""
+        return self.model.is_last and (bool(self.heads) or not self.captured)
+
     @torch.inference_mode()
-    def run(self, segments: list[Segment], ids: list[int] | None = None, hidden: torch.Tensor | None = None
-            ) -> torch.Tensor:
+    def run(self, segments: list[Segment], ids: list[int] | None = None, hidden: torch.Tensor | None = None,
+            params: list[tuple[float, float, int, int]] | None = None) -> torch.Tensor | list[int | str]:
         """One decode step (``fits``) -> hidden [len(segments), H]: ``ids`` the tokens at the segments' positions
-        (first shard), or ``hidden`` [len(segments), H] from the previous shard."""
+        (first shard), or ``hidden`` [len(segments), H] from the previous shard. With ``params`` (each row's
+        temperature, top_p, seed as int64, draw: what :func:`backbone.sampling.sample_params` takes) on a shard
+        that ``samples``: each row's token, or why it could not be sampled."""
         n, b = len(segments), self.bucket(len(segments))
+        params = params if params is not None and self.samples else None
         turn = self.turn
         if self.sent[turn] is not None:
             self.sent[turn].synchronize()  # the copy out of this buffer two steps ago (long done)
@@ -142,6 +168,14 @@ class DecodeGraphs:
         tables = self._tables(h)
         for i, s in enumerate(segments):
             tables[i, : len(s.blocks)] = s.blocks
+        random = False
+        if params is not None:
+            temperature, top_p, seeds, draws = zip(*params)
+            random = any(t >= GREEDY_BELOW for t in temperature)
+            self._field(h, "seeds", n)[:] = seeds
+            self._field(h, "draws", n)[:] = draws
+            self._field(h, "temperature", n).view("float64")[:] = temperature
+            self._field(h, "top_p", n).view("float64")[:] = top_p
         self._pad(h, n, b)
         if self.captured:
             self.dev.copy_(self.host[turn], non_blocking=True)
@@ -158,7 +192,15 @@ class DecodeGraphs:
             out = self.outputs[b]
         else:
             out = self._body(b)
-        return out[:n].clone()  # the graph's output is overwritten by the next replay
+        if params is None:
+            return out[:n].clone()  # the graph's output is overwritten by the next replay
+        if (b, random) in self.heads:
+            self.heads[b, random].replay()
+            both = self.head_outputs[b, random]
+        else:
+            both = self._head(out, b, random)
+        tokens, status = both[:, :n].tolist()  # the step's one host sync
+        return [token if code == 0 else failure(code) for token, code in zip(tokens, status)]
 
     @torch.inference_mode()
     def capture(self) -> dict:
@@ -187,28 +229,88 @@ class DecodeGraphs:
             progress.advance()
         progress.done()
         torch.cuda.synchronize(device)
+        if self.model.is_last:
+            try:
+                self._capture_heads(mempool)
+            except Exception as exc:  # the body's graphs still serve; the head runs eagerly
+                self.heads.clear()
+                self.head_outputs.clear()
+                log.error("capturing the sampling head's CUDA graphs failed; it runs eagerly",
+                          extra={"error": f"{type(exc).__name__}: {exc}"})
+            torch.cuda.synchronize(device)
         took = {"buckets": self.buckets, "seconds": round(time.perf_counter() - t0, 2),
                 "memory_mib": round((free0 - torch.cuda.mem_get_info(device)[0]) / 2**20, 1)}
         took["replay_vs_eager"] = self.self_check()
         log.info("captured decode CUDA graphs", extra=took)
         return took
 
+    def _capture_heads(self, mempool) -> None:
+        """The head's graphs (greedy and random) for every bucket, reading the body graphs' outputs."""
+        device = self.model.device
+        side = torch.cuda.Stream(device)
+        side.wait_stream(torch.cuda.current_stream(device))
+        with torch.cuda.stream(side):  # warm-up: the sort's and the reductions' workspaces
+            for b in reversed(self.buckets):
+                for random in (False, True):
+                    self._head(self.outputs[b], b, random)
+        torch.cuda.current_stream(device).wait_stream(side)
+        torch.cuda.synchronize(device)
+        for b in reversed(self.buckets):
+            for random in (False, True):
+                graph = torch.cuda.CUDAGraph()
+                with torch.cuda.graph(graph, pool=mempool):
+                    self.head_outputs[b, random] = self._head(self.outputs[b], b, random)
+                self.heads[b, random] = graph
+
     @torch.inference_mode()
     def self_check(self) -> float:
-        """The largest bucket replayed against the same step run eagerly, on made-up inputs (every row at position 0
-        of the padding block, so no sequence's KV is touched): the largest deviation relative to the output's scale.
-        Raises if it exceeds GRAPH_TOL (a capture that went wrong is refused, not served)."""
-        b, h = self.max_batch, self.host[0].numpy()
-        self._pad(h, 0, b)
-        self._field(h, "ids", b)[:] = [1 + i % (self.model.cfg.vocab_size - 1) for i in range(b)]
-        self.dev.copy_(self.host[0])
-        if self.hidden_in is not None:
-            self.hidden_in.normal_()
-        if b in self.graphs:
-            self.graphs[b].replay()
-        got = self.outputs[b].clone() if b in self.graphs else self._body(b)
-        want = self._body(b)
-        self._field(h, "ids", b)[:] = 0
+        """The largest bucket replayed against the same step run eagerly, on made-up inputs: the largest deviation
+        relative to the output's scale. Raises if it exceeds GRAPH_TOL (a capture that went wrong is refused, not
+        served).
+
+        Every row writes its own KV slot (the padding block's, then free blocks', each row at its offset in its
+        block, attending to the rows before it there): rows writing one slot with different values would leave
+        whichever write lands last, which differs between two runs of the same step on a GPU. Should the pool be
+        too small for a slot per row, the rows beyond repeat earlier rows exactly (same slot, same inputs)."""
+        b, h, bs = self.max_batch, self.host[0].numpy(), self.bs
+        borrowed: list[int] = []
+        self.pool.grow(borrowed, min(-(-b // bs) - 1, self.pool.free) * bs)
+        blocks = [self.pool.padding_block, *borrowed]
+        rows = [i % (len(blocks) * bs) for i in range(b)]  # the distinct row each row repeats (itself, mostly)
+        try:
+            self._pad(h, 0, b)
+            positions = [r % bs for r in rows]
+            self._field(h, "ids", b)[:] = [1 + r % (self.model.cfg.vocab_size - 1) for r in rows]
+            self._field(h, "positions", b)[:] = positions
+            self._field(h, "starts", b)[:] = positions
+            self._field(h, "slots", b)[:] = [blocks[r // bs] * bs + r % bs for r in rows]
+            self._tables(h)[:b, 0] = [blocks[r // bs] for r in rows]
+            self.dev.copy_(self.host[0])
+            if self.hidden_in is not None:
+                self.hidden_in.normal_()
+                self.hidden_in[:b].copy_(self.hidden_in[rows])
+            if b in self.graphs:
+                self.graphs[b].replay()
+            got = self.outputs[b].clone() if b in self.graphs else self._body(b)
+            want = self._body(b)
+            if self.model.is_last:  # the head's graphs against the eager head on the same hidden states
+                g = torch.Generator().manual_seed(0)
+                self._field(h, "seeds", b)[:] = torch.randint(-2**62, 2**62, (b,), generator=g).numpy()
+                self._field(h, "draws", b)[:] = range(b)
+                self._field(h, "temperature", b).view("float64")[:] = [0.0 if r % 3 == 0 else 0.8 for r in rows]
+                self._field(h, "top_p", b).view("float64")[:] = [1.0 if r % 2 else 0.9 for r in rows]
+                self.dev.copy_(self.host[0])
+                for random in (False, True):
+                    if (b, random) in self.heads:
+                        self.heads[b, random].replay()
+                        head = self.head_outputs[b, random].clone()
+                        if not torch.equal(head, self._head(self.outputs[b], b, random)):
+                            raise RuntimeError(f"the head's graph (random={random}) samples other tokens than the "
+                                               "eager head on the same hidden states")
+        finally:
+            self._pad(h, 0, b)
+            self._field(h, "ids", b)[:] = 0
+            self.pool.release(borrowed)
         err = float((got.float() - want.float()).abs().max()) / max(1.0, float(want.float().abs().max()))
         if not err <= GRAPH_TOL:
             raise RuntimeError(f"the decode graph's replay deviates from the eager step by {err:.3g}")

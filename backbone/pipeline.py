@@ -245,7 +245,14 @@ class StageWorker:
     def _step(self, table: StepTable, hidden: torch.Tensor) -> None:
         rows = table.ints.tolist()
         segments = table.segments(self.model.pool.block_size)
-        decoded = self.model.decode(segments, hidden=hidden)  # a decode step through a CUDA graph, if it can
+        params = None  # the last shard, every row sampled: the head's graph samples too
+        if self.model.is_last and all(row[6] for row in rows):
+            floats = table.floats.tolist()  # (temperature, top_p) per row
+            params = [(*floats[i], row[3], row[5]) for i, row in enumerate(rows)]  # + seed, draws
+        decoded = self.model.decode(segments, hidden=hidden, params=params)  # a CUDA graph's step, if it can
+        if isinstance(decoded, list):
+            self._answer(rows, [FAILED if row[4] else t for row, t in zip(rows, decoded)])
+            return
         if decoded is not None:
             hidden, failed = decoded, {}
         else:
@@ -267,11 +274,15 @@ class StageWorker:
             floats = table.floats.tolist()  # (temperature, top_p) per row
             params = [(*floats[i], rows[i][3], rows[i][5]) for i in pick]  # + seed, draws
             for i, result in zip(pick, sample_params(params, self.model.logits(hidden[ends]))):
-                if isinstance(result, str):
-                    log.error("request failed on this shard", extra={"rank": self.rank, "seq": rows[i][0],
-                                                                      "error": result})
-                    tokens[i] = FAILED
-                else:
-                    tokens[i] = result
-        answer = torch.tensor(tokens, dtype=torch.long)  # [B]
+                tokens[i] = result
+        self._answer(rows, tokens)
+
+    def _answer(self, rows: list[list[int]], tokens: list[int | str]) -> None:
+        """Send the step's answers back to shard 0: a token, NO_TOKEN, or FAILED (a reason is logged here)."""
+        if self.sent is not None:
+            self.sent.wait()  # the previous step's answers went out (a no-op once waited)
+        for row, result in zip(rows, tokens):
+            if isinstance(result, str):
+                log.error("request failed on this shard", extra={"rank": self.rank, "seq": row[0], "error": result})
+        answer = torch.tensor([FAILED if isinstance(t, str) else t for t in tokens], dtype=torch.long)  # [B]
         self.sent = Sent(len(tokens), [dist.isend(answer, dst=0)], [answer])

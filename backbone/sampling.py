@@ -142,8 +142,13 @@ def sample_params(rows: list[tuple[float, float, int, int]], logits: torch.Tenso
     nucleus = any(t >= GREEDY_BELOW and p < 1.0 for t, p, *_ in rows)
     tokens, status = sample_batch(logits.float(), temperature, top_p, seeds, draws, random, nucleus)
     both = torch.stack([tokens, status.to(torch.int64)]).tolist()  # the step's one host copy
-    return [token if code == 0 else _FAILED[code] for token, code in zip(*both)]
+    return [token if code == 0 else failure(code) for token, code in zip(*both)]
 
 
 _FAILED = {1: "the model produced non-finite logits (NaN or infinity) for this request",
            2: "sampling failed: no probability mass left after temperature and top_p"}
+
+
+def failure(status: int) -> str:
+    """Why a row with :func:`sample_batch`'s non-zero ``status`` was not sampled."""
+    return _FAILED[status]

@@ -3,16 +3,15 @@ worker.
 
     .venv/bin/python bench/autoscale.py [--rate 6] [--seconds 25] [--pairs 2] [--idle-cores 0.75]   # ~6 min
 
-Two local clusters on the ``small`` demo model, one after the other on the same machine: fixed (one worker per
-tier) and ``--autoscale`` (image tier 1..4, up after 1 s of demand, down after 10 s, cool-down 5 s), ``--pairs``
-times, the order alternating (the spread between pairs is the noise). Each is warmed up, then gets the same open-loop burst: ``--rate``
-chat completions per second for ``--seconds``, each with a fresh ``--size`` JPEG (a cache miss: an image encode
-each) and ``--tokens`` generated tokens, sent on schedule whether or not earlier ones finished (a closed loop would
-slow its own arrivals and hide the queue). Prints time to first token (p50, p99, max) for both and their ratios and
-the replica counts over time (the autoscaler's trace), and saves a PNG plot (the image tier's replicas over time;
-each request's TTFT by its send time). ``--save-trace FILE`` keeps the autoscaler's trace
-(tests/unit/data/autoscale_trace.json is one, replayed by tests/unit/test_autoscale_policy.py).
-"""
+Two local clusters on the ``small`` demo model, one after the other on the same machine: fixed (one worker per tier) and
+``--autoscale`` (image tier 1..4, up after 1 s of demand, down after 10 s, cool-down 5 s), ``--pairs`` times, the order
+alternating (the spread between pairs is the noise). Each is warmed up, then gets the same open-loop burst: ``--rate``
+chat completions per second for ``--seconds``, each with a fresh ``--size`` JPEG (a cache miss: an image encode each)
+and ``--tokens`` generated tokens, sent on schedule whether or not earlier ones finished (a closed loop would slow its
+own arrivals and hide the queue). Prints time to first token (p50, p99, max) for both and their ratios and the replica
+counts over time (the autoscaler's trace), and saves a PNG plot (the image tier's replicas over time; each request's
+TTFT by its send time). ``--save-trace FILE`` keeps the autoscaler's trace (tests/unit/data/autoscale_trace.json is one,
+replayed by tests/unit/test_autoscale_policy.py)."""
 
 from __future__ import annotations
 

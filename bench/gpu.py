@@ -64,6 +64,9 @@ WORKER_ROW = {False: {"streams": 32, "images_per_s": 5.0, "arrival_tokens": 256}
               True: {"streams": 8, "images_per_s": 20.0, "arrival_tokens": 64}}
 
 
+PROFILE_STEPS = 20  # decode steps under torch's profiler (--profile)
+
+
 def sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -96,11 +99,12 @@ def prompts(batch: int, length: int, vocab: int) -> list[list[int]]:
 
 
 def decode_ours(path: Path, batches: list[int], device, dtype, prompt: int, warm: int, steps: int,
-                itl: dict | None = None) -> dict:
+                itl: dict | None = None, baselines: bool = True, profile: bool = False) -> dict:
     """{batch: {backend: tokens/s}} of the engine's decode steps with the paged attention backend ("paged") and the
     per-sequence loop it replaced ("loop"), plus the bytes a step reads (for the floor). With ``itl`` (streams,
     arrivals, budget), also the arrival row: ITL of decoding streams while LLaVA-sized prompts arrive, chunked vs
-    unchunked."""
+    unchunked. ``baselines`` False: no loop rows. ``profile``: where a batch-1 step's host time goes (the fastest
+    variant), from torch's profiler."""
     from backbone.attention import backend_for
     from backbone.engine import Engine
     from backbone.loader import load_shard
@@ -111,7 +115,7 @@ def decode_ours(path: Path, batches: list[int], device, dtype, prompt: int, warm
     text = config["text_config"]
     model, _ = load_shard(path, text, None, dtype, device)
     paged = model.attention
-    need = max(batches) * -(-(prompt + warm + steps + 2) // 16)
+    need = max(batches) * -(-(prompt + warm + steps + 2 + PROFILE_STEPS) // 16)
     if itl:  # each stream stays under 256 positions, each LLaVA-sized prompt under 768
         need = max(need, itl["streams"] * 16 + itl["arrivals"] * 48)
     model.allocate_pool(need)  # room for the largest batch
@@ -128,12 +132,12 @@ def decode_ours(path: Path, batches: list[int], device, dtype, prompt: int, warm
     for batch in batches:
         context = prompt + 1 + warm + steps / 2  # mean KV length over the timed steps
         out[batch] = {"bytes_per_step": weights + batch * context * kv_per_token}
-        variants = [("paged", paged, None), ("loop", backend_for(device, "loop"), None)]
+        variants = [("paged", paged, None)] + ([("loop", backend_for(device, "loop"), None)] if baselines else [])
         if graphs is not None:
             variants.append(("graphs", paged, graphs))
         for name, backend, replay in variants:
             model.attention, model.graphs = backend, replay
-            params = SamplingParams(max_tokens=warm + steps + 2, temperature=0.0, ignore_eos=True)
+            params = SamplingParams(max_tokens=warm + steps + 2 + PROFILE_STEPS, temperature=0.0, ignore_eos=True)
             ids = prompts(batch, prompt, cfg.vocab_size)
             seqs = [engine.new_sequence(f"b{i}", prompt, params) for i in range(batch)]
             for seq, p in zip(seqs, ids):
@@ -149,6 +153,8 @@ def decode_ours(path: Path, batches: list[int], device, dtype, prompt: int, warm
             sync(device)
             elapsed = time.perf_counter() - t
             assert all(seq.finish is None and len(seq.output) == 1 + warm + steps for seq in seqs), "one stopped"
+            if profile and batch == min(batches) and name == variants[-1][0]:
+                out["profile"] = profile_steps(engine, seqs, device, name, PROFILE_STEPS)
             for seq in seqs:
                 engine.release(seq)
             out[batch][name] = batch * steps / elapsed
@@ -160,6 +166,33 @@ def decode_ours(path: Path, batches: list[int], device, dtype, prompt: int, warm
     if device.type == "cuda":
         torch.cuda.empty_cache()
     return out
+
+
+def profile_steps(engine, seqs, device, name: str, steps: int) -> str:
+    """torch's profiler over ``steps`` decode steps: the ops with the most host time, and the step's wall time."""
+    from torch.profiler import ProfilerActivity, profile
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    with profile(activities=activities) as prof:
+        sync(device)
+        t = time.perf_counter()
+        for _ in range(steps):
+            engine.step(seqs)
+        sync(device)
+        wall = time.perf_counter() - t
+    head = f"profile of {steps} decode steps ({name}, batch {len(seqs)}): {1e3 * wall / steps:.2f} ms per step"
+    ops = prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=18, max_name_column_width=48)
+    return head + "\n" + ops
+
+
+def paged_variants() -> int | None:
+    """How many variants of the paged attention kernel Triton compiled in this process (each a stall)."""
+    try:
+        from backbone.attention import _KERNEL
+
+        return sum(len(c[0]) for c in _KERNEL.device_caches.values()) if _KERNEL is not None else 0
+    except Exception:  # another Triton's internals
+        return None
 
 
 def arrival_row(engine, config: dict, itl: dict) -> dict:
@@ -183,7 +216,10 @@ def arrival_row(engine, config: dict, itl: dict) -> dict:
     for name, budget in (("unchunked", itl["arrivals"] * prompt + itl["streams"]), ("chunked", itl["budget"])):
         engine.max_batched_tokens = budget
         arrival_itl(engine, streams, arrivals[:1], quiet_steps=3, after_steps=1)  # warm
+        before = paged_variants()
         out[name] = arrival_itl(engine, streams, arrivals)
+        after = paged_variants()
+        out[name]["kernel_compiles"] = None if before is None else after - before  # during the timed window
     return out
 
 
@@ -366,11 +402,12 @@ def encoder_worker_row(path: Path, device, dtype, images: int, max_batch: int) -
     spec = ModelSpec.from_dir(path).with_encoder_dtypes(wire)
     keys = Keys()
     pictures = jpegs(32)
+    port = free_port()
     with EmbeddedRedis(maxmemory="4gb") as server:
         r = redis.Redis.from_url(server.url, socket_timeout=120)
         proc = start_tier(["encoder", "--modality", "image", "--model", str(path), "--device", str(device),
-                           "--dtype", wire, "--max-batch", str(max_batch), "--log-level", "WARNING"],
-                          server.url, "encoder:image", timeout=600)
+                           "--dtype", wire, "--max-batch", str(max_batch), "--log-level", "WARNING",
+                           "--metrics-port", str(port)], server.url, "encoder:image", timeout=600)
         try:
             def wave(tag: str, n: int) -> float:
                 reply = f"bench:enc:{tag}"
@@ -399,11 +436,43 @@ def encoder_worker_row(path: Path, device, dtype, images: int, max_batch: int) -
                 return n / (time.perf_counter() - t0)
 
             wave("warm", 2 * max_batch)
+            before = phase_seconds(port)
+            t = time.perf_counter()
             rate = wave("run", images)
+            wall = time.perf_counter() - t
+            after = phase_seconds(port)
         finally:
             proc.terminate()
             proc.wait(60)
-    return {"images": images, "max_batch": max_batch, "images_per_s": rate, "jpeg": "640x480 q90"}
+    # Where the worker's time went (its own metrics): the forwards, the waits for preprocessing, the answers
+    # (serializing + Redis), as shares of the wall time of the run.
+    phases = {k: round((after[k] - before[k]) / wall, 3) for k in after}
+    return {"images": images, "max_batch": max_batch, "images_per_s": rate, "jpeg": "640x480 q90",
+            "share_of_wall": phases}
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def phase_seconds(port: int) -> dict[str, float]:
+    """Seconds the encoder worker spent per phase so far, from its Prometheus histograms' sums."""
+    import httpx
+    from prometheus_client.parser import text_string_to_metric_families
+
+    names = {"tributary_encoder_encode_seconds": "encode", "tributary_encoder_preprocess_wait_seconds":
+             "preprocess_wait", "tributary_encoder_publish_seconds": "publish"}
+    text = httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=10).text
+    out = dict.fromkeys(names.values(), 0.0)
+    for fam in text_string_to_metric_families(text):
+        for sample in fam.samples:
+            if sample.name.removesuffix("_sum") in names and sample.name.endswith("_sum"):
+                out[names[sample.name.removesuffix("_sum")]] += sample.value
+    return out
 
 
 def decode_transformers(path: Path, batches: list[int], device, dtype, prompt: int, warm: int, steps: int) -> dict:
@@ -555,6 +624,10 @@ def main() -> int:
     ap.add_argument("--skip-worker", action="store_true", help="no backbone worker process row")
     ap.add_argument("--skip-decode", action="store_true", help="no decode rows (nor the worker row, which needs them)")
     ap.add_argument("--skip-encoders", action="store_true", help="no image encoder rows")
+    ap.add_argument("--skip-baselines", action="store_true",
+                    help="no per-sequence loop or transformers rows (measured once; they do not change)")
+    ap.add_argument("--profile", action="store_true", help="torch's profiler over batch-1 decode steps of each model")
+    ap.add_argument("--models", default=None, help="decode rows of these models only (comma-separated)")
     args = ap.parse_args()
     smoke = args.cpu_smoke
     if not smoke and not torch.cuda.is_available():
@@ -578,22 +651,30 @@ def main() -> int:
     print(head, flush=True)
     results: dict = {"device": name, "dtype": str(dtype), "copy_bandwidth_bytes_per_s": bandwidth, "decode": [],
                      "arrivals": None, "tiered": None, "worker": None}
-    for size, batches in [] if args.skip_decode else (SMOKE_ROWS if smoke else GPU_ROWS):
+    rows = SMOKE_ROWS if smoke else GPU_ROWS
+    if args.models:
+        rows = [(size, batches) for size, batches in rows if size in args.models.split(",")]
+    for size, batches in [] if args.skip_decode else rows:
         t = time.perf_counter()
         path = write_llava(args.workdir / size, size, 0, str(device), dtype)
         print(f"  {size}: checkpoint ready in {time.perf_counter() - t:.1f} s", flush=True)
         itl = ITL_ROW[smoke] if size == ITL_MODEL[smoke] else None
-        ours = decode_ours(path, batches, device, dtype, prompt, warm, steps, itl)
-        theirs = decode_transformers(path, batches, device, dtype, prompt, warm, steps)
+        ours = decode_ours(path, batches, device, dtype, prompt, warm, steps, itl, not args.skip_baselines,
+                           args.profile)
+        theirs = {} if args.skip_baselines else decode_transformers(path, batches, device, dtype, prompt, warm, steps)
         for b in batches:
             floor = b / (ours[b]["bytes_per_step"] / bandwidth)
             results["decode"].append({"model": size, "batch": b, "tokens_per_s": ours[b]["paged"],
                                       "step_ms": ours[b]["paged_step_ms"], "floor_tokens_per_s": floor,
-                                      "loop_tokens_per_s": ours[b]["loop"],
+                                      "loop_tokens_per_s": ours[b].get("loop"),
                                       "graphs_tokens_per_s": ours[b].get("graphs"),
-                                      "transformers_tokens_per_s": theirs[b]["tokens_per_s"]})
-            print(f"  {size} batch {b}: {ours[b]['paged']:.1f} tok/s (loop {ours[b]['loop']:.1f}, graphs "
+                                      "graphs_step_ms": ours[b].get("graphs_step_ms"),
+                                      "transformers_tokens_per_s": theirs.get(b, {}).get("tokens_per_s")})
+            print(f"  {size} batch {b}: {ours[b]['paged']:.1f} tok/s (loop {ours[b].get('loop')}, graphs "
                   f"{ours[b].get('graphs')})", flush=True)
+        if "profile" in ours:
+            results.setdefault("profile", {})[size] = ours["profile"]
+            print(ours["profile"], flush=True)
         results.setdefault("capture", {})[size] = ours["capture"]
         if itl:
             results["arrivals"] = dict(ours["itl"], model=size)
@@ -634,17 +715,22 @@ def table(results: dict, head: str) -> str:
              f"{'row':<26}{'batch':>6}{'tok/s':>10}{'ms/step':>9}{'HBM bound':>11}{'of bound':>10}{'loop':>9}"
              f"{'x loop':>8}{'transformers':>14}{'x transf.':>11}"]
     graphs = [r for r in results["decode"] if r.get("graphs_tokens_per_s")]
+    def rel(mine: float, theirs: float | None, width: int, ratio: int) -> str:
+        if not theirs:
+            return f"{'-':>{width}}{'-':>{ratio}}"
+        return f"{theirs:>{width}.1f}{mine / theirs:>{ratio}.2f}"
+
     for r in results["decode"]:
         lines.append(f"{r['model'] + ' decode':<26}{r['batch']:>6}{r['tokens_per_s']:>10.1f}{r['step_ms']:>9.2f}"
                      f"{r['floor_tokens_per_s']:>11.1f}{r['tokens_per_s'] / r['floor_tokens_per_s']:>10.2f}"
-                     f"{r['loop_tokens_per_s']:>9.1f}{r['tokens_per_s'] / r['loop_tokens_per_s']:>8.2f}"
-                     f"{r['transformers_tokens_per_s']:>14.1f}"
-                     f"{r['tokens_per_s'] / r['transformers_tokens_per_s']:>11.2f}")
+                     f"{rel(r['tokens_per_s'], r['loop_tokens_per_s'], 9, 8)}"
+                     f"{rel(r['tokens_per_s'], r['transformers_tokens_per_s'], 14, 11)}")
     if graphs:  # [cuda-graphs] targets: batch 1 of llava-1.5-7b >= 0.6 of the bound, of llava-1b >= 0.4
         lines += ["", "CUDA graphs (decode steps replayed per batch bucket) vs the eager rows above:",
-                  f"{'row':<26}{'batch':>6}{'graphs tok/s':>14}{'x eager':>9}{'of bound':>10}"]
+                  f"{'row':<26}{'batch':>6}{'graphs tok/s':>14}{'ms/step':>9}{'x eager':>9}{'of bound':>10}"]
         for r in graphs:
             lines.append(f"{r['model'] + ' decode':<26}{r['batch']:>6}{r['graphs_tokens_per_s']:>14.1f}"
+                         f"{r['graphs_step_ms']:>9.2f}"
                          f"{r['graphs_tokens_per_s'] / r['tokens_per_s']:>9.2f}"
                          f"{r['graphs_tokens_per_s'] / r['floor_tokens_per_s']:>10.2f}")
         for model, took in (results.get("capture") or {}).items():
@@ -668,7 +754,8 @@ def table(results: dict, head: str) -> str:
             budget = "all at once" if name == "unchunked" else f"budget {a['budget']}"
             lines.append(f"  {name:<10} ({budget}): quiet p50 {r['quiet_p50_ms']:.1f}, during p50 {r['p50_ms']:.1f} "
                          f"p99 {r['p99_ms']:.1f} worst {r['worst_ms']:.1f} (p99 / quiet p50 "
-                         f"{r['p99_ms'] / r['quiet_p50_ms']:.1f}x), prefill over {r['prefill_steps']} steps")
+                         f"{r['p99_ms'] / r['quiet_p50_ms']:.1f}x), prefill over {r['prefill_steps']} steps, "
+                         f"{r.get('kernel_compiles')} attention kernel compiles")
     w = results.get("worker")
     if w:  # [cuda-graphs] target: the worker's decode throughput within 10% of the in-process engine's
         share = w["tokens_per_s"] / w["in_process_tokens_per_s"]
@@ -694,6 +781,9 @@ def table(results: dict, head: str) -> str:
         lines.append(f"  worker end to end ({w['images']} {w['jpeg']} JPEGs, max batch {w['max_batch']}: fetch, "
                      f"decode, preprocess, encode, publish): {w['images_per_s']:.1f} images/s = "
                      f"{w['images_per_s'] / top:.2f} of the tower's own rate at batch {max(e['batches'])}")
+        if w.get("share_of_wall"):
+            lines.append("  the worker's time, as shares of the run's wall time: " + ", ".join(
+                f"{k} {v:.2f}" for k, v in w["share_of_wall"].items()))
     t = results["tiered"]
     if t:
         lines.append(f"{'tiered ' + t['model']:<26}concurrency {t['concurrency']}, {t['requests']} requests x "

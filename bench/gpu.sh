@@ -2,6 +2,7 @@
 # The GPU bench in one command, for one H100/H200 machine with no network (under 5 minutes):
 #   bash bench/gpu.sh [--cpu-smoke] [--wheels DIR] [--workdir DIR] [--json FILE] [--skip-tests]
 #                     [--skip-decode] [--skip-worker] [--skip-encoders] [--skip-tiered]   (to split it over calls)
+#                     [--skip-baselines] [--profile] [--models llava-1b,llava-1.5-7b]
 # 1. checks the environment: Python >= 3.11 with torch, Triton (GPU), transformers, safetensors, tokenizers, pillow,
 #    httpx; a CUDA device unless --cpu-smoke;
 # 2. installs what the tiered row needs and the machine lacks (starlette, uvicorn, redis, msgspec, pydantic,
@@ -23,8 +24,8 @@ while [ $# -gt 0 ]; do
     --cpu-smoke) smoke=1; bench_args+=(--cpu-smoke); shift ;;
     --wheels) wheels="$2"; shift 2 ;;
     --workdir) workdir="$2"; shift 2 ;;
-    --json|--prompt|--warm|--steps) bench_args+=("$1" "$2"); shift 2 ;;
-    --skip-tiered|--skip-worker|--skip-decode|--skip-encoders) bench_args+=("$1"); shift ;;
+    --json|--prompt|--warm|--steps|--models) bench_args+=("$1" "$2"); shift 2 ;;
+    --skip-tiered|--skip-worker|--skip-decode|--skip-encoders|--skip-baselines|--profile) bench_args+=("$1"); shift ;;
     --skip-tests) skip_tests=1; shift ;;
     *) echo "bench/gpu.sh: unknown argument $1" >&2; exit 2 ;;
   esac

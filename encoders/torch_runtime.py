@@ -1,7 +1,8 @@
 """Encoder runtime that runs the encoder + projector with PyTorch on a CPU or a CUDA device, in fp32, bf16 or fp16.
 
-A batch reaches the device from pinned host memory in one non-blocking copy, cast to the compute dtype there; the
-output comes back in the compute dtype (the worker casts it to the wire dtype)."""
+A batch reaches the device from pinned host memory in one non-blocking copy, cast to the compute dtype there;
+``forward`` leaves the output on the device in the compute dtype (the worker casts it to the wire dtype and checks it
+there, encoders/runtime.py), ``run`` brings it to the host."""
 
 from __future__ import annotations
 
@@ -23,7 +24,10 @@ class TorchRuntime:
         return x.to(self.dtype) if x.is_floating_point() else x
 
     @torch.inference_mode()
-    def run(self, batch: torch.Tensor, lengths: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(self, batch: torch.Tensor, lengths: torch.Tensor | None = None) -> torch.Tensor:
+        """[B, N, H] in the compute dtype, on the runtime's device."""
         x = self._to_device(batch)
-        out = self.module(x) if lengths is None else self.module(x, self._to_device(lengths))
-        return out.cpu()  # [B, N, H] in the compute dtype
+        return self.module(x) if lengths is None else self.module(x, self._to_device(lengths))
+
+    def run(self, batch: torch.Tensor, lengths: torch.Tensor | None = None) -> torch.Tensor:
+        return self.forward(batch, lengths).cpu()  # [B, N, H] in the compute dtype

@@ -136,6 +136,7 @@ class EncoderWorker:
         self._outcomes: Counter = Counter()  # the answers of the batch being staged or finished, by outcome
         threads = cfg.preprocess_threads or min(8, os.cpu_count() or 1)
         self.pool = ThreadPoolExecutor(threads, thread_name_prefix="preprocess")
+        self.wire = WIRE_DTYPES[cfg.wire_dtype]  # outputs are cast to it where they were computed, then checked
         self.pin = getattr(runtime, "device", torch.device("cpu")).type == "cuda"  # stack batches in pinned memory
         self.on_threads = None  # set to follow the tier's thread budget (tributary up's autoscaler re-divides it)
 
@@ -302,7 +303,7 @@ class EncoderWorker:
         for indices, batch in groups:
             lengths = batch_lengths([by_index[i] for i in indices])  # [B] real lengths, or None
             t = time.perf_counter()
-            outputs.update(zip(indices, run_isolating(self.runtime, batch, lengths)))  # [N, H] each, or a reason
+            outputs.update(zip(indices, run_isolating(self.runtime, batch, lengths, self.wire)))  # [N, H] or why
             forwards.append((time.perf_counter() - t, len(indices)))
         t2 = time.perf_counter()
         # 3) Ack every entry and count, then publish every tensor (or the failure).
@@ -325,6 +326,8 @@ class EncoderWorker:
         answers.with_acks(count)
         self.publisher.execute(answers)
         self.metrics.finished(staged.outcomes)
+        self.metrics.preprocess_wait_seconds.observe(t1 - t0)
+        self.metrics.publish_seconds.observe(time.perf_counter() - t2)
         for seconds, items in forwards:
             self.metrics.encode_seconds.observe(seconds)
             self.metrics.batch_size.observe(items)
@@ -404,23 +407,19 @@ class EncoderWorker:
         return None
 
     def _publish(self, answers: Answers, job: Job, output: torch.Tensor | str, n: int) -> bool:
-        """Queue the tensor's publication, or the job's failure (a forward that failed alone, or values that are
-        not finite once cast to the wire dtype: an fp16 wire overflows past 65504). True if published."""
-        if isinstance(output, str):
-            error = output
-        else:
-            rows = output[:n].to(WIRE_DTYPES[self.cfg.wire_dtype])  # [n, H]
-            if bool(torch.isfinite(rows).all()):
-                data = encode_tensor(rows, self.cfg.wire_dtype)
-                done = m.EncodeDone(request_id=job.msg.request_id, job_id=job.msg.job_id, tensor_key=job.tensor_key,
-                                    num_tokens=n)
-                answers.publish(job.script_keys, job.entry_id, data, n, self.cfg.tensor_ttl_s, m.encode(done),
-                                job.msg.reply_to)
-                return True
-            error = f"the encoder output is not finite in {self.cfg.wire_dtype}"
+        """Queue the tensor's publication (``output``: [N, H] on the host in the wire dtype, checked finite by
+        ``run_isolating``), or the job's failure (the forward failed alone, or gave values that are not finite in
+        the wire dtype). True if published."""
+        if not isinstance(output, str):
+            data = encode_tensor(output[:n], self.cfg.wire_dtype)  # [n, H]
+            done = m.EncodeDone(request_id=job.msg.request_id, job_id=job.msg.job_id, tensor_key=job.tensor_key,
+                                num_tokens=n)
+            answers.publish(job.script_keys, job.entry_id, data, n, self.cfg.tensor_ttl_s, m.encode(done),
+                            job.msg.reply_to)
+            return True
         log.error("encode failed", extra={"request_id": job.msg.request_id, "job_id": job.msg.job_id,
-                                          "error": error})
-        self._fail(answers, job, m.ErrorCode.INTERNAL, error)
+                                          "error": output})
+        self._fail(answers, job, m.ErrorCode.INTERNAL, output)
         return False
 
     def _fail(self, answers: Answers, job: Job, code: m.ErrorCode, error: str) -> None:

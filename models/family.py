@@ -1,10 +1,9 @@
 """What a model family tells every tier: its modalities, placeholders, processor configs, token counts, encoders.
 
-One ``Family`` per implementing module (``models/trimodal.py``, ``models/llava.py``, ``models/qwen2_audio.py``),
-picked by the ``model_type`` of the checkpoint's ``config.json`` (``models.spec.family_for``). The helpers below read the files a
-Hugging Face checkpoint keeps its processor in, in both layouts transformers writes: the legacy flat
-``preprocessor_config.json`` and transformers 5's ``processor_config.json`` with one entry per sub-processor.
-"""
+One ``Family`` per implementing module (``models/trimodal.py``, ``models/llava.py``, ``models/qwen2_audio.py``), picked
+by the ``model_type`` of the checkpoint's ``config.json`` (``models.spec.family_for``). The helpers below read the files
+a Hugging Face checkpoint keeps its processor in, in both layouts transformers writes: the legacy flat
+``preprocessor_config.json`` and transformers 5's ``processor_config.json`` with one entry per sub-processor."""
 
 from __future__ import annotations
 

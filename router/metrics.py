@@ -62,6 +62,13 @@ class EncoderMetrics:
             self.encode_seconds = Histogram("tributary_encoder_encode_seconds", "Seconds of one forward batch "
                                             "(encoder + projector)", ["modality"], buckets=ENCODE_BUCKETS,
                                             registry=r).labels(modality)
+            self.preprocess_wait_seconds = Histogram(
+                "tributary_encoder_preprocess_wait_seconds", "Seconds a batch's forward waited for its items' "
+                "decoding and preprocessing (what the pool did not finish during the previous batch)", ["modality"],
+                buckets=ENCODE_BUCKETS, registry=r).labels(modality)
+            self.publish_seconds = Histogram(
+                "tributary_encoder_publish_seconds", "Seconds to answer a batch: serialize its tensors, then ack, "
+                "store and tell in Redis", ["modality"], buckets=ENCODE_BUCKETS, registry=r).labels(modality)
             self.batch_size = Histogram("tributary_encoder_batch_size", "Items in one forward batch", ["modality"],
                                         buckets=BATCH_BUCKETS, registry=r).labels(modality)
             jobs = Counter("tributary_encoder_jobs", "Encode jobs answered, by outcome (encoded, or the failure's "

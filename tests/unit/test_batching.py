@@ -115,3 +115,30 @@ def test_mixed_job_through_shape_groups_equals_one_at_a_time(runtimes, prepared)
     for i, p in enumerate(items):
         alone = runtimes[modality[i]].run(p.data.unsqueeze(0))[0]
         torch.testing.assert_close(out[i], alone, atol=BATCH_ATOL, rtol=0)
+
+
+def test_outputs_are_cast_and_checked_where_they_were_computed(spec):
+    """run_isolating casts a batch to the wire dtype and checks it before the one copy to the host: an item whose
+    rows overflow the wire dtype (fp16 past 65504) fails alone, naming the dtype; the others come back in it."""
+    from encoders.runtime import run_isolating
+
+    runtime = load_runtime(spec, "image")
+    pre = load_preprocessor(spec, "image")
+    _, batch = shape_groups([(i, pre(b)) for i, b in enumerate(IMAGES[:3])])[0]
+    ref = runtime.run(batch)
+    scale = torch.ones(len(batch), 1, 1)
+    scale[1] = 1e6 / float(ref[1].abs().max())  # item 1's largest value becomes 1e6: finite in fp32, not in fp16
+
+    class Scaled:  # the real runtime, item 1's output scaled past fp16's range
+        name = "scaled"
+
+        def run(self, x, lengths=None):
+            return runtime.run(x) * scale[: len(x)]
+
+    out = run_isolating(Scaled(), batch, None, torch.float16)
+    assert isinstance(out[1], str) and "not finite" in out[1] and "float16" in out[1]
+    for i in (0, 2):
+        assert out[i].dtype == torch.float16 and out[i].device.type == "cpu"
+        torch.testing.assert_close(out[i].float(), ref[i], atol=2e-3, rtol=1e-3)
+    same = run_isolating(runtime, batch, None)  # no wire dtype: the compute dtype, as run() gives it
+    assert all(torch.equal(a, b) for a, b in zip(same, ref))

@@ -175,8 +175,9 @@ def test_the_triton_paged_kernel_equals_the_torch_backend_on_the_gpu(dtype, tol)
 
 
 def test_decode_graphs_replay_what_eager_steps_compute(tiny_spec):
-    """[cuda-graphs]: captured decode graphs (buckets 1, 2, 4, 8 for --max-running 8) against eager steps, fp32, with
-    batches that shrink through every bucket and one beyond the largest (run eagerly)."""
+    """[cuda-graphs]: captured decode graphs (buckets 1, 2, 4, 8 for --max-running 8), the sampling head's included
+    (greedy and random), against eager steps, fp32, with batches that shrink through every bucket and one beyond the
+    largest (run eagerly)."""
     prompts = [[1, 286, 274, 203, 56], [1, 20, 21, 22, 203, 7, 9, 11], [1, 40, 41], [1, 50, 51], [1, 60]] * 2
     outputs, replays = [], None
     for eager in (True, False):
@@ -185,8 +186,8 @@ def test_decode_graphs_replay_what_eager_steps_compute(tiny_spec):
         assert (engine.model.graphs is None) == eager
         seqs = []
         for i, ids in enumerate(prompts):
-            seq = engine.new_sequence(f"r{i}", len(ids), SamplingParams(max_tokens=3 + 2 * i, temperature=0.0,
-                                                                        ignore_eos=True))
+            seq = engine.new_sequence(f"r{i}", len(ids), SamplingParams(  # odd rows sample, even rows are greedy
+                max_tokens=3 + 2 * i, temperature=0.8 * (i % 2), top_p=0.9, seed=i, ignore_eos=True))
             engine.start(seq, ids, [])
             seqs.append(seq)
         while any(s.finish is None for s in seqs):
@@ -195,6 +196,7 @@ def test_decode_graphs_replay_what_eager_steps_compute(tiny_spec):
         if not eager:
             replays = engine.model.graphs.replays
             assert sorted(engine.model.graphs.graphs) == [1, 2, 4, 8]
+            assert sorted(engine.model.graphs.heads) == [(b, r) for b in (1, 2, 4, 8) for r in (False, True)]
     assert outputs[0] == outputs[1]
     assert all(replays[b] > 0 for b in (1, 2, 4, 8)), replays
 

@@ -56,18 +56,36 @@ STATIC_STEPS = INTERPRETER_PATCH + textwrap.dedent("""
 
     spec = ModelSpec.from_dir(sys.argv[1])
     prompts = [[1, 286, 274, 203, 56], [1, 20, 21, 22, 203, 7, 9, 11], [1, 40, 41], [1, 50, 51], [1, 60]]
-    outs = {}
+    outs, sampled = {}, []
+    import backbone.graphs as graphs_module
+
+    head = graphs_module.DecodeGraphs._head
+
+    def spy(self, hidden, b, random):  # which head variants the static steps ran
+        sampled.append(random)
+        return head(self, hidden, b, random)
+
+    graphs_module.DecodeGraphs._head = spy
     for static in (False, True):
         engine = load_engine(spec, attention="triton", num_blocks=64)
         if static:  # buckets 1, 2, 4: five decodes run eagerly, four fill bucket 4, three pad it, then 2 and 1
             engine.model.graphs = DecodeGraphs(engine.model, max_batch=4, max_context=spec.max_context,
                                                capture=False)
+            free = engine.pool.free
             assert engine.model.graphs.self_check() == 0.0  # the start-up check's code path (uncaptured: eager twice)
+            # Each of its rows wrote a slot of its own (on a GPU, rows sharing a slot make the check fail by chance),
+            # and the blocks it borrowed went back.
+            slots = engine.model.graphs._field(engine.model.graphs.dev, "slots", 4).tolist()
+            assert len(set(slots)) == 4 and engine.pool.free == free, (slots, free)
+            big = DecodeGraphs(engine.model, max_batch=40, max_context=spec.max_context, capture=False)
+            assert big.self_check() == 0.0  # 40 rows: the padding block and two borrowed blocks
+            slots = big._field(big.dev, "slots", 40).tolist()
+            assert len(set(slots)) == 40 and engine.pool.free == free, (slots, free)
             engine.pool.k[:, engine.pool.padding_block] = 7.0  # a sentinel the padding rows overwrite at slot 0
         seqs = []
-        for i, ids in enumerate(prompts):
-            seq = engine.new_sequence(f"r{i}", len(ids), SamplingParams(max_tokens=3 + 2 * i, temperature=0.0,
-                                                                        ignore_eos=True))
+        for i, ids in enumerate(prompts):  # odd rows sample (the head's random graph), even rows are greedy
+            seq = engine.new_sequence(f"r{i}", len(ids), SamplingParams(
+                max_tokens=3 + 2 * i, temperature=0.8 * (i % 2), top_p=0.9, seed=i, ignore_eos=True))
             engine.start(seq, ids, [])
             seqs.append(seq)
         while any(s.finish is None for s in seqs):
@@ -79,6 +97,7 @@ STATIC_STEPS = INTERPRETER_PATCH + textwrap.dedent("""
     assert outs[False] == outs[True], outs
     assert all(replays[b] > 0 for b in (1, 2, 4)), replays
     assert written, "the padding rows did not write the padding block's slot 0"
+    assert True in sampled and False in sampled, sampled  # greedy-only steps and steps with sampling rows
     print("ok", replays)
 """)
 

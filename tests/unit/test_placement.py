@@ -9,8 +9,16 @@ import random
 
 import pytest
 
-from router.placement import (GIB, Device, ModelCost, PlacementError, load_devices, parse_device_flag,
-                              parse_devices, plan)
+from router.placement import (
+    GIB,
+    Device,
+    ModelCost,
+    PlacementError,
+    load_devices,
+    parse_device_flag,
+    parse_devices,
+    plan,
+)
 
 # A Llama-2-70B-like text config (GQA 64/8) and a 13B-like one (MHA).
 L70 = dict(model_type="llama", hidden_size=8192, intermediate_size=28672, num_hidden_layers=80,

@@ -8,9 +8,9 @@ import numpy as np
 import pytest
 import torch
 
-from models import media
 from encoders.loader import load_preprocessor
 from encoders.preprocess import AudioPreprocessor, ImagePreprocessor, MediaError
+from models import media
 from models.trimodal import audio_output_length, image_output_length
 from tests.media import jpeg_bytes, png_bytes, wav_bytes
 
