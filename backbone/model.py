@@ -92,11 +92,6 @@ def fuse_layer(w: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return w
 
 
-def rotate_half(x: torch.Tensor) -> torch.Tensor:
-    half = x.shape[-1] // 2
-    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
-
-
 class Rotary:
     def __init__(self, cfg: DecoderConfig):
         dim = cfg.head_dim
@@ -230,13 +225,12 @@ class DecoderShard:
             q, k, v = F.linear(h, w["qkv.weight"], w.get("qkv.bias")).split([q_width, kv_width, kv_width], dim=-1)
         else:
             q, k, v = (F.linear(h, w[f"self_attn.{p}_proj.weight"], w.get(f"self_attn.{p}_proj.bias")) for p in "qkv")
-        q = q.reshape(-1, cfg.num_heads, cfg.head_dim)  # [T, Hq, D]
-        k = k.reshape(-1, cfg.num_kv_heads, cfg.head_dim)  # [T, Hkv, D]
-        v = v.reshape(-1, cfg.num_kv_heads, cfg.head_dim)
-        q, k = q * cos + rotate_half(q) * sin, k * cos + rotate_half(k) * sin
+        t = h.shape[0]
+        q = q.view(t, cfg.num_heads, cfg.head_dim)  # [T, Hq, D] (views of the fused projection's rows)
+        k = k.view(t, cfg.num_kv_heads, cfg.head_dim)  # [T, Hkv, D]
+        v = v.view(t, cfg.num_kv_heads, cfg.head_dim)
         k_flat, v_flat = self.pool.flat(i)  # [slots, Hkv, D]
-        k_flat.index_copy_(0, meta.slots, k)
-        v_flat.index_copy_(0, meta.slots, v)
+        q = self.ops.rope_cache(q, k, v, cos, sin, meta.slots, k_flat, v_flat)  # q, k rotated; k, v into the pool
         o = self.attention(q, k_flat, v_flat, meta, cfg.head_dim ** -0.5)  # [T, Hq, D]
         return F.linear(o.reshape(-1, cfg.num_heads * cfg.head_dim), w["self_attn.o_proj.weight"],
                         w.get("self_attn.o_proj.bias"))
