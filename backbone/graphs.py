@@ -210,7 +210,7 @@ class DecodeGraphs:
         device = self.model.device
         t0 = time.perf_counter()
         torch.cuda.synchronize(device)
-        free0 = torch.cuda.mem_get_info(device)[0]
+        reserved0 = torch.cuda.memory_reserved(device)  # the graphs' private pool is reserved by this process
         self.dev.copy_(self.host[0])  # every row padding
         side = torch.cuda.Stream(device)
         side.wait_stream(torch.cuda.current_stream(device))
@@ -239,7 +239,7 @@ class DecodeGraphs:
                           extra={"error": f"{type(exc).__name__}: {exc}"})
             torch.cuda.synchronize(device)
         took = {"buckets": self.buckets, "seconds": round(time.perf_counter() - t0, 2),
-                "memory_mib": round((free0 - torch.cuda.mem_get_info(device)[0]) / 2**20, 1)}
+                "memory_mib": round((torch.cuda.memory_reserved(device) - reserved0) / 2**20, 1)}
         took["replay_vs_eager"] = self.self_check()
         log.info("captured decode CUDA graphs", extra=took)
         return took

@@ -219,17 +219,26 @@ class BackboneWorker:
         # host) on their own thread: a plan starts once its tensors are in, and the step never waits for them.
         self.prefetch = ThreadPoolExecutor(1, thread_name_prefix="media-prefetch") if cfg.overlap_io else None
         self.fetched: dict[str, Future] = {}  # run key -> its fetch, for the first waiting plans
+        # Where the busy loop's time goes (seconds): the engine's steps, waiting for the round trip in flight, and
+        # the whole busy iterations (the rest is host work: admissions, building and applying round trips).
+        self.loop_seconds = {"step": 0.0, "io_wait": 0.0, "busy": 0.0}
         # Prometheus metrics, read from this state when scraped (router/metrics.py): nothing is done per step.
         self.metrics = CollectorRegistry()
         self.metrics.register(BackboneCollector(
             lambda: pool_usage(engine.pool), self._running_now, self._waiting_now,
-            preemptions=lambda: engine.preemptions, steps=lambda: engine.steps, engine=engine))
+            preemptions=lambda: engine.preemptions, steps=lambda: engine.steps, engine=engine,
+            loop=self._loop_phases))
 
     def _preempted(self) -> int:
         """Running sequences whose KV blocks were taken back (they wait to be recomputed). Called on the metrics
         thread: it copies the values (one C call under the GIL) before looking at them."""
         return sum(1 for run in list(self.running.values())
                    if run.seq.preempted and not run.seq.blocks and run.seq.finish is None)
+
+    def _loop_phases(self) -> dict[str, float]:
+        """Seconds of the busy loop by phase: step, io_wait, host (the rest)."""
+        t = dict(self.loop_seconds)
+        return {"step": t["step"], "io_wait": t["io_wait"], "host": max(0.0, t["busy"] - t["step"] - t["io_wait"])}
 
     def _running_now(self) -> int:
         return len(self.running) - self._preempted()
@@ -243,7 +252,10 @@ class BackboneWorker:
             return []
         ex, future = self.inflight
         self.inflight = None
-        return self._apply_exchange(ex, future.result())
+        t0 = time.perf_counter()
+        results = future.result()
+        self.loop_seconds["io_wait"] += time.perf_counter() - t0
+        return self._apply_exchange(ex, results)
 
     def run(self) -> None:
         ensure_group(self.r, self.stream, BACKBONE_GROUP)
@@ -281,6 +293,7 @@ class BackboneWorker:
                     if self.engine.pipeline is not None:
                         self.engine.pipeline.keepalive()  # tells the other shards shard 0 is alive
                     continue
+                busy_since = time.perf_counter()
                 # 2) Queue the plans read last round; start waiting ones while slots and KV memory allow.
                 for entry_id, fields in new:
                     self._enqueue(entry_id, fields)
@@ -291,6 +304,7 @@ class BackboneWorker:
                     # 3) One forward: the next token of every decoding sequence, then prompt chunks.
                     t0 = time.perf_counter()
                     self._step(decoding, starting)
+                    self.loop_seconds["step"] += time.perf_counter() - t0
                     if starting:
                         ms = round((time.perf_counter() - t0) * 1e3, 2)
                         for seq, _ in starting:
@@ -312,6 +326,7 @@ class BackboneWorker:
                         self.inflight = (ex, self.io.submit(self._execute, ex))
                 else:
                     new = list(new) + self._exchange(admit=drain_deadline is None)
+                self.loop_seconds["busy"] += time.perf_counter() - busy_since
         finally:
             try:
                 if not self.pipe_broken:

