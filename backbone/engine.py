@@ -50,8 +50,8 @@ from backbone.fusion import PlanError, fuse
 from backbone.isolation import forward_isolating
 from backbone.model import DecoderShard, Segment
 from backbone.pipeline import NO_TOKEN, PipelineHead, Sent
-from backbone.sampling import Sampler, sample_rows, seed64
-from backbone.staging import to_device
+from backbone.sampling import Drawn, Sampler, draw_rows, results, seed64
+from backbone.staging import ToHost, to_device
 from router.messages import FinishReason, SamplingParams
 
 log = logging.getLogger(__name__)
@@ -112,20 +112,23 @@ class Sequence:
 
 @dataclass
 class Flight:
-    """A step whose answers are not applied yet: sent down the pipe (``sent``), or run here (``results``)."""
+    """A step whose answers are not applied yet: sent down the pipe (``sent``), or run here (``results``; or
+    ``drawn``, its sampled tokens still on their way to the host)."""
 
     lane: int
     rows: list[tuple[Sequence, int]]
     failed: dict[int, str]  # row -> why it failed on this shard
     sent: Sent | None = None
     results: list | None = None
+    drawn: ToHost | None = None  # sampled here, on its way to the host: tokens and statuses of ``drawn_rows``
+    drawn_rows: list[int] = field(default_factory=list)
     launched: float = 0.0  # perf_counter at launch (the step budget learns from launch to answers)
 
 
 class Engine:
     def __init__(self, model: DecoderShard, placeholder_ids: dict[str, int], eos_ids: list[int], max_context: int,
                  pipeline: PipelineHead | None = None, max_batched_tokens: int = MAX_BATCHED_TOKENS,
-                 micro_batches: int = 0, max_step_ms: float | None = None):
+                 micro_batches: int = 0, max_step_ms: float | None = None, defer: bool = False):
         if model.pool is None:
             raise ValueError("the model has no KV pool (DecoderShard.allocate_pool)")
         if max_batched_tokens < 1:
@@ -151,6 +154,9 @@ class Engine:
         self.positions = [0, 0]  # positions computed by the steps run: decodes, prompt (prefill and recompute)
         self.timed = [0, 0.0]  # steps timed by the budget (those that sampled), and their seconds in all
         self.overlapped = 0  # ... sent while another was still in flight
+        # Without a pipeline: a step's tokens are applied at the start of the next ``step`` (or ``settle``), so the
+        # caller's host work between two steps (the worker's round trip) runs while the device computes.
+        self.defer = defer
 
     @property
     def max_batched_tokens(self) -> int:
@@ -326,8 +332,10 @@ class Engine:
             rows = self.schedule([s for s in seqs if s.lane == lane and s.finish is None])
             if rows:
                 flight = self._launch(lane, rows)
-                if flight.sent is None:
+                if flight.sent is None and not (self.defer and flight.drawn is not None):
                     self._land(flight)
+                elif flight.sent is None:
+                    self.flights.append(flight)  # its tokens are applied when the next step starts
                 else:
                     self.overlapped += bool(self.flights)
                     self.flights.append(flight)
@@ -357,10 +365,11 @@ class Engine:
                 (s.temperature, s.top_p, s.seed, s.draws) for s in (seq.sampler for seq, _ in rows)]
             hidden = self.model.decode(segments, ids=[seq.output[seq.computed - seq.prompt_len] for seq, _ in rows],
                                        params=params)
-            if isinstance(hidden, list):
+            if isinstance(hidden, Drawn):
                 for seq, _ in rows:
                     seq.sampler.draws += 1
-                return Flight(lane, rows, failed, results=hidden, launched=t0)
+                return Flight(lane, rows, failed, drawn=ToHost(hidden.both), drawn_rows=list(range(len(rows))),
+                              launched=t0)
         if hidden is None:
             meta = self.model.prepare(segments)
             hidden, failed = forward_isolating(self.model, self._inputs(rows), segments, meta)  # [T, H]
@@ -376,32 +385,36 @@ class Engine:
             flight.sent = self.pipeline.send(ints, floats, segments, hidden)
             return flight
         idx = [i for i, flag in enumerate(sampled) if flag]
-        flight.results = [NO_TOKEN] * len(rows)
         if idx:
             if len(idx) == len(rows) == hidden.shape[0]:  # one row per sequence, each sampled: no gather
                 last_rows = hidden
             else:
                 last = list(itertools.accumulate(g.length for g in segments))  # one past each row's last position
                 last_rows = hidden[to_device([last[i] - 1 for i in idx], torch.long, self.model.device)]
-            drawn = sample_rows([rows[i][0].sampler for i in idx], self.model.logits(last_rows))
-            for i, result in zip(idx, drawn):
-                flight.results[i] = result
+            flight.drawn = ToHost(draw_rows([rows[i][0].sampler for i in idx], self.model.logits(last_rows)))
+            flight.drawn_rows = idx
+        else:
+            flight.results = [NO_TOKEN] * len(rows)
         return flight
 
     def _land(self, flight: Flight) -> None:
         """Apply a step's answers: tokens appended, chunks counted, failures finished."""
-        results = flight.results
-        if results is None:
-            results = [t if t >= 0 or t == NO_TOKEN else "this request failed on a later pipeline shard (see its log)"
+        answers = flight.results
+        if flight.drawn is not None:
+            answers = [NO_TOKEN] * len(flight.rows)
+            for i, result in zip(flight.drawn_rows, results(flight.drawn.tolist())):
+                answers[i] = result
+        elif answers is None:
+            answers = [t if t >= 0 or t == NO_TOKEN else "this request failed on a later pipeline shard (see its log)"
                        for t in self.pipeline.answers(flight.sent).tolist()]
         # The step's compute is over once its answers are on the host (a sampled token on a GPU; any step on a CPU,
         # which runs synchronously); a GPU step that sampled nothing may still be running, so it is not timed.
-        if self.model.device.type != "cuda" or any(r != NO_TOKEN for r in results):
+        if self.model.device.type != "cuda" or any(r != NO_TOKEN for r in answers):
             took = time.perf_counter() - flight.launched
             self.budget.observe(sum(n for _, n in flight.rows), took)
             self.timed[0] += 1
             self.timed[1] += took
-        for i, ((seq, n), result) in enumerate(zip(flight.rows, results)):
+        for i, ((seq, n), result) in enumerate(zip(flight.rows, answers)):
             if self.active.get(seq.sid) is not seq or seq.finish is not None:
                 continue  # released (cancelled) or ended by the worker while the step was in flight
             if i in flight.failed:
@@ -451,7 +464,8 @@ def load_engine(spec, layers: range | None = None, kv_cache_bytes: int | None = 
                 pipeline: PipelineHead | None = None, dtype: torch.dtype = torch.float32,
                 device: torch.device | str = "cpu", max_batched_tokens: int = MAX_BATCHED_TOKENS,
                 max_running: int = 16, gpu_memory_utilization: float = 0.9, num_blocks: int | None = None,
-                attention: str = "auto", eager: bool = False, max_step_ms: float | None = None) -> Engine:
+                attention: str = "auto", eager: bool = False, max_step_ms: float | None = None,
+                defer: bool = False) -> Engine:
     """Shard 0's (or the only shard's) engine: its layers from the checkpoint, then a KV pool of ``num_blocks``
     (default: sized by backbone/kv.py's ``pool_blocks``), then (on a GPU, unless ``eager``) the decode step's CUDA
     graphs for up to ``max_running`` sequences."""
@@ -469,4 +483,4 @@ def load_engine(spec, layers: range | None = None, kv_cache_bytes: int | None = 
     if not eager:
         model.capture_graphs(max_running, spec.max_context)
     return Engine(model, spec.placeholder_ids, spec.eos_token_ids, spec.max_context, pipeline, max_batched_tokens,
-                  max_step_ms=max_step_ms)
+                  max_step_ms=max_step_ms, defer=defer)

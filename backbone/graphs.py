@@ -17,9 +17,9 @@ mode records these same graphs.
 
 Static buffers: one device buffer holds every per-step input for the largest bucket: token ids, positions, KV slots,
 starts, lengths, offsets, the kernel's tiles, the sampling parameters (floats stored as their float64 bits) and the
-block tables. Each bucket's graph reads the first rows. A step
-writes a pinned host copy (two, used in turn) and sends it in ONE asynchronous copy, then replays. A batch is padded
-to its bucket with rows at position 0 that attend to, and write, only the pool's padding block (backbone/kv.py).
+block tables. Each bucket's graph reads the first rows. A step writes a pinned host copy (two, used in turn) and
+sends it in ONE asynchronous copy (the fields and its bucket's table rows), then replays. A batch is padded to its
+bucket with rows at position 0 that attend to, and write, only the pool's padding block (backbone/kv.py).
 
 Capture runs at start-up, largest bucket first, with all buckets sharing one memory pool; its time and memory are
 logged. Only pure decode steps replay a graph, and only when every sequence's last input is a generated token;
@@ -36,7 +36,7 @@ import time
 import torch
 
 from backbone.attention import Segment, StepMeta, TritonAttention
-from backbone.sampling import GREEDY_BELOW, failure, sample_batch
+from backbone.sampling import GREEDY_BELOW, Drawn, sample_batch
 from router.progress import Progress
 
 log = logging.getLogger(__name__)
@@ -144,11 +144,11 @@ class DecodeGraphs:
 
     @torch.inference_mode()
     def run(self, segments: list[Segment], ids: list[int] | None = None, hidden: torch.Tensor | None = None,
-            params: list[tuple[float, float, int, int]] | None = None) -> torch.Tensor | list[int | str]:
+            params: list[tuple[float, float, int, int]] | None = None) -> torch.Tensor | Drawn:
         """One decode step (``fits``) -> hidden [len(segments), H]: ``ids`` the tokens at the segments' positions
         (first shard), or ``hidden`` [len(segments), H] from the previous shard. With ``params`` (each row's
         temperature, top_p, seed as int64, draw: what :func:`backbone.sampling.sample_params` takes) on a shard
-        that ``samples``: each row's token, or why it could not be sampled."""
+        that ``samples``: the rows' draws, still on the device (:class:`backbone.sampling.Drawn`)."""
         n, b = len(segments), self.bucket(len(segments))
         params = params if params is not None and self.samples else None
         turn = self.turn
@@ -177,12 +177,15 @@ class DecodeGraphs:
             self._field(h, "temperature", n).view("float64")[:] = temperature
             self._field(h, "top_p", n).view("float64")[:] = top_p
         self._pad(h, n, b)
+        # The fields and the bucket's table rows (a prefix of the buffer): a whole table for a 128k-token context
+        # is 8,192 columns, 4 MB at the largest bucket, most of it rows this step does not read.
+        m = len(FIELDS) * self.max_batch + b * self.width
         if self.captured:
-            self.dev.copy_(self.host[turn], non_blocking=True)
+            self.dev[:m].copy_(self.host[turn][:m], non_blocking=True)
             self.sent[turn] = torch.cuda.Event()
             self.sent[turn].record()
         else:
-            self.dev.copy_(self.host[turn])
+            self.dev[:m].copy_(self.host[turn][:m])
         self.turn = 1 - turn
         if hidden is not None:
             self.hidden_in[:n].copy_(hidden)
@@ -199,8 +202,8 @@ class DecodeGraphs:
             both = self.head_outputs[b, random]
         else:
             both = self._head(out, b, random)
-        tokens, status = both[:, :n].tolist()  # the step's one host sync
-        return [token if code == 0 else failure(code) for token, code in zip(tokens, status)]
+        # Still on the device: the caller queues its copy to the host before the next replay overwrites it.
+        return Drawn(both[:, :n])
 
     @torch.inference_mode()
     def capture(self) -> dict:

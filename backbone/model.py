@@ -178,9 +178,9 @@ class DecoderShard:
     def decode(self, segments: list[Segment], ids: list[int] | None = None, hidden: torch.Tensor | None = None,
                params: list[tuple[float, float, int, int]] | None = None) -> torch.Tensor | list | None:
         """A decode step through a graph: hidden [B, H], or with ``params`` (every row's sampling parameters, as
-        :func:`backbone.sampling.sample_params` takes them) on the last shard its sampled tokens (or why a row was
-        not sampled) from the head's graph too; None when the step cannot replay one (no graphs, a prefill chunk,
-        a batch beyond the largest bucket) and must run eagerly."""
+        :func:`backbone.sampling.sample_params` takes them) on the last shard its draws from the head's graph too
+        (:class:`backbone.sampling.Drawn`, on the device); None when the step cannot replay one (no graphs, a
+        prefill chunk, a batch beyond the largest bucket) and must run eagerly."""
         if self.graphs is None or not self.graphs.fits(segments):
             return None
         return self.graphs.run(segments, ids, hidden, params)

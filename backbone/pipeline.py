@@ -34,7 +34,7 @@ import torch.distributed as dist
 
 from backbone.isolation import forward_isolating
 from backbone.model import DecoderShard, Segment
-from backbone.sampling import sample_params
+from backbone.sampling import Drawn, results, sample_params
 from backbone.staging import to_device
 
 log = logging.getLogger(__name__)
@@ -250,8 +250,8 @@ class StageWorker:
             floats = table.floats.tolist()  # (temperature, top_p) per row
             params = [(*floats[i], row[3], row[5]) for i, row in enumerate(rows)]  # + seed, draws
         decoded = self.model.decode(segments, hidden=hidden, params=params)  # a CUDA graph's step, if it can
-        if isinstance(decoded, list):
-            self._answer(rows, [FAILED if row[4] else t for row, t in zip(rows, decoded)])
+        if isinstance(decoded, Drawn):
+            self._answer(rows, [FAILED if row[4] else t for row, t in zip(rows, results(decoded.both.tolist()))])
             return
         if decoded is not None:
             hidden, failed = decoded, {}

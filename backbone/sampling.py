@@ -19,6 +19,7 @@ every shard carries it in, so ``s`` and ``s + 2**64`` draw the same tokens.
 from __future__ import annotations
 
 import secrets
+from dataclasses import dataclass
 
 import torch
 
@@ -125,15 +126,26 @@ def sample_rows(samplers: list[Sampler], logits: torch.Tensor) -> list[int | str
     """One token per row of logits [B, V] (float32), all rows in one batched pass on the logits' device; a row that
     cannot be sampled gives the reason (a str) instead, so one request's bad numbers fail that request alone. Each
     sampler's counter advances by one."""
-    out = sample_params([(s.temperature, s.top_p, s.seed, s.draws) for s in samplers], logits)
+    return results(draw_rows(samplers, logits).tolist())
+
+
+def draw_rows(samplers: list[Sampler], logits: torch.Tensor) -> torch.Tensor:
+    """:func:`sample_rows` without waiting for the device: [2, B] int64 (tokens, statuses) on the logits' device, for
+    :func:`results` once on the host. Each sampler's counter advances by one."""
+    both = draw_params([(s.temperature, s.top_p, s.seed, s.draws) for s in samplers], logits)
     for sampler in samplers:
         sampler.draws += 1
-    return out
+    return both
 
 
 def sample_params(rows: list[tuple[float, float, int, int]], logits: torch.Tensor) -> list[int | str]:
     """:func:`sample_rows` from each row's (temperature, top_p, seed as int64, draw) alone: what a pipeline's last
     shard, which keeps no per-request state, samples with."""
+    return results(draw_params(rows, logits).tolist())  # the step's one host copy
+
+
+def draw_params(rows: list[tuple[float, float, int, int]], logits: torch.Tensor) -> torch.Tensor:
+    """:func:`sample_params` without waiting for the device: [2, B] int64 (tokens, statuses)."""
     dev, n = logits.device, len(rows)
     floats = to_device([r[0] for r in rows] + [r[1] for r in rows], torch.float32, dev)
     ints = to_device([r[2] for r in rows] + [r[3] for r in rows], torch.int64, dev)
@@ -141,7 +153,18 @@ def sample_params(rows: list[tuple[float, float, int, int]], logits: torch.Tenso
     random = any(t >= GREEDY_BELOW for t, *_ in rows)
     nucleus = any(t >= GREEDY_BELOW and p < 1.0 for t, p, *_ in rows)
     tokens, status = sample_batch(logits.float(), temperature, top_p, seeds, draws, random, nucleus)
-    both = torch.stack([tokens, status.to(torch.int64)]).tolist()  # the step's one host copy
+    return torch.stack([tokens, status.to(torch.int64)])
+
+
+@dataclass
+class Drawn:
+    """A step's sampled rows still on the device: ``both`` [2, B] int64, tokens then statuses (:func:`results`)."""
+
+    both: torch.Tensor
+
+
+def results(both: list[list[int]]) -> list[int | str]:
+    """Per row its token, or why it could not be sampled, from [tokens, statuses] on the host."""
     return [token if code == 0 else failure(code) for token, code in zip(*both)]
 
 

@@ -16,3 +16,23 @@ def to_device(values, dtype: torch.dtype | None = None, device: torch.device | s
     if device.type != "cuda" or t.device.type == "cuda":
         return t.to(device)
     return (t if t.is_pinned() else t.pin_memory()).to(device, non_blocking=True)
+
+
+class ToHost:
+    """A small device tensor on its way to the host: the copy is queued now (pinned memory, the current stream) and
+    waited for only by :meth:`tolist`, so the host can do other work while the device finishes the step."""
+
+    def __init__(self, t: torch.Tensor):
+        self.event = None
+        if t.device.type == "cuda":
+            self.host = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
+            self.host.copy_(t, non_blocking=True)
+            self.event = torch.cuda.Event()
+            self.event.record()
+        else:
+            self.host = t
+
+    def tolist(self) -> list:
+        if self.event is not None:
+            self.event.synchronize()
+        return self.host.tolist()

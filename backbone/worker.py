@@ -310,7 +310,7 @@ class BackboneWorker:
                         for seq, _ in starting:
                             # Its first step (the whole prompt unless it exceeds --max-batched-tokens: computed).
                             log.info("prefilled", extra={"request_id": seq.request_id, "ms": ms,
-                                                         "prompt_tokens": seq.prompt_len, "computed": seq.computed,
+                                                         "prompt_tokens": seq.prompt_len,
                                                          "batch": len(decoding) + len(starting),
                                                          "free_blocks": self.engine.pool.free})
                 else:
@@ -794,7 +794,7 @@ def serve(cfg: BackboneConfig, model_dir: str, threads: int | None = None) -> No
         try:
             engine = load_engine(spec, layers, cfg.kv_cache_bytes, None, dtype, device, cfg.max_batched_tokens,
                                  cfg.max_running, cfg.gpu_memory_utilization, attention=cfg.attention,
-                                 eager=cfg.eager, max_step_ms=cfg.max_step_ms)
+                                 eager=cfg.eager, max_step_ms=cfg.max_step_ms, defer=cfg.overlap_io)
         except ValueError as exc:
             raise SystemExit(f"tributary backbone: {exc}") from None
         worker = BackboneWorker(cfg, engine, stop)

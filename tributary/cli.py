@@ -487,7 +487,8 @@ def build_parser() -> argparse.ArgumentParser:
                     help=_env_help("run decode steps eagerly instead of replaying CUDA graphs (GPUs only; CPUs "
                                    "always run eagerly)", "EAGER", "=1"))
     bb.add_argument("--sync-io", action="store_true",
-                    help="run each step's Redis round trip after the step instead of during the next one")
+                    help="run each step's Redis round trip after the step instead of during the next one, and "
+                         "apply a step's tokens before the round trip (to measure the overlap against)")
     bb.add_argument("--attention", default=_env("ATTENTION", "auto"), choices=["auto", "torch", "triton", "loop"],
                     help=_env_help("attention backend (auto: the Triton paged kernel on CUDA, torch SDPA on a CPU; "
                                    "loop: one SDPA per sequence, to measure against)", "ATTENTION"))

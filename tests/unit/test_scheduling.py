@@ -248,3 +248,45 @@ def test_a_step_time_target_sizes_the_chunks_riding_with_decodes_and_keeps_the_t
             engine.step([seq])
         compared += same_tokens(seq.output, want, margins)
     assert compared >= 30
+
+
+@pytest.mark.parametrize("temperature", [0.0, 0.8])
+def test_deferred_steps_give_the_tokens_of_synchronous_ones(model, tiny_spec, tok, temperature):
+    """``defer`` (the worker's mode): a step's tokens stay on their way to the host until the next step starts (or
+    ``settle``), so the caller's work between steps overlaps the device's. Same tokens as applying each step before
+    it returns, with sequences joining mid-way, chunks, preemption and a release while a step is in flight."""
+    base = long_prompt(tok, 60)
+    prompts = [base[i : i + 20] for i in (0, 10, 20, 30)]
+    ps = [params(24 + 4 * i, temperature=temperature, seed=7 + i) for i in range(4)]
+    outs = {}
+    for defer in (False, True):
+        model.allocate_pool(9)  # small: preemptions happen
+        engine = Engine(model, tiny_spec.placeholder_ids, eos_ids=[], max_context=tiny_spec.max_context,
+                        max_batched_tokens=16, defer=defer)
+        seqs, steps, in_flight = [], 0, 0
+        while len(seqs) < len(prompts) or any(s.finish is None for s in seqs):
+            if steps % 2 == 0 and len(seqs) < len(prompts):
+                i = len(seqs)
+                seq = engine.new_sequence(f"d{i}", len(prompts[i]), ps[i])
+                engine.start(seq, prompts[i], [])
+                seqs.append(seq)
+            engine.step([s for s in seqs if s.finish is None])
+            in_flight += bool(engine.flights)
+            steps += 1
+            assert steps < 500
+        engine.settle()
+        outs[defer] = [s.output for s in seqs]
+        assert bool(in_flight) == defer and not engine.flights
+        assert engine.pool.free == 9 and engine.preemptions > 0
+    assert outs[False] == outs[True]
+    # A sequence released while its step is in flight: the step's answer for it is dropped, the others land.
+    model.allocate_pool(32)
+    engine = Engine(model, tiny_spec.placeholder_ids, eos_ids=[], max_context=tiny_spec.max_context, defer=True)
+    a, b = (engine.new_sequence(r, 20, params(5)) for r in ("a", "b"))
+    for seq, ids in ((a, prompts[0]), (b, prompts[1])):
+        engine.start(seq, ids, [])
+    engine.step([a, b])
+    assert engine.flights and not a.output  # the first tokens are still on their way
+    engine.release(a)
+    engine.settle()
+    assert not a.output and len(b.output) == 1 and engine.pool.free == 32 - len(b.blocks)
