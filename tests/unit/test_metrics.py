@@ -208,14 +208,16 @@ def test_the_backbone_reports_its_scheduler_and_kv_pool_when_scraped():
                   device="cpu")
     running, waiting = {"a": 1, "b": 2}, [1]
     registry = CollectorRegistry()
+    phases = {"step": 1.5, "io_wait": 0.0, "host": 0.25}
     registry.register(BackboneCollector(lambda: pool_usage(pool), lambda: len(running), lambda: len(waiting),
-                                        preemptions=lambda: 2, steps=lambda: 7))
+                                        preemptions=lambda: 2, steps=lambda: 7, loop=lambda: phases))
     table: list[int] = []
     assert pool.grow(table, 4 * 3)  # 3 of 8 blocks
     found = samples(generate_latest(registry))
     assert value(found, "tributary_kv_cache_usage_perc") == 3 / 8
     assert value(found, "tributary_num_requests_running") == 2 and value(found, "tributary_num_requests_waiting") == 1
     assert value(found, "tributary_num_preemptions_total") == 2 and value(found, "tributary_backbone_steps_total") == 7
+    assert [value(found, "tributary_backbone_loop_seconds_total", phase=p) for p in phases] == [1.5, 0.0, 0.25]
     pool.release(table)
     running.clear()
     found = samples(generate_latest(registry))  # read when scraped: nothing to update on the hot path
