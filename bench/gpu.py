@@ -146,12 +146,7 @@ def decode_ours(path: Path, batches: list[int], device, dtype, prompt: int, warm
                 engine.step(seqs)
             for _ in range(warm):
                 engine.step(seqs)
-            sync(device)
-            t = time.perf_counter()
-            for _ in range(steps):
-                engine.step(seqs)
-            sync(device)
-            elapsed = time.perf_counter() - t
+            elapsed = timed_steps(engine, seqs, device, steps)
             assert all(seq.finish is None and len(seq.output) == 1 + warm + steps for seq in seqs), "one stopped"
             if profile and batch == min(batches) and name == variants[-1][0]:
                 out["profile"] = profile_steps(engine, seqs, device, name, PROFILE_STEPS)
@@ -168,18 +163,23 @@ def decode_ours(path: Path, batches: list[int], device, dtype, prompt: int, warm
     return out
 
 
+def timed_steps(engine, seqs, device, steps: int) -> float:
+    """Seconds ``steps`` engine steps over ``seqs`` take, the device synchronized before and after."""
+    sync(device)
+    t = time.perf_counter()
+    for _ in range(steps):
+        engine.step(seqs)
+    sync(device)
+    return time.perf_counter() - t
+
+
 def profile_steps(engine, seqs, device, name: str, steps: int) -> str:
     """torch's profiler over ``steps`` decode steps: the ops with the most host time, and the step's wall time."""
     from torch.profiler import ProfilerActivity, profile
 
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
     with profile(activities=activities) as prof:
-        sync(device)
-        t = time.perf_counter()
-        for _ in range(steps):
-            engine.step(seqs)
-        sync(device)
-        wall = time.perf_counter() - t
+        wall = timed_steps(engine, seqs, device, steps)
     head = f"profile of {steps} decode steps ({name}, batch {len(seqs)}): {1e3 * wall / steps:.2f} ms per step"
     ops = prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=18, max_name_column_width=48)
     return head + "\n" + ops
