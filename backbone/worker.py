@@ -6,10 +6,12 @@ ones, whether their gateways are alive and, when there is room, the read of new 
 ``backbone`` group until its request finishes. On SIGTERM the worker stops taking plans, finishes the running ones
 (up to ``drain_timeout_s``), then fails what is left with a clear error and exits.
 
-The round trip runs on an I/O thread while the next step computes (``--sync-io``: between steps). The first waiting
-plans' cancellation checks and encoder tensors are fetched ahead on a thread of their own (decoded, checked for
-non-finite values and, on a GPU host, pinned); a plan starts on the first step after they are in, so admitting an
-image request never makes the running streams wait on Redis.
+The round trip runs on an I/O thread while the next step computes, and a step's tokens are applied only when the
+next step starts (backbone/engine.py, ``defer``), so building and applying the round trips also runs while the
+device computes (``--sync-io``: all of it between steps). The first waiting plans' cancellation checks and encoder
+tensors are fetched ahead on a thread of their own (decoded, checked for non-finite values and, on a GPU host,
+pinned); a plan starts on the first step after they are in, so admitting an image request never makes the running
+streams wait on Redis.
 
 Faults are per request: a plan that cannot be decoded, validated, fetched or fused, and a sequence whose forward or
 sampling fails (backbone/engine.py), ends with an error event for that request alone; the loop and every other
