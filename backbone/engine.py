@@ -26,10 +26,10 @@ answers are back (``Flight``), and every shard runs steps in the order sent, so 
 flight is never overwritten before that step read it. A sequence in flight is never preempted; a decode that needs a
 block while the only other holders are in flight waits a step (keeping its KV) rather than preempting itself.
 
-Deferred tokens (``defer``, the worker's mode): without a pipeline, a step's sampled tokens are queued for the host
-(pinned memory, an event) and applied when the next ``step`` starts (or at ``settle``), so the caller's host work
-between two steps (the worker's Redis round trip) runs while the device computes. The next step is scheduled only
-after they are applied, so the tokens and the scheduling are those of the synchronous mode.
+Deferred tokens (``defer``, the worker's mode on GPUs): without a pipeline, a step's sampled tokens are queued for the
+host (pinned memory, an event) and applied when the next ``step`` starts (or at ``settle``), so the caller's host work
+between two steps (the worker's Redis round trip) runs while the device computes. The next step is scheduled only after
+they are applied, so the tokens and the scheduling are those of the synchronous mode.
 
 One request's fault stays its own: a forward that raises is re-run one sequence at a time (backbone/isolation.py),
 and a row of logits that is not finite or cannot be sampled fails that sequence alone (``finish`` ERROR, ``error``
@@ -320,10 +320,10 @@ class Engine:
     @torch.inference_mode()
     def step(self, running: list[Sequence], starting: list[tuple[Sequence, torch.Tensor]] = ()) -> None:
         """Run the next step over ``running`` and the sequences ``starting`` now (their prompts already fused by
-        :meth:`start`). Without a pipeline: one forward over this step's scheduled positions, applied before it
-        returns (with ``defer``: when the next step starts). With one: the next lane that has work sends its step down the pipe (first applying that lane's
-        previous answers) and returns; with no lane to send, the oldest answers in flight are applied. A sequence
-        that fails is finished with ERROR (``seq.error``); the others are unaffected."""
+        :meth:`start`). Without a pipeline: one forward over this step's scheduled positions, applied before it returns
+        (with ``defer``: when the next step starts). With one: the next lane that has work sends its step down the pipe
+        (first applying that lane's previous answers) and returns; with no lane to send, the oldest answers in flight
+        are applied. A sequence that fails is finished with ERROR (``seq.error``); the others are unaffected."""
         seqs, seen = [], set()
         for seq in [*running, *(s for s, _ in starting)]:
             if seq.finish is None and seq.sid not in seen:

@@ -6,9 +6,10 @@ ones, whether their gateways are alive and, when there is room, the read of new 
 ``backbone`` group until its request finishes. On SIGTERM the worker stops taking plans, finishes the running ones
 (up to ``drain_timeout_s``), then fails what is left with a clear error and exits.
 
-The round trip runs on an I/O thread while the next step computes, and a step's tokens are applied only when the
-next step starts (backbone/engine.py, ``defer``), so building and applying the round trips also runs while the
-device computes (``--sync-io``: all of it between steps). The first waiting plans' cancellation checks and encoder
+The round trip runs on an I/O thread while the next step computes, and on a GPU a step's tokens are applied only
+when the next step starts (backbone/engine.py, ``defer``), so building and applying the round trips also runs while
+the device computes (``--sync-io``: all of it between steps). A CPU computes a step before ``step`` returns, so there
+deferring would only hold each token back a step. The first waiting plans' cancellation checks and encoder
 tensors are fetched ahead on a thread of their own (decoded, checked for non-finite values and, on a GPU host,
 pinned); a plan starts on the first step after they are in, so admitting an image request never makes the running
 streams wait on Redis.
@@ -796,7 +797,8 @@ def serve(cfg: BackboneConfig, model_dir: str, threads: int | None = None) -> No
         try:
             engine = load_engine(spec, layers, cfg.kv_cache_bytes, None, dtype, device, cfg.max_batched_tokens,
                                  cfg.max_running, cfg.gpu_memory_utilization, attention=cfg.attention,
-                                 eager=cfg.eager, max_step_ms=cfg.max_step_ms, defer=cfg.overlap_io)
+                                 eager=cfg.eager, max_step_ms=cfg.max_step_ms,
+                                 defer=cfg.overlap_io and device.type == "cuda")
         except ValueError as exc:
             raise SystemExit(f"tributary backbone: {exc}") from None
         worker = BackboneWorker(cfg, engine, stop)

@@ -252,8 +252,8 @@ def test_a_step_time_target_sizes_the_chunks_riding_with_decodes_and_keeps_the_t
 
 @pytest.mark.parametrize("temperature", [0.0, 0.8])
 def test_deferred_steps_give_the_tokens_of_synchronous_ones(model, tiny_spec, tok, temperature):
-    """``defer`` (the worker's mode): a step's tokens stay on their way to the host until the next step starts (or
-    ``settle``), so the caller's work between steps overlaps the device's. Same tokens as applying each step before
+    """``defer`` (the worker's mode on GPUs): a step's tokens stay on their way to the host until the next step starts
+    (or ``settle``), so the caller's work between steps overlaps the device's. Same tokens as applying each step before
     it returns, with sequences joining mid-way, chunks, preemption and a release while a step is in flight."""
     base = long_prompt(tok, 60)
     prompts = [base[i : i + 20] for i in (0, 10, 20, 30)]
