@@ -22,7 +22,10 @@ def start_tier(args: list[str], redis_url: str, tier: str, timeout: float = 120)
     while time.monotonic() < deadline:
         if proc.poll() is not None:
             raise RuntimeError(f"{tier} exited with {proc.returncode}: {proc.stdout.read()[-3000:]}")
-        if r.zcount(*live_count_args(Keys(), tier)):
+        # Its own heartbeat (worker ids are host-pid-suffix): a worker of the same tier killed moments ago (another
+        # module's) is still within the live window, and counting it would send work before this one reads.
+        key, low, high = live_count_args(Keys(), tier)
+        if any(f"-{proc.pid}-" in member.decode() for member in r.zrangebyscore(key, low, high)):
             return proc
         time.sleep(0.2)  # the process is importing torch; its heartbeat is the readiness signal
     proc.kill()
