@@ -237,7 +237,7 @@ def worker_row(path: Path, device, dtype, streams: int, prompt: int, tokens: int
 
     from bench.backbone import pct, run_wave, start_backbone
     from cache.codec import encode_tensor
-    from cache.embedded import EmbeddedRedis
+    from cache.embedded import EmbeddedRedis, free_port
     from cache.keys import Keys, alive
     from cache.streams import fields_payload, payload_fields
     from models.llava import image_tokens, placeholder_ids
@@ -262,9 +262,9 @@ def worker_row(path: Path, device, dtype, streams: int, prompt: int, tokens: int
             after = metric_values(port)
             # The worker loop's time per step by phase (its own metrics), over the quiet wave.
             steps = after["tributary_backbone_steps_total"] - before["tributary_backbone_steps_total"]
-            loop_ms = {phase: round(1e3 * (after[f"tributary_backbone_loop_seconds_total{{phase={phase}}}"]
-                                           - before[f"tributary_backbone_loop_seconds_total{{phase={phase}}}"])
-                                    / max(1.0, steps), 3) for phase in ("step", "io_wait", "host")}
+            loop = "tributary_backbone_loop_seconds_total:"
+            loop_ms = {phase: round(1e3 * (after[loop + phase] - before[loop + phase]) / max(1.0, steps), 3)
+                       for phase in ("step", "io_wait", "host")}
             gen = torch.Generator().manual_seed(5)
             tensor_keys = []
             for i in range(4):  # four distinct images, each stored once, as the encoder tier caches them
@@ -401,7 +401,7 @@ def encoder_worker_row(path: Path, device, dtype, images: int, max_batch: int) -
     decode and preprocess on its pool, encode, publish to Redis) on ``images`` jobs queued at once."""
     import redis
 
-    from cache.embedded import EmbeddedRedis
+    from cache.embedded import EmbeddedRedis, free_port
     from cache.keys import Keys, alive
     from cache.streams import fields_payload, payload_fields
     from models.spec import ModelSpec
@@ -461,32 +461,17 @@ def encoder_worker_row(path: Path, device, dtype, images: int, max_batch: int) -
             "share_of_wall": phases}
 
 
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def metric_values(port: int) -> dict[str, float]:
-    """A worker's Prometheus samples now: ``name{label=value,...}`` -> value."""
-    import httpx
-    from prometheus_client.parser import text_string_to_metric_families
+    """A worker's Prometheus samples now (``name`` or ``name:label``: bench/serve.py's reader)."""
+    from bench.serve import read_counters
 
-    text = httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=10).text
-    out = {}
-    for fam in text_string_to_metric_families(text):
-        for sample in fam.samples:
-            labels = ",".join(f"{k}={v}" for k, v in sorted(sample.labels.items()) if k != "modality")
-            out[f"{sample.name}{{{labels}}}" if labels else sample.name] = sample.value
-    return out
+    return read_counters([f"http://127.0.0.1:{port}/metrics"])
 
 
 def phase_seconds(port: int) -> dict[str, float]:
-    """Seconds the encoder worker spent per phase so far, from its Prometheus histograms' sums."""
+    """Seconds the image encoder worker spent per phase so far, from its Prometheus histograms' sums."""
     values = metric_values(port)
-    return {phase: values.get(f"tributary_encoder_{phase}_seconds_sum", 0.0)
+    return {phase: values.get(f"tributary_encoder_{phase}_seconds_sum:image", 0.0)
             for phase in ("encode", "preprocess_wait", "publish")}
 
 

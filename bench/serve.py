@@ -263,6 +263,26 @@ def isolation_summary(quiet: dict, busy: dict) -> dict:
 
 # --- where Tributary's time goes ------------------------------------------------------------------------------------
 
+def read_counters(urls: list[str]) -> dict[str, float]:
+    """Every sample of these Prometheus endpoints, summed over them: ``name`` or ``name:label`` (the sample's
+    modality, kind or phase label). An endpoint with nothing behind it is skipped."""
+    import httpx
+    from prometheus_client.parser import text_string_to_metric_families
+
+    out: dict[str, float] = {}
+    for url in urls:
+        try:
+            text = httpx.get(url, timeout=5).text
+        except httpx.HTTPError:
+            continue  # a port with nothing behind it
+        for fam in text_string_to_metric_families(text):
+            for s in fam.samples:
+                label = s.labels.get("modality") or s.labels.get("kind") or s.labels.get("phase") or ""
+                key = s.name + (f":{label}" if label else "")
+                out[key] = out.get(key, 0.0) + s.value
+    return out
+
+
 class TierMeter:
     """Reads a Tributary cluster's counters (the gateway's /metrics and its workers' --metrics-port) so that an
     experiment's window can be told apart: ``start()`` then ``stop()`` gives the tiers' work over that window."""
@@ -272,21 +292,8 @@ class TierMeter:
         self.t0, self.before = 0.0, {}
 
     def read(self) -> dict[str, float]:
-        import httpx
-        from prometheus_client.parser import text_string_to_metric_families
-
-        out: dict[str, float] = {}
-        for url in [f"{self.base_url}/metrics", *(f"http://127.0.0.1:{p}/metrics" for p in self.worker_ports)]:
-            try:
-                text = httpx.get(url, timeout=5).text
-            except httpx.HTTPError:
-                continue  # a port with nothing behind it
-            for fam in text_string_to_metric_families(text):
-                for s in fam.samples:
-                    label = s.labels.get("modality") or s.labels.get("kind") or ""
-                    key = s.name + (f":{label}" if label else "")
-                    out[key] = out.get(key, 0.0) + s.value
-        return out
+        return read_counters([f"{self.base_url}/metrics",
+                              *(f"http://127.0.0.1:{p}/metrics" for p in self.worker_ports)])
 
     def start(self) -> None:
         self.t0, self.before = time.perf_counter(), self.read()

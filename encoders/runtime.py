@@ -8,6 +8,8 @@ from typing import Protocol
 
 import torch
 
+from backbone.staging import ToHost
+
 log = logging.getLogger(__name__)
 
 
@@ -23,16 +25,6 @@ class EncoderRuntime(Protocol):
         A runtime may also have ``forward`` (same arguments), which leaves the embeddings where they were computed:
         the worker then casts and checks them there, before the one copy to the host."""
         ...
-
-
-def to_host(x: torch.Tensor) -> torch.Tensor:
-    """A device tensor on the host in one copy, through pinned memory on CUDA (twice a pageable copy's speed)."""
-    if x.device.type != "cuda":
-        return x
-    host = torch.empty(x.shape, dtype=x.dtype, pin_memory=True)
-    host.copy_(x, non_blocking=True)
-    torch.cuda.current_stream(x.device).synchronize()
-    return host
 
 
 def run_isolating(runtime: EncoderRuntime, batch: torch.Tensor, lengths: torch.Tensor | None,
@@ -54,13 +46,14 @@ def run_isolating(runtime: EncoderRuntime, batch: torch.Tensor, lengths: torch.T
     try:
         out = run(batch, lengths)  # [B, N, H]
         finite = torch.isfinite(out).flatten(1).all(1).tolist()  # [B], one reduction for the batch
-        outputs: list = list(to_host(out))
+        outputs: list = list(ToHost(out).wait())
     except Exception:
         log.exception("batched encoder forward failed; running its items one at a time", extra={"batch": len(batch)})
         outputs = []
         for i in range(len(batch)):
             try:
-                outputs.append(to_host(run(batch[i : i + 1], None if lengths is None else lengths[i : i + 1]))[0])
+                one = run(batch[i : i + 1], None if lengths is None else lengths[i : i + 1])
+                outputs.append(ToHost(one).wait()[0])
             except Exception as exc:  # its text (a runtime's, with source paths) goes to the log, not the client
                 log.warning("encoder forward failed on one input", exc_info=True, extra={"item": i})
                 outputs.append(f"the encoder failed on this input ({type(exc).__name__})")
