@@ -20,6 +20,7 @@ import torch.nn.functional as F
 from backbone.attention import Segment, StepMeta, backend_for
 from backbone.kernels import ops_for, rms_norm
 from backbone.kv import BLOCK_SIZE, KVPool
+from backbone.sampling import Drawn
 from models.spec import ModelError
 
 log = logging.getLogger(__name__)
@@ -176,7 +177,7 @@ class DecoderShard:
         return took
 
     def decode(self, segments: list[Segment], ids: list[int] | None = None, hidden: torch.Tensor | None = None,
-               params: list[tuple[float, float, int, int]] | None = None) -> torch.Tensor | list | None:
+               params: list[tuple[float, float, int, int]] | None = None) -> torch.Tensor | Drawn | None:
         """A decode step through a graph: hidden [B, H], or with ``params`` (every row's sampling parameters, as
         :func:`backbone.sampling.sample_params` takes them) on the last shard its draws from the head's graph too
         (:class:`backbone.sampling.Drawn`, on the device); None when the step cannot replay one (no graphs, a

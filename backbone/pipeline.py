@@ -245,11 +245,13 @@ class StageWorker:
     def _step(self, table: StepTable, hidden: torch.Tensor) -> None:
         rows = table.ints.tolist()
         segments = table.segments(self.model.pool.block_size)
-        params = None  # the last shard, every row sampled: the head's graph samples too
-        if self.model.is_last and all(row[6] for row in rows):
-            floats = table.floats.tolist()  # (temperature, top_p) per row
-            params = [(*floats[i], row[3], row[5]) for i, row in enumerate(rows)]  # + seed, draws
-        decoded = self.model.decode(segments, hidden=hidden, params=params)  # a CUDA graph's step, if it can
+        params = []  # the last shard samples: each row's (temperature, top_p, seed, draws)
+        if self.model.is_last:
+            floats = table.floats.tolist()
+            params = [(*floats[i], row[3], row[5]) for i, row in enumerate(rows)]
+        # Every row sampled here: the head's graph samples too.
+        every = params if self.model.is_last and all(row[6] for row in rows) else None
+        decoded = self.model.decode(segments, hidden=hidden, params=every)  # a CUDA graph's step, if it can
         if isinstance(decoded, Drawn):
             self._answer(rows, [FAILED if row[4] else t for row, t in zip(rows, results(decoded.both.tolist()))])
             return
@@ -271,9 +273,7 @@ class StageWorker:
         tokens = [FAILED if flagged[i] else NO_TOKEN for i in range(len(rows))]
         if pick:
             ends = to_device((table.ints[:, 2].cumsum(0) - 1)[pick], device=hidden.device)
-            floats = table.floats.tolist()  # (temperature, top_p) per row
-            params = [(*floats[i], rows[i][3], rows[i][5]) for i in pick]  # + seed, draws
-            for i, result in zip(pick, sample_params(params, self.model.logits(hidden[ends]))):
+            for i, result in zip(pick, sample_params([params[i] for i in pick], self.model.logits(hidden[ends]))):
                 tokens[i] = result
         self._answer(rows, tokens)
 

@@ -165,13 +165,8 @@ class Drawn:
 
 def results(both: list[list[int]]) -> list[int | str]:
     """Per row its token, or why it could not be sampled, from [tokens, statuses] on the host."""
-    return [token if code == 0 else failure(code) for token, code in zip(*both)]
+    return [token if code == 0 else _FAILED[code] for token, code in zip(*both)]
 
 
 _FAILED = {1: "the model produced non-finite logits (NaN or infinity) for this request",
            2: "sampling failed: no probability mass left after temperature and top_p"}
-
-
-def failure(status: int) -> str:
-    """Why a row with :func:`sample_batch`'s non-zero ``status`` was not sampled."""
-    return _FAILED[status]

@@ -70,6 +70,12 @@ def shot(page, name: str) -> None:
     page.screenshot(path=str(ARTIFACTS / f"{name}.png"), full_page=True)
 
 
+def wait_answers(page, n: int) -> None:
+    """Until the page shows ``n`` assistant answers and the send button is back (the last stream ended)."""
+    page.wait_for_function(f"() => document.querySelectorAll('#messages li.assistant').length === {n} && "
+                           "!document.querySelector('#send').disabled", timeout=60_000)
+
+
 def image_items(page) -> int:
     text = page.locator('tr[data-tier="encoder:image"] td.done').inner_text()
     return int(re.match(r"\d+", text)[0])
@@ -118,8 +124,7 @@ def test_chat_with_a_picture_streams_an_answer_and_the_image_tier_moves(browser,
     # A follow-up resends the picture (the conversation is kept in the page): the cache answers it.
     page.fill("#prompt", "And the colours?")
     page.keyboard.press("Enter")
-    page.wait_for_function("() => document.querySelectorAll('#messages li.assistant').length === 2 && "
-                           "!document.querySelector('#send').disabled", timeout=60_000)
+    wait_answers(page, 2)
     assert page.locator("#messages li.assistant .text").last.inner_text().strip()
     page.wait_for_function("() => /[1-9]\\d* hits/.test(document.querySelector('#cache').textContent)")
     assert not errors, errors
@@ -148,8 +153,7 @@ def test_a_recorded_sound_is_sent_as_wav_and_answered(browser, cluster):
     assert "recording.wav" in page.locator("#attachments").inner_text()
     page.fill("#prompt", "What do you hear?")
     page.click("#send")
-    page.wait_for_function("() => document.querySelectorAll('#messages li.assistant').length === 1 && "
-                           "!document.querySelector('#send').disabled", timeout=60_000)
+    wait_answers(page, 1)
     assert page.locator("#messages li.assistant .text").inner_text().strip()
     assert page.locator("#messages li.error").count() == 0, page.locator("#chat-error").inner_text()
     assert page.locator("#messages li.user audio").count() == 1
@@ -198,8 +202,7 @@ def test_with_keys_the_page_refuses_to_chat_until_a_key_is_given(browser, keyed_
     assert "your tenant" in page.locator("#cache-scope").inner_text()
     page.fill("#prompt", "Hello?")
     page.click("#send")
-    page.wait_for_function("() => document.querySelectorAll('#messages li.assistant').length === 1 && "
-                           "!document.querySelector('#send').disabled", timeout=60_000)
+    wait_answers(page, 1)
     assert page.locator("#messages li.assistant .text").inner_text().strip()
     assert page.locator("#messages li.error").count() == 0
     shot(page, "8-keyed-chat")
