@@ -1,4 +1,5 @@
-"""cache/codec.py: tensors <-> safetensors bytes, and refusal of anything else."""
+"""cache/codec.py: tensors <-> safetensors bytes (written here, in one copy, as safetensors writes them), and refusal
+of anything else."""
 
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ import pytest
 import torch
 from safetensors.torch import save as st_save
 
-from cache.codec import WIRE_DTYPES, CodecError, decode_tensor, encode_tensor
+from cache.codec import WIRE_DTYPES, CodecError, decode_tensor, encode_tensor, tensor_payloads
 
 
 def _sample(shape=(5, 7), seed=0) -> torch.Tensor:
@@ -52,6 +53,39 @@ def test_empty_rows_round_trip():
 def test_metadata_does_not_change_the_tensor():
     t = _sample()
     assert torch.equal(decode_tensor(encode_tensor(t, metadata={"n": "5"})), t)
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float16", "bfloat16"])
+@pytest.mark.parametrize("shape", [(5, 7), (0, 8), (576, 24), (3,), (2, 3, 4)])
+@pytest.mark.parametrize("metadata", [None, {"n": "5"}])
+def test_payloads_are_the_bytes_safetensors_writes(dtype, shape, metadata):
+    t = _sample(shape).to(WIRE_DTYPES[dtype])
+    want = st_save({"t": t}, metadata=metadata)
+    assert encode_tensor(t, dtype, metadata) == want
+    assert bytes(tensor_payloads([t], metadata)[0].data) == want
+
+
+def test_payloads_of_a_batch_share_one_buffer_and_outlive_their_tensors():
+    """Several tensors (dtypes and row counts differing, as a batch's items do) in one host buffer: each payload is
+    its own safetensors bytes, 8-byte aligned, its ``tensor`` the rows inside it; the buffer lives as long as a
+    payload does."""
+    tensors = [_sample((n, 6), seed=n).to(dt) for n, dt in ((3, torch.float16), (7, torch.bfloat16), (1, torch.float32),
+                                                           (0, torch.float16))]
+    payloads = tensor_payloads(tensors)
+    for t, p in zip(tensors, payloads):
+        assert bytes(p.data) == st_save({"t": t})
+        assert torch.equal(p.tensor, t) and p.tensor.data_ptr() % 8 == 0
+    views = [p.data for p in payloads]
+    del payloads, tensors
+    import gc
+
+    gc.collect()
+    assert [decode_tensor(v).shape for v in views] == [(3, 6), (7, 6), (1, 6), (0, 6)]
+
+
+def test_payload_of_an_unsupported_dtype_refused():
+    with pytest.raises(CodecError, match="int64"):
+        tensor_payloads([torch.zeros(2, dtype=torch.int64)])
 
 
 def test_unsupported_wire_dtype_refused():
