@@ -16,6 +16,12 @@ failovers) by itself. ``TRIBUTARY_REDIS_CLUSTER=yes|no`` skips the question; a s
 asked is taken for a single server (a warning says so), so a cluster whose nodes may start after Tributary's
 processes should set it. Tributary's keys are hash-tagged so that no script or ordered pipeline spans two slots
 (cache/keys.py).
+
+**Large values.** redis-py packs commands with hiredis when it is installed: fastest for the small commands that are
+most of the traffic, but it copies a large value twice (to bytes, then into one buffer) at about 1 GB/s, which
+capped an encoder worker publishing 4.7 MB tensors. The workers' connections pack a command holding a large value
+(or a memoryview) the Python way instead, which sends the value as it is (:class:`LargeValuePacker`; 4x measured,
+bench/publish.py). The asyncio client always packs the Python way.
 """
 
 from __future__ import annotations
@@ -92,6 +98,46 @@ def with_password_file(url: str) -> str:
     host = parts.netloc.rpartition("@")[2]
     netloc = f"{user}:{quote(password, safe='')}@{host}"
     return urlunsplit((parts.scheme, netloc, parts.path, parts.query, parts.fragment))
+
+
+LARGE_VALUE = 64 * 1024  # bytes: a command with an argument this long is packed without copying it
+
+
+class LargeValuePacker:
+    """Packs a command with hiredis, unless one of its arguments is a memoryview or a value of ``LARGE_VALUE``
+    bytes or more: then redis-py's Python packer, which hands such a value to the socket as it is."""
+
+    def __init__(self, buffer_cutoff: int, encode):
+        from redis.connection import HIREDIS_AVAILABLE, HiredisRespSerializer, PythonRespSerializer
+
+        self.small = HiredisRespSerializer() if HIREDIS_AVAILABLE else None
+        self.large = PythonRespSerializer(buffer_cutoff, encode)
+
+    def pack(self, *args):
+        if self.small is None or any(isinstance(a, memoryview) or (isinstance(a, bytes | bytearray)
+                                                                   and len(a) >= LARGE_VALUE) for a in args):
+            return self.large.pack(*args)
+        return self.small.pack(*args)
+
+
+_packing: dict[type, type] = {}
+
+
+def packing_class(base: type) -> type:
+    """``base`` (redis-py's Connection, SSLConnection or UnixDomainSocketConnection) with :class:`LargeValuePacker`."""
+    if base not in _packing:
+        def construct(self, packer):
+            return packer or LargeValuePacker(self._buffer_cutoff, self.encoder.encode)
+
+        _packing[base] = type(f"Packing{base.__name__}", (base,), {"_construct_command_packer": construct})
+    return _packing[base]
+
+
+def _connection_class(url: str) -> type:
+    """The connection class redis-py would choose for ``url`` (TLS, a Unix socket or TCP), with the packer."""
+    from redis.connection import Connection, parse_url
+
+    return packing_class(parse_url(url).get("connection_class", Connection))
 
 
 def _options(socket_timeout: float) -> dict:
@@ -180,12 +226,14 @@ def connect(url: str, retries: int = 2, socket_timeout: float = SOCKET_TIMEOUT_S
 
         # The retry covers the cluster's own errors too (a node down, a slot moving): at least one retry, so a
         # failover is followed by a fresh slot map.
+        # (A TLS cluster URL's own connection class overrides this one: hiredis packs every command there.)
         client = RedisCluster.from_url(url, retry=Retry(ExponentialBackoff(cap=1.0, base=0.05), max(retries, 1)),
-                                       require_full_coverage=False, **_options(socket_timeout))
+                                       require_full_coverage=False, connection_class=_connection_class(url),
+                                       **_options(socket_timeout))
         client.commands_parser = _StreamKeys(client.commands_parser)  # pipelines made from now on share it
         return client
     retry = Retry(ExponentialBackoff(cap=1.0, base=0.05), retries, tuple(RETRY_ERRORS))
-    return redis.Redis.from_url(url, retry=retry, **_options(socket_timeout))
+    return redis.Redis.from_url(url, retry=retry, connection_class=_connection_class(url), **_options(socket_timeout))
 
 
 def connect_async(url: str, retries: int = 2, socket_timeout: float = SOCKET_TIMEOUT_S) -> aioredis.Redis:

@@ -72,3 +72,42 @@ def test_tensor_entry_round_trips_with_ttl(redis_url):
     assert 0 < r.ttl(key) <= 60
     assert int(r.hget(key, "n")) == 5
     assert torch.equal(decode_tensor(r.hget(key, "data")), t)
+
+
+def test_workers_send_large_values_and_memoryviews_as_they_are(redis_url):
+    """cache/client.py's packer: a command with a large value or a memoryview is packed the Python way (the value is
+    one chunk of what goes to the socket, not copied into a packed buffer), others with hiredis when installed; both
+    reach the server intact, in one pipeline."""
+    from redis.connection import HIREDIS_AVAILABLE, Connection, SSLConnection, UnixDomainSocketConnection
+
+    from cache.client import LARGE_VALUE, LargeValuePacker, connect, packing_class
+    from cache.codec import tensor_payloads
+
+    r = connect(redis_url)
+    conn = r.connection_pool.get_connection()
+    try:
+        packer = conn._command_packer
+        assert isinstance(packer, LargeValuePacker) and isinstance(conn, Connection)
+        big = bytes(range(256)) * (LARGE_VALUE // 256 + 1)
+        view = memoryview(big)[3 : 3 + LARGE_VALUE]
+        for value in (big, view, memoryview(b"tiny")):
+            chunks = packer.pack("HSET", "k", "data", value)
+            assert any(c is value for c in chunks)  # handed over as it is
+        small = packer.pack("HSET", "k", "data", b"x" * 100)
+        assert len(small) == 1 and (not HIREDIS_AVAILABLE or b"x" * 100 in small[0])
+    finally:
+        r.connection_pool.release(conn)
+    payloads = tensor_payloads([torch.randn(300, 64), torch.randn(2, 64).half()])
+    pipe = r.pipeline(transaction=False)
+    for i, p in enumerate(payloads):
+        pipe.hset(f"t{i}", mapping={"data": p.data, "n": len(p.tensor)})
+    pipe.set("small", b"s" * 10)
+    pipe.execute()
+    for i, p in enumerate(payloads):
+        stored = r.hget(f"t{i}", "data")
+        assert stored == bytes(p.data) and torch.equal(decode_tensor(stored), p.tensor)
+    assert r.get("small") == b"s" * 10
+    # TLS and Unix-socket URLs keep their connection class, with the packer.
+    assert issubclass(packing_class(SSLConnection), SSLConnection)
+    assert issubclass(packing_class(UnixDomainSocketConnection), UnixDomainSocketConnection)
+    assert packing_class(SSLConnection) is packing_class(SSLConnection)
