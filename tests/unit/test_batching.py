@@ -8,6 +8,7 @@ import shutil
 import pytest
 import torch
 
+from cache.codec import decode_tensor
 from encoders.batching import shape_groups
 from encoders.loader import RUNTIMES, load_preprocessor, load_runtime
 from encoders.preprocess import Prepared
@@ -138,7 +139,14 @@ def test_outputs_are_cast_and_checked_where_they_were_computed(spec):
     out = run_isolating(Scaled(), batch, None, torch.float16)
     assert isinstance(out[1], str) and "not finite" in out[1] and "float16" in out[1]
     for i in (0, 2):
-        assert out[i].dtype == torch.float16 and out[i].device.type == "cpu"
-        torch.testing.assert_close(out[i].float(), ref[i], atol=2e-3, rtol=1e-3)
+        assert out[i].tensor.dtype == torch.float16 and out[i].tensor.device.type == "cpu"
+        torch.testing.assert_close(out[i].tensor.float(), ref[i], atol=2e-3, rtol=1e-3)
+        assert torch.equal(decode_tensor(out[i].data), out[i].tensor)  # the payload holds those very rows
     same = run_isolating(runtime, batch, None)  # no wire dtype: the compute dtype, as run() gives it
-    assert all(torch.equal(a, b) for a, b in zip(same, ref))
+    assert all(torch.equal(a.tensor, b) for a, b in zip(same, ref))
+    # Only an item's first ``counts`` rows are published and checked: rows past them (padding) may be anything.
+    scale[1] = float("nan")
+    rows = ref.shape[1]
+    cut = run_isolating(Scaled(), batch, None, None, [rows, 0, rows - 3])
+    assert cut[1].tensor.shape == (0, ref.shape[2]) and cut[2].tensor.shape == (rows - 3, ref.shape[2])
+    assert torch.equal(decode_tensor(cut[2].data), ref[2][: rows - 3])

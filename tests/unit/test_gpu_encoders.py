@@ -1,5 +1,6 @@
 """[gpu-encoders] on a CUDA device (``pytest -m gpu``; skipped where no GPU is visible, as in CI): the encoders in
-bf16 on the GPU against fp32 on the CPU, and the worker's pinned batches. Not yet run on a GPU."""
+bf16 on the GPU against fp32 on the CPU, the worker's pinned batches, and outputs copied from the device straight into
+their payloads in pinned memory."""
 
 from __future__ import annotations
 
@@ -27,3 +28,20 @@ def test_encoders_on_the_device_agree_with_cpu_fp32(tiny_spec, modality, dtype):
     scale = float(ref.abs().max())
     tol = 1e-4 if dtype == torch.float32 else 0.05
     assert float((got.float() - ref).abs().max()) <= tol * max(scale, 1.0)
+
+
+def test_outputs_are_copied_from_the_device_straight_into_pinned_payloads(tiny_spec):
+    """run_isolating on the GPU: each item's first ``counts`` rows land in its safetensors payload, in pinned memory,
+    equal to the device's output (one copy each, no staging tensor)."""
+    from cache.codec import decode_tensor
+    from encoders.runtime import run_isolating
+
+    pre = load_preprocessor(tiny_spec, "image")
+    (_, batch), = shape_groups(list(enumerate(pre(png_bytes(50, 40, seed=s)) for s in range(4))), pin=True)
+    runtime = load_runtime(tiny_spec, "image", device="cuda", dtype=torch.bfloat16)
+    ref = runtime.run(batch)  # [B, N, H] bf16 on the host
+    counts = [ref.shape[1], 5, 1, ref.shape[1]]
+    out = run_isolating(runtime, batch, None, torch.bfloat16, counts)
+    for i, p in enumerate(out):
+        assert p.tensor.is_pinned() and p.tensor.dtype == torch.bfloat16
+        assert torch.equal(decode_tensor(p.data), ref[i, : counts[i]])
