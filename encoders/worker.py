@@ -1,13 +1,16 @@
 """The encoder worker loop: take a batch of EncodeJobs of one modality, encode it in one forward pass per input
 shape, publish each tensor to the cache (notifying every waiting gateway), ack.
 
-Two batches are in hand at a time: while batch N runs its forward pass on the main thread, batch N+1 (read without
+Three batches are in hand at a time: while batch N runs its forward pass on the main thread, batch N+1 (read without
 waiting) is decoded and resized on a thread pool (``preprocess_threads``), so the device is not left waiting on
-image decoding. Batches are stacked in pinned memory when the runtime is on a GPU.
+image decoding, and batch N-1 is answered in Redis on the publishing thread (one batch at a time, in order), so the
+device is not left waiting on Redis either. Batches are stacked in pinned memory when the runtime is on a GPU, and
+their outputs come back in one copy per item, straight into the payload Redis is sent (cache/codec.py: no
+serialization pass, and cache/client.py: no copy by the client).
 
 One consumer in the modality's consumer group; add replicas by starting more processes. On SIGTERM it stops reading,
-finishes the batches in hand, acks them and exits. Jobs a dead worker left unacked are reclaimed by a live one within
-about a second of the dead one leaving the live set (cache/streams.py ``reclaim_dead``); a job handed to
+finishes the batches in hand, answers and acks them and exits. Jobs a dead worker left unacked are reclaimed by a
+live one within about a second of the dead one leaving the live set (cache/streams.py ``reclaim_dead``); a job handed to
 ``max_deliveries`` workers goes to the dead-letter stream and fails its request. Answering a job acks it in the same
 script (cache/tensors.py), so a job run twice publishes one tensor and one answer. A job whose gateway is dead (its
 lease lapsed) and that no other gateway waits on is dropped unencoded. Redis errors (an outage, a restart that lost
@@ -34,7 +37,7 @@ import torch
 from redis.exceptions import RedisError
 
 from cache.client import connect
-from cache.codec import WIRE_DTYPES, encode_tensor
+from cache.codec import WIRE_DTYPES, Payload
 from cache.keys import ENCODER_GROUP, Keys, alive
 from cache.streams import (
     Claimed,
@@ -58,6 +61,8 @@ from router.metrics import serve as serve_metrics
 from router.metrics import stop as stop_metrics
 
 log = logging.getLogger(__name__)
+
+PUBLISH_POLL_MS = 5  # an idle read's block while a batch is being answered (the server may round it up to its tick)
 
 
 @dataclass
@@ -136,6 +141,8 @@ class EncoderWorker:
         self._outcomes: Counter = Counter()  # the answers of the batch being staged or finished, by outcome
         threads = cfg.preprocess_threads or min(8, os.cpu_count() or 1)
         self.pool = ThreadPoolExecutor(threads, thread_name_prefix="preprocess")
+        self.publishing = ThreadPoolExecutor(1, thread_name_prefix="publish")  # one batch's answers at a time, in order
+        self.published: Future | None = None  # the batch being answered there
         self.wire = WIRE_DTYPES[cfg.wire_dtype]  # outputs are cast to it where they were computed, then checked
         self.pin = getattr(runtime, "device", torch.device("cpu")).type == "cuda"  # stack batches in pinned memory
         self.on_threads = None  # set to follow the tier's thread budget (tributary up's autoscaler re-divides it)
@@ -156,8 +163,15 @@ class EncoderWorker:
                 try:
                     # 1) Take a batch: jobs a failed read left with us, the jobs of dead consumers, then new ones
                     #    (without waiting while a batch is in hand: it is encoded next, whatever comes).
+                    # The batch on the publishing thread, once answered: its Redis error, if any, is handled below
+                    # right away (its jobs re-read). Before a re-read it must be answered: every entry pending on
+                    # this worker is then one to redo.
+                    if self.published is not None and (self.published.done() or (self.reread and pending is None)):
+                        self._answered()
                     t0 = time.monotonic()
                     block = self.cfg.block_ms if pending is None else None
+                    if block is not None and self.published is not None:  # come round soon to look at it again
+                        block = min(block, PUBLISH_POLL_MS)
                     if self.reread and pending is not None:
                         entries = []  # the batch in hand first; then every entry still pending on us is a leftover
                     else:
@@ -165,8 +179,8 @@ class EncoderWorker:
                             self.r, ENCODER_GROUP, self.consumer, self.stream, self.cfg.max_batch,
                             self.cfg.max_wait_ms, block)
                     self.gate.observe(time.monotonic() - t0 - ((block or 0) + self.cfg.max_wait_ms) / 1000)
-                    # 2) Start preprocessing it on the pool, 3) then encode the batch before it meanwhile: publish
-                    #    tensors, notify gateways, ack.
+                    # 2) Start preprocessing it on the pool, 3) then encode the batch before it meanwhile, and hand
+                    #    its answers (ack, publish tensors, notify gateways) to the publishing thread.
                     staged = self._stage(entries) if entries else None
                     if pending is not None:
                         self.metrics.in_flight.set(len(pending.jobs) + (len(staged.jobs) if staged else 0))
@@ -174,6 +188,7 @@ class EncoderWorker:
                     pending = staged
                     self.metrics.in_flight.set(len(pending.jobs) if pending else 0)
                 except RedisError as exc:  # the client already retried with backoff: Redis is down or was reset
+                    self._drain()  # the batch being answered: done, or its jobs are still ours (re-read below)
                     if pending is not None:  # its jobs are still ours in Redis: read again (reread) and redone
                         for future in pending.prepared:
                             future.cancel()
@@ -188,11 +203,13 @@ class EncoderWorker:
                     self.stop.wait(1.0)
             if pending is not None:  # stopping: the batch in hand is finished and acked
                 self._finish(pending)
+            self._answered()
         except RedisError as exc:
             log.error("could not finish the batch in hand (Redis away); its jobs stay pending and a live worker "
                       "reclaims them", extra={"error": str(exc)})
         finally:
             self.pool.shutdown(wait=False, cancel_futures=True)
+            self.publishing.shutdown(wait=False, cancel_futures=True)
             heartbeat.stop()
             stop_metrics(metrics)
             log.info("encoder stopped", extra={"consumer": self.consumer})
@@ -229,8 +246,26 @@ class EncoderWorker:
         return claimed
 
     def handle(self, entries: list) -> None:
-        """Encode one batch start to end (what the loop does over two rounds, overlapped)."""
+        """Encode one batch start to end, answered (what the loop does over three rounds, overlapped)."""
         self._finish(self._stage(entries))
+        self._answered()
+
+    def _answered(self) -> None:
+        """Wait for the batch on the publishing thread to be answered; its Redis error is raised here, in the loop
+        (whose handler re-reads the jobs still pending on this worker)."""
+        future, self.published = self.published, None
+        if future is not None:
+            t = time.perf_counter()
+            future.result()  # bounded: every call has a socket timeout (cache/client.py)
+            self.metrics.publish_wait_seconds.observe(time.perf_counter() - t)
+
+    def _drain(self) -> None:
+        """After a Redis error: let the batch on the publishing thread end, whatever its outcome, so that every job
+        still pending on this worker afterwards is one to redo."""
+        try:
+            self._answered()
+        except RedisError:
+            pass  # its unanswered jobs are still pending on this worker: the loop re-reads them
 
     def _stage(self, entries: list) -> Staged:
         """Entries are (entry id, fields) pairs as read, or :class:`Claimed` ones (reclaimed from a dead worker):
@@ -281,9 +316,10 @@ class EncoderWorker:
         return m.ErrorCode.BAD_MEDIA, error
 
     def _finish(self, staged: Staged) -> None:
-        """Encode a staged batch: one forward pass per input shape, every entry acked with the counters bumped, then
-        every tensor (or failure) published (cache/tensors.py: three round trips): a gateway (or an operator) that
-        sees an answer sees the counters that include it."""
+        """Encode a staged batch: one forward pass per input shape; then, once the batch before it is answered, hand
+        its answers to the publishing thread: every entry acked with the counters bumped, then every tensor (or
+        failure) published (cache/tensors.py: three round trips), so a gateway (or an operator) that sees an answer
+        sees the counters that include it."""
         answers, jobs = staged.answers, staged.jobs
         self._outcomes = staged.outcomes
         t0 = time.perf_counter()
@@ -296,17 +332,18 @@ class EncoderWorker:
                 self._fail(answers, job, *p)
         t1 = time.perf_counter()  # t1 - t0: the preprocessing the previous batch's forward did not hide
         # One forward pass per input shape (one per item only for a batch that raised).
-        outputs: dict[int, torch.Tensor | str] = {}
+        outputs: dict[int, Payload | str] = {}
         groups = shape_groups(prepared, pin=self.pin)
         by_index = dict(prepared)
         forwards = []  # (seconds, items) of each forward batch, observed once Redis took the batch's answers
         for indices, batch in groups:
             lengths = batch_lengths([by_index[i] for i in indices])  # [B] real lengths, or None
             t = time.perf_counter()
-            outputs.update(zip(indices, run_isolating(self.runtime, batch, lengths, self.wire)))  # [N, H] or why
+            counts = [by_index[i].num_tokens for i in indices]
+            outputs.update(zip(indices, run_isolating(self.runtime, batch, lengths, self.wire, counts)))  # or why
             forwards.append((time.perf_counter() - t, len(indices)))
         t2 = time.perf_counter()
-        # 3) Ack every entry and count, then publish every tensor (or the failure).
+        # 3) Ack every entry and count, then publish every tensor (or the failure), on the publishing thread.
         encoded = 0
         for i, p in prepared:
             encoded += self._publish(answers, jobs[i], outputs[i], p.num_tokens)
@@ -324,19 +361,27 @@ class EncoderWorker:
                 pipe.hset(stats, "last_batch_size", len(prepared))
 
         answers.with_acks(count)
-        self.publisher.execute(answers)
+        self._answered()  # the batch before this one (its forward overlapped ours); raises its Redis error here
+        self.published = self.publishing.submit(self._answer, staged, prepared, t1 - t0, t2 - t1, pre_ms, forwards)
+
+    def _answer(self, staged: Staged, prepared: list, preprocess_wait: float, encode_s: float, pre_ms: dict,
+                forwards: list) -> None:
+        """On the publishing thread: ack, store and tell in Redis (cache/tensors.py), then count and log."""
+        t = time.perf_counter()
+        self.publisher.execute(staged.answers)
+        self.metrics.publish_seconds.observe(time.perf_counter() - t)
         self.metrics.finished(staged.outcomes)
-        self.metrics.preprocess_wait_seconds.observe(t1 - t0)
-        self.metrics.publish_seconds.observe(time.perf_counter() - t2)
+        self.metrics.preprocess_wait_seconds.observe(preprocess_wait)
         for seconds, items in forwards:
             self.metrics.encode_seconds.observe(seconds)
             self.metrics.batch_size.observe(items)
+        jobs = staged.jobs
         for i, p in prepared:
             log.info("encoded", extra={"request_id": jobs[i].msg.request_id, "job_id": jobs[i].msg.job_id,
                                        "modality": self.cfg.modality, "tokens": p.num_tokens, "batch": len(prepared),
                                        "preprocess_ms": round(pre_ms[i], 2),  # on a pool thread
-                                       "preprocess_wait_ms": round((t1 - t0) * 1e3, 2),  # the forward waited
-                                       "encode_ms": round((t2 - t1) * 1e3, 2)})
+                                       "preprocess_wait_ms": round(preprocess_wait * 1e3, 2),  # the forward waited
+                                       "encode_ms": round(encode_s * 1e3, 2)})
 
     def _decode(self, entries: list, answers: Answers) -> list[Job]:
         jobs = []
@@ -406,12 +451,12 @@ class EncoderWorker:
             return m.ErrorCode.MEDIA_EXPIRED, "the media bytes expired before encoding"
         return None
 
-    def _publish(self, answers: Answers, job: Job, output: torch.Tensor | str, n: int) -> bool:
-        """Queue the tensor's publication (``output``: [N, H] on the host in the wire dtype, checked finite by
+    def _publish(self, answers: Answers, job: Job, output: Payload | str, n: int) -> bool:
+        """Queue the tensor's publication (``output``: its payload, [n, H] in the wire dtype, checked finite by
         ``run_isolating``), or the job's failure (the forward failed alone, or gave values that are not finite in
         the wire dtype). True if published."""
         if not isinstance(output, str):
-            data = encode_tensor(output[:n], self.cfg.wire_dtype)  # [n, H]
+            data = output.data
             done = m.EncodeDone(request_id=job.msg.request_id, job_id=job.msg.job_id, tensor_key=job.tensor_key,
                                 num_tokens=n)
             answers.publish(job.script_keys, job.entry_id, data, n, self.cfg.tensor_ttl_s, m.encode(done),

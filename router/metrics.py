@@ -67,8 +67,13 @@ class EncoderMetrics:
                 "decoding and preprocessing (what the pool did not finish during the previous batch)", ["modality"],
                 buckets=ENCODE_BUCKETS, registry=r).labels(modality)
             self.publish_seconds = Histogram(
-                "tributary_encoder_publish_seconds", "Seconds to answer a batch: serialize its tensors, then ack, "
-                "store and tell in Redis", ["modality"], buckets=ENCODE_BUCKETS, registry=r).labels(modality)
+                "tributary_encoder_publish_seconds", "Seconds to answer a batch in Redis (ack, store and tell), on the "
+                "publishing thread, overlapped with the next batch's forward", ["modality"], buckets=ENCODE_BUCKETS,
+                registry=r).labels(modality)
+            self.publish_wait_seconds = Histogram(
+                "tributary_encoder_publish_wait_seconds", "Seconds the loop waited, a batch encoded, for the batch "
+                "before it to be answered in Redis (what the forward did not hide)", ["modality"],
+                buckets=ENCODE_BUCKETS, registry=r).labels(modality)
             self.batch_size = Histogram("tributary_encoder_batch_size", "Items in one forward batch", ["modality"],
                                         buckets=BATCH_BUCKETS, registry=r).labels(modality)
             jobs = Counter("tributary_encoder_jobs", "Encode jobs answered, by outcome (encoded, or the failure's "
