@@ -373,7 +373,21 @@ def tower_rows(path: Path, device, dtype, batches: list[int], rate: float, iters
                 module(x[:b])
             sync(device)
             out[b] = b * iters / (time.perf_counter() - t)
-    module = None
+        # The largest batch as the worker runs it (encoders/runtime.py): from a pinned fp32 batch on the host, through
+        # the forward, the cast and finiteness check, into the items' payloads in pinned memory. Against the bare
+        # forward above, this says what the copies in and out cost.
+        from encoders.runtime import run_isolating
+        from encoders.torch_runtime import TorchRuntime
+
+        b = max(batches)
+        runtime = TorchRuntime(module, str(device), dtype)
+        host = torch.randn(b, 3, size, size).pin_memory() if device.type == "cuda" else torch.randn(b, 3, size, size)
+        run_isolating(runtime, host, None, dtype)
+        t = time.perf_counter()
+        for _ in range(iters):
+            run_isolating(runtime, host, None, dtype)
+        out["with_transfers"] = {"batch": b, "images_per_s": b * iters / (time.perf_counter() - t)}
+    module = runtime = None
     if device.type == "cuda":
         torch.cuda.empty_cache()
     return out
@@ -454,8 +468,9 @@ def encoder_worker_row(path: Path, device, dtype, images: int, max_batch: int) -
         finally:
             proc.terminate()
             proc.wait(60)
-    # Where the worker's time went (its own metrics): the forwards, the waits for preprocessing, the answers
-    # (serializing + Redis), as shares of the wall time of the run.
+    # Where the worker's time went (its own metrics), as shares of the wall time of the run: the forwards (with the
+    # copies in and out), the loop's waits for preprocessing and for the batch before to be answered, and the answers
+    # in Redis (on the publishing thread, overlapped with the forwards: not a part of the others).
     phases = {k: round((after[k] - before[k]) / wall, 3) for k in after}
     return {"images": images, "max_batch": max_batch, "images_per_s": rate, "jpeg": "640x480 q90",
             "share_of_wall": phases}
@@ -472,7 +487,7 @@ def phase_seconds(port: int) -> dict[str, float]:
     """Seconds the image encoder worker spent per phase so far, from its Prometheus histograms' sums."""
     values = metric_values(port)
     return {phase: values.get(f"tributary_encoder_{phase}_seconds_sum:image", 0.0)
-            for phase in ("encode", "preprocess_wait", "publish")}
+            for phase in ("encode", "preprocess_wait", "publish_wait", "publish")}
 
 
 def decode_transformers(path: Path, batches: list[int], device, dtype, prompt: int, warm: int, steps: int) -> dict:
@@ -783,6 +798,11 @@ def table(results: dict, head: str) -> str:
         for b in e["batches"]:
             lines.append(f"  tower batch {b:>3}: {t[b]:.1f} images/s = {t[b] / t['floor_images_per_s']:.2f} of the "
                          "floor")
+        if t.get("with_transfers"):
+            x = t["with_transfers"]
+            lines.append(f"  tower batch {x['batch']:>3} as the worker runs it (pinned batch in, cast + check, "
+                         f"payloads out): {x['images_per_s']:.1f} images/s = "
+                         f"{x['images_per_s'] / t[x['batch']]:.2f} of the bare forward")
         w, top = e["worker"], t[max(e["batches"])]
         lines.append(f"  worker end to end ({w['images']} {w['jpeg']} JPEGs, max batch {w['max_batch']}: fetch, "
                      f"decode, preprocess, encode, publish): {w['images_per_s']:.1f} images/s = "
