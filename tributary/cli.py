@@ -195,7 +195,8 @@ are random text) is used from $XDG_CACHE_HOME/tributary/demo-<size> (~/.cache/tr
 XDG_CACHE_HOME is unset; here: {demo}), written there on first run. With --encoder-runtime onnx each encoder is \
 exported to ONNX once before the workers start (where: see tributary export-onnx --help).
 
-After start-up a worker that dies is restarted; too many crashes (--max-restarts) stop the cluster."""
+After start-up a worker that dies is restarted, and so is one that stopped heartbeating while its process still runs \
+(stuck: --hang-timeout); too many crashes (--max-restarts) stop the cluster."""
 
 DEMO_DESCRIPTION = """\
 Write a checkpoint with seeded random weights into the directory --out (created if needed; files of the same names \
@@ -339,6 +340,10 @@ def build_parser() -> argparse.ArgumentParser:
                          "exit)")
     up.add_argument("--restart-window", type=float, default=60.0,
                     help="seconds over which --max-restarts counts crashes")
+    up.add_argument("--hang-timeout", type=float, default=30.0,
+                    help="a worker whose loop is stuck stops heartbeating (after its --stall-timeout, 60 s); once its "
+                         "last beat is this many seconds old while Redis answered all along, it is killed and "
+                         "restarted like a crashed one (0: never)")
     _admission(up)
     _access(up)
     up.add_argument("--worker-metrics-port", type=int, default=0,

@@ -351,7 +351,14 @@ def run_cluster(args) -> int:
                                      args.autoscale_trace, args.autoscale_idle_cores)
             print("tributary: autoscaling " + ", ".join(
                 f"{t} {p.min_replicas}..{p.max_replicas}" for t, p in policies.items()), file=sys.stderr, flush=True)
+        watchdog = None
+        if args.hang_timeout > 0:
+            from tributary.watchdog import Watchdog
+
+            watchdog = Watchdog(cluster.redis_url, cluster.prefix, cluster.tiers(), args.hang_timeout)
         while not stop.is_set():
+            if watchdog:
+                watchdog.check(sup.groups)  # a stuck worker is killed here and restarted by tend()
             sup.tend()
             if scaler:
                 scaler.tick()

@@ -1,0 +1,96 @@
+"""tributary/watchdog.py with the real supervisor, real child processes heartbeating through router/liveness.py,
+and a real Redis of its own (SIGSTOPped in one test): a worker whose loop stops coming round is killed and restarted;
+while Redis is paused no worker is judged, and one that has never beaten (still loading) is left alone."""
+
+from __future__ import annotations
+
+import os
+import signal
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from cache.embedded import EmbeddedRedis
+from tributary.supervisor import Child, Group, Supervisor
+from tributary.watchdog import Watchdog
+
+ROOT = Path(__file__).resolve().parents[2]
+PREFIX = "wd"
+TIER = "encoder:image"
+
+# A worker's loop as far as liveness goes: tick for ``tick_s`` seconds (forever if negative), then hang.
+WORKER = """
+import os, socket, sys, time
+from cache.keys import Keys
+from router.liveness import Heartbeat
+url, tick_s = sys.argv[1], float(sys.argv[2])
+hb = Heartbeat(url, Keys("%s"), "%s", f"{socket.gethostname()}-{os.getpid()}-abc123", stall_s=1.0).start()
+end = time.monotonic() + tick_s
+while True:
+    if tick_s < 0 or time.monotonic() < end:
+        hb.tick()
+    time.sleep(0.1)
+""" % (PREFIX, TIER)
+
+LOADING = "import time\ntime.sleep(600)\n"  # a worker still loading its model: alive, never beating
+
+
+@pytest.fixture
+def server():
+    """A dedicated server: one test SIGSTOPs it."""
+    with EmbeddedRedis(maxmemory="64mb") as s:
+        yield s
+
+
+def group(name: str, code: str, *args: str) -> Group:
+    env = {"PYTHONPATH": str(ROOT)}
+    return Group(name, lambda: [Child(name, [sys.executable, "-c", code, *args], env)], tier=TIER)
+
+
+def run(sup: Supervisor, dog: Watchdog, seconds: float, until=None) -> list[Child]:
+    """The cluster loop of tributary/cluster.py for ``seconds`` (or until ``until()``): the children killed."""
+    killed, deadline = [], time.monotonic() + seconds
+    while time.monotonic() < deadline and not (until and until()):
+        killed += dog.check(sup.groups)
+        sup.tend()
+        time.sleep(0.1)
+    return killed
+
+
+def test_a_worker_that_stops_heartbeating_is_killed_and_restarted(server):
+    stuck = group("stuck", WORKER, server.url, "1.5")  # ticks 1.5 s, then hangs: beats stop 1 s later
+    sup = Supervisor([stuck], max_restarts=5, max_backoff_s=0.5)
+    sup.start()
+    first = stuck.children[0]
+    try:
+        dog = Watchdog(server.url, PREFIX, [TIER], hang_s=2.0, every_s=0.2)
+        killed = run(sup, dog, 30, until=lambda: stuck.children[0] is not first and stuck.children[0].proc)
+        assert killed == [first] and first.exited == -signal.SIGKILL
+        assert stuck.children[0] is not first and stuck.children[0].exited is None  # restarted
+        assert len(stuck.crashes) == 1  # a stuck worker counts as a crash (a hang loop is a crash loop)
+    finally:
+        sup.stop()
+
+
+def test_no_worker_is_judged_while_redis_is_paused_nor_one_still_loading(server):
+    healthy = group("healthy", WORKER, server.url, "-1")
+    loading = group("loading", LOADING)
+    sup = Supervisor([healthy, loading], max_backoff_s=0.5)
+    sup.start()
+    pids = [g.children[0].proc.pid for g in (healthy, loading)]
+    try:
+        dog = Watchdog(server.url, PREFIX, [TIER], hang_s=2.0, every_s=0.2)
+        assert run(sup, dog, 3) == []
+        assert pids[0] in dog.beats  # the healthy one was seen beating
+        os.kill(server.proc.pid, signal.SIGSTOP)
+        try:
+            assert run(sup, dog, 5) == []  # every beat goes stale; Redis does not answer the watchdog either
+        finally:
+            os.kill(server.proc.pid, signal.SIGCONT)
+        assert run(sup, dog, 4) == []  # Redis back: the beats resume before the watchdog judges anyone again
+        assert [g.children[0].proc.pid for g in (healthy, loading)] == pids
+        assert all(g.children[0].exited is None for g in (healthy, loading))
+    finally:
+        sup.stop()

@@ -1,0 +1,101 @@
+"""``tributary up``'s watchdog: a worker process that runs but no longer heartbeats is stuck; it is killed, and the
+supervisor restarts it as it restarts a crashed one.
+
+A worker's heartbeat vouches for its busy loop (router/liveness.py): once the loop has not come round for the
+worker's ``--stall-timeout`` (a deadlock, an endless wait, a hung device call), it stops beating, its tier's other
+workers take over its jobs and gateways stop counting it. Its process is still there, though, and the supervisor
+restarts only processes that exit: the tier would stay a worker short for good. The watchdog reads the tiers' live
+sets (one round trip per check) and kills a child whose last beat is older than ``hang_s``.
+
+Beats go stale for other reasons too, and those are not the worker's fault:
+
+* Redis paused or away: every beat goes stale at once. The watchdog judges no one unless Redis has answered each of
+  its checks for the whole of ``hang_s`` (and a check answered slowly counts as Redis away).
+* A worker starting up (loading a model) has never beaten: only a process seen beating can be found stuck.
+* A worker draining or restarting is the supervisor's business: only children of groups that are neither are judged.
+
+Members of a live set are ``<host>-<pid>-<tag>`` (the workers' consumer names); the watchdog matches them to its
+children by pid, on this host only.
+"""
+
+from __future__ import annotations
+
+import logging
+import socket
+import sys
+import time
+
+from cache.client import connect
+from cache.keys import Keys
+from router.liveness import HEARTBEAT_S
+from tributary.supervisor import Child, Group
+
+log = logging.getLogger(__name__)
+
+HANG_S = 30.0  # a worker whose last beat is this old (Redis answering all along) is stuck
+SLOW_CHECK_S = 2.0  # a check slower than this counts as Redis away
+
+
+class Watchdog:
+    def __init__(self, redis_url: str, prefix: str, tiers: list[str], hang_s: float = HANG_S,
+                 every_s: float = HEARTBEAT_S):
+        self.url, self.keys, self.tiers = redis_url, Keys(prefix), list(tiers)
+        self.hang_s, self.every_s = hang_s, every_s
+        self.host = socket.gethostname()
+        self.r = None
+        self.healthy_since: float | None = None  # monotonic: Redis has answered every check since
+        self.last_check = 0.0
+        self.beats: dict[int, float] = {}  # pid -> the latest beat seen (wall clock, the workers' own)
+
+    def check(self, groups: list[Group]) -> list[Child]:
+        """One look (at most every ``every_s``): the children killed as stuck."""
+        now = time.monotonic()
+        if now - self.last_check < self.every_s:
+            return []
+        self.last_check = now
+        try:
+            if self.r is None:
+                self.r = connect(self.url, retries=0, socket_timeout=SLOW_CHECK_S)
+            pipe = self.r.pipeline(transaction=False)
+            for tier in self.tiers:
+                pipe.zrange(self.keys.live(tier), 0, -1, withscores=True)
+            replies = pipe.execute()
+        except Exception as exc:  # noqa: BLE001 -- Redis away: nobody is judged until it has been back a while
+            if self.healthy_since is not None:
+                log.warning("watchdog: Redis unavailable; judging no worker until it is back",
+                            extra={"error": type(exc).__name__})
+            self.healthy_since, self.r = None, None
+            return []
+        if time.monotonic() - now > SLOW_CHECK_S:
+            self.healthy_since = None  # answered, but late: the workers' beats may be just as late
+            return []
+        if self.healthy_since is None:
+            self.healthy_since = now
+        for members in replies:
+            for member, score in members:
+                if (pid := self._pid(member)) is not None:
+                    self.beats[pid] = max(score, self.beats.get(pid, 0.0))
+        judged = [c for g in groups if g.retire_by is None and g.restart_at is None for c in g.children
+                  if c.proc is not None and c.exited is None]
+        self.beats = {c.proc.pid: self.beats[c.proc.pid] for c in judged if c.proc.pid in self.beats}
+        if now - self.healthy_since < self.hang_s:
+            return []
+        wall, killed = time.time(), []
+        for child in judged:
+            last = self.beats.get(child.proc.pid)
+            if last is not None and wall - last > self.hang_s:
+                log.error("watchdog: a worker stopped heartbeating while Redis answered: stuck; killing it (it will "
+                          "be restarted)", extra={"child": child.name, "pid": child.proc.pid,
+                                                  "silent_s": round(wall - last, 1)})
+                print(f"tributary: {child.name} is stuck (no heartbeat for {wall - last:.0f} s while Redis answered); "
+                      "killing it", file=sys.stderr, flush=True)
+                child.proc.kill()
+                self.beats.pop(child.proc.pid, None)
+                killed.append(child)
+        return killed
+
+    def _pid(self, member: bytes | str) -> int | None:
+        """The pid in a consumer name ``<host>-<pid>-<tag>`` of this host; None for another host's or another form."""
+        name = member.decode(errors="replace") if isinstance(member, bytes) else member
+        host, _, pid = name.rpartition("-")[0].rpartition("-")
+        return int(pid) if host == self.host and pid.isdigit() else None
