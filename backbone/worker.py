@@ -275,7 +275,7 @@ class BackboneWorker:
         new: list = []
         drain_deadline = None
         metrics = serve_metrics(self.metrics, self.cfg.metrics_port, self.cfg.metrics_host,
-                                "backbone") if self.cfg.metrics_port else None
+                                "backbone", live=heartbeat.live) if self.cfg.metrics_port else None
         try:
             while True:
                 heartbeat.tick()  # the heartbeat goes stale if this loop stops coming round

@@ -156,7 +156,7 @@ class EncoderWorker:
                                          "max_batch": self.cfg.max_batch, "consumer": self.consumer})
         pending: Staged | None = None  # read and being preprocessed; encoded next round
         metrics = serve_metrics(self.metrics.registry, self.cfg.metrics_port, self.cfg.metrics_host,
-                                self.tier) if self.cfg.metrics_port else None
+                                self.tier, live=heartbeat.live) if self.cfg.metrics_port else None
         try:
             while not self.stop.is_set():
                 heartbeat.tick()  # the heartbeat goes stale if this loop stops coming round

@@ -53,6 +53,10 @@ class Heartbeat:
             self.on_threads(threads)
             log.info("thread budget applied", extra={"threads": threads})
 
+    def live(self) -> bool:
+        """Whether the loop came round within ``stall_s`` (a worker's ``/live``, router/metrics.py)."""
+        return time.monotonic() - self._ticked <= self.stall_s
+
     def start(self) -> "Heartbeat":
         self.beat()
         self._thread.start()
@@ -74,7 +78,7 @@ class Heartbeat:
 
     def _run(self) -> None:
         while not self._stop.wait(HEARTBEAT_S):
-            stalled = time.monotonic() - self._ticked > self.stall_s
+            stalled = not self.live()
             if stalled != self._stalled:
                 self._stalled = stalled
                 if stalled:

@@ -162,18 +162,42 @@ def pool_usage(pool) -> float:
     return (pool.num_blocks - pool.free) / pool.num_blocks if pool.num_blocks else 0.0
 
 
-def serve(registry: CollectorRegistry, port: int, host: str = "127.0.0.1", what: str = "worker"):
-    """Serve ``registry`` at ``http://host:port/metrics`` on a daemon thread; returns the server (its
-    ``server_port`` is the port bound: 0 asks for a free one), or None if the port cannot be bound (logged: metrics
-    are not worth stopping a worker for, and an inherited ``TRIBUTARY_METRICS_PORT`` may collide)."""
-    from prometheus_client import start_http_server
+def serve(registry: CollectorRegistry, port: int, host: str = "127.0.0.1", what: str = "worker", live=None):
+    """Serve ``registry`` at ``http://host:port/metrics`` on a daemon thread, and ``/live``: 200 while ``live()``
+    (a worker's :meth:`router.liveness.Heartbeat.live`: its loop keeps coming round), else 503, which a Kubernetes
+    liveness probe turns into a restart of a stuck worker (without ``live``: 200 while the process serves). Returns
+    the server (its ``server_port`` is the port bound: 0 asks for a free one), or None if the port cannot be bound
+    (logged: metrics are not worth stopping a worker for, and an inherited ``TRIBUTARY_METRICS_PORT`` may
+    collide)."""
+    import threading
+    from socketserver import ThreadingMixIn
+    from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
+
+    from prometheus_client import make_wsgi_app
+
+    class Server(ThreadingMixIn, WSGIServer):
+        daemon_threads = True
+
+    class Quiet(WSGIRequestHandler):
+        def log_message(self, format, *args):  # noqa: A002 -- the base class's name
+            pass
+
+    metrics = make_wsgi_app(registry)
+
+    def app(environ, start_response):
+        if environ.get("PATH_INFO") == "/live":
+            ok = live is None or live()
+            start_response("200 OK" if ok else "503 Service Unavailable", [("Content-Type", "text/plain")])
+            return [b"live\n" if ok else b"stuck: the worker loop has not come round within its stall timeout\n"]
+        return metrics(environ, start_response)
 
     try:
-        server, _ = start_http_server(port, addr=host, registry=registry)
+        server = make_server(host, port, app, Server, handler_class=Quiet)
     except OSError as exc:
         log.error("cannot serve metrics; going on without them", extra={
             "what": what, "host": host, "port": port, "error": f"{type(exc).__name__}: {exc}"})
         return None
+    threading.Thread(target=server.serve_forever, name="metrics", daemon=True).start()
     log.info("serving metrics", extra={"what": what, "url": f"http://{host}:{server.server_port}/metrics"})
     return server
 

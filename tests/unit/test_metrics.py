@@ -200,6 +200,40 @@ def test_an_encoder_serves_its_metrics_on_its_own_port():
     assert value(found, "tributary_encoder_jobs_total", modality="image", outcome="gave_up") == 0
 
 
+def test_a_workers_live_route_turns_503_once_its_loop_stops_coming_round():
+    """``/live`` on a worker's metrics port follows the heartbeat's own judgement (router/liveness.py): 200 while
+    the loop ticks within ``stall_s``, 503 once it has not (what the Kubernetes liveness probe reads); /metrics is
+    served beside it; without a ``live`` callable it is 200 while the process serves."""
+    import urllib.error
+
+    from cache.keys import Keys
+    from router.liveness import Heartbeat
+
+    hb = Heartbeat("redis://127.0.0.1:1", Keys(), "encoder:image", "w", stall_s=0.3)  # never started: no Redis call
+    e = EncoderMetrics("image")
+    server, bare = serve(e.registry, 0, live=hb.live), serve(e.registry, 0)
+    base = f"http://127.0.0.1:{server.server_port}"
+
+    def status(url: str) -> int:
+        try:
+            with urllib.request.urlopen(url, timeout=10) as resp:
+                return resp.status
+        except urllib.error.HTTPError as exc:
+            return exc.code
+
+    try:
+        hb.tick()
+        assert status(f"{base}/live") == 200
+        time.sleep(0.5)  # no tick for longer than stall_s: stuck
+        assert status(f"{base}/live") == 503 and status(f"{base}/metrics") == 200
+        hb.tick()
+        assert status(f"{base}/live") == 200
+        assert status(f"http://127.0.0.1:{bare.server_port}/live") == 200
+    finally:
+        stop(server)
+        stop(bare)
+
+
 def test_the_backbone_reports_its_scheduler_and_kv_pool_when_scraped():
     import torch
     from prometheus_client import CollectorRegistry
