@@ -387,10 +387,48 @@ def tower_rows(path: Path, device, dtype, batches: list[int], rate: float, iters
         for _ in range(iters):
             run_isolating(runtime, host, None, dtype)
         out["with_transfers"] = {"batch": b, "images_per_s": b * iters / (time.perf_counter() - t)}
+        # The same while a pool as large as the worker's decodes and preprocesses JPEGs all along (as it does the next
+        # batch during a forward): against the row above, what sharing the host with preprocessing costs the forward
+        # (the GIL, the cores), and how fast the pool goes meanwhile.
+        out["with_preprocessing"] = dict(busy_pool(spec, lambda: run_isolating(runtime, host, None, dtype), iters),
+                                         batch=b)
+        out["with_preprocessing"]["images_per_s"] = b * iters / out["with_preprocessing"].pop("seconds")
     module = runtime = None
     if device.type == "cuda":
         torch.cuda.empty_cache()
     return out
+
+
+def busy_pool(spec, step, iters: int) -> dict:
+    """``step()`` run ``iters`` times while the encoder worker's preprocessing pool (its default size) is kept busy on
+    photo-sized JPEGs: the seconds the steps took and the images/s the pool preprocessed meanwhile."""
+    import os
+    import threading
+    from concurrent.futures import ThreadPoolExecutor
+
+    from encoders.loader import load_preprocessor
+
+    pre, pictures = load_preprocessor(spec, "image"), jpegs(16)
+    threads = min(8, os.cpu_count() or 1)
+    done, stop = [0], threading.Event()
+
+    def feed(i: int) -> None:
+        while not stop.is_set():
+            pre(pictures[i % len(pictures)])
+            done[0] += 1  # a rough count: two threads may now and then lose one of their increments
+            i += threads
+
+    with ThreadPoolExecutor(threads) as pool:
+        for i in range(threads):
+            pool.submit(feed, i)
+        time.sleep(0.5)  # the pool at full speed first
+        start, t = done[0], time.perf_counter()
+        for _ in range(iters):
+            step()
+        seconds = time.perf_counter() - t
+        preprocessed = done[0] - start
+        stop.set()
+    return {"seconds": seconds, "pool_threads": threads, "pool_images_per_s": preprocessed / seconds}
 
 
 def jpegs(n: int, width: int = 640, height: int = 480) -> list[bytes]:
@@ -803,6 +841,11 @@ def table(results: dict, head: str) -> str:
             lines.append(f"  tower batch {x['batch']:>3} as the worker runs it (pinned batch in, cast + check, "
                          f"payloads out): {x['images_per_s']:.1f} images/s = "
                          f"{x['images_per_s'] / t[x['batch']]:.2f} of the bare forward")
+        if t.get("with_preprocessing"):
+            x = t["with_preprocessing"]
+            lines.append(f"  the same while {x['pool_threads']} threads preprocess JPEGs: {x['images_per_s']:.1f} "
+                         f"images/s = {x['images_per_s'] / t[x['batch']]:.2f} of the bare forward (the pool: "
+                         f"{x['pool_images_per_s']:.0f} images/s meanwhile)")
         w, top = e["worker"], t[max(e["batches"])]
         lines.append(f"  worker end to end ({w['images']} {w['jpeg']} JPEGs, max batch {w['max_batch']}: fetch, "
                      f"decode, preprocess, encode, publish): {w['images_per_s']:.1f} images/s = "
