@@ -37,18 +37,29 @@ def read_batch(r, group: str, consumer: str, stream: str, max_batch: int, max_wa
     return entries
 
 
-def shape_groups(prepared: list[tuple[int, Prepared]], pin: bool = False) -> list[tuple[list[int], torch.Tensor]]:
+def shape_groups(prepared: list[tuple[int, Prepared]], pin: bool = False,
+                 device: torch.device | None = None) -> list[tuple[list[int], torch.Tensor]]:
     """(indices, stacked batch [B, ...]) per input shape. Images share one shape; a Whisper-style encoder takes a
-    fixed window, so audio does too; an encoder with variable lengths gets one bucket per length. ``pin``: stack
-    into pinned memory (a GPU runtime then copies it without waiting, and without a second host copy)."""
+    fixed window, so audio does too; an encoder with variable lengths gets one bucket per length.
+
+    ``device`` (a GPU): each batch is assembled there, every item copied without waiting from the pinned memory its
+    pool thread put it in (the worker's ``_timed``), so the loop's thread makes no host copy of the batch (43 MB for
+    32 images at 336 px) while the device waits. ``pin``: stack on the host into pinned memory instead (one
+    non-blocking copy later)."""
     groups: dict[tuple, list[tuple[int, Prepared]]] = defaultdict(list)
     for i, p in prepared:
         groups[tuple(p.data.shape)].append((i, p))
     out = []
     for items in groups.values():
         first = items[0][1].data
-        batch = torch.empty((len(items), *first.shape), dtype=first.dtype, pin_memory=pin)
-        out.append(([i for i, _ in items], torch.stack([p.data for _, p in items], out=batch)))
+        if device is not None and device.type == "cuda":
+            batch = torch.empty((len(items), *first.shape), dtype=first.dtype, device=device)
+            for k, (_, p) in enumerate(items):
+                batch[k].copy_(p.data, non_blocking=True)  # from pinned memory: queued, not waited for
+        else:
+            batch = torch.empty((len(items), *first.shape), dtype=first.dtype, pin_memory=pin)
+            torch.stack([p.data for _, p in items], out=batch)
+        out.append(([i for i, _ in items], batch))
     return out
 
 

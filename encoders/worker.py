@@ -4,9 +4,10 @@ shape, publish each tensor to the cache (notifying every waiting gateway), ack.
 Three batches are in hand at a time: while batch N runs its forward pass on the main thread, batch N+1 (read without
 waiting) is decoded and resized on a thread pool (``preprocess_threads``), so the device is not left waiting on
 image decoding, and batch N-1 is answered in Redis on the publishing thread (one batch at a time, in order), so the
-device is not left waiting on Redis either. Batches are stacked in pinned memory when the runtime is on a GPU, and
-their outputs come back in one copy per item, straight into the payload Redis is sent (cache/codec.py: no
-serialization pass, and cache/client.py: no copy by the client).
+device is not left waiting on Redis either. On a GPU each item is put in pinned memory by its pool thread and the
+batch is assembled on the device (the loop's thread makes no host copy of it); the outputs come back in one copy per
+item, straight into the payload Redis is sent (cache/codec.py: no serialization pass, and cache/client.py: no copy by
+the client).
 
 One consumer in the modality's consumer group; add replicas by starting more processes. On SIGTERM it stops reading,
 finishes the batches in hand, answers and acks them and exits. Jobs a dead worker left unacked are reclaimed by a
@@ -31,7 +32,7 @@ import time
 import uuid
 from collections import Counter
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 from redis.exceptions import RedisError
@@ -144,7 +145,8 @@ class EncoderWorker:
         self.publishing = ThreadPoolExecutor(1, thread_name_prefix="publish")  # one batch's answers at a time, in order
         self.published: Future | None = None  # the batch being answered there
         self.wire = WIRE_DTYPES[cfg.wire_dtype]  # outputs are cast to it where they were computed, then checked
-        self.pin = getattr(runtime, "device", torch.device("cpu")).type == "cuda"  # stack batches in pinned memory
+        device = getattr(runtime, "device", torch.device("cpu"))
+        self.device = device if device.type == "cuda" else None  # batches are assembled there, from pinned items
         self.on_threads = None  # set to follow the tier's thread budget (tributary up's autoscaler re-divides it)
 
     def run(self) -> None:
@@ -283,8 +285,13 @@ class EncoderWorker:
         return Staged(answers, jobs, futures, t0, outcomes)
 
     def _timed(self, blob: bytes, msg: m.EncodeJob) -> tuple[Prepared | tuple[m.ErrorCode, str], float]:
+        """On a pool thread: the item preprocessed (and, for a GPU, put in pinned memory, so the loop's thread only
+        queues its copy to the device), and the milliseconds it took."""
         t0 = time.perf_counter()
-        return self._preprocess(blob, msg), (time.perf_counter() - t0) * 1e3
+        p = self._preprocess(blob, msg)
+        if self.device is not None and isinstance(p, Prepared):
+            p = replace(p, data=p.data.pin_memory())
+        return p, (time.perf_counter() - t0) * 1e3
 
     def _preprocess(self, blob: bytes, msg: m.EncodeJob) -> Prepared | tuple[m.ErrorCode, str]:
         """One item's input ready for the encoder, or why it is bad media (on a pool thread: touches nothing
@@ -333,7 +340,7 @@ class EncoderWorker:
         t1 = time.perf_counter()  # t1 - t0: the preprocessing the previous batch's forward did not hide
         # One forward pass per input shape (one per item only for a batch that raised).
         outputs: dict[int, Payload | str] = {}
-        groups = shape_groups(prepared, pin=self.pin)
+        groups = shape_groups(prepared, device=self.device)
         by_index = dict(prepared)
         forwards = []  # (seconds, items) of each forward batch, observed once Redis took the batch's answers
         for indices, batch in groups:

@@ -4,6 +4,8 @@ their payloads in pinned memory."""
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import pytest
 import torch
 
@@ -45,3 +47,17 @@ def test_outputs_are_copied_from_the_device_straight_into_pinned_payloads(tiny_s
     for i, p in enumerate(out):
         assert p.tensor.is_pinned() and p.tensor.dtype == torch.bfloat16
         assert torch.equal(decode_tensor(p.data), ref[i, : counts[i]])
+
+
+def test_a_batch_is_assembled_on_the_device_from_pinned_items(tiny_spec):
+    """The worker's GPU path (encoders/batching.py): items pinned by the pool, the batch built on the device from
+    non-blocking copies, equal to the host stack, and the runtime takes it as it is."""
+    pre = load_preprocessor(tiny_spec, "image")
+    items = [(i, pre(png_bytes(50, 40, seed=s))) for i, s in enumerate(range(3))]
+    pinned = [(i, replace(p, data=p.data.pin_memory())) for i, p in items]
+    (idx, on_device), = shape_groups(pinned, device=torch.device("cuda"))
+    (_, on_host), = shape_groups(items)
+    assert idx == [0, 1, 2] and on_device.device.type == "cuda"
+    assert torch.equal(on_device.cpu(), on_host)
+    runtime = load_runtime(tiny_spec, "image", device="cuda")
+    assert torch.equal(runtime.run(on_device), runtime.run(on_host))
