@@ -374,24 +374,37 @@ def tower_rows(path: Path, device, dtype, batches: list[int], rate: float, iters
             sync(device)
             out[b] = b * iters / (time.perf_counter() - t)
         # The largest batch as the worker runs it (encoders/runtime.py): from a pinned fp32 batch on the host, through
-        # the forward, the cast and finiteness check, into the items' payloads in pinned memory. Against the bare
-        # forward above, this says what the copies in and out cost.
-        from encoders.runtime import run_isolating
+        # the forward, the cast and finiteness check, into the items' payloads in pinned memory, each batch launched
+        # before the one before it is waited for. Against the bare forward above, this says what the copies in and
+        # out cost.
+        from encoders.runtime import launch_isolating
         from encoders.torch_runtime import TorchRuntime
 
         b = max(batches)
         runtime = TorchRuntime(module, str(device), dtype)
         host = torch.randn(b, 3, size, size).pin_memory() if device.type == "cuda" else torch.randn(b, 3, size, size)
-        run_isolating(runtime, host, None, dtype)
+        in_flight: list = []
+
+        def step() -> None:
+            in_flight.append(launch_isolating(runtime, host, None, dtype))
+            if len(in_flight) > 1:
+                in_flight.pop(0).result()
+
+        def drain() -> None:
+            while in_flight:
+                in_flight.pop(0).result()
+
+        step()
+        drain()
         t = time.perf_counter()
         for _ in range(iters):
-            run_isolating(runtime, host, None, dtype)
+            step()
+        drain()
         out["with_transfers"] = {"batch": b, "images_per_s": b * iters / (time.perf_counter() - t)}
         # The same while a pool as large as the worker's decodes and preprocesses JPEGs all along (as it does the next
         # batch during a forward): against the row above, what sharing the host with preprocessing costs the forward
         # (the GIL, the cores), and how fast the pool goes meanwhile.
-        out["with_preprocessing"] = dict(busy_pool(spec, lambda: run_isolating(runtime, host, None, dtype), iters),
-                                         batch=b)
+        out["with_preprocessing"] = dict(busy_pool(spec, step, iters, drain), batch=b)
         out["with_preprocessing"]["images_per_s"] = b * iters / out["with_preprocessing"].pop("seconds")
     module = runtime = None
     if device.type == "cuda":
@@ -399,9 +412,9 @@ def tower_rows(path: Path, device, dtype, batches: list[int], rate: float, iters
     return out
 
 
-def busy_pool(spec, step, iters: int) -> dict:
-    """``step()`` run ``iters`` times while the encoder worker's preprocessing pool (its default size) is kept busy on
-    photo-sized JPEGs: the seconds the steps took and the images/s the pool preprocessed meanwhile."""
+def busy_pool(spec, step, iters: int, drain) -> dict:
+    """``step()`` run ``iters`` times (then ``drain()``) while the encoder worker's preprocessing pool (its default
+    size) is kept busy on photo-sized JPEGs: the seconds that took and the images/s the pool preprocessed meanwhile."""
     import os
     import threading
     from concurrent.futures import ThreadPoolExecutor
@@ -425,6 +438,7 @@ def busy_pool(spec, step, iters: int) -> dict:
         start, t = done[0], time.perf_counter()
         for _ in range(iters):
             step()
+        drain()
         seconds = time.perf_counter() - t
         preprocessed = done[0] - start
         stop.set()
@@ -506,9 +520,10 @@ def encoder_worker_row(path: Path, device, dtype, images: int, max_batch: int) -
         finally:
             proc.terminate()
             proc.wait(60)
-    # Where the worker's time went (its own metrics), as shares of the wall time of the run: the forwards (with the
-    # copies in and out), the loop's waits for preprocessing and for the batch before to be answered, and the answers
-    # in Redis (on the publishing thread, overlapped with the forwards: not a part of the others).
+    # Where the worker's time went (its own metrics), as shares of the wall time of the run: the forwards (launch to
+    # outputs on the host, copies included), the loop's waits for preprocessing and for the batch before to be
+    # answered, and the answers in Redis (on the publishing thread). Forwards and answers overlap each other and the
+    # loop, so the shares need not add up to 1.
     phases = {k: round((after[k] - before[k]) / wall, 3) for k in after}
     return {"images": images, "max_batch": max_batch, "images_per_s": rate, "jpeg": "640x480 q90",
             "share_of_wall": phases}

@@ -47,10 +47,12 @@ def _header(tensor: torch.Tensor, metadata: dict[str, str] | None) -> bytes:
     return struct.pack("<Q", len(text)) + text
 
 
-def tensor_payloads(tensors: list[torch.Tensor], metadata: dict[str, str] | None = None) -> list[Payload]:
+def tensor_payloads(tensors: list[torch.Tensor], metadata: dict[str, str] | None = None,
+                    wait: bool = True) -> list[Payload]:
     """The payloads of several tensors (each in its own dtype, one of ``WIRE_DTYPES``), laid out in one host buffer.
     Each tensor's data are written there by one copy: from a GPU, queued straight into pinned memory and waited for
-    once for all of them; from the host, one memcpy. Nothing else touches the data."""
+    once for all of them (``wait=False``: not waited for; the caller records an event on the current stream and
+    waits for it before the payloads are read); from the host, one memcpy. Nothing else touches the data."""
     heads = [_header(t, metadata) for t in tensors]
     sizes = [len(h) + t.numel() * t.element_size() for h, t in zip(heads, tensors)]
     starts, end = [], 0
@@ -65,7 +67,7 @@ def tensor_payloads(tensors: list[torch.Tensor], metadata: dict[str, str] | None
         dst = flat[start + len(head) : start + size].view(t.dtype).view(t.shape)
         dst.copy_(t, non_blocking=t.device.type == "cuda")
         rows.append(dst)
-    for device in devices:  # the copies were queued on its current stream: one wait for the batch
+    for device in devices if wait else ():  # the copies were queued on its current stream: one wait for the batch
         torch.cuda.current_stream(device).synchronize()
     view = memoryview(flat.numpy())
     return [Payload(view[start : start + size], dst) for start, size, dst in zip(starts, sizes, rows)]

@@ -8,6 +8,7 @@ from typing import Protocol
 
 import torch
 
+from backbone.staging import to_device
 from cache.codec import Payload, tensor_payloads
 
 log = logging.getLogger(__name__)
@@ -27,17 +28,42 @@ class EncoderRuntime(Protocol):
         ...
 
 
-def run_isolating(runtime: EncoderRuntime, batch: torch.Tensor, lengths: torch.Tensor | None,
-                  wire: torch.dtype | None = None, counts: list[int] | None = None) -> list[Payload | str]:
-    """One forward over batch [B, ...]; per item the safetensors payload of its first ``counts[i]`` output rows
-    (all of them if None) [n, H], cast to ``wire`` if given, or the reason (a str) it failed.
+class Outputs:
+    """A batch's outputs on their way to the host (:func:`launch_isolating`): per item its payload, or why it
+    failed, once :meth:`result` has waited for the device."""
+
+    def __init__(self, items: list, finite: torch.Tensor | None = None, event=None, bad: str = ""):
+        self.items, self.finite, self.event, self.bad = items, finite, event, bad
+
+    def result(self) -> list[Payload | str]:
+        """Waits for the copies (on a GPU: up to this batch's event, not the work queued after it)."""
+        if self.event is not None:
+            self.event.synchronize()
+            self.event = None
+        if self.finite is None:
+            return self.items
+        ok = self.finite.tolist()  # on the host already (pinned, copied before the event)
+        return [item if good else self.bad for item, good in zip(self.items, ok)]
+
+
+def launch_isolating(runtime: EncoderRuntime, batch: torch.Tensor, lengths: torch.Tensor | None,
+                     wire: torch.dtype | None = None, counts: list[int] | None = None) -> Outputs:
+    """One forward over batch [B, ...], queued: per item the safetensors payload of its first ``counts[i]`` output
+    rows (all of them if None) [n, H], cast to ``wire`` if given, or the reason (a str) it failed, from
+    :meth:`Outputs.result`.
 
     The cast and the finiteness check run where the forward ran (on a GPU: one reduction for the batch, instead of
     a pass over every item's rows on the host, which costs more than the forward); then every item's rows are copied
-    once, straight into their payload's place in pinned memory (cache/codec.py). If the batched forward raises, each
-    item runs alone, so only the items that fail alone fail (an out-of-memory batch then succeeds item by item). An
-    output that is not finite (after the cast: an fp16 wire overflows past 65504) fails its item alone."""
+    once, straight into their payload's place in pinned memory (cache/codec.py), with the per-item flags beside
+    them. On a GPU nothing here waits for the device: the caller launches the next batch while this one finishes and
+    comes to the host, and waits in :meth:`Outputs.result` (the encoder worker does, on its publishing thread).
+
+    If the batched forward raises, each item runs alone (and is waited for), so only the items that fail alone
+    fail (an out-of-memory batch then succeeds item by item). An output that is not finite (after the cast: an fp16
+    wire overflows past 65504) fails its item alone."""
     forward = getattr(runtime, "forward", runtime.run)
+    where = "" if wire is None else f" in {str(wire).removeprefix('torch.')}"
+    bad = f"the encoder produced values that are not finite (NaN or infinity){where} for this input"
 
     def run(x, n):
         out = forward(x) if n is None else forward(x, n)
@@ -46,21 +72,32 @@ def run_isolating(runtime: EncoderRuntime, batch: torch.Tensor, lengths: torch.T
     try:
         out = run(batch, lengths)  # [B, N, H]
         n = [out.shape[1]] * len(out) if counts is None else [min(c, out.shape[1]) for c in counts]
-        real = torch.arange(out.shape[1], device=out.device) < torch.tensor(n, device=out.device)[:, None]  # [B, N]
+        rows = to_device(n, torch.long, out.device)  # [B], without waiting (a pageable copy would wait for the forward)
+        real = torch.arange(out.shape[1], device=out.device) < rows[:, None]  # [B, N]
         finite = (torch.isfinite(out).all(-1) | ~real).all(1)  # [B]: one reduction over every item's real rows
-        outputs: list = tensor_payloads([out[i, : n[i]] for i in range(len(out))])
-        ok = finite.tolist()  # the copies above waited for the device already
+        payloads = tensor_payloads([out[i, : n[i]] for i in range(len(out))], wait=False)
+        if out.device.type != "cuda":
+            return Outputs(payloads, finite, bad=bad)
+        flags = torch.empty(finite.shape, dtype=torch.bool, pin_memory=True)
+        flags.copy_(finite, non_blocking=True)
+        event = torch.cuda.Event()
+        event.record()  # after the payloads' copies and the flags', on the current stream
+        return Outputs(payloads, flags, event, bad)
     except Exception:
         log.exception("batched encoder forward failed; running its items one at a time", extra={"batch": len(batch)})
-        outputs = []
-        for i in range(len(batch)):
-            try:
-                one = run(batch[i : i + 1], None if lengths is None else lengths[i : i + 1])[0]
-                outputs.append(tensor_payloads([one if counts is None else one[: counts[i]]])[0])
-            except Exception as exc:  # its text (a runtime's, with source paths) goes to the log, not the client
-                log.warning("encoder forward failed on one input", exc_info=True, extra={"item": i})
-                outputs.append(f"the encoder failed on this input ({type(exc).__name__})")
-        ok = [isinstance(o, str) or bool(torch.isfinite(o.tensor).all()) for o in outputs]
-    where = "" if wire is None else f" in {str(wire).removeprefix('torch.')}"
-    bad = f"the encoder produced values that are not finite (NaN or infinity){where} for this input"
-    return [o if good else bad for o, good in zip(outputs, ok)]
+    outputs: list = []
+    for i in range(len(batch)):
+        try:
+            one = run(batch[i : i + 1], None if lengths is None else lengths[i : i + 1])[0]
+            item = tensor_payloads([one if counts is None else one[: counts[i]]])[0]
+            outputs.append(item if bool(torch.isfinite(item.tensor).all()) else bad)
+        except Exception as exc:  # its text (a runtime's, with source paths) goes to the log, not the client
+            log.warning("encoder forward failed on one input", exc_info=True, extra={"item": i})
+            outputs.append(f"the encoder failed on this input ({type(exc).__name__})")
+    return Outputs(outputs)
+
+
+def run_isolating(runtime: EncoderRuntime, batch: torch.Tensor, lengths: torch.Tensor | None,
+                  wire: torch.dtype | None = None, counts: list[int] | None = None) -> list[Payload | str]:
+    """:func:`launch_isolating`, waited for."""
+    return launch_isolating(runtime, batch, lengths, wire, counts).result()

@@ -4,10 +4,11 @@ shape, publish each tensor to the cache (notifying every waiting gateway), ack.
 Three batches are in hand at a time: while batch N runs its forward pass on the main thread, batch N+1 (read without
 waiting) is decoded and resized on a thread pool (``preprocess_threads``), so the device is not left waiting on
 image decoding, and batch N-1 is answered in Redis on the publishing thread (one batch at a time, in order), so the
-device is not left waiting on Redis either. On a GPU each item is put in pinned memory by its pool thread and the
-batch is assembled on the device (the loop's thread makes no host copy of it); the outputs come back in one copy per
-item, straight into the payload Redis is sent (cache/codec.py: no serialization pass, and cache/client.py: no copy by
-the client).
+device is not left waiting on Redis either. On a GPU the loop's thread never waits for the device: each item is put
+in pinned memory by its pool thread, the batch is assembled on the device, its forward and the copies of its outputs
+to the host are queued, and the publishing thread waits for them (encoders/runtime.py ``launch_isolating``), while
+the loop reads and launches the next batch behind it. The outputs come back in one copy per item, straight into the
+payload Redis is sent (cache/codec.py: no serialization pass, and cache/client.py: no copy by the client).
 
 One consumer in the modality's consumer group; add replicas by starting more processes. On SIGTERM it stops reading,
 finishes the batches in hand, answers and acks them and exits. Jobs a dead worker left unacked are reclaimed by a
@@ -53,7 +54,7 @@ from cache.streams import (
 from cache.tensors import Answers, TensorPublisher
 from encoders.batching import batch_lengths, read_batch, shape_groups
 from encoders.preprocess import MediaError, Prepared
-from encoders.runtime import run_isolating
+from encoders.runtime import launch_isolating
 from models.media import MAX_AUDIO_S
 from router import messages as m
 from router.liveness import Heartbeat, ReclaimGate, live_for_reclaim
@@ -323,10 +324,9 @@ class EncoderWorker:
         return m.ErrorCode.BAD_MEDIA, error
 
     def _finish(self, staged: Staged) -> None:
-        """Encode a staged batch: one forward pass per input shape; then, once the batch before it is answered, hand
-        its answers to the publishing thread: every entry acked with the counters bumped, then every tensor (or
-        failure) published (cache/tensors.py: three round trips), so a gateway (or an operator) that sees an answer
-        sees the counters that include it."""
+        """Encode a staged batch: one forward pass per input shape, launched without waiting for the device; then,
+        once the batch before it is answered, hand it to the publishing thread, which waits for its outputs and
+        answers it (:meth:`_answer`)."""
         answers, jobs = staged.answers, staged.jobs
         self._outcomes = staged.outcomes
         t0 = time.perf_counter()
@@ -338,23 +338,33 @@ class EncoderWorker:
             else:
                 self._fail(answers, job, *p)
         t1 = time.perf_counter()  # t1 - t0: the preprocessing the previous batch's forward did not hide
-        # One forward pass per input shape (one per item only for a batch that raised).
-        outputs: dict[int, Payload | str] = {}
-        groups = shape_groups(prepared, device=self.device)
+        # One forward pass per input shape (one per item only for a batch that raised). On a GPU this only queues
+        # them: the device runs them while this thread goes on to the next batch.
         by_index = dict(prepared)
-        forwards = []  # (seconds, items) of each forward batch, observed once Redis took the batch's answers
-        for indices, batch in groups:
+        launched = []  # (indices, Outputs, launch time) per forward batch
+        for indices, batch in shape_groups(prepared, device=self.device):
             lengths = batch_lengths([by_index[i] for i in indices])  # [B] real lengths, or None
-            t = time.perf_counter()
             counts = [by_index[i].num_tokens for i in indices]
-            outputs.update(zip(indices, run_isolating(self.runtime, batch, lengths, self.wire, counts)))  # or why
+            t = time.perf_counter()
+            launched.append((indices, launch_isolating(self.runtime, batch, lengths, self.wire, counts), t))
+        self._answered()  # the batch before this one (its answers overlapped our forward); raises its Redis error here
+        self.published = self.publishing.submit(self._answer, staged, prepared, launched, t1, t1 - t0, pre_ms)
+
+    def _answer(self, staged: Staged, prepared: list, launched: list, t1: float, preprocess_wait: float,
+                pre_ms: dict) -> None:
+        """On the publishing thread: wait for the batch's outputs (each item's payload in pinned memory, or why it
+        failed), then ack every entry with the counters bumped and publish every tensor (or failure) in Redis
+        (cache/tensors.py: three round trips), so a gateway (or an operator) that sees an answer sees the counters
+        that include it; then count and log."""
+        answers, jobs, outcomes = staged.answers, staged.jobs, staged.outcomes
+        outputs: dict[int, Payload | str] = {}
+        forwards = []  # (seconds from launch to outputs on the host, items) per forward batch
+        for indices, pending, t in launched:
+            outputs.update(zip(indices, pending.result()))
             forwards.append((time.perf_counter() - t, len(indices)))
-        t2 = time.perf_counter()
-        # 3) Ack every entry and count, then publish every tensor (or the failure), on the publishing thread.
-        encoded = 0
-        for i, p in prepared:
-            encoded += self._publish(answers, jobs[i], outputs[i], p.num_tokens)
-        self._outcomes["encoded"] += encoded
+        encode_s = time.perf_counter() - t1
+        encoded = sum(self._publish(answers, jobs[i], outputs[i], p.num_tokens, outcomes) for i, p in prepared)
+        outcomes["encoded"] += encoded
         streamed = sum(jobs[i].msg.input == m.JobInput.FEATURES for i, _ in prepared)
 
         def count(pipe):
@@ -362,27 +372,20 @@ class EncoderWorker:
             pipe.hincrby(stats, "encoder_calls", encoded)  # items encoded
             if streamed:
                 pipe.hincrby(stats, "feature_inputs", streamed)  # of them, from features a gateway streamed
-            pipe.hincrby(stats, "forward_passes", len(groups))
-            pipe.hincrbyfloat(stats, "encode_seconds", t2 - t1)
-            if groups:
+            pipe.hincrby(stats, "forward_passes", len(launched))
+            pipe.hincrbyfloat(stats, "encode_seconds", encode_s)
+            if launched:
                 pipe.hset(stats, "last_batch_size", len(prepared))
 
         answers.with_acks(count)
-        self._answered()  # the batch before this one (its forward overlapped ours); raises its Redis error here
-        self.published = self.publishing.submit(self._answer, staged, prepared, t1 - t0, t2 - t1, pre_ms, forwards)
-
-    def _answer(self, staged: Staged, prepared: list, preprocess_wait: float, encode_s: float, pre_ms: dict,
-                forwards: list) -> None:
-        """On the publishing thread: ack, store and tell in Redis (cache/tensors.py), then count and log."""
         t = time.perf_counter()
-        self.publisher.execute(staged.answers)
+        self.publisher.execute(answers)
         self.metrics.publish_seconds.observe(time.perf_counter() - t)
-        self.metrics.finished(staged.outcomes)
+        self.metrics.finished(outcomes)
         self.metrics.preprocess_wait_seconds.observe(preprocess_wait)
         for seconds, items in forwards:
             self.metrics.encode_seconds.observe(seconds)
             self.metrics.batch_size.observe(items)
-        jobs = staged.jobs
         for i, p in prepared:
             log.info("encoded", extra={"request_id": jobs[i].msg.request_id, "job_id": jobs[i].msg.job_id,
                                        "modality": self.cfg.modality, "tokens": p.num_tokens, "batch": len(prepared),
@@ -458,7 +461,7 @@ class EncoderWorker:
             return m.ErrorCode.MEDIA_EXPIRED, "the media bytes expired before encoding"
         return None
 
-    def _publish(self, answers: Answers, job: Job, output: Payload | str, n: int) -> bool:
+    def _publish(self, answers: Answers, job: Job, output: Payload | str, n: int, outcomes: Counter) -> bool:
         """Queue the tensor's publication (``output``: its payload, [n, H] in the wire dtype, checked finite by
         ``run_isolating``), or the job's failure (the forward failed alone, or gave values that are not finite in
         the wire dtype). True if published."""
@@ -471,13 +474,15 @@ class EncoderWorker:
             return True
         log.error("encode failed", extra={"request_id": job.msg.request_id, "job_id": job.msg.job_id,
                                           "error": output})
-        self._fail(answers, job, m.ErrorCode.INTERNAL, output)
+        self._fail(answers, job, m.ErrorCode.INTERNAL, output, outcomes)
         return False
 
-    def _fail(self, answers: Answers, job: Job, code: m.ErrorCode, error: str) -> None:
+    def _fail(self, answers: Answers, job: Job, code: m.ErrorCode, error: str, outcomes: Counter | None = None) -> None:
+        """Queue the job's failure on ``answers``, counted in ``outcomes`` (default: the batch the loop is staging or
+        finishing; the publishing thread passes its own batch's)."""
         msg = m.EncodeFailed(request_id=job.msg.request_id, job_id=job.msg.job_id, tensor_key=job.tensor_key,
                              code=code, error=error)
-        self._outcomes[code.value] += 1
+        (self._outcomes if outcomes is None else outcomes)[code.value] += 1
         answers.fail(job.script_keys, job.entry_id, m.encode(msg), job.msg.reply_to)
 
 

@@ -60,8 +60,8 @@ class EncoderMetrics:
                                    "preprocessed or encoded, not yet answered)", ["modality"],
                                    registry=r).labels(modality)
             self.encode_seconds = Histogram("tributary_encoder_encode_seconds", "Seconds of one forward batch "
-                                            "(encoder + projector)", ["modality"], buckets=ENCODE_BUCKETS,
-                                            registry=r).labels(modality)
+                                            "(encoder + projector), from its launch to its outputs on the host",
+                                            ["modality"], buckets=ENCODE_BUCKETS, registry=r).labels(modality)
             self.preprocess_wait_seconds = Histogram(
                 "tributary_encoder_preprocess_wait_seconds", "Seconds a batch's forward waited for its items' "
                 "decoding and preprocessing (what the pool did not finish during the previous batch)", ["modality"],

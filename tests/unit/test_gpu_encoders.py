@@ -36,7 +36,7 @@ def test_outputs_are_copied_from_the_device_straight_into_pinned_payloads(tiny_s
     """run_isolating on the GPU: each item's first ``counts`` rows land in its safetensors payload, in pinned memory,
     equal to the device's output (one copy each, no staging tensor)."""
     from cache.codec import decode_tensor
-    from encoders.runtime import run_isolating
+    from encoders.runtime import launch_isolating, run_isolating
 
     pre = load_preprocessor(tiny_spec, "image")
     (_, batch), = shape_groups(list(enumerate(pre(png_bytes(50, 40, seed=s)) for s in range(4))), pin=True)
@@ -47,6 +47,12 @@ def test_outputs_are_copied_from_the_device_straight_into_pinned_payloads(tiny_s
     for i, p in enumerate(out):
         assert p.tensor.is_pinned() and p.tensor.dtype == torch.bfloat16
         assert torch.equal(decode_tensor(p.data), ref[i, : counts[i]])
+    # Launched back to back, as the worker does (the second before the first is waited for): each batch's outputs
+    # are its own, though the device may reuse the first one's memory for the second.
+    flipped = batch.flip(0).contiguous().pin_memory()
+    first, second = (launch_isolating(runtime, b, None, torch.bfloat16) for b in (batch, flipped))
+    for got, want in ((second.result(), ref.flip(0)), (first.result(), ref)):
+        assert all(torch.equal(decode_tensor(p.data), w) for p, w in zip(got, want))
 
 
 def test_a_batch_is_assembled_on_the_device_from_pinned_items(tiny_spec):
