@@ -81,7 +81,7 @@ def launch_isolating(runtime: EncoderRuntime, batch: torch.Tensor, lengths: torc
         flags = torch.empty(finite.shape, dtype=torch.bool, pin_memory=True)
         flags.copy_(finite, non_blocking=True)
         event = torch.cuda.Event()
-        event.record()  # after the payloads' copies and the flags', on the current stream
+        event.record(torch.cuda.current_stream(out.device))  # after the payloads' and the flags' copies, their stream
         return Outputs(payloads, flags, event, bad)
     except Exception:
         log.exception("batched encoder forward failed; running its items one at a time", extra={"batch": len(batch)})
