@@ -19,9 +19,10 @@ def to_device(values, dtype: torch.dtype | None = None, device: torch.device | s
 
 
 class ToHost:
-    """A device tensor on its way to the host: the copy is queued now (pinned memory, the current stream: twice a
-    pageable copy's speed) and waited for only by :meth:`wait` or :meth:`tolist`, so the host can do other work
-    while the device finishes the step."""
+    """A device tensor on its way to the host: the copy is queued now (pinned memory, the tensor's device's current
+    stream: twice a pageable copy's speed) and waited for only by :meth:`wait` or :meth:`tolist`, so the host can do
+    other work while the device finishes the step. The wait covers everything queued on that stream before, not
+    what is queued after."""
 
     def __init__(self, t: torch.Tensor):
         self.event = None
@@ -29,7 +30,7 @@ class ToHost:
             self.host = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
             self.host.copy_(t, non_blocking=True)
             self.event = torch.cuda.Event()
-            self.event.record()
+            self.event.record(torch.cuda.current_stream(t.device))
         else:
             self.host = t
 

@@ -51,8 +51,9 @@ def tensor_payloads(tensors: list[torch.Tensor], metadata: dict[str, str] | None
                     wait: bool = True) -> list[Payload]:
     """The payloads of several tensors (each in its own dtype, one of ``WIRE_DTYPES``), laid out in one host buffer.
     Each tensor's data are written there by one copy: from a GPU, queued straight into pinned memory and waited for
-    once for all of them (``wait=False``: not waited for; the caller records an event on the current stream and
-    waits for it before the payloads are read); from the host, one memcpy. Nothing else touches the data."""
+    once for all of them (``wait=False``: not waited for; the caller waits for the device's current stream, e.g.
+    through ``backbone.staging.ToHost``, before the payloads are read); from the host, one memcpy. Nothing else
+    touches the data."""
     heads = [_header(t, metadata) for t in tensors]
     sizes = [len(h) + t.numel() * t.element_size() for h, t in zip(heads, tensors)]
     starts, end = [], 0

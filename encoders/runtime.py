@@ -8,7 +8,7 @@ from typing import Protocol
 
 import torch
 
-from backbone.staging import to_device
+from backbone.staging import ToHost, to_device
 from cache.codec import Payload, tensor_payloads
 
 log = logging.getLogger(__name__)
@@ -32,18 +32,15 @@ class Outputs:
     """A batch's outputs on their way to the host (:func:`launch_isolating`): per item its payload, or why it
     failed, once :meth:`result` has waited for the device."""
 
-    def __init__(self, items: list, finite: torch.Tensor | None = None, event=None, bad: str = ""):
-        self.items, self.finite, self.event, self.bad = items, finite, event, bad
+    def __init__(self, items: list, finite: ToHost | None = None, bad: str = ""):
+        self.items, self.finite, self.bad = items, finite, bad
 
     def result(self) -> list[Payload | str]:
-        """Waits for the copies (on a GPU: up to this batch's event, not the work queued after it)."""
-        if self.event is not None:
-            self.event.synchronize()
-            self.event = None
+        """Waits for the copies (on a GPU: up to this batch's flags, queued after its payloads, not the work queued
+        after them)."""
         if self.finite is None:
             return self.items
-        ok = self.finite.tolist()  # on the host already (pinned, copied before the event)
-        return [item if good else self.bad for item, good in zip(self.items, ok)]
+        return [item if good else self.bad for item, good in zip(self.items, self.finite.tolist())]
 
 
 def launch_isolating(runtime: EncoderRuntime, batch: torch.Tensor, lengths: torch.Tensor | None,
@@ -76,13 +73,7 @@ def launch_isolating(runtime: EncoderRuntime, batch: torch.Tensor, lengths: torc
         real = torch.arange(out.shape[1], device=out.device) < rows[:, None]  # [B, N]
         finite = (torch.isfinite(out).all(-1) | ~real).all(1)  # [B]: one reduction over every item's real rows
         payloads = tensor_payloads([out[i, : n[i]] for i in range(len(out))], wait=False)
-        if out.device.type != "cuda":
-            return Outputs(payloads, finite, bad=bad)
-        flags = torch.empty(finite.shape, dtype=torch.bool, pin_memory=True)
-        flags.copy_(finite, non_blocking=True)
-        event = torch.cuda.Event()
-        event.record(torch.cuda.current_stream(out.device))  # after the payloads' and the flags' copies, their stream
-        return Outputs(payloads, flags, event, bad)
+        return Outputs(payloads, ToHost(finite), bad)  # the flags' copy is queued after the payloads', on their stream
     except Exception:
         log.exception("batched encoder forward failed; running its items one at a time", extra={"batch": len(batch)})
     outputs: list = []

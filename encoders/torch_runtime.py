@@ -1,14 +1,15 @@
 """Encoder runtime that runs the encoder + projector with PyTorch on a CPU or a CUDA device, in fp32, bf16 or fp16.
 
-A batch reaches the device from pinned host memory in non-blocking copies (or is assembled there by the worker),
-cast to the compute dtype there;
-``forward`` leaves the output on the device in the compute dtype (the worker casts it to the wire dtype and checks it
-there, encoders/runtime.py), ``run`` brings it to the host."""
+A batch reaches the device from pinned host memory in a non-blocking copy (or is assembled there by the worker) and is
+cast to the compute dtype there. ``forward`` leaves the output on the device in the compute dtype (the worker casts it
+to the wire dtype and checks it there, encoders/runtime.py); ``run`` brings it to the host."""
 
 from __future__ import annotations
 
 import torch
 from torch import nn
+
+from backbone.staging import to_device
 
 
 class TorchRuntime:
@@ -19,11 +20,8 @@ class TorchRuntime:
         self.module = module.to(self.device, dtype).eval()
 
     def _to_device(self, x: torch.Tensor) -> torch.Tensor:
-        if x.device == self.device:  # a batch assembled on the device already (encoders/batching.py)
-            return x.to(self.dtype) if x.is_floating_point() else x
-        if self.device.type == "cuda":
-            x = x if x.is_pinned() else x.pin_memory()
-            return x.to(self.device, non_blocking=True).to(self.dtype if x.is_floating_point() else x.dtype)
+        """On the runtime's device (from the host: pinned, without waiting), floats in the compute dtype."""
+        x = to_device(x, device=self.device)
         return x.to(self.dtype) if x.is_floating_point() else x
 
     @torch.inference_mode()

@@ -463,7 +463,7 @@ class EncoderWorker:
 
     def _publish(self, answers: Answers, job: Job, output: Payload | str, n: int, outcomes: Counter) -> bool:
         """Queue the tensor's publication (``output``: its payload, [n, H] in the wire dtype, checked finite by
-        ``run_isolating``), or the job's failure (the forward failed alone, or gave values that are not finite in
+        ``launch_isolating``), or the job's failure (the forward failed alone, or gave values that are not finite in
         the wire dtype). True if published."""
         if not isinstance(output, str):
             data = output.data
