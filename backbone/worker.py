@@ -36,11 +36,8 @@ from __future__ import annotations
 import dataclasses
 import itertools
 import logging
-import os
-import socket
 import threading
 import time
-import uuid
 from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
@@ -66,7 +63,7 @@ from cache.streams import (
     send_reply,
 )
 from router import messages as m
-from router.liveness import Heartbeat, ReclaimGate, live_for_reclaim
+from router.liveness import Heartbeat, ReclaimGate, live_for_reclaim, worker_id
 from router.metrics import BackboneCollector, pool_usage
 from router.metrics import serve as serve_metrics
 from router.metrics import stop as stop_metrics
@@ -203,7 +200,7 @@ class BackboneWorker:
         self.cfg, self.engine, self.stop = cfg, engine, stop
         self.keys = Keys(cfg.prefix)
         self.stream = self.keys.gen()
-        self.consumer = f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
+        self.consumer = worker_id()
         self.r = connect(cfg.redis_url)
         self.running: dict[str, Running] = {}
         self.waiting: deque[tuple[bytes, m.PromptPlan]] = deque()  # read, not started (slots or KV memory full)

@@ -27,10 +27,8 @@ from __future__ import annotations
 
 import logging
 import os
-import socket
 import threading
 import time
-import uuid
 from collections import Counter
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, replace
@@ -57,7 +55,7 @@ from encoders.preprocess import MediaError, Prepared
 from encoders.runtime import launch_isolating
 from models.media import MAX_AUDIO_S
 from router import messages as m
-from router.liveness import Heartbeat, ReclaimGate, live_for_reclaim
+from router.liveness import Heartbeat, ReclaimGate, live_for_reclaim, worker_id
 from router.metrics import EncoderMetrics
 from router.metrics import serve as serve_metrics
 from router.metrics import stop as stop_metrics
@@ -134,7 +132,7 @@ class EncoderWorker:
         self.keys = Keys(cfg.prefix)
         self.tier = f"encoder:{cfg.modality}"
         self.stream = self.keys.jobs(cfg.modality)
-        self.consumer = f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
+        self.consumer = worker_id()
         self.r = connect(cfg.redis_url)
         self.publisher = TensorPublisher(self.r, self.stream, ENCODER_GROUP)
         self.gate = ReclaimGate()

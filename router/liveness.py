@@ -16,8 +16,11 @@ two steps, through the ``on_threads`` callback (``torch.set_num_threads``).
 from __future__ import annotations
 
 import logging
+import os
+import socket
 import threading
 import time
+import uuid
 
 from cache.client import connect
 from cache.keys import Keys
@@ -27,6 +30,19 @@ log = logging.getLogger(__name__)
 HEARTBEAT_S = 1.0
 LIVE_WINDOW_S = 5.0  # a worker silent for longer is presumed dead
 STALL_S = 60.0  # a busy loop that has not come round for this long is presumed stuck
+
+
+def worker_id() -> str:
+    """This process's name in its tier's live set and consumer group: ``<host>-<pid>-<tag>`` (the tag tells apart
+    two workers of one process, or a pid reused)."""
+    return f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
+
+
+def worker_pid(member: bytes | str, host: str | None = None) -> int | None:
+    """The pid in a :func:`worker_id` (of ``host`` only, if given); None for a name of another form or host."""
+    name = member.decode(errors="replace") if isinstance(member, bytes) else member
+    at, _, pid = name.rpartition("-")[0].rpartition("-")
+    return int(pid) if pid.isdigit() and host in (None, at) else None
 
 
 class Heartbeat:

@@ -14,8 +14,8 @@ Beats go stale for other reasons too, and those are not the worker's fault:
 * A worker starting up (loading a model) has never beaten: only a process seen beating can be found stuck.
 * A worker draining or restarting is the supervisor's business: only children of groups that are neither are judged.
 
-Members of a live set are ``<host>-<pid>-<tag>`` (the workers' consumer names); the watchdog matches them to its
-children by pid, on this host only.
+Members of a live set are the workers' ids (``router.liveness.worker_id``: host, pid, tag); the watchdog matches
+them to its children by pid, on this host only.
 """
 
 from __future__ import annotations
@@ -27,7 +27,7 @@ import time
 
 from cache.client import connect
 from cache.keys import Keys
-from router.liveness import HEARTBEAT_S
+from router.liveness import HEARTBEAT_S, worker_pid
 from tributary.supervisor import Child, Group
 
 log = logging.getLogger(__name__)
@@ -73,7 +73,7 @@ class Watchdog:
             self.healthy_since = now
         for members in replies:
             for member, score in members:
-                if (pid := self._pid(member)) is not None:
+                if (pid := worker_pid(member, self.host)) is not None:
                     self.beats[pid] = max(score, self.beats.get(pid, 0.0))
         judged = [c for g in groups if g.retire_by is None and g.restart_at is None for c in g.children
                   if c.proc is not None and c.exited is None]
@@ -93,9 +93,3 @@ class Watchdog:
                 self.beats.pop(child.proc.pid, None)
                 killed.append(child)
         return killed
-
-    def _pid(self, member: bytes | str) -> int | None:
-        """The pid in a consumer name ``<host>-<pid>-<tag>`` of this host; None for another host's or another form."""
-        name = member.decode(errors="replace") if isinstance(member, bytes) else member
-        host, _, pid = name.rpartition("-")[0].rpartition("-")
-        return int(pid) if host == self.host and pid.isdigit() else None

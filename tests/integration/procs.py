@@ -10,7 +10,7 @@ import time
 import redis
 
 from cache.keys import Keys, alive
-from router.liveness import live_count_args
+from router.liveness import live_count_args, worker_pid
 
 
 def start_tier(args: list[str], redis_url: str, tier: str, timeout: float = 120) -> subprocess.Popen:
@@ -22,10 +22,10 @@ def start_tier(args: list[str], redis_url: str, tier: str, timeout: float = 120)
     while time.monotonic() < deadline:
         if proc.poll() is not None:
             raise RuntimeError(f"{tier} exited with {proc.returncode}: {proc.stdout.read()[-3000:]}")
-        # Its own heartbeat (worker ids are host-pid-suffix): a worker of the same tier killed moments ago (another
+        # Its own heartbeat (router.liveness.worker_id): a worker of the same tier killed moments ago (another
         # module's) is still within the live window, and counting it would send work before this one reads.
         key, low, high = live_count_args(Keys(), tier)
-        if any(f"-{proc.pid}-" in member.decode() for member in r.zrangebyscore(key, low, high)):
+        if any(worker_pid(member) == proc.pid for member in r.zrangebyscore(key, low, high)):
             return proc
         time.sleep(0.2)  # the process is importing torch; its heartbeat is the readiness signal
     proc.kill()

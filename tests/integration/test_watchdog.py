@@ -22,11 +22,11 @@ TIER = "encoder:image"
 
 # A worker's loop as far as liveness goes: tick for ``tick_s`` seconds (forever if negative), then hang.
 WORKER = """
-import os, socket, sys, time
+import sys, time
 from cache.keys import Keys
-from router.liveness import Heartbeat
+from router.liveness import Heartbeat, worker_id
 url, tick_s = sys.argv[1], float(sys.argv[2])
-hb = Heartbeat(url, Keys("%s"), "%s", f"{socket.gethostname()}-{os.getpid()}-abc123", stall_s=1.0).start()
+hb = Heartbeat(url, Keys("%s"), "%s", worker_id(), stall_s=1.0).start()
 end = time.monotonic() + tick_s
 while True:
     if tick_s < 0 or time.monotonic() < end:
