@@ -95,6 +95,11 @@ class ImagePreprocessor:
                 self.rescale = None
             self.mean, self.std = self.mean.view(3, 1, 1), self.std.view(3, 1, 1)
         self.num_tokens = num_tokens
+        # Every image's [3, H, W] after resizing and cropping, when the config fixes it (None: it follows the image's
+        # aspect ratio). Graphs are captured for it (encoders/graphs.py).
+        self.input_shape = ((3, *self.crop) if self.crop else (3, *self.exact) if self.resize and self.exact
+                            else None)
+        self.keep_length = False
 
     def __call__(self, data: bytes) -> Prepared:
         from torchvision.transforms.v2 import functional as F
@@ -185,6 +190,7 @@ class AudioPreprocessor:
         self.output_length = output_length
         self.keep_length = keep_length
         self.max_seconds = max_seconds
+        self.input_shape = (self.cfg.n_mels, self.cfg.frames)  # every clip is padded or cut to the window
 
     def __call__(self, data: bytes) -> Prepared:
         wave, rate = self.decode(data)

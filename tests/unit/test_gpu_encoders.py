@@ -67,3 +67,59 @@ def test_a_batch_is_assembled_on_the_device_from_pinned_items(tiny_spec):
     assert torch.equal(on_device.cpu(), on_host)
     runtime = load_runtime(tiny_spec, "image", device="cuda")
     assert torch.equal(runtime.run(on_device), runtime.run(on_host))
+
+
+def _close(got: torch.Tensor, want: torch.Tensor, tol: float = 2e-2) -> bool:
+    return float((got.float() - want.float()).abs().max()) <= tol * max(1.0, float(want.float().abs().max()))
+
+
+@pytest.mark.parametrize("modality", ["image", "audio"])
+def test_encoder_graphs_replay_what_the_eager_forward_computes(tiny_spec, modality):
+    """Captured at start-up (encoders/graphs.py): every batch size up to the largest bucket, padded or not, gives
+    each item what the eager forward gives it; a batch beyond the largest bucket runs eagerly."""
+    pre = load_preprocessor(tiny_spec, modality)
+    media = [png_bytes(50, 40, seed=s) for s in range(9)] if modality == "image" else [wav_bytes(0.5 + s / 10, seed=s)
+                                                                                      for s in range(9)]
+    (_, batch), = shape_groups(list(enumerate(pre(x) for x in media)), pin=True)
+    runtime = load_runtime(tiny_spec, modality, device="cuda", dtype=torch.bfloat16)
+    want = runtime.run(batch)
+    took = runtime.capture(pre.input_shape, 8)
+    assert took is not None and took["buckets"] == [1, 2, 4, 8] and sorted(runtime.graphs.graphs) == [1, 2, 4, 8]
+    assert took["replay_vs_eager"] <= 1e-2
+    for n in range(1, 9):
+        assert _close(runtime.run(batch[:n]), want[:n]), n
+    assert _close(runtime.run(batch[3:6]), want[3:6])  # bucket 4, its padding row left by the batch before
+    assert _close(runtime.run(batch), want)  # 9 > 8: eager
+
+
+def test_graph_outputs_launched_back_to_back_are_each_their_own(tiny_spec):
+    """A replay writes its bucket's one output buffer; the worker launches batch N+1 before N's payloads are waited
+    for. Those copies are queued before the next replay on the same stream, so each batch keeps its own outputs."""
+    from cache.codec import decode_tensor
+    from encoders.runtime import launch_isolating
+
+    pre = load_preprocessor(tiny_spec, "image")
+    (_, batch), = shape_groups(list(enumerate(pre(png_bytes(50, 40, seed=s)) for s in range(4))), pin=True)
+    runtime = load_runtime(tiny_spec, "image", device="cuda", dtype=torch.bfloat16)
+    assert runtime.capture(pre.input_shape, 4) is not None
+    ref = runtime.run(batch)
+    flipped = batch.flip(0).contiguous().pin_memory()
+    launched = [launch_isolating(runtime, b, None, torch.bfloat16) for b in (batch, flipped, batch, flipped)]
+    for k, out in enumerate(launched):
+        want = ref if k % 2 == 0 else ref.flip(0)
+        assert all(torch.equal(decode_tensor(p.data), w) for p, w in zip(out.result(), want)), k
+
+
+def test_graphs_of_an_encoder_that_masks_its_padding_take_each_rows_length(hf_checkpoint):
+    from models.spec import ModelSpec
+
+    spec = ModelSpec.from_dir(hf_checkpoint("qwen2-audio-a"))
+    pre = load_preprocessor(spec, "audio")
+    items = [pre(wav_bytes(s, seed=i)) for i, s in enumerate((0.4, 1.5, 0.9))]
+    (_, batch), = shape_groups(list(enumerate(items)), pin=True)
+    lengths = torch.tensor([p.length for p in items])
+    runtime = load_runtime(spec, "audio", device="cuda", dtype=torch.bfloat16)
+    want = runtime.run(batch, lengths)
+    assert runtime.capture(pre.input_shape, 4, lengths=True) is not None
+    assert _close(runtime.run(batch, lengths), want)
+    assert _close(runtime.run(batch[[2, 0]], lengths[[2, 0]]), want[[2, 0]])
