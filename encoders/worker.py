@@ -82,6 +82,7 @@ class EncoderConfig:
     stall_s: float = 60.0  # a loop that has not come round for this long stops heartbeating (router/liveness.py)
     max_audio_seconds: float = MAX_AUDIO_S  # decoding stops past it; a longer clip is bad media
     preprocess_threads: int = 0  # decode + resize threads (0: min(8, cores)); they prepare batch N+1 during N's forward
+    eager: bool = False  # no CUDA graphs of the forward (CPUs and the ONNX runtime always run without)
     metrics_port: int = 0  # serve Prometheus metrics on this port (0: not served; router/metrics.py)
     metrics_host: str = "127.0.0.1"
 
@@ -503,8 +504,13 @@ def serve(cfg: EncoderConfig, model_dir: str, threads: int | None = None) -> Non
     runtime = load_runtime(spec, cfg.modality, cfg.runtime, cfg.device, threads, dtype=WIRE_DTYPES[cfg.dtype])
     log.info("encoder loaded", extra={"modality": cfg.modality, "encoder_id": spec.encoder_id(cfg.modality),
                                       "device": cfg.device, "dtype": cfg.dtype, "wire_dtype": cfg.wire_dtype})
-    worker = EncoderWorker(cfg, load_preprocessor(spec, cfg.modality, cfg.max_audio_seconds), runtime, stop,
-                           spec.encoder_id(cfg.modality))
+    preprocess = load_preprocessor(spec, cfg.modality, cfg.max_audio_seconds)
+    if cfg.runtime == "torch" and cfg.device.startswith("cuda") and not cfg.eager:
+        if preprocess.input_shape is None:  # e.g. a shortest-edge resize without a crop: shapes vary
+            log.warning("inputs of this encoder have no fixed shape: its forward runs without CUDA graphs")
+        else:
+            runtime.capture(preprocess.input_shape, cfg.max_batch, lengths=preprocess.keep_length)
+    worker = EncoderWorker(cfg, preprocess, runtime, stop, spec.encoder_id(cfg.modality))
     if threads and cfg.runtime == "torch":  # a budgeted process follows its re-divisions (ONNX Runtime's pool is fixed)
         worker.on_threads = torch.set_num_threads
     worker.run()

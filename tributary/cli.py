@@ -441,6 +441,9 @@ def build_parser() -> argparse.ArgumentParser:
     enc.add_argument("--preprocess-threads", type=int, default=int(_env("PREPROCESS_THREADS", 0)),
                      help=_env_help("threads decoding and resizing the next batch while one runs (0: min(8, cores))",
                                     "PREPROCESS_THREADS"))
+    enc.add_argument("--eager", action="store_true", default=_env("EAGER", "") == "1",
+                     help=_env_help("run the forward eagerly instead of replaying CUDA graphs (torch on a GPU only; "
+                                    "CPUs always run eagerly)", "EAGER", "=1"))
     enc.add_argument("--max-audio-seconds", type=float, default=float(_env("MAX_AUDIO_SECONDS", 300)),
                      help=_env_help("audio decoding stops past this; a longer clip is refused", "MAX_AUDIO_SECONDS"))
     _worker(enc)
@@ -703,8 +706,8 @@ def main(argv: list[str] | None = None) -> int:
                                 max_wait_ms=args.max_wait_ms, tensor_ttl_s=args.tensor_ttl,
                                 wire_dtype=this_modality(args.wire_dtype, None), stall_s=args.stall_timeout,
                                 max_audio_seconds=args.max_audio_seconds, max_deliveries=args.max_deliveries,
-                                preprocess_threads=args.preprocess_threads, metrics_port=args.metrics_port,
-                                metrics_host=args.metrics_host)
+                                preprocess_threads=args.preprocess_threads, eager=args.eager,
+                                metrics_port=args.metrics_port, metrics_host=args.metrics_host)
         except ValueError as exc:
             raise SystemExit(f"tributary encoder: {exc}") from None
         serve(cfg, args.model, args.threads)
