@@ -350,65 +350,79 @@ def matmul_rate(device, dtype, n: int) -> float:
 def tower_rows(path: Path, device, dtype, batches: list[int], rate: float, iters: int) -> dict:
     """[gpu-encoders]: images/s of the image encoder (vision tower up to its feature layer + projector, as the
     encoder worker loads it) at each batch, against its FLOP floor: the FLOPs of one image (torch's FLOP counter on a
-    batch-1 forward) over ``rate``."""
+    batch-1 forward) over ``rate``. The rows run eagerly, then again replayed from the CUDA graphs the worker captures
+    (encoders/graphs.py; on a CPU their static buffers run uncaptured), under "graphs"."""
     from torch.utils.flop_counter import FlopCounterMode
 
     from encoders.loader import load_torch_module
+    from encoders.torch_runtime import TorchRuntime
     from models.spec import ModelSpec
 
     spec = ModelSpec.from_dir(path)
-    module = load_torch_module(spec, "image", dtype).to(device)
+    runtime = TorchRuntime(load_torch_module(spec, "image", dtype), str(device), dtype)
     size = spec.config["vision_config"]["image_size"]
     with torch.inference_mode():
         x = torch.randn(max(batches), 3, size, size, device=device).to(dtype)
         with FlopCounterMode(display=False) as counter:
-            module(x[:1])
-        flops = counter.get_total_flops()
-        out = {"flops_per_image": flops, "matmul_flops_per_s": rate, "floor_images_per_s": rate / flops}
-        for b in batches:
-            module(x[:b])
-            sync(device)
-            t = time.perf_counter()
-            for _ in range(iters):
-                module(x[:b])
-            sync(device)
-            out[b] = b * iters / (time.perf_counter() - t)
-        # The largest batch as the worker runs it (encoders/runtime.py): from a pinned fp32 batch on the host, through
-        # the forward, the cast and finiteness check, into the items' payloads in pinned memory, each batch launched
-        # before the one before it is waited for. Against the bare forward above, this says what the copies in and
-        # out cost.
-        from encoders.runtime import launch_isolating
-        from encoders.torch_runtime import TorchRuntime
-
-        b = max(batches)
-        runtime = TorchRuntime(module, str(device), dtype)
-        host = torch.randn(b, 3, size, size).pin_memory() if device.type == "cuda" else torch.randn(b, 3, size, size)
-        in_flight: list = []
-
-        def step() -> None:
-            in_flight.append(launch_isolating(runtime, host, None, dtype))
-            if len(in_flight) > 1:
-                in_flight.pop(0).result()
-
-        def drain() -> None:
-            while in_flight:
-                in_flight.pop(0).result()
-
-        step()
-        drain()
-        t = time.perf_counter()
-        for _ in range(iters):
-            step()
-        drain()
-        out["with_transfers"] = {"batch": b, "images_per_s": b * iters / (time.perf_counter() - t)}
-        # The same while a pool as large as the worker's decodes and preprocesses JPEGs all along (as it does the next
-        # batch during a forward): against the row above, what sharing the host with preprocessing costs the forward
-        # (the GIL, the cores), and how fast the pool goes meanwhile.
-        out["with_preprocessing"] = dict(busy_pool(spec, step, iters, drain), batch=b)
-        out["with_preprocessing"]["images_per_s"] = b * iters / out["with_preprocessing"].pop("seconds")
-    module = runtime = None
+            runtime.module(x[:1])
+    flops = counter.get_total_flops()
+    out = {"flops_per_image": flops, "matmul_flops_per_s": rate, "floor_images_per_s": rate / flops}
+    out.update(tower_rates(runtime, spec, x, batches, iters))
+    took = runtime.capture((3, size, size), max(batches))
+    if took is not None:
+        out["graphs"] = dict(tower_rates(runtime, spec, x, batches, iters), capture=took)
+    runtime = None
     if device.type == "cuda":
         torch.cuda.empty_cache()
+    return out
+
+
+def tower_rates(runtime, spec, x: torch.Tensor, batches: list[int], iters: int) -> dict:
+    """Images/s of ``runtime.forward`` on the device batch ``x[:b]`` for each b; then at the largest batch as the
+    worker runs it, alone and beside a busy preprocessing pool."""
+    device = runtime.device
+    out: dict = {}
+    for b in batches:
+        runtime.forward(x[:b])
+        sync(device)
+        t = time.perf_counter()
+        for _ in range(iters):
+            runtime.forward(x[:b])
+        sync(device)
+        out[b] = b * iters / (time.perf_counter() - t)
+    # The largest batch as the worker runs it (encoders/runtime.py): from a pinned fp32 batch on the host, through
+    # the forward, the cast and finiteness check, into the items' payloads in pinned memory, each batch launched
+    # before the one before it is waited for. Against the bare forward above, this says what the copies in and
+    # out cost.
+    from encoders.runtime import launch_isolating
+
+    b = max(batches)
+    host = torch.randn(b, *x.shape[1:])
+    host = host.pin_memory() if device.type == "cuda" else host
+    in_flight: list = []
+
+    def step() -> None:
+        in_flight.append(launch_isolating(runtime, host, None, runtime.dtype))
+        if len(in_flight) > 1:
+            in_flight.pop(0).result()
+
+    def drain() -> None:
+        while in_flight:
+            in_flight.pop(0).result()
+
+    step()
+    drain()
+    t = time.perf_counter()
+    for _ in range(iters):
+        step()
+    drain()
+    out["with_transfers"] = {"batch": b, "images_per_s": b * iters / (time.perf_counter() - t)}
+    # The same while a pool as large as the worker's decodes and preprocesses JPEGs all along (as it does the next
+    # batch during a forward): against the row above, what sharing the host with preprocessing costs the forward
+    # (the GIL, the cores), and how fast the pool goes meanwhile.
+    busy = busy_pool(spec, step, iters, drain)
+    seconds = busy.pop("seconds")
+    out["with_preprocessing"] = dict(busy, batch=b, images_per_s=b * iters / seconds)
     return out
 
 
@@ -462,9 +476,10 @@ def jpegs(n: int, width: int = 640, height: int = 480) -> list[bytes]:
     return out
 
 
-def encoder_worker_row(path: Path, device, dtype, images: int, max_batch: int) -> dict:
+def encoder_worker_row(path: Path, device, dtype, images: int, max_batch: int, eager: bool = False) -> dict:
     """[gpu-encoders]: end-to-end images/s of one image encoder worker process (read jobs, fetch the JPEG bytes,
-    decode and preprocess on its pool, encode, publish to Redis) on ``images`` jobs queued at once."""
+    decode and preprocess on its pool, encode, publish to Redis) on ``images`` jobs queued at once; ``eager``: with
+    --eager (no CUDA graphs)."""
     import redis
 
     from cache.embedded import EmbeddedRedis, free_port
@@ -483,7 +498,8 @@ def encoder_worker_row(path: Path, device, dtype, images: int, max_batch: int) -
         r = redis.Redis.from_url(server.url, socket_timeout=120)
         proc = start_tier(["encoder", "--modality", "image", "--model", str(path), "--device", str(device),
                            "--dtype", wire, "--max-batch", str(max_batch), "--log-level", "WARNING",
-                           "--metrics-port", str(port)], server.url, "encoder:image", timeout=600)
+                           "--metrics-port", str(port), *(["--eager"] if eager else [])],
+                          server.url, "encoder:image", timeout=600)
         try:
             def wave(tag: str, n: int) -> float:
                 reply = f"bench:enc:{tag}"
@@ -761,6 +777,8 @@ def main() -> int:
         tower = tower_rows(path, device, dtype, batches, rate, 3 if smoke else 20)
         worker = encoder_worker_row(path, device, dtype, 16 if smoke else 512, max(batches))
         results["encoder"] = {"model": size, "batches": batches, "tower": tower, "worker": worker}
+        if device.type == "cuda":  # the same worker without graphs (on a CPU it never has them)
+            results["encoder"]["worker_eager"] = encoder_worker_row(path, device, dtype, 512, max(batches), True)
         print(f"  {size} image encoder: {', '.join(f'batch {b} {tower[b]:.1f}' for b in batches)} images/s; worker "
               f"{worker['images_per_s']:.1f} images/s ({time.perf_counter() - t:.0f} s)", flush=True)
     if not args.skip_tiered:
@@ -848,26 +866,19 @@ def table(results: dict, head: str) -> str:
                      f"{t['flops_per_image'] / 1e9:.1f} GFLOP per image; matmul rate "
                      f"{t['matmul_flops_per_s'] / 1e12:.1f} TFLOP/s; FLOP floor {t['floor_images_per_s']:.1f} "
                      "images/s)")
-        for b in e["batches"]:
-            lines.append(f"  tower batch {b:>3}: {t[b]:.1f} images/s = {t[b] / t['floor_images_per_s']:.2f} of the "
-                         "floor")
-        if t.get("with_transfers"):
-            x = t["with_transfers"]
-            lines.append(f"  tower batch {x['batch']:>3} as the worker runs it (pinned batch in, cast + check, "
-                         f"payloads out): {x['images_per_s']:.1f} images/s = "
-                         f"{x['images_per_s'] / t[x['batch']]:.2f} of the bare forward")
-        if t.get("with_preprocessing"):
-            x = t["with_preprocessing"]
-            lines.append(f"  the same while {x['pool_threads']} threads preprocess JPEGs: {x['images_per_s']:.1f} "
-                         f"images/s = {x['images_per_s'] / t[x['batch']]:.2f} of the bare forward (the pool: "
-                         f"{x['pool_images_per_s']:.0f} images/s meanwhile)")
-        w, top = e["worker"], t[max(e["batches"])]
-        lines.append(f"  worker end to end ({w['images']} {w['jpeg']} JPEGs, max batch {w['max_batch']}: fetch, "
-                     f"decode, preprocess, encode, publish): {w['images_per_s']:.1f} images/s = "
-                     f"{w['images_per_s'] / top:.2f} of the tower's own rate at batch {max(e['batches'])}")
-        if w.get("share_of_wall"):
-            lines.append("  the worker's time, as shares of the run's wall time: " + ", ".join(
-                f"{k} {v:.2f}" for k, v in w["share_of_wall"].items()))
+        for label, rows in (("eager", t), ("graphs", t.get("graphs"))):
+            if rows:
+                lines += tower_lines(label, rows, t, e["batches"])
+        top = max(t[max(e["batches"])], t.get("graphs", {}).get(max(e["batches"]), 0.0))
+        for label, w in (("", e["worker"]), (" with --eager", e.get("worker_eager"))):
+            if not w:
+                continue
+            lines.append(f"  worker{label} end to end ({w['images']} {w['jpeg']} JPEGs, max batch {w['max_batch']}: "
+                         f"fetch, decode, preprocess, encode, publish): {w['images_per_s']:.1f} images/s = "
+                         f"{w['images_per_s'] / top:.2f} of the tower's own best rate at batch {max(e['batches'])}")
+            if w.get("share_of_wall"):
+                lines.append("    its time, as shares of the run's wall time: " + ", ".join(
+                    f"{k} {v:.2f}" for k, v in w["share_of_wall"].items()))
     t = results["tiered"]
     if t:
         lines.append(f"{'tiered ' + t['model']:<26}concurrency {t['concurrency']}, {t['requests']} requests x "
@@ -875,6 +886,31 @@ def table(results: dict, head: str) -> str:
                      f"{t['ttft_p50_ms']:.0f} ms p90 {t['ttft_p90_ms']:.0f} ms, {t['output_tokens_per_s']:.1f} "
                      f"output tok/s")
     return "\n".join(lines)
+
+
+def tower_lines(label: str, rows: dict, eager: dict, batches: list[int]) -> list[str]:
+    """The tower's rows run one way (eager, or replayed from graphs: then against eager too)."""
+    floor = eager["floor_images_per_s"]
+    vs = (lambda b: "") if rows is eager else (lambda b: f" ({rows[b] / eager[b]:.2f}x eager)")
+    lines = []
+    c = rows.get("capture")
+    if c and c["buckets"]:
+        lines.append(f"  {label}: {len(c['buckets'])} buckets captured in {c['seconds']} s, {c['memory_mib']} MiB, "
+                     f"replay vs eager {c['replay_vs_eager']:.2g}")
+    elif c:
+        lines.append(f"  {label}: not captured (a CPU): their static buffers run eagerly")
+    for b in batches:
+        lines.append(f"  {label} tower batch {b:>3}: {rows[b]:.1f} images/s = {rows[b] / floor:.2f} of the floor"
+                     + vs(b))
+    x = rows["with_transfers"]
+    lines.append(f"  {label} tower batch {x['batch']:>3} as the worker runs it (pinned batch in, cast + check, "
+                 f"payloads out): {x['images_per_s']:.1f} images/s = {x['images_per_s'] / rows[x['batch']]:.2f} of "
+                 "its bare forward")
+    x = rows["with_preprocessing"]
+    lines.append(f"  {label} the same while {x['pool_threads']} threads preprocess JPEGs: {x['images_per_s']:.1f} "
+                 f"images/s = {x['images_per_s'] / rows[x['batch']]:.2f} of its bare forward (the pool: "
+                 f"{x['pool_images_per_s']:.0f} images/s meanwhile)")
+    return lines
 
 
 if __name__ == "__main__":
