@@ -9,7 +9,7 @@ replayed graph is one launch whatever the host is doing.
 
 An encoder's input has one shape per checkpoint (images are resized and cropped to the tower's size; audio is padded
 to the extractor's window), so a graph per batch size is all it needs: batches are padded to the next bucket (1, 2,
-4, 8, then every multiple of 8 up to the worker's ``--max-batch``). The rows are independent in every encoder
+4, 8, then every multiple of 8 up to the worker's ``--max-batch``, at most MAX_GRAPH_BATCH). The rows are independent in every encoder
 (attention and convolutions run within an item), so the padding rows, which keep whatever an earlier batch left
 there, change nothing in the real rows, and the output is cut to them.
 
@@ -38,6 +38,9 @@ from router.progress import Progress
 log = logging.getLogger(__name__)
 
 GRAPH_TOL = 1e-2  # a replay runs the eager forward's kernels on the same inputs: anything beyond rounding is a fault
+# The largest batch with a graph: past it a forward's kernels take long enough to hide its launches, while each
+# bucket's capture costs start-up time and the largest one's activations stay reserved.
+MAX_GRAPH_BATCH = 64
 
 
 def encoder_buckets(n: int) -> list[int]:
@@ -55,7 +58,7 @@ class EncoderGraphs:
                  capture: bool | None = None):
         self.runtime, self.device = runtime, runtime.device
         self.item_shape = tuple(item_shape)
-        self.buckets = encoder_buckets(max_batch)
+        self.buckets = encoder_buckets(min(max_batch, MAX_GRAPH_BATCH))
         self.max_batch = n = self.buckets[-1]
         self.captured = self.device.type == "cuda" if capture is None else capture
         self.inputs = torch.zeros((n, *self.item_shape), dtype=runtime.dtype, device=self.device)

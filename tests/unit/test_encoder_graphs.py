@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from encoders.batching import batch_lengths, shape_groups
-from encoders.graphs import EncoderGraphs, encoder_buckets
+from encoders.graphs import MAX_GRAPH_BATCH, EncoderGraphs, encoder_buckets
 from encoders.loader import load_preprocessor, load_runtime
 from encoders.preprocess import ImagePreprocessor
 from encoders.runtime import run_isolating
@@ -26,6 +26,14 @@ def test_buckets_are_powers_of_two_to_eight_then_multiples_of_eight():
     assert encoder_buckets(1) == [1]
     with pytest.raises(ValueError):
         encoder_buckets(0)
+
+
+def test_graphs_stop_at_the_largest_graph_batch(tiny_spec):
+    """A worker with a large --max-batch captures up to MAX_GRAPH_BATCH; larger batches run eagerly."""
+    pre = load_preprocessor(tiny_spec, "image")
+    graphs = EncoderGraphs(load_runtime(tiny_spec, "image"), pre.input_shape, 4 * MAX_GRAPH_BATCH, capture=False)
+    assert graphs.max_batch == MAX_GRAPH_BATCH == graphs.buckets[-1]
+    assert len(graphs.inputs) == MAX_GRAPH_BATCH
 
 
 @pytest.mark.parametrize("modality,media", [("image", [png_bytes(50, 40), png_bytes(17, 90, seed=1)]),
