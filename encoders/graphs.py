@@ -9,9 +9,9 @@ replayed graph is one launch whatever the host is doing.
 
 An encoder's input has one shape per checkpoint (images are resized and cropped to the tower's size; audio is padded
 to the extractor's window), so a graph per batch size is all it needs: batches are padded to the next bucket (1, 2,
-4, 8, then every multiple of 8 up to the worker's ``--max-batch``, at most MAX_GRAPH_BATCH). The rows are independent in every encoder
-(attention and convolutions run within an item), so the padding rows, which keep whatever an earlier batch left
-there, change nothing in the real rows, and the output is cut to them.
+4, 8, then every multiple of 8 up to the worker's ``--max-batch``, at most MAX_GRAPH_BATCH). The rows are
+independent in every encoder (attention and convolutions run within an item), so the padding rows, which keep
+whatever an earlier batch left there, change nothing in the real rows, and the output is cut to them.
 
 Static buffers: the inputs (in the compute dtype: the copy into them is the cast) and, for an encoder that masks its
 padding (Qwen2-Audio), the real lengths. Each bucket's graph reads their first rows and writes its own output buffer,

@@ -155,7 +155,8 @@ class EncoderWorker:
                               on_threads=self.on_threads).start()
         log.info("encoder ready", extra={"modality": self.cfg.modality, "runtime": self.runtime.name,
                                          "provider": getattr(self.runtime, "provider", self.cfg.device),
-                                         "max_batch": self.cfg.max_batch, "consumer": self.consumer})
+                                         "max_batch": self.cfg.max_batch, "consumer": self.consumer,
+                                         "cuda_graphs": graph_buckets(self.runtime)})
         pending: Staged | None = None  # read and being preprocessed; encoded next round
         metrics = serve_metrics(self.metrics.registry, self.cfg.metrics_port, self.cfg.metrics_host,
                                 self.tier, live=heartbeat.live) if self.cfg.metrics_port else None
@@ -246,11 +247,6 @@ class EncoderWorker:
             log.warning("reclaimed jobs of a dead consumer", extra={
                 "count": len(claimed), "from": sorted({c.consumer for c in claimed})})
         return claimed
-
-    def handle(self, entries: list) -> None:
-        """Encode one batch start to end, answered (what the loop does over three rounds, overlapped)."""
-        self._finish(self._stage(entries))
-        self._answered()
 
     def _answered(self) -> None:
         """Wait for the batch on the publishing thread to be answered; its Redis error is raised here, in the loop
@@ -483,6 +479,12 @@ class EncoderWorker:
                              code=code, error=error)
         (self._outcomes if outcomes is None else outcomes)[code.value] += 1
         answers.fail(job.script_keys, job.entry_id, m.encode(msg), job.msg.reply_to)
+
+
+def graph_buckets(runtime) -> list[int]:
+    """The batch sizes whose forward replays a captured CUDA graph (none: eager)."""
+    graphs = getattr(runtime, "graphs", None)
+    return sorted(graphs.graphs) if graphs is not None else []
 
 
 def _done(value) -> Future:
