@@ -15,8 +15,8 @@ whatever an earlier batch left there, change nothing in the real rows, and the o
 
 Static buffers: the inputs (in the compute dtype: the copy into them is the cast) and, for an encoder that masks its
 padding (Qwen2-Audio), the real lengths. Each bucket's graph reads their first rows and writes its own output buffer,
-which the next replay of that bucket overwrites: the caller copies what it keeps before launching more work, on the
-same stream (the encoder worker's payload copies are queued right behind the forward, encoders/runtime.py).
+which the next replay of any bucket may overwrite: the caller copies what it keeps before launching more work, on
+the same stream (the encoder worker's payload copies are queued right behind the forward, encoders/runtime.py).
 
 Capture runs once at start-up (largest bucket first, one shared memory pool; its time and memory are logged), then
 a self-check replays the smallest and the largest bucket against the same forward run eagerly; a capture that fails
@@ -80,7 +80,9 @@ class EncoderGraphs:
 
     def forward(self, batch: torch.Tensor, lengths: torch.Tensor | None = None) -> torch.Tensor:
         """[n, N, H] in the compute dtype on the device: a view of the bucket's output buffer, valid until the next
-        forward of that bucket (queued after this one's readers on the same stream, so they see this batch's)."""
+        replay of any bucket (the buckets share one memory pool, so a larger bucket's activations may lie where a
+        smaller one's output is). Work queued on the same stream before that replay sees this batch's output: the
+        encoder worker queues its copies to the host right behind the forward."""
         n = len(batch)
         b = self.bucket(n)
         self.inputs[:n].copy_(batch, non_blocking=True)  # from the device, or pinned memory: not waited for
@@ -94,40 +96,54 @@ class EncoderGraphs:
     @torch.inference_mode()
     def capture(self) -> dict:
         """Record one graph per bucket (largest first, one shared memory pool), then check them; returns what it
-        took. Raises if a capture fails or a replay deviates from the eager forward (the graphs are then dropped)."""
+        took. Raises if a capture fails or a replay deviates from the eager forward (the graphs are then dropped).
+
+        Everything runs with the encoder's device current (a worker on ``cuda:N`` never makes it so otherwise), and
+        the caller's stream is current again afterwards even if a capture failed midway (``torch.cuda.graph`` then
+        raises before it restores it). Such a failure may leave the graphs' memory pool reserved."""
         if not self.captured:
             return {"buckets": [], "seconds": 0.0, "memory_mib": 0.0}
         device = self.device
         t0 = time.perf_counter()
         try:
-            torch.cuda.synchronize(device)
-            torch.cuda.empty_cache()  # capturing empties the allocator's cache: measure from an empty one
-            reserved0 = torch.cuda.memory_reserved(device)
-            side = torch.cuda.Stream(device)
-            side.wait_stream(torch.cuda.current_stream(device))
-            with torch.cuda.stream(side):  # warm-up: cuBLAS and cuDNN pick their kernels, lazy buffers are made
-                for b in reversed(self.buckets):
-                    self._body(b)
-            torch.cuda.current_stream(device).wait_stream(side)
-            torch.cuda.synchronize(device)
-            mempool = torch.cuda.graph_pool_handle()
-            progress = Progress("capturing encoder CUDA graphs", len(self.buckets), extra={"device": str(device)})
-            for b in reversed(self.buckets):
-                graph = torch.cuda.CUDAGraph()
-                with torch.cuda.graph(graph, pool=mempool):
-                    self.outputs[b] = self._body(b)
-                self.graphs[b] = graph
-                progress.advance()
-            progress.done()
-            torch.cuda.synchronize(device)
-            took = {"buckets": self.buckets, "seconds": round(time.perf_counter() - t0, 2),
-                    "memory_mib": round((torch.cuda.memory_reserved(device) - reserved0) / 2**20, 1)}
-            took["replay_vs_eager"] = self.self_check()
+            with torch.cuda.device(device), torch.cuda.stream(torch.cuda.current_stream(device)):
+                took = self._capture(device)
+                took["seconds"] = round(time.perf_counter() - t0, 2)
+                took["replay_vs_eager"] = self.self_check()
         except Exception:
             self.graphs.clear()
             self.outputs.clear()
             raise
         return took
+
+    def _capture(self, device: torch.device) -> dict:
+        torch.cuda.synchronize(device)
+        torch.cuda.empty_cache()  # capturing empties the allocator's cache: measure from an empty one
+        reserved0 = torch.cuda.memory_reserved(device)
+        side = torch.cuda.Stream(device)
+        side.wait_stream(torch.cuda.current_stream(device))
+        if self.lengths is not None:  # warm up the masked path too (a batch of whole inputs may skip the mask)
+            self.lengths.fill_(max(1, self.full // 2))
+        with torch.cuda.stream(side):  # warm-up: cuBLAS and cuDNN pick their kernels, lazy buffers are made
+            for b in reversed(self.buckets):
+                self._body(b)
+        torch.cuda.current_stream(device).wait_stream(side)
+        torch.cuda.synchronize(device)
+        if self.lengths is not None:
+            self.lengths.fill_(self.full)
+        mempool = torch.cuda.graph_pool_handle()
+        capturing = torch.cuda.Stream(device)
+        progress = Progress("capturing encoder CUDA graphs", len(self.buckets), extra={"device": str(device)})
+        for b in reversed(self.buckets):
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph, pool=mempool, stream=capturing):
+                self.outputs[b] = self._body(b)
+            self.graphs[b] = graph
+            progress.advance()
+        progress.done()
+        torch.cuda.synchronize(device)
+        return {"buckets": self.buckets,
+                "memory_mib": round((torch.cuda.memory_reserved(device) - reserved0) / 2**20, 1)}
 
     @torch.inference_mode()
     def self_check(self) -> float:

@@ -70,7 +70,6 @@ def test_padded_batches_give_each_item_what_the_eager_forward_gives_it(tiny_spec
     got3 = runtime.run(three)
     assert got3.shape == want3.shape
     torch.testing.assert_close(got3, want3, rtol=1e-5, atol=1e-5)
-    assert torch.equal(runtime.graphs.inputs[3], four[3])  # the padding row was not cleared: it need not be
     one = runtime.run(three[1:2])
     torch.testing.assert_close(one, want3[1:2], rtol=1e-5, atol=1e-5)
     # Through the worker's path: the payloads are the same.

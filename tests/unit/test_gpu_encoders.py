@@ -50,8 +50,9 @@ def test_outputs_are_copied_from_the_device_straight_into_pinned_payloads(tiny_s
     # Launched back to back, as the worker does (the second before the first is waited for): each batch's outputs
     # are its own, though the device may reuse the first one's memory for the second.
     flipped = batch.flip(0).contiguous().pin_memory()
+    ref_flipped = runtime.run(flipped)
     first, second = (launch_isolating(runtime, b, None, torch.bfloat16) for b in (batch, flipped))
-    for got, want in ((second.result(), ref.flip(0)), (first.result(), ref)):
+    for got, want in ((second.result(), ref_flipped), (first.result(), ref)):
         assert all(torch.equal(decode_tensor(p.data), w) for p, w in zip(got, want))
 
 
@@ -93,8 +94,10 @@ def test_encoder_graphs_replay_what_the_eager_forward_computes(tiny_spec, modali
 
 
 def test_graph_outputs_launched_back_to_back_are_each_their_own(tiny_spec):
-    """A replay writes its bucket's one output buffer; the worker launches batch N+1 before N's payloads are waited
-    for. Those copies are queued before the next replay on the same stream, so each batch keeps its own outputs."""
+    """A replay writes its bucket's output buffer, which the next replay of any bucket may overwrite (one shared
+    memory pool); the worker launches batch N+1 before N's payloads are waited for. Those copies are queued before the
+    next replay on the same stream, so each batch keeps its own outputs: here buckets 4, 2, 4, 1, 4, none waited for
+    before the last is launched."""
     from cache.codec import decode_tensor
     from encoders.runtime import launch_isolating
 
@@ -102,11 +105,11 @@ def test_graph_outputs_launched_back_to_back_are_each_their_own(tiny_spec):
     (_, batch), = shape_groups(list(enumerate(pre(png_bytes(50, 40, seed=s)) for s in range(4))), pin=True)
     runtime = load_runtime(tiny_spec, "image", device="cuda", dtype=torch.bfloat16)
     assert runtime.capture(pre.input_shape, 4) is not None
-    ref = runtime.run(batch)
     flipped = batch.flip(0).contiguous().pin_memory()
-    launched = [launch_isolating(runtime, b, None, torch.bfloat16) for b in (batch, flipped, batch, flipped)]
-    for k, out in enumerate(launched):
-        want = ref if k % 2 == 0 else ref.flip(0)
+    batches = [batch, flipped[:2], flipped, batch[2:3], batch]
+    refs = [runtime.run(b) for b in batches]  # each waited for alone
+    launched = [launch_isolating(runtime, b, None, torch.bfloat16) for b in batches]
+    for k, (out, want) in enumerate(zip(launched, refs)):
         assert all(torch.equal(decode_tensor(p.data), w) for p, w in zip(out.result(), want)), k
 
 
@@ -123,3 +126,18 @@ def test_graphs_of_an_encoder_that_masks_its_padding_take_each_rows_length(hf_ch
     assert runtime.capture(pre.input_shape, 4, lengths=True) is not None
     assert _close(runtime.run(batch, lengths), want)
     assert _close(runtime.run(batch[[2, 0]], lengths[[2, 0]]), want[[2, 0]])
+
+
+def test_a_capture_that_fails_midway_leaves_the_encoder_eager_on_its_stream(tiny_spec):
+    """A host sync inside the captured forward makes the capture fail (torch.cuda.graph then raises before it puts
+    the caller's stream back): the encoder serves eagerly, on the stream it had, with the same outputs."""
+    pre = load_preprocessor(tiny_spec, "image")
+    (_, batch), = shape_groups(list(enumerate(pre(png_bytes(50, 40, seed=s)) for s in range(3))), pin=True)
+    runtime = load_runtime(tiny_spec, "image", device="cuda", dtype=torch.bfloat16)
+    want = runtime.run(batch)
+    stream = torch.cuda.current_stream()
+    runtime.module.register_forward_hook(lambda mod, args, out: out * (1.0 if out.sum().item() == out.sum().item()
+                                                                      else 1.0))
+    assert runtime.capture(pre.input_shape, 4) is None and runtime.graphs is None
+    assert torch.cuda.current_stream() == stream
+    assert torch.equal(runtime.run(batch), want)
