@@ -212,7 +212,8 @@ class Engine:
             raise PlanError(f"the prompt is empty or holds token ids outside the vocabulary [0, {vocab})")
         if len(token_ids) != seq.prompt_len:
             raise PlanError(f"the plan has {len(token_ids)} token ids for a prompt of {seq.prompt_len}")
-        seq.prompt_embeds = fuse(self.model.embed, token_ids, media, self.placeholder_ids, self.model.device)[0]
+        seq.prompt_embeds = fuse(self.model.embed, token_ids, media, self.placeholder_ids, self.model.device,
+                                 generated=seq.resumed)[0]
         load = [0] * self.lanes
         for s in self.active.values():
             load[s.lane] += 1

@@ -17,14 +17,19 @@ class PlanError(ValueError):
 
 
 def fuse(embed_tokens, token_ids: list[int] | torch.Tensor, media: list[tuple[str, torch.Tensor]],
-         placeholder_ids: dict[str, int], device: torch.device | str = "cpu") -> torch.Tensor:
+         placeholder_ids: dict[str, int], device: torch.device | str = "cpu", generated: int = 0) -> torch.Tensor:
     """token_ids [S] (host); media: (modality, rows [n, H]) in prompt order -> inputs_embeds [1, S, H] on
-    ``device`` (the embedding's)."""
+    ``device`` (the embedding's).
+
+    ``generated``: the last tokens were sampled by the model (a migrated request's, resumed here). They are text
+    whatever their ids: a model may sample a placeholder id, which it then read through the embedding table, as it
+    reads it here."""
     ids = token_ids.tolist() if isinstance(token_ids, torch.Tensor) else list(token_ids)
     device = torch.device(device)
     embeds = embed_tokens(to_device(ids, torch.long, device).unsqueeze(0))  # [1, S, H]
+    prompt = ids[: len(ids) - generated]
     for modality, placeholder in placeholder_ids.items():
-        positions = [i for i, t in enumerate(ids) if t == placeholder]
+        positions = [i for i, t in enumerate(prompt) if t == placeholder]
         rows = [t for mod, t in media if mod == modality]
         want = len(positions)
         have = sum(t.shape[0] for t in rows)

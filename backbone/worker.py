@@ -608,8 +608,15 @@ class BackboneWorker:
 
     def _refuse(self, plan: m.PromptPlan, entry_id: bytes, code: m.ErrorCode, error: str, silent: bool = False
                 ) -> None:
-        """Queue the plan's ack and (unless its gateway is gone) its error event for the next round trip."""
+        """Queue the plan's ack and (unless its gateway is gone) its error event for the next round trip.
+
+        A continuation (a migrated request) that does not fit is the service's fault, not the client's: a backbone
+        accepted the same request before. It fails as internal, never as a bad request."""
         self.fetched.pop(run_key(plan), None)  # a fetch ahead of it is not needed any more
+        if plan.resumed and code == m.ErrorCode.BAD_PLAN:
+            log.error("a migrated request does not fit this backbone", extra={"request_id": plan.request_id,
+                                                                              "error": error})
+            code, error = m.ErrorCode.INTERNAL, f"the backbone this request moved to could not continue it: {error}"
         if silent:
             log.info("dropped", extra={"request_id": plan.request_id, "error": error})
         ev = None if silent else self._error_event(plan, code, error)

@@ -9,6 +9,7 @@ import subprocess
 import time
 import urllib.request
 
+import msgspec
 import pytest
 import redis
 
@@ -99,6 +100,29 @@ def test_tokens_equal_the_in_process_engine(backbone, redis_server, tiny_spec):
         engine.step([seq])
     assert tokens == seq.output
     assert r.xpending(KEYS.gen(), BACKBONE_GROUP)["pending"] == 0
+
+
+def test_a_continuation_whose_generated_tokens_hold_placeholder_ids_goes_on(backbone, redis_server, tiny_spec):
+    """A migrated request (gateway/tiers.py) resumes with the tokens generated so far at the end of its prompt. A
+    model may sample a media placeholder id: those tokens are text, and the continuation runs; a continuation that
+    does not fit fails as the service's fault, never as the client's."""
+    r = redis.Redis.from_url(redis_server.url)
+    ids = [1, 286, 274, 203, 56, 76, 73, 272, 2, 203]
+    generated = [tiny_spec.placeholder_ids["image"], 87, tiny_spec.placeholder_ids["audio"]]
+    hold_lease(r, "reply:bbc")
+    cont = msgspec.structs.replace(plan("bb-c", "reply:bbc", ids + generated, 4, temperature=0.0),
+                                   resumed=len(generated))
+    r.xadd(KEYS.gen(), payload_fields(m.encode(cont)))
+    got = events(r, "reply:bbc", {"bb-c"})
+    assert got[-1].finish == m.FinishReason.LENGTH, got[-1]
+    assert (got[-1].prompt_tokens, got[-1].completion_tokens) == (len(ids), len(generated) + 4)
+    # The prompt's own placeholder without its encoder rows: refused, as internal for a continuation.
+    bad = msgspec.structs.replace(plan("bb-d", "reply:bbc", ids + generated[:1] + [9], 4), resumed=1)
+    bad = msgspec.structs.replace(bad, token_ids=[tiny_spec.placeholder_ids["image"], *bad.token_ids])
+    r.xadd(KEYS.gen(), payload_fields(m.encode(bad)))
+    last = events(r, "reply:bbc", {"bb-d"})[-1]
+    assert last.finish == m.FinishReason.ERROR and last.code == m.ErrorCode.INTERNAL, last
+    assert "could not continue" in last.error
 
 
 def test_cancel_frees_the_slot_and_a_later_request_interleaves(backbone, redis_server):

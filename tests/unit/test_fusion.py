@@ -46,6 +46,19 @@ def test_order_within_a_modality_follows_the_media_list(embed):
 
 
 @torch.inference_mode()
+def test_generated_tokens_are_text_whatever_their_ids(embed):
+    """A migrated request's prompt ends with tokens the model sampled; one may be a placeholder id, which the model
+    read through the embedding table: it stays text, and is not counted against the encoder rows."""
+    ids = torch.tensor([1, 8, 2, 8, 9, 3])
+    a = rows(1, 0)
+    out = fuse(embed, ids, [("image", a)], PH, generated=3)
+    assert torch.equal(out[0, 1], a[0])
+    assert torch.equal(out[0, 3:], embed.weight[ids[3:]])
+    with pytest.raises(PlanError, match="image: 2 placeholder tokens but 1 encoder rows"):
+        fuse(embed, ids, [("image", a)], PH)  # the same ids read as all prompt
+
+
+@torch.inference_mode()
 def test_text_only(embed):
     ids = torch.tensor([1, 2, 3])
     out = fuse(embed, ids, [], PH)
