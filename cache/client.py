@@ -40,6 +40,7 @@ CLUSTER_ENV = "TRIBUTARY_REDIS_CLUSTER"  # auto (the default): ask the server; y
 log = logging.getLogger(__name__)
 
 
+ASYNC_MAX_CONNECTIONS = 256  # an asyncio client's pool (the gateway sizes its own to its --max-inflight)
 SOCKET_TIMEOUT_S = 5.0  # any one call (longer than every BLOCK we use: at most 1 s)
 CONNECT_TIMEOUT_S = 2.0
 
@@ -236,7 +237,11 @@ def connect(url: str, retries: int = 2, socket_timeout: float = SOCKET_TIMEOUT_S
     return redis.Redis.from_url(url, retry=retry, connection_class=_connection_class(url), **_options(socket_timeout))
 
 
-def connect_async(url: str, retries: int = 2, socket_timeout: float = SOCKET_TIMEOUT_S) -> aioredis.Redis:
+def connect_async(url: str, retries: int = 2, socket_timeout: float = SOCKET_TIMEOUT_S,
+                  max_connections: int = ASYNC_MAX_CONNECTIONS) -> aioredis.Redis:
+    """An asyncio client. Its pool holds up to ``max_connections`` connections (per node of a cluster); past that,
+    a command waits for a free one (at most ``socket_timeout``) instead of failing at once, as redis-py's default
+    pool does past 100: a burst of concurrent requests is not a Redis outage."""
     from redis.asyncio.retry import Retry
 
     url = with_password_file(url)
@@ -246,8 +251,10 @@ def connect_async(url: str, retries: int = 2, socket_timeout: float = SOCKET_TIM
         options = _options(socket_timeout)
         del options["retry_on_timeout"]  # the asyncio cluster client never retries a timeout
         client = RedisCluster.from_url(url, retry=Retry(ExponentialBackoff(cap=1.0, base=0.05), max(retries, 1)),
-                                       require_full_coverage=False, **options)
+                                       require_full_coverage=False, max_connections=max_connections, **options)
         client.commands_parser = _AsyncStreamKeys(client.commands_parser)
         return client
-    return aioredis.Redis.from_url(url, retry=Retry(ExponentialBackoff(cap=1.0, base=0.05), retries,
-                                                    tuple(RETRY_ERRORS)), **_options(socket_timeout))
+    pool = aioredis.BlockingConnectionPool.from_url(
+        url, max_connections=max_connections, timeout=socket_timeout,
+        retry=Retry(ExponentialBackoff(cap=1.0, base=0.05), retries, tuple(RETRY_ERRORS)), **_options(socket_timeout))
+    return aioredis.Redis.from_pool(pool)

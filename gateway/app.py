@@ -25,7 +25,7 @@ from starlette.responses import FileResponse, JSONResponse, Response
 from starlette.routing import Mount, Route, WebSocketRoute
 from starlette.staticfiles import StaticFiles
 
-from cache.client import SOCKET_TIMEOUT_S, connect_async
+from cache.client import ASYNC_MAX_CONNECTIONS, SOCKET_TIMEOUT_S, connect_async
 from cache.keys import Keys
 from gateway.auth import AuthMiddleware, KeyRing
 from gateway.chat import ChatService, RequestIds
@@ -70,7 +70,9 @@ def create_app(cfg: GatewayConfig):
     async def lifespan(app: Starlette):
         # Twice the workers' socket timeout: a request already in flight rides out a short outage (a failover, a
         # pause of a few seconds) while new requests are refused at once by the monitor (gateway/monitor.py).
-        redis = connect_async(cfg.redis_url, socket_timeout=2 * SOCKET_TIMEOUT_S)
+        # Connections for every request in flight at once, twice over (a request's own call and a cancellation).
+        redis = connect_async(cfg.redis_url, socket_timeout=2 * SOCKET_TIMEOUT_S,
+                              max_connections=max(ASYNC_MAX_CONNECTIONS, 2 * cfg.max_inflight))
         reply_stream = keys.reply(gateway_id)
         replies = ReplyRouter(redis, keys, gateway_id)
         tiers = TierClient(redis, cfg, spec, replies, reply_stream)

@@ -111,3 +111,32 @@ def test_workers_send_large_values_and_memoryviews_as_they_are(redis_url):
     assert issubclass(packing_class(SSLConnection), SSLConnection)
     assert issubclass(packing_class(UnixDomainSocketConnection), UnixDomainSocketConnection)
     assert packing_class(SSLConnection) is packing_class(SSLConnection)
+
+
+def test_more_concurrent_async_calls_than_connections_wait_for_one(redis_url):
+    """The gateway's asyncio client under a burst: more calls at once than its pool holds (and than redis-py's
+    default pool's 100) each wait for a free connection instead of failing as if Redis were down; the wait is
+    bounded by the socket timeout."""
+    import asyncio
+
+    from cache.client import connect_async
+
+    async def burst(client, n: int) -> list:
+        # BLPOP with a timeout holds its connection ~0.2 s: n of them at once need n connections.
+        return await asyncio.gather(*(client.blpop([f"burst:{i}"], timeout=0.2) for i in range(n)))
+
+    async def main() -> None:
+        default = connect_async(redis_url)
+        try:
+            assert await burst(default, 150) == [None] * 150
+        finally:
+            await default.aclose()
+        small = connect_async(redis_url, socket_timeout=5.0, max_connections=8)
+        try:
+            t = asyncio.get_running_loop().time()
+            assert await burst(small, 24) == [None] * 24
+            assert asyncio.get_running_loop().time() - t >= 0.5  # three waves of 8, not 24 at once
+        finally:
+            await small.aclose()
+
+    asyncio.run(main())
