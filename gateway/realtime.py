@@ -46,7 +46,8 @@ from dataclasses import dataclass
 import numpy as np
 from starlette.websockets import WebSocket, WebSocketDisconnect
 
-from gateway.errors import APIError
+from gateway.errors import APIError, InvalidRequest
+from gateway.schemas import check_sampling, parse_json
 from gateway.tiers import ClientGone
 from models.audio import AudioConfig, StreamingFeatures, pcm16_samples
 
@@ -192,7 +193,7 @@ class RealtimeSession:
 
     async def send(self, type_: str, **fields) -> None:
         async with self.send_lock:
-            await self.ws.send_text(json.dumps({"type": type_, "event_id": _id("event"), **fields}))
+            await self.ws.send_text(json.dumps({"type": type_, "event_id": _id("event"), **fields}, allow_nan=False))
 
     async def error(self, exc: EventError | APIError, event_id: str | None) -> None:
         err = {"type": exc.type, "code": exc.code, "message": exc.message, "param": exc.param, "event_id": event_id}
@@ -224,16 +225,24 @@ class RealtimeSession:
                 try:
                     if text is None:
                         raise EventError("events are JSON text frames, not binary ones", code="invalid_json")
-                    try:
-                        event = json.loads(text)
-                    except ValueError:
-                        raise EventError("the event is not valid JSON", code="invalid_json") from None
+                    try:  # strict, as a REST body: no NaN or Infinity, nesting bounded, no lone surrogates
+                        event = parse_json(text, "the event")
+                    except InvalidRequest as exc:
+                        raise EventError(exc.message, code="invalid_json", param=exc.param) from None
                     if not isinstance(event, dict) or not isinstance(event.get("type"), str):
                         raise EventError("an event is a JSON object with a string 'type'", param="type")
                     event_id = event.get("event_id") if isinstance(event.get("event_id"), str) else None
                     await self.handle(event)
                 except (EventError, APIError) as exc:
                     await self.error(exc, event_id)
+                except WebSocketDisconnect:
+                    raise
+                except Exception as exc:  # a bug handling this one event: the session goes on (a send to a closed
+                    # socket raises again from here, and ends it)
+                    log.exception("realtime event failed", extra={"session_id": self.session_id,
+                                                                  "event_id": event_id})
+                    await self.error(EventError(f"the server could not handle this event ({type(exc).__name__})",
+                                                code="server_error", type_="server_error"), event_id)
         except (WebSocketDisconnect, RuntimeError):  # gone (a send to a closed socket is a RuntimeError)
             pass
         finally:
@@ -266,6 +275,8 @@ class RealtimeSession:
     # -- session ------------------------------------------------------------------------------------------------
 
     def _sampling(self, obj: dict, param: str) -> dict:
+        """The sampling extension fields, refused here unless a chat request would take them (so that a session
+        never holds values every later response would fail on)."""
         out = {}
         for key in ("temperature", "top_p", "seed"):
             if key in obj:
@@ -273,6 +284,10 @@ class RealtimeSession:
                 if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))):
                     raise EventError(f"{param}.{key} must be a number", param=f"{param}.{key}")
                 out[key] = value
+        try:
+            check_sampling({k: v for k, v in out.items() if v is not None}, param)
+        except InvalidRequest as exc:
+            raise EventError(exc.message, param=exc.param) from None
         return out
 
     async def session_update(self, event: dict) -> None:
@@ -293,8 +308,10 @@ class RealtimeSession:
             raise EventError("audio output is not supported by this server", code="unsupported",
                              param="session.audio.output")
         audio_in = audio.get("input") or {}
+        if not isinstance(audio_in, dict):
+            raise EventError("session.audio.input must be an object", param="session.audio.input")
         vad = self.vad
-        if isinstance(audio_in, dict) and "turn_detection" in audio_in:
+        if "turn_detection" in audio_in:
             turn = audio_in["turn_detection"]
             if turn is None:
                 vad = None
@@ -305,7 +322,10 @@ class RealtimeSession:
                 raise EventError(f"turn detection {what!r} is not supported: use server_vad, or null and commit "
                                  "the audio buffer yourself", code="unsupported",
                                  param="session.audio.input.turn_detection")
-        fmt = (audio_in.get("format") or {}) if isinstance(audio_in, dict) else {}
+        fmt = audio_in.get("format") or {}
+        if not isinstance(fmt, dict):
+            raise EventError("session.audio.input.format must be an object: {\"type\": \"audio/pcm\", \"rate\": "
+                             "24000}", code="unsupported", param="session.audio.input.format")
         if fmt and (fmt.get("type", "audio/pcm") != "audio/pcm" or fmt.get("rate", PCM_RATE) != PCM_RATE):
             raise EventError("input audio must be audio/pcm at 24000 Hz", code="unsupported",
                              param="session.audio.input.format")

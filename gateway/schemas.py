@@ -182,16 +182,33 @@ def _refuse_parameters(unsupported: list[str], unknown: list[str], order: list[s
                          code="unsupported_parameter" if unsupported else None)
 
 
-def parse_chat_request(body: bytes) -> ChatCompletionRequest:
+def parse_json(body: bytes | str, what: str = "request body"):
+    """Strict JSON (see the module's docstring), or a 400 naming what is wrong; ``what`` names the text in the
+    message (a Realtime event is "the event")."""
     try:
         raw = json.loads(body, parse_constant=_no_constants)
     except RecursionError:
-        raise InvalidRequest(f"request body is nested more than {MAX_DEPTH} levels deep") from None
+        raise InvalidRequest(f"{what} is nested more than {MAX_DEPTH} levels deep") from None
     except (ValueError, UnicodeDecodeError) as exc:  # JSONDecodeError is a ValueError
-        raise InvalidRequest(_json_error(exc)) from None
+        raise InvalidRequest(_json_error(exc).replace("request body", what, 1)) from None
+    check_strict(raw, what)
+    return raw
+
+
+def check_sampling(values: dict, where: str) -> None:
+    """400 unless ``values`` (any of temperature, top_p, seed) are what a chat request accepts for them; the param
+    named is ``where`` + the field."""
+    try:
+        ChatCompletionRequest.model_validate({"model": "-", "messages": [{"role": "user", "content": "-"}], **values})
+    except ValidationError as exc:
+        message, param = _describe(exc)
+        raise InvalidRequest(message.replace(f"'{param}'", f"'{where}.{param}'"), param=f"{where}.{param}") from None
+
+
+def parse_chat_request(body: bytes) -> ChatCompletionRequest:
+    raw = parse_json(body)
     if not isinstance(raw, dict):
         raise InvalidRequest("request body must be a JSON object")
-    check_strict(raw)
     order = list(raw)
     unsupported = []
     for name, off in _OFF_VALUES.items():
@@ -209,13 +226,13 @@ def parse_chat_request(body: bytes) -> ChatCompletionRequest:
     return req
 
 
-def check_strict(raw) -> None:
+def check_strict(raw, what: str = "request body") -> None:
     """400 for nesting deeper than MAX_DEPTH or a lone surrogate in any key or string (iterative: no recursion)."""
     stack = [(raw, (), 1)]
     while stack:
         value, path, depth = stack.pop()
         if depth > MAX_DEPTH:
-            raise InvalidRequest(f"request body is nested more than {MAX_DEPTH} levels deep",
+            raise InvalidRequest(f"{what} is nested more than {MAX_DEPTH} levels deep",
                                  param=".".join(map(str, path[:3])) or None)
         items = value.items() if isinstance(value, dict) else enumerate(value) if isinstance(value, list) else ()
         for key, item in items:

@@ -199,6 +199,18 @@ def test_malformed_events_get_errors_and_the_connection_stays_usable(cluster):
         (json.dumps({"type": "response.cancel"}), "response_cancel_not_active", None),
         (json.dumps({"type": "response.create", "response": {"max_output_tokens": 0}}), "invalid_value",
          "response.max_output_tokens"),
+        # Shapes a handler did not expect, strict JSON, values every later response would fail on:
+        (json.dumps({"type": "session.update", "session": {"audio": {"input": {"format": "pcm16"}}}}), "unsupported",
+         "session.audio.input.format"),
+        (json.dumps({"type": "session.update", "session": {"audio": {"input": ["pcm16"]}}}), "invalid_value",
+         "session.audio.input"),
+        ('{"type": "session.update", "session": {"temperature": NaN}}', "invalid_json", None),
+        ('{"type": "session.update", "session": {"seed": Infinity}}', "invalid_json", None),
+        ("[" * 2000 + "]" * 2000, "invalid_json", None),
+        ('{"type": "session.update", "x": ' + "[" * 40 + "]" * 40 + "}", "invalid_json", "x.0.0"),
+        (json.dumps({"type": "session.update", "session": {"temperature": 7}}), "invalid_value",
+         "session.temperature"),
+        (json.dumps({"type": "response.create", "response": {"top_p": 0}}), "invalid_value", "response.top_p"),
     ]
     with raw(cluster) as ws:
         next_of(ws, "session.created")
