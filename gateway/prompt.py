@@ -57,6 +57,12 @@ class PromptBuilder:
         special = set(tokenizer.all_special_tokens) | {
             t.content for t in getattr(tokenizer, "added_tokens_decoder", {}).values() if t.special}
         self.special_text = sorted(special - set(self.placeholder_text.values()), key=len, reverse=True)
+        # No token covers more characters of text than the longest token's spelling (byte-level and SentencePiece
+        # vocabularies spell a token with at least the characters it stands for). So client text longer than the
+        # context times that cannot fit, and is refused before tokenizing it (megabytes of text take the tokenizer
+        # tens of seconds); twice that, for normalizers that shorten text.
+        longest = max((len(t) for t in tokenizer.convert_ids_to_tokens(list(range(len(tokenizer)))) if t), default=1)
+        self.max_text_chars = 2 * spec.max_context * longest
 
     def remote_parts(self, req: ChatCompletionRequest) -> list[tuple[str, str, str]]:
         """(param, url, modality) of every media part given as an http(s) URL: fetched (gateway/remote.py) before
@@ -73,6 +79,7 @@ class PromptBuilder:
               ) -> Prompt:
         """``fetched``: the bytes of the remote parts (``remote_parts``), by param."""
         self._check_counts(req)
+        self._check_text_length(req)
         messages, media, quoted = [], [], []
         for i, msg in enumerate(req.messages):
             role = "system" if msg.role == "developer" else msg.role
@@ -121,6 +128,14 @@ class PromptBuilder:
             elif piece:
                 ids += tok(piece, add_special_tokens=False)["input_ids"]
         return ids
+
+    def _check_text_length(self, req: ChatCompletionRequest) -> None:
+        chars = sum(len(m.content) if isinstance(m.content, str) else
+                    sum(len(p.text) for p in m.content if p.type == "text") for m in req.messages)
+        if chars > self.max_text_chars:
+            raise InvalidRequest(f"the prompt's text is {chars} characters, more than this model's context of "
+                                 f"{self.spec.max_context} tokens can hold", param="messages",
+                                 code="context_length_exceeded")
 
     def _check_counts(self, req: ChatCompletionRequest) -> None:
         counts = {m: 0 for m in self.limits}

@@ -258,3 +258,23 @@ def test_tenants_key_the_same_media_apart(builder, tiny_spec):
     assert len({plain, a, b}) == 3
     assert plain == content_digest(tiny_spec.encoder_id("image"), tiny_spec.preprocess["image"], png)
     assert a == builder.build(request(msg), "alice").media[0].digest  # stable within a tenant
+
+
+def test_text_too_long_for_any_tokenization_is_refused_before_tokenizing(builder, tiny_spec, monkeypatch):
+    """No token covers more text than its own spelling: past the context times the longest one (twice, for
+    normalizers), the prompt cannot fit, and the tokenizer (tens of seconds on megabytes) is never called."""
+    longest = max(len(t) for t in builder.tokenizer.convert_ids_to_tokens(list(range(len(builder.tokenizer)))))
+    assert builder.max_text_chars == 2 * tiny_spec.max_context * longest
+    calls = []
+    monkeypatch.setattr(builder.tokenizer.__class__, "apply_chat_template",
+                        lambda *a, **k: calls.append(1) or "")
+    big = "word " * (builder.max_text_chars // 5 + 1)
+    for req in (request({"role": "user", "content": big}),
+                request({"role": "user", "content": [text(big[:len(big) // 2]), text(big[len(big) // 2:])]})):
+        with pytest.raises(InvalidRequest) as info:
+            builder.build(req)
+        assert info.value.code == "context_length_exceeded" and info.value.param == "messages"
+    assert calls == []
+    # Text at the bound goes on to the template and the tokenizer (its real token count decides).
+    builder.build(request({"role": "user", "content": "x" * builder.max_text_chars}))
+    assert calls == [1]
