@@ -136,7 +136,7 @@ def _b64(data: str, param: str, limit: int, kind: str = "media") -> bytes:
 
 
 def is_remote(url: str) -> bool:
-    return url.startswith(("http://", "https://"))
+    return url[:8].lower().startswith(("http://", "https://"))  # URL schemes are case-insensitive
 
 
 def from_data_url(url: str, kind: str, param: str, limit: int) -> bytes:
@@ -146,9 +146,10 @@ def from_data_url(url: str, kind: str, param: str, limit: int) -> bytes:
     if is_remote(url):
         raise InvalidRequest(f"{field} must be a data: URL; fetching http(s) URLs is disabled on this server",
                              param=param, code="remote_url_disabled")
-    if not url.startswith("data:"):
+    if url[:5].lower() != "data:":  # the scheme, the media type and "base64" are case-insensitive (RFC 2397)
         raise InvalidRequest(f"{field} must be a data: URL (data:{kind}/...;base64,...)", param=param)
     header, sep, payload = url[5:].partition(",")
+    header = header.lower()
     if not sep or not header.endswith(";base64"):
         raise InvalidRequest(f"{kind} data URL must be base64-encoded (data:<type>;base64,<data>)", param=param)
     media_type = header[: -len(";base64")]

@@ -79,3 +79,4 @@ def setup_logging(tier: str, level: str = "INFO", fmt: str | None = None) -> Non
     root.handlers[:] = [handler]
     root.setLevel(level.upper())
     logging.Formatter.converter = time.gmtime
+    logging.captureWarnings(True)  # a library's warnings (numpy's overflow on odd audio, ...) as log lines too

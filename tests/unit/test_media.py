@@ -24,7 +24,14 @@ def test_any_image_mime_or_none_accepted(mime):
     assert image_from_url(f"data:{mime};base64," + b64(data), "p", LIMIT) == data
 
 
-@pytest.mark.parametrize("url", ["http://example.com/cat.png", "https://example.com/cat.png"])
+@pytest.mark.parametrize("prefix", ["DATA:image/png;base64,", "Data:Image/PNG;Base64,", "data:IMAGE/jpeg;BASE64,"])
+def test_data_url_scheme_type_and_encoding_are_case_insensitive(prefix):
+    png = png_bytes()
+    assert image_from_url(prefix + b64(png), "p", LIMIT) == png
+
+
+@pytest.mark.parametrize("url", ["http://example.com/cat.png", "https://example.com/cat.png",
+                                 "HTTPS://example.com/cat.png"])
 def test_remote_url_refused(url):
     with pytest.raises(InvalidRequest) as info:
         image_from_url(url, "messages.0.content.2", LIMIT)
