@@ -21,7 +21,7 @@ from gateway.errors import InvalidRequest
 
 
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", strict=True)  # JSON types as OpenAI takes them: "4" is not 4
 
 
 class TextPart(_Strict):

@@ -248,3 +248,15 @@ def test_undecodable_scrubs_a_worker_reason_from_an_older_worker():
     part = MediaPart("audio", b"x", PART)
     err = undecodable(part, "cannot decode audio: Error opening <_io.BytesIO object at 0x7fc4>: Format not recognised.")
     assert "object at 0x" not in err.message and err.message.startswith(f"{PART}: the audio could not be decoded: ")
+
+
+@pytest.mark.parametrize("field,value", [("max_tokens", "4"), ("max_tokens", True), ("seed", "1"), ("stream", 1),
+                                         ("temperature", "0.5"), ("max_completion_tokens", 4.5)])
+def test_values_of_the_wrong_json_type_are_refused_not_coerced(field, value):
+    """As OpenAI's API: a string is not a number, a number is not a boolean."""
+    from gateway.schemas import parse_chat_request
+
+    body = {"model": "m", "messages": [{"role": "user", "content": "hi"}], field: value}
+    with pytest.raises(InvalidRequest) as info:
+        parse_chat_request(json.dumps(body).encode())
+    assert info.value.param == field
