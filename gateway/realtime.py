@@ -429,6 +429,9 @@ class RealtimeSession:
         index = next((i for i, it in enumerate(self.items) if it["id"] == item_id), None)
         if index is None:
             raise EventError(f"no item with id {item_id!r}", code="item_not_found", param="item_id")
+        if self.items[index].get("status") == "in_progress":  # its response would go on adding to it
+            raise EventError(f"item {item_id!r} is being written by the response in progress: cancel it first "
+                             "(response.cancel)", code="item_in_progress", param="item_id")
         del self.items[index]
         self.features.pop(item_id, None)
         await self.send("conversation.item.deleted", item_id=item_id)

@@ -170,14 +170,33 @@ def test_a_dropped_socket_frees_the_backbone_slot(cluster):
     before = cluster.stats("backbone").get("cancelled", 0)
     with raw(cluster) as ws:
         next_of(ws, "session.created")
-        ws.send(json.dumps({"type": "response.create", "response": {
-            "max_output_tokens": 900, "conversation": "none",
+        ws.send(json.dumps({"type": "response.create", "response": {  # greedy: a sampled answer may end at once
+            "max_output_tokens": 900, "conversation": "none", "temperature": 0,
             "input": [{"type": "message", "role": "user", "content": [{"type": "input_text", "text": "long"}]}]}}))
         next_of(ws, "response.output_text.delta")  # then the socket drops, mid-response
     deadline = time.monotonic() + 10
     while cluster.stats("backbone").get("cancelled", 0) == before and time.monotonic() < deadline:
         time.sleep(0.1)
     assert cluster.stats("backbone").get("cancelled", 0) == before + 1
+
+
+def test_the_item_a_response_is_writing_cannot_be_deleted_until_it_ends(cluster):
+    with raw(cluster) as ws:
+        next_of(ws, "session.created")
+        ws.send(json.dumps({"type": "conversation.item.create", "item": {
+            "type": "message", "role": "user", "content": [{"type": "input_text", "text": "long"}]}}))
+        next_of(ws, "conversation.item.done")
+        # Greedy: the same long answer every run (a sampled one might end before the delete arrives).
+        ws.send(json.dumps({"type": "response.create", "response": {"max_output_tokens": 900, "temperature": 0}}))
+        item = next_of(ws, "conversation.item.added")["item"]
+        assert item["role"] == "assistant"
+        ws.send(json.dumps({"type": "conversation.item.delete", "item_id": item["id"], "event_id": "del"}))
+        err = next_of(ws, "error")["error"]
+        assert (err["code"], err["event_id"]) == ("item_in_progress", "del")
+        ws.send(json.dumps({"type": "response.cancel"}))
+        assert next_of(ws, "response.done")["response"]["status"] == "cancelled"
+        ws.send(json.dumps({"type": "conversation.item.delete", "item_id": item["id"]}))
+        assert next_of(ws, "conversation.item.deleted")["item_id"] == item["id"]
 
 
 def test_malformed_events_get_errors_and_the_connection_stays_usable(cluster):
