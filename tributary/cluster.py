@@ -114,6 +114,7 @@ class Cluster:
         groups = [self._one("gateway", "", self._base() + [
             "gateway", *self._common(), "--host", self.host, "--port", str(self.port),
             "--instance-id", self.instance_id, *self.gateway_args], 1)]
+        groups[0].front = True
         groups += [self.replica_group(f"encoder:{m}", 0, budget) for m in self.modalities]
         groups += [self.replica_group("backbone", r, budget) for r in range(self.replicas)]
         return groups
@@ -355,7 +356,8 @@ def run_cluster(args) -> int:
         if args.hang_timeout > 0:
             from tributary.watchdog import Watchdog
 
-            watchdog = Watchdog(cluster.redis_url, cluster.prefix, cluster.tiers(), args.hang_timeout)
+            watchdog = Watchdog(cluster.redis_url, cluster.prefix, cluster.tiers(), args.hang_timeout,
+                                load_s=args.ready_timeout)
         while not stop.is_set():
             if watchdog:
                 watchdog.check(sup.groups)  # a stuck worker is killed here and restarted by tend()

@@ -45,12 +45,14 @@ class Child:
     proc: subprocess.Popen | None = None
     tail: collections.deque = field(default_factory=lambda: collections.deque(maxlen=TAIL_LINES))
     _reader: threading.Thread | None = None
+    started_at: float = 0.0  # monotonic
 
     def start(self) -> None:
         self.proc = subprocess.Popen(self.argv, env={**os.environ, **self.env}, stdout=subprocess.PIPE,
                                      stderr=subprocess.STDOUT, start_new_session=True, preexec_fn=die_with_parent)
         self._reader = threading.Thread(target=self._pump, name=f"out-{self.name}", daemon=True)
         self._reader.start()
+        self.started_at = time.monotonic()
         log.info("started", extra={"child": self.name, "pid": self.proc.pid})
 
     def _pump(self) -> None:
@@ -89,6 +91,7 @@ class Group:
     crashes: list[float] = field(default_factory=list)  # monotonic times
     restart_at: float | None = None
     tier: str = ""  # the tier its processes serve ("" when not scaled)
+    front: bool = False  # stopped first when everything stops (the gateway: the workers serve what it drains)
     retire_by: float | None = None  # monotonic deadline of a drain in progress (None: not retiring)
 
     def start(self) -> None:
@@ -188,9 +191,13 @@ class Supervisor:
                     self.on_restart(group)
 
     def stop(self) -> None:
-        for child in self.children:
-            child.signal(signal.SIGTERM)
-        self._wait(self.children, self.grace_s)
+        """Everything, in two waves: the front groups (gateways) first, so that the requests they finish while
+        draining are served by workers still there; then the workers, which finish or hand back what they hold."""
+        front = [c for g in self.groups if g.front for c in g.children]
+        for wave in (front, [c for c in self.children if c not in front]):
+            for child in wave:
+                child.signal(signal.SIGTERM)
+            self._wait(wave, self.grace_s)
 
     def _stop_group(self, group: Group, grace_s: float) -> None:
         for child in group.children:

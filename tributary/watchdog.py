@@ -11,7 +11,10 @@ Beats go stale for other reasons too, and those are not the worker's fault:
 
 * Redis paused or away: every beat goes stale at once. The watchdog judges no one unless Redis has answered each of
   its checks for the whole of ``hang_s`` (and a check answered slowly counts as Redis away).
-* A worker starting up (loading a model) has never beaten: only a process seen beating can be found stuck.
+* A worker starting up (loading a model) has never beaten: only a process seen beating can be found stuck. A
+  (re)started worker that has not beaten ``load_s`` after its start (``tributary up --ready-timeout``, which bounds
+  the first start the same way) is stuck loading, though (a hung filesystem, a deadlock at import): it is killed and
+  restarted too. The group is judged: a pipeline replica beats through its first shard only.
 * A worker draining or restarting is the supervisor's business: only children of groups that are neither are judged.
 
 Members of a live set are the workers' ids (``router.liveness.worker_id``: host, pid, tag); the watchdog matches
@@ -38,9 +41,9 @@ SLOW_CHECK_S = 2.0  # a check slower than this counts as Redis away
 
 class Watchdog:
     def __init__(self, redis_url: str, prefix: str, tiers: list[str], hang_s: float = HANG_S,
-                 every_s: float = HEARTBEAT_S):
+                 every_s: float = HEARTBEAT_S, load_s: float | None = None):
         self.url, self.keys, self.tiers = redis_url, Keys(prefix), list(tiers)
-        self.hang_s, self.every_s = hang_s, every_s
+        self.hang_s, self.every_s, self.load_s = hang_s, every_s, load_s
         self.host = socket.gethostname()
         self.r = None
         self.healthy_since: float | None = None  # monotonic: Redis has answered every check since
@@ -91,5 +94,28 @@ class Watchdog:
                       "killing it", file=sys.stderr, flush=True)
                 child.proc.kill()
                 self.beats.pop(child.proc.pid, None)
+                killed.append(child)
+        return killed + self._stuck_loading(groups, now)
+
+    def _stuck_loading(self, groups: list[Group], now: float) -> list[Child]:
+        """Groups of a watched tier none of whose processes has beaten ``load_s`` after they started: one of them
+        killed (the supervisor restarts the group)."""
+        if self.load_s is None:
+            return []
+        killed = []
+        for g in groups:
+            alive = [c for c in g.children if c.proc is not None and c.exited is None]
+            if (g.tier not in self.tiers or g.retire_by is not None or g.restart_at is not None or not alive
+                    or any(c.proc.pid in self.beats for c in alive)):
+                continue
+            loading_s = now - max(c.started_at for c in alive)
+            if loading_s > self.load_s:
+                child = alive[0]
+                log.error("watchdog: a worker has not heartbeated since it started; stuck loading, killing it (it "
+                          "will be restarted)", extra={"child": child.name, "pid": child.proc.pid,
+                                                       "loading_s": round(loading_s, 1)})
+                print(f"tributary: {child.name} has not come up {loading_s:.0f} s after it started; killing it",
+                      file=sys.stderr, flush=True)
+                child.proc.kill()
                 killed.append(child)
         return killed

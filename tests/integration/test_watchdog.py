@@ -94,3 +94,52 @@ def test_no_worker_is_judged_while_redis_is_paused_nor_one_still_loading(server)
         assert all(g.children[0].exited is None for g in (healthy, loading))
     finally:
         sup.stop()
+
+
+def test_a_restarted_worker_stuck_loading_is_killed_after_the_load_timeout_but_not_a_beating_replica(server):
+    """A (re)started worker that never comes up (a hung filesystem, a deadlock at import) would leave its tier down
+    for good: past ``load_s`` without a beat it is killed and restarted. A pipeline replica is judged as a group: its
+    later shards never beat themselves."""
+    loading = group("loading", LOADING)
+    env = {"PYTHONPATH": str(ROOT)}
+    replica = Group("replica", lambda: [Child("replica", [sys.executable, "-c", WORKER, server.url, "-1"], env),
+                                        Child("replica.1", [sys.executable, "-c", LOADING], env)], tier=TIER)
+    sup = Supervisor([loading, replica], max_restarts=5, max_backoff_s=0.5)
+    sup.start()
+    first, shards = loading.children[0], list(replica.children)
+    try:
+        dog = Watchdog(server.url, PREFIX, [TIER], hang_s=1.0, every_s=0.2, load_s=3.0)
+        killed = run(sup, dog, 30, until=lambda: loading.children[0] is not first and loading.children[0].proc)
+        assert killed == [first] and first.exited == -signal.SIGKILL
+        assert loading.children[0].exited is None and len(loading.crashes) == 1
+        assert replica.children == shards and all(c.exited is None for c in shards)
+    finally:
+        sup.stop()
+
+
+STOPS = """
+import signal, sys, time
+def term(*_):
+    time.sleep(float(sys.argv[3]))
+    with open(sys.argv[1], "a") as f:
+        f.write(sys.argv[2] + "\\n")
+    sys.exit(0)
+signal.signal(signal.SIGTERM, term)
+while True:
+    time.sleep(0.05)
+"""
+
+
+def test_stopping_everything_stops_the_front_first(tmp_path):
+    """tributary up's Ctrl-C: the gateway drains while the workers that serve its requests are still there."""
+    log = tmp_path / "stopped"
+    front = Group("gateway", lambda: [Child("gateway", [sys.executable, "-c", STOPS, str(log), "gateway", "1.0"])],
+                  front=True)
+    worker = Group("worker", lambda: [Child("worker", [sys.executable, "-c", STOPS, str(log), "worker", "0"])],
+                   tier=TIER)
+    sup = Supervisor([worker, front], grace_s=10)
+    sup.start()
+    time.sleep(1.0)  # both running their handlers
+    sup.stop()
+    assert log.read_text().split() == ["gateway", "worker"]
+    assert all(c.exited == 0 for c in sup.children)
