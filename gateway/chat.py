@@ -131,6 +131,7 @@ class ChatService:
         self.admit(sorted({f"encoder:{p.modality}" for p in prompt.media}), counted=True)
         queue = self.replies.subscribe(rid)
         watcher = self._spawn(self._watch_disconnect(request, queue))
+        deltas = None
         try:
             plan = await self._plan(rid, req, prompt, queue)
 
@@ -139,7 +140,9 @@ class ChatService:
 
             deltas = self._deltas(rid, req, plan, queue, encode_again, tenant, arrival)
             first = await anext(deltas)  # errors before the first token are plain HTTP errors
-        except BaseException:
+        except BaseException as exc:
+            if deltas is None:
+                self._ended_early(exc, arrival)
             watcher.cancel()
             self.replies.unsubscribe(rid)
             raise
@@ -185,7 +188,11 @@ class ChatService:
             self.admit(sorted({f"encoder:{p.modality}" for p in prompt.media}), counted=True)
             queue = self.replies.subscribe(rid)
             watcher = self._spawn(self._watch_event(cancelled, queue))
-            plan = await self._plan(rid, req, prompt, queue)
+            try:
+                plan = await self._plan(rid, req, prompt, queue)
+            except BaseException as exc:
+                self._ended_early(exc, arrival)
+                raise
 
             async def encode_again() -> list[m.MediaRef]:
                 return await self.media.encode(rid, prompt.media, queue, prompt.namespace, prompt.tenant)
@@ -202,6 +209,13 @@ class ChatService:
             if queue is not None:
                 self.replies.unsubscribe(rid)
             self.inflight -= 1
+
+    def _ended_early(self, exc: BaseException, arrival: float) -> None:
+        """A request that ended while its media were encoded or its plan queued, before it could generate (an
+        encoder tier down, bad media found by the encoder, the client gone): in the metrics as ``_deltas`` counts
+        the others, so that an outage there shows as errors, not as silence."""
+        gone = isinstance(exc, (ClientGone, asyncio.CancelledError, GeneratorExit))
+        self.metrics.request(arrival).finish("abort" if gone else "error")
 
     @staticmethod
     async def _watch_event(cancelled: asyncio.Event, queue: asyncio.Queue) -> None:
@@ -313,9 +327,9 @@ class ChatService:
                     yield d
                     return
                 yield d
-        except (ClientGone, Timeout):  # the client went away, or the gateway gave up waiting: an abort
+        except ClientGone:  # the client went away: an abort
             raise
-        except Exception:
+        except Exception:  # the gateway gave up waiting (a 504) included: the service failed the request
             reason = "error"
             raise
         finally:

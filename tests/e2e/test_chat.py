@@ -423,3 +423,27 @@ def test_remote_image_and_audio_urls_are_fetched_and_answer_as_their_bytes(clien
             "messages.0.content.0")
     finally:
         httpd.shutdown()
+
+
+def test_a_request_that_fails_before_its_first_token_is_counted(client, cluster):
+    """Media an encoder refuses fails the request while it waits for its encodings, before it can generate: it
+    still ends in the metrics (finished_reason="error", and its latency), so an encoder tier failing every request
+    shows on the dashboard as errors rather than as silence."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    def scrape() -> dict:
+        text = httpx.get(f"{cluster.base_url}/metrics", timeout=10).text
+        return {(s.name, tuple(sorted(s.labels.items()))): s.value
+                for fam in text_string_to_metric_families(text) for s in fam.samples}
+
+    error = ("tributary_request_success_total", (("finished_reason", "error"),))
+    ended = ("tributary_e2e_request_latency_seconds_count", ())
+    before = scrape()
+    msgs = [{"role": "user", "content": [{"type": "input_audio", "input_audio": {"data": b64(nan_wav()),
+                                                                                  "format": "wav"}}]}]
+    with pytest.raises(openai.BadRequestError) as info:
+        client.chat.completions.create(model=cluster.model, messages=msgs, max_tokens=4)
+    assert info.value.body["code"] == "invalid_media"
+    after = scrape()
+    assert after[error] == before.get(error, 0) + 1
+    assert after[ended] == before.get(ended, 0) + 1
