@@ -171,14 +171,17 @@ class Supervisor:
                 self._tend_retiring(group, now)
                 continue
             if group.restart_at is None and (child := group.dead()) is not None:
-                group.crashes = [t for t in group.crashes if now - t < self.window_s] + [now]
+                # Stopped cleanly (exit 0, or SIGTERM's default: someone else drained it): restarted, not a crash.
+                stopped = child.exited in (0, -signal.SIGTERM)
+                if not stopped:
+                    group.crashes = [t for t in group.crashes if now - t < self.window_s] + [now]
                 recent = sum(1 for g in self.groups for t in g.crashes if now - t < self.window_s)
                 print(f"tributary: {child.name} exited with code {child.exited}; last lines:\n"
                       f"{_indent(child.last_lines())}", file=sys.stderr, flush=True)
-                if recent > self.max_restarts:
+                if not stopped and recent > self.max_restarts:
                     raise CrashLoop(f"{recent} crashes within {self.window_s:g} s (limit {self.max_restarts}); "
                                     f"last: {child.name} exited with code {child.exited}")
-                delay = min(2.0 ** (len(group.crashes) - 1), self.max_backoff_s)
+                delay = 1.0 if stopped else min(2.0 ** (len(group.crashes) - 1), self.max_backoff_s)
                 log.warning("restarting", extra={"group": group.name, "child": child.name, "code": child.exited,
                                                  "in_s": delay, "crashes_in_window": len(group.crashes)})
                 self._stop_group(group, grace_s=5.0)  # its other members cannot go on without the dead one

@@ -143,3 +143,22 @@ def test_stopping_everything_stops_the_front_first(tmp_path):
     sup.stop()
     assert log.read_text().split() == ["gateway", "worker"]
     assert all(c.exited == 0 for c in sup.children)
+
+
+def test_a_worker_that_stops_cleanly_is_restarted_without_counting_as_a_crash():
+    """An operator draining one worker (SIGTERM, exit 0) must not bring the cluster nearer its crash-loop limit."""
+    code = "import time, sys\ntime.sleep(0.3)\nsys.exit(int(sys.argv[1]))\n"
+    clean = Group("clean", lambda: [Child("clean", [sys.executable, "-c", code, "0"])], tier=TIER)
+    sup = Supervisor([clean], max_restarts=1, max_backoff_s=0.5)
+    sup.start()
+    starts = set()
+    try:
+        deadline = time.monotonic() + 20
+        while len(starts) < 4 and time.monotonic() < deadline:  # three clean exits: past max_restarts=1
+            if clean.children[0].proc is not None:
+                starts.add(clean.children[0].proc.pid)
+            sup.tend()
+            time.sleep(0.05)
+        assert len(starts) >= 4 and clean.crashes == []
+    finally:
+        sup.stop()
