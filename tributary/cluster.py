@@ -267,8 +267,16 @@ def ensure_model(args) -> Path:
 
 def run_cluster(args) -> int:
     stop = threading.Event()
+    running: list[Supervisor] = []
+
+    def on_signal(*_) -> None:
+        if stop.is_set() and running:  # a second Ctrl-C: no more waiting for the graceful stop
+            print("tributary: stopping now (killing every process)", file=sys.stderr, flush=True)
+            running[0].kill()
+        stop.set()
+
     for sig in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(sig, lambda *_: stop.set())
+        signal.signal(sig, on_signal)
     from gateway.config import parse_mm_limits
 
     try:
@@ -331,6 +339,7 @@ def run_cluster(args) -> int:
     cluster.redis_url = args.redis_url or redis.url
     sup = Supervisor(cluster.groups(), args.max_restarts, args.restart_window,
                      on_restart=lambda group: count_restart(cluster, group))
+    running.append(sup)
     code = 0
     scaler = None
     try:

@@ -202,6 +202,11 @@ class Supervisor:
                 child.signal(signal.SIGTERM)
             self._wait(wave, self.grace_s)
 
+    def kill(self) -> None:
+        """Every process, at once (a second Ctrl-C): :meth:`stop`'s waits then end."""
+        for child in self.children:
+            child.signal(signal.SIGKILL)
+
     def _stop_group(self, group: Group, grace_s: float) -> None:
         for child in group.children:
             child.signal(signal.SIGTERM)

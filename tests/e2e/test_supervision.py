@@ -142,3 +142,36 @@ def test_a_killed_worker_is_restarted_and_a_crash_loop_stops_the_cluster(tiny_mo
             proc.send_signal(signal.SIGINT)
             proc.wait(60)
     assert processes_with("--prefix sup") == []  # every child stopped
+
+
+def test_a_second_ctrl_c_stops_at_once(tiny_model, redis_server, tmp_path):
+    """The first Ctrl-C drains (the gateway first, its requests in flight served by the workers); one in flight here
+    cannot end (its backbone is SIGSTOPped), so the gateway would wait out its grace period: a second Ctrl-C kills
+    every process at once."""
+    import threading
+
+    log = tmp_path / "up.log"
+    proc, port = up(tiny_model, redis_server.url, log, "--prefix", "cc")
+    try:
+        wait_for("the banner", lambda: "Tributary is up" in log.read_text(), 240, log, proc)
+        backbone = child_pid(proc.pid, " backbone ")
+        assert backbone is not None
+        os.kill(backbone, signal.SIGSTOP)
+        threading.Thread(target=lambda: httpx.post(
+            f"http://127.0.0.1:{port}/v1/chat/completions", timeout=120,
+            json={"model": tiny_model.name, "max_tokens": 4, "messages": [{"role": "user", "content": "hi"}]}),
+            daemon=True).start()
+        time.sleep(1.0)  # the request is in flight
+        proc.send_signal(signal.SIGINT)
+        time.sleep(2.0)
+        assert proc.poll() is None  # draining: the gateway waits for its request
+        t0 = time.monotonic()
+        proc.send_signal(signal.SIGINT)
+        assert proc.wait(15) == 0
+        assert time.monotonic() - t0 < 10
+        assert "stopping now" in log.read_text()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(30)
+    assert processes_with("--prefix cc") == []
