@@ -229,6 +229,9 @@ def test_malformed_events_get_errors_and_the_connection_stays_usable(cluster):
         ('{"type": "session.update", "x": ' + "[" * 40 + "]" * 40 + "}", "invalid_json", "x.0.0"),
         (json.dumps({"type": "session.update", "session": {"temperature": 7}}), "invalid_value",
          "session.temperature"),
+        (json.dumps({"type": "session.update", "session": {"temperature": "0.5"}}), "invalid_value",
+         "session.temperature"),
+        (json.dumps({"type": "response.create", "response": {"seed": True}}), "invalid_value", "response.seed"),
         (json.dumps({"type": "response.create", "response": {"top_p": 0}}), "invalid_value", "response.top_p"),
     ]
     with raw(cluster) as ws:
