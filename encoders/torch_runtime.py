@@ -51,8 +51,8 @@ class TorchRuntime:
 
     @torch.inference_mode()
     def forward(self, batch: torch.Tensor, lengths: torch.Tensor | None = None) -> torch.Tensor:
-        """[B, N, H] in the compute dtype, on the runtime's device: a graph's output buffer (valid until that graph
-        replays again, encoders/graphs.py) when one fits the batch, else computed eagerly."""
+        """[B, N, H] in the compute dtype, on the runtime's device: a graph's output buffer (valid until the next
+        replay of any of them, encoders/graphs.py) when one fits the batch, else computed eagerly."""
         if self.graphs is not None and self.graphs.fits(batch, lengths):
             return self.graphs.forward(batch, lengths)
         return self.eager(batch, lengths)
