@@ -18,16 +18,14 @@ import argparse
 import json
 import statistics
 import sys
-import threading
 import time
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.gpu import jpegs  # noqa: E402
+from bench.gpu import busy_pool  # noqa: E402
 from encoders.preprocess import ImagePreprocessor  # noqa: E402
 from models.family import plain_json  # noqa: E402
 from models.llava import ImageEncoder  # noqa: E402
@@ -60,28 +58,6 @@ def forward_ms(module, x, repeats: int) -> float:
     return 1e3 * statistics.median(times)
 
 
-def busy(pre, pictures: list[bytes], threads: int, measure):
-    """``measure()`` while ``threads`` threads preprocess ``pictures`` without pause; its result and the pool's
-    images/s."""
-    stop, done = threading.Event(), [0]
-
-    def feed(i: int) -> None:
-        while not stop.is_set():
-            pre(pictures[i % len(pictures)])
-            done[0] += 1
-            i += threads
-
-    with ThreadPoolExecutor(threads) as pool:
-        for i in range(threads):
-            pool.submit(feed, i)
-        time.sleep(0.5)
-        start, t = done[0], time.perf_counter()
-        result = measure()
-        rate = (done[0] - start) / (time.perf_counter() - t)
-        stop.set()
-    return result, rate
-
-
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--threads", default="1,2,8", help="pool sizes, comma-separated (the worker's default: "
@@ -94,13 +70,13 @@ def main() -> int:
     x = torch.randn(1, 3, 28, 28)
     ops = len(list(module.modules()))
     pre = ImagePreprocessor(_image_processor(SIZES["llava-1.5-7b"]["vision"]), 576)
-    pictures = jpegs(16)
     idle = forward_ms(module, x, args.repeats)
     print(f"one eager forward of llava-1.5-7b's image encoder structure ({ops} modules, arithmetic negligible): "
           f"{idle:.2f} ms of host time on an idle host")
     results = {"idle_ms": idle, "busy": {}}
     for threads in (int(t) for t in args.threads.split(",")):
-        ms, rate = busy(pre, pictures, threads, lambda: forward_ms(module, x, args.repeats))
+        ms, pool = busy_pool(pre, lambda: forward_ms(module, x, args.repeats), threads)
+        rate = pool["pool_images_per_s"]
         results["busy"][threads] = {"ms": ms, "ratio": ms / idle, "pool_images_per_s": rate}
         print(f"  while {threads} preprocessing thread(s) run ({rate:.0f} images/s): {ms:.2f} ms = "
               f"{ms / idle:.1f}x idle")

@@ -420,23 +420,29 @@ def tower_rates(runtime, spec, x: torch.Tensor, batches: list[int], iters: int) 
     # The same while a pool as large as the worker's decodes and preprocesses JPEGs all along (as it does the next
     # batch during a forward): against the row above, what sharing the host with preprocessing costs the forward
     # (the GIL, the cores), and how fast the pool goes meanwhile.
-    busy = busy_pool(spec, step, iters, drain)
+    def run() -> None:
+        for _ in range(iters):
+            step()
+        drain()
+
+    from encoders.loader import load_preprocessor
+
+    _, busy = busy_pool(load_preprocessor(spec, "image"), run)
     seconds = busy.pop("seconds")
     out["with_preprocessing"] = dict(busy, batch=b, images_per_s=b * iters / seconds)
     return out
 
 
-def busy_pool(spec, step, iters: int, drain) -> dict:
-    """``step()`` run ``iters`` times (then ``drain()``) while the encoder worker's preprocessing pool (its default
-    size) is kept busy on photo-sized JPEGs: the seconds that took and the images/s the pool preprocessed meanwhile."""
+def busy_pool(pre, measure, threads: int | None = None) -> tuple[object, dict]:
+    """``measure()`` run while ``threads`` threads (default: the encoder worker's pool size) preprocess photo-sized
+    JPEGs with ``pre`` without pause, as the worker's pool does the next batch: its result, and the seconds it took
+    and the images/s the pool preprocessed meanwhile."""
     import os
     import threading
     from concurrent.futures import ThreadPoolExecutor
 
-    from encoders.loader import load_preprocessor
-
-    pre, pictures = load_preprocessor(spec, "image"), jpegs(16)
-    threads = min(8, os.cpu_count() or 1)
+    pictures = jpegs(16)
+    threads = threads or min(8, os.cpu_count() or 1)
     done, stop = [0], threading.Event()
 
     def feed(i: int) -> None:
@@ -450,13 +456,11 @@ def busy_pool(spec, step, iters: int, drain) -> dict:
             pool.submit(feed, i)
         time.sleep(0.5)  # the pool at full speed first
         start, t = done[0], time.perf_counter()
-        for _ in range(iters):
-            step()
-        drain()
+        result = measure()
         seconds = time.perf_counter() - t
         preprocessed = done[0] - start
         stop.set()
-    return {"seconds": seconds, "pool_threads": threads, "pool_images_per_s": preprocessed / seconds}
+    return result, {"seconds": seconds, "pool_threads": threads, "pool_images_per_s": preprocessed / seconds}
 
 
 def jpegs(n: int, width: int = 640, height: int = 480) -> list[bytes]:
