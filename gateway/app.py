@@ -203,6 +203,9 @@ def create_app(cfg: GatewayConfig):
         lifespan=lifespan,
         exception_handlers={404: _route_error, 405: _route_error},
     )
+    # A path with a trailing slash is a 404 naming the route, not Starlette's 307 redirect: clients POST, and
+    # OpenAI's SDK (httpx) does not follow redirects, so a redirect would only hide the mistake.
+    app.router.redirect_slashes = False
     # Outermost first: the browser checks (Host, Origin), CORS when origins are allowed (it answers preflights,
     # which carry no key), then the API key.
     outer = AuthMiddleware(app, ring)
@@ -225,4 +228,6 @@ def _version() -> str:
 async def _route_error(request: Request, exc) -> Response:
     if exc.status_code == 405:
         return MethodNotAllowed(f"method {request.method} is not allowed on {request.url.path}").response()
-    return NotFound(f"no route {request.method} {request.url.path}").response()
+    path = request.url.path
+    hint = f" (did you mean {path.rstrip('/')}?)" if path.endswith("/") and len(path) > 1 else ""
+    return NotFound(f"no route {request.method} {path}{hint}").response()

@@ -193,6 +193,17 @@ def test_malformed_json_and_unknown_model(cluster, client):
     assert health["status"] == "ok"  # nothing above took a tier down
 
 
+def test_unknown_routes_and_methods_are_openai_shaped_errors(cluster):
+    body = {"model": cluster.model, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 1}
+    r = httpx.post(f"{cluster.base_url}/v1/chat/completions/", json=body, timeout=30)
+    assert r.status_code == 404, r.text  # not a 307 the SDK would not follow
+    assert "did you mean /v1/chat/completions?" in r.json()["error"]["message"]
+    r = httpx.get(f"{cluster.base_url}/v1/chat/completions", timeout=30)
+    assert r.status_code == 405 and r.json()["error"]["message"].startswith("method GET")
+    r = httpx.post(f"{cluster.base_url}/v1/embeddings", json=body, timeout=30)
+    assert r.status_code == 404 and set(r.json()["error"]) == {"message", "type", "param", "code"}
+
+
 def test_request_id_is_the_servers_and_the_clients_is_echoed_and_logged(cluster):
     r = httpx.post(f"{cluster.base_url}/v1/chat/completions", timeout=60, headers={"x-request-id": "e2e-trace-1"},
                    json={"model": cluster.model, "messages": trimodal_messages(9), "max_tokens": 2})
