@@ -102,12 +102,25 @@ class ChatService:
         self.metrics.in_flight.set(n)
 
     def admit(self, tiers: list[str], counted: bool = False) -> None:
-        """``counted``: this request is already among ``inflight`` (a second check, once its media are known)."""
-        admit(self.monitor.view, None if counted else self.inflight, self.cfg, tiers)
+        """``counted``: this request is already among ``inflight`` (a second check, once its media are known). A
+        refusal (503) is counted in the metrics' rejected requests."""
+        try:
+            admit(self.monitor.view, None if counted else self.inflight, self.cfg, tiers)
+        except APIError as exc:
+            self.metrics.reject(exc.code)
+            raise
+
+    async def _rate(self, tenant) -> dict:
+        """The tenant's rate-limit state, or a 429 (counted in the metrics' rejected requests)."""
+        try:
+            return await self.limiter.admit(tenant)
+        except APIError as exc:
+            self.metrics.reject(exc.code)
+            raise
 
     async def handle(self, request: Request, ids: RequestIds) -> Response:
         arrival = time.perf_counter()
-        rate = await self.limiter.admit(getattr(request.state, "tenant", None))  # a 429 before anything else
+        rate = await self._rate(getattr(request.state, "tenant", None))  # a 429 before anything else
         ids = replace(ids, rate=tuple(rate.items()))
         self.admit(["backbone"])
         self.inflight += 1
@@ -174,7 +187,7 @@ class ChatService:
         (ClientGone). ``tenant``: the caller's (gateway/auth.py), None without API keys; ``namespace``: the cache
         namespace ``features`` were keyed in (default: the tenant's, as ``namespace()`` gives it)."""
         arrival = time.perf_counter()
-        await self.limiter.admit(tenant)
+        await self._rate(tenant)
         self.admit(["backbone"])
         self.inflight += 1
         queue = watcher = None

@@ -59,6 +59,7 @@ E2E_BUCKETS = (0.3, 0.5, 0.8, 1.0, 1.5, 2.0, 2.5, 5.0, 10.0, 15.0, 20.0, 30.0, 4
                480.0, 960.0, 1920.0, 7680.0)
 FINISH_REASONS = ("stop", "length", "abort", "error")
 MODALITIES = ("image", "audio")
+REJECT_CODES = ("rate_limit_exceeded", "server_overloaded", "no_live_worker", "redis_unavailable")
 CONTENT_TYPE = CONTENT_TYPE_LATEST
 INTERVAL_S = 2.0  # how often the cluster snapshot is refreshed (and the leader lease renewed)
 
@@ -85,6 +86,11 @@ class GatewayMetrics:
         finished = Counter("tributary_request_success", "Requests that ended, by finish reason (stop, length, "
                            "abort, error)", ["finished_reason"], registry=r)
         self.finished = {reason: finished.labels(reason) for reason in FINISH_REASONS}
+        self.rejected = Counter("tributary_request_rejected", "Requests refused at admission before any work (429 "
+                                "rate_limit_exceeded; 503 server_overloaded, no_live_worker, redis_unavailable), "
+                                "by code", ["code"], registry=r)
+        for code in REJECT_CODES:  # exported at 0 from the start, so that a rate of them is defined
+            self.rejected.labels(code)
         self.prompt_tokens = Counter("tributary_prompt_tokens", "Prompt tokens of requests that began generating",
                                      registry=r)
         self.generation_tokens = Counter("tributary_generation_tokens", "Tokens generated", registry=r)
@@ -104,6 +110,9 @@ class GatewayMetrics:
     def request(self, arrival: float) -> "RequestMetrics":
         """``arrival``: ``time.perf_counter()`` when the request came in."""
         return RequestMetrics(self, arrival)
+
+    def reject(self, code: str | None) -> None:
+        self.rejected.labels(code or "unknown").inc()
 
     def cache(self, modality: str, hit: bool) -> None:
         (self.cache_hits if hit else self.cache_misses)[modality].inc()

@@ -13,6 +13,7 @@ import time
 import urllib.request
 from pathlib import Path
 
+import pytest
 import redis
 from prometheus_client import generate_latest
 from prometheus_client.parser import text_string_to_metric_families
@@ -74,6 +75,35 @@ def test_the_in_flight_gauge_follows_the_chat_services_count():
     svc.inflight += 2
     svc.inflight -= 1
     assert value(samples(svc.metrics.render()), "tributary_gateway_requests_in_flight") == 1
+
+
+def test_requests_refused_at_admission_are_counted_by_code():
+    """A 503 at admission (here: the in-flight bound, then Redis away) moves the rejected counter under its code
+    and no request counter: nothing began."""
+    from gateway.chat import ChatService
+    from gateway.config import GatewayConfig
+    from gateway.errors import Overloaded, Unavailable
+    from gateway.monitor import ClusterView
+
+    class Monitor:
+        view = ClusterView(up=True, reason="ok", backlog={})
+
+    svc = ChatService.__new__(ChatService)  # admission only: no Redis, no model
+    svc.metrics, svc.monitor = GatewayMetrics(), Monitor()
+    svc.cfg = GatewayConfig(model_dir="m", redis_url="redis://x", max_inflight=1)
+    svc.inflight = 0
+    svc.admit(["backbone"])  # under the bound: admitted, not counted
+    svc.inflight = 1
+    for _ in range(2):
+        with pytest.raises(Overloaded):
+            svc.admit(["backbone"])
+    Monitor.view = ClusterView(up=False, reason="TimeoutError", backlog={})
+    with pytest.raises(Unavailable):
+        svc.admit(["backbone"])
+    found = samples(svc.metrics.render())
+    assert value(found, "tributary_request_rejected_total", code="server_overloaded") == 2
+    assert value(found, "tributary_request_rejected_total", code="redis_unavailable") == 1
+    assert not [s for s in found if s.name == "tributary_request_success_total" and s.value]
 
 
 def seed_queues(url: str) -> None:
