@@ -55,7 +55,7 @@ def free_port() -> int:
 
 class EmbeddedRedis:
     """``password``: required of clients (``tributary up`` generates one); it goes to the server in a config file
-    only its user can read, never on its command line."""
+    only its user can read, never on its command line, and the file is deleted once the server answers."""
 
     def __init__(self, maxmemory: str = "1gb", binary: str | None = None, password: str | None = None):
         self.binary = binary or find_server_binary()
@@ -93,6 +93,8 @@ class EmbeddedRedis:
                 raise EmbeddedRedisError(f"{Path(self.binary).name} exited with {self.proc.returncode}: {err}")
             try:
                 if client.ping():
+                    # Read once at start: gone from disk now, so a supervisor killed -9 leaves no password behind.
+                    conf.unlink(missing_ok=True)
                     log.info("embedded redis ready", extra={"port": self.port, "binary": self.binary})
                     return self
             except redis.ConnectionError:

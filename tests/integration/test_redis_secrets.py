@@ -13,7 +13,7 @@ import pytest
 import redis
 
 from cache.client import connect, with_password_file
-from cache.embedded import free_port
+from cache.embedded import EmbeddedRedis, free_port
 
 
 def test_password_file_goes_into_the_url(tmp_path, monkeypatch):
@@ -63,3 +63,15 @@ def test_tributary_redis_refuses_to_serve_without_a_password(tmp_path):
     out = subprocess.run([sys.executable, "-m", "tributary.cli", "redis", "--port", str(free_port()), "--dir",
                           str(tmp_path)], env=env, capture_output=True, text=True, timeout=60)
     assert out.returncode == 2 and "no password" in out.stderr
+
+
+def test_the_embedded_server_leaves_no_password_on_disk():
+    """``tributary up``'s Redis reads its password from a 0600 file that is gone once the server answers: a
+    supervisor killed -9 (no cleanup runs) leaves no secret in the temporary folder."""
+    with EmbeddedRedis(password="embedded-pw-77") as server:
+        folder = Path(server._dir.name)
+        assert not any(b"embedded-pw-77" in p.read_bytes() for p in folder.rglob("*") if p.is_file())
+        assert b"embedded-pw-77" not in Path(f"/proc/{server.proc.pid}/cmdline").read_bytes()
+        with pytest.raises(redis.AuthenticationError):
+            redis.Redis(port=server.port, password="wrong").ping()
+        assert redis.Redis(port=server.port, password="embedded-pw-77").ping()
