@@ -213,7 +213,14 @@ def create_app(cfg: GatewayConfig):
         outer = CORSMiddleware(outer, allow_origins=origins, allow_methods=["GET", "POST", "OPTIONS"],
                                allow_headers=["authorization", "content-type", "x-request-id"],
                                expose_headers=["x-request-id", "retry-after"])
-    return BrowserGuard(outer, cfg.bind_host, cfg.allowed_hosts, cfg.allowed_origins)
+    guarded = BrowserGuard(outer, cfg.bind_host, cfg.allowed_hosts, cfg.allowed_origins)
+
+    def end_in_flight() -> int:  # gateway/server.py, as the graceful period ends; before the lifespan: nothing yet
+        chat = getattr(app.state, "chat", None)
+        return chat.end_in_flight() if chat is not None else 0
+
+    guarded.end_in_flight = end_in_flight
+    return guarded
 
 
 def _version() -> str:

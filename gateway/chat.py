@@ -90,6 +90,7 @@ class ChatService:
         self.monitor = monitor
         self.spec = builder.spec
         self.inflight = 0  # requests admitted and not yet answered in full
+        self.closing = False  # the server's graceful period is ending: requests are refused, those in flight ended
         self._tasks: set[asyncio.Task] = set()  # hard references: the loop keeps only weak ones
 
     @property
@@ -105,10 +106,26 @@ class ChatService:
         """``counted``: this request is already among ``inflight`` (a second check, once its media are known). A
         refusal (503) is counted in the metrics' rejected requests."""
         try:
+            if self.closing:
+                raise _shutting_down()
             admit(self.monitor.view, None if counted else self.inflight, self.cfg, tiers)
         except APIError as exc:
             self.metrics.reject(exc.code)
             raise
+
+    def end_in_flight(self) -> int:
+        """End every request in flight with a 503 ``server_shutting_down`` (an error event for a stream that has
+        begun; a Realtime response fails with an error event), cancelling its generation, and refuse new ones. For
+        the end of the server's graceful period (gateway/server.py): the requests still running then would
+        otherwise be cut without an answer. Returns how many were ended."""
+        self.closing = True
+        queues = list(self.replies.queues.values())
+        for queue in queues:
+            queue.put_nowait(_shutting_down())
+        if queues:
+            log.warning("ending requests still in flight: the gateway is shutting down",
+                        extra={"requests": len(queues)})
+        return len(queues)
 
     async def _rate(self, tenant) -> dict:
         """The tenant's rate-limit state, or a 429 (counted in the metrics' rejected requests)."""
@@ -434,6 +451,11 @@ class ReleasingStream(StreamingResponse):
 def _usage(d: Delta) -> dict:
     return {"prompt_tokens": d.prompt_tokens, "completion_tokens": d.completion_tokens,
             "total_tokens": d.prompt_tokens + d.completion_tokens}
+
+
+def _shutting_down() -> APIError:
+    return Unavailable("the gateway is shutting down; retry the request", code="server_shutting_down",
+                       retry_after=1)
 
 
 def _event_error(ev: m.TokenEvent) -> APIError:

@@ -27,7 +27,7 @@ import uuid
 from cache.keys import Keys
 from cache.streams import payload_fields
 from gateway.config import GatewayConfig
-from gateway.errors import Internal, InvalidRequest, Timeout, Unavailable
+from gateway.errors import APIError, Internal, InvalidRequest, Timeout, Unavailable
 from gateway.media import MediaPart, undecodable
 from gateway.replies import ReplyRouter
 from gateway.tiers import DISCONNECTED, RESET, ClientGone
@@ -139,6 +139,8 @@ class MediaEncoder:
                     continue
                 if msg is DISCONNECTED:
                     raise ClientGone()
+                if isinstance(msg, APIError):  # the request is ended from outside (the gateway shutting down)
+                    raise msg
                 if msg is RESET:  # Redis may have lost the jobs, waiters and leases: claim (and queue) again
                     await self._claim(request_id, pending, found)
                     continue

@@ -29,7 +29,7 @@ from redis.exceptions import RedisError
 from cache.keys import BACKBONE_GROUP, CANCEL_ALL, Keys
 from cache.streams import ack_delete_if_pending, payload_fields, run_script
 from gateway.config import GatewayConfig
-from gateway.errors import Internal, Timeout, Unavailable
+from gateway.errors import APIError, Internal, Timeout, Unavailable
 from gateway.replies import ReplyRouter
 from models.spec import ModelSpec
 from router import messages as m
@@ -250,4 +250,6 @@ class TierClient:
             raise Timeout(f"timed out {what}") from None
         if msg is DISCONNECTED:
             raise ClientGone()
+        if isinstance(msg, APIError):  # the request is ended from outside (the gateway shutting down)
+            raise msg
         return msg

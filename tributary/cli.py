@@ -411,6 +411,11 @@ def build_parser() -> argparse.ArgumentParser:
     gw.add_argument("--encoder-wire-dtype", default=_env("ENCODER_WIRE_DTYPE"),
                     help=_env_help("the encoders' wire dtype, in the same form (default: their compute dtype)",
                                    "ENCODER_WIRE_DTYPE"))
+    gw.add_argument("--graceful-timeout", type=float, default=float(_env("GRACEFUL_TIMEOUT", 30)),
+                    help=_env_help("on SIGTERM, seconds requests in flight may run on before they are ended with a "
+                                   "503 server_shutting_down (an error event in a stream); keep it under the "
+                                   "orchestrator's kill deadline (Kubernetes: terminationGracePeriodSeconds)",
+                                   "GRACEFUL_TIMEOUT"))
     gw.add_argument("--instance-id", default=_env("INSTANCE_ID", ""),
                     help=_env_help("echoed by /health and /ready (lets a supervisor recognise its own gateway)",
                                    "INSTANCE_ID"))
@@ -686,7 +691,9 @@ def main(argv: list[str] | None = None) -> int:
                                 media_cache=not args.no_media_cache)
         except ValueError as exc:
             raise SystemExit(f"tributary gateway: {exc}") from None
-        serve(cfg, args.host, args.port)
+        if args.graceful_timeout <= 0:
+            raise SystemExit("tributary gateway: --graceful-timeout must be > 0")
+        serve(cfg, args.host, args.port, args.graceful_timeout)
         return 0
     if args.command == "encoder":
         from encoders.worker import EncoderConfig, serve

@@ -1,0 +1,119 @@
+"""A gateway told to stop (SIGTERM) lets its requests in flight run on for its graceful period, then answers those
+still running in the OpenAI error shape (503 ``server_shutting_down``, or an error event in a stream that has begun)
+and cancels their generations, instead of uvicorn's plain-text 500 or a stream cut without its end. Real processes:
+a gateway and a backbone worker, the backbone stopped (SIGSTOP) so that requests cannot finish."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+
+import httpx
+import redis
+
+from cache.embedded import free_port
+from cache.keys import Keys
+from tests.integration.procs import start_tier
+
+GRACEFUL_S = 6.0
+
+
+def body(model: str, stream: bool, max_tokens: int) -> dict:
+    return {"model": model, "messages": [{"role": "user", "content": "tell me a long story"}], "stream": stream,
+            "max_tokens": max_tokens, "temperature": 0}
+
+
+def test_requests_still_running_when_the_graceful_period_ends_get_an_answer(tiny_model, redis_url):
+    backbone = start_tier(["backbone", "--model", str(tiny_model), "--threads", "1"], redis_url, "backbone")
+    port = free_port()
+    gateway = subprocess.Popen([sys.executable, "-m", "tributary.cli", "gateway", "--model", str(tiny_model),
+                                "--redis-url", redis_url, "--port", str(port), "--graceful-timeout", str(GRACEFUL_S)],
+                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                               env=dict(os.environ, PYTHONUNBUFFERED="1", TRIBUTARY_LOG_FORMAT="json"))
+    base = f"http://127.0.0.1:{port}"
+    stopped = False
+    try:
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:
+            try:
+                if httpx.get(f"{base}/health", timeout=1).json()["workers"].get("backbone"):
+                    break
+            except (httpx.TransportError, ValueError, KeyError):
+                pass
+            time.sleep(0.2)  # importing; the health probe is the readiness signal
+        client = httpx.Client(timeout=60)
+        results: dict[str, object] = {}
+
+        # A stream that has begun: its first tokens arrive, then its backbone stops.
+        began = threading.Event()
+
+        def streamed_midway() -> None:
+            lines = results["midway"] = []
+            try:
+                with client.stream("POST", f"{base}/v1/chat/completions", json=body(tiny_model.name, True, 900)
+                                   ) as resp:
+                    results["midway_status"] = resp.status_code
+                    for line in resp.iter_lines():
+                        lines.append(line)
+                        if '"content"' in line and not began.is_set():
+                            os.kill(backbone.pid, signal.SIGSTOP)
+                            began.set()
+            finally:
+                began.set()
+
+        threading.Thread(target=streamed_midway, daemon=True).start()
+        assert began.wait(60) and results.get("midway_status") == 200, results
+        stopped = True
+        waiting = {}  # requests queued behind the stopped backbone: no first token yet
+
+        def waiting_for_first(name: str, stream: bool) -> None:
+            resp = client.post(f"{base}/v1/chat/completions", json=body(tiny_model.name, stream, 8))
+            waiting[name] = (resp.status_code, resp.headers.get("retry-after"), resp.text)
+
+        threads = [threading.Thread(target=waiting_for_first, args=(n, s), daemon=True)
+                   for n, s in (("plain", False), ("stream", True))]
+        for t in threads:
+            t.start()
+        r = redis.Redis.from_url(redis_url)
+        gen = Keys().gen()
+        deadline = time.monotonic() + 30
+        while r.xlen(gen) < 3 and time.monotonic() < deadline:  # both plans queued
+            time.sleep(0.05)
+        assert r.xlen(gen) >= 3
+
+        t0 = time.monotonic()
+        gateway.send_signal(signal.SIGTERM)
+        for t in threads:
+            t.join(GRACEFUL_S + 20)
+        out, _ = gateway.communicate(timeout=GRACEFUL_S + 20)
+        took = time.monotonic() - t0
+        assert gateway.returncode in (0, -15), out[-3000:]
+
+        for name in ("plain", "stream"):
+            status, retry_after, text = waiting[name]
+            assert status == 503, (name, text)
+            assert json.loads(text)["error"]["code"] == "server_shutting_down" and retry_after == "1"
+        assert results["midway_status"] == 200
+        data = [line[len("data: "):] for line in results["midway"] if line.startswith("data: ")]
+        assert data[-1] == "[DONE]" and json.loads(data[-2])["error"]["code"] == "server_shutting_down", data[-3:]
+        assert not any('"finish_reason": "' in d for d in data), "the stream ended on its own: nothing tested"
+        assert took < GRACEFUL_S + 10, took  # ended at the graceful period, not cut later
+        assert "timeout graceful shutdown exceeded" not in out  # nothing was left for uvicorn to cancel
+        assert "ending requests still in flight" in out
+        # Their generations were cancelled: the stopped backbone drops them when it runs again.
+        assert len(r.keys(Keys().cancel("*"))) >= 3
+    finally:
+        if stopped:
+            os.kill(backbone.pid, signal.SIGCONT)
+        for proc in (gateway, backbone):
+            if proc.poll() is None:
+                proc.terminate()
+                try:
+                    proc.wait(30)
+                except subprocess.TimeoutExpired:
+                    proc.kill()
