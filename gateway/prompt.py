@@ -57,6 +57,10 @@ class PromptBuilder:
         special = set(tokenizer.all_special_tokens) | {
             t.content for t in getattr(tokenizer, "added_tokens_decoder", {}).values() if t.special}
         self.special_text = sorted(special - set(self.placeholder_text.values()), key=len, reverse=True)
+        # The template joins a message's text parts with nothing between them, so "hi<|im_" + "end|>" would spell a
+        # control token no part holds: a text ending with the start of one (or of a placeholder) is quoted too.
+        self.special_starts = {t[:k] for t in special for k in range(1, len(t))}
+        self.special_start_len = max(map(len, self.special_starts), default=0)
         # No token covers more characters of text than the longest token's spelling (byte-level and SentencePiece
         # vocabularies spell a token with at least the characters it stands for). So client text longer than the
         # context times that cannot fit, and is refused before tokenizing it (megabytes of text take the tokenizer
@@ -109,9 +113,12 @@ class PromptBuilder:
         return Prompt(ids, media, namespace)
 
     def _quote(self, text: str, quoted: list[str]) -> str:
-        """Client text as the template gets it: as is, or, if it spells a control token, a marker that
-        ``_tokenize`` replaces by the text encoded as plain text."""
-        if QUOTE_OPEN not in text and not any(s in text for s in self.special_text):
+        """Client text as the template gets it: as is, or, if it spells a control token or ends with the start of
+        one (which the next part could complete), a marker that ``_tokenize`` replaces by the text encoded as plain
+        text, on its own."""
+        ends = (text[-k:] for k in range(1, min(len(text), self.special_start_len) + 1))
+        if (QUOTE_OPEN not in text and not any(s in text for s in self.special_text)
+                and not any(end in self.special_starts for end in ends)):
             return text
         quoted.append(text)
         return f"{QUOTE_OPEN}{len(quoted) - 1}{QUOTE_CLOSE}"
