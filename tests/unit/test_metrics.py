@@ -89,7 +89,7 @@ def test_requests_refused_at_admission_are_counted_by_code():
         view = ClusterView(up=True, reason="ok", backlog={})
 
     svc = ChatService.__new__(ChatService)  # admission only: no Redis, no model
-    svc.metrics, svc.monitor = GatewayMetrics(), Monitor()
+    svc.metrics, svc.monitor, svc.closing = GatewayMetrics(), Monitor(), False
     svc.cfg = GatewayConfig(model_dir="m", redis_url="redis://x", max_inflight=1)
     svc.inflight = 0
     svc.admit(["backbone"])  # under the bound: admitted, not counted
