@@ -16,7 +16,7 @@ import numpy as np
 import torch
 
 from models.audio import AudioConfig, Features, StreamingFeatures
-from models.media import IMAGE_FORMATS, MAX_AUDIO_S, MediaHeaderError, check_image
+from models.media import IMAGE_FORMATS, MAX_AUDIO_S, MAX_AUDIO_SAMPLES, MediaHeaderError, check_audio, check_image
 
 
 class MediaError(ValueError):
@@ -221,14 +221,19 @@ class AudioPreprocessor:
         except Exception as exc:  # soundfile raises LibsndfileError / RuntimeError / TypeError
             raise MediaError(f"it is not an audio clip in an accepted format: expected {AUDIO_ACCEPTED} data (got "
                              f"{len(data)} bytes)", _reason(exc)) from None
-        try:
-            with f:
-                cap = math.ceil(self.max_seconds * f.samplerate)
+        with f:
+            rate, channels = f.samplerate, f.channels
+            try:  # the limits the gateway checked, again (a job may come from any gateway); frames are read below
+                check_audio(rate, channels, None, self.max_seconds)
+            except MediaHeaderError as exc:
+                raise MediaError(str(exc)) from None
+            cap = min(math.ceil(self.max_seconds * rate), MAX_AUDIO_SAMPLES // channels)
+            try:
                 wave = f.read(frames=cap + 1, dtype="float32", always_2d=True)  # [T, C]
-                rate = f.samplerate
-        except Exception as exc:
-            raise MediaError(f"the {f.format} audio data is truncated or corrupt (got {len(data)} bytes)",
-                             _reason(exc)) from None
+            except Exception as exc:
+                raise MediaError(f"the {f.format} audio data is truncated or corrupt (got {len(data)} bytes)",
+                                 _reason(exc)) from None
         if wave.shape[0] > cap:
-            raise MediaError(f"audio longer than {self.max_seconds:g} s")
+            raise MediaError(f"audio longer than {self.max_seconds:g} s, or more than {MAX_AUDIO_SAMPLES} samples "
+                             f"over its {channels} channels")
         return wave, rate

@@ -15,7 +15,14 @@ from dataclasses import dataclass
 
 IMAGE_FORMATS = {"PNG", "JPEG", "WEBP", "GIF", "BMP"}
 MAX_IMAGE_PIXELS = 40_000_000
+# Longest side over shortest (Qwen2-VL's bound too). Processors resize the shortest side to the tower's size, so a
+# 1 x 16000 image (a few hundred bytes) would become 224 x 3.6M pixels: gigabytes and seconds of resizing.
+MAX_ASPECT_RATIO = 200
 MAX_AUDIO_S = 300.0  # longer clips are refused (the features keep only the extractor's window anyway)
+MAX_AUDIO_RATE = 192_000  # Hz
+# Samples (frames x channels) decoded per clip, at most: 300 s of 48 kHz stereo. Decoding costs per sample, not per
+# second: a few hundred KB of FLAC silence at 655 kHz x 8 channels is gigabytes of float32.
+MAX_AUDIO_SAMPLES = 48_000 * 2 * 300
 
 
 class MediaHeaderError(ValueError):
@@ -53,6 +60,9 @@ def check_image(fmt: str | None, width: int, height: int) -> None:
         raise MediaHeaderError(f"image format {fmt} is not accepted (accepted: {', '.join(sorted(IMAGE_FORMATS))})")
     if width * height > MAX_IMAGE_PIXELS:
         raise MediaHeaderError(f"image of {width}x{height} pixels exceeds {MAX_IMAGE_PIXELS} pixels")
+    if max(width, height) > MAX_ASPECT_RATIO * max(min(width, height), 1):
+        raise MediaHeaderError(f"image of {width}x{height} pixels is more than {MAX_ASPECT_RATIO} times longer than "
+                               "it is wide")
 
 
 def probe_audio(data: bytes, max_seconds: float = MAX_AUDIO_S) -> MediaInfo:
@@ -62,12 +72,27 @@ def probe_audio(data: bytes, max_seconds: float = MAX_AUDIO_S) -> MediaInfo:
         info = sf.info(io.BytesIO(data))
     except Exception as exc:  # LibsndfileError, RuntimeError, TypeError: it is not audio libsndfile reads
         raise MediaHeaderError("not a readable audio clip (wav, mp3, flac or ogg)") from exc
-    if info.samplerate <= 0:
-        raise MediaHeaderError("audio header has no sample rate")
     out = MediaInfo(frames=max(int(info.frames), 0), rate=int(info.samplerate))
-    if out.seconds > max_seconds:
-        raise MediaHeaderError(f"audio of {out.seconds:.1f} s is longer than {max_seconds:g} s")
+    check_audio(out.rate, int(info.channels), out.frames, max_seconds)
     return out
+
+
+def check_audio(rate: int, channels: int, frames: int | None, max_seconds: float = MAX_AUDIO_S) -> None:
+    """The limits on an audio clip's header (``frames``: None where the header does not say)."""
+    if rate <= 0:
+        raise MediaHeaderError("audio header has no sample rate")
+    if rate > MAX_AUDIO_RATE:
+        raise MediaHeaderError(f"audio sampled at {rate} Hz; at most {MAX_AUDIO_RATE} Hz is accepted")
+    if channels < 1:
+        raise MediaHeaderError("audio header has no channels")
+    if frames is None:
+        return
+    seconds = frames / rate
+    if frames > math.ceil(max_seconds * rate):
+        raise MediaHeaderError(f"audio of {seconds:.6g} s is longer than {max_seconds:g} s")
+    if frames * channels > MAX_AUDIO_SAMPLES:
+        raise MediaHeaderError(f"audio of {channels} channels x {seconds:.6g} s at {rate} Hz is {frames * channels} "
+                               f"samples, more than {MAX_AUDIO_SAMPLES} (300 s of 48 kHz stereo)")
 
 
 def placeholder_count(spec, modality: str, info: MediaInfo) -> int:

@@ -68,6 +68,50 @@ def test_audio_longer_than_the_cap_is_refused_from_the_header():
         probe_audio(data, max_seconds=2.5)
 
 
+def silent_flac(seconds: float, rate: int, channels: int) -> bytes:
+    """Silence compresses to almost nothing in FLAC: a few KB that decode to ``seconds x rate x channels`` floats."""
+    import soundfile as sf
+
+    buf = io.BytesIO()
+    sf.write(buf, np.zeros((int(seconds * rate), channels), dtype="int16"), rate, format="FLAC")
+    return buf.getvalue()
+
+
+@pytest.mark.parametrize("width,height,ok", [(1, 200, True), (200, 1, True), (1, 201, False), (16000, 1, False),
+                                             (3, 600, True), (3, 601, False)])
+def test_images_longer_than_200_times_their_width_are_refused_from_the_header(width, height, ok):
+    """A processor resizes the shortest side to the tower's: a 1 x 16000 PNG of a few hundred bytes would become
+    gigabytes of pixels."""
+    data = png_bytes(width, height, mode="L")
+    if ok:
+        assert probe_image(data).width == width
+    else:
+        with pytest.raises(MediaHeaderError, match="more than 200 times longer"):
+            probe_image(data)
+
+
+def test_audio_whose_decoded_samples_would_be_a_bomb_is_refused_from_the_header():
+    bomb = silent_flac(20.0, 96_000, 8)  # 15.4M samples x 8 bytes... from a few hundred KB
+    assert len(bomb) < 2_000_000
+    with pytest.raises(MediaHeaderError, match="more than 28800000"):
+        probe_audio(silent_flac(40.0, 96_000, 8))
+    assert probe_audio(bomb).seconds == 20.0  # 15.4M samples: within 300 s of 48 kHz stereo
+    with pytest.raises(MediaHeaderError, match="at most 192000 Hz"):
+        probe_audio(silent_flac(0.5, 384_000, 1))
+
+
+def test_the_encoder_refuses_the_same_audio_bombs_while_decoding(tiny_spec):
+    """A job may come from any gateway: the encoder's decoder stops at the same limits instead of decoding on."""
+    from encoders.preprocess import MediaError
+
+    pre = load_preprocessor(tiny_spec, "audio", max_audio_seconds=300)
+    with pytest.raises(MediaError, match="more than 28800000 samples"):
+        pre(silent_flac(40.0, 96_000, 8))
+    with pytest.raises(MediaError, match="at most 192000 Hz"):
+        pre(silent_flac(0.5, 384_000, 1))
+    assert pre(silent_flac(1.0, 48_000, 2)).data.ndim == 2
+
+
 @pytest.mark.parametrize("data", [b"RIFF....WAVEnope", b"not audio at all", b""])
 def test_what_is_not_audio_is_refused_from_its_header(data):
     with pytest.raises(MediaHeaderError, match="not a readable audio clip"):
