@@ -24,8 +24,8 @@ accepted as extension fields of ``session.update``'s session and ``response.crea
 defaults, temperature 1, top_p 1, a random seed).
 
 Limits: frames over ``max_body_bytes`` close the socket with 1009 (uvicorn's ``ws_max_size``); buffered audio is
-capped at ``max_audio_seconds``; a conversation at ``MAX_ITEMS`` items and at ``max_body_bytes`` of media (the
-largest request REST takes; its tokens are checked against the context at each response, as REST does);
+capped at ``max_audio_seconds``; a conversation at ``MAX_ITEMS`` items and at ``max_body_bytes`` of text and media
+(the largest request REST takes; its tokens are checked against the context at each response, as REST does);
 connections at ``max_inflight``, beyond which a new one is closed with 1013; a connection silent for ``IDLE_S`` is
 closed, and uvicorn's pings (every 20 s) drop dead peers.
 """
@@ -154,8 +154,10 @@ def _public(item: dict) -> dict:
                                 for p in item["content"]]}
 
 
-def _media_bytes(item: dict) -> int:
-    return sum(len(p.get("audio") or p.get("image_url") or "") for p in item["content"])
+def _item_bytes(item: dict) -> int:
+    """What an item holds, as the conversation's limit counts it: every string of its parts (text, transcripts,
+    base64 audio, image data URLs)."""
+    return sum(len(v) for p in item["content"] for v in p.values() if isinstance(v, str))
 
 
 class RealtimeSession:
@@ -164,7 +166,7 @@ class RealtimeSession:
         self.tenant = ws.scope.get("state", {}).get("tenant")  # gateway/auth.py: None without API keys
         self.namespace = chat.namespace(self.tenant)
         self.max_audio_bytes = int(max_audio_seconds * PCM_RATE) * 2
-        self.max_media_bytes = chat.cfg.max_body_bytes  # the conversation's media, base64 (REST's request limit)
+        self.max_bytes = chat.cfg.max_body_bytes  # the conversation's text and media (base64): REST's request limit
         self.audio_cfg = None  # the audio encoder's feature config, when features can be streamed for it
         if "audio" in chat.spec.modalities:
             try:
@@ -394,9 +396,9 @@ class RealtimeSession:
         if len(self.items) >= MAX_ITEMS:
             raise EventError(f"the conversation holds {MAX_ITEMS} items; delete some first",
                              code="conversation_too_long")
-        if sum(map(_media_bytes, self.items)) + _media_bytes(item) > self.max_media_bytes:
-            raise EventError(f"the conversation's images and audio would exceed {self.max_media_bytes} bytes (base64);"
-                             " delete some items first", code="conversation_too_long")
+        if sum(map(_item_bytes, self.items)) + _item_bytes(item) > self.max_bytes:
+            raise EventError(f"the conversation's text, images and audio would exceed {self.max_bytes} bytes (media "
+                             "as base64); delete some items first", code="conversation_too_long")
         if after == "end":
             index, after = len(self.items), (self.items[-1]["id"] if self.items else None)
         elif after is None:

@@ -180,6 +180,32 @@ def test_a_dropped_socket_frees_the_backbone_slot(cluster):
     assert cluster.stats("backbone").get("cancelled", 0) == before + 1
 
 
+def test_a_conversations_text_counts_toward_its_limit(cluster):
+    """Text items are held by the gateway as media are: past the conversation's limit (32 MiB, REST's largest
+    request) an item is refused with an error event, and the connection goes on."""
+    big = "x" * (12 << 20)
+
+    def add(text: str, event_id: str) -> None:
+        ws.send(json.dumps({"type": "conversation.item.create", "event_id": event_id, "item": {
+            "type": "message", "role": "user", "content": [{"type": "input_text", "text": text}]}}))
+
+    with raw(cluster) as ws:
+        next_of(ws, "session.created")
+        ids = []
+        for n in range(2):
+            add(big, f"big{n}")
+            ids.append(next_of(ws, "conversation.item.done")["item"]["id"])
+        add(big, "big2")
+        err = next_of(ws, "error")["error"]
+        assert (err["code"], err["event_id"]) == ("conversation_too_long", "big2")
+        add("small", "small")  # under the limit still
+        next_of(ws, "conversation.item.done")
+        ws.send(json.dumps({"type": "conversation.item.delete", "item_id": ids[0]}))
+        next_of(ws, "conversation.item.deleted")
+        add(big, "big3")  # room again
+        assert next_of(ws, "conversation.item.done")["item"]["content"][0]["text"] == big
+
+
 def test_the_item_a_response_is_writing_cannot_be_deleted_until_it_ends(cluster):
     with raw(cluster) as ws:
         next_of(ws, "session.created")
