@@ -314,7 +314,9 @@ class EncoderWorker:
         else:
             if not p.data.is_floating_point() or bool(torch.isfinite(p.data).all()):
                 return p
-            error = f"the decoded {self.cfg.modality} holds non-finite values (NaN or infinity)"
+            error = (f"the decoded {self.cfg.modality} holds non-finite values (NaN or infinity)" + (
+                "" if self.cfg.modality == "image" else ", or samples too large for its features (a float clip "
+                "should lie within -1..1)"))
         log.info("bad media", extra={"request_id": request_id, "error": error})
         return m.ErrorCode.BAD_MEDIA, error
 
