@@ -140,10 +140,19 @@ def create_app(cfg: GatewayConfig):
             log.exception("unhandled error", extra={"request_id": rid})
             return Internal("internal error; see the gateway log for request " + rid).response(ids.headers())
 
+    def model_card() -> dict:
+        return {"id": spec.name, "object": "model", "created": int(spec.path.stat().st_mtime), "owned_by": "tributary"}
+
     async def models(request: Request) -> Response:
-        return JSONResponse({"object": "list", "data": [
-            {"id": spec.name, "object": "model", "created": int(spec.path.stat().st_mtime), "owned_by": "tributary"}
-        ]})
+        return JSONResponse({"object": "list", "data": [model_card()]})
+
+    async def model(request: Request) -> Response:
+        """``GET /v1/models/{id}`` (the SDK's ``models.retrieve``)."""
+        name = request.path_params["model"]
+        if name != spec.name:
+            return NotFound(f"model '{name}' does not exist; this server serves '{spec.name}'", param="model",
+                            code="model_not_found").response()
+        return JSONResponse(model_card())
 
     api_description = openapi(spec.name, _version())
 
@@ -191,6 +200,7 @@ def create_app(cfg: GatewayConfig):
         routes=[
             Route("/v1/chat/completions", chat_completions, methods=["POST"]),
             Route("/v1/models", models, methods=["GET"]),
+            Route("/v1/models/{model:path}", model, methods=["GET"]),
             Route("/openapi.json", openapi_json, methods=["GET"]),
             WebSocketRoute("/v1/realtime", realtime_endpoint),
             Route("/health", health, methods=["GET"]),
@@ -234,7 +244,8 @@ def _version() -> str:
 
 async def _route_error(request: Request, exc) -> Response:
     if exc.status_code == 405:
-        return MethodNotAllowed(f"method {request.method} is not allowed on {request.url.path}").response()
+        return MethodNotAllowed(f"method {request.method} is not allowed on {request.url.path}").response(
+            getattr(exc, "headers", None))  # Starlette's carries Allow
     path = request.url.path
     hint = f" (did you mean {path.rstrip('/')}?)" if path.endswith("/") and len(path) > 1 else ""
     return NotFound(f"no route {request.method} {path}{hint}").response()

@@ -23,7 +23,7 @@ import uuid
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, replace
 
-from starlette.requests import Request
+from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 
 from cache.keys import Keys
@@ -39,6 +39,7 @@ from gateway.errors import (
     RequestTimeout,
     Timeout,
     Unavailable,
+    UnsupportedMediaType,
 )
 from gateway.metrics import GatewayMetrics
 from gateway.monitor import ClusterMonitor, admit
@@ -256,6 +257,10 @@ class ChatService:
         declared = request.headers.get("content-length")
         if declared and declared.isdigit() and int(declared) > self.cfg.max_body_bytes:
             raise PayloadTooLarge(f"request body exceeds {self.cfg.max_body_bytes} bytes")
+        encoding = request.headers.get("content-encoding", "").strip().lower()
+        if encoding not in ("", "identity"):  # never decompressed here (a zip bomb); never read as if it were plain
+            raise UnsupportedMediaType(f"request bodies with Content-Encoding {encoding!r} are not accepted; send the "
+                                       "JSON uncompressed", param="content-encoding", code="unsupported_encoding")
         chunks, size = [], 0
         try:
             async with asyncio.timeout(self.cfg.body_timeout_s):  # a slow client cannot hold a buffer for long
@@ -266,6 +271,8 @@ class ChatService:
                     chunks.append(chunk)
         except TimeoutError:
             raise RequestTimeout(f"the request body did not arrive within {self.cfg.body_timeout_s:g} s") from None
+        except ClientDisconnect:  # the client left (or sent a body the HTTP parser refused) before it all arrived
+            raise ClientGone() from None
         return b"".join(chunks)
 
     def namespace(self, tenant) -> str:

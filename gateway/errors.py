@@ -78,6 +78,10 @@ class PayloadTooLarge(APIError):
     status, type = 413, "invalid_request_error"
 
 
+class UnsupportedMediaType(APIError):
+    status, type = 415, "invalid_request_error"
+
+
 class Unavailable(APIError):
     """A tier has no live worker or Redis is unreachable: retry later."""
 

@@ -9,6 +9,7 @@ from gateway.schemas import ChatCompletionRequest
 ERROR_CODES = {"400": "bad request (the message names the parameter)", "401": "missing, wrong or revoked API key",
                "403": "a web origin that is not allowed", "404": "no such model or route",
                "408": "the body did not arrive in time", "413": "request or media too large",
+               "415": "a compressed body (Content-Encoding)",
                "500": "an internal error, named", "503": "overloaded, or a tier unavailable (Retry-After)"}
 
 
@@ -44,10 +45,14 @@ def openapi(model: str, version: str) -> dict:
                     "200": {"description": "a chat completion, or with stream: true server-sent events", "content": {
                         "application/json": {"schema": {"type": "object"}},
                         "text/event-stream": {"schema": {"type": "string"}}}},
-                    **_errors("400", "401", "403", "404", "408", "413", "500", "503")}}},
+                    **_errors("400", "401", "403", "404", "408", "413", "415", "500", "503")}}},
             "/v1/models": {"get": {"operationId": "listModels", "responses": {
                 "200": {"description": "the served model", "content": {"application/json": {
                     "schema": {"type": "object"}}}}, **_errors("401")}}},
+            "/v1/models/{model}": {"get": {"operationId": "retrieveModel", "parameters": [
+                {"name": "model", "in": "path", "required": True, "schema": {"type": "string"}}], "responses": {
+                "200": {"description": "the served model", "content": {"application/json": {
+                    "schema": {"type": "object"}}}}, **_errors("401", "404")}}},
             "/health": {"get": {"operationId": "health", **open_route, "responses": probe}},
             "/ready": {"get": {"operationId": "ready", **open_route, "responses": {
                 **probe, "503": {"description": "not ready: what is missing", "content": {

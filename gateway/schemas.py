@@ -121,6 +121,8 @@ _OFF_VALUES = {
 }
 
 
+_NULL_MEANS_DEFAULT = ("stream", "temperature", "top_p", "ignore_eos")  # fields whose default is not null
+
 MAX_DEPTH = 32  # a chat request needs 6 levels (body, messages, message, content, part, image_url)
 _SURROGATE = re.compile("[\ud800-\udfff]")
 
@@ -210,6 +212,11 @@ def parse_chat_request(body: bytes) -> ChatCompletionRequest:
     if not isinstance(raw, dict):
         raise InvalidRequest("request body must be a JSON object")
     order = list(raw)
+    for name in _NULL_MEANS_DEFAULT:  # OpenAI's API reads null as "the default" for these
+        if name in raw and raw[name] is None:
+            del raw[name]
+    if isinstance(raw.get("stream_options"), dict) and raw["stream_options"].get("include_usage", 0) is None:
+        del raw["stream_options"]["include_usage"]
     unsupported = []
     for name, off in _OFF_VALUES.items():
         if name in raw:

@@ -200,8 +200,43 @@ def test_unknown_routes_and_methods_are_openai_shaped_errors(cluster):
     assert "did you mean /v1/chat/completions?" in r.json()["error"]["message"]
     r = httpx.get(f"{cluster.base_url}/v1/chat/completions", timeout=30)
     assert r.status_code == 405 and r.json()["error"]["message"].startswith("method GET")
+    assert r.headers["allow"] == "POST"
     r = httpx.post(f"{cluster.base_url}/v1/embeddings", json=body, timeout=30)
     assert r.status_code == 404 and set(r.json()["error"]) == {"message", "type", "param", "code"}
+
+
+def test_a_compressed_body_is_a_415_not_read_as_text(cluster):
+    import gzip
+
+    raw = json.dumps({"model": cluster.model, "messages": [{"role": "user", "content": "hi"}]}).encode()
+    for encoding, data in (("gzip", gzip.compress(raw)), ("br", raw)):
+        r = httpx.post(f"{cluster.base_url}/v1/chat/completions", content=data, timeout=30,
+                       headers={"content-type": "application/json", "content-encoding": encoding})
+        assert r.status_code == 415, r.text
+        assert r.json()["error"]["code"] == "unsupported_encoding" and encoding in r.json()["error"]["message"]
+
+
+def test_the_sdk_retrieves_the_served_model(client, cluster):
+    assert client.models.retrieve(cluster.model).id == cluster.model
+    with pytest.raises(openai.NotFoundError):
+        client.models.retrieve("no-such-model")
+
+
+def test_a_body_cut_by_the_client_is_no_server_error(cluster):
+    """A chunked body the HTTP parser refuses mid-way: uvicorn answers its own 400, and the gateway sees a client
+    that left, not an unhandled error."""
+    import socket
+
+    host, port = cluster.base_url.removeprefix("http://").split(":")
+    seen = len(cluster.log_path.read_bytes())
+    with socket.create_connection((host, int(port)), timeout=10) as s:
+        s.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+                  b"Transfer-Encoding: chunked\r\n\r\n5\r\n{\"mo\"\r\nZZZ\r\n")
+        reply = s.recv(4096)
+    assert reply.startswith(b"HTTP/1.1 400"), reply
+    time.sleep(0.5)
+    assert b"unhandled error" not in cluster.log_path.read_bytes()[seen:]
+    assert httpx.get(f"{cluster.base_url}/health", timeout=10).json()["status"] == "ok"
 
 
 def test_request_id_is_the_servers_and_the_clients_is_echoed_and_logged(cluster):

@@ -32,6 +32,14 @@ def test_minimal_request_accepted_with_defaults():
     assert req.stop_strings() == []
 
 
+def test_null_means_the_default_as_in_openais_api():
+    req = parse_chat_request(body(temperature=None, top_p=None, stream=None, ignore_eos=None, max_tokens=None,
+                                  seed=None, stop=None, stream_options={"include_usage": None}))
+    assert (req.temperature, req.top_p, req.stream, req.ignore_eos) == (1.0, 1.0, False, False)
+    assert req.stream_options.include_usage is False and req.token_budget() is None
+    assert refused(body(temperature="1")).param == "temperature"  # null is the default; a string is still a 400
+
+
 def test_full_multimodal_request_accepted():
     req = parse_chat_request(body(
         messages=[
