@@ -56,6 +56,7 @@ from cache.streams import (
     ack_delete,
     dead_letter,
     ensure_group,
+    ensure_group_patiently,
     fields_payload,
     is_nogroup,
     own_pending,
@@ -258,7 +259,8 @@ class BackboneWorker:
         return self._apply_exchange(ex, results)
 
     def run(self) -> None:
-        ensure_group(self.r, self.stream, BACKBONE_GROUP)
+        if not ensure_group_patiently(self.r, self.stream, BACKBONE_GROUP, self.stop, "backbone"):
+            return  # stopped before Redis would take the group
         heartbeat = Heartbeat(self.cfg.redis_url, self.keys, "backbone", self.consumer, self.cfg.stall_s,
                               on_threads=self.on_threads).start()
         pool = self.engine.pool

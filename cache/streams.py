@@ -15,11 +15,15 @@ pending is removed from the group.
 
 from __future__ import annotations
 
+import logging
+import time
 from dataclasses import dataclass
 
-from redis.exceptions import ResponseError
+from redis.exceptions import RedisError, ResponseError
 
 from cache.keys import alive
+
+log = logging.getLogger(__name__)
 
 DEAD_LETTER_MAXLEN = 10_000  # the dead-letter stream keeps (about) this many entries
 
@@ -31,6 +35,26 @@ def ensure_group(r, stream: str, group: str) -> None:
     except ResponseError as exc:
         if "BUSYGROUP" not in str(exc):
             raise
+
+
+def ensure_group_patiently(r, stream: str, group: str, stop, what: str) -> bool:
+    """:func:`ensure_group`, riding out a Redis that is away or refuses writes (out of memory, a replica promoting)
+    at a worker's start: retried every few seconds, logged every ~30 s, until it succeeds (True) or ``stop`` (a
+    ``threading.Event``: SIGTERM) is set (False). A worker that exits instead is restarted into the same Redis,
+    and counted as a crash for a fault that is not its own."""
+    delay, logged = 0.5, -1e9
+    while not stop.is_set():
+        try:
+            ensure_group(r, stream, group)
+            return True
+        except RedisError as exc:
+            if time.monotonic() - logged > 30:
+                logged = time.monotonic()
+                log.error("redis unavailable or refusing writes at start; retrying", extra={
+                    "worker": what, "error": f"{type(exc).__name__}: {exc}"})
+            stop.wait(delay)
+            delay = min(delay * 2, 5.0)
+    return False
 
 
 def is_nogroup(exc: Exception) -> bool:

@@ -44,6 +44,7 @@ from cache.streams import (
     ack_delete,
     dead_letter,
     ensure_group,
+    ensure_group_patiently,
     fields_payload,
     is_nogroup,
     own_pending,
@@ -150,7 +151,8 @@ class EncoderWorker:
         self.on_threads = None  # set to follow the tier's thread budget (tributary up's autoscaler re-divides it)
 
     def run(self) -> None:
-        ensure_group(self.r, self.stream, ENCODER_GROUP)
+        if not ensure_group_patiently(self.r, self.stream, ENCODER_GROUP, self.stop, self.tier):
+            return  # stopped before Redis would take the group
         heartbeat = Heartbeat(self.cfg.redis_url, self.keys, self.tier, self.consumer, self.cfg.stall_s,
                               on_threads=self.on_threads).start()
         log.info("encoder ready", extra={"modality": self.cfg.modality, "runtime": self.runtime.name,

@@ -10,7 +10,9 @@ sets (one round trip per check) and kills a child whose last beat is older than 
 Beats go stale for other reasons too, and those are not the worker's fault:
 
 * Redis paused or away: every beat goes stale at once. The watchdog judges no one unless Redis has answered each of
-  its checks for the whole of ``hang_s`` (and a check answered slowly counts as Redis away).
+  its checks for the whole of ``hang_s`` (and a check answered slowly counts as Redis away). Each check also writes
+  (a key with a TTL): a Redis that answers reads but refuses writes (out of memory under ``noeviction``, a replica)
+  refuses the workers' beats too, and counts as away.
 * A worker starting up (loading a model) has never beaten: only a process seen beating can be found stuck. A
   (re)started worker that has not beaten ``load_s`` after its start (``tributary up --ready-timeout``, which bounds
   the first start the same way) is stuck loading, though (a hung filesystem, a deadlock at import): it is killed and
@@ -49,6 +51,7 @@ class Watchdog:
         self.healthy_since: float | None = None  # monotonic: Redis has answered every check since
         self.last_check = 0.0
         self.beats: dict[int, float] = {}  # pid -> the latest beat seen (wall clock, the workers' own)
+        self.seen: set[int] = set()  # pids of children seen beating at least once (judged stuck, not loading)
 
     def check(self, groups: list[Group]) -> list[Child]:
         """One look (at most every ``every_s``): the children killed as stuck."""
@@ -60,9 +63,10 @@ class Watchdog:
             if self.r is None:
                 self.r = connect(self.url, retries=0, socket_timeout=SLOW_CHECK_S)
             pipe = self.r.pipeline(transaction=False)
+            pipe.set(f"{self.keys.prefix}:watchdog:{self.host}", 1, ex=10)  # the workers' beats are writes too
             for tier in self.tiers:
                 pipe.zrange(self.keys.live(tier), 0, -1, withscores=True)
-            replies = pipe.execute()
+            _, *replies = pipe.execute()
         except Exception as exc:  # noqa: BLE001 -- Redis away: nobody is judged until it has been back a while
             if self.healthy_since is not None:
                 log.warning("watchdog: Redis unavailable; judging no worker until it is back",
@@ -78,9 +82,12 @@ class Watchdog:
             for member, score in members:
                 if (pid := worker_pid(member, self.host)) is not None:
                     self.beats[pid] = max(score, self.beats.get(pid, 0.0))
+                    self.seen.add(pid)
         judged = [c for g in groups if g.retire_by is None and g.restart_at is None for c in g.children
                   if c.proc is not None and c.exited is None]
         self.beats = {c.proc.pid: self.beats[c.proc.pid] for c in judged if c.proc.pid in self.beats}
+        running = {c.proc.pid for g in groups for c in g.children if c.proc is not None and c.exited is None}
+        self.seen &= running
         if now - self.healthy_since < self.hang_s:
             return []
         wall, killed = time.time(), []
@@ -106,7 +113,7 @@ class Watchdog:
         for g in groups:
             alive = [c for c in g.children if c.proc is not None and c.exited is None]
             if (g.tier not in self.tiers or g.retire_by is not None or g.restart_at is not None or not alive
-                    or any(c.proc.pid in self.beats for c in alive)):
+                    or any(c.proc.pid in self.seen for c in alive)):  # one that has beaten is judged as stuck
                 continue
             loading_s = now - max(c.started_at for c in alive)
             if loading_s > self.load_s:

@@ -65,7 +65,8 @@ def test_a_worker_that_stops_heartbeating_is_killed_and_restarted(server):
     sup.start()
     first = stuck.children[0]
     try:
-        dog = Watchdog(server.url, PREFIX, [TIER], hang_s=2.0, every_s=0.2)
+        # load_s too: the worker killed as stuck is not killed again as one that never came up
+        dog = Watchdog(server.url, PREFIX, [TIER], hang_s=2.0, every_s=0.2, load_s=3.0)
         killed = run(sup, dog, 30, until=lambda: stuck.children[0] is not first and stuck.children[0].proc)
         assert killed == [first] and first.exited == -signal.SIGKILL
         assert stuck.children[0] is not first and stuck.children[0].exited is None  # restarted
@@ -92,6 +93,33 @@ def test_no_worker_is_judged_while_redis_is_paused_nor_one_still_loading(server)
         assert run(sup, dog, 4) == []  # Redis back: the beats resume before the watchdog judges anyone again
         assert [g.children[0].proc.pid for g in (healthy, loading)] == pids
         assert all(g.children[0].exited is None for g in (healthy, loading))
+    finally:
+        sup.stop()
+
+
+def test_no_worker_is_judged_while_redis_refuses_writes(server):
+    """A Redis out of memory under noeviction answers reads (the live sets) but refuses the workers' beats: that is
+    Redis' fault, not the workers'. Nobody is killed, and the beats resume once it takes writes again."""
+    import redis
+
+    healthy = group("healthy", WORKER, server.url, "-1")
+    sup = Supervisor([healthy], max_backoff_s=0.5)
+    sup.start()
+    pid = healthy.children[0].proc.pid
+    r = redis.Redis.from_url(server.url)
+    try:
+        dog = Watchdog(server.url, PREFIX, [TIER], hang_s=2.0, every_s=0.2, load_s=3.0)
+        run(sup, dog, 30, until=lambda: pid in dog.beats)
+        r.config_set("maxmemory-policy", "noeviction")
+        r.config_set("maxmemory", "1")  # below what is used: every write is refused with OOM
+        try:
+            with pytest.raises(redis.ResponseError, match="maxmemory"):
+                r.set("probe", 1)
+            assert run(sup, dog, 6) == []  # the beats go stale, and so does the watchdog's own write
+        finally:
+            r.config_set("maxmemory", "64mb")
+        assert run(sup, dog, 4) == []
+        assert healthy.children[0].proc.pid == pid and healthy.children[0].exited is None
     finally:
         sup.stop()
 
@@ -162,3 +190,34 @@ def test_a_worker_that_stops_cleanly_is_restarted_without_counting_as_a_crash():
         assert len(starts) >= 4 and clean.crashes == []
     finally:
         sup.stop()
+
+
+def test_a_worker_starting_while_redis_refuses_writes_waits_for_it(server):
+    """A worker (re)started into a Redis that refuses writes waits to create its group instead of exiting (a crash
+    the supervisor would count, for a fault that is not the worker's); SIGTERM still ends the wait."""
+    import threading
+
+    import redis
+
+    from cache.streams import ensure_group_patiently
+
+    r = redis.Redis.from_url(server.url)
+    r.config_set("maxmemory-policy", "noeviction")
+    r.config_set("maxmemory", "1")
+    stop, result = threading.Event(), []
+    try:
+        t = threading.Thread(target=lambda: result.append(ensure_group_patiently(r, "s", "g", stop, "test")))
+        t.start()
+        time.sleep(1.5)
+        assert t.is_alive() and not r.exists("s")  # still waiting, not raised
+    finally:
+        r.config_set("maxmemory", "64mb")
+    t.join(10)
+    assert result == [True] and r.xinfo_groups("s")[0]["name"] == b"g"
+    r.config_set("maxmemory", "1")
+    try:
+        stopping = threading.Event()
+        stopping.set()
+        assert ensure_group_patiently(r, "s2", "g", stopping, "test") is False  # stopped: gives up at once
+    finally:
+        r.config_set("maxmemory", "64mb")
