@@ -139,7 +139,17 @@ class TierClient:
                                        prompt_tokens=len(plan.token_ids) - plan.resumed,
                                        completion_tokens=plan.resumed + len(gen.tokens), finish=m.FinishReason.LENGTH)
                     return
-                msg = await self._next(queue, *self._bound(gen))
+                try:
+                    msg = await self._next(queue, *self._bound(gen))
+                except Timeout:
+                    # A worker that went silent mid-answer but still beats (a hung pipeline shard, a stuck device
+                    # call: its loop's stall timeout is longer than this) is stuck for this request: it moves to
+                    # another live replica, as from a dead one, instead of failing. Alone, it fails (504).
+                    if not gen.worker or not self._others_live(gen.worker):
+                        raise
+                    await self._migrate(gen, f"no token from backbone worker {gen.worker} for "
+                                             f"{self.cfg.token_timeout_s:g} s")
+                    continue
                 if msg is RESET:
                     await self._migrate(gen, "Redis may have lost the request (its lease was gone)")
                     continue
@@ -173,6 +183,10 @@ class TierClient:
                     return
         finally:
             self.inflight.pop(plan.request_id, None)
+
+    def _others_live(self, worker: str) -> bool:
+        """Whether a backbone other than ``worker`` is live (as of the monitor's last beat)."""
+        return self.view is not None and bool(self.view.live.get("backbone", set()) - {worker})
 
     def _bound(self, gen: Generation) -> tuple[float, str]:
         """How long the next wait may last: ``first_token_timeout_s`` until the current attempt's worker is heard

@@ -111,3 +111,58 @@ def test_lost_after_its_last_token_the_request_is_finished_not_moved(redis_url):
 def test_a_negative_limit_is_refused(bad):
     with pytest.raises(ValueError, match="migration_limit"):
         GatewayConfig(model_dir="m", redis_url="redis://x", migration_limit=bad)
+
+
+async def silent_worker(redis_url: str, live: set[str]) -> tuple[list, list[m.PromptPlan], Exception | None]:
+    """A plan whose worker ("w-stuck") streams 2 tokens, then goes silent while still live (it beats: a hung
+    pipeline shard). ``live``: the backbones the monitor sees. Returns the tokens yielded, the plans queued, and
+    the error the generation ended with."""
+    from gateway.monitor import ClusterView
+
+    sync = redis.Redis.from_url(redis_url)
+    ensure_group(sync, KEYS.gen(), BACKBONE_GROUP)
+    for w in live:
+        sync.zadd(KEYS.live("backbone"), {w: time.time() + 60})
+    r = connect_async(redis_url)
+    cfg = GatewayConfig(model_dir="unused", redis_url=redis_url, token_timeout_s=0.5)
+    tiers = TierClient(r, cfg, None, None, KEYS.reply("gw"))
+    tiers.view = ClusterView(up=True, live={"backbone": set(live)})
+    plan = original_plan()
+    queue: asyncio.Queue = asyncio.Queue()
+    queue.put_nowait(m.TokenEvent(request_id=plan.request_id, token_ids=[40, 41], prompt_tokens=3,
+                                  completion_tokens=2, worker="w-stuck"))
+    got, error = [], None
+
+    async def healthy_replica() -> None:  # answers the continuation, once one is queued
+        while len(sync.xrange(KEYS.gen())) < 2:
+            await asyncio.sleep(0.05)
+        queue.put_nowait(m.TokenEvent(request_id=plan.request_id, token_ids=[42], prompt_tokens=3,
+                                      completion_tokens=3, attempt=1, worker="w-ok",
+                                      finish=m.FinishReason.LENGTH))
+
+    helper = asyncio.create_task(healthy_replica()) if len(live) > 1 else None
+    try:
+        async for ev in tiers.generate(plan, queue):
+            got.append(ev.token_ids)
+    except Exception as exc:  # noqa: BLE001
+        error = exc
+    finally:
+        if helper:
+            helper.cancel()
+        await r.aclose()
+    return got, queued_plans(sync), error
+
+
+def test_a_worker_silent_mid_answer_but_still_beating_loses_the_request_to_another_replica(redis_url):
+    got, plans, error = asyncio.run(silent_worker(redis_url, {"w-stuck", "w-ok"}))
+    assert error is None and got == [[40, 41], [42]]
+    cont = plans[-1]
+    assert cont.attempt == 1 and cont.token_ids[-2:] == [40, 41] and cont.resumed == 2
+    assert redis.Redis.from_url(redis_url).get(KEYS.cancel("req-mig")) == b"1"  # the stuck attempt is cancelled
+
+
+def test_a_silent_worker_alone_times_out_as_before(redis_url):
+    from gateway.errors import Timeout
+
+    got, plans, error = asyncio.run(silent_worker(redis_url, {"w-stuck"}))
+    assert got == [[40, 41]] and isinstance(error, Timeout) and len(plans) == 1
