@@ -35,6 +35,7 @@ from gateway.errors import (
     Internal,
     InvalidRequest,
     NotFound,
+    Overloaded,
     PayloadTooLarge,
     RequestTimeout,
     Timeout,
@@ -53,6 +54,9 @@ from router import messages as m
 
 log = logging.getLogger(__name__)
 
+# Bodies being received at once, in bytes, at most this many maximal bodies' worth (32 MiB each by default): the
+# memory bound for clients still sending, who hold no in-flight slot. A slow sender holds almost nothing.
+RECEIVING_BODIES = 16
 _CLIENT_ID = re.compile(r"^[\x21-\x7e]{1,512}$")  # printable ASCII, as the OpenAI API accepts
 
 
@@ -92,6 +96,7 @@ class ChatService:
         self.spec = builder.spec
         self.inflight = 0  # requests admitted and not yet answered in full
         self.closing = False  # the server's graceful period is ending: requests are refused, those in flight ended
+        self.receiving = 0  # bytes of request bodies being received (not yet counted in ``inflight``)
         self._tasks: set[asyncio.Task] = set()  # hard references: the loop keeps only weak ones
 
     @property
@@ -140,20 +145,23 @@ class ChatService:
         arrival = time.perf_counter()
         rate = await self._rate(getattr(request.state, "tenant", None))  # a 429 before anything else
         ids = replace(ids, rate=tuple(rate.items()))
+        self.admit(["backbone"])  # before the body is read: a request refused anyway is refused at once
+        # A client still sending its body holds no slot of ``max_inflight`` (slow senders would take them all: a
+        # slowloris); the bodies being received are bounded in bytes instead (``_read_body``).
+        body = await self._read_body(request)
         self.admit(["backbone"])
         self.inflight += 1
         streaming = False
         try:
-            response = await self._handle(request, ids, arrival)
+            response = await self._handle(request, body, ids, arrival)
             streaming = isinstance(response, ReleasingStream)
             return response
         finally:
             if not streaming:  # a stream is counted until its last event (``_sse``)
                 self.inflight -= 1
 
-    async def _handle(self, request: Request, ids: RequestIds, arrival: float) -> Response:
+    async def _handle(self, request: Request, body: bytes, ids: RequestIds, arrival: float) -> Response:
         rid = ids.server
-        body = await self._read_body(request)
         tenant = getattr(request.state, "tenant", None)  # gateway/auth.py: None without API keys
         req, prompt = await self._prepare(body, tenant)
         log.info("request", extra={"request_id": rid, "client_request_id": ids.client, "stream": req.stream,
@@ -262,17 +270,25 @@ class ChatService:
             raise UnsupportedMediaType(f"request bodies with Content-Encoding {encoding!r} are not accepted; send the "
                                        "JSON uncompressed", param="content-encoding", code="unsupported_encoding")
         chunks, size = [], 0
+        limit = self.cfg.max_body_bytes * RECEIVING_BODIES
         try:
             async with asyncio.timeout(self.cfg.body_timeout_s):  # a slow client cannot hold a buffer for long
                 async for chunk in request.stream():
                     size += len(chunk)
+                    self.receiving += len(chunk)
                     if size > self.cfg.max_body_bytes:
                         raise PayloadTooLarge(f"request body exceeds {self.cfg.max_body_bytes} bytes")
+                    if self.receiving > limit:
+                        self.metrics.reject("server_overloaded")
+                        raise Overloaded(f"this gateway is receiving {limit} bytes of request bodies at once; retry "
+                                         "later")
                     chunks.append(chunk)
         except TimeoutError:
             raise RequestTimeout(f"the request body did not arrive within {self.cfg.body_timeout_s:g} s") from None
         except ClientDisconnect:  # the client left (or sent a body the HTTP parser refused) before it all arrived
             raise ClientGone() from None
+        finally:
+            self.receiving -= size
         return b"".join(chunks)
 
     def namespace(self, tenant) -> str:

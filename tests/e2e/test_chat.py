@@ -216,6 +216,29 @@ def test_a_compressed_body_is_a_415_not_read_as_text(cluster):
         assert r.json()["error"]["code"] == "unsupported_encoding" and encoding in r.json()["error"]["message"]
 
 
+def test_clients_still_sending_their_bodies_hold_no_in_flight_slot(client, cluster):
+    """More slow senders than --max-inflight (256): each has sent its headers and one byte of its body. They hold
+    no slot, so a request that arrives whole is served meanwhile."""
+    import socket
+
+    host, port = cluster.base_url.removeprefix("http://").split(":")
+    slow = []
+    try:
+        for _ in range(300):
+            s = socket.create_connection((host, int(port)), timeout=10)
+            s.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+                      b"Content-Length: 1000\r\n\r\n{")
+            slow.append(s)
+        time.sleep(1.0)
+        assert httpx.get(f"{cluster.base_url}/health", timeout=10).json()["inflight"] == 0
+        out = client.chat.completions.create(model=cluster.model, max_tokens=2,
+                                             messages=[{"role": "user", "content": "hi"}])
+        assert out.choices[0].finish_reason in ("stop", "length")
+    finally:
+        for s in slow:
+            s.close()
+
+
 def test_the_sdk_retrieves_the_served_model(client, cluster):
     assert client.models.retrieve(cluster.model).id == cluster.model
     with pytest.raises(openai.NotFoundError):

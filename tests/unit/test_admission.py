@@ -130,3 +130,28 @@ def test_the_monitor_reads_how_long_the_oldest_unread_entry_waited(any_redis_url
     assert 89 <= v.wait["backbone"] <= 95 and 39 <= v.wait["encoder:image"] <= 45 and "encoder:audio" not in v.wait
     with pytest.raises(Overloaded):
         admit(v, 0, GatewayConfig(model_dir="m", redis_url=redis_url), ["backbone"])
+
+
+def test_bodies_being_received_are_bounded_in_bytes_not_slots():
+    """Clients still sending hold no in-flight slot; the bytes of bodies being received at once are bounded
+    (RECEIVING_BODIES maximal bodies), past which a body is refused with a 503, its bytes released."""
+    import asyncio
+
+    from gateway.chat import RECEIVING_BODIES, ChatService
+    from gateway.metrics import GatewayMetrics
+
+    class Body:  # what _read_body uses of a Starlette request
+        headers = {"content-length": "8"}
+
+        async def stream(self):
+            for _ in range(2):
+                yield b"abcd"
+
+    svc = ChatService.__new__(ChatService)
+    svc.cfg = GatewayConfig(model_dir="m", redis_url="redis://x", max_body_bytes=8)
+    svc.metrics, svc.receiving = GatewayMetrics(), 0
+    assert asyncio.run(svc._read_body(Body())) == b"abcdabcd" and svc.receiving == 0
+    svc.receiving = 8 * RECEIVING_BODIES - 5  # others' bodies, arriving
+    with pytest.raises(Overloaded, match="receiving"):
+        asyncio.run(svc._read_body(Body()))
+    assert svc.receiving == 8 * RECEIVING_BODIES - 5  # what the refused body had received is released
