@@ -6,9 +6,11 @@ import asyncio
 from collections.abc import Callable
 
 import uvicorn
+import uvicorn.server
 
 from gateway.app import create_app
 from gateway.config import GatewayConfig
+from router.lifecycle import STOP_SIGNALS
 
 KEEP_ALIVE_S = 75  # idle keep-alive connections are closed after this (the clients' pools expire sooner)
 GRACEFUL_S = 30  # on SIGTERM, how long requests in flight may run on (the workers outlive the gateway in `up`)
@@ -43,4 +45,6 @@ def serve(cfg: GatewayConfig, host: str = "127.0.0.1", port: int = 8000, gracefu
     config = uvicorn.Config(app, host=host, port=port, log_config=None, access_log=False,
                             timeout_graceful_shutdown=graceful_s, timeout_keep_alive=KEEP_ALIVE_S,
                             ws_max_size=cfg.max_body_bytes, ws_ping_interval=20, ws_ping_timeout=20)
+    # SIGHUP (a closed terminal) stops the gateway gracefully too, as SIGTERM and SIGINT do.
+    uvicorn.server.HANDLED_SIGNALS = tuple(dict.fromkeys((*uvicorn.server.HANDLED_SIGNALS, *STOP_SIGNALS)))
     Server(config, app.end_in_flight).run()

@@ -1,5 +1,6 @@
-"""Worker process set-up: graceful shutdown (SIGTERM/SIGINT set a flag the busy loop checks between steps, so the
-work in hand is finished and acknowledged before the process exits) and allocator tuning."""
+"""Worker process set-up: graceful shutdown (SIGTERM/SIGINT/SIGHUP set a flag the busy loop checks between steps, so
+the work in hand is finished and acknowledged before the process exits; a closed terminal's SIGHUP would otherwise
+kill it mid-step) and allocator tuning."""
 
 from __future__ import annotations
 
@@ -9,6 +10,8 @@ import signal
 import threading
 
 log = logging.getLogger(__name__)
+
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)  # each a graceful stop, in every process
 
 
 def stop_on_signals() -> threading.Event:
@@ -21,8 +24,8 @@ def stop_on_signals() -> threading.Event:
         log.info("stopping: finishing the work in hand", extra={"signal": signum})
         stop.set()
 
-    signal.signal(signal.SIGTERM, handler)
-    signal.signal(signal.SIGINT, handler)
+    for sig in STOP_SIGNALS:
+        signal.signal(sig, handler)
     return stop
 
 

@@ -28,6 +28,7 @@ from pathlib import Path
 
 from cache.client import redact
 from cache.embedded import EmbeddedRedis, free_port
+from router.lifecycle import STOP_SIGNALS
 from tributary.supervisor import Child, CrashLoop, Group, Supervisor
 
 log = logging.getLogger(__name__)
@@ -275,7 +276,7 @@ def run_cluster(args) -> int:
             running[0].kill()
         stop.set()
 
-    for sig in (signal.SIGINT, signal.SIGTERM):
+    for sig in STOP_SIGNALS:  # a closed terminal (SIGHUP) stops the cluster as Ctrl-C does
         signal.signal(sig, on_signal)
     from gateway.config import parse_mm_limits
 

@@ -31,6 +31,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from cache.embedded import die_with_parent
+from router.lifecycle import STOP_SIGNALS
 
 log = logging.getLogger(__name__)
 
@@ -171,8 +172,9 @@ class Supervisor:
                 self._tend_retiring(group, now)
                 continue
             if group.restart_at is None and (child := group.dead()) is not None:
-                # Stopped cleanly (exit 0, or SIGTERM's default: someone else drained it): restarted, not a crash.
-                stopped = child.exited in (0, -signal.SIGTERM)
+                # Stopped cleanly (exit 0, or a stop signal's default: someone else drained it, uvicorn re-raises
+                # the signal it stopped on): restarted, not a crash.
+                stopped = child.exited in (0, *(-s for s in STOP_SIGNALS))
                 if not stopped:
                     group.crashes = [t for t in group.crashes if now - t < self.window_s] + [now]
                 recent = sum(1 for g in self.groups for t in g.crashes if now - t < self.window_s)

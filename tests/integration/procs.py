@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -37,7 +38,7 @@ def hold_lease(r, reply_to: str, ttl_s: int = 600) -> None:
     r.set(alive(reply_to), 1, ex=ttl_s)
 
 
-def stop_tier(proc: subprocess.Popen, timeout: float = 30) -> tuple[int, str]:
-    proc.terminate()
+def stop_tier(proc: subprocess.Popen, timeout: float = 30, sig: int = signal.SIGTERM) -> tuple[int, str]:
+    proc.send_signal(sig)
     out, _ = proc.communicate(timeout=timeout)
     return proc.returncode, out

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import signal
 import time
 import urllib.request
 import uuid
@@ -155,8 +156,9 @@ def test_the_metrics_port_counts_jobs_by_outcome_and_forward_batches(image_worke
     assert after[("tributary_encoder_in_flight_jobs", None)] == 0
 
 
-def test_sigterm_exits_cleanly_and_deregisters(image_worker, redis_server):
-    code, out = stop_tier(image_worker)
+def test_sighup_exits_cleanly_and_deregisters(image_worker, redis_server):
+    """SIGHUP (a closed terminal) stops a worker as SIGTERM does: it finishes, deregisters and exits 0."""
+    code, out = stop_tier(image_worker, sig=signal.SIGHUP)
     assert code == 0, out[-2000:]
     assert "encoder stopped" in out
     r = redis.Redis.from_url(redis_server.url)
