@@ -5,9 +5,15 @@ tokens; ``computed`` counts the positions whose K/V are in the pool. Each ``step
 next positions to compute and runs ONE forward over them all (backbone/model.py):
 
 1. every decoding sequence (one position left: its last token) advances by one, so running streams never stall;
-2. then sequences still prefilling (new ones, and preempted ones recomputing) take chunks, oldest first, within
-   the step's budget (backbone/budget.py: ``max_batched_tokens``, decodes count too; or, with ``max_step_ms``, as
-   many positions as fit that time in a step that carries decodes);
+2. then sequences still prefilling (new ones, and preempted ones recomputing) take chunks within the step's budget
+   (backbone/budget.py: ``max_batched_tokens``, decodes count too; or, with ``max_step_ms``, as many positions as
+   fit that time in a step that carries decodes), the fewest positions left to compute first (ties: oldest first),
+   so a short prompt that arrives while long ones are prefilling gets its first token within a step or two instead
+   of after all of theirs. A long prompt still advances whenever the shorter ones leave budget over (they become
+   decodes, at most one position each); and a prefilling sequence passed over ``aging_steps`` steps in a row (32;
+   no chunk, or one short of what the step could give) goes before every other prompt until it gets one, so a
+   steady stream of short prompts cannot starve it. The first in line that finds no free block for its chunk is
+   not overtaken by those behind it;
 3. a row whose chunk reaches its last input is sampled; a prefill chunk that does not is not.
 
 KV blocks are taken as positions are computed. When a decode finds the pool empty, the newest sequence that holds
@@ -62,6 +68,7 @@ from router.messages import FinishReason, SamplingParams
 log = logging.getLogger(__name__)
 
 MAX_BATCHED_TOKENS = 2048
+AGING_STEPS = 32  # steps in a row a prefilling sequence may be passed over before it goes first
 
 
 @dataclass
@@ -83,6 +90,7 @@ class Sequence:
     prompt_embeds: torch.Tensor | None = None  # [prompt_len, H] on the device (shard 0), while it lives
     preempted: int = 0  # how often its blocks were taken back
     lane: int = 0  # its pipeline micro-batch (always 0 without a pipeline)
+    skipped: int = 0  # steps in a row it was prefilling and passed over (the scheduler's aging guard)
 
     @property
     def prompt_tokens(self) -> int:
@@ -133,7 +141,8 @@ class Flight:
 class Engine:
     def __init__(self, model: DecoderShard, placeholder_ids: dict[str, int], eos_ids: list[int], max_context: int,
                  pipeline: PipelineHead | None = None, max_batched_tokens: int = MAX_BATCHED_TOKENS,
-                 micro_batches: int = 0, max_step_ms: float | None = None, defer: bool = False):
+                 micro_batches: int = 0, max_step_ms: float | None = None, defer: bool = False,
+                 aging_steps: int = AGING_STEPS):
         if model.pool is None:
             raise ValueError("the model has no KV pool (DecoderShard.allocate_pool)")
         if max_batched_tokens < 1:
@@ -146,6 +155,9 @@ class Engine:
         self.eos_ids = frozenset(eos_ids)
         self.max_context = max_context
         self.budget = StepBudget(max_batched_tokens, max_step_ms)
+        if aging_steps < 1:
+            raise ValueError("aging_steps must be >= 1")
+        self.aging_steps = aging_steps  # a prefilling sequence passed over this many steps in a row goes first
         self.active: dict[int, Sequence] = {}  # started and not released
         self.preemptions = 0
         if micro_batches < 0:
@@ -277,16 +289,26 @@ class Engine:
             rows.append((seq, 1))
             taken.add(seq.sid)
         budget = self.budget.tokens(len(rows)) - len(rows)
-        for seq in [s for s in seqs if s.finish is None and s.length - s.computed > 1 and s.sid not in preempted]:
+        prefilling = [s for s in seqs if s.finish is None and s.length - s.computed > 1 and s.sid not in preempted]
+        # Shortest remaining prefill first (ties: oldest first), so a short prompt is not queued behind long ones;
+        # a sequence passed over ``aging_steps`` steps in a row goes before them all (the aged: oldest first).
+        prefilling.sort(key=lambda s: (0, 0) if s.skipped >= self.aging_steps else (1, s.length - s.computed))
+        share = max(0, budget)  # what the step has for prompt chunks
+        chunks: dict[int, int] = {}
+        for seq in prefilling:
             if budget <= 0:
                 break
             n = min(seq.length - seq.computed, budget, (len(seq.blocks) + self.pool.free) * bs - seq.computed)
             if n <= 0:
-                break  # first come, first served: a later prompt does not overtake one waiting for blocks
+                break  # the first in line waits for blocks: nobody behind it takes them first
             self.pool.grow(seq.blocks, seq.computed + n)
             rows.append((seq, n))
             taken.add(seq.sid)
+            chunks[seq.sid] = n
             budget -= n
+        for seq in prefilling if share else ():  # a chunk short of what the step could give: passed over
+            fair = min(seq.length - seq.computed, self.budget.min_chunk, share)
+            seq.skipped = 0 if chunks.get(seq.sid, 0) >= fair else seq.skipped + 1
         return rows
 
     def _victim(self, keep: set[int]) -> Sequence | None:

@@ -290,3 +290,74 @@ def test_deferred_steps_give_the_tokens_of_synchronous_ones(model, tiny_spec, to
     engine.release(a)
     engine.settle()
     assert not a.output and len(b.output) == 1 and engine.pool.free == 32 - len(b.blocks)
+
+
+def test_a_short_prompt_arriving_behind_long_prefills_gets_its_first_token_within_a_step_or_two(
+        model, tiny_spec, tok):
+    """The outside tester's case, scaled down: four long prompts are prefilling (in 16-position chunks) when a short
+    one arrives. Shortest remaining prefill first: its first token comes at once, not after every long prompt's
+    chunks (first come, first served took 13 more steps); the long ones still all finish, and every sequence gives
+    its tokens alone."""
+    base = long_prompt(tok, 120)
+    longs = [base[i : i + 60] for i in (0, 20, 40, 60)]
+    short = base[110:120]
+    refs = [reference(model, tiny_spec, ids, params(8)) for ids in [*longs, short]]
+    engine = engine_with(model, tiny_spec, 256, 16)
+    seqs = []
+    for i, ids in enumerate(longs):
+        seq = engine.new_sequence(f"long{i}", len(ids), params(8))
+        engine.start(seq, ids, [])
+        seqs.append(seq)
+    for _ in range(2):
+        engine.step(seqs)
+    assert not any(s.output for s in seqs) and 0 < sum(s.computed for s in seqs) < 4 * 60
+    quick = engine.new_sequence("short", len(short), params(8))
+    engine.start(quick, short, [])
+    seqs.append(quick)
+    waited = 0
+    while not quick.output:
+        engine.step(seqs)
+        waited += 1
+    assert waited <= 2
+    steps = 0
+    while any(s.finish is None for s in seqs):
+        engine.step(seqs)
+        steps += 1
+        assert steps < 200, "the scheduler stopped making progress"
+    assert all(s.finish == FinishReason.LENGTH for s in seqs)
+    assert sum(same_tokens(s.output, *ref) for s, ref in zip(seqs, refs)) >= 30
+    assert engine.pool.free == 256
+
+
+def test_a_long_prompt_is_not_starved_by_a_steady_stream_of_short_ones(model, tiny_spec, tok):
+    """A new 8-position prompt every step, each done with its first token, fills an 8-position budget on its own:
+    shortest first alone would never give the long prompt a chunk. Passed over ``aging_steps`` steps in a row, it
+    goes first for a step, so it advances a chunk at least every ``aging_steps + 1`` steps and finishes; the short
+    ones all finish too, and the long one gives its tokens alone."""
+    ids = long_prompt(tok, 60)
+    short = long_prompt(tok, 68)[60:]
+    want, margins = reference(model, tiny_spec, ids, params(4))
+
+    def stream(aging_steps: int, steps: int):
+        engine = engine_with(model, tiny_spec, 256, 8)
+        engine.aging_steps = aging_steps
+        big = engine.new_sequence("big", len(ids), params(4))
+        engine.start(big, ids, [])
+        seqs, step = [big], 0
+        for step in range(steps):
+            seq = engine.new_sequence(f"s{step}", len(short), params(1))
+            engine.start(seq, short, [])
+            seqs.append(seq)
+            engine.step([s for s in seqs if s.finish is None])
+            if big.finish is not None:
+                break
+        while any(s.finish is None for s in seqs[1:]):  # the stream stops: the short ones left drain
+            engine.step([s for s in seqs[1:] if s.finish is None])
+        return big, seqs[1:], step + 1
+
+    big, shorts, _ = stream(10**9, 60)  # no aging: the long prompt never gets a chunk
+    assert big.computed == 0 and not big.output and all(s.finish == FinishReason.LENGTH for s in shorts)
+    big, shorts, steps = stream(4, 200)
+    assert big.finish == FinishReason.LENGTH and steps <= (-(-60 // 8) + 4) * 5
+    assert all(s.finish == FinishReason.LENGTH for s in shorts)
+    assert same_tokens(big.output, want, margins) >= 3
