@@ -17,7 +17,7 @@ flight (its engine's micro-batches, backbone/engine.py): every shard runs them, 
 order sent. A row that failed on any shard (backbone/isolation.py) is
 flagged in the table as it travels on, so one request's fault fails that request alone on every shard. Shard 0 sends
 a no-op when idle (so a silent pipe means a dead shard 0 and the others exit after ``timeout_s``) and a stop when it
-exits.
+exits. A shard other than 0 told to stop asks shard 0 to drain the replica (:class:`DrainLink`).
 """
 
 from __future__ import annotations
@@ -116,6 +116,53 @@ def init_group(url: str, rank: int, world: int, device: torch.device | str = "cp
     log.info("pipeline group ready", extra={"rank": rank, "world": world, "hidden_states_over": backend,
                                             "device": str(device)})
     return hops
+
+
+DRAIN_KEY = "tributary/drain"  # set in the replica's rendezvous store by a shard told to stop
+
+
+class DrainLink:
+    """How a shard other than 0, told to stop (SIGTERM), has its whole replica drain: only shard 0 can (it holds
+    the requests; the others only follow the pipe), so the shard sets a key in the replica's rendezvous store
+    (``--dist-url``'s TCPStore, hosted by shard 0) and goes on serving; shard 0 polls the key, drains (finishes or
+    hands back its requests) and sends the stop down the pipe, which ends every shard. Each side uses a store client
+    of its own, so the pipe's traffic and these checks never share a connection."""
+
+    def __init__(self, url: str, timeout_s: float = 10.0):
+        host, _, port = url.removeprefix("tcp://").rpartition(":")
+        self.store = dist.TCPStore(host, int(port), None, is_master=False, wait_for_workers=False,
+                                   timeout=datetime.timedelta(seconds=timeout_s))
+
+    def request(self, rank: int) -> None:
+        self.store.set(DRAIN_KEY, str(rank))
+        log.info("asked shard 0 to drain the replica", extra={"rank": rank})
+
+    def requested(self) -> bool:
+        return self.store.check([DRAIN_KEY])
+
+
+def watch_drain(link_factory, stop, every_s: float = 1.0, rank: int = 0):
+    """A daemon thread: on shard 0, set ``stop`` once another shard asked for a drain; on another shard, ask once
+    ``stop`` is set. ``link_factory()`` makes the :class:`DrainLink` (in the thread: the store may take a moment)."""
+    import threading
+
+    def run() -> None:
+        try:
+            link = link_factory()
+            if rank == 0:
+                while not stop.wait(every_s):
+                    if link.requested():
+                        log.info("a shard asked for a drain: draining the replica")
+                        stop.set()
+            else:
+                stop.wait()
+                link.request(rank)
+        except Exception as exc:  # noqa: BLE001 -- the store gone (shard 0 exited): the pipe's own timeout ends us
+            log.info("drain link closed", extra={"rank": rank, "error": f"{type(exc).__name__}: {exc}"})
+
+    thread = threading.Thread(target=run, name="drain-link", daemon=True)
+    thread.start()
+    return thread
 
 
 def agree_blocks(blocks: int) -> int:

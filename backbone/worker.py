@@ -775,7 +775,7 @@ def serve(cfg: BackboneConfig, model_dir: str, threads: int | None = None) -> No
     from backbone.kv import pool_blocks
     from backbone.loader import load_shard
     from backbone.model import DecoderConfig
-    from backbone.pipeline import PipelineHead, StageWorker, agree_blocks, init_group
+    from backbone.pipeline import DrainLink, PipelineHead, StageWorker, agree_blocks, init_group, watch_drain
     from models.spec import ModelSpec
     from router.lifecycle import stop_on_signals, tune_allocator
 
@@ -813,6 +813,8 @@ def serve(cfg: BackboneConfig, model_dir: str, threads: int | None = None) -> No
         worker.run()
         return
     hops = init_group(cfg.dist_url, cfg.shard, cfg.num_shards, device)
+    # A shard told to stop has shard 0 drain the whole replica (the others only follow the pipe); shard 0 listens.
+    watch_drain(lambda: DrainLink(cfg.dist_url), stop, rank=cfg.shard)
     model, names = load_shard(spec.path, text, layers, dtype, device, cfg.attention)
     log.info("shard loaded", extra={"shard": cfg.shard, "tensors": len(names)})
     # Every shard sizes a pool for its own layers; the replica takes the smallest (one block table for all).
@@ -824,7 +826,7 @@ def serve(cfg: BackboneConfig, model_dir: str, threads: int | None = None) -> No
     model.allocate_pool(blocks)
     if not cfg.eager:  # every shard replays its decode steps (the same --max-running on every shard)
         model.capture_graphs(cfg.max_running, spec.max_context)
-    if cfg.shard > 0:  # driven by shard 0 through the pipe; it stops us when it stops
+    if cfg.shard > 0:  # driven by shard 0 through the pipe; it stops us when it stops (a drain we ask for included)
         metrics = None
         if cfg.metrics_port:  # this shard's own KV pool (shard 0 serves the scheduler's metrics)
             registry = CollectorRegistry()

@@ -16,9 +16,11 @@ STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)  # each a graceful
 
 def stop_on_signals() -> threading.Event:
     stop = threading.Event()
+    received = []  # signals, not ``stop``: a pipeline shard's drain may set it too, and a signal after is a first
 
     def handler(signum, _frame):
-        if stop.is_set():
+        received.append(signum)
+        if len(received) > 1:
             log.warning("second signal: exiting without draining", extra={"signal": signum})
             raise SystemExit(1)
         log.info("stopping: finishing the work in hand", extra={"signal": signum})

@@ -5,6 +5,7 @@ one step at a time; each shard read only its own tensors."""
 from __future__ import annotations
 
 import json
+import signal
 import subprocess
 import time
 
@@ -145,3 +146,34 @@ def test_even_layers_cover_every_layer_once():
             assert max(map(len, ranges)) - min(map(len, ranges)) <= 1
     with pytest.raises(ValueError):
         even_layers(2, 3, 0)
+
+
+def test_a_later_shard_told_to_stop_drains_its_whole_replica(tiny_spec, tiny_model, redis_server):
+    """SIGTERM to a shard other than 0 (its own pod, in Kubernetes): it cannot leave the pipe alone, so shard 0
+    drains the replica (the running request finishes) and stops every shard, all exiting 0."""
+    r = redis.Redis.from_url(redis_server.url)
+    r.flushall()
+    url = f"tcp://127.0.0.1:{free_port()}"
+    last = subprocess.Popen([*start_cmd(tiny_model, redis_server.url), "--shard", "1", "--num-shards", "2",
+                             "--dist-url", url], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        head = start_tier(["backbone", "--model", str(tiny_model), "--shard", "0", "--num-shards", "2",
+                           "--dist-url", url], redis_server.url, "backbone")
+        hold_lease(r, "reply:drain")
+        r.xadd(KEYS.gen(), payload_fields(m.encode(plan("long", "reply:drain", PROMPTS[0], 300, temperature=0.0))))
+        seen, cursor, deadline = [], "0-0", time.monotonic() + 60
+        while sum(ev.completion_tokens for ev in seen) < 2:  # decoding
+            assert time.monotonic() < deadline, "the request never got going"
+            for entry_id, fields in (r.xread({"reply:drain": cursor}, block=1000) or [[None, []]])[0][1]:
+                cursor = entry_id
+                seen.append(m.decode(fields_payload(fields), m.TokenEvent))
+        last.send_signal(signal.SIGTERM)
+        assert last.wait(90) == 0 and head.wait(30) == 0
+        out, _ = head.communicate()
+        assert "a shard asked for a drain" in out, out[-2000:]
+        got = events(r, "reply:drain", {"long"})
+        assert [t for ev in got for t in ev.token_ids] == reference(tiny_spec, PROMPTS[0], 300)  # finished whole
+    finally:
+        for p in (last, locals().get("head")):
+            if p is not None and p.poll() is None:
+                p.kill()
