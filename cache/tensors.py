@@ -15,6 +15,11 @@ Redis and on a Redis Cluster (no script or transaction spans two slots):
 3. **Tell** every waiter taken, and the job's own gateway, through a script that writes a reply stream only while
    its gateway's lease (``<stream>:alive``) is held.
 
+A tensor Redis refuses for memory (``maxmemory`` under ``noeviction``: its bytes count as they arrive) is answered
+with the job's ``refused`` failure instead (the gateway's 503 ``cache_full``), retried for a moment since Redis
+refuses every write until it frees the refused command's buffer; any other error is raised (the worker's loop takes
+over, and the gateways look again once their lease lapses).
+
 No waiter is missed: a gateway adds itself to the waiters *before* it looks for the tensor again (one ordered
 pipeline on the same slot), and the publisher writes the tensor *before* it takes the waiters; so a gateway either
 is in the set taken or sees the tensor when it looks. A worker that dies between steps leaves its waiters unanswered
@@ -27,11 +32,16 @@ the script (one buffer apart) leaves a tensor without TTL, which the next gatewa
 from __future__ import annotations
 
 import logging
+import time
 from dataclasses import dataclass, field
+
+from redis.exceptions import OutOfMemoryError
 
 from cache.streams import run_script, send_reply
 
 log = logging.getLogger(__name__)
+
+REFUSED_RETRY_S = 2.0  # how long replies refused for memory are retried, after Redis refused a tensor for it
 
 _TAKE = """
 -- KEYS: tensor, waiters, lease, blob (one slot: the digest's hash tag). ARGV: ttl (0: a failure, no tensor).
@@ -54,6 +64,7 @@ class _Answer:
     data: bytes = b""  # b"": a failure
     n: int = 0
     ttl_s: int = 0
+    refused: bytes = b""  # the message sent instead of ``message`` if Redis refuses to store the tensor (full)
 
 
 @dataclass
@@ -65,8 +76,10 @@ class Answers:
     also: list = field(default_factory=list)  # callables (pipe) -> None queued on the ack round trip
 
     def publish(self, keys: tuple[str, str, str, str], entry_id: bytes, data: bytes, n: int, ttl_s: int,
-                message: bytes, reply_to: str) -> None:
-        self.answers.append(_Answer(keys, entry_id, message, reply_to, data, n, ttl_s))
+                message: bytes, reply_to: str, refused: bytes = b"") -> None:
+        """``refused``: the failure to send instead if Redis refuses the tensor for memory (``maxmemory`` reached
+        under ``noeviction``); without one, that refusal is raised as any Redis error."""
+        self.answers.append(_Answer(keys, entry_id, message, reply_to, data, n, ttl_s, refused))
 
     def fail(self, keys: tuple[str, str, str, str], entry_id: bytes, message: bytes, reply_to: str) -> None:
         self.answers.append(_Answer(keys, entry_id, message, reply_to))
@@ -106,13 +119,46 @@ class TensorPublisher:
                 pipe.hset(a.keys[0], mapping={"data": a.data, "n": a.n})
             takes.append(len(pipe))
             run_script(pipe, _TAKE, list(a.keys), [a.ttl_s if a.data else 0])
-        res = pipe.execute()
-        pipe = self.r.pipeline(transaction=False)
-        for a, waiters in zip(acked, (res[i] for i in takes)):
+        res = pipe.execute(raise_on_error=False)
+        replies, refused = [], False  # (stream, message) to send
+        for a, at in zip(acked, takes):
+            errors = [r for r in res[at - 1 if a.data else at : at + 1] if isinstance(r, Exception)]
+            if errors and not (a.refused and all(map(_refused_for_memory, errors))):
+                raise errors[0]  # Redis away: the loop's handler takes over (its waiters look again, see above)
+            message = a.message
+            if errors:  # Redis is full: the job fails now, named, instead of its gateways waiting it out
+                log.error("redis refused an encoder output: out of memory (maxmemory)", extra={
+                    "tensor": a.keys[0], "bytes": len(a.data), "error": str(errors[0])})
+                message, refused = a.refused, True
+            waiters = [] if isinstance(res[at], Exception) else res[at]
             streams = {w.decode() if isinstance(w, bytes) else w for w in waiters}
             if a.reply_to:
                 streams.add(a.reply_to)
-            for stream in sorted(streams):
-                send_reply(pipe, stream, a.message)
-        return sum(r is not None for r in pipe.execute())
+            replies += [(stream, message) for stream in sorted(streams)]
+        return self._tell(replies, patient=refused)
+
+    def _tell(self, replies: list[tuple[str, bytes]], patient: bool) -> int:
+        """Send the replies; how many reached a live gateway. ``patient``: Redis just refused a tensor for memory,
+        and refuses every write until it has freed the refused command's buffer (its clients cron: ~0.2 s), so
+        replies refused for memory are sent again for up to ``REFUSED_RETRY_S``."""
+        told, deadline = 0, time.monotonic() + REFUSED_RETRY_S
+        while replies:
+            pipe = self.r.pipeline(transaction=False)
+            for stream, message in replies:
+                send_reply(pipe, stream, message)
+            res = pipe.execute(raise_on_error=False)
+            told += sum(r is not None and not isinstance(r, Exception) for r in res)
+            again = [reply for reply, r in zip(replies, res) if isinstance(r, Exception)]
+            if again and not (patient and all(_refused_for_memory(r) for r in res if isinstance(r, Exception))
+                              and time.monotonic() < deadline):
+                raise next(r for r in res if isinstance(r, Exception))
+            replies = again
+            if replies:
+                time.sleep(0.1)
+        return told
+
+
+def _refused_for_memory(exc: Exception) -> bool:
+    """An OOM refusal, as a command's (OutOfMemoryError) or a script's (ResponseError naming it)."""
+    return isinstance(exc, OutOfMemoryError) or "OOM command not allowed" in str(exc)
 

@@ -468,8 +468,12 @@ class EncoderWorker:
             data = output.data
             done = m.EncodeDone(request_id=job.msg.request_id, job_id=job.msg.job_id, tensor_key=job.tensor_key,
                                 num_tokens=n)
+            refused = m.EncodeFailed(request_id=job.msg.request_id, job_id=job.msg.job_id, tensor_key=job.tensor_key,
+                                     code=m.ErrorCode.CACHE_FULL,
+                                     error=f"the tensor cache (Redis) is full: it refused this {self.cfg.modality}'s "
+                                           f"encoder output ({len(data)} bytes); retry later")
             answers.publish(job.script_keys, job.entry_id, data, n, self.cfg.tensor_ttl_s, m.encode(done),
-                            job.msg.reply_to)
+                            job.msg.reply_to, m.encode(refused))
             return True
         log.error("encode failed", extra={"request_id": job.msg.request_id, "job_id": job.msg.job_id,
                                           "error": output})

@@ -159,6 +159,9 @@ class MediaEncoder:
                     await self._claim(request_id, {msg.tensor_key: part}, found)
                 elif msg.code == m.ErrorCode.DEADLINE:
                     raise Timeout(f"{part.modality} waited too long for an encoder", param=part.param)
+                elif msg.code == m.ErrorCode.CACHE_FULL:
+                    raise Unavailable(f"{part.param}: {msg.error}", param=part.param, code="cache_full",
+                                      retry_after=5)
                 else:  # INTERNAL: the worker logged it; the client gets a 500 naming the part
                     raise Internal(f"{part.param}: encoding the {part.modality} failed: {msg.error}",
                                    param=part.param, code="encoder_error")

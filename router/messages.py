@@ -39,6 +39,7 @@ class ErrorCode(str, enum.Enum):
     CANCELLED = "cancelled"  # the gateway withdrew the request before it started
     WORKER_LOST = "worker_lost"  # the backbone running this attempt died; its gateway migrates the request
     GAVE_UP = "gave_up"  # delivered to too many workers that died: dead-lettered (a 500)
+    CACHE_FULL = "cache_full"  # Redis refused to store the output (maxmemory under noeviction): a 503, retryable
     INTERNAL = "internal"  # a bug or a broken worker: a 5xx
 
 

@@ -177,3 +177,29 @@ def test_a_job_run_twice_publishes_once_and_only_to_live_gateways(r):
 
 def test_reclaim_on_a_missing_group_is_empty(r):
     assert reclaim_dead(r, "nothing-" + uuid.uuid4().hex, "g", "me", set(), 10) == []
+
+
+def test_an_output_redis_refuses_for_memory_is_answered_as_a_failure(r):
+    """Redis at maxmemory under noeviction refuses a tensor (its bytes count against the limit as they arrive) but
+    still takes small writes: the job's gateways are told at once (``refused``), not left to wait out their
+    timeout while the job, acked already, is gone."""
+    keys = Keys()
+    stream = keys.jobs("image")
+    ensure_group(r, stream, "encoders")
+    entry = r.xadd(stream, payload_fields(b"job"))
+    r.xreadgroup("encoders", "w", {stream: ">"})
+    gw = keys.reply("gw")
+    r.set(alive(gw), 1, ex=60)
+    tensor, waiters = keys.tensor("enc", "big"), keys.waiters("enc", "big")
+    script_keys = (tensor, waiters, keys.lease("enc", "big"), keys.blob("big"))
+    r.config_set("maxmemory-policy", "noeviction")
+    r.config_set("maxmemory", r.info("memory")["used_memory"] + 1_000_000)
+    try:
+        answers = Answers()
+        answers.publish(script_keys, entry, b"x" * 4_000_000, 3, 60, b"done", gw, refused=b"refused")
+        assert TensorPublisher(r, stream, "encoders").execute(answers) == 1
+    finally:
+        r.config_set("maxmemory", "64mb")
+        r.config_set("maxmemory-policy", "volatile-lru")
+    assert [f[b"m"] for _, f in r.xrange(gw)] == [b"refused"] and not r.exists(tensor)
+    assert r.xpending(stream, "encoders")["pending"] == 0
