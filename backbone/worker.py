@@ -65,6 +65,7 @@ from cache.streams import (
 )
 from router import messages as m
 from router.liveness import Heartbeat, ReclaimGate, live_for_reclaim, worker_id
+from router.logs import Throttle
 from router.metrics import BackboneCollector, pool_usage
 from router.metrics import serve as serve_metrics
 from router.metrics import stop as stop_metrics
@@ -204,6 +205,7 @@ class BackboneWorker:
         self.consumer = worker_id()
         self.r = connect(cfg.redis_url)
         self.running: dict[str, Running] = {}
+        self._round_trip_errors = Throttle()
         self.waiting: deque[tuple[bytes, m.PromptPlan]] = deque()  # read, not started (slots or KV memory full)
         self.outbox: list[tuple[str, m.TokenEvent | None, bytes | None]] = []  # (reply_to, event, entry to ack)
         self.stats_key = self.keys.stats("backbone")
@@ -720,8 +722,9 @@ class BackboneWorker:
             if is_nogroup(exc):
                 self._redis_failed(exc, "read")
                 return []
-        if errors:
-            log.error("step round trip: a command failed", extra={"error": str(errors[0])})
+        if errors and self._round_trip_errors.due():  # one line per 10 s however many steps fail
+            log.error("step round trip: a command failed", extra={"error": str(errors[0]),
+                                                                  "repeated": self._round_trip_errors.held})
         read = results[ex.read_at] if ex.read_at is not None else None
         new = read[0][1] if read and not isinstance(read, Exception) else []
         if self.reread and ex.admit:

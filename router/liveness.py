@@ -24,6 +24,7 @@ import uuid
 
 from cache.client import connect
 from cache.keys import Keys
+from router.logs import Throttle
 
 log = logging.getLogger(__name__)
 
@@ -59,6 +60,7 @@ class Heartbeat:
         self._thread = threading.Thread(target=self._run, name=f"heartbeat-{tier}", daemon=True)
         self._ticked = time.monotonic()
         self._stalled = False
+        self._failures, self._failing = Throttle(), False  # heartbeat failures, logged a line per 10 s
 
     def tick(self) -> None:
         """Called by the worker's busy loop each time round: it is making progress."""
@@ -105,8 +107,13 @@ class Heartbeat:
                 continue
             try:
                 self.beat()
-            except Exception:  # Redis briefly away: keep trying; the window tolerates a few misses
-                log.warning("heartbeat failed", exc_info=True)
+            except Exception as exc:  # Redis briefly away: keep trying; the window tolerates a few misses
+                if self._failures.due():  # a line per 10 s, the traceback only on the first of a run
+                    log.warning("heartbeat failed", exc_info=not self._failing,
+                                extra={"error": f"{type(exc).__name__}: {exc}", "repeated": self._failures.held})
+                self._failing = True
+            else:
+                self._failing = False
 
     def stop(self) -> None:
         self._stop.set()

@@ -80,3 +80,20 @@ def setup_logging(tier: str, level: str = "INFO", fmt: str | None = None) -> Non
     root.setLevel(level.upper())
     logging.Formatter.converter = time.gmtime
     logging.captureWarnings(True)  # a library's warnings (numpy's overflow on odd audio, ...) as log lines too
+
+
+class Throttle:
+    """For a line that a fault repeats every step or beat (Redis away): ``due()`` is True at most every ``every_s``
+    seconds; ``skipped`` then says how many were held back since the last one (log it with the line)."""
+
+    def __init__(self, every_s: float = 10.0):
+        self.every_s, self.last, self.skipped, self.held = every_s, -1e18, 0, 0
+
+    def due(self) -> bool:
+        now = time.monotonic()
+        if now - self.last >= self.every_s:
+            self.last, self.held = now, self.skipped  # held: how many were held back before this line
+            self.skipped = 0
+            return True
+        self.skipped += 1
+        return False

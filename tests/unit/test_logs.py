@@ -59,3 +59,14 @@ def test_auto_is_text_on_a_terminal_and_json_otherwise(monkeypatch):
     assert resolve_format() == "text"
     with pytest.raises(ValueError, match="auto, json, text"):
         resolve_format("xml")
+
+
+def test_a_repeated_fault_line_is_let_through_once_per_period_with_how_many_were_held():
+    import time
+
+    from router.logs import Throttle
+
+    t = Throttle(0.2)
+    assert [t.due() for _ in range(4)] == [True, False, False, False] and t.held == 0
+    time.sleep(0.25)
+    assert t.due() and t.held == 3 and not t.due()
