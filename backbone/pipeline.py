@@ -130,6 +130,7 @@ class DrainLink:
 
     def __init__(self, url: str, timeout_s: float = 10.0):
         host, _, port = url.removeprefix("tcp://").rpartition(":")
+        host = host.removeprefix("[").removesuffix("]")  # tcp://[::1]:29500
         self.store = dist.TCPStore(host, int(port), None, is_master=False, wait_for_workers=False,
                                    timeout=datetime.timedelta(seconds=timeout_s))
 
@@ -148,17 +149,18 @@ def watch_drain(link_factory, stop, every_s: float = 1.0, rank: int = 0):
 
     def run() -> None:
         try:
-            link = link_factory()
             if rank == 0:
+                link = link_factory()
                 while not stop.wait(every_s):
                     if link.requested():
                         log.info("a shard asked for a drain: draining the replica")
                         stop.set()
             else:
                 stop.wait()
-                link.request(rank)
+                link_factory().request(rank)  # connected now: an idle connection of days may have been dropped
         except Exception as exc:  # noqa: BLE001 -- the store gone (shard 0 exited): the pipe's own timeout ends us
-            log.info("drain link closed", extra={"rank": rank, "error": f"{type(exc).__name__}: {exc}"})
+            log.warning("the drain link failed: this shard stops when shard 0 does, or its pipe times out",
+                        extra={"rank": rank, "error": f"{type(exc).__name__}: {exc}"})
 
     thread = threading.Thread(target=run, name="drain-link", daemon=True)
     thread.start()

@@ -19,7 +19,9 @@ import logging
 import time
 from dataclasses import dataclass
 
-from redis.exceptions import RedisError, ResponseError
+from redis.exceptions import AuthenticationError, BusyLoadingError, OutOfMemoryError, ReadOnlyError, ResponseError
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from cache.keys import alive
 
@@ -38,16 +40,19 @@ def ensure_group(r, stream: str, group: str) -> None:
 
 
 def ensure_group_patiently(r, stream: str, group: str, stop, what: str) -> bool:
-    """:func:`ensure_group`, riding out a Redis that is away or refuses writes (out of memory, a replica promoting)
-    at a worker's start: retried every few seconds, logged every ~30 s, until it succeeds (True) or ``stop`` (a
-    ``threading.Event``: SIGTERM) is set (False). A worker that exits instead is restarted into the same Redis,
-    and counted as a crash for a fault that is not its own."""
+    """:func:`ensure_group`, riding out a Redis that is away or refuses writes (out of memory, a replica promoting,
+    loading its data) at a worker's start: retried every few seconds, logged every ~30 s, until it succeeds (True)
+    or ``stop`` (a ``threading.Event``: SIGTERM) is set (False). A worker that exits instead is restarted into the
+    same Redis, and counted as a crash for a fault that is not its own. Errors that never clear (a wrong password,
+    an ACL, a key of the wrong type) are raised."""
     delay, logged = 0.5, -1e9
     while not stop.is_set():
         try:
             ensure_group(r, stream, group)
             return True
-        except RedisError as exc:
+        except (RedisConnectionError, RedisTimeoutError, OutOfMemoryError, ReadOnlyError, BusyLoadingError) as exc:
+            if isinstance(exc, AuthenticationError):  # a wrong password never clears: fail, as a crash, at once
+                raise
             if time.monotonic() - logged > 30:
                 logged = time.monotonic()
                 log.error("redis unavailable or refusing writes at start; retrying", extra={

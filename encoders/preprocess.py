@@ -16,7 +16,14 @@ import numpy as np
 import torch
 
 from models.audio import AudioConfig, Features, StreamingFeatures
-from models.media import IMAGE_FORMATS, MAX_AUDIO_S, MAX_AUDIO_SAMPLES, MediaHeaderError, check_audio, check_image
+from models.media import (
+    IMAGE_FORMATS,
+    MAX_AUDIO_S,
+    MediaHeaderError,
+    audio_sample_budget,
+    check_audio,
+    check_image,
+)
 
 
 class MediaError(ValueError):
@@ -227,13 +234,14 @@ class AudioPreprocessor:
                 check_audio(rate, channels, None, self.max_seconds)
             except MediaHeaderError as exc:
                 raise MediaError(str(exc)) from None
-            cap = min(math.ceil(self.max_seconds * rate), MAX_AUDIO_SAMPLES // channels)
+            budget = audio_sample_budget(self.max_seconds)
+            cap = min(math.ceil(self.max_seconds * rate), budget // channels)
             try:
                 wave = f.read(frames=cap + 1, dtype="float32", always_2d=True)  # [T, C]
             except Exception as exc:
                 raise MediaError(f"the {f.format} audio data is truncated or corrupt (got {len(data)} bytes)",
                                  _reason(exc)) from None
         if wave.shape[0] > cap:
-            raise MediaError(f"audio longer than {self.max_seconds:g} s, or more than {MAX_AUDIO_SAMPLES} samples "
+            raise MediaError(f"audio longer than {self.max_seconds:g} s, or more than {budget} samples "
                              f"over its {channels} channels")
         return wave, rate

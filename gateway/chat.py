@@ -96,6 +96,7 @@ class ChatService:
         self.spec = builder.spec
         self.inflight = 0  # requests admitted and not yet answered in full
         self.closing = False  # the server's graceful period is ending: requests are refused, those in flight ended
+        self._closed = asyncio.Event()  # set with ``closing``: ends the waits of requests not yet queued anywhere
         self.receiving = 0  # bytes of request bodies being received (not yet counted in ``inflight``)
         self._tasks: set[asyncio.Task] = set()  # hard references: the loop keeps only weak ones
 
@@ -121,10 +122,12 @@ class ChatService:
 
     def end_in_flight(self) -> int:
         """End every request in flight with a 503 ``server_shutting_down`` (an error event for a stream that has
-        begun; a Realtime response fails with an error event), cancelling its generation, and refuse new ones. For
-        the end of the server's graceful period (gateway/server.py): the requests still running then would
-        otherwise be cut without an answer. Returns how many were ended."""
+        begun), cancelling its generation, and refuse new ones; those still receiving their body or preparing end
+        the same way (``_or_closing``). For the end of the server's graceful period (gateway/server.py): the
+        requests still running then would otherwise be cut without an answer. (Realtime sockets are closed by
+        uvicorn when the shutdown starts.) Returns how many queued requests were ended."""
         self.closing = True
+        self._closed.set()  # requests still receiving their body or preparing (a remote fetch) end too
         queues = list(self.replies.queues.values())
         for queue in queues:
             queue.put_nowait(_shutting_down())
@@ -132,6 +135,25 @@ class ChatService:
             log.warning("ending requests still in flight: the gateway is shutting down",
                         extra={"requests": len(queues)})
         return len(queues)
+
+    async def _or_closing(self, awaitable):
+        """``awaitable``'s result, unless the gateway's graceful period ends first (``end_in_flight``): then a 503
+        ``server_shutting_down`` (the awaitable cancelled)."""
+        if self.closing:
+            raise _shutting_down()
+        work = asyncio.ensure_future(awaitable)
+        closed = asyncio.ensure_future(self._closed.wait())
+        try:
+            await asyncio.wait({work, closed}, return_when=asyncio.FIRST_COMPLETED)
+        except BaseException:
+            work.cancel()
+            raise
+        finally:
+            closed.cancel()
+        if not work.done():
+            work.cancel()
+            raise _shutting_down()
+        return work.result()
 
     async def _rate(self, tenant) -> dict:
         """The tenant's rate-limit state, or a 429 (counted in the metrics' rejected requests)."""
@@ -148,7 +170,7 @@ class ChatService:
         self.admit(["backbone"])  # before the body is read: a request refused anyway is refused at once
         # A client still sending its body holds no slot of ``max_inflight`` (slow senders would take them all: a
         # slowloris); the bodies being received are bounded in bytes instead (``_read_body``).
-        body = await self._read_body(request)
+        body = await self._or_closing(self._read_body(request))
         self.admit(["backbone"])
         self.inflight += 1
         streaming = False
@@ -163,7 +185,7 @@ class ChatService:
     async def _handle(self, request: Request, body: bytes, ids: RequestIds, arrival: float) -> Response:
         rid = ids.server
         tenant = getattr(request.state, "tenant", None)  # gateway/auth.py: None without API keys
-        req, prompt = await self._prepare(body, tenant)
+        req, prompt = await self._or_closing(self._prepare(body, tenant))
         log.info("request", extra={"request_id": rid, "client_request_id": ids.client, "stream": req.stream,
                                    "tenant": tenant.name if tenant else None,
                                    "media": len(prompt.media), "text_tokens": len(prompt.token_ids)})
@@ -218,7 +240,7 @@ class ChatService:
         self.inflight += 1
         queue = watcher = None
         try:
-            req, prompt = await self._prepare(body, tenant, namespace)
+            req, prompt = await self._or_closing(self._prepare(body, tenant, namespace))
             if features:
                 prompt.media[:] = [replace(p, features=features.get(p.digest)) for p in prompt.media]
             log.info("request", extra={"request_id": rid, "via": via, "tenant": tenant.name if tenant else None,

@@ -59,7 +59,7 @@ E2E_BUCKETS = (0.3, 0.5, 0.8, 1.0, 1.5, 2.0, 2.5, 5.0, 10.0, 15.0, 20.0, 30.0, 4
                480.0, 960.0, 1920.0, 7680.0)
 FINISH_REASONS = ("stop", "length", "abort", "error")
 MODALITIES = ("image", "audio")
-REJECT_CODES = ("rate_limit_exceeded", "server_overloaded", "no_live_worker", "redis_unavailable")
+REJECT_CODES = ("rate_limit_exceeded", "server_overloaded", "redis_unavailable", "server_shutting_down")
 CONTENT_TYPE = CONTENT_TYPE_LATEST
 INTERVAL_S = 2.0  # how often the cluster snapshot is refreshed (and the leader lease renewed)
 
@@ -87,7 +87,7 @@ class GatewayMetrics:
                            "abort, error)", ["finished_reason"], registry=r)
         self.finished = {reason: finished.labels(reason) for reason in FINISH_REASONS}
         self.rejected = Counter("tributary_request_rejected", "Requests refused at admission before any work (429 "
-                                "rate_limit_exceeded; 503 server_overloaded, no_live_worker, redis_unavailable), "
+                                "rate_limit_exceeded; 503 server_overloaded, redis_unavailable, server_shutting_down), "
                                 "by code", ["code"], registry=r)
         for code in REJECT_CODES:  # exported at 0 from the start, so that a rate of them is defined
             self.rejected.labels(code)

@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 
 from cache.client import connect_async, describe
 from cache.keys import Keys, alive
+from cache.streams import run_script
 from gateway.config import GatewayConfig
 from gateway.errors import Overloaded, Unavailable
 from router.liveness import HEARTBEAT_S, LIVE_WINDOW_S
@@ -68,7 +69,12 @@ class ClusterMonitor:
 
     async def run(self) -> None:
         while True:
-            await self.beat()
+            try:
+                await self.beat()
+            except asyncio.CancelledError:
+                raise
+            except Exception:  # noqa: BLE001 -- a bug in one beat must not end the lease's renewal for good
+                log.exception("cluster monitor beat failed")
             await asyncio.sleep(HEARTBEAT_S if self.view.up else DOWN_EVERY_S)
 
     async def beat(self) -> None:
@@ -114,27 +120,25 @@ class ClusterMonitor:
         behind = [t for t in self.tiers if backlog.get(t)]
         if not behind:
             return {}
-        pipe = self.r.pipeline(transaction=False)
-        pipe.time()
-        for tier in behind:
-            stream, group = self.queues[tier]
-            last = _last_delivered(group, groups[tier])
-            pipe.xrange(stream, min="-" if last is None else f"({last}", count=1)
+        waits = {}
         try:
-            now, *firsts = await asyncio.wait_for(pipe.execute(raise_on_error=False), PROBE_TIMEOUT_S)
+            pipe = self.r.pipeline(transaction=False)
+            for tier in behind:  # one single-key script per stream: a Redis Cluster pipeline takes no TIME
+                stream, group = self.queues[tier]
+                last = _last_delivered(group, groups[tier])
+                run_script(pipe, _OLDEST_UNREAD, [stream], ["-" if last is None else f"({last}"])
+            replies = await asyncio.wait_for(pipe.execute(raise_on_error=False), PROBE_TIMEOUT_S)
+            for tier, reply in zip(behind, replies):
+                if isinstance(reply, Exception) or not reply or len(reply) < 3:
+                    continue
+                seconds, micros, entry_id = reply
+                ms = int((entry_id.decode() if isinstance(entry_id, bytes) else str(entry_id)).split("-")[0])
+                waits[tier] = max(int(seconds) * 1000 + int(micros) // 1000 - ms, 0) / 1000
         except asyncio.CancelledError:
             raise
-        except Exception:  # noqa: BLE001
+        except Exception as exc:  # noqa: BLE001 -- the waits stay unknown (0): the next beat judges Redis
+            log.debug("queue waits unread", extra={"error": f"{type(exc).__name__}: {exc}"})
             return {}
-        if isinstance(now, Exception):
-            return {}
-        now_ms = now[0] * 1000 + now[1] // 1000
-        waits = {}
-        for tier, first in zip(behind, firsts):
-            if first and not isinstance(first, Exception):
-                entry_id = first[0][0]
-                ms = int((entry_id.decode() if isinstance(entry_id, bytes) else entry_id).split("-")[0])
-                waits[tier] = max(now_ms - ms, 0) / 1000
         return waits
 
     def _down(self, reason: str, detail: str) -> None:
@@ -168,6 +172,16 @@ def admit(view: ClusterView, inflight: int | None, cfg: GatewayConfig, tiers: li
         if (wait := view.wait.get(tier, 0.0)) > (limit := cfg.queue_wait_limit(tier)):
             raise Overloaded(f"the {tier} queue's oldest request has waited {wait:.0f} s (limit {limit:g} s): a new "
                              "one would wait as long; retry later", retry_after=min(max(int(wait / 10), 1), 30))
+
+
+# KEYS: a stream. ARGV: the XRANGE start after the group's last-delivered id. The server's clock (the one that stamped
+# the ids, on a cluster the stream's own node) and the oldest unread entry's id; nothing else when there is none.
+_OLDEST_UNREAD = """
+local t = redis.call('TIME')
+local first = redis.call('XRANGE', KEYS[1], ARGV[1], '+', 'COUNT', 1)
+if #first == 0 then return {} end
+return {t[1], t[2], first[1][1]}
+"""
 
 
 def _last_delivered(group: str, groups) -> str | None:

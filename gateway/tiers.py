@@ -144,8 +144,10 @@ class TierClient:
                 except Timeout:
                     # A worker that went silent mid-answer but still beats (a hung pipeline shard, a stuck device
                     # call: its loop's stall timeout is longer than this) is stuck for this request: it moves to
-                    # another live replica, as from a dead one, instead of failing. Alone, it fails (504).
-                    if not gen.worker or not self._others_live(gen.worker):
+                    # another live replica, as from a dead one, instead of failing. Alone, or with no migration
+                    # left, it fails (504).
+                    if (not gen.worker or gen.migrations >= self.cfg.migration_limit
+                            or not self._others_live(gen.worker)):
                         raise
                     await self._migrate(gen, f"no token from backbone worker {gen.worker} for "
                                              f"{self.cfg.token_timeout_s:g} s")

@@ -20,9 +20,15 @@ MAX_IMAGE_PIXELS = 40_000_000
 MAX_ASPECT_RATIO = 200
 MAX_AUDIO_S = 300.0  # longer clips are refused (the features keep only the extractor's window anyway)
 MAX_AUDIO_RATE = 192_000  # Hz
-# Samples (frames x channels) decoded per clip, at most: 300 s of 48 kHz stereo. Decoding costs per sample, not per
-# second: a few hundred KB of FLAC silence at 655 kHz x 8 channels is gigabytes of float32.
+# Samples (frames x channels) decoded per clip, at most: 300 s of 48 kHz stereo, or --max-audio-seconds of it when
+# that is longer (``audio_sample_budget``). Decoding costs per sample, not per second: a few hundred KB of FLAC
+# silence at 655 kHz x 8 channels is gigabytes of float32.
 MAX_AUDIO_SAMPLES = 48_000 * 2 * 300
+
+
+def audio_sample_budget(max_seconds: float = MAX_AUDIO_S) -> int:
+    """The samples (frames x channels) one clip may decode to: ``max_seconds`` of 48 kHz stereo, at least 300 s'."""
+    return max(MAX_AUDIO_SAMPLES, math.ceil(48_000 * 2 * max_seconds))
 
 
 class MediaHeaderError(ValueError):
@@ -90,9 +96,9 @@ def check_audio(rate: int, channels: int, frames: int | None, max_seconds: float
     seconds = frames / rate
     if frames > math.ceil(max_seconds * rate):
         raise MediaHeaderError(f"audio of {seconds:.6g} s is longer than {max_seconds:g} s")
-    if frames * channels > MAX_AUDIO_SAMPLES:
+    if frames * channels > (budget := audio_sample_budget(max_seconds)):
         raise MediaHeaderError(f"audio of {channels} channels x {seconds:.6g} s at {rate} Hz is {frames * channels} "
-                               f"samples, more than {MAX_AUDIO_SAMPLES} (300 s of 48 kHz stereo)")
+                               f"samples, more than {budget} ({budget // 96_000} s of 48 kHz stereo)")
 
 
 def placeholder_count(spec, modality: str, info: MediaInfo) -> int:

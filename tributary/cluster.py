@@ -270,7 +270,9 @@ def run_cluster(args) -> int:
     stop = threading.Event()
     running: list[Supervisor] = []
 
-    def on_signal(*_) -> None:
+    def on_signal(signum, _frame) -> None:
+        if signum == signal.SIGHUP:  # the terminal is gone: writing to it would raise (EIO) mid-stop
+            _detach_from_terminal()
         if stop.is_set() and running:  # a second Ctrl-C: no more waiting for the graceful stop
             print("tributary: stopping now (killing every process)", file=sys.stderr, flush=True)
             running[0].kill()
@@ -388,6 +390,18 @@ def run_cluster(args) -> int:
             redis.stop()
         print("tributary: stopped", file=sys.stderr, flush=True)
     return code
+
+
+def _detach_from_terminal() -> None:
+    """Point stdout and stderr (and so every later print, and the children's output this process relays) at
+    /dev/null: after a hang-up, writes to the terminal fail, and the graceful stop must not."""
+    try:
+        null = os.open(os.devnull, os.O_WRONLY)
+        for fd in (1, 2):
+            os.dup2(null, fd)
+        os.close(null)
+    except OSError:
+        pass
 
 
 def _modalities(model: Path) -> tuple[str, ...]:

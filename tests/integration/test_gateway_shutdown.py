@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -86,6 +87,10 @@ def test_requests_still_running_when_the_graceful_period_ends_get_an_answer(tiny
             time.sleep(0.05)
         assert r.xlen(gen) >= 3
 
+        # A client still sending its body (no reply queue yet) when the period ends gets the same answer.
+        slow = socket.create_connection(("127.0.0.1", port), timeout=GRACEFUL_S + 20)
+        slow.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+                     b"Content-Length: 500\r\n\r\n{")
         t0 = time.monotonic()
         gateway.send_signal(signal.SIGTERM)
         for t in threads:
@@ -94,6 +99,9 @@ def test_requests_still_running_when_the_graceful_period_ends_get_an_answer(tiny
         took = time.monotonic() - t0
         assert gateway.returncode in (0, -15), out[-3000:]
 
+        reply = slow.recv(65536)
+        slow.close()
+        assert reply.startswith(b"HTTP/1.1 503") and b"server_shutting_down" in reply, reply[:300]
         for name in ("plain", "stream"):
             status, retry_after, text = waiting[name]
             assert status == 503, (name, text)

@@ -113,7 +113,8 @@ def test_a_negative_limit_is_refused(bad):
         GatewayConfig(model_dir="m", redis_url="redis://x", migration_limit=bad)
 
 
-async def silent_worker(redis_url: str, live: set[str]) -> tuple[list, list[m.PromptPlan], Exception | None]:
+async def silent_worker(redis_url: str, live: set[str], limit: int = 3
+                        ) -> tuple[list, list[m.PromptPlan], Exception | None]:
     """A plan whose worker ("w-stuck") streams 2 tokens, then goes silent while still live (it beats: a hung
     pipeline shard). ``live``: the backbones the monitor sees. Returns the tokens yielded, the plans queued, and
     the error the generation ended with."""
@@ -124,7 +125,7 @@ async def silent_worker(redis_url: str, live: set[str]) -> tuple[list, list[m.Pr
     for w in live:
         sync.zadd(KEYS.live("backbone"), {w: time.time() + 60})
     r = connect_async(redis_url)
-    cfg = GatewayConfig(model_dir="unused", redis_url=redis_url, token_timeout_s=0.5)
+    cfg = GatewayConfig(model_dir="unused", redis_url=redis_url, token_timeout_s=0.5, migration_limit=limit)
     tiers = TierClient(r, cfg, None, None, KEYS.reply("gw"))
     tiers.view = ClusterView(up=True, live={"backbone": set(live)})
     plan = original_plan()
@@ -140,7 +141,7 @@ async def silent_worker(redis_url: str, live: set[str]) -> tuple[list, list[m.Pr
                                       completion_tokens=3, attempt=1, worker="w-ok",
                                       finish=m.FinishReason.LENGTH))
 
-    helper = asyncio.create_task(healthy_replica()) if len(live) > 1 else None
+    helper = asyncio.create_task(healthy_replica()) if len(live) > 1 and limit else None
     try:
         async for ev in tiers.generate(plan, queue):
             got.append(ev.token_ids)
@@ -161,8 +162,9 @@ def test_a_worker_silent_mid_answer_but_still_beating_loses_the_request_to_anoth
     assert redis.Redis.from_url(redis_url).get(KEYS.cancel("req-mig")) == b"1"  # the stuck attempt is cancelled
 
 
-def test_a_silent_worker_alone_times_out_as_before(redis_url):
+@pytest.mark.parametrize("live,limit", [({"w-stuck"}, 3), ({"w-stuck", "w-ok"}, 0)], ids=["alone", "no-migration"])
+def test_a_silent_worker_alone_or_without_migration_times_out_as_before(redis_url, live, limit):
     from gateway.errors import Timeout
 
-    got, plans, error = asyncio.run(silent_worker(redis_url, {"w-stuck"}))
+    got, plans, error = asyncio.run(silent_worker(redis_url, live, limit))
     assert got == [[40, 41]] and isinstance(error, Timeout) and len(plans) == 1

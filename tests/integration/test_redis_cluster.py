@@ -128,6 +128,32 @@ def test_scripts_and_pipelines_of_the_asyncio_cluster_client(r, redis_cluster):
     asyncio.run(go())
 
 
+def test_the_gateways_monitor_reads_queue_waits_on_a_cluster(r, redis_cluster):
+    """The monitor's beat on a cluster, with a backlog in streams on different nodes: the waits come from one
+    single-key script per stream (a cluster pipeline takes no TIME), and the beat keeps the gateway's lease."""
+    from cache.keys import BACKBONE_GROUP
+    from gateway.config import GatewayConfig
+    from gateway.monitor import ClusterMonitor
+
+    sec, _ = r.time()
+    ensure_group(r, KEYS.gen(), BACKBONE_GROUP)
+    r.xadd(KEYS.gen(), {"m": b"old"}, id=f"{sec * 1000 - 70_000}-0")
+    r.xadd(KEYS.jobs("audio"), {"m": b"old"}, id=f"{sec * 1000 - 20_000}-0")
+
+    async def beat():
+        monitor = ClusterMonitor(GatewayConfig(model_dir="m", redis_url=redis_cluster.url),
+                                 ["backbone", "encoder:audio"], KEYS.reply("gw-mon"), lambda: None, lambda v: None)
+        try:
+            await monitor.beat()
+            return monitor.view
+        finally:
+            await monitor.close()
+
+    view = asyncio.run(beat())
+    assert view.up and view.backlog == {"backbone": 1, "encoder:audio": 1}
+    assert 69 <= view.wait["backbone"] <= 80 and 19 <= view.wait["encoder:audio"] <= 30
+
+
 def test_workers_ride_out_the_death_of_the_node_they_first_asked(tmp_path):
     """A worker's loop (read its own pending entries, a pipeline, a blocking group read) on a stream whose primary
     is also the node the client was given, killed: after the failover every call works again. redis-py alone never

@@ -93,8 +93,10 @@ def test_images_longer_than_200_times_their_width_are_refused_from_the_header(wi
 def test_audio_whose_decoded_samples_would_be_a_bomb_is_refused_from_the_header():
     bomb = silent_flac(20.0, 96_000, 8)  # 15.4M samples x 8 bytes... from a few hundred KB
     assert len(bomb) < 2_000_000
+    forty = silent_flac(40.0, 96_000, 8)  # 30.7M samples
     with pytest.raises(MediaHeaderError, match="more than 28800000"):
-        probe_audio(silent_flac(40.0, 96_000, 8))
+        probe_audio(forty)
+    assert probe_audio(forty, max_seconds=600).seconds == 40.0  # a longer --max-audio-seconds raises the budget
     assert probe_audio(bomb).seconds == 20.0  # 15.4M samples: within 300 s of 48 kHz stereo
     with pytest.raises(MediaHeaderError, match="at most 192000 Hz"):
         probe_audio(silent_flac(0.5, 384_000, 1))
