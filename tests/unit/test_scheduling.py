@@ -361,3 +361,26 @@ def test_a_long_prompt_is_not_starved_by_a_steady_stream_of_short_ones(model, ti
     assert big.finish == FinishReason.LENGTH and steps <= (-(-60 // 8) + 4) * 5
     assert all(s.finish == FinishReason.LENGTH for s in shorts)
     assert same_tokens(big.output, want, margins) >= 3
+
+
+def test_the_prefill_order_bench_measures_both_orders(model, tiny_spec, tok):
+    """bench/prefill_order.py's measurement on the tiny model: oldest first (its aging guard at 0) keeps the short
+    prompt behind the long ones' chunks; the scheduler's own order gives it its first token in the step after it
+    arrives. Keeps the bench honest (it compares what it says it compares)."""
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[2] / "bench" / "prefill_order.py"
+    spec = importlib.util.spec_from_file_location("prefill_order_bench", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    base = long_prompt(tok, 120)
+    longs, short = [base[0:60], base[30:90], base[60:120]], base[110:120]
+    engine = engine_with(model, tiny_spec, 256, 16)
+    engine.aging_steps = 0
+    oldest = bench.first_tokens(engine, longs, short)
+    engine.aging_steps = 32
+    shortest = bench.first_tokens(engine, longs, short)
+    assert shortest["short"][0] == 1
+    assert oldest["short"][0] >= 3 * 60 // 16 - 2  # behind every long prompt's chunks
+    assert engine.pool.free == 256
