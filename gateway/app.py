@@ -32,7 +32,7 @@ from gateway.chat import ChatService, RequestIds
 from gateway.config import GatewayConfig
 from gateway.dashboard import Dashboard
 from gateway.encoding import MediaEncoder
-from gateway.errors import APIError, Internal, MethodNotAllowed, NotFound, Unavailable
+from gateway.errors import APIError, Internal, MethodNotAllowed, NotFound, redis_unavailable
 from gateway.metrics import CONTENT_TYPE, ClusterMetrics, GatewayMetrics, lease_owner
 from gateway.monitor import ClusterMonitor
 from gateway.openapi import openapi
@@ -134,8 +134,7 @@ def create_app(cfg: GatewayConfig):
             return Response(status_code=499)
         except RedisError as exc:
             log.error("redis unavailable", extra={"request_id": rid, "error": str(exc)})
-            return Unavailable("the queue (Redis) is unavailable; retry later", code="redis_unavailable",
-                               retry_after=2).response(ids.headers())
+            return redis_unavailable(exc).response(ids.headers())
         except Exception:
             log.exception("unhandled error", extra={"request_id": rid})
             return Internal("internal error; see the gateway log for request " + rid).response(ids.headers())

@@ -23,6 +23,7 @@ import uuid
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, replace
 
+from redis.exceptions import RedisError
 from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 
@@ -41,6 +42,7 @@ from gateway.errors import (
     Timeout,
     Unavailable,
     UnsupportedMediaType,
+    redis_unavailable,
 )
 from gateway.metrics import GatewayMetrics
 from gateway.monitor import ClusterMonitor, admit
@@ -264,6 +266,9 @@ class ChatService:
                     yield d
             finally:
                 await deltas.aclose()
+        except RedisError as exc:  # preparing or encoding: the 503 the REST route answers (gateway/app.py)
+            log.warning("redis failed", extra={"request_id": rid, "error": str(exc)})
+            raise redis_unavailable(exc) from exc
         finally:
             if watcher is not None:
                 watcher.cancel()
@@ -404,6 +409,10 @@ class ChatService:
                 yield d
         except ClientGone:  # the client went away: an abort
             raise
+        except RedisError as exc:  # mid-answer (a migration's requeue, a cancel): a 503, as before the first token
+            reason = "error"
+            log.warning("redis failed mid-answer", extra={"request_id": rid, "error": str(exc)})
+            raise redis_unavailable(exc) from exc
         except Exception:  # the gateway gave up waiting (a 504) included: the service failed the request
             reason = "error"
             raise

@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import re
 
+from redis.exceptions import OutOfMemoryError, RedisError
 from starlette.responses import JSONResponse
 
 # ``<_io.BytesIO object at 0x7f...>``, ``<function <lambda> at 0x7f...>``, ``<bound method X.y of <...>>``'s inner
@@ -86,6 +87,16 @@ class Unavailable(APIError):
     """A tier has no live worker or Redis is unreachable: retry later."""
 
     status, type = 503, "service_unavailable"
+
+
+def redis_unavailable(exc: RedisError) -> Unavailable:
+    """The 503 for a Redis call that failed, wherever in a request it failed (before its first token, mid-stream, in
+    a Realtime event): Redis unreachable, timed out, or refusing writes for memory (said so: an operator then looks
+    at ``maxmemory``, not at the network)."""
+    if isinstance(exc, OutOfMemoryError):
+        return Unavailable("the queue (Redis) is out of memory and refuses writes (maxmemory); retry later",
+                           code="redis_unavailable", retry_after=2)
+    return Unavailable("the queue (Redis) is unavailable; retry later", code="redis_unavailable", retry_after=2)
 
 
 class Overloaded(Unavailable):

@@ -44,9 +44,10 @@ import wave
 from dataclasses import dataclass
 
 import numpy as np
+from redis.exceptions import RedisError
 from starlette.websockets import WebSocket, WebSocketDisconnect
 
-from gateway.errors import APIError, InvalidRequest
+from gateway.errors import APIError, InvalidRequest, redis_unavailable
 from gateway.schemas import check_sampling, parse_json
 from gateway.tiers import ClientGone
 from models.audio import AudioConfig, StreamingFeatures, pcm16_samples
@@ -237,6 +238,10 @@ class RealtimeSession:
                     await self.handle(event)
                 except (EventError, APIError) as exc:
                     await self.error(exc, event_id)
+                except RedisError as exc:  # a cache lookup for this event: Redis away, as REST answers it
+                    log.warning("realtime event: redis failed", extra={"session_id": self.session_id,
+                                                                       "event_id": event_id, "error": str(exc)})
+                    await self.error(redis_unavailable(exc), event_id)
                 except WebSocketDisconnect:
                     raise
                 except Exception as exc:  # a bug handling this one event: the session goes on (a send to a closed

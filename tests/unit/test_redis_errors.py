@@ -1,0 +1,106 @@
+"""A Redis call that fails while a request runs is a 503 ``redis_unavailable`` wherever it fails: before the first
+token (the REST route's answer), mid-stream (the SSE error event; an outside tester saw a generic "internal error"
+there when a migration's requeue hit a Redis out of memory), and for the Realtime caller of ``respond``.
+
+The service is built bare (``ChatService.__new__``) around a tier whose generation yields a token event, then
+raises what redis-py raises: this tests the gateway's mapping, not Redis (the integration tests run the real one)."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from types import SimpleNamespace
+
+import pytest
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import OutOfMemoryError, TimeoutError as RedisTimeoutError
+
+from cache.keys import Keys
+from gateway.chat import ChatService
+from gateway.errors import Unavailable, redis_unavailable
+from gateway.metrics import GatewayMetrics
+from gateway.ratelimit import RateLimiter
+from gateway.schemas import parse_chat_request
+from router import messages as m
+
+FAILURES = [RedisConnectionError("Connection refused"), RedisTimeoutError("Timeout reading from socket"),
+            OutOfMemoryError("command not allowed when used memory > 'maxmemory'.")]
+
+
+def test_every_redis_failure_is_a_503_and_out_of_memory_says_so():
+    for exc in FAILURES:
+        err = redis_unavailable(exc)
+        assert isinstance(err, Unavailable) and err.status == 503 and err.code == "redis_unavailable"
+        assert ("out of memory" in err.message) == isinstance(exc, OutOfMemoryError)
+        assert err.body()["error"]["type"] == "service_unavailable"
+
+
+class FailingTiers:
+    """Generation that gives one token, then fails as Redis does under it."""
+
+    def __init__(self, exc: Exception):
+        self.exc, self.cancelled = exc, []
+
+    async def generate(self, plan, queue, encode_again):
+        yield m.TokenEvent(request_id=plan.request_id, token_ids=[5], prompt_tokens=3, completion_tokens=1)
+        raise self.exc
+
+    async def cancel(self, rid):
+        self.cancelled.append(rid)
+
+
+def service(tokenizer, tiers) -> ChatService:
+    svc = ChatService.__new__(ChatService)
+    svc.builder = SimpleNamespace(tokenizer=tokenizer)
+    svc.spec = SimpleNamespace(name="tiny")
+    svc.metrics, svc.tiers, svc._tasks = GatewayMetrics(), tiers, set()
+    svc.limiter = RateLimiter(None, Keys("t"))
+    return svc
+
+
+def plan(rid: str) -> m.PromptPlan:
+    return m.PromptPlan(request_id=rid, reply_to="r", token_ids=[1, 2, 3], media=[],
+                        sampling=m.SamplingParams(max_tokens=8), deadline=0.0)
+
+
+@pytest.mark.parametrize("exc", FAILURES, ids=["refused", "timeout", "oom"])
+def test_a_redis_failure_mid_stream_ends_the_stream_with_a_503_event(tiny_spec, exc):
+    tiers = FailingTiers(exc)
+    svc = service(tiny_spec.load_tokenizer(), tiers)
+    req = parse_chat_request(json.dumps({"model": "tiny", "stream": True,
+                                         "messages": [{"role": "user", "content": "hi"}]}).encode())
+
+    async def run() -> list[bytes]:
+        deltas = svc._deltas("rid1", req, plan("rid1"), None, None)
+        first = await anext(deltas)
+        out = [chunk async for chunk in svc._sse("rid1", req, first, deltas)]
+        await asyncio.gather(*svc._tasks)
+        return out
+
+    chunks = asyncio.run(run())
+    assert chunks[-1] == b"data: [DONE]\n\n"
+    error = json.loads(chunks[-2].removeprefix(b"data: "))["error"]
+    assert error["code"] == "redis_unavailable" and error["type"] == "service_unavailable", error
+    assert ("out of memory" in error["message"]) == isinstance(exc, OutOfMemoryError)
+    assert tiers.cancelled == ["rid1"]  # the backbone slot is freed as for any failed answer
+
+
+def test_a_redis_failure_reaches_the_realtime_caller_as_a_503(tiny_spec):
+    """``respond`` (the Realtime session's path): a RedisError while preparing becomes the same 503."""
+    svc = service(tiny_spec.load_tokenizer(), FailingTiers(RedisConnectionError("gone")))
+    svc.closing, svc.inflight = False, 0
+    svc.admit = lambda *a, **k: None
+
+    async def prepare(body, tenant, namespace=None):
+        raise RedisConnectionError("Connection refused")
+
+    svc._prepare = prepare
+
+    async def run():
+        svc._closed = asyncio.Event()  # the graceful period's end (never, here)
+        async for _ in svc.respond("rid2", b"{}", asyncio.Event(), via="realtime"):
+            pass
+
+    with pytest.raises(Unavailable) as caught:
+        asyncio.run(run())
+    assert caught.value.code == "redis_unavailable" and svc.inflight == 0
