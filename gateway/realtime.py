@@ -56,6 +56,7 @@ log = logging.getLogger(__name__)
 
 PCM_RATE = 24_000  # the protocol's input audio: PCM16, 24 kHz, mono
 MAX_ITEMS = 1024
+LARGE_EVENT = 64 * 1024  # characters of an event's JSON from which it is parsed on a thread
 IDLE_S = 600.0  # a connection that sends no event for this long is closed (pings already drop dead peers)
 UNSUPPORTED_EVENTS = {
     "conversation.item.truncate": "conversation.item.truncate (it trims audio output, which this server does not make)",
@@ -148,11 +149,19 @@ def _b64(data, param: str) -> bytes:
 
 
 def _public(item: dict) -> dict:
-    """An item as events show it: audio parts without their audio (the client has it; a turn can be megabytes)."""
-    if not any(p["type"] == "input_audio" for p in item["content"]):
+    """An item as events show it: audio parts without their audio and image parts without their data URL (the
+    client has them). Echoed whole, a 6 MB image went back twice per item, and compressing it (permessage-deflate)
+    held the gateway's event loop for 0.4 s: every other request on the gateway stalled. A remote image's URL stays."""
+    def public(p: dict) -> dict:
+        if p["type"] == "input_audio":
+            return {"type": "input_audio", "transcript": None}
+        if p["type"] == "input_image" and p["image_url"].startswith("data:"):
+            return {**p, "image_url": None}
+        return p
+
+    if not any(p["type"] in ("input_audio", "input_image") for p in item["content"]):
         return item
-    return {**item, "content": [{"type": "input_audio", "transcript": None} if p["type"] == "input_audio" else p
-                                for p in item["content"]]}
+    return {**item, "content": [public(p) for p in item["content"]]}
 
 
 def _item_bytes(item: dict) -> int:
@@ -229,7 +238,10 @@ class RealtimeSession:
                     if text is None:
                         raise EventError("events are JSON text frames, not binary ones", code="invalid_json")
                     try:  # strict, as a REST body: no NaN or Infinity, nesting bounded, no lone surrogates
-                        event = parse_json(text, "the event")
+                        # A large event (an image, seconds of audio) is parsed on a thread, as REST bodies are: the
+                        # event loop serves every other connection meanwhile.
+                        event = (parse_json(text, "the event") if len(text) < LARGE_EVENT else
+                                 await asyncio.to_thread(parse_json, text, "the event"))
                     except InvalidRequest as exc:
                         raise EventError(exc.message, code="invalid_json", param=exc.param) from None
                     if not isinstance(event, dict) or not isinstance(event.get("type"), str):

@@ -100,7 +100,8 @@ def test_streamed_audio_and_an_image_give_the_rest_answer(client, cluster):
 
 
 def test_one_message_equals_rest_and_a_second_response_reencodes_nothing(client, cluster):
-    png, pcm = png_bytes(40, 44, seed=32), pcm16(0.8, seed=32)
+    """The item's event is over LARGE_EVENT (parsed on a thread); its echoes carry neither the image nor the audio."""
+    png, pcm = png_bytes(120, 132, seed=32), pcm16(0.8, seed=32)
     rest = client.chat.completions.create(model=cluster.model, temperature=0.0, max_tokens=8, messages=[
         {"role": "user", "content": [
             {"type": "text", "text": "Describe."},
@@ -114,7 +115,10 @@ def test_one_message_equals_rest_and_a_second_response_reencodes_nothing(client,
             {"type": "input_text", "text": "Describe."},
             {"type": "input_image", "image_url": data_url(png)},
             {"type": "input_audio", "audio": base64.b64encode(pcm).decode()}]})
-        conn.recv(), conn.recv()
+        for event in (conn.recv(), conn.recv()):
+            assert event.type in ("conversation.item.added", "conversation.item.done")
+            text_part, image_part, audio_part = event.item.content
+            assert (text_part.text, image_part.image_url, audio_part.audio) == ("Describe.", None, None)
         conn.response.create(response={"max_output_tokens": 8})
         text, done, _ = until_done(conn)
         assert text and text == rest.choices[0].message.content  # the REST endpoint's answer, token for token
