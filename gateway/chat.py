@@ -255,6 +255,11 @@ class ChatService:
                 plan = await self._plan(rid, req, prompt, queue)
             except BaseException as exc:
                 self._ended_early(exc, arrival)
+                # The REST route logs how its request ended (gateway/app.py); this caller's ends here, unlogged
+                # otherwise (a socket dropped while its media were encoded).
+                log.info("response", extra={"request_id": rid, "via": via, "completion_tokens": 0,
+                                            "finished": None, "ended": getattr(exc, "code", None)
+                                            or type(exc).__name__})
                 raise
 
             async def encode_again() -> list[m.MediaRef]:
