@@ -166,7 +166,8 @@ def create_app(cfg: GatewayConfig):
             return {**body, "status": "redis_unavailable", "redis": f"unreachable: {view.reason}",
                     "redis_down_s": round(time.monotonic() - view.since, 1), "workers": {}}, False
         chat = request.app.state.chat
-        body.update(inflight=chat.inflight, backlog=view.backlog, queue_wait_s=view.wait,
+        body.update(inflight=chat.inflight, realtime_connections=request.app.state.realtime_connections,
+                    backlog=view.backlog, queue_wait_s=view.wait,
                     migrations=request.app.state.tiers.migrations)
         live = {tier: len(view.live.get(tier, ())) for tier in needed_tiers}  # as of the last beat (<= 1 s)
         missing = [tier for tier, n in live.items() if not n]

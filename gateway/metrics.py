@@ -6,8 +6,9 @@ the first token), ``tributary_inter_token_latency_seconds`` (between two token e
 ``tributary_e2e_request_latency_seconds`` (arrival to the end), ``tributary_request_success_total{finished_reason}``
 (``stop`` (a stop string too), ``length``, ``abort``: the client went away or the gateway timed out, ``error``),
 ``tributary_prompt_tokens_total``, ``tributary_generation_tokens_total``, ``tributary_gateway_requests_in_flight``,
-and per modality ``tributary_encoder_cache_hits_total`` / ``_misses_total`` (gateway/encoding.py). vLLM's names
-with a ``tributary_`` prefix; REST and Realtime requests alike.
+``tributary_realtime_connections`` (open Realtime sockets), and per modality ``tributary_encoder_cache_hits_total``
+/ ``_misses_total`` (gateway/encoding.py). vLLM's names with a ``tributary_`` prefix; REST and Realtime requests
+alike.
 
 **Queues, once per cluster** (:class:`ClusterMetrics`). Every gateway sees the same streams, so if each exported
 them, summing over gateways would count every queue once per gateway. Instead the gateways share a leader lease
@@ -96,6 +97,8 @@ class GatewayMetrics:
         self.generation_tokens = Counter("tributary_generation_tokens", "Tokens generated", registry=r)
         self.in_flight = Gauge("tributary_gateway_requests_in_flight", "Requests this gateway is serving",
                                multiprocess_mode="livesum", registry=r)
+        self.realtime = Gauge("tributary_realtime_connections", "Realtime WebSocket connections this gateway holds",
+                              multiprocess_mode="livesum", registry=r)
         hits = Counter("tributary_encoder_cache_hits", "Media parts found in the tensor cache", ["modality"],
                        registry=r)
         misses = Counter("tributary_encoder_cache_misses", "Media parts not in the tensor cache (to encode)",

@@ -709,6 +709,8 @@ async def realtime_endpoint(ws: WebSocket) -> None:
     # Browsers' OpenAI clients offer "realtime" beside the key subprotocol (gateway/auth.py): accept it.
     await ws.accept(subprotocol="realtime" if "realtime" in ws.scope.get("subprotocols", ()) else None)
     if app.state.realtime_connections >= cfg.max_inflight:
+        chat.metrics.reject("server_overloaded")
+        log.warning("realtime connection refused: too many", extra={"connections": app.state.realtime_connections})
         await ws.close(code=1013, reason="too many realtime connections; retry later")
         return
     model = ws.query_params.get("model")
@@ -719,10 +721,12 @@ async def realtime_endpoint(ws: WebSocket) -> None:
         await ws.close(code=1008)
         return
     app.state.realtime_connections += 1
+    chat.metrics.realtime.set(app.state.realtime_connections)
     log.info("realtime connected", extra={"session": session.session_id,
                                           "tenant": session.tenant.name if session.tenant else None})
     try:
         await session.run()
     finally:
         app.state.realtime_connections -= 1
+        chat.metrics.realtime.set(app.state.realtime_connections)
         log.info("realtime closed", extra={"session": session.session_id})

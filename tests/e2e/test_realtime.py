@@ -366,3 +366,28 @@ def test_speech_over_an_answer_interrupts_it_and_the_turn_is_answered(client, cl
     assert events.index("input_audio_buffer.speech_stopped") < events.index("input_audio_buffer.committed") \
         < events.index("response.created")
     assert event.response.status in ("completed", "incomplete")
+
+
+def test_open_connections_are_reported_in_health_and_metrics(cluster):
+    """/health's ``realtime_connections`` and the ``tributary_realtime_connections`` gauge follow open sockets, and
+    fall back when they close (an operator's only view of a gateway held by WebSocket clients)."""
+    import httpx
+
+    def seen() -> tuple[int, float]:
+        health = httpx.get(f"{cluster.base_url}/health", timeout=10).json()["realtime_connections"]
+        text = httpx.get(f"{cluster.base_url}/metrics", timeout=10).text
+        gauge = [float(line.split()[-1]) for line in text.splitlines()
+                 if line.startswith("tributary_realtime_connections")]
+        return health, sum(gauge)
+
+    def settled(want: int) -> tuple[int, float]:
+        deadline = time.monotonic() + 10
+        while (got := seen()) != (want, want) and time.monotonic() < deadline:
+            time.sleep(0.1)  # a close is seen by the server a moment after the client's
+        return got
+
+    base = settled(0)
+    with raw(cluster) as a, raw(cluster) as b:
+        next_of(a, "session.created"), next_of(b, "session.created")
+        assert settled(2) == (2, 2.0)
+    assert settled(0) == base == (0, 0.0)
