@@ -63,6 +63,7 @@ class ClusterMonitor:
         # Its own connection, with a short timeout and no retries: it must notice an outage, not ride it out.
         self.r = connect_async(cfg.redis_url, retries=0, socket_timeout=PROBE_TIMEOUT_S)
         self._first = True
+        self._renewed = time.monotonic()  # when the lease was last renewed
         # tier -> (its stream, its group), whose backlog each beat reads
         self.queues = {t: self.keys.queue(t) for t in tiers}
 
@@ -108,11 +109,34 @@ class ClusterMonitor:
                         in zip(self.queues.items(), rest[0::2], rest[1::2])}
         view.wait = await self._waits(view.backlog, dict(zip(self.tiers, rest[1::2])))
         if lease_was is None and not self._first:
-            log.error("this gateway's lease was gone (Redis restarted empty, or this process stalled): re-queueing "
-                      "the work of every request in flight")
+            cause = await self._why_lease_lost(time.monotonic() - self._renewed)
+            log.error(f"this gateway's lease was gone ({cause}): re-queueing the work of every request in flight")
             self.on_reset()
-        self._first = False
+        self._first, self._renewed = False, time.monotonic()
         self.on_beat(view)
+
+    async def _why_lease_lost(self, unrenewed_s: float) -> str:
+        """Why the lease was gone, for the operator: Redis restarted, Redis evicting keys at ``maxmemory`` (the lease
+        has a TTL, so a ``volatile-*`` policy may evict it when the cache is far too small), or this process not
+        renewing it. From the INFO of the node holding it; its words only when INFO cannot be read."""
+        try:
+            kw = {"target_nodes": self.r.get_node_from_key(self.alive_key)} if hasattr(self.r, "get_node_from_key") \
+                else {}
+            info = await asyncio.wait_for(self.r.info(**kw), PROBE_TIMEOUT_S)
+            if "uptime_in_seconds" not in info and info and isinstance(next(iter(info.values())), dict):
+                info = next(iter(info.values()))  # a cluster client's reply, by node
+            uptime, evicted = int(info["uptime_in_seconds"]), int(info.get("evicted_keys", 0))
+            used, limit = int(info.get("used_memory", 0)), int(info.get("maxmemory", 0))
+        except asyncio.CancelledError:
+            raise
+        except Exception:  # noqa: BLE001 -- a diagnosis only
+            return "Redis restarted empty, or this process stalled"
+        if uptime <= unrenewed_s + 1:  # started after the last renewal
+            return f"Redis restarted {uptime} s ago"
+        if limit and evicted and used >= 0.9 * limit:
+            return (f"Redis is evicting keys at maxmemory ({used / 2**20:.0f} of {limit / 2**20:.0f} MiB used, "
+                    f"{evicted} keys evicted since it started): the lease was evicted; give Redis more memory")
+        return f"this process did not renew it for {unrenewed_s:.0f} s: it stalled, or the lease was evicted"
 
     async def _waits(self, backlog: dict[str, int], groups: dict[str, object]) -> dict[str, float]:
         """Seconds the oldest unread entry of each tier with a backlog has waited (one round trip; none when no tier

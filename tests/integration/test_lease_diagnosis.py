@@ -1,0 +1,80 @@
+"""A gateway that finds its lease gone says why in its log, against a real server: Redis restarted since the lease
+was renewed, Redis evicting keys at ``maxmemory`` (the lease has a TTL, so ``volatile-lru`` may take it when the
+cache is far too small: an outside tester saw migrations blamed on "Redis restarted" while Redis ran on), or this
+process not renewing it."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+
+import redis
+
+from cache.embedded import EmbeddedRedis
+from gateway.config import GatewayConfig
+from gateway.monitor import ClusterMonitor
+
+
+def up_for(r, seconds: int) -> None:
+    """Wait until the server has run ``seconds`` (its uptime counts whole seconds)."""
+    while int(r.info("server")["uptime_in_seconds"]) < seconds:
+        time.sleep(0.2)
+
+
+def lease_lost(url: str, caplog, prepare) -> tuple[int, str]:
+    """Beat once (the lease taken), ``prepare(monitor, client)``, drop the lease, beat again: the resets and the
+    monitor's error line."""
+    resets = []
+
+    async def run():
+        monitor = ClusterMonitor(GatewayConfig(model_dir="m", redis_url=url), ["backbone"], "reply:gw",
+                                 lambda: resets.append(1), lambda view: None)
+        try:
+            await monitor.beat()
+            r = redis.Redis.from_url(url)
+            prepare(monitor, r)
+            r.delete(monitor.alive_key)
+            with caplog.at_level(logging.ERROR, logger="gateway.monitor"):
+                await monitor.beat()
+        finally:
+            await monitor.close()
+
+    asyncio.run(run())
+    lines = [rec.getMessage() for rec in caplog.records if "lease was gone" in rec.getMessage()]
+    assert len(lines) == 1, lines
+    return len(resets), lines[0]
+
+
+def test_a_lease_lost_to_eviction_names_maxmemory(caplog):
+    def fill(monitor, r):
+        up_for(r, 2)
+        monitor._renewed = time.monotonic()  # renewed just now, as every second
+        used = int(r.info("memory")["used_memory"])
+        r.config_set("maxmemory", used + 512 * 1024)
+        for i in range(400):  # 4 KiB values with a TTL, as tensors are: past the limit some are evicted
+            r.set(f"trib:t:{i}", b"x" * 4096, ex=600)
+        assert int(r.info("stats")["evicted_keys"]) > 0
+
+    with EmbeddedRedis(maxmemory="64mb") as server:
+        resets, line = lease_lost(server.url, caplog, fill)
+    assert resets == 1
+    assert "evicting keys at maxmemory" in line and "give Redis more memory" in line, line
+
+
+def test_a_lease_lost_while_redis_ran_on_without_evicting_blames_the_process(redis_url, caplog):
+    def stall(monitor, r):
+        up_for(r, 12)
+        monitor._renewed = time.monotonic() - 10  # as if the event loop had not come round for 10 s
+
+    resets, line = lease_lost(redis_url, caplog, stall)
+    assert resets == 1
+    assert "did not renew it for 10 s" in line, line
+
+
+def test_a_server_started_after_the_last_renewal_is_a_restart(caplog):
+    with EmbeddedRedis(maxmemory="64mb") as server:  # up for less than a second
+        resets, line = lease_lost(server.url, caplog, lambda monitor, r: setattr(monitor, "_renewed",
+                                                                                 monitor._renewed - 5))
+    assert resets == 1
+    assert "Redis restarted 0 s ago" in line, line
