@@ -155,7 +155,10 @@ class ChatService:
         if not work.done():
             work.cancel()
             raise _shutting_down()
-        return work.result()
+        try:
+            return work.result()
+        finally:  # a raised result's traceback holds this frame: without ``work`` in it, no cycle keeps it alive
+            del work
 
     async def _rate(self, tenant) -> dict:
         """The tenant's rate-limit state, or a 429 (counted in the metrics' rejected requests)."""
@@ -304,21 +307,28 @@ class ChatService:
         chunks, size = [], 0
         limit = self.cfg.max_body_bytes * RECEIVING_BODIES
         try:
-            async with asyncio.timeout(self.cfg.body_timeout_s):  # a slow client cannot hold a buffer for long
-                async for chunk in request.stream():
-                    size += len(chunk)
-                    self.receiving += len(chunk)
-                    if size > self.cfg.max_body_bytes:
-                        raise PayloadTooLarge(f"request body exceeds {self.cfg.max_body_bytes} bytes")
-                    if self.receiving > limit:
-                        self.metrics.reject("server_overloaded")
-                        raise Overloaded(f"this gateway is receiving {limit} bytes of request bodies at once; retry "
-                                         "later")
-                    chunks.append(chunk)
-        except TimeoutError:
-            raise RequestTimeout(f"the request body did not arrive within {self.cfg.body_timeout_s:g} s") from None
-        except ClientDisconnect:  # the client left (or sent a body the HTTP parser refused) before it all arrived
-            raise ClientGone() from None
+            try:
+                async with asyncio.timeout(self.cfg.body_timeout_s):  # a slow client cannot hold a buffer for long
+                    async for chunk in request.stream():
+                        size += len(chunk)
+                        self.receiving += len(chunk)
+                        if size > self.cfg.max_body_bytes:
+                            raise PayloadTooLarge(f"request body exceeds {self.cfg.max_body_bytes} bytes")
+                        if self.receiving > limit:
+                            self.metrics.reject("server_overloaded")
+                            raise Overloaded(f"this gateway is receiving {limit} bytes of request bodies at once; "
+                                             "retry later")
+                        chunks.append(chunk)
+            except TimeoutError:
+                raise RequestTimeout(f"the request body did not arrive within {self.cfg.body_timeout_s:g} s") from None
+            except ClientDisconnect:  # the client left (or sent a body the HTTP parser refused) before it all came
+                raise ClientGone() from None
+        except BaseException:
+            # The exception's traceback holds this frame, and with it ``chunks``, for as long as the exception
+            # lives, which a reference cycle (a task holding its exception, whose traceback holds the task) makes
+            # "until the garbage collector runs": a gateway kept every byte of every body cut off by its client.
+            chunks.clear()
+            raise
         finally:
             self.receiving -= size
         return b"".join(chunks)

@@ -155,3 +155,48 @@ def test_bodies_being_received_are_bounded_in_bytes_not_slots():
     with pytest.raises(Overloaded, match="receiving"):
         asyncio.run(svc._read_body(Body()))
     assert svc.receiving == 8 * RECEIVING_BODIES - 5  # what the refused body had received is released
+
+
+def test_a_body_its_client_cut_off_is_freed_at_once_not_when_the_garbage_collector_runs():
+    """16 MiB received, then the client resets the connection: the bytes go when the request ends. An outside tester
+    saw a gateway keep every byte of every such body (the exception's traceback held the frame holding the chunks,
+    and a task holding that exception made a cycle only the collector frees): +360 MB per round of 12 clients."""
+    import asyncio
+    import gc
+    import tracemalloc
+
+    from starlette.requests import ClientDisconnect
+
+    from gateway.chat import ChatService
+    from gateway.metrics import GatewayMetrics
+    from gateway.tiers import ClientGone
+
+    class Cut:  # a request whose client leaves mid-body
+        headers = {}
+
+        async def stream(self):
+            for _ in range(16):
+                yield bytes(1 << 20)
+            raise ClientDisconnect()
+
+    svc = ChatService.__new__(ChatService)
+    svc.cfg = GatewayConfig(model_dir="m", redis_url="redis://x", max_body_bytes=64 << 20)
+    svc.metrics, svc.receiving, svc.closing = GatewayMetrics(), 0, False
+
+    async def receive():
+        svc._closed = asyncio.Event()
+        await svc._or_closing(svc._read_body(Cut()))  # as handle() reads bodies
+
+    gc.disable()
+    tracemalloc.start()
+    try:
+        before = tracemalloc.get_traced_memory()[0]
+        with pytest.raises(ClientGone) as caught:
+            asyncio.run(receive())
+        held = tracemalloc.get_traced_memory()[0] - before
+        del caught
+    finally:
+        tracemalloc.stop()
+        gc.enable()
+    assert held < 2 << 20, f"{held / 2**20:.1f} MiB of the cut body still held"
+    assert svc.receiving == 0
