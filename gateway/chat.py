@@ -354,6 +354,9 @@ class ChatService:
             except BaseException:  # one part refused (or the client gone): the other fetches stop too
                 for task in tasks:
                     task.cancel()
+                # The exception's traceback holds this frame: with the tasks in it (one holding that exception),
+                # the fetched bytes would wait for the garbage collector.
+                tasks = task = None
                 raise
             fetched = {param: data for (param, _, _), data in zip(remote, datas)}
         prompt = await asyncio.to_thread(self._build, req, namespace, fetched)
