@@ -53,9 +53,9 @@ class Keys:
 
     def media_id(self, encoder_id: str, media_uuid: str, namespace: str = "") -> str:
         """A client-chosen media ``uuid`` -> the content digest it was first sent with (TTL of the tensor), per
-        tenant cache namespace (none without API keys)."""
-        where = f"{encoder_id}:{namespace}" if namespace else encoder_id
-        return f"{self.prefix}:uuid:{where}:{media_uuid}"
+        tenant cache namespace (none without API keys). The namespace goes in with its length, so no pair of a
+        namespace and a uuid (either may hold ":") spells another pair's key."""
+        return f"{self.prefix}:uuid:{encoder_id}:{len(namespace)}:{namespace}:{media_uuid}"
 
     def blob(self, digest: str, kind: str = "media") -> str:
         """Raw media bytes (``kind`` media) or features computed from them, waiting for an encoder, short TTL."""

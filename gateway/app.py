@@ -101,6 +101,7 @@ def create_app(cfg: GatewayConfig):
         await cluster.refresh()  # a Redis still away only leaves the snapshot empty
         metrics.attach(cluster)
         app.state.spec, app.state.cfg, app.state.realtime_connections = spec, cfg, 0
+        app.state.realtime_by_tenant = {}  # tenant name -> its open Realtime connections (gateway/realtime.py)
         app.state.dashboard = Dashboard(cluster, keys, spec.name, metrics.recent, ring.enabled)
         # Kept: the loop holds tasks weakly.
         tasks = [asyncio.create_task(replies.run(), name="reply-reader"),

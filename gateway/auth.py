@@ -23,6 +23,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
+import re
 import threading
 import time
 from dataclasses import dataclass
@@ -55,6 +56,18 @@ class KeyConfigError(ValueError):
     """A key configuration that cannot be used (at start-up: the gateway refuses to start)."""
 
 
+# A tenant's name: it keys its cache namespace (media uuids, encodings) and ``--shared-cache`` joins names with "+",
+# so a name holding ":" or "+" could spell another tenant's key ("team" + uuid "red:x" = "team:red" + uuid "x").
+TENANT_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.@-]{0,63}")
+
+
+def _tenant_name(name: str, where: str) -> str:
+    if not TENANT_NAME.fullmatch(name):
+        raise KeyConfigError(f"{where}: tenant name {name!r} is not allowed: up to 64 letters, digits, '_', '.', '@' "
+                             "or '-', starting with a letter or digit")
+    return name
+
+
 def parse_env_keys(value: str | None) -> dict[str, str]:
     """``k1,k2`` or ``alice:k1,bob:k2`` -> {sha256(key): tenant}."""
     out: dict[str, str] = {}
@@ -67,7 +80,7 @@ def parse_env_keys(value: str | None) -> dict[str, str]:
             tenant, key = DEFAULT_TENANT, entry
         if not key or not tenant:
             raise KeyConfigError("TRIBUTARY_API_KEYS: an entry is empty (expected key or tenant:key)")
-        out[key_digest(key)] = tenant
+        out[key_digest(key)] = _tenant_name(tenant, "TRIBUTARY_API_KEYS")
     return out
 
 
@@ -87,7 +100,7 @@ def parse_key_file(text: str, name: str) -> dict[str, tuple[str, dict[str, int]]
             if key not in ("rpm", "tpm") or not value.isdigit():
                 raise KeyConfigError(f"{name}:{n}: unknown field {extra!r} (rpm=N and tpm=N are known)")
             limits[key] = int(value)
-        out[parts[1].lower()] = (parts[0], limits)
+        out[parts[1].lower()] = (_tenant_name(parts[0], f"{name}:{n}"), limits)
     return out
 
 
@@ -95,7 +108,7 @@ def parse_shared(value: str | None) -> dict[str, str]:
     """``a,b;c,d`` -> {tenant: namespace} for tenants that share a cache."""
     out: dict[str, str] = {}
     for group in (value or "").split(";"):
-        names = sorted({n.strip() for n in group.split(",") if n.strip()})
+        names = sorted({_tenant_name(n.strip(), "--shared-cache") for n in group.split(",") if n.strip()})
         for name in names if len(names) > 1 else ():
             out[name] = "+".join(names)
     return out
@@ -191,6 +204,8 @@ class AuthMiddleware:
         tenant = self.ring.tenant(key)
         if tenant is not None:
             state["tenant"] = tenant
+            if scope["type"] == "websocket":  # a session outlives its handshake: it asks again (gateway/realtime.py)
+                state["key_in_force"] = lambda: getattr(self.ring.tenant(key), "name", None) == tenant.name
             return await self.app(scope, receive, send)
         message = ("invalid API key (unknown or revoked)" if key else
                    "missing API key: send the header 'Authorization: Bearer <key>'")

@@ -27,7 +27,9 @@ Limits: frames over ``max_body_bytes`` close the socket with 1009 (uvicorn's ``w
 capped at ``max_audio_seconds``; a conversation at ``MAX_ITEMS`` items and at ``max_body_bytes`` of text and media
 (the largest request REST takes; its tokens are checked against the context at each response, as REST does);
 connections at ``max_inflight``, beyond which a new one is closed with 1013; a connection silent for ``IDLE_S`` is
-closed, and uvicorn's pings (every 20 s) drop dead peers.
+closed, and uvicorn's pings (every 20 s) drop dead peers. With API keys: one tenant's connections at a quarter of
+``max_inflight``; opening a session counts as a request toward its tenant's rate limit; a session whose key is
+revoked is closed (1008) at its next event or within ``KEY_CHECK_S``.
 """
 
 from __future__ import annotations
@@ -39,6 +41,7 @@ import dataclasses
 import io
 import json
 import logging
+import time
 import uuid
 import wave
 from dataclasses import dataclass
@@ -57,6 +60,8 @@ log = logging.getLogger(__name__)
 PCM_RATE = 24_000  # the protocol's input audio: PCM16, 24 kHz, mono
 MAX_ITEMS = 1024
 LARGE_EVENT = 64 * 1024  # characters of an event's JSON from which it is parsed on a thread
+TENANT_SHARE = 4  # with API keys, one tenant holds at most 1/TENANT_SHARE of a gateway's Realtime connections
+KEY_CHECK_S = 5.0  # with API keys, how often a silent connection checks that its key was not revoked
 IDLE_S = 600.0  # a connection that sends no event for this long is closed (pings already drop dead peers)
 UNSUPPORTED_EVENTS = {
     "conversation.item.truncate": "conversation.item.truncate (it trims audio output, which this server does not make)",
@@ -221,16 +226,36 @@ class RealtimeSession:
 
     # -- the loop -----------------------------------------------------------------------------------------------
 
+    async def _revoked(self, event_id: str | None) -> bool:
+        """Whether the session's API key was revoked (or moved to another tenant) since the handshake: then an error
+        event, and the socket closed with 1008. A key file is re-read within a second of a change (gateway/auth.py)."""
+        in_force = self.ws.scope.get("state", {}).get("key_in_force")
+        if in_force is None or in_force():
+            return False
+        log.info("realtime session's key revoked; closing", extra={"session": self.session_id})
+        await self.error(EventError("the API key of this session was revoked", code="invalid_api_key"), event_id)
+        await self.ws.close(code=1008)
+        return True
+
     async def run(self) -> None:
         await self.send("session.created", session=self.session())
+        keyed = self.ws.scope.get("state", {}).get("key_in_force") is not None
+        heard = time.monotonic()  # the last event
         try:
             while True:
-                try:
-                    message = await asyncio.wait_for(self.ws.receive(), IDLE_S)
-                except TimeoutError:
+                idle = IDLE_S - (time.monotonic() - heard)
+                try:  # with keys, a silent connection still wakes every KEY_CHECK_S to ask whether its key holds
+                    message = await asyncio.wait_for(self.ws.receive(), max(min(idle, KEY_CHECK_S) if keyed
+                                                                             else idle, 0.0))
+                except TimeoutError:  # cancelling a receive loses no message
+                    if await self._revoked(None):
+                        return
+                    if time.monotonic() - heard < IDLE_S:
+                        continue
                     await self.error(EventError(f"no event for {IDLE_S:g} s; closing", code="idle_timeout"), None)
                     await self.ws.close(code=1000)
                     return
+                heard = time.monotonic()
                 if message["type"] == "websocket.disconnect":
                     return
                 text, event_id = message.get("text"), None
@@ -247,6 +272,8 @@ class RealtimeSession:
                     if not isinstance(event, dict) or not isinstance(event.get("type"), str):
                         raise EventError("an event is a JSON object with a string 'type'", param="type")
                     event_id = event.get("event_id") if isinstance(event.get("event_id"), str) else None
+                    if await self._revoked(event_id):
+                        return
                     await self.handle(event)
                 except (EventError, APIError) as exc:
                     await self.error(exc, event_id)
@@ -708,10 +735,15 @@ async def realtime_endpoint(ws: WebSocket) -> None:
     chat, spec, cfg = app.state.chat, app.state.spec, app.state.cfg
     # Browsers' OpenAI clients offer "realtime" beside the key subprotocol (gateway/auth.py): accept it.
     await ws.accept(subprotocol="realtime" if "realtime" in ws.scope.get("subprotocols", ()) else None)
-    if app.state.realtime_connections >= cfg.max_inflight:
+    tenant = ws.scope.get("state", {}).get("tenant")  # gateway/auth.py: None without API keys
+    held = app.state.realtime_by_tenant.get(tenant.name, 0) if tenant else 0
+    full = ("this gateway's" if app.state.realtime_connections >= cfg.max_inflight else
+            "this key's" if tenant and held >= tenant_connections(cfg) else None)
+    if full:
         chat.metrics.reject("server_overloaded")
-        log.warning("realtime connection refused: too many", extra={"connections": app.state.realtime_connections})
-        await ws.close(code=1013, reason="too many realtime connections; retry later")
+        log.warning("realtime connection refused: too many", extra={
+            "connections": app.state.realtime_connections, "tenant": tenant.name if tenant else None, "held": held})
+        await ws.close(code=1013, reason=f"too many realtime connections ({full}); retry later")
         return
     model = ws.query_params.get("model")
     session = RealtimeSession(ws, chat, spec.name, cfg.max_audio_seconds)
@@ -720,7 +752,15 @@ async def realtime_endpoint(ws: WebSocket) -> None:
                                        code="model_not_found", param="model"), None)
         await ws.close(code=1008)
         return
+    try:  # opening a session counts as a request toward the tenant's rate limit (a 429 here closes it)
+        await chat._rate(tenant)
+    except APIError as exc:
+        await session.error(exc, None)
+        await ws.close(code=1013, reason="rate limited; retry later")
+        return
     app.state.realtime_connections += 1
+    if tenant:
+        app.state.realtime_by_tenant[tenant.name] = held + 1
     chat.metrics.realtime.set(app.state.realtime_connections)
     log.info("realtime connected", extra={"session": session.session_id,
                                           "tenant": session.tenant.name if session.tenant else None})
@@ -728,5 +768,15 @@ async def realtime_endpoint(ws: WebSocket) -> None:
         await session.run()
     finally:
         app.state.realtime_connections -= 1
+        if tenant:
+            left = app.state.realtime_by_tenant.pop(tenant.name) - 1
+            if left:
+                app.state.realtime_by_tenant[tenant.name] = left
         chat.metrics.realtime.set(app.state.realtime_connections)
         log.info("realtime closed", extra={"session": session.session_id})
+
+
+def tenant_connections(cfg) -> int:
+    """The Realtime connections one API key's tenant may hold on a gateway: a quarter of ``max_inflight`` (at least
+    one), so that one tenant's idle sockets cannot lock every other tenant out."""
+    return max(1, cfg.max_inflight // TENANT_SHARE)

@@ -8,6 +8,7 @@ for the Redis password.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -18,7 +19,7 @@ import httpx
 import openai
 import pytest
 from openai import OpenAI
-from websockets.exceptions import InvalidStatus
+from websockets.exceptions import ConnectionClosed, InvalidStatus
 from websockets.sync.client import connect
 
 from cache.embedded import EmbeddedRedis
@@ -45,7 +46,8 @@ def secured(tiny_model, tmp_path_factory):
     key_file.write_text(key_file_text("bob", "carol", "dave", "erin"))
     with EmbeddedRedis(password=PASSWORD) as server:
         with local_cluster(tiny_model, server.url, tmp, "--api-key-file", str(key_file),
-                           "--encoder-max-wait-ms", "20", env={"TRIBUTARY_API_KEYS": f"alice:{KEYS['alice']}"}) as c:
+                           "--encoder-max-wait-ms", "20", "--max-inflight", "8",
+                           env={"TRIBUTARY_API_KEYS": f"alice:{KEYS['alice']}"}) as c:
             c.key_file, c.server = key_file, server
             c.wait_ready()
             yield c
@@ -108,8 +110,18 @@ def test_the_websocket_takes_the_header_or_the_subprotocol_and_refuses_the_rest(
 
 
 def test_a_key_removed_from_the_file_is_refused_within_seconds(secured):
+    """REST calls and an open Realtime session alike (an outside tester's session went on answering)."""
     assert ask(secured, KEYS["carol"], "hi").usage.completion_tokens > 0
-    secured.key_file.write_text(key_file_text("bob", "dave", "erin"))
+    with connect(ws_url(secured), additional_headers={"Authorization": f"Bearer {KEYS['carol']}"},
+                 open_timeout=30) as session:
+        assert json.loads(session.recv(timeout=30))["type"] == "session.created"
+        secured.key_file.write_text(key_file_text("bob", "dave", "erin"))
+        # silent: the session wakes to check its key (KEY_CHECK_S)
+        error = json.loads(session.recv(timeout=20))
+        assert (error["type"], error["error"]["code"]) == ("error", "invalid_api_key"), error
+        with pytest.raises(ConnectionClosed) as closed:
+            session.recv(timeout=10)
+        assert closed.value.rcvd.code == 1008
     deadline = time.monotonic() + 10
     while time.monotonic() < deadline:
         try:
@@ -120,6 +132,28 @@ def test_a_key_removed_from_the_file_is_refused_within_seconds(secured):
     else:
         pytest.fail("carol's key still worked 10 s after it left the key file")
     assert ask(secured, KEYS["bob"], "hi").usage.completion_tokens > 0  # the others are untouched
+
+
+def test_one_tenant_cannot_take_every_realtime_connection(secured):
+    """--max-inflight 8: a tenant holds at most 2 sockets (a quarter); a third is closed with 1013 naming the key's
+    limit, and another tenant still connects (an outside tester's 8 idle sockets locked everyone else out)."""
+    def open_as(stack: contextlib.ExitStack, name: str) -> dict:
+        ws = stack.enter_context(connect(ws_url(secured), open_timeout=30,
+                                         additional_headers={"Authorization": f"Bearer {KEYS[name]}"}))
+        try:
+            return json.loads(ws.recv(timeout=30))
+        except ConnectionClosed as closed:
+            return {"type": "closed", "code": closed.rcvd.code, "reason": closed.rcvd.reason}
+
+    with contextlib.ExitStack() as bobs:
+        assert [open_as(bobs, "bob")["type"] for _ in range(2)] == ["session.created"] * 2
+        third = open_as(bobs, "bob")
+        assert third["type"] == "closed" and third["code"] == 1013 and "this key's" in third["reason"], third
+        with contextlib.ExitStack() as alices:
+            assert open_as(alices, "alice")["type"] == "session.created"
+    time.sleep(0.5)  # the server sees the closes
+    with contextlib.ExitStack() as again:
+        assert open_as(again, "bob")["type"] == "session.created"
 
 
 def test_tenants_neither_reuse_nor_detect_each_others_media(secured):

@@ -71,6 +71,34 @@ def test_shared_caches_join_named_tenants_only():
     assert ring.tenant("kc").cache == "c"  # a group of one shares nothing
 
 
+@pytest.mark.parametrize("name", ["team:red", "a+b", "x|once", "-lead", "é", "t" * 65])
+def test_a_tenant_name_that_could_spell_another_tenants_keys_is_refused(tmp_path, name):
+    """An outside tester read tenant "team:red"'s image through tenant "team" with uuid "red:<its uuid>" (the uuid
+    key joined namespace and uuid with ":"); "a+b" would share the cache --shared-cache a,b makes."""
+    f = tmp_path / "keys"
+    write_keys(f, [f"{name} {key_digest('k')}"])
+    with pytest.raises(KeyConfigError, match="tenant name"):
+        KeyRing(key_file=str(f))
+    if ":" not in name:
+        with pytest.raises(KeyConfigError, match="tenant name"):
+            KeyRing(f"{name}:k")
+        with pytest.raises(KeyConfigError, match="tenant name"):
+            KeyRing("ok:k", shared=f"ok,{name}")
+
+
+def test_names_as_operators_write_them_are_taken():
+    ring = KeyRing("alice:k1,svc.batch-2:k2,ops@example.com:k3,A_1:k4")
+    assert [ring.tenant(k).name for k in ("k1", "k2", "k3", "k4")] == ["alice", "svc.batch-2", "ops@example.com", "A_1"]
+
+
+def test_no_namespace_and_uuid_pair_spells_another_pairs_key():
+    from cache.keys import Keys
+
+    keys = Keys()
+    pairs = [("team", "red:x"), ("team:red", "x"), ("", "4:team:x"), ("team", "x"), ("tea", "m:x")]
+    assert len({keys.media_id("enc", uuid, ns) for ns, uuid in pairs}) == len(pairs)
+
+
 @pytest.fixture
 def client():
     async def whoami(request):
