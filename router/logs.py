@@ -47,16 +47,27 @@ class TextFormatter(JsonFormatter):
     def format(self, record: logging.LogRecord) -> str:
         clock = time.strftime("%H:%M:%S", time.localtime(record.created)) + f".{int(record.msecs):03d}"
         fields = " ".join(f"{k}={_short(v)}" for k, v in vars(record).items() if k not in _STANDARD)
-        line = f"{clock} {record.levelname:<7} {self.tier:<14} {record.getMessage()}" + (f"  {fields}" if fields
-                                                                                         else "")
+        line = f"{clock} {record.levelname:<7} {self.tier:<14} {_plain(record.getMessage())}" + (
+            f"  {fields}" if fields else "")
         if record.exc_info:
-            line += "\n" + self.formatException(record.exc_info)
+            line += "\n" + _plain(self.formatException(record.exc_info), keep="\n")
         return line
 
 
+def _plain(text: str, keep: str = "") -> str:
+    """``text`` with terminal control characters (ESC, BEL, CR, ...) and Unicode format characters (bidi overrides)
+    written out as escapes: a client's text carried into a line can neither recolour, move the cursor over, or hide
+    lines of an operator's terminal, nor forge a line of its own. ``keep``: characters left as they are."""
+    if all(c.isprintable() or c in keep for c in text):
+        return text
+    return "".join(c if c.isprintable() or c in keep else c.encode("unicode_escape").decode() for c in text)
+
+
 def _short(value) -> str:
+    """A field's value: as it is when it is plain, else JSON-quoted (whitespace, quotes, control or format
+    characters: all escaped)."""
     text = value if isinstance(value, str) else json.dumps(value, default=str)
-    return json.dumps(text) if not text or any(c.isspace() for c in text) else text
+    return json.dumps(text) if not text or not text.isprintable() or any(c in ' "' for c in text) else text
 
 
 LOG_FORMATS = ("auto", "json", "text")

@@ -40,6 +40,24 @@ def test_text_is_one_readable_line_with_the_same_fields():
     assert not line.lstrip().startswith("{")
 
 
+@pytest.mark.parametrize("text", ["/\x1b]0;owned\x07", "a\x1b[2K\rforged", "x\x1b[8m", "\u202eevil", "a\rb",
+                                  "tenant=admin\x1b[1C", 'q"uote'])
+def test_a_clients_text_reaches_the_terminal_escaped(text):
+    """An outside tester set the operator's window title and overwrote a line with a path sent unauthenticated
+    (``unauthorized path=...``): control and format characters in fields, the message or an exception's text are
+    written out as escapes, and the line stays one line."""
+    try:
+        raise ValueError(f"bad {text}")
+    except ValueError:
+        info = sys.exc_info()
+    rec = logging.LogRecord("gateway.auth", logging.INFO, __file__, 1, f"refused {text}", (), info)
+    rec.path = text
+    out = TextFormatter("gateway").format(rec)
+    assert not any(c in out for c in "\x1b\x07\r\u202e"), repr(out)
+    head = out.split("\n", 1)[0]
+    assert "Traceback" not in head and f"path={json.dumps(text)}" in head
+
+
 def test_text_keeps_the_traceback_of_an_exception():
     text = TextFormatter("backbone").format(record("step failed", exc=True))
     assert "Traceback" in text and "ValueError: bad" in text
