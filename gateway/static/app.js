@@ -3,6 +3,12 @@
 "use strict";
 
 const $ = (id) => document.getElementById(id);
+
+// Text into HTML: a file's name is the user's (and a file named "<img onerror=...>" would run on the page that
+// holds the API key).
+const esc = (text) => String(text).replace(/[&<>"']/g,
+  (c) => ({"&": "&amp;", "<": "&lt;", ">": "&gt;", '"': "&quot;", "'": "&#39;"})[c]);
+
 const state = {
   key: sessionStorage.getItem("tributary-key") || "",
   model: null,
@@ -52,7 +58,7 @@ function renderTiers(s) {
     const batch = t.mean_batch != null ? t.mean_batch.toFixed(1) : "–";
     const done = t.items != null ? t.items : t.tokens;
     const what = t.items != null ? "media items encoded" : "tokens generated";
-    return `<tr data-tier="${tier}"><td>${tier}</td><td class="live">${t.live}</td><td>${t.restarts}</td>` +
+    return `<tr data-tier="${esc(tier)}"><td>${esc(tier)}</td><td class="live">${t.live}</td><td>${t.restarts}</td>` +
       `<td>${t.queue.lag}</td><td>${t.queue.in_flight}</td><td>${batch}</td>` +
       `<td class="done" title="${what}">${done}</td></tr>`;
   });
@@ -60,7 +66,7 @@ function renderTiers(s) {
   $("updated").textContent = "updated " + new Date(s.time * 1000).toLocaleTimeString();
   $("cache-scope").textContent = s.cache_scope === "tenant" ? "your tenant's" : "whole cluster";
   $("cache").innerHTML = Object.entries(s.cache || {}).map(([m, c]) =>
-    `<li data-modality="${m}">${m}: <span class="hits">${c.hits}</span> hits, <span class="misses">${c.misses}` +
+    `<li data-modality="${esc(m)}">${esc(m)}: <span class="hits">${c.hits}</span> hits, <span class="misses">${c.misses}` +
     `</span> misses` + (c.hit_rate != null ? ` (${Math.round(c.hit_rate * 100)}% hit rate)` : "") + "</li>").join("");
   for (const kind of ["ttft", "itl"]) plot(kind, (s.latency || {})[kind] || []);
 }
@@ -117,8 +123,8 @@ function readAs(file, how) {
 
 function renderAttachments() {
   $("attachments").innerHTML = state.attachments.map((a, i) =>
-    `<span>${a.kind}: ${a.name} <button type="button" data-drop="${i}" aria-label="remove ${a.name}">×</button></span>`)
-    .join("");
+    `<span>${a.kind}: ${esc(a.name)} <button type="button" data-drop="${i}" aria-label="remove ${esc(a.name)}">` +
+    `×</button></span>`).join("");
 }
 
 $("attachments").addEventListener("click", (ev) => {

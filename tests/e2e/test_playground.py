@@ -162,13 +162,17 @@ def test_a_recorded_sound_is_sent_as_wav_and_answered(browser, cluster):
 
 
 def test_an_error_is_shown_as_the_api_says_it(browser, cluster, tmp_path):
-    bad = tmp_path / "not-a-picture.png"
+    """The file's name is markup: shown as text, never run (the page holds the API key)."""
+    name = "<img src=x onerror=window.pwned=1>.png"
+    bad = tmp_path / name
     bad.write_bytes(b"this is text, not a PNG")
     page = browser.new_page()
     page.goto(cluster.base_url + "/")
     page.wait_for_selector('tr[data-tier="backbone"]')
     page.set_input_files("#image", str(bad))
     page.wait_for_selector("#attachments span")
+    assert name in page.locator("#attachments").inner_text()
+    assert page.locator("#attachments img").count() == 0 and page.evaluate("window.pwned") is None
     page.fill("#prompt", "Look")
     page.click("#send")
     page.wait_for_function("() => document.querySelector('#chat-error').textContent !== ''")
