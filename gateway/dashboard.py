@@ -7,10 +7,12 @@ same sources as the metrics (gateway/metrics.py).
   pending: read and not acked, i.e. in flight), and its counters: encoders' items, forward
   passes (their ratio is the mean batch) and encode seconds; the backbone's tokens.
 - **Cache**: hits and misses per modality: the cluster's without API keys; with keys, the caller's tenant's only
-  (``<prefix>:stats:tenant:<name>``, counted by gateway/encoding.py), so a tenant learns nothing of another's traffic.
+  (``<prefix>:stats:tenant:<name>``, counted by gateway/encoding.py), so a tenant learns nothing of another's cache
+  use here. (The tiers' figures and the latency below are every tenant's together, as is ``/metrics``, which needs
+  no key: a tenant sees the cluster's load, not whose it is. Keep ``/metrics`` off the public network.)
 - **Latency**: this gateway process's time to first token and inter-token latency over the last ``WINDOW_S``, in
-  ``STEP_S`` buckets (mean, max, count), kept by :class:`Recent` as token events arrive (one dict update each). With
-  several gateway processes each answers with its own requests.
+  ``STEP_S`` buckets (mean, max, count), kept by :class:`Recent` as token events arrive (one dict update each): all
+  tenants' requests. With several gateway processes each answers with its own requests.
 
 Behind the API key check like every route but the probes and the page itself (gateway/auth.py). Reads Redis only for a
 tenant's cache figures, for at most ``TIMEOUT_S``; with Redis away (no snapshot younger than three intervals) the
