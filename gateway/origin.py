@@ -72,7 +72,11 @@ class BrowserGuard:
         if self.any_origin or origin.rstrip("/").lower() in self.origins:
             return True
         parts = urlsplit(origin)
-        return bool(parts.netloc) and parts.netloc.lower() == host.strip().lower()  # same origin
+        # Same origin: a web page's (http or https: not "evil://host") from the host and port the client asked for.
+        # The scheme is not compared with the request's: behind a TLS-terminating proxy a page on https reaches an
+        # http gateway.
+        return (parts.scheme in ("http", "https") and bool(parts.netloc)
+                and parts.netloc.lower() == host.strip().lower())
 
 
 async def refuse(scope, receive, send, status: int, code: str, message: str, extra_headers=()) -> None:

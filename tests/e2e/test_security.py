@@ -217,6 +217,8 @@ def test_browsers_cannot_drive_it_from_another_site(secured):
     host = secured.base_url.removeprefix("http://")
     same = httpx.get(secured.base_url + "/v1/models", headers={**auth, "Origin": f"http://{host}"}, timeout=30)
     assert same.status_code == 200  # the gateway's own origin
+    odd = httpx.get(secured.base_url + "/v1/models", headers={**auth, "Origin": f"evil://{host}"}, timeout=30)
+    assert odd.status_code == 403  # the same host and port in another scheme is no web page of the gateway's
 
 
 def test_the_redis_password_is_nowhere_to_be_seen(secured):
