@@ -198,6 +198,7 @@ class RealtimeSession:
         self.max_output_tokens: int | None = None
         self.items: list[dict] = []  # the conversation, in order
         self.audio = bytearray()  # the input audio buffer (PCM16)
+        self.audio_carry = b""  # the odd byte of the last append: the first half of a sample
         self.vad: ServerVad | None = None  # server-side turn detection, when the session asks for it
         self.audio_pos0 = 0  # stream position (samples since the session began) of self.audio[0]
         self.vad_at = 0  # bytes of self.audio the detector has looked at
@@ -479,13 +480,15 @@ class RealtimeSession:
     # -- input audio buffer -------------------------------------------------------------------------------------
 
     async def audio_append(self, event: dict) -> None:
-        pcm = _b64(event.get("audio"), "audio")
-        if len(pcm) % 2:
-            raise EventError("PCM16 audio holds an even number of bytes", param="audio")
-        if len(self.audio) + len(pcm) > self.max_audio_bytes:
+        """Chunks may split a sample (a client cutting its byte stream anywhere): an odd byte waits for the next
+        chunk's first (``audio_carry``)."""
+        pcm = self.audio_carry + _b64(event.get("audio"), "audio")
+        whole = len(pcm) - len(pcm) % 2
+        if len(self.audio) + whole > self.max_audio_bytes:
             raise EventError("the input audio buffer is full (the server's audio length limit); commit or clear it",
                              code="input_audio_buffer_full", param="audio")
-        self.audio += pcm
+        self.audio += pcm[:whole]
+        self.audio_carry = pcm[whole:]
         if self.vad is not None:
             await self._detect()
         await self._stream()
@@ -583,10 +586,12 @@ class RealtimeSession:
 
     async def audio_commit(self, event: dict) -> None:
         await self._commit(self.speaking)
+        self.audio_carry = b""  # half a sample of the committed audio's end
 
     async def audio_clear(self, event: dict) -> None:
         self._reset_vad()  # the features stream starts again too
         self.audio.clear()
+        self.audio_carry = b""
         await self.send("input_audio_buffer.cleared")
 
     # -- responses ----------------------------------------------------------------------------------------------

@@ -391,3 +391,24 @@ def test_open_connections_are_reported_in_health_and_metrics(cluster):
         next_of(a, "session.created"), next_of(b, "session.created")
         assert settled(2) == (2, 2.0)
     assert settled(0) == base == (0, 0.0)
+
+
+def test_audio_chunks_may_split_a_sample(client, cluster):
+    """A client cutting its PCM byte stream anywhere (odd-sized chunks) loses nothing: the turn gives the REST answer
+    for the same audio (an outside tester's 9601-byte chunks were refused and most of the audio lost)."""
+    pcm = pcm16(0.6, seed=41)
+    rest = client.chat.completions.create(model=cluster.model, temperature=0.0, max_tokens=6, messages=[
+        {"role": "user", "content": [rest_audio(pcm)]}])
+    with client.realtime.connect(model=cluster.model) as conn:
+        assert conn.recv().type == "session.created"
+        conn.session.update(session={"type": "realtime", "temperature": 0.0})
+        conn.recv()
+        for i in range(0, len(pcm), 9601):
+            conn.input_audio_buffer.append(audio=base64.b64encode(pcm[i : i + 9601]).decode())
+        conn.input_audio_buffer.commit()
+        seen = [conn.recv().type for _ in range(3)]
+        assert seen == ["conversation.item.added", "conversation.item.done", "input_audio_buffer.committed"], seen
+        conn.response.create(response={"max_output_tokens": 6})
+        text, done, _ = until_done(conn)
+    assert text == rest.choices[0].message.content
+    assert done.response.usage.input_tokens == rest.usage.prompt_tokens
