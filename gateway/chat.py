@@ -372,25 +372,27 @@ class ChatService:
 
     def _build(self, req: ChatCompletionRequest, namespace: str, fetched: dict[str, bytes]) -> Prompt:
         prompt = self.builder.build(req, namespace, fetched)
-        self._check_context(prompt.expected_length, req.token_budget())  # before anything is encoded
+        # before anything is encoded
+        self._check_context(prompt.expected_length, req.token_budget(), req.budget_param())
         return prompt
 
-    def _check_context(self, length: int, budget: int | None) -> int:
-        """The room left after a prompt of ``length`` tokens; a 400 if the prompt or max_tokens does not fit."""
+    def _check_context(self, length: int, budget: int | None, param: str = "max_tokens") -> int:
+        """The room left after a prompt of ``length`` tokens; a 400 if the prompt or the budget (from the field
+        ``param``) does not fit."""
         room = self.spec.max_context - length
         if room < 1:
             raise InvalidRequest(f"the prompt is {length} tokens; this model's context is "
                                  f"{self.spec.max_context} tokens", param="messages", code="context_length_exceeded")
         if budget is not None and budget > room:
-            raise InvalidRequest(f"max_tokens {budget} + prompt {length} tokens exceeds the context of "
-                                 f"{self.spec.max_context} tokens", param="max_tokens",
-                                 code="context_length_exceeded")
+            raise InvalidRequest(f"{param} {budget} + prompt {length} tokens exceeds the context of "
+                                 f"{self.spec.max_context} tokens", param=param, code="context_length_exceeded")
         return room
 
     async def _plan(self, rid: str, req: ChatCompletionRequest, prompt: Prompt, queue) -> m.PromptPlan:
         refs = await self.media.encode(rid, prompt.media, queue, prompt.namespace, prompt.tenant)
         ids = expand_placeholders(prompt.token_ids, self.spec.placeholder_ids, [r.num_tokens for r in refs])
-        room = self._check_context(len(ids), budget := req.token_budget())  # the encoders' counts are final
+        # the encoders' counts are final
+        room = self._check_context(len(ids), budget := req.token_budget(), req.budget_param())
         # The seed is fixed here when the client sent none: every attempt of the request (a migration, a plan
         # queued twice by a retried XADD) then draws the same tokens, so they can be joined by position.
         seed = req.seed if req.seed is not None else secrets.randbits(63)

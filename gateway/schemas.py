@@ -109,6 +109,10 @@ class ChatCompletionRequest(_Strict):
     def token_budget(self) -> int | None:
         return self.max_completion_tokens or self.max_tokens
 
+    def budget_param(self) -> str:
+        """The field the budget came from, for errors about it."""
+        return "max_completion_tokens" if self.max_completion_tokens else "max_tokens"
+
 
 # Accepted only with the value that switches them off; anything else is a 400 naming the parameter.
 _OFF_VALUES = {
@@ -230,6 +234,8 @@ def parse_chat_request(body: bytes) -> ChatCompletionRequest:
         _refuse_parameters(unsupported, _unknown(exc), order)
         raise InvalidRequest(*_describe(exc)) from None
     _refuse_parameters(unsupported, [], order)
+    if req.stream_options is not None and not req.stream:  # as OpenAI's API and vLLM answer it: not ignored
+        raise InvalidRequest("'stream_options' is only allowed when 'stream' is true", param="stream_options")
     return req
 
 

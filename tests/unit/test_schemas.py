@@ -34,9 +34,11 @@ def test_minimal_request_accepted_with_defaults():
 
 def test_null_means_the_default_as_in_openais_api():
     req = parse_chat_request(body(temperature=None, top_p=None, stream=None, ignore_eos=None, max_tokens=None,
-                                  seed=None, stop=None, stream_options={"include_usage": None}))
+                                  seed=None, stop=None, stream_options=None))
     assert (req.temperature, req.top_p, req.stream, req.ignore_eos) == (1.0, 1.0, False, False)
-    assert req.stream_options.include_usage is False and req.token_budget() is None
+    assert req.stream_options is None and req.token_budget() is None
+    req = parse_chat_request(body(stream=True, stream_options={"include_usage": None}))
+    assert req.stream_options.include_usage is False
     assert refused(body(temperature="1")).param == "temperature"  # null is the default; a string is still a 400
 
 
@@ -236,6 +238,12 @@ def test_out_of_range_values_refused(name, value):
     assert f"'{name}'" in err.message
 
 
+def test_stream_options_without_streaming_are_refused_not_ignored():
+    for stream in (False, None):
+        err = refused(body(stream=stream, stream_options={"include_usage": True}))
+        assert err.param == "stream_options" and "only allowed when 'stream' is true" in err.message
+
+
 def test_stream_options_unknown_field_refused():
     err = refused(body(stream=True, stream_options={"include_usage": True, "chunk": 3}))
     assert err.param == "stream_options.chunk"
@@ -286,3 +294,17 @@ def test_every_64_bit_seed_is_accepted(seed):
 @pytest.mark.parametrize("seed", [2**64, -(2**63) - 1, 10**40])
 def test_seeds_outside_64_bits_are_a_400(seed):
     assert refused(body(seed=seed)).param == "seed"
+
+
+def test_a_budget_past_the_context_is_blamed_on_the_field_the_client_sent():
+    from types import SimpleNamespace
+
+    from gateway.chat import ChatService
+
+    svc = ChatService.__new__(ChatService)
+    svc.spec = SimpleNamespace(max_context=100)
+    for field in ("max_tokens", "max_completion_tokens"):
+        req = parse_chat_request(body(**{field: 95}))
+        with pytest.raises(InvalidRequest) as info:
+            svc._check_context(10, req.token_budget(), req.budget_param())
+        assert info.value.param == field and info.value.message.startswith(f"{field} 95 + prompt 10 tokens")
