@@ -77,29 +77,41 @@ def arrival_itl(engine, streams: list[list[int]], arrivals: list[tuple[list[int]
             "p50_ms": statistics.median(window), "prefill_steps": prefill_steps + 1}
 
 
+def small_demo_args(ap: argparse.ArgumentParser) -> None:
+    """The arguments of the in-process engine benches on the `small` demo model (this one, bench/prefill_order.py)."""
+    ap.add_argument("--threads", type=int, default=None)
+    ap.add_argument("--model-dir", type=Path, default=Path("/tmp/tributary-bench/demo-small"))
+
+
+def small_demo(args):
+    """(spec, prompt) for ``small_demo_args``' arguments: the `small` demo model (written on first use), torch's
+    threads set; ``prompt(n)``: n random token ids after BOS, seeded (the same prompts every run)."""
+    from models.demo import write_demo_model
+    from models.spec import ModelSpec
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if not (args.model_dir / "model.safetensors").exists():
+        write_demo_model(args.model_dir, "small")
+    spec = ModelSpec.from_dir(args.model_dir)
+    vocab = spec.config["text_config"]["vocab_size"]
+    gen = torch.Generator().manual_seed(0)
+    return spec, lambda n: [1] + torch.randint(5, vocab, (n - 1,), generator=gen).tolist()
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--streams", type=int, default=3)
     ap.add_argument("--arrivals", type=int, default=3)
     ap.add_argument("--prompt", type=int, default=1200)
     ap.add_argument("--budget", type=int, default=256, help="chunked mode's --max-batched-tokens")
-    ap.add_argument("--threads", type=int, default=None)
-    ap.add_argument("--model-dir", type=Path, default=Path("/tmp/tributary-bench/demo-small"))
+    small_demo_args(ap)
     args = ap.parse_args()
-    if args.threads:
-        torch.set_num_threads(args.threads)
     from backbone.engine import load_engine
-    from models.demo import write_demo_model
-    from models.spec import ModelSpec
 
-    if not (args.model_dir / "model.safetensors").exists():
-        write_demo_model(args.model_dir, "small")
-    spec = ModelSpec.from_dir(args.model_dir)
-    vocab = spec.config["text_config"]["vocab_size"]
-    gen = torch.Generator().manual_seed(0)
-    streams = [[1] + torch.randint(5, vocab, (31,), generator=gen).tolist() for _ in range(args.streams)]
-    arrivals = [([1] + torch.randint(5, vocab, (args.prompt - 1,), generator=gen).tolist(), [])
-                for _ in range(args.arrivals)]
+    spec, prompt = small_demo(args)
+    streams = [prompt(32) for _ in range(args.streams)]
+    arrivals = [(prompt(args.prompt), []) for _ in range(args.arrivals)]
     rows = {}
     unchunked = args.arrivals * args.prompt + args.streams
     for name, budget in (("unchunked", unchunked), ("chunked", args.budget)):

@@ -24,10 +24,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
+from bench.chunked import _sync, small_demo, small_demo_args  # noqa: E402
 
 
 def first_tokens(engine, longs: list[list[int]], short: list[int]) -> dict[str, tuple[int, float]]:
@@ -71,22 +68,13 @@ def main() -> int:
     ap.add_argument("--prompt", type=int, default=1200)
     ap.add_argument("--short", type=int, default=32)
     ap.add_argument("--budget", type=int, default=256, help="--max-batched-tokens")
-    ap.add_argument("--threads", type=int, default=None)
-    ap.add_argument("--model-dir", type=Path, default=Path("/tmp/tributary-bench/demo-small"))
+    small_demo_args(ap)
     args = ap.parse_args()
-    if args.threads:
-        torch.set_num_threads(args.threads)
     from backbone.engine import load_engine
-    from models.demo import write_demo_model
-    from models.spec import ModelSpec
 
-    if not (args.model_dir / "model.safetensors").exists():
-        write_demo_model(args.model_dir, "small")
-    spec = ModelSpec.from_dir(args.model_dir)
-    vocab = spec.config["text_config"]["vocab_size"]
-    gen = torch.Generator().manual_seed(0)
-    longs = [[1] + torch.randint(5, vocab, (args.prompt - 1,), generator=gen).tolist() for _ in range(args.long)]
-    short = [1] + torch.randint(5, vocab, (args.short - 1,), generator=gen).tolist()
+    spec, prompt = small_demo(args)
+    longs = [prompt(args.prompt) for _ in range(args.long)]
+    short = prompt(args.short)
     engine = load_engine(spec, max_batched_tokens=args.budget, max_running=args.long + 1)
     first_tokens(engine, longs[:1], short)  # warm the allocator
     rows = {}
