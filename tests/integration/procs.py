@@ -8,8 +8,10 @@ import subprocess
 import sys
 import time
 
+import httpx
 import redis
 
+from cache.embedded import free_port
 from cache.keys import Keys, alive
 from router.liveness import live_count_args, worker_pid
 
@@ -31,6 +33,26 @@ def start_tier(args: list[str], redis_url: str, tier: str, timeout: float = 120)
         time.sleep(0.2)  # the process is importing torch; its heartbeat is the readiness signal
     proc.kill()
     raise RuntimeError(f"{tier} not live after {timeout}s")
+
+
+def start_gateway(model, redis_url: str, *args: str, output=subprocess.DEVNULL, timeout: float = 120
+                  ) -> tuple[subprocess.Popen, str]:
+    """A gateway on a free port (JSON logs to ``output``) and its base URL, once its /health sees a live backbone."""
+    port = free_port()
+    proc = subprocess.Popen([sys.executable, "-m", "tributary.cli", "gateway", "--model", str(model), "--redis-url",
+                             redis_url, "--port", str(port), *args], stdout=output, stderr=subprocess.STDOUT,
+                            text=True, env=dict(os.environ, PYTHONUNBUFFERED="1", TRIBUTARY_LOG_FORMAT="json"))
+    base = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            if httpx.get(f"{base}/health", timeout=1).json()["workers"].get("backbone"):
+                return proc, base
+        except (httpx.TransportError, ValueError, KeyError):
+            pass
+        time.sleep(0.2)  # importing; the health probe is the readiness signal
+    proc.kill()
+    raise RuntimeError(f"the gateway saw no live backbone within {timeout}s")
 
 
 def hold_lease(r, reply_to: str, ttl_s: int = 600) -> None:

@@ -10,16 +10,14 @@ import os
 import signal
 import socket
 import subprocess
-import sys
 import threading
 import time
 
 import httpx
 import redis
 
-from cache.embedded import free_port
 from cache.keys import Keys
-from tests.integration.procs import start_tier
+from tests.integration.procs import start_gateway, start_tier
 
 GRACEFUL_S = 6.0
 
@@ -31,22 +29,10 @@ def body(model: str, stream: bool, max_tokens: int) -> dict:
 
 def test_requests_still_running_when_the_graceful_period_ends_get_an_answer(tiny_model, redis_url):
     backbone = start_tier(["backbone", "--model", str(tiny_model), "--threads", "1"], redis_url, "backbone")
-    port = free_port()
-    gateway = subprocess.Popen([sys.executable, "-m", "tributary.cli", "gateway", "--model", str(tiny_model),
-                                "--redis-url", redis_url, "--port", str(port), "--graceful-timeout", str(GRACEFUL_S)],
-                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                               env=dict(os.environ, PYTHONUNBUFFERED="1", TRIBUTARY_LOG_FORMAT="json"))
-    base = f"http://127.0.0.1:{port}"
+    gateway, base = start_gateway(tiny_model, redis_url, "--graceful-timeout", str(GRACEFUL_S),
+                                  output=subprocess.PIPE)
     stopped = False
     try:
-        deadline = time.monotonic() + 120
-        while time.monotonic() < deadline:
-            try:
-                if httpx.get(f"{base}/health", timeout=1).json()["workers"].get("backbone"):
-                    break
-            except (httpx.TransportError, ValueError, KeyError):
-                pass
-            time.sleep(0.2)  # importing; the health probe is the readiness signal
         client = httpx.Client(timeout=60)
         results: dict[str, object] = {}
 
@@ -88,7 +74,7 @@ def test_requests_still_running_when_the_graceful_period_ends_get_an_answer(tiny
         assert r.xlen(gen) >= 3
 
         # A client still sending its body (no reply queue yet) when the period ends gets the same answer.
-        slow = socket.create_connection(("127.0.0.1", port), timeout=GRACEFUL_S + 20)
+        slow = socket.create_connection(("127.0.0.1", int(base.rsplit(":", 1)[1])), timeout=GRACEFUL_S + 20)
         slow.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
                      b"Content-Length: 500\r\n\r\n{")
         t0 = time.monotonic()

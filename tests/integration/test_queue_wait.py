@@ -4,37 +4,20 @@ at once (they would queue behind it and time out), while the queued one is still
 
 from __future__ import annotations
 
-import os
 import subprocess
-import sys
 import threading
 import time
 
 import httpx
 
-from cache.embedded import free_port
-from tests.integration.procs import start_tier
+from tests.integration.procs import start_gateway, start_tier
 
 
 def test_requests_are_refused_while_the_queues_head_has_waited_too_long(tiny_model, redis_url):
     backbone = start_tier(["backbone", "--model", str(tiny_model), "--threads", "1", "--max-running", "1"],
                           redis_url, "backbone")
-    port = free_port()
-    gateway = subprocess.Popen([sys.executable, "-m", "tributary.cli", "gateway", "--model", str(tiny_model),
-                                "--redis-url", redis_url, "--port", str(port), "--max-queue-wait", "0.2"],
-                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                               env=dict(os.environ, PYTHONUNBUFFERED="1"))
-    base = f"http://127.0.0.1:{port}"
+    gateway, base = start_gateway(tiny_model, redis_url, "--max-queue-wait", "0.2")
     try:
-        deadline = time.monotonic() + 120
-        while time.monotonic() < deadline:
-            try:
-                if httpx.get(f"{base}/health", timeout=1).json()["workers"].get("backbone"):
-                    break
-            except (httpx.TransportError, ValueError, KeyError):
-                pass
-            time.sleep(0.2)
-
         def ask(max_tokens: int) -> httpx.Response:
             return httpx.post(f"{base}/v1/chat/completions", timeout=120, json={
                 "model": tiny_model.name, "messages": [{"role": "user", "content": "tell me a long story"}],
