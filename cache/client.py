@@ -75,6 +75,14 @@ def describe(exc: BaseException) -> str:
     return "error"
 
 
+def refused_for_memory(exc: BaseException) -> bool:
+    """Redis at ``maxmemory`` refusing a write: as a command's error (OutOfMemoryError) or a script's (a
+    ResponseError naming it)."""
+    from redis.exceptions import OutOfMemoryError
+
+    return isinstance(exc, OutOfMemoryError) or "OOM command not allowed" in str(exc)
+
+
 PASSWORD_FILE_ENV = "TRIBUTARY_REDIS_PASSWORD_FILE"
 
 

@@ -35,8 +35,7 @@ import logging
 import time
 from dataclasses import dataclass, field
 
-from redis.exceptions import OutOfMemoryError
-
+from cache.client import refused_for_memory
 from cache.streams import run_script, send_reply
 
 log = logging.getLogger(__name__)
@@ -123,7 +122,7 @@ class TensorPublisher:
         replies, refused = [], False  # (stream, message) to send
         for a, at in zip(acked, takes):
             errors = [r for r in res[at - 1 if a.data else at : at + 1] if isinstance(r, Exception)]
-            if errors and not (a.refused and all(map(_refused_for_memory, errors))):
+            if errors and not (a.refused and all(map(refused_for_memory, errors))):
                 raise errors[0]  # Redis away: the loop's handler takes over (its waiters look again, see above)
             message = a.message
             if errors:  # Redis is full: the job fails now, named, instead of its gateways waiting it out
@@ -149,16 +148,10 @@ class TensorPublisher:
             res = pipe.execute(raise_on_error=False)
             told += sum(r is not None and not isinstance(r, Exception) for r in res)
             again = [reply for reply, r in zip(replies, res) if isinstance(r, Exception)]
-            if again and not (patient and all(_refused_for_memory(r) for r in res if isinstance(r, Exception))
+            if again and not (patient and all(refused_for_memory(r) for r in res if isinstance(r, Exception))
                               and time.monotonic() < deadline):
                 raise next(r for r in res if isinstance(r, Exception))
             replies = again
             if replies:
                 time.sleep(0.1)
         return told
-
-
-def _refused_for_memory(exc: Exception) -> bool:
-    """An OOM refusal, as a command's (OutOfMemoryError) or a script's (ResponseError naming it)."""
-    return isinstance(exc, OutOfMemoryError) or "OOM command not allowed" in str(exc)
-

@@ -11,8 +11,10 @@ from __future__ import annotations
 import json
 import re
 
-from redis.exceptions import OutOfMemoryError, RedisError
+from redis.exceptions import RedisError
 from starlette.responses import JSONResponse
+
+from cache.client import refused_for_memory
 
 # ``<_io.BytesIO object at 0x7f...>``, ``<function <lambda> at 0x7f...>``, ``<bound method X.y of <...>>``'s inner
 # part: any repr carrying a memory address. The space before it goes too ("Error opening <...>: x" -> "Error opening:
@@ -93,7 +95,7 @@ def redis_unavailable(exc: RedisError) -> Unavailable:
     """The 503 for a Redis call that failed, wherever in a request it failed (before its first token, mid-stream, in
     a Realtime event): Redis unreachable, timed out, or refusing writes for memory (said so: an operator then looks
     at ``maxmemory``, not at the network)."""
-    if isinstance(exc, OutOfMemoryError):
+    if refused_for_memory(exc):
         return Unavailable("the queue (Redis) is out of memory and refuses writes (maxmemory); retry later",
                            code="redis_unavailable", retry_after=2)
     return Unavailable("the queue (Redis) is unavailable; retry later", code="redis_unavailable", retry_after=2)

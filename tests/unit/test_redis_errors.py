@@ -13,7 +13,8 @@ from types import SimpleNamespace
 
 import pytest
 from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import OutOfMemoryError, TimeoutError as RedisTimeoutError
+from redis.exceptions import OutOfMemoryError, ResponseError
+from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from cache.keys import Keys
 from gateway.chat import ChatService
@@ -24,14 +25,15 @@ from gateway.schemas import parse_chat_request
 from router import messages as m
 
 FAILURES = [RedisConnectionError("Connection refused"), RedisTimeoutError("Timeout reading from socket"),
-            OutOfMemoryError("command not allowed when used memory > 'maxmemory'.")]
+            OutOfMemoryError("command not allowed when used memory > 'maxmemory'."),
+            ResponseError("OOM command not allowed when used memory > 'maxmemory'. script: ...")]  # a script's
 
 
 def test_every_redis_failure_is_a_503_and_out_of_memory_says_so():
     for exc in FAILURES:
         err = redis_unavailable(exc)
         assert isinstance(err, Unavailable) and err.status == 503 and err.code == "redis_unavailable"
-        assert ("out of memory" in err.message) == isinstance(exc, OutOfMemoryError)
+        assert ("out of memory" in err.message) == (exc in FAILURES[2:])
         assert err.body()["error"]["type"] == "service_unavailable"
 
 
@@ -63,7 +65,7 @@ def plan(rid: str) -> m.PromptPlan:
                         sampling=m.SamplingParams(max_tokens=8), deadline=0.0)
 
 
-@pytest.mark.parametrize("exc", FAILURES, ids=["refused", "timeout", "oom"])
+@pytest.mark.parametrize("exc", FAILURES, ids=["refused", "timeout", "oom", "script-oom"])
 def test_a_redis_failure_mid_stream_ends_the_stream_with_a_503_event(tiny_spec, exc):
     tiers = FailingTiers(exc)
     svc = service(tiny_spec.load_tokenizer(), tiers)
@@ -81,7 +83,7 @@ def test_a_redis_failure_mid_stream_ends_the_stream_with_a_503_event(tiny_spec, 
     assert chunks[-1] == b"data: [DONE]\n\n"
     error = json.loads(chunks[-2].removeprefix(b"data: "))["error"]
     assert error["code"] == "redis_unavailable" and error["type"] == "service_unavailable", error
-    assert ("out of memory" in error["message"]) == isinstance(exc, OutOfMemoryError)
+    assert ("out of memory" in error["message"]) == (exc in FAILURES[2:])
     assert tiers.cancelled == ["rid1"]  # the backbone slot is freed as for any failed answer
 
 
