@@ -83,6 +83,24 @@ def refused_for_memory(exc: BaseException) -> bool:
     return isinstance(exc, OutOfMemoryError) or "OOM command not allowed" in str(exc)
 
 
+def eviction_hazard(policy: str) -> tuple[int, str] | None:
+    """What a Redis ``maxmemory-policy`` risks for Tributary, as ``(logging level, words for the operator)``; None
+    for the policies it is built for: ``volatile-lru``/``volatile-lfu`` (only keys with a TTL, cached tensors and
+    media first, are evicted) and ``noeviction`` (writes refused at ``maxmemory``: a 503 ``cache_full``)."""
+    import logging
+
+    if policy.startswith("allkeys-"):
+        return logging.ERROR, (f"Redis may evict any key at maxmemory (maxmemory-policy {policy}): job queues, "
+                               "their consumer groups and results can vanish, losing requests already accepted; "
+                               "set maxmemory-policy volatile-lru (or noeviction)")
+    if policy in ("volatile-ttl", "volatile-random"):
+        first = "the keys nearest their expiry first" if policy == "volatile-ttl" else "keys with a TTL at random"
+        return logging.WARNING, (f"Redis evicts {first} at maxmemory (maxmemory-policy {policy}): short-lived "
+                                 "liveness leases and reply streams go as soon as cached tensors, and a gateway "
+                                 "whose lease is evicted re-queues its work; set maxmemory-policy volatile-lru")
+    return None
+
+
 PASSWORD_FILE_ENV = "TRIBUTARY_REDIS_PASSWORD_FILE"
 
 

@@ -173,6 +173,8 @@ def create_app(cfg: GatewayConfig):
         live = {tier: len(view.live.get(tier, ())) for tier in needed_tiers}  # as of the last beat (<= 1 s)
         missing = [tier for tier, n in live.items() if not n]
         status = "ok" if not missing else "degraded"
+        if view.redis_warning:
+            body["redis_warning"] = view.redis_warning
         return {**body, "status": status, "redis": "ok", "workers": live, "missing": missing}, not missing
 
     async def metrics_text(request: Request) -> Response:

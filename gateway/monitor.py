@@ -22,7 +22,7 @@ import logging
 import time
 from dataclasses import dataclass, field
 
-from cache.client import connect_async, describe
+from cache.client import connect_async, describe, eviction_hazard
 from cache.keys import Keys, alive
 from cache.streams import run_script
 from gateway.config import GatewayConfig
@@ -35,6 +35,7 @@ log = logging.getLogger(__name__)
 # event loop takes to come back to this task, which under a burst of requests on a small machine reaches a second.
 PROBE_TIMEOUT_S = 2.0
 DOWN_EVERY_S = 0.25  # while Redis is away, how often it is tried again
+POLICY_EVERY_S = 60.0  # how often Redis's maxmemory-policy is read again (an operator may change it live)
 
 
 @dataclass
@@ -46,6 +47,7 @@ class ClusterView:
     backlog: dict[str, int] = field(default_factory=dict)  # tier -> unread entries of its stream
     wait: dict[str, float] = field(default_factory=dict)  # tier -> seconds its oldest unread entry has waited
     outage_ended: float = -1e9  # monotonic time Redis last came back after being away
+    redis_warning: str | None = None  # what Redis's eviction policy risks (cache.client.eviction_hazard), if anything
 
     def steady(self) -> bool:
         """Up long enough that every live worker has beaten since: an absent one is really gone."""
@@ -64,6 +66,8 @@ class ClusterMonitor:
         self.r = connect_async(cfg.redis_url, retries=0, socket_timeout=PROBE_TIMEOUT_S)
         self._first = True
         self._renewed = time.monotonic()  # when the lease was last renewed
+        self._policy_read = -1e9  # monotonic time the eviction policy was last read
+        self._policies: frozenset[str] = frozenset()  # as last read (every node's, on a cluster)
         # tier -> (its stream, its group), whose backlog each beat reads
         self.queues = {t: self.keys.queue(t) for t in tiers}
 
@@ -104,6 +108,7 @@ class ClusterMonitor:
                 log.warning("redis is reachable again", extra={"down_s": round(time.monotonic() - view.since, 2)})
                 view.outage_ended = time.monotonic()
             view.up, view.reason, view.since = True, "ok", time.monotonic()
+            self._policy_read = -1e9  # Redis may be another server now: read its policy at once
         view.live = {t: {m.decode() for m in members} for t, members in zip(self.tiers, live_sets)}
         view.backlog = {t: _lag(group, length, groups) for (t, (_, group)), length, groups
                         in zip(self.queues.items(), rest[0::2], rest[1::2])}
@@ -113,7 +118,30 @@ class ClusterMonitor:
             log.error(f"this gateway's lease was gone ({cause}): re-queueing the work of every request in flight")
             self.on_reset()
         self._first, self._renewed = False, time.monotonic()
+        if time.monotonic() - self._policy_read >= POLICY_EVERY_S:
+            await self._check_eviction_policy()
         self.on_beat(view)
+
+    async def _check_eviction_policy(self) -> None:
+        """Read Redis's ``maxmemory-policy`` (from INFO: managed Redis services often refuse CONFIG) and, when it
+        changes to one that endangers accepted work or liveness, log why once and show it on the probes."""
+        self._policy_read = time.monotonic()
+        try:
+            info = await asyncio.wait_for(self.r.info("memory"), PROBE_TIMEOUT_S)
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:  # noqa: BLE001 -- advice only: read again next time
+            log.debug("redis eviction policy unread", extra={"error": f"{type(exc).__name__}: {exc}"})
+            return
+        nodes = [info] if "maxmemory_policy" in info else [v for v in info.values() if isinstance(v, dict)]
+        policies = frozenset(str(n["maxmemory_policy"]) for n in nodes if "maxmemory_policy" in n)
+        if policies == self._policies:
+            return
+        self._policies = policies
+        hazards = sorted(filter(None, map(eviction_hazard, policies)), reverse=True)
+        self.view.redis_warning = hazards[0][1] if hazards else None
+        if hazards:
+            log.log(hazards[0][0], hazards[0][1])
 
     async def _why_lease_lost(self, unrenewed_s: float) -> str:
         """Why the lease was gone, for the operator: Redis restarted, Redis evicting keys at ``maxmemory`` (the lease

@@ -78,3 +78,34 @@ def test_a_server_started_after_the_last_renewal_is_a_restart(caplog):
                                                                                  monitor._renewed - 5))
     assert resets == 1
     assert "Redis restarted 0 s ago" in line, line
+
+
+def test_an_eviction_policy_that_endangers_accepted_work_is_named_once_and_cleared_when_changed(caplog, monkeypatch):
+    """``allkeys-*`` may evict job streams and their groups (accepted requests lost); ``volatile-ttl`` evicts the
+    short-lived leases first. The gateway reads the policy from INFO (managed services refuse CONFIG), logs it once
+    at its level, shows it on the probes, and clears it when an operator changes the policy live."""
+    import gateway.monitor as monitor_module
+
+    monkeypatch.setattr(monitor_module, "POLICY_EVERY_S", 0.0)  # read at every beat
+
+    async def run(url, r):
+        monitor = ClusterMonitor(GatewayConfig(model_dir="m", redis_url=url), ["backbone"], "reply:gw",
+                                 lambda: None, lambda view: None)
+        seen = []
+        try:
+            with caplog.at_level(logging.WARNING, logger="gateway.monitor"):
+                for policy in ("volatile-lru", "allkeys-lru", "allkeys-lru", "volatile-ttl", "noeviction"):
+                    r.config_set("maxmemory-policy", policy)
+                    await monitor.beat()
+                    seen.append(monitor.view.redis_warning)
+        finally:
+            await monitor.close()
+        return seen
+
+    with EmbeddedRedis(maxmemory="64mb") as server:
+        seen = asyncio.run(run(server.url, redis.Redis.from_url(server.url)))
+    assert seen[0] is None and seen[4] is None, seen
+    assert "allkeys-lru" in seen[1] and "losing requests already accepted" in seen[1] and seen[2] == seen[1]
+    assert "volatile-ttl" in seen[3] and "leases" in seen[3]
+    lines = [(rec.levelno, rec.getMessage()) for rec in caplog.records if "maxmemory-policy" in rec.getMessage()]
+    assert [level for level, _ in lines] == [logging.ERROR, logging.WARNING], lines  # once per change
