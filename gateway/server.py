@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import asyncio
+import json
 from collections.abc import Callable
 
 import uvicorn
 import uvicorn.server
+from uvicorn.protocols.http.auto import AutoHTTPProtocol
 
 from gateway.app import create_app
 from gateway.config import GatewayConfig
@@ -36,13 +38,27 @@ class Server(uvicorn.Server):
             timer.cancel()
 
 
+class HTTPProtocol(AutoHTTPProtocol):
+    """uvicorn's HTTP protocol (httptools, else h11), except that bytes it cannot parse as HTTP are answered in the
+    OpenAI error shape (400 ``invalid_http_request``, JSON) instead of uvicorn's plain text, as every other error is:
+    a client reads one shape from this server."""
+
+    def send_400_response(self, msg: str) -> None:
+        body = json.dumps({"error": {"message": f"{msg.rstrip('.')}: the bytes sent are not a valid HTTP/1.1 request",
+                                     "type": "invalid_request_error", "param": None,
+                                     "code": "invalid_http_request"}}).encode()
+        self.transport.write(b"HTTP/1.1 400 Bad Request\r\ncontent-type: application/json\r\n"
+                             b"content-length: %d\r\nconnection: close\r\n\r\n%s" % (len(body), body))
+        self.transport.close()
+
+
 def serve(cfg: GatewayConfig, host: str = "127.0.0.1", port: int = 8000, graceful_s: float = GRACEFUL_S) -> None:
     app = create_app(cfg)
     # A Realtime frame larger than a request body closes its socket with 1009; pings find dead peers.
     # Keep-alive past the clients' pool expiry (httpx, and so the openai SDK: 5 s, uvicorn's own default): with equal
     # timeouts a client reuses a connection in the instant the server closes it and gets a connection reset
     # (seen once in tests/e2e/test_autoscale.py's burst).
-    config = uvicorn.Config(app, host=host, port=port, log_config=None, access_log=False,
+    config = uvicorn.Config(app, host=host, port=port, log_config=None, access_log=False, http=HTTPProtocol,
                             timeout_graceful_shutdown=graceful_s, timeout_keep_alive=KEEP_ALIVE_S,
                             ws_max_size=cfg.max_body_bytes, ws_ping_interval=20, ws_ping_timeout=20)
     # SIGHUP (a closed terminal) stops the gateway gracefully too, as SIGTERM and SIGINT do.

@@ -260,3 +260,46 @@ def test_values_of_the_wrong_json_type_are_refused_not_coerced(field, value):
     with pytest.raises(InvalidRequest) as info:
         parse_chat_request(json.dumps(body).encode())
     assert info.value.param == field
+
+
+@pytest.mark.parametrize("garbage", [b"GARBAGE\r\n\r\n", b"\x16\x03\x01\x02\x00\x01\x00\x01\xfc\x03\x03" + bytes(40),
+                                     b"GET / HTTP/1.1\r\nHost: a\r\nContent-Length: x\r\n\r\n"])
+def test_bytes_that_are_not_http_get_a_400_in_the_openai_shape_not_uvicorns_plain_text(garbage):
+    """A request the HTTP parser refuses (garbage, TLS spoken to the plain port, a malformed header) is answered by
+    the gateway's server as every other error is: JSON in the OpenAI shape."""
+    import socket
+    import threading
+    import time
+
+    import uvicorn
+
+    from gateway.server import HTTPProtocol
+
+    async def app(scope, receive, send):  # never reached
+        raise AssertionError("a request that is not HTTP reached the app")
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, http=HTTPProtocol, log_config=None,
+                                           lifespan="off"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    try:
+        deadline = time.monotonic() + 10
+        while not server.started and time.monotonic() < deadline:
+            time.sleep(0.02)
+        with socket.create_connection(("127.0.0.1", port), timeout=5) as s:
+            s.sendall(garbage)
+            reply = b""
+            while chunk := s.recv(65536):
+                reply += chunk
+    finally:
+        server.should_exit = True
+        thread.join(10)
+    head, _, body = reply.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 400 "), reply
+    assert b"content-type: application/json" in head.lower(), head
+    error = json.loads(body)["error"]
+    assert error["code"] == "invalid_http_request" and error["type"] == "invalid_request_error", error
+    assert "not a valid HTTP/1.1 request" in error["message"], error
