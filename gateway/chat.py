@@ -230,15 +230,17 @@ class ChatService:
         return JSONResponse(self._completion(rid, req, text, last), headers=ids.headers())
 
     async def respond(self, rid: str, body: bytes, cancelled: asyncio.Event, via: str,
-                      features: dict[str, bytes] | None = None, tenant=None, namespace: str | None = None
-                      ) -> AsyncIterator[Delta]:
+                      features: dict[str, bytes] | None = None, tenant=None, namespace: str | None = None,
+                      cap: float | None = None) -> AsyncIterator[Delta]:
         """One chat completion for a caller other than the HTTP route (the Realtime WebSocket): ``body`` is a chat
         request (JSON), run through the same validation, admission, media encoding (cache first) and generation.
         ``features``: audio features the caller already computed, by the digest of the media part they stand for;
         a part that must be encoded sends them to the encoder instead of its bytes. An APIError comes before the
         first delta; setting ``cancelled``, or closing the iterator, stops it and frees the backbone slot
         (ClientGone). ``tenant``: the caller's (gateway/auth.py), None without API keys; ``namespace``: the cache
-        namespace ``features`` were keyed in (default: the tenant's, as ``namespace()`` gives it)."""
+        namespace ``features`` were keyed in (default: the tenant's, as ``namespace()`` gives it); ``cap``: instead
+        of a budget in ``body``, at most this many tokens, as many as the context leaves (``math.inf``: all of it),
+        as the Realtime protocol's ``max_output_tokens`` means."""
         arrival = time.perf_counter()
         await self._rate(tenant)
         self.admit(["backbone"])
@@ -255,7 +257,7 @@ class ChatService:
             queue = self.replies.subscribe(rid)
             watcher = self._spawn(self._watch_event(cancelled, queue))
             try:
-                plan = await self._plan(rid, req, prompt, queue)
+                plan = await self._plan(rid, req, prompt, queue, cap)
             except BaseException as exc:
                 self._ended_early(exc, arrival)
                 # The REST route logs how its request ended (gateway/app.py); this caller's ends here, unlogged
@@ -388,7 +390,9 @@ class ChatService:
                                  f"{self.spec.max_context} tokens", param=param, code="context_length_exceeded")
         return room
 
-    async def _plan(self, rid: str, req: ChatCompletionRequest, prompt: Prompt, queue) -> m.PromptPlan:
+    async def _plan(self, rid: str, req: ChatCompletionRequest, prompt: Prompt, queue, cap: float | None = None
+                    ) -> m.PromptPlan:
+        """``cap`` (see ``respond``): the budget when the request names none, clamped to the context left."""
         refs = await self.media.encode(rid, prompt.media, queue, prompt.namespace, prompt.tenant)
         ids = expand_placeholders(prompt.token_ids, self.spec.placeholder_ids, [r.num_tokens for r in refs])
         # the encoders' counts are final
@@ -396,7 +400,8 @@ class ChatService:
         # The seed is fixed here when the client sent none: every attempt of the request (a migration, a plan
         # queued twice by a retried XADD) then draws the same tokens, so they can be joined by position.
         seed = req.seed if req.seed is not None else secrets.randbits(63)
-        sampling = m.SamplingParams(max_tokens=budget or min(self.cfg.default_max_tokens, room),
+        default = self.cfg.default_max_tokens if cap is None else cap
+        sampling = m.SamplingParams(max_tokens=budget or int(min(default, room)),
                                     temperature=req.temperature, top_p=req.top_p, seed=seed,
                                     ignore_eos=req.ignore_eos)
         return m.PromptPlan(request_id=rid, reply_to=self.tiers.reply_stream, token_ids=ids, media=refs,

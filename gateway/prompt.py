@@ -170,10 +170,17 @@ class PromptBuilder:
             data = from_data_url(url, modality, param, self.max_media_bytes)
         else:
             data = audio_from_base64(part.input_audio.data, param, self.max_media_bytes)
+        info = self.check_media(modality, data, param)
+        return MediaPart(modality, data, param, self.digest(modality, data, namespace), part.uuid,
+                         placeholder_count(self.spec, modality, info))
+
+    def check_media(self, modality: str, data: bytes, param: str):
+        """``data`` read as far as its header (format, size, length within the limits): what it holds, or a 400
+        naming ``param``."""
         if not data:
             raise InvalidRequest(f"{param}: the {modality} data is empty", param=param)
         try:
-            info = probe_image(data) if modality == "image" else probe_audio(data, self.max_audio_seconds)
+            return probe_image(data) if modality == "image" else probe_audio(data, self.max_audio_seconds)
         except MediaHeaderError as exc:
             # Raised from the decoder's exception: the bytes are not readable media; its words (and the object reprs
             # in them) go to the log. Raised on its own: a limit models.media states in the client's terms.
@@ -182,8 +189,6 @@ class PromptBuilder:
             log.info("unreadable media", extra={"param": param, "modality": modality,
                                                  "error": f"{type(exc.__cause__).__name__}: {exc.__cause__}"})
             raise InvalidRequest(unreadable(data, modality, param), param=param, code="invalid_media") from None
-        return MediaPart(modality, data, param, self.digest(modality, data, namespace), part.uuid,
-                         placeholder_count(self.spec, modality, info))
 
     def digest(self, modality: str, data: bytes, namespace: str = "") -> str:
         """The cache key of ``data``'s encoding (gateway.media.content_digest with this model's encoder)."""

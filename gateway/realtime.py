@@ -18,8 +18,10 @@ Turn detection is the client's (``turn_detection: null``, the default) or the se
 detector, see ``ServerVad``; features are streamed once speech has started).
 
 Refused with an ``error`` event, the connection staying usable: audio output, ``semantic_vad``, tools,
-``conversation.item.truncate``, transcription sessions, a second response while one runs, unknown events, bad JSON,
-and out-of-range values. Sampling is not in the GA protocol: ``temperature``, ``top_p`` and ``seed`` are
+transcription, noise reduction, prompt templates, truncation, ``conversation.item.truncate``, transcription sessions,
+a second response while one runs, unknown events, bad JSON, out-of-range values, and any field this server does not
+know (``unknown_parameter``; a beta protocol name is told its GA name): never silently ignored. A refused
+``session.update`` changes nothing; an item's media are checked when it is created. Sampling is not in the GA protocol: ``temperature``, ``top_p`` and ``seed`` are
 accepted as extension fields of ``session.update``'s session and ``response.create``'s response (defaults: the REST
 defaults, temperature 1, top_p 1, a random seed).
 
@@ -41,6 +43,8 @@ import dataclasses
 import io
 import json
 import logging
+import math
+import re
 import time
 import uuid
 import wave
@@ -51,6 +55,7 @@ from redis.exceptions import RedisError
 from starlette.websockets import WebSocket, WebSocketDisconnect
 
 from gateway.errors import APIError, InvalidRequest, redis_unavailable
+from gateway.media import image_from_url, is_remote
 from gateway.schemas import check_sampling, parse_json
 from gateway.tiers import ClientGone
 from models.audio import AudioConfig, StreamingFeatures, pcm16_samples
@@ -69,6 +74,50 @@ UNSUPPORTED_EVENTS = {
     "output_audio_buffer.clear": "audio output",
     "transcription_session.update": "transcription sessions",
 }
+
+
+# Fields each object of a client event may carry (GA names, plus the sampling extension fields): anything else is
+# refused with ``unknown_parameter`` rather than ignored, since a client relying on a field it believes is applied
+# (a beta name, a feature this server lacks) would otherwise get silently different behaviour.
+SESSION_FIELDS = {"type", "output_modalities", "instructions", "audio", "tools", "tool_choice", "max_output_tokens",
+                  "model", "prompt", "truncation", "include", "tracing", "temperature", "top_p", "seed",
+                  "id", "object", "expires_at"}  # the last three: read-only, echoed back by clients that resend it
+RESPONSE_FIELDS = {"conversation", "input", "instructions", "max_output_tokens", "metadata", "output_modalities",
+                   "audio", "tools", "tool_choice", "prompt", "temperature", "top_p", "seed"}
+AUDIO_INPUT_FIELDS = {"format", "turn_detection", "transcription", "noise_reduction"}
+VAD_FIELDS = {"type", "threshold", "prefix_padding_ms", "silence_duration_ms", "create_response",
+              "interrupt_response", "idle_timeout_ms"}
+ITEM_FIELDS = {"id", "type", "object", "status", "role", "content"}
+PART_FIELDS = {"input_text": {"type", "text"}, "input_image": {"type", "image_url", "detail"},
+               "input_audio": {"type", "audio", "transcript"}, "output_text": {"type", "text", "annotations"},
+               "text": {"type", "text"}}
+BETA_NAMES = {  # the beta protocol's names for GA fields: refused with the GA name to use
+    "modalities": "output_modalities", "input_audio_format": "audio.input.format",
+    "output_audio_format": "audio.output.format", "turn_detection": "audio.input.turn_detection",
+    "input_audio_transcription": "audio.input.transcription", "voice": "audio.output.voice",
+    "input_audio_noise_reduction": "audio.input.noise_reduction", "speed": "audio.output.speed",
+    "max_response_output_tokens": "max_output_tokens"}
+MIN_COMMIT_MS = 100  # a client's commit of less audio is refused, as OpenAI refuses it
+MAX_METADATA = 16  # response metadata: key/value pairs (keys <= 64 characters, values <= 512), as OpenAI bounds it
+
+
+def only(obj: dict, known: set[str], param: str) -> None:
+    """Refuse any field of ``obj`` (at ``param``) not in ``known``, naming the GA field for a beta one."""
+    for key in obj:
+        if key in known:
+            continue
+        where = f"{param}.{key}"
+        if key in BETA_NAMES:
+            raise EventError(f"{where} is the beta protocol's name; this server speaks the GA protocol: use "
+                             f"{param}.{BETA_NAMES[key]}", code="unknown_parameter", param=where)
+        raise EventError(f"unknown parameter {where}", code="unknown_parameter", param=where)
+
+
+def unset(obj: dict, key: str, param: str, what: str, allowed=(None,)) -> None:
+    """A field this server knows but does not implement: accepted only with a value that asks for nothing."""
+    value = obj.get(key)
+    if value not in allowed and value != [] and value != {}:
+        raise EventError(f"{what} is not supported by this server", code="unsupported", param=f"{param}.{key}")
 
 
 FRAME = 480  # samples per voice-activity frame: 20 ms
@@ -94,6 +143,7 @@ class ServerVad:
 
     @classmethod
     def parse(cls, raw: dict, param: str) -> ServerVad:
+        only(raw, VAD_FIELDS, param)
         vad = cls()
         for key, kind, lo, hi in (("threshold", float, 0.0, 1.0), ("prefix_padding_ms", int, 0, 10_000),
                                   ("silence_duration_ms", int, 20, 10_000)):
@@ -222,8 +272,9 @@ class RealtimeSession:
                 "output_modalities": ["text"], "instructions": self.instructions,
                 "max_output_tokens": self.max_output_tokens if self.max_output_tokens is not None else "inf",
                 "audio": {"input": {"format": {"type": "audio/pcm", "rate": PCM_RATE},
-                                    "turn_detection": self.vad.public() if self.vad else None}},
-                "tools": [], **self.sampling}
+                                    "turn_detection": self.vad.public() if self.vad else None,
+                                    "transcription": None, "noise_reduction": None}},
+                "tools": [], "tool_choice": "auto", "truncation": "disabled", **self.sampling}
 
     # -- the loop -----------------------------------------------------------------------------------------------
 
@@ -270,9 +321,10 @@ class RealtimeSession:
                                  await asyncio.to_thread(parse_json, text, "the event"))
                     except InvalidRequest as exc:
                         raise EventError(exc.message, code="invalid_json", param=exc.param) from None
+                    if isinstance(event, dict) and isinstance(event.get("event_id"), str):
+                        event_id = event["event_id"]
                     if not isinstance(event, dict) or not isinstance(event.get("type"), str):
                         raise EventError("an event is a JSON object with a string 'type'", param="type")
-                    event_id = event.get("event_id") if isinstance(event.get("event_id"), str) else None
                     if await self._revoked(event_id):
                         return
                     await self.handle(event)
@@ -332,12 +384,17 @@ class RealtimeSession:
         return out
 
     async def session_update(self, event: dict) -> None:
+        """Checked whole before anything is applied: a refused update changes nothing."""
         s = event.get("session")
         if not isinstance(s, dict):
             raise EventError("session.update needs a 'session' object", param="session")
         if s.get("type", "realtime") != "realtime":
             raise EventError("transcription sessions are not supported by this server", code="unsupported",
                              param="session.type")
+        only(s, SESSION_FIELDS, "session")
+        if s.get("model") not in (None, self.model):
+            raise EventError(f"this session serves '{self.model}'; its model cannot change", code="unsupported",
+                             param="session.model")
         modalities = s.get("output_modalities", ["text"])
         if modalities != ["text"]:
             raise EventError("this server answers in text only: output_modalities must be [\"text\"]",
@@ -345,12 +402,16 @@ class RealtimeSession:
         audio = s.get("audio") or {}
         if not isinstance(audio, dict):
             raise EventError("session.audio must be an object", param="session.audio")
+        only(audio, {"input", "output"}, "session.audio")
         if audio.get("output"):
             raise EventError("audio output is not supported by this server", code="unsupported",
                              param="session.audio.output")
         audio_in = audio.get("input") or {}
         if not isinstance(audio_in, dict):
             raise EventError("session.audio.input must be an object", param="session.audio.input")
+        only(audio_in, AUDIO_INPUT_FIELDS, "session.audio.input")
+        unset(audio_in, "transcription", "session.audio.input", "input audio transcription")
+        unset(audio_in, "noise_reduction", "session.audio.input", "noise reduction")
         vad = self.vad
         if "turn_detection" in audio_in:
             turn = audio_in["turn_detection"]
@@ -367,19 +428,28 @@ class RealtimeSession:
         if not isinstance(fmt, dict):
             raise EventError("session.audio.input.format must be an object: {\"type\": \"audio/pcm\", \"rate\": "
                              "24000}", code="unsupported", param="session.audio.input.format")
+        only(fmt, {"type", "rate"}, "session.audio.input.format")
         if fmt and (fmt.get("type", "audio/pcm") != "audio/pcm" or fmt.get("rate", PCM_RATE) != PCM_RATE):
             raise EventError("input audio must be audio/pcm at 24000 Hz", code="unsupported",
                              param="session.audio.input.format")
         if s.get("tools"):
             raise EventError("tools are not supported by this server", code="unsupported", param="session.tools")
+        unset(s, "tool_choice", "session", "tool_choice other than \"auto\" or \"none\" (there are no tools)",
+              (None, "auto", "none"))
+        unset(s, "prompt", "session", "prompt templates")
+        unset(s, "include", "session", "include (transcription log probabilities)")
+        unset(s, "tracing", "session", "tracing")
+        unset(s, "truncation", "session", "truncation other than \"disabled\" (a conversation past the context "
+              "fails its response with context_length_exceeded: delete items)", (None, "disabled"))
         sampling = self._sampling(s, "session")
-        if "instructions" in s:
-            if not isinstance(s["instructions"], str):
-                raise EventError("session.instructions must be a string", param="session.instructions")
-            self.instructions = s["instructions"]
-        if "max_output_tokens" in s:
-            self.max_output_tokens = self._max_tokens(s["max_output_tokens"], "session.max_output_tokens")
-        self.sampling.update(sampling)
+        if "instructions" in s and not isinstance(s["instructions"], str):
+            raise EventError("session.instructions must be a string", param="session.instructions")
+        max_tokens = (self._max_tokens(s["max_output_tokens"], "session.max_output_tokens")
+                      if "max_output_tokens" in s else self.max_output_tokens)
+        # Valid: applied whole.
+        self.instructions = s.get("instructions", self.instructions)
+        self.max_output_tokens = max_tokens
+        self.sampling = {k: v for k, v in {**self.sampling, **sampling}.items() if v is not None}  # null: default
         if (vad is None) != (self.vad is None):
             self._reset_vad()
         self.vad = vad
@@ -402,6 +472,7 @@ class RealtimeSession:
             if kind in ("function_call", "function_call_output"):
                 raise EventError("tools are not supported by this server", code="unsupported", param=f"{param}.type")
             raise EventError("an item must be a message", param=f"{param}.type")
+        only(raw, ITEM_FIELDS, param)
         role = raw.get("role")
         if role not in ("user", "system", "assistant"):
             raise EventError("item role must be user, system or assistant", param=f"{param}.role")
@@ -416,6 +487,7 @@ class RealtimeSession:
             kind = part.get("type") if isinstance(part, dict) else None
             if kind not in allowed:
                 raise EventError(f"a {role} item takes parts of type {', '.join(allowed)}", param=f"{where}.type")
+            only(part, PART_FIELDS[kind], where)
             if kind in ("input_text", "output_text", "text"):
                 if not isinstance(part.get("text"), str):
                     raise EventError("a text part needs a string 'text'", param=f"{where}.text")
@@ -426,7 +498,10 @@ class RealtimeSession:
                                      param=f"{where}.image_url")
                 parts.append({"type": kind, "image_url": part["image_url"]})
             else:
+                self._modality("audio", f"{where}.type")
                 pcm = _b64(part.get("audio"), f"{where}.audio")
+                if len(pcm) < 2:
+                    raise EventError("the audio is empty", param=f"{where}.audio")
                 if len(pcm) > self.max_audio_bytes:
                     raise EventError("the audio is longer than this server takes", param=f"{where}.audio")
                 parts.append({"type": kind, "audio": part["audio"]})
@@ -436,14 +511,50 @@ class RealtimeSession:
         return {"id": item_id, "type": "message", "object": "realtime.item", "status": "completed", "role": role,
                 "content": parts}
 
-    async def _add(self, item: dict, after: str | None = "end", done: bool = True) -> str | None:
-        """Put ``item`` in the conversation: at its end, at its start (``after`` None) or after the item ``after``."""
+    async def _checked_item(self, raw, param: str) -> dict:
+        """``_item``, and its images checked as REST checks them (a large one on a thread, as large events are
+        parsed: the event loop serves every other connection meanwhile)."""
+        item = self._item(raw, param)
+        for i, part in enumerate(item["content"]):
+            if part["type"] == "input_image":
+                url, where = part["image_url"], f"{param}.content.{i}.image_url"
+                if len(url) < LARGE_EVENT:
+                    self._check_image(url, where)
+                else:
+                    await asyncio.to_thread(self._check_image, url, where)
+        return item
+
+    def _modality(self, modality: str, param: str) -> None:
+        if modality not in self.chat.spec.modalities:
+            raise EventError(f"model '{self.model}' does not accept {modality} input; it accepts text and "
+                             f"{' and '.join(self.chat.spec.modalities) or 'nothing else'}", param=param,
+                             code="unsupported_modality")
+
+    def _check_image(self, url: str, param: str) -> None:
+        """An image part is checked when its item is created, as REST checks one (a data URL that decodes to an
+        image within the limits, or an http(s) URL where the server fetches them): else every later response
+        would fail on it."""
+        self._modality("image", param)
+        try:
+            if is_remote(url):  # fetched for each response that needs it, until its encoding is cached
+                self.chat.remote.check_url(url, "image", param)
+                return
+            self.chat.builder.check_media("image", image_from_url(url, param, self.chat.cfg.max_media_bytes), param)
+        except InvalidRequest as exc:
+            raise EventError(exc.message, code=exc.code or "invalid_value", param=param) from None
+
+    def _room(self, item: dict) -> None:
+        """Whether ``item`` fits in the conversation (its item count and bytes); an error event if not."""
         if len(self.items) >= MAX_ITEMS:
             raise EventError(f"the conversation holds {MAX_ITEMS} items; delete some first",
                              code="conversation_too_long")
         if sum(map(_item_bytes, self.items)) + _item_bytes(item) > self.max_bytes:
             raise EventError(f"the conversation's text, images and audio would exceed {self.max_bytes} bytes (media "
                              "as base64); delete some items first", code="conversation_too_long")
+
+    async def _add(self, item: dict, after: str | None = "end", done: bool = True) -> str | None:
+        """Put ``item`` in the conversation: at its end, at its start (``after`` None) or after the item ``after``."""
+        self._room(item)
         if after == "end":
             index, after = len(self.items), (self.items[-1]["id"] if self.items else None)
         elif after is None:
@@ -459,7 +570,7 @@ class RealtimeSession:
         return after
 
     async def item_create(self, event: dict) -> None:
-        item = self._item(event.get("item"), "item")
+        item = await self._checked_item(event.get("item"), "item")
         previous = event.get("previous_item_id")
         if previous is not None and not isinstance(previous, str):
             raise EventError("previous_item_id must be a string", param="previous_item_id")
@@ -553,7 +664,8 @@ class RealtimeSession:
             self.silence = 0 if loud else self.silence + FRAME
             if self.silence * 1000 < vad.silence_duration_ms * PCM_RATE:
                 continue
-            item_id, end = self.speaking, self.audio_pos0 + self.vad_at // 2 - self.silence
+            # The end of the audio the turn commits, its trailing silence included (as OpenAI counts audio_end_ms).
+            item_id, end = self.speaking, self.audio_pos0 + self.vad_at // 2
             await self.send("input_audio_buffer.speech_stopped", audio_end_ms=ms(end), item_id=item_id)
             rest = bytes(self.audio[self.vad_at :])
             del self.audio[self.vad_at :]
@@ -571,6 +683,8 @@ class RealtimeSession:
         item = {"id": item_id or _id("item"), "type": "message", "object": "realtime.item", "status": "completed",
                 "role": "user", "content": [{"type": "input_audio", "audio": base64.b64encode(pcm).decode()}]}
         previous = self.items[-1]["id"] if self.items else None
+        self._room(item)  # checked before "committed" is told: committed, then the item added (OpenAI's order)
+        await self.send("input_audio_buffer.committed", previous_item_id=previous, item_id=item["id"])
         await self._add(item)
         await self._stream()  # the rest of the buffer (with server VAD, a commit cuts it short of the last append)
         if self.stream_at != len(self.audio):  # fed past the commit point: never send features of other audio
@@ -582,9 +696,11 @@ class RealtimeSession:
                 self.features[item["id"]] = done
         self._reset_vad()
         self.audio.clear()
-        await self.send("input_audio_buffer.committed", previous_item_id=previous, item_id=item["id"])
 
     async def audio_commit(self, event: dict) -> None:
+        if 0 < len(self.audio) < 2 * MIN_COMMIT_MS * PCM_RATE // 1000:
+            raise EventError(f"the input audio buffer is too small: expected at least {MIN_COMMIT_MS} ms of audio, "
+                             f"got {ms(len(self.audio) // 2)} ms", code="input_audio_buffer_commit_empty")
         await self._commit(self.speaking)
         self.audio_carry = b""  # half a sample of the committed audio's end
 
@@ -623,10 +739,15 @@ class RealtimeSession:
         r = event.get("response") or {}
         if not isinstance(r, dict):
             raise EventError("response must be an object", param="response")
+        only(r, RESPONSE_FIELDS, "response")
         if r.get("output_modalities", ["text"]) != ["text"] or r.get("audio"):
             raise EventError("this server answers in text only", code="unsupported", param="response.output_modalities")
         if r.get("tools"):
             raise EventError("tools are not supported by this server", code="unsupported", param="response.tools")
+        unset(r, "tool_choice", "response", "tool_choice other than \"auto\" or \"none\" (there are no tools)",
+              (None, "auto", "none"))
+        unset(r, "prompt", "response", "prompt templates")
+        metadata = _metadata(r.get("metadata"))
         conversation = r.get("conversation", "auto")
         if conversation not in ("auto", "none"):
             raise EventError("response.conversation must be \"auto\" or \"none\"", param="response.conversation")
@@ -638,22 +759,29 @@ class RealtimeSession:
         if "input" in r:
             if not isinstance(r["input"], list):
                 raise EventError("response.input must be a list of items", param="response.input")
-            items = [self._item(raw, f"response.input.{i}") for i, raw in enumerate(r["input"])]
+            items = [await self._checked_item(raw, f"response.input.{i}") for i, raw in enumerate(r["input"])]
         else:
             items = list(self.items) if conversation == "auto" else []
-        body = {"model": self.model, "messages": self._messages(items, instructions), "stream": True,
-                **{**self.sampling, **self._sampling(r, "response")}}
-        if max_tokens is not None:
-            body["max_completion_tokens"] = max_tokens
-        body = {k: v for k, v in body.items() if v is not None}
+        sampling = {k: v for k, v in {**self.sampling, **self._sampling(r, "response")}.items() if v is not None}
+        messages = self._messages(items, instructions)
+        if not messages:
+            raise EventError("there is nothing to respond to: the conversation is empty and there are no "
+                             "instructions (add an item, or give response.input)", code="conversation_empty",
+                             param="response.input" if conversation == "none" else None)
+        into_conversation = conversation == "auto"
+        if into_conversation:  # the answer will need a place: refused now, not halfway through its events
+            self._room({"content": []})
+        body = {"model": self.model, "messages": messages, "stream": True, **sampling}
         # Streamed features go with this response; afterwards the encoding is cached (or, if it failed, the audio
         # is there to encode again), so they are dropped.
         features = dict(self.features.pop(it["id"]) for it in items if it["id"] in self.features)
         cancelled = asyncio.Event()
         response_id = _id("resp")
         self.cancel_reason = "client_cancelled"
-        task = asyncio.get_running_loop().create_task(self._respond(
-            response_id, json.dumps(body).encode(), cancelled, conversation == "auto", max_tokens, features))
+        # Which conversation item each chat message stands for, to name items (not chat messages) in errors.
+        sources = ([None] if instructions else []) + [it["id"] for it in items]
+        run = Run(response_id, cancelled, into_conversation, max_tokens, metadata, event.get("event_id"), sources)
+        task = asyncio.get_running_loop().create_task(self._respond(run, json.dumps(body).encode(), features))
         self.active = (task, cancelled, response_id)
 
     async def response_cancel(self, event: dict) -> None:
@@ -664,30 +792,51 @@ class RealtimeSession:
             raise EventError(f"response {wanted!r} is not the one in progress", param="response_id")
         self.active[1].set()
 
-    def _response(self, response_id: str, status: str, output: list, usage: dict | None, max_tokens, details=None):
-        return {"id": response_id, "object": "realtime.response", "status": status, "status_details": details,
-                "output": output, "output_modalities": ["text"], "usage": usage,
-                "max_output_tokens": max_tokens if max_tokens is not None else "inf", "conversation_id": None}
+    def _response(self, run: Run, status: str, output: list, usage: dict | None, details=None):
+        return {"id": run.response_id, "object": "realtime.response", "status": status, "status_details": details,
+                "output": output, "output_modalities": ["text"], "usage": usage, "metadata": run.metadata,
+                "max_output_tokens": run.max_tokens if run.max_tokens is not None else "inf",
+                "conversation_id": None}
 
-    async def _respond(self, response_id: str, body: bytes, cancelled: asyncio.Event, into_conversation: bool,
-                       max_tokens, features: dict[str, bytes]) -> None:
+    def _item_error(self, exc: APIError, run: Run) -> APIError:
+        """``exc`` with the chat message it names (``messages.3.content.0``) told as the conversation item it came
+        from (``item 'item_x', content 0``): the client never saw the chat request."""
+        match = re.match(r"messages\.(\d+)((?:\.content)?)\.?(\d*)", exc.param or "")
+        if not match or int(match[1]) >= len(run.sources):
+            return exc
+        item_id, part = run.sources[int(match[1])], match[3]
+        where = (f"item {item_id!r}" if item_id else "the instructions") + (f", content {part}" if part else "")
+        param = ("item.content." + part if part else "item") if item_id else "instructions"
+        message = exc.message.replace(match[0], where, 1) if match[0] in exc.message else f"{where}: {exc.message}"
+        out = type(exc)(message, param=param, code=exc.code, retry_after=exc.retry_after)
+        out.status, out.type = exc.status, exc.type
+        return out
+
+    async def _respond(self, run: Run, body: bytes, features: dict[str, bytes]) -> None:
         item = {"id": _id("item"), "type": "message", "object": "realtime.item", "status": "in_progress",
                 "role": "assistant", "content": []}
+        response_id = run.response_id
         where = {"response_id": response_id, "item_id": item["id"], "output_index": 0, "content_index": 0}
-        text, last, started, status, details, previous = "", None, False, "completed", None, None
+        text, last, started, status, details = "", None, False, "completed", None
+        joined = False  # the answer's item is in the conversation
         try:
-            await self.send("response.created", response=self._response(response_id, "in_progress", [], None,
-                                                                        max_tokens))
-            deltas = self.chat.respond(response_id, body, cancelled, via="realtime", features=features,
-                                       tenant=self.tenant, namespace=self.namespace)
+            await self.send("response.created", response=self._response(run, "in_progress", [], None))
+            deltas = self.chat.respond(response_id, body, run.cancelled, via="realtime", features=features,
+                                       tenant=self.tenant, namespace=self.namespace,
+                                       cap=math.inf if run.max_tokens is None else run.max_tokens)
             try:
                 async for d in deltas:
                     if not started:
                         started = True
                         await self.send("response.output_item.added", response_id=response_id, output_index=0,
                                         item=item)
-                        if into_conversation:
-                            previous = await self._add(item, done=False)
+                        if run.into_conversation:
+                            try:
+                                await self._add(item, done=False)
+                                joined = True
+                            except EventError as exc:  # filled up since response.create: answered, not kept
+                                log.warning("realtime answer not kept in the conversation", extra={
+                                    "request_id": response_id, "reason": exc.message})
                         await self.send("response.content_part.added", **where,
                                         part={"type": "output_text", "text": ""})
                     if d.text:
@@ -701,11 +850,12 @@ class RealtimeSession:
         except ClientGone:
             status, details = "cancelled", {"type": "cancelled", "reason": self.cancel_reason}
         except APIError as exc:
+            exc = self._item_error(exc, run)
             status, details = "failed", {"type": "failed", "error": {"type": exc.type, "code": exc.code,
                                                                       "message": exc.message}}
-            await self.error(exc, None)
+            await self.error(exc, run.event_id)
         except WebSocketDisconnect:
-            cancelled.set()
+            run.cancelled.set()
             self.active = None
             return
         except Exception as exc:  # one response's fault: it fails, the connection goes on
@@ -720,19 +870,45 @@ class RealtimeSession:
                 await self.send("response.output_text.done", **where, text=text)
                 await self.send("response.content_part.done", **where, part={"type": "output_text", "text": text})
                 await self.send("response.output_item.done", response_id=response_id, output_index=0, item=item)
-                if into_conversation:
+                if joined and any(it is item for it in self.items):
+                    # the item before it now (the one it followed may have been deleted meanwhile)
+                    at = next(i for i, it in enumerate(self.items) if it is item)
+                    previous = self.items[at - 1]["id"] if at else None
                     await self.send("conversation.item.done", previous_item_id=previous, item=_public(item))
                 output = [item]
             usage = None
             if last is not None:
                 usage = {"total_tokens": last.prompt_tokens + last.completion_tokens,
                          "input_tokens": last.prompt_tokens, "output_tokens": last.completion_tokens}
-            await self.send("response.done", response=self._response(response_id, status, output, usage, max_tokens,
-                                                                     details))
+            await self.send("response.done", response=self._response(run, status, output, usage, details))
         except (WebSocketDisconnect, RuntimeError):
             pass  # the socket is gone
         finally:
             self.active = None
+
+
+@dataclass
+class Run:
+    """A response being made: what ``response.create`` asked, for the task that makes it."""
+
+    response_id: str
+    cancelled: asyncio.Event
+    into_conversation: bool
+    max_tokens: int | None  # None: "inf", as many as the context leaves
+    metadata: dict | None
+    event_id: str | None  # the response.create's, named by the errors the response meets
+    sources: list[str | None]  # the conversation item each chat message came from (None: the instructions)
+
+
+def _metadata(value) -> dict | None:
+    """A response's ``metadata``: up to 16 string pairs (keys <= 64 characters, values <= 512), echoed on it."""
+    if value is None:
+        return None
+    if not isinstance(value, dict) or len(value) > MAX_METADATA or not all(
+            isinstance(k, str) and isinstance(v, str) and len(k) <= 64 and len(v) <= 512 for k, v in value.items()):
+        raise EventError(f"response.metadata must be an object of at most {MAX_METADATA} string pairs (keys up to 64 "
+                         "characters, values up to 512)", param="response.metadata")
+    return value
 
 
 async def realtime_endpoint(ws: WebSocket) -> None:

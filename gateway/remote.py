@@ -26,7 +26,7 @@ import ipaddress
 import os
 import socket
 from dataclasses import dataclass
-from urllib.parse import urljoin, urlsplit, urlunsplit
+from urllib.parse import SplitResult, urljoin, urlsplit, urlunsplit
 
 from gateway.errors import InvalidRequest, PayloadTooLarge
 
@@ -60,9 +60,7 @@ class RemoteMedia:
 
     async def fetch(self, url: str, kind: str, param: str) -> bytes:
         """The body at ``url`` (``kind``: image or audio), or a 400/413 naming ``param``."""
-        if not self.enabled:
-            raise InvalidRequest(f"{kind} URLs must be data: URLs; fetching http(s) URLs is disabled on this server "
-                                 "(--allowed-media-domains turns it on)", param=param, code="remote_url_disabled")
+        self.check_url(url, kind, param)
         try:
             async with asyncio.timeout(self.timeout_s):
                 return await self._fetch(url, kind, param)
@@ -74,7 +72,7 @@ class RemoteMedia:
 
         async with httpx.AsyncClient(follow_redirects=False, trust_env=False) as client:
             for _ in range(MAX_REDIRECTS + 1):
-                target, host, ip = await self._check(url, param)
+                target, host, ip = await self._check(url, kind, param)
                 sni = {"sni_hostname": host} if urlsplit(url).scheme == "https" else {}
                 try:
                     async with client.stream("GET", target, headers={"Host": _host_header(url)},
@@ -104,8 +102,12 @@ class RemoteMedia:
                     raise _refused(f"fetching the {kind} failed ({type(exc).__name__})", param) from None
         raise _refused(f"more than {MAX_REDIRECTS} redirects", param)
 
-    async def _check(self, url: str, param: str) -> tuple[str, str, str]:
-        """``url`` with its host replaced by the checked address, the host name, the address."""
+    def check_url(self, url: str, kind: str, param: str) -> tuple[SplitResult, str, int]:
+        """What can be told of ``url`` without resolving or fetching it (a Realtime item's image is checked so when
+        the item is created): its parts, host name and port, or a 400 naming ``param``."""
+        if not self.enabled:
+            raise InvalidRequest(f"{kind} URLs must be data: URLs; fetching http(s) URLs is disabled on this server "
+                                 "(--allowed-media-domains turns it on)", param=param, code="remote_url_disabled")
         try:
             parts = urlsplit(url)
             port = parts.port or (443 if parts.scheme == "https" else 80)
@@ -118,6 +120,11 @@ class RemoteMedia:
             raise _refused("URLs with credentials are not fetched", param)
         if host not in self.allowed:
             raise _refused(f"host {host!r} is not in --allowed-media-domains", param)
+        return parts, host, port
+
+    async def _check(self, url: str, kind: str, param: str) -> tuple[str, str, str]:
+        """``url`` with its host replaced by the checked address, the host name, the address."""
+        parts, host, port = self.check_url(url, kind, param)
         try:
             infos = await asyncio.get_running_loop().getaddrinfo(host, port, type=socket.SOCK_STREAM)
         except OSError:

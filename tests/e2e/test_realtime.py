@@ -69,9 +69,10 @@ def test_streamed_audio_and_an_image_give_the_rest_answer(client, cluster):
         for i in range(0, len(pcm), 9600):  # 200 ms chunks, as a microphone sends them
             conn.input_audio_buffer.append(audio=base64.b64encode(pcm[i : i + 9600]).decode())
         conn.input_audio_buffer.commit()
+        assert conn.recv().type == "input_audio_buffer.committed"  # first, as OpenAI orders them
         added = conn.recv()
-        seen = [added.type] + [conn.recv().type for _ in range(2)]
-        assert seen == ["conversation.item.added", "conversation.item.done", "input_audio_buffer.committed"]
+        seen = [added.type, conn.recv().type]
+        assert seen == ["conversation.item.added", "conversation.item.done"]
         assert added.item.content[0].type == "input_audio" and added.item.content[0].audio is None  # not echoed
         conn.response.create(response={"max_output_tokens": 8})
         text, done, types = until_done(conn)
@@ -313,14 +314,15 @@ def test_server_vad_finds_the_turn_commits_it_and_answers(client, cluster):
                 break
     by_type = {e.type: e for e in events}
     started, stopped = by_type["input_audio_buffer.speech_started"], by_type["input_audio_buffer.speech_stopped"]
-    assert abs(started.audio_start_ms - 200) <= 20 and abs(stopped.audio_end_ms - 1500) <= 20
+    # The end counts the silence that ended the turn (500 ms after the speech's end at 1500 ms), as OpenAI's does.
+    assert abs(started.audio_start_ms - 200) <= 20 and abs(stopped.audio_end_ms - 2000) <= 20
     assert started.item_id == stopped.item_id == by_type["input_audio_buffer.committed"].item_id
     order = [e.type for e in events]
     assert order.index("input_audio_buffer.speech_stopped") < order.index("input_audio_buffer.committed") \
         < order.index("response.created")
     # The turn: from the start (300 ms of padding before the first loud frame) to 500 ms of silence after the last;
     # both ends fall on 10 ms boundaries, so the event's milliseconds say exactly which samples were committed.
-    audio = pcm[started.audio_start_ms * 48 : (stopped.audio_end_ms + 500) * 48]
+    audio = pcm[started.audio_start_ms * 48 : stopped.audio_end_ms * 48]
     assert abs(len(audio) / 48 - 1800) <= 40  # 300 ms padding + 1 s speech + 500 ms silence, in ms
     assert cluster.stats("encoder:audio").get("feature_inputs", 0) > 0
     text = "".join(e.delta for e in events if e.type == "response.output_text.delta")
@@ -407,8 +409,131 @@ def test_audio_chunks_may_split_a_sample(client, cluster):
             conn.input_audio_buffer.append(audio=base64.b64encode(pcm[i : i + 9601]).decode())
         conn.input_audio_buffer.commit()
         seen = [conn.recv().type for _ in range(3)]
-        assert seen == ["conversation.item.added", "conversation.item.done", "input_audio_buffer.committed"], seen
+        assert seen == ["input_audio_buffer.committed", "conversation.item.added", "conversation.item.done"], seen
         conn.response.create(response={"max_output_tokens": 6})
         text, done, _ = until_done(conn)
     assert text == rest.choices[0].message.content
     assert done.response.usage.input_tokens == rest.usage.prompt_tokens
+
+
+def test_fields_this_server_does_not_apply_are_refused_and_a_refused_update_changes_nothing(cluster):
+    """An outside tester's finding: beta names (``input_audio_format: g711_ulaw`` decoded as PCM16), fields of
+    features this server lacks (transcription) and unknown fields were accepted and ignored, and a refused
+    ``session.update`` kept the instructions it carried. Each is an error event naming the field now, and a refused
+    update applies nothing."""
+    bad = [
+        ({"session": {"input_audio_format": "g711_ulaw"}}, "unknown_parameter", "session.input_audio_format"),
+        ({"session": {"modalities": ["text"]}}, "unknown_parameter", "session.modalities"),
+        ({"session": {"turn_detection": {"type": "semantic_vad"}}}, "unknown_parameter", "session.turn_detection"),
+        ({"session": {"frobnicate": 1}}, "unknown_parameter", "session.frobnicate"),
+        ({"session": {"audio": {"input": {"transcription": {"model": "whisper-1"}}}}}, "unsupported",
+         "session.audio.input.transcription"),
+        ({"session": {"audio": {"input": {"noise_reduction": {"type": "near_field"}}}}}, "unsupported",
+         "session.audio.input.noise_reduction"),
+        ({"session": {"audio": {"input": {"turn_detection": {"type": "server_vad", "eagerness": "low"}}}}},
+         "unknown_parameter", "session.audio.input.turn_detection.eagerness"),
+        ({"session": {"prompt": {"id": "pmpt_1"}}}, "unsupported", "session.prompt"),
+        ({"session": {"truncation": "auto"}}, "unsupported", "session.truncation"),
+        ({"session": {"tool_choice": "required"}}, "unsupported", "session.tool_choice"),
+        ({"session": {"model": "gpt-realtime"}}, "unsupported", "session.model"),
+        ({"session": {"instructions": "SHOULD-NOT-STICK", "max_output_tokens": 0}}, "invalid_value",
+         "session.max_output_tokens"),
+    ]
+    with raw(cluster) as ws:
+        created = next_of(ws, "session.created")["session"]
+        for i, (event, code, param) in enumerate(bad):
+            ws.send(json.dumps({"type": "session.update", "event_id": f"u{i}", **event}))
+            err = next_of(ws, "error", timeout=10)["error"]
+            assert (err["code"], err["param"], err["event_id"]) == (code, param, f"u{i}"), (event, err)
+        for i, response in enumerate([{"voice": "alloy"}, {"max_response_output_tokens": 5}, {"nope": 1},
+                                      {"metadata": {"k": 1}}]):
+            ws.send(json.dumps({"type": "response.create", "event_id": f"r{i}", "response": response}))
+            err = next_of(ws, "error", timeout=10)["error"]
+            assert err["event_id"] == f"r{i}" and err["param"].startswith("response."), (response, err)
+        # The session as created, resent whole (as a client echoing it back does), is accepted and changes nothing.
+        ws.send(json.dumps({"type": "session.update", "session": created}))
+        updated = next_of(ws, "session.updated")["session"]
+        assert updated == created and updated["instructions"] == ""
+        ws.send(json.dumps({"event_id": "no-type"}))  # named although the event has no type
+        assert next_of(ws, "error")["error"]["event_id"] == "no-type"
+
+
+def test_media_are_checked_when_their_item_is_created_and_response_errors_name_the_item(cluster):
+    """A bad image or empty audio was accepted as an item and then failed every later response (with the chat
+    request's ``messages.3.content.0`` and no event id). Now refused at ``conversation.item.create``; what only the
+    encoder can find (a PNG whose header reads but whose data is cut) fails the response with an error naming the
+    item and the ``response.create``'s event id. Metadata is echoed on the response."""
+    def item(*content) -> dict:
+        return {"type": "message", "role": "user", "content": [{"type": "input_text", "text": "look"}, *content]}
+
+    refused = [
+        ({"type": "input_image", "image_url": "not a url"}, "item.content.1.image_url"),
+        ({"type": "input_image", "image_url": data_url(b"GIF89a" + bytes(40))}, "item.content.1.image_url"),
+        ({"type": "input_image", "image_url": "https://example.com/cat.png"}, "item.content.1.image_url"),
+        ({"type": "input_audio", "audio": ""}, "item.content.1.audio"),
+    ]
+    png = png_bytes(64, 48, seed=5)
+    with raw(cluster) as ws:
+        next_of(ws, "session.created")
+        for i, (part, param) in enumerate(refused):
+            ws.send(json.dumps({"type": "conversation.item.create", "event_id": f"c{i}", "item": item(part)}))
+            err = next_of(ws, "error", timeout=10)["error"]
+            assert (err["param"], err["event_id"]) == (param, f"c{i}"), (part, err)
+        ws.send(json.dumps({"type": "conversation.item.create", "item": {
+            "id": "cut", **item({"type": "input_image", "image_url": data_url(png[: len(png) // 2])})}}))
+        next_of(ws, "conversation.item.done")
+        ws.send(json.dumps({"type": "response.create", "event_id": "go", "response": {
+            "instructions": "be brief", "metadata": {"turn": "7"}}}))
+        err = next_of(ws, "error")["error"]
+        assert (err["code"], err["event_id"], err["param"]) == ("invalid_media", "go", "item.content.1"), err
+        assert "item 'cut', content 1" in err["message"], err
+        done = next_of(ws, "response.done")["response"]
+        assert done["status"] == "failed" and done["metadata"] == {"turn": "7"}
+
+
+def test_max_output_tokens_is_a_cap_inf_is_the_context_and_a_full_conversation_refuses_at_create(cluster):
+    """"inf" stopped at the REST default of 256 tokens, and a cap beyond the context made every response fail;
+    both run to the context's end now. A response whose answer has no room in a full conversation is refused at
+    ``response.create`` (it failed halfway through its events, out of order)."""
+    from gateway.realtime import MAX_ITEMS
+
+    with raw(cluster) as ws:
+        next_of(ws, "session.created")
+        ws.send(json.dumps({"type": "conversation.item.create", "item": {
+            "type": "message", "role": "user", "content": [{"type": "input_text", "text": "go on"}]}}))
+        next_of(ws, "conversation.item.done")
+        for cap in ("inf", 10**12):
+            ws.send(json.dumps({"type": "session.update", "session": {"max_output_tokens": cap}}))
+            next_of(ws, "session.updated")
+            # Greedy, the random demo model never says its end token here: the answer runs to the context's end.
+            ws.send(json.dumps({"type": "response.create", "response": {"temperature": 0, "conversation": "none",
+                                                                         "input": [{"type": "message", "role": "user",
+                                                                                    "content": [{"type": "input_text",
+                                                                                                 "text": "go on"}]}]}}))
+            done = next_of(ws, "response.done", timeout=120)["response"]
+            usage = done["usage"]
+            assert done["status"] == "incomplete" and usage["output_tokens"] > 256, done
+            assert usage["total_tokens"] == 1024, usage  # the tiny demo model's context
+        for i in range(MAX_ITEMS - 1):
+            ws.send(json.dumps({"type": "conversation.item.create", "item": {
+                "type": "message", "role": "user", "content": [{"type": "input_text", "text": "."}]}}))
+        for _ in range(MAX_ITEMS - 1):
+            next_of(ws, "conversation.item.done")
+        ws.send(json.dumps({"type": "response.create", "event_id": "full"}))
+        err = next_of(ws, "error")["error"]
+        assert (err["code"], err["event_id"]) == ("conversation_too_long", "full"), err
+
+
+def test_a_commit_too_short_is_refused_and_committed_comes_before_the_item(cluster):
+    with raw(cluster) as ws:
+        next_of(ws, "session.created")
+        ws.send(json.dumps({"type": "input_audio_buffer.append", "audio": base64.b64encode(pcm16(0.05)).decode()}))
+        ws.send(json.dumps({"type": "input_audio_buffer.commit", "event_id": "short"}))
+        err = next_of(ws, "error")["error"]
+        assert (err["code"], err["event_id"]) == ("input_audio_buffer_commit_empty", "short"), err
+        ws.send(json.dumps({"type": "input_audio_buffer.append", "audio": base64.b64encode(pcm16(0.1)).decode()}))
+        ws.send(json.dumps({"type": "input_audio_buffer.commit"}))
+        kinds = []
+        while "conversation.item.done" not in kinds:
+            kinds.append(json.loads(ws.recv(timeout=30))["type"])
+        assert kinds.index("input_audio_buffer.committed") < kinds.index("conversation.item.added"), kinds
