@@ -227,7 +227,7 @@ def create_app(cfg: GatewayConfig):
         outer = CORSMiddleware(outer, allow_origins=origins, allow_methods=["GET", "POST", "OPTIONS"],
                                allow_headers=["authorization", "content-type", "x-request-id"],
                                expose_headers=["x-request-id", "retry-after"])
-    guarded = BrowserGuard(outer, cfg.bind_host, cfg.allowed_hosts, cfg.allowed_origins)
+    guarded = with_request_id(BrowserGuard(outer, cfg.bind_host, cfg.allowed_hosts, cfg.allowed_origins))
 
     def end_in_flight() -> int:  # gateway/server.py, as the graceful period ends; before the lifespan: nothing yet
         chat = getattr(app.state, "chat", None)
@@ -235,6 +235,26 @@ def create_app(cfg: GatewayConfig):
 
     guarded.end_in_flight = end_in_flight
     return guarded
+
+
+def with_request_id(app):
+    """Every HTTP response carries ``x-request-id`` (as OpenAI's do), refusals by the browser and key checks, 404s
+    and 405s included: the chat route sets its own (the id that runs through every tier); any other response gets a
+    fresh one here."""
+    async def wrapped(scope, receive, send):
+        if scope["type"] != "http":
+            return await app(scope, receive, send)
+
+        async def send_with_id(message):
+            if message["type"] == "http.response.start" and not any(
+                    k.lower() == b"x-request-id" for k, _ in message.get("headers", ())):
+                message = {**message, "headers": [*message.get("headers", ()),
+                                                  (b"x-request-id", uuid.uuid4().hex.encode())]}
+            await send(message)
+
+        return await app(scope, receive, send_with_id)
+
+    return wrapped
 
 
 def _version() -> str:

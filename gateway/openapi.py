@@ -4,7 +4,9 @@ is described in the README, not here."""
 
 from __future__ import annotations
 
-from gateway.schemas import ChatCompletionRequest
+import json
+
+from gateway.schemas import _ASSISTANT_FIELDS, _NULL_MEANS_DEFAULT, _OFF_VALUES, ChatCompletionRequest
 
 ERROR_CODES = {"400": "bad request (the message names the parameter)", "401": "missing, wrong or revoked API key",
                "403": "a web origin that is not allowed", "404": "no such model or route",
@@ -21,7 +23,21 @@ def _errors(*codes: str) -> dict:
 def openapi(model: str, version: str) -> dict:
     request = ChatCompletionRequest.model_json_schema(ref_template="#/components/schemas/{model}")
     schemas = request.pop("$defs", {})
-    request["properties"]["model"] = {"type": "string", "enum": [model], "description": "the served model"}
+    props = request["properties"]
+    props["model"] = {"type": "string", "enum": [model], "description": "the served model"}
+    # What parse_chat_request takes beyond the model: null for the fields whose default is not null, and the
+    # parameters it does not implement, each only with the values that mean "off".
+    for name in _NULL_MEANS_DEFAULT:
+        props[name] = {"anyOf": [props[name], {"type": "null"}], "description": "null: the default"}
+    for name, off in _OFF_VALUES.items():
+        values = list({json.dumps(o): o for o in off}.values())  # 0 and 0.0 once
+        props[name] = {"enum": values, "description": "not supported by this server: accepted only with a value "
+                                                      "that asks for nothing"}
+    message = schemas["ChatMessage"]["properties"]
+    for name in _ASSISTANT_FIELDS:
+        message[name] = {"anyOf": [{"type": "null"}, {"type": "array", "maxItems": 0}] if name != "annotations"
+                         else [{"type": "null"}, {"type": "array"}],
+                         "description": "assistant messages only, as the server sent them: dropped"}
     schemas["ChatCompletionRequest"] = request
     schemas["Error"] = {"type": "object", "required": ["error"], "properties": {"error": {
         "type": "object", "required": ["message", "type"], "properties": {

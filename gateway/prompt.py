@@ -31,6 +31,9 @@ from models.spec import ModelSpec
 log = logging.getLogger(__name__)
 
 _MODALITY = {"image_url": "image", "input_audio": "audio", "audio_url": "audio"}  # part type -> modality
+# libsndfile's container names -> the input_audio.format values that declare them (OpenAI refuses a mismatch)
+_FORMAT_OF = {"WAV": ("wav",), "WAVEX": ("wav",), "RF64": ("wav",), "W64": ("wav",), "MP3": ("mp3",),
+              "MPEG": ("mp3",), "FLAC": ("flac",), "OGG": ("ogg",)}
 
 
 @dataclass(frozen=True)
@@ -87,9 +90,13 @@ class PromptBuilder:
         messages, media, quoted = [], [], []
         for i, msg in enumerate(req.messages):
             role = "system" if msg.role == "developer" else msg.role
+            named = {}  # for templates that render speakers' names: client text, checked and quoted as any
+            if msg.name:
+                self._check_text(msg.name, f"messages.{i}.name")
+                named["name"] = self._quote(msg.name, quoted)
             if isinstance(msg.content, str):
                 self._check_text(msg.content, f"messages.{i}.content")
-                messages.append({"role": role, "content": self._quote(msg.content, quoted)})
+                messages.append({"role": role, "content": self._quote(msg.content, quoted), **named})
                 continue
             parts = []
             for j, part in enumerate(msg.content):
@@ -103,7 +110,7 @@ class PromptBuilder:
                 media.append(self._media(part, param, namespace, fetched or {}))
                 modality = media[-1].modality
                 parts.append({"type": modality, modality: f"tributary:{param}"})  # the value is never rendered
-            messages.append({"role": role, "content": parts})
+            messages.append({"role": role, "content": parts, **named})
         text = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
         bos = self.tokenizer.bos_token
         add_special = not (bos and text.startswith(bos))
@@ -171,6 +178,10 @@ class PromptBuilder:
         else:
             data = audio_from_base64(part.input_audio.data, param, self.max_media_bytes)
         info = self.check_media(modality, data, param)
+        if part.type == "input_audio" and info.format and part.input_audio.format not in _FORMAT_OF.get(info.format,
+                                                                                                       ()):
+            raise InvalidRequest(f"{param}: input_audio.format is '{part.input_audio.format}' but the data is "
+                                 f"{info.format} audio", param=f"{param}.input_audio.format", code="invalid_media")
         return MediaPart(modality, data, param, self.digest(modality, data, namespace), part.uuid,
                          placeholder_count(self.spec, modality, info))
 

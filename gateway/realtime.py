@@ -21,9 +21,9 @@ Refused with an ``error`` event, the connection staying usable: audio output, ``
 transcription, noise reduction, prompt templates, truncation, ``conversation.item.truncate``, transcription sessions,
 a second response while one runs, unknown events, bad JSON, out-of-range values, and any field this server does not
 know (``unknown_parameter``; a beta protocol name is told its GA name): never silently ignored. A refused
-``session.update`` changes nothing; an item's media are checked when it is created. Sampling is not in the GA protocol: ``temperature``, ``top_p`` and ``seed`` are
-accepted as extension fields of ``session.update``'s session and ``response.create``'s response (defaults: the REST
-defaults, temperature 1, top_p 1, a random seed).
+``session.update`` changes nothing; an item's media are checked when it is created. Sampling is not in the GA
+protocol: ``temperature``, ``top_p`` and ``seed`` are accepted as extension fields of ``session.update``'s session
+and ``response.create``'s response (defaults: the REST defaults, temperature 1, top_p 1, a random seed).
 
 Limits: frames over ``max_body_bytes`` close the socket with 1009 (uvicorn's ``ws_max_size``); buffered audio is
 capped at ``max_audio_seconds``; a conversation at ``MAX_ITEMS`` items and at ``max_body_bytes`` of text and media

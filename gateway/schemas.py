@@ -72,18 +72,51 @@ class AudioURLPart(_MediaPart):
     audio_url: AudioURL | None = None
 
 
-ContentPart = Annotated[Union[TextPart, ImagePart, AudioPart, AudioURLPart], Field(discriminator="type")]
-_PART_TAGS = {"text", "image_url", "input_audio", "audio_url"}  # the discriminator values of ContentPart
+class RefusalPart(_Strict):
+    """An assistant's refusal, as a content part (OpenAI's input form): read as the text it is."""
+
+    type: Literal["refusal"]
+    refusal: str
+
+
+ContentPart = Annotated[Union[TextPart, ImagePart, AudioPart, AudioURLPart, RefusalPart], Field(discriminator="type")]
+_PART_TAGS = {"text", "image_url", "input_audio", "audio_url", "refusal"}  # the discriminator values of ContentPart
 
 
 class ChatMessage(_Strict):
     role: Literal["system", "developer", "user", "assistant"]
-    content: str | list[ContentPart]
-    name: str | None = None
+    content: str | list[ContentPart] | None = None
+    name: str | None = Field(default=None, max_length=256)  # given to the chat template (as vLLM does)
+    refusal: str | None = None  # an assistant's (the server's own messages carry it, null, for the SDK to send back)
+
+    @model_validator(mode="after")
+    def _refusals_are_what_the_assistant_said(self):
+        """An assistant's refusal, the field or a part, is what it said: folded into its content as text (which is
+        how a model sees its earlier turn). Content may be null only in an assistant message with a refusal."""
+        parts = self.content if isinstance(self.content, list) else []
+        if self.role != "assistant":
+            if self.refusal is not None or any(p.type == "refusal" for p in parts):
+                raise ValueError("only assistant messages carry a refusal")
+            if self.content is None:
+                raise ValueError("content is required")
+            return self
+        if self.content is None and not self.refusal:
+            raise ValueError("an assistant message needs content or a refusal")
+        if parts:
+            self.content = [TextPart(type="text", text=p.refusal) if p.type == "refusal" else p for p in parts]
+        if self.refusal:
+            said = [] if self.content is None else [TextPart(type="text", text=self.content)] \
+                if isinstance(self.content, str) else self.content
+            self.content = [*said, TextPart(type="text", text=self.refusal)] if said else self.refusal
+        self.refusal = None
+        return self
 
 
 class StreamOptions(_Strict):
     include_usage: bool = False
+    # OpenAI pads stream chunks with random characters when true (its default), against length side channels; this
+    # server sends none, so only false is accepted (absent or null: none, as before the option existed).
+    include_obfuscation: Literal[False] | None = None
 
 
 class ChatCompletionRequest(_Strict):
@@ -98,6 +131,10 @@ class ChatCompletionRequest(_Strict):
     seed: int | None = Field(default=None, ge=-(2**63), le=2**64 - 1)  # any 64-bit seed, signed or not
     stop: str | list[str] | None = None
     user: str | None = None
+    # Identifiers OpenAI takes for abuse monitoring and prompt-cache routing: logged by neither, changing nothing
+    # about the answer (as ``user``).
+    safety_identifier: str | None = None
+    prompt_cache_key: str | None = None
     ignore_eos: bool = False  # vLLM's extension: generate exactly max_tokens (benchmarks)
 
     def stop_strings(self) -> list[str]:
@@ -119,10 +156,14 @@ _OFF_VALUES = {
     "n": (1, None), "logprobs": (False, None), "top_logprobs": (0, None), "presence_penalty": (0, 0.0, None),
     "frequency_penalty": (0, 0.0, None), "tools": (None, []), "tool_choice": (None, "none"),
     "functions": (None, []), "function_call": (None, "none"), "response_format": (None, {"type": "text"}),
-    "logit_bias": (None, {}), "parallel_tool_calls": (None,), "modalities": (None, ["text"]), "audio": (None,),
-    "prediction": (None,), "reasoning_effort": (None,), "service_tier": (None, "auto", "default"),
-    "store": (None, False), "metadata": (None, {}), "web_search_options": (None,),
+    "logit_bias": (None, {}), "parallel_tool_calls": (None, True, False), "modalities": (None, ["text"]),
+    "audio": (None,), "prediction": (None,), "reasoning_effort": (None,), "service_tier": (None, "auto", "default"),
+    "store": (None, False), "metadata": (None, {}), "web_search_options": (None,), "verbosity": (None,),
 }
+# In assistant messages: what the server's own answers carry (null) for the SDK to send back, and what would need
+# tool calling or audio output. Null (or empty) is dropped; anything else is a 400 naming it.
+_ASSISTANT_FIELDS = {"tool_calls": "tool calls", "function_call": "function calls",
+                     "audio": "an earlier audio answer", "annotations": None}
 
 
 _NULL_MEANS_DEFAULT = ("stream", "temperature", "top_p", "ignore_eos")  # fields whose default is not null
@@ -221,6 +262,7 @@ def parse_chat_request(body: bytes) -> ChatCompletionRequest:
             del raw[name]
     if isinstance(raw.get("stream_options"), dict) and raw["stream_options"].get("include_usage", 0) is None:
         del raw["stream_options"]["include_usage"]
+    _message_fields(raw.get("messages"))
     unsupported = []
     for name, off in _OFF_VALUES.items():
         if name in raw:
@@ -237,6 +279,29 @@ def parse_chat_request(body: bytes) -> ChatCompletionRequest:
     if req.stream_options is not None and not req.stream:  # as OpenAI's API and vLLM answer it: not ignored
         raise InvalidRequest("'stream_options' is only allowed when 'stream' is true", param="stream_options")
     return req
+
+
+def _message_fields(messages) -> None:
+    """Tool and function messages, and assistant messages carrying tool calls or audio, are a 400 saying so (this
+    server has no tool calling or audio output); the null fields of an assistant message the server itself sent
+    (``tool_calls``, ``function_call``, ``audio``, ``annotations``) are dropped, so that the SDK's multi-turn pattern
+    (``messages.append(completion.choices[0].message)``) works."""
+    for i, msg in enumerate(messages if isinstance(messages, list) else ()):
+        if not isinstance(msg, dict):
+            continue
+        if msg.get("role") in ("tool", "function"):
+            raise InvalidRequest(f"role '{msg['role']}' is not supported by this server (it has no tool calling)",
+                                 param=f"messages.{i}.role", code="unsupported_parameter")
+        if msg.get("role") != "assistant":
+            continue
+        for key, what in _ASSISTANT_FIELDS.items():
+            if key not in msg:
+                continue
+            if what is not None and msg[key] not in (None, []):
+                raise InvalidRequest(f"messages.{i}.{key}: {what} are not supported by this server" if key != "audio"
+                                     else f"messages.{i}.audio: {what} is not supported by this server",
+                                     param=f"messages.{i}.{key}", code="unsupported_parameter")
+            del msg[key]
 
 
 def check_strict(raw, what: str = "request body") -> None:

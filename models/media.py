@@ -43,6 +43,7 @@ class MediaInfo:
     height: int = 0
     frames: int = 0
     rate: int = 0
+    format: str = ""  # an audio clip's container as libsndfile names it (WAV, WAVEX, MP3, FLAC, OGG, ...)
 
     @property
     def seconds(self) -> float:
@@ -78,7 +79,7 @@ def probe_audio(data: bytes, max_seconds: float = MAX_AUDIO_S) -> MediaInfo:
         info = sf.info(io.BytesIO(data))
     except Exception as exc:  # LibsndfileError, RuntimeError, TypeError: it is not audio libsndfile reads
         raise MediaHeaderError("not a readable audio clip (wav, mp3, flac or ogg)") from exc
-    out = MediaInfo(frames=max(int(info.frames), 0), rate=int(info.samplerate))
+    out = MediaInfo(frames=max(int(info.frames), 0), rate=int(info.samplerate), format=str(info.format))
     check_audio(out.rate, int(info.channels), out.frames, max_seconds)
     return out
 

@@ -203,6 +203,24 @@ def test_unknown_routes_and_methods_are_openai_shaped_errors(cluster):
     assert r.headers["allow"] == "POST"
     r = httpx.post(f"{cluster.base_url}/v1/embeddings", json=body, timeout=30)
     assert r.status_code == 404 and set(r.json()["error"]) == {"message", "type", "param", "code"}
+    # Every response carries an x-request-id, as OpenAI's do (an outside tester found none off the chat route).
+    for method, path in (("GET", "/v1/models"), ("GET", "/v1/models/nope"), ("GET", "/health"),
+                         ("DELETE", "/v1/models"), ("GET", "/nowhere")):
+        r = httpx.request(method, cluster.base_url + path, timeout=30)
+        assert len(r.headers.get("x-request-id", "")) == 32, (method, path, r.headers)
+
+
+def test_the_sdks_multi_turn_pattern_works(client, cluster):
+    """The OpenAI docs' pattern: append the answer's message (``refusal: null`` and all) and ask again. It was a
+    400 (unknown parameter 'messages.1.refusal')."""
+    messages = [{"role": "user", "content": "hi"}]
+    first = client.chat.completions.create(model=cluster.model, messages=messages, max_tokens=3)
+    messages.append(first.choices[0].message)
+    messages.append({"role": "user", "content": "and then?"})
+    second = client.chat.completions.create(model=cluster.model, messages=messages, max_tokens=3)
+    assert second.usage.prompt_tokens > first.usage.prompt_tokens
+    dumped = [first.choices[0].message.model_dump(), {"role": "user", "content": "again"}]
+    client.chat.completions.create(model=cluster.model, messages=[messages[0], *dumped], max_tokens=1)
 
 
 def test_a_compressed_body_is_a_415_not_read_as_text(cluster):

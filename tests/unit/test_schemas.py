@@ -108,7 +108,6 @@ def test_unknown_role_refused(role):
 @pytest.mark.parametrize("part", [
     {"type": "video", "video": {"url": "data:video/mp4;base64,AAAA"}},
     {"type": "file", "file": {}},
-    {"type": "refusal", "refusal": "no"},
 ])
 def test_unknown_content_part_type_refused(part):
     err = refused(body(messages=[{"role": "user", "content": [{"type": "text", "text": "a"}, part]}]))
@@ -169,7 +168,6 @@ def test_unknown_parameter_refused(name):
     ("presence_penalty", 0.5),
     ("frequency_penalty", -1.0),
     ("logit_bias", {"42": 5}),
-    ("parallel_tool_calls", True),
     ("modalities", ["text", "audio"]),
     ("audio", {"voice": "alloy", "format": "wav"}),
     ("prediction", {"type": "content", "content": "x"}),
@@ -178,6 +176,7 @@ def test_unknown_parameter_refused(name):
     ("store", True),
     ("metadata", {"k": "v"}),
     ("web_search_options", {}),
+    ("verbosity", "low"),
 ])
 def test_unsupported_parameter_with_a_value_refused_by_name(name, value):
     err = refused(body(**{name: value}))
@@ -193,7 +192,8 @@ def test_unsupported_parameter_with_a_value_refused_by_name(name, value):
     ("response_format", {"type": "text"}), ("response_format", None), ("logit_bias", {}),
     ("parallel_tool_calls", None), ("modalities", ["text"]), ("audio", None), ("prediction", None),
     ("reasoning_effort", None), ("service_tier", "auto"), ("service_tier", "default"), ("store", False),
-    ("metadata", {}), ("web_search_options", None),
+    ("metadata", {}), ("web_search_options", None), ("parallel_tool_calls", True), ("parallel_tool_calls", False),
+    ("verbosity", None),
 ])
 def test_unsupported_parameter_with_its_off_value_accepted(name, value):
     req = parse_chat_request(body(**{name: value}))
@@ -308,3 +308,60 @@ def test_a_budget_past_the_context_is_blamed_on_the_field_the_client_sent():
         with pytest.raises(InvalidRequest) as info:
             svc._check_context(10, req.token_budget(), req.budget_param())
         assert info.value.param == field and info.value.message.startswith(f"{field} 95 + prompt 10 tokens")
+
+
+def test_the_sdks_multi_turn_pattern_sends_back_what_the_server_answered():
+    """``messages.append(completion.choices[0].message)``: the SDK sends the assistant message back as the server
+    sent it (``refusal: null``, and with ``model_dump()`` null ``tool_calls``, ``function_call``, ``audio`` and an empty
+    ``annotations``). An outside tester found every such second turn refused (unknown parameter 'refusal')."""
+    answered = {"role": "assistant", "content": "Hello", "refusal": None, "tool_calls": None, "function_call": None,
+                "audio": None, "annotations": []}
+    req = parse_chat_request(body(messages=[{"role": "user", "content": "hi"}, answered,
+                                            {"role": "user", "content": "and?"}]))
+    assert req.messages[1].content == "Hello"
+
+
+@pytest.mark.parametrize("message,said", [
+    ({"role": "assistant", "content": None, "refusal": "I can't"}, "I can't"),
+    ({"role": "assistant", "content": [{"type": "refusal", "refusal": "no"}]}, ["no"]),
+    ({"role": "assistant", "content": [{"type": "text", "text": "a"}, {"type": "refusal", "refusal": "b"}]},
+     ["a", "b"]),
+    ({"role": "assistant", "content": "a", "refusal": "b"}, ["a", "b"]),
+])
+def test_an_assistants_refusal_is_what_it_said(message, said):
+    content = parse_chat_request(body(messages=[{"role": "user", "content": "hi"}, message])).messages[1].content
+    assert (content if isinstance(content, str) else [p.text for p in content]) == said
+
+
+@pytest.mark.parametrize("message,param", [
+    ({"role": "user", "content": [{"type": "refusal", "refusal": "no"}]}, "messages.1"),
+    ({"role": "user", "content": "x", "refusal": "no"}, "messages.1"),
+    ({"role": "user", "content": None}, "messages.1"),
+    ({"role": "assistant", "content": None}, "messages.1"),
+])
+def test_refusals_outside_assistant_messages_and_missing_content_refused(message, param):
+    err = refused(body(messages=[{"role": "user", "content": "hi"}, message]))
+    assert err.param == param, err.message
+
+
+@pytest.mark.parametrize("message,param", [
+    ({"role": "tool", "content": "42", "tool_call_id": "call_1"}, "messages.1.role"),
+    ({"role": "function", "content": "42", "name": "f"}, "messages.1.role"),
+    ({"role": "assistant", "content": None, "tool_calls": [{"id": "c", "type": "function", "function": {
+        "name": "f", "arguments": "{}"}}]}, "messages.1.tool_calls"),
+    ({"role": "assistant", "content": None, "audio": {"id": "audio_1"}}, "messages.1.audio"),
+])
+def test_tool_messages_and_tool_calls_are_refused_as_unsupported_not_unknown(message, param):
+    err = refused(body(messages=[{"role": "user", "content": "hi"}, message]))
+    assert (err.param, err.code) == (param, "unsupported_parameter"), err.message
+
+
+@pytest.mark.parametrize("name", ["user", "safety_identifier", "prompt_cache_key"])
+def test_identifiers_that_change_no_answer_are_accepted(name):
+    assert getattr(parse_chat_request(body(**{name: "id-7"})), name) == "id-7"
+
+
+def test_stream_obfuscation_only_off():
+    assert parse_chat_request(body(stream=True, stream_options={"include_obfuscation": False})).stream
+    err = refused(body(stream=True, stream_options={"include_obfuscation": True}))
+    assert err.param == "stream_options.include_obfuscation"
