@@ -669,8 +669,14 @@ class RealtimeSession:
             await self.send("input_audio_buffer.speech_stopped", audio_end_ms=ms(end), item_id=item_id)
             rest = bytes(self.audio[self.vad_at :])
             del self.audio[self.vad_at :]
-            await self._commit(item_id)
-            self.audio += rest
+            try:
+                await self._commit(item_id)
+            except EventError:  # no room for the turn: it is dropped (the error says why), listening goes on
+                self._reset_vad()
+                self.audio.clear()
+                raise
+            finally:
+                self.audio += rest
             if vad.create_response and self.active is None:
                 await self.response_create({"type": "response.create", "response": {}})
 
@@ -801,16 +807,15 @@ class RealtimeSession:
     def _item_error(self, exc: APIError, run: Run) -> APIError:
         """``exc`` with the chat message it names (``messages.3.content.0``) told as the conversation item it came
         from (``item 'item_x', content 0``): the client never saw the chat request."""
-        match = re.match(r"messages\.(\d+)((?:\.content)?)\.?(\d*)", exc.param or "")
+        match = re.match(r"messages\.(\d+)(?:\.content\.(\d+))?", exc.param or "")
         if not match or int(match[1]) >= len(run.sources):
             return exc
-        item_id, part = run.sources[int(match[1])], match[3]
+        item_id, part = run.sources[int(match[1])], match[2]
         where = (f"item {item_id!r}" if item_id else "the instructions") + (f", content {part}" if part else "")
         param = ("item.content." + part if part else "item") if item_id else "instructions"
-        message = exc.message.replace(match[0], where, 1) if match[0] in exc.message else f"{where}: {exc.message}"
-        out = type(exc)(message, param=param, code=exc.code, retry_after=exc.retry_after)
-        out.status, out.type = exc.status, exc.type
-        return out
+        exc.message = exc.message.replace(match[0], where, 1) if match[0] in exc.message else f"{where}: {exc.message}"
+        exc.param = param
+        return exc
 
     async def _respond(self, run: Run, body: bytes, features: dict[str, bytes]) -> None:
         item = {"id": _id("item"), "type": "message", "object": "realtime.item", "status": "in_progress",
