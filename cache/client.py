@@ -75,6 +75,19 @@ def describe(exc: BaseException) -> str:
     return "error"
 
 
+def describe_startup_error(exc: BaseException) -> str:
+    """An error that stopped a command before it could serve, in one line for the operator: the file it concerns
+    where the exception names one, a Redis failure as ``describe`` words it."""
+    from redis.exceptions import RedisError
+
+    if isinstance(exc, RedisError):
+        return f"Redis: {describe(exc)} ({type(exc).__name__}: {exc})"
+    if isinstance(exc, OSError) and exc.filename:
+        return f"{exc.filename}: {exc.strerror or exc}"
+    text = str(exc) or type(exc).__name__
+    return text if type(exc) in (ValueError, OSError) else f"{text} ({type(exc).__name__})"
+
+
 def refused_for_memory(exc: BaseException) -> bool:
     """Redis at ``maxmemory`` refusing a write: as a command's error (OutOfMemoryError) or a script's (a
     ResponseError naming it)."""

@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 import time
 import uuid
 from pathlib import Path
@@ -111,10 +112,7 @@ def create_app(cfg: GatewayConfig):
         try:
             yield
         finally:
-            for task in tasks:
-                task.cancel()
-                with contextlib.suppress(asyncio.CancelledError):
-                    await task
+            await stop_tasks(tasks)
             await monitor.close()
             await cluster.close()
             await cluster.r.aclose()
@@ -161,7 +159,8 @@ def create_app(cfg: GatewayConfig):
 
     async def probe(request: Request) -> tuple[dict, bool]:
         """What both probes report, and whether this gateway is ready to serve."""
-        body = {"instance": cfg.instance_id, "gateway_id": gateway_id, "model": spec.name, "time": time.time()}
+        body = {"instance": cfg.instance_id, "gateway_id": gateway_id, "pid": os.getpid(), "model": spec.name,
+                "time": time.time()}
         view = request.app.state.monitor.view
         if not view.up:  # the monitor's verdict, at once: no probe may hang on an unreachable Redis
             return {**body, "status": "redis_unavailable", "redis": f"unreachable: {view.reason}",
@@ -235,6 +234,27 @@ def create_app(cfg: GatewayConfig):
 
     guarded.end_in_flight = end_in_flight
     return guarded
+
+
+STOP_TASKS_S = 5.0  # how long the lifespan's end waits for the background tasks
+
+
+async def stop_tasks(tasks: list[asyncio.Task], timeout_s: float = STOP_TASKS_S) -> None:
+    """Cancel ``tasks`` and wait for them, bounded. A cancellation can be lost: redis-py, cancelled while it
+    connects, carries on with the command (seen: a gateway that could not bind its port hung in its shutdown for good,
+    deaf to SIGTERM, its reply reader looping on). So a task still running is cancelled again every half second, and
+    one still running after ``timeout_s`` is logged and left, never holding the process."""
+    deadline = time.monotonic() + timeout_s
+    pending = {t for t in tasks if not t.done()}
+    while pending and (left := deadline - time.monotonic()) > 0:
+        for task in pending:
+            task.cancel()
+        _, pending = await asyncio.wait(pending, timeout=min(0.5, left))
+    for task in pending:
+        log.error("a background task did not stop; leaving it", extra={"task": task.get_name()})
+    for task in tasks:
+        if task.done() and not task.cancelled() and task.exception() is not None:
+            log.error("a background task had failed", exc_info=task.exception(), extra={"task": task.get_name()})
 
 
 def with_request_id(app):

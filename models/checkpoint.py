@@ -11,7 +11,8 @@ import json
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError
+from safetensors import safe_open as _safe_open
 
 FINGERPRINT_FILE = "tributary-fingerprint.json"
 
@@ -26,6 +27,16 @@ def weight_files(model_dir: Path) -> list[Path]:
     if single.exists():
         return [single]
     raise FileNotFoundError(f"no model.safetensors or model.safetensors.index.json in {model_dir}")
+
+
+def safe_open(path: str, **kw):
+    """safetensors' ``safe_open``, a file it cannot read being a ModelError naming it (not "invalid header length")."""
+    from models.family import ModelError
+
+    try:
+        return _safe_open(path, **kw)
+    except SafetensorError as exc:
+        raise ModelError(f"{path}: not a readable safetensors file ({exc})") from None
 
 
 def read_tensors(model_dir: Path, prefix: str, dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:

@@ -58,7 +58,13 @@ def plain_json(obj) -> dict:
 
 
 def read_json(path: Path) -> dict | None:
-    return json.loads(path.read_text()) if path.exists() else None
+    """The JSON file at ``path`` (None if there is none); a file that is not JSON is a ModelError naming it."""
+    if not path.exists():
+        return None
+    try:
+        return json.loads(path.read_text())
+    except ValueError as exc:  # JSONDecodeError, or bytes that are not UTF-8
+        raise ModelError(f"{path}: not valid JSON ({exc})") from None
 
 
 def processor_section(model_dir: Path, key: str, type_key: str) -> dict:

@@ -8,11 +8,10 @@ transformers (the family's module is imported when first used), so ``read_family
 from __future__ import annotations
 
 import dataclasses
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from models.family import Family, ModelError, chat_template, eos_token_ids
+from models.family import Family, ModelError, chat_template, eos_token_ids, read_json
 
 __all__ = ["FAMILIES", "MODALITIES", "ModelError", "ModelSpec", "family_for", "read_family"]
 
@@ -36,7 +35,7 @@ def _raw_config(path: Path) -> dict:
     cfg_file = path / "config.json"
     if not cfg_file.exists():
         raise ModelError(f"{path} has no config.json: not a checkpoint directory")
-    return json.loads(cfg_file.read_text())
+    return read_json(cfg_file)
 
 
 def read_family(path: str | Path) -> Family:

@@ -193,7 +193,7 @@ def serve(registry: CollectorRegistry, port: int, host: str = "127.0.0.1", what:
 
     try:
         server = make_server(host, port, app, Server, handler_class=Quiet)
-    except OSError as exc:
+    except (OSError, OverflowError) as exc:  # OverflowError: a port past 65535 (a base port plus an offset)
         log.error("cannot serve metrics; going on without them", extra={
             "what": what, "host": host, "port": port, "error": f"{type(exc).__name__}: {exc}"})
         return None

@@ -40,6 +40,38 @@ def _env(name: str, default=None):
     return os.environ.get(f"TRIBUTARY_{name}", default)
 
 
+def _ranged(kind: type, what: str, low: float | None = None, high: float | None = None, above: bool = False):
+    """An argparse type: a ``kind`` within [low, high] (``above``: strictly above ``low``), else an error naming the
+    flag and ``what`` it must be (a default from a TRIBUTARY_* variable is checked the same way)."""
+    def parse(text: str):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"must be {what}, got {text!r}") from None
+        if (low is not None and (value <= low if above else value < low)) or (high is not None and value > high):
+            raise argparse.ArgumentTypeError(f"must be {what}, got {text!r}")
+        return value
+
+    parse.__name__ = kind.__name__
+    return parse
+
+
+PORT = _ranged(int, "a port number, 1-65535", 1, 65535)
+PORT_OR_0 = _ranged(int, "a port number, 1-65535, or 0 for none", 0, 65535)
+POSITIVE_INT = _ranged(int, "an integer >= 1", 1)
+NONNEG_INT = _ranged(int, "an integer >= 0", 0)
+POSITIVE = _ranged(float, "a number > 0", 0, above=True)
+NONNEG = _ranged(float, "a number >= 0", 0)
+FRACTION = _ranged(float, "a number in (0, 1]", 0, 1, above=True)
+LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
+
+
+def _log_level(text: str) -> str:
+    if text.upper() not in LOG_LEVELS:
+        raise argparse.ArgumentTypeError(f"must be one of {', '.join(LOG_LEVELS)}, got {text!r}")
+    return text.upper()
+
+
 def _add_note(text: str, note: str) -> str:
     """``text`` with ``note`` in parentheses at its end: "a (b)" gives "a (b; note)", "a" gives "a (note)"."""
     depth = 0
@@ -101,10 +133,10 @@ def _common(p: argparse.ArgumentParser, model_required: bool = True) -> None:
                    help=_env_help("Redis key prefix shared by every process of one cluster", "PREFIX"))
     p.add_argument("--model", default=_env("MODEL"), required=_env("MODEL") is None and model_required,
                    help=_env_help("checkpoint directory", "MODEL", "; required unless that is set"))
-    p.add_argument("--threads", type=int, default=int(_env("THREADS", 0)) or None,
+    p.add_argument("--threads", type=NONNEG_INT, default=_env("THREADS", "0"),
                    help=_env_help("torch intra-op threads for this encoder or backbone process; the gateway ignores "
                                   "it (default: torch's choice)", "THREADS"))
-    p.add_argument("--log-level", default=_env("LOG_LEVEL", "INFO"),
+    p.add_argument("--log-level", type=_log_level, default=_env("LOG_LEVEL", "INFO"),
                    help=_env_help("DEBUG, INFO, WARNING or ERROR; logs go to stderr (see --log-format)", "LOG_LEVEL"))
     p.add_argument("--log-format", default=_env("LOG_FORMAT", "auto"), choices=["auto", "json", "text"],
                    help=_env_help("json: one JSON object per line (for log shippers); text: one readable line per "
@@ -112,14 +144,14 @@ def _common(p: argparse.ArgumentParser, model_required: bool = True) -> None:
 
 
 def _worker(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--stall-timeout", type=float, default=float(_env("STALL_TIMEOUT", 60)),
+    p.add_argument("--stall-timeout", type=POSITIVE, default=_env("STALL_TIMEOUT", "60"),
                    help=_env_help("seconds the worker loop may go without coming round before it stops heartbeating "
                                   "(and looks dead to the others, who take over its work); longer than any single "
                                   "step", "STALL_TIMEOUT"))
-    p.add_argument("--max-deliveries", type=int, default=int(_env("MAX_DELIVERIES", 3)),
+    p.add_argument("--max-deliveries", type=POSITIVE_INT, default=_env("MAX_DELIVERIES", "3"),
                    help=_env_help("work handed to this many workers that all died goes to the dead-letter stream "
                                   "and fails", "MAX_DELIVERIES"))
-    p.add_argument("--metrics-port", type=int, default=int(_env("METRICS_PORT", 0)),
+    p.add_argument("--metrics-port", type=PORT_OR_0, default=_env("METRICS_PORT", "0"),
                    help=_env_help("serve Prometheus metrics at http://<--metrics-host>:PORT/metrics, one port per "
                                   "process, a pipeline shard too (default 0: off)", "METRICS_PORT"))
     p.add_argument("--metrics-host", default=_env("METRICS_HOST", "127.0.0.1"),
@@ -128,21 +160,21 @@ def _worker(p: argparse.ArgumentParser) -> None:
 
 
 def _admission(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--migration-limit", type=int, default=int(_env("MIGRATION_LIMIT", 3)),
+    p.add_argument("--migration-limit", type=NONNEG_INT, default=_env("MIGRATION_LIMIT", "3"),
                    help=_env_help("how often one request may move to another backbone replica after its replica "
                                   "died (0: never; the request fails with a 503)", "MIGRATION_LIMIT"))
-    p.add_argument("--max-inflight", type=int, default=int(_env("MAX_INFLIGHT", 256)),
+    p.add_argument("--max-inflight", type=POSITIVE_INT, default=_env("MAX_INFLIGHT", "256"),
                    help=_env_help("requests one gateway serves at once; more get a 503 server_overloaded with "
                                   "Retry-After", "MAX_INFLIGHT"))
-    p.add_argument("--max-backlog", type=int, default=int(_env("MAX_BACKLOG", 1024)),
+    p.add_argument("--max-backlog", type=POSITIVE_INT, default=_env("MAX_BACKLOG", "1024"),
                    help=_env_help("unread entries a tier's queue may hold before new requests get a 503 "
                                   "server_overloaded", "MAX_BACKLOG"))
-    p.add_argument("--max-queue-wait", type=float, default=float(_env("MAX_QUEUE_WAIT", 0)),
+    p.add_argument("--max-queue-wait", type=NONNEG, default=_env("MAX_QUEUE_WAIT", "0"),
                    help=_env_help("seconds a tier's oldest unread job may have waited before new requests needing "
                                   "that tier get a 503 server_overloaded instead of queueing behind it and timing out "
                                   "(0: half the tier's own timeout: 30 s for the encoders, 60 s for the backbone)",
                                   "MAX_QUEUE_WAIT"))
-    p.add_argument("--body-timeout", type=float, default=float(_env("BODY_TIMEOUT", 30)),
+    p.add_argument("--body-timeout", type=POSITIVE, default=_env("BODY_TIMEOUT", "30"),
                    help=_env_help("seconds a client may take to send its request body (then 408)", "BODY_TIMEOUT"))
 
 
@@ -165,10 +197,10 @@ def _access(p: argparse.ArgumentParser) -> None:
                    help=_env_help("web origins that may call the gateway from a browser (CORS and the Origin "
                                   "check), comma-separated, '*' for any (default: none but the gateway's own)",
                                   "ALLOWED_ORIGINS"))
-    p.add_argument("--rate-limit-rpm", type=int, default=int(_env("RATE_LIMIT_RPM", 0)),
+    p.add_argument("--rate-limit-rpm", type=NONNEG_INT, default=_env("RATE_LIMIT_RPM", "0"),
                    help=_env_help("with API keys: requests per minute per tenant, counted in Redis across gateways "
                                   "(0: none; a key file line may set its tenant's own with rpm=N)", "RATE_LIMIT_RPM"))
-    p.add_argument("--rate-limit-tpm", type=int, default=int(_env("RATE_LIMIT_TPM", 0)),
+    p.add_argument("--rate-limit-tpm", type=NONNEG_INT, default=_env("RATE_LIMIT_TPM", "0"),
                    help=_env_help("with API keys: prompt + completion tokens per minute per tenant (0: none; tpm=N "
                                   "per tenant)", "RATE_LIMIT_TPM"))
     p.add_argument("--allowed-media-domains", default=_env("ALLOWED_MEDIA_DOMAINS"),
@@ -181,7 +213,7 @@ def _media_limits(p: argparse.ArgumentParser) -> None:
     p.add_argument("--limit-mm-per-prompt", default=_env("LIMIT_MM_PER_PROMPT", '{"image": 8, "audio": 4}'),
                    help=_env_help('media parts one request may carry, per modality, as JSON (as vLLM\'s flag: '
                                   '\'{"image": 4, "audio": 1}\'); more is a 400', "LIMIT_MM_PER_PROMPT"))
-    p.add_argument("--max-audio-seconds", type=float, default=float(_env("MAX_AUDIO_SECONDS", 300)),
+    p.add_argument("--max-audio-seconds", type=POSITIVE, default=_env("MAX_AUDIO_SECONDS", "300"),
                    help=_env_help("longer audio clips are refused (400)", "MAX_AUDIO_SECONDS"))
 
 
@@ -298,31 +330,31 @@ def build_parser() -> argparse.ArgumentParser:
     up.add_argument("--host", default="127.0.0.1",
                     help="address the gateway listens on (0.0.0.0: every interface; on a loopback address it "
                          "answers loopback Host names only, see --allowed-hosts)")
-    up.add_argument("--port", type=int, default=8000, help="the gateway's HTTP port")
-    up.add_argument("--ready-timeout", type=float, default=300.0,
+    up.add_argument("--port", type=PORT, default=8000, help="the gateway's HTTP port")
+    up.add_argument("--ready-timeout", type=POSITIVE, default=300.0,
                     help="seconds to wait for every tier to be ready before giving up")
-    up.add_argument("--log-level", default=_env("LOG_LEVEL", "INFO"),
+    up.add_argument("--log-level", type=_log_level, default=_env("LOG_LEVEL", "INFO"),
                     help=_env_help("DEBUG, INFO, WARNING or ERROR, for every process; every process logs to stderr "
                                    "(see --log-format)", "LOG_LEVEL"))
     up.add_argument("--log-format", default=_env("LOG_FORMAT", "auto"), choices=["auto", "json", "text"],
                     help=_env_help("json: one JSON object per line (for log shippers); text: one readable line per "
                                    "event; auto: text when stderr is a terminal, else json; for every process",
                                    "LOG_FORMAT"))
-    up.add_argument("--shards", type=int, default=1,
+    up.add_argument("--shards", type=POSITIVE_INT, default=1,
                     help="backbone pipeline shards (processes) per replica, the layers split evenly")
     up.add_argument("--backbone-device", default="auto",
                     help="the backbone's --device: auto, cpu, cuda or cuda:N (auto: cuda if present)")
     up.add_argument("--backbone-dtype", default="auto",
                     help="the backbone's --dtype: auto, float32, bfloat16 or float16 (auto: bfloat16 on a GPU, else "
                          "float32)")
-    up.add_argument("--max-batched-tokens", type=int, default=None,
+    up.add_argument("--max-batched-tokens", type=POSITIVE_INT, default=None,
                     help="the backbone's per-step token budget (decodes + prompt chunks; default 2048 on a GPU, 256 "
                          "on a CPU)")
-    up.add_argument("--max-step-ms", type=float, default=None,
+    up.add_argument("--max-step-ms", type=NONNEG, default=None,
                     help="the backbone's step-time target in ms: a step that carries decodes takes only the prompt "
                          "chunk its measured cost fits in it (default 100 on a CPU, none on a GPU; 0: none, the "
                          "token budget alone)")
-    up.add_argument("--backbone-replicas", type=int, default=1,
+    up.add_argument("--backbone-replicas", type=POSITIVE_INT, default=1,
                     help="backbone replicas (each --shards processes), all reading one queue")
     up.add_argument("--encoder-runtime", default="torch", choices=["torch", "onnx"],
                     help="the encoders' --runtime; onnx: each encoder is exported to ONNX and checked once before the "
@@ -334,24 +366,24 @@ def build_parser() -> argparse.ArgumentParser:
     up.add_argument("--cpu-budget", default="auto", choices=["auto", "off"],
                     help="auto: each process gets a share of the cores (threads, OpenMP/MKL pools) so that together "
                          "they do not exceed them; the banner says the split. off: every process on every core")
-    up.add_argument("--encoder-max-batch", type=int, default=8,
+    up.add_argument("--encoder-max-batch", type=POSITIVE_INT, default=8,
                     help="the encoders' --max-batch: jobs per forward pass at most")
-    up.add_argument("--encoder-max-wait-ms", type=float, default=2.0,
+    up.add_argument("--encoder-max-wait-ms", type=NONNEG, default=2.0,
                     help="the encoders' --max-wait-ms: once a job is in hand, how long to wait for a batch to fill")
     _media_limits(up)
-    up.add_argument("--max-restarts", type=int, default=5,
+    up.add_argument("--max-restarts", type=NONNEG_INT, default=5,
                     help="after start-up a worker that dies is restarted (with its replica's other shards); more than "
                          "this many crashes across the cluster within --restart-window seconds stop it (non-zero "
                          "exit)")
-    up.add_argument("--restart-window", type=float, default=60.0,
+    up.add_argument("--restart-window", type=POSITIVE, default=60.0,
                     help="seconds over which --max-restarts counts crashes")
-    up.add_argument("--hang-timeout", type=float, default=30.0,
+    up.add_argument("--hang-timeout", type=POSITIVE, default=30.0,
                     help="a worker whose loop is stuck stops heartbeating (after its --stall-timeout, 60 s); once its "
                          "last beat is this many seconds old while Redis answered all along, it is killed and "
                          "restarted like a crashed one (0: never)")
     _admission(up)
     _access(up)
-    up.add_argument("--worker-metrics-port", type=int, default=0,
+    up.add_argument("--worker-metrics-port", type=PORT_OR_0, default=0,
                     help="give every worker process a Prometheus port, this one and the next ones (printed in the "
                          "banner); default 0: none (the gateway's /metrics is always on)")
     scale = up.add_argument_group("autoscaling (router/autoscale.py, tributary/autoscaler.py)")
@@ -366,18 +398,18 @@ def build_parser() -> argparse.ArgumentParser:
     scale.add_argument("--scale-target", default="",
                        help="queued + in-flight jobs one replica should carry, per tier, e.g. image=8,backbone=16 "
                             "(default: --encoder-max-batch for encoders, 16 for the backbone)")
-    scale.add_argument("--scale-drain-s", type=float, default=2.0,
+    scale.add_argument("--scale-drain-s", type=NONNEG, default=2.0,
                        help="a queue should empty within this many seconds at the measured service rate")
-    scale.add_argument("--scale-up-delay", type=float, default=2.0,
+    scale.add_argument("--scale-up-delay", type=NONNEG, default=2.0,
                        help="seconds a higher demand must hold before replicas are added")
-    scale.add_argument("--scale-down-delay", type=float, default=30.0,
+    scale.add_argument("--scale-down-delay", type=NONNEG, default=30.0,
                        help="seconds a lower demand must hold before a replica is drained")
-    scale.add_argument("--scale-cooldown", type=float, default=10.0,
+    scale.add_argument("--scale-cooldown", type=NONNEG, default=10.0,
                        help="seconds after any change of a tier before the next (a new worker loads meanwhile)")
-    scale.add_argument("--autoscale-poll", type=float, default=1.0, help="seconds between two reads of the queues")
-    scale.add_argument("--autoscale-max-procs", type=int, default=0,
+    scale.add_argument("--autoscale-poll", type=POSITIVE, default=1.0, help="seconds between two reads of the queues")
+    scale.add_argument("--autoscale-max-procs", type=NONNEG_INT, default=0,
                        help="compute processes (encoders + backbone shards) at most (default: twice the cores)")
-    scale.add_argument("--autoscale-idle-cores", type=float, default=0.75,
+    scale.add_argument("--autoscale-idle-cores", type=NONNEG, default=0.75,
                        help="a replica is added only while this many cores per new process are idle (0: no check); "
                             "on busy cores another process adds contention, not capacity")
     scale.add_argument("--autoscale-trace", default=None,
@@ -401,11 +433,11 @@ def build_parser() -> argparse.ArgumentParser:
     gw.add_argument("--host", default="127.0.0.1",
                     help="address to listen on (0.0.0.0: every interface; on a loopback address it answers loopback "
                          "Host names only, see --allowed-hosts)")
-    gw.add_argument("--port", type=int, default=8000, help="HTTP port to listen on")
+    gw.add_argument("--port", type=PORT, default=8000, help="HTTP port to listen on")
     gw.add_argument("--served-name", default=_env("SERVED_NAME"),
                     help=_env_help("model id clients send (default: the checkpoint folder's name)", "SERVED_NAME"))
     _media_limits(gw)
-    gw.add_argument("--tensor-ttl", type=int, default=int(_env("TENSOR_TTL", 3600)),
+    gw.add_argument("--tensor-ttl", type=POSITIVE_INT, default=_env("TENSOR_TTL", "3600"),
                     help=_env_help("seconds a cache hit extends a cached encoder output's life (match the encoders')",
                                    "TENSOR_TTL"))
     gw.add_argument("--encoder-dtype", default=_env("ENCODER_DTYPE", "float32"),
@@ -416,7 +448,7 @@ def build_parser() -> argparse.ArgumentParser:
     gw.add_argument("--encoder-wire-dtype", default=_env("ENCODER_WIRE_DTYPE"),
                     help=_env_help("the encoders' wire dtype, in the same form (default: their compute dtype)",
                                    "ENCODER_WIRE_DTYPE"))
-    gw.add_argument("--graceful-timeout", type=float, default=float(_env("GRACEFUL_TIMEOUT", 30)),
+    gw.add_argument("--graceful-timeout", type=POSITIVE, default=_env("GRACEFUL_TIMEOUT", "30"),
                     help=_env_help("on SIGTERM, seconds requests in flight may run on before they are ended with a "
                                    "503 server_shutting_down (an error event in a stream); keep it under the "
                                    "orchestrator's kill deadline (Kubernetes: terminationGracePeriodSeconds)",
@@ -440,21 +472,21 @@ def build_parser() -> argparse.ArgumentParser:
                                     "modality's entry, float32 when unnamed); auto: bfloat16 for the torch runtime on "
                                     "a GPU, else float32 (ONNX runs float32). Give the gateways the same "
                                     "--encoder-dtype", "ENCODER_DTYPE"))
-    enc.add_argument("--max-batch", type=int, default=8, help="jobs per forward pass at most")
-    enc.add_argument("--max-wait-ms", type=float, default=2.0,
+    enc.add_argument("--max-batch", type=POSITIVE_INT, default=8, help="jobs per forward pass at most")
+    enc.add_argument("--max-wait-ms", type=NONNEG, default=2.0,
                      help="once a job is in hand, how long to wait for a batch to fill")
-    enc.add_argument("--tensor-ttl", type=int, default=int(_env("TENSOR_TTL", 3600)),
+    enc.add_argument("--tensor-ttl", type=POSITIVE_INT, default=_env("TENSOR_TTL", "3600"),
                      help=_env_help("seconds a cached encoder output lives", "TENSOR_TTL"))
     enc.add_argument("--wire-dtype", default=_env("ENCODER_WIRE_DTYPE"),
                      help=_env_help("dtype of the cached tensors, in the same forms (default: the compute dtype)",
                                     "ENCODER_WIRE_DTYPE"))
-    enc.add_argument("--preprocess-threads", type=int, default=int(_env("PREPROCESS_THREADS", 0)),
+    enc.add_argument("--preprocess-threads", type=NONNEG_INT, default=_env("PREPROCESS_THREADS", "0"),
                      help=_env_help("threads decoding and resizing the next batch while one runs (0: min(8, cores))",
                                     "PREPROCESS_THREADS"))
     enc.add_argument("--eager", action="store_true", default=_env("EAGER", "") == "1",
                      help=_env_help("run the forward eagerly instead of replaying CUDA graphs (torch on a GPU only; "
                                     "CPUs always run eagerly)", "EAGER", "=1"))
-    enc.add_argument("--max-audio-seconds", type=float, default=float(_env("MAX_AUDIO_SECONDS", 300)),
+    enc.add_argument("--max-audio-seconds", type=POSITIVE, default=_env("MAX_AUDIO_SECONDS", "300"),
                      help=_env_help("audio decoding stops past this; a longer clip is refused", "MAX_AUDIO_SECONDS"))
     _worker(enc)
 
@@ -467,10 +499,10 @@ def build_parser() -> argparse.ArgumentParser:
     bb = _command(sub, "backbone", "a backbone worker: one pipeline shard (layers a:b) of the language model; "
                                    "--num-shards processes form a replica", BACKBONE_DESCRIPTION)
     _common(bb)
-    bb.add_argument("--max-running", type=int, default=16, help="sequences decoding at once")
-    bb.add_argument("--shard", type=int, default=0, help="this process's place in its pipeline replica (0: the one "
-                                                         "that talks to Redis)")
-    bb.add_argument("--num-shards", type=int, default=1, help="processes in one pipeline replica")
+    bb.add_argument("--max-running", type=POSITIVE_INT, default=16, help="sequences decoding at once")
+    bb.add_argument("--shard", type=NONNEG_INT, default=0,
+                    help="this process's place in its pipeline replica (0: the one that talks to Redis)")
+    bb.add_argument("--num-shards", type=POSITIVE_INT, default=1, help="processes in one pipeline replica")
     bb.add_argument("--layers", default=None, help="this shard's layers a:b (default: an even split; see "
                                                    "tributary plan for an uneven, capacity-aware one)")
     bb.add_argument("--dist-url", default=_env("DIST_URL", ""),
@@ -482,22 +514,22 @@ def build_parser() -> argparse.ArgumentParser:
     bb.add_argument("--dtype", default=_env("BACKBONE_DTYPE", "auto"),
                     help=_env_help("float32, bfloat16 or float16 (default auto: bfloat16 on a GPU, float32 on a CPU)",
                                    "BACKBONE_DTYPE"))
-    bb.add_argument("--kv-cache-gb", type=float, default=None,
+    bb.add_argument("--kv-cache-gb", type=POSITIVE, default=None,
                     help="this shard's paged KV pool in GiB (default: from --gpu-memory-utilization on a GPU; on a "
                          "CPU room for --max-running full contexts, at most 4 GiB)")
-    bb.add_argument("--gpu-memory-utilization", type=float, default=float(_env("GPU_MEMORY_UTILIZATION", 0.9)),
+    bb.add_argument("--gpu-memory-utilization", type=FRACTION, default=_env("GPU_MEMORY_UTILIZATION", "0.9"),
                     help=_env_help("share of the GPU's memory weights, KV pool and activations may take (shards on "
                                    "one GPU split it)", "GPU_MEMORY_UTILIZATION"))
-    bb.add_argument("--max-batched-tokens", type=int, default=_env("MAX_BATCHED_TOKENS"),
+    bb.add_argument("--max-batched-tokens", type=POSITIVE_INT, default=_env("MAX_BATCHED_TOKENS"),
                     help=_env_help("new positions one step computes at most, decodes first, then prompt chunks; a "
                                    "step is the longest a running stream waits for its next token (default 2048 on a "
                                    "GPU, 256 on a CPU)", "MAX_BATCHED_TOKENS"))
-    bb.add_argument("--max-step-ms", type=float, default=_env("MAX_STEP_MS") and float(_env("MAX_STEP_MS")),
+    bb.add_argument("--max-step-ms", type=NONNEG, default=_env("MAX_STEP_MS"),
                     help=_env_help("inter-token latency target: a step that carries decodes takes only as many "
                                    "prompt positions as the measured step cost fits in this many ms, within "
                                    "--max-batched-tokens (default 100 on a CPU, none on a GPU; 0: none)",
                                    "MAX_STEP_MS"))
-    bb.add_argument("--micro-batches", type=int, default=int(_env("MICRO_BATCHES", 0)),
+    bb.add_argument("--micro-batches", type=NONNEG_INT, default=_env("MICRO_BATCHES", "0"),
                     help=_env_help("pipeline steps shard 0 keeps in flight, each over its own share of the "
                                    "sequences; 1: one step at a time (default 0: one per shard on GPUs, 1 on CPUs, "
                                    "where shards share the cores)", "MICRO_BATCHES"))
@@ -511,13 +543,13 @@ def build_parser() -> argparse.ArgumentParser:
                     help=_env_help("attention backend (auto: the Triton paged kernel on CUDA, torch SDPA on a CPU; "
                                    "loop: one SDPA per sequence, to measure against)", "ATTENTION"))
     _worker(bb)
-    bb.add_argument("--drain-timeout", type=float, default=float(_env("DRAIN_TIMEOUT", 30)),
+    bb.add_argument("--drain-timeout", type=NONNEG, default=_env("DRAIN_TIMEOUT", "30"),
                     help=_env_help("on SIGTERM, seconds running requests may take to finish before they are failed",
                                    "DRAIN_TIMEOUT"))
 
     rs = _command(sub, "redis", "run a Redis-compatible server in the foreground (the one tributary up embeds), for "
                                 "images and hosts without one", REDIS_DESCRIPTION)
-    rs.add_argument("--port", type=int, default=6379, help="port to listen on")
+    rs.add_argument("--port", type=PORT, default=6379, help="port to listen on")
     rs.add_argument("--bind", default="127.0.0.1", help="address(es) to listen on (0.0.0.0 in a container)")
     rs.add_argument("--maxmemory", default="1gb",
                     help="memory limit, in Redis units (512mb, 4gb); past it keys with a TTL are evicted")
@@ -535,7 +567,7 @@ def build_parser() -> argparse.ArgumentParser:
                     "requests_per_s, image_share, audio_share, repeat_share, prompt_tokens, output_tokens, ...)")
     pl.add_argument("--rates", type=Path, help="capacity mode: JSON of measured service rates "
                     "(bench/capacity.py writes one for this machine)")
-    pl.add_argument("--target-utilization", type=float, default=0.7,
+    pl.add_argument("--target-utilization", type=FRACTION, default=0.7,
                     help="capacity mode: the busiest a replica should be")
     pl.add_argument("--json", action="store_true", help="capacity mode: print the plan as JSON")
     where = pl.add_mutually_exclusive_group()
@@ -547,7 +579,7 @@ def build_parser() -> argparse.ArgumentParser:
     pl.add_argument("--dtype", default="bfloat16", choices=["float32", "fp32", "bfloat16", "bf16", "float16", "fp16"],
                     help="weight and KV dtype (default bfloat16, what the backbone runs on a GPU); the printed "
                          "flags carry it")
-    pl.add_argument("--kv-tokens", type=int, default=None,
+    pl.add_argument("--kv-tokens", type=POSITIVE_INT, default=None,
                     help="KV tokens each layer must hold: concurrent sequences x context (default: one sequence of "
                          "max_position_embeddings)")
     pl.add_argument("--use-all", action="store_true", help="give every device at least one layer (no skipping)")
@@ -635,7 +667,50 @@ def _redis(args) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """The command line; a mistake in what it was given (a flag, a file, a Redis it cannot reach) is one line naming
+    it and exit status 2, not a traceback: ``TRIBUTARY_DEBUG=1`` shows the traceback too."""
     args = build_parser().parse_args(argv)
+    if getattr(args, "threads", None) == 0:
+        args.threads = None  # torch's choice
+    from redis.exceptions import RedisError
+
+    try:
+        return _main(args)
+    except (ValueError, OSError, OverflowError, RedisError, UserError) as exc:  # ValueError: JSON, Unicode errors too
+        if os.environ.get("TRIBUTARY_DEBUG"):
+            raise
+        from cache.client import describe_startup_error
+        from models.family import ModelError
+
+        worded = isinstance(exc, (UserError, ModelError))  # raised with words for the operator: they say it all
+        print(f"tributary {args.command}: error: {exc if worded else describe_startup_error(exc)}"
+              + ("" if worded else " (TRIBUTARY_DEBUG=1 shows the traceback)"), file=sys.stderr, flush=True)
+        return 2
+
+
+def _check_listen(host: str, port: int) -> None:
+    """The gateway's address can be listened on (as uvicorn binds it), else a UserError naming it."""
+    import socket
+
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    except OSError as exc:
+        raise UserError(f"cannot listen on {host}:{port}: {exc.strerror or exc} (--host)") from None
+    family, kind, proto, _, address = infos[0]
+    with socket.socket(family, kind, proto) as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn binds: TIME_WAIT is no conflict
+        try:
+            s.bind(address)
+        except OSError as exc:
+            raise UserError(f"cannot listen on {host}:{port}: {exc.strerror or exc} (another server is using it? "
+                            "pass --port)") from None
+
+
+class UserError(Exception):
+    """What the command was given cannot work (raised with words for the operator)."""
+
+
+def _main(args) -> int:
     from router.logs import setup_logging
 
     if args.command == "demo-model":
@@ -669,8 +744,11 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     setup_logging(args.command if args.command != "encoder" else f"encoder:{args.modality}", args.log_level,
                   args.log_format)
-    if args.command == "up" and args.log_format != "auto":
-        os.environ["TRIBUTARY_LOG_FORMAT"] = args.log_format  # every process it starts logs the same way
+    if args.command == "up":
+        # Every process it starts logs the same way: its children's output is a pipe to it, so "auto" is decided
+        # here, by up's own stderr (text on a terminal), not by each child's pipe (which would always be json).
+        os.environ["TRIBUTARY_LOG_FORMAT"] = args.log_format if args.log_format != "auto" else (
+            "text" if sys.stderr.isatty() else "json")
     if args.command == "up":
         from tributary.cluster import run_cluster
 
@@ -697,8 +775,7 @@ def main(argv: list[str] | None = None) -> int:
                                 media_cache=not args.no_media_cache)
         except ValueError as exc:
             raise SystemExit(f"tributary gateway: {exc}") from None
-        if args.graceful_timeout <= 0:
-            raise SystemExit("tributary gateway: --graceful-timeout must be > 0")
+        _check_listen(args.host, args.port)  # before loading anything: a port taken is one line, at once
         serve(cfg, args.host, args.port, args.graceful_timeout)
         return 0
     if args.command == "encoder":
@@ -732,7 +809,13 @@ def main(argv: list[str] | None = None) -> int:
         layers = None
         if args.layers:
             a, _, b = args.layers.partition(":")
+            if not (a.isdigit() and b.isdigit() and int(a) < int(b)):
+                raise UserError(f"--layers must be A:B with 0 <= A < B, the layers this shard runs (got "
+                                f"{args.layers!r})")
             layers = range(int(a), int(b))
+        if args.shard >= args.num_shards:
+            raise UserError(f"--shard {args.shard} is not a shard of a replica of --num-shards {args.num_shards} "
+                            "(shards count from 0)")
         if args.num_shards > 1 and not args.dist_url:
             raise SystemExit("--num-shards > 1 needs --dist-url (the same tcp://host:port on every shard)")
         try:

@@ -182,7 +182,12 @@ class Cluster:
         the name (a replica the autoscaler adds again gets its old port); none when the base is 0."""
         if not self.worker_metrics_port:
             return ["--metrics-port", "0"]  # a TRIBUTARY_METRICS_PORT in up's environment is not for every child
-        port = self.metrics_ports.setdefault(name, self.worker_metrics_port + len(self.metrics_ports))
+        port = self.metrics_ports.get(name, self.worker_metrics_port + len(self.metrics_ports))
+        if port > 65535:  # past the last port: this process serves none (the banner lists only ports handed out)
+            log.warning("no worker metrics port left for a process", extra={"child": name, "base":
+                                                                              self.worker_metrics_port})
+            return ["--metrics-port", "0"]
+        self.metrics_ports[name] = port
         return ["--metrics-port", str(port)]
 
     def check_port(self) -> None:
@@ -269,12 +274,15 @@ def ensure_model(args) -> Path:
 def run_cluster(args) -> int:
     stop = threading.Event()
     running: list[Supervisor] = []
+    forced: list[int] = []  # a second stop signal: every process killed, requests in flight cut (exit 130)
+    came_up = False
 
     def on_signal(signum, _frame) -> None:
         if signum == signal.SIGHUP:  # the terminal is gone: writing to it would raise (EIO) mid-stop
             _detach_from_terminal()
         if stop.is_set() and running:  # a second Ctrl-C: no more waiting for the graceful stop
             print("tributary: stopping now (killing every process)", file=sys.stderr, flush=True)
+            forced.append(signum)
             running[0].kill()
         stop.set()
 
@@ -336,6 +344,8 @@ def run_cluster(args) -> int:
             return 2
     try:
         cluster.check_port()
+        if args.redis_url:
+            check_redis(args.redis_url)  # unreachable, or a wrong password: one line now, not workers crashing
     except NotReady as exc:
         print(f"tributary: {exc}", file=sys.stderr)
         return 1
@@ -345,7 +355,7 @@ def run_cluster(args) -> int:
                      on_restart=lambda group: count_restart(cluster, group))
     running.append(sup)
     code = 0
-    scaler = None
+    scaler = probe = None
     try:
         if args.encoder_runtime == "onnx":  # export once here, not concurrently in both workers
             from encoders.export import ensure_onnx
@@ -356,7 +366,8 @@ def run_cluster(args) -> int:
                 ensure_onnx(spec, modality, progress=lambda line: print(line, flush=True))
         sup.start()
         wait_ready(cluster, sup, args.ready_timeout, stop)
-        if not stop.is_set():
+        came_up = not stop.is_set()
+        if came_up:
             print(_banner(cluster, model), flush=True)
         if policies and not stop.is_set():
             from tributary.autoscaler import LocalAutoscaler
@@ -367,29 +378,72 @@ def run_cluster(args) -> int:
                 f"{t} {p.min_replicas}..{p.max_replicas}" for t, p in policies.items()), file=sys.stderr, flush=True)
         watchdog = None
         if args.hang_timeout > 0:
-            from tributary.watchdog import Watchdog
+            from tributary.watchdog import GatewayProbe, Watchdog
 
             watchdog = Watchdog(cluster.redis_url, cluster.prefix, cluster.tiers(), args.hang_timeout,
                                 load_s=args.ready_timeout)
+            probe = GatewayProbe(cluster.url, cluster.instance_id, args.hang_timeout, args.ready_timeout)
+        redis_restarts: list[float] = []
         while not stop.is_set():
             if watchdog:
                 watchdog.check(sup.groups)  # a stuck worker is killed here and restarted by tend()
+                probe.check(sup.groups[0])  # the gateway (groups() puts it first), asked over HTTP
+            if redis and redis.proc.poll() is not None:
+                redis_restarts = _restart_redis(redis, redis_restarts, args.max_restarts, args.restart_window)
             sup.tend()
             if scaler:
                 scaler.tick()
             stop.wait(0.3)
+        if not came_up:
+            code = 130  # interrupted before the cluster came up
     except (NotReady, CrashLoop) as exc:
         print(f"tributary: {exc}", file=sys.stderr, flush=True)
         code = 1
     finally:
         print("tributary: stopping ...", file=sys.stderr, flush=True)
+        if probe:
+            probe.close()
         if scaler:
             scaler.close()
         sup.stop()
         if redis:
             redis.stop()
         print("tributary: stopped", file=sys.stderr, flush=True)
-    return code
+    return 130 if forced else code
+
+
+def _restart_redis(redis: EmbeddedRedis, restarts: list[float], max_restarts: int, window_s: float) -> list[float]:
+    """The embedded Redis died (killed, out of memory): started again, empty, on its port and with its password (the
+    tiers reconnect and recover as from any Redis restart). CrashLoop past ``max_restarts`` within ``window_s``."""
+    from cache.embedded import EmbeddedRedisError
+
+    now = time.monotonic()
+    restarts = [t for t in restarts if now - t < window_s] + [now]
+    code = redis.proc.returncode
+    err = redis.proc.stderr.read().decode(errors="replace").strip()[-500:] if redis.proc.stderr else ""
+    log.error("the embedded redis exited; restarting it empty", extra={"code": code, "port": redis.port,
+                                                                        "stderr": err})
+    print(f"tributary: the embedded Redis exited with code {code}; restarting it (empty) on port {redis.port}",
+          file=sys.stderr, flush=True)
+    if len(restarts) > max_restarts:
+        raise CrashLoop(f"the embedded Redis exited {len(restarts)} times within {window_s:g} s")
+    redis.stop()
+    try:
+        redis.start(port=redis.port)
+    except EmbeddedRedisError as exc:
+        raise CrashLoop(f"the embedded Redis could not be restarted: {exc}") from None
+    return restarts
+
+
+def check_redis(url: str, timeout_s: float = 5.0) -> None:
+    """NotReady, in words, unless the Redis at ``url`` answers a PING (with the credentials the URL carries)."""
+    from cache.client import connect, describe
+
+    try:
+        connect(url, retries=0, socket_timeout=timeout_s).ping()
+    except Exception as exc:  # noqa: BLE001 -- anything that stops a PING stops every tier
+        raise NotReady(f"Redis at {redact(url)}: {describe(exc)} ({type(exc).__name__}: {exc}); check --redis-url "
+                       "(or TRIBUTARY_REDIS_URL)") from None
 
 
 def _detach_from_terminal() -> None:

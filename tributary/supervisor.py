@@ -54,7 +54,7 @@ class Child:
         self._reader = threading.Thread(target=self._pump, name=f"out-{self.name}", daemon=True)
         self._reader.start()
         self.started_at = time.monotonic()
-        log.info("started", extra={"child": self.name, "pid": self.proc.pid})
+        log.info("started", extra={"child": self.name, "child_pid": self.proc.pid})
 
     def _pump(self) -> None:
         """Pass the child's output through to ours, line by line, keeping the last TAIL_LINES."""
@@ -90,6 +90,7 @@ class Group:
     make: Callable[[], list[Child]]
     children: list[Child] = field(default_factory=list)
     crashes: list[float] = field(default_factory=list)  # monotonic times
+    streak: int = 0  # crashes in a row, each before the process had run ``window_s``
     restart_at: float | None = None
     tier: str = ""  # the tier its processes serve ("" when not scaled)
     front: bool = False  # stopped first when everything stops (the gateway: the workers serve what it drains)
@@ -177,12 +178,19 @@ class Supervisor:
                 stopped = child.exited in (0, *(-s for s in STOP_SIGNALS))
                 if not stopped:
                     group.crashes = [t for t in group.crashes if now - t < self.window_s] + [now]
+                    # A process that loads for longer than the window / (limit + 1), restarted with backoff, never
+                    # crashes often enough within the window: crashes in a row, each soon after its start, count too.
+                    group.streak = group.streak + 1 if now - child.started_at < self.window_s else 1
                 recent = sum(1 for g in self.groups for t in g.crashes if now - t < self.window_s)
                 print(f"tributary: {child.name} exited with code {child.exited}; last lines:\n"
                       f"{_indent(child.last_lines())}", file=sys.stderr, flush=True)
                 if not stopped and recent > self.max_restarts:
                     raise CrashLoop(f"{recent} crashes within {self.window_s:g} s (limit {self.max_restarts}); "
                                     f"last: {child.name} exited with code {child.exited}")
+                if not stopped and group.streak > self.max_restarts:
+                    raise CrashLoop(f"{child.name} crashed {group.streak} times in a row, each within "
+                                    f"{self.window_s:g} s of its start (limit {self.max_restarts}); last exit code "
+                                    f"{child.exited}")
                 delay = 1.0 if stopped else min(2.0 ** (len(group.crashes) - 1), self.max_backoff_s)
                 log.warning("restarting", extra={"group": group.name, "child": child.name, "code": child.exited,
                                                  "in_s": delay, "crashes_in_window": len(group.crashes)})

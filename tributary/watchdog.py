@@ -25,10 +25,13 @@ them to its children by pid, on this host only.
 
 from __future__ import annotations
 
+import json
 import logging
 import socket
 import sys
+import threading
 import time
+import urllib.request
 
 from cache.client import connect
 from cache.keys import Keys
@@ -95,7 +98,7 @@ class Watchdog:
             last = self.beats.get(child.proc.pid)
             if last is not None and wall - last > self.hang_s:
                 log.error("watchdog: a worker stopped heartbeating while Redis answered: stuck; killing it (it will "
-                          "be restarted)", extra={"child": child.name, "pid": child.proc.pid,
+                          "be restarted)", extra={"child": child.name, "child_pid": child.proc.pid,
                                                   "silent_s": round(wall - last, 1)})
                 print(f"tributary: {child.name} is stuck (no heartbeat for {wall - last:.0f} s while Redis answered); "
                       "killing it", file=sys.stderr, flush=True)
@@ -119,10 +122,60 @@ class Watchdog:
             if loading_s > self.load_s:
                 child = alive[0]
                 log.error("watchdog: a worker has not heartbeated since it started; stuck loading, killing it (it "
-                          "will be restarted)", extra={"child": child.name, "pid": child.proc.pid,
+                          "will be restarted)", extra={"child": child.name, "child_pid": child.proc.pid,
                                                        "loading_s": round(loading_s, 1)})
                 print(f"tributary: {child.name} has not come up {loading_s:.0f} s after it started; killing it",
                       file=sys.stderr, flush=True)
                 child.proc.kill()
                 killed.append(child)
         return killed
+
+
+class GatewayProbe:
+    """The gateway has no heartbeat in Redis a watchdog could read: a thread asks its ``/health`` every ``every_s``
+    (a stopped or deadlocked event loop does not answer) and :meth:`check` kills it once it has not answered for
+    ``hang_s`` (the supervisor restarts it). A (re)started gateway has ``load_s`` to answer first."""
+
+    def __init__(self, url: str, instance_id: str, hang_s: float, load_s: float, every_s: float = 2.0):
+        self.url, self.instance_id = url.rstrip("/") + "/health", instance_id
+        self.hang_s, self.load_s, self.every_s = hang_s, load_s, every_s
+        self.answered: dict[int, float] = {}  # gateway pid -> monotonic time it last answered
+        self.created = time.monotonic()  # up had seen the gateway then running answer /ready
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="gateway-probe", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while True:
+            try:
+                with urllib.request.urlopen(self.url, timeout=self.every_s) as resp:
+                    body = json.load(resp)
+                if body.get("instance") == self.instance_id and isinstance(body.get("pid"), int):
+                    self.answered[body["pid"]] = time.monotonic()
+            except Exception:  # noqa: BLE001 -- not answering is what this measures
+                pass
+            if self._stop.wait(self.every_s):
+                return
+
+    def check(self, group: Group) -> Child | None:
+        """The gateway of ``group`` killed as hung, if it is."""
+        child = group.children[0] if group.children else None
+        if child is None or child.proc is None or child.exited is not None or group.restart_at is not None:
+            return None
+        now = time.monotonic()
+        last = self.answered.get(child.proc.pid)
+        if last is None and child.started_at < self.created:
+            last = self.created  # the gateway up waited for: it answered /ready just before this probe began
+        silent = now - (last if last is not None else child.started_at)
+        if silent <= (self.hang_s if last is not None else max(self.load_s, self.hang_s)):
+            return None
+        log.error("watchdog: the gateway has not answered /health; hung, killing it (it will be restarted)",
+                  extra={"child": child.name, "child_pid": child.proc.pid, "silent_s": round(silent, 1)})
+        print(f"tributary: {child.name} has not answered /health for {silent:.0f} s; killing it", file=sys.stderr,
+              flush=True)
+        child.proc.kill()
+        self.answered.pop(child.proc.pid, None)
+        return child
+
+    def close(self) -> None:
+        self._stop.set()

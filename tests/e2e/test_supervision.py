@@ -167,7 +167,7 @@ def test_a_second_ctrl_c_stops_at_once(tiny_model, redis_server, tmp_path):
         assert proc.poll() is None  # draining: the gateway waits for its request
         t0 = time.monotonic()
         proc.send_signal(signal.SIGINT)
-        assert proc.wait(15) == 0
+        assert proc.wait(15) == 130  # not a clean stop: a request in flight was cut
         assert time.monotonic() - t0 < 10
         assert "stopping now" in log.read_text()
     finally:
@@ -175,3 +175,46 @@ def test_a_second_ctrl_c_stops_at_once(tiny_model, redis_server, tmp_path):
             proc.kill()
             proc.wait(30)
     assert processes_with("--prefix cc") == []
+
+
+def test_a_hung_gateway_and_a_dead_embedded_redis_are_brought_back(tiny_model, tmp_path):
+    """An outside tester's findings: a SIGSTOPped gateway stayed stopped (the watchdog read only the workers'
+    heartbeats) and a killed embedded Redis left every request a 503 for good. ``up`` now asks the gateway's
+    /health and kills it after --hang-timeout without an answer (the supervisor restarts it), and restarts its
+    embedded Redis (empty, same port and password: the tiers recover as from any Redis restart)."""
+    log = tmp_path / "up.log"
+    port = free_port()
+    proc = subprocess.Popen([sys.executable, "-m", "tributary.cli", "up", "--model", str(tiny_model), "--port",
+                             str(port), "--prefix", "hung", "--hang-timeout", "5"], stdout=log.open("w"),
+                            stderr=subprocess.STDOUT, env=dict(os.environ, PYTHONUNBUFFERED="1"))
+
+    def ask() -> int:
+        try:
+            return httpx.post(f"http://127.0.0.1:{port}/v1/chat/completions", timeout=30, json={
+                "model": tiny_model.name, "max_tokens": 2, "messages": [{"role": "user", "content": "hi"}]
+            }).status_code
+        except httpx.HTTPError:
+            return 0
+
+    try:
+        wait_for("the banner", lambda: "Tributary is up" in log.read_text(), 240, log, proc)
+        gateway = child_pid(proc.pid, " gateway ")
+        os.kill(gateway, signal.SIGSTOP)
+        wait_for("the hung gateway killed", lambda: "has not answered /health" in log.read_text(), 60, log, proc)
+        wait_for("the gateway restarted and serving", lambda: ready(port) and ask() == 200, 120, log, proc)
+        assert child_pid(proc.pid, " gateway ") not in (None, gateway)
+        server = next(pid for pid in (child_pid(proc.pid, name) for name in ("redis-server", "valkey-server",
+                                                                                 "redis", "valkey")) if pid)
+        os.kill(server, signal.SIGKILL)
+        wait_for("the embedded redis restarted", lambda: "the embedded Redis exited" in log.read_text(), 30, log,
+                 proc)
+        wait_for("serving again", lambda: ready(port) and ask() == 200, 120, log, proc)
+        proc.send_signal(signal.SIGINT)
+        assert proc.wait(60) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(30)
+        for pid in processes_with("--prefix hung"):  # a stopped process acts on no signal but SIGKILL
+            os.kill(pid, signal.SIGKILL)
+            raise AssertionError(f"process {pid} left behind")

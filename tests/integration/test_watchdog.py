@@ -193,6 +193,28 @@ def test_a_worker_that_stops_cleanly_is_restarted_without_counting_as_a_crash():
         sup.stop()
 
 
+def test_crashes_in_a_row_each_soon_after_start_stop_the_cluster_though_the_window_never_fills():
+    """A worker that loads longer than the window allows (with the restart backoff) never crashes ``max_restarts``
+    + 1 times within the window, so --max-restarts never fired (an outside tester: 8 crashes in 120 s, the cluster
+    kept going). Crashes in a row, each before the process had run a window, count too."""
+    from tributary.supervisor import CrashLoop
+
+    code = "raise SystemExit(3)\n"  # dies at once, well within the window of its start
+    crashing = Group("crashing", lambda: [Child("crashing", [sys.executable, "-c", code])], tier=TIER)
+    # The window (1 s) is shorter than the time between two crashes (the 1 s backoff, then the start): it never
+    # holds more than one crash.
+    sup = Supervisor([crashing], max_restarts=2, window_s=1.0)
+    sup.start()
+    try:
+        deadline = time.monotonic() + 30
+        with pytest.raises(CrashLoop, match="crashed 3 times in a row"):
+            while time.monotonic() < deadline:
+                sup.tend()
+                time.sleep(0.05)
+    finally:
+        sup.stop()
+
+
 def test_a_worker_starting_while_redis_refuses_writes_waits_for_it(server):
     """A worker (re)started into a Redis that refuses writes waits to create its group instead of exiting (a crash
     the supervisor would count, for a fault that is not the worker's); SIGTERM still ends the wait."""

@@ -1,0 +1,123 @@
+"""A mistake in what a command is given is one line naming it and a nonzero exit, never a traceback wall or a
+process that waits forever (an outside operator's tour of the CLI found both)."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import shutil
+import subprocess
+import sys
+
+import pytest
+
+from tributary.cli import main
+
+
+def run(*argv: str, env: dict | None = None) -> tuple[int, str]:
+    import os
+
+    proc = subprocess.run([sys.executable, "-m", "tributary.cli", *argv], capture_output=True, text=True, timeout=120,
+                          env={**os.environ, **(env or {})})
+    return proc.returncode, proc.stderr
+
+
+@pytest.mark.parametrize("argv,env,words", [
+    (["up", "--port", "70000"], {}, "argument --port: must be a port number, 1-65535, got '70000'"),
+    (["up", "--port", "0"], {}, "argument --port: must be a port number"),
+    (["up", "--max-inflight", "-1"], {}, "argument --max-inflight: must be an integer >= 1"),
+    (["up", "--ready-timeout", "-1"], {}, "argument --ready-timeout: must be a number > 0"),
+    (["up", "--shards", "0"], {}, "argument --shards: must be an integer >= 1"),
+    (["up", "--log-level", "BOGUS"], {}, "argument --log-level: must be one of DEBUG"),
+    (["up"], {"TRIBUTARY_MAX_INFLIGHT": "abc"}, "argument --max-inflight: must be an integer >= 1, got 'abc'"),
+    (["backbone", "--model", "m", "--redis-url", "redis://x", "--stall-timeout", "-1"], {},
+     "argument --stall-timeout: must be a number > 0"),
+    (["backbone", "--model", "m", "--redis-url", "redis://x", "--gpu-memory-utilization", "1.5"], {},
+     "must be a number in (0, 1]"),
+])
+def test_bad_flag_values_are_one_argparse_line(argv, env, words):
+    code, err = run(*argv, env=env)
+    assert code == 2 and words in err and "Traceback" not in err, err
+
+
+def test_a_bad_environment_value_does_not_break_help():
+    code, err = run("up", "--help", env={"TRIBUTARY_MAX_INFLIGHT": "abc"})
+    assert code == 0 and "Traceback" not in err, err
+
+
+@pytest.mark.parametrize("argv,words", [
+    (["backbone", "--model", "m", "--redis-url", "redis://x", "--layers", "3:x"], "--layers must be A:B"),
+    (["backbone", "--model", "m", "--redis-url", "redis://x", "--shard", "3", "--num-shards", "2"],
+     "--shard 3 is not a shard of a replica of --num-shards 2"),
+    (["export-onnx", "--model", "/nonexistent"], "/nonexistent has no config.json"),
+    (["demo-model", "--out", "/dev/null/x"], "/dev/null/x"),
+])
+def test_what_cannot_work_is_one_line_with_status_2(argv, words, capsys):
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert words in err and "Traceback" not in err and len(err.strip().splitlines()) == 1, err
+
+
+def test_a_broken_checkpoint_names_its_file(tiny_model, tmp_path, capsys):
+    broken = tmp_path / "broken"
+    shutil.copytree(tiny_model, broken)
+    (broken / "config.json").write_text("{")
+    assert main(["export-onnx", "--model", str(broken)]) == 2
+    assert f"{broken / 'config.json'}: not valid JSON" in capsys.readouterr().err
+    (broken / "config.json").write_text((tiny_model / "config.json").read_text())
+    (broken / "model.safetensors").write_bytes((tiny_model / "model.safetensors").read_bytes()[:1000])
+    assert main(["export-onnx", "--model", str(broken)]) == 2
+    assert f"{broken / 'model.safetensors'}: not a readable safetensors file" in capsys.readouterr().err
+
+
+def test_a_gateway_whose_port_is_taken_says_so_at_once(tiny_model):
+    import socket
+
+    with socket.socket() as squatter:
+        squatter.bind(("127.0.0.1", 0))
+        squatter.listen()
+        port = squatter.getsockname()[1]
+        code, err = run("gateway", "--model", str(tiny_model), "--redis-url", "redis://127.0.0.1:1", "--port",
+                        str(port))
+    assert code == 2 and f"cannot listen on 127.0.0.1:{port}" in err and "Traceback" not in err, err
+
+
+def test_background_tasks_stop_even_when_a_cancellation_is_lost(caplog):
+    """redis-py, cancelled while it connects, can carry on with the command: the cancellation is lost, and a
+    gateway that could not bind its port hung in its shutdown for good. ``stop_tasks`` cancels again until a task
+    ends, and leaves (logged) one that never does."""
+    from gateway.app import stop_tasks
+
+    async def deaf_once():  # loses the first cancellation, as redis-py did
+        try:
+            await asyncio.sleep(3600)
+        except asyncio.CancelledError:
+            pass
+        while True:
+            await asyncio.sleep(0.05)
+
+    released = []
+
+    async def deaf():  # loses every cancellation (until the test releases it)
+        while not released:
+            try:
+                await asyncio.sleep(0.05)
+            except asyncio.CancelledError:
+                continue
+
+    async def scenario():
+        once, never = asyncio.create_task(deaf_once(), name="once"), asyncio.create_task(deaf(), name="never")
+        await asyncio.sleep(0)
+        loop = asyncio.get_running_loop()
+        t0 = loop.time()
+        with caplog.at_level(logging.ERROR, logger="gateway.app"):
+            await stop_tasks([once, never], timeout_s=1.5)
+        took = loop.time() - t0
+        done = once.done(), never.done()
+        released.append(1)
+        await never
+        return done, took
+
+    (once_stopped, never_done), took = asyncio.run(scenario())
+    assert once_stopped and not never_done and took < 3
+    assert any("did not stop" in r.getMessage() for r in caplog.records)
