@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 import sys
 import textwrap
 from pathlib import Path
@@ -64,6 +65,17 @@ POSITIVE = _ranged(float, "a number > 0", 0, above=True)
 NONNEG = _ranged(float, "a number >= 0", 0)
 FRACTION = _ranged(float, "a number in (0, 1]", 0, 1, above=True)
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
+
+
+def _device(*names: str):
+    """An argparse type: one of ``names``, cuda or cuda:N (whether that device exists is checked when it starts)."""
+    def parse(text: str) -> str:
+        if text not in names and not re.fullmatch(r"cuda(:\d+)?", text):
+            raise argparse.ArgumentTypeError(f"must be {', '.join(names)}, cuda or cuda:N, got {text!r}")
+        return text
+
+    parse.__name__ = "device"
+    return parse
 
 
 def _log_level(text: str) -> str:
@@ -465,7 +477,8 @@ def build_parser() -> argparse.ArgumentParser:
     enc.add_argument("--runtime", default=_env("ENCODER_RUNTIME", "torch"), choices=["torch", "onnx"],
                      help=_env_help("torch, or onnx: the encoder's ONNX export, made on first use (see export-onnx)",
                                     "ENCODER_RUNTIME"))
-    enc.add_argument("--device", default=_env("DEVICE", "cpu"), help=_env_help("cpu, cuda or cuda:N", "DEVICE"))
+    enc.add_argument("--device", type=_device("cpu"), default=_env("DEVICE", "cpu"),
+                     help=_env_help("cpu, cuda or cuda:N", "DEVICE"))
     enc.add_argument("--dtype", default=_env("ENCODER_DTYPE", "auto"),
                      help=_env_help("compute dtype: auto, float32, bfloat16 or float16, or per modality as the "
                                     "gateway's --encoder-dtype takes it (image=bfloat16,audio=float32: this "
@@ -508,7 +521,7 @@ def build_parser() -> argparse.ArgumentParser:
     bb.add_argument("--dist-url", default=_env("DIST_URL", ""),
                     help=_env_help("torch.distributed rendezvous of the replica (tcp://host:port), same on every "
                                    "shard; needed when --num-shards > 1", "DIST_URL"))
-    bb.add_argument("--device", default=_env("BACKBONE_DEVICE", "auto"),
+    bb.add_argument("--device", type=_device("auto", "cpu"), default=_env("BACKBONE_DEVICE", "auto"),
                     help=_env_help("cpu, cuda or cuda:N (default auto: cuda if a GPU is present, else cpu); plain "
                                    "cuda on a pipeline shard means cuda:<shard mod visible GPUs>", "BACKBONE_DEVICE"))
     bb.add_argument("--dtype", default=_env("BACKBONE_DTYPE", "auto"),

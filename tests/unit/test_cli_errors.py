@@ -34,6 +34,8 @@ def run(*argv: str, env: dict | None = None) -> tuple[int, str]:
      "argument --stall-timeout: must be a number > 0"),
     (["backbone", "--model", "m", "--redis-url", "redis://x", "--gpu-memory-utilization", "1.5"], {},
      "must be a number in (0, 1]"),
+    (["encoder", "--model", "m", "--redis-url", "redis://x", "--modality", "image", "--device", "tpu"], {},
+     "argument --device: must be cpu, cuda or cuda:N, got 'tpu'"),
 ])
 def test_bad_flag_values_are_one_argparse_line(argv, env, words):
     code, err = run(*argv, env=env)
