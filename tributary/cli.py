@@ -354,7 +354,7 @@ def build_parser() -> argparse.ArgumentParser:
                                    "LOG_FORMAT"))
     up.add_argument("--shards", type=POSITIVE_INT, default=1,
                     help="backbone pipeline shards (processes) per replica, the layers split evenly")
-    up.add_argument("--backbone-device", default="auto",
+    up.add_argument("--backbone-device", type=_device("auto", "cpu"), default="auto",
                     help="the backbone's --device: auto, cpu, cuda or cuda:N (auto: cuda if present)")
     up.add_argument("--backbone-dtype", default="auto",
                     help="the backbone's --dtype: auto, float32, bfloat16 or float16 (auto: bfloat16 on a GPU, else "
@@ -371,7 +371,8 @@ def build_parser() -> argparse.ArgumentParser:
     up.add_argument("--encoder-runtime", default="torch", choices=["torch", "onnx"],
                     help="the encoders' --runtime; onnx: each encoder is exported to ONNX and checked once before the "
                          "workers start (see export-onnx)")
-    up.add_argument("--encoder-device", default="cpu", help="the encoders' --device: cpu, cuda or cuda:N")
+    up.add_argument("--encoder-device", type=_device("cpu"), default="cpu",
+                    help="the encoders' --device: cpu, cuda or cuda:N")
     up.add_argument("--encoder-dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
                     help="the encoders' compute dtype, which is also their wire dtype (auto: bfloat16 for the torch "
                          "runtime on a GPU, else float32); the gateway is told the same")
@@ -701,24 +702,6 @@ def main(argv: list[str] | None = None) -> int:
         return 2
 
 
-def _check_listen(host: str, port: int) -> None:
-    """The gateway's address can be listened on (as uvicorn binds it), else a UserError naming it."""
-    import socket
-
-    try:
-        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
-    except OSError as exc:
-        raise UserError(f"cannot listen on {host}:{port}: {exc.strerror or exc} (--host)") from None
-    family, kind, proto, _, address = infos[0]
-    with socket.socket(family, kind, proto) as s:
-        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn binds: TIME_WAIT is no conflict
-        try:
-            s.bind(address)
-        except OSError as exc:
-            raise UserError(f"cannot listen on {host}:{port}: {exc.strerror or exc} (another server is using it? "
-                            "pass --port)") from None
-
-
 class UserError(Exception):
     """What the command was given cannot work (raised with words for the operator)."""
 
@@ -788,7 +771,10 @@ def _main(args) -> int:
                                 media_cache=not args.no_media_cache)
         except ValueError as exc:
             raise SystemExit(f"tributary gateway: {exc}") from None
-        _check_listen(args.host, args.port)  # before loading anything: a port taken is one line, at once
+        from tributary.cluster import listen_problem
+
+        if problem := listen_problem(args.host, args.port):  # before loading anything: one line, at once
+            raise UserError(problem)
         serve(cfg, args.host, args.port, args.graceful_timeout)
         return 0
     if args.command == "encoder":

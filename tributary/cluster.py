@@ -12,7 +12,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import re
 import secrets
 import shlex
 import signal
@@ -191,13 +190,8 @@ class Cluster:
         return ["--metrics-port", str(port)]
 
     def check_port(self) -> None:
-        with socket.socket() as s:
-            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn binds: TIME_WAIT is no conflict
-            try:
-                s.bind((self.host, self.port))
-            except OSError as exc:
-                raise NotReady(f"cannot listen on {self.host}:{self.port}: {exc.strerror or exc} (another "
-                               "server is using it? pass --port)") from None
+        if problem := listen_problem(self.host, self.port):
+            raise NotReady(problem)
 
     def ready(self) -> bool:
         """Whether our own gateway answers /ready with 200. NotReady if something else answers on the port.
@@ -295,14 +289,11 @@ def run_cluster(args) -> int:
     except ValueError as exc:
         print(f"tributary: --limit-mm-per-prompt: {exc}", file=sys.stderr)
         return 2
-    # The flags' spelling only (no torch import here); each backbone checks the device exists when it starts.
-    if not re.fullmatch(r"cpu|cuda(:\d+)?", args.encoder_device):
-        print(f"tributary: --encoder-device must be cpu, cuda or cuda:N (got {args.encoder_device!r})", file=sys.stderr)
-        return 2
-    if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", args.backbone_device) or args.backbone_dtype not in (
-            "auto", "float32", "fp32", "bfloat16", "bf16", "float16", "fp16"):
-        print(f"tributary: --backbone-device must be auto, cpu, cuda or cuda:N and --backbone-dtype auto, float32, "
-              f"bfloat16 or float16 (got {args.backbone_device!r}, {args.backbone_dtype!r})", file=sys.stderr)
+    # The devices' spelling is checked by their flags' type (tributary/cli._device); each worker checks the device
+    # exists when it starts.
+    if args.backbone_dtype not in ("auto", "float32", "fp32", "bfloat16", "bf16", "float16", "fp16"):
+        print(f"tributary: --backbone-dtype must be auto, float32, bfloat16 or float16 (got {args.backbone_dtype!r})",
+              file=sys.stderr)
         return 2
     model = ensure_model(args)
     modalities = _modalities(model)  # before anything starts: an unsupported checkpoint fails here
@@ -433,6 +424,23 @@ def _restart_redis(redis: EmbeddedRedis, restarts: list[float], max_restarts: in
     except EmbeddedRedisError as exc:
         raise CrashLoop(f"the embedded Redis could not be restarted: {exc}") from None
     return restarts
+
+
+def listen_problem(host: str, port: int) -> str | None:
+    """Why a server could not listen on ``host:port`` (as uvicorn binds it), or None: checked before a gateway loads
+    anything, so that a port already taken is one line at once."""
+    try:
+        family, kind, proto, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM,
+                                                             flags=socket.AI_PASSIVE)[0]
+    except OSError as exc:
+        return f"cannot listen on {host}:{port}: {exc.strerror or exc} (--host)"
+    with socket.socket(family, kind, proto) as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn binds: TIME_WAIT is no conflict
+        try:
+            s.bind(address)
+        except OSError as exc:
+            return f"cannot listen on {host}:{port}: {exc.strerror or exc} (another server is using it? pass --port)"
+    return None
 
 
 def check_redis(url: str, timeout_s: float = 5.0) -> None:
