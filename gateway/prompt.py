@@ -17,15 +17,17 @@ tokens it will become, so the context check can run before anything is encoded (
 
 from __future__ import annotations
 
+import functools
 import logging
 import re
-from dataclasses import dataclass
+from collections.abc import Sequence
+from dataclasses import dataclass, field
 
 from gateway.config import DEFAULT_MM_LIMITS
 from gateway.errors import InvalidRequest
 from gateway.media import MediaPart, audio_from_base64, content_digest, from_data_url, is_remote, unreadable
 from gateway.schemas import ChatCompletionRequest
-from models.media import MAX_AUDIO_S, MediaHeaderError, placeholder_count, probe_audio, probe_image
+from models.media import MAX_AUDIO_S, MediaHeaderError, MediaInfo, placeholder_count, probe_audio, probe_image
 from models.spec import ModelSpec
 
 log = logging.getLogger(__name__)
@@ -49,6 +51,19 @@ class Prompt:
         return len(self.token_ids) - len(self.media) + sum(p.tokens for p in self.media)
 
 
+@dataclass(frozen=True)
+class TemplateCosts:
+    """The chat template's own tokens, measured on one tokenizer (``PromptBuilder.template_costs``): around a
+    conversation (BOS, the generation prompt, a default system prompt), around a message of each role, and around
+    a media part of each modality (its placeholder token included)."""
+
+    fixed: int
+    fixed_after_system: int  # a template may add a default system prompt when the first message is no system one
+    message: dict[str, int] = field(default_factory=dict)
+    media: dict[str, int] = field(default_factory=dict)
+    default: int = 8  # for a role or modality the template could not be measured with
+
+
 class PromptBuilder:
     def __init__(self, spec: ModelSpec, tokenizer, max_media_bytes: int, limits: dict[str, int] | None = None,
                  max_audio_seconds: float = MAX_AUDIO_S):
@@ -70,6 +85,23 @@ class PromptBuilder:
         # tens of seconds); twice that, for normalizers that shorten text.
         longest = max((len(t) for t in tokenizer.convert_ids_to_tokens(list(range(len(tokenizer)))) if t), default=1)
         self.max_text_chars = 2 * spec.max_context * longest
+        self.string_content = self._renders_strings()
+
+    def _renders_strings(self) -> bool:
+        """Whether the chat template renders a message whose content is a string. Hugging Face's LLaVA template only
+        walks content parts (``message['content'] | selectattr('type', ...)``: a string's characters have no type),
+        so a string message, the most common form, would vanish from the prompt. For such a template a string
+        content goes as one text part (vLLM's "openai" content format); templates that take both get the string."""
+        probe = "tributary-probe"
+        try:
+            return probe in self.tokenizer.apply_chat_template([{"role": "user", "content": probe}], tokenize=False,
+                                                               add_generation_prompt=True)
+        except Exception:  # a template that refuses string content takes parts
+            return False
+
+    def _content(self, text: str) -> str | list[dict]:
+        """A message's text as the template renders it (``string_content``)."""
+        return text if self.string_content else [{"type": "text", "text": text}]
 
     def remote_parts(self, req: ChatCompletionRequest) -> list[tuple[str, str, str]]:
         """(param, url, modality) of every media part given as an http(s) URL: fetched (gateway/remote.py) before
@@ -96,7 +128,7 @@ class PromptBuilder:
                 named["name"] = self._quote(msg.name, quoted)
             if isinstance(msg.content, str):
                 self._check_text(msg.content, f"messages.{i}.content")
-                messages.append({"role": role, "content": self._quote(msg.content, quoted), **named})
+                messages.append({"role": role, "content": self._content(self._quote(msg.content, quoted)), **named})
                 continue
             parts = []
             for j, part in enumerate(msg.content):
@@ -118,6 +150,73 @@ class PromptBuilder:
             text, add_special_tokens=add_special)["input_ids"]
         self._check_placeholders(ids, media)
         return Prompt(ids, media, namespace)
+
+    def message_tokens(self, role: str, texts: Sequence[str], media: Sequence[tuple[str, MediaInfo]] = ()) -> int:
+        """About how many tokens one message adds to a prompt, told without rendering the conversation it is in:
+        its texts tokenized on their own (control-token spellings split, as ``_tokenize`` does), each media part's
+        placeholder count as the encoder will count it, and the template's tokens around a message and a part
+        (``template_costs``). Within a token or two of the truth per message (tokens can merge across a text's edge
+        in the rendered template); for leaving a conversation's oldest messages out of a prompt
+        (gateway/realtime.py), whose exact length the built prompt then checks. Text too long for any tokenization
+        to fit the context (``max_text_chars``) counts as more than the context, untokenized."""
+        costs = self.template_costs
+        if sum(map(len, texts)) > self.max_text_chars:
+            return self.spec.max_context + 1
+        n = costs.message.get(role, costs.default)
+        for text in texts:
+            n += len(self.tokenizer(text, add_special_tokens=False, split_special_tokens=True)["input_ids"])
+        for modality, info in media:
+            n += costs.media.get(modality, costs.default) - 1 + placeholder_count(self.spec, modality, info)
+        return n
+
+    @functools.cached_property
+    def template_costs(self) -> TemplateCosts:
+        """Measured once, by rendering small conversations the way ``build`` renders them and taking differences
+        (a template that refuses one shape, e.g. two user messages in a row, leaves that cost at the default)."""
+        tok, x = self.tokenizer, "x"
+        x_len = len(tok(x, add_special_tokens=False)["input_ids"])
+
+        def length(messages, generate=False) -> int:
+            text = tok.apply_chat_template(messages, add_generation_prompt=generate, tokenize=False)
+            bos = tok.bos_token
+            return len(tok(text, add_special_tokens=not (bos and text.startswith(bos)))["input_ids"])
+
+        user = {"role": "user", "content": [{"type": "text", "text": x}]}
+        costs = TemplateCosts(fixed=0, fixed_after_system=0)
+        try:
+            one = length([user])
+        except Exception:  # a template this cannot measure: every cost at the default
+            log.warning("the chat template could not be measured; conversation truncation estimates are coarse")
+            return costs
+        for role in ("user", "system", "assistant"):
+            message = user if role == "user" else {"role": role, "content": self._content(x)}
+            try:
+                costs.message[role] = max(length([user, message]) - one - x_len, 0)
+            except Exception:
+                pass
+        for modality in self.spec.modalities:
+            part = {"type": modality, modality: "tributary:measure"}
+            try:
+                with_part = length([{"role": "user", "content": [user["content"][0], part]}])
+                costs.media[modality] = max(with_part - one, 1)
+            except Exception:
+                pass
+        fixed = after_system = costs.default
+        user_cost = costs.message.get("user", costs.default) + x_len
+        try:
+            fixed = length([user], generate=True) - user_cost
+            system = {"role": "system", "content": self._content(x)}
+            after_system = (length([system, user], generate=True) - user_cost
+                            - costs.message.get("system", costs.default) - x_len)
+        except Exception:
+            after_system = fixed
+        return TemplateCosts(max(fixed, 0), max(after_system, 0), costs.message, costs.media)
+
+    def conversation_tokens(self, first_role: str | None) -> int:
+        """The template's tokens around a conversation whose first message has ``first_role`` (see
+        ``message_tokens``)."""
+        costs = self.template_costs
+        return costs.fixed_after_system if first_role == "system" else costs.fixed
 
     def _quote(self, text: str, quoted: list[str]) -> str:
         """Client text as the template gets it: as is, or, if it spells a control token or ends with the start of

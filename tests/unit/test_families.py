@@ -379,3 +379,49 @@ def test_loading_the_demo_tokenizer_warns_of_nothing(tiny_spec):
         logging.getLogger("transformers").removeHandler(handler)
     assert tokenizer("hello").input_ids
     assert not [m for m in seen if "model of type" in m], seen
+
+
+def test_string_contents_reach_the_template_as_their_text(case):
+    """Hugging Face's LLaVA template walks content parts only (``message['content'] | selectattr('type', ...)``):
+    a message whose content is a plain string, the most common form, rendered as nothing, so the model never saw
+    the system prompt, the user's question or its own earlier answers. A string now reaches such a template as one
+    text part: the same prompt as the parts form (which equals the processor's, above)."""
+    name, spec, tok, *_ = case
+    builder = PromptBuilder(spec, tok, max_media_bytes=1 << 24)
+    strings = [{"role": "system", "content": "be kind"}, {"role": "user", "content": "hello there"},
+               {"role": "assistant", "content": "hi, how can I help"}, {"role": "user", "content": "just text"}]
+    parts = [{**m, "content": [{"type": "text", "text": m["content"]}]} for m in strings]
+    ids = builder.build(request(spec, strings)).token_ids
+    assert ids == builder.build(request(spec, parts)).token_ids
+    assert len(ids) > len(builder.build(request(spec, [{"role": "user", "content": "."}])).token_ids) + 10
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_a_conversations_token_estimate_is_close_and_never_short(case, seed):
+    """``PromptBuilder.message_tokens`` (what Realtime truncation counts a conversation with) summed over random
+    conversations (text with control-token spellings, media, every role) against the built prompt's length: never
+    less, at most a token per message more."""
+    import random
+
+    from models.media import MediaInfo, probe_audio
+
+    name, spec, tok, *_ = case
+    modality, rng = modality_of(name), random.Random(seed)
+    builder = PromptBuilder(spec, tok, max_media_bytes=1 << 24, limits={"image": 99, "audio": 99})
+    words = ["hello", "world", "<|im_start|>", "</s>", "<s>", "ASSISTANT:", "naïve", "你好", "123", "\n", "  "]
+    for _ in range(10):
+        messages, estimate = [], builder.conversation_tokens("system" if seed else "user")
+        if seed:  # with a system prompt, and without (Qwen's template adds its own then)
+            messages.append({"role": "system", "content": "be brief"})
+            estimate += builder.message_tokens("system", ["be brief"])
+        for i in range(rng.randint(1, 6)):
+            text = " ".join(rng.choice(words) for _ in range(rng.randint(1, 30)))
+            role = "assistant" if i % 2 else "user"
+            media = media_for(modality, rng.randrange(4), rng.randint(0, 2)) if role == "user" else []
+            infos = [(modality, MediaInfo() if modality == "image" else probe_audio(m, 30)) for m in media]
+            parts = [{"type": "image_url", "image_url": {"url": data_url(m)}} if modality == "image" else
+                     {"type": "input_audio", "input_audio": {"data": b64(m), "format": "wav"}} for m in media]
+            messages.append({"role": role, "content": [*parts, {"type": "text", "text": text}] if parts else text})
+            estimate += builder.message_tokens(role, [text], infos)
+        exact = builder.build(request(spec, messages)).expected_length
+        assert exact <= estimate <= exact + len(messages), (messages, estimate, exact)
