@@ -17,8 +17,15 @@ encodings. A turn longer than the encoder's window (30 s for Whisper-style encod
 Turn detection is the client's (``turn_detection: null``, the default) or the server's (``server_vad``: an energy
 detector, see ``ServerVad``; features are streamed once speech has started).
 
+Truncation (``session.truncation``, OpenAI's default ``"auto"``): when the conversation no longer fits the context
+(less the room kept for the answer: ``max_output_tokens``, or the REST default when "inf", at most half the context),
+its oldest items are left out of the prompt, as few as needed (``"auto"``) or until a ``retention_ratio`` of the room
+is used (so that the next turns keep the same start); the items stay in the conversation. Items are counted with
+``PromptBuilder.message_tokens`` (each once), the prompt itself is then checked exactly. ``"disabled"``: a
+conversation past the context fails its response with ``context_length_exceeded``.
+
 Refused with an ``error`` event, the connection staying usable: audio output, ``semantic_vad``, tools,
-transcription, noise reduction, prompt templates, truncation, ``conversation.item.truncate``, transcription sessions,
+transcription, noise reduction, prompt templates, ``conversation.item.truncate``, transcription sessions,
 a second response while one runs, unknown events, bad JSON, out-of-range values, and any field this server does not
 know (``unknown_parameter``; a beta protocol name is told its GA name): never silently ignored. A refused
 ``session.update`` changes nothing; an item's media are checked when it is created. Sampling is not in the GA
@@ -59,6 +66,7 @@ from gateway.media import image_from_url, is_remote
 from gateway.schemas import check_sampling, parse_json
 from gateway.tiers import ClientGone
 from models.audio import AudioConfig, StreamingFeatures, pcm16_samples
+from models.media import MediaInfo
 
 log = logging.getLogger(__name__)
 
@@ -99,6 +107,33 @@ BETA_NAMES = {  # the beta protocol's names for GA fields: refused with the GA n
     "max_response_output_tokens": "max_output_tokens"}
 MIN_COMMIT_MS = 100  # a client's commit of less audio is refused, as OpenAI refuses it
 MAX_METADATA = 16  # response metadata: key/value pairs (keys <= 64 characters, values <= 512), as OpenAI bounds it
+
+
+def truncation(value, param: str) -> str | dict:
+    """``session.truncation``: "auto", "disabled" or ``{"type": "retention_ratio", "retention_ratio": 0..1,
+    "token_limits": {"post_instructions": N}}`` (as OpenAI takes it), checked."""
+    if value in ("auto", "disabled"):
+        return value
+    shape = ('"auto", "disabled" or {"type": "retention_ratio", "retention_ratio": 0..1, '
+             '"token_limits": {"post_instructions": N}}')
+    if not isinstance(value, dict) or value.get("type") != "retention_ratio":
+        raise EventError(f"{param} must be {shape}", param=param)
+    only(value, {"type", "retention_ratio", "token_limits"}, param)
+    ratio = value.get("retention_ratio")
+    if isinstance(ratio, bool) or not isinstance(ratio, (int, float)) or not 0 <= ratio <= 1:
+        raise EventError(f"{param}.retention_ratio must be a number from 0 to 1", param=f"{param}.retention_ratio")
+    out = {"type": "retention_ratio", "retention_ratio": ratio}
+    limits = value.get("token_limits")
+    if limits is not None:
+        if not isinstance(limits, dict):
+            raise EventError(f"{param}.token_limits must be an object", param=f"{param}.token_limits")
+        only(limits, {"post_instructions"}, f"{param}.token_limits")
+        post = limits.get("post_instructions")
+        if post is not None and (isinstance(post, bool) or not isinstance(post, int) or post < 1):
+            raise EventError(f"{param}.token_limits.post_instructions must be an integer >= 1",
+                             param=f"{param}.token_limits.post_instructions")
+        out["token_limits"] = {"post_instructions": post}
+    return out
 
 
 def only(obj: dict, known: set[str], param: str) -> None:
@@ -247,6 +282,9 @@ class RealtimeSession:
         self.sampling: dict = {}  # temperature / top_p / seed (extension fields)
         self.max_output_tokens: int | None = None
         self.items: list[dict] = []  # the conversation, in order
+        self.truncation: str | dict = "auto"
+        self.left_out: set[str] = set()  # ids of items truncation has left out of every later prompt
+        self.tokens: dict[str, int] = {}  # item id -> its estimated tokens (PromptBuilder.message_tokens)
         self.audio = bytearray()  # the input audio buffer (PCM16)
         self.audio_carry = b""  # the odd byte of the last append: the first half of a sample
         self.vad: ServerVad | None = None  # server-side turn detection, when the session asks for it
@@ -274,7 +312,7 @@ class RealtimeSession:
                 "audio": {"input": {"format": {"type": "audio/pcm", "rate": PCM_RATE},
                                     "turn_detection": self.vad.public() if self.vad else None,
                                     "transcription": None, "noise_reduction": None}},
-                "tools": [], "tool_choice": "auto", "truncation": "disabled", **self.sampling}
+                "tools": [], "tool_choice": "auto", "truncation": self.truncation, **self.sampling}
 
     # -- the loop -----------------------------------------------------------------------------------------------
 
@@ -439,8 +477,7 @@ class RealtimeSession:
         unset(s, "prompt", "session", "prompt templates")
         unset(s, "include", "session", "include (transcription log probabilities)")
         unset(s, "tracing", "session", "tracing")
-        unset(s, "truncation", "session", "truncation other than \"disabled\" (a conversation past the context "
-              "fails its response with context_length_exceeded: delete items)", (None, "disabled"))
+        truncate = truncation(s["truncation"], "session.truncation") if "truncation" in s else self.truncation
         sampling = self._sampling(s, "session")
         if "instructions" in s and not isinstance(s["instructions"], str):
             raise EventError("session.instructions must be a string", param="session.instructions")
@@ -449,6 +486,7 @@ class RealtimeSession:
         # Valid: applied whole.
         self.instructions = s.get("instructions", self.instructions)
         self.max_output_tokens = max_tokens
+        self.truncation = truncate
         self.sampling = {k: v for k, v in {**self.sampling, **sampling}.items() if v is not None}  # null: default
         if (vad is None) != (self.vad is None):
             self._reset_vad()
@@ -586,6 +624,8 @@ class RealtimeSession:
                              "(response.cancel)", code="item_in_progress", param="item_id")
         del self.items[index]
         self.features.pop(item_id, None)
+        self.tokens.pop(item_id, None)
+        self.left_out.discard(item_id)
         await self.send("conversation.item.deleted", item_id=item_id)
 
     # -- input audio buffer -------------------------------------------------------------------------------------
@@ -738,6 +778,57 @@ class RealtimeSession:
             messages.append({"role": "user", "content": parts})
         return messages
 
+    def _item_tokens(self, item: dict) -> int:
+        """About how many tokens ``item`` takes in a prompt (PromptBuilder.message_tokens), as ``_messages`` sends
+        it."""
+        texts = [p["text"] for p in item["content"] if "text" in p]
+        if item["role"] != "user":
+            texts = ["".join(texts)]
+        media = [("image", MediaInfo()) if p["type"] == "input_image" else
+                 ("audio", MediaInfo(frames=_decoded_len(p["audio"]) // 2, rate=PCM_RATE))
+                 for p in item["content"] if p["type"] in ("input_image", "input_audio")]
+        return self.chat.builder.message_tokens(item["role"], texts, media)
+
+    async def _fit(self, items: list[dict], instructions: str, max_tokens: int | None, remember: bool) -> list[dict]:
+        """The items a response's prompt holds: with truncation on and the conversation past the context (less the
+        answer's room), without its oldest ones (see the module's docstring); ``remember``: the items left out stay
+        out of later responses (the conversation's own). At least the newest item stays, and the prompt starts at
+        a user or system item."""
+        if self.truncation == "disabled" or not items:
+            return items
+        if remember:
+            items = [it for it in items if it["id"] not in self.left_out]
+        new = [it for it in items if it["id"] not in self.tokens]
+        if new:  # each item tokenized once, on a thread (an item may hold megabytes of text)
+            counts = await asyncio.to_thread(lambda: [self._item_tokens(it) for it in new])
+            self.tokens.update((it["id"], n) for it, n in zip(new, counts))
+        builder, spec = self.chat.builder, self.chat.spec
+        if instructions:
+            fixed = builder.conversation_tokens("system") + builder.message_tokens("system", [instructions])
+        else:  # the first item kept is not known yet (a template may add a system prompt before a user one)
+            fixed = max(builder.conversation_tokens("system"), builder.conversation_tokens("user"))
+        reserve = min(max_tokens or self.chat.cfg.default_max_tokens, spec.max_context // 2)
+        room = limit = target = spec.max_context - reserve - fixed  # what the items may take
+        if isinstance(self.truncation, dict):
+            limit = min(room, self.truncation.get("token_limits", {}).get("post_instructions") or room)
+            target = int(limit * self.truncation["retention_ratio"])
+        counts = [self.tokens[it["id"]] for it in items]
+        total = sum(counts)
+        if total <= limit:
+            return items
+        start = 0
+        while start < len(items) - 1 and (total > target or items[start]["role"] == "assistant"):
+            total -= counts[start]
+            start += 1
+        if remember:
+            self.left_out.update(it["id"] for it in items[:start])
+            for it in items[:start]:  # audio features streamed for an item no prompt will hold
+                self.features.pop(it["id"], None)
+        log.info("realtime conversation truncated", extra={
+            "session": self.session_id, "left_out": start, "kept": len(items) - start, "tokens": total,
+            "room": room})
+        return items[start:]
+
     async def response_create(self, event: dict) -> None:
         if self.active is not None:
             raise EventError("a response is already in progress; cancel it or wait for response.done",
@@ -768,6 +859,7 @@ class RealtimeSession:
             items = [await self._checked_item(raw, f"response.input.{i}") for i, raw in enumerate(r["input"])]
         else:
             items = list(self.items) if conversation == "auto" else []
+        items = await self._fit(items, instructions, max_tokens, conversation == "auto" and "input" not in r)
         sampling = {k: v for k, v in {**self.sampling, **self._sampling(r, "response")}.items() if v is not None}
         messages = self._messages(items, instructions)
         if not messages:
@@ -903,6 +995,11 @@ class Run:
     metadata: dict | None
     event_id: str | None  # the response.create's, named by the errors the response meets
     sources: list[str | None]  # the conversation item each chat message came from (None: the instructions)
+
+
+def _decoded_len(b64: str) -> int:
+    """The length of base64 data once decoded (checked base64: see ``_b64``)."""
+    return len(b64) * 3 // 4 - b64[-2:].count("=")
 
 
 def _metadata(value) -> dict | None:

@@ -433,7 +433,9 @@ def test_fields_this_server_does_not_apply_are_refused_and_a_refused_update_chan
         ({"session": {"audio": {"input": {"turn_detection": {"type": "server_vad", "eagerness": "low"}}}}},
          "unknown_parameter", "session.audio.input.turn_detection.eagerness"),
         ({"session": {"prompt": {"id": "pmpt_1"}}}, "unsupported", "session.prompt"),
-        ({"session": {"truncation": "auto"}}, "unsupported", "session.truncation"),
+        ({"session": {"truncation": {"type": "retention_ratio", "retention_ratio": 1.5}}}, "invalid_value",
+         "session.truncation.retention_ratio"),
+        ({"session": {"truncation": "middle"}}, "invalid_value", "session.truncation"),
         ({"session": {"tool_choice": "required"}}, "unsupported", "session.tool_choice"),
         ({"session": {"model": "gpt-realtime"}}, "unsupported", "session.model"),
         ({"session": {"instructions": "SHOULD-NOT-STICK", "max_output_tokens": 0}}, "invalid_value",
@@ -537,3 +539,57 @@ def test_a_commit_too_short_is_refused_and_committed_comes_before_the_item(clust
         while "conversation.item.done" not in kinds:
             kinds.append(json.loads(ws.recv(timeout=30))["type"])
         assert kinds.index("input_audio_buffer.committed") < kinds.index("conversation.item.added"), kinds
+
+
+def test_a_conversation_past_the_context_leaves_its_oldest_items_out(cluster):
+    """``truncation: "auto"`` (OpenAI's default; refused before): a conversation that outgrows the tiny model's
+    1,024-token context keeps answering, its prompt holding the newest items that fit (the answer's room kept);
+    ``"disabled"`` then fails with ``context_length_exceeded``. With a ``retention_ratio`` the first truncation
+    leaves out enough to fill only that share, and the next turns keep the same start (their prompts grow by
+    what they add)."""
+    turn = " ".join(f"word{i}" for i in range(30))  # ~150 tokens: seven of them overflow the context
+
+    def respond(ws) -> dict:
+        ws.send(json.dumps({"type": "response.create", "event_id": "go"}))
+        done = next_of(ws, "response.done", timeout=120)["response"]
+        assert done["status"] in ("completed", "incomplete"), done
+        return done["usage"]
+
+    def say(ws, text: str) -> None:
+        ws.send(json.dumps({"type": "conversation.item.create", "item": {
+            "type": "message", "role": "user", "content": [{"type": "input_text", "text": text}]}}))
+        next_of(ws, "conversation.item.done")
+
+    with raw(cluster) as ws:
+        assert next_of(ws, "session.created")["session"]["truncation"] == "auto"
+        ws.send(json.dumps({"type": "session.update", "session": {"max_output_tokens": 8, "temperature": 0}}))
+        next_of(ws, "session.updated")
+        inputs = []
+        for _ in range(8):
+            say(ws, turn)
+            inputs.append(respond(ws)["input_tokens"])
+        per_turn = inputs[1] - inputs[0]  # one user turn and one answer of at most 8 tokens
+        assert per_turn > 100 and inputs[-1] < inputs[0] + 7 * per_turn, inputs  # truncated: less than all
+        assert all(n <= 1024 - 8 for n in inputs) and max(inputs) > 1024 - 8 - per_turn - 16, inputs
+        ws.send(json.dumps({"type": "session.update", "session": {"truncation": "disabled"}}))
+        assert next_of(ws, "session.updated")["session"]["truncation"] == "disabled"
+        ws.send(json.dumps({"type": "response.create", "event_id": "all"}))
+        err = next_of(ws, "error", timeout=60)["error"]
+        assert (err["code"], err["event_id"]) == ("context_length_exceeded", "all"), err
+
+    ratio = {"type": "retention_ratio", "retention_ratio": 0.5}
+    with raw(cluster) as ws:
+        next_of(ws, "session.created")
+        ws.send(json.dumps({"type": "session.update", "session": {
+            "max_output_tokens": 8, "temperature": 0, "truncation": ratio}}))
+        assert next_of(ws, "session.updated")["session"]["truncation"] == ratio
+        inputs = []
+        while len(inputs) < 2 or inputs[-1] > inputs[-2]:  # until the first truncation
+            say(ws, turn)
+            inputs.append(respond(ws)["input_tokens"])
+            assert len(inputs) < 10, inputs
+        assert inputs[-1] <= (1024 - 8) // 2, inputs
+        say(ws, "and one more thing")
+        after = respond(ws)["input_tokens"]
+        # the same start: the answer and the new item added (a few dozen tokens), nothing left out again
+        assert inputs[-1] < after < inputs[-1] + 60, (inputs, after)
