@@ -83,14 +83,29 @@ def resolve_format(fmt: str | None = None) -> str:
     return fmt
 
 
+_format = "text"  # what setup_logging resolved, for say()
+
+
 def setup_logging(tier: str, level: str = "INFO", fmt: str | None = None) -> None:
+    global _format
+    _format = resolve_format(fmt)
     handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter((TextFormatter if resolve_format(fmt) == "text" else JsonFormatter)(tier))
+    handler.setFormatter((TextFormatter if _format == "text" else JsonFormatter)(tier))
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level.upper())
     logging.Formatter.converter = time.gmtime
     logging.captureWarnings(True)  # a library's warnings (numpy's overflow on odd audio, ...) as log lines too
+
+
+def say(message: str, level: int = logging.INFO, **fields) -> None:
+    """A line for the operator of ``tributary up`` (starting, a child's exit and its last lines, stopping): as it is
+    on stderr with text logs, a log record with JSON logs, so that a log collector reading JSON lines never meets a
+    line that is not one."""
+    if _format == "json":
+        logging.getLogger("tributary").log(level, message, extra=fields)
+    else:
+        print(message if message.startswith("tributary") else f"tributary: {message}", file=sys.stderr, flush=True)
 
 
 class Throttle:

@@ -27,7 +27,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import sys
 import time
 from dataclasses import asdict
 from pathlib import Path
@@ -38,6 +37,7 @@ from cache.client import connect
 from cache.keys import Keys
 from router.autoscale import ScalingPolicy, TierLoad, TierScaler
 from router.liveness import live_count_args
+from router.logs import say
 from tributary.cluster import Cluster, CpuBudget
 from tributary.supervisor import Supervisor
 
@@ -235,8 +235,8 @@ class LocalAutoscaler:
         else:
             for group in sorted(groups, key=lambda g: g.name, reverse=True)[: before - target]:
                 self.sup.retire(group)
-        print(f"tributary: {tier}: {before} -> {target} replica(s) ({reason})", file=sys.stderr, flush=True)
-        log.info("scaled", extra={"of_tier": tier, "from": before, "to": target, "reason": reason})
+        say(f"{tier}: {before} -> {target} replica(s) ({reason})", of_tier=tier, reason=reason,
+            **{"from": before, "to": target})
 
     def _budget_with(self, tier: str, extra: int) -> CpuBudget:
         """The budget once ``extra`` more replicas of ``tier`` run (what a replica about to start should get)."""

@@ -28,6 +28,7 @@ from pathlib import Path
 from cache.client import redact
 from cache.embedded import EmbeddedRedis, free_port
 from router.lifecycle import STOP_SIGNALS
+from router.logs import say
 from tributary.supervisor import Child, CrashLoop, Group, Supervisor
 
 log = logging.getLogger(__name__)
@@ -245,9 +246,8 @@ def wait_ready(cluster: Cluster, sup: Supervisor, timeout: float, stop: threadin
             raise NotReady(f"the cluster was not ready after {timeout:g} s; see the logs above")
         if now - said >= PROGRESS_S:
             said = now
-            print(f"tributary: starting ({now - start:.0f} s): waiting for "
-                  f"{', '.join(cluster.waiting_for) or 'the gateway'} to load "
-                  f"(gives up after {timeout:g} s)", file=sys.stderr, flush=True)
+            say(f"starting ({now - start:.0f} s): waiting for {', '.join(cluster.waiting_for) or 'the gateway'} "
+                f"to load (gives up after {timeout:g} s)")
         stop.wait(0.3)
 
 
@@ -275,7 +275,7 @@ def run_cluster(args) -> int:
         if signum == signal.SIGHUP:  # the terminal is gone: writing to it would raise (EIO) mid-stop
             _detach_from_terminal()
         if stop.is_set() and running:  # a second Ctrl-C: no more waiting for the graceful stop
-            print("tributary: stopping now (killing every process)", file=sys.stderr, flush=True)
+            say("stopping now (killing every process)", logging.WARNING)
             forced.append(signum)
             running[0].kill()
         stop.set()
@@ -365,8 +365,7 @@ def run_cluster(args) -> int:
 
             scaler = LocalAutoscaler(cluster, sup, policies, args.autoscale_poll, args.autoscale_max_procs,
                                      args.autoscale_trace, args.autoscale_idle_cores)
-            print("tributary: autoscaling " + ", ".join(
-                f"{t} {p.min_replicas}..{p.max_replicas}" for t, p in policies.items()), file=sys.stderr, flush=True)
+            say("autoscaling " + ", ".join(f"{t} {p.min_replicas}..{p.max_replicas}" for t, p in policies.items()))
         watchdog = None
         if args.hang_timeout > 0:
             from tributary.watchdog import GatewayProbe, Watchdog
@@ -388,10 +387,10 @@ def run_cluster(args) -> int:
         if not came_up:
             code = 130  # interrupted before the cluster came up
     except (NotReady, CrashLoop) as exc:
-        print(f"tributary: {exc}", file=sys.stderr, flush=True)
+        say(str(exc), logging.ERROR)
         code = 1
     finally:
-        print("tributary: stopping ...", file=sys.stderr, flush=True)
+        say("stopping ...")
         if probe:
             probe.close()
         if scaler:
@@ -399,7 +398,7 @@ def run_cluster(args) -> int:
         sup.stop()
         if redis:
             redis.stop()
-        print("tributary: stopped", file=sys.stderr, flush=True)
+        say("stopped")
     return 130 if forced else code
 
 
@@ -412,10 +411,8 @@ def _restart_redis(redis: EmbeddedRedis, restarts: list[float], max_restarts: in
     restarts = [t for t in restarts if now - t < window_s] + [now]
     code = redis.proc.returncode
     err = redis.proc.stderr.read().decode(errors="replace").strip()[-500:] if redis.proc.stderr else ""
-    log.error("the embedded redis exited; restarting it empty", extra={"code": code, "port": redis.port,
-                                                                        "stderr": err})
-    print(f"tributary: the embedded Redis exited with code {code}; restarting it (empty) on port {redis.port}",
-          file=sys.stderr, flush=True)
+    say(f"the embedded Redis exited with code {code}; restarting it (empty) on port {redis.port}", logging.ERROR,
+        code=code, port=redis.port, stderr=err)
     if len(restarts) > max_restarts:
         raise CrashLoop(f"the embedded Redis exited {len(restarts)} times within {window_s:g} s")
     redis.stop()

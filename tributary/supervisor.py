@@ -32,6 +32,7 @@ from dataclasses import dataclass, field
 
 from cache.embedded import die_with_parent
 from router.lifecycle import STOP_SIGNALS
+from router.logs import say
 
 log = logging.getLogger(__name__)
 
@@ -182,8 +183,8 @@ class Supervisor:
                     # crashes often enough within the window: crashes in a row, each soon after its start, count too.
                     group.streak = group.streak + 1 if now - child.started_at < self.window_s else 1
                 recent = sum(1 for g in self.groups for t in g.crashes if now - t < self.window_s)
-                print(f"tributary: {child.name} exited with code {child.exited}; last lines:\n"
-                      f"{_indent(child.last_lines())}", file=sys.stderr, flush=True)
+                say(f"{child.name} exited with code {child.exited}; last lines:\n{_indent(child.last_lines())}",
+                    logging.INFO if stopped else logging.ERROR, child=child.name, code=child.exited)
                 if not stopped and recent > self.max_restarts:
                     raise CrashLoop(f"{recent} crashes within {self.window_s:g} s (limit {self.max_restarts}); "
                                     f"last: {child.name} exited with code {child.exited}")
@@ -199,7 +200,7 @@ class Supervisor:
             if group.restart_at is not None and now >= group.restart_at:
                 group.restart_at = None
                 group.start()
-                print(f"tributary: restarted {group.name}", file=sys.stderr, flush=True)
+                say(f"restarted {group.name}", group=group.name)
                 if self.on_restart is not None:
                     self.on_restart(group)
 

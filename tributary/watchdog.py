@@ -28,7 +28,6 @@ from __future__ import annotations
 import json
 import logging
 import socket
-import sys
 import threading
 import time
 import urllib.request
@@ -36,6 +35,7 @@ import urllib.request
 from cache.client import connect
 from cache.keys import Keys
 from router.liveness import HEARTBEAT_S, worker_pid
+from router.logs import say
 from tributary.supervisor import Child, Group
 
 log = logging.getLogger(__name__)
@@ -97,11 +97,9 @@ class Watchdog:
         for child in judged:
             last = self.beats.get(child.proc.pid)
             if last is not None and wall - last > self.hang_s:
-                log.error("watchdog: a worker stopped heartbeating while Redis answered: stuck; killing it (it will "
-                          "be restarted)", extra={"child": child.name, "child_pid": child.proc.pid,
-                                                  "silent_s": round(wall - last, 1)})
-                print(f"tributary: {child.name} is stuck (no heartbeat for {wall - last:.0f} s while Redis answered); "
-                      "killing it", file=sys.stderr, flush=True)
+                say(f"{child.name} is stuck (no heartbeat for {wall - last:.0f} s while Redis answered); killing it "
+                    "(it will be restarted)", logging.ERROR, child=child.name, child_pid=child.proc.pid,
+                    silent_s=round(wall - last, 1))
                 child.proc.kill()
                 self.beats.pop(child.proc.pid, None)
                 killed.append(child)
@@ -121,11 +119,9 @@ class Watchdog:
             loading_s = now - max(c.started_at for c in alive)
             if loading_s > self.load_s:
                 child = alive[0]
-                log.error("watchdog: a worker has not heartbeated since it started; stuck loading, killing it (it "
-                          "will be restarted)", extra={"child": child.name, "child_pid": child.proc.pid,
-                                                       "loading_s": round(loading_s, 1)})
-                print(f"tributary: {child.name} has not come up {loading_s:.0f} s after it started; killing it",
-                      file=sys.stderr, flush=True)
+                say(f"{child.name} has not come up {loading_s:.0f} s after it started (no heartbeat); killing it "
+                    "(it will be restarted)", logging.ERROR, child=child.name, child_pid=child.proc.pid,
+                    loading_s=round(loading_s, 1))
                 child.proc.kill()
                 killed.append(child)
         return killed
@@ -169,10 +165,8 @@ class GatewayProbe:
         silent = now - (last if last is not None else child.started_at)
         if silent <= (self.hang_s if last is not None else max(self.load_s, self.hang_s)):
             return None
-        log.error("watchdog: the gateway has not answered /health; hung, killing it (it will be restarted)",
-                  extra={"child": child.name, "child_pid": child.proc.pid, "silent_s": round(silent, 1)})
-        print(f"tributary: {child.name} has not answered /health for {silent:.0f} s; killing it", file=sys.stderr,
-              flush=True)
+        say(f"{child.name} has not answered /health for {silent:.0f} s; killing it (it will be restarted)",
+            logging.ERROR, child=child.name, child_pid=child.proc.pid, silent_s=round(silent, 1))
         child.proc.kill()
         self.answered.pop(child.proc.pid, None)
         return child

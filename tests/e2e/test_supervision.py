@@ -4,6 +4,7 @@ loop stops the cluster with a non-zero exit."""
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import signal
@@ -136,7 +137,10 @@ def test_a_killed_worker_is_restarted_and_a_crash_loop_stops_the_cluster(tiny_mo
         out = log.read_text()
         assert code != 0
         assert "3 crashes within 300 s (limit 2)" in out
-        assert out.rstrip().endswith("tributary: stopped")
+        # up's own lines (a child's exit and last lines, restarts, stopping) are JSON records like every other
+        # line on its stderr (they were plain text among them), and the last says it stopped
+        assert not [line for line in out.splitlines() if line.startswith("tributary:")], out
+        assert json.loads(out.rstrip().splitlines()[-1])["msg"] == "stopped"
     finally:
         if proc.poll() is None:
             proc.send_signal(signal.SIGINT)
