@@ -95,6 +95,9 @@ class EmbeddedRedis:
                 if client.ping():
                     # Read once at start: gone from disk now, so a supervisor killed -9 leaves no password behind.
                     conf.unlink(missing_ok=True)
+                    if not any("{dir}" in a for a in extra):  # nothing more is written there (no saves): gone
+                        self._dir.cleanup()  # now, so that a supervisor killed -9 leaves no empty folder behind
+                        self._dir = None
                     log.info("embedded redis ready", extra={"port": self.port, "binary": self.binary})
                     return self
             except redis.ConnectionError:
