@@ -11,6 +11,7 @@ An encoder that takes real lengths (Qwen2-Audio: ``forward(x, lengths)``) is exp
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import json
 import logging
@@ -18,6 +19,7 @@ import os
 import shutil
 import tempfile
 import time
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -94,6 +96,24 @@ def ensure_onnx(spec: ModelSpec, modality: str, progress: Callable[[str], None] 
     return target / MODEL_FILE
 
 
+@contextlib.contextmanager
+def _quiet_exporter():
+    """The exporter's own chatter kept out of the logs: onnxscript's and onnx_ir's INFO lines (one per rewrite rule
+    and deduplicated initializer: hundreds per export) and torch.export's FutureWarnings about its own internals.
+    Their warnings and errors still show."""
+    loggers = [logging.getLogger(name) for name in ("onnxscript", "onnx_ir", "torch.onnx")]
+    levels = [logger.level for logger in loggers]
+    for logger in loggers:
+        logger.setLevel(max(logger.getEffectiveLevel(), logging.WARNING))
+    try:
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", category=FutureWarning, module=r"(torch|copyreg)")
+            yield
+    finally:
+        for logger, level in zip(loggers, levels):
+            logger.setLevel(level)
+
+
 def export(spec: ModelSpec, modality: str, target: Path, progress: Callable[[str], None] = log.info) -> ExportResult:
     from encoders.loader import load_torch_module
 
@@ -104,7 +124,7 @@ def export(spec: ModelSpec, modality: str, target: Path, progress: Callable[[str
     try:
         batch = torch.export.Dim("batch", min=1, max=1024)
         args = _inputs(spec, modality, 2)
-        with torch.inference_mode(False), torch.no_grad():
+        with torch.inference_mode(False), torch.no_grad(), _quiet_exporter():
             # One input (x [B, ...]), or two for an encoder that masks padding (x, lengths [B] int64).
             torch.onnx.export(module, args, str(tmp / MODEL_FILE), dynamo=True,
                               dynamic_shapes=tuple({0: batch} for _ in args), input_names=["x", "lengths"][: len(args)],
