@@ -260,11 +260,20 @@ class StageWorker:
         self.model, self.rank, self.world = model, rank, world
         self.hops = hops or Hops(model.device)
         self.sent: Sent | None = None  # the previous step's sends, completed before the next ones are queued
+        self.busy_since: float | None = None  # when the step in hand began (None: waiting for the next one)
+
+    def live(self, stall_s: float) -> bool:
+        """This shard's ``/live`` (router/metrics.py): waiting for a step is live however long it lasts (the
+        replica may be idle); a step in hand (its receives, layers and sends) for more than ``stall_s`` is not."""
+        since = self.busy_since
+        return since is None or time.monotonic() - since <= stall_s
 
     def run(self) -> None:
         header = torch.empty(HEADER_LEN, dtype=torch.long)
         while True:
+            self.busy_since = None
             dist.recv(header, src=self.rank - 1)
+            self.busy_since = time.monotonic()
             op, n, tokens, width = (int(x) for x in header)
             if op in (OP_STOP, OP_NOOP) and self.sent is not None:
                 self.sent.wait()  # in order behind the step before

@@ -114,3 +114,37 @@ def test_hidden_states_go_over_nccl_only_between_shards_on_their_own_gpus():
     if torch.cuda.is_available():
         kind, high, low = device_identity(torch.device("cuda"))
         assert kind == 1 and (high, low) != (0, 0)
+
+
+def test_a_shard_is_live_while_it_waits_and_not_once_a_step_outlasts_the_stall_timeout(halves, monkeypatch):
+    """A pipeline shard past 0 served ``/live`` with no check at all (always 200), so an orchestrator's liveness
+    probe could never catch a stuck one. Waiting for the next step is live however long the replica idles; a step in
+    hand that does not end within the stall timeout (here: the rest of it never arrives) is not."""
+    import threading
+    import time
+
+    from backbone.pipeline import OP_STEP
+
+    _, last = halves
+    stage = StageWorker(last, rank=1, world=2)
+    header_sent, rest_sent, calls = threading.Event(), threading.Event(), []
+
+    def recv(tensor, src):
+        calls.append(tensor.shape)
+        if len(calls) == 1:  # the replica idles: no header yet
+            header_sent.wait(10)
+            tensor.copy_(torch.tensor([OP_STEP, 1, 1, 1]))  # op, rows, tokens, table width
+        elif len(calls) == 2:  # a step begun whose table never comes
+            rest_sent.wait(10)
+            raise RuntimeError("the pipe closed")
+
+    monkeypatch.setattr(pipeline.dist, "recv", recv)
+    runner = threading.Thread(target=lambda: pytest.raises(RuntimeError, stage.run), daemon=True)
+    runner.start()
+    time.sleep(0.3)
+    assert stage.live(0.1)  # idle for longer than the stall timeout: still live
+    header_sent.set()
+    time.sleep(0.3)
+    assert len(calls) == 2 and not stage.live(0.1) and stage.live(30)
+    rest_sent.set()
+    runner.join(10)
