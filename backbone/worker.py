@@ -4,7 +4,8 @@ One Redis round trip per step carries that step's token events (one XADD per req
 finished requests (ack + delete: ``gen`` holds only unread and running plans), the cancellation checks of running
 ones, whether their gateways are alive and, when there is room, the read of new plans. A plan stays pending in the
 ``backbone`` group until its request finishes. On SIGTERM the worker stops taking plans, finishes the running ones
-(up to ``drain_timeout_s``), then fails what is left with a clear error and exits.
+(up to ``drain_timeout_s``), then hands what is left back to its gateways (``worker_lost``: they move each request
+to another replica, within their migration limit) and exits.
 
 The round trip runs on an I/O thread while the next step computes, and on a GPU a step's tokens are applied only
 when the next step starts (backbone/engine.py, ``defer``), so building and applying the round trips also runs while
@@ -148,6 +149,8 @@ def resolve_placement(device: str, dtype: str) -> tuple[torch.device, torch.dtyp
         raise ValueError(f"--device must be cpu, cuda or cuda:N, got {device!r}")
     if dev.type == "cuda" and not gpu:
         raise ValueError(f"--device {device}: no CUDA device is visible to this process")
+    if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
+        raise ValueError(f"--device {device}: this process sees {torch.cuda.device_count()} CUDA device(s)")
     if dtype == "auto":
         dtype = "bfloat16" if dev.type == "cuda" else "float32"
     if dtype not in DTYPES:
@@ -831,12 +834,14 @@ def serve(cfg: BackboneConfig, model_dir: str, threads: int | None = None) -> No
         model.capture_graphs(cfg.max_running, spec.max_context)
     if cfg.shard > 0:  # driven by shard 0 through the pipe; it stops us when it stops (a drain we ask for included)
         metrics = None
-        if cfg.metrics_port:  # this shard's own KV pool (shard 0 serves the scheduler's metrics)
+        stage = StageWorker(model, cfg.shard, cfg.num_shards, hops)
+        if cfg.metrics_port:  # this shard's own KV pool (shard 0 serves the scheduler's metrics), and its /live
             registry = CollectorRegistry()
             registry.register(BackboneCollector(lambda: pool_usage(model.pool)))
-            metrics = serve_metrics(registry, cfg.metrics_port, cfg.metrics_host, f"backbone shard {cfg.shard}")
+            metrics = serve_metrics(registry, cfg.metrics_port, cfg.metrics_host, f"backbone shard {cfg.shard}",
+                                    live=lambda: stage.live(cfg.stall_s))
         try:
-            StageWorker(model, cfg.shard, cfg.num_shards, hops).run()
+            stage.run()
         finally:
             stop_metrics(metrics)
         return

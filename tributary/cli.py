@@ -366,6 +366,14 @@ def build_parser() -> argparse.ArgumentParser:
                     help="the backbone's step-time target in ms: a step that carries decodes takes only the prompt "
                          "chunk its measured cost fits in it (default 100 on a CPU, none on a GPU; 0: none, the "
                          "token budget alone)")
+    up.add_argument("--max-running", type=POSITIVE_INT, default=None,
+                    help="the backbone's sequences decoding at once (default 16; env TRIBUTARY_MAX_RUNNING)")
+    up.add_argument("--kv-cache-gb", type=POSITIVE, default=None,
+                    help="the backbone's KV pool per shard in GiB (default: from its GPU's memory; on a CPU room for "
+                         "--max-running full contexts, at most 4 GiB; env TRIBUTARY_KV_CACHE_GB)")
+    up.add_argument("--served-name", default=None,
+                    help="the gateway's --served-name: the model name clients send (default: the checkpoint "
+                         "folder's name; env TRIBUTARY_SERVED_NAME)")
     up.add_argument("--backbone-replicas", type=POSITIVE_INT, default=1,
                     help="backbone replicas (each --shards processes), all reading one queue")
     up.add_argument("--encoder-runtime", default="torch", choices=["torch", "onnx"],
@@ -390,10 +398,11 @@ def build_parser() -> argparse.ArgumentParser:
                          "exit)")
     up.add_argument("--restart-window", type=POSITIVE, default=60.0,
                     help="seconds over which --max-restarts counts crashes")
-    up.add_argument("--hang-timeout", type=POSITIVE, default=30.0,
-                    help="a worker whose loop is stuck stops heartbeating (after its --stall-timeout, 60 s); once its "
-                         "last beat is this many seconds old while Redis answered all along, it is killed and "
-                         "restarted like a crashed one (0: never)")
+    up.add_argument("--hang-timeout", type=NONNEG, default=30.0,
+                    help="a worker whose loop is stuck stops heartbeating (after the workers' stall timeout, 60 s, "
+                         "env TRIBUTARY_STALL_TIMEOUT); once its last beat is this many seconds old while Redis "
+                         "answered all along, it is killed and restarted like a crashed one; so is a gateway that "
+                         "has not answered /health for this long (0: never)")
     _admission(up)
     _access(up)
     up.add_argument("--worker-metrics-port", type=PORT_OR_0, default=0,
@@ -513,7 +522,8 @@ def build_parser() -> argparse.ArgumentParser:
     bb = _command(sub, "backbone", "a backbone worker: one pipeline shard (layers a:b) of the language model; "
                                    "--num-shards processes form a replica", BACKBONE_DESCRIPTION)
     _common(bb)
-    bb.add_argument("--max-running", type=POSITIVE_INT, default=16, help="sequences decoding at once")
+    bb.add_argument("--max-running", type=POSITIVE_INT, default=_env("MAX_RUNNING", "16"),
+                    help=_env_help("sequences decoding at once", "MAX_RUNNING"))
     bb.add_argument("--shard", type=NONNEG_INT, default=0,
                     help="this process's place in its pipeline replica (0: the one that talks to Redis)")
     bb.add_argument("--num-shards", type=POSITIVE_INT, default=1, help="processes in one pipeline replica")
@@ -528,9 +538,10 @@ def build_parser() -> argparse.ArgumentParser:
     bb.add_argument("--dtype", default=_env("BACKBONE_DTYPE", "auto"),
                     help=_env_help("float32, bfloat16 or float16 (default auto: bfloat16 on a GPU, float32 on a CPU)",
                                    "BACKBONE_DTYPE"))
-    bb.add_argument("--kv-cache-gb", type=POSITIVE, default=None,
-                    help="this shard's paged KV pool in GiB (default: from --gpu-memory-utilization on a GPU; on a "
-                         "CPU room for --max-running full contexts, at most 4 GiB)")
+    bb.add_argument("--kv-cache-gb", type=POSITIVE, default=_env("KV_CACHE_GB"),
+                    help=_env_help("this shard's paged KV pool in GiB (default: from --gpu-memory-utilization on a "
+                                   "GPU; on a CPU room for --max-running full contexts, at most 4 GiB)",
+                                   "KV_CACHE_GB"))
     bb.add_argument("--gpu-memory-utilization", type=FRACTION, default=_env("GPU_MEMORY_UTILIZATION", "0.9"),
                     help=_env_help("share of the GPU's memory weights, KV pool and activations may take (shards on "
                                    "one GPU split it)", "GPU_MEMORY_UTILIZATION"))
@@ -558,8 +569,9 @@ def build_parser() -> argparse.ArgumentParser:
                                    "loop: one SDPA per sequence, to measure against)", "ATTENTION"))
     _worker(bb)
     bb.add_argument("--drain-timeout", type=NONNEG, default=_env("DRAIN_TIMEOUT", "30"),
-                    help=_env_help("on SIGTERM, seconds running requests may take to finish before they are failed",
-                                   "DRAIN_TIMEOUT"))
+                    help=_env_help("on SIGTERM, seconds running requests may take to finish; those still running "
+                                   "then go back to their gateways (worker_lost), which move them to another "
+                                   "replica", "DRAIN_TIMEOUT"))
 
     rs = _command(sub, "redis", "run a Redis-compatible server in the foreground (the one tributary up embeds), for "
                                 "images and hosts without one", REDIS_DESCRIPTION)
@@ -568,7 +580,8 @@ def build_parser() -> argparse.ArgumentParser:
     rs.add_argument("--maxmemory", default="1gb",
                     help="memory limit, in Redis units (512mb, 4gb); past it keys with a TTL are evicted")
     rs.add_argument("--dir", default=None,
-                    help="working directory, holding only the config file (default: a fresh temporary one)")
+                    help="working directory, holding only the config file (created if missing; default: a fresh "
+                         "temporary one)")
     rs.add_argument("--allow-no-password", action="store_true",
                     help="serve without a password when TRIBUTARY_REDIS_PASSWORD_FILE is not set (only on a "
                          "private network)")
@@ -671,6 +684,7 @@ def _redis(args) -> int:
               "--allow-no-password", file=sys.stderr)
         return 2
     workdir = args.dir or tempfile.mkdtemp(prefix="tributary-redis-")
+    Path(workdir).mkdir(parents=True, exist_ok=True)
     conf = Path(workdir) / "redis.conf"
     conf.touch(mode=0o600)
     conf.write_text(f"requirepass {password}\n" if password else "")

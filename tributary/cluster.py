@@ -314,6 +314,8 @@ def run_cluster(args) -> int:
             admission += ["--" + flag.replace("_", "-"), str(getattr(args, flag))]
     if args.no_media_cache:
         admission.append("--no-media-cache")
+    if args.served_name:
+        admission += ["--served-name", args.served_name]
     cluster = Cluster(model, args.redis_url or "", args.prefix, args.host, args.port, args.log_level,
                       encoder_args, ["--limit-mm-per-prompt", args.limit_mm_per_prompt, "--encoder-dtype",
                                      encoder_dtype, *limits, *admission],
@@ -322,7 +324,9 @@ def run_cluster(args) -> int:
                                      *(["--max-batched-tokens", str(args.max_batched_tokens)]
                                        if args.max_batched_tokens is not None else []),
                                      *(["--max-step-ms", str(args.max_step_ms)]
-                                       if args.max_step_ms is not None else [])],
+                                       if args.max_step_ms is not None else []),
+                                     *(["--max-running", str(args.max_running)] if args.max_running else []),
+                                     *(["--kv-cache-gb", str(args.kv_cache_gb)] if args.kv_cache_gb else [])],
                       cpu_budget=args.cpu_budget == "auto", worker_metrics_port=args.worker_metrics_port)
     policies = {}
     if args.autoscale:
@@ -359,7 +363,9 @@ def run_cluster(args) -> int:
         wait_ready(cluster, sup, args.ready_timeout, stop)
         came_up = not stop.is_set()
         if came_up:
-            print(_banner(cluster, model), flush=True)
+            keyed = bool(args.api_key_file or os.environ.get("TRIBUTARY_API_KEYS")
+                         or os.environ.get("TRIBUTARY_API_KEY_FILE"))
+            print(_banner(cluster, model, args.served_name, keyed), flush=True)
         if policies and not stop.is_set():
             from tributary.autoscaler import LocalAutoscaler
 
@@ -488,22 +494,27 @@ def _is_demo(model: Path) -> bool:
         return False
 
 
-def _banner(cluster: Cluster, model: Path) -> str:
+def _banner(cluster: Cluster, model: Path, served_name: str | None = None, keyed: bool = False) -> str:
     """What ``tributary up`` prints once ready: where it is, and two first requests that work in the environment it
-    runs in (its own interpreter, which has the openai SDK: scripts/setup.sh installs it with every extra)."""
+    runs in (its own interpreter, which has the openai SDK: scripts/setup.sh installs it with every extra). With API
+    keys, the requests read one from ``$TRIBUTARY_KEY`` (the banner never prints a key)."""
     budget = cluster.budget.describe() if cluster.cpu_budget else "CPU budget: off (every process on every core)"
-    chat = f"c.chat.completions.create(model='{model.name}', messages=[{{'role': 'user', 'content': 'Hi'}}])"
+    name = served_name or model.name
+    chat = f"c.chat.completions.create(model='{name}', messages=[{{'role': 'user', 'content': 'Hi'}}])"
+    header = " -H \"authorization: Bearer $TRIBUTARY_KEY\"" if keyed else ""
+    key = "os.environ['TRIBUTARY_KEY']" if keyed else "'none'"
+    keys_note = "API keys are on: export TRIBUTARY_KEY=<one of your keys> for the requests below.\n" if keyed else ""
     return f"""
-Tributary is up: {cluster.url}  (model '{model.name}' from {model}; Redis {redact(cluster.redis_url)})
+Tributary is up: {cluster.url}  (model '{name}' from {model}; Redis {redact(cluster.redis_url)})
 {budget}
 {_metrics_line(cluster)}
 Logs: the lines above, one per event, each naming its process's tier (--log-format json|text).
-{DEMO_NOTE if _is_demo(model) else ""}
-  curl {cluster.url}/v1/chat/completions -H 'content-type: application/json' \\
-    -d '{{"model": "{model.name}", "messages": [{{"role": "user", "content": "Hello!"}}], "max_tokens": 16}}'
+{DEMO_NOTE if _is_demo(model) else ""}{keys_note}
+  curl {cluster.url}/v1/chat/completions -H 'content-type: application/json'{header} \\
+    -d '{{"model": "{name}", "messages": [{{"role": "user", "content": "Hello!"}}], "max_tokens": 16}}'
 
-  {shlex.quote(sys.executable)} -c "from openai import OpenAI; \\
-c = OpenAI(base_url='{cluster.url}/v1', api_key='none'); print({chat}.choices[0].message.content)"
+  {shlex.quote(sys.executable)} -c "import os; from openai import OpenAI; \\
+c = OpenAI(base_url='{cluster.url}/v1', api_key={key}); print({chat}.choices[0].message.content)"
 
 Ctrl-C stops every process.
 """

@@ -34,6 +34,17 @@ class RunningCluster:
     def wait_ready(self, timeout: float = 240) -> None:
         wait_healthy(self.base_url, self.proc, timeout, self.log_path)
 
+    def banner_examples(self, timeout: float = 30) -> tuple[str, str]:
+        """The curl and the python command of the banner ``tributary up`` printed (once its gateway was ready)."""
+        import re
+
+        deadline = time.monotonic() + timeout
+        while "Tributary is up:" not in (log := self.log_path.read_text()) and time.monotonic() < deadline:
+            time.sleep(0.2)  # printed right after /ready answered
+        banner = log[log.index("Tributary is up:"):]
+        return (re.search(r"^  (curl .*?)\n\n", banner, re.S | re.M)[1],
+                re.search(r"^  (\S*python\S* -c .*?)\n\n", banner, re.S | re.M)[1])
+
     def stats(self, tier: str) -> dict[str, float]:
         raw = connect(self.redis_url).hgetall(f"{self.prefix}:stats:{tier}")  # a single server or a cluster
         return {k.decode(): float(v) for k, v in raw.items()}

@@ -65,10 +65,7 @@ def test_the_readme_curl_commands_answer(cluster):
 
 
 def test_the_banner_examples_run(cluster):
-    banner = cluster.log_path.read_text()
-    banner = banner[banner.index("Tributary is up:"):]
-    curl = re.search(r"^  (curl .*?)\n\n", banner, re.S | re.M)[1]
-    python = re.search(r"^  (\S*python\S* -c .*?)\n\n", banner, re.S | re.M)[1]
+    curl, python = cluster.banner_examples()
     if shutil.which("curl"):
         done = run(["bash", "-c", curl])
         assert done.returncode == 0 and json.loads(done.stdout)["object"] == "chat.completion", done.stderr

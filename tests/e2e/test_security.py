@@ -47,8 +47,9 @@ def secured(tiny_model, tmp_path_factory):
     with EmbeddedRedis(password=PASSWORD) as server:
         with local_cluster(tiny_model, server.url, tmp, "--api-key-file", str(key_file),
                            "--encoder-max-wait-ms", "20", "--max-inflight", "8",
+                           "--served-name", "secured-demo", "--max-running", "6",  # up passes both on
                            env={"TRIBUTARY_API_KEYS": f"alice:{KEYS['alice']}"}) as c:
-            c.key_file, c.server = key_file, server
+            c.key_file, c.server, c.model = key_file, server, "secured-demo"
             c.wait_ready()
             yield c
 
@@ -69,6 +70,23 @@ def image(png: bytes | None, uuid: str | None = None) -> dict:
 
 def ws_url(cluster) -> str:
     return cluster.base_url.replace("http://", "ws://") + f"/v1/realtime?model={cluster.model}"
+
+
+def test_the_banners_first_requests_take_a_key_from_the_environment(secured):
+    """With API keys on, the banner's curl and python lines sent no key (a 401 for whoever pasted them): they read
+    one from ``$TRIBUTARY_KEY`` now, which the banner asks for (it never prints a key)."""
+    import shutil
+    import subprocess
+
+    curl, python = secured.banner_examples()
+    assert "$TRIBUTARY_KEY" in curl and "TRIBUTARY_KEY" in python and "secured-demo" in curl + python
+    ready = [json.loads(line) for line in secured.log_path.read_text().splitlines() if '"backbone ready"' in line]
+    assert [r["max_running"] for r in ready] == [6]  # --max-running reached the backbone
+    env = dict(os.environ, TRIBUTARY_KEY=KEYS["alice"])
+    for command in ([curl] if shutil.which("curl") else []) + [python]:
+        done = subprocess.run(["bash", "-c", command], capture_output=True, text=True, timeout=120, env=env)
+        assert done.returncode == 0 and done.stdout.strip(), (command, done.stderr)
+        assert '"error"' not in done.stdout, done.stdout
 
 
 def test_every_route_needs_a_key_but_the_probes(secured):

@@ -53,6 +53,9 @@ def test_a_bad_environment_value_does_not_break_help():
      "--shard 3 is not a shard of a replica of --num-shards 2"),
     (["export-onnx", "--model", "/nonexistent"], "/nonexistent has no config.json"),
     (["demo-model", "--out", "/dev/null/x"], "/dev/null/x"),
+    # a device this machine does not have (no machine has 100 GPUs): torch's traceback from deep in the load before
+    (["encoder", "--model", "m", "--redis-url", "redis://x", "--modality", "image", "--device", "cuda:99"],
+     "--device cuda:99: "),
 ])
 def test_what_cannot_work_is_one_line_with_status_2(argv, words, capsys):
     assert main(argv) == 2
@@ -123,3 +126,40 @@ def test_background_tasks_stop_even_when_a_cancellation_is_lost(caplog):
     (once_stopped, never_done), took = asyncio.run(scenario())
     assert once_stopped and not never_done and took < 3
     assert any("did not stop" in r.getMessage() for r in caplog.records)
+
+
+def test_hang_timeout_0_turns_the_watchdogs_off_as_its_help_says():
+    from tributary.cli import build_parser
+
+    assert build_parser().parse_args(["up", "--hang-timeout", "0"]).hang_timeout == 0
+
+
+def test_tributary_redis_creates_its_dir(tmp_path):
+    """``tributary redis --dir D`` with D missing failed on its config file; it is created now. The server is
+    started (a free port, no password) and answers."""
+    import os
+    import signal
+    import time
+
+    import redis as redis_py
+
+    from cache.embedded import free_port
+
+    folder, port = tmp_path / "not" / "yet", free_port()
+    proc = subprocess.Popen([sys.executable, "-m", "tributary.cli", "redis", "--port", str(port), "--dir",
+                             str(folder), "--allow-no-password"], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                            env={k: v for k, v in os.environ.items() if k != "TRIBUTARY_REDIS_PASSWORD_FILE"})
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                assert redis_py.Redis(port=port, socket_connect_timeout=0.5).ping()
+                break
+            except redis_py.ConnectionError:
+                assert proc.poll() is None, proc.stderr.read().decode()
+                assert time.monotonic() < deadline, "no answer"
+                time.sleep(0.1)  # the server starts
+        assert folder.is_dir()
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(30)
