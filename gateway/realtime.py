@@ -20,7 +20,8 @@ detector, see ``ServerVad``; features are streamed once speech has started).
 Truncation (``session.truncation``, OpenAI's default ``"auto"``): when the conversation no longer fits the context
 (less the room kept for the answer: ``max_output_tokens``, or the REST default when "inf", at most half the context),
 its oldest items are left out of the prompt, as few as needed (``"auto"``) or until a ``retention_ratio`` of the room
-is used (so that the next turns keep the same start); the items stay in the conversation. Items are counted with
+is used (so that the next turns keep the same start); the items stay in the conversation (until it is full: then
+the items left out are deleted first, oldest first, each told as ``conversation.item.deleted``). Items are counted with
 ``PromptBuilder.message_tokens`` (each once), the prompt itself is then checked exactly. ``"disabled"``: a
 conversation past the context fails its response with ``context_length_exceeded``.
 
@@ -581,8 +582,20 @@ class RealtimeSession:
         except InvalidRequest as exc:
             raise EventError(exc.message, code=exc.code or "invalid_value", param=param) from None
 
-    def _room(self, item: dict) -> None:
-        """Whether ``item`` fits in the conversation (its item count and bytes); an error event if not."""
+    def _fits(self, item: dict) -> bool:
+        return (len(self.items) < MAX_ITEMS
+                and sum(map(_item_bytes, self.items)) + _item_bytes(item) <= self.max_bytes)
+
+    async def _room(self, item: dict) -> None:
+        """Whether ``item`` fits in the conversation (its item count and bytes); an error event if not. Items that
+        truncation has left out of every prompt go first, oldest first, each told as ``conversation.item.deleted``:
+        so a long voice session under truncation runs on instead of filling up (the client deletes nothing)."""
+        while not self._fits(item):
+            gone = next((it for it in self.items if it["id"] in self.left_out), None)
+            if gone is None:
+                break
+            self._forget(gone["id"])
+            await self.send("conversation.item.deleted", item_id=gone["id"])
         if len(self.items) >= MAX_ITEMS:
             raise EventError(f"the conversation holds {MAX_ITEMS} items; delete some first",
                              code="conversation_too_long")
@@ -592,7 +605,7 @@ class RealtimeSession:
 
     async def _add(self, item: dict, after: str | None = "end", done: bool = True) -> str | None:
         """Put ``item`` in the conversation: at its end, at its start (``after`` None) or after the item ``after``."""
-        self._room(item)
+        await self._room(item)
         if after == "end":
             index, after = len(self.items), (self.items[-1]["id"] if self.items else None)
         elif after is None:
@@ -622,11 +635,15 @@ class RealtimeSession:
         if self.items[index].get("status") == "in_progress":  # its response would go on adding to it
             raise EventError(f"item {item_id!r} is being written by the response in progress: cancel it first "
                              "(response.cancel)", code="item_in_progress", param="item_id")
-        del self.items[index]
+        self._forget(item_id)
+        await self.send("conversation.item.deleted", item_id=item_id)
+
+    def _forget(self, item_id: str) -> None:
+        """The item gone from the conversation, and all that was kept for it."""
+        self.items[:] = [it for it in self.items if it["id"] != item_id]
         self.features.pop(item_id, None)
         self.tokens.pop(item_id, None)
         self.left_out.discard(item_id)
-        await self.send("conversation.item.deleted", item_id=item_id)
 
     # -- input audio buffer -------------------------------------------------------------------------------------
 
@@ -729,7 +746,7 @@ class RealtimeSession:
         item = {"id": item_id or _id("item"), "type": "message", "object": "realtime.item", "status": "completed",
                 "role": "user", "content": [{"type": "input_audio", "audio": base64.b64encode(pcm).decode()}]}
         previous = self.items[-1]["id"] if self.items else None
-        self._room(item)  # checked before "committed" is told: committed, then the item added (OpenAI's order)
+        await self._room(item)  # checked before "committed" is told: committed, then the item added (OpenAI's order)
         await self.send("input_audio_buffer.committed", previous_item_id=previous, item_id=item["id"])
         await self._add(item)
         await self._stream()  # the rest of the buffer (with server VAD, a commit cuts it short of the last append)
@@ -868,7 +885,7 @@ class RealtimeSession:
                              param="response.input" if conversation == "none" else None)
         into_conversation = conversation == "auto"
         if into_conversation:  # the answer will need a place: refused now, not halfway through its events
-            self._room({"content": []})
+            await self._room({"content": []})
         body = {"model": self.model, "messages": messages, "stream": True, **sampling}
         # Streamed features go with this response; afterwards the encoding is cached (or, if it failed, the audio
         # is there to encode again), so they are dropped.

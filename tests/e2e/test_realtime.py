@@ -516,6 +516,9 @@ def test_max_output_tokens_is_a_cap_inf_is_the_context_and_a_full_conversation_r
             usage = done["usage"]
             assert done["status"] == "incomplete" and usage["output_tokens"] > 256, done
             assert usage["total_tokens"] == 1024, usage  # the tiny demo model's context
+        # (with truncation on, a full conversation deletes the items it left out: see the truncation test)
+        ws.send(json.dumps({"type": "session.update", "session": {"truncation": "disabled"}}))
+        next_of(ws, "session.updated")
         for i in range(MAX_ITEMS - 1):
             ws.send(json.dumps({"type": "conversation.item.create", "item": {
                 "type": "message", "role": "user", "content": [{"type": "input_text", "text": "."}]}}))
@@ -544,9 +547,12 @@ def test_a_commit_too_short_is_refused_and_committed_comes_before_the_item(clust
 def test_a_conversation_past_the_context_leaves_its_oldest_items_out(cluster):
     """``truncation: "auto"`` (OpenAI's default; refused before): a conversation that outgrows the tiny model's
     1,024-token context keeps answering, its prompt holding the newest items that fit (the answer's room kept);
-    ``"disabled"`` then fails with ``context_length_exceeded``. With a ``retention_ratio`` the first truncation
-    leaves out enough to fill only that share, and the next turns keep the same start (their prompts grow by
-    what they add)."""
+    ``"disabled"`` then fails with ``context_length_exceeded``. At its item cap the conversation deletes the oldest
+    item truncation left out (told as ``conversation.item.deleted``) instead of refusing the new one. With a
+    ``retention_ratio`` the first truncation leaves out enough to fill only that share, and the next turns keep the
+    same start (their prompts grow by what they add)."""
+    from gateway.realtime import MAX_ITEMS
+
     turn = " ".join(f"word{i}" for i in range(30))  # ~150 tokens: seven of them overflow the context
 
     def respond(ws) -> dict:
@@ -555,18 +561,18 @@ def test_a_conversation_past_the_context_leaves_its_oldest_items_out(cluster):
         assert done["status"] in ("completed", "incomplete"), done
         return done["usage"]
 
-    def say(ws, text: str) -> None:
+    def say(ws, text: str) -> str:
         ws.send(json.dumps({"type": "conversation.item.create", "item": {
             "type": "message", "role": "user", "content": [{"type": "input_text", "text": text}]}}))
-        next_of(ws, "conversation.item.done")
+        return next_of(ws, "conversation.item.done")["item"]["id"]
 
     with raw(cluster) as ws:
         assert next_of(ws, "session.created")["session"]["truncation"] == "auto"
         ws.send(json.dumps({"type": "session.update", "session": {"max_output_tokens": 8, "temperature": 0}}))
         next_of(ws, "session.updated")
-        inputs = []
+        inputs, turns = [], []
         for _ in range(8):
-            say(ws, turn)
+            turns.append(say(ws, turn))
             inputs.append(respond(ws)["input_tokens"])
         per_turn = inputs[1] - inputs[0]  # one user turn and one answer of at most 8 tokens
         assert per_turn > 100 and inputs[-1] < inputs[0] + 7 * per_turn, inputs  # truncated: less than all
@@ -576,6 +582,21 @@ def test_a_conversation_past_the_context_leaves_its_oldest_items_out(cluster):
         ws.send(json.dumps({"type": "response.create", "event_id": "all"}))
         err = next_of(ws, "error", timeout=60)["error"]
         assert (err["code"], err["event_id"]) == ("context_length_exceeded", "all"), err
+        # Filled to its item cap, the conversation makes room by deleting the oldest items truncation left out
+        # (it was refused with conversation_too_long: a long voice session had to delete items itself).
+        ws.send(json.dumps({"type": "session.update", "session": {"truncation": "auto"}}))
+        next_of(ws, "session.updated")
+        held = 16  # 8 turns and their 8 answers
+        for _ in range(MAX_ITEMS - held):
+            ws.send(json.dumps({"type": "conversation.item.create", "item": {
+                "type": "message", "role": "user", "content": [{"type": "input_text", "text": "."}]}}))
+        for _ in range(MAX_ITEMS - held):
+            next_of(ws, "conversation.item.done")
+        ws.send(json.dumps({"type": "conversation.item.create", "item": {  # the 1,025th
+            "type": "message", "role": "user", "content": [{"type": "input_text", "text": "one more"}]}}))
+        event = json.loads(ws.recv(timeout=30))
+        assert event["type"] == "conversation.item.deleted" and event["item_id"] == turns[0], event
+        assert next_of(ws, "conversation.item.done")["item"]["content"][0]["text"] == "one more"
 
     ratio = {"type": "retention_ratio", "retention_ratio": 0.5}
     with raw(cluster) as ws:
