@@ -78,6 +78,7 @@ class PromptBuilder:
         # The template joins a message's text parts with nothing between them, so "hi<|im_" + "end|>" would spell a
         # control token no part holds: a text ending with the start of one (or of a placeholder) is quoted too.
         self.special_starts = {t[:k] for t in special for k in range(1, len(t))}
+        self.special_ids = set(tokenizer.convert_tokens_to_ids(sorted(special)))
         self.special_start_len = max(map(len, self.special_starts), default=0)
         # No token covers more characters of text than the longest token's spelling (byte-level and SentencePiece
         # vocabularies spell a token with at least the characters it stands for). So client text longer than the
@@ -143,13 +144,31 @@ class PromptBuilder:
                 modality = media[-1].modality
                 parts.append({"type": modality, modality: f"tributary:{param}"})  # the value is never rendered
             messages.append({"role": role, "content": parts, **named})
+        ids = self._render(messages, quoted)
+        edges = [i for i, t in enumerate(quoted) if not self._spells_special(t)]
+        if edges:
+            # Texts that only end with the start of a control token ("is it <") are quoted in case the next part
+            # completes one; but tokenized on their own their first word cannot merge with the template's text
+            # before it ("USER: " + "is": 'Ġis', as the reference tokenizes it). Rendered as they are, they keep the
+            # reference's tokens, unless they did form a control token: the two renderings' control tokens tell.
+            kept = [t for i, t in enumerate(quoted) if i not in edges]
+            renumber = {i: kept.index(t) for i, t in enumerate(quoted) if i not in edges}
+            raw = self._render(_unquote(messages, quoted, set(edges), renumber), kept)
+            if [i for i in raw if i in self.special_ids] == [i for i in ids if i in self.special_ids]:
+                ids = raw
+        self._check_placeholders(ids, media)
+        return Prompt(ids, media, namespace)
+
+    def _render(self, messages: list[dict], quoted: list[str]) -> list[int]:
+        """The chat template applied to ``messages`` and tokenized (``quoted`` client texts as plain text)."""
         text = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
         bos = self.tokenizer.bos_token
         add_special = not (bos and text.startswith(bos))
-        ids = self._tokenize(text, quoted, add_special) if quoted else self.tokenizer(
+        return self._tokenize(text, quoted, add_special) if quoted else self.tokenizer(
             text, add_special_tokens=add_special)["input_ids"]
-        self._check_placeholders(ids, media)
-        return Prompt(ids, media, namespace)
+
+    def _spells_special(self, text: str) -> bool:
+        return QUOTE_OPEN in text or any(s in text for s in self.special_text)
 
     def message_tokens(self, role: str, texts: Sequence[str], media: Sequence[tuple[str, MediaInfo]] = ()) -> int:
         """About how many tokens one message adds to a prompt, told without rendering the conversation it is in:
@@ -223,8 +242,7 @@ class PromptBuilder:
         one (which the next part could complete), a marker that ``_tokenize`` replaces by the text encoded as plain
         text, on its own."""
         ends = (text[-k:] for k in range(1, min(len(text), self.special_start_len) + 1))
-        if (QUOTE_OPEN not in text and not any(s in text for s in self.special_text)
-                and not any(end in self.special_starts for end in ends)):
+        if not self._spells_special(text) and not any(end in self.special_starts for end in ends):
             return text
         quoted.append(text)
         return f"{QUOTE_OPEN}{len(quoted) - 1}{QUOTE_CLOSE}"
@@ -324,6 +342,25 @@ def _url(part) -> str | None:
 
 QUOTE_OPEN, QUOTE_CLOSE = "\ue000", "\ue001"  # private-use characters: no tokenizer or template emits them
 QUOTED = re.compile(f"{QUOTE_OPEN}(\\d+){QUOTE_CLOSE}")
+
+
+def _unquote(messages: list[dict], quoted: list[str], which: set[int], renumber: dict[int, int]) -> list[dict]:
+    """``messages`` with the markers of the quoted texts ``which`` put back as the texts, and the others' markers
+    renumbered (``renumber``: old index -> new)."""
+    def value(v):
+        match = QUOTED.fullmatch(v) if isinstance(v, str) else None
+        if match is None:
+            return v
+        i = int(match[1])
+        return quoted[i] if i in which else f"{QUOTE_OPEN}{renumber[i]}{QUOTE_CLOSE}"
+
+    out = []
+    for m in messages:
+        content = m["content"]
+        content = ([{k: value(v) if k == "text" else v for k, v in p.items()} for p in content]
+                   if isinstance(content, list) else value(content))
+        out.append({**m, "content": content, **({"name": value(m["name"])} if "name" in m else {})})
+    return out
 
 
 def expand_placeholders(ids: list[int], placeholder_ids: dict[str, int], counts: list[int]) -> list[int]:

@@ -324,3 +324,34 @@ def test_audio_whose_declared_format_is_not_its_data_is_refused(builder, declare
         builder.build(request({"role": "user", "content": [part]}))
     assert info.value.param == "messages.0.content.0.input_audio.format"
     assert f"'{declared}' but the data is WAV audio" in info.value.message
+
+
+SPACED_TEMPLATE = (  # LLaVA-like: client text right after "USER: ", so its first word merges with the space
+    "{% for m in messages %}{{ m['role'].upper() }}: {% if m['content'] is string %}{{ m['content'] }}{% else %}"
+    "{% for p in m['content'] %}{% if p['type'] == 'text' %}{{ p['text'] }}{% endif %}{% endfor %}{% endif %}"
+    "<|im_end|>\n{% endfor %}{% if add_generation_prompt %}ASSISTANT: {% endif %}")
+
+
+@pytest.mark.parametrize("content", ["is it <", "the cat <|", "what about </", [text("hello "), text("the cat <")],
+                                     [text("is it <"), text(" or not")]])
+def test_text_ending_with_the_start_of_a_control_token_keeps_the_references_tokens(tiny_spec, content):
+    """An outside tester's finding: text that only ends with the start of a control token ("is it <") was
+    tokenized on its own, in case the next part completes one, so its first word could not merge with the space
+    the template puts before it ("USER: is": 'Ġis' in the reference, 'Ġ' + 'is' here): a different prompt, a
+    different answer, with a tokenizer that merges spaces into words (Llama's, Qwen's). It keeps the reference's
+    tokens now, since no control token is formed."""
+    tok = tiny_spec.load_tokenizer()
+    tok.chat_template = SPACED_TEMPLATE
+    builder = PromptBuilder(tiny_spec, tok, max_media_bytes=1 << 20)
+    messages = [{"role": "user", "content": content}]
+    reference = tok(tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=False),
+                    add_special_tokens=False)["input_ids"]
+    assert builder.build(request(*messages)).token_ids == reference
+
+
+def test_parts_that_form_a_control_token_together_stay_text_with_any_template(tiny_spec):
+    tok = tiny_spec.load_tokenizer()
+    tok.chat_template = SPACED_TEMPLATE
+    builder = PromptBuilder(tiny_spec, tok, max_media_bytes=1 << 20)
+    ids = builder.build(request({"role": "user", "content": [text("hi <|im_"), text("end|> there")]})).token_ids
+    assert ids.count(tok.convert_tokens_to_ids("<|im_end|>")) == 1  # the template's own, after the message
