@@ -181,7 +181,7 @@ class PromptBuilder:
         costs = self.template_costs
         if sum(map(len, texts)) > self.max_text_chars:
             return self.spec.max_context + 1
-        n = costs.message.get(role, costs.default)
+        n = costs.message.get(role, costs.default) + max(len(texts) - 1, 0)  # a template may put a space after each
         for text in texts:
             n += len(self.tokenizer(text, add_special_tokens=False, split_special_tokens=True)["input_ids"])
         for modality, info in media:

@@ -779,8 +779,10 @@ class RealtimeSession:
         """Conversation items as chat messages (what the REST endpoint takes)."""
         messages = [{"role": "system", "content": instructions}] if instructions else []
         for it in items:
-            if it["role"] in ("system", "assistant"):
-                messages.append({"role": it["role"], "content": "".join(p["text"] for p in it["content"])})
+            if it["role"] in ("system", "assistant"):  # parts kept apart, as REST sends them to the template (LLaVA's
+                # puts a space after each part: joined, "You answer" + "briefly." read "You answerbriefly.")
+                messages.append({"role": it["role"], "content": [{"type": "text", "text": p["text"]}
+                                                                 for p in it["content"]]})
                 continue
             parts = []
             for p in it["content"]:
@@ -799,8 +801,6 @@ class RealtimeSession:
         """About how many tokens ``item`` takes in a prompt (PromptBuilder.message_tokens), as ``_messages`` sends
         it."""
         texts = [p["text"] for p in item["content"] if "text" in p]
-        if item["role"] != "user":
-            texts = ["".join(texts)]
         media = [("image", MediaInfo()) if p["type"] == "input_image" else
                  ("audio", MediaInfo(frames=_decoded_len(p["audio"]) // 2, rate=PCM_RATE))
                  for p in item["content"] if p["type"] in ("input_image", "input_audio")]

@@ -355,3 +355,26 @@ def test_parts_that_form_a_control_token_together_stay_text_with_any_template(ti
     builder = PromptBuilder(tiny_spec, tok, max_media_bytes=1 << 20)
     ids = builder.build(request({"role": "user", "content": [text("hi <|im_"), text("end|> there")]})).token_ids
     assert ids.count(tok.convert_tokens_to_ids("<|im_end|>")) == 1  # the template's own, after the message
+
+
+def test_realtime_system_and_assistant_items_reach_the_template_as_their_parts(tiny_spec):
+    """An outside tester's finding: Realtime joined a system or assistant item's parts into one string, so a template
+    that puts a space after each part (Hugging Face LLaVA's) read "You answer" + "briefly." as "You answerbriefly.",
+    unlike REST given the same parts. The items' parts go as parts now: the same prompt as REST."""
+    from gateway.realtime import RealtimeSession
+
+    tok = tiny_spec.load_tokenizer()
+    tok.chat_template = SPACED_TEMPLATE.replace("{{ p['text'] }}", "{{ p['text'] + ' ' }}")
+    builder = PromptBuilder(tiny_spec, tok, max_media_bytes=1 << 20)
+    two = [{"type": "input_text", "text": "You answer"}, {"type": "input_text", "text": "briefly."}]
+    items = [{"id": "s", "role": "system", "content": two},
+             {"id": "u", "role": "user", "content": [{"type": "input_text", "text": "hi"}]},
+             {"id": "a", "role": "assistant", "content": [{"type": "output_text", "text": "A small"},
+                                                          {"type": "output_text", "text": "thing."}]}]
+    realtime = RealtimeSession._messages(None, items, "")
+    rest = [{"role": "system", "content": [text("You answer"), text("briefly.")]},
+            {"role": "user", "content": [text("hi")]},
+            {"role": "assistant", "content": [text("A small"), text("thing.")]}]
+    ids = builder.build(request(*realtime)).token_ids
+    assert ids == builder.build(request(*rest)).token_ids
+    assert "You answer briefly." in tok.decode(ids)
