@@ -170,9 +170,11 @@ class ChatService:
 
     async def handle(self, request: Request, ids: RequestIds) -> Response:
         arrival = time.perf_counter()
-        rate = await self._rate(getattr(request.state, "tenant", None))  # a 429 before anything else
+        # Refused for load before it counts toward its tenant's rate (a client retrying a 503 would otherwise spend
+        # its requests per minute on refusals), and before the body is read: refused at once.
+        self.admit(["backbone"])
+        rate = await self._rate(getattr(request.state, "tenant", None))  # a 429
         ids = replace(ids, rate=tuple(rate.items()))
-        self.admit(["backbone"])  # before the body is read: a request refused anyway is refused at once
         # A client still sending its body holds no slot of ``max_inflight`` (slow senders would take them all: a
         # slowloris); the bodies being received are bounded in bytes instead (``_read_body``).
         body = await self._or_closing(self._read_body(request))
@@ -242,8 +244,8 @@ class ChatService:
         of a budget in ``body``, at most this many tokens, as many as the context leaves (``math.inf``: all of it),
         as the Realtime protocol's ``max_output_tokens`` means."""
         arrival = time.perf_counter()
+        self.admit(["backbone"])  # a refusal for load counts toward no rate limit
         await self._rate(tenant)
-        self.admit(["backbone"])
         self.inflight += 1
         queue = watcher = None
         try:

@@ -31,6 +31,7 @@ class GatewayConfig:
     # Recovery and overload (docs/architecture.md, "Recovery").
     migration_limit: int = 3  # how often one request may move to another backbone after its worker died (0: never)
     max_inflight: int = 256  # requests this gateway serves at once; more get a 503 server_overloaded
+    max_connections: int = 0  # open HTTP/WebSocket connections; more get a 503 (0: the fd limit less a reserve)
     max_backlog: int = 1024  # unread entries a tier's stream may hold before new requests get a 503 server_overloaded
     # How long a tier's oldest unread job may have waited before new requests needing the tier get a 503
     # server_overloaded (they would wait as long, and time out): 0 is half the tier's own bound, encode_timeout_s for
@@ -69,6 +70,8 @@ class GatewayConfig:
                      "lease_ttl_s", "max_inflight", "max_backlog", "lease_s"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.max_connections < 0:
+            raise ValueError(f"max_connections must be >= 0, got {self.max_connections}")
         if self.migration_limit < 0:
             raise ValueError(f"migration_limit must be >= 0, got {self.migration_limit}")
         if self.lease_s < 3:

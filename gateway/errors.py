@@ -9,6 +9,7 @@ every message is scrubbed of what a library's exception text may carry in (``pub
 from __future__ import annotations
 
 import json
+import random
 import re
 
 from redis.exceptions import RedisError
@@ -55,7 +56,13 @@ class APIError(Exception):
 
     def response(self, headers: dict | None = None) -> JSONResponse:
         if self.retry_after is not None:
-            headers = {**(headers or {}), "retry-after": str(self.retry_after)}
+            # retry-after-ms (read first by the OpenAI SDKs) spreads the retries over one to one and a half times
+            # the delay (never sooner: a rate limit's window): refused together, clients would otherwise all come
+            # back in the same instant and be refused again.
+            jittered = round(self.retry_after * 1000 * random.uniform(1.0, 1.5))
+            headers = {**(headers or {}), "retry-after": str(self.retry_after), "retry-after-ms": str(jittered)}
+        if self.status == 408:  # the rest of the body may still trickle in: the connection goes with the answer
+            headers = {**(headers or {}), "connection": "close"}
         return ErrorJSON(self.body(), status_code=self.status, headers=headers)
 
 

@@ -4,19 +4,28 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
+import resource
+import uuid
 from collections.abc import Callable
 
 import uvicorn
 import uvicorn.server
-from uvicorn.protocols.http.auto import AutoHTTPProtocol
+from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
 from gateway.app import create_app
 from gateway.config import GatewayConfig
 from router.lifecycle import STOP_SIGNALS
+from router.logs import Throttle
+
+log = logging.getLogger(__name__)
 
 KEEP_ALIVE_S = 75  # idle keep-alive connections are closed after this (the clients' pools expire sooner)
 GRACEFUL_S = 30  # on SIGTERM, how long requests in flight may run on (the workers outlive the gateway in `up`)
 END_MARGIN_S = 3  # before that ends, the requests still running are answered (503 / an error event), not cut
+HEADER_TIMEOUT_S = 15.0  # a new connection's request, or any request once begun, must have its headers within this
+SEND_STALL_S = 30.0  # a response the client has not read for this long (its socket full) is cut and its work freed
+FD_RESERVE = 256  # file descriptors kept for Redis connections, worker threads, files, when capping connections
 
 
 class Server(uvicorn.Server):
@@ -38,18 +47,123 @@ class Server(uvicorn.Server):
             timer.cancel()
 
 
-class HTTPProtocol(AutoHTTPProtocol):
-    """uvicorn's HTTP protocol (httptools, else h11), except that bytes it cannot parse as HTTP are answered in the
-    OpenAI error shape (400 ``invalid_http_request``, JSON) instead of uvicorn's plain text, as every other error is:
-    a client reads one shape from this server."""
+class HTTPProtocol(HttpToolsProtocol):
+    """uvicorn's HTTP protocol (httptools), with the bounds a server facing clients it does not control needs:
+
+    * bytes it cannot parse as HTTP are answered in the OpenAI error shape (400 ``invalid_http_request``, JSON)
+      instead of uvicorn's plain text, as every other error is;
+    * a connection must send a request's headers within ``HEADER_TIMEOUT_S`` of opening (or of the request's first
+      byte): uvicorn starts no timer before a first response, so sockets that sent nothing, or a header byte now and
+      then, were held for good (a few thousand of them exhaust the file descriptors, and every client is refused);
+    * a response the client does not read (its socket buffer full) for ``SEND_STALL_S`` is cut: the connection is
+      aborted, which the app sees as a disconnect (the generation is cancelled, the in-flight slot freed). Without
+      it a client that stops reading held a ``--max-inflight`` slot for good;
+    * past ``max_connections`` open connections (default: the file-descriptor limit less ``FD_RESERVE``) a new one
+      is answered 503 ``server_overloaded`` (JSON, ``connection: close``) before it is read, instead of the accept
+      failing for lack of descriptors (which refuses every client, the health probe included, silently)."""
+
+    max_connections = 0  # set by serve(); 0: no cap
+    _refused = Throttle(10.0)
+
+    def connection_made(self, transport) -> None:  # type: ignore[override]
+        super().connection_made(transport)
+        self._header_timer = self._stall_timer = None
+        if self.max_connections and len(self.connections) > self.max_connections:
+            if self._refused.due():
+                log.warning("connection refused: too many open connections", extra={
+                    "connections": len(self.connections), "max_connections": self.max_connections,
+                    "refused_since_last": self._refused.held})
+            self._answer(503, "Service Unavailable", "too many open connections; retry later", "server_overloaded",
+                         "service_unavailable", b"retry-after: 1\r\n")
+            return
+        self._header_timer = self.loop.call_later(HEADER_TIMEOUT_S, self._headers_late)
+
+    def on_message_begin(self) -> None:
+        super().on_message_begin()
+        self._begun = True
+        if self._header_timer is None:  # a request begun (a keep-alive connection's next one): its headers in time
+            self._header_timer = self.loop.call_later(HEADER_TIMEOUT_S, self._headers_late)
+
+    def on_headers_complete(self) -> None:
+        self._begun = False
+        self._cancel("_header_timer")
+        super().on_headers_complete()
+
+    def _headers_late(self) -> None:
+        self._header_timer = None
+        if self.transport.is_closing():
+            return
+        if not getattr(self, "_begun", False):  # nothing of a request came: nobody to answer
+            self.transport.close()
+            return
+        self._answer(408, "Request Timeout", f"the request headers did not arrive within {HEADER_TIMEOUT_S:g} s",
+                     "request_timeout", "invalid_request_error")
+
+    def pause_writing(self) -> None:
+        super().pause_writing()
+        if self._stall_timer is None:
+            self._stall_timer = self.loop.call_later(SEND_STALL_S, self._stalled)
+
+    def resume_writing(self) -> None:
+        self._cancel("_stall_timer")
+        super().resume_writing()
+
+    def _stalled(self) -> None:
+        self._stall_timer = None
+        path = self.scope.get("path") if self.scope else None
+        log.warning("a client has not read its response for %g s; closing its connection", SEND_STALL_S,
+                    extra={"client": f"{self.client[0]}:{self.client[1]}" if self.client else None, "path": path})
+        self.transport.abort()  # connection_lost follows: the app sees a disconnect
+
+    def _start_asgi_task(self, cycle, app) -> None:
+        self._running = cycle
+        super()._start_asgi_task(cycle, app)
+
+    def connection_lost(self, exc) -> None:
+        self._cancel("_header_timer")
+        self._cancel("_stall_timer")
+        # uvicorn tells only the last request it parsed that the client is gone; with pipelined requests that is not
+        # the one running, which then wrote to the closed socket (an error traceback) instead of seeing a disconnect.
+        running = getattr(self, "_running", None)
+        for cycle in [running, *(c for c, _ in self.pipeline)]:
+            if cycle is not None and cycle is not self.cycle and not cycle.response_complete:
+                cycle.disconnected = True
+                cycle.message_event.set()
+        super().connection_lost(exc)
+
+    def _cancel(self, name: str) -> None:
+        timer = getattr(self, name, None)
+        if timer is not None:
+            timer.cancel()
+            setattr(self, name, None)
 
     def send_400_response(self, msg: str) -> None:
-        body = json.dumps({"error": {"message": f"{msg.rstrip('.')}: the bytes sent are not a valid HTTP/1.1 request",
-                                     "type": "invalid_request_error", "param": None,
-                                     "code": "invalid_http_request"}}).encode()
-        self.transport.write(b"HTTP/1.1 400 Bad Request\r\ncontent-type: application/json\r\n"
-                             b"content-length: %d\r\nconnection: close\r\n\r\n%s" % (len(body), body))
+        self._answer(400, "Bad Request", f"{msg.rstrip('.')}: the bytes sent are not a valid HTTP/1.1 request",
+                     "invalid_http_request", "invalid_request_error")
+
+    def _answer(self, status: int, reason: str, message: str, code: str, type_: str, extra: bytes = b"") -> None:
+        """An error in the OpenAI shape written straight to the socket (no request to answer through the app),
+        and the connection closed."""
+        body = json.dumps({"error": {"message": message, "type": type_, "param": None, "code": code}}).encode()
+        self.transport.write(b"HTTP/1.1 %d %s\r\ncontent-type: application/json\r\ncontent-length: %d\r\n"
+                             b"connection: close\r\nx-request-id: %s\r\n%s\r\n%s"
+                             % (status, reason.encode(), len(body), uuid.uuid4().hex.encode(), extra, body))
         self.transport.close()
+
+
+def connection_cap(configured: int = 0) -> int:
+    """The open-connection cap: ``configured``, else what the file-descriptor limit leaves after ``FD_RESERVE``,
+    the soft limit raised to the hard one first (a container's 1024 is a common soft default)."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft != resource.RLIM_INFINITY and (hard == resource.RLIM_INFINITY or soft < hard):
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+            soft = hard
+        except (ValueError, OSError):
+            pass
+    if configured:
+        return configured
+    return 0 if soft == resource.RLIM_INFINITY else max(soft - FD_RESERVE, 64)
 
 
 def serve(cfg: GatewayConfig, host: str = "127.0.0.1", port: int = 8000, graceful_s: float = GRACEFUL_S) -> None:
@@ -58,6 +172,9 @@ def serve(cfg: GatewayConfig, host: str = "127.0.0.1", port: int = 8000, gracefu
     # Keep-alive past the clients' pool expiry (httpx, and so the openai SDK: 5 s, uvicorn's own default): with equal
     # timeouts a client reuses a connection in the instant the server closes it and gets a connection reset
     # (seen once in tests/e2e/test_autoscale.py's burst).
+    HTTPProtocol.max_connections = connection_cap(cfg.max_connections)
+    log.info("serving", extra={"max_connections": HTTPProtocol.max_connections, "header_timeout_s": HEADER_TIMEOUT_S,
+                               "send_stall_s": SEND_STALL_S})
     config = uvicorn.Config(app, host=host, port=port, log_config=None, access_log=False, http=HTTPProtocol,
                             timeout_graceful_shutdown=graceful_s, timeout_keep_alive=KEEP_ALIVE_S,
                             ws_max_size=cfg.max_body_bytes, ws_ping_interval=20, ws_ping_timeout=20)

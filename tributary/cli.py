@@ -178,6 +178,11 @@ def _admission(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-inflight", type=POSITIVE_INT, default=_env("MAX_INFLIGHT", "256"),
                    help=_env_help("requests one gateway serves at once; more get a 503 server_overloaded with "
                                   "Retry-After", "MAX_INFLIGHT"))
+    p.add_argument("--max-connections", type=NONNEG_INT, default=_env("MAX_CONNECTIONS", "0"),
+                   help=_env_help("open connections one gateway keeps; a new one past it is answered 503 "
+                                  "server_overloaded at once (default 0: the file-descriptor limit, raised to its "
+                                  "hard limit, less 256). Connections must send their request headers within 15 s, "
+                                  "and a response unread for 30 s is cut", "MAX_CONNECTIONS"))
     p.add_argument("--max-backlog", type=POSITIVE_INT, default=_env("MAX_BACKLOG", "1024"),
                    help=_env_help("unread entries a tier's queue may hold before new requests get a 503 "
                                   "server_overloaded", "MAX_BACKLOG"))
@@ -775,6 +780,7 @@ def _main(args) -> int:
                                 max_audio_seconds=args.max_audio_seconds, instance_id=args.instance_id,
                                 tensor_ttl_s=args.tensor_ttl, migration_limit=args.migration_limit,
                                 max_inflight=args.max_inflight, max_backlog=args.max_backlog,
+                                max_connections=args.max_connections,
                                 max_queue_wait_s=args.max_queue_wait,
                                 body_timeout_s=args.body_timeout, encoder_dtype=args.encoder_dtype,
                                 encoder_wire_dtype=args.encoder_wire_dtype, api_key_file=args.api_key_file,

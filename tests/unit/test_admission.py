@@ -36,6 +36,17 @@ def test_in_flight_bound_is_server_overloaded():
     assert exc.value.status == 503 and exc.value.code == "server_overloaded" and exc.value.retry_after >= 1
 
 
+def test_retries_are_spread_never_sooner_than_retry_after():
+    """An outside tester's finding: every refused client was told to come back in exactly 1 s, so they all did, at
+    once, and were refused again. ``retry-after-ms`` (which the OpenAI SDKs read first) spreads them over 1-1.5x."""
+    waits = set()
+    for _ in range(50):
+        headers = Overloaded("busy").response().headers
+        assert headers["retry-after"] == "1"
+        waits.add(int(headers["retry-after-ms"]))
+    assert min(waits) >= 1000 and max(waits) <= 1500 and len(waits) > 10
+
+
 def test_backlog_bound_names_the_tier_and_only_tiers_the_request_needs_count():
     v = view(backlog={"backbone": 2, "encoder:audio": 11})
     admit(v, 0, cfg(), ["backbone", "encoder:image"])  # a text + image request does not wait on the audio queue

@@ -1,0 +1,176 @@
+"""gateway/server.py's HTTP protocol against raw sockets, on a real uvicorn server: what uvicorn alone leaves
+unbounded is bounded (an outside tester held sockets for good with nothing or a trickle of header bytes, and a
+``--max-inflight`` slot with a client that stopped reading), and bytes that are not HTTP get the OpenAI error shape.
+The timeouts are shortened for the test."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import socket
+import threading
+import time
+
+import pytest
+import uvicorn
+
+from gateway import server as gateway_server
+from gateway.server import HTTPProtocol
+
+HEADER_S, STALL_S = 0.6, 1.0
+
+
+class App:
+    """``/ok``: a small JSON answer; ``/stream``: chunks of 64 KiB until the client is gone (``gone`` set)."""
+
+    def __init__(self):
+        self.gone = threading.Event()
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return
+        if scope["path"] == "/stream":
+            await send({"type": "http.response.start", "status": 200, "headers": [(b"content-type", b"text/plain")]})
+
+            async def watch():
+                while (await receive())["type"] != "http.disconnect":
+                    pass
+                self.gone.set()
+
+            watcher = asyncio.ensure_future(watch())
+            while not self.gone.is_set():
+                await send({"type": "http.response.body", "body": b"x" * 65536, "more_body": True})
+                await asyncio.sleep(0)
+            watcher.cancel()
+            return
+        await send({"type": "http.response.start", "status": 200, "headers": [(b"content-type", b"application/json"),
+                                                                               (b"content-length", b"12")]})
+        await send({"type": "http.response.body", "body": b'{"ok": true}'})
+
+
+@contextlib.contextmanager
+def serving(app, max_connections: int = 0):
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    HTTPProtocol.max_connections = max_connections
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, http=HTTPProtocol, log_config=None,
+                                           lifespan="off", timeout_keep_alive=30))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    try:
+        deadline = time.monotonic() + 10
+        while not server.started and time.monotonic() < deadline:
+            time.sleep(0.02)
+        yield port
+    finally:
+        HTTPProtocol.max_connections = 0
+        server.should_exit = True
+        thread.join(10)
+
+
+@pytest.fixture
+def short(monkeypatch):
+    monkeypatch.setattr(gateway_server, "HEADER_TIMEOUT_S", HEADER_S)
+    monkeypatch.setattr(gateway_server, "SEND_STALL_S", STALL_S)
+
+
+def read_all(s: socket.socket, timeout: float = 10) -> tuple[bytes, float]:
+    """Everything until the server closes, and how long that took."""
+    s.settimeout(timeout)
+    start, reply = time.monotonic(), b""
+    while chunk := s.recv(65536):
+        reply += chunk
+    return reply, time.monotonic() - start
+
+
+def error_of(reply: bytes) -> tuple[bytes, dict]:
+    head, _, body = reply.partition(b"\r\n\r\n")
+    assert b"content-type: application/json" in head.lower() and b"connection: close" in head.lower(), head
+    return head, json.loads(body)["error"]
+
+
+@pytest.mark.parametrize("garbage", [b"GARBAGE\r\n\r\n", b"\x16\x03\x01\x02\x00\x01\x00\x01\xfc\x03\x03" + bytes(40),
+                                     b"GET / HTTP/1.1\r\nHost: a\r\nContent-Length: x\r\n\r\n"])
+def test_bytes_that_are_not_http_get_a_400_in_the_openai_shape_not_uvicorns_plain_text(garbage):
+    """A request the HTTP parser refuses (garbage, TLS spoken to the plain port, a malformed header) is answered by
+    the gateway's server as every other error is: JSON in the OpenAI shape."""
+    with serving(App()) as port, socket.create_connection(("127.0.0.1", port), timeout=5) as s:
+        s.sendall(garbage)
+        reply, _ = read_all(s)
+    head, error = error_of(reply)
+    assert head.startswith(b"HTTP/1.1 400 "), reply
+    assert error["code"] == "invalid_http_request" and error["type"] == "invalid_request_error", error
+    assert "not a valid HTTP/1.1 request" in error["message"], error
+
+
+def test_a_connection_that_sends_nothing_is_closed(short):
+    with serving(App()) as port, socket.create_connection(("127.0.0.1", port), timeout=5) as s:
+        reply, took = read_all(s)
+    assert reply == b"" and HEADER_S * 0.8 < took < HEADER_S + 3, took
+
+
+def test_headers_trickled_a_byte_at_a_time_get_a_408_in_time(short):
+    request = b"GET /ok HTTP/1.1\r\nHost: a\r\nX-Slow: " + b"z" * 100
+    with serving(App()) as port, socket.create_connection(("127.0.0.1", port), timeout=5) as s:
+        start, reply = time.monotonic(), b""
+        s.settimeout(0.1)
+        for byte in request:  # every byte resets uvicorn's keep-alive timer: it never fired
+            try:
+                s.sendall(bytes([byte]))
+                if chunk := s.recv(65536):
+                    reply += chunk
+                    break
+            except (TimeoutError, socket.timeout):
+                continue
+            except (BrokenPipeError, ConnectionResetError):
+                break
+        more, _ = read_all(s)
+        took = time.monotonic() - start
+    head, error = error_of(reply + more)
+    assert head.startswith(b"HTTP/1.1 408 ") and error["code"] == "request_timeout", error
+    assert took < HEADER_S + 3, took
+
+
+def test_a_keep_alive_connection_may_idle_between_requests(short):
+    """The header timeout runs from a request's first byte, not across the idle time between two requests (the
+    keep-alive timeout's job)."""
+    with serving(App()) as port, socket.create_connection(("127.0.0.1", port), timeout=5) as s:
+        for _ in range(2):
+            s.sendall(b"GET /ok HTTP/1.1\r\nHost: a\r\n\r\n")
+            reply = b""
+            while not reply.endswith(b'{"ok": true}'):
+                reply += s.recv(65536)
+            assert reply.startswith(b"HTTP/1.1 200 ")
+            time.sleep(HEADER_S * 2)
+
+
+def test_a_client_that_stops_reading_is_cut_and_its_work_ends(short):
+    """The app streams until the client is gone: a client that reads nothing fills its socket, and after the stall
+    timeout the connection is aborted, which the app sees as a disconnect (a generation cancelled, a slot freed)."""
+    app = App()
+    with serving(app) as port, socket.create_connection(("127.0.0.1", port), timeout=5) as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        s.sendall(b"GET /stream HTTP/1.1\r\nHost: a\r\n\r\n")
+        assert app.gone.wait(STALL_S + 10), "the app never saw the client go"
+
+
+def test_connections_past_the_cap_are_answered_503_at_once(short):
+    with serving(App(), max_connections=3) as port:
+        held = [socket.create_connection(("127.0.0.1", port), timeout=5) for _ in range(3)]
+        try:
+            time.sleep(0.1)
+            with socket.create_connection(("127.0.0.1", port), timeout=5) as s:
+                reply, took = read_all(s)
+            head, error = error_of(reply)
+            assert head.startswith(b"HTTP/1.1 503 ") and error["code"] == "server_overloaded", reply
+            assert b"retry-after: 1" in head.lower() and took < HEADER_S, took
+        finally:
+            for s in held:
+                s.close()
+        time.sleep(0.2)  # the server sees them close
+        with socket.create_connection(("127.0.0.1", port), timeout=5) as s:  # room again
+            s.sendall(b"GET /ok HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n")
+            reply, _ = read_all(s)
+        assert reply.startswith(b"HTTP/1.1 200 "), reply
