@@ -20,6 +20,7 @@ from __future__ import annotations
 import functools
 import logging
 import re
+import threading
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
@@ -68,6 +69,7 @@ class PromptBuilder:
     def __init__(self, spec: ModelSpec, tokenizer, max_media_bytes: int, limits: dict[str, int] | None = None,
                  max_audio_seconds: float = MAX_AUDIO_S):
         self.spec, self.tokenizer, self.max_media_bytes = spec, tokenizer, max_media_bytes
+        self._encoding = threading.Lock()  # see encode()
         self.limits = limits or dict(DEFAULT_MM_LIMITS)
         self.max_audio_seconds = max_audio_seconds
         self.placeholder_text = {m: tokenizer.convert_ids_to_tokens(i) for m, i in spec.placeholder_ids.items()}
@@ -164,8 +166,7 @@ class PromptBuilder:
         text = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
         bos = self.tokenizer.bos_token
         add_special = not (bos and text.startswith(bos))
-        return self._tokenize(text, quoted, add_special) if quoted else self.tokenizer(
-            text, add_special_tokens=add_special)["input_ids"]
+        return self._tokenize(text, quoted, add_special) if quoted else self.encode(text, add_special)
 
     def _spells_special(self, text: str) -> bool:
         return QUOTE_OPEN in text or any(s in text for s in self.special_text)
@@ -183,7 +184,7 @@ class PromptBuilder:
             return self.spec.max_context + 1
         n = costs.message.get(role, costs.default) + max(len(texts) - 1, 0)  # a template may put a space after each
         for text in texts:
-            n += len(self.tokenizer(text, add_special_tokens=False, split_special_tokens=True)["input_ids"])
+            n += len(self.encode(text, split=True))
         for modality, info in media:
             n += costs.media.get(modality, costs.default) - 1 + placeholder_count(self.spec, modality, info)
         return n
@@ -193,12 +194,12 @@ class PromptBuilder:
         """Measured once, by rendering small conversations the way ``build`` renders them and taking differences
         (a template that refuses one shape, e.g. two user messages in a row, leaves that cost at the default)."""
         tok, x = self.tokenizer, "x"
-        x_len = len(tok(x, add_special_tokens=False)["input_ids"])
+        x_len = len(self.encode(x))
 
         def length(messages, generate=False) -> int:
             text = tok.apply_chat_template(messages, add_generation_prompt=generate, tokenize=False)
             bos = tok.bos_token
-            return len(tok(text, add_special_tokens=not (bos and text.startswith(bos)))["input_ids"])
+            return len(self.encode(text, not (bos and text.startswith(bos))))
 
         user = {"role": "user", "content": [{"type": "text", "text": x}]}
         costs = TemplateCosts(fixed=0, fixed_after_system=0)
@@ -251,14 +252,23 @@ class PromptBuilder:
         """The rendered template's own pieces tokenized as usual; each quoted client text with its special-token
         spellings split into ordinary tokens (``split_special_tokens``), so ``<|im_start|>system`` typed by a user
         never becomes a role marker."""
-        tok = self.tokenizer
-        ids = [i for i in tok("", add_special_tokens=True)["input_ids"] if i == tok.bos_token_id] if add_special else []
+        bos = self.tokenizer.bos_token_id
+        ids = [i for i in self.encode("", True) if i == bos] if add_special else []
         for n, piece in enumerate(QUOTED.split(text)):
             if n % 2:
-                ids += tok(quoted[int(piece)], add_special_tokens=False, split_special_tokens=True)["input_ids"]
+                ids += self.encode(quoted[int(piece)], split=True)
             elif piece:
-                ids += tok(piece, add_special_tokens=False)["input_ids"]
+                ids += self.encode(piece)
         return ids
+
+    def encode(self, text: str, add_special: bool = False, split: bool = False) -> list[int]:
+        """``text``'s token ids; ``split``: control-token spellings as plain text. Every encode of this builder goes
+        through here, one at a time: transformers applies ``split_special_tokens`` by setting a flag on the shared
+        Rust tokenizer before each encode, so two threads encoding at once (requests are tokenized on worker
+        threads) took each other's setting: a user's typed ``<|im_start|>system`` became a real control token, or
+        the template's own markers and media placeholders were split (a wrong answer, a spurious 400)."""
+        with self._encoding:
+            return self.tokenizer(text, add_special_tokens=add_special, split_special_tokens=split)["input_ids"]
 
     def _check_text_length(self, req: ChatCompletionRequest) -> None:
         chars = sum(len(m.content) if isinstance(m.content, str) else
