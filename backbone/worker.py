@@ -842,6 +842,8 @@ def serve(cfg: BackboneConfig, model_dir: str, threads: int | None = None) -> No
                                     live=lambda: stage.live(cfg.stall_s))
         try:
             stage.run()
+        except RuntimeError as exc:  # gloo / NCCL: a peer shard is gone
+            _pipe_gone(cfg.shard, exc)
         finally:
             stop_metrics(metrics)
         return
@@ -852,9 +854,22 @@ def serve(cfg: BackboneConfig, model_dir: str, threads: int | None = None) -> No
                         cfg.max_batched_tokens, cfg.micro_batches, cfg.max_step_ms)
         worker = BackboneWorker(cfg, engine, stop)
         worker.run()
+    except RuntimeError as exc:
+        if worker is None or not worker.pipe_broken:
+            raise
+        _pipe_gone(cfg.shard, exc)  # its requests were handed back to their gateways already
     finally:
         if worker is None or not worker.pipe_broken:
             head.stop()  # the other shards exit (a broken pipe: they time out on their own)
+
+
+def _pipe_gone(shard: int, exc: RuntimeError) -> None:
+    """A peer shard of this replica is gone (killed, crashed): one log line, not a traceback, and a non-zero exit.
+    The replica's shards cannot go on without each other: ``tributary up`` restarts them together; by hand, restart
+    every shard of the replica."""
+    log.error("the pipeline is broken (a peer shard is gone); this shard exits: restart every shard of the replica",
+              extra={"shard": shard, "error": " ".join(str(exc).split())[:300]})
+    raise SystemExit(1) from None
 
 
 def even_layers(num_layers: int, shards: int, index: int) -> range:

@@ -177,3 +177,35 @@ def test_a_later_shard_told_to_stop_drains_its_whole_replica(tiny_spec, tiny_mod
         for p in (last, locals().get("head")):
             if p is not None and p.poll() is None:
                 p.kill()
+
+
+def test_a_killed_shard_hands_the_replicas_requests_back_and_its_peer_exits_with_one_line(tiny_model, redis_server):
+    """kill -9 of shard 1 mid-answer: shard 0 hands the running request back to its gateway (``worker_lost``, so it
+    moves to another replica) and exits non-zero with one log line saying what happened and what to do (it exited
+    with gloo's multi-line traceback)."""
+    r = redis.Redis.from_url(redis_server.url)
+    r.flushall()
+    url = f"tcp://127.0.0.1:{free_port()}"
+    last = subprocess.Popen([*start_cmd(tiny_model, redis_server.url), "--shard", "1", "--num-shards", "2",
+                             "--dist-url", url], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        head = start_tier(["backbone", "--model", str(tiny_model), "--shard", "0", "--num-shards", "2",
+                           "--dist-url", url], redis_server.url, "backbone")
+        hold_lease(r, "reply:gone")
+        r.xadd(KEYS.gen(), payload_fields(m.encode(plan("long", "reply:gone", PROMPTS[0], 900, temperature=0.0))))
+        seen, cursor, deadline = [], "0-0", time.monotonic() + 60
+        while sum(ev.completion_tokens for ev in seen) < 2:  # decoding
+            assert time.monotonic() < deadline, "the request never got going"
+            for entry_id, fields in (r.xread({"reply:gone": cursor}, block=1000) or [[None, []]])[0][1]:
+                cursor = entry_id
+                seen.append(m.decode(fields_payload(fields), m.TokenEvent))
+        last.kill()
+        assert head.wait(60) != 0
+        out, _ = head.communicate()
+        assert "the pipeline is broken" in out and "Traceback" not in out, out[-3000:]
+        finish = [ev for ev in events(r, "reply:gone", {"long"}) if ev.finish is not None]
+        assert finish and finish[-1].code == m.ErrorCode.WORKER_LOST, finish
+    finally:
+        for p in (last, locals().get("head")):
+            if p is not None and p.poll() is None:
+                p.kill()
