@@ -4,6 +4,7 @@ one step at a time; each shard read only its own tensors."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import signal
 import subprocess
@@ -148,64 +149,54 @@ def test_even_layers_cover_every_layer_once():
         even_layers(2, 3, 0)
 
 
-def test_a_later_shard_told_to_stop_drains_its_whole_replica(tiny_spec, tiny_model, redis_server):
-    """SIGTERM to a shard other than 0 (its own pod, in Kubernetes): it cannot leave the pipe alone, so shard 0
-    drains the replica (the running request finishes) and stops every shard, all exiting 0."""
-    r = redis.Redis.from_url(redis_server.url)
+@contextlib.contextmanager
+def decoding_replica(tiny_model, redis_url: str, reply: str, max_tokens: int):
+    """A 2-shard replica decoding one greedy request ``long`` (PROMPTS[0]) into the stream ``reply``: yields (the
+    Redis client, shard 1, shard 0); both processes are killed on the way out if still running."""
+    r = redis.Redis.from_url(redis_url)
     r.flushall()
     url = f"tcp://127.0.0.1:{free_port()}"
-    last = subprocess.Popen([*start_cmd(tiny_model, redis_server.url), "--shard", "1", "--num-shards", "2",
-                             "--dist-url", url], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    last = subprocess.Popen([*start_cmd(tiny_model, redis_url), "--shard", "1", "--num-shards", "2",
+                             "--dist-url", url], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    head = None
     try:
         head = start_tier(["backbone", "--model", str(tiny_model), "--shard", "0", "--num-shards", "2",
-                           "--dist-url", url], redis_server.url, "backbone")
-        hold_lease(r, "reply:drain")
-        r.xadd(KEYS.gen(), payload_fields(m.encode(plan("long", "reply:drain", PROMPTS[0], 300, temperature=0.0))))
+                           "--dist-url", url], redis_url, "backbone")
+        hold_lease(r, reply)
+        r.xadd(KEYS.gen(), payload_fields(m.encode(plan("long", reply, PROMPTS[0], max_tokens, temperature=0.0))))
         seen, cursor, deadline = [], "0-0", time.monotonic() + 60
         while sum(ev.completion_tokens for ev in seen) < 2:  # decoding
             assert time.monotonic() < deadline, "the request never got going"
-            for entry_id, fields in (r.xread({"reply:drain": cursor}, block=1000) or [[None, []]])[0][1]:
+            for entry_id, fields in (r.xread({reply: cursor}, block=1000) or [[None, []]])[0][1]:
                 cursor = entry_id
                 seen.append(m.decode(fields_payload(fields), m.TokenEvent))
+        yield r, last, head
+    finally:
+        for p in (last, head):
+            if p is not None and p.poll() is None:
+                p.kill()
+
+
+def test_a_later_shard_told_to_stop_drains_its_whole_replica(tiny_spec, tiny_model, redis_server):
+    """SIGTERM to a shard other than 0 (its own pod, in Kubernetes): it cannot leave the pipe alone, so shard 0
+    drains the replica (the running request finishes) and stops every shard, all exiting 0."""
+    with decoding_replica(tiny_model, redis_server.url, "reply:drain", 300) as (r, last, head):
         last.send_signal(signal.SIGTERM)
         assert last.wait(90) == 0 and head.wait(30) == 0
         out, _ = head.communicate()
         assert "a shard asked for a drain" in out, out[-2000:]
         got = events(r, "reply:drain", {"long"})
         assert [t for ev in got for t in ev.token_ids] == reference(tiny_spec, PROMPTS[0], 300)  # finished whole
-    finally:
-        for p in (last, locals().get("head")):
-            if p is not None and p.poll() is None:
-                p.kill()
 
 
 def test_a_killed_shard_hands_the_replicas_requests_back_and_its_peer_exits_with_one_line(tiny_model, redis_server):
     """kill -9 of shard 1 mid-answer: shard 0 hands the running request back to its gateway (``worker_lost``, so it
     moves to another replica) and exits non-zero with one log line saying what happened and what to do (it exited
     with gloo's multi-line traceback)."""
-    r = redis.Redis.from_url(redis_server.url)
-    r.flushall()
-    url = f"tcp://127.0.0.1:{free_port()}"
-    last = subprocess.Popen([*start_cmd(tiny_model, redis_server.url), "--shard", "1", "--num-shards", "2",
-                             "--dist-url", url], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    try:
-        head = start_tier(["backbone", "--model", str(tiny_model), "--shard", "0", "--num-shards", "2",
-                           "--dist-url", url], redis_server.url, "backbone")
-        hold_lease(r, "reply:gone")
-        r.xadd(KEYS.gen(), payload_fields(m.encode(plan("long", "reply:gone", PROMPTS[0], 900, temperature=0.0))))
-        seen, cursor, deadline = [], "0-0", time.monotonic() + 60
-        while sum(ev.completion_tokens for ev in seen) < 2:  # decoding
-            assert time.monotonic() < deadline, "the request never got going"
-            for entry_id, fields in (r.xread({"reply:gone": cursor}, block=1000) or [[None, []]])[0][1]:
-                cursor = entry_id
-                seen.append(m.decode(fields_payload(fields), m.TokenEvent))
+    with decoding_replica(tiny_model, redis_server.url, "reply:gone", 900) as (r, last, head):
         last.kill()
         assert head.wait(60) != 0
         out, _ = head.communicate()
         assert "the pipeline is broken" in out and "Traceback" not in out, out[-3000:]
         finish = [ev for ev in events(r, "reply:gone", {"long"}) if ev.finish is not None]
         assert finish and finish[-1].code == m.ErrorCode.WORKER_LOST, finish
-    finally:
-        for p in (last, locals().get("head")):
-            if p is not None and p.poll() is None:
-                p.kill()
