@@ -147,17 +147,6 @@ class PromptBuilder:
                 parts.append({"type": modality, modality: f"tributary:{param}"})  # the value is never rendered
             messages.append({"role": role, "content": parts, **named})
         ids = self._render(messages, quoted)
-        edges = [i for i, t in enumerate(quoted) if not self._spells_special(t)]
-        if edges:
-            # Texts that only end with the start of a control token ("is it <") are quoted in case the next part
-            # completes one; but tokenized on their own their first word cannot merge with the template's text
-            # before it ("USER: " + "is": 'Ġis', as the reference tokenizes it). Rendered as they are, they keep the
-            # reference's tokens, unless they did form a control token: the two renderings' control tokens tell.
-            kept = [t for i, t in enumerate(quoted) if i not in edges]
-            renumber = {i: kept.index(t) for i, t in enumerate(quoted) if i not in edges}
-            raw = self._render(_unquote(messages, quoted, set(edges), renumber), kept)
-            if [i for i in raw if i in self.special_ids] == [i for i in ids if i in self.special_ids]:
-                ids = raw
         self._check_placeholders(ids, media)
         return Prompt(ids, media, namespace)
 
@@ -240,8 +229,7 @@ class PromptBuilder:
 
     def _quote(self, text: str, quoted: list[str]) -> str:
         """Client text as the template gets it: as is, or, if it spells a control token or ends with the start of
-        one (which the next part could complete), a marker that ``_tokenize`` replaces by the text encoded as plain
-        text, on its own."""
+        one (which the next part could complete), a marker for ``_tokenize``."""
         ends = (text[-k:] for k in range(1, min(len(text), self.special_start_len) + 1))
         if not self._spells_special(text) and not any(end in self.special_starts for end in ends):
             return text
@@ -249,9 +237,37 @@ class PromptBuilder:
         return f"{QUOTE_OPEN}{len(quoted) - 1}{QUOTE_CLOSE}"
 
     def _tokenize(self, text: str, quoted: list[str], add_special: bool) -> list[int]:
-        """The rendered template's own pieces tokenized as usual; each quoted client text with its special-token
-        spellings split into ordinary tokens (``split_special_tokens``), so ``<|im_start|>system`` typed by a user
-        never becomes a role marker."""
+        """The rendered template with the quoted client texts put back, tokenized as the reference tokenizes it, except
+        that a control token the client's text spells (or helps spell) is its characters as ordinary tokens, so
+        ``<|im_start|>system`` typed by a user never becomes a role marker, and the words around it keep the
+        reference's tokens ("USER: what is </s>": 'Ġwhat', 'Ġis' as the reference has them). Found by the tokens'
+        character offsets; a tokenizer without offsets, or a control token that would take template text with it,
+        gets ``_tokenize_apart``."""
+        apart = self._tokenize_apart(text, quoted, add_special)
+        if not getattr(self.tokenizer, "is_fast", False):
+            return apart
+        raw, spans, at = [], [], 0
+        for n, piece in enumerate(QUOTED.split(text)):
+            piece = quoted[int(piece)] if n % 2 else piece
+            if n % 2:
+                spans.append((at, at + len(piece)))
+            raw.append(piece)
+            at += len(piece)
+        raw = "".join(raw)
+        with self._encoding:
+            enc = self.tokenizer(raw, add_special_tokens=add_special, return_offsets_mapping=True)
+        ids = []
+        for i, (s, e) in zip(enc["input_ids"], enc["offset_mapping"]):
+            if i in self.special_ids and any(s < b and e > a for a, b in spans):
+                ids += self.encode(raw[s:e], split=True)
+            else:
+                ids.append(i)
+        specials = [i for i in ids if i in self.special_ids]
+        return ids if specials == [i for i in apart if i in self.special_ids] else apart
+
+    def _tokenize_apart(self, text: str, quoted: list[str], add_special: bool) -> list[int]:
+        """The rendered template's own pieces tokenized as usual; each quoted client text on its own, with its
+        special-token spellings split into ordinary tokens (``split_special_tokens``)."""
         bos = self.tokenizer.bos_token_id
         ids = [i for i in self.encode("", True) if i == bos] if add_special else []
         for n, piece in enumerate(QUOTED.split(text)):
@@ -352,25 +368,6 @@ def _url(part) -> str | None:
 
 QUOTE_OPEN, QUOTE_CLOSE = "\ue000", "\ue001"  # private-use characters: no tokenizer or template emits them
 QUOTED = re.compile(f"{QUOTE_OPEN}(\\d+){QUOTE_CLOSE}")
-
-
-def _unquote(messages: list[dict], quoted: list[str], which: set[int], renumber: dict[int, int]) -> list[dict]:
-    """``messages`` with the markers of the quoted texts ``which`` put back as the texts, and the others' markers
-    renumbered (``renumber``: old index -> new)."""
-    def value(v):
-        match = QUOTED.fullmatch(v) if isinstance(v, str) else None
-        if match is None:
-            return v
-        i = int(match[1])
-        return quoted[i] if i in which else f"{QUOTE_OPEN}{renumber[i]}{QUOTE_CLOSE}"
-
-    out = []
-    for m in messages:
-        content = m["content"]
-        content = ([{k: value(v) if k == "text" else v for k, v in p.items()} for p in content]
-                   if isinstance(content, list) else value(content))
-        out.append({**m, "content": content, **({"name": value(m["name"])} if "name" in m else {})})
-    return out
 
 
 def expand_placeholders(ids: list[int], placeholder_ids: dict[str, int], counts: list[int]) -> list[int]:
