@@ -211,3 +211,36 @@ def test_a_body_its_client_cut_off_is_freed_at_once_not_when_the_garbage_collect
         gc.enable()
     assert held < 2 << 20, f"{held / 2**20:.1f} MiB of the cut body still held"
     assert svc.receiving == 0
+
+
+def test_refusals_for_load_count_toward_no_rate_limit(redis_url):
+    """A client retrying 503s (the gateway full) must not spend its requests per minute on them: the load check
+    comes before the rate limit's count, for REST (``handle``) and Realtime (``respond``) alike. Against a real
+    Redis holding the limiter's counters."""
+    import asyncio
+    from types import SimpleNamespace
+
+    from cache.client import connect_async
+    from cache.keys import Keys
+    from gateway.auth import Tenant
+    from gateway.chat import ChatService
+    from gateway.metrics import GatewayMetrics
+    from gateway.ratelimit import RateLimiter
+
+    tenant = Tenant("dave", "dave", rpm=2)
+
+    async def scenario():
+        svc = ChatService.__new__(ChatService)
+        svc.cfg, svc.metrics, svc.closing = cfg(max_inflight=1), GatewayMetrics(), False
+        svc.monitor = SimpleNamespace(view=view())
+        svc.limiter = RateLimiter(connect_async(redis_url), Keys("t"))
+        svc.inflight = 1  # the gateway is full
+        request = SimpleNamespace(state=SimpleNamespace(tenant=tenant))
+        for _ in range(5):
+            with pytest.raises(Overloaded):
+                await svc.handle(request, None)
+            with pytest.raises(Overloaded):
+                await anext(svc.respond("r", b"{}", asyncio.Event(), "realtime", tenant=tenant))
+        return await svc.limiter.admit(tenant)  # room again: the first request it counts
+
+    assert asyncio.run(scenario())["x-ratelimit-remaining-requests"] == "1"
