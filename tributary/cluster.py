@@ -191,8 +191,15 @@ class Cluster:
         return ["--metrics-port", str(port)]
 
     def check_port(self) -> None:
+        """NotReady if the gateway's port, or a worker's metrics port (``--worker-metrics-port``), is taken: one line
+        before anything starts (a worker that could not bind its metrics port would run without, and the banner
+        would list it)."""
         if problem := listen_problem(self.host, self.port):
             raise NotReady(problem)
+        self.groups()  # hands out the workers' metrics ports
+        for name, port in self.metrics_ports.items():
+            if problem := listen_problem("127.0.0.1", port, flag="--worker-metrics-port"):
+                raise NotReady(f"{problem} for {name}'s metrics")
 
     def ready(self) -> bool:
         """Whether our own gateway answers /ready with 200. NotReady if something else answers on the port.
@@ -430,7 +437,7 @@ def _restart_redis(redis: EmbeddedRedis, restarts: list[float], max_restarts: in
     return restarts
 
 
-def listen_problem(host: str, port: int) -> str | None:
+def listen_problem(host: str, port: int, flag: str = "--port") -> str | None:
     """Why a server could not listen on ``host:port`` (as uvicorn binds it), or None: checked before a gateway loads
     anything, so that a port already taken is one line at once."""
     try:
@@ -443,7 +450,7 @@ def listen_problem(host: str, port: int) -> str | None:
         try:
             s.bind(address)
         except OSError as exc:
-            return f"cannot listen on {host}:{port}: {exc.strerror or exc} (another server is using it? pass --port)"
+            return f"cannot listen on {host}:{port}: {exc.strerror or exc} (another server is using it? pass {flag})"
     return None
 
 

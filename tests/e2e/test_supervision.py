@@ -75,16 +75,29 @@ def ready(port: int) -> bool:
         return False
 
 
-def test_a_taken_port_is_an_error_not_someone_elses_ready(tiny_model, redis_server, tmp_path):
+@pytest.mark.parametrize("which", ["gateway", "worker metrics"])
+def test_a_taken_port_is_an_error_not_someone_elses_ready(tiny_model, redis_server, tmp_path, which):
+    """The gateway's port, or one of the workers' metrics ports: before, a worker that could not bind its metrics
+    port ran without them and the banner listed the port anyway."""
     with socket.socket() as squatter:
         squatter.bind(("127.0.0.1", 0))
         squatter.listen()
         port = squatter.getsockname()[1]
-        proc, _ = up(tiny_model, redis_server.url, tmp_path / "up.log", "--prefix", "taken", port=port)
-        code = proc.wait(60)
+        if which == "gateway":
+            proc, _ = up(tiny_model, redis_server.url, tmp_path / "up.log", "--prefix", "taken", port=port)
+        else:  # the first worker's
+            proc, _ = up(tiny_model, redis_server.url, tmp_path / "up.log", "--prefix", "taken",
+                         "--worker-metrics-port", str(port))
+        try:
+            code = proc.wait(60)
+        finally:
+            if proc.poll() is None:  # it came up regardless: stopped, the test failing
+                proc.kill()
+                subprocess.run(["pkill", "-9", "-f", "--", "--prefix taken"])
     out = (tmp_path / "up.log").read_text()
     assert code != 0
-    assert f"cannot listen on 127.0.0.1:{port}" in out and "Address already in use" in out
+    assert f"cannot listen on 127.0.0.1:{port}" in out and "Address already in use" in out, out
+    assert which == "gateway" or "--worker-metrics-port" in out
     assert "Tributary is up" not in out
 
 
