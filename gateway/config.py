@@ -38,6 +38,8 @@ class GatewayConfig:
     # the encoders, first_token_timeout_s for the backbone.
     max_queue_wait_s: float = 0.0
     body_timeout_s: float = 30.0  # a request body not received within this gets a 408 (slow clients hold memory)
+    header_timeout_s: float = 15.0  # a connection's request headers, from its opening or the request's first byte
+    send_timeout_s: float = 30.0  # a response its client has not read for this long is cut (gateway/server.py)
     lease_s: int = 15  # this gateway's lease; when it lapses workers cancel its work and its reply stream expires
     # The encoders' compute and wire dtypes (wire default: compute), one for all (``bfloat16``) or per modality
     # (``image=bfloat16,audio=float32``): part of every cached tensor's identity, so they must be what the encoders
@@ -77,7 +79,7 @@ class GatewayConfig:
         if self.lease_s < 3:
             raise ValueError(f"lease_s must be >= 3 (it is refreshed every second), got {self.lease_s}")
         for name in ("encode_timeout_s", "first_token_timeout_s", "token_timeout_s", "max_audio_seconds",
-                     "body_timeout_s"):
+                     "body_timeout_s", "header_timeout_s", "send_timeout_s"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name} must be > 0, got {getattr(self, name)}")
         if self.max_queue_wait_s < 0:

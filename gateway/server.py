@@ -23,8 +23,6 @@ log = logging.getLogger(__name__)
 KEEP_ALIVE_S = 75  # idle keep-alive connections are closed after this (the clients' pools expire sooner)
 GRACEFUL_S = 30  # on SIGTERM, how long requests in flight may run on (the workers outlive the gateway in `up`)
 END_MARGIN_S = 3  # before that ends, the requests still running are answered (503 / an error event), not cut
-HEADER_TIMEOUT_S = 15.0  # a new connection's request, or any request once begun, must have its headers within this
-SEND_STALL_S = 30.0  # a response the client has not read for this long (its socket full) is cut and its work freed
 FD_RESERVE = 256  # file descriptors kept for Redis connections, worker threads, files, when capping connections
 
 
@@ -52,17 +50,19 @@ class HTTPProtocol(HttpToolsProtocol):
 
     * bytes it cannot parse as HTTP are answered in the OpenAI error shape (400 ``invalid_http_request``, JSON)
       instead of uvicorn's plain text, as every other error is;
-    * a connection must send a request's headers within ``HEADER_TIMEOUT_S`` of opening (or of the request's first
-      byte): uvicorn starts no timer before a first response, so sockets that sent nothing, or a header byte now and
-      then, were held for good (a few thousand of them exhaust the file descriptors, and every client is refused);
-    * a response the client does not read (its socket buffer full) for ``SEND_STALL_S`` is cut: the connection is
-      aborted, which the app sees as a disconnect (the generation is cancelled, the in-flight slot freed). Without
-      it a client that stops reading held a ``--max-inflight`` slot for good;
+    * a connection must send a request's headers within ``header_timeout_s`` (``--header-timeout``) of opening (or
+      of the request's first byte): uvicorn starts no timer before a first response, so sockets that sent nothing,
+      or a header byte now and then, were held for good (a few thousand of them exhaust the file descriptors, and
+      every client is refused);
+    * a response the client does not read (its socket buffer full) for ``send_timeout_s`` (``--send-timeout``) is
+      cut: the connection is aborted, which the app sees as a disconnect (the generation is cancelled, the in-flight
+      slot freed). Without it a client that stops reading held a ``--max-inflight`` slot for good;
     * past ``max_connections`` open connections (default: the file-descriptor limit less ``FD_RESERVE``) a new one
       is answered 503 ``server_overloaded`` (JSON, ``connection: close``) before it is read, instead of the accept
       failing for lack of descriptors (which refuses every client, the health probe included, silently)."""
 
     max_connections = 0  # set by serve(); 0: no cap
+    header_timeout_s, send_timeout_s = 15.0, 30.0  # set by serve()
     _refused = Throttle(10.0)
 
     def connection_made(self, transport) -> None:  # type: ignore[override]
@@ -76,13 +76,13 @@ class HTTPProtocol(HttpToolsProtocol):
             self._answer(503, "Service Unavailable", "too many open connections; retry later", "server_overloaded",
                          "service_unavailable", b"retry-after: 1\r\n")
             return
-        self._header_timer = self.loop.call_later(HEADER_TIMEOUT_S, self._headers_late)
+        self._header_timer = self.loop.call_later(self.header_timeout_s, self._headers_late)
 
     def on_message_begin(self) -> None:
         super().on_message_begin()
         self._begun = True
         if self._header_timer is None:  # a request begun (a keep-alive connection's next one): its headers in time
-            self._header_timer = self.loop.call_later(HEADER_TIMEOUT_S, self._headers_late)
+            self._header_timer = self.loop.call_later(self.header_timeout_s, self._headers_late)
 
     def on_headers_complete(self) -> None:
         self._begun = False
@@ -96,13 +96,13 @@ class HTTPProtocol(HttpToolsProtocol):
         if not getattr(self, "_begun", False):  # nothing of a request came: nobody to answer
             self.transport.close()
             return
-        self._answer(408, "Request Timeout", f"the request headers did not arrive within {HEADER_TIMEOUT_S:g} s",
+        self._answer(408, "Request Timeout", f"the request headers did not arrive within {self.header_timeout_s:g} s",
                      "request_timeout", "invalid_request_error")
 
     def pause_writing(self) -> None:
         super().pause_writing()
         if self._stall_timer is None:
-            self._stall_timer = self.loop.call_later(SEND_STALL_S, self._stalled)
+            self._stall_timer = self.loop.call_later(self.send_timeout_s, self._stalled)
 
     def resume_writing(self) -> None:
         self._cancel("_stall_timer")
@@ -111,7 +111,7 @@ class HTTPProtocol(HttpToolsProtocol):
     def _stalled(self) -> None:
         self._stall_timer = None
         path = self.scope.get("path") if self.scope else None
-        log.warning("a client has not read its response for %g s; closing its connection", SEND_STALL_S,
+        log.warning("a client has not read its response for %g s; closing its connection", self.send_timeout_s,
                     extra={"client": f"{self.client[0]}:{self.client[1]}" if self.client else None, "path": path})
         self.transport.abort()  # connection_lost follows: the app sees a disconnect
 
@@ -173,8 +173,9 @@ def serve(cfg: GatewayConfig, host: str = "127.0.0.1", port: int = 8000, gracefu
     # timeouts a client reuses a connection in the instant the server closes it and gets a connection reset
     # (seen once in tests/e2e/test_autoscale.py's burst).
     HTTPProtocol.max_connections = connection_cap(cfg.max_connections)
-    log.info("serving", extra={"max_connections": HTTPProtocol.max_connections, "header_timeout_s": HEADER_TIMEOUT_S,
-                               "send_stall_s": SEND_STALL_S})
+    HTTPProtocol.header_timeout_s, HTTPProtocol.send_timeout_s = cfg.header_timeout_s, cfg.send_timeout_s
+    log.info("serving", extra={"max_connections": HTTPProtocol.max_connections,
+                               "header_timeout_s": cfg.header_timeout_s, "send_timeout_s": cfg.send_timeout_s})
     config = uvicorn.Config(app, host=host, port=port, log_config=None, access_log=False, http=HTTPProtocol,
                             timeout_graceful_shutdown=graceful_s, timeout_keep_alive=KEEP_ALIVE_S,
                             ws_max_size=cfg.max_body_bytes, ws_ping_interval=20, ws_ping_timeout=20)

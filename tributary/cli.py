@@ -181,8 +181,7 @@ def _admission(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-connections", type=NONNEG_INT, default=_env("MAX_CONNECTIONS", "0"),
                    help=_env_help("open connections one gateway keeps; a new one past it is answered 503 "
                                   "server_overloaded at once (default 0: the file-descriptor limit, raised to its "
-                                  "hard limit, less 256). Connections must send their request headers within 15 s, "
-                                  "and a response unread for 30 s is cut", "MAX_CONNECTIONS"))
+                                  "hard limit, less 256)", "MAX_CONNECTIONS"))
     p.add_argument("--max-backlog", type=POSITIVE_INT, default=_env("MAX_BACKLOG", "1024"),
                    help=_env_help("unread entries a tier's queue may hold before new requests get a 503 "
                                   "server_overloaded", "MAX_BACKLOG"))
@@ -193,6 +192,13 @@ def _admission(p: argparse.ArgumentParser) -> None:
                                   "MAX_QUEUE_WAIT"))
     p.add_argument("--body-timeout", type=POSITIVE, default=_env("BODY_TIMEOUT", "30"),
                    help=_env_help("seconds a client may take to send its request body (then 408)", "BODY_TIMEOUT"))
+    p.add_argument("--header-timeout", type=POSITIVE, default=_env("HEADER_TIMEOUT", "15"),
+                   help=_env_help("seconds a connection may take to send a request's headers, from its opening or "
+                                  "the request's first byte (then it is closed; 408 if a request had begun)",
+                                  "HEADER_TIMEOUT"))
+    p.add_argument("--send-timeout", type=POSITIVE, default=_env("SEND_TIMEOUT", "30"),
+                   help=_env_help("seconds a client may leave its response unread (its socket full) before the "
+                                  "connection is cut and its generation cancelled", "SEND_TIMEOUT"))
 
 
 def _access(p: argparse.ArgumentParser) -> None:
@@ -782,7 +788,8 @@ def _main(args) -> int:
                                 max_inflight=args.max_inflight, max_backlog=args.max_backlog,
                                 max_connections=args.max_connections,
                                 max_queue_wait_s=args.max_queue_wait,
-                                body_timeout_s=args.body_timeout, encoder_dtype=args.encoder_dtype,
+                                body_timeout_s=args.body_timeout, header_timeout_s=args.header_timeout,
+                                send_timeout_s=args.send_timeout, encoder_dtype=args.encoder_dtype,
                                 encoder_wire_dtype=args.encoder_wire_dtype, api_key_file=args.api_key_file,
                                 shared_cache=args.shared_cache, bind_host=args.host,
                                 allowed_hosts=args.allowed_hosts, allowed_origins=args.allowed_origins,

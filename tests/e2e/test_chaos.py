@@ -201,12 +201,13 @@ def backbones() -> list[int]:
 
 @pytest.fixture(scope="module")
 def small_gateway(chaos_cluster, tiny_model):
-    """A second gateway on the cluster, with tight admission bounds: 4 requests in flight, 1 s to send a body."""
+    """A second gateway on the cluster, with tight admission bounds: 4 requests in flight, 1 s to send a body, 2 s to
+    send a request's headers."""
     port = free_port()
     log = open(chaos_cluster.log_path.with_name("small-gateway.log"), "w")
     proc = subprocess.Popen([sys.executable, "-m", "tributary.cli", "gateway", "--model", str(tiny_model),
                              "--redis-url", chaos_cluster.redis_url, "--prefix", PREFIX, "--port", str(port),
-                             "--max-inflight", "4", "--body-timeout", "1"],
+                             "--max-inflight", "4", "--body-timeout", "1", "--header-timeout", "2"],
                             stdout=log, stderr=subprocess.STDOUT, env=dict(os.environ, PYTHONUNBUFFERED="1"))
     url = f"http://127.0.0.1:{port}"
     try:
@@ -262,6 +263,19 @@ def test_a_client_that_sends_its_body_too_slowly_gets_a_408(small_gateway):
         reply = reply.decode(errors="replace")
     assert reply.startswith("HTTP/1.1 408"), reply[:300]
     assert "did not arrive within 1 s" in reply
+
+
+def test_a_client_that_sends_its_headers_too_slowly_gets_a_408_after_the_header_timeout(small_gateway):
+    host, port = small_gateway.removeprefix("http://").split(":")
+    with socket.create_connection((host, int(port)), timeout=15) as sock:
+        begun = time.monotonic()
+        sock.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1\r\n")  # ... and no end of headers
+        reply = b""
+        while chunk := sock.recv(65536):
+            reply += chunk
+        took = time.monotonic() - begun
+    assert reply.startswith(b"HTTP/1.1 408") and b"did not arrive within 2 s" in reply, reply[:300]
+    assert took < 10, took  # the flag's 2 s, not the default 15
 
 
 def test_kill_9_an_encoder_and_a_backbone_replica_under_load(client, chaos_cluster, reference):

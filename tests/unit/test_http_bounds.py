@@ -15,7 +15,6 @@ import time
 import pytest
 import uvicorn
 
-from gateway import server as gateway_server
 from gateway.server import HTTPProtocol
 
 HEADER_S, STALL_S = 0.6, 1.0
@@ -72,8 +71,8 @@ def serving(app, max_connections: int = 0):
 
 @pytest.fixture
 def short(monkeypatch):
-    monkeypatch.setattr(gateway_server, "HEADER_TIMEOUT_S", HEADER_S)
-    monkeypatch.setattr(gateway_server, "SEND_STALL_S", STALL_S)
+    monkeypatch.setattr(HTTPProtocol, "header_timeout_s", HEADER_S)  # as serve() sets them from the flags
+    monkeypatch.setattr(HTTPProtocol, "send_timeout_s", STALL_S)
 
 
 def read_all(s: socket.socket, timeout: float = 10) -> tuple[bytes, float]:
