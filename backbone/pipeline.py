@@ -35,7 +35,7 @@ import torch.distributed as dist
 from backbone.isolation import forward_isolating
 from backbone.model import DecoderShard, Segment
 from backbone.sampling import Drawn, results, sample_params
-from backbone.staging import to_device
+from backbone.staging import ToHost, to_device
 
 log = logging.getLogger(__name__)
 
@@ -50,11 +50,16 @@ NOOP_EVERY_S = 5.0
 @dataclass
 class Hops:
     """How hidden states travel to the next shard: over ``nccl`` (a group of GPU shards, device tensors) or, with
-    ``nccl`` None, over the default gloo group staged through host memory (pinned, so the copies do not wait)."""
+    ``nccl`` None, over the default gloo group staged through pinned host memory. Over gloo the device-to-host copy
+    is queued without waiting (:class:`backbone.staging.ToHost`) and the send is posted once the copy is done, at the
+    latest before the next message this shard sends or waits for (:meth:`flush`): gloo reads a host buffer and
+    knows nothing of CUDA streams, and messages to one peer must be posted in order. So shard 0 schedules its next
+    micro-batch while the device still computes this one."""
 
     device: torch.device
     nccl: object | None = None
     share: int = 1  # shards of this replica on this shard's GPU (itself included): they split its memory
+    pending: "_StagedSend | None" = None  # hidden states whose copy to the host is queued, not yet posted
 
     @property
     def backend(self) -> str:
@@ -62,12 +67,20 @@ class Hops:
 
     def isend_hidden(self, hidden: torch.Tensor, dst: int, keep: list) -> object:
         """Queue the hidden states to ``dst``; the tensor sent is appended to ``keep`` (alive until the send
-        completes)."""
+        completes). Over gloo the send is posted by :meth:`flush` (or by waiting for the work returned)."""
         if self.nccl is not None:
             keep.append(hidden.contiguous())
             return dist.isend(keep[-1], dst=dst, group=self.nccl)
-        keep.append(hidden.contiguous().cpu())
-        return dist.isend(keep[-1], dst=dst)
+        self.flush()
+        self.pending = _StagedSend(ToHost(hidden.contiguous()), dst)
+        keep.append(self.pending)
+        return self.pending
+
+    def flush(self) -> None:
+        """Post the hidden states queued for the host, once their copy is done: before any other message."""
+        if self.pending is not None:
+            pending, self.pending = self.pending, None
+            pending.post()
 
     def recv_hidden(self, shape: tuple[int, int], dtype: torch.dtype, src: int) -> torch.Tensor:
         if self.nccl is not None:
@@ -77,6 +90,22 @@ class Hops:
         buf = torch.empty(shape, dtype=dtype, pin_memory=self.device.type == "cuda")
         dist.recv(buf, src=src)
         return to_device(buf, device=self.device)
+
+
+class _StagedSend:
+    """A gloo send of a tensor whose copy to the host is queued: posted (the copy waited for) by :meth:`post`,
+    :meth:`wait` waits for the send too."""
+
+    def __init__(self, staged: ToHost, dst: int):
+        self.staged, self.dst, self.work = staged, dst, None
+
+    def post(self) -> None:
+        if self.work is None:
+            self.work = dist.isend(self.staged.wait(), dst=self.dst)
+
+    def wait(self) -> None:
+        self.post()
+        self.work.wait()
 
 
 def device_identity(device: torch.device) -> list[int]:
@@ -227,6 +256,7 @@ class PipelineHead:
     def answers(self, sent: Sent) -> torch.Tensor:
         """The last shard's answer per row of a step sent [B]: a token, NO_TOKEN for a row not sampled (a prefill
         chunk), FAILED for a row that failed. Steps are answered in the order they were sent."""
+        self.hops.flush()  # the last shard answers once every shard had the step
         tokens = torch.empty(sent.rows, dtype=torch.long)
         dist.recv(tokens, src=self.world - 1)
         sent.wait()  # the step reached the last shard: its sends are long done
@@ -234,15 +264,18 @@ class PipelineHead:
 
     def keepalive(self) -> None:
         if time.monotonic() - self.last_send >= NOOP_EVERY_S:
+            self.hops.flush()
             dist.send(torch.tensor([OP_NOOP, 0, 0, 0], dtype=torch.long), dst=1)
             self.last_send = time.monotonic()
 
     def stop(self) -> None:
+        self.hops.flush()
         dist.send(torch.tensor([OP_STOP, 0, 0, 0], dtype=torch.long), dst=1)
 
 
 def _send_step(dst: int, table: StepTable, hidden, hops: Hops) -> Sent:
     """Queue a step's messages to ``dst`` (isend: the sender goes on computing while they travel)."""
+    hops.flush()  # the step before's hidden states go first
     header = torch.tensor([OP_STEP, table.ints.shape[0], hidden.shape[0], table.tables.shape[1]], dtype=torch.long)
     tensors = [header, table.ints.contiguous(), table.floats.contiguous(), table.tables.contiguous()]
     sent = Sent(table.ints.shape[0], [dist.isend(t, dst=dst) for t in tensors], tensors)
@@ -325,6 +358,7 @@ class StageWorker:
             self.sent.wait()
         if not self.model.is_last:
             self.sent = _send_step(self.rank + 1, table, hidden, self.hops)
+            self.hops.flush()  # nothing else for this shard to do meanwhile: the next shard waits for them
             return
         flagged = table.ints[:, 4].tolist()
         pick = [i for i, row in enumerate(rows) if row[6] and not flagged[i]]
