@@ -81,12 +81,18 @@ def sample_batch(logits: torch.Tensor, temperature: torch.Tensor, top_p: torch.T
     probabilities are not finite (every token masked: no mass left). A row with a non-zero status has a meaningless
     token.
     """
+    tokens = torch.argmax(logits, dim=-1)
+    # -inf is a masked token (allowed); NaN or +inf is a broken row.
+    sound = (logits < float("inf")).all(dim=-1)  # False for NaN too
+    if not random:  # every row greedy: no probabilities needed; a row with every token masked has no mass left
+        status = torch.where(sound, torch.where(logits.amax(dim=-1) > float("-inf"), 0, 2), 1)
+        return tokens, status.to(torch.int8)
     greedy = ~(temperature >= GREEDY_BELOW)  # NaN is greedy too
     scaled = logits / torch.where(greedy, 1.0, temperature)[:, None]
     probs = torch.softmax(scaled, dim=-1)  # [B, V]
     # Nucleus: keep the smallest prefix (by probability) reaching top_p, and always the likeliest token (a top_p
     # below float32's range compares as 0). Rows with top_p >= 1 keep everything.
-    if random and nucleus:
+    if nucleus:
         sorted_probs, order = torch.sort(probs, dim=-1, descending=True)
         drop = (torch.cumsum(sorted_probs, dim=-1) - sorted_probs) >= top_p[:, None]
         drop[:, 0] = False
@@ -94,12 +100,8 @@ def sample_batch(logits: torch.Tensor, temperature: torch.Tensor, top_p: torch.T
         kept = torch.zeros_like(probs).scatter_(-1, order, sorted_probs.masked_fill(drop, 0.0))
     else:
         kept = probs
-    tokens = torch.argmax(logits, dim=-1)
-    if random:
-        race = kept / exponential_noise(seeds, draws, logits.shape[-1])
-        tokens = torch.where(greedy, tokens, torch.argmax(race, dim=-1))
-    # -inf is a masked token (allowed); NaN or +inf is a broken row.
-    sound = (logits < float("inf")).all(dim=-1)  # False for NaN too
+    race = kept / exponential_noise(seeds, draws, logits.shape[-1])
+    tokens = torch.where(greedy, tokens, torch.argmax(race, dim=-1))
     status = torch.where(sound, torch.where(torch.isfinite(probs).all(dim=-1), 0, 2), 1)
     return tokens, status.to(torch.int8)
 

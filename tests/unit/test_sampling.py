@@ -228,3 +228,19 @@ def test_skipping_the_noise_or_the_sort_changes_no_token():
     assert torch.equal(sample_batch(logits, greedy_t, torch.full((4,), 0.5), seeds, draws, random=False)[0], full)
     full = sample_batch(logits, sampled_t, torch.ones(4), seeds, draws)[0]
     assert torch.equal(sample_batch(logits, sampled_t, torch.ones(4), seeds, draws, nucleus=False)[0], full)
+
+
+def test_the_greedy_shortcut_tells_broken_and_fully_masked_rows_as_the_full_pass_does():
+    """Greedy-only steps skip the softmax; a row's status still says NaN / +inf (1) and no mass left (2)."""
+    from backbone.sampling import sample_batch
+
+    logits = torch.stack([random_logits(400 + i, vocab=64) for i in range(5)])
+    logits[1, 3] = float("nan")
+    logits[2, 7] = float("inf")
+    logits[3] = float("-inf")
+    logits[4, :60] = float("-inf")  # masked but for four tokens: fine
+    seeds, draws, zeros = torch.arange(5, dtype=torch.int64), torch.zeros(5, dtype=torch.int64), torch.zeros(5)
+    full = sample_batch(logits, zeros, torch.ones(5), seeds, draws)
+    short = sample_batch(logits, zeros, torch.ones(5), seeds, draws, random=False, nucleus=False)
+    assert full[1].tolist() == short[1].tolist() == [0, 1, 1, 2, 0]
+    assert full[0][[0, 4]].tolist() == short[0][[0, 4]].tolist()
