@@ -87,7 +87,9 @@ class Sequence:
     resumed: int = 0  # a migrated request's tokens generated before, the tail of its prompt (see PromptPlan)
     blocks: list[int] = field(default_factory=list)  # its block table (the pool's block ids, in position order)
     computed: int = 0  # positions whose K/V are in the pool
-    prompt_embeds: torch.Tensor | None = None  # [prompt_len, H] on the device (shard 0), while it lives
+    prompt_embeds: torch.Tensor | None = None  # [prompt_len, H] on the device (shard 0), while its prompt is read
+    # (token ids, media rows on the host): what its prompt is fused from again when a preemption has it recomputed
+    fusion: tuple[list[int], list[tuple[str, torch.Tensor]]] | None = None
     preempted: int = 0  # how often its blocks were taken back
     lane: int = 0  # its pipeline micro-batch (always 0 without a pipeline)
     skipped: int = 0  # steps in a row it was prefilling and passed over (the scheduler's aging guard)
@@ -217,21 +219,28 @@ class Engine:
         return self.pool.free - promised >= self.pool.blocks_for(seq.prompt_len + 1)
 
     def start(self, seq: Sequence, token_ids: list[int], media: list[tuple[str, torch.Tensor]]) -> torch.Tensor:
-        """Fuse the prompt (PlanError if it does not fit) and keep it for the sequence's prefill chunks (and any
-        recompute after preemption); returns the embeddings [S, H]."""
+        """Fuse the prompt (PlanError if it does not fit) and keep it on the device for the sequence's prefill
+        chunks; returns the embeddings [S, H]. Once the whole prompt is in the KV pool the embeddings are dropped
+        (a 4k-token prompt is 32 MB of a 4096-wide model's bf16, which no pool sizing counts), and fused again from
+        the token ids and the media rows kept on the host if a preemption has the sequence recomputed."""
         vocab = self.model.cfg.vocab_size
         if not token_ids or min(token_ids) < 0 or max(token_ids) >= vocab:
             raise PlanError(f"the prompt is empty or holds token ids outside the vocabulary [0, {vocab})")
         if len(token_ids) != seq.prompt_len:
             raise PlanError(f"the plan has {len(token_ids)} token ids for a prompt of {seq.prompt_len}")
-        seq.prompt_embeds = fuse(self.model.embed, token_ids, media, self.placeholder_ids, self.model.device,
-                                 generated=seq.resumed)[0]
+        seq.fusion = (token_ids, media)
+        seq.prompt_embeds = self._fuse(seq)
         load = [0] * self.lanes
         for s in self.active.values():
             load[s.lane] += 1
         seq.lane = load.index(min(load))
         self.active[seq.sid] = seq
         return seq.prompt_embeds
+
+    def _fuse(self, seq: Sequence) -> torch.Tensor:
+        token_ids, media = seq.fusion
+        return fuse(self.model.embed, token_ids, media, self.placeholder_ids, self.model.device,
+                    generated=seq.resumed)[0]
 
     @torch.inference_mode()
     def prompt_hidden(self, seq: Sequence, token_ids: list[int], media: list[tuple[str, torch.Tensor]]
@@ -320,7 +329,7 @@ class Engine:
         """A finished sequence's KV and prompt are never read again: they go back at once."""
         self.pool.release(seq.blocks)
         seq.computed = 0
-        seq.prompt_embeds = None
+        seq.prompt_embeds = seq.fusion = None
         self.active.pop(seq.sid, None)
 
     def _inputs(self, rows: list[tuple[Sequence, int]]) -> torch.Tensor:
@@ -330,6 +339,8 @@ class Engine:
         for seq, n in rows:
             a, b, s = seq.computed, seq.computed + n, seq.prompt_len
             if a < s:
+                if seq.prompt_embeds is None:  # recomputed after a preemption
+                    seq.prompt_embeds = self._fuse(seq)
                 pieces.append(seq.prompt_embeds[a : min(b, s)])
             if b > s:
                 lo = len(gen_ids)
@@ -451,6 +462,8 @@ class Engine:
                 seq.fail(result)
             else:
                 seq.computed += n
+                if seq.computed >= seq.prompt_len:
+                    seq.prompt_embeds = None  # in the KV pool now (see start)
                 if result != NO_TOKEN:
                     if self.pipeline is not None:
                         seq.sampler.draws += 1  # drawn on the last shard

@@ -176,6 +176,34 @@ def test_a_pool_too_small_for_everyone_preempts_and_still_finishes_all(model, ti
     assert engine.pool.free == 9  # finished sequences gave every block back
 
 
+def test_a_preempted_prompt_with_media_is_fused_again_and_its_embeddings_are_not_kept_meanwhile(model, tiny_spec,
+                                                                                                 tok):
+    """A prompt's fused embeddings leave the device once the prompt is in the KV pool (no pool sizing counts them);
+    a preempted sequence is fused again from its token ids and media rows kept on the host, and still gives its
+    tokens alone."""
+    ids = ids_of(tok, MEDIA_PROMPT)
+    rows = [media_rows(seed) for seed in range(4)]
+    ps = [params(64 - len(ids)) for _ in range(4)]
+    refs = [reference(model, tiny_spec, ids, p, r) for p, r in zip(ps, rows)]
+    engine = engine_with(model, tiny_spec, 9, 64)
+    fused = []
+    engine._fuse = lambda seq, fuse=engine._fuse: fused.append(seq.sid) or fuse(seq)
+    seqs = []
+    for i, (p, r) in enumerate(zip(ps, rows)):
+        seqs.append(engine.new_sequence(f"m{i}", len(ids), p))
+        engine.start(seqs[-1], ids, list(r))
+    steps = 0
+    while any(s.finish is None for s in seqs):
+        engine.step(seqs)
+        for s in seqs:
+            assert s.prompt_embeds is None or s.computed < s.prompt_len
+        steps += 1
+        assert steps < 2000
+    assert 4 < len(fused) <= 4 + engine.preemptions  # fused again only if preempted after its prefill
+    assert sum(same_tokens(s.output, *ref) for s, ref in zip(seqs, refs)) >= 40  # of 124, up to near ties
+    assert all(s.fusion is None for s in seqs) and engine.pool.free == 9
+
+
 def test_admission_counts_free_blocks_and_what_prefilling_sequences_will_take(model, tiny_spec, tok):
     engine = engine_with(model, tiny_spec, 6, 4)
     first = engine.new_sequence("a", 60, params(4))
