@@ -5,9 +5,10 @@ fifteen kernels per layer from Python: the launches, not the reads, set the pace
 replays a shard's whole decode step (the embedding on the first shard, then every layer) as one launch. On the last
 shard a second graph per bucket replays the head: the final norm, lm_head and the batched sampler
 (backbone/sampling.py), whose per-row parameters (temperature, top_p, seed, draw) are static buffers like the rest.
-The sampler has two graphs per bucket: greedy (argmax only) and random (temperature, nucleus, the noise over the
-vocabulary); the host picks one from the rows' parameters, as the eager sampler skips the random work for greedy
-steps. A step's only host sync is then the copy of its tokens.
+The sampler has three graphs per bucket: greedy (argmax only), random (temperature and the noise over the
+vocabulary) and random with nucleus (top_p's sort over the vocabulary too); the host picks one from the rows'
+parameters, as the eager sampler skips the random work for greedy steps and the sort when no row truncates. A
+step's only host sync is then the copy of its tokens.
 
 Why graphs and not ``torch.compile``: the one data-dependent part of a step, attention over each sequence's context,
 is the Triton paged kernel (backbone/attention.py), which reads lengths and block tables from device memory. So a
@@ -41,6 +42,8 @@ from router.progress import Progress
 
 log = logging.getLogger(__name__)
 
+HEAD_GREEDY, HEAD_RANDOM, HEAD_NUCLEUS = 0, 1, 2  # the head's graphs: argmax; + temperature and noise; + top_p's sort
+HEADS = {HEAD_GREEDY: "greedy", HEAD_RANDOM: "random", HEAD_NUCLEUS: "random with nucleus"}
 GRAPH_TOL = 1e-2  # a replay runs the eager step's kernels on the same inputs: anything beyond rounding is a fault
 FIELDS = ("ids", "positions", "slots", "starts", "lengths", "offsets", "tile_seg", "tile_off", "seeds", "draws",
           "temperature", "top_p")  # the last two: float64 bits
@@ -76,8 +79,8 @@ class DecodeGraphs:
                                                                   device=model.device)
         self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
         self.outputs: dict[int, torch.Tensor] = {}
-        self.heads: dict[tuple[int, bool], torch.cuda.CUDAGraph] = {}  # (bucket, random) -> the head's graph
-        self.head_outputs: dict[tuple[int, bool], torch.Tensor] = {}  # ... its [2, bucket]: tokens, status
+        self.heads: dict[tuple[int, int], torch.cuda.CUDAGraph] = {}  # (bucket, HEAD_*) -> the head's graph
+        self.head_outputs: dict[tuple[int, int], torch.Tensor] = {}  # ... its [2, bucket]: tokens, status
         self.replays = dict.fromkeys(self.buckets, 0)  # steps run per bucket
         for host in self.host:
             self._pad(host.numpy(), 0, n)
@@ -119,12 +122,13 @@ class DecodeGraphs:
             hidden = self.hidden_in[:b]
         return self.model.forward(hidden, [], self._meta(b))
 
-    def _head(self, hidden: torch.Tensor, b: int, random: bool) -> torch.Tensor:
-        """The head as captured: hidden [b, H] -> [2, b] int64, each row's token and sampling status."""
+    def _head(self, hidden: torch.Tensor, b: int, kind: int) -> torch.Tensor:
+        """The head as captured (``kind``: HEAD_GREEDY, HEAD_RANDOM or HEAD_NUCLEUS): hidden [b, H] -> [2, b] int64,
+        each row's token and sampling status."""
         temperature, top_p = (self._field(self.dev, name, b).view(torch.float64).float()
                               for name in ("temperature", "top_p"))
         tokens, status = sample_batch(self.model.logits(hidden), temperature, top_p, self._field(self.dev, "seeds", b),
-                                      self._field(self.dev, "draws", b), random, random)
+                                      self._field(self.dev, "draws", b), kind != HEAD_GREEDY, kind == HEAD_NUCLEUS)
         return torch.stack([tokens, status.to(torch.int64)])
 
     # -- use ----------------------------------------------------------------------------------------------------
@@ -168,10 +172,13 @@ class DecodeGraphs:
         tables = self._tables(h)
         for i, s in enumerate(segments):
             tables[i, : len(s.blocks)] = s.blocks
-        random = False
+        kind = HEAD_GREEDY
         if params is not None:
             temperature, top_p, seeds, draws = zip(*params)
-            random = any(t >= GREEDY_BELOW for t in temperature)
+            if any(t >= GREEDY_BELOW and p < 1.0 for t, p in zip(temperature, top_p)):
+                kind = HEAD_NUCLEUS
+            elif any(t >= GREEDY_BELOW for t in temperature):
+                kind = HEAD_RANDOM
             self._field(h, "seeds", n)[:] = seeds
             self._field(h, "draws", n)[:] = draws
             self._field(h, "temperature", n).view("float64")[:] = temperature
@@ -197,11 +204,11 @@ class DecodeGraphs:
             out = self._body(b)
         if params is None:
             return out[:n].clone()  # the graph's output is overwritten by the next replay
-        if (b, random) in self.heads:
-            self.heads[b, random].replay()
-            both = self.head_outputs[b, random]
+        if (b, kind) in self.heads:
+            self.heads[b, kind].replay()
+            both = self.head_outputs[b, kind]
         else:
-            both = self._head(out, b, random)
+            both = self._head(out, b, kind)
         # Still on the device: the caller queues its copy to the host before the next replay overwrites it.
         return Drawn(both[:, :n])
 
@@ -249,22 +256,22 @@ class DecodeGraphs:
         return took
 
     def _capture_heads(self, mempool) -> None:
-        """The head's graphs (greedy and random) for every bucket, reading the body graphs' outputs."""
+        """The head's graphs (each HEAD_* kind) for every bucket, reading the body graphs' outputs."""
         device = self.model.device
         side = torch.cuda.Stream(device)
         side.wait_stream(torch.cuda.current_stream(device))
         with torch.cuda.stream(side):  # warm-up: the sort's and the reductions' workspaces
             for b in reversed(self.buckets):
-                for random in (False, True):
-                    self._head(self.outputs[b], b, random)
+                for kind in HEADS:
+                    self._head(self.outputs[b], b, kind)
         torch.cuda.current_stream(device).wait_stream(side)
         torch.cuda.synchronize(device)
         for b in reversed(self.buckets):
-            for random in (False, True):
+            for kind in HEADS:
                 graph = torch.cuda.CUDAGraph()
                 with torch.cuda.graph(graph, pool=mempool):
-                    self.head_outputs[b, random] = self._head(self.outputs[b], b, random)
-                self.heads[b, random] = graph
+                    self.head_outputs[b, kind] = self._head(self.outputs[b], b, kind)
+                self.heads[b, kind] = graph
 
     @torch.inference_mode()
     def self_check(self) -> float:
@@ -304,12 +311,12 @@ class DecodeGraphs:
                 self._field(h, "temperature", b).view("float64")[:] = [0.0 if r % 3 == 0 else 0.8 for r in rows]
                 self._field(h, "top_p", b).view("float64")[:] = [1.0 if r % 2 else 0.9 for r in rows]
                 self.dev.copy_(self.host[0])
-                for random in (False, True):
-                    if (b, random) in self.heads:
-                        self.heads[b, random].replay()
-                        head = self.head_outputs[b, random].clone()
-                        if not torch.equal(head, self._head(self.outputs[b], b, random)):
-                            raise RuntimeError(f"the head's graph (random={random}) samples other tokens than the "
+                for kind in HEADS:
+                    if (b, kind) in self.heads:
+                        self.heads[b, kind].replay()
+                        head = self.head_outputs[b, kind].clone()
+                        if not torch.equal(head, self._head(self.outputs[b], b, kind)):
+                            raise RuntimeError(f"the head's graph ({HEADS[kind]}) samples other tokens than the "
                                                "eager head on the same hidden states")
         finally:
             self._pad(h, 0, b)

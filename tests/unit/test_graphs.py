@@ -61,9 +61,9 @@ STATIC_STEPS = INTERPRETER_PATCH + textwrap.dedent("""
 
     head = graphs_module.DecodeGraphs._head
 
-    def spy(self, hidden, b, random):  # which head variants the static steps ran
-        sampled.append(random)
-        return head(self, hidden, b, random)
+    def spy(self, hidden, b, kind):  # which head variants the static steps ran
+        sampled.append(kind)
+        return head(self, hidden, b, kind)
 
     graphs_module.DecodeGraphs._head = spy
     for static in (False, True):
@@ -83,9 +83,10 @@ STATIC_STEPS = INTERPRETER_PATCH + textwrap.dedent("""
             assert len(set(slots)) == 40 and engine.pool.free == free, (slots, free)
             engine.pool.k[:, engine.pool.padding_block] = 7.0  # a sentinel the padding rows overwrite at slot 0
         seqs = []
-        for i, ids in enumerate(prompts):  # odd rows sample (the head's random graph), even rows are greedy
-            seq = engine.new_sequence(f"r{i}", len(ids), SamplingParams(
-                max_tokens=3 + 2 * i, temperature=0.8 * (i % 2), top_p=0.9, seed=i, ignore_eos=True))
+        for i, ids in enumerate(prompts):  # odd rows sample, even rows are greedy; row 1 truncates (top_p), row 3
+            seq = engine.new_sequence(f"r{i}", len(ids), SamplingParams(  # not, and runs on after row 1 ends
+                max_tokens=3 + 2 * i, temperature=0.8 * (i % 2), top_p=0.9 if i == 1 else 1.0, seed=i,
+                ignore_eos=True))
             engine.start(seq, ids, [])
             seqs.append(seq)
         while any(s.finish is None for s in seqs):
@@ -97,7 +98,7 @@ STATIC_STEPS = INTERPRETER_PATCH + textwrap.dedent("""
     assert outs[False] == outs[True], outs
     assert all(replays[b] > 0 for b in (1, 2, 4)), replays
     assert written, "the padding rows did not write the padding block's slot 0"
-    assert True in sampled and False in sampled, sampled  # greedy-only steps and steps with sampling rows
+    assert set(sampled) == {0, 1, 2}, sampled  # greedy-only steps, sampling steps with and without truncation
     print("ok", replays)
 """)
 
