@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from backbone.attention import Segment, StepMeta, backend_for
 from backbone.kernels import ops_for, rms_norm
 from backbone.kv import BLOCK_SIZE, KVPool
-from backbone.sampling import Drawn
+from backbone.sampling import Drawn, fused_race_ok
 from models.spec import ModelError
 
 log = logging.getLogger(__name__)
@@ -136,6 +136,8 @@ class DecoderShard:
         self.layers = [fuse_layer(w) for w in layers] if self.device.type == "cuda" else layers
         self.attention = backend_for(self.device, attention, self.dtype)
         self.ops = ops_for(self.device, self.dtype)  # residual add + RMSNorm, SiLU-and-mul (fused on CUDA)
+        if self.device.type == "cuda" and lm_head is not None:
+            fused_race_ok(self.device)  # the sampler's fused kernel built and checked now, not on a first request
         self.pool: KVPool | None = None
         self.graphs = None  # backbone/graphs.DecodeGraphs once :meth:`capture_graphs` ran (CUDA only)
 

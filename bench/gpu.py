@@ -11,6 +11,8 @@ Rows, on one GPU, bf16, real-shape random-weight checkpoints (models/real_shapes
   measured device-to-device copy bandwidth (bytes read + written per second of a 1 GiB copy);
 * the same decode steps replayed from CUDA graphs ([cuda-graphs], one per batch bucket), with their capture time
   and memory;
+* the fastest of those decode variants again sampling (temperature 0.8, seeded; then with top_p 0.9, which adds the
+  sort over the vocabulary) against greedy: what the sampler costs a step;
 * against transformers' own ``generate`` (LlavaForConditionalGeneration, same weights, same GPU, same prompts,
   greedy, EOS off): decode tokens/s from two runs, 1 and 1 + ``--steps`` new tokens, so prefill cancels out;
 * the worker row ([cuda-graphs]): one backbone worker process on ``llava-1.5-7b`` (the product's loop, Redis round
@@ -132,12 +134,16 @@ def decode_ours(path: Path, batches: list[int], device, dtype, prompt: int, warm
     for batch in batches:
         context = prompt + 1 + warm + steps / 2  # mean KV length over the timed steps
         out[batch] = {"bytes_per_step": weights + batch * context * kv_per_token}
-        variants = [("paged", paged, None)] + ([("loop", backend_for(device, "loop"), None)] if baselines else [])
+        variants = [("paged", paged, None, 0.0, 1.0)] + (
+            [("loop", backend_for(device, "loop"), None, 0.0, 1.0)] if baselines else [])
         if graphs is not None:
-            variants.append(("graphs", paged, graphs))
-        for name, backend, replay in variants:
+            variants.append(("graphs", paged, graphs, 0.0, 1.0))
+        # The fastest variant again, sampling: temperature alone (the fused race on CUDA), then with top_p's sort.
+        variants += [("sampled", paged, graphs, 0.8, 1.0), ("nucleus", paged, graphs, 0.8, 0.9)]
+        for name, backend, replay, temperature, top_p in variants:
             model.attention, model.graphs = backend, replay
-            params = SamplingParams(max_tokens=warm + steps + 2 + PROFILE_STEPS, temperature=0.0, ignore_eos=True)
+            params = SamplingParams(max_tokens=warm + steps + 2 + PROFILE_STEPS, temperature=temperature,
+                                    top_p=top_p, seed=7, ignore_eos=True)
             ids = prompts(batch, prompt, cfg.vocab_size)
             seqs = [engine.new_sequence(f"b{i}", prompt, params) for i in range(batch)]
             for seq, p in zip(seqs, ids):
@@ -148,7 +154,7 @@ def decode_ours(path: Path, batches: list[int], device, dtype, prompt: int, warm
                 engine.step(seqs)
             elapsed = timed_steps(engine, seqs, device, steps)
             assert all(seq.finish is None and len(seq.output) == 1 + warm + steps for seq in seqs), "one stopped"
-            if profile and batch == min(batches) and name == variants[-1][0]:
+            if profile and batch == min(batches) and name == ("graphs" if graphs is not None else "paged"):
                 out["profile"] = profile_steps(engine, seqs, device, name, PROFILE_STEPS)
             for seq in seqs:
                 engine.release(seq)
@@ -757,6 +763,8 @@ def main() -> int:
                                       "loop_tokens_per_s": ours[b].get("loop"),
                                       "graphs_tokens_per_s": ours[b].get("graphs"),
                                       "graphs_step_ms": ours[b].get("graphs_step_ms"),
+                                      "sampled_tokens_per_s": ours[b]["sampled"],
+                                      "nucleus_tokens_per_s": ours[b]["nucleus"],
                                       "transformers_tokens_per_s": theirs.get(b, {}).get("tokens_per_s")})
             print(f"  {size} batch {b}: {ours[b]['paged']:.1f} tok/s (loop {ours[b].get('loop')}, graphs "
                   f"{ours[b].get('graphs')})", flush=True)
@@ -827,6 +835,16 @@ def table(results: dict, head: str) -> str:
             if took:
                 lines.append(f"{model}: captured buckets {took['buckets']} in {took['seconds']} s, "
                              f"{took['memory_mib']} MiB")
+        lines.append("")
+    sampled = [r for r in results["decode"] if r.get("sampled_tokens_per_s")]
+    if sampled:  # the sampler's cost: the fastest greedy variant against the same steps sampling
+        lines += ["Sampling (temperature 0.8; nucleus: top_p 0.9 too) vs greedy, the fastest variant above:",
+                  f"{'row':<26}{'batch':>6}{'sampled tok/s':>15}{'x greedy':>10}{'nucleus tok/s':>15}{'x greedy':>10}"]
+        for r in sampled:
+            greedy = r.get("graphs_tokens_per_s") or r["tokens_per_s"]
+            lines.append(f"{r['model'] + ' decode':<26}{r['batch']:>6}{r['sampled_tokens_per_s']:>15.1f}"
+                         f"{r['sampled_tokens_per_s'] / greedy:>10.2f}{r['nucleus_tokens_per_s']:>15.1f}"
+                         f"{r['nucleus_tokens_per_s'] / greedy:>10.2f}")
         lines.append("")
     by_model: dict = {}
     for r in results["decode"]:

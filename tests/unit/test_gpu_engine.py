@@ -208,3 +208,22 @@ def test_fused_norm_and_activation_kernels_pass_their_check_on_the_device(tiny_s
     assert ops_check(TritonOps(), torch.device("cuda"), dtype) <= (1e-5 if dtype == torch.float32 else OPS_TOL)
     engine = load_engine(tiny_spec, kv_cache_bytes=KV, dtype=dtype, device="cuda")
     assert engine.model.ops.name == "triton"  # what the shard runs (it falls back to torch only on a failed check)
+
+
+def test_the_fused_race_kernel_passes_its_check_and_draws_what_the_torch_race_draws_on_the_device():
+    """backbone/sampling.race_triton, what a step with no truncating row samples with on CUDA: its start-up check,
+    then a 128k vocabulary at batch 64 against the torch race on the same device (log's last bit may part a near
+    tie: nearly every draw agrees)."""
+    from backbone.sampling import fused_race_ok, race_check, race_triton
+
+    assert race_check(torch.device("cuda")) <= 1 and fused_race_ok(torch.device("cuda"))
+    gen = torch.Generator().manual_seed(1)
+    logits = (torch.randn(64, 128256, generator=gen) * 3).cuda()
+    temperature = torch.tensor([0.0, 0.7, 1.0, 1.3] * 16).cuda()
+    seeds = (torch.arange(64, dtype=torch.int64) * 7919).cuda()
+    agree = 0
+    for draw in range(5):
+        draws = torch.full((64,), draw, dtype=torch.int64, device="cuda")
+        torch_race = sample_batch(logits, temperature, torch.ones(64, device="cuda"), seeds, draws, True, True)[0]
+        agree += int((race_triton(logits, temperature, seeds, draws)[0] == torch_race).sum())
+    assert agree >= 0.99 * 320

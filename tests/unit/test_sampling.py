@@ -244,3 +244,27 @@ def test_the_greedy_shortcut_tells_broken_and_fully_masked_rows_as_the_full_pass
     short = sample_batch(logits, zeros, torch.ones(5), seeds, draws, random=False, nucleus=False)
     assert full[1].tolist() == short[1].tolist() == [0, 1, 1, 2, 0]
     assert full[0][[0, 4]].tolist() == short[0][[0, 4]].tolist()
+
+
+RACE_INTERPRETED = """
+import torch
+from backbone.sampling import race_check
+print("differing rows", race_check(torch.device("cpu")))
+"""
+
+
+def test_the_fused_race_kernel_samples_what_the_torch_race_does_under_the_interpreter():
+    """backbone/sampling.race_triton (CUDA's sampler for steps with no truncating row) on the CPU under Triton's
+    interpreter, through the self-check a GPU runs at start-up: every row's token and status equal the torch race's
+    (greedy and sampled rows, a greedy tie, NaN, +inf, every token masked, a temperature that overflows; a vocabulary
+    over one block)."""
+    import os
+    import subprocess
+    import sys
+
+    from tests.unit.test_attention import INTERPRETER_PATCH, ROOT
+
+    pytest.importorskip("triton")
+    proc = subprocess.run([sys.executable, "-c", INTERPRETER_PATCH + RACE_INTERPRETED], cwd=ROOT, timeout=300,
+                          env=dict(os.environ, TRITON_INTERPRET="1"), capture_output=True, text=True)
+    assert proc.returncode == 0 and proc.stdout.strip().endswith("differing rows 0"), proc.stdout + proc.stderr[-3000:]
