@@ -176,6 +176,36 @@ def test_a_pool_too_small_for_everyone_preempts_and_still_finishes_all(model, ti
     assert engine.pool.free == 9  # finished sequences gave every block back
 
 
+def test_a_preempted_sequence_is_not_preempted_again_and_again_while_it_recomputes(model, tiny_spec, tok):
+    """An outside tester's finding: a preempted sequence started recomputing as soon as a block was free, so it was
+    the newest holder again when any older decode crossed a block boundary, and was preempted again (one sequence 93
+    times in 109 s; three quarters of the positions computed were recompute). Parked until its whole length and a
+    block per decode fit, it recomputes about once. Here (6 sequences of 20 + 60 in a pool of 12 blocks), before:
+    22 preemptions, 11 of one sequence, 927 prompt positions computed for 120 of prompts."""
+    base = long_prompt(tok, 60)
+    prompts = [base[i : i + 20] for i in range(0, 30, 5)]
+    ps = [params(60, temperature=0.8, seed=200 + i) for i in range(6)]
+    refs = [reference(model, tiny_spec, ids, p) for ids, p in zip(prompts, ps)]
+    engine = engine_with(model, tiny_spec, 12, 64)
+    seqs, _ = drive(engine, prompts, ps)
+    assert engine.preemptions > 0 and max(s.preempted for s in seqs) <= 2, [s.preempted for s in seqs]
+    assert engine.positions[1] <= 120 + 4 * 80, engine.positions  # recomputes: a few sequences' lengths, once
+    assert sum(same_tokens(s.output, *ref) for s, ref in zip(seqs, refs)) >= 120
+    assert engine.pool.free == 12
+
+
+def test_no_new_sequence_is_admitted_ahead_of_a_parked_one(model, tiny_spec, tok):
+    engine = engine_with(model, tiny_spec, 6, 64)
+    old, new = (engine.new_sequence(f"s{i}", 20, params(40)) for i in range(2))
+    engine.start(old, long_prompt(tok, 20), [])
+    assert engine.admissible(new)
+    engine.schedule([old])
+    engine._preempt(old)  # as a decode that found the pool empty would
+    assert engine.pool.free == 6 and not engine.admissible(new)  # room enough, but the parked one goes first
+    assert engine.schedule([old]) == [(old, 20)]  # nothing decodes: it resumes at once
+    assert engine.admissible(new)
+
+
 def test_a_preempted_prompt_with_media_is_fused_again_and_its_embeddings_are_not_kept_meanwhile(model, tiny_spec,
                                                                                                  tok):
     """A prompt's fused embeddings leave the device once the prompt is in the KV pool (no pool sizing counts them);
