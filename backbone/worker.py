@@ -82,6 +82,12 @@ STEP_TOKENS = {"cuda": 2048, "cpu": 256}
 # stalled running streams to an ITL p99 of 339 ms; 100 ms gave 1.58 requests/s and 119 ms; 50 ms gave 1.15 requests/s
 # and 67 ms. 100 ms bounds the stalls for 8% of throughput. None on a GPU: a 2048-position step is tens of ms there.
 STEP_MS = {"cuda": None, "cpu": 100.0}
+# A running request with no new token for this long gets an event with none: the gateway bounds the gap between a
+# request's events (its token timeout, 30 s), and a sequence the scheduler holds (preempted, recomputing, waiting for
+# KV blocks) may go longer than that without a token while the worker is well (an outside tester's runs under KV
+# pressure: streams cut, and non-streamed answers lost to a 504, after 30 s preempted). Only a turning loop sends
+# them, so a hung worker or pipeline shard still falls silent.
+HELD_EVENT_S = 5.0
 
 
 @dataclass
@@ -164,6 +170,7 @@ class Running:
     plan: m.PromptPlan
     entry_id: bytes
     code: m.ErrorCode | None = None  # the error code its failure carries (default INTERNAL)
+    told: float = field(default_factory=time.monotonic)  # when its last event went into an exchange
 
     def event(self, worker: str, token_ids: list[int], **end) -> m.TokenEvent:
         """This attempt's event carrying ``token_ids`` (and ``finish``/``code``/``error`` from ``end``), with usage as
@@ -645,6 +652,7 @@ class BackboneWorker:
         pipe = self.r.pipeline(transaction=False)
         ex = Exchange(pipe, outbox=len(self.outbox), cancelled=self.cancelled)
         tokens = 0
+        now = time.monotonic()
         for reply_to, ev, entry_id in self.outbox:
             if ev is not None:
                 send_reply(pipe, reply_to, m.encode(ev))
@@ -652,8 +660,9 @@ class BackboneWorker:
                 ack_delete(pipe, self.stream, BACKBONE_GROUP, entry_id)
         for key, run in self.running.items():
             seq = run.seq
-            if not seq.pending and seq.finish is None:
+            if not seq.pending and seq.finish is None and now - run.told < HELD_EVENT_S:
                 continue  # nothing new (a held step)
+            run.told = now
             failed = seq.finish == m.FinishReason.ERROR
             ev = run.event(self.consumer, seq.output[len(seq.output) - seq.pending :], finish=seq.finish,
                            code=(run.code or m.ErrorCode.INTERNAL) if failed else None, error=seq.error)

@@ -1,0 +1,67 @@
+"""A request the backbone holds without producing tokens (preempted, parked until there is room to recompute it)
+is told alive to its gateway: the gateway bounds the gap between a request's events (30 s), and an outside tester
+saw streams cut, and non-streamed answers lost to a 504, when a preemption lasted longer. The real worker loop on
+a real Redis, in this process so that the interval can be shortened."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import redis
+
+import backbone.worker as worker_module
+from backbone.engine import load_engine
+from backbone.worker import BackboneConfig, BackboneWorker
+from cache.keys import Keys
+from cache.streams import fields_payload, payload_fields
+from router import messages as m
+from tests.integration.procs import hold_lease
+from tests.integration.test_prefetch import reference
+
+KEYS = Keys()
+
+
+def test_a_preempted_request_gets_events_while_it_is_parked_and_then_its_own_tokens(tiny_spec, redis_url,
+                                                                                      monkeypatch):
+    monkeypatch.setattr(worker_module, "HELD_EVENT_S", 0.2)
+    r = redis.Redis.from_url(redis_url)
+    hold_lease(r, "reply:held")
+    # 14 blocks of 16: both prompts start; the first needs 13 blocks by its end, the second 10, so the second (the
+    # newest) is preempted when the first crosses a block boundary, and parked until the first is done.
+    stop = threading.Event()
+    worker = BackboneWorker(BackboneConfig(redis_url=redis_url, block_ms=100), load_engine(tiny_spec, num_blocks=14),
+                            stop)
+    loop = threading.Thread(target=worker.run, daemon=True)
+    loop.start()
+    prompts = {"long": ([1, 286, 274, 203, 56], 200), "held": ([1, 20, 21, 22, 203], 150)}
+    seen: dict[str, list[tuple[float, m.TokenEvent]]] = {rid: [] for rid in prompts}
+    try:
+        for rid, (ids, n) in prompts.items():
+            plan = m.PromptPlan(request_id=rid, reply_to="reply:held", token_ids=ids, deadline=time.time() + 120,
+                                sampling=m.SamplingParams(max_tokens=n, temperature=0.0, ignore_eos=True))
+            r.xadd(KEYS.gen(), payload_fields(m.encode(plan)))
+        last, deadline = "0-0", time.monotonic() + 120
+        while not all(evs and evs[-1][1].finish for evs in seen.values()):
+            assert time.monotonic() < deadline, {k: len(v) for k, v in seen.items()}
+            for entry_id, fields in (r.xread({"reply:held": last}, block=200) or [[None, []]])[0][1]:
+                last = entry_id
+                ev = m.decode(fields_payload(fields), m.TokenEvent)
+                seen[ev.request_id].append((time.monotonic(), ev))
+    finally:
+        stop.set()
+        loop.join(60)
+    assert not loop.is_alive()
+    held = seen["held"]
+    assert worker.engine.preemptions > 0
+    empty = [ev for _, ev in held if not ev.token_ids and ev.finish is None]
+    assert empty, "no event told the gateway the parked request was alive"
+    # Each says where the request is (the gateway checks that no token was lost in between).
+    tokens = 0
+    for _, ev in held:
+        assert ev.completion_tokens - len(ev.token_ids) == tokens
+        tokens = ev.completion_tokens
+    gaps = [b - a for (a, _), (b, _) in zip(held, held[1:])]
+    assert max(gaps) < 5, gaps  # 0.2 s between events while held, not the whole wait
+    for rid, (ids, n) in prompts.items():
+        assert [t for _, ev in seen[rid] for t in ev.token_ids] == reference(tiny_spec, ids, [], n)
