@@ -202,6 +202,8 @@ class Engine:
             raise PlanError(f"resumed must be in [0, prompt length {prompt_len}), got {resumed}")
         stop = set(params.stop_token_ids) | (set() if params.ignore_eos else set(self.eos_ids))
         room = self.max_context - prompt_len
+        if params.default_budget and self.pool.num_blocks * self.pool.block_size - prompt_len > 0:
+            room = min(room, self.pool.num_blocks * self.pool.block_size - prompt_len)  # a pool short of the context
         # Fix the seed here (as int64, the form the pipeline carries), so whichever shard samples uses the same one.
         seed = secrets.randbits(63) if params.seed is None else seed64(params.seed)
         params = msgspec.structs.replace(params, seed=seed)
@@ -545,6 +547,11 @@ def load_engine(spec, layers: range | None = None, kv_cache_bytes: int | None = 
         raise ValueError("no memory left for the KV cache (lower --max-batched-tokens, raise "
                          "--gpu-memory-utilization, or give --kv-cache-gb)")
     model.allocate_pool(num_blocks)
+    if num_blocks * model.pool.block_size < spec.max_context:
+        log.warning("the KV pool holds fewer tokens than the model's context: longer requests are refused, and a "
+                    "request naming no max_tokens gets at most what the pool holds (raise --kv-cache-gb or "
+                    "--gpu-memory-utilization)", extra={"pool_tokens": num_blocks * model.pool.block_size,
+                                                        "max_context": spec.max_context})
     if not eager:
         model.capture_graphs(max_running, spec.max_context)
     return Engine(model, spec.placeholder_ids, spec.eos_token_ids, spec.max_context, pipeline, max_batched_tokens,

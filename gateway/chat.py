@@ -405,7 +405,7 @@ class ChatService:
         default = self.cfg.default_max_tokens if cap is None else cap
         sampling = m.SamplingParams(max_tokens=budget or int(min(default, room)),
                                     temperature=req.temperature, top_p=req.top_p, seed=seed,
-                                    ignore_eos=req.ignore_eos)
+                                    ignore_eos=req.ignore_eos, default_budget=budget is None)
         return m.PromptPlan(request_id=rid, reply_to=self.tiers.reply_stream, token_ids=ids, media=refs,
                             sampling=sampling, deadline=time.time() + self.cfg.first_token_timeout_s)
 

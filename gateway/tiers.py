@@ -148,6 +148,9 @@ class TierClient:
                     # left, it fails (504).
                     if (not gen.worker or gen.migrations >= self.cfg.migration_limit
                             or not self._others_live(gen.worker)):
+                        log.warning("gave up waiting for the backbone", extra={
+                            "request_id": plan.request_id, "worker": gen.worker, "attempt": gen.attempt,
+                            "tokens": len(gen.tokens), "waited_s": self._bound(gen)[0]})
                         raise
                     await self._migrate(gen, f"no token from backbone worker {gen.worker} for "
                                              f"{self.cfg.token_timeout_s:g} s")

@@ -106,6 +106,9 @@ class SamplingParams(Message, kw_only=True):
     seed: int | None = None
     stop_token_ids: list[int] = []
     ignore_eos: bool = False
+    # The client named no budget: ``max_tokens`` is the gateway's default, which a backbone whose KV pool holds less
+    # than the context lowers to what the pool holds (a budget the client named is refused instead).
+    default_budget: bool = False
 
 
 class PromptPlan(Message, kw_only=True):

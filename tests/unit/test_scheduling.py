@@ -442,3 +442,14 @@ def test_the_prefill_order_bench_measures_both_orders(model, tiny_spec, tok):
     assert shortest["short"][0] == 1
     assert oldest["short"][0] >= 3 * 60 // 16 - 2  # behind every long prompt's chunks
     assert engine.pool.free == 256
+
+
+def test_a_default_budget_is_lowered_to_what_a_pool_short_of_the_context_holds(model, tiny_spec):
+    """An outside tester's finding: with a pool of 640 tokens under a 1,024-token context, a 542-token prompt naming
+    no max_tokens was refused (the gateway's default 256 did not fit the pool), though 98 tokens had room. A
+    budget the gateway chose is lowered to the pool; one the client named is still refused whole."""
+    engine = engine_with(model, tiny_spec, 4, 64)  # 64 tokens
+    chosen = engine.new_sequence("d", 40, SamplingParams(max_tokens=256, default_budget=True))
+    named = engine.new_sequence("n", 40, SamplingParams(max_tokens=256))
+    assert chosen.max_tokens == 24 and engine.fits_pool(chosen)
+    assert named.max_tokens == 256 and not engine.fits_pool(named)
