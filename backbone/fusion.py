@@ -41,6 +41,13 @@ def fuse(embed_tokens, token_ids: list[int] | torch.Tensor, media: list[tuple[st
             if t.dim() != 2 or t.shape[1] != embeds.shape[2]:
                 raise PlanError(f"{modality}: encoder rows of shape {list(t.shape)} do not fit model width "
                                 f"{embeds.shape[2]}")
-        spliced = to_device(rows[0] if len(rows) == 1 else torch.cat(rows), device=device).to(embeds.dtype)
+        if len(rows) == 1:
+            spliced = to_device(rows[0], device=device).to(embeds.dtype)
+        else:  # each part copied into place on the device (a host concatenation would copy them all once more)
+            spliced = torch.empty((have, embeds.shape[2]), dtype=embeds.dtype, device=device)
+            at = 0
+            for t in rows:
+                spliced[at : at + t.shape[0]].copy_(to_device(t, device=device))
+                at += t.shape[0]
         embeds[0].index_copy_(0, to_device(positions, torch.long, device), spliced)
     return embeds
