@@ -1,8 +1,9 @@
 """The decode engine: continuous batching with chunked prefill and preemption over one model shard's paged KV.
 
-A sequence's inputs are its prompt (fused embeddings, kept on the device while it lives) followed by its generated
-tokens; ``computed`` counts the positions whose K/V are in the pool. Each ``step`` schedules, for every sequence, the
-next positions to compute and runs ONE forward over them all (backbone/model.py):
+A sequence's inputs are its prompt (fused embeddings, on the device until the whole prompt is in the KV pool; fused
+again after a preemption) followed by its generated tokens; ``computed`` counts the positions whose K/V are in the
+pool. Each ``step`` schedules, for every sequence, the next positions to compute and runs ONE forward over them all
+(backbone/model.py):
 
 1. every decoding sequence (one position left: its last token) advances by one, so running streams never stall;
 2. then sequences still prefilling (new ones, and preempted ones recomputing) take chunks within the step's budget
