@@ -82,6 +82,8 @@ class GatewayConfig:
                      "body_timeout_s", "header_timeout_s", "send_timeout_s"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name} must be > 0, got {getattr(self, name)}")
+        if self.token_timeout_s < 10:  # a backbone tells every 5 s that it holds a request without tokens
+            raise ValueError(f"token_timeout_s must be >= 10, got {self.token_timeout_s}")
         if self.max_queue_wait_s < 0:
             raise ValueError(f"max_queue_wait_s must be >= 0 (0: half the tier's timeout), got {self.max_queue_wait_s}")
         self.limit_mm_per_prompt = parse_mm_limits(self.limit_mm_per_prompt)

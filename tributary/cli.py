@@ -64,6 +64,7 @@ NONNEG_INT = _ranged(int, "an integer >= 0", 0)
 POSITIVE = _ranged(float, "a number > 0", 0, above=True)
 NONNEG = _ranged(float, "a number >= 0", 0)
 FRACTION = _ranged(float, "a number in (0, 1]", 0, 1, above=True)
+TOKEN_GAP = _ranged(float, "a number >= 10 (a backbone holding a request without tokens says so every 5 s)", 10)
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
 
 
@@ -192,6 +193,16 @@ def _admission(p: argparse.ArgumentParser) -> None:
                                   "MAX_QUEUE_WAIT"))
     p.add_argument("--body-timeout", type=POSITIVE, default=_env("BODY_TIMEOUT", "30"),
                    help=_env_help("seconds a client may take to send its request body (then 408)", "BODY_TIMEOUT"))
+    p.add_argument("--encode-timeout", type=POSITIVE, default=_env("ENCODE_TIMEOUT", "60"),
+                   help=_env_help("seconds a request may wait for all its media to be encoded (then 504)",
+                                  "ENCODE_TIMEOUT"))
+    p.add_argument("--first-token-timeout", type=POSITIVE, default=_env("FIRST_TOKEN_TIMEOUT", "120"),
+                   help=_env_help("seconds a request may wait for a backbone to start it and send a first event "
+                                  "(queueing + prefill; then 504)", "FIRST_TOKEN_TIMEOUT"))
+    p.add_argument("--token-timeout", type=TOKEN_GAP, default=_env("TOKEN_TIMEOUT", "30"),
+                   help=_env_help("seconds between two events of a request's backbone (tokens; one that holds a "
+                                  "request without tokens says so every 5 s) before it is given up on or moved to "
+                                  "another replica; at least 10", "TOKEN_TIMEOUT"))
     p.add_argument("--header-timeout", type=POSITIVE, default=_env("HEADER_TIMEOUT", "15"),
                    help=_env_help("seconds a connection may take to send a request's headers, from its opening or "
                                   "the request's first byte (then it is closed; 408 if a request had begun)",
@@ -789,6 +800,8 @@ def _main(args) -> int:
                                 max_connections=args.max_connections,
                                 max_queue_wait_s=args.max_queue_wait,
                                 body_timeout_s=args.body_timeout, header_timeout_s=args.header_timeout,
+                                encode_timeout_s=args.encode_timeout,
+                                first_token_timeout_s=args.first_token_timeout, token_timeout_s=args.token_timeout,
                                 send_timeout_s=args.send_timeout, encoder_dtype=args.encoder_dtype,
                                 encoder_wire_dtype=args.encoder_wire_dtype, api_key_file=args.api_key_file,
                                 shared_cache=args.shared_cache, bind_host=args.host,
