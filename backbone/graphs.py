@@ -112,7 +112,8 @@ class DecodeGraphs:
         tables = self._tables(self.dev)[:b]
         return StepMeta(v["positions"], v["slots"], {
             "tables": tables, "starts": v["starts"], "lengths": v["lengths"], "offsets": v["offsets"],
-            "tile_seg": v["tile_seg"], "tile_off": v["tile_off"], "block_m": 16, "block_size": self.bs})
+            "tile_seg": v["tile_seg"], "tile_off": v["tile_off"], "block_m": 16, "block_size": self.bs,
+            "decode": True})
 
     def _body(self, b: int) -> torch.Tensor:
         """The step as captured: bucket ``b``'s rows through this shard's layers -> hidden [b, H]."""

@@ -112,6 +112,24 @@ INTERPRETED = INTERPRETER_PATCH + textwrap.dedent("""
         assert err <= tol, (seed, dtype, err)
     from backbone.attention import self_check
     assert self_check(TritonAttention(), torch.device("cpu"), torch.float32) <= 1e-4  # the start-up check passes
+    assert self_check(TritonAttention(False), torch.device("cpu"), torch.float32) <= 1e-4
+
+    # Decode-only steps (the grouped kernel: one program per sequence and KV head) for several head groupings, a
+    # group of 3 included (a tile of 16 rows holds 3), against torch and the general kernel.
+    from backbone.attention import Segment
+    g = torch.Generator().manual_seed(5)
+    decodes = [Segment([5, 2], 20, 1), Segment([4], 0, 1), Segment([7, 0, 3], 40, 1), Segment([1, 6], 31, 1)]
+    for hq, hkv in ((8, 2), (4, 4), (6, 2), (8, 1)):
+        k, v = (torch.randn(8 * BS, hkv, D, generator=g) for _ in range(2))
+        q = torch.randn(len(decodes), hq, D, generator=g)
+        cpu = torch.device("cpu")
+        ref = TorchAttention()(q, k, v, TorchAttention().prepare(decodes, BS, cpu), D ** -0.5)
+        meta = TritonAttention().prepare(decodes, BS, cpu)
+        assert meta.extra["decode"]
+        grouped = TritonAttention()(q, k, v, meta, D ** -0.5)
+        general = TritonAttention(False)(q, k, v, meta, D ** -0.5)
+        for got in (grouped, general):
+            assert float((got - ref).abs().max()) <= 1e-5, (hq, hkv, float((got - ref).abs().max()))
 
     # The whole engine on the kernel: three prompts in 6-token chunks, then decoding, token for token the torch
     # backend's (same shapes on both sides, so nothing but the attention arithmetic differs).

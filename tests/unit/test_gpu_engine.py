@@ -172,6 +172,15 @@ def test_the_triton_paged_kernel_equals_the_torch_backend_on_the_gpu(dtype, tol)
     gpu = TritonAttention()
     got = gpu(q.cuda(), k.cuda(), v.cuda(), gpu.prepare(segments, 16, torch.device("cuda")), 128 ** -0.5)
     assert float((got.float().cpu() - ref).abs().max()) <= tol
+    # A decode-only step at those shapes: the grouped decode kernel (4 query heads per KV head in one program).
+    decodes = [Segment(list(range(0, 63)), 999, 1), Segment(list(range(63, 80)), 200, 1), Segment([5], 3, 1)]
+    q = torch.randn(3, 32, 128, generator=g).to(dtype)
+    ref = TorchAttention()(q.float(), k.float(), v.float(), TorchAttention().prepare(decodes, 16, torch.device(
+        "cpu")), 128 ** -0.5)
+    meta = gpu.prepare(decodes, 16, torch.device("cuda"))
+    assert meta.extra["decode"] and gpu.grouped
+    got = gpu(q.cuda(), k.cuda(), v.cuda(), meta, 128 ** -0.5)
+    assert float((got.float().cpu() - ref).abs().max()) <= tol
 
 
 def test_decode_graphs_replay_what_eager_steps_compute(tiny_spec):
