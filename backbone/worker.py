@@ -45,11 +45,11 @@ from dataclasses import dataclass, field
 
 import torch
 from prometheus_client import CollectorRegistry
-from redis.exceptions import RedisError
+from redis.exceptions import BusyLoadingError, ReadOnlyError, RedisError
 
 from backbone.engine import Engine, Sequence, load_engine
 from backbone.fusion import PlanError
-from cache.client import connect
+from cache.client import connect, refused_for_memory
 from cache.codec import CodecError, decode_tensor
 from cache.keys import BACKBONE_GROUP, Keys, alive
 from cache.streams import (
@@ -200,6 +200,12 @@ class StepFailure(Exception):
     def __init__(self, code: m.ErrorCode, error: str, silent: bool = False):
         super().__init__(error)
         self.code, self.error, self.silent = code, error, silent
+
+
+def _refuses_writes(result) -> bool:
+    """A round trip's result that says Redis refuses writes for now (memory, a read-only replica, loading)."""
+    return isinstance(result, (ReadOnlyError, BusyLoadingError)) or (isinstance(result, Exception)
+                                                                      and refused_for_memory(result))
 
 
 def run_key(plan: m.PromptPlan) -> str:
@@ -701,6 +707,12 @@ class BackboneWorker:
 
     def _apply_exchange(self, ex: Exchange, results: list | RedisError) -> list:
         """Forget what Redis took, act on cancellations and dead gateways, return the plans read (main thread)."""
+        if not isinstance(results, RedisError):
+            # A Redis that refuses writes (full under noeviction, a read-only replica, loading) answers the round
+            # trip with an error per write: nothing this exchange sent can be counted as delivered, or a request's
+            # tokens were dropped and it was logged finished while its gateway waited out its timeout (an outside
+            # tester's run). Held as an outage: no step, the same events sent again until Redis takes them.
+            results = next((r for r in results if _refuses_writes(r)), results)
         if isinstance(results, RedisError):
             self.reread = self.reread or ex.read_at is not None
             self._redis_failed(results, "step")

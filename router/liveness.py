@@ -22,6 +22,8 @@ import threading
 import time
 import uuid
 
+from redis.exceptions import RedisError
+
 from cache.client import connect
 from cache.keys import Keys
 from router.logs import Throttle
@@ -108,8 +110,9 @@ class Heartbeat:
             try:
                 self.beat()
             except Exception as exc:  # Redis briefly away: keep trying; the window tolerates a few misses
-                if self._failures.due():  # a line per 10 s, the traceback only on the first of a run
-                    log.warning("heartbeat failed", exc_info=not self._failing,
+                if self._failures.due():  # a line per 10 s; a traceback only on the first of a run, and not
+                    # for Redis saying why (away, full, read-only): its words are the error's
+                    log.warning("heartbeat failed", exc_info=not self._failing and not isinstance(exc, RedisError),
                                 extra={"error": f"{type(exc).__name__}: {exc}", "repeated": self._failures.held})
                 self._failing = True
             else:

@@ -1,7 +1,9 @@
-"""A request the backbone holds without producing tokens (preempted, parked until there is room to recompute it)
-is told alive to its gateway: the gateway bounds the gap between a request's events (30 s), and an outside tester
-saw streams cut, and non-streamed answers lost to a 504, when a preemption lasted longer. The real worker loop on
-a real Redis, in this process so that the interval can be shortened."""
+"""Requests the backbone holds. One it holds without producing tokens (preempted, parked until there is room to
+recompute it) is told alive to its gateway: the gateway bounds the gap between a request's events (30 s), and an
+outside tester saw streams cut, and non-streamed answers lost to a 504, when a preemption lasted longer. And one
+whose events a full Redis refused is held until Redis takes them, every token delivered in order (they were counted
+as sent and lost, and the request logged finished). The real worker loop on a real Redis, in this process so that
+the interval can be shortened."""
 
 from __future__ import annotations
 
@@ -13,6 +15,7 @@ import redis
 import backbone.worker as worker_module
 from backbone.engine import load_engine
 from backbone.worker import BackboneConfig, BackboneWorker
+from cache.embedded import EmbeddedRedis
 from cache.keys import Keys
 from cache.streams import fields_payload, payload_fields
 from router import messages as m
@@ -65,3 +68,48 @@ def test_a_preempted_request_gets_events_while_it_is_parked_and_then_its_own_tok
     assert max(gaps) < 5, gaps  # 0.2 s between events while held, not the whole wait
     for rid, (ids, n) in prompts.items():
         assert [t for _, ev in seen[rid] for t in ev.token_ids] == reference(tiny_spec, ids, [], n)
+
+
+def test_events_a_full_redis_refused_are_sent_again_once_it_takes_writes(tiny_spec):
+    with EmbeddedRedis(maxmemory="256mb") as server:  # its own: this test fills it
+        r = redis.Redis.from_url(server.url)
+        hold_lease(r, "reply:full")
+        stop = threading.Event()
+        worker = BackboneWorker(BackboneConfig(redis_url=server.url, block_ms=100), load_engine(tiny_spec), stop)
+        loop = threading.Thread(target=worker.run, daemon=True)
+        loop.start()
+        ids, n = [1, 286, 274, 203, 56], 300
+        plan = m.PromptPlan(request_id="full", reply_to="reply:full", token_ids=ids, deadline=time.time() + 120,
+                            sampling=m.SamplingParams(max_tokens=n, temperature=0.0, ignore_eos=True))
+        events: list[m.TokenEvent] = []
+        last = "0-0"
+
+        def read(until, timeout: float = 60) -> None:
+            nonlocal last
+            deadline = time.monotonic() + timeout
+            while not until():
+                assert time.monotonic() < deadline, [(e.completion_tokens, e.finish) for e in events][-5:]
+                for entry_id, fields in (r.xread({"reply:full": last}, block=100) or [[None, []]])[0][1]:
+                    last = entry_id
+                    events.append(m.decode(fields_payload(fields), m.TokenEvent))
+
+        try:
+            r.xadd(KEYS.gen(), payload_fields(m.encode(plan)))
+            read(lambda: events and events[-1].completion_tokens >= 10)
+            r.config_set("maxmemory-policy", "noeviction")
+            r.config_set("maxmemory", "1")  # every write refused for memory
+            time.sleep(1.5)
+            during = len(events)
+            r.config_set("maxmemory", "256mb")
+            read(lambda: events and events[-1].finish is not None)
+        finally:
+            stop.set()
+            loop.join(60)
+        assert not loop.is_alive()
+    tokens = []
+    for ev in events:  # no token skipped (each event starts at or before where the one before ended), as the
+        start = ev.completion_tokens - len(ev.token_ids)  # gateway joins them
+        assert start <= len(tokens), (start, len(tokens))
+        tokens = tokens[:start] + ev.token_ids
+    assert events[-1].finish == m.FinishReason.LENGTH and during < len(events)
+    assert tokens == reference(tiny_spec, ids, [], n)
