@@ -91,9 +91,12 @@ class Answers:
 class TensorPublisher:
     def __init__(self, redis, stream: str, group: str):
         self.r, self.stream, self.group = redis, stream, group
+        self.refused: set[bytes] = set()  # the last batch's entries whose tensor Redis refused (their failure sent)
 
     def execute(self, batch: Answers) -> int:
-        """Ack, store and tell (the module docstring); returns how many reply streams were written."""
+        """Ack, store and tell (the module docstring); returns how many reply streams were written. ``refused``
+        then holds the entries whose tensor Redis refused for memory (answered with their ``refused`` failure)."""
+        self.refused = set()
         if not batch.answers and not batch.also:
             return 0
         pipe = self.r.pipeline(transaction=False)
@@ -129,6 +132,7 @@ class TensorPublisher:
                 log.error("redis refused an encoder output: out of memory (maxmemory)", extra={
                     "tensor": a.keys[0], "bytes": len(a.data), "error": str(errors[0])})
                 message, refused = a.refused, True
+                self.refused.add(a.entry_id)
             waiters = [] if isinstance(res[at], Exception) else res[at]
             streams = {w.decode() if isinstance(w, bytes) else w for w in waiters}
             if a.reply_to:

@@ -379,6 +379,9 @@ class EncoderWorker:
         answers.with_acks(count)
         t = time.perf_counter()
         self.publisher.execute(answers)
+        refused = {i for i, _ in prepared if jobs[i].entry_id in self.publisher.refused}  # Redis full: failed
+        outcomes["encoded"] -= len(refused)
+        outcomes[m.ErrorCode.CACHE_FULL.value] += len(refused)
         self.metrics.publish_seconds.observe(time.perf_counter() - t)
         self.metrics.finished(outcomes)
         self.metrics.preprocess_wait_seconds.observe(preprocess_wait)
@@ -386,6 +389,11 @@ class EncoderWorker:
             self.metrics.encode_seconds.observe(seconds)
             self.metrics.batch_size.observe(items)
         for i, p in prepared:
+            if i in refused:
+                log.warning("encoded, but the tensor cache (Redis) is full: it refused the output; the request "
+                            "failed (cache_full)", extra={"request_id": jobs[i].msg.request_id,
+                                                          "job_id": jobs[i].msg.job_id})
+                continue
             log.info("encoded", extra={"request_id": jobs[i].msg.request_id, "job_id": jobs[i].msg.job_id,
                                        "modality": self.cfg.modality, "tokens": p.num_tokens, "batch": len(prepared),
                                        "preprocess_ms": round(pre_ms[i], 2),  # on a pool thread

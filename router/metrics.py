@@ -34,7 +34,7 @@ BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128)
 # Outcomes of an encode job: ``encoded``, the error code its failure carries (router/messages.ErrorCode), or
 # ``undecodable`` (not a job message: dropped unanswered).
 JOB_OUTCOMES = ("encoded", "bad_media", "internal", "deadline", "media_expired", "cancelled", "gave_up",
-                "undecodable")
+                "undecodable", "cache_full")
 
 
 @contextlib.contextmanager

@@ -197,7 +197,9 @@ def test_an_output_redis_refuses_for_memory_is_answered_as_a_failure(r):
     try:
         answers = Answers()
         answers.publish(script_keys, entry, b"x" * 4_000_000, 3, 60, b"done", gw, refused=b"refused")
-        assert TensorPublisher(r, stream, "encoders").execute(answers) == 1
+        publisher = TensorPublisher(r, stream, "encoders")
+        assert publisher.execute(answers) == 1
+        assert publisher.refused == {entry}  # what the worker counts (and logs) as cache_full, not encoded
     finally:
         r.config_set("maxmemory", "64mb")
         r.config_set("maxmemory-policy", "volatile-lru")
