@@ -61,7 +61,7 @@ def redact(url: str) -> str:
 def describe(exc: BaseException) -> str:
     """What went wrong talking to Redis, in words fit for a client or a probe: no host, port or server text (those
     go to the log)."""
-    from redis.exceptions import AuthenticationError, ResponseError
+    from redis.exceptions import AuthenticationError, BusyLoadingError, ReadOnlyError, ResponseError
     from redis.exceptions import TimeoutError as RedisTimeoutError
 
     if isinstance(exc, AuthenticationError) or "NOAUTH" in str(exc) or "WRONGPASS" in str(exc):
@@ -70,6 +70,12 @@ def describe(exc: BaseException) -> str:
         return "timed out"
     if isinstance(exc, RedisConnectionError | ConnectionError | OSError):
         return "cannot connect"
+    if refused_for_memory(exc):
+        return "out of memory: it refuses writes (maxmemory)"
+    if isinstance(exc, ReadOnlyError):
+        return "read-only (a replica): it refuses writes"
+    if isinstance(exc, BusyLoadingError):
+        return "loading its data"
     if isinstance(exc, ResponseError):
         return "the server refused a command"
     return "error"

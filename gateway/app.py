@@ -163,7 +163,7 @@ def create_app(cfg: GatewayConfig):
                 "time": time.time()}
         view = request.app.state.monitor.view
         if not view.up:  # the monitor's verdict, at once: no probe may hang on an unreachable Redis
-            return {**body, "status": "redis_unavailable", "redis": f"unreachable: {view.reason}",
+            return {**body, "status": "redis_unavailable", "redis": f"unavailable: {view.reason}",
                     "redis_down_s": round(time.monotonic() - view.since, 1), "workers": {}}, False
         chat = request.app.state.chat
         body.update(inflight=chat.inflight, realtime_connections=request.app.state.realtime_connections,

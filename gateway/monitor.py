@@ -214,7 +214,7 @@ def admit(view: ClusterView, inflight: int | None, cfg: GatewayConfig, tiers: li
     away, the gateway serves ``max_inflight`` requests already (``inflight`` None: not checked), or one of ``tiers``'
     queues holds more than ``max_backlog`` unread entries."""
     if not view.up:
-        raise Unavailable(f"the queue (Redis) is unreachable: {view.reason}; retry later", code="redis_unavailable",
+        raise Unavailable(f"the queue (Redis) is unavailable: {view.reason}; retry later", code="redis_unavailable",
                           retry_after=2)
     if inflight is not None and inflight >= cfg.max_inflight:
         raise Overloaded(f"this gateway is serving its limit of {cfg.max_inflight} requests; retry later")

@@ -333,7 +333,7 @@ def test_redis_paused_5_s_under_load(client, chaos_cluster, chaos_redis, referen
     resp, probe = refused
     assert resp.status_code == 503, resp.text
     assert resp.json()["error"]["code"] == "redis_unavailable" and int(resp.headers["retry-after"]) >= 1
-    assert probe.status_code == 503 and probe.json()["redis"].startswith("unreachable"), probe.text
+    assert probe.status_code == 503 and probe.json()["redis"].startswith("unavailable"), probe.text
     wait_ready(chaos_cluster, 30)
     after = ask(client, chaos_cluster.model, workload()[1])
     assert after.error is None and after.text == reference[1].text

@@ -249,7 +249,7 @@ def test_the_redis_password_is_nowhere_to_be_seen(secured):
             if ready.status_code == 503:
                 break
             time.sleep(0.3)
-        assert ready.status_code == 503 and ready.json()["redis"].startswith("unreachable")
+        assert ready.status_code == 503 and ready.json()["redis"].startswith("unavailable")
         busy = httpx.post(secured.base_url + "/v1/chat/completions", timeout=30, json={
             "model": secured.model, "messages": [{"role": "user", "content": "hi"}]},
             headers={"Authorization": f"Bearer {KEYS['alice']}"})
