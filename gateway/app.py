@@ -126,7 +126,9 @@ def create_app(cfg: GatewayConfig):
         try:
             return await request.app.state.chat.handle(request, ids)
         except APIError as exc:
-            log.info("request refused", extra={"request_id": rid, "status": exc.status, "error": exc.message})
+            tenant = getattr(request.state, "tenant", None)
+            log.info("request refused", extra={"request_id": rid, "status": exc.status, "code": exc.code,
+                                               "tenant": tenant.name if tenant else None, "error": exc.message})
             return exc.response(ids.headers())
         except ClientGone:
             log.info("client disconnected", extra={"request_id": rid})
@@ -259,17 +261,18 @@ async def stop_tasks(tasks: list[asyncio.Task], timeout_s: float = STOP_TASKS_S)
 
 def with_request_id(app):
     """Every HTTP response carries ``x-request-id`` (as OpenAI's do), refusals by the browser and key checks, 404s
-    and 405s included: the chat route sets its own (the id that runs through every tier); any other response gets a
-    fresh one here."""
+    and 405s included: the chat route sets its own (the id that runs through every tier); any other response gets
+    the one made here, which a refusal's log record names too (``scope["state"]["response_id"]``)."""
     async def wrapped(scope, receive, send):
         if scope["type"] != "http":
             return await app(scope, receive, send)
+        rid = uuid.uuid4().hex
+        scope.setdefault("state", {})["response_id"] = rid
 
         async def send_with_id(message):
             if message["type"] == "http.response.start" and not any(
                     k.lower() == b"x-request-id" for k, _ in message.get("headers", ())):
-                message = {**message, "headers": [*message.get("headers", ()),
-                                                  (b"x-request-id", uuid.uuid4().hex.encode())]}
+                message = {**message, "headers": [*message.get("headers", ()), (b"x-request-id", rid.encode())]}
             await send(message)
 
         return await app(scope, receive, send_with_id)

@@ -209,6 +209,7 @@ class AuthMiddleware:
             return await self.app(scope, receive, send)
         message = ("invalid API key (unknown or revoked)" if key else
                    "missing API key: send the header 'Authorization: Bearer <key>'")
-        log.info("unauthorized", extra={"path": scope["path"], "reason": "invalid key" if key else "no key"})
+        log.info("unauthorized", extra={"request_id": state.get("response_id"), "path": scope["path"],
+                                        "reason": "invalid key" if key else "no key"})
         await refuse(scope, receive, send, 401, "invalid_api_key", message,
                      [(b"www-authenticate", b'Bearer realm="tributary"')])

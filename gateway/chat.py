@@ -450,7 +450,7 @@ class ChatService:
             if used:
                 self._spawn(self.limiter.spend(tenant, used))
             log.info("response", extra={"request_id": rid, "completion_tokens": len(detok.ids),
-                                        "finished": finished})
+                                        "finished": finished, "outcome": reason})  # stop, length, abort, error
 
     async def _sse(self, rid, req, first: Delta, deltas) -> AsyncIterator[bytes]:
         created, model = int(time.time()), self.spec.name

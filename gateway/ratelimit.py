@@ -74,11 +74,11 @@ class RateLimiter:
                             "x-ratelimit-remaining-tokens": str(max(tpm - tokens, 0)),
                             "x-ratelimit-reset-tokens": f"{reset}s"})
         if rpm and requests > rpm:
-            log.info("rate limited", extra={"tenant": tenant.name, "limit": "requests"})
+            log.debug("rate limited", extra={"tenant": tenant.name, "limit": "requests"})  # the refusal is logged
             raise RateLimited(f"rate limit reached: {rpm} requests per minute; retry in {reset} s", reset, headers,
                               "requests")
         if tpm and tokens >= tpm:
-            log.info("rate limited", extra={"tenant": tenant.name, "limit": "tokens"})
+            log.debug("rate limited", extra={"tenant": tenant.name, "limit": "tokens"})
             raise RateLimited(f"rate limit reached: {tpm} tokens per minute; retry in {reset} s", reset, headers,
                               "tokens")
         return headers

@@ -304,6 +304,8 @@ class RealtimeSession:
 
     async def error(self, exc: EventError | APIError, event_id: str | None) -> None:
         err = {"type": exc.type, "code": exc.code, "message": exc.message, "param": exc.param, "event_id": event_id}
+        log.info("realtime event refused", extra={"session_id": self.session_id, "code": exc.code,
+                                                  "param": exc.param, "error": exc.message})
         await self.send("error", error=err)
 
     def session(self) -> dict:
@@ -935,8 +937,8 @@ class RealtimeSession:
         joined = False  # the answer's item is in the conversation
         try:
             await self.send("response.created", response=self._response(run, "in_progress", [], None))
-            deltas = self.chat.respond(response_id, body, run.cancelled, via="realtime", features=features,
-                                       tenant=self.tenant, namespace=self.namespace,
+            deltas = self.chat.respond(response_id, body, run.cancelled, via=f"realtime {self.session_id}",
+                                       features=features, tenant=self.tenant, namespace=self.namespace,
                                        cap=math.inf if run.max_tokens is None else run.max_tokens)
             try:
                 async for d in deltas:

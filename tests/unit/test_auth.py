@@ -152,3 +152,16 @@ def test_a_key_file_line_may_carry_its_tenants_rate_limits(tmp_path):
     write_keys(f, [f"alice {key_digest('ka')} burst=5"])
     with pytest.raises(KeyConfigError, match="unknown field 'burst=5'"):
         KeyRing(key_file=str(f))
+
+
+def test_a_refused_key_is_logged_with_the_request_id_its_client_got(caplog):
+    """An outside tester could not match a client's 401 to the gateway's record: it named no request id."""
+    import logging
+
+    from gateway.app import with_request_id
+
+    app = Starlette(routes=[Route("/v1/models", lambda request: JSONResponse({}))])
+    with caplog.at_level(logging.INFO, logger="gateway.auth"):
+        r = TestClient(with_request_id(AuthMiddleware(app, KeyRing("alice:ka")))).get("/v1/models")
+    assert r.status_code == 401
+    assert [rec.request_id for rec in caplog.records if rec.msg == "unauthorized"] == [r.headers["x-request-id"]]
