@@ -77,6 +77,7 @@ def create_app(cfg: GatewayConfig):
         reply_stream = keys.reply(gateway_id)
         replies = ReplyRouter(redis, keys, gateway_id)
         tiers = TierClient(redis, cfg, spec, replies, reply_stream)
+        tiers.on_migrate = metrics.migrations.inc
 
         def on_reset() -> None:  # Redis lost our lease: every request in flight re-queues its work
             tiers.reset_at = time.monotonic()

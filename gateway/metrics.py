@@ -4,8 +4,9 @@
 and one counter increment per event, nothing sent anywhere): ``tributary_time_to_first_token_seconds`` (arrival to
 the first token), ``tributary_inter_token_latency_seconds`` (between two token events of a request),
 ``tributary_e2e_request_latency_seconds`` (arrival to the end), ``tributary_request_success_total{finished_reason}``
-(``stop`` (a stop string too), ``length``, ``abort``: the client went away or the gateway timed out, ``error``),
-``tributary_prompt_tokens_total``, ``tributary_generation_tokens_total``, ``tributary_gateway_requests_in_flight``,
+(``stop`` (a stop string too), ``length``, ``abort``: the client went away, ``error``: the gateway's 504s too),
+``tributary_prompt_tokens_total``, ``tributary_generation_tokens_total``, ``tributary_request_migrations_total``,
+``tributary_gateway_requests_in_flight``,
 ``tributary_realtime_connections`` (open Realtime sockets), and per modality ``tributary_encoder_cache_hits_total``
 / ``_misses_total`` (gateway/encoding.py). vLLM's names with a ``tributary_`` prefix; REST and Realtime requests
 alike.
@@ -95,6 +96,8 @@ class GatewayMetrics:
         self.prompt_tokens = Counter("tributary_prompt_tokens", "Prompt tokens of requests that began generating",
                                      registry=r)
         self.generation_tokens = Counter("tributary_generation_tokens", "Tokens generated", registry=r)
+        self.migrations = Counter("tributary_request_migrations", "Requests moved to another backbone replica "
+                                  "(their worker died or went silent)", registry=r)
         self.in_flight = Gauge("tributary_gateway_requests_in_flight", "Requests this gateway is serving",
                                multiprocess_mode="livesum", registry=r)
         self.realtime = Gauge("tributary_realtime_connections", "Realtime WebSocket connections this gateway holds",

@@ -96,6 +96,7 @@ class TierClient:
         self.reply_stream = reply_stream
         self.inflight: dict[str, Generation] = {}  # request id -> its generation (the monitor checks their workers)
         self.migrations = 0  # requests moved to another replica by this gateway (for logs and benches)
+        self.on_migrate = lambda: None  # and the metric
         self.reset_at = -1e9  # monotonic time the monitor last found this gateway's lease gone
         self.view = None  # the monitor's ClusterView, once there is a monitor
 
@@ -245,6 +246,7 @@ class TierClient:
         pipe.xadd(self.keys.gen(), payload_fields(m.encode(cont)))
         *_, gen.entry_id = await pipe.execute()
         self.migrations += 1
+        self.on_migrate()
         log.warning("migrating request", extra={"request_id": rid, "attempt": gen.attempt, "reason": reason,
                                                 "resumed_tokens": len(gen.tokens), "max_tokens_left": left})
 

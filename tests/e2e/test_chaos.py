@@ -291,6 +291,8 @@ def test_kill_9_an_encoder_and_a_backbone_replica_under_load(client, chaos_clust
     print(f"kill -9 encoder + one backbone replica: {result['full']}/{len(outcomes)} in full, errors "
           f"{result['errors'][:3]}")
     assert ready_body(chaos_cluster)["migrations"] > migrations, "no request was migrated: the kill hit nothing"
+    metrics = httpx.get(f"{chaos_cluster.base_url}/metrics", timeout=5).text
+    assert f"tributary_request_migrations_total {float(ready_body(chaos_cluster)['migrations'])}" in metrics
     wait_ready(chaos_cluster)
     drained(chaos_cluster)
 
