@@ -175,9 +175,10 @@ class Running:
     def event(self, worker: str, token_ids: list[int], **end) -> m.TokenEvent:
         """This attempt's event carrying ``token_ids`` (and ``finish``/``code``/``error`` from ``end``), with usage as
         the client counts it."""
+        lowered = self.seq.max_tokens < self.plan.sampling.max_tokens  # a default budget the pool could not hold
         return m.TokenEvent(request_id=self.plan.request_id, token_ids=token_ids, prompt_tokens=self.seq.prompt_tokens,
                             completion_tokens=self.seq.completion_tokens, attempt=self.plan.attempt, worker=worker,
-                            **end)
+                            budget=self.seq.resumed + self.seq.max_tokens if lowered else None, **end)
 
 
 @dataclass

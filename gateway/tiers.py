@@ -76,6 +76,7 @@ class Generation:
     migrations: int = 0  # moves counted toward migration_limit
     media_retries: int = 0
     tokens: list[int] = field(default_factory=list)  # every token received, in order
+    budget: int | None = None  # the completion tokens a backbone said the request may reach (TokenEvent.budget)
 
     def take(self, ev: m.TokenEvent) -> list[int] | None:
         """The event's tokens not seen yet (events carry their end position: ``completion_tokens``); None if the
@@ -168,6 +169,7 @@ class TierClient:
                 if gen.worker and msg.worker and msg.worker != gen.worker:
                     continue  # a second run of this attempt (a plan queued twice): one worker's tokens only
                 gen.worker = msg.worker or gen.worker
+                gen.budget = msg.budget if msg.budget is not None else gen.budget
                 new = gen.take(msg)
                 if new is None:
                     await self._migrate(gen, "token events were lost")
@@ -219,7 +221,7 @@ class TierClient:
         pipe = self.r.pipeline(transaction=False)
         if gen.entry_id is not None:
             ack_delete_if_pending(pipe, self.keys.gen(), BACKBONE_GROUP, gen.entry_id)
-        left = plan.sampling.max_tokens - len(gen.tokens)
+        left = (plan.sampling.max_tokens if gen.budget is None else gen.budget) - len(gen.tokens)
         if left < 1:  # the worker died between the last token and its finish event
             self._cancel_from(pipe, rid, CANCEL_ALL)
             await pipe.execute()

@@ -142,6 +142,10 @@ class TokenEvent(Message, kw_only=True):
     error: str | None = None
     attempt: int = 0  # the plan attempt this event belongs to; the gateway ignores stale attempts
     worker: str = ""  # the backbone consumer running it (the gateway watches its liveness)
+    # The completion tokens the request may reach, when the backbone lowered the gateway's default budget to what
+    # its KV pool holds (SamplingParams.default_budget): a continuation on another replica asks no more than that
+    # (a backbone that does not lower budgets would refuse the full default; ignored by gateways that predate it).
+    budget: int | None = None
 
 
 ReplyMessage = Union[EncodeDone, EncodeFailed, TokenEvent]

@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import time
 
+import msgspec
 import pytest
 import redis
 
@@ -168,3 +169,37 @@ def test_a_silent_worker_alone_or_without_migration_times_out_as_before(redis_ur
 
     got, plans, error = asyncio.run(silent_worker(redis_url, live, limit))
     assert got == [[40, 41]] and isinstance(error, Timeout) and len(plans) == 1
+
+
+def test_a_continuation_asks_no_more_than_the_budget_a_backbone_lowered_it_to(redis_url, tiny_spec):
+    """A backbone whose KV pool holds less than the context lowers a default budget to fit, and its events say so;
+    a continuation asked for the gateway's whole default, which a replica that does not lower budgets (an older
+    version, mid-upgrade) refused: the request failed mid-stream (an outside tester's rolling upgrade)."""
+    from backbone.engine import load_engine
+    from backbone.worker import Running
+
+    engine = load_engine(tiny_spec, num_blocks=1)  # 16 tokens
+    plan = m.PromptPlan(request_id="req-mig", reply_to=KEYS.reply("gw"), token_ids=[1, 7, 9], deadline=time.time(),
+                        sampling=m.SamplingParams(max_tokens=10, default_budget=True))
+    seq = engine.new_sequence("req-mig", 3, plan.sampling)
+    told = Running(seq, plan, b"0-1").event("w", [])
+    named = Running(seq, msgspec.structs.replace(plan, sampling=m.SamplingParams(max_tokens=5)), b"0-1").event("w", [])
+    assert (seq.max_tokens, told.budget, named.budget) == (10, None, None)  # 3 + 10 fits 16: not lowered
+    plan = msgspec.structs.replace(plan, sampling=msgspec.structs.replace(plan.sampling, max_tokens=100))
+    seq = engine.new_sequence("req-mig", 3, plan.sampling)
+    assert Running(seq, plan, b"0-1").event("w", []).budget == 13  # 100 asked by default, 13 fit
+
+    r = redis.Redis.from_url(redis_url)
+    ensure_group(r, KEYS.gen(), BACKBONE_GROUP)
+
+    async def migrate() -> None:
+        a = connect_async(redis_url)
+        tiers = TierClient(a, GatewayConfig(model_dir="unused", redis_url=redis_url), None, None, KEYS.reply("gw"))
+        gen = Generation(original_plan(), asyncio.Queue())
+        gen.budget, gen.tokens = 7, [40, 41, 42, 43]  # 10 asked, 7 fit, 4 streamed
+        await tiers._migrate(gen, "test")
+        await a.aclose()
+
+    asyncio.run(migrate())
+    cont, = queued_plans(r)
+    assert cont.sampling.max_tokens == 3 and cont.resumed == 4
