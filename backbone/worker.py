@@ -556,10 +556,7 @@ class BackboneWorker:
                 continue
             if not self.engine.fits_pool(seq):
                 self.waiting.popleft()
-                pool = self.engine.pool
-                self._refuse(plan, entry_id, m.ErrorCode.BAD_PLAN, (
-                    f"the request needs {pool.blocks_for(seq.capacity)} KV blocks of {pool.block_size} tokens "
-                    f"(prompt + max_tokens = {seq.capacity} tokens); this backbone's pool has {pool.num_blocks}"))
+                self._refuse(plan, entry_id, m.ErrorCode.BAD_PLAN, self.engine.pool_refusal(seq))
                 continue
             if not self.engine.admissible(seq):
                 break  # its prompt waits for free KV blocks (running sequences finish and free theirs)
