@@ -124,31 +124,47 @@ def _kernel():
     # The integer inputs' pointers and the table's row stride (the step's widest block table) change from step to
     # step: left to Triton, each new divisibility-by-16 or 16-byte alignment would compile a new variant, hundreds
     # of milliseconds in the middle of serving (a stream stalls for it).
+    #
+    # ``GROUPED`` (a decode-only step: one new token per sequence): one program per (sequence, KV head) holds the
+    # query heads that share that KV head as its tile's rows, so each KV block is read once per KV head, not once
+    # per query head (4x less K/V traffic for Llama-3-style GQA with 32 query over 8 KV heads), and a 16-row tile
+    # carries GROUP rows of work instead of 1. Otherwise one program per (tile of BLOCK_M new tokens, query head).
     @triton.jit(do_not_specialize=["stride_tb"],
                 do_not_specialize_on_alignment=["tables_ptr", "starts_ptr", "lengths_ptr", "offsets_ptr",
                                                 "tile_seg_ptr", "tile_off_ptr"])
     def paged_attention(q_ptr, k_ptr, v_ptr, out_ptr, tables_ptr, starts_ptr, lengths_ptr, offsets_ptr,
                         tile_seg_ptr, tile_off_ptr, scale, stride_qt, stride_qh, stride_ks, stride_kh, stride_ot,
                         stride_oh, stride_tb, GROUP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                        HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, PRECISION: tl.constexpr):
-        tile, head = tl.program_id(0), tl.program_id(1)
+                        HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, PRECISION: tl.constexpr,
+                        GROUPED: tl.constexpr):
+        tile, pid_head = tl.program_id(0), tl.program_id(1)
         seg = tl.load(tile_seg_ptr + tile)
-        off = tl.load(tile_off_ptr + tile)
         start = tl.load(starts_ptr + seg)
-        length = tl.load(lengths_ptr + seg)
         qbase = tl.load(offsets_ptr + seg)
-        kv_head = head // GROUP
-        rows = off + tl.arange(0, BLOCK_M)
-        row_ok = rows < length
-        qpos = start + rows
+        i = tl.arange(0, BLOCK_M)
+        if GROUPED:  # rows: the group's query heads, all at the sequence's one new token
+            kv_head = pid_head
+            heads = kv_head * GROUP + i
+            row_ok = i < GROUP
+            qrows = qbase + i * 0
+            qpos = start + i * 0
+            end = start + 1
+        else:  # rows: the tile's new tokens, all of one query head
+            off = tl.load(tile_off_ptr + tile)
+            length = tl.load(lengths_ptr + seg)
+            kv_head = pid_head // GROUP
+            heads = pid_head + i * 0
+            row_ok = off + i < length
+            qrows = qbase + off + i
+            qpos = start + off + i
+            end = start + tl.minimum(off + BLOCK_M, length)  # one past the tile's last position: keys < end
         d = tl.arange(0, BLOCK_D)
         d_ok = d < HEAD_DIM
-        q = tl.load(q_ptr + (qbase + rows)[:, None] * stride_qt + head * stride_qh + d[None, :],
+        q = tl.load(q_ptr + qrows[:, None] * stride_qt + heads[:, None] * stride_qh + d[None, :],
                     mask=row_ok[:, None] & d_ok[None, :], other=0.0)
         m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
         l_i = tl.zeros([BLOCK_M], tl.float32)
         acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
-        end = start + tl.minimum(off + BLOCK_M, length)  # one past the tile's last position: keys < end
         for j in range(0, tl.cdiv(end, BLOCK_N)):
             block = tl.load(tables_ptr + seg * stride_tb + j)
             kpos = j * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -166,61 +182,17 @@ def _kernel():
             acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
             m_i = m_new
         acc = acc / tl.where(l_i == 0.0, 1.0, l_i)[:, None]
-        tl.store(out_ptr + (qbase + rows)[:, None] * stride_ot + head * stride_oh + d[None, :],
+        tl.store(out_ptr + qrows[:, None] * stride_ot + heads[:, None] * stride_oh + d[None, :],
                  acc.to(out_ptr.dtype.element_ty), mask=row_ok[:, None] & d_ok[None, :])
 
-    # A decode-only step: one new token per sequence. One program per (sequence, KV head) holds the group of query
-    # heads that share that KV head in the tile's rows, so each KV block is read once per KV head, not once per
-    # query head (4x less K/V traffic for Llama-3-style GQA with 32 query over 8 KV heads), and a 16-row tile
-    # carries GROUP rows of work instead of 1.
-    @triton.jit(do_not_specialize=["stride_tb"],
-                do_not_specialize_on_alignment=["tables_ptr", "starts_ptr", "offsets_ptr", "tile_seg_ptr"])
-    def paged_decode(q_ptr, k_ptr, v_ptr, out_ptr, tables_ptr, starts_ptr, offsets_ptr, tile_seg_ptr, scale,
-                     stride_qt, stride_qh, stride_ks, stride_kh, stride_ot, stride_oh, stride_tb,
-                     GROUP: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr,
-                     BLOCK_D: tl.constexpr, PRECISION: tl.constexpr):
-        tile, kv_head = tl.program_id(0), tl.program_id(1)
-        seg = tl.load(tile_seg_ptr + tile)
-        qpos = tl.load(starts_ptr + seg)  # the new token's position: it sees keys 0 .. qpos
-        qrow = tl.load(offsets_ptr + seg)
-        g = tl.arange(0, BLOCK_G)
-        g_ok = g < GROUP
-        heads = kv_head * GROUP + g
-        d = tl.arange(0, BLOCK_D)
-        d_ok = d < HEAD_DIM
-        q = tl.load(q_ptr + qrow * stride_qt + heads[:, None] * stride_qh + d[None, :],
-                    mask=g_ok[:, None] & d_ok[None, :], other=0.0)
-        m_i = tl.full([BLOCK_G], float("-inf"), tl.float32)
-        l_i = tl.zeros([BLOCK_G], tl.float32)
-        acc = tl.zeros([BLOCK_G, BLOCK_D], tl.float32)
-        for j in range(0, tl.cdiv(qpos + 1, BLOCK_N)):
-            block = tl.load(tables_ptr + seg * stride_tb + j)
-            kpos = j * BLOCK_N + tl.arange(0, BLOCK_N)
-            slots = block * BLOCK_N + tl.arange(0, BLOCK_N)
-            kv_off = slots[:, None] * stride_ks + kv_head * stride_kh + d[None, :]
-            k = tl.load(k_ptr + kv_off, mask=d_ok[None, :], other=0.0)
-            s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale
-            s = tl.where(kpos[None, :] <= qpos, s, float("-inf"))
-            m_new = tl.maximum(m_i, tl.max(s, 1))
-            m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-            alpha = tl.exp(m_i - m_safe)
-            p = tl.exp(s - m_safe[:, None])
-            l_i = l_i * alpha + tl.sum(p, 1)
-            v = tl.load(v_ptr + kv_off, mask=d_ok[None, :], other=0.0)
-            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
-            m_i = m_new
-        acc = acc / tl.where(l_i == 0.0, 1.0, l_i)[:, None]
-        tl.store(out_ptr + qrow * stride_ot + heads[:, None] * stride_oh + d[None, :],
-                 acc.to(out_ptr.dtype.element_ty), mask=g_ok[:, None] & d_ok[None, :])
-
-    _KERNEL = (paged_attention, paged_decode)
+    _KERNEL = paged_attention
     return _KERNEL
 
 
 class TritonAttention:
-    """CUDA backend: the paged kernels above; a step that only decodes runs ``paged_decode`` (one program per
-    sequence and KV head, its query heads together; ``grouped`` False: the general kernel), any other tiles of 16
-    new tokens when its chunks are short, of 64 when it prefills."""
+    """CUDA backend: the paged kernel above; a step that only decodes runs it ``GROUPED`` (one program per sequence
+    and KV head, its query heads together; ``grouped`` False: per query head), any other tiles of 16 new tokens when
+    its chunks are short, of 64 when it prefills."""
 
     name = "triton-paged"
 
@@ -252,20 +224,14 @@ class TritonAttention:
         hkv = k_flat.shape[1]
         out = torch.empty_like(q)
         tables = x["tables"]
-        precision = "ieee" if q.dtype == torch.float32 else "tf32"
-        if self.grouped and x.get("decode"):  # one tile per sequence
-            _kernel()[1][(x["tile_seg"].shape[0], hkv)](
-                q, k_flat, v_flat, out, tables, x["starts"], x["offsets"], x["tile_seg"], scale, q.stride(0),
-                q.stride(1), k_flat.stride(0), k_flat.stride(1), out.stride(0), out.stride(1), tables.stride(0),
-                GROUP=hq // hkv, BLOCK_G=max(16, 1 << (hq // hkv - 1).bit_length()), BLOCK_N=x["block_size"],
-                HEAD_DIM=d, BLOCK_D=max(16, 1 << (d - 1).bit_length()), PRECISION=precision)
-            return out
-        grid = (x["tile_seg"].shape[0], hq)
-        _kernel()[0][grid](q, k_flat, v_flat, out, tables, x["starts"], x["lengths"], x["offsets"], x["tile_seg"],
-                        x["tile_off"], scale, q.stride(0), q.stride(1), k_flat.stride(0), k_flat.stride(1),
-                        out.stride(0), out.stride(1), tables.stride(0), GROUP=hq // hkv, BLOCK_M=x["block_m"],
-                        BLOCK_N=x["block_size"], HEAD_DIM=d, BLOCK_D=max(16, 1 << (d - 1).bit_length()),
-                        PRECISION=precision)
+        grouped = self.grouped and x.get("decode")  # one tile per sequence, one program per KV head
+        _kernel()[(x["tile_seg"].shape[0], hkv if grouped else hq)](
+            q, k_flat, v_flat, out, tables, x["starts"], x["lengths"], x["offsets"], x["tile_seg"], x["tile_off"],
+            scale, q.stride(0), q.stride(1), k_flat.stride(0), k_flat.stride(1), out.stride(0), out.stride(1),
+            tables.stride(0), GROUP=hq // hkv,
+            BLOCK_M=max(16, 1 << (hq // hkv - 1).bit_length()) if grouped else x["block_m"],
+            BLOCK_N=x["block_size"], HEAD_DIM=d, BLOCK_D=max(16, 1 << (d - 1).bit_length()),
+            PRECISION="ieee" if q.dtype == torch.float32 else "tf32", GROUPED=bool(grouped))
         return out
 
 
@@ -332,7 +298,7 @@ def backend_for(device: torch.device, name: str = "auto", dtype: torch.dtype = t
     error in the log), torch's SDPA elsewhere; ``torch``, ``triton`` or ``loop`` (the per-sequence loop, for
     comparison) to force one."""
     if name == "auto" and device.type == "cuda":
-        for grouped in (True, False):  # the decode kernel failing alone leaves the general one
+        for grouped in (True, False):  # the grouped decode failing alone leaves the per-head one
             try:
                 err = self_check(TritonAttention(grouped), device, dtype)
                 if err <= SELF_CHECK_TOL:

@@ -192,11 +192,11 @@ def profile_steps(engine, seqs, device, name: str, steps: int) -> str:
 
 
 def paged_variants() -> int | None:
-    """How many variants of the paged attention kernels Triton compiled in this process (each a stall)."""
+    """How many variants of the paged attention kernel Triton compiled in this process (each a stall)."""
     try:
         from backbone.attention import _KERNEL
 
-        return sum(len(c[0]) for k in _KERNEL for c in k.device_caches.values()) if _KERNEL is not None else 0
+        return sum(len(c[0]) for c in _KERNEL.device_caches.values()) if _KERNEL is not None else 0
     except Exception:  # another Triton's internals
         return None
 
