@@ -218,15 +218,16 @@ class Engine:
         """Whether the sequence could ever finish: its prompt and every token it may generate fit the whole pool."""
         return self.pool.blocks_for(seq.capacity) <= self.pool.num_blocks
 
-    def pool_refusal(self, seq: Sequence) -> str:
-        """Why a sequence that does not ``fits_pool`` is refused, in the client's terms: its prompt alone, or its
-        prompt and the max_tokens it named (a default budget is lowered to the pool: it is never the reason)."""
+    def pool_refusal(self, seq: Sequence) -> tuple[str, str]:
+        """Why a sequence that does not ``fits_pool`` is refused, in the client's terms, and what is too long
+        (``TokenEvent.limit``): its prompt alone, or its prompt and the max_tokens it named (a default budget is
+        lowered to the pool: it is never the reason)."""
         pool = self.pool
         if seq.params.default_budget and seq.prompt_len >= pool.num_blocks * pool.block_size:
             return (f"the prompt is {seq.prompt_len} tokens; this backbone's KV pool holds "
-                    f"{pool.num_blocks * pool.block_size} (less than the model's context)")
+                    f"{pool.num_blocks * pool.block_size} (less than the model's context)"), "prompt"
         return (f"the request needs {pool.blocks_for(seq.capacity)} KV blocks of {pool.block_size} tokens "
-                f"(prompt + max_tokens = {seq.capacity} tokens); this backbone's pool has {pool.num_blocks}")
+                f"(prompt + max_tokens = {seq.capacity} tokens); this backbone's pool has {pool.num_blocks}"), "budget"
 
     def admissible(self, seq: Sequence) -> bool:
         """Whether to start it now: no preempted sequence is parked (they go first), and the free blocks, less those

@@ -556,7 +556,8 @@ class BackboneWorker:
                 continue
             if not self.engine.fits_pool(seq):
                 self.waiting.popleft()
-                self._refuse(plan, entry_id, m.ErrorCode.BAD_PLAN, self.engine.pool_refusal(seq))
+                error, limit = self.engine.pool_refusal(seq)
+                self._refuse(plan, entry_id, m.ErrorCode.BAD_PLAN, error, limit=limit)
                 continue
             if not self.engine.admissible(seq):
                 break  # its prompt waits for free KV blocks (running sequences finish and free theirs)
@@ -617,15 +618,15 @@ class BackboneWorker:
             out.append((ref.modality.value, tensor))
         return out
 
-    def _error_event(self, plan: m.PromptPlan, code: m.ErrorCode, error: str, worker: str | None = None
-                     ) -> m.TokenEvent:
+    def _error_event(self, plan: m.PromptPlan, code: m.ErrorCode, error: str, worker: str | None = None,
+                     limit: str | None = None) -> m.TokenEvent:
         log.warning("request failed", extra={"request_id": plan.request_id, "code": code.value, "error": error})
         return m.TokenEvent(request_id=plan.request_id, token_ids=[], prompt_tokens=len(plan.token_ids) - plan.resumed,
                             completion_tokens=plan.resumed, finish=m.FinishReason.ERROR, code=code, error=error,
-                            attempt=plan.attempt, worker=self.consumer if worker is None else worker)
+                            attempt=plan.attempt, worker=self.consumer if worker is None else worker, limit=limit)
 
-    def _refuse(self, plan: m.PromptPlan, entry_id: bytes, code: m.ErrorCode, error: str, silent: bool = False
-                ) -> None:
+    def _refuse(self, plan: m.PromptPlan, entry_id: bytes, code: m.ErrorCode, error: str, silent: bool = False,
+                limit: str | None = None) -> None:
         """Queue the plan's ack and (unless its gateway is gone) its error event for the next round trip.
 
         A continuation (a migrated request) that does not fit is the service's fault, not the client's: a backbone
@@ -634,10 +635,11 @@ class BackboneWorker:
         if plan.resumed and code == m.ErrorCode.BAD_PLAN:
             log.error("a migrated request does not fit this backbone", extra={"request_id": plan.request_id,
                                                                               "error": error})
-            code, error = m.ErrorCode.INTERNAL, f"the backbone this request moved to could not continue it: {error}"
+            code, error, limit = (m.ErrorCode.INTERNAL,
+                                  f"the backbone this request moved to could not continue it: {error}", None)
         if silent:
             log.info("dropped", extra={"request_id": plan.request_id, "error": error})
-        ev = None if silent else self._error_event(plan, code, error)
+        ev = None if silent else self._error_event(plan, code, error, limit=limit)
         self.outbox.append((plan.reply_to, ev, entry_id))
 
     # -- The step's round trip ----------------------------------------------------------------------------------

@@ -421,7 +421,7 @@ class ChatService:
                 if ev.finish == m.FinishReason.ERROR:
                     finished = True
                     reason = "error"
-                    raise _event_error(ev)
+                    raise _event_error(ev, req)
                 timing.tokens(len(ev.token_ids), ev.prompt_tokens)
                 text = detok.add(ev.token_ids)
                 used = ev.prompt_tokens + ev.completion_tokens
@@ -539,8 +539,12 @@ def _shutting_down() -> APIError:
                        retry_after=1)
 
 
-def _event_error(ev: m.TokenEvent) -> APIError:
+def _event_error(ev: m.TokenEvent, req: ChatCompletionRequest) -> APIError:
     if ev.code == m.ErrorCode.BAD_PLAN:
+        if ev.limit is not None:  # the backbone's KV pool holds less than the request: its context, in effect
+            return InvalidRequest(ev.error or "the request does not fit the backbone's KV pool",
+                                  param="messages" if ev.limit == "prompt" else req.budget_param(),
+                                  code="context_length_exceeded")
         return InvalidRequest(ev.error or "the request does not fit the model")
     if ev.code == m.ErrorCode.MEDIA_EXPIRED:
         return Unavailable(ev.error or "a cached input expired; retry", code="media_expired")

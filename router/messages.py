@@ -10,7 +10,7 @@ versions with a clear error.
 from __future__ import annotations
 
 import enum
-from typing import Union
+from typing import Literal, Union
 
 import msgspec
 
@@ -146,6 +146,10 @@ class TokenEvent(Message, kw_only=True):
     # its KV pool holds (SamplingParams.default_budget): a continuation on another replica asks no more than that
     # (a backbone that does not lower budgets would refuse the full default; ignored by gateways that predate it).
     budget: int | None = None
+    # A BAD_PLAN refusal because the request does not fit this backbone's KV pool (smaller than the model's context):
+    # "prompt" (the prompt alone) or "budget" (the prompt and the max_tokens the client named). The gateway answers it
+    # as context_length_exceeded, naming the field (ignored by gateways that predate it: a 400 with no code).
+    limit: Literal["prompt", "budget"] | None = None
 
 
 ReplyMessage = Union[EncodeDone, EncodeFailed, TokenEvent]

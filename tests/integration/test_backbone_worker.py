@@ -261,6 +261,7 @@ def test_a_pool_smaller_than_the_load_finishes_every_request(tiny_model, tiny_sp
         got = events(r, "reply:pool", {f"p{i}" for i in range(6)} | {"huge"}, timeout=120)
         huge = [ev for ev in got if ev.request_id == "huge"]
         assert huge[-1].finish == m.FinishReason.ERROR and "KV blocks" in huge[-1].error
+        assert huge[-1].code == m.ErrorCode.BAD_PLAN and huge[-1].limit == "budget"  # the gateway's 400 names it
         model = load_shard(tiny_spec.path, tiny_spec.config["text_config"])[0]
         compared = 0
         for i, ids in enumerate(prompts):

@@ -453,9 +453,10 @@ def test_a_default_budget_is_lowered_to_what_a_pool_short_of_the_context_holds(m
     named = engine.new_sequence("n", 40, SamplingParams(max_tokens=256))
     assert chosen.max_tokens == 24 and engine.fits_pool(chosen)
     assert named.max_tokens == 256 and not engine.fits_pool(named)
-    assert "prompt + max_tokens = 296 tokens" in engine.pool_refusal(named)
+    error, limit = engine.pool_refusal(named)
+    assert "prompt + max_tokens = 296 tokens" in error and limit == "budget"
     # A prompt the pool cannot hold at all: said so, not in terms of a default max_tokens the client never sent.
     whole = engine.new_sequence("w", 70, SamplingParams(max_tokens=256, default_budget=True))
     assert not engine.fits_pool(whole)
     assert engine.pool_refusal(whole) == ("the prompt is 70 tokens; this backbone's KV pool holds 64 (less than the "
-                                          "model's context)")
+                                          "model's context)", "prompt")

@@ -260,3 +260,22 @@ def test_values_of_the_wrong_json_type_are_refused_not_coerced(field, value):
     with pytest.raises(InvalidRequest) as info:
         parse_chat_request(json.dumps(body).encode())
     assert info.value.param == field
+
+
+@pytest.mark.parametrize("limit,budget,param", [
+    ("prompt", {}, "messages"), ("budget", {"max_tokens": 900}, "max_tokens"),
+    ("budget", {"max_completion_tokens": 900}, "max_completion_tokens"), (None, {"max_tokens": 900}, None)])
+def test_a_kv_pool_refusal_is_a_context_length_error_naming_the_field(limit, budget, param):
+    """A backbone whose KV pool holds less than the request refuses it (BAD_PLAN, ``limit`` says what is too long):
+    the client gets the same code as for the model's context, naming its own field; an event from an older backbone
+    (no ``limit``) stays a 400 with no code."""
+    from gateway.chat import _event_error
+    from router import messages as m
+
+    req = parse_chat_request(json.dumps({"model": "m", "messages": [{"role": "user", "content": "hi"}], **budget}))
+    ev = m.TokenEvent(request_id="r", token_ids=[], prompt_tokens=700, completion_tokens=0,
+                      finish=m.FinishReason.ERROR, code=m.ErrorCode.BAD_PLAN, error="the pool has 40 blocks",
+                      limit=limit)
+    exc = _event_error(ev, req)
+    assert isinstance(exc, InvalidRequest) and exc.message == "the pool has 40 blocks"
+    assert (exc.code, exc.param) == (("context_length_exceeded", param) if limit else (None, None))
