@@ -33,6 +33,9 @@ know (``unknown_parameter``; a beta protocol name is told its GA name): never si
 protocol: ``temperature``, ``top_p`` and ``seed`` are accepted as extension fields of ``session.update``'s session
 and ``response.create``'s response (defaults: the REST defaults, temperature 1, top_p 1, a random seed).
 
+Item events carry no media (``_public``); ``conversation.item.retrieve`` returns an item whole (its JSON written on a
+thread when large). No permessage-deflate (gateway/server.py): it would (de)compress megabytes on the event loop.
+
 Limits: frames over ``max_body_bytes`` close the socket with 1009 (uvicorn's ``ws_max_size``); buffered audio is
 capped at ``max_audio_seconds``; a conversation at ``MAX_ITEMS`` items and at ``max_body_bytes`` of text and media
 (the largest request REST takes; its tokens are checked against the context at each response, as REST does);
@@ -79,7 +82,6 @@ KEY_CHECK_S = 5.0  # with API keys, how often a silent connection checks that it
 IDLE_S = 600.0  # a connection that sends no event for this long is closed (pings already drop dead peers)
 UNSUPPORTED_EVENTS = {
     "conversation.item.truncate": "conversation.item.truncate (it trims audio output, which this server does not make)",
-    "conversation.item.retrieve": "conversation.item.retrieve",
     "output_audio_buffer.clear": "audio output",
     "transcription_session.update": "transcription sessions",
 }
@@ -298,9 +300,14 @@ class RealtimeSession:
 
     # -- output -------------------------------------------------------------------------------------------------
 
-    async def send(self, type_: str, **fields) -> None:
+    async def send(self, type_: str, large: bool = False, **fields) -> None:
+        """One server event. ``large`` (an event that may carry megabytes of media): its JSON is written on a thread,
+        so that other connections' events are not held meanwhile."""
+        event = {"type": type_, "event_id": _id("event"), **fields}
+        text = await asyncio.to_thread(json.dumps, event, allow_nan=False) if large else json.dumps(event,
+                                                                                                     allow_nan=False)
         async with self.send_lock:
-            await self.ws.send_text(json.dumps({"type": type_, "event_id": _id("event"), **fields}, allow_nan=False))
+            await self.ws.send_text(text)
 
     async def error(self, exc: EventError | APIError, event_id: str | None) -> None:
         err = {"type": exc.type, "code": exc.code, "message": exc.message, "param": exc.param, "event_id": event_id}
@@ -402,6 +409,7 @@ class RealtimeSession:
             "session.update": self.session_update,
             "conversation.item.create": self.item_create,
             "conversation.item.delete": self.item_delete,
+            "conversation.item.retrieve": self.item_retrieve,
             "input_audio_buffer.append": self.audio_append,
             "input_audio_buffer.commit": self.audio_commit,
             "input_audio_buffer.clear": self.audio_clear,
@@ -639,6 +647,18 @@ class RealtimeSession:
                              "(response.cancel)", code="item_in_progress", param="item_id")
         self._forget(item_id)
         await self.send("conversation.item.deleted", item_id=item_id)
+
+    async def item_retrieve(self, event: dict) -> None:
+        """The item as the server holds it, media included (item events leave audio and data-URL images out: a
+        client that wants them back asks here, as the protocol has it for audio)."""
+        item_id = event.get("item_id")
+        item = next((it for it in self.items if it["id"] == item_id), None)
+        if item is None:
+            raise EventError(f"no item with id {item_id!r}", code="item_not_found", param="item_id")
+        # A copy (its JSON may be written on a thread while a response adds to the conversation).
+        whole = {**item, "content": [{**p, "transcript": p.get("transcript")} if p["type"] == "input_audio" else dict(p)
+                                     for p in item["content"]]}
+        await self.send("conversation.item.retrieved", large=_item_bytes(item) > LARGE_EVENT, item=whole)
 
     def _forget(self, item_id: str) -> None:
         """The item gone from the conversation, and all that was kept for it."""

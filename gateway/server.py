@@ -168,7 +168,9 @@ def connection_cap(configured: int = 0) -> int:
 
 def serve(cfg: GatewayConfig, host: str = "127.0.0.1", port: int = 8000, graceful_s: float = GRACEFUL_S) -> None:
     app = create_app(cfg)
-    # A Realtime frame larger than a request body closes its socket with 1009; pings find dead peers.
+    # A Realtime frame larger than a request body closes its socket with 1009; pings find dead peers. No
+    # permessage-deflate: (de)compression runs on the event loop, ~0.1 s per MB, so one client's large frames (audio,
+    # images, a retrieved item) would stall every other connection; token events are small anyway.
     # Keep-alive past the clients' pool expiry (httpx, and so the openai SDK: 5 s, uvicorn's own default): with equal
     # timeouts a client reuses a connection in the instant the server closes it and gets a connection reset
     # (seen once in tests/e2e/test_autoscale.py's burst).
@@ -178,7 +180,8 @@ def serve(cfg: GatewayConfig, host: str = "127.0.0.1", port: int = 8000, gracefu
                                "header_timeout_s": cfg.header_timeout_s, "send_timeout_s": cfg.send_timeout_s})
     config = uvicorn.Config(app, host=host, port=port, log_config=None, access_log=False, http=HTTPProtocol,
                             timeout_graceful_shutdown=graceful_s, timeout_keep_alive=KEEP_ALIVE_S,
-                            ws_max_size=cfg.max_body_bytes, ws_ping_interval=20, ws_ping_timeout=20)
+                            ws_max_size=cfg.max_body_bytes, ws_ping_interval=20, ws_ping_timeout=20,
+                            ws_per_message_deflate=False)
     # SIGHUP (a closed terminal) stops the gateway gracefully too, as SIGTERM and SIGINT do.
     uvicorn.server.HANDLED_SIGNALS = tuple(dict.fromkeys((*uvicorn.server.HANDLED_SIGNALS, *STOP_SIGNALS)))
     Server(config, app.end_in_flight).run()

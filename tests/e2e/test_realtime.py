@@ -230,6 +230,34 @@ def test_the_item_a_response_is_writing_cannot_be_deleted_until_it_ends(cluster)
         assert next_of(ws, "conversation.item.deleted")["item_id"] == item["id"]
 
 
+def test_an_item_is_retrieved_whole_though_item_events_leave_media_out(cluster):
+    """Item events echo no audio and no data-URL image; conversation.item.retrieve gives them back as sent (the
+    protocol's way to get a turn's audio), a committed buffer's audio too. The socket negotiates no
+    permessage-deflate, whose work on megabytes would run on the gateway's event loop."""
+    png, pcm = png_bytes(40, 30, seed=5), pcm16(0.5, seed=5)
+    url = cluster.base_url.replace("http://", "ws://") + f"/v1/realtime?model={cluster.model}"
+    with connect(url, max_size=None, open_timeout=30, compression="deflate") as ws:  # the client offers it
+        assert "sec-websocket-extensions" not in {k.lower() for k in ws.response.headers.keys()}
+        next_of(ws, "session.created")
+        content = [{"type": "input_text", "text": "look"}, {"type": "input_image", "image_url": data_url(png)},
+                   {"type": "input_audio", "audio": base64.b64encode(pcm).decode()}]
+        ws.send(json.dumps({"type": "conversation.item.create", "item": {
+            "type": "message", "role": "user", "content": content}}))
+        done = next_of(ws, "conversation.item.done")["item"]
+        assert done["content"][1]["image_url"] is None and "audio" not in done["content"][2]
+        ws.send(json.dumps({"type": "input_audio_buffer.append", "audio": base64.b64encode(pcm).decode()}))
+        ws.send(json.dumps({"type": "input_audio_buffer.commit"}))
+        committed = next_of(ws, "conversation.item.done")["item"]
+        for item_id, want in ((done["id"], content), (committed["id"], [content[2]])):
+            ws.send(json.dumps({"type": "conversation.item.retrieve", "item_id": item_id, "event_id": "get"}))
+            got = next_of(ws, "conversation.item.retrieved")["item"]
+            assert got["id"] == item_id and got["role"] == "user"
+            assert got["content"] == [{**p, "transcript": None} if p["type"] == "input_audio" else p for p in want]
+        ws.send(json.dumps({"type": "conversation.item.retrieve", "item_id": "nope", "event_id": "missing"}))
+        err = next_of(ws, "error")["error"]
+        assert (err["code"], err["param"], err["event_id"]) == ("item_not_found", "item_id", "missing")
+
+
 def test_malformed_events_get_errors_and_the_connection_stays_usable(cluster):
     bad = [
         ("{not json", "invalid_json", None),
