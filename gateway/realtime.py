@@ -565,6 +565,12 @@ class RealtimeSession:
         parsed: the event loop serves every other connection meanwhile)."""
         item = self._item(raw, param)
         for i, part in enumerate(item["content"]):
+            if "text" in part and len(part["text"]) > self.chat.builder.max_text_chars:
+                # No prompt can hold it (REST refuses such text untokenized too); echoed, tens of MB of JSON would
+                # be written on the event loop twice.
+                raise EventError(f"this text is {len(part['text'])} characters: more than any prompt of this model "
+                                 f"({self.chat.spec.max_context} tokens) can hold", code="context_length_exceeded",
+                                 param=f"{param}.content.{i}.text")
             if part["type"] == "input_image":
                 url, where = part["image_url"], f"{param}.content.{i}.image_url"
                 if len(url) < LARGE_EVENT:
@@ -625,9 +631,11 @@ class RealtimeSession:
             if index is None:
                 raise EventError(f"no item with id {after!r}", code="item_not_found", param="previous_item_id")
         self.items.insert(index, item)
-        await self.send("conversation.item.added", previous_item_id=after, item=_public(item))
+        public = _public(item)
+        large = _item_bytes(public) > LARGE_EVENT  # its JSON written on a thread
+        await self.send("conversation.item.added", large=large, previous_item_id=after, item=public)
         if done:
-            await self.send("conversation.item.done", previous_item_id=after, item=_public(item))
+            await self.send("conversation.item.done", large=large, previous_item_id=after, item=public)
         return after
 
     async def item_create(self, event: dict) -> None:

@@ -12,6 +12,7 @@ from collections.abc import Callable
 import uvicorn
 import uvicorn.server
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
+from uvicorn.protocols.websockets.websockets_sansio_impl import WebSocketsSansIOProtocol
 
 from gateway.app import create_app
 from gateway.config import GatewayConfig
@@ -43,6 +44,44 @@ class Server(uvicorn.Server):
             await super().shutdown(sockets)
         finally:
             timer.cancel()
+
+
+class WSProtocol(WebSocketsSansIOProtocol):
+    """uvicorn's WebSocket protocol, with ``HTTPProtocol``'s send bound: a client that has not read its events (its
+    socket buffer full) for ``send_timeout_s`` has its connection aborted, which the app sees as a disconnect (its
+    response cancelled, its slots freed). Without it a Realtime send waited for good: the keepalive ping's close
+    waits for the buffer to drain, which never comes, so eight clients that stopped reading held eight in-flight
+    slots and eight Realtime connections for as long as they stayed (an outside reviewer's experiment)."""
+
+    send_timeout_s = 30.0  # set by serve()
+
+    def connection_made(self, transport) -> None:  # type: ignore[override]
+        self._stall_timer = None
+        super().connection_made(transport)
+
+    def pause_writing(self) -> None:
+        super().pause_writing()
+        if self._stall_timer is None:
+            self._stall_timer = self.loop.call_later(self.send_timeout_s, self._stalled)
+
+    def resume_writing(self) -> None:
+        self._cancel_stall()
+        super().resume_writing()
+
+    def _cancel_stall(self) -> None:
+        if self._stall_timer is not None:
+            self._stall_timer.cancel()
+            self._stall_timer = None
+
+    def _stalled(self) -> None:
+        self._stall_timer = None
+        log.warning("a WebSocket client has not read its events for %g s; closing its connection", self.send_timeout_s,
+                    extra={"client": f"{self.client[0]}:{self.client[1]}" if self.client else None})
+        self.transport.abort()  # connection_lost follows: a send raises, a receive gets the disconnect
+
+    def connection_lost(self, exc) -> None:
+        self._cancel_stall()
+        super().connection_lost(exc)
 
 
 class HTTPProtocol(HttpToolsProtocol):
@@ -176,12 +215,13 @@ def serve(cfg: GatewayConfig, host: str = "127.0.0.1", port: int = 8000, gracefu
     # (seen once in tests/e2e/test_autoscale.py's burst).
     HTTPProtocol.max_connections = connection_cap(cfg.max_connections)
     HTTPProtocol.header_timeout_s, HTTPProtocol.send_timeout_s = cfg.header_timeout_s, cfg.send_timeout_s
+    WSProtocol.send_timeout_s = cfg.send_timeout_s
     log.info("serving", extra={"max_connections": HTTPProtocol.max_connections,
                                "header_timeout_s": cfg.header_timeout_s, "send_timeout_s": cfg.send_timeout_s})
     config = uvicorn.Config(app, host=host, port=port, log_config=None, access_log=False, http=HTTPProtocol,
                             timeout_graceful_shutdown=graceful_s, timeout_keep_alive=KEEP_ALIVE_S,
                             ws_max_size=cfg.max_body_bytes, ws_ping_interval=20, ws_ping_timeout=20,
-                            ws_per_message_deflate=False)
+                            ws_per_message_deflate=False, ws=WSProtocol)
     # SIGHUP (a closed terminal) stops the gateway gracefully too, as SIGTERM and SIGINT do.
     uvicorn.server.HANDLED_SIGNALS = tuple(dict.fromkeys((*uvicorn.server.HANDLED_SIGNALS, *STOP_SIGNALS)))
     Server(config, app.end_in_flight).run()

@@ -208,8 +208,8 @@ def _admission(p: argparse.ArgumentParser) -> None:
                                   "the request's first byte (then it is closed; 408 if a request had begun)",
                                   "HEADER_TIMEOUT"))
     p.add_argument("--send-timeout", type=POSITIVE, default=_env("SEND_TIMEOUT", "30"),
-                   help=_env_help("seconds a client may leave its response unread (its socket full) before the "
-                                  "connection is cut and its generation cancelled", "SEND_TIMEOUT"))
+                   help=_env_help("seconds a client may leave its response (or Realtime events) unread, its socket "
+                                  "full, before the connection is cut and its generation cancelled", "SEND_TIMEOUT"))
 
 
 def _access(p: argparse.ArgumentParser) -> None:

@@ -185,30 +185,36 @@ def test_a_dropped_socket_frees_the_backbone_slot(cluster):
     assert cluster.stats("backbone").get("cancelled", 0) == before + 1
 
 
-def test_a_conversations_text_counts_toward_its_limit(cluster):
-    """Text items are held by the gateway as media are: past the conversation's limit (32 MiB, REST's largest
-    request) an item is refused with an error event, and the connection goes on."""
-    big = "x" * (12 << 20)
+def test_a_conversations_media_count_toward_its_limit_and_no_text_longer_than_any_prompt_is_taken(cluster):
+    """Items are held by the gateway: past the conversation's limit (32 MiB, REST's largest request; media as
+    base64) an item is refused with an error event, and the connection goes on. A text part longer than any prompt
+    could hold is refused at once (echoed, 12 MB of text took the event loop 0.5 s per event: an outside reviewer's
+    finding), as REST refuses it."""
+    audio = base64.b64encode(bytes(9 << 20)).decode()  # 12 MiB of base64: 196 s of silence
 
-    def add(text: str, event_id: str) -> None:
+    def add(part: dict, event_id: str) -> None:
         ws.send(json.dumps({"type": "conversation.item.create", "event_id": event_id, "item": {
-            "type": "message", "role": "user", "content": [{"type": "input_text", "text": text}]}}))
+            "type": "message", "role": "user", "content": [part]}}))
 
     with raw(cluster) as ws:
         next_of(ws, "session.created")
+        add({"type": "input_text", "text": "x" * (12 << 20)}, "text")
+        err = next_of(ws, "error")["error"]
+        assert (err["code"], err["param"], err["event_id"]) == ("context_length_exceeded", "item.content.0.text",
+                                                                "text")
         ids = []
         for n in range(2):
-            add(big, f"big{n}")
+            add({"type": "input_audio", "audio": audio}, f"big{n}")
             ids.append(next_of(ws, "conversation.item.done")["item"]["id"])
-        add(big, "big2")
+        add({"type": "input_audio", "audio": audio}, "big2")
         err = next_of(ws, "error")["error"]
         assert (err["code"], err["event_id"]) == ("conversation_too_long", "big2")
-        add("small", "small")  # under the limit still
+        add({"type": "input_text", "text": "small"}, "small")  # under the limit still
         next_of(ws, "conversation.item.done")
         ws.send(json.dumps({"type": "conversation.item.delete", "item_id": ids[0]}))
         next_of(ws, "conversation.item.deleted")
-        add(big, "big3")  # room again
-        assert next_of(ws, "conversation.item.done")["item"]["content"][0]["text"] == big
+        add({"type": "input_audio", "audio": audio}, "big3")  # room again
+        assert next_of(ws, "conversation.item.done")["item"]["content"][0]["type"] == "input_audio"
 
 
 def test_the_item_a_response_is_writing_cannot_be_deleted_until_it_ends(cluster):

@@ -15,7 +15,7 @@ import time
 import pytest
 import uvicorn
 
-from gateway.server import HTTPProtocol
+from gateway.server import HTTPProtocol, WSProtocol
 
 HEADER_S, STALL_S = 0.6, 1.0
 
@@ -27,6 +27,15 @@ class App:
         self.gone = threading.Event()
 
     async def __call__(self, scope, receive, send):
+        if scope["type"] == "websocket":  # events of 64 KiB until a send finds the client gone
+            await receive()
+            await send({"type": "websocket.accept"})
+            try:
+                while True:
+                    await send({"type": "websocket.send", "text": "x" * 65536})
+            except Exception:  # uvicorn's ClientDisconnected (an OSError)
+                self.gone.set()
+            return
         if scope["type"] != "http":
             return
         if scope["path"] == "/stream":
@@ -54,8 +63,8 @@ def serving(app, max_connections: int = 0):
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
     HTTPProtocol.max_connections = max_connections
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, http=HTTPProtocol, log_config=None,
-                                           lifespan="off", timeout_keep_alive=30))
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, http=HTTPProtocol, ws=WSProtocol,
+                                           log_config=None, lifespan="off", timeout_keep_alive=30))
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
     try:
@@ -73,6 +82,7 @@ def serving(app, max_connections: int = 0):
 def short(monkeypatch):
     monkeypatch.setattr(HTTPProtocol, "header_timeout_s", HEADER_S)  # as serve() sets them from the flags
     monkeypatch.setattr(HTTPProtocol, "send_timeout_s", STALL_S)
+    monkeypatch.setattr(WSProtocol, "send_timeout_s", STALL_S)
 
 
 def read_all(s: socket.socket, timeout: float = 10) -> tuple[bytes, float]:
@@ -152,6 +162,19 @@ def test_a_client_that_stops_reading_is_cut_and_its_work_ends(short):
     with serving(app) as port, socket.create_connection(("127.0.0.1", port), timeout=5) as s:
         s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
         s.sendall(b"GET /stream HTTP/1.1\r\nHost: a\r\n\r\n")
+        assert app.gone.wait(STALL_S + 10), "the app never saw the client go"
+
+
+def test_a_websocket_client_that_stops_reading_is_cut_and_its_session_ends(short):
+    """The same bound for a WebSocket (a Realtime session): uvicorn's own protocol waited for good for a buffer that
+    never drains (its keepalive's close waits for it too), holding the session's slots for as long as the client
+    stayed (an outside reviewer held eight with eight sockets)."""
+    app = App()
+    with serving(app) as port, socket.create_connection(("127.0.0.1", port), timeout=5) as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        s.sendall(b"GET /ws HTTP/1.1\r\nHost: a\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+                  b"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n")
+        assert s.recv(12) == b"HTTP/1.1 101"  # upgraded; then nothing more is read
         assert app.gone.wait(STALL_S + 10), "the app never saw the client go"
 
 
