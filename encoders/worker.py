@@ -31,6 +31,7 @@ import threading
 import time
 from collections import Counter
 from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import TimeoutError as FutureTimeout
 from dataclasses import dataclass, replace
 
 import torch
@@ -83,6 +84,9 @@ class EncoderConfig:
     stall_s: float = 60.0  # a loop that has not come round for this long stops heartbeating (router/liveness.py)
     max_audio_seconds: float = MAX_AUDIO_S  # decoding stops past it; a longer clip is bad media
     preprocess_threads: int = 0  # decode + resize threads (0: min(8, cores)); they prepare batch N+1 during N's forward
+    # An item still preprocessing this long after its batch was staged fails alone as bad media (a decoder hung on
+    # hostile bytes); its thread is left behind. Kept under stall_s, so the loop keeps heartbeating meanwhile.
+    preprocess_timeout_s: float = 20.0
     eager: bool = False  # no CUDA graphs of the forward (CPUs and the ONNX runtime always run without)
     metrics_port: int = 0  # serve Prometheus metrics on this port (0: not served; router/metrics.py)
     metrics_host: str = "127.0.0.1"
@@ -90,8 +94,8 @@ class EncoderConfig:
     def __post_init__(self) -> None:
         if self.max_batch < 1 or self.max_wait_ms < 0 or self.block_ms < 1 or self.tensor_ttl_s < 1:
             raise ValueError("max_batch, block_ms and tensor_ttl_s must be >= 1 and max_wait_ms >= 0")
-        if not (self.stall_s > 0 and self.max_audio_seconds > 0):
-            raise ValueError("stall_s and max_audio_seconds must be > 0")
+        if not (self.stall_s > 0 and self.max_audio_seconds > 0 and 0 < self.preprocess_timeout_s < self.stall_s):
+            raise ValueError("stall_s and max_audio_seconds must be > 0, and preprocess_timeout_s in (0, stall_s)")
         if self.max_deliveries < 1 or self.preprocess_threads < 0:
             raise ValueError("max_deliveries must be >= 1 and preprocess_threads >= 0")
         if self.dtype == "auto":
@@ -141,8 +145,10 @@ class EncoderWorker:
         self.reread = False  # a read failed: its jobs may have been delivered to us unheard (cache/streams.py)
         self.metrics = EncoderMetrics(cfg.modality)  # served on --metrics-port (router/metrics.py)
         self._outcomes: Counter = Counter()  # the answers of the batch being staged or finished, by outcome
-        threads = cfg.preprocess_threads or min(8, os.cpu_count() or 1)
+        self.threads = threads = cfg.preprocess_threads or min(8, os.cpu_count() or 1)
         self.pool = ThreadPoolExecutor(threads, thread_name_prefix="preprocess")
+        self.stuck = 0  # preprocessing threads left behind on an item past preprocess_timeout_s
+        self.exit_code = 0  # non-zero: the worker stopped itself to be restarted (main exits with it)
         self.publishing = ThreadPoolExecutor(1, thread_name_prefix="publish")  # one batch's answers at a time, in order
         self.published: Future | None = None  # the batch being answered there
         self.wire = WIRE_DTYPES[cfg.wire_dtype]  # outputs are cast to it where they were computed, then checked
@@ -330,8 +336,7 @@ class EncoderWorker:
         self._outcomes = staged.outcomes
         t0 = time.perf_counter()
         prepared, pre_ms = [], {}
-        for i, (job, future) in enumerate(zip(jobs, staged.prepared)):
-            p, pre_ms[i] = future.result()
+        for i, (job, (p, pre_ms[i])) in enumerate(zip(jobs, self._collect(staged))):
             if isinstance(p, Prepared):
                 prepared.append((i, p))
             else:
@@ -348,6 +353,34 @@ class EncoderWorker:
             launched.append((indices, launch_isolating(self.runtime, batch, lengths, self.wire, counts), t))
         self._answered()  # the batch before this one (its answers overlapped our forward); raises its Redis error here
         self.published = self.publishing.submit(self._answer, staged, prepared, launched, t1, t1 - t0, pre_ms)
+
+    def _collect(self, staged: Staged) -> list[tuple[Prepared | tuple[m.ErrorCode, str], float]]:
+        """Each item's preprocessing result, waited for until ``preprocess_timeout_s`` after the batch was staged. An
+        item still running then fails alone, as bad media, and its thread is left behind: new work goes to a fresh
+        pool (the old one finishes what it holds). Once as many threads are stuck as the pool has, the worker stops
+        (its jobs handed back) with a non-zero exit, to be restarted with its threads."""
+        out = []
+        for job, future in zip(staged.jobs, staged.prepared):
+            try:
+                out.append(future.result(timeout=max(0.0, staged.t0 + self.cfg.preprocess_timeout_s
+                                                     - time.perf_counter())))
+                continue
+            except FutureTimeout:
+                pass
+            limit = self.cfg.preprocess_timeout_s
+            self.stuck += 1
+            log.error("an item's preprocessing did not finish in time; it fails alone and its thread is left behind",
+                      extra={"request_id": job.msg.request_id, "timeout_s": limit, "stuck_threads": self.stuck})
+            old, self.pool = self.pool, ThreadPoolExecutor(self.threads, thread_name_prefix="preprocess")
+            old.shutdown(wait=False)
+            if self.stuck >= self.threads and not self.stop.is_set():
+                log.error("as many preprocessing threads are stuck as the pool has: stopping, to be restarted",
+                          extra={"stuck_threads": self.stuck})
+                self.exit_code = 3
+                self.stop.set()
+            out.append(((m.ErrorCode.BAD_MEDIA, f"this {self.cfg.modality} could not be decoded within {limit:g} s"),
+                        limit * 1e3))
+        return out
 
     def _answer(self, staged: Staged, prepared: list, launched: list, t1: float, preprocess_wait: float,
                 pre_ms: dict) -> None:
@@ -538,3 +571,6 @@ def serve(cfg: EncoderConfig, model_dir: str, threads: int | None = None) -> Non
     if threads and cfg.runtime == "torch":  # a budgeted process follows its re-divisions (ONNX Runtime's pool is fixed)
         worker.on_threads = torch.set_num_threads
     worker.run()
+    if worker.stuck:  # the interpreter's exit would join the stuck pool threads (for good): leave without it
+        logging.shutdown()
+        os._exit(worker.exit_code)

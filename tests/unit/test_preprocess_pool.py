@@ -5,6 +5,7 @@ tests/unit/test_processor_parity.py and test_families.py hold), with many items 
 from __future__ import annotations
 
 import threading
+import time
 
 import pytest
 import torch
@@ -40,4 +41,43 @@ def test_the_pool_gives_the_preprocessors_output_bitwise(tiny_spec, modality):
         bad, _ = results[-1]
         assert bad[0] == m.ErrorCode.BAD_MEDIA and modality in bad[1]  # bad media is this item's failure alone
     finally:
+        worker.pool.shutdown()
+
+
+def test_an_item_whose_preprocessing_hangs_fails_alone_and_the_worker_stops_once_its_threads_are_stuck(tiny_spec):
+    """A decoder hung on hostile bytes held the worker's loop (future.result() without a bound) until the liveness
+    watchdog killed it, about 90 s, and its job was then reclaimed to hang the next worker, three times (an outside
+    reviewer's reading). Now the item fails alone after preprocess_timeout_s, new work goes to a fresh pool, and once
+    as many threads are stuck as the pool has the worker stops itself (exit code 3) to be restarted."""
+    from encoders.worker import Staged
+
+    hang = threading.Event()
+    pre = load_preprocessor(tiny_spec, "image")
+
+    def preprocess(blob: bytes):
+        if blob == b"hang":
+            hang.wait(30)
+        return pre(blob)
+
+    cfg = EncoderConfig(redis_url="redis://127.0.0.1:1", modality="image", preprocess_threads=2,
+                        preprocess_timeout_s=0.5)
+    stop = threading.Event()
+    worker = EncoderWorker(cfg, preprocess, load_runtime(tiny_spec, "image"), stop, tiny_spec.encoder_id("image"))
+    try:
+        for round_ in range(2):
+            blobs = [png_bytes(20, 30, seed=1), b"hang", png_bytes(24, 24, seed=2)]
+            jobs = [type("Job", (), {"msg": m.EncodeJob(request_id=f"r{i}", job_id=f"j{i}", modality=m.Modality.IMAGE,
+                                                        encoder_id="e", digest="d", blob_key="b", reply_to="x",
+                                                        deadline=0.0)})() for i in range(3)]
+            pool = worker.pool
+            futures = [pool.submit(worker._timed, blob, job.msg) for blob, job in zip(blobs, jobs)]
+            t0 = time.perf_counter()
+            got = worker._collect(Staged(None, jobs, futures, t0, None))
+            assert time.perf_counter() - t0 < 5
+            assert isinstance(got[0][0], Prepared) and isinstance(got[2][0], Prepared)
+            assert got[1][0] == (m.ErrorCode.BAD_MEDIA, "this image could not be decoded within 0.5 s")
+            assert worker.pool is not pool and worker.stuck == round_ + 1
+            assert stop.is_set() == (round_ == 1) and worker.exit_code == (3 if round_ == 1 else 0)
+    finally:
+        hang.set()
         worker.pool.shutdown()
