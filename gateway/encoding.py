@@ -37,6 +37,10 @@ from router.liveness import live_count_args
 
 log = logging.getLogger(__name__)
 
+# A job dropped for its deadline with more than this left of the request's own encode time was another request's
+# (queued earlier, with an earlier deadline): queued again rather than failing this one.
+DEADLINE_SLACK_S = 1.0
+
 
 class MediaEncoder:
     def __init__(self, redis, cfg: GatewayConfig, spec: ModelSpec, replies: ReplyRouter, reply_stream: str,
@@ -156,6 +160,12 @@ class MediaEncoder:
                     # The blob expired, or the job was dropped as its queuing gateway died: queue it again.
                     log.info("encode job not run; queueing it again", extra={"request_id": request_id,
                                                                              "code": msg.code.value})
+                    await self._claim(request_id, {msg.tensor_key: part}, found)
+                elif msg.code == m.ErrorCode.DEADLINE and deadline - time.monotonic() > DEADLINE_SLACK_S:
+                    # Another request's job (this one only waited on it) was dropped for that request's deadline:
+                    # with time left, queue it again under this one's.
+                    log.info("an encode job waited on was dropped for its own deadline; queueing it again",
+                             extra={"request_id": request_id})
                     await self._claim(request_id, {msg.tensor_key: part}, found)
                 elif msg.code == m.ErrorCode.DEADLINE:
                     raise Timeout(f"{part.modality} waited too long for an encoder", param=part.param)

@@ -22,6 +22,7 @@ from cache.embedded import free_port
 from cache.keys import Keys, alive
 from gateway.config import GatewayConfig
 from gateway.encoding import MediaEncoder
+from gateway.errors import Timeout
 from gateway.media import MediaPart, content_digest
 from gateway.replies import ReplyRouter
 from tests.integration.procs import start_tier
@@ -269,6 +270,45 @@ def test_blob_that_expires_while_queued_is_queued_again(tiers, tiny_model, tiny_
     assert refs[0].num_tokens == 16
     assert encoder_calls(redis_server.url) == before + 1
     assert jobs_queued(r) == queued + 2, "the expired blob's job was not queued again"
+
+
+def test_a_waiter_with_time_left_queues_again_a_job_dropped_for_another_requests_deadline(tiers, tiny_model,
+                                                                                         tiny_spec, redis_server):
+    """Request A queues an image's job with a 2 s encode timeout; B, the same image with 60 s, waits on A's job. The
+    encoder, paused past A's deadline, drops the job (deadline) and tells both: A has given up, and B, with time
+    left, queues the job again under its own deadline and gets its encoding (it failed with a 504 at once, on A's
+    deadline: an outside reviewer's reading)."""
+    _, encoder = tiers
+
+    async def scenario():
+        r = connect_async(redis_server.url)
+        await r.set(alive(KEYS.reply("test-gw")), 1, ex=600)  # this test is the gateway: hold its lease
+        replies = ReplyRouter(r, KEYS, "test-gw")
+        reader = asyncio.create_task(replies.run())
+
+        def media(timeout: float) -> MediaEncoder:
+            return MediaEncoder(r, GatewayConfig(model_dir=str(tiny_model), redis_url=redis_server.url,
+                                                 encode_timeout_s=timeout), tiny_spec, replies, KEYS.reply("test-gw"))
+
+        data = png_bytes(22, 18, seed=105)
+        part = MediaPart("image", data, "messages.0.content.0", digest_of(tiny_spec, data))
+        with paused(encoder, redis_server.url):
+            a = asyncio.create_task(media(2).encode("req-a", [part], replies.subscribe("req-a")))
+            await asyncio.sleep(0.5)  # A holds the lease and queued the job
+            b = asyncio.create_task(media(60).encode("req-b", [part], replies.subscribe("req-b")))
+            with pytest.raises(Timeout):
+                await asyncio.wait_for(a, 10)
+            await asyncio.sleep(0.5)  # past the job's deadline
+        refs = await asyncio.wait_for(b, 30)
+        reader.cancel()
+        await r.aclose()
+        return refs
+
+    r = redis.Redis.from_url(redis_server.url)
+    queued = jobs_queued(r)
+    refs = asyncio.run(scenario())
+    assert refs[0].num_tokens == 16
+    assert jobs_queued(r) == queued + 2  # A's, dropped, and B's own
 
 
 def test_with_the_media_cache_off_every_request_encodes_its_own_media(tiers, tiny_model, redis_server):
