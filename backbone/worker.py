@@ -559,11 +559,14 @@ class BackboneWorker:
                 error, limit = self.engine.pool_refusal(seq)
                 self._refuse(plan, entry_id, m.ErrorCode.BAD_PLAN, error, limit=limit)
                 continue
+            if time.time() > plan.deadline:  # before waiting for blocks: its gateway has given up on it
+                self.waiting.popleft()
+                self._refuse(plan, entry_id, m.ErrorCode.DEADLINE,
+                             "the request waited past its deadline for a backbone")
+                continue
             if not self.engine.admissible(seq):
                 break  # its prompt waits for free KV blocks (running sequences finish and free theirs)
             try:
-                if time.time() > plan.deadline:
-                    raise StepFailure(m.ErrorCode.DEADLINE, "the request waited past its deadline for a backbone")
                 media = self._media_for(plan, streams=bool(self.running))
                 if media is None:
                     break  # its tensors are still on their way: running streams do not wait for them

@@ -277,6 +277,33 @@ def test_a_pool_smaller_than_the_load_finishes_every_request(tiny_model, tiny_sp
             proc.wait()
 
 
+def test_a_plan_past_its_deadline_is_refused_while_it_waits_for_kv_blocks(tiny_model, redis_url):
+    """A plan waiting at the head of the queue for KV blocks was checked against its deadline only once it could
+    start, so one its gateway had given up on held every plan behind it until the blocks were free (an outside
+    reviewer's reading). Here a long request holds the pool, and a plan whose deadline passes while it waits is
+    refused before the long request finishes."""
+    block = 2 * 4 * 16 * 2 * 16 * 4  # layers x slots x kv heads x head dim x fp32, K and V
+    proc = start_tier(["backbone", "--model", str(tiny_model), "--threads", "1", "--kv-cache-gb",
+                       str(16.5 * block / 2**30)], redis_url, "backbone")
+    try:
+        r = redis.Redis.from_url(redis_url)
+        hold_lease(r, "reply:late")
+        hog = plan("hog", "reply:late", [1] + list(range(20, 59)), 200, temperature=0.0)  # 15 of 16 blocks at the end
+        late = msgspec.structs.replace(plan("late", "reply:late", [1] + [30 + i % 50 for i in range(219)], 1,
+                                            temperature=0.0), deadline=time.time() + 0.3)  # 14 blocks: not yet
+        for p in (hog, late):
+            r.xadd(KEYS.gen(), payload_fields(m.encode(p)))
+        got = events(r, "reply:late", {"hog", "late"})
+        order = [ev.request_id for ev in got if ev.finish is not None]
+        refused = next(ev for ev in got if ev.request_id == "late")
+        assert refused.code == m.ErrorCode.DEADLINE and order == ["late", "hog"], order
+        assert stop_tier(proc)[0] == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+
 def test_overlapped_and_synchronous_round_trips_give_the_same_tokens(tiny_model, redis_url):
     """The default worker sends step N's events (and reads cancellations and plans) while step N+1 computes;
     ``--sync-io`` does it between steps. Same plans, same tokens, both fully acknowledged."""
