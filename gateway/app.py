@@ -14,6 +14,7 @@ import asyncio
 import contextlib
 import logging
 import os
+import signal
 import time
 import uuid
 from pathlib import Path
@@ -109,6 +110,8 @@ def create_app(cfg: GatewayConfig):
         tasks = [asyncio.create_task(replies.run(), name="reply-reader"),
                  asyncio.create_task(monitor.run(), name="cluster-monitor"),
                  asyncio.create_task(cluster.run(), name="cluster-metrics")]
+        for task in tasks:  # each loops for good; one that ends is a bug: stop rather than serve 504s
+            task.add_done_callback(_stop_if_ended)
         log.info("gateway ready", extra={"gateway_id": gateway_id, "model": spec.name})
         try:
             yield
@@ -258,6 +261,18 @@ async def stop_tasks(tasks: list[asyncio.Task], timeout_s: float = STOP_TASKS_S)
     for task in tasks:
         if task.done() and not task.cancelled() and task.exception() is not None:
             log.error("a background task had failed", exc_info=task.exception(), extra={"task": task.get_name()})
+
+
+def _stop_if_ended(task: asyncio.Task) -> None:
+    """A gateway background loop (the reply reader above all: without it every request waits out its timeout while
+    /health says ok) that ended other than by being cancelled: logged, and the process stopped as SIGTERM stops it,
+    so that its supervisor (tributary up, Kubernetes) starts a fresh one."""
+    if task.cancelled():
+        return
+    exc = task.exception()
+    log.critical("a gateway background task ended; stopping the gateway to be restarted",
+                 extra={"task": task.get_name(), "error": f"{type(exc).__name__}: {exc}" if exc else "returned"})
+    os.kill(os.getpid(), signal.SIGTERM)
 
 
 def with_request_id(app):

@@ -66,7 +66,10 @@ class ReplyRouter:
             for _, entries in reply or []:
                 for entry_id, fields in entries:
                     self.last_id = entry_id
-                    self._dispatch(fields)
+                    try:
+                        self._dispatch(fields)
+                    except Exception:  # a bug with one entry: this process's only reader must go on for the rest
+                        log.exception("reply could not be dispatched; dropped", extra={"entry_id": entry_id})
             now = time.monotonic()
             if self.last_id != self.trimmed_id and (now - self.trimmed_at >= TRIM_EVERY_S or not reply):
                 # Not after every read: a trim per read doubled the Redis commands per streamed token.
