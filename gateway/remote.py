@@ -25,12 +25,17 @@ import asyncio
 import ipaddress
 import os
 import socket
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from urllib.parse import SplitResult, urljoin, urlsplit, urlunsplit
 
 from gateway.errors import InvalidRequest, PayloadTooLarge
 
 MAX_REDIRECTS = 5
+# Name lookups run on threads of their own: on the loop's default executor (which parsing and prompt building share),
+# a slow resolver's lookups, whose threads a timeout cannot stop, held every request's preparation behind them.
+DNS_THREADS = 4
+_dns = ThreadPoolExecutor(DNS_THREADS, thread_name_prefix="dns")
 CGNAT = ipaddress.ip_network("100.64.0.0/10")
 
 
@@ -126,7 +131,8 @@ class RemoteMedia:
         """``url`` with its host replaced by the checked address, the host name, the address."""
         parts, host, port = self.check_url(url, kind, param)
         try:
-            infos = await asyncio.get_running_loop().getaddrinfo(host, port, type=socket.SOCK_STREAM)
+            infos = await asyncio.get_running_loop().run_in_executor(_dns, socket.getaddrinfo, host, port, 0,
+                                                                     socket.SOCK_STREAM)
         except OSError:
             raise _refused(f"host {host!r} does not resolve", param) from None
         addresses = [ipaddress.ip_address(info[4][0].split("%")[0]) for info in infos]

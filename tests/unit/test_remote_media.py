@@ -150,3 +150,37 @@ def test_a_slow_download_is_cut_at_the_timeout(server):
                                  "http:///x.png", "http://evil.example/x.png"])
 def test_other_schemes_credentials_and_hosts_are_refused(url):
     assert refused(unsafe(), url).code == "remote_media_refused"
+
+
+def test_lookups_that_hang_do_not_hold_the_threads_every_request_prepares_on(monkeypatch):
+    """An allowed domain whose resolver hangs: each lookup's timeout ends its request, but the thread stays in
+    getaddrinfo. They ran on the loop's default executor, which parsing and prompt building share (6 threads on 2
+    cores): a few slow lookups held every other request's preparation (an outside reviewer's reading)."""
+    import socket
+    import time
+
+    release, real = threading.Event(), socket.getaddrinfo
+
+    def getaddrinfo(host, *args, **kw):
+        if host == "slow.example":
+            release.wait(20)
+        return real(host, *args, **kw)
+
+    monkeypatch.setattr(socket, "getaddrinfo", getaddrinfo)
+    remote = RemoteMedia(frozenset({"slow.example"}), 4096, timeout_s=0.3)
+
+    async def scenario() -> float:
+        tries = [asyncio.create_task(remote.fetch("http://slow.example/cat.png", "image", "p")) for _ in range(12)]
+        await asyncio.sleep(0.1)  # every lookup started (or queued)
+        t = time.monotonic()
+        await asyncio.wait_for(asyncio.to_thread(lambda: None), 5)  # what parsing a body waits for
+        took = time.monotonic() - t
+        for task in tries:
+            with pytest.raises(APIError):
+                await task
+        return took
+
+    try:
+        assert asyncio.run(scenario()) < 1.0
+    finally:
+        release.set()
