@@ -231,7 +231,7 @@ class AudioPreprocessor:
         with f:
             rate, channels = f.samplerate, f.channels
             try:  # the limits the gateway checked, again (a job may come from any gateway); frames are read below
-                check_audio(rate, channels, None, self.max_seconds)
+                check_audio(rate, channels, None, self.max_seconds, self.rate)
             except MediaHeaderError as exc:
                 raise MediaError(str(exc)) from None
             budget = audio_sample_budget(self.max_seconds)

@@ -72,6 +72,8 @@ class PromptBuilder:
         self._encoding = threading.Lock()  # see encode()
         self.limits = limits or dict(DEFAULT_MM_LIMITS)
         self.max_audio_seconds = max_audio_seconds
+        audio = spec.preprocess.get("audio") if "audio" in spec.modalities else None
+        self.audio_rate = int(audio["sampling_rate"]) if audio and "sampling_rate" in audio else None
         self.placeholder_text = {m: tokenizer.convert_ids_to_tokens(i) for m, i in spec.placeholder_ids.items()}
         # Control tokens (role markers, end of turn, ...): client text that spells one is encoded as plain text.
         special = set(tokenizer.all_special_tokens) | {
@@ -334,7 +336,8 @@ class PromptBuilder:
         if not data:
             raise InvalidRequest(f"{param}: the {modality} data is empty", param=param)
         try:
-            return probe_image(data) if modality == "image" else probe_audio(data, self.max_audio_seconds)
+            return (probe_image(data) if modality == "image"
+                    else probe_audio(data, self.max_audio_seconds, self.audio_rate))
         except MediaHeaderError as exc:
             # Raised from the decoder's exception: the bytes are not readable media; its words (and the object reprs
             # in them) go to the log. Raised on its own: a limit models.media states in the client's terms.

@@ -29,6 +29,20 @@ import numpy as np
 
 BLOCK = 20  # STFT frames per block (200 ms at a 10 ms hop): the granularity of the streamed computation
 LOWPASS_WIDTH, ROLLOFF = 6, 0.99  # torchaudio.functional.resample's defaults
+# The most taps a resampling filter may have. Its size is new x (2 width + orig) for the rates divided by their gcd:
+# small for the usual rates (44.1 kHz -> 16 kHz: 160 x 475), but a rate sharing few factors with the target makes it
+# huge (11,111 Hz -> 16 kHz: 16,000 x 11,125; 191,999 Hz: 3.1e9 taps, ~25 GB, which took an encoder to the OOM
+# killer from a 250-byte WAV: an outside tester's fuzzer). Such rates are refused (models.media.check_audio).
+MAX_RESAMPLE_TAPS = 1 << 22
+
+
+def resample_taps(orig_rate: int, new_rate: int) -> int:
+    """How many taps the filter resampling ``orig_rate`` to ``new_rate`` has (0: no resampling)."""
+    g = math.gcd(orig_rate, new_rate)
+    orig, new = orig_rate // g, new_rate // g
+    if orig == new:
+        return 0
+    return new * (2 * math.ceil(LOWPASS_WIDTH * orig / (min(orig, new) * ROLLOFF)) + orig)
 
 
 def sinc_kernel(orig: int, new: int) -> tuple[np.ndarray, int]:
@@ -54,6 +68,9 @@ class Resampler:
     encoder reads); ``total`` still counts every output sample the input stands for."""
 
     def __init__(self, orig_rate: int, new_rate: int, limit: int | None = None):
+        if resample_taps(orig_rate, new_rate) > MAX_RESAMPLE_TAPS:
+            raise ValueError(f"resampling {orig_rate} Hz to {new_rate} Hz needs a filter of "
+                             f"{resample_taps(orig_rate, new_rate)} taps (at most {MAX_RESAMPLE_TAPS})")
         g = math.gcd(orig_rate, new_rate)
         self.orig, self.new = orig_rate // g, new_rate // g
         self.identity = self.orig == self.new

@@ -72,7 +72,7 @@ def check_image(fmt: str | None, width: int, height: int) -> None:
                                "it is wide")
 
 
-def probe_audio(data: bytes, max_seconds: float = MAX_AUDIO_S) -> MediaInfo:
+def probe_audio(data: bytes, max_seconds: float = MAX_AUDIO_S, to_rate: int | None = None) -> MediaInfo:
     import soundfile as sf
 
     try:
@@ -80,16 +80,24 @@ def probe_audio(data: bytes, max_seconds: float = MAX_AUDIO_S) -> MediaInfo:
     except Exception as exc:  # LibsndfileError, RuntimeError, TypeError: it is not audio libsndfile reads
         raise MediaHeaderError("not a readable audio clip (wav, mp3, flac or ogg)") from exc
     out = MediaInfo(frames=max(int(info.frames), 0), rate=int(info.samplerate), format=str(info.format))
-    check_audio(out.rate, int(info.channels), out.frames, max_seconds)
+    check_audio(out.rate, int(info.channels), out.frames, max_seconds, to_rate)
     return out
 
 
-def check_audio(rate: int, channels: int, frames: int | None, max_seconds: float = MAX_AUDIO_S) -> None:
-    """The limits on an audio clip's header (``frames``: None where the header does not say)."""
+def check_audio(rate: int, channels: int, frames: int | None, max_seconds: float = MAX_AUDIO_S,
+                to_rate: int | None = None) -> None:
+    """The limits on an audio clip's header (``frames``: None where the header does not say; ``to_rate``: the rate
+    the model's feature extractor resamples to, where known)."""
+    from models.audio import MAX_RESAMPLE_TAPS, resample_taps
+
     if rate <= 0:
         raise MediaHeaderError("audio header has no sample rate")
     if rate > MAX_AUDIO_RATE:
         raise MediaHeaderError(f"audio sampled at {rate} Hz; at most {MAX_AUDIO_RATE} Hz is accepted")
+    if to_rate and resample_taps(rate, to_rate) > MAX_RESAMPLE_TAPS:
+        raise MediaHeaderError(f"audio sampled at {rate} Hz cannot be resampled to the model's {to_rate} Hz (the "
+                               "rate shares too few factors with it); resample it to a usual rate (8, 11.025, 16, "
+                               "22.05, 24, 32, 44.1, 48 or 96 kHz)")
     if channels < 1:
         raise MediaHeaderError("audio header has no channels")
     if frames is None:

@@ -142,3 +142,33 @@ def test_image_count_is_the_models(tiny_spec):
     data = png_bytes(50, 20)
     assert placeholder_count(tiny_spec, "image", probe_image(data)) == \
         load_preprocessor(tiny_spec, "image")(data).num_tokens == 16
+
+
+@pytest.mark.parametrize("rate", [11_111, 44_101, 191_999])
+def test_a_rate_whose_resampling_filter_would_be_huge_is_refused_at_the_header_and_by_the_encoder(tiny_spec, rate):
+    """A 250-byte WAV at 191,999 Hz took an encoder to the OOM killer (a 3.1e9-tap resampling filter, ~25 GB), and
+    one at 11,111 Hz held the audio tier for 20-37 s (an outside tester's fuzzer). The gateway's header probe and
+    the encoder refuse such rates at once; the usual rates still resample (and count) as before."""
+    import time
+
+    from encoders.preprocess import MediaError
+    from models.audio import Resampler
+
+    data = clip(0.01, rate)
+    to = int(tiny_spec.preprocess["audio"]["sampling_rate"])
+    assert probe_audio(data).rate == rate  # without the model's rate: no opinion
+    with pytest.raises(MediaHeaderError, match=f"{rate} Hz cannot be resampled to the model's {to} Hz"):
+        probe_audio(data, to_rate=to)
+    t = time.monotonic()
+    with pytest.raises(MediaError, match="cannot be resampled"):
+        load_preprocessor(tiny_spec, "audio")(data)
+    with pytest.raises(ValueError, match="taps"):
+        Resampler(rate, to)
+    assert time.monotonic() - t < 1.0
+
+
+@pytest.mark.parametrize("rate", [8000, 11_025, 22_050, 24_000, 32_000, 44_100, 48_000, 88_200, 96_000, 192_000])
+def test_the_usual_rates_resample(tiny_spec, rate):
+    to = int(tiny_spec.preprocess["audio"]["sampling_rate"])
+    assert probe_audio(clip(0.2, rate), to_rate=to).rate == rate
+    assert load_preprocessor(tiny_spec, "audio")(clip(0.2, rate)).num_tokens >= 1

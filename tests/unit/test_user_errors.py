@@ -279,3 +279,10 @@ def test_a_kv_pool_refusal_is_a_context_length_error_naming_the_field(limit, bud
     exc = _event_error(ev, req)
     assert isinstance(exc, InvalidRequest) and exc.message == "the pool has 40 blocks"
     assert (exc.code, exc.param) == (("context_length_exceeded", param) if limit else (None, None))
+
+
+def test_audio_at_a_rate_the_model_cannot_resample_to_is_a_400_before_any_encoding(builder):
+    part = {"type": "input_audio", "input_audio": {"data": b64(wav_bytes(0.01, rate=191_999)), "format": "wav"}}
+    err = build(builder, part)
+    assert err.status == 400 and "191999 Hz cannot be resampled" in err.message
+    assert err.param == "messages.0.content.1"
