@@ -22,6 +22,7 @@ from models.media import (
     MediaHeaderError,
     audio_sample_budget,
     check_audio,
+    check_audio_format,
     check_image,
 )
 
@@ -231,6 +232,7 @@ class AudioPreprocessor:
         with f:
             rate, channels = f.samplerate, f.channels
             try:  # the limits the gateway checked, again (a job may come from any gateway); frames are read below
+                check_audio_format(str(f.format))
                 check_audio(rate, channels, None, self.max_seconds, self.rate)
             except MediaHeaderError as exc:
                 raise MediaError(str(exc)) from None

@@ -172,3 +172,17 @@ def test_the_usual_rates_resample(tiny_spec, rate):
     to = int(tiny_spec.preprocess["audio"]["sampling_rate"])
     assert probe_audio(clip(0.2, rate), to_rate=to).rate == rate
     assert load_preprocessor(tiny_spec, "audio")(clip(0.2, rate)).num_tokens >= 1
+
+
+@pytest.mark.parametrize("fmt", ["AIFF", "AU", "CAF", "NIST", "VOC", "IRCAM"])
+def test_audio_containers_outside_the_documented_four_are_refused(tiny_spec, fmt):
+    """An audio_url data URL carrying AIFF, AU, CAF ... was taken (only input_audio's named format was checked against
+    the data): more of libsndfile's parsers within a client's reach than the docs say (an outside tester's
+    fuzzer). The header probe and the encoder refuse them, whichever way they came."""
+    from encoders.preprocess import MediaError
+
+    data = clip(0.2, 16000, fmt, "PCM_16")
+    with pytest.raises(MediaHeaderError, match=f"audio format {fmt} is not accepted"):
+        probe_audio(data)
+    with pytest.raises(MediaError, match="is not accepted"):
+        load_preprocessor(tiny_spec, "audio")(data)
