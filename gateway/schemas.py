@@ -6,7 +6,8 @@ in a body is named in the one 400 (with the values accepted for it), not just th
 
 The body must be strict JSON: UTF-8, no ``NaN`` / ``Infinity`` (Python's json module accepts them), nesting at most
 ``MAX_DEPTH`` deep, and no string (key or value) holding a lone UTF-16 surrogate (``"\ud800"`` decodes to a Python
-str that no tokenizer or UTF-8 encoder accepts). Each is a 400 naming where it was found.
+str that no tokenizer or UTF-8 encoder accepts), and no key twice in one object (json keeps the last, a proxy may read
+the first). Each is a 400 naming where it was found.
 """
 
 from __future__ import annotations
@@ -191,6 +192,7 @@ def _json_error(exc: ValueError) -> str:
         return "request body is empty: expected a JSON object"
     if isinstance(exc, json.JSONDecodeError):
         what = exc.msg[:1].lower() + exc.msg[1:]  # the decoder's description: "Expecting ',' delimiter"
+        what = what.removesuffix(" at")  # "Invalid control character at" (the position follows)
         return f"request body is not valid JSON: {what} at line {exc.lineno}, column {exc.colno}"
     return "request body is not valid JSON"
 
@@ -229,13 +231,36 @@ def _refuse_parameters(unsupported: list[str], unknown: list[str], order: list[s
                          code="unsupported_parameter" if unsupported else None)
 
 
+class _Duplicate(Exception):
+    def __init__(self, key: str):
+        super().__init__(key)
+        self.key = key
+
+
+def _no_duplicates(pairs: list[tuple[str, object]]) -> dict:
+    """An object's members; a key given twice is refused (json keeps the last; other parsers, and proxies reading
+    the body, the first: a request two readers would take differently)."""
+    out = dict(pairs)
+    if len(out) != len(pairs):
+        seen = set()
+        for key, _ in pairs:
+            if key in seen:
+                raise _Duplicate(key)
+            seen.add(key)
+    return out
+
+
 def parse_json(body: bytes | str, what: str = "request body"):
     """Strict JSON (see the module's docstring), or a 400 naming what is wrong; ``what`` names the text in the
     message (a Realtime event is "the event")."""
     try:
-        raw = json.loads(body, parse_constant=_no_constants)
+        raw = json.loads(body, parse_constant=_no_constants, object_pairs_hook=_no_duplicates)
     except RecursionError:
         raise InvalidRequest(f"{what} is nested more than {MAX_DEPTH} levels deep") from None
+    except _Duplicate as exc:
+        raise InvalidRequest(f"{what} is not valid JSON for this server: the key {exc.key!r} appears twice in one "
+                             "object (which one a proxy or this server would read is not defined)",
+                             param=exc.key) from None
     except (ValueError, UnicodeDecodeError) as exc:  # JSONDecodeError is a ValueError
         raise InvalidRequest(_json_error(exc).replace("request body", what, 1)) from None
     check_strict(raw, what)

@@ -164,6 +164,12 @@ def test_invalid_base64_says_where(payload, why):
                            "line 1, column 18"),
     (b'\xff{"model": "demo"}', "request body is not valid JSON: it is not UTF-8 text (byte 0 cannot be decoded)"),
     (b'{"model": "demo", "temperature": NaN}', "request body is not valid JSON: NaN is not a JSON value"),
+    (b'{"model": "de\tmo"}', "request body is not valid JSON: invalid control character at line 1, column 14"),
+    # Two readers (a proxy, this server) could take different values: refused, not the last one silently
+    (b'{"model": "nope", "model": "demo-tiny", "messages": []}', "request body is not valid JSON for this server: the "
+                                                                 "key 'model' appears twice in one object"),
+    (b'{"messages": [{"role": "user", "content": "a", "content": "b"}]}', "request body is not valid JSON for this "
+                                                                          "server: the key 'content' appears twice"),
 ])
 def test_invalid_json_in_the_clients_terms(raw, message):
     with pytest.raises(InvalidRequest) as info:
