@@ -25,6 +25,12 @@ KEEP_ALIVE_S = 75  # idle keep-alive connections are closed after this (the clie
 GRACEFUL_S = 30  # on SIGTERM, how long requests in flight may run on (the workers outlive the gateway in `up`)
 END_MARGIN_S = 3  # before that ends, the requests still running are answered (503 / an error event), not cut
 FD_RESERVE = 256  # file descriptors kept for Redis connections, worker threads, files, when capping connections
+# A request's headers past either bound get a 431 (httptools has none: a 20 MB header value, or 5,000 headers, were
+# buffered and served). The bytes are counted per read (asyncio reads up to 256 KiB), so a read that ends a request's
+# body and starts the next one's headers may count the body's tail too: the byte bound is kept above a whole read.
+MAX_HEADER_BYTES = 512 * 1024
+MAX_HEADERS = 256
+LINGER_S = 2.0  # after an error answered straight to the socket, how long further bytes are read and dropped
 
 
 class Server(uvicorn.Server):
@@ -98,7 +104,8 @@ class HTTPProtocol(HttpToolsProtocol):
       slot freed). Without it a client that stops reading held a ``--max-inflight`` slot for good;
     * past ``max_connections`` open connections (default: the file-descriptor limit less ``FD_RESERVE``) a new one
       is answered 503 ``server_overloaded`` (JSON, ``connection: close``) before it is read, instead of the accept
-      failing for lack of descriptors (which refuses every client, the health probe included, silently)."""
+      failing for lack of descriptors (which refuses every client, the health probe included, silently);
+    * a request's headers larger than ``MAX_HEADER_BYTES`` or more than ``MAX_HEADERS`` get a 431."""
 
     max_connections = 0  # set by serve(); 0: no cap
     header_timeout_s, send_timeout_s = 15.0, 30.0  # set by serve()
@@ -107,6 +114,7 @@ class HTTPProtocol(HttpToolsProtocol):
     def connection_made(self, transport) -> None:  # type: ignore[override]
         super().connection_made(transport)
         self._header_timer = self._stall_timer = None
+        self._in_headers, self._header_bytes, self._header_count, self._too_large = True, 0, 0, False
         if self.max_connections and len(self.connections) > self.max_connections:
             if self._refused.due():
                 log.warning("connection refused: too many open connections", extra={
@@ -117,14 +125,36 @@ class HTTPProtocol(HttpToolsProtocol):
             return
         self._header_timer = self.loop.call_later(self.header_timeout_s, self._headers_late)
 
+    def data_received(self, data: bytes) -> None:
+        if getattr(self, "_lingering", False):  # answered and closing: dropped
+            return
+        began = self._in_headers
+        super().data_received(data)
+        if self._in_headers and not self.transport.is_closing():  # this read ended inside a request's headers
+            self._header_bytes = (self._header_bytes if began else 0) + len(data)
+            if self._header_bytes > MAX_HEADER_BYTES:
+                self._headers_too_large()
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        self._header_count += 1
+        if self._header_count > MAX_HEADERS:
+            self._too_large = True
+            raise ValueError("too many headers")  # the parser's callback error: answered by send_400_response
+        super().on_header(name, value)
+
+    def _headers_too_large(self) -> None:
+        self._answer(431, "Request Header Fields Too Large", f"the request's headers exceed {MAX_HEADER_BYTES} "
+                     f"bytes or {MAX_HEADERS} fields", "request_headers_too_large", "invalid_request_error")
+
     def on_message_begin(self) -> None:
         super().on_message_begin()
+        self._in_headers, self._header_bytes, self._header_count = True, 0, 0
         self._begun = True
         if self._header_timer is None:  # a request begun (a keep-alive connection's next one): its headers in time
             self._header_timer = self.loop.call_later(self.header_timeout_s, self._headers_late)
 
     def on_headers_complete(self) -> None:
-        self._begun = False
+        self._in_headers = self._begun = False
         self._cancel("_header_timer")
         super().on_headers_complete()
 
@@ -177,17 +207,31 @@ class HTTPProtocol(HttpToolsProtocol):
             setattr(self, name, None)
 
     def send_400_response(self, msg: str) -> None:
+        if self._too_large:
+            return self._headers_too_large()
         self._answer(400, "Bad Request", f"{msg.rstrip('.')}: the bytes sent are not a valid HTTP/1.1 request",
                      "invalid_http_request", "invalid_request_error")
 
     def _answer(self, status: int, reason: str, message: str, code: str, type_: str, extra: bytes = b"") -> None:
         """An error in the OpenAI shape written straight to the socket (no request to answer through the app),
         and the connection closed."""
+        if getattr(self, "_lingering", False):
+            return
         body = json.dumps({"error": {"message": message, "type": type_, "param": None, "code": code}}).encode()
         self.transport.write(b"HTTP/1.1 %d %s\r\ncontent-type: application/json\r\ncontent-length: %d\r\n"
                              b"connection: close\r\nx-request-id: %s\r\n%s\r\n%s"
                              % (status, reason.encode(), len(body), uuid.uuid4().hex.encode(), extra, body))
-        self.transport.close()
+        self._cancel("_header_timer")
+        if not self.transport.can_write_eof():
+            self.transport.close()
+            return
+        # A lingering close: closed at once with the client's bytes unread (a request still being sent), the
+        # kernel answers with a reset, which can destroy the answer before the client reads it. So the write side
+        # is shut, what still comes is read and dropped, and the socket closed when the client closes it, or
+        # after LINGER_S.
+        self.transport.write_eof()
+        self._lingering = True
+        self.loop.call_later(LINGER_S, self.transport.close)
 
 
 def connection_cap(configured: int = 0) -> int:

@@ -178,6 +178,30 @@ def test_a_websocket_client_that_stops_reading_is_cut_and_its_session_ends(short
         assert app.gone.wait(STALL_S + 10), "the app never saw the client go"
 
 
+@pytest.mark.parametrize("headers", [b"X-Big: " + b"a" * (2 << 20) + b"\r\n",  # one value of 2 MB
+                                     b"".join(b"X-H%d: v\r\n" % i for i in range(300))])  # 300 fields
+def test_headers_too_large_or_too_many_get_a_431(headers):
+    """httptools bounds neither: a 20 MB header value, or 5,000 headers, were buffered and served (an outside tester's
+    fuzzer). Past either bound: a 431 in the OpenAI shape, the connection closed."""
+    with serving(App()) as port, socket.create_connection(("127.0.0.1", port), timeout=10) as s:
+        with contextlib.suppress(ConnectionResetError, BrokenPipeError):  # the server may close while we still send
+            s.sendall(b"GET /ok HTTP/1.1\r\nHost: a\r\n" + headers + b"\r\n")
+        reply, _ = read_all(s)
+    assert reply.startswith(b"HTTP/1.1 431 "), reply[:80]
+    assert error_of(reply)[1]["code"] == "request_headers_too_large"
+
+
+def test_a_large_body_and_many_pipelined_requests_are_not_taken_for_large_headers():
+    """Reads of up to 256 KiB hold a body's tail and the next request's headers: the bound counts only reads that end
+    inside headers, so 4 MB of body around pipelined requests is served."""
+    body = b"x" * (4 << 20)
+    request = b"POST /ok HTTP/1.1\r\nHost: a\r\nContent-Length: %d\r\n\r\n%s" % (len(body), body)
+    with serving(App()) as port, socket.create_connection(("127.0.0.1", port), timeout=10) as s:
+        s.sendall(request * 3 + b"GET /ok HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n")
+        reply, _ = read_all(s)
+    assert reply.count(b"HTTP/1.1 200 ") == 4, reply[:200]
+
+
 def test_connections_past_the_cap_are_answered_503_at_once(short):
     with serving(App(), max_connections=3) as port:
         held = [socket.create_connection(("127.0.0.1", port), timeout=5) for _ in range(3)]
