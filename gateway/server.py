@@ -33,6 +33,19 @@ MAX_HEADERS = 256
 LINGER_S = 2.0  # after an error answered straight to the socket, how long further bytes are read and dropped
 
 
+def _client_fault_not_error(record: logging.LogRecord) -> bool:
+    """uvicorn logs a client's text frame that is not UTF-8 as an error with a traceback (the socket is closed with
+    1007, rightly): any client could fill the logs with them. Kept, as an info record without the traceback."""
+    if record.levelno >= logging.ERROR and str(record.msg).startswith("Invalid UTF-8 sequence received from client"):
+        record.levelno, record.levelname, record.exc_info, record.exc_text = logging.INFO, "INFO", None, None
+        record.msg = "a WebSocket client sent a text frame that is not UTF-8; closed with 1007"
+    return True
+
+
+if _client_fault_not_error not in logging.getLogger("uvicorn.error").filters:
+    logging.getLogger("uvicorn.error").addFilter(_client_fault_not_error)
+
+
 class Server(uvicorn.Server):
     """uvicorn's server, except that ``END_MARGIN_S`` before its graceful period ends it calls ``end_in_flight``,
     so requests still running get an answer in the OpenAI error shape (and their generations are cancelled)

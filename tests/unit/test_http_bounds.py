@@ -27,6 +27,12 @@ class App:
         self.gone = threading.Event()
 
     async def __call__(self, scope, receive, send):
+        if scope["type"] == "websocket" and scope["path"] == "/ws-quiet":  # reads until the client is gone
+            await receive()
+            await send({"type": "websocket.accept"})
+            while (await receive())["type"] != "websocket.disconnect":
+                pass
+            return
         if scope["type"] == "websocket":  # events of 64 KiB until a send finds the client gone
             await receive()
             await send({"type": "websocket.accept"})
@@ -200,6 +206,24 @@ def test_a_large_body_and_many_pipelined_requests_are_not_taken_for_large_header
         s.sendall(request * 3 + b"GET /ok HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n")
         reply, _ = read_all(s)
     assert reply.count(b"HTTP/1.1 200 ") == 4, reply[:200]
+
+
+def test_a_text_frame_that_is_not_utf8_closes_with_1007_and_logs_no_error(caplog):
+    """uvicorn logged each such frame as an error with a traceback: a client could fill the logs (an outside tester's
+    fuzzer). Now an info record."""
+    import logging
+
+    from websockets.sync.client import connect
+
+    with serving(App()) as port, caplog.at_level(logging.INFO):
+        with connect(f"ws://127.0.0.1:{port}/ws-quiet", open_timeout=10) as ws:
+            ws.send(b"\xed\xa0\x80", text=True)
+            with pytest.raises(Exception) as info:
+                while True:
+                    ws.recv(timeout=10)
+        assert getattr(info.value, "rcvd", None) is not None and info.value.rcvd.code == 1007, info.value
+    records = [r for r in caplog.records if "UTF-8" in r.getMessage()]
+    assert records and all(r.levelno == logging.INFO and not r.exc_info for r in records)
 
 
 def test_connections_past_the_cap_are_answered_503_at_once(short):
