@@ -78,6 +78,49 @@ class WSProtocol(WebSocketsSansIOProtocol):
         self._stall_timer = None
         super().connection_made(transport)
 
+    def handle_connect(self, event) -> None:
+        """A handshake websockets refuses (no Sec-WebSocket-Key, a wrong version) is answered in the OpenAI error
+        shape with an ``x-request-id``, as every other error, not websockets' plain text."""
+        response = self.conn.accept(event)
+        if response.status_code == 101:
+            self.conn.accept = lambda _request: response  # uvicorn's handshake goes on with this very response
+            try:
+                return super().handle_connect(event)
+            finally:
+                del self.conn.accept
+        self.request, self.handshake_initiated = event, True
+        self.handshake_complete = self.close_sent = True
+        reason = response.body.decode("utf-8", "replace").strip() if response.body else response.reason_phrase
+        body = json.dumps({"error": {"message": reason, "type": "invalid_request_error", "param": None,
+                                     "code": "invalid_websocket_handshake"}}).encode()
+        extra = b"".join(b"%s: %s\r\n" % (k.encode(), v.encode("latin-1")) for k, v in response.headers.raw_items()
+                         if k.lower() in ("sec-websocket-version", "upgrade"))  # what the client should send
+        self.transport.write(b"HTTP/1.1 %d %s\r\ncontent-type: application/json\r\ncontent-length: %d\r\n"
+                             b"connection: close\r\nx-request-id: %s\r\n%s\r\n%s"
+                             % (response.status_code, response.reason_phrase.encode(), len(body),
+                                uuid.uuid4().hex.encode(), extra, body))
+        self.transport.close()
+
+    def data_received(self, data: bytes) -> None:
+        if getattr(self, "_lingering", False):  # closed for a protocol error: what still comes is dropped
+            return
+        super().data_received(data)
+
+    def handle_parser_exception(self) -> None:
+        """A frame websockets refuses (over ``ws_max_size``: 1009; bad UTF-8: 1007): the close frame is sent, then a
+        lingering close as HTTPProtocol's, since a client still sending its frame would otherwise get a reset that
+        can destroy the close frame before it reads it (seen: a 33 MB frame answered by a bare EOF)."""
+        code, reason = self.conn.close_sent.code, self.conn.close_sent.reason
+        self.queue.put_nowait({"type": "websocket.disconnect", "code": code, "reason": reason})
+        self.transport.write(b"".join(self.conn.data_to_send()))
+        self.close_sent = True
+        if not self.transport.can_write_eof():
+            self.transport.close()
+            return
+        self.transport.write_eof()
+        self._lingering = True
+        self.loop.call_later(LINGER_S, self.transport.close)
+
     def pause_writing(self) -> None:
         super().pause_writing()
         if self._stall_timer is None:

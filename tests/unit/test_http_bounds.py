@@ -226,6 +226,20 @@ def test_a_text_frame_that_is_not_utf8_closes_with_1007_and_logs_no_error(caplog
     assert records and all(r.levelno == logging.INFO and not r.exc_info for r in records)
 
 
+@pytest.mark.parametrize("headers,status", [(b"Sec-WebSocket-Version: 13\r\n", 400),  # no key
+                                            (b"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n"
+                                             b"Sec-WebSocket-Version: 8\r\n", 400)])
+def test_a_websocket_handshake_refused_is_answered_in_the_openai_shape(headers, status):
+    """websockets answered these in plain text with no request id (an outside tester's fuzzer)."""
+    with serving(App()) as port, socket.create_connection(("127.0.0.1", port), timeout=10) as s:
+        s.sendall(b"GET /ws-quiet HTTP/1.1\r\nHost: a\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n" + headers
+                  + b"\r\n")
+        reply, _ = read_all(s)
+    assert reply.startswith(b"HTTP/1.1 %d " % status), reply[:80]
+    head, err = error_of(reply)
+    assert b"x-request-id: " in head and err["code"] == "invalid_websocket_handshake" and err["message"]
+
+
 def test_connections_past_the_cap_are_answered_503_at_once(short):
     with serving(App(), max_connections=3) as port:
         held = [socket.create_connection(("127.0.0.1", port), timeout=5) for _ in range(3)]
