@@ -204,9 +204,12 @@ class AudioPreprocessor:
         wave, rate = self.decode(data)
         if wave.shape[0] == 0:
             raise MediaError("audio clip is empty")
-        stream = StreamingFeatures(self.cfg, rate)
-        stream.feed(np.ascontiguousarray(wave.mean(axis=1), dtype=np.float32))
-        return self._prepared(stream.finish())
+        # A clip holding NaN or infinity is refused once its features are made (the worker's finiteness check); the
+        # arithmetic on it meanwhile is expected, not a warning to log for each such clip.
+        with np.errstate(invalid="ignore", over="ignore", divide="ignore"):
+            stream = StreamingFeatures(self.cfg, rate)
+            stream.feed(np.ascontiguousarray(wave.mean(axis=1), dtype=np.float32))
+            return self._prepared(stream.finish())
 
     def from_features(self, blob: bytes) -> Prepared:
         """Features computed elsewhere (the gateway streams them while a Realtime client appends audio); a

@@ -490,8 +490,8 @@ class RealtimeSession:
         unset(s, "tracing", "session", "tracing")
         truncate = truncation(s["truncation"], "session.truncation") if "truncation" in s else self.truncation
         sampling = self._sampling(s, "session")
-        if "instructions" in s and not isinstance(s["instructions"], str):
-            raise EventError("session.instructions must be a string", param="session.instructions")
+        if "instructions" in s:
+            self._instructions(s["instructions"], "session.instructions")
         max_tokens = (self._max_tokens(s["max_output_tokens"], "session.max_output_tokens")
                       if "max_output_tokens" in s else self.max_output_tokens)
         # Valid: applied whole.
@@ -578,6 +578,15 @@ class RealtimeSession:
                 else:
                     await asyncio.to_thread(self._check_image, url, where)
         return item
+
+    def _instructions(self, value, param: str) -> None:
+        """Instructions must be a string any prompt could hold: longer ones would fail every later response."""
+        if not isinstance(value, str):
+            raise EventError(f"{param} must be a string", param=param)
+        if len(value) > self.chat.builder.max_text_chars:
+            raise EventError(f"{param} is {len(value)} characters: more than any prompt of this model "
+                             f"({self.chat.spec.max_context} tokens) can hold", code="context_length_exceeded",
+                             param=param)
 
     def _modality(self, modality: str, param: str) -> None:
         if modality not in self.chat.spec.modalities:
@@ -896,8 +905,7 @@ class RealtimeSession:
         if conversation not in ("auto", "none"):
             raise EventError("response.conversation must be \"auto\" or \"none\"", param="response.conversation")
         instructions = r.get("instructions", self.instructions)
-        if not isinstance(instructions, str):
-            raise EventError("response.instructions must be a string", param="response.instructions")
+        self._instructions(instructions, "response.instructions")
         max_tokens = (self._max_tokens(r["max_output_tokens"], "response.max_output_tokens")
                       if "max_output_tokens" in r else self.max_output_tokens)
         if "input" in r:

@@ -298,6 +298,11 @@ def test_malformed_events_get_errors_and_the_connection_stays_usable(cluster):
          "session.temperature"),
         (json.dumps({"type": "response.create", "response": {"seed": True}}), "invalid_value", "response.seed"),
         (json.dumps({"type": "response.create", "response": {"top_p": 0}}), "invalid_value", "response.top_p"),
+        # instructions no prompt could hold: every later response would fail on them
+        (json.dumps({"type": "session.update", "session": {"instructions": "x" * 2_000_000}}),
+         "context_length_exceeded", "session.instructions"),
+        (json.dumps({"type": "response.create", "response": {"instructions": 7}}), "invalid_value",
+         "response.instructions"),
     ]
     with raw(cluster) as ws:
         next_of(ws, "session.created")

@@ -186,3 +186,20 @@ def test_audio_containers_outside_the_documented_four_are_refused(tiny_spec, fmt
         probe_audio(data)
     with pytest.raises(MediaError, match="is not accepted"):
         load_preprocessor(tiny_spec, "audio")(data)
+
+
+def test_a_clip_holding_nan_makes_features_without_warnings(tiny_spec):
+    """Such a clip is refused by the worker's finiteness check; the arithmetic on it logged numpy RuntimeWarnings at
+    WARNING level for each one (an outside tester's fuzzer)."""
+    import warnings
+
+    import soundfile as sf
+
+    x = np.zeros(8000, np.float32)
+    x[100], x[200] = np.nan, np.inf
+    buf = io.BytesIO()
+    sf.write(buf, x, 44100, format="WAV", subtype="FLOAT")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        out = load_preprocessor(tiny_spec, "audio")(buf.getvalue())
+    assert not np.isfinite(out.data.numpy()).all()
