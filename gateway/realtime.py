@@ -66,7 +66,7 @@ from redis.exceptions import RedisError
 from starlette.websockets import WebSocket, WebSocketDisconnect
 
 from gateway.errors import APIError, InvalidRequest, redis_unavailable
-from gateway.media import image_from_url, is_remote
+from gateway.media import b64decode_chunked, image_from_url, is_remote
 from gateway.schemas import check_sampling, parse_json
 from gateway.tiers import ClientGone
 from models.audio import AudioConfig, StreamingFeatures, pcm16_samples
@@ -236,7 +236,7 @@ def _b64(data, param: str) -> bytes:
     if not isinstance(data, str):
         raise EventError(f"{param} must be a base64 string", param=param)
     try:
-        return base64.b64decode(data, validate=True)
+        return b64decode_chunked(data)
     except (binascii.Error, ValueError):
         raise EventError(f"{param} is not valid base64", param=param) from None
 
@@ -563,7 +563,11 @@ class RealtimeSession:
     async def _checked_item(self, raw, param: str) -> dict:
         """``_item``, and its images checked as REST checks them (a large one on a thread, as large events are
         parsed: the event loop serves every other connection meanwhile)."""
-        item = self._item(raw, param)
+        content = raw.get("content") if isinstance(raw, dict) else None
+        large = isinstance(content, list) and any(isinstance(p, dict) and isinstance(p.get("audio"), str)
+                                                   and len(p["audio"]) > LARGE_EVENT for p in content)
+        # An item with megabytes of audio is checked (its base64 decoded) on a thread, as large events are parsed.
+        item = await asyncio.to_thread(self._item, raw, param) if large else self._item(raw, param)
         for i, part in enumerate(item["content"]):
             if "text" in part and len(part["text"]) > self.chat.builder.max_text_chars:
                 # No prompt can hold it (REST refuses such text untokenized too); echoed, tens of MB of JSON would
@@ -689,7 +693,9 @@ class RealtimeSession:
     async def audio_append(self, event: dict) -> None:
         """Chunks may split a sample (a client cutting its byte stream anywhere): an odd byte waits for the next
         chunk's first (``audio_carry``)."""
-        pcm = self.audio_carry + _b64(event.get("audio"), "audio")
+        data = event.get("audio")  # megabytes of it decoded on a thread (binascii holds the GIL for a whole call)
+        large = isinstance(data, str) and len(data) > LARGE_EVENT
+        pcm = self.audio_carry + (await asyncio.to_thread(_b64, data, "audio") if large else _b64(data, "audio"))
         whole = len(pcm) - len(pcm) % 2
         if len(self.audio) + whole > self.max_audio_bytes:
             raise EventError("the input audio buffer is full (the server's audio length limit); commit or clear it",

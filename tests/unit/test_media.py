@@ -146,3 +146,25 @@ def test_digest_fields_are_delimited():
     # Moving characters from one field to the next must not give the same key.
     assert content_digest("ab", {}, b"c") != content_digest("a", {}, b"bc")
     assert content_digest("e", {"a": 1}, b"") != content_digest("e", {}, b'{"a": 1}')
+
+
+def test_base64_decoded_a_megabyte_at_a_time_is_what_one_call_gives():
+    """Large media are decoded in chunks (binascii holds the GIL for a whole call: 16 MB held the event loop 0.1 s);
+    the result, and what is refused, are one call's."""
+    import base64
+    import binascii
+    import os
+
+    from gateway.media import B64_CHUNK, b64decode_chunked
+
+    for n in (3 * B64_CHUNK // 4, 3 * B64_CHUNK // 4 + 1, 5 * B64_CHUNK // 2 + 2, 7 * B64_CHUNK // 3):
+        raw = os.urandom(n)
+        assert b64decode_chunked(base64.b64encode(raw).decode()) == raw
+    good = base64.b64encode(os.urandom(3 * B64_CHUNK // 4)).decode()  # exactly one chunk, no padding
+    for bad in (good[:-4] + "QQ==" + good,  # padding where a chunk ends, data after it
+                good + good[:-1],  # not whole groups of 4
+                good + "*" * 4 + good):  # not the alphabet, in the second chunk
+        with pytest.raises((binascii.Error, ValueError)):
+            base64.b64decode(bad, validate=True)
+        with pytest.raises((binascii.Error, ValueError)):
+            b64decode_chunked(bad)
