@@ -119,7 +119,9 @@ class WSProtocol(WebSocketsSansIOProtocol):
             return
         self.transport.write_eof()
         self._lingering = True
-        self.loop.call_later(LINGER_S, self.transport.close)
+        self.transport.resume_reading()  # uvicorn may have paused it (the app not reading): the rest is dropped
+        # uvicorn's own close timer: the app ending (it sees the disconnect at once) then leaves the socket to it
+        self.close_timer = self.loop.call_later(LINGER_S, self.transport.close)
 
     def pause_writing(self) -> None:
         super().pause_writing()
