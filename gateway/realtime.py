@@ -257,6 +257,10 @@ def _public(item: dict) -> dict:
     return {**item, "content": [public(p) for p in item["content"]]}
 
 
+def _json_bytes(obj) -> bytes:
+    return json.dumps(obj).encode()
+
+
 def _item_bytes(item: dict) -> int:
     """What an item holds, as the conversation's limit counts it: every string of its parts (text, transcripts,
     base64 audio, image data URLs)."""
@@ -922,7 +926,11 @@ class RealtimeSession:
             items = list(self.items) if conversation == "auto" else []
         items = await self._fit(items, instructions, max_tokens, conversation == "auto" and "input" not in r)
         sampling = {k: v for k, v in {**self.sampling, **self._sampling(r, "response")}.items() if v is not None}
-        messages = self._messages(items, instructions)
+        # The conversation's audio as the chat request carries it (WAV, base64), and that request's JSON: megabytes
+        # of work for a long voice session, done on a thread (base64 and JSON release the GIL between items).
+        large = sum(map(_item_bytes, items)) > LARGE_EVENT
+        messages = (await asyncio.to_thread(self._messages, items, instructions) if large
+                    else self._messages(items, instructions))
         if not messages:
             raise EventError("there is nothing to respond to: the conversation is empty and there are no "
                              "instructions (add an item, or give response.input)", code="conversation_empty",
@@ -940,7 +948,8 @@ class RealtimeSession:
         # Which conversation item each chat message stands for, to name items (not chat messages) in errors.
         sources = ([None] if instructions else []) + [it["id"] for it in items]
         run = Run(response_id, cancelled, into_conversation, max_tokens, metadata, event.get("event_id"), sources)
-        task = asyncio.get_running_loop().create_task(self._respond(run, json.dumps(body).encode(), features))
+        payload = await asyncio.to_thread(_json_bytes, body) if large else _json_bytes(body)
+        task = asyncio.get_running_loop().create_task(self._respond(run, payload, features))
         self.active = (task, cancelled, response_id)
 
     async def response_cancel(self, event: dict) -> None:
