@@ -59,6 +59,9 @@ log = logging.getLogger(__name__)
 # Bodies being received at once, in bytes, at most this many maximal bodies' worth (32 MiB each by default): the
 # memory bound for clients still sending, who hold no in-flight slot. A slow sender holds almost nothing.
 RECEIVING_BODIES = 16
+# A body of at most this (and a 16th of --max-body-bytes) is never refused for that bound: clients sending large
+# bodies slowly cannot shut out the small requests (an outside reviewer's reading), whose memory is no concern.
+SMALL_BODY = 256 * 1024
 _CLIENT_ID = re.compile(r"^[\x21-\x7e]{1,512}$")  # printable ASCII, as the OpenAI API accepts
 
 
@@ -318,7 +321,7 @@ class ChatService:
                         self.receiving += len(chunk)
                         if size > self.cfg.max_body_bytes:
                             raise PayloadTooLarge(f"request body exceeds {self.cfg.max_body_bytes} bytes")
-                        if self.receiving > limit:
+                        if self.receiving > limit and size > min(SMALL_BODY, self.cfg.max_body_bytes // 16):
                             self.metrics.reject("server_overloaded")
                             raise Overloaded(f"this gateway is receiving {limit} bytes of request bodies at once; "
                                              "retry later")

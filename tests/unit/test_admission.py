@@ -168,6 +168,34 @@ def test_bodies_being_received_are_bounded_in_bytes_not_slots():
     assert svc.receiving == 8 * RECEIVING_BODIES - 5  # what the refused body had received is released
 
 
+def test_large_bodies_being_received_never_shut_out_small_ones():
+    """16 clients sending 32 MB bodies slowly held the whole bound, and every other request, however small, got a
+    503 (an outside reviewer's reading): a small body (at most 256 KiB and a 16th of --max-body-bytes) is never
+    refused for it."""
+    import asyncio
+
+    from gateway.chat import RECEIVING_BODIES, ChatService
+    from gateway.metrics import GatewayMetrics
+
+    def body(n: int):
+        class Body:
+            headers = {"content-length": str(n)}
+
+            async def stream(self):
+                yield b"x" * n
+
+        return Body()
+
+    svc = ChatService.__new__(ChatService)
+    svc.cfg = GatewayConfig(model_dir="m", redis_url="redis://x", max_body_bytes=1024)
+    svc.metrics = GatewayMetrics()
+    svc.receiving = 1024 * RECEIVING_BODIES  # the bound, held by others
+    assert asyncio.run(svc._read_body(body(64))) == b"x" * 64  # small: taken
+    with pytest.raises(Overloaded, match="receiving"):
+        asyncio.run(svc._read_body(body(65)))  # over a 16th of the limit: refused
+    assert svc.receiving == 1024 * RECEIVING_BODIES
+
+
 def test_a_body_its_client_cut_off_is_freed_at_once_not_when_the_garbage_collector_runs():
     """16 MiB received, then the client resets the connection: the bytes go when the request ends. An outside tester
     saw a gateway keep every byte of every such body (the exception's traceback held the frame holding the chunks,
