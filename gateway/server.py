@@ -246,6 +246,14 @@ class HTTPProtocol(HttpToolsProtocol):
         self._running = cycle
         super()._start_asgi_task(cycle, app)
 
+    def on_response_complete(self) -> None:
+        super().on_response_complete()
+        deferred = getattr(self, "_deferred", None)
+        running = getattr(self, "_running", None)
+        if deferred and not self.pipeline and (running is None or running.response_complete):
+            self._deferred = None
+            self._answer(*deferred)
+
     def connection_lost(self, exc) -> None:
         self._cancel("_header_timer")
         self._cancel("_stall_timer")
@@ -273,7 +281,13 @@ class HTTPProtocol(HttpToolsProtocol):
     def _answer(self, status: int, reason: str, message: str, code: str, type_: str, extra: bytes = b"") -> None:
         """An error in the OpenAI shape written straight to the socket (no request to answer through the app),
         and the connection closed."""
-        if getattr(self, "_lingering", False):
+        if getattr(self, "_lingering", False) or getattr(self, "_deferred", None):
+            return
+        running = getattr(self, "_running", None)
+        if (running is not None and not running.response_complete) or self.pipeline:
+            # Requests parsed before this error are answered first (HTTP answers in order): written now, the error
+            # took the place of a pipelined request's answer, which was then lost to the close.
+            self._deferred = (status, reason, message, code, type_, extra)
             return
         body = json.dumps({"error": {"message": message, "type": type_, "param": None, "code": code}}).encode()
         self.transport.write(b"HTTP/1.1 %d %s\r\ncontent-type: application/json\r\ncontent-length: %d\r\n"

@@ -240,6 +240,16 @@ def test_a_websocket_handshake_refused_is_answered_in_the_openai_shape(headers, 
     assert b"x-request-id: " in head and err["code"] == "invalid_websocket_handshake" and err["message"]
 
 
+def test_bytes_that_are_not_http_after_a_pipelined_request_are_answered_after_it():
+    """A valid request, then garbage on the same connection: the 400 was written at once and the connection closed,
+    so the first request's answer was lost (an outside tester's fuzzer). Answers go in order."""
+    with serving(App()) as port, socket.create_connection(("127.0.0.1", port), timeout=10) as s:
+        s.sendall(b"GET /ok HTTP/1.1\r\nHost: a\r\n\r\nGARBAGE\r\n\r\n")
+        reply, _ = read_all(s)
+    first, _, rest = reply.partition(b'{"ok": true}')
+    assert first.startswith(b"HTTP/1.1 200 ") and rest.startswith(b"HTTP/1.1 400 "), reply
+
+
 def test_connections_past_the_cap_are_answered_503_at_once(short):
     with serving(App(), max_connections=3) as port:
         held = [socket.create_connection(("127.0.0.1", port), timeout=5) for _ in range(3)]
