@@ -623,7 +623,9 @@ class BackboneWorker:
 
     def _error_event(self, plan: m.PromptPlan, code: m.ErrorCode, error: str, worker: str | None = None,
                      limit: str | None = None) -> m.TokenEvent:
-        log.warning("request failed", extra={"request_id": plan.request_id, "code": code.value, "error": error})
+        # A request its client withdrew is routine (info); the others are worth an operator's look.
+        log.log(logging.INFO if code == m.ErrorCode.CANCELLED else logging.WARNING, "request failed",
+                extra={"request_id": plan.request_id, "code": code.value, "error": error})
         return m.TokenEvent(request_id=plan.request_id, token_ids=[], prompt_tokens=len(plan.token_ids) - plan.resumed,
                             completion_tokens=plan.resumed, finish=m.FinishReason.ERROR, code=code, error=error,
                             attempt=plan.attempt, worker=self.consumer if worker is None else worker, limit=limit)
