@@ -167,6 +167,10 @@ class Engine:
         self.aging_steps = aging_steps  # a prefilling sequence passed over this many steps in a row goes first
         self.active: dict[int, Sequence] = {}  # started and not released
         self.preemptions = 0
+        # A preempted sequence is parked until its whole length and a block per decode fit, and no new one is admitted
+        # ahead of it. False (bench/preemption.py's comparison only): it recomputes as soon as a block is free, and
+        # new sequences are admitted whenever their prompt fits (the policy before an outside tester found it thrash).
+        self.park_preempted = True
         if micro_batches < 0:
             raise ValueError("micro_batches must be >= 0 (0: auto)")
         self.lanes = 1  # without a pipeline a step is applied before it returns
@@ -232,7 +236,7 @@ class Engine:
     def admissible(self, seq: Sequence) -> bool:
         """Whether to start it now: no preempted sequence is parked (they go first), and the free blocks, less those
         that sequences still prefilling will take, hold its prompt and first token."""
-        if any(self._parked(s) for s in self.active.values()):
+        if self.park_preempted and any(self._parked(s) for s in self.active.values()):
             return False
         return self.pool.free - self._promised() >= self.pool.blocks_for(seq.prompt_len + 1)
 
@@ -251,6 +255,8 @@ class Engine:
     def _resumable(self, seq: Sequence, decodes: int) -> bool:
         """Whether a parked sequence may start recomputing: the free blocks, less what the others still prefilling
         will take, hold its whole length and a block of growth for each of the ``decodes`` decoding sequences."""
+        if not self.park_preempted:
+            return True
         return self.pool.free - self._promised(but=seq) >= self.pool.blocks_for(seq.length + 1) + decodes
 
     def start(self, seq: Sequence, token_ids: list[int], media: list[tuple[str, torch.Tensor]]) -> torch.Tensor:

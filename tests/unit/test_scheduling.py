@@ -460,3 +460,27 @@ def test_a_default_budget_is_lowered_to_what_a_pool_short_of_the_context_holds(m
     assert not engine.fits_pool(whole)
     assert engine.pool_refusal(whole) == ("the prompt is 70 tokens; this backbone's KV pool holds 64 (less than the "
                                           "model's context)", "prompt")
+
+
+def test_the_preemption_bench_compares_the_two_policies(model, tiny_spec, tok):
+    """bench/preemption.py's driver on the tiny model under a pool too small for the load: both policies finish every
+    request with the same tokens (greedy), and the eager one (recompute as soon as a block is free, new sequences
+    admitted ahead) preempts more and recomputes more prompt positions, which is what the bench measures."""
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[2] / "bench" / "preemption.py"
+    spec = importlib.util.spec_from_file_location("preemption_bench", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    reqs = bench.workload(12, 1.0, tiny_spec.config["text_config"]["vocab_size"], seed=3)
+    engine = engine_with(model, tiny_spec, 16, 64)
+    runs = {}
+    for park in (True, False):
+        engine.park_preempted = park
+        runs[park] = bench.run(engine, reqs, max_running=8)
+        assert engine.pool.free == 16 and len(runs[park]["outputs"]) == 12
+    engine.park_preempted = True
+    parked, eager = runs[True], runs[False]
+    assert parked["outputs"] == eager["outputs"]
+    assert eager["preemptions"] > parked["preemptions"] and eager["prompt_ratio"] > parked["prompt_ratio"]
