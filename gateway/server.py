@@ -321,7 +321,27 @@ def connection_cap(configured: int = 0) -> int:
     return 0 if soft == resource.RLIM_INFINITY else max(soft - FD_RESERVE, 64)
 
 
+def check_redis_credentials(url: str) -> None:
+    """A Redis that refuses the gateway's credentials stops the start (a RedisError, which the command line words
+    in one line): a wrong password never clears, and a gateway running on with /ready 503 hid it. A Redis that is
+    not up yet is only logged: the gateway starts, refusing requests, until it is."""
+    from cache.client import connect, describe
+
+    client = None
+    try:
+        client = connect(url, retries=0, socket_timeout=5.0)  # a cluster client reads the slot map here
+        client.ping()
+    except Exception as exc:  # noqa: BLE001 -- any failure but a refused password only delays serving
+        if describe(exc) == "authentication failed":
+            raise
+        log.warning("Redis is not reachable yet; serving 503s until it is", extra={"error": describe(exc)})
+    finally:
+        if client is not None:
+            client.close()
+
+
 def serve(cfg: GatewayConfig, host: str = "127.0.0.1", port: int = 8000, graceful_s: float = GRACEFUL_S) -> None:
+    check_redis_credentials(cfg.redis_url)
     app = create_app(cfg)
     # A Realtime frame larger than a request body closes its socket with 1009; pings find dead peers. No
     # permessage-deflate: (de)compression runs on the event loop, ~0.1 s per MB, so one client's large frames (audio,

@@ -166,3 +166,14 @@ def test_tributary_redis_creates_its_dir(tmp_path):
     finally:
         proc.send_signal(signal.SIGTERM)
         proc.wait(30)
+
+
+def test_a_gateway_refused_by_redis_for_its_password_stops_at_once(tiny_model):
+    """A wrong password never clears: a standalone gateway ran on with /ready 503 (a previous note's finding). It
+    now stops with one line; a Redis that is only not up yet still lets it start (tested above: port taken)."""
+    from cache.embedded import EmbeddedRedis
+
+    with EmbeddedRedis(maxmemory="16mb", password="right") as server:
+        wrong = server.url.replace(":right@", ":wrong@")
+        code, err = run("gateway", "--model", str(tiny_model), "--redis-url", wrong, "--port", "1")
+    assert code == 2 and "Redis: authentication failed" in err and "Traceback" not in err, err
