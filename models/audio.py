@@ -34,15 +34,29 @@ LOWPASS_WIDTH, ROLLOFF = 6, 0.99  # torchaudio.functional.resample's defaults
 # huge (11,111 Hz -> 16 kHz: 16,000 x 11,125; 191,999 Hz: 3.1e9 taps, ~25 GB, which took an encoder to the OOM
 # killer from a 250-byte WAV: an outside tester's fuzzer). Such rates are refused (models.media.check_audio).
 MAX_RESAMPLE_TAPS = 1 << 22
+# ... and the most taps one output sample takes (2 width + orig): the work per second of audio. The usual rates take at
+# most ~600 (176.4 kHz: 575); 160,775 Hz took 6,553, 17 s of CPU for a 30 s window (an outside retest).
+MAX_PHASE_TAPS = 1024
 
 
-def resample_taps(orig_rate: int, new_rate: int) -> int:
-    """How many taps the filter resampling ``orig_rate`` to ``new_rate`` has (0: no resampling)."""
+def resample_taps(orig_rate: int, new_rate: int) -> tuple[int, int]:
+    """The taps of the filter resampling ``orig_rate`` to ``new_rate``: in all, and per output sample (0, 0: no
+    resampling)."""
     g = math.gcd(orig_rate, new_rate)
     orig, new = orig_rate // g, new_rate // g
     if orig == new:
-        return 0
-    return new * (2 * math.ceil(LOWPASS_WIDTH * orig / (min(orig, new) * ROLLOFF)) + orig)
+        return 0, 0
+    phase = 2 * math.ceil(LOWPASS_WIDTH * orig / (min(orig, new) * ROLLOFF)) + orig
+    return new * phase, phase
+
+
+def resampling_refused(orig_rate: int, new_rate: int) -> str | None:
+    """Why resampling ``orig_rate`` to ``new_rate`` is refused (a filter too large, or too slow), or None."""
+    taps, phase = resample_taps(orig_rate, new_rate)
+    if taps > MAX_RESAMPLE_TAPS or phase > MAX_PHASE_TAPS:
+        return (f"resampling {orig_rate} Hz to {new_rate} Hz needs a filter of {taps} taps, {phase} per output "
+                f"sample (at most {MAX_RESAMPLE_TAPS} and {MAX_PHASE_TAPS})")
+    return None
 
 
 def sinc_kernel(orig: int, new: int) -> tuple[np.ndarray, int]:
@@ -68,9 +82,8 @@ class Resampler:
     encoder reads); ``total`` still counts every output sample the input stands for."""
 
     def __init__(self, orig_rate: int, new_rate: int, limit: int | None = None):
-        if resample_taps(orig_rate, new_rate) > MAX_RESAMPLE_TAPS:
-            raise ValueError(f"resampling {orig_rate} Hz to {new_rate} Hz needs a filter of "
-                             f"{resample_taps(orig_rate, new_rate)} taps (at most {MAX_RESAMPLE_TAPS})")
+        if why := resampling_refused(orig_rate, new_rate):
+            raise ValueError(why)
         g = math.gcd(orig_rate, new_rate)
         self.orig, self.new = orig_rate // g, new_rate // g
         self.identity = self.orig == self.new

@@ -98,13 +98,13 @@ def check_audio(rate: int, channels: int, frames: int | None, max_seconds: float
                 to_rate: int | None = None) -> None:
     """The limits on an audio clip's header (``frames``: None where the header does not say; ``to_rate``: the rate
     the model's feature extractor resamples to, where known)."""
-    from models.audio import MAX_RESAMPLE_TAPS, resample_taps
+    from models.audio import resampling_refused
 
     if rate <= 0:
         raise MediaHeaderError("audio header has no sample rate")
     if rate > MAX_AUDIO_RATE:
         raise MediaHeaderError(f"audio sampled at {rate} Hz; at most {MAX_AUDIO_RATE} Hz is accepted")
-    if to_rate and resample_taps(rate, to_rate) > MAX_RESAMPLE_TAPS:
+    if to_rate and resampling_refused(rate, to_rate):
         raise MediaHeaderError(f"audio sampled at {rate} Hz cannot be resampled to the model's {to_rate} Hz (the "
                                "rate shares too few factors with it); resample it to a usual rate (8, 11.025, 16, "
                                "22.05, 24, 32, 44.1, 48 or 96 kHz)")

@@ -144,11 +144,12 @@ def test_image_count_is_the_models(tiny_spec):
         load_preprocessor(tiny_spec, "image")(data).num_tokens == 16
 
 
-@pytest.mark.parametrize("rate", [11_111, 44_101, 191_999])
+@pytest.mark.parametrize("rate", [11_111, 44_101, 191_999, 160_775, 16_664])
 def test_a_rate_whose_resampling_filter_would_be_huge_is_refused_at_the_header_and_by_the_encoder(tiny_spec, rate):
     """A 250-byte WAV at 191,999 Hz took an encoder to the OOM killer (a 3.1e9-tap resampling filter, ~25 GB), and
-    one at 11,111 Hz held the audio tier for 20-37 s (an outside tester's fuzzer). The gateway's header probe and
-    the encoder refuse such rates at once; the usual rates still resample (and count) as before."""
+    one at 11,111 Hz held the audio tier for 20-37 s (an outside tester's fuzzer); 160,775 Hz, within the filter's
+    bound, took 6,553 taps per output sample (17 s for a 30 s window: a retest). The gateway's header probe and the
+    encoder refuse such rates at once; the usual rates still resample (and count) as before."""
     import time
 
     from encoders.preprocess import MediaError
