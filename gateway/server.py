@@ -35,10 +35,13 @@ LINGER_S = 2.0  # after an error answered straight to the socket, how long furth
 
 def _client_fault_not_error(record: logging.LogRecord) -> bool:
     """uvicorn logs a client's text frame that is not UTF-8 as an error with a traceback (the socket is closed with
-    1007, rightly): any client could fill the logs with them. Kept, as an info record without the traceback."""
+    1007, rightly), and bytes that are not HTTP as a warning: any client could fill the logs with them. Kept, as info
+    records without a traceback."""
     if record.levelno >= logging.ERROR and str(record.msg).startswith("Invalid UTF-8 sequence received from client"):
         record.levelno, record.levelname, record.exc_info, record.exc_text = logging.INFO, "INFO", None, None
         record.msg = "a WebSocket client sent a text frame that is not UTF-8; closed with 1007"
+    elif record.levelno >= logging.WARNING and str(record.msg).startswith("Invalid HTTP request received"):
+        record.levelno, record.levelname = logging.INFO, "INFO"  # a client's bytes: answered 400, nothing to act on
     return True
 
 
@@ -173,6 +176,7 @@ class HTTPProtocol(HttpToolsProtocol):
         super().connection_made(transport)
         self._header_timer = self._stall_timer = None
         self._in_headers, self._header_bytes, self._header_count, self._too_large = True, 0, 0, False
+        self._header_size = 0  # the request line's target and the header fields, as parsed
         if self.max_connections and len(self.connections) > self.max_connections:
             if self._refused.due():
                 log.warning("connection refused: too many open connections", extra={
@@ -193,8 +197,13 @@ class HTTPProtocol(HttpToolsProtocol):
             if self._header_bytes > MAX_HEADER_BYTES:
                 self._headers_too_large()
 
+    def on_url(self, url: bytes) -> None:
+        self._header_size += len(url)
+        super().on_url(url)
+
     def on_header(self, name: bytes, value: bytes) -> None:
         self._header_count += 1
+        self._header_size += len(name) + len(value) + 4
         if self._header_count > MAX_HEADERS:
             self._too_large = True
             raise ValueError("too many headers")  # the parser's callback error: answered by send_400_response
@@ -206,12 +215,15 @@ class HTTPProtocol(HttpToolsProtocol):
 
     def on_message_begin(self) -> None:
         super().on_message_begin()
-        self._in_headers, self._header_bytes, self._header_count = True, 0, 0
+        self._in_headers, self._header_bytes, self._header_count, self._header_size = True, 0, 0, 0
         self._begun = True
         if self._header_timer is None:  # a request begun (a keep-alive connection's next one): its headers in time
             self._header_timer = self.loop.call_later(self.header_timeout_s, self._headers_late)
 
     def on_headers_complete(self) -> None:
+        if self._header_size > MAX_HEADER_BYTES:  # exact, where the reads' count bounds the buffering only
+            self._too_large = True
+            raise ValueError("headers too large")
         self._in_headers = self._begun = False
         self._cancel("_header_timer")
         super().on_headers_complete()
@@ -284,9 +296,11 @@ class HTTPProtocol(HttpToolsProtocol):
         if getattr(self, "_lingering", False) or getattr(self, "_deferred", None):
             return
         running = getattr(self, "_running", None)
-        if (running is not None and not running.response_complete) or self.pipeline:
+        in_body = self.cycle is not None and self.cycle.more_body and not self.cycle.response_complete
+        if not in_body and ((running is not None and not running.response_complete) or self.pipeline):
             # Requests parsed before this error are answered first (HTTP answers in order): written now, the error
-            # took the place of a pipelined request's answer, which was then lost to the close.
+            # took the place of a pipelined request's answer, which was then lost to the close. (An error inside
+            # the running request's own body, a bad chunk, is that request's answer: at once.)
             self._deferred = (status, reason, message, code, type_, extra)
             return
         body = json.dumps({"error": {"message": message, "type": type_, "param": None, "code": code}}).encode()
