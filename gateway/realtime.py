@@ -63,7 +63,7 @@ from dataclasses import dataclass
 
 import numpy as np
 from redis.exceptions import RedisError
-from starlette.websockets import WebSocket, WebSocketDisconnect
+from starlette.websockets import WebSocket, WebSocketDisconnect, WebSocketDisconnected
 
 from gateway.errors import APIError, InvalidRequest, redis_unavailable
 from gateway.media import b64decode_chunked, image_from_url, is_remote
@@ -386,7 +386,7 @@ class RealtimeSession:
                     log.warning("realtime event: redis failed", extra={"session_id": self.session_id,
                                                                        "event_id": event_id, "error": str(exc)})
                     await self.error(redis_unavailable(exc), event_id)
-                except WebSocketDisconnect:
+                except (WebSocketDisconnect, WebSocketDisconnected):  # gone: ends the session, not an event's bug
                     raise
                 except Exception as exc:  # a bug handling this one event: the session goes on (a send to a closed
                     # socket raises again from here, and ends it)
@@ -1021,7 +1021,7 @@ class RealtimeSession:
             status, details = "failed", {"type": "failed", "error": {"type": exc.type, "code": exc.code,
                                                                       "message": exc.message}}
             await self.error(exc, run.event_id)
-        except WebSocketDisconnect:
+        except (WebSocketDisconnect, WebSocketDisconnected):  # the socket went (a reset, the send bound cut it)
             run.cancelled.set()
             self.active = None
             return
