@@ -38,7 +38,7 @@ from gateway.errors import APIError, Internal, MethodNotAllowed, NotFound, redis
 from gateway.metrics import CONTENT_TYPE, ClusterMetrics, GatewayMetrics, lease_owner
 from gateway.monitor import ClusterMonitor
 from gateway.openapi import openapi
-from gateway.origin import BrowserGuard, split_list
+from gateway.origin import BrowserGuard, refuse, split_list
 from gateway.prompt import PromptBuilder
 from gateway.ratelimit import RateLimiter
 from gateway.realtime import realtime_endpoint
@@ -280,13 +280,19 @@ def with_request_id(app):
     and 405s included: the chat route sets its own (the id that runs through every tier); any other response gets
     the one made here, which a refusal's log record names too (``scope["state"]["response_id"]``)."""
     async def wrapped(scope, receive, send):
-        if scope["type"] != "http":
+        if scope["type"] not in ("http", "websocket"):
             return await app(scope, receive, send)
+        if scope["type"] == "websocket" and scope.get("path") != "/v1/realtime":
+            # Starlette closes it before accepting, which uvicorn answers 403 with an empty text body
+            return await refuse(scope, receive, send, 404, "not_found",
+                                f"no WebSocket endpoint at {scope.get('path')!r} (the Realtime API is at /v1/realtime)",
+                                extra_headers=[(b"x-request-id", uuid.uuid4().hex.encode())])
         rid = uuid.uuid4().hex
         scope.setdefault("state", {})["response_id"] = rid
 
         async def send_with_id(message):
-            if message["type"] == "http.response.start" and not any(
+            # a WebSocket refused before its handshake is answered as HTTP too (the denial-response extension)
+            if message["type"] in ("http.response.start", "websocket.http.response.start") and not any(
                     k.lower() == b"x-request-id" for k, _ in message.get("headers", ())):
                 message = {**message, "headers": [*message.get("headers", ()), (b"x-request-id", rid.encode())]}
             await send(message)

@@ -264,6 +264,30 @@ def test_an_item_is_retrieved_whole_though_item_events_leave_media_out(cluster):
         assert (err["code"], err["param"], err["event_id"]) == ("item_not_found", "item_id", "missing")
 
 
+@pytest.mark.parametrize("path,headers,status,code", [
+    ("/health", b"", 404, "not_found"),  # uvicorn answered 403 with an empty text body
+    ("/v1/realtime?model=x", b"Origin: http://evil.example\r\n", 403, "origin_not_allowed"),
+])
+def test_a_websocket_refused_before_its_handshake_gets_the_error_shape_and_a_request_id(cluster, path, headers,
+                                                                                          status, code):
+    import socket
+
+    host, port = cluster.base_url.removeprefix("http://").split(":")
+    with socket.create_connection((host, int(port)), timeout=30) as s:
+        s.sendall(f"GET {path} HTTP/1.1\r\nHost: {host}:{port}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+                  "Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n".encode() + headers
+                  + b"\r\n")
+        reply = b""
+        while b"\r\n\r\n" not in reply or not reply.rstrip().endswith(b"}"):
+            chunk = s.recv(65536)
+            if not chunk:
+                break
+            reply += chunk
+    head, _, body = reply.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 %d " % status) and b"x-request-id: " in head.lower(), head
+    assert json.loads(body)["error"]["code"] == code
+
+
 def test_malformed_events_get_errors_and_the_connection_stays_usable(cluster):
     bad = [
         ("{not json", "invalid_json", None),
