@@ -25,10 +25,12 @@ def test_requests_are_refused_while_the_queues_head_has_waited_too_long(tiny_mod
 
         answers: dict[str, httpx.Response] = {}
         threads = []
-        for name, n in (("long", 900), ("long2", 900), ("queued", 4)):  # the first holds the only slot
+        # The first holds the only slot; the third follows the second at once: 0.3 s later, the second (the queue's
+        # head) had waited past 0.2 s when a loaded machine's monitor looked, and the third was refused too.
+        for name, n, pause in (("long", 900, 0.3), ("long2", 900, 0.02), ("queued", 4, 0.3)):
             threads.append(threading.Thread(target=lambda name=name, n=n: answers.setdefault(name, ask(n))))
             threads[-1].start()
-            time.sleep(0.3)
+            time.sleep(pause)
         refused = None
         deadline = time.monotonic() + 60
         while refused is None and threads[1].is_alive() and time.monotonic() < deadline:
