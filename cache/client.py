@@ -61,10 +61,10 @@ def redact(url: str) -> str:
 def describe(exc: BaseException) -> str:
     """What went wrong talking to Redis, in words fit for a client or a probe: no host, port or server text (those
     go to the log)."""
-    from redis.exceptions import AuthenticationError, BusyLoadingError, ReadOnlyError, ResponseError
+    from redis.exceptions import BusyLoadingError, ReadOnlyError, ResponseError
     from redis.exceptions import TimeoutError as RedisTimeoutError
 
-    if isinstance(exc, AuthenticationError) or "NOAUTH" in str(exc) or "WRONGPASS" in str(exc):
+    if refused_credentials(exc):
         return "authentication failed"
     if isinstance(exc, (RedisTimeoutError, TimeoutError)):
         return "timed out"
@@ -92,6 +92,28 @@ def describe_startup_error(exc: BaseException) -> str:
         return f"{exc.filename}: {exc.strerror or exc}"
     text = str(exc) or type(exc).__name__
     return text if type(exc) in (ValueError, OSError) else f"{text} ({type(exc).__name__})"
+
+
+def refused_credentials(exc: BaseException) -> bool:
+    """Redis refusing the client's password or user (it never clears: a configuration to fix)."""
+    from redis.exceptions import AuthenticationError
+
+    return isinstance(exc, AuthenticationError) or "NOAUTH" in str(exc) or "WRONGPASS" in str(exc)
+
+
+def ping_error(url: str, timeout_s: float = 5.0) -> Exception | None:
+    """What stops a PING to the Redis at ``url`` (with the credentials it carries), or None: one try, no retries (a
+    cluster client reads its slot map on connecting, so that is inside the try too)."""
+    client = None
+    try:
+        client = connect(url, retries=0, socket_timeout=timeout_s)
+        client.ping()
+        return None
+    except Exception as exc:  # noqa: BLE001 -- whatever stops it, the caller words it (``describe``)
+        return exc
+    finally:
+        if client is not None:
+            client.close()
 
 
 def refused_for_memory(exc: BaseException) -> bool:

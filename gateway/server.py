@@ -49,6 +49,32 @@ if _client_fault_not_error not in logging.getLogger("uvicorn.error").filters:
     logging.getLogger("uvicorn.error").addFilter(_client_fault_not_error)
 
 
+def _error_response(status: int, reason: str, message: str, code: str, extra: bytes = b"",
+                    type_: str = "invalid_request_error") -> bytes:
+    """An HTTP/1.1 error in the OpenAI shape, with a fresh ``x-request-id`` and ``connection: close``, as bytes to
+    write straight to a socket (no request to answer through the app)."""
+    body = json.dumps({"error": {"message": message, "type": type_, "param": None, "code": code}}).encode()
+    return (b"HTTP/1.1 %d %s\r\ncontent-type: application/json\r\ncontent-length: %d\r\nconnection: close\r\n"
+            b"x-request-id: %s\r\n%s\r\n%s" % (status, reason.encode(), len(body), uuid.uuid4().hex.encode(), extra,
+                                               body))
+
+
+def _linger(protocol) -> asyncio.TimerHandle | None:
+    """Close ``protocol``'s connection after its last answer, lingering: closed at once with the client's bytes
+    unread (a request or frame still being sent), the kernel answers with a reset, which can destroy the answer
+    before the client reads it. So the write side is shut, what still comes is dropped (``protocol._lingering``:
+    its ``data_received`` returns), and the socket is closed when the client closes it, or after LINGER_S (the
+    timer returned)."""
+    transport = protocol.transport
+    if not transport.can_write_eof():
+        transport.close()
+        return None
+    transport.write_eof()
+    protocol._lingering = True
+    transport.resume_reading()  # a paused read would leave the client's bytes unread all the same
+    return protocol.loop.call_later(LINGER_S, transport.close)
+
+
 class Server(uvicorn.Server):
     """uvicorn's server, except that ``END_MARGIN_S`` before its graceful period ends it calls ``end_in_flight``,
     so requests still running get an answer in the OpenAI error shape (and their generations are cancelled)
@@ -94,14 +120,10 @@ class WSProtocol(WebSocketsSansIOProtocol):
         self.request, self.handshake_initiated = event, True
         self.handshake_complete = self.close_sent = True
         reason = response.body.decode("utf-8", "replace").strip() if response.body else response.reason_phrase
-        body = json.dumps({"error": {"message": reason, "type": "invalid_request_error", "param": None,
-                                     "code": "invalid_websocket_handshake"}}).encode()
         extra = b"".join(b"%s: %s\r\n" % (k.encode(), v.encode("latin-1")) for k, v in response.headers.raw_items()
                          if k.lower() in ("sec-websocket-version", "upgrade"))  # what the client should send
-        self.transport.write(b"HTTP/1.1 %d %s\r\ncontent-type: application/json\r\ncontent-length: %d\r\n"
-                             b"connection: close\r\nx-request-id: %s\r\n%s\r\n%s"
-                             % (response.status_code, response.reason_phrase.encode(), len(body),
-                                uuid.uuid4().hex.encode(), extra, body))
+        self.transport.write(_error_response(response.status_code, response.reason_phrase, reason,
+                                             "invalid_websocket_handshake", extra))
         self.transport.close()
 
     def data_received(self, data: bytes) -> None:
@@ -117,14 +139,8 @@ class WSProtocol(WebSocketsSansIOProtocol):
         self.queue.put_nowait({"type": "websocket.disconnect", "code": code, "reason": reason})
         self.transport.write(b"".join(self.conn.data_to_send()))
         self.close_sent = True
-        if not self.transport.can_write_eof():
-            self.transport.close()
-            return
-        self.transport.write_eof()
-        self._lingering = True
-        self.transport.resume_reading()  # uvicorn may have paused it (the app not reading): the rest is dropped
-        # uvicorn's own close timer: the app ending (it sees the disconnect at once) then leaves the socket to it
-        self.close_timer = self.loop.call_later(LINGER_S, self.transport.close)
+        # As uvicorn's own close timer: the app ending (it sees the disconnect at once) then leaves the socket to it
+        self.close_timer = _linger(self)
 
     def pause_writing(self) -> None:
         super().pause_writing()
@@ -303,21 +319,9 @@ class HTTPProtocol(HttpToolsProtocol):
             # the running request's own body, a bad chunk, is that request's answer: at once.)
             self._deferred = (status, reason, message, code, type_, extra)
             return
-        body = json.dumps({"error": {"message": message, "type": type_, "param": None, "code": code}}).encode()
-        self.transport.write(b"HTTP/1.1 %d %s\r\ncontent-type: application/json\r\ncontent-length: %d\r\n"
-                             b"connection: close\r\nx-request-id: %s\r\n%s\r\n%s"
-                             % (status, reason.encode(), len(body), uuid.uuid4().hex.encode(), extra, body))
+        self.transport.write(_error_response(status, reason, message, code, extra, type_))
         self._cancel("_header_timer")
-        if not self.transport.can_write_eof():
-            self.transport.close()
-            return
-        # A lingering close: closed at once with the client's bytes unread (a request still being sent), the
-        # kernel answers with a reset, which can destroy the answer before the client reads it. So the write side
-        # is shut, what still comes is read and dropped, and the socket closed when the client closes it, or
-        # after LINGER_S.
-        self.transport.write_eof()
-        self._lingering = True
-        self.loop.call_later(LINGER_S, self.transport.close)
+        _linger(self)
 
 
 def connection_cap(configured: int = 0) -> int:
@@ -339,19 +343,13 @@ def check_redis_credentials(url: str) -> None:
     """A Redis that refuses the gateway's credentials stops the start (a RedisError, which the command line words
     in one line): a wrong password never clears, and a gateway running on with /ready 503 hid it. A Redis that is
     not up yet is only logged: the gateway starts, refusing requests, until it is."""
-    from cache.client import connect, describe
+    from cache.client import describe, ping_error, refused_credentials
 
-    client = None
-    try:
-        client = connect(url, retries=0, socket_timeout=5.0)  # a cluster client reads the slot map here
-        client.ping()
-    except Exception as exc:  # noqa: BLE001 -- any failure but a refused password only delays serving
-        if describe(exc) == "authentication failed":
-            raise
+    exc = ping_error(url)
+    if exc is not None and refused_credentials(exc):
+        raise exc
+    if exc is not None:
         log.warning("Redis is not reachable yet; serving 503s until it is", extra={"error": describe(exc)})
-    finally:
-        if client is not None:
-            client.close()
 
 
 def serve(cfg: GatewayConfig, host: str = "127.0.0.1", port: int = 8000, graceful_s: float = GRACEFUL_S) -> None:

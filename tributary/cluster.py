@@ -459,13 +459,11 @@ def listen_problem(host: str, port: int, flag: str = "--port") -> str | None:
 
 def check_redis(url: str, timeout_s: float = 5.0) -> None:
     """NotReady, in words, unless the Redis at ``url`` answers a PING (with the credentials the URL carries)."""
-    from cache.client import connect, describe
+    from cache.client import describe, ping_error
 
-    try:
-        connect(url, retries=0, socket_timeout=timeout_s).ping()
-    except Exception as exc:  # noqa: BLE001 -- anything that stops a PING stops every tier
+    if (exc := ping_error(url, timeout_s)) is not None:  # anything that stops a PING stops every tier
         raise NotReady(f"Redis at {redact(url)}: {describe(exc)} ({type(exc).__name__}: {exc}); check --redis-url "
-                       "(or TRIBUTARY_REDIS_URL)") from None
+                       "(or TRIBUTARY_REDIS_URL)")
 
 
 def _detach_from_terminal() -> None:
