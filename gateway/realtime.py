@@ -573,12 +573,8 @@ class RealtimeSession:
         # An item with megabytes of audio is checked (its base64 decoded) on a thread, as large events are parsed.
         item = await asyncio.to_thread(self._item, raw, param) if large else self._item(raw, param)
         for i, part in enumerate(item["content"]):
-            if "text" in part and len(part["text"]) > self.chat.builder.max_text_chars:
-                # No prompt can hold it (REST refuses such text untokenized too); echoed, tens of MB of JSON would
-                # be written on the event loop twice.
-                raise EventError(f"this text is {len(part['text'])} characters: more than any prompt of this model "
-                                 f"({self.chat.spec.max_context} tokens) can hold", code="context_length_exceeded",
-                                 param=f"{param}.content.{i}.text")
+            if "text" in part:  # echoed, tens of MB of JSON would be written on the event loop twice
+                self._prompt_sized(part["text"], f"{param}.content.{i}.text")
             if part["type"] == "input_image":
                 url, where = part["image_url"], f"{param}.content.{i}.image_url"
                 if len(url) < LARGE_EVENT:
@@ -591,8 +587,13 @@ class RealtimeSession:
         """Instructions must be a string any prompt could hold: longer ones would fail every later response."""
         if not isinstance(value, str):
             raise EventError(f"{param} must be a string", param=param)
-        if len(value) > self.chat.builder.max_text_chars:
-            raise EventError(f"{param} is {len(value)} characters: more than any prompt of this model "
+        self._prompt_sized(value, param)
+
+    def _prompt_sized(self, text: str, param: str) -> None:
+        """An error event for text longer than any prompt could hold (``max_text_chars``: REST refuses such text
+        untokenized too); kept, it would only fail every response that includes it."""
+        if len(text) > self.chat.builder.max_text_chars:
+            raise EventError(f"{param} is {len(text)} characters: more than any prompt of this model "
                              f"({self.chat.spec.max_context} tokens) can hold", code="context_length_exceeded",
                              param=param)
 
