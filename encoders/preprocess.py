@@ -22,7 +22,6 @@ from models.media import (
     MediaHeaderError,
     audio_sample_budget,
     check_audio,
-    check_audio_format,
     check_image,
 )
 
@@ -235,8 +234,7 @@ class AudioPreprocessor:
         with f:
             rate, channels = f.samplerate, f.channels
             try:  # the limits the gateway checked, again (a job may come from any gateway); frames are read below
-                check_audio_format(str(f.format))
-                check_audio(rate, channels, None, self.max_seconds, self.rate)
+                check_audio(str(f.format), rate, channels, None, self.max_seconds, self.rate)
             except MediaHeaderError as exc:
                 raise MediaError(str(exc)) from None
             budget = audio_sample_budget(self.max_seconds)

@@ -28,15 +28,20 @@ from gateway.config import DEFAULT_MM_LIMITS
 from gateway.errors import InvalidRequest
 from gateway.media import MediaPart, audio_from_base64, content_digest, from_data_url, is_remote, unreadable
 from gateway.schemas import ChatCompletionRequest
-from models.media import MAX_AUDIO_S, MediaHeaderError, MediaInfo, placeholder_count, probe_audio, probe_image
+from models.media import (
+    AUDIO_FORMATS,
+    MAX_AUDIO_S,
+    MediaHeaderError,
+    MediaInfo,
+    placeholder_count,
+    probe_audio,
+    probe_image,
+)
 from models.spec import ModelSpec
 
 log = logging.getLogger(__name__)
 
 _MODALITY = {"image_url": "image", "input_audio": "audio", "audio_url": "audio"}  # part type -> modality
-# libsndfile's container names -> the input_audio.format values that declare them (OpenAI refuses a mismatch)
-_FORMAT_OF = {"WAV": ("wav",), "WAVEX": ("wav",), "RF64": ("wav",), "W64": ("wav",), "MP3": ("mp3",),
-              "MPEG": ("mp3",), "FLAC": ("flac",), "OGG": ("ogg",)}
 
 
 @dataclass(frozen=True)
@@ -323,8 +328,8 @@ class PromptBuilder:
         else:
             data = audio_from_base64(part.input_audio.data, param, self.max_media_bytes)
         info = self.check_media(modality, data, param)
-        if part.type == "input_audio" and info.format and part.input_audio.format not in _FORMAT_OF.get(info.format,
-                                                                                                       ()):
+        # the input_audio.format must name the data's container (OpenAI refuses a mismatch)
+        if part.type == "input_audio" and info.format and part.input_audio.format != AUDIO_FORMATS.get(info.format):
             raise InvalidRequest(f"{param}: input_audio.format is '{part.input_audio.format}' but the data is "
                                  f"{info.format} audio", param=f"{param}.input_audio.format", code="invalid_media")
         return MediaPart(modality, data, param, self.digest(modality, data, namespace), part.uuid,

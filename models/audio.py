@@ -46,8 +46,13 @@ def resample_taps(orig_rate: int, new_rate: int) -> tuple[int, int]:
     orig, new = orig_rate // g, new_rate // g
     if orig == new:
         return 0, 0
-    phase = 2 * math.ceil(LOWPASS_WIDTH * orig / (min(orig, new) * ROLLOFF)) + orig
+    phase = 2 * _width(orig, new) + orig
     return new * phase, phase
+
+
+def _width(orig: int, new: int) -> int:
+    """The filter's half width in input samples, for rates divided by their gcd (torchaudio's formula)."""
+    return math.ceil(LOWPASS_WIDTH * orig / (min(orig, new) * ROLLOFF))
 
 
 def resampling_refused(orig_rate: int, new_rate: int) -> str | None:
@@ -64,7 +69,7 @@ def sinc_kernel(orig: int, new: int) -> tuple[np.ndarray, int]:
     ``width``: the formula of torchaudio's ``_get_sinc_resample_kernel`` (``sinc_interp_hann``), computed in
     float64."""
     base = min(orig, new) * ROLLOFF
-    width = math.ceil(LOWPASS_WIDTH * orig / base)
+    width = _width(orig, new)
     idx = np.arange(-width, width + orig, dtype=np.float64)[None, :] / orig
     t = (np.arange(0, -new, -1, dtype=np.float64)[:, None] / new + idx) * base
     t = np.clip(t, -LOWPASS_WIDTH, LOWPASS_WIDTH)

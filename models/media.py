@@ -14,8 +14,9 @@ import math
 from dataclasses import dataclass
 
 IMAGE_FORMATS = {"PNG", "JPEG", "WEBP", "GIF", "BMP"}
-# soundfile's names of the audio containers taken (wav, mp3, flac, ogg)
-AUDIO_FORMATS = {"WAV", "WAVEX", "RF64", "W64", "MP3", "MPEG", "FLAC", "OGG"}
+# The audio containers taken: soundfile's (libsndfile's) names -> the input_audio.format that declares each
+AUDIO_FORMATS = {"WAV": "wav", "WAVEX": "wav", "RF64": "wav", "W64": "wav", "MP3": "mp3", "MPEG": "mp3",
+                 "FLAC": "flac", "OGG": "ogg"}
 MAX_IMAGE_PIXELS = 40_000_000
 # Longest side over shortest (Qwen2-VL's bound too). Processors resize the shortest side to the tower's size, so a
 # 1 x 16000 image (a few hundred bytes) would become 224 x 3.6M pixels: gigabytes and seconds of resizing.
@@ -82,24 +83,20 @@ def probe_audio(data: bytes, max_seconds: float = MAX_AUDIO_S, to_rate: int | No
     except Exception as exc:  # LibsndfileError, RuntimeError, TypeError: it is not audio libsndfile reads
         raise MediaHeaderError("not a readable audio clip (wav, mp3, flac or ogg)") from exc
     out = MediaInfo(frames=max(int(info.frames), 0), rate=int(info.samplerate), format=str(info.format))
-    check_audio_format(out.format)
-    check_audio(out.rate, int(info.channels), out.frames, max_seconds, to_rate)
+    check_audio(out.format, out.rate, int(info.channels), out.frames, max_seconds, to_rate)
     return out
 
 
-def check_audio_format(fmt: str) -> None:
-    """libsndfile reads some twenty containers; the documented ones are taken (fewer parsers within a client's
-    reach), whichever way the clip came (``input_audio`` names its format, a data URL's MIME type proves nothing)."""
-    if fmt not in AUDIO_FORMATS:
-        raise MediaHeaderError(f"audio format {fmt} is not accepted (accepted: wav, mp3, flac, ogg)")
-
-
-def check_audio(rate: int, channels: int, frames: int | None, max_seconds: float = MAX_AUDIO_S,
+def check_audio(fmt: str, rate: int, channels: int, frames: int | None, max_seconds: float = MAX_AUDIO_S,
                 to_rate: int | None = None) -> None:
     """The limits on an audio clip's header (``frames``: None where the header does not say; ``to_rate``: the rate
-    the model's feature extractor resamples to, where known)."""
+    the model's feature extractor resamples to, where known). Of the twenty-odd containers libsndfile reads, the
+    documented ones are taken (fewer parsers within a client's reach), whichever way the clip came (``input_audio``
+    names its format, a data URL's MIME type proves nothing)."""
     from models.audio import resampling_refused
 
+    if fmt not in AUDIO_FORMATS:
+        raise MediaHeaderError(f"audio format {fmt} is not accepted (accepted: wav, mp3, flac, ogg)")
     if rate <= 0:
         raise MediaHeaderError("audio header has no sample rate")
     if rate > MAX_AUDIO_RATE:
