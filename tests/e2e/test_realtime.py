@@ -139,9 +139,10 @@ def test_cancel_mid_response_and_the_connection_goes_on(client, cluster):
     with client.realtime.connect(model=cluster.model) as conn:
         conn.recv()
         conn.conversation.item.create(item={"type": "message", "role": "user", "content": [
-            {"type": "input_text", "text": "go on and on"}]})
+            {"type": "input_text", "text": "long"}]})
         conn.recv(), conn.recv()
-        conn.response.create(response={"max_output_tokens": 900, "conversation": "auto"})
+        # Greedy: the same long answer every run (a sampled one once ended on its own before the cancel arrived)
+        conn.response.create(response={"max_output_tokens": 900, "conversation": "auto", "temperature": 0})
         for event in conn:
             if event.type == "response.output_text.delta":
                 conn.response.cancel()
