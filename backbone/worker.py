@@ -49,7 +49,7 @@ from redis.exceptions import BusyLoadingError, ReadOnlyError, RedisError
 
 from backbone.engine import Engine, Sequence, load_engine
 from backbone.fusion import PlanError
-from cache.client import connect, refused_for_memory
+from cache.client import connect, lost_node, refused_for_memory
 from cache.codec import CodecError, decode_tensor
 from cache.keys import BACKBONE_GROUP, Keys, alive
 from cache.streams import (
@@ -717,7 +717,9 @@ class BackboneWorker:
             # trip with an error per write: nothing this exchange sent can be counted as delivered, or a request's
             # tokens were dropped and it was logged finished while its gateway waited out its timeout (an outside
             # tester's run). Held as an outage: no step, the same events sent again until Redis takes them.
-            results = next((r for r in results if _refuses_writes(r)), results)
+            # So is a node not reached (a Redis Cluster's node dead while the others answer): the events it did
+            # not take go again (gateways drop the positions they have), and the plans read are read again.
+            results = next((r for r in results if _refuses_writes(r) or lost_node(r)), results)
         if isinstance(results, RedisError):
             self.reread = self.reread or ex.read_at is not None
             self._redis_failed(results, "step")

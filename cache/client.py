@@ -124,6 +124,22 @@ def refused_for_memory(exc: BaseException) -> bool:
     return isinstance(exc, OutOfMemoryError) or "OOM command not allowed" in str(exc)
 
 
+def lost_node(result) -> bool:
+    """A pipeline reply (``raise_on_error=False``) that says its node was not reached or did not answer: on a Redis
+    Cluster one node may fail while the others answer, so such an error arrives as one reply among data."""
+    from redis.exceptions import ClusterDownError, TryAgainError
+    from redis.exceptions import TimeoutError as RedisTimeoutError
+
+    return isinstance(result, (RedisConnectionError, RedisTimeoutError, ClusterDownError, TryAgainError, OSError))
+
+
+def no_such_key(result) -> bool:
+    """XINFO's error for a stream that does not exist (yet): a pipeline reply, not a failure."""
+    from redis.exceptions import ResponseError
+
+    return isinstance(result, ResponseError) and "no such key" in str(result).lower()
+
+
 def eviction_hazard(policy: str) -> tuple[int, str] | None:
     """What a Redis ``maxmemory-policy`` risks for Tributary, as ``(logging level, words for the operator)``; None
     for the policies it is built for: ``volatile-lru``/``volatile-lfu`` (only keys with a TTL, cached tensors and

@@ -22,7 +22,7 @@ import logging
 import time
 from dataclasses import dataclass, field
 
-from cache.client import connect_async, describe, eviction_hazard
+from cache.client import connect_async, describe, eviction_hazard, no_such_key
 from cache.keys import Keys, alive
 from cache.streams import run_script
 from gateway.config import GatewayConfig
@@ -94,14 +94,19 @@ class ClusterMonitor:
             pipe.xinfo_groups(stream)
         try:
             res = await asyncio.wait_for(pipe.execute(raise_on_error=False), PROBE_TIMEOUT_S)
-            if isinstance(res[0], Exception):
-                raise res[0]
+            # Each reply may be an error (XINFO GROUPS of a stream not made yet is one). Any other, on any key (on
+            # a cluster: any node), means Redis is not serving us: a node dead mid-read, a timeout.
+            if failed := next((r for r in res if isinstance(r, Exception) and not no_such_key(r)), None):
+                raise failed
         except asyncio.CancelledError:
             raise
         except Exception as exc:  # noqa: BLE001 -- any failure of the round trip means Redis is not serving us
             self._down(describe(exc), f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__)
             return
         lease_was, live_sets, rest = res[0], res[2 : 2 + len(self.tiers)], res[2 + len(self.tiers) :]
+        live = {t: {m.decode() for m in members} for t, members in zip(self.tiers, live_sets)}
+        backlog = {t: _lag(group, length, groups) for (t, (_, group)), length, groups
+                   in zip(self.queues.items(), rest[0::2], rest[1::2])}
         view = self.view
         if not view.up:
             if view.reason != "not checked yet":
@@ -109,9 +114,7 @@ class ClusterMonitor:
                 view.outage_ended = time.monotonic()
             view.up, view.reason, view.since = True, "ok", time.monotonic()
             self._policy_read = -1e9  # Redis may be another server now: read its policy at once
-        view.live = {t: {m.decode() for m in members} for t, members in zip(self.tiers, live_sets)}
-        view.backlog = {t: _lag(group, length, groups) for (t, (_, group)), length, groups
-                        in zip(self.queues.items(), rest[0::2], rest[1::2])}
+        view.live, view.backlog = live, backlog
         view.wait = await self._waits(view.backlog, dict(zip(self.tiers, rest[1::2])))
         if lease_was is None and not self._first:
             cause = await self._why_lease_lost(time.monotonic() - self._renewed)

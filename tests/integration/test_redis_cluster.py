@@ -154,6 +154,51 @@ def test_the_gateways_monitor_reads_queue_waits_on_a_cluster(r, redis_cluster):
     assert 69 <= view.wait["backbone"] <= 80 and 19 <= view.wait["encoder:audio"] <= 30
 
 
+def test_the_gateways_monitor_sees_any_node_it_reads_die_and_comes_back_after_the_failover():
+    """One beat reads keys on several nodes. The primary of one of them (not the lease's) killed: that beat marks
+    Redis down ("cannot connect": each reply may be an error, and was once parsed as data: a TypeError ended the beat,
+    or a dead queue read as empty); after the failover the beats come back up with every tier's view. The cluster
+    metrics' refresh, one round trip of the same kind, makes no snapshot meanwhile (not a dead queue read as 0)."""
+    from gateway.config import GatewayConfig
+    from gateway.metrics import ClusterMetrics
+    from gateway.monitor import ClusterMonitor
+
+    tiers = ["backbone", "encoder:image", "encoder:audio"]
+    reply = KEYS.reply("gw-dies")
+    with EmbeddedCluster(primaries=3, replicas=1, node_timeout_ms=1000) as cluster:
+        monitor = ClusterMonitor(GatewayConfig(model_dir="m", redis_url=cluster.url), tiers, reply,
+                                 lambda: None, lambda v: None)
+        metrics = ClusterMetrics(connect_async(cluster.url), KEYS, tiers, "gw-dies")
+        leases = {cluster.primary_of(alive(reply)).port, cluster.primary_of(metrics.lease_key).port}
+        read = [KEYS.live(t) for t in tiers] + [KEYS.queue(t)[0] for t in tiers]
+        victim = next(cluster.primary_of(k) for k in read if cluster.primary_of(k).port not in leases)
+
+        async def go():
+            try:
+                await monitor.beat()
+                await metrics.refresh()
+                assert monitor.view.up and metrics.snapshot is not None
+                victim.kill()
+                await monitor.beat()  # raises nothing
+                assert not monitor.view.up and monitor.view.reason in ("cannot connect", "timed out")
+                await metrics.refresh()
+                assert metrics.snapshot is None
+                await asyncio.to_thread(cluster.wait_ok, 30)
+                deadline = time.monotonic() + 15
+                while not monitor.view.up:
+                    assert time.monotonic() < deadline, monitor.view.reason
+                    await asyncio.sleep(0.25)
+                    await monitor.beat()
+                assert set(monitor.view.live) == set(tiers) and set(monitor.view.backlog) == set(tiers)
+                await metrics.refresh()
+                assert metrics.snapshot is not None
+            finally:
+                await monitor.close()
+                await metrics.r.aclose()
+
+        asyncio.run(go())
+
+
 def test_workers_ride_out_the_death_of_the_node_they_first_asked(tmp_path):
     """A worker's loop (read its own pending entries, a pipeline, a blocking group read) on a stream whose primary
     is also the node the client was given, killed: after the failover every call works again. redis-py alone never
