@@ -63,6 +63,7 @@ def test_an_item_whose_preprocessing_hangs_fails_alone_and_the_worker_stops_once
                         preprocess_timeout_s=0.5)
     stop = threading.Event()
     worker = EncoderWorker(cfg, preprocess, load_runtime(tiny_spec, "image"), stop, tiny_spec.encoder_id("image"))
+    pools = []
     try:
         for round_ in range(2):
             blobs = [png_bytes(20, 30, seed=1), b"hang", png_bytes(24, 24, seed=2)]
@@ -70,6 +71,7 @@ def test_an_item_whose_preprocessing_hangs_fails_alone_and_the_worker_stops_once
                                                         encoder_id="e", digest="d", blob_key="b", reply_to="x",
                                                         deadline=0.0)})() for i in range(3)]
             pool = worker.pool
+            pools.append(pool)
             futures = [pool.submit(worker._timed, blob, job.msg) for blob, job in zip(blobs, jobs)]
             t0 = time.perf_counter()
             got = worker._collect(Staged(None, jobs, futures, t0, None))
@@ -80,4 +82,5 @@ def test_an_item_whose_preprocessing_hangs_fails_alone_and_the_worker_stops_once
             assert stop.is_set() == (round_ == 1) and worker.exit_code == (3 if round_ == 1 else 0)
     finally:
         hang.set()
-        worker.pool.shutdown()
+        for pool in [*pools, worker.pool]:  # the threads left behind finish (and log) before the test ends
+            pool.shutdown(wait=True)
