@@ -131,6 +131,38 @@ def test_background_tasks_stop_even_when_a_cancellation_is_lost(caplog):
     assert any("did not stop" in r.getMessage() for r in caplog.records)
 
 
+def test_a_gateway_background_loop_that_ends_stops_the_gateway_but_a_cancelled_one_does_not(caplog):
+    """The reply reader (or the monitor) ending with an error left every request to wait out its timeout while
+    /health said ok: the process now stops itself as SIGTERM stops it, to be restarted."""
+    import os
+    import signal
+
+    from gateway.app import _stop_if_ended
+
+    signals = []
+    previous = signal.signal(signal.SIGTERM, lambda *_: signals.append(os.getpid()))
+
+    async def broken():
+        raise RuntimeError("a bug in the loop")
+
+    async def scenario():
+        ended, stopped = asyncio.create_task(broken(), name="replies"), asyncio.create_task(asyncio.sleep(60))
+        for task in (ended, stopped):
+            task.add_done_callback(_stop_if_ended)
+        stopped.cancel()
+        await asyncio.gather(ended, stopped, return_exceptions=True)
+        await asyncio.sleep(0.05)  # the callbacks run, then the handler in this (the main) thread
+
+    try:
+        with caplog.at_level(logging.CRITICAL, logger="gateway.app"):
+            asyncio.run(scenario())
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    assert signals == [os.getpid()]
+    record, = [r for r in caplog.records if r.levelno == logging.CRITICAL]
+    assert record.task == "replies" and record.error == "RuntimeError: a bug in the loop"
+
+
 def test_hang_timeout_0_turns_the_watchdogs_off_as_its_help_says():
     from tributary.cli import build_parser
 
