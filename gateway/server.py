@@ -270,6 +270,15 @@ class HTTPProtocol(HttpToolsProtocol):
                     extra={"client": f"{self.client[0]}:{self.client[1]}" if self.client else None, "path": path})
         self.transport.abort()  # connection_lost follows: the app sees a disconnect
 
+    def handle_websocket_upgrade(self) -> None:
+        """uvicorn hands the upgrade on with its request line rewritten to HTTP/1.1, so an HTTP/1.0 handshake (which
+        RFC 6455 does not allow: it has no Upgrade) was accepted; it is refused here, where the version is known."""
+        if self.scope.get("http_version", "1.1") == "1.0":
+            self._answer(400, "Bad Request", "a WebSocket handshake needs HTTP/1.1", "invalid_websocket_handshake",
+                         "invalid_request_error", b"upgrade: websocket\r\n")
+            return
+        super().handle_websocket_upgrade()
+
     def _start_asgi_task(self, cycle, app) -> None:
         self._running = cycle
         super()._start_asgi_task(cycle, app)

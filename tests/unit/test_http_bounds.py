@@ -244,6 +244,18 @@ def test_a_websocket_handshake_refused_is_answered_in_the_openai_shape(headers, 
     assert b"x-request-id: " in head and err["code"] == "invalid_websocket_handshake" and err["message"]
 
 
+def test_a_websocket_handshake_over_http_1_0_is_refused():
+    """uvicorn rewrote the request line to HTTP/1.1 before websockets saw it: a handshake RFC 6455 does not allow
+    was accepted (an outside tester's fuzzer)."""
+    with serving(App()) as port, socket.create_connection(("127.0.0.1", port), timeout=10) as s:
+        s.sendall(b"GET /ws-quiet HTTP/1.0\r\nHost: a\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+                  b"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n")
+        reply, _ = read_all(s)
+    assert reply.startswith(b"HTTP/1.1 400 "), reply[:80]
+    head, err = error_of(reply)
+    assert err["code"] == "invalid_websocket_handshake" and "HTTP/1.1" in err["message"]
+
+
 def test_bytes_that_are_not_http_after_a_pipelined_request_are_answered_after_it():
     """A valid request, then garbage on the same connection: the 400 was written at once and the connection closed,
     so the first request's answer was lost (an outside tester's fuzzer). Answers go in order."""
