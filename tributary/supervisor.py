@@ -212,6 +212,12 @@ class Supervisor:
             for child in wave:
                 child.signal(signal.SIGTERM)
             self._wait(wave, self.grace_s)
+        # Their last lines relayed before whatever the caller says next ("stopped" must be the last line), within
+        # 2 s in all (a process left behind may hold a pipe open)
+        deadline = time.monotonic() + 2
+        for child in self.children:
+            if child._reader is not None:
+                child._reader.join(max(0.0, deadline - time.monotonic()))
 
     def kill(self) -> None:
         """Every process, at once (a second Ctrl-C): :meth:`stop`'s waits then end."""
