@@ -85,7 +85,8 @@ def test_the_banners_first_requests_take_a_key_from_the_environment(secured):
     env = dict(os.environ, TRIBUTARY_KEY=KEYS["alice"])
     for command in ([curl] if shutil.which("curl") else []) + [python]:
         done = subprocess.run(["bash", "-c", command], capture_output=True, text=True, timeout=120, env=env)
-        assert done.returncode == 0 and done.stdout.strip(), (command, done.stderr)
+        # something printed (python's sampled answer may be empty by chance: its line is there)
+        assert done.returncode == 0 and done.stdout, (command, done.stdout, done.stderr)
         assert '"error"' not in done.stdout, done.stdout
 
 
@@ -169,9 +170,14 @@ def test_one_tenant_cannot_take_every_realtime_connection(secured):
         assert third["type"] == "closed" and third["code"] == 1013 and "this key's" in third["reason"], third
         with contextlib.ExitStack() as alices:
             assert open_as(alices, "alice")["type"] == "session.created"
-    time.sleep(0.5)  # the server sees the closes
-    with contextlib.ExitStack() as again:
-        assert open_as(again, "bob")["type"] == "session.created"
+    deadline = time.monotonic() + 15
+    while True:  # once the server has seen the closes, bob has room again
+        with contextlib.ExitStack() as again:
+            got = open_as(again, "bob")
+        if got["type"] == "session.created" or time.monotonic() > deadline:
+            break
+        time.sleep(0.2)
+    assert got["type"] == "session.created", got
 
 
 def test_tenants_neither_reuse_nor_detect_each_others_media(secured):

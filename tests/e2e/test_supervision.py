@@ -88,8 +88,8 @@ def test_a_taken_port_is_an_error_not_someone_elses_ready(tiny_model, redis_serv
         else:  # the first worker's
             proc, _ = up(tiny_model, redis_server.url, tmp_path / "up.log", "--prefix", "taken",
                          "--worker-metrics-port", str(port))
-        try:
-            code = proc.wait(60)
+        try:  # a worker binds its port after its imports, beside three others importing torch on 2 cores
+            code = proc.wait(180)
         finally:
             if proc.poll() is None:  # it came up regardless: stopped, the test failing
                 proc.kill()

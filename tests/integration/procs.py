@@ -64,3 +64,15 @@ def stop_tier(proc: subprocess.Popen, timeout: float = 30, sig: int = signal.SIG
     proc.send_signal(sig)
     out, _ = proc.communicate(timeout=timeout)
     return proc.returncode, out
+
+
+def wait_handles(pid: int, sig: int = signal.SIGTERM, timeout: float = 60) -> None:
+    """Until process ``pid`` catches or ignores ``sig`` (its handler installed, from /proc/<pid>/status): a child
+    signalled before then dies of the default action instead of running its handler."""
+    bit, deadline = 1 << (sig - 1), time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        status = dict(line.split(":", 1) for line in open(f"/proc/{pid}/status").read().splitlines() if ":" in line)
+        if (int(status["SigCgt"], 16) | int(status["SigIgn"], 16)) & bit:
+            return
+        time.sleep(0.05)
+    raise AssertionError(f"process {pid} did not install its signal {sig} handler within {timeout} s")

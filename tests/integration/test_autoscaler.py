@@ -13,6 +13,7 @@ import redis
 
 from cache.keys import Keys
 from router.liveness import Heartbeat
+from tests.integration.procs import wait_handles
 from tributary.autoscaler import LocalAutoscaler, policies_from_args
 from tributary.cluster import Cluster
 from tributary.supervisor import Child, Group, Supervisor
@@ -45,7 +46,8 @@ def test_retired_group_drains_and_is_removed_without_counting_a_crash():
     try:
         sup.add(extra)
         assert [g.name for g in sup.tier_groups("encoder:image")] == ["encoder:image", "encoder:image.1"]
-        time.sleep(0.5)  # both children up, their handlers installed
+        for g in (base, extra):  # both children up, their handlers installed
+            wait_handles(g.children[0].proc.pid)
         sup.retire(extra)
         assert [g.name for g in sup.tier_groups("encoder:image")] == ["encoder:image"]  # no longer counted
         assert _until(lambda: (sup.tend(), extra not in sup.groups)[1])  # max_restarts=0: a crash would raise
@@ -60,7 +62,7 @@ def test_a_replica_that_ignores_sigterm_is_killed_after_the_grace_period():
     sup = Supervisor([], max_restarts=0, grace_s=0.5)
     try:
         sup.add(stuck)
-        time.sleep(0.3)
+        wait_handles(stuck.children[0].proc.pid)  # ignored, not yet the default action
         sup.retire(stuck)
         assert _until(lambda: (sup.tend(), stuck not in sup.groups)[1], timeout=15)
         assert stuck.children[0].exited == -9

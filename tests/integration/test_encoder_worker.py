@@ -144,7 +144,12 @@ def test_the_metrics_port_counts_jobs_by_outcome_and_forward_batches(image_worke
     assert isinstance(next_reply(r, "reply:metrics"), m.EncodeDone)
     submit(r, tiny_spec, b"not an image", "reply:metrics")
     assert isinstance(next_reply(r, "reply:metrics"), m.EncodeFailed)
-    after = scrape()
+    bad, deadline = ("tributary_encoder_jobs_total", "bad_media"), time.monotonic() + 10
+    while True:  # the counters are bumped after the reply is written
+        after = scrape()
+        if after.get(bad, 0) > before.get(bad, 0) or time.monotonic() > deadline:
+            break
+        time.sleep(0.05)
 
     def grew(name: str, label: str | None = None) -> float:
         return after[(name, label)] - before[(name, label)]

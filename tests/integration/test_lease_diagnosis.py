@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import re
 import time
 
 import redis
@@ -69,7 +70,7 @@ def test_a_lease_lost_while_redis_ran_on_without_evicting_blames_the_process(red
 
     resets, line = lease_lost(redis_url, caplog, stall)
     assert resets == 1
-    assert "did not renew it for 10 s" in line, line
+    assert re.search(r"did not renew it for 1[01] s", line), line  # 10 s and the time the beat took, rounded
 
 
 def test_a_server_started_after_the_last_renewal_is_a_restart(caplog):
@@ -77,7 +78,8 @@ def test_a_server_started_after_the_last_renewal_is_a_restart(caplog):
         resets, line = lease_lost(server.url, caplog, lambda monitor, r: setattr(monitor, "_renewed",
                                                                                  monitor._renewed - 5))
     assert resets == 1
-    assert "Redis restarted 0 s ago" in line, line
+    # Redis counts uptime in whole seconds of its clock (floor(now) - floor(start)): 1 once a second turned
+    assert re.search(r"Redis restarted [01] s ago", line), line
 
 
 def test_an_eviction_policy_that_endangers_accepted_work_is_named_once_and_cleared_when_changed(caplog, monkeypatch):

@@ -294,7 +294,10 @@ def test_a_waiter_with_time_left_queues_again_a_job_dropped_for_another_requests
         part = MediaPart("image", data, "messages.0.content.0", digest_of(tiny_spec, data))
         with paused(encoder, redis_server.url):
             a = asyncio.create_task(media(2).encode("req-a", [part], replies.subscribe("req-a")))
-            await asyncio.sleep(0.5)  # A holds the lease and queued the job
+            deadline = time.monotonic() + 10
+            while await asyncio.to_thread(jobs_queued, redis.Redis.from_url(redis_server.url)) <= queued:
+                assert time.monotonic() < deadline, "A never queued its job"
+                await asyncio.sleep(0.05)  # until A holds the lease and queued the job
             b = asyncio.create_task(media(60).encode("req-b", [part], replies.subscribe("req-b")))
             with pytest.raises(Timeout):
                 await asyncio.wait_for(a, 10)

@@ -336,7 +336,8 @@ def test_backbone_stops_a_generation_whose_gateway_lease_lapses(backbone, r, tin
 
 # -- 3. Backbone: Redis paused mid-generation ----------------------------------------------------------------------
 
-GREEDY_TOKENS = 300
+GREEDY_TOKENS = 900  # ~2 s of decoding: a test process descheduled between the first event and the pause must not
+# see it end first (prompt 9 + 900 fits the tiny model's 1024 positions)
 PAUSE_S = 3.0
 
 

@@ -213,6 +213,12 @@ def test_workers_ride_out_the_death_of_the_node_they_first_asked(tmp_path):
         ensure_group(client, stream, "encoders")
         client.xadd(stream, payload_fields(b"job"))
         assert read_batch(client, "encoders", "me", stream, 8, 10, 100)
+        # Replication is asynchronous: a write in the stream's slot, then WAIT until the replica has it, and so
+        # everything before it (the stream, group and pending entry), or the promoted replica may lack them (not
+        # what this test is about). WAIT counts the acks of this connection's own last write.
+        fence = EmbeddedCluster.client(home)
+        fence.set("{trib:jobs:image}:fence", 1)
+        assert fence.execute_command("WAIT", 1, 5000) == 1
         home.kill()
         cluster.wait_ok(30)
         errors, deadline = [], time.monotonic() + 30

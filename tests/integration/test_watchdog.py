@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 
 from cache.embedded import EmbeddedRedis
+from tests.integration.procs import wait_handles
 from tributary.supervisor import Child, Group, Supervisor
 from tributary.watchdog import Watchdog
 
@@ -83,8 +84,8 @@ def test_no_worker_is_judged_while_redis_is_paused_nor_one_still_loading(server)
     pids = [g.children[0].proc.pid for g in (healthy, loading)]
     try:
         dog = Watchdog(server.url, PREFIX, [TIER], hang_s=2.0, every_s=0.2)
+        assert run(sup, dog, 60, until=lambda: pids[0] in dog.beats) == []  # the healthy one was seen beating
         assert run(sup, dog, 3) == []
-        assert pids[0] in dog.beats  # the healthy one was seen beating
         os.kill(server.proc.pid, signal.SIGSTOP)
         try:
             assert run(sup, dog, 5) == []  # every beat goes stale; Redis does not answer the watchdog either
@@ -137,7 +138,9 @@ def test_a_restarted_worker_stuck_loading_is_killed_after_the_load_timeout_but_n
     sup.start()
     first, shards = loading.children[0], list(replica.children)
     try:
-        dog = Watchdog(server.url, PREFIX, [TIER], hang_s=1.0, every_s=0.2, load_s=3.0)
+        # hang_s above the beat's 1 s period with room (at 1.0 a healthy replica's next beat, due just after 1 s,
+        # could be judged late)
+        dog = Watchdog(server.url, PREFIX, [TIER], hang_s=2.5, every_s=0.2, load_s=3.0)
         killed = run(sup, dog, 30, until=lambda: loading.children[0] is not first and loading.children[0].proc)
         assert killed == [first] and first.exited == -signal.SIGKILL
         assert loading.children[0].exited is None and len(loading.crashes) == 1
@@ -168,7 +171,8 @@ def test_stopping_everything_stops_the_front_first(tmp_path):
                    tier=TIER)
     sup = Supervisor([worker, front], grace_s=10)
     sup.start()
-    time.sleep(1.0)  # both running their handlers
+    for child in (front.children[0], worker.children[0]):  # both running their handlers
+        wait_handles(child.proc.pid)
     sup.stop()
     assert log.read_text().split() == ["gateway", "worker"]
     assert all(c.exited == 0 for c in sup.children)

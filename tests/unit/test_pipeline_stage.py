@@ -144,7 +144,10 @@ def test_a_shard_is_live_while_it_waits_and_not_once_a_step_outlasts_the_stall_t
     time.sleep(0.3)
     assert stage.live(0.1)  # idle for longer than the stall timeout: still live
     header_sent.set()
-    time.sleep(0.3)
+    deadline = time.monotonic() + 10
+    while len(calls) < 2 and time.monotonic() < deadline:  # the step begun: waiting for its table
+        time.sleep(0.01)
+    time.sleep(0.2)  # longer than the stall timeout below
     assert len(calls) == 2 and not stage.live(0.1) and stage.live(30)
     rest_sent.set()
     runner.join(10)
