@@ -239,13 +239,25 @@ def _options(socket_timeout: float) -> dict:
 _modes: dict[str, bool] = {}
 
 
-def stream_read_keys(args: tuple) -> list | None:
-    """The keys of an XREAD / XREADGROUP command (the first half of what follows STREAMS), or None for another
-    command (whose arguments may be any bytes: only the name is looked at)."""
+def command_keys(args: tuple) -> list | None:
+    """The keys of the commands Tributary sends whose keys have no fixed place (redis-py's "movablekeys"): XREAD /
+    XREADGROUP (the first half of what follows STREAMS) and EVAL / EVALSHA (``numkeys`` of them after it); None for
+    another command (whose arguments may be any bytes: only the name is looked at)."""
     def word(a) -> str:
         return (a.decode("latin-1") if isinstance(a, (bytes, bytearray)) else str(a)).upper()
 
-    if not args or word(args[0]) not in ("XREAD", "XREADGROUP"):
+    if not args:
+        return None
+    name = word(args[0])
+    if name in ("EVAL", "EVALSHA", "EVAL_RO", "EVALSHA_RO", "FCALL", "FCALL_RO"):
+        if len(args) < 3:
+            return None
+        try:
+            numkeys = int(args[2])
+        except ValueError:
+            return None
+        return list(args[3 : 3 + numkeys])
+    if name not in ("XREAD", "XREADGROUP"):
         return None
     at = next((i for i, a in enumerate(args) if word(a) == "STREAMS"), None)
     if at is None:
@@ -255,10 +267,12 @@ def stream_read_keys(args: tuple) -> list | None:
 
 
 class _StreamKeys:
-    """redis-py's cluster command parser, except that the keys of XREAD/XREADGROUP are read from the command itself.
-    redis-py asks a server for them (COMMAND GETKEYS: a round trip before every read), always its default node, and
-    outside the code that refreshes the slot map on a connection error: once that node dies, every read fails for
-    good (measured here: a worker never recovered from a failover). Wraps the sync and the asyncio parser."""
+    """redis-py's cluster command parser, except that the keys of XREAD/XREADGROUP and of scripts (EVAL, which its
+    pipelines route this way) are read from the command itself (:func:`command_keys`). redis-py asks a server for
+    them (COMMAND GETKEYS: a round trip before every such command), always its default node, and outside the code
+    that refreshes the slot map on a connection error: once that node dies, every such command fails for good
+    (measured here: a worker never recovered from a failover; an outside tester's: a backbone whose default node was
+    the dead primary never made another round trip). Wraps the sync and the asyncio parser."""
 
     def __init__(self, inner):
         self._inner = inner
@@ -267,13 +281,13 @@ class _StreamKeys:
         return getattr(self._inner, name)
 
     def get_keys(self, *args):
-        keys = stream_read_keys(args[1:])  # sync: (connection, *command)
+        keys = command_keys(args[1:])  # sync: (connection, *command)
         return keys if keys is not None else self._inner.get_keys(*args)
 
 
 class _AsyncStreamKeys(_StreamKeys):
     async def get_keys(self, *args):
-        keys = stream_read_keys(args)
+        keys = command_keys(args)
         return keys if keys is not None else await self._inner.get_keys(*args)
 
 

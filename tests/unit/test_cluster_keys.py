@@ -1,11 +1,11 @@
 """Redis Cluster without a server: which keys share a slot (cache/keys.py) and the stream-read key parser the
-cluster clients use (cache/client.py)."""
+cluster clients use (cache/client.py: stream reads and scripts)."""
 
 from __future__ import annotations
 
 from redis.crc import key_slot
 
-from cache.client import stream_read_keys
+from cache.client import command_keys
 from cache.keys import Keys, alive
 
 
@@ -29,12 +29,15 @@ def test_a_reply_stream_and_its_lease_share_a_slot_and_gateways_spread():
     assert len({slot(k.reply(f"{i:012x}")) for i in range(100)}) > 90
 
 
-def test_stream_read_keys():
-    assert stream_read_keys(("XREAD", "COUNT", 5, "BLOCK", 100, "STREAMS", "a", "b", "0", "$")) == ["a", "b"]
-    assert stream_read_keys(("XREADGROUP", "GROUP", "g", "c", "COUNT", 8, "streams", b"s", ">")) == [b"s"]
-    assert stream_read_keys(("SET", "k", b"\x89PNG\r\n\x1a\n\xff")) is None  # other commands' bytes untouched
-    assert stream_read_keys(("xread", "STREAMS")) == []
-    assert stream_read_keys(()) is None
+def test_command_keys():
+    assert command_keys(("XREAD", "COUNT", 5, "BLOCK", 100, "STREAMS", "a", "b", "0", "$")) == ["a", "b"]
+    assert command_keys(("XREADGROUP", "GROUP", "g", "c", "COUNT", 8, "streams", b"s", ">")) == [b"s"]
+    assert command_keys(("SET", "k", b"\x89PNG\r\n\x1a\n\xff")) is None  # other commands' bytes untouched
+    assert command_keys(("xread", "STREAMS")) == []
+    assert command_keys(()) is None
+    assert command_keys(("EVAL", "return 1", 2, "{a}x", "{a}y", "arg")) == ["{a}x", "{a}y"]
+    assert command_keys((b"EVALSHA", b"abc", b"1", b"k", b"v")) == [b"k"]
+    assert command_keys(("EVAL", "return 1", 0)) == []
 
 
 def test_each_tier_has_one_queue_and_group():
