@@ -77,8 +77,12 @@ class Keys:
 
     def budget(self, tier: str) -> str:
         """Threads each of a tier's processes should use (``tributary up``'s CPU budget, re-divided as its autoscaler
-        adds and removes processes), with a TTL the autoscaler refreshes."""
-        return f"{self.prefix}:budget:{tier}"
+        adds and removes processes), with a TTL the autoscaler refreshes. In the live set's slot: a worker's
+        heartbeat (its ZADD there, a GET of this) is one node's round trip, so a Redis Cluster node that does not
+        answer, holding neither, never fails a beat (an outside tester's chaos run: every worker looked dead, and
+        the watchdog killed them all)."""
+        live = self.live(tier)
+        return f"{live}:budget" if "{" in self.prefix else f"{{{live}}}:budget"
 
     def stats(self, tier: str) -> str:
         """Hash of monotonically increasing counters a tier keeps (jobs, encoder calls, tokens, cancels)."""

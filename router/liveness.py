@@ -78,7 +78,14 @@ class Heartbeat:
         return time.monotonic() - self._ticked <= self.stall_s
 
     def start(self) -> "Heartbeat":
-        self.beat()
+        """The first beat now, then one a second on a thread. A first beat that fails (Redis, or the node holding
+        the live set, away) is retried by the thread: a worker starting during an outage waits it out instead of
+        exiting (restarted into the same outage, it crash-looped the cluster down: an outside tester's chaos run)."""
+        try:
+            self.beat()
+        except Exception as exc:  # noqa: BLE001 -- the thread beats again in a second
+            log.warning("first heartbeat failed; retrying", extra={"error": f"{type(exc).__name__}: {exc}"})
+            self._failing = True
         self._thread.start()
         return self
 

@@ -230,6 +230,35 @@ def test_a_script_pipeline_rides_out_the_death_of_the_clients_default_node():
         assert client.get_default_node().port != victim.port
 
 
+def test_a_heartbeat_is_one_nodes_round_trip(redis_cluster):
+    """A worker's beat writes its tier's live set and reads the tier's thread budget. Both in one slot: a node
+    holding neither, not answering, never fails a beat (the budget was elsewhere: one shard away made every worker
+    look dead and the watchdog killed them all, in an outside tester's chaos run). A first beat that fails does not
+    fail the worker's start either."""
+    import signal
+
+    from router.liveness import Heartbeat
+
+    tier = "encoder:image"
+    home = redis_cluster.primary_of(KEYS.live(tier))
+    elsewhere = [n for n in redis_cluster.live() if n.port != home.port
+                 and redis_cluster.client(n).execute_command("ROLE")[0] == b"master"]
+    connect(redis_cluster.url).set(KEYS.budget(tier), 3)
+    hb = Heartbeat(redis_cluster.url, KEYS, tier, "w-slot", on_threads=lambda n: None)
+    hb.beat()  # its client knows the slot map
+    for node in elsewhere:  # within the node timeout: no failover, they just do not answer
+        node.proc.send_signal(signal.SIGSTOP)
+    try:
+        t0 = time.monotonic()
+        hb.beat()
+        assert time.monotonic() - t0 < 1 and hb.threads == 3
+    finally:
+        for node in elsewhere:
+            node.proc.send_signal(signal.SIGCONT)
+    away = Heartbeat("redis://127.0.0.1:1", KEYS, tier, "w-away").start()  # raises nothing: its thread retries
+    away.stop()
+
+
 def test_workers_ride_out_the_death_of_the_node_they_first_asked(tmp_path):
     """A worker's loop (read its own pending entries, a pipeline, a blocking group read) on a stream whose primary
     is also the node the client was given, killed: after the failover every call works again. redis-py alone never

@@ -47,3 +47,11 @@ def test_each_tier_has_one_queue_and_group():
     assert keys.queue("backbone") == (keys.gen(), BACKBONE_GROUP)
     assert keys.queue("encoder:image") == (keys.jobs("image"), ENCODER_GROUP)
     assert keys.queue("encoder:audio") == (keys.jobs("audio"), ENCODER_GROUP)
+
+
+def test_a_tiers_budget_shares_its_live_sets_slot():
+    """A worker's heartbeat writes the live set and reads the budget in one pipeline: one node."""
+    for prefix in ("trib", "tenant-a:trib", "{t}"):
+        k = Keys(prefix)
+        for tier in ("backbone", "encoder:image", "encoder:audio"):
+            assert slot(k.budget(tier)) == slot(k.live(tier)) and k.budget(tier) != k.live(tier)
