@@ -34,7 +34,7 @@ from gateway.chat import ChatService, RequestIds
 from gateway.config import GatewayConfig
 from gateway.dashboard import Dashboard
 from gateway.encoding import MediaEncoder
-from gateway.errors import APIError, Internal, MethodNotAllowed, NotFound, redis_unavailable
+from gateway.errors import APIError, Internal, MethodNotAllowed, NotFound, redis_failure, redis_unavailable
 from gateway.metrics import CONTENT_TYPE, ClusterMetrics, GatewayMetrics, lease_owner
 from gateway.monitor import ClusterMonitor
 from gateway.openapi import openapi
@@ -137,10 +137,10 @@ def create_app(cfg: GatewayConfig):
         except ClientGone:
             log.info("client disconnected", extra={"request_id": rid})
             return Response(status_code=499)
-        except RedisError as exc:
-            log.error("redis unavailable", extra={"request_id": rid, "error": str(exc)})
-            return redis_unavailable(exc).response(ids.headers())
-        except Exception:
+        except Exception as exc:
+            if redis_failure(exc):
+                log.error("redis unavailable", extra={"request_id": rid, "error": f"{type(exc).__name__}: {exc}"})
+                return redis_unavailable(exc).response(ids.headers())
             log.exception("unhandled error", extra={"request_id": rid})
             return Internal("internal error; see the gateway log for request " + rid).response(ids.headers())
 

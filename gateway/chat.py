@@ -23,7 +23,6 @@ import uuid
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, replace
 
-from redis.exceptions import RedisError
 from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 
@@ -42,6 +41,7 @@ from gateway.errors import (
     Timeout,
     Unavailable,
     UnsupportedMediaType,
+    redis_failure,
     redis_unavailable,
 )
 from gateway.metrics import GatewayMetrics
@@ -281,8 +281,10 @@ class ChatService:
                     yield d
             finally:
                 await deltas.aclose()
-        except RedisError as exc:  # preparing or encoding: the 503 the REST route answers (gateway/app.py)
-            log.warning("redis failed", extra={"request_id": rid, "error": str(exc)})
+        except Exception as exc:  # Redis failing while preparing or encoding: the 503 the REST route answers
+            if not redis_failure(exc):
+                raise
+            log.warning("redis failed", extra={"request_id": rid, "error": f"{type(exc).__name__}: {exc}"})
             raise redis_unavailable(exc) from exc
         finally:
             if watcher is not None:
@@ -439,13 +441,13 @@ class ChatService:
                 yield d
         except ClientGone:  # the client went away: an abort
             raise
-        except RedisError as exc:  # mid-answer (a migration's requeue, a cancel): a 503, as before the first token
+        except Exception as exc:  # the gateway gave up waiting (a 504) included: the service failed the request
             reason = "error"
-            log.warning("redis failed mid-answer", extra={"request_id": rid, "error": str(exc)})
+            if not redis_failure(exc):
+                raise
+            # Redis failing mid-answer (a migration's requeue, a cancel): a 503, as before the first token
+            log.warning("redis failed mid-answer", extra={"request_id": rid, "error": f"{type(exc).__name__}: {exc}"})
             raise redis_unavailable(exc) from exc
-        except Exception:  # the gateway gave up waiting (a 504) included: the service failed the request
-            reason = "error"
-            raise
         finally:
             timing.finish(reason)
             if not finished:  # stop string, client gone, timeout: free the backbone slot

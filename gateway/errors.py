@@ -9,9 +9,11 @@ every message is scrubbed of what a library's exception text may carry in (``pub
 from __future__ import annotations
 
 import json
+import os
 import random
 import re
 
+import redis
 from redis.exceptions import RedisError
 from starlette.responses import JSONResponse
 
@@ -98,7 +100,25 @@ class Unavailable(APIError):
     status, type = 503, "service_unavailable"
 
 
-def redis_unavailable(exc: RedisError) -> Unavailable:
+_REDIS_CODE = os.path.dirname(redis.__file__) + os.sep
+
+
+def redis_failure(exc: BaseException) -> bool:
+    """Whether ``exc`` is a failure of the Redis path, answered with a 503 (retry later), not a 500: redis-py's
+    errors, its cluster client's own (``RedisClusterException``, not a ``RedisError``: no node for a slot), and
+    anything raised inside redis-py itself (a failover once gave an AttributeError in its connection code, from a
+    connection another task's retry had closed: an outside tester's chaos run)."""
+    from redis.exceptions import RedisClusterException
+
+    if isinstance(exc, RedisError | RedisClusterException):
+        return True
+    tb = exc.__traceback__
+    while tb is not None and tb.tb_next is not None:
+        tb = tb.tb_next
+    return tb is not None and tb.tb_frame.f_code.co_filename.startswith(_REDIS_CODE)
+
+
+def redis_unavailable(exc: BaseException) -> Unavailable:
     """The 503 for a Redis call that failed, wherever in a request it failed (before its first token, mid-stream, in
     a Realtime event): Redis unreachable, timed out, or refusing writes for memory (said so: an operator then looks
     at ``maxmemory``, not at the network)."""

@@ -65,7 +65,7 @@ import numpy as np
 from redis.exceptions import RedisError
 from starlette.websockets import WebSocket, WebSocketDisconnect, WebSocketDisconnected
 
-from gateway.errors import APIError, InvalidRequest, redis_unavailable
+from gateway.errors import APIError, InvalidRequest, redis_failure, redis_unavailable
 from gateway.media import b64decode_chunked, image_from_url, is_remote
 from gateway.schemas import check_sampling, parse_json
 from gateway.tiers import ClientGone
@@ -390,6 +390,9 @@ class RealtimeSession:
                     raise
                 except Exception as exc:  # a bug handling this one event: the session goes on (a send to a closed
                     # socket raises again from here, and ends it)
+                    if redis_failure(exc):  # raised inside redis-py (its cluster client's own): as above
+                        await self.error(redis_unavailable(exc), event_id)
+                        continue
                     log.exception("realtime event failed", extra={"session_id": self.session_id,
                                                                   "event_id": event_id})
                     await self.error(EventError(f"the server could not handle this event ({type(exc).__name__})",

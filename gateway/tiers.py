@@ -24,12 +24,11 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 
 import msgspec
-from redis.exceptions import RedisError
 
 from cache.keys import BACKBONE_GROUP, CANCEL_ALL, Keys
 from cache.streams import ack_delete_if_pending, payload_fields, run_script
 from gateway.config import GatewayConfig
-from gateway.errors import APIError, Internal, Timeout, Unavailable
+from gateway.errors import APIError, Internal, Timeout, Unavailable, redis_failure
 from gateway.replies import ReplyRouter
 from models.spec import ModelSpec
 from router import messages as m
@@ -262,7 +261,9 @@ class TierClient:
             pipe = self.r.pipeline(transaction=False)
             self._cancel_from(pipe, request_id, CANCEL_ALL)
             await pipe.execute()
-        except RedisError:
+        except Exception as exc:  # noqa: BLE001 -- best effort, re-raised unless Redis (or redis-py) failed
+            if not redis_failure(exc):
+                raise
             log.warning("could not post a cancellation", extra={"request_id": request_id}, exc_info=True)
 
     @staticmethod

@@ -18,7 +18,7 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from cache.keys import Keys
 from gateway.chat import ChatService
-from gateway.errors import Unavailable, redis_unavailable
+from gateway.errors import Unavailable, redis_failure, redis_unavailable
 from gateway.metrics import GatewayMetrics
 from gateway.ratelimit import RateLimiter
 from gateway.schemas import parse_chat_request
@@ -27,6 +27,28 @@ from router import messages as m
 FAILURES = [RedisConnectionError("Connection refused"), RedisTimeoutError("Timeout reading from socket"),
             OutOfMemoryError("command not allowed when used memory > 'maxmemory'."),
             ResponseError("OOM command not allowed when used memory > 'maxmemory'. script: ...")]  # a script's
+
+
+def inside_redis() -> Exception:
+    """An error raised inside redis-py's own code (as a connection another task's retry closed once gave)."""
+    from redis.crc import key_slot
+
+    try:
+        key_slot(None)
+    except AttributeError as exc:
+        return exc
+    raise AssertionError("redis-py accepted None as a key")
+
+
+def test_failures_of_the_redis_path_are_told_from_the_gateways_own_bugs():
+    from redis.exceptions import SlotNotCoveredError
+
+    assert all(map(redis_failure, FAILURES)) and redis_failure(SlotNotCoveredError("no node for slot 7"))
+    assert redis_failure(inside_redis())
+    try:
+        raise AttributeError("the gateway's own")
+    except AttributeError as ours:
+        assert not redis_failure(ours)
 
 
 def test_every_redis_failure_is_a_503_and_out_of_memory_says_so():
@@ -65,7 +87,14 @@ def plan(rid: str) -> m.PromptPlan:
                         sampling=m.SamplingParams(max_tokens=8), deadline=0.0)
 
 
-@pytest.mark.parametrize("exc", FAILURES, ids=["refused", "timeout", "oom", "script-oom"])
+def cluster_failure():
+    from redis.exceptions import SlotNotCoveredError
+
+    return SlotNotCoveredError("no node for slot 7")
+
+
+@pytest.mark.parametrize("exc", [*FAILURES, cluster_failure(), inside_redis()],
+                         ids=["refused", "timeout", "oom", "script-oom", "cluster", "inside-redis-py"])
 def test_a_redis_failure_mid_stream_ends_the_stream_with_a_503_event(tiny_spec, exc):
     tiers = FailingTiers(exc)
     svc = service(tiny_spec.load_tokenizer(), tiers)
