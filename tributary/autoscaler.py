@@ -33,7 +33,7 @@ from pathlib import Path
 
 from redis.exceptions import RedisError
 
-from cache.client import connect
+from cache.client import connect, lost_node
 from cache.keys import Keys
 from router.autoscale import ScalingPolicy, TierLoad, TierScaler
 from router.liveness import live_count_args
@@ -139,6 +139,8 @@ class LocalAutoscaler:
             pipe.hget(self.keys.stats(tier), "encoder_calls")  # the backbone keeps no per-plan counter: 0
             pipe.zcount(*live_count_args(self.keys, tier))
         replies = pipe.execute(raise_on_error=False)
+        if lost := next((x for x in replies if lost_node(x)), None):  # one Cluster node away: no reading, not 0s
+            raise lost
         loads = {}
         for i, tier in enumerate(self.scalers):
             xlen, pending, done, live = replies[4 * i: 4 * i + 4]
