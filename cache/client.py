@@ -346,7 +346,10 @@ def connect_async(url: str, retries: int = 2, socket_timeout: float = SOCKET_TIM
         from redis.asyncio.cluster import RedisCluster
 
         options = _options(socket_timeout)
-        del options["retry_on_timeout"]  # the asyncio cluster client never retries a timeout
+        # The asyncio cluster client takes no such option: it retries a timeout as a node failure, after a fresh
+        # slot map (so a node that does not answer costs a call two socket timeouts: the gateway bounds its own
+        # waits above that, gateway/encoding.ENCODE_SLACK_S)
+        del options["retry_on_timeout"]
         client = RedisCluster.from_url(url, retry=Retry(ExponentialBackoff(cap=1.0, base=0.05), max(retries, 1)),
                                        require_full_coverage=False, max_connections=max_connections, **options)
         client.commands_parser = _AsyncStreamKeys(client.commands_parser)

@@ -40,6 +40,11 @@ log = logging.getLogger(__name__)
 # A job dropped for its deadline with more than this left of the request's own encode time was another request's
 # (queued earlier, with an earlier deadline): queued again rather than failing this one.
 DEADLINE_SLACK_S = 1.0
+# The whole of a request's encoding (cache lookup, claims, waits) ends this long after its encode timeout at the
+# latest: the waits on the encoders are bounded by the timeout itself, but each Redis round trip only by the socket
+# timeout and redis-py's retries (a Cluster node that does not answer: 10-20 s a call, 45 s for one request in an
+# outside tester's chaos run, past a 30 s encode timeout).
+ENCODE_SLACK_S = 5.0
 
 
 class MediaEncoder:
@@ -54,9 +59,20 @@ class MediaEncoder:
     async def encode(self, request_id: str, parts: list[MediaPart], queue: asyncio.Queue, namespace: str = "",
                      tenant: str = "") -> list[m.MediaRef]:
         """A MediaRef per part, in order; ``namespace``: the tenant's (their digests already include it);
-        ``tenant``: whose cache hits and misses these are (counted apart too, for the playground)."""
+        ``tenant``: whose cache hits and misses these are (counted apart too, for the playground). Within the encode
+        timeout and ``ENCODE_SLACK_S``: past that, a Redis round trip did not answer (a 503)."""
         if not parts:
             return []
+        try:
+            return await asyncio.wait_for(self._encode(request_id, parts, queue, namespace, tenant),
+                                          self.cfg.encode_timeout_s + ENCODE_SLACK_S)
+        except TimeoutError:  # not the encoders' wait (a Timeout, raised inside at the encode timeout): Redis's
+            log.warning("redis did not answer in time while encoding", extra={"request_id": request_id})
+            raise Unavailable("the queue (Redis) did not answer in time; retry later", code="redis_unavailable",
+                              retry_after=2) from None
+
+    async def _encode(self, request_id: str, parts: list[MediaPart], queue: asyncio.Queue, namespace: str,
+                      tenant: str) -> list[m.MediaRef]:
         await self._resolve_ids(parts, namespace)
         keys = [self.tensor_key(p) for p in parts]
         counts = await self._lookup(parts, keys, tenant)

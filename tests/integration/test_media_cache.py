@@ -329,3 +329,37 @@ def test_with_the_media_cache_off_every_request_encodes_its_own_media(tiers, tin
     assert bare.status_code == 400 and bare.json()["error"]["code"] == "unknown_media_id"
     assert greedy(urls[0], tiny_model.name, image_part(data)).status_code == 200
     assert encoder_calls(redis_server.url) == calls + 3  # nothing the cache-off gateway wrote is found by others
+
+
+def test_encoding_ends_by_its_timeout_when_redis_stops_answering(tiny_model, tiny_spec):
+    """Redis (or the Cluster node holding a key) that accepts connections but does not answer: each round trip
+    waited for the socket timeout and redis-py's retries, so one request took 45 s past a 30 s encode timeout (an
+    outside tester's chaos run). The whole encoding now ends at the encode timeout and a few seconds: a 503."""
+    from cache.client import SOCKET_TIMEOUT_S
+    from cache.embedded import EmbeddedRedis
+    from gateway.encoding import ENCODE_SLACK_S
+    from gateway.errors import Unavailable, redis_failure
+
+    with EmbeddedRedis(maxmemory="64mb") as server:
+        async def scenario():
+            r = connect_async(server.url, socket_timeout=2 * SOCKET_TIMEOUT_S)  # as the gateway's (app.py)
+            replies = ReplyRouter(r, KEYS, "stuck-gw")
+            media = MediaEncoder(r, GatewayConfig(model_dir=str(tiny_model), redis_url=server.url,
+                                                  encode_timeout_s=1.0), tiny_spec, replies, KEYS.reply("stuck-gw"))
+            data = png_bytes(20, 20, seed=106)
+            part = MediaPart("image", data, "messages.0.content.0", digest_of(tiny_spec, data))
+            await r.ping()
+            server.proc.send_signal(signal.SIGSTOP)
+            t0 = time.monotonic()
+            try:
+                with pytest.raises(Exception) as caught:
+                    await media.encode("req-stuck", [part], replies.subscribe("req-stuck"))
+                return time.monotonic() - t0, caught.value
+            finally:
+                server.proc.send_signal(signal.SIGCONT)
+                await r.aclose()
+
+        took, err = asyncio.run(scenario())
+    # A 503 (the chat route answers redis-py's own timeout, raised by the cancellation, as one too)
+    assert took < 1.0 + ENCODE_SLACK_S + 2, (took, err)
+    assert (isinstance(err, Unavailable) and err.code == "redis_unavailable") or redis_failure(err), repr(err)
