@@ -130,7 +130,7 @@ def lost_node(result) -> bool:
     from redis.exceptions import ClusterDownError, TryAgainError
     from redis.exceptions import TimeoutError as RedisTimeoutError
 
-    return isinstance(result, (RedisConnectionError, RedisTimeoutError, ClusterDownError, TryAgainError, OSError))
+    return isinstance(result, (RedisConnectionError, RedisTimeoutError, ClusterDownError, TryAgainError))
 
 
 def no_such_key(result) -> bool:
