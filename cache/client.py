@@ -286,6 +286,33 @@ class _StreamKeys:
 
 
 class _AsyncStreamKeys(_StreamKeys):
+    def __init__(self, inner, client):
+        super().__init__(inner)
+        self._client = client
+
+    async def initialize(self, node=None):
+        """The command table, read once: from the default node, else from any other node that answers. redis-py
+        read it from the default node alone, and again on every slot-map refresh (after every node failure): a
+        primary lost with no replica stays listed and may be that node, and then a new client could not start
+        and a running one, after one failed command, failed every command, on every shard (an outside tester's
+        chaos run: the gateway refused every request while one shard it did not use was lost)."""
+        if getattr(self._inner, "commands", None):
+            if node is not None:
+                self._inner.node = node
+            return
+        try:
+            await self._inner.initialize(node)
+        except redis.RedisError:
+            for other in self._client.get_nodes():
+                if other is node:
+                    continue
+                try:
+                    await self._inner.initialize(other)
+                    return
+                except redis.RedisError:
+                    continue
+            raise
+
     async def get_keys(self, *args):
         keys = command_keys(args)
         return keys if keys is not None else await self._inner.get_keys(*args)
@@ -352,7 +379,7 @@ def connect_async(url: str, retries: int = 2, socket_timeout: float = SOCKET_TIM
         del options["retry_on_timeout"]
         client = RedisCluster.from_url(url, retry=Retry(ExponentialBackoff(cap=1.0, base=0.05), max(retries, 1)),
                                        require_full_coverage=False, max_connections=max_connections, **options)
-        client.commands_parser = _AsyncStreamKeys(client.commands_parser)
+        client.commands_parser = _AsyncStreamKeys(client.commands_parser, client)
         return client
     pool = aioredis.BlockingConnectionPool.from_url(
         url, max_connections=max_connections, timeout=socket_timeout,

@@ -289,6 +289,39 @@ def test_an_async_pipeline_on_a_stale_slot_map_is_retried_and_leaves_other_tasks
         assert got in ([b"1"], [None]) and not read  # nothing new in the stream: timed out as asked, not cut
 
 
+def test_an_async_client_keeps_serving_the_live_shards_after_a_shard_is_lost():
+    """A shard lost for good (its primary dead, no replica) stays listed as its slots' primary, and it may be the
+    asyncio client's default node: redis-py read the command table from that node alone, and again on every
+    slot-map refresh, so a client started then could not serve anything, and a running one failed every command
+    after one failed (an outside tester's chaos run: the gateway refused every request while /ready said ok).
+    Keys on the live shards keep working now, for both."""
+    from redis.crc import key_slot
+
+    with EmbeddedCluster(primaries=3, replicas=0) as cluster:
+        lost_key = next(k for k in (f"k{i}" for i in range(1000)) if key_slot(k.encode()) < 100)
+        victim = cluster.primary_of(lost_key)  # the first primary listed: the default after every refresh
+        live_key = next(k for k in (f"k{i}" for i in range(1000)) if cluster.primary_of(k).port != victim.port)
+        url = next(n for n in cluster.live() if n is not victim).url
+        a = connect_async(url)
+
+        async def go():
+            b = None
+            try:
+                await a.set(live_key, 1)
+                victim.kill()
+                with pytest.raises(redis.RedisError):
+                    await a.get(lost_key)  # fails, and asks for a fresh slot map
+                got = [await a.get(live_key) for _ in range(3)]
+                b = connect_async(url)  # a client started now (a restarted gateway): its first slot map lists
+                return got + [await b.get(live_key)]  # the lost primary first, its default node
+            finally:
+                await a.aclose()
+                if b is not None:
+                    await b.aclose()
+
+        assert asyncio.run(go()) == [b"1"] * 4
+
+
 def test_workers_ride_out_the_death_of_the_node_they_first_asked(tmp_path):
     """A worker's loop (read its own pending entries, a pipeline, a blocking group read) on a stream whose primary
     is also the node the client was given, killed: after the failover every call works again. redis-py alone never
