@@ -152,7 +152,10 @@ def test_a_recorded_sound_is_sent_as_wav_and_answered(browser, cluster):
     page.wait_for_selector("#attachments span", timeout=15_000)
     assert "recording.wav" in page.locator("#attachments").inner_text()
     page.fill("#prompt", "What do you hear?")
-    page.fill("#seed", "7")  # sampled with a seed: the same answer every run (unseeded, one may be empty by chance)
+    # Sampled with a seed: the same answer every run (unseeded, one may be empty by chance). The sampling settings
+    # are folded by default: opened first.
+    page.eval_on_selector("details", "d => { d.open = true; }")
+    page.fill("#seed", "7")
     page.click("#send")
     wait_answers(page, 1)
     assert page.locator("#messages li.assistant .text").inner_text().strip()
@@ -206,6 +209,7 @@ def test_with_keys_the_page_refuses_to_chat_until_a_key_is_given(browser, keyed_
     assert page.locator("#send").is_enabled()
     assert "your tenant" in page.locator("#cache-scope").inner_text()
     page.fill("#prompt", "Hello?")
+    page.eval_on_selector("details", "d => { d.open = true; }")
     page.fill("#seed", "7")
     page.click("#send")
     wait_answers(page, 1)
