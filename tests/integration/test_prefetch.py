@@ -31,15 +31,51 @@ def reference(spec, ids: list[int], media: list[tuple[str, torch.Tensor]], n: in
     return seq.output
 
 
+TEXT_IDS = [1, 20, 21, 22, 203]
+
+
+def stored_image(spec, r, seed: int, tag: str) -> tuple[torch.Tensor, m.MediaRef, list[int]]:
+    """An image's encoder output (seeded rows) stored as an encoder stores it, its reference, and a prompt."""
+    rows = torch.randn(16, spec.config["text_config"]["hidden_size"], generator=torch.Generator().manual_seed(seed))
+    key = KEYS.tensor(spec.encoder_id("image"), f"{tag}-{uuid.uuid4().hex}")
+    r.hset(key, mapping={"data": encode_tensor(rows), "n": 16})
+    ref = m.MediaRef(modality=m.Modality.IMAGE, tensor_key=key, num_tokens=16)
+    return rows, ref, [1, 40] + [spec.placeholder_ids["image"]] * 16 + [203]
+
+
+class Gateway:
+    """This test as the gateway of one reply stream: sends greedy plans and reads their events by request."""
+
+    def __init__(self, r, reply: str, rids: list[str]):
+        self.r, self.reply, self.last = r, reply, "0-0"
+        self.seen: dict[str, list[m.TokenEvent]] = {rid: [] for rid in rids}
+        hold_lease(r, reply)
+
+    def send(self, rid: str, ids: list[int], n: int, media=()) -> None:
+        plan = m.PromptPlan(request_id=rid, reply_to=self.reply, token_ids=ids, media=list(media),
+                            deadline=time.time() + 120,
+                            sampling=m.SamplingParams(max_tokens=n, temperature=0.0, ignore_eos=True))
+        self.r.xadd(KEYS.gen(), payload_fields(m.encode(plan)))
+
+    def until(self, cond, timeout: float = 60) -> None:
+        deadline = time.monotonic() + timeout
+        while not cond():
+            assert time.monotonic() < deadline, f"timed out; seen {[(k, len(v)) for k, v in self.seen.items()]}"
+            for entry_id, fields in (self.r.xread({self.reply: self.last}, block=200) or [[None, []]])[0][1]:
+                self.last = entry_id
+                ev = m.decode(fields_payload(fields), m.TokenEvent)
+                self.seen[ev.request_id].append(ev)
+
+    def tokens(self, rid: str) -> list[int]:
+        return [t for ev in self.seen[rid] for t in ev.token_ids]
+
+    def finished(self, rid: str) -> bool:
+        return any(ev.finish for ev in self.seen[rid])
+
+
 def test_a_slow_media_fetch_never_stalls_running_streams(tiny_spec, redis_url):
     r = redis.Redis.from_url(redis_url)
-    hidden = tiny_spec.config["text_config"]["hidden_size"]
-    rows = torch.randn(16, hidden, generator=torch.Generator().manual_seed(3))
-    key = KEYS.tensor(tiny_spec.encoder_id("image"), "slow-" + uuid.uuid4().hex)
-    r.hset(key, mapping={"data": encode_tensor(rows), "n": 16})
-    image_ids = [1, 40] + [tiny_spec.placeholder_ids["image"]] * 16 + [203]
-    text_ids = [1, 20, 21, 22, 203]
-
+    rows, ref, image_ids = stored_image(tiny_spec, r, 3, "slow")
     stop, gate = threading.Event(), threading.Event()
     worker = BackboneWorker(BackboneConfig(redis_url=redis_url, block_ms=100), load_engine(tiny_spec), stop)
     real_fetch = worker._fetch_media
@@ -50,50 +86,27 @@ def test_a_slow_media_fetch_never_stalls_running_streams(tiny_spec, redis_url):
         return real_fetch(plan)
 
     worker._fetch_media = slow_fetch
+    gw = Gateway(r, "reply:slow", ["stream", "image"])
     loop = threading.Thread(target=worker.run, daemon=True)
     loop.start()
-
-    def send(rid: str, ids: list[int], n: int, media=()) -> None:
-        plan = m.PromptPlan(request_id=rid, reply_to="reply:slow", token_ids=ids, media=list(media),
-                            deadline=time.time() + 120,
-                            sampling=m.SamplingParams(max_tokens=n, temperature=0.0, ignore_eos=True))
-        r.xadd(KEYS.gen(), payload_fields(m.encode(plan)))
-
-    seen: dict[str, list[m.TokenEvent]] = {"stream": [], "image": []}
-    last = "0-0"
-
-    def read_until(cond, timeout: float = 60) -> None:
-        nonlocal last
-        deadline = time.monotonic() + timeout
-        while not cond():
-            assert time.monotonic() < deadline, f"timed out; seen {[(k, len(v)) for k, v in seen.items()]}"
-            for entry_id, fields in (r.xread({"reply:slow": last}, block=200) or [[None, []]])[0][1]:
-                last = entry_id
-                ev = m.decode(fields_payload(fields), m.TokenEvent)
-                seen[ev.request_id].append(ev)
-
-    def tokens(rid: str) -> list[int]:
-        return [t for ev in seen[rid] for t in ev.token_ids]
-
     try:
-        hold_lease(r, "reply:slow")
-        send("stream", text_ids, 80)
-        read_until(lambda: len(tokens("stream")) >= 3)
-        send("image", image_ids, 6, [m.MediaRef(modality=m.Modality.IMAGE, tensor_key=key, num_tokens=16)])
-        before = len(tokens("stream"))
+        gw.send("stream", TEXT_IDS, 80)
+        gw.until(lambda: len(gw.tokens("stream")) >= 3)
+        gw.send("image", image_ids, 6, [ref])
+        before = len(gw.tokens("stream"))
         # The image plan is read and its fetch hangs; the stream must keep decoding meanwhile.
-        read_until(lambda: len(tokens("stream")) >= before + 20)
-        assert not seen["image"], "the image request ran before its tensors were fetched"
+        gw.until(lambda: len(gw.tokens("stream")) >= before + 20)
+        assert not gw.seen["image"], "the image request ran before its tensors were fetched"
         gate.set()
-        read_until(lambda: any(ev.finish for ev in seen["image"]) and any(ev.finish for ev in seen["stream"]))
+        gw.until(lambda: gw.finished("image") and gw.finished("stream"))
     finally:
         gate.set()
         stop.set()
         loop.join(60)
     assert not loop.is_alive(), "the worker did not stop"
-    assert seen["image"][-1].finish == m.FinishReason.LENGTH, seen["image"][-1]
-    assert tokens("image") == reference(tiny_spec, image_ids, [("image", rows)], 6)
-    assert tokens("stream") == reference(tiny_spec, text_ids, [], 80)
+    assert gw.seen["image"][-1].finish == m.FinishReason.LENGTH, gw.seen["image"][-1]
+    assert gw.tokens("image") == reference(tiny_spec, image_ids, [("image", rows)], 6)
+    assert gw.tokens("stream") == reference(tiny_spec, TEXT_IDS, [], 80)
 
 
 def test_a_plan_whose_tensors_cannot_be_fetched_does_not_hold_the_plans_behind_it(tiny_spec, redis_url):
@@ -101,13 +114,7 @@ def test_a_plan_whose_tensors_cannot_be_fetched_does_not_hold_the_plans_behind_i
     in line, so a text-only plan behind it waited until its deadline (an outside tester's chaos run: 504s). Now it
     goes behind them and is fetched again; once its node is back it runs, with the same tokens."""
     r = redis.Redis.from_url(redis_url)
-    hidden = tiny_spec.config["text_config"]["hidden_size"]
-    rows = torch.randn(16, hidden, generator=torch.Generator().manual_seed(4))
-    key = KEYS.tensor(tiny_spec.encoder_id("image"), "away-" + uuid.uuid4().hex)
-    r.hset(key, mapping={"data": encode_tensor(rows), "n": 16})
-    image_ids = [1, 40] + [tiny_spec.placeholder_ids["image"]] * 16 + [203]
-    text_ids = [1, 20, 21, 22, 203]
-
+    rows, ref, image_ids = stored_image(tiny_spec, r, 4, "away")
     stop, away = threading.Event(), threading.Event()
     away.set()
     worker = BackboneWorker(BackboneConfig(redis_url=redis_url, block_ms=100), load_engine(tiny_spec), stop)
@@ -120,40 +127,22 @@ def test_a_plan_whose_tensors_cannot_be_fetched_does_not_hold_the_plans_behind_i
         return real_fetch(plan)
 
     worker._fetch_media = fetch
+    gw = Gateway(r, "reply:away", ["image", "text"])
     loop = threading.Thread(target=worker.run, daemon=True)
     loop.start()
-    reply, last, seen = "reply:away", "0-0", {"image": [], "text": []}
-
-    def send(rid: str, ids: list[int], n: int, media=()) -> None:
-        plan = m.PromptPlan(request_id=rid, reply_to=reply, token_ids=ids, media=list(media),
-                            deadline=time.time() + 120,
-                            sampling=m.SamplingParams(max_tokens=n, temperature=0.0, ignore_eos=True))
-        r.xadd(KEYS.gen(), payload_fields(m.encode(plan)))
-
-    def read_until(cond, timeout: float = 60) -> None:
-        nonlocal last
-        deadline = time.monotonic() + timeout
-        while not cond():
-            assert time.monotonic() < deadline, f"timed out; seen {[(k, len(v)) for k, v in seen.items()]}"
-            for entry_id, fields in (r.xread({reply: last}, block=200) or [[None, []]])[0][1]:
-                last = entry_id
-                ev = m.decode(fields_payload(fields), m.TokenEvent)
-                seen[ev.request_id].append(ev)
-
     try:
-        hold_lease(r, reply)
-        send("image", image_ids, 6, [m.MediaRef(modality=m.Modality.IMAGE, tensor_key=key, num_tokens=16)])
-        read_until(lambda: tries, 30)  # it is first in line, and its fetch fails
-        send("text", text_ids, 40)
-        read_until(lambda: any(ev.finish for ev in seen["text"]))
-        assert not seen["image"] and away.is_set()  # the text plan ran while the image's node was away
+        gw.send("image", image_ids, 6, [ref])
+        gw.until(lambda: tries, 30)  # it is first in line, and its fetch fails
+        gw.send("text", TEXT_IDS, 40)
+        gw.until(lambda: gw.finished("text"))
+        assert not gw.seen["image"] and away.is_set()  # the text plan ran while the image's node was away
         away.clear()
-        read_until(lambda: any(ev.finish for ev in seen["image"]))
+        gw.until(lambda: gw.finished("image"))
     finally:
         away.clear()
         stop.set()
         loop.join(60)
     assert not loop.is_alive(), "the worker did not stop"
-    assert seen["image"][-1].finish == m.FinishReason.LENGTH, seen["image"][-1]
-    assert [t for ev in seen["image"] for t in ev.token_ids] == reference(tiny_spec, image_ids, [("image", rows)], 6)
-    assert [t for ev in seen["text"] for t in ev.token_ids] == reference(tiny_spec, text_ids, [], 40)
+    assert gw.seen["image"][-1].finish == m.FinishReason.LENGTH, gw.seen["image"][-1]
+    assert gw.tokens("image") == reference(tiny_spec, image_ids, [("image", rows)], 6)
+    assert gw.tokens("text") == reference(tiny_spec, TEXT_IDS, [], 40)
