@@ -140,6 +140,12 @@ def no_such_key(result) -> bool:
     return isinstance(result, ResponseError) and "no such key" in str(result).lower()
 
 
+def failed_reply(replies: list) -> Exception | None:
+    """The first error among a pipeline's replies (``raise_on_error=False``) but XINFO's :func:`no_such_key`: on a
+    Redis Cluster, one node's failure arrives as one reply among the others' data."""
+    return next((r for r in replies if isinstance(r, Exception) and not no_such_key(r)), None)
+
+
 def eviction_hazard(policy: str) -> tuple[int, str] | None:
     """What a Redis ``maxmemory-policy`` risks for Tributary, as ``(logging level, words for the operator)``; None
     for the policies it is built for: ``volatile-lru``/``volatile-lfu`` (only keys with a TTL, cached tensors and

@@ -23,6 +23,7 @@ from redis.exceptions import AuthenticationError, BusyLoadingError, OutOfMemoryE
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
+from cache.client import no_such_key
 from cache.keys import alive
 
 log = logging.getLogger(__name__)
@@ -167,7 +168,7 @@ def reclaim_dead(r, stream: str, group: str, me: str, live: set[str], count: int
     try:
         consumers = r.xinfo_consumers(stream, group)
     except ResponseError as exc:
-        if is_nogroup(exc) or "no such key" in str(exc):  # a Redis restarted empty: nothing to reclaim
+        if is_nogroup(exc) or no_such_key(exc):  # a Redis restarted empty: nothing to reclaim
             return []
         raise
     out: list[Claimed] = []

@@ -46,7 +46,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, G
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 
-from cache.client import no_such_key
+from cache.client import failed_reply
 from cache.keys import Keys
 from cache.streams import run_script
 from router.liveness import live_count_args
@@ -240,7 +240,7 @@ class ClusterMetrics(Collector):
             res = await asyncio.wait_for(pipe.execute(raise_on_error=False), self.interval_s * 2)
             # Any error but XINFO's for a stream not made yet (on a cluster: one node dead among live ones) makes
             # no snapshot: a dead node's queue read as empty would tell the autoscaler to scale its tier down.
-            if failed := next((r for r in res if isinstance(r, Exception) and not no_such_key(r)), None):
+            if failed := failed_reply(res):
                 raise failed
         except asyncio.CancelledError:
             raise

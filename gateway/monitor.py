@@ -22,7 +22,7 @@ import logging
 import time
 from dataclasses import dataclass, field
 
-from cache.client import connect_async, describe, eviction_hazard, no_such_key
+from cache.client import connect_async, describe, eviction_hazard, failed_reply
 from cache.keys import Keys, alive
 from cache.streams import run_script
 from gateway.config import GatewayConfig
@@ -96,7 +96,7 @@ class ClusterMonitor:
             res = await asyncio.wait_for(pipe.execute(raise_on_error=False), PROBE_TIMEOUT_S)
             # Each reply may be an error (XINFO GROUPS of a stream not made yet is one). Any other, on any key (on
             # a cluster: any node), means Redis is not serving us: a node dead mid-read, a timeout.
-            if failed := next((r for r in res if isinstance(r, Exception) and not no_such_key(r)), None):
+            if failed := failed_reply(res):
                 raise failed
         except asyncio.CancelledError:
             raise
