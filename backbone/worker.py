@@ -35,12 +35,11 @@ Recovery (docs/architecture.md, "Recovery"):
 from __future__ import annotations
 
 import dataclasses
-import itertools
 import logging
 import threading
 import time
 from collections import deque
-from concurrent.futures import Future, ThreadPoolExecutor, wait
+from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 
 import torch
@@ -52,6 +51,7 @@ from backbone.fusion import PlanError
 from cache.client import connect, lost_node, refused_for_memory
 from cache.codec import CodecError, decode_tensor
 from cache.keys import BACKBONE_GROUP, Keys, alive
+from cache.keys import cancel as cancel_key
 from cache.streams import (
     Claimed,
     ack_delete,
@@ -72,6 +72,17 @@ from router.metrics import serve as serve_metrics
 from router.metrics import stop as stop_metrics
 
 log = logging.getLogger(__name__)
+
+# Fetching ahead (see BackboneWorker._fetch_ahead). A Redis Cluster node that does not answer (paused, partitioned)
+# holds each fetch reading a key there for the fetch client's socket timeout and its one retry; the plans behind
+# such a fetch must not wait for it (an outside tester's chaos run: admission stalled for 100 s). So fetches run on
+# several threads, with a shorter socket timeout than the step's round trips, a fetch still running after
+# FETCH_STALLED_S no longer holds the fetches of the plans behind it, and a plan whose fetch Redis failed is fetched
+# again after a backoff (FETCH_BACKOFF_S doubling up to FETCH_BACKOFF_MAX_S), not at once.
+FETCH_THREADS = 8
+FETCH_SOCKET_TIMEOUT_S = 3.0
+FETCH_STALLED_S = 0.25
+FETCH_BACKOFF_S, FETCH_BACKOFF_MAX_S = 0.25, 4.0
 
 # The default step budget by device: 2048 on a GPU (vLLM's order of magnitude); 256 on a CPU, where a step of 2048
 # prompt tokens stalls every running stream for about a second (bench/chunked.py: 256 kept the worst stall at 0.12x
@@ -197,6 +208,17 @@ class Exchange:
     admit: bool = False
 
 
+@dataclass
+class Fetch:
+    """A waiting plan's fetch ahead (its tensors and checks) on the prefetch pool."""
+
+    future: Future
+    since: float  # monotonic time it was submitted
+
+    def stalled(self, now: float) -> bool:
+        return not self.future.done() and now - self.since > FETCH_STALLED_S
+
+
 class StepFailure(Exception):
     def __init__(self, code: m.ErrorCode, error: str, silent: bool = False):
         super().__init__(error)
@@ -238,9 +260,12 @@ class BackboneWorker:
         self.inflight: tuple[Exchange, Future] | None = None
         self.pipe_broken = False  # a pipeline shard failed: no more sends or receives on the pipe
         # The first waiting plans' checks and encoder tensors are fetched ahead (decoded, checked, pinned on a GPU
-        # host) on their own thread: a plan starts once its tensors are in, and the step never waits for them.
-        self.prefetch = ThreadPoolExecutor(1, thread_name_prefix="media-prefetch") if cfg.overlap_io else None
-        self.fetched: dict[str, Future] = {}  # run key -> its fetch, for the first waiting plans
+        # host) on threads of their own: a plan starts once its tensors are in, and the step never waits for them.
+        self.prefetch = (ThreadPoolExecutor(FETCH_THREADS, thread_name_prefix="media-prefetch")
+                         if cfg.overlap_io else None)
+        self.fetch_r = connect(cfg.redis_url, socket_timeout=FETCH_SOCKET_TIMEOUT_S) if cfg.overlap_io else self.r
+        self.fetched: dict[str, Fetch] = {}  # run key -> its fetch, for the first waiting plans
+        self.backoff: dict[str, tuple[int, float]] = {}  # run key -> (fetches Redis failed, monotonic time of the next)
         # Where the busy loop's time goes (seconds): the engine's steps, waiting for the round trip in flight, and
         # the whole busy iterations (the rest is host work: admissions, building and applying round trips).
         self.loop_seconds = {"step": 0.0, "io_wait": 0.0, "busy": 0.0}
@@ -509,14 +534,27 @@ class BackboneWorker:
         self.waiting.append((entry_id, plan))
 
     def _fetch_ahead(self) -> None:
-        """Start the fetches of the first waiting plans (as many as could start now, at least one)."""
+        """Start the fetches of the first waiting plans: as many as could start now (at least one), not counting
+        plans whose fetch is stalled or backing off, and never more running at once than the pool has threads (a
+        fetch queued behind stalled ones would stall too)."""
         if self.prefetch is None:
             return
+        now = time.monotonic()
         ahead = max(1, self.cfg.max_running - len(self.running))
-        for _, plan in itertools.islice(self.waiting, ahead):
+        busy = sum(1 for f in self.fetched.values() if not f.future.done())
+        for _, plan in self.waiting:
+            if ahead <= 0 or busy >= FETCH_THREADS:
+                break
             key = run_key(plan)
-            if key not in self.fetched:
-                self.fetched[key] = self.prefetch.submit(self._fetch_guarded, plan)
+            fetch = self.fetched.get(key)
+            if fetch is None:
+                if self.backoff.get(key, (0, 0.0))[1] > now:
+                    continue  # Redis failed its last fetch: again after its backoff
+                self.fetched[key] = Fetch(self.prefetch.submit(self._fetch_guarded, plan), now)
+                busy += 1
+                ahead -= 1
+            elif not fetch.stalled(now):
+                ahead -= 1
 
     def _fetch_guarded(self, plan: m.PromptPlan) -> list[tuple[str, torch.Tensor]]:
         """:meth:`_fetch_media` on the prefetch thread: what escapes it but Redis and the plan's own faults fails
@@ -530,77 +568,93 @@ class BackboneWorker:
             raise StepFailure(m.ErrorCode.INTERNAL, f"the backbone could not read this request's tensors "
                                                     f"({type(exc).__name__})") from exc
 
-    def _media_for(self, plan: m.PromptPlan, streams: bool) -> list[tuple[str, torch.Tensor]] | None:
-        """The plan's fetched tensors; None while its fetch is still running and ``streams`` are decoding (they go
-        on; it starts on a later step). Raises what the fetch raised."""
-        if self.prefetch is None:  # fetching ahead is off (--sync-io)
-            return self._fetch_guarded(plan)
+    def _media_for(self, plan: m.PromptPlan) -> list[tuple[str, torch.Tensor]] | None:
+        """The plan's fetched tensors; None while its fetch is running or backing off (the plans behind it are
+        tried: it starts on a later step). Raises what the fetch raised; a Redis failure sets the plan's backoff."""
         key = run_key(plan)
-        if key not in self.fetched:  # moved up to first in line after a refusal: its fetch starts now
-            self.fetched[key] = self.prefetch.submit(self._fetch_guarded, plan)
-        future = self.fetched[key]
-        if not future.done():
-            if streams:
-                return None
-            wait([future], timeout=0.5)  # nothing to stall: wait a little (bounded), else the next loop
+        if self.prefetch is None:  # fetching ahead is off (--sync-io)
+            future = Future()
+            try:
+                future.set_result(self._fetch_guarded(plan))
+            except Exception as exc:  # noqa: BLE001 -- handed on below, as the pool's future would
+                future.set_exception(exc)
+        else:
+            if key not in self.fetched:  # not fetched ahead (moved up after a refusal, or its backoff just ended)
+                if self.backoff.get(key, (0, 0.0))[1] > time.monotonic():
+                    return None
+                self.fetched[key] = Fetch(self.prefetch.submit(self._fetch_guarded, plan), time.monotonic())
+            future = self.fetched[key].future
             if not future.done():
                 return None
-        del self.fetched[run_key(plan)]
-        return future.result()
+            del self.fetched[key]
+        try:
+            media = future.result()
+        except (RedisError, RedisClusterException):
+            failures = self.backoff.get(key, (0, 0.0))[0] + 1
+            self.backoff[key] = failures, time.monotonic() + min(FETCH_BACKOFF_S * 2 ** (failures - 1),
+                                                                 FETCH_BACKOFF_MAX_S)
+            raise
+        self.backoff.pop(key, None)
+        return media
+
+    def _forget(self, plan: m.PromptPlan) -> None:
+        """The plan left the line (started, refused): its fetch ahead and backoff are not needed any more."""
+        key = run_key(plan)
+        self.fetched.pop(key, None)
+        self.backoff.pop(key, None)
 
     def _start_waiting(self) -> list[tuple[Sequence, torch.Tensor]]:
         """Start queued plans in arrival order while a slot is free and the KV pool holds their prompt, once their
         tensors are fetched. A plan that cannot start gets an error event (in the outbox) and the next one is
-        tried."""
+        tried. A plan whose tensors are still on their way, or whose fetch Redis failed (it is fetched again after
+        a backoff), keeps its place and the plans behind it are tried: one Redis Cluster node away or hanging holds
+        only the plans with keys there, never those whose keys live elsewhere (an outside tester's chaos runs:
+        text-only requests timed out behind them). Arrival order still holds for KV memory: a plan waiting for
+        free blocks stops the line."""
         starting: list[tuple[Sequence, torch.Tensor]] = []
-        failed = 0  # plans whose fetch Redis failed this step (each gone to the back of the line)
+        failed: list[Exception] = []  # Redis failures of this step's fetches
+        skipped = 0  # plans left in line (still fetching, backing off, or failed)
         self._fetch_ahead()
-        while self.waiting and len(self.running) < self.cfg.max_running:
-            entry_id, plan = self.waiting[0]
+        i = 0
+        while i < len(self.waiting) and len(self.running) < self.cfg.max_running:
+            entry_id, plan = self.waiting[i]
             try:
                 seq = self.engine.new_sequence(plan.request_id, len(plan.token_ids), plan.sampling, plan.resumed)
             except PlanError as exc:
-                self.waiting.popleft()
+                del self.waiting[i]
                 self._refuse(plan, entry_id, m.ErrorCode.BAD_PLAN, str(exc))
                 continue
             if not self.engine.fits_pool(seq):
-                self.waiting.popleft()
+                del self.waiting[i]
                 error, limit = self.engine.pool_refusal(seq)
                 self._refuse(plan, entry_id, m.ErrorCode.BAD_PLAN, error, limit=limit)
                 continue
             if time.time() > plan.deadline:  # before waiting for blocks: its gateway has given up on it
-                self.waiting.popleft()
+                del self.waiting[i]
                 self._refuse(plan, entry_id, m.ErrorCode.DEADLINE,
                              "the request waited past its deadline for a backbone")
                 continue
             if not self.engine.admissible(seq):
                 break  # its prompt waits for free KV blocks (running sequences finish and free theirs)
             try:
-                media = self._media_for(plan, streams=bool(self.running))
-                if media is None:
-                    break  # its tensors are still on their way: running streams do not wait for them
+                media = self._media_for(plan)
             except (RedisError, RedisClusterException) as exc:
-                # Fetched again later, behind the plans queued after it, which are tried now: its keys' node away
-                # (one Cluster node) must not hold the plans whose keys live elsewhere until its deadline (an
-                # outside tester's chaos run: text-only requests timed out behind it). All of them failing is an
-                # outage: the step goes on without them.
-                self.waiting.rotate(-1)
-                failed += 1
-                if failed < len(self.waiting):
-                    continue
-                if self.running:  # the step goes on (its own round trip tells a whole outage), without a pause
-                    if self._fetch_errors.due():
-                        log.error("could not fetch a queued request's tensors; trying again", extra={
-                            "request_id": plan.request_id, "error": f"{type(exc).__name__}: {exc}",
-                            "repeated": self._fetch_errors.held})
-                else:
-                    self._redis_failed(exc, "fetch")
-                break
+                failed.append(exc)
+                media = None
+                if self._fetch_errors.due():
+                    log.error("could not fetch a queued request's tensors; trying again", extra={
+                        "request_id": plan.request_id, "error": f"{type(exc).__name__}: {exc}",
+                        "repeated": self._fetch_errors.held})
             except StepFailure as exc:
-                self.waiting.popleft()
+                del self.waiting[i]
                 self._refuse(plan, entry_id, exc.code, exc.error, exc.silent)
                 continue
-            self.waiting.popleft()
+            if media is None:
+                i += 1
+                skipped += 1
+                continue
+            del self.waiting[i]
+            self._forget(plan)
             try:
                 starting.append((seq, self.engine.start(seq, plan.token_ids, media)))
             except PlanError as exc:
@@ -614,13 +668,19 @@ class BackboneWorker:
                              f"the backbone could not start this request ({type(exc).__name__})")
                 continue
             self.running[run_key(plan)] = Running(seq, plan, entry_id)
+        if not starting and not self.running and skipped:
+            if failed and len(failed) == skipped:  # every plan in line failed: Redis is away (pauses 0.5 s)
+                self._redis_failed(failed[-1], "fetch")
+            else:  # nothing to stall: wait a little (bounded) for a fetch, else the next loop
+                wait([f.future for f in self.fetched.values()] or [Future()], timeout=0.5,
+                     return_when=FIRST_COMPLETED)
         return starting
 
     def _fetch_media(self, plan: m.PromptPlan) -> list[tuple[str, torch.Tensor]]:
         """The plan's encoder outputs, in one round trip that also checks the request was not cancelled while queued
         and that its gateway is alive."""
-        pipe = self.r.pipeline(transaction=False)
-        pipe.get(self.keys.cancel(plan.request_id))
+        pipe = self.fetch_r.pipeline(transaction=False)
+        pipe.get(cancel_key(plan.reply_to, plan.request_id))
         pipe.exists(alive(plan.reply_to))
         for ref in plan.media:
             pipe.hget(ref.tensor_key, "data")
@@ -659,7 +719,7 @@ class BackboneWorker:
 
         A continuation (a migrated request) that does not fit is the service's fault, not the client's: a backbone
         accepted the same request before. It fails as internal, never as a bad request."""
-        self.fetched.pop(run_key(plan), None)  # a fetch ahead of it is not needed any more
+        self._forget(plan)
         if plan.resumed and code == m.ErrorCode.BAD_PLAN:
             log.error("a migrated request does not fit this backbone", extra={"request_id": plan.request_id,
                                                                               "error": error})
@@ -708,7 +768,8 @@ class BackboneWorker:
         ex.alive = [k for k, run in self.running.items() if run.seq.finish is None]
         ex.checks_at = len(pipe)
         for key in ex.alive:
-            pipe.get(self.keys.cancel(self.running[key].plan.request_id))
+            plan = self.running[key].plan
+            pipe.get(cancel_key(plan.reply_to, plan.request_id))
         ex.owners = sorted({self.running[k].plan.reply_to for k in ex.alive})
         ex.owners_at = len(pipe)
         for reply_to in ex.owners:
@@ -810,6 +871,7 @@ class BackboneWorker:
             self._refuse(plan, entry_id, m.ErrorCode.WORKER_LOST, error)
         self.waiting.clear()
         self.fetched.clear()
+        self.backoff.clear()
         if self.running or self.outbox:
             self._exchange(admit=False)
         if self.running or self.outbox:

@@ -2,9 +2,9 @@
 
 Redis Cluster: keys that must meet in one script or one ordered pipeline share a hash tag (the part in braces picks
 the slot). A tensor, its waiters, its lease and its media blob are tagged with the content digest, so the publisher
-writes the tensor and takes the waiters on one node, in order; a gateway's reply stream and its ``:alive`` lease are
-tagged with the gateway id, so "write only while alive" is one script. Everything else is a single key. A prefix
-holding braces would put every key in one slot (correct, but one node does all the work).
+writes the tensor and takes the waiters on one node, in order; a gateway's reply stream, its ``:alive`` lease and its
+requests' ``:cancel:`` keys are tagged with the gateway id, so "write only while alive" is one script. Everything
+else is a single key. A prefix holding braces would put every key in one slot (correct, but one node does all the work).
 
 Streams ``jobs`` and ``gen`` carry no TTL (their entries are deleted when acked); a gateway's ``reply`` stream expires
 with its lease; tensors and blobs always do, so a server configured with a
@@ -62,11 +62,6 @@ class Keys:
         blob = f"{self.prefix}:blob:{{{digest}}}"
         return blob if kind == "media" else f"{blob}:{kind}"
 
-    def cancel(self, request_id: str) -> str:
-        """Set (with a TTL) to the lowest attempt of the request still wanted: attempts below it are cancelled
-        (a migration moved the request on), and ``CANCEL_ALL`` cancels every attempt (client gone, stop string)."""
-        return f"{self.prefix}:cancel:{request_id}"
-
     def dead_letter(self) -> str:
         """Stream of work given up on (delivered to too many workers that died): payload, source stream, reason."""
         return f"{self.prefix}:dead"
@@ -105,6 +100,16 @@ def alive(reply_stream: str) -> str:
     holding only ``reply_to`` can tell a live gateway from a dead one. Workers never write to the reply stream of a
     gateway whose lease lapsed, and cancel its requests' work."""
     return f"{reply_stream}:alive"
+
+
+def cancel(reply_stream: str, request_id: str) -> str:
+    """Set (with a TTL) to the lowest attempt of the request still wanted: attempts below it are cancelled (a
+    migration moved the request on), and ``CANCEL_ALL`` cancels every attempt (client gone, stop string). Named
+    after (and in the slot of) the reply stream of the gateway that owns the request: a backbone checking it also
+    checks that gateway's lease and writes to that stream, so one Redis Cluster node serves all three, and a node
+    away holds only the requests of gateways whose keys live there (an outside tester's chaos run: a text-only
+    request failed on a node it did not otherwise use)."""
+    return f"{reply_stream}:cancel:{request_id}"
 
 
 CANCEL_ALL = 1 << 30  # the cancel key's value that cancels every attempt of a request

@@ -27,7 +27,7 @@ import uuid
 from cache.keys import Keys
 from cache.streams import payload_fields
 from gateway.config import GatewayConfig
-from gateway.errors import APIError, Internal, InvalidRequest, Timeout, Unavailable
+from gateway.errors import APIError, Internal, InvalidRequest, Timeout, Unavailable, redis_too_slow
 from gateway.media import MediaPart, undecodable
 from gateway.replies import ReplyRouter
 from gateway.tiers import DISCONNECTED, RESET, ClientGone
@@ -68,8 +68,7 @@ class MediaEncoder:
                                           self.cfg.encode_timeout_s + ENCODE_SLACK_S)
         except TimeoutError:  # not the encoders' wait (a Timeout, raised inside at the encode timeout): Redis's
             log.warning("redis did not answer in time while encoding", extra={"request_id": request_id})
-            raise Unavailable("the queue (Redis) did not answer in time; retry later", code="redis_unavailable",
-                              retry_after=2) from None
+            raise redis_too_slow() from None
 
     async def _encode(self, request_id: str, parts: list[MediaPart], queue: asyncio.Queue, namespace: str,
                       tenant: str) -> list[m.MediaRef]:

@@ -128,6 +128,13 @@ def redis_unavailable(exc: BaseException) -> Unavailable:
     return Unavailable("the queue (Redis) is unavailable; retry later", code="redis_unavailable", retry_after=2)
 
 
+def redis_too_slow() -> Unavailable:
+    """The 503 for a request's Redis round trip that did not answer within its bound (a Redis Cluster node paused or
+    partitioned away: a call waits for its socket timeout, and redis-py's cluster client retries it)."""
+    return Unavailable("the queue (Redis) did not answer in time; retry later", code="redis_unavailable",
+                       retry_after=2)
+
+
 class Overloaded(Unavailable):
     """Past an admission bound (in-flight requests, a tier's backlog): retry after a moment. 429 is kept for
     per-key rate limits."""

@@ -26,9 +26,10 @@ from dataclasses import dataclass, field
 import msgspec
 
 from cache.keys import BACKBONE_GROUP, CANCEL_ALL, Keys
+from cache.keys import cancel as cancel_key
 from cache.streams import ack_delete_if_pending, payload_fields, run_script
 from gateway.config import GatewayConfig
-from gateway.errors import APIError, Internal, Timeout, Unavailable, redis_failure
+from gateway.errors import APIError, Internal, Timeout, Unavailable, redis_failure, redis_too_slow
 from gateway.replies import ReplyRouter
 from models.spec import ModelSpec
 from router import messages as m
@@ -45,6 +46,10 @@ if tonumber(ARGV[1]) > tonumber(redis.call('GET', KEYS[1]) or '-1') then
 end
 return 0
 """
+# One of a request's own round trips (its submission, a migration, a cancellation) is bounded as a whole, not only by
+# the client's socket timeout (10 s) and redis-py's retries: a Redis Cluster node that does not answer costs 10-20 s a
+# call, and several calls in a row made one request wait 85 s for its 503 (an outside tester's chaos run).
+ROUND_TRIP_S = 10.0
 MEDIA_RETRIES = 2  # how often one request's media may be encoded again when its cached tensors are gone
 RESET = object()  # put on every queue when Redis may have lost this gateway's queued work (gateway/monitor.py)
 
@@ -128,10 +133,8 @@ class TierClient:
         ``encode_again()`` (optional) re-encodes the request's media: when the backbone finds a cached tensor gone
         (expired between the lookup and the prefill, or lost with a restarted Redis), the request is encoded again
         and re-queued from where it is, up to ``MEDIA_RETRIES`` times."""
-        if not (await self.live_workers(["backbone"]))["backbone"] and not self.liveness_unknown():
-            raise Unavailable("no live backbone worker", code="no_live_worker", retry_after=2)
         gen = Generation(plan, queue)
-        gen.entry_id = await self.r.xadd(self.keys.gen(), payload_fields(m.encode(plan)))
+        gen.entry_id = await self._bounded(self._submit(plan), "submitting", plan.request_id)
         self.inflight[plan.request_id] = gen
         try:
             while True:
@@ -191,6 +194,23 @@ class TierClient:
         finally:
             self.inflight.pop(plan.request_id, None)
 
+    async def _submit(self, plan: m.PromptPlan) -> bytes:
+        """Queue the plan (its stream entry id), unless no backbone is live (a 503 at once)."""
+        if not (await self.live_workers(["backbone"]))["backbone"] and not self.liveness_unknown():
+            raise Unavailable("no live backbone worker", code="no_live_worker", retry_after=2)
+        return await self.r.xadd(self.keys.gen(), payload_fields(m.encode(plan)))
+
+    @staticmethod
+    async def _bounded(call, what: str, request_id: str):
+        """``await call`` within ``ROUND_TRIP_S``, else a 503. A cut call may still have run (the request's
+        cancellation, posted when it fails, stops what it queued)."""
+        try:
+            return await asyncio.wait_for(call, ROUND_TRIP_S)
+        except TimeoutError:
+            log.warning("redis did not answer in time", extra={"request_id": request_id, "during": what,
+                                                               "waited_s": ROUND_TRIP_S})
+            raise redis_too_slow() from None
+
     def _others_live(self, worker: str) -> bool:
         """Whether a backbone other than ``worker`` is live (as of the monitor's last beat)."""
         return self.view is not None and bool(self.view.live.get("backbone", set()) - {worker})
@@ -223,14 +243,14 @@ class TierClient:
         left = (plan.sampling.max_tokens if gen.budget is None else gen.budget) - len(gen.tokens)
         if left < 1:  # the worker died between the last token and its finish event
             self._cancel_from(pipe, rid, CANCEL_ALL)
-            await pipe.execute()
+            await self._bounded(pipe.execute(), "migrating", rid)
             gen.done = True
             return
         if gen.migrations >= self.cfg.migration_limit:
             self._cancel_from(pipe, rid, CANCEL_ALL)
             pipe.xadd(self.keys.dead_letter(), {"m": m.encode(plan), "stream": self.keys.gen(), "reason": reason,
                                                 "deliveries": gen.attempt + 1}, maxlen=10_000, approximate=True)
-            await pipe.execute()
+            await self._bounded(pipe.execute(), "migrating", rid)
             log.error("request lost its backbone; not migrating again", extra={
                 "request_id": rid, "attempt": gen.attempt, "reason": reason,
                 "migration_limit": self.cfg.migration_limit})
@@ -245,7 +265,7 @@ class TierClient:
             deadline=time.time() + self.cfg.first_token_timeout_s)
         self._cancel_from(pipe, rid, gen.attempt)  # older attempts stop
         pipe.xadd(self.keys.gen(), payload_fields(m.encode(cont)))
-        *_, gen.entry_id = await pipe.execute()
+        *_, gen.entry_id = await self._bounded(pipe.execute(), "migrating", rid)
         self.migrations += 1
         self.on_migrate()
         log.warning("migrating request", extra={"request_id": rid, "attempt": gen.attempt, "reason": reason,
@@ -254,15 +274,16 @@ class TierClient:
     def _cancel_from(self, pipe, request_id: str, attempt: int) -> None:
         """Queue: attempts of the request below ``attempt`` are cancelled. The key only ever rises, so a migration
         racing a client's cancellation (on another connection) cannot revive the request."""
-        run_script(pipe, _RAISE_CANCEL, [self.keys.cancel(request_id)], [attempt, self.cfg.cancel_ttl_s])
+        run_script(pipe, _RAISE_CANCEL, [cancel_key(self.reply_stream, request_id)],
+                   [attempt, self.cfg.cancel_ttl_s])
 
     async def cancel(self, request_id: str) -> None:
         try:
             pipe = self.r.pipeline(transaction=False)
             self._cancel_from(pipe, request_id, CANCEL_ALL)
-            await pipe.execute()
+            await asyncio.wait_for(pipe.execute(), ROUND_TRIP_S)
         except Exception as exc:  # noqa: BLE001 -- best effort, re-raised unless Redis (or redis-py) failed
-            if not redis_failure(exc):
+            if not (redis_failure(exc) or isinstance(exc, TimeoutError)):
                 raise
             log.warning("could not post a cancellation", extra={"request_id": request_id}, exc_info=True)
 

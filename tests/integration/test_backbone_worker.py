@@ -16,6 +16,7 @@ import redis
 from backbone.engine import load_engine
 from cache.embedded import free_port
 from cache.keys import BACKBONE_GROUP, Keys
+from cache.keys import cancel as cancel_key
 from cache.streams import fields_payload, payload_fields
 from router import messages as m
 from tests.integration.procs import hold_lease, start_tier, stop_tier
@@ -153,7 +154,7 @@ def test_cancel_frees_the_slot_and_a_later_request_interleaves(backbone, redis_s
                          "the long request stopped producing tokens after the short one finished")
     assert later.finish is None
 
-    r.set(KEYS.cancel("long"), 1, ex=60)
+    r.set(cancel_key("reply:bb2", "long"), 1, ex=60)
     end = reader.until(lambda ev: ev.request_id == "long" and ev.finish is not None, "the long request never ended")
     assert end.finish == m.FinishReason.CANCELLED
     assert later.completion_tokens <= end.completion_tokens < 1000
@@ -179,7 +180,7 @@ def test_the_metrics_port_reports_the_running_request_and_its_kv_blocks(backbone
     r.xadd(KEYS.gen(), payload_fields(m.encode(plan("metered", "reply:bbm", [1, 20, 21], 1000))))
     reader.until(lambda ev: ev.request_id == "metered", "the request never started", timeout=30)
     during = scrape(backbone.metrics_port)
-    r.set(KEYS.cancel("metered"), 1, ex=60)
+    r.set(cancel_key("reply:bbm", "metered"), 1, ex=60)
     reader.until(lambda ev: ev.request_id == "metered" and ev.finish is not None, "the request never ended")
     deadline = time.monotonic() + 10
     while (after := scrape(backbone.metrics_port))["tributary_num_requests_running"] and time.monotonic() < deadline:

@@ -12,6 +12,7 @@ import redis
 
 from cache.client import connect_async
 from cache.keys import BACKBONE_GROUP, CANCEL_ALL, Keys
+from cache.keys import cancel as cancel_key
 from cache.streams import ensure_group, fields_payload, payload_fields
 from gateway.config import GatewayConfig
 from gateway.errors import Unavailable
@@ -67,7 +68,7 @@ def test_a_continuation_carries_the_streamed_tokens_and_the_rest_of_the_budget(r
     assert cont.sampling.max_tokens == 6 and cont.sampling.seed == 99 and cont.sampling.temperature == 0.7
     assert cont.deadline > time.time()
     assert r.xpending(KEYS.gen(), BACKBONE_GROUP)["pending"] == 0
-    assert r.get(KEYS.cancel("req-mig")) == b"1"  # attempt 0, wherever it still runs, stops
+    assert r.get(cancel_key(KEYS.reply("gw"), "req-mig")) == b"1"  # attempt 0, wherever it still runs, stops
     assert gen.attempt == 1 and gen.worker == ""
 
 
@@ -79,7 +80,7 @@ def test_past_the_limit_the_request_fails_clearly_and_the_plan_is_dead_lettered(
     # The continuation nobody read yet stays queued (unread entries are never deleted) but is cancelled: its reader
     # will drop it.
     assert [p.attempt for p in queued_plans(r)] == [1] and r.xpending(KEYS.gen(), BACKBONE_GROUP)["pending"] == 0
-    assert r.get(KEYS.cancel("req-mig")) == str(CANCEL_ALL).encode()
+    assert r.get(cancel_key(KEYS.reply("gw"), "req-mig")) == str(CANCEL_ALL).encode()
     (_, dead), = r.xrange(KEYS.dead_letter())
     assert m.decode(dead[b"m"], m.PromptPlan).request_id == "req-mig" and b"left the live set" in dead[b"reason"]
 
@@ -98,7 +99,7 @@ def test_an_unread_superseded_plan_stays_for_its_reader_to_skip_and_a_cancel_is_
     r = redis.Redis.from_url(redis_url)
     asyncio.run(scenario(redis_url, limit=3, streamed=[40], moves=1, read=False, cancel_first=True))
     assert [p.attempt for p in queued_plans(r)] == [0, 1]
-    assert r.get(KEYS.cancel("req-mig")) == str(CANCEL_ALL).encode()
+    assert r.get(cancel_key(KEYS.reply("gw"), "req-mig")) == str(CANCEL_ALL).encode()
 
 
 def test_lost_after_its_last_token_the_request_is_finished_not_moved(redis_url):
@@ -160,7 +161,8 @@ def test_a_worker_silent_mid_answer_but_still_beating_loses_the_request_to_anoth
     assert error is None and got == [[40, 41], [42]]
     cont = plans[-1]
     assert cont.attempt == 1 and cont.token_ids[-2:] == [40, 41] and cont.resumed == 2
-    assert redis.Redis.from_url(redis_url).get(KEYS.cancel("req-mig")) == b"1"  # the stuck attempt is cancelled
+    # The stuck attempt is cancelled.
+    assert redis.Redis.from_url(redis_url).get(cancel_key(KEYS.reply("gw"), "req-mig")) == b"1"
 
 
 @pytest.mark.parametrize("live,limit", [({"w-stuck"}, 3), ({"w-stuck", "w-ok"}, 0)], ids=["alone", "no-migration"])

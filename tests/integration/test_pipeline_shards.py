@@ -18,6 +18,7 @@ from backbone.loader import load_shard
 from backbone.worker import even_layers
 from cache.embedded import free_port
 from cache.keys import BACKBONE_GROUP, Keys
+from cache.keys import cancel as cancel_key
 from cache.streams import fields_payload, payload_fields
 from router import messages as m
 from tests.integration.procs import hold_lease, start_tier, stop_tier
@@ -101,7 +102,7 @@ def test_cancelling_a_request_in_flight_leaves_the_others_exact(shards, tiny_spe
         for entry_id, fields in (r.xread({"reply:cut": last}, block=1000) or [[None, []]])[0][1]:
             last = entry_id
             seen.append(m.decode(fields_payload(fields), m.TokenEvent))
-    r.set(KEYS.cancel("cut"), 1, ex=60)
+    r.set(cancel_key("reply:cut", "cut"), 1, ex=60)
     # Later requests take the cancelled one's blocks while the survivors decode on.
     for i, ids in enumerate(PROMPTS):
         r.xadd(KEYS.gen(), payload_fields(m.encode(plan(f"after{i}", "reply:cut", ids, 12, temperature=0.0))))

@@ -5,6 +5,8 @@ round trips answer each job once and tell every live waiter."""
 from __future__ import annotations
 
 import asyncio
+import os
+import signal
 import time
 
 import pytest
@@ -12,9 +14,13 @@ import redis
 
 from cache.client import CLUSTER_ENV, connect, connect_async
 from cache.embedded import EmbeddedCluster
-from cache.keys import Keys, alive
+from cache.keys import Keys, alive, cancel
 from cache.streams import ensure_group, payload_fields, run_script, send_reply
 from cache.tensors import Answers, TensorPublisher
+from gateway import tiers
+from gateway.config import GatewayConfig
+from gateway.errors import Unavailable
+from router import messages as m
 
 KEYS = Keys()
 
@@ -55,7 +61,7 @@ def test_keys_that_meet_share_a_slot_and_the_rest_spread(redis_cluster):
                     KEYS.lease("enc-image", digest), KEYS.blob(digest), KEYS.blob(digest, "features")]
         assert len({slot(redis_cluster, k) for k in together}) == 1, together
     reply = KEYS.reply("0f3a9c")
-    assert slot(redis_cluster, reply) == slot(redis_cluster, alive(reply))
+    assert slot(redis_cluster, reply) == slot(redis_cluster, alive(reply)) == slot(redis_cluster, cancel(reply, "r1"))
     # Different digests and gateways land all over the slot space (the point of a cluster).
     assert len({slot(redis_cluster, KEYS.tensor("e", f"{i:064x}")) for i in range(50)}) > 40
     assert len({redis_cluster.primary_of(KEYS.tensor("e", f"{i:064x}")).port for i in range(50)}) == 3
@@ -117,7 +123,7 @@ def test_scripts_and_pipelines_of_the_asyncio_cluster_client(r, redis_cluster):
                 pipe.set(KEYS.lease("enc", d), "req", nx=True, ex=30)
                 pipe.hget(KEYS.tensor("enc", d), "n")
             send_reply(pipe, me, b"hello")
-            run_script(pipe, "return redis.call('INCRBY', KEYS[1], ARGV[1])", [KEYS.cancel("req")], [7])
+            run_script(pipe, "return redis.call('INCRBY', KEYS[1], ARGV[1])", [KEYS.stats("req")], [7])
             res = await pipe.execute()
             assert res[1:7] == [1, True, None, 1, True, None] and res[8] == 7
             reply = await a.xread({me: "0"}, count=10, block=100)
@@ -212,7 +218,7 @@ def test_a_script_pipeline_rides_out_the_death_of_the_clients_default_node():
         def round_trip():
             pipe = client.pipeline(transaction=False)
             run_script(pipe, "return redis.call('XADD', KEYS[1], '*', 'm', ARGV[1])", [KEYS.gen()], ["plan"])
-            pipe.get(KEYS.cancel("x"))
+            pipe.get(KEYS.stats("x"))
             return pipe.execute()
 
         round_trip()
@@ -360,3 +366,38 @@ def test_workers_ride_out_the_death_of_the_node_they_first_asked(tmp_path):
         else:
             pytest.fail(f"still failing 30 s after the failover: {errors[-1]!r}")
         assert [f[b"m"] for _, f in pending] == [b"job"]
+
+
+def test_a_requests_submission_to_a_node_that_does_not_answer_ends_within_its_bound(monkeypatch):
+    """The node holding the plan queue paused (SIGSTOP: a hung host, a partition): each call to it waited for the
+    socket timeout (10 s) and redis-py's cluster client retried it, and the calls after encoding had no bound of
+    their own (an outside tester's chaos run: a 503 after 85 s). A request's round trip is now cut at its bound,
+    with a 503 ``redis_unavailable`` (the bound is lowered here to keep the test short)."""
+    monkeypatch.setattr(tiers, "ROUND_TRIP_S", 1.5)
+    with EmbeddedCluster(primaries=3, replicas=0) as cluster:
+        sync = connect(cluster.url)
+        sync.zadd(KEYS.live("backbone"), {"w": time.time() + 600})
+        paused = cluster.primary_of(KEYS.gen()).proc
+        plan = m.PromptPlan(request_id="req-hung", reply_to=KEYS.reply("gw"), token_ids=[1, 7, 9],
+                            deadline=time.time() + 60, sampling=m.SamplingParams(max_tokens=4))
+
+        async def submit() -> tuple[float, Unavailable | None]:
+            r = connect_async(cluster.url, socket_timeout=10)  # the gateway's
+            client = tiers.TierClient(r, GatewayConfig(model_dir="unused", redis_url=cluster.url), None, None,
+                                      KEYS.reply("gw"))
+            await client.live_workers(["backbone"])  # connected: it knows the slot map
+            os.kill(paused.pid, signal.SIGSTOP)
+            t0 = time.monotonic()
+            try:
+                async for _ in client.generate(plan, asyncio.Queue()):
+                    pass
+            except Unavailable as exc:
+                return time.monotonic() - t0, exc
+            finally:
+                os.kill(paused.pid, signal.SIGCONT)
+                await r.aclose()
+            return time.monotonic() - t0, None
+
+        took, error = asyncio.run(submit())
+    assert error is not None and error.code == "redis_unavailable", error
+    assert took < 5, took
