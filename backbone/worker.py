@@ -672,7 +672,7 @@ class BackboneWorker:
             if failed and len(failed) == skipped:  # every plan in line failed: Redis is away (pauses 0.5 s)
                 self._redis_failed(failed[-1], "fetch")
             else:  # nothing to stall: wait a little (bounded) for a fetch, else the next loop
-                wait([f.future for f in self.fetched.values()] or [Future()], timeout=0.5,
+                wait([f.future for f in self.fetched.values() if not f.future.done()] or [Future()], timeout=0.5,
                      return_when=FIRST_COMPLETED)
         return starting
 
