@@ -22,7 +22,8 @@ request go on. Only a broken pipeline (a peer shard gone) ends the process, and 
 Recovery (docs/architecture.md, "Recovery"):
 
 - Redis away (paused, partitioned, restarted): the worker holds its running sequences and retries the step's round
-  trip; token events are sent only once Redis took them, so none is lost. Sequences held longer than
+  trip (each cut at ``round_trip_timeout_s``, so the loop keeps coming round); token events are sent only once Redis
+  took them, so none is lost. Sequences held longer than
   ``outage_hold_s`` are failed (their gateways gave up by then). A group lost in a restart is recreated.
 - A dead replica's plans: once a second (when Redis has been steady for a live window) the worker claims the plans
   pending on consumers absent from the live set and tells each plan's gateway ``worker_lost``; the gateway, which
@@ -40,11 +41,14 @@ import threading
 import time
 from collections import deque
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
+from concurrent.futures import TimeoutError as FutureTimeout
 from dataclasses import dataclass, field
 
 import torch
 from prometheus_client import CollectorRegistry
 from redis.exceptions import BusyLoadingError, ReadOnlyError, RedisClusterException, RedisError
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from backbone.engine import Engine, Sequence, load_engine
 from backbone.fusion import PlanError
@@ -130,6 +134,12 @@ class BackboneConfig:
     dtype: str = "auto"  # float32 | bfloat16 | float16; auto: bfloat16 on a GPU, float32 on a CPU
     max_deliveries: int = 3  # a plan claimed from this many dead workers is dead-lettered
     outage_hold_s: float = 30.0  # while Redis is away, running sequences are held this long, then failed
+    # A step's round trip (overlapped I/O) not answered by then counts as failed, as one Redis timed out would: the
+    # loop goes on (it holds its sequences and sends the same events again) and the I/O thread is left to end the
+    # call on its own. One call's socket timeout (5 s) does not bound a round trip: redis-py's cluster client
+    # retries it and refreshes its slot map, and a Redis Cluster node that did not answer held the loop for 35 s
+    # (an outside tester's chaos run: it stopped coming round, so its heartbeat went stale).
+    round_trip_timeout_s: float = 10.0
     metrics_port: int = 0  # serve Prometheus metrics on this port (0: not served; router/metrics.py)
     metrics_host: str = "127.0.0.1"
 
@@ -253,6 +263,7 @@ class BackboneWorker:
         self.gate = ReclaimGate()
         self.outage_since: float | None = None  # monotonic time of the first failed round trip of an outage
         self.cancelled = 0  # cancellations not yet counted in the stats hash
+        self.heartbeat: Heartbeat | None = None  # once running
         self.on_threads = None  # set to follow the tier's thread budget (tributary up's autoscaler re-divides it)
         self.reread = False  # a read failed: plans may have been delivered to us unheard (cache/streams.py)
         # Overlapped I/O: step N's round trip runs on this thread while step N+1 computes (one in flight at most).
@@ -294,21 +305,29 @@ class BackboneWorker:
         return len(self.waiting) + self._preempted()
 
     def _settle(self) -> list:
-        """Wait for the round trip in flight (if any) and apply it; returns the plans it read."""
+        """Wait for the round trip in flight (if any), at most ``round_trip_timeout_s``, and apply it; returns the
+        plans it read."""
         if self.inflight is None:
             return []
         ex, future = self.inflight
         self.inflight = None
         t0 = time.perf_counter()
-        results = future.result()
+        try:
+            results = future.result(timeout=self.cfg.round_trip_timeout_s)
+        except FutureTimeout:
+            # Left to its thread, on a pool of its own: what it sends may still land, as with any round trip that
+            # timed out (events go again and gateways drop the positions they have; plans it reads are re-read).
+            self.io.shutdown(wait=False)
+            self.io = ThreadPoolExecutor(1, thread_name_prefix="redis-io")
+            results = RedisTimeoutError(f"the step's round trip took over {self.cfg.round_trip_timeout_s:g} s")
         self.loop_seconds["io_wait"] += time.perf_counter() - t0
         return self._apply_exchange(ex, results)
 
     def run(self) -> None:
         if not ensure_group_patiently(self.r, self.stream, BACKBONE_GROUP, self.stop, "backbone"):
             return  # stopped before Redis would take the group
-        heartbeat = Heartbeat(self.cfg.redis_url, self.keys, "backbone", self.consumer, self.cfg.stall_s,
-                              on_threads=self.on_threads).start()
+        heartbeat = self.heartbeat = Heartbeat(self.cfg.redis_url, self.keys, "backbone", self.consumer,
+                                               self.cfg.stall_s, on_threads=self.on_threads).start()
         pool = self.engine.pool
         log.info("backbone ready", extra={"consumer": self.consumer, "max_running": self.cfg.max_running,
                                           "kv_blocks": pool.num_blocks, "block_size": pool.block_size,
@@ -387,10 +406,11 @@ class BackboneWorker:
                     self._enqueue(entry_id, fields)
             except Exception:
                 log.exception("the last round trip in flight failed")
-            for pool in (self.io, self.prefetch):
-                if pool is not None:
-                    pool.shutdown(wait=True, cancel_futures=True)
-            self._fail_all("the backbone worker is shutting down")
+            if self.prefetch is not None:
+                self.prefetch.shutdown(wait=True, cancel_futures=True)
+            self._fail_all("the backbone worker is shutting down")  # its round trip on the I/O thread (bounded)
+            if self.io is not None:
+                self.io.shutdown(wait=True, cancel_futures=True)
             heartbeat.stop()
             stop_metrics(metrics)
             log.info("backbone stopped", extra={"consumer": self.consumer, "steps": self.engine.steps,
@@ -738,7 +758,10 @@ class BackboneWorker:
         the same events go again next time (with the tokens produced since), and the gateway skips tokens it
         already has."""
         ex = self._prepare_exchange(admit)
-        return self._apply_exchange(ex, self._execute(ex))
+        if self.io is None:  # --sync-io: on this thread (bounded by the client's timeouts only)
+            return self._apply_exchange(ex, self._execute(ex))
+        self.inflight = (ex, self.io.submit(self._execute, ex))
+        return self._settle()  # bounded by round_trip_timeout_s
 
     def _prepare_exchange(self, admit: bool) -> Exchange:
         """The round trip's commands, built from the state now (main thread); what it sent is remembered so that
@@ -793,6 +816,8 @@ class BackboneWorker:
             return results
         except RedisError as exc:
             return exc
+        except RedisClusterException as exc:  # the cluster client's own (not a RedisError): a failed round trip too
+            return RedisConnectionError(f"{type(exc).__name__}: {exc}")
 
     def _apply_exchange(self, ex: Exchange, results: list | RedisError) -> list:
         """Forget what Redis took, act on cancellations and dead gateways, return the plans read (main thread)."""

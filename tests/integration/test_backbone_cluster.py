@@ -1,0 +1,150 @@
+"""The backbone worker on a real Redis Cluster with one primary paused (SIGSTOP: as a hung host or a partition looks
+to its clients): what needs that node waits for it, bounded, and nothing else does. The worker loop runs in this
+process (as in test_prefetch.py) so that the test can watch its heartbeat; the cluster is three primaries without
+replicas, so the paused node is not failed over."""
+
+from __future__ import annotations
+
+import os
+import signal
+import threading
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+import pytest
+from redis.crc import REDIS_CLUSTER_HASH_SLOTS as SLOTS
+from redis.crc import key_slot
+
+from backbone.engine import load_engine
+from backbone.worker import BackboneConfig, BackboneWorker
+from cache.client import connect
+from cache.embedded import EmbeddedCluster
+from cache.keys import Keys
+from gateway.tiers import Generation
+from router import messages as m
+from tests.integration.test_prefetch import TEXT_IDS, Gateway, reference, stored_image
+
+PRIMARIES = 3
+
+
+@pytest.fixture(scope="module")
+def cluster():
+    with EmbeddedCluster(primaries=PRIMARIES, replicas=0, node_timeout_ms=1000) as c:
+        yield c
+
+
+def node_of(key: str) -> int:
+    """The index of the primary serving ``key`` (EmbeddedCluster splits the slots evenly, in order)."""
+    return key_slot(key.encode()) * PRIMARIES // SLOTS
+
+
+@dataclass
+class Layout:
+    keys: Keys  # a prefix whose worker keys (its queue, heartbeat, stats) avoid the paused node
+    paused: int  # the node to pause
+
+
+def layout(seen: set[str]) -> Layout:
+    """A fresh prefix (each test its own queue) whose backbone keys live on two nodes; the third is paused."""
+    for i in range(10_000):
+        keys = Keys(f"p{i}")
+        used = {node_of(keys.gen()), node_of(keys.live("backbone")), node_of(keys.stats("backbone"))}
+        if keys.prefix not in seen and len(used) < PRIMARIES:
+            seen.add(keys.prefix)
+            return Layout(keys, next(n for n in range(PRIMARIES) if n not in used))
+    raise AssertionError("no layout")
+
+
+def pick(make, where) -> str:
+    return next(k for k in (make(f"x{i}") for i in range(10_000)) if where(node_of(k)))
+
+
+PREFIXES: set[str] = set()
+
+
+@contextmanager
+def running(cluster, spec, keys: Keys, **cfg):
+    stop = threading.Event()
+    worker = BackboneWorker(BackboneConfig(redis_url=cluster.url, prefix=keys.prefix, block_ms=100, **cfg),
+                            load_engine(spec), stop)
+    loop = threading.Thread(target=worker.run, daemon=True)
+    loop.start()
+    try:
+        yield worker
+    finally:
+        stop.set()
+        loop.join(60)
+    assert not loop.is_alive(), "the worker did not stop"
+
+
+@contextmanager
+def paused(cluster, node: int):
+    proc = cluster.nodes[node].proc
+    os.kill(proc.pid, signal.SIGSTOP)
+    try:
+        yield
+    finally:
+        os.kill(proc.pid, signal.SIGCONT)
+
+
+def test_a_plan_whose_tensors_sit_on_a_node_that_does_not_answer_does_not_hold_the_plans_behind_it(cluster,
+                                                                                                      tiny_spec):
+    """An image plan whose tensor lives on the paused node waited for that node's socket timeouts first in line,
+    and its one prefetch thread held the fetches behind it, so a text-only plan behind it waited too (an outside
+    tester's chaos run: admission stalled for 100 s). Its fetch now stalls alone; the text plan is answered at
+    once, the image once its node is back."""
+    lay = layout(PREFIXES)
+    reply = pick(lay.keys.reply, lambda n: n != lay.paused)
+    tensor = pick(lambda d: lay.keys.tensor(tiny_spec.encoder_id("image"), d), lambda n: n == lay.paused)
+    r = connect(cluster.url)
+    rows, ref, image_ids = stored_image(tiny_spec, r, 5, "hung", key=tensor)
+    gw = Gateway(r, reply, ["image", "text"], lay.keys)
+    with running(cluster, tiny_spec, lay.keys) as worker:
+        gw.send("text", TEXT_IDS, 4)  # the worker is up and reading
+        gw.until(lambda: gw.finished("text"))
+        with paused(cluster, lay.paused):
+            gw.send("image", image_ids, 6, [ref])
+            # It read the image plan, whose fetch hangs.
+            gw.until(lambda: any(plan.request_id == "image" for _, plan in list(worker.waiting)), 30)
+            gw.seen["text"] = []
+            gw.send("text", TEXT_IDS, 40)
+            sent = time.monotonic()
+            gw.until(lambda: gw.finished("text"))
+            # One fetch of the image's tensor takes the fetch client's socket timeout (3 s) and its retry; before,
+            # it took the step client's three (15 s), and the text plan's fetch waited behind it.
+            took = time.monotonic() - sent
+            assert took < 12, f"the text plan waited {took:.1f} s behind the image's fetch"
+            assert not gw.seen["image"]
+        gw.until(lambda: gw.finished("image"))
+    assert gw.seen["image"][-1].finish == m.FinishReason.LENGTH, gw.seen["image"][-1]
+    assert gw.tokens("image") == reference(tiny_spec, image_ids, [("image", rows)], 6)
+    assert gw.tokens("text") == reference(tiny_spec, TEXT_IDS, [], 40)
+
+
+def test_the_loop_keeps_coming_round_while_a_running_requests_gateway_node_does_not_answer(cluster, tiny_spec):
+    """The paused node holds a running request's reply stream, so every step's round trip writes there. One round
+    trip held the loop for 15-35 s (redis-py's cluster client retries and refreshes its slot map), so the loop
+    stopped coming round and its heartbeat went stale (an outside tester's chaos run). A round trip is now cut at
+    ``round_trip_timeout_s`` (lowered here, with ``stall_s``, to keep the test short): the loop holds the request,
+    keeps beating, and once the node is back the request goes on with no token lost or repeated."""
+    lay = layout(PREFIXES)
+    reply = pick(lay.keys.reply, lambda n: n == lay.paused)
+    r = connect(cluster.url)
+    gw = Gateway(r, reply, ["long"], lay.keys)
+    with running(cluster, tiny_spec, lay.keys, round_trip_timeout_s=1.0, stall_s=4.0) as worker:
+        gw.send("long", TEXT_IDS, 400)
+        gw.until(lambda: len(gw.tokens("long")) >= 3)
+        with paused(cluster, lay.paused):
+            until = time.monotonic() + 12
+            while time.monotonic() < until:
+                assert worker.heartbeat.live(), "the loop stopped coming round"
+                time.sleep(0.1)
+            assert worker.outage_since is not None, "nothing was held: the node was not in the round trip"
+        gw.until(lambda: gw.finished("long"), 90)
+    assert gw.seen["long"][-1].finish == m.FinishReason.LENGTH, gw.seen["long"][-1]
+    # Events the cut round trips sent may land too, and the held ones go again: the gateway takes each token by its
+    # position (gateway/tiers.Generation), so its client sees each once, in order, none missing.
+    gen = Generation(None, None)
+    assert all(gen.take(ev) is not None for ev in gw.seen["long"]), "tokens were lost"
+    assert gen.tokens == reference(tiny_spec, TEXT_IDS, [], 400)
