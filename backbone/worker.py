@@ -82,8 +82,9 @@ log = logging.getLogger(__name__)
 # such a fetch must not wait for it (an outside tester's chaos run: admission stalled for 100 s). So fetches run on
 # several threads, with a shorter socket timeout than the step's round trips, a fetch still running after
 # FETCH_STALLED_S no longer holds the fetches of the plans behind it, and a plan whose fetch Redis failed is fetched
-# again after a backoff (FETCH_BACKOFF_S doubling up to FETCH_BACKOFF_MAX_S), not at once.
-FETCH_THREADS = 8
+# again after a backoff (FETCH_BACKOFF_S doubling up to FETCH_BACKOFF_MAX_S), not at once, on at most half the
+# threads (the plans of a node away must not take every thread from the plans of the nodes that answer).
+FETCH_THREADS = 16
 FETCH_SOCKET_TIMEOUT_S = 3.0
 FETCH_STALLED_S = 0.25
 FETCH_BACKOFF_S, FETCH_BACKOFF_MAX_S = 0.25, 4.0
@@ -556,22 +557,25 @@ class BackboneWorker:
     def _fetch_ahead(self) -> None:
         """Start the fetches of the first waiting plans: as many as could start now (at least one), not counting
         plans whose fetch is stalled or backing off, and never more running at once than the pool has threads (a
-        fetch queued behind stalled ones would stall too)."""
+        fetch queued behind stalled ones would stall too), half of them at most fetching again what Redis failed."""
         if self.prefetch is None:
             return
         now = time.monotonic()
         ahead = max(1, self.cfg.max_running - len(self.running))
-        busy = sum(1 for f in self.fetched.values() if not f.future.done())
+        running = [key for key, f in self.fetched.items() if not f.future.done()]
+        busy, retrying = len(running), sum(1 for key in running if key in self.backoff)
         for _, plan in self.waiting:
             if ahead <= 0 or busy >= FETCH_THREADS:
                 break
             key = run_key(plan)
             fetch = self.fetched.get(key)
             if fetch is None:
-                if self.backoff.get(key, (0, 0.0))[1] > now:
-                    continue  # Redis failed its last fetch: again after its backoff
+                failures, not_before = self.backoff.get(key, (0, 0.0))
+                if not_before > now or (failures and retrying >= FETCH_THREADS // 2):
+                    continue  # Redis failed its last fetch: again after its backoff, on a thread left for retries
                 self.fetched[key] = Fetch(self.prefetch.submit(self._fetch_guarded, plan), now)
                 busy += 1
+                retrying += bool(failures)
                 ahead -= 1
             elif not fetch.stalled(now):
                 ahead -= 1
@@ -589,8 +593,8 @@ class BackboneWorker:
                                                     f"({type(exc).__name__})") from exc
 
     def _media_for(self, plan: m.PromptPlan) -> list[tuple[str, torch.Tensor]] | None:
-        """The plan's fetched tensors; None while its fetch is running or backing off (the plans behind it are
-        tried: it starts on a later step). Raises what the fetch raised; a Redis failure sets the plan's backoff."""
+        """The plan's fetched tensors; None while its fetch is running (the plans behind it are tried: it starts on a
+        later step). Raises what the fetch raised; a Redis failure sets the plan's backoff."""
         key = run_key(plan)
         if self.prefetch is None:  # fetching ahead is off (--sync-io)
             future = Future()
@@ -600,8 +604,6 @@ class BackboneWorker:
                 future.set_exception(exc)
         else:
             if key not in self.fetched:  # not fetched ahead (moved up after a refusal, or its backoff just ended)
-                if self.backoff.get(key, (0, 0.0))[1] > time.monotonic():
-                    return None
                 self.fetched[key] = Fetch(self.prefetch.submit(self._fetch_guarded, plan), time.monotonic())
             future = self.fetched[key].future
             if not future.done():
@@ -656,6 +658,14 @@ class BackboneWorker:
                 continue
             if not self.engine.admissible(seq):
                 break  # its prompt waits for free KV blocks (running sequences finish and free theirs)
+            if self.prefetch is not None and run_key(plan) not in self.fetched:
+                failures, not_before = self.backoff.get(run_key(plan), (0, 0.0))
+                if not_before > time.monotonic() or (failures and skipped):
+                    i += 1  # Redis failed its last fetch: again after its backoff (see _fetch_ahead)
+                    skipped += 1
+                    continue
+                if skipped:
+                    break  # past the plans fetched ahead (the first in line is fetched now, whatever the window)
             try:
                 media = self._media_for(plan)
             except (RedisError, RedisClusterException) as exc:
