@@ -26,6 +26,7 @@ tensors published 2.8x faster, bench/publish.py). The asyncio client always pack
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import os
 
@@ -33,6 +34,7 @@ import redis
 import redis.asyncio as aioredis
 from redis.backoff import ExponentialBackoff
 from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import RedisClusterException
 
 RETRY_ERRORS = [RedisConnectionError]  # not RedisTimeoutError: see above
 CLUSTER_ENV = "TRIBUTARY_REDIS_CLUSTER"  # auto (the default): ask the server; yes; no
@@ -43,6 +45,8 @@ log = logging.getLogger(__name__)
 ASYNC_MAX_CONNECTIONS = 256  # an asyncio client's pool (the gateway sizes its own to its --max-inflight)
 SOCKET_TIMEOUT_S = 5.0  # any one call (longer than every BLOCK we use: at most 1 s)
 CONNECT_TIMEOUT_S = 2.0
+# How long an asyncio cluster client's commands wait for a refresh of its slot map (see _refreshing_cluster).
+REFRESH_WAIT_S = 1.0
 
 
 def redact(url: str) -> str:
@@ -324,6 +328,55 @@ class _AsyncStreamKeys(_StreamKeys):
         return keys if keys is not None else await self._inner.get_keys(*args)
 
 
+_refreshing: type | None = None
+
+
+def _refreshing_cluster() -> type:
+    """redis-py's asyncio cluster client, except that a refresh of its slot map (after a node failed a command) holds
+    its other commands ``REFRESH_WAIT_S`` at most, not for the whole refresh. redis-py refreshes under a lock every
+    command waits on, asking the nodes it knows one by one: one that does not answer (paused, partitioned: a shard
+    away, its replica too) costs that refresh a socket timeout (10 s in the gateway), and every command on every
+    shard waited for it (an outside tester's chaos run: the gateway queued nothing for 10 s while a shard it did
+    not need was away). The refresh goes on in its own task; commands wait for it until ``REFRESH_WAIT_S`` after
+    it started (a failover's fresh map usually comes in milliseconds), then go on with the map they have."""
+    global _refreshing
+    if _refreshing is not None:
+        return _refreshing
+    from redis.asyncio.cluster import RedisCluster
+
+    class RefreshingCluster(RedisCluster):
+        _refresh: asyncio.Future | None = None
+        _refresh_since = 0.0  # the event loop's time the refresh started: commands wait until REFRESH_WAIT_S after
+
+        async def initialize(self, additional_startup_nodes_info=None, last_failed_node_name=None):
+            if not self._initialize or not self.nodes_manager.slots_cache:  # up to date, or the first map
+                return await super().initialize(additional_startup_nodes_info, last_failed_node_name)
+            now = asyncio.get_running_loop().time()
+            if self._refresh is None or self._refresh.done():
+                self._refresh = asyncio.ensure_future(self._refresh_map(additional_startup_nodes_info,
+                                                                        last_failed_node_name))
+                self._refresh_since = now
+            try:
+                await asyncio.wait_for(asyncio.shield(self._refresh), self._refresh_since + REFRESH_WAIT_S - now)
+            except asyncio.TimeoutError:
+                pass  # on with the map it has (a command to a node that does not answer fails on its own)
+            return self
+
+        async def _refresh_map(self, additional_startup_nodes_info, last_failed_node_name) -> None:
+            try:
+                await super().initialize(additional_startup_nodes_info, last_failed_node_name)
+            except (redis.RedisError, RedisClusterException) as exc:  # no node answered: the next failure asks again
+                log.warning("could not refresh the redis cluster's slot map", extra={"error": describe(exc)})
+
+        async def aclose(self) -> None:
+            if self._refresh is not None:
+                self._refresh.cancel()
+            await super().aclose()
+
+    _refreshing = RefreshingCluster
+    return _refreshing
+
+
 def cluster_mode(url: str) -> bool:
     """Whether ``url`` names a Redis Cluster node (see the module docstring); asked once per process and URL."""
     setting = os.environ.get(CLUSTER_ENV, "auto").strip().lower()
@@ -376,15 +429,14 @@ def connect_async(url: str, retries: int = 2, socket_timeout: float = SOCKET_TIM
 
     url = with_password_file(url)
     if cluster_mode(url):
-        from redis.asyncio.cluster import RedisCluster
-
         options = _options(socket_timeout)
         # The asyncio cluster client takes no such option: it retries a timeout as a node failure, after a fresh
         # slot map (so a node that does not answer costs a call two socket timeouts: the gateway bounds its own
         # waits above that, gateway/encoding.ENCODE_SLACK_S)
         del options["retry_on_timeout"]
-        client = RedisCluster.from_url(url, retry=Retry(ExponentialBackoff(cap=1.0, base=0.05), max(retries, 1)),
-                                       require_full_coverage=False, max_connections=max_connections, **options)
+        client = _refreshing_cluster().from_url(
+            url, retry=Retry(ExponentialBackoff(cap=1.0, base=0.05), max(retries, 1)), require_full_coverage=False,
+            max_connections=max_connections, **options)
         client.commands_parser = _AsyncStreamKeys(client.commands_parser, client)
         return client
     pool = aioredis.BlockingConnectionPool.from_url(

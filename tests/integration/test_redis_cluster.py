@@ -11,6 +11,7 @@ import time
 
 import pytest
 import redis
+import redis.asyncio.cluster
 
 from cache.client import CLUSTER_ENV, connect, connect_async
 from cache.embedded import EmbeddedCluster
@@ -50,7 +51,7 @@ def slot(cluster, key: str) -> int:
 def test_the_client_finds_the_cluster_from_any_node(redis_cluster, monkeypatch):
     for node in redis_cluster.live():
         assert type(connect(node.url)).__name__ == "RedisCluster"
-        assert type(connect_async(node.url)).__name__ == "RedisCluster"
+        assert isinstance(connect_async(node.url), redis.asyncio.cluster.RedisCluster)
     monkeypatch.setenv(CLUSTER_ENV, "no")  # the operator's word wins (and no question is asked)
     assert type(connect(redis_cluster.url)) is redis.Redis
 
@@ -401,3 +402,54 @@ def test_a_requests_submission_to_a_node_that_does_not_answer_ends_within_its_bo
         took, error = asyncio.run(submit())
     assert error is not None and error.code == "redis_unavailable", error
     assert took < 5, took
+
+
+def test_a_slot_map_refresh_stuck_on_a_node_that_does_not_answer_holds_other_commands_a_second_at_most(
+        monkeypatch):
+    """A shard away (its primary and its replica paused: a partition): a command to it fails, and the asyncio
+    client refreshes its slot map, asking the nodes it knows one by one under a lock every command waits on. Asking
+    the paused replica first cost the refresh a socket timeout, and every command on every shard waited for it (an
+    outside tester's chaos run: the gateway queued nothing for 10 s, in about 1 run of 3). Now commands wait for
+    the refresh 1 s at most (``REFRESH_WAIT_S``). redis-py shuffles the nodes it asks: the test puts the paused
+    replica first."""
+    aiocluster = redis.asyncio.cluster
+    with EmbeddedCluster(primaries=3, replicas=1) as cluster:
+        away_key = KEYS.gen()
+        primary = cluster.primary_of(away_key)
+        replica = next(n for n in cluster.nodes[3:] if cluster.client(n).info("replication")["master_port"]
+                       == primary.port)
+        healthy_key = next(k for k in (f"k{i}" for i in range(1000)) if cluster.primary_of(k) is not primary)
+        monkeypatch.setattr(aiocluster.random, "shuffle",
+                            lambda nodes: nodes.sort(key=lambda n: n.port != replica.port))
+
+        async def go() -> tuple[float, list[float]]:
+            r = connect_async(cluster.url, socket_timeout=5)
+            await r.set(healthy_key, 1)
+            await r.get(away_key)  # connected to both shards: it knows the slot map
+            deadline = time.monotonic() + 10
+            while replica.port not in {n.port for n in r.nodes_manager.startup_nodes.values()}:
+                assert time.monotonic() < deadline, "the client never heard of the paused shard's replica"
+                await asyncio.sleep(0.1)  # a node asked before the replica was in sync may not list it yet
+                await r.nodes_manager.initialize()
+            for node in (primary, replica):
+                os.kill(node.proc.pid, signal.SIGSTOP)
+            try:
+                failing = asyncio.ensure_future(r.get(away_key))
+                waits = []
+                t0 = time.monotonic()
+                while not failing.done():  # the refresh starts once its first try timed out (5 s)
+                    t = time.monotonic()
+                    assert await r.get(healthy_key) == b"1"
+                    waits.append(time.monotonic() - t)
+                    await asyncio.sleep(0.05)
+                with pytest.raises((redis.TimeoutError, redis.ConnectionError)):
+                    await failing
+                return time.monotonic() - t0, waits
+            finally:
+                for node in (primary, replica):
+                    os.kill(node.proc.pid, signal.SIGCONT)
+                await r.aclose()
+
+        took, waits = asyncio.run(go())
+    assert took > 5, f"the command to the paused shard failed in {took:.1f} s: no refresh was tested"
+    assert max(waits) < 2.5, f"a command to a shard that answers waited {max(waits):.1f} s"
