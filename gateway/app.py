@@ -93,7 +93,8 @@ def create_app(cfg: GatewayConfig):
         await monitor.beat()  # takes the lease before the first request (a Redis still away is retried)
         app.state.redis, app.state.tiers, app.state.monitor = redis, tiers, monitor
         tiers.view = monitor.view
-        media = MediaEncoder(redis, cfg, spec, replies, reply_stream, tiers.liveness_unknown, metrics)
+        media = MediaEncoder(redis, cfg, spec, replies, reply_stream, tiers.liveness_unknown, metrics,
+                             tiers.known_live)
         builder = PromptBuilder(spec, tokenizer, cfg.max_media_bytes, cfg.limit_mm_per_prompt, cfg.max_audio_seconds)
         limiter = RateLimiter(redis, keys, cfg.rate_limit_rpm, cfg.rate_limit_tpm)
         app.state.chat = ChatService(cfg, builder, media, tiers, replies, monitor, limiter, metrics)
@@ -180,7 +181,11 @@ def create_app(cfg: GatewayConfig):
         status = "ok" if not missing else "degraded"
         if view.redis_warning:
             body["redis_warning"] = view.redis_warning
-        return {**body, "status": status, "redis": "ok", "workers": live, "missing": missing}, not missing
+        redis_state = "ok"
+        if view.reads_failing is not None:  # a Redis Cluster node away: workers and queues as last read
+            redis_state = f"ok, but live sets and queues unread: {view.reads_failing}"
+            body["read_age_s"] = round(time.monotonic() - view.read_at, 1) if view.read_at is not None else None
+        return {**body, "status": status, "redis": redis_state, "workers": live, "missing": missing}, not missing
 
     async def metrics_text(request: Request) -> Response:
         """Prometheus metrics (no API key: gateway/auth.py). Never waits on Redis (gateway/metrics.py)."""

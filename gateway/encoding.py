@@ -49,12 +49,13 @@ ENCODE_SLACK_S = 5.0
 
 class MediaEncoder:
     def __init__(self, redis, cfg: GatewayConfig, spec: ModelSpec, replies: ReplyRouter, reply_stream: str,
-                 liveness_unknown=lambda: False, metrics=None):
+                 liveness_unknown=lambda: False, metrics=None, known_live=lambda tier: None):
         self.r, self.cfg, self.spec, self.replies = redis, cfg, spec, replies
         self.metrics = metrics  # gateway/metrics.GatewayMetrics: cache hits and misses per modality (None: not kept)
         self.keys = Keys(cfg.prefix)
         self.reply_stream = reply_stream
         self.liveness_unknown = liveness_unknown  # TierClient.liveness_unknown: just after a Redis restart
+        self.known_live = known_live  # TierClient.known_live: live workers as the monitor last read them
 
     async def encode(self, request_id: str, parts: list[MediaPart], queue: asyncio.Queue, namespace: str = "",
                      tenant: str = "") -> list[m.MediaRef]:
@@ -111,16 +112,17 @@ class MediaEncoder:
             parts[i] = parts[i].with_digest(res[at].decode())
 
     async def _lookup(self, parts: list[MediaPart], keys: list[str], tenant: str = "") -> list[int | None]:
-        modalities = sorted({p.modality for p in parts})
+        live = {mod: self.known_live(f"encoder:{mod}") for mod in sorted({p.modality for p in parts})}
+        unread = [mod for mod, n in live.items() if n is None]  # no monitor's view yet: read here
         pipe = self.r.pipeline(transaction=False)
         for key in keys:
             pipe.hget(key, "n")
             pipe.expire(key, self.cfg.tensor_ttl_s)
-        for mod in modalities:
+        for mod in unread:
             pipe.zcount(*live_count_args(self.keys, f"encoder:{mod}"))
         res = await pipe.execute()
         counts = [int(n) if n is not None else None for n in res[0 : 2 * len(keys) : 2]]
-        live = dict(zip(modalities, res[2 * len(keys) :]))
+        live.update(zip(unread, res[2 * len(keys) :]))
         pipe = self.r.pipeline(transaction=False)
         for p, n in zip(parts, counts):
             pipe.hincrby(self.keys.stats(f"encoder:{p.modality}"), "cache_hits" if n is not None else "cache_misses")

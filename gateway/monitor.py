@@ -1,8 +1,13 @@
 """The gateway's view of the cluster, refreshed once a second in one Redis round trip by one background task:
 
-- **Redis health.** A failed or timed-out round trip marks Redis down (with why) at once; while it is down, new
-  requests get a 503 with ``Retry-After`` without touching Redis, and ``/ready`` says why. The first round trip that
-  succeeds marks it up again.
+- **Redis health.** A failed or timed-out renewal of the lease (below) marks Redis down (with why) at once; while it
+  is down, new requests get a 503 with ``Retry-After`` without touching Redis, and ``/ready`` says why. The first
+  renewal that succeeds marks it up again. The reads below go in a round trip of their own, beside it: on a Redis
+  Cluster their keys may live on another node, and a node that does not answer (a shard away) holding only a live
+  set or a queue is not Redis being away for every request (an outside tester's chaos run: every request, text
+  included, got a 503 while a shard holding ``live:backbone`` was paused). While they fail the view keeps what they
+  last read, and once they succeed again the live sets are not trusted to show a worker gone until every worker has
+  beaten since (as after an outage).
 - **The gateway's lease** (``<reply stream>:alive``, see cache/keys.py): refreshed each beat with the reply stream's
   TTL. Workers write only to the reply streams of live gateways and cancel the work of dead ones. Finding the lease
   gone (a Redis restarted empty, or this process stalled past the lease) means the cluster may have dropped this
@@ -28,6 +33,7 @@ from cache.streams import run_script
 from gateway.config import GatewayConfig
 from gateway.errors import Overloaded, Unavailable
 from router.liveness import HEARTBEAT_S, LIVE_WINDOW_S
+from router.logs import Throttle
 
 log = logging.getLogger(__name__)
 
@@ -46,12 +52,19 @@ class ClusterView:
     live: dict[str, set[str]] = field(default_factory=dict)  # tier -> live worker ids
     backlog: dict[str, int] = field(default_factory=dict)  # tier -> unread entries of its stream
     wait: dict[str, float] = field(default_factory=dict)  # tier -> seconds its oldest unread entry has waited
-    outage_ended: float = -1e9  # monotonic time Redis last came back after being away
+    outage_ended: float = -1e9  # monotonic time Redis (or the reads of live sets and queues) last came back
+    read_at: float | None = None  # monotonic time live sets and queues were last read (None: never)
+    reads_failing: str | None = None  # why their last read failed, while it does (Redis itself up)
     redis_warning: str | None = None  # what Redis's eviction policy risks (cache.client.eviction_hazard), if anything
 
     def steady(self) -> bool:
-        """Up long enough that every live worker has beaten since: an absent one is really gone."""
-        return self.up and time.monotonic() - self.since >= LIVE_WINDOW_S + HEARTBEAT_S
+        """Up, and read, long enough that every live worker has beaten since: an absent one is really gone."""
+        return (self.up and self.reads_failing is None
+                and time.monotonic() - max(self.since, self.outage_ended) >= LIVE_WINDOW_S + HEARTBEAT_S)
+
+    def live_count(self, tier: str) -> int | None:
+        """Live workers of ``tier`` as last read (at most a beat old unless the reads fail); None if never read."""
+        return len(self.live[tier]) if self.read_at is not None and tier in self.live else None
 
 
 class ClusterMonitor:
@@ -70,6 +83,7 @@ class ClusterMonitor:
         self._policies: frozenset[str] = frozenset()  # as last read (every node's, on a cluster)
         # tier -> (its stream, its group), whose backlog each beat reads
         self.queues = {t: self.keys.queue(t) for t in tiers}
+        self._reads_throttle = Throttle()
 
 
     async def run(self) -> None:
@@ -84,29 +98,22 @@ class ClusterMonitor:
 
     async def beat(self) -> None:
         now = time.time()
-        pipe = self.r.pipeline(transaction=False)
-        pipe.set(self.alive_key, 1, ex=self.cfg.lease_s, get=True)
-        pipe.expire(self.reply_stream, self.cfg.lease_s)
+        lease = self.r.pipeline(transaction=False)  # one slot: the gateway's (cache/keys.py)
+        lease.set(self.alive_key, 1, ex=self.cfg.lease_s, get=True)
+        lease.expire(self.reply_stream, self.cfg.lease_s)
+        reads = self.r.pipeline(transaction=False)
         for tier in self.tiers:
-            pipe.zrangebyscore(self.keys.live(tier), now - LIVE_WINDOW_S, "+inf")
+            reads.zrangebyscore(self.keys.live(tier), now - LIVE_WINDOW_S, "+inf")
         for stream, _ in self.queues.values():
-            pipe.xlen(stream)
-            pipe.xinfo_groups(stream)
-        try:
-            res = await asyncio.wait_for(pipe.execute(raise_on_error=False), PROBE_TIMEOUT_S)
-            # Each reply may be an error (XINFO GROUPS of a stream not made yet is one). Any other, on any key (on
-            # a cluster: any node), means Redis is not serving us: a node dead mid-read, a timeout.
-            if failed := failed_reply(res):
-                raise failed
-        except asyncio.CancelledError:
-            raise
-        except Exception as exc:  # noqa: BLE001 -- any failure of the round trip means Redis is not serving us
-            self._down(describe(exc), f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__)
+            reads.xlen(stream)
+            reads.xinfo_groups(stream)
+        res, read = await asyncio.gather(_round_trip(lease), _round_trip(reads), return_exceptions=True)
+        if isinstance(res, asyncio.CancelledError) or isinstance(read, asyncio.CancelledError):
+            raise asyncio.CancelledError
+        if isinstance(res, BaseException):  # the lease not renewed: Redis is not serving this gateway
+            self._down(describe(res), f"{type(res).__name__}: {res}" if str(res) else type(res).__name__)
             return
-        lease_was, live_sets, rest = res[0], res[2 : 2 + len(self.tiers)], res[2 + len(self.tiers) :]
-        live = {t: {m.decode() for m in members} for t, members in zip(self.tiers, live_sets)}
-        backlog = {t: _lag(group, length, groups) for (t, (_, group)), length, groups
-                   in zip(self.queues.items(), rest[0::2], rest[1::2])}
+        lease_was = res[0]
         view = self.view
         if not view.up:
             if view.reason != "not checked yet":
@@ -114,8 +121,22 @@ class ClusterMonitor:
                 view.outage_ended = time.monotonic()
             view.up, view.reason, view.since = True, "ok", time.monotonic()
             self._policy_read = -1e9  # Redis may be another server now: read its policy at once
-        view.live, view.backlog = live, backlog
-        view.wait = await self._waits(view.backlog, dict(zip(self.tiers, rest[1::2])))
+        if isinstance(read, BaseException):
+            if view.reads_failing is None or self._reads_throttle.due():
+                log.warning("could not read the workers' live sets and queues; keeping the last ones read", extra={
+                    "error": f"{type(read).__name__}: {read}", "repeated": self._reads_throttle.held})
+            view.reads_failing = describe(read)
+            view.wait = {}  # unknown (as when its own read fails): a stale wait would refuse requests for good
+        else:
+            if view.reads_failing is not None:
+                log.warning("the workers' live sets and queues are read again")
+                view.reads_failing, view.outage_ended = None, time.monotonic()  # beats may have failed meanwhile
+            live_sets, rest = read[: len(self.tiers)], read[len(self.tiers) :]
+            view.live = {t: {m.decode() for m in members} for t, members in zip(self.tiers, live_sets)}
+            view.backlog = {t: _lag(group, length, groups) for (t, (_, group)), length, groups
+                            in zip(self.queues.items(), rest[0::2], rest[1::2])}
+            view.read_at = time.monotonic()
+            view.wait = await self._waits(view.backlog, dict(zip(self.tiers, rest[1::2])))
         if lease_was is None and not self._first:
             cause = await self._why_lease_lost(time.monotonic() - self._renewed)
             log.error(f"this gateway's lease was gone ({cause}): re-queueing the work of every request in flight")
@@ -210,6 +231,15 @@ class ClusterMonitor:
         except Exception:  # noqa: BLE001 -- best effort: the lease lapses by itself
             pass
         await self.r.aclose()
+
+
+async def _round_trip(pipe) -> list:
+    """A pipeline's replies within ``PROBE_TIMEOUT_S``. Each may be an error (XINFO GROUPS of a stream not made yet
+    is one); any other, on any key (on a cluster: any node), fails the round trip: a node dead mid-read, a timeout."""
+    res = await asyncio.wait_for(pipe.execute(raise_on_error=False), PROBE_TIMEOUT_S)
+    if failed := failed_reply(res):
+        raise failed
+    return res
 
 
 def admit(view: ClusterView, inflight: int | None, cfg: GatewayConfig, tiers: list[str]) -> None:

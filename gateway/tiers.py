@@ -194,9 +194,18 @@ class TierClient:
         finally:
             self.inflight.pop(plan.request_id, None)
 
+    def known_live(self, tier: str) -> int | None:
+        """Live workers of ``tier`` as the monitor last read them (None: not read yet, or no monitor). Requests
+        take it from there rather than read the live set themselves: on a Redis Cluster that set may be on a node
+        away, while the queue and the reply stream answer."""
+        return self.view.live_count(tier) if self.view is not None else None
+
     async def _submit(self, plan: m.PromptPlan) -> bytes:
         """Queue the plan (its stream entry id), unless no backbone is live (a 503 at once)."""
-        if not (await self.live_workers(["backbone"]))["backbone"] and not self.liveness_unknown():
+        live = self.known_live("backbone")
+        if live is None:
+            live = (await self.live_workers(["backbone"]))["backbone"]
+        if not live and not self.liveness_unknown():
             raise Unavailable("no live backbone worker", code="no_live_worker", retry_after=2)
         return await self.r.xadd(self.keys.gen(), payload_fields(m.encode(plan)))
 

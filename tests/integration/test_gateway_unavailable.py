@@ -20,7 +20,8 @@ from tests.media import b64, wav_bytes
 def lone_gateway(tiny_model, redis_server):
     port = free_port()
     proc = subprocess.Popen([sys.executable, "-m", "tributary.cli", "gateway", "--model", str(tiny_model),
-                             "--redis-url", redis_server.url, "--port", str(port)],
+                             "--redis-url", redis_server.url, "--port", str(port),
+                             "--prefix", "lone"],  # its own queues: other modules' plans left in trib:gen are old
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                             env=dict(os.environ, PYTHONUNBUFFERED="1"))
     base = f"http://127.0.0.1:{port}"

@@ -162,10 +162,13 @@ def test_the_gateways_monitor_reads_queue_waits_on_a_cluster(r, redis_cluster):
 
 
 def test_the_gateways_monitor_sees_any_node_it_reads_die_and_comes_back_after_the_failover():
-    """One beat reads keys on several nodes. The primary of one of them (not the lease's) killed: that beat marks
-    Redis down ("cannot connect": each reply may be an error, and was once parsed as data: a TypeError ended the beat,
-    or a dead queue read as empty); after the failover the beats come back up with every tier's view. The cluster
-    metrics' refresh, one round trip of the same kind, makes no snapshot meanwhile (not a dead queue read as 0)."""
+    """One beat reads keys on several nodes. The primary of one of them (not the lease's) killed: that beat's reads
+    fail ("cannot connect": each reply may be an error, and was once parsed as data: a TypeError ended the beat, or a
+    dead queue read as empty), but Redis is not down for this gateway: its lease was renewed, and the view keeps the
+    live sets last read (a node away holding ``live:backbone`` made every request a 503: an outside tester's chaos
+    run), while no worker may be found gone from them. After the failover every tier's view is read again. The
+    cluster metrics' refresh makes no snapshot meanwhile (not a dead queue read as 0). Then the lease's primary
+    killed: that is Redis down, until its failover."""
     from gateway.config import GatewayConfig
     from gateway.metrics import ClusterMetrics
     from gateway.monitor import ClusterMonitor
@@ -182,23 +185,37 @@ def test_the_gateways_monitor_sees_any_node_it_reads_die_and_comes_back_after_th
 
         async def go():
             try:
+                cluster.client(cluster.primary_of(KEYS.live("backbone"))).zadd(KEYS.live("backbone"),
+                                                                               {"bb-1": time.time() + 600})
                 await monitor.beat()
                 await metrics.refresh()
                 assert monitor.view.up and metrics.snapshot is not None
+                assert monitor.view.live_count("backbone") == 1 and monitor.view.reads_failing is None
                 victim.kill()
                 await monitor.beat()  # raises nothing
-                assert not monitor.view.up and monitor.view.reason in ("cannot connect", "timed out")
+                view = monitor.view
+                assert view.up and view.reads_failing in ("cannot connect", "timed out"), view
+                assert view.live_count("backbone") == 1 and not view.steady()  # as last read; no worker gone
                 await metrics.refresh()
                 assert metrics.snapshot is None
+                await asyncio.to_thread(cluster.wait_ok, 30)
+                deadline = time.monotonic() + 15
+                while monitor.view.reads_failing is not None:
+                    assert time.monotonic() < deadline, monitor.view.reads_failing
+                    await asyncio.sleep(0.25)
+                    await monitor.beat()
+                assert set(monitor.view.live) == set(tiers) and set(monitor.view.backlog) == set(tiers)
+                await metrics.refresh()
+                assert metrics.snapshot is not None
+                cluster.primary_of(alive(reply)).kill()
+                await monitor.beat()
+                assert not monitor.view.up and monitor.view.reason in ("cannot connect", "timed out")
                 await asyncio.to_thread(cluster.wait_ok, 30)
                 deadline = time.monotonic() + 15
                 while not monitor.view.up:
                     assert time.monotonic() < deadline, monitor.view.reason
                     await asyncio.sleep(0.25)
                     await monitor.beat()
-                assert set(monitor.view.live) == set(tiers) and set(monitor.view.backlog) == set(tiers)
-                await metrics.refresh()
-                assert metrics.snapshot is not None
             finally:
                 await monitor.close()
                 await metrics.r.aclose()
@@ -453,3 +470,48 @@ def test_a_slot_map_refresh_stuck_on_a_node_that_does_not_answer_holds_other_com
         took, waits = asyncio.run(go())
     assert took > 5, f"the command to the paused shard failed in {took:.1f} s: no refresh was tested"
     assert max(waits) < 2.5, f"a command to a shard that answers waited {max(waits):.1f} s"
+
+
+def test_a_request_is_queued_while_the_node_holding_the_live_sets_does_not_answer(monkeypatch):
+    """The node holding ``live:backbone`` paused, while the plan queue and the gateway's own keys answer: every
+    request got a 503, text included (the monitor took any failed read for Redis away, and each submission read the
+    live set itself: an outside tester's chaos run). Now the monitor keeps the live sets it last read, Redis stays up
+    for this gateway, and a submission takes the live count from the monitor's view: the plan is queued at once."""
+    from gateway.monitor import ClusterMonitor
+
+    with EmbeddedCluster(primaries=3, replicas=0) as cluster:
+        keys = next(k for k in (Keys(f"q{i}") for i in range(1000))
+                    if cluster.primary_of(k.gen()) is not cluster.primary_of(k.live("backbone")))
+        away = cluster.primary_of(keys.live("backbone"))
+        reply = next(r for r in (keys.reply(f"gw{i}") for i in range(1000)) if cluster.primary_of(r) is not away)
+        sync = connect(cluster.url)
+        sync.zadd(keys.live("backbone"), {"bb-1": time.time() + 600})
+        cfg = GatewayConfig(model_dir="unused", redis_url=cluster.url, prefix=keys.prefix)
+        plan = m.PromptPlan(request_id="req-live", reply_to=reply, token_ids=[1, 7, 9], deadline=time.time() + 60,
+                            sampling=m.SamplingParams(max_tokens=4))
+
+        async def go() -> float:
+            monitor = ClusterMonitor(cfg, ["backbone"], reply, lambda: None, lambda v: None)
+            r = connect_async(cluster.url, socket_timeout=10)  # the gateway's
+            client = tiers.TierClient(r, cfg, None, None, reply)
+            client.view = monitor.view
+            await monitor.beat()
+            await r.xlen(keys.gen())  # connected: it knows the slot map
+            os.kill(away.proc.pid, signal.SIGSTOP)
+            try:
+                await monitor.beat()
+                assert monitor.view.up and monitor.view.reads_failing is not None, monitor.view
+                t0 = time.monotonic()
+                task = asyncio.ensure_future(client.generate(plan, asyncio.Queue()).__anext__())
+                while not await r.xlen(keys.gen()):
+                    assert time.monotonic() - t0 < 8, "the plan was not queued"
+                    await asyncio.sleep(0.05)
+                task.cancel()
+                return time.monotonic() - t0
+            finally:
+                os.kill(away.proc.pid, signal.SIGCONT)
+                await monitor.close()
+                await r.aclose()
+
+        took = asyncio.run(go())
+    assert took < 2, took
