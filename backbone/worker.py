@@ -628,14 +628,15 @@ class BackboneWorker:
     def _start_waiting(self) -> list[tuple[Sequence, torch.Tensor]]:
         """Start queued plans in arrival order while a slot is free and the KV pool holds their prompt, once their
         tensors are fetched. A plan that cannot start gets an error event (in the outbox) and the next one is
-        tried. A plan whose tensors are still on their way, or whose fetch Redis failed (it is fetched again after
-        a backoff), keeps its place and the plans behind it are tried: one Redis Cluster node away or hanging holds
-        only the plans with keys there, never those whose keys live elsewhere (an outside tester's chaos runs:
-        text-only requests timed out behind them). Arrival order still holds for KV memory: a plan waiting for
-        free blocks stops the line."""
+        tried. A plan whose tensors are on their way stops the line (arrival order); one whose fetch has stalled
+        (``FETCH_STALLED_S``) or that Redis failed (it is fetched again after a backoff) keeps its place and the
+        plans behind it are tried: one Redis Cluster node away or hanging holds only the plans with keys there,
+        never those whose keys live elsewhere (an outside tester's chaos runs: text-only requests timed out behind
+        them). A plan waiting for free KV blocks stops the line too."""
         starting: list[tuple[Sequence, torch.Tensor]] = []
         failed: list[Exception] = []  # Redis failures of this step's fetches
-        skipped = 0  # plans left in line (still fetching, backing off, or failed)
+        skipped = 0  # plans left in line (their fetch stalled, backing off, or failed)
+        held = False  # the line stopped at a plan whose fetch is on its way
         self._fetch_ahead()
         i = 0
         while i < len(self.waiting) and len(self.running) < self.cfg.max_running:
@@ -680,6 +681,10 @@ class BackboneWorker:
                 self._refuse(plan, entry_id, exc.code, exc.error, exc.silent)
                 continue
             if media is None:
+                fetch = self.fetched.get(run_key(plan))
+                if fetch is not None and not fetch.stalled(time.monotonic()):
+                    held = True  # on its way (milliseconds, as a rule): the line keeps its order
+                    break
                 i += 1
                 skipped += 1
                 continue
@@ -698,7 +703,7 @@ class BackboneWorker:
                              f"the backbone could not start this request ({type(exc).__name__})")
                 continue
             self.running[run_key(plan)] = Running(seq, plan, entry_id)
-        if not starting and not self.running and skipped:
+        if not starting and not self.running and (skipped or held):
             if failed and len(failed) == skipped:  # every plan in line failed: Redis is away (pauses 0.5 s)
                 self._redis_failed(failed[-1], "fetch")
             else:  # nothing to stall: wait a little (bounded) for a fetch, else the next loop

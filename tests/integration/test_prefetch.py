@@ -148,3 +148,40 @@ def test_a_plan_whose_tensors_cannot_be_fetched_does_not_hold_the_plans_behind_i
     assert gw.tokens("image") == reference(tiny_spec, image_ids, [("image", rows)], 6)
     assert gw.tokens("text") == reference(tiny_spec, TEXT_IDS, [], 40)
 
+
+
+def test_plans_start_in_arrival_order_while_their_fetches_are_on_their_way(tiny_spec, redis_url, monkeypatch):
+    """Fetches run on several threads and may end out of order: a plan whose fetch is only on its way (not stalled,
+    ``FETCH_STALLED_S``, raised here so that a slow machine cannot make it stall) holds the line, so a plan behind
+    it never overtakes it by a few milliseconds (a preemption test failed when the newer request started first)."""
+    import backbone.worker as worker_module
+
+    monkeypatch.setattr(worker_module, "FETCH_STALLED_S", 30.0)
+    r = redis.Redis.from_url(redis_url)
+    stop = threading.Event()
+    worker = BackboneWorker(BackboneConfig(redis_url=redis_url, block_ms=100), load_engine(tiny_spec), stop)
+    real_fetch = worker._fetch_media
+
+    def fetch(plan):
+        if plan.request_id == "first":
+            time.sleep(0.3)  # the second's fetch ends first
+        return real_fetch(plan)
+
+    worker._fetch_media = fetch
+    gw = Gateway(r, "reply:order", ["first", "second"])
+    loop = threading.Thread(target=worker.run, daemon=True)
+    loop.start()
+    try:
+        gw.send("first", TEXT_IDS, 4)
+        gw.send("second", TEXT_IDS, 4)
+        gw.until(lambda: gw.finished("first") and gw.finished("second"))
+    finally:
+        stop.set()
+        loop.join(60)
+    assert not loop.is_alive(), "the worker did not stop"
+    order = []
+    for _, fields in r.xrange("reply:order"):
+        ev = m.decode(fields_payload(fields), m.TokenEvent)
+        if ev.request_id not in order:
+            order.append(ev.request_id)
+    assert order == ["first", "second"], order
