@@ -360,6 +360,10 @@ def _refreshing_cluster() -> type:
                 await asyncio.wait_for(asyncio.shield(self._refresh), self._refresh_since + REFRESH_WAIT_S - now)
             except asyncio.TimeoutError:
                 pass  # on with the map it has (a command to a node that does not answer fails on its own)
+            except asyncio.CancelledError:
+                if asyncio.current_task().cancelling():
+                    raise  # this command was cancelled
+                # else the refresh was (the event loop closing): on with the map it has
             return self
 
         async def _refresh_map(self, additional_startup_nodes_info, last_failed_node_name) -> None:
@@ -368,10 +372,9 @@ def _refreshing_cluster() -> type:
             except (redis.RedisError, RedisClusterException) as exc:  # no node answered: the next failure asks again
                 log.warning("could not refresh the redis cluster's slot map", extra={"error": describe(exc)})
 
-        async def aclose(self) -> None:
-            if self._refresh is not None:
-                self._refresh.cancel()
-            await super().aclose()
+        # aclose() is redis-py's own: its pipelines call it after a failed node too, so it must not end the refresh
+        # (commands waiting for it got a CancelledError: an outside tester's chaos run, the gateway's reply reader
+        # ended and every request after timed out). A refresh ends by itself within its socket timeouts.
 
     _refreshing = RefreshingCluster
     return _refreshing

@@ -427,8 +427,10 @@ def test_a_slot_map_refresh_stuck_on_a_node_that_does_not_answer_holds_other_com
     client refreshes its slot map, asking the nodes it knows one by one under a lock every command waits on. Asking
     the paused replica first cost the refresh a socket timeout, and every command on every shard waited for it (an
     outside tester's chaos run: the gateway queued nothing for 10 s, in about 1 run of 3). Now commands wait for
-    the refresh 1 s at most (``REFRESH_WAIT_S``). redis-py shuffles the nodes it asks: the test puts the paused
-    replica first."""
+    the refresh 1 s at most (``REFRESH_WAIT_S``), and a pipeline's retry, which closes the client (redis-py's own
+    ``aclose``), leaves the refresh running (ending it gave every waiting command a CancelledError: an outside
+    tester's chaos run, the gateway's reply reader ended). redis-py shuffles the nodes it asks: the test puts the
+    paused replica first."""
     aiocluster = redis.asyncio.cluster
     with EmbeddedCluster(primaries=3, replicas=1) as cluster:
         away_key = KEYS.gen()
@@ -452,15 +454,20 @@ def test_a_slot_map_refresh_stuck_on_a_node_that_does_not_answer_holds_other_com
                 os.kill(node.proc.pid, signal.SIGSTOP)
             try:
                 failing = asyncio.ensure_future(r.get(away_key))
+                await asyncio.sleep(0.5)
+                pipe = r.pipeline(transaction=False)  # its retry closes the client (redis-py's aclose) meanwhile
+                pipe.get(away_key)
+                piped = asyncio.ensure_future(pipe.execute())
                 waits = []
                 t0 = time.monotonic()
-                while not failing.done():  # the refresh starts once its first try timed out (5 s)
+                while not (failing.done() and piped.done()):  # the refresh starts once a try timed out (5 s)
                     t = time.monotonic()
-                    assert await r.get(healthy_key) == b"1"
+                    assert await r.get(healthy_key) == b"1"  # no CancelledError either
                     waits.append(time.monotonic() - t)
                     await asyncio.sleep(0.05)
-                with pytest.raises((redis.TimeoutError, redis.ConnectionError)):
-                    await failing
+                for command in (failing, piped):
+                    with pytest.raises((redis.TimeoutError, redis.ConnectionError)):
+                        await command
                 return time.monotonic() - t0, waits
             finally:
                 for node in (primary, replica):
