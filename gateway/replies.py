@@ -52,13 +52,15 @@ class ReplyRouter:
         while True:
             try:
                 reply = await self.r.xread({self.stream: self.last_id}, count=512, block=self.block_ms)
-            except asyncio.CancelledError:
-                raise
+            except asyncio.CancelledError as exc:
+                if asyncio.current_task().cancelling():
+                    raise  # this reader is being stopped
+                # Raised inside the Redis client, not a cancel of this task (one ended every request of a gateway
+                # for good in an outside tester's chaos run): a failed read like any other.
+                await self._read_failed(f"CancelledError inside the Redis client: {exc}")
+                continue
             except Exception as exc:  # Redis away: keep the loop alive (logged once per outage)
-                if not self.failing:
-                    log.error("reply stream read failed; retrying", extra={"error": f"{type(exc).__name__}: {exc}"})
-                self.failing = True
-                await asyncio.sleep(0.5)
+                await self._read_failed(f"{type(exc).__name__}: {exc}")
                 continue
             if self.failing:
                 log.warning("reply stream readable again")
@@ -78,6 +80,12 @@ class ReplyRouter:
                 except Exception:  # noqa: BLE001 -- Redis away: trimmed next time
                     continue
                 self.trimmed_id, self.trimmed_at = self.last_id, now
+
+    async def _read_failed(self, error: str) -> None:
+        if not self.failing:
+            log.error("reply stream read failed; retrying", extra={"error": error})
+        self.failing = True
+        await asyncio.sleep(0.5)
 
     def _dispatch(self, fields: dict) -> None:
         try:
