@@ -500,22 +500,33 @@ class BackboneWorker:
         knowing what was already streamed), or dead-letter a plan past ``max_deliveries``."""
         if self.outage_since is not None or not self.gate.due():
             return
+        # On the fetches' client (a shorter socket timeout): this runs on the loop's thread, and the live set may be
+        # on a Redis Cluster node away that the step does not need (an outside tester's chaos run: the backbone
+        # served nothing for 16 s of every 22 s, each reclaim waiting out the step client's timeouts).
+        r = self.fetch_r
         try:
-            live = live_for_reclaim(self.r, self.keys, "backbone", self.consumer)
+            live = live_for_reclaim(r, self.keys, "backbone", self.consumer)
             if live is None:
                 return
-            claimed = reclaim_dead(self.r, self.stream, BACKBONE_GROUP, self.consumer, live, 64)
+            claimed = reclaim_dead(r, self.stream, BACKBONE_GROUP, self.consumer, live, 64)
             if not claimed:
                 return
-            pipe = self.r.pipeline(transaction=False)
+            pipe = r.pipeline(transaction=False)
             for entry in claimed:
                 self._orphaned(pipe, entry)
             pipe.execute()
-        except RedisError as exc:
+        except (RedisError, RedisClusterException) as exc:
             # Claimed entries whose notice did not go out are pending on us now: the re-read runs them from the
             # start (same plan, same seed: the same tokens, joined by position at the gateway).
             self.reread = True
-            self._redis_failed(exc, "reclaim")
+            if isinstance(exc, RedisError) and is_nogroup(exc):
+                self._redis_failed(exc, "reclaim")  # recreates the group
+                return
+            # Not an outage of the step (its own round trip tells one): reclaiming waits for a steady live window.
+            self.gate.broken()
+            if self._fetch_errors.due():
+                log.error("could not reclaim the plans of dead workers; trying again later", extra={
+                    "error": f"{type(exc).__name__}: {exc}", "repeated": self._fetch_errors.held})
 
     def _orphaned(self, pipe, entry: Claimed) -> None:
         try:
