@@ -106,16 +106,20 @@ _REDIS_CODE = os.path.dirname(redis.__file__) + os.sep
 def redis_failure(exc: BaseException) -> bool:
     """Whether ``exc`` is a failure of the Redis path, answered with a 503 (retry later), not a 500: redis-py's
     errors, its cluster client's own (``RedisClusterException``, not a ``RedisError``: no node for a slot), and
-    anything raised inside redis-py itself (a failover once gave an AttributeError in its connection code, from a
-    connection another task's retry had closed: an outside tester's chaos run)."""
+    anything raised while redis-py ran, in its own code or in what it called (outside testers' chaos runs: a failover
+    gave an AttributeError in its connection code, from a connection another task's retry had closed; a write on
+    such a connection gave uvloop's ``RuntimeError: unable to perform operation on <TCPTransport closed=True>``,
+    raised in uvloop's frame, beneath redis-py's)."""
     from redis.exceptions import RedisClusterException
 
     if isinstance(exc, RedisError | RedisClusterException):
         return True
     tb = exc.__traceback__
-    while tb is not None and tb.tb_next is not None:
+    while tb is not None:
+        if tb.tb_frame.f_code.co_filename.startswith(_REDIS_CODE):
+            return True
         tb = tb.tb_next
-    return tb is not None and tb.tb_frame.f_code.co_filename.startswith(_REDIS_CODE)
+    return False
 
 
 def redis_unavailable(exc: BaseException) -> Unavailable:

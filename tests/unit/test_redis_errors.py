@@ -40,11 +40,29 @@ def inside_redis() -> Exception:
     raise AssertionError("redis-py accepted None as a key")
 
 
+def beneath_redis() -> Exception:
+    """An error raised in code that redis-py called, below its own frames: uvloop's transport refusing a write on a
+    connection another task closed (an outside tester's chaos run once got a 500 from it). The key's ``find``
+    stands in for uvloop's write: redis-py calls it, and it raises in a frame that is not redis-py's."""
+    from redis.crc import key_slot
+
+    class ClosedTransport(bytes):
+        def find(self, *args):
+            raise RuntimeError("unable to perform operation on <TCPTransport closed=True>; the handler is closed")
+
+    try:
+        key_slot(ClosedTransport(b"trib:gen"))
+    except RuntimeError as exc:
+        return exc
+    raise AssertionError("the stand-in transport did not raise")
+
+
 def test_failures_of_the_redis_path_are_told_from_the_gateways_own_bugs():
     from redis.exceptions import SlotNotCoveredError
 
     assert all(map(redis_failure, FAILURES)) and redis_failure(SlotNotCoveredError("no node for slot 7"))
     assert redis_failure(inside_redis())
+    assert redis_failure(beneath_redis())
     try:
         raise AttributeError("the gateway's own")
     except AttributeError as ours:
