@@ -276,6 +276,11 @@ class BackboneWorker:
         self.prefetch = (ThreadPoolExecutor(FETCH_THREADS, thread_name_prefix="media-prefetch")
                          if cfg.overlap_io else None)
         self.fetch_r = connect(cfg.redis_url, socket_timeout=FETCH_SOCKET_TIMEOUT_S) if cfg.overlap_io else self.r
+        # Reclaiming dead workers' plans runs on a thread of its own: its calls touch the live set and other
+        # workers' entries, which may sit on a Redis Cluster node the step does not need (an outside tester's chaos
+        # run: with the live set's node paused, each reclaim held the loop 9-10 s, the backbone idle 35 s of 60).
+        self.reclaimer = ThreadPoolExecutor(1, thread_name_prefix="reclaim")
+        self.reclaiming: Future | None = None
         self.fetched: dict[str, Fetch] = {}  # run key -> its fetch, for the first waiting plans
         self.backoff: dict[str, tuple[int, float]] = {}  # run key -> (fetches Redis failed, monotonic time of the next)
         # Where the busy loop's time goes (seconds): the engine's steps, waiting for the round trip in flight, and
@@ -409,6 +414,7 @@ class BackboneWorker:
                 log.exception("the last round trip in flight failed")
             if self.prefetch is not None:
                 self.prefetch.shutdown(wait=True, cancel_futures=True)
+            self.reclaimer.shutdown(wait=True)  # its calls are bounded by the fetch client's timeouts
             self._fail_all("the backbone worker is shutting down")  # its round trip on the I/O thread (bounded)
             if self.io is not None:
                 self.io.shutdown(wait=True, cancel_futures=True)
@@ -463,7 +469,7 @@ class BackboneWorker:
 
     def _idle_read(self) -> list:
         try:
-            if self.reread:
+            if self._may_reread():
                 return self._reread()
             t0 = time.monotonic()
             reply = self.r.xreadgroup(BACKBONE_GROUP, self.consumer, {self.stream: ">"},
@@ -475,6 +481,11 @@ class BackboneWorker:
             return []
         self._recovered()
         return reply[0][1] if reply else []
+
+    def _may_reread(self) -> bool:
+        """A re-read is due, and no reclaim is in flight: the entries it claims are pending on us, and are its own to
+        tell their gateways about (a re-read would run them too)."""
+        return self.reread and (self.reclaiming is None or self.reclaiming.done())
 
     def _reread(self, just_read: list = ()) -> list:
         """After a failed read: the plans delivered to this worker that it does not hold (their reply was lost)."""
@@ -497,36 +508,50 @@ class BackboneWorker:
 
     def _reclaim(self) -> None:
         """Plans pending on dead consumers: tell each plan's gateway its worker was lost (it migrates the request,
-        knowing what was already streamed), or dead-letter a plan past ``max_deliveries``."""
+        knowing what was already streamed), or dead-letter a plan past ``max_deliveries``. The loop only starts a
+        reclaim and takes its outcome; the calls run on the reclaim thread (``_reclaim_dead``)."""
+        if self.reclaiming is not None:
+            if not self.reclaiming.done():
+                return
+            failure, self.reclaiming = self.reclaiming.result(), None
+            if failure is not None:
+                self._reclaim_failed(failure)
         if self.outage_since is not None or not self.gate.due():
             return
-        # On the fetches' client (a shorter socket timeout): this runs on the loop's thread, and the live set may be
-        # on a Redis Cluster node away that the step does not need (an outside tester's chaos run: the backbone
-        # served nothing for 16 s of every 22 s, each reclaim waiting out the step client's timeouts).
+        self.reclaiming = self.reclaimer.submit(self._reclaim_dead)
+
+    def _reclaim_dead(self) -> Exception | None:
+        """On the reclaim thread, with the fetches' client (a shorter socket timeout). Returns what failed."""
         r = self.fetch_r
         try:
             live = live_for_reclaim(r, self.keys, "backbone", self.consumer)
             if live is None:
-                return
+                return None
             claimed = reclaim_dead(r, self.stream, BACKBONE_GROUP, self.consumer, live, 64)
             if not claimed:
-                return
+                return None
             pipe = r.pipeline(transaction=False)
             for entry in claimed:
                 self._orphaned(pipe, entry)
             pipe.execute()
-        except (RedisError, RedisClusterException) as exc:
-            # Claimed entries whose notice did not go out are pending on us now: the re-read runs them from the
-            # start (same plan, same seed: the same tokens, joined by position at the gateway).
-            self.reread = True
-            if isinstance(exc, RedisError) and is_nogroup(exc):
-                self._redis_failed(exc, "reclaim")  # recreates the group
-                return
-            # Not an outage of the step (its own round trip tells one): reclaiming waits for a steady live window.
-            self.gate.broken()
-            if self._fetch_errors.due():
-                log.error("could not reclaim the plans of dead workers; trying again later", extra={
-                    "error": f"{type(exc).__name__}: {exc}", "repeated": self._fetch_errors.held})
+        except Exception as exc:  # Redis's failures, and any bug here: the loop goes on either way
+            return exc
+        return None
+
+    def _reclaim_failed(self, exc: Exception) -> None:
+        """Claimed entries whose notice did not go out are pending on us now: the re-read runs them from the start
+        (same plan, same seed: the same tokens, joined by position at the gateway)."""
+        self.reread = True
+        if isinstance(exc, RedisError) and is_nogroup(exc):
+            self._redis_failed(exc, "reclaim")  # recreates the group
+            return
+        # Not an outage of the step (its own round trip tells one): reclaiming waits for a steady live window.
+        self.gate.broken()
+        if not isinstance(exc, RedisError | RedisClusterException):
+            log.error("reclaiming the plans of dead workers failed", exc_info=exc)
+        elif self._fetch_errors.due():
+            log.error("could not reclaim the plans of dead workers; trying again later", extra={
+                "error": f"{type(exc).__name__}: {exc}", "repeated": self._fetch_errors.held})
 
     def _orphaned(self, pipe, entry: Claimed) -> None:
         try:
@@ -893,7 +918,7 @@ class BackboneWorker:
                                                                   "repeated": self._round_trip_errors.held})
         read = results[ex.read_at] if ex.read_at is not None else None
         new = read[0][1] if read and not isinstance(read, Exception) else []
-        if self.reread and ex.admit:
+        if self._may_reread() and ex.admit:
             try:
                 new = list(new) + self._reread(new)
             except RedisError as exc:

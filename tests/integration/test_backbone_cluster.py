@@ -148,3 +148,35 @@ def test_the_loop_keeps_coming_round_while_a_running_requests_gateway_node_does_
     gen = Generation(None, None)
     assert all(gen.take(ev) is not None for ev in gw.seen["long"]), "tokens were lost"
     assert gen.tokens == reference(tiny_spec, TEXT_IDS, [], 400)
+
+
+def test_a_reclaim_whose_live_set_sits_on_a_node_that_does_not_answer_does_not_hold_the_loop(cluster, tiny_spec):
+    """Reclaiming dead workers' plans reads the tier's live set; with its node paused, each reclaim held the loop
+    for the fetch client's timeouts and retries (an outside tester's chaos run: the backbone idle 35 s of a 60 s
+    outage, in stretches of 9-10 s). The reclaim now runs on its own thread: a plan sent while it hangs is served at
+    once, and the failed reclaim is still seen (the reclaim gate starts its clock again)."""
+    for _ in range(100):  # a layout whose live set is on the paused node, its queue and stats elsewhere
+        lay = layout(PREFIXES)
+        live = node_of(lay.keys.live("backbone"))
+        if live != node_of(lay.keys.gen()) and live != node_of(lay.keys.stats("backbone")):
+            break
+    else:
+        raise AssertionError("no layout")
+    reply = pick(lay.keys.reply, lambda n: n != live)
+    r = connect(cluster.url)
+    gw = Gateway(r, reply, ["warm", "text"], lay.keys)
+    with running(cluster, tiny_spec, lay.keys) as worker:
+        gw.send("warm", TEXT_IDS, 4)
+        gw.until(lambda: gw.finished("warm"))
+        with paused(cluster, live):
+            forced = time.monotonic()
+            worker.gate.healthy_since, worker.gate.last = forced - 100, 0.0  # a reclaim is due: the loop starts it
+            time.sleep(0.5)
+            gw.send("text", TEXT_IDS, 40)
+            sent = time.monotonic()
+            gw.until(lambda: gw.finished("text"))
+            took = time.monotonic() - sent
+            # Before, the text plan waited in the stream until the reclaim gave up (9-10 s).
+            assert took < 4, f"the text plan waited {took:.1f} s behind the reclaim"
+            gw.until(lambda: worker.gate.healthy_since > forced, 30)  # the reclaim failed, and the loop saw it
+    assert gw.tokens("text") == reference(tiny_spec, TEXT_IDS, [], 40)
