@@ -343,6 +343,7 @@ def _refreshing_cluster() -> type:
     if _refreshing is not None:
         return _refreshing
     from redis.asyncio.cluster import RedisCluster
+    from redis.cluster import PRIMARY
 
     class RefreshingCluster(RedisCluster):
         _refresh: asyncio.Future | None = None
@@ -371,6 +372,21 @@ def _refreshing_cluster() -> type:
                 await super().initialize(additional_startup_nodes_info, last_failed_node_name)
             except (redis.RedisError, RedisClusterException) as exc:  # no node answered: the next failure asks again
                 log.warning("could not refresh the redis cluster's slot map", extra={"error": describe(exc)})
+
+        def get_default_node(self):
+            """redis-py's, except that it is never None once a slot map is known. redis-py's ``aclose`` (which its
+            pipelines call after a failed node) drops the default node, and only a finished refresh sets it again;
+            meanwhile redis-py sent every command to a random node instead of its key's (a node that answers says
+            MOVED). With a shard away and the refresh stuck on it, a command in three waited out the away node's
+            socket timeouts (an outside tester's chaos run: a gateway's reply reader, its stream on a healthy shard,
+            heard nothing for 10-21 s at a time). The first primary known stands in: redis-py lists last the nodes
+            that failed."""
+            node = self.nodes_manager.default_node
+            if node is None and self.nodes_manager.slots_cache:
+                primaries = self.nodes_manager.get_nodes_by_server_type(PRIMARY)
+                if primaries:
+                    node = self.nodes_manager.default_node = primaries[0]
+            return node
 
         # aclose() is redis-py's own: its pipelines call it after a failed node too, so it must not end the refresh
         # (commands waiting for it got a CancelledError: an outside tester's chaos run, the gateway's reply reader

@@ -479,6 +479,52 @@ def test_a_slot_map_refresh_stuck_on_a_node_that_does_not_answer_holds_other_com
     assert max(waits) < 2.5, f"a command to a shard that answers waited {max(waits):.1f} s"
 
 
+def test_commands_after_the_client_closed_itself_go_to_their_own_shard_while_a_refresh_is_stuck(monkeypatch):
+    """redis-py's ``aclose`` (which its pipelines call after a failed node) drops the client's default node, and only
+    a finished refresh of the slot map sets it again. Without one, redis-py sends a command to a random node instead of
+    its key's (a node that answers says MOVED); while a shard is away and the refresh is stuck on it, one command in
+    three went to the paused shard and waited out its socket timeouts (an outside tester's chaos run: a gateway's
+    reply reader, whose stream was on a healthy shard, heard nothing for 10-21 s at a time, and text requests got a
+    503 "during submitting"). The test closes the client as a pipeline's retry does, with the paused replica asked
+    first by the refresh (redis-py shuffles the nodes it asks)."""
+    aiocluster = redis.asyncio.cluster
+    with EmbeddedCluster(primaries=3, replicas=1) as cluster:
+        away_key = KEYS.gen()
+        primary = cluster.primary_of(away_key)
+        replica = next(n for n in cluster.nodes[3:] if cluster.client(n).info("replication")["master_port"]
+                       == primary.port)
+        healthy = [k for k in (f"k{i}" for i in range(1000)) if cluster.primary_of(k) is not primary][:15]
+        monkeypatch.setattr(aiocluster.random, "shuffle",
+                            lambda nodes: nodes.sort(key=lambda n: n.port != replica.port))
+
+        async def timed(call) -> float:
+            t = time.monotonic()
+            assert await call == b"1"
+            return time.monotonic() - t
+
+        async def go() -> list[float]:
+            r = connect_async(cluster.url, socket_timeout=4)
+            for k in healthy:
+                await r.set(k, 1)
+            deadline = time.monotonic() + 10
+            while replica.port not in {n.port for n in r.nodes_manager.startup_nodes.values()}:
+                assert time.monotonic() < deadline, "the client never heard of the paused shard's replica"
+                await asyncio.sleep(0.1)
+                await r.nodes_manager.initialize()
+            for node in (primary, replica):
+                os.kill(node.proc.pid, signal.SIGSTOP)
+            try:
+                await r.aclose()  # as a pipeline's retry after a failed node does
+                return [await timed(r.get(k)) for k in healthy]  # one at a time, while the refresh is stuck
+            finally:
+                for node in (primary, replica):
+                    os.kill(node.proc.pid, signal.SIGCONT)
+                await r.aclose()
+
+        waits = asyncio.run(go())
+    assert max(waits) < 2.5, f"commands to shards that answer waited up to {max(waits):.1f} s: {sorted(waits)}"
+
+
 def test_a_request_is_queued_while_the_node_holding_the_live_sets_does_not_answer(monkeypatch):
     """The node holding ``live:backbone`` paused, while the plan queue and the gateway's own keys answer: every
     request got a 503, text included (the monitor took any failed read for Redis away, and each submission read the
