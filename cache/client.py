@@ -29,6 +29,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import sys
 
 import redis
 import redis.asyncio as aioredis
@@ -45,6 +46,8 @@ log = logging.getLogger(__name__)
 ASYNC_MAX_CONNECTIONS = 256  # an asyncio client's pool (the gateway sizes its own to its --max-inflight)
 SOCKET_TIMEOUT_S = 5.0  # any one call (longer than every BLOCK we use: at most 1 s)
 CONNECT_TIMEOUT_S = 2.0
+REDIS_CODE = os.path.dirname(redis.__file__) + os.sep  # where redis-py's own frames come from
+
 # How long an asyncio cluster client's commands wait for a refresh of its slot map (see _refreshing_cluster).
 REFRESH_WAIT_S = 1.0
 
@@ -398,9 +401,23 @@ def _refreshing_cluster() -> type:
                     node = self.nodes_manager.default_node = primaries[0]
             return node
 
-        # aclose() is redis-py's own: its pipelines call it after a failed node too, so it must not end the refresh
-        # (commands waiting for it got a CancelledError: an outside tester's chaos run, the gateway's reply reader
-        # ended and every request after timed out). A refresh ends by itself within its socket timeouts.
+        async def aclose(self) -> None:
+            """Closes the client, except when redis-py itself calls it to have its slot map read again (its
+            pipelines after a failed node, its commands after a cluster-down error or every few MOVED replies):
+            then it only asks for that refresh. redis-py's close cut every connection of every node, the commands in
+            flight on them included: the commands of other requests, on shards that were fine, failed (an outside
+            tester's chaos run: a 500 from uvloop's "unable to perform operation on <TCPTransport closed=True>"),
+            or were sent again. The refresh itself has each connection reconnect once its command is done.
+
+            Nor does it end a refresh in flight (commands waiting for it got a CancelledError: an outside tester's
+            chaos run, the gateway's reply reader ended and every request after timed out); a refresh ends by
+            itself within its socket timeouts."""
+            caller = sys._getframe(0).f_back  # None when a task runs it (redis-py's __aexit__): a close for good
+            internal = caller is not None and caller.f_code.co_filename.startswith(REDIS_CODE)
+            if internal and self.nodes_manager.slots_cache:
+                self._initialize = True
+                return
+            await super().aclose()
 
     _refreshing = RefreshingCluster
     return _refreshing

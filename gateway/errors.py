@@ -9,15 +9,13 @@ every message is scrubbed of what a library's exception text may carry in (``pub
 from __future__ import annotations
 
 import json
-import os
 import random
 import re
 
-import redis
 from redis.exceptions import RedisError
 from starlette.responses import JSONResponse
 
-from cache.client import refused_for_memory
+from cache.client import REDIS_CODE, refused_for_memory
 
 # ``<_io.BytesIO object at 0x7f...>``, ``<function <lambda> at 0x7f...>``, ``<bound method X.y of <...>>``'s inner
 # part: any repr carrying a memory address. The space before it goes too ("Error opening <...>: x" -> "Error opening:
@@ -100,9 +98,6 @@ class Unavailable(APIError):
     status, type = 503, "service_unavailable"
 
 
-_REDIS_CODE = os.path.dirname(redis.__file__) + os.sep
-
-
 def redis_failure(exc: BaseException) -> bool:
     """Whether ``exc`` is a failure of the Redis path, answered with a 503 (retry later), not a 500: redis-py's
     errors, its cluster client's own (``RedisClusterException``, not a ``RedisError``: no node for a slot), and
@@ -116,7 +111,7 @@ def redis_failure(exc: BaseException) -> bool:
         return True
     tb = exc.__traceback__
     while tb is not None:
-        if tb.tb_frame.f_code.co_filename.startswith(_REDIS_CODE):
+        if tb.tb_frame.f_code.co_filename.startswith(REDIS_CODE):
             return True
         tb = tb.tb_next
     return False

@@ -548,6 +548,47 @@ def test_commands_after_the_client_closed_itself_go_to_their_own_shard_while_a_r
     assert max(waits) < 2.5, f"commands to shards that answer waited up to {max(waits):.1f} s: {sorted(waits)}"
 
 
+def test_the_client_refreshing_its_slot_map_leaves_the_commands_in_flight_alone(r, redis_cluster):
+    """To have its slot map read again (a pipeline failed on a node, a cluster-down error, every fifth MOVED reply),
+    redis-py closes the whole client, which cut every connection of every node with the commands in flight on them:
+    other requests' commands, on shards that were fine, failed or were sent again (an outside tester's chaos run: an
+    HTTP 500 from uvloop's "unable to perform operation on <TCPTransport closed=True>"). Now it only asks for the
+    refresh. Five commands sent to a node that is not their key's draw five MOVED replies, and redis-py's refresh;
+    a read blocked meanwhile on another shard stays on its connection and gets its entry."""
+    stream = "inflight"
+    home = redis_cluster.primary_of(stream)
+    key = next(k for k in (f"m{i}" for i in range(1000)) if redis_cluster.primary_of(k) is not home)
+    wrong = next(n for n in redis_cluster.live() if n is not home and n is not redis_cluster.primary_of(key)
+                 and redis_cluster.client(n).execute_command("ROLE")[0] == b"master")
+
+    def blocked_reads() -> set[int]:
+        return {c["id"] for c in redis_cluster.client(home).client_list() if c["cmd"].startswith("xread")}
+
+    async def go():
+        c = connect_async(redis_cluster.url)
+        try:
+            await c.set(key, 1)
+            await c.xadd(stream, {"a": 1})
+            reader = asyncio.ensure_future(c.xread({stream: "$"}, block=3000))
+            await asyncio.sleep(0.3)
+            before = blocked_reads()
+            node = c.get_node(host="127.0.0.1", port=wrong.port)
+            for _ in range(5):  # redis-py refreshes every fifth MOVED (reinitialize_steps)
+                assert await c.execute_command("GET", key, target_nodes=node) == b"1"
+            assert c._initialize, "no refresh was asked for: the test tests nothing"
+            await asyncio.sleep(0.2)
+            after = blocked_reads()
+            r.xadd(stream, {"b": 2})
+            return before, after, await asyncio.wait_for(reader, 10)
+        finally:
+            await c.aclose()
+
+    before, after, read = asyncio.run(go())
+    assert len(before) == 1, before
+    assert before == after, "the blocked read's connection was cut"
+    assert read and read[0][1][0][1] == {b"b": b"2"}, read
+
+
 def test_a_request_is_queued_while_the_node_holding_the_live_sets_does_not_answer(monkeypatch):
     """The node holding ``live:backbone`` paused, while the plan queue and the gateway's own keys answer: every
     request got a 503, text included (the monitor took any failed read for Redis away, and each submission read the
