@@ -182,10 +182,16 @@ def create_app(cfg: GatewayConfig):
         if view.redis_warning:
             body["redis_warning"] = view.redis_warning
         redis_state = "ok"
-        if view.reads_failing is not None:  # a Redis Cluster node away: workers and queues as last read
-            redis_state = f"ok, but live sets and queues unread: {view.reads_failing}"
+        if view.reads_failing is not None:  # a Redis Cluster node away: workers as last read
+            redis_state = f"ok, but the live sets are unread: {view.reads_failing}"
             body["read_age_s"] = round(time.monotonic() - view.read_at, 1) if view.read_at is not None else None
-        return {**body, "status": status, "redis": redis_state, "workers": live, "missing": missing}, not missing
+        if view.unreadable:  # a queue's node away: its backlog as last read
+            body["queues_unread"] = dict(view.unreadable)
+            if "backbone" in view.unreadable:  # every request queues there: none can be served (admit refuses)
+                redis_state, status = f"the backbone's queue does not answer: {view.unreadable['backbone']}", \
+                    "redis_unavailable"
+        ready = not missing and "backbone" not in view.unreadable
+        return {**body, "status": status, "redis": redis_state, "workers": live, "missing": missing}, ready
 
     async def metrics_text(request: Request) -> Response:
         """Prometheus metrics (no API key: gateway/auth.py). Never waits on Redis (gateway/metrics.py)."""

@@ -2,12 +2,13 @@
 
 - **Redis health.** A failed or timed-out renewal of the lease (below) marks Redis down (with why) at once; while it
   is down, new requests get a 503 with ``Retry-After`` without touching Redis, and ``/ready`` says why. The first
-  renewal that succeeds marks it up again. The reads below go in a round trip of their own, beside it: on a Redis
-  Cluster their keys may live on another node, and a node that does not answer (a shard away) holding only a live
-  set or a queue is not Redis being away for every request (an outside tester's chaos run: every request, text
-  included, got a 503 while a shard holding ``live:backbone`` was paused). While they fail the view keeps what they
-  last read, and once they succeed again the live sets are not trusted to show a worker gone until every worker has
-  beaten since (as after an outage).
+  renewal that succeeds marks it up again. The reads below go in round trips of their own, beside it (the live sets;
+  each queue): on a Redis Cluster their keys may live on another node, and a node that does not answer (a shard
+  away) holding only a live set or a queue is not Redis being away for every request (an outside tester's chaos
+  run: every request, text included, got a 503 while a shard holding ``live:backbone`` was paused). While a read
+  fails the view keeps what it last read, and once the live sets are read again they are not trusted to show a
+  worker gone until every worker has beaten since (as after an outage). The backbone's queue unread is a 503 at
+  admission (every request queues there: each waited out its own round trip's bound before).
 - **The gateway's lease** (``<reply stream>:alive``, see cache/keys.py): refreshed each beat with the reply stream's
   TTL. Workers write only to the reply streams of live gateways and cancel the work of dead ones. Finding the lease
   gone (a Redis restarted empty, or this process stalled past the lease) means the cluster may have dropped this
@@ -52,9 +53,10 @@ class ClusterView:
     live: dict[str, set[str]] = field(default_factory=dict)  # tier -> live worker ids
     backlog: dict[str, int] = field(default_factory=dict)  # tier -> unread entries of its stream
     wait: dict[str, float] = field(default_factory=dict)  # tier -> seconds its oldest unread entry has waited
-    outage_ended: float = -1e9  # monotonic time Redis (or the reads of live sets and queues) last came back
-    read_at: float | None = None  # monotonic time live sets and queues were last read (None: never)
-    reads_failing: str | None = None  # why their last read failed, while it does (Redis itself up)
+    outage_ended: float = -1e9  # monotonic time Redis (or the reads of the live sets) last came back
+    read_at: float | None = None  # monotonic time the live sets were last read (None: never)
+    reads_failing: str | None = None  # why the live sets' last read failed, while it does (Redis itself up)
+    unreadable: dict[str, str] = field(default_factory=dict)  # tier -> why its queue's last read failed, while it does
     redis_warning: str | None = None  # what Redis's eviction policy risks (cache.client.eviction_hazard), if anything
 
     def steady(self) -> bool:
@@ -104,11 +106,15 @@ class ClusterMonitor:
         reads = self.r.pipeline(transaction=False)
         for tier in self.tiers:
             reads.zrangebyscore(self.keys.live(tier), now - LIVE_WINDOW_S, "+inf")
+        queues = []  # each queue in a round trip of its own: which one does not answer is known
         for stream, _ in self.queues.values():
-            reads.xlen(stream)
-            reads.xinfo_groups(stream)
-        res, read = await asyncio.gather(_round_trip(lease), _round_trip(reads), return_exceptions=True)
-        if isinstance(res, asyncio.CancelledError) or isinstance(read, asyncio.CancelledError):
+            queue = self.r.pipeline(transaction=False)
+            queue.xlen(stream)
+            queue.xinfo_groups(stream)
+            queues.append(_round_trip(queue))
+        res, read, *queued = await asyncio.gather(_round_trip(lease), _round_trip(reads), *queues,
+                                                  return_exceptions=True)
+        if any(isinstance(x, asyncio.CancelledError) for x in (res, read, *queued)):
             raise asyncio.CancelledError
         if isinstance(res, BaseException):  # the lease not renewed: Redis is not serving this gateway
             self._down(describe(res), f"{type(res).__name__}: {res}" if str(res) else type(res).__name__)
@@ -121,22 +127,29 @@ class ClusterMonitor:
                 view.outage_ended = time.monotonic()
             view.up, view.reason, view.since = True, "ok", time.monotonic()
             self._policy_read = -1e9  # Redis may be another server now: read its policy at once
+        failed = [(what, x) for what, x in [("live sets", read), *zip(self.queues, queued)]
+                  if isinstance(x, BaseException)]
+        if failed and (view.reads_failing is None and not view.unreadable or self._reads_throttle.due()):
+            log.warning("could not read some of the workers' live sets and queues; keeping the last ones read",
+                        extra={"unread": [what for what, _ in failed], "error": f"{type(failed[0][1]).__name__}: "
+                               f"{failed[0][1]}", "repeated": self._reads_throttle.held})
         if isinstance(read, BaseException):
-            if view.reads_failing is None or self._reads_throttle.due():
-                log.warning("could not read the workers' live sets and queues; keeping the last ones read", extra={
-                    "error": f"{type(read).__name__}: {read}", "repeated": self._reads_throttle.held})
             view.reads_failing = describe(read)
-            view.wait = {}  # unknown (as when its own read fails): a stale wait would refuse requests for good
         else:
             if view.reads_failing is not None:
-                log.warning("the workers' live sets and queues are read again")
+                log.warning("the workers' live sets are read again")
                 view.reads_failing, view.outage_ended = None, time.monotonic()  # beats may have failed meanwhile
-            live_sets, rest = read[: len(self.tiers)], read[len(self.tiers) :]
-            view.live = {t: {m.decode() for m in members} for t, members in zip(self.tiers, live_sets)}
-            view.backlog = {t: _lag(group, length, groups) for (t, (_, group)), length, groups
-                            in zip(self.queues.items(), rest[0::2], rest[1::2])}
+            view.live = {t: {m.decode() for m in members} for t, members in zip(self.tiers, read)}
             view.read_at = time.monotonic()
-            view.wait = await self._waits(view.backlog, dict(zip(self.tiers, rest[1::2])))
+        groups = {}
+        for (tier, (_, group)), got in zip(self.queues.items(), queued):
+            if isinstance(got, BaseException):  # its backlog as last read; its wait unknown (0: a stale one would
+                view.unreadable[tier] = describe(got)  # refuse requests for good)
+                continue
+            if view.unreadable.pop(tier, None) is not None:
+                log.warning("a queue is read again", extra={"tier": tier})
+            view.backlog[tier], groups[tier] = _lag(group, *got), got[1]
+        view.wait = await self._waits({t: view.backlog.get(t, 0) for t in groups}, groups)
         if lease_was is None and not self._first:
             cause = await self._why_lease_lost(time.monotonic() - self._renewed)
             log.error(f"this gateway's lease was gone ({cause}): re-queueing the work of every request in flight")
@@ -249,6 +262,12 @@ def admit(view: ClusterView, inflight: int | None, cfg: GatewayConfig, tiers: li
     if not view.up:
         raise Unavailable(f"the queue (Redis) is unavailable: {view.reason}; retry later", code="redis_unavailable",
                           retry_after=2)
+    # Every request queues for the backbone: its queue's Redis node not answering (a Redis Cluster node away) is a
+    # 503 at once, not one after the request's own round trip timed out (10 s). An encoder's queue is not checked
+    # here: media already cached do not need it, and a job's own wait is bounded.
+    if "backbone" in tiers and (why := view.unreadable.get("backbone")) is not None:
+        raise Unavailable(f"the backbone's queue (Redis) does not answer: {why}; retry later",
+                          code="redis_unavailable", retry_after=2)
     if inflight is not None and inflight >= cfg.max_inflight:
         raise Overloaded(f"this gateway is serving its limit of {cfg.max_inflight} requests; retry later")
     for tier in tiers:

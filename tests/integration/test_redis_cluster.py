@@ -193,15 +193,16 @@ def test_the_gateways_monitor_sees_any_node_it_reads_die_and_comes_back_after_th
                 assert monitor.view.live_count("backbone") == 1 and monitor.view.reads_failing is None
                 victim.kill()
                 await monitor.beat()  # raises nothing
-                view = monitor.view
-                assert view.up and view.reads_failing in ("cannot connect", "timed out"), view
+                view = monitor.view  # the live sets, or a queue, unread: whichever the victim holds
+                failing = ({view.reads_failing} - {None}) | set(view.unreadable.values())
+                assert view.up and failing and failing <= {"cannot connect", "timed out"}, view
                 assert view.live_count("backbone") == 1 and not view.steady()  # as last read; no worker gone
                 await metrics.refresh()
                 assert metrics.snapshot is None
                 await asyncio.to_thread(cluster.wait_ok, 30)
                 deadline = time.monotonic() + 15
-                while monitor.view.reads_failing is not None:
-                    assert time.monotonic() < deadline, monitor.view.reads_failing
+                while monitor.view.reads_failing is not None or monitor.view.unreadable:
+                    assert time.monotonic() < deadline, (monitor.view.reads_failing, monitor.view.unreadable)
                     await asyncio.sleep(0.25)
                     await monitor.beat()
                 assert set(monitor.view.live) == set(tiers) and set(monitor.view.backlog) == set(tiers)
@@ -587,6 +588,46 @@ def test_the_client_refreshing_its_slot_map_leaves_the_commands_in_flight_alone(
     assert len(before) == 1, before
     assert before == after, "the blocked read's connection was cut"
     assert read and read[0][1][0][1] == {b"b": b"2"}, read
+
+
+def test_requests_are_refused_at_once_while_the_backbones_queue_does_not_answer():
+    """The node holding the plan queue (``gen``) paused, the gateway's own keys elsewhere: every request waited for
+    its submission's bound (10 s) to get its 503, and ``/ready`` said ready (an outside tester's chaos run). The
+    monitor reads each queue in a round trip of its own: the backbone's unread is a 503 at admission, without a
+    round trip, until a beat reads it again."""
+    from gateway.monitor import ClusterMonitor, admit
+
+    with EmbeddedCluster(primaries=3, replicas=0) as cluster:
+        keys = next(k for k in (Keys(f"g{i}") for i in range(1000))
+                    if cluster.primary_of(k.gen()) is not cluster.primary_of(k.live("backbone")))
+        away = cluster.primary_of(keys.gen())
+        reply = next(r for r in (keys.reply(f"gw{i}") for i in range(1000)) if cluster.primary_of(r) is not away)
+        cfg = GatewayConfig(model_dir="unused", redis_url=cluster.url, prefix=keys.prefix)
+
+        async def go():
+            monitor = ClusterMonitor(cfg, ["backbone", "encoder:image"], reply, lambda: None, lambda v: None)
+            await monitor.beat()
+            admit(monitor.view, 0, cfg, ["backbone"])
+            os.kill(away.proc.pid, signal.SIGSTOP)
+            try:
+                await monitor.beat()
+                view = monitor.view
+                assert view.up and "backbone" in view.unreadable and view.reads_failing is None, view
+                t0 = time.monotonic()
+                with pytest.raises(Unavailable) as refused:
+                    admit(view, 0, cfg, ["backbone"])
+                assert refused.value.code == "redis_unavailable" and time.monotonic() - t0 < 0.1
+                admit(view, 0, cfg, ["encoder:image"])  # cached media need no encoder queue: not refused here
+            finally:
+                os.kill(away.proc.pid, signal.SIGCONT)
+            deadline = time.monotonic() + 10
+            while monitor.view.unreadable:
+                assert time.monotonic() < deadline, monitor.view.unreadable
+                await monitor.beat()
+            admit(monitor.view, 0, cfg, ["backbone"])
+            await monitor.close()
+
+        asyncio.run(go())
 
 
 def test_a_request_is_queued_while_the_node_holding_the_live_sets_does_not_answer(monkeypatch):
