@@ -45,6 +45,11 @@ DEADLINE_SLACK_S = 1.0
 # timeout and redis-py's retries (a Cluster node that does not answer: 10-20 s a call, 45 s for one request in an
 # outside tester's chaos run, past a 30 s encode timeout).
 ENCODE_SLACK_S = 5.0
+# A request waits this long at most for its cache counters (``stats:*``) to be written; past it they are written
+# behind it (a Redis Cluster node away holding them held media requests up to their encode bound: an outside
+# tester's chaos run). At most COUNTING_MAX such writes are in flight; past that, counts are dropped.
+COUNT_WAIT_S = 0.5
+COUNTING_MAX = 256
 
 
 class MediaEncoder:
@@ -56,6 +61,7 @@ class MediaEncoder:
         self.reply_stream = reply_stream
         self.liveness_unknown = liveness_unknown  # TierClient.liveness_unknown: just after a Redis restart
         self.known_live = known_live  # TierClient.known_live: live workers as the monitor last read them
+        self.counting: set[asyncio.Task] = set()  # cache counters being written (see COUNT_WAIT_S)
 
     async def encode(self, request_id: str, parts: list[MediaPart], queue: asyncio.Queue, namespace: str = "",
                      tenant: str = "") -> list[m.MediaRef]:
@@ -82,6 +88,22 @@ class MediaEncoder:
             counts = [found.get(k, n) for k, n in zip(keys, counts)]
         return [m.MediaRef(modality=m.Modality(p.modality), tensor_key=k, num_tokens=n)
                 for p, k, n in zip(parts, keys, counts)]
+
+    async def _count(self, pipe) -> None:
+        """Writes the cache counters, waiting ``COUNT_WAIT_S`` at most: counters are not worth a request's time (nor
+        its failure: a Redis error here is logged, not answered)."""
+        if len(self.counting) >= COUNTING_MAX:
+            log.debug("cache counters dropped: too many writes in flight")
+            return
+        task = asyncio.ensure_future(pipe.execute())
+        self.counting.add(task)
+        task.add_done_callback(self._counted)
+        await asyncio.wait({task}, timeout=COUNT_WAIT_S)
+
+    def _counted(self, task: asyncio.Task) -> None:
+        self.counting.discard(task)
+        if not task.cancelled() and (exc := task.exception()) is not None:
+            log.debug("cache counters not written", extra={"error": f"{type(exc).__name__}: {exc}"})
 
     def tensor_key(self, part: MediaPart) -> str:
         return self.keys.tensor(self.spec.encoder_id(part.modality), part.digest)
@@ -129,7 +151,7 @@ class MediaEncoder:
             if tenant:
                 pipe.hincrby(self.keys.stats(f"tenant:{tenant}"), f"{p.modality}_cache_"
                              + ("hits" if n is not None else "misses"))
-        await pipe.execute()  # counted even when the request is refused below
+        await self._count(pipe)  # counted even when the request is refused below
         if self.metrics is not None:
             for p, n in zip(parts, counts):
                 self.metrics.cache(p.modality, n is not None)

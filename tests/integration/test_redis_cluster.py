@@ -630,6 +630,49 @@ def test_requests_are_refused_at_once_while_the_backbones_queue_does_not_answer(
         asyncio.run(go())
 
 
+def test_a_cached_image_is_served_while_the_node_holding_the_cache_counters_does_not_answer(tiny_spec):
+    """A media request's lookup counts its hits and misses (``stats:*``), and waited for that write: with the
+    counters' node paused, image and audio requests were held up to their encode bound (an outside tester's chaos
+    run). The write now holds a request ``COUNT_WAIT_S`` at most and goes on behind it."""
+    from gateway.encoding import COUNT_WAIT_S, MediaEncoder
+    from gateway.media import MediaPart, content_digest
+    from gateway.replies import ReplyRouter
+    from tests.media import png_bytes
+
+    data = png_bytes(20, 20, seed=7)
+    digest = content_digest(tiny_spec.encoder_id("image"), tiny_spec.preprocess["image"], data)
+    with EmbeddedCluster(primaries=3, replicas=0) as cluster:
+        def placed(keys: Keys) -> bool:
+            stats = cluster.primary_of(keys.stats("encoder:image"))
+            return all(cluster.primary_of(k) is not stats for k in (
+                keys.tensor(tiny_spec.encoder_id("image"), digest), keys.reply("gw-c"), keys.stats("tenant:t")))
+
+        keys = next(k for k in (Keys(f"c{i}") for i in range(1000)) if placed(k))
+        away = cluster.primary_of(keys.stats("encoder:image"))
+        tensor = keys.tensor(tiny_spec.encoder_id("image"), digest)
+        connect(cluster.url).hset(tensor, mapping={"n": 16})
+        cfg = GatewayConfig(model_dir="unused", redis_url=cluster.url, prefix=keys.prefix)
+
+        async def go():
+            r = connect_async(cluster.url, socket_timeout=10)  # the gateway's
+            replies = ReplyRouter(r, keys, "gw-c")
+            media = MediaEncoder(r, cfg, tiny_spec, replies, keys.reply("gw-c"), known_live=lambda tier: 1)
+            part = MediaPart("image", data, "messages.0.content.0", digest)
+            await media.encode("warm", [part], replies.subscribe("warm"), tenant="t")
+            os.kill(away.proc.pid, signal.SIGSTOP)
+            try:
+                t0 = time.monotonic()
+                refs = await media.encode("req", [part], replies.subscribe("req"), tenant="t")
+                return time.monotonic() - t0, refs
+            finally:
+                os.kill(away.proc.pid, signal.SIGCONT)
+                await r.aclose()
+
+        took, refs = asyncio.run(go())
+    assert refs[0].tensor_key == tensor and refs[0].num_tokens == 16
+    assert took < COUNT_WAIT_S + 1.0, f"the request waited {took:.1f} s for its cache counters"
+
+
 def test_a_request_is_queued_while_the_node_holding_the_live_sets_does_not_answer(monkeypatch):
     """The node holding ``live:backbone`` paused, while the plan queue and the gateway's own keys answer: every
     request got a 503, text included (the monitor took any failed read for Redis away, and each submission read the
