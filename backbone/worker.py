@@ -606,8 +606,8 @@ class BackboneWorker:
             key = run_key(plan)
             fetch = self.fetched.get(key)
             if fetch is None:
-                failures, not_before = self.backoff.get(key, (0, 0.0))
-                if not_before > now or (failures and retrying >= FETCH_THREADS // 2):
+                waiting_out, failures = self._backing_off(key, now)
+                if waiting_out or (failures and retrying >= FETCH_THREADS // 2):
                     continue  # Redis failed its last fetch: again after its backoff, on a thread left for retries
                 self.fetched[key] = Fetch(self.prefetch.submit(self._fetch_guarded, plan), now)
                 busy += 1
@@ -615,6 +615,11 @@ class BackboneWorker:
                 ahead -= 1
             elif not fetch.stalled(now):
                 ahead -= 1
+
+    def _backing_off(self, key: str, now: float) -> tuple[bool, int]:
+        """(whether the plan waits out the backoff of a fetch Redis failed, how many of its fetches Redis failed)."""
+        failures, not_before = self.backoff.get(key, (0, 0.0))
+        return not_before > now, failures
 
     def _fetch_guarded(self, plan: m.PromptPlan) -> list[tuple[str, torch.Tensor]]:
         """:meth:`_fetch_media` on the prefetch thread: what escapes it but Redis and the plan's own faults fails
@@ -696,8 +701,8 @@ class BackboneWorker:
             if not self.engine.admissible(seq):
                 break  # its prompt waits for free KV blocks (running sequences finish and free theirs)
             if self.prefetch is not None and run_key(plan) not in self.fetched:
-                failures, not_before = self.backoff.get(run_key(plan), (0, 0.0))
-                if not_before > time.monotonic() or (failures and skipped):
+                waiting_out, failures = self._backing_off(run_key(plan), time.monotonic())
+                if waiting_out or (failures and skipped):
                     i += 1  # Redis failed its last fetch: again after its backoff (see _fetch_ahead)
                     skipped += 1
                     continue

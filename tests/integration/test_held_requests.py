@@ -28,6 +28,9 @@ KEYS = Keys()
 def test_a_preempted_request_gets_events_while_it_is_parked_and_then_its_own_tokens(tiny_spec, redis_url,
                                                                                       monkeypatch):
     monkeypatch.setattr(worker_module, "HELD_EVENT_S", 0.2)
+    # Both plans start in arrival order, so that the second is the one preempted: on a loaded machine the first's
+    # fetch may pass FETCH_STALLED_S, and the second then starts first (and the first is preempted instead).
+    monkeypatch.setattr(worker_module, "FETCH_STALLED_S", 30.0)
     r = redis.Redis.from_url(redis_url)
     hold_lease(r, "reply:held")
     # 14 blocks of 16: both prompts start; the first needs 13 blocks by its end, the second 10, so the second (the

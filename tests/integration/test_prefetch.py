@@ -7,6 +7,7 @@ from __future__ import annotations
 import threading
 import time
 import uuid
+from contextlib import contextmanager
 
 import redis
 import torch
@@ -74,37 +75,49 @@ class Gateway:
         return any(ev.finish for ev in self.seen[rid])
 
 
+@contextmanager
+def running(redis_url: str, spec, fetch=None, **cfg):
+    """The backbone worker's loop on a thread of this process (its heartbeat and state in reach of the test), with
+    ``fetch(real_fetch, plan)`` in place of its media fetch if given; stopped, and checked stopped, on the way out."""
+    stop = threading.Event()
+    worker = BackboneWorker(BackboneConfig(redis_url=redis_url, block_ms=100, **cfg), load_engine(spec), stop)
+    if fetch is not None:
+        real_fetch = worker._fetch_media
+        worker._fetch_media = lambda plan: fetch(real_fetch, plan)
+    loop = threading.Thread(target=worker.run, daemon=True)
+    loop.start()
+    try:
+        yield worker
+    finally:
+        stop.set()
+        loop.join(60)
+    assert not loop.is_alive(), "the worker did not stop"
+
+
 def test_a_slow_media_fetch_never_stalls_running_streams(tiny_spec, redis_url):
     r = redis.Redis.from_url(redis_url)
     rows, ref, image_ids = stored_image(tiny_spec, r, 3, "slow")
-    stop, gate = threading.Event(), threading.Event()
-    worker = BackboneWorker(BackboneConfig(redis_url=redis_url, block_ms=100), load_engine(tiny_spec), stop)
-    real_fetch = worker._fetch_media
+    gate = threading.Event()
 
-    def slow_fetch(plan):
+    def slow_fetch(real_fetch, plan):
         if plan.media:
             gate.wait(60)  # held back until the test saw the stream go on
         return real_fetch(plan)
 
-    worker._fetch_media = slow_fetch
     gw = Gateway(r, "reply:slow", ["stream", "image"])
-    loop = threading.Thread(target=worker.run, daemon=True)
-    loop.start()
-    try:
-        gw.send("stream", TEXT_IDS, 80)
-        gw.until(lambda: len(gw.tokens("stream")) >= 3)
-        gw.send("image", image_ids, 6, [ref])
-        before = len(gw.tokens("stream"))
-        # The image plan is read and its fetch hangs; the stream must keep decoding meanwhile.
-        gw.until(lambda: len(gw.tokens("stream")) >= before + 20)
-        assert not gw.seen["image"], "the image request ran before its tensors were fetched"
-        gate.set()
-        gw.until(lambda: gw.finished("image") and gw.finished("stream"))
-    finally:
-        gate.set()
-        stop.set()
-        loop.join(60)
-    assert not loop.is_alive(), "the worker did not stop"
+    with running(redis_url, tiny_spec, slow_fetch):
+        try:
+            gw.send("stream", TEXT_IDS, 80)
+            gw.until(lambda: len(gw.tokens("stream")) >= 3)
+            gw.send("image", image_ids, 6, [ref])
+            before = len(gw.tokens("stream"))
+            # The image plan is read and its fetch hangs; the stream must keep decoding meanwhile.
+            gw.until(lambda: len(gw.tokens("stream")) >= before + 20)
+            assert not gw.seen["image"], "the image request ran before its tensors were fetched"
+            gate.set()
+            gw.until(lambda: gw.finished("image") and gw.finished("stream"))
+        finally:
+            gate.set()
     assert gw.seen["image"][-1].finish == m.FinishReason.LENGTH, gw.seen["image"][-1]
     assert gw.tokens("image") == reference(tiny_spec, image_ids, [("image", rows)], 6)
     assert gw.tokens("stream") == reference(tiny_spec, TEXT_IDS, [], 80)
@@ -116,38 +129,30 @@ def test_a_plan_whose_tensors_cannot_be_fetched_does_not_hold_the_plans_behind_i
     goes behind them and is fetched again; once its node is back it runs, with the same tokens."""
     r = redis.Redis.from_url(redis_url)
     rows, ref, image_ids = stored_image(tiny_spec, r, 4, "away")
-    stop, away = threading.Event(), threading.Event()
+    away, tries = threading.Event(), []
     away.set()
-    worker = BackboneWorker(BackboneConfig(redis_url=redis_url, block_ms=100), load_engine(tiny_spec), stop)
-    real_fetch, tries = worker._fetch_media, []
 
-    def fetch(plan):
+    def fetch(real_fetch, plan):
         if plan.media and away.is_set():
             tries.append(time.monotonic())
             raise redis.ConnectionError("Error 111 connecting to the node holding this tensor")
         return real_fetch(plan)
 
-    worker._fetch_media = fetch
     gw = Gateway(r, "reply:away", ["image", "text"])
-    loop = threading.Thread(target=worker.run, daemon=True)
-    loop.start()
-    try:
-        gw.send("image", image_ids, 6, [ref])
-        gw.until(lambda: tries, 30)  # it is first in line, and its fetch fails
-        gw.send("text", TEXT_IDS, 40)
-        gw.until(lambda: gw.finished("text"))
-        assert not gw.seen["image"] and away.is_set()  # the text plan ran while the image's node was away
-        away.clear()
-        gw.until(lambda: gw.finished("image"))
-    finally:
-        away.clear()
-        stop.set()
-        loop.join(60)
-    assert not loop.is_alive(), "the worker did not stop"
+    with running(redis_url, tiny_spec, fetch):
+        try:
+            gw.send("image", image_ids, 6, [ref])
+            gw.until(lambda: tries, 30)  # it is first in line, and its fetch fails
+            gw.send("text", TEXT_IDS, 40)
+            gw.until(lambda: gw.finished("text"))
+            assert not gw.seen["image"] and away.is_set()  # the text plan ran while the image's node was away
+            away.clear()
+            gw.until(lambda: gw.finished("image"))
+        finally:
+            away.clear()
     assert gw.seen["image"][-1].finish == m.FinishReason.LENGTH, gw.seen["image"][-1]
     assert gw.tokens("image") == reference(tiny_spec, image_ids, [("image", rows)], 6)
     assert gw.tokens("text") == reference(tiny_spec, TEXT_IDS, [], 40)
-
 
 
 def test_plans_start_in_arrival_order_while_their_fetches_are_on_their_way(tiny_spec, redis_url, monkeypatch):
@@ -158,27 +163,17 @@ def test_plans_start_in_arrival_order_while_their_fetches_are_on_their_way(tiny_
 
     monkeypatch.setattr(worker_module, "FETCH_STALLED_S", 30.0)
     r = redis.Redis.from_url(redis_url)
-    stop = threading.Event()
-    worker = BackboneWorker(BackboneConfig(redis_url=redis_url, block_ms=100), load_engine(tiny_spec), stop)
-    real_fetch = worker._fetch_media
 
-    def fetch(plan):
+    def fetch(real_fetch, plan):
         if plan.request_id == "first":
             time.sleep(0.3)  # the second's fetch ends first
         return real_fetch(plan)
 
-    worker._fetch_media = fetch
     gw = Gateway(r, "reply:order", ["first", "second"])
-    loop = threading.Thread(target=worker.run, daemon=True)
-    loop.start()
-    try:
+    with running(redis_url, tiny_spec, fetch):
         gw.send("first", TEXT_IDS, 4)
         gw.send("second", TEXT_IDS, 4)
         gw.until(lambda: gw.finished("first") and gw.finished("second"))
-    finally:
-        stop.set()
-        loop.join(60)
-    assert not loop.is_alive(), "the worker did not stop"
     order = []
     for _, fields in r.xrange("reply:order"):
         ev = m.decode(fields_payload(fields), m.TokenEvent)
