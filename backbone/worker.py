@@ -104,6 +104,10 @@ STEP_MS = {"cuda": None, "cpu": 100.0}
 # pressure: streams cut, and non-streamed answers lost to a 504, after 30 s preempted). Only a turning loop sends
 # them, so a hung worker or pipeline shard still falls silent.
 HELD_EVENT_S = 5.0
+# The stats counters (tokens, cancellations) are written this often, on a thread of their own, not in the step's
+# round trip: a Redis Cluster node holding them that does not answer held every running request (an outside
+# tester's chaos run: no token for the 40 s a shard was paused). Counts a write failed go with the next one.
+STATS_EVERY_S = 1.0
 
 
 @dataclass
@@ -209,7 +213,6 @@ class Exchange:
 
     pipe: object
     outbox: int  # outbox entries it sends (the first ones)
-    cancelled: int  # cancellations it counts in the stats
     sent: list = field(default_factory=list)  # (running key, tokens sent, finished) per event
     alive: list = field(default_factory=list)  # running keys whose cancel key it reads
     owners: list = field(default_factory=list)  # reply streams whose gateway lease it checks
@@ -264,6 +267,10 @@ class BackboneWorker:
         self.gate = ReclaimGate()
         self.outage_since: float | None = None  # monotonic time of the first failed round trip of an outage
         self.cancelled = 0  # cancellations not yet counted in the stats hash
+        self.tokens = 0  # tokens sent, not yet counted in the stats hash
+        self.stats_io = ThreadPoolExecutor(1, thread_name_prefix="stats")
+        self.counting: Future | None = None  # the stats write in flight: returns the counts it failed to write
+        self.counted_at = 0.0  # monotonic time of the last stats write
         self.heartbeat: Heartbeat | None = None  # once running
         self.on_threads = None  # set to follow the tier's thread budget (tributary up's autoscaler re-divides it)
         self.reread = False  # a read failed: plans may have been delivered to us unheard (cache/streams.py)
@@ -360,6 +367,7 @@ class BackboneWorker:
                         self._enqueue(entry_id, fields)
                     break
                 self._reclaim()
+                self._count_stats()
                 # 1) Idle: block for plans (the only blocking call; with work in hand, reads ride the step's pipe).
                 if not busy:
                     new = self._idle_read()
@@ -416,6 +424,8 @@ class BackboneWorker:
                 self.prefetch.shutdown(wait=True, cancel_futures=True)
             self.reclaimer.shutdown(wait=True)  # its calls are bounded by the fetch client's timeouts
             self._fail_all("the backbone worker is shutting down")  # its round trip on the I/O thread (bounded)
+            self._count_stats(final=True)
+            self.stats_io.shutdown(wait=True)  # the last write: bounded by the fetch client's timeouts
             if self.io is not None:
                 self.io.shutdown(wait=True, cancel_futures=True)
             heartbeat.stop()
@@ -552,6 +562,32 @@ class BackboneWorker:
         elif self._fetch_errors.due():
             log.error("could not reclaim the plans of dead workers; trying again later", extra={
                 "error": f"{type(exc).__name__}: {exc}", "repeated": self._fetch_errors.held})
+
+    def _count_stats(self, final: bool = False) -> None:
+        """Write the tokens sent and the cancellations since the last write to the stats hash, on the stats thread,
+        once per ``STATS_EVERY_S`` (and a last time when stopping); the counts of a write that failed go again."""
+        if self.counting is not None:
+            if not self.counting.done() and not final:
+                return
+            tokens, cancelled = self.counting.result()  # when stopping, waits for it (bounded by its timeouts)
+            self.counting, self.tokens, self.cancelled = None, self.tokens + tokens, self.cancelled + cancelled
+        now = time.monotonic()
+        if not (self.tokens or self.cancelled) or (not final and now - self.counted_at < STATS_EVERY_S):
+            return
+        self.counting = self.stats_io.submit(self._write_stats, self.tokens, self.cancelled)
+        self.tokens, self.cancelled, self.counted_at = 0, 0, now
+
+    def _write_stats(self, tokens: int, cancelled: int) -> tuple[int, int]:
+        """On the stats thread, with the fetches' client (a shorter socket timeout): what it could not count."""
+        try:
+            pipe = self.fetch_r.pipeline(transaction=False)
+            pipe.hincrby(self.stats_key, "tokens", tokens)
+            pipe.hincrby(self.stats_key, "cancelled", cancelled)
+            pipe.execute()
+        except (RedisError, RedisClusterException) as exc:
+            log.debug("stats not written; again with the next", extra={"error": f"{type(exc).__name__}: {exc}"})
+            return tokens, cancelled
+        return 0, 0
 
     def _orphaned(self, pipe, entry: Claimed) -> None:
         try:
@@ -823,8 +859,7 @@ class BackboneWorker:
         """The round trip's commands, built from the state now (main thread); what it sent is remembered so that
         :meth:`_apply_exchange` forgets exactly that, whatever steps ran in between."""
         pipe = self.r.pipeline(transaction=False)
-        ex = Exchange(pipe, outbox=len(self.outbox), cancelled=self.cancelled)
-        tokens = 0
+        ex = Exchange(pipe, outbox=len(self.outbox))
         now = time.monotonic()
         for reply_to, ev, entry_id in self.outbox:
             if ev is not None:
@@ -839,7 +874,6 @@ class BackboneWorker:
             failed = seq.finish == m.FinishReason.ERROR
             ev = run.event(self.consumer, seq.output[len(seq.output) - seq.pending :], finish=seq.finish,
                            code=(run.code or m.ErrorCode.INTERNAL) if failed else None, error=seq.error)
-            tokens += seq.pending
             send_reply(pipe, run.plan.reply_to, m.encode(ev))
             ex.sent.append((key, seq.pending, seq.finish is not None))
             if seq.finish is not None:
@@ -853,8 +887,6 @@ class BackboneWorker:
         ex.owners_at = len(pipe)
         for reply_to in ex.owners:
             pipe.exists(alive(reply_to))
-        pipe.hincrby(self.stats_key, "tokens", tokens)
-        pipe.hincrby(self.stats_key, "cancelled", self.cancelled)
         room = self.cfg.max_running - len(ex.alive) - len(self.waiting)
         ex.admit = admit
         if admit and room > 0:
@@ -891,7 +923,7 @@ class BackboneWorker:
             return []
         self._recovered()
         del self.outbox[: ex.outbox]
-        self.cancelled -= ex.cancelled
+        self.tokens += sum(count for _, count, _ in ex.sent)
         for key, count, finished in ex.sent:
             run = self.running.get(key)
             if run is None:

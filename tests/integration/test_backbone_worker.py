@@ -158,7 +158,10 @@ def test_cancel_frees_the_slot_and_a_later_request_interleaves(backbone, redis_s
     end = reader.until(lambda ev: ev.request_id == "long" and ev.finish is not None, "the long request never ended")
     assert end.finish == m.FinishReason.CANCELLED
     assert later.completion_tokens <= end.completion_tokens < 1000
-    assert int(r.hget(KEYS.stats("backbone"), "cancelled")) == cancelled_before + 1
+    deadline = time.monotonic() + 10  # the stats are written once a second, behind the events
+    while int(r.hget(KEYS.stats("backbone"), "cancelled") or 0) != cancelled_before + 1:
+        assert time.monotonic() < deadline, r.hget(KEYS.stats("backbone"), "cancelled")
+        time.sleep(0.1)
     assert r.xpending(KEYS.gen(), BACKBONE_GROUP)["pending"] == 0, "the cancelled plan was not acknowledged"
 
 
