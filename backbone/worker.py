@@ -104,9 +104,10 @@ STEP_MS = {"cuda": None, "cpu": 100.0}
 # pressure: streams cut, and non-streamed answers lost to a 504, after 30 s preempted). Only a turning loop sends
 # them, so a hung worker or pipeline shard still falls silent.
 HELD_EVENT_S = 5.0
-# The stats counters (tokens, cancellations) are written this often, on a thread of their own, not in the step's
-# round trip: a Redis Cluster node holding them that does not answer held every running request (an outside
-# tester's chaos run: no token for the 40 s a shard was paused). Counts a write failed go with the next one.
+# The stats counters (tokens, cancellations) are written on a thread of their own, not in the step's round trip: a
+# Redis Cluster node holding them that does not answer held every running request (an outside tester's chaos run:
+# no token for the 40 s a shard was paused). Tokens are counted this often, cancellations at once (one write in
+# flight at most); counts a write failed go with the next one.
 STATS_EVERY_S = 1.0
 
 
@@ -564,15 +565,17 @@ class BackboneWorker:
                 "error": f"{type(exc).__name__}: {exc}", "repeated": self._fetch_errors.held})
 
     def _count_stats(self, final: bool = False) -> None:
-        """Write the tokens sent and the cancellations since the last write to the stats hash, on the stats thread,
-        once per ``STATS_EVERY_S`` (and a last time when stopping); the counts of a write that failed go again."""
+        """Write the tokens sent and the cancellations since the last write to the stats hash, on the stats thread
+        (see ``STATS_EVERY_S``; a last time when stopping); the counts of a write that failed go again."""
         if self.counting is not None:
             if not self.counting.done() and not final:
                 return
             tokens, cancelled = self.counting.result()  # when stopping, waits for it (bounded by its timeouts)
             self.counting, self.tokens, self.cancelled = None, self.tokens + tokens, self.cancelled + cancelled
         now = time.monotonic()
-        if not (self.tokens or self.cancelled) or (not final and now - self.counted_at < STATS_EVERY_S):
+        # Cancellations at once (rare; a client that cancels, then reads the counter, sees it as it did when it was
+        # written with the step's events), tokens once per STATS_EVERY_S.
+        if not (self.cancelled or (self.tokens and (final or now - self.counted_at >= STATS_EVERY_S))):
             return
         self.counting = self.stats_io.submit(self._write_stats, self.tokens, self.cancelled)
         self.tokens, self.cancelled, self.counted_at = 0, 0, now
