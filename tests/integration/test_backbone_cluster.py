@@ -53,6 +53,18 @@ def layout(seen: set[str]) -> Layout:
     raise AssertionError("no layout")
 
 
+def layout_alone(key) -> tuple[Layout, int]:
+    """A fresh prefix of which ``key(keys)``, alone of the worker's keys (its queue, live set, stats), sits on a node
+    of its own: that node, to pause."""
+    for _ in range(100):
+        lay = layout(PREFIXES)
+        worker_keys = [lay.keys.gen(), lay.keys.live("backbone"), lay.keys.stats("backbone")]
+        node = node_of(key(lay.keys))
+        if all(node_of(k) != node for k in worker_keys if k != key(lay.keys)):
+            return lay, node
+    raise AssertionError("no layout")
+
+
 def pick(make, where) -> str:
     return next(k for k in (make(f"x{i}") for i in range(10_000)) if where(node_of(k)))
 
@@ -137,13 +149,7 @@ def test_a_reclaim_whose_live_set_sits_on_a_node_that_does_not_answer_does_not_h
     for the fetch client's timeouts and retries (an outside tester's chaos run: the backbone idle 35 s of a 60 s
     outage, in stretches of 9-10 s). The reclaim now runs on its own thread: a plan sent while it hangs is served at
     once, and the failed reclaim is still seen (the reclaim gate starts its clock again)."""
-    for _ in range(100):  # a layout whose live set is on the paused node, its queue and stats elsewhere
-        lay = layout(PREFIXES)
-        live = node_of(lay.keys.live("backbone"))
-        if live != node_of(lay.keys.gen()) and live != node_of(lay.keys.stats("backbone")):
-            break
-    else:
-        raise AssertionError("no layout")
+    lay, live = layout_alone(lambda keys: keys.live("backbone"))
     reply = pick(lay.keys.reply, lambda n: n != live)
     r = connect(cluster.url)
     gw = Gateway(r, reply, ["warm", "text"], lay.keys)
@@ -169,13 +175,7 @@ def test_requests_stream_on_while_the_node_holding_the_stats_does_not_answer(clu
     paused, every running request was held (an outside tester's chaos run: no token for the 40 s a shard was
     paused). They are now written on a thread of their own once a second: a request streams on, and the counts
     it made land once the node is back."""
-    for _ in range(100):  # a layout whose stats are on the paused node, its queue and live set elsewhere
-        lay = layout(PREFIXES)
-        stats = node_of(lay.keys.stats("backbone"))
-        if stats != node_of(lay.keys.gen()) and stats != node_of(lay.keys.live("backbone")):
-            break
-    else:
-        raise AssertionError("no layout")
+    lay, stats = layout_alone(lambda keys: keys.stats("backbone"))
     reply = pick(lay.keys.reply, lambda n: n != stats)
     r = connect(cluster.url)
     gw = Gateway(r, reply, ["warm", "text"], lay.keys)

@@ -48,6 +48,14 @@ def slot(cluster, key: str) -> int:
     return int(cluster.client(cluster.live()[0]).execute_command("CLUSTER KEYSLOT", key))
 
 
+def shard(cluster, key: str) -> tuple:
+    """The primary serving ``key`` and its replica (to pause both: a shard away)."""
+    primary = cluster.primary_of(key)
+    replica = next(n for n in cluster.nodes[3:] if cluster.client(n).info("replication")["master_port"]
+                   == primary.port)
+    return primary, replica
+
+
 def test_the_client_finds_the_cluster_from_any_node(redis_cluster, monkeypatch):
     for node in redis_cluster.live():
         assert type(connect(node.url)).__name__ == "RedisCluster"
@@ -435,9 +443,7 @@ def test_a_slot_map_refresh_stuck_on_a_node_that_does_not_answer_holds_other_com
     aiocluster = redis.asyncio.cluster
     with EmbeddedCluster(primaries=3, replicas=1) as cluster:
         away_key = KEYS.gen()
-        primary = cluster.primary_of(away_key)
-        replica = next(n for n in cluster.nodes[3:] if cluster.client(n).info("replication")["master_port"]
-                       == primary.port)
+        primary, replica = shard(cluster, away_key)
         healthy_key = next(k for k in (f"k{i}" for i in range(1000)) if cluster.primary_of(k) is not primary)
         monkeypatch.setattr(aiocluster.random, "shuffle",
                             lambda nodes: nodes.sort(key=lambda n: n.port != replica.port))
@@ -514,9 +520,7 @@ def test_commands_after_the_client_closed_itself_go_to_their_own_shard_while_a_r
     aiocluster = redis.asyncio.cluster
     with EmbeddedCluster(primaries=3, replicas=1) as cluster:
         away_key = KEYS.gen()
-        primary = cluster.primary_of(away_key)
-        replica = next(n for n in cluster.nodes[3:] if cluster.client(n).info("replication")["master_port"]
-                       == primary.port)
+        primary, replica = shard(cluster, away_key)
         healthy = [k for k in (f"k{i}" for i in range(1000)) if cluster.primary_of(k) is not primary][:15]
         monkeypatch.setattr(aiocluster.random, "shuffle",
                             lambda nodes: nodes.sort(key=lambda n: n.port != replica.port))
