@@ -12,10 +12,12 @@ late reply can never be read by the next command (the lesson of CVE-2023-28858; 
 
 **Redis Cluster.** The URL may name any node of a cluster: :func:`cluster_mode` asks the server (``INFO cluster``),
 once per process and URL, and a cluster gets redis-py's cluster client, which follows the slot map (MOVED, ASK,
-failovers) by itself. ``TRIBUTARY_REDIS_CLUSTER=yes|no`` skips the question; a server that cannot be reached when
-asked is taken for a single server (a warning says so), so a cluster whose nodes may start after Tributary's
-processes should set it. Tributary's keys are hash-tagged so that no script or ordered pipeline spans two slots
-(cache/keys.py).
+failovers) by itself. A sync client's pipeline keeps a node that does not answer to that node's commands (its round
+trip waits a few socket timeouts at most) and sends it nothing more until it answers a probe
+(:func:`_isolating_cluster`): one shard away never holds the work of the others. ``TRIBUTARY_REDIS_CLUSTER=yes|no``
+skips the question; a server that cannot be reached when asked is taken for a single server (a warning says so), so
+a cluster whose nodes may start after Tributary's processes should set it. Tributary's keys are hash-tagged so that
+no script or ordered pipeline spans two slots (cache/keys.py).
 
 **Large values.** redis-py packs commands with hiredis when it is installed: fastest for the small commands that are
 most of the traffic, but it copies a large value twice (to bytes, then into one buffer) at about 1 GB/s, which
@@ -30,6 +32,9 @@ import asyncio
 import logging
 import os
 import sys
+import threading
+import time
+from functools import partial
 
 import redis
 import redis.asyncio as aioredis
@@ -423,6 +428,187 @@ def _refreshing_cluster() -> type:
     return _refreshing
 
 
+NODE_SKIP_S, NODE_SKIP_MAX_S = 0.5, 2.0  # a node that did not answer is probed after this long (doubling) to come back
+
+
+class NodeHealth:
+    """The nodes of a Redis Cluster that did not answer a pipeline lately, kept by a sync client for its pipelines
+    (:func:`_isolating_cluster`; shared by every thread using the client). A node that failed is not sent commands
+    until it answers a probe (a PING on a thread of its own, first ``NODE_SKIP_S`` after the failure, then at
+    doubling intervals up to ``NODE_SKIP_MAX_S``): its commands fail at once meanwhile. So a node that does not answer
+    costs the round trip that found it its timeouts, and no round trip after it waits for it."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._down: dict[str, list] = {}  # node name -> [probed next at (monotonic), interval, a probe in flight]
+
+    def usable(self, name: str, ping) -> bool:
+        """Whether to send this node commands; if not, and its probe is due, start one (``ping()``)."""
+        with self._lock:
+            down = self._down.get(name)
+            if down is None:
+                return True
+            if down[2] or time.monotonic() < down[0]:
+                return False
+            down[2] = True
+        threading.Thread(target=self._probe, args=(name, ping), name="redis-probe", daemon=True).start()
+        return False
+
+    def _probe(self, name: str, ping) -> None:
+        try:
+            ping()
+        except Exception:  # noqa: BLE001 -- any failure: not back yet
+            self.failed(name)
+        else:
+            self.answered(name)
+            log.info("redis node answers again", extra={"node": name})
+
+    def failed(self, name: str) -> None:
+        with self._lock:
+            down = self._down.get(name)
+            interval = min(NODE_SKIP_MAX_S, down[1] * 2) if down else NODE_SKIP_S
+            self._down[name] = [time.monotonic() + interval, interval, False]
+        if down is None:
+            log.warning("redis node does not answer: its commands fail at once until it answers a probe",
+                        extra={"node": name})
+
+    def answered(self, name: str) -> None:
+        if name in self._down:
+            with self._lock:
+                self._down.pop(name, None)
+
+
+_isolating: type | None = None
+
+
+def _isolating_cluster() -> type:
+    """redis-py's sync cluster client, except that its pipelines (``transaction=False``) keep each node's failure to
+    that node's commands. redis-py sent every command a node failed again on its own,
+    each with its own retries and socket timeouts: a round trip with k commands on a node that did not answer took
+    about k x 15 s, then raised, and the commands other nodes had run were lost with it (an encoder batch spread over
+    the shards: its healthy jobs, acked, never answered; an outside tester's chaos run, a 50 s stall). Here:
+
+    - a node that does not answer (a timeout, a connection refused or cut) fails its own commands, with that error
+      as their reply; the other nodes' replies stand. The round trip that finds it waits for its socket timeout,
+      up to three of them when a new connection's handshake is what fails (one try of the whole pipeline, redis-py's
+      read of the slot map, one try of that node's commands alone; measured with a 1 s timeout: 3.0 s, where
+      redis-py took 4-5 s for every round trip and raised, the other nodes' replies lost);
+    - a node that failed is not sent commands until it answers a probe (:class:`NodeHealth`): its commands fail at
+      once meanwhile;
+    - a command a node redirects (MOVED, ASK, TRYAGAIN: a failover, a slot moving) is sent again on its own, as
+      redis-py does, which follows the redirect and updates the slot map.
+
+    A pipeline with ``raise_on_error=True`` still raises the first error, once every node has answered or failed."""
+    global _isolating
+    if _isolating is not None:
+        return _isolating
+    from redis.cluster import ClusterPipeline, PipelineStrategy, RedisCluster
+    from redis.exceptions import AskError, MovedError, TryAgainError
+    from redis.exceptions import TimeoutError as RedisTimeoutError
+
+    redirected = (MovedError, AskError, TryAgainError)
+
+    class IsolatingPipeline(ClusterPipeline):
+        health: NodeHealth
+
+        def execute(self, raise_on_error: bool = True) -> list:
+            strategy = self._execution_strategy
+            stack = list(strategy.command_queue)
+            if not stack or not isinstance(strategy, PipelineStrategy):  # a transaction: redis-py's own
+                return super().execute(raise_on_error)
+            try:
+                results = self._send_isolated(stack)
+            finally:
+                self.reset()
+            if raise_on_error and (first := next((r for r in results if isinstance(r, Exception)), None)):
+                raise first
+            return results
+
+        def _node(self, command):
+            """The primary serving the command's keys on the map as it is now (a node the caller named from an
+            older map is not kept); None for a command without keys (redis-py places it: the caller's nodes)."""
+            try:
+                return self.nodes_manager.get_node_from_slot(self.determine_slot(*command.args))
+            except (redis.RedisError, RedisClusterException, TypeError):
+                return None
+
+        def _ping(self, node) -> None:
+            self.get_redis_connection(node).ping()
+
+        def _send(self, commands: list, results: dict) -> bool:
+            """One pipeline over these commands' nodes, no redirects followed, one try: each reply (or error) by
+            position. False if redis-py raised, which it does only before it sends anything (a node did not take a
+            connection; redis-py has read the slot map again). Its public ``send_cluster_commands`` would try the
+            whole pipeline again twice, each try costing that node's timeout."""
+            commands = sorted(commands, key=lambda c: c.position)
+            sent = True
+            try:
+                replies = self._execution_strategy._send_cluster_commands(commands, raise_on_error=False,
+                                                                          allow_redirections=False)
+            except redis.RedisError as exc:
+                replies, sent = [exc] * len(commands), False
+            except RedisClusterException as exc:  # the cluster client's own (not a RedisError)
+                replies, sent = [RedisConnectionError(f"{type(exc).__name__}: {exc}")] * len(commands), False
+            results.update((c.position, r) for c, r in zip(commands, replies))
+            return sent
+
+        def _place(self, commands: list, results: dict) -> dict[str | None, list]:
+            """The commands by node name (None: keyless), each given its node; those of a node known away get
+            their failure in ``results`` instead."""
+            groups: dict[str | None, list] = {}
+            for c in commands:
+                node = self._node(c)
+                name = node.name if node is not None else None
+                if node is not None and not self.health.usable(name, partial(self._ping, node)):
+                    results[c.position] = RedisConnectionError(f"Redis node {name} did not answer lately")
+                    continue
+                if node is not None:
+                    c.options["target_nodes"] = node  # placed once: redis-py takes it as given
+                groups.setdefault(name, []).append(c)
+            return groups
+
+        def _send_isolated(self, stack: list) -> list:
+            results: dict[int, object] = {}
+            groups = self._place(stack, results)
+            sent = [c for group in groups.values() for c in group]
+            if sent and not self._send(sent, results):
+                # A node did not take a connection, and redis-py sent nothing; it has read the slot map again (a
+                # failover may have moved that node's slots). Placed again on that map, each node's commands go
+                # apart, once each, so that only a node still away fails its own.
+                groups = self._place(sent, results)
+                for group in groups.values():
+                    self._send(group, results)
+                sent = [c for group in groups.values() for c in group]
+            for name, group in groups.items():
+                if name is None:
+                    continue
+                if any(isinstance(results[c.position], (RedisConnectionError, RedisTimeoutError)) for c in group):
+                    self.health.failed(name)
+                else:
+                    self.health.answered(name)
+            for c in sent:
+                if isinstance(results[c.position], redirected):
+                    try:
+                        results[c.position] = self.parent_execute_command(*c.args, **c.options)
+                    except redis.RedisError as exc:
+                        results[c.position] = exc
+            return [results[c.position] for c in sorted(stack, key=lambda c: c.position)]
+
+    class IsolatingCluster(RedisCluster):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            self.health = NodeHealth()
+
+        def pipeline(self, transaction=None, shard_hint=None):
+            pipe = super().pipeline(transaction, shard_hint)
+            pipe.__class__ = IsolatingPipeline  # redis-py's, built by redis-py (its arguments change by version)
+            pipe.health = self.health
+            return pipe
+
+    _isolating = IsolatingCluster
+    return _isolating
+
+
 def cluster_mode(url: str) -> bool:
     """Whether ``url`` names a Redis Cluster node (see the module docstring); asked once per process and URL."""
     setting = os.environ.get(CLUSTER_ENV, "auto").strip().lower()
@@ -452,14 +638,12 @@ def connect(url: str, retries: int = 2, socket_timeout: float = SOCKET_TIMEOUT_S
 
     url = with_password_file(url)
     if cluster_mode(url):
-        from redis.cluster import RedisCluster
-
         # The retry covers the cluster's own errors too (a node down, a slot moving): at least one retry, so a
         # failover is followed by a fresh slot map.
         # (A TLS cluster URL's own connection class overrides this one: hiredis packs every command there.)
-        client = RedisCluster.from_url(url, retry=Retry(ExponentialBackoff(cap=1.0, base=0.05), max(retries, 1)),
-                                       require_full_coverage=False, connection_class=_connection_class(url),
-                                       **_options(socket_timeout))
+        retry = Retry(ExponentialBackoff(cap=1.0, base=0.05), max(retries, 1))
+        client = _isolating_cluster().from_url(url, retry=retry, require_full_coverage=False,
+                                               connection_class=_connection_class(url), **_options(socket_timeout))
         client.commands_parser = _StreamKeys(client.commands_parser)  # pipelines made from now on share it
         return client
     retry = Retry(ExponentialBackoff(cap=1.0, base=0.05), retries, tuple(RETRY_ERRORS))

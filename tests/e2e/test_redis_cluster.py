@@ -9,6 +9,7 @@ import time
 
 import httpx
 import pytest
+import redis.cluster
 from openai import OpenAI
 
 from cache.client import connect
@@ -51,7 +52,7 @@ def ask(cluster, seed: int) -> str:
 
 def test_the_whole_path_runs_on_a_cluster_given_one_node(on_cluster, redis_cluster):
     r = connect(on_cluster.redis_url)
-    assert type(r).__name__ == "RedisCluster", "the client did not detect the cluster"
+    assert isinstance(r, redis.cluster.RedisCluster), "the client did not detect the cluster"
     first = ask(on_cluster, seed=1)
     before = on_cluster.stats("encoder:image").get("encoder_calls", 0)
     assert ask(on_cluster, seed=1) == first  # a cache hit: the same tensors, the same answer
