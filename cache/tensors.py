@@ -17,8 +17,15 @@ Redis and on a Redis Cluster (no script or transaction spans two slots):
 
 A tensor Redis refuses for memory (``maxmemory`` under ``noeviction``: its bytes count as they arrive) is answered
 with the job's ``refused`` failure instead (the gateway's 503 ``cache_full``), retried for a moment since Redis
-refuses every write until it frees the refused command's buffer; any other error is raised (the worker's loop takes
-over, and the gateways look again once their lease lapses).
+refuses every write until it frees the refused command's buffer.
+
+**One node's failure is that node's jobs'.** On a Redis Cluster the jobs of one batch are spread over every shard,
+and a node may not answer while the others do (cache/client.py: its commands fail, the others' replies stand). A job
+whose tensor could not be stored (its digest's node away, or any other error) is answered with its ``lost`` failure
+(the gateway asks again, and queues the job again or fails the request with a 503), or with nothing if it has none;
+a reply whose stream's node is away is dropped (that gateway looks again once its lease lapses). The others are
+answered as usual. Only a failed ack (the jobs stream's node away, or one Redis) or a failed round trip as a whole is
+raised: the worker's loop takes over and re-reads the jobs still pending on it.
 
 No waiter is missed: a gateway adds itself to the waiters *before* it looks for the tensor again (one ordered
 pipeline on the same slot), and the publisher writes the tensor *before* it takes the waiters; so a gateway either
@@ -35,7 +42,7 @@ import logging
 import time
 from dataclasses import dataclass, field
 
-from cache.client import refused_for_memory
+from cache.client import lost_node, refused_for_memory
 from cache.streams import run_script, send_reply
 
 log = logging.getLogger(__name__)
@@ -64,6 +71,7 @@ class _Answer:
     n: int = 0
     ttl_s: int = 0
     refused: bytes = b""  # the message sent instead of ``message`` if Redis refuses to store the tensor (full)
+    lost: bytes = b""  # the message sent instead if Redis did not store it otherwise (its node away): b"", none
 
 
 @dataclass
@@ -75,10 +83,12 @@ class Answers:
     also: list = field(default_factory=list)  # callables (pipe) -> None queued on the ack round trip
 
     def publish(self, keys: tuple[str, str, str, str], entry_id: bytes, data: bytes, n: int, ttl_s: int,
-                message: bytes, reply_to: str, refused: bytes = b"") -> None:
-        """``refused``: the failure to send instead if Redis refuses the tensor for memory (``maxmemory`` reached
-        under ``noeviction``); without one, that refusal is raised as any Redis error."""
-        self.answers.append(_Answer(keys, entry_id, message, reply_to, data, n, ttl_s, refused))
+                message: bytes, reply_to: str, refused: bytes = b"", lost: bytes = b"") -> None:
+        """``refused``: the failure to send ``reply_to`` instead if Redis refuses the tensor for memory
+        (``maxmemory`` reached under ``noeviction``); ``lost``: the one to send if Redis did not store it for another
+        reason (its node did not answer). Without them, ``reply_to`` is told nothing and looks again once its lease
+        lapses."""
+        self.answers.append(_Answer(keys, entry_id, message, reply_to, data, n, ttl_s, refused, lost))
 
     def fail(self, keys: tuple[str, str, str, str], entry_id: bytes, message: bytes, reply_to: str) -> None:
         self.answers.append(_Answer(keys, entry_id, message, reply_to))
@@ -92,11 +102,14 @@ class TensorPublisher:
     def __init__(self, redis, stream: str, group: str):
         self.r, self.stream, self.group = redis, stream, group
         self.refused: set[bytes] = set()  # the last batch's entries whose tensor Redis refused (their failure sent)
+        self.lost: set[bytes] = set()  # the last batch's entries whose tensor Redis did not store otherwise
+        self.undelivered = 0  # the last batch's replies not delivered (their stream's node away)
 
     def execute(self, batch: Answers) -> int:
         """Ack, store and tell (the module docstring); returns how many reply streams were written. ``refused``
-        then holds the entries whose tensor Redis refused for memory (answered with their ``refused`` failure)."""
-        self.refused = set()
+        then holds the entries whose tensor Redis refused for memory (answered with their ``refused`` failure),
+        ``lost`` those it did not store for another reason, and ``undelivered`` counts the replies dropped."""
+        self.refused, self.lost, self.undelivered = set(), set(), 0
         if not batch.answers and not batch.also:
             return 0
         pipe = self.r.pipeline(transaction=False)
@@ -106,9 +119,12 @@ class TensorPublisher:
         for queue in batch.also:
             queue(pipe)
         res = pipe.execute(raise_on_error=False)
-        # An error (a stream and group a restarted Redis lost) counts as answered elsewhere: the gateway, told
+        acks = res[0 : 2 * len(batch.answers) : 2]
+        if away := next((r for r in acks if lost_node(r)), None):
+            raise away  # the jobs are still pending here, or acked unheard: the loop re-reads them
+        # Another error (a stream and group a restarted Redis lost) counts as answered elsewhere: the gateway, told
         # nothing, queues the job again.
-        acked = [a for a, n in zip(batch.answers, res[0 : 2 * len(batch.answers) : 2]) if n == 1]
+        acked = [a for a, n in zip(batch.answers, acks) if n == 1]
         failed = [r for r in res[2 * len(batch.answers) :] if isinstance(r, Exception)]
         if failed:  # a counter or a dead letter refused: the answers still go out
             log.warning("a command queued with the acks failed", extra={"error": str(failed[0])})
@@ -125,25 +141,31 @@ class TensorPublisher:
         replies, refused = [], False  # (stream, message) to send
         for a, at in zip(acked, takes):
             errors = [r for r in res[at - 1 if a.data else at : at + 1] if isinstance(r, Exception)]
-            if errors and not (a.refused and all(map(refused_for_memory, errors))):
-                raise errors[0]  # Redis away: the loop's handler takes over (its waiters look again, see above)
             message = a.message
-            if errors:  # Redis is full: the job fails now, named, instead of its gateways waiting it out
+            if errors and a.refused and all(map(refused_for_memory, errors)):
+                # Redis is full: the job fails now, named, instead of its gateways waiting it out
                 log.error("redis refused an encoder output: out of memory (maxmemory)", extra={
                     "tensor": a.keys[0], "bytes": len(a.data), "error": str(errors[0])})
                 message, refused = a.refused, True
                 self.refused.add(a.entry_id)
+            elif errors and a.data:  # not stored (its node away): the waiters taken by nobody look again
+                log.error("redis did not store an encoder output", extra={"tensor": a.keys[0],
+                                                                          "error": str(errors[0])})
+                message = a.lost
+                self.lost.add(a.entry_id)
             waiters = [] if isinstance(res[at], Exception) else res[at]
             streams = {w.decode() if isinstance(w, bytes) else w for w in waiters}
             if a.reply_to:
                 streams.add(a.reply_to)
-            replies += [(stream, message) for stream in sorted(streams)]
+            if message:
+                replies += [(stream, message) for stream in sorted(streams)]
         return self._tell(replies, patient=refused)
 
     def _tell(self, replies: list[tuple[str, bytes]], patient: bool) -> int:
         """Send the replies; how many reached a live gateway. ``patient``: Redis just refused a tensor for memory,
         and refuses every write until it has freed the refused command's buffer (its clients cron: ~0.2 s), so
-        replies refused for memory are sent again for up to ``REFUSED_RETRY_S``."""
+        replies refused for memory are sent again for up to ``REFUSED_RETRY_S``. A reply that fails otherwise (its
+        stream's node away) is dropped: its gateway looks again once its lease lapses."""
         told, deadline = 0, time.monotonic() + REFUSED_RETRY_S
         while replies:
             pipe = self.r.pipeline(transaction=False)
@@ -151,10 +173,14 @@ class TensorPublisher:
                 send_reply(pipe, stream, message)
             res = pipe.execute(raise_on_error=False)
             told += sum(r is not None and not isinstance(r, Exception) for r in res)
-            again = [reply for reply, r in zip(replies, res) if isinstance(r, Exception)]
-            if again and not (patient and all(refused_for_memory(r) for r in res if isinstance(r, Exception))
-                              and time.monotonic() < deadline):
-                raise next(r for r in res if isinstance(r, Exception))
+            retry = patient and time.monotonic() < deadline
+            errors = [(reply, r) for reply, r in zip(replies, res) if isinstance(r, Exception)]
+            again = [reply for reply, r in errors if retry and refused_for_memory(r)]
+            dropped = [r for _, r in errors if not (retry and refused_for_memory(r))]
+            if dropped:
+                self.undelivered += len(dropped)
+                log.warning("replies not delivered: their gateways look again once their lease lapses",
+                            extra={"count": len(dropped), "error": str(dropped[0])})
             replies = again
             if replies:
                 time.sleep(0.1)

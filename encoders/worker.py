@@ -16,7 +16,9 @@ live one within about a second of the dead one leaving the live set (cache/strea
 ``max_deliveries`` workers goes to the dead-letter stream and fails its request. Answering a job acks it in the same
 script (cache/tensors.py), so a job run twice publishes one tensor and one answer. A job whose gateway is dead (its
 lease lapsed) and that no other gateway waits on is dropped unencoded. Redis errors (an outage, a restart that lost
-the group) never end the loop: it waits and goes on.
+the group) never end the loop: it waits and goes on. On a Redis Cluster, a node that does not answer fails only the
+jobs whose keys it holds (``media_expired``: their gateways ask again; cache/tensors.py), and the reclaim of dead
+workers' jobs runs on a thread of its own, so the live set's node away does not hold the loop.
 
 Faults are per job: media that does not decode, whose decoded values are not finite, whose forward pass fails alone
 (a failed batch is re-run one item at a time) or whose output is not finite in the wire dtype is published as that
@@ -35,9 +37,9 @@ from concurrent.futures import TimeoutError as FutureTimeout
 from dataclasses import dataclass, replace
 
 import torch
-from redis.exceptions import RedisError
+from redis.exceptions import RedisClusterException, RedisError
 
-from cache.client import connect
+from cache.client import connect, lost_node
 from cache.codec import WIRE_DTYPES, Payload
 from cache.keys import ENCODER_GROUP, Keys, alive
 from cache.streams import (
@@ -58,6 +60,7 @@ from encoders.runtime import launch_isolating
 from models.media import MAX_AUDIO_S
 from router import messages as m
 from router.liveness import Heartbeat, ReclaimGate, live_for_reclaim, worker_id
+from router.logs import Throttle
 from router.metrics import EncoderMetrics
 from router.metrics import serve as serve_metrics
 from router.metrics import stop as stop_metrics
@@ -142,6 +145,9 @@ class EncoderWorker:
         self.r = connect(cfg.redis_url)
         self.publisher = TensorPublisher(self.r, self.stream, ENCODER_GROUP)
         self.gate = ReclaimGate()
+        self.reclaimer = ThreadPoolExecutor(1, thread_name_prefix="reclaim")  # its calls may wait on another node
+        self.reclaiming: Future | None = None  # the reclaim in flight, or done and its jobs not yet taken
+        self._reclaim_errors = Throttle()
         self.reread = False  # a read failed: its jobs may have been delivered to us unheard (cache/streams.py)
         self.metrics = EncoderMetrics(cfg.modality)  # served on --metrics-port (router/metrics.py)
         self._outcomes: Counter = Counter()  # the answers of the batch being staged or finished, by outcome
@@ -221,6 +227,7 @@ class EncoderWorker:
         finally:
             self.pool.shutdown(wait=False, cancel_futures=True)
             self.publishing.shutdown(wait=False, cancel_futures=True)
+            self.reclaimer.shutdown(wait=False, cancel_futures=True)  # jobs it claimed are reclaimed once we leave
             heartbeat.stop()
             stop_metrics(metrics)
             log.info("encoder stopped", extra={"consumer": self.consumer})
@@ -234,8 +241,9 @@ class EncoderWorker:
 
     def _reread(self) -> list:
         """After a failed round trip, the jobs already delivered to this worker, a batch at a time (called only with
-        no batch in hand, so every entry pending on this consumer is one to redo)."""
-        if not self.reread:
+        no batch in hand, so every entry pending on this consumer is one to redo). Not while a reclaim is in flight
+        or its jobs untaken: the entries it claims are pending on us too, and are its own."""
+        if not self.reread or self.reclaiming is not None:
             return []
         entries = own_pending(self.r, self.stream, ENCODER_GROUP, self.consumer, self.cfg.max_batch)
         self.reread = bool(entries)  # a batch at a time: look again once it is done, until none is left
@@ -244,17 +252,47 @@ class EncoderWorker:
         return entries
 
     def _reclaim(self) -> list:
-        """Jobs of consumers absent from the live set, as (entry id, fields, deliveries) triples."""
-        if not self.gate.due():
-            return []
-        live = live_for_reclaim(self.r, self.keys, self.tier, self.consumer)
-        if live is None:
-            return []
-        claimed = reclaim_dead(self.r, self.stream, ENCODER_GROUP, self.consumer, live, self.cfg.max_batch)
-        if claimed:
-            log.warning("reclaimed jobs of a dead consumer", extra={
-                "count": len(claimed), "from": sorted({c.consumer for c in claimed})})
-        return claimed
+        """Jobs of consumers absent from the live set (:class:`Claimed`), from the reclaim thread: the loop only
+        starts a reclaim and takes its outcome. Its calls go to the live set's node, which on a Redis Cluster may
+        not answer while the jobs stream's does: run on the loop, each reclaim waited out its call's retries (about
+        15 s in every 20 with that node paused) and then had the batch in hand redone."""
+        if self.reclaiming is not None:
+            if not self.reclaiming.done():
+                return []
+            outcome, self.reclaiming = self.reclaiming.result(), None
+            if isinstance(outcome, Exception):
+                self._reclaim_failed(outcome)
+                return []
+            if outcome:
+                log.warning("reclaimed jobs of a dead consumer", extra={
+                    "count": len(outcome), "from": sorted({c.consumer for c in outcome})})
+                return outcome
+        if self.gate.due():
+            self.reclaiming = self.reclaimer.submit(self._reclaim_dead)
+        return []
+
+    def _reclaim_dead(self) -> list | Exception:
+        """On the reclaim thread: the jobs claimed, or what failed."""
+        try:
+            live = live_for_reclaim(self.r, self.keys, self.tier, self.consumer)
+            if live is None:
+                return []
+            return reclaim_dead(self.r, self.stream, ENCODER_GROUP, self.consumer, live, self.cfg.max_batch)
+        except Exception as exc:  # Redis's failures, and any bug here: the loop goes on either way
+            return exc
+
+    def _reclaim_failed(self, exc: Exception) -> None:
+        """Entries a failed reclaim claimed are pending on us now: the re-read takes them up. Reclaiming waits for a
+        steady live window again."""
+        self.reread = True
+        self.gate.broken()
+        if isinstance(exc, RedisError) and is_nogroup(exc):
+            self._ensure_group()
+        elif not isinstance(exc, RedisError | RedisClusterException):
+            log.error("reclaiming the jobs of dead workers failed", exc_info=exc)
+        elif self._reclaim_errors.due():
+            log.error("could not reclaim the jobs of dead workers; trying again later", extra={
+                "error": f"{type(exc).__name__}: {exc}", "repeated": self._reclaim_errors.held})
 
     def _answered(self) -> None:
         """Wait for the batch on the publishing thread to be answered; its Redis error is raised here, in the loop
@@ -413,8 +451,10 @@ class EncoderWorker:
         t = time.perf_counter()
         self.publisher.execute(answers)
         refused = {i for i, _ in prepared if jobs[i].entry_id in self.publisher.refused}  # Redis full: failed
-        outcomes["encoded"] -= len(refused)
+        lost = {i for i, _ in prepared if jobs[i].entry_id in self.publisher.lost}  # its node away: asked again
+        outcomes["encoded"] -= len(refused) + len(lost)
         outcomes[m.ErrorCode.CACHE_FULL.value] += len(refused)
+        outcomes["not_stored"] += len(lost)
         self.metrics.publish_seconds.observe(time.perf_counter() - t)
         self.metrics.finished(outcomes)
         self.metrics.preprocess_wait_seconds.observe(preprocess_wait)
@@ -426,6 +466,11 @@ class EncoderWorker:
                 log.warning("encoded, but the tensor cache (Redis) is full: it refused the output; the request "
                             "failed (cache_full)", extra={"request_id": jobs[i].msg.request_id,
                                                           "job_id": jobs[i].msg.job_id})
+                continue
+            if i in lost:
+                log.warning("encoded, but Redis did not store the output (its node did not answer); its gateway "
+                            "was told to ask again", extra={"request_id": jobs[i].msg.request_id,
+                                                            "job_id": jobs[i].msg.job_id})
                 continue
             log.info("encoded", extra={"request_id": jobs[i].msg.request_id, "job_id": jobs[i].msg.job_id,
                                        "modality": self.cfg.modality, "tokens": p.num_tokens, "batch": len(prepared),
@@ -471,9 +516,11 @@ class EncoderWorker:
             jobs.append(job)
         return jobs
 
-    def _admit(self, jobs: list[Job], answers: Answers) -> tuple[list[Job], list[bytes | None]]:
+    def _admit(self, jobs: list[Job], answers: Answers) -> tuple[list[Job], list[bytes | Exception | None]]:
         """The jobs some live gateway still waits on, with their media bytes (one round trip); the others are
-        acked away unencoded (their gateway died)."""
+        acked away unencoded (their gateway died). On a Redis Cluster a node may not answer while the others do:
+        a gateway whose liveness is not known is taken for alive, and media that could not be read are an error
+        (the job fails alone, :meth:`_check`)."""
         if not jobs:
             return [], []
         check = self.r.pipeline(transaction=False)
@@ -481,10 +528,12 @@ class EncoderWorker:
             check.exists(alive(job.msg.reply_to))
             check.scard(job.script_keys[1])
             check.get(job.msg.blob_key)
-        res = check.execute()
+        res = check.execute(raise_on_error=False)  # one Redis away: raised as a whole (the loop takes over)
         kept, blobs = [], []
         for job, owner_alive, waiters, blob in zip(jobs, res[0::3], res[1::3], res[2::3]):
-            if owner_alive or waiters > 1:
+            if isinstance(blob, Exception) and not lost_node(blob):
+                raise blob  # not a node away: a failure of the round trip (as a single Redis raises it)
+            if owner_alive or isinstance(owner_alive, Exception) or isinstance(waiters, Exception) or waiters > 1:
                 kept.append(job)
                 blobs.append(blob)
                 continue
@@ -493,12 +542,15 @@ class EncoderWorker:
             self._fail(answers, job, m.ErrorCode.CANCELLED, "the gateway that queued this job is gone")
         return kept, blobs
 
-    @staticmethod
-    def _check(job: Job, blob: bytes | None) -> tuple[m.ErrorCode, str] | None:
+    def _check(self, job: Job, blob: bytes | Exception | None) -> tuple[m.ErrorCode, str] | None:
         if time.time() > job.msg.deadline:
             return m.ErrorCode.DEADLINE, "the job waited past its deadline"
         if blob is None:
             return m.ErrorCode.MEDIA_EXPIRED, "the media bytes expired before encoding"
+        if isinstance(blob, Exception):  # its node did not answer: the gateway asks again (and queues it again)
+            log.warning("the job's media could not be read (its Redis node did not answer)", extra={
+                "request_id": job.msg.request_id, "job_id": job.msg.job_id, "error": str(blob)})
+            return m.ErrorCode.MEDIA_EXPIRED, "the media bytes could not be read (their Redis node did not answer)"
         return None
 
     def _publish(self, answers: Answers, job: Job, output: Payload | str, n: int, outcomes: Counter) -> bool:
@@ -513,8 +565,14 @@ class EncoderWorker:
                                      code=m.ErrorCode.CACHE_FULL,
                                      error=f"the tensor cache (Redis) is full: it refused this {self.cfg.modality}'s "
                                            f"encoder output ({len(data)} bytes); retry later")
+            # Not stored for another reason (its Redis node did not answer): the gateway asks again (the tensor,
+            # or the lease to queue the job again), which its own bounds settle.
+            lost = m.EncodeFailed(request_id=job.msg.request_id, job_id=job.msg.job_id, tensor_key=job.tensor_key,
+                                  code=m.ErrorCode.MEDIA_EXPIRED,
+                                  error=f"the tensor cache (Redis) did not store this {self.cfg.modality}'s encoder "
+                                        "output: its node did not answer")
             answers.publish(job.script_keys, job.entry_id, data, n, self.cfg.tensor_ttl_s, m.encode(done),
-                            job.msg.reply_to, m.encode(refused))
+                            job.msg.reply_to, m.encode(refused), m.encode(lost))
             return True
         log.error("encode failed", extra={"request_id": job.msg.request_id, "job_id": job.msg.job_id,
                                           "error": output})

@@ -31,10 +31,11 @@ log = logging.getLogger(__name__)
 # Seconds of one encoder forward batch (a CPU tiny model: milliseconds; a big vision tower on a CPU: seconds).
 ENCODE_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128)
-# Outcomes of an encode job: ``encoded``, the error code its failure carries (router/messages.ErrorCode), or
-# ``undecodable`` (not a job message: dropped unanswered).
+# Outcomes of an encode job: ``encoded``, the error code its failure carries (router/messages.ErrorCode),
+# ``undecodable`` (not a job message: dropped unanswered) or ``not_stored`` (encoded, but its Redis node did not answer:
+# its gateway was told to ask again).
 JOB_OUTCOMES = ("encoded", "bad_media", "internal", "deadline", "media_expired", "cancelled", "gave_up",
-                "undecodable", "cache_full")
+                "undecodable", "cache_full", "not_stored")
 
 
 @contextlib.contextmanager

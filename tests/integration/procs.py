@@ -9,25 +9,28 @@ import sys
 import time
 
 import httpx
-import redis
 
+from cache.client import connect
 from cache.embedded import free_port
 from cache.keys import Keys, alive
 from router.liveness import live_count_args, worker_pid
 
 
-def start_tier(args: list[str], redis_url: str, tier: str, timeout: float = 120) -> subprocess.Popen:
+def start_tier(args: list[str], redis_url: str, tier: str, timeout: float = 120, keys: Keys = Keys()
+               ) -> subprocess.Popen:
+    """A worker process, once its heartbeat is in its tier's live set (``keys``: those of its ``--prefix``; a Redis
+    Cluster's URL is fine)."""
     proc = subprocess.Popen([sys.executable, "-m", "tributary.cli", *args, "--redis-url", redis_url],
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                             env=dict(os.environ, PYTHONUNBUFFERED="1"))
-    r = redis.Redis.from_url(redis_url)
+    r = connect(redis_url)
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if proc.poll() is not None:
             raise RuntimeError(f"{tier} exited with {proc.returncode}: {proc.stdout.read()[-3000:]}")
         # Its own heartbeat (router.liveness.worker_id): a worker of the same tier killed moments ago (another
         # module's) is still within the live window, and counting it would send work before this one reads.
-        key, low, high = live_count_args(Keys(), tier)
+        key, low, high = live_count_args(keys, tier)
         if any(worker_pid(member) == proc.pid for member in r.zrangebyscore(key, low, high)):
             return proc
         time.sleep(0.2)  # the process is importing torch; its heartbeat is the readiness signal
