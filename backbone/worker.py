@@ -25,6 +25,9 @@ Recovery (docs/architecture.md, "Recovery"):
   trip (each cut at ``round_trip_timeout_s``, so the loop keeps coming round); token events are sent only once Redis
   took them, so none is lost. Sequences held longer than
   ``outage_hold_s`` are failed (their gateways gave up by then). A group lost in a restart is recreated.
+- One Redis Cluster node away (its part of the round trip failed, the rest taken): only the requests whose gateways'
+  reply streams it holds wait, generating on, their events kept until it takes them (dropped after
+  ``outage_hold_s``); the others stream on.
 - A dead replica's plans: once a second (when Redis has been steady for a live window) the worker claims the plans
   pending on consumers absent from the live set and tells each plan's gateway ``worker_lost``; the gateway, which
   knows the tokens it already streamed, queues a continuation plan (gateway/tiers.py). A plan claimed more than
@@ -43,6 +46,7 @@ from collections import deque
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from concurrent.futures import TimeoutError as FutureTimeout
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 import torch
 from prometheus_client import CollectorRegistry
@@ -191,6 +195,16 @@ def resolve_placement(device: str, dtype: str) -> tuple[torch.device, torch.dtyp
     return dev, DTYPES[dtype]
 
 
+class Out(NamedTuple):
+    """An outbox entry: an event for a gateway (or none) and a plan to ack (or none), sent with the next round trip
+    until Redis takes both."""
+
+    reply_to: str
+    ev: m.TokenEvent | None
+    entry_id: bytes | None
+    since: float | None = None  # when a round trip first failed to deliver it (its node away)
+
+
 @dataclass
 class Running:
     seq: Sequence
@@ -198,6 +212,7 @@ class Running:
     entry_id: bytes
     code: m.ErrorCode | None = None  # the error code its failure carries (default INTERNAL)
     told: float = field(default_factory=time.monotonic)  # when its last event went into an exchange
+    undelivered_since: float | None = None  # its events' node has not taken them since (a Redis Cluster node away)
 
     def event(self, worker: str, token_ids: list[int], **end) -> m.TokenEvent:
         """This attempt's event carrying ``token_ids`` (and ``finish``/``code``/``error`` from ``end``), with usage as
@@ -214,7 +229,9 @@ class Exchange:
 
     pipe: object
     outbox: int  # outbox entries it sends (the first ones)
+    outbox_spans: list = field(default_factory=list)  # (first, end) of each outbox entry's commands
     sent: list = field(default_factory=list)  # (running key, tokens sent, finished) per event
+    sent_spans: list = field(default_factory=list)  # (first, end) of each event's commands (with its ack)
     alive: list = field(default_factory=list)  # running keys whose cancel key it reads
     owners: list = field(default_factory=list)  # reply streams whose gateway lease it checks
     checks_at: int = 0
@@ -262,8 +279,9 @@ class BackboneWorker:
         self._round_trip_errors = Throttle()
         self._outages, self._outage_logged = Throttle(), False  # "redis unavailable" lines
         self._fetch_errors = Throttle()
+        self._node_errors = Throttle()
         self.waiting: deque[tuple[bytes, m.PromptPlan]] = deque()  # read, not started (slots or KV memory full)
-        self.outbox: list[tuple[str, m.TokenEvent | None, bytes | None]] = []  # (reply_to, event, entry to ack)
+        self.outbox: list[Out] = []  # events and acks the next round trip sends
         self.stats_key = self.keys.stats("backbone")
         self.gate = ReclaimGate()
         self.outage_since: float | None = None  # monotonic time of the first failed round trip of an outage
@@ -501,7 +519,7 @@ class BackboneWorker:
     def _reread(self, just_read: list = ()) -> list:
         """After a failed read: the plans delivered to this worker that it does not hold (their reply was lost)."""
         held = ({run.entry_id for run in self.running.values()} | {e for e, _ in [*self.waiting, *just_read]}
-                | {e for _, _, e in self.outbox})
+                | {o.entry_id for o in self.outbox})
         entries = [(e, f) for e, f in own_pending(self.r, self.stream, BACKBONE_GROUP, self.consumer, 4096)
                    if e not in held]
         self.reread = False
@@ -619,13 +637,13 @@ class BackboneWorker:
             plan = m.decode(fields_payload(fields), m.PromptPlan)
         except (m.WireError, KeyError) as exc:  # nobody to tell: without a plan there is no reply stream
             log.error("dropping undecodable plan", extra={"entry": entry_id, "error": str(exc)})
-            self.outbox.append(("", None, entry_id))
+            self.outbox.append(Out("", None, entry_id))
             return
         key = run_key(plan)
         if key in self.running or any(run_key(p) == key for _, p in self.waiting):
             # The same attempt queued twice (a client retry of an XADD whose reply was lost): run it once.
             log.warning("dropping a duplicate plan", extra={"request_id": plan.request_id, "attempt": plan.attempt})
-            self.outbox.append(("", None, entry_id))
+            self.outbox.append(Out("", None, entry_id))
             return
         self.waiting.append((entry_id, plan))
 
@@ -843,7 +861,7 @@ class BackboneWorker:
         if silent:
             log.info("dropped", extra={"request_id": plan.request_id, "error": error})
         ev = None if silent else self._error_event(plan, code, error, limit=limit)
-        self.outbox.append((plan.reply_to, ev, entry_id))
+        self.outbox.append(Out(plan.reply_to, ev, entry_id))
 
     # -- The step's round trip ----------------------------------------------------------------------------------
 
@@ -864,11 +882,13 @@ class BackboneWorker:
         pipe = self.r.pipeline(transaction=False)
         ex = Exchange(pipe, outbox=len(self.outbox))
         now = time.monotonic()
-        for reply_to, ev, entry_id in self.outbox:
-            if ev is not None:
-                send_reply(pipe, reply_to, m.encode(ev))
-            if entry_id is not None:
-                ack_delete(pipe, self.stream, BACKBONE_GROUP, entry_id)
+        for out in self.outbox:
+            first = len(pipe)
+            if out.ev is not None:
+                send_reply(pipe, out.reply_to, m.encode(out.ev))
+            if out.entry_id is not None:
+                ack_delete(pipe, self.stream, BACKBONE_GROUP, out.entry_id)
+            ex.outbox_spans.append((first, len(pipe)))
         for key, run in self.running.items():
             seq = run.seq
             if not seq.pending and seq.finish is None and now - run.told < HELD_EVENT_S:
@@ -877,10 +897,12 @@ class BackboneWorker:
             failed = seq.finish == m.FinishReason.ERROR
             ev = run.event(self.consumer, seq.output[len(seq.output) - seq.pending :], finish=seq.finish,
                            code=(run.code or m.ErrorCode.INTERNAL) if failed else None, error=seq.error)
+            first = len(pipe)
             send_reply(pipe, run.plan.reply_to, m.encode(ev))
             ex.sent.append((key, seq.pending, seq.finish is not None))
             if seq.finish is not None:
                 ack_delete(pipe, self.stream, BACKBONE_GROUP, run.entry_id)
+            ex.sent_spans.append((first, len(pipe)))
         ex.alive = [k for k, run in self.running.items() if run.seq.finish is None]
         ex.checks_at = len(pipe)
         for key in ex.alive:
@@ -916,21 +938,39 @@ class BackboneWorker:
             # A Redis that refuses writes (full under noeviction, a read-only replica, loading) answers the round
             # trip with an error per write: nothing this exchange sent can be counted as delivered, or a request's
             # tokens were dropped and it was logged finished while its gateway waited out its timeout (an outside
-            # tester's run). Held as an outage: no step, the same events sent again until Redis takes them.
-            # So is a node not reached (a Redis Cluster's node dead while the others answer): the events it did
-            # not take go again (gateways drop the positions they have), and the plans read are read again.
-            results = next((r for r in results if _refuses_writes(r) or lost_node(r)), results)
+            # tester's run). Held as an outage: no step, the same events sent again until Redis takes them. So is a
+            # round trip no node answered.
+            refused = next((r for r in results if _refuses_writes(r)), None)
+            if refused is not None or (results and all(map(lost_node, results))):
+                results = refused or results[0]
         if isinstance(results, RedisError):
             self.reread = self.reread or ex.read_at is not None
             self._redis_failed(results, "step")
             return []
         self._recovered()
-        del self.outbox[: ex.outbox]
-        self.tokens += sum(count for _, count, _ in ex.sent)
-        for key, count, finished in ex.sent:
+        # A Redis Cluster node that did not answer (its commands' replies are its error; cache/client.py): what it
+        # was to take goes again, the rest stands. Only the requests whose gateways' streams it holds wait for it
+        # (the plans read, if the plan queue is its, are read again).
+        lost = {i for i, r in enumerate(results) if lost_node(r)}
+        if lost:
+            self._node_away(results[min(lost)])
+
+        def taken(span: tuple[int, int]) -> bool:
+            return lost.isdisjoint(range(*span))
+
+        now = time.monotonic()
+        kept = [out if out.since is not None else out._replace(since=now)
+                for out, span in zip(self.outbox[: ex.outbox], ex.outbox_spans) if not taken(span)]
+        self.outbox[: ex.outbox] = kept
+        for (key, count, finished), span in zip(ex.sent, ex.sent_spans):
             run = self.running.get(key)
             if run is None:
                 continue
+            if not taken(span):
+                run.undelivered_since = run.undelivered_since or now
+                continue
+            run.undelivered_since = None
+            self.tokens += count
             run.seq.pending -= count  # tokens produced since the exchange was built go next time
             if finished:
                 del self.running[key]
@@ -938,6 +978,8 @@ class BackboneWorker:
                 log.info("finished", extra={"request_id": run.plan.request_id, "attempt": run.plan.attempt,
                                             "finish": run.seq.finish.value,
                                             "completion_tokens": run.seq.completion_tokens})
+        if lost:
+            self._drop_undelivered(now)
         dead_owners = {o for o, ok in zip(ex.owners, results[ex.owners_at : ex.owners_at + len(ex.owners)])
                        if ok == 0}
         for key, cancel in zip(ex.alive, results[ex.checks_at : ex.checks_at + len(ex.alive)]):
@@ -946,9 +988,9 @@ class BackboneWorker:
                 continue  # it finished (or left) since: its end goes out with the next exchange
             if run.plan.reply_to in dead_owners:
                 self._cancel(key, "its gateway is gone", silent=True)
-            elif _cancelled(cancel, run.plan.attempt):
+            elif not isinstance(cancel, Exception) and _cancelled(cancel, run.plan.attempt):
                 self._cancel(key, "cancelled by its gateway")
-        errors = [r for r in results if isinstance(r, Exception)]
+        errors = [r for i, r in enumerate(results) if isinstance(r, Exception) and i not in lost]
         for exc in errors:
             if is_nogroup(exc):
                 self._redis_failed(exc, "read")
@@ -957,13 +999,41 @@ class BackboneWorker:
             log.error("step round trip: a command failed", extra={"error": str(errors[0]),
                                                                   "repeated": self._round_trip_errors.held})
         read = results[ex.read_at] if ex.read_at is not None else None
+        if ex.read_at in lost:
+            self.reread = True  # what it read, if it read, is pending on us: read again once the queue answers
         new = read[0][1] if read and not isinstance(read, Exception) else []
-        if self._may_reread() and ex.admit:
+        if self._may_reread() and ex.admit and ex.read_at not in lost:
             try:
                 new = list(new) + self._reread(new)
             except RedisError as exc:
                 self._redis_failed(exc, "read")
         return new
+
+    def _node_away(self, error: Exception) -> None:
+        """Part of the round trip failed: a Redis Cluster node did not answer. The reclaim gate starts its clock
+        again (that node may hold the live set, whose beats then lapsed)."""
+        self.gate.broken()
+        if self._node_errors.due():
+            log.warning("a redis node did not answer: the requests whose gateways it serves wait for it", extra={
+                "error": str(error), "held": sum(r.undelivered_since is not None for r in self.running.values()),
+                "repeated": self._node_errors.held})
+
+    def _drop_undelivered(self, now: float) -> None:
+        """Requests (and outbox events) whose gateway's node has not taken an event for ``outage_hold_s`` are
+        dropped, as a whole outage's are failed: their gateways gave up by then. Their plans are still acked."""
+        limit = self.cfg.outage_hold_s
+        for key, run in list(self.running.items()):
+            if run.undelivered_since is not None and now - run.undelivered_since > limit:
+                del self.running[key]
+                self.engine.release(run.seq)
+                log.error("dropped: its gateway's redis node did not take its events", extra={
+                    "request_id": run.plan.request_id, "attempt": run.plan.attempt, "held_s": limit})
+                self.outbox.append(Out("", None, run.entry_id))
+        for i, out in enumerate(self.outbox):
+            if out.ev is not None and out.since is not None and now - out.since > limit:
+                log.error("dropped an event: its gateway's redis node did not take it", extra={
+                    "request_id": out.ev.request_id, "held_s": limit})
+                self.outbox[i] = Out("", None, out.entry_id)
 
     def _cancel(self, key: str, why: str, silent: bool = False) -> None:
         """Stop a running attempt now; its ack (and, unless its gateway is gone, a cancelled event) go out with
@@ -973,7 +1043,7 @@ class BackboneWorker:
         log.info("cancelled", extra={"request_id": run.plan.request_id, "attempt": run.plan.attempt, "why": why,
                                      "completion_tokens": run.seq.completion_tokens})
         ev = None if silent else run.event(self.consumer, [], finish=m.FinishReason.CANCELLED)
-        self.outbox.append((run.plan.reply_to, ev, run.entry_id))
+        self.outbox.append(Out(run.plan.reply_to, ev, run.entry_id))
         self.cancelled += 1
 
     def _fail_all(self, error: str) -> None:

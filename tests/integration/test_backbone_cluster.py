@@ -17,7 +17,7 @@ from redis.crc import key_slot
 
 from cache.client import connect
 from cache.embedded import EmbeddedCluster
-from cache.keys import Keys
+from cache.keys import BACKBONE_GROUP, Keys
 from gateway.tiers import Generation
 from router import messages as m
 from tests.integration.test_prefetch import TEXT_IDS, Gateway, reference, running, stored_image
@@ -130,11 +130,12 @@ def test_the_loop_keeps_coming_round_while_a_running_requests_gateway_node_does_
         gw.send("long", TEXT_IDS, 400)
         gw.until(lambda: len(gw.tokens("long")) >= 3)
         with paused(cluster, lay.paused):
-            until = time.monotonic() + 12
+            until, held = time.monotonic() + 12, False
             while time.monotonic() < until:
                 assert worker.heartbeat.live(), "the loop stopped coming round"
+                held = held or worker.outage_since is not None or held_requests(worker) > 0
                 time.sleep(0.1)
-            assert worker.outage_since is not None, "nothing was held: the node was not in the round trip"
+            assert held, "nothing was held: the node was not in the round trip"
         gw.until(lambda: gw.finished("long"), 90)
     assert gw.seen["long"][-1].finish == m.FinishReason.LENGTH, gw.seen["long"][-1]
     # Events the cut round trips sent may land too, and the held ones go again: the gateway takes each token by its
@@ -142,6 +143,63 @@ def test_the_loop_keeps_coming_round_while_a_running_requests_gateway_node_does_
     gen = Generation(None, None)
     assert all(gen.take(ev) is not None for ev in gw.seen["long"]), "tokens were lost"
     assert gen.tokens == reference(tiny_spec, TEXT_IDS, [], 400)
+
+
+def held_requests(worker) -> int:
+    """How many running requests wait for their gateway's node (read from the test's thread: the loop may be
+    changing the dict)."""
+    try:
+        return sum(run.undelivered_since is not None for run in list(worker.running.values()))
+    except RuntimeError:
+        return 0
+
+
+def test_requests_stream_on_while_another_requests_gateway_node_does_not_answer(cluster, tiny_spec):
+    """The step's round trip carries every running request's events, to each one's gateway's reply stream. With
+    one gateway's node paused, the whole round trip was taken for failed: every request of the backbone was held
+    until the node came back (an outside tester's chaos run). Now only the requests whose streams that node holds
+    wait (their tokens go once it answers, none lost or repeated); the others stream on."""
+    lay = layout(PREFIXES)
+    r = connect(cluster.url)
+    far = Gateway(r, pick(lay.keys.reply, lambda n: n == lay.paused), ["far"], lay.keys)
+    near = Gateway(r, pick(lay.keys.reply, lambda n: n != lay.paused), ["warm", "near"], lay.keys)
+    with running(cluster.url, tiny_spec, prefix=lay.keys.prefix) as worker:
+        near.send("warm", TEXT_IDS, 4)
+        near.until(lambda: near.finished("warm"))
+        far.send("far", TEXT_IDS, 400)
+        far.until(lambda: len(far.tokens("far")) >= 3)
+        with paused(cluster, lay.paused):
+            near.send("near", TEXT_IDS, 40)
+            sent = time.monotonic()
+            near.until(lambda: near.finished("near"), 30)
+            took = time.monotonic() - sent
+            # The round trip that finds the node away waits for its socket timeout (5 s) once; before, the near
+            # request waited for the node to come back.
+            assert took < 12, f"the near request took {took:.1f} s"
+            assert worker.outage_since is None and held_requests(worker) == 1
+        far.until(lambda: far.finished("far"), 90)
+    assert near.tokens("near") == reference(tiny_spec, TEXT_IDS, [], 40)
+    gen = Generation(None, None)
+    assert all(gen.take(ev) is not None for ev in far.seen["far"]), "tokens were lost"
+    assert gen.tokens == reference(tiny_spec, TEXT_IDS, [], 400)
+
+
+def test_a_request_whose_gateways_node_stays_away_is_dropped_after_the_hold(cluster, tiny_spec):
+    """Its events are kept for ``outage_hold_s`` (lowered here), then the request is dropped as a whole outage's
+    are failed: its KV blocks freed, its plan acked (the plan queue's node answers)."""
+    lay = layout(PREFIXES)
+    r = connect(cluster.url)
+    far = Gateway(r, pick(lay.keys.reply, lambda n: n == lay.paused), ["far"], lay.keys)
+    with running(cluster.url, tiny_spec, prefix=lay.keys.prefix, outage_hold_s=2.0) as worker:
+        free = worker.engine.pool.free
+        far.send("far", TEXT_IDS, 400)
+        far.until(lambda: len(far.tokens("far")) >= 3)
+        with paused(cluster, lay.paused):
+            deadline = time.monotonic() + 20
+            while worker.running or r.xpending(lay.keys.gen(), BACKBONE_GROUP)["pending"]:
+                assert time.monotonic() < deadline, "the request was not dropped"
+                time.sleep(0.2)
+            assert worker.engine.pool.free == free
 
 
 def test_a_reclaim_whose_live_set_sits_on_a_node_that_does_not_answer_does_not_hold_the_loop(cluster, tiny_spec):
