@@ -190,7 +190,13 @@ def create_app(cfg: GatewayConfig):
             if "backbone" in view.unreadable:  # every request queues there: none can be served (admit refuses)
                 redis_state, status = f"the backbone's queue does not answer: {view.unreadable['backbone']}", \
                     "redis_unavailable"
-        ready = not missing and "backbone" not in view.unreadable
+        # Just after Redis (or the reads of the live sets) came back, a worker's beats may have lapsed meanwhile:
+        # a tier missing then proves nothing (requests are queued, not refused: gateway/tiers.liveness_unknown),
+        # and a load balancer taking every gateway out for those seconds would refuse what they would serve.
+        settling = request.app.state.tiers.settling_s()
+        if missing and settling > 0:
+            body["settling_s"] = round(settling, 1)
+        ready = (not missing or settling > 0) and "backbone" not in view.unreadable
         return {**body, "status": status, "redis": redis_state, "workers": live, "missing": missing}, ready
 
     async def metrics_text(request: Request) -> Response:

@@ -115,8 +115,12 @@ class TierClient:
         """Just after Redis came back from an outage, or lost this gateway's lease (a restart), the workers' beats
         may have lapsed meanwhile and the live sets look empty until each beats again: an empty one then proves
         nothing, and work is queued rather than refused."""
+        return self.settling_s() > 0
+
+    def settling_s(self) -> float:
+        """How long the live sets prove nothing yet (see :meth:`liveness_unknown`); 0 once they do."""
         since = max(self.reset_at, self.view.outage_ended if self.view is not None else -1e9)
-        return time.monotonic() - since < LIVE_WINDOW_S + HEARTBEAT_S
+        return max(0.0, LIVE_WINDOW_S + HEARTBEAT_S - (time.monotonic() - since))
 
     def check_workers(self, live: set[str]) -> None:
         """Called by the monitor with the backbone's live set (only when Redis has been steady for a live window):
