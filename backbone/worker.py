@@ -280,6 +280,7 @@ class BackboneWorker:
         self._outages, self._outage_logged = Throttle(), False  # "redis unavailable" lines
         self._fetch_errors = Throttle()
         self._node_errors = Throttle()
+        self._stats_errors = Throttle()
         self.waiting: deque[tuple[bytes, m.PromptPlan]] = deque()  # read, not started (slots or KV memory full)
         self.outbox: list[Out] = []  # events and acks the next round trip sends
         self.stats_key = self.keys.stats("backbone")
@@ -606,7 +607,9 @@ class BackboneWorker:
             pipe.hincrby(self.stats_key, "cancelled", cancelled)
             pipe.execute()
         except (RedisError, RedisClusterException) as exc:
-            log.debug("stats not written; again with the next", extra={"error": f"{type(exc).__name__}: {exc}"})
+            if self._stats_errors.due():  # on the stats thread alone: its own throttle
+                log.warning("the stats counters were not written; their counts go with the next write", extra={
+                    "error": f"{type(exc).__name__}: {exc}", "repeated": self._stats_errors.held})
             return tokens, cancelled
         return 0, 0
 

@@ -34,6 +34,7 @@ from gateway.tiers import DISCONNECTED, RESET, ClientGone
 from models.spec import ModelSpec
 from router import messages as m
 from router.liveness import live_count_args
+from router.logs import Throttle
 
 log = logging.getLogger(__name__)
 
@@ -62,6 +63,7 @@ class MediaEncoder:
         self.liveness_unknown = liveness_unknown  # TierClient.liveness_unknown: just after a Redis restart
         self.known_live = known_live  # TierClient.known_live: live workers as the monitor last read them
         self.counting: set[asyncio.Task] = set()  # cache counters being written (see COUNT_WAIT_S)
+        self._count_errors = Throttle()  # one line per 10 s about counters not written
 
     async def encode(self, request_id: str, parts: list[MediaPart], queue: asyncio.Queue, namespace: str = "",
                      tenant: str = "") -> list[m.MediaRef]:
@@ -93,7 +95,9 @@ class MediaEncoder:
         """Writes the cache counters, waiting ``COUNT_WAIT_S`` at most: counters are not worth a request's time (nor
         its failure: a Redis error here is logged, not answered)."""
         if len(self.counting) >= COUNTING_MAX:
-            log.debug("cache counters dropped: too many writes in flight")
+            if self._count_errors.due():
+                log.warning("cache counters dropped: too many writes in flight",
+                            extra={"repeated": self._count_errors.held})
             return
         task = asyncio.ensure_future(pipe.execute())
         self.counting.add(task)
@@ -102,8 +106,9 @@ class MediaEncoder:
 
     def _counted(self, task: asyncio.Task) -> None:
         self.counting.discard(task)
-        if not task.cancelled() and (exc := task.exception()) is not None:
-            log.debug("cache counters not written", extra={"error": f"{type(exc).__name__}: {exc}"})
+        if not task.cancelled() and (exc := task.exception()) is not None and self._count_errors.due():
+            log.warning("cache counters not written", extra={"error": f"{type(exc).__name__}: {exc}",
+                                                              "repeated": self._count_errors.held})
 
     def tensor_key(self, part: MediaPart) -> str:
         return self.keys.tensor(self.spec.encoder_id(part.modality), part.digest)
