@@ -533,7 +533,18 @@ def _isolating_cluster() -> type:
                 return None
 
         def _ping(self, node) -> None:
-            self.get_redis_connection(node).ping()
+            """The probe of a node away (on its own thread). If it fails, the slot map is read again (the node
+            tried last): a dead primary's slots move to its replica, and only a fresh map sends their commands
+            there (nothing else would read it: the node's commands are no longer sent, so none fails)."""
+            try:
+                self.get_redis_connection(node).ping()
+            except Exception:
+                try:
+                    self.nodes_manager.initialize(disconnect_startup_nodes_pools=False,
+                                                  last_failed_node_name=node.name)
+                except Exception as exc:  # noqa: BLE001 -- no node answered: the next probe asks again
+                    log.debug("could not read the slot map", extra={"error": describe(exc)})
+                raise
 
         def _send(self, commands: list, results: dict) -> bool:
             """One pipeline over these commands' nodes, no redirects followed, one try: each reply (or error) by

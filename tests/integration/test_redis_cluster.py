@@ -13,7 +13,7 @@ import pytest
 import redis
 import redis.asyncio.cluster
 
-from cache.client import CLUSTER_ENV, connect, connect_async
+from cache.client import CLUSTER_ENV, connect, connect_async, lost_node
 from cache.embedded import EmbeddedCluster
 from cache.keys import Keys, alive, cancel
 from cache.streams import ensure_group, payload_fields, run_script, send_reply
@@ -261,6 +261,32 @@ def test_a_script_pipeline_rides_out_the_death_of_the_clients_default_node():
                 assert time.monotonic() < deadline, f"still failing 20 s after the failover: {errors[-1]!r}"
                 time.sleep(0.2)
         assert client.get_default_node().port != victim.port
+
+
+def test_a_pipelines_commands_follow_a_dead_primarys_slots_to_its_replica():
+    """A pipeline finding a primary dead before its replica took over marks that node away, and its commands are no
+    longer sent to it, so none fails again to have the slot map read (as redis-py does on a failure): the node's
+    probe reads it, and the commands go to the promoted replica once the failover is done."""
+    with EmbeddedCluster(primaries=3, replicas=1, node_timeout_ms=1000) as cluster:
+        key = "failover:{k}"
+        victim = cluster.primary_of(key)
+        client = connect(next(n for n in cluster.live() if n is not victim).url, socket_timeout=1.0)
+
+        def round_trip():
+            pipe = client.pipeline(transaction=False)
+            pipe.set(key, "v")
+            return pipe.execute(raise_on_error=False)
+
+        assert round_trip() == [True]
+        victim.kill()
+        assert lost_node(round_trip()[0])  # before the failover: the node is away
+        results, deadline = [], time.monotonic() + 30
+        while (result := round_trip()[0]) is not True:  # only this client's pipelines: nothing else reads the map
+            results.append(result)
+            assert time.monotonic() < deadline, f"still failing 30 s after the kill: {results[-1]!r}"
+            time.sleep(0.2)
+        assert cluster.primary_of(key).port != victim.port
+        client.close()
 
 
 def test_a_heartbeat_is_one_nodes_round_trip(redis_cluster):
