@@ -263,6 +263,26 @@ def test_a_script_pipeline_rides_out_the_death_of_the_clients_default_node():
         assert client.get_default_node().port != victim.port
 
 
+def test_connections_the_servers_closed_are_not_a_node_away(r, redis_cluster):
+    """Connections a node closed (its client timeout, a restart on the same address, a proxy's idle cut) are not a
+    node away: redis-py finds them closed when it takes them from its pool and connects again, and no command of
+    the pipeline fails (none is skipped for a probe either)."""
+    keys = [f"stale:{{{i}}}" for i in range(12)]
+    assert len({redis_cluster.primary_of(k).port for k in keys}) == 3
+
+    def round_trip():
+        pipe = r.pipeline(transaction=False)
+        for k in keys:
+            pipe.incr(k)
+        return pipe.execute(raise_on_error=False)
+
+    assert round_trip() == [1] * 12  # every node's connection is in the pool now
+    for node in redis_cluster.live():
+        redis_cluster.client(node).client_kill_filter(_type="normal", skipme=True)
+    assert round_trip() == [2] * 12
+    assert round_trip() == [3] * 12 and not r.health._down
+
+
 def test_a_pipelines_commands_follow_a_dead_primarys_slots_to_its_replica():
     """A pipeline finding a primary dead before its replica took over marks that node away, and its commands are no
     longer sent to it, so none fails again to have the slot map read (as redis-py does on a failure): the node's
