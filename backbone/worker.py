@@ -955,8 +955,6 @@ class BackboneWorker:
         # was to take goes again, the rest stands. Only the requests whose gateways' streams it holds wait for it
         # (the plans read, if the plan queue is its, are read again).
         lost = {i for i, r in enumerate(results) if lost_node(r)}
-        if lost:
-            self._node_away(results[min(lost)])
 
         def taken(span: tuple[int, int]) -> bool:
             return lost.isdisjoint(range(*span))
@@ -982,6 +980,7 @@ class BackboneWorker:
                                             "finish": run.seq.finish.value,
                                             "completion_tokens": run.seq.completion_tokens})
         if lost:
+            self._node_away(results[min(lost)])
             self._drop_undelivered(now)
         dead_owners = {o for o, ok in zip(ex.owners, results[ex.owners_at : ex.owners_at + len(ex.owners)])
                        if ok == 0}
