@@ -8,7 +8,8 @@ Redis and on a Redis Cluster (no script or transaction spans two slots):
 
 1. **Ack** every job (XACK + XDEL on the jobs stream), with whatever else the caller queued (counters, dead
    letters). A job whose ack finds it already acked was answered by another run (its first worker was presumed dead
-   but finished): it publishes nothing, so a job run twice answers once.
+   but finished), whose tensor is stored: it publishes nothing, so a job run twice answers once. A tensor whose job
+   was not pending and that nobody stored had its entry lost (a failover, a restart): it is published.
 2. **Store and take**, per acked job, on its digest's slot and in this order: ``HSET`` the tensor (one command: the
    bytes are never copied through a script), then one slot-local script sets its TTL and takes the waiters set,
    deleting it with the lease and the media blob. A failure takes the waiters without writing a tensor.
@@ -104,12 +105,14 @@ class TensorPublisher:
         self.refused: set[bytes] = set()  # the last batch's entries whose tensor Redis refused (their failure sent)
         self.lost: set[bytes] = set()  # the last batch's entries whose tensor Redis did not store otherwise
         self.undelivered = 0  # the last batch's replies not delivered (their stream's node away)
+        self.elsewhere: set[bytes] = set()  # the last batch's entries answered by another run (nothing published)
 
     def execute(self, batch: Answers) -> int:
         """Ack, store and tell (the module docstring); returns how many reply streams were written. ``refused``
         then holds the entries whose tensor Redis refused for memory (answered with their ``refused`` failure),
-        ``lost`` those it did not store for another reason, and ``undelivered`` counts the replies dropped."""
-        self.refused, self.lost, self.undelivered = set(), set(), 0
+        ``lost`` those it did not store for another reason, ``elsewhere`` those another run of the job answered
+        (nothing published), and ``undelivered`` counts the replies dropped."""
+        self.refused, self.lost, self.undelivered, self.elsewhere = set(), set(), 0, set()
         if not batch.answers and not batch.also:
             return 0
         pipe = self.r.pipeline(transaction=False)
@@ -122,12 +125,12 @@ class TensorPublisher:
         acks = res[0 : 2 * len(batch.answers) : 2]
         if away := next((r for r in acks if lost_node(r)), None):
             raise away  # the jobs are still pending here, or acked unheard: the loop re-reads them
-        # Another error (a stream and group a restarted Redis lost) counts as answered elsewhere: the gateway, told
-        # nothing, queues the job again.
         acked = [a for a, n in zip(batch.answers, acks) if n == 1]
         failed = [r for r in res[2 * len(batch.answers) :] if isinstance(r, Exception)]
         if failed:  # a counter or a dead letter refused: the answers still go out
             log.warning("a command queued with the acks failed", extra={"error": str(failed[0])})
+        acked += self._orphans([a for a, n in zip(batch.answers, acks) if n != 1 and a.data])
+        self.elsewhere = {a.entry_id for a in batch.answers} - {a.entry_id for a in acked}
         if not acked:
             return 0
         pipe = self.r.pipeline(transaction=False)
@@ -160,6 +163,25 @@ class TensorPublisher:
             if message:
                 replies += [(stream, message) for stream in sorted(streams)]
         return self._tell(replies, patient=refused)
+
+    def _orphans(self, unacked: list[_Answer]) -> list[_Answer]:
+        """Of the tensors whose job was no longer pending here, those nobody stored: their job entry was lost with
+        its stream (a failover promoted a replica that had not received it yet; a restart without persistence lost
+        the stream or its group), not answered by another run of the job (which stores the tensor before telling
+        anyone). They are published all the same: else their gateways heard nothing until their lease lapsed (an
+        outside tester's chaos run: images encoded as a node came back, and encoded again 30 s later). A failure
+        whose job was not pending is not sent (nothing tells the two cases apart); its gateway asks again then."""
+        if not unacked:
+            return []
+        pipe = self.r.pipeline(transaction=False)
+        for a in unacked:
+            pipe.exists(a.keys[0])
+        found = pipe.execute(raise_on_error=False)
+        orphans = [a for a, n in zip(unacked, found) if n == 0]
+        if orphans:
+            log.warning("encoder outputs whose jobs Redis no longer held are published (their entries were lost)",
+                        extra={"count": len(orphans)})
+        return orphans
 
     def _tell(self, replies: list[tuple[str, bytes]], patient: bool) -> int:
         """Send the replies; how many reached a live gateway. ``patient``: Redis just refused a tensor for memory,

@@ -452,7 +452,8 @@ class EncoderWorker:
         self.publisher.execute(answers)
         refused = {i for i, _ in prepared if jobs[i].entry_id in self.publisher.refused}  # Redis full: failed
         lost = {i for i, _ in prepared if jobs[i].entry_id in self.publisher.lost}  # its node away: asked again
-        outcomes["encoded"] -= len(refused) + len(lost)
+        twice = {i for i, _ in prepared if jobs[i].entry_id in self.publisher.elsewhere}  # another run answered
+        outcomes["encoded"] -= len(refused) + len(lost) + len(twice)
         outcomes[m.ErrorCode.CACHE_FULL.value] += len(refused)
         outcomes["not_stored"] += len(lost)
         self.metrics.publish_seconds.observe(time.perf_counter() - t)
@@ -466,6 +467,10 @@ class EncoderWorker:
                 log.warning("encoded, but the tensor cache (Redis) is full: it refused the output; the request "
                             "failed (cache_full)", extra={"request_id": jobs[i].msg.request_id,
                                                           "job_id": jobs[i].msg.job_id})
+                continue
+            if i in twice:
+                log.info("encoded, but another run of the job answered it first: nothing published", extra={
+                    "request_id": jobs[i].msg.request_id, "job_id": jobs[i].msg.job_id})
                 continue
             if i in lost:
                 log.warning("encoded, but Redis did not store the output (its node did not answer); its gateway "

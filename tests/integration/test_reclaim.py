@@ -167,12 +167,21 @@ def test_a_job_run_twice_publishes_once_and_only_to_live_gateways(r):
     assert not r.exists(dead_gw), "a dead gateway's reply stream was written"
     assert not r.exists(waiters) and not r.exists(keys.lease("enc", "d1"))
     assert r.xlen(stream) == 0 and r.xpending(stream, "encoders")["pending"] == 0
-    # A job whose stream and group a restarted Redis lost answers nothing (the gateway queues it again).
+    # A failure whose stream and group a restarted Redis lost answers nothing (the gateway asks again).
     r.delete(stream)
     answers = Answers()
     answers.fail(script_keys, entry, b"failed", live_gw)
     assert pub.execute(answers) == 0
     assert [f[b"m"] for _, f in r.xrange(live_gw)] == [b"done:first-run"]
+    # A tensor whose job entry was lost (a failover to a replica that had not received it, a restart) and that
+    # nobody stored is published: its gateways waited out their lease for it (an outside tester's chaos run).
+    other = (keys.tensor("enc", "d2"), keys.waiters("enc", "d2"), keys.lease("enc", "d2"), keys.blob("d2"))
+    r.sadd(other[1], live_gw)
+    answers = Answers()
+    answers.publish(other, entry, b"lost-entry", 3, 60, b"done:lost-entry", live_gw)
+    assert pub.execute(answers) == 1
+    assert r.hget(other[0], "data") == b"lost-entry" and not r.exists(other[1])
+    assert [f[b"m"] for _, f in r.xrange(live_gw)] == [b"done:first-run", b"done:lost-entry"]
 
 
 def test_reclaim_on_a_missing_group_is_empty(r):
