@@ -20,11 +20,13 @@ import redis
 from cache.client import connect_async
 from cache.embedded import free_port
 from cache.keys import Keys, alive
+from cache.streams import fields_payload, payload_fields
 from gateway.config import GatewayConfig
 from gateway.encoding import MediaEncoder
 from gateway.errors import Timeout
 from gateway.media import MediaPart, content_digest
 from gateway.replies import ReplyRouter
+from router import messages as m
 from tests.integration.procs import start_tier
 from tests.media import data_url, png_bytes
 
@@ -270,6 +272,53 @@ def test_blob_that_expires_while_queued_is_queued_again(tiers, tiny_model, tiny_
     assert refs[0].num_tokens == 16
     assert encoder_calls(redis_server.url) == before + 1
     assert jobs_queued(r) == queued + 2, "the expired blob's job was not queued again"
+
+
+def test_a_job_that_failed_while_this_requests_lease_stayed_is_queued_again_at_once(tiny_model, tiny_spec,
+                                                                                      redis_server):
+    """A job failed with ``media_expired`` whose lease the encoder could not take (its Redis Cluster node was away
+    when the answer was published): the request that holds that lease queued it again only once the lease lapsed
+    (an outside tester's chaos run: images answered 30 s after the node came back). It gives up its own lease and
+    queues the job again at once. This test is the encoder (a prefix no worker reads)."""
+    keys = Keys("ownlease")
+
+    async def scenario() -> list:
+        r = connect_async(redis_server.url)
+        cfg = GatewayConfig(model_dir=str(tiny_model), redis_url=redis_server.url, prefix=keys.prefix,
+                            encode_timeout_s=60, lease_ttl_s=120)  # its lapse cannot stand in for the re-queue
+        reply = keys.reply("test-gw")
+        await r.set(alive(reply), 1, ex=600)
+        await r.zadd(keys.live("encoder:image"), {"test-encoder": time.time() + 600})  # a live worker to queue for
+        replies = ReplyRouter(r, keys, "test-gw")
+        reader = asyncio.create_task(replies.run())
+        media = MediaEncoder(r, cfg, tiny_spec, replies, reply)
+        data = png_bytes(20, 20, seed=107)
+        part = MediaPart("image", data, "messages.0.content.0", digest_of(tiny_spec, data))
+        task = asyncio.create_task(media.encode("req-107", [part], replies.subscribe("req-107")))
+        stream = keys.jobs("image")
+
+        async def jobs(n: int) -> list:
+            deadline = time.monotonic() + 10
+            while len(entries := await r.xrange(stream)) < n:
+                assert time.monotonic() < deadline, f"{len(entries)} job(s) queued, not {n}"
+                await asyncio.sleep(0.02)
+            return [m.decode(fields_payload(f), m.EncodeJob) for _, f in entries]
+
+        first, = await jobs(1)
+        # As the encoder does when its node is away: the job fails, its lease is not taken.
+        failed = m.EncodeFailed(request_id=first.request_id, job_id=first.job_id, tensor_key=media.tensor_key(part),
+                                code=m.ErrorCode.MEDIA_EXPIRED, error="not stored: its node did not answer")
+        await r.xadd(reply, payload_fields(m.encode(failed)))
+        queued = await jobs(2)
+        task.cancel()
+        reader.cancel()
+        await asyncio.gather(task, reader, return_exceptions=True)
+        await r.delete(stream, keys.live("encoder:image"))
+        await r.aclose()
+        return queued
+
+    first, again = asyncio.run(scenario())
+    assert again.digest == first.digest and again.job_id != first.job_id
 
 
 def test_a_waiter_with_time_left_queues_again_a_job_dropped_for_another_requests_deadline(tiers, tiny_model,
