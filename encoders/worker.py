@@ -469,7 +469,8 @@ class EncoderWorker:
                                                           "job_id": jobs[i].msg.job_id})
                 continue
             if i in twice:
-                log.info("encoded, but another run of the job answered it first: nothing published", extra={
+                log.info("encoded, but the job was no longer pending and its tensor is stored (another run, or a "
+                         "copy of the job, answered it): nothing published", extra={
                     "request_id": jobs[i].msg.request_id, "job_id": jobs[i].msg.job_id})
                 continue
             if i in lost:
