@@ -49,11 +49,14 @@ class ReplyRouter:
                 del self.watchers[tensor_key]
 
     async def run(self) -> None:
+        me = asyncio.current_task()
         while True:
+            if me.cancelling():  # a cancel of this task that the Redis client swallowed (it may carry on, or turn
+                raise asyncio.CancelledError()  # it into a ConnectionError): stop all the same, not loop on for good
             try:
                 reply = await self.r.xread({self.stream: self.last_id}, count=512, block=self.block_ms)
             except asyncio.CancelledError as exc:
-                if asyncio.current_task().cancelling():
+                if me.cancelling():
                     raise  # this reader is being stopped
                 # Raised inside the Redis client, not a cancel of this task (one ended every request of a gateway
                 # for good in an outside tester's chaos run): a failed read like any other.
