@@ -93,6 +93,19 @@ def run_script(client, script: str, keys: list, args: list = ()):
     return client.execute_command("EVAL", script, len(keys), *keys, *args)
 
 
+_DELETE_IF_HELD = """
+-- KEYS: a lease. ARGV: its holder. Deletes it only if that holder still holds it (not one taken since by another).
+if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
+return 0
+"""
+
+
+def release_lease(client, key: str, holder: str):
+    """Give up the lease ``key`` if ``holder`` holds it (compare and delete, one round trip), on any client or
+    pipeline, sync or asyncio; 1 if it was released."""
+    return run_script(client, _DELETE_IF_HELD, [key], [holder])
+
+
 def send_reply(pipe, reply_to: str, payload: bytes) -> None:
     """Queue a write to a gateway's reply stream that happens only while the gateway is alive (see cache/keys.py
     ``alive``), on any pipeline."""

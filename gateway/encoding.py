@@ -25,7 +25,7 @@ import time
 import uuid
 
 from cache.keys import Keys
-from cache.streams import payload_fields, run_script
+from cache.streams import payload_fields, release_lease
 from gateway.config import GatewayConfig
 from gateway.errors import APIError, Internal, InvalidRequest, Timeout, Unavailable, redis_too_slow
 from gateway.media import MediaPart, undecodable
@@ -37,14 +37,6 @@ from router.liveness import live_count_args
 from router.logs import Throttle
 
 log = logging.getLogger(__name__)
-
-_RELEASE_OWN = """
--- KEYS: an encode lease. ARGV: the request id that holds it. Deletes it only if that request holds it.
-if redis.call('GET', KEYS[1]) == ARGV[1] then
-  return redis.call('DEL', KEYS[1])
-end
-return 0
-"""
 
 # A job dropped for its deadline with more than this left of the request's own encode time was another request's
 # (queued earlier, with an earlier deadline): queued again rather than failing this one.
@@ -215,8 +207,8 @@ class MediaEncoder:
                     # for it to lapse (an outside tester's chaos run: images 30 s late after a node came back).
                     log.info("encode job not run; queueing it again", extra={"request_id": request_id,
                                                                              "code": msg.code.value})
-                    await run_script(self.r, _RELEASE_OWN, [self.keys.lease(self.spec.encoder_id(part.modality),
-                                                                            part.digest)], [request_id])
+                    await release_lease(self.r, self.keys.lease(self.spec.encoder_id(part.modality), part.digest),
+                                        request_id)
                     await self._claim(request_id, {msg.tensor_key: part}, found)
                 elif msg.code == m.ErrorCode.DEADLINE and deadline - time.monotonic() > DEADLINE_SLACK_S:
                     # Another request's job (this one only waited on it) was dropped for that request's deadline:

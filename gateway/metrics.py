@@ -48,7 +48,7 @@ from prometheus_client.registry import Collector
 
 from cache.client import failed_reply
 from cache.keys import Keys
-from cache.streams import run_script
+from cache.streams import release_lease, run_script
 from router.liveness import live_count_args
 
 log = logging.getLogger(__name__)
@@ -186,10 +186,6 @@ if v == ARGV[1] then
 end
 return 0
 """
-_RELEASE = """
-if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
-return 0
-"""
 
 
 def lease_owner(gateway_id: str) -> str:
@@ -273,7 +269,7 @@ class ClusterMetrics(Collector):
         if not self.leader:
             return
         try:
-            await asyncio.wait_for(run_script(self.r, _RELEASE, [self.lease_key], [self.owner]), 2)
+            await asyncio.wait_for(release_lease(self.r, self.lease_key, self.owner), 2)
         except Exception:  # noqa: BLE001 -- best effort: the lease lapses by itself
             pass
         self.leader, self.snapshot = False, None
