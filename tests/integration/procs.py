@@ -7,6 +7,7 @@ import signal
 import subprocess
 import sys
 import time
+from contextlib import contextmanager
 
 import httpx
 
@@ -61,6 +62,20 @@ def start_gateway(model, redis_url: str, *args: str, output=subprocess.DEVNULL, 
 def hold_lease(r, reply_to: str, ttl_s: int = 600) -> None:
     """Act as the live gateway owning ``reply_to``: workers write only to the reply streams of live gateways."""
     r.set(alive(reply_to), 1, ex=ttl_s)
+
+
+@contextmanager
+def paused(*servers):
+    """The servers' processes stopped (SIGSTOP: a hung host or a partition looks so; their sockets still accept, the
+    kernel queues connections and bytes) for the block, and continued after it whatever it raised. Each is anything
+    with a ``.proc`` (an embedded Redis, a cluster node)."""
+    for server in servers:
+        os.kill(server.proc.pid, signal.SIGSTOP)
+    try:
+        yield
+    finally:
+        for server in servers:
+            os.kill(server.proc.pid, signal.SIGCONT)
 
 
 def stop_tier(proc: subprocess.Popen, timeout: float = 30, sig: int = signal.SIGTERM) -> tuple[int, str]:

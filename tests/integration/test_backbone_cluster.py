@@ -5,10 +5,7 @@ replicas, so the paused node is not failed over."""
 
 from __future__ import annotations
 
-import os
-import signal
 import time
-from contextlib import contextmanager
 from dataclasses import dataclass
 
 import pytest
@@ -20,6 +17,7 @@ from cache.embedded import EmbeddedCluster
 from cache.keys import BACKBONE_GROUP, Keys
 from gateway.tiers import Generation
 from router import messages as m
+from tests.integration.procs import paused
 from tests.integration.test_prefetch import TEXT_IDS, Gateway, reference, running, stored_image
 
 PRIMARIES = 3
@@ -72,14 +70,18 @@ def pick(make, where) -> str:
 PREFIXES: set[str] = set()
 
 
-@contextmanager
-def paused(cluster, node: int):
-    proc = cluster.nodes[node].proc
-    os.kill(proc.pid, signal.SIGSTOP)
-    try:
-        yield
-    finally:
-        os.kill(proc.pid, signal.SIGCONT)
+def warmed(gw: Gateway, rid: str = "warm") -> None:
+    """One short request served first: the worker is up and reading, and its clients know the slot map."""
+    gw.send(rid, TEXT_IDS, 4)
+    gw.until(lambda: gw.finished(rid))
+
+
+def served_in(gw: Gateway, rid: str, max_tokens: int, timeout: float = 60) -> float:
+    """Seconds from sending a text request to its last token."""
+    sent = time.monotonic()
+    gw.send(rid, TEXT_IDS, max_tokens)
+    gw.until(lambda: gw.finished(rid), timeout)
+    return time.monotonic() - sent
 
 
 def test_a_plan_whose_tensors_sit_on_a_node_that_does_not_answer_does_not_hold_the_plans_behind_it(cluster,
@@ -95,19 +97,15 @@ def test_a_plan_whose_tensors_sit_on_a_node_that_does_not_answer_does_not_hold_t
     rows, ref, image_ids = stored_image(tiny_spec, r, 5, "hung", key=tensor)
     gw = Gateway(r, reply, ["image", "text"], lay.keys)
     with running(cluster.url, tiny_spec, prefix=lay.keys.prefix) as worker:
-        gw.send("text", TEXT_IDS, 4)  # the worker is up and reading
-        gw.until(lambda: gw.finished("text"))
-        with paused(cluster, lay.paused):
+        warmed(gw, "text")
+        with paused(cluster.nodes[lay.paused]):
             gw.send("image", image_ids, 6, [ref])
             # It read the image plan, whose fetch hangs.
             gw.until(lambda: any(plan.request_id == "image" for _, plan in list(worker.waiting)), 30)
             gw.seen["text"] = []
-            gw.send("text", TEXT_IDS, 40)
-            sent = time.monotonic()
-            gw.until(lambda: gw.finished("text"))
             # One fetch of the image's tensor takes the fetch client's socket timeout (3 s) and its retry; before,
             # it took the step client's three (15 s), and the text plan's fetch waited behind it (20 s in all).
-            took = time.monotonic() - sent
+            took = served_in(gw, "text", 40)
             assert took < 15, f"the text plan waited {took:.1f} s behind the image's fetch"
             assert not gw.seen["image"]
         gw.until(lambda: gw.finished("image"))
@@ -129,7 +127,7 @@ def test_the_loop_keeps_coming_round_while_a_running_requests_gateway_node_does_
     with running(cluster.url, tiny_spec, prefix=lay.keys.prefix, round_trip_timeout_s=1.0, stall_s=4.0) as worker:
         gw.send("long", TEXT_IDS, 400)
         gw.until(lambda: len(gw.tokens("long")) >= 3)
-        with paused(cluster, lay.paused):
+        with paused(cluster.nodes[lay.paused]):
             until, held = time.monotonic() + 12, False
             while time.monotonic() < until:
                 assert worker.heartbeat.live(), "the loop stopped coming round"
@@ -164,15 +162,11 @@ def test_requests_stream_on_while_another_requests_gateway_node_does_not_answer(
     far = Gateway(r, pick(lay.keys.reply, lambda n: n == lay.paused), ["far"], lay.keys)
     near = Gateway(r, pick(lay.keys.reply, lambda n: n != lay.paused), ["warm", "near"], lay.keys)
     with running(cluster.url, tiny_spec, prefix=lay.keys.prefix) as worker:
-        near.send("warm", TEXT_IDS, 4)
-        near.until(lambda: near.finished("warm"))
+        warmed(near)
         far.send("far", TEXT_IDS, 400)
         far.until(lambda: len(far.tokens("far")) >= 3)
-        with paused(cluster, lay.paused):
-            near.send("near", TEXT_IDS, 40)
-            sent = time.monotonic()
-            near.until(lambda: near.finished("near"), 30)
-            took = time.monotonic() - sent
+        with paused(cluster.nodes[lay.paused]):
+            took = served_in(near, "near", 40)
             # The round trip that finds the node away waits for its socket timeout (5 s) once; before, the near
             # request waited for the node to come back.
             assert took < 12, f"the near request took {took:.1f} s"
@@ -194,7 +188,7 @@ def test_a_request_whose_gateways_node_stays_away_is_dropped_after_the_hold(clus
         free = worker.engine.pool.free
         far.send("far", TEXT_IDS, 400)
         far.until(lambda: len(far.tokens("far")) >= 3)
-        with paused(cluster, lay.paused):
+        with paused(cluster.nodes[lay.paused]):
             deadline = time.monotonic() + 20
             while worker.running or r.xpending(lay.keys.gen(), BACKBONE_GROUP)["pending"]:
                 assert time.monotonic() < deadline, "the request was not dropped"
@@ -212,16 +206,12 @@ def test_a_reclaim_whose_live_set_sits_on_a_node_that_does_not_answer_does_not_h
     r = connect(cluster.url)
     gw = Gateway(r, reply, ["warm", "text"], lay.keys)
     with running(cluster.url, tiny_spec, prefix=lay.keys.prefix) as worker:
-        gw.send("warm", TEXT_IDS, 4)
-        gw.until(lambda: gw.finished("warm"))
-        with paused(cluster, live):
+        warmed(gw)
+        with paused(cluster.nodes[live]):
             forced = time.monotonic()
             worker.gate.healthy_since, worker.gate.last = forced - 100, 0.0  # a reclaim is due: the loop starts it
             time.sleep(0.5)
-            gw.send("text", TEXT_IDS, 40)
-            sent = time.monotonic()
-            gw.until(lambda: gw.finished("text"))
-            took = time.monotonic() - sent
+            took = served_in(gw, "text", 40)
             # Before, the text plan waited in the stream until the reclaim gave up (9-10 s).
             assert took < 4, f"the text plan waited {took:.1f} s behind the reclaim"
             gw.until(lambda: worker.gate.healthy_since > forced, 30)  # the reclaim failed, and the loop saw it
@@ -238,13 +228,9 @@ def test_requests_stream_on_while_the_node_holding_the_stats_does_not_answer(clu
     r = connect(cluster.url)
     gw = Gateway(r, reply, ["warm", "text"], lay.keys)
     with running(cluster.url, tiny_spec, prefix=lay.keys.prefix) as worker:
-        gw.send("warm", TEXT_IDS, 4)
-        gw.until(lambda: gw.finished("warm"))
-        with paused(cluster, stats):
-            gw.send("text", TEXT_IDS, 40)
-            sent = time.monotonic()
-            gw.until(lambda: gw.finished("text"), 30)
-            took = time.monotonic() - sent
+        warmed(gw)
+        with paused(cluster.nodes[stats]):
+            took = served_in(gw, "text", 40)
             # Before, the step's round trip waited for the paused node (cut at 10 s, then held as an outage).
             assert took < 4, f"the request took {took:.1f} s with the stats' node paused"
             assert worker.outage_since is None

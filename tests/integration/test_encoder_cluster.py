@@ -6,11 +6,8 @@ alone (``media_expired``: their gateways ask again)."""
 
 from __future__ import annotations
 
-import os
-import signal
 import time
 import uuid
-from contextlib import contextmanager
 
 import pytest
 
@@ -20,7 +17,7 @@ from cache.keys import ENCODER_GROUP, Keys, alive
 from cache.streams import ensure_group, fields_payload, payload_fields
 from cache.tensors import Answers, TensorPublisher
 from router import messages as m
-from tests.integration.procs import start_tier, stop_tier
+from tests.integration.procs import paused, start_tier, stop_tier
 from tests.media import png_bytes
 
 
@@ -30,13 +27,6 @@ def cluster():
         yield c
 
 
-@contextmanager
-def paused(node):
-    os.kill(node.proc.pid, signal.SIGSTOP)
-    try:
-        yield
-    finally:
-        os.kill(node.proc.pid, signal.SIGCONT)
 
 
 def on(cluster, node, make, n: int) -> list[str]:

@@ -13,7 +13,6 @@ import threading
 import time
 import uuid
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import contextmanager
 
 import pytest
 import redis
@@ -24,7 +23,7 @@ from cache.keys import BACKBONE_GROUP, ENCODER_GROUP, Keys, alive
 from cache.streams import ack_delete, fields_payload, payload_fields
 from router import messages as m
 from router.liveness import HEARTBEAT_S, LIVE_WINDOW_S, Heartbeat, live_members
-from tests.integration.procs import hold_lease, start_tier
+from tests.integration.procs import hold_lease, paused, start_tier
 from tests.media import png_bytes
 
 KEYS = Keys()
@@ -106,14 +105,6 @@ def r(server):
     return redis.Redis.from_url(server.url)
 
 
-@contextmanager
-def paused(server):
-    """The server process stopped (its sockets still accept: the kernel queues connections and bytes)."""
-    os.kill(server.proc.pid, signal.SIGSTOP)
-    try:
-        yield
-    finally:
-        os.kill(server.proc.pid, signal.SIGCONT)
 
 
 # -- Helpers ------------------------------------------------------------------------------------------------------
