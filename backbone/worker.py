@@ -69,11 +69,10 @@ from cache.streams import (
     fields_payload,
     is_nogroup,
     own_pending,
-    reclaim_dead,
     send_reply,
 )
 from router import messages as m
-from router.liveness import Heartbeat, ReclaimGate, live_for_reclaim, worker_id
+from router.liveness import Heartbeat, Reclaimer, ReclaimGate, worker_id
 from router.logs import Throttle
 from router.metrics import BackboneCollector, pool_usage
 from router.metrics import serve as serve_metrics
@@ -306,8 +305,8 @@ class BackboneWorker:
         # Reclaiming dead workers' plans runs on a thread of its own: its calls touch the live set and other
         # workers' entries, which may sit on a Redis Cluster node the step does not need (an outside tester's chaos
         # run: with the live set's node paused, each reclaim held the loop 9-10 s, the backbone idle 35 s of 60).
-        self.reclaimer = ThreadPoolExecutor(1, thread_name_prefix="reclaim")
-        self.reclaiming: Future | None = None
+        self.reclaimer = Reclaimer(self.fetch_r, self.keys, "backbone", self.stream, BACKBONE_GROUP, self.consumer,
+                                   64, self.gate, "plans", then=self._orphans)
         self.fetched: dict[str, Fetch] = {}  # run key -> its fetch, for the first waiting plans
         self.backoff: dict[str, tuple[int, float]] = {}  # run key -> (fetches Redis failed, monotonic time of the next)
         # Where the busy loop's time goes (seconds): the engine's steps, waiting for the round trip in flight, and
@@ -442,7 +441,7 @@ class BackboneWorker:
                 log.exception("the last round trip in flight failed")
             if self.prefetch is not None:
                 self.prefetch.shutdown(wait=True, cancel_futures=True)
-            self.reclaimer.shutdown(wait=True)  # its calls are bounded by the fetch client's timeouts
+            self.reclaimer.close(wait=True)  # its calls are bounded by the fetch client's timeouts
             self._fail_all("the backbone worker is shutting down")  # its round trip on the I/O thread (bounded)
             self._count_stats(final=True)
             self.stats_io.shutdown(wait=True)  # the last write: bounded by the fetch client's timeouts
@@ -515,7 +514,7 @@ class BackboneWorker:
     def _may_reread(self) -> bool:
         """A re-read is due, and no reclaim is in flight: the entries it claims are pending on us, and are its own to
         tell their gateways about (a re-read would run them too)."""
-        return self.reread and (self.reclaiming is None or self.reclaiming.done())
+        return self.reread and not self.reclaimer.busy
 
     def _reread(self, just_read: list = ()) -> list:
         """After a failed read: the plans delivered to this worker that it does not hold (their reply was lost)."""
@@ -538,50 +537,22 @@ class BackboneWorker:
 
     def _reclaim(self) -> None:
         """Plans pending on dead consumers: tell each plan's gateway its worker was lost (it migrates the request,
-        knowing what was already streamed), or dead-letter a plan past ``max_deliveries``. The loop only starts a
-        reclaim and takes its outcome; the calls run on the reclaim thread (``_reclaim_dead``)."""
-        if self.reclaiming is not None:
-            if not self.reclaiming.done():
-                return
-            failure, self.reclaiming = self.reclaiming.result(), None
-            if failure is not None:
-                self._reclaim_failed(failure)
-        if self.outage_since is not None or not self.gate.due():
-            return
-        self.reclaiming = self.reclaimer.submit(self._reclaim_dead)
+        knowing what was already streamed), or dead-letter a plan past ``max_deliveries``; on the reclaim thread
+        (``_orphans``). Not while the step's Redis is away."""
+        failure = self.reclaimer.poll(may_start=self.outage_since is None)
+        if isinstance(failure, Exception):
+            # Claimed entries whose notice did not go out are pending on us now: the re-read runs them from the
+            # start (same plan, same seed: the same tokens, joined by position at the gateway).
+            self.reread = True
+            if isinstance(failure, RedisError) and is_nogroup(failure):
+                self._redis_failed(failure, "reclaim")  # recreates the group
 
-    def _reclaim_dead(self) -> Exception | None:
-        """On the reclaim thread, with the fetches' client (a shorter socket timeout). Returns what failed."""
-        r = self.fetch_r
-        try:
-            live = live_for_reclaim(r, self.keys, "backbone", self.consumer)
-            if live is None:
-                return None
-            claimed = reclaim_dead(r, self.stream, BACKBONE_GROUP, self.consumer, live, 64)
-            if not claimed:
-                return None
-            pipe = r.pipeline(transaction=False)
-            for entry in claimed:
-                self._orphaned(pipe, entry)
-            pipe.execute()
-        except Exception as exc:  # Redis's failures, and any bug here: the loop goes on either way
-            return exc
-        return None
-
-    def _reclaim_failed(self, exc: Exception) -> None:
-        """Claimed entries whose notice did not go out are pending on us now: the re-read runs them from the start
-        (same plan, same seed: the same tokens, joined by position at the gateway)."""
-        self.reread = True
-        if isinstance(exc, RedisError) and is_nogroup(exc):
-            self._redis_failed(exc, "reclaim")  # recreates the group
-            return
-        # Not an outage of the step (its own round trip tells one): reclaiming waits for a steady live window.
-        self.gate.broken()
-        if not isinstance(exc, RedisError | RedisClusterException):
-            log.error("reclaiming the plans of dead workers failed", exc_info=exc)
-        elif self._fetch_errors.due():
-            log.error("could not reclaim the plans of dead workers; trying again later", extra={
-                "error": f"{type(exc).__name__}: {exc}", "repeated": self._fetch_errors.held})
+    def _orphans(self, claimed: list[Claimed]) -> None:
+        """On the reclaim thread, with the fetches' client (a shorter socket timeout)."""
+        pipe = self.fetch_r.pipeline(transaction=False)
+        for entry in claimed:
+            self._orphaned(pipe, entry)
+        pipe.execute()
 
     def _count_stats(self, final: bool = False) -> None:
         """Write the tokens sent and the cancellations since the last write to the stats hash, on the stats thread

@@ -37,7 +37,7 @@ from concurrent.futures import TimeoutError as FutureTimeout
 from dataclasses import dataclass, replace
 
 import torch
-from redis.exceptions import RedisClusterException, RedisError
+from redis.exceptions import RedisError
 
 from cache.client import connect, lost_node
 from cache.codec import WIRE_DTYPES, Payload
@@ -51,7 +51,6 @@ from cache.streams import (
     fields_payload,
     is_nogroup,
     own_pending,
-    reclaim_dead,
 )
 from cache.tensors import Answers, TensorPublisher
 from encoders.batching import batch_lengths, read_batch, shape_groups
@@ -59,8 +58,7 @@ from encoders.preprocess import MediaError, Prepared
 from encoders.runtime import launch_isolating
 from models.media import MAX_AUDIO_S
 from router import messages as m
-from router.liveness import Heartbeat, ReclaimGate, live_for_reclaim, worker_id
-from router.logs import Throttle
+from router.liveness import Heartbeat, Reclaimer, ReclaimGate, worker_id
 from router.metrics import EncoderMetrics
 from router.metrics import serve as serve_metrics
 from router.metrics import stop as stop_metrics
@@ -145,9 +143,8 @@ class EncoderWorker:
         self.r = connect(cfg.redis_url)
         self.publisher = TensorPublisher(self.r, self.stream, ENCODER_GROUP)
         self.gate = ReclaimGate()
-        self.reclaimer = ThreadPoolExecutor(1, thread_name_prefix="reclaim")  # its calls may wait on another node
-        self.reclaiming: Future | None = None  # the reclaim in flight, or done and its jobs not yet taken
-        self._reclaim_errors = Throttle()
+        self.reclaimer = Reclaimer(self.r, self.keys, self.tier, self.stream, ENCODER_GROUP, self.consumer,
+                                   cfg.max_batch, self.gate, "jobs")
         self.reread = False  # a read failed: its jobs may have been delivered to us unheard (cache/streams.py)
         self.metrics = EncoderMetrics(cfg.modality)  # served on --metrics-port (router/metrics.py)
         self._outcomes: Counter = Counter()  # the answers of the batch being staged or finished, by outcome
@@ -227,7 +224,7 @@ class EncoderWorker:
         finally:
             self.pool.shutdown(wait=False, cancel_futures=True)
             self.publishing.shutdown(wait=False, cancel_futures=True)
-            self.reclaimer.shutdown(wait=False, cancel_futures=True)  # jobs it claimed are reclaimed once we leave
+            self.reclaimer.close(wait=False)
             heartbeat.stop()
             stop_metrics(metrics)
             log.info("encoder stopped", extra={"consumer": self.consumer})
@@ -243,7 +240,7 @@ class EncoderWorker:
         """After a failed round trip, the jobs already delivered to this worker, a batch at a time (called only with
         no batch in hand, so every entry pending on this consumer is one to redo). Not while a reclaim is in flight
         or its jobs untaken: the entries it claims are pending on us too, and are its own."""
-        if not self.reread or self.reclaiming is not None:
+        if not self.reread or self.reclaimer.busy:
             return []
         entries = own_pending(self.r, self.stream, ENCODER_GROUP, self.consumer, self.cfg.max_batch)
         self.reread = bool(entries)  # a batch at a time: look again once it is done, until none is left
@@ -252,47 +249,14 @@ class EncoderWorker:
         return entries
 
     def _reclaim(self) -> list:
-        """Jobs of consumers absent from the live set (:class:`Claimed`), from the reclaim thread: the loop only
-        starts a reclaim and takes its outcome. Its calls go to the live set's node, which on a Redis Cluster may
-        not answer while the jobs stream's does: run on the loop, each reclaim waited out its call's retries (about
-        15 s in every 20 with that node paused) and then had the batch in hand redone."""
-        if self.reclaiming is not None:
-            if not self.reclaiming.done():
-                return []
-            outcome, self.reclaiming = self.reclaiming.result(), None
-            if isinstance(outcome, Exception):
-                self._reclaim_failed(outcome)
-                return []
-            if outcome:
-                log.warning("reclaimed jobs of a dead consumer", extra={
-                    "count": len(outcome), "from": sorted({c.consumer for c in outcome})})
-                return outcome
-        if self.gate.due():
-            self.reclaiming = self.reclaimer.submit(self._reclaim_dead)
-        return []
-
-    def _reclaim_dead(self) -> list | Exception:
-        """On the reclaim thread: the jobs claimed, or what failed."""
-        try:
-            live = live_for_reclaim(self.r, self.keys, self.tier, self.consumer)
-            if live is None:
-                return []
-            return reclaim_dead(self.r, self.stream, ENCODER_GROUP, self.consumer, live, self.cfg.max_batch)
-        except Exception as exc:  # Redis's failures, and any bug here: the loop goes on either way
-            return exc
-
-    def _reclaim_failed(self, exc: Exception) -> None:
-        """Entries a failed reclaim claimed are pending on us now: the re-read takes them up. Reclaiming waits for a
-        steady live window again."""
-        self.reread = True
-        self.gate.broken()
-        if isinstance(exc, RedisError) and is_nogroup(exc):
-            self._ensure_group()
-        elif not isinstance(exc, RedisError | RedisClusterException):
-            log.error("reclaiming the jobs of dead workers failed", exc_info=exc)
-        elif self._reclaim_errors.due():
-            log.error("could not reclaim the jobs of dead workers; trying again later", extra={
-                "error": f"{type(exc).__name__}: {exc}", "repeated": self._reclaim_errors.held})
+        """Jobs of consumers absent from the live set (:class:`Claimed`), as the reclaim thread found them."""
+        outcome = self.reclaimer.poll()
+        if isinstance(outcome, Exception):  # entries it claimed are pending on us now: the re-read takes them up
+            self.reread = True
+            if isinstance(outcome, RedisError) and is_nogroup(outcome):
+                self._ensure_group()
+            return []
+        return outcome
 
     def _answered(self) -> None:
         """Wait for the batch on the publishing thread to be answered; its Redis error is raised here, in the loop

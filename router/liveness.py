@@ -21,11 +21,14 @@ import socket
 import threading
 import time
 import uuid
+from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
 
-from redis.exceptions import RedisError
+from redis.exceptions import RedisClusterException, RedisError
 
 from cache.client import connect
 from cache.keys import Keys
+from cache.streams import Claimed, reclaim_dead
 from router.logs import Throttle
 
 log = logging.getLogger(__name__)
@@ -180,6 +183,75 @@ class ReclaimGate:
             return False
         self.last = now
         return True
+
+
+class Reclaimer:
+    """Takes over the entries that consumers absent from a tier's live set left pending in its stream, on a thread of
+    its own: its calls read the live set and claim other workers' entries, which on a Redis Cluster may sit on a node
+    that does not answer while the stream the loop reads does (an outside tester's chaos runs: run on the loop, each
+    reclaim held it 9-15 s while the live set's node was paused). The loop calls :meth:`poll` each round and never
+    waits on it.
+
+    ``then``, if given, runs on the thread with the entries claimed (the backbone tells their gateways there); the
+    loop gets them from :meth:`poll` either way. Entries a reclaim claimed are pending on this consumer: while
+    :attr:`busy`, a re-read of this consumer's own pending entries must wait, for they are the reclaim's own.
+    """
+
+    def __init__(self, r, keys: Keys, tier: str, stream: str, group: str, consumer: str, count: int,
+                 gate: ReclaimGate, what: str, then: Callable[[list[Claimed]], None] | None = None):
+        self.r, self.keys, self.tier, self.stream, self.group = r, keys, tier, stream, group
+        self.consumer, self.count, self.gate, self.what, self.then = consumer, count, gate, what, then
+        self.pool = ThreadPoolExecutor(1, thread_name_prefix="reclaim")
+        self.future: Future | None = None  # the reclaim in flight, or done and its outcome not yet taken
+        self.errors = Throttle()
+
+    @property
+    def busy(self) -> bool:
+        return self.future is not None
+
+    def poll(self, may_start: bool = True) -> list[Claimed] | Exception:
+        """The outcome of a reclaim that ended since the last call (the entries it claimed, or what it failed with:
+        logged here, and the gate's clock started again), else ``[]``, a reclaim started first if ``may_start`` and
+        the gate says one is due."""
+        if self.future is not None:
+            if not self.future.done():
+                return []
+            outcome, self.future = self.future.result(), None
+            if isinstance(outcome, Exception):
+                self._failed(outcome)
+                return outcome
+            if outcome:
+                log.warning(f"reclaimed {self.what} of dead consumers", extra={
+                    "count": len(outcome), "from": sorted({c.consumer for c in outcome})})
+                return outcome
+        if may_start and self.gate.due():
+            self.future = self.pool.submit(self._reclaim)
+        return []
+
+    def close(self, wait: bool) -> None:
+        """``wait``: let a reclaim in flight end (its calls are bounded by the client's timeouts); else drop it (the
+        entries it claimed are reclaimed by a live worker once this one leaves the live set)."""
+        self.pool.shutdown(wait=wait, cancel_futures=True)
+
+    def _reclaim(self) -> list[Claimed] | Exception:
+        try:
+            live = live_for_reclaim(self.r, self.keys, self.tier, self.consumer)
+            if live is None:
+                return []
+            claimed = reclaim_dead(self.r, self.stream, self.group, self.consumer, live, self.count)
+            if claimed and self.then is not None:
+                self.then(claimed)
+            return claimed
+        except Exception as exc:  # Redis's failures, and any bug here: the loop goes on either way
+            return exc
+
+    def _failed(self, exc: Exception) -> None:
+        self.gate.broken()  # reclaiming waits for a steady live window again
+        if not isinstance(exc, RedisError | RedisClusterException):
+            log.error(f"reclaiming the {self.what} of dead workers failed", exc_info=exc)
+        elif self.errors.due():
+            log.error(f"could not reclaim the {self.what} of dead workers; trying again later", extra={
+                "error": f"{type(exc).__name__}: {exc}", "repeated": self.errors.held})
 
 
 def live_count_args(keys: Keys, tier: str) -> tuple[str, float, str]:
