@@ -12,9 +12,12 @@ For each distinct part (content digest):
 
 A waiter that hears nothing for ``lease_ttl_s`` retries step 2: if the holder died, the lease has expired and the
 waiter takes it and queues the job itself; it retries at once when the monitor reports that Redis lost this
-gateway's work (a restart). A job whose worker died is reclaimed by another worker (encoders/worker.py). An encoder
-that finds the blob expired reports it and the part is queued again (the gateway still holds the bytes). Undecodable
-media is a 400 naming the part.
+gateway's work (a restart). Every ``CHECK_EVERY_S`` of silence a request also looks for what no message tells:
+an encoding stored whose answer was lost (its reply stream's node was away), and a job it queued whose entry is
+gone with no tensor stored, twice in a row (a failover lost the entry before any encoder read it); it queues that
+job again at once rather than after its lease lapses. A job whose worker died is reclaimed by another worker
+(encoders/worker.py). An encoder that finds the blob expired reports it and the part is queued again (the gateway
+still holds the bytes). Undecodable media is a 400 naming the part.
 """
 
 from __future__ import annotations
@@ -27,7 +30,7 @@ import uuid
 from cache.keys import Keys
 from cache.streams import payload_fields, release_lease
 from gateway.config import GatewayConfig
-from gateway.errors import APIError, Internal, InvalidRequest, Timeout, Unavailable, redis_too_slow
+from gateway.errors import APIError, Internal, InvalidRequest, Timeout, Unavailable, redis_failure, redis_too_slow
 from gateway.media import MediaPart, undecodable
 from gateway.replies import ReplyRouter
 from gateway.tiers import DISCONNECTED, RESET, ClientGone
@@ -51,6 +54,10 @@ ENCODE_SLACK_S = 5.0
 # tester's chaos run). At most COUNTING_MAX such writes are in flight; past that, counts are dropped.
 COUNT_WAIT_S = 0.5
 COUNTING_MAX = 256
+# A request that hears nothing about its media for this long looks for an answer lost or a job lost (the module
+# docstring); each look is one round trip, cut at CHECK_TIMEOUT_S (a node away: the lease's lapse still stands behind).
+CHECK_EVERY_S = 2.0
+CHECK_TIMEOUT_S = 2.0
 
 
 class MediaEncoder:
@@ -173,24 +180,32 @@ class MediaEncoder:
         found: dict[str, int] = {}
         for key in missing:
             self.replies.watch(key, queue)
+        queued: dict[str, tuple[str, bytes]] = {}  # tensor key -> (stream, entry id) of the job this request queued
+        gone: set[str] = set()  # keys whose job entry the last check did not find
         try:
             pending = dict(missing)
-            await self._claim(request_id, pending, found)
+            await self._claim(request_id, pending, found, queued)
+            heard = time.monotonic()  # the last message about this request's media, or the last claim
             while pending:
                 left = deadline - time.monotonic()
                 if left <= 0:
                     raise Timeout("timed out waiting for the encoders")
                 try:
-                    msg = await asyncio.wait_for(queue.get(), timeout=min(left, self.cfg.lease_ttl_s))
+                    msg = await asyncio.wait_for(queue.get(), timeout=min(left, CHECK_EVERY_S))
                 except asyncio.TimeoutError:
-                    await self._claim(request_id, pending, found)  # the lease holder may have died
+                    if time.monotonic() - heard >= self.cfg.lease_ttl_s:  # the lease holder may have died
+                        await self._claim(request_id, pending, found, queued)
+                        heard = time.monotonic()
+                    else:
+                        await self._check(request_id, pending, found, queued, gone)
                     continue
+                heard = time.monotonic()
                 if msg is DISCONNECTED:
                     raise ClientGone()
                 if isinstance(msg, APIError):  # the request is ended from outside (the gateway shutting down)
                     raise msg
                 if msg is RESET:  # Redis may have lost the jobs, waiters and leases: claim (and queue) again
-                    await self._claim(request_id, pending, found)
+                    await self._claim(request_id, pending, found, queued)
                     continue
                 if not isinstance(msg, (m.EncodeDone, m.EncodeFailed)) or msg.tensor_key not in pending:
                     continue
@@ -207,15 +222,13 @@ class MediaEncoder:
                     # for it to lapse (an outside tester's chaos run: images 30 s late after a node came back).
                     log.info("encode job not run; queueing it again", extra={"request_id": request_id,
                                                                              "code": msg.code.value})
-                    await release_lease(self.r, self.keys.lease(self.spec.encoder_id(part.modality), part.digest),
-                                        request_id)
-                    await self._claim(request_id, {msg.tensor_key: part}, found)
+                    await self._queue_again(request_id, [msg.tensor_key], pending, found, queued)
                 elif msg.code == m.ErrorCode.DEADLINE and deadline - time.monotonic() > DEADLINE_SLACK_S:
                     # Another request's job (this one only waited on it) was dropped for that request's deadline:
                     # with time left, queue it again under this one's.
                     log.info("an encode job waited on was dropped for its own deadline; queueing it again",
                              extra={"request_id": request_id})
-                    await self._claim(request_id, {msg.tensor_key: part}, found)
+                    await self._queue_again(request_id, [msg.tensor_key], pending, found, queued, release=False)
                 elif msg.code == m.ErrorCode.DEADLINE:
                     raise Timeout(f"{part.modality} waited too long for an encoder", param=part.param)
                 elif msg.code == m.ErrorCode.CACHE_FULL:
@@ -229,8 +242,65 @@ class MediaEncoder:
             for key in missing:
                 self.replies.unwatch(key, queue)
 
-    async def _claim(self, request_id: str, pending: dict[str, MediaPart], found: dict[str, int]) -> None:
-        """Steps 2 and 3: register as waiter, try the lease, look again; queue the jobs whose lease we took."""
+    async def _queue_again(self, request_id: str, keys: list[str], pending: dict[str, MediaPart],
+                           found: dict[str, int], queued: dict[str, tuple[str, bytes]], release: bool = True) -> None:
+        """Claim the parts of ``keys`` again at once (a tensor stored meanwhile is found: no longer pending).
+        ``release``: a lease this request holds is given up first, or the claim would wait for it to lapse."""
+        parts = {key: pending[key] for key in keys}
+        if release:
+            for part in parts.values():
+                await release_lease(self.r, self.keys.lease(self.spec.encoder_id(part.modality), part.digest),
+                                    request_id)
+        await self._claim(request_id, parts, found, queued)
+        for key in keys:
+            if key in found:
+                del pending[key]
+
+    async def _check(self, request_id: str, pending: dict[str, MediaPart], found: dict[str, int],
+                     queued: dict[str, tuple[str, bytes]], gone: set[str]) -> None:
+        """One round trip: the pending parts' tensors (stored, their answer lost: taken as found) and the entries
+        of the jobs this request queued (gone at two checks in a row with no tensor stored: lost, queued again;
+        an encoder deletes an entry only as it answers, so a first miss may be an answer on its way)."""
+        keys = list(pending)
+        mine = [k for k in keys if k in queued]
+        pipe = self.r.pipeline(transaction=False)
+        for key in keys:
+            pipe.hget(key, "n")
+        for key in mine:
+            stream, entry_id = queued[key]
+            pipe.xrange(stream, entry_id, entry_id)
+        try:
+            res = await asyncio.wait_for(pipe.execute(raise_on_error=False), CHECK_TIMEOUT_S)
+        except Exception as exc:  # noqa: BLE001 -- a node away: the lease's lapse still stands behind this
+            if not (isinstance(exc, TimeoutError) or redis_failure(exc)):
+                raise
+            return
+        for key, n in zip(keys, res):
+            if n is not None and not isinstance(n, Exception):
+                log.info("an encoding was found stored, its answer lost", extra={"request_id": request_id})
+                found[key] = int(n)
+                del pending[key]
+                queued.pop(key, None)
+        lost = []
+        for key, entries in zip(mine, res[len(keys):]):
+            if key not in pending or isinstance(entries, Exception):
+                continue
+            if entries:
+                gone.discard(key)
+            elif key in gone:
+                lost.append(key)
+            else:
+                gone.add(key)
+        if lost:
+            log.warning("encode job lost (its entry is gone and no tensor was stored); queueing it again",
+                        extra={"request_id": request_id, "jobs": len(lost)})
+            gone.difference_update(lost)
+            await self._queue_again(request_id, lost, pending, found, queued)
+
+    async def _claim(self, request_id: str, pending: dict[str, MediaPart], found: dict[str, int],
+                     queued: dict[str, tuple[str, bytes]]) -> None:
+        """Steps 2 and 3: register as waiter, try the lease, look again; queue the jobs whose lease we took (their
+        entries noted in ``queued``)."""
         pipe = self.r.pipeline(transaction=False)
         for key, part in pending.items():
             encoder_id = self.spec.encoder_id(part.modality)
@@ -240,26 +310,30 @@ class MediaEncoder:
             pipe.set(self.keys.lease(encoder_id, part.digest), request_id, nx=True, ex=self.cfg.lease_ttl_s)
             pipe.hget(key, "n")
         res = await pipe.execute()
-        submit = pipe = self.r.pipeline(transaction=False)
-        queued = 0
+        submit = self.r.pipeline(transaction=False)
+        jobs = []  # (tensor key, stream): the XADD of each is the second command of its pair
         for (key, part), (_, _, leased, n) in zip(list(pending.items()), _quads(res)):
             if n is not None:
                 found[key] = int(n)
                 del pending[key]
             elif leased:
-                self._queue_job(submit, request_id, part)
-                queued += 1
-        if queued:
-            await submit.execute()
+                jobs.append((key, self._queue_job(submit, request_id, part)))
+        if jobs:
+            res = await submit.execute()
+            for (key, stream), entry_id in zip(jobs, res[1::2]):
+                queued[key] = (stream, entry_id)
 
-    def _queue_job(self, pipe, request_id: str, part: MediaPart) -> None:
+    def _queue_job(self, pipe, request_id: str, part: MediaPart) -> str:
+        """Queue the blob and the job (two commands) on ``pipe``; returns the jobs stream."""
         kind = m.JobInput.FEATURES if part.features is not None else m.JobInput.MEDIA
         blob_key = self.keys.blob(part.digest, kind.value)  # apart: another gateway may queue the media itself
         pipe.set(blob_key, part.features if part.features is not None else part.data, ex=self.cfg.blob_ttl_s)
         job = m.EncodeJob(request_id=request_id, job_id=uuid.uuid4().hex, modality=m.Modality(part.modality),
                           encoder_id=self.spec.encoder_id(part.modality), digest=part.digest, blob_key=blob_key,
                           reply_to=self.reply_stream, deadline=time.time() + self.cfg.encode_timeout_s, input=kind)
-        pipe.xadd(self.keys.jobs(part.modality), payload_fields(m.encode(job)))
+        stream = self.keys.jobs(part.modality)
+        pipe.xadd(stream, payload_fields(m.encode(job)))
+        return stream
 
 
 def _quads(res: list) -> list[tuple]:

@@ -21,8 +21,9 @@ from cache.client import connect_async
 from cache.embedded import free_port
 from cache.keys import Keys, alive
 from cache.streams import fields_payload, payload_fields
+from gateway.app import stop_tasks
 from gateway.config import GatewayConfig
-from gateway.encoding import MediaEncoder
+from gateway.encoding import CHECK_EVERY_S, MediaEncoder
 from gateway.errors import Timeout
 from gateway.media import MediaPart, content_digest
 from gateway.replies import ReplyRouter
@@ -274,51 +275,124 @@ def test_blob_that_expires_while_queued_is_queued_again(tiers, tiny_model, tiny_
     assert jobs_queued(r) == queued + 2, "the expired blob's job was not queued again"
 
 
+class OwnGateway:
+    """This test is the gateway (a prefix no worker reads, a live encoder faked in the live set) and the encoder:
+    it reads the jobs the MediaEncoder queues and answers (or loses) them by hand."""
+
+    def __init__(self, r, keys: Keys, spec, model, redis_url: str):
+        self.r, self.keys, self.spec = r, keys, spec
+        self.cfg = GatewayConfig(model_dir=str(model), redis_url=redis_url, prefix=keys.prefix,
+                                 encode_timeout_s=60, lease_ttl_s=120)  # its lapse cannot stand in for the fix
+        self.reply = keys.reply("test-gw")
+        self.stream = keys.jobs("image")
+
+    async def __aenter__(self):
+        await self.r.set(alive(self.reply), 1, ex=600)
+        await self.r.zadd(self.keys.live("encoder:image"), {"test-encoder": time.time() + 600})
+        self.replies = ReplyRouter(self.r, self.keys, "test-gw")
+        self.reader = asyncio.create_task(self.replies.run())
+        self.media = MediaEncoder(self.r, self.cfg, self.spec, self.replies, self.reply)
+        return self
+
+    async def __aexit__(self, *exc):
+        await stop_tasks([self.reader], timeout_s=5)
+        await self.r.delete(self.stream, self.keys.live("encoder:image"))
+
+    def encode(self, rid: str, part: MediaPart) -> asyncio.Task:
+        return asyncio.create_task(self.media.encode(rid, [part], self.replies.subscribe(rid)))
+
+    async def jobs(self, n: int, timeout: float = 10) -> list[tuple[bytes, m.EncodeJob]]:
+        """The first ``n`` jobs ever queued (deleted ones too: noted as they come)."""
+        deadline = time.monotonic() + timeout
+        seen = getattr(self, "seen", [])
+        while len(seen) < n:
+            assert time.monotonic() < deadline, f"{len(seen)} job(s) queued, not {n}"
+            for entry_id, fields in await self.r.xrange(self.stream):
+                if entry_id not in [e for e, _ in seen]:
+                    seen.append((entry_id, m.decode(fields_payload(fields), m.EncodeJob)))
+            await asyncio.sleep(0.02)
+        self.seen = seen
+        return seen[:n]
+
+
 def test_a_job_that_failed_while_this_requests_lease_stayed_is_queued_again_at_once(tiny_model, tiny_spec,
                                                                                       redis_server):
     """A job failed with ``media_expired`` whose lease the encoder could not take (its Redis Cluster node was away
     when the answer was published): the request that holds that lease queued it again only once the lease lapsed
     (an outside tester's chaos run: images answered 30 s after the node came back). It gives up its own lease and
     queues the job again at once. This test is the encoder (a prefix no worker reads)."""
-    keys = Keys("ownlease")
-
     async def scenario() -> list:
         r = connect_async(redis_server.url)
-        cfg = GatewayConfig(model_dir=str(tiny_model), redis_url=redis_server.url, prefix=keys.prefix,
-                            encode_timeout_s=60, lease_ttl_s=120)  # its lapse cannot stand in for the re-queue
-        reply = keys.reply("test-gw")
-        await r.set(alive(reply), 1, ex=600)
-        await r.zadd(keys.live("encoder:image"), {"test-encoder": time.time() + 600})  # a live worker to queue for
-        replies = ReplyRouter(r, keys, "test-gw")
-        reader = asyncio.create_task(replies.run())
-        media = MediaEncoder(r, cfg, tiny_spec, replies, reply)
-        data = png_bytes(20, 20, seed=107)
-        part = MediaPart("image", data, "messages.0.content.0", digest_of(tiny_spec, data))
-        task = asyncio.create_task(media.encode("req-107", [part], replies.subscribe("req-107")))
-        stream = keys.jobs("image")
-
-        async def jobs(n: int) -> list:
-            deadline = time.monotonic() + 10
-            while len(entries := await r.xrange(stream)) < n:
-                assert time.monotonic() < deadline, f"{len(entries)} job(s) queued, not {n}"
-                await asyncio.sleep(0.02)
-            return [m.decode(fields_payload(f), m.EncodeJob) for _, f in entries]
-
-        first, = await jobs(1)
-        # As the encoder does when its node is away: the job fails, its lease is not taken.
-        failed = m.EncodeFailed(request_id=first.request_id, job_id=first.job_id, tensor_key=media.tensor_key(part),
-                                code=m.ErrorCode.MEDIA_EXPIRED, error="not stored: its node did not answer")
-        await r.xadd(reply, payload_fields(m.encode(failed)))
-        queued = await jobs(2)
-        task.cancel()
-        reader.cancel()
-        await asyncio.gather(task, reader, return_exceptions=True)
-        await r.delete(stream, keys.live("encoder:image"))
+        async with OwnGateway(r, Keys("ownlease"), tiny_spec, tiny_model, redis_server.url) as gw:
+            data = png_bytes(20, 20, seed=107)
+            part = MediaPart("image", data, "messages.0.content.0", digest_of(tiny_spec, data))
+            task = gw.encode("req-107", part)
+            (_, first), = await gw.jobs(1)
+            # As the encoder does when its node is away: the job fails, its lease is not taken.
+            failed = m.EncodeFailed(request_id=first.request_id, job_id=first.job_id,
+                                    tensor_key=gw.media.tensor_key(part), code=m.ErrorCode.MEDIA_EXPIRED,
+                                    error="not stored: its node did not answer")
+            await r.xadd(gw.reply, payload_fields(m.encode(failed)))
+            queued = await gw.jobs(2)
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
         await r.aclose()
-        return queued
+        return [job for _, job in queued]
 
     first, again = asyncio.run(scenario())
     assert again.digest == first.digest and again.job_id != first.job_id
+
+
+def test_a_job_whose_entry_was_lost_before_any_encoder_read_it_is_queued_again_at_once(tiny_model, tiny_spec,
+                                                                                         redis_server):
+    """A failover right after a primary took a job's XADD lost the entry before any encoder read it: nothing told
+    the request, which queued it again only once its lease lapsed (an outside tester's chaos run: an image 32 s
+    late). Its entry gone twice in a row with no tensor stored, the request queues the job again at once."""
+    async def scenario() -> tuple[list, float]:
+        r = connect_async(redis_server.url)
+        async with OwnGateway(r, Keys("lostentry"), tiny_spec, tiny_model, redis_server.url) as gw:
+            data = png_bytes(20, 20, seed=108)
+            task = gw.encode("req-108", MediaPart("image", data, "messages.0.content.0", digest_of(tiny_spec, data)))
+            (entry_id, first), = await gw.jobs(1)
+            await r.xdel(gw.stream, entry_id)  # as the failover did
+            lost_at = time.monotonic()
+            queued = await gw.jobs(2)
+            took = time.monotonic() - lost_at
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
+        await r.aclose()
+        return [job for _, job in queued], took
+
+    (first, again), took = asyncio.run(scenario())
+    assert again.digest == first.digest and again.job_id != first.job_id
+    assert took < 2 * CHECK_EVERY_S + 3, f"queued again after {took:.1f} s"
+
+
+def test_an_encoding_stored_whose_answer_was_lost_is_found(tiny_model, tiny_spec, redis_server):
+    """The encoder stored the tensor but its answer to the gateway was dropped (the reply stream's node was away):
+    the request waited for its lease to lapse (30 s) before it looked again. It finds the tensor at its next check,
+    and queues nothing more."""
+    async def scenario() -> tuple[list, int, float]:
+        r = connect_async(redis_server.url)
+        async with OwnGateway(r, Keys("lostanswer"), tiny_spec, tiny_model, redis_server.url) as gw:
+            data = png_bytes(20, 20, seed=109)
+            part = MediaPart("image", data, "messages.0.content.0", digest_of(tiny_spec, data))
+            task = gw.encode("req-109", part)
+            (entry_id, _), = await gw.jobs(1)
+            key = gw.media.tensor_key(part)
+            await r.xdel(gw.stream, entry_id)  # as the encoder does: ack, delete, store; and no answer
+            await r.hset(key, mapping={"data": b"unused", "n": 9})
+            stored_at = time.monotonic()
+            refs = await asyncio.wait_for(task, 30)
+            took = time.monotonic() - stored_at
+            await r.delete(key)
+            queued = len(gw.seen)
+        await r.aclose()
+        return refs, queued, took
+
+    refs, queued, took = asyncio.run(scenario())
+    assert [ref.num_tokens for ref in refs] == [9] and queued == 1
+    assert took < CHECK_EVERY_S + 3, f"found after {took:.1f} s"
 
 
 def test_a_waiter_with_time_left_queues_again_a_job_dropped_for_another_requests_deadline(tiers, tiny_model,
