@@ -122,15 +122,15 @@ def redis_unavailable(exc: BaseException) -> Unavailable:
     a Realtime event): Redis unreachable, timed out, or refusing writes for memory (said so: an operator then looks
     at ``maxmemory``, not at the network)."""
     if refused_for_memory(exc):
-        return Unavailable("the queue (Redis) is out of memory and refuses writes (maxmemory); retry later",
+        return Unavailable("Redis (queues and cache) is out of memory and refuses writes (maxmemory); retry later",
                            code="redis_unavailable", retry_after=2)
-    return Unavailable("the queue (Redis) is unavailable; retry later", code="redis_unavailable", retry_after=2)
+    return Unavailable("Redis (queues and cache) is unavailable; retry later", code="redis_unavailable", retry_after=2)
 
 
 def redis_too_slow() -> Unavailable:
     """The 503 for a request's Redis round trip that did not answer within its bound (a Redis Cluster node paused or
     partitioned away: a call waits for its socket timeout, and redis-py's cluster client retries it)."""
-    return Unavailable("the queue (Redis) did not answer in time; retry later", code="redis_unavailable",
+    return Unavailable("Redis (queues and cache) did not answer in time; retry later", code="redis_unavailable",
                        retry_after=2)
 
 
