@@ -33,7 +33,7 @@ from gateway.config import GatewayConfig
 from gateway.errors import APIError, Internal, InvalidRequest, Timeout, Unavailable, redis_failure, redis_too_slow
 from gateway.media import MediaPart, undecodable
 from gateway.replies import ReplyRouter
-from gateway.tiers import DISCONNECTED, RESET, ClientGone
+from gateway.tiers import DISCONNECTED, RESET, ClientGone, bounded
 from models.spec import ModelSpec
 from router import messages as m
 from router.liveness import live_count_args
@@ -88,9 +88,9 @@ class MediaEncoder:
 
     async def _encode(self, request_id: str, parts: list[MediaPart], queue: asyncio.Queue, namespace: str,
                       tenant: str) -> list[m.MediaRef]:
-        await self._resolve_ids(parts, namespace)
+        await self._resolve_ids(request_id, parts, namespace)
         keys = [self.tensor_key(p) for p in parts]
-        counts = await self._lookup(parts, keys, tenant)
+        counts = await self._lookup(request_id, parts, keys, tenant)
         missing = {k: p for k, p, n in zip(keys, parts, counts) if n is None}
         if missing:
             found = await self._encode_missing(request_id, missing, queue)
@@ -120,7 +120,7 @@ class MediaEncoder:
     def tensor_key(self, part: MediaPart) -> str:
         return self.keys.tensor(self.spec.encoder_id(part.modality), part.digest)
 
-    async def _resolve_ids(self, parts: list[MediaPart], namespace: str) -> None:
+    async def _resolve_ids(self, request_id: str, parts: list[MediaPart], namespace: str) -> None:
         """Parts sent as a bare ``uuid`` take the digest it was registered with (and refresh its life); parts with
         both register it, first writer wins (``SET NX``: a later request cannot remap a uuid to other media)."""
         pipe = self.r.pipeline(transaction=False)
@@ -137,7 +137,7 @@ class MediaEncoder:
                 lookups.append((i, len(pipe) - 1))
         if not len(pipe):
             return
-        res = await pipe.execute()
+        res = await bounded(pipe.execute(), "looking up media ids", request_id)
         for i, at in lookups:
             if res[at] is None:
                 raise InvalidRequest(f"unknown {parts[i].modality} uuid {parts[i].uuid!r} and no media sent "
@@ -145,7 +145,8 @@ class MediaEncoder:
                                      code="unknown_media_id")
             parts[i] = parts[i].with_digest(res[at].decode())
 
-    async def _lookup(self, parts: list[MediaPart], keys: list[str], tenant: str = "") -> list[int | None]:
+    async def _lookup(self, request_id: str, parts: list[MediaPart], keys: list[str], tenant: str = ""
+                      ) -> list[int | None]:
         live = {mod: self.known_live(f"encoder:{mod}") for mod in sorted({p.modality for p in parts})}
         unread = [mod for mod, n in live.items() if n is None]  # no monitor's view yet: read here
         pipe = self.r.pipeline(transaction=False)
@@ -154,7 +155,7 @@ class MediaEncoder:
             pipe.expire(key, self.cfg.tensor_ttl_s)
         for mod in unread:
             pipe.zcount(*live_count_args(self.keys, f"encoder:{mod}"))
-        res = await pipe.execute()
+        res = await bounded(pipe.execute(), "looking up the tensor cache", request_id)
         counts = [int(n) if n is not None else None for n in res[0 : 2 * len(keys) : 2]]
         live.update(zip(unread, res[2 * len(keys) :]))
         pipe = self.r.pipeline(transaction=False)
@@ -249,8 +250,9 @@ class MediaEncoder:
         parts = {key: pending[key] for key in keys}
         if release:
             for part in parts.values():
-                await release_lease(self.r, self.keys.lease(self.spec.encoder_id(part.modality), part.digest),
-                                    request_id)
+                await bounded(release_lease(self.r, self.keys.lease(self.spec.encoder_id(part.modality),
+                                                                    part.digest), request_id),
+                              "giving up an encode lease", request_id)
         await self._claim(request_id, parts, found, queued)
         for key in keys:
             if key in found:
@@ -309,7 +311,7 @@ class MediaEncoder:
             pipe.expire(waiters, int(self.cfg.encode_timeout_s) + 60)
             pipe.set(self.keys.lease(encoder_id, part.digest), request_id, nx=True, ex=self.cfg.lease_ttl_s)
             pipe.hget(key, "n")
-        res = await pipe.execute()
+        res = await bounded(pipe.execute(), "claiming encodes", request_id)
         submit = self.r.pipeline(transaction=False)
         jobs = []  # (tensor key, stream): the XADD of each is the second command of its pair
         for (key, part), (_, _, leased, n) in zip(list(pending.items()), _quads(res)):
@@ -319,7 +321,7 @@ class MediaEncoder:
             elif leased:
                 jobs.append((key, self._queue_job(submit, request_id, part)))
         if jobs:
-            res = await submit.execute()
+            res = await bounded(submit.execute(), "queueing encode jobs", request_id)
             for (key, stream), entry_id in zip(jobs, res[1::2]):
                 queued[key] = (stream, entry_id)
 

@@ -94,6 +94,19 @@ class Generation:
         return new
 
 
+async def bounded(call, what: str, request_id: str):
+    """``await call`` (a request's Redis round trip) within ``ROUND_TRIP_S``, else a 503: a Redis Cluster node paused
+    or partitioned away holds a call for its socket timeout, and redis-py's cluster client retries it (outside
+    testers' chaos runs: 503s after 30-85 s). A cut call may still have run (the request's cancellation, posted when
+    it fails, stops what it queued)."""
+    try:
+        return await asyncio.wait_for(call, ROUND_TRIP_S)
+    except TimeoutError:
+        log.warning("redis did not answer in time", extra={"request_id": request_id, "during": what,
+                                                           "waited_s": ROUND_TRIP_S})
+        raise redis_too_slow() from None
+
+
 class TierClient:
     def __init__(self, redis, cfg: GatewayConfig, spec: ModelSpec, replies: ReplyRouter, reply_stream: str):
         self.r, self.cfg, self.spec, self.replies = redis, cfg, spec, replies
@@ -138,7 +151,7 @@ class TierClient:
         (expired between the lookup and the prefill, or lost with a restarted Redis), the request is encoded again
         and re-queued from where it is, up to ``MEDIA_RETRIES`` times."""
         gen = Generation(plan, queue)
-        gen.entry_id = await self._bounded(self._submit(plan), "submitting", plan.request_id)
+        gen.entry_id = await bounded(self._submit(plan), "submitting", plan.request_id)
         self.inflight[plan.request_id] = gen
         try:
             while True:
@@ -213,17 +226,6 @@ class TierClient:
             raise Unavailable("no live backbone worker", code="no_live_worker", retry_after=2)
         return await self.r.xadd(self.keys.gen(), payload_fields(m.encode(plan)))
 
-    @staticmethod
-    async def _bounded(call, what: str, request_id: str):
-        """``await call`` within ``ROUND_TRIP_S``, else a 503. A cut call may still have run (the request's
-        cancellation, posted when it fails, stops what it queued)."""
-        try:
-            return await asyncio.wait_for(call, ROUND_TRIP_S)
-        except TimeoutError:
-            log.warning("redis did not answer in time", extra={"request_id": request_id, "during": what,
-                                                               "waited_s": ROUND_TRIP_S})
-            raise redis_too_slow() from None
-
     def _others_live(self, worker: str) -> bool:
         """Whether a backbone other than ``worker`` is live (as of the monitor's last beat)."""
         return self.view is not None and bool(self.view.live.get("backbone", set()) - {worker})
@@ -256,14 +258,14 @@ class TierClient:
         left = (plan.sampling.max_tokens if gen.budget is None else gen.budget) - len(gen.tokens)
         if left < 1:  # the worker died between the last token and its finish event
             self._cancel_from(pipe, rid, CANCEL_ALL)
-            await self._bounded(pipe.execute(), "migrating", rid)
+            await bounded(pipe.execute(), "migrating", rid)
             gen.done = True
             return
         if gen.migrations >= self.cfg.migration_limit:
             self._cancel_from(pipe, rid, CANCEL_ALL)
             pipe.xadd(self.keys.dead_letter(), {"m": m.encode(plan), "stream": self.keys.gen(), "reason": reason,
                                                 "deliveries": gen.attempt + 1}, maxlen=10_000, approximate=True)
-            await self._bounded(pipe.execute(), "migrating", rid)
+            await bounded(pipe.execute(), "migrating", rid)
             log.error("request lost its backbone; not migrating again", extra={
                 "request_id": rid, "attempt": gen.attempt, "reason": reason,
                 "migration_limit": self.cfg.migration_limit})
@@ -278,7 +280,7 @@ class TierClient:
             deadline=time.time() + self.cfg.first_token_timeout_s)
         self._cancel_from(pipe, rid, gen.attempt)  # older attempts stop
         pipe.xadd(self.keys.gen(), payload_fields(m.encode(cont)))
-        *_, gen.entry_id = await self._bounded(pipe.execute(), "migrating", rid)
+        *_, gen.entry_id = await bounded(pipe.execute(), "migrating", rid)
         self.migrations += 1
         self.on_migrate()
         log.warning("migrating request", extra={"request_id": rid, "attempt": gen.attempt, "reason": reason,

@@ -476,6 +476,43 @@ def test_a_requests_submission_to_a_node_that_does_not_answer_ends_within_its_bo
     assert took < 5, took
 
 
+def test_a_media_requests_round_trip_to_a_node_that_does_not_answer_ends_within_its_bound(monkeypatch, tiny_spec):
+    """An image whose tensor (and lease, and waiters) sit on a paused node: the request's cache lookup waited for the
+    socket timeout and redis-py's retries (an outside tester's chaos run: 503s after 30-31 s). Each of a media
+    request's round trips is cut at its bound too (lowered here), with a 503 ``redis_unavailable``."""
+    from gateway.encoding import MediaEncoder
+    from gateway.media import MediaPart, content_digest
+    from tests.media import png_bytes
+
+    monkeypatch.setattr(tiers, "ROUND_TRIP_S", 1.5)
+    data = png_bytes(20, 20, seed=8)
+    digest = content_digest(tiny_spec.encoder_id("image"), tiny_spec.preprocess["image"], data)
+    keys = Keys("bound")
+    with EmbeddedCluster(primaries=3, replicas=0) as cluster:
+        away = cluster.primary_of(keys.tensor(tiny_spec.encoder_id("image"), digest))
+        cfg = GatewayConfig(model_dir="unused", redis_url=cluster.url, prefix=keys.prefix)
+
+        async def go() -> tuple[float, Exception | None]:
+            r = connect_async(cluster.url, socket_timeout=10)  # the gateway's
+            media = MediaEncoder(r, cfg, tiny_spec, None, keys.reply("gw-b"), known_live=lambda tier: 1)
+            part = MediaPart("image", data, "messages.0.content.0", digest)
+            await r.get(keys.tensor(tiny_spec.encoder_id("image"), digest))  # connected: it knows the slot map
+            os.kill(away.proc.pid, signal.SIGSTOP)
+            t0 = time.monotonic()
+            try:
+                await media.encode("req", [part], asyncio.Queue())
+            except Unavailable as exc:
+                return time.monotonic() - t0, exc
+            finally:
+                os.kill(away.proc.pid, signal.SIGCONT)
+                await r.aclose()
+            return time.monotonic() - t0, None
+
+        took, error = asyncio.run(go())
+    assert error is not None and error.code == "redis_unavailable", error
+    assert took < 5, f"the request waited {took:.1f} s"
+
+
 def test_a_slot_map_refresh_stuck_on_a_node_that_does_not_answer_holds_other_commands_a_second_at_most(
         monkeypatch):
     """A shard away (its primary and its replica paused: a partition): a command to it fails, and the asyncio
