@@ -182,7 +182,7 @@ class MediaEncoder:
         for key in missing:
             self.replies.watch(key, queue)
         queued: dict[str, tuple[str, bytes]] = {}  # tensor key -> (stream, entry id) of the job this request queued
-        gone: set[str] = set()  # keys whose job entry the last check did not find
+        gone: set[bytes] = set()  # the job entries the last check did not find
         try:
             pending = dict(missing)
             await self._claim(request_id, pending, found, queued)
@@ -259,7 +259,7 @@ class MediaEncoder:
                 del pending[key]
 
     async def _check(self, request_id: str, pending: dict[str, MediaPart], found: dict[str, int],
-                     queued: dict[str, tuple[str, bytes]], gone: set[str]) -> None:
+                     queued: dict[str, tuple[str, bytes]], gone: set[bytes]) -> None:
         """One round trip: the pending parts' tensors (stored, their answer lost: taken as found) and the entries
         of the jobs this request queued (gone at two checks in a row with no tensor stored: lost, queued again;
         an encoder deletes an entry only as it answers, so a first miss may be an answer on its way)."""
@@ -283,20 +283,19 @@ class MediaEncoder:
                 found[key] = int(n)
                 del pending[key]
                 queued.pop(key, None)
-        lost = []
+        lost, missing = [], set()
         for key, entries in zip(mine, res[len(keys):]):
-            if key not in pending or isinstance(entries, Exception):
+            if key not in pending or isinstance(entries, Exception) or entries:
                 continue
-            if entries:
-                gone.discard(key)
-            elif key in gone:
+            if queued[key][1] in gone:
                 lost.append(key)
             else:
-                gone.add(key)
+                missing.add(queued[key][1])
+        gone.clear()
+        gone.update(missing)
         if lost:
             log.warning("encode job lost (its entry is gone and no tensor was stored); queueing it again",
                         extra={"request_id": request_id, "jobs": len(lost)})
-            gone.difference_update(lost)
             await self._queue_again(request_id, lost, pending, found, queued)
 
     async def _claim(self, request_id: str, pending: dict[str, MediaPart], found: dict[str, int],
