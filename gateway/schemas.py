@@ -170,6 +170,10 @@ _ASSISTANT_FIELDS = {"tool_calls": "tool calls", "function_call": "function call
 _NULL_MEANS_DEFAULT = ("stream", "temperature", "top_p", "ignore_eos")  # fields whose default is not null
 
 MAX_DEPTH = 32  # a chat request needs 6 levels (body, messages, message, content, part, image_url)
+# Values in arrays and objects, all told (a long conversation with parts: a few per message). Past it a 400, before
+# the schema's validation: that costs microseconds per value, an error each when they are wrong, all holding the GIL
+# (an outside tester's 15 MB "stop": [1, 1, ...] held the gateway's event loop 40 s, and `up` killed it as hung).
+MAX_VALUES = 100_000
 _SURROGATE = re.compile("[\ud800-\udfff]")
 
 
@@ -330,14 +334,20 @@ def _message_fields(messages) -> None:
 
 
 def check_strict(raw, what: str = "request body") -> None:
-    """400 for nesting deeper than MAX_DEPTH or a lone surrogate in any key or string (iterative: no recursion)."""
+    """400 for nesting deeper than MAX_DEPTH, more than MAX_VALUES values in arrays and objects, or a lone surrogate
+    in any key or string (iterative: no recursion; Python code, so the event loop gets its turns meanwhile)."""
     stack = [(raw, (), 1)]
+    values = 0
     while stack:
         value, path, depth = stack.pop()
         if depth > MAX_DEPTH:
             raise InvalidRequest(f"{what} is nested more than {MAX_DEPTH} levels deep",
                                  param=".".join(map(str, path[:3])) or None)
         items = value.items() if isinstance(value, dict) else enumerate(value) if isinstance(value, list) else ()
+        values += len(value) if isinstance(value, dict | list) else 0
+        if values > MAX_VALUES:
+            raise InvalidRequest(f"{what} holds more than {MAX_VALUES} values in its arrays and objects",
+                                 param=str(path[0]) if path else None)  # the field that holds them
         for key, item in items:
             where = (*path, key)
             if isinstance(key, str) and not key.isascii() and _SURROGATE.search(key):

@@ -260,6 +260,26 @@ def test_deeply_nested_json_is_a_400(raw):
     assert "nested" in err.message
 
 
+@pytest.mark.parametrize("field,value,param", [
+    ("stop", [1] * 5_000_000, "stop"),  # each a wrong type: the schema's validation made an error of each (40 s)
+    ("messages", [{"role": "user", "content": "hi"}] * 60_000, "messages"),
+    ("metadata", {f"k{i}": [0] * 1000 for i in range(200)}, "metadata"),  # spread over many small containers
+])
+def test_a_body_with_too_many_values_is_a_400_before_the_schema_sees_it(field, value, param):
+    """Every value costs the schema's validation microseconds holding the GIL (an outside tester's 15 MB ``stop``
+    list of ints held the gateway's event loop 40 s, and ``up`` killed it as hung): past MAX_VALUES in all, a 400
+    at once."""
+    raw = json.dumps({"model": "demo", "messages": [{"role": "user", "content": "hi"}], field: value}).encode()
+    err = refused(raw)
+    assert "more than 100000 values" in err.message and err.param == param, err.message
+
+
+def test_a_long_conversation_under_the_bound_is_taken():
+    messages = [{"role": "user" if i % 2 == 0 else "assistant", "content": "hi"} for i in range(20_000)]
+    req = parse_chat_request(json.dumps({"model": "demo", "messages": messages}).encode())
+    assert len(req.messages) == 20_000
+
+
 @pytest.mark.parametrize("raw,param", [
     (b'{"model": "demo", "messages": [{"role": "user", "content": "hi \\ud800 there"}]}', "messages.0.content"),
     (b'{"model": "demo", "messages": [{"role": "user", "content": [{"type": "text", "text": "\\udfff"}]}]}',
