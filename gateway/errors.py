@@ -32,6 +32,17 @@ def public_message(message: str) -> str:
     return message or "the request failed (the details are in the server log)"
 
 
+MESSAGE_AT_MOST = 2000  # characters of an error message
+PARAM_AT_MOST = 256  # characters of its param
+
+
+def clip(text: str | None, at_most: int) -> str | None:
+    """``text``, or its first ``at_most`` characters and how many there were."""
+    if text is None or len(text) <= at_most:
+        return text
+    return f"{text[:at_most]}... ({len(text)} characters)"
+
+
 class ErrorJSON(JSONResponse):
     """Rendered as ASCII (non-ASCII escaped): an error message may quote client text, and escaping can never fail
     to encode, whatever that text holds."""
@@ -46,7 +57,9 @@ class APIError(Exception):
 
     def __init__(self, message: str, param: str | None = None, code: str | None = None,
                  retry_after: int | None = None):
-        message = public_message(message)
+        # Clipped: either may quote the client's text (a 100,000-character model name came back whole, and a body of
+        # 90,000 unknown keys got a 400 naming all of them, logged as one 889 KB line).
+        message, param = clip(public_message(message), MESSAGE_AT_MOST), clip(param, PARAM_AT_MOST)
         super().__init__(message)
         self.message, self.param, self.code, self.retry_after = message, param, code, retry_after
 

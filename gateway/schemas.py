@@ -174,6 +174,8 @@ MAX_DEPTH = 32  # a chat request needs 6 levels (body, messages, message, conten
 # the schema's validation: that costs microseconds per value, an error each when they are wrong, all holding the GIL
 # (an outside tester's 15 MB "stop": [1, 1, ...] held the gateway's event loop 40 s, and `up` killed it as hung).
 MAX_VALUES = 100_000
+NAMED_AT_MOST = 20  # unknown parameters named in one 400
+DESCRIBED = 64  # errors looked at for the most specific (a union's branches each give one for the same value)
 _SURROGATE = re.compile("[\ud800-\udfff]")
 
 
@@ -213,9 +215,10 @@ def _refuse_parameters(unsupported: list[str], unknown: list[str], order: list[s
     if not unsupported and not unknown:
         return
 
+    at = {name: i for i, name in enumerate(order)}
+
     def first(p: str) -> int:
-        top = p.split(".", 1)[0]
-        return order.index(top) if top in order else len(order)
+        return at.get(p.split(".", 1)[0], len(order))
 
     unsupported, unknown = sorted(unsupported, key=first), sorted(unknown, key=first)
     if len(unsupported) + len(unknown) == 1:
@@ -229,8 +232,10 @@ def _refuse_parameters(unsupported: list[str], unknown: list[str], order: list[s
         hints = {n: _accepted(_OFF_VALUES[n]) for n in unsupported}
         parts.append("parameters not supported by this server: "
                      + ", ".join(f"'{n}' (only {only})" if only else f"'{n}'" for n, only in hints.items()))
-    if unknown:
-        parts.append(f"unknown parameter{'s' if len(unknown) > 1 else ''}: " + ", ".join(f"'{n}'" for n in unknown))
+    if unknown:  # named up to NAMED_AT_MOST (a body of 90,000 unknown keys was answered with all their names)
+        more = f" and {len(unknown) - NAMED_AT_MOST} more" if len(unknown) > NAMED_AT_MOST else ""
+        parts.append(f"unknown parameter{'s' if len(unknown) > 1 else ''}: "
+                     + ", ".join(f"'{n}'" for n in unknown[:NAMED_AT_MOST]) + more)
     raise InvalidRequest("; ".join(parts), param=min(unsupported + unknown, key=first),
                          code="unsupported_parameter" if unsupported else None)
 
@@ -277,7 +282,7 @@ def check_sampling(values: dict, where: str) -> None:
     try:
         ChatCompletionRequest.model_validate({"model": "-", "messages": [{"role": "user", "content": "-"}], **values})
     except ValidationError as exc:
-        message, param = _describe(exc)
+        message, param = _describe(exc.errors(include_url=False))
         raise InvalidRequest(message.replace(f"'{param}'", f"'{where}.{param}'"), param=f"{where}.{param}") from None
 
 
@@ -302,8 +307,9 @@ def parse_chat_request(body: bytes) -> ChatCompletionRequest:
         req = ChatCompletionRequest.model_validate(raw)
     except ValidationError as exc:
         # Every parameter the server does not take is named at once; other mistakes come after those are gone.
-        _refuse_parameters(unsupported, _unknown(exc), order)
-        raise InvalidRequest(*_describe(exc)) from None
+        errors = exc.errors(include_url=False)  # a dict per error: built once (a wrong list makes one per value)
+        _refuse_parameters(unsupported, _unknown(errors), order)
+        raise InvalidRequest(*_describe(errors)) from None
     _refuse_parameters(unsupported, [], order)
     if req.stream_options is not None and not req.stream:  # as OpenAI's API and vLLM answer it: not ignored
         raise InvalidRequest("'stream_options' is only allowed when 'stream' is true", param="stream_options")
@@ -377,20 +383,19 @@ def _path(loc) -> list:
     return out
 
 
-def _unknown(exc: ValidationError) -> list[str]:
+def _unknown(errors: list[dict]) -> list[str]:
     """Every unknown parameter in the body, as the client's paths, once each."""
-    found = [".".join(str(p) for p in _path(e["loc"])) for e in exc.errors(include_url=False)
-             if e["type"] == "extra_forbidden"]
+    found = [".".join(str(p) for p in _path(e["loc"])) for e in errors if e["type"] == "extra_forbidden"]
     return list(dict.fromkeys(found))
 
 
 _INSTANCE_OF = re.compile(r" or instance of \w+")
 
 
-def _describe(exc: ValidationError) -> tuple[str, str]:
-    """The most specific error, its location written as the client's path (messages.0.content.1), in words that
-    name no internal class."""
-    err = max(exc.errors(include_url=False), key=lambda e: len(_path(e["loc"])))
+def _describe(errors: list[dict]) -> tuple[str, str]:
+    """The most specific of the first DESCRIBED errors, its location written as the client's path
+    (messages.0.content.1), in words that name no internal class."""
+    err = max(errors[:DESCRIBED], key=lambda e: len(_path(e["loc"])))
     param = ".".join(str(p) for p in _path(err["loc"]))
     if err["type"] == "missing":
         return f"missing required parameter '{param}'", param

@@ -154,6 +154,21 @@ def test_unknown_parameter_refused(name):
     assert f"'{name}'" in err.message and "unknown" in err.message
 
 
+def test_many_unknown_parameters_are_counted_not_all_named():
+    """A body of 90,000 unknown keys was answered after 161 s (their order found by a linear search each) with a
+    400 naming every one of them."""
+    err = refused(body(**{f"k{i}": 0 for i in range(20_000)}))
+    assert err.param == "k0" and "'k19'" in err.message and "'k20'" not in err.message
+    assert err.message.endswith("and 19980 more"), err.message[-100:]
+
+
+def test_an_error_quotes_a_long_value_clipped():
+    name = "m" * 100_000
+    err = refused(body(**{name: 1}))
+    assert len(err.message) < 2100 and err.message.endswith("... (100020 characters)")  # the whole message
+    assert len(err.param) < 300 and err.param.startswith("mmm")
+
+
 @pytest.mark.parametrize("name,value", [
     ("n", 2),
     ("n", 0),
