@@ -20,7 +20,8 @@ detector, see ``ServerVad``; features are streamed once speech has started).
 Truncation (``session.truncation``, OpenAI's default ``"auto"``): when the conversation no longer fits the context
 (less the room kept for the answer: ``max_output_tokens``, or the REST default when "inf", at most half the context),
 its oldest items are left out of the prompt, as few as needed (``"auto"``) or until a ``retention_ratio`` of the room
-is used (so that the next turns keep the same start); the items stay in the conversation (until it is full: then
+is used (so that the next turns keep the same start); so are they when it holds more images or audio clips than
+``--limit-mm-per-prompt``; the items stay in the conversation (until it is full: then
 the items left out are deleted first, oldest first, each told as ``conversation.item.deleted``). Items are counted with
 ``PromptBuilder.message_tokens`` (each once), the prompt itself is then checked exactly. ``"disabled"``: a
 conversation past the context fails its response with ``context_length_exceeded``.
@@ -59,6 +60,7 @@ import re
 import time
 import uuid
 import wave
+from collections import Counter
 from dataclasses import dataclass
 
 import numpy as np
@@ -99,6 +101,7 @@ AUDIO_INPUT_FIELDS = {"format", "turn_detection", "transcription", "noise_reduct
 VAD_FIELDS = {"type", "threshold", "prefix_padding_ms", "silence_duration_ms", "create_response",
               "interrupt_response", "idle_timeout_ms"}
 ITEM_FIELDS = {"id", "type", "object", "status", "role", "content"}
+_MEDIA_KINDS = {"input_image": "image", "input_audio": "audio"}  # content part type -> its media kind
 PART_FIELDS = {"input_text": {"type", "text"}, "input_image": {"type", "image_url", "detail"},
                "input_audio": {"type", "audio", "transcript"}, "output_text": {"type", "text", "annotations"},
                "text": {"type", "text"}}
@@ -884,11 +887,21 @@ class RealtimeSession:
             target = int(limit * self.truncation["retention_ratio"])
         counts = [self.tokens[it["id"]] for it in items]
         total = sum(counts)
-        if total <= limit:
+        # Media past --limit-mm-per-prompt are left out the same way (a voice session failed every response from its
+        # fifth spoken turn on: "at most 4 audio part(s)", though its prompt was a fifth of the context).
+        media = [Counter(_MEDIA_KINDS[p["type"]] for p in it["content"] if p["type"] in _MEDIA_KINDS) for it in items]
+        held = sum(media, Counter())
+        limits = self.chat.builder.limits
+
+        def too_many() -> bool:
+            return any(n > limits.get(kind, 0) for kind, n in held.items())
+
+        if total <= limit and not too_many():
             return items
         start = 0
-        while start < len(items) - 1 and (total > target or items[start]["role"] == "assistant"):
+        while start < len(items) - 1 and (total > target or too_many() or items[start]["role"] == "assistant"):
             total -= counts[start]
+            held.subtract(media[start])
             start += 1
         if remember:
             self.left_out.update(it["id"] for it in items[:start])

@@ -609,6 +609,37 @@ def test_a_commit_too_short_is_refused_and_committed_comes_before_the_item(clust
         assert kinds.index("input_audio_buffer.committed") < kinds.index("conversation.item.added"), kinds
 
 
+def test_a_conversation_past_the_media_limit_leaves_its_oldest_media_out(cluster):
+    """A voice session failed every response from its fifth spoken turn on ("at most 4 audio part(s) may be sent in
+    one request"; an outside tester's run), its prompt a fifth of the context: truncation left items out for tokens
+    only. Its oldest items are now left out for ``--limit-mm-per-prompt`` too (4 audio clips here); with truncation
+    disabled the response still fails, naming the limit."""
+    from gateway.config import DEFAULT_MM_LIMITS
+
+    clips = DEFAULT_MM_LIMITS["audio"]
+    with raw(cluster) as ws:
+        next_of(ws, "session.created")
+        ws.send(json.dumps({"type": "session.update", "session": {"max_output_tokens": 1, "temperature": 0}}))
+        next_of(ws, "session.updated")
+        outcomes = []
+        for turn in range(clips + 2):
+            ws.send(json.dumps({"type": "conversation.item.create", "item": {
+                "type": "message", "role": "user", "content": [
+                    {"type": "input_audio", "audio": base64.b64encode(pcm16(0.2, seed=60 + turn)).decode()}]}}))
+            next_of(ws, "conversation.item.done")
+            ws.send(json.dumps({"type": "response.create"}))
+            done = next_of(ws, "response.done", timeout=120)["response"]
+            outcomes.append((done["status"], done["usage"]["input_tokens"] if done.get("usage") else None,
+                             (done.get("status_details") or {}).get("error")))
+        assert all(status in ("completed", "incomplete") for status, _, _ in outcomes), outcomes
+        assert outcomes[-1][1] <= outcomes[clips - 1][1], outcomes  # the oldest left out: no more than the first 4
+        ws.send(json.dumps({"type": "session.update", "session": {"truncation": "disabled"}}))
+        next_of(ws, "session.updated")
+        ws.send(json.dumps({"type": "response.create"}))
+        done = next_of(ws, "response.done", timeout=120)["response"]
+        assert done["status"] == "failed" and "at most 4 audio" in json.dumps(done["status_details"]), done
+
+
 def test_a_conversation_past_the_context_leaves_its_oldest_items_out(cluster):
     """``truncation: "auto"`` (OpenAI's default; refused before): a conversation that outgrows the tiny model's
     1,024-token context keeps answering, its prompt holding the newest items that fit (the answer's room kept);
