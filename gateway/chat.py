@@ -62,6 +62,10 @@ RECEIVING_BODIES = 16
 # A body of at most this (and a 16th of --max-body-bytes) is never refused for that bound: clients sending large
 # bodies slowly cannot shut out the small requests (an outside reviewer's reading), whose memory is no concern.
 SMALL_BODY = 256 * 1024
+# Bodies past this are parsed one at a time. Parsing and validating holds the GIL (json's and the schema's C code:
+# ~2 us a value); six clients sending 100,000-value bodies at once had the event loop wait behind six such threads,
+# the other requests slowed to seconds (an outside tester's run). One at a time, the loop waits behind one.
+LARGE_PARSE = 64 * 1024
 _CLIENT_ID = re.compile(r"^[\x21-\x7e]{1,512}$")  # printable ASCII, as the OpenAI API accepts
 
 
@@ -103,6 +107,7 @@ class ChatService:
         self.closing = False  # the server's graceful period is ending: requests are refused, those in flight ended
         self._closed = asyncio.Event()  # set with ``closing``: ends the waits of requests not yet queued anywhere
         self.receiving = 0  # bytes of request bodies being received (not yet counted in ``inflight``)
+        self._large_parse = asyncio.Semaphore(1)  # see LARGE_PARSE
         self._tasks: set[asyncio.Task] = set()  # hard references: the loop keeps only weak ones
 
     @property
@@ -353,7 +358,11 @@ class ChatService:
         """Parse (on a thread), fetch remote media (gateway/remote.py: concurrently, each bounded), then build the
         prompt (on a thread), its media keyed in ``namespace`` (default: ``namespace(tenant)``)."""
         namespace = self.namespace(tenant) if namespace is None else namespace
-        req = await asyncio.to_thread(self._parse, body)
+        if len(body) > LARGE_PARSE:
+            async with self._large_parse:
+                req = await asyncio.to_thread(self._parse, body)
+        else:
+            req = await asyncio.to_thread(self._parse, body)
         remote = self.builder.remote_parts(req)
         fetched = {}
         if remote:

@@ -272,3 +272,41 @@ def test_refusals_for_load_count_toward_no_rate_limit(redis_url):
         return await svc.limiter.admit(tenant)  # room again: the first request it counts
 
     assert asyncio.run(scenario())["x-ratelimit-remaining-requests"] == "1"
+
+
+def test_large_bodies_are_parsed_one_at_a_time_and_small_ones_beside_them():
+    """Parsing holds the GIL in C code: six clients' 100,000-value bodies parsed at once had the event loop wait
+    behind six threads (an outside tester's run: other requests slowed to seconds; bench/parse_flood.py). Bodies
+    over LARGE_PARSE take turns; small ones never wait for them."""
+    import asyncio
+    import threading
+    import time
+
+    from gateway.chat import LARGE_PARSE, ChatService
+
+    running, most, lock = {"large": 0, "small": 0}, {"large": 0, "small": 0}, threading.Lock()
+
+    class Parsed(Exception):
+        pass
+
+    def parse(body: bytes):
+        kind = "large" if len(body) > LARGE_PARSE else "small"
+        with lock:
+            running[kind] += 1
+            most[kind] = max(most[kind], running[kind])
+        time.sleep(0.2)
+        with lock:
+            running[kind] -= 1
+        raise Parsed()  # stops _prepare here: what follows parsing is not this test's
+
+    svc = ChatService.__new__(ChatService)
+    svc.cfg = GatewayConfig(model_dir="m", redis_url="redis://x")
+    svc._parse = parse
+
+    async def go():
+        svc._large_parse = asyncio.Semaphore(1)
+        bodies = [b"x" * (LARGE_PARSE + 1)] * 3 + [b"{}"] * 3
+        return await asyncio.gather(*(svc._prepare(b, namespace="") for b in bodies), return_exceptions=True)
+
+    assert all(isinstance(r, Parsed) for r in asyncio.run(go()))
+    assert most == {"large": 1, "small": 3}, most
