@@ -107,7 +107,7 @@ class ChatService:
         self.closing = False  # the server's graceful period is ending: requests are refused, those in flight ended
         self._closed = asyncio.Event()  # set with ``closing``: ends the waits of requests not yet queued anywhere
         self.receiving = 0  # bytes of request bodies being received (not yet counted in ``inflight``)
-        self._large_parse = asyncio.Semaphore(1)  # see LARGE_PARSE
+        self.large_parse = asyncio.Semaphore(1)  # see LARGE_PARSE
         self._tasks: set[asyncio.Task] = set()  # hard references: the loop keeps only weak ones
 
     @property
@@ -359,7 +359,7 @@ class ChatService:
         prompt (on a thread), its media keyed in ``namespace`` (default: ``namespace(tenant)``)."""
         namespace = self.namespace(tenant) if namespace is None else namespace
         if len(body) > LARGE_PARSE:
-            async with self._large_parse:
+            async with self.large_parse:
                 req = await asyncio.to_thread(self._parse, body)
         else:
             req = await asyncio.to_thread(self._parse, body)

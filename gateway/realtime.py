@@ -370,10 +370,13 @@ class RealtimeSession:
                     if text is None:
                         raise EventError("events are JSON text frames, not binary ones", code="invalid_json")
                     try:  # strict, as a REST body: no NaN or Infinity, nesting bounded, no lone surrogates
-                        # A large event (an image, seconds of audio) is parsed on a thread, as REST bodies are: the
-                        # event loop serves every other connection meanwhile.
-                        event = (parse_json(text, "the event") if len(text) < LARGE_EVENT else
-                                 await asyncio.to_thread(parse_json, text, "the event"))
+                        # A large event (an image, seconds of audio) is parsed on a thread, one at a time with the
+                        # REST bodies (gateway/chat.LARGE_PARSE): the event loop serves every other connection.
+                        if len(text) < LARGE_EVENT:
+                            event = parse_json(text, "the event")
+                        else:
+                            async with self.chat.large_parse:
+                                event = await asyncio.to_thread(parse_json, text, "the event")
                     except InvalidRequest as exc:
                         raise EventError(exc.message, code="invalid_json", param=exc.param) from None
                     if isinstance(event, dict) and isinstance(event.get("event_id"), str):

@@ -304,7 +304,7 @@ def test_large_bodies_are_parsed_one_at_a_time_and_small_ones_beside_them():
     svc._parse = parse
 
     async def go():
-        svc._large_parse = asyncio.Semaphore(1)
+        svc.large_parse = asyncio.Semaphore(1)
         bodies = [b"x" * (LARGE_PARSE + 1)] * 3 + [b"{}"] * 3
         return await asyncio.gather(*(svc._prepare(b, namespace="") for b in bodies), return_exceptions=True)
 
