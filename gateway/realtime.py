@@ -264,6 +264,11 @@ def _json_bytes(obj) -> bytes:
     return json.dumps(obj).encode()
 
 
+def _media_of(item: dict) -> Counter:
+    """An item's media parts by kind (image, audio)."""
+    return Counter(_MEDIA_KINDS[p["type"]] for p in item["content"] if p["type"] in _MEDIA_KINDS)
+
+
 def _item_bytes(item: dict) -> int:
     """What an item holds, as the conversation's limit counts it: every string of its parts (text, transcripts,
     base64 audio, image data URLs)."""
@@ -295,6 +300,12 @@ class RealtimeSession:
         self.truncation: str | dict = "auto"
         self.left_out: set[str] = set()  # ids of items truncation has left out of every later prompt
         self.tokens: dict[str, int] = {}  # item id -> its estimated tokens (PromptBuilder.message_tokens)
+        self.media: dict[str, Counter] = {}  # item id -> its media parts by kind (counted with its tokens)
+        # Item id -> its bytes as the conversation's limit counts them (``_item_bytes``), counted once as it is
+        # added, and their sum: summing every part of every item at each create took a second a create at 100 big
+        # items, on the event loop (an outside tester's run).
+        self.sizes: dict[str, int] = {}
+        self.held = 0
         self.audio = bytearray()  # the input audio buffer (PCM16)
         self.audio_carry = b""  # the odd byte of the last append: the first half of a sample
         self.vad: ServerVad | None = None  # server-side turn detection, when the session asks for it
@@ -625,15 +636,21 @@ class RealtimeSession:
         except InvalidRequest as exc:
             raise EventError(exc.message, code=exc.code or "invalid_value", param=param) from None
 
-    def _fits(self, item: dict) -> bool:
-        return (len(self.items) < MAX_ITEMS
-                and sum(map(_item_bytes, self.items)) + _item_bytes(item) <= self.max_bytes)
+    def _fits(self, size: int) -> bool:
+        return len(self.items) < MAX_ITEMS and self.held + size <= self.max_bytes
+
+    def _resized(self, item: dict) -> None:
+        """Count ``item`` (held, changed since it was added) at its size now."""
+        size = _item_bytes(item)
+        self.held += size - self.sizes.get(item["id"], 0)
+        self.sizes[item["id"]] = size
 
     async def _room(self, item: dict) -> None:
         """Whether ``item`` fits in the conversation (its item count and bytes); an error event if not. Items that
         truncation has left out of every prompt go first, oldest first, each told as ``conversation.item.deleted``:
         so a long voice session under truncation runs on instead of filling up (the client deletes nothing)."""
-        while not self._fits(item):
+        size = _item_bytes(item)
+        while not self._fits(size):
             gone = next((it for it in self.items if it["id"] in self.left_out), None)
             if gone is None:
                 break
@@ -642,7 +659,7 @@ class RealtimeSession:
         if len(self.items) >= MAX_ITEMS:
             raise EventError(f"the conversation holds {MAX_ITEMS} items; delete some first",
                              code="conversation_too_long")
-        if sum(map(_item_bytes, self.items)) + _item_bytes(item) > self.max_bytes:
+        if self.held + size > self.max_bytes:
             raise EventError(f"the conversation's text, images and audio would exceed {self.max_bytes} bytes (media "
                              "as base64); delete some items first", code="conversation_too_long")
 
@@ -658,6 +675,7 @@ class RealtimeSession:
             if index is None:
                 raise EventError(f"no item with id {after!r}", code="item_not_found", param="previous_item_id")
         self.items.insert(index, item)
+        self._resized(item)
         public = _public(item)
         large = _item_bytes(public) > LARGE_EVENT  # its JSON written on a thread
         await self.send("conversation.item.added", large=large, previous_item_id=after, item=public)
@@ -698,8 +716,10 @@ class RealtimeSession:
     def _forget(self, item_id: str) -> None:
         """The item gone from the conversation, and all that was kept for it."""
         self.items[:] = [it for it in self.items if it["id"] != item_id]
+        self.held -= self.sizes.pop(item_id, 0)
         self.features.pop(item_id, None)
         self.tokens.pop(item_id, None)
+        self.media.pop(item_id, None)
         self.left_out.discard(item_id)
 
     # -- input audio buffer -------------------------------------------------------------------------------------
@@ -875,9 +895,10 @@ class RealtimeSession:
         if remember:
             items = [it for it in items if it["id"] not in self.left_out]
         new = [it for it in items if it["id"] not in self.tokens]
-        if new:  # each item tokenized once, on a thread (an item may hold megabytes of text)
-            counts = await asyncio.to_thread(lambda: [self._item_tokens(it) for it in new])
-            self.tokens.update((it["id"], n) for it, n in zip(new, counts))
+        if new:  # each item tokenized (and its media counted) once, on a thread (an item may hold megabytes of text)
+            counts = await asyncio.to_thread(lambda: [(self._item_tokens(it), _media_of(it)) for it in new])
+            for it, (n, media) in zip(new, counts):
+                self.tokens[it["id"]], self.media[it["id"]] = n, media
         builder, spec = self.chat.builder, self.chat.spec
         if instructions:
             fixed = builder.conversation_tokens("system") + builder.message_tokens("system", [instructions])
@@ -892,7 +913,7 @@ class RealtimeSession:
         total = sum(counts)
         # Media past --limit-mm-per-prompt are left out the same way (a voice session failed every response from its
         # fifth spoken turn on: "at most 4 audio part(s)", though its prompt was a fifth of the context).
-        media = [Counter(_MEDIA_KINDS[p["type"]] for p in it["content"] if p["type"] in _MEDIA_KINDS) for it in items]
+        media = [self.media[it["id"]] for it in items]
         held = sum(media, Counter())
         limits = self.chat.builder.limits
 
@@ -948,7 +969,7 @@ class RealtimeSession:
         sampling = {k: v for k, v in {**self.sampling, **self._sampling(r, "response")}.items() if v is not None}
         # The conversation's audio as the chat request carries it (WAV, base64), and that request's JSON: megabytes
         # of work for a long voice session, done on a thread (base64 and JSON release the GIL between items).
-        large = sum(map(_item_bytes, items)) > LARGE_EVENT
+        large = sum(self.sizes[it["id"]] if it["id"] in self.sizes else _item_bytes(it) for it in items) > LARGE_EVENT
         messages = (await asyncio.to_thread(self._messages, items, instructions) if large
                     else self._messages(items, instructions))
         if not messages:
@@ -1058,6 +1079,7 @@ class RealtimeSession:
                 await self.send("response.content_part.done", **where, part={"type": "output_text", "text": text})
                 await self.send("response.output_item.done", response_id=response_id, output_index=0, item=item)
                 if joined and any(it is item for it in self.items):
+                    self._resized(item)  # its text, added since it joined the conversation
                     # the item before it now (the one it followed may have been deleted meanwhile)
                     at = next(i for i, it in enumerate(self.items) if it is item)
                     previous = self.items[at - 1]["id"] if at else None

@@ -1,0 +1,80 @@
+"""The Realtime conversation's bookkeeping (gateway/realtime.py), on a session with a stand-in socket: its byte limit
+is counted once per item, not summed over the whole conversation at each create."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from types import SimpleNamespace
+
+import pytest
+
+from gateway import realtime
+from gateway.config import GatewayConfig
+from gateway.realtime import EventError, RealtimeSession
+
+
+class Socket:
+    scope: dict = {}
+
+    def __init__(self):
+        self.sent: list[dict] = []
+
+    async def send_text(self, text: str) -> None:
+        self.sent.append(json.loads(text))
+
+
+def session(max_bytes: int) -> RealtimeSession:
+    chat = SimpleNamespace(cfg=GatewayConfig(model_dir="m", redis_url="redis://x", max_body_bytes=max_bytes),
+                           spec=SimpleNamespace(modalities=["text"]), namespace=lambda tenant: "")
+    return RealtimeSession(Socket(), chat, "m", 300.0)
+
+
+def text_item(i: int, text: str) -> dict:
+    return {"id": f"item_{i}", "type": "message", "role": "user", "status": "completed",
+            "content": [{"type": "input_text", "text": text}]}
+
+
+def test_each_create_counts_its_own_item_not_the_whole_conversation(monkeypatch):
+    """Each create summed the bytes of every part of every item held, on the event loop: an outside tester's 100
+    items of 30,000 parts took a second a create, every other connection waiting."""
+    counted = []
+    real = realtime._item_bytes
+    monkeypatch.setattr(realtime, "_item_bytes", lambda item: counted.append(item["id"]) or real(item))
+    s = session(10**6)
+
+    async def go():
+        for i in range(200):
+            await s._add(text_item(i, "x" * 10))
+
+    asyncio.run(go())
+    assert len(counted) <= 3 * 200, f"{len(counted)} items counted for 200 creates"
+    assert s.held == 200 * len("input_text" + "x" * 10)
+
+
+def test_the_byte_limit_holds_across_creates_deletes_and_an_answer_that_grows():
+    """Each item counts its parts' strings (``"input_text"`` itself: 10): 25 bytes for 15 x's."""
+    s = session(100)
+
+    async def go():
+        for i in range(4):
+            await s._add(text_item(i, "x" * 15))  # 100: full
+        with pytest.raises(EventError, match="exceed 100 bytes"):
+            await s._add(text_item(4, "y"))
+        s._forget("item_1")
+        await s._add(text_item(5, "y" * 15))  # its room again
+        answer = {"id": "item_6", "type": "message", "role": "assistant", "status": "in_progress",
+                  "content": [{"type": "output_text", "text": ""}]}
+        s._forget("item_5")
+        await s._add(answer, done=False)  # 75 + 11
+        answer["content"] = [{"type": "output_text", "text": "z" * 9}]  # as a response fills it: 75 + 20
+        s._resized(answer)
+        with pytest.raises(EventError, match="exceed 100 bytes"):
+            await s._add(text_item(7, "w"))  # 95 + 11
+        s.left_out.add("item_0")  # truncation left it out: it goes first, told as deleted
+        await s._add(text_item(8, "w"))
+
+    asyncio.run(go())
+    assert s.held == sum(realtime._item_bytes(it) for it in s.items) == 25 * 2 + 20 + 11
+    assert [it["id"] for it in s.items] == ["item_2", "item_3", "item_6", "item_8"]
+    assert {"type": "conversation.item.deleted", "item_id": "item_0"}.items() <= s.ws.sent[-3].items()
