@@ -283,6 +283,7 @@ def test_text_too_long_for_any_tokenization_is_refused_before_tokenizing(builder
     normalizers), the prompt cannot fit, and the tokenizer (tens of seconds on megabytes) is never called."""
     longest = max(len(t) for t in builder.tokenizer.convert_ids_to_tokens(list(range(len(builder.tokenizer)))))
     assert builder.max_text_chars == 2 * tiny_spec.max_context * longest
+    builder.template_costs  # measured (rendering small conversations) before the template is counted below
     calls = []
     monkeypatch.setattr(builder.tokenizer.__class__, "apply_chat_template",
                         lambda *a, **k: calls.append(1) or "")
@@ -295,6 +296,25 @@ def test_text_too_long_for_any_tokenization_is_refused_before_tokenizing(builder
     assert calls == []
     # Text at the bound goes on to the template and the tokenizer (its real token count decides).
     builder.build(request({"role": "user", "content": "x" * builder.max_text_chars}))
+    assert calls == [1]
+
+
+def test_more_messages_than_the_templates_tokens_for_them_could_fit_are_refused_before_rendering(builder, tiny_spec,
+                                                                                              monkeypatch):
+    """33,000 empty messages passed the text check (no characters) and were rendered and tokenized, 0.6 s of
+    GIL-bound work, to find 264,000 tokens for a 1,024-token context (an outside tester's run). The template's own
+    tokens around each message (measured, less one) refuse them first; a conversation that may fit is rendered."""
+    builder.template_costs  # measured before the template is counted below
+    calls = []
+    monkeypatch.setattr(builder.tokenizer.__class__, "apply_chat_template",
+                        lambda *a, **k: calls.append(1) or "")
+    per = builder.template_costs.message["user"] - 1
+    many = [{"role": "user", "content": ""}] * (tiny_spec.max_context // per + 1)
+    with pytest.raises(InvalidRequest) as info:
+        builder.build(request(*many))
+    assert info.value.code == "context_length_exceeded" and "messages take at least" in info.value.message
+    assert calls == []
+    builder.build(request(*many[: tiny_spec.max_context // per]))  # the real count decides (the tokenizer's)
     assert calls == [1]
 
 
