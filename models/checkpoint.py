@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 from pathlib import Path
 
 import torch
@@ -96,12 +97,15 @@ def fingerprint(model_dir: Path) -> str:
     It is part of every cache key, so two checkpoints never share cached encoder outputs.
     """
     cached = model_dir / FINGERPRINT_FILE
-    files = sorted(p for p in model_dir.iterdir() if p.is_file() and p.name != FINGERPRINT_FILE)
+    # Not the cache, nor another process's copy of it being written (below).
+    files = sorted(p for p in model_dir.iterdir() if p.is_file() and not p.name.startswith(FINGERPRINT_FILE))
     stamp = [[p.name, p.stat().st_size, p.stat().st_mtime_ns] for p in files]
-    if cached.exists():
+    try:
         data = json.loads(cached.read_text())
         if data.get("files") == stamp:
             return data["sha256"]
+    except (OSError, ValueError, AttributeError, KeyError):  # none yet, or unreadable: hashed again below
+        pass
     h = hashlib.sha256()
     for p in files:
         h.update(p.name.encode())
@@ -109,8 +113,12 @@ def fingerprint(model_dir: Path) -> str:
             while chunk := f.read(1 << 20):
                 h.update(chunk)
     digest = h.hexdigest()
+    # Written aside and renamed into place: every tier's process hashes a new checkpoint at once, and one read
+    # another's half-written file (an empty one: JSONDecodeError, and `up` stopped at start-up).
+    tmp = cached.with_name(f"{cached.name}.{os.getpid()}.tmp")
     try:
-        cached.write_text(json.dumps({"sha256": digest, "files": stamp}))
+        tmp.write_text(json.dumps({"sha256": digest, "files": stamp}))
+        os.replace(tmp, cached)
     except OSError:
-        pass  # a read-only checkpoint (a mounted volume) is hashed again by each process; correct, only slower
+        tmp.unlink(missing_ok=True)  # a read-only checkpoint (a mounted volume) is hashed again by each process
     return digest

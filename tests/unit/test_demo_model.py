@@ -78,6 +78,17 @@ def test_fingerprint_without_its_cache_file_is_the_same(tiny_spec, copy):
     assert json.loads((copy / FINGERPRINT_FILE).read_text())["sha256"] == tiny_spec.fingerprint
 
 
+@pytest.mark.parametrize("cache", ["", "{\"sha2", "[]", "{\"files\": 1}"])
+def test_a_fingerprint_cache_half_written_by_another_process_is_hashed_again(tiny_spec, copy, cache):
+    """Every tier's process hashes a new checkpoint at once: one read another's cache file as it was being written
+    (empty), raised JSONDecodeError, and ``up`` stopped at start-up. An unreadable cache is hashed again, and the
+    cache is written aside and renamed into place; a copy being written is no file of the checkpoint."""
+    (copy / FINGERPRINT_FILE).write_text(cache)
+    (copy / f"{FINGERPRINT_FILE}.4242.tmp").write_text("another process's, half written")
+    assert fingerprint(copy) == tiny_spec.fingerprint
+    assert json.loads((copy / FINGERPRINT_FILE).read_text())["sha256"] == tiny_spec.fingerprint
+
+
 def test_fingerprint_changes_when_a_weight_changes(tiny_spec, copy):
     assert fingerprint(copy) == tiny_spec.fingerprint
     path = copy / "model.safetensors"
