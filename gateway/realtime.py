@@ -22,7 +22,8 @@ Truncation (``session.truncation``, OpenAI's default ``"auto"``): when the conve
 its oldest items are left out of the prompt, as few as needed (``"auto"``) or until a ``retention_ratio`` of the room
 is used (so that the next turns keep the same start); so are they when it holds more images or audio clips than
 ``--limit-mm-per-prompt``; the items stay in the conversation (until it is full: then
-the items left out are deleted first, oldest first, each told as ``conversation.item.deleted``). Items are counted with
+the items left out are deleted first, then the oldest others but an answer being written, each told as
+``conversation.item.deleted``). Items are counted with
 ``PromptBuilder.message_tokens`` (each once), the prompt itself is then checked exactly. ``"disabled"``: a
 conversation past the context fails its response with ``context_length_exceeded``.
 
@@ -646,12 +647,17 @@ class RealtimeSession:
         self.sizes[item["id"]] = size
 
     async def _room(self, item: dict) -> None:
-        """Whether ``item`` fits in the conversation (its item count and bytes); an error event if not. Items that
-        truncation has left out of every prompt go first, oldest first, each told as ``conversation.item.deleted``:
-        so a long voice session under truncation runs on instead of filling up (the client deletes nothing)."""
+        """Whether ``item`` fits in the conversation (its item count and bytes); an error event if not. Items make
+        room for it, oldest first, each told as ``conversation.item.deleted``: those truncation has left out of every
+        prompt, then (truncation on) any but an answer being written (a voice session's long turns
+        filled the 32 MiB in three turns, whose prompts held a few hundred tokens: an outside tester's run). So a
+        long voice session runs on instead of filling up (the client deletes nothing)."""
         size = _item_bytes(item)
-        while not self._fits(size):
-            gone = next((it for it in self.items if it["id"] in self.left_out), None)
+        any_item = self.truncation != "disabled"
+        while size <= self.max_bytes and not self._fits(size):
+            gone = (next((it for it in self.items if it["id"] in self.left_out), None)
+                    or (next((it for it in self.items if it.get("status") != "in_progress"), None) if any_item
+                        else None))
             if gone is None:
                 break
             self._forget(gone["id"])

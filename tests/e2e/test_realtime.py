@@ -188,9 +188,10 @@ def test_a_dropped_socket_frees_the_backbone_slot(cluster):
 
 def test_a_conversations_media_count_toward_its_limit_and_no_text_longer_than_any_prompt_is_taken(cluster):
     """Items are held by the gateway: past the conversation's limit (32 MiB, REST's largest request; media as
-    base64) an item is refused with an error event, and the connection goes on. A text part longer than any prompt
-    could hold is refused at once (echoed, 12 MB of text took the event loop 0.5 s per event: an outside reviewer's
-    finding), as REST refuses it."""
+    base64) an item is refused with an error event with truncation disabled, and the connection goes on; with it on
+    (the default) the oldest item makes room, told as deleted. A text part longer than any prompt could hold is
+    refused at once (echoed, 12 MB of text took the event loop 0.5 s per event: an outside reviewer's finding), as
+    REST refuses it."""
     audio = base64.b64encode(bytes(9 << 20)).decode()  # 12 MiB of base64: 196 s of silence
 
     def add(part: dict, event_id: str) -> None:
@@ -203,6 +204,8 @@ def test_a_conversations_media_count_toward_its_limit_and_no_text_longer_than_an
         err = next_of(ws, "error")["error"]
         assert (err["code"], err["param"], err["event_id"]) == ("context_length_exceeded", "item.content.0.text",
                                                                 "text")
+        ws.send(json.dumps({"type": "session.update", "session": {"truncation": "disabled"}}))
+        next_of(ws, "session.updated")
         ids = []
         for n in range(2):
             add({"type": "input_audio", "audio": audio}, f"big{n}")
@@ -215,6 +218,11 @@ def test_a_conversations_media_count_toward_its_limit_and_no_text_longer_than_an
         ws.send(json.dumps({"type": "conversation.item.delete", "item_id": ids[0]}))
         next_of(ws, "conversation.item.deleted")
         add({"type": "input_audio", "audio": audio}, "big3")  # room again
+        assert next_of(ws, "conversation.item.done")["item"]["content"][0]["type"] == "input_audio"
+        ws.send(json.dumps({"type": "session.update", "session": {"truncation": "auto"}}))
+        next_of(ws, "session.updated")
+        add({"type": "input_audio", "audio": audio}, "big4")  # full: the oldest item makes room
+        assert next_of(ws, "conversation.item.deleted")["item_id"] == ids[1]
         assert next_of(ws, "conversation.item.done")["item"]["content"][0]["type"] == "input_audio"
 
 

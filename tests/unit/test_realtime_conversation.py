@@ -53,8 +53,10 @@ def test_each_create_counts_its_own_item_not_the_whole_conversation(monkeypatch)
 
 
 def test_the_byte_limit_holds_across_creates_deletes_and_an_answer_that_grows():
-    """Each item counts its parts' strings (``"input_text"`` itself: 10): 25 bytes for 15 x's."""
+    """Each item counts its parts' strings (``"input_text"`` itself: 10): 25 bytes for 15 x's. Truncation
+    disabled: only the items it left out make room (the next test has it on)."""
     s = session(100)
+    s.truncation = "disabled"
 
     async def go():
         for i in range(4):
@@ -78,3 +80,30 @@ def test_the_byte_limit_holds_across_creates_deletes_and_an_answer_that_grows():
     assert s.held == sum(realtime._item_bytes(it) for it in s.items) == 25 * 2 + 20 + 11
     assert [it["id"] for it in s.items] == ["item_2", "item_3", "item_6", "item_8"]
     assert {"type": "conversation.item.deleted", "item_id": "item_0"}.items() <= s.ws.sent[-3].items()
+
+
+def test_with_truncation_on_a_full_conversation_deletes_its_oldest_items_to_make_room():
+    """A voice session's 200 s turns filled the 32 MiB in three turns, their prompts a few hundred tokens (only the
+    encoder's window of each turn reaches it): the third was refused, since only items truncation had left out could
+    make room. With truncation on, the oldest items go, told as deleted, never an answer being written; with
+    truncation disabled the conversation still refuses."""
+    s = session(100)
+    answer = {"id": "item_a", "type": "message", "role": "assistant", "status": "in_progress",
+              "content": [{"type": "output_text", "text": "z" * 14}]}  # 25 bytes
+
+    async def go():
+        await s._add(answer, done=False)
+        for i in range(3):
+            await s._add(text_item(i, "x" * 15))  # 100: full
+        await s._add(text_item(3, "y" * 40))  # 50 bytes: the two oldest that may go, go
+        s.truncation = "disabled"
+        with pytest.raises(EventError, match="exceed 100 bytes"):
+            await s._add(text_item(4, "w"))
+        s.truncation = "auto"
+        with pytest.raises(EventError, match="exceed 100 bytes"):
+            await s._add(text_item(5, "v" * 100))  # larger than the whole conversation may be: nothing deleted
+
+    asyncio.run(go())
+    assert [it["id"] for it in s.items] == ["item_a", "item_2", "item_3"]
+    deleted = [e["item_id"] for e in s.ws.sent if e["type"] == "conversation.item.deleted"]
+    assert deleted == ["item_0", "item_1"] and s.held == 25 + 25 + 50
