@@ -277,16 +277,20 @@ def test_blob_that_expires_while_queued_is_queued_again(tiers, tiny_model, tiny_
 
 class OwnGateway:
     """This test is the gateway (a prefix no worker reads, a live encoder faked in the live set) and the encoder:
-    it reads the jobs the MediaEncoder queues and answers (or loses) them by hand."""
+    it reads the jobs the MediaEncoder queues and answers (or loses) them by hand. Its connection is ``r``; the
+    encodes it started are cancelled as it ends."""
 
-    def __init__(self, r, keys: Keys, spec, model, redis_url: str):
-        self.r, self.keys, self.spec = r, keys, spec
-        self.cfg = GatewayConfig(model_dir=str(model), redis_url=redis_url, prefix=keys.prefix,
+    def __init__(self, prefix: str, spec, model, redis_url: str):
+        self.keys, self.spec, self.url = Keys(prefix), spec, redis_url
+        self.cfg = GatewayConfig(model_dir=str(model), redis_url=redis_url, prefix=prefix,
                                  encode_timeout_s=60, lease_ttl_s=120)  # its lapse cannot stand in for the fix
-        self.reply = keys.reply("test-gw")
-        self.stream = keys.jobs("image")
+        self.reply = self.keys.reply("test-gw")
+        self.stream = self.keys.jobs("image")
+        self.seen: list[tuple[bytes, m.EncodeJob]] = []
+        self.tasks: list[asyncio.Task] = []
 
     async def __aenter__(self):
+        self.r = connect_async(self.url)
         await self.r.set(alive(self.reply), 1, ex=600)
         await self.r.zadd(self.keys.live("encoder:image"), {"test-encoder": time.time() + 600})
         self.replies = ReplyRouter(self.r, self.keys, "test-gw")
@@ -295,24 +299,31 @@ class OwnGateway:
         return self
 
     async def __aexit__(self, *exc):
+        for task in self.tasks:
+            task.cancel()
+        await asyncio.gather(*self.tasks, return_exceptions=True)
         await stop_tasks([self.reader], timeout_s=5)
         await self.r.delete(self.stream, self.keys.live("encoder:image"))
+        await self.r.aclose()
+
+    def image(self, seed: int) -> MediaPart:
+        data = png_bytes(20, 20, seed=seed)
+        return MediaPart("image", data, "messages.0.content.0", digest_of(self.spec, data))
 
     def encode(self, rid: str, part: MediaPart) -> asyncio.Task:
-        return asyncio.create_task(self.media.encode(rid, [part], self.replies.subscribe(rid)))
+        self.tasks.append(asyncio.create_task(self.media.encode(rid, [part], self.replies.subscribe(rid))))
+        return self.tasks[-1]
 
     async def jobs(self, n: int, timeout: float = 10) -> list[tuple[bytes, m.EncodeJob]]:
         """The first ``n`` jobs ever queued (deleted ones too: noted as they come)."""
         deadline = time.monotonic() + timeout
-        seen = getattr(self, "seen", [])
-        while len(seen) < n:
-            assert time.monotonic() < deadline, f"{len(seen)} job(s) queued, not {n}"
+        while len(self.seen) < n:
+            assert time.monotonic() < deadline, f"{len(self.seen)} job(s) queued, not {n}"
             for entry_id, fields in await self.r.xrange(self.stream):
-                if entry_id not in [e for e, _ in seen]:
-                    seen.append((entry_id, m.decode(fields_payload(fields), m.EncodeJob)))
+                if entry_id not in [e for e, _ in self.seen]:
+                    self.seen.append((entry_id, m.decode(fields_payload(fields), m.EncodeJob)))
             await asyncio.sleep(0.02)
-        self.seen = seen
-        return seen[:n]
+        return self.seen[:n]
 
 
 def test_a_job_that_failed_while_this_requests_lease_stayed_is_queued_again_at_once(tiny_model, tiny_spec,
@@ -322,22 +333,16 @@ def test_a_job_that_failed_while_this_requests_lease_stayed_is_queued_again_at_o
     (an outside tester's chaos run: images answered 30 s after the node came back). It gives up its own lease and
     queues the job again at once. This test is the encoder (a prefix no worker reads)."""
     async def scenario() -> list:
-        r = connect_async(redis_server.url)
-        async with OwnGateway(r, Keys("ownlease"), tiny_spec, tiny_model, redis_server.url) as gw:
-            data = png_bytes(20, 20, seed=107)
-            part = MediaPart("image", data, "messages.0.content.0", digest_of(tiny_spec, data))
-            task = gw.encode("req-107", part)
+        async with OwnGateway("ownlease", tiny_spec, tiny_model, redis_server.url) as gw:
+            part = gw.image(107)
+            gw.encode("req-107", part)
             (_, first), = await gw.jobs(1)
             # As the encoder does when its node is away: the job fails, its lease is not taken.
             failed = m.EncodeFailed(request_id=first.request_id, job_id=first.job_id,
                                     tensor_key=gw.media.tensor_key(part), code=m.ErrorCode.MEDIA_EXPIRED,
                                     error="not stored: its node did not answer")
-            await r.xadd(gw.reply, payload_fields(m.encode(failed)))
-            queued = await gw.jobs(2)
-            task.cancel()
-            await asyncio.gather(task, return_exceptions=True)
-        await r.aclose()
-        return [job for _, job in queued]
+            await gw.r.xadd(gw.reply, payload_fields(m.encode(failed)))
+            return [job for _, job in await gw.jobs(2)]
 
     first, again = asyncio.run(scenario())
     assert again.digest == first.digest and again.job_id != first.job_id
@@ -349,19 +354,13 @@ def test_a_job_whose_entry_was_lost_before_any_encoder_read_it_is_queued_again_a
     the request, which queued it again only once its lease lapsed (an outside tester's chaos run: an image 32 s
     late). Its entry gone twice in a row with no tensor stored, the request queues the job again at once."""
     async def scenario() -> tuple[list, float]:
-        r = connect_async(redis_server.url)
-        async with OwnGateway(r, Keys("lostentry"), tiny_spec, tiny_model, redis_server.url) as gw:
-            data = png_bytes(20, 20, seed=108)
-            task = gw.encode("req-108", MediaPart("image", data, "messages.0.content.0", digest_of(tiny_spec, data)))
+        async with OwnGateway("lostentry", tiny_spec, tiny_model, redis_server.url) as gw:
+            gw.encode("req-108", gw.image(108))
             (entry_id, first), = await gw.jobs(1)
-            await r.xdel(gw.stream, entry_id)  # as the failover did
+            await gw.r.xdel(gw.stream, entry_id)  # as the failover did
             lost_at = time.monotonic()
             queued = await gw.jobs(2)
-            took = time.monotonic() - lost_at
-            task.cancel()
-            await asyncio.gather(task, return_exceptions=True)
-        await r.aclose()
-        return [job for _, job in queued], took
+            return [job for _, job in queued], time.monotonic() - lost_at
 
     (first, again), took = asyncio.run(scenario())
     assert again.digest == first.digest and again.job_id != first.job_id
@@ -373,22 +372,18 @@ def test_an_encoding_stored_whose_answer_was_lost_is_found(tiny_model, tiny_spec
     the request waited for its lease to lapse (30 s) before it looked again. It finds the tensor at its next check,
     and queues nothing more."""
     async def scenario() -> tuple[list, int, float]:
-        r = connect_async(redis_server.url)
-        async with OwnGateway(r, Keys("lostanswer"), tiny_spec, tiny_model, redis_server.url) as gw:
-            data = png_bytes(20, 20, seed=109)
-            part = MediaPart("image", data, "messages.0.content.0", digest_of(tiny_spec, data))
+        async with OwnGateway("lostanswer", tiny_spec, tiny_model, redis_server.url) as gw:
+            part = gw.image(109)
             task = gw.encode("req-109", part)
             (entry_id, _), = await gw.jobs(1)
             key = gw.media.tensor_key(part)
-            await r.xdel(gw.stream, entry_id)  # as the encoder does: ack, delete, store; and no answer
-            await r.hset(key, mapping={"data": b"unused", "n": 9})
+            await gw.r.xdel(gw.stream, entry_id)  # as the encoder does: ack, delete, store; and no answer
+            await gw.r.hset(key, mapping={"data": b"unused", "n": 9})
             stored_at = time.monotonic()
             refs = await asyncio.wait_for(task, 30)
             took = time.monotonic() - stored_at
-            await r.delete(key)
-            queued = len(gw.seen)
-        await r.aclose()
-        return refs, queued, took
+            await gw.r.delete(key)
+            return refs, len(gw.seen), took
 
     refs, queued, took = asyncio.run(scenario())
     assert [ref.num_tokens for ref in refs] == [9] and queued == 1
