@@ -14,6 +14,7 @@ the server's and echoed as ``x-client-request-id``, so two requests that reuse o
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import re
@@ -358,10 +359,7 @@ class ChatService:
         """Parse (on a thread), fetch remote media (gateway/remote.py: concurrently, each bounded), then build the
         prompt (on a thread), its media keyed in ``namespace`` (default: ``namespace(tenant)``)."""
         namespace = self.namespace(tenant) if namespace is None else namespace
-        if len(body) > LARGE_PARSE:
-            async with self.large_parse:
-                req = await asyncio.to_thread(self._parse, body)
-        else:
+        async with self.large_parse if len(body) > LARGE_PARSE else contextlib.nullcontext():
             req = await asyncio.to_thread(self._parse, body)
         remote = self.builder.remote_parts(req)
         fetched = {}
