@@ -26,6 +26,7 @@ import asyncio
 import logging
 import time
 import uuid
+from dataclasses import dataclass, field
 
 from cache.keys import Keys
 from cache.streams import payload_fields, release_lease
@@ -178,16 +179,13 @@ class MediaEncoder:
 
     async def _encode_missing(self, request_id: str, missing: dict[str, MediaPart], queue) -> dict[str, int]:
         deadline = time.monotonic() + self.cfg.encode_timeout_s
-        found: dict[str, int] = {}
         for key in missing:
             self.replies.watch(key, queue)
-        queued: dict[str, tuple[str, bytes]] = {}  # tensor key -> (stream, entry id) of the job this request queued
-        gone: set[bytes] = set()  # the job entries the last check did not find
+        w = _Wait(request_id, dict(missing))
         try:
-            pending = dict(missing)
-            await self._claim(request_id, pending, found, queued)
+            await self._claim(w, list(w.pending))
             heard = time.monotonic()  # the last message about this request's media, or the last claim
-            while pending:
+            while w.pending:
                 left = deadline - time.monotonic()
                 if left <= 0:
                     raise Timeout("timed out waiting for the encoders")
@@ -195,10 +193,10 @@ class MediaEncoder:
                     msg = await asyncio.wait_for(queue.get(), timeout=min(left, CHECK_EVERY_S))
                 except asyncio.TimeoutError:
                     if time.monotonic() - heard >= self.cfg.lease_ttl_s:  # the lease holder may have died
-                        await self._claim(request_id, pending, found, queued)
+                        await self._claim(w, list(w.pending))
                         heard = time.monotonic()
                     else:
-                        await self._check(request_id, pending, found, queued, gone)
+                        await self._check(w)
                     continue
                 heard = time.monotonic()
                 if msg is DISCONNECTED:
@@ -206,14 +204,13 @@ class MediaEncoder:
                 if isinstance(msg, APIError):  # the request is ended from outside (the gateway shutting down)
                     raise msg
                 if msg is RESET:  # Redis may have lost the jobs, waiters and leases: claim (and queue) again
-                    await self._claim(request_id, pending, found, queued)
+                    await self._claim(w, list(w.pending))
                     continue
-                if not isinstance(msg, (m.EncodeDone, m.EncodeFailed)) or msg.tensor_key not in pending:
+                if not isinstance(msg, (m.EncodeDone, m.EncodeFailed)) or msg.tensor_key not in w.pending:
                     continue
-                part = pending[msg.tensor_key]
+                part = w.pending[msg.tensor_key]
                 if isinstance(msg, m.EncodeDone):
-                    found[msg.tensor_key] = msg.num_tokens
-                    del pending[msg.tensor_key]
+                    w.take(msg.tensor_key, msg.num_tokens)
                 elif msg.code == m.ErrorCode.BAD_MEDIA:
                     raise undecodable(part, msg.error)
                 elif msg.code in (m.ErrorCode.MEDIA_EXPIRED, m.ErrorCode.CANCELLED):
@@ -223,13 +220,13 @@ class MediaEncoder:
                     # for it to lapse (an outside tester's chaos run: images 30 s late after a node came back).
                     log.info("encode job not run; queueing it again", extra={"request_id": request_id,
                                                                              "code": msg.code.value})
-                    await self._queue_again(request_id, [msg.tensor_key], pending, found, queued)
+                    await self._queue_again(w, [msg.tensor_key])
                 elif msg.code == m.ErrorCode.DEADLINE and deadline - time.monotonic() > DEADLINE_SLACK_S:
                     # Another request's job (this one only waited on it) was dropped for that request's deadline:
                     # with time left, queue it again under this one's.
                     log.info("an encode job waited on was dropped for its own deadline; queueing it again",
                              extra={"request_id": request_id})
-                    await self._queue_again(request_id, [msg.tensor_key], pending, found, queued, release=False)
+                    await self._queue_again(w, [msg.tensor_key], release=False)
                 elif msg.code == m.ErrorCode.DEADLINE:
                     raise Timeout(f"{part.modality} waited too long for an encoder", param=part.param)
                 elif msg.code == m.ErrorCode.CACHE_FULL:
@@ -238,38 +235,33 @@ class MediaEncoder:
                 else:  # INTERNAL: the worker logged it; the client gets a 500 naming the part
                     raise Internal(f"{part.param}: encoding the {part.modality} failed: {msg.error}",
                                    param=part.param, code="encoder_error")
-            return found
+            return w.found
         finally:
             for key in missing:
                 self.replies.unwatch(key, queue)
 
-    async def _queue_again(self, request_id: str, keys: list[str], pending: dict[str, MediaPart],
-                           found: dict[str, int], queued: dict[str, tuple[str, bytes]], release: bool = True) -> None:
+    async def _queue_again(self, w: _Wait, keys: list[str], release: bool = True) -> None:
         """Claim the parts of ``keys`` again at once (a tensor stored meanwhile is found: no longer pending).
         ``release``: a lease this request holds is given up first, or the claim would wait for it to lapse."""
-        parts = {key: pending[key] for key in keys}
         if release:
-            for part in parts.values():
+            for key in keys:
+                part = w.pending[key]
                 await bounded(release_lease(self.r, self.keys.lease(self.spec.encoder_id(part.modality),
-                                                                    part.digest), request_id),
-                              "giving up an encode lease", request_id)
-        await self._claim(request_id, parts, found, queued)
-        for key in keys:
-            if key in found:
-                del pending[key]
+                                                                    part.digest), w.request_id),
+                              "giving up an encode lease", w.request_id)
+        await self._claim(w, keys)
 
-    async def _check(self, request_id: str, pending: dict[str, MediaPart], found: dict[str, int],
-                     queued: dict[str, tuple[str, bytes]], gone: set[bytes]) -> None:
+    async def _check(self, w: _Wait) -> None:
         """One round trip: the pending parts' tensors (stored, their answer lost: taken as found) and the entries
         of the jobs this request queued (gone at two checks in a row with no tensor stored: lost, queued again;
         an encoder deletes an entry only as it answers, so a first miss may be an answer on its way)."""
-        keys = list(pending)
-        mine = [k for k in keys if k in queued]
+        keys = list(w.pending)
+        mine = [k for k in keys if k in w.queued]
         pipe = self.r.pipeline(transaction=False)
         for key in keys:
             pipe.hget(key, "n")
         for key in mine:
-            stream, entry_id = queued[key]
+            stream, entry_id = w.queued[key]
             pipe.xrange(stream, entry_id, entry_id)
         try:
             res = await asyncio.wait_for(pipe.execute(raise_on_error=False), CHECK_TIMEOUT_S)
@@ -279,50 +271,46 @@ class MediaEncoder:
             return
         for key, n in zip(keys, res):
             if n is not None and not isinstance(n, Exception):
-                log.info("an encoding was found stored, its answer lost", extra={"request_id": request_id})
-                found[key] = int(n)
-                del pending[key]
-                queued.pop(key, None)
+                log.info("an encoding was found stored, its answer lost", extra={"request_id": w.request_id})
+                w.take(key, int(n))
         lost, missing = [], set()
         for key, entries in zip(mine, res[len(keys):]):
-            if key not in pending or isinstance(entries, Exception) or entries:
+            if key not in w.pending or isinstance(entries, Exception) or entries:
                 continue
-            if queued[key][1] in gone:
+            if w.queued[key][1] in w.gone:
                 lost.append(key)
             else:
-                missing.add(queued[key][1])
-        gone.clear()
-        gone.update(missing)
+                missing.add(w.queued[key][1])
+        w.gone = missing
         if lost:
             log.warning("encode job lost (its entry is gone and no tensor was stored); queueing it again",
-                        extra={"request_id": request_id, "jobs": len(lost)})
-            await self._queue_again(request_id, lost, pending, found, queued)
+                        extra={"request_id": w.request_id, "jobs": len(lost)})
+            await self._queue_again(w, lost)
 
-    async def _claim(self, request_id: str, pending: dict[str, MediaPart], found: dict[str, int],
-                     queued: dict[str, tuple[str, bytes]]) -> None:
-        """Steps 2 and 3: register as waiter, try the lease, look again; queue the jobs whose lease we took (their
-        entries noted in ``queued``)."""
+    async def _claim(self, w: _Wait, keys: list[str]) -> None:
+        """Steps 2 and 3 for the pending parts of ``keys``: register as waiter, try the lease, look again; queue
+        the jobs whose lease we took (their entries noted in ``w.queued``)."""
         pipe = self.r.pipeline(transaction=False)
-        for key, part in pending.items():
+        for key in keys:
+            part = w.pending[key]
             encoder_id = self.spec.encoder_id(part.modality)
             waiters = self.keys.waiters(encoder_id, part.digest)
             pipe.sadd(waiters, self.reply_stream)
             pipe.expire(waiters, int(self.cfg.encode_timeout_s) + 60)
-            pipe.set(self.keys.lease(encoder_id, part.digest), request_id, nx=True, ex=self.cfg.lease_ttl_s)
+            pipe.set(self.keys.lease(encoder_id, part.digest), w.request_id, nx=True, ex=self.cfg.lease_ttl_s)
             pipe.hget(key, "n")
-        res = await bounded(pipe.execute(), "claiming encodes", request_id)
+        res = await bounded(pipe.execute(), "claiming encodes", w.request_id)
         submit = self.r.pipeline(transaction=False)
         jobs = []  # (tensor key, stream): the XADD of each is the second command of its pair
-        for (key, part), (_, _, leased, n) in zip(list(pending.items()), _quads(res)):
+        for key, (_, _, leased, n) in zip(keys, _quads(res)):
             if n is not None:
-                found[key] = int(n)
-                del pending[key]
+                w.take(key, int(n))
             elif leased:
-                jobs.append((key, self._queue_job(submit, request_id, part)))
+                jobs.append((key, self._queue_job(submit, w.request_id, w.pending[key])))
         if jobs:
-            res = await bounded(submit.execute(), "queueing encode jobs", request_id)
+            res = await bounded(submit.execute(), "queueing encode jobs", w.request_id)
             for (key, stream), entry_id in zip(jobs, res[1::2]):
-                queued[key] = (stream, entry_id)
+                w.queued[key] = (stream, entry_id)
 
     def _queue_job(self, pipe, request_id: str, part: MediaPart) -> str:
         """Queue the blob and the job (two commands) on ``pipe``; returns the jobs stream."""
@@ -335,6 +323,23 @@ class MediaEncoder:
         stream = self.keys.jobs(part.modality)
         pipe.xadd(stream, payload_fields(m.encode(job)))
         return stream
+
+
+@dataclass
+class _Wait:
+    """One request's encodes in flight (``MediaEncoder._encode_missing``)."""
+
+    request_id: str
+    pending: dict[str, MediaPart]  # tensor key -> part: not encoded yet
+    found: dict[str, int] = field(default_factory=dict)  # tensor key -> its token count
+    queued: dict[str, tuple[str, bytes]] = field(default_factory=dict)  # tensor key -> (stream, entry id) queued here
+    gone: set[bytes] = field(default_factory=set)  # the job entries the last check did not find
+
+    def take(self, key: str, num_tokens: int) -> None:
+        """The tensor of ``key`` is stored: no longer pending."""
+        self.found[key] = num_tokens
+        del self.pending[key]
+        self.queued.pop(key, None)
 
 
 def _quads(res: list) -> list[tuple]:
