@@ -354,13 +354,18 @@ class ChatService:
         namespace = tenant.cache if tenant else ""
         return namespace if self.cfg.media_cache else f"{namespace}|once:{secrets.token_hex(12)}"
 
+    async def parse_off_loop(self, size: int, parse, *args):
+        """``parse(*args)`` of ``size`` bytes, on a thread: past LARGE_PARSE one at a time, across the REST bodies
+        and the Realtime events (gateway/realtime.py) of this gateway."""
+        async with self.large_parse if size > LARGE_PARSE else contextlib.nullcontext():
+            return await asyncio.to_thread(parse, *args)
+
     async def _prepare(self, body: bytes, tenant=None, namespace: str | None = None
                        ) -> tuple[ChatCompletionRequest, Prompt]:
         """Parse (on a thread), fetch remote media (gateway/remote.py: concurrently, each bounded), then build the
         prompt (on a thread), its media keyed in ``namespace`` (default: ``namespace(tenant)``)."""
         namespace = self.namespace(tenant) if namespace is None else namespace
-        async with self.large_parse if len(body) > LARGE_PARSE else contextlib.nullcontext():
-            req = await asyncio.to_thread(self._parse, body)
+        req = await self.parse_off_loop(len(body), self._parse, body)
         remote = self.builder.remote_parts(req)
         fetched = {}
         if remote:

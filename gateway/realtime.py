@@ -68,6 +68,7 @@ import numpy as np
 from redis.exceptions import RedisError
 from starlette.websockets import WebSocket, WebSocketDisconnect, WebSocketDisconnected
 
+from gateway.chat import LARGE_PARSE
 from gateway.errors import APIError, InvalidRequest, redis_failure, redis_unavailable
 from gateway.media import b64decode_chunked, image_from_url, is_remote
 from gateway.schemas import check_sampling, parse_json
@@ -79,7 +80,7 @@ log = logging.getLogger(__name__)
 
 PCM_RATE = 24_000  # the protocol's input audio: PCM16, 24 kHz, mono
 MAX_ITEMS = 1024
-LARGE_EVENT = 64 * 1024  # characters of an event's JSON from which it is parsed on a thread
+LARGE_EVENT = LARGE_PARSE  # characters of an event's JSON past which it is parsed on a thread (and its JSON written)
 TENANT_SHARE = 4  # with API keys, one tenant holds at most 1/TENANT_SHARE of a gateway's Realtime connections
 KEY_CHECK_S = 5.0  # with API keys, how often a silent connection checks that its key was not revoked
 IDLE_S = 600.0  # a connection that sends no event for this long is closed (pings already drop dead peers)
@@ -384,11 +385,8 @@ class RealtimeSession:
                     try:  # strict, as a REST body: no NaN or Infinity, nesting bounded, no lone surrogates
                         # A large event (an image, seconds of audio) is parsed on a thread, one at a time with the
                         # REST bodies (gateway/chat.LARGE_PARSE): the event loop serves every other connection.
-                        if len(text) < LARGE_EVENT:
-                            event = parse_json(text, "the event")
-                        else:
-                            async with self.chat.large_parse:
-                                event = await asyncio.to_thread(parse_json, text, "the event")
+                        event = (parse_json(text, "the event") if len(text) <= LARGE_EVENT
+                                 else await self.chat.parse_off_loop(len(text), parse_json, text, "the event"))
                     except InvalidRequest as exc:
                         raise EventError(exc.message, code="invalid_json", param=exc.param) from None
                     if isinstance(event, dict) and isinstance(event.get("event_id"), str):
