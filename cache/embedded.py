@@ -109,7 +109,7 @@ class EmbeddedRedis:
         """SIGKILL, as a machine dies (no shutdown, no goodbye to the cluster bus)."""
         if self.proc and self.proc.poll() is None:
             self.proc.kill()
-            self.proc.wait()
+            _reap(self.proc)
 
     def stop(self, timeout: float = 5.0) -> None:
         if self.proc and self.proc.poll() is None:
@@ -118,7 +118,7 @@ class EmbeddedRedis:
                 self.proc.wait(timeout)
             except subprocess.TimeoutExpired:
                 self.proc.kill()
-                self.proc.wait()
+                _reap(self.proc)
         if self._dir:
             self._dir.cleanup()
             self._dir = None
@@ -244,3 +244,12 @@ class EmbeddedCluster:
 
     def __exit__(self, *exc) -> None:
         self.stop()
+
+
+def _reap(proc: subprocess.Popen, timeout: float = 5.0) -> None:
+    """Wait for a process sent SIGKILL, ``timeout`` at most: one in uninterruptible sleep (a hung disk) outlives it,
+    and whoever stops it (``tributary up``, a test) must still go on."""
+    try:
+        proc.wait(timeout)
+    except subprocess.TimeoutExpired:
+        log.error("a redis server did not exit after SIGKILL; left behind", extra={"pid": proc.pid})

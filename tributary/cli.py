@@ -774,13 +774,16 @@ def _main(args) -> int:
             target.parent.mkdir(parents=True, exist_ok=True)
             export(spec, modality, target, progress=lambda line: print(line, flush=True))
         return 0
-    setup_logging(args.command if args.command != "encoder" else f"encoder:{args.modality}", args.log_level,
-                  args.log_format)
     if args.command == "up":
+        from tributary.relay import install
+
         # Every process it starts logs the same way: its children's output is a pipe to it, so "auto" is decided
         # here, by up's own stderr (text on a terminal), not by each child's pipe (which would always be json).
-        os.environ["TRIBUTARY_LOG_FORMAT"] = args.log_format if args.log_format != "auto" else (
+        os.environ["TRIBUTARY_LOG_FORMAT"] = fmt = args.log_format if args.log_format != "auto" else (
             "text" if sys.stderr.isatty() else "json")
+        install(json_lines=fmt == "json")  # its output (and its children's) never blocks it: tributary/relay.py
+    setup_logging(args.command if args.command != "encoder" else f"encoder:{args.modality}", args.log_level,
+                  args.log_format)
     if args.command == "up":
         from tributary.cluster import run_cluster
 

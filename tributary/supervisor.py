@@ -24,7 +24,6 @@ import logging
 import os
 import signal
 import subprocess
-import sys
 import threading
 import time
 from collections.abc import Callable
@@ -33,10 +32,12 @@ from dataclasses import dataclass, field
 from cache.embedded import die_with_parent
 from router.lifecycle import STOP_SIGNALS
 from router.logs import say
+from tributary.relay import write_line
 
 log = logging.getLogger(__name__)
 
 TAIL_LINES = 30  # output lines kept per process, shown when it fails
+KILLED_WAIT_S = 5.0  # how long a process is waited for after SIGKILL (in uninterruptible sleep it outlives it)
 
 
 @dataclass
@@ -58,15 +59,11 @@ class Child:
         log.info("started", extra={"child": self.name, "child_pid": self.proc.pid})
 
     def _pump(self) -> None:
-        """Pass the child's output through to ours, line by line, keeping the last TAIL_LINES."""
-        out = sys.stderr.buffer
+        """Pass the child's output through to ours (never blocking on it: tributary/relay.py), line by line,
+        keeping the last TAIL_LINES."""
         for line in self.proc.stdout:
             self.tail.append(line.decode(errors="replace").rstrip("\n"))
-            try:
-                out.write(line)
-                out.flush()
-            except (OSError, ValueError):  # our own stderr is gone; keep draining so the child never blocks
-                pass
+            write_line(line)
 
     @property
     def exited(self) -> int | None:
@@ -240,7 +237,11 @@ class Supervisor:
             except subprocess.TimeoutExpired:
                 log.warning("killing a process that did not stop in time", extra={"child": child.name})
                 child.proc.kill()
-                child.proc.wait()
+                try:  # a process in uninterruptible sleep (a hung driver call, a hung model mount) outlives SIGKILL
+                    child.proc.wait(KILLED_WAIT_S)
+                except subprocess.TimeoutExpired:
+                    log.error("a process did not exit after SIGKILL; left behind", extra={
+                        "child": child.name, "child_pid": child.proc.pid})
 
 
 def _indent(text: str) -> str:
