@@ -52,7 +52,7 @@ from gateway.ratelimit import RateLimiter
 from gateway.remote import RemoteMedia
 from gateway.replies import ReplyRouter
 from gateway.schemas import ChatCompletionRequest, parse_chat_request
-from gateway.tiers import DISCONNECTED, ClientGone, TierClient
+from gateway.tiers import DISCONNECTED, ClientGone, TierClient, bounded
 from router import messages as m
 
 log = logging.getLogger(__name__)
@@ -169,10 +169,18 @@ class ChatService:
         finally:  # a raised result's traceback holds this frame: without ``work`` in it, no cycle keeps it alive
             del work
 
-    async def _rate(self, tenant) -> dict:
-        """The tenant's rate-limit state, or a 429 (counted in the metrics' rejected requests)."""
+    async def _rate(self, tenant, request_id: str = "") -> dict:
+        """The tenant's rate-limit state, or a 429 (counted in the metrics' rejected requests); its round trip is
+        bounded as every other of a request's (``tiers.bounded``), and Redis failing is a 503."""
         try:
-            return await self.limiter.admit(tenant)
+            try:
+                return await bounded(self.limiter.admit(tenant), "checking the rate limit", request_id)
+            except Exception as exc:
+                if not redis_failure(exc):
+                    raise
+                log.warning("redis failed", extra={"request_id": request_id, "during": "checking the rate limit",
+                                                   "error": f"{type(exc).__name__}: {exc}"})
+                raise redis_unavailable(exc) from exc
         except APIError as exc:
             self.metrics.reject(exc.code)
             raise
@@ -182,7 +190,7 @@ class ChatService:
         # Refused for load before it counts toward its tenant's rate (a client retrying a 503 would otherwise spend
         # its requests per minute on refusals), and before the body is read: refused at once.
         self.admit(["backbone"])
-        rate = await self._rate(getattr(request.state, "tenant", None))  # a 429
+        rate = await self._rate(getattr(request.state, "tenant", None), ids.server)  # a 429
         ids = replace(ids, rate=tuple(rate.items()))
         # A client still sending its body holds no slot of ``max_inflight`` (slow senders would take them all: a
         # slowloris); the bodies being received are bounded in bytes instead (``_read_body``).
@@ -254,7 +262,7 @@ class ChatService:
         as the Realtime protocol's ``max_output_tokens`` means."""
         arrival = time.perf_counter()
         self.admit(["backbone"])  # a refusal for load counts toward no rate limit
-        await self._rate(tenant)
+        await self._rate(tenant, rid)
         self.inflight += 1
         queue = watcher = None
         try:

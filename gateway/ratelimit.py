@@ -11,6 +11,7 @@ limited tenant carries OpenAI's ``x-ratelimit-{limit,remaining,reset}-{requests,
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import math
 import time
@@ -20,6 +21,7 @@ from gateway.errors import APIError
 
 log = logging.getLogger(__name__)
 WINDOW_S = 60
+SPEND_TIMEOUT_S = 10.0  # a finished request's token count is written within this, or dropped (a node away)
 
 
 class RateLimited(APIError):
@@ -93,7 +95,7 @@ class RateLimiter:
             pipe = self.r.pipeline(transaction=False)
             pipe.incrby(tok_key, tokens)
             pipe.expire(tok_key, 2 * WINDOW_S)
-            await pipe.execute()
+            await asyncio.wait_for(pipe.execute(), SPEND_TIMEOUT_S)
         except Exception as exc:  # noqa: BLE001 -- Redis away: the monitor refuses new requests anyway
             log.warning("could not count tokens for the rate limit", extra={"tenant": tenant.name,
                                                                           "error": str(exc)})

@@ -1151,19 +1151,21 @@ async def realtime_endpoint(ws: WebSocket) -> None:
                                        code="model_not_found", param="model"), None)
         await ws.close(code=1008)
         return
-    try:  # opening a session counts as a request toward the tenant's rate limit (a 429 here closes it)
-        await chat._rate(tenant)
-    except APIError as exc:
-        await session.error(exc, None)
-        await ws.close(code=1013, reason="rate limited; retry later")
-        return
+    # Counted before the rate limit's round trip: handshakes arriving while it waits see this one (the caps above
+    # held only between awaits).
     app.state.realtime_connections += 1
     if tenant:
-        app.state.realtime_by_tenant[tenant.name] = held + 1
+        app.state.realtime_by_tenant[tenant.name] = app.state.realtime_by_tenant.get(tenant.name, 0) + 1
     chat.metrics.realtime.set(app.state.realtime_connections)
-    log.info("realtime connected", extra={"session": session.session_id,
-                                          "tenant": session.tenant.name if session.tenant else None})
     try:
+        try:  # opening a session counts as a request toward the tenant's rate limit (a 429 here closes it)
+            await chat._rate(tenant, session.session_id)
+        except APIError as exc:  # a 429, or Redis failing or too slow (a 503)
+            await session.error(exc, None)
+            await ws.close(code=1013, reason=("rate limited" if exc.status == 429 else "unavailable") + "; retry later")
+            return
+        log.info("realtime connected", extra={"session": session.session_id,
+                                              "tenant": session.tenant.name if session.tenant else None})
         await session.run()
     finally:
         app.state.realtime_connections -= 1

@@ -22,6 +22,7 @@ from gateway import tiers
 from gateway.config import GatewayConfig
 from gateway.errors import Unavailable
 from router import messages as m
+from tests.integration.procs import paused
 
 KEYS = Keys()
 
@@ -511,6 +512,43 @@ def test_a_media_requests_round_trip_to_a_node_that_does_not_answer_ends_within_
         took, error = asyncio.run(go())
     assert error is not None and error.code == "redis_unavailable", error
     assert took < 5, f"the request waited {took:.1f} s"
+
+
+def test_a_rate_limit_round_trip_to_a_node_that_does_not_answer_ends_within_its_bound(monkeypatch):
+    """A tenant's rate-limit keys on a paused node: the check waited for the socket timeout and redis-py's cluster
+    retries (about 32 s, an outside reviewer's reading), outside every other round trip's bound. It is cut at the
+    bound (lowered here) too, with a 503 ``redis_unavailable`` counted as a refusal, and a Redis error there is a
+    503 too (it escaped the Realtime handshake unanswered)."""
+    from gateway.auth import Tenant
+    from gateway.chat import ChatService
+    from gateway.ratelimit import RateLimiter
+
+    monkeypatch.setattr(tiers, "ROUND_TRIP_S", 1.5)
+    keys, tenant = Keys("rl"), Tenant("team", "team", rpm=100)
+    refused = []
+    with EmbeddedCluster(primaries=3, replicas=0) as cluster:
+        svc = ChatService.__new__(ChatService)
+        svc.metrics = type("Metrics", (), {"reject": lambda self, code: refused.append(code)})()
+
+        async def go() -> tuple[float, Exception | None, dict]:
+            r = connect_async(cluster.url, socket_timeout=10)  # the gateway's
+            svc.limiter = RateLimiter(r, keys, rpm=100)
+            first = await svc._rate(tenant, "req-1")  # connected: it knows the slot map
+            t0 = time.monotonic()
+            try:
+                with paused(*cluster.nodes):  # every node: the window's key may move to another as a minute ends
+                    await svc._rate(tenant, "req-2")
+            except Unavailable as exc:
+                return time.monotonic() - t0, exc, first
+            finally:
+                await r.aclose()
+            return time.monotonic() - t0, None, first
+
+        took, error, first = asyncio.run(go())
+    assert first["x-ratelimit-remaining-requests"] == "99"
+    assert error is not None and error.code == "redis_unavailable", error
+    assert took < 5, f"the rate-limit check waited {took:.1f} s"
+    assert refused == ["redis_unavailable"]
 
 
 def test_a_slot_map_refresh_stuck_on_a_node_that_does_not_answer_holds_other_commands_a_second_at_most(

@@ -3,6 +3,8 @@ backlog is read from XLEN / XINFO GROUPS on Redis 6.2 (no lag field) and 7+."""
 
 from __future__ import annotations
 
+import asyncio
+
 import pytest
 
 from gateway.config import GatewayConfig
@@ -106,7 +108,6 @@ def any_redis_url(request, redis_server):
 def test_the_monitor_reads_how_long_the_oldest_unread_entry_waited(any_redis_url):
     """Against a real Redis: entries' ids are their arrival times (the server's clock). Read entries (delivered to
     the group) do not count; a stream whose group does not exist yet counts from its first entry."""
-    import asyncio
 
     import redis
 
@@ -146,7 +147,6 @@ def test_the_monitor_reads_how_long_the_oldest_unread_entry_waited(any_redis_url
 def test_bodies_being_received_are_bounded_in_bytes_not_slots():
     """Clients still sending hold no in-flight slot; the bytes of bodies being received at once are bounded
     (RECEIVING_BODIES maximal bodies), past which a body is refused with a 503, its bytes released."""
-    import asyncio
 
     from gateway.chat import RECEIVING_BODIES, ChatService
     from gateway.metrics import GatewayMetrics
@@ -172,7 +172,6 @@ def test_large_bodies_being_received_never_shut_out_small_ones():
     """16 clients sending 32 MB bodies slowly held the whole bound, and every other request, however small, got a
     503 (an outside reviewer's reading): a small body (at most 256 KiB and a 16th of --max-body-bytes) is never
     refused for it."""
-    import asyncio
 
     from gateway.chat import RECEIVING_BODIES, ChatService
     from gateway.metrics import GatewayMetrics
@@ -200,7 +199,6 @@ def test_a_body_its_client_cut_off_is_freed_at_once_not_when_the_garbage_collect
     """16 MiB received, then the client resets the connection: the bytes go when the request ends. An outside tester
     saw a gateway keep every byte of every such body (the exception's traceback held the frame holding the chunks,
     and a task holding that exception made a cycle only the collector frees): +360 MB per round of 12 clients."""
-    import asyncio
     import gc
     import tracemalloc
 
@@ -245,7 +243,6 @@ def test_refusals_for_load_count_toward_no_rate_limit(redis_url):
     """A client retrying 503s (the gateway full) must not spend its requests per minute on them: the load check
     comes before the rate limit's count, for REST (``handle``) and Realtime (``respond``) alike. Against a real
     Redis holding the limiter's counters."""
-    import asyncio
     from types import SimpleNamespace
 
     from cache.client import connect_async
@@ -278,7 +275,6 @@ def test_large_bodies_are_parsed_one_at_a_time_and_small_ones_beside_them():
     """Parsing holds the GIL in C code: six clients' 100,000-value bodies parsed at once had the event loop wait
     behind six threads (an outside tester's run: other requests slowed to seconds; bench/parse_flood.py). Bodies
     over LARGE_PARSE take turns; small ones never wait for them."""
-    import asyncio
     import threading
     import time
 
@@ -310,3 +306,56 @@ def test_large_bodies_are_parsed_one_at_a_time_and_small_ones_beside_them():
 
     assert all(isinstance(r, Parsed) for r in asyncio.run(go()))
     assert most == {"large": 1, "small": 3}, most
+
+
+def test_realtime_handshakes_arriving_while_the_rate_limit_is_read_still_meet_the_connection_cap(monkeypatch):
+    """The caps were checked before the rate limit's round trip and the socket counted after it: handshakes that
+    arrived while it waited all passed a cap of one. A socket is now counted before that await."""
+    from types import SimpleNamespace
+
+    from gateway import realtime
+
+    gate, closed, ran = asyncio.Event(), [], []
+
+    class Session:  # the endpoint's admission alone: what a session does is not this test's
+        def __init__(self, ws, chat, model, max_audio_seconds):
+            self.session_id, self.tenant = "s", None
+
+        async def error(self, exc, event_id):
+            pass
+
+        async def run(self):
+            ran.append(1)
+            await gate.wait()
+
+    async def rate(tenant, request_id=""):
+        await asyncio.sleep(0.2)  # a Redis round trip
+        return {}
+
+    class Ws:
+        scope, query_params = {"subprotocols": ()}, {}
+
+        def __init__(self, app):
+            self.app = app
+
+        async def accept(self, subprotocol=None):
+            pass
+
+        async def close(self, code=1000, reason=""):
+            closed.append(code)
+
+    monkeypatch.setattr(realtime, "RealtimeSession", Session)
+    metrics = SimpleNamespace(reject=lambda code: None, realtime=SimpleNamespace(set=lambda n: None))
+    app = SimpleNamespace(state=SimpleNamespace(chat=SimpleNamespace(metrics=metrics, _rate=rate),
+                                                spec=SimpleNamespace(name="m"), cfg=cfg(max_inflight=1),
+                                                realtime_by_tenant={}, realtime_connections=0))
+
+    async def go():
+        sockets = [asyncio.ensure_future(realtime.realtime_endpoint(Ws(app))) for _ in range(3)]
+        await asyncio.sleep(0.5)
+        gate.set()
+        await asyncio.gather(*sockets)
+
+    asyncio.run(go())
+    assert (len(ran), closed) == (1, [1013, 1013]), (ran, closed)
+    assert app.state.realtime_connections == 0  # each one counted is uncounted as it ends
