@@ -143,6 +143,7 @@ class BackboneConfig:
     dtype: str = "auto"  # float32 | bfloat16 | float16; auto: bfloat16 on a GPU, float32 on a CPU
     max_deliveries: int = 3  # a plan claimed from this many dead workers is dead-lettered
     outage_hold_s: float = 30.0  # while Redis is away, running sequences are held this long, then failed
+    pipeline_timeout_s: float = 120.0  # a shard that hears nothing from its neighbour this long gives up (--num-shards)
     # A step's round trip (overlapped I/O) not answered by then counts as failed, as one Redis timed out would: the
     # loop goes on (it holds its sequences and sends the same events again) and the I/O thread is left to end the
     # call on its own. One call's socket timeout (5 s) does not bound a round trip: redis-py's cluster client
@@ -415,6 +416,8 @@ class BackboneWorker:
                                                          "free_blocks": self.engine.pool.free})
                 else:
                     self.engine.settle()  # the pipeline's steps in flight land (their tokens wait in the events)
+                    if self.engine.pipeline is not None:  # no step goes down the pipe: the other shards would give
+                        self.engine.pipeline.keepalive()  # the replica up after --pipeline-timeout, as broken
                     self._hold()  # Redis is away: no step, only the round trip again
                 # 4) One round trip: events, acks, cancellation checks, and the next plans if there is room. With
                 #    overlapped I/O the previous step's trip ran while this step computed: settle it, send this
@@ -1090,7 +1093,7 @@ def serve(cfg: BackboneConfig, model_dir: str, threads: int | None = None) -> No
             worker.on_threads = torch.set_num_threads
         worker.run()
         return
-    hops = init_group(cfg.dist_url, cfg.shard, cfg.num_shards, device)
+    hops = init_group(cfg.dist_url, cfg.shard, cfg.num_shards, device, cfg.pipeline_timeout_s)
     # A shard told to stop has shard 0 drain the whole replica (the others only follow the pipe); shard 0 listens.
     watch_drain(lambda: DrainLink(cfg.dist_url), stop, rank=cfg.shard)
     model, names = load_shard(spec.path, text, layers, dtype, device, cfg.attention)

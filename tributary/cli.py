@@ -554,6 +554,10 @@ def build_parser() -> argparse.ArgumentParser:
     bb.add_argument("--dist-url", default=_env("DIST_URL", ""),
                     help=_env_help("torch.distributed rendezvous of the replica (tcp://host:port), same on every "
                                    "shard; needed when --num-shards > 1", "DIST_URL"))
+    bb.add_argument("--pipeline-timeout", type=POSITIVE, default=_env("PIPELINE_TIMEOUT", "120"),
+                    help=_env_help("seconds a pipeline shard waits to hear from its neighbour before it gives the "
+                                   "replica up as broken (shard 0 sends a no-op every 5 s when it has nothing else "
+                                   "to send)", "PIPELINE_TIMEOUT"))
     bb.add_argument("--device", type=_device("auto", "cpu"), default=_env("BACKBONE_DEVICE", "auto"),
                     help=_env_help("cpu, cuda or cuda:N (default auto: cuda if a GPU is present, else cpu); plain "
                                    "cuda on a pipeline shard means cuda:<shard mod visible GPUs>", "BACKBONE_DEVICE"))
@@ -863,7 +867,8 @@ def _main(args) -> int:
         try:
             bcfg = BackboneConfig(redis_url=args.redis_url, prefix=args.prefix, max_running=args.max_running,
                                   kv_cache_bytes=kv, shard=args.shard, num_shards=args.num_shards, layers=layers,
-                                  dist_url=args.dist_url, stall_s=args.stall_timeout,
+                                  dist_url=args.dist_url, pipeline_timeout_s=args.pipeline_timeout,
+                                  stall_s=args.stall_timeout,
                                   gpu_memory_utilization=args.gpu_memory_utilization,
                                   max_batched_tokens=args.max_batched_tokens, attention=args.attention,
                                   max_step_ms=args.max_step_ms,

@@ -21,7 +21,7 @@ from cache.keys import BACKBONE_GROUP, Keys
 from cache.keys import cancel as cancel_key
 from cache.streams import fields_payload, payload_fields
 from router import messages as m
-from tests.integration.procs import hold_lease, start_tier, stop_tier
+from tests.integration.procs import hold_lease, paused, start_tier, stop_tier
 from tests.integration.test_backbone_worker import events, plan
 
 KEYS = Keys()
@@ -151,18 +151,19 @@ def test_even_layers_cover_every_layer_once():
 
 
 @contextlib.contextmanager
-def decoding_replica(tiny_model, redis_url: str, reply: str, max_tokens: int):
-    """A 2-shard replica decoding one greedy request ``long`` (PROMPTS[0]) into the stream ``reply``: yields (the
-    Redis client, shard 1, shard 0); both processes are killed on the way out if still running."""
+def decoding_replica(tiny_model, redis_url: str, reply: str, max_tokens: int, *flags: str):
+    """A 2-shard replica (both shards given ``flags``) decoding one greedy request ``long`` (PROMPTS[0]) into the
+    stream ``reply``: yields (the Redis client, shard 1, shard 0); both processes are killed on the way out if still
+    running."""
     r = redis.Redis.from_url(redis_url)
     r.flushall()
     url = f"tcp://127.0.0.1:{free_port()}"
     last = subprocess.Popen([*start_cmd(tiny_model, redis_url), "--shard", "1", "--num-shards", "2",
-                             "--dist-url", url], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                             "--dist-url", url, *flags], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     head = None
     try:
         head = start_tier(["backbone", "--model", str(tiny_model), "--shard", "0", "--num-shards", "2",
-                           "--dist-url", url], redis_url, "backbone")
+                           "--dist-url", url, *flags], redis_url, "backbone")
         hold_lease(r, reply)
         r.xadd(KEYS.gen(), payload_fields(m.encode(plan("long", reply, PROMPTS[0], max_tokens, temperature=0.0))))
         seen, cursor, deadline = [], "0-0", time.monotonic() + 60
@@ -201,3 +202,20 @@ def test_a_killed_shard_hands_the_replicas_requests_back_and_its_peer_exits_with
         assert "the pipeline is broken" in out and "Traceback" not in out, out[-3000:]
         finish = [ev for ev in events(r, "reply:gone", {"long"}) if ev.finish is not None]
         assert finish and finish[-1].code == m.ErrorCode.WORKER_LOST, finish
+
+
+def test_a_replica_holding_requests_through_a_redis_outage_keeps_its_pipe_alive(tiny_spec, tiny_model, redis_server):
+    """Redis away while shard 0 holds a running request: its loop took the outage path, where nothing went down the
+    pipe (the no-op was sent only when idle), so shard 1 gave the replica up as broken after --pipeline-timeout and
+    both shards exited (an outside reviewer's reading): a Redis outage restarted every multi-shard replica with
+    work. The shards now outlive an outage longer than that timeout, and serve once Redis is back."""
+    with decoding_replica(tiny_model, redis_server.url, "reply:outage", 2000, "--pipeline-timeout", "15") as (
+            r, last, head):
+        with paused(redis_server):
+            time.sleep(35)
+            assert last.poll() is None, f"shard 1 exited with {last.returncode} during the outage"
+        hold_lease(r, "reply:after")
+        r.xadd(KEYS.gen(), payload_fields(m.encode(plan("after", "reply:after", PROMPTS[1], 8, temperature=0.0))))
+        got = events(r, "reply:after", {"after"}, timeout=90)
+        assert [t for ev in got for t in ev.token_ids] == reference(tiny_spec, PROMPTS[1], 8)
+        assert last.poll() is None and head.poll() is None
