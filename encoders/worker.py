@@ -66,6 +66,7 @@ from router.metrics import stop as stop_metrics
 log = logging.getLogger(__name__)
 
 PUBLISH_POLL_MS = 5  # an idle read's block while a batch is being answered (the server may round it up to its tick)
+EXIT_JOIN_S = 5.0  # at exit, the pools' threads still running are waited for this long in all, then left behind
 
 
 @dataclass
@@ -599,6 +600,21 @@ def serve(cfg: EncoderConfig, model_dir: str, threads: int | None = None) -> Non
     if threads and cfg.runtime == "torch":  # a budgeted process follows its re-divisions (ONNX Runtime's pool is fixed)
         worker.on_threads = torch.set_num_threads
     worker.run()
-    if worker.stuck:  # the interpreter's exit would join the stuck pool threads (for good): leave without it
+    # The interpreter's exit joins the pools' threads: one stuck (a decode hung on hostile bytes, found stuck or
+    # still running as Redis failed; an answer waiting on a hung device) would hold the exit for good, SIGTERM
+    # ignored until SIGKILL. Leave without it.
+    if worker.stuck or (left := busy_threads(EXIT_JOIN_S)):
+        if not worker.stuck:
+            log.warning("threads still running at exit; leaving without them", extra={"threads": left})
         logging.shutdown()
         os._exit(worker.exit_code)
+
+
+def busy_threads(timeout: float, prefixes: tuple[str, ...] = ("preprocess", "publish")) -> list[str]:
+    """The names of this worker's pool threads still running after ``timeout`` in all (idle ones end once their
+    pool is shut down)."""
+    deadline = time.monotonic() + timeout
+    threads = [t for t in threading.enumerate() if t.name.startswith(prefixes)]
+    for thread in threads:
+        thread.join(max(0.0, deadline - time.monotonic()))
+    return [t.name for t in threads if t.is_alive()]

@@ -36,7 +36,7 @@ from gateway.dashboard import Dashboard
 from gateway.encoding import MediaEncoder
 from gateway.errors import APIError, Internal, MethodNotAllowed, NotFound, redis_failure, redis_unavailable
 from gateway.metrics import CONTENT_TYPE, ClusterMetrics, GatewayMetrics, lease_owner
-from gateway.monitor import ClusterMonitor
+from gateway.monitor import PROBE_TIMEOUT_S, ClusterMonitor
 from gateway.openapi import openapi
 from gateway.origin import BrowserGuard, refuse, split_list
 from gateway.prompt import PromptBuilder
@@ -121,8 +121,8 @@ def create_app(cfg: GatewayConfig):
             await monitor.close()
             await cluster.close()
             await cluster.r.aclose()
-            with contextlib.suppress(RedisError):
-                await redis.delete(reply_stream)
+            with contextlib.suppress(RedisError, TimeoutError):  # else it expires with this gateway's lease
+                await asyncio.wait_for(redis.delete(reply_stream), PROBE_TIMEOUT_S)
             await redis.aclose()
 
     async def chat_completions(request: Request) -> Response:

@@ -84,3 +84,25 @@ def test_an_item_whose_preprocessing_hangs_fails_alone_and_the_worker_stops_once
         hang.set()
         for pool in [*pools, worker.pool]:  # the threads left behind finish (and log) before the test ends
             pool.shutdown(wait=True)
+
+
+def test_a_pool_thread_still_running_at_exit_is_named_so_the_worker_leaves_without_it():
+    """A decode still running as the worker stops (Redis failed meanwhile: its future could not be cancelled) was
+    neither counted stuck nor waited for with a bound: the interpreter's exit joined it, and the worker ignored
+    SIGTERM until SIGKILL (an outside reviewer's reading). ``serve`` leaves with os._exit when any is named."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from encoders.worker import busy_threads
+
+    hang = threading.Event()
+    pool = ThreadPoolExecutor(2, thread_name_prefix="preprocess-exit-test")  # named as the worker's pool is
+    pool.submit(hang.wait, 30)
+    pool.submit(lambda: None).result()
+    pool.shutdown(wait=False, cancel_futures=True)
+    try:
+        t0 = time.monotonic()
+        assert busy_threads(0.3, ("preprocess-exit-test",)) == ["preprocess-exit-test_0"]  # the idle one ended with its pool; the hung one did not
+        assert time.monotonic() - t0 < 2
+    finally:
+        hang.set()
+    assert busy_threads(5, ("preprocess-exit-test",)) == []
