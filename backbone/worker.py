@@ -72,6 +72,7 @@ from cache.streams import (
     send_reply,
 )
 from router import messages as m
+from router.lifecycle import device_problem
 from router.liveness import Heartbeat, Reclaimer, ReclaimGate, worker_id
 from router.logs import Throttle
 from router.metrics import BackboneCollector, pool_usage
@@ -184,10 +185,8 @@ def resolve_placement(device: str, dtype: str) -> tuple[torch.device, torch.dtyp
         raise ValueError(f"--device must be cpu, cuda or cuda:N, got {device!r}") from exc
     if dev.type not in ("cpu", "cuda"):
         raise ValueError(f"--device must be cpu, cuda or cuda:N, got {device!r}")
-    if dev.type == "cuda" and not gpu:
-        raise ValueError(f"--device {device}: no CUDA device is visible to this process")
-    if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
-        raise ValueError(f"--device {device}: this process sees {torch.cuda.device_count()} CUDA device(s)")
+    if problem := device_problem(device):
+        raise ValueError(problem)
     if dtype == "auto":
         dtype = "bfloat16" if dev.type == "cuda" else "float32"
     if dtype not in DTYPES:

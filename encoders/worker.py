@@ -574,18 +574,16 @@ def _done(value) -> Future:
 def serve(cfg: EncoderConfig, model_dir: str, threads: int | None = None) -> None:
     from encoders.loader import load_preprocessor, load_runtime
     from models.spec import ModelSpec
-    from router.lifecycle import stop_on_signals, tune_allocator
+    from router.lifecycle import device_problem, stop_on_signals, tune_allocator
 
     stop = stop_on_signals()
     tune_allocator()
     if threads:
         torch.set_num_threads(threads)
-    if cfg.runtime == "torch" and cfg.device.startswith("cuda"):  # (ONNX Runtime falls back to its CPU provider)
-        visible = torch.cuda.device_count()
-        index = int(cfg.device.split(":", 1)[1]) if ":" in cfg.device else 0
-        if index >= visible:  # a one-line error (tributary/cli.py), not torch's traceback from deep in the load
-            raise ValueError(f"--device {cfg.device}: " + (f"this process sees {visible} CUDA device(s)" if visible
-                                                            else "no CUDA device is visible to this process"))
+    # A one-line error (tributary/cli.py), not torch's traceback from deep in the load (ONNX Runtime falls back to its
+    # CPU provider).
+    if cfg.runtime == "torch" and (problem := device_problem(cfg.device)):
+        raise ValueError(problem)
     spec = ModelSpec.from_dir(model_dir).with_encoder_dtypes({cfg.modality: cfg.dtype}, {cfg.modality: cfg.wire_dtype})
     runtime = load_runtime(spec, cfg.modality, cfg.runtime, cfg.device, threads, dtype=WIRE_DTYPES[cfg.dtype])
     log.info("encoder loaded", extra={"modality": cfg.modality, "encoder_id": spec.encoder_id(cfg.modality),

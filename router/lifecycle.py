@@ -52,3 +52,19 @@ def tune_allocator() -> bool:
                     and libc.mallopt(_M_TRIM_THRESHOLD, TRIM_THRESHOLD))
     except (OSError, AttributeError):  # not glibc (musl, macOS): leave the allocator alone
         return False
+
+
+def device_problem(device: str, flag: str = "--device") -> str | None:
+    """What is wrong with a ``--device`` (cpu, auto, cuda or cuda:N, spelled right) on this machine, as words for a
+    one-line error: a CUDA device this process does not see. None when there is nothing wrong. Every worker checks
+    its own before loading anything, and ``tributary up`` its workers' before starting any."""
+    if not device.startswith("cuda"):
+        return None
+    import torch
+
+    visible = torch.cuda.device_count()
+    index = int(device.split(":", 1)[1]) if ":" in device else 0
+    if index < visible:
+        return None
+    return (f"{flag} {device}: " + (f"this process sees {visible} CUDA device(s)" if visible
+                                      else "no CUDA device is visible to this process"))

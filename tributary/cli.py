@@ -8,6 +8,8 @@ default comes from the environment names its variable (``_env_help``); tests/uni
 from __future__ import annotations
 
 import argparse
+import contextlib
+import io
 import os
 import re
 import sys
@@ -742,6 +744,32 @@ def main(argv: list[str] | None = None) -> int:
         return 2
 
 
+def parse_problem(argv: list[str], env: dict[str, str], command: str) -> str | None:
+    """What the parser refuses in the command line ``argv`` of ``command`` (a worker's, with ``env`` over this
+    process's environment: its TRIBUTARY_* variables are flags' defaults), as argparse's one line, naming the
+    variable when the flag was not on the line; None when it parses. ``tributary up`` checks each of its processes'
+    so, before starting any (a value a worker would refuse at its start had every other process started, then up
+    stop with that worker's usage text in its log)."""
+    saved = dict(os.environ)
+    os.environ.update(env)
+    try:
+        with contextlib.redirect_stderr(io.StringIO()) as err, contextlib.redirect_stdout(io.StringIO()):
+            build_parser().parse_args(argv)
+    except SystemExit as exc:
+        if exc.code:
+            lines = err.getvalue().strip().splitlines()
+            line = (lines[-1] if lines else "its command line was refused").removeprefix(
+                f"tributary {command}: error: ")
+            flag = re.match(r"argument (--[a-z0-9-]+)", line)
+            if flag and flag[1] not in argv:  # its default, from the environment
+                line = line.replace(flag[1], f"{flag[1]} (TRIBUTARY_{flag[1][2:].upper().replace('-', '_')})", 1)
+            return line
+    finally:
+        os.environ.clear()
+        os.environ.update(saved)
+    return None
+
+
 class UserError(Exception):
     """What the command was given cannot work (raised with words for the operator)."""
 
@@ -817,7 +845,7 @@ def _main(args) -> int:
                                 rate_limit_rpm=args.rate_limit_rpm, rate_limit_tpm=args.rate_limit_tpm,
                                 media_cache=not args.no_media_cache)
         except ValueError as exc:
-            raise SystemExit(f"tributary gateway: {exc}") from None
+            raise UserError(str(exc)) from None  # one line, exit 2, as a flag's mistake
         from tributary.cluster import listen_problem
 
         if problem := listen_problem(args.host, args.port):  # before loading anything: one line, at once
@@ -828,24 +856,28 @@ def _main(args) -> int:
         from encoders.worker import EncoderConfig, serve
         from models.spec import parse_encoder_dtypes
 
-        def this_modality(value: str | None, unnamed: str | None) -> str | None:
+        def this_modality(value: str | None, unnamed: str | None, flag: str) -> str | None:
             """A dtype flag for this encoder: one dtype, or its entry of a per-modality list."""
             if value in (None, "", "auto"):
                 return value or None
-            parsed = parse_encoder_dtypes(value)
+            try:
+                parsed = parse_encoder_dtypes(value)
+            except ValueError as exc:
+                raise UserError(f"{flag}: {exc}") from None
             return parsed.get(args.modality, unnamed) if isinstance(parsed, dict) else parsed
 
         try:
             cfg = EncoderConfig(redis_url=args.redis_url, modality=args.modality, prefix=args.prefix,
                                 runtime=args.runtime, device=args.device,
-                                dtype=this_modality(args.dtype, "float32") or "auto", max_batch=args.max_batch,
-                                max_wait_ms=args.max_wait_ms, tensor_ttl_s=args.tensor_ttl,
-                                wire_dtype=this_modality(args.wire_dtype, None), stall_s=args.stall_timeout,
+                                dtype=this_modality(args.dtype, "float32", "--dtype") or "auto",
+                                max_batch=args.max_batch, max_wait_ms=args.max_wait_ms, tensor_ttl_s=args.tensor_ttl,
+                                wire_dtype=this_modality(args.wire_dtype, None, "--wire-dtype"),
+                                stall_s=args.stall_timeout,
                                 max_audio_seconds=args.max_audio_seconds, max_deliveries=args.max_deliveries,
                                 preprocess_threads=args.preprocess_threads, eager=args.eager,
                                 metrics_port=args.metrics_port, metrics_host=args.metrics_host)
         except ValueError as exc:
-            raise SystemExit(f"tributary encoder: {exc}") from None
+            raise UserError(str(exc)) from None  # one line, exit 2, as a flag's mistake
         serve(cfg, args.model, args.threads)
         return 0
     if args.command == "backbone":
@@ -863,7 +895,7 @@ def _main(args) -> int:
             raise UserError(f"--shard {args.shard} is not a shard of a replica of --num-shards {args.num_shards} "
                             "(shards count from 0)")
         if args.num_shards > 1 and not args.dist_url:
-            raise SystemExit("--num-shards > 1 needs --dist-url (the same tcp://host:port on every shard)")
+            raise UserError("--num-shards > 1 needs --dist-url (the same tcp://host:port on every shard)")
         try:
             bcfg = BackboneConfig(redis_url=args.redis_url, prefix=args.prefix, max_running=args.max_running,
                                   kv_cache_bytes=kv, shard=args.shard, num_shards=args.num_shards, layers=layers,
@@ -878,7 +910,7 @@ def _main(args) -> int:
                                   device=args.device, dtype=args.dtype, metrics_port=args.metrics_port,
                                   metrics_host=args.metrics_host)
         except ValueError as exc:
-            raise SystemExit(f"tributary backbone: {exc}") from None
+            raise UserError(str(exc)) from None  # one line, exit 2, as a flag's mistake
         serve(bcfg, args.model, args.threads)
         return 0
     return 2

@@ -275,10 +275,15 @@ def ensure_model(args) -> Path:
 def run_cluster(args) -> int:
     stop = threading.Event()
     running: list[Supervisor] = []
-    forced: list[int] = []  # a second stop signal: every process killed, requests in flight cut (exit 130)
+    # A second stop signal: every process killed, requests in flight cut. It, or the first one before the cluster
+    # came up, is the exit status as a shell gives it for a process a signal ended: 128 + its number (Ctrl-C 130,
+    # SIGTERM 143).
+    forced: list[int] = []
+    signals: list[int] = []
     came_up = False
 
     def on_signal(signum, _frame) -> None:
+        signals.append(signum)
         if signum == signal.SIGHUP:  # the terminal is gone: writing to it would raise (EIO) mid-stop
             _detach_from_terminal()
         if stop.is_set() and running:  # a second Ctrl-C: no more waiting for the graceful stop
@@ -348,6 +353,9 @@ def run_cluster(args) -> int:
         except ValueError as exc:
             print(f"tributary: {exc}", file=sys.stderr)
             return 2
+    if problem := children_problem(cluster, args):  # what a worker would refuse at its start: before any starts
+        print(f"tributary up: error: {problem}", file=sys.stderr)
+        return 2
     try:
         cluster.check_port()
         if args.redis_url:
@@ -402,7 +410,7 @@ def run_cluster(args) -> int:
                 scaler.tick()
             stop.wait(0.3)
         if not came_up:
-            code = 130  # interrupted before the cluster came up
+            code = 128 + (signals[0] if signals else signal.SIGINT)  # interrupted before the cluster came up
     except (NotReady, CrashLoop) as exc:
         say(str(exc), logging.ERROR)
         code = 1
@@ -416,7 +424,28 @@ def run_cluster(args) -> int:
         if redis:
             redis.stop()
         say("stopped")
-    return 130 if forced else code
+    return 128 + forced[0] if forced else code
+
+
+def children_problem(cluster: Cluster, args) -> str | None:
+    """What one of the cluster's processes would refuse as it starts, found before any starts, in one line: a device
+    this machine lacks, a flag or a ``TRIBUTARY_*`` variable its command's parser refuses (an outside tester's
+    ``--backbone-device cuda:3`` and ``TRIBUTARY_DRAIN_TIMEOUT=-1`` started Redis and every worker, then stopped
+    with exit 1 and a worker's usage text in the log)."""
+    from router.lifecycle import device_problem
+    from tributary.cli import parse_problem
+
+    if problem := device_problem(args.backbone_device, "--backbone-device"):
+        return problem
+    if args.encoder_runtime == "torch" and (problem := device_problem(args.encoder_device, "--encoder-device")):
+        return problem  # (ONNX Runtime falls back to its CPU provider)
+    for group in cluster.groups():
+        for child in group.make():
+            # The embedded Redis's URL is known once it runs: any URL stands for it here.
+            env = {**child.env, "TRIBUTARY_REDIS_URL": child.env.get("TRIBUTARY_REDIS_URL") or "redis://localhost"}
+            if problem := parse_problem(child.argv[3:], env, child.argv[3]):
+                return f"{group.tier or child.name}: {problem}"
+    return None
 
 
 def _restart_redis(redis: EmbeddedRedis, restarts: list[float], max_restarts: int, window_s: float) -> list[float]:

@@ -120,6 +120,35 @@ def test_a_child_that_fails_at_start_up_stops_up_with_its_error(tiny_model, redi
     assert processes_with(str(broken)) == []  # nothing left behind
 
 
+@pytest.mark.parametrize("extra, env, says", [
+    (["--backbone-device", "cuda:99"], {}, "--backbone-device cuda:99: "),
+    ([], {"TRIBUTARY_DRAIN_TIMEOUT": "-1"}, "backbone: argument --drain-timeout (TRIBUTARY_DRAIN_TIMEOUT): must be"),
+], ids=["device", "worker-variable"])
+def test_what_a_worker_would_refuse_stops_up_before_anything_starts(tiny_model, redis_server, tmp_path, extra, env,
+                                                                     says):
+    """An outside tester's ``--backbone-device cuda:3`` and ``TRIBUTARY_DRAIN_TIMEOUT=-1`` (a backbone's flag) started
+    every process, then stopped with exit 1 and a worker's usage text in the log. Now one line, exit 2, and no
+    process started."""
+    t0 = time.monotonic()
+    proc = subprocess.run([sys.executable, "-m", "tributary.cli", "up", "--model", str(tiny_model), "--port",
+                           str(free_port()), "--redis-url", redis_server.url, "--prefix", "refused", *extra],
+                          capture_output=True, text=True, timeout=60, env={**os.environ, **env})
+    lines = proc.stderr.strip().splitlines()
+    assert proc.returncode == 2 and len(lines) == 1 and lines[0].startswith("tributary up: error: ") \
+        and says in lines[0], proc.stderr
+    assert "started" not in proc.stdout + proc.stderr and time.monotonic() - t0 < 30
+
+
+def test_a_sigterm_before_the_cluster_is_up_exits_143(tiny_model, redis_server, tmp_path):
+    """As a shell reports a process SIGTERM ended (128 + 15); Ctrl-C's is 130 (an outside tester: 130 for both)."""
+    log = tmp_path / "up.log"
+    proc, _ = up(tiny_model, redis_server.url, log, "--prefix", "early")
+    wait_for("a child started", lambda: "started" in log.read_text(), 60, log, proc)
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(60) == 143, log.read_text()[-2000:]
+    assert "Tributary is up" not in log.read_text()
+
+
 def test_a_killed_worker_is_restarted_and_a_crash_loop_stops_the_cluster(tiny_model, redis_server, tmp_path):
     log = tmp_path / "up.log"
     proc, port = up(tiny_model, redis_server.url, log, "--prefix", "sup", "--max-restarts", "2",
