@@ -423,10 +423,11 @@ def build_parser() -> argparse.ArgumentParser:
     up.add_argument("--restart-window", type=POSITIVE, default=60.0,
                     help="seconds over which --max-restarts counts crashes")
     up.add_argument("--hang-timeout", type=NONNEG, default=30.0,
-                    help="a worker whose loop is stuck stops heartbeating (after the workers' stall timeout, 60 s, "
-                         "env TRIBUTARY_STALL_TIMEOUT); once its last beat is this many seconds old while Redis "
-                         "answered all along, it is killed and restarted like a crashed one; so is a gateway that "
-                         "has not answered /health for this long (0: never)")
+                    help="a worker that stops heartbeating (a frozen or hung process at once; one whose loop is "
+                         "stuck while the process runs, after the workers' stall timeout, 60 s, env "
+                         "TRIBUTARY_STALL_TIMEOUT) is killed and restarted like a crashed one once its last beat is "
+                         "this many seconds old while Redis answered all along (its requests then move to another "
+                         "replica); so is a gateway that has not answered /health for this long (0: never)")
     _admission(up)
     _access(up)
     up.add_argument("--worker-metrics-port", type=PORT_OR_0, default=0,
