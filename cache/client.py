@@ -78,6 +78,8 @@ def describe(exc: BaseException) -> str:
 
     if refused_credentials(exc):
         return "authentication failed"
+    if not_redis(exc):
+        return "not a Redis server (it answered in another protocol: does the URL name the right port?)"
     if isinstance(exc, (RedisTimeoutError, TimeoutError)):
         return "timed out"
     if isinstance(exc, RedisConnectionError | ConnectionError | OSError):
@@ -111,6 +113,14 @@ def refused_credentials(exc: BaseException) -> bool:
     from redis.exceptions import AuthenticationError
 
     return isinstance(exc, AuthenticationError) or "NOAUTH" in str(exc) or "WRONGPASS" in str(exc)
+
+
+def not_redis(exc: BaseException) -> bool:
+    """The server answered in another protocol (an HTTP server on the port the URL names, say): waiting will not
+    mend it, as a refused password will not."""
+    from redis.exceptions import InvalidResponse
+
+    return isinstance(exc, InvalidResponse)
 
 
 def ping_error(url: str, timeout_s: float = 5.0) -> Exception | None:

@@ -349,13 +349,14 @@ def connection_cap(configured: int = 0) -> int:
 
 
 def check_redis_credentials(url: str) -> None:
-    """A Redis that refuses the gateway's credentials stops the start (a RedisError, which the command line words
-    in one line): a wrong password never clears, and a gateway running on with /ready 503 hid it. A Redis that is
-    not up yet is only logged: the gateway starts, refusing requests, until it is."""
-    from cache.client import describe, ping_error, refused_credentials
+    """A Redis that refuses the gateway's credentials, or a server at the URL that is no Redis, stops the start (a
+    RedisError, which the command line words in one line): neither ever clears, and a gateway running on with
+    /ready 503 hid it. A Redis that is not up yet is only logged: the gateway starts, refusing requests, until it
+    is."""
+    from cache.client import describe, not_redis, ping_error, refused_credentials
 
     exc = ping_error(url)
-    if exc is not None and refused_credentials(exc):
+    if exc is not None and (refused_credentials(exc) or not_redis(exc)):
         raise exc
     if exc is not None:
         log.warning("Redis is not reachable yet; serving 503s until it is", extra={"error": describe(exc)})

@@ -209,3 +209,36 @@ def test_a_gateway_refused_by_redis_for_its_password_stops_at_once(tiny_model):
         wrong = server.url.replace(":right@", ":wrong@")
         code, err = run("gateway", "--model", str(tiny_model), "--redis-url", wrong, "--port", "1")
     assert code == 2 and "Redis: authentication failed" in err and "Traceback" not in err, err
+
+
+def test_a_gateway_whose_redis_url_names_a_server_that_is_not_redis_stops_at_once(tiny_model):
+    """An outside operator's --redis-url named an HTTP port: ``up`` said ``Protocol error, got "H"``, and a
+    standalone gateway logged ``"error": "error"`` and served 503s for good. Both now say what it is, and the
+    gateway stops (it never clears)."""
+    import socket
+    import threading
+
+    from cache.embedded import free_port
+
+    listener = socket.create_server(("127.0.0.1", 0))
+    port = listener.getsockname()[1]
+
+    def http():
+        while True:
+            try:
+                conn, _ = listener.accept()
+            except OSError:
+                return
+            with conn:
+                conn.recv(1024)
+                conn.sendall(b"HTTP/1.1 400 Bad Request\r\ncontent-length: 0\r\n\r\n")
+
+    threading.Thread(target=http, daemon=True).start()
+    try:
+        url = f"redis://127.0.0.1:{port}"
+        code, err = run("gateway", "--model", str(tiny_model), "--redis-url", url, "--port", "1")
+        assert code == 2 and "not a Redis server" in err and "Traceback" not in err, err
+        code, err = run("up", "--model", str(tiny_model), "--redis-url", url, "--port", str(free_port()))
+        assert code == 1 and "not a Redis server" in err and "Traceback" not in err, err
+    finally:
+        listener.close()
