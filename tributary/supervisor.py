@@ -49,6 +49,9 @@ class Child:
     tail: collections.deque = field(default_factory=lambda: collections.deque(maxlen=TAIL_LINES))
     _reader: threading.Thread | None = None
     started_at: float = 0.0  # monotonic
+    # Seen serving (a worker's heartbeat, the gateway answering /health: tributary/watchdog.py): a crash after that
+    # is no start-up failure, and does not lengthen its group's crashes in a row.
+    served: bool = False
 
     def start(self) -> None:
         self.proc = subprocess.Popen(self.argv, env={**os.environ, **self.env}, stdout=subprocess.PIPE,
@@ -177,8 +180,11 @@ class Supervisor:
                 if not stopped:
                     group.crashes = [t for t in group.crashes if now - t < self.window_s] + [now]
                     # A process that loads for longer than the window / (limit + 1), restarted with backoff, never
-                    # crashes often enough within the window: crashes in a row, each soon after its start, count too.
-                    group.streak = group.streak + 1 if now - child.started_at < self.window_s else 1
+                    # crashes often enough within the window: crashes in a row, each soon after its start, count too
+                    # (a start-up failure: a checkpoint that cannot load). One that had served is none: a gateway
+                    # killed as hung again and again by a client's requests must not stop the whole cluster.
+                    group.streak = 0 if any(c.served for c in group.children) else (
+                        group.streak + 1 if now - child.started_at < self.window_s else 1)
                 recent = sum(1 for g in self.groups for t in g.crashes if now - t < self.window_s)
                 say(f"{child.name} exited with code {child.exited}; last lines:\n{_indent(child.last_lines())}",
                     logging.INFO if stopped else logging.ERROR, child=child.name, code=child.exited)

@@ -91,6 +91,8 @@ class Watchdog:
         self.beats = {c.proc.pid: self.beats[c.proc.pid] for c in judged if c.proc.pid in self.beats}
         running = {c.proc.pid for g in groups for c in g.children if c.proc is not None and c.exited is None}
         self.seen &= running
+        for child in judged:
+            child.served = child.served or child.proc.pid in self.seen
         if now - self.healthy_since < self.hang_s:
             return []
         wall, killed = time.time(), []
@@ -162,6 +164,7 @@ class GatewayProbe:
         last = self.answered.get(child.proc.pid)
         if last is None and child.started_at < self.created:
             last = self.created  # the gateway up waited for: it answered /ready just before this probe began
+        child.served = child.served or last is not None
         silent = now - (last if last is not None else child.started_at)
         if silent <= (self.hang_s if last is not None else max(self.load_s, self.hang_s)):
             return None

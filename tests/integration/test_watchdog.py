@@ -219,6 +219,31 @@ def test_crashes_in_a_row_each_soon_after_start_stop_the_cluster_though_the_wind
         sup.stop()
 
 
+def test_crashes_of_a_worker_that_had_served_are_no_start_up_failures(server):
+    """Crashes in a row count toward stopping the cluster only as start-up failures: a process seen serving (here:
+    beating) that then dies, again and again, is restarted each time (a gateway a client's requests hung, killed
+    by the probe five times, stopped the whole cluster: a previous note). One that never served still stops it
+    (the test above)."""
+    from tributary.supervisor import CrashLoop
+
+    serves_then_dies = WORKER.replace("while True:", "while time.monotonic() < end + 0.5:") + "raise SystemExit(3)\n"
+    worker = group("worker", serves_then_dies, server.url, "0.5")  # dies 1 s into its loop, within the window
+    # ...and the window (3 s) never holds three crashes (each is 1 s of backoff and a start apart): only the crashes
+    # in a row could stop the cluster.
+    sup = Supervisor([worker], max_restarts=2, window_s=3.0)
+    dog = Watchdog(server.url, PREFIX, [TIER], hang_s=30, every_s=0.1)
+    sup.start()
+    try:
+        starts = []
+        try:
+            run(sup, dog, 40, until=lambda: (starts.append(worker.children[0].proc.pid), len(set(starts)) > 4)[1])
+        except CrashLoop as exc:
+            pytest.fail(f"a worker that had served stopped the cluster: {exc}")
+        assert len(set(starts)) > 4 and worker.streak == 0
+    finally:
+        sup.stop()
+
+
 def test_a_worker_starting_while_redis_refuses_writes_waits_for_it(server):
     """A worker (re)started into a Redis that refuses writes waits to create its group instead of exiting (a crash
     the supervisor would count, for a fault that is not the worker's); SIGTERM still ends the wait."""
