@@ -481,10 +481,15 @@ class ChatService:
         created, model = int(time.time()), self.spec.name
         include_usage = bool(req.stream_options and req.stream_options.include_usage)
 
-        def chunk(delta: dict, finish: str | None = None, **extra) -> bytes:
+        def event(choices: list, usage: dict | None = None) -> bytes:
             body = {"id": f"chatcmpl-{rid}", "object": "chat.completion.chunk", "created": created, "model": model,
-                    "choices": [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}], **extra}
+                    "choices": choices}
+            if include_usage:  # on every chunk, null but on the last, as OpenAI's (clients read chunk["usage"])
+                body["usage"] = usage
             return b"data: " + json.dumps(body).encode() + b"\n\n"
+
+        def chunk(delta: dict, finish: str | None = None) -> bytes:
+            return event([{"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}])
 
         last = first
         try:
@@ -499,10 +504,7 @@ class ChatService:
                     break
                 d = await anext(deltas)
             if include_usage:
-                usage = _usage(last)
-                body = {"id": f"chatcmpl-{rid}", "object": "chat.completion.chunk", "created": created,
-                        "model": model, "choices": [], "usage": usage}
-                yield b"data: " + json.dumps(body).encode() + b"\n\n"
+                yield event([], _usage(last))
         except (APIError, ClientGone) as exc:
             err = exc if isinstance(exc, APIError) else Internal("client disconnected")
             yield b"data: " + json.dumps(err.body()).encode() + b"\n\n"

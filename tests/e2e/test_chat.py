@@ -71,6 +71,16 @@ def test_streamed_equals_non_streamed_at_temperature_0(client, cluster):
     assert finishes == ["length"]
     assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens == 12
     assert chunks[-1].usage.prompt_tokens == whole.usage.prompt_tokens
+    # Every chunk carries "usage", null but on the last, as OpenAI's do (an outside tester's raw-JSON client read
+    # chunk["usage"] and met a KeyError); without include_usage, none does.
+    for include in (True, False):
+        body = {k: v for k, v in kwargs.items() if k != "extra_body"} | {
+            "ignore_eos": True, "stream": True, "stream_options": {"include_usage": include}}
+        with httpx.stream("POST", f"{cluster.base_url}/v1/chat/completions", timeout=120, json=body) as r:
+            assert r.status_code == 200, r.read()
+            raw = [json.loads(line[6:]) for line in r.iter_lines() if line.startswith("data: {")]
+        assert [("usage" in c, c.get("usage") is not None) for c in raw] == (
+            [(True, False)] * (len(raw) - 1) + [(True, True)] if include else [(False, False)] * len(raw)), raw
 
 
 def test_seed_reproducible_at_temperature_1(client, cluster):
