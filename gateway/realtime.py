@@ -602,6 +602,15 @@ class RealtimeSession:
                     await asyncio.to_thread(self._check_image, url, where)
         return item
 
+    def _referenced(self, raw: dict, param: str) -> dict:
+        """A conversation item named in ``response.input`` by an ``item_reference`` (GA: ``{"type":
+        "item_reference", "id"}``)."""
+        only(raw, {"type", "id"}, param)
+        item = next((it for it in self.items if it["id"] == raw.get("id")), None)
+        if item is None:
+            raise EventError(f"no item with id {raw.get('id')!r}", code="item_not_found", param=f"{param}.id")
+        return item
+
     def _instructions(self, value, param: str) -> None:
         """Instructions must be a string any prompt could hold: longer ones would fail every later response."""
         if not isinstance(value, str):
@@ -966,7 +975,9 @@ class RealtimeSession:
         if "input" in r:
             if not isinstance(r["input"], list):
                 raise EventError("response.input must be a list of items", param="response.input")
-            items = [await self._checked_item(raw, f"response.input.{i}") for i, raw in enumerate(r["input"])]
+            items = [self._referenced(raw, f"response.input.{i}") if isinstance(raw, dict) and raw.get("type")
+                     == "item_reference" else await self._checked_item(raw, f"response.input.{i}")
+                     for i, raw in enumerate(r["input"])]
         else:
             items = list(self.items) if conversation == "auto" else []
         items = await self._fit(items, instructions, max_tokens, conversation == "auto" and "input" not in r)

@@ -327,6 +327,12 @@ def _message_fields(messages) -> None:
         if msg.get("role") in ("tool", "function"):
             raise InvalidRequest(f"role '{msg['role']}' is not supported by this server (it has no tool calling)",
                                  param=f"messages.{i}.role", code="unsupported_parameter")
+        parts = msg.get("content")
+        for j, part in enumerate(parts if isinstance(parts, list) else ()):
+            if isinstance(part, dict) and part.get("type") == "file":  # OpenAI's; a feature this server lacks
+                raise InvalidRequest("content parts of type 'file' (documents) are not supported by this server; "
+                                     "send text, images or audio", param=f"messages.{i}.content.{j}",
+                                     code="unsupported_parameter")
         if msg.get("role") != "assistant":
             continue
         for key, what in _ASSISTANT_FIELDS.items():

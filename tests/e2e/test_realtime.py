@@ -158,6 +158,26 @@ def test_cancel_mid_response_and_the_connection_goes_on(client, cluster):
         assert done.response.status in ("completed", "incomplete")
 
 
+def test_response_input_may_name_conversation_items_by_reference(cluster):
+    """GA's ``{"type": "item_reference", "id"}`` in ``response.input``: the item, as it is in the conversation (an
+    outside tester's was refused as "an item must be a message"); an id not in it is ``item_not_found``."""
+    with raw(cluster) as ws:
+        next_of(ws, "session.created")
+        ws.send(json.dumps({"type": "conversation.item.create", "item": {
+            "type": "message", "role": "user", "content": [{"type": "input_text", "text": "remember"}]}}))
+        item_id = next_of(ws, "conversation.item.added")["item"]["id"]
+        ws.send(json.dumps({"type": "response.create", "event_id": "ev-ref", "response": {
+            "conversation": "none", "max_output_tokens": 2, "temperature": 0,
+            "input": [{"type": "item_reference", "id": item_id}]}}))
+        done = next_of(ws, "response.done")["response"]
+        assert done["status"] in ("completed", "incomplete") and done["usage"]["input_tokens"] > 0, done
+        ws.send(json.dumps({"type": "response.create", "event_id": "ev-bad", "response": {
+            "conversation": "none", "input": [{"type": "item_reference", "id": "item_nope"}]}}))
+        error = next_of(ws, "error")
+        assert (error["error"]["code"], error["error"]["param"], error["error"]["event_id"]) == (
+            "item_not_found", "response.input.0.id", "ev-bad"), error
+
+
 def raw(cluster):
     url = cluster.base_url.replace("http://", "ws://") + f"/v1/realtime?model={cluster.model}"
     return connect(url, max_size=None, open_timeout=30)

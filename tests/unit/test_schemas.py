@@ -385,6 +385,8 @@ def test_refusals_outside_assistant_messages_and_missing_content_refused(message
     ({"role": "assistant", "content": None, "tool_calls": [{"id": "c", "type": "function", "function": {
         "name": "f", "arguments": "{}"}}]}, "messages.1.tool_calls"),
     ({"role": "assistant", "content": None, "audio": {"id": "audio_1"}}, "messages.1.audio"),
+    ({"role": "user", "content": [{"type": "text", "text": "read it"}, {"type": "file", "file": {
+        "file_id": "file-1"}}]}, "messages.1.content.1"),  # OpenAI's document part: a generic 400, code null
 ])
 def test_tool_messages_and_tool_calls_are_refused_as_unsupported_not_unknown(message, param):
     err = refused(body(messages=[{"role": "user", "content": "hi"}, message]))
