@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import re
 import resource
 import uuid
 from collections.abc import Callable
@@ -45,8 +46,29 @@ def _client_fault_not_error(record: logging.LogRecord) -> bool:
     return True
 
 
-if _client_fault_not_error not in logging.getLogger("uvicorn.error").filters:
-    logging.getLogger("uvicorn.error").addFilter(_client_fault_not_error)
+# A secret in a URL's query (a client sending its key as ``?api_key=``, which is refused, or a presigned media URL's
+# token) is written out of log lines: uvicorn logs every WebSocket handshake's path whole, at INFO (an outside
+# tester's key in the log).
+_SECRET_IN_QUERY = re.compile(r"([?&](?:api[_-]?key|key|token|access[_-]?token|auth|authorization|password|secret|"
+                              r"signature|x-amz-signature|x-goog-signature|sig)=)[^&\s\"']*", re.IGNORECASE)
+
+
+def _without_secrets(record: logging.LogRecord) -> bool:
+    if isinstance(record.args, tuple) and any(isinstance(a, str) and "=" in a for a in record.args):
+        record.args = tuple(_SECRET_IN_QUERY.sub(r"\1***", a) if isinstance(a, str) else a for a in record.args)
+    if isinstance(record.msg, str) and "=" in record.msg:
+        record.msg = _SECRET_IN_QUERY.sub(r"\1***", record.msg)
+    return True
+
+
+for _name, _filters in (("uvicorn.error", (_client_fault_not_error, _without_secrets)),
+                        ("uvicorn.access", (_without_secrets,))):
+    for _f in _filters:
+        if _f not in logging.getLogger(_name).filters:
+            logging.getLogger(_name).addFilter(_f)
+# httpx logs each request's URL at INFO: a remote media URL, its query's tokens included. Its failures are logged by
+# gateway/remote.py, without the URL.
+logging.getLogger("httpx").setLevel(logging.WARNING)
 
 
 def _error_response(status: int, reason: str, message: str, code: str, extra: bytes = b"",

@@ -19,6 +19,8 @@ PNG = png_bytes(20, 20, seed=5)
 
 
 class Handler(http.server.BaseHTTPRequestHandler):
+    seen_encodings: list = []  # the Accept-Encoding of each /gzip.png request
+
     def do_GET(self):  # noqa: N802
         routes = {
             "/cat.png": (200, "image/png", PNG),
@@ -35,6 +37,23 @@ class Handler(http.server.BaseHTTPRequestHandler):
         if self.path == "/loop":
             self.send_response(302)
             self.send_header("Location", "/loop")
+            self.end_headers()
+            return
+        if self.path == "/gzip.png":  # compressed though asked for identity: a 200 KiB bomb inflates to 200 MiB
+            import gzip
+
+            body = gzip.compress(b"\0" * (200 << 20), compresslevel=9)
+            self.send_response(200)
+            self.send_header("Content-Type", "image/png")
+            self.send_header("Content-Encoding", "gzip")
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+            self.seen_encodings.append(self.headers.get("Accept-Encoding"))
+            return
+        if self.path == "/backslash":  # a Location httpx cannot request
+            self.send_response(302)
+            self.send_header("Location", "http:\\\\localhost/secret")
             self.end_headers()
             return
         if self.path == "/slow.png":
@@ -103,7 +122,11 @@ def test_loopback_is_refused_even_when_allowed_by_name(server, url):
 
 
 @pytest.mark.parametrize("address", ["10.0.0.1", "172.16.5.4", "192.168.1.1", "169.254.169.254", "100.64.0.1",
-                                     "0.0.0.0", "::1", "fe80::1", "fd00:ec2::254", "::ffff:127.0.0.1", "224.0.0.1"])
+                                     "0.0.0.0", "::1", "fe80::1", "fd00:ec2::254", "::ffff:127.0.0.1", "224.0.0.1",
+                                     # 6to4 wrapping 127.0.0.1 and the metadata address, site-local, Teredo's client
+                                     # 127.0.0.1 (its bits inverted): an outside tester's, judged public before
+                                     "2002:7f00:1::", "2002:a9fe:a9fe::1", "fec0::1",
+                                     "2001:0:4136:e378:8000:63bf:80ff:fffe"])
 def test_inside_addresses_are_not_public(address):
     assert not public(ipaddress.ip_address(address))
 
@@ -184,3 +207,21 @@ def test_lookups_that_hang_do_not_hold_the_threads_every_request_prepares_on(mon
         assert asyncio.run(scenario()) < 1.0
     finally:
         release.set()
+
+
+def test_a_compressed_answer_is_refused_before_it_is_inflated(server):
+    """httpx inflated a gzip body chunk by chunk before the size bound saw it: an outside tester's 200 KiB bomb cost
+    130 MB a request against a 16 MiB cap. The fetch asks for identity and refuses any other encoding."""
+    err = refused(unsafe(max_bytes=16 << 20), f"http://{server}/gzip.png")
+    assert err.code == "remote_media_refused" and "compressed" in err.message
+    assert Handler.seen_encodings[-1] == "identity"
+
+
+def test_a_redirect_to_what_cannot_be_requested_is_a_400_and_failures_are_told_alike(server):
+    """``Location: http:\\\\localhost/...`` raised httpx's InvalidURL, which is no HTTPError: a 500 with a traceback.
+    And which failure it was (refused, reset, not HTTP) is the log's to say, not the client's: it mapped an allowed
+    host's ports."""
+    assert refused(unsafe(), f"http://{server}/backslash").message == "remote media refused: fetching the " \
+        "image failed"
+    closed = refused(unsafe(), "http://127.0.0.1:1/cat.png")  # nothing listens: connection refused
+    assert closed.message == "remote media refused: fetching the image failed", closed.message
