@@ -745,14 +745,18 @@ def main(argv: list[str] | None = None) -> int:
         return 2
 
 
-def parse_problem(argv: list[str], env: dict[str, str], command: str) -> str | None:
+def parse_problem(argv: list[str], env: dict[str, str | None], command: str) -> str | None:
     """What the parser refuses in the command line ``argv`` of ``command`` (a worker's, with ``env`` over this
-    process's environment: its TRIBUTARY_* variables are flags' defaults), as argparse's one line, naming the
-    variable when the flag was not on the line; None when it parses. ``tributary up`` checks each of its processes'
-    so, before starting any (a value a worker would refuse at its start had every other process started, then up
-    stop with that worker's usage text in its log)."""
+    process's environment, None unsetting one: its TRIBUTARY_* variables are flags' defaults), as argparse's one
+    line, naming the variable when the flag was not on the line; None when it parses. ``tributary up`` checks each
+    of its processes' so, before starting any (a value a worker would refuse at its start had every other process
+    started, then up stop with that worker's usage text in its log)."""
     saved = dict(os.environ)
-    os.environ.update(env)
+    for name, value in env.items():  # None: a variable of ours the process is not given
+        if value is None:
+            os.environ.pop(name, None)
+        else:
+            os.environ[name] = value
     try:
         with contextlib.redirect_stderr(io.StringIO()) as err, contextlib.redirect_stdout(io.StringIO()):
             build_parser().parse_args(argv)

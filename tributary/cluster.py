@@ -153,16 +153,19 @@ class Cluster:
     def _common(self) -> list[str]:
         return ["--model", str(self.model), "--prefix", self.prefix, "--log-level", self.log_level]
 
-    def _share(self, n: int, *flags: str) -> tuple[list[str], dict[str, str]]:
+    def _share(self, n: int, *flags: str, gateway: bool = False) -> tuple[list[str], dict[str, str | None]]:
         # The Redis URL (it may hold a password) reaches the children by environment, never their command lines,
-        # which every local user can read (/proc/<pid>/cmdline).
-        env = {"TRIBUTARY_REDIS_URL": self.redis_url}
+        # which every local user can read (/proc/<pid>/cmdline). API keys given by environment reach the gateway
+        # alone: a worker has no use for them.
+        env: dict[str, str | None] = {"TRIBUTARY_REDIS_URL": self.redis_url}
+        if not gateway:
+            env["TRIBUTARY_API_KEYS"] = None
         if not self.cpu_budget:
             return [], env
         return [flag for f in flags for flag in (f, str(n))], {**env, **thread_env(n)}
 
     def _one(self, name: str, tier: str, argv: list[str], n: int, *flags: str) -> Group:
-        extra, child_env = self._share(n, *flags)
+        extra, child_env = self._share(n, *flags, gateway=not tier)
         if tier:
             extra = extra + self._metrics_flags(name)
         return Group(name, lambda: [Child(name, argv + extra, child_env)], tier=tier)

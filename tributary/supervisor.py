@@ -44,7 +44,7 @@ KILLED_WAIT_S = 5.0  # how long a process is waited for after SIGKILL (in uninte
 class Child:
     name: str
     argv: list[str]
-    env: dict[str, str] = field(default_factory=dict)
+    env: dict[str, str | None] = field(default_factory=dict)  # over ours; None: a variable of ours not passed on
     proc: subprocess.Popen | None = None
     tail: collections.deque = field(default_factory=lambda: collections.deque(maxlen=TAIL_LINES))
     _reader: threading.Thread | None = None
@@ -54,7 +54,8 @@ class Child:
     served: bool = False
 
     def start(self) -> None:
-        self.proc = subprocess.Popen(self.argv, env={**os.environ, **self.env}, stdout=subprocess.PIPE,
+        env = {k: v for k, v in {**os.environ, **self.env}.items() if v is not None}
+        self.proc = subprocess.Popen(self.argv, env=env, stdout=subprocess.PIPE,
                                      stderr=subprocess.STDOUT, start_new_session=True, preexec_fn=die_with_parent)
         self._reader = threading.Thread(target=self._pump, name=f"out-{self.name}", daemon=True)
         self._reader.start()

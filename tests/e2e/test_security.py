@@ -274,10 +274,17 @@ def test_the_redis_password_is_nowhere_to_be_seen(secured):
     finally:
         os.kill(secured.server.proc.pid, signal.SIGCONT)
         secured.wait_ready(60)
-    # Command lines of every process of the cluster.
+    # Command lines of every process of the cluster; keys given by environment reach the gateway alone (an outside
+    # tester found them in every worker's environment, which has no use for them).
+    given = {}  # command -> whether its environment holds the keys
     for pid in [secured.proc.pid, *secured.children()]:
         cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().decode(errors="replace")
         assert PASSWORD not in cmdline and KEYS["alice"] not in cmdline, cmdline
+        environ = Path(f"/proc/{pid}/environ").read_bytes().decode(errors="replace").split("\0")
+        command = cmdline.split("tributary.cli\0", 1)[1].split("\0", 1)[0] if "tributary.cli\0" in cmdline else None
+        if command in ("gateway", "encoder", "backbone"):
+            given[command] = given.get(command, False) or any(v.startswith("TRIBUTARY_API_KEYS=") for v in environ)
+    assert given == {"gateway": True, "encoder": False, "backbone": False}, given
     # Every log line so far (the supervisor's and each tier's).
     log = secured.log_path.read_text()
     assert log and PASSWORD not in log
