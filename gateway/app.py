@@ -98,6 +98,7 @@ def create_app(cfg: GatewayConfig):
         builder = PromptBuilder(spec, tokenizer, cfg.max_media_bytes, cfg.limit_mm_per_prompt, cfg.max_audio_seconds)
         limiter = RateLimiter(redis, keys, cfg.rate_limit_rpm, cfg.rate_limit_tpm)
         app.state.chat = ChatService(cfg, builder, media, tiers, replies, monitor, limiter, metrics)
+        app.state.chat.tenants = ring.tenant_count  # each tenant's share of max_inflight (chat.tenant_share)
         # The queues' metrics, exported by one gateway of the cluster (the metrics leader lease); its own
         # connection (the monitor's settings: a short timeout, no retries), so a slow Redis never holds requests.
         cluster = ClusterMetrics(connect_async(cfg.redis_url, retries=0, socket_timeout=2.0), keys,

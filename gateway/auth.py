@@ -137,6 +137,10 @@ class KeyRing:
     def enabled(self) -> bool:
         return bool(self.env) or self.file is not None
 
+    def tenant_count(self) -> int:
+        """The tenants the keys in force name (the environment's and the key file's, as last read)."""
+        return len(set(self.env.values()) | {name for name, _ in self.from_file.values()})
+
     def tenant(self, key: str | None) -> Tenant | None:
         """The key's tenant, or None for no key / an unknown or revoked one."""
         if not key:

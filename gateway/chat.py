@@ -48,7 +48,7 @@ from gateway.errors import (
 from gateway.metrics import GatewayMetrics
 from gateway.monitor import ClusterMonitor, admit
 from gateway.prompt import Prompt, PromptBuilder, expand_placeholders
-from gateway.ratelimit import RateLimiter
+from gateway.ratelimit import RateLimited, RateLimiter
 from gateway.remote import RemoteMedia
 from gateway.replies import ReplyRouter
 from gateway.schemas import ChatCompletionRequest, parse_chat_request
@@ -67,6 +67,7 @@ SMALL_BODY = 256 * 1024
 # ~2 us a value); six clients sending 100,000-value bodies at once had the event loop wait behind six such threads,
 # the other requests slowed to seconds (an outside tester's run). One at a time, the loop waits behind one.
 LARGE_PARSE = 64 * 1024
+TENANT_SHARE = 4  # with API keys, a tenant holds at least 1/TENANT_SHARE of max_inflight (``tenant_share``)
 _CLIENT_ID = re.compile(r"^[\x21-\x7e]{1,512}$")  # printable ASCII, as the OpenAI API accepts
 
 
@@ -105,6 +106,8 @@ class ChatService:
         self.monitor = monitor
         self.spec = builder.spec
         self.inflight = 0  # requests admitted and not yet answered in full
+        self.inflight_by_tenant: dict[str, int] = {}  # the same, per API key's tenant (see ``tenant_share``)
+        self.tenants = lambda: 1  # how many tenants the keys in force name (gateway/auth.KeyRing.tenant_count)
         self.closing = False  # the server's graceful period is ending: requests are refused, those in flight ended
         self._closed = asyncio.Event()  # set with ``closing``: ends the waits of requests not yet queued anywhere
         self.receiving = 0  # bytes of request bodies being received (not yet counted in ``inflight``)
@@ -130,6 +133,26 @@ class ChatService:
         except APIError as exc:
             self.metrics.reject(exc.code)
             raise
+
+    def _enter(self, tenant) -> None:
+        """Count a request admitted in flight, refusing it (429) past its tenant's share of ``max_inflight``: one
+        key's slow requests (remote media on a slow host, long generations) took every slot, and every other key
+        was refused 503 (an outside tester's finding)."""
+        if tenant is not None:
+            held, share = self.inflight_by_tenant.get(tenant.name, 0), tenant_share(self.cfg, self.tenants())
+            if held >= share:
+                self.metrics.reject("rate_limit_exceeded")
+                raise RateLimited(f"this key has {held} requests in flight, its share of this gateway's "
+                                  f"{self.cfg.max_inflight}; retry when one ends", 1, {}, "requests")
+            self.inflight_by_tenant[tenant.name] = held + 1
+        self.inflight += 1
+
+    def _leave(self, tenant) -> None:
+        self.inflight -= 1
+        if tenant is not None:
+            left = self.inflight_by_tenant.pop(tenant.name) - 1
+            if left:
+                self.inflight_by_tenant[tenant.name] = left
 
     def end_in_flight(self) -> int:
         """End every request in flight with a 503 ``server_shutting_down`` (an error event for a stream that has
@@ -196,7 +219,8 @@ class ChatService:
         # slowloris); the bodies being received are bounded in bytes instead (``_read_body``).
         body = await self._or_closing(self._read_body(request))
         self.admit(["backbone"])
-        self.inflight += 1
+        tenant = getattr(request.state, "tenant", None)
+        self._enter(tenant)
         streaming = False
         try:
             response = await self._handle(request, body, ids, arrival)
@@ -204,7 +228,7 @@ class ChatService:
             return response
         finally:
             if not streaming:  # a stream is counted until its last event (``_sse``)
-                self.inflight -= 1
+                self._leave(tenant)
 
     async def _handle(self, request: Request, body: bytes, ids: RequestIds, arrival: float) -> Response:
         rid = ids.server
@@ -233,7 +257,7 @@ class ChatService:
             raise
         if req.stream:
             def release() -> None:  # once the stream ended, however it ended (even before its first byte)
-                self.inflight -= 1
+                self._leave(tenant)
                 watcher.cancel()
                 self.replies.unsubscribe(rid)
 
@@ -263,7 +287,7 @@ class ChatService:
         arrival = time.perf_counter()
         self.admit(["backbone"])  # a refusal for load counts toward no rate limit
         await self._rate(tenant, rid)
-        self.inflight += 1
+        self._enter(tenant)
         queue = watcher = None
         try:
             req, prompt = await self._or_closing(self._prepare(body, tenant, namespace))
@@ -305,7 +329,7 @@ class ChatService:
                 watcher.cancel()
             if queue is not None:
                 self.replies.unsubscribe(rid)
-            self.inflight -= 1
+            self._leave(tenant)
 
     def _ended_early(self, exc: BaseException, arrival: float) -> None:
         """A request that ended while its media were encoded or its plan queued, before it could generate (an
@@ -582,3 +606,10 @@ def _event_error(ev: m.TokenEvent, req: ChatCompletionRequest) -> APIError:
     if ev.code == m.ErrorCode.GAVE_UP:
         return Internal(ev.error or "the request was given up on", code="dead_lettered")
     return Internal(ev.error or "the backbone failed this request")
+
+
+def tenant_share(cfg: GatewayConfig, tenants: int) -> int:
+    """What one API key's tenant may hold of a gateway's ``max_inflight`` (requests in flight, and Realtime
+    connections apart): an even share among the tenants the keys name, but never less than a quarter (it counts at
+    most TENANT_SHARE tenants), one at the least. A gateway of one tenant gives it all."""
+    return max(1, cfg.max_inflight // min(TENANT_SHARE, max(1, tenants)))

@@ -68,7 +68,7 @@ import numpy as np
 from redis.exceptions import RedisError
 from starlette.websockets import WebSocket, WebSocketDisconnect, WebSocketDisconnected
 
-from gateway.chat import LARGE_PARSE
+from gateway.chat import LARGE_PARSE, tenant_share
 from gateway.errors import APIError, InvalidRequest, redis_failure, redis_unavailable
 from gateway.media import b64decode_chunked, image_from_url, is_remote
 from gateway.schemas import check_sampling, parse_json
@@ -81,7 +81,6 @@ log = logging.getLogger(__name__)
 PCM_RATE = 24_000  # the protocol's input audio: PCM16, 24 kHz, mono
 MAX_ITEMS = 1024
 LARGE_EVENT = LARGE_PARSE  # characters of an event's JSON past which it is parsed on a thread (and its JSON written)
-TENANT_SHARE = 4  # with API keys, one tenant holds at most 1/TENANT_SHARE of a gateway's Realtime connections
 KEY_CHECK_S = 5.0  # with API keys, how often a silent connection checks that its key was not revoked
 IDLE_S = 600.0  # a connection that sends no event for this long is closed (pings already drop dead peers)
 UNSUPPORTED_EVENTS = {
@@ -1148,7 +1147,7 @@ async def realtime_endpoint(ws: WebSocket) -> None:
     tenant = ws.scope.get("state", {}).get("tenant")  # gateway/auth.py: None without API keys
     held = app.state.realtime_by_tenant.get(tenant.name, 0) if tenant else 0
     full = ("this gateway's" if app.state.realtime_connections >= cfg.max_inflight else
-            "this key's" if tenant and held >= tenant_connections(cfg) else None)
+            "this key's" if tenant and held >= tenant_share(cfg, chat.tenants()) else None)
     if full:
         chat.metrics.reject("server_overloaded")
         log.warning("realtime connection refused: too many", extra={
@@ -1186,9 +1185,3 @@ async def realtime_endpoint(ws: WebSocket) -> None:
                 app.state.realtime_by_tenant[tenant.name] = left
         chat.metrics.realtime.set(app.state.realtime_connections)
         log.info("realtime closed", extra={"session": session.session_id})
-
-
-def tenant_connections(cfg) -> int:
-    """The Realtime connections one API key's tenant may hold on a gateway: a quarter of ``max_inflight`` (at least
-    one), so that one tenant's idle sockets cannot lock every other tenant out."""
-    return max(1, cfg.max_inflight // TENANT_SHARE)

@@ -188,6 +188,39 @@ def test_one_tenant_cannot_take_every_realtime_connection(secured):
     assert got["type"] == "session.created", got
 
 
+def test_one_tenant_cannot_take_every_request_slot(secured):
+    """--max-inflight 8 and five tenants: each may hold 2 requests in flight (a quarter); a third is a 429 naming the
+    key's share, while another tenant is still served (an outside tester's slow media requests took all 8 slots,
+    and every other key got 503s)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    backbone = next(pid for pid in secured.children()
+                    if b"tributary.cli\0backbone" in Path(f"/proc/{pid}/cmdline").read_bytes())
+    os.kill(backbone, signal.SIGSTOP)  # every request stays in flight, waiting for its first token
+    try:
+        with ThreadPoolExecutor(3) as pool:
+            held = [pool.submit(ask, secured, KEYS["bob"], "hold") for _ in range(2)]
+            deadline = time.monotonic() + 15
+            while True:  # until both are in flight (the gauge counts them)
+                gauge = [line for line in httpx.get(secured.base_url + "/metrics", timeout=10).text.splitlines()
+                         if line.startswith("tributary_gateway_requests_in_flight")]
+                if gauge and float(gauge[0].split()[-1]) >= 2 or time.monotonic() > deadline:
+                    break
+                time.sleep(0.1)
+            with pytest.raises(openai.RateLimitError) as info:
+                ask(secured, KEYS["bob"], "third")
+            assert info.value.body["code"] == "rate_limit_exceeded" and "in flight" in info.value.body["message"]
+            other = pool.submit(ask, secured, KEYS["carol"], "mine")
+            time.sleep(1.0)
+            assert not other.done()  # admitted, waiting as bob's are, not refused
+            os.kill(backbone, signal.SIGCONT)
+            assert all(f.result(timeout=60).usage.completion_tokens > 0 for f in [*held, other])
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(backbone, signal.SIGCONT)
+    assert ask(secured, KEYS["bob"], "again").usage.completion_tokens > 0  # its slots are back
+
+
 def test_tenants_neither_reuse_nor_detect_each_others_media(secured):
     png = png_bytes(44, 40, seed=71)
     calls = lambda: secured.stats("encoder:image").get("encoder_calls", 0)  # noqa: E731

@@ -359,3 +359,11 @@ def test_realtime_handshakes_arriving_while_the_rate_limit_is_read_still_meet_th
     asyncio.run(go())
     assert (len(ran), closed) == (1, [1013, 1013]), (ran, closed)
     assert app.state.realtime_connections == 0  # each one counted is uncounted as it ends
+
+
+@pytest.mark.parametrize("max_inflight, tenants, share", [(8, 1, 8), (8, 2, 4), (8, 4, 2), (8, 10, 2), (2, 5, 1),
+                                                          (8, 0, 8)])
+def test_a_tenants_share_of_the_slots_is_even_and_never_under_a_quarter(max_inflight, tenants, share):
+    from gateway.chat import tenant_share
+
+    assert tenant_share(cfg(max_inflight=max_inflight), tenants) == share
