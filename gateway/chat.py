@@ -107,6 +107,7 @@ class ChatService:
         self.spec = builder.spec
         self.inflight = 0  # requests admitted and not yet answered in full
         self.inflight_by_tenant: dict[str, int] = {}  # the same, per API key's tenant (see ``tenant_share``)
+        self.reserved: dict[str, tuple[str, int]] = {}  # request id -> its token reservation (``_plan``)
         self.tenants = lambda: 1  # how many tenants the keys in force name (gateway/auth.KeyRing.tenant_count)
         self.closing = False  # the server's graceful period is ending: requests are refused, those in flight ended
         self._closed = asyncio.Event()  # set with ``closing``: ends the waits of requests not yet queued anywhere
@@ -193,15 +194,23 @@ class ChatService:
             del work
 
     async def _rate(self, tenant, request_id: str = "") -> dict:
-        """The tenant's rate-limit state, or a 429 (counted in the metrics' rejected requests); its round trip is
-        bounded as every other of a request's (``tiers.bounded``), and Redis failing is a 503."""
+        """The tenant's rate-limit state, or a 429 (``RateLimiter.admit``)."""
+        return await self._limited(self.limiter.admit(tenant), "checking the rate limit", request_id)
+
+    async def _reserve(self, tenant, tokens: int, request_id: str) -> tuple[str, int] | None:
+        """``tokens`` reserved in the tenant's window, or a 429 (``RateLimiter.reserve``)."""
+        return await self._limited(self.limiter.reserve(tenant, tokens), "reserving tokens", request_id)
+
+    async def _limited(self, call, what: str, request_id: str):
+        """A rate limiter's round trip, bounded as every other of a request's (``tiers.bounded``); Redis failing is
+        a 503, and a refusal is counted in the metrics' rejected requests."""
         try:
             try:
-                return await bounded(self.limiter.admit(tenant), "checking the rate limit", request_id)
+                return await bounded(call, what, request_id)
             except Exception as exc:
                 if not redis_failure(exc):
                     raise
-                log.warning("redis failed", extra={"request_id": request_id, "during": "checking the rate limit",
+                log.warning("redis failed", extra={"request_id": request_id, "during": what,
                                                    "error": f"{type(exc).__name__}: {exc}"})
                 raise redis_unavailable(exc) from exc
         except APIError as exc:
@@ -242,7 +251,7 @@ class ChatService:
         watcher = self._spawn(self._watch_disconnect(request, queue))
         deltas = None
         try:
-            plan = await self._plan(rid, req, prompt, queue)
+            plan = await self._plan(rid, req, prompt, queue, tenant=tenant)
 
             async def encode_again() -> list[m.MediaRef]:  # a cached tensor expired (or a Redis restart lost it)
                 return await self.media.encode(rid, prompt.media, queue, prompt.namespace, prompt.tenant)
@@ -300,7 +309,7 @@ class ChatService:
             queue = self.replies.subscribe(rid)
             watcher = self._spawn(self._watch_event(cancelled, queue))
             try:
-                plan = await self._plan(rid, req, prompt, queue, cap)
+                plan = await self._plan(rid, req, prompt, queue, cap, tenant)
             except BaseException as exc:
                 self._ended_early(exc, arrival)
                 # The REST route logs how its request ended (gateway/app.py); this caller's ends here, unlogged
@@ -441,17 +450,29 @@ class ChatService:
                                  f"{self.spec.max_context} tokens", param=param, code="context_length_exceeded")
         return room
 
-    async def _plan(self, rid: str, req: ChatCompletionRequest, prompt: Prompt, queue, cap: float | None = None
-                    ) -> m.PromptPlan:
-        """``cap`` (see ``respond``): the budget when the request names none, clamped to the context left."""
-        refs = await self.media.encode(rid, prompt.media, queue, prompt.namespace, prompt.tenant)
+    async def _plan(self, rid: str, req: ChatCompletionRequest, prompt: Prompt, queue, cap: float | None = None,
+                    tenant=None) -> m.PromptPlan:
+        """``cap`` (see ``respond``): the budget when the request names none, clamped to the context left. With a
+        token rate limit, the prompt and the budget are reserved first (``RateLimiter.reserve``: a 429 here), and
+        settled as the request ends (``_deltas``)."""
+        default = self.cfg.default_max_tokens if cap is None else cap
+        length = prompt.expected_length
+        may_take = length + (req.token_budget() or int(min(default, self.spec.max_context - length)))
+        reservation = await self._reserve(tenant, may_take, rid)
+        try:
+            refs = await self.media.encode(rid, prompt.media, queue, prompt.namespace, prompt.tenant)
+        except BaseException:
+            if reservation is not None:  # it does not run: what it reserved is given back
+                self._spawn(self.limiter.spend(tenant, -reservation[1], reservation[0]))
+            raise
+        if reservation is not None:
+            self.reserved[rid] = reservation
         ids = expand_placeholders(prompt.token_ids, self.spec.placeholder_ids, [r.num_tokens for r in refs])
         # the encoders' counts are final
         room = self._check_context(len(ids), budget := req.token_budget(), req.budget_param())
         # The seed is fixed here when the client sent none: every attempt of the request (a migration, a plan
         # queued twice by a retried XADD) then draws the same tokens, so they can be joined by position.
         seed = req.seed if req.seed is not None else secrets.randbits(63)
-        default = self.cfg.default_max_tokens if cap is None else cap
         sampling = m.SamplingParams(max_tokens=budget or int(min(default, room)),
                                     temperature=req.temperature, top_p=req.top_p, seed=seed,
                                     ignore_eos=req.ignore_eos, default_budget=budget is None)
@@ -496,8 +517,10 @@ class ChatService:
             timing.finish(reason)
             if not finished:  # stop string, client gone, timeout: free the backbone slot
                 self._spawn(self.tiers.cancel(rid))
-            if used:
-                self._spawn(self.limiter.spend(tenant, used))
+            reserved = self.reserved.pop(rid, None)  # (its window's key, tokens): settled to what it used
+            if used or reserved:
+                self._spawn(self.limiter.spend(tenant, used - (reserved[1] if reserved else 0),
+                                               reserved[0] if reserved else None))
             log.info("response", extra={"request_id": rid, "completion_tokens": len(detok.ids),
                                         "finished": finished, "outcome": reason})  # stop, length, abort, error
 

@@ -379,15 +379,21 @@ def test_rate_limits_per_tenant_answer_429_with_their_headers(secured):
     assert 1 <= int(third.headers["retry-after"]) <= 60 and third.headers["x-ratelimit-remaining-requests"] == "0"
     with pytest.raises(openai.RateLimitError):  # what the SDK makes of it (max_retries=0)
         ask(secured, KEYS["dave"], "hi")
+    # erin: 40 tokens a minute. A request is charged what it may take (its prompt and max_tokens) as it starts, and
+    # settled to what it took as it ends: of two sent at once that may take 30+ each, one runs (alone in its window,
+    # it runs whatever its size) and one is refused, where both ran and spent past the limit (an outside tester's
+    # 3 x 1,016 tokens against 60). (Two: erin's share of the slots, 8 among 5 tenants.)
+    from concurrent.futures import ThreadPoolExecutor
+
     erin = {"Authorization": f"Bearer {KEYS['erin']}"}
-    spent = 0
-    for _ in range(10):
-        r = httpx.post(url, json=body, headers=erin, timeout=60)
-        if r.status_code == 429:
-            break
-        assert r.status_code == 200
-        spent += r.json()["usage"]["total_tokens"]
-        time.sleep(0.3)  # the tokens are counted as the request ends
-    assert r.status_code == 429 and r.json()["error"]["type"] == "tokens" and spent >= 40
-    assert r.headers["x-ratelimit-remaining-tokens"] == "0"
+    at_once = {**body, "max_tokens": 30, "ignore_eos": True}
+    with ThreadPoolExecutor(2) as pool:
+        answers = list(pool.map(lambda _: httpx.post(url, json=at_once, headers=erin, timeout=60), range(2)))
+    assert sorted(r.status_code for r in answers) == [200, 429], [r.text for r in answers]
+    refused = next(r for r in answers if r.status_code == 429)
+    assert refused.json()["error"]["type"] == "tokens" and "40 tokens per minute" in refused.json()["error"]["message"]
+    assert refused.headers["x-ratelimit-remaining-tokens"] == "0"
+    time.sleep(0.5)  # the one that ran is settled to what it took
+    r = httpx.post(url, json=body, headers=erin, timeout=60)  # the window holds what it took: 30 and its prompt
+    assert r.status_code == 429 and r.headers["x-ratelimit-remaining-tokens"] == "0", r.text
     assert all(ask(secured, KEYS["alice"], "hi").usage.completion_tokens for _ in range(3))
