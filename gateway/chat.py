@@ -461,15 +461,15 @@ class ChatService:
         reservation = await self._reserve(tenant, may_take, rid)
         try:
             refs = await self.media.encode(rid, prompt.media, queue, prompt.namespace, prompt.tenant)
+            ids = expand_placeholders(prompt.token_ids, self.spec.placeholder_ids, [r.num_tokens for r in refs])
+            # the encoders' counts are final
+            room = self._check_context(len(ids), budget := req.token_budget(), req.budget_param())
         except BaseException:
             if reservation is not None:  # it does not run: what it reserved is given back
                 self._spawn(self.limiter.spend(tenant, -reservation[1], reservation[0]))
             raise
-        if reservation is not None:
+        if reservation is not None:  # settled by ``_deltas``, which runs next
             self.reserved[rid] = reservation
-        ids = expand_placeholders(prompt.token_ids, self.spec.placeholder_ids, [r.num_tokens for r in refs])
-        # the encoders' counts are final
-        room = self._check_context(len(ids), budget := req.token_budget(), req.budget_param())
         # The seed is fixed here when the client sent none: every attempt of the request (a migration, a plan
         # queued twice by a retried XADD) then draws the same tokens, so they can be joined by position.
         seed = req.seed if req.seed is not None else secrets.randbits(63)
