@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import io
+import math
 import os
 import re
 import sys
@@ -45,13 +46,16 @@ def _env(name: str, default=None):
 
 def _ranged(kind: type, what: str, low: float | None = None, high: float | None = None, above: bool = False):
     """An argparse type: a ``kind`` within [low, high] (``above``: strictly above ``low``), else an error naming the
-    flag and ``what`` it must be (a default from a TRIBUTARY_* variable is checked the same way)."""
+    flag and ``what`` it must be (a default from a TRIBUTARY_* variable is checked the same way). NaN and the
+    infinities are no number any flag takes: NaN passed every bound (each comparison false), and an outside tester's
+    ``--encoder-max-wait-ms nan`` hung the image encoder's loop."""
     def parse(text: str):
         try:
             value = kind(text)
         except ValueError:
             raise argparse.ArgumentTypeError(f"must be {what}, got {text!r}") from None
-        if (low is not None and (value <= low if above else value < low)) or (high is not None and value > high):
+        if not math.isfinite(value) or (low is not None and (value <= low if above else value < low)) or (
+                high is not None and value > high):
             raise argparse.ArgumentTypeError(f"must be {what}, got {text!r}")
         return value
 

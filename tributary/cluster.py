@@ -499,12 +499,15 @@ def check_redis(url: str, timeout_s: float = 5.0) -> None:
 
 
 def _detach_from_terminal() -> None:
-    """Point stdout and stderr (and so every later print, and the children's output this process relays) at
-    /dev/null: after a hang-up, writes to the terminal fail, and the graceful stop must not."""
+    """Point stdout and stderr where they are a terminal (and so every later print, and the children's output this
+    process relays) at /dev/null: after a hang-up, writes to the terminal fail, and the graceful stop must not. A
+    file or a pipe keeps them (an outside tester's log file lost the stop's lines); a pipe's reader gone makes
+    writes fail, which the output relay drops."""
     try:
         null = os.open(os.devnull, os.O_WRONLY)
         for fd in (1, 2):
-            os.dup2(null, fd)
+            if os.isatty(fd):
+                os.dup2(null, fd)
         os.close(null)
     except OSError:
         pass

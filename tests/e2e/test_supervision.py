@@ -139,14 +139,19 @@ def test_what_a_worker_would_refuse_stops_up_before_anything_starts(tiny_model, 
     assert "started" not in proc.stdout + proc.stderr and time.monotonic() - t0 < 30
 
 
-def test_a_sigterm_before_the_cluster_is_up_exits_143(tiny_model, redis_server, tmp_path):
-    """As a shell reports a process SIGTERM ended (128 + 15); Ctrl-C's is 130 (an outside tester: 130 for both)."""
+@pytest.mark.parametrize("sig, code", [(signal.SIGTERM, 143), (signal.SIGHUP, 129)])
+def test_a_stop_signal_before_the_cluster_is_up_exits_128_and_its_number(tiny_model, redis_server, tmp_path, sig,
+                                                                         code):
+    """As a shell reports a process a signal ended: SIGTERM 143 (an outside tester: 130, Ctrl-C's, for both). A
+    hang-up keeps the log a file holds (its output was pointed at /dev/null, terminal or not: the stop's lines were
+    lost)."""
     log = tmp_path / "up.log"
     proc, _ = up(tiny_model, redis_server.url, log, "--prefix", "early")
     wait_for("a child started", lambda: "started" in log.read_text(), 60, log, proc)
-    proc.send_signal(signal.SIGTERM)
-    assert proc.wait(60) == 143, log.read_text()[-2000:]
-    assert "Tributary is up" not in log.read_text()
+    proc.send_signal(sig)
+    assert proc.wait(60) == code, log.read_text()[-2000:]
+    out = log.read_text()
+    assert "Tributary is up" not in out and json.loads(out.splitlines()[-1])["msg"] == "stopped", out[-2000:]
 
 
 def test_a_killed_worker_is_restarted_and_a_crash_loop_stops_the_cluster(tiny_model, redis_server, tmp_path):

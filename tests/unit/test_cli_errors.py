@@ -39,6 +39,10 @@ def run(*argv: str, env: dict | None = None) -> tuple[int, str]:
      "must be a number in (0, 1]"),
     (["encoder", "--model", "m", "--redis-url", "redis://x", "--modality", "image", "--device", "tpu"], {},
      "argument --device: must be cpu, cuda or cuda:N, got 'tpu'"),
+    # NaN passed every bound (an outside tester's --encoder-max-wait-ms nan hung the image encoder); inf too
+    (["up", "--encoder-max-wait-ms", "nan"], {}, "argument --encoder-max-wait-ms: must be a number >= 0, got 'nan'"),
+    (["up", "--kv-cache-gb", "inf"], {}, "argument --kv-cache-gb: must be a number > 0, got 'inf'"),
+    (["up"], {"TRIBUTARY_DRAIN_TIMEOUT": "NaN"}, "TRIBUTARY_DRAIN_TIMEOUT"),  # a worker's, checked by up first
 ])
 def test_bad_flag_values_are_one_argparse_line(argv, env, words):
     code, err = run(*argv, env=env)
