@@ -32,7 +32,14 @@ class RunningCluster:
     prefix: str = "trib"
 
     def wait_ready(self, timeout: float = 240) -> None:
+        """Until the gateway answers /ready and ``up`` itself has said so (its banner): a test over sooner stops it
+        while it still counts as starting, and ``up`` exits 130 (seen in a one-test run)."""
+        deadline = time.monotonic() + timeout
         wait_healthy(self.base_url, self.proc, timeout, self.log_path)
+        while "Tributary is up:" not in self.log_path.read_text():
+            if self.proc.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"no banner from up:\n{self.log_path.read_text()[-4000:]}")
+            time.sleep(0.1)  # up polls /ready itself, then prints it
 
     def banner_examples(self, timeout: float = 30) -> tuple[str, str]:
         """The curl and the python command of the banner ``tributary up`` printed (once its gateway was ready)."""
