@@ -107,7 +107,6 @@ class ChatService:
         self.spec = builder.spec
         self.inflight = 0  # requests admitted and not yet answered in full
         self.inflight_by_tenant: dict[str, int] = {}  # the same, per API key's tenant (see ``tenant_share``)
-        self.reserved: dict[str, tuple[str, int]] = {}  # request id -> its token reservation (``_plan``)
         self.tenants = lambda: 1  # how many tenants the keys in force name (gateway/auth.KeyRing.tenant_count)
         self.closing = False  # the server's graceful period is ending: requests are refused, those in flight ended
         self._closed = asyncio.Event()  # set with ``closing``: ends the waits of requests not yet queued anywhere
@@ -251,12 +250,12 @@ class ChatService:
         watcher = self._spawn(self._watch_disconnect(request, queue))
         deltas = None
         try:
-            plan = await self._plan(rid, req, prompt, queue, tenant=tenant)
+            plan, reserved = await self._plan(rid, req, prompt, queue, tenant=tenant)
 
             async def encode_again() -> list[m.MediaRef]:  # a cached tensor expired (or a Redis restart lost it)
                 return await self.media.encode(rid, prompt.media, queue, prompt.namespace, prompt.tenant)
 
-            deltas = self._deltas(rid, req, plan, queue, encode_again, tenant, arrival)
+            deltas = self._deltas(rid, req, plan, queue, encode_again, tenant, arrival, reserved)
             first = await anext(deltas)  # errors before the first token are plain HTTP errors
         except BaseException as exc:
             if deltas is None:
@@ -309,7 +308,7 @@ class ChatService:
             queue = self.replies.subscribe(rid)
             watcher = self._spawn(self._watch_event(cancelled, queue))
             try:
-                plan = await self._plan(rid, req, prompt, queue, cap, tenant)
+                plan, reserved = await self._plan(rid, req, prompt, queue, cap, tenant)
             except BaseException as exc:
                 self._ended_early(exc, arrival)
                 # The REST route logs how its request ended (gateway/app.py); this caller's ends here, unlogged
@@ -322,7 +321,7 @@ class ChatService:
             async def encode_again() -> list[m.MediaRef]:
                 return await self.media.encode(rid, prompt.media, queue, prompt.namespace, prompt.tenant)
 
-            deltas = self._deltas(rid, req, plan, queue, encode_again, tenant, arrival)
+            deltas = self._deltas(rid, req, plan, queue, encode_again, tenant, arrival, reserved)
             try:
                 async for d in deltas:
                     yield d
@@ -451,10 +450,11 @@ class ChatService:
         return room
 
     async def _plan(self, rid: str, req: ChatCompletionRequest, prompt: Prompt, queue, cap: float | None = None,
-                    tenant=None) -> m.PromptPlan:
-        """``cap`` (see ``respond``): the budget when the request names none, clamped to the context left. With a
-        token rate limit, the prompt and the budget are reserved first (``RateLimiter.reserve``: a 429 here), and
-        settled as the request ends (``_deltas``)."""
+                    tenant=None) -> tuple[m.PromptPlan, tuple[str, int] | None]:
+        """The plan, and its token reservation. ``cap`` (see ``respond``): the budget when the request names none,
+        clamped to the context left. With a token rate limit, the prompt and the budget are reserved first
+        (``RateLimiter.reserve``: a 429 here), and settled as the request ends (``_deltas``, given the
+        reservation)."""
         default = self.cfg.default_max_tokens if cap is None else cap
         length = prompt.expected_length
         may_take = length + (req.token_budget() or int(min(default, self.spec.max_context - length)))
@@ -468,8 +468,6 @@ class ChatService:
             if reservation is not None:  # it does not run: what it reserved is given back
                 self._spawn(self.limiter.spend(tenant, -reservation[1], reservation[0]))
             raise
-        if reservation is not None:  # settled by ``_deltas``, which runs next
-            self.reserved[rid] = reservation
         # The seed is fixed here when the client sent none: every attempt of the request (a migration, a plan
         # queued twice by a retried XADD) then draws the same tokens, so they can be joined by position.
         seed = req.seed if req.seed is not None else secrets.randbits(63)
@@ -477,10 +475,13 @@ class ChatService:
                                     temperature=req.temperature, top_p=req.top_p, seed=seed,
                                     ignore_eos=req.ignore_eos, default_budget=budget is None)
         return m.PromptPlan(request_id=rid, reply_to=self.tiers.reply_stream, token_ids=ids, media=refs,
-                            sampling=sampling, deadline=time.time() + self.cfg.first_token_timeout_s)
+                            sampling=sampling, deadline=time.time() + self.cfg.first_token_timeout_s), reservation
 
     async def _deltas(self, rid: str, req: ChatCompletionRequest, plan: m.PromptPlan, queue, encode_again,
-                      tenant=None, arrival: float | None = None) -> AsyncIterator[Delta]:
+                      tenant=None, arrival: float | None = None, reserved: tuple[str, int] | None = None
+                      ) -> AsyncIterator[Delta]:
+        """The request's deltas; ``reserved``: its token reservation (its window's key, tokens), settled to what it
+        used as it ends."""
         detok = Detokenizer(self.builder.tokenizer, req.stop_strings())
         finished = False
         used = 0  # prompt + completion tokens so far, for the tenant's token rate limit
@@ -517,7 +518,6 @@ class ChatService:
             timing.finish(reason)
             if not finished:  # stop string, client gone, timeout: free the backbone slot
                 self._spawn(self.tiers.cancel(rid))
-            reserved = self.reserved.pop(rid, None)  # (its window's key, tokens): settled to what it used
             if used or reserved:
                 self._spawn(self.limiter.spend(tenant, used - (reserved[1] if reserved else 0),
                                                reserved[0] if reserved else None))

@@ -96,7 +96,7 @@ def service(tokenizer, tiers) -> ChatService:
     svc.builder = SimpleNamespace(tokenizer=tokenizer)
     svc.spec = SimpleNamespace(name="tiny")
     svc.metrics, svc.tiers, svc._tasks = GatewayMetrics(), tiers, set()
-    svc.limiter, svc.reserved = RateLimiter(None, Keys("t")), {}
+    svc.limiter = RateLimiter(None, Keys("t"))
     return svc
 
 
