@@ -109,7 +109,7 @@ class EmbeddedRedis:
         """SIGKILL, as a machine dies (no shutdown, no goodbye to the cluster bus)."""
         if self.proc and self.proc.poll() is None:
             self.proc.kill()
-            _reap(self.proc)
+            reap(self.proc, "redis")
 
     def stop(self, timeout: float = 5.0) -> None:
         if self.proc and self.proc.poll() is None:
@@ -118,7 +118,7 @@ class EmbeddedRedis:
                 self.proc.wait(timeout)
             except subprocess.TimeoutExpired:
                 self.proc.kill()
-                _reap(self.proc)
+                reap(self.proc, "redis")
         if self._dir:
             self._dir.cleanup()
             self._dir = None
@@ -246,10 +246,10 @@ class EmbeddedCluster:
         self.stop()
 
 
-def _reap(proc: subprocess.Popen, timeout: float = 5.0) -> None:
-    """Wait for a process sent SIGKILL, ``timeout`` at most: one in uninterruptible sleep (a hung disk) outlives it,
-    and whoever stops it (``tributary up``, a test) must still go on."""
+def reap(proc: subprocess.Popen, name: str, timeout: float = 5.0) -> None:
+    """Wait for a process sent SIGKILL, ``timeout`` at most: one in uninterruptible sleep (a hung driver call, a hung
+    disk or model mount) outlives it, and whoever stops it (``tributary up``, a test) must still go on."""
     try:
         proc.wait(timeout)
     except subprocess.TimeoutExpired:
-        log.error("a redis server did not exit after SIGKILL; left behind", extra={"pid": proc.pid})
+        log.error("a process did not exit after SIGKILL; left behind", extra={"child": name, "child_pid": proc.pid})

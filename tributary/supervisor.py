@@ -29,7 +29,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from cache.embedded import die_with_parent
+from cache.embedded import die_with_parent, reap
 from router.lifecycle import STOP_SIGNALS
 from router.logs import say
 from tributary.relay import write_line
@@ -37,7 +37,6 @@ from tributary.relay import write_line
 log = logging.getLogger(__name__)
 
 TAIL_LINES = 30  # output lines kept per process, shown when it fails
-KILLED_WAIT_S = 5.0  # how long a process is waited for after SIGKILL (in uninterruptible sleep it outlives it)
 
 
 @dataclass
@@ -244,11 +243,7 @@ class Supervisor:
             except subprocess.TimeoutExpired:
                 log.warning("killing a process that did not stop in time", extra={"child": child.name})
                 child.proc.kill()
-                try:  # a process in uninterruptible sleep (a hung driver call, a hung model mount) outlives SIGKILL
-                    child.proc.wait(KILLED_WAIT_S)
-                except subprocess.TimeoutExpired:
-                    log.error("a process did not exit after SIGKILL; left behind", extra={
-                        "child": child.name, "child_pid": child.proc.pid})
+                reap(child.proc, child.name)
 
 
 def _indent(text: str) -> str:
