@@ -48,7 +48,7 @@ from gateway.errors import (
 from gateway.metrics import GatewayMetrics
 from gateway.monitor import ClusterMonitor, admit
 from gateway.prompt import Prompt, PromptBuilder, expand_placeholders
-from gateway.ratelimit import RateLimited, RateLimiter
+from gateway.ratelimit import RateLimited, RateLimiter, Reservation
 from gateway.remote import RemoteMedia
 from gateway.replies import ReplyRouter
 from gateway.schemas import ChatCompletionRequest, parse_chat_request
@@ -93,6 +93,13 @@ class RequestIds:
     def headers(self) -> dict[str, str]:
         return {"x-request-id": self.server, **({"x-client-request-id": self.client} if self.client else {}),
                 **dict(self.rate)}
+
+    def reserved(self, reservation: Reservation | None) -> "RequestIds":
+        """These ids, their tokens remaining counting the request's own reservation (as OpenAI's do)."""
+        if reservation is None or not self.rate:
+            return self
+        return replace(self, rate=tuple({**dict(self.rate),
+                                         "x-ratelimit-remaining-tokens": str(reservation.remaining)}.items()))
 
 
 class ChatService:
@@ -196,7 +203,7 @@ class ChatService:
         """The tenant's rate-limit state, or a 429 (``RateLimiter.admit``)."""
         return await self._limited(self.limiter.admit(tenant), "checking the rate limit", request_id)
 
-    async def _reserve(self, tenant, tokens: int, request_id: str) -> tuple[str, int] | None:
+    async def _reserve(self, tenant, tokens: int, request_id: str) -> Reservation | None:
         """``tokens`` reserved in the tenant's window, or a 429 (``RateLimiter.reserve``)."""
         return await self._limited(self.limiter.reserve(tenant, tokens), "reserving tokens", request_id)
 
@@ -251,6 +258,7 @@ class ChatService:
         deltas = None
         try:
             plan, reserved = await self._plan(rid, req, prompt, queue, tenant=tenant)
+            ids = ids.reserved(reserved)
 
             async def encode_again() -> list[m.MediaRef]:  # a cached tensor expired (or a Redis restart lost it)
                 return await self.media.encode(rid, prompt.media, queue, prompt.namespace, prompt.tenant)
@@ -450,7 +458,7 @@ class ChatService:
         return room
 
     async def _plan(self, rid: str, req: ChatCompletionRequest, prompt: Prompt, queue, cap: float | None = None,
-                    tenant=None) -> tuple[m.PromptPlan, tuple[str, int] | None]:
+                    tenant=None) -> tuple[m.PromptPlan, Reservation | None]:
         """The plan, and its token reservation. ``cap`` (see ``respond``): the budget when the request names none,
         clamped to the context left. With a token rate limit, the prompt and the budget are reserved first
         (``RateLimiter.reserve``: a 429 here), and settled as the request ends (``_deltas``, given the
@@ -466,7 +474,7 @@ class ChatService:
             room = self._check_context(len(ids), budget := req.token_budget(), req.budget_param())
         except BaseException:
             if reservation is not None:  # it does not run: what it reserved is given back
-                self._spawn(self.limiter.spend(tenant, -reservation[1], reservation[0]))
+                self._spawn(self.limiter.spend(tenant, -reservation.tokens, reservation.key))
             raise
         # The seed is fixed here when the client sent none: every attempt of the request (a migration, a plan
         # queued twice by a retried XADD) then draws the same tokens, so they can be joined by position.
@@ -478,10 +486,9 @@ class ChatService:
                             sampling=sampling, deadline=time.time() + self.cfg.first_token_timeout_s), reservation
 
     async def _deltas(self, rid: str, req: ChatCompletionRequest, plan: m.PromptPlan, queue, encode_again,
-                      tenant=None, arrival: float | None = None, reserved: tuple[str, int] | None = None
+                      tenant=None, arrival: float | None = None, reserved: Reservation | None = None
                       ) -> AsyncIterator[Delta]:
-        """The request's deltas; ``reserved``: its token reservation (its window's key, tokens), settled to what it
-        used as it ends."""
+        """The request's deltas; ``reserved``: its token reservation, settled to what it used as it ends."""
         detok = Detokenizer(self.builder.tokenizer, req.stop_strings())
         finished = False
         used = 0  # prompt + completion tokens so far, for the tenant's token rate limit
@@ -519,8 +526,8 @@ class ChatService:
             if not finished:  # stop string, client gone, timeout: free the backbone slot
                 self._spawn(self.tiers.cancel(rid))
             if used or reserved:
-                self._spawn(self.limiter.spend(tenant, used - (reserved[1] if reserved else 0),
-                                               reserved[0] if reserved else None))
+                self._spawn(self.limiter.spend(tenant, used - (reserved.tokens if reserved else 0),
+                                               reserved.key if reserved else None))
             log.info("response", extra={"request_id": rid, "completion_tokens": len(detok.ids),
                                         "finished": finished, "outcome": reason})  # stop, length, abort, error
 

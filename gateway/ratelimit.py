@@ -2,11 +2,12 @@
 
 Limits need API keys (they are per tenant): ``--rate-limit-rpm`` / ``--rate-limit-tpm`` for every tenant (0: none),
 and ``rpm=N`` / ``tpm=N`` after a tenant's digest in the key file for that tenant (gateway/auth.py). Counting is a
-fixed one-minute window per tenant (``INCR`` for each request, ``INCRBY`` of prompt + completion tokens when a
-request ends), keys expiring after two minutes. A request is refused with a 429 ``rate_limit_exceeded`` and
-``Retry-After`` (seconds to the next window) when the window already holds ``rpm`` requests or ``tpm`` tokens; a
-request admitted under the token limit may end past it (its tokens are not known in advance). Every answer to a
-limited tenant carries OpenAI's ``x-ratelimit-{limit,remaining,reset}-{requests,tokens}`` headers.
+fixed one-minute window per tenant (``INCR`` for each request; for tokens, ``INCRBY`` of what a request may take,
+its prompt and its budget, as it starts, settled to what it took as it ends), keys expiring after two minutes. A
+request is refused with a 429 ``rate_limit_exceeded`` and ``Retry-After`` (seconds to the next window) when the
+window already holds ``rpm`` requests, or when what it may take would pass ``tpm`` tokens (unless it is alone in its
+window). Every answer to a limited tenant carries OpenAI's ``x-ratelimit-{limit,remaining,reset}-{requests,tokens}``
+headers; the tokens remaining count the request's own reservation.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ import asyncio
 import logging
 import math
 import time
+from typing import NamedTuple
 
 from cache.keys import Keys
 from gateway.errors import APIError
@@ -22,6 +24,13 @@ from gateway.errors import APIError
 log = logging.getLogger(__name__)
 WINDOW_S = 60
 SPEND_TIMEOUT_S = 10.0  # a finished request's token count is written within this, or dropped (a node away)
+
+
+class Reservation(NamedTuple):
+    """What a request reserved of its tenant's tokens per minute (``RateLimiter.reserve``)."""
+    key: str  # its window's token counter, which the request's count settles
+    tokens: int
+    remaining: int  # the window's tokens left with this reservation counted: x-ratelimit-remaining-tokens
 
 
 class RateLimited(APIError):
@@ -85,13 +94,13 @@ class RateLimiter:
                               "tokens")
         return headers
 
-    async def reserve(self, tenant, tokens: int) -> tuple[str, int] | None:
+    async def reserve(self, tenant, tokens: int) -> Reservation | None:
         """Count ``tokens`` (a request's prompt and its budget, what it may take) in its tenant's window before it
         runs, or refuse it (429) when that would pass the tenant's tokens per minute. Without it, requests admitted
         together each spent their budget past the limit (an outside tester: three of 1,000 tokens against 60). A
         request alone in its window is let through whatever its size (a limit under one request's budget must not
-        refuse every request). The reservation (its window's key, its tokens) is settled by :meth:`spend` as the
-        request ends; None: nothing reserved (no token limit)."""
+        refuse every request). The reservation is settled by :meth:`spend` as the request ends; None: nothing
+        reserved (no token limit)."""
         tpm = self.limits(tenant)[1]
         if not tpm or tokens <= 0:
             return None
@@ -108,7 +117,7 @@ class RateLimiter:
                        "x-ratelimit-reset-tokens": f"{reset}s"}
             raise RateLimited(f"rate limit reached: {tpm} tokens per minute, and this request may take {tokens} "
                               f"(its prompt and its max_tokens); retry in {reset} s", reset, headers, "tokens")
-        return tok_key, tokens
+        return Reservation(tok_key, tokens, max(tpm - total, 0))
 
     async def spend(self, tenant, tokens: int, key: str | None = None) -> None:
         """Add a finished request's tokens to its tenant's window (best effort: a lost count only errs in the

@@ -393,6 +393,8 @@ def test_rate_limits_per_tenant_answer_429_with_their_headers(secured):
     refused = next(r for r in answers if r.status_code == 429)
     assert refused.json()["error"]["type"] == "tokens" and "40 tokens per minute" in refused.json()["error"]["message"]
     assert refused.headers["x-ratelimit-remaining-tokens"] == "0"
+    ran = next(r for r in answers if r.status_code == 200)  # its remaining tokens count its own reservation
+    assert ran.headers["x-ratelimit-remaining-tokens"] == str(max(40 - ran.json()["usage"]["prompt_tokens"] - 30, 0))
     time.sleep(0.5)  # the one that ran is settled to what it took
     r = httpx.post(url, json=body, headers=erin, timeout=60)  # the window holds what it took: 30 and its prompt
     assert r.status_code == 429 and r.headers["x-ratelimit-remaining-tokens"] == "0", r.text

@@ -372,13 +372,13 @@ def test_a_tenants_share_of_the_slots_is_even_and_never_under_a_quarter(max_infl
 def test_a_token_reservation_refuses_what_would_pass_the_limit_and_settles_to_what_was_used(redis_url):
     """``RateLimiter.reserve`` against a real Redis: a request alone in its window runs whatever its size; the next
     one that would pass the limit is refused with nothing left counted for it; a reservation settles, in its own
-    window's key, to what the request used."""
+    window's key, to what the request used; the tokens remaining count the reservation."""
+    import time
+
     from cache.client import connect_async
     from cache.keys import Keys
     from gateway.auth import Tenant
     from gateway.ratelimit import RateLimited, RateLimiter
-
-    import time
 
     tenant = Tenant("erin", "erin", tpm=60)
     if time.time() % 60 > 58:  # the counts are per minute: all in one window
@@ -387,15 +387,15 @@ def test_a_token_reservation_refuses_what_would_pass_the_limit_and_settles_to_wh
     async def scenario():
         r = connect_async(redis_url)
         limiter = RateLimiter(r, Keys("reserve"))
-        key, tokens = await limiter.reserve(tenant, 100)  # alone in its window: over 60, it runs
-        assert (int(await r.get(key)), tokens) == (100, 100)
+        key, tokens, remaining = await limiter.reserve(tenant, 100)  # alone in its window: over 60, it runs
+        assert (int(await r.get(key)), tokens, remaining) == (100, 100, 0)
         with pytest.raises(RateLimited) as info:
             await limiter.reserve(tenant, 5)
         assert info.value.type == "tokens" and info.value.headers["x-ratelimit-remaining-tokens"] == "0"
         assert int(await r.get(key)) == 100  # the refused one's reservation given back
         await limiter.spend(tenant, 40 - 100, key)  # it took 40 of its 100
         assert int(await r.get(key)) == 40
-        assert (await limiter.reserve(tenant, 20))[1] == 20  # 60 in all: within the limit
+        assert (await limiter.reserve(tenant, 15))[1:] == (15, 5)  # 55 in all: within the limit, 5 left
         assert await limiter.reserve(Tenant("free", "free"), 10**6) is None  # no token limit: nothing reserved
         await r.aclose()
 
