@@ -42,6 +42,7 @@ class Handler(http.server.BaseHTTPRequestHandler):
         if self.path == "/gzip.png":  # compressed though asked for identity: a 200 KiB bomb inflates to 200 MiB
             import gzip
 
+            self.seen_encodings.append(self.headers.get("Accept-Encoding"))  # before the client can refuse the body
             body = gzip.compress(b"\0" * (200 << 20), compresslevel=9)
             self.send_response(200)
             self.send_header("Content-Type", "image/png")
@@ -49,7 +50,6 @@ class Handler(http.server.BaseHTTPRequestHandler):
             self.send_header("Content-Length", str(len(body)))
             self.end_headers()
             self.wfile.write(body)
-            self.seen_encodings.append(self.headers.get("Accept-Encoding"))
             return
         if self.path == "/backslash":  # a Location httpx cannot request
             self.send_response(302)
