@@ -17,16 +17,22 @@ pool. Each ``step`` schedules, for every sequence, the next positions to compute
    not overtaken by those behind it;
 3. a row whose chunk reaches its last input is sampled; a prefill chunk that does not is not.
 
-KV blocks are taken as positions are computed. When a decode finds the pool empty, the newest sequence that holds
-blocks is preempted: its blocks are freed and it is recomputed later from its prompt and the tokens it already
-generated (its sampler resumes at its draw count, so its text is what an undisturbed run gives); its client sees
-only a pause. A preempted sequence stays parked until the free blocks, less those promised to sequences still
-prefilling, hold its whole length and one more block per decoding sequence (their growth while it recomputes):
-recomputing as soon as any block was free made it the newest holder again, preempted at the next block boundary of
-any older decode, over and over (an outside tester saw one sequence preempted 93 times in 109 s, three quarters of
-the positions computed being recompute). New sequences are admitted (``admissible``) only while no sequence is
-parked (preempted ones go first) and the free blocks, less those promised to sequences still prefilling, hold their
-prompt; one whose prompt + max_tokens exceeds the whole pool can never run and is refused (``fits_pool``).
+KV blocks are taken as positions are computed. With the prefix cache (``prefix_cache``, backbone/kv.py), a sequence
+about to compute its prompt from the start first takes the blocks the pool holds for the longest run of its prompt's
+full blocks (the same token ids, the same media, the same tenant), at most all but its last prompt position, which
+it computes to sample its first token; every full prompt block it computes is registered once its step has landed
+(every shard ran it). Its ``cached`` positions are reported as the usage's cached tokens.
+
+When a decode finds the pool empty, the newest sequence that holds blocks is preempted: its blocks are freed and it
+is recomputed later from its prompt and the tokens it already generated (its sampler resumes at its draw count, so
+its text is what an undisturbed run gives); its client sees only a pause. A preempted sequence stays parked until
+the free blocks, less those promised to sequences still prefilling, hold its whole length and one more block per
+decoding sequence (their growth while it recomputes): recomputing as soon as any block was free made it the newest
+holder again, preempted at the next block boundary of any older decode, over and over (an outside tester saw one
+sequence preempted 93 times in 109 s, three quarters of the positions computed being recompute). New sequences are
+admitted (``admissible``) only while no sequence is parked (preempted ones go first) and the free blocks, less those
+promised to sequences still prefilling, hold their prompt; one whose prompt + max_tokens exceeds the whole pool can
+never run and is refused (``fits_pool``).
 
 Pipeline micro-batches: with shards after this one (``pipeline``), a step's answers come back only after every
 shard ran it. The sequences are dealt into ``micro_batches`` lanes (default: one per shard on GPUs, one on CPUs:
@@ -64,6 +70,7 @@ import torch
 from backbone.budget import StepBudget
 from backbone.fusion import PlanError, fuse
 from backbone.isolation import forward_isolating
+from backbone.kv import prefix_hashes
 from backbone.model import DecoderShard, Segment
 from backbone.pipeline import NO_TOKEN, PipelineHead, Sent
 from backbone.sampling import Drawn, Sampler, draw_rows, results, seed64
@@ -98,6 +105,9 @@ class Sequence:
     preempted: int = 0  # how often its blocks were taken back
     lane: int = 0  # its pipeline micro-batch (always 0 without a pipeline)
     skipped: int = 0  # steps in a row it was prefilling and passed over (the scheduler's aging guard)
+    hashes: list[bytes] = field(default_factory=list)  # its prompt's full blocks' prefix hashes (the prefix cache)
+    registered: int = 0  # of its blocks, those registered in (or taken from) the prefix cache
+    cached: int = 0  # prompt positions its first start took from the prefix cache (usage: cached tokens)
 
     @property
     def prompt_tokens(self) -> int:
@@ -149,7 +159,7 @@ class Engine:
     def __init__(self, model: DecoderShard, placeholder_ids: dict[str, int], eos_ids: list[int], max_context: int,
                  pipeline: PipelineHead | None = None, max_batched_tokens: int = MAX_BATCHED_TOKENS,
                  micro_batches: int = 0, max_step_ms: float | None = None, defer: bool = False,
-                 aging_steps: int = AGING_STEPS):
+                 aging_steps: int = AGING_STEPS, prefix_cache: bool = True):
         if model.pool is None:
             raise ValueError("the model has no KV pool (DecoderShard.allocate_pool)")
         if max_batched_tokens < 1:
@@ -185,6 +195,7 @@ class Engine:
         # Without a pipeline: a step's tokens are applied at the start of the next ``step`` (or ``settle``), so the
         # caller's host work between two steps (the worker's round trip) runs while the device computes.
         self.defer = defer
+        self.prefix_cache = prefix_cache  # prompts share the KV blocks of the prefixes they have in common
 
     @property
     def max_batched_tokens(self) -> int:
@@ -259,11 +270,16 @@ class Engine:
             return True
         return self.pool.free - self._promised(but=seq) >= self.pool.blocks_for(seq.length + 1) + decodes
 
-    def start(self, seq: Sequence, token_ids: list[int], media: list[tuple[str, torch.Tensor]]) -> torch.Tensor:
+    def start(self, seq: Sequence, token_ids: list[int], media: list[tuple[str, torch.Tensor]],
+              keys: list[str] | None = None, salt: str = "") -> torch.Tensor:
         """Fuse the prompt (PlanError if it does not fit) and keep it on the device for the sequence's prefill
         chunks; returns the embeddings [S, H]. Once the whole prompt is in the KV pool the embeddings are dropped
         (a 4k-token prompt is 32 MB of a 4096-wide model's bf16, which no pool sizing counts), and fused again from
-        the token ids and the media rows kept on the host if a preemption has the sequence recomputed."""
+        the token ids and the media rows kept on the host if a preemption has the sequence recomputed.
+
+        ``keys``: each media part's tensor key (its content), ``salt``: the tenant's cache namespace: with them (or
+        without media) the prompt may share the prefix cache's blocks. A migrated request's generated tail is never
+        shared (its ids are text whatever they are)."""
         vocab = self.model.cfg.vocab_size
         if not token_ids or min(token_ids) < 0 or max(token_ids) >= vocab:
             raise PlanError(f"the prompt is empty or holds token ids outside the vocabulary [0, {vocab})")
@@ -271,6 +287,10 @@ class Engine:
             raise PlanError(f"the plan has {len(token_ids)} token ids for a prompt of {seq.prompt_len}")
         seq.fusion = (token_ids, media)
         seq.prompt_embeds = self._fuse(seq)
+        if self.prefix_cache and (keys is not None and len(keys) == len(media) or not media):
+            parts = [(mod, key, t.shape[0]) for (mod, t), key in zip(media, keys or ())]
+            seq.hashes = prefix_hashes(token_ids[: seq.prompt_len - seq.resumed], parts, self.placeholder_ids,
+                                       self.pool.block_size, salt)
         load = [0] * self.lanes
         for s in self.active.values():
             load[s.lane] += 1
@@ -303,7 +323,7 @@ class Engine:
 
     def _preempt(self, seq: Sequence) -> None:
         self.pool.release(seq.blocks)
-        seq.computed = 0
+        seq.computed = seq.registered = 0
         seq.preempted += 1
         self.preemptions += 1
         log.info("preempted", extra={"request_id": seq.request_id, "tokens": seq.length,
@@ -351,6 +371,8 @@ class Engine:
                 break
             if self._parked(seq) and not self._resumable(seq, decodes):
                 continue  # it waits for room to recompute all of it; those behind it may go on
+            if seq.hashes and not seq.blocks and not seq.computed:
+                self._share_prefix(seq)
             n = min(seq.length - seq.computed, budget, (len(seq.blocks) + self.pool.free) * bs - seq.computed)
             if n <= 0:
                 break  # the first in line waits for blocks: nobody behind it takes them first
@@ -364,6 +386,17 @@ class Engine:
             seq.skipped = 0 if chunks.get(seq.sid, 0) >= fair else seq.skipped + 1
         return rows
 
+    def _share_prefix(self, seq: Sequence) -> None:
+        """Start its block table with the prefix cache's blocks for its prompt, all but its last position at most
+        (computed to sample from)."""
+        seq.blocks = self.pool.share(seq.hashes[: (seq.length - 1) // self.pool.block_size])
+        seq.registered = len(seq.blocks)
+        seq.computed = len(seq.blocks) * self.pool.block_size
+        if not seq.preempted:
+            seq.cached = seq.computed
+        if seq.computed:
+            log.debug("prefix cached", extra={"request_id": seq.request_id, "tokens": seq.computed})
+
     def _victim(self, keep: set[int]) -> Sequence | None:
         """The newest unfinished sequence holding blocks, outside ``keep``."""
         holders = [s for s in self.active.values() if s.blocks and s.finish is None and s.sid not in keep]
@@ -372,7 +405,7 @@ class Engine:
     def _free(self, seq: Sequence) -> None:
         """A finished sequence's KV and prompt are never read again: they go back at once."""
         self.pool.release(seq.blocks)
-        seq.computed = 0
+        seq.computed = seq.registered = 0
         seq.prompt_embeds = seq.fusion = None
         self.active.pop(seq.sid, None)
 
@@ -508,6 +541,11 @@ class Engine:
                 seq.computed += n
                 if seq.computed >= seq.prompt_len:
                     seq.prompt_embeds = None  # in the KV pool now (see start)
+                if seq.registered < len(seq.hashes):  # its full prompt blocks, computed on every shard now
+                    full = min(seq.computed // self.pool.block_size, len(seq.hashes))
+                    for i in range(seq.registered, full):
+                        self.pool.register(seq.blocks[i], seq.hashes[i])
+                    seq.registered = max(seq.registered, full)
                 if result != NO_TOKEN:
                     if self.pipeline is not None:
                         seq.sampler.draws += 1  # drawn on the last shard
@@ -550,7 +588,7 @@ def load_engine(spec, layers: range | None = None, kv_cache_bytes: int | None = 
                 device: torch.device | str = "cpu", max_batched_tokens: int = MAX_BATCHED_TOKENS,
                 max_running: int = 16, gpu_memory_utilization: float = 0.9, num_blocks: int | None = None,
                 attention: str = "auto", eager: bool = False, max_step_ms: float | None = None,
-                defer: bool = False) -> Engine:
+                defer: bool = False, prefix_cache: bool = True) -> Engine:
     """Shard 0's (or the only shard's) engine: its layers from the checkpoint, then a KV pool of ``num_blocks``
     (default: sized by backbone/kv.py's ``pool_blocks``), then (on a GPU, unless ``eager``) the decode step's CUDA
     graphs for up to ``max_running`` sequences."""
@@ -573,4 +611,4 @@ def load_engine(spec, layers: range | None = None, kv_cache_bytes: int | None = 
     if not eager:
         model.capture_graphs(max_running, spec.max_context)
     return Engine(model, spec.placeholder_ids, spec.eos_token_ids, spec.max_context, pipeline, max_batched_tokens,
-                  max_step_ms=max_step_ms, defer=defer)
+                  max_step_ms=max_step_ms, defer=defer, prefix_cache=prefix_cache)

@@ -151,6 +151,8 @@ class BackboneConfig:
     # retries it and refreshes its slot map, and a Redis Cluster node that did not answer held the loop for 35 s
     # (an outside tester's chaos run: it stopped coming round, so its heartbeat went stale).
     round_trip_timeout_s: float = 10.0
+    # Prompts share the KV blocks of their common prefix (same tokens, media and tenant: backbone/kv.py).
+    prefix_cache: bool = True
     metrics_port: int = 0  # serve Prometheus metrics on this port (0: not served; router/metrics.py)
     metrics_host: str = "127.0.0.1"
 
@@ -219,7 +221,8 @@ class Running:
         lowered = self.seq.max_tokens < self.plan.sampling.max_tokens  # a default budget the pool could not hold
         return m.TokenEvent(request_id=self.plan.request_id, token_ids=token_ids, prompt_tokens=self.seq.prompt_tokens,
                             completion_tokens=self.seq.completion_tokens, attempt=self.plan.attempt, worker=worker,
-                            budget=self.seq.resumed + self.seq.max_tokens if lowered else None, **end)
+                            budget=self.seq.resumed + self.seq.max_tokens if lowered else None,
+                            cached_tokens=self.seq.cached, **end)
 
 
 @dataclass
@@ -765,7 +768,8 @@ class BackboneWorker:
             del self.waiting[i]
             self._forget(plan)
             try:
-                starting.append((seq, self.engine.start(seq, plan.token_ids, media)))
+                starting.append((seq, self.engine.start(seq, plan.token_ids, media,
+                                                        [r.tensor_key for r in plan.media], plan.cache_salt)))
             except PlanError as exc:
                 self.engine.release(seq)
                 self._refuse(plan, entry_id, m.ErrorCode.BAD_PLAN, str(exc))
@@ -1084,7 +1088,7 @@ def serve(cfg: BackboneConfig, model_dir: str, threads: int | None = None) -> No
             engine = load_engine(spec, layers, cfg.kv_cache_bytes, None, dtype, device, cfg.max_batched_tokens,
                                  cfg.max_running, cfg.gpu_memory_utilization, attention=cfg.attention,
                                  eager=cfg.eager, max_step_ms=cfg.max_step_ms,
-                                 defer=cfg.overlap_io and device.type == "cuda")
+                                 defer=cfg.overlap_io and device.type == "cuda", prefix_cache=cfg.prefix_cache)
         except ValueError as exc:
             raise SystemExit(f"tributary backbone: {exc}") from None
         worker = BackboneWorker(cfg, engine, stop)
@@ -1125,7 +1129,7 @@ def serve(cfg: BackboneConfig, model_dir: str, threads: int | None = None) -> No
     worker = None
     try:
         engine = Engine(model, spec.placeholder_ids, spec.eos_token_ids, spec.max_context, head,
-                        cfg.max_batched_tokens, cfg.micro_batches, cfg.max_step_ms)
+                        cfg.max_batched_tokens, cfg.micro_batches, cfg.max_step_ms, prefix_cache=cfg.prefix_cache)
         worker = BackboneWorker(cfg, engine, stop)
         worker.run()
     except RuntimeError as exc:

@@ -161,7 +161,7 @@ def in_process(spec, concurrency: int, prompt: int, tokens: int, threads: int) -
 
     tune_allocator()  # as every worker process does (else its page faults would be counted against the engine)
     torch.set_num_threads(threads)  # what one worker process gets
-    engine = load_engine(spec, max_running=max(16, concurrency))
+    engine = load_engine(spec, max_running=max(16, concurrency), prefix_cache=False)
     seqs = []
     for i in range(concurrency):
         ids = [1] + [20 + (i * 7 + k) % 400 for k in range(prompt - 1)]

@@ -115,7 +115,8 @@ def main() -> int:
     rows = {}
     unchunked = args.arrivals * args.prompt + args.streams
     for name, budget in (("unchunked", unchunked), ("chunked", args.budget)):
-        engine = load_engine(spec, max_batched_tokens=budget, max_running=args.streams + args.arrivals)
+        engine = load_engine(spec, max_batched_tokens=budget, max_running=args.streams + args.arrivals,
+                             prefix_cache=False)
         arrival_itl(engine, streams, arrivals[:1], quiet_steps=3, after_steps=1)  # warm the allocator
         rows[name] = arrival_itl(engine, streams, arrivals)
     print(f"small demo model, CPU fp32, torch threads {torch.get_num_threads()}: {args.streams} streams decoding, "

@@ -122,7 +122,7 @@ def decode_ours(path: Path, batches: list[int], device, dtype, prompt: int, warm
         need = max(need, itl["streams"] * 16 + itl["arrivals"] * 48)
     model.allocate_pool(need)  # room for the largest batch
     engine = Engine(model, placeholder_ids(config), [], int(text["max_position_embeddings"]),
-                    max_batched_tokens=max(batches) * prompt)  # each batch's prompts in one step
+                    max_batched_tokens=max(batches) * prompt, prefix_cache=False)  # each batch's prompts in one step
     weights = sum(t.numel() * t.element_size() for w in model.layers for t in w.values())
     weights += sum(t.numel() * t.element_size() for t in (model.norm_weight, model.lm_head_weight))
     cfg, itemsize = model.cfg, torch.empty((), dtype=dtype).element_size()

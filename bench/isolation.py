@@ -56,7 +56,7 @@ def gateway(spec: ModelSpec, rounds: int) -> None:
 
 
 def backbone(spec: ModelSpec, rounds: int) -> None:
-    engine = load_engine(spec)
+    engine = load_engine(spec, prefix_cache=False)
     vocab = spec.config["text_config"]["vocab_size"]
     for batch in (1, 8, 32):
         seqs = []

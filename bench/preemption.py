@@ -125,7 +125,8 @@ def main() -> int:
     if not (model_dir / "model.safetensors").exists():
         write_demo_model(model_dir, args.size)
     spec = ModelSpec.from_dir(model_dir)
-    engine = load_engine(spec, max_batched_tokens=args.budget, max_running=args.max_running, num_blocks=args.blocks)
+    engine = load_engine(spec, max_batched_tokens=args.budget, max_running=args.max_running, num_blocks=args.blocks,
+                         prefix_cache=False)
     reqs = workload(args.requests, args.gap, spec.config["text_config"]["vocab_size"], args.seed)
     results: dict[str, dict] = {}
     for _ in range(2):  # alternately; the second run of each is kept (the first warms the allocator)

@@ -75,7 +75,7 @@ def main() -> int:
     spec, prompt = small_demo(args)
     longs = [prompt(args.prompt) for _ in range(args.long)]
     short = prompt(args.short)
-    engine = load_engine(spec, max_batched_tokens=args.budget, max_running=args.long + 1)
+    engine = load_engine(spec, max_batched_tokens=args.budget, max_running=args.long + 1, prefix_cache=False)
     first_tokens(engine, longs[:1], short)  # warm the allocator
     rows = {}
     for mode, aging in (("oldest first", 0), ("shortest first", engine.aging_steps)):

@@ -131,7 +131,7 @@ class InProcess:
         self.builder = PromptBuilder(self.spec, self.tokenizer, GatewayConfig(str(model_dir), "-").max_media_bytes)
         self.pre = {m: load_preprocessor(self.spec, m) for m in ("image", "audio")}
         self.rt = {m: load_runtime(self.spec, m) for m in ("image", "audio")}
-        self.engine = load_engine(self.spec)  # the backbone worker's loader and engine
+        self.engine = load_engine(self.spec, prefix_cache=False)  # the backbone worker's loader and engine
 
     def run(self, body: bytes) -> dict:
         from gateway.detokenize import Detokenizer
@@ -189,7 +189,9 @@ def tributary_cmd() -> list[str]:
 
 def start_cluster(model_dir: Path, port: int, log_path: Path, timeout: float) -> subprocess.Popen:
     log = log_path.open("wb")
-    proc = subprocess.Popen([*tributary_cmd(), "up", "--model", str(model_dir), "--port", str(port)],
+    # The same request again and again: both sides compute it whole (no prefix cache), as the bench measures
+    proc = subprocess.Popen([*tributary_cmd(), "up", "--model", str(model_dir), "--port", str(port),
+                             "--no-prefix-cache"],
                             stdout=log, stderr=subprocess.STDOUT, cwd=ROOT)
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:

@@ -77,6 +77,7 @@ class Delta:
     finish: str | None = None
     prompt_tokens: int = 0
     completion_tokens: int = 0
+    cached_tokens: int = 0  # of the prompt tokens, those the backbone's prefix cache held
 
 
 @dataclass(frozen=True)
@@ -483,7 +484,8 @@ class ChatService:
                                     temperature=req.temperature, top_p=req.top_p, seed=seed,
                                     ignore_eos=req.ignore_eos, default_budget=budget is None)
         return m.PromptPlan(request_id=rid, reply_to=self.tiers.reply_stream, token_ids=ids, media=refs,
-                            sampling=sampling, deadline=time.time() + self.cfg.first_token_timeout_s), reservation
+                            sampling=sampling, deadline=time.time() + self.cfg.first_token_timeout_s,
+                            cache_salt=tenant.cache if tenant else ""), reservation
 
     async def _deltas(self, rid: str, req: ChatCompletionRequest, plan: m.PromptPlan, queue, encode_again,
                       tenant=None, arrival: float | None = None, reserved: Reservation | None = None
@@ -503,7 +505,7 @@ class ChatService:
                 timing.tokens(len(ev.token_ids), ev.prompt_tokens)
                 text = detok.add(ev.token_ids)
                 used = ev.prompt_tokens + ev.completion_tokens
-                d = Delta(text, None, ev.prompt_tokens, ev.completion_tokens)
+                d = Delta(text, None, ev.prompt_tokens, ev.completion_tokens, ev.cached_tokens)
                 if detok.stopped or ev.finish is not None:
                     finished = ev.finish is not None
                     d.text += detok.flush()
@@ -612,7 +614,8 @@ class ReleasingStream(StreamingResponse):
 
 def _usage(d: Delta) -> dict:
     return {"prompt_tokens": d.prompt_tokens, "completion_tokens": d.completion_tokens,
-            "total_tokens": d.prompt_tokens + d.completion_tokens}
+            "total_tokens": d.prompt_tokens + d.completion_tokens,
+            "prompt_tokens_details": {"cached_tokens": d.cached_tokens}}
 
 
 def _shutting_down() -> APIError:

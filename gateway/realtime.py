@@ -1105,7 +1105,8 @@ class RealtimeSession:
             usage = None
             if last is not None:
                 usage = {"total_tokens": last.prompt_tokens + last.completion_tokens,
-                         "input_tokens": last.prompt_tokens, "output_tokens": last.completion_tokens}
+                         "input_tokens": last.prompt_tokens, "output_tokens": last.completion_tokens,
+                         "input_token_details": {"cached_tokens": last.cached_tokens}}
             await self.send("response.done", response=self._response(run, status, output, usage, details))
         except (WebSocketDisconnect, RuntimeError):
             pass  # the socket is gone

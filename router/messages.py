@@ -128,6 +128,9 @@ class PromptPlan(Message, kw_only=True):
     # client already has, its ``sampling.max_tokens`` is what is left, and its sampler starts at draw ``resumed``.
     attempt: int = 0
     resumed: int = 0
+    # The tenant's cache namespace (gateway/auth.py; "" without keys, or with a shared cache): only prompts with the
+    # same salt share KV blocks in a backbone's prefix cache (backbone/kv.py). Absent from older gateways: "".
+    cache_salt: str = ""
 
 
 class TokenEvent(Message, kw_only=True):
@@ -150,6 +153,9 @@ class TokenEvent(Message, kw_only=True):
     # "prompt" (the prompt alone) or "budget" (the prompt and the max_tokens the client named). The gateway answers it
     # as context_length_exceeded, naming the field (ignored by gateways that predate it: a 400 with no code).
     limit: Literal["prompt", "budget"] | None = None
+    # Prompt tokens this attempt took from the backbone's prefix cache instead of computing them (usage's
+    # prompt_tokens_details.cached_tokens; 0 from backbones that predate it).
+    cached_tokens: int = 0
 
 
 ReplyMessage = Union[EncodeDone, EncodeFailed, TokenEvent]

@@ -394,6 +394,9 @@ def build_parser() -> argparse.ArgumentParser:
                     help="the backbone's step-time target in ms: a step that carries decodes takes only the prompt "
                          "chunk its measured cost fits in it (default 100 on a CPU, none on a GPU; 0: none, the "
                          "token budget alone)")
+    up.add_argument("--no-prefix-cache", action="store_true",
+                    help="the backbone's --no-prefix-cache: compute every prompt in full instead of sharing the KV "
+                         "blocks of a beginning prompts have in common")
     up.add_argument("--max-running", type=POSITIVE_INT, default=None,
                     help="the backbone's sequences decoding at once (default 16; env TRIBUTARY_MAX_RUNNING)")
     up.add_argument("--kv-cache-gb", type=POSITIVE, default=None,
@@ -594,6 +597,10 @@ def build_parser() -> argparse.ArgumentParser:
     bb.add_argument("--eager", action="store_true", default=_env("EAGER", "") == "1",
                     help=_env_help("run decode steps eagerly instead of replaying CUDA graphs (GPUs only; CPUs "
                                    "always run eagerly)", "EAGER", "=1"))
+    bb.add_argument("--no-prefix-cache", action="store_true", default=_env("NO_PREFIX_CACHE", "") == "1",
+                    help=_env_help("compute every prompt in full: without it, prompts that begin alike (the same "
+                                   "tokens and media, the same tenant) share the KV blocks of that beginning, and "
+                                   "the usage reports them as cached tokens", "NO_PREFIX_CACHE", "=1"))
     bb.add_argument("--sync-io", action="store_true",
                     help="run each step's Redis round trip after the step instead of during the next one, and "
                          "apply a step's tokens before the round trip (to measure the overlap against)")
@@ -914,7 +921,7 @@ def _main(args) -> int:
                                   max_batched_tokens=args.max_batched_tokens, attention=args.attention,
                                   max_step_ms=args.max_step_ms,
                                   overlap_io=not args.sync_io, micro_batches=args.micro_batches,
-                                  eager=args.eager,
+                                  eager=args.eager, prefix_cache=not args.no_prefix_cache,
                                   max_deliveries=args.max_deliveries, drain_timeout_s=args.drain_timeout,
                                   device=args.device, dtype=args.dtype, metrics_port=args.metrics_port,
                                   metrics_host=args.metrics_host)

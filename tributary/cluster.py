@@ -345,6 +345,7 @@ def run_cluster(args) -> int:
                                      *(["--max-step-ms", str(args.max_step_ms)]
                                        if args.max_step_ms is not None else []),
                                      *(["--max-running", str(args.max_running)] if args.max_running else []),
+                                     *(["--no-prefix-cache"] if args.no_prefix_cache else []),
                                      *(["--kv-cache-gb", str(args.kv_cache_gb)] if args.kv_cache_gb else [])],
                       cpu_budget=args.cpu_budget == "auto", worker_metrics_port=args.worker_metrics_port)
     policies = {}

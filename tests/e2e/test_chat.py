@@ -127,6 +127,23 @@ def test_second_identical_image_is_a_cache_hit(client, cluster):
         assert after.get("cache_hits", 0) == stats.get("cache_hits", 0) + 1
 
 
+def test_a_prompt_sent_again_takes_its_prefix_from_the_backbones_cache_and_answers_the_same(client, cluster):
+    """The backbone's prefix cache: the same trimodal prompt again takes its full KV blocks (16 positions each) from
+    the cache, all but its last position at most, and reports them as OpenAI's cached tokens; the answer at
+    temperature 0 is the same. A conversation's next turn shares its first turn's blocks."""
+    msgs = trimodal_messages(41, text="a question nobody asked before " + "word " * 30)
+    msgs[0]["content"] = "You are terse, and this prompt is new from its start."  # the others' share a first block
+    ask = lambda m: client.chat.completions.create(model=cluster.model, messages=m, max_tokens=6,  # noqa: E731
+                                                   temperature=0, extra_body={"ignore_eos": True})
+    first, again = ask(msgs), ask(msgs)
+    assert first.usage.prompt_tokens_details.cached_tokens == 0
+    cached = again.usage.prompt_tokens_details.cached_tokens
+    assert cached == (first.usage.prompt_tokens - 1) // 16 * 16 > 0, again.usage
+    assert again.choices[0].message.content == first.choices[0].message.content
+    turn = ask([*msgs, {"role": "assistant", "content": "noted"}, {"role": "user", "content": "and then?"}])
+    assert turn.usage.prompt_tokens_details.cached_tokens >= first.usage.prompt_tokens // 16 * 16 - 16
+
+
 def test_a_burst_reaches_the_encoder_as_batched_forward_passes(client, cluster):
     before = cluster.stats("encoder:image")
 

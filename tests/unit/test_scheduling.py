@@ -32,7 +32,7 @@ def model(tiny_spec):
 def engine_with(model, tiny_spec, blocks: int, budget: int = 2048) -> Engine:
     model.allocate_pool(blocks)
     return Engine(model, tiny_spec.placeholder_ids, eos_ids=[], max_context=tiny_spec.max_context,
-                  max_batched_tokens=budget)
+                  max_batched_tokens=budget, prefix_cache=False)  # the scheduling policy on prompts computed whole
 
 
 def params(n, **kw):
