@@ -17,8 +17,9 @@ import torch
 
 from models.audio import AudioConfig, Features, StreamingFeatures
 from models.media import (
-    IMAGE_FORMATS,
+    IMAGE_NAMED,
     MAX_AUDIO_S,
+    UNKNOWN_FRAMES,
     MediaHeaderError,
     audio_sample_budget,
     check_audio,
@@ -39,8 +40,8 @@ class MediaError(ValueError):
 
 
 _OBJECT_REPR = re.compile(r"\s*<[\w.]+ object at 0x[0-9a-fA-F]+>")
-_IMAGE_ORDER = [f for f in ("PNG", "JPEG", "GIF", "BMP", "WEBP") if f in IMAGE_FORMATS]
-_IMAGE_NAMES = _IMAGE_ORDER + sorted(IMAGE_FORMATS.difference(_IMAGE_ORDER))
+_IMAGE_ORDER = [f for f in ("PNG", "JPEG", "GIF", "BMP", "WEBP") if f in IMAGE_NAMED]
+_IMAGE_NAMES = _IMAGE_ORDER + sorted(IMAGE_NAMED.difference(_IMAGE_ORDER))
 IMAGE_ACCEPTED = ", ".join(_IMAGE_NAMES[:-1]) + " or " + _IMAGE_NAMES[-1]
 AUDIO_ACCEPTED = "WAV, MP3, FLAC or OGG"
 
@@ -151,7 +152,7 @@ def decode_image(data: bytes) -> torch.Tensor:
         with Image.open(io.BytesIO(data)) as img:
             fmt = img.format
             try:
-                check_image(img.format, img.width, img.height)  # the limits the gateway checked, again
+                check_image(img.format, img.width, img.height, data)  # the limits the gateway checked, again
             except MediaHeaderError as exc:
                 raise MediaError(str(exc)) from None  # models.media's words are the client's already
             return F.pil_to_tensor(_to_rgb(ImageOps.exif_transpose(img)))
@@ -234,7 +235,9 @@ class AudioPreprocessor:
         with f:
             rate, channels = f.samplerate, f.channels
             try:  # the limits the gateway checked, again (a job may come from any gateway); frames are read below
-                check_audio(str(f.format), rate, channels, None, self.max_seconds, self.rate)
+                # the frames only where the header does not say them (refused: libsndfile cannot read to the end)
+                check_audio(str(f.format), rate, channels, f.frames if f.frames >= UNKNOWN_FRAMES else None,
+                            self.max_seconds, self.rate)
             except MediaHeaderError as exc:
                 raise MediaError(str(exc)) from None
             budget = audio_sample_budget(self.max_seconds)

@@ -32,9 +32,8 @@ import os
 import threading
 import time
 from collections import Counter
-from concurrent.futures import Future, ThreadPoolExecutor
-from concurrent.futures import TimeoutError as FutureTimeout
-from dataclasses import dataclass, replace
+from concurrent.futures import Future, ThreadPoolExecutor, wait
+from dataclasses import dataclass, field, replace
 
 import torch
 from redis.exceptions import RedisError
@@ -131,6 +130,7 @@ class Staged:
     prepared: list[Future]  # per job: (Prepared, or (code, error); preprocessing ms)
     t0: float  # when it was staged
     outcomes: Counter  # its answers, by outcome (counted in the metrics once Redis took them)
+    inputs: list = field(default_factory=list)  # per job: (blob, message) given to the pool, or None
 
 
 class EncoderWorker:
@@ -283,13 +283,15 @@ class EncoderWorker:
         self._outcomes = outcomes = Counter()
         jobs, blobs = self._admit(self._decode(entries, answers), answers)
         t0 = time.perf_counter()
-        futures = []
+        futures, inputs = [], []
         for job, blob in zip(jobs, blobs):
             if error := self._check(job, blob):
                 futures.append(_done((error, 0.0)))
+                inputs.append(None)
             else:
                 futures.append(self.pool.submit(self._timed, blob, job.msg))
-        return Staged(answers, jobs, futures, t0, outcomes)
+                inputs.append((blob, job.msg))
+        return Staged(answers, jobs, futures, t0, outcomes, inputs)
 
     def _timed(self, blob: bytes, msg: m.EncodeJob) -> tuple[Prepared | tuple[m.ErrorCode, str], float]:
         """On a pool thread: the item preprocessed (and, for a GPU, put in pinned memory, so the loop's thread only
@@ -358,32 +360,45 @@ class EncoderWorker:
         self.published = self.publishing.submit(self._answer, staged, prepared, launched, t1, t1 - t0, pre_ms)
 
     def _collect(self, staged: Staged) -> list[tuple[Prepared | tuple[m.ErrorCode, str], float]]:
-        """Each item's preprocessing result, waited for until ``preprocess_timeout_s`` after the batch was staged. An
-        item still running then fails alone, as bad media, and its thread is left behind: new work goes to a fresh
-        pool (the old one finishes what it holds). Once as many threads are stuck as the pool has, the worker stops
-        (its jobs handed back) with a non-zero exit, to be restarted with its threads."""
-        out = []
-        for job, future in zip(staged.jobs, staged.prepared):
-            try:
-                out.append(future.result(timeout=max(0.0, staged.t0 + self.cfg.preprocess_timeout_s
-                                                     - time.perf_counter())))
-                continue
-            except FutureTimeout:
-                pass
-            limit = self.cfg.preprocess_timeout_s
-            self.stuck += 1
-            log.error("an item's preprocessing did not finish in time; it fails alone and its thread is left behind",
-                      extra={"request_id": job.msg.request_id, "timeout_s": limit, "stuck_threads": self.stuck})
-            old, self.pool = self.pool, ThreadPoolExecutor(self.threads, thread_name_prefix="preprocess")
-            old.shutdown(wait=False)
-            if self.stuck >= self.threads and not self.stop.is_set():
-                log.error("as many preprocessing threads are stuck as the pool has: stopping, to be restarted",
-                          extra={"stuck_threads": self.stuck})
-                self.exit_code = 3
-                self.stop.set()
-            out.append(((m.ErrorCode.BAD_MEDIA, f"this {self.cfg.modality} could not be decoded within {limit:g} s"),
-                        limit * 1e3))
-        return out
+        """Each item's preprocessing result, waited for until ``preprocess_timeout_s`` after the batch was staged.
+        An item still running then fails alone, as bad media, and its thread is left behind: new work goes to a
+        fresh pool (the old one finishes what it holds). The items that had not started by then (queued behind the
+        slow ones: an outside tester's JPEG of 3,000 scans had innocent images beside it refused as undecodable) run
+        again on the fresh pool, with a deadline of their own; those not done by then fail too. Once as many threads
+        are stuck as the pool has, the worker stops (its jobs handed back) with a non-zero exit, to be restarted
+        with its threads. The whole wait stays under the loop's stall limit (its heartbeat)."""
+        limit = self.cfg.preprocess_timeout_s
+        futures = list(staged.prepared)
+        wait(futures, timeout=max(0.0, staged.t0 + limit - time.perf_counter()))
+        waiting = [i for i, f in enumerate(futures) if not f.done() and f.cancel()]  # never started
+        running = [i for i, f in enumerate(futures) if not f.done() and i not in waiting]
+        for i in running:
+            self._left_behind(staged.jobs[i], limit)
+        if waiting:
+            for i in waiting:
+                futures[i] = self.pool.submit(self._timed, *staged.inputs[i])
+            now = time.perf_counter()
+            wait([futures[i] for i in waiting],
+                 timeout=max(0.0, min(now + limit, staged.t0 + 0.8 * self.cfg.stall_s) - now))
+            for i in waiting:
+                if not futures[i].done() and not futures[i].cancel():
+                    self._left_behind(staged.jobs[i], limit)
+        late = ((m.ErrorCode.BAD_MEDIA, f"this {self.cfg.modality} could not be decoded within {limit:g} s"),
+                limit * 1e3)
+        return [f.result() if f.done() and not f.cancelled() else late for f in futures]
+
+    def _left_behind(self, job: Job, limit: float) -> None:
+        """An item still running past its limit: its thread is left behind, and new work goes to a fresh pool."""
+        self.stuck += 1
+        log.error("an item's preprocessing did not finish in time; it fails alone and its thread is left behind",
+                  extra={"request_id": job.msg.request_id, "timeout_s": limit, "stuck_threads": self.stuck})
+        old, self.pool = self.pool, ThreadPoolExecutor(self.threads, thread_name_prefix="preprocess")
+        old.shutdown(wait=False)
+        if self.stuck >= self.threads and not self.stop.is_set():
+            log.error("as many preprocessing threads are stuck as the pool has: stopping, to be restarted",
+                      extra={"stuck_threads": self.stuck})
+            self.exit_code = 3
+            self.stop.set()
 
     def _answer(self, staged: Staged, prepared: list, launched: list, t1: float, preprocess_wait: float,
                 pre_ms: dict) -> None:

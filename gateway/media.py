@@ -16,7 +16,7 @@ import re
 from dataclasses import dataclass, replace
 
 from gateway.errors import InvalidRequest, PayloadTooLarge
-from models.media import IMAGE_FORMATS
+from models.media import IMAGE_NAMED
 
 log = logging.getLogger(__name__)
 
@@ -42,7 +42,7 @@ def _either(names: list[str]) -> str:
 # What a part of each modality may hold, for error messages: the formats models.media accepts, and the audio formats
 # libsndfile reads that the schema's input_audio.format names.
 _IMAGE_ORDER = ("PNG", "JPEG", "GIF", "BMP", "WEBP")  # most common first; any other accepted one after them
-_FORMATS = {"image": [f for f in _IMAGE_ORDER if f in IMAGE_FORMATS] + sorted(IMAGE_FORMATS.difference(_IMAGE_ORDER)),
+_FORMATS = {"image": [f for f in _IMAGE_ORDER if f in IMAGE_NAMED] + sorted(IMAGE_NAMED.difference(_IMAGE_ORDER)),
             "audio": ["WAV", "MP3", "FLAC", "OGG"]}
 ACCEPTED = {modality: _either(formats) for modality, formats in _FORMATS.items()}
 
@@ -146,7 +146,7 @@ def _b64(data: str, param: str, limit: int, kind: str = "media") -> bytes:
     except (binascii.Error, ValueError) as exc:
         log.debug("base64 refused", extra={"param": param, "error": f"{type(exc).__name__}: {exc}"})
         raise InvalidRequest(f"{param}: the {kind} data is not valid base64: {_base64_problem(data)}",
-                             param=param) from None
+                             param=param, code="invalid_media") from None
 
 
 def is_remote(url: str) -> bool:
@@ -161,15 +161,17 @@ def from_data_url(url: str, kind: str, param: str, limit: int) -> bytes:
         raise InvalidRequest(f"{field} must be a data: URL; fetching http(s) URLs is disabled on this server",
                              param=param, code="remote_url_disabled")
     if url[:5].lower() != "data:":  # the scheme, the media type and "base64" are case-insensitive (RFC 2397)
-        raise InvalidRequest(f"{field} must be a data: URL (data:{kind}/...;base64,...)", param=param)
+        raise InvalidRequest(f"{field} must be a data: URL (data:{kind}/...;base64,...)", param=param,
+                             code="invalid_media")
     header, sep, payload = url[5:].partition(",")
     header = header.lower()
     if not sep or not header.endswith(";base64"):
-        raise InvalidRequest(f"{kind} data URL must be base64-encoded (data:<type>;base64,<data>)", param=param)
+        raise InvalidRequest(f"{kind} data URL must be base64-encoded (data:<type>;base64,<data>)", param=param,
+                             code="invalid_media")
     media_type = header[: -len(";base64")]
     if media_type and not media_type.startswith(f"{kind}/"):
         raise InvalidRequest(f"data URL media type {media_type!r} is not {'an image' if kind == 'image' else kind}",
-                             param=param)
+                             param=param, code="invalid_media")
     return _b64(payload, param, limit, kind)
 
 

@@ -13,7 +13,9 @@ import io
 import math
 from dataclasses import dataclass
 
-IMAGE_FORMATS = {"PNG", "JPEG", "WEBP", "GIF", "BMP"}
+# MPO: a JPEG with more pictures after it (MP-Extensions: multi-camera phones); its first picture is the image
+IMAGE_FORMATS = {"PNG", "JPEG", "MPO", "WEBP", "GIF", "BMP"}
+IMAGE_NAMED = IMAGE_FORMATS - {"MPO"}  # the formats messages name (an MPO is a JPEG to whoever sends one)
 # The audio containers taken: soundfile's (libsndfile's) names -> the input_audio.format that declares each
 AUDIO_FORMATS = {"WAV": "wav", "WAVEX": "wav", "RF64": "wav", "W64": "wav", "MP3": "mp3", "MPEG": "mp3",
                  "FLAC": "flac", "OGG": "ogg"}
@@ -21,6 +23,10 @@ MAX_IMAGE_PIXELS = 40_000_000
 # Longest side over shortest (Qwen2-VL's bound too). Processors resize the shortest side to the tower's size, so a
 # 1 x 16000 image (a few hundred bytes) would become 224 x 3.6M pixels: gigabytes and seconds of resizing.
 MAX_ASPECT_RATIO = 200
+# Scans of a progressive JPEG, at most: each is one more pass over the whole image's coefficients, so a few hundred KB
+# of 4000x4000 JPEG with its last scan repeated 3,000 times took 43 s to decode (an outside tester); cameras and
+# encoders write about ten.
+MAX_JPEG_SCANS = 100
 MAX_AUDIO_S = 300.0  # longer clips are refused (the features keep only the extractor's window anyway)
 MAX_AUDIO_RATE = 192_000  # Hz
 # Samples (frames x channels) decoded per clip, at most: 300 s of 48 kHz stereo, or --max-audio-seconds of it when
@@ -54,25 +60,32 @@ class MediaInfo:
 
 
 def probe_image(data: bytes) -> MediaInfo:
-    from PIL import Image, UnidentifiedImageError
+    from PIL import Image
 
     try:
         with Image.open(io.BytesIO(data)) as img:  # reads the header only
             fmt, width, height = img.format, img.width, img.height
-    except (UnidentifiedImageError, OSError, ValueError, SyntaxError, Image.DecompressionBombError) as exc:
-        raise MediaHeaderError("not a readable image (accepted: " + ", ".join(sorted(IMAGE_FORMATS)) + ")") from exc
-    check_image(fmt, width, height)
+    except Image.DecompressionBombError as exc:  # Pillow's own bound, twice ours: the header says too many pixels
+        raise MediaHeaderError(f"image exceeds {MAX_IMAGE_PIXELS} pixels") from exc
+    except Exception as exc:  # any of Pillow's plugins on hostile bytes (a DDS header raised NotImplementedError)
+        raise MediaHeaderError("not a readable image (accepted: " + ", ".join(sorted(IMAGE_NAMED)) + ")") from exc
+    check_image(fmt, width, height, data)
     return MediaInfo(width=width, height=height)
 
 
-def check_image(fmt: str | None, width: int, height: int) -> None:
+def check_image(fmt: str | None, width: int, height: int, data: bytes = b"") -> None:
+    """The limits on an image's header; ``data``: its bytes, for the JPEG scan count."""
     if fmt not in IMAGE_FORMATS:
-        raise MediaHeaderError(f"image format {fmt} is not accepted (accepted: {', '.join(sorted(IMAGE_FORMATS))})")
+        raise MediaHeaderError(f"image format {fmt} is not accepted (accepted: {', '.join(sorted(IMAGE_NAMED))})")
     if width * height > MAX_IMAGE_PIXELS:
         raise MediaHeaderError(f"image of {width}x{height} pixels exceeds {MAX_IMAGE_PIXELS} pixels")
     if max(width, height) > MAX_ASPECT_RATIO * max(min(width, height), 1):
         raise MediaHeaderError(f"image of {width}x{height} pixels is more than {MAX_ASPECT_RATIO} times longer than "
                                "it is wide")
+    # In a JPEG's entropy-coded data every 0xFF byte is followed by 0x00 or a restart marker: FF DA is a scan's start
+    # (an embedded thumbnail's count too, a few more).
+    if fmt in ("JPEG", "MPO") and (scans := data.count(b"\xff\xda")) > MAX_JPEG_SCANS:
+        raise MediaHeaderError(f"JPEG of {scans} scans; at most {MAX_JPEG_SCANS} are accepted")
 
 
 def probe_audio(data: bytes, max_seconds: float = MAX_AUDIO_S, to_rate: int | None = None) -> MediaInfo:
@@ -85,6 +98,11 @@ def probe_audio(data: bytes, max_seconds: float = MAX_AUDIO_S, to_rate: int | No
     out = MediaInfo(frames=max(int(info.frames), 0), rate=int(info.samplerate), format=str(info.format))
     check_audio(out.format, out.rate, int(info.channels), out.frames, max_seconds, to_rate)
     return out
+
+
+# libsndfile's frame count for a stream whose header gives no length (SF_COUNT_MAX); a real count never comes near
+UNKNOWN_FRAMES = 2**62
+
 
 
 def check_audio(fmt: str, rate: int, channels: int, frames: int | None, max_seconds: float = MAX_AUDIO_S,
@@ -109,9 +127,12 @@ def check_audio(fmt: str, rate: int, channels: int, frames: int | None, max_seco
         raise MediaHeaderError("audio header has no channels")
     if frames is None:
         return
+    if frames >= UNKNOWN_FRAMES:  # libsndfile cannot read such a stream to its end (it fails seeking at the end)
+        raise MediaHeaderError(f"the {fmt} header does not give the clip's length (a stream's total samples of 0); "
+                               "encode it again as a file")
     seconds = frames / rate
     if frames > math.ceil(max_seconds * rate):
-        raise MediaHeaderError(f"audio of {seconds:.6g} s is longer than {max_seconds:g} s")
+        raise MediaHeaderError(f"audio of {seconds:.9g} s is longer than {max_seconds:g} s")
     if frames * channels > (budget := audio_sample_budget(max_seconds)):
         raise MediaHeaderError(f"audio of {channels} channels x {seconds:.6g} s at {rate} Hz is {frames * channels} "
                                f"samples, more than {budget} ({budget // 96_000} s of 48 kHz stereo)")

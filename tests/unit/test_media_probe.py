@@ -204,3 +204,74 @@ def test_a_clip_holding_nan_makes_features_without_warnings(tiny_spec):
         warnings.simplefilter("error")
         out = load_preprocessor(tiny_spec, "audio")(buf.getvalue())
     assert not np.isfinite(out.data.numpy()).all()
+
+
+# An outside tester's media round (2026-12-06): a header that made Pillow raise an exception no probe caught (a
+# 500), a valid phone JPEG refused, a JPEG that took 43 s to decode, and a FLAC stream of unknown length refused.
+DDS = bytes.fromhex("444453207c00000007100000040000000400000000000000000000000000000000000000") + bytes(40) + \
+    bytes.fromhex("2000000088000000") + bytes(84)  # a DDS header whose pixel format Pillow does not implement
+
+
+def test_any_exception_a_decoder_raises_on_a_header_is_a_refusal_not_a_server_error(tiny_spec):
+    from encoders.preprocess import MediaError, decode_image
+
+    with pytest.raises(MediaHeaderError, match="not a readable image"):
+        probe_image(DDS)
+    with pytest.raises(MediaError):
+        decode_image(DDS)
+
+
+def mpo_bytes() -> bytes:
+    from PIL import Image
+
+    first, second = (Image.fromarray(np.full((24, 32, 3), v, np.uint8)) for v in (40, 200))
+    buf = io.BytesIO()
+    first.save(buf, "MPO", save_all=True, append_images=[second])
+    return buf.getvalue()
+
+
+def test_a_multi_picture_jpeg_is_taken_as_its_first_picture(tiny_spec):
+    from PIL import Image
+
+    from encoders.preprocess import decode_image
+
+    data = mpo_bytes()
+    assert Image.open(io.BytesIO(data)).format == "MPO"
+    assert probe_image(data) == MediaInfo(width=32, height=24)
+    decoded = decode_image(data)
+    want = np.asarray(Image.open(io.BytesIO(data)).convert("RGB")).transpose(2, 0, 1)
+    assert decoded.shape == (3, 24, 32) and np.array_equal(decoded.numpy(), want)
+
+
+def test_a_jpeg_of_too_many_scans_is_refused_from_its_bytes_before_any_decode(tiny_spec):
+    from PIL import Image
+
+    from encoders.preprocess import MediaError, decode_image
+
+    buf = io.BytesIO()
+    Image.fromarray(np.zeros((64, 64, 3), np.uint8)).save(buf, "JPEG", progressive=True, quality=50)
+    data = buf.getvalue()
+    assert 1 < data.count(b"\xff\xda") <= 100
+    probe_image(data)  # a progressive JPEG as encoders write it
+    last = data.rindex(b"\xff\xda")
+    hostile = data[:last] + data[last:-2] * 200 + data[-2:]  # its last scan again and again before the EOI
+    with pytest.raises(MediaHeaderError, match="scans"):
+        probe_image(hostile)
+    with pytest.raises(MediaError, match="scans"):
+        decode_image(hostile)
+
+
+def test_a_flac_stream_that_does_not_say_its_length_is_refused_saying_so(tiny_spec):
+    """libsndfile reports such a stream's length as its largest count (it was "audio of 5.76461e+14 s is longer
+    than 300 s"), and cannot read it to its end (a seek fails there, losing the last read): a 400 that says why."""
+    from encoders.preprocess import MediaError
+
+    data = bytearray(clip(1.0, 16_000, "FLAC"))
+    assert data[:4] == b"fLaC"
+    info = 8  # STREAMINFO's body: its total samples are the low 4 bits of byte 13 and bytes 14-17 (0: unknown)
+    data[info + 13] &= 0xF0
+    data[info + 14 : info + 18] = bytes(4)
+    with pytest.raises(MediaHeaderError, match="does not give the clip's length"):
+        probe_audio(bytes(data))
+    with pytest.raises(MediaError, match="does not give the clip's length"):
+        load_preprocessor(tiny_spec, "audio")(bytes(data))

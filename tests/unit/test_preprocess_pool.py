@@ -86,6 +86,44 @@ def test_an_item_whose_preprocessing_hangs_fails_alone_and_the_worker_stops_once
             pool.shutdown(wait=True)
 
 
+def test_items_queued_behind_a_hung_one_run_again_on_the_fresh_pool_not_refused_with_it(tiny_spec):
+    """An outside tester's JPEG of 3,000 scans (43 s to decode) on a one-thread pool: the images queued behind it
+    shared its batch's deadline and were refused as undecodable within 20 s, valid as they were. Items that had
+    not started by the deadline now run again on the fresh pool; only the hung one fails."""
+    from encoders.worker import Staged
+
+    hang = threading.Event()
+    pre = load_preprocessor(tiny_spec, "image")
+
+    def preprocess(blob: bytes):
+        if blob == b"hang":
+            hang.wait(30)
+        return pre(blob)
+
+    cfg = EncoderConfig(redis_url="redis://127.0.0.1:1", modality="image", preprocess_threads=1,
+                        preprocess_timeout_s=0.5)
+    worker = EncoderWorker(cfg, preprocess, load_runtime(tiny_spec, "image"), threading.Event(),
+                           tiny_spec.encoder_id("image"))
+    pool = worker.pool
+    try:
+        blobs = [b"hang", png_bytes(20, 30, seed=1), png_bytes(24, 24, seed=2)]
+        jobs = [type("Job", (), {"msg": m.EncodeJob(request_id=f"r{i}", job_id=f"j{i}", modality=m.Modality.IMAGE,
+                                                    encoder_id="e", digest="d", blob_key="b", reply_to="x",
+                                                    deadline=0.0)})() for i in range(3)]
+        futures = [pool.submit(worker._timed, blob, job.msg) for blob, job in zip(blobs, jobs)]
+        t0 = time.perf_counter()
+        got = worker._collect(Staged(None, jobs, futures, t0, None, [(b, j.msg) for b, j in zip(blobs, jobs)]))
+        assert time.perf_counter() - t0 < 5
+        assert got[0][0] == (m.ErrorCode.BAD_MEDIA, "this image could not be decoded within 0.5 s")
+        assert isinstance(got[1][0], Prepared) and isinstance(got[2][0], Prepared), got
+        assert torch.equal(got[1][0].data, pre(blobs[1]).data)
+        assert worker.stuck == 1 and worker.pool is not pool
+    finally:
+        hang.set()
+        for p in (pool, worker.pool):
+            p.shutdown(wait=True)
+
+
 def test_a_pool_thread_still_running_at_exit_is_named_so_the_worker_leaves_without_it():
     """A decode still running as the worker stops (Redis failed meanwhile: its future could not be cancelled) was
     neither counted stuck nor waited for with a bound: the interpreter's exit joined it, and the worker ignored
@@ -101,7 +139,8 @@ def test_a_pool_thread_still_running_at_exit_is_named_so_the_worker_leaves_witho
     pool.shutdown(wait=False, cancel_futures=True)
     try:
         t0 = time.monotonic()
-        assert busy_threads(0.3, ("preprocess-exit-test",)) == ["preprocess-exit-test_0"]  # the idle one ended with its pool; the hung one did not
+        # the idle one ended with its pool; the hung one did not
+        assert busy_threads(0.3, ("preprocess-exit-test",)) == ["preprocess-exit-test_0"]
         assert time.monotonic() - t0 < 2
     finally:
         hang.set()
