@@ -8,6 +8,7 @@ import logging
 import re
 import resource
 import uuid
+from collections import OrderedDict
 from collections.abc import Callable
 
 import uvicorn
@@ -32,6 +33,11 @@ FD_RESERVE = 256  # file descriptors kept for Redis connections, worker threads,
 MAX_HEADER_BYTES = 512 * 1024
 MAX_HEADERS = 256
 LINGER_S = 2.0  # after an error answered straight to the socket, how long further bytes are read and dropped
+# Past the connection cap, this many more connections may still ask these paths (a liveness probe, a scrape): a
+# cap filled by clients made every probe a 503, and the supervisor (or a kubelet) killed a gateway that was serving.
+PROBE_RESERVE = 64
+PROBE_PATHS = (b"/health", b"/ready", b"/metrics")
+PROBE_HEADER_TIMEOUT_S = 5.0
 
 
 def _client_fault_not_error(record: logging.LogRecord) -> bool:
@@ -127,6 +133,7 @@ class WSProtocol(WebSocketsSansIOProtocol):
 
     def connection_made(self, transport) -> None:  # type: ignore[override]
         self._stall_timer = None
+        self._write_blocked = False
         super().connection_made(transport)
 
     def handle_connect(self, event) -> None:
@@ -165,13 +172,28 @@ class WSProtocol(WebSocketsSansIOProtocol):
         self.close_timer = _linger(self)
 
     def pause_writing(self) -> None:
+        """The client's socket is full: nothing more is read from it until it drains. Each ping a client sends is
+        answered with a pong, and websockets writes it whatever the buffer holds: clients that sent pings without
+        reading their pongs grew the gateway by half a gigabyte and held its event loop for seconds, until the
+        supervisor killed it (an outside tester)."""
         super().pause_writing()
+        self._write_blocked = True
+        self.transport.pause_reading()
         if self._stall_timer is None:
             self._stall_timer = self.loop.call_later(self.send_timeout_s, self._stalled)
 
     def resume_writing(self) -> None:
         self._cancel_stall()
+        self._write_blocked = False
+        if not self.read_paused:  # uvicorn's own pause (a message waiting for the app) stays
+            self.transport.resume_reading()
         super().resume_writing()
+
+    async def receive(self):
+        message = await super().receive()  # resumes reading once the app has taken every message
+        if self._write_blocked and not self.transport.is_closing():
+            self.transport.pause_reading()  # ... but not while the client's socket is full
+        return message
 
     def _cancel_stall(self) -> None:
         if self._stall_timer is not None:
@@ -201,29 +223,51 @@ class HTTPProtocol(HttpToolsProtocol):
     * a response the client does not read (its socket buffer full) for ``send_timeout_s`` (``--send-timeout``) is
       cut: the connection is aborted, which the app sees as a disconnect (the generation is cancelled, the in-flight
       slot freed). Without it a client that stops reading held a ``--max-inflight`` slot for good;
-    * past ``max_connections`` open connections (default: the file-descriptor limit less ``FD_RESERVE``) a new one
-      is answered 503 ``server_overloaded`` (JSON, ``connection: close``) before it is read, instead of the accept
-      failing for lack of descriptors (which refuses every client, the health probe included, silently);
+    * past ``max_connections`` open connections (default: the file-descriptor limit less ``FD_RESERVE``) the
+      longest idle keep-alive connection is closed to make room; with none idle, a new one may only ask a probe's
+      path (``PROBE_PATHS``, ``PROBE_RESERVE`` of them at most: liveness probes and scrapes are answered however
+      full the cap, where a full cap had the supervisor kill a gateway that was serving), and any other request
+      is answered 503 ``server_overloaded`` (JSON, ``connection: close``), instead of the accept failing for lack
+      of descriptors (which refuses every client, the health probe included, silently);
+    * a request asking to upgrade to anything but a WebSocket (``Upgrade: h2c``, as ``curl --http2`` sends) gets a
+      400 saying so, not its body dropped (httptools stops parsing at the upgrade);
     * a request's headers larger than ``MAX_HEADER_BYTES`` or more than ``MAX_HEADERS`` get a 431."""
 
     max_connections = 0  # set by serve(); 0: no cap
     header_timeout_s, send_timeout_s = 15.0, 30.0  # set by serve()
     _refused = Throttle(10.0)
+    _idle: OrderedDict = OrderedDict()  # keep-alive connections between requests, longest idle first
 
     def connection_made(self, transport) -> None:  # type: ignore[override]
         super().connection_made(transport)
         self._header_timer = self._stall_timer = None
         self._in_headers, self._header_bytes, self._header_count, self._too_large = True, 0, 0, False
         self._header_size = 0  # the request line's target and the header fields, as parsed
-        if self.max_connections and len(self.connections) > self.max_connections:
-            if self._refused.due():
-                log.warning("connection refused: too many open connections", extra={
-                    "connections": len(self.connections), "max_connections": self.max_connections,
-                    "refused_since_last": self._refused.held})
-            self._answer(503, "Service Unavailable", "too many open connections; retry later", "server_overloaded",
-                         "service_unavailable", b"retry-after: 1\r\n")
-            return
-        self._header_timer = self.loop.call_later(self.header_timeout_s, self._headers_late)
+        self._probe_only = self._overloaded = self._bad_upgrade = False
+        timeout = self.header_timeout_s
+        if self.max_connections and len(self.connections) > self.max_connections and not self._reclaim_idle():
+            if len(self.connections) > self.max_connections + PROBE_RESERVE:
+                self._overloaded = True
+                return self._refuse()
+            self._probe_only, timeout = True, min(timeout, PROBE_HEADER_TIMEOUT_S)
+        self._header_timer = self.loop.call_later(timeout, self._headers_late)
+
+    def _reclaim_idle(self) -> bool:
+        """Close the longest idle keep-alive connection, to make room for a new one (as nginx does); False: none."""
+        while self._idle:
+            victim, _ = self._idle.popitem(last=False)
+            if not victim.transport.is_closing():
+                victim.transport.close()
+                return True
+        return False
+
+    def _refuse(self) -> None:
+        if self._refused.due():
+            log.warning("connection refused: too many open connections", extra={
+                "connections": len(self.connections), "max_connections": self.max_connections,
+                "refused_since_last": self._refused.held})
+        self._answer(503, "Service Unavailable", "too many open connections; retry later", "server_overloaded",
+                     "service_unavailable", b"retry-after: 1\r\n")
 
     def data_received(self, data: bytes) -> None:
         if getattr(self, "_lingering", False):  # answered and closing: dropped
@@ -252,6 +296,7 @@ class HTTPProtocol(HttpToolsProtocol):
                      f"bytes or {MAX_HEADERS} fields", "request_headers_too_large", "invalid_request_error")
 
     def on_message_begin(self) -> None:
+        self._idle.pop(self, None)
         super().on_message_begin()
         self._in_headers, self._header_bytes, self._header_count, self._header_size = True, 0, 0, 0
         self._begun = True
@@ -262,6 +307,12 @@ class HTTPProtocol(HttpToolsProtocol):
         if self._header_size > MAX_HEADER_BYTES:  # exact, where the reads' count bounds the buffering only
             self._too_large = True
             raise ValueError("headers too large")
+        if self._probe_only and self.url.split(b"?", 1)[0] not in PROBE_PATHS:
+            self._overloaded = True  # past the cap: a probe's path only
+            raise ValueError("too many open connections")
+        if self._get_upgrade() not in (None, b"websocket"):
+            self._bad_upgrade = True
+            raise ValueError("unsupported upgrade")
         self._in_headers = self._begun = False
         self._cancel("_header_timer")
         super().on_headers_complete()
@@ -294,10 +345,15 @@ class HTTPProtocol(HttpToolsProtocol):
 
     def handle_websocket_upgrade(self) -> None:
         """uvicorn hands the upgrade on with its request line rewritten to HTTP/1.1, so an HTTP/1.0 handshake (which
-        RFC 6455 does not allow: it has no Upgrade) was accepted; it is refused here, where the version is known."""
+        RFC 6455 does not allow: it has no Upgrade) was accepted; it is refused here, where the version is known, as
+        is one by another method than GET (it got websockets' plain-text refusal)."""
         if self.scope.get("http_version", "1.1") == "1.0":
             self._answer(400, "Bad Request", "a WebSocket handshake needs HTTP/1.1", "invalid_websocket_handshake",
                          "invalid_request_error", b"upgrade: websocket\r\n")
+            return
+        if self.scope.get("method") != "GET":
+            self._answer(400, "Bad Request", f"a WebSocket handshake is a GET, not a {self.scope.get('method')}",
+                         "invalid_websocket_handshake", "invalid_request_error")
             return
         super().handle_websocket_upgrade()
 
@@ -307,6 +363,8 @@ class HTTPProtocol(HttpToolsProtocol):
 
     def on_response_complete(self) -> None:
         super().on_response_complete()
+        if self.timeout_keep_alive_task is not None and not self.transport.is_closing():
+            self._idle[self] = None  # between requests: the first closed should the cap need room
         deferred = getattr(self, "_deferred", None)
         running = getattr(self, "_running", None)
         if deferred and not self.pipeline and (running is None or running.response_complete):
@@ -314,6 +372,7 @@ class HTTPProtocol(HttpToolsProtocol):
             self._answer(*deferred)
 
     def connection_lost(self, exc) -> None:
+        self._idle.pop(self, None)
         self._cancel("_header_timer")
         self._cancel("_stall_timer")
         # uvicorn tells only the last request it parsed that the client is gone; with pipelined requests that is not
@@ -334,6 +393,12 @@ class HTTPProtocol(HttpToolsProtocol):
     def send_400_response(self, msg: str) -> None:
         if self._too_large:
             return self._headers_too_large()
+        if self._overloaded:
+            return self._refuse()
+        if self._bad_upgrade:
+            upgrade = self._get_upgrade().decode("latin-1", "replace")[:40]
+            return self._answer(400, "Bad Request", f"upgrading to {upgrade!r} is not supported: send the request "
+                                "without its Upgrade header (HTTP/1.1)", "unsupported_upgrade", "invalid_request_error")
         self._answer(400, "Bad Request", f"{msg.rstrip('.')}: the bytes sent are not a valid HTTP/1.1 request",
                      "invalid_http_request", "invalid_request_error")
 

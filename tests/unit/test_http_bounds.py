@@ -279,16 +279,25 @@ def test_a_bad_chunk_in_the_running_requests_own_body_is_answered_at_once(body):
     assert reply.startswith(b"HTTP/1.1 400 ") and time.monotonic() - t < 5, reply[:80]
 
 
-def test_connections_past_the_cap_are_answered_503_at_once():
+def test_connections_past_the_cap_are_answered_503_at_once_but_probes_are_answered():
+    """Past the cap a request is a 503 at once, unless it asks a probe's path: with the cap full of clients, the
+    supervisor's /health probe got 503s and killed a gateway that was serving (an outside tester, three times of
+    three; the requests it was running were lost)."""
     assert HTTPProtocol.header_timeout_s >= 15  # "at once": long before the held connections' header timeout
     with serving(App(), max_connections=3) as port:
         held = [socket.create_connection(("127.0.0.1", port), timeout=5) for _ in range(3)]
         try:  # accepted in order: the fourth comes after the three
             with socket.create_connection(("127.0.0.1", port), timeout=5) as s:
+                s.sendall(b"GET /ok HTTP/1.1\r\nHost: a\r\n\r\n")
                 reply, took = read_all(s)
             head, error = error_of(reply)
             assert head.startswith(b"HTTP/1.1 503 ") and error["code"] == "server_overloaded", reply
             assert b"retry-after: 1" in head.lower() and took < 5, took
+            for path in (b"/health", b"/ready?x=1"):
+                with socket.create_connection(("127.0.0.1", port), timeout=5) as s:
+                    s.sendall(b"GET " + path + b" HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n")
+                    reply, _ = read_all(s)
+                assert reply.startswith(b"HTTP/1.1 200 "), reply
         finally:
             for s in held:
                 s.close()
@@ -301,3 +310,80 @@ def test_connections_past_the_cap_are_answered_503_at_once():
                 break
             time.sleep(0.1)
         assert reply.startswith(b"HTTP/1.1 200 "), reply
+
+
+def test_at_the_cap_the_longest_idle_keep_alive_connection_makes_room():
+    """An outside tester held the cap with idle keep-alive connections (each asked once, then said nothing for the
+    75 s keep-alive): every new client got 503s. At the cap the longest idle one is closed instead, as nginx does."""
+    with serving(App(), max_connections=3) as port:
+        idle = []
+        for _ in range(3):
+            s = socket.create_connection(("127.0.0.1", port), timeout=5)
+            s.sendall(b"GET /ok HTTP/1.1\r\nHost: a\r\n\r\n")
+            reply = b""
+            while not reply.endswith(b'{"ok": true}'):
+                reply += s.recv(65536)
+            idle.append(s)
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=5) as s:
+                s.sendall(b"GET /ok HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n")
+                reply, _ = read_all(s)
+            assert reply.startswith(b"HTTP/1.1 200 "), reply
+            assert read_all(idle[0], 5)[0] == b""  # the first to go idle was closed
+            idle[1].sendall(b"GET /ok HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n")
+            assert read_all(idle[1])[0].startswith(b"HTTP/1.1 200 ")  # the others still serve
+        finally:
+            for s in idle:
+                s.close()
+
+
+def test_an_upgrade_to_anything_but_a_websocket_is_a_400_saying_so_and_a_post_handshake_too():
+    """``curl --http2`` sends ``Upgrade: h2c``: httptools stopped parsing there, so the request ran with its body
+    dropped and got "request body is empty" (an outside tester). And a POST with ``Upgrade: websocket`` got
+    websockets' plain-text refusal."""
+    body = b'{"model": "m"}'
+    with serving(App()) as port, socket.create_connection(("127.0.0.1", port), timeout=10) as s:
+        s.sendall(b"POST /read HTTP/1.1\r\nHost: a\r\nConnection: Upgrade, HTTP2-Settings\r\nUpgrade: h2c\r\n"
+                  b"HTTP2-Settings: AAMAAABkAAQCAAAAAAIAAAAA\r\nContent-Length: %d\r\n\r\n%s" % (len(body), body))
+        reply, _ = read_all(s)
+    assert reply.startswith(b"HTTP/1.1 400 "), reply[:80]
+    _, err = error_of(reply)
+    assert err["code"] == "unsupported_upgrade" and "h2c" in err["message"], err
+    with serving(App()) as port, socket.create_connection(("127.0.0.1", port), timeout=10) as s:
+        s.sendall(b"POST /ws-quiet HTTP/1.1\r\nHost: a\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+                  b"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\nContent-Length: 2\r\n"
+                  b"\r\n{}")
+        reply, _ = read_all(s)
+    assert reply.startswith(b"HTTP/1.1 400 "), reply[:80]
+    assert error_of(reply)[1]["code"] == "invalid_websocket_handshake"
+
+
+def test_pings_from_a_client_that_does_not_read_its_pongs_are_not_read_past_a_full_socket():
+    """Each ping is answered with a pong that websockets writes whatever the buffer holds: clients sending pings
+    without reading grew the gateway by half a gigabyte and held its event loop for seconds, until the supervisor
+    killed it (an outside tester). While the client's socket is full nothing more is read from it: what the
+    server buffers stays bounded (then, after the send timeout, 30 s here, the connection is cut)."""
+    import os
+    import struct
+
+    app = App()
+    with serving(app) as port, socket.create_connection(("127.0.0.1", port), timeout=5) as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        s.sendall(b"GET /ws-quiet HTTP/1.1\r\nHost: a\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+                  b"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n")
+        head = b""
+        while b"\r\n\r\n" not in head:
+            head += s.recv(1)
+        assert head.startswith(b"HTTP/1.1 101")
+        mask = os.urandom(4)
+        payload = bytes(b ^ mask[i % 4] for i, b in enumerate(b"p" * 125))
+        frames = (struct.pack("!BB", 0x89, 0x80 | 125) + mask + payload) * 200
+        s.settimeout(2.0)
+        sent = 0
+        with contextlib.suppress(OSError):  # a send blocked 2 s (the server stopped reading), or cut
+            while sent < 256 << 20:
+                s.sendall(frames)
+                sent += len(frames)
+    # Bounded: the server stopped reading once its pongs filled the socket, so the client's sends blocked after a few
+    # MB (what the kernel buffers on loopback); uncapped, the server read and queued all of it.
+    assert sent < 64 << 20, sent
