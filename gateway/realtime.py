@@ -69,12 +69,21 @@ from redis.exceptions import RedisError
 from starlette.websockets import WebSocket, WebSocketDisconnect, WebSocketDisconnected
 
 from gateway.chat import LARGE_PARSE, tenant_share
-from gateway.errors import APIError, InvalidRequest, redis_failure, redis_unavailable
+from gateway.errors import (
+    MESSAGE_AT_MOST,
+    PARAM_AT_MOST,
+    APIError,
+    InvalidRequest,
+    clip,
+    redis_failure,
+    redis_unavailable,
+)
 from gateway.media import b64decode_chunked, image_from_url, is_remote
 from gateway.schemas import check_sampling, parse_json
 from gateway.tiers import ClientGone
 from models.audio import AudioConfig, StreamingFeatures, pcm16_samples
 from models.media import MediaInfo
+from router.logs import Throttle
 
 log = logging.getLogger(__name__)
 
@@ -82,6 +91,7 @@ PCM_RATE = 24_000  # the protocol's input audio: PCM16, 24 kHz, mono
 MAX_ITEMS = 1024
 LARGE_EVENT = LARGE_PARSE  # characters of an event's JSON past which it is parsed on a thread (and its JSON written)
 KEY_CHECK_S = 5.0  # with API keys, how often a silent connection checks that its key was not revoked
+REFUSALS_LOGGED_S = 10.0  # a session logs its refused events one line per this at most (with the count between)
 IDLE_S = 600.0  # a connection that sends no event for this long is closed (pings already drop dead peers)
 UNSUPPORTED_EVENTS = {
     "conversation.item.truncate": "conversation.item.truncate (it trims audio output, which this server does not make)",
@@ -315,6 +325,8 @@ class RealtimeSession:
         self.speaking: str | None = None  # the item id of the speech in progress
         self.silence = 0  # quiet samples since the last loud frame
         self.active: tuple[asyncio.Task, asyncio.Event, str] | None = None  # the running response
+        self.turn_waiting = False  # a turn server VAD committed while the response it interrupted was ending
+        self.refusals = Throttle(REFUSALS_LOGGED_S)
         self.send_lock = asyncio.Lock()
 
     # -- output -------------------------------------------------------------------------------------------------
@@ -329,9 +341,16 @@ class RealtimeSession:
             await self.ws.send_text(text)
 
     async def error(self, exc: EventError | APIError, event_id: str | None) -> None:
-        err = {"type": exc.type, "code": exc.code, "message": exc.message, "param": exc.param, "event_id": event_id}
-        log.info("realtime event refused", extra={"session_id": self.session_id, "code": exc.code,
-                                                  "param": exc.param, "error": exc.message})
+        """An ``error`` event. What it quotes of the client's is clipped (a 31 MB key came back in a 62 MB error),
+        and the refusals a session logs are one line per ``REFUSALS_LOGGED_S`` at most (one client looping a bad
+        event wrote 28.8 MB of log in 10 s)."""
+        message, param = clip(exc.message, MESSAGE_AT_MOST), clip(exc.param, PARAM_AT_MOST)
+        err = {"type": exc.type, "code": exc.code, "message": message, "param": param,
+               "event_id": clip(event_id, PARAM_AT_MOST)}
+        if self.refusals.due():
+            log.info("realtime event refused", extra={"session_id": self.session_id, "code": exc.code,
+                                                      "param": param, "error": message,
+                                                      "refused_since_last": self.refusals.held})
         await self.send("error", error=err)
 
     def session(self) -> dict:
@@ -357,10 +376,10 @@ class RealtimeSession:
         return True
 
     async def run(self) -> None:
-        await self.send("session.created", session=self.session())
         keyed = self.ws.scope.get("state", {}).get("key_in_force") is not None
         heard = time.monotonic()  # the last event
         try:
+            await self.send("session.created", session=self.session())  # the socket may be gone already
             while True:
                 idle = IDLE_S - (time.monotonic() - heard)
                 try:  # with keys, a silent connection still wakes every KEY_CHECK_S to ask whether its key holds
@@ -415,6 +434,7 @@ class RealtimeSession:
         except (WebSocketDisconnect, RuntimeError):  # gone (a send to a closed socket is a RuntimeError)
             pass
         finally:
+            self.turn_waiting = False  # no response after the socket has gone
             if self.active is not None:  # a dropped socket stops its response and frees the backbone slot
                 self.active[1].set()
                 await asyncio.gather(self.active[0], return_exceptions=True)
@@ -513,7 +533,7 @@ class RealtimeSession:
         truncate = truncation(s["truncation"], "session.truncation") if "truncation" in s else self.truncation
         sampling = self._sampling(s, "session")
         if "instructions" in s:
-            self._instructions(s["instructions"], "session.instructions")
+            await self._instructions(s["instructions"], "session.instructions")
         max_tokens = (self._max_tokens(s["max_output_tokens"], "session.max_output_tokens")
                       if "max_output_tokens" in s else self.max_output_tokens)
         # Valid: applied whole.
@@ -577,8 +597,8 @@ class RealtimeSession:
                     raise EventError("the audio is longer than this server takes", param=f"{where}.audio")
                 parts.append({"type": kind, "audio": part["audio"]})
         item_id = raw.get("id") if isinstance(raw.get("id"), str) and raw["id"] else _id("item")
-        if any(it["id"] == item_id for it in self.items):
-            raise EventError(f"an item with id {item_id!r} already exists", param=f"{param}.id")
+        if item_id == self.speaking or any(it["id"] == item_id for it in self.items):  # the turn being heard has its
+            raise EventError(f"an item with id {item_id!r} already exists", param=f"{param}.id")  # id already
         return {"id": item_id, "type": "message", "object": "realtime.item", "status": "completed", "role": role,
                 "content": parts}
 
@@ -592,7 +612,7 @@ class RealtimeSession:
         item = await asyncio.to_thread(self._item, raw, param) if large else self._item(raw, param)
         for i, part in enumerate(item["content"]):
             if "text" in part:  # echoed, tens of MB of JSON would be written on the event loop twice
-                self._prompt_sized(part["text"], f"{param}.content.{i}.text")
+                await self._prompt_sized(part["text"], f"{param}.content.{i}.text")
             if part["type"] == "input_image":
                 url, where = part["image_url"], f"{param}.content.{i}.image_url"
                 if len(url) < LARGE_EVENT:
@@ -611,19 +631,29 @@ class RealtimeSession:
             raise EventError(f"no item with id {raw.get('id')!r}", code="item_not_found", param=f"{param}.id")
         return item
 
-    def _instructions(self, value, param: str) -> None:
+    async def _instructions(self, value, param: str) -> None:
         """Instructions must be a string any prompt could hold: longer ones would fail every later response."""
         if not isinstance(value, str):
             raise EventError(f"{param} must be a string", param=param)
-        self._prompt_sized(value, param)
+        await self._prompt_sized(value, param)
 
-    def _prompt_sized(self, text: str, param: str) -> None:
-        """An error event for text longer than any prompt could hold (``max_text_chars``: REST refuses such text
-        untokenized too); kept, it would only fail every response that includes it."""
+    async def _prompt_sized(self, text: str, param: str) -> None:
+        """An error event for text longer than any prompt could hold; kept, it would only fail every response that
+        includes it (an outside tester's 3,000 characters against a context of 1,024 tokens). Past ``max_text_chars``
+        (REST refuses such text untokenized too) without counting; text of more characters than the context has
+        tokens is counted (on a thread when large); shorter text may still be more tokens (a character can be
+        several), and is left to the response's own check."""
+        context = self.chat.spec.max_context
         if len(text) > self.chat.builder.max_text_chars:
             raise EventError(f"{param} is {len(text)} characters: more than any prompt of this model "
-                             f"({self.chat.spec.max_context} tokens) can hold", code="context_length_exceeded",
-                             param=param)
+                             f"({context} tokens) can hold", code="context_length_exceeded", param=param)
+        if len(text) < context:
+            return
+        count = lambda t: len(self.chat.builder.encode(t, split=True))  # noqa: E731 -- as message_tokens counts
+        tokens = await asyncio.to_thread(count, text) if len(text) > LARGE_EVENT // 64 else count(text)
+        if tokens >= context:
+            raise EventError(f"{param} is {tokens} tokens: more than any prompt of this model ({context} tokens) "
+                             "can hold", code="context_length_exceeded", param=param)
 
     def _modality(self, modality: str, param: str) -> None:
         if modality not in self.chat.spec.modalities:
@@ -653,32 +683,40 @@ class RealtimeSession:
         self.held += size - self.sizes.get(item["id"], 0)
         self.sizes[item["id"]] = size
 
-    async def _room(self, item: dict) -> None:
+    async def _room(self, item: dict, keep: str | None = None) -> None:
         """Whether ``item`` fits in the conversation (its item count and bytes); an error event if not. Items make
         room for it, oldest first, each told as ``conversation.item.deleted``: those truncation has left out of every
         prompt, then (truncation on) any but an answer being written (a voice session's long turns
         filled the 32 MiB in three turns, whose prompts held a few hundred tokens: an outside tester's run). So a
-        long voice session runs on instead of filling up (the client deletes nothing)."""
+        long voice session runs on instead of filling up (the client deletes nothing). ``keep``: an item the event
+        names (the one it goes after), never deleted for it. Nothing is deleted for an item that is refused anyway:
+        a refused event changes nothing (an outside tester's refused item had cost an item the client held)."""
         size = _item_bytes(item)
-        any_item = self.truncation != "disabled"
-        while size <= self.max_bytes and not self._fits(size):
-            gone = (next((it for it in self.items if it["id"] in self.left_out), None)
-                    or (next((it for it in self.items if it.get("status") != "in_progress"), None) if any_item
-                        else None))
-            if gone is None:
+        count, held, gone = len(self.items), self.held, []
+        left_out = [it for it in self.items if it["id"] in self.left_out]
+        others = ([it for it in self.items if it["id"] not in self.left_out and it.get("status") != "in_progress"]
+                  if self.truncation != "disabled" else [])
+        for it in left_out + others:
+            if size > self.max_bytes or (count < MAX_ITEMS and held + size <= self.max_bytes):
                 break
-            self._forget(gone["id"])
-            await self.send("conversation.item.deleted", item_id=gone["id"])
-        if len(self.items) >= MAX_ITEMS:
+            if it["id"] != keep:
+                gone.append(it["id"])
+                count, held = count - 1, held - self.sizes.get(it["id"], 0)
+        if count >= MAX_ITEMS:
             raise EventError(f"the conversation holds {MAX_ITEMS} items; delete some first",
                              code="conversation_too_long")
-        if self.held + size > self.max_bytes:
+        if held + size > self.max_bytes:
             raise EventError(f"the conversation's text, images and audio would exceed {self.max_bytes} bytes (media "
                              "as base64); delete some items first", code="conversation_too_long")
+        for item_id in gone:
+            self._forget(item_id)
+            await self.send("conversation.item.deleted", item_id=item_id)
 
     async def _add(self, item: dict, after: str | None = "end", done: bool = True) -> str | None:
         """Put ``item`` in the conversation: at its end, at its start (``after`` None) or after the item ``after``."""
-        await self._room(item)
+        if after not in ("end", None) and not any(it["id"] == after for it in self.items):
+            raise EventError(f"no item with id {after!r}", code="item_not_found", param="previous_item_id")
+        await self._room(item, keep=after)
         if after == "end":
             index, after = len(self.items), (self.items[-1]["id"] if self.items else None)
         elif after is None:
@@ -828,6 +866,8 @@ class RealtimeSession:
                 self.audio += rest
             if vad.create_response and self.active is None:
                 await self.response_create({"type": "response.create", "response": {}})
+            elif vad.create_response:  # the response it interrupted is still ending: answered once it has
+                self.turn_waiting = True
 
     async def _commit(self, item_id: str | None = None) -> None:
         """The buffer becomes a user item (and the buffer starts again after it); its streamed features are
@@ -969,7 +1009,7 @@ class RealtimeSession:
         if conversation not in ("auto", "none"):
             raise EventError("response.conversation must be \"auto\" or \"none\"", param="response.conversation")
         instructions = r.get("instructions", self.instructions)
-        self._instructions(instructions, "response.instructions")
+        await self._instructions(instructions, "response.instructions")
         max_tokens = (self._max_tokens(r["max_output_tokens"], "response.max_output_tokens")
                       if "max_output_tokens" in r else self.max_output_tokens)
         if "input" in r:
@@ -1109,9 +1149,27 @@ class RealtimeSession:
                          "input_token_details": {"cached_tokens": last.cached_tokens}}
             await self.send("response.done", response=self._response(run, status, output, usage, details))
         except (WebSocketDisconnect, RuntimeError):
-            pass  # the socket is gone
+            self.turn_waiting = False  # the socket is gone
         finally:
             self.active = None
+        if self.turn_waiting:
+            self.turn_waiting = False
+            await self._answer_turn()
+
+    async def _answer_turn(self) -> None:
+        """The response to a turn server VAD committed while another response was still ending (the turn
+        interrupted it): it was never made, and nothing told the client why (an outside tester, 2 runs of 4)."""
+        try:
+            await self.response_create({"type": "response.create", "response": {}})
+        except (EventError, APIError) as exc:
+            await self.error(exc, None)
+        except (WebSocketDisconnect, RuntimeError):
+            pass
+        except Exception as exc:  # noqa: BLE001 -- as run()'s: this one response's fault, the session goes on
+            if redis_failure(exc):
+                await self.error(redis_unavailable(exc), None)
+                return
+            log.exception("realtime response failed", extra={"session_id": self.session_id})
 
 
 @dataclass

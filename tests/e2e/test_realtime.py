@@ -224,6 +224,11 @@ def test_a_conversations_media_count_toward_its_limit_and_no_text_longer_than_an
         err = next_of(ws, "error")["error"]
         assert (err["code"], err["param"], err["event_id"]) == ("context_length_exceeded", "item.content.0.text",
                                                                 "text")
+        # Fewer characters than the bound that needs no counting, more tokens than the context (1,024): counted, and
+        # refused as it arrives, not kept to fail every response (an outside tester's 3,000 characters)
+        add({"type": "input_text", "text": " ".join(str(i) for i in range(1000))}, "long")
+        err = next_of(ws, "error")["error"]
+        assert (err["code"], err["event_id"]) == ("context_length_exceeded", "long") and "tokens" in err["message"]
         ws.send(json.dumps({"type": "session.update", "session": {"truncation": "disabled"}}))
         next_of(ws, "session.updated")
         ids = []
@@ -461,6 +466,47 @@ def test_speech_over_an_answer_interrupts_it_and_the_turn_is_answered(client, cl
     assert events.index("input_audio_buffer.speech_stopped") < events.index("input_audio_buffer.committed") \
         < events.index("response.created")
     assert event.response.status in ("completed", "incomplete")
+
+
+def test_a_turn_heard_whole_while_the_answer_it_interrupts_ends_is_answered_and_keeps_its_id(cluster):
+    """One append of speech and the silence after it, while an answer streams: the turn is committed while the
+    answer it interrupted is still ending, and was never answered (an outside tester, 2 runs of 4). It is answered
+    once that one has ended. And the id speech_started announced is the turn's: a client item may not take it (two
+    items had one id)."""
+    rng = np.random.default_rng(43)
+    loud = (rng.standard_normal(7200) * 3000).astype("<i2").tobytes()  # 300 ms
+    quiet = (rng.standard_normal(14400) * 30).astype("<i2").tobytes()  # 600 ms
+    with raw(cluster) as ws:
+        next_of(ws, "session.created")
+        ws.send(json.dumps({"type": "session.update", "session": {"type": "realtime", "audio": {"input": {
+            "turn_detection": {"type": "server_vad", "silence_duration_ms": 200, "interrupt_response": True}}}}}))
+        next_of(ws, "session.updated")
+        ws.send(json.dumps({"type": "input_audio_buffer.append", "audio": base64.b64encode(loud).decode()}))
+        heard = next_of(ws, "input_audio_buffer.speech_started")["item_id"]
+        ws.send(json.dumps({"type": "conversation.item.create", "event_id": "taken", "item": {
+            "id": heard, "type": "message", "role": "user", "content": [{"type": "input_text", "text": "hi"}]}}))
+        err = next_of(ws, "error")["error"]
+        assert (err["event_id"], err["param"]) == ("taken", "item.id"), err
+        ws.send(json.dumps({"type": "input_audio_buffer.clear"}))
+        next_of(ws, "input_audio_buffer.cleared")
+        ws.send(json.dumps({"type": "response.create", "response": {
+            "max_output_tokens": 900, "conversation": "none", "temperature": 0,
+            "input": [{"type": "message", "role": "user", "content": [{"type": "input_text", "text": "long"}]}]}}))
+        # at once: the answer is still being prepared as the turn cuts it, the slowest time for it to end
+        ws.send(json.dumps({"type": "input_audio_buffer.append",
+                            "audio": base64.b64encode(loud + quiet).decode()}))
+        kinds, done = [], []
+        deadline = time.monotonic() + 90
+        while len(done) < 2:
+            assert time.monotonic() < deadline, kinds
+            event = json.loads(ws.recv(timeout=max(0.1, deadline - time.monotonic())))
+            kinds.append(event["type"])
+            assert event["type"] != "error", event
+            if event["type"] == "response.done":
+                done.append(event["response"])
+    assert done[0]["status"] == "cancelled" and done[0]["status_details"]["reason"] == "turn_detected"
+    assert done[1]["status"] in ("completed", "incomplete"), done[1]
+    assert kinds.index("input_audio_buffer.committed") < len(kinds) - 1 - kinds[::-1].index("response.created")
 
 
 def test_open_connections_are_reported_in_health_and_metrics(cluster):

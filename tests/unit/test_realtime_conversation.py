@@ -107,3 +107,87 @@ def test_with_truncation_on_a_full_conversation_deletes_its_oldest_items_to_make
     assert [it["id"] for it in s.items] == ["item_a", "item_2", "item_3"]
     deleted = [e["item_id"] for e in s.ws.sent if e["type"] == "conversation.item.deleted"]
     assert deleted == ["item_0", "item_1"] and s.held == 25 + 25 + 50
+
+
+def test_a_refused_create_deletes_nothing():
+    """An outside tester filled the conversation to its 1,024 items, then created one after an item that does not
+    exist (or after the oldest): the oldest item was deleted to make room, then the create refused. A refused event
+    changes nothing; the item a create goes after is never the one deleted for it."""
+    s = session(10**6)
+    s.truncation = "auto"
+
+    async def go():
+        for i in range(realtime.MAX_ITEMS):
+            await s._add(text_item(i, "x"))
+        with pytest.raises(EventError, match="no item with id 'nope'"):
+            await s._add(text_item(5000, "y"), "nope")
+        assert len(s.items) == realtime.MAX_ITEMS and s.items[0]["id"] == "item_0"
+        await s._add(text_item(5001, "y"), "item_0")  # room made by the next oldest, not item_0
+        ids = [it["id"] for it in s.items]
+        assert ids[:3] == ["item_0", "item_5001", "item_2"] and "item_1" not in ids
+        s.truncation = "disabled"  # nothing may go: refused, and nothing deleted on the way
+        before = list(s.items)
+        with pytest.raises(EventError, match="holds 1024 items"):
+            await s._add(text_item(5002, "z"))
+        assert s.items == before
+
+    asyncio.run(go())
+    deleted = [e["item_id"] for e in s.ws.sent if e["type"] == "conversation.item.deleted"]
+    assert deleted == ["item_1"]
+
+
+def test_an_error_quotes_the_clients_values_clipped_and_a_session_logs_its_refusals_bounded(caplog):
+    """A 31 MB key came back in a 62 MB error event (an outside tester), and one client looping a bad event wrote
+    28.8 MB of log in 10 s."""
+    import logging
+
+    s = session(10**6)
+
+    async def go():
+        for _ in range(50):
+            await s.error(EventError("unknown parameter " + "k" * 10**6, param="session." + "k" * 10**6),
+                          "e" * 10**6)
+
+    with caplog.at_level(logging.INFO, logger="gateway.realtime"):
+        asyncio.run(go())
+    err = s.ws.sent[0]["error"]
+    assert len(err["message"]) < 2100 and len(err["param"]) < 300 and len(err["event_id"]) < 300, err
+    assert len([r for r in caplog.records if r.getMessage() == "realtime event refused"]) == 1
+
+
+def test_a_turn_committed_while_the_response_it_interrupted_is_ending_waits_for_it():
+    """The commit checked for a running response right after cancelling it: the response was still ending, so the
+    turn was committed and never answered (an outside tester, 2 runs of 4). It is now marked to be answered once that
+    response has ended (``_respond``'s end calls ``_answer_turn``)."""
+    import base64
+
+    import numpy as np
+
+    s = session(10**6)
+    s.vad = realtime.ServerVad(silence_duration_ms=200)
+    created = []
+
+    async def fake_create(event):
+        created.append(event)
+
+    s.response_create = fake_create
+    rng = np.random.default_rng(5)
+    loud = (rng.standard_normal(7200) * 3000).astype("<i2").tobytes()
+    quiet = (rng.standard_normal(14400) * 30).astype("<i2").tobytes()
+
+    async def go():
+        ending = asyncio.ensure_future(asyncio.sleep(30))  # a response still ending
+        cancel = asyncio.Event()
+        s.active = (ending, cancel, "resp_1")
+        await s.audio_append({"audio": base64.b64encode(loud + quiet).decode()})
+        assert cancel.is_set() and s.cancel_reason == "turn_detected"
+        assert not created and s.turn_waiting  # committed, to be answered once the response has ended
+        ending.cancel()
+        s.active = None
+        s.turn_waiting = False
+        await s._answer_turn()
+        assert created == [{"type": "response.create", "response": {}}]
+
+    asyncio.run(go())
+    assert [e["type"] for e in s.ws.sent if e["type"].startswith("input_audio_buffer")] == [
+        "input_audio_buffer.speech_started", "input_audio_buffer.speech_stopped", "input_audio_buffer.committed"]
