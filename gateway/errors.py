@@ -96,9 +96,15 @@ class RequestTimeout(APIError):
 
     status, type = 408, "invalid_request_error"
 
+    def __init__(self, message: str, param: str | None = None, code: str | None = "request_timeout"):
+        super().__init__(message, param, code)  # the code the header timeout's 408 carries (gateway/server.py)
+
 
 class PayloadTooLarge(APIError):
     status, type = 413, "invalid_request_error"
+
+    def __init__(self, message: str, param: str | None = None, code: str | None = "request_too_large"):
+        super().__init__(message, param, code)
 
 
 class UnsupportedMediaType(APIError):
