@@ -842,11 +842,11 @@ class RealtimeSession:
                     continue
                 self._drop_front(start - prefix)
                 self.speaking, self.silence = _id("item"), 0
-                await self.send("input_audio_buffer.speech_started", audio_start_ms=ms(self.audio_pos0),
-                                item_id=self.speaking)
-                if self.active is not None and vad.interrupt_response:
+                if self.active is not None and vad.interrupt_response:  # before it is told: no delta after it
                     self.cancel_reason = "turn_detected"
                     self.active[1].set()  # the user talks over the answer: it stops
+                await self.send("input_audio_buffer.speech_started", audio_start_ms=ms(self.audio_pos0),
+                                item_id=self.speaking)
                 continue
             self.silence = 0 if loud else self.silence + FRAME
             if self.silence * 1000 < vad.silence_duration_ms * PCM_RATE:
@@ -1091,6 +1091,8 @@ class RealtimeSession:
                                        cap=math.inf if run.max_tokens is None else run.max_tokens)
             try:
                 async for d in deltas:
+                    if run.cancelled.is_set():  # tokens already on their way are not sent after a cancel (new speech
+                        raise ClientGone()  # went on receiving some twenty deltas of the answer it cut)
                     if not started:
                         started = True
                         await self.send("response.output_item.added", response_id=response_id, output_index=0,

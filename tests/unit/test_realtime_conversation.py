@@ -191,3 +191,26 @@ def test_a_turn_committed_while_the_response_it_interrupted_is_ending_waits_for_
     asyncio.run(go())
     assert [e["type"] for e in s.ws.sent if e["type"].startswith("input_audio_buffer")] == [
         "input_audio_buffer.speech_started", "input_audio_buffer.speech_stopped", "input_audio_buffer.committed"]
+
+
+def test_no_delta_is_sent_once_the_response_is_cancelled():
+    """Tokens already on their way when a response is cancelled (new speech) were still sent: some twenty deltas
+    after speech_started (an outside tester). The first delta after the cancel ends the response instead."""
+    from gateway.chat import Delta
+
+    s = session(10**6)
+    cancelled = asyncio.Event()
+
+    async def respond(rid, body, cancel, **kw):  # a generation that has tokens ready whatever the cancel
+        for i in range(1000):
+            if i == 3:
+                cancelled.set()
+            yield Delta(f"t{i} ", None, 5, i + 1)
+            await asyncio.sleep(0)
+
+    s.chat.respond = respond
+    run = realtime.Run("resp_1", cancelled, False, None, None, None, [])
+    asyncio.run(s._respond(run, b"{}", {}))
+    deltas = [e["delta"] for e in s.ws.sent if e["type"] == "response.output_text.delta"]
+    done = [e for e in s.ws.sent if e["type"] == "response.done"][0]["response"]
+    assert deltas == ["t0 ", "t1 ", "t2 "] and done["status"] == "cancelled", (deltas, done["status"])
