@@ -619,6 +619,9 @@ class RealtimeSession:
                     self._check_image(url, where)
                 else:
                     await asyncio.to_thread(self._check_image, url, where)
+        texts = [part["text"] for part in item["content"] if "text" in part]
+        if len(texts) > 1:
+            await self._prompt_sized(texts, f"{param}.content")
         return item
 
     @staticmethod
@@ -637,20 +640,23 @@ class RealtimeSession:
             raise EventError(f"{param} must be a string", param=param)
         await self._prompt_sized(value, param)
 
-    async def _prompt_sized(self, text: str, param: str) -> None:
+    async def _prompt_sized(self, text: str | list[str], param: str) -> None:
         """An error event for text longer than any prompt could hold; kept, it would only fail every response that
         includes it (an outside tester's 3,000 characters against a context of 1,024 tokens). Past ``max_text_chars``
         (REST refuses such text untokenized too) without counting; text of more characters than the context has
         tokens is counted (on a thread when large); shorter text may still be more tokens (a character can be
-        several), and is left to the response's own check."""
+        several), and is left to the response's own check. ``text``: one text, or an item's texts, counted
+        together (three parts of 1,000 characters each passed one by one against a context of 1,024 tokens)."""
         context = self.chat.spec.max_context
-        if len(text) > self.chat.builder.max_text_chars:
-            raise EventError(f"{param} is {len(text)} characters: more than any prompt of this model "
+        texts = [text] if isinstance(text, str) else text
+        chars = sum(map(len, texts))
+        if chars > self.chat.builder.max_text_chars:
+            raise EventError(f"{param} is {chars} characters: more than any prompt of this model "
                              f"({context} tokens) can hold", code="context_length_exceeded", param=param)
-        if len(text) < context:
+        if chars < context:
             return
-        count = lambda t: len(self.chat.builder.encode(t, split=True))  # noqa: E731 -- as message_tokens counts
-        tokens = await asyncio.to_thread(count, text) if len(text) > LARGE_EVENT // 64 else count(text)
+        count = lambda: sum(len(self.chat.builder.encode(t, split=True)) for t in texts)  # noqa: E731 -- as
+        tokens = await asyncio.to_thread(count) if chars > LARGE_EVENT // 64 else count()  # message_tokens counts
         if tokens >= context:
             raise EventError(f"{param} is {tokens} tokens: more than any prompt of this model ({context} tokens) "
                              "can hold", code="context_length_exceeded", param=param)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import os
 import re
 import resource
 import uuid
@@ -224,11 +225,13 @@ class HTTPProtocol(HttpToolsProtocol):
       cut: the connection is aborted, which the app sees as a disconnect (the generation is cancelled, the in-flight
       slot freed). Without it a client that stops reading held a ``--max-inflight`` slot for good;
     * past ``max_connections`` open connections (default: the file-descriptor limit less ``FD_RESERVE``) the
-      longest idle keep-alive connection is closed to make room; with none idle, a new one may only ask a probe's
-      path (``PROBE_PATHS``, ``PROBE_RESERVE`` of them at most: liveness probes and scrapes are answered however
-      full the cap, where a full cap had the supervisor kill a gateway that was serving), and any other request
-      is answered 503 ``server_overloaded`` (JSON, ``connection: close``), instead of the accept failing for lack
-      of descriptors (which refuses every client, the health probe included, silently);
+      longest idle connection is closed to make room, as nginx does: one between keep-alive requests, or one that
+      has sent nothing yet (sockets that sent nothing filled the cap as well as idle keep-alive ones did); with none
+      idle, a new one may only ask a probe's path (``PROBE_PATHS``, ``PROBE_RESERVE`` of them at most: liveness
+      probes and scrapes are answered however full the cap, where a full cap had the supervisor kill a gateway that
+      was serving), and any other request is answered 503 ``server_overloaded`` (JSON, ``connection: close``,
+      ``x-served-by``: this gateway's instance and pid, so the supervisor's probe knows its event loop answered),
+      instead of the accept failing for lack of descriptors (which refuses every client, the probe included);
     * a request asking to upgrade to anything but a WebSocket (``Upgrade: h2c``, as ``curl --http2`` sends) gets a
       400 saying so, not its body dropped (httptools stops parsing at the upgrade);
     * a request's headers larger than ``MAX_HEADER_BYTES`` or more than ``MAX_HEADERS`` get a 431."""
@@ -236,7 +239,8 @@ class HTTPProtocol(HttpToolsProtocol):
     max_connections = 0  # set by serve(); 0: no cap
     header_timeout_s, send_timeout_s = 15.0, 30.0  # set by serve()
     _refused = Throttle(10.0)
-    _idle: OrderedDict = OrderedDict()  # keep-alive connections between requests, longest idle first
+    _idle: OrderedDict = OrderedDict()  # connections between requests or before their first, longest idle first
+    served_by = b""  # set by serve(): "<instance id> <pid>", on the cap's 503s
 
     def connection_made(self, transport) -> None:  # type: ignore[override]
         super().connection_made(transport)
@@ -251,6 +255,7 @@ class HTTPProtocol(HttpToolsProtocol):
                 return self._refuse()
             self._probe_only, timeout = True, min(timeout, PROBE_HEADER_TIMEOUT_S)
         self._header_timer = self.loop.call_later(timeout, self._headers_late)
+        self._idle[self] = None  # nothing sent yet: the first closed should the cap need room
 
     def _reclaim_idle(self) -> bool:
         """Close the longest idle keep-alive connection, to make room for a new one (as nginx does); False: none."""
@@ -267,11 +272,13 @@ class HTTPProtocol(HttpToolsProtocol):
                 "connections": len(self.connections), "max_connections": self.max_connections,
                 "refused_since_last": self._refused.held})
         self._answer(503, "Service Unavailable", "too many open connections; retry later", "server_overloaded",
-                     "service_unavailable", b"retry-after: 1\r\n")
+                     "service_unavailable", b"retry-after: 1\r\n" + (b"x-served-by: %s\r\n" % self.served_by
+                                                                     if self.served_by else b""))
 
     def data_received(self, data: bytes) -> None:
         if getattr(self, "_lingering", False):  # answered and closing: dropped
             return
+        self._idle.pop(self, None)
         began = self._in_headers
         super().data_received(data)
         if self._in_headers and not self.transport.is_closing():  # this read ended inside a request's headers
@@ -459,6 +466,7 @@ def serve(cfg: GatewayConfig, host: str = "127.0.0.1", port: int = 8000, gracefu
     # timeouts a client reuses a connection in the instant the server closes it and gets a connection reset
     # (seen once in tests/e2e/test_autoscale.py's burst).
     HTTPProtocol.max_connections = connection_cap(cfg.max_connections)
+    HTTPProtocol.served_by = f"{cfg.instance_id} {os.getpid()}".encode("latin-1", "replace")
     HTTPProtocol.header_timeout_s, HTTPProtocol.send_timeout_s = cfg.header_timeout_s, cfg.send_timeout_s
     WSProtocol.send_timeout_s = cfg.send_timeout_s
     log.info("serving", extra={"max_connections": HTTPProtocol.max_connections,

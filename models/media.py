@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import io
 import math
+import re
 from dataclasses import dataclass
 
 # MPO: a JPEG with more pictures after it (MP-Extensions: multi-camera phones); its first picture is the image
@@ -25,8 +26,11 @@ MAX_IMAGE_PIXELS = 40_000_000
 MAX_ASPECT_RATIO = 200
 # Scans of a progressive JPEG, at most: each is one more pass over the whole image's coefficients, so a few hundred KB
 # of 4000x4000 JPEG with its last scan repeated 3,000 times took 43 s to decode (an outside tester); cameras and
-# encoders write about ten.
+# encoders write about ten. And scans x pixels, at most: 100 scans of 6000x6000 took 4-5 s each, and five such images
+# a request held the image worker's threads past their limit (an outside tester); 16 scans of the largest image taken,
+# about a second.
 MAX_JPEG_SCANS = 100
+MAX_JPEG_SCAN_PIXELS = 16 * 40_000_000
 MAX_AUDIO_S = 300.0  # longer clips are refused (the features keep only the extractor's window anyway)
 MAX_AUDIO_RATE = 192_000  # Hz
 # Samples (frames x channels) decoded per clip, at most: 300 s of 48 kHz stereo, or --max-audio-seconds of it when
@@ -82,10 +86,48 @@ def check_image(fmt: str | None, width: int, height: int, data: bytes = b"") -> 
     if max(width, height) > MAX_ASPECT_RATIO * max(min(width, height), 1):
         raise MediaHeaderError(f"image of {width}x{height} pixels is more than {MAX_ASPECT_RATIO} times longer than "
                                "it is wide")
-    # In a JPEG's entropy-coded data every 0xFF byte is followed by 0x00 or a restart marker: FF DA is a scan's start
-    # (an embedded thumbnail's count too, a few more).
-    if fmt in ("JPEG", "MPO") and (scans := data.count(b"\xff\xda")) > MAX_JPEG_SCANS:
-        raise MediaHeaderError(f"JPEG of {scans} scans; at most {MAX_JPEG_SCANS} are accepted")
+    if fmt in ("JPEG", "MPO") and data:
+        scans = jpeg_scans(data)
+        if scans > MAX_JPEG_SCANS or scans * width * height > MAX_JPEG_SCAN_PIXELS:
+            raise MediaHeaderError(f"JPEG of {scans} scans of {width}x{height} pixels: at most {MAX_JPEG_SCANS} "
+                                   f"scans, and {MAX_JPEG_SCAN_PIXELS // 1_000_000}M pixels over all its scans, are "
+                                   "accepted (re-encode it with fewer progressive scans, or as a baseline JPEG)")
+
+
+_JPEG_MARKER = re.compile(rb"\xff[^\x00\xd0-\xd7\xff]")  # a marker: not a stuffed 0xFF, a restart or a fill byte
+
+
+def jpeg_scans(data: bytes) -> int:
+    """The scans (SOS segments) of a JPEG's first picture: its segments walked from SOI to its EOI, each scan's
+    entropy-coded data skipped to the next marker. Segments' payloads (an EXIF thumbnail, another picture's data) and
+    whatever follows the EOI (an MPO's other pictures, a motion photo's video) are not counted: counting FF DA
+    across the file refused such photos (an outside tester)."""
+    i, scans, n = 2, 0, len(data)
+    while i + 1 < n:
+        if data[i] != 0xFF:  # not at a marker (stray bytes between segments): on to the next one
+            found = _JPEG_MARKER.search(data, i)
+            if found is None:
+                break
+            i = found.start()
+        marker = data[i + 1]
+        if marker == 0xFF:  # fill byte
+            i += 1
+            continue
+        if marker == 0xD9:  # EOI: the first picture ends
+            break
+        if marker == 0x01 or 0xD0 <= marker <= 0xD7:  # no length
+            i += 2
+            continue
+        if i + 4 > n:
+            break
+        i += 2 + int.from_bytes(data[i + 2 : i + 4], "big")
+        if marker == 0xDA:  # a scan: its entropy-coded data runs to the next marker
+            scans += 1
+            found = _JPEG_MARKER.search(data, i)
+            if found is None:
+                break
+            i = found.start()
+    return scans
 
 
 def probe_audio(data: bytes, max_seconds: float = MAX_AUDIO_S, to_rate: int | None = None) -> MediaInfo:

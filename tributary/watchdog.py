@@ -30,6 +30,7 @@ import logging
 import socket
 import threading
 import time
+import urllib.error
 import urllib.request
 
 from cache.client import connect
@@ -150,6 +151,10 @@ class GatewayProbe:
                     body = json.load(resp)
                 if body.get("instance") == self.instance_id and isinstance(body.get("pid"), int):
                     self.answered[body["pid"]] = time.monotonic()
+            except urllib.error.HTTPError as exc:  # a 503 its connection cap answered: its event loop runs
+                instance, _, pid = (exc.headers.get("x-served-by") or "").partition(" ")
+                if exc.code == 503 and instance == self.instance_id and pid.isdigit():
+                    self.answered[int(pid)] = time.monotonic()
             except Exception:  # noqa: BLE001 -- not answering is what this measures
                 pass
             if self._stop.wait(self.every_s):

@@ -229,6 +229,11 @@ def test_a_conversations_media_count_toward_its_limit_and_no_text_longer_than_an
         add({"type": "input_text", "text": " ".join(str(i) for i in range(1000))}, "long")
         err = next_of(ws, "error")["error"]
         assert (err["code"], err["event_id"]) == ("context_length_exceeded", "long") and "tokens" in err["message"]
+        ws.send(json.dumps({"type": "conversation.item.create", "event_id": "parts", "item": {  # the same in 4 parts,
+            "type": "message", "role": "user", "content": [  # each of fewer characters than the context has tokens
+                {"type": "input_text", "text": " ".join(map(str, range(k, k + 250)))} for k in (0, 250, 500, 750)]}}))
+        err = next_of(ws, "error")["error"]
+        assert (err["code"], err["event_id"], err["param"]) == ("context_length_exceeded", "parts", "item.content")
         ws.send(json.dumps({"type": "session.update", "session": {"truncation": "disabled"}}))
         next_of(ws, "session.updated")
         ids = []

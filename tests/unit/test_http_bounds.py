@@ -286,6 +286,9 @@ def test_connections_past_the_cap_are_answered_503_at_once_but_probes_are_answer
     assert HTTPProtocol.header_timeout_s >= 15  # "at once": long before the held connections' header timeout
     with serving(App(), max_connections=3) as port:
         held = [socket.create_connection(("127.0.0.1", port), timeout=5) for _ in range(3)]
+        for s in held:  # each in its request's headers: not idle, so not closed to make room
+            s.sendall(b"GET /ok HTTP/1.1\r\n")
+        time.sleep(0.2)
         try:  # accepted in order: the fourth comes after the three
             with socket.create_connection(("127.0.0.1", port), timeout=5) as s:
                 s.sendall(b"GET /ok HTTP/1.1\r\nHost: a\r\n\r\n")
@@ -310,6 +313,69 @@ def test_connections_past_the_cap_are_answered_503_at_once_but_probes_are_answer
                 break
             time.sleep(0.1)
         assert reply.startswith(b"HTTP/1.1 200 "), reply
+
+
+def test_at_the_cap_a_connection_that_has_sent_nothing_makes_room_and_the_503_names_its_gateway(monkeypatch):
+    """An outside tester held the cap (and the 64 probes past it) with sockets that sent nothing, reopened as they
+    were closed: /health got 503s and the supervisor killed the gateway. A socket that has sent nothing is idle: the
+    longest such is closed to make room. And a 503 the cap answers names its gateway (``x-served-by``), which the
+    supervisor's probe takes as an answer (tributary/watchdog.py)."""
+    monkeypatch.setattr(HTTPProtocol, "served_by", b"inst-1 4242")
+    with serving(App(), max_connections=3) as port:
+        silent = [socket.create_connection(("127.0.0.1", port), timeout=5) for _ in range(3)]
+        try:
+            time.sleep(0.2)
+            with socket.create_connection(("127.0.0.1", port), timeout=5) as s:
+                s.sendall(b"GET /ok HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n")
+                reply, _ = read_all(s)
+            assert reply.startswith(b"HTTP/1.1 200 "), reply
+            assert read_all(silent[0], 5)[0] == b""  # the first to connect, closed
+            busy = [socket.create_connection(("127.0.0.1", port), timeout=5) for _ in range(5)]
+            for b in busy:  # every slot (and past it) held by requests begun: nothing idle is left to close
+                b.sendall(b"GET /ok HTTP/1.1\r\n")
+            time.sleep(0.2)
+            with socket.create_connection(("127.0.0.1", port), timeout=5) as s:
+                s.sendall(b"GET /ok HTTP/1.1\r\nHost: a\r\n\r\n")
+                reply, _ = read_all(s)
+            head, error = error_of(reply)
+            assert head.startswith(b"HTTP/1.1 503 ") and b"x-served-by: inst-1 4242" in head, head
+            for b in busy:
+                b.close()
+        finally:
+            for s in silent:
+                s.close()
+
+
+def test_the_supervisors_probe_takes_the_caps_503_from_its_own_gateway_as_an_answer():
+    import http.server
+
+    from tributary.watchdog import GatewayProbe
+
+    class Full(http.server.BaseHTTPRequestHandler):
+        served_by = "inst-1 4242"
+
+        def do_GET(self):  # noqa: N802
+            self.send_response(503)
+            self.send_header("x-served-by", self.served_by)
+            self.send_header("content-length", "0")
+            self.end_headers()
+
+        def log_message(self, *args):
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Full)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    probes = []
+    try:
+        for instance in ("inst-1", "another"):
+            probe = GatewayProbe(f"http://127.0.0.1:{server.server_address[1]}", instance, 30, 30, every_s=0.05)
+            probes.append(probe)
+            time.sleep(0.5)
+        assert 4242 in probes[0].answered and not probes[1].answered  # a 503 from another gateway is no answer
+    finally:
+        for probe in probes:
+            probe.close()
+        server.shutdown()
 
 
 def test_at_the_cap_the_longest_idle_keep_alive_connection_makes_room():

@@ -261,6 +261,34 @@ def test_a_jpeg_of_too_many_scans_is_refused_from_its_bytes_before_any_decode(ti
         decode_image(hostile)
 
 
+
+def test_only_the_first_pictures_scans_count_and_scans_times_pixels_are_bounded(tiny_spec, monkeypatch):
+    """Counting FF DA across the file refused a motion photo (a progressive JPEG with a video after its end) and an
+    MPO of many progressive pictures; only the decoded picture's scans count. And 100 scans of 6000x6000 took 4-5 s
+    each to decode (an outside tester): scans x pixels is bounded too."""
+    from PIL import Image
+
+    import models.media as media
+
+    rng = np.random.default_rng(3)
+    pictures = [Image.fromarray((rng.random((48, 64, 3)) * 255).astype(np.uint8)) for _ in range(13)]
+    buf = io.BytesIO()
+    pictures[0].save(buf, "JPEG", progressive=True, quality=90)
+    photo = buf.getvalue()
+    assert media.jpeg_scans(photo) == photo.count(b"\xff\xda") > 1
+    motion = photo + rng.bytes(8 << 20)  # its video after the end of the picture: FF DA bytes by the hundred
+    assert motion.count(b"\xff\xda") > media.MAX_JPEG_SCANS and media.jpeg_scans(motion) == media.jpeg_scans(photo)
+    probe_image(motion)
+    buf = io.BytesIO()
+    pictures[0].save(buf, "MPO", save_all=True, append_images=pictures[1:], progressive=True)
+    mpo = buf.getvalue()
+    assert mpo.count(b"\xff\xda") > media.jpeg_scans(mpo) == media.jpeg_scans(photo)  # its first picture's
+    probe_image(mpo)
+    monkeypatch.setattr(media, "MAX_JPEG_SCAN_PIXELS", 48 * 64 * (media.jpeg_scans(photo) - 1))
+    with pytest.raises(MediaHeaderError, match="pixels over all its scans"):
+        probe_image(photo)
+
+
 def test_a_flac_stream_that_does_not_say_its_length_is_refused_saying_so(tiny_spec):
     """libsndfile reports such a stream's length as its largest count (it was "audio of 5.76461e+14 s is longer
     than 300 s"), and cannot read it to its end (a seek fails there, losing the last read): a 400 that says why."""
