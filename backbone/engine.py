@@ -107,7 +107,7 @@ class Sequence:
     skipped: int = 0  # steps in a row it was prefilling and passed over (the scheduler's aging guard)
     hashes: list[bytes] = field(default_factory=list)  # its prompt's full blocks' prefix hashes (the prefix cache)
     registered: int = 0  # of its blocks, those registered in (or taken from) the prefix cache
-    cached: int = 0  # prompt positions its first start took from the prefix cache (usage: cached tokens)
+    cached: int = 0  # prompt positions its first start here took from the prefix cache (usage: cached tokens)
 
     @property
     def prompt_tokens(self) -> int:
