@@ -140,7 +140,7 @@ def b64decode_chunked(data: str) -> bytes:
 def _b64(data: str, param: str, limit: int, kind: str = "media") -> bytes:
     padding = 2 if data.endswith("==") else 1 if data.endswith("=") else 0
     if len(data) * 3 // 4 - padding > limit:  # the decoded size (exact for valid base64), without decoding
-        raise PayloadTooLarge(f"{param}: the {kind} is larger than {limit} bytes", param=param)
+        raise PayloadTooLarge(f"{param}: the {kind} is larger than {limit} bytes", param=param, code="media_too_large")
     try:
         return b64decode_chunked(data)
     except (binascii.Error, ValueError) as exc:

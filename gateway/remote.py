@@ -111,12 +111,14 @@ class RemoteMedia:
                                            "not to", param)
                         declared = resp.headers.get("content-length")
                         if declared and declared.isdigit() and int(declared) > self.max_bytes:
-                            raise PayloadTooLarge(f"media larger than {self.max_bytes} bytes", param=param)
+                            raise PayloadTooLarge(f"media larger than {self.max_bytes} bytes", param=param,
+                                                  code="media_too_large")
                         body = bytearray()
                         async for chunk in resp.aiter_bytes():
                             body += chunk
                             if len(body) > self.max_bytes:
-                                raise PayloadTooLarge(f"media larger than {self.max_bytes} bytes", param=param)
+                                raise PayloadTooLarge(f"media larger than {self.max_bytes} bytes", param=param,
+                                                      code="media_too_large")
                         return bytes(body)
                 except (httpx.HTTPError, httpx.InvalidURL) as exc:  # InvalidURL: a redirect to what httpx cannot
                     # request (``http:\\host``). One message for every failure: which one (refused, reset, not

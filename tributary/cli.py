@@ -186,9 +186,10 @@ def _admission(p: argparse.ArgumentParser) -> None:
                    help=_env_help("requests one gateway serves at once; more get a 503 server_overloaded with "
                                   "Retry-After", "MAX_INFLIGHT"))
     p.add_argument("--max-connections", type=NONNEG_INT, default=_env("MAX_CONNECTIONS", "0"),
-                   help=_env_help("open connections one gateway keeps; a new one past it is answered 503 "
-                                  "server_overloaded at once (default 0: the file-descriptor limit, raised to its "
-                                  "hard limit, less 256)", "MAX_CONNECTIONS"))
+                   help=_env_help("open connections one gateway keeps; past it the longest idle one is closed to "
+                                  "make room, or with none idle a new one may only ask /health, /ready or /metrics "
+                                  "(64 more at most) and anything else is a 503 server_overloaded (default 0: the "
+                                  "file-descriptor limit, raised to its hard limit, less 256)", "MAX_CONNECTIONS"))
     p.add_argument("--max-backlog", type=POSITIVE_INT, default=_env("MAX_BACKLOG", "1024"),
                    help=_env_help("unread entries a tier's queue may hold before new requests get a 503 "
                                   "server_overloaded", "MAX_BACKLOG"))

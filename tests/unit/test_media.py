@@ -78,7 +78,7 @@ def test_non_image_mime_refused(mime):
 def test_image_over_the_cap_refused_with_413():
     with pytest.raises(PayloadTooLarge) as info:
         image_from_url(data_url(b"\x00" * (LIMIT + 1)), "messages.0.content.0", LIMIT)
-    assert info.value.status == 413 and info.value.code == "request_too_large"  # a code, as every 4xx has
+    assert info.value.status == 413 and info.value.code == "media_too_large"  # a code, as every 4xx has
     assert info.value.param == "messages.0.content.0"
 
 
