@@ -100,7 +100,8 @@ class BackboneCollector(Collector):
     - ``preemptions()`` and ``steps()``: counters since the process started;
     - ``engine`` (backbone/engine.Engine): positions computed by kind (decode, prompt), the steps its step budget
       timed and their seconds (launch to answers on the host), and the step budget's prompt positions per step beside
-      4 decodes (vLLM's iteration_tokens_total, in sums: their rates give mean step time and chunk size);
+      4 decodes (vLLM's iteration_tokens_total, in sums: their rates give mean step time and chunk size), and the
+      prefix cache's hits (positions taken from it) and registered blocks;
     - ``loop()``: seconds of the worker's busy loop by phase: ``step`` (the engine's forward steps), ``io_wait``
       (waiting for the Redis round trip in flight: the GPU idles then) and ``host`` (the rest: admissions, building
       and applying round trips).
@@ -148,6 +149,12 @@ class BackboneCollector(Collector):
             yield GaugeMetricFamily("tributary_backbone_step_budget_tokens", "Positions the next step may compute "
                                     "beside 4 decodes (--max-batched-tokens, or fitted to --max-step-ms)",
                                     value=self.engine.budget.tokens(4))
+            pool = self.engine.pool
+            yield CounterMetricFamily("tributary_prefix_cache_hit_tokens", "Prompt positions taken from the prefix "
+                                      "cache instead of computed (vLLM's prefix_cache_hits, in tokens)",
+                                      value=pool.hits * pool.block_size)
+            yield GaugeMetricFamily("tributary_prefix_cache_blocks", "KV blocks registered in the prefix cache, "
+                                    "held by a sequence or kept free to take", value=pool.cached)
         if self.loop is not None:
             phases = CounterMetricFamily("tributary_backbone_loop_seconds", "Seconds of the worker's busy loop by "
                                          "phase: step (forward steps), io_wait (waiting for the Redis round trip "

@@ -109,6 +109,15 @@ def test_a_repeated_prompt_takes_its_blocks_from_the_cache_and_generates_the_sam
     assert run(eng, PROMPT, salt="another tenant").cached == 0
     exact = PROMPT[: 4 * BS]  # a prompt of whole blocks: its last position is computed, to sample from
     assert run(eng, exact).cached == 3 * BS
+    from prometheus_client import CollectorRegistry, generate_latest
+
+    from router.metrics import BackboneCollector, pool_usage
+
+    registry = CollectorRegistry()
+    registry.register(BackboneCollector(lambda: pool_usage(eng.pool), engine=eng))
+    scraped = generate_latest(registry).decode()
+    assert f"tributary_prefix_cache_hit_tokens_total {float(again.cached + 2 * BS + 3 * BS)}" in scraped, scraped
+    assert "tributary_prefix_cache_blocks " in scraped and "tributary_kv_cache_usage_perc 0.0" in scraped
     off = engine_of(shard, tiny_spec, prefix_cache=False)
     assert run(off, PROMPT).output == first.output and run(off, PROMPT).cached == 0 and off.pool.cached == 0
 
