@@ -132,7 +132,10 @@ def test_a_prompt_sent_again_takes_its_prefix_from_the_backbones_cache_and_answe
     the cache, all but its last position at most, and reports them as OpenAI's cached tokens; the answer at
     temperature 0 is the same. A conversation's next turn shares its first turn's blocks."""
     msgs = trimodal_messages(41, text="a question nobody asked before " + "word " * 30)
-    msgs[0]["content"] = "You are terse, and this prompt is new from its start."  # the others' share a first block
+    import uuid
+
+    msgs[0]["content"] = f"{uuid.uuid4().hex} You are terse."  # new from its first block: no other test's prompt
+    # shares it (the others' system prompts share their first 16 tokens)
     ask = lambda m: client.chat.completions.create(model=cluster.model, messages=m, max_tokens=6,  # noqa: E731
                                                    temperature=0, extra_body={"ignore_eos": True})
     first, again = ask(msgs), ask(msgs)
