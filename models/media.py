@@ -31,6 +31,9 @@ MAX_ASPECT_RATIO = 200
 # about a second.
 MAX_JPEG_SCANS = 100
 MAX_JPEG_SCAN_PIXELS = 16 * 40_000_000
+# Segments of a JPEG's first picture walked, at most (a photo has a few dozen): the walk is a Python loop, and 16 MB
+# of 4-byte segments would be four million turns of it.
+MAX_JPEG_SEGMENTS = 4096
 MAX_AUDIO_S = 300.0  # longer clips are refused (the features keep only the extractor's window anyway)
 MAX_AUDIO_RATE = 192_000  # Hz
 # Samples (frames x channels) decoded per clip, at most: 300 s of 48 kHz stereo, or --max-audio-seconds of it when
@@ -102,8 +105,11 @@ def jpeg_scans(data: bytes) -> int:
     entropy-coded data skipped to the next marker. Segments' payloads (an EXIF thumbnail, another picture's data) and
     whatever follows the EOI (an MPO's other pictures, a motion photo's video) are not counted: counting FF DA
     across the file refused such photos (an outside tester)."""
-    i, scans, n = 2, 0, len(data)
+    i, scans, n, segments = 2, 0, len(data), 0
     while i + 1 < n:
+        segments += 1
+        if segments > MAX_JPEG_SEGMENTS:
+            raise MediaHeaderError(f"JPEG of more than {MAX_JPEG_SEGMENTS} segments")
         if data[i] != 0xFF:  # not at a marker (stray bytes between segments): on to the next one
             found = _JPEG_MARKER.search(data, i)
             if found is None:

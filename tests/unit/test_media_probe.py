@@ -284,6 +284,11 @@ def test_only_the_first_pictures_scans_count_and_scans_times_pixels_are_bounded(
     mpo = buf.getvalue()
     assert mpo.count(b"\xff\xda") > media.jpeg_scans(mpo) == media.jpeg_scans(photo)  # its first picture's
     probe_image(mpo)
+    spam = photo[:2] + b"\xff\xfe\x00\x02" * (1 << 20) + photo[2:]  # a million empty comments: the walk is bounded
+    with pytest.raises(MediaHeaderError, match="segments"):
+        media.jpeg_scans(spam)
+    for cut in (photo[: photo.index(b"\xff\xda") + 5], photo[:2] + b"\xff\xe0\x00\x00" + photo[2:]):
+        media.jpeg_scans(cut)  # a truncated scan, a length under 2: each ends
     monkeypatch.setattr(media, "MAX_JPEG_SCAN_PIXELS", 48 * 64 * (media.jpeg_scans(photo) - 1))
     with pytest.raises(MediaHeaderError, match="pixels over all its scans"):
         probe_image(photo)
