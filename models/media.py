@@ -101,38 +101,28 @@ _JPEG_MARKER = re.compile(rb"\xff[^\x00\xd0-\xd7\xff]")  # a marker: not a stuff
 
 
 def jpeg_scans(data: bytes) -> int:
-    """The scans (SOS segments) of a JPEG's first picture: its segments walked from SOI to its EOI, each scan's
-    entropy-coded data skipped to the next marker. Segments' payloads (an EXIF thumbnail, another picture's data) and
-    whatever follows the EOI (an MPO's other pictures, a motion photo's video) are not counted: counting FF DA
-    across the file refused such photos (an outside tester)."""
-    i, scans, n, segments = 2, 0, len(data), 0
-    while i + 1 < n:
+    """The scans (SOS segments) of a JPEG's first picture, found as libjpeg finds them: from SOI, the next marker
+    (bytes that are not one, a stuffed ``FF 00`` included, skipped: libjpeg skips them as junk), then its segment's
+    length skipped, to the picture's EOI; a scan's entropy-coded data is skipped to the next marker. Segments'
+    payloads (an EXIF thumbnail, another picture's data) and whatever follows the EOI (an MPO's other pictures, a
+    motion photo's video) are not counted: counting FF DA across the file refused such photos (an outside tester).
+    A ``FF 00`` read as a segment had let thousands of scans hide in its "payload", which libjpeg decoded."""
+    i, scans, segments = 2, 0, 0
+    while (found := _JPEG_MARKER.search(data, i)) is not None:
+        i = found.start()
         segments += 1
         if segments > MAX_JPEG_SEGMENTS:
             raise MediaHeaderError(f"JPEG of more than {MAX_JPEG_SEGMENTS} segments")
-        if data[i] != 0xFF:  # not at a marker (stray bytes between segments): on to the next one
-            found = _JPEG_MARKER.search(data, i)
-            if found is None:
-                break
-            i = found.start()
         marker = data[i + 1]
-        if marker == 0xFF:  # fill byte
-            i += 1
-            continue
         if marker == 0xD9:  # EOI: the first picture ends
             break
-        if marker == 0x01 or 0xD0 <= marker <= 0xD7:  # no length
+        if marker in (0x01, 0xD8):  # no length (TEM; an SOI out of place, which libjpeg refuses)
             i += 2
             continue
-        if i + 4 > n:
+        if i + 4 > len(data):
             break
         i += 2 + int.from_bytes(data[i + 2 : i + 4], "big")
-        if marker == 0xDA:  # a scan: its entropy-coded data runs to the next marker
-            scans += 1
-            found = _JPEG_MARKER.search(data, i)
-            if found is None:
-                break
-            i = found.start()
+        scans += marker == 0xDA  # a scan: its entropy-coded data is skipped by the next search
     return scans
 
 
