@@ -285,9 +285,9 @@ def test_only_the_first_pictures_scans_count_and_scans_times_pixels_are_bounded(
     assert mpo.count(b"\xff\xda") > media.jpeg_scans(mpo) == media.jpeg_scans(photo)  # its first picture's
     probe_image(mpo)
     last = photo.rindex(b"\xff\xda")
-    scan = photo[last:-2]  # 150 copies hidden in what stuffed FF 00s between segments would announce as their
-    chunk = 60_000 // len(scan)  # payloads (libjpeg skips an FF 00 there as junk, and decodes them)
-    hidden = photo[:-2] + b"".join(b"\xff\x00" + (len(scan) * k).to_bytes(2, "big") + scan * k
+    scan = photo[last:-2]  # 150 copies hidden in what stuffed FF 00s after a comment segment would announce as
+    chunk = 60_000 // len(scan)  # their payloads (libjpeg skips an FF 00 there as junk, and decodes them)
+    hidden = photo[:-2] + b"\xff\xfe\x00\x02" + b"".join(b"\xff\x00" + (len(scan) * k).to_bytes(2, "big") + scan * k
                                    for k in [chunk] * (150 // chunk) + [150 % chunk] if k) + b"\xff\xd9"
     assert media.jpeg_scans(hidden) == media.jpeg_scans(photo) + 150  # (an outside tester's 100,000: 20 s a decode)
     with pytest.raises(MediaHeaderError, match="scans"):
