@@ -258,7 +258,8 @@ class HTTPProtocol(HttpToolsProtocol):
         self._idle[self] = None  # nothing sent yet: the first closed should the cap need room
 
     def _reclaim_idle(self) -> bool:
-        """Close the longest idle keep-alive connection, to make room for a new one (as nginx does); False: none."""
+        """Close the longest idle connection (between keep-alive requests, or not yet sent a byte), to make room for a
+        new one, as nginx does; False: none is idle."""
         while self._idle:
             victim, _ = self._idle.popitem(last=False)
             if not victim.transport.is_closing():
