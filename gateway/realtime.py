@@ -727,10 +727,8 @@ class RealtimeSession:
             index, after = len(self.items), (self.items[-1]["id"] if self.items else None)
         elif after is None:
             index = 0
-        else:
-            index = next((i + 1 for i, it in enumerate(self.items) if it["id"] == after), None)
-            if index is None:
-                raise EventError(f"no item with id {after!r}", code="item_not_found", param="previous_item_id")
+        else:  # there (checked above, and never deleted to make room)
+            index = next(i + 1 for i, it in enumerate(self.items) if it["id"] == after)
         self.items.insert(index, item)
         self._resized(item)
         public = _public(item)
