@@ -17,7 +17,7 @@ import torch
 
 from models.audio import AudioConfig, Features, StreamingFeatures
 from models.media import (
-    IMAGE_NAMED,
+    IMAGE_NAMES,
     MAX_AUDIO_S,
     UNKNOWN_FRAMES,
     MediaHeaderError,
@@ -40,9 +40,7 @@ class MediaError(ValueError):
 
 
 _OBJECT_REPR = re.compile(r"\s*<[\w.]+ object at 0x[0-9a-fA-F]+>")
-_IMAGE_ORDER = [f for f in ("PNG", "JPEG", "GIF", "BMP", "WEBP") if f in IMAGE_NAMED]
-_IMAGE_NAMES = _IMAGE_ORDER + sorted(IMAGE_NAMED.difference(_IMAGE_ORDER))
-IMAGE_ACCEPTED = ", ".join(_IMAGE_NAMES[:-1]) + " or " + _IMAGE_NAMES[-1]
+IMAGE_ACCEPTED = ", ".join(IMAGE_NAMES[:-1]) + " or " + IMAGE_NAMES[-1]
 AUDIO_ACCEPTED = "WAV, MP3, FLAC or OGG"
 
 

@@ -16,7 +16,7 @@ import re
 from dataclasses import dataclass, replace
 
 from gateway.errors import InvalidRequest, PayloadTooLarge
-from models.media import IMAGE_NAMED
+from models.media import IMAGE_NAMES
 
 log = logging.getLogger(__name__)
 
@@ -41,9 +41,7 @@ def _either(names: list[str]) -> str:
 
 # What a part of each modality may hold, for error messages: the formats models.media accepts, and the audio formats
 # libsndfile reads that the schema's input_audio.format names.
-_IMAGE_ORDER = ("PNG", "JPEG", "GIF", "BMP", "WEBP")  # most common first; any other accepted one after them
-_FORMATS = {"image": [f for f in _IMAGE_ORDER if f in IMAGE_NAMED] + sorted(IMAGE_NAMED.difference(_IMAGE_ORDER)),
-            "audio": ["WAV", "MP3", "FLAC", "OGG"]}
+_FORMATS = {"image": IMAGE_NAMES, "audio": ["WAV", "MP3", "FLAC", "OGG"]}
 ACCEPTED = {modality: _either(formats) for modality, formats in _FORMATS.items()}
 
 # Leading bytes of what clients send by mistake, for "got ... which looks like ...".

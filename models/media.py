@@ -17,6 +17,9 @@ from dataclasses import dataclass
 # MPO: a JPEG with more pictures after it (MP-Extensions: multi-camera phones); its first picture is the image
 IMAGE_FORMATS = {"PNG", "JPEG", "MPO", "WEBP", "GIF", "BMP"}
 IMAGE_NAMED = IMAGE_FORMATS - {"MPO"}  # the formats messages name (an MPO is a JPEG to whoever sends one)
+_COMMON_FIRST = ("PNG", "JPEG", "GIF", "BMP", "WEBP")
+IMAGE_NAMES = [f for f in _COMMON_FIRST if f in IMAGE_NAMED] + sorted(IMAGE_NAMED.difference(_COMMON_FIRST))  # in
+# the order messages name them: the most common first, any other after them
 # The audio containers taken: soundfile's (libsndfile's) names -> the input_audio.format that declares each
 AUDIO_FORMATS = {"WAV": "wav", "WAVEX": "wav", "RF64": "wav", "W64": "wav", "MP3": "mp3", "MPEG": "mp3",
                  "FLAC": "flac", "OGG": "ogg"}
@@ -36,6 +39,8 @@ MAX_JPEG_SCAN_PIXELS = 16 * 40_000_000
 MAX_JPEG_SEGMENTS = 4096
 MAX_AUDIO_S = 300.0  # longer clips are refused (the features keep only the extractor's window anyway)
 MAX_AUDIO_RATE = 192_000  # Hz
+# libsndfile's frame count for a stream whose header gives no length (SF_COUNT_MAX); a real count never comes near
+UNKNOWN_FRAMES = 2**62
 # Samples (frames x channels) decoded per clip, at most: 300 s of 48 kHz stereo, or --max-audio-seconds of it when
 # that is longer (``audio_sample_budget``). Decoding costs per sample, not per second: a few hundred KB of FLAC
 # silence at 655 kHz x 8 channels is gigabytes of float32.
@@ -136,11 +141,6 @@ def probe_audio(data: bytes, max_seconds: float = MAX_AUDIO_S, to_rate: int | No
     out = MediaInfo(frames=max(int(info.frames), 0), rate=int(info.samplerate), format=str(info.format))
     check_audio(out.format, out.rate, int(info.channels), out.frames, max_seconds, to_rate)
     return out
-
-
-# libsndfile's frame count for a stream whose header gives no length (SF_COUNT_MAX); a real count never comes near
-UNKNOWN_FRAMES = 2**62
-
 
 
 def check_audio(fmt: str, rate: int, channels: int, frames: int | None, max_seconds: float = MAX_AUDIO_S,
