@@ -44,13 +44,9 @@ def test_the_pool_gives_the_preprocessors_output_bitwise(tiny_spec, modality):
         worker.pool.shutdown()
 
 
-def test_an_item_whose_preprocessing_hangs_fails_alone_and_the_worker_stops_once_its_threads_are_stuck(tiny_spec):
-    """A decoder hung on hostile bytes held the worker's loop (future.result() without a bound) until the liveness
-    watchdog killed it, about 90 s, and its job was then reclaimed to hang the next worker, three times (an outside
-    reviewer's reading). Now the item fails alone after preprocess_timeout_s, new work goes to a fresh pool, and once
-    as many threads are stuck as the pool has the worker stops itself (exit code 3) to be restarted."""
-    from encoders.worker import Staged
-
+def hanging_worker(tiny_spec, threads: int, stop: threading.Event | None = None):
+    """(worker, its preprocessor, the event that releases it): an image encoder worker whose preprocessing of the
+    bytes ``b"hang"`` hangs until that event is set, with a 0.5 s preprocessing limit (no Redis call is made)."""
     hang = threading.Event()
     pre = load_preprocessor(tiny_spec, "image")
 
@@ -59,23 +55,39 @@ def test_an_item_whose_preprocessing_hangs_fails_alone_and_the_worker_stops_once
             hang.wait(30)
         return pre(blob)
 
-    cfg = EncoderConfig(redis_url="redis://127.0.0.1:1", modality="image", preprocess_threads=2,
+    cfg = EncoderConfig(redis_url="redis://127.0.0.1:1", modality="image", preprocess_threads=threads,
                         preprocess_timeout_s=0.5)
+    worker = EncoderWorker(cfg, preprocess, load_runtime(tiny_spec, "image"), stop or threading.Event(),
+                           tiny_spec.encoder_id("image"))
+    return worker, pre, hang
+
+
+def staged(worker, blobs: list[bytes]):
+    """``blobs`` staged on the worker's pool as ``_stage`` stages a batch."""
+    from encoders.worker import Staged
+
+    jobs = [type("Job", (), {"msg": m.EncodeJob(request_id=f"r{i}", job_id=f"j{i}", modality=m.Modality.IMAGE,
+                                                encoder_id="e", digest="d", blob_key="b", reply_to="x",
+                                                deadline=0.0)})() for i in range(len(blobs))]
+    futures = [worker.pool.submit(worker._timed, blob, job.msg) for blob, job in zip(blobs, jobs)]
+    return Staged(None, jobs, futures, time.perf_counter(), None, [(b, j.msg) for b, j in zip(blobs, jobs)])
+
+
+def test_an_item_whose_preprocessing_hangs_fails_alone_and_the_worker_stops_once_its_threads_are_stuck(tiny_spec):
+    """A decoder hung on hostile bytes held the worker's loop (future.result() without a bound) until the liveness
+    watchdog killed it, about 90 s, and its job was then reclaimed to hang the next worker, three times (an outside
+    reviewer's reading). Now the item fails alone after preprocess_timeout_s, new work goes to a fresh pool, and once
+    as many threads are stuck as the pool has the worker stops itself (exit code 3) to be restarted."""
     stop = threading.Event()
-    worker = EncoderWorker(cfg, preprocess, load_runtime(tiny_spec, "image"), stop, tiny_spec.encoder_id("image"))
+    worker, _, hang = hanging_worker(tiny_spec, 2, stop)
     pools = []
     try:
         for round_ in range(2):
-            blobs = [png_bytes(20, 30, seed=1), b"hang", png_bytes(24, 24, seed=2)]
-            jobs = [type("Job", (), {"msg": m.EncodeJob(request_id=f"r{i}", job_id=f"j{i}", modality=m.Modality.IMAGE,
-                                                        encoder_id="e", digest="d", blob_key="b", reply_to="x",
-                                                        deadline=0.0)})() for i in range(3)]
             pool = worker.pool
             pools.append(pool)
-            futures = [pool.submit(worker._timed, blob, job.msg) for blob, job in zip(blobs, jobs)]
-            t0 = time.perf_counter()
-            got = worker._collect(Staged(None, jobs, futures, t0, None))
-            assert time.perf_counter() - t0 < 5
+            batch = staged(worker, [png_bytes(20, 30, seed=1), b"hang", png_bytes(24, 24, seed=2)])
+            got = worker._collect(batch)
+            assert time.perf_counter() - batch.t0 < 5
             assert isinstance(got[0][0], Prepared) and isinstance(got[2][0], Prepared)
             assert got[1][0] == (m.ErrorCode.BAD_MEDIA, "this image could not be decoded within 0.5 s")
             assert worker.pool is not pool and worker.stuck == round_ + 1
@@ -90,30 +102,13 @@ def test_items_queued_behind_a_hung_one_run_again_on_the_fresh_pool_not_refused_
     """An outside tester's JPEG of 3,000 scans (43 s to decode) on a one-thread pool: the images queued behind it
     shared its batch's deadline and were refused as undecodable within 20 s, valid as they were. Items that had
     not started by the deadline now run again on the fresh pool; only the hung one fails."""
-    from encoders.worker import Staged
-
-    hang = threading.Event()
-    pre = load_preprocessor(tiny_spec, "image")
-
-    def preprocess(blob: bytes):
-        if blob == b"hang":
-            hang.wait(30)
-        return pre(blob)
-
-    cfg = EncoderConfig(redis_url="redis://127.0.0.1:1", modality="image", preprocess_threads=1,
-                        preprocess_timeout_s=0.5)
-    worker = EncoderWorker(cfg, preprocess, load_runtime(tiny_spec, "image"), threading.Event(),
-                           tiny_spec.encoder_id("image"))
+    worker, pre, hang = hanging_worker(tiny_spec, 1)
     pool = worker.pool
     try:
         blobs = [b"hang", png_bytes(20, 30, seed=1), png_bytes(24, 24, seed=2)]
-        jobs = [type("Job", (), {"msg": m.EncodeJob(request_id=f"r{i}", job_id=f"j{i}", modality=m.Modality.IMAGE,
-                                                    encoder_id="e", digest="d", blob_key="b", reply_to="x",
-                                                    deadline=0.0)})() for i in range(3)]
-        futures = [pool.submit(worker._timed, blob, job.msg) for blob, job in zip(blobs, jobs)]
-        t0 = time.perf_counter()
-        got = worker._collect(Staged(None, jobs, futures, t0, None, [(b, j.msg) for b, j in zip(blobs, jobs)]))
-        assert time.perf_counter() - t0 < 5
+        batch = staged(worker, blobs)
+        got = worker._collect(batch)
+        assert time.perf_counter() - batch.t0 < 5
         assert got[0][0] == (m.ErrorCode.BAD_MEDIA, "this image could not be decoded within 0.5 s")
         assert isinstance(got[1][0], Prepared) and isinstance(got[2][0], Prepared), got
         assert torch.equal(got[1][0].data, pre(blobs[1]).data)
