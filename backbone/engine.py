@@ -23,7 +23,8 @@ full blocks (the same token ids, the same media, the same tenant), at most all b
 it computes to sample its first token; every full prompt block it computes is registered once its step has landed
 (every shard ran it). Its ``cached`` positions are reported as the usage's cached tokens.
 
-When a decode finds the pool empty, the newest sequence that holds blocks is preempted: its blocks are freed and it
+When a decode finds the pool empty, the newest sequence that holds blocks of its own (not only prefix-cache blocks
+others hold too, whose release would free nothing) is preempted: its blocks are freed and it
 is recomputed later from its prompt and the tokens it already generated (its sampler resumes at its draw count, so
 its text is what an undisturbed run gives); its client sees only a pause. A preempted sequence stays parked until
 the free blocks, less those promised to sequences still prefilling, hold its whole length and one more block per
@@ -398,9 +399,11 @@ class Engine:
             log.debug("prefix cached", extra={"request_id": seq.request_id, "tokens": seq.computed})
 
     def _victim(self, keep: set[int]) -> Sequence | None:
-        """The newest unfinished sequence holding blocks, outside ``keep``."""
+        """The newest unfinished sequence holding blocks, outside ``keep``; one whose blocks are all shared (a prompt
+        that took its prefix from the cache and waits for room to compute the rest) only when no other gives any
+        block back: preempting it would free nothing and park it."""
         holders = [s for s in self.active.values() if s.blocks and s.finish is None and s.sid not in keep]
-        return max(holders, key=lambda s: s.sid) if holders else None
+        return max(holders, key=lambda s: (self.pool.sole(s.blocks) > 0, s.sid)) if holders else None
 
     def _free(self, seq: Sequence) -> None:
         """A finished sequence's KV and prompt are never read again: they go back at once."""

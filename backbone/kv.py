@@ -99,6 +99,10 @@ class KVPool:
         self.hits += len(blocks)
         return blocks
 
+    def sole(self, table: list[int]) -> int:
+        """Blocks of ``table`` that no other table holds: what releasing it would give back."""
+        return sum(1 for block in set(table) if 0 <= block < self.num_blocks and self._refs[block] == 1)
+
     def register(self, block: int, h: bytes) -> None:
         """``block``, every position of it computed, ends the prefix ``h``: later prompts may share it. The first
         block registered under a hash keeps it."""

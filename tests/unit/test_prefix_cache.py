@@ -182,3 +182,31 @@ def test_a_prompt_with_media_is_shared_only_with_the_same_media(shard, tiny_spec
     assert go("key-1").cached == 3 * BS and go("key-1").output == first.output
     assert go("key-2", rows * 2).cached == BS  # only the block before the image
     assert go("key-1", keys=False).cached == 0  # media without their keys: nothing shared
+
+
+def test_a_sequence_holding_only_shared_blocks_is_not_preempted_for_nothing(shard, tiny_spec):
+    """The newest sequence took its prefix from the cache and waits for room; an older decode needs a block. The
+    victim is the older sequence with blocks of its own: preempting the newest would free nothing."""
+    shard.allocate_pool(4)
+    eng = Engine(shard, tiny_spec.placeholder_ids, eos_ids=[], max_context=tiny_spec.max_context,
+                 max_batched_tokens=24)
+    ids = PROMPT[: 2 * BS]
+
+    def decoding(name, prompt):
+        seq = eng.new_sequence(name, len(prompt), greedy(40))
+        eng.start(seq, prompt, [], [], "")
+        assert eng.pool.grow(seq.blocks, len(prompt))
+        seq.computed, seq.output = len(prompt), [5]  # its prompt computed, its first token drawn
+        return seq
+
+    a = decoding("a", ids)
+    for block, h in zip(a.blocks, a.hashes):
+        eng.pool.register(block, h)
+    b = decoding("b", [t + 1 for t in ids])
+    c = eng.new_sequence("c", 2 * BS + 8, greedy(4))
+    eng.start(c, ids + PROMPT[40:48], [], [], "")
+    eng._share_prefix(c)
+    assert c.computed == 2 * BS and eng.pool.sole(c.blocks) == 0 and eng.pool.free == 0
+    rows = dict((s.request_id, n) for s, n in eng.schedule([a, b, c]))
+    assert b.preempted == 1 and c.preempted == 0 and eng.preemptions == 1
+    assert rows == {"a": 1, "c": 8}  # b's blocks: one for a's next position, one for the rest of c's prompt
