@@ -546,12 +546,15 @@ class RealtimeSession:
         self.vad = vad
         await self.send("session.updated", session=self.session())
 
-    @staticmethod
-    def _max_tokens(value, param: str) -> int | None:
+    def _max_tokens(self, value, param: str) -> int | None:
+        """An answer's token cap: at most the model's context (a larger number is no cap, but echoing 1e30 back as
+        the session's setting would be), or "inf"."""
         if value == "inf" or value is None:
             return None
-        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            raise EventError(f"{param} must be an integer >= 1 or \"inf\"", param=param)
+        context = self.chat.spec.max_context
+        if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= context:
+            raise EventError(f"{param} must be an integer in [1, {context}] (this model's context) or \"inf\"",
+                             param=param)
         return value
 
     # -- conversation -------------------------------------------------------------------------------------------

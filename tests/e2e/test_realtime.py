@@ -346,6 +346,8 @@ def test_malformed_events_get_errors_and_the_connection_stays_usable(cluster):
         (json.dumps({"type": "response.cancel"}), "response_cancel_not_active", None),
         (json.dumps({"type": "response.create", "response": {"max_output_tokens": 0}}), "invalid_value",
          "response.max_output_tokens"),
+        (json.dumps({"type": "session.update", "session": {"max_output_tokens": 10**30}}), "invalid_value",
+         "session.max_output_tokens"),
         # Shapes a handler did not expect, strict JSON, values every later response would fail on:
         (json.dumps({"type": "session.update", "session": {"audio": {"input": {"format": "pcm16"}}}}), "unsupported",
          "session.audio.input.format"),
