@@ -39,6 +39,10 @@ LINGER_S = 2.0  # after an error answered straight to the socket, how long furth
 PROBE_RESERVE = 64
 PROBE_PATHS = (b"/health", b"/ready", b"/metrics")
 PROBE_HEADER_TIMEOUT_S = 5.0
+# At the cap with no idle connection, one whose request's headers have been arriving for longer than this is closed
+# (408) to make room: a client sends its headers in a packet or two, and 200 sockets trickling a header byte every
+# 3 s each (reconnecting at the header timeout) kept a --max-connections 60 gateway refusing nearly every client.
+SLOW_HEADERS_S = 2.0
 
 
 def _client_fault_not_error(record: logging.LogRecord) -> bool:
@@ -226,8 +230,9 @@ class HTTPProtocol(HttpToolsProtocol):
       slot freed). Without it a client that stops reading held a ``--max-inflight`` slot for good;
     * past ``max_connections`` open connections (default: the file-descriptor limit less ``FD_RESERVE``) the
       longest idle connection is closed to make room, as nginx does: one between keep-alive requests, or one that
-      has sent nothing yet (sockets that sent nothing filled the cap as well as idle keep-alive ones did); with none
-      idle, a new one may only ask a probe's path (``PROBE_PATHS``, ``PROBE_RESERVE`` of them at most: liveness
+      has sent nothing yet (sockets that sent nothing filled the cap as well as idle keep-alive ones did); else the
+      one whose request's headers have been arriving longest, past ``SLOW_HEADERS_S`` (a 408: a slowloris); with
+      none of those, a new one may only ask a probe's path (``PROBE_PATHS``, ``PROBE_RESERVE`` of them at most: liveness
       probes and scrapes are answered however full the cap, where a full cap had the supervisor kill a gateway that
       was serving), and any other request is answered 503 ``server_overloaded`` (JSON, ``connection: close``,
       ``x-served-by``: this gateway's instance and pid, so the supervisor's probe knows its event loop answered),
@@ -240,6 +245,7 @@ class HTTPProtocol(HttpToolsProtocol):
     header_timeout_s, send_timeout_s = 15.0, 30.0  # set by serve()
     _refused = Throttle(10.0)
     _idle: OrderedDict = OrderedDict()  # connections between requests or before their first, longest idle first
+    _heading: OrderedDict = OrderedDict()  # connections inside a request's headers -> when it began, oldest first
     served_by = b""  # set by serve(): "<instance id> <pid>", on the cap's 503s
 
     def connection_made(self, transport) -> None:  # type: ignore[override]
@@ -259,10 +265,20 @@ class HTTPProtocol(HttpToolsProtocol):
 
     def _reclaim_idle(self) -> bool:
         """Close the longest idle connection (between keep-alive requests, or not yet sent a byte), to make room for a
-        new one, as nginx does; False: none is idle."""
+        new one, as nginx does, else the one whose request's headers have been arriving longest past SLOW_HEADERS_S
+        (answered 408); False: none is either."""
         while self._idle:
             victim, _ = self._idle.popitem(last=False)
             if not victim.transport.is_closing():
+                victim.transport.close()
+                return True
+        slow_since = self.loop.time() - SLOW_HEADERS_S
+        while self._heading and next(iter(self._heading.values())) < slow_since:
+            victim, began = self._heading.popitem(last=False)
+            if not victim.transport.is_closing():
+                victim.transport.write(_error_response(
+                    408, "Request Timeout", f"the request's headers were still arriving after "
+                    f"{self.loop.time() - began:.0f} s while the server was at its connection cap", "request_timeout"))
                 victim.transport.close()
                 return True
         return False
@@ -305,6 +321,7 @@ class HTTPProtocol(HttpToolsProtocol):
 
     def on_message_begin(self) -> None:
         self._idle.pop(self, None)
+        self._heading[self] = self.loop.time()
         super().on_message_begin()
         self._in_headers, self._header_bytes, self._header_count, self._header_size = True, 0, 0, 0
         self._begun = True
@@ -322,6 +339,7 @@ class HTTPProtocol(HttpToolsProtocol):
             self._bad_upgrade = True
             raise ValueError("unsupported upgrade")
         self._in_headers = self._begun = False
+        self._heading.pop(self, None)
         self._cancel("_header_timer")
         super().on_headers_complete()
 
@@ -381,6 +399,7 @@ class HTTPProtocol(HttpToolsProtocol):
 
     def connection_lost(self, exc) -> None:
         self._idle.pop(self, None)
+        self._heading.pop(self, None)
         self._cancel("_header_timer")
         self._cancel("_stall_timer")
         # uvicorn tells only the last request it parsed that the client is gone; with pipelined requests that is not
@@ -424,6 +443,7 @@ class HTTPProtocol(HttpToolsProtocol):
             self._deferred = (status, reason, message, code, type_, extra)
             return
         self.transport.write(_error_response(status, reason, message, code, extra, type_))
+        self._heading.pop(self, None)
         self._cancel("_header_timer")
         _linger(self)
 

@@ -403,6 +403,37 @@ def test_at_the_cap_the_longest_idle_keep_alive_connection_makes_room():
                 s.close()
 
 
+def test_at_the_cap_the_connection_trickling_its_headers_longest_makes_room(monkeypatch):
+    """An outside tester held a cap of 60 with 200 sockets each sending a header byte every 3 s (reconnecting at the
+    header timeout): nearly every client got 503s. At the cap with nothing idle, the connection whose request's
+    headers have been arriving longest, past SLOW_HEADERS_S, is answered 408 and closed to make room."""
+    import gateway.server as server_module
+
+    monkeypatch.setattr(server_module, "SLOW_HEADERS_S", 0.5)
+    with serving(App(), max_connections=3) as port:
+        slow = []
+        for _ in range(3):
+            s = socket.create_connection(("127.0.0.1", port), timeout=5)
+            s.sendall(b"GET /ok HTTP/1.1\r\n")
+            slow.append(s)
+            time.sleep(0.05)
+        try:
+            time.sleep(0.7)
+            for s in slow:  # a byte more: trickling, not silent (silent ones are closed first, as idle)
+                s.sendall(b"H")
+            with socket.create_connection(("127.0.0.1", port), timeout=5) as s:
+                s.sendall(b"GET /ok HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n")
+                reply, _ = read_all(s)
+            assert reply.startswith(b"HTTP/1.1 200 "), reply
+            head, error = error_of(read_all(slow[0], 5)[0])  # the first to begin its headers
+            assert head.startswith(b"HTTP/1.1 408 ") and error["code"] == "request_timeout", head
+            slow[1].sendall(b"ost: a\r\nConnection: close\r\n\r\n")  # the others are still served
+            assert read_all(slow[1])[0].startswith(b"HTTP/1.1 200 ")
+        finally:
+            for s in slow:
+                s.close()
+
+
 def test_an_upgrade_to_anything_but_a_websocket_is_a_400_saying_so_and_a_post_handshake_too():
     """``curl --http2`` sends ``Upgrade: h2c``: httptools stopped parsing there, so the request ran with its body
     dropped and got "request body is empty" (an outside tester). And a POST with ``Upgrade: websocket`` got
