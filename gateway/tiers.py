@@ -153,6 +153,10 @@ class TierClient:
         gen = Generation(plan, queue)
         gen.entry_id = await bounded(self._submit(plan), "submitting", plan.request_id)
         self.inflight[plan.request_id] = gen
+        # The wait's bound runs from the last event taken (or the attempt's start), not from the last message: a
+        # message skipped (a second run's tokens, an older attempt's) restarted it, and a silent worker's request
+        # waited as long as a duplicate run kept streaming (12.5 s for a 1 s bound, in a reviewer's test).
+        heard = time.monotonic()
         try:
             while True:
                 if gen.done:  # lost after its last token, before its finish: it is finished
@@ -160,8 +164,9 @@ class TierClient:
                                        prompt_tokens=len(plan.token_ids) - plan.resumed,
                                        completion_tokens=plan.resumed + len(gen.tokens), finish=m.FinishReason.LENGTH)
                     return
+                limit, what = self._bound(gen)
                 try:
-                    msg = await self._next(queue, *self._bound(gen))
+                    msg = await self._next(queue, heard + limit - time.monotonic(), what)
                 except Timeout:
                     # A worker that went silent mid-answer but still beats (a hung pipeline shard, a stuck device
                     # call: its loop's stall timeout is longer than this) is stuck for this request: it moves to
@@ -175,29 +180,35 @@ class TierClient:
                         raise
                     await self._migrate(gen, f"no token from backbone worker {gen.worker} for "
                                              f"{self.cfg.token_timeout_s:g} s")
+                    heard = time.monotonic()
                     continue
                 if msg is RESET:
                     await self._migrate(gen, "Redis may have lost the request (its lease was gone)")
+                    heard = time.monotonic()
                     continue
                 if isinstance(msg, WorkerLost):
                     if msg.attempt == gen.attempt:
                         await self._migrate(gen, f"backbone worker {msg.worker} left the live set")
+                        heard = time.monotonic()
                     continue
                 if not isinstance(msg, m.TokenEvent) or msg.attempt != gen.attempt:
                     continue  # encode results, or an older attempt's events
                 if gen.worker and msg.worker and msg.worker != gen.worker:
                     continue  # a second run of this attempt (a plan queued twice): one worker's tokens only
+                heard = time.monotonic()
                 gen.worker = msg.worker or gen.worker
                 gen.budget = msg.budget if msg.budget is not None else gen.budget
                 new = gen.take(msg)
                 if new is None:
                     await self._migrate(gen, "token events were lost")
+                    heard = time.monotonic()
                     continue
                 if (msg.code == m.ErrorCode.MEDIA_EXPIRED and encode_again is not None and plan.media
                         and gen.media_retries < MEDIA_RETRIES):
                     gen.media_retries += 1
                     log.info("a cached tensor is gone; encoding again", extra={"request_id": plan.request_id})
                     await self._refresh_media(gen, await encode_again())
+                    heard = time.monotonic()
                     continue
                 lost = msg.finish == m.FinishReason.ERROR and msg.code == m.ErrorCode.WORKER_LOST
                 if new or (msg.finish is not None and not lost):
@@ -205,6 +216,7 @@ class TierClient:
                                                   code=None if lost else msg.code)
                 if lost:
                     await self._migrate(gen, msg.error or "the backbone worker was lost")
+                    heard = time.monotonic()
                     continue
                 if msg.finish is not None:
                     return
@@ -304,8 +316,8 @@ class TierClient:
 
     @staticmethod
     async def _next(queue: asyncio.Queue, timeout: float, what: str):
-        try:
-            msg = await asyncio.wait_for(queue.get(), timeout=max(timeout, 0.0))
+        try:  # a message already queued is taken even with the bound spent (wait_for(..., 0) would not)
+            msg = queue.get_nowait() if not queue.empty() else await asyncio.wait_for(queue.get(), max(timeout, 0.0))
         except asyncio.TimeoutError:
             raise Timeout(f"timed out {what}") from None
         if msg is DISCONNECTED:

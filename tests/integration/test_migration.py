@@ -115,11 +115,12 @@ def test_a_negative_limit_is_refused(bad):
         GatewayConfig(model_dir="m", redis_url="redis://x", migration_limit=bad)
 
 
-async def silent_worker(redis_url: str, live: set[str], limit: int = 3
+async def silent_worker(redis_url: str, live: set[str], limit: int = 3, duplicate: bool = False
                         ) -> tuple[list, list[m.PromptPlan], Exception | None]:
     """A plan whose worker ("w-stuck") streams 2 tokens, then goes silent while still live (it beats: a hung
-    pipeline shard). ``live``: the backbones the monitor sees. Returns the tokens yielded, the plans queued, and
-    the error the generation ended with."""
+    pipeline shard). ``live``: the backbones the monitor sees; ``duplicate``: a second run of the same attempt
+    (the plan queued twice) streams on meanwhile, every 0.15 s for 6 s. Returns the tokens yielded, the plans
+    queued, and the error the generation ended with."""
     from gateway.monitor import ClusterView
 
     sync = redis.Redis.from_url(redis_url)
@@ -143,14 +144,21 @@ async def silent_worker(redis_url: str, live: set[str], limit: int = 3
                                       completion_tokens=3, attempt=1, worker="w-ok",
                                       finish=m.FinishReason.LENGTH))
 
-    helper = asyncio.create_task(healthy_replica()) if len(live) > 1 and limit else None
+    async def second_run() -> None:  # its events are skipped: one worker's tokens only
+        for i in range(3, 43):
+            await asyncio.sleep(0.15)
+            queue.put_nowait(m.TokenEvent(request_id=plan.request_id, token_ids=[40 + i], prompt_tokens=3,
+                                          completion_tokens=i, worker="w-dup"))
+
+    helpers = [asyncio.create_task(healthy_replica())] if len(live) > 1 and limit else []
+    helpers += [asyncio.create_task(second_run())] if duplicate else []
     try:
         async for ev in tiers.generate(plan, queue):
             got.append(ev.token_ids)
     except Exception as exc:  # noqa: BLE001
         error = exc
     finally:
-        if helper:
+        for helper in helpers:
             helper.cancel()
         await r.aclose()
     return got, queued_plans(sync), error
@@ -171,6 +179,17 @@ def test_a_silent_worker_alone_or_without_migration_times_out_as_before(redis_ur
 
     got, plans, error = asyncio.run(silent_worker(redis_url, live, limit))
     assert got == [[40, 41]] and isinstance(error, Timeout) and len(plans) == 1
+
+
+def test_events_the_request_skips_do_not_restart_its_token_timeout(redis_url):
+    """The --token-timeout ran from the last message, skipped ones included: a silent worker's request waited as
+    long as a second run of its plan kept streaming (12.5 s for a 1 s timeout, in a reviewer's test)."""
+    from gateway.errors import Timeout
+
+    start = time.monotonic()
+    got, _, error = asyncio.run(silent_worker(redis_url, {"w-stuck"}, duplicate=True))
+    took = time.monotonic() - start
+    assert got == [[40, 41]] and isinstance(error, Timeout) and took < 3, took  # 0.5 s, not the 6 s run
 
 
 def test_a_continuation_asks_no_more_than_the_budget_a_backbone_lowered_it_to(redis_url, tiny_spec):
