@@ -400,3 +400,54 @@ def test_a_token_reservation_refuses_what_would_pass_the_limit_and_settles_to_wh
         await r.aclose()
 
     asyncio.run(scenario())
+
+
+def test_a_count_whose_round_trip_is_cut_is_given_back(redis_url, monkeypatch):
+    """Counts made on the server whose replies come after the request's Redis bound (``tiers.bounded``: a slow node)
+    are given back: the request was answered 503, yet its reservation held 8,000 of its tenant's 10,000 tokens per
+    minute for the rest of the window (a reviewer's test), and its admission counted toward the requests per
+    minute."""
+    import time
+
+    from cache.client import connect_async
+    from cache.keys import Keys
+    from gateway import tiers
+    from gateway.auth import Tenant
+    from gateway.errors import APIError
+    from gateway.ratelimit import RateLimiter
+
+    monkeypatch.setattr(tiers, "ROUND_TRIP_S", 0.3)
+    tenant = Tenant("slow", "slow", rpm=100, tpm=10_000)
+    if time.time() % 60 > 57:  # the counts are per minute: all in one window
+        time.sleep(3.5)
+
+    class LateReplies:  # pipelines run on the server at once; their replies come a second late
+        def __init__(self, r):
+            self.r = r
+
+        def pipeline(self, **kw):
+            pipe = self.r.pipeline(**kw)
+            real = pipe.execute
+
+            async def execute(*a, **k):
+                done = await real(*a, **k)
+                await asyncio.sleep(1.0)
+                return done
+
+            pipe.execute = execute
+            return pipe
+
+    async def scenario():
+        r = connect_async(redis_url)
+        limiter = RateLimiter(LateReplies(r), Keys("late"))
+        for call in (lambda: limiter.admit(tenant), lambda: limiter.reserve(tenant, 8_000)):
+            with pytest.raises(APIError) as info:
+                await tiers.bounded(call(), "counting", "req-late")
+            assert info.value.status == 503
+        await asyncio.sleep(1.5)  # the give-backs run once the late replies are in
+        req_key, tok_key, _ = limiter._window(tenant)
+        counts = int(await r.get(req_key) or 0), int(await r.get(tok_key) or 0)
+        await r.aclose()
+        return counts
+
+    assert asyncio.run(scenario()) == (0, 0)
