@@ -13,11 +13,27 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 import sys
 import time
 
 # Attributes every LogRecord has (plus uvicorn's colour duplicate): anything else came from ``extra``.
 _STANDARD = set(vars(logging.LogRecord("", 0, "", 0, "", (), None))) | {"message", "asctime", "color_message"}
+
+
+# redis-py names a failed pipeline command with its first 100 characters of arguments: a media part's bytes (an
+# outside tester found PNG headers in the gateway's error lines), a prompt's. Only the command and its key are kept.
+_PIPELINE_COMMAND = re.compile(r"(Command # \d+ \(\S+(?: \S+)?)( .*?)?(\) of pipeline caused error)", re.S)
+
+
+def _without_arguments(text: str) -> str:
+    if "of pipeline caused error" not in text:
+        return text
+    return _PIPELINE_COMMAND.sub(lambda mt: mt[1] + (" …" if mt[2] else "") + mt[3], text)
+
+
+def _clean(value):
+    return _without_arguments(value) if isinstance(value, str) else value
 
 
 class JsonFormatter(logging.Formatter):
@@ -33,11 +49,11 @@ class JsonFormatter(logging.Formatter):
             "tier": self.tier,
             "pid": self.pid,
             "logger": record.name,
-            "msg": record.getMessage(),
+            "msg": _without_arguments(record.getMessage()),
         }
-        out.update({k: v for k, v in vars(record).items() if k not in _STANDARD})
+        out.update({k: _clean(v) for k, v in vars(record).items() if k not in _STANDARD})
         if record.exc_info:
-            out["exc"] = self.formatException(record.exc_info)
+            out["exc"] = _without_arguments(self.formatException(record.exc_info))
         return json.dumps(out, default=str)
 
 
@@ -46,11 +62,11 @@ class TextFormatter(JsonFormatter):
 
     def format(self, record: logging.LogRecord) -> str:
         clock = time.strftime("%H:%M:%S", time.localtime(record.created)) + f".{int(record.msecs):03d}"
-        fields = " ".join(f"{k}={_short(v)}" for k, v in vars(record).items() if k not in _STANDARD)
-        line = f"{clock} {record.levelname:<7} {self.tier:<14} {_plain(record.getMessage())}" + (
+        fields = " ".join(f"{k}={_short(_clean(v))}" for k, v in vars(record).items() if k not in _STANDARD)
+        line = f"{clock} {record.levelname:<7} {self.tier:<14} {_plain(_without_arguments(record.getMessage()))}" + (
             f"  {fields}" if fields else "")
         if record.exc_info:
-            line += "\n" + _plain(self.formatException(record.exc_info), keep="\n")
+            line += "\n" + _plain(_without_arguments(self.formatException(record.exc_info)), keep="\n")
         return line
 
 

@@ -88,3 +88,22 @@ def test_a_repeated_fault_line_is_let_through_once_per_period_with_how_many_were
     assert [t.due() for _ in range(4)] == [True, False, False, False] and t.held == 0
     time.sleep(0.25)
     assert t.due() and t.held == 3 and not t.due()
+
+
+def test_a_failed_pipeline_commands_arguments_are_not_logged():
+    """redis-py names a failed pipeline command with its first 100 characters of arguments: an outside tester found
+    a media part's PNG bytes in the gateway's error lines. The command and its key are kept, nothing after."""
+    from redis.asyncio.client import Pipeline
+    from redis.exceptions import OutOfMemoryError
+
+    exc = OutOfMemoryError("command not allowed when used memory > 'maxmemory'.")
+    Pipeline.annotate_exception(None, exc, 1, ("SET", "trib:blob:{abc}", b"\x89PNG\r\n\x1a\nsecret pixels", "EX", 60))
+    error = f"{type(exc).__name__}: {exc}"
+    assert "secret pixels" in error  # what redis-py says
+    out = json.loads(JsonFormatter("gateway").format(record("redis unavailable", error=error)))
+    assert out["error"] == ("OutOfMemoryError: Command # 1 (SET trib:blob:{abc} …) of pipeline caused error: "
+                            "(\"command not allowed when used memory > 'maxmemory'.\",)")
+    line = TextFormatter("gateway").format(record(f"failed: {error}", error=error))
+    assert "secret" not in line and "PNG" not in line and "SET trib:blob:{abc} …" in line
+    assert JsonFormatter("g").format(record("x", error="Command # 2 (GET k) of pipeline caused error: y")).count(
+        "(GET k)") == 1  # nothing dropped: no ellipsis
