@@ -48,7 +48,7 @@ from gateway.errors import (
 from gateway.metrics import GatewayMetrics
 from gateway.monitor import ClusterMonitor, admit
 from gateway.prompt import Prompt, PromptBuilder, expand_placeholders
-from gateway.ratelimit import RateLimited, RateLimiter, Reservation
+from gateway.ratelimit import Admission, RateLimited, RateLimiter, Reservation
 from gateway.remote import RemoteMedia
 from gateway.replies import ReplyRouter
 from gateway.schemas import ChatCompletionRequest, parse_chat_request
@@ -142,18 +142,29 @@ class ChatService:
             self.metrics.reject(exc.code)
             raise
 
-    def _enter(self, tenant) -> None:
+    def _enter(self, tenant, count: bool = True) -> None:
         """Count a request admitted in flight, refusing it (429) past its tenant's share of ``max_inflight``: one
         key's slow requests (remote media on a slow host, long generations) took every slot, and every other key
-        was refused 503 (an outside tester's finding)."""
+        was refused 503 (an outside tester's finding). ``count=False``: only the check."""
         if tenant is not None:
             held, share = self.inflight_by_tenant.get(tenant.name, 0), tenant_share(self.cfg, self.tenants())
             if held >= share:
                 self.metrics.reject("rate_limit_exceeded")
                 raise RateLimited(f"this key has {held} requests in flight, its share of this gateway's "
                                   f"{self.cfg.max_inflight}; retry when one ends", 1, {}, "requests")
-            self.inflight_by_tenant[tenant.name] = held + 1
-        self.inflight += 1
+            if count:
+                self.inflight_by_tenant[tenant.name] = held + 1
+        if count:
+            self.inflight += 1
+
+    def _refused_after_count(self, exc: BaseException, tenant, admission: Admission) -> None:
+        """A request counted toward its tenant's rate, then refused: for load (its share, the gateway's: 429, 503),
+        its count is given back, as a refusal for load before it is counted never counts (an outside tester's
+        burst of 12 was counted 21 times); an APIError answers with the tenant's rate headers."""
+        if isinstance(exc, APIError):
+            exc.rate = tuple(admission.headers.items())
+            if exc.status in (429, 503):
+                self._spawn(self.limiter.uncount(tenant, admission))
 
     def _leave(self, tenant) -> None:
         self.inflight -= 1
@@ -200,7 +211,7 @@ class ChatService:
         finally:  # a raised result's traceback holds this frame: without ``work`` in it, no cycle keeps it alive
             del work
 
-    async def _rate(self, tenant, request_id: str = "") -> dict:
+    async def _rate(self, tenant, request_id: str = "") -> Admission:
         """The tenant's rate-limit state, or a 429 (``RateLimiter.admit``)."""
         return await self._limited(self.limiter.admit(tenant), "checking the rate limit", request_id)
 
@@ -229,19 +240,27 @@ class ChatService:
         # Refused for load before it counts toward its tenant's rate (a client retrying a 503 would otherwise spend
         # its requests per minute on refusals), and before the body is read: refused at once.
         self.admit(["backbone"])
-        rate = await self._rate(getattr(request.state, "tenant", None), ids.server)  # a 429
-        ids = replace(ids, rate=tuple(rate.items()))
-        # A client still sending its body holds no slot of ``max_inflight`` (slow senders would take them all: a
-        # slowloris); the bodies being received are bounded in bytes instead (``_read_body``).
-        body = await self._or_closing(self._read_body(request))
-        self.admit(["backbone"])
         tenant = getattr(request.state, "tenant", None)
-        self._enter(tenant)
+        admission = await self._rate(tenant, ids.server)  # a 429
+        ids = replace(ids, rate=tuple(admission.headers.items()))
+        try:
+            self._enter(tenant, count=False)  # past its share: refused before its body is read
+            # A client still sending its body holds no slot of ``max_inflight`` (slow senders would take them all: a
+            # slowloris); the bodies being received are bounded in bytes instead (``_read_body``).
+            body = await self._or_closing(self._read_body(request))
+            self.admit(["backbone"])
+            self._enter(tenant)
+        except BaseException as exc:
+            self._refused_after_count(exc, tenant, admission)
+            raise
         streaming = False
         try:
             response = await self._handle(request, body, ids, arrival)
             streaming = isinstance(response, ReleasingStream)
             return response
+        except APIError as exc:
+            exc.rate = ids.rate
+            raise
         finally:
             if not streaming:  # a stream is counted until its last event (``_sse``)
                 self._leave(tenant)
@@ -303,8 +322,12 @@ class ChatService:
         as the Realtime protocol's ``max_output_tokens`` means."""
         arrival = time.perf_counter()
         self.admit(["backbone"])  # a refusal for load counts toward no rate limit
-        await self._rate(tenant, rid)
-        self._enter(tenant)
+        admission = await self._rate(tenant, rid)
+        try:
+            self._enter(tenant)
+        except BaseException as exc:
+            self._refused_after_count(exc, tenant, admission)
+            raise
         queue = watcher = None
         try:
             req, prompt = await self._or_closing(self._prepare(body, tenant, namespace))

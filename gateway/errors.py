@@ -54,6 +54,7 @@ class ErrorJSON(JSONResponse):
 class APIError(Exception):
     status = 500
     type = "server_error"
+    rate: tuple = ()  # the tenant's x-ratelimit-* headers, when it was refused after being counted
 
     def __init__(self, message: str, param: str | None = None, code: str | None = None,
                  retry_after: int | None = None):
@@ -68,6 +69,8 @@ class APIError(Exception):
                           "code": self.code}}
 
     def response(self, headers: dict | None = None) -> JSONResponse:
+        if self.rate:
+            headers = {**dict(self.rate), **(headers or {})}
         if self.retry_after is not None:
             # retry-after-ms (read first by the OpenAI SDKs) spreads the retries over one to one and a half times
             # the delay (never sooner: a rate limit's window): refused together, clients would otherwise all come

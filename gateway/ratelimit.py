@@ -34,6 +34,12 @@ class Reservation(NamedTuple):
     remaining: int  # the window's tokens left with this reservation counted: x-ratelimit-remaining-tokens
 
 
+class Admission(NamedTuple):
+    """A request counted toward its tenant's requests per minute (``RateLimiter.admit``)."""
+    headers: dict[str, str]  # the x-ratelimit-* headers for its answers
+    key: str | None = None  # the window's request counter it was counted in (None: no limit, nothing counted)
+
+
 class RateLimited(APIError):
     status, type = 429, "requests"
 
@@ -65,11 +71,12 @@ class RateLimiter:
         return (f"{self.keys.prefix}:rl:{tenant.name}:{window}:requests",
                 f"{self.keys.prefix}:rl:{tenant.name}:{window}:tokens", reset)
 
-    async def admit(self, tenant) -> dict[str, str]:
-        """Count this request; the rate headers, or RateLimited. No Redis call for a tenant without limits."""
+    async def admit(self, tenant) -> Admission:
+        """Count this request (its rate headers, and the counter to give it back to should it be refused for load:
+        :meth:`uncount`), or RateLimited. No Redis call for a tenant without limits."""
         rpm, tpm = self.limits(tenant)
         if not rpm and not tpm:
-            return {}
+            return Admission({})
         req_key, tok_key, reset = self._window(tenant)
         pipe = self._adding(req_key, 1)
         pipe.get(tok_key)
@@ -92,7 +99,12 @@ class RateLimiter:
             log.debug("rate limited", extra={"tenant": tenant.name, "limit": "tokens"})
             raise RateLimited(f"rate limit reached: {tpm} tokens per minute; retry in {reset} s", reset, headers,
                               "tokens")
-        return headers
+        return Admission(headers, req_key)
+
+    async def uncount(self, tenant, admission: Admission) -> None:
+        """Give back a request's count: it was refused for load after it was counted (best effort)."""
+        if admission.key is not None:
+            await self._add(tenant, admission.key, -1)
 
     async def reserve(self, tenant, tokens: int) -> Reservation | None:
         """Count ``tokens`` (a request's prompt and its budget, what it may take) in its tenant's window before it

@@ -1219,8 +1219,8 @@ async def realtime_endpoint(ws: WebSocket) -> None:
     held = app.state.realtime_by_tenant.get(tenant.name, 0) if tenant else 0
     full = ("this gateway's" if app.state.realtime_connections >= cfg.max_inflight else
             "this key's" if tenant and held >= tenant_share(cfg, chat.tenants()) else None)
-    if full:
-        chat.metrics.reject("server_overloaded")
+    if full:  # counted as REST counts them: a key past its share is rate limited, a full gateway overloaded
+        chat.metrics.reject("server_overloaded" if full == "this gateway's" else "rate_limit_exceeded")
         log.warning("realtime connection refused: too many", extra={
             "connections": app.state.realtime_connections, "tenant": tenant.name if tenant else None, "held": held})
         await ws.close(code=1013, reason=f"too many realtime connections ({full}); retry later")

@@ -268,7 +268,48 @@ def test_refusals_for_load_count_toward_no_rate_limit(redis_url):
                 await anext(svc.respond("r", b"{}", asyncio.Event(), "realtime", tenant=tenant))
         return await svc.limiter.admit(tenant)  # room again: the first request it counts
 
-    assert asyncio.run(scenario())["x-ratelimit-remaining-requests"] == "1"
+    assert asyncio.run(scenario()).headers["x-ratelimit-remaining-requests"] == "1"
+
+
+def test_refusals_for_the_keys_share_give_their_count_back_and_carry_the_rate_headers(redis_url):
+    """A request past its key's share of ``max_inflight`` is refused (429) once it has been counted toward its
+    tenant's requests per minute (the count needs Redis); its count is given back: an outside tester's burst of 12
+    through the SDK (whose retries meet the share) was counted 21 times, and the tenant was then locked out for the
+    rest of the minute. The refusal carries the tenant's x-ratelimit-* headers, as every answer to it does."""
+    from types import SimpleNamespace
+
+    from cache.client import connect_async
+    from cache.keys import Keys
+    from gateway.auth import Tenant
+    from gateway.chat import ChatService, RequestIds
+    from gateway.metrics import GatewayMetrics
+    from gateway.ratelimit import RateLimited, RateLimiter
+
+    tenant = Tenant("fay", "fay", rpm=10)
+
+    async def scenario():
+        svc = ChatService.__new__(ChatService)
+        svc.cfg, svc.metrics, svc.closing, svc._tasks = cfg(max_inflight=8), GatewayMetrics(), False, set()
+        svc.monitor = SimpleNamespace(view=view())
+        svc.limiter = RateLimiter(connect_async(redis_url), Keys("share"))
+        svc.tenants = lambda: 4
+        svc.inflight, svc.inflight_by_tenant = 2, {"fay": 2}  # fay holds her share (8 // 4)
+        request = SimpleNamespace(state=SimpleNamespace(tenant=tenant))
+        for _ in range(5):
+            with pytest.raises(RateLimited) as info:
+                await svc.handle(request, RequestIds("req-share", None))
+            headers = info.value.response().headers
+            assert headers["x-ratelimit-limit-requests"] == "10" and headers["retry-after"] == "1"
+            with pytest.raises(RateLimited):
+                await anext(svc.respond("r", b"{}", asyncio.Event(), "realtime", tenant=tenant))
+        await asyncio.sleep(0.5)  # the give-backs run
+        return await svc.limiter.admit(tenant)
+
+    import time
+
+    if time.time() % 60 > 58:  # the counts are per minute: all in one window
+        time.sleep(2.5)
+    assert asyncio.run(scenario()).headers["x-ratelimit-remaining-requests"] == "9"
 
 
 def test_large_bodies_are_parsed_one_at_a_time_and_small_ones_beside_them():
