@@ -38,6 +38,7 @@ Recovery (docs/architecture.md, "Recovery"):
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 import threading
@@ -797,7 +798,10 @@ class BackboneWorker:
         pipe.exists(alive(plan.reply_to))
         for ref in plan.media:
             pipe.hget(ref.tensor_key, "data")
-        cancel, owner_alive, *blobs = pipe.execute()
+        cancel, owner_alive, *blobs = pipe.execute(raise_on_error=False)  # a cache entry's error is its own
+        for result in (cancel, owner_alive):
+            if isinstance(result, Exception):
+                raise result
         if not owner_alive:
             raise StepFailure(m.ErrorCode.CANCELLED, "the gateway of this request is gone", silent=True)
         if _cancelled(cancel, plan.attempt):
@@ -807,15 +811,33 @@ class BackboneWorker:
             if data is None:
                 raise StepFailure(m.ErrorCode.MEDIA_EXPIRED, f"cached {ref.modality.value} tensor expired")
             try:
-                tensor = decode_tensor(data)
+                tensor = self._cached_tensor(ref, data)
             except CodecError as exc:
-                raise StepFailure(m.ErrorCode.INTERNAL, str(exc)) from exc
+                # A damaged entry (not a tensor, not this prompt's shape, or not a hash at all) is dropped and the
+                # request's media encoded again, as for an expired one: kept, every request sending that media
+                # failed (a 500, a 400 blaming the client, a 503 "Redis unavailable") while lookups refreshed it.
+                log.warning("a cached tensor was unreadable; dropped", extra={
+                    "request_id": plan.request_id, "key": ref.tensor_key, "error": str(exc)})
+                with contextlib.suppress(RedisError, RedisClusterException):
+                    self.fetch_r.delete(ref.tensor_key)
+                raise StepFailure(m.ErrorCode.MEDIA_EXPIRED, f"cached {ref.modality.value} tensor was unreadable "
+                                                             f"({exc}); dropped") from exc
             if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
                 raise StepFailure(m.ErrorCode.INTERNAL, f"cached {ref.modality.value} tensor holds non-finite values")
             if self.engine.model.device.type == "cuda":
                 tensor = tensor.pin_memory()  # so fusing copies it to the GPU without waiting
             out.append((ref.modality.value, tensor))
         return out
+
+    def _cached_tensor(self, ref: m.MediaRef, data) -> torch.Tensor:
+        """A cache entry's tensor, CodecError unless it is one of ``ref``'s rows by the model's width."""
+        if isinstance(data, Exception):  # the key holds another type than a hash (WRONGTYPE)
+            raise CodecError(f"the entry is not a tensor hash ({type(data).__name__}: {data})")
+        tensor = decode_tensor(data)
+        width = self.engine.model.cfg.hidden_size
+        if tensor.dim() != 2 or tensor.shape[0] != ref.num_tokens or tensor.shape[1] != width:
+            raise CodecError(f"shape {list(tensor.shape)}, where the plan has {ref.num_tokens} rows of {width}")
+        return tensor
 
     def _error_event(self, plan: m.PromptPlan, code: m.ErrorCode, error: str, worker: str | None = None,
                      limit: str | None = None) -> m.TokenEvent:

@@ -156,9 +156,19 @@ class MediaEncoder:
             pipe.expire(key, self.cfg.tensor_ttl_s)
         for mod in unread:
             pipe.zcount(*live_count_args(self.keys, f"encoder:{mod}"))
-        res = await bounded(pipe.execute(), "looking up the tensor cache", request_id)
-        counts = [int(n) if n is not None else None for n in res[0 : 2 * len(keys) : 2]]
+        res = await bounded(pipe.execute(raise_on_error=False), "looking up the tensor cache", request_id)
+        for failed in res[1 : 2 * len(keys) : 2] + res[2 * len(keys) :]:
+            if isinstance(failed, Exception):
+                raise failed
+        found = res[0 : 2 * len(keys) : 2]
+        counts = [self._count_of(key, n, request_id) for key, n in zip(keys, found)]
         live.update(zip(unread, res[2 * len(keys) :]))
+        damaged = [key for key, n, raw in zip(keys, counts, found) if n is None and raw is not None]
+        if damaged:  # dropped, so that the encoding written anew lands (a key of another type would refuse it)
+            pipe = self.r.pipeline(transaction=False)
+            for key in damaged:
+                pipe.delete(key)
+            await bounded(pipe.execute(), "dropping damaged tensor cache entries", request_id)
         pipe = self.r.pipeline(transaction=False)
         for p, n in zip(parts, counts):
             pipe.hincrby(self.keys.stats(f"encoder:{p.modality}"), "cache_hits" if n is not None else "cache_misses")
@@ -176,6 +186,22 @@ class MediaEncoder:
                 raise InvalidRequest(f"the encoding registered for uuid {p.uuid!r} expired; send the media again",
                                      param=p.param, code="unknown_media_id")
         return counts
+
+    def _count_of(self, key: str, n, request_id: str) -> int | None:
+        """A cache entry's row count; None when it is missing, or damaged (not a hash, or a count no encoding has):
+        a damaged entry is a miss, encoded again, where it failed every request sending that media (a 500, a 503
+        "Redis unavailable") and each lookup kept it alive (an outside tester's)."""
+        if n is None:
+            return None
+        try:
+            count = int(n) if not isinstance(n, Exception) else None
+        except ValueError:
+            count = None
+        if count is None or not 0 < count <= self.spec.max_context:
+            log.warning("a tensor cache entry was damaged; encoding again", extra={
+                "request_id": request_id, "key": key, "count": n if isinstance(n, bytes) else type(n).__name__})
+            return None
+        return count
 
     async def _encode_missing(self, request_id: str, missing: dict[str, MediaPart], queue) -> dict[str, int]:
         deadline = time.monotonic() + self.cfg.encode_timeout_s

@@ -16,6 +16,7 @@ from contextlib import contextmanager
 import httpx
 import pytest
 import redis
+import torch
 
 from cache.client import connect_async
 from cache.embedded import free_port
@@ -206,6 +207,41 @@ def test_hit_skips_the_encoder_and_expiry_brings_it_back(tiers, tiny_model, tiny
     assert encoder_calls(redis_server.url) == calls + 2
     assert cache_stats(redis_server.url) == (hits + 1, misses + 2)
     assert r.exists(key)
+
+
+@pytest.mark.parametrize("damage", ["data", "count", "shape", "type"])
+def test_a_damaged_cache_entry_is_dropped_and_encoded_again(tiers, tiny_model, tiny_spec, redis_server, damage):
+    """An entry whose tensor is not safetensors, whose row count is not a number, whose tensor has another shape,
+    or whose key is not a hash at all: the request sending that media is answered as a cold one would be (the
+    entry dropped, the media encoded again), where it got a 500, a 500, a 400 blaming the client and a 503
+    "Redis unavailable" for as long as the media kept being sent (each lookup refreshed the entry; an outside
+    tester's)."""
+    from cache.codec import encode_tensor
+
+    urls, _ = tiers
+    r = redis.Redis.from_url(redis_server.url)
+    data = png_bytes(33, 29, seed=200 + ["data", "count", "shape", "type"].index(damage))
+    img = image_part(data)
+    key = KEYS.tensor(tiny_spec.encoder_id("image"), digest_of(tiny_spec, data))
+    cold = greedy(urls[0], tiny_model.name, img)
+    assert cold.status_code == 200, cold.text
+    rows = int(r.hget(key, "n"))
+    if damage == "data":
+        r.hset(key, "data", b"\x00garbage")
+    elif damage == "count":
+        r.hset(key, "n", b"abc")
+    elif damage == "shape":
+        r.hset(key, "data", encode_tensor(torch.zeros(rows - 1, 7)))
+    else:
+        ttl = r.ttl(key)
+        r.delete(key)
+        r.set(key, b"not a hash", ex=ttl)
+    calls = encoder_calls(redis_server.url)
+    again = greedy(urls[1], tiny_model.name, img)
+    assert again.status_code == 200, again.text
+    assert again.json()["choices"][0]["message"]["content"] == cold.json()["choices"][0]["message"]["content"]
+    assert encoder_calls(redis_server.url) == calls + 1  # encoded again, once
+    assert r.type(key) == b"hash" and int(r.hget(key, "n")) == rows
 
 
 def test_media_uuid_reuses_the_encoding(tiers, tiny_model, redis_server):
