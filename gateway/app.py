@@ -101,7 +101,7 @@ def create_app(cfg: GatewayConfig):
         app.state.chat.tenants = ring.tenant_count  # each tenant's share of max_inflight (chat.tenant_share)
         # The queues' metrics, exported by one gateway of the cluster (the metrics leader lease); its own
         # connection (the monitor's settings: a short timeout, no retries), so a slow Redis never holds requests.
-        cluster = ClusterMetrics(connect_async(cfg.redis_url, retries=0, socket_timeout=2.0), keys,
+        cluster = ClusterMetrics(connect_async(cfg.redis_url, retries=1, socket_timeout=2.0), keys,
                                  needed_tiers, lease_owner(gateway_id))
         await cluster.refresh()  # a Redis still away only leaves the snapshot empty
         metrics.attach(cluster)

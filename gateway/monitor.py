@@ -77,8 +77,10 @@ class ClusterMonitor:
         self.alive_key = alive(reply_stream)
         self.on_reset, self.on_beat = on_reset, on_beat
         self.view = ClusterView()
-        # Its own connection, with a short timeout and no retries: it must notice an outage, not ride it out.
-        self.r = connect_async(cfg.redis_url, retries=0, socket_timeout=PROBE_TIMEOUT_S)
+        # Its own connection, with a short timeout and one retry, of a connection that failed (never of a timeout):
+        # it must notice an outage, not ride it out, but a pooled connection the server closed (CLIENT KILL, an
+        # idle timeout, a proxy) is no outage, and made every request a 503 for a beat while Redis served.
+        self.r = connect_async(cfg.redis_url, retries=1, socket_timeout=PROBE_TIMEOUT_S)
         self._first = True
         self._renewed = time.monotonic()  # when the lease was last renewed
         self._policy_read = -1e9  # monotonic time the eviction policy was last read
