@@ -100,7 +100,8 @@ def create_app(cfg: GatewayConfig):
         app.state.chat = ChatService(cfg, builder, media, tiers, replies, monitor, limiter, metrics)
         app.state.chat.tenants = ring.tenant_count  # each tenant's share of max_inflight (chat.tenant_share)
         # The queues' metrics, exported by one gateway of the cluster (the metrics leader lease); its own
-        # connection (the monitor's settings: a short timeout, no retries), so a slow Redis never holds requests.
+        # connection (the monitor's settings: a short timeout, never a timeout retried), so a slow Redis never
+        # holds requests.
         cluster = ClusterMetrics(connect_async(cfg.redis_url, retries=1, socket_timeout=2.0), keys,
                                  needed_tiers, lease_owner(gateway_id))
         await cluster.refresh()  # a Redis still away only leaves the snapshot empty
