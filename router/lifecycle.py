@@ -22,7 +22,7 @@ def stop_on_signals() -> threading.Event:
         received.append(signum)
         if len(received) > 1:
             log.warning("second signal: exiting without draining", extra={"signal": signum})
-            raise SystemExit(1)
+            raise SystemExit(128 + signum)  # the shell's code for "ended by this signal": a stop, not a crash
         log.info("stopping: finishing the work in hand", extra={"signal": signum})
         stop.set()
 

@@ -174,9 +174,10 @@ class Supervisor:
                 self._tend_retiring(group, now)
                 continue
             if group.restart_at is None and (child := group.dead()) is not None:
-                # Stopped cleanly (exit 0, or a stop signal's default: someone else drained it, uvicorn re-raises
-                # the signal it stopped on): restarted, not a crash.
-                stopped = child.exited in (0, *(-s for s in STOP_SIGNALS))
+                # Stopped cleanly (exit 0, a stop signal's default: someone else drained it, uvicorn re-raises
+                # the signal it stopped on; or 128 + the signal: a second one ended the drain): restarted, not a
+                # crash (a double SIGTERM counted toward --max-restarts).
+                stopped = child.exited in (0, *(-s for s in STOP_SIGNALS), *(128 + s for s in STOP_SIGNALS))
                 if not stopped:
                     group.crashes = [t for t in group.crashes if now - t < self.window_s] + [now]
                     # A process that loads for longer than the window / (limit + 1), restarted with backoff, never

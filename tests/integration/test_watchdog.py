@@ -178,10 +178,23 @@ def test_stopping_everything_stops_the_front_first(tmp_path):
     assert all(c.exited == 0 for c in sup.children)
 
 
-def test_a_worker_that_stops_cleanly_is_restarted_without_counting_as_a_crash():
-    """An operator draining one worker (SIGTERM, exit 0) must not bring the cluster nearer its crash-loop limit."""
-    code = "import time, sys\ntime.sleep(0.3)\nsys.exit(int(sys.argv[1]))\n"
-    clean = Group("clean", lambda: [Child("clean", [sys.executable, "-c", code, "0"])], tier=TIER)
+DOUBLE_SIGTERM = """import os, signal, time
+from router.lifecycle import stop_on_signals
+stop = stop_on_signals()
+time.sleep(0.3)
+os.kill(os.getpid(), signal.SIGTERM)  # the drain begins
+stop.wait(5)
+os.kill(os.getpid(), signal.SIGTERM)  # a second one ends it
+time.sleep(5)
+"""
+
+
+@pytest.mark.parametrize("code", ["import time, sys\ntime.sleep(0.3)\nsys.exit(0)\n", DOUBLE_SIGTERM],
+                         ids=["exit-0", "double-sigterm"])
+def test_a_worker_that_stops_cleanly_is_restarted_without_counting_as_a_crash(code):
+    """An operator draining one worker (SIGTERM, exit 0) must not bring the cluster nearer its crash-loop limit; nor
+    one that cuts the drain short with a second SIGTERM (it exited 1, counted a crash: an outside tester's)."""
+    clean = Group("clean", lambda: [Child("clean", [sys.executable, "-c", code])], tier=TIER)
     sup = Supervisor([clean], max_restarts=1, max_backoff_s=0.5)
     sup.start()
     starts = set()
