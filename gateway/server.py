@@ -92,11 +92,11 @@ def _error_response(status: int, reason: str, message: str, code: str, extra: by
                                                body))
 
 
-def _linger(protocol) -> asyncio.TimerHandle | None:
+def _linger(protocol, seconds: float = LINGER_S) -> asyncio.TimerHandle | None:
     """Close ``protocol``'s connection after its last answer, lingering: closed at once with the client's bytes
     unread (a request or frame still being sent), the kernel answers with a reset, which can destroy the answer
     before the client reads it. So the write side is shut, what still comes is dropped (``protocol._lingering``:
-    its ``data_received`` returns), and the socket is closed when the client closes it, or after LINGER_S (the
+    its ``data_received`` returns), and the socket is closed when the client closes it, or after ``seconds`` (the
     timer returned)."""
     transport = protocol.transport
     if not transport.can_write_eof():
@@ -105,7 +105,7 @@ def _linger(protocol) -> asyncio.TimerHandle | None:
     transport.write_eof()
     protocol._lingering = True
     transport.resume_reading()  # a paused read would leave the client's bytes unread all the same
-    return protocol.loop.call_later(LINGER_S, transport.close)
+    return protocol.loop.call_later(seconds, transport.close)
 
 
 class Server(uvicorn.Server):
@@ -250,7 +250,7 @@ class HTTPProtocol(HttpToolsProtocol):
 
     def connection_made(self, transport) -> None:  # type: ignore[override]
         super().connection_made(transport)
-        self._header_timer = self._stall_timer = None
+        self._header_timer = self._stall_timer = self._discard_timer = None
         self._in_headers, self._header_bytes, self._header_count, self._too_large = True, 0, 0, False
         self._header_size = 0  # the request line's target and the header fields, as parsed
         self._probe_only = self._overloaded = self._bad_upgrade = False
@@ -302,6 +302,30 @@ class HTTPProtocol(HttpToolsProtocol):
             self._header_bytes = (self._header_bytes if began else 0) + len(data)
             if self._header_bytes > MAX_HEADER_BYTES:
                 self._headers_too_large()
+        self._between_requests()
+
+    def _between_requests(self) -> None:
+        """After a read, a connection whose last request is answered and that has no next one begun (uvicorn's read
+        cancelled its keep-alive timer, and arms none) gets a timer again: a request answered before its body was
+        read (a refusal: 401, 429, 503; /health sent a body) has the rest dropped as it comes, until the header
+        timeout after the answer, when the connection is closed; with the body whole, the keep-alive timer runs
+        again. One body byte after such an answer had the socket held for good, without a key (a reviewer's)."""
+        cycle = self.cycle
+        if (cycle is None or not cycle.response_complete or self.pipeline or self._header_timer is not None
+                or self.timeout_keep_alive_task is not None or self.transport.is_closing()):
+            return
+        self._idle[self] = None  # the first closed should the cap need room
+        if not cycle.more_body:
+            self.timeout_keep_alive_task = self.loop.call_later(self.timeout_keep_alive,
+                                                                self.timeout_keep_alive_handler)
+        elif self._discard_timer is None:
+            left = getattr(self, "_answered_at", self.loop.time()) + self.header_timeout_s - self.loop.time()
+            self._discard_timer = self.loop.call_later(max(0.0, left), self._discarded_too_long)
+
+    def _discarded_too_long(self) -> None:
+        self._discard_timer = None
+        if self.cycle is not None and self.cycle.more_body and self._header_timer is None:
+            self.transport.close()
 
     def on_url(self, url: bytes) -> None:
         self._header_size += len(url)
@@ -396,11 +420,13 @@ class HTTPProtocol(HttpToolsProtocol):
         if deferred and not self.pipeline and (running is None or running.response_complete):
             self._deferred = None
             self._answer(*deferred)
+        self._answered_at = self.loop.time()
 
     def connection_lost(self, exc) -> None:
         self._idle.pop(self, None)
         self._heading.pop(self, None)
         self._cancel("_header_timer")
+        self._cancel("_discard_timer")
         self._cancel("_stall_timer")
         # uvicorn tells only the last request it parsed that the client is gone; with pipelined requests that is not
         # the one running, which then wrote to the closed socket (an error traceback) instead of seeing a disconnect.

@@ -434,6 +434,22 @@ def test_at_the_cap_the_connection_trickling_its_headers_longest_makes_room(monk
                 s.close()
 
 
+def test_a_request_answered_before_its_body_is_read_closes_its_connection_in_time(short):
+    """An app answers without reading the body (a refusal, /health with a Content-Length); then one body byte came,
+    which cancelled uvicorn's keep-alive timer, and nothing armed another: the socket was held for good (a
+    reviewer's; N of them fill --max-connections, without a key). The rest of the body is dropped and the
+    connection closed once the header timeout has passed."""
+    with serving(App()) as port, socket.create_connection(("127.0.0.1", port), timeout=5) as s:
+        s.sendall(b"GET /ok HTTP/1.1\r\nHost: a\r\nContent-Length: 1000000\r\n\r\n")
+        reply = b""
+        while not reply.endswith(b'{"ok": true}'):
+            reply += s.recv(65536)
+        assert reply.startswith(b"HTTP/1.1 200 ")
+        s.sendall(b"x")  # a body byte after the answer, then silence
+        rest, took = read_all(s, timeout=10)
+        assert rest == b"" and took < HEADER_S + 3, took
+
+
 def test_an_upgrade_to_anything_but_a_websocket_is_a_400_saying_so_and_a_post_handshake_too():
     """``curl --http2`` sends ``Upgrade: h2c``: httptools stopped parsing there, so the request ran with its body
     dropped and got "request body is empty" (an outside tester). And a POST with ``Upgrade: websocket`` got
