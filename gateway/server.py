@@ -239,7 +239,9 @@ class HTTPProtocol(HttpToolsProtocol):
       instead of the accept failing for lack of descriptors (which refuses every client, the probe included);
     * a request asking to upgrade to anything but a WebSocket (``Upgrade: h2c``, as ``curl --http2`` sends) gets a
       400 saying so, not its body dropped (httptools stops parsing at the upgrade);
-    * a request's headers larger than ``MAX_HEADER_BYTES`` or more than ``MAX_HEADERS`` get a 431."""
+    * a request's headers larger than ``MAX_HEADER_BYTES`` or more than ``MAX_HEADERS`` get a 431;
+    * a connection between requests always has a timer (``_between_requests``): a body an answer left unread is
+      dropped as it comes until ``header_timeout_s`` after the answer, then the connection is closed."""
 
     max_connections = 0  # set by serve(); 0: no cap
     header_timeout_s, send_timeout_s = 15.0, 30.0  # set by serve()
