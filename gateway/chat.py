@@ -119,6 +119,7 @@ class ChatService:
         self.closing = False  # the server's graceful period is ending: requests are refused, those in flight ended
         self._closed = asyncio.Event()  # set with ``closing``: ends the waits of requests not yet queued anywhere
         self.receiving = 0  # bytes of request bodies being received (not yet counted in ``inflight``)
+        self.receiving_by_tenant: dict[str, int] = {}  # the same, by tenant (API keys)
         self.large_parse = asyncio.Semaphore(1)  # see LARGE_PARSE
         self._tasks: set[asyncio.Task] = set()  # hard references: the loop keeps only weak ones
 
@@ -247,7 +248,7 @@ class ChatService:
             self._enter(tenant, count=False)  # past its share: refused before its body is read
             # A client still sending its body holds no slot of ``max_inflight`` (slow senders would take them all: a
             # slowloris); the bodies being received are bounded in bytes instead (``_read_body``).
-            body = await self._or_closing(self._read_body(request))
+            body = await self._or_closing(self._read_body(request, tenant))
             self.admit(["backbone"])
             self._enter(tenant)
         except BaseException as exc:
@@ -383,7 +384,11 @@ class ChatService:
         await cancelled.wait()
         queue.put_nowait(DISCONNECTED)
 
-    async def _read_body(self, request: Request) -> bytes:
+    async def _read_body(self, request: Request, tenant=None) -> bytes:
+        """The request's body, within ``max_body_bytes`` and ``body_timeout_s``. The bodies being received at once are
+        bounded in bytes (``RECEIVING_BODIES`` whole ones: a 503), and a tenant's to its share of that bound, as of
+        ``max_inflight`` (a 429): one key's 16 bodies held one byte short of their end for the body timeout had every
+        other key's bodies over 256 KiB refused (an outside tester's)."""
         declared = request.headers.get("content-length")
         if declared and declared.isdigit() and int(declared) > self.cfg.max_body_bytes:
             raise PayloadTooLarge(f"request body exceeds {self.cfg.max_body_bytes} bytes")
@@ -393,15 +398,26 @@ class ChatService:
                                        "JSON uncompressed", param="content-encoding", code="unsupported_encoding")
         chunks, size = [], 0
         limit = self.cfg.max_body_bytes * RECEIVING_BODIES
+        name = tenant.name if tenant is not None else None
+        tenant_limit = (limit * tenant_share(self.cfg, self.tenants()) // max(1, self.cfg.max_inflight)
+                        if name is not None else limit)
+        small = min(SMALL_BODY, self.cfg.max_body_bytes // 16)
         try:
             try:
                 async with asyncio.timeout(self.cfg.body_timeout_s):  # a slow client cannot hold a buffer for long
                     async for chunk in request.stream():
                         size += len(chunk)
                         self.receiving += len(chunk)
+                        if name is not None:
+                            self.receiving_by_tenant[name] = self.receiving_by_tenant.get(name, 0) + len(chunk)
                         if size > self.cfg.max_body_bytes:
                             raise PayloadTooLarge(f"request body exceeds {self.cfg.max_body_bytes} bytes")
-                        if self.receiving > limit and size > min(SMALL_BODY, self.cfg.max_body_bytes // 16):
+                        if (name is not None and self.receiving_by_tenant[name] > tenant_limit and size > small
+                                and tenant_limit < limit):
+                            self.metrics.reject("rate_limit_exceeded")
+                            raise RateLimited(f"this key is sending {tenant_limit} bytes of request bodies at once, "
+                                              "its share of this gateway's; retry when one is sent", 1, {}, "requests")
+                        if self.receiving > limit and size > small:
                             self.metrics.reject("server_overloaded")
                             raise Overloaded(f"this gateway is receiving {limit} bytes of request bodies at once; "
                                              "retry later")
@@ -418,6 +434,10 @@ class ChatService:
             raise
         finally:
             self.receiving -= size
+            if name is not None and size:
+                left = self.receiving_by_tenant.pop(name) - size
+                if left:
+                    self.receiving_by_tenant[name] = left
         return b"".join(chunks)
 
     def namespace(self, tenant) -> str:

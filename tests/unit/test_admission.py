@@ -195,6 +195,39 @@ def test_large_bodies_being_received_never_shut_out_small_ones():
     assert svc.receiving == 1024 * RECEIVING_BODIES
 
 
+def test_a_keys_bodies_being_received_are_bounded_to_its_share():
+    """One key's 16 bodies held one byte short of their end had every other key's bodies over 256 KiB refused 503
+    for the body timeout, again and again (an outside tester's). A key may hold its share (as of --max-inflight) of
+    the bytes being received; past it, its own bodies get a 429, and another key's are taken."""
+    from types import SimpleNamespace
+
+    from gateway.chat import RECEIVING_BODIES, ChatService
+    from gateway.metrics import GatewayMetrics
+    from gateway.ratelimit import RateLimited
+
+    def body(n: int):
+        class Body:
+            headers = {"content-length": str(n)}
+
+            async def stream(self):
+                yield b"x" * n
+
+        return Body()
+
+    svc = ChatService.__new__(ChatService)
+    svc.cfg = GatewayConfig(model_dir="m", redis_url="redis://x", max_body_bytes=1024, max_inflight=16)
+    svc.metrics, svc.tenants = GatewayMetrics(), lambda: 4  # each key's share: a quarter
+    share = 1024 * RECEIVING_BODIES // 4
+    svc.receiving, svc.receiving_by_tenant = share - 10, {"alice": share - 10}  # alice's bodies, arriving
+    alice, bob = SimpleNamespace(name="alice"), SimpleNamespace(name="bob")
+    with pytest.raises(RateLimited, match="its share"):
+        asyncio.run(svc._read_body(body(100), alice))
+    assert svc.receiving_by_tenant == {"alice": share - 10}  # what the refused body had received is released
+    assert asyncio.run(svc._read_body(body(1000), bob)) == b"x" * 1000
+    assert asyncio.run(svc._read_body(body(64), alice)) == b"x" * 64  # small: taken
+    assert svc.receiving == share - 10 and svc.receiving_by_tenant == {"alice": share - 10}
+
+
 def test_a_body_its_client_cut_off_is_freed_at_once_not_when_the_garbage_collector_runs():
     """16 MiB received, then the client resets the connection: the bytes go when the request ends. An outside tester
     saw a gateway keep every byte of every such body (the exception's traceback held the frame holding the chunks,
