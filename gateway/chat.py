@@ -178,8 +178,8 @@ class ChatService:
         """End every request in flight with a 503 ``server_shutting_down`` (an error event for a stream that has
         begun), cancelling its generation, and refuse new ones; those still receiving their body or preparing end
         the same way (``_or_closing``). For the end of the server's graceful period (gateway/server.py): the
-        requests still running then would otherwise be cut without an answer. (Realtime sockets are closed by
-        uvicorn when the shutdown starts.) Returns how many queued requests were ended."""
+        requests still running then would otherwise be cut without an answer (a Realtime answer too: its session
+        closes its socket once the answer's events are sent). Returns how many queued requests were ended."""
         self.closing = True
         self._closed.set()  # requests still receiving their body or preparing (a remote fetch) end too
         queues = list(self.replies.queues.values())

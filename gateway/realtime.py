@@ -52,6 +52,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import binascii
+import contextlib
 import dataclasses
 import io
 import json
@@ -303,6 +304,7 @@ class RealtimeSession:
         self.stream_at = 0
         self.features: dict[str, tuple[str, bytes]] = {}  # committed item id -> (media digest, features blob)
         self.cancel_reason = "client_cancelled"  # why the running response was cancelled
+        self.draining = False  # the gateway is shutting down: the answer in progress ends, then the socket closes
         self.session_id = _id("sess")
         self.instructions = ""
         self.sampling: dict = {}  # temperature / top_p / seed (extension fields)
@@ -996,7 +998,25 @@ class RealtimeSession:
             "room": room})
         return items[start:]
 
+    def drain(self) -> None:
+        """The gateway is shutting down (gateway/server.WSProtocol.shutdown): the answer in progress goes on to its
+        end (at worst the graceful period's: an error event, as REST's streams get), then the socket closes with
+        1012; a session with none closes now. uvicorn closed every socket at once, cutting answers mid-text with no
+        event saying so (an outside tester's)."""
+        self.draining = True
+        if self.active is None:
+            task = asyncio.get_running_loop().create_task(self._close_draining())
+            self._closing = task  # held: a task only the loop refers to may be collected before it runs
+
+    async def _close_draining(self) -> None:
+        log.info("realtime session closed: the gateway is shutting down", extra={"session_id": self.session_id})
+        with contextlib.suppress(Exception):  # the socket may be gone already
+            await self.ws.close(code=1012, reason="the server is restarting; reconnect")
+
     async def response_create(self, event: dict) -> None:
+        if self.draining:
+            raise EventError("this server is shutting down; reconnect to go on", code="server_shutting_down",
+                             type_="server_error")
         if self.active is not None:
             raise EventError("a response is already in progress; cancel it or wait for response.done",
                              code="conversation_already_has_active_response")
@@ -1161,6 +1181,9 @@ class RealtimeSession:
             self.turn_waiting = False  # the socket is gone
         finally:
             self.active = None
+        if self.draining:
+            await self._close_draining()
+            return
         if self.turn_waiting:
             self.turn_waiting = False
             await self._answer_turn()
@@ -1227,6 +1250,7 @@ async def realtime_endpoint(ws: WebSocket) -> None:
         return
     model = ws.query_params.get("model")
     session = RealtimeSession(ws, chat, spec.name, cfg.max_audio_seconds)
+    ws.scope["tributary.drain"] = session.drain  # called by gateway/server.WSProtocol.shutdown
     if model is not None and model != spec.name:
         await session.error(EventError(f"model '{model}' does not exist; this server serves '{spec.name}'",
                                        code="model_not_found", param="model"), None)

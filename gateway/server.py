@@ -211,6 +211,17 @@ class WSProtocol(WebSocketsSansIOProtocol):
                     extra={"client": f"{self.client[0]}:{self.client[1]}" if self.client else None})
         self.transport.abort()  # connection_lost follows: a send raises, a receive gets the disconnect
 
+    def shutdown(self) -> None:
+        """The server is shutting down: a session that can drain (gateway/realtime.RealtimeSession.drain, in the
+        scope) finishes its answer in progress and closes itself with 1012; any other socket is closed with 1012 at
+        once, as uvicorn does."""
+        drain = (getattr(self, "scope", None) or {}).get("tributary.drain")
+        if drain is not None and self.handshake_complete and not self.close_sent and not self.transport.is_closing():
+            self.stop_keepalive()
+            drain()
+            return
+        super().shutdown()
+
     def connection_lost(self, exc) -> None:
         self._cancel_stall()
         super().connection_lost(exc)

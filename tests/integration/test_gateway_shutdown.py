@@ -14,6 +14,7 @@ import threading
 import time
 
 import httpx
+import pytest
 import redis
 
 from cache.keys import Keys
@@ -104,6 +105,61 @@ def test_requests_still_running_when_the_graceful_period_ends_get_an_answer(tiny
     finally:
         if stopped:
             os.kill(backbone.pid, signal.SIGCONT)
+        for proc in (gateway, backbone):
+            if proc.poll() is None:
+                proc.terminate()
+                try:
+                    proc.wait(30)
+                except subprocess.TimeoutExpired:
+                    proc.kill()
+
+
+def test_a_realtime_answer_in_progress_ends_before_its_socket_closes(tiny_model, redis_url):
+    """uvicorn closed every WebSocket with 1012 as the shutdown began: a Realtime answer was cut mid-text with no
+    event saying so (an outside tester's). Now a session with an answer in progress finishes it (response.done),
+    then closes with 1012; a response asked for meanwhile is refused (server_shutting_down); an idle session closes
+    with 1012 at once."""
+    from websockets.exceptions import ConnectionClosed
+    from websockets.sync.client import connect
+
+    backbone = start_tier(["backbone", "--model", str(tiny_model), "--threads", "1"], redis_url, "backbone")
+    gateway, base = start_gateway(tiny_model, redis_url, "--graceful-timeout", str(GRACEFUL_S),
+                                  output=subprocess.PIPE)
+    url = base.replace("http://", "ws://") + f"/v1/realtime?model={tiny_model.name}"
+
+    def next_of(ws, kind: str) -> dict:
+        while (event := json.loads(ws.recv(timeout=30)))["type"] != kind:
+            pass
+        return event
+
+    try:
+        with connect(url, open_timeout=30) as idle, connect(url, open_timeout=30) as busy:
+            next_of(idle, "session.created")
+            next_of(busy, "session.created")
+            busy.send(json.dumps({"type": "conversation.item.create", "item": {
+                "type": "message", "role": "user", "content": [{"type": "input_text", "text": "long"}]}}))
+            next_of(busy, "conversation.item.done")
+            os.kill(backbone.pid, signal.SIGSTOP)  # the answer cannot end before the shutdown has begun
+            try:
+                busy.send(json.dumps({"type": "response.create",
+                                      "response": {"max_output_tokens": 300, "temperature": 0}}))
+                next_of(busy, "response.created")
+                gateway.send_signal(signal.SIGTERM)
+                with pytest.raises(ConnectionClosed) as closed:  # idle: closed at once
+                    idle.recv(timeout=10)
+                assert closed.value.rcvd.code == 1012
+                busy.send(json.dumps({"type": "response.create", "event_id": "late"}))
+                err = next_of(busy, "error")["error"]
+                assert (err["code"], err["event_id"]) == ("server_shutting_down", "late")
+            finally:
+                os.kill(backbone.pid, signal.SIGCONT)
+            done = next_of(busy, "response.done")["response"]
+            assert done["status"] in ("completed", "incomplete") and done["output"][0]["content"][0]["text"], done
+            with pytest.raises(ConnectionClosed) as closed:
+                busy.recv(timeout=10)
+            assert closed.value.rcvd.code == 1012
+        gateway.communicate(timeout=GRACEFUL_S + 20)
+    finally:
         for proc in (gateway, backbone):
             if proc.poll() is None:
                 proc.terminate()
