@@ -51,6 +51,9 @@ return 0
 # call, and several calls in a row made one request wait 85 s for its 503 (an outside tester's chaos run).
 ROUND_TRIP_S = 10.0
 MEDIA_RETRIES = 2  # how often one request's media may be encoded again when its cached tensors are gone
+# A cancellation Redis failed to take is posted again (backoff up to 5 s) for this long: a request answered 503 while
+# Redis was paused had its queued plan run to its end for nobody once Redis came back (an outside tester's).
+CANCEL_RETRY_S = 120.0
 RESET = object()  # put on every queue when Redis may have lost this gateway's queued work (gateway/monitor.py)
 
 
@@ -305,14 +308,25 @@ class TierClient:
                    [attempt, self.cfg.cancel_ttl_s])
 
     async def cancel(self, request_id: str) -> None:
-        try:
-            pipe = self.r.pipeline(transaction=False)
-            self._cancel_from(pipe, request_id, CANCEL_ALL)
-            await asyncio.wait_for(pipe.execute(), ROUND_TRIP_S)
-        except Exception as exc:  # noqa: BLE001 -- best effort, re-raised unless Redis (or redis-py) failed
-            if not (redis_failure(exc) or isinstance(exc, TimeoutError)):
-                raise
-            log.warning("could not post a cancellation", extra={"request_id": request_id}, exc_info=True)
+        """Post the request's cancellation (every attempt), again and again while Redis fails, for CANCEL_RETRY_S
+        at most: best effort, but a plan queued before the failure would otherwise run for nobody."""
+        give_up, delay = time.monotonic() + CANCEL_RETRY_S, 0.5
+        while True:
+            try:
+                pipe = self.r.pipeline(transaction=False)
+                self._cancel_from(pipe, request_id, CANCEL_ALL)
+                await asyncio.wait_for(pipe.execute(), ROUND_TRIP_S)
+                return
+            except Exception as exc:  # noqa: BLE001 -- best effort, re-raised unless Redis (or redis-py) failed
+                if not (redis_failure(exc) or isinstance(exc, TimeoutError)):
+                    raise
+                if time.monotonic() + delay > give_up:
+                    log.warning("could not post a cancellation", extra={"request_id": request_id}, exc_info=True)
+                    return
+                log.info("could not post a cancellation yet; trying again", extra={
+                    "request_id": request_id, "in_s": delay, "error": f"{type(exc).__name__}: {exc}"})
+            await asyncio.sleep(delay)
+            delay = min(2 * delay, 5.0)
 
     @staticmethod
     async def _next(queue: asyncio.Queue, timeout: float, what: str):

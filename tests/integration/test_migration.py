@@ -224,3 +224,27 @@ def test_a_continuation_asks_no_more_than_the_budget_a_backbone_lowered_it_to(re
     asyncio.run(migrate())
     cont, = queued_plans(r)
     assert cont.sampling.max_tokens == 3 and cont.resumed == 4
+
+
+def test_a_cancellation_redis_failed_to_take_is_posted_again_once_it_answers(redis_url, monkeypatch):
+    """A request answered 503 while Redis was paused left its queued plan to run for nobody once Redis came back:
+    its one cancellation had failed (an outside tester's). It is posted again until Redis takes it."""
+    from gateway import tiers as tiers_module
+
+    monkeypatch.setattr(tiers_module, "ROUND_TRIP_S", 0.3)
+    sync = redis.Redis.from_url(redis_url)
+    key = cancel_key(KEYS.reply("gw"), "req-paused")
+
+    async def cancel_while_paused() -> float:
+        r = connect_async(redis_url)
+        tiers = TierClient(r, GatewayConfig(model_dir="unused", redis_url=redis_url), None, None, KEYS.reply("gw"))
+        sync.execute_command("CLIENT", "PAUSE", 1500, "WRITE")  # writes wait: the first tries time out
+        start = time.monotonic()
+        try:
+            await asyncio.wait_for(tiers.cancel("req-paused"), 30)
+        finally:
+            await r.aclose()
+        return time.monotonic() - start
+
+    took = asyncio.run(cancel_while_paused())
+    assert sync.get(key) is not None and took >= 1.0, took  # taken after the pause, by a later try
