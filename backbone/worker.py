@@ -975,9 +975,11 @@ class BackboneWorker:
             if finished:
                 del self.running[key]
                 self.engine.release(run.seq)
-                log.info("finished", extra={"request_id": run.plan.request_id, "attempt": run.plan.attempt,
-                                            "finish": run.seq.finish.value,
-                                            "completion_tokens": run.seq.completion_tokens})
+                handed_back = run.code == m.ErrorCode.WORKER_LOST  # not an error: its gateway moves it on
+                log.info("handed back" if handed_back else "finished", extra={
+                    "request_id": run.plan.request_id, "attempt": run.plan.attempt,
+                    "finish": "handed_back" if handed_back else run.seq.finish.value,
+                    "completion_tokens": run.seq.completion_tokens})
         if lost:
             self._node_away(results[min(lost)])
             self._drop_undelivered(now)
