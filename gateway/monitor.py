@@ -123,6 +123,9 @@ class ClusterMonitor:
             return
         lease_was = res[0]
         view = self.view
+        # Why the beats failed until now (Redis away, or refusing writes): the lease lapsed for that reason
+        outage = (view.reason, time.monotonic() - view.since) if not view.up and view.reason != "not checked yet" \
+            else None
         if not view.up:
             if view.reason != "not checked yet":
                 log.warning("redis is reachable again", extra={"down_s": round(time.monotonic() - view.since, 2)})
@@ -153,7 +156,7 @@ class ClusterMonitor:
             view.backlog[tier], groups[tier] = _lag(group, *got), got[1]
         view.wait = await self._waits({t: view.backlog.get(t, 0) for t in groups}, groups)
         if lease_was is None and not self._first:
-            cause = await self._why_lease_lost(time.monotonic() - self._renewed)
+            cause = await self._why_lease_lost(time.monotonic() - self._renewed, outage)
             log.error(f"this gateway's lease was gone ({cause}): re-queueing the work of every request in flight")
             self.on_reset()
         self._first, self._renewed = False, time.monotonic()
@@ -182,10 +185,12 @@ class ClusterMonitor:
         if hazards:
             log.log(hazards[0][0], hazards[0][1])
 
-    async def _why_lease_lost(self, unrenewed_s: float) -> str:
-        """Why the lease was gone, for the operator: Redis restarted, Redis evicting keys at ``maxmemory`` (the lease
-        has a TTL, so a ``volatile-*`` policy may evict it when the cache is far too small), or this process not
-        renewing it. From the INFO of the node holding it; its words only when INFO cannot be read."""
+    async def _why_lease_lost(self, unrenewed_s: float, outage: tuple[str, float] | None = None) -> str:
+        """Why the lease was gone, for the operator: Redis restarted, Redis not taking the renewals (``outage``: why
+        the beats failed, and for how long: away, refusing writes at ``maxmemory``), Redis evicting keys at
+        ``maxmemory`` (the lease has a TTL, so a ``volatile-*`` policy may evict it when the cache is far too small),
+        or this process not renewing it. From the INFO of the node holding it; its words only when INFO cannot be
+        read."""
         try:
             kw = {"target_nodes": self.r.get_node_from_key(self.alive_key)} if hasattr(self.r, "get_node_from_key") \
                 else {}
@@ -200,6 +205,8 @@ class ClusterMonitor:
             return "Redis restarted empty, or this process stalled"
         if uptime <= unrenewed_s + 1:  # started after the last renewal
             return f"Redis restarted {uptime} s ago"
+        if outage is not None:
+            return f"Redis did not take its renewals for {outage[1]:.0f} s: {outage[0]}"
         if limit and evicted and used >= 0.9 * limit:
             return (f"Redis is evicting keys at maxmemory ({used / 2**20:.0f} of {limit / 2**20:.0f} MiB used, "
                     f"{evicted} keys evicted since it started): the lease was evicted; give Redis more memory")

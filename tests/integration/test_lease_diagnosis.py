@@ -73,6 +73,20 @@ def test_a_lease_lost_while_redis_ran_on_without_evicting_blames_the_process(red
     assert re.search(r"did not renew it for 1[01] s", line), line  # 10 s and the time the beat took, rounded
 
 
+def test_a_lease_lost_while_redis_refused_the_renewals_says_so(redis_url, caplog):
+    """Redis refusing writes at maxmemory (noeviction) for 75 s was blamed on the gateway ("it stalled"): an
+    outside tester's. The beats that failed say why the lease lapsed."""
+    def refuse(monitor, r):
+        up_for(r, 12)
+        monitor._renewed = time.monotonic() - 10
+        monitor._down("out of memory: it refuses writes (maxmemory)", "OutOfMemoryError")
+        monitor.view.since = time.monotonic() - 9
+
+    resets, line = lease_lost(redis_url, caplog, refuse)
+    assert resets == 1
+    assert re.search(r"Redis did not take its renewals for 9 s: out of memory", line), line
+
+
 def test_a_server_started_after_the_last_renewal_is_a_restart(caplog):
     with EmbeddedRedis(maxmemory="64mb") as server:  # up for less than a second
         resets, line = lease_lost(server.url, caplog, lambda monitor, r: setattr(monitor, "_renewed",
