@@ -205,6 +205,7 @@ class Out(NamedTuple):
     ev: m.TokenEvent | None
     entry_id: bytes | None
     since: float | None = None  # when a round trip first failed to deliver it (its node away)
+    dead: tuple[Claimed, str] | None = None  # a copy for the dead-letter stream, and why (an undecodable plan)
 
 
 @dataclass
@@ -595,6 +596,7 @@ class BackboneWorker:
             plan = m.decode(fields_payload(entry.fields), m.PromptPlan)
         except (m.WireError, KeyError) as exc:
             log.error("dropping undecodable plan", extra={"entry": entry.entry_id, "error": str(exc)})
+            dead_letter(pipe, self.keys.dead_letter(), self.stream, entry, f"undecodable: {exc}")
             ack_delete(pipe, self.stream, BACKBONE_GROUP, entry.entry_id)
             return
         if entry.deliveries > self.cfg.max_deliveries:
@@ -617,7 +619,8 @@ class BackboneWorker:
             plan = m.decode(fields_payload(fields), m.PromptPlan)
         except (m.WireError, KeyError) as exc:  # nobody to tell: without a plan there is no reply stream
             log.error("dropping undecodable plan", extra={"entry": entry_id, "error": str(exc)})
-            self.outbox.append(Out("", None, entry_id))
+            # kept in the dead-letter stream for the operator (a gateway of another version, a hand-made entry)
+            self.outbox.append(Out("", None, entry_id, dead=(Claimed(entry_id, fields, 1, ""), f"undecodable: {exc}")))
             return
         key = run_key(plan)
         if key in self.running or any(run_key(p) == key for _, p in self.waiting):
@@ -888,6 +891,8 @@ class BackboneWorker:
             first = len(pipe)
             if out.ev is not None:
                 send_reply(pipe, out.reply_to, m.encode(out.ev))
+            if out.dead is not None:
+                dead_letter(pipe, self.keys.dead_letter(), self.stream, *out.dead)
             if out.entry_id is not None:
                 ack_delete(pipe, self.stream, BACKBONE_GROUP, out.entry_id)
             ex.outbox_spans.append((first, len(pipe)))

@@ -473,7 +473,13 @@ class EncoderWorker:
                 msg = m.decode(fields_payload(fields), m.EncodeJob)
             except (m.WireError, KeyError) as exc:
                 log.error("dropping undecodable job", extra={"entry": entry_id, "error": str(exc)})
-                answers.with_acks(lambda pipe, e=entry_id: ack_delete(pipe, self.stream, ENCODER_GROUP, e))
+                dead = Claimed(entry_id, fields, deliveries, "")  # kept for the operator (another version's job)
+
+                def drop(pipe, e=entry_id, d=dead, why=f"undecodable: {exc}"):
+                    dead_letter(pipe, self.keys.dead_letter(), self.stream, d, why)
+                    ack_delete(pipe, self.stream, ENCODER_GROUP, e)
+
+                answers.with_acks(drop)
                 self._outcomes["undecodable"] += 1
                 continue
             key = self.keys.tensor(msg.encoder_id, msg.digest)

@@ -103,6 +103,21 @@ def test_tokens_equal_the_in_process_engine(backbone, redis_server, tiny_spec):
     assert r.xpending(KEYS.gen(), BACKBONE_GROUP)["pending"] == 0
 
 
+def test_an_undecodable_plan_is_dropped_to_the_dead_letter_stream_and_the_next_one_runs(backbone, redis_server):
+    """A plan no version of this worker reads (another version's, a hand-made entry) is acked away, logged, and kept
+    in the dead-letter stream for the operator (it was only logged); the worker goes on."""
+    r = redis.Redis.from_url(redis_server.url)
+    hold_lease(r, "reply:bb-dead")
+    before = r.xlen(KEYS.dead_letter()) if r.exists(KEYS.dead_letter()) else 0
+    bad = r.xadd(KEYS.gen(), {"m": b"\x01not msgpack"})
+    r.xadd(KEYS.gen(), payload_fields(m.encode(plan("bb-after", "reply:bb-dead", [1, 286, 274], 2))))
+    last = events(r, "reply:bb-dead", {"bb-after"})[-1]
+    assert last.finish == m.FinishReason.LENGTH, last
+    dead = r.xrange(KEYS.dead_letter())[before:]
+    assert [(f[b"entry"], f[b"m"]) for _, f in dead] == [(bad, b"\x01not msgpack")], dead
+    assert dead[0][1][b"reason"].startswith(b"undecodable")
+
+
 def test_a_continuation_whose_generated_tokens_hold_placeholder_ids_goes_on(backbone, redis_server, tiny_spec):
     """A migrated request (gateway/tiers.py) resumes with the tokens generated so far at the end of its prompt. A
     model may sample a media placeholder id: those tokens are text, and the continuation runs; a continuation that

@@ -82,6 +82,18 @@ def test_bad_media_is_a_typed_failure_and_the_worker_survives(image_worker, redi
     assert image_worker.poll() is None
 
 
+def test_an_undecodable_job_is_dropped_to_the_dead_letter_stream_and_the_worker_goes_on(image_worker, redis_server,
+                                                                                         tiny_spec):
+    r = redis.Redis.from_url(redis_server.url)
+    before = r.xlen(KEYS.dead_letter()) if r.exists(KEYS.dead_letter()) else 0
+    bad = r.xadd(KEYS.jobs("image"), {"m": b"\x01not msgpack"})
+    submit(r, tiny_spec, png_bytes(seed=15), "reply:undecodable")
+    assert isinstance(next_reply(r, "reply:undecodable"), m.EncodeDone)
+    dead = r.xrange(KEYS.dead_letter())[before:]
+    assert [(f[b"entry"], f[b"m"]) for _, f in dead] == [(bad, b"\x01not msgpack")], dead
+    assert r.xpending(KEYS.jobs("image"), ENCODER_GROUP)["pending"] == 0
+
+
 def test_a_job_for_another_precision_is_refused_with_the_fix(image_worker, redis_server, tiny_spec):
     """The worker computes and sends float32; a gateway that believes its encoders run bf16 keys its cache under
     another id: the job fails naming the flags to align, nothing lands under the bf16 id, and the worker goes on."""
