@@ -27,6 +27,9 @@ log = logging.getLogger(__name__)
 KEEP_ALIVE_S = 75  # idle keep-alive connections are closed after this (the clients' pools expire sooner)
 GRACEFUL_S = 30  # on SIGTERM, how long requests in flight may run on (the workers outlive the gateway in `up`)
 END_MARGIN_S = 3  # before that ends, the requests still running are answered (503 / an error event), not cut
+# Redis away this long while the gateway shuts down: its requests cannot go on, and are answered at once rather than
+# at the end of the graceful period (`tributary up` killed: its Redis stopped with it, and streams waited 27 s).
+AWAY_AT_SHUTDOWN_S = 3.0
 FD_RESERVE = 256  # file descriptors kept for Redis connections, worker threads, files, when capping connections
 # A request's headers past either bound get a 431 (httptools has none: a 20 MB header value, or 5,000 headers, were
 # buffered and served). The bytes are counted per read (asyncio reads up to 256 KiB), so a read that ends a request's
@@ -111,20 +114,30 @@ def _linger(protocol, seconds: float = LINGER_S) -> asyncio.TimerHandle | None:
 class Server(uvicorn.Server):
     """uvicorn's server, except that ``END_MARGIN_S`` before its graceful period ends it calls ``end_in_flight``,
     so requests still running get an answer in the OpenAI error shape (and their generations are cancelled)
-    instead of uvicorn's plain-text 500 or a stream cut without its end."""
+    instead of uvicorn's plain-text 500 or a stream cut without its end; and at once should Redis be away for
+    ``AWAY_AT_SHUTDOWN_S`` meanwhile (``redis_away_s``: for how long the gateway's monitor has found it away)."""
 
-    def __init__(self, config: uvicorn.Config, end_in_flight: Callable[[], object]):
+    def __init__(self, config: uvicorn.Config, end_in_flight: Callable[[], object],
+                 redis_away_s: Callable[[], float] = lambda: 0.0):
         super().__init__(config)
-        self.end_in_flight = end_in_flight
+        self.end_in_flight, self.redis_away_s = end_in_flight, redis_away_s
 
     async def shutdown(self, sockets=None) -> None:
         graceful = self.config.timeout_graceful_shutdown
         delay = graceful - min(END_MARGIN_S, graceful / 2)
         timer = asyncio.get_running_loop().call_later(delay, self.end_in_flight)
+        watch = asyncio.ensure_future(self._end_if_redis_away())
         try:
             await super().shutdown(sockets)
         finally:
             timer.cancel()
+            watch.cancel()
+
+    async def _end_if_redis_away(self) -> None:
+        while self.redis_away_s() < AWAY_AT_SHUTDOWN_S:
+            await asyncio.sleep(0.25)
+        log.warning("redis is away while the gateway shuts down: the requests in flight cannot go on; ending them")
+        self.end_in_flight()
 
 
 class WSProtocol(WebSocketsSansIOProtocol):
@@ -537,4 +550,4 @@ def serve(cfg: GatewayConfig, host: str = "127.0.0.1", port: int = 8000, gracefu
                             ws_per_message_deflate=False, ws=WSProtocol)
     # SIGHUP (a closed terminal) stops the gateway gracefully too, as SIGTERM and SIGINT do.
     uvicorn.server.HANDLED_SIGNALS = tuple(dict.fromkeys((*uvicorn.server.HANDLED_SIGNALS, *STOP_SIGNALS)))
-    Server(config, app.end_in_flight).run()
+    Server(config, app.end_in_flight, app.redis_away_s).run()

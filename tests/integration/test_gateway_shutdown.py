@@ -167,3 +167,50 @@ def test_a_realtime_answer_in_progress_ends_before_its_socket_closes(tiny_model,
                     proc.wait(30)
                 except subprocess.TimeoutExpired:
                     proc.kill()
+
+
+def test_requests_are_answered_at_once_when_redis_is_away_during_the_shutdown(tiny_model):
+    """`tributary up` killed: its Redis stopped with the gateway, and streams waited out the graceful period (27 s
+    of 30) for a Redis that was gone (an outside tester's). Redis away for AWAY_AT_SHUTDOWN_S during the shutdown
+    ends the requests in flight then, with the same answer."""
+    from cache.embedded import EmbeddedRedis
+
+    graceful = 30.0
+    with EmbeddedRedis(maxmemory="64mb") as server:
+        backbone = start_tier(["backbone", "--model", str(tiny_model), "--threads", "1"], server.url, "backbone")
+        gateway, base = start_gateway(tiny_model, server.url, "--graceful-timeout", str(graceful),
+                                      output=subprocess.PIPE)
+        try:
+            lines, began = [], threading.Event()
+
+            def stream() -> None:
+                try:
+                    with httpx.Client(timeout=60).stream("POST", f"{base}/v1/chat/completions",
+                                                         json=body(tiny_model.name, True, 900)) as resp:
+                        for line in resp.iter_lines():
+                            lines.append(line)
+                            if '"content"' in line and not began.is_set():
+                                os.kill(backbone.pid, signal.SIGSTOP)  # the answer cannot end by itself
+                                began.set()
+                finally:
+                    began.set()
+
+            reader = threading.Thread(target=stream, daemon=True)
+            reader.start()
+            assert began.wait(60)
+            gateway.send_signal(signal.SIGTERM)
+            t0 = time.monotonic()
+            server.kill()
+            reader.join(graceful + 10)
+            took = time.monotonic() - t0
+            data = [line[len("data: "):] for line in lines if line.startswith("data: ")]
+            assert data[-1] == "[DONE]" and json.loads(data[-2])["error"]["code"] == "server_shutting_down", data[-3:]
+            assert took < graceful - 10, took  # ~3-5 s, not the graceful period
+            out, _ = gateway.communicate(timeout=graceful + 20)
+            assert "redis is away while the gateway shuts down" in out
+        finally:
+            os.kill(backbone.pid, signal.SIGCONT)
+            for proc in (gateway, backbone):
+                if proc.poll() is None:
+                    proc.kill()
+                    proc.wait(30)
