@@ -398,6 +398,9 @@ def test_realtime_handshakes_arriving_while_the_rate_limit_is_read_still_meet_th
         async def error(self, exc, event_id):
             pass
 
+        def drain(self):
+            pass
+
         async def run(self):
             ran.append(1)
             await gate.wait()
