@@ -134,7 +134,8 @@ def create_app(cfg: GatewayConfig):
             return await request.app.state.chat.handle(request, ids)
         except APIError as exc:
             tenant = getattr(request.state, "tenant", None)
-            log.info("request refused", extra={"request_id": rid, "status": exc.status, "code": exc.code,
+            log.info("request refused", extra={"request_id": rid, "client_request_id": ids.client,
+                                               "status": exc.status, "code": exc.code,
                                                "tenant": tenant.name if tenant else None, "error": exc.message})
             return exc.response(ids.headers())
         except ClientGone:

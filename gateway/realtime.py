@@ -69,7 +69,7 @@ import numpy as np
 from redis.exceptions import RedisError
 from starlette.websockets import WebSocket, WebSocketDisconnect, WebSocketDisconnected
 
-from gateway.chat import LARGE_PARSE, tenant_share
+from gateway.chat import LARGE_PARSE, RequestIds, tenant_share
 from gateway.errors import (
     MESSAGE_AT_MOST,
     PARAM_AT_MOST,
@@ -372,7 +372,7 @@ class RealtimeSession:
         in_force = self.ws.scope.get("state", {}).get("key_in_force")
         if in_force is None or in_force():
             return False
-        log.info("realtime session's key revoked; closing", extra={"session": self.session_id})
+        log.info("realtime session's key revoked; closing", extra={"session_id": self.session_id})
         await self.error(EventError("the API key of this session was revoked", code="invalid_api_key"), event_id)
         await self.ws.close(code=1008)
         return True
@@ -819,7 +819,7 @@ class RealtimeSession:
             return await asyncio.to_thread(fn, *args)
         except Exception:
             log.exception("streaming audio features failed; the encoder will decode the audio instead",
-                          extra={"session": self.session_id})
+                          extra={"session_id": self.session_id})
             self.audio_cfg = self.stream = None
             return None
 
@@ -994,7 +994,7 @@ class RealtimeSession:
             for it in items[:start]:  # audio features streamed for an item no prompt will hold
                 self.features.pop(it["id"], None)
         log.info("realtime conversation truncated", extra={
-            "session": self.session_id, "left_out": start, "kept": len(items) - start, "tokens": total,
+            "session_id": self.session_id, "left_out": start, "kept": len(items) - start, "tokens": total,
             "room": room})
         return items[start:]
 
@@ -1236,8 +1236,13 @@ def _metadata(value) -> dict | None:
 async def realtime_endpoint(ws: WebSocket) -> None:
     app = ws.app
     chat, spec, cfg = app.state.chat, app.state.spec, app.state.cfg
+    # The handshake's answer carries the connection's id (gateway/app.with_request_id: every log line of the
+    # connection names it) and echoes the client's own, as a REST answer does.
+    ids = RequestIds.of(ws)
+    ids = dataclasses.replace(ids, server=ws.scope.get("state", {}).get("response_id") or ids.server)
     # Browsers' OpenAI clients offer "realtime" beside the key subprotocol (gateway/auth.py): accept it.
-    await ws.accept(subprotocol="realtime" if "realtime" in ws.scope.get("subprotocols", ()) else None)
+    await ws.accept(subprotocol="realtime" if "realtime" in ws.scope.get("subprotocols", ()) else None,
+                    headers=[(k.encode(), v.encode()) for k, v in ids.headers().items()])
     tenant = ws.scope.get("state", {}).get("tenant")  # gateway/auth.py: None without API keys
     held = app.state.realtime_by_tenant.get(tenant.name, 0) if tenant else 0
     full = ("this gateway's" if app.state.realtime_connections >= cfg.max_inflight else
@@ -1269,7 +1274,8 @@ async def realtime_endpoint(ws: WebSocket) -> None:
             await session.error(exc, None)
             await ws.close(code=1013, reason=("rate limited" if exc.status == 429 else "unavailable") + "; retry later")
             return
-        log.info("realtime connected", extra={"session": session.session_id,
+        log.info("realtime connected", extra={"request_id": ids.server, "client_request_id": ids.client,
+                                              "session_id": session.session_id,
                                               "tenant": session.tenant.name if session.tenant else None})
         await session.run()
     finally:
@@ -1279,4 +1285,4 @@ async def realtime_endpoint(ws: WebSocket) -> None:
             if left:
                 app.state.realtime_by_tenant[tenant.name] = left
         chat.metrics.realtime.set(app.state.realtime_connections)
-        log.info("realtime closed", extra={"session": session.session_id})
+        log.info("realtime closed", extra={"request_id": ids.server, "session_id": session.session_id})

@@ -327,6 +327,16 @@ def test_a_websocket_refused_before_its_handshake_gets_the_error_shape_and_a_req
     assert json.loads(body)["error"]["code"] == code
 
 
+def test_an_accepted_handshake_carries_the_connections_id_and_echoes_the_clients(cluster):
+    """Every HTTP answer carries x-request-id, the WebSocket handshake's too (it had none, and the client's own id
+    was neither echoed nor logged): the id the gateway's log lines of the connection name."""
+    url = cluster.base_url.replace("http://", "ws://") + f"/v1/realtime?model={cluster.model}"
+    with connect(url, open_timeout=30, additional_headers={"X-Client-Request-Id": "client-rt-1"}) as ws:
+        headers = {k.lower(): v for k, v in ws.response.headers.raw_items()}
+        assert len(headers.get("x-request-id", "")) == 32 and headers.get("x-client-request-id") == "client-rt-1"
+        next_of(ws, "session.created")
+
+
 def test_malformed_events_get_errors_and_the_connection_stays_usable(cluster):
     bad = [
         ("{not json", "invalid_json", None),
