@@ -535,9 +535,14 @@ class EncoderWorker:
         return kept, blobs
 
     def _check(self, job: Job, blob: bytes | Exception | None) -> tuple[m.ErrorCode, str] | None:
+        """Why the job cannot run (logged with its request id, as every failure of a job is), or None."""
+        ids = {"request_id": job.msg.request_id, "job_id": job.msg.job_id}
         if time.time() > job.msg.deadline:
+            log.warning("job dropped: it waited past its deadline", extra={
+                **ids, "late_s": round(time.time() - job.msg.deadline, 3)})
             return m.ErrorCode.DEADLINE, "the job waited past its deadline"
         if blob is None:
+            log.warning("job dropped: its media bytes expired before encoding", extra=ids)
             return m.ErrorCode.MEDIA_EXPIRED, "the media bytes expired before encoding"
         if isinstance(blob, Exception):  # its node did not answer: the gateway asks again (and queues it again)
             log.warning("the job's media could not be read (its Redis node did not answer)", extra={

@@ -45,6 +45,7 @@ from gateway.realtime import realtime_endpoint
 from gateway.replies import ReplyRouter
 from gateway.tiers import RESET, ClientGone, TierClient
 from models.spec import ModelSpec, parse_encoder_dtypes
+from router.logs import REQUEST_ID
 
 log = logging.getLogger(__name__)
 STATIC = Path(__file__).resolve().parent / "static"  # the playground page (no build step, nothing from a CDN)
@@ -130,6 +131,7 @@ def create_app(cfg: GatewayConfig):
     async def chat_completions(request: Request) -> Response:
         ids = RequestIds.of(request)
         rid = ids.server
+        REQUEST_ID.set(rid)  # every log line of this request names it (router/logs.py)
         try:
             return await request.app.state.chat.handle(request, ids)
         except APIError as exc:

@@ -84,7 +84,7 @@ from gateway.schemas import check_sampling, parse_json
 from gateway.tiers import ClientGone
 from models.audio import AudioConfig, StreamingFeatures, pcm16_samples
 from models.media import MediaInfo
-from router.logs import Throttle
+from router.logs import REQUEST_ID, Throttle
 
 log = logging.getLogger(__name__)
 
@@ -1240,6 +1240,7 @@ async def realtime_endpoint(ws: WebSocket) -> None:
     # connection names it) and echoes the client's own, as a REST answer does.
     ids = RequestIds.of(ws)
     ids = dataclasses.replace(ids, server=ws.scope.get("state", {}).get("response_id") or ids.server)
+    REQUEST_ID.set(ids.server)  # every log line of this connection names it, unless it names a response's
     # Browsers' OpenAI clients offer "realtime" beside the key subprotocol (gateway/auth.py): accept it.
     await ws.accept(subprotocol="realtime" if "realtime" in ws.scope.get("subprotocols", ()) else None,
                     headers=[(k.encode(), v.encode()) for k, v in ids.headers().items()])

@@ -16,6 +16,7 @@ import os
 import re
 import sys
 import time
+from contextvars import ContextVar
 
 # Attributes every LogRecord has (plus uvicorn's colour duplicate): anything else came from ``extra``.
 _STANDARD = set(vars(logging.LogRecord("", 0, "", 0, "", (), None))) | {"message", "asctime", "color_message"}
@@ -36,6 +37,18 @@ def _clean(value):
     return _without_arguments(value) if isinstance(value, str) else value
 
 
+# The request whose handling runs in this context (set by the gateway's request and Realtime handlers; copied into
+# the tasks and threads they start): a record that names no request id gets this one, so that every line a request
+# causes can be found by its id, those of helpers that never see it included (a media probe's, a parser's).
+REQUEST_ID: ContextVar[str | None] = ContextVar("request_id", default=None)
+
+
+def _with_request_id(fields: dict) -> dict:
+    if fields.get("request_id") is None and (rid := REQUEST_ID.get()) is not None:
+        fields["request_id"] = rid
+    return fields
+
+
 class JsonFormatter(logging.Formatter):
     def __init__(self, tier: str):
         super().__init__()
@@ -52,6 +65,7 @@ class JsonFormatter(logging.Formatter):
             "msg": _without_arguments(record.getMessage()),
         }
         out.update({k: _clean(v) for k, v in vars(record).items() if k not in _STANDARD})
+        _with_request_id(out)
         if record.exc_info:
             out["exc"] = _without_arguments(self.formatException(record.exc_info))
         return json.dumps(out, default=str)
@@ -62,7 +76,8 @@ class TextFormatter(JsonFormatter):
 
     def format(self, record: logging.LogRecord) -> str:
         clock = time.strftime("%H:%M:%S", time.localtime(record.created)) + f".{int(record.msecs):03d}"
-        fields = " ".join(f"{k}={_short(_clean(v))}" for k, v in vars(record).items() if k not in _STANDARD)
+        extra = _with_request_id({k: v for k, v in vars(record).items() if k not in _STANDARD})
+        fields = " ".join(f"{k}={_short(_clean(v))}" for k, v in extra.items())
         line = f"{clock} {record.levelname:<7} {self.tier:<14} {_plain(_without_arguments(record.getMessage()))}" + (
             f"  {fields}" if fields else "")
         if record.exc_info:

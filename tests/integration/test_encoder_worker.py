@@ -121,6 +121,24 @@ def test_expired_blob_is_reported_not_hung(image_worker, redis_server, tiny_spec
     assert isinstance(replies["ghost"], m.EncodeFailed) and replies["ghost"].code == m.ErrorCode.MEDIA_EXPIRED
 
 
+def test_a_job_dropped_before_encoding_is_logged_with_its_request_id(caplog):
+    """A job past its deadline, or whose media expired, failed with no log line: the gateway's 504 could not be
+    followed into the encoder by its request id (an outside tester's)."""
+    import logging
+    from types import SimpleNamespace
+
+    from encoders.worker import EncoderWorker
+
+    def job(deadline: float):
+        return SimpleNamespace(msg=SimpleNamespace(request_id="rid-x", job_id="job-x", deadline=deadline))
+
+    with caplog.at_level(logging.WARNING, logger="encoders.worker"):
+        assert EncoderWorker._check(None, job(time.time() - 1), b"bytes")[0] == m.ErrorCode.DEADLINE
+        assert EncoderWorker._check(None, job(time.time() + 60), None)[0] == m.ErrorCode.MEDIA_EXPIRED
+        assert EncoderWorker._check(None, job(time.time() + 60), b"bytes") is None
+    assert [rec.request_id for rec in caplog.records] == ["rid-x", "rid-x"]
+
+
 def test_features_an_encoder_cannot_take_are_an_internal_error_not_bad_media(image_worker, redis_server, tiny_spec):
     """A features job (what a Realtime gateway sends for streamed audio) that does not fit the encoder is the
     gateway's fault, not the client's: an internal error naming the mismatch; the worker goes on."""

@@ -107,3 +107,23 @@ def test_a_failed_pipeline_commands_arguments_are_not_logged():
     assert "secret" not in line and "PNG" not in line and "SET trib:blob:{abc} …" in line
     assert JsonFormatter("g").format(record("x", error="Command # 2 (GET k) of pipeline caused error: y")).count(
         "(GET k)") == 1  # nothing dropped: no ellipsis
+
+
+def test_a_line_logged_while_a_request_is_handled_names_it():
+    """The gateway's request handlers set REQUEST_ID: a line that names no request (a media probe's, logged where
+    the id is not known) gets it; one that names its own keeps it (an outside tester's "unreadable media" line
+    could not be found by the request's id)."""
+    import asyncio
+
+    from router.logs import REQUEST_ID
+
+    async def handling():
+        REQUEST_ID.set("rid-1")
+        lines = [JsonFormatter("gateway").format(record("unreadable media")),
+                 JsonFormatter("gateway").format(record("x", request_id="resp-2")),
+                 await asyncio.to_thread(JsonFormatter("gateway").format, record("parsed on a thread"))]
+        return [json.loads(line)["request_id"] for line in lines], TextFormatter("gateway").format(record("t"))
+
+    ids, text = asyncio.run(handling())
+    assert ids == ["rid-1", "resp-2", "rid-1"] and "request_id=rid-1" in text
+    assert "request_id" not in json.loads(JsonFormatter("gateway").format(record("outside any request")))
