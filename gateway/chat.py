@@ -676,7 +676,7 @@ def _event_error(ev: m.TokenEvent, req: ChatCompletionRequest) -> APIError:
     if ev.code == m.ErrorCode.MEDIA_EXPIRED:
         return Unavailable(ev.error or "a cached input expired; retry", code="media_expired")
     if ev.code == m.ErrorCode.DEADLINE:
-        return Timeout(ev.error or "the request waited too long for a backbone")
+        return Timeout(ev.error or "the request waited too long for a backbone", code="first_token_timeout")
     if ev.code == m.ErrorCode.CANCELLED:
         return Unavailable(ev.error or "the request was cancelled before it started")
     if ev.code == m.ErrorCode.GAVE_UP:

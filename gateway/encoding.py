@@ -214,7 +214,7 @@ class MediaEncoder:
             while w.pending:
                 left = deadline - time.monotonic()
                 if left <= 0:
-                    raise Timeout("timed out waiting for the encoders")
+                    raise Timeout("timed out waiting for the encoders", code="encode_timeout")
                 try:
                     msg = await asyncio.wait_for(queue.get(), timeout=min(left, CHECK_EVERY_S))
                 except asyncio.TimeoutError:
@@ -254,7 +254,8 @@ class MediaEncoder:
                              extra={"request_id": request_id})
                     await self._queue_again(w, [msg.tensor_key], release=False)
                 elif msg.code == m.ErrorCode.DEADLINE:
-                    raise Timeout(f"{part.modality} waited too long for an encoder", param=part.param)
+                    raise Timeout(f"{part.modality} waited too long for an encoder", param=part.param,
+                                  code="encode_timeout")
                 elif msg.code == m.ErrorCode.CACHE_FULL:
                     raise Unavailable(f"{part.param}: {msg.error}", param=part.param, code="cache_full",
                                       retry_after=5)

@@ -54,6 +54,7 @@ MEDIA_RETRIES = 2  # how often one request's media may be encoded again when its
 # A cancellation Redis failed to take is posted again (backoff up to 5 s) for this long: a request answered 503 while
 # Redis was paused had its queued plan run to its end for nobody once Redis came back (an outside tester's).
 CANCEL_RETRY_S = 120.0
+WAITING_NEXT = "waiting for the next token"  # past --token-timeout: code token_timeout (else first_token_timeout)
 RESET = object()  # put on every queue when Redis may have lost this gateway's queued work (gateway/monitor.py)
 
 
@@ -249,7 +250,7 @@ class TierClient:
         """How long the next wait may last: ``first_token_timeout_s`` until the current attempt's worker is heard
         from (queueing + prefill), then ``token_timeout_s`` between events."""
         if gen.worker:
-            return self.cfg.token_timeout_s, "waiting for the next token"
+            return self.cfg.token_timeout_s, WAITING_NEXT
         if gen.attempt:
             return self.cfg.first_token_timeout_s, "waiting for a backbone after a migration"
         return self.cfg.first_token_timeout_s, "waiting for the first token"
@@ -333,7 +334,8 @@ class TierClient:
         try:  # a message already queued is taken even with the bound spent (wait_for(..., 0) would not)
             msg = queue.get_nowait() if not queue.empty() else await asyncio.wait_for(queue.get(), max(timeout, 0.0))
         except asyncio.TimeoutError:
-            raise Timeout(f"timed out {what}") from None
+            raise Timeout(f"timed out {what}", code="token_timeout" if what == WAITING_NEXT else "first_token_timeout"
+                          ) from None
         if msg is DISCONNECTED:
             raise ClientGone()
         if isinstance(msg, APIError):  # the request is ended from outside (the gateway shutting down)

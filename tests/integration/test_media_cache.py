@@ -453,8 +453,9 @@ def test_a_waiter_with_time_left_queues_again_a_job_dropped_for_another_requests
                 assert time.monotonic() < deadline, "A never queued its job"
                 await asyncio.sleep(0.05)  # until A holds the lease and queued the job
             b = asyncio.create_task(media(60).encode("req-b", [part], replies.subscribe("req-b")))
-            with pytest.raises(Timeout):
+            with pytest.raises(Timeout) as timed_out:
                 await asyncio.wait_for(a, 10)
+            assert timed_out.value.code == "encode_timeout"
             await asyncio.sleep(0.5)  # past the job's deadline
         refs = await asyncio.wait_for(b, 30)
         reader.cancel()

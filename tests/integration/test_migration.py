@@ -179,6 +179,7 @@ def test_a_silent_worker_alone_or_without_migration_times_out_as_before(redis_ur
 
     got, plans, error = asyncio.run(silent_worker(redis_url, live, limit))
     assert got == [[40, 41]] and isinstance(error, Timeout) and len(plans) == 1
+    assert error.code == "token_timeout"  # a 504 says which wait ran out (its code was null)
 
 
 def test_events_the_request_skips_do_not_restart_its_token_timeout(redis_url):
