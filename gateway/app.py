@@ -87,6 +87,7 @@ def create_app(cfg: GatewayConfig):
                 queue.put_nowait(RESET)
 
         def on_beat(view) -> None:
+            metrics.redis_up.set(1 if view.up else 0)
             if view.steady():
                 tiers.check_workers(view.live.get("backbone", set()))
 

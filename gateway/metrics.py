@@ -103,6 +103,9 @@ class GatewayMetrics:
                                multiprocess_mode="livesum", registry=r)
         self.realtime = Gauge("tributary_realtime_connections", "Realtime WebSocket connections this gateway holds",
                               multiprocess_mode="livesum", registry=r)
+        self.redis_up = Gauge("tributary_redis_up", "1 while this gateway's last beat reached Redis, else 0 (the "
+                              "queue and live-worker series are absent meanwhile)", multiprocess_mode="livemin",
+                              registry=r)
         hits = Counter("tributary_encoder_cache_hits", "Media parts found in the tensor cache", ["modality"],
                        registry=r)
         misses = Counter("tributary_encoder_cache_misses", "Media parts not in the tensor cache (to encode)",

@@ -71,7 +71,8 @@ class ClusterView:
 
 class ClusterMonitor:
     def __init__(self, cfg: GatewayConfig, tiers: list[str], reply_stream: str, on_reset, on_beat):
-        """``on_reset()``: the lease was found gone; ``on_beat(view)``: after each successful round trip."""
+        """``on_reset()``: the lease was found gone; ``on_beat(view)``: after each beat (``view.up``: whether it
+        reached Redis)."""
         self.cfg, self.tiers, self.reply_stream = cfg, tiers, reply_stream
         self.keys = Keys(cfg.prefix)
         self.alive_key = alive(reply_stream)
@@ -120,6 +121,7 @@ class ClusterMonitor:
             raise asyncio.CancelledError
         if isinstance(res, BaseException):  # the lease not renewed: Redis is not serving this gateway
             self._down(describe(res), f"{type(res).__name__}: {res}" if str(res) else type(res).__name__)
+            self.on_beat(self.view)
             return
         lease_was = res[0]
         view = self.view

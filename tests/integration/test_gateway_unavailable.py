@@ -53,12 +53,18 @@ def test_ready_while_the_workers_beats_may_have_lapsed_after_redis_came_back(lon
     meanwhile; requests are queued, not refused): /ready said 503 for those seconds, and a load balancer would take
     every gateway out at once (an outside tester's chaos run: a 2 s flap after every Redis Cluster node outage).
     It is 200 then, naming how long the window lasts, and 503 again once the window has passed."""
+    def redis_up() -> str:
+        return next(line.split()[-1] for line in httpx.get(f"{lone_gateway}/metrics").text.splitlines()
+                    if line.startswith("tributary_redis_up "))
+
+    assert redis_up() == "1.0"
     os.kill(redis_server.proc.pid, signal.SIGSTOP)
     try:
         deadline = time.monotonic() + 20
         while httpx.get(f"{lone_gateway}/ready").json()["status"] != "redis_unavailable":
             assert time.monotonic() < deadline, "the gateway did not see Redis go"
             time.sleep(0.2)
+        assert redis_up() == "0.0"  # an alert's series (the queues' are absent meanwhile)
     finally:
         os.kill(redis_server.proc.pid, signal.SIGCONT)
     deadline, seen = time.monotonic() + 20, []
