@@ -357,3 +357,15 @@ def test_the_dashboard_reads_only_metrics_that_exist():
     assert {v["name"] for v in dash["templating"]["list"]} >= {"DS_PROMETHEUS"}
     for p in dash["panels"]:
         assert p["datasource"]["uid"] == "${DS_PROMETHEUS}", p["title"]
+
+
+def test_the_alert_rules_read_only_metrics_that_exist():
+    """deploy/prometheus/alerts.yml: a rule over a metric nobody exports never fires."""
+    import yaml
+
+    rules = yaml.safe_load((ROOT / "deploy" / "prometheus" / "alerts.yml").read_text())["groups"][0]["rules"]
+    used = {name for r in rules for name in re.findall(r"\btributary_[a-z0-9_]+", r["expr"])}
+    assert len(rules) >= 8 and used and not used - known_samples(), sorted(used - known_samples())
+    assert {"tributary_redis_up", "tributary_tier_live_workers", "tributary_request_rejected_total"} <= used
+    assert all(r["alert"].startswith("Tributary") and r["labels"]["severity"] in ("critical", "warning")
+               for r in rules)
