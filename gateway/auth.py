@@ -30,6 +30,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from gateway.origin import refuse
+from router.logs import Throttle
 
 log = logging.getLogger(__name__)
 
@@ -196,6 +197,7 @@ class AuthMiddleware:
 
     def __init__(self, app, ring: KeyRing):
         self.app, self.ring = app, ring
+        self._unauthorized = Throttle(1.0)
 
     async def __call__(self, scope, receive, send) -> None:
         if scope["type"] not in ("http", "websocket"):
@@ -213,7 +215,9 @@ class AuthMiddleware:
             return await self.app(scope, receive, send)
         message = ("invalid API key (unknown or revoked)" if key else
                    "missing API key: send the header 'Authorization: Bearer <key>'")
-        log.info("unauthorized", extra={"request_id": state.get("response_id"), "path": scope["path"],
-                                        "reason": "invalid key" if key else "no key"})
+        if self._unauthorized.due():  # at most a line a second: a flood of keyless requests costs no log volume
+            log.info("unauthorized", extra={"request_id": state.get("response_id"), "path": scope["path"],
+                                            "reason": "invalid key" if key else "no key",
+                                            "unlogged_since_last": self._unauthorized.held})
         await refuse(scope, receive, send, 401, "invalid_api_key", message,
                      [(b"www-authenticate", b'Bearer realm="tributary"')])

@@ -165,3 +165,15 @@ def test_a_refused_key_is_logged_with_the_request_id_its_client_got(caplog):
         r = TestClient(with_request_id(AuthMiddleware(app, KeyRing("alice:ka")))).get("/v1/models")
     assert r.status_code == 401
     assert [rec.request_id for rec in caplog.records if rec.msg == "unauthorized"] == [r.headers["x-request-id"]]
+
+
+def test_a_flood_of_unauthorized_requests_logs_a_line_a_second(caplog):
+    """Each 401 was a log line: keyless requests cost an attacker nothing and filled the logs. A line a second, with
+    how many were not logged since the last."""
+    import logging
+
+    app = Starlette(routes=[Route("/v1/models", lambda request: JSONResponse({}))])
+    client = TestClient(AuthMiddleware(app, KeyRing("alice:ka")))
+    with caplog.at_level(logging.INFO, logger="gateway.auth"):
+        assert {client.get("/v1/models").status_code for _ in range(50)} == {401}
+    assert len([rec for rec in caplog.records if rec.msg == "unauthorized"]) == 1
