@@ -1233,6 +1233,9 @@ def _metadata(value) -> dict | None:
     return value
 
 
+_REFUSED_LOGGED = Throttle(1.0)
+
+
 async def realtime_endpoint(ws: WebSocket) -> None:
     app = ws.app
     chat, spec, cfg = app.state.chat, app.state.spec, app.state.cfg
@@ -1250,8 +1253,10 @@ async def realtime_endpoint(ws: WebSocket) -> None:
             "this key's" if tenant and held >= tenant_share(cfg, chat.tenants()) else None)
     if full:  # counted as REST counts them: a key past its share is rate limited, a full gateway overloaded
         chat.metrics.reject("server_overloaded" if full == "this gateway's" else "rate_limit_exceeded")
-        log.warning("realtime connection refused: too many", extra={
-            "connections": app.state.realtime_connections, "tenant": tenant.name if tenant else None, "held": held})
+        if _REFUSED_LOGGED.due():  # a line a second at most: refused handshakes cost a client nothing
+            log.warning("realtime connection refused: too many", extra={
+                "connections": app.state.realtime_connections, "tenant": tenant.name if tenant else None,
+                "held": held, "unlogged_since_last": _REFUSED_LOGGED.held})
         await ws.close(code=1013, reason=f"too many realtime connections ({full}); retry later")
         return
     model = ws.query_params.get("model")
