@@ -45,7 +45,11 @@ PROBE_HEADER_TIMEOUT_S = 5.0
 # At the cap with no idle connection, one whose request's headers have been arriving for longer than this is closed
 # (408) to make room: a client sends its headers in a packet or two, and 200 sockets trickling a header byte every
 # 3 s each (reconnecting at the header timeout) kept a --max-connections 60 gateway refusing nearly every client.
-SLOW_HEADERS_S = 2.0
+# (Sockets that reconnect faster than this still hold a small cap: only a proxy's per-client limits stop those.)
+SLOW_HEADERS_S = 1.0
+# ... and an idle connection only once it has been idle this long: a client that connected a moment ago, or was just
+# answered, is about to send (a probe connecting, then sending 0.2 s later, was closed before it could ask).
+MIN_IDLE_S = 1.0
 
 
 def _client_fault_not_error(record: logging.LogRecord) -> bool:
@@ -255,10 +259,11 @@ class HTTPProtocol(HttpToolsProtocol):
     * past ``max_connections`` open connections (default: the file-descriptor limit less ``FD_RESERVE``) the
       longest idle connection is closed to make room, as nginx does: one between keep-alive requests, or one that
       has sent nothing yet (sockets that sent nothing filled the cap as well as idle keep-alive ones did); else the
-      one whose request's headers have been arriving longest, past ``SLOW_HEADERS_S`` (a 408: a slowloris); with
-      none of those, a new one may only ask a probe's path (``PROBE_PATHS``, ``PROBE_RESERVE`` of them at most: liveness
-      probes and scrapes are answered however full the cap, where a full cap had the supervisor kill a gateway that
-      was serving), and any other request is answered 503 ``server_overloaded`` (JSON, ``connection: close``,
+      one whose request's headers have been arriving longest, past ``SLOW_HEADERS_S`` (a 408: a slowloris); an idle
+      one only once idle ``MIN_IDLE_S`` (one just opened or answered is about to send); with none of those, a new
+      one may only ask a probe's path (``PROBE_PATHS``, ``PROBE_RESERVE`` of them at most: liveness probes and
+      scrapes are answered however full the cap, where a full cap had the supervisor kill a gateway that was
+      serving), and any other request is answered 503 ``server_overloaded`` (JSON, ``connection: close``,
       ``x-served-by``: this gateway's instance and pid, so the supervisor's probe knows its event loop answered),
       instead of the accept failing for lack of descriptors (which refuses every client, the probe included);
     * a request asking to upgrade to anything but a WebSocket (``Upgrade: h2c``, as ``curl --http2`` sends) gets a
@@ -287,13 +292,14 @@ class HTTPProtocol(HttpToolsProtocol):
                 return self._refuse()
             self._probe_only, timeout = True, min(timeout, PROBE_HEADER_TIMEOUT_S)
         self._header_timer = self.loop.call_later(timeout, self._headers_late)
-        self._idle[self] = None  # nothing sent yet: the first closed should the cap need room
+        self._idle[self] = self.loop.time()  # nothing sent yet: the first closed should the cap need room
 
     def _reclaim_idle(self) -> bool:
         """Close the longest idle connection (between keep-alive requests, or not yet sent a byte), to make room for a
         new one, as nginx does, else the one whose request's headers have been arriving longest past SLOW_HEADERS_S
         (answered 408); False: none is either."""
-        while self._idle:
+        idle_since = self.loop.time() - MIN_IDLE_S
+        while self._idle and next(iter(self._idle.values())) < idle_since:
             victim, _ = self._idle.popitem(last=False)
             if not victim.transport.is_closing():
                 victim.transport.close()
@@ -340,17 +346,18 @@ class HTTPProtocol(HttpToolsProtocol):
         if (cycle is None or not cycle.response_complete or self.pipeline or self._header_timer is not None
                 or self.timeout_keep_alive_task is not None or self.transport.is_closing()):
             return
-        self._idle[self] = None  # the first closed should the cap need room
+        self._idle.setdefault(self, self.loop.time())  # the first closed should the cap need room
         if not cycle.more_body:
+            self._cancel("_discard_timer")  # the body left unread has all come: keep-alive again
             self.timeout_keep_alive_task = self.loop.call_later(self.timeout_keep_alive,
                                                                 self.timeout_keep_alive_handler)
         elif self._discard_timer is None:
             left = getattr(self, "_answered_at", self.loop.time()) + self.header_timeout_s - self.loop.time()
-            self._discard_timer = self.loop.call_later(max(0.0, left), self._discarded_too_long)
+            self._discard_timer = self.loop.call_later(max(0.0, left), self._discarded_too_long, cycle)
 
-    def _discarded_too_long(self) -> None:
+    def _discarded_too_long(self, cycle) -> None:
         self._discard_timer = None
-        if self.cycle is not None and self.cycle.more_body and self._header_timer is None:
+        if self.cycle is cycle and cycle.more_body and self._header_timer is None:  # that body, still coming
             self.transport.close()
 
     def on_url(self, url: bytes) -> None:
@@ -371,6 +378,7 @@ class HTTPProtocol(HttpToolsProtocol):
 
     def on_message_begin(self) -> None:
         self._idle.pop(self, None)
+        self._cancel("_discard_timer")  # a next request: the last one's body came whole
         self._heading[self] = self.loop.time()
         super().on_message_begin()
         self._in_headers, self._header_bytes, self._header_count, self._header_size = True, 0, 0, 0
@@ -440,7 +448,7 @@ class HTTPProtocol(HttpToolsProtocol):
     def on_response_complete(self) -> None:
         super().on_response_complete()
         if self.timeout_keep_alive_task is not None and not self.transport.is_closing():
-            self._idle[self] = None  # between requests: the first closed should the cap need room
+            self._idle[self] = self.loop.time()  # between requests: the first closed should the cap need room
         deferred = getattr(self, "_deferred", None)
         running = getattr(self, "_running", None)
         if deferred and not self.pipeline and (running is None or running.response_complete):

@@ -324,7 +324,7 @@ def test_at_the_cap_a_connection_that_has_sent_nothing_makes_room_and_the_503_na
     with serving(App(), max_connections=3) as port:
         silent = [socket.create_connection(("127.0.0.1", port), timeout=5) for _ in range(3)]
         try:
-            time.sleep(0.2)
+            time.sleep(1.2)  # idle past MIN_IDLE_S
             with socket.create_connection(("127.0.0.1", port), timeout=5) as s:
                 s.sendall(b"GET /ok HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n")
                 reply, _ = read_all(s)
@@ -391,6 +391,7 @@ def test_at_the_cap_the_longest_idle_keep_alive_connection_makes_room():
                 reply += s.recv(65536)
             idle.append(s)
         try:
+            time.sleep(1.2)  # idle past MIN_IDLE_S
             with socket.create_connection(("127.0.0.1", port), timeout=5) as s:
                 s.sendall(b"GET /ok HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n")
                 reply, _ = read_all(s)
@@ -432,6 +433,49 @@ def test_at_the_cap_the_connection_trickling_its_headers_longest_makes_room(monk
         finally:
             for s in slow:
                 s.close()
+
+
+def test_at_the_cap_a_connection_just_opened_is_not_closed_before_it_can_send(monkeypatch):
+    """Under a slowloris at the cap, a probe that connected and sent its request 0.2 s later got EOF: it was idle
+    (nothing sent yet), and the next connection closed it to make room. An idle connection makes room only once it
+    has been idle MIN_IDLE_S."""
+    import gateway.server as server_module
+
+    monkeypatch.setattr(server_module, "SLOW_HEADERS_S", 30.0)  # the trickling ones are not slow yet
+    with serving(App(), max_connections=3) as port:
+        trickling = [socket.create_connection(("127.0.0.1", port), timeout=5) for _ in range(2)]
+        for t in trickling:
+            t.sendall(b"GET /ok HTTP/1.1\r\n")
+        time.sleep(0.1)
+        probe = socket.create_connection(("127.0.0.1", port), timeout=5)  # the third: the cap is full
+        time.sleep(0.05)
+        with socket.create_connection(("127.0.0.1", port), timeout=5) as late:  # past the cap
+            time.sleep(0.2)
+            probe.sendall(b"GET /health HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n")
+            reply, _ = read_all(probe)
+            assert reply.startswith(b"HTTP/1.1 200 "), reply
+            late.sendall(b"GET /ok HTTP/1.1\r\nHost: a\r\n\r\n")
+            assert read_all(late)[0].startswith(b"HTTP/1.1 503 ")  # past the cap, not a probe's path
+        probe.close()
+        for t in trickling:
+            t.close()
+
+
+def test_a_body_left_unread_that_came_whole_does_not_cut_a_later_request_on_the_connection(short):
+    """The timer bounding a body an answer left unread outlived that body: a later request's slow upload on the
+    same keep-alive connection was cut at the header timeout after the first answer (a regression tester's)."""
+    with serving(App()) as port, socket.create_connection(("127.0.0.1", port), timeout=10) as s:
+        s.sendall(b"GET /ok HTTP/1.1\r\nHost: a\r\nContent-Length: 10\r\n\r\n")
+        reply = b""
+        while not reply.endswith(b'{"ok": true}'):
+            reply += s.recv(65536)
+        s.sendall(b"0123456789")  # the unread body, whole: keep-alive again
+        s.sendall(b"POST /read HTTP/1.1\r\nHost: a\r\nContent-Length: 4\r\nConnection: close\r\n\r\n")
+        for byte in b"body":  # slower than the header timeout after the first answer
+            time.sleep(HEADER_S * 0.6)
+            s.sendall(bytes([byte]))
+        reply, _ = read_all(s)
+        assert reply.startswith(b"HTTP/1.1 200 "), reply
 
 
 def test_a_request_answered_before_its_body_is_read_closes_its_connection_in_time(short):
