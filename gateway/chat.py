@@ -120,6 +120,7 @@ class ChatService:
         self._closed = asyncio.Event()  # set with ``closing``: ends the waits of requests not yet queued anywhere
         self.receiving = 0  # bytes of request bodies being received (not yet counted in ``inflight``)
         self.receiving_by_tenant: dict[str, int] = {}  # the same, by tenant (API keys)
+        self.bodies_by_tenant: dict[str, int] = {}  # requests receiving their bodies, by tenant: toward its share
         self.large_parse = asyncio.Semaphore(1)  # see LARGE_PARSE
         self._tasks: set[asyncio.Task] = set()  # hard references: the loop keeps only weak ones
 
@@ -148,11 +149,12 @@ class ChatService:
         key's slow requests (remote media on a slow host, long generations) took every slot, and every other key
         was refused 503 (an outside tester's finding). ``count=False``: only the check."""
         if tenant is not None:
-            held, share = self.inflight_by_tenant.get(tenant.name, 0), tenant_share(self.cfg, self.tenants())
+            held = self.inflight_by_tenant.get(tenant.name, 0) + self.bodies_by_tenant.get(tenant.name, 0)
+            share = tenant_share(self.cfg, self.tenants())
             if held >= share:
                 self.metrics.reject("rate_limit_exceeded")
-                raise RateLimited(f"this key has {held} requests in flight, its share of this gateway's "
-                                  f"{self.cfg.max_inflight}; retry when one ends", 1, {}, "requests")
+                raise RateLimited(f"this key has {held} requests in flight (or sending their bodies), its share of "
+                                  f"this gateway's {self.cfg.max_inflight}; retry when one ends", 1, {}, "requests")
             if count:
                 self.inflight_by_tenant[tenant.name] = held + 1
         if count:
@@ -170,9 +172,7 @@ class ChatService:
     def _leave(self, tenant) -> None:
         self.inflight -= 1
         if tenant is not None:
-            left = self.inflight_by_tenant.pop(tenant.name) - 1
-            if left:
-                self.inflight_by_tenant[tenant.name] = left
+            _take(self.inflight_by_tenant, tenant.name, 1)
 
     def end_in_flight(self) -> int:
         """End every request in flight with a 503 ``server_shutting_down`` (an error event for a stream that has
@@ -242,12 +242,13 @@ class ChatService:
         # its requests per minute on refusals), and before the body is read: refused at once.
         self.admit(["backbone"])
         tenant = getattr(request.state, "tenant", None)
+        self._enter(tenant, count=False)  # past its share (bodies being received too): refused before it is counted
         admission = await self._rate(tenant, ids.server)  # a 429
         ids = replace(ids, rate=tuple(admission.headers.items()))
         try:
-            self._enter(tenant, count=False)  # past its share: refused before its body is read
             # A client still sending its body holds no slot of ``max_inflight`` (slow senders would take them all: a
-            # slowloris); the bodies being received are bounded in bytes instead (``_read_body``).
+            # slowloris); the bodies being received are bounded in bytes instead (``_read_body``), and a key's
+            # count toward its share.
             body = await self._or_closing(self._read_body(request, tenant))
             self.admit(["backbone"])
             self._enter(tenant)
@@ -323,6 +324,7 @@ class ChatService:
         as the Realtime protocol's ``max_output_tokens`` means."""
         arrival = time.perf_counter()
         self.admit(["backbone"])  # a refusal for load counts toward no rate limit
+        self._enter(tenant, count=False)
         admission = await self._rate(tenant, rid)
         try:
             self._enter(tenant)
@@ -402,6 +404,8 @@ class ChatService:
         tenant_limit = (limit * tenant_share(self.cfg, self.tenants()) // max(1, self.cfg.max_inflight)
                         if name is not None else limit)
         small = min(SMALL_BODY, self.cfg.max_body_bytes // 16)
+        if name is not None:  # one key's slow bodies held every connection the gateway keeps (a regression tester's)
+            self.bodies_by_tenant[name] = self.bodies_by_tenant.get(name, 0) + 1
         try:
             try:
                 async with asyncio.timeout(self.cfg.body_timeout_s):  # a slow client cannot hold a buffer for long
@@ -434,10 +438,10 @@ class ChatService:
             raise
         finally:
             self.receiving -= size
-            if name is not None and size:
-                left = self.receiving_by_tenant.pop(name) - size
-                if left:
-                    self.receiving_by_tenant[name] = left
+            if name is not None:
+                _take(self.bodies_by_tenant, name, 1)
+                if size:
+                    _take(self.receiving_by_tenant, name, size)
         return b"".join(chunks)
 
     def namespace(self, tenant) -> str:
@@ -682,6 +686,13 @@ def _event_error(ev: m.TokenEvent, req: ChatCompletionRequest) -> APIError:
     if ev.code == m.ErrorCode.GAVE_UP:
         return Internal(ev.error or "the request was given up on", code="dead_lettered")
     return Internal(ev.error or "the backbone failed this request")
+
+
+def _take(counts: dict[str, int], name: str, n: int) -> None:
+    """Take ``n`` off ``counts[name]``, dropping it at 0 (a tenant with nothing held holds no entry)."""
+    left = counts.pop(name) - n
+    if left:
+        counts[name] = left
 
 
 def tenant_share(cfg: GatewayConfig, tenants: int) -> int:

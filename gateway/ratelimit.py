@@ -91,6 +91,8 @@ class RateLimiter:
             headers.update({"x-ratelimit-limit-tokens": str(tpm),
                             "x-ratelimit-remaining-tokens": str(max(tpm - tokens, 0)),
                             "x-ratelimit-reset-tokens": f"{reset}s"})
+        if (rpm and requests > rpm) or (tpm and tokens >= tpm):
+            self._give_back(tenant, req_key, 1)  # refused: not counted (else a burst's refusals held the window)
         if rpm and requests > rpm:
             log.debug("rate limited", extra={"tenant": tenant.name, "limit": "requests"})  # the refusal is logged
             raise RateLimited(f"rate limit reached: {rpm} requests per minute; retry in {reset} s", reset, headers,
@@ -158,7 +160,11 @@ class RateLimiter:
         try:
             return await pipe.execute()
         except BaseException:
-            task = asyncio.get_running_loop().create_task(self._add(tenant, key, -n))
-            self._giving_back.add(task)  # held: a task only the loop refers to may be collected before it runs
-            task.add_done_callback(self._giving_back.discard)
+            self._give_back(tenant, key, n)
             raise
+
+    def _give_back(self, tenant, key: str, n: int) -> None:
+        """Take ``n`` off the counter ``key``, in a task of its own (best effort)."""
+        task = asyncio.get_running_loop().create_task(self._add(tenant, key, -n))
+        self._giving_back.add(task)  # held: a task only the loop refers to may be collected before it runs
+        task.add_done_callback(self._giving_back.discard)

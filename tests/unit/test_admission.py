@@ -219,6 +219,7 @@ def test_a_keys_bodies_being_received_are_bounded_to_its_share():
     svc.metrics, svc.tenants = GatewayMetrics(), lambda: 4  # each key's share: a quarter
     share = 1024 * RECEIVING_BODIES // 4
     svc.receiving, svc.receiving_by_tenant = share - 10, {"alice": share - 10}  # alice's bodies, arriving
+    svc.bodies_by_tenant = {"alice": 2}
     alice, bob = SimpleNamespace(name="alice"), SimpleNamespace(name="bob")
     with pytest.raises(RateLimited, match="its share"):
         asyncio.run(svc._read_body(body(100), alice))
@@ -226,6 +227,7 @@ def test_a_keys_bodies_being_received_are_bounded_to_its_share():
     assert asyncio.run(svc._read_body(body(1000), bob)) == b"x" * 1000
     assert asyncio.run(svc._read_body(body(64), alice)) == b"x" * 64  # small: taken
     assert svc.receiving == share - 10 and svc.receiving_by_tenant == {"alice": share - 10}
+    assert svc.bodies_by_tenant == {"alice": 2}
 
 
 def test_a_body_its_client_cut_off_is_freed_at_once_not_when_the_garbage_collector_runs():
@@ -304,11 +306,12 @@ def test_refusals_for_load_count_toward_no_rate_limit(redis_url):
     assert asyncio.run(scenario()).headers["x-ratelimit-remaining-requests"] == "1"
 
 
-def test_refusals_for_the_keys_share_give_their_count_back_and_carry_the_rate_headers(redis_url):
-    """A request past its key's share of ``max_inflight`` is refused (429) once it has been counted toward its
-    tenant's requests per minute (the count needs Redis); its count is given back: an outside tester's burst of 12
-    through the SDK (whose retries meet the share) was counted 21 times, and the tenant was then locked out for the
-    rest of the minute. The refusal carries the tenant's x-ratelimit-* headers, as every answer to it does."""
+def test_refusals_for_the_keys_share_count_toward_no_rate_limit(redis_url):
+    """A request past its key's share of ``max_inflight`` is refused (429) before it is counted toward its tenant's
+    requests per minute: an outside tester's burst of 12 through the SDK (whose retries meet the share) was counted
+    21 times, and the tenant was then locked out for the rest of the minute; refused after the count, with the count
+    given back later, a burst still saw its own refusals counted. A request refused for its rate is not counted
+    either: the window holds the requests it let through."""
     from types import SimpleNamespace
 
     from cache.client import connect_async
@@ -326,23 +329,30 @@ def test_refusals_for_the_keys_share_give_their_count_back_and_carry_the_rate_he
         svc.monitor = SimpleNamespace(view=view())
         svc.limiter = RateLimiter(connect_async(redis_url), Keys("share"))
         svc.tenants = lambda: 4
-        svc.inflight, svc.inflight_by_tenant = 2, {"fay": 2}  # fay holds her share (8 // 4)
+        svc.inflight, svc.inflight_by_tenant, svc.bodies_by_tenant = 2, {"fay": 1}, {"fay": 1}  # her share (8 // 4)
         request = SimpleNamespace(state=SimpleNamespace(tenant=tenant))
         for _ in range(5):
-            with pytest.raises(RateLimited) as info:
+            with pytest.raises(RateLimited, match="its share") as info:
                 await svc.handle(request, RequestIds("req-share", None))
-            headers = info.value.response().headers
-            assert headers["x-ratelimit-limit-requests"] == "10" and headers["retry-after"] == "1"
-            with pytest.raises(RateLimited):
+            assert info.value.response().headers["retry-after"] == "1"
+            with pytest.raises(RateLimited, match="its share"):
                 await anext(svc.respond("r", b"{}", asyncio.Event(), "realtime", tenant=tenant))
+        first = await svc.limiter.admit(tenant)  # the first it counts
+        for _ in range(9):
+            await svc.limiter.admit(tenant)
+        for _ in range(3):  # past the limit: refused, and not counted
+            with pytest.raises(RateLimited, match="10 requests per minute"):
+                await svc.limiter.admit(tenant)
         await asyncio.sleep(0.5)  # the give-backs run
-        return await svc.limiter.admit(tenant)
+        key = svc.limiter._window(tenant)[0]
+        return first, int(await svc.limiter.r.get(key))
 
     import time
 
     if time.time() % 60 > 58:  # the counts are per minute: all in one window
         time.sleep(2.5)
-    assert asyncio.run(scenario()).headers["x-ratelimit-remaining-requests"] == "9"
+    first, counted = asyncio.run(scenario())
+    assert first.headers["x-ratelimit-remaining-requests"] == "9" and counted == 10
 
 
 def test_large_bodies_are_parsed_one_at_a_time_and_small_ones_beside_them():
@@ -410,12 +420,12 @@ def test_realtime_handshakes_arriving_while_the_rate_limit_is_read_still_meet_th
         return {}
 
     class Ws:
-        scope, query_params = {"subprotocols": ()}, {}
+        query_params, headers = {}, {}
 
         def __init__(self, app):
-            self.app = app
+            self.app, self.scope = app, {"subprotocols": ()}
 
-        async def accept(self, subprotocol=None):
+        async def accept(self, subprotocol=None, headers=None):
             pass
 
         async def close(self, code=1000, reason=""):
