@@ -811,7 +811,9 @@ class BackboneWorker:
             raise StepFailure(m.ErrorCode.CANCELLED, "the request was cancelled while queued")
         out = []
         for ref, data in zip(plan.media, blobs):
-            if data is None:
+            if data is None:  # expired; or a hash left without its tensor, dropped so that it is encoded again
+                with contextlib.suppress(RedisError, RedisClusterException):
+                    self.fetch_r.delete(ref.tensor_key)
                 raise StepFailure(m.ErrorCode.MEDIA_EXPIRED, f"cached {ref.modality.value} tensor expired")
             try:
                 tensor = self._cached_tensor(ref, data)
@@ -825,8 +827,6 @@ class BackboneWorker:
                     self.fetch_r.delete(ref.tensor_key)
                 raise StepFailure(m.ErrorCode.MEDIA_EXPIRED, f"cached {ref.modality.value} tensor was unreadable "
                                                              f"({exc}); dropped") from exc
-            if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
-                raise StepFailure(m.ErrorCode.INTERNAL, f"cached {ref.modality.value} tensor holds non-finite values")
             if self.engine.model.device.type == "cuda":
                 tensor = tensor.pin_memory()  # so fusing copies it to the GPU without waiting
             out.append((ref.modality.value, tensor))
@@ -840,6 +840,9 @@ class BackboneWorker:
         width = self.engine.model.cfg.hidden_size
         if tensor.dim() != 2 or tensor.shape[0] != ref.num_tokens or tensor.shape[1] != width:
             raise CodecError(f"shape {list(tensor.shape)}, where the plan has {ref.num_tokens} rows of {width}")
+        # An encoder publishes only finite outputs (encoders/worker.py checks them): these are damage, not a model's
+        if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+            raise CodecError("it holds values that are not finite")
         return tensor
 
     def _error_event(self, plan: m.PromptPlan, code: m.ErrorCode, error: str, worker: str | None = None,

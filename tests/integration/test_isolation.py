@@ -162,8 +162,9 @@ def test_a_poisoned_plan_and_extreme_sampling_fail_or_run_alone(backbone, redis_
     for rid, code, words in [("top-p-zero", m.ErrorCode.BAD_PLAN, "top_p"),
                              ("nan-temperature", m.ErrorCode.BAD_PLAN, "temperature"),
                              ("outside-vocab", m.ErrorCode.BAD_PLAN, "vocabulary"),
-                             ("poisoned-media", m.ErrorCode.INTERNAL, "non-finite")]:
+                             ("poisoned-media", m.ErrorCode.MEDIA_EXPIRED, "not finite")]:
         last = got[rid][-1]
         assert (last.finish, last.code) == (m.FinishReason.ERROR, code) and words in last.error, last
+    assert not r.exists(poisoned_key)  # dropped: its gateway encodes the media again (none would write NaN)
     assert r.xpending(KEYS.gen(), BACKBONE_GROUP)["pending"] == 0
     assert backbone.poll() is None  # same process, still serving

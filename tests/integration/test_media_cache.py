@@ -209,18 +209,18 @@ def test_hit_skips_the_encoder_and_expiry_brings_it_back(tiers, tiny_model, tiny
     assert r.exists(key)
 
 
-@pytest.mark.parametrize("damage", ["data", "count", "shape", "type"])
+@pytest.mark.parametrize("damage", ["data", "count", "shape", "type", "nan", "no-data"])
 def test_a_damaged_cache_entry_is_dropped_and_encoded_again(tiers, tiny_model, tiny_spec, redis_server, damage):
-    """An entry whose tensor is not safetensors, whose row count is not a number, whose tensor has another shape,
-    or whose key is not a hash at all: the request sending that media is answered as a cold one would be (the
-    entry dropped, the media encoded again), where it got a 500, a 500, a 400 blaming the client and a 503
-    "Redis unavailable" for as long as the media kept being sent (each lookup refreshed the entry; an outside
-    tester's)."""
+    """An entry whose tensor is not safetensors, whose row count is not a number, whose tensor has another shape
+    or values that are not finite, that has a count but no tensor, or whose key is not a hash at all: the request
+    sending that media is answered as a cold one would be (the entry dropped, the media encoded again), where it got
+    a 500, a 500, a 400 blaming the client, a 500, a 503 and a 503 "Redis unavailable" for as long as the media kept
+    being sent (each lookup refreshed the entry; outside testers')."""
     from cache.codec import encode_tensor
 
     urls, _ = tiers
     r = redis.Redis.from_url(redis_server.url)
-    data = png_bytes(33, 29, seed=200 + ["data", "count", "shape", "type"].index(damage))
+    data = png_bytes(33, 29, seed=200 + ["data", "count", "shape", "type", "nan", "no-data"].index(damage))
     img = image_part(data)
     key = KEYS.tensor(tiny_spec.encoder_id("image"), digest_of(tiny_spec, data))
     cold = greedy(urls[0], tiny_model.name, img)
@@ -232,6 +232,11 @@ def test_a_damaged_cache_entry_is_dropped_and_encoded_again(tiers, tiny_model, t
         r.hset(key, "n", b"abc")
     elif damage == "shape":
         r.hset(key, "data", encode_tensor(torch.zeros(rows - 1, 7)))
+    elif damage == "nan":
+        r.hset(key, "data", encode_tensor(torch.full((rows, tiny_spec.config["text_config"]["hidden_size"]),
+                                                     float("nan"))))
+    elif damage == "no-data":
+        r.hdel(key, "data")
     else:
         ttl = r.ttl(key)
         r.delete(key)
