@@ -140,6 +140,7 @@ def create_app(cfg: GatewayConfig):
             log.info("request refused", extra={"request_id": rid, "client_request_id": ids.client,
                                                "status": exc.status, "code": exc.code,
                                                "tenant": tenant.name if tenant else None, "error": exc.message})
+            metrics.error(exc.status, exc.code)
             return exc.response(ids.headers())
         except ClientGone:
             log.info("client disconnected", extra={"request_id": rid})
@@ -147,8 +148,10 @@ def create_app(cfg: GatewayConfig):
         except Exception as exc:
             if redis_failure(exc):
                 log.error("redis unavailable", extra={"request_id": rid, "error": f"{type(exc).__name__}: {exc}"})
+                metrics.error(503, "redis_unavailable")
                 return redis_unavailable(exc).response(ids.headers())
             log.exception("unhandled error", extra={"request_id": rid})
+            metrics.error(500, None)
             return Internal("internal error; see the gateway log for request " + rid).response(ids.headers())
 
     def model_card() -> dict:

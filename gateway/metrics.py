@@ -103,6 +103,9 @@ class GatewayMetrics:
                                multiprocess_mode="livesum", registry=r)
         self.realtime = Gauge("tributary_realtime_connections", "Realtime WebSocket connections this gateway holds",
                               multiprocess_mode="livesum", registry=r)
+        self.errors = Counter("tributary_request_errors", "Chat requests answered with an error before any token, by "
+                              "HTTP status and error code (a 504's says which wait ran out)", ["status", "code"],
+                              registry=r)
         self.redis_up = Gauge("tributary_redis_up", "1 while this gateway's last beat reached Redis, else 0 (the "
                               "queue and live-worker series are absent meanwhile)", multiprocess_mode="livemin",
                               registry=r)
@@ -123,6 +126,10 @@ class GatewayMetrics:
 
     def reject(self, code: str | None) -> None:
         self.rejected.labels(code or "unknown").inc()
+
+    def error(self, status: int, code: str | None) -> None:
+        """An error answer (the codes are the server's own words, never a client's: the labels stay bounded)."""
+        self.errors.labels(str(status), code or "none").inc()
 
     def cache(self, modality: str, hit: bool) -> None:
         (self.cache_hits if hit else self.cache_misses)[modality].inc()

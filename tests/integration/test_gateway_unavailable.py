@@ -93,3 +93,6 @@ def test_no_live_worker_is_a_fast_503(lone_gateway, tiny_model, content, what):
     err = r.json()["error"]
     assert err["code"] == "no_live_worker" and what in err["message"]
     assert time.monotonic() - t0 < 5
+    counted = [line for line in httpx.get(f"{lone_gateway}/metrics").text.splitlines()
+               if line.startswith('tributary_request_errors_total{code="no_live_worker",status="503"}')]
+    assert counted and float(counted[0].split()[-1]) >= 1, counted
