@@ -327,6 +327,7 @@ def test_multiprocess_mode_merges_every_gateway_process(tmp_path):
 def known_samples() -> set[str]:
     """Every sample name the gateway, an encoder and a backbone export (the queue metrics as their leader)."""
     g = GatewayMetrics()
+    g.error(504, "token_timeout")  # a labelled series exports nothing before its first count
     cluster = ClusterMetrics(None, Keys(), TIERS, "gw")
     cluster.leader, cluster.at = True, time.monotonic()
     cluster.snapshot = {t: {"length": 0, "pending": 0, "lag": 0, "live": 1, "stats": {"tokens": 1.0}} for t in TIERS}
