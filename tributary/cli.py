@@ -187,8 +187,8 @@ def _admission(p: argparse.ArgumentParser) -> None:
                                   "Retry-After", "MAX_INFLIGHT"))
     p.add_argument("--max-connections", type=NONNEG_INT, default=_env("MAX_CONNECTIONS", "0"),
                    help=_env_help("open connections one gateway keeps; past it the longest idle one is closed to "
-                                  "make room (once idle 1 s), else the one trickling its headers longest (past 1 s), or with neither "
-                                  "a new one may only ask /health, /ready or /metrics "
+                                  "make room (once idle 1 s), else the one trickling its headers longest (past "
+                                  "1 s), or with neither a new one may only ask /health, /ready or /metrics "
                                   "(64 more at most) and anything else is a 503 server_overloaded (default 0: the "
                                   "file-descriptor limit, raised to its hard limit, less 256)", "MAX_CONNECTIONS"))
     p.add_argument("--max-backlog", type=POSITIVE_INT, default=_env("MAX_BACKLOG", "1024"),
