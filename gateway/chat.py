@@ -169,6 +169,15 @@ class ChatService:
             if exc.status in (429, 503):
                 self._spawn(self.limiter.uncount(tenant, admission))
 
+    def _sending(self, tenant, n: int) -> None:
+        """Count (1) or uncount (-1) a request of ``tenant`` receiving its body (toward its share: ``_enter``)."""
+        if tenant is None:
+            return
+        if n > 0:
+            self.bodies_by_tenant[tenant.name] = self.bodies_by_tenant.get(tenant.name, 0) + n
+        else:
+            _take(self.bodies_by_tenant, tenant.name, -n)
+
     def _leave(self, tenant) -> None:
         self.inflight -= 1
         if tenant is not None:
@@ -243,14 +252,24 @@ class ChatService:
         self.admit(["backbone"])
         tenant = getattr(request.state, "tenant", None)
         self._enter(tenant, count=False)  # past its share (bodies being received too): refused before it is counted
-        admission = await self._rate(tenant, ids.server)  # a 429
-        ids = replace(ids, rate=tuple(admission.headers.items()))
+        # A client still sending its body holds no slot of ``max_inflight`` (slow senders would take them all: a
+        # slowloris); the bodies being received are bounded in bytes instead (``_read_body``), and a key's count
+        # toward its share, from the instant its share is checked (a burst arriving together passed the check all
+        # at once when they were counted after the rate's round trip: a regression tester's 29 of 29 admitted).
+        self._sending(tenant, 1)
+        admission = None
         try:
-            # A client still sending its body holds no slot of ``max_inflight`` (slow senders would take them all: a
-            # slowloris); the bodies being received are bounded in bytes instead (``_read_body``), and a key's
-            # count toward its share.
+            admission = await self._rate(tenant, ids.server)  # a 429
+            ids = replace(ids, rate=tuple(admission.headers.items()))
             body = await self._or_closing(self._read_body(request, tenant))
             self.admit(["backbone"])
+        except BaseException as exc:
+            if admission is not None:
+                self._refused_after_count(exc, tenant, admission)
+            raise
+        finally:
+            self._sending(tenant, -1)
+        try:
             self._enter(tenant)
         except BaseException as exc:
             self._refused_after_count(exc, tenant, admission)
@@ -404,8 +423,6 @@ class ChatService:
         tenant_limit = (limit * tenant_share(self.cfg, self.tenants()) // max(1, self.cfg.max_inflight)
                         if name is not None else limit)
         small = min(SMALL_BODY, self.cfg.max_body_bytes // 16)
-        if name is not None:  # one key's slow bodies held every connection the gateway keeps (a regression tester's)
-            self.bodies_by_tenant[name] = self.bodies_by_tenant.get(name, 0) + 1
         try:
             try:
                 async with asyncio.timeout(self.cfg.body_timeout_s):  # a slow client cannot hold a buffer for long
@@ -438,10 +455,8 @@ class ChatService:
             raise
         finally:
             self.receiving -= size
-            if name is not None:
-                _take(self.bodies_by_tenant, name, 1)
-                if size:
-                    _take(self.receiving_by_tenant, name, size)
+            if name is not None and size:
+                _take(self.receiving_by_tenant, name, size)
         return b"".join(chunks)
 
     def namespace(self, tenant) -> str:

@@ -652,9 +652,10 @@ def test_media_are_checked_when_their_item_is_created_and_response_errors_name_t
 
 
 def test_max_output_tokens_is_a_cap_inf_is_the_context_and_a_full_conversation_refuses_at_create(cluster):
-    """"inf" stopped at the REST default of 256 tokens, and a cap beyond the context made every response fail;
-    both run to the context's end now. A response whose answer has no room in a full conversation is refused at
-    ``response.create`` (it failed halfway through its events, out of order)."""
+    """"inf" stopped at the REST default of 256 tokens, and a cap of the whole context made every response fail;
+    both run to the context's end now (a cap past the context is refused: the malformed-events test). A response
+    whose answer has no room in a full conversation is refused at ``response.create`` (it failed halfway through
+    its events, out of order)."""
     from gateway.realtime import MAX_ITEMS
 
     with raw(cluster) as ws:
@@ -662,7 +663,7 @@ def test_max_output_tokens_is_a_cap_inf_is_the_context_and_a_full_conversation_r
         ws.send(json.dumps({"type": "conversation.item.create", "item": {
             "type": "message", "role": "user", "content": [{"type": "input_text", "text": "go on"}]}}))
         next_of(ws, "conversation.item.done")
-        for cap in ("inf", 10**12):
+        for cap in ("inf", 1024):  # the tiny demo model's context
             ws.send(json.dumps({"type": "session.update", "session": {"max_output_tokens": cap}}))
             next_of(ws, "session.updated")
             # Greedy, the random demo model never says its end token here: the answer runs to the context's end.

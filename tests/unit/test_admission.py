@@ -538,3 +538,49 @@ def test_a_count_whose_round_trip_is_cut_is_given_back(redis_url, monkeypatch):
         return counts
 
     assert asyncio.run(scenario()) == (0, 0)
+
+
+def test_a_burst_of_one_keys_requests_meets_its_share_while_their_bodies_arrive(redis_url):
+    """Requests arriving together each passed the share check before any was counted (they were counted once the
+    rate limit's round trip was back): a regression tester's 29 slow-body requests of one key were all admitted,
+    holding nearly every connection. A request counts toward its key's share from the instant it is checked."""
+    from types import SimpleNamespace
+
+    from cache.client import connect_async
+    from cache.keys import Keys
+    from gateway.auth import Tenant
+    from gateway.chat import ChatService, RequestIds
+    from gateway.metrics import GatewayMetrics
+    from gateway.ratelimit import RateLimited, RateLimiter
+
+    tenant = Tenant("gus", "gus", rpm=1000)
+
+    class SlowBody:  # its headers came; its body never does
+        headers = {"content-length": "100"}
+        state = SimpleNamespace(tenant=tenant)
+
+        async def stream(self):
+            await asyncio.Event().wait()
+            yield b""
+
+    async def burst():
+        svc = ChatService.__new__(ChatService)
+        svc.cfg, svc.metrics, svc.closing, svc._tasks = cfg(max_inflight=8), GatewayMetrics(), False, set()
+        svc._closed = asyncio.Event()
+        svc.monitor = SimpleNamespace(view=view())
+        svc.limiter = RateLimiter(connect_async(redis_url), Keys("burst"))
+        svc.tenants = lambda: 4  # gus's share: 2
+        svc.inflight, svc.inflight_by_tenant, svc.bodies_by_tenant = 0, {}, {}
+        svc.receiving, svc.receiving_by_tenant = 0, {}
+        tasks = [asyncio.ensure_future(svc.handle(SlowBody(), RequestIds(f"r{i}", None))) for i in range(6)]
+        await asyncio.sleep(1.0)
+        refused = [t for t in tasks if t.done() and isinstance(t.exception(), RateLimited)]
+        waiting = [t for t in tasks if not t.done()]
+        counts = dict(svc.bodies_by_tenant)
+        for t in waiting:
+            t.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        return len(refused), len(waiting), counts, dict(svc.bodies_by_tenant)
+
+    refused, waiting, during, after = asyncio.run(burst())
+    assert (refused, waiting) == (4, 2) and during == {"gus": 2} and after == {}
