@@ -156,7 +156,7 @@ class ChatService:
                 raise RateLimited(f"this key has {held} requests in flight (or sending their bodies), its share of "
                                   f"this gateway's {self.cfg.max_inflight}; retry when one ends", 1, {}, "requests")
             if count:
-                self.inflight_by_tenant[tenant.name] = held + 1
+                self.inflight_by_tenant[tenant.name] = self.inflight_by_tenant.get(tenant.name, 0) + 1
         if count:
             self.inflight += 1
 

@@ -584,3 +584,26 @@ def test_a_burst_of_one_keys_requests_meets_its_share_while_their_bodies_arrive(
 
     refused, waiting, during, after = asyncio.run(burst())
     assert (refused, waiting) == (4, 2) and during == {"gus": 2} and after == {}
+
+
+def test_a_request_entering_while_another_of_its_key_sends_its_body_is_counted_once():
+    """The share counts a key's bodies being received beside its requests in flight; a request entering while
+    another's body came was counted in flight as both (the bodies leaked into the in-flight count for good: a CI run
+    saw the key's second request refused for a share it did not hold)."""
+    from types import SimpleNamespace
+
+    from gateway.chat import ChatService
+    from gateway.metrics import GatewayMetrics
+
+    svc = ChatService.__new__(ChatService)
+    svc.cfg, svc.metrics, svc.tenants = cfg(max_inflight=8), GatewayMetrics(), lambda: 4
+    svc.inflight, svc.inflight_by_tenant, svc.bodies_by_tenant = 0, {}, {}
+    erin = SimpleNamespace(name="erin")
+    svc._sending(erin, 1)  # B's body, arriving
+    svc._enter(erin)  # A, its body whole
+    assert svc.inflight_by_tenant == {"erin": 1} and svc.bodies_by_tenant == {"erin": 1}
+    svc._sending(erin, -1)
+    svc._enter(erin)  # B
+    svc._leave(erin)
+    svc._leave(erin)
+    assert svc.inflight_by_tenant == {} and svc.bodies_by_tenant == {} and svc.inflight == 0
