@@ -54,7 +54,6 @@ MEDIA_RETRIES = 2  # how often one request's media may be encoded again when its
 # A cancellation Redis failed to take is posted again (backoff up to 5 s) for this long: a request answered 503 while
 # Redis was paused had its queued plan run to its end for nobody once Redis came back (an outside tester's).
 CANCEL_RETRY_S = 120.0
-WAITING_NEXT = "waiting for the next token"  # past --token-timeout: code token_timeout (else first_token_timeout)
 RESET = object()  # put on every queue when Redis may have lost this gateway's queued work (gateway/monitor.py)
 
 
@@ -85,6 +84,10 @@ class Generation:
     media_retries: int = 0
     tokens: list[int] = field(default_factory=list)  # every token received, in order
     budget: int | None = None  # the completion tokens a backbone said the request may reach (TokenEvent.budget)
+    # When the wait's bound last started: the current attempt's start, or the last event taken. Not the last
+    # message: one skipped (a second run's tokens, an older attempt's) restarted it, and a silent worker's request
+    # waited as long as a duplicate run kept streaming (12.5 s for a 1 s bound, in a reviewer's test).
+    heard: float = field(default_factory=time.monotonic)
 
     def take(self, ev: m.TokenEvent) -> list[int] | None:
         """The event's tokens not seen yet (events carry their end position: ``completion_tokens``); None if the
@@ -156,11 +159,8 @@ class TierClient:
         and re-queued from where it is, up to ``MEDIA_RETRIES`` times."""
         gen = Generation(plan, queue)
         gen.entry_id = await bounded(self._submit(plan), "submitting", plan.request_id)
+        gen.heard = time.monotonic()  # the first attempt's wait starts once it is queued
         self.inflight[plan.request_id] = gen
-        # The wait's bound runs from the last event taken (or the attempt's start), not from the last message: a
-        # message skipped (a second run's tokens, an older attempt's) restarted it, and a silent worker's request
-        # waited as long as a duplicate run kept streaming (12.5 s for a 1 s bound, in a reviewer's test).
-        heard = time.monotonic()
         try:
             while True:
                 if gen.done:  # lost after its last token, before its finish: it is finished
@@ -168,9 +168,9 @@ class TierClient:
                                        prompt_tokens=len(plan.token_ids) - plan.resumed,
                                        completion_tokens=plan.resumed + len(gen.tokens), finish=m.FinishReason.LENGTH)
                     return
-                limit, what = self._bound(gen)
+                limit, what, code = self._bound(gen)
                 try:
-                    msg = await self._next(queue, heard + limit - time.monotonic(), what)
+                    msg = await self._next(queue, gen.heard + limit - time.monotonic(), what, code)
                 except Timeout:
                     # A worker that went silent mid-answer but still beats (a hung pipeline shard, a stuck device
                     # call: its loop's stall timeout is longer than this) is stuck for this request: it moves to
@@ -180,39 +180,34 @@ class TierClient:
                             or not self._others_live(gen.worker)):
                         log.warning("gave up waiting for the backbone", extra={
                             "request_id": plan.request_id, "worker": gen.worker, "attempt": gen.attempt,
-                            "tokens": len(gen.tokens), "waited_s": self._bound(gen)[0]})
+                            "tokens": len(gen.tokens), "waited_s": limit})
                         raise
                     await self._migrate(gen, f"no token from backbone worker {gen.worker} for "
                                              f"{self.cfg.token_timeout_s:g} s")
-                    heard = time.monotonic()
                     continue
                 if msg is RESET:
                     await self._migrate(gen, "Redis may have lost the request (its lease was gone)")
-                    heard = time.monotonic()
                     continue
                 if isinstance(msg, WorkerLost):
                     if msg.attempt == gen.attempt:
                         await self._migrate(gen, f"backbone worker {msg.worker} left the live set")
-                        heard = time.monotonic()
                     continue
                 if not isinstance(msg, m.TokenEvent) or msg.attempt != gen.attempt:
                     continue  # encode results, or an older attempt's events
                 if gen.worker and msg.worker and msg.worker != gen.worker:
                     continue  # a second run of this attempt (a plan queued twice): one worker's tokens only
-                heard = time.monotonic()
+                gen.heard = time.monotonic()
                 gen.worker = msg.worker or gen.worker
                 gen.budget = msg.budget if msg.budget is not None else gen.budget
                 new = gen.take(msg)
                 if new is None:
                     await self._migrate(gen, "token events were lost")
-                    heard = time.monotonic()
                     continue
                 if (msg.code == m.ErrorCode.MEDIA_EXPIRED and encode_again is not None and plan.media
                         and gen.media_retries < MEDIA_RETRIES):
                     gen.media_retries += 1
                     log.info("a cached tensor is gone; encoding again", extra={"request_id": plan.request_id})
                     await self._refresh_media(gen, await encode_again())
-                    heard = time.monotonic()
                     continue
                 lost = msg.finish == m.FinishReason.ERROR and msg.code == m.ErrorCode.WORKER_LOST
                 if new or (msg.finish is not None and not lost):
@@ -220,7 +215,6 @@ class TierClient:
                                                   code=None if lost else msg.code)
                 if lost:
                     await self._migrate(gen, msg.error or "the backbone worker was lost")
-                    heard = time.monotonic()
                     continue
                 if msg.finish is not None:
                     return
@@ -246,14 +240,15 @@ class TierClient:
         """Whether a backbone other than ``worker`` is live (as of the monitor's last beat)."""
         return self.view is not None and bool(self.view.live.get("backbone", set()) - {worker})
 
-    def _bound(self, gen: Generation) -> tuple[float, str]:
-        """How long the next wait may last: ``first_token_timeout_s`` until the current attempt's worker is heard
-        from (queueing + prefill), then ``token_timeout_s`` between events."""
+    def _bound(self, gen: Generation) -> tuple[float, str, str]:
+        """How long the next wait may last, what it waits for, and the code of its 504: ``first_token_timeout_s``
+        until the current attempt's worker is heard from (queueing + prefill), then ``token_timeout_s`` between
+        events."""
         if gen.worker:
-            return self.cfg.token_timeout_s, WAITING_NEXT
+            return self.cfg.token_timeout_s, "waiting for the next token", "token_timeout"
         if gen.attempt:
-            return self.cfg.first_token_timeout_s, "waiting for a backbone after a migration"
-        return self.cfg.first_token_timeout_s, "waiting for the first token"
+            return self.cfg.first_token_timeout_s, "waiting for a backbone after a migration", "first_token_timeout"
+        return self.cfg.first_token_timeout_s, "waiting for the first token", "first_token_timeout"
 
     async def _refresh_media(self, gen: Generation, refs: list[m.MediaRef]) -> None:
         """Requeue ``gen`` with fresh tensor keys for its media (the same content: the same placeholder counts)."""
@@ -297,6 +292,7 @@ class TierClient:
         self._cancel_from(pipe, rid, gen.attempt)  # older attempts stop
         pipe.xadd(self.keys.gen(), payload_fields(m.encode(cont)))
         *_, gen.entry_id = await bounded(pipe.execute(), "migrating", rid)
+        gen.heard = time.monotonic()  # the new attempt's wait starts
         self.migrations += 1
         self.on_migrate()
         log.warning("migrating request", extra={"request_id": rid, "attempt": gen.attempt, "reason": reason,
@@ -330,12 +326,11 @@ class TierClient:
             delay = min(2 * delay, 5.0)
 
     @staticmethod
-    async def _next(queue: asyncio.Queue, timeout: float, what: str):
+    async def _next(queue: asyncio.Queue, timeout: float, what: str, code: str):
         try:  # a message already queued is taken even with the bound spent (wait_for(..., 0) would not)
             msg = queue.get_nowait() if not queue.empty() else await asyncio.wait_for(queue.get(), max(timeout, 0.0))
         except asyncio.TimeoutError:
-            raise Timeout(f"timed out {what}", code="token_timeout" if what == WAITING_NEXT else "first_token_timeout"
-                          ) from None
+            raise Timeout(f"timed out {what}", code=code) from None
         if msg is DISCONNECTED:
             raise ClientGone()
         if isinstance(msg, APIError):  # the request is ended from outside (the gateway shutting down)
