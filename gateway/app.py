@@ -266,8 +266,7 @@ def create_app(cfg: GatewayConfig):
 
     def redis_away_s() -> float:  # for how long the monitor has found Redis away (0: up, or not checked yet)
         chat = getattr(app.state, "chat", None)
-        view = chat.monitor.view if chat is not None else None
-        return 0.0 if view is None or view.up or view.reason == "not checked yet" else time.monotonic() - view.since
+        return chat.monitor.view.away_s() if chat is not None else 0.0
 
     guarded.end_in_flight, guarded.redis_away_s = end_in_flight, redis_away_s
     return guarded

@@ -64,6 +64,10 @@ class ClusterView:
         return (self.up and self.reads_failing is None
                 and time.monotonic() - max(self.since, self.outage_ended) >= LIVE_WINDOW_S + HEARTBEAT_S)
 
+    def away_s(self) -> float:
+        """For how long Redis has been found away (0: up, or not checked yet)."""
+        return 0.0 if self.up or self.reason == "not checked yet" else time.monotonic() - self.since
+
     def live_count(self, tier: str) -> int | None:
         """Live workers of ``tier`` as last read (at most a beat old unless the reads fail); None if never read."""
         return len(self.live[tier]) if self.read_at is not None and tier in self.live else None
@@ -126,8 +130,7 @@ class ClusterMonitor:
         lease_was = res[0]
         view = self.view
         # Why the beats failed until now (Redis away, or refusing writes): the lease lapsed for that reason
-        outage = (view.reason, time.monotonic() - view.since) if not view.up and view.reason != "not checked yet" \
-            else None
+        outage = (view.reason, view.away_s()) if view.away_s() else None
         if not view.up:
             if view.reason != "not checked yet":
                 log.warning("redis is reachable again", extra={"down_s": round(time.monotonic() - view.since, 2)})

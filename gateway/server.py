@@ -99,11 +99,11 @@ def _error_response(status: int, reason: str, message: str, code: str, extra: by
                                                body))
 
 
-def _linger(protocol, seconds: float = LINGER_S) -> asyncio.TimerHandle | None:
+def _linger(protocol) -> asyncio.TimerHandle | None:
     """Close ``protocol``'s connection after its last answer, lingering: closed at once with the client's bytes
     unread (a request or frame still being sent), the kernel answers with a reset, which can destroy the answer
     before the client reads it. So the write side is shut, what still comes is dropped (``protocol._lingering``:
-    its ``data_received`` returns), and the socket is closed when the client closes it, or after ``seconds`` (the
+    its ``data_received`` returns), and the socket is closed when the client closes it, or after LINGER_S (the
     timer returned)."""
     transport = protocol.transport
     if not transport.can_write_eof():
@@ -112,7 +112,7 @@ def _linger(protocol, seconds: float = LINGER_S) -> asyncio.TimerHandle | None:
     transport.write_eof()
     protocol._lingering = True
     transport.resume_reading()  # a paused read would leave the client's bytes unread all the same
-    return protocol.loop.call_later(seconds, transport.close)
+    return protocol.loop.call_later(LINGER_S, transport.close)
 
 
 class Server(uvicorn.Server):
