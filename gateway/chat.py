@@ -156,7 +156,7 @@ class ChatService:
                 raise RateLimited(f"this key has {held} requests in flight (or sending their bodies), its share of "
                                   f"this gateway's {self.cfg.max_inflight}; retry when one ends", 1, {}, "requests")
             if count:
-                self.inflight_by_tenant[tenant.name] = self.inflight_by_tenant.get(tenant.name, 0) + 1
+                count_by(self.inflight_by_tenant, tenant.name, 1)
         if count:
             self.inflight += 1
 
@@ -171,17 +171,13 @@ class ChatService:
 
     def _sending(self, tenant, n: int) -> None:
         """Count (1) or uncount (-1) a request of ``tenant`` receiving its body (toward its share: ``_enter``)."""
-        if tenant is None:
-            return
-        if n > 0:
-            self.bodies_by_tenant[tenant.name] = self.bodies_by_tenant.get(tenant.name, 0) + n
-        else:
-            _take(self.bodies_by_tenant, tenant.name, -n)
+        if tenant is not None:
+            count_by(self.bodies_by_tenant, tenant.name, n)
 
     def _leave(self, tenant) -> None:
         self.inflight -= 1
         if tenant is not None:
-            _take(self.inflight_by_tenant, tenant.name, 1)
+            count_by(self.inflight_by_tenant, tenant.name, -1)
 
     def end_in_flight(self) -> int:
         """End every request in flight with a 503 ``server_shutting_down`` (an error event for a stream that has
@@ -430,7 +426,7 @@ class ChatService:
                         size += len(chunk)
                         self.receiving += len(chunk)
                         if name is not None:
-                            self.receiving_by_tenant[name] = self.receiving_by_tenant.get(name, 0) + len(chunk)
+                            count_by(self.receiving_by_tenant, name, len(chunk))
                         if size > self.cfg.max_body_bytes:
                             raise PayloadTooLarge(f"request body exceeds {self.cfg.max_body_bytes} bytes")
                         if (name is not None and self.receiving_by_tenant[name] > tenant_limit and size > small
@@ -456,7 +452,7 @@ class ChatService:
         finally:
             self.receiving -= size
             if name is not None and size:
-                _take(self.receiving_by_tenant, name, size)
+                count_by(self.receiving_by_tenant, name, -size)
         return b"".join(chunks)
 
     def namespace(self, tenant) -> str:
@@ -703,9 +699,10 @@ def _event_error(ev: m.TokenEvent, req: ChatCompletionRequest) -> APIError:
     return Internal(ev.error or "the backbone failed this request")
 
 
-def _take(counts: dict[str, int], name: str, n: int) -> None:
-    """Take ``n`` off ``counts[name]``, dropping it at 0 (a tenant with nothing held holds no entry)."""
-    left = counts.pop(name) - n
+def count_by(counts: dict[str, int], name: str, n: int) -> None:
+    """Add ``n`` (negative: take it off what it holds: a KeyError if it holds nothing) to ``counts[name]``, dropping
+    it at 0: a tenant holding nothing holds no entry."""
+    left = (counts.pop(name) if n < 0 else counts.pop(name, 0)) + n
     if left:
         counts[name] = left
 

@@ -69,7 +69,7 @@ import numpy as np
 from redis.exceptions import RedisError
 from starlette.websockets import WebSocket, WebSocketDisconnect, WebSocketDisconnected
 
-from gateway.chat import LARGE_PARSE, RequestIds, tenant_share
+from gateway.chat import LARGE_PARSE, RequestIds, count_by, tenant_share
 from gateway.errors import (
     MESSAGE_AT_MOST,
     PARAM_AT_MOST,
@@ -1271,7 +1271,7 @@ async def realtime_endpoint(ws: WebSocket) -> None:
     # held only between awaits).
     app.state.realtime_connections += 1
     if tenant:
-        app.state.realtime_by_tenant[tenant.name] = app.state.realtime_by_tenant.get(tenant.name, 0) + 1
+        count_by(app.state.realtime_by_tenant, tenant.name, 1)
     chat.metrics.realtime.set(app.state.realtime_connections)
     try:
         try:  # opening a session counts as a request toward the tenant's rate limit (a 429 here closes it)
@@ -1287,8 +1287,6 @@ async def realtime_endpoint(ws: WebSocket) -> None:
     finally:
         app.state.realtime_connections -= 1
         if tenant:
-            left = app.state.realtime_by_tenant.pop(tenant.name) - 1
-            if left:
-                app.state.realtime_by_tenant[tenant.name] = left
+            count_by(app.state.realtime_by_tenant, tenant.name, -1)
         chat.metrics.realtime.set(app.state.realtime_connections)
         log.info("realtime closed", extra={"request_id": ids.server, "session_id": session.session_id})
