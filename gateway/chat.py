@@ -167,7 +167,7 @@ class ChatService:
         if isinstance(exc, APIError):
             exc.rate = tuple(admission.headers.items())
             if exc.status in (429, 503):
-                self._spawn(self.limiter.uncount(tenant, admission))
+                self.limiter.uncount(tenant, admission)
 
     def _sending(self, tenant, n: int) -> None:
         """Count (1) or uncount (-1) a request of ``tenant`` receiving its body (toward its share: ``_enter``)."""

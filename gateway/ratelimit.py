@@ -103,10 +103,10 @@ class RateLimiter:
                               "tokens")
         return Admission(headers, req_key)
 
-    async def uncount(self, tenant, admission: Admission) -> None:
-        """Give back a request's count: it was refused for load after it was counted (best effort)."""
+    def uncount(self, tenant, admission: Admission) -> None:
+        """Give back a request's count, in a task of its own: it was refused for load after it was counted."""
         if admission.key is not None:
-            await self._add(tenant, admission.key, -1)
+            self._give_back(tenant, admission.key, 1)
 
     async def reserve(self, tenant, tokens: int) -> Reservation | None:
         """Count ``tokens`` (a request's prompt and its budget, what it may take) in its tenant's window before it
