@@ -812,8 +812,7 @@ class BackboneWorker:
         out = []
         for ref, data in zip(plan.media, blobs):
             if data is None:  # expired; or a hash left without its tensor, dropped so that it is encoded again
-                with contextlib.suppress(RedisError, RedisClusterException):
-                    self.fetch_r.delete(ref.tensor_key)
+                self._drop_cached(ref)
                 raise StepFailure(m.ErrorCode.MEDIA_EXPIRED, f"cached {ref.modality.value} tensor expired")
             try:
                 tensor = self._cached_tensor(ref, data)
@@ -823,14 +822,18 @@ class BackboneWorker:
                 # failed (a 500, a 400 blaming the client, a 503 "Redis unavailable") while lookups refreshed it.
                 log.warning("a cached tensor was unreadable; dropped", extra={
                     "request_id": plan.request_id, "key": ref.tensor_key, "error": str(exc)})
-                with contextlib.suppress(RedisError, RedisClusterException):
-                    self.fetch_r.delete(ref.tensor_key)
+                self._drop_cached(ref)
                 raise StepFailure(m.ErrorCode.MEDIA_EXPIRED, f"cached {ref.modality.value} tensor was unreadable "
                                                              f"({exc}); dropped") from exc
             if self.engine.model.device.type == "cuda":
                 tensor = tensor.pin_memory()  # so fusing copies it to the GPU without waiting
             out.append((ref.modality.value, tensor))
         return out
+
+    def _drop_cached(self, ref: m.MediaRef) -> None:
+        """Delete a cache entry found damaged (best effort: the gateway's lookup drops it too)."""
+        with contextlib.suppress(RedisError, RedisClusterException):
+            self.fetch_r.delete(ref.tensor_key)
 
     def _cached_tensor(self, ref: m.MediaRef, data) -> torch.Tensor:
         """A cache entry's tensor, CodecError unless it is one of ``ref``'s rows by the model's width."""
