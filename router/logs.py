@@ -43,7 +43,10 @@ def _clean(value):
 REQUEST_ID: ContextVar[str | None] = ContextVar("request_id", default=None)
 
 
-def _with_request_id(fields: dict) -> dict:
+def _fields(record: logging.LogRecord) -> dict:
+    """The record's ``extra`` fields, pipeline arguments written out, with the request id of the context when it
+    names none."""
+    fields = {k: _clean(v) for k, v in vars(record).items() if k not in _STANDARD}
     if fields.get("request_id") is None and (rid := REQUEST_ID.get()) is not None:
         fields["request_id"] = rid
     return fields
@@ -64,8 +67,7 @@ class JsonFormatter(logging.Formatter):
             "logger": record.name,
             "msg": _without_arguments(record.getMessage()),
         }
-        out.update({k: _clean(v) for k, v in vars(record).items() if k not in _STANDARD})
-        _with_request_id(out)
+        out.update(_fields(record))
         if record.exc_info:
             out["exc"] = _without_arguments(self.formatException(record.exc_info))
         return json.dumps(out, default=str)
@@ -76,8 +78,7 @@ class TextFormatter(JsonFormatter):
 
     def format(self, record: logging.LogRecord) -> str:
         clock = time.strftime("%H:%M:%S", time.localtime(record.created)) + f".{int(record.msecs):03d}"
-        extra = _with_request_id({k: v for k, v in vars(record).items() if k not in _STANDARD})
-        fields = " ".join(f"{k}={_short(_clean(v))}" for k, v in extra.items())
+        fields = " ".join(f"{k}={_short(v)}" for k, v in _fields(record).items())
         line = f"{clock} {record.levelname:<7} {self.tier:<14} {_plain(_without_arguments(record.getMessage()))}" + (
             f"  {fields}" if fields else "")
         if record.exc_info:
