@@ -28,6 +28,17 @@ def body(model: str, stream: bool, max_tokens: int) -> dict:
             "max_tokens": max_tokens, "temperature": 0}
 
 
+def end(*procs: subprocess.Popen) -> None:
+    """Stop what a test left running: SIGTERM, then SIGKILL after 30 s."""
+    for proc in procs:
+        if proc.poll() is None:
+            proc.terminate()
+            try:
+                proc.wait(30)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+
+
 def test_requests_still_running_when_the_graceful_period_ends_get_an_answer(tiny_model, redis_url):
     backbone = start_tier(["backbone", "--model", str(tiny_model), "--threads", "1"], redis_url, "backbone")
     gateway, base = start_gateway(tiny_model, redis_url, "--graceful-timeout", str(GRACEFUL_S),
@@ -105,13 +116,7 @@ def test_requests_still_running_when_the_graceful_period_ends_get_an_answer(tiny
     finally:
         if stopped:
             os.kill(backbone.pid, signal.SIGCONT)
-        for proc in (gateway, backbone):
-            if proc.poll() is None:
-                proc.terminate()
-                try:
-                    proc.wait(30)
-                except subprocess.TimeoutExpired:
-                    proc.kill()
+        end(gateway, backbone)
 
 
 def test_a_realtime_answer_in_progress_ends_before_its_socket_closes(tiny_model, redis_url):
@@ -160,13 +165,7 @@ def test_a_realtime_answer_in_progress_ends_before_its_socket_closes(tiny_model,
             assert closed.value.rcvd.code == 1012
         gateway.communicate(timeout=GRACEFUL_S + 20)
     finally:
-        for proc in (gateway, backbone):
-            if proc.poll() is None:
-                proc.terminate()
-                try:
-                    proc.wait(30)
-                except subprocess.TimeoutExpired:
-                    proc.kill()
+        end(gateway, backbone)
 
 
 def test_requests_are_answered_at_once_when_redis_is_away_during_the_shutdown(tiny_model):
@@ -210,7 +209,4 @@ def test_requests_are_answered_at_once_when_redis_is_away_during_the_shutdown(ti
             assert "redis is away while the gateway shuts down" in out
         finally:
             os.kill(backbone.pid, signal.SIGCONT)
-            for proc in (gateway, backbone):
-                if proc.poll() is None:
-                    proc.kill()
-                    proc.wait(30)
+            end(gateway, backbone)

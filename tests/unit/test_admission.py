@@ -168,6 +168,17 @@ def test_bodies_being_received_are_bounded_in_bytes_not_slots():
     assert svc.receiving == 8 * RECEIVING_BODIES - 5  # what the refused body had received is released
 
 
+def sized_body(n: int):
+    """What ``ChatService._read_body`` uses of a Starlette request: ``n`` bytes, in one chunk."""
+    class Body:
+        headers = {"content-length": str(n)}
+
+        async def stream(self):
+            yield b"x" * n
+
+    return Body()
+
+
 def test_large_bodies_being_received_never_shut_out_small_ones():
     """16 clients sending 32 MB bodies slowly held the whole bound, and every other request, however small, got a
     503 (an outside reviewer's reading): a small body (at most 256 KiB and a 16th of --max-body-bytes) is never
@@ -176,22 +187,13 @@ def test_large_bodies_being_received_never_shut_out_small_ones():
     from gateway.chat import RECEIVING_BODIES, ChatService
     from gateway.metrics import GatewayMetrics
 
-    def body(n: int):
-        class Body:
-            headers = {"content-length": str(n)}
-
-            async def stream(self):
-                yield b"x" * n
-
-        return Body()
-
     svc = ChatService.__new__(ChatService)
     svc.cfg = GatewayConfig(model_dir="m", redis_url="redis://x", max_body_bytes=1024)
     svc.metrics = GatewayMetrics()
     svc.receiving = 1024 * RECEIVING_BODIES  # the bound, held by others
-    assert asyncio.run(svc._read_body(body(64))) == b"x" * 64  # small: taken
+    assert asyncio.run(svc._read_body(sized_body(64))) == b"x" * 64  # small: taken
     with pytest.raises(Overloaded, match="receiving"):
-        asyncio.run(svc._read_body(body(65)))  # over a 16th of the limit: refused
+        asyncio.run(svc._read_body(sized_body(65)))  # over a 16th of the limit: refused
     assert svc.receiving == 1024 * RECEIVING_BODIES
 
 
@@ -205,15 +207,6 @@ def test_a_keys_bodies_being_received_are_bounded_to_its_share():
     from gateway.metrics import GatewayMetrics
     from gateway.ratelimit import RateLimited
 
-    def body(n: int):
-        class Body:
-            headers = {"content-length": str(n)}
-
-            async def stream(self):
-                yield b"x" * n
-
-        return Body()
-
     svc = ChatService.__new__(ChatService)
     svc.cfg = GatewayConfig(model_dir="m", redis_url="redis://x", max_body_bytes=1024, max_inflight=16)
     svc.metrics, svc.tenants = GatewayMetrics(), lambda: 4  # each key's share: a quarter
@@ -222,10 +215,10 @@ def test_a_keys_bodies_being_received_are_bounded_to_its_share():
     svc.bodies_by_tenant = {"alice": 2}
     alice, bob = SimpleNamespace(name="alice"), SimpleNamespace(name="bob")
     with pytest.raises(RateLimited, match="its share"):
-        asyncio.run(svc._read_body(body(100), alice))
+        asyncio.run(svc._read_body(sized_body(100), alice))
     assert svc.receiving_by_tenant == {"alice": share - 10}  # what the refused body had received is released
-    assert asyncio.run(svc._read_body(body(1000), bob)) == b"x" * 1000
-    assert asyncio.run(svc._read_body(body(64), alice)) == b"x" * 64  # small: taken
+    assert asyncio.run(svc._read_body(sized_body(1000), bob)) == b"x" * 1000
+    assert asyncio.run(svc._read_body(sized_body(64), alice)) == b"x" * 64  # small: taken
     assert svc.receiving == share - 10 and svc.receiving_by_tenant == {"alice": share - 10}
     assert svc.bodies_by_tenant == {"alice": 2}
 
