@@ -85,6 +85,8 @@ class Decision:
     replicas: int  # what the tier should run now
     recommended: int  # this observation's raw recommendation, before stabilization and bounds
     reason: str  # why it changed (or "" when it did not)
+    held: int | None = 0  # replicas it would run had the ``ceiling`` allowed (0: none held back; None: in cooldown,
+    # no decision made)
 
 
 class TierScaler:
@@ -129,13 +131,15 @@ class TierScaler:
         while len(self._recs) > 1 and obs.t - self._recs[1][0] >= horizon:
             self._recs.popleft()
         if obs.t - self._last_change < p.cooldown_s:
-            return Decision(self.replicas, rec, "")
+            return Decision(self.replicas, rec, "", None)
         up = self._stable(obs.t, p.upscale_delay_s, min)
         down = self._stable(obs.t, p.downscale_delay_s, max)
-        target, reason = self.replicas, ""
+        target, reason, held = self.replicas, "", 0
         if up is not None and up > self.replicas:
             hi = p.max_replicas if ceiling is None else min(p.max_replicas, max(ceiling, self.replicas))
             target = min(up, self.replicas + p.max_step_up, hi)
+            wanted = min(up, self.replicas + p.max_step_up, p.max_replicas)
+            held = wanted if wanted > target else 0
             reason = (f"{obs.entries} jobs ({obs.queued} queued) for {self.replicas} replica(s) "
                       f"for {p.upscale_delay_s:g} s")
         elif down is not None and down < self.replicas:
@@ -143,8 +147,8 @@ class TierScaler:
             reason = f"demand of at most {down} replica(s) for {p.downscale_delay_s:g} s"
         if target != self.replicas:
             self.replicas, self._last_change = target, obs.t
-            return Decision(target, rec, reason)
-        return Decision(self.replicas, rec, "")
+            return Decision(target, rec, reason, held)
+        return Decision(self.replicas, rec, "", held)
 
     def _stable(self, now: float, window: float, pick) -> int | None:
         """``pick`` (min or max) of the recommendations within the last ``window`` seconds, once the history covers

@@ -19,7 +19,9 @@ and starts or drains worker processes to match through the supervisor:
   heartbeat reads, router/liveness.py). ONNX Runtime sessions keep the thread count they were created with.
 
 A Redis error skips the poll (nothing changes while the queues cannot be seen). With ``--autoscale-trace FILE`` the
-observations and the replica counts are written to FILE as JSON (the unit tests replay such a recorded trace).
+observations and the replica counts are written to FILE as JSON (the unit tests replay such a recorded trace), on
+every change and at least every ``TRACE_EVERY_S``. A scale-up the machine holds back (cores, processes, memory) is
+logged with what held it, once a minute while it lasts.
 """
 
 from __future__ import annotations
@@ -44,6 +46,8 @@ from tributary.supervisor import Supervisor
 log = logging.getLogger(__name__)
 
 BUDGET_TTL_S = 30  # the budget keys outlive a dead `tributary up` by this much at most
+HELD_LOG_S = 60.0  # a scale-up held back by the machine is said again this often while it lasts
+TRACE_EVERY_S = 10.0  # --autoscale-trace is written at least this often (and on every change, and at exit)
 
 
 def _meminfo() -> dict[str, int]:
@@ -123,6 +127,8 @@ class LocalAutoscaler:
         self.t0 = time.monotonic()
         self.t0_unix = time.time()  # the traces' time origin, for lining them up with a client's clock
         self._next_poll = 0.0
+        self._held: dict[str, tuple[float, str]] = {}  # tier -> (when its held-back scale-up was last logged, why)
+        self._traced = time.monotonic()  # when the trace was last written
 
     # ------------------------------------------------------------------------------------------------- reading
 
@@ -159,20 +165,30 @@ class LocalAutoscaler:
 
     def ceiling(self, tier: str) -> int:
         """The most replicas ``tier`` may run now, given the cores and the memory left."""
+        return self.limit(tier)[0]
+
+    def limit(self, tier: str) -> tuple[int, str]:
+        """:meth:`ceiling`, and what sets it, in words for the log line of a scale-up it holds back."""
         current = len(self.sup.tier_groups(tier))
         per = self.cluster.procs_per_replica(tier)
-        by_cpu = max(0, self.max_procs - self._procs()) // per
+        procs = self._procs()
+        by_cpu = max(0, self.max_procs - procs) // per
+        why = f"{procs} of --autoscale-max-procs {self.max_procs} processes run"
         idle = self.idle.average()
-        if self.idle_per_proc > 0 and idle is not None:
-            by_cpu = min(by_cpu, int(idle / (self.idle_per_proc * per)))
+        if self.idle_per_proc > 0 and idle is not None and int(idle / (self.idle_per_proc * per)) < by_cpu:
+            by_cpu = int(idle / (self.idle_per_proc * per))
+            why = (f"{idle:.2f} cores idle, {self.idle_per_proc:g} needed per process "
+                   f"(--autoscale-idle-cores)")
         mem = _meminfo()
         rss = max((_rss(c.proc.pid) for g in self.sup.tier_groups(tier) for c in g.children if c.proc), default=0)
+        by_mem = by_cpu
         if mem.get("MemAvailable") and rss:
             spare = mem["MemAvailable"] - mem.get("MemTotal", 0) // 10
-            by_mem = max(0, spare) // (rss * per)
-        else:
-            by_mem = by_cpu
-        return current + min(by_cpu, by_mem)
+            if max(0, spare) // (rss * per) < by_cpu:
+                by_mem = max(0, spare) // (rss * per)
+                why = (f"{mem['MemAvailable'] >> 20} MiB available, a replica uses {rss * per >> 20} MiB and a tenth "
+                       "of the memory stays free")
+        return current + min(by_cpu, by_mem), why
 
     # ------------------------------------------------------------------------------------------------ acting
 
@@ -204,7 +220,9 @@ class LocalAutoscaler:
         self.idle_trace.append((round(now - self.t0, 3), self.idle.average()))
         state: dict[str, int] = {}
         for tier, load in loads.items():
-            decision = self.scalers[tier].observe(load, self.ceiling(tier))
+            ceiling, why = self.limit(tier)
+            decision = self.scalers[tier].observe(load, ceiling)
+            self._held_back(tier, decision, ceiling, why)
             self.trace[tier].append(asdict(load))
             groups = self.sup.tier_groups(tier)
             if decision.replicas != len(groups):
@@ -221,8 +239,27 @@ class LocalAutoscaler:
             pipe.execute()
         except (RedisError, OSError):
             pass
-        if changed:
+        if changed or now - self._traced >= TRACE_EVERY_S:
             self.write_trace()
+
+    def _held_back(self, tier: str, decision, ceiling: int, why: str) -> None:
+        """Say when the machine holds back a scale-up the demand asks for (and again each ``HELD_LOG_S`` while it
+        does, or when the reason changes), and when it no longer does: without it a backlog that never gets its
+        replicas looked like the autoscaler ignoring it (an outside tester's autoscaling round)."""
+        last = self._held.get(tier)
+        if decision.held is None:  # the policy's cooldown: no decision, nothing to say
+            return
+        if not decision.held:
+            if last is not None:
+                del self._held[tier]
+                say(f"{tier}: scale-up no longer held back", of_tier=tier)
+            return
+        now = time.monotonic()
+        if last is not None and last[1] == why and now - last[0] < HELD_LOG_S:
+            return
+        self._held[tier] = (now, why)
+        say(f"{tier}: demand for {decision.held} replica(s) held back at {ceiling}: {why}", logging.WARNING,
+            of_tier=tier, wanted=decision.held, ceiling=ceiling, reason=why)
 
     def _resize(self, tier: str, groups: list, target: int, reason: str) -> None:
         before = len(groups)
@@ -251,6 +288,7 @@ class LocalAutoscaler:
         return CpuBudget.split(self.cores, encoders, max(1, backbone * self.cluster.shards))
 
     def write_trace(self) -> None:
+        self._traced = time.monotonic()
         if not self.trace_path:
             return
         data = {"poll_s": self.poll_s, "t0_unix": self.t0_unix,

@@ -469,7 +469,8 @@ def build_parser() -> argparse.ArgumentParser:
                        help="a replica is added only while this many cores per new process are idle (0: no check); "
                             "on busy cores another process adds contention, not capacity")
     scale.add_argument("--autoscale-trace", default=None,
-                       help="write the autoscaler's observations and replica counts to this JSON file")
+                       help="write the autoscaler's observations and replica counts to this JSON file (on each "
+                            "change and at least every 10 s)")
 
     demo = _command(sub, "demo-model", "write a demo checkpoint with seeded random weights: the trimodal demo "
                                        "(tiny, small) or a real-shape LLaVA (llava-tiny, llava-1b, llava-1.5-7b)",

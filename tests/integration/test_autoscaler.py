@@ -132,10 +132,32 @@ def test_no_scale_up_without_idle_cores(redis_server):
     scaler.cores, scaler.max_procs = 2, 8
     scaler.idle._samples = [(0.0, 0.2)]  # 0.2 of 2 cores idle
     assert scaler.ceiling("encoder:image") == 1
+    assert "0.20 cores idle" in scaler.limit("encoder:image")[1]  # what a held-back scale-up's log line names
     scaler.idle._samples = [(0.0, 1.6)]  # 1.6 idle cores: two more processes of 0.75 each
     assert scaler.ceiling("encoder:image") == 3
     scaler.idle_per_proc = 0  # the check off: only --autoscale-max-procs (8, none running) bounds it
     assert scaler.ceiling("encoder:image") == 9
+    assert "--autoscale-max-procs 8" in scaler.limit("encoder:image")[1]
+    scaler.close()
+
+
+def test_a_held_back_scale_up_is_said_once_while_it_lasts_and_when_it_ends(redis_server, capsys):
+    from router.autoscale import Decision
+
+    cluster = Cluster(Path("/m"), redis_server.url, prefix="held-test", modalities=("image",))
+    scaler = LocalAutoscaler(cluster, Supervisor([_group("encoder:image", DRAINS)]),
+                             policies_from_args(_args(), cluster))
+    capsys.readouterr()
+    held = Decision(replicas=1, recommended=3, reason="", held=3)
+    for _ in range(5):  # five polls held back for the same reason: one line
+        scaler._held_back("encoder:image", held, 1, "0.20 cores idle")
+    scaler._held_back("encoder:image", held, 1, "memory")  # another reason: said again
+    scaler._held_back("encoder:image", Decision(2, 3, "up"), 2, "memory")  # no longer held back
+    scaler._held_back("encoder:image", Decision(2, 2, ""), 2, "memory")
+    lines = [x for x in capsys.readouterr().err.splitlines() if "held back" in x]
+    assert lines == ["tributary: encoder:image: demand for 3 replica(s) held back at 1: 0.20 cores idle",
+                     "tributary: encoder:image: demand for 3 replica(s) held back at 1: memory",
+                     "tributary: encoder:image: scale-up no longer held back"]
     scaler.close()
 
 

@@ -69,6 +69,19 @@ def test_ceiling_limits_scale_up_but_not_scale_down():
     assert _replay(scaler, idle, ceiling=1)[-1][1] == 1
 
 
+def test_a_decision_says_what_the_ceiling_held_back():
+    scaler = TierScaler(POLICY, 1)
+    decisions = [scaler.observe(obs, 2) for obs in _burst_trace()]
+    assert not any(d.held for d in decisions if d.recommended <= 1)  # no demand past one: nothing held
+    held = [d for d in decisions if d.held]
+    # First 3 (one step up from 1), then the policy's maximum of 4; the ceiling gave 2 each time.
+    assert [d.held for d in held][:2] == [3, 4] and {d.held for d in held} == {3, 4}
+    assert {d.replicas for d in held} == {2}
+    assert any(d.held is None for d in decisions)  # a cooldown decides nothing, so holds nothing back
+    free = TierScaler(POLICY, 1)
+    assert not any(free.observe(obs).held for obs in _burst_trace())  # no ceiling: nothing held back
+
+
 def test_drain_rule_scales_on_a_slow_tier_whose_queue_is_short():
     # Each job takes ~1 s: 6 queued jobs would wait 6 s on one replica; the target is to drain within 2 s.
     policy = ScalingPolicy(target_ongoing=100, target_drain_s=2, upscale_delay_s=1, cooldown_s=0, max_replicas=8,
