@@ -78,6 +78,7 @@ class Delta:
     prompt_tokens: int = 0
     completion_tokens: int = 0
     cached_tokens: int = 0  # of the prompt tokens, those the backbone's prefix cache held
+    media_tokens: tuple[int, int] = (0, 0)  # of the prompt tokens, (image, audio): the encoders' outputs
 
 
 @dataclass(frozen=True)
@@ -554,6 +555,8 @@ class ChatService:
         used = 0  # prompt + completion tokens so far, for the tenant's token rate limit
         timing = self.metrics.request(time.perf_counter() if arrival is None else arrival)
         reason = "abort"  # the metrics' finished_reason (gateway/metrics.py) unless it ends otherwise
+        media = tuple(sum(r.num_tokens for r in plan.media if r.modality == mod)
+                      for mod in (m.Modality.IMAGE, m.Modality.AUDIO))
         try:
             async for ev in self.tiers.generate(plan, queue, encode_again):
                 if ev.finish == m.FinishReason.ERROR:
@@ -563,7 +566,7 @@ class ChatService:
                 timing.tokens(len(ev.token_ids), ev.prompt_tokens)
                 text = detok.add(ev.token_ids)
                 used = ev.prompt_tokens + ev.completion_tokens
-                d = Delta(text, None, ev.prompt_tokens, ev.completion_tokens, ev.cached_tokens)
+                d = Delta(text, None, ev.prompt_tokens, ev.completion_tokens, ev.cached_tokens, media)
                 if detok.stopped or ev.finish is not None:
                     finished = ev.finish is not None
                     d.text += detok.flush()
@@ -597,7 +600,7 @@ class ChatService:
 
         def event(choices: list, usage: dict | None = None) -> bytes:
             body = {"id": f"chatcmpl-{rid}", "object": "chat.completion.chunk", "created": created, "model": model,
-                    "choices": choices}
+                    "system_fingerprint": self.spec.system_fingerprint, "choices": choices}
             if include_usage:  # on every chunk, null but on the last, as OpenAI's (clients read chunk["usage"])
                 body["usage"] = usage
             return b"data: " + json.dumps(body).encode() + b"\n\n"
@@ -633,7 +636,7 @@ class ChatService:
     def _completion(self, rid: str, req: ChatCompletionRequest, text: str, last: Delta) -> dict:
         return {
             "id": f"chatcmpl-{rid}", "object": "chat.completion", "created": int(time.time()),
-            "model": self.spec.name,
+            "model": self.spec.name, "system_fingerprint": self.spec.system_fingerprint,
             "choices": [{"index": 0, "message": {"role": "assistant", "content": text, "refusal": None},
                          "logprobs": None, "finish_reason": last.finish}],
             "usage": _usage(last),
@@ -671,9 +674,13 @@ class ReleasingStream(StreamingResponse):
 
 
 def _usage(d: Delta) -> dict:
+    """OpenAI's usage object. The details count what this server can have: prompt tokens its prefix cache held and
+    those the audio encoder made; every completion token is text (no reasoning, audio or predicted-output tokens)."""
     return {"prompt_tokens": d.prompt_tokens, "completion_tokens": d.completion_tokens,
             "total_tokens": d.prompt_tokens + d.completion_tokens,
-            "prompt_tokens_details": {"cached_tokens": d.cached_tokens}}
+            "prompt_tokens_details": {"cached_tokens": d.cached_tokens, "audio_tokens": d.media_tokens[1]},
+            "completion_tokens_details": {"reasoning_tokens": 0, "audio_tokens": 0, "accepted_prediction_tokens": 0,
+                                          "rejected_prediction_tokens": 0}}
 
 
 def _shutting_down() -> APIError:

@@ -1175,7 +1175,7 @@ class RealtimeSession:
             if last is not None:
                 usage = {"total_tokens": last.prompt_tokens + last.completion_tokens,
                          "input_tokens": last.prompt_tokens, "output_tokens": last.completion_tokens,
-                         "input_token_details": {"cached_tokens": last.cached_tokens}}
+                         "input_token_details": _input_details(last)}
             await self.send("response.done", response=self._response(run, status, output, usage, details))
         except (WebSocketDisconnect, RuntimeError):
             self.turn_waiting = False  # the socket is gone
@@ -1290,3 +1290,11 @@ async def realtime_endpoint(ws: WebSocket) -> None:
             count_by(app.state.realtime_by_tenant, tenant.name, -1)
         chat.metrics.realtime.set(app.state.realtime_connections)
         log.info("realtime closed", extra={"request_id": ids.server, "session_id": session.session_id})
+
+
+def _input_details(last) -> dict:
+    """A response's ``usage.input_token_details``: its input tokens by what made them (text, or the image and audio
+    encoders' outputs) and those the prefix cache held."""
+    image, audio = last.media_tokens
+    return {"text_tokens": last.prompt_tokens - image - audio, "audio_tokens": audio, "image_tokens": image,
+            "cached_tokens": last.cached_tokens}

@@ -8,6 +8,7 @@ transformers (the family's module is imported when first used), so ``read_family
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -95,6 +96,14 @@ class ModelSpec:
         cached tensors."""
         compute, wire = self.encoder_dtype(modality)
         return f"{self.fingerprint[:16]}-{modality}-{SHORT_DTYPES[compute]}-{SHORT_DTYPES[wire]}"
+
+    @property
+    def system_fingerprint(self) -> str:
+        """OpenAI's ``system_fingerprint``: what the answers depend on besides the request, here the checkpoint's
+        content and the encoders' precisions (``fp_`` and 12 hex digits). It changes when either does, so a client
+        comparing seeded answers can tell a changed deployment from nondeterminism."""
+        ids = ",".join(self.encoder_id(mod) for mod in self.family.modalities)
+        return "fp_" + hashlib.sha256(f"{self.fingerprint}|{ids}".encode()).hexdigest()[:12]
 
     def encoder_dtype(self, modality: str) -> tuple[str, str]:
         """(compute, wire) dtype of the ``modality`` encoder."""

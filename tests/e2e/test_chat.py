@@ -56,6 +56,11 @@ def test_non_streamed_trimodal(client, cluster, tiny_spec):
     text_tokens = len(tok(rendered, add_special_tokens=False)["input_ids"]) - 2  # minus the two placeholders
     assert r.usage.prompt_tokens == text_tokens + TINY_IMAGE_TOKENS + TINY_AUDIO_TOKENS_1S
     assert r.usage.total_tokens == r.usage.prompt_tokens + 8
+    assert r.usage.prompt_tokens_details.audio_tokens == TINY_AUDIO_TOKENS_1S  # the audio encoder's share
+    assert r.usage.completion_tokens_details.reasoning_tokens == 0
+    # The deployment's fingerprint: the checkpoint's and the encoders' (fp32 here); the same on every answer.
+    assert r.system_fingerprint == tiny_spec.system_fingerprint and r.system_fingerprint.startswith("fp_")
+    assert tiny_spec.with_encoder_dtypes("bfloat16").system_fingerprint != tiny_spec.system_fingerprint
 
 
 def test_streamed_equals_non_streamed_at_temperature_0(client, cluster):
@@ -71,6 +76,8 @@ def test_streamed_equals_non_streamed_at_temperature_0(client, cluster):
     assert finishes == ["length"]
     assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens == 12
     assert chunks[-1].usage.prompt_tokens == whole.usage.prompt_tokens
+    assert chunks[-1].usage.prompt_tokens_details.audio_tokens == whole.usage.prompt_tokens_details.audio_tokens > 0
+    assert {c.system_fingerprint for c in chunks} == {whole.system_fingerprint}
     # Every chunk carries "usage", null but on the last, as OpenAI's do (an outside tester's raw-JSON client read
     # chunk["usage"] and met a KeyError); without include_usage, none does.
     for include in (True, False):

@@ -97,6 +97,10 @@ def test_streamed_audio_and_an_image_give_the_rest_answer(client, cluster):
     assert text and text == rest.choices[0].message.content
     assert (done.response.usage.input_tokens, done.response.usage.output_tokens) == (
         rest.usage.prompt_tokens, rest.usage.completion_tokens)
+    details = done.response.usage.input_token_details
+    assert details.audio_tokens == rest.usage.prompt_tokens_details.audio_tokens > 0
+    assert details.image_tokens > 0 and details.text_tokens > 0
+    assert details.text_tokens + details.audio_tokens + details.image_tokens == rest.usage.prompt_tokens
     assert done.response.status == ("incomplete" if rest.choices[0].finish_reason == "length" else "completed")
 
 
