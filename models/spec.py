@@ -8,6 +8,7 @@ transformers (the family's module is imported when first used), so ``read_family
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -97,7 +98,7 @@ class ModelSpec:
         compute, wire = self.encoder_dtype(modality)
         return f"{self.fingerprint[:16]}-{modality}-{SHORT_DTYPES[compute]}-{SHORT_DTYPES[wire]}"
 
-    @property
+    @functools.cached_property
     def system_fingerprint(self) -> str:
         """OpenAI's ``system_fingerprint``: what the answers depend on besides the request, here the checkpoint's
         content and the encoders' precisions (``fp_`` and 12 hex digits). It changes when either does, so a client

@@ -376,7 +376,8 @@ def test_rate_limits_per_tenant_answer_429_with_their_headers(secured):
     assert httpx.post(url, json=body, headers=dave, timeout=60).status_code == 200
     third = httpx.post(url, json=body, headers=dave, timeout=60)
     assert third.status_code == 429 and third.json()["error"]["code"] == "rate_limit_exceeded"
-    assert 1 <= int(third.headers["retry-after"]) <= 60 and third.headers["x-ratelimit-remaining-requests"] == "0"
+    # A sliding minute: the two requests count until their share of the estimate falls to one (~90 s on).
+    assert 1 <= int(third.headers["retry-after"]) <= 120 and third.headers["x-ratelimit-remaining-requests"] == "0"
     with pytest.raises(openai.RateLimitError):  # what the SDK makes of it (max_retries=0)
         ask(secured, KEYS["dave"], "hi")
     # erin: 40 tokens a minute. A request is charged what it may take (its prompt and max_tokens) as it starts, and

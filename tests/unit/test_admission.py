@@ -482,6 +482,61 @@ def test_a_token_reservation_refuses_what_would_pass_the_limit_and_settles_to_wh
     asyncio.run(scenario())
 
 
+def test_the_previous_minutes_count_weighs_in_as_it_slides_out(redis_url):
+    """The limits slide: ten requests at the end of one minute still count, in part, at the start of the next (with
+    one fixed window a tenant of 10 rpm sent 20 within seconds across the boundary). Retry-After says when a request
+    would fit; reset says when the estimate is back to nothing."""
+    from cache.client import connect_async
+    from cache.keys import Keys
+    from gateway.auth import Tenant
+    from gateway.ratelimit import RateLimited, RateLimiter, Window
+
+    tenant = Tenant("sly", "sly", rpm=10, tpm=1000)
+
+    async def scenario():
+        r = connect_async(redis_url)
+        limiter = RateLimiter(r, Keys("slide"))
+        minute = 60 * 29_000_000
+        limiter.clock = lambda: minute + 55.0  # the last 5 s of a minute: ten requests
+        for _ in range(10):
+            await limiter.admit(tenant)
+        with pytest.raises(RateLimited):
+            await limiter.admit(tenant)
+        await asyncio.sleep(0.3)  # a refused request's count is given back in a task of its own
+        limiter.clock = lambda: minute + 66.0  # 6 s into the next: 9 of the 10 still count
+        first = await limiter.admit(tenant)
+        assert first.headers["x-ratelimit-remaining-requests"] == "0"
+        assert first.headers["x-ratelimit-reset-requests"] == "114s"  # this minute's one, out 2 minutes on
+        with pytest.raises(RateLimited) as info:
+            await limiter.admit(tenant)
+        # It fits when the carried share falls to 8 (1 of this minute and 1 asked): 12 s into the minute.
+        assert info.value.retry_after == 6 and "retry in 6 s" in str(info.value)
+        await asyncio.sleep(0.3)
+        limiter.clock = lambda: minute + 90.0  # half-way: 5 carried + 1, so four more
+        for _ in range(4):
+            await limiter.admit(tenant)
+        with pytest.raises(RateLimited):
+            await limiter.admit(tenant)
+        await asyncio.sleep(0.3)  # the refused ones' give-backs
+        # Tokens slide too: 900 reserved late in one minute leave 107 half a second into the next, 550 half-way.
+        limiter.clock = lambda: minute + 170.0
+        await limiter.reserve(tenant, 900)
+        limiter.clock = lambda: minute + 180.5
+        with pytest.raises(RateLimited) as info:
+            await limiter.reserve(tenant, 200)
+        assert info.value.headers["x-ratelimit-remaining-tokens"] == "107"  # 900 x (1 - 0.5 / 60) carried
+        assert info.value.retry_after == 7  # 900 x (1 - f) <= 800 from f = 1/9: 6.67 s into the minute
+        limiter.clock = lambda: minute + 210.0
+        assert (await limiter.reserve(tenant, 200)).remaining == 1000 - 450 - 200
+        await r.aclose()
+
+    asyncio.run(scenario())
+    w = Window("r", "t", "pr", "pt", elapsed=30.0)
+    assert w.wait(0, b"4000", 5000, 1000) == 30  # larger than the limit: it runs once nothing else counts
+    assert w.wait(0, None, 5000, 1000) == 1 and w.reset(0, None) == 0
+    assert w.wait(3, b"4", 5000, 1000) == 90  # this minute's count too must slide out
+
+
 def test_a_count_whose_round_trip_is_cut_is_given_back(redis_url, monkeypatch):
     """Counts made on the server whose replies come after the request's Redis bound (``tiers.bounded``: a slow node)
     are given back: the request was answered 503, yet its reservation held 8,000 of its tenant's 10,000 tokens per
@@ -525,7 +580,7 @@ def test_a_count_whose_round_trip_is_cut_is_given_back(redis_url, monkeypatch):
                 await tiers.bounded(call(), "counting", "req-late")
             assert info.value.status == 503
         await asyncio.sleep(1.5)  # the give-backs run once the late replies are in
-        req_key, tok_key, _ = limiter._window(tenant)
+        req_key, tok_key = limiter._window(tenant)[:2]
         counts = int(await r.get(req_key) or 0), int(await r.get(tok_key) or 0)
         await r.aclose()
         return counts
