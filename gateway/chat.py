@@ -424,6 +424,8 @@ class ChatService:
             try:
                 async with asyncio.timeout(self.cfg.body_timeout_s):  # a slow client cannot hold a buffer for long
                     async for chunk in request.stream():
+                        if not chunk:  # Starlette's empty last chunk (an empty body is only that): nothing to count
+                            continue
                         size += len(chunk)
                         self.receiving += len(chunk)
                         if name is not None:

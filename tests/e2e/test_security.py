@@ -108,6 +108,10 @@ def test_every_route_needs_a_key_but_the_probes(secured):
     assert ask(secured, KEYS["bob"], "hi").usage.completion_tokens > 0
     models = httpx.get(secured.base_url + "/v1/models", headers={"Authorization": f"Bearer {KEYS['bob']}"})
     assert models.json()["data"][0]["id"] == secured.model
+    # An empty body with a key is a 400 for its JSON (it was a 500: a KeyError in the key's body-bytes count).
+    empty = httpx.post(secured.base_url + "/v1/chat/completions", content=b"", timeout=30,
+                       headers={"Authorization": f"Bearer {KEYS['bob']}", "Content-Type": "application/json"})
+    assert empty.status_code == 400 and "JSON" in empty.json()["error"]["message"], empty.text
 
 
 def test_the_websocket_takes_the_header_or_the_subprotocol_and_refuses_the_rest(secured):
