@@ -495,11 +495,18 @@ class HTTPProtocol(HttpToolsProtocol):
         if getattr(self, "_lingering", False) or getattr(self, "_deferred", None):
             return
         running = getattr(self, "_running", None)
-        in_body = self.cycle is not None and self.cycle.more_body and not self.cycle.response_complete
+        queued = next((entry for entry in self.pipeline if entry[0] is self.cycle), None)
+        if queued is not None:
+            # A pipelined request, not started, whose own body is broken (a bad chunk): the error is its answer, and
+            # it must never run (its app would wait for the rest of its body until the body timeout).
+            self.pipeline.remove(queued)
+        in_body = (queued is None and self.cycle is not None and self.cycle.more_body
+                   and not self.cycle.response_complete)
         if not in_body and ((running is not None and not running.response_complete) or self.pipeline):
             # Requests parsed before this error are answered first (HTTP answers in order): written now, the error
             # took the place of a pipelined request's answer, which was then lost to the close. (An error inside
-            # the running request's own body, a bad chunk, is that request's answer: at once.)
+            # the running request's own body, a bad chunk, is that request's answer: at once. One inside the body
+            # of a request queued behind others was written at once too, in their answers' place.)
             self._deferred = (status, reason, message, code, type_, extra)
             return
         self.transport.write(_error_response(status, reason, message, code, extra, type_))

@@ -279,6 +279,23 @@ def test_a_bad_chunk_in_the_running_requests_own_body_is_answered_at_once(body):
     assert reply.startswith(b"HTTP/1.1 400 ") and time.monotonic() - t < 5, reply[:80]
 
 
+@pytest.mark.parametrize("before", [1, 2])
+def test_a_bad_chunk_in_a_pipelined_requests_body_is_answered_after_the_requests_before_it(before):
+    """Requests, then one whose chunked body is broken, in one write: the 400 was written at once, in the place of
+    the earlier requests' answers, which were lost to the close (each logging "Cannot call write() after
+    write_eof()"; an outside tester's). Answers go in order, the error last, and the broken request never runs."""
+    with serving(App()) as port, socket.create_connection(("127.0.0.1", port), timeout=10) as s:
+        t = time.monotonic()
+        s.sendall(b"GET /ok HTTP/1.1\r\nHost: a\r\n\r\n" * before
+                  + b"POST /read HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\n")
+        reply, _ = read_all(s)
+    import re
+
+    assert re.findall(rb"(?:^|})HTTP/1\.1 (\d{3}) ", reply) == [b"200"] * before + [b"400"], reply
+    assert reply.endswith(b"}") and b"invalid_http_request" in reply
+    assert time.monotonic() - t < 5  # not the body timeout
+
+
 def test_connections_past_the_cap_are_answered_503_at_once_but_probes_are_answered():
     """Past the cap a request is a 503 at once, unless it asks a probe's path: with the cap full of clients, the
     supervisor's /health probe got 503s and killed a gateway that was serving (an outside tester, three times of
