@@ -21,7 +21,6 @@ from pathlib import Path
 
 from redis.exceptions import RedisError
 from starlette.applications import Starlette
-from starlette.middleware.cors import CORSMiddleware
 from starlette.requests import Request
 from starlette.responses import FileResponse, JSONResponse, Response
 from starlette.routing import Mount, Route, WebSocketRoute
@@ -38,7 +37,7 @@ from gateway.errors import APIError, Internal, MethodNotAllowed, NotFound, redis
 from gateway.metrics import CONTENT_TYPE, ClusterMetrics, GatewayMetrics, lease_owner
 from gateway.monitor import PROBE_TIMEOUT_S, ClusterMonitor
 from gateway.openapi import openapi
-from gateway.origin import BrowserGuard, refuse, split_list
+from gateway.origin import CORS, BrowserGuard, refuse, split_list
 from gateway.prompt import PromptBuilder
 from gateway.ratelimit import RateLimiter
 from gateway.realtime import realtime_endpoint
@@ -255,9 +254,7 @@ def create_app(cfg: GatewayConfig):
     # which carry no key), then the API key.
     outer = AuthMiddleware(app, ring)
     if origins := split_list(cfg.allowed_origins):
-        outer = CORSMiddleware(outer, allow_origins=origins, allow_methods=["GET", "POST", "OPTIONS"],
-                               allow_headers=["authorization", "content-type", "x-request-id"],
-                               expose_headers=["x-request-id", "retry-after"])
+        outer = CORS(outer, origins)
     guarded = with_request_id(BrowserGuard(outer, cfg.bind_host, cfg.allowed_hosts, cfg.allowed_origins))
 
     def end_in_flight() -> int:  # gateway/server.py, as the graceful period ends; before the lifespan: nothing yet

@@ -19,6 +19,9 @@ from __future__ import annotations
 import json
 from urllib.parse import urlsplit
 
+from starlette.middleware.cors import CORSMiddleware
+from starlette.responses import JSONResponse
+
 LOOPBACK_BINDS = {"127.0.0.1", "localhost", "::1", "[::1]"}
 LOOPBACK_NAMES = frozenset({"localhost", "127.0.0.1", "::1"})
 
@@ -96,3 +99,30 @@ async def refuse(scope, receive, send, status: int, code: str, message: str, ext
         await send({"type": "websocket.http.response.body", "body": body})
     else:
         await send({"type": "websocket.close", "code": 1008, "reason": code})
+
+
+# What a page of an allowed origin may read of an answer besides the CORS-safelisted headers.
+EXPOSED = ["x-request-id", "x-client-request-id", "retry-after", "retry-after-ms", "x-ratelimit-limit-requests",
+           "x-ratelimit-remaining-requests", "x-ratelimit-reset-requests", "x-ratelimit-limit-tokens",
+           "x-ratelimit-remaining-tokens", "x-ratelimit-reset-tokens"]
+
+
+class CORS(CORSMiddleware):
+    """CORS for the origins ``--allowed-origins`` names. They are trusted, so a preflight may ask for any request
+    header: the OpenAI JS SDK sends its own (``x-stainless-*``, ``openai-organization``, ...), and a fixed list of
+    three refused every preflight of it (an outside tester's). A preflight refused (a method not served) gets the
+    OpenAI error shape, not Starlette's plain text."""
+
+    def __init__(self, app, origins: list[str]):
+        super().__init__(app, allow_origins=origins, allow_methods=["GET", "POST", "OPTIONS"], allow_headers=["*"],
+                         expose_headers=EXPOSED)
+
+    def preflight_response(self, request_headers):
+        response = super().preflight_response(request_headers)
+        if response.status_code != 400:
+            return response
+        why = response.body.decode(errors="replace").strip()  # "Disallowed CORS method", ...
+        headers = {k: v for k, v in response.headers.items() if k not in ("content-length", "content-type")}
+        return JSONResponse({"error": {"message": f"{why}: this gateway serves GET and POST from allowed origins",
+                                       "type": "invalid_request_error", "param": None, "code": "cors_not_allowed"}},
+                            status_code=400, headers=headers)
