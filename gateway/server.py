@@ -273,6 +273,7 @@ class HTTPProtocol(HttpToolsProtocol):
       dropped as it comes until ``header_timeout_s`` after the answer, then the connection is closed."""
 
     max_connections = 0  # set by serve(); 0: no cap
+    max_body_bytes = 0  # set by serve(): a request declaring a longer body is answered 413 and its connection closed
     header_timeout_s, send_timeout_s = 15.0, 30.0  # set by serve()
     _refused = Throttle(10.0)
     _idle: OrderedDict = OrderedDict()  # connections between requests or before their first, longest idle first
@@ -400,6 +401,9 @@ class HTTPProtocol(HttpToolsProtocol):
         self._heading.pop(self, None)
         self._cancel("_header_timer")
         super().on_headers_complete()
+        declared = next((v for n, v in self.headers if n == b"content-length"), b"")
+        if self.max_body_bytes and declared.isdigit() and int(declared) > self.max_body_bytes:
+            self.cycle.oversized = True  # refused (413) unread: the connection closes after the answer
 
     def _headers_late(self) -> None:
         self._header_timer = None
@@ -446,6 +450,16 @@ class HTTPProtocol(HttpToolsProtocol):
         super()._start_asgi_task(cycle, app)
 
     def on_response_complete(self) -> None:
+        running = getattr(self, "_running", None)
+        if getattr(running, "oversized", False) and running.more_body and not self.transport.is_closing():
+            # A body past --max-body-bytes, answered 413 unread: dropping it as it comes could take the rest of the
+            # header timeout, and a client that sent no body (only its length) and then its next request on the
+            # connection had that request read as body, unanswered, for 15 s (an outside tester's). Closed now,
+            # lingering, so that a client still sending reads its 413 rather than a reset.
+            super().on_response_complete()
+            self._cancel("timeout_keep_alive_task")
+            _linger(self)
+            return
         super().on_response_complete()
         if self.timeout_keep_alive_task is not None and not self.transport.is_closing():
             self._idle[self] = self.loop.time()  # between requests: the first closed should the cap need room
@@ -555,6 +569,7 @@ def serve(cfg: GatewayConfig, host: str = "127.0.0.1", port: int = 8000, gracefu
     # (seen once in tests/e2e/test_autoscale.py's burst).
     HTTPProtocol.max_connections = connection_cap(cfg.max_connections)
     HTTPProtocol.served_by = f"{cfg.instance_id} {os.getpid()}".encode("latin-1", "replace")
+    HTTPProtocol.max_body_bytes = cfg.max_body_bytes
     HTTPProtocol.header_timeout_s, HTTPProtocol.send_timeout_s = cfg.header_timeout_s, cfg.send_timeout_s
     WSProtocol.send_timeout_s = cfg.send_timeout_s
     log.info("serving", extra={"max_connections": HTTPProtocol.max_connections,

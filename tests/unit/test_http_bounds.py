@@ -296,6 +296,40 @@ def test_a_bad_chunk_in_a_pipelined_requests_body_is_answered_after_the_requests
     assert time.monotonic() - t < 5  # not the body timeout
 
 
+def test_a_body_past_the_bound_is_answered_unread_and_its_connection_closed(monkeypatch):
+    """A request declaring a body past --max-body-bytes, answered unread (the gateway's 413): its connection held on
+    to drop the body as it came, so a client that sent only the length and then its next request had that request
+    read as body, unanswered, until the header timeout (an outside tester's 15 s). The connection is closed after
+    the answer, lingering: a client still sending its body reads the answer, not a reset."""
+    monkeypatch.setattr(HTTPProtocol, "max_body_bytes", 1000)
+    with serving(App()) as port:
+        with socket.create_connection(("127.0.0.1", port), timeout=10) as s:
+            s.sendall(b"POST /ok HTTP/1.1\r\nHost: a\r\nContent-Length: 99999999999\r\n\r\n")
+            time.sleep(0.3)  # the answer comes; then the next request on the same connection
+            s.sendall(b"GET /ok HTTP/1.1\r\nHost: a\r\n\r\n")
+            reply, took = read_all(s)
+        assert reply.startswith(b"HTTP/1.1 200 ") and reply.count(b"HTTP/1.1 ") == 1 and took < 3, (reply, took)
+        with socket.create_connection(("127.0.0.1", port), timeout=10) as s:  # still sending 4 MB: it reads its answer
+            s.sendall(b"POST /ok HTTP/1.1\r\nHost: a\r\nContent-Length: 4000000\r\n\r\n")
+            sender = threading.Thread(target=_send_quietly, args=(s, b"x" * 4_000_000), daemon=True)
+            sender.start()
+            reply, took = read_all(s)
+            sender.join(10)
+        assert reply.startswith(b"HTTP/1.1 200 ") and took < 5, (reply[:80], took)
+        with socket.create_connection(("127.0.0.1", port), timeout=10) as s:  # within the bound: kept alive
+            s.sendall(b"POST /ok HTTP/1.1\r\nHost: a\r\nContent-Length: 10\r\n\r\n0123456789"
+                      b"GET /ok HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n")
+            reply, _ = read_all(s)
+        assert reply.count(b"HTTP/1.1 200 ") == 2, reply
+
+
+def _send_quietly(s: socket.socket, data: bytes) -> None:
+    try:
+        s.sendall(data)
+    except OSError:  # the server closed its side after answering: what it had not read is dropped
+        pass
+
+
 def test_connections_past_the_cap_are_answered_503_at_once_but_probes_are_answered():
     """Past the cap a request is a 503 at once, unless it asks a probe's path: with the cap full of clients, the
     supervisor's /health probe got 503s and killed a gateway that was serving (an outside tester, three times of
