@@ -286,6 +286,7 @@ class HTTPProtocol(HttpToolsProtocol):
         self._in_headers, self._header_bytes, self._header_count, self._too_large = True, 0, 0, False
         self._header_size = 0  # the request line's target and the header fields, as parsed
         self._probe_only = self._overloaded = self._bad_upgrade = False
+        self._unsupported: tuple | None = None  # (status, reason, message, code) of a request this server cannot read
         timeout = self.header_timeout_s
         if self.max_connections and len(self.connections) > self.max_connections and not self._reclaim_idle():
             if len(self.connections) > self.max_connections + PROBE_RESERVE:
@@ -397,6 +398,16 @@ class HTTPProtocol(HttpToolsProtocol):
         if self._get_upgrade() not in (None, b"websocket"):
             self._bad_upgrade = True
             raise ValueError("unsupported upgrade")
+        if (version := self.parser.get_http_version()) not in ("1.0", "1.1"):
+            self._unsupported = (505, "HTTP Version Not Supported", f"HTTP/{version} is not served here: send "
+                                 "HTTP/1.1", "http_version_not_supported")
+            raise ValueError("unsupported version")
+        codings = [c.strip().lower() for n, v in self.headers if n == b"transfer-encoding"
+                   for c in v.decode("latin-1").split(",")]
+        if codings and codings != ["chunked"]:  # the parser reads chunked alone: "gzip, chunked" was read as plain
+            self._unsupported = (501, "Not Implemented", f"Transfer-Encoding {', '.join(codings)!r} is not "
+                                 "supported: send the body as is or chunked", "unsupported_transfer_encoding")
+            raise ValueError("unsupported transfer coding")
         self._in_headers = self._begun = False
         self._heading.pop(self, None)
         self._cancel("_header_timer")
@@ -496,6 +507,8 @@ class HTTPProtocol(HttpToolsProtocol):
             return self._headers_too_large()
         if self._overloaded:
             return self._refuse()
+        if self._unsupported is not None:
+            return self._answer(*self._unsupported, "invalid_request_error")
         if self._bad_upgrade:
             upgrade = self._get_upgrade().decode("latin-1", "replace")[:40]
             return self._answer(400, "Bad Request", f"upgrading to {upgrade!r} is not supported: send the request "

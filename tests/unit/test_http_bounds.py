@@ -296,6 +296,22 @@ def test_a_bad_chunk_in_a_pipelined_requests_body_is_answered_after_the_requests
     assert time.monotonic() - t < 5  # not the body timeout
 
 
+@pytest.mark.parametrize("request_, status, code", [
+    (b"POST /read HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: gzip, chunked\r\n\r\n2\r\n{}\r\n0\r\n\r\n", 501,
+     b"unsupported_transfer_encoding"),
+    (b"GET /ok HTTP/2.0\r\nHost: a\r\n\r\n", 505, b"http_version_not_supported"),
+])
+def test_what_the_parser_would_misread_is_refused(request_, status, code):
+    """A gzip transfer coding was ignored (the body read as if plain) and an HTTP/2.0 request line served as
+    HTTP/1.1 (an outside tester's): each is refused, saying why (RFC 9112: 501 for a transfer coding not
+    understood)."""
+    with serving(App()) as port, socket.create_connection(("127.0.0.1", port), timeout=10) as s:
+        s.sendall(request_)
+        reply, _ = read_all(s)
+    head, error = error_of(reply)
+    assert head.startswith(b"HTTP/1.1 %d " % status) and error["code"] == code.decode(), reply
+
+
 def test_a_body_past_the_bound_is_answered_unread_and_its_connection_closed(monkeypatch):
     """A request declaring a body past --max-body-bytes, answered unread (the gateway's 413): its connection held on
     to drop the body as it came, so a client that sent only the length and then its next request had that request
