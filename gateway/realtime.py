@@ -87,6 +87,7 @@ from models.media import MediaInfo
 from router.logs import REQUEST_ID, Throttle
 
 log = logging.getLogger(__name__)
+CANCEL_CLEANUP_S = 1.0  # how long a cancelled response's request may take to clean up before the answer goes on
 
 PCM_RATE = 24_000  # the protocol's input audio: PCM16, 24 kHz, mono
 MAX_ITEMS = 1024
@@ -1117,9 +1118,7 @@ class RealtimeSession:
                                        features=features, tenant=self.tenant, namespace=self.namespace,
                                        cap=math.inf if run.max_tokens is None else run.max_tokens)
             try:
-                async for d in deltas:
-                    if run.cancelled.is_set():  # tokens already on their way are not sent after a cancel (new speech
-                        raise ClientGone()  # went on receiving some twenty deltas of the answer it cut)
+                while (d := await _next_unless(deltas, run.cancelled)) is not None:
                     if not started:
                         started = True
                         await self.send("response.output_item.added", response_id=response_id, output_index=0,
@@ -1138,7 +1137,8 @@ class RealtimeSession:
                         await self.send("response.output_text.delta", **where, delta=d.text)
                     last = d
             finally:
-                await deltas.aclose()
+                with contextlib.suppress(RuntimeError):  # still running: a cut request past its clean-up bound
+                    await deltas.aclose()
             if last is not None and last.finish == "length":
                 status, details = "incomplete", {"type": "incomplete", "reason": "max_output_tokens"}
         except ClientGone:
@@ -1298,3 +1298,33 @@ def _input_details(last) -> dict:
     image, audio = last.media_tokens
     return {"text_tokens": last.prompt_tokens - image - audio, "audio_tokens": audio, "image_tokens": image,
             "cached_tokens": last.cached_tokens}
+
+
+async def _next_unless(deltas, cancelled: asyncio.Event):
+    """The next delta of ``deltas`` (None at its end), or ClientGone as soon as ``cancelled`` is set, whatever the
+    request waits on meanwhile: a response.cancel sent while Redis was paused waited for the request's Redis bound
+    (10 s) and the response then ended ``failed`` (an outside tester's). Tokens already on their way are not sent
+    after a cancel either (new speech went on receiving some twenty deltas of the answer it cut). Cut, the request's
+    own clean-up runs (its backbone slot freed, its cancellation posted until Redis takes it)."""
+    if cancelled.is_set():
+        raise ClientGone()
+
+    async def step():
+        try:
+            return await anext(deltas)
+        except StopAsyncIteration:
+            return None
+
+    nxt, stop = asyncio.ensure_future(step()), asyncio.ensure_future(cancelled.wait())
+    try:
+        await asyncio.wait((nxt, stop), return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        stop.cancel()
+        if not nxt.done():
+            nxt.cancel()
+            await asyncio.wait((nxt,), timeout=CANCEL_CLEANUP_S)  # its clean-up, bounded
+    if nxt.cancelled() or not nxt.done() or cancelled.is_set():
+        if nxt.done() and not nxt.cancelled():
+            nxt.exception()  # taken: the cancel comes first (a delta that came with it is not sent, nor an error)
+        raise ClientGone()
+    return nxt.result()

@@ -162,6 +162,38 @@ def test_cancel_mid_response_and_the_connection_goes_on(client, cluster):
         assert done.response.status in ("completed", "incomplete")
 
 
+def test_a_cancel_is_heard_while_the_response_waits_on_a_paused_redis(cluster):
+    """Redis paused: a response.create's request waits in its plan's submission (bounded at 10 s). The cancel sent
+    meanwhile was heard only then, and the response ended ``failed`` with ``redis_unavailable`` (an outside
+    tester's). It ends ``cancelled`` at once; once Redis is back the connection goes on."""
+    r = redis.Redis.from_url(cluster.redis_url)
+    with raw(cluster) as ws:
+        next_of(ws, "session.created")
+        ws.send(json.dumps({"type": "conversation.item.create", "item": {
+            "type": "message", "role": "user", "content": [{"type": "input_text", "text": "wait for it"}]}}))
+        next_of(ws, "conversation.item.done")
+        r.execute_command("CLIENT", "PAUSE", 3000, "ALL")
+        try:
+            ws.send(json.dumps({"type": "response.create", "response": {"max_output_tokens": 4}}))
+            next_of(ws, "response.created")
+            time.sleep(0.5)
+            t = time.monotonic()
+            ws.send(json.dumps({"type": "response.cancel"}))
+            done = next_of(ws, "response.done")["response"]
+            took = time.monotonic() - t
+        finally:
+            r.execute_command("CLIENT", "UNPAUSE")
+        assert done["status"] == "cancelled" and took < 1.5, (done, took)
+        import httpx
+
+        deadline = time.monotonic() + 30  # the gateway's monitor sees Redis back within a beat or two
+        while httpx.get(cluster.base_url + "/ready", timeout=10).status_code != 200 and time.monotonic() < deadline:
+            time.sleep(0.2)
+        ws.send(json.dumps({"type": "response.create", "response": {"max_output_tokens": 2}}))
+        after = next_of(ws, "response.done")["response"]
+        assert after["status"] in ("completed", "incomplete"), after
+
+
 def test_response_input_may_name_conversation_items_by_reference(cluster):
     """GA's ``{"type": "item_reference", "id"}`` in ``response.input``: the item, as it is in the conversation (an
     outside tester's was refused as "an item must be a message"); an id not in it is ``item_not_found``."""
@@ -394,7 +426,8 @@ def test_malformed_events_get_errors_and_the_connection_stays_usable(cluster):
         ws.send(json.dumps({"type": "response.create", "response": {
             "max_output_tokens": 2, "conversation": "none",
             "input": [{"type": "message", "role": "user", "content": [{"type": "input_text", "text": "still?"}]}]}}))
-        assert next_of(ws, "response.done")["response"]["status"] in ("completed", "incomplete")
+        after = next_of(ws, "response.done")["response"]
+        assert after["status"] in ("completed", "incomplete"), after
 
 
 def test_a_frame_over_the_limit_closes_with_1009(cluster):
