@@ -286,6 +286,7 @@ class BackboneWorker:
         self._node_errors = Throttle()
         self._stats_errors = Throttle()
         self.waiting: deque[tuple[bytes, m.PromptPlan]] = deque()  # read, not started (slots or KV memory full)
+        self.told_waiting: dict[str, float] = {}  # run key -> when its gateway was last told this worker holds it
         self.outbox: list[Out] = []  # events and acks the next round trip sends
         self.stats_key = self.keys.stats("backbone")
         self.gate = ReclaimGate()
@@ -629,6 +630,19 @@ class BackboneWorker:
             self.outbox.append(Out("", None, entry_id))
             return
         self.waiting.append((entry_id, plan))
+        self._tell_waiting(plan, time.monotonic())
+
+    def _tell_waiting(self, plan: m.PromptPlan, now: float) -> None:
+        """Tell the plan's gateway that this worker holds it, not started (an event with no token), as it is read
+        and every HELD_EVENT_S after: its gateway then knows whom to watch, and moves it to another replica as soon
+        as this worker leaves the live set. Untold, a plan read by a worker that died waited for a replacement to
+        reclaim it, its first token 13-14 s after the kill against 7 s for the requests that had begun (an outside
+        tester's). Its deadline is then this worker's to keep (``_start_waiting``): its gateway waits on the token
+        timeout, which these events renew, not on the first-token timeout."""
+        self.told_waiting[run_key(plan)] = now
+        self.outbox.append(Out(plan.reply_to, m.TokenEvent(
+            request_id=plan.request_id, token_ids=[], prompt_tokens=len(plan.token_ids) - plan.resumed,
+            completion_tokens=plan.resumed, attempt=plan.attempt, worker=self.consumer), None))
 
     def _fetch_ahead(self) -> None:
         """Start the fetches of the first waiting plans: as many as could start now (at least one), not counting
@@ -718,6 +732,15 @@ class BackboneWorker:
         failed: list[Exception] = []  # Redis failures of this step's fetches
         skipped = 0  # plans left in line (their fetch stalled, backing off, or failed)
         held = False  # the line stopped at a plan whose fetch is on its way
+        # Plans past their deadline leave the line wherever they are in it, slots free or not: their gateways wait
+        # as long as this worker tells them it holds them (``_tell_waiting``).
+        now = time.time()
+        if any(now > plan.deadline for _, plan in self.waiting):
+            late = [(e, p) for e, p in self.waiting if now > p.deadline]
+            self.waiting = deque((e, p) for e, p in self.waiting if now <= p.deadline)
+            for entry_id, plan in late:
+                self._refuse(plan, entry_id, m.ErrorCode.DEADLINE,
+                             "the request waited past its deadline for a backbone")
         self._fetch_ahead()
         i = 0
         while i < len(self.waiting) and len(self.running) < self.cfg.max_running:
@@ -732,11 +755,6 @@ class BackboneWorker:
                 del self.waiting[i]
                 error, limit = self.engine.pool_refusal(seq)
                 self._refuse(plan, entry_id, m.ErrorCode.BAD_PLAN, error, limit=limit)
-                continue
-            if time.time() > plan.deadline:  # before waiting for blocks: its gateway has given up on it
-                del self.waiting[i]
-                self._refuse(plan, entry_id, m.ErrorCode.DEADLINE,
-                             "the request waited past its deadline for a backbone")
                 continue
             if not self.engine.admissible(seq):
                 break  # its prompt waits for free KV blocks (running sequences finish and free theirs)
@@ -916,6 +934,11 @@ class BackboneWorker:
             if seq.finish is not None:
                 ack_delete(pipe, self.stream, BACKBONE_GROUP, run.entry_id)
             ex.sent_spans.append((first, len(pipe)))
+        waiting = {run_key(plan): plan for _, plan in self.waiting}
+        self.told_waiting = {k: t for k, t in self.told_waiting.items() if k in waiting}
+        for key, plan in waiting.items():
+            if now - self.told_waiting.get(key, now) >= HELD_EVENT_S:
+                self._tell_waiting(plan, now)  # into the outbox: sent with the next round trip
         ex.alive = [k for k, run in self.running.items() if run.seq.finish is None]
         ex.checks_at = len(pipe)
         for key in ex.alive:

@@ -317,8 +317,11 @@ def test_a_plan_past_its_deadline_is_refused_while_it_waits_for_kv_blocks(tiny_m
             r.xadd(KEYS.gen(), payload_fields(m.encode(p)))
         got = events(r, "reply:late", {"hog", "late"})
         order = [ev.request_id for ev in got if ev.finish is not None]
-        refused = next(ev for ev in got if ev.request_id == "late")
+        told, refused = [ev for ev in got if ev.request_id == "late"]
         assert refused.code == m.ErrorCode.DEADLINE and order == ["late", "hog"], order
+        # First its gateway was told which worker holds it, not started (no token, no finish): the gateway moves it
+        # to another replica should this worker leave the live set (``BackboneWorker._tell_waiting``).
+        assert told.worker and not told.token_ids and told.finish is None and told.completion_tokens == 0
         assert stop_tier(proc)[0] == 0
     finally:
         if proc.poll() is None:

@@ -51,6 +51,7 @@ class Gateway:
     def __init__(self, r, reply: str, rids: list[str], keys: Keys = KEYS):
         self.r, self.reply, self.last, self.keys = r, reply, "0-0", keys
         self.seen: dict[str, list[m.TokenEvent]] = {rid: [] for rid in rids}
+        self.told: set[str] = set()  # requests a worker said it holds, not started
         hold_lease(r, reply)
 
     def send(self, rid: str, ids: list[int], n: int, media=()) -> None:
@@ -66,7 +67,10 @@ class Gateway:
             for entry_id, fields in (self.r.xread({self.reply: self.last}, block=200) or [[None, []]])[0][1]:
                 self.last = entry_id
                 ev = m.decode(fields_payload(fields), m.TokenEvent)
-                self.seen[ev.request_id].append(ev)
+                if ev.token_ids or ev.finish is not None:  # not the worker's notice that it holds the plan
+                    self.seen[ev.request_id].append(ev)
+                else:
+                    self.told.add(ev.request_id)
 
     def tokens(self, rid: str) -> list[int]:
         return [t for ev in self.seen[rid] for t in ev.token_ids]
@@ -114,6 +118,7 @@ def test_a_slow_media_fetch_never_stalls_running_streams(tiny_spec, redis_url):
             # The image plan is read and its fetch hangs; the stream must keep decoding meanwhile.
             gw.until(lambda: len(gw.tokens("stream")) >= before + 20)
             assert not gw.seen["image"], "the image request ran before its tensors were fetched"
+            assert "image" in gw.told  # its gateway knows which worker holds it
             gate.set()
             gw.until(lambda: gw.finished("image") and gw.finished("stream"))
         finally:
