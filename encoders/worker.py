@@ -568,8 +568,9 @@ class EncoderWorker:
                                   code=m.ErrorCode.MEDIA_EXPIRED,
                                   error=f"the tensor cache (Redis) did not store this {self.cfg.modality}'s encoder "
                                         "output: its node did not answer")
-            answers.publish(job.script_keys, job.entry_id, data, n, self.cfg.tensor_ttl_s, m.encode(done),
-                            job.msg.reply_to, m.encode(refused), m.encode(lost))
+            ttl = job.msg.ttl_s or self.cfg.tensor_ttl_s  # a gateway without the media cache keeps it shorter
+            answers.publish(job.script_keys, job.entry_id, data, n, ttl, m.encode(done), job.msg.reply_to,
+                            m.encode(refused), m.encode(lost))
             return True
         log.error("encode failed", extra={"request_id": job.msg.request_id, "job_id": job.msg.job_id,
                                           "error": output})

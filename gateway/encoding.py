@@ -131,10 +131,10 @@ class MediaEncoder:
                 continue
             key = self.keys.media_id(self.spec.encoder_id(p.modality), p.uuid, namespace)
             if p.data:
-                pipe.set(key, p.digest, ex=self.cfg.tensor_ttl_s, nx=True)
-                pipe.expire(key, self.cfg.tensor_ttl_s)
+                pipe.set(key, p.digest, ex=self.cfg.cache_ttl_s, nx=True)
+                pipe.expire(key, self.cfg.cache_ttl_s)
             else:
-                pipe.execute_command("GETEX", key, "EX", self.cfg.tensor_ttl_s)
+                pipe.execute_command("GETEX", key, "EX", self.cfg.cache_ttl_s)
                 lookups.append((i, len(pipe) - 1))
         if not len(pipe):
             return
@@ -153,7 +153,7 @@ class MediaEncoder:
         pipe = self.r.pipeline(transaction=False)
         for key in keys:
             pipe.hget(key, "n")
-            pipe.expire(key, self.cfg.tensor_ttl_s)
+            pipe.expire(key, self.cfg.cache_ttl_s)
         for mod in unread:
             pipe.zcount(*live_count_args(self.keys, f"encoder:{mod}"))
         res = await bounded(pipe.execute(raise_on_error=False), "looking up the tensor cache", request_id)
@@ -346,7 +346,8 @@ class MediaEncoder:
         pipe.set(blob_key, part.features if part.features is not None else part.data, ex=self.cfg.blob_ttl_s)
         job = m.EncodeJob(request_id=request_id, job_id=uuid.uuid4().hex, modality=m.Modality(part.modality),
                           encoder_id=self.spec.encoder_id(part.modality), digest=part.digest, blob_key=blob_key,
-                          reply_to=self.reply_stream, deadline=time.time() + self.cfg.encode_timeout_s, input=kind)
+                          reply_to=self.reply_stream, deadline=time.time() + self.cfg.encode_timeout_s, input=kind,
+                          ttl_s=0 if self.cfg.media_cache else self.cfg.cache_ttl_s)
         stream = self.keys.jobs(part.modality)
         pipe.xadd(stream, payload_fields(m.encode(job)))
         return stream

@@ -66,6 +66,10 @@ class EncodeJob(Message, kw_only=True):
     # What the blob holds. Features give the same tensor the media would (the digest is the media's), so either
     # may serve a waiter. An encoder older than this field would decode features as media: upgrade encoders first.
     input: JobInput = JobInput.MEDIA
+    # The tensor's lifetime in the cache, in seconds; 0: the encoder's --tensor-ttl. Gateways with the media cache
+    # off set it to as long as their request may need the tensor (an encoder older than this field keeps it its
+    # whole TTL).
+    ttl_s: int = 0
 
 
 class EncodeDone(Message, kw_only=True):

@@ -480,9 +480,15 @@ def test_with_the_media_cache_off_every_request_encodes_its_own_media(tiers, tin
     urls, _ = tiers
     data = png_bytes(37, 29, seed=104)
     calls = encoder_calls(redis_server.url)
+    r = redis.Redis.from_url(redis_server.url)
+    before = set(r.scan_iter(KEYS.prefix + ":t:*"))
     first = greedy(urls[2], tiny_model.name, image_part(data, uuid="sku-104"))
     again = greedy(urls[2], tiny_model.name, image_part(data))
     assert first.status_code == again.status_code == 200, (first.text, again.text)
+    # Their tensors live only as long as a request may need them (encode and first-token timeouts, and a minute),
+    # not the encoder's --tensor-ttl: nothing else can look them up (an hour of each one's tensors filled Redis).
+    mine = set(r.scan_iter(KEYS.prefix + ":t:*")) - before
+    assert len(mine) == 2 and all(0 < r.ttl(k) <= 60 + 120 + 60 for k in mine), {k: r.ttl(k) for k in mine}
     assert first.json()["choices"][0]["message"]["content"] == again.json()["choices"][0]["message"]["content"]
     assert encoder_calls(redis_server.url) == calls + 2
     bare = chat(urls[2], tiny_model.name, image_part(None, uuid="sku-104"))
