@@ -560,7 +560,8 @@ class ChatService:
         media = tuple(sum(r.num_tokens for r in plan.media if r.modality == mod)
                       for mod in (m.Modality.IMAGE, m.Modality.AUDIO))
         try:
-            async for ev in self.tiers.generate(plan, queue, encode_again):
+            started = time.monotonic() - (time.perf_counter() - arrival) if arrival is not None else None
+            async for ev in self.tiers.generate(plan, queue, encode_again, started):
                 if ev.finish == m.FinishReason.ERROR:
                     finished = True
                     reason = "error"

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import time
 from dataclasses import dataclass, field
 
@@ -58,6 +59,7 @@ class ClusterView:
     reads_failing: str | None = None  # why the live sets' last read failed, while it does (Redis itself up)
     unreadable: dict[str, str] = field(default_factory=dict)  # tier -> why its queue's last read failed, while it does
     redis_warning: str | None = None  # what Redis's eviction policy risks (cache.client.eviction_hazard), if anything
+    seen_live: dict[str, float] = field(default_factory=dict)  # tier -> monotonic time a read last found a live worker
 
     def steady(self) -> bool:
         """Up, and read, long enough that every live worker has beaten since: an absent one is really gone."""
@@ -67,6 +69,10 @@ class ClusterView:
     def away_s(self) -> float:
         """For how long Redis has been found away (0: up, or not checked yet)."""
         return 0.0 if self.up or self.reason == "not checked yet" else time.monotonic() - self.since
+
+    def live_since(self, tier: str, start: float) -> bool:
+        """Whether ``tier`` had a live worker at some read since ``start`` (monotonic)."""
+        return self.seen_live.get(tier, -math.inf) >= start
 
     def live_count(self, tier: str) -> int | None:
         """Live workers of ``tier`` as last read (at most a beat old unless the reads fail); None if never read."""
@@ -151,6 +157,7 @@ class ClusterMonitor:
                 view.reads_failing, view.outage_ended = None, time.monotonic()  # beats may have failed meanwhile
             view.live = {t: {m.decode() for m in members} for t, members in zip(self.tiers, read)}
             view.read_at = time.monotonic()
+            view.seen_live.update((t, view.read_at) for t, members in view.live.items() if members)
         groups = {}
         for (tier, (_, group)), got in zip(self.queues.items(), queued):
             if isinstance(got, BaseException):  # its backlog as last read; its wait unknown (0: a stale one would

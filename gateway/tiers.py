@@ -150,15 +150,16 @@ class TierClient:
                 gen.lost_told = gen.attempt
                 gen.queue.put_nowait(WorkerLost(gen.attempt, gen.worker))
 
-    async def generate(self, plan: m.PromptPlan, queue: asyncio.Queue, encode_again=None
+    async def generate(self, plan: m.PromptPlan, queue: asyncio.Queue, encode_again=None, started: float | None = None
                        ) -> AsyncIterator[m.TokenEvent]:
         """Dispatch the plan and yield its token events (only new tokens) until one carries a finish reason.
 
         ``encode_again()`` (optional) re-encodes the request's media: when the backbone finds a cached tensor gone
         (expired between the lookup and the prefill, or lost with a restarted Redis), the request is encoded again
-        and re-queued from where it is, up to ``MEDIA_RETRIES`` times."""
+        and re-queued from where it is, up to ``MEDIA_RETRIES`` times. ``started``: when the request arrived
+        (monotonic; see :meth:`_submit`)."""
         gen = Generation(plan, queue)
-        gen.entry_id = await bounded(self._submit(plan), "submitting", plan.request_id)
+        gen.entry_id = await bounded(self._submit(plan, started), "submitting", plan.request_id)
         gen.heard = time.monotonic()  # the first attempt's wait starts once it is queued
         self.inflight[plan.request_id] = gen
         try:
@@ -227,12 +228,17 @@ class TierClient:
         away, while the queue and the reply stream answer."""
         return self.view.live_count(tier) if self.view is not None else None
 
-    async def _submit(self, plan: m.PromptPlan) -> bytes:
-        """Queue the plan (its stream entry id), unless no backbone is live (a 503 at once)."""
+    async def _submit(self, plan: m.PromptPlan, started: float | None = None) -> bytes:
+        """Queue the plan (its stream entry id), unless no backbone is live and none has been since the request
+        arrived at ``started`` (a 503 at once). A request that arrived while one was (its media then encoded for
+        seconds, meanwhile the backbone restarted or was paused) is queued all the same, within its first-token
+        timeout: it had been accepted, and a 503 after it waited 19 s threw its work away (an outside tester's)."""
         live = self.known_live("backbone")
         if live is None:
             live = (await self.live_workers(["backbone"]))["backbone"]
-        if not live and not self.liveness_unknown():
+        if (not live and not self.liveness_unknown()
+                and not (started is not None and self.view is not None
+                         and self.view.live_since("backbone", started - HEARTBEAT_S))):
             raise Unavailable("no live backbone worker", code="no_live_worker", retry_after=2)
         return await self.r.xadd(self.keys.gen(), payload_fields(m.encode(plan)))
 

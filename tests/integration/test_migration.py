@@ -234,6 +234,35 @@ def test_a_plan_a_worker_said_it_holds_moves_as_soon_as_that_worker_leaves(redis
     assert got == [[42]] and plans[-1].attempt == 1 and plans[-1].resumed == 0
 
 
+def test_a_request_that_arrived_while_a_backbone_was_live_is_queued_though_none_is_live_now(redis_url):
+    """A request's media took 18 s to encode while the backbone restarted: its plan met an empty live set and got a
+    503 ``no_live_worker``, its work thrown away (an outside tester's). A request that arrived while a backbone was
+    live is queued (its first-token timeout bounds it); one that arrived with none live for a while is refused at
+    once, as before."""
+    from gateway.monitor import ClusterView
+
+    async def run():
+        sync = redis.Redis.from_url(redis_url)
+        ensure_group(sync, KEYS.gen(), BACKBONE_GROUP)
+        r = connect_async(redis_url)
+        tiers = TierClient(r, GatewayConfig(model_dir="unused", redis_url=redis_url), None, None, KEYS.reply("gw"))
+        now = time.monotonic()
+        tiers.view = ClusterView(up=True, live={"backbone": set()}, read_at=now, since=now - 60,
+                                 seen_live={"backbone": now - 20})  # the last live backbone was seen 20 s ago
+        queued = len(sync.xrange(KEYS.gen()))
+        try:
+            await tiers._submit(original_plan(), started=now - 25)  # it arrived before: queued
+            assert len(sync.xrange(KEYS.gen())) == queued + 1
+            for started in (now - 5, None):  # arrived with none live (or not said): refused at once
+                with pytest.raises(Unavailable) as info:
+                    await tiers._submit(original_plan(), started=started)
+                assert info.value.code == "no_live_worker"
+        finally:
+            await r.aclose()
+
+    asyncio.run(run())
+
+
 def test_a_continuation_asks_no_more_than_the_budget_a_backbone_lowered_it_to(redis_url, tiny_spec):
     """A backbone whose KV pool holds less than the context lowers a default budget to fit, and its events say so;
     a continuation asked for the gateway's whole default, which a replica that does not lower budgets (an older
