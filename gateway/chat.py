@@ -557,6 +557,7 @@ class ChatService:
         used = 0  # prompt + completion tokens so far, for the tenant's token rate limit
         timing = self.metrics.request(time.perf_counter() if arrival is None else arrival)
         reason = "abort"  # the metrics' finished_reason (gateway/metrics.py) unless it ends otherwise
+        queued = True  # its plan may be queued: a cancellation is posted should it end unfinished
         media = tuple(sum(r.num_tokens for r in plan.media if r.modality == mod)
                       for mod in (m.Modality.IMAGE, m.Modality.AUDIO))
         try:
@@ -582,6 +583,7 @@ class ChatService:
             raise
         except Exception as exc:  # the gateway gave up waiting (a 504) included: the service failed the request
             reason = "error"
+            queued = not (isinstance(exc, APIError) and exc.code == "no_live_worker")  # refused before queueing
             if not redis_failure(exc):
                 raise
             # Redis failing mid-answer (a migration's requeue, a cancel): a 503, as before the first token
@@ -589,8 +591,8 @@ class ChatService:
             raise redis_unavailable(exc) from exc
         finally:
             timing.finish(reason)
-            if not finished:  # stop string, client gone, timeout: free the backbone slot
-                self._spawn(self.tiers.cancel(rid))
+            if not finished and queued:  # stop string, client gone, timeout: free the backbone slot (none for a
+                self._spawn(self.tiers.cancel(rid))  # request refused before queueing: its key would stay 10 min)
             if used or reserved:
                 self._spawn(self.limiter.spend(tenant, used - (reserved.tokens if reserved else 0),
                                                reserved.key if reserved else None))
