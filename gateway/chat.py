@@ -67,6 +67,8 @@ SMALL_BODY = 256 * 1024
 # ~2 us a value); six clients sending 100,000-value bodies at once had the event loop wait behind six such threads,
 # the other requests slowed to seconds (an outside tester's run). One at a time, the loop waits behind one.
 LARGE_PARSE = 64 * 1024
+# The error codes answered only before a request runs (a refusal): its rate count is given back.
+REFUSALS = ("rate_limit_exceeded", "server_overloaded", "no_live_worker")
 TENANT_SHARE = 4  # with API keys, a tenant holds at least 1/TENANT_SHARE of max_inflight (``tenant_share``)
 _CLIENT_ID = re.compile(r"^[\x21-\x7e]{1,512}$")  # printable ASCII, as the OpenAI API accepts
 
@@ -169,6 +171,15 @@ class ChatService:
             exc.rate = tuple(admission.headers.items())
             if exc.status in (429, 503):
                 self.limiter.uncount(tenant, admission)
+
+    def _refused_before_run(self, exc: BaseException, tenant, admission: Admission | None) -> None:
+        """A request counted toward its tenant's rate and refused once its prompt was built, before it ran: past its
+        tokens per minute (429), an encoder queue's backlog (503), no live worker (503). Its count is given back,
+        as for every refusal: a client retrying a tpm 429 used up its requests per minute with its refusals and was
+        locked out for the minute (an outside tester's: six refusals, then a request that fitted got "6 requests
+        per minute")."""
+        if admission is not None and isinstance(exc, APIError) and exc.code in REFUSALS:
+            self.limiter.uncount(tenant, admission)
 
     def _sending(self, tenant, n: int) -> None:
         """Count (1) or uncount (-1) a request of ``tenant`` receiving its body (toward its share: ``_enter``)."""
@@ -278,6 +289,7 @@ class ChatService:
             return response
         except APIError as exc:
             exc.rate = ids.rate
+            self._refused_before_run(exc, tenant, admission)
             raise
         finally:
             if not streaming:  # a stream is counted until its last event (``_sse``)
@@ -379,6 +391,7 @@ class ChatService:
             finally:
                 await deltas.aclose()
         except Exception as exc:  # Redis failing while preparing or encoding: the 503 the REST route answers
+            self._refused_before_run(exc, tenant, admission)
             if not redis_failure(exc):
                 raise
             log.warning("redis failed", extra={"request_id": rid, "error": f"{type(exc).__name__}: {exc}"})

@@ -30,8 +30,8 @@ from tests.media import data_url, png_bytes
 pytestmark = pytest.mark.slow
 
 PASSWORD = "pw-" + os.urandom(8).hex()
-KEYS = {name: f"key-{name}-" + os.urandom(4).hex() for name in ("alice", "bob", "carol", "dave", "erin")}
-LIMITS = {"dave": "rpm=2", "erin": "tpm=40"}
+KEYS = {name: f"key-{name}-" + os.urandom(4).hex() for name in ("alice", "bob", "carol", "dave", "erin", "fay")}
+LIMITS = {"dave": "rpm=2", "erin": "tpm=40", "fay": "rpm=3 tpm=100"}
 
 
 def key_file_text(*names: str) -> str:
@@ -43,7 +43,7 @@ def secured(tiny_model, tmp_path_factory):
     """alice's key by environment; the others' by the key file (digests only; dave and erin with rate limits)."""
     tmp = tmp_path_factory.mktemp("secured")
     key_file = tmp / "keys"
-    key_file.write_text(key_file_text("bob", "carol", "dave", "erin"))
+    key_file.write_text(key_file_text("bob", "carol", "dave", "erin", "fay"))
     with EmbeddedRedis(password=PASSWORD) as server:
         with local_cluster(tiny_model, server.url, tmp, "--api-key-file", str(key_file),
                            "--encoder-max-wait-ms", "20", "--max-inflight", "8",
@@ -146,7 +146,7 @@ def test_a_key_removed_from_the_file_is_refused_within_seconds(secured):
     with connect(ws_url(secured), additional_headers={"Authorization": f"Bearer {KEYS['carol']}"},
                  open_timeout=30) as session:
         assert json.loads(session.recv(timeout=30))["type"] == "session.created"
-        secured.key_file.write_text(key_file_text("bob", "dave", "erin"))
+        secured.key_file.write_text(key_file_text("bob", "dave", "erin", "fay"))
         # silent: the session wakes to check its key (KEY_CHECK_S)
         error = json.loads(session.recv(timeout=20))
         assert (error["type"], error["error"]["code"]) == ("error", "invalid_api_key"), error
@@ -403,4 +403,17 @@ def test_rate_limits_per_tenant_answer_429_with_their_headers(secured):
     time.sleep(0.5)  # the one that ran is settled to what it took
     r = httpx.post(url, json=body, headers=erin, timeout=60)  # the window holds what it took: 30 and its prompt
     assert r.status_code == 429 and r.headers["x-ratelimit-remaining-tokens"] == "0", r.text
+    # fay: 3 requests and 100 tokens a minute. One of 60 tokens runs (~75 with its prompt); each next one is admitted
+    # (75 < 100) and refused at its reservation (150 > 100). Those refusals give their request counts back: they
+    # used up her requests, and then one that fitted her tokens was refused for "3 requests per minute" (an outside
+    # tester's lock-out).
+    fay = {"Authorization": f"Bearer {KEYS['fay']}"}
+    sixty = {**body, "max_tokens": 60, "ignore_eos": True}
+    assert httpx.post(url, json=sixty, headers=fay, timeout=60).status_code == 200
+    time.sleep(0.5)  # settled to what it took
+    for _ in range(4):
+        again = httpx.post(url, json=sixty, headers=fay, timeout=60)
+        assert again.status_code == 429 and again.json()["error"]["type"] == "tokens", again.text
+        assert again.headers["x-ratelimit-remaining-requests"] == "1", again.headers  # one ran, this one counted
+        time.sleep(0.3)  # its count given back
     assert all(ask(secured, KEYS["alice"], "hi").usage.completion_tokens for _ in range(3))
