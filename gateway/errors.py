@@ -72,10 +72,11 @@ class APIError(Exception):
         if self.rate:
             headers = {**dict(self.rate), **(headers or {})}
         if self.retry_after is not None:
-            # retry-after-ms (read first by the OpenAI SDKs) spreads the retries over one to one and a half times
-            # the delay (never sooner: a rate limit's window): refused together, clients would otherwise all come
-            # back in the same instant and be refused again.
-            jittered = round(self.retry_after * 1000 * random.uniform(1.0, 1.5))
+            # retry-after-ms (read first by the OpenAI SDKs) spreads the retries over the delay and up to half of it
+            # more, 2 s at most (never sooner: a rate limit's window): refused together, clients would otherwise all
+            # come back in the same instant and be refused again; a long wait needs no more spread (an outside
+            # tester's 81 s rate-limit wait was told as 85.2 s).
+            jittered = round(1000 * (self.retry_after + random.uniform(0.0, min(0.5 * self.retry_after, 2.0))))
             headers = {**(headers or {}), "retry-after": str(self.retry_after), "retry-after-ms": str(jittered)}
         if self.status == 408:  # the rest of the body may still trickle in: the connection goes with the answer
             headers = {**(headers or {}), "connection": "close"}

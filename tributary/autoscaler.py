@@ -167,18 +167,19 @@ class LocalAutoscaler:
         """The most replicas ``tier`` may run now, given the cores and the memory left."""
         return self.limit(tier)[0]
 
-    def limit(self, tier: str) -> tuple[int, str]:
-        """:meth:`ceiling`, and what sets it, in words for the log line of a scale-up it holds back."""
+    def limit(self, tier: str) -> tuple[int, str, str]:
+        """:meth:`ceiling`, what sets it in words (for the log line of a scale-up it holds back), and which bound
+        that is: ``max-procs``, ``idle-cores`` or ``memory``."""
         current = len(self.sup.tier_groups(tier))
         per = self.cluster.procs_per_replica(tier)
         procs = self._procs()
         by_cpu = max(0, self.max_procs - procs) // per
-        why = f"{procs} of --autoscale-max-procs {self.max_procs} processes run"
+        why, bound = f"{procs} of --autoscale-max-procs {self.max_procs} processes run", "max-procs"
         idle = self.idle.average()
         if self.idle_per_proc > 0 and idle is not None and int(idle / (self.idle_per_proc * per)) < by_cpu:
             by_cpu = int(idle / (self.idle_per_proc * per))
-            why = (f"{idle:.2f} cores idle, {self.idle_per_proc:g} needed per process "
-                   f"(--autoscale-idle-cores)")
+            why, bound = (f"{idle:.2f} cores idle, {self.idle_per_proc:g} needed per process "
+                          "(--autoscale-idle-cores)"), "idle-cores"
         mem = _meminfo()
         rss = max((_rss(c.proc.pid) for g in self.sup.tier_groups(tier) for c in g.children if c.proc), default=0)
         by_mem = by_cpu
@@ -186,9 +187,9 @@ class LocalAutoscaler:
             spare = mem["MemAvailable"] - mem.get("MemTotal", 0) // 10
             if max(0, spare) // (rss * per) < by_cpu:
                 by_mem = max(0, spare) // (rss * per)
-                why = (f"{mem['MemAvailable'] >> 20} MiB available, a replica uses {rss * per >> 20} MiB and a tenth "
-                       "of the memory stays free")
-        return current + min(by_cpu, by_mem), why
+                why, bound = (f"{mem['MemAvailable'] >> 20} MiB available, a replica uses {rss * per >> 20} MiB and "
+                              "a tenth of the memory stays free"), "memory"
+        return current + min(by_cpu, by_mem), why, bound
 
     # ------------------------------------------------------------------------------------------------ acting
 
@@ -220,9 +221,9 @@ class LocalAutoscaler:
         self.idle_trace.append((round(now - self.t0, 3), self.idle.average()))
         state: dict[str, int] = {}
         for tier, load in loads.items():
-            ceiling, why = self.limit(tier)
+            ceiling, why, bound = self.limit(tier)
             decision = self.scalers[tier].observe(load, ceiling)
-            self._held_back(tier, decision, ceiling, why)
+            self._held_back(tier, decision, ceiling, why, bound)
             self.trace[tier].append(asdict(load))
             groups = self.sup.tier_groups(tier)
             if decision.replicas != len(groups):
@@ -239,25 +240,27 @@ class LocalAutoscaler:
             pipe.execute()
         except (RedisError, OSError):
             pass
-        if changed or now - self._traced >= TRACE_EVERY_S:
+        if changed or now - self._traced >= TRACE_EVERY_S - self.poll_s:  # polled: the next poll would be late
             self.write_trace()
 
-    def _held_back(self, tier: str, decision, ceiling: int, why: str) -> None:
+    def _held_back(self, tier: str, decision, ceiling: int, why: str, bound: str) -> None:
         """Say when the machine holds back a scale-up the demand asks for (and again each ``HELD_LOG_S`` while it
-        does, or when the reason changes), and when it no longer does: without it a backlog that never gets its
-        replicas looked like the autoscaler ignoring it (an outside tester's autoscaling round)."""
+        does, or when another bound holds it), and when it no longer does (for ``HELD_LOG_S``): without it a backlog
+        that never gets its replicas looked like the autoscaler ignoring it (an outside tester's autoscaling round)."""
         last = self._held.get(tier)
         if decision.held is None:  # the policy's cooldown: no decision, nothing to say
             return
         if not decision.held:
-            if last is not None:
+            # Said once the demand is met or gone for HELD_LOG_S: a demand that flickers with the queue's length
+            # between polls said "held back" and "no longer" in pairs (a regression tester's log).
+            if last is not None and time.monotonic() - last[0] >= HELD_LOG_S:
                 del self._held[tier]
                 say(f"{tier}: scale-up no longer held back", of_tier=tier)
             return
         now = time.monotonic()
-        if last is not None and last[1] == why and now - last[0] < HELD_LOG_S:
+        if last is not None and last[1] == bound and now - last[0] < HELD_LOG_S:
             return
-        self._held[tier] = (now, why)
+        self._held[tier] = (now, bound)
         say(f"{tier}: demand for {decision.held} replica(s) held back at {ceiling}: {why}", logging.WARNING,
             of_tier=tier, wanted=decision.held, ceiling=ceiling, reason=why)
 

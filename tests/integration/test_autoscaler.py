@@ -141,22 +141,27 @@ def test_no_scale_up_without_idle_cores(redis_server):
     scaler.close()
 
 
-def test_a_held_back_scale_up_is_said_once_while_it_lasts_and_when_it_ends(redis_server, capsys):
+def test_a_held_back_scale_up_is_said_once_while_it_lasts_and_when_it_ends(redis_server, capsys, monkeypatch):
     from router.autoscale import Decision
+    from tributary import autoscaler
 
     cluster = Cluster(Path("/m"), redis_server.url, prefix="held-test", modalities=("image",))
     scaler = LocalAutoscaler(cluster, Supervisor([_group("encoder:image", DRAINS)]),
                              policies_from_args(_args(), cluster))
     capsys.readouterr()
     held = Decision(replicas=1, recommended=3, reason="", held=3)
-    for _ in range(5):  # five polls held back for the same reason: one line
-        scaler._held_back("encoder:image", held, 1, "0.20 cores idle")
-    scaler._held_back("encoder:image", held, 1, "memory")  # another reason: said again
-    scaler._held_back("encoder:image", Decision(2, 3, "up"), 2, "memory")  # no longer held back
-    scaler._held_back("encoder:image", Decision(2, 2, ""), 2, "memory")
+    for idle in (0.2, 0.25, 0.3, 0.1, 0.2):  # five polls held back by the same bound (its figure varies): one line
+        scaler._held_back("encoder:image", held, 1, f"{idle:.2f} cores idle", "idle-cores")
+        scaler._held_back("encoder:image", Decision(1, 1, ""), 1, "", "idle-cores")  # a flicker between polls
+    scaler._held_back("encoder:image", held, 1, "900 MiB available", "memory")  # another bound: said again
+    scaler._held_back("encoder:image", Decision(2, 3, "up"), 2, "", "memory")  # not held: said only a minute on
+    later = time.monotonic() + 61
+    monkeypatch.setattr(autoscaler.time, "monotonic", lambda: later)
+    scaler._held_back("encoder:image", Decision(2, 2, ""), 2, "", "memory")
+    scaler._held_back("encoder:image", Decision(2, 2, ""), 2, "", "memory")
     lines = [x for x in capsys.readouterr().err.splitlines() if "held back" in x]
     assert lines == ["tributary: encoder:image: demand for 3 replica(s) held back at 1: 0.20 cores idle",
-                     "tributary: encoder:image: demand for 3 replica(s) held back at 1: memory",
+                     "tributary: encoder:image: demand for 3 replica(s) held back at 1: 900 MiB available",
                      "tributary: encoder:image: scale-up no longer held back"]
     scaler.close()
 

@@ -47,6 +47,8 @@ def test_retries_are_spread_never_sooner_than_retry_after():
         assert headers["retry-after"] == "1"
         waits.add(int(headers["retry-after-ms"]))
     assert min(waits) >= 1000 and max(waits) <= 1500 and len(waits) > 10
+    long = {int(Overloaded("busy", retry_after=81).response().headers["retry-after-ms"]) for _ in range(50)}
+    assert min(long) >= 81_000 and max(long) <= 83_000 and len(long) > 10  # a long wait: 2 s of spread at most
 
 
 def test_backlog_bound_names_the_tier_and_only_tiers_the_request_needs_count():
