@@ -344,8 +344,8 @@ def test_refusals_for_the_keys_share_count_toward_no_rate_limit(redis_url):
             with pytest.raises(RateLimited, match="10 requests per minute"):
                 await svc.limiter.admit(tenant)
         await asyncio.sleep(0.5)  # the give-backs run
-        key = svc.limiter._window(tenant)[0]
-        return first, int(await svc.limiter.r.get(key))
+        key = svc.limiter._counts(tenant)[0].key
+        return first, sum(map(int, (await svc.limiter.r.hvals(key))))
 
     import time
 
@@ -474,14 +474,15 @@ def test_a_token_reservation_refuses_what_would_pass_the_limit_and_settles_to_wh
     async def scenario():
         r = connect_async(redis_url)
         limiter = RateLimiter(r, Keys("reserve"))
-        key, tokens, remaining = await limiter.reserve(tenant, 100)  # alone in its window: over 60, it runs
-        assert (int(await r.get(key)), tokens, remaining) == (100, 100, 0)
+        key, tokens, remaining = await limiter.reserve(tenant, 100)  # alone in its minute: over 60, it runs
+        held = lambda: r.hget(key.key, key.field)  # noqa: E731
+        assert (int(await held()), tokens, remaining) == (100, 100, 0)
         with pytest.raises(RateLimited) as info:
             await limiter.reserve(tenant, 5)
         assert info.value.type == "tokens" and info.value.headers["x-ratelimit-remaining-tokens"] == "0"
-        assert int(await r.get(key)) == 100  # the refused one's reservation given back
+        assert int(await held()) == 100  # the refused one's reservation given back
         await limiter.spend(tenant, 40 - 100, key)  # it took 40 of its 100
-        assert int(await r.get(key)) == 40
+        assert int(await held()) == 40
         assert (await limiter.reserve(tenant, 15))[1:] == (15, 5)  # 55 in all: within the limit, 5 left
         assert await limiter.reserve(Tenant("free", "free"), 10**6) is None  # no token limit: nothing reserved
         await r.aclose()
@@ -489,59 +490,58 @@ def test_a_token_reservation_refuses_what_would_pass_the_limit_and_settles_to_wh
     asyncio.run(scenario())
 
 
-def test_the_previous_minutes_count_weighs_in_as_it_slides_out(redis_url):
-    """The limits slide: ten requests at the end of one minute still count, in part, at the start of the next (with
-    one fixed window a tenant of 10 rpm sent 20 within seconds across the boundary). Retry-After says when a request
-    would fit; reset says when the estimate is back to nothing."""
+def test_no_sixty_seconds_hold_more_than_the_limit_and_retry_after_says_when_one_fits(redis_url):
+    """The limits slide over the last 60 s at one-second grain. With one fixed window per minute a tenant of 6 rpm
+    sent 12 within seconds across a minute's boundary; with a weighted two-minute estimate, 10 in 60 s (outside
+    testers' counts). Retry-After is when a request would fit; reset, when the minute holds nothing."""
     from cache.client import connect_async
     from cache.keys import Keys
     from gateway.auth import Tenant
-    from gateway.ratelimit import RateLimited, RateLimiter, Window
+    from gateway.ratelimit import RateLimited, RateLimiter
 
-    tenant = Tenant("sly", "sly", rpm=10, tpm=1000)
+    tenant = Tenant("sly", "sly", rpm=6, tpm=1000)
 
     async def scenario():
         r = connect_async(redis_url)
         limiter = RateLimiter(r, Keys("slide"))
-        minute = 60 * 29_000_000
-        limiter.clock = lambda: minute + 55.0  # the last 5 s of a minute: ten requests
-        for _ in range(10):
-            await limiter.admit(tenant)
-        with pytest.raises(RateLimited):
-            await limiter.admit(tenant)
-        await asyncio.sleep(0.3)  # a refused request's count is given back in a task of its own
-        limiter.clock = lambda: minute + 66.0  # 6 s into the next: 9 of the 10 still count
-        first = await limiter.admit(tenant)
-        assert first.headers["x-ratelimit-remaining-requests"] == "0"
-        assert first.headers["x-ratelimit-reset-requests"] == "114s"  # this minute's one, out 2 minutes on
-        with pytest.raises(RateLimited) as info:
-            await limiter.admit(tenant)
-        # It fits when the carried share falls to 8 (1 of this minute and 1 asked): 12 s into the minute.
-        assert info.value.retry_after == 6 and "retry in 6 s" in str(info.value)
-        await asyncio.sleep(0.3)
-        limiter.clock = lambda: minute + 90.0  # half-way: 5 carried + 1, so four more
+        t0 = 60 * 29_000_000 + 55.2  # the last seconds of a minute
+        limiter.clock = lambda: t0
         for _ in range(4):
             await limiter.admit(tenant)
-        with pytest.raises(RateLimited):
+        limiter.clock = lambda: t0 + 2  # two more, two seconds on: six in all
+        for _ in range(2):
             await limiter.admit(tenant)
-        await asyncio.sleep(0.3)  # the refused ones' give-backs
-        # Tokens slide too: 900 reserved late in one minute leave 107 half a second into the next, 550 half-way.
-        limiter.clock = lambda: minute + 170.0
+        for offset in (5, 30, 59.5):  # across the boundary and until the first four leave: none fits
+            limiter.clock = lambda: t0 + offset  # noqa: B023
+            with pytest.raises(RateLimited) as info:
+                await limiter.admit(tenant)
+            await asyncio.sleep(0.2)  # its count given back
+        # The first four leave 60 s after their second (t0's: 0.2 s before t0), 0.3 s on: then room for four.
+        assert info.value.retry_after == 1 and info.value.headers["x-ratelimit-remaining-requests"] == "0"
+        limiter.clock = lambda: t0 + 60.5
+        admitted = [await limiter.admit(tenant) for _ in range(4)]
+        assert admitted[-1].headers["x-ratelimit-remaining-requests"] == "0"
+        assert admitted[-1].headers["x-ratelimit-reset-requests"] == "60s"  # the last ones leave 60 s on
+        with pytest.raises(RateLimited) as info:
+            await limiter.admit(tenant)
+        assert info.value.retry_after == 2  # the two of t0 + 2 leave 1.3 s on
+        await asyncio.sleep(0.2)
+        # Tokens alike: 900 reserved, then 200 more fit only once the 900 have left, 60 s on.
+        limiter.clock = lambda: t0 + 200
         await limiter.reserve(tenant, 900)
-        limiter.clock = lambda: minute + 180.5
+        limiter.clock = lambda: t0 + 230
         with pytest.raises(RateLimited) as info:
             await limiter.reserve(tenant, 200)
-        assert info.value.headers["x-ratelimit-remaining-tokens"] == "107"  # 900 x (1 - 0.5 / 60) carried
-        assert info.value.retry_after == 7  # 900 x (1 - f) <= 800 from f = 1/9: 6.67 s into the minute
-        limiter.clock = lambda: minute + 210.0
-        assert (await limiter.reserve(tenant, 200)).remaining == 1000 - 450 - 200
+        assert info.value.headers["x-ratelimit-remaining-tokens"] == "100" and info.value.retry_after == 30
+        limiter.clock = lambda: t0 + 260.9
+        assert (await limiter.reserve(tenant, 200)).remaining == 800
+        await limiter.admit(tenant)
+        await asyncio.sleep(0.2)  # the fields past the minute are deleted as they are met
+        fields = [int(f) for f in await r.hkeys(limiter._counts(tenant)[0].key)]
+        assert fields == [int(t0 + 260.9)], fields
         await r.aclose()
 
     asyncio.run(scenario())
-    w = Window("r", "t", "pr", "pt", elapsed=30.0)
-    assert w.wait(0, b"4000", 5000, 1000) == 30  # larger than the limit: it runs once nothing else counts
-    assert w.wait(0, None, 5000, 1000) == 1 and w.reset(0, None) == 0
-    assert w.wait(3, b"4", 5000, 1000) == 90  # this minute's count too must slide out
 
 
 def test_a_count_whose_round_trip_is_cut_is_given_back(redis_url, monkeypatch):
@@ -587,8 +587,8 @@ def test_a_count_whose_round_trip_is_cut_is_given_back(redis_url, monkeypatch):
                 await tiers.bounded(call(), "counting", "req-late")
             assert info.value.status == 503
         await asyncio.sleep(1.5)  # the give-backs run once the late replies are in
-        req_key, tok_key = limiter._window(tenant)[:2]
-        counts = int(await r.get(req_key) or 0), int(await r.get(tok_key) or 0)
+        req, tok = limiter._counts(tenant)
+        counts = (sum(map(int, await r.hvals(req.key))), sum(map(int, await r.hvals(tok.key))))
         await r.aclose()
         return counts
 
