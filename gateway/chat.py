@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import json
 import logging
 import re
@@ -46,7 +47,7 @@ from gateway.errors import (
     redis_unavailable,
 )
 from gateway.metrics import GatewayMetrics
-from gateway.monitor import ClusterMonitor, admit
+from gateway.monitor import BusyHint, ClusterMonitor, admit
 from gateway.prompt import Prompt, PromptBuilder, expand_placeholders
 from gateway.ratelimit import Admission, RateLimited, RateLimiter, Reservation
 from gateway.remote import RemoteMedia
@@ -136,15 +137,23 @@ class ChatService:
         self._inflight = n
         self.metrics.in_flight.set(n)
 
+    @functools.cached_property
+    def busy(self) -> BusyHint:
+        """The Retry-After of refusals at ``max_inflight`` (gateway/monitor.py)."""
+        return BusyHint()
+
     def admit(self, tiers: list[str], counted: bool = False) -> None:
         """``counted``: this request is already among ``inflight`` (a second check, once its media are known). A
         refusal (503) is counted in the metrics' rejected requests."""
+        full = not counted and self.inflight >= self.cfg.max_inflight
         try:
             if self.closing:
                 raise _shutting_down()
-            admit(self.monitor.view, None if counted else self.inflight, self.cfg, tiers)
+            admit(self.monitor.view, None if counted else self.inflight, self.cfg, tiers, self.busy.value())
         except APIError as exc:
             self.metrics.reject(exc.code)
+            if full and exc.code == "server_overloaded":
+                self.busy.refused += 1
             raise
 
     def _enter(self, tenant, count: bool = True) -> None:
@@ -188,6 +197,7 @@ class ChatService:
 
     def _leave(self, tenant) -> None:
         self.inflight -= 1
+        self.busy.finished += 1
         if tenant is not None:
             count_by(self.inflight_by_tenant, tenant.name, -1)
 

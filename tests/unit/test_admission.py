@@ -38,6 +38,39 @@ def test_in_flight_bound_is_server_overloaded():
     assert exc.value.status == 503 and exc.value.code == "server_overloaded" and exc.value.retry_after >= 1
 
 
+def test_the_busy_retry_after_grows_with_the_clients_waiting_and_falls_back_to_one_second():
+    """At the in-flight bound a fixed Retry-After of 1 s sent 200 clients of a gateway finishing ~30 requests a
+    second back again and again: 37% gave up after five retries (an outside tester's). The hint settles where the
+    clients it refuses come back as fast as slots free: about N/C seconds."""
+    from gateway.chat import ChatService
+    from gateway.metrics import GatewayMetrics
+    from gateway.monitor import BusyHint
+
+    hint, now = BusyHint(), 1000.0
+    hint.since = now
+    waiting, capacity = 200, 30  # clients retrying at the hint; requests finished a second
+    seen = []
+    for _ in range(40):
+        h = hint.value(now)
+        hint.refused += max(0, round(waiting / h) - capacity)  # those coming back this second, less the slots
+        hint.finished += capacity
+        seen.append(h)
+        now += 1.0
+    assert seen[0] == 1 and 5 <= seen[-1] <= 8, seen  # 200 / 30 = 6.7 s
+    assert max(seen) <= BusyHint.MAX_S
+    for _ in range(12):  # the load gone: back to a second
+        now += 1.0
+        h = hint.value(now)
+    assert h == 1
+    svc = ChatService.__new__(ChatService)
+    svc.cfg, svc.metrics, svc.closing, svc.inflight = cfg(max_inflight=2), GatewayMetrics(), False, 2
+    svc.monitor = type("M", (), {"view": view()})()
+    svc.busy.hint = 7.0
+    with pytest.raises(Overloaded) as info:
+        svc.admit(["backbone"])
+    assert info.value.retry_after == 7 and svc.busy.refused == 1
+
+
 def test_retries_are_spread_never_sooner_than_retry_after():
     """An outside tester's finding: every refused client was told to come back in exactly 1 s, so they all did, at
     once, and were refused again. ``retry-after-ms`` (which the OpenAI SDKs read first) spreads them over 1-1.5x."""
