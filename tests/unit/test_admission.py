@@ -40,28 +40,31 @@ def test_in_flight_bound_is_server_overloaded():
 
 def test_the_busy_retry_after_grows_with_the_clients_waiting_and_falls_back_to_one_second():
     """At the in-flight bound a fixed Retry-After of 1 s sent 200 clients of a gateway finishing ~30 requests a
-    second back again and again: 37% gave up after five retries (an outside tester's). The hint settles where the
-    clients it refuses come back as fast as slots free: about N/C seconds."""
+    second back again and again: 37% gave up after five retries (an outside tester's). The hint grows with the
+    refusals per request finished, stays well under its cap (a first version ran away to it), and falls back to
+    1 s once they stop, idle seconds included."""
+    import math
+
     from gateway.chat import ChatService
     from gateway.metrics import GatewayMetrics
     from gateway.monitor import BusyHint
 
-    hint, now = BusyHint(), 1000.0
-    hint.since = now
-    waiting, capacity = 200, 30  # clients retrying at the hint; requests finished a second
-    seen = []
-    for _ in range(40):
-        h = hint.value(now)
-        hint.refused += max(0, round(waiting / h) - capacity)  # those coming back this second, less the slots
-        hint.finished += capacity
-        seen.append(h)
-        now += 1.0
-    assert seen[0] == 1 and 5 <= seen[-1] <= 8, seen  # 200 / 30 = 6.7 s
-    assert max(seen) <= BusyHint.MAX_S
-    for _ in range(12):  # the load gone: back to a second
-        now += 1.0
-        h = hint.value(now)
-    assert h == 1
+    def run(waiting: int, capacity: int, seconds: int = 40) -> list[int]:
+        hint, now, seen = BusyHint(), 1000.0, []
+        hint.since = now
+        for _ in range(seconds):  # clients retrying at the hint; ``capacity`` requests finished a second
+            h = hint.value(now)
+            hint.refused += max(0, math.ceil(waiting / h) - capacity)
+            hint.finished += capacity
+            seen.append(h)
+            now += 1.0
+        return seen, hint, now
+
+    seen, hint, now = run(200, 30)
+    assert seen[0] == 1 and min(seen[5:]) >= 2 and max(seen) <= 4, seen  # growing with the overload, steadily
+    assert max(run(20, 30)[0]) == 1  # no overload: a second
+    assert 8 <= run(2000, 30)[0][-1] <= BusyHint.MAX_S  # deeper: longer
+    assert hint.value(now + 20) == 1  # twenty idle seconds: back to a second
     svc = ChatService.__new__(ChatService)
     svc.cfg, svc.metrics, svc.closing, svc.inflight = cfg(max_inflight=2), GatewayMetrics(), False, 2
     svc.monitor = type("M", (), {"view": view()})()
@@ -69,6 +72,21 @@ def test_the_busy_retry_after_grows_with_the_clients_waiting_and_falls_back_to_o
     with pytest.raises(Overloaded) as info:
         svc.admit(["backbone"])
     assert info.value.retry_after == 7 and svc.busy.refused == 1
+
+
+def test_a_key_alone_meets_the_gateways_bound_not_a_share():
+    """With one tenant its share is the whole gateway: its requests sending bodies counted toward it, so a full
+    gateway refused it 429 "its share" with 1 s, before the 503 with the busy Retry-After (a regression tester's)."""
+    from types import SimpleNamespace
+
+    from gateway.chat import ChatService
+    from gateway.metrics import GatewayMetrics
+
+    svc = ChatService.__new__(ChatService)
+    svc.metrics = GatewayMetrics()
+    svc.cfg, svc.tenants, svc.inflight = cfg(max_inflight=4), lambda: 1, 2
+    svc.inflight_by_tenant, svc.bodies_by_tenant = {"solo": 2}, {"solo": 2}
+    svc._enter(SimpleNamespace(name="solo"), count=False)  # no 429: the gateway's own bound decides
 
 
 def test_retries_are_spread_never_sooner_than_retry_after():
