@@ -4,8 +4,8 @@ Limits need API keys (they are per tenant): ``--rate-limit-rpm`` / ``--rate-limi
 and ``rpm=N`` / ``tpm=N`` after a tenant's digest in the key file for that tenant (gateway/auth.py).
 
 Counting is a sliding minute, at one-second grain: a tenant's requests and tokens are counted per second in a hash
-(``<prefix>:rl:<tenant>:requests`` / ``:tokens``, field: the unix second), and a limit holds what the last 60 seconds
-counted. ``HINCRBY`` for each request (for tokens, of what a request may take, its prompt and its budget, as it
+(``<prefix>:rl:<tenant>:requests`` / ``:tokens``, field: the unix second), and a limit holds what the last 61
+seconds counted (a second's count leaves 61 s after the second began: so no 60 s, wherever they start, hold more). ``HINCRBY`` for each request (for tokens, of what a request may take, its prompt and its budget, as it
 starts, settled to what it took as it ends, in the same second's field), read back whole in the same round trip;
 fields older than the minute are deleted as they are met, and the keys expire two minutes after their last count.
 No 60 s holds more than the limit (fixed one-minute windows let twice the limit through across a minute's boundary,
@@ -32,6 +32,9 @@ from gateway.errors import APIError
 
 log = logging.getLogger(__name__)
 WINDOW_S = 60
+# A second's count leaves the minute 61 s after that second began: counted at its end (S.99), it still counts at
+# S.99 + 60; leaving at S + 60 let twice the limit into one 60 s (a regression tester's 12 of rpm 6 in 59.25 s).
+LEAVES_S = WINDOW_S + 1
 SPEND_TIMEOUT_S = 10.0  # a finished request's token count is written within this, or dropped (a node away)
 
 
@@ -69,7 +72,7 @@ class Minute(NamedTuple):
             except ValueError:  # not ours: ignored, and deleted
                 stale.append(field)
                 continue
-            if second > now - WINDOW_S:
+            if second > now - WINDOW_S - 1:  # a second's count stays 61 s after it began (see ``LEAVES_S``)
                 counts[second] = n
             else:
                 stale.append(second)
@@ -81,7 +84,7 @@ class Minute(NamedTuple):
 
     def wait(self, need: int, limit: int, without: int = 0) -> int:
         """Seconds until ``need`` more fit within ``limit`` (or nothing else is counted, when ``need`` alone passes
-        it), with no other traffic: each second's count leaves the minute 60 s after it. ``without``: of this
+        it), with no other traffic: each second's count leaves the minute ``LEAVES_S`` after that second began. ``without``: of this
         second's count, the asker's own (not counted against it)."""
         target, now_s = max(limit - need, 0), int(self.now)
         counts = dict(self.counts)
@@ -92,13 +95,13 @@ class Minute(NamedTuple):
                 break
             left -= counts[second]
             if left <= target:
-                return max(1, math.ceil(second + WINDOW_S - self.now))
+                return max(1, math.ceil(second + LEAVES_S - self.now))
         return 1
 
     def reset(self) -> int:
         """Seconds until the minute holds nothing (x-ratelimit-reset-*)."""
         held = [s for s, n in self.counts.items() if n > 0]
-        return max(0, math.ceil(max(held) + WINDOW_S - self.now)) if held else 0
+        return max(0, math.ceil(max(held) + LEAVES_S - self.now)) if held else 0
 
 
 class RateLimited(APIError):

@@ -542,9 +542,10 @@ def test_a_token_reservation_refuses_what_would_pass_the_limit_and_settles_to_wh
 
 
 def test_no_sixty_seconds_hold_more_than_the_limit_and_retry_after_says_when_one_fits(redis_url):
-    """The limits slide over the last 60 s at one-second grain. With one fixed window per minute a tenant of 6 rpm
-    sent 12 within seconds across a minute's boundary; with a weighted two-minute estimate, 10 in 60 s (outside
-    testers' counts). Retry-After is when a request would fit; reset, when the minute holds nothing."""
+    """The limits slide at one-second grain, a second's count leaving 61 s after it began. With one fixed window per
+    minute a tenant of 6 rpm sent 12 within seconds across a minute's boundary; with a weighted two-minute estimate,
+    10 in 60 s; with counts leaving 60 s after their second began, 12 in 59.25 s (outside testers' counts).
+    Retry-After is when a request would fit; reset, when the minute holds nothing."""
     from cache.client import connect_async
     from cache.keys import Keys
     from gateway.auth import Tenant
@@ -567,12 +568,16 @@ def test_no_sixty_seconds_hold_more_than_the_limit_and_retry_after_says_when_one
             with pytest.raises(RateLimited) as info:
                 await limiter.admit(tenant)
             await asyncio.sleep(0.2)  # its count given back
-        # The first four leave 60 s after their second (t0's: 0.2 s before t0), 0.3 s on: then room for four.
-        assert info.value.retry_after == 1 and info.value.headers["x-ratelimit-remaining-requests"] == "0"
-        limiter.clock = lambda: t0 + 60.5
+        # The first four leave 61 s after their second began (t0's: 0.2 s before t0), 1.3 s on: then room for four.
+        assert info.value.retry_after == 2 and info.value.headers["x-ratelimit-remaining-requests"] == "0"
+        limiter.clock = lambda: t0 + 60.5  # 60 s after the first four: they still count (no 60 s hold seven)
+        with pytest.raises(RateLimited):
+            await limiter.admit(tenant)
+        await asyncio.sleep(0.2)
+        limiter.clock = lambda: t0 + 61.5
         admitted = [await limiter.admit(tenant) for _ in range(4)]
         assert admitted[-1].headers["x-ratelimit-remaining-requests"] == "0"
-        assert admitted[-1].headers["x-ratelimit-reset-requests"] == "60s"  # the last ones leave 60 s on
+        assert admitted[-1].headers["x-ratelimit-reset-requests"] == "61s"  # the last ones leave 61 s on
         with pytest.raises(RateLimited) as info:
             await limiter.admit(tenant)
         assert info.value.retry_after == 2  # the two of t0 + 2 leave 1.3 s on
@@ -583,13 +588,13 @@ def test_no_sixty_seconds_hold_more_than_the_limit_and_retry_after_says_when_one
         limiter.clock = lambda: t0 + 230
         with pytest.raises(RateLimited) as info:
             await limiter.reserve(tenant, 200)
-        assert info.value.headers["x-ratelimit-remaining-tokens"] == "100" and info.value.retry_after == 30
-        limiter.clock = lambda: t0 + 260.9
+        assert info.value.headers["x-ratelimit-remaining-tokens"] == "100" and info.value.retry_after == 31
+        limiter.clock = lambda: t0 + 261.9
         assert (await limiter.reserve(tenant, 200)).remaining == 800
         await limiter.admit(tenant)
         await asyncio.sleep(0.2)  # the fields past the minute are deleted as they are met
         fields = [int(f) for f in await r.hkeys(limiter._counts(tenant)[0].key)]
-        assert fields == [int(t0 + 260.9)], fields
+        assert fields == [int(t0 + 261.9)], fields
         await r.aclose()
 
     asyncio.run(scenario())
