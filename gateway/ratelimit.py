@@ -5,10 +5,11 @@ and ``rpm=N`` / ``tpm=N`` after a tenant's digest in the key file for that tenan
 
 Counting is a sliding minute, at one-second grain: a tenant's requests and tokens are counted per second in a hash
 (``<prefix>:rl:<tenant>:requests`` / ``:tokens``, field: the unix second), and a limit holds what the last 61
-seconds counted (a second's count leaves 61 s after the second began: so no 60 s, wherever they start, hold more). ``HINCRBY`` for each request (for tokens, of what a request may take, its prompt and its budget, as it
-starts, settled to what it took as it ends, in the same second's field), read back whole in the same round trip;
-fields older than the minute are deleted as they are met, and the keys expire two minutes after their last count.
-No 60 s holds more than the limit (fixed one-minute windows let twice the limit through across a minute's boundary,
+seconds counted (a second's count leaves 61 s after the second began, so two requests less than 60 s apart always
+count against each other). ``HINCRBY`` for each request (for tokens, of what a request may take, its prompt and its
+budget, as it starts, settled to what it took as it ends, in the same second's field), read back whole in the same
+round trip; fields older than that are deleted as they are met, and the keys expire two minutes after their last
+count. No 60 s holds more than the limit (fixed one-minute windows let twice the limit through across a minute's boundary,
 and a weighted two-minute estimate 1.7 times: an outside tester's count). A request is refused with a 429
 ``rate_limit_exceeded`` when the minute already holds ``rpm`` requests, or when what it may take would pass ``tpm``
 tokens (unless the minute holds nothing else: a request larger than the limit runs alone), with a ``Retry-After`` of
@@ -84,8 +85,8 @@ class Minute(NamedTuple):
 
     def wait(self, need: int, limit: int, without: int = 0) -> int:
         """Seconds until ``need`` more fit within ``limit`` (or nothing else is counted, when ``need`` alone passes
-        it), with no other traffic: each second's count leaves the minute ``LEAVES_S`` after that second began. ``without``: of this
-        second's count, the asker's own (not counted against it)."""
+        it), with no other traffic: each second's count leaves the minute ``LEAVES_S`` after that second began.
+        ``without``: of this second's count, the asker's own (not counted against it)."""
         target, now_s = max(limit - need, 0), int(self.now)
         counts = dict(self.counts)
         counts[now_s] = counts.get(now_s, 0) - without
