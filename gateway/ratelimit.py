@@ -9,15 +9,15 @@ seconds counted (a second's count leaves 61 s after the second began, so two req
 count against each other). ``HINCRBY`` for each request (for tokens, of what a request may take, its prompt and its
 budget, as it starts, settled to what it took as it ends, in the same second's field), read back whole in the same
 round trip; fields older than that are deleted as they are met, and the keys expire two minutes after their last
-count. No 60 s holds more than the limit (fixed one-minute windows let twice the limit through across a minute's boundary,
-and a weighted two-minute estimate 1.7 times: an outside tester's count). A request is refused with a 429
-``rate_limit_exceeded`` when the minute already holds ``rpm`` requests, or when what it may take would pass ``tpm``
-tokens (unless the minute holds nothing else: a request larger than the limit runs alone), with a ``Retry-After`` of
-the seconds until it would fit, were nothing else sent meanwhile. Every answer to a limited tenant carries OpenAI's
-``x-ratelimit-{limit,remaining,reset}-{requests,tokens}`` headers: remaining is the limit less the minute's count
-(the tokens remaining count the request's own reservation), reset the seconds until the minute holds nothing. A
-count whose round trip is cut (the request's Redis bound, a cancel, a lost reply: it may have been made all the
-same) is given back, as a refused request's is.
+count. No 60 s holds more than the limit (fixed one-minute windows let twice the limit through across a
+minute's boundary, and a weighted two-minute estimate 1.7 times: an outside tester's count). A request is refused
+with a 429 ``rate_limit_exceeded`` when the minute already holds ``rpm`` requests, or when what it may take would
+pass ``tpm`` tokens (unless the minute holds nothing else: a request larger than the limit runs alone), with a
+``Retry-After`` of the seconds until it would fit, were nothing else sent meanwhile. Every answer to a limited
+tenant carries OpenAI's ``x-ratelimit-{limit,remaining,reset}-{requests,tokens}`` headers: remaining is the limit
+less the minute's count (the tokens remaining count the request's own reservation), reset the seconds until the
+minute holds nothing. A count whose round trip is cut (the request's Redis bound, a cancel, a lost reply: it may
+have been made all the same) is given back, as a refused request's is.
 """
 
 from __future__ import annotations
