@@ -184,6 +184,18 @@ class ChatService:
             if exc.status in (429, 503):
                 self.limiter.uncount(tenant, admission)
 
+    def _backbone_or_refuse(self, arrival: float, prompt: Prompt) -> None:
+        """``no_live_worker`` before a request's media are encoded, when no backbone has been live since it arrived
+        (``arrival``: perf_counter) and so it could not run (see ``TierClient.require_backbone``); counted as the
+        admission's refusals are. An encoder it needs with none live is named first (its refusal comes at once)."""
+        if not prompt.media or any(self.tiers.known_live(f"encoder:{p.modality}") == 0 for p in prompt.media):
+            return  # text alone is queued at once (the same check); a missing encoder answers first
+        try:
+            self.tiers.require_backbone(time.monotonic() - (time.perf_counter() - arrival))
+        except APIError as exc:
+            self.metrics.reject(exc.code)
+            raise
+
     def _refused_before_run(self, exc: BaseException, tenant, admission: Admission | None) -> None:
         """A request counted toward its tenant's rate and refused once its prompt was built, before it ran: past its
         tokens per minute (429), an encoder queue's backlog (503), no live worker (503). Its count is given back,
@@ -316,6 +328,7 @@ class ChatService:
                                    "tenant": tenant.name if tenant else None,
                                    "media": len(prompt.media), "text_tokens": len(prompt.token_ids)})
         self.admit(sorted({f"encoder:{p.modality}" for p in prompt.media}), counted=True)
+        self._backbone_or_refuse(arrival, prompt)
         queue = self.replies.subscribe(rid)
         watcher = self._spawn(self._watch_disconnect(request, queue))
         deltas = None
@@ -381,6 +394,7 @@ class ChatService:
                                        "media": len(prompt.media),
                                        "text_tokens": len(prompt.token_ids)})
             self.admit(sorted({f"encoder:{p.modality}" for p in prompt.media}), counted=True)
+            self._backbone_or_refuse(arrival, prompt)
             queue = self.replies.subscribe(rid)
             watcher = self._spawn(self._watch_event(cancelled, queue))
             try:

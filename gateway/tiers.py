@@ -65,6 +65,10 @@ class WorkerLost:
     worker: str
 
 
+def _no_backbone() -> Unavailable:
+    return Unavailable("no live backbone worker", code="no_live_worker", retry_after=2)
+
+
 class ClientGone(Exception):
     """The client disconnected; its generation is cancelled."""
 
@@ -236,11 +240,22 @@ class TierClient:
         live = self.known_live("backbone")
         if live is None:
             live = (await self.live_workers(["backbone"]))["backbone"]
-        if (not live and not self.liveness_unknown()
-                and not (started is not None and self.view is not None
-                         and self.view.live_since("backbone", started - HEARTBEAT_S))):
-            raise Unavailable("no live backbone worker", code="no_live_worker", retry_after=2)
+        if not live and self._none_since(started):
+            raise _no_backbone()
         return await self.r.xadd(self.keys.gen(), payload_fields(m.encode(plan)))
+
+    def require_backbone(self, started: float) -> None:
+        """``no_live_worker`` at once when no backbone is live, as the monitor last read, and none has been since
+        the request arrived at ``started``: before its media are encoded, whose work it would throw away (with the
+        encoder stalled, the 503 came only once the encode ended: a regression tester's)."""
+        if self.known_live("backbone") == 0 and self._none_since(started):
+            raise _no_backbone()
+
+    def _none_since(self, started: float | None) -> bool:
+        """Whether an empty backbone live set proves it: Redis steady (``liveness_unknown``) and no read since the
+        request arrived at ``started`` (monotonic) found one."""
+        return not self.liveness_unknown() and not (
+            started is not None and self.view is not None and self.view.live_since("backbone", started - HEARTBEAT_S))
 
     def _others_live(self, worker: str) -> bool:
         """Whether a backbone other than ``worker`` is live (as of the monitor's last beat)."""

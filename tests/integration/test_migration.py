@@ -257,6 +257,13 @@ def test_a_request_that_arrived_while_a_backbone_was_live_is_queued_though_none_
                 with pytest.raises(Unavailable) as info:
                     await tiers._submit(original_plan(), started=started)
                 assert info.value.code == "no_live_worker"
+            # Before its media are encoded (their work would be thrown away), by the same rule: no Redis call.
+            tiers.require_backbone(now - 25)
+            with pytest.raises(Unavailable) as info:
+                tiers.require_backbone(now - 5)
+            assert info.value.code == "no_live_worker"
+            tiers.view.live["backbone"] = {"w-back"}  # one is live again
+            tiers.require_backbone(now - 5)
         finally:
             await r.aclose()
 

@@ -89,6 +89,34 @@ def test_a_key_alone_meets_the_gateways_bound_not_a_share():
     svc._enter(SimpleNamespace(name="solo"), count=False)  # no 429: the gateway's own bound decides
 
 
+def test_a_media_request_with_no_backbone_since_it_arrived_is_refused_before_its_encode():
+    """With the encoder stalled and no backbone live, the 503 came once the encode ended (5 s; a regression
+    tester's): the check comes first when the encoders it needs are live (else the missing encoder is named)."""
+    import time
+    from types import SimpleNamespace
+
+    from gateway.chat import ChatService
+    from gateway.errors import Unavailable
+    from gateway.metrics import GatewayMetrics
+    from gateway.monitor import ClusterView
+    from gateway.tiers import TierClient
+
+    now = time.monotonic()
+    tiers = TierClient(None, cfg(), None, None, "reply")
+    tiers.view = ClusterView(up=True, live={"backbone": set(), "encoder:image": {"e1"}, "encoder:audio": set()},
+                             read_at=now, since=now - 60, seen_live={"backbone": now - 30})
+    svc = ChatService.__new__(ChatService)
+    svc.tiers, svc.metrics = tiers, GatewayMetrics()
+    image, audio = SimpleNamespace(modality="image"), SimpleNamespace(modality="audio")
+    arrival = time.perf_counter()
+    with pytest.raises(Unavailable) as info:
+        svc._backbone_or_refuse(arrival, SimpleNamespace(media=[image]))
+    assert info.value.code == "no_live_worker" and "backbone" in info.value.message
+    svc._backbone_or_refuse(arrival, SimpleNamespace(media=[image, audio]))  # the audio encoder's 503 comes first
+    svc._backbone_or_refuse(arrival, SimpleNamespace(media=[]))  # text: checked as it is queued, at once
+    svc._backbone_or_refuse(arrival - 40, SimpleNamespace(media=[image]))  # arrived while one was live: it waits
+
+
 def test_retries_are_spread_never_sooner_than_retry_after():
     """An outside tester's finding: every refused client was told to come back in exactly 1 s, so they all did, at
     once, and were refused again. ``retry-after-ms`` (which the OpenAI SDKs read first) spreads them over 1-1.5x."""
