@@ -142,19 +142,30 @@ class ChatService:
         """The Retry-After of refusals at ``max_inflight`` (gateway/monitor.py)."""
         return BusyHint()
 
-    def admit(self, tiers: list[str], counted: bool = False) -> None:
-        """``counted``: this request is already among ``inflight`` (a second check, once its media are known). A
-        refusal (503) is counted in the metrics' rejected requests."""
+    def admit(self, tiers: list[str], counted: bool = False, arrived: float | None = None) -> None:
+        """``counted``: this request is already among ``inflight`` (a second check, once its media are known).
+        ``arrived`` (its arrival, perf_counter): also ``no_live_worker`` when the encoders of ``tiers`` are live but
+        no backbone has been since it arrived, before its media are encoded, whose work would be thrown away (with
+        the encoder stalled, the 503 came once the encode ended: a regression tester's; see
+        ``TierClient.require_backbone``). An encoder with none live is named first, by the encode. A refusal (503)
+        is counted in the metrics' rejected requests."""
         full = not counted and self.inflight >= self.cfg.max_inflight
         try:
             if self.closing:
                 raise _shutting_down()
             admit(self.monitor.view, None if counted else self.inflight, self.cfg, tiers, self.busy.value())
+            if arrived is not None and all(self.tiers.known_live(t) != 0 for t in tiers):
+                self.tiers.require_backbone(_monotonic(arrived))
         except APIError as exc:
             self.metrics.reject(exc.code)
             if full and exc.code == "server_overloaded":
                 self.busy.refused += 1
             raise
+
+    def _admit_media(self, prompt: Prompt, arrival: float) -> None:
+        """The second admission, once a request's media are known (text alone checks the backbone as it queues)."""
+        tiers = sorted({f"encoder:{p.modality}" for p in prompt.media})
+        self.admit(tiers, counted=True, arrived=arrival if tiers else None)
 
     def _enter(self, tenant, count: bool = True) -> None:
         """Count a request admitted in flight, refusing it (429) past its tenant's share of ``max_inflight``: one
@@ -183,18 +194,6 @@ class ChatService:
             exc.rate = tuple(admission.headers.items())
             if exc.status in (429, 503):
                 self.limiter.uncount(tenant, admission)
-
-    def _backbone_or_refuse(self, arrival: float, prompt: Prompt) -> None:
-        """``no_live_worker`` before a request's media are encoded, when no backbone has been live since it arrived
-        (``arrival``: perf_counter) and so it could not run (see ``TierClient.require_backbone``); counted as the
-        admission's refusals are. An encoder it needs with none live is named first (its refusal comes at once)."""
-        if not prompt.media or any(self.tiers.known_live(f"encoder:{p.modality}") == 0 for p in prompt.media):
-            return  # text alone is queued at once (the same check); a missing encoder answers first
-        try:
-            self.tiers.require_backbone(time.monotonic() - (time.perf_counter() - arrival))
-        except APIError as exc:
-            self.metrics.reject(exc.code)
-            raise
 
     def _refused_before_run(self, exc: BaseException, tenant, admission: Admission | None) -> None:
         """A request counted toward its tenant's rate and refused once its prompt was built, before it ran: past its
@@ -327,8 +326,7 @@ class ChatService:
         log.info("request", extra={"request_id": rid, "client_request_id": ids.client, "stream": req.stream,
                                    "tenant": tenant.name if tenant else None,
                                    "media": len(prompt.media), "text_tokens": len(prompt.token_ids)})
-        self.admit(sorted({f"encoder:{p.modality}" for p in prompt.media}), counted=True)
-        self._backbone_or_refuse(arrival, prompt)
+        self._admit_media(prompt, arrival)
         queue = self.replies.subscribe(rid)
         watcher = self._spawn(self._watch_disconnect(request, queue))
         deltas = None
@@ -393,8 +391,7 @@ class ChatService:
             log.info("request", extra={"request_id": rid, "via": via, "tenant": tenant.name if tenant else None,
                                        "media": len(prompt.media),
                                        "text_tokens": len(prompt.token_ids)})
-            self.admit(sorted({f"encoder:{p.modality}" for p in prompt.media}), counted=True)
-            self._backbone_or_refuse(arrival, prompt)
+            self._admit_media(prompt, arrival)
             queue = self.replies.subscribe(rid)
             watcher = self._spawn(self._watch_event(cancelled, queue))
             try:
@@ -601,7 +598,7 @@ class ChatService:
         media = tuple(sum(r.num_tokens for r in plan.media if r.modality == mod)
                       for mod in (m.Modality.IMAGE, m.Modality.AUDIO))
         try:
-            started = time.monotonic() - (time.perf_counter() - arrival) if arrival is not None else None
+            started = _monotonic(arrival) if arrival is not None else None
             async for ev in self.tiers.generate(plan, queue, encode_again, started):
                 if ev.finish == m.FinishReason.ERROR:
                     finished = True
@@ -749,6 +746,11 @@ def _event_error(ev: m.TokenEvent, req: ChatCompletionRequest) -> APIError:
     if ev.code == m.ErrorCode.GAVE_UP:
         return Internal(ev.error or "the request was given up on", code="dead_lettered")
     return Internal(ev.error or "the backbone failed this request")
+
+
+def _monotonic(perf: float) -> float:
+    """A ``time.perf_counter()`` instant (a request's arrival) on the ``time.monotonic()`` clock (the monitor's)."""
+    return time.monotonic() - (time.perf_counter() - perf)
 
 
 def count_by(counts: dict[str, int], name: str, n: int) -> None:

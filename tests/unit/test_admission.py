@@ -106,15 +106,16 @@ def test_a_media_request_with_no_backbone_since_it_arrived_is_refused_before_its
     tiers.view = ClusterView(up=True, live={"backbone": set(), "encoder:image": {"e1"}, "encoder:audio": set()},
                              read_at=now, since=now - 60, seen_live={"backbone": now - 30})
     svc = ChatService.__new__(ChatService)
-    svc.tiers, svc.metrics = tiers, GatewayMetrics()
+    svc.tiers, svc.metrics, svc.cfg, svc.closing = tiers, GatewayMetrics(), cfg(), False
+    svc.monitor = SimpleNamespace(view=tiers.view)
     image, audio = SimpleNamespace(modality="image"), SimpleNamespace(modality="audio")
     arrival = time.perf_counter()
     with pytest.raises(Unavailable) as info:
-        svc._backbone_or_refuse(arrival, SimpleNamespace(media=[image]))
+        svc._admit_media(SimpleNamespace(media=[image]), arrival)
     assert info.value.code == "no_live_worker" and "backbone" in info.value.message
-    svc._backbone_or_refuse(arrival, SimpleNamespace(media=[image, audio]))  # the audio encoder's 503 comes first
-    svc._backbone_or_refuse(arrival, SimpleNamespace(media=[]))  # text: checked as it is queued, at once
-    svc._backbone_or_refuse(arrival - 40, SimpleNamespace(media=[image]))  # arrived while one was live: it waits
+    svc._admit_media(SimpleNamespace(media=[image, audio]), arrival)  # the audio encoder's 503 comes first
+    svc._admit_media(SimpleNamespace(media=[]), arrival)  # text: checked as it is queued, at once
+    svc._admit_media(SimpleNamespace(media=[image]), arrival - 40)  # arrived while one was live: it waits
 
 
 def test_retries_are_spread_never_sooner_than_retry_after():
