@@ -163,33 +163,27 @@ class LocalAutoscaler:
         """Compute processes running or draining (the gateway excluded)."""
         return sum(len(g.children) for g in self.sup.groups if g.tier)
 
-    def ceiling(self, tier: str) -> int:
-        """The most replicas ``tier`` may run now, given the cores and the memory left."""
-        return self.limit(tier)[0]
-
     def limit(self, tier: str) -> tuple[int, str, str]:
-        """:meth:`ceiling`, what sets it in words (for the log line of a scale-up it holds back), and which bound
-        that is: ``max-procs``, ``idle-cores`` or ``memory``."""
-        current = len(self.sup.tier_groups(tier))
+        """The most replicas ``tier`` may run now, given the cores and the memory left; what sets it in words (for
+        the log line of a scale-up it holds back), and which bound that is: ``max-procs``, ``idle-cores`` or
+        ``memory`` (the first of them on a tie)."""
         per = self.cluster.procs_per_replica(tier)
         procs = self._procs()
-        by_cpu = max(0, self.max_procs - procs) // per
-        why, bound = f"{procs} of --autoscale-max-procs {self.max_procs} processes run", "max-procs"
+        bounds = [(max(0, self.max_procs - procs) // per,
+                   f"{procs} of --autoscale-max-procs {self.max_procs} processes run", "max-procs")]
         idle = self.idle.average()
-        if self.idle_per_proc > 0 and idle is not None and int(idle / (self.idle_per_proc * per)) < by_cpu:
-            by_cpu = int(idle / (self.idle_per_proc * per))
-            why, bound = (f"{idle:.2f} cores idle, {self.idle_per_proc:g} needed per process "
-                          "(--autoscale-idle-cores)"), "idle-cores"
+        if self.idle_per_proc > 0 and idle is not None:
+            bounds.append((int(idle / (self.idle_per_proc * per)),
+                           f"{idle:.2f} cores idle, {self.idle_per_proc:g} needed per process (--autoscale-idle-cores)",
+                           "idle-cores"))
         mem = _meminfo()
         rss = max((_rss(c.proc.pid) for g in self.sup.tier_groups(tier) for c in g.children if c.proc), default=0)
-        by_mem = by_cpu
         if mem.get("MemAvailable") and rss:
             spare = mem["MemAvailable"] - mem.get("MemTotal", 0) // 10
-            if max(0, spare) // (rss * per) < by_cpu:
-                by_mem = max(0, spare) // (rss * per)
-                why, bound = (f"{mem['MemAvailable'] >> 20} MiB available, a replica uses {rss * per >> 20} MiB and "
-                              "a tenth of the memory stays free"), "memory"
-        return current + min(by_cpu, by_mem), why, bound
+            bounds.append((max(0, spare) // (rss * per), f"{mem['MemAvailable'] >> 20} MiB available, a replica uses "
+                           f"{rss * per >> 20} MiB and a tenth of the memory stays free", "memory"))
+        more, why, bound = min(bounds, key=lambda b: b[0])
+        return len(self.sup.tier_groups(tier)) + more, why, bound
 
     # ------------------------------------------------------------------------------------------------ acting
 
@@ -247,17 +241,16 @@ class LocalAutoscaler:
         """Say when the machine holds back a scale-up the demand asks for (and again each ``HELD_LOG_S`` while it
         does, or when another bound holds it), and when it no longer does (for ``HELD_LOG_S``): without it a backlog
         that never gets its replicas looked like the autoscaler ignoring it (an outside tester's autoscaling round)."""
-        last = self._held.get(tier)
+        last, now = self._held.get(tier), time.monotonic()
         if decision.held is None:  # the policy's cooldown: no decision, nothing to say
             return
         if not decision.held:
             # Said once the demand is met or gone for HELD_LOG_S: a demand that flickers with the queue's length
             # between polls said "held back" and "no longer" in pairs (a regression tester's log).
-            if last is not None and time.monotonic() - last[0] >= HELD_LOG_S:
+            if last is not None and now - last[0] >= HELD_LOG_S:
                 del self._held[tier]
                 say(f"{tier}: scale-up no longer held back", of_tier=tier)
             return
-        now = time.monotonic()
         if last is not None and last[1] == bound and now - last[0] < HELD_LOG_S:
             return
         self._held[tier] = (now, bound)

@@ -131,12 +131,12 @@ def test_no_scale_up_without_idle_cores(redis_server):
     scaler = LocalAutoscaler(cluster, sup, policies_from_args(_args(), cluster), idle_cores=0.75)
     scaler.cores, scaler.max_procs = 2, 8
     scaler.idle._samples = [(0.0, 0.2)]  # 0.2 of 2 cores idle
-    assert scaler.ceiling("encoder:image") == 1
+    assert scaler.limit("encoder:image")[0] == 1
     assert "0.20 cores idle" in scaler.limit("encoder:image")[1]  # what a held-back scale-up's log line names
     scaler.idle._samples = [(0.0, 1.6)]  # 1.6 idle cores: two more processes of 0.75 each
-    assert scaler.ceiling("encoder:image") == 3
+    assert scaler.limit("encoder:image")[0] == 3
     scaler.idle_per_proc = 0  # the check off: only --autoscale-max-procs (8, none running) bounds it
-    assert scaler.ceiling("encoder:image") == 9
+    assert scaler.limit("encoder:image")[0] == 9
     assert "--autoscale-max-procs 8" in scaler.limit("encoder:image")[1]
     scaler.close()
 
