@@ -59,7 +59,7 @@ class Admission(NamedTuple):
 
 
 class Minute(NamedTuple):
-    """One counter's last 60 seconds as read back: its per-second counts, at ``now``."""
+    """One counter's last minute (``LEAVES_S``) as read back: its per-second counts, at ``now``."""
     counts: dict[int, int]  # unix second -> count, within the minute
     now: float
     stale: tuple[int, ...] = ()  # fields past the minute, to delete
@@ -147,10 +147,7 @@ class RateLimiter:
         pipe.hgetall(req.key)
         pipe.hgetall(tok.key)
         _, _, req_reply, tok_reply = await self._or_given_back(pipe, tenant, req, 1)
-        now = self.clock()
-        requests, tokens = Minute.read(req_reply, now), Minute.read(tok_reply, now)
-        self._tidy(tenant, req.key, requests)
-        self._tidy(tenant, tok.key, tokens)
+        requests, tokens = self._minute(tenant, req.key, req_reply), self._minute(tenant, tok.key, tok_reply)
         headers = {}
         if rpm:
             headers.update({"x-ratelimit-limit-requests": str(rpm),
@@ -194,8 +191,7 @@ class RateLimiter:
         pipe = self._adding(tok, tokens)
         pipe.hgetall(tok.key)
         _, _, reply = await self._or_given_back(pipe, tenant, tok, tokens)
-        minute = Minute.read(reply, self.clock())
-        self._tidy(tenant, tok.key, minute)
+        minute = self._minute(tenant, tok.key, reply)
         seen = minute.total  # this reservation included
         if seen > tpm and seen - tokens > 0:
             await self.spend(tenant, -tokens, tok)  # given back: this request does not run
@@ -223,10 +219,13 @@ class RateLimiter:
         pipe.expire(count.key, 2 * WINDOW_S)
         return pipe
 
-    def _tidy(self, tenant, key: str, minute: Minute) -> None:
-        """Delete the fields of ``key`` past the minute, in a task of its own (best effort)."""
+    def _minute(self, tenant, key: str, reply) -> Minute:
+        """The minute ``key`` read back as (``HGETALL``); its fields past the minute are deleted, in a task of
+        their own (best effort)."""
+        minute = Minute.read(reply, self.clock())
         if minute.stale:
             self._later(self._run(tenant, lambda: self.r.hdel(key, *minute.stale)))
+        return minute
 
     async def _add(self, tenant, count: Count, n: int) -> None:
         """Add ``n`` to a count, best effort: a lost count only errs in the tenant's favour."""
