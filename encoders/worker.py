@@ -133,6 +133,33 @@ class Staged:
     inputs: list = field(default_factory=list)  # per job: (blob, message) given to the pool, or None
 
 
+class BusyClock:
+    """The seconds this worker holds a batch (preprocessing, encoding or publishing it), said to the tier's
+    ``busy_seconds`` counter with each batch's counters: the autoscaler reads from it how much of the tier's time the
+    work takes (router/autoscale.py), which the queue's length alone does not show. The loop's thread holds and lets
+    go; the publishing thread takes what has accrued."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._since: float | None = None  # holding a batch since (monotonic), or None
+        self._unsaid = 0.0
+
+    def holding(self, held: bool) -> None:
+        with self._lock:
+            now = time.monotonic()
+            if self._since is not None:
+                self._unsaid += now - self._since
+            self._since = now if held else None
+
+    def take(self) -> float:
+        with self._lock:
+            if self._since is not None:
+                now = time.monotonic()
+                self._unsaid, self._since = self._unsaid + now - self._since, now
+            taken, self._unsaid = self._unsaid, 0.0
+            return taken
+
+
 class EncoderWorker:
     def __init__(self, cfg: EncoderConfig, preprocess, runtime, stop: threading.Event, encoder_id: str):
         self.cfg, self.preprocess, self.runtime, self.stop = cfg, preprocess, runtime, stop
@@ -155,6 +182,7 @@ class EncoderWorker:
         self.exit_code = 0  # non-zero: the worker stopped itself to be restarted (main exits with it)
         self.publishing = ThreadPoolExecutor(1, thread_name_prefix="publish")  # one batch's answers at a time, in order
         self.published: Future | None = None  # the batch being answered there
+        self.busy = BusyClock()
         self.wire = WIRE_DTYPES[cfg.wire_dtype]  # outputs are cast to it where they were computed, then checked
         device = getattr(runtime, "device", torch.device("cpu"))
         self.device = device if device.type == "cuda" else None  # batches are assembled there, from pinned items
@@ -183,6 +211,7 @@ class EncoderWorker:
                     # this worker is then one to redo.
                     if self.published is not None and (self.published.done() or (self.reread and pending is None)):
                         self._answered()
+                    self.busy.holding(pending is not None or self.published is not None)  # else the read waits idle
                     t0 = time.monotonic()
                     block = self.cfg.block_ms if pending is None else None
                     if block is not None and self.published is not None:  # come round soon to look at it again
@@ -424,6 +453,8 @@ class EncoderWorker:
                 pipe.hincrby(stats, "feature_inputs", streamed)  # of them, from features a gateway streamed
             pipe.hincrby(stats, "forward_passes", len(launched))
             pipe.hincrbyfloat(stats, "encode_seconds", encode_s)
+            if busy := self.busy.take():
+                pipe.hincrbyfloat(stats, "busy_seconds", round(busy, 6))
             if launched:
                 pipe.hset(stats, "last_batch_size", len(prepared))
 

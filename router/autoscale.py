@@ -2,8 +2,8 @@
 
 Inputs, read from Redis once per poll for each tier (``TierLoad``): the entries in the tier's stream (acked entries are
 deleted, so ``XLEN`` is exactly the queued plus the in-flight jobs on any Redis version), how many of them are pending
-(delivered to a worker, not yet acked), the live workers, and the tier's completed-jobs counter (its measured service
-rate).
+(delivered to a worker, not yet acked), the live workers, the tier's completed-jobs counter (its measured service
+rate) and its busy-seconds counter (the seconds its workers held a batch: preprocessing, encoding or publishing).
 
 The recommendation is the larger of two demands:
 
@@ -11,6 +11,17 @@ The recommendation is the larger of two demands:
   jobs (Ray Serve's ``target_ongoing_requests``; for an encoder about its batch size);
 * **drain**: ``ceil(queued / (rate_per_replica * target_drain_s))``: with the service rate one replica was measured
   at, the queue should empty within ``target_drain_s``. It needs a measured rate; until then only *load* counts.
+
+It is held up by a third, which only ever keeps replicas:
+
+* **busy**: ``min(replicas, ceil(busy_replicas / target_utilization))``, where ``busy_replicas`` is a moving average
+  of the busy-seconds counter's growth per second (how many replicas' worth of time the tier spent working). An
+  encoder acks a job as soon as it is answered, so a tier that keeps up holds a short queue however much it serves:
+  by queue length alone, three replicas each 70% busy can read as demand for one, and a scale-down follows, the
+  queue grows, and the tier scales back up (the throughput-blind scale-down). Busy time is what the Kubernetes HPA's CPU
+  utilization target measures. It does not scale up on its own: a tier that is fully busy with a short queue meets
+  its ``target_ongoing``; a queue that grows is what adds replicas. Tiers without the counter (the backbone, whose
+  plans stay in its stream until their last token, so its *load* already counts what it serves) report 0.
 
 Stabilization, as the Kubernetes HPA and KEDA do it (and Ray Serve's ``upscale_delay_s`` / ``downscale_delay_s``):
 a scale-up goes to the *smallest* recommendation of the last ``upscale_delay_s`` (the demand must have held that
@@ -45,7 +56,8 @@ class ScalingPolicy:
     cooldown_s: float = 5.0  # after any change, no other change for this long
     max_step_up: int = 2  # replicas added by one decision at most
     max_step_down: int = 1  # replicas drained by one decision at most
-    rate_halflife_s: float = 10.0  # the measured service rate is a moving average with this half-life
+    rate_halflife_s: float = 10.0  # the measured service rate and busy time are moving averages with this half-life
+    target_utilization: float = 0.75  # a replica should be busy at most this fraction of its time (keeps replicas)
 
     def __post_init__(self) -> None:
         if not 1 <= self.min_replicas <= self.max_replicas:
@@ -53,6 +65,8 @@ class ScalingPolicy:
                              " scale-from-zero is not supported")
         if self.target_ongoing <= 0 or self.target_drain_s <= 0 or self.rate_halflife_s <= 0:
             raise ValueError("target_ongoing, target_drain_s and rate_halflife_s must be > 0")
+        if not 0 < self.target_utilization <= 1:
+            raise ValueError(f"target_utilization must be in (0, 1] (got {self.target_utilization})")
         if min(self.upscale_delay_s, self.downscale_delay_s, self.cooldown_s) < 0:
             raise ValueError("delays and cooldown must be >= 0")
         if self.max_step_up < 1 or self.max_step_down < 1:
@@ -74,6 +88,7 @@ class TierLoad:
     pending: int  # delivered to a worker and not yet acked (in flight)
     completed: int  # the tier's monotonically increasing count of finished jobs
     live: int  # workers beating in the tier's live set
+    busy_s: float = 0.0  # the tier's monotonically increasing seconds its workers held a batch (0: not counted)
 
     @property
     def queued(self) -> int:
@@ -99,25 +114,35 @@ class TierScaler:
         self._last_change = -math.inf
         self._last: TierLoad | None = None
         self.rate_per_replica = 0.0  # jobs/s one replica finishes, while busy (moving average)
+        self.busy_replicas = 0.0  # replicas' worth of busy time per second (moving average)
+        self._busy_samples = 0
 
     def _measure(self, obs: TierLoad) -> None:
         last, self._last = self._last, obs
         if last is None or obs.t <= last.t:
             return
-        done = obs.completed - last.completed
+        done, dt = obs.completed - last.completed, obs.t - last.t
         busy = max(1, min(obs.live, self.replicas))
+        w = 0.5 ** (dt / self.policy.rate_halflife_s)
         # Only busy intervals measure capacity: an idle tier finishing nothing says nothing about its speed.
         if done > 0 and (last.entries > 0 or obs.entries > 0):
-            sample = done / (obs.t - last.t) / busy
-            w = 0.5 ** ((obs.t - last.t) / self.policy.rate_halflife_s)
+            sample = done / dt / busy
             self.rate_per_replica = sample if self.rate_per_replica == 0 else (
                 w * self.rate_per_replica + (1 - w) * sample)
+        # Busy time counts idle intervals too (as 0): it measures how much of the tier's time the work takes. Each
+        # live worker is busy at most all of its time; a counter that went back (its hash lost) is no sample.
+        worked = obs.busy_s - last.busy_s
+        if worked >= 0:
+            sample = min(worked / dt, float(max(obs.live, 1)))
+            self.busy_replicas = sample if self._busy_samples == 0 else w * self.busy_replicas + (1 - w) * sample
+            self._busy_samples += 1
 
     def recommend(self, obs: TierLoad) -> int:
         p = self.policy
         load = math.ceil(obs.entries / p.target_ongoing)
         drain = math.ceil(obs.queued / (self.rate_per_replica * p.target_drain_s)) if self.rate_per_replica else 0
-        return max(load, drain)
+        busy = min(self.replicas, math.ceil(round(self.busy_replicas / p.target_utilization, 6)))
+        return max(load, drain, busy)
 
     def observe(self, obs: TierLoad, ceiling: int | None = None) -> Decision:
         """Feed one observation; returns the replica count the tier should run now. ``ceiling``: the most replicas

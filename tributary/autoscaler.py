@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import time
 from dataclasses import asdict
@@ -108,6 +109,15 @@ def _rss(pid: int) -> int:
     return 0
 
 
+def _number(value) -> float:
+    """A stats counter as read (absent, or not a number another writer left: 0)."""
+    try:
+        number = float(value) if value is not None else 0.0
+    except (TypeError, ValueError):
+        return 0.0
+    return number if math.isfinite(number) else 0.0
+
+
 class LocalAutoscaler:
     def __init__(self, cluster: Cluster, sup: Supervisor, policies: dict[str, ScalingPolicy], poll_s: float = 1.0,
                  max_procs: int = 0, trace_path: str | None = None, idle_cores: float = 0.75):
@@ -142,7 +152,8 @@ class LocalAutoscaler:
             stream, group = self._stream(tier)
             pipe.xlen(stream)
             pipe.xpending(stream, group)
-            pipe.hget(self.keys.stats(tier), "encoder_calls")  # the backbone keeps no per-plan counter: 0
+            # Jobs finished and seconds busy (the backbone keeps neither: 0s; its load counts what it serves).
+            pipe.hmget(self.keys.stats(tier), "encoder_calls", "busy_seconds")
             pipe.zcount(*live_count_args(self.keys, tier))
         replies = pipe.execute(raise_on_error=False)
         if lost := next((x for x in replies if lost_node(x)), None):  # one Cluster node away: no reading, not 0s
@@ -153,8 +164,8 @@ class LocalAutoscaler:
             if isinstance(xlen, Exception) or isinstance(live, Exception):
                 raise xlen if isinstance(xlen, Exception) else live
             pending = pending.get("pending", 0) if isinstance(pending, dict) else 0  # NOGROUP: nothing read yet
-            done = int(done) if isinstance(done, (bytes, str, int)) else 0
-            loads[tier] = TierLoad(round(now - self.t0, 3), int(xlen), int(pending), done, int(live))
+            done, busy = (_number(v) for v in (done if isinstance(done, list) else [None, None]))
+            loads[tier] = TierLoad(round(now - self.t0, 3), int(xlen), int(pending), int(done), int(live), busy)
         return loads
 
     # ------------------------------------------------------------------------------------------------ capacity
@@ -328,7 +339,8 @@ def policies_from_args(args, cluster: Cluster) -> dict[str, ScalingPolicy]:
         policy = ScalingPolicy(
             min_replicas=int(lo.get(key, base)), max_replicas=int(hi.get(key, base if key == "backbone" else 4)),
             target_ongoing=target.get(key, 16.0 if key == "backbone" else float(args.encoder_max_batch)),
-            target_drain_s=args.scale_drain_s, upscale_delay_s=args.scale_up_delay,
+            target_drain_s=args.scale_drain_s, target_utilization=args.scale_utilization,
+            upscale_delay_s=args.scale_up_delay,
             downscale_delay_s=args.scale_down_delay, cooldown_s=args.scale_cooldown)
         if not policy.min_replicas <= base <= policy.max_replicas:
             raise ValueError(f"--autoscale-min/--autoscale-max: {key} starts with {base} replica(s), outside "

@@ -456,6 +456,10 @@ def build_parser() -> argparse.ArgumentParser:
                             "(default: --encoder-max-batch for encoders, 16 for the backbone)")
     scale.add_argument("--scale-drain-s", type=NONNEG, default=2.0,
                        help="a queue should empty within this many seconds at the measured service rate")
+    scale.add_argument("--scale-utilization", type=FRACTION, default=0.75,
+                       help="an encoder tier keeps the replicas that hold its busy time (seconds its workers hold a "
+                            "batch) at most this fraction of theirs: a tier that keeps up holds a short queue, "
+                            "which alone would read as no demand")
     scale.add_argument("--scale-up-delay", type=NONNEG, default=2.0,
                        help="seconds a higher demand must hold before replicas are added")
     scale.add_argument("--scale-down-delay", type=NONNEG, default=30.0,

@@ -72,7 +72,7 @@ def test_a_replica_that_ignores_sigterm_is_killed_after_the_grace_period():
 
 def _args(**kw):
     base = dict(autoscale_min="", autoscale_max="", scale_target="", scale_drain_s=2.0, scale_up_delay=2.0,
-                scale_down_delay=30.0, scale_cooldown=10.0, encoder_max_batch=8)
+                scale_down_delay=30.0, scale_cooldown=10.0, encoder_max_batch=8, scale_utilization=0.75)
     return Namespace(**{**base, **kw})
 
 
@@ -191,3 +191,22 @@ def test_every_worker_process_gets_its_own_metrics_port_kept_by_name():
     off = Cluster(Path("/m"), "redis://x", modalities=("image",))
     child = off.replica_group("encoder:image", 0, off.budget).make()[0]
     assert child.argv[child.argv.index("--metrics-port") + 1] == "0"
+
+
+def test_each_tier_is_read_with_its_finished_jobs_and_busy_seconds(redis_server):
+    """The encoders' counters as the policy sees them (the backbone keeps neither: 0s); a value another writer left
+    that is not a number reads as 0 rather than stopping the autoscaler."""
+    prefix = "read-test"
+    cluster = Cluster(Path("/m"), redis_server.url, prefix=prefix, modalities=("image", "audio"))
+    sup = Supervisor([])
+    scaler = LocalAutoscaler(cluster, sup, policies_from_args(_args(autoscale_max="backbone=2"), cluster))
+    keys, r = Keys(prefix), redis.Redis.from_url(redis_server.url)
+    r.hset(keys.stats("encoder:image"), mapping={"encoder_calls": 12, "busy_seconds": "3.25"})
+    r.hset(keys.stats("encoder:audio"), mapping={"encoder_calls": "x", "busy_seconds": "nan"})
+    try:
+        loads = scaler.read(time.monotonic())
+    finally:
+        scaler.close()
+    assert (loads["encoder:image"].completed, loads["encoder:image"].busy_s) == (12, 3.25)
+    assert (loads["encoder:audio"].completed, loads["encoder:audio"].busy_s) == (0, 0.0)
+    assert (loads["backbone"].completed, loads["backbone"].busy_s) == (0, 0.0)

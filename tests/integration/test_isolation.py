@@ -75,6 +75,7 @@ def test_non_finite_media_fails_alone_in_a_batch_of_good_ones(audio_worker, redi
     r = redis.Redis.from_url(redis_server.url)
     stats = KEYS.stats("encoder:audio")
     passes_before = int(r.hget(stats, "forward_passes") or 0)
+    busy_before = float(r.hget(stats, "busy_seconds") or 0)
     clips = {**poisoned_clips(), **{f"good{i}": wav_bytes(0.5 + 0.1 * i, seed=i) for i in range(8)}}
     jobs, reply_to = {}, f"reply:iso-enc-{uuid.uuid4().hex[:6]}"
     hold_lease(r, reply_to)
@@ -99,6 +100,7 @@ def test_non_finite_media_fails_alone_in_a_batch_of_good_ones(audio_worker, redi
         assert r.hget(done.tensor_key, "data") is not None
     assert int(r.hget(stats, "forward_passes")) == passes_before + 1  # the eight good ones: one forward pass
     assert int(r.hget(stats, "last_batch_size")) == 8
+    assert float(r.hget(stats, "busy_seconds")) > busy_before  # the seconds it held the batch (the autoscaler's)
     assert r.xpending(KEYS.jobs("audio"), ENCODER_GROUP)["pending"] == 0
     assert audio_worker.poll() is None  # same process, still serving
 

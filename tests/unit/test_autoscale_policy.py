@@ -103,8 +103,50 @@ def test_idle_time_does_not_dilute_the_measured_rate():
     assert scaler.rate_per_replica == busy == pytest.approx(4.0)
 
 
+def _steady(replicas, busy_each, seconds=120, served=30):
+    """A tier that keeps up: ``served`` jobs a second, a queue of 3 at each poll (1 queued, 2 in flight), each of
+    its ``replicas`` workers busy ``busy_each`` of its time."""
+    return [TierLoad(float(t), entries=3, pending=2, completed=served * t, live=replicas,
+                     busy_s=replicas * busy_each * t) for t in range(seconds)]
+
+
+def test_a_busy_tier_that_keeps_up_is_not_scaled_down_by_its_short_queue():
+    # Three replicas each 70% busy: their short queue alone is demand for one (the throughput-blind scale-down);
+    # the busy time holds all three (2.1 replicas' worth / 0.75 = 2.8).
+    series = _replay(TierScaler(POLICY, 3), _steady(3, 0.7))
+    assert {r for _, r in series} == {3}
+    uncounted = [TierLoad(o.t, o.entries, o.pending, o.completed, o.live) for o in _steady(3, 0.7)]
+    assert _replay(TierScaler(POLICY, 3), uncounted)[-1][1] == 1  # without the busy counter: down to one
+
+
+def test_a_tier_busy_less_than_its_target_still_scales_down_to_what_holds_it():
+    # Three replicas each 20% busy: 0.6 replicas' worth is one replica at 60%.
+    series = _replay(TierScaler(POLICY, 3), _steady(3, 0.2))
+    assert series[-1][1] == 1
+    scaler = TierScaler(POLICY, 3)
+    _replay(scaler, _steady(3, 0.2))
+    assert scaler.busy_replicas == pytest.approx(0.6, rel=0.01)
+
+
+def test_busy_time_never_scales_up_on_its_own():
+    # One replica busy all of its time with a short queue meets its target_ongoing: no scale-up from busy time.
+    series = _replay(TierScaler(POLICY, 1), _steady(1, 1.0))
+    assert {r for _, r in series} == {1}
+
+
+def test_busy_time_is_bounded_by_the_live_workers_and_a_lost_counter_is_no_sample():
+    scaler = TierScaler(POLICY, 2)
+    scaler.observe(TierLoad(0, 3, 2, 0, live=2, busy_s=100.0))
+    scaler.observe(TierLoad(1, 3, 2, 10, live=2, busy_s=150.0))  # 50 s in 1 s: two workers are busy 2 s at most
+    assert scaler.busy_replicas <= 2
+    before = scaler.busy_replicas
+    scaler.observe(TierLoad(2, 3, 2, 20, live=2, busy_s=0.0))  # the stats hash was lost: no sample
+    assert scaler.busy_replicas == before
+
+
 @pytest.mark.parametrize("kwargs", [dict(min_replicas=0), dict(min_replicas=3, max_replicas=2),
-                                    dict(target_ongoing=0), dict(cooldown_s=-1), dict(max_step_up=0)])
+                                    dict(target_ongoing=0), dict(cooldown_s=-1), dict(max_step_up=0),
+                                    dict(target_utilization=0), dict(target_utilization=1.5)])
 def test_policy_refuses_bad_settings(kwargs):
     with pytest.raises(ValueError):
         ScalingPolicy(**kwargs)
