@@ -1117,8 +1117,9 @@ class RealtimeSession:
             deltas = self.chat.respond(response_id, body, run.cancelled, via=f"realtime {self.session_id}",
                                        features=features, tenant=self.tenant, namespace=self.namespace,
                                        cap=math.inf if run.max_tokens is None else run.max_tokens)
+            stop = asyncio.ensure_future(run.cancelled.wait())  # one for the response, raced against each delta
             try:
-                while (d := await _next_unless(deltas, run.cancelled)) is not None:
+                while (d := await _next_unless(deltas, run.cancelled, stop)) is not None:
                     if not started:
                         started = True
                         await self.send("response.output_item.added", response_id=response_id, output_index=0,
@@ -1137,6 +1138,7 @@ class RealtimeSession:
                         await self.send("response.output_text.delta", **where, delta=d.text)
                     last = d
             finally:
+                stop.cancel()
                 with contextlib.suppress(RuntimeError):  # still running: a cut request past its clean-up bound
                     await deltas.aclose()
             if last is not None and last.finish == "length":
@@ -1300,12 +1302,14 @@ def _input_details(last) -> dict:
             "cached_tokens": last.cached_tokens}
 
 
-async def _next_unless(deltas, cancelled: asyncio.Event):
-    """The next delta of ``deltas`` (None at its end), or ClientGone as soon as ``cancelled`` is set, whatever the
-    request waits on meanwhile: a response.cancel sent while Redis was paused waited for the request's Redis bound
-    (10 s) and the response then ended ``failed`` (an outside tester's). Tokens already on their way are not sent
-    after a cancel either (new speech went on receiving some twenty deltas of the answer it cut). Cut, the request's
-    own clean-up runs (its backbone slot freed, its cancellation posted until Redis takes it)."""
+async def _next_unless(deltas, cancelled: asyncio.Event, stop: asyncio.Future):
+    """The next delta of ``deltas`` (None at its end), or ClientGone as soon as ``cancelled`` is set (``stop``, the
+    caller's one waiter on it for the whole response), whatever the request waits on meanwhile: a response.cancel
+    sent while Redis was paused waited for the request's Redis bound (10 s) and the response then ended ``failed``
+    (an outside tester's). Tokens already on their way are not sent after a cancel either (new speech went on
+    receiving some twenty deltas of the answer it cut). Cut, the request's own clean-up runs (its backbone slot
+    freed, its cancellation posted until Redis takes it). One task per delta (the step); the waiter is the
+    response's, not made anew for each delta."""
     if cancelled.is_set():
         raise ClientGone()
 
@@ -1315,11 +1319,10 @@ async def _next_unless(deltas, cancelled: asyncio.Event):
         except StopAsyncIteration:
             return None
 
-    nxt, stop = asyncio.ensure_future(step()), asyncio.ensure_future(cancelled.wait())
+    nxt = asyncio.ensure_future(step())
     try:
         await asyncio.wait((nxt, stop), return_when=asyncio.FIRST_COMPLETED)
     finally:
-        stop.cancel()
         if not nxt.done():
             nxt.cancel()
             await asyncio.wait((nxt,), timeout=CANCEL_CLEANUP_S)  # its clean-up, bounded
