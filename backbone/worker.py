@@ -57,7 +57,7 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from backbone.engine import Engine, Sequence, load_engine
 from backbone.fusion import PlanError
-from cache.client import connect, lost_node, refused_for_memory
+from cache.client import connect, key_error, lost_node, refused_for_memory
 from cache.codec import CodecError, decode_tensor
 from cache.keys import BACKBONE_GROUP, Keys, alive
 from cache.keys import cancel as cancel_key
@@ -821,6 +821,8 @@ class BackboneWorker:
             pipe.hget(ref.tensor_key, "data")
         cancel, owner_alive, *blobs = pipe.execute(raise_on_error=False)  # a cache entry's error is its own
         for result in (cancel, owner_alive):
+            if key_error(result):  # the plan named a key of another type: it fails alone (kept, it held the line)
+                raise StepFailure(m.ErrorCode.INTERNAL, f"the request's reply keys cannot be read ({result})")
             if isinstance(result, Exception):
                 raise result
         if not owner_alive:

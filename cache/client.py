@@ -155,6 +155,18 @@ def lost_node(result) -> bool:
     return isinstance(result, (RedisConnectionError, RedisTimeoutError, ClusterDownError, TryAgainError))
 
 
+def key_error(result) -> bool:
+    """A pipeline reply that is its own key's error, not Redis's: the key holds another type than the command takes
+    (WRONGTYPE: a message naming a key another version or writer made), or an ACL refuses it. Such a reply says
+    nothing about the other commands or Redis's health, so the message that named the key fails alone; taken for an
+    outage, the same message came back after each retry and held its worker's queue for good (an outside
+    auditor's). A node away, a failover's read-only replica or a busy server are not: those are retried."""
+    from redis.exceptions import ReadOnlyError, ResponseError
+
+    return isinstance(result, ResponseError) and not isinstance(result, ReadOnlyError) and not lost_node(result) and (
+        "BUSY" not in str(result)[:5])
+
+
 def no_such_key(result) -> bool:
     """XINFO's error for a stream that does not exist (yet): a pipeline reply, not a failure."""
     from redis.exceptions import ResponseError

@@ -38,7 +38,7 @@ from dataclasses import dataclass, field, replace
 import torch
 from redis.exceptions import RedisError
 
-from cache.client import connect, lost_node
+from cache.client import connect, key_error, lost_node
 from cache.codec import WIRE_DTYPES, Payload
 from cache.keys import ENCODER_GROUP, Keys, alive
 from cache.streams import (
@@ -119,6 +119,7 @@ class Job:
     tensor_key: str
     script_keys: tuple[str, str, str, str]  # tensor, waiters, lease, blob
     deliveries: int = 1
+    fields: dict = field(default_factory=dict)  # the entry as read (what a dead letter keeps)
 
 
 @dataclass
@@ -516,7 +517,7 @@ class EncoderWorker:
             key = self.keys.tensor(msg.encoder_id, msg.digest)
             script_keys = (key, self.keys.waiters(msg.encoder_id, msg.digest),
                            self.keys.lease(msg.encoder_id, msg.digest), msg.blob_key)
-            job = Job(entry_id, msg, key, script_keys, deliveries)
+            job = Job(entry_id, msg, key, script_keys, deliveries, fields)
             if msg.encoder_id != self.encoder_id:  # a gateway configured for another precision (or checkpoint)
                 mod = self.cfg.modality
                 error = (f"this {mod} encoder is {self.encoder_id} (computes {self.cfg.dtype}, sends "
@@ -554,6 +555,15 @@ class EncoderWorker:
         res = check.execute(raise_on_error=False)  # one Redis away: raised as a whole (the loop takes over)
         kept, blobs = [], []
         for job, owner_alive, waiters, blob in zip(jobs, res[0::3], res[1::3], res[2::3]):
+            if key_error(blob):  # its media key holds another type: this job fails alone, kept for the operator
+                error = f"the job's media key cannot be read ({blob})"
+                log.error("dead-lettering a job whose media key cannot be read", extra={
+                    "request_id": job.msg.request_id, "job_id": job.msg.job_id, "error": error})
+                dead = Claimed(job.entry_id, job.fields, job.deliveries, "")
+                answers.with_acks(lambda pipe, d=dead, e=error: dead_letter(pipe, self.keys.dead_letter(),
+                                                                            self.stream, d, e))
+                self._fail(answers, job, m.ErrorCode.INTERNAL, error)
+                continue
             if isinstance(blob, Exception) and not lost_node(blob):
                 raise blob  # not a node away: a failure of the round trip (as a single Redis raises it)
             if owner_alive or isinstance(owner_alive, Exception) or isinstance(waiters, Exception) or waiters > 1:

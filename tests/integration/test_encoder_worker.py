@@ -108,6 +108,30 @@ def test_a_job_for_another_precision_is_refused_with_the_fix(image_worker, redis
     assert r.xpending(KEYS.jobs("image"), ENCODER_GROUP)["pending"] == 0
 
 
+def test_a_job_whose_media_key_holds_another_type_fails_alone_and_the_worker_goes_on(image_worker, redis_server,
+                                                                                   tiny_spec):
+    """A job whose media key holds another type than bytes (WRONGTYPE: another version's layout, a hand-made entry)
+    was taken for a Redis outage: re-read first after every retry, it held the whole tier for good (an outside
+    auditor's: the next image waited past 25 s). It fails alone, kept in the dead-letter stream, and the next runs."""
+    r = redis.Redis.from_url(redis_server.url)
+    before = r.xlen(KEYS.dead_letter()) if r.exists(KEYS.dead_letter()) else 0
+    job = submit(r, tiny_spec, png_bytes(seed=16), "reply:wrongtype")
+    next_reply(r, "reply:wrongtype")
+    odd = m.EncodeJob(**{**{f: getattr(job, f) for f in job.__struct_fields__}, "job_id": "odd",
+                         "blob_key": KEYS.blob("odd-type"), "deadline": time.time() + 3600})
+    r.hset(odd.blob_key, "not", "bytes")
+    entry = r.xadd(KEYS.jobs("image"), payload_fields(m.encode(odd)))
+    good = submit(r, tiny_spec, png_bytes(seed=17), "reply:wrongtype")
+    replies = {msg.job_id: msg for msg in (next_reply(r, "reply:wrongtype", 15000) for _ in range(2))}
+    assert isinstance(replies["odd"], m.EncodeFailed) and replies["odd"].code == m.ErrorCode.INTERNAL
+    assert "WRONGTYPE" in replies["odd"].error, replies["odd"].error
+    assert isinstance(replies[good.job_id], m.EncodeDone)
+    dead = r.xrange(KEYS.dead_letter())[before:]
+    assert [f[b"entry"] for _, f in dead] == [entry] and dead[0][1][b"m"], dead
+    assert r.xpending(KEYS.jobs("image"), ENCODER_GROUP)["pending"] == 0
+    r.delete(odd.blob_key)
+
+
 def test_expired_blob_is_reported_not_hung(image_worker, redis_server, tiny_spec):
     r = redis.Redis.from_url(redis_server.url)
     job = submit(r, tiny_spec, png_bytes(seed=13), "reply:test3")
