@@ -20,8 +20,8 @@ and starts or drains worker processes to match through the supervisor:
 
 A Redis error skips the poll (nothing changes while the queues cannot be seen). With ``--autoscale-trace FILE`` the
 observations and the replica counts are written to FILE as JSON (the unit tests replay such a recorded trace), on
-every change and at least every ``TRACE_EVERY_S``. A scale-up the machine holds back (cores, processes, memory) is
-logged with what held it, once a minute while it lasts.
+every change and at least every ``TRACE_EVERY_S``, the last ``TRACE_KEEP`` polls. A scale-up the machine holds
+back (cores, processes, memory) is logged with what held it, once a minute while it lasts.
 """
 
 from __future__ import annotations
@@ -31,6 +31,7 @@ import logging
 import math
 import os
 import time
+from collections import deque
 from dataclasses import asdict
 from pathlib import Path
 
@@ -49,6 +50,7 @@ log = logging.getLogger(__name__)
 BUDGET_TTL_S = 30  # the budget keys outlive a dead `tributary up` by this much at most
 HELD_LOG_S = 60.0  # a scale-up held back by the machine is said again this often while it lasts
 TRACE_EVERY_S = 10.0  # --autoscale-trace is written at least this often (and on every change, and at exit)
+TRACE_KEEP = 3600  # polls --autoscale-trace keeps, the latest (an hour at the default poll); none kept without it
 
 
 def _meminfo() -> dict[str, int]:
@@ -131,9 +133,12 @@ class LocalAutoscaler:
         self.scalers = {t: TierScaler(p, len(sup.tier_groups(t))) for t, p in policies.items()}
         self.policies = policies
         self.trace_path = trace_path
-        self.trace: dict[str, list[dict]] = {t: [] for t in policies}
-        self.history: dict[str, list[tuple[float, int]]] = {t: [] for t in policies}
-        self.idle_trace: list[tuple[float, float | None]] = []
+        # What --autoscale-trace writes: bounded (a run of days grew the supervisor by 180 MB a day, and each write
+        # took longer, on the loop that also watches the workers: an outside auditor's), and kept only for it.
+        keep = TRACE_KEEP if trace_path else 0
+        self.trace: dict[str, deque[dict]] = {t: deque(maxlen=keep) for t in policies}
+        self.history: dict[str, deque[tuple[float, int]]] = {t: deque(maxlen=keep) for t in policies}
+        self.idle_trace: deque[tuple[float, float | None]] = deque(maxlen=keep)
         self.t0 = time.monotonic()
         self.t0_unix = time.time()  # the traces' time origin, for lining them up with a client's clock
         self._next_poll = 0.0
@@ -300,7 +305,8 @@ class LocalAutoscaler:
             return
         data = {"poll_s": self.poll_s, "t0_unix": self.t0_unix,
                 "policies": {t: asdict(p) for t, p in self.policies.items()},
-                "tiers": self.trace, "replicas": self.history, "idle_cores": self.idle_trace}
+                "tiers": {t: list(v) for t, v in self.trace.items()},
+                "replicas": {t: list(v) for t, v in self.history.items()}, "idle_cores": list(self.idle_trace)}
         tmp = Path(self.trace_path + ".tmp")
         tmp.write_text(json.dumps(data))
         tmp.replace(self.trace_path)

@@ -474,7 +474,7 @@ def build_parser() -> argparse.ArgumentParser:
                             "on busy cores another process adds contention, not capacity")
     scale.add_argument("--autoscale-trace", default=None,
                        help="write the autoscaler's observations and replica counts to this JSON file (on each "
-                            "change and at least every 10 s)")
+                            "change and at least every 10 s; the last 3600 polls)")
 
     demo = _command(sub, "demo-model", "write a demo checkpoint with seeded random weights: the trimodal demo "
                                        "(tiny, small) or a real-shape LLaVA (llava-tiny, llava-1b, llava-1.5-7b)",

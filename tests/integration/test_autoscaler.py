@@ -210,3 +210,31 @@ def test_each_tier_is_read_with_its_finished_jobs_and_busy_seconds(redis_server)
     assert (loads["encoder:image"].completed, loads["encoder:image"].busy_s) == (12, 3.25)
     assert (loads["encoder:audio"].completed, loads["encoder:audio"].busy_s) == (0, 0.0)
     assert (loads["backbone"].completed, loads["backbone"].busy_s) == (0, 0.0)
+
+
+def test_the_trace_is_kept_only_for_its_file_and_bounded(redis_server, tmp_path, monkeypatch):
+    """What --autoscale-trace writes grew by a poll's worth forever, with or without the flag (an outside auditor
+    measured 180 MB a day): kept only for the file, the last TRACE_KEEP polls."""
+    import json
+
+    import tributary.autoscaler as autoscaler
+
+    monkeypatch.setattr(autoscaler, "TRACE_KEEP", 3)
+    cluster = Cluster(Path("/m"), redis_server.url, prefix="trace-test", modalities=("image",))
+    path = tmp_path / "trace.json"
+    traced = LocalAutoscaler(cluster, Supervisor([]), policies_from_args(_args(), cluster), trace_path=str(path))
+    untraced = LocalAutoscaler(cluster, Supervisor([]), policies_from_args(_args(), cluster))
+    try:
+        for _ in range(5):
+            for scaler in (traced, untraced):
+                scaler._next_poll = 0.0
+                scaler.tick()
+        traced.write_trace()
+        written = json.loads(path.read_text())
+        assert len(written["tiers"]["encoder:image"]) == len(written["replicas"]["encoder:image"]) == 3
+        assert len(written["idle_cores"]) == 3
+        assert not untraced.trace["encoder:image"] and not untraced.history["encoder:image"]
+        assert not untraced.idle_trace
+    finally:
+        traced.close()
+        untraced.close()
