@@ -694,8 +694,17 @@ class ChatService:
     def _spawn(self, coro) -> asyncio.Task:
         task = asyncio.get_running_loop().create_task(coro)
         self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
+        task.add_done_callback(self._spawned)
         return task
+
+    def _spawned(self, task: asyncio.Task) -> None:
+        """A request's task beside its answer (a watcher, a cancel posted, tokens settled) that failed is logged, as
+        one line with the error: it was only dropped, and asyncio said "exception was never retrieved" at its
+        collection, with no words of ours."""
+        self._tasks.discard(task)
+        if not task.cancelled() and (exc := task.exception()) is not None:
+            log.error("a request's background task failed", extra={
+                "task": getattr(task.get_coro(), "__qualname__", "?"), "error": f"{type(exc).__name__}: {exc}"})
 
 
 class ReleasingStream(StreamingResponse):

@@ -297,9 +297,9 @@ class MediaEncoder:
                 raise
             return
         for key, n in zip(keys, res):
-            if n is not None and not isinstance(n, Exception):
+            if (count := self._count_of(key, n, w.request_id)) is not None:
                 log.info("an encoding was found stored, its answer lost", extra={"request_id": w.request_id})
-                w.take(key, int(n))
+                w.take(key, count)
         lost, missing = [], set()
         for key, entries in zip(mine, res[len(keys):]):
             if key not in w.pending or isinstance(entries, Exception) or entries:
@@ -330,8 +330,8 @@ class MediaEncoder:
         submit = self.r.pipeline(transaction=False)
         jobs = []  # (tensor key, stream): the XADD of each is the second command of its pair
         for key, (_, _, leased, n) in zip(keys, _quads(res)):
-            if n is not None:
-                w.take(key, int(n))
+            if (count := self._count_of(key, n, w.request_id)) is not None:  # damaged meanwhile: encoded again
+                w.take(key, count)
             elif leased:
                 jobs.append((key, self._queue_job(submit, w.request_id, w.pending[key])))
         if jobs:

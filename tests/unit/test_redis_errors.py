@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 from types import SimpleNamespace
 
 import pytest
@@ -149,6 +150,27 @@ def test_a_request_refused_before_its_plan_was_queued_posts_no_cancellation(tiny
 
     asyncio.run(run())
     assert tiers.cancelled == []
+
+
+def test_a_failed_background_task_of_a_request_is_logged(tiny_spec, caplog):
+    """A cancel posted after the answer that fails with something else than Redis (a bug) is one error line naming
+    it; it was only dropped."""
+    class BrokenCancel(FailingTiers):
+        async def cancel(self, rid):
+            raise KeyError(rid)
+
+    svc = service(tiny_spec.load_tokenizer(), BrokenCancel(Unavailable("gone", code="worker_lost")))
+
+    async def run() -> None:
+        svc._spawn(svc.tiers.cancel("rid3"))
+        await asyncio.gather(*svc._tasks, return_exceptions=True)
+        await asyncio.sleep(0)  # the done callbacks
+
+    with caplog.at_level(logging.ERROR, logger="gateway.chat"):
+        asyncio.run(run())
+    said = [r for r in caplog.records if r.getMessage() == "a request's background task failed"]
+    assert len(said) == 1 and "KeyError" in said[0].error and "cancel" in said[0].task
+    assert not svc._tasks
 
 
 def test_a_redis_failure_reaches_the_realtime_caller_as_a_503(tiny_spec):
