@@ -33,7 +33,15 @@ from gateway.chat import ChatService, RequestIds
 from gateway.config import GatewayConfig
 from gateway.dashboard import Dashboard
 from gateway.encoding import MediaEncoder
-from gateway.errors import APIError, Internal, MethodNotAllowed, NotFound, redis_failure, redis_unavailable
+from gateway.errors import (
+    APIError,
+    Internal,
+    InvalidRequest,
+    MethodNotAllowed,
+    NotFound,
+    redis_failure,
+    redis_unavailable,
+)
 from gateway.metrics import CONTENT_TYPE, ClusterMetrics, GatewayMetrics, lease_owner
 from gateway.monitor import PROBE_TIMEOUT_S, ClusterMonitor
 from gateway.openapi import openapi
@@ -227,8 +235,19 @@ def create_app(cfg: GatewayConfig):
         return JSONResponse(body)
 
     async def ready(request: Request) -> Response:
+        """Readiness. ``?scope=gateway``: this gateway's own part only (its Redis answers, the backbone's queue
+        with it), whatever workers are live, for a Service in front of several gateways: every gateway sees the
+        same tiers, so a tier without a worker (one pod restarting, a node drained) took every gateway out at once,
+        and clients met refused connections, text-only ones included, instead of the 503 ``no_live_worker`` with
+        its Retry-After that the gateway answers (a deploy review's)."""
+        scope = request.query_params.get("scope", "cluster")
+        if scope not in ("cluster", "gateway"):
+            return InvalidRequest(f"scope must be 'cluster' (every tier has a live worker: the default) or "
+                                  f"'gateway' (this gateway serves), not {scope[:40]!r}", param="scope").response()
         body, ok = await probe(request)
-        return JSONResponse(body, status_code=200 if ok else 503)
+        if scope == "gateway":
+            ok = body["status"] != "redis_unavailable"
+        return JSONResponse({**body, "scope": scope}, status_code=200 if ok else 503)
 
     app = Starlette(
         routes=[

@@ -70,8 +70,12 @@ def openapi(model: str, version: str) -> dict:
                 "200": {"description": "the served model", "content": {"application/json": {
                     "schema": {"type": "object"}}}}, **_errors("401", "404")}}},
             "/health": {"get": {"operationId": "health", **open_route, "responses": probe}},
-            "/ready": {"get": {"operationId": "ready", **open_route, "responses": {
+            "/ready": {"get": {"operationId": "ready", **open_route, "parameters": [
+                {"name": "scope", "in": "query", "required": False, "description":
+                 "cluster (default): ready once Redis answers and every tier has a live worker; gateway: ready while "
+                 "this gateway serves (Redis answers), whatever workers are live",
+                 "schema": {"type": "string", "enum": ["cluster", "gateway"], "default": "cluster"}}], "responses": {
                 **probe, "503": {"description": "not ready: what is missing", "content": {
-                    "application/json": {"schema": {"type": "object"}}}}}}},
+                    "application/json": {"schema": {"type": "object"}}}}, **_errors("400")}}},
         },
     }

@@ -137,6 +137,21 @@ class HelpFormatter(argparse.HelpFormatter):
         return _add_note(text, "default: %(default)s")
 
 
+def _fingerprint(model: Path) -> int:
+    from models.checkpoint import FINGERPRINT_FILE, fingerprint
+
+    if not model.is_dir():
+        print(f"tributary fingerprint: error: --model {model} is not a directory", file=sys.stderr)
+        return 2
+    digest = fingerprint(model)
+    if not (model / FINGERPRINT_FILE).is_file():
+        print(f"tributary fingerprint: error: cannot write {model / FINGERPRINT_FILE} (a read-only folder?): run it "
+              "where the checkpoint is writable", file=sys.stderr)
+        return 1
+    print(digest)
+    return 0
+
+
 def _command(sub, name: str, summary: str, description: str) -> argparse.ArgumentParser:
     """One subcommand: ``summary`` in ``tributary --help``'s list, ``description`` atop its own help."""
     return sub.add_parser(name, help=summary, description=description, formatter_class=HelpFormatter)
@@ -318,6 +333,15 @@ Output: <model>/onnx/<modality>/model.onnx with a manifest.json (the checkpoint'
 difference) when the checkpoint directory is writable, else \
 $XDG_CACHE_HOME/tributary/onnx/<fingerprint>/<modality>/ (~/.cache/tributary/onnx/... when XDG_CACHE_HOME is \
 unset), <fingerprint> being the first 32 hex digits of the checkpoint's content hash."""
+
+FINGERPRINT_DESCRIPTION = """\
+Hash the checkpoint --model (its weights and configs) and keep the hash in tributary-fingerprint.json beside it, \
+with each file's size and modification time. The hash names the checkpoint in every cache key, so each process \
+needs it at start: it reads this file, and hashes the whole checkpoint again only when the file is missing or the \
+files changed. A process that finds the folder read-only (a volume mounted read-only, as on Kubernetes) cannot keep \
+what it computed, so every start of every process hashes it again: minutes for a large checkpoint on a network \
+volume. Run this once wherever the folder is writable, after the checkpoint is complete (demo-model does it \
+itself). Prints the hash; exits 1 when the file cannot be written."""
 
 BACKBONE_DESCRIPTION = """\
 Run one backbone worker process: one pipeline shard of the language model. The process holds layers a:b \
@@ -557,6 +581,10 @@ def build_parser() -> argparse.ArgumentParser:
     ex.add_argument("--model", required=True, type=Path, help="checkpoint directory whose encoders are exported")
     ex.add_argument("--modality", action="append", choices=["image", "audio"],
                     help="only this encoder (repeatable; default: every encoder the model has)")
+
+    fp = _command(sub, "fingerprint", "hash a checkpoint once and keep the hash beside it (every process reads it "
+                                      "rather than hashing the checkpoint at each start)", FINGERPRINT_DESCRIPTION)
+    fp.add_argument("--model", required=True, type=Path, help="checkpoint directory (writable)")
 
     bb = _command(sub, "backbone", "a backbone worker: one pipeline shard (layers a:b) of the language model; "
                                    "--num-shards processes form a replica", BACKBONE_DESCRIPTION)
@@ -812,8 +840,13 @@ def _main(args) -> int:
             from models.demo import write_demo_model
 
             path = write_demo_model(args.out, args.size, args.seed)
+        from models.checkpoint import fingerprint
+
+        fingerprint(Path(path))  # kept beside it: every process reads it, even from a read-only mount
         print(f"wrote the {args.size} demo model (random weights) to {path}")
         return 0
+    if args.command == "fingerprint":
+        return _fingerprint(args.model)
     if args.command == "plan":
         return _plan(args)
     if args.command == "redis":

@@ -46,6 +46,12 @@ def test_live_but_not_ready_naming_the_missing_tiers(lone_gateway):
     ready = httpx.get(f"{lone_gateway}/ready")
     assert ready.status_code == 503
     assert set(ready.json()["missing"]) == {"encoder:image", "encoder:audio", "backbone"}
+    # This gateway's own part (a Service's readiness): it serves, answering 503 no_live_worker with a Retry-After,
+    # so it stays in the Service, whatever tiers are missing.
+    own = httpx.get(f"{lone_gateway}/ready", params={"scope": "gateway"})
+    assert own.status_code == 200 and own.json()["scope"] == "gateway" and own.json()["status"] == "degraded"
+    bad = httpx.get(f"{lone_gateway}/ready", params={"scope": "pod"})
+    assert bad.status_code == 400 and bad.json()["error"]["param"] == "scope"
 
 
 def test_ready_while_the_workers_beats_may_have_lapsed_after_redis_came_back(lone_gateway, redis_server):
@@ -65,6 +71,7 @@ def test_ready_while_the_workers_beats_may_have_lapsed_after_redis_came_back(lon
             assert time.monotonic() < deadline, "the gateway did not see Redis go"
             time.sleep(0.2)
         assert redis_up() == "0.0"  # an alert's series (the queues' are absent meanwhile)
+        assert httpx.get(f"{lone_gateway}/ready", params={"scope": "gateway"}).status_code == 503  # it cannot serve
     finally:
         os.kill(redis_server.proc.pid, signal.SIGCONT)
     deadline, seen = time.monotonic() + 20, []

@@ -11,7 +11,7 @@ import pytest
 
 import tributary.cli as cli
 
-COMMANDS = ["up", "demo-model", "gateway", "encoder", "export-onnx", "backbone", "redis", "plan"]
+COMMANDS = ["up", "demo-model", "gateway", "encoder", "export-onnx", "fingerprint", "backbone", "redis", "plan"]
 
 
 @pytest.fixture(autouse=True)
@@ -168,3 +168,17 @@ def test_backbone_is_described_as_a_pipeline_shard():
 ])
 def test_notes_join_a_closing_parenthesis(text, want):
     assert cli._add_note(text, "N") == want
+
+
+def test_fingerprint_keeps_the_hash_beside_the_checkpoint(tmp_path, capsys):
+    """What every process reads at start rather than hashing the checkpoint (a read-only mount cannot keep it)."""
+    from models.checkpoint import FINGERPRINT_FILE, fingerprint
+
+    model = tmp_path / "m"
+    model.mkdir()
+    (model / "config.json").write_text("{}")
+    (model / "model.safetensors").write_bytes(b"\0" * 64)
+    assert cli.main(["fingerprint", "--model", str(model)]) == 0
+    digest = capsys.readouterr().out.strip()
+    assert len(digest) == 64 and (model / FINGERPRINT_FILE).is_file() and fingerprint(model) == digest
+    assert cli.main(["fingerprint", "--model", str(tmp_path / "absent")]) == 2

@@ -486,12 +486,15 @@ def test_workers_outlast_their_drain_and_have_probes(overlay, monkeypatch):
         grace = spec.get("terminationGracePeriodSeconds", 30)
         if a.command == "gateway":
             assert c["livenessProbe"]["httpGet"]["path"] == "/health"
-            assert c["readinessProbe"]["httpGet"]["path"] == "/ready"
+            # This gateway's part only: a tier without a worker must not take every gateway out of the Service.
+            assert c["readinessProbe"]["httpGet"]["path"] == "/ready?scope=gateway"
             for probe in ("livenessProbe", "readinessProbe", "startupProbe"):
-                assert c[probe]["httpGet"]["path"] in gateway_routes
+                assert c[probe]["httpGet"]["path"].split("?")[0] in gateway_routes
                 assert _port(c, c[probe]["httpGet"]["port"]) == a.port
             pause = c["lifecycle"]["preStop"]["exec"]["command"]
-            assert pause[0] == "sleep" and grace > int(pause[1]) + 30
+            # The pause, then the graceful timeout, then the 503s of the streams still open, inside the grace period.
+            assert pause[0] == "sleep" and int(pause[1]) + a.graceful_timeout < grace <= int(pause[1]) + \
+                a.graceful_timeout + 10, (grace, a.graceful_timeout)
         elif a.command in {"encoder", "backbone"}:
             # the drain: the backbone's --drain-timeout (the encoder finishes one batch, well under 30 s)
             drain = getattr(a, "drain_timeout", 30)
