@@ -62,7 +62,8 @@ E2E_BUCKETS = (0.3, 0.5, 0.8, 1.0, 1.5, 2.0, 2.5, 5.0, 10.0, 15.0, 20.0, 30.0, 4
                480.0, 960.0, 1920.0, 7680.0)
 FINISH_REASONS = ("stop", "length", "abort", "error")
 MODALITIES = ("image", "audio")
-REJECT_CODES = ("rate_limit_exceeded", "server_overloaded", "redis_unavailable", "server_shutting_down")
+REJECT_CODES = ("rate_limit_exceeded", "server_overloaded", "redis_unavailable", "server_shutting_down",
+                "no_live_worker")
 CONTENT_TYPE = CONTENT_TYPE_LATEST
 INTERVAL_S = 2.0  # how often the cluster snapshot is refreshed (and the leader lease renewed)
 
