@@ -148,6 +148,8 @@ def init_group(url: str, rank: int, world: int, device: torch.device | str = "cp
 
 
 DRAIN_KEY = "tributary/drain"  # set in the replica's rendezvous store by a shard told to stop
+BEAT_KEY = "tributary/beat/{rank}"  # counted up each second by shard ``rank`` > 0 (its process runs)
+PEER_SILENT_S = 10.0  # a shard whose count has not moved for this long is presumed frozen or gone
 
 
 class DrainLink:
@@ -170,26 +172,83 @@ class DrainLink:
     def requested(self) -> bool:
         return self.store.check([DRAIN_KEY])
 
+    def beat(self, rank: int) -> None:
+        self.store.add(BEAT_KEY.format(rank=rank), 1)
 
-def watch_drain(link_factory, stop, every_s: float = 1.0, rank: int = 0):
-    """A daemon thread: on shard 0, set ``stop`` once another shard asked for a drain; on another shard, ask once
-    ``stop`` is set. ``link_factory()`` makes the :class:`DrainLink` (in the thread: the store may take a moment)."""
+    def beats(self, world: int) -> list[int]:
+        """Each other shard's count of beats (0 for one that has not beaten yet)."""
+        return [self.store.add(BEAT_KEY.format(rank=rank), 0) for rank in range(1, world)]
+
+
+class Peers:
+    """Shard 0's view of the other shards' processes, from their beats in the replica's store: one that is frozen
+    (stopped, swapped out, a hung host) sends nothing and answers nothing, and shard 0 waits on the pipe for its
+    ``--pipeline-timeout`` (120 s) while its own loop looks merely busy. Its heartbeat goes on meanwhile, so gateways
+    kept counting the replica as live, routed new requests to it and moved its requests only at their token timeout,
+    and ``tributary up`` killed it only once the loop's stall timeout had passed (70-100 s in an outside tester's
+    runs). Shard 0's heartbeat now stops while a shard is silent (:meth:`ok`): its requests move to another replica
+    and the watchdog restarts the replica, as for a frozen single-shard worker."""
+
+    def __init__(self, world: int, silent_s: float = PEER_SILENT_S):
+        self.world, self.silent_s = world, silent_s
+        self._last: list[int] | None = None
+        self._moved = time.monotonic()  # when any count last moved (or the watch began)
+        self._since = [time.monotonic()] * (world - 1)
+        self.silent: int | None = None  # the first shard found silent, or None
+
+    def observe(self, beats: list[int], now: float | None = None) -> None:
+        now = time.monotonic() if now is None else now
+        last, self._last = self._last, beats
+        for i, count in enumerate(beats):
+            if last is None or count != last[i]:
+                self._since[i] = now
+        silent = next((i + 1 for i, t in enumerate(self._since) if now - t > self.silent_s), None)
+        if silent != self.silent:
+            if silent is not None:
+                log.error("a pipeline shard has been silent for %.0f s (frozen or gone): this replica stops "
+                          "heartbeating, so its requests move elsewhere and it is restarted", self.silent_s,
+                          extra={"shard": silent})
+            else:
+                log.warning("every pipeline shard beats again", extra={"shard": self.silent})
+        self.silent = silent
+
+    def ok(self) -> bool:
+        return self.silent is None
+
+
+def watch_drain(link_factory, stop, every_s: float = 1.0, rank: int = 0, peers: Peers | None = None):
+    """A daemon thread: on shard 0, set ``stop`` once another shard asked for a drain, and follow the other
+    shards' beats (``peers``); on another shard, beat each ``every_s`` and ask for the drain once ``stop`` is set.
+    ``link_factory()`` makes the :class:`DrainLink` (in the thread: the store may take a moment); a link that fails
+    is made again at the next turn."""
     import threading
 
     def run() -> None:
-        try:
-            if rank == 0:
-                link = link_factory()
-                while not stop.wait(every_s):
+        link, failing = None, False
+        while True:
+            try:
+                link = link or link_factory()
+                if rank == 0:
+                    if stop.wait(every_s):
+                        return
                     if link.requested():
                         log.info("a shard asked for a drain: draining the replica")
                         stop.set()
-            else:
-                stop.wait()
-                link_factory().request(rank)  # connected now: an idle connection of days may have been dropped
-        except Exception as exc:  # noqa: BLE001 -- the store gone (shard 0 exited): the pipe's own timeout ends us
-            log.warning("the drain link failed: this shard stops when shard 0 does, or its pipe times out",
-                        extra={"rank": rank, "error": f"{type(exc).__name__}: {exc}"})
+                    if peers is not None:
+                        peers.observe(link.beats(peers.world))
+                else:
+                    if stop.wait(every_s):
+                        link.request(rank)
+                        return
+                    link.beat(rank)
+                failing = False
+            except Exception as exc:  # noqa: BLE001 -- the store gone (shard 0 exited): the pipe's timeout ends us
+                if not failing:
+                    log.warning("the replica's store does not answer: this shard stops when shard 0 does, or its "
+                                "pipe times out", extra={"rank": rank, "error": f"{type(exc).__name__}: {exc}"})
+                failing, link = True, None
+                if stop.wait(every_s):
+                    return
 
     thread = threading.Thread(target=run, name="drain-link", daemon=True)
     thread.start()

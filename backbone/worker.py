@@ -298,6 +298,7 @@ class BackboneWorker:
         self.counted_at = 0.0  # monotonic time of the last stats write
         self.heartbeat: Heartbeat | None = None  # once running
         self.on_threads = None  # set to follow the tier's thread budget (tributary up's autoscaler re-divides it)
+        self.peers_ok = None  # a pipeline's shard 0: whether every other shard beats (backbone/pipeline.Peers)
         self.reread = False  # a read failed: plans may have been delivered to us unheard (cache/streams.py)
         # Overlapped I/O: step N's round trip runs on this thread while step N+1 computes (one in flight at most).
         self.io = ThreadPoolExecutor(1, thread_name_prefix="redis-io") if cfg.overlap_io else None
@@ -365,7 +366,8 @@ class BackboneWorker:
         if not ensure_group_patiently(self.r, self.stream, BACKBONE_GROUP, self.stop, "backbone"):
             return  # stopped before Redis would take the group
         heartbeat = self.heartbeat = Heartbeat(self.cfg.redis_url, self.keys, "backbone", self.consumer,
-                                               self.cfg.stall_s, on_threads=self.on_threads).start()
+                                               self.cfg.stall_s, on_threads=self.on_threads,
+                                               healthy=self.peers_ok).start()
         pool = self.engine.pool
         log.info("backbone ready", extra={"consumer": self.consumer, "max_running": self.cfg.max_running,
                                           "kv_blocks": pool.num_blocks, "block_size": pool.block_size,
@@ -1119,7 +1121,7 @@ def serve(cfg: BackboneConfig, model_dir: str, threads: int | None = None) -> No
     from backbone.kv import pool_blocks
     from backbone.loader import load_shard
     from backbone.model import DecoderConfig
-    from backbone.pipeline import DrainLink, PipelineHead, StageWorker, agree_blocks, init_group, watch_drain
+    from backbone.pipeline import DrainLink, Peers, PipelineHead, StageWorker, agree_blocks, init_group, watch_drain
     from models.spec import ModelSpec
     from router.lifecycle import stop_on_signals, tune_allocator
 
@@ -1157,8 +1159,10 @@ def serve(cfg: BackboneConfig, model_dir: str, threads: int | None = None) -> No
         worker.run()
         return
     hops = init_group(cfg.dist_url, cfg.shard, cfg.num_shards, device, cfg.pipeline_timeout_s)
-    # A shard told to stop has shard 0 drain the whole replica (the others only follow the pipe); shard 0 listens.
-    watch_drain(lambda: DrainLink(cfg.dist_url), stop, rank=cfg.shard)
+    # A shard told to stop has shard 0 drain the whole replica (the others only follow the pipe); shard 0 listens,
+    # and follows the others' beats: it heartbeats for the replica only while every shard's process runs.
+    peers = Peers(cfg.num_shards) if cfg.shard == 0 else None
+    watch_drain(lambda: DrainLink(cfg.dist_url), stop, rank=cfg.shard, peers=peers)
     model, names = load_shard(spec.path, text, layers, dtype, device, cfg.attention)
     log.info("shard loaded", extra={"shard": cfg.shard, "tensors": len(names)})
     # Every shard sizes a pool for its own layers; the replica takes the smallest (one block table for all).
@@ -1191,6 +1195,7 @@ def serve(cfg: BackboneConfig, model_dir: str, threads: int | None = None) -> No
         engine = Engine(model, spec.placeholder_ids, spec.eos_token_ids, spec.max_context, head,
                         cfg.max_batched_tokens, cfg.micro_batches, cfg.max_step_ms, prefix_cache=cfg.prefix_cache)
         worker = BackboneWorker(cfg, engine, stop)
+        worker.peers_ok = peers.ok
         worker.run()
     except RuntimeError as exc:
         if worker is None or not worker.pipe_broken:

@@ -55,8 +55,9 @@ class Heartbeat:
     """A daemon thread that keeps one worker registered as live until :meth:`stop` (which deregisters it)."""
 
     def __init__(self, redis_url: str, keys: Keys, tier: str, worker_id: str, stall_s: float = STALL_S,
-                 on_threads=None):
+                 on_threads=None, healthy=None):
         self.key, self.worker_id, self.stall_s = keys.live(tier), worker_id, stall_s
+        self.healthy = healthy  # also beat only while this says so (a pipeline replica: its other shards beat)
         self.budget_key, self.on_threads = keys.budget(tier), on_threads
         self.threads: int | None = None  # the budget last read (None: none set)
         self._applied: int | None = None
@@ -115,7 +116,7 @@ class Heartbeat:
                     log.error("the worker loop has not come round for %.0f s: no longer heartbeating", self.stall_s)
                 else:
                     log.warning("the worker loop is making progress again: heartbeating")
-            if stalled:
+            if stalled or (self.healthy is not None and not self.healthy()):  # the latter says why itself
                 continue
             try:
                 self.beat()

@@ -456,7 +456,8 @@ def build_parser() -> argparse.ArgumentParser:
     up.add_argument("--restart-window", type=POSITIVE, default=60.0,
                     help="seconds over which --max-restarts counts crashes")
     up.add_argument("--hang-timeout", type=NONNEG, default=30.0,
-                    help="a worker that stops heartbeating (a frozen or hung process at once; one whose loop is "
+                    help="a worker that stops heartbeating (a frozen or hung process at once; a pipeline replica "
+                         "10 s after one of its shards froze; one whose loop is "
                          "stuck while the process runs, after the workers' stall timeout, 60 s, env "
                          "TRIBUTARY_STALL_TIMEOUT) is killed and restarted like a crashed one once its last beat is "
                          "this many seconds old while Redis answered all along (its requests then move to another "

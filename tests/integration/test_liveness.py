@@ -47,3 +47,26 @@ def test_a_ticking_loop_keeps_heartbeating(redis_url):
         assert score(r, keys, "w2") > first
     finally:
         hb.stop()
+
+
+def test_a_loop_that_ticks_beats_only_while_its_health_check_says_so(redis_url):
+    """A pipeline's shard 0 beats for its replica only while every other shard beats (backbone/pipeline.Peers): a
+    frozen shard made the replica look live for 70-100 s while it answered nothing (an outside tester's)."""
+    r, keys = redis.Redis.from_url(redis_url), Keys("live-test-3")
+    healthy = [False]
+    hb = Heartbeat(redis_url, keys, "backbone", "w3", stall_s=30, healthy=lambda: healthy[0]).start()
+    try:
+        first = score(r, keys, "w3")
+        end = time.monotonic() + 3 * HEARTBEAT_S
+        while time.monotonic() < end:
+            hb.tick()
+            time.sleep(0.1)
+        assert score(r, keys, "w3") == first  # ticking, but not healthy: no beat
+        healthy[0] = True
+        deadline = time.monotonic() + 10 * HEARTBEAT_S
+        while score(r, keys, "w3") == first and time.monotonic() < deadline:
+            hb.tick()
+            time.sleep(0.1)
+        assert score(r, keys, "w3") > first
+    finally:
+        hb.stop()

@@ -4,6 +4,8 @@ path cannot be reached from outside: shard 0 refuses the inputs that could poiso
 
 from __future__ import annotations
 
+import time
+
 import pytest
 import torch
 
@@ -151,3 +153,64 @@ def test_a_shard_is_live_while_it_waits_and_not_once_a_step_outlasts_the_stall_t
     assert len(calls) == 2 and not stage.live(0.1) and stage.live(30)
     rest_sent.set()
     runner.join(10)
+
+
+def test_shard_zero_finds_a_silent_shard_and_again_one_that_beats():
+    from backbone.pipeline import Peers
+
+    peers = Peers(world=3, silent_s=10.0)
+    peers.observe([1, 1], now=100.0)
+    peers.observe([5, 5], now=104.0)
+    assert peers.ok()
+    peers.observe([9, 5], now=110.0)  # shard 2's count has not moved since 104: 6 s
+    assert peers.ok()
+    peers.observe([13, 5], now=114.5)  # 10.5 s: frozen or gone
+    assert not peers.ok() and peers.silent == 2
+    peers.observe([17, 6], now=115.0)  # it beats again (SIGCONT)
+    assert peers.ok() and peers.silent is None
+
+
+def test_the_shards_beat_through_the_replicas_store_and_shard_zero_follows_them():
+    """watch_drain on a real TCPStore: the other shard's thread beats, shard 0's thread reads the counts; while the
+    beating shard is frozen (its thread makes no call), shard 0 finds it silent, and again beating once it thaws."""
+    import threading
+
+    import torch.distributed as dist
+
+    from backbone.pipeline import DrainLink, Peers, watch_drain
+    from cache.embedded import free_port
+
+    port = free_port()
+    master = dist.TCPStore("127.0.0.1", port, None, is_master=True, wait_for_workers=False)
+    url = f"tcp://127.0.0.1:{port}"
+    thawed = threading.Event()
+    thawed.set()
+
+    class Freezable(DrainLink):
+        def beat(self, rank: int) -> None:
+            thawed.wait()  # SIGSTOP: nothing runs
+            super().beat(rank)
+
+    stop0, stop1 = threading.Event(), threading.Event()
+    peers = Peers(world=2, silent_s=1.0)
+    watch_drain(lambda: DrainLink(url), stop0, every_s=0.1, rank=0, peers=peers)
+    watch_drain(lambda: Freezable(url), stop1, every_s=0.1, rank=1)
+    try:
+        time.sleep(0.6)
+        assert peers.ok() and int(master.add("tributary/beat/1", 0)) >= 3
+        thawed.clear()
+        deadline = time.monotonic() + 5
+        while peers.ok() and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert peers.silent == 1
+        thawed.set()  # SIGCONT
+        deadline = time.monotonic() + 5
+        while not peers.ok() and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert peers.ok()
+        stop1.set()  # told to stop: shard 1 asks shard 0 to drain the replica
+        assert stop0.wait(timeout=5)
+    finally:
+        thawed.set()
+        stop0.set()
+        stop1.set()
