@@ -422,9 +422,7 @@ class BackboneWorker:
                                                          "batch": len(decoding) + len(starting),
                                                          "free_blocks": self.engine.pool.free})
                 else:
-                    self.engine.settle()  # the pipeline's steps in flight land (their tokens wait in the events)
-                    if self.engine.pipeline is not None:  # no step goes down the pipe: the other shards would give
-                        self.engine.pipeline.keepalive()  # the replica up after --pipeline-timeout, as broken
+                    self._idle_pipe()
                     self._hold()  # Redis is away: no step, only the round trip again
                 # 4) One round trip: events, acks, cancellation checks, and the next plans if there is room. With
                 #    overlapped I/O the previous step's trip ran while this step computed: settle it, send this
@@ -452,7 +450,8 @@ class BackboneWorker:
             if self.prefetch is not None:
                 self.prefetch.shutdown(wait=True, cancel_futures=True)
             self.reclaimer.close(wait=True)  # its calls are bounded by the fetch client's timeouts
-            self._fail_all("the backbone worker is shutting down")  # its round trip on the I/O thread (bounded)
+            self._fail_all("a pipeline shard of this backbone replica is gone" if self.pipe_broken else
+                           "the backbone worker is shutting down")  # its round trip on the I/O thread (bounded)
             self._count_stats(final=True)
             self.stats_io.shutdown(wait=True)  # the last write: bounded by the fetch client's timeouts
             if self.io is not None:
@@ -461,6 +460,20 @@ class BackboneWorker:
             stop_metrics(metrics)
             log.info("backbone stopped", extra={"consumer": self.consumer, "steps": self.engine.steps,
                                                 "overlapped_steps": self.engine.overlapped})
+
+    def _idle_pipe(self) -> None:
+        """No step this time round: the pipeline's steps in flight land (their tokens wait in the events), and the
+        other shards hear a no-op (else they would give the replica up after --pipeline-timeout, as broken). A peer
+        gone shows here on an idle replica: the pipe is broken, as in :meth:`_step` (it was a traceback, then
+        another from the stop sent down the dead pipe: an outside tester's)."""
+        try:
+            self.engine.settle()
+            if self.engine.pipeline is not None:
+                self.engine.pipeline.keepalive()
+        except RuntimeError:
+            if self.engine.pipeline is not None:
+                self.pipe_broken = True
+            raise
 
     def _step(self, decoding: list[Sequence], starting: list) -> None:
         """The engine isolates each request's faults itself; what still escapes is a bug in the batch assembly or a
@@ -1203,7 +1216,11 @@ def serve(cfg: BackboneConfig, model_dir: str, threads: int | None = None) -> No
         _pipe_gone(cfg.shard, exc)  # its requests were handed back to their gateways already
     finally:
         if worker is None or not worker.pipe_broken:
-            head.stop()  # the other shards exit (a broken pipe: they time out on their own)
+            try:
+                head.stop()  # the other shards exit (a broken pipe: they time out on their own)
+            except RuntimeError as exc:  # a peer went meanwhile: nobody left to tell
+                log.warning("could not send the stop down the pipe (a peer shard is gone)",
+                            extra={"shard": cfg.shard, "error": " ".join(str(exc).split())[:300]})
 
 
 def _pipe_gone(shard: int, exc: RuntimeError) -> None:
