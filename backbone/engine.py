@@ -586,6 +586,15 @@ def check_sampling(params: SamplingParams) -> None:
         raise PlanError(str(exc)) from exc
 
 
+def warn_small_pool(model, max_context: int) -> None:
+    """Say at start when the pool cannot hold one full context (a pipeline replica's shard 0 too)."""
+    tokens = model.pool.num_blocks * model.pool.block_size
+    if tokens < max_context:
+        log.warning("the KV pool holds fewer tokens than the model's context: longer requests are refused, and a "
+                    "request naming no max_tokens gets at most what the pool holds (raise --kv-cache-gb or "
+                    "--gpu-memory-utilization)", extra={"pool_tokens": tokens, "max_context": max_context})
+
+
 def load_engine(spec, layers: range | None = None, kv_cache_bytes: int | None = None,
                 pipeline: PipelineHead | None = None, dtype: torch.dtype = torch.float32,
                 device: torch.device | str = "cpu", max_batched_tokens: int = MAX_BATCHED_TOKENS,
@@ -606,11 +615,7 @@ def load_engine(spec, layers: range | None = None, kv_cache_bytes: int | None = 
         raise ValueError("no memory left for the KV cache (lower --max-batched-tokens, raise "
                          "--gpu-memory-utilization, or give --kv-cache-gb)")
     model.allocate_pool(num_blocks)
-    if num_blocks * model.pool.block_size < spec.max_context:
-        log.warning("the KV pool holds fewer tokens than the model's context: longer requests are refused, and a "
-                    "request naming no max_tokens gets at most what the pool holds (raise --kv-cache-gb or "
-                    "--gpu-memory-utilization)", extra={"pool_tokens": num_blocks * model.pool.block_size,
-                                                        "max_context": spec.max_context})
+    warn_small_pool(model, spec.max_context)
     if not eager:
         model.capture_graphs(max_running, spec.max_context)
     return Engine(model, spec.placeholder_ids, spec.eos_token_ids, spec.max_context, pipeline, max_batched_tokens,

@@ -55,7 +55,7 @@ from redis.exceptions import BusyLoadingError, ReadOnlyError, RedisClusterExcept
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
-from backbone.engine import Engine, Sequence, load_engine
+from backbone.engine import Engine, Sequence, load_engine, warn_small_pool
 from backbone.fusion import PlanError
 from cache.client import connect, key_error, lost_node, refused_for_memory
 from cache.codec import CodecError, decode_tensor
@@ -1185,6 +1185,8 @@ def serve(cfg: BackboneConfig, model_dir: str, threads: int | None = None) -> No
         raise SystemExit("tributary backbone: no memory left for the KV cache on some shard (lower "
                          "--max-batched-tokens, raise --gpu-memory-utilization, or give --kv-cache-gb)")
     model.allocate_pool(blocks)
+    if cfg.shard == 0:
+        warn_small_pool(model, spec.max_context)
     if not cfg.eager:  # every shard replays its decode steps (the same --max-running on every shard)
         model.capture_graphs(cfg.max_running, spec.max_context)
     if cfg.shard > 0:  # driven by shard 0 through the pipe; it stops us when it stops (a drain we ask for included)

@@ -45,6 +45,12 @@ def read_family(path: str | Path) -> Family:
     return family_for(_raw_config(Path(path)))
 
 
+def read_text_config(path: str | Path) -> dict:
+    """The language model's config (the family's defaults filled in) from config.json alone: for the supervisor."""
+    raw = _raw_config(Path(path))
+    return family_for(raw).impl.read_config(Path(path), raw)["text_config"]
+
+
 SHORT_DTYPES = {"float32": "f32", "bfloat16": "bf16", "float16": "f16"}
 
 

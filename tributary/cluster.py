@@ -312,6 +312,11 @@ def run_cluster(args) -> int:
         return 2
     model = ensure_model(args)
     modalities = _modalities(model)  # before anything starts: an unsupported checkpoint fails here
+    layers = _num_layers(model)
+    if layers is not None and args.shards > layers:  # each shard failed at start, and the cluster stopped after
+        print(f"tributary: --shards {args.shards}: the model has {layers} layers, so a replica has at most {layers} "
+              "shards", file=sys.stderr)
+        return 2
     limits = ["--max-audio-seconds", str(args.max_audio_seconds)]
     encoder_dtype = args.encoder_dtype  # resolved here: the gateway must be told what the encoders compute in
     if encoder_dtype == "auto":
@@ -519,6 +524,16 @@ def _modalities(model: Path) -> tuple[str, ...]:
     from models.spec import read_family
 
     return read_family(model).modalities
+
+
+def _num_layers(model: Path) -> int | None:
+    """The language model's layers (config.json alone), None if it does not say (the backbone's load says then)."""
+    from models.spec import read_text_config
+
+    try:
+        return int(read_text_config(model)["num_hidden_layers"])
+    except (KeyError, TypeError, ValueError):
+        return None
 
 
 def _metrics_line(cluster: Cluster) -> str:

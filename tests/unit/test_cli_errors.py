@@ -70,6 +70,13 @@ def test_what_cannot_work_is_one_line_with_status_2(argv, words, capsys):
     assert words in err and "Traceback" not in err and len(err.strip().splitlines()) == 1, err
 
 
+def test_more_shards_than_layers_is_one_line_before_anything_starts(tiny_model):
+    """Each shard failed at its start, and the cluster stopped after 17 s (an outside tester's --shards 5 on a
+    model of 4 layers); up now says it before starting anything."""
+    code, err = run("up", "--model", str(tiny_model), "--shards", "5", "--port", "1")
+    assert code == 2 and "--shards 5: the model has 4 layers" in err and "Traceback" not in err, err
+
+
 def test_a_broken_checkpoint_names_its_file(tiny_model, tmp_path, capsys):
     broken = tmp_path / "broken"
     shutil.copytree(tiny_model, broken)

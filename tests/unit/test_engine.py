@@ -390,3 +390,20 @@ def test_a_shard_with_fused_layers_gives_the_logits_of_the_unfused_one(tiny_spec
     a = plain.model.logits(plain.prompt_hidden(plain.new_sequence("a", len(ids), greedy(1)), ids, []))
     b = fused.model.logits(fused.prompt_hidden(fused.new_sequence("b", len(ids), greedy(1)), ids, []))
     torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+
+
+def test_a_pool_smaller_than_the_context_is_said_at_start(caplog):
+    """Said by a single-shard backbone's load and by a pipeline's shard 0 (which had no such line)."""
+    import logging
+    from types import SimpleNamespace
+
+    from backbone.engine import warn_small_pool
+
+    def model(blocks):
+        return SimpleNamespace(pool=SimpleNamespace(num_blocks=blocks, block_size=16))
+
+    with caplog.at_level(logging.WARNING, logger="backbone.engine"):
+        warn_small_pool(model(64), 1024)  # 1024 tokens: one full context fits
+        assert not caplog.records
+        warn_small_pool(model(38), 1024)
+    assert [r.pool_tokens for r in caplog.records] == [608]
