@@ -1203,6 +1203,7 @@ def serve(cfg: BackboneConfig, model_dir: str, threads: int | None = None) -> No
             _pipe_gone(cfg.shard, exc)
         finally:
             stop_metrics(metrics)
+        _leave_group()
         return
     head = PipelineHead(cfg.num_shards, hops)
     worker = None
@@ -1223,6 +1224,20 @@ def serve(cfg: BackboneConfig, model_dir: str, threads: int | None = None) -> No
             except RuntimeError as exc:  # a peer went meanwhile: nobody left to tell
                 log.warning("could not send the stop down the pipe (a peer shard is gone)",
                             extra={"shard": cfg.shard, "error": " ".join(str(exc).split())[:300]})
+            else:
+                _leave_group()
+
+
+def _leave_group() -> None:
+    """After a clean stop: the process group's threads are ended before the interpreter's, else the shard aborted
+    on its way out ("terminate called without an active exception", exit -6: an outside tester's logs)."""
+    import torch.distributed as dist
+
+    try:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+    except Exception as exc:  # noqa: BLE001 -- leaving anyway
+        log.warning("could not leave the pipeline's process group", extra={"error": f"{type(exc).__name__}: {exc}"})
 
 
 def _pipe_gone(shard: int, exc: RuntimeError) -> None:
