@@ -349,7 +349,7 @@ class PromptBuilder:
         """``data`` read as far as its header (format, size, length within the limits): what it holds, or a 400
         naming ``param``."""
         if not data:
-            raise InvalidRequest(f"{param}: the {modality} data is empty", param=param)
+            raise InvalidRequest(f"{param}: the {modality} data is empty", param=param, code="invalid_media")
         try:
             return (probe_image(data) if modality == "image"
                     else probe_audio(data, self.max_audio_seconds, self.audio_rate))

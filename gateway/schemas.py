@@ -43,7 +43,7 @@ class _MediaPart(_Strict):
     @model_validator(mode="after")
     def _media_or_uuid(self):
         if getattr(self, self.type) is None and self.uuid is None:
-            raise ValueError(f"a {self.type} part needs its media or a uuid")
+            raise ValueError(f"an {self.type} part needs its media or a uuid")  # image_url, input_audio
         return self
 
 

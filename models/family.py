@@ -104,6 +104,24 @@ def chat_template(model_dir: Path) -> str | None:
     return None
 
 
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json")  # fast; sentencepiece; byte-level BPE
+
+
+def check_prompt_files(model_dir: Path) -> None:
+    """ModelError unless the checkpoint has what the gateway builds prompts with: a tokenizer and a chat template
+    (``chat_template.jinja``, ``chat_template.json`` or ``tokenizer_config.json``'s). Without a template the cluster
+    started and answered every request 500 (an outside tester's); without a tokenizer file, transformers asked to
+    install sentencepiece or tiktoken."""
+    if not any((model_dir / name).is_file() for name in TOKENIZER_FILES):
+        raise ModelError(f"{model_dir}: no tokenizer ({', '.join(TOKENIZER_FILES)}): copy the checkpoint's tokenizer "
+                         "files beside its weights")
+    config = read_json(model_dir / "tokenizer_config.json") or {}
+    if chat_template(model_dir) is None and not config.get("chat_template"):
+        raise ModelError(f"{model_dir}: no chat template (chat_template.jinja, chat_template.json, or chat_template "
+                         "in tokenizer_config.json): a base model without one cannot serve chat completions; add the "
+                         "template of the instruction-tuned model it comes from")
+
+
 def load_state(module, tensors: dict, what: str) -> None:
     """``load_state_dict(strict=True)`` with an error that names the checkpoint part."""
     missing, unexpected = module.load_state_dict(tensors, strict=False)

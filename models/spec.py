@@ -13,7 +13,7 @@ import hashlib
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from models.family import Family, ModelError, chat_template, eos_token_ids, read_json
+from models.family import Family, ModelError, chat_template, check_prompt_files, eos_token_ids, read_json
 
 __all__ = ["FAMILIES", "MODALITIES", "ModelError", "ModelSpec", "family_for", "read_family"]
 
@@ -148,6 +148,7 @@ class ModelSpec:
                 from transformers import AutoConfig
 
                 config = AutoConfig.for_model(**text)
+        check_prompt_files(self.path)
         tokenizer = AutoTokenizer.from_pretrained(str(self.path), config=config)
         template = chat_template(self.path)
         if template is not None:

@@ -520,9 +520,12 @@ def _detach_from_terminal() -> None:
 
 
 def _modalities(model: Path) -> tuple[str, ...]:
-    """The encoder tiers the checkpoint needs (read from its config.json alone)."""
+    """The encoder tiers the checkpoint needs (read from its config.json alone); ModelError, before anything
+    starts, when it cannot serve chats (no tokenizer or chat template: the gateway's start would fail later)."""
+    from models.family import check_prompt_files
     from models.spec import read_family
 
+    check_prompt_files(model)
     return read_family(model).modalities
 
 

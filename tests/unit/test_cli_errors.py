@@ -77,6 +77,22 @@ def test_more_shards_than_layers_is_one_line_before_anything_starts(tiny_model):
     assert code == 2 and "--shards 5: the model has 4 layers" in err and "Traceback" not in err, err
 
 
+@pytest.mark.parametrize("missing,words", [(["chat_template.jinja"], "no chat template"),
+                                           (["tokenizer.json"], "no tokenizer (tokenizer.json")])
+def test_a_checkpoint_that_cannot_build_prompts_is_refused_before_anything_starts(tiny_model, tmp_path, missing,
+                                                                                 words):
+    """Without a chat template the cluster came up and answered every request 500 (an outside tester's); without
+    a tokenizer transformers asked to install sentencepiece. up and the gateway both say what is missing."""
+    model = tmp_path / "m"
+    shutil.copytree(tiny_model, model)
+    for name in missing:
+        (model / name).unlink()
+    for argv in (["up", "--model", str(model), "--port", "1"],
+                 ["gateway", "--model", str(model), "--redis-url", "redis://127.0.0.1:1", "--port", "1"]):
+        code, err = run(*argv)
+        assert code == 2 and words in err and "Traceback" not in err, (argv, err)
+
+
 def test_a_broken_checkpoint_names_its_file(tiny_model, tmp_path, capsys):
     broken = tmp_path / "broken"
     shutil.copytree(tiny_model, broken)

@@ -316,3 +316,29 @@ def test_a_flac_stream_that_does_not_say_its_length_is_refused_saying_so(tiny_sp
         probe_audio(bytes(data))
     with pytest.raises(MediaError, match="does not give the clip's length"):
         load_preprocessor(tiny_spec, "audio")(bytes(data))
+
+
+def _png_header(width: int, height: int) -> bytes:
+    """A PNG whose header says ``width``x``height`` (no pixels follow): what a decompression bomb looks like."""
+    import struct
+    import zlib
+
+    def chunk(kind: bytes, body: bytes) -> bytes:
+        return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
+
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)) + \
+        chunk(b"IEND", b"")
+
+
+@pytest.mark.parametrize("width,height", [(20000, 20000), (15000, 7000)])
+def test_a_header_past_pillows_bounds_is_refused_as_too_many_pixels_without_a_warning(width, height):
+    """Past twice Pillow's bound its error read as unreadable bytes ("truncated or corrupt", an outside tester's
+    20000x20000 PNG); past its bound alone it logged a DecompressionBombWarning for an image refused anyway."""
+    import warnings
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        with pytest.raises(MediaHeaderError, match="exceeds 40000000 pixels") as raised:
+            probe_image(_png_header(width, height))
+    assert raised.value.__cause__ is None  # a limit in the client's terms, not unreadable bytes
+    assert not caught, [str(w.message) for w in caught]
