@@ -439,8 +439,12 @@ def build_parser() -> argparse.ArgumentParser:
     up.add_argument("--encoder-device", type=_device("cpu"), default="cpu",
                     help="the encoders' --device: cpu, cuda or cuda:N")
     up.add_argument("--encoder-dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
-                    help="the encoders' compute dtype, which is also their wire dtype (auto: bfloat16 for the torch "
-                         "runtime on a GPU, else float32); the gateway is told the same")
+                    help="the encoders' compute dtype, which is also their wire dtype unless --encoder-wire-dtype "
+                         "says otherwise (auto: bfloat16 for the torch runtime on a GPU, else float32; the onnx "
+                         "runtime computes in float32); the gateway is told the same")
+    up.add_argument("--encoder-wire-dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
+                    help="the dtype of the encoders' outputs in Redis (auto: their compute dtype); bfloat16 halves "
+                         "the cache's bytes of float32 encoders (the onnx runtime's)")
     up.add_argument("--cpu-budget", default="auto", choices=["auto", "off"],
                     help="auto: each process gets a share of the cores (threads, OpenMP/MKL pools) so that together "
                          "they do not exceed them; the banner says the split. off: every process on every core")

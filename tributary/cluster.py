@@ -322,7 +322,14 @@ def run_cluster(args) -> int:
     if encoder_dtype == "auto":
         gpu = args.encoder_device.startswith("cuda") and args.encoder_runtime == "torch"
         encoder_dtype = "bfloat16" if gpu else "float32"
+    if args.encoder_runtime == "onnx" and encoder_dtype != "float32":  # each encoder refused it at its start
+        print(f"tributary: --encoder-runtime onnx computes in float32, not {encoder_dtype}: leave --encoder-dtype "
+              "out (or float32) and give --encoder-wire-dtype bfloat16 for a bf16 cache, or use --encoder-runtime "
+              "torch", file=sys.stderr)
+        return 2
+    wire_dtype = encoder_dtype if args.encoder_wire_dtype == "auto" else args.encoder_wire_dtype
     encoder_args = ["--runtime", args.encoder_runtime, "--device", args.encoder_device, "--dtype", encoder_dtype,
+                    "--wire-dtype", wire_dtype,
                     "--max-batch", str(args.encoder_max_batch),
                     "--max-wait-ms", str(args.encoder_max_wait_ms), *limits]
     admission = ["--migration-limit", str(args.migration_limit), "--max-inflight", str(args.max_inflight),
@@ -342,7 +349,7 @@ def run_cluster(args) -> int:
         admission += ["--served-name", args.served_name]
     cluster = Cluster(model, args.redis_url or "", args.prefix, args.host, args.port, args.log_level,
                       encoder_args, ["--limit-mm-per-prompt", args.limit_mm_per_prompt, "--encoder-dtype",
-                                     encoder_dtype, *limits, *admission],
+                                     encoder_dtype, "--encoder-wire-dtype", wire_dtype, *limits, *admission],
                       args.shards, modalities, replicas=args.backbone_replicas,
                       backbone_args=["--device", args.backbone_device, "--dtype", args.backbone_dtype,
                                      *(["--max-batched-tokens", str(args.max_batched_tokens)]

@@ -77,6 +77,13 @@ def test_more_shards_than_layers_is_one_line_before_anything_starts(tiny_model):
     assert code == 2 and "--shards 5: the model has 4 layers" in err and "Traceback" not in err, err
 
 
+def test_onnx_encoders_in_16_bits_are_refused_by_up_naming_its_own_flags(tiny_model):
+    """Each encoder refused it at its start, naming encoder flags up does not have (an outside tester's)."""
+    code, err = run("up", "--model", str(tiny_model), "--encoder-runtime", "onnx", "--encoder-dtype", "bfloat16",
+                    "--port", "1")
+    assert code == 2 and "--encoder-runtime onnx computes in float32" in err and "--encoder-wire-dtype" in err, err
+
+
 @pytest.mark.parametrize("missing,words", [(["chat_template.jinja"], "no chat template"),
                                            (["tokenizer.json"], "no tokenizer (tokenizer.json")])
 def test_a_checkpoint_that_cannot_build_prompts_is_refused_before_anything_starts(tiny_model, tmp_path, missing,
