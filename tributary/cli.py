@@ -858,14 +858,21 @@ def _main(args) -> int:
         return _redis(args)
     if args.command == "export-onnx":
         setup_logging("cli")
-        from encoders.export import export, onnx_root
+        from encoders.export import ExportError, export, onnx_root
         from models.spec import ModelSpec
 
         spec = ModelSpec.from_dir(args.model)
+        if missing := [m for m in args.modality or () if m not in spec.modalities]:
+            raise UserError(f"--modality {missing[0]}: {spec.name} has no {missing[0]} encoder (it has: "
+                            f"{', '.join(spec.modalities)})")
         for modality in args.modality or spec.modalities:
             target = onnx_root(spec) / modality
             target.parent.mkdir(parents=True, exist_ok=True)
-            export(spec, modality, target, progress=lambda line: print(line, flush=True))
+            try:
+                export(spec, modality, target, progress=lambda line: print(line, flush=True))
+            except ExportError as exc:  # the export differs from torch: said, not a traceback
+                print(f"tributary export-onnx: error: {exc}", file=sys.stderr, flush=True)
+                return 1
         return 0
     if args.command == "up":
         from tributary.relay import install
