@@ -217,14 +217,14 @@ class Running:
     told: float = field(default_factory=time.monotonic)  # when its last event went into an exchange
     undelivered_since: float | None = None  # its events' node has not taken them since (a Redis Cluster node away)
 
-    def event(self, worker: str, token_ids: list[int], **end) -> m.TokenEvent:
+    def event(self, worker: str, token_ids: list[int], dtype: str = "", **end) -> m.TokenEvent:
         """This attempt's event carrying ``token_ids`` (and ``finish``/``code``/``error`` from ``end``), with usage as
-        the client counts it."""
+        the client counts it, from ``worker`` computing in ``dtype``."""
         lowered = self.seq.max_tokens < self.plan.sampling.max_tokens  # a default budget the pool could not hold
         return m.TokenEvent(request_id=self.plan.request_id, token_ids=token_ids, prompt_tokens=self.seq.prompt_tokens,
                             completion_tokens=self.seq.completion_tokens, attempt=self.plan.attempt, worker=worker,
                             budget=self.seq.resumed + self.seq.max_tokens if lowered else None,
-                            cached_tokens=self.seq.cached, **end)
+                            cached_tokens=self.seq.cached, dtype=dtype, **end)
 
 
 @dataclass
@@ -299,6 +299,7 @@ class BackboneWorker:
         self.heartbeat: Heartbeat | None = None  # once running
         self.on_threads = None  # set to follow the tier's thread budget (tributary up's autoscaler re-divides it)
         self.peers_ok = None  # a pipeline's shard 0: whether every other shard beats (backbone/pipeline.Peers)
+        self.dtype = str(engine.model.dtype).removeprefix("torch.")  # on its events (the answers' fingerprint)
         self.reread = False  # a read failed: plans may have been delivered to us unheard (cache/streams.py)
         # Overlapped I/O: step N's round trip runs on this thread while step N+1 computes (one in flight at most).
         self.io = ThreadPoolExecutor(1, thread_name_prefix="redis-io") if cfg.overlap_io else None
@@ -943,7 +944,7 @@ class BackboneWorker:
                 continue  # nothing new (a held step)
             run.told = now
             failed = seq.finish == m.FinishReason.ERROR
-            ev = run.event(self.consumer, seq.output[len(seq.output) - seq.pending :], finish=seq.finish,
+            ev = run.event(self.consumer, seq.output[len(seq.output) - seq.pending :], self.dtype, finish=seq.finish,
                            code=(run.code or m.ErrorCode.INTERNAL) if failed else None, error=seq.error)
             first = len(pipe)
             send_reply(pipe, run.plan.reply_to, m.encode(ev))

@@ -82,6 +82,7 @@ class Delta:
     completion_tokens: int = 0
     cached_tokens: int = 0  # of the prompt tokens, those the backbone's prefix cache held
     media_tokens: tuple[int, int] = (0, 0)  # of the prompt tokens, (image, audio): the encoders' outputs
+    backbone_dtype: str = ""  # what the backbone computes in (the answer's system_fingerprint; "": not said)
 
 
 @dataclass(frozen=True)
@@ -607,7 +608,7 @@ class ChatService:
                 timing.tokens(len(ev.token_ids), ev.prompt_tokens)
                 text = detok.add(ev.token_ids)
                 used = ev.prompt_tokens + ev.completion_tokens
-                d = Delta(text, None, ev.prompt_tokens, ev.completion_tokens, ev.cached_tokens, media)
+                d = Delta(text, None, ev.prompt_tokens, ev.completion_tokens, ev.cached_tokens, media, ev.dtype)
                 if detok.stopped or ev.finish is not None:
                     finished = ev.finish is not None
                     d.text += detok.flush()
@@ -639,10 +640,11 @@ class ChatService:
     async def _sse(self, rid, req, first: Delta, deltas) -> AsyncIterator[bytes]:
         created, model = int(time.time()), self.spec.name
         include_usage = bool(req.stream_options and req.stream_options.include_usage)
+        fingerprint = self.spec.system_fingerprint_with(first.backbone_dtype)  # one for the whole answer
 
         def event(choices: list, usage: dict | None = None) -> bytes:
             body = {"id": f"chatcmpl-{rid}", "object": "chat.completion.chunk", "created": created, "model": model,
-                    "system_fingerprint": self.spec.system_fingerprint, "choices": choices}
+                    "system_fingerprint": fingerprint, "choices": choices}
             if include_usage:  # on every chunk, null but on the last, as OpenAI's (clients read chunk["usage"])
                 body["usage"] = usage
             return b"data: " + json.dumps(body).encode() + b"\n\n"
@@ -678,7 +680,7 @@ class ChatService:
     def _completion(self, rid: str, req: ChatCompletionRequest, text: str, last: Delta) -> dict:
         return {
             "id": f"chatcmpl-{rid}", "object": "chat.completion", "created": int(time.time()),
-            "model": self.spec.name, "system_fingerprint": self.spec.system_fingerprint,
+            "model": self.spec.name, "system_fingerprint": self.spec.system_fingerprint_with(last.backbone_dtype),
             "choices": [{"index": 0, "message": {"role": "assistant", "content": text, "refusal": None},
                          "logprobs": None, "finish_reason": last.finish}],
             "usage": _usage(last),

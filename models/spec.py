@@ -45,6 +45,11 @@ def read_family(path: str | Path) -> Family:
     return family_for(_raw_config(Path(path)))
 
 
+@functools.lru_cache(maxsize=64)
+def _with_backbone(base: str, backbone_dtype: str) -> str:
+    return "fp_" + hashlib.sha256(f"{base}|backbone={backbone_dtype}".encode()).hexdigest()[:12]
+
+
 def read_text_config(path: str | Path) -> dict:
     """The language model's config (the family's defaults filled in) from config.json alone: for the supervisor."""
     raw = _raw_config(Path(path))
@@ -108,9 +113,16 @@ class ModelSpec:
     def system_fingerprint(self) -> str:
         """OpenAI's ``system_fingerprint``: what the answers depend on besides the request, here the checkpoint's
         content and the encoders' precisions (``fp_`` and 12 hex digits). It changes when either does, so a client
-        comparing seeded answers can tell a changed deployment from nondeterminism."""
+        comparing seeded answers can tell a changed deployment from nondeterminism. An answer's also holds the
+        backbone's dtype: :meth:`system_fingerprint_with`."""
         ids = ",".join(self.encoder_id(mod) for mod in self.family.modalities)
         return "fp_" + hashlib.sha256(f"{self.fingerprint}|{ids}".encode()).hexdigest()[:12]
+
+    def system_fingerprint_with(self, backbone_dtype: str) -> str:
+        """The fingerprint of an answer a backbone computing in ``backbone_dtype`` gave ("": one that predates
+        saying it, the fingerprint without it): float32 and bfloat16 backbones gave one fingerprint and different
+        seeded answers (an outside tester's)."""
+        return _with_backbone(self.system_fingerprint, backbone_dtype) if backbone_dtype else self.system_fingerprint
 
     def encoder_dtype(self, modality: str) -> tuple[str, str]:
         """(compute, wire) dtype of the ``modality`` encoder."""

@@ -160,6 +160,9 @@ class TokenEvent(Message, kw_only=True):
     # Prompt tokens this attempt took from the backbone's prefix cache instead of computing them (usage's
     # prompt_tokens_details.cached_tokens; 0 from backbones that predate it).
     cached_tokens: int = 0
+    # The backbone's compute dtype ("bfloat16", "float32", ...): answers depend on it, so it is part of the answer's
+    # system_fingerprint ("" from backbones that predate it, ignored by gateways that do).
+    dtype: str = ""
 
 
 ReplyMessage = Union[EncodeDone, EncodeFailed, TokenEvent]

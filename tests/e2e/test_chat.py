@@ -58,8 +58,10 @@ def test_non_streamed_trimodal(client, cluster, tiny_spec):
     assert r.usage.total_tokens == r.usage.prompt_tokens + 8
     assert r.usage.prompt_tokens_details.audio_tokens == TINY_AUDIO_TOKENS_1S  # the audio encoder's share
     assert r.usage.completion_tokens_details.reasoning_tokens == 0
-    # The deployment's fingerprint: the checkpoint's and the encoders' (fp32 here); the same on every answer.
-    assert r.system_fingerprint == tiny_spec.system_fingerprint and r.system_fingerprint.startswith("fp_")
+    # The deployment's fingerprint: the checkpoint's, the encoders' and the backbone's precisions (fp32 here); the
+    # same on every answer, and another for a bf16 backbone or bf16 encoders.
+    assert r.system_fingerprint == tiny_spec.system_fingerprint_with("float32") and r.system_fingerprint[:3] == "fp_"
+    assert tiny_spec.system_fingerprint_with("bfloat16") != r.system_fingerprint != tiny_spec.system_fingerprint
     assert tiny_spec.with_encoder_dtypes("bfloat16").system_fingerprint != tiny_spec.system_fingerprint
 
 

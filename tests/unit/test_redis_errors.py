@@ -96,7 +96,7 @@ class FailingTiers:
 def service(tokenizer, tiers) -> ChatService:
     svc = ChatService.__new__(ChatService)
     svc.builder = SimpleNamespace(tokenizer=tokenizer)
-    svc.spec = SimpleNamespace(name="tiny", system_fingerprint="fp_0")
+    svc.spec = SimpleNamespace(name="tiny", system_fingerprint_with=lambda dtype: "fp_0")
     svc.metrics, svc.tiers, svc._tasks = GatewayMetrics(), tiers, set()
     svc.limiter = RateLimiter(None, Keys("t"))
     return svc
