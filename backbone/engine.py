@@ -477,9 +477,12 @@ class Engine:
         segments = [Segment(seq.blocks, seq.computed, n) for seq, n in rows]
         sampled = [seq.computed + n == seq.length for seq, n in rows]
         hidden, failed = None, {}
-        if all(seq.computed >= seq.prompt_len for seq, _ in rows):  # decodes of generated tokens: a CUDA graph
-            # Without a pipeline this shard samples too: the head's graph then gives the tokens (every row of a
-            # decode step is sampled).
+        # Decodes of generated tokens: a CUDA graph. Without a pipeline this shard samples too, and the head's graph
+        # samples every row: so only when each row is sampled. A preempted sequence recomputing its generated tokens
+        # a position a step (the budget's last one after the decodes) is a length-1 row that must not be: it got a
+        # token mid-recompute, and its text diverged from there (an outside auditor's). The pipeline's last shard
+        # checks the same per step (``StageWorker._step``).
+        if all(seq.computed >= seq.prompt_len for seq, _ in rows) and (self.pipeline is not None or all(sampled)):
             params = None if self.pipeline is not None else [
                 (s.temperature, s.top_p, s.seed, s.draws) for s in (seq.sampler for seq, _ in rows)]
             hidden = self.model.decode(segments, ids=[seq.output[seq.computed - seq.prompt_len] for seq, _ in rows],

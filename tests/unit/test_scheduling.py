@@ -484,3 +484,30 @@ def test_the_preemption_bench_compares_the_two_policies(model, tiny_spec, tok):
     parked, eager = runs[True], runs[False]
     assert parked["outputs"] == eager["outputs"]
     assert eager["preemptions"] > parked["preemptions"] and eager["prompt_ratio"] > parked["prompt_ratio"]
+
+
+def test_a_recomputing_row_never_takes_the_decode_graph_that_samples_every_row(model, tiny_spec, monkeypatch):
+    """The head's decode graph samples every row. A preempted sequence recomputing its generated tokens a position
+    a step (the budget's last one after the decodes) is a length-1 row that must not be sampled: taking the graph,
+    it got a token mid-recompute and its text diverged (an outside auditor's, under an uncaptured graph). The graph
+    is for steps whose every row is sampled; the graph is spied on here (a CPU has none), the step going eager."""
+    engine = engine_with(model, tiny_spec, 64, budget=2)
+    d, r = engine.new_sequence("d", 3, params(30)), engine.new_sequence("r", 3, params(12))
+    engine.start(d, [1, 40, 41], [])
+    engine.start(r, [1, 50, 51], [])
+    while len(r.output) < 6:
+        engine.step([d, r])
+    engine._preempt(r)  # as a decode that found the pool empty would
+    asked = []
+
+    def decode(segments, ids=None, hidden=None, params=None):
+        rows = [(g.start, g.length) for g in segments]
+        asked.append(params is not None and any(start + 1 < r.length and start == r.computed for start, _ in rows))
+        return None  # no graph fits: the eager path runs
+
+    monkeypatch.setattr(engine.model, "decode", decode)
+    recomputing = 0
+    while r.finish is None:
+        recomputing += r.computed + 1 < r.length and r.computed >= r.prompt_len
+        engine.step([d, r])
+    assert recomputing and asked and not any(asked), asked  # it recomputed, and never through the sampling graph
