@@ -64,6 +64,12 @@ class TorchAttention:
         q_index = torch.where(valid_q, offsets[:, None] + qi[None, :], t)  # T: the zero row padding reads
         kpos = torch.arange(ctx_max, device=device)
         ctx_slots = tables[:, kpos // block_size] * block_size + kpos % block_size  # [B, Lmax]
+        # Past a sequence's own end (up to the step's longest context) its row would read the padding columns of
+        # its table (block 0: another sequence's) and the stale slots of its last block (a former owner's). They are
+        # masked, but a masked V still multiplies: 0 x NaN is NaN, so one request's non-finite K/V (a float16
+        # overflow) failed the others in its step, and later ones reusing its blocks (an outside auditor's). They
+        # read the sequence's own first slot instead, written by itself.
+        ctx_slots = torch.where(kpos[None, :] < (starts + lengths)[:, None], ctx_slots, ctx_slots[:, :1])
         qpos = starts[:, None] + qi[None, :]  # [B, Qmax]
         # A padding row (beyond its chunk) still sees position 0, so no row is all -inf (SDPA would give NaN).
         mask = (kpos[None, None, :] <= qpos[:, :, None]) & (kpos[None, None, :] < (starts + lengths)[:, None, None])
@@ -178,7 +184,9 @@ def _kernel():
             alpha = tl.exp(m_i - m_safe)
             p = tl.exp(s - m_safe[:, None])
             l_i = l_i * alpha + tl.sum(p, 1)
-            v = tl.load(v_ptr + kv_off, mask=d_ok[None, :], other=0.0)
+            # Slots past the sequence's end (its last block's stale ones, a former owner's) read as 0: their weight
+            # is 0, but 0 x NaN is NaN (one request's non-finite K/V failed the later owners of its blocks).
+            v = tl.load(v_ptr + kv_off, mask=(kpos < end)[:, None] & d_ok[None, :], other=0.0)
             acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
             m_i = m_new
         acc = acc / tl.where(l_i == 0.0, 1.0, l_i)[:, None]

@@ -81,6 +81,28 @@ def test_the_pool_hands_out_each_block_once():
     assert pool.free == 3 and a == []
 
 
+def poisoned(seed: int, dtype=torch.float32):
+    """``case``, with NaN in every slot of the pool no sequence of the step has written: a former owner's stale
+    K/V (a float16 overflow), block 0 (the padding columns' block) included."""
+    q, k, v, segments = case(seed, dtype)
+    written = torch.zeros(BLOCKS * BS, dtype=torch.bool)
+    for seg in segments:
+        for p in range(seg.start + seg.length):
+            written[seg.blocks[p // BS] * BS + p % BS] = True
+    k[~written], v[~written] = float("nan"), float("nan")
+    return q, k, v, segments
+
+
+@pytest.mark.parametrize("backend", [TorchAttention(), LoopAttention()], ids=["padded", "loop"])
+def test_no_slot_past_a_sequences_end_reaches_its_output(backend):
+    """A masked slot's weight is 0, but 0 x NaN is NaN: one request's non-finite K/V failed every other request of
+    its step (read through the padding columns) and later owners of its blocks (an outside auditor's)."""
+    q, k, v, segments = poisoned(0)
+    got = backend(q, k, v, backend.prepare(segments, BS, torch.device("cpu")), D ** -0.5)
+    assert bool(torch.isfinite(got).all())
+    torch.testing.assert_close(got, dense(q, k, v, segments, D ** -0.5), atol=1e-5, rtol=1e-5)
+
+
 INTERPRETER_PATCH = textwrap.dedent("""
     import sys
     import torch
@@ -110,6 +132,11 @@ INTERPRETED = INTERPRETER_PATCH + textwrap.dedent("""
         err = float((got.float() - ref.float()).abs().max())
         print(dtype, err)
         assert err <= tol, (seed, dtype, err)
+    from tests.unit.test_attention import dense, poisoned
+    q, k, v, segments = poisoned(3)  # stale NaN past each sequence's end: never in its output
+    got = TritonAttention()(q, k, v, TritonAttention().prepare(segments, BS, torch.device("cpu")), D ** -0.5)
+    assert bool(torch.isfinite(got).all()), "stale NaN reached the kernel's output"
+    assert float((got - dense(q, k, v, segments, D ** -0.5)).abs().max()) <= 1e-5
     from backbone.attention import self_check
     assert self_check(TritonAttention(), torch.device("cpu"), torch.float32) <= 1e-4  # the start-up check passes
     assert self_check(TritonAttention(False), torch.device("cpu"), torch.float32) <= 1e-4

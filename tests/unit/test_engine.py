@@ -254,6 +254,45 @@ def test_non_finite_logits_fail_their_sequence_alone(engine, tok):
     assert good.finish == FinishReason.LENGTH and good.output == alone
 
 
+def test_a_non_finite_request_never_reaches_the_others_of_its_step_nor_the_later_owners_of_its_blocks(tiny_spec):
+    """Its K/V stayed NaN in its blocks: a shorter request in its step read them through its table's padding
+    columns (block 0), and a later one through the stale slots of a reused block, each masked but 0 x NaN = NaN;
+    both failed "non-finite" (an outside auditor's)."""
+    def fresh():
+        model = load_shard(tiny_spec.path, tiny_spec.config["text_config"])[0]
+        model.allocate_pool(64)
+        return Engine(model, tiny_spec.placeholder_ids, eos_ids=[], max_context=tiny_spec.max_context,
+                      max_batched_tokens=16)
+
+    def alone(ids):
+        e = fresh()
+        return run(e, ids, greedy(8)).output
+
+    image = tiny_spec.placeholder_ids["image"]
+    short, long = [138, 40, 231, 77, 294], [(17 * i) % 400 + 10 for i in range(40)]
+    nan_ids = [5] * 6 + [image] * 4 + [6] * 30
+    nan_rows = [("image", torch.full((4, tiny_spec.config["text_config"]["hidden_size"]), float("nan")))]
+    e = fresh()
+    bad = e.new_sequence("bad", len(nan_ids), greedy(8))
+    e.start(bad, nan_ids, nan_rows, keys=["k"])
+    e.step([bad])  # its first chunk: it holds block 0
+    b = e.new_sequence("b", len(short), greedy(8))
+    e.start(b, short, [])
+    while bad.finish is None or b.finish is None:
+        e.step([s for s in (bad, b) if s.finish is None])
+    assert bad.finish == FinishReason.ERROR and "non-finite" in bad.error
+    assert b.finish == FinishReason.LENGTH and b.output == alone(short), b.error
+    e.release(bad)
+    later_long = e.new_sequence("c", len(long), greedy(8))
+    e.start(later_long, long, [])
+    e.step([later_long])  # takes the failed request's blocks back
+    later = e.new_sequence("d", len(short), greedy(8))
+    e.start(later, short, [])
+    while later.finish is None or later_long.finish is None:
+        e.step([s for s in (later, later_long) if s.finish is None])
+    assert later.output == alone(short) and later_long.output == alone(long), (later.error, later_long.error)
+
+
 @pytest.mark.parametrize("params,match", [
     (SamplingParams(max_tokens=0), "max_tokens"),
     (SamplingParams(max_tokens=4, temperature=float("nan")), "temperature"),
