@@ -219,6 +219,9 @@ class Engine:
             raise PlanError(f"resumed must be in [0, prompt length {prompt_len}), got {resumed}")
         stop = set(params.stop_token_ids) | (set() if params.ignore_eos else set(self.eos_ids))
         room = self.max_context - prompt_len
+        if room < 1:  # computed past the model's positions, it answered one token (an outside auditor's)
+            raise PlanError(f"the prompt's {prompt_len} tokens leave no room in the model's context of "
+                            f"{self.max_context} tokens")
         if params.default_budget and self.pool.num_blocks * self.pool.block_size - prompt_len > 0:
             room = min(room, self.pool.num_blocks * self.pool.block_size - prompt_len)  # a pool short of the context
         # Fix the seed here (as int64, the form the pipeline carries), so whichever shard samples uses the same one.

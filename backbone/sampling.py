@@ -66,7 +66,9 @@ def _mix(x: torch.Tensor) -> torch.Tensor:
 
 def exponential_noise(seeds: torch.Tensor, draws: torch.Tensor, vocab: int) -> torch.Tensor:
     """[B, V] float32 Exp(1) variates, a pure function of (seed, draw, vocabulary index) per element."""
-    row = _mix(seeds + (draws + 1) * _GOLDEN)  # [B]
+    # The seed hashed before its draw counter is added: seed + (draw + 1) * GOLDEN alone made seed s + GOLDEN's
+    # stream seed s's shifted by one draw (an outside auditor's), two requests' tokens alike a token apart.
+    row = _mix(_mix(seeds) + (draws + 1) * _GOLDEN)  # [B]
     idx = torch.arange(1, vocab + 1, device=seeds.device, dtype=torch.int64)  # [V]
     bits = _mix(row[:, None] + idx[None, :] * _VOCAB_STRIDE)  # [B, V]
     uniform = (_shr(bits, 40).to(torch.float32) + 0.5) * (1.0 / (1 << 24))  # (0, 1), 24 random bits
@@ -135,9 +137,13 @@ def _race_kernel():
         row = tl.program_id(0)
         t = tl.load(temp_ptr + row)
         div = tl.where(t >= GREEDY, t, 1.0)
-        # splitmix64's finalizer twice (as _mix; a logical shift is an arithmetic one masked, as _shr), written out:
-        # the interpreter the CPU tests run cannot call a nested jit function.
-        key = tl.load(seeds_ptr + row) + (tl.load(draws_ptr + row) + 1) * GOLDEN
+        # splitmix64's finalizer three times (as _mix; a logical shift is an arithmetic one masked, as _shr), written
+        # out: the interpreter the CPU tests run cannot call a nested jit function.
+        seed = tl.load(seeds_ptr + row)  # hashed first (exponential_noise says why)
+        seed = (seed ^ ((seed >> 30) & ((1 << 34) - 1))) * M1
+        seed = (seed ^ ((seed >> 27) & ((1 << 37) - 1))) * M2
+        seed = seed ^ ((seed >> 31) & ((1 << 33) - 1))
+        key = seed + (tl.load(draws_ptr + row) + 1) * GOLDEN
         key = (key ^ ((key >> 30) & ((1 << 34) - 1))) * M1
         key = (key ^ ((key >> 27) & ((1 << 37) - 1))) * M2
         key = key ^ ((key >> 31) & ((1 << 33) - 1))

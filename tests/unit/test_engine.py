@@ -306,6 +306,15 @@ def test_sampling_parameters_out_of_range_are_a_plan_error(engine, params, match
         engine.new_sequence("r", 3, params)
 
 
+def test_a_prompt_that_fills_the_context_is_a_plan_error(engine, tiny_spec):
+    """The gateway checks the length; a plan may come from anywhere: a longer prompt was computed past the model's
+    positions and answered one token (an outside auditor's)."""
+    for n in (tiny_spec.max_context, tiny_spec.max_context + 300):
+        with pytest.raises(PlanError, match="no room in the model's context"):
+            engine.new_sequence("long", n, greedy(4))
+    assert engine.new_sequence("fits", tiny_spec.max_context - 1, greedy(4)).max_tokens == 1
+
+
 @pytest.mark.parametrize("ids", [[], [1, -1, 2], [1, 10**6]])
 def test_token_ids_outside_the_vocabulary_are_a_plan_error(engine, ids):
     seq = engine.new_sequence("r", max(len(ids), 1), greedy(2))

@@ -186,6 +186,18 @@ def test_a_sampler_resumed_at_draw_k_draws_what_the_original_drew_from_k(offset,
         assert [restarted(row) for row in logits[offset:]] != full[offset:]
 
 
+def test_no_two_seeds_draw_one_stream_shifted():
+    """seed + (draw + 1) * GOLDEN made seed s + GOLDEN draw at k what seed s draws at k + 1 (an outside auditor's)."""
+    from backbone.sampling import _GOLDEN, exponential_noise
+
+    s = 12345
+    shifted = torch.tensor([s + _GOLDEN]), torch.tensor([s])
+    for k in range(4):
+        a = exponential_noise(shifted[0], torch.tensor([k]), 64)
+        b = exponential_noise(shifted[1], torch.tensor([k + 1]), 64)
+        assert not torch.equal(a, b), k
+
+
 def test_noise_is_a_pure_function_of_seed_draw_and_index_and_looks_exponential():
     from backbone.sampling import exponential_noise
 

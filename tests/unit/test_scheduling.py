@@ -69,7 +69,9 @@ def reference(model, tiny_spec, ids, p, media=()):
     engine = engine_with(model, tiny_spec, 256)
     margins = []
     for k in range(len(out)):
-        seq = engine.new_sequence("m", len(ids) + k, params(1, seed=p.seed, temperature=p.temperature))
+        # The generated tokens as a migrated request's (resumed): text, whatever their ids (one may be a
+        # placeholder's).
+        seq = engine.new_sequence("m", len(ids) + k, params(1, seed=p.seed, temperature=p.temperature), resumed=k)
         logits = engine.model.logits(engine.prompt_hidden(seq, ids + out[:k], list(media))[-1:])[0]
         engine.release(seq)
         if p.temperature == 0:
