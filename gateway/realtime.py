@@ -787,11 +787,22 @@ class RealtimeSession:
 
     async def audio_append(self, event: dict) -> None:
         """Chunks may split a sample (a client cutting its byte stream anywhere): an odd byte waits for the next
-        chunk's first (``audio_carry``)."""
+        chunk's first (``audio_carry``). A model without an audio encoder takes none: the buffer (and server VAD,
+        which commits it) is refused at once, as an input_audio item is. Accepted, its committed item broke every
+        later response of the session (an outside tester's, on LLaVA)."""
+        self._modality("audio", "audio")
         data = event.get("audio")  # megabytes of it decoded on a thread (binascii holds the GIL for a whole call)
         large = isinstance(data, str) and len(data) > LARGE_EVENT
         pcm = self.audio_carry + (await asyncio.to_thread(_b64, data, "audio") if large else _b64(data, "audio"))
         whole = len(pcm) - len(pcm) % 2
+        if len(self.audio) + whole > self.max_audio_bytes and self.vad is not None:
+            # A turn as long as the server takes ends there: refused, the appends that followed (its silence
+            # included) never reached the detector, and the session stalled until the client committed or cleared
+            # by hand (an outside tester's 305 s of noise).
+            await self._detect()
+            if self.speaking is not None and self.vad_at:
+                log.info("realtime turn cut at the audio length limit", extra={"session_id": self.session_id})
+                await self._end_turn()
         if len(self.audio) + whole > self.max_audio_bytes:
             raise EventError("the input audio buffer is full (the server's audio length limit); commit or clear it",
                              code="input_audio_buffer_full", param="audio")
@@ -861,27 +872,33 @@ class RealtimeSession:
             self.silence = 0 if loud else self.silence + FRAME
             if self.silence * 1000 < vad.silence_duration_ms * PCM_RATE:
                 continue
-            # The end of the audio the turn commits, its trailing silence included (as OpenAI counts audio_end_ms).
-            item_id, end = self.speaking, self.audio_pos0 + self.vad_at // 2
-            await self.send("input_audio_buffer.speech_stopped", audio_end_ms=ms(end), item_id=item_id)
-            rest = bytes(self.audio[self.vad_at :])
-            del self.audio[self.vad_at :]
-            try:
-                await self._commit(item_id)
-            except EventError:  # no room for the turn: it is dropped (the error says why), listening goes on
-                self._reset_vad()
-                self.audio.clear()
-                raise
-            finally:
-                self.audio += rest
-            if vad.create_response and self.active is None:
-                await self.response_create({"type": "response.create", "response": {}})
-            elif vad.create_response:  # the response it interrupted is still ending: answered once it has
-                self.turn_waiting = True
+            await self._end_turn()
+
+    async def _end_turn(self) -> None:
+        """Server VAD: the turn being spoken ends at the audio the detector has judged (its trailing silence
+        included, as OpenAI counts audio_end_ms): committed, and answered if the session says so."""
+        vad = self.vad
+        item_id, end = self.speaking, self.audio_pos0 + self.vad_at // 2
+        await self.send("input_audio_buffer.speech_stopped", audio_end_ms=ms(end), item_id=item_id)
+        rest = bytes(self.audio[self.vad_at :])
+        del self.audio[self.vad_at :]
+        try:
+            await self._commit(item_id)
+        except EventError:  # no room for the turn: it is dropped (the error says why), listening goes on
+            self._reset_vad()
+            self.audio.clear()
+            raise
+        finally:
+            self.audio += rest
+        if vad.create_response and self.active is None:
+            await self.response_create({"type": "response.create", "response": {}})
+        elif vad.create_response:  # the response it interrupted is still ending: answered once it has
+            self.turn_waiting = True
 
     async def _commit(self, item_id: str | None = None) -> None:
         """The buffer becomes a user item (and the buffer starts again after it); its streamed features are
         completed and kept for the first response that has to encode it."""
+        self._modality("audio", "audio")
         if not self.audio:
             raise EventError("the input audio buffer is empty", code="input_audio_buffer_commit_empty")
         pcm = bytes(self.audio)

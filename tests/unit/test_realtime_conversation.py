@@ -26,7 +26,8 @@ class Socket:
 
 def session(max_bytes: int) -> RealtimeSession:
     chat = SimpleNamespace(cfg=GatewayConfig(model_dir="m", redis_url="redis://x", max_body_bytes=max_bytes),
-                           spec=SimpleNamespace(modalities=["text"]), namespace=lambda tenant: "")
+                           spec=SimpleNamespace(modalities=["image", "audio"], preprocess={}),
+                           namespace=lambda tenant: "")
     return RealtimeSession(Socket(), chat, "m", 300.0)
 
 
@@ -214,3 +215,45 @@ def test_no_delta_is_sent_once_the_response_is_cancelled():
     deltas = [e["delta"] for e in s.ws.sent if e["type"] == "response.output_text.delta"]
     done = [e for e in s.ws.sent if e["type"] == "response.done"][0]["response"]
     assert deltas == ["t0 ", "t1 ", "t2 "] and done["status"] == "cancelled", (deltas, done["status"])
+
+
+def test_a_model_without_an_audio_encoder_refuses_the_audio_buffer():
+    """Appended and committed (or committed by server VAD), its item broke every later response of the session with
+    a KeyError (an outside tester's, on LLaVA); refused at once, as an input_audio item is."""
+    s = session(10**6)
+    s.chat.spec.modalities = ["image"]
+
+    async def go():
+        for handler, event in ((s.audio_append, {"audio": "AAAA"}), (s._commit, None)):
+            with pytest.raises(EventError) as refused:
+                await (handler(event) if event is not None else handler())
+            assert refused.value.code == "unsupported_modality", refused.value.message
+
+    asyncio.run(go())
+    assert not s.audio and not s.items
+
+
+def test_server_vad_ends_a_turn_at_the_audio_limit_and_goes_on_listening():
+    """A turn as long as the server takes was refused input_audio_buffer_full at every append, its silence included,
+    so the detector never heard the turn end and the session stalled (an outside tester's 305 s of noise). The turn
+    is cut there and committed; the audio after it is a turn of its own."""
+    import base64
+
+    import numpy as np
+
+    s = session(10**8)
+    s.vad = realtime.ServerVad(create_response=False)
+    s.max_audio_bytes = 2 * realtime.PCM_RATE  # one second
+    chunk = realtime.PCM_RATE // 10  # 100 ms
+    loud = (np.random.default_rng(0).standard_normal(chunk) * 8000).astype("<i2").tobytes()
+    quiet = np.zeros(chunk, dtype="<i2").tobytes()
+
+    async def go():
+        for pcm in [loud] * 15 + [quiet] * 8:  # 1.5 s of speech, then 0.8 s of silence
+            await s.audio_append({"audio": base64.b64encode(pcm).decode()})
+
+    asyncio.run(go())
+    kinds = [e["type"] for e in s.ws.sent]
+    assert "error" not in kinds, [e for e in s.ws.sent if e["type"] == "error"]
+    assert kinds.count("input_audio_buffer.committed") == 2 and len(s.items) == 2, kinds
+    assert s.speaking is None  # listening again
