@@ -190,14 +190,15 @@ class MediaEncoder:
     def _count_of(self, key: str, n, request_id: str) -> int | None:
         """A cache entry's row count; None when it is missing, or damaged (not a hash, or a count no encoding has):
         a damaged entry is a miss, encoded again, where it failed every request sending that media (a 500, a 503
-        "Redis unavailable") and each lookup kept it alive (an outside tester's)."""
+        "Redis unavailable") and each lookup kept it alive (an outside tester's). 0 is a count: an audio clip too
+        short for one token (20 ms for Qwen2-Audio, as its own processor counts) was encoded again at every send."""
         if n is None:
             return None
         try:
             count = int(n) if not isinstance(n, Exception) else None
         except ValueError:
             count = None
-        if count is None or not 0 < count <= self.spec.max_context:
+        if count is None or not 0 <= count <= self.spec.max_context:
             log.warning("a tensor cache entry was damaged; encoding again", extra={
                 "request_id": request_id, "key": key, "count": n if isinstance(n, bytes) else type(n).__name__})
             return None

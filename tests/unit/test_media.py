@@ -168,3 +168,17 @@ def test_base64_decoded_a_megabyte_at_a_time_is_what_one_call_gives():
             base64.b64decode(bad, validate=True)
         with pytest.raises((binascii.Error, ValueError)):
             b64decode_chunked(bad)
+
+
+def test_a_cached_count_of_zero_rows_is_a_count_not_damage():
+    """An audio clip too short for one token (20 ms for Qwen2-Audio, as its processor counts) is encoded into 0
+    rows: its entry was taken for damaged and encoded again at every send (an outside tester's)."""
+    from types import SimpleNamespace
+
+    from gateway.encoding import MediaEncoder
+
+    enc = MediaEncoder.__new__(MediaEncoder)
+    enc.spec = SimpleNamespace(max_context=100)
+    assert enc._count_of("k", b"0", "r") == 0 and enc._count_of("k", b"100", "r") == 100
+    assert enc._count_of("k", b"-1", "r") is None and enc._count_of("k", b"101", "r") is None
+    assert enc._count_of("k", b"abc", "r") is None and enc._count_of("k", None, "r") is None
