@@ -103,7 +103,7 @@ def create_app(cfg: GatewayConfig):
         app.state.redis, app.state.tiers, app.state.monitor = redis, tiers, monitor
         tiers.view = monitor.view
         media = MediaEncoder(redis, cfg, spec, replies, reply_stream, tiers.liveness_unknown, metrics,
-                             tiers.known_live)
+                             tiers.known_live, tiers.gone)
         builder = PromptBuilder(spec, tokenizer, cfg.max_media_bytes, cfg.limit_mm_per_prompt, cfg.max_audio_seconds)
         limiter = RateLimiter(redis, keys, cfg.rate_limit_rpm, cfg.rate_limit_tpm)
         app.state.chat = ChatService(cfg, builder, media, tiers, replies, monitor, limiter, metrics)

@@ -22,6 +22,10 @@ class GatewayConfig:
     encode_timeout_s: float = 60.0  # bound on waiting for all media of a request
     lease_ttl_s: int = 30  # single-flight lease on one encode; a waiter retakes it after this if nothing came
     first_token_timeout_s: float = 120.0  # bound on queueing + prefill
+    # A queued request whose tier has had no live worker for this long gets a 503 no_live_worker: its worker died
+    # after it was admitted (new requests are refused at once), and it waited for its whole encode or first-token
+    # timeout (an outside tester's 120 s). Long enough for a restart to take over its queued work.
+    no_worker_timeout_s: float = 30.0
     token_timeout_s: float = 30.0  # bound on the gap between two token events (CLI: >= 10, see HELD_EVENT_S)
     cancel_ttl_s: int = 600
     default_max_tokens: int = 256  # when the client sends none (clamped to the context left)
@@ -79,7 +83,8 @@ class GatewayConfig:
             raise ValueError(f"migration_limit must be >= 0, got {self.migration_limit}")
         if self.lease_s < 3:
             raise ValueError(f"lease_s must be >= 3 (it is refreshed every second), got {self.lease_s}")
-        for name in ("encode_timeout_s", "first_token_timeout_s", "token_timeout_s", "max_audio_seconds",
+        for name in ("encode_timeout_s", "first_token_timeout_s", "token_timeout_s", "no_worker_timeout_s",
+                     "max_audio_seconds",
                      "body_timeout_s", "header_timeout_s", "send_timeout_s"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name} must be > 0, got {getattr(self, name)}")

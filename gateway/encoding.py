@@ -63,9 +63,10 @@ CHECK_TIMEOUT_S = 2.0
 
 class MediaEncoder:
     def __init__(self, redis, cfg: GatewayConfig, spec: ModelSpec, replies: ReplyRouter, reply_stream: str,
-                 liveness_unknown=lambda: False, metrics=None, known_live=lambda tier: None):
+                 liveness_unknown=lambda: False, metrics=None, known_live=lambda tier: None, gone=lambda tier: False):
         self.r, self.cfg, self.spec, self.replies = redis, cfg, spec, replies
         self.metrics = metrics  # gateway/metrics.GatewayMetrics: cache hits and misses per modality (None: not kept)
+        self.gone = gone  # tier -> whether it has had no live worker for --no-worker-timeout (TierClient.gone)
         self.keys = Keys(cfg.prefix)
         self.reply_stream = reply_stream
         self.liveness_unknown = liveness_unknown  # TierClient.liveness_unknown: just after a Redis restart
@@ -219,6 +220,15 @@ class MediaEncoder:
                 try:
                     msg = await asyncio.wait_for(queue.get(), timeout=min(left, CHECK_EVERY_S))
                 except asyncio.TimeoutError:
+                    # Its encoder tier gone for --no-worker-timeout: a 503, not the whole encode timeout's wait (an
+                    # outside tester's audio request waited 60 s after its only encoder died).
+                    for mod in {p.modality for p in w.pending.values()}:
+                        if self.gone(f"encoder:{mod}"):
+                            log.warning("gave up waiting: no encoder is live", extra={
+                                "request_id": request_id, "modality": mod,
+                                "no_worker_timeout_s": self.cfg.no_worker_timeout_s})
+                            raise Unavailable(f"no live {mod} encoder worker for {self.cfg.no_worker_timeout_s:g} s",
+                                              code="no_live_worker", retry_after=2)
                     if time.monotonic() - heard >= self.cfg.lease_ttl_s:  # the lease holder may have died
                         await self._claim(w, list(w.pending))
                         heard = time.monotonic()

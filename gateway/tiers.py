@@ -50,6 +50,7 @@ return 0
 # the client's socket timeout (10 s) and redis-py's retries: a Redis Cluster node that does not answer costs 10-20 s a
 # call, and several calls in a row made one request wait 85 s for its 503 (an outside tester's chaos run).
 ROUND_TRIP_S = 10.0
+GONE_LOOK_S = 1.0  # a request no worker has looks this often whether its tier has one at all (TierClient.gone)
 MEDIA_RETRIES = 2  # how often one request's media may be encoded again when its cached tensors are gone
 # A cancellation Redis failed to take is posted again (backoff up to 5 s) for this long: a request answered 503 while
 # Redis was paused had its queued plan run to its end for nobody once Redis came back (an outside tester's).
@@ -65,8 +66,8 @@ class WorkerLost:
     worker: str
 
 
-def _no_backbone() -> Unavailable:
-    return Unavailable("no live backbone worker", code="no_live_worker", retry_after=2)
+def _no_backbone(since: str = "") -> Unavailable:
+    return Unavailable(f"no live backbone worker{since}", code="no_live_worker", retry_after=2)
 
 
 class ClientGone(Exception):
@@ -174,9 +175,18 @@ class TierClient:
                                        completion_tokens=plan.resumed + len(gen.tokens), finish=m.FinishReason.LENGTH)
                     return
                 limit, what, code = self._bound(gen)
+                left = gen.heard + limit - time.monotonic()
+                look = not gen.worker and left > GONE_LOOK_S  # no worker has it: is there one to take it?
                 try:
-                    msg = await self._next(queue, gen.heard + limit - time.monotonic(), what, code)
+                    msg = await self._next(queue, GONE_LOOK_S if look else left, what, code)
                 except Timeout:
+                    if look:
+                        if self.gone("backbone"):
+                            log.warning("gave up waiting: no backbone is live", extra={
+                                "request_id": plan.request_id, "attempt": gen.attempt,
+                                "no_worker_timeout_s": self.cfg.no_worker_timeout_s})
+                            raise _no_backbone(f" for {self.cfg.no_worker_timeout_s:g} s") from None
+                        continue
                     # A worker that went silent mid-answer but still beats (a hung pipeline shard, a stuck device
                     # call: its loop's stall timeout is longer than this) is stuck for this request: it moves to
                     # another live replica, as from a dead one, instead of failing. Alone, or with no migration
@@ -250,6 +260,13 @@ class TierClient:
         encoder stalled, the 503 came only once the encode ended: a regression tester's)."""
         if self.known_live("backbone") == 0 and self._none_since(started):
             raise _no_backbone()
+
+    def gone(self, tier: str) -> bool:
+        """Whether ``tier`` has had no live worker for ``no_worker_timeout_s`` (Redis steady): a request queued
+        there gives up (503 ``no_live_worker``) rather than wait out its own timeout for a worker that is not
+        coming."""
+        return (not self.liveness_unknown() and self.view is not None and self.known_live(tier) == 0
+                and not self.view.live_since(tier, time.monotonic() - self.cfg.no_worker_timeout_s))
 
     def _none_since(self, started: float | None) -> bool:
         """Whether an empty backbone live set proves it: Redis steady (``liveness_unknown``) and no read since the

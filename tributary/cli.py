@@ -222,6 +222,10 @@ def _admission(p: argparse.ArgumentParser) -> None:
     p.add_argument("--first-token-timeout", type=POSITIVE, default=_env("FIRST_TOKEN_TIMEOUT", "120"),
                    help=_env_help("seconds a request may wait for a backbone to start it and send a first event "
                                   "(queueing + prefill; then 504)", "FIRST_TOKEN_TIMEOUT"))
+    p.add_argument("--no-worker-timeout", type=POSITIVE, default=_env("NO_WORKER_TIMEOUT", "30"),
+                   help=_env_help("seconds a request already queued waits while the tier it waits on has no live "
+                                  "worker (a restart taking over its work) before a 503 no_live_worker; new "
+                                  "requests are refused at once", "NO_WORKER_TIMEOUT"))
     p.add_argument("--token-timeout", type=TOKEN_GAP, default=_env("TOKEN_TIMEOUT", "30"),
                    help=_env_help("seconds between two events of a request's backbone (tokens; one that holds a "
                                   "request without tokens says so every 5 s) before it is given up on or moved to "
@@ -903,7 +907,7 @@ def _main(args) -> int:
                                 max_connections=args.max_connections,
                                 max_queue_wait_s=args.max_queue_wait,
                                 body_timeout_s=args.body_timeout, header_timeout_s=args.header_timeout,
-                                encode_timeout_s=args.encode_timeout,
+                                encode_timeout_s=args.encode_timeout, no_worker_timeout_s=args.no_worker_timeout,
                                 first_token_timeout_s=args.first_token_timeout, token_timeout_s=args.token_timeout,
                                 send_timeout_s=args.send_timeout, encoder_dtype=args.encoder_dtype,
                                 encoder_wire_dtype=args.encoder_wire_dtype, api_key_file=args.api_key_file,

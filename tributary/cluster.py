@@ -337,7 +337,7 @@ def run_cluster(args) -> int:
                  "--max-connections", str(args.max_connections),
                  "--body-timeout", str(args.body_timeout), "--header-timeout", str(args.header_timeout),
                  "--encode-timeout", str(args.encode_timeout), "--first-token-timeout", str(args.first_token_timeout),
-                 "--token-timeout", str(args.token_timeout),
+                 "--token-timeout", str(args.token_timeout), "--no-worker-timeout", str(args.no_worker_timeout),
                  "--send-timeout", str(args.send_timeout)]
     for flag in ("api_key_file", "shared_cache", "allowed_hosts", "allowed_origins", "allowed_media_domains",
                  "rate_limit_rpm", "rate_limit_tpm"):  # keys go by environment

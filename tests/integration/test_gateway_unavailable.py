@@ -103,3 +103,55 @@ def test_no_live_worker_is_a_fast_503(lone_gateway, tiny_model, content, what):
     counted = [line for line in httpx.get(f"{lone_gateway}/metrics").text.splitlines()
                if line.startswith('tributary_request_errors_total{code="no_live_worker",status="503"}')]
     assert counted and float(counted[0].split()[-1]) >= 1, counted
+
+
+def test_a_queued_request_whose_tier_has_no_worker_for_the_no_worker_timeout_gets_a_503(tiny_model, redis_server):
+    """Admitted while a backbone (and an image encoder) beat, then both gone: the request waited for its whole
+    first-token (120 s) or encode (60 s) timeout, while new requests were refused at once (an outside tester's). It
+    now gets a 503 no_live_worker once the tier has had no live worker for --no-worker-timeout."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from cache.keys import Keys
+    from router.liveness import Heartbeat
+    from tests.media import data_url, png_bytes
+
+    prefix = "gone"
+    port = free_port()
+    proc = subprocess.Popen([sys.executable, "-m", "tributary.cli", "gateway", "--model", str(tiny_model),
+                             "--redis-url", redis_server.url, "--port", str(port), "--prefix", prefix,
+                             "--no-worker-timeout", "2", "--first-token-timeout", "90", "--encode-timeout", "90"],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    base = f"http://127.0.0.1:{port}"
+    beats = [Heartbeat(redis_server.url, Keys(prefix), tier, f"fake-{tier}").start()
+             for tier in ("backbone", "encoder:image", "encoder:audio")]
+    image = {"type": "image_url", "image_url": {"url": data_url(png_bytes(9, 9), "image/png")}}
+
+    def post(content):
+        t0 = time.monotonic()
+        r = httpx.post(f"{base}/v1/chat/completions", timeout=80,
+                       json={"model": tiny_model.name, "messages": [{"role": "user", "content": content}]})
+        return r, time.monotonic() - t0
+
+    try:
+        deadline = time.monotonic() + 120
+        while True:  # up, and sees the (fake) workers
+            try:
+                if httpx.get(f"{base}/ready", timeout=1).status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            assert time.monotonic() < deadline, "the gateway did not become ready"
+            time.sleep(0.2)
+        with ThreadPoolExecutor(2) as pool:
+            sent = [pool.submit(post, "hello"), pool.submit(post, [{"type": "text", "text": "hi"}, image])]
+            time.sleep(1.5)  # both admitted and queued (nothing reads the queues)
+            for hb in beats:
+                hb.stop()  # deregistered: the tiers have no live worker from now on
+            for (r, waited), what in zip((f.result() for f in sent), ("backbone", "image encoder")):
+                assert r.status_code == 503 and r.json()["error"]["code"] == "no_live_worker", r.text
+                assert what in r.json()["error"]["message"] and 2 < waited < 25, (r.text, waited)
+    finally:
+        for hb in beats:
+            hb.stop()
+        proc.terminate()
+        proc.wait(timeout=30)
