@@ -25,7 +25,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 from gateway.config import DEFAULT_MM_LIMITS
-from gateway.errors import InvalidRequest
+from gateway.errors import Internal, InvalidRequest
 from gateway.media import MediaPart, audio_from_base64, content_digest, from_data_url, is_remote, unreadable
 from gateway.schemas import ChatCompletionRequest
 from models.media import (
@@ -154,6 +154,8 @@ class PromptBuilder:
                 parts.append({"type": modality, modality: f"tributary:{param}"})  # the value is never rendered
             messages.append({"role": role, "content": parts, **named})
         ids = self._render(messages, quoted)
+        if not ids:  # the checkpoint's template rendered nothing: the service's fault, not the client's
+            raise Internal("the model's chat template rendered an empty prompt", code="empty_prompt")
         self._check_placeholders(ids, media)
         return Prompt(ids, media, namespace)
 

@@ -116,7 +116,8 @@ def check_prompt_files(model_dir: Path) -> None:
         raise ModelError(f"{model_dir}: no tokenizer ({', '.join(TOKENIZER_FILES)}): copy the checkpoint's tokenizer "
                          "files beside its weights")
     config = read_json(model_dir / "tokenizer_config.json") or {}
-    if chat_template(model_dir) is None and not config.get("chat_template"):
+    template = chat_template(model_dir) or config.get("chat_template")  # a str, or a list of named ones
+    if not (template.strip() if isinstance(template, str) else template):  # an empty file too: every prompt empty
         raise ModelError(f"{model_dir}: no chat template (chat_template.jinja, chat_template.json, or chat_template "
                          "in tokenizer_config.json): a base model without one cannot serve chat completions; add the "
                          "template of the instruction-tuned model it comes from")

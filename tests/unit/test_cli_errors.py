@@ -89,7 +89,7 @@ def test_onnx_encoders_in_16_bits_are_refused_by_up_naming_its_own_flags(tiny_mo
     assert code == 2 and "--encoder-runtime onnx computes in float32" in err and "--encoder-wire-dtype" in err, err
 
 
-@pytest.mark.parametrize("missing,words", [(["chat_template.jinja"], "no chat template"),
+@pytest.mark.parametrize("missing,words", [(["chat_template.jinja"], "no chat template"), ([], "no chat template"),
                                            (["tokenizer.json"], "no tokenizer (tokenizer.json")])
 def test_a_checkpoint_that_cannot_build_prompts_is_refused_before_anything_starts(tiny_model, tmp_path, missing,
                                                                                  words):
@@ -99,6 +99,8 @@ def test_a_checkpoint_that_cannot_build_prompts_is_refused_before_anything_start
     shutil.copytree(tiny_model, model)
     for name in missing:
         (model / name).unlink()
+    if words == "no chat template" and missing == []:
+        (model / "chat_template.jinja").write_text("  \n")  # empty: every prompt rendered empty
     for argv in (["up", "--model", str(model), "--port", "1"],
                  ["gateway", "--model", str(model), "--redis-url", "redis://127.0.0.1:1", "--port", "1"]):
         code, err = run(*argv)

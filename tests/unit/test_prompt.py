@@ -55,6 +55,19 @@ def test_text_only_prompt_is_the_chat_template(builder, tokenizer):
     assert tokenizer.decode(prompt.token_ids) == expected
 
 
+def test_a_template_that_renders_nothing_is_the_servers_fault(tiny_spec):
+    """An empty prompt reached the backbone, whose refusal ("resumed must be in [0, prompt length 0)") was a 400
+    blaming the client (an outside tester's empty chat_template.jinja)."""
+    import copy
+
+    from gateway.errors import Internal
+
+    tok = copy.deepcopy(tiny_spec.load_tokenizer())  # shared by the other tests
+    tok.chat_template = "{# nothing #}"
+    with pytest.raises(Internal, match="empty prompt"):
+        PromptBuilder(tiny_spec, tok, max_media_bytes=1 << 20).build(request({"role": "user", "content": "hi"}))
+
+
 def test_media_parts_in_order_with_one_placeholder_each(builder, tiny_spec, tokenizer):
     png, wav, jpg = png_bytes(seed=1), wav_bytes(0.2), jpeg_bytes(seed=2)
     prompt = builder.build(request(
@@ -286,7 +299,7 @@ def test_text_too_long_for_any_tokenization_is_refused_before_tokenizing(builder
     builder.template_costs  # measured (rendering small conversations) before the template is counted below
     calls = []
     monkeypatch.setattr(builder.tokenizer.__class__, "apply_chat_template",
-                        lambda *a, **k: calls.append(1) or "")
+                        lambda *a, **k: calls.append(1) or "x")
     big = "word " * (builder.max_text_chars // 5 + 1)
     for req in (request({"role": "user", "content": big}),
                 request({"role": "user", "content": [text(big[:len(big) // 2]), text(big[len(big) // 2:])]})):
@@ -307,7 +320,7 @@ def test_more_messages_than_the_templates_tokens_for_them_could_fit_are_refused_
     builder.template_costs  # measured before the template is counted below
     calls = []
     monkeypatch.setattr(builder.tokenizer.__class__, "apply_chat_template",
-                        lambda *a, **k: calls.append(1) or "")
+                        lambda *a, **k: calls.append(1) or "x")
     per = builder.template_costs.message["user"] - 1
     many = [{"role": "user", "content": ""}] * (tiny_spec.max_context // per + 1)
     with pytest.raises(InvalidRequest) as info:
