@@ -140,6 +140,7 @@ class GatewayProbe:
         self.hang_s, self.load_s, self.every_s = hang_s, load_s, every_s
         self.answered: dict[int, float] = {}  # gateway pid -> monotonic time it last answered
         self.created = time.monotonic()  # up had seen the gateway then running answer /ready
+        self.tried = self.created  # when the last probe ended (answered or not)
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="gateway-probe", daemon=True)
         self._thread.start()
@@ -157,6 +158,7 @@ class GatewayProbe:
                     self.answered[int(pid)] = time.monotonic()
             except Exception:  # noqa: BLE001 -- not answering is what this measures
                 pass
+            self.tried = time.monotonic()
             if self._stop.wait(self.every_s):
                 return
 
@@ -166,6 +168,11 @@ class GatewayProbe:
         if child is None or child.proc is None or child.exited is not None or group.restart_at is not None:
             return None
         now = time.monotonic()
+        if now - self.tried > 2 * self.every_s + 1:
+            # This process was not probing (up itself stopped, its host paused): a silence it did not hear is
+            # nobody's; judged again once it has asked (it killed a healthy gateway at once after a pause of 2 min:
+            # an outside tester's).
+            return None
         last = self.answered.get(child.proc.pid)
         if last is None and child.started_at < self.created:
             last = self.created  # the gateway up waited for: it answered /ready just before this probe began

@@ -445,6 +445,32 @@ def test_the_supervisors_probe_takes_the_caps_503_from_its_own_gateway_as_an_ans
         server.shutdown()
 
 
+def test_the_supervisors_probe_judges_no_silence_it_was_not_there_to_hear():
+    """up stopped (or its host paused) for 2 minutes: on waking it killed a healthy gateway at once, its last
+    answer 2 minutes old (an outside tester's). A probe that has not asked lately judges nobody."""
+    import subprocess
+    import sys
+    from types import SimpleNamespace
+
+    from tributary.watchdog import GatewayProbe
+
+    probe = GatewayProbe("http://127.0.0.1:1", "inst", hang_s=5, load_s=5, every_s=0.05)
+    probe.close()
+    proc = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        child = SimpleNamespace(proc=proc, exited=None, started_at=time.monotonic() - 200, served=True, name="gw")
+        group = SimpleNamespace(children=[child], restart_at=None)
+        probe.answered[proc.pid] = time.monotonic() - 120  # its last answer, before the pause
+        probe.tried = time.monotonic() - 120  # nor did the probe ask since
+        assert probe.check(group) is None and proc.poll() is None
+        probe.tried = time.monotonic()  # it asked now, and got no answer: a real silence
+        assert probe.check(group) is child
+        assert proc.wait(timeout=10) == -9
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+
+
 def test_at_the_cap_the_longest_idle_keep_alive_connection_makes_room():
     """An outside tester held the cap with idle keep-alive connections (each asked once, then said nothing for the
     75 s keep-alive): every new client got 503s. At the cap the longest idle one is closed instead, as nginx does."""
