@@ -192,8 +192,7 @@ class Peers:
     def __init__(self, world: int, silent_s: float = PEER_SILENT_S):
         self.world, self.silent_s = world, silent_s
         self._last: list[int] | None = None
-        self._moved = time.monotonic()  # when any count last moved (or the watch began)
-        self._since = [time.monotonic()] * (world - 1)
+        self._since = [time.monotonic()] * (world - 1)  # when each shard's count last moved (or the watch began)
         self.silent: int | None = None  # the first shard found silent, or None
 
     def observe(self, beats: list[int], now: float | None = None) -> None:
