@@ -598,9 +598,11 @@ class RealtimeSession:
                 self._modality("audio", f"{where}.type")
                 pcm = _b64(part.get("audio"), f"{where}.audio")
                 if len(pcm) < 2:
-                    raise EventError("the audio is empty", param=f"{where}.audio")
-                if len(pcm) > self.max_audio_bytes:
-                    raise EventError("the audio is longer than this server takes", param=f"{where}.audio")
+                    raise EventError("the audio is empty", param=f"{where}.audio", code="invalid_media")
+                if len(pcm) > self.max_audio_bytes:  # in REST's words and code
+                    raise EventError(f"audio of {len(pcm) / 2 / PCM_RATE:.6g} s is longer than "
+                                     f"{self.max_audio_bytes / 2 / PCM_RATE:g} s", param=f"{where}.audio",
+                                     code="invalid_media")
                 parts.append({"type": kind, "audio": part["audio"]})
         item_id = raw.get("id") if isinstance(raw.get("id"), str) and raw["id"] else _id("item")
         if item_id == self.speaking or any(it["id"] == item_id for it in self.items):  # the turn being heard has its

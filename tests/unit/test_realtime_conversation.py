@@ -257,3 +257,16 @@ def test_server_vad_ends_a_turn_at_the_audio_limit_and_goes_on_listening():
     assert "error" not in kinds, [e for e in s.ws.sent if e["type"] == "error"]
     assert kinds.count("input_audio_buffer.committed") == 2 and len(s.items) == 2, kinds
     assert s.speaking is None  # listening again
+
+
+def test_an_audio_item_past_the_limit_is_refused_in_rests_words():
+    import base64
+
+    s = session(10**8)
+    s.max_audio_bytes = 2 * realtime.PCM_RATE  # one second
+    audio = base64.b64encode(b"\0\1" * (2 * realtime.PCM_RATE)).decode()  # two seconds
+    event = {"type": "conversation.item.create", "item": {"type": "message", "role": "user", "content": [
+        {"type": "input_audio", "audio": audio}]}}
+    with pytest.raises(EventError) as refused:
+        asyncio.run(s.item_create(event))
+    assert refused.value.code == "invalid_media" and refused.value.message == "audio of 2 s is longer than 1 s"
