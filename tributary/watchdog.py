@@ -147,6 +147,7 @@ class GatewayProbe:
 
     def _run(self) -> None:
         while True:
+            asked = time.monotonic()
             try:
                 with urllib.request.urlopen(self.url, timeout=self.every_s) as resp:
                     body = json.load(resp)
@@ -158,7 +159,8 @@ class GatewayProbe:
                     self.answered[int(pid)] = time.monotonic()
             except Exception:  # noqa: BLE001 -- not answering is what this measures
                 pass
-            self.tried = time.monotonic()
+            if time.monotonic() - asked <= 2 * self.every_s + 1:  # else paused mid-ask: it heard nothing, either way
+                self.tried = time.monotonic()
             if self._stop.wait(self.every_s):
                 return
 
