@@ -74,6 +74,14 @@ class ClusterView:
         """Whether ``tier`` had a live worker at some read since ``start`` (monotonic)."""
         return self.seen_live.get(tier, -math.inf) >= start
 
+    def heard_from(self, tier: str, worker: str) -> None:
+        """``worker`` of ``tier`` just sent a request's event: it is live now, before the next read (up to a second
+        away) finds its beat. A restarted backbone answered the plans queued during its restart while the gateway,
+        still reading none, refused new requests no_live_worker for that second (a regression tester's)."""
+        if self.read_at is not None and worker not in self.live.setdefault(tier, set()):
+            self.live[tier].add(worker)
+        self.seen_live[tier] = time.monotonic()
+
     def live_count(self, tier: str) -> int | None:
         """Live workers of ``tier`` as last read (at most a beat old unless the reads fail); None if never read."""
         return len(self.live[tier]) if self.read_at is not None and tier in self.live else None

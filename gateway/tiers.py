@@ -213,6 +213,8 @@ class TierClient:
                     continue  # a second run of this attempt (a plan queued twice): one worker's tokens only
                 gen.heard = time.monotonic()
                 gen.worker = msg.worker or gen.worker
+                if msg.worker and self.view is not None:
+                    self.view.heard_from("backbone", msg.worker)
                 gen.budget = msg.budget if msg.budget is not None else gen.budget
                 new = gen.take(msg)
                 if new is None:

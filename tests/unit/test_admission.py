@@ -116,6 +116,11 @@ def test_a_media_request_with_no_backbone_since_it_arrived_is_refused_before_its
     svc._admit_media(SimpleNamespace(media=[image, audio]), arrival)  # the audio encoder's 503 comes first
     svc._admit_media(SimpleNamespace(media=[]), arrival)  # text: checked as it is queued, at once
     svc._admit_media(SimpleNamespace(media=[image]), arrival - 40)  # arrived while one was live: it waits
+    # A backbone's event (a restarted one answering plans queued meanwhile) makes it live before the next read:
+    # new requests were refused for that second (a regression tester's).
+    tiers.view.heard_from("backbone", "b-new")
+    assert tiers.known_live("backbone") == 1
+    svc._admit_media(SimpleNamespace(media=[image]), time.perf_counter())
 
 
 def test_retries_are_spread_never_sooner_than_retry_after():
