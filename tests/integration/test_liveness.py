@@ -15,6 +15,15 @@ def score(r, keys: Keys, worker: str) -> float | None:
     return r.zscore(keys.live("backbone"), worker)
 
 
+def beats_again(r, keys: Keys, worker: str, hb: Heartbeat, first: float | None) -> float | None:
+    """Tick the loop until the worker's score moves past ``first`` (or ten beats pass); return the score."""
+    deadline = time.monotonic() + 10 * HEARTBEAT_S
+    while score(r, keys, worker) == first and time.monotonic() < deadline:
+        hb.tick()
+        time.sleep(0.1)  # the beating thread runs once per HEARTBEAT_S
+    return score(r, keys, worker)
+
+
 def test_a_stalled_loop_stops_heartbeating_and_resumes_when_it_moves(redis_url):
     r, keys = redis.Redis.from_url(redis_url), Keys("live-test")
     hb = Heartbeat(redis_url, keys, "backbone", "w1", stall_s=0.5).start()
@@ -25,11 +34,7 @@ def test_a_stalled_loop_stops_heartbeating_and_resumes_when_it_moves(redis_url):
         time.sleep(3 * HEARTBEAT_S)
         assert score(r, keys, "w1") == first
         # The loop moves again: within a beat or two the score is fresh.
-        deadline = time.monotonic() + 10 * HEARTBEAT_S
-        while score(r, keys, "w1") == first and time.monotonic() < deadline:
-            hb.tick()
-            time.sleep(0.1)  # the beating thread runs once per HEARTBEAT_S
-        assert score(r, keys, "w1") > first
+        assert beats_again(r, keys, "w1", hb, first) > first
     finally:
         hb.stop()
     assert score(r, keys, "w1") is None  # deregistered
@@ -40,11 +45,7 @@ def test_a_ticking_loop_keeps_heartbeating(redis_url):
     hb = Heartbeat(redis_url, keys, "backbone", "w2", stall_s=0.5).start()
     try:
         first = score(r, keys, "w2")
-        deadline = time.monotonic() + 10 * HEARTBEAT_S
-        while score(r, keys, "w2") == first and time.monotonic() < deadline:
-            hb.tick()
-            time.sleep(0.1)
-        assert score(r, keys, "w2") > first
+        assert beats_again(r, keys, "w2", hb, first) > first
     finally:
         hb.stop()
 
@@ -63,10 +64,6 @@ def test_a_loop_that_ticks_beats_only_while_its_health_check_says_so(redis_url):
             time.sleep(0.1)
         assert score(r, keys, "w3") == first  # ticking, but not healthy: no beat
         healthy[0] = True
-        deadline = time.monotonic() + 10 * HEARTBEAT_S
-        while score(r, keys, "w3") == first and time.monotonic() < deadline:
-            hb.tick()
-            time.sleep(0.1)
-        assert score(r, keys, "w3") > first
+        assert beats_again(r, keys, "w3", hb, first) > first
     finally:
         hb.stop()
