@@ -106,6 +106,19 @@ def release_lease(client, key: str, holder: str):
     return run_script(client, _DELETE_IF_HELD, [key], [holder])
 
 
+_EXPIRE_IF_HELD = """
+-- KEYS: a lease. ARGV: its holder, seconds. Renews it only while that holder still holds it.
+if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('EXPIRE', KEYS[1], ARGV[2]) end
+return 0
+"""
+
+
+def renew_lease(client, key: str, holder: str, ttl_s: float):
+    """Hold the lease ``key`` another ``ttl_s`` if ``holder`` still holds it (compare and expire), on any client or
+    pipeline, sync or asyncio; 1 if it was renewed."""
+    return run_script(client, _EXPIRE_IF_HELD, [key], [holder, max(1, int(ttl_s))])
+
+
 def send_reply(pipe, reply_to: str, payload: bytes) -> None:
     """Queue a write to a gateway's reply stream that happens only while the gateway is alive (see cache/keys.py
     ``alive``), on any pipeline."""

@@ -4,14 +4,16 @@ For each distinct part (content digest):
 
 1. one round trip looks every part up (``HGET n``, refreshing the TTL of hits) and counts live encoders;
 2. for misses, one round trip registers this gateway as a waiter (``SADD waiters``), tries to take the encode lease
-   (``SET lease NX EX``) and looks again (a tensor written since step 1 is a hit);
+   (``SET lease NX EX``) and looks again (a tensor written since step 1 is a hit, and a lease taken with it is
+   given back);
 3. the lease holder alone queues the job (blob + ``XADD``); everyone else just waits;
 4. the encoder writes the tensor, then takes the waiters set and notifies *every* waiter (cache/tensors.py): a
    gateway that registered after the take sees the tensor when it looks again (step 2 registers before it looks),
    so identical misses from any number of gateway processes are encoded once.
 
 A waiter that hears nothing for ``lease_ttl_s`` retries step 2: if the holder died, the lease has expired and the
-waiter takes it and queues the job itself; it retries at once when the monitor reports that Redis lost this
+waiter takes it and queues the job itself (a live holder renews its lease while its job waits in the stream, so a
+backlog longer than the lease is not queued twice); it retries at once when the monitor reports that Redis lost this
 gateway's work (a restart). Every ``CHECK_EVERY_S`` of silence a request also looks for what no message tells:
 an encoding stored whose answer was lost (its reply stream's node was away), and a job it queued whose entry is
 gone with no tensor stored, twice in a row (a failover lost the entry before any encoder read it); it queues that
@@ -29,7 +31,7 @@ import uuid
 from dataclasses import dataclass, field
 
 from cache.keys import Keys
-from cache.streams import payload_fields, release_lease
+from cache.streams import payload_fields, release_lease, renew_lease
 from gateway.config import GatewayConfig
 from gateway.errors import APIError, Internal, InvalidRequest, Timeout, Unavailable, redis_failure, redis_too_slow
 from gateway.media import MediaPart, undecodable
@@ -229,11 +231,10 @@ class MediaEncoder:
                                 "no_worker_timeout_s": self.cfg.no_worker_timeout_s})
                             raise Unavailable(f"no live {mod} encoder worker for {self.cfg.no_worker_timeout_s:g} s",
                                               code="no_live_worker", retry_after=2)
-                    if time.monotonic() - heard >= self.cfg.lease_ttl_s:  # the lease holder may have died
+                    await self._check(w)  # renews the leases of this request's jobs still waiting
+                    if w.pending and time.monotonic() - heard >= self.cfg.lease_ttl_s:  # the holder may have died
                         await self._claim(w, list(w.pending))
                         heard = time.monotonic()
-                    else:
-                        await self._check(w)
                     continue
                 heard = time.monotonic()
                 if msg is DISCONNECTED:
@@ -301,6 +302,11 @@ class MediaEncoder:
         for key in mine:
             stream, entry_id = w.queued[key]
             pipe.xrange(stream, entry_id, entry_id)
+        for key in mine:  # its job still waits (a backlog): the lease is renewed, or a waiter's claim after
+            # --lease-ttl of silence queued the media again, and again (an auditor: 4 jobs for one image)
+            part = w.pending[key]
+            renew_lease(pipe, self.keys.lease(self.spec.encoder_id(part.modality), part.digest), w.request_id,
+                        self.cfg.lease_ttl_s)
         try:
             res = await asyncio.wait_for(pipe.execute(raise_on_error=False), CHECK_TIMEOUT_S)
         except Exception as exc:  # noqa: BLE001 -- a node away: the lease's lapse still stands behind this
@@ -312,7 +318,7 @@ class MediaEncoder:
                 log.info("an encoding was found stored, its answer lost", extra={"request_id": w.request_id})
                 w.take(key, count)
         lost, missing = [], set()
-        for key, entries in zip(mine, res[len(keys):]):
+        for key, entries in zip(mine, res[len(keys) : len(keys) + len(mine)]):
             if key not in w.pending or isinstance(entries, Exception) or entries:
                 continue
             if w.queued[key][1] in w.gone:
@@ -340,11 +346,19 @@ class MediaEncoder:
         res = await bounded(pipe.execute(), "claiming encodes", w.request_id)
         submit = self.r.pipeline(transaction=False)
         jobs = []  # (tensor key, stream): the XADD of each is the second command of its pair
+        release = self.r.pipeline(transaction=False)
         for key, (_, _, leased, n) in zip(keys, _quads(res)):
+            part = w.pending[key]
             if (count := self._count_of(key, n, w.request_id)) is not None:  # damaged meanwhile: encoded again
                 w.take(key, count)
+                if leased:  # stored between the lookup and the claim: the lease taken is given back, or the next
+                    # request to miss this media (the entry evicted) waited for it to lapse (an auditor's)
+                    release_lease(release, self.keys.lease(self.spec.encoder_id(part.modality), part.digest),
+                                  w.request_id)
             elif leased:
-                jobs.append((key, self._queue_job(submit, w.request_id, w.pending[key])))
+                jobs.append((key, self._queue_job(submit, w.request_id, part)))
+        if len(release):
+            await bounded(release.execute(), "giving up an encode lease", w.request_id)
         if jobs:
             res = await bounded(submit.execute(), "queueing encode jobs", w.request_id)
             for (key, stream), entry_id in zip(jobs, res[1::2]):

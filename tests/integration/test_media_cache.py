@@ -321,10 +321,10 @@ class OwnGateway:
     it reads the jobs the MediaEncoder queues and answers (or loses) them by hand. Its connection is ``r``; the
     encodes it started are cancelled as it ends."""
 
-    def __init__(self, prefix: str, spec, model, redis_url: str):
+    def __init__(self, prefix: str, spec, model, redis_url: str, lease_ttl_s: int = 120):
         self.keys, self.spec, self.url = Keys(prefix), spec, redis_url
         self.cfg = GatewayConfig(model_dir=str(model), redis_url=redis_url, prefix=prefix,
-                                 encode_timeout_s=60, lease_ttl_s=120)  # its lapse cannot stand in for the fix
+                                 encode_timeout_s=60, lease_ttl_s=lease_ttl_s)  # 120: its lapse cannot stand in
         self.reply = self.keys.reply("test-gw")
         self.stream = self.keys.jobs("image")
         self.seen: list[tuple[bytes, m.EncodeJob]] = []
@@ -365,6 +365,51 @@ class OwnGateway:
                     self.seen.append((entry_id, m.decode(fields_payload(fields), m.EncodeJob)))
             await asyncio.sleep(0.02)
         return self.seen[:n]
+
+
+def test_a_claim_that_finds_the_tensor_gives_back_the_lease_it_took(tiny_model, tiny_spec, redis_server):
+    """A request missed, then the encoder answered another request's job (its take freed the lease) before this one
+    claimed: the claim took the lease and found the tensor in one round trip, and kept the lease. Once the entry
+    went (evicted, expired), the next request for that media waited the lease out, 30 s (an auditor's)."""
+    async def scenario() -> tuple:
+        async with OwnGateway("claimhit", tiny_spec, tiny_model, redis_server.url) as gw:
+            part = gw.image(110)
+            key, lease = gw.media.tensor_key(part), gw.keys.lease(tiny_spec.encoder_id("image"), part.digest)
+            lookup = gw.media._lookup
+
+            async def then_stored(*args, **kwargs):  # as the encoder does between this lookup and the claim
+                counts = await lookup(*args, **kwargs)
+                await gw.r.delete(lease)
+                await gw.r.hset(key, mapping={"data": b"unused", "n": 7})
+                return counts
+
+            gw.media._lookup = then_stored
+            refs = await asyncio.wait_for(gw.encode("req-110", part), 30)
+            held = await gw.r.get(lease)
+            await gw.r.delete(key)
+            return refs, held, len(await gw.r.xrange(gw.stream))
+
+    refs, held, queued = asyncio.run(scenario())
+    assert [ref.num_tokens for ref in refs] == [7] and queued == 0
+    assert held is None, f"the lease stayed with {held!r}"
+
+
+def test_a_job_waiting_longer_than_its_lease_is_queued_once(tiny_model, tiny_spec, redis_server):
+    """A backlog longer than the lease: the holder's lease lapsed while its job still waited in the stream, and
+    the holder itself (and each waiter) took it again and queued the media again, 4 jobs for one image in 7 s with
+    a 2 s lease (an auditor's). The holder renews its lease while its job waits; a waiter queues nothing."""
+    async def scenario() -> tuple:
+        async with OwnGateway("backlog", tiny_spec, tiny_model, redis_server.url, lease_ttl_s=4) as gw:
+            part = gw.image(111)
+            gw.encode("req-111", part)
+            await gw.jobs(1)
+            gw.encode("req-111b", part)  # waits on the first's job
+            await asyncio.sleep(13)  # no encoder reads the stream: three lease times
+            return await gw.r.xlen(gw.stream), await gw.r.get(gw.keys.lease(tiny_spec.encoder_id("image"), part.digest))
+
+    queued, holder = asyncio.run(scenario())
+    assert queued == 1, f"{queued} jobs queued for one image"
+    assert holder == b"req-111"
 
 
 def test_a_job_that_failed_while_this_requests_lease_stayed_is_queued_again_at_once(tiny_model, tiny_spec,
