@@ -375,3 +375,33 @@ def test_overlapped_and_synchronous_round_trips_give_the_same_tokens(tiny_model,
     overlapped = run("ov", [])
     assert [len(t) for t in overlapped] == [12, 13, 14]
     assert run("sy", ["--sync-io"]) == overlapped
+
+
+def test_a_lost_group_that_redis_refuses_to_recreate_is_waited_out_as_an_outage(tiny_model):
+    """The plan stream deleted (an ``allkeys-*`` eviction, an operator) while Redis refuses writes at ``maxmemory``
+    (``noeviction``): the worker's ``XGROUP CREATE`` is refused, and it tried again at once, every read: 9,000
+    warnings and two cores busy in 10 s (an outside tester's). It waits and logs as in any outage, and recreates the
+    group once Redis takes writes again."""
+    from cache.embedded import EmbeddedRedis
+
+    with EmbeddedRedis(maxmemory="64mb") as server:
+        r = redis.Redis.from_url(server.url)
+        proc = start_tier(["backbone", "--model", str(tiny_model), "--threads", "1"], server.url, "backbone")
+        try:
+            r.config_set("maxmemory-policy", "noeviction")
+            r.config_set("maxmemory", int(r.info("memory")["used_memory"]) + 256 * 1024)
+            with pytest.raises(redis.exceptions.OutOfMemoryError):
+                for i in range(1000):
+                    r.set(f"fill:{i}", b"x" * 4096)
+            r.delete(Keys().gen())
+            time.sleep(4)
+            r.config_set("maxmemory", "64mb")
+            deadline = time.monotonic() + 20
+            while not (r.exists(Keys().gen()) and r.xinfo_groups(Keys().gen())):
+                assert time.monotonic() < deadline, "the backbone group was not recreated"
+                time.sleep(0.2)
+        finally:
+            code, out = stop_tier(proc)
+    lines = [line for line in out.splitlines() if "group" in line or "redis unavailable" in line]
+    assert len(lines) <= 4, f"{len(lines)} lines, the first: {lines[:3]}"
+    assert code == 0, out[-2000:]
