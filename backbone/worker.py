@@ -72,6 +72,7 @@ from cache.streams import (
     own_pending,
     send_reply,
 )
+from router import clock
 from router import messages as m
 from router.lifecycle import device_problem
 from router.liveness import Heartbeat, Reclaimer, ReclaimGate, worker_id
@@ -752,7 +753,7 @@ class BackboneWorker:
         held = False  # the line stopped at a plan whose fetch is on its way
         # Plans past their deadline leave the line wherever they are in it, slots free or not: their gateways wait
         # as long as this worker tells them it holds them (``_tell_waiting``).
-        now = time.time()
+        now = clock.now()  # the gateway's deadline, on the clock they share
         if any(now > plan.deadline for _, plan in self.waiting):
             late = [(e, p) for e, p in self.waiting if now > p.deadline]
             self.waiting = deque((e, p) for e, p in self.waiting if now <= p.deadline)

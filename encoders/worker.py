@@ -56,6 +56,7 @@ from encoders.batching import batch_lengths, read_batch, shape_groups
 from encoders.preprocess import MediaError, Prepared
 from encoders.runtime import launch_isolating
 from models.media import MAX_AUDIO_S
+from router import clock
 from router import messages as m
 from router.liveness import Heartbeat, Reclaimer, ReclaimGate, worker_id
 from router.metrics import EncoderMetrics
@@ -578,9 +579,9 @@ class EncoderWorker:
     def _check(self, job: Job, blob: bytes | Exception | None) -> tuple[m.ErrorCode, str] | None:
         """Why the job cannot run (logged with its request id, as every failure of a job is), or None."""
         ids = {"request_id": job.msg.request_id, "job_id": job.msg.job_id}
-        if time.time() > job.msg.deadline:
+        if clock.now() > job.msg.deadline:  # the gateway's deadline, on the clock they share
             log.warning("job dropped: it waited past its deadline", extra={
-                **ids, "late_s": round(time.time() - job.msg.deadline, 3)})
+                **ids, "late_s": round(clock.now() - job.msg.deadline, 3)})
             return m.ErrorCode.DEADLINE, "the job waited past its deadline"
         if blob is None:
             log.warning("job dropped: its media bytes expired before encoding", extra=ids)

@@ -54,6 +54,7 @@ from gateway.remote import RemoteMedia
 from gateway.replies import ReplyRouter
 from gateway.schemas import ChatCompletionRequest, parse_chat_request
 from gateway.tiers import DISCONNECTED, ClientGone, TierClient, bounded
+from router import clock
 from router import messages as m
 
 log = logging.getLogger(__name__)
@@ -583,7 +584,7 @@ class ChatService:
                                     temperature=req.temperature, top_p=req.top_p, seed=seed,
                                     ignore_eos=req.ignore_eos, default_budget=budget is None)
         return m.PromptPlan(request_id=rid, reply_to=self.tiers.reply_stream, token_ids=ids, media=refs,
-                            sampling=sampling, deadline=time.time() + self.cfg.first_token_timeout_s,
+                            sampling=sampling, deadline=clock.now() + self.cfg.first_token_timeout_s,
                             cache_salt=tenant.cache if tenant else ""), reservation
 
     async def _deltas(self, rid: str, req: ChatCompletionRequest, plan: m.PromptPlan, queue, encode_again,

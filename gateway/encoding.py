@@ -38,6 +38,7 @@ from gateway.media import MediaPart, undecodable
 from gateway.replies import ReplyRouter
 from gateway.tiers import DISCONNECTED, RESET, ClientGone, bounded
 from models.spec import ModelSpec
+from router import clock
 from router import messages as m
 from router.liveness import live_count_args
 from router.logs import Throttle
@@ -371,7 +372,7 @@ class MediaEncoder:
         pipe.set(blob_key, part.features if part.features is not None else part.data, ex=self.cfg.blob_ttl_s)
         job = m.EncodeJob(request_id=request_id, job_id=uuid.uuid4().hex, modality=m.Modality(part.modality),
                           encoder_id=self.spec.encoder_id(part.modality), digest=part.digest, blob_key=blob_key,
-                          reply_to=self.reply_stream, deadline=time.time() + self.cfg.encode_timeout_s, input=kind,
+                          reply_to=self.reply_stream, deadline=clock.now() + self.cfg.encode_timeout_s, input=kind,
                           ttl_s=0 if self.cfg.media_cache else self.cfg.cache_ttl_s)
         stream = self.keys.jobs(part.modality)
         pipe.xadd(stream, payload_fields(m.encode(job)))

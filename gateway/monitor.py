@@ -24,6 +24,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import math
 import time
@@ -34,6 +35,7 @@ from cache.keys import Keys, alive
 from cache.streams import run_script
 from gateway.config import GatewayConfig
 from gateway.errors import Overloaded, Unavailable
+from router import clock
 from router.liveness import HEARTBEAT_S, LIVE_WINDOW_S
 from router.logs import Throttle
 
@@ -120,7 +122,9 @@ class ClusterMonitor:
             await asyncio.sleep(HEARTBEAT_S if self.view.up else DOWN_EVERY_S)
 
     async def beat(self) -> None:
-        now = time.time()
+        if not clock.synced():  # the live sets' scores are on Redis's clock: learn it before reading them
+            await self._sync_clock()
+        now = clock.now()
         lease = self.r.pipeline(transaction=False)  # one slot: the gateway's (cache/keys.py)
         lease.set(self.alive_key, 1, ex=self.cfg.lease_s, get=True)
         lease.expire(self.reply_stream, self.cfg.lease_s)
@@ -133,8 +137,8 @@ class ClusterMonitor:
             queue.xlen(stream)
             queue.xinfo_groups(stream)
             queues.append(_round_trip(queue))
-        res, read, *queued = await asyncio.gather(_round_trip(lease), _round_trip(reads), *queues,
-                                                  return_exceptions=True)
+        res, read, _, *queued = await asyncio.gather(_round_trip(lease), _round_trip(reads), self._sync_clock(),
+                                                     *queues, return_exceptions=True)
         if any(isinstance(x, asyncio.CancelledError) for x in (res, read, *queued)):
             raise asyncio.CancelledError
         if isinstance(res, BaseException):  # the lease not renewed: Redis is not serving this gateway
@@ -183,6 +187,12 @@ class ClusterMonitor:
         if time.monotonic() - self._policy_read >= POLICY_EVERY_S:
             await self._check_eviction_policy()
         self.on_beat(view)
+
+    async def _sync_clock(self) -> None:
+        """Read Redis's clock (router/clock.py) for the next beat, for this gateway's deadlines and rate limits too;
+        a failure keeps the last reading (the lease's round trip says whether Redis is away)."""
+        with contextlib.suppress(Exception):
+            await asyncio.wait_for(clock.sync_async(self.r), PROBE_TIMEOUT_S)
 
     async def _check_eviction_policy(self) -> None:
         """Read Redis's ``maxmemory-policy`` (from INFO: managed Redis services often refuse CONFIG) and, when it

@@ -25,11 +25,11 @@ from __future__ import annotations
 import asyncio
 import logging
 import math
-import time
 from typing import NamedTuple
 
 from cache.keys import Keys
 from gateway.errors import APIError
+from router import clock
 
 log = logging.getLogger(__name__)
 WINDOW_S = 60
@@ -122,7 +122,7 @@ class RateLimiter:
             raise ValueError("rate limits must be >= 0 (0: none)")
         self.r, self.keys, self.rpm, self.tpm = redis, keys, rpm, tpm
         self._giving_back: set[asyncio.Task] = set()
-        self.clock = time.time  # the minutes' clock (tests set it)
+        self.clock = clock.now  # the minutes' clock: Redis's, shared by every gateway (tests set it)
 
     def limits(self, tenant) -> tuple[int, int]:
         if tenant is None:

@@ -32,6 +32,7 @@ from gateway.config import GatewayConfig
 from gateway.errors import APIError, Internal, Timeout, Unavailable, redis_failure, redis_too_slow
 from gateway.replies import ReplyRouter
 from models.spec import ModelSpec
+from router import clock
 from router import messages as m
 from router.liveness import HEARTBEAT_S, LIVE_WINDOW_S, live_count_args
 
@@ -328,7 +329,7 @@ class TierClient:
         cont = msgspec.structs.replace(
             plan, token_ids=plan.token_ids + gen.tokens, resumed=len(gen.tokens), attempt=gen.attempt,
             sampling=msgspec.structs.replace(plan.sampling, max_tokens=left),
-            deadline=time.time() + self.cfg.first_token_timeout_s)
+            deadline=clock.now() + self.cfg.first_token_timeout_s)
         self._cancel_from(pipe, rid, gen.attempt)  # older attempts stop
         pipe.xadd(self.keys.gen(), payload_fields(m.encode(cont)))
         *_, gen.entry_id = await bounded(pipe.execute(), "migrating", rid)

@@ -1,6 +1,6 @@
 """Worker liveness through Redis: each worker scores itself in ``<prefix>:live:<tier>`` every second; the gateway
 counts recent scores before it queues work, so a request whose tier has no live worker fails fast (503) instead of
-waiting on a queue nobody reads.
+waiting on a queue nobody reads. Scores are times on Redis's clock (router/clock.py), not each host's.
 
 A beat vouches for the worker's busy loop, not merely its process: the loop calls :meth:`Heartbeat.tick` every time it
 comes round, and the beating thread stays silent once the last tick is older than ``stall_s``. A loop stuck in a
@@ -29,6 +29,7 @@ from redis.exceptions import RedisClusterException, RedisError
 from cache.client import connect
 from cache.keys import Keys
 from cache.streams import Claimed, reclaim_dead
+from router import clock
 from router.logs import Throttle
 
 log = logging.getLogger(__name__)
@@ -94,7 +95,8 @@ class Heartbeat:
         return self
 
     def beat(self) -> None:
-        now = time.time()
+        clock.sync(self._r)  # scores on Redis's clock: hosts whose clocks disagree still agree on who is live
+        now = clock.now()
         pipe = self._r.pipeline(transaction=False)
         pipe.zadd(self.key, {self.worker_id: now})
         pipe.zremrangebyscore(self.key, "-inf", now - 10 * LIVE_WINDOW_S)  # forget long-dead workers
@@ -140,14 +142,14 @@ class Heartbeat:
 
 def live_members(r, keys: Keys, tier: str) -> set[str]:
     """The ids of a tier's workers that beat within the live window."""
-    return {m.decode() for m in r.zrangebyscore(keys.live(tier), time.time() - LIVE_WINDOW_S, "+inf")}
+    return {m.decode() for m in r.zrangebyscore(keys.live(tier), clock.now() - LIVE_WINDOW_S, "+inf")}
 
 
 def live_for_reclaim(r, keys: Keys, tier: str, me: str) -> set[str] | None:
     """The live set, or None when this worker's own beat is stale: then the beats of the others may be just as late
     (Redis was paused while this worker was busy in a long step and made no call, so nothing told its ReclaimGate),
     and nobody should be presumed dead."""
-    now = time.time()
+    now = clock.now()
     scores = {m.decode(): s for m, s in r.zrangebyscore(keys.live(tier), now - LIVE_WINDOW_S, "+inf",
                                                         withscores=True)}
     if scores.get(me, 0.0) < now - 2 * HEARTBEAT_S - 0.5:
@@ -257,4 +259,4 @@ class Reclaimer:
 
 def live_count_args(keys: Keys, tier: str) -> tuple[str, float, str]:
     """Arguments of the ZCOUNT that counts a tier's live workers (run it in whatever client or pipeline)."""
-    return keys.live(tier), time.time() - LIVE_WINDOW_S, "+inf"
+    return keys.live(tier), clock.now() - LIVE_WINDOW_S, "+inf"

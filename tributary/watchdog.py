@@ -5,7 +5,8 @@ A worker's heartbeat vouches for its busy loop (router/liveness.py): once the lo
 worker's ``--stall-timeout`` (a deadlock, an endless wait, a hung device call), it stops beating, its tier's other
 workers take over its jobs and gateways stop counting it. Its process is still there, though, and the supervisor
 restarts only processes that exit: the tier would stay a worker short for good. The watchdog reads the tiers' live
-sets (one round trip per check) and kills a child whose last beat is older than ``hang_s``.
+sets (one round trip per check) and kills a child whose beat has not moved for ``hang_s`` on this process's
+monotonic clock (never comparing a beat's time with its own clock: a step of the host's clock is no silence).
 
 Beats go stale for other reasons too, and those are not the worker's fault:
 
@@ -54,7 +55,10 @@ class Watchdog:
         self.r = None
         self.healthy_since: float | None = None  # monotonic: Redis has answered every check since
         self.last_check = 0.0
-        self.beats: dict[int, float] = {}  # pid -> the latest beat seen (wall clock, the workers' own)
+        # pid -> (its latest beat's score, the monotonic time this watchdog first saw that score): a worker is
+        # judged by how long its score has not moved here, never by comparing its clock with ours (one step of the
+        # host's clock, +40 s, killed three healthy workers at once: an auditor's)
+        self.beats: dict[int, tuple[float, float]] = {}
         self.seen: set[int] = set()  # pids of children seen beating at least once (judged stuck, not loading)
 
     def check(self, groups: list[Group]) -> list[Child]:
@@ -85,7 +89,8 @@ class Watchdog:
         for members in replies:
             for member, score in members:
                 if (pid := worker_pid(member, self.host)) is not None:
-                    self.beats[pid] = max(score, self.beats.get(pid, 0.0))
+                    if pid not in self.beats or score > self.beats[pid][0]:
+                        self.beats[pid] = (score, now)
                     self.seen.add(pid)
         judged = [c for g in groups if g.retire_by is None and g.restart_at is None for c in g.children
                   if c.proc is not None and c.exited is None]
@@ -96,13 +101,13 @@ class Watchdog:
             child.served = child.served or child.proc.pid in self.seen
         if now - self.healthy_since < self.hang_s:
             return []
-        wall, killed = time.time(), []
+        killed = []
         for child in judged:
-            last = self.beats.get(child.proc.pid)
-            if last is not None and wall - last > self.hang_s:
-                say(f"{child.name} is stuck (no heartbeat for {wall - last:.0f} s while Redis answered); killing it "
+            _, moved = self.beats.get(child.proc.pid, (None, now))
+            if now - moved > self.hang_s:
+                say(f"{child.name} is stuck (no heartbeat for {now - moved:.0f} s while Redis answered); killing it "
                     "(it will be restarted)", logging.ERROR, child=child.name, child_pid=child.proc.pid,
-                    silent_s=round(wall - last, 1))
+                    silent_s=round(now - moved, 1))
                 child.proc.kill()
                 self.beats.pop(child.proc.pid, None)
                 killed.append(child)

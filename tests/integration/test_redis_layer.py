@@ -168,3 +168,36 @@ def test_the_gateways_monitor_rides_out_its_connection_being_closed(redis_url):
             await monitor.close()
 
     assert asyncio.run(beats()) == [True] * 4
+
+
+def test_the_cluster_clock_is_redis_and_ignores_steps_of_this_hosts_clock(redis_url, monkeypatch):
+    """router/clock.py: once synced, ``now()`` is Redis's time carried on the monotonic clock; a step of the host's
+    clock (NTP, a VM resumed) moves nothing, and the next sync reads Redis again."""
+    import asyncio
+    import time
+
+    from cache.client import connect_async
+    from router import clock
+
+    clock.reset()
+    try:
+        wall = time.time
+        monkeypatch.setattr(time, "time", lambda: wall() - 30)  # this host 30 s behind Redis (the same host here)
+        assert abs(clock.now() - (wall() - 30)) < 0.5  # not synced yet: the host's clock
+        clock.sync(redis.Redis.from_url(redis_url))
+        assert abs(clock.now() - wall()) < 0.05
+        monkeypatch.setattr(time, "time", lambda: wall() + 40)  # stepped 70 s ahead
+        assert abs(clock.now() - wall()) < 0.05
+
+        async def sync_async():
+            r = connect_async(redis_url)
+            try:
+                await clock.sync_async(r)
+            finally:
+                await r.aclose()
+
+        clock.reset()
+        asyncio.run(sync_async())
+        assert abs(clock.now() - wall()) < 0.05
+    finally:
+        clock.reset()

@@ -76,6 +76,36 @@ def test_a_worker_that_stops_heartbeating_is_killed_and_restarted(server):
         sup.stop()
 
 
+# WORKER on a host whose clock is off by argv[3] seconds (no NTP, a VM resumed): Redis's is right.
+SKEWED = "import sys, time\n_wall = time.time\ntime.time = lambda: _wall() + float(sys.argv[3])\n" + WORKER
+
+
+def test_a_worker_on_a_host_whose_clock_is_off_is_live_and_never_judged_stuck(server, monkeypatch):
+    """Liveness compared each host's own clock: a worker 4.5 s behind looked dead to every gateway (each request a
+    503 ``no_live_worker``), and one step of the host's clock killed healthy workers as stuck (an auditor's). Beats
+    are on Redis's clock (router/clock.py), and the watchdog judges how long a beat has not moved."""
+    import redis
+
+    from cache.keys import Keys
+    from router.liveness import live_count_args
+
+    behind = group("behind", SKEWED, server.url, "-1", "-40")
+    sup = Supervisor([behind], max_backoff_s=0.5)
+    sup.start()
+    first = behind.children[0]
+    try:
+        dog = Watchdog(server.url, PREFIX, [TIER], hang_s=2.0, every_s=0.2)
+        assert run(sup, dog, 60, until=lambda: first.proc.pid in dog.beats) == []
+        assert run(sup, dog, 4) == [] and first.exited is None
+        r = redis.Redis.from_url(server.url)
+        assert r.zcount(*live_count_args(Keys(PREFIX), TIER)) == 1  # live, as a gateway counts
+        wall = time.time
+        monkeypatch.setattr(time, "time", lambda: wall() + 40)  # and now this host's clock steps 40 s ahead
+        assert run(sup, dog, 3) == [] and first.exited is None
+    finally:
+        sup.stop()
+
+
 def test_no_worker_is_judged_while_redis_is_paused_nor_one_still_loading(server):
     healthy = group("healthy", WORKER, server.url, "-1")
     loading = group("loading", LOADING)
