@@ -13,6 +13,10 @@ cancelled (``cancel:<request>`` holds the lowest attempt wanted). Events of olde
 are taken by position (each event says how many tokens the request has in all), so the client sees no token twice
 and none missing. ``migration_limit`` bounds the moves; past it the plan goes to the dead-letter stream and the
 request fails with a 503 ``worker_lost``.
+
+A plan no worker has said it holds is looked for in ``gen`` at each look (``GONE_LOOK_S``): an entry leaves the stream
+only as a worker acks it, after the event that says it holds it, so one gone twice in a row with no such event was
+lost unread (the stream deleted or evicted) and is queued again, as a migration.
 """
 
 from __future__ import annotations
@@ -52,6 +56,9 @@ return 0
 # call, and several calls in a row made one request wait 85 s for its 503 (an outside tester's chaos run).
 ROUND_TRIP_S = 10.0
 GONE_LOOK_S = 1.0  # a request no worker has looks this often whether its tier has one at all (TierClient.gone)
+# and whether its plan is still queued (TierClient._plan_lost): each look is one round trip, cut at this (a node away:
+# the first-token timeout still stands behind it).
+LOOK_TIMEOUT_S = 1.0
 MEDIA_RETRIES = 2  # how often one request's media may be encoded again when its cached tensors are gone
 # A cancellation Redis failed to take is posted again (backoff up to 5 s) for this long: a request answered 503 while
 # Redis was paused had its queued plan run to its end for nobody once Redis came back (an outside tester's).
@@ -85,6 +92,7 @@ class Generation:
     attempt: int = 0
     worker: str = ""  # the backbone running the current attempt, once an event named it
     lost_told: int = -1  # the attempt the monitor last reported lost (once per attempt)
+    missing: bytes | None = None  # the entry the last look did not find in ``gen`` (TierClient._plan_lost)
     done: bool = False  # every token was received, only the finish was lost with its worker
     migrations: int = 0  # moves counted toward migration_limit
     media_retries: int = 0
@@ -187,6 +195,9 @@ class TierClient:
                                 "request_id": plan.request_id, "attempt": gen.attempt,
                                 "no_worker_timeout_s": self.cfg.no_worker_timeout_s})
                             raise _no_backbone(f" for {self.cfg.no_worker_timeout_s:g} s") from None
+                        if await self._plan_lost(gen):
+                            await self._migrate(gen, "its queued plan was lost unread (the stream deleted or "
+                                                     "evicted)")
                         continue
                     # A worker that went silent mid-answer but still beats (a hung pipeline shard, a stuck device
                     # call: its loop's stall timeout is longer than this) is stuck for this request: it moves to
@@ -276,6 +287,27 @@ class TierClient:
         request arrived at ``started`` (monotonic) found one."""
         return not self.liveness_unknown() and not (
             started is not None and self.view is not None and self.view.live_since("backbone", started - HEARTBEAT_S))
+
+    async def _plan_lost(self, gen: Generation) -> bool:
+        """Whether the current attempt's plan, no worker having said it holds it, is gone from ``gen`` at this look
+        and the last (one round trip). Deleting the stream, as ``allkeys-*`` eviction or an operator may, lost every
+        unread plan in it: the backbone recreated its group and nobody told the gateway, whose requests waited out
+        their first-token timeout, 120 s (an outside tester's). A worker deletes an entry only as it acks it, after
+        the event saying it holds it (``BackboneWorker._tell_waiting``), in the same round trip at the soonest: a
+        first miss may be that event on its way, a second with none is a loss."""
+        try:
+            found = await asyncio.wait_for(self.r.xrange(self.keys.gen(), gen.entry_id, gen.entry_id),
+                                           LOOK_TIMEOUT_S)
+        except Exception as exc:  # noqa: BLE001 -- not answered: the next look asks again
+            if not (isinstance(exc, TimeoutError) or redis_failure(exc)):
+                raise
+            return False
+        if found or gen.missing != gen.entry_id:
+            gen.missing = None if found else gen.entry_id
+            return False
+        log.warning("a queued plan was lost unread; queueing it again", extra={
+            "request_id": gen.plan.request_id, "attempt": gen.attempt})
+        return True
 
     def _others_live(self, worker: str) -> bool:
         """Whether a backbone other than ``worker`` is live (as of the monitor's last beat)."""

@@ -326,3 +326,74 @@ def test_a_cancellation_redis_failed_to_take_is_posted_again_once_it_answers(red
 
     took = asyncio.run(cancel_while_paused())
     assert sync.get(key) is not None and took >= 1.0, took  # taken after the pause, by a later try
+
+
+def test_plans_lost_unread_with_their_stream_are_queued_again(tiny_model, tiny_spec, redis_url):
+    """The plan stream deleted with unread plans in it (``allkeys-*`` eviction, an operator's DEL) while the backbone
+    was paused: it recreated its group on resuming, and its 6 requests waited out their first-token timeout, 120 s,
+    for plans nobody would read (an outside tester's). Each request waiting on a plan no worker said it holds finds
+    its entry gone at two looks in a row and queues it again. A real backbone, paused (SIGSTOP) as in that run; this
+    test is the gateway (its TierClient and reply reader, a prefix of its own), with a 6 s first-token timeout."""
+    import os
+    import signal
+
+    from cache.keys import alive
+    from gateway.app import stop_tasks
+    from gateway.errors import Timeout
+    from gateway.replies import ReplyRouter
+    from tests.integration.procs import start_tier, stop_tier
+
+    keys = Keys("lostgen")
+    backbone = start_tier(["backbone", "--model", str(tiny_model), "--threads", "1", "--prefix", keys.prefix],
+                          redis_url, "backbone", keys=keys)
+
+    async def run() -> tuple[dict, list[bytes]]:
+        r = connect_async(redis_url)
+        reply = keys.reply("gw")
+        await r.set(alive(reply), 1, ex=600)  # the backbone writes only to a live gateway's stream
+        replies = ReplyRouter(r, keys, "gw")
+        reader = asyncio.create_task(replies.run())
+        cfg = GatewayConfig(model_dir=str(tiny_model), redis_url=redis_url, prefix=keys.prefix,
+                            first_token_timeout_s=6)
+        tiers = TierClient(r, cfg, tiny_spec, replies, reply)
+
+        async def request(i: int) -> tuple[list[int], str] | Exception:
+            plan = m.PromptPlan(request_id=f"req-lost-{i}", reply_to=reply, token_ids=[1, 7, 9 + i],
+                                deadline=time.time() + 60,
+                                sampling=m.SamplingParams(max_tokens=3, temperature=0.0, ignore_eos=True))
+            tokens, finish = [], None
+            try:
+                async for ev in tiers.generate(plan, replies.subscribe(plan.request_id)):
+                    tokens += ev.token_ids
+                    finish = ev.finish
+            except Timeout as exc:
+                return exc
+            return tokens, finish
+
+        os.kill(backbone.pid, signal.SIGSTOP)
+        try:
+            tasks = [asyncio.create_task(request(i)) for i in range(3)]
+            while await r.xlen(keys.gen()) < 3:
+                await asyncio.sleep(0.05)
+            await r.delete(keys.gen())  # the 3 plans, unread
+        finally:
+            os.kill(backbone.pid, signal.SIGCONT)
+        try:
+            results = await asyncio.wait_for(asyncio.gather(*tasks), 20)
+            return dict(enumerate(results)), [f[b"m"] for _, f in await r.xrange(keys.gen())]
+        finally:
+            await stop_tasks([reader], timeout_s=5)
+            await r.aclose()
+
+    start = time.monotonic()
+    try:
+        results, left = asyncio.run(run())
+    finally:
+        stop_tier(backbone)
+    took = time.monotonic() - start
+    for i, result in results.items():
+        assert not isinstance(result, Exception), f"request {i}: {result!r}"
+        tokens, finish = result
+        assert len(tokens) == 3 and finish == m.FinishReason.LENGTH, result
+    assert took < 6, f"answered after {took:.1f} s"  # within the first-token timeout: not waited out
+    assert left == []  # the plans queued again were run and acked
