@@ -505,15 +505,7 @@ class EncoderWorker:
             try:
                 msg = m.decode(fields_payload(fields), m.EncodeJob)
             except (m.WireError, KeyError) as exc:
-                log.error("dropping undecodable job", extra={"entry": entry_id, "error": str(exc)})
-                dead = Claimed(entry_id, fields, deliveries, "")  # kept for the operator (another version's job)
-
-                def drop(pipe, e=entry_id, d=dead, why=f"undecodable: {exc}"):
-                    dead_letter(pipe, self.keys.dead_letter(), self.stream, d, why)
-                    ack_delete(pipe, self.stream, ENCODER_GROUP, e)
-
-                answers.with_acks(drop)
-                self._outcomes["undecodable"] += 1
+                self._undecodable(answers, entry_id, fields, deliveries, exc)
                 continue
             key = self.keys.tensor(msg.encoder_id, msg.digest)
             script_keys = (key, self.keys.waiters(msg.encoder_id, msg.digest),
@@ -540,6 +532,46 @@ class EncoderWorker:
                 continue
             jobs.append(job)
         return jobs
+
+    def _undecodable(self, answers: Answers, entry_id: bytes, fields: dict, deliveries: int, exc: Exception) -> None:
+        """A job this build cannot read goes to the dead-letter stream (kept for the operator: another version's job,
+        a rolling upgrade), and its gateway is told why if the job names it (:meth:`_refusal`): an auditor's job of
+        the next wire version was dropped unanswered, and its gateway's lost-job check queued it again and again
+        until the request timed out (a 504 after 15-60 s, nothing naming the version). Not a job at all: dropped
+        unanswered."""
+        log.error("dropping undecodable job", extra={"entry": entry_id, "error": str(exc)})
+        dead, why = Claimed(entry_id, fields, deliveries, ""), f"undecodable: {exc}"
+        answers.with_acks(lambda pipe: dead_letter(pipe, self.keys.dead_letter(), self.stream, dead, why))
+        refusal = self._refusal(fields, exc) if isinstance(exc, m.WireError) else None
+        if refusal is None:
+            answers.with_acks(lambda pipe: ack_delete(pipe, self.stream, ENCODER_GROUP, entry_id))
+            self._outcomes["undecodable"] += 1
+            return
+        script_keys, reply_to, message = refusal
+        answers.fail(script_keys, entry_id, message, reply_to)  # acked, and told, as every failed job is
+        self._outcomes[m.ErrorCode.INTERNAL.value] += 1
+
+    def _refusal(self, fields: dict, exc: m.WireError) -> tuple[tuple[str, str, str, str], str, bytes] | None:
+        """The failure that tells the gateway of a job this build refuses why: the job's keys, its reply stream and
+        an ``EncodeFailed`` (internal) for its tensor key, the one the gateway waits on. The job's fields are read
+        loosely (plain msgpack); None unless it names them, as strings. The reply carries the job's wire version,
+        the one its gateway reads (an ``EncodeFailed`` every version so far has)."""
+        job = m.loose(fields_payload(fields))
+        if not (all(isinstance(job.get(k), str) for k in ("request_id", "job_id"))
+                and all(isinstance(job.get(k), str) and job[k] for k in ("encoder_id", "digest", "reply_to"))):
+            return None
+        version = job.get("v")
+        if not isinstance(version, int) or isinstance(version, bool) or not 0 <= version < 2**32:
+            version = m.WIRE_VERSION
+        encoder_id, digest, blob = job["encoder_id"], job["digest"], job.get("blob_key")
+        key = self.keys.tensor(encoder_id, digest)
+        script_keys = (key, self.keys.waiters(encoder_id, digest), self.keys.lease(encoder_id, digest),
+                       blob if isinstance(blob, str) and blob else self.keys.blob(digest))
+        error = (f"this {self.cfg.modality} encoder cannot read the job: {exc}; run gateways and encoders that speak "
+                 "the same wire version")
+        msg = m.EncodeFailed(v=version, request_id=job["request_id"], job_id=job["job_id"], tensor_key=key,
+                             code=m.ErrorCode.INTERNAL, error=error)
+        return script_keys, job["reply_to"], m.encode(msg)
 
     def _admit(self, jobs: list[Job], answers: Answers) -> tuple[list[Job], list[bytes | Exception | None]]:
         """The jobs some live gateway still waits on, with their media bytes (one round trip); the others are

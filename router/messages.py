@@ -192,3 +192,14 @@ def decode(data: bytes, kind):
     if msg.v != WIRE_VERSION:
         raise WireError(f"wire version {msg.v} is not supported (this build speaks {WIRE_VERSION})")
     return msg
+
+
+def loose(data: bytes) -> dict:
+    """The fields of a message this build refuses (another wire version's), as plain values: msgpack decoded to
+    dicts, lists, strings and numbers, nothing else built from the bytes; ``{}`` if they are not a msgpack map. Only
+    to name the refusal to whoever sent it, never to do the work."""
+    try:
+        fields = msgspec.msgpack.decode(data)
+    except msgspec.DecodeError:
+        return {}
+    return fields if isinstance(fields, dict) else {}

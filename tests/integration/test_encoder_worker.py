@@ -7,6 +7,7 @@ import time
 import urllib.request
 import uuid
 
+import msgspec
 import numpy as np
 import pytest
 import redis
@@ -36,11 +37,11 @@ def image_worker(tiny_model, redis_server):
         proc.kill()
 
 
-def submit(r, spec, data: bytes, reply_to: str, input: m.JobInput = m.JobInput.MEDIA) -> m.EncodeJob:
+def submit(r, spec, data: bytes, reply_to: str, input: m.JobInput = m.JobInput.MEDIA, **extra) -> m.EncodeJob:
     digest = uuid.uuid4().hex
     job = m.EncodeJob(request_id=f"req-{digest[:6]}", job_id=digest, modality=m.Modality.IMAGE,
                       encoder_id=spec.encoder_id("image"), digest=digest, blob_key=KEYS.blob(digest, input.value),
-                      reply_to=reply_to, deadline=time.time() + 60, input=input)
+                      reply_to=reply_to, deadline=time.time() + 60, input=input, **extra)
     r.set(job.blob_key, data, ex=60)
     hold_lease(r, reply_to)
     r.xadd(KEYS.jobs("image"), payload_fields(m.encode(job)))
@@ -92,6 +93,30 @@ def test_an_undecodable_job_is_dropped_to_the_dead_letter_stream_and_the_worker_
     dead = r.xrange(KEYS.dead_letter())[before:]
     assert [(f[b"entry"], f[b"m"]) for _, f in dead] == [(bad, b"\x01not msgpack")], dead
     assert r.xpending(KEYS.jobs("image"), ENCODER_GROUP)["pending"] == 0
+
+
+def test_a_job_of_another_wire_version_is_refused_to_its_gateway_naming_the_version(image_worker, redis_server,
+                                                                                   tiny_spec):
+    """A job from a gateway of another wire version (a rolling upgrade) cannot be read: it was dead-lettered
+    unanswered, and its gateway queued it again and again until the request timed out (an auditor's: a 504 after
+    15-60 s, nothing naming the version). Its gateway is told at once, on the tensor key it waits on, in the wire
+    version it sent; the job is kept in the dead-letter stream and the worker goes on."""
+    r = redis.Redis.from_url(redis_server.url)
+    before = r.xlen(KEYS.dead_letter()) if r.exists(KEYS.dead_letter()) else 0
+    newer = m.WIRE_VERSION + 1
+    job = submit(r, tiny_spec, png_bytes(seed=18), "reply:version", v=newer)
+    reply = r.xread({"reply:version": "0-0"}, count=1, block=4000)
+    assert reply, "the gateway of a job of another wire version was told nothing"
+    failed = msgspec.msgpack.decode(fields_payload(reply[0][1][0][1]), type=m.ReplyMessage)  # as that gateway reads
+    assert isinstance(failed, m.EncodeFailed) and failed.code == m.ErrorCode.INTERNAL and failed.v == newer
+    assert failed.tensor_key == KEYS.tensor(job.encoder_id, job.digest) and failed.job_id == job.job_id
+    assert f"wire version {newer} is not supported" in failed.error, failed.error
+    dead = r.xrange(KEYS.dead_letter())[before:]
+    assert [f[b"m"] for _, f in dead] == [m.encode(job)], dead
+    assert not r.exists(job.blob_key) and r.xpending(KEYS.jobs("image"), ENCODER_GROUP)["pending"] == 0
+    r.delete("reply:version")
+    submit(r, tiny_spec, png_bytes(seed=19), "reply:version")
+    assert isinstance(next_reply(r, "reply:version"), m.EncodeDone)
 
 
 def test_a_job_for_another_precision_is_refused_with_the_fix(image_worker, redis_server, tiny_spec):
