@@ -187,10 +187,32 @@ class Claimed:
     consumer: str  # the dead consumer it was taken from
 
 
-def reclaim_dead(r, stream: str, group: str, me: str, live: set[str], count: int, min_idle_ms: int = 1000
-                 ) -> list[Claimed]:
+def take_pending(r, stream: str, group: str, me: str) -> Claimed | None:
+    """The oldest entry pending on ``me``, delivered to it again (XREADGROUP from id 0 counts a delivery, as XCLAIM
+    does), with its delivery count, or None if none is. Entries deleted meanwhile are acked away, not returned."""
+    while True:
+        pipe = r.pipeline(transaction=False)
+        pipe.xreadgroup(group, me, {stream: "0"}, count=1)
+        pipe.xpending_range(stream, group, min="-", max="+", count=1, consumername=me)
+        reply, pending = pipe.execute()
+        if not reply or not reply[0][1]:
+            return None
+        entry_id, fields = reply[0][1][0]
+        if fields:
+            counts = {p["message_id"]: p["times_delivered"] for p in pending}
+            return Claimed(entry_id, fields, counts.get(entry_id, 2), me)
+        r.xack(stream, group, entry_id)  # deleted while pending: one fewer each time round
+
+
+def reclaim_dead(r, stream: str, group: str, me: str, live: set[str], count: int, min_idle_ms: int = 1000,
+                 justid: bool = False) -> list[Claimed]:
     """Claim for ``me`` up to ``count`` entries pending on consumers absent from ``live``; drop dead consumers that
-    hold nothing. Entries deleted from the stream meanwhile are acked away, not returned."""
+    hold nothing. Entries deleted from the stream meanwhile are acked away, not returned.
+
+    ``justid``: claim them without delivering them (XCLAIM JUSTID: no fields, and their delivery counts unchanged,
+    ``deliveries`` being those of the dead consumers), for ``me`` to take up one at a time (:func:`take_pending`):
+    only the entry being run has its count raised, so a job that kills its worker does not raise the counts of the
+    jobs claimed with it. Deleted ones may be claimed too (Redis 6.2): :func:`take_pending` acks them away."""
     try:
         consumers = r.xinfo_consumers(stream, group)
     except ResponseError as exc:
@@ -212,7 +234,10 @@ def reclaim_dead(r, stream: str, group: str, me: str, live: set[str], count: int
         if not pending:
             continue
         delivered = {p["message_id"]: p["times_delivered"] for p in pending}
-        claimed = r.xclaim(stream, group, me, min_idle_ms, list(delivered))
+        claimed = r.xclaim(stream, group, me, min_idle_ms, list(delivered), justid=justid)
+        if justid:
+            out += [Claimed(entry_id, {}, delivered[entry_id], name) for entry_id in claimed if entry_id in delivered]
+            continue
         got, stale = set(), False
         for entry_id, fields in claimed:
             if entry_id is not None and fields:

@@ -12,8 +12,9 @@ payload Redis is sent (cache/codec.py: no serialization pass, and cache/client.p
 
 One consumer in the modality's consumer group; add replicas by starting more processes. On SIGTERM it stops reading,
 finishes the batches in hand, answers and acks them and exits. Jobs a dead worker left unacked are reclaimed by a
-live one within about a second of the dead one leaving the live set (cache/streams.py ``reclaim_dead``); a job handed to
-``max_deliveries`` workers goes to the dead-letter stream and fails its request. Answering a job acks it in the same
+live one within about a second of the dead one leaving the live set (cache/streams.py ``reclaim_dead``), and run one
+at a time, alone (a job that kills its worker must not take its batch with it); a job handed to ``max_deliveries``
+workers goes to the dead-letter stream and fails its request. Answering a job acks it in the same
 script (cache/tensors.py), so a job run twice publishes one tensor and one answer. A job whose gateway is dead (its
 lease lapsed) and that no other gateway waits on is dropped unencoded. Redis errors (an outage, a restart that lost
 the group) never end the loop: it waits and goes on. On a Redis Cluster, a node that does not answer fails only the
@@ -49,7 +50,7 @@ from cache.streams import (
     ensure_group_patiently,
     fields_payload,
     is_nogroup,
-    own_pending,
+    take_pending,
 )
 from cache.tensors import Answers, TensorPublisher
 from encoders.batching import batch_lengths, read_batch, shape_groups
@@ -174,8 +175,10 @@ class EncoderWorker:
         self.publisher = TensorPublisher(self.r, self.stream, ENCODER_GROUP)
         self.gate = ReclaimGate()
         self.reclaimer = Reclaimer(self.r, self.keys, self.tier, self.stream, ENCODER_GROUP, self.consumer,
-                                   cfg.max_batch, self.gate, "jobs")
-        self.reread = False  # a read failed: its jobs may have been delivered to us unheard (cache/streams.py)
+                                   cfg.max_batch, self.gate, "jobs", justid=True)
+        # Jobs are pending on us that no batch in hand holds: a read failed (its jobs may have been delivered to us
+        # unheard, cache/streams.py), or a reclaim claimed them. They are taken up one at a time (:meth:`_reread`).
+        self.reread = False
         self.metrics = EncoderMetrics(cfg.modality)  # served on --metrics-port (router/metrics.py)
         self._outcomes: Counter = Counter()  # the answers of the batch being staged or finished, by outcome
         self.threads = threads = cfg.preprocess_threads or min(8, os.cpu_count() or 1)
@@ -221,9 +224,13 @@ class EncoderWorker:
                     if self.reread and pending is not None:
                         entries = []  # the batch in hand first; then every entry still pending on us is a leftover
                     else:
-                        entries = self._reread() or self._reclaim() or read_batch(
-                            self.r, ENCODER_GROUP, self.consumer, self.stream, self.cfg.max_batch,
-                            self.cfg.max_wait_ms, block)
+                        entries = self._reread()
+                        if not entries:
+                            self._reclaim()
+                            if self.reread and block is not None:  # it claimed jobs: take them up soon
+                                block = min(block, PUBLISH_POLL_MS)
+                            entries = read_batch(self.r, ENCODER_GROUP, self.consumer, self.stream,
+                                                 self.cfg.max_batch, self.cfg.max_wait_ms, block)
                     self.gate.observe(time.monotonic() - t0 - ((block or 0) + self.cfg.max_wait_ms) / 1000)
                     # 2) Start preprocessing it on the pool, 3) then encode the batch before it meanwhile, and hand
                     #    its answers (ack, publish tensors, notify gateways) to the publishing thread.
@@ -269,26 +276,32 @@ class EncoderWorker:
             self.stop.wait(1.0)
 
     def _reread(self) -> list:
-        """After a failed round trip, the jobs already delivered to this worker, a batch at a time (called only with
-        no batch in hand, so every entry pending on this consumer is one to redo). Not while a reclaim is in flight
-        or its jobs untaken: the entries it claims are pending on us too, and are its own."""
+        """The jobs pending on this worker that no batch in hand holds (those of a failed round trip, or claimed
+        from dead workers), one at a time: each is delivered again (its count raised) and runs as a batch of its
+        own, with no other in hand (called only with none, and nothing else is read until it is answered). A job
+        that kills the worker (a decoder's segfault, an OOM kill) then takes only itself to ``max_deliveries``: an
+        auditor's crashing image was reclaimed with the three innocent jobs of its batch, all of them run together
+        by each next worker, which died too, until all four were dead-lettered (gave_up). Not while a reclaim is in
+        flight or its jobs untaken: the entries it claims are pending on us too."""
         if not self.reread or self.reclaimer.busy:
             return []
-        entries = own_pending(self.r, self.stream, ENCODER_GROUP, self.consumer, self.cfg.max_batch)
-        self.reread = bool(entries)  # a batch at a time: look again once it is done, until none is left
-        if entries:
-            log.warning("taking up jobs delivered during a Redis failure", extra={"count": len(entries)})
-        return entries
+        entry = take_pending(self.r, self.stream, ENCODER_GROUP, self.consumer)
+        self.reread = entry is not None  # look again once it is answered, until none is left
+        if entry is None:
+            return []
+        log.info("taking up a job delivered again", extra={"entry": entry.entry_id, "deliveries": entry.deliveries})
+        return [entry]
 
-    def _reclaim(self) -> list:
-        """Jobs of consumers absent from the live set (:class:`Claimed`), as the reclaim thread found them."""
+    def _reclaim(self) -> None:
+        """Start or take up the claim of the jobs of consumers absent from the live set: claimed without being
+        delivered (their delivery counts unchanged, cache/streams.py), they are pending on us, for the re-read."""
         outcome = self.reclaimer.poll()
         if isinstance(outcome, Exception):  # entries it claimed are pending on us now: the re-read takes them up
             self.reread = True
             if isinstance(outcome, RedisError) and is_nogroup(outcome):
                 self._ensure_group()
-            return []
-        return outcome
+        elif outcome:
+            self.reread = True
 
     def _answered(self) -> None:
         """Wait for the batch on the publishing thread to be answered; its Redis error is raised here, in the loop

@@ -201,9 +201,11 @@ class Reclaimer:
     """
 
     def __init__(self, r, keys: Keys, tier: str, stream: str, group: str, consumer: str, count: int,
-                 gate: ReclaimGate, what: str, then: Callable[[list[Claimed]], None] | None = None):
+                 gate: ReclaimGate, what: str, then: Callable[[list[Claimed]], None] | None = None,
+                 justid: bool = False):
         self.r, self.keys, self.tier, self.stream, self.group = r, keys, tier, stream, group
         self.consumer, self.count, self.gate, self.what, self.then = consumer, count, gate, what, then
+        self.justid = justid  # claim without delivering (cache/streams.py reclaim_dead)
         self.pool = ThreadPoolExecutor(1, thread_name_prefix="reclaim")
         self.future: Future | None = None  # the reclaim in flight, or done and its outcome not yet taken
         self.errors = Throttle()
@@ -241,7 +243,8 @@ class Reclaimer:
             live = live_for_reclaim(self.r, self.keys, self.tier, self.consumer)
             if live is None:
                 return []
-            claimed = reclaim_dead(self.r, self.stream, self.group, self.consumer, live, self.count)
+            claimed = reclaim_dead(self.r, self.stream, self.group, self.consumer, live, self.count,
+                                   justid=self.justid)
             if claimed and self.then is not None:
                 self.then(claimed)
             return claimed

@@ -11,7 +11,15 @@ import redis
 
 from cache.embedded import EmbeddedRedis
 from cache.keys import Keys, alive
-from cache.streams import Claimed, ack_delete, dead_letter, ensure_group, payload_fields, reclaim_dead
+from cache.streams import (
+    Claimed,
+    ack_delete,
+    dead_letter,
+    ensure_group,
+    payload_fields,
+    reclaim_dead,
+    take_pending,
+)
 from cache.tensors import Answers, TensorPublisher
 
 
@@ -78,6 +86,34 @@ def test_only_dead_consumers_entries_are_claimed_with_their_delivery_counts(r):
     # Now empty, the dead consumers are removed from the group on the next pass; the live ones stay.
     assert reclaim_dead(r, "jobs", "g", "me", live={"busy-live", "me"}, count=10, min_idle_ms=10) == []
     assert sorted(c["name"] for c in r.xinfo_consumers("jobs", "g")) == [b"busy-live", b"me"]
+
+
+def test_a_claim_without_delivery_raises_only_the_count_of_the_entry_taken_up(r):
+    """JUSTID: a dead consumer's entries are made ours with their counts unchanged; each one taken up (one at a
+    time, oldest first) counts a delivery, and only it. A worker that dies on the first leaves the others' counts as
+    they were (a crashing job must not take the jobs claimed with it to max_deliveries); deleted ones are acked
+    away."""
+    ensure_group(r, "jobs", "g")
+    ids = [r.xadd("jobs", payload_fields(f"job{i}".encode())) for i in range(4)]
+    r.xreadgroup("g", "dead", {"jobs": ">"}, count=4)
+    time.sleep(0.02)
+    claimed = reclaim_dead(r, "jobs", "g", "me", live={"me"}, count=10, min_idle_ms=10, justid=True)
+    assert [(c.entry_id, c.fields, c.deliveries, c.consumer) for c in claimed] == [(i, {}, 1, "dead") for i in ids]
+    first = take_pending(r, "jobs", "g", "me")
+    assert (first.entry_id, first.fields, first.deliveries) == (ids[0], {b"m": b"job0"}, 2)
+    counts = {p["message_id"]: p["times_delivered"] for p in r.xpending_range("jobs", "g", "-", "+", 10)}
+    assert counts == {ids[0]: 2, ids[1]: 1, ids[2]: 1, ids[3]: 1}
+    time.sleep(0.02)  # "me" died on it: the next worker takes the four over, and the same one first
+    claimed = reclaim_dead(r, "jobs", "g", "next", live={"next"}, count=10, min_idle_ms=10, justid=True)
+    assert [c.deliveries for c in claimed] == [2, 1, 1, 1]
+    assert take_pending(r, "jobs", "g", "next").deliveries == 3
+    r.xack("jobs", "g", ids[0])
+    r.xdel("jobs", ids[1])
+    second = take_pending(r, "jobs", "g", "next")
+    assert (second.entry_id, second.deliveries) == (ids[2], 2)
+    r.xack("jobs", "g", ids[2], ids[3])
+    assert take_pending(r, "jobs", "g", "next") is None
+    assert r.xpending("jobs", "g")["pending"] == 0
 
 
 def test_count_bounds_a_claim_and_entries_too_recently_delivered_stay(r):
