@@ -50,6 +50,7 @@ from cache.streams import (
     ensure_group_patiently,
     fields_payload,
     is_nogroup,
+    own_pending,
     take_pending,
 )
 from cache.tensors import Answers, TensorPublisher
@@ -179,6 +180,7 @@ class EncoderWorker:
         # Jobs are pending on us that no batch in hand holds: a read failed (its jobs may have been delivered to us
         # unheard, cache/streams.py), or a reclaim claimed them. They are taken up one at a time (:meth:`_reread`).
         self.reread = False
+        self.taking = False  # and among them jobs claimed from dead workers: taken up one at a time
         self.metrics = EncoderMetrics(cfg.modality)  # served on --metrics-port (router/metrics.py)
         self._outcomes: Counter = Counter()  # the answers of the batch being staged or finished, by outcome
         self.threads = threads = cfg.preprocess_threads or min(8, os.cpu_count() or 1)
@@ -276,17 +278,24 @@ class EncoderWorker:
             self.stop.wait(1.0)
 
     def _reread(self) -> list:
-        """The jobs pending on this worker that no batch in hand holds (those of a failed round trip, or claimed
-        from dead workers), one at a time: each is delivered again (its count raised) and runs as a batch of its
-        own, with no other in hand (called only with none, and nothing else is read until it is answered). A job
-        that kills the worker (a decoder's segfault, an OOM kill) then takes only itself to ``max_deliveries``: an
-        auditor's crashing image was reclaimed with the three innocent jobs of its batch, all of them run together
-        by each next worker, which died too, until all four were dead-lettered (gave_up). Not while a reclaim is in
-        flight or its jobs untaken: the entries it claims are pending on us too."""
+        """The jobs pending on this worker that no batch in hand holds (called only with none). Those of a failed
+        round trip alone: a batch at a time, their counts as they were (an outage is no fault of theirs). Once a
+        reclaim has claimed jobs from dead workers, one at a time: each is delivered again (its count raised) and
+        runs as a batch of its own, nothing else read until it is answered. A job that kills the worker (a decoder's
+        segfault, an OOM kill) then takes only itself to ``max_deliveries``: an auditor's crashing image was
+        reclaimed with the three innocent jobs of its batch, all of them run together by each next worker, which
+        died too, until all four were dead-lettered (gave_up). Not while a reclaim is in flight or its jobs
+        untaken: the entries it claims are pending on us too."""
         if not self.reread or self.reclaimer.busy:
             return []
+        if not self.taking:
+            entries = own_pending(self.r, self.stream, ENCODER_GROUP, self.consumer, self.cfg.max_batch)
+            self.reread = bool(entries)  # a batch at a time: look again once it is done, until none is left
+            if entries:
+                log.warning("taking up jobs delivered during a Redis failure", extra={"count": len(entries)})
+            return entries
         entry = take_pending(self.r, self.stream, ENCODER_GROUP, self.consumer)
-        self.reread = entry is not None  # look again once it is answered, until none is left
+        self.reread = self.taking = entry is not None  # look again once it is answered, until none is left
         if entry is None:
             return []
         log.info("taking up a job delivered again", extra={"entry": entry.entry_id, "deliveries": entry.deliveries})
@@ -297,11 +306,11 @@ class EncoderWorker:
         delivered (their delivery counts unchanged, cache/streams.py), they are pending on us, for the re-read."""
         outcome = self.reclaimer.poll()
         if isinstance(outcome, Exception):  # entries it claimed are pending on us now: the re-read takes them up
-            self.reread = True
+            self.reread = self.taking = True
             if isinstance(outcome, RedisError) and is_nogroup(outcome):
                 self._ensure_group()
         elif outcome:
-            self.reread = True
+            self.reread = self.taking = True
 
     def _answered(self) -> None:
         """Wait for the batch on the publishing thread to be answered; its Redis error is raised here, in the loop
