@@ -846,9 +846,18 @@ class RealtimeSession:
             self.vad_at -= n
 
     def _reset_vad(self) -> None:
-        self.audio_pos0 += len(self.audio) // 2
+        """The detector (and the features stream) start again at the buffer's front. The buffer's place in the
+        session's audio (``audio_pos0``) moves only as audio leaves the buffer (``_drop_front``, ``_clear_audio``):
+        moved here too, server VAD turned on with a second of audio buffered told that turn's audio_start_ms and
+        audio_end_ms a second late, against what VAD on from the start tells of the same audio (an outside
+        tester's)."""
         self.vad_at, self.speaking, self.silence = 0, None, 0
         self.stream = None  # the buffer starts again
+
+    def _clear_audio(self) -> None:
+        """Empty the buffer; the audio after it is that much further into the session's."""
+        self.audio_pos0 += len(self.audio) // 2
+        self.audio.clear()
 
     async def _detect(self) -> None:
         """Run the detector over the frames appended since it last looked (see ServerVad)."""
@@ -888,7 +897,7 @@ class RealtimeSession:
             await self._commit(item_id)
         except EventError:  # no room for the turn: it is dropped (the error says why), listening goes on
             self._reset_vad()
-            self.audio.clear()
+            self._clear_audio()
             raise
         finally:
             self.audio += rest
@@ -919,7 +928,7 @@ class RealtimeSession:
             if done is not None:
                 self.features[item["id"]] = done
         self._reset_vad()
-        self.audio.clear()
+        self._clear_audio()
 
     async def audio_commit(self, event: dict) -> None:
         if 0 < len(self.audio) < 2 * MIN_COMMIT_MS * PCM_RATE // 1000:
@@ -930,7 +939,7 @@ class RealtimeSession:
 
     async def audio_clear(self, event: dict) -> None:
         self._reset_vad()  # the features stream starts again too
-        self.audio.clear()
+        self._clear_audio()
         self.audio_carry = b""
         await self.send("input_audio_buffer.cleared")
 

@@ -270,3 +270,37 @@ def test_an_audio_item_past_the_limit_is_refused_in_rests_words():
     with pytest.raises(EventError) as refused:
         asyncio.run(s.item_create(event))
     assert refused.value.code == "invalid_media" and refused.value.message == "audio of 2 s is longer than 1 s"
+
+
+def test_turn_positions_are_the_same_whether_server_vad_was_on_from_the_start_or_turned_on_later():
+    """A second of silence buffered, then server VAD turned on, then speech at 1.0-1.5 s: the turn was told at
+    1,700-3,000 ms, against 700-2,000 ms (the 300 ms of prefix padding before the speech, to the end of the 500 ms
+    of silence that ends it) with VAD on from the start (an outside tester's). Turning VAD on counted the buffered
+    second twice."""
+    import base64
+
+    import numpy as np
+
+    vad = {"type": "server_vad", "prefix_padding_ms": 300, "silence_duration_ms": 500, "create_response": False}
+    silence = np.zeros(realtime.PCM_RATE, dtype="<i2")  # 1 s
+    tone = np.sin(2 * np.pi * 440 * np.arange(realtime.PCM_RATE // 2) / realtime.PCM_RATE) * 12000  # 0.5 s
+    speech = np.concatenate([tone.astype("<i2"), np.zeros(realtime.PCM_RATE * 7 // 10, dtype="<i2")])
+
+    def append(pcm):
+        return {"type": "input_audio_buffer.append", "audio": base64.b64encode(pcm.tobytes()).decode()}
+
+    def positions(vad_first: bool) -> tuple[int, int]:
+        s = session(10**8)
+        update = {"type": "session.update", "session": {"audio": {"input": {"turn_detection": vad}}}}
+
+        async def go():
+            for event in ([update, append(silence)] if vad_first else [append(silence), update]) + [append(speech)]:
+                await s.handle(event)
+
+        asyncio.run(go())
+        started, stopped = (next(e for e in s.ws.sent if e["type"] == f"input_audio_buffer.speech_{kind}")
+                            for kind in ("started", "stopped"))
+        return started["audio_start_ms"], stopped["audio_end_ms"]
+
+    assert positions(vad_first=True) == (700, 2000)
+    assert positions(vad_first=False) == (700, 2000)
