@@ -439,8 +439,10 @@ class RealtimeSession:
         finally:
             self.turn_waiting = False  # no response after the socket has gone
             if self.active is not None:  # a dropped socket stops its response and frees the backbone slot
-                self.active[1].set()
-                await asyncio.gather(self.active[0], return_exceptions=True)
+                task, cancelled, _ = self.active
+                cancelled.set()
+                if task is not None:  # None: still being made (it starts cancelled, its first send fails)
+                    await asyncio.gather(task, return_exceptions=True)
             self.audio.clear()
             self.stream = None
             self.features.clear()
@@ -1043,12 +1045,38 @@ class RealtimeSession:
             await self.ws.close(code=1012, reason="the server is restarting; reconnect")
 
     async def response_create(self, event: dict) -> None:
+        """Every response starts here, the client's and server VAD's. One at a time: the session's slot
+        (``self.active``) is taken before the first await, its task still to come, and given back only by the
+        response holding it (``_release``). Taken after the request was made (the conversation fitted and its JSON
+        written, on threads), a turn server VAD answered as the response it interrupted ended and a client's
+        response.create both passed the check meanwhile: two responses ran at once, the second could not be
+        cancelled, and the first to end told the session none was running (an outside tester's fuzz)."""
         if self.draining:
             raise EventError("this server is shutting down; reconnect to go on", code="server_shutting_down",
                              type_="server_error")
         if self.active is not None:
             raise EventError("a response is already in progress; cancel it or wait for response.done",
                              code="conversation_already_has_active_response")
+        cancelled, response_id = asyncio.Event(), _id("resp")
+        self.active = (None, cancelled, response_id)  # a cancel (new speech, response.cancel) meanwhile is heard
+        self.cancel_reason = "client_cancelled"
+        try:
+            run, payload, features = await self._request(event, cancelled, response_id)
+        except BaseException:
+            self._release(response_id)
+            if self.draining:  # drain() left the close to this response
+                self.drain()
+            raise
+        task = asyncio.get_running_loop().create_task(self._respond(run, payload, features))
+        self.active = (task, cancelled, response_id)
+
+    def _release(self, response_id: str) -> None:
+        """Give back the session's response slot if ``response_id`` holds it, and only then."""
+        if self.active is not None and self.active[2] == response_id:
+            self.active = None
+
+    async def _request(self, event: dict, cancelled: asyncio.Event, response_id: str) -> tuple[Run, bytes, dict]:
+        """What ``response.create`` asks, checked, as the chat request's JSON (and the streamed features it takes)."""
         r = event.get("response") or {}
         if not isinstance(r, dict):
             raise EventError("response must be an object", param="response")
@@ -1096,15 +1124,11 @@ class RealtimeSession:
         # Streamed features go with this response; afterwards the encoding is cached (or, if it failed, the audio
         # is there to encode again), so they are dropped.
         features = dict(self.features.pop(it["id"]) for it in items if it["id"] in self.features)
-        cancelled = asyncio.Event()
-        response_id = _id("resp")
-        self.cancel_reason = "client_cancelled"
         # Which conversation item each chat message stands for, to name items (not chat messages) in errors.
         sources = ([None] if instructions else []) + [it["id"] for it in items]
         run = Run(response_id, cancelled, into_conversation, max_tokens, metadata, event.get("event_id"), sources)
         payload = await asyncio.to_thread(_json_bytes, body) if large else _json_bytes(body)
-        task = asyncio.get_running_loop().create_task(self._respond(run, payload, features))
-        self.active = (task, cancelled, response_id)
+        return run, payload, features
 
     async def response_cancel(self, event: dict) -> None:
         if self.active is None:
@@ -1180,7 +1204,7 @@ class RealtimeSession:
             await self.error(exc, run.event_id)
         except (WebSocketDisconnect, WebSocketDisconnected):  # the socket went (a reset, the send bound cut it)
             run.cancelled.set()
-            self.active = None
+            self._release(response_id)
             return
         except Exception as exc:  # one response's fault: it fails, the connection goes on
             log.exception("realtime response failed", extra={"request_id": response_id})
@@ -1210,7 +1234,7 @@ class RealtimeSession:
         except (WebSocketDisconnect, RuntimeError):
             self.turn_waiting = False  # the socket is gone
         finally:
-            self.active = None
+            self._release(response_id)
         if self.draining:
             await self._close_draining()
             return

@@ -304,3 +304,94 @@ def test_turn_positions_are_the_same_whether_server_vad_was_on_from_the_start_or
 
     assert positions(vad_first=True) == (700, 2000)
     assert positions(vad_first=False) == (700, 2000)
+
+
+def responding(s: RealtimeSession) -> list:
+    """``s`` answering every response with three deltas (a response.create's checks need the model's context and
+    text limit); the fits its responses make, counted."""
+    from gateway.chat import Delta
+
+    s.chat.spec.max_context = 4096
+    s.chat.builder = SimpleNamespace(max_text_chars=10**6)
+
+    async def respond(rid, body, cancel, **kw):
+        for i in range(3):
+            yield Delta(f"{rid} ", None, 5, i + 1)
+            await asyncio.sleep(0.01)
+
+    s.chat.respond = respond
+    return []
+
+
+async def until(cond) -> None:
+    for _ in range(2000):
+        if cond():
+            return
+        await asyncio.sleep(0.001)
+    raise AssertionError("never came")
+
+
+def test_one_response_at_a_time_though_a_turn_is_answered_while_a_client_asks_for_another():
+    """Speech interrupted response A and its turn ended while A was ending; as A ended, the turn's response was
+    made (its fit, its JSON, on threads), and a response.create from the client meanwhile found no response running:
+    both streamed, response.cancel could not reach the client's, and the first to end told the session none was
+    running (an outside tester's fuzz). The turn's response holds the slot from its first step: the client's is
+    refused, and a cancel stops the one that runs."""
+    import base64
+
+    import numpy as np
+
+    s = session(10**6)
+    fits = responding(s)
+    gate = asyncio.Event()
+
+    async def fit(*args):  # the items as they are
+        fits.append(args)
+        if len(fits) == 2:  # the turn's response, made as A ends: held here until the client's create is handled
+            await gate.wait()
+        return args[0]
+
+    s._fit = fit
+    rng = np.random.default_rng(5)
+    loud = (rng.standard_normal(7200) * 3000).astype("<i2").tobytes()
+    quiet = (rng.standard_normal(14400) * 30).astype("<i2").tobytes()
+    speech = {"type": "input_audio_buffer.append", "audio": base64.b64encode(loud + quiet).decode()}
+
+    async def go():
+        await s._add(text_item(0, "hello"))
+        s.vad = realtime.ServerVad(silence_duration_ms=200)
+        await s.handle({"type": "response.create", "event_id": "A"})
+        a = s.active[0]
+        await s.handle(speech)  # interrupts A; the turn ends while A is ending
+        assert s.turn_waiting
+        await until(lambda: len(fits) == 2)  # A has ended; the turn's response is being made
+        with pytest.raises(EventError) as refused:
+            await s.handle({"type": "response.create", "event_id": "B"})
+        assert refused.value.code == "conversation_already_has_active_response"
+        gate.set()
+        await until(lambda: s.active is not None and s.active[0] is not None)
+        turn = s.active[0]
+        await s.handle({"type": "response.cancel"})
+        await asyncio.gather(a, turn)
+        assert s.active is None
+
+    asyncio.run(go())
+    running, overlaps, done = None, [], []
+    for e in s.ws.sent:
+        if e["type"] == "response.created":
+            overlaps += [(running, e["response"]["id"])] if running else []
+            running = e["response"]["id"]
+        elif e["type"] == "response.done":
+            done.append(e["response"]["status"])
+            running = None if running == e["response"]["id"] else running
+    assert not overlaps and done == ["cancelled", "cancelled"], (overlaps, done)
+
+
+def test_a_response_that_ends_gives_back_only_its_own_slot():
+    s = session(10**6)
+    responding(s)
+    other = (None, asyncio.Event(), "resp_other")
+    s.active = other
+    run = realtime.Run("resp_1", asyncio.Event(), False, None, None, None, [])
+    asyncio.run(s._respond(run, b"{}", {}))
+    assert s.active is other
