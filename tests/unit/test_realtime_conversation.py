@@ -395,3 +395,52 @@ def test_a_response_that_ends_gives_back_only_its_own_slot():
     run = realtime.Run("resp_1", asyncio.Event(), False, None, None, None, [])
     asyncio.run(s._respond(run, b"{}", {}))
     assert s.active is other
+
+
+def test_an_item_deleted_while_the_fit_counts_its_tokens_fails_nothing_and_leaves_nothing_behind():
+    """A conversation.item.delete handled while ``_fit`` counted a new item on a thread: the fit then read the counts
+    of an item counted before, gone with it, a KeyError, and the VAD turn it was answering was never answered (an
+    outside tester's fuzz). The fit goes on with what it read; nothing is kept for the items deleted."""
+    import threading
+
+    s = session(10**6)
+    s.chat.spec.max_context = 4096
+    s.chat.cfg.default_max_tokens = 16
+    s.chat.builder = SimpleNamespace(conversation_tokens=lambda role: 3, message_tokens=lambda *a: 5, limits={})
+    counting, counted = threading.Event(), threading.Event()
+
+    def tokens(item):
+        if item["id"] == "item_2":  # the new item: counted while the client deletes
+            counting.set()
+            assert counted.wait(5)
+        return 5
+
+    s._item_tokens = tokens
+
+    async def go():
+        for i in range(2):
+            await s._add(text_item(i, "hi"))
+        await s._fit(list(s.items), "", None, True)  # item_0 and item_1 counted
+        await s._add(text_item(2, "hi"))
+        fit = asyncio.ensure_future(s._fit(list(s.items), "", None, True))
+        await asyncio.to_thread(counting.wait, 5)
+        for gone in ("item_1", "item_2"):  # one counted before, the one being counted
+            await s.item_delete({"type": "conversation.item.delete", "item_id": gone})
+        counted.set()
+        return await fit
+
+    kept = asyncio.run(go())
+    assert [it["id"] for it in kept] == ["item_0", "item_1", "item_2"]  # the conversation the response was asked of
+    assert list(s.tokens) == list(s.media) == ["item_0"] and not s.left_out
+
+
+def test_a_turn_that_cannot_be_answered_is_told_not_only_logged():
+    s = session(10**6)
+
+    async def broken(event):
+        raise KeyError("item_1")
+
+    s.response_create = broken
+    asyncio.run(s._answer_turn())
+    errors = [e["error"] for e in s.ws.sent if e["type"] == "error"]
+    assert [(e["code"], e["type"]) for e in errors] == [("server_error", "server_error")], s.ws.sent
