@@ -64,6 +64,12 @@ CHECK_EVERY_S = 2.0
 CHECK_TIMEOUT_S = 2.0
 
 
+def _taken(task: asyncio.Task) -> None:
+    """Retrieve what ``task`` ended with: it has no one left to raise it to."""
+    if not task.cancelled():
+        task.exception()
+
+
 class MediaEncoder:
     def __init__(self, redis, cfg: GatewayConfig, spec: ModelSpec, replies: ReplyRouter, reply_stream: str,
                  liveness_unknown=lambda: False, metrics=None, known_live=lambda tier: None, gone=lambda tier: False):
@@ -84,12 +90,20 @@ class MediaEncoder:
         timeout and ``ENCODE_SLACK_S``: past that, a Redis round trip did not answer (a 503)."""
         if not parts:
             return []
+        encoding = asyncio.ensure_future(self._encode(request_id, parts, queue, namespace, tenant))
         try:
-            return await asyncio.wait_for(self._encode(request_id, parts, queue, namespace, tenant),
-                                          self.cfg.encode_timeout_s + ENCODE_SLACK_S)
+            return await asyncio.wait_for(encoding, self.cfg.encode_timeout_s + ENCODE_SLACK_S)
         except TimeoutError:  # not the encoders' wait (a Timeout, raised inside at the encode timeout): Redis's
             log.warning("redis did not answer in time while encoding", extra={"request_id": request_id})
             raise redis_too_slow() from None
+        except asyncio.CancelledError:
+            # The request cut (a Realtime response cancelled): wait_for cancels the encoding and, on Python 3.11,
+            # drops what it ends with. A cancel that comes just as the encoding's own wait on the queue is answered
+            # (DISCONNECTED: the client gone) is lost in that inner wait_for, and the encoding ends with ClientGone
+            # instead: logged at error level as "Task exception was never retrieved" (an outside tester's,
+            # cancelling responses with media). Taken here.
+            encoding.add_done_callback(_taken)
+            raise
 
     async def _encode(self, request_id: str, parts: list[MediaPart], queue: asyncio.Queue, namespace: str,
                       tenant: str) -> list[m.MediaRef]:

@@ -182,3 +182,42 @@ def test_a_cached_count_of_zero_rows_is_a_count_not_damage():
     assert enc._count_of("k", b"0", "r") == 0 and enc._count_of("k", b"100", "r") == 100
     assert enc._count_of("k", b"-1", "r") is None and enc._count_of("k", b"101", "r") is None
     assert enc._count_of("k", b"abc", "r") is None and enc._count_of("k", None, "r") is None
+
+
+def test_an_encoding_cut_with_its_request_leaves_no_exception_unretrieved():
+    """A Realtime response with media cancelled as its encoding heard the client was gone: wait_for (Python 3.11)
+    cancelled the encoding, which ended with ClientGone rather than cancelled, and nothing took it: "Task exception
+    was never retrieved" at error level (an outside tester's)."""
+    import asyncio
+    import gc
+
+    from gateway.config import GatewayConfig
+    from gateway.encoding import MediaEncoder
+    from gateway.tiers import ClientGone
+
+    enc = MediaEncoder.__new__(MediaEncoder)
+    enc.cfg = GatewayConfig(model_dir="m", redis_url="redis://x")
+
+    async def encode(*args):  # hears the client gone as the cancel comes: the cancel is lost, ClientGone raised
+        try:
+            await asyncio.sleep(10)
+        except asyncio.CancelledError:
+            raise ClientGone() from None
+
+    enc._encode = encode
+    unretrieved = []
+
+    async def go():
+        asyncio.get_running_loop().set_exception_handler(lambda loop, context: unretrieved.append(context))
+        request = asyncio.ensure_future(enc.encode("r", ["a part"], asyncio.Queue()))
+        await asyncio.sleep(0)
+        request.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await request
+        del request
+        for _ in range(3):
+            gc.collect()
+            await asyncio.sleep(0)
+
+    asyncio.run(go())
+    assert not unretrieved, [c["message"] for c in unretrieved]
