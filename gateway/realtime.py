@@ -327,7 +327,8 @@ class RealtimeSession:
         self.vad_at = 0  # bytes of self.audio the detector has looked at
         self.speaking: str | None = None  # the item id of the speech in progress
         self.silence = 0  # quiet samples since the last loud frame
-        self.active: tuple[asyncio.Task, asyncio.Event, str] | None = None  # the running response
+        # the running response (its task None while the response is still being made: response_create)
+        self.active: tuple[asyncio.Task | None, asyncio.Event, str] | None = None
         self.turn_waiting = False  # a turn server VAD committed while the response it interrupted was ending
         self.refusals = Throttle(REFUSALS_LOGGED_S)
         self.send_lock = asyncio.Lock()
