@@ -608,6 +608,9 @@ class RealtimeSession:
                                      code="invalid_media")
                 parts.append({"type": kind, "audio": part["audio"]})
         item_id = raw.get("id") if isinstance(raw.get("id"), str) and raw["id"] else _id("item")
+        if item_id == "root":  # previous_item_id "root" means the conversation's start, never this item
+            raise EventError("an item's id cannot be 'root' (previous_item_id 'root' is the conversation's start)",
+                             param=f"{param}.id")
         if item_id == self.speaking or any(it["id"] == item_id for it in self.items):  # the turn being heard has its
             raise EventError(f"an item with id {item_id!r} already exists", param=f"{param}.id")  # id already
         return {"id": item_id, "type": "message", "object": "realtime.item", "status": "completed", "role": role,
@@ -1167,6 +1170,10 @@ class RealtimeSession:
     def _item_error(self, exc: APIError, run: Run) -> APIError:
         """``exc`` with the chat message it names (``messages.3.content.0``) told as the conversation item it came
         from (``item 'item_x', content 0``): the client never saw the chat request."""
+        if exc.param == "messages":  # the whole prompt (too long, too many media parts): the conversation's, which
+            # the client never sent as such (an outside tester's fuzz saw the chat request's field named)
+            exc.param = None
+            return exc
         match = re.match(r"messages\.(\d+)(?:\.content\.(\d+))?", exc.param or "")
         if not match or int(match[1]) >= len(run.sources):
             return exc

@@ -444,3 +444,21 @@ def test_a_turn_that_cannot_be_answered_is_told_not_only_logged():
     asyncio.run(s._answer_turn())
     errors = [e["error"] for e in s.ws.sent if e["type"] == "error"]
     assert [(e["code"], e["type"]) for e in errors] == [("server_error", "server_error")], s.ws.sent
+
+
+def test_an_item_cannot_take_the_id_root_and_a_whole_prompt_error_names_no_chat_field():
+    """An outside tester's fuzz: an item created with the id "root" could never be named by ``previous_item_id``
+    ("root" is the conversation's start); and a response refused for its whole prompt (too many media parts) named
+    ``messages``, a field of the chat request the client never sent."""
+    from gateway.errors import InvalidRequest
+
+    s = session(10**6)
+    with pytest.raises(EventError, match="cannot be 'root'") as refused:
+        s._item({"type": "message", "role": "user", "id": "root",
+                 "content": [{"type": "input_text", "text": "hi"}]}, "item")
+    assert refused.value.param == "item.id"
+    run = realtime.Run("resp_1", asyncio.Event(), True, None, None, "ev_1", ["item_1", "item_2"])
+    whole = s._item_error(InvalidRequest("at most 4 audio part(s) per prompt", param="messages"), run)
+    assert whole.param is None
+    part = s._item_error(InvalidRequest("messages.1.content.0: bad", param="messages.1.content.0"), run)
+    assert part.param == "item.content.0" and "item 'item_2', content 0" in part.message
