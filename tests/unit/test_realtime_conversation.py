@@ -462,3 +462,26 @@ def test_an_item_cannot_take_the_id_root_and_a_whole_prompt_error_names_no_chat_
     assert whole.param is None
     part = s._item_error(InvalidRequest("messages.1.content.0: bad", param="messages.1.content.0"), run)
     assert part.param == "item.content.0" and "item 'item_2', content 0" in part.message
+
+
+def test_the_answer_being_written_is_retrieved_with_its_text_so_far():
+    """conversation.item.retrieve of the assistant item a response was writing answered ``content: []`` after deltas
+    had been sent (an outside tester's fuzz): it has the text so far."""
+    from gateway.chat import Delta
+
+    s = session(10**6)
+    seen = []
+
+    async def respond(rid, body, cancel, **kw):
+        for i in range(3):
+            yield Delta(f"t{i} ", None, 5, i + 1)
+            item = next(it for it in s.items if it["role"] == "assistant")
+            await s.item_retrieve({"item_id": item["id"]})
+            seen.append(s.ws.sent[-1]["item"]["content"])
+
+    s.chat.respond = respond
+    run = realtime.Run("resp_1", asyncio.Event(), True, None, None, None, [])
+    asyncio.run(s._respond(run, b"{}", {}))
+    assert seen == [[{"type": "output_text", "text": t}] for t in ("t0 ", "t0 t1 ", "t0 t1 t2 ")]
+    done = [e for e in s.ws.sent if e["type"] == "response.done"][0]["response"]
+    assert done["output"][0]["content"] == [{"type": "output_text", "text": "t0 t1 t2 "}]
