@@ -197,7 +197,7 @@ class TierClient:
                             raise _no_backbone(f" for {self.cfg.no_worker_timeout_s:g} s") from None
                         if await self._plan_lost(gen):
                             await self._migrate(gen, "its queued plan was lost unread (the stream deleted or "
-                                                     "evicted)")
+                                                     "evicted)", counted=False)
                         continue
                     # A worker that went silent mid-answer but still beats (a hung pipeline shard, a stuck device
                     # call: its loop's stall timeout is longer than this) is stuck for this request: it moves to
@@ -212,8 +212,9 @@ class TierClient:
                     await self._migrate(gen, f"no token from backbone worker {gen.worker} for "
                                              f"{self.cfg.token_timeout_s:g} s")
                     continue
-                if msg is RESET:
-                    await self._migrate(gen, "Redis may have lost the request (its lease was gone)")
+                if msg is RESET:  # not a lost backbone: not counted toward migration_limit (a lease evicted five
+                    # times in 40 s failed long streams with worker_lost: an outside tester's)
+                    await self._migrate(gen, "Redis may have lost the request (its lease was gone)", counted=False)
                     continue
                 if isinstance(msg, WorkerLost):
                     if msg.attempt == gen.attempt:
@@ -328,13 +329,13 @@ class TierClient:
         if [r.num_tokens for r in refs] != [r.num_tokens for r in gen.plan.media]:
             raise Internal("the media encoded again to a different number of tokens")
         gen.plan = msgspec.structs.replace(gen.plan, media=refs)
-        gen.migrations -= 1  # not a lost backbone: does not count toward migration_limit
-        await self._migrate(gen, "a cached tensor was gone; encoded again")
+        await self._migrate(gen, "a cached tensor was gone; encoded again", counted=False)
 
-    async def _migrate(self, gen: Generation, reason: str) -> None:
+    async def _migrate(self, gen: Generation, reason: str, counted: bool = True) -> None:
         """Queue the continuation of ``gen`` (one round trip), or fail it past ``migration_limit``. The orphaned
         plan is acked (and deleted if it had been read: an unread one stays, and its reader skips it as cancelled);
-        older attempts are cancelled."""
+        older attempts are cancelled. ``counted``: a lost backbone, counted toward the limit (the request may be what
+        kills them); not a move for Redis's sake (a lease or a plan it lost, a cached tensor gone)."""
         plan, rid = gen.plan, gen.plan.request_id
         pipe = self.r.pipeline(transaction=False)
         if gen.entry_id is not None:
@@ -345,7 +346,7 @@ class TierClient:
             await bounded(pipe.execute(), "migrating", rid)
             gen.done = True
             return
-        if gen.migrations >= self.cfg.migration_limit:
+        if counted and gen.migrations >= self.cfg.migration_limit:
             self._cancel_from(pipe, rid, CANCEL_ALL)
             pipe.xadd(self.keys.dead_letter(), {"m": m.encode(plan), "stream": self.keys.gen(), "reason": reason,
                                                 "deliveries": gen.attempt + 1}, maxlen=10_000, approximate=True)
@@ -356,7 +357,7 @@ class TierClient:
             raise Unavailable(f"the backbone serving this request was lost ({reason}) after "
                               f"{gen.migrations} migration(s); retry the request", code="worker_lost", retry_after=1)
         gen.attempt += 1
-        gen.migrations += 1
+        gen.migrations += counted
         gen.worker = ""
         cont = msgspec.structs.replace(
             plan, token_ids=plan.token_ids + gen.tokens, resumed=len(gen.tokens), attempt=gen.attempt,
