@@ -70,6 +70,11 @@ class Keys:
         """Sorted set of worker ids scored by their last heartbeat (unix seconds)."""
         return f"{self.prefix}:live:{tier}"
 
+    def encoder_ids(self, modality: str) -> str:
+        """Hash of the modality's encoder workers (their ids) to the encoder id each computes (checkpoint, compute
+        and wire dtype): a worker handed a job for another id hands it back while a live worker has that id."""
+        return f"{self.prefix}:encoders:{modality}"
+
     def budget(self, tier: str) -> str:
         """Threads each of a tier's processes should use (``tributary up``'s CPU budget, re-divided as its autoscaler
         adds and removes processes), with a TTL the autoscaler refreshes. In the live set's slot: a worker's

@@ -28,6 +28,7 @@ job's ``EncodeFailed``; the rest of the batch is encoded and the loop goes on.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import threading
@@ -60,7 +61,7 @@ from encoders.runtime import launch_isolating
 from models.media import MAX_AUDIO_S
 from router import clock
 from router import messages as m
-from router.liveness import Heartbeat, Reclaimer, ReclaimGate, worker_id
+from router.liveness import Heartbeat, Reclaimer, ReclaimGate, live_count_args, worker_id
 from router.metrics import EncoderMetrics
 from router.metrics import serve as serve_metrics
 from router.metrics import stop as stop_metrics
@@ -68,6 +69,9 @@ from router.metrics import stop as stop_metrics
 log = logging.getLogger(__name__)
 
 PUBLISH_POLL_MS = 5  # an idle read's block while a batch is being answered (the server may round it up to its tick)
+REGISTER_EVERY_S = 10.0  # how often a worker says again which encoder it is (Keys.encoder_ids)
+REGISTER_TTL_S = 3600  # that hash's TTL, renewed as workers register (a dead worker's field is judged by liveness)
+HAND_BACK_PAUSE_S = 0.05  # the loop's wait after handing jobs back, so that jobs only other replicas take never spin
 EXIT_JOIN_S = 5.0  # at exit, the pools' threads still running are waited for this long in all, then left behind
 
 
@@ -194,6 +198,8 @@ class EncoderWorker:
         device = getattr(runtime, "device", torch.device("cpu"))
         self.device = device if device.type == "cuda" else None  # batches are assembled there, from pinned items
         self.on_threads = None  # set to follow the tier's thread budget (tributary up's autoscaler re-divides it)
+        self.registered = -1e9  # monotonic time this worker last said which encoder it is (_register)
+        self.handed_back = False  # the batch being staged handed jobs back (_hand_back)
 
     def run(self) -> None:
         if not ensure_group_patiently(self.r, self.stream, ENCODER_GROUP, self.stop, self.tier):
@@ -210,6 +216,7 @@ class EncoderWorker:
         try:
             while not self.stop.is_set():
                 heartbeat.tick()  # the heartbeat goes stale if this loop stops coming round
+                self._register()
                 try:
                     # 1) Take a batch: jobs a failed read left with us, the jobs of dead consumers, then new ones
                     #    (without waiting while a batch is in hand: it is encoded next, whatever comes).
@@ -237,6 +244,9 @@ class EncoderWorker:
                     # 2) Start preprocessing it on the pool, 3) then encode the batch before it meanwhile, and hand
                     #    its answers (ack, publish tensors, notify gateways) to the publishing thread.
                     staged = self._stage(entries) if entries else None
+                    if self.handed_back:
+                        self.handed_back = False
+                        self.stop.wait(HAND_BACK_PAUSE_S)
                     if pending is not None:
                         self.metrics.in_flight.set(len(pending.jobs) + (len(staged.jobs) if staged else 0))
                         self._finish(pending)
@@ -267,6 +277,8 @@ class EncoderWorker:
             self.publishing.shutdown(wait=False, cancel_futures=True)
             self.reclaimer.close(wait=False)
             heartbeat.stop()
+            with contextlib.suppress(RedisError):
+                self.r.hdel(self.keys.encoder_ids(self.cfg.modality), self.consumer)
             stop_metrics(metrics)
             log.info("encoder stopped", extra={"consumer": self.consumer})
 
@@ -533,6 +545,8 @@ class EncoderWorker:
             script_keys = (key, self.keys.waiters(msg.encoder_id, msg.digest),
                            self.keys.lease(msg.encoder_id, msg.digest), msg.blob_key)
             job = Job(entry_id, msg, key, script_keys, deliveries, fields)
+            if msg.encoder_id != self.encoder_id and self._hand_back(answers, job):
+                continue
             if msg.encoder_id != self.encoder_id:  # a gateway configured for another precision (or checkpoint)
                 mod = self.cfg.modality
                 error = (f"this {mod} encoder is {self.encoder_id} (computes {self.cfg.dtype}, sends "
@@ -554,6 +568,48 @@ class EncoderWorker:
                 continue
             jobs.append(job)
         return jobs
+
+    def _register(self) -> None:
+        """Say which encoder this worker is (``Keys.encoder_ids``), at start and every ``REGISTER_EVERY_S`` (a
+        Redis restarted empty forgets it); a failure waits for the next time."""
+        if time.monotonic() - self.registered < REGISTER_EVERY_S:
+            return
+        self.registered = time.monotonic()
+        try:
+            pipe = self.r.pipeline(transaction=False)
+            pipe.hset(self.keys.encoder_ids(self.cfg.modality), self.consumer, self.encoder_id)
+            pipe.expire(self.keys.encoder_ids(self.cfg.modality), REGISTER_TTL_S)
+            pipe.execute()
+        except RedisError as exc:
+            log.warning("could not say which encoder this worker is", extra={"error": str(exc)})
+
+    def _hand_back(self, answers: Answers, job: Job) -> bool:
+        """A job for another encoder (a gateway, or this worker, on another precision: a rolling change) is queued
+        again for the replicas that compute it, while one is live and the job's deadline is not past: replicas of
+        one modality share its queue, and each job that reached a replica of the other precision failed with a 500
+        though a matching replica was up (outside testers' rolling upgrades). Whether one is live: one round trip,
+        on this rare path only. The loop then waits a moment, so that jobs only the others can take do not spin."""
+        if clock.now() > job.msg.deadline:
+            return False
+        try:
+            pipe = self.r.pipeline(transaction=False)
+            pipe.hgetall(self.keys.encoder_ids(self.cfg.modality))
+            pipe.zrangebyscore(*live_count_args(self.keys, self.tier))
+            ids, live = pipe.execute()
+        except RedisError:
+            return False
+        if not any(ids.get(worker) == job.msg.encoder_id.encode() for worker in live):
+            return False
+        log.info("job for another encoder handed back to its replicas", extra={
+            "request_id": job.msg.request_id, "encoder_id": job.msg.encoder_id})
+
+        def again(pipe, e=job.entry_id, fields=job.fields):
+            pipe.xadd(self.stream, fields)
+            ack_delete(pipe, self.stream, ENCODER_GROUP, e)
+
+        answers.with_acks(again)
+        self.handed_back = True
+        return True
 
     def _undecodable(self, answers: Answers, entry_id: bytes, fields: dict, deliveries: int, exc: Exception) -> None:
         """A job this build cannot read goes to the dead-letter stream (kept for the operator: another version's job,

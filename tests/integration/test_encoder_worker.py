@@ -19,7 +19,7 @@ from cache.keys import ENCODER_GROUP, Keys
 from cache.streams import fields_payload, payload_fields
 from encoders.loader import load_preprocessor, load_runtime
 from router import messages as m
-from router.liveness import live_count_args
+from router.liveness import live_count_args, worker_pid
 from tests.integration.procs import hold_lease, start_tier, stop_tier
 from tests.media import png_bytes
 
@@ -130,6 +130,36 @@ def test_a_job_for_another_precision_is_refused_with_the_fix(image_worker, redis
     assert r.exists(KEYS.tensor(job.encoder_id, job.digest)) == 0
     submit(r, tiny_spec, png_bytes(seed=14), "reply:precision")
     assert isinstance(next_reply(r, "reply:precision"), m.EncodeDone)
+    assert r.xpending(KEYS.jobs("image"), ENCODER_GROUP)["pending"] == 0
+
+
+def test_a_job_for_another_precision_is_handed_back_while_a_replica_of_it_is_live(image_worker, redis_server,
+                                                                                 tiny_spec):
+    """Replicas of one modality share its queue: during a rolling precision change each job that reached a replica
+    of the other precision failed with a 500 though a matching replica was up (outside testers'). While a live
+    worker says it computes the job's encoder, the job is queued again for it; once none does, it fails as before.
+    Here the matching replica is a stand-in that never reads: the job goes round until it is gone."""
+    r = redis.Redis.from_url(redis_server.url)
+    other = tiny_spec.with_encoder_dtypes("bfloat16")
+    r.zadd(KEYS.live("encoder:image"), {"bf16-replica": time.time() + 600})
+    r.hset(KEYS.encoder_ids("image"), "bf16-replica", other.encoder_id("image"))
+    try:
+        job = submit(r, other, png_bytes(seed=15), "reply:handback")
+        first = r.xrange(KEYS.jobs("image"))[-1][0]
+        time.sleep(1.5)
+        queued = [(e, m.decode(fields_payload(f), m.EncodeJob)) for e, f in r.xrange(KEYS.jobs("image"))]
+        assert [j.job_id for _, j in queued] == [job.job_id] and queued[0][0] != first, queued
+        assert r.xlen("reply:handback") == 0  # not failed
+    finally:
+        r.zrem(KEYS.live("encoder:image"), "bf16-replica")
+        r.hdel(KEYS.encoder_ids("image"), "bf16-replica")
+    failed = next_reply(r, "reply:handback")  # no replica of it live any more: refused, naming the flags
+    assert isinstance(failed, m.EncodeFailed) and failed.code == m.ErrorCode.INTERNAL
+    assert "--encoder-dtype" in failed.error
+    said = [v for k, v in r.hgetall(KEYS.encoder_ids("image")).items() if worker_pid(k) == image_worker.pid]
+    assert said == [tiny_spec.encoder_id("image").encode()]  # the real worker says which it is
+    submit(r, tiny_spec, png_bytes(seed=16), "reply:handback")
+    assert isinstance(next_reply(r, "reply:handback"), m.EncodeDone)
     assert r.xpending(KEYS.jobs("image"), ENCODER_GROUP)["pending"] == 0
 
 
