@@ -64,9 +64,11 @@ class ClusterView:
     seen_live: dict[str, float] = field(default_factory=dict)  # tier -> monotonic time a read last found a live worker
 
     def steady(self) -> bool:
-        """Up, and read, long enough that every live worker has beaten since: an absent one is really gone."""
+        """Up, and read, long enough that every live worker has beaten since: an absent one is really gone (and
+        Redis's clock not stepped meanwhile: beats on two clocks, router/clock.py)."""
         return (self.up and self.reads_failing is None
-                and time.monotonic() - max(self.since, self.outage_ended) >= LIVE_WINDOW_S + HEARTBEAT_S)
+                and time.monotonic() - max(self.since, self.outage_ended, clock.stepped_at())
+                >= LIVE_WINDOW_S + HEARTBEAT_S)
 
     def away_s(self) -> float:
         """For how long Redis has been found away (0: up, or not checked yet)."""

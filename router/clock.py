@@ -14,11 +14,16 @@ value wherever clocks agree, as they do on one host and under NTP.
 
 from __future__ import annotations
 
+import logging
 import time
 
+log = logging.getLogger(__name__)
+
 MAX_ROUND_TRIP_S = 0.5  # a slower TIME reading is too loose to be worth taking: the last one stays
+STEP_S = 1.0  # a reading this far from the last is a step of Redis's clock (NTP, a failover to another host)
 
 _offset: float | None = None  # Redis's time minus this process's monotonic clock, as last synced
+_stepped = -1e9  # monotonic time this process last saw Redis's clock step
 
 
 def now() -> float:
@@ -29,6 +34,14 @@ def now() -> float:
 
 def synced() -> bool:
     return _offset is not None
+
+
+def stepped_at() -> float:
+    """Monotonic time this process last saw Redis's clock step (``STEP_S``). For a live window after it, beats are
+    on two clocks, those written before the step and after (each process reads the new time at its own next sync):
+    liveness judges no one meanwhile (gateway/monitor.ClusterView.steady, router/liveness.live_for_reclaim), or a
+    step of +8 s had a backbone reclaim a live one's plans (an outside tester's)."""
+    return _stepped
 
 
 def sync(r) -> None:
@@ -46,16 +59,21 @@ async def sync_async(r) -> None:
 
 
 def _observe(reply, t0: float, t1: float) -> None:
-    global _offset
+    global _offset, _stepped
     if isinstance(reply, dict):  # a cluster client may answer by node: any node's clock will do
         reply = next(iter(reply.values()), None)
     if t1 - t0 > MAX_ROUND_TRIP_S or not isinstance(reply, (tuple, list)) or len(reply) != 2:
         return
     seconds, micros = (int(x) for x in reply)
-    _offset = seconds + micros / 1e6 - (t0 + t1) / 2
+    offset = seconds + micros / 1e6 - (t0 + t1) / 2
+    if _offset is not None and abs(offset - _offset) > STEP_S:
+        _stepped = time.monotonic()
+        log.warning("Redis's clock stepped; judging no worker's liveness for a live window",
+                    extra={"step_s": round(offset - _offset, 3)})
+    _offset = offset
 
 
 def reset() -> None:
     """Forget the last sync (tests)."""
-    global _offset
-    _offset = None
+    global _offset, _stepped
+    _offset, _stepped = None, -1e9

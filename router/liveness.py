@@ -148,7 +148,9 @@ def live_members(r, keys: Keys, tier: str) -> set[str]:
 def live_for_reclaim(r, keys: Keys, tier: str, me: str) -> set[str] | None:
     """The live set, or None when this worker's own beat is stale: then the beats of the others may be just as late
     (Redis was paused while this worker was busy in a long step and made no call, so nothing told its ReclaimGate),
-    and nobody should be presumed dead."""
+    and nobody should be presumed dead; None too for a live window after Redis's clock stepped (router/clock.py)."""
+    if time.monotonic() - clock.stepped_at() < LIVE_WINDOW_S + HEARTBEAT_S:
+        return None
     now = clock.now()
     scores = {m.decode(): s for m, s in r.zrangebyscore(keys.live(tier), now - LIVE_WINDOW_S, "+inf",
                                                         withscores=True)}

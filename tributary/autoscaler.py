@@ -39,6 +39,7 @@ from redis.exceptions import RedisError
 
 from cache.client import connect, lost_node
 from cache.keys import Keys
+from router import clock
 from router.autoscale import ScalingPolicy, TierLoad, TierScaler
 from router.liveness import live_count_args
 from router.logs import say
@@ -151,7 +152,8 @@ class LocalAutoscaler:
         return self.keys.queue(tier)
 
     def read(self, now: float) -> dict[str, TierLoad]:
-        """Every tier's load in one round trip."""
+        """Every tier's load in one round trip (and one to read Redis's clock: the live sets are on it)."""
+        clock.sync(self.r)
         pipe = self.r.pipeline(transaction=False)
         for tier in self.scalers:
             stream, group = self._stream(tier)

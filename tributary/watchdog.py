@@ -89,7 +89,7 @@ class Watchdog:
         for members in replies:
             for member, score in members:
                 if (pid := worker_pid(member, self.host)) is not None:
-                    if pid not in self.beats or score > self.beats[pid][0]:
+                    if pid not in self.beats or score != self.beats[pid][0]:  # moved (back too: Redis's clock)
                         self.beats[pid] = (score, now)
                     self.seen.add(pid)
         judged = [c for g in groups if g.retire_by is None and g.restart_at is None for c in g.children

@@ -10,7 +10,7 @@ from cache.codec import decode_tensor, encode_tensor
 from cache.embedded import EmbeddedRedis
 from cache.keys import Keys
 from cache.streams import ensure_group
-from router.liveness import Heartbeat, live_count_args
+from router.liveness import Heartbeat, live_count_args, live_for_reclaim
 
 
 def test_embedded_server_is_real_and_evicts_only_volatile_keys():
@@ -199,5 +199,10 @@ def test_the_cluster_clock_is_redis_and_ignores_steps_of_this_hosts_clock(redis_
         clock.reset()
         asyncio.run(sync_async())
         assert abs(clock.now() - wall()) < 0.05
+        assert clock.stepped_at() < 0  # a first reading is no step
+        t = time.monotonic()  # Redis's clock read 8 s on (its host stepped): a step, and liveness waits a window
+        clock._observe((int(wall() + 8), 0), t, t)
+        assert time.monotonic() - clock.stepped_at() < 1 and abs(clock.now() - wall() - 8) < 1.1
+        assert live_for_reclaim(redis.Redis.from_url(redis_url), Keys("clock"), "backbone", "me") is None
     finally:
         clock.reset()
