@@ -195,7 +195,7 @@ class ClusterMonitor:
         """Read Redis's clock (router/clock.py) for the next beat, for this gateway's deadlines and rate limits too;
         a failure keeps the last reading (the lease's round trip says whether Redis is away)."""
         with contextlib.suppress(Exception):
-            await asyncio.wait_for(clock.sync_async(self.r), PROBE_TIMEOUT_S)
+            await asyncio.wait_for(clock.sync_async(self.r, self.alive_key), PROBE_TIMEOUT_S)
 
     async def _check_eviction_policy(self) -> None:
         """Read Redis's ``maxmemory-policy`` (from INFO: managed Redis services often refuse CONFIG) and, when it

@@ -44,18 +44,29 @@ def stepped_at() -> float:
     return _stepped
 
 
-def sync(r) -> None:
-    """Read Redis's clock through the client ``r`` (sync). Its errors are the caller's."""
+def sync(r, key: str | None = None) -> None:
+    """Read Redis's clock through the client ``r`` (sync). On a Redis Cluster, from the node holding ``key`` (the
+    keys the caller reads and writes next): a random node that does not answer would hold a heartbeat whose own
+    node answers. Its errors are the caller's."""
     t0 = time.monotonic()
-    reply = r.time()
+    reply = r.time(**_on(r, key))
     _observe(reply, t0, time.monotonic())
 
 
-async def sync_async(r) -> None:
+async def sync_async(r, key: str | None = None) -> None:
     """:func:`sync` through an asyncio client."""
     t0 = time.monotonic()
-    reply = await r.time()
+    reply = await r.time(**_on(r, key))
     _observe(reply, t0, time.monotonic())
+
+
+def _on(r, key: str | None) -> dict:
+    if not key or not hasattr(r, "get_node_from_key"):
+        return {}
+    try:
+        return {"target_nodes": r.get_node_from_key(key)}
+    except Exception:  # noqa: BLE001 -- an asyncio cluster client before its first command has no slot map yet
+        return {}
 
 
 def _observe(reply, t0: float, t1: float) -> None:

@@ -95,7 +95,7 @@ class Heartbeat:
         return self
 
     def beat(self) -> None:
-        clock.sync(self._r)  # scores on Redis's clock: hosts whose clocks disagree still agree on who is live
+        clock.sync(self._r, self.key)  # scores on Redis's clock: hosts whose clocks disagree still agree on who is live
         now = clock.now()
         pipe = self._r.pipeline(transaction=False)
         pipe.zadd(self.key, {self.worker_id: now})

@@ -153,7 +153,7 @@ class LocalAutoscaler:
 
     def read(self, now: float) -> dict[str, TierLoad]:
         """Every tier's load in one round trip (and one to read Redis's clock: the live sets are on it)."""
-        clock.sync(self.r)
+        clock.sync(self.r, self.keys.live(next(iter(self.scalers))) if self.scalers else None)
         pipe = self.r.pipeline(transaction=False)
         for tier in self.scalers:
             stream, group = self._stream(tier)
